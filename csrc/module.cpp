@@ -1,0 +1,32 @@
+// The pybind11 module fastattn._C. Importing it runs the static TORCH_LIBRARY_IMPL
+// registrations of every linked kernel file; the functions below only report build facts.
+#include <torch/extension.h>
+
+#include "fastattn/cpu_isa.h"
+
+#ifndef FASTATTN_CUDA_ARCHS
+#define FASTATTN_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+bool built_with_cuda() {
+#ifdef FASTATTN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastattn C++/CUDA kernels; ops are registered under torch.ops.fastattn";
+  m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in");
+  m.def("cuda_archs", [] { return std::string(FASTATTN_CUDA_ARCHS); },
+        "The CUDA architectures the kernels were compiled for ('' without CUDA)");
+  m.def("cpu_isa", [] { return std::string(fastattn::cpu_isa_name(fastattn::cpu_isa())); },
+        "The x86 ISA the CPU kernels use on this machine");
+  m.def("torch_version", [] { return std::string(TORCH_VERSION); },
+        "The torch version this extension was compiled against");
+}

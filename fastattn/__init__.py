@@ -1,0 +1,13 @@
+"""fastattn: fused scaled-dot-product attention and LSTM kernels for PyTorch.
+
+Drop-in replacements for ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``,
+``nn.LSTMCell`` and ``nn.LSTM``, served by C++ (CPU), CUDA C++ and Triton kernels, with a
+plain-PyTorch reference backend that always works.
+"""
+
+from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
+from fastattn.ops import BackendStatus, backends, use_backend
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendStatus", "backends", "use_backend", "__version__"]

@@ -1,0 +1,142 @@
+"""Builds fastattn._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+
+Environment:
+  FASTATTN_CUDA=0|1        force the CUDA kernels off / on (on fails loudly if impossible)
+  FASTATTN_CUDA_ARCHS      e.g. "8.0;9.0a" (else TORCH_CUDA_ARCH_LIST, else "8.0;9.0a")
+  MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
+"""
+
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError:
+    sys.exit(
+        "fastattn: torch is not importable in the build environment. fastattn compiles against "
+        "the torch you already have: install torch first, then run "
+        "`pip install --no-build-isolation .`"
+    )
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+DEFAULT_ARCHS = "8.0;9.0a"
+
+# Sources (`*.isa.cpp`) compiled once per x86 ISA and picked at run time (csrc/include/fastattn/cpu_isa.h).
+ISA_SOURCE_SUFFIX = ".isa.cpp"
+X86_ISAS = {
+    "isa_default": [],
+    "isa_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "isa_avx512": [
+        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
+}
+
+
+def rel(paths):
+    return sorted(str(p.relative_to(ROOT)) for p in paths)
+
+
+def cuda_decision():
+    """Returns (build_cuda, reason) without ever probing for a GPU."""
+    forced = os.environ.get("FASTATTN_CUDA")
+    if forced not in (None, "", "0", "1"):
+        sys.exit(f"fastattn: FASTATTN_CUDA must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return False, "FASTATTN_CUDA=0"
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"torch {torch.__version__} is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(
+            cpp_extension.CUDA_HOME or "", "bin") + os.pathsep + os.environ.get("PATH", "")) is None:
+        problems.append("nvcc was not found (set CUDA_HOME)")
+    if problems:
+        if forced == "1":
+            sys.exit("fastattn: FASTATTN_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems))
+        return False, "; ".join(problems)
+    return True, ""
+
+
+def cuda_arch_flags():
+    archs = os.environ.get("FASTATTN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    flags = []
+    for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
+        if not arch:
+            continue
+        arch = arch.replace("+PTX", "")
+        num = arch.replace(".", "")
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return archs, flags
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension plus per-ISA objects for the `*.isa.cpp` kernel sources."""
+
+    def build_extension(self, ext):
+        isa_sources = getattr(ext, "isa_sources", [])
+        if isa_sources:
+            cxx_flags = ext.extra_compile_args["cxx"] if isinstance(
+                ext.extra_compile_args, dict) else list(ext.extra_compile_args)
+            isas = X86_ISAS if platform.machine().lower() in ("x86_64", "amd64") else {
+                "isa_default": []}
+            for namespace, isa_flags in isas.items():
+                objects = self.compiler.compile(
+                    isa_sources,
+                    output_dir=os.path.join(self.build_temp, namespace),
+                    include_dirs=ext.include_dirs,
+                    extra_postargs={"cxx": cxx_flags + isa_flags + [f"-DFASTATTN_ISA_NAMESPACE={namespace}"],
+                                    "nvcc": []},
+                    depends=ext.depends,
+                )
+                # Appended after the extension's own objects so that, for inline functions
+                # defined in several objects, the linker keeps the baseline-ISA copy.
+                ext.extra_objects = list(ext.extra_objects) + objects
+        super().build_extension(ext)
+
+
+def make_extension():
+    build_cuda, why_not = cuda_decision()
+    all_cpp = [p for p in CSRC.rglob("*.cpp")]
+    isa_sources = rel(p for p in all_cpp if p.name.endswith(ISA_SOURCE_SUFFIX))
+    glue_cuda = [p for p in all_cpp if p.name.endswith("_cuda.cpp")]
+    sources = rel(p for p in all_cpp if not p.name.endswith(ISA_SOURCE_SUFFIX) and p not in glue_cuda)
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    cxx = ["-O3", "-std=c++17", "-fopenmp" if sys.platform == "linux" else "", "-DFASTATTN_BUILD"]
+    cxx = [f for f in cxx if f]
+    if x86:
+        cxx.append("-DFASTATTN_X86_ISA_VARIANTS")
+    kwargs = dict(
+        name="fastattn._C",
+        include_dirs=[str(CSRC / "include")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"] if sys.platform == "linux" else [],
+        depends=rel(CSRC.rglob("*.h")) + rel(CSRC.rglob("*.cuh")),
+    )
+    if build_cuda:
+        archs, arch_flags = cuda_arch_flags()
+        sources += rel(glue_cuda) + rel(CSRC.rglob("*.cu"))
+        kwargs["extra_compile_args"] = {
+            "cxx": cxx + ["-DFASTATTN_WITH_CUDA", f'-DFASTATTN_CUDA_ARCHS="{archs}"'],
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                     "-DFASTATTN_WITH_CUDA"] + arch_flags,
+        }
+        ext = cpp_extension.CUDAExtension(sources=sources, **kwargs)
+        print(f"fastattn: building CUDA kernels for archs {archs}")
+    else:
+        ext = cpp_extension.CppExtension(sources=sources, **kwargs)
+        print(f"fastattn: CUDA kernels skipped: {why_not}")
+    ext.isa_sources = isa_sources
+    return ext
+
+
+setup(
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

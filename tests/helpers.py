@@ -1,0 +1,73 @@
+"""Shared test utilities: seeded inputs, NaN poisoning and error-vs-float64 checks."""
+
+from __future__ import annotations
+
+import torch
+
+# The rounding step of each dtype: errors below a few of these are noise, not bugs.
+DTYPE_FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-6,
+    torch.float16: 1e-3,
+    torch.bfloat16: 8e-3,
+}
+# Relative error budgets from the developers' brief.
+DTYPE_RTOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fills ``t`` with NaN (or the integer max) so an element a kernel forgets to write fails."""
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.bool else True)
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max(max |expected|, tiny), computed in float64; NaN -> inf."""
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if a.numel() == 0:
+        return 0.0
+    if not torch.isfinite(a).all() and not torch.equal(a.isnan(), e.isnan()):
+        return float("inf")
+    finite = torch.isfinite(e)
+    diff = (a - e).abs()[finite]
+    if diff.numel() == 0:
+        return 0.0
+    if not torch.isfinite(diff).all():
+        return float("inf")
+    scale = e[finite].abs().max().clamp_min(1e-30)
+    return float(diff.max() / scale)
+
+
+def assert_close_to_reference(
+    actual: torch.Tensor,
+    reference64: torch.Tensor,
+    torch_result: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    name: str = "output",
+) -> None:
+    """The flash-attention rule: error vs float64 <= 2x PyTorch's own error (same dtype),
+    plus a floor for the dtype's rounding step; never above the dtype's budget; NaN fails."""
+    dtype = dtype or actual.dtype
+    ours = max_rel_error(actual, reference64)
+    budget = DTYPE_RTOL[dtype]
+    if torch_result is not None:
+        theirs = max_rel_error(torch_result, reference64)
+        bound = max(2 * theirs + DTYPE_FLOOR[dtype], DTYPE_FLOOR[dtype] * 4)
+        bound = min(bound, max(budget, 2 * theirs))
+    else:
+        bound = budget
+    assert ours <= bound, (
+        f"{name}: relative error {ours:.3e} vs float64 exceeds {bound:.3e} "
+        f"(dtype {dtype}, torch's own error "
+        f"{max_rel_error(torch_result, reference64) if torch_result is not None else 'n/a'})"
+    )
