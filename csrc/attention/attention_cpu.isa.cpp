@@ -1,0 +1,626 @@
+// FlashAttention-style attention forward and backward on the CPU, compiled once per x86 ISA.
+//
+// Tiles of kBlockM query rows meet tiles of kBlockN keys; the L x S score matrix never exists
+// (a thread holds O((kBlockM + kBlockN) * E) floats). Tile products use a register-blocked
+// at::vec FMA micro-kernel (gemm below) on operands packed once per tile into float (double
+// for float64) buffers whose widths are padded to whole register pairs.
+// The forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
+// probabilities from it with the same packing and the same micro-kernel, so P is bit-identical
+// to the forward's even for huge logits.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "fastattn/attention_cpu_params.h"
+#include "fastattn/philox.h"
+
+namespace fastattn {
+namespace FASTATTN_ISA_NAMESPACE {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kBlockM = 64;  // query rows per tile
+constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr int kGemmRows = 6;     // rows of the micro-kernel's register tile (x 2 vectors)
+
+template <typename T>
+constexpr int64_t pad_cols() {
+  return 2 * Vectorized<T>::size();
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// C[ROWS, n] += A[ROWS, kdim] * B[kdim, n]. A is read through (row, col) strides, so a
+// transposed operand costs nothing; B is row-major (leading dim ldb); n is a multiple of
+// two vectors (every buffer's width is padded).
+template <typename T, int ROWS>
+void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
+               int64_t ldb, T* c, int64_t ldc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t j = 0; j < n; j += 2 * W) {
+    Vec acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      acc0[r] = Vec::loadu(c + r * ldc + j);
+      acc1[r] = Vec::loadu(c + r * ldc + j + W);
+    }
+    for (int64_t p = 0; p < kdim; ++p) {
+      const Vec b0 = Vec::loadu(b + p * ldb + j);
+      const Vec b1 = Vec::loadu(b + p * ldb + j + W);
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        const Vec ar(a[r * a_rs + p * a_cs]);
+        acc0[r] = at::vec::fmadd(ar, b0, acc0[r]);
+        acc1[r] = at::vec::fmadd(ar, b1, acc1[r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      acc0[r].store(c + r * ldc + j);
+      acc1[r].store(c + r * ldc + j + W);
+    }
+  }
+}
+
+// C[m, n] += A[m, kdim] * B[kdim, n] (see gemm_rows for the operand layouts).
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
+          const T* b, int64_t ldb, T* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + kGemmRows <= m; i += kGemmRows) {
+    gemm_rows<T, kGemmRows>(n, kdim, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
+  }
+  const T* at = a + i * a_rs;
+  T* ct = c + i * ldc;
+  switch (m - i) {
+    case 5: gemm_rows<T, 5>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
+    case 4: gemm_rows<T, 4>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
+    case 3: gemm_rows<T, 3>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
+    case 2: gemm_rows<T, 2>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
+    case 1: gemm_rows<T, 1>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
+    default: break;
+  }
+}
+
+template <typename T>
+Vectorized<T> vec_exp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.map([](T v) { return std::exp(v); });
+  }
+}
+
+// dst[rows, ld] = scale * src rows (row stride src_rs), columns >= cols zeroed.
+template <typename scalar_t, typename acc_t>
+void pack_rows(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols, acc_t scale,
+               acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * src_rs;
+    acc_t* d = dst + r * ld;
+    for (int64_t c = 0; c < cols; ++c) d[c] = static_cast<acc_t>(s[c]) * scale;
+    std::fill(d + cols, d + ld, acc_t(0));
+  }
+}
+
+// dst[cols, ld] = transpose of src rows [rows, cols]; columns >= rows zeroed.
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols,
+                     acc_t* dst, int64_t ld) {
+  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * src_rs;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c]);
+  }
+}
+
+// The rows/keys of one (b, h) pair that a tile covers, and the geometry shared by the passes.
+struct Problem {
+  const AttentionFwdParams& p;
+  int64_t group;      // query heads per kv head
+  int64_t offset;     // diagonal shift: S - L for bottom-right, else 0
+  int64_t e_pad, ev_pad, n_pad;
+
+  // Whether any key in [k0, k0 + n) is visible to any row in [q0, q0 + m).
+  bool tile_visible(int64_t q0, int64_t m, int64_t k0, int64_t n) const {
+    if (p.window_left >= 0 && k0 + n - 1 < q0 + offset - p.window_left) return false;
+    if (p.window_right >= 0 && k0 > q0 + m - 1 + offset + p.window_right) return false;
+    return true;
+  }
+  // Whether every key of the tile is visible to every row of it, before any mask.
+  bool tile_full(int64_t q0, int64_t m, int64_t k0, int64_t n) const {
+    if (p.window_left >= 0 && k0 < q0 + m - 1 + offset - p.window_left) return false;
+    if (p.window_right >= 0 && k0 + n - 1 > q0 + offset + p.window_right) return false;
+    return true;
+  }
+  // Whether scores of a fully visible tile need per-element work (softcap, bias, mask).
+  bool elementwise() const {
+    return p.softcap > 0 || p.alibi_slopes != nullptr || p.mask_kind != AttnMaskKind::None;
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct Scores {
+  // s[m, n_pad] = scores of rows [q0, q0+m) x keys [k0, k0+n) of head (b, h), with softcap,
+  // alibi, mask and visibility applied (-inf where invisible, and in padded columns).
+  // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T. When softcap is on, tanh_out
+  // receives tanh(raw / softcap) for the backward.
+  static void compute(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m,
+                      int64_t k0, int64_t n, const acc_t* qs, const acc_t* kt, acc_t* s,
+                      acc_t* tanh_out) {
+    const AttentionFwdParams& p = pr.p;
+    const int64_t ld = pr.n_pad;
+    std::fill(s, s + m * ld, acc_t(0));
+    gemm<acc_t>(m, ld, p.head_dim, qs, pr.e_pad, 1, kt, ld, s, ld);
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+    const bool full = pr.tile_full(q0, m, k0, n);
+    if (full && !pr.elementwise()) {
+      if (n < ld) {
+        for (int64_t i = 0; i < m; ++i) std::fill(s + i * ld + n, s + (i + 1) * ld, kNegInf);
+      }
+      return;
+    }
+    const acc_t softcap = static_cast<acc_t>(p.softcap);
+    const acc_t slope = p.alibi_slopes
+        ? static_cast<acc_t>(p.alibi_slopes[b * p.alibi_batch_stride + h]) : acc_t(0);
+    for (int64_t i = 0; i < m; ++i) {
+      acc_t* row = s + i * ld;
+      const int64_t qi = q0 + i;
+      if (p.softcap > 0) {
+        acc_t* t = tanh_out + i * ld;
+        for (int64_t j = 0; j < n; ++j) {
+          t[j] = std::tanh(row[j] / softcap);
+          row[j] = softcap * t[j];
+        }
+      }
+      if (p.alibi_slopes) {
+        for (int64_t j = 0; j < n; ++j) {
+          row[j] += slope * static_cast<acc_t>(k0 + j - qi - pr.offset);
+        }
+      }
+      if (p.mask_kind != AttnMaskKind::None) {
+        const int64_t* ms = p.mask_stride;
+        const int64_t base = b * ms[0] + h * ms[1] + qi * ms[2] + k0 * ms[3];
+        if (p.mask_kind == AttnMaskKind::Bool) {
+          const bool* mrow = static_cast<const bool*>(p.mask) + base;
+          for (int64_t j = 0; j < n; ++j) {
+            if (!mrow[j * ms[3]]) row[j] = kNegInf;
+          }
+        } else {
+          const scalar_t* mrow = static_cast<const scalar_t*>(p.mask) + base;
+          for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(mrow[j * ms[3]]);
+        }
+      }
+      // Visible keys of row qi: [qi + offset - left, qi + offset + right], clipped to the tile.
+      int64_t lo = 0, hi = n;
+      if (p.window_left >= 0) lo = std::clamp(qi + pr.offset - p.window_left - k0, int64_t(0), n);
+      if (p.window_right >= 0) {
+        hi = std::clamp(qi + pr.offset + p.window_right + 1 - k0, int64_t(0), n);
+      }
+      hi = std::max(hi, lo);
+      std::fill(row, row + lo, kNegInf);
+      std::fill(row + hi, row + ld, kNegInf);
+    }
+  }
+};
+
+// Multiplies p[m, n] by the dropout keep mask scaled by 1/(1 - dropout_p) of head (b, h),
+// rows [q0, q0+m), keys [k0, k0+n).
+template <typename acc_t>
+void apply_dropout(const AttentionFwdParams& p, int64_t b, int64_t h, int64_t q0, int64_t m,
+                   int64_t k0, int64_t n, acc_t* prob, int64_t ld) {
+  const acc_t keep_scale = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
+  for (int64_t i = 0; i < m; ++i) {
+    const uint64_t row = static_cast<uint64_t>(((b * p.q_heads + h) * p.q_len + q0 + i) *
+                                               p.kv_len + k0);
+    acc_t* pr = prob + i * ld;
+    for (int64_t j = 0; j < n; ++j) {
+      pr[j] = philox_uniform(p.seed, row + j) >= p.dropout_p ? pr[j] * keep_scale : acc_t(0);
+    }
+  }
+}
+
+template <typename T>
+T vec_reduce_max(const T* x, int64_t n) {  // n a multiple of the vector width
+  using Vec = Vectorized<T>;
+  Vec acc(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+}
+
+// x[j] = exp(x[j] - shift) for j < n (n a multiple of the vector width); returns the sum.
+template <typename T>
+T vec_exp_sum(T* x, int64_t n, T shift) {
+  using Vec = Vectorized<T>;
+  const Vec sh(shift);
+  Vec acc(T(0));
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const Vec e = vec_exp(Vec::loadu(x + j) - sh);
+    e.store(x + j);
+    acc = acc + e;
+  }
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
+}
+
+template <typename T>
+void vec_scale(T* x, int64_t n, T factor) {
+  using Vec = Vectorized<T>;
+  const Vec f(factor);
+  for (int64_t j = 0; j < n; j += Vec::size()) (Vec::loadu(x + j) * f).store(x + j);
+}
+
+// Forward of rows [q0, q0+m) of head (b, h) over key tiles [kb_begin, kb_end): writes the
+// normalized output rows to o [m, ev_pad] (acc_t) and their log-sum-exp to lse [m].
+template <typename scalar_t, typename acc_t>
+struct ForwardTile {
+  std::vector<acc_t> qs, kt, vb, s, o;
+  std::vector<acc_t> row_max, row_sum;
+
+  explicit ForwardTile(const Problem& pr)
+      : qs(kBlockM * pr.e_pad), kt(pr.p.head_dim * pr.n_pad), vb(kBlockN * pr.ev_pad),
+        s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad), row_max(kBlockM), row_sum(kBlockM) {}
+
+  void run(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m, int64_t kb_begin,
+           int64_t kb_end, float* lse_out) {
+    const AttentionFwdParams& p = pr.p;
+    const int64_t hk = h / pr.group;
+    const int64_t ld = pr.n_pad, ldo = pr.ev_pad;
+    const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
+    const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+    constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+    pack_rows(q + q0 * p.q_stride[2], p.q_stride[2], m, p.head_dim,
+              static_cast<acc_t>(p.scale), qs.data(), pr.e_pad);
+    std::fill(o.begin(), o.begin() + m * ldo, acc_t(0));
+    std::fill(row_max.begin(), row_max.end(), kNegInf);
+    std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int64_t k0 = kb * kBlockN, n = std::min(kBlockN, p.kv_len - k0);
+      if (!pr.tile_visible(q0, m, k0, n)) continue;
+      pack_transposed(k + k0 * p.k_stride[2], p.k_stride[2], n, p.head_dim, kt.data(), ld);
+      pack_rows(v + k0 * p.v_stride[2], p.v_stride[2], n, p.v_head_dim, acc_t(1), vb.data(),
+                ldo);
+      // s [m, n_pad]: scores of the tile, becoming exp(s - running max)
+      Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(), kt.data(), s.data(),
+                                       s.data());
+      for (int64_t i = 0; i < m; ++i) {
+        acc_t* row = s.data() + i * ld;
+        const acc_t new_max = std::max(row_max[i], vec_reduce_max(row, ld));
+        if (new_max == kNegInf) {  // nothing visible to this row yet
+          std::fill(row, row + ld, acc_t(0));
+          continue;
+        }
+        const acc_t rescale = std::exp(row_max[i] - new_max);
+        row_sum[i] = row_sum[i] * rescale + vec_exp_sum(row, ld, new_max);
+        if (rescale != acc_t(1)) vec_scale(o.data() + i * ldo, ldo, rescale);
+        row_max[i] = new_max;
+      }
+      if (p.dropout_p > 0) apply_dropout(p, b, h, q0, m, k0, n, s.data(), ld);
+      gemm<acc_t>(m, ldo, n, s.data(), ld, 1, vb.data(), ldo, o.data(), ldo);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      if (row_sum[i] > 0) {
+        vec_scale(o.data() + i * ldo, ldo, acc_t(1) / row_sum[i]);
+        lse_out[i] = static_cast<float>(row_max[i] + std::log(row_sum[i]));
+      } else {
+        std::fill(o.data() + i * ldo, o.data() + (i + 1) * ldo, acc_t(0));
+        lse_out[i] = -std::numeric_limits<float>::infinity();
+      }
+    }
+  }
+};
+
+// Query tile t of n_tiles in an order where neighbours pair a cheap tile with an expensive
+// one (under a causal window cost grows with the tile index), so that the contiguous chunks
+// at::parallel_for hands each thread cost about the same.
+inline int64_t balanced_tile(int64_t t, int64_t n_tiles) {
+  return (t % 2 == 0) ? t / 2 : n_tiles - 1 - t / 2;
+}
+
+Problem make_problem(const AttentionFwdParams& p) {
+  return Problem{p,
+                 p.q_heads / p.kv_heads,
+                 p.bottom_right ? p.kv_len - p.q_len : 0,
+                 0, 0, 0};
+}
+
+template <typename scalar_t>
+void attention_fwd_typed(const AttentionFwdParams& p) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  Problem pr = make_problem(p);
+  pr.e_pad = round_up(p.head_dim, pad_cols<acc_t>());
+  pr.ev_pad = round_up(p.v_head_dim, pad_cols<acc_t>());
+  pr.n_pad = round_up(kBlockN, pad_cols<acc_t>());
+  const int64_t n_qb = ceil_div(p.q_len, kBlockM), n_kb = ceil_div(p.kv_len, kBlockN);
+  const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
+  if (items == 0) return;
+  auto* out = static_cast<scalar_t*>(p.out);
+  const int64_t Ev = p.v_head_dim;
+
+  // Few query tiles (decode) leave threads idle: split the keys too and merge by LSE.
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = items >= 2 * threads
+      ? 1 : std::clamp<int64_t>(ceil_div(4 * threads, items), 1, std::max<int64_t>(n_kb, 1));
+
+  if (splits == 1) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      ForwardTile<scalar_t, acc_t> tile(pr);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t bh = it / n_qb, qb = balanced_tile(it % n_qb, n_qb);
+        const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+        const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
+        tile.run(pr, b, h, q0, m, 0, n_kb, p.lse + bh * p.q_len + q0);
+        for (int64_t i = 0; i < m; ++i) {
+          scalar_t* dst = out + (bh * p.q_len + q0 + i) * Ev;
+          const acc_t* src = tile.o.data() + i * pr.ev_pad;
+          for (int64_t e = 0; e < Ev; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+        }
+      }
+    });
+    return;
+  }
+
+  // part_o [splits, B*Hq*L, Ev], part_lse [splits, B*Hq*L]
+  const int64_t rows = heads * p.q_len;
+  std::vector<acc_t> part_o(splits * rows * Ev);
+  std::vector<float> part_lse(splits * rows);
+  at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
+    ForwardTile<scalar_t, acc_t> tile(pr);
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t split = it % splits, bh = it / splits / n_qb, qb = it / splits % n_qb;
+      const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+      const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
+      const int64_t row0 = bh * p.q_len + q0;
+      tile.run(pr, b, h, q0, m, split * n_kb / splits, (split + 1) * n_kb / splits,
+               part_lse.data() + split * rows + row0);
+      for (int64_t i = 0; i < m; ++i) {
+        std::copy(tile.o.data() + i * pr.ev_pad, tile.o.data() + i * pr.ev_pad + Ev,
+                  part_o.data() + (split * rows + row0 + i) * Ev);
+      }
+    }
+  });
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(Ev);
+    for (int64_t r = begin; r < end; ++r) {
+      float lse_max = -std::numeric_limits<float>::infinity();
+      for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, part_lse[sp * rows + r]);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      float lse = -std::numeric_limits<float>::infinity();
+      if (lse_max != -std::numeric_limits<float>::infinity()) {
+        acc_t total = 0;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const acc_t w = std::exp(static_cast<acc_t>(part_lse[sp * rows + r]) - lse_max);
+          total += w;
+          const acc_t* src = part_o.data() + (sp * rows + r) * Ev;
+          for (int64_t e = 0; e < Ev; ++e) acc[e] += w * src[e];
+        }
+        for (int64_t e = 0; e < Ev; ++e) acc[e] /= total;
+        lse = lse_max + static_cast<float>(std::log(total));
+      }
+      p.lse[r] = lse;
+      for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = static_cast<scalar_t>(acc[e]);
+    }
+  });
+}
+
+// Backward of one key tile of kv head (b, hk) against every visible query tile of the query
+// heads sharing it: dk/dv rows of the tile are complete afterwards; dq contributions are
+// added into dq_acc [group, L, e_pad] (unscaled by softmax scale).
+template <typename scalar_t, typename acc_t>
+struct BackwardTile {
+  std::vector<acc_t> kb, kt, vt, qs, dob, s, t, dp, pz, dk, dv;
+
+  explicit BackwardTile(const Problem& pr)
+      : kb(kBlockN * pr.e_pad), kt(pr.p.head_dim * pr.n_pad), vt(pr.p.v_head_dim * pr.n_pad),
+        qs(kBlockM * pr.e_pad), dob(kBlockM * pr.ev_pad), s(kBlockM * pr.n_pad),
+        t(pr.p.softcap > 0 ? kBlockM * pr.n_pad : 0), dp(kBlockM * pr.n_pad),
+        pz(pr.p.dropout_p > 0 ? kBlockM * pr.n_pad : 0), dk(kBlockN * pr.e_pad),
+        dv(kBlockN * pr.ev_pad) {}
+
+  void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* delta, int64_t b,
+           int64_t hk, int64_t kblock, acc_t* dq_acc) {
+    const AttentionFwdParams& p = pr.p;
+    const int64_t ld = pr.n_pad, E = p.head_dim, Ev = p.v_head_dim;
+    const int64_t k0 = kblock * kBlockN, n = std::min(kBlockN, p.kv_len - k0);
+    const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] +
+                    k0 * p.k_stride[2];
+    const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
+                    k0 * p.v_stride[2];
+    pack_rows(k, p.k_stride[2], n, E, acc_t(1), kb.data(), pr.e_pad);
+    pack_transposed(k, p.k_stride[2], n, E, kt.data(), ld);
+    pack_transposed(v, p.v_stride[2], n, Ev, vt.data(), ld);
+    std::fill(dk.begin(), dk.end(), acc_t(0));
+    std::fill(dv.begin(), dv.end(), acc_t(0));
+    const int64_t n_qb = ceil_div(p.q_len, kBlockM);
+
+    for (int64_t g = 0; g < pr.group; ++g) {
+      const int64_t h = hk * pr.group + g, bh = b * p.q_heads + h;
+      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+      const auto* dout = static_cast<const scalar_t*>(bp.grad_out) + b * bp.grad_out_stride[0] +
+                         h * bp.grad_out_stride[1];
+      for (int64_t qb = 0; qb < n_qb; ++qb) {
+        const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
+        if (!pr.tile_visible(q0, m, k0, n)) continue;
+        pack_rows(q + q0 * p.q_stride[2], p.q_stride[2], m, E, static_cast<acc_t>(p.scale),
+                  qs.data(), pr.e_pad);
+        pack_rows(dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m, Ev, acc_t(1),
+                  dob.data(), pr.ev_pad);
+        Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(), kt.data(),
+                                         s.data(), t.data());
+        // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0.
+        for (int64_t i = 0; i < m; ++i) {
+          const float lse = p.lse[bh * p.q_len + q0 + i];
+          const acc_t shift = lse == -std::numeric_limits<float>::infinity()
+              ? std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(lse);
+          vec_exp_sum(s.data() + i * ld, ld, shift);
+        }
+        // dp [m, n_pad] = dO V^T
+        std::fill(dp.begin(), dp.begin() + m * ld, acc_t(0));
+        gemm<acc_t>(m, ld, Ev, dob.data(), pr.ev_pad, 1, vt.data(), ld, dp.data(), ld);
+        const acc_t* p_used = s.data();  // the probabilities that multiplied V
+        if (p.dropout_p > 0) {
+          std::copy(s.begin(), s.begin() + m * ld, pz.begin());
+          apply_dropout(p, b, h, q0, m, k0, n, pz.data(), ld);
+          apply_dropout(p, b, h, q0, m, k0, n, dp.data(), ld);
+          p_used = pz.data();
+        }
+        // dv [n, ev_pad] += (P o Z)^T dO
+        gemm<acc_t>(n, pr.ev_pad, m, p_used, 1, ld, dob.data(), pr.ev_pad, dv.data(), pr.ev_pad);
+        // dp becomes dS = P o (dP - delta): the gradient of the final scores.
+        for (int64_t i = 0; i < m; ++i) {
+          const acc_t d = delta[bh * p.q_len + q0 + i];
+          acc_t* dsr = dp.data() + i * ld;
+          const acc_t* pr_row = s.data() + i * ld;
+          for (int64_t j = 0; j < ld; ++j) dsr[j] = pr_row[j] * (dsr[j] - d);
+        }
+        if (bp.dmask) {
+          for (int64_t i = 0; i < m; ++i) {
+            float* dst = bp.dmask + (bh * p.q_len + q0 + i) * p.kv_len + k0;
+            const acc_t* src = dp.data() + i * ld;
+            for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+          }
+        }
+        if (p.softcap > 0) {  // d raw = d capped * (1 - tanh^2)
+          for (int64_t i = 0; i < m * ld; ++i) dp[i] *= acc_t(1) - t[i] * t[i];
+        }
+        // dk [n, e_pad] += dS^T (scale * Q);  dq [m, e_pad] += dS K
+        gemm<acc_t>(n, pr.e_pad, m, dp.data(), 1, ld, qs.data(), pr.e_pad, dk.data(), pr.e_pad);
+        gemm<acc_t>(m, pr.e_pad, n, dp.data(), ld, 1, kb.data(), pr.e_pad,
+                    dq_acc + (g * p.q_len + q0) * pr.e_pad, pr.e_pad);
+      }
+    }
+    auto* dk_out = static_cast<scalar_t*>(bp.dk) + ((b * p.kv_heads + hk) * p.kv_len + k0) * E;
+    auto* dv_out = static_cast<scalar_t*>(bp.dv) + ((b * p.kv_heads + hk) * p.kv_len + k0) * Ev;
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t e = 0; e < E; ++e) dk_out[j * E + e] = static_cast<scalar_t>(dk[j * pr.e_pad + e]);
+      for (int64_t e = 0; e < Ev; ++e) {
+        dv_out[j * Ev + e] = static_cast<scalar_t>(dv[j * pr.ev_pad + e]);
+      }
+    }
+  }
+};
+
+template <typename scalar_t>
+void attention_bwd_typed(const AttentionBwdParams& bp) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const AttentionFwdParams& p = bp.fwd;
+  Problem pr = make_problem(p);
+  pr.e_pad = round_up(p.head_dim, pad_cols<acc_t>());
+  pr.ev_pad = round_up(p.v_head_dim, pad_cols<acc_t>());
+  pr.n_pad = round_up(kBlockN, pad_cols<acc_t>());
+  const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
+  const int64_t rows = p.batch * p.q_heads * L;
+  auto* dq = static_cast<scalar_t*>(bp.dq);
+  if (p.kv_len == 0 || rows == 0) {  // no key: every gradient is zero
+    std::fill(dq, dq + rows * E, scalar_t(0));
+    return;
+  }
+
+  // delta [B*Hq*L] = rowsum(dO o O)
+  std::vector<acc_t> delta(rows);
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bh = r / L, i = r % L, b = bh / p.q_heads, h = bh % p.q_heads;
+      const auto* o = static_cast<const scalar_t*>(p.out) + b * bp.out_stride[0] +
+                      h * bp.out_stride[1] + i * bp.out_stride[2];
+      const auto* d = static_cast<const scalar_t*>(bp.grad_out) + b * bp.grad_out_stride[0] +
+                      h * bp.grad_out_stride[1] + i * bp.grad_out_stride[2];
+      acc_t sum = 0;
+      for (int64_t e = 0; e < Ev; ++e) sum += static_cast<acc_t>(o[e]) * static_cast<acc_t>(d[e]);
+      delta[r] = sum;
+    }
+  });
+
+  const int64_t n_kb = ceil_div(p.kv_len, kBlockN);
+  const int64_t kv_heads = p.batch * p.kv_heads;
+  const int64_t group_rows = pr.group * L;  // dq rows of one kv head
+  const int64_t threads = at::get_num_threads();
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  // Writes dq rows of kv head bkh from the accumulator acc [group, L, e_pad] (summed over
+  // n_acc copies spaced acc_stride apart).
+  auto write_dq = [&](int64_t bkh, const acc_t* acc, int64_t n_acc, int64_t acc_stride,
+                      int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      scalar_t* dst = dq + (bkh * group_rows + r) * E;
+      for (int64_t e = 0; e < E; ++e) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < n_acc; ++c) sum += acc[c * acc_stride + r * pr.e_pad + e];
+        dst[e] = static_cast<scalar_t>(sum * scale);
+      }
+    }
+  };
+
+  if (kv_heads >= 4 * threads || n_kb == 1) {
+    // Enough kv heads to keep every thread busy: a thread owns whole kv heads, so its dq
+    // accumulator covers only that head's query group.
+    at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+      BackwardTile<scalar_t, acc_t> tile(pr);
+      std::vector<acc_t> dq_acc(group_rows * pr.e_pad);
+      for (int64_t bkh = begin; bkh < end; ++bkh) {
+        std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
+        for (int64_t kb = 0; kb < n_kb; ++kb) {
+          tile.run(pr, bp, delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb, dq_acc.data());
+        }
+        write_dq(bkh, dq_acc.data(), 1, 0, 0, group_rows);
+      }
+    });
+    return;
+  }
+  // Few kv heads: threads split key tiles too, each adding dq into its own accumulator
+  // [B*Hk, group, L, e_pad]; the accumulators are summed at the end.
+  const int64_t acc_size = kv_heads * group_rows * pr.e_pad;
+  std::vector<acc_t> dq_acc(threads * acc_size, acc_t(0));
+  const int64_t items = kv_heads * n_kb;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    BackwardTile<scalar_t, acc_t> tile(pr);
+    acc_t* acc = dq_acc.data() + at::get_thread_num() * acc_size;
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t bkh = it / n_kb, kb = balanced_tile(it % n_kb, n_kb);
+      tile.run(pr, bp, delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
+               acc + bkh * group_rows * pr.e_pad);
+    }
+  });
+  at::parallel_for(0, kv_heads * group_rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bkh = r / group_rows, rr = r % group_rows;
+      write_dq(bkh, dq_acc.data() + bkh * group_rows * pr.e_pad, threads, acc_size, rr, rr + 1);
+    }
+  });
+}
+
+template <typename Fn>
+void dispatch_dtype(AttnDtype dtype, Fn&& fn) {
+  switch (dtype) {
+    case AttnDtype::Float32: fn(float{}); break;
+    case AttnDtype::Float64: fn(double{}); break;
+    case AttnDtype::BFloat16: fn(c10::BFloat16{}); break;
+    case AttnDtype::Float16: fn(c10::Half{}); break;
+  }
+}
+
+}  // namespace
+
+void attention_fwd_kernel(const AttentionFwdParams& params) {
+  dispatch_dtype(params.dtype, [&](auto tag) { attention_fwd_typed<decltype(tag)>(params); });
+}
+
+void attention_bwd_kernel(const AttentionBwdParams& params) {
+  dispatch_dtype(params.fwd.dtype,
+                 [&](auto tag) { attention_bwd_typed<decltype(tag)>(params); });
+}
+
+}  // namespace FASTATTN_ISA_NAMESPACE
+}  // namespace fastattn
