@@ -261,18 +261,19 @@ void vec_scale(T* x, int64_t n, T factor) {
 }
 
 // Forward of rows [q0, q0+m) of head (b, h) over key tiles [kb_begin, kb_end): writes the
-// normalized output rows to o [m, ev_pad] (acc_t) and their log-sum-exp to lse [m].
+// normalized output rows to o [m, ev_pad] and their log-sum-exp to lse [m] (-inf: no key).
 template <typename scalar_t, typename acc_t>
 struct ForwardTile {
   std::vector<acc_t> qs, kt, vb, s, o;
-  std::vector<acc_t> row_max, row_sum;
+  std::vector<acc_t> row_max, row_sum, lse;
 
   explicit ForwardTile(const Problem& pr)
       : qs(kBlockM * pr.e_pad), kt(pr.p.head_dim * pr.n_pad), vb(kBlockN * pr.ev_pad),
-        s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad), row_max(kBlockM), row_sum(kBlockM) {}
+        s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad), row_max(kBlockM), row_sum(kBlockM),
+        lse(kBlockM) {}
 
   void run(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m, int64_t kb_begin,
-           int64_t kb_end, float* lse_out) {
+           int64_t kb_end) {
     const AttentionFwdParams& p = pr.p;
     const int64_t hk = h / pr.group;
     const int64_t ld = pr.n_pad, ldo = pr.ev_pad;
@@ -314,10 +315,10 @@ struct ForwardTile {
     for (int64_t i = 0; i < m; ++i) {
       if (row_sum[i] > 0) {
         vec_scale(o.data() + i * ldo, ldo, acc_t(1) / row_sum[i]);
-        lse_out[i] = static_cast<float>(row_max[i] + std::log(row_sum[i]));
+        lse[i] = row_max[i] + std::log(row_sum[i]);
       } else {
         std::fill(o.data() + i * ldo, o.data() + (i + 1) * ldo, acc_t(0));
-        lse_out[i] = -std::numeric_limits<float>::infinity();
+        lse[i] = kNegInf;
       }
     }
   }
@@ -362,8 +363,9 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
         const int64_t bh = it / n_qb, qb = balanced_tile(it % n_qb, n_qb);
         const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
         const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
-        tile.run(pr, b, h, q0, m, 0, n_kb, p.lse + bh * p.q_len + q0);
+        tile.run(pr, b, h, q0, m, 0, n_kb);
         for (int64_t i = 0; i < m; ++i) {
+          p.lse[bh * p.q_len + q0 + i] = static_cast<float>(tile.lse[i]);
           scalar_t* dst = out + (bh * p.q_len + q0 + i) * Ev;
           const acc_t* src = tile.o.data() + i * pr.ev_pad;
           for (int64_t e = 0; e < Ev; ++e) dst[e] = static_cast<scalar_t>(src[e]);
@@ -376,7 +378,7 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
   // part_o [splits, B*Hq*L, Ev], part_lse [splits, B*Hq*L]
   const int64_t rows = heads * p.q_len;
   std::vector<acc_t> part_o(splits * rows * Ev);
-  std::vector<float> part_lse(splits * rows);
+  std::vector<acc_t> part_lse(splits * rows);
   at::parallel_for(0, items * splits, 1, [&](int64_t begin, int64_t end) {
     ForwardTile<scalar_t, acc_t> tile(pr);
     for (int64_t it = begin; it < end; ++it) {
@@ -384,9 +386,9 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
       const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
       const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
       const int64_t row0 = bh * p.q_len + q0;
-      tile.run(pr, b, h, q0, m, split * n_kb / splits, (split + 1) * n_kb / splits,
-               part_lse.data() + split * rows + row0);
+      tile.run(pr, b, h, q0, m, split * n_kb / splits, (split + 1) * n_kb / splits);
       for (int64_t i = 0; i < m; ++i) {
+        part_lse[split * rows + row0 + i] = tile.lse[i];
         std::copy(tile.o.data() + i * pr.ev_pad, tile.o.data() + i * pr.ev_pad + Ev,
                   part_o.data() + (split * rows + row0 + i) * Ev);
       }
@@ -395,22 +397,23 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(Ev);
     for (int64_t r = begin; r < end; ++r) {
-      float lse_max = -std::numeric_limits<float>::infinity();
+      constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+      acc_t lse_max = kNegInf;
       for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, part_lse[sp * rows + r]);
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      float lse = -std::numeric_limits<float>::infinity();
-      if (lse_max != -std::numeric_limits<float>::infinity()) {
+      acc_t lse = kNegInf;
+      if (lse_max != kNegInf) {
         acc_t total = 0;
         for (int64_t sp = 0; sp < splits; ++sp) {
-          const acc_t w = std::exp(static_cast<acc_t>(part_lse[sp * rows + r]) - lse_max);
+          const acc_t w = std::exp(part_lse[sp * rows + r] - lse_max);
           total += w;
           const acc_t* src = part_o.data() + (sp * rows + r) * Ev;
           for (int64_t e = 0; e < Ev; ++e) acc[e] += w * src[e];
         }
         for (int64_t e = 0; e < Ev; ++e) acc[e] /= total;
-        lse = lse_max + static_cast<float>(std::log(total));
+        lse = lse_max + std::log(total);
       }
-      p.lse[r] = lse;
+      p.lse[r] = static_cast<float>(lse);
       for (int64_t e = 0; e < Ev; ++e) out[r * Ev + e] = static_cast<scalar_t>(acc[e]);
     }
   });
@@ -430,8 +433,8 @@ struct BackwardTile {
         pz(pr.p.dropout_p > 0 ? kBlockM * pr.n_pad : 0), dk(kBlockN * pr.e_pad),
         dv(kBlockN * pr.ev_pad) {}
 
-  void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* delta, int64_t b,
-           int64_t hk, int64_t kblock, acc_t* dq_acc) {
+  void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* lse_rows,
+           const acc_t* delta, int64_t b, int64_t hk, int64_t kblock, acc_t* dq_acc) {
     const AttentionFwdParams& p = pr.p;
     const int64_t ld = pr.n_pad, E = p.head_dim, Ev = p.v_head_dim;
     const int64_t k0 = kblock * kBlockN, n = std::min(kBlockN, p.kv_len - k0);
@@ -462,9 +465,9 @@ struct BackwardTile {
                                          s.data(), t.data());
         // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0.
         for (int64_t i = 0; i < m; ++i) {
-          const float lse = p.lse[bh * p.q_len + q0 + i];
-          const acc_t shift = lse == -std::numeric_limits<float>::infinity()
-              ? std::numeric_limits<acc_t>::infinity() : static_cast<acc_t>(lse);
+          const acc_t lse = lse_rows[bh * p.q_len + q0 + i];
+          const acc_t shift = lse == -std::numeric_limits<acc_t>::infinity()
+              ? std::numeric_limits<acc_t>::infinity() : lse;
           vec_exp_sum(s.data() + i * ld, ld, shift);
         }
         // dp [m, n_pad] = dO V^T
@@ -529,6 +532,21 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     return;
   }
 
+  // lse [B*Hq*L]: the forward's float32 LSE would cap float64 gradients at float32 accuracy,
+  // so float64 recomputes it (float64 serves gradcheck, not speed).
+  std::vector<acc_t> lse(p.lse, p.lse + rows);
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    const int64_t n_qb = ceil_div(L, kBlockM), n_kb = ceil_div(p.kv_len, kBlockN);
+    at::parallel_for(0, p.batch * p.q_heads * n_qb, 1, [&](int64_t begin, int64_t end) {
+      ForwardTile<scalar_t, acc_t> tile(pr);
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t bh = it / n_qb, q0 = it % n_qb * kBlockM, m = std::min(kBlockM, L - q0);
+        tile.run(pr, bh / p.q_heads, bh % p.q_heads, q0, m, 0, n_kb);
+        std::copy(tile.lse.begin(), tile.lse.begin() + m, lse.begin() + bh * L + q0);
+      }
+    });
+  }
+
   // delta [B*Hq*L] = rowsum(dO o O)
   std::vector<acc_t> delta(rows);
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
@@ -572,7 +590,7 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
       for (int64_t bkh = begin; bkh < end; ++bkh) {
         std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
         for (int64_t kb = 0; kb < n_kb; ++kb) {
-          tile.run(pr, bp, delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb, dq_acc.data());
+          tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb, dq_acc.data());
         }
         write_dq(bkh, dq_acc.data(), 1, 0, 0, group_rows);
       }
@@ -589,7 +607,7 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     acc_t* acc = dq_acc.data() + at::get_thread_num() * acc_size;
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bkh = it / n_kb, kb = balanced_tile(it % n_kb, n_kb);
-      tile.run(pr, bp, delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
+      tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
                acc + bkh * group_rows * pr.e_pad);
     }
   });
