@@ -6,7 +6,7 @@ plain-PyTorch reference backend that always works.
 """
 
 from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
-from fastattn.ops import attention, scaled_dot_product_attention
+from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.backends import BackendStatus, backends, use_backend
 
 __version__ = "0.1.0"
