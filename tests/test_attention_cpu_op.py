@@ -1,0 +1,310 @@
+"""Op-level tests of the C++ CPU kernels behind fastattn::attention_fwd / attention_bwd.
+
+Every case calls the ops directly in the normalized layout and compares outputs, LSE and every
+gradient with the float64 reference (fastattn.ops.reference, differentiated by autograd) and,
+where torch can express the case, with F.scaled_dot_product_attention at the same dtype (the
+error may be at most 2x torch's own). The ops allocate their results themselves, so
+test_outputs_fully_written poisons freed blocks of the results' sizes right before each call
+(the allocator hands them back) to make an element the kernels skip show up as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPE_RTOL, assert_close_to_reference, poison_
+
+import fastattn  # noqa: F401  (loads fastattn._C, which registers the CPU kernels)
+from fastattn import _extension
+from fastattn.ops.reference import attention_reference
+
+pytestmark = pytest.mark.skipif(
+    _extension.C is None, reason=f"fastattn._C is not built: {_extension.LOAD_ERROR}"
+)
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16",
+             torch.float16: "f16"}
+
+
+def make_opts(**overrides):
+    opts = dict(attn_mask=None, alibi_slopes=None, dropout_p=0.0, rng_seed=None, scale=None,
+                window_left=-1, window_right=-1, bottom_right=False, softcap=0.0)
+    opts.update(overrides)
+    return opts
+
+
+def op_args(opts, E):
+    scale = opts["scale"] if opts["scale"] is not None else 1.0 / math.sqrt(E)
+    return (opts["attn_mask"], opts["alibi_slopes"], opts["dropout_p"], opts["rng_seed"], scale,
+            opts["window_left"], opts["window_right"], opts["bottom_right"], opts["softcap"])
+
+
+def inputs(B, Hq, Hk, L, S, E, Ev, dtype, magnitude=1.0):
+    q = torch.randn(B, Hq, L, E, dtype=dtype) * magnitude
+    k = torch.randn(B, Hk, S, E, dtype=dtype) * magnitude
+    v = torch.randn(B, Hk, S, Ev, dtype=dtype)
+    return q, k, v
+
+
+def reference64(q, k, v, opts, grad_out, mask_grad=False):
+    """float64 reference output, lse and gradients (dq, dk, dv[, dmask]) by autograd."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = opts["attn_mask"]
+    leaves = [q64, k64, v64]
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.detach().double().requires_grad_(mask_grad)
+        if mask_grad:
+            leaves.append(mask)
+    args = op_args({**opts, "attn_mask": mask}, q.shape[-1])
+    out, lse = attention_reference(q64, k64, v64, *args)
+    grads = torch.autograd.grad(out, leaves, grad_out.double())
+    return out.detach(), lse, grads
+
+
+def torch_sdpa(q, k, v, opts, grad_out):
+    """torch's output and (dq, dk, dv) at the inputs' dtype; the mask, if any, is bool or
+    additive, causal means top-left."""
+    qt, kt, vt = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    causal = opts["window_right"] == 0 and opts["window_left"] < 0
+    out = F.scaled_dot_product_attention(
+        qt, kt, vt, attn_mask=opts["attn_mask"], is_causal=causal, scale=opts["scale"],
+        enable_gqa=q.shape[1] != k.shape[1])
+    grads = torch.autograd.grad(out, (qt, kt, vt), grad_out)
+    return out.detach(), grads
+
+
+def check(q, k, v, opts, *, against_torch=False, mask_grad=False):
+    """Runs both ops and checks output, LSE and every gradient against the float64 reference
+    (and torch's own error when against_torch)."""
+    E = q.shape[-1]
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(opts, E))
+    grad_out = torch.randn_like(out)
+    dq, dk, dv, dmask = torch.ops.fastattn.attention_bwd(
+        grad_out, q, k, v, out, lse, *op_args(opts, E), mask_grad)
+    ref_out, ref_lse, ref_grads = reference64(q, k, v, opts, grad_out, mask_grad)
+    torch_out, torch_grads = (None, (None, None, None))
+    if against_torch:
+        torch_out, torch_grads = torch_sdpa(q, k, v, opts, grad_out)
+
+    assert out.shape == ref_out.shape and out.dtype == q.dtype
+    assert_close_to_reference(out, ref_out, torch_out, name="out")
+    assert lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "lse: -inf rows differ"
+    assert not lse.isnan().any()
+    assert_close_to_reference(lse, ref_lse.to(torch.float64), dtype=torch.float32, name="lse")
+    for name, got, want, theirs in zip(
+        ("dq", "dk", "dv"), (dq, dk, dv), ref_grads[:3], torch_grads, strict=True
+    ):
+        assert got.shape == want.shape and got.dtype == q.dtype, name
+        if want.abs().max() < 1e-9:
+            # e.g. dq, dk with a single visible key: exactly 0, so the error is absolute.
+            assert got.abs().max() <= 10 * DTYPE_RTOL[q.dtype], name
+        else:
+            assert_close_to_reference(got, want, theirs, dtype=q.dtype, name=name)
+    if mask_grad:
+        assert dmask.shape == (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        assert_close_to_reference(dmask, ref_grads[3], dtype=torch.float32, name="dmask")
+    else:
+        assert dmask.numel() == 0
+    return out, lse
+
+
+SHAPES = [  # B, Hq, Hk, L, S, E, Ev
+    pytest.param((1, 2, 2, 1, 7, 8, 8), id="L1-S7-E8"),
+    pytest.param((2, 2, 2, 7, 33, 40, 40), id="L7-S33-E40"),
+    pytest.param((1, 4, 2, 33, 100, 64, 64), id="L33-S100-E64-gqa"),
+    pytest.param((1, 2, 2, 100, 33, 80, 48), id="L100-S33-E80-Ev48"),
+    pytest.param((1, 1, 1, 100, 100, 128, 128), id="L100-S100-E128"),
+    pytest.param((2, 3, 1, 33, 1, 64, 40), id="L33-S1-gqa3"),
+    pytest.param((2, 4, 4, 70, 130, 40, 24), id="many-kv-heads"),  # backward: threads own heads
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_and_torch(shape, causal, dtype):
+    B, Hq, Hk, L, S, E, Ev = shape
+    q, k, v = inputs(B, Hq, Hk, L, S, E, Ev, dtype)
+    opts = make_opts(window_right=0 if causal else -1)
+    # torch's causal softmax of a row with no visible key is NaN; its Ev != E path is math.
+    expressible = dtype != torch.float64 and not (causal and L > S)
+    check(q, k, v, opts, against_torch=expressible)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_broadcast_masks(kind, dtype):
+    B, Hq, L, S = 2, 4, 33, 100
+    q, k, v = inputs(B, Hq, 2, L, S, 40, 40, dtype)
+    if kind == "bool":
+        mask = (torch.rand(B, 1, L, S) > 0.3).expand(B, Hq, L, S)  # head dim broadcast
+    else:
+        mask = torch.randn(1, Hq, 1, S, dtype=dtype).expand(B, Hq, L, S)  # batch, row broadcast
+    assert 0 in mask.stride()
+    check(q, k, v, make_opts(attn_mask=mask), against_torch=True)
+
+
+def test_additive_mask_gradient_and_minus_inf():
+    B, Hq, L, S = 1, 2, 33, 70
+    q, k, v = inputs(B, Hq, Hq, L, S, 16, 24, torch.float32)
+    mask = torch.randn(B, Hq, L, S)
+    mask[..., :5] = float("-inf")
+    check(q, k, v, make_opts(attn_mask=mask), mask_grad=True)
+
+
+def test_transposed_mask_view():
+    B, Hq, L, S = 1, 2, 33, 70
+    q, k, v = inputs(B, Hq, Hq, L, S, 16, 16, torch.float32)
+    mask = torch.randn(B, Hq, S, L).transpose(-1, -2)  # keys not contiguous
+    check(q, k, v, make_opts(attn_mask=mask), against_torch=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    "window",
+    [
+        pytest.param((-1, 0, True), id="causal-bottom-right"),
+        pytest.param((8, 0, False), id="sliding-8-top-left"),
+        pytest.param((5, 3, True), id="window-5-3-bottom-right"),
+        pytest.param((0, -1, False), id="anticausal"),
+        pytest.param((70, 70, False), id="window-wider-than-tile"),
+    ],
+)
+@pytest.mark.parametrize("LS", [(33, 100), (100, 33), (130, 200)], ids=lambda x: f"L{x[0]}-S{x[1]}")
+def test_windows(window, LS, dtype):
+    L, S = LS
+    left, right, bottom_right = window
+    q, k, v = inputs(1, 2, 1, L, S, 40, 40, dtype)
+    check(q, k, v, make_opts(window_left=left, window_right=right, bottom_right=bottom_right))
+
+
+def test_softcap_and_alibi():
+    B, Hq, L, S = 2, 4, 33, 100
+    q, k, v = inputs(B, Hq, 2, L, S, 64, 64, torch.float32, magnitude=2.0)
+    check(q, k, v, make_opts(softcap=3.0))
+    check(q, k, v, make_opts(alibi_slopes=torch.rand(Hq)))
+    check(q, k, v, make_opts(alibi_slopes=torch.rand(B, Hq), softcap=5.0, window_right=0,
+                             bottom_right=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_IDS.get)
+def test_dropout_matches_reference_mask(dtype):
+    q, k, v = inputs(2, 2, 1, 33, 100, 40, 40, dtype)
+    seed = torch.tensor(1234567890123, dtype=torch.int64)
+    opts = make_opts(dropout_p=0.3, rng_seed=seed)
+    out, _ = check(q, k, v, opts)
+    again, _ = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(opts, 40))
+    assert torch.equal(out, again)
+    other, _ = torch.ops.fastattn.attention_fwd(
+        q, k, v, *op_args({**opts, "rng_seed": torch.tensor(7)}, 40))
+    assert not torch.equal(out, other)
+
+
+def test_fully_masked_rows_give_zeros():
+    B, Hq, L, S = 1, 2, 33, 70
+    q, k, v = inputs(B, Hq, Hq, L, S, 16, 16, torch.float32)
+    mask = torch.rand(B, Hq, L, S) > 0.5
+    mask[:, :, [0, 5, 32]] = False
+    out, lse = check(q, k, v, make_opts(attn_mask=mask))
+    assert torch.isneginf(lse[:, :, [0, 5, 32]]).all()
+    assert (out[:, :, [0, 5, 32]] == 0).all()
+    # by the window: bottom-right causal with L > S leaves the first L - S rows empty
+    q2, k2, v2 = inputs(1, 2, 2, 100, 33, 16, 16, torch.float32)
+    out2, lse2 = check(q2, k2, v2, make_opts(window_right=0, bottom_right=True))
+    assert torch.isneginf(lse2[:, :, :67]).all() and (out2[:, :, :67] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_large_logits(dtype):
+    # |q . k| ~ 1e4 with scale 1: softmax must not overflow and must stay as accurate as torch's.
+    q, k, v = inputs(1, 2, 2, 33, 100, 64, 64, dtype, magnitude=12.0)
+    opts = make_opts(scale=1.0)
+    ref = torch.matmul(q.double(), k.double().transpose(-1, -2))
+    assert ref.abs().max() > 3e3
+    out, lse = check(q, k, v, opts, against_torch=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_non_contiguous_views():
+    # [B, L, H, E] storage seen as [B, H, L, E]; v additionally sliced along its last dim.
+    B, H, L, S, E = 2, 4, 33, 70, 40
+    q = torch.randn(B, L, H, E).transpose(1, 2)
+    k = torch.randn(B, S, H, E).transpose(1, 2)
+    v = torch.randn(B, S, H, 2 * E).transpose(1, 2)[..., ::2]  # last dim stride 2
+    assert not q.is_contiguous() and v.stride(-1) == 2
+    check(q, k, v, make_opts(window_right=0), against_torch=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_decode_splits_keys(dtype):
+    # L = 1 with few heads: the forward splits the keys over threads and merges by LSE.
+    q, k, v = inputs(1, 2, 1, 1, 3000, 64, 64, dtype)
+    check(q, k, v, make_opts(), against_torch=True)
+    mask = torch.rand(1, 2, 1, 3000) > 0.2
+    check(q, k, v, make_opts(attn_mask=mask))
+
+
+def test_empty_inputs():
+    q, k, v = inputs(0, 2, 2, 7, 9, 8, 8, torch.float32)
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(make_opts(), 8))
+    assert out.shape == (0, 2, 7, 8) and lse.shape == (0, 2, 7)
+    q, k, v = inputs(1, 2, 2, 7, 0, 8, 8, torch.float32)  # no keys: zero rows, lse -inf
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(make_opts(), 8))
+    assert (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv, _ = torch.ops.fastattn.attention_bwd(
+        torch.randn_like(out), q, k, v, out, lse, *op_args(make_opts(), 8), False)
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_outputs_fully_written():
+    q, k, v = inputs(1, 3, 1, 70, 100, 40, 24, torch.float32)
+    opts = make_opts(window_left=3, window_right=2)  # most key tiles are skipped
+    grad_out = torch.randn(1, 3, 70, 24)
+    poison_(torch.empty(1, 3, 70, 24))
+    poison_(torch.empty(1, 3, 70))
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(opts, 40))
+    for t in (q, k, v):
+        poison_(torch.empty_like(t))
+    dq, dk, dv, _ = torch.ops.fastattn.attention_bwd(
+        grad_out, q, k, v, out, lse, *op_args(opts, 40), False)
+    for t in (out, lse, dq, dk, dv):
+        assert not t.isnan().any()
+
+
+BAD_INPUTS = [
+    pytest.param(lambda q, k, v: (q, k[..., :4], v), {}, "head dim", id="head-dim"),
+    pytest.param(lambda q, k, v: (q, k, v[:, :, :5]), {}, "v must be", id="kv-length"),
+    pytest.param(lambda q, k, v: (q, k.double(), v), {}, "dtype", id="dtype"),
+    pytest.param(lambda q, k, v: (q[:, :3], k[:, :2], v[:, :2]), {}, "multiple", id="gqa"),
+    pytest.param(lambda q, k, v: (q, k, v), {"dropout_p": 1.0}, "dropout_p", id="dropout-1"),
+    pytest.param(lambda q, k, v: (q, k, v), {"dropout_p": 0.5}, "rng_seed", id="no-seed"),
+    pytest.param(lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 4, 7, 8)},
+                 "attn_mask", id="mask-shape"),
+    pytest.param(lambda q, k, v: (q, k, v), {"alibi_slopes": torch.ones(3)}, "alibi_slopes",
+                 id="alibi-shape"),
+    pytest.param(lambda q, k, v: (q[0], k[0], v[0]), {}, "4-D", id="rank"),
+]
+
+
+@pytest.mark.parametrize("transform, overrides, message", BAD_INPUTS)
+def test_bad_inputs_raise(transform, overrides, message):
+    q, k, v = transform(*inputs(2, 4, 2, 7, 9, 8, 8, torch.float32))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastattn.attention_fwd(q, k, v, *op_args(make_opts(**overrides), 8))
+
+
+def test_opcheck():
+    q, k, v = inputs(1, 2, 1, 7, 9, 8, 8, torch.float32)
+    mask = torch.randn(1, 2, 7, 9)
+    args = op_args(make_opts(attn_mask=mask, window_right=0, bottom_right=True), 8)
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, (q, k, v, *args))
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *args)
+    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, *args, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
