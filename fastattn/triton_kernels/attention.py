@@ -150,7 +150,7 @@ def _score_tile(
 
 @triton.jit
 def _key_range(start_m, L, S, offset, window_left, window_right, BLOCK_M, BLOCK_N):
-    """[lo, hi) of the key tiles that hold a visible key for query rows [start_m, start_m + BLOCK_M)."""
+    """[lo, hi) of the key tiles holding a key visible to rows [start_m, start_m + BLOCK_M)."""
     last_m = tl.minimum(start_m + BLOCK_M, L) - 1
     lo = tl.maximum(start_m + offset - window_left, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
@@ -199,8 +199,10 @@ def _attention_fwd_kernel(
     offs_ev = tl.arange(0, BLOCK_EV)
     row_ok = offs_m < L
 
-    q_ptrs = Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_e[None, :] * stride_qe
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_M, BLOCK_E]
+    q_ptrs = (Q + b64 * stride_qb + h * stride_qh
+              + offs_m[:, None] * stride_qm + offs_e[None, :] * stride_qe)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    # q: [BLOCK_M, BLOCK_E]
     k_base = K + b64 * stride_kb + kvh * stride_kh
     v_base = V + b64 * stride_vb + kvh * stride_vh
     mask_base = Mask + b64 * stride_mb + h * stride_mh
@@ -220,7 +222,8 @@ def _attention_fwd_kernel(
         offs_n = start_n + offs_n0
         col_ok = offs_n < S
         k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke
-        k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_e[:, None] < E), other=0.0)  # [BLOCK_E, BLOCK_N]
+        # k^T: [BLOCK_E, BLOCK_N]
+        k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_e[:, None] < E), other=0.0)
         qk = _dot(q, k, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
         s, _ = _score_tile(
             qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
@@ -235,7 +238,8 @@ def _attention_fwd_kernel(
         if HAS_DROPOUT:
             p = p * _dropout_scale(seed, dropout_p, b, h, Hq, L, S, offs_m, offs_n)
         v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_ev[None, :] * stride_ve
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [BLOCK_N, BLOCK_EV]
+        # v: [BLOCK_N, BLOCK_EV]
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, BF16_DOT_IN_FP32)
         m_i = m_new
 
@@ -335,10 +339,10 @@ def _attention_bwd_dkdv_kernel(
             row_ok = offs_m < L
             q = tl.load(Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
                         + offs_e[None, :] * stride_qe,
-                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_M, BLOCK_E]
+                        mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [M, E]
             do = tl.load(dOut + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                          + offs_ev[None, :] * stride_doe,
-                         mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [BLOCK_M, BLOCK_EV]
+                         mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [M, Ev]
             qk = _dot(q, tl.trans(k), BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
             s, tanh_s = _score_tile(
                 qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
@@ -422,7 +426,7 @@ def _attention_bwd_dq_kernel(
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_e[None, :] * stride_ke,
                     mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_N, BLOCK_E]
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
-                    mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [BLOCK_N, BLOCK_EV]
+                    mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [N, Ev]
         qk = _dot(q, tl.trans(k), BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
         s, tanh_s = _score_tile(
             qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
@@ -462,7 +466,9 @@ def _common_args(
     """
     L, S = q.shape[2], k.shape[2]
     if dropout_p > 0.0 and rng_seed is None:
-        raise ValueError("attention_fwd_triton: dropout_p > 0 needs rng_seed (an int64 scalar tensor)")
+        raise ValueError(
+            "fastattn triton attention: dropout_p > 0 needs rng_seed (an int64 scalar tensor)"
+        )
     has_mask = attn_mask is not None
     has_alibi = alibi_slopes is not None
     has_dropout = dropout_p > 0.0
@@ -591,7 +597,8 @@ def attention_bwd_triton(
     block_e, block_ev = _head_block(E), _head_block(Ev)
     delta_block_m = 16 if _INTERPRETED else 64
     if B * Hq * L > 0:
-        torch.library.wrap_triton(_attention_bwd_delta_kernel)[(triton.cdiv(L, delta_block_m), B * Hq)](
+        delta_grid = (triton.cdiv(L, delta_block_m), B * Hq)
+        torch.library.wrap_triton(_attention_bwd_delta_kernel)[delta_grid](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, L, Ev,
             BLOCK_EV=block_ev, BLOCK_M=delta_block_m,
         )
