@@ -212,6 +212,9 @@ CASES = [
                  id="causal-bottom-right-L<S-bf16"),
     pytest.param(Case(window=(3, 2), bottom_right=True, L=7, S=33), id="window-3-2-bottom-right"),
     pytest.param(Case(window=(5, -1), L=33, S=33, E=8, Ev=8), id="window-left-only"),
+    # Window edges one key past a tile edge: catches off-by-one tile-skipping bounds.
+    pytest.param(Case(window=(1, 1), L=33, S=33, E=8, Ev=8, Hq=1, Hk=1),
+                 id="window-1-1-tile-edges"),
     pytest.param(Case(softcap=2.0, scale=0.5), id="softcap-2"),
     pytest.param(Case(softcap=5.0, dtype=FP16, L=7, S=33), id="softcap-5-fp16"),
     pytest.param(Case(alibi="heads", S=33, window=(-1, 0), bottom_right=True), id="alibi-heads"),
@@ -264,6 +267,8 @@ def test_head_dims(E: int, device: str) -> None:
                       window=(64, 0), bottom_right=True), id="window-100x257-bf16-E80"),
     pytest.param(Case(L=257, S=100, E=64, Ev=64, alibi="heads", softcap=10.0, dropout_p=0.1,
                       mask="add-bcast", empty_row=True), id="features-257x100-fp32"),
+    pytest.param(Case(Hq=1, Hk=1, L=257, S=257, E=64, Ev=64, dtype=FP16, window=(1, 1)),
+                 id="window-1-1-tile-edges-257"),
 ])
 def test_large_tiles(case: Case, device: str) -> None:
     _check(case, device, mask_grad=case.mask is not None and case.mask.startswith("add"))
