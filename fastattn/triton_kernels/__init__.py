@@ -1,0 +1,1 @@
+"""Triton kernels, registered as fastattn::*_triton ops by torch.library.triton_op on import."""
