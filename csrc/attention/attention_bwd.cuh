@@ -183,9 +183,13 @@ struct BwdDkDvConfig {
 };
 
 // Up to E = 128 one kernel accumulates dK and dV together (E floats per thread); the wider
-// heads run it twice, once per gradient, so that the accumulators stay in registers.
+// heads run it twice, once per gradient, so that the accumulators stay in registers. The
+// query step shrinks as the accumulators grow (ptxas: 0 spills at E = 64, 128; see
+// benchmarks/results/ptxas/ptxas_report.txt).
+template <int HEAD_DIM>
+constexpr int kDkDvBlockM = HEAD_DIM <= 64 ? 64 : (HEAD_DIM <= 96 || HEAD_DIM > 128 ? 32 : 16);
 template <typename Element, int HEAD_DIM, bool COMPUTE_DK, bool COMPUTE_DV>
-using BwdDkDvMainConfig = BwdDkDvConfig<Element, HEAD_DIM, 4, (HEAD_DIM <= 64 ? 64 : 32), COMPUTE_DK, COMPUTE_DV>;
+using BwdDkDvMainConfig = BwdDkDvConfig<Element, HEAD_DIM, 4, kDkDvBlockM<HEAD_DIM>, COMPUTE_DK, COMPUTE_DV>;
 template <int HEAD_DIM>
 constexpr bool kSplitDkDv = HEAD_DIM > 128;
 

@@ -30,12 +30,10 @@ struct FwdConfig {
 // 8 warps x 16 rows; 64-key tiles keep the per-thread state (E/2 output + 32 score floats)
 // within the register file for E <= 128, 32-key tiles for the wider heads.
 template <typename Element, int HEAD_DIM>
-using FwdMainConfig = FwdConfig<Element, HEAD_DIM, 8, (HEAD_DIM <= 128 ? 64 : 32)>;
+using FwdMainConfig = FwdConfig<Element, HEAD_DIM, 8, fwd_block_n(HEAD_DIM)>;
 // Decode: L <= 16 fits one warp's rows; the keys are spread over CTAs instead.
 template <typename Element, int HEAD_DIM>
-using FwdDecodeConfig = FwdConfig<Element, HEAD_DIM, 1, (HEAD_DIM <= 128 ? 64 : 32)>;
-constexpr int kDecodeMaxLenQ = 16;
-constexpr int kMaxSplits = 128;
+using FwdDecodeConfig = FwdConfig<Element, HEAD_DIM, 1, fwd_block_n(HEAD_DIM)>;
 
 template <typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const AttentionParams p) {
@@ -230,19 +228,6 @@ cudaError_t launch_fwd_kernel(const AttentionParams& p, cudaStream_t stream) {
   const dim3 grid(ceil_div(p.len_q, Cfg::kBlockM), p.heads_q, p.batch * p.num_splits);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
-}
-
-// Split only when L <= 16 and the (b, h) CTAs alone would leave most SMs idle.
-template <int HEAD_DIM>
-int fwd_num_splits(const AttentionParams& p, int num_sms) {
-  if (p.len_q > kDecodeMaxLenQ) return 1;
-  constexpr int kBlockN = FwdDecodeConfig<__half, HEAD_DIM>::kBlockN;
-  const int64_t ctas = int64_t{p.batch} * p.heads_q;
-  const int64_t key_blocks = (p.len_kv + kBlockN - 1) / kBlockN;
-  const int64_t wanted = (int64_t{4} * num_sms + ctas - 1) / ctas;  // ~4 CTAs per SM
-  int64_t splits = wanted < key_blocks ? wanted : key_blocks;
-  splits = splits < kMaxSplits ? splits : kMaxSplits;
-  return splits > 1 ? static_cast<int>(splits) : 1;
 }
 
 template <typename Element, int HEAD_DIM>

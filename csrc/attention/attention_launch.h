@@ -15,6 +15,13 @@ cudaError_t launch_attention_fwd(const AttentionParams& params, cudaStream_t str
 template <typename Element, int HEAD_DIM>
 cudaError_t launch_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 
+// Key tile of the forward kernels (fewer keys per tile for the wider heads keeps the
+// per-thread scores and output accumulators in registers).
+constexpr int fwd_block_n(int head_dim) { return head_dim <= 128 ? 64 : 32; }
+// Queries up to which the forward runs its one-warp decode kernel, optionally split over KV.
+constexpr int kDecodeMaxLenQ = 16;
+constexpr int kMaxSplits = 128;
+
 template <typename T>
 struct TypeTag {
   using type = T;
