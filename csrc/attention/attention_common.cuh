@@ -1,0 +1,338 @@
+// Building blocks shared by the CUDA attention kernels: tensor-core fragments (mma.sync
+// m16n8k16, ldmatrix, cp.async via inline PTX, sm_80+), shared-memory tiles, and the score
+// modifiers (scale, softcap, alibi, mask, visibility window) with their tile-skipping tests.
+// Torch-free.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "fastattn/attention_params.h"
+#include "fastattn/philox.h"
+
+namespace fastattn {
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarpSize = 32;
+
+// ---- element types -------------------------------------------------------------------------
+
+template <typename Element>
+struct ElementTraits;
+
+template <>
+struct ElementTraits<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct ElementTraits<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+// ---- tensor-core primitives ------------------------------------------------------------------
+
+// d[4] += a[4] (16x16, row major) * b[2] (16x8, column major); fp32 accumulators.
+// Fragment layouts (PTX ISA, mma.m16n8k16): with g = lane / 4, t = lane % 4,
+//   a: {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}   b: {(2t..2t+1, g), (2t+8.., g)}
+//   d: {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}
+template <typename Element>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  if constexpr (std::is_same_v<Element, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<Element, __nv_bfloat16>, "attention kernels take fp16 or bf16");
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Four 8x8 16-bit matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row_address)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_address(row_address)));
+}
+
+// 16-byte global -> shared copy; src_bytes = 0 zero-fills (rows past the end of a tensor).
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* global_src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_address(smem_dst)),
+               "l"(global_src), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+// Waits until at most PENDING of this thread's committed groups are still in flight.
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---- shared-memory tiles ---------------------------------------------------------------------
+
+// A [ROWS, HEAD_DIM] tile in shared memory with rows padded by 16 bytes: a row is then
+// (HEAD_DIM / 8 + 1) 16-byte chunks, an odd number, so the 8 row addresses of one ldmatrix
+// fall into 8 different bank groups (no conflicts, no swizzle needed for any head dim).
+template <typename Element, int ROWS, int HEAD_DIM>
+struct SmemTile {
+  static_assert(HEAD_DIM % 16 == 0, "head dim must be a multiple of 16 (mma k step)");
+  static_assert(((HEAD_DIM / 8 + 1) % 2) == 1, "padded row must be an odd number of 16-byte chunks");
+  static constexpr int kStride = HEAD_DIM + 8;  // elements
+  static constexpr int kElements = ROWS * kStride;
+  static constexpr int kBytes = kElements * static_cast<int>(sizeof(Element));
+  static_assert(kBytes % 16 == 0, "tiles must keep 16-byte alignment of the next tile");
+
+  Element* data;
+
+  __device__ __forceinline__ Element* at(int row, int col) const { return data + row * kStride + col; }
+
+  // Rows [row0, row0 + ROWS) of a [rows_total, HEAD_DIM] global matrix with `row_stride`;
+  // rows past rows_total are zero-filled (zeros, not garbage: 0 * NaN would poison P @ V).
+  template <int NUM_THREADS>
+  __device__ __forceinline__ void load_async(const Element* global, int64_t row_stride, int64_t row0,
+                                             int64_t rows_total, int tid) const {
+    constexpr int kChunksPerRow = HEAD_DIM / 8;
+    constexpr int kChunks = ROWS * kChunksPerRow;
+#pragma unroll
+    for (int c = tid; c < kChunks; c += NUM_THREADS) {
+      const int row = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * 8;
+      const bool in_bounds = row0 + row < rows_total;
+      const Element* src = in_bounds ? global + (row0 + row) * row_stride + col : global;
+      cp_async_16(at(row, col), src, in_bounds ? 16 : 0);
+    }
+  }
+};
+
+// A fragment (16 rows x 16 cols at (row0, col0)) of a row-major tile.
+template <typename Tile>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const Tile& tile, int row0, int col0,
+                                                int lane) {
+  ldmatrix_x4(a, tile.at(row0 + (lane % 16), col0 + (lane / 16) * 8));
+}
+
+// B fragments of two adjacent n-tiles (n0..n0+15) x 16 k (k0..k0+15) from a tile stored
+// [n][k] (keys x head dim for Q K^T): {b0, b1} of n-tile n0 in r[0], r[1]; of n0+8 in r[2], r[3].
+template <typename Tile>
+__device__ __forceinline__ void load_b_fragments_nk(uint32_t (&r)[4], const Tile& tile, int n0, int k0,
+                                                    int lane) {
+  ldmatrix_x4(r, tile.at(n0 + (lane % 8) + (lane / 16) * 8, k0 + ((lane / 8) % 2) * 8));
+}
+
+// The same from a tile stored [k][n] (keys x head dim for P V), through ldmatrix.trans.
+template <typename Tile>
+__device__ __forceinline__ void load_b_fragments_kn(uint32_t (&r)[4], const Tile& tile, int k0, int n0,
+                                                    int lane) {
+  ldmatrix_x4_trans(r, tile.at(k0 + (lane % 8) + ((lane / 8) % 2) * 8, n0 + (lane / 16) * 8));
+}
+
+// acc[N_TILES][4] (+)= A (16 x K_DIM, a tile's rows row0..row0+15) * B^T where B is a tile
+// stored [n][k] (n = N_TILES * 8 rows from n0). One warp.
+template <typename Element, int N_TILES, int K_DIM, typename TileA, typename TileB>
+__device__ __forceinline__ void warp_gemm_a_bt(float (&acc)[N_TILES][4], const TileA& a_tile, int row0,
+                                               const TileB& b_tile, int lane) {
+  static_assert(N_TILES % 2 == 0 && K_DIM % 16 == 0, "warp gemm tiles are 16 x 16 steps");
+#pragma unroll
+  for (int k = 0; k < K_DIM; k += 16) {
+    uint32_t a[4];
+    load_a_fragment(a, a_tile, row0, k, lane);
+#pragma unroll
+    for (int n = 0; n < N_TILES; n += 2) {
+      uint32_t b[4];
+      load_b_fragments_nk(b, b_tile, n * 8, k, lane);
+      mma_16x8x16<Element>(acc[n], a, b[0], b[1]);
+      mma_16x8x16<Element>(acc[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[N_TILES][4] += P (16 x K_DIM, fp32 accumulators in mma d-layout, K_DIM / 8 n-tiles,
+// rounded to Element) * B where B is a tile stored [k][n]. One warp.
+template <typename Element, int N_TILES, int K_DIM, typename TileB>
+__device__ __forceinline__ void warp_gemm_p_b(float (&acc)[N_TILES][4], const float (&p)[K_DIM / 8][4],
+                                              const TileB& b_tile, int lane) {
+  static_assert(N_TILES % 2 == 0 && K_DIM % 16 == 0, "warp gemm tiles are 16 x 16 steps");
+#pragma unroll
+  for (int k = 0; k < K_DIM / 16; ++k) {
+    // The d-layout of two adjacent n-tiles is the a-layout of one 16-wide k step.
+    const uint32_t a[4] = {ElementTraits<Element>::pack(p[2 * k][0], p[2 * k][1]),
+                           ElementTraits<Element>::pack(p[2 * k][2], p[2 * k][3]),
+                           ElementTraits<Element>::pack(p[2 * k + 1][0], p[2 * k + 1][1]),
+                           ElementTraits<Element>::pack(p[2 * k + 1][2], p[2 * k + 1][3])};
+#pragma unroll
+    for (int n = 0; n < N_TILES; n += 2) {
+      uint32_t b[4];
+      load_b_fragments_kn(b, b_tile, k * 16, n * 8, lane);
+      mma_16x8x16<Element>(acc[n], a, b[0], b[1]);
+      mma_16x8x16<Element>(acc[n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <int N_TILES>
+__device__ __forceinline__ void zero(float (&acc)[N_TILES][4]) {
+#pragma unroll
+  for (int n = 0; n < N_TILES; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
+// ---- score modifiers -------------------------------------------------------------------------
+
+// Everything that turns q.k into the score of (query i, key j) for one (batch, query head),
+// in the contract's order: scale, softcap, alibi, mask, visibility.
+struct ScoreMod {
+  float scale, softcap, slope;
+  bool has_alibi, has_mask, mask_is_bool;
+  const unsigned char* mask;  // at (b, h); bytes, element size below
+  int mask_element_bytes;
+  int64_t mask_row_stride, mask_col_stride;
+  int64_t len_q, len_kv, offset, window_left, window_right;
+
+  __device__ ScoreMod(const AttentionParams& p, int b, int h, int element_bytes) {
+    scale = p.scale;
+    softcap = p.softcap;
+    has_alibi = p.alibi_slopes != nullptr;
+    slope = has_alibi ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
+    has_mask = p.mask != nullptr;
+    mask_is_bool = p.mask_is_bool;
+    mask_element_bytes = mask_is_bool ? 1 : element_bytes;
+    mask = static_cast<const unsigned char*>(p.mask) +
+           (b * p.mask_batch_stride + h * p.mask_head_stride) * mask_element_bytes;
+    mask_row_stride = p.mask_row_stride;
+    mask_col_stride = p.mask_col_stride;
+    len_q = p.len_q;
+    len_kv = p.len_kv;
+    offset = p.bottom_right ? p.len_kv - p.len_q : 0;
+    window_left = p.window_left;
+    window_right = p.window_right;
+  }
+
+  __device__ __forceinline__ bool in_window(int64_t i, int64_t j) const {
+    const int64_t d = j - i - offset;
+    return i < len_q && j < len_kv && (window_left < 0 || d >= -window_left) &&
+           (window_right < 0 || d <= window_right);
+  }
+
+  // The mask entry of (i, j), in bounds only (callers check in_window first).
+  template <typename Element>
+  __device__ __forceinline__ float mask_bias(int64_t i, int64_t j) const {
+    const int64_t index = i * mask_row_stride + j * mask_col_stride;
+    if (mask_is_bool) return mask[index] ? 0.0f : -INFINITY;
+    return ElementTraits<Element>::to_float(reinterpret_cast<const Element*>(mask)[index]);
+  }
+
+  // Keys [j_begin, j_end) any of the queries [i_first, i_last] may see (window only).
+  __device__ __forceinline__ void key_range(int64_t i_first, int64_t i_last, int64_t& j_begin,
+                                            int64_t& j_end) const {
+    i_last = i_last < len_q - 1 ? i_last : len_q - 1;
+    j_begin = window_left < 0 ? 0 : i_first + offset - window_left;
+    j_end = window_right < 0 ? len_kv : i_last + offset + window_right + 1;
+    j_begin = j_begin < 0 ? 0 : j_begin;
+    j_end = j_end > len_kv ? len_kv : j_end;
+  }
+
+  // Queries [i_begin, i_end) that may see any of the keys [j_first, j_last] (window only).
+  __device__ __forceinline__ void query_range(int64_t j_first, int64_t j_last, int64_t& i_begin,
+                                              int64_t& i_end) const {
+    j_last = j_last < len_kv - 1 ? j_last : len_kv - 1;
+    i_begin = window_right < 0 ? 0 : j_first - offset - window_right;
+    i_end = window_left < 0 ? len_q : j_last - offset + window_left + 1;
+    i_begin = i_begin < 0 ? 0 : i_begin;
+    i_end = i_end > len_q ? len_q : i_end;
+  }
+
+  // Whether every (i, j) of the tile is in bounds and in the window, with no per-element
+  // term: then the score is just scale * q.k.
+  __device__ __forceinline__ bool tile_is_plain(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return !has_mask && !has_alibi && softcap <= 0.0f && in_window(i0, j0) && in_window(i0, j1) &&
+           in_window(i1, j0) && in_window(i1, j1);
+  }
+
+  // Block-uniform: whether a mask leaves any (i, j) of the [i0, i0+ROWS) x [j0, j0+COLS) tile
+  // visible. Without a mask every tile inside key_range / query_range has a visible element.
+  // Must be reached by every thread of the block (it is a barrier).
+  template <typename Element, int ROWS, int COLS, int NUM_THREADS>
+  __device__ __forceinline__ bool tile_has_visible(int64_t i0, int64_t j0, int tid) const {
+    if (!has_mask) return true;
+    int any = 0;
+    for (int idx = tid; idx < ROWS * COLS && !any; idx += NUM_THREADS) {
+      const int64_t i = i0 + idx / COLS, j = j0 + idx % COLS;
+      if (in_window(i, j) && mask_bias<Element>(i, j) != -INFINITY) any = 1;
+    }
+    return __syncthreads_or(any) != 0;
+  }
+
+  // The score of (i, j) from z = q.k; -inf where not visible. *dscore_dz (when non-null)
+  // receives d score / d z (scale times the softcap's tanh derivative).
+  template <typename Element>
+  __device__ __forceinline__ float score(float z, int64_t i, int64_t j, float* dscore_dz) const {
+    float s = z * scale;
+    float ds_dz = scale;
+    if (softcap > 0.0f) {
+      const float t = tanhf(s / softcap);
+      s = softcap * t;
+      ds_dz = scale * (1.0f - t * t);
+    }
+    if (dscore_dz) *dscore_dz = ds_dz;
+    if (!in_window(i, j)) return -INFINITY;
+    if (has_alibi) s += slope * static_cast<float>(j - i - offset);
+    if (has_mask) s += mask_bias<Element>(i, j);
+    return s;
+  }
+};
+
+// Dropout keep factor of (b, h, i, j): 0 or 1 / (1 - p).
+__device__ __forceinline__ float dropout_factor(const AttentionParams& p, int64_t row_base, int64_t j) {
+  // row_base = ((b * Hq + h) * L + i) * S
+  const float u = philox_uniform(p.seed, static_cast<uint64_t>(row_base + j));
+  return u >= p.dropout_p ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
+}
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+}  // namespace attn
+}  // namespace fastattn

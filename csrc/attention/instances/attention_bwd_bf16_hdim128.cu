@@ -1,0 +1,8 @@
+// One compiled config (backward, bf16, head dim 128): kept apart so configs compile in parallel.
+#include "../attention_bwd.cuh"
+
+namespace fastattn {
+namespace attn {
+template cudaError_t launch_attention_bwd<__nv_bfloat16, 128>(const AttentionBwdParams&, cudaStream_t);
+}  // namespace attn
+}  // namespace fastattn

@@ -1,0 +1,8 @@
+// One compiled config (backward, fp16, head dim 256): kept apart so configs compile in parallel.
+#include "../attention_bwd.cuh"
+
+namespace fastattn {
+namespace attn {
+template cudaError_t launch_attention_bwd<__half, 256>(const AttentionBwdParams&, cudaStream_t);
+}  // namespace attn
+}  // namespace fastattn

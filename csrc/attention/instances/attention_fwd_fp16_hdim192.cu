@@ -1,0 +1,8 @@
+// One compiled config (forward, fp16, head dim 192): kept apart so configs compile in parallel.
+#include "../attention_fwd.cuh"
+
+namespace fastattn {
+namespace attn {
+template cudaError_t launch_attention_fwd<__half, 192>(const AttentionParams&, cudaStream_t);
+}  // namespace attn
+}  // namespace fastattn
