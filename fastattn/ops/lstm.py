@@ -207,6 +207,20 @@ def _cell_missing(device: torch.device, dtype: torch.dtype):
     return missing
 
 
+# Evaluated once per (op, device, dtype, flag) while torch.compile traces, so that a compiled
+# model bakes in the backend choice instead of graph-breaking on the backend registry.
+@torch.compiler.assume_constant_result
+def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool) -> str:
+    cell_missing = _cell_missing(device, dtype)
+
+    def missing(backend: str) -> str | None:
+        if layer_norm and backend != "reference":
+            return "layer_norm (served by the reference backend only)"
+        return cell_missing(backend)
+
+    return backends.choose(fn, device, missing)
+
+
 def _cell_pointwise(backend: str):
     """The pointwise cell op of ``backend``: (gates [B, 4H], cx [B, H]) -> (hy, cy)."""
     if backend == "triton":
@@ -241,8 +255,8 @@ def lstm_cell(
     B, in_features = x.shape
     if not isinstance(w_ih, torch.Tensor) or w_ih.dim() != 2 or w_ih.shape[0] % 4 or (
             w_ih.shape[1] != in_features):
-        raise ValueError(f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (I = input's feature "
-                         f"size), got {_shape_of(w_ih)}")
+        raise ValueError(f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (input's "
+                         f"feature size), got {_shape_of(w_ih)}")
     _check_tensor(fn, "w_ih", w_ih, tuple(w_ih.shape), input)
     H = w_ih.shape[0] // 4
     state_shape = (H,) if unbatched else (B, H)
@@ -257,7 +271,7 @@ def lstm_cell(
     bias = _sum_biases(b_ih, b_hh)
     gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
     gates = torch.addmm(gates, hx, w_hh.t())
-    backend = backends.choose(fn, input.device, _cell_missing(input.device, input.dtype))
+    backend = _choose_backend(fn, input.device, input.dtype, False)
     hy, cy = _cell_pointwise(backend)(gates, cx)
     return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
 
@@ -303,9 +317,10 @@ def lstm_layer(
     T, B, in_features = input.shape
     if not isinstance(w_ih, torch.Tensor) or w_ih.dim() != 2 or w_ih.shape[0] % 4 or (
             w_ih.shape[1] != in_features):
-        raise ValueError(f"fastattn.{fn}: w_ih must have shape [4H, {in_features}], got {_shape_of(w_ih)}")
+        raise ValueError(
+            f"fastattn.{fn}: w_ih must have shape [4H, {in_features}], got {_shape_of(w_ih)}")
     H = w_ih.shape[0] // 4
-    _check_tensor(fn, "w_ih", w_ih, (4 * H, I), input)
+    _check_tensor(fn, "w_ih", w_ih, (4 * H, in_features), input)
     P = H
     if w_hr is not None:
         if w_hr.dim() != 2 or w_hr.shape[1] != H:
@@ -348,12 +363,7 @@ def lstm_layer(
     options = w_hr is not None or batch_sizes is not None or zoneout_c is not None or (
         zoneout_h is not None)
 
-    def missing(backend: str) -> str | None:
-        if layer_norm is not None and backend != "reference":
-            return "layer_norm (served by the reference backend only)"
-        return _cell_missing(input.device, input.dtype)(backend)
-
-    backend = backends.choose(fn, input.device, missing)
+    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
     if backend == "cpu":
         h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
