@@ -6,19 +6,24 @@ plain-PyTorch reference backend that always works.
 """
 
 from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
+from fastattn.nn import LSTM, LSTMCell
 from fastattn.ops.attention import attention, scaled_dot_product_attention
-from fastattn.ops.packed_attention import attention_varlen, attention_with_kv_cache
 from fastattn.ops.backends import BackendStatus, backends, use_backend
+from fastattn.ops.lstm import lstm_cell
+from fastattn.ops.packed_attention import attention_varlen, attention_with_kv_cache
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "LSTM",
+    "LSTMCell",
     "__version__",
     "attention",
     "attention_varlen",
     "attention_with_kv_cache",
     "backends",
+    "lstm_cell",
     "scaled_dot_product_attention",
     "use_backend",
 ]

@@ -41,5 +41,49 @@ SCHEMAS = {
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)",
 }
 
+# LSTM (fastattn/ops/lstm.py). Gate chunks are in torch's order i, f, g, o (i, f, o sigmoid,
+# g tanh); cy = f * cx + i * g, hy = o * tanh(cy); math in float32 for half/bfloat16 inputs.
+#
+# Cell pointwise ops: gates [B, 4H] = x @ W_ih^T + b_ih + h @ W_hh^T + b_hh (pre-activation);
+# cx, hy, cy, grad_hy, grad_cy [B, H]; grad_gates [B, 4H] is the pre-activation gradient.
+#
+# Sequence ops run one layer in one direction over a whole (padded) sequence:
+#   x_proj [T, B, 4H] = x @ W_ih^T + b_ih + b_hh, precomputed by one GEMM for the sequence;
+#   h0 [B, P], c0 [B, H]; w_hh [4H, P]; w_hr [P, H] or None (P = proj_size, else P = H).
+#   Outputs are the states after each time step, in time order: h_all [T, B, P], c_all [T, B, H];
+#   gates_all [T, B, 4H] holds the ACTIVATED gates (i, f, g, o after sigmoid/tanh);
+#   hpre_all [T, B, H] = o * tanh(c) before the projection (empty when w_hr is None).
+#   The step at time t reads the state of time t - 1 (t + 1 when reverse), h0/c0 at the first
+#   step (t = 0, or t = T - 1 when reverse). So h_n = h_all[T - 1] (h_all[0] when reverse).
+#   batch_sizes: None, or int64 CPU [T], non-increasing: at time t only rows b < batch_sizes[t]
+#   step (packed sequences sorted by decreasing length); the other rows carry their state
+#   unchanged (so h_all[T - 1] / h_all[0] still hold every row's final state) and get zero
+#   gradients into x_proj.
+#   zoneout_c [T, B, H], zoneout_h [T, B, P]: None, or the weight of the PREVIOUS state in
+#   x_proj's dtype (Bernoulli 0/1 in training, the probability in eval):
+#   c_t = z_c * c_{t-1} + (1 - z_c) * c_new, h_t = z_h * h_{t-1} + (1 - z_h) * h_new, where
+#   c_new = f * c_{t-1} + i * g and h_new = (o * tanh(c_new)) @ w_hr^T (or o * tanh(c_new)).
+# lstm_sequence_fwd is the option-free forward (the CUDA persistent kernel serves it; CPU too).
+_LSTM_LAYER_OPTIONS = (
+    "Tensor? w_hr, Tensor? batch_sizes, bool reverse, Tensor? zoneout_c, Tensor? zoneout_h"
+)
+
+SCHEMAS.update({
+    "lstm_cell_pointwise_fwd": "lstm_cell_pointwise_fwd(Tensor gates, Tensor cx) "
+    "-> (Tensor hy, Tensor cy)",
+    "lstm_cell_pointwise_bwd": "lstm_cell_pointwise_bwd(Tensor grad_hy, Tensor grad_cy, "
+    "Tensor gates, Tensor cx, Tensor cy) -> (Tensor grad_gates, Tensor grad_cx)",
+    "lstm_sequence_fwd": "lstm_sequence_fwd(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh) "
+    "-> (Tensor h_all, Tensor c_all, Tensor gates_all)",
+    "lstm_layer_fwd": "lstm_layer_fwd(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh, "
+    f"{_LSTM_LAYER_OPTIONS}) -> (Tensor h_all, Tensor c_all, Tensor gates_all, Tensor hpre_all)",
+    # grad_h_all / grad_c_all: gradients of h_all / c_all (the final state's gradient included).
+    # grad_w_hr is empty when w_hr is None.
+    "lstm_layer_bwd": "lstm_layer_bwd(Tensor grad_h_all, Tensor grad_c_all, Tensor h0, Tensor c0, "
+    f"Tensor w_hh, {_LSTM_LAYER_OPTIONS}, Tensor h_all, Tensor c_all, Tensor gates_all, "
+    "Tensor hpre_all) -> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, "
+    "Tensor grad_w_hr)",
+})
+
 for _schema in SCHEMAS.values():
     LIBRARY.define(_schema)

@@ -135,3 +135,221 @@ def attention_reference(
         probs = probs * keep / (1.0 - dropout_p)
     out = torch.matmul(probs, vc)
     return out.to(q.dtype), lse.to(torch.float32)
+
+
+# ---- LSTM (schemas and semantics: fastattn/ops/_registry.py) ----------------------------------
+
+
+def _lstm_opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def lstm_gate_activations(gates: torch.Tensor) -> torch.Tensor:
+    """[..., 4H] pre-activation -> activated (i, f, o sigmoid; g tanh), in the opmath dtype."""
+    i, f, g, o = gates.to(_lstm_opmath(gates.dtype)).chunk(4, dim=-1)
+    return torch.cat([i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()], dim=-1)
+
+
+def lstm_cell_pointwise_fwd_reference(
+    gates: torch.Tensor, cx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gates [B, 4H] pre-activation, cx [B, H] -> (hy, cy) [B, H] in gates' dtype."""
+    i, f, g, o = lstm_gate_activations(gates).chunk(4, dim=-1)
+    cy = f * cx.to(i.dtype) + i * g
+    hy = o * cy.tanh()
+    return hy.to(gates.dtype), cy.to(gates.dtype)
+
+
+def _lstm_step_bwd(
+    grad_h: torch.Tensor,
+    grad_c: torch.Tensor,
+    act: torch.Tensor,
+    c_prev: torch.Tensor,
+    c_new: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's pointwise backward in opmath: (grad of pre-activation gates, grad of c_prev)."""
+    i, f, g, o = act.chunk(4, dim=-1)
+    tc = c_new.tanh()
+    dc = grad_c + grad_h * o * (1 - tc * tc)
+    grad_gates = torch.cat(
+        [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+         grad_h * tc * o * (1 - o)], dim=-1)
+    return grad_gates, dc * f
+
+
+def lstm_cell_pointwise_bwd_reference(
+    grad_hy: torch.Tensor,
+    grad_cy: torch.Tensor,
+    gates: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of lstm_cell_pointwise_fwd: (grad_gates [B, 4H], grad_cx [B, H])."""
+    dt = _lstm_opmath(gates.dtype)
+    grad_gates, grad_cx = _lstm_step_bwd(
+        grad_hy.to(dt), grad_cy.to(dt), lstm_gate_activations(gates), cx.to(dt), cy.to(dt))
+    return grad_gates.to(gates.dtype), grad_cx.to(gates.dtype)
+
+
+def _lstm_cell_reference_act(
+    gates: torch.Tensor, c_prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    act = lstm_gate_activations(gates)
+    i, f, g, o = act.chunk(4, dim=-1)
+    c_new = f * c_prev.to(act.dtype) + i * g
+    h_new = o * c_new.tanh()
+    return h_new.to(gates.dtype), c_new.to(gates.dtype), act.to(gates.dtype)
+
+
+def _layer_norm_cell(ln_hh_weight, ln_c_weight, ln_c_bias, eps):
+    def cell(gates: torch.Tensor, c_prev: torch.Tensor):
+        act = lstm_gate_activations(gates)
+        i, f, g, o = act.chunk(4, dim=-1)
+        c_raw = f * c_prev.to(act.dtype) + i * g
+        c_new = torch.nn.functional.layer_norm(
+            c_raw, (c_raw.shape[-1],), ln_c_weight.to(act.dtype), ln_c_bias.to(act.dtype), eps)
+        h_new = o * c_new.tanh()
+        return h_new.to(gates.dtype), c_new.to(gates.dtype), act.to(gates.dtype)
+
+    return cell
+
+
+def lstm_layer_reference(
+    x_proj: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    batch_sizes: torch.Tensor | None,
+    reverse: bool,
+    zoneout_c: torch.Tensor | None,
+    zoneout_h: torch.Tensor | None,
+    cell=None,
+    layer_norm: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn::lstm_layer_fwd in plain, differentiable PyTorch.
+
+    ``cell(gates, c_prev) -> (h_new, c_new, activated gates or None)`` serves the pointwise part
+    (default: plain PyTorch); gates_all is returned only when ``cell`` gives activated gates
+    (else an empty tensor). Returns (h_all [T, B, P], c_all [T, B, H], gates_all [T, B, 4H],
+    hpre_all [T, B, H] or empty).
+
+    ``layer_norm = (ln_hh_weight [4H], ln_c_weight [H], ln_c_bias [H], eps)`` makes it a
+    LayerNorm-LSTM step: gates = x_proj + LN(h_prev @ w_hh^T) * ln_hh_weight (x_proj already
+    normalized by the caller), c_new = LN(f * c_prev + i * g) * ln_c_weight + ln_c_bias,
+    h_new = o * tanh(c_new).
+    """
+    cell = cell or _lstm_cell_reference_act
+    if layer_norm is not None:
+        cell = _layer_norm_cell(*layer_norm)
+    T, B = x_proj.shape[0], x_proj.shape[1]
+    sizes = [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
+    h, c = h0, c0
+    h_all, c_all, gates_all, hpre_all = [None] * T, [None] * T, [None] * T, [None] * T
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        n = sizes[t]
+        if layer_norm is None:
+            gates = torch.addmm(x_proj[t, :n], h[:n], w_hh.t())
+        else:
+            gates = x_proj[t, :n] + torch.nn.functional.layer_norm(
+                h[:n] @ w_hh.t(), (w_hh.shape[0],), layer_norm[0], None, layer_norm[3])
+        h_new, c_new, act = cell(gates, c[:n])
+        hpre = h_new
+        if w_hr is not None:
+            h_new = hpre @ w_hr.t()
+        if zoneout_c is not None:
+            c_new = torch.lerp(c_new, c[:n], zoneout_c[t, :n])
+        if zoneout_h is not None:
+            h_new = torch.lerp(h_new, h[:n], zoneout_h[t, :n])
+        h, c = torch.cat([h_new, h[n:]]), torch.cat([c_new, c[n:]])
+        h_all[t], c_all[t] = h, c
+        if act is not None:
+            gates_all[t] = torch.cat([act, act.new_zeros(B - n, act.shape[1])])
+        hpre_all[t] = torch.cat([hpre, hpre.new_zeros(B - n, hpre.shape[1])])
+    empty = x_proj.new_empty(0)
+    if T == 0:
+        return (x_proj.new_empty(0, B, h0.shape[1]), x_proj.new_empty(0, B, c0.shape[1]),
+                x_proj.new_empty(0, B, x_proj.shape[2]), empty)
+    return (
+        torch.stack(h_all),
+        torch.stack(c_all),
+        torch.stack(gates_all) if gates_all[0] is not None else empty,
+        torch.stack(hpre_all) if w_hr is not None else empty,
+    )
+
+
+def lstm_sequence_fwd_reference(
+    x_proj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn::lstm_sequence_fwd: lstm_layer_reference without options."""
+    h_all, c_all, gates_all, _ = lstm_layer_reference(
+        x_proj, h0, c0, w_hh, None, None, False, None, None)
+    return h_all, c_all, gates_all
+
+
+def lstm_layer_bwd_reference(
+    grad_h_all: torch.Tensor,
+    grad_c_all: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    batch_sizes: torch.Tensor | None,
+    reverse: bool,
+    zoneout_c: torch.Tensor | None,
+    zoneout_h: torch.Tensor | None,
+    h_all: torch.Tensor,
+    c_all: torch.Tensor,
+    gates_all: torch.Tensor,
+    hpre_all: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn::lstm_layer_bwd from the saved forward tensors, step by step in plain PyTorch.
+
+    Returns (grad_x_proj [T, B, 4H], grad_h0 [B, P], grad_c0 [B, H], grad_w_hh [4H, P],
+    grad_w_hr [P, H] or empty).
+    """
+    T, B, G = gates_all.shape
+    dtype = gates_all.dtype
+    dt = _lstm_opmath(dtype)
+    sizes = [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
+    dh = torch.zeros_like(h0, dtype=dt)
+    dc = torch.zeros_like(c0, dtype=dt)
+    grad_x_proj = torch.zeros(T, B, G, dtype=dt, device=gates_all.device)
+    grad_w_hh = torch.zeros(w_hh.shape, dtype=dt, device=w_hh.device)
+    grad_w_hr = torch.zeros(w_hr.shape, dtype=dt, device=w_hr.device) if w_hr is not None else None
+    for s in reversed(range(T)):
+        t = T - 1 - s if reverse else s
+        prev = t + 1 if reverse else t - 1
+        h_prev = (h0 if s == 0 else h_all[prev]).to(dt)
+        c_prev = (c0 if s == 0 else c_all[prev]).to(dt)
+        n = sizes[t]
+        dh_total = dh + grad_h_all[t].to(dt)
+        dc_total = dc + grad_c_all[t].to(dt)
+        dh_prev, dc_prev = dh_total.clone(), dc_total.clone()  # carried rows keep these
+        dh_new, dc_new = dh_total[:n], dc_total[:n]
+        if zoneout_h is not None:
+            dh_new = dh_new * (1 - zoneout_h[t, :n].to(dt))
+        if w_hr is not None:
+            grad_w_hr += dh_new.t() @ hpre_all[t, :n].to(dt)
+            dh_new = dh_new @ w_hr.to(dt)
+        if zoneout_c is not None:
+            dc_new = dc_new * (1 - zoneout_c[t, :n].to(dt))
+        act = gates_all[t, :n].to(dt)
+        i, f, g, _ = act.chunk(4, dim=-1)
+        c_new = f * c_prev[:n] + i * g
+        grad_gates, dc_cell = _lstm_step_bwd(dh_new, dc_new, act, c_prev[:n], c_new)
+        grad_x_proj[t, :n] = grad_gates
+        grad_w_hh += grad_gates.t() @ h_prev[:n]
+        dh_prev[:n] = grad_gates @ w_hh.to(dt) + (
+            dh_total[:n] * zoneout_h[t, :n].to(dt) if zoneout_h is not None else 0)
+        dc_prev[:n] = dc_cell + (
+            dc_total[:n] * zoneout_c[t, :n].to(dt) if zoneout_c is not None else 0)
+        dh, dc = dh_prev, dc_prev
+    return (
+        grad_x_proj.to(dtype),
+        dh.to(dtype),
+        dc.to(dtype),
+        grad_w_hh.to(dtype),
+        grad_w_hr.to(dtype) if grad_w_hr is not None else gates_all.new_empty(0),
+    )

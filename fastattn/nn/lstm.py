@@ -1,0 +1,306 @@
+"""Drop-in ``nn.LSTMCell`` / ``nn.LSTM`` served by the fused fastattn LSTM ops.
+
+Constructor arguments, parameter names, shapes, initialization and the forward contract follow
+torch's modules, so ``load_state_dict`` works both ways. ``LSTM`` adds, as constructor options:
+``layer_norm`` (LayerNorm-LSTM), ``zoneout=(p_cell, p_hidden)`` and ``recurrent_dropout``
+(DropConnect on ``weight_hh``, one mask per forward).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from fastattn.ops.lstm import lstm_cell, lstm_layer
+
+__all__ = ["LSTMCell", "LSTM"]
+
+
+class LSTMCell(nn.Module):
+    """``torch.nn.LSTMCell`` with the pointwise part fused (fastattn.lstm_cell).
+
+    forward(input [B, I] or [I], hx=None or (h [B, H], c [B, H])) -> (h', c').
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+
+    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"fastattn.LSTMCell: input must be [B, {self.input_size}] or "
+                             f"[{self.input_size}], got shape {list(input.shape)}")
+        if hx is None:
+            shape = (input.shape[0], self.hidden_size) if input.dim() == 2 else (self.hidden_size,)
+            zeros = input.new_zeros(shape)
+            hx = (zeros, zeros)
+        return lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
+                         self.bias_hh)
+
+
+class LSTM(nn.Module):
+    """``torch.nn.LSTM`` on the fused fastattn LSTM ops, with optional extras.
+
+    Arguments as nn.LSTM (input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+    dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None), plus:
+
+    - ``layer_norm``: LayerNorm-LSTM. Per layer and direction, gates = LN(x W_ih^T) * g_ih +
+      LN(h W_hh^T) * g_hh + b_ih + b_hh (LN over the 4H gates), c = LN(f c + i g) * g_c + b_c,
+      h = o tanh(c); parameters ``layer_norm_ih_l{k}``, ``layer_norm_hh_l{k}`` [4H],
+      ``layer_norm_c_weight_l{k}``, ``layer_norm_c_bias_l{k}`` [H] (``_reverse`` suffixed too),
+      initialized to ones / zeros.
+    - ``zoneout=(p_cell, p_hidden)``: in training each state element keeps its previous value
+      with probability p (fresh Bernoulli per step); in eval the states mix with weight p.
+    - ``recurrent_dropout=p``: in training, DropConnect on weight_hh (one mask per forward,
+      kept weights scaled by 1 / (1 - p)).
+
+    forward(input, hx=None) -> (output, (h_n, c_n)) exactly as nn.LSTM: input [T, B, I]
+    ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence (sorted or not).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        layer_norm: bool = False,
+        zoneout: tuple[float, float] | None = None,
+        recurrent_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(
+                dropout, bool):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             f"probability of an element being zeroed, got {dropout}")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                          f"non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size}")
+        if not isinstance(num_layers, int) or num_layers <= 0:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers}")
+        if proj_size < 0:
+            raise ValueError(
+                "proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        zoneout = (0.0, 0.0) if zoneout is None else tuple(float(p) for p in zoneout)
+        if len(zoneout) != 2 or not all(0 <= p < 1 for p in zoneout):
+            raise ValueError(
+                f"zoneout must be (p_cell, p_hidden) with each p in [0, 1), got {zoneout}")
+        if not 0 <= recurrent_dropout < 1:
+            raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.layer_norm = layer_norm
+        self.zoneout = zoneout
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.layer_norm_eps = 1e-5
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        G = 4 * hidden_size
+        self._flat_weights_names: list[str] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else real_hidden * directions
+            for suffix in self._suffixes():
+                shapes = [("weight_ih", (G, layer_input)), ("weight_hh", (G, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (G,)), ("bias_hh", (G,))]
+                if proj_size > 0:
+                    shapes.append(("weight_hr", (proj_size, hidden_size)))
+                for kind, shape in shapes:
+                    name = f"{kind}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+                    self._flat_weights_names.append(name)
+        if layer_norm:  # after torch's parameters, so seeded init of those matches nn.LSTM
+            for layer in range(num_layers):
+                for suffix in self._suffixes():
+                    for kind, n in (("ih", G), ("hh", G), ("c_weight", hidden_size),
+                                    ("c_bias", hidden_size)):
+                        setattr(self, f"layer_norm_{kind}_l{layer}{suffix}",
+                                nn.Parameter(torch.empty(n, **factory)))
+        self.reset_parameters()
+
+    def _suffixes(self) -> tuple[str, ...]:
+        return ("", "_reverse") if self.bidirectional else ("",)
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for name, weight in self.named_parameters():
+            if name.startswith("layer_norm_"):
+                nn.init.zeros_(weight) if "c_bias" in name else nn.init.ones_(weight)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """Kept for nn.LSTM compatibility: the fused ops need no flat weight buffer."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        per = len(self._flat_weights_names) // (self.num_layers * len(self._suffixes()))
+        names = self._flat_weights_names
+        return [[getattr(self, n) for n in names[i:i + per]] for i in range(0, len(names), per)]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                             ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0),
+                             ("layer_norm", False), ("zoneout", (0.0, 0.0)),
+                             ("recurrent_dropout", 0.0)):
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)}"
+        return s
+
+    def _layer_weights(self, layer: int, suffix: str):
+        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
+        w_hh = get("weight_hh")
+        if self.training and self.recurrent_dropout > 0:
+            keep = 1.0 - self.recurrent_dropout
+            w_hh = w_hh * torch.bernoulli(torch.full_like(w_hh, keep)) / keep
+        ln = None
+        if self.layer_norm:
+            ln = (get("layer_norm_ih"), get("layer_norm_hh"), get("layer_norm_c_weight"),
+                  get("layer_norm_c_bias"), self.layer_norm_eps)
+        return get("weight_ih"), w_hh, get("bias_ih"), get("bias_hh"), get("weight_hr"), ln
+
+    def _zoneout_weights(self, p: float, shape: tuple[int, ...], like: torch.Tensor):
+        if p == 0:
+            return None
+        full = like.new_full(shape, p)
+        return torch.bernoulli(full) if self.training else full
+
+    def forward(self, input, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        H = self.hidden_size
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            T, B = batch_sizes.shape[0], int(batch_sizes[0])
+            valid = (torch.arange(B)[None, :] < batch_sizes[:, None]).flatten()
+            rows = valid.nonzero().squeeze(1).to(data.device)  # packed row -> t * B + b
+            x = data.new_zeros(T * B, data.shape[-1]).index_copy(0, rows, data)
+            x = x.view(T, B, -1)
+            unbatched = False
+        else:
+            if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
+                raise ValueError("fastattn.LSTM: input must be a 3-D (batched) or 2-D (unbatched) "
+                                 f"tensor or a PackedSequence, got {_describe(input)}")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else (
+                input.transpose(0, 1) if self.batch_first else input)
+            T, B = x.shape[0], x.shape[1]
+            batch_sizes = sorted_indices = unsorted_indices = None
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"fastattn.LSTM: input must have {self.input_size} features "
+                             f"(input_size), got {x.shape[-1]}")
+        h0, c0 = self._initial_state(hx, x, unbatched, sorted_indices, D, B, P, H)
+
+        zc_p, zh_p = self.zoneout
+        step_sizes = batch_sizes if packed and int(batch_sizes[-1]) < B else None
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for d, suffix in enumerate(self._suffixes()):
+                w_ih, w_hh, b_ih, b_hh, w_hr, ln = self._layer_weights(layer, suffix)
+                k = layer * D + d
+                h_all, c_all = lstm_layer(
+                    x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=step_sizes,
+                    reverse=d == 1, zoneout_c=self._zoneout_weights(zc_p, (T, B, H), x),
+                    zoneout_h=self._zoneout_weights(zh_p, (T, B, P), x), layer_norm=ln)
+                last = 0 if d == 1 else -1
+                h_n.append(h_all[last])
+                c_n.append(c_all[last])
+                outputs.append(h_all)
+            x = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+
+        if packed:
+            output = PackedSequence(x.reshape(T * B, -1).index_select(0, rows), batch_sizes,
+                                    sorted_indices, unsorted_indices)
+            if unsorted_indices is not None:
+                h_n = h_n.index_select(1, unsorted_indices)
+                c_n = c_n.index_select(1, unsorted_indices)
+            return output, (h_n, c_n)
+        if unbatched:
+            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        output = x.transpose(0, 1) if self.batch_first else x
+        return output, (h_n, c_n)
+
+    def _initial_state(self, hx, x, unbatched, sorted_indices, D, B, P, H):
+        L = self.num_layers * D
+        if hx is None:
+            return x.new_zeros(L, B, P), x.new_zeros(L, B, H)
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError("fastattn.LSTM: hx must be a tuple (h_0, c_0)")
+        h0, c0 = hx
+        want_h, want_c = ((L, P), (L, H)) if unbatched else ((L, B, P), (L, B, H))
+        for name, t, want in (("h_0", h0, want_h), ("c_0", c0, want_c)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"fastattn.LSTM: hx {name} must be a Tensor, got {type(t).__name__}")
+            width = "proj_size" if name == "h_0" and self.proj_size else "hidden_size"
+            if tuple(t.shape) != want:
+                raise RuntimeError(
+                    f"fastattn.LSTM: expected hx {name} of shape {list(want)} (num_layers * "
+                    f"num_directions, batch, {width}), got {list(t.shape)}")
+            if t.dtype != x.dtype or t.device != x.device:
+                raise RuntimeError(
+                    f"fastattn.LSTM: hx {name} must have the input's dtype and device "
+                    f"({x.dtype}, {x.device}), got ({t.dtype}, {t.device})")
+        if unbatched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        if sorted_indices is not None:
+            h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
+        return h0, c0
+
+
+def _describe(x) -> str:
+    return f"shape {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__

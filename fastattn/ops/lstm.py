@@ -1,0 +1,384 @@
+"""LSTM functional API: one fused cell step, one fused layer-direction over a sequence.
+
+Op semantics and layouts: fastattn/ops/_registry.py. This module checks inputs, chooses the
+backend (fastattn/ops/backends.py), and registers fake kernels and autograd for the ops.
+
+Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (one GEMM plus one fused pointwise pass per
+step; weight gradients as whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise
+cell ops (fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and
+``cuda`` serves option-free inference with the persistent fastattn::lstm_sequence_fwd kernel;
+``reference`` is plain PyTorch (fastattn/ops/reference.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from fastattn.ops import (
+    _registry,  # noqa: F401  (defines the schemas)
+    backends,
+    reference,
+)
+
+_OPS = torch.ops.fastattn
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The CUDA persistent sequence kernel (csrc/lstm/lstm_sequence.cuh) keeps W_hh on chip.
+_CUDA_SEQUENCE_MAX_HIDDEN = 256
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", key)
+
+
+@functools.cache
+def _triton_cell_ops() -> tuple | None:
+    """(fwd, bwd) Triton pointwise ops, or None when their module or triton is absent."""
+    try:
+        importlib.import_module("fastattn.triton_kernels.lstm_cell")
+    except ImportError:
+        return None
+    if not hasattr(_OPS, "lstm_cell_pointwise_fwd_triton"):
+        return None
+    fwd, bwd = _OPS.lstm_cell_pointwise_fwd_triton, _OPS.lstm_cell_pointwise_bwd_triton
+    _register_cell_autograd(fwd, bwd)
+    return fwd, bwd
+
+
+# ---- fake kernels and autograd -----------------------------------------------------------------
+
+
+@torch.library.register_fake("fastattn::lstm_cell_pointwise_fwd")
+def _cell_fwd_fake(gates, cx):
+    return torch.empty_like(cx), torch.empty_like(cx)
+
+
+@torch.library.register_fake("fastattn::lstm_cell_pointwise_bwd")
+def _cell_bwd_fake(grad_hy, grad_cy, gates, cx, cy):
+    return torch.empty_like(gates), torch.empty_like(cx)
+
+
+def _register_cell_autograd(fwd, bwd) -> None:
+    def setup_context(ctx, inputs, output):
+        gates, cx = inputs
+        ctx.save_for_backward(gates, cx, output[1])
+
+    def backward(ctx, grad_hy, grad_cy):
+        gates, cx, cy = ctx.saved_tensors
+        grad_hy = torch.zeros_like(cy) if grad_hy is None else grad_hy
+        grad_cy = torch.zeros_like(cy) if grad_cy is None else grad_cy
+        return bwd(grad_hy, grad_cy, gates, cx, cy)
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
+_register_cell_autograd(_OPS.lstm_cell_pointwise_fwd.default, _OPS.lstm_cell_pointwise_bwd.default)
+
+
+def _state_widths(x_proj, h0, w_hr):
+    T, B, G = x_proj.shape
+    P = w_hr.shape[0] if w_hr is not None else G // 4
+    return T, B, G // 4, P
+
+
+@torch.library.register_fake("fastattn::lstm_layer_fwd")
+def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h):
+    T, B, H, P = _state_widths(x_proj, h0, w_hr)
+    hpre = x_proj.new_empty(T, B, H) if w_hr is not None else x_proj.new_empty(0)
+    return x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), hpre
+
+
+@torch.library.register_fake("fastattn::lstm_sequence_fwd")
+def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
+    T, B, G = x_proj.shape
+    return x_proj.new_empty(T, B, G // 4), x_proj.new_empty(T, B, G // 4), x_proj.new_empty(T, B, G)
+
+
+@torch.library.register_fake("fastattn::lstm_layer_bwd")
+def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
+                    zoneout_h, h_all, c_all, gates_all, hpre_all):
+    grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else gates_all.new_empty(0)
+    return (torch.empty_like(gates_all), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(w_hh), grad_w_hr)
+
+
+def _layer_bwd(*args):
+    """fastattn::lstm_layer_bwd where a kernel serves the device, else the reference."""
+    if _has_kernel("lstm_layer_bwd", args[0].device.type.upper()):
+        return _OPS.lstm_layer_bwd(*args)
+    return reference.lstm_layer_bwd_reference(*args)
+
+
+def _layer_setup_context(ctx, inputs, output):
+    x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h = inputs
+    h_all, c_all, gates_all, hpre_all = output
+    ctx.options = (batch_sizes, reverse)
+    ctx.save_for_backward(h0, c0, w_hh, w_hr, zoneout_c, zoneout_h, h_all, c_all, gates_all,
+                          hpre_all)
+
+
+def _layer_backward(ctx, grad_h_all, grad_c_all, _grad_gates_all, _grad_hpre_all):
+    h0, c0, w_hh, w_hr, zoneout_c, zoneout_h, h_all, c_all, gates_all, hpre_all = ctx.saved_tensors
+    batch_sizes, reverse = ctx.options
+    grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
+    grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
+    grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _layer_bwd(
+        grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
+        h_all, c_all, gates_all, hpre_all)
+    return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd(
+    "fastattn::lstm_layer_fwd", _layer_backward, setup_context=_layer_setup_context)
+
+
+def _sequence_setup_context(ctx, inputs, output):
+    x_proj, h0, c0, w_hh = inputs
+    h_all, c_all, gates_all = output
+    ctx.save_for_backward(h0, c0, w_hh, h_all, c_all, gates_all)
+
+
+def _sequence_backward(ctx, grad_h_all, grad_c_all, _grad_gates_all):
+    h0, c0, w_hh, h_all, c_all, gates_all = ctx.saved_tensors
+    grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
+    grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
+    grad_x_proj, grad_h0, grad_c0, grad_w_hh, _ = _layer_bwd(
+        grad_h_all, grad_c_all, h0, c0, w_hh, None, None, False, None, None, h_all, c_all,
+        gates_all, h_all.new_empty(0))
+    return grad_x_proj, grad_h0, grad_c0, grad_w_hh
+
+
+torch.library.register_autograd(
+    "fastattn::lstm_sequence_fwd", _sequence_backward, setup_context=_sequence_setup_context)
+
+
+# ---- input checks ------------------------------------------------------------------------------
+
+
+def _check_tensor(fn: str, name: str, t, shape: tuple, like: torch.Tensor | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"fastattn.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        want = "[" + ", ".join(str(s) for s in shape) + "]"
+        raise ValueError(f"fastattn.{fn}: {name} must have shape {want}, got {list(t.shape)}")
+    if like is None:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"fastattn.{fn}: {name} must be float32, float64, float16 or "
+                            f"bfloat16, got {t.dtype}")
+        return
+    if t.dtype != like.dtype:
+        raise TypeError(f"fastattn.{fn}: {name} must have dtype {like.dtype} (as input), "
+                        f"got {t.dtype}")
+    if t.device != like.device:
+        raise RuntimeError(f"fastattn.{fn}: {name} must be on device {like.device} (as input), "
+                           f"got {t.device}")
+
+
+def _shape_of(t) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_input(fn: str, input, dims: tuple[int, ...], layout: str) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"fastattn.{fn}: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() not in dims:
+        raise ValueError(f"fastattn.{fn}: input must be {layout}, got shape {list(input.shape)}")
+    if input.dtype not in _DTYPES:
+        raise TypeError(f"fastattn.{fn}: input must be float32, float64, float16 or bfloat16, "
+                        f"got {input.dtype}")
+
+
+def _cell_missing(device: torch.device, dtype: torch.dtype):
+    def missing(backend: str) -> str | None:
+        if backend == "cuda" and not _has_kernel("lstm_cell_pointwise_fwd", "CUDA"):
+            return "the CUDA LSTM cell kernels (fastattn._C has none registered)"
+        if backend == "triton":
+            if _triton_cell_ops() is None:
+                return "the Triton LSTM cell kernels (fastattn.triton_kernels.lstm_cell)"
+            if dtype == torch.float64:
+                return "dtype float64 (triton serves float32, float16, bfloat16)"
+        if backend == "cpu" and not _has_kernel("lstm_layer_fwd", "CPU"):
+            return "the CPU LSTM kernels (fastattn._C has none registered)"
+        return None
+
+    return missing
+
+
+# Evaluated once per (op, device, dtype, flag) while torch.compile traces, so that a compiled
+# model bakes in the backend choice instead of graph-breaking on the backend registry.
+@torch.compiler.assume_constant_result
+def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool) -> str:
+    cell_missing = _cell_missing(device, dtype)
+
+    def missing(backend: str) -> str | None:
+        if layer_norm and backend != "reference":
+            return "layer_norm (served by the reference backend only)"
+        return cell_missing(backend)
+
+    return backends.choose(fn, device, missing)
+
+
+def _cell_pointwise(backend: str):
+    """The pointwise cell op of ``backend``: (gates [B, 4H], cx [B, H]) -> (hy, cy)."""
+    if backend == "triton":
+        return _triton_cell_ops()[0]
+    if backend in ("cpu", "cuda"):
+        return _OPS.lstm_cell_pointwise_fwd
+    return reference.lstm_cell_pointwise_fwd_reference
+
+
+# ---- public functions --------------------------------------------------------------------------
+
+
+def lstm_cell(
+    input: torch.Tensor,
+    hx: torch.Tensor,
+    cx: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM step, as ``torch.nn.LSTMCell`` computes it, with the pointwise part fused.
+
+    input [B, I] (or [I]), hx / cx [B, H] (or [H]), w_ih [4H, I], w_hh [4H, H], b_ih / b_hh [4H]
+    or None; gate order i, f, g, o. Returns (hy, cy), each [B, H] (or [H]); all tensors share
+    one dtype (float32/float64/float16/bfloat16) and device. Differentiable in every tensor.
+    """
+    fn = "lstm_cell"
+    _check_input(fn, input, (1, 2), "[B, I] or [I]")
+    unbatched = input.dim() == 1
+    x = input.unsqueeze(0) if unbatched else input
+    B, in_features = x.shape
+    if not isinstance(w_ih, torch.Tensor) or w_ih.dim() != 2 or w_ih.shape[0] % 4 or (
+            w_ih.shape[1] != in_features):
+        raise ValueError(f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (input's "
+                         f"feature size), got {_shape_of(w_ih)}")
+    _check_tensor(fn, "w_ih", w_ih, tuple(w_ih.shape), input)
+    H = w_ih.shape[0] // 4
+    state_shape = (H,) if unbatched else (B, H)
+    _check_tensor(fn, "hx", hx, state_shape, input)
+    _check_tensor(fn, "cx", cx, state_shape, input)
+    _check_tensor(fn, "w_hh", w_hh, (4 * H, H), input)
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _check_tensor(fn, name, b, (4 * H,), input)
+    if unbatched:
+        hx, cx = hx.unsqueeze(0), cx.unsqueeze(0)
+    bias = _sum_biases(b_ih, b_hh)
+    gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
+    gates = torch.addmm(gates, hx, w_hh.t())
+    backend = _choose_backend(fn, input.device, input.dtype, False)
+    hy, cy = _cell_pointwise(backend)(gates, cx)
+    return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
+
+
+def _sum_biases(b_ih: torch.Tensor | None, b_hh: torch.Tensor | None) -> torch.Tensor | None:
+    if b_ih is None:
+        return b_hh
+    return b_ih if b_hh is None else b_ih + b_hh
+
+
+def lstm_layer(
+    input: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_ih: torch.Tensor,
+    w_hh: torch.Tensor,
+    b_ih: torch.Tensor | None = None,
+    b_hh: torch.Tensor | None = None,
+    w_hr: torch.Tensor | None = None,
+    *,
+    batch_sizes: torch.Tensor | None = None,
+    reverse: bool = False,
+    zoneout_c: torch.Tensor | None = None,
+    zoneout_h: torch.Tensor | None = None,
+    layer_norm: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LSTM layer in one direction over a padded sequence.
+
+    input [T, B, I]; h0 [B, P], c0 [B, H]; w_ih [4H, I], w_hh [4H, P], b_ih / b_hh [4H] or None,
+    w_hr [P, H] or None (P = H without projection). The input projection for the whole sequence
+    is one GEMM. batch_sizes (int64 CPU [T], non-increasing) steps only the first
+    batch_sizes[t] rows at time t, the others carrying their state; reverse runs t = T-1 .. 0;
+    zoneout_c [T, B, H] / zoneout_h [T, B, P] weight the previous state (see _registry.py).
+    layer_norm = (ln_ih_weight [4H], ln_hh_weight [4H], ln_c_weight [H], ln_c_bias [H], eps)
+    makes it a LayerNorm-LSTM: gates = LN(x @ w_ih^T) * ln_ih_weight + LN(h @ w_hh^T) *
+    ln_hh_weight + b_ih + b_hh (LN over the 4H gates), c = LN(f * c_prev + i * g) * ln_c_weight
+    + ln_c_bias, h = o * tanh(c).
+    Returns (h_all [T, B, P], c_all [T, B, H]): the state after each time step; the final state
+    is h_all[-1] (h_all[0] when reverse). Differentiable in input, h0, c0 and the weights.
+    """
+    fn = "lstm_layer"
+    _check_input(fn, input, (3,), "[T, B, I]")
+    T, B, in_features = input.shape
+    if not isinstance(w_ih, torch.Tensor) or w_ih.dim() != 2 or w_ih.shape[0] % 4 or (
+            w_ih.shape[1] != in_features):
+        raise ValueError(
+            f"fastattn.{fn}: w_ih must have shape [4H, {in_features}], got {_shape_of(w_ih)}")
+    H = w_ih.shape[0] // 4
+    _check_tensor(fn, "w_ih", w_ih, (4 * H, in_features), input)
+    P = H
+    if w_hr is not None:
+        if w_hr.dim() != 2 or w_hr.shape[1] != H:
+            raise ValueError(
+                f"fastattn.{fn}: w_hr must have shape [P, {H}], got {list(w_hr.shape)}")
+        P = w_hr.shape[0]
+        _check_tensor(fn, "w_hr", w_hr, (P, H), input)
+    _check_tensor(fn, "h0", h0, (B, P), input)
+    _check_tensor(fn, "c0", c0, (B, H), input)
+    _check_tensor(fn, "w_hh", w_hh, (4 * H, P), input)
+    for name, b in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if b is not None:
+            _check_tensor(fn, name, b, (4 * H,), input)
+    if zoneout_c is not None:
+        _check_tensor(fn, "zoneout_c", zoneout_c, (T, B, H), input)
+    if zoneout_h is not None:
+        _check_tensor(fn, "zoneout_h", zoneout_h, (T, B, P), input)
+    if batch_sizes is not None and (
+            batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu"
+            or tuple(batch_sizes.shape) != (T,)):
+        raise ValueError(
+            f"fastattn.{fn}: batch_sizes must be an int64 CPU tensor of shape [{T}], got "
+            f"{batch_sizes.dtype} {list(batch_sizes.shape)} on {batch_sizes.device}")
+
+    if layer_norm is not None:
+        for name, t, n in zip(("ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias"),
+                              layer_norm[:4], (4 * H, 4 * H, H, H), strict=True):
+            _check_tensor(fn, f"layer_norm {name}", t, (n,), input)
+
+    bias = _sum_biases(b_ih, b_hh)
+    flat = input.reshape(T * B, in_features)
+    if layer_norm is not None:
+        x_proj = torch.nn.functional.layer_norm(flat @ w_ih.t(), (4 * H,), layer_norm[0], bias,
+                                                layer_norm[4])
+    elif bias is not None:
+        x_proj = torch.addmm(bias, flat, w_ih.t())
+    else:
+        x_proj = flat @ w_ih.t()
+    x_proj = x_proj.view(T, B, 4 * H)
+    options = w_hr is not None or batch_sizes is not None or zoneout_c is not None or (
+        zoneout_h is not None)
+
+    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
+    if backend == "cpu":
+        h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
+            x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
+        return h_all, c_all
+    if (backend == "cuda" and not options and H <= _CUDA_SEQUENCE_MAX_HIDDEN
+            and input.dtype != torch.float64 and not torch.is_grad_enabled()):
+        h_all, c_all, _ = _OPS.lstm_sequence_fwd(x_proj, h0, c0, w_hh)
+        return h_all, c_all
+    if backend == "reference":
+        h_all, c_all, _, _ = reference.lstm_layer_reference(
+            x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
+            layer_norm=None if layer_norm is None else (*layer_norm[1:],))
+        return h_all, c_all
+    pointwise = _cell_pointwise(backend)
+    h_all, c_all, _, _ = reference.lstm_layer_reference(
+        x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
+        cell=lambda gates, c_prev: (*pointwise(gates, c_prev), None))
+    return h_all, c_all
