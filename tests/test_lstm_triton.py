@@ -196,3 +196,19 @@ def test_opcheck_schema():
 def test_opcheck_fake_tensor():
     """Fake-tensor (meta) propagation and AOT dispatch of both ops."""
     _opcheck_both(("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_library_reference(dtype):
+    """Agreement with fastattn.ops.reference's LSTM pointwise functions (same rounding)."""
+    reference = pytest.importorskip("fastattn.ops.reference")
+    if not hasattr(reference, "lstm_cell_pointwise_bwd_reference"):
+        pytest.skip("fastattn.ops.reference has no LSTM pointwise functions on this branch")
+    gates, cx = make_inputs(7, 33, dtype, strided=True)
+    grad_hy, grad_cy = torch.randn_like(cx), torch.randn_like(cx)
+    ours = torch.ops.fastattn.lstm_cell_pointwise_fwd_triton(gates, cx)
+    ours += torch.ops.fastattn.lstm_cell_pointwise_bwd_triton(grad_hy, grad_cy, gates, cx, ours[1])
+    theirs = reference.lstm_cell_pointwise_fwd_reference(gates, cx)
+    theirs += reference.lstm_cell_pointwise_bwd_reference(grad_hy, grad_cy, gates, cx, ours[1])
+    for actual, expected in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(actual, expected)
