@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_close_to_reference
+from tests.lstm_math import cell_grads, cell_math, sequence_inputs, sequence_math
 
 DEVICES = [
     pytest.param("cpu", id="cpu"),
@@ -41,21 +42,6 @@ def require_kernel(op: str, device: str) -> None:
     key = "CUDA" if device == "cuda" else "CPU"
     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", key):
         pytest.skip(f"fastattn._C registers no {key} kernel for fastattn::{op} in this build")
-
-
-def cell_math(gates: torch.Tensor, cx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract's cell in plain PyTorch at the inputs' dtype: (hy, cy)."""
-    i, f, g, o = gates.chunk(4, dim=1)
-    cy = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(cy), cy
-
-
-def cell_grads(gates, cx, grad_hy, grad_cy, dtype):
-    """(grad_gates, grad_cx) of cell_math by autograd at ``dtype``."""
-    g = gates.detach().to(dtype).requires_grad_()
-    c = cx.detach().to(dtype).requires_grad_()
-    hy, cy = cell_math(g, c)
-    return torch.autograd.grad((hy, cy), (g, c), (grad_hy.to(dtype), grad_cy.to(dtype)))
 
 
 def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -138,30 +124,6 @@ def test_cell_writes_every_element(dtype):
     expected_torch = cell_grads(gates, cx, grad_hy, grad_cy, dtype)
     assert_close_to_reference(grad_gates, expected64[0], expected_torch[0], name="grad_gates")
     assert_close_to_reference(grad_cx, expected64[1], expected_torch[1], name="grad_cx")
-
-
-def sequence_math(x_proj, h0, c0, w_hh):
-    """A loop of plain-PyTorch cell steps at the inputs' dtype: (h_all, c_all, activated gates)."""
-    h, c = h0, c0
-    h_all, c_all, gates_all = [], [], []
-    for t in range(x_proj.shape[0]):
-        gates = x_proj[t] + h @ w_hh.t()
-        i, f, g, o = gates.chunk(4, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c = f * c + i * g
-        h = o * torch.tanh(c)
-        h_all.append(h)
-        c_all.append(c)
-        gates_all.append(torch.cat([i, f, g, o], dim=1))
-    return torch.stack(h_all), torch.stack(c_all), torch.stack(gates_all)
-
-
-def sequence_inputs(seq_len, batch, hidden, dtype, device):
-    x_proj = torch.randn(seq_len, batch, 4 * hidden, dtype=dtype, device=device)
-    h0, c0 = torch.randn(2, batch, hidden, dtype=dtype, device=device).unbind(0)
-    # Scaled like nn.LSTM's init so the recurrence neither explodes nor vanishes.
-    w_hh = torch.randn(4 * hidden, hidden, dtype=dtype, device=device) / hidden**0.5
-    return x_proj, h0, c0, w_hh
 
 
 SEQUENCE_SIZES = [

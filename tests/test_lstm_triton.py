@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_close_to_reference, poison_
+from tests.lstm_math import cell_grads, cell_math, sequence_inputs, sequence_math
 
 pytestmark = pytest.mark.triton
 
@@ -30,13 +31,6 @@ CASES = [
 ] + [pytest.param(7, h, True, id=f"B7-H{h}-strided") for h in (1, 7, 33, 100)]
 
 
-def cell_math(gates: torch.Tensor, cx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The contract's cell in plain PyTorch at the inputs' own dtype (what nn.LSTMCell does)."""
-    i, f, g, o = gates.chunk(4, dim=1)
-    cy = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(cy), cy
-
-
 def make_inputs(batch: int, hidden: int, dtype: torch.dtype, *, strided: bool):
     """Fresh random gates [B, 4H], cx [B, H]; `strided` gives transposed / sliced views."""
     if strided:
@@ -48,14 +42,6 @@ def make_inputs(batch: int, hidden: int, dtype: torch.dtype, *, strided: bool):
         gates = 2 * torch.randn(batch, 4 * hidden, dtype=dtype, device=DEVICE)
         cx = torch.randn(batch, hidden, dtype=dtype, device=DEVICE)
     return gates, cx
-
-
-def reference_grads(gates, cx, grad_hy, grad_cy, dtype):
-    """(grad_gates, grad_cx) of cell_math by autograd, computed at `dtype`."""
-    g = gates.detach().to(dtype).requires_grad_()
-    c = cx.detach().to(dtype).requires_grad_()
-    hy, cy = cell_math(g, c)
-    return torch.autograd.grad((hy, cy), (g, c), (grad_hy.to(dtype), grad_cy.to(dtype)))
 
 
 @pytest.mark.parametrize("batch, hidden, strided", CASES)
@@ -87,8 +73,8 @@ def test_backward_matches_float64_autograd(dtype, batch, hidden, strided):
 
     # The kernel is given cy rounded to `dtype`; the float64 oracle recomputes it exactly,
     # and torch's own low-precision autograd sees the same rounding the kernel does.
-    grad_gates64, grad_cx64 = reference_grads(gates, cx, grad_hy, grad_cy, torch.float64)
-    grad_gates_torch, grad_cx_torch = reference_grads(gates, cx, grad_hy, grad_cy, dtype)
+    grad_gates64, grad_cx64 = cell_grads(gates, cx, grad_hy, grad_cy, torch.float64)
+    grad_gates_torch, grad_cx_torch = cell_grads(gates, cx, grad_hy, grad_cy, dtype)
     assert_close_to_reference(grad_gates, grad_gates64, grad_gates_torch, name="grad_gates")
     assert_close_to_reference(grad_cx, grad_cx64, grad_cx_torch, name="grad_cx")
 
@@ -109,8 +95,8 @@ def test_every_output_element_is_written(dtype):
     grad_gates = poison_(torch.empty(batch, 4 * hidden, dtype=dtype, device=DEVICE))
     grad_cx = poison_(torch.empty_like(cx))
     lstm_cell.lstm_cell_pointwise_bwd_into(grad_hy, grad_cy, gates, cx, cy, grad_gates, grad_cx)
-    expected64 = reference_grads(gates, cx, grad_hy, grad_cy, torch.float64)
-    expected_torch = reference_grads(gates, cx, grad_hy, grad_cy, dtype)
+    expected64 = cell_grads(gates, cx, grad_hy, grad_cy, torch.float64)
+    expected_torch = cell_grads(gates, cx, grad_hy, grad_cy, dtype)
     assert_close_to_reference(grad_gates, expected64[0], expected_torch[0], name="grad_gates")
     assert_close_to_reference(grad_cx, expected64[1], expected_torch[1], name="grad_cx")
 
@@ -126,7 +112,7 @@ def test_saturated_gates_stay_finite():
     grads = torch.ops.fastattn.lstm_cell_pointwise_bwd_triton(
         torch.ones_like(cx), torch.ones_like(cx), gates, cx, cy
     )
-    expected = reference_grads(gates, cx, torch.ones_like(cx), torch.ones_like(cx), torch.float64)
+    expected = cell_grads(gates, cx, torch.ones_like(cx), torch.ones_like(cx), torch.float64)
     for actual, reference in zip(grads, expected, strict=True):
         torch.testing.assert_close(actual.double(), reference, rtol=1e-6, atol=1e-7)
 
@@ -212,3 +198,71 @@ def test_matches_library_reference(dtype):
     theirs += reference.lstm_cell_pointwise_bwd_reference(grad_hy, grad_cy, gates, cx, ours[1])
     for actual, expected in zip(ours, theirs, strict=True):
         torch.testing.assert_close(actual, expected)
+
+
+lstm_sequence = pytest.importorskip("fastattn.triton_kernels.lstm_sequence")
+SEQUENCE_DTYPES = [d for d in DTYPES if d.values[0] != torch.float64]
+SEQUENCE_CASES = [
+    pytest.param(5, b, h, False, id=f"T5-B{b}-H{h}") for b in (1, 7, 33) for h in (1, 7, 33, 64)
+] + [
+    pytest.param(1, 7, 7, False, id="T1-B7-H7"),
+    pytest.param(4, 7, 33, True, id="T4-B7-H33-strided"),
+]
+
+
+@pytest.mark.parametrize("seq_len, batch, hidden, strided", SEQUENCE_CASES)
+@pytest.mark.parametrize("dtype", SEQUENCE_DTYPES)
+def test_sequence_forward_matches_float64(dtype, seq_len, batch, hidden, strided):
+    inputs = sequence_inputs(seq_len, batch, hidden, dtype, DEVICE)
+    if strided:  # batch-major x_proj seen as [T, B, 4H]; transposed w_hh; sliced states
+        x_proj, h0, c0, w_hh = inputs
+        x_proj = x_proj.transpose(0, 1).contiguous().transpose(0, 1)
+        w_hh = w_hh.t().contiguous().t()
+        h0 = torch.cat([h0, torch.randn_like(h0)], dim=1)[:, :hidden]
+        inputs = (x_proj, h0, c0.t().contiguous().t(), w_hh)
+    outputs = torch.ops.fastattn.lstm_sequence_fwd_triton(*inputs)
+    expected64 = sequence_math(*(t.double() for t in inputs))
+    expected_torch = sequence_math(*inputs)
+    for name, actual, ref64, ref_torch in zip(
+        ("h_all", "c_all", "gates_all"), outputs, expected64, expected_torch, strict=True
+    ):
+        assert actual.dtype == dtype
+        assert_close_to_reference(actual, ref64, ref_torch, name=name)
+
+
+@pytest.mark.parametrize("dtype", SEQUENCE_DTYPES)
+def test_sequence_writes_every_element(dtype):
+    seq_len, batch, hidden = 3, 17, 33  # 2 programs of 16 rows, the last one partial
+    inputs = sequence_inputs(seq_len, batch, hidden, dtype, DEVICE)
+    h_all = poison_(torch.empty(seq_len, batch, hidden, dtype=dtype, device=DEVICE))
+    c_all = poison_(torch.empty_like(h_all))
+    gates_all = poison_(torch.empty(seq_len, batch, 4 * hidden, dtype=dtype, device=DEVICE))
+    lstm_sequence.lstm_sequence_fwd_into(*inputs, h_all, c_all, gates_all)
+    expected64 = sequence_math(*(t.double() for t in inputs))
+    expected_torch = sequence_math(*inputs)
+    for actual, ref64, ref_torch in zip(
+        (h_all, c_all, gates_all), expected64, expected_torch, strict=True
+    ):
+        assert_close_to_reference(actual, ref64, ref_torch)
+
+
+@pytest.mark.parametrize(
+    "hidden, dtype, error, match",
+    [
+        pytest.param(65, torch.float32, ValueError, "hidden sizes 1..64", id="H-too-large"),
+        pytest.param(8, torch.float64, TypeError, "float32, float16 or bfloat16", id="fp64"),
+    ],
+)
+def test_sequence_rejects_unserved_inputs(hidden, dtype, error, match):
+    with pytest.raises(error, match=match):
+        torch.ops.fastattn.lstm_sequence_fwd_triton(*sequence_inputs(2, 3, hidden, dtype, DEVICE))
+
+
+def test_sequence_rejects_bad_shapes():
+    x_proj, h0, c0, w_hh = sequence_inputs(2, 3, 8, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="c0 must have shape"):
+        torch.ops.fastattn.lstm_sequence_fwd_triton(x_proj, h0, c0[:2], w_hh)
+    with pytest.raises(ValueError, match="w_hh must have shape"):
+        torch.ops.fastattn.lstm_sequence_fwd_triton(x_proj, h0, c0, w_hh[:, :4])
+    with pytest.raises(ValueError, match=r"x_proj must be \[T, B, 4H\]"):
+        torch.ops.fastattn.lstm_sequence_fwd_triton(x_proj[..., 1:], h0, c0, w_hh)
