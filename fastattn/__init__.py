@@ -7,7 +7,9 @@ plain-PyTorch reference backend that always works.
 
 from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
 from fastattn.ops import BackendStatus, backends, use_backend
+from fastattn.nn import MultiheadAttention, convert
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendStatus", "backends", "use_backend", "__version__"]
+__all__ += ["MultiheadAttention", "convert"]
