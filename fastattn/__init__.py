@@ -6,10 +6,19 @@ plain-PyTorch reference backend that always works.
 """
 
 from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
-from fastattn.ops import BackendStatus, backends, use_backend
 from fastattn.nn import MultiheadAttention, convert
+from fastattn.ops import attention, scaled_dot_product_attention
+from fastattn.ops.backends import BackendStatus, backends, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "backends", "use_backend", "__version__"]
-__all__ += ["MultiheadAttention", "convert"]
+__all__ = [
+    "BackendStatus",
+    "MultiheadAttention",
+    "__version__",
+    "attention",
+    "backends",
+    "convert",
+    "scaled_dot_product_attention",
+    "use_backend",
+]

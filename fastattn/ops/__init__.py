@@ -1,6 +1,10 @@
-"""The functional API: input checks, backend choice, autograd and fake kernels."""
+"""The functional API: input checks, backend choice, autograd and fake kernels.
+
+``fastattn.ops.backends`` is the backend-choice module; the package-level
+``fastattn.backends()`` is its status function.
+"""
 
 from fastattn.ops import _registry  # noqa: F401  (defines the fastattn::* schemas first)
-from fastattn.ops.backends import BackendStatus, backends, use_backend
+from fastattn.ops.attention import attention, scaled_dot_product_attention
 
-__all__ = ["BackendStatus", "backends", "use_backend"]
+__all__ = ["attention", "scaled_dot_product_attention"]
