@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from fastattn.ops import attention as attention_ops
+from fastattn.ops import scaled_dot_product_attention
 
 
 class MultiheadAttention(nn.Module):
@@ -25,13 +25,12 @@ class MultiheadAttention(nn.Module):
 
     Two paths compute attention:
 
-    - ``need_weights=False`` is the fused path: ``fastattn.ops.attention.
-      scaled_dot_product_attention`` on whichever fastattn backend serves the tensors, with
-      dropout applied inside the op in training. ``key_padding_mask`` and ``attn_mask`` are
-      merged into one broadcastable mask ([B, 1, 1, S], [1, 1, L, S], [B, 1, L, S] or, for a
-      per-head 3-D ``attn_mask``, [B, H, L, S]); bool masks stay bool, so no float mask per
-      head is built for them. A query whose keys are all blocked gets a zero output row there
-      (torch's module returns NaN for it).
+    - ``need_weights=False`` is the fused path: ``fastattn.scaled_dot_product_attention`` on
+      whichever fastattn backend serves the tensors, with dropout applied inside the op in
+      training. ``key_padding_mask`` and ``attn_mask`` are merged into one broadcastable
+      mask ([B, 1, 1, S], [1, 1, L, S], [B, 1, L, S] or, for a per-head 3-D ``attn_mask``,
+      [B, H, L, S]); bool masks stay bool, so no float mask per head is built for them. A
+      query whose keys are all blocked gets a zero output row there (torch returns NaN).
     - ``need_weights=True`` (torch's default) computes the softmax weights explicitly, as torch
       does, and returns them averaged over heads ([B, L, S]) or per head ([B, H, L, S]).
 
@@ -70,7 +69,9 @@ class MultiheadAttention(nn.Module):
                 f"and num_heads={num_heads}"
             )
         if embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
@@ -98,7 +99,9 @@ class MultiheadAttention(nn.Module):
             self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
-        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        self.out_proj = NonDynamicallyQuantizableLinear(
+            embed_dim, embed_dim, bias=bias, **factory
+        )
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
             self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
@@ -107,7 +110,7 @@ class MultiheadAttention(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        """torch's initialization: Xavier-uniform projections, zero biases, Xavier-normal bias_k/v."""
+        """torch's init: Xavier-uniform projections, zero biases, Xavier-normal bias_k/v."""
         if self._packed_in_proj:
             xavier_uniform_(self.in_proj_weight)
         else:
@@ -161,7 +164,8 @@ class MultiheadAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         batch_dim = 0 if self.batch_first and is_batched else 1
-        batch, tgt_len, src_len = query.shape[batch_dim], query.shape[1 - batch_dim], key.shape[1 - batch_dim]
+        batch = query.shape[batch_dim]
+        tgt_len, src_len = query.shape[1 - batch_dim], key.shape[1 - batch_dim]
         if key.shape[batch_dim] != batch or value.shape[batch_dim] != batch:
             raise ValueError(
                 f"query, key and value must share the batch size, got {batch}, "
@@ -204,13 +208,16 @@ class MultiheadAttention(nn.Module):
             # [B, H, L, S]: the same arithmetic as torch's explicit path, so the weights match.
             scores = torch.matmul(q * math.sqrt(1.0 / self.head_dim), k.transpose(-2, -1))
             if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                if mask.dtype == torch.bool:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                else:
+                    scores = scores + mask
             weights = torch.softmax(scores, dim=-1)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
             out = torch.matmul(weights, v)
         else:
-            out = attention_ops.scaled_dot_product_attention(
+            out = scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal
             )
 
