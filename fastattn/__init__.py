@@ -7,7 +7,8 @@ plain-PyTorch reference backend that always works.
 
 from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
 from fastattn.nn import MultiheadAttention, convert
-from fastattn.ops import attention, scaled_dot_product_attention
+from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.packed_attention import attention_varlen, attention_with_kv_cache
 from fastattn.ops.backends import BackendStatus, backends, use_backend
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "MultiheadAttention",
     "__version__",
     "attention",
+    "attention_varlen",
+    "attention_with_kv_cache",
     "backends",
     "convert",
     "scaled_dot_product_attention",
