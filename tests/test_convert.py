@@ -14,7 +14,7 @@ from torch import nn
 
 import fastattn
 
-mha_module = importlib.import_module("fastattn.nn.attention")
+attention_ops = importlib.import_module("fastattn.ops.attention")
 
 D, NHEAD, FF = 24, 4, 40  # an even head count, so torch's encoder fast path would apply
 
@@ -36,13 +36,13 @@ def _encoder(batch_first: bool, num_layers: int = 2, norm_first: bool = False) -
 def _count_fused_calls(monkeypatch) -> list[int]:
     """Counts the calls fastattn.MultiheadAttention makes into fastattn's fused attention op."""
     calls = [0]
-    real = mha_module.scaled_dot_product_attention
+    real = attention_ops.scaled_dot_product_attention
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mha_module, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(attention_ops, "scaled_dot_product_attention", counting)
     return calls
 
 

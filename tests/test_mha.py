@@ -14,7 +14,7 @@ from torch import nn
 
 import fastattn
 
-mha_module = importlib.import_module("fastattn.nn.attention")
+attention_ops = importlib.import_module("fastattn.ops.attention")
 
 E, H = 24, 3  # head dim 8
 
@@ -276,13 +276,13 @@ class TestIsCausal:
 def _spy(monkeypatch) -> list[dict]:
     """Records the arguments of every call the module makes into fastattn's fused op."""
     calls: list[dict] = []
-    real = mha_module.scaled_dot_product_attention
+    real = attention_ops.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
         calls.append(dict(q=q, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal))
         return real(q, k, v, attn_mask, dropout_p, is_causal, **kwargs)
 
-    monkeypatch.setattr(mha_module, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention_ops, "scaled_dot_product_attention", spy)
     return calls
 
 

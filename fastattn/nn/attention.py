@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from fastattn.ops import scaled_dot_product_attention
+from fastattn.ops import attention as attention_ops
 
 
 class MultiheadAttention(nn.Module):
@@ -217,7 +217,7 @@ class MultiheadAttention(nn.Module):
                 weights = F.dropout(weights, p=dropout_p)
             out = torch.matmul(weights, v)
         else:
-            out = scaled_dot_product_attention(
+            out = attention_ops.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal
             )
 
