@@ -113,6 +113,33 @@ def test_encoder_matches_torch_and_runs_fastattn(monkeypatch, batch_first, masks
             assert_close_to_reference(p.grad, p64.grad, p_t.grad, name=f"d{name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_converted_encoder_on_cuda_matches_torch(monkeypatch, dtype):
+    """Head dim 32, so the CUDA kernels (or Triton) serve; forward and every parameter grad."""
+    layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True)
+    theirs = _randomize_(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    theirs = theirs.to("cuda", dtype)
+    ref64 = copy.deepcopy(theirs).double()
+    ours = fastattn.convert(copy.deepcopy(theirs))
+    src = torch.randn(3, 33, 128, device="cuda", dtype=dtype)
+    kpm = torch.zeros(3, 33, dtype=torch.bool, device="cuda")
+    kpm[1, 20:] = True
+    calls = _count_fused_calls(monkeypatch)
+    out = ours(src, src_key_padding_mask=kpm)
+    assert calls[0] == 2
+    expected = theirs(src, src_key_padding_mask=kpm)
+    out64 = ref64(src.double(), src_key_padding_mask=kpm)
+    assert_close_to_reference(out, out64, expected, name="encoder output")
+    grad = torch.randn_like(out64)
+    for o in (out, expected, out64):
+        (o * grad.to(o.dtype)).sum().backward()
+    for (name, p), p_t, p64 in zip(ours.named_parameters(), theirs.parameters(),
+                                   ref64.parameters(), strict=True):
+        assert_close_to_reference(p.grad, p64.grad, p_t.grad, name=f"d{name}")
+
+
 def test_converted_encoder_disables_torchs_nested_tensor_path():
     model = _encoder(batch_first=True)
     assert model.use_nested_tensor
