@@ -6,7 +6,7 @@ plain-PyTorch reference backend that always works.
 """
 
 from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
-from fastattn.nn import LSTM, LSTMCell
+from fastattn.nn import LSTM, LSTMCell, MultiheadAttention, convert
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.backends import BackendStatus, backends, use_backend
 from fastattn.ops.lstm import lstm_cell
@@ -18,11 +18,13 @@ __all__ = [
     "BackendStatus",
     "LSTM",
     "LSTMCell",
+    "MultiheadAttention",
     "__version__",
     "attention",
     "attention_varlen",
     "attention_with_kv_cache",
     "backends",
+    "convert",
     "lstm_cell",
     "scaled_dot_product_attention",
     "use_backend",
