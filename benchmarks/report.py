@@ -207,8 +207,10 @@ def header(merged: dict[str, Any], roofline: dict[str, Any] | None) -> list[str]
     if roofline:
         note = " (smoke sizes: not a measurement)" if roofline.get("smoke") else ""
         lines.append(
-            f"- roofline, same run{note}: GEMM fp32 {roofline['gemm_fp32_gflops']:.1f} GFLOP/s, "
-            f"GEMM bf16 {roofline['gemm_bf16_gflops']:.1f} GFLOP/s (n = {roofline['gemm_n']}), "
+            f"- roofline, same run{note}: GEMM fp32 {roofline['gemm_fp32_gflops']:.1f} GFLOP/s "
+            f"(n = {roofline['gemm_fp32_n']}), "
+            f"GEMM bf16 {roofline['gemm_bf16_gflops']:.1f} GFLOP/s "
+            f"(n = {roofline['gemm_bf16_n']}), "
             f"copy {roofline['copy_gbps']:.1f} GB/s (read + write)"
         )
     lines += [

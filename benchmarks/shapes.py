@@ -131,6 +131,9 @@ def _cpu_grid(name: str) -> Grid:
             mha=[TransformerShape(2, 8, 32, 2, 1)],
             encoder=[TransformerShape(2, 8, 32, 2, 2)],
             mha_dtypes=[fp32],
+            time_budget_s=0.02,
+            min_rounds=3,
+            max_rounds=5,
         )
     if name == "quick":
         return Grid(

@@ -23,7 +23,7 @@
 #   FASTATTN_GIT_COMMIT=<hash> scripts/gpu_check.sh /tmp/gc; cp /tmp/gc/summary.md /tmp/gc/gpu_check.tar.gz $OUT/
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (450), GPU_CHECK_BUILD_S (300),
-# GPU_CHECK_TESTS_S (150), GPU_CHECK_GRID (quick), FASTATTN_GIT_COMMIT.
+# GPU_CHECK_TESTS_S (150), GPU_CHECK_GRID (quick), MAX_JOBS (nproc), FASTATTN_GIT_COMMIT.
 
 set -u
 
@@ -49,6 +49,7 @@ REPORT_RESERVE_S=30  # kept back for the report, the summary and the archive
 START=$(date +%s)
 DEADLINE=$((START + BUDGET_S))
 NPROC=$(nproc)
+JOBS=${MAX_JOBS:-$NPROC}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ -z "${FASTATTN_GIT_COMMIT:-}" ]; then
@@ -110,11 +111,11 @@ step facts 60 0 facts
 
 if [ $HAS_GPU -eq 1 ]; then
     ARCH=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M == 9 else ''))")
-    step build "$BUILD_S" 0 env FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS="$ARCH" MAX_JOBS="$NPROC" \
+    step build "$BUILD_S" 0 env FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS="$ARCH" MAX_JOBS="$JOBS" \
         $PY setup.py build_ext --inplace
 else
     record gpu skipped 0 "torch sees no CUDA device: CPU-only build, GPU tests skip, CPU smoke grid"
-    step build "$BUILD_S" 0 env FASTATTN_CUDA=0 MAX_JOBS="$NPROC" $PY setup.py build_ext --inplace
+    step build "$BUILD_S" 0 env FASTATTN_CUDA=0 MAX_JOBS="$JOBS" $PY setup.py build_ext --inplace
 fi
 
 step info 60 0 $PY -m fastattn.info
