@@ -1,0 +1,98 @@
+"""pytest wiring for the benchmark suite: options, grid parametrization, machine info.
+
+    pytest benchmarks/ --benchmark-only [--shapes=quick|full] [--benchmark-json=R.json]
+    pytest benchmarks/ --benchmark-disable       # smoke: tiny shapes, every case runs once
+
+The grid comes from --shapes, else FASTATTN_BENCH_GRID, else "smoke" under
+--benchmark-disable and "quick" otherwise. The device from --bench-device, else
+FASTATTN_BENCH_DEVICE, else cuda when available.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks import harness, shapes
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fastattn benchmarks")
+    group.addoption(
+        "--shapes",
+        choices=shapes.GRIDS,
+        default=None,
+        help="shape grid (default: FASTATTN_BENCH_GRID, else smoke under --benchmark-disable, "
+        "else quick)",
+    )
+    group.addoption(
+        "--bench-device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="device to benchmark on (default: FASTATTN_BENCH_DEVICE, else cuda when available)",
+    )
+
+
+def pytest_collect_file(file_path, parent):
+    # Benchmark files are bench_*.py, which pytest's default python_files would not collect.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+        if parent.session.isinitpath(file_path):  # named on the command line: pytest collects it
+            return None
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The roofline goes first: every later case reports its efficiency against it.
+    items.sort(key=lambda item: item.name != "test_roofline")
+
+
+@pytest.fixture(scope="session")
+def bench(request: pytest.FixtureRequest) -> harness.BenchSession:
+    return harness.session_of(request.config)
+
+
+_GRID_PARAMS = {
+    "attention_shape": "attention",
+    "decode_shape": "attention_decode",
+    "attention_dtype": "attention_dtypes",
+    "lstm_cell_shape": "lstm_cell",
+    "lstm_shape": "lstm",
+    "lstm_dtype": "lstm_dtypes",
+    "mha_shape": "mha",
+    "encoder_shape": "encoder",
+    "mha_dtype": "mha_dtypes",
+}
+
+
+def _param_id(value: object) -> str:
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return getattr(value, "id", str(value))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    grid = harness.session_of(metafunc.config).grid
+    for fixture, attribute in _GRID_PARAMS.items():
+        if fixture in metafunc.fixturenames:
+            values = getattr(grid, attribute)
+            metafunc.parametrize(fixture, values, ids=[_param_id(v) for v in values])
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    session = harness.session_of(config)
+    facts = session.facts
+    return [
+        f"fastattn benchmarks: grid={session.grid.name} device={session.device} "
+        f"machine={facts['machine']} torch={facts['torch']} triton={facts['triton']} "
+        f"commit={facts['git_commit']}",
+        "fastattn backends: "
+        + ", ".join(f"{k}={v}" for k, v in facts["fastattn_backends"].items()),
+    ] + [f"grid note: {note}" for note in session.grid.notes]
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    session = harness.session_of(config)
+    machine_info["fastattn"] = dict(session.facts, grid=session.grid.name)
+    if session._roofline is not None:
+        machine_info["fastattn"]["roofline"] = session._roofline

@@ -1,0 +1,486 @@
+"""What every benchmark case shares: providers, timing, peak memory, machine facts, roofline.
+
+A case is one (op, pass, provider, shape, dtype). ``run_case`` times it with pytest-benchmark:
+random inputs (never zeros), warm-up calls excluded from the timing, the device synchronized
+inside the timed call, and on a GPU several input sets rotated so that small cases are not
+served from L2. It records FLOPs, bytes, rates, peak memory, machine and versions in
+``benchmark.extra_info``, which ``benchmarks/report.py`` reads back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import importlib.metadata
+import itertools
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fastattn
+from benchmarks import shapes
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Score matrices above this many bytes (B*H*L*S fp32) are not built: providers that materialize
+# them (eager, SDPA math, the reference backend) skip such shapes with this reason.
+MATERIALIZE_LIMIT_BYTES = {"cpu": 1 << 30, "cuda": 16 << 30}
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One way to run an op. Ratios compare each fastattn provider with the best torch one."""
+
+    name: str  # shown in tables, e.g. "fastattn[cpu]", "torch.sdpa[math]"
+    kind: str  # "fastattn" or "torch"
+    backend: str | None = None  # the fastattn backend forced for the call
+    impl: str = ""  # which entry point, when one file benchmarks several (e.g. "LSTMCell")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def fastattn_backend_names(device: torch.device) -> list[str]:
+    """The fastattn backends that could serve ``device`` (an unusable one skips, saying why)."""
+    return ["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
+
+
+def fastattn_entry(name: str, issue: int) -> Any:
+    """fastattn.<name>, or a skip saying that this checkout does not have it yet."""
+    entry = getattr(fastattn, name, None)
+    if entry is None:
+        pytest.skip(f"fastattn.{name} is not in this checkout (issue {issue})")
+    return entry
+
+
+def require_backend(provider: Provider) -> None:
+    if provider.backend is None:
+        return
+    status = fastattn.backends()[provider.backend]
+    if not status.usable:
+        pytest.skip(f"fastattn backend {provider.backend!r} is unavailable here: {status.reason}")
+
+
+@contextlib.contextmanager
+def forced_backend(provider: Provider) -> Iterator[None]:
+    """Forces the provider's fastattn backend, also on autograd's device threads (the env var)."""
+    if provider.backend is None:
+        yield
+        return
+    previous = os.environ.get("FASTATTN_BACKEND")
+    os.environ["FASTATTN_BACKEND"] = provider.backend
+    try:
+        with fastattn.use_backend(provider.backend):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("FASTATTN_BACKEND", None)
+        else:
+            os.environ["FASTATTN_BACKEND"] = previous
+
+
+def skip_if_materialized_too_big(provider: Provider, elements: int, device: torch.device) -> None:
+    limit = MATERIALIZE_LIMIT_BYTES[device.type]
+    if elements * 4 > limit:
+        pytest.skip(
+            f"{provider.name} materializes the {elements:,}-element score matrix "
+            f"({elements * 4 / 2**30:.1f} GiB fp32 > the {limit / 2**30:.0f} GiB limit "
+            f"for {device.type})"
+        )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_tensor(
+    *shape: int, device: torch.device, dtype: torch.dtype, requires_grad: bool = False
+):
+    """Standard normal values: random, never zeros (zeros hide unwritten outputs and run faster)."""
+    return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+# ---- machine facts -------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    """HEAD of this checkout (+ "-dirty"); FASTATTN_GIT_COMMIT overrides it (no .git on a GPU)."""
+    if os.environ.get("FASTATTN_GIT_COMMIT"):
+        return os.environ["FASTATTN_GIT_COMMIT"]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_facts(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, GPU, versions and commit; ``machine`` names the results folder."""
+    cpu = _cpu_model()
+    cores = os.cpu_count() or 1
+    facts: dict[str, Any] = {
+        "cpu_model": cpu,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "fastattn": fastattn.__version__,
+        "fastattn_backends": {
+            name: (status.reason or "usable") for name, status in fastattn.backends().items()
+        },
+        "git_commit": git_commit(),
+        "bench_device": device.type,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        facts["gpu"] = props.name
+        facts["gpu_capability"] = f"{props.major}.{props.minor}"
+        facts["gpu_sms"] = props.multi_processor_count
+        facts["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        facts["gpu_l2_bytes"] = getattr(props, "L2_cache_size", 0)
+        facts["machine"] = _slug(props.name)
+    else:
+        facts["machine"] = f"{_slug(cpu)}-{cores}c"
+    return facts
+
+
+# ---- roofline ------------------------------------------------------------------------------
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _gemm_seconds(n: int, dtype: torch.dtype, device: torch.device, calls: int) -> float:
+    a = random_tensor(n, n, device=device, dtype=dtype)
+    b = random_tensor(n, n, device=device, dtype=dtype)
+    return _median_seconds(lambda: torch.mm(a, b), device, calls)
+
+
+def measure_roofline(device: torch.device, smoke: bool) -> dict[str, float | int | bool]:
+    """fp32 and bf16 GEMM rate (GFLOP/s) and copy bandwidth (GB/s, read + write) on ``device``.
+
+    Measured in the same run as the cases so every case can report its efficiency. The GEMM
+    size doubles from 256 until one product takes 50 ms or n reaches the cap (CPUs without
+    native bf16 run bf16 GEMMs 20x slower than fp32: a fixed size would take minutes). The
+    smoke grid uses tiny sizes: its numbers only prove the code path.
+    """
+    max_n = 256 if smoke else (8192 if device.type == "cuda" else 2048)
+    copy_bytes = (4 << 20) if smoke else ((2 << 30) if device.type == "cuda" else (256 << 20))
+    calls = 3 if smoke else 5
+    out: dict[str, float | int | bool] = {"copy_bytes": copy_bytes, "smoke": smoke}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        n = 256
+        while n < max_n and _gemm_seconds(n, dtype, device, calls=1) < 0.05:
+            n *= 2
+        out[f"gemm_{name}_n"] = n
+        out[f"gemm_{name}_gflops"] = 2 * n**3 / _gemm_seconds(n, dtype, device, calls) / 1e9
+    src = random_tensor(copy_bytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, calls)
+    out["copy_gbps"] = 2 * copy_bytes / seconds / 1e9
+    return out
+
+
+def gemm_rate(roofline: dict[str, Any], dtype: torch.dtype) -> float | None:
+    """The measured GEMM rate a case of ``dtype`` is compared with (fp16 uses the bf16 rate)."""
+    if dtype == torch.float32:
+        return roofline.get("gemm_fp32_gflops")
+    if dtype in (torch.bfloat16, torch.float16):
+        return roofline.get("gemm_bf16_gflops")
+    return None
+
+
+# ---- peak memory ---------------------------------------------------------------------------
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if platform.system() == "Linux" else None
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
+    """Bytes the call needs above what was allocated before it, and how that was measured.
+
+    GPU: torch's allocator peak (max_memory_allocated). CPU: the process's peak RSS (VmHWM,
+    reset through /proc/self/clear_refs) over the RSS before the call, after malloc_trim so
+    that memory glibc kept from earlier calls has to be faulted in again and shows.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before, "cuda max_memory_allocated"
+    if _LIBC is None:
+        return None, "unavailable (not Linux)"
+    _LIBC.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError as error:
+        return None, f"unavailable ({error})"
+    before = _proc_status_kib("VmRSS")
+    fn()
+    peak = _proc_status_kib("VmHWM")
+    if before is None or peak is None:
+        return None, "unavailable (/proc/self/status)"
+    return (peak - before) * 1024, "rss high-water delta"
+
+
+# ---- running one case ----------------------------------------------------------------------
+
+
+@dataclass
+class BenchSession:
+    """Per-run state: where and what to run, the machine facts and the lazily measured roofline."""
+
+    device: torch.device
+    grid: shapes.Grid
+    disabled: bool  # --benchmark-disable: every case runs once, nothing is timed
+    facts: dict[str, Any]
+    _roofline: dict[str, Any] | None = None
+
+    @property
+    def roofline(self) -> dict[str, Any]:
+        """The roofline of this run, measured on first use."""
+        return self._roofline if self._roofline is not None else self.measure_roofline()
+
+    def measure_roofline(self) -> dict[str, Any]:
+        self._roofline = measure_roofline(self.device, smoke=self.grid.name == "smoke")
+        return self._roofline
+
+
+def _grid_name(config: pytest.Config) -> str:
+    name = config.getoption("--shapes") or os.environ.get("FASTATTN_BENCH_GRID")
+    if name:
+        if name not in shapes.GRIDS:
+            raise pytest.UsageError(f"FASTATTN_BENCH_GRID={name!r}: valid grids are {shapes.GRIDS}")
+        return name
+    return "smoke" if config.getoption("benchmark_disable", False) else "quick"
+
+
+def _device(config: pytest.Config) -> torch.device:
+    name = config.getoption("--bench-device") or os.environ.get("FASTATTN_BENCH_DEVICE") or "auto"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--bench-device=cuda but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def session_of(config: pytest.Config) -> BenchSession:
+    """The run's BenchSession, made on first use from the options and environment."""
+    session = getattr(config, "_fastattn_bench", None)
+    if session is None:
+        device = _device(config)
+        session = BenchSession(
+            device=device,
+            grid=shapes.grid(_grid_name(config), device),
+            disabled=bool(config.getoption("benchmark_disable", False)),
+            facts=machine_facts(device),
+        )
+        config._fastattn_bench = session
+    return session
+
+
+def _rotation_sets(bytes_per_set: int, device: torch.device) -> int:
+    """Input sets to cycle through so that, on a GPU, 2x the L2 lies between two uses of one set."""
+    if device.type != "cuda" or bytes_per_set == 0:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
+    free, _ = torch.cuda.mem_get_info(device)
+    wanted = math.ceil(2 * l2 / bytes_per_set)
+    affordable = max(1, int(0.25 * free // bytes_per_set))
+    return max(1, min(wanted, affordable, 32))
+
+
+@contextlib.contextmanager
+def _unservable_as_skip(provider: Provider) -> Iterator[None]:
+    """Turns "this backend cannot serve this call" into a skip that says why.
+
+    Two cases: the ops layer refusing a forced backend (a feature it lacks), and a fastattn op
+    with no kernel registered for the device in this build (a kernel not landed yet).
+    """
+    try:
+        yield
+    except NotImplementedError as error:
+        message = str(error)
+        if provider.kind == "fastattn" and message.startswith("Could not run 'fastattn::"):
+            op = message.split("'")[1]
+            pytest.skip(f"{provider.name}: {op} has no kernel for this device in this build")
+        raise
+    except RuntimeError as error:
+        if "forced backend" in str(error):
+            pytest.skip(f"{provider.name}: {error}")
+        raise
+
+
+def run_case(
+    benchmark: Any,
+    session: BenchSession,
+    *,
+    op: str,
+    pass_: str,
+    provider: Provider,
+    shape: Any,
+    dtype: torch.dtype,
+    flops: float,
+    bytes_moved: float,
+    make_inputs: Callable[[], Any],
+    make_call: Callable[[Any], Callable[[], object]],
+) -> None:
+    """Times ``make_call(inputs)()`` with pytest-benchmark and fills ``benchmark.extra_info``.
+
+    make_inputs() -> one fresh random input set (tensors, modules); make_call(inputs) -> a
+    zero-argument callable that runs the op once on that set.
+    """
+    device = session.device
+    torch.manual_seed(0)
+    first = make_inputs()
+    sets = [first] + [
+        make_inputs() for _ in range(_rotation_sets(_tensor_bytes(first), device) - 1)
+    ]
+    calls = [make_call(inputs) for inputs in sets]
+    cycle = itertools.cycle(calls)
+
+    def timed_call() -> None:
+        next(cycle)()
+        sync(device)
+
+    info = benchmark.extra_info
+    info.update(
+        op=op,
+        pass_=pass_,
+        provider=provider.name,
+        provider_kind=provider.kind,
+        backend=provider.backend,
+        device=device.type,
+        dtype=str(dtype).removeprefix("torch."),
+        shape=shapes.shape_dict(shape),
+        shape_id=shape.id,
+        grid=session.grid.name,
+        flops=flops,
+        bytes=bytes_moved,
+        rotation_sets=len(calls),
+        machine=session.facts["machine"],
+        cpu_model=session.facts["cpu_model"],
+        cores=session.facts["cores"],
+        gpu=session.facts["gpu"],
+        torch=session.facts["torch"],
+        triton=session.facts["triton"],
+        git_commit=session.facts["git_commit"],
+    )
+    with forced_backend(provider):
+        if session.disabled:  # smoke: each case runs exactly once, untimed
+            with _unservable_as_skip(provider):
+                benchmark.pedantic(timed_call, rounds=1, iterations=1)
+            return
+        grid = session.grid
+        start = time.perf_counter()
+        with _unservable_as_skip(provider):
+            timed_call()  # compilation, autotuning, allocator growth
+        sync(device)
+        warmup = [time.perf_counter() - start]
+        while len(warmup) < 10 and (len(warmup) < 2 or sum(warmup) < grid.time_budget_s / 3):
+            start = time.perf_counter()
+            timed_call()
+            warmup.append(time.perf_counter() - start)
+        per_call = statistics.median(warmup[1:])
+        peak, method = peak_memory(timed_call, device)
+        rounds = max(grid.min_rounds, min(grid.max_rounds, round(grid.time_budget_s / per_call)))
+        benchmark.pedantic(timed_call, rounds=rounds, iterations=1, warmup_rounds=0)
+
+    median = benchmark.stats.stats.median
+    roofline = session.roofline
+    rate = gemm_rate(roofline, dtype)
+    gflops = flops / median / 1e9
+    gbps = bytes_moved / median / 1e9
+    info.update(
+        warmup_calls=len(warmup),
+        rounds=rounds,
+        median_s=median,
+        gflops=gflops,
+        gbps=gbps,
+        peak_memory_bytes=peak,
+        peak_memory_method=method,
+        roofline=roofline,
+        gemm_efficiency=gflops / rate if rate else None,
+        bandwidth_efficiency=gbps / roofline["copy_gbps"],
+    )

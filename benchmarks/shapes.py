@@ -1,0 +1,219 @@
+"""The one shape registry every benchmark file draws its cases from.
+
+Three grids, picked with ``--shapes=smoke|quick|full`` or ``FASTATTN_BENCH_GRID``:
+
+- ``smoke``: tiny shapes, every case runs once; the default under ``--benchmark-disable`` (CI).
+- ``quick``: a representative subset; the CPU grid runs in about 10 minutes on 2 cores, the GPU
+  grid in about 2 minutes on an H200. The default otherwise.
+- ``full``: the grids the issues set their speed targets on (CPU: issue 3's attention grid,
+  issue 5's LSTM grid; GPU: issue 4's; both: issue 6's encoder). On 2 cores the full CPU grid
+  takes hours: the lead runs it once, at the end.
+
+Each grid has a CPU and a CUDA variant: the GPU has the memory and speed for longer sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+GRIDS = ("smoke", "quick", "full")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """q [B, H, L, E], k and v [B, H, S, E]; causal is top-left aligned, as torch's is_causal."""
+
+    B: int
+    H: int
+    L: int
+    S: int
+    E: int
+    causal: bool
+
+    @property
+    def id(self) -> str:
+        return f"B{self.B}-H{self.H}-L{self.L}-S{self.S}-E{self.E}" + (
+            "-causal" if self.causal else ""
+        )
+
+
+@dataclass(frozen=True)
+class LSTMShape:
+    """Input [T, B, I], hidden size H, one layer (a cell step uses T = 1)."""
+
+    T: int
+    B: int
+    I: int  # noqa: E741  (torch's name for the input size)
+    H: int
+
+    @property
+    def id(self) -> str:
+        return f"T{self.T}-B{self.B}-I{self.I}-H{self.H}"
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """Self-attention over x [batch, seq, d_model]; ``layers`` encoder layers (1 = a bare MHA).
+
+    dim_feedforward is torch's default (2048); dropout is 0 so both sides time the same math.
+    """
+
+    batch: int
+    seq: int
+    d_model: int
+    heads: int
+    layers: int
+
+    @property
+    def id(self) -> str:
+        return f"N{self.batch}-L{self.seq}-D{self.d_model}-H{self.heads}-layers{self.layers}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    attention: list[AttentionShape]
+    attention_decode: list[AttentionShape]
+    attention_dtypes: list[torch.dtype]
+    lstm_cell: list[LSTMShape]
+    lstm: list[LSTMShape]
+    lstm_dtypes: list[torch.dtype]
+    mha: list[TransformerShape]
+    encoder: list[TransformerShape]
+    mha_dtypes: list[torch.dtype]
+    # Timing per case: warm-up excluded; rounds = clamp(time_budget_s / t_call, min, max).
+    time_budget_s: float = 0.3
+    min_rounds: int = 3
+    max_rounds: int = 50
+    notes: list[str] = field(default_factory=list)
+
+
+def _attention(Bs, Hs, Ls, Es, causals) -> list[AttentionShape]:
+    return [
+        AttentionShape(B, H, L, L, E, c)
+        for L in Ls
+        for B in Bs
+        for H in Hs
+        for E in Es
+        for c in causals
+    ]
+
+
+def _decode(Bs, H, Ss, E) -> list[AttentionShape]:
+    return [AttentionShape(B, H, 1, S, E, False) for S in Ss for B in Bs]
+
+
+def _lstm(Ts, Bs, Hs) -> list[LSTMShape]:
+    return [LSTMShape(T, B, H, H) for T in Ts for B in Bs for H in Hs]
+
+
+def _gpu_attention(tokens: int, Ls, H, Es, causals) -> list[AttentionShape]:
+    # batch * seq held at `tokens` (as FlashAttention's benchmarks do): every case fills the chip.
+    return [
+        AttentionShape(max(1, tokens // L), H, L, L, E, c) for L in Ls for E in Es for c in causals
+    ]
+
+
+def _cpu_grid(name: str) -> Grid:
+    fp32, bf16 = torch.float32, torch.bfloat16
+    encoder_full = TransformerShape(batch=4, seq=1024, d_model=512, heads=8, layers=6)
+    if name == "smoke":
+        return Grid(
+            name,
+            attention=_attention([1], [2], [16], [16], [False, True]),
+            attention_decode=_decode([1], 2, [64], 16),
+            attention_dtypes=[fp32, bf16],
+            lstm_cell=_lstm([1], [2], [8]),
+            lstm=_lstm([3], [2], [8]),
+            lstm_dtypes=[fp32],
+            mha=[TransformerShape(2, 8, 32, 2, 1)],
+            encoder=[TransformerShape(2, 8, 32, 2, 2)],
+            mha_dtypes=[fp32],
+            time_budget_s=0.02,
+            min_rounds=3,
+            max_rounds=5,
+        )
+    if name == "quick":
+        return Grid(
+            name,
+            attention=_attention([1], [8], [128, 512, 1024], [64], [False, True]),
+            attention_decode=_decode([1], 2, [4096, 32768], 128),
+            attention_dtypes=[fp32, bf16],
+            lstm_cell=_lstm([1], [64], [256, 512, 1024]),
+            lstm=_lstm([32], [16], [256, 512]),
+            lstm_dtypes=[fp32],
+            mha=[TransformerShape(4, 256, 512, 8, 1)],
+            encoder=[TransformerShape(4, 256, 512, 8, 6)],
+            mha_dtypes=[fp32],
+            notes=["encoder at seq 256 (the full grid has issue 6's seq 1024) to fit 10 minutes"],
+        )
+    return Grid(
+        name,
+        attention=_attention([1, 4, 8], [8, 12], [128, 512, 1024, 4096], [64, 128], [False, True]),
+        attention_decode=_decode([1, 2], 1, [4096, 16384, 32768], 128),
+        attention_dtypes=[fp32, bf16],
+        lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
+        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]),
+        lstm_dtypes=[fp32],
+        mha=[TransformerShape(4, 1024, 512, 8, 1)],
+        encoder=[encoder_full],
+        mha_dtypes=[fp32],
+        time_budget_s=1.0,
+        min_rounds=3,
+        max_rounds=100,
+    )
+
+
+def _cuda_grid(name: str) -> Grid:
+    fp32, bf16, fp16 = torch.float32, torch.bfloat16, torch.float16
+    encoder_full = TransformerShape(batch=4, seq=1024, d_model=512, heads=8, layers=6)
+    if name == "smoke":
+        return _cpu_grid("smoke")
+    if name == "quick":
+        return Grid(
+            name,
+            attention=_gpu_attention(
+                16384, [512, 1024, 2048, 4096, 8192], 16, [128], [False, True]
+            ),
+            attention_decode=_decode([1, 8], 16, [32768], 128),
+            attention_dtypes=[bf16],
+            lstm_cell=_lstm([1], [64], [256, 512, 1024]),
+            lstm=_lstm([128], [64], [256, 512]),
+            lstm_dtypes=[fp32],
+            mha=[TransformerShape(4, 1024, 512, 8, 1)],
+            encoder=[encoder_full],
+            mha_dtypes=[bf16],
+            time_budget_s=0.15,
+            min_rounds=5,
+            max_rounds=100,
+        )
+    return Grid(
+        name,
+        attention=_gpu_attention(
+            16384, [512, 1024, 2048, 4096, 8192, 16384], 16, [64, 128], [False, True]
+        ),
+        attention_decode=_decode([1, 2, 4, 8], 16, [8192, 32768], 128),
+        attention_dtypes=[bf16, fp16],
+        lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
+        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]),
+        lstm_dtypes=[fp32, bf16],
+        mha=[TransformerShape(4, 1024, 512, 8, 1)],
+        encoder=[encoder_full],
+        mha_dtypes=[bf16, fp32],
+        time_budget_s=0.5,
+        min_rounds=10,
+        max_rounds=200,
+    )
+
+
+def grid(name: str, device: torch.device) -> Grid:
+    """The named grid for ``device`` (cpu or cuda)."""
+    if name not in GRIDS:
+        raise ValueError(f"unknown benchmark grid {name!r}; valid names: {', '.join(GRIDS)}")
+    return _cuda_grid(name) if device.type == "cuda" else _cpu_grid(name)
+
+
+def shape_dict(shape) -> dict[str, object]:
+    return asdict(shape)
