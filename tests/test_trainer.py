@@ -146,11 +146,13 @@ def test_bad_data_paths_fail_clearly_and_keep_the_checkpoint(kind, tmp_path, tra
         "binary_file": "looks binary",
         "binary_only_folder": "1 binary files skipped",
     }[kind]
-    for extra in ([], ["--resume"], ["--overwrite"]):
+    fresh = tmp_path / "fresh"
+    for out, extra in ((fresh, []), (trained_dir, ["--resume"]), (trained_dir, ["--overwrite"])):
         err = _error(capsys, ["train", *TINY["gpt"], *RUN, "--backend", "torch",
-                              "--data", str(path), "--out-dir", str(trained_dir), *extra])
+                              "--data", str(path), "--out-dir", str(out), *extra])
         assert str(path) in err and message in err, err
     assert (trained_dir / "ckpt.pt").read_bytes() == before
+    assert not fresh.exists()
 
 
 def test_data_folder_too_short_for_block_size(tmp_path, capsys):
@@ -249,8 +251,9 @@ def test_sample_continues_the_prompt(model, tmp_path, text_dir, capsys):
     assert text.startswith("def ")
     assert main(argv) == 0
     assert capsys.readouterr().out == text  # seeded sampling is reproducible
-    model_obj = build_model(ModelConfig(**checkpoint.load(out / "ckpt.pt")["model_config"]), "torch")
-    model_obj.load_state_dict(_weights(out))
+    state = checkpoint.load(out / "ckpt.pt")
+    model_obj = build_model(ModelConfig(**state["model_config"]), "torch")
+    model_obj.load_state_dict(state["model"])
     assert len(generate(model_obj.eval(), b"def ", 80, temperature=0.8, top_k=20)) == 80
 
 

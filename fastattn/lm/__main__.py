@@ -27,12 +27,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                         help="cpu: the default 2-core run (< 5 min); gpu: a bigger model")
-    for cls, field in config_fields():
+    for field in config_fields():
         flag = "--" + field.name.replace("_", "-")
         default = field.default
         kwargs = dict(default=argparse.SUPPRESS, dest=field.name)
         help_text = _HELP.get(field.name, "")
-        kwargs["help"] = f"{help_text} (default: {default})".strip() if help_text else f"default: {default}"
+        kwargs["help"] = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -44,7 +44,8 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastattn-lm", description="Train, evaluate and sample byte-level GPT/LSTM language models."
+        prog="fastattn-lm",
+        description="Train, evaluate and sample byte-level GPT/LSTM language models.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_flags(commands.add_parser("train", help="train (or --resume) a model"))

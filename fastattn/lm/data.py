@@ -57,7 +57,7 @@ def _stdlib_files() -> list[Path]:
 
 
 def _text_files_under(folder: Path) -> tuple[list[Path], int]:
-    """Every non-hidden text file under ``folder`` (sorted), and how many binary ones were skipped."""
+    """Every non-hidden text file under ``folder`` (sorted), and how many binary ones it skipped."""
     files, skipped = [], 0
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -193,7 +193,12 @@ class BatchSampler:
 
 
 def eval_batches(
-    data: torch.Tensor, batch_size: int, block_size: int, num_batches: int, rank: int, world_size: int
+    data: torch.Tensor,
+    batch_size: int,
+    block_size: int,
+    num_batches: int,
+    rank: int,
+    world_size: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, evenly spaced validation windows (the same every eval), split across ranks.
 

@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -154,7 +155,8 @@ class _StopRequest:
         )
 
     def __enter__(self):
-        if threading_is_main():
+        # Signal handlers can only be installed from the main thread.
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -163,18 +165,15 @@ class _StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     # Weight decay on matrices only (not on biases, LayerNorm gains or LSTM bias vectors).
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
     )
@@ -229,9 +228,9 @@ def plot_losses(records: list[dict], path: Path) -> None:
     val = [(r["step"], r["val_bpb"]) for r in records if "val_bpb" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation")
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     ax.grid(alpha=0.3)
@@ -305,11 +304,12 @@ def train(
             if resumed is not None:
                 records = [r for r in _read_metrics(metrics_path) if r["step"] <= start_step]
             _write_metrics(metrics_path, records)
+            n_params = sum(p.numel() for p in raw_model.parameters())
+            start = f"resuming at step {start_step}" if resumed else "fresh"
             print(
-                f"fastattn-lm: {model_cfg.model} ({sum(p.numel() for p in raw_model.parameters()):,}"
-                f" params, backend {cfg.backend}) on {corpus}, {procs.world_size} process(es) on "
-                f"{procs.device}; {'resuming at step ' + str(start_step) if resumed else 'fresh'}"
-                f" -> {out_dir}",
+                f"fastattn-lm: {model_cfg.model} ({n_params:,} params, backend {cfg.backend}) "
+                f"on {corpus}, {procs.world_size} process(es) on {procs.device}; {start} "
+                f"-> {out_dir}",
                 file=sys.stderr,
             )
 
@@ -353,9 +353,8 @@ def train(
                 for micro in range(cfg.grad_accum):
                     x, y = (t.to(procs.device) for t in sampler.next_batch())
                     # DDP averages gradients only on the last micro-step of an accumulation.
-                    last = micro == cfg.grad_accum - 1
-                    sync = contextlib.nullcontext() if last or not procs.distributed else model.no_sync()
-                    with sync:
+                    accumulating = procs.distributed and micro < cfg.grad_accum - 1
+                    with model.no_sync() if accumulating else contextlib.nullcontext():
                         with _autocast(procs.device, cfg.dtype):
                             logits, _ = model(x)
                             loss = loss_fn(logits, y) / cfg.grad_accum
@@ -371,9 +370,8 @@ def train(
                 if on_step is not None:
                     on_step(step)
                 # One collective carries the mean loss and whether any rank saw Ctrl-C.
-                shared = procs.all_reduce_sum(
-                    torch.stack([loss_sum.float(), torch.tensor(float(stop.requested), device=procs.device)])
-                )
+                stop_flag = torch.tensor(float(stop.requested), device=procs.device)
+                shared = procs.all_reduce_sum(torch.stack([loss_sum.float(), stop_flag]))
                 train_loss = shared[0].item() / procs.world_size
                 stopping = shared[1].item() > 0
                 tokens_per_s = tokens_per_step / (time.perf_counter() - t0)
@@ -424,11 +422,9 @@ def _check_ranks_agree(model: nn.Module, procs: _Processes, log: Callable[[dict]
         raise RuntimeError(f"DDP ranks ended with different weights: {digests}")
 
 
-def config_fields() -> list[tuple[type, dataclasses.Field]]:
-    """The (dataclass, field) pairs that become `train` flags, model shape first."""
-    return [(ModelConfig, f) for f in dataclasses.fields(ModelConfig)] + [
-        (TrainConfig, f) for f in dataclasses.fields(TrainConfig)
-    ]
+def config_fields() -> list[dataclasses.Field]:
+    """The dataclass fields that become `train` flags, model shape first."""
+    return [*dataclasses.fields(ModelConfig), *dataclasses.fields(TrainConfig)]
 
 
 def build_configs(preset: str, overrides: dict) -> tuple[ModelConfig, TrainConfig]:
