@@ -6,8 +6,19 @@ plain-PyTorch reference backend that always works.
 """
 
 from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering the C++ ops)
-from fastattn.ops import BackendStatus, backends, use_backend
+from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.packed_attention import attention_varlen, attention_with_kv_cache
+from fastattn.ops.backends import BackendStatus, backends, use_backend
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendStatus", "backends", "use_backend", "__version__"]
+__all__ = [
+    "BackendStatus",
+    "__version__",
+    "attention",
+    "attention_varlen",
+    "attention_with_kv_cache",
+    "backends",
+    "scaled_dot_product_attention",
+    "use_backend",
+]

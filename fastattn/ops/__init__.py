@@ -1,6 +1,11 @@
-"""The functional API: input checks, backend choice, autograd and fake kernels."""
+"""The functional API: input checks, backend choice, autograd and fake kernels.
+
+Submodules: ``attention`` (scaled_dot_product_attention, attention), ``backends`` (status,
+forcing, choice), ``packed_attention`` (varlen, KV cache), ``reference`` (plain PyTorch oracle). The package ``fastattn`` re-exports
+the public functions; here the names stay the modules'.
+"""
 
 from fastattn.ops import _registry  # noqa: F401  (defines the fastattn::* schemas first)
-from fastattn.ops.backends import BackendStatus, backends, use_backend
+from fastattn.ops import attention, backends, packed_attention, reference
 
-__all__ = ["BackendStatus", "backends", "use_backend"]
+__all__ = ["attention", "backends", "packed_attention", "reference"]

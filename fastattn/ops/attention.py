@@ -1,0 +1,326 @@
+"""Scaled-dot-product attention: input checks, layout normalization, backend choice, autograd.
+
+``scaled_dot_product_attention`` is a drop-in for ``torch.nn.functional``'s; ``attention`` adds
+FlashAttention's options (windows, bottom-right causal, softcap, ALiBi, LSE). Both reduce a
+call to the normalized op ``fastattn::attention_fwd`` (layout documented in _registry.py),
+served by the backend that ``backends.choose`` picks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastattn.ops import backends, reference
+from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+TRITON_MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """The non-tensor arguments of attention_fwd/bwd, in schema order."""
+
+    dropout_p: float = 0.0
+    scale: float = 1.0
+    window_left: int = -1
+    window_right: int = -1
+    bottom_right: bool = False
+    softcap: float = 0.0
+
+
+def _missing_feature(backend: str, q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """What of this call ``backend`` cannot serve (None when it can)."""
+    E, Ev = q.shape[-1], v.shape[-1]
+    if backend == "cuda":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {q.dtype} (the cuda kernels take float16 and bfloat16)"
+        if E != Ev or E not in CUDA_HEAD_DIMS:
+            return f"head dims E={E}, Ev={Ev} (the cuda kernels take E == Ev in {CUDA_HEAD_DIMS})"
+    if backend == "triton":
+        if q.dtype == torch.float64:
+            return "dtype float64 (triton takes float16, bfloat16 and float32)"
+        if max(E, Ev) > TRITON_MAX_HEAD_DIM:
+            return f"head dim {max(E, Ev)} (triton takes up to {TRITON_MAX_HEAD_DIM})"
+    return None
+
+
+@functools.cache
+def _triton_fwd_op() -> Callable:
+    # Imported on first use: triton is optional and slow to import.
+    from fastattn.triton_kernels import attention as _  # noqa: F401  (defines the triton_ops)
+
+    torch.library.register_autograd(
+        "fastattn::attention_fwd_triton", _make_backward("attention_bwd_triton"),
+        setup_context=_setup_context,
+    )
+    return torch.ops.fastattn.attention_fwd_triton
+
+
+def _fwd_op(backend: str) -> Callable:
+    return _triton_fwd_op() if backend == "triton" else torch.ops.fastattn.attention_fwd
+
+
+def _attention_normalized(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    opts: AttentionOptions,
+    op_name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs attention on normalized [B, H, L, E] tensors with the chosen backend."""
+    rng_seed = None
+    if opts.dropout_p > 0:
+        # Drawn from torch's default generator, so torch.manual_seed makes dropout repeatable.
+        rng_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    backend = backends.choose(op_name, q.device, lambda name: _missing_feature(name, q, v))
+    if backend == "reference" or q.numel() == 0 or k.shape[-2] == 0 or v.numel() == 0:
+        return reference.attention_reference(
+            q, k, v, attn_mask, alibi_slopes, opts.dropout_p, rng_seed, opts.scale,
+            opts.window_left, opts.window_right, opts.bottom_right, opts.softcap,
+        )
+    # Kernels need unit stride on the last dim; everything else is read through strides.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _fwd_op(backend)(
+        q, k, v, attn_mask, alibi_slopes, opts.dropout_p, rng_seed, opts.scale,
+        opts.window_left, opts.window_right, opts.bottom_right, opts.softcap,
+    )
+
+
+def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}")
+    for name, t in (("key", k), ("value", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{fn}: key head dim {k.shape[-1]} must equal query head dim {q.shape[-1]} "
+            f"(query {tuple(q.shape)}, key {tuple(k.shape)})"
+        )
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(
+            f"{fn}: value length {v.shape[-2]} must equal key length {k.shape[-2]} "
+            f"(key {tuple(k.shape)}, value {tuple(v.shape)})"
+        )
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(
+            f"{fn}: key and value batch dims differ: {tuple(k.shape[:-2])} vs {tuple(v.shape[:-2])}"
+        )
+    if q.dim() != k.dim():
+        raise ValueError(f"{fn}: query has {q.dim()} dims but key has {k.dim()}")
+    q_batch, k_batch = q.shape[:-2], k.shape[:-2]
+    if heads_dim_allowed_to_differ and q.dim() >= 3:
+        hq, hk = q.shape[-3], k.shape[-3]
+        if hk == 0 or hq % hk:
+            raise ValueError(
+                f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value heads ({hk})"
+            )
+        q_batch, k_batch = q_batch[:-1], k_batch[:-1]
+    if q_batch != k_batch:
+        raise ValueError(
+            f"{fn}: query batch dims {tuple(q.shape[:-2])} do not match key/value batch dims "
+            f"{tuple(k.shape[:-2])}"
+            + ("" if heads_dim_allowed_to_differ else " (set enable_gqa=True for grouped heads)")
+        )
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """(..., H, N, D) -> [B, H, N, D] without copying when the strides allow."""
+    if t.dim() == 2:
+        return t.unsqueeze(0).unsqueeze(0)
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None:
+    """The mask as a [B, Hq, L, S] broadcast view of bool or q's dtype."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    target = (*q.shape[:-1], S)
+    try:
+        if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            f"(..., L, S) = {target}"
+        ) from None
+    mask = attn_mask if attn_mask.dtype in (torch.bool, q.dtype) else attn_mask.to(q.dtype)
+    return _as_4d(mask.expand(target)) if len(target) > 2 else mask.expand(1, 1, *target)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, fused.
+
+    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev) in query's dtype.
+    attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
+    (..., L, S). is_causal: top-left aligned causal mask (as torch). scale: default 1/sqrt(E).
+    enable_gqa: dim -3 of query may be a multiple of key/value's (grouped-query attention).
+    dropout_p applies to the attention probabilities (pass 0 in eval, as with torch).
+    A query row with no visible key yields zeros (torch yields NaN there).
+    """
+    fn = "scaled_dot_product_attention"
+    _check_qkv(fn, query, key, value, enable_gqa)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if is_causal and attn_mask is not None:
+        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    mask = _mask_4d(fn, attn_mask, query, S)
+    opts = AttentionOptions(
+        dropout_p=float(dropout_p),
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
+        window_right=0 if is_causal else -1,
+    )
+    out, _ = _attention_normalized(
+        _as_4d(query), _as_4d(key), _as_4d(value), mask, None, opts, fn
+    )
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    causal_align: str = "top_left",
+    window: tuple[int, int] = (-1, -1),
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention with FlashAttention's options on q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev].
+
+    causal: key j visible to query i only if j <= i + offset, offset = 0 for
+    causal_align="top_left" (torch) or S - L for "bottom_right" (FlashAttention).
+    window=(left, right): key j visible iff i + offset - left <= j <= i + offset + right
+    (-1 = unbounded); with causal, right is capped at 0.
+    softcap: scores become softcap * tanh(scores / softcap). alibi_slopes: float32 [Hq] or
+    [B, Hq], adds slope * (j - i - offset). attn_mask as in scaled_dot_product_attention.
+    return_lse: also return the log-sum-exp of the scores, float32 [B, Hq, L] (detached),
+    for merging partial attention results.
+    """
+    fn = "attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if isinstance(t, torch.Tensor) and t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+    _check_qkv(fn, q, k, v, heads_dim_allowed_to_differ=True)
+    if causal_align not in ("top_left", "bottom_right"):
+        raise ValueError(f"{fn}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(isinstance(w, int) and w >= -1 for w in window)):
+        raise ValueError(f"{fn}: window must be (left, right) ints >= -1 (-1 = unbounded), got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{fn}: softcap must be positive or None, got {softcap}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    B, Hq, L, E = q.shape
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape not in (
+                torch.Size([Hq]), torch.Size([B, Hq])):
+            raise ValueError(
+                f"{fn}: alibi_slopes must be a tensor of shape [{Hq}] or [{B}, {Hq}], got "
+                f"{getattr(alibi_slopes, 'shape', type(alibi_slopes).__name__)}"
+            )
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+        alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    opts = AttentionOptions(
+        dropout_p=float(dropout_p),
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
+        window_left=left,
+        window_right=right,
+        bottom_right=causal_align == "bottom_right",
+        softcap=float(softcap or 0.0),
+    )
+    mask = _mask_4d(fn, attn_mask, q, k.shape[-2])
+    out, lse = _attention_normalized(q, k, v, mask, alibi_slopes, opts, fn)
+    return (out, lse.detach()) if return_lse else out
+
+
+# ---- op registration: fake kernels and autograd for the C++ and Triton attention ops ----
+
+
+@torch.library.register_fake("fastattn::attention_fwd")
+def _attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, dropout_p, rng_seed, scale,
+                        window_left, window_right, bottom_right, softcap):
+    B, H, L, _ = q.shape
+    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastattn::attention_bwd")
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_p,
+                        rng_seed, scale, window_left, window_right, bottom_right, softcap,
+                        mask_grad):
+    B, H, L, _ = q.shape
+    dmask = (q.new_empty(B, H, L, k.shape[-2], dtype=torch.float32) if mask_grad
+             else q.new_empty(0, dtype=torch.float32))
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, alibi_slopes, dropout_p, rng_seed, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed)
+    ctx.options = (dropout_p, *options)
+    ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
+
+
+def _make_backward(bwd_op_name: str) -> Callable:
+    def backward(ctx, grad_out, grad_lse):
+        # lse is an auxiliary output (returned detached by the public API).
+        q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed = ctx.saved_tensors
+        dropout_p, scale, window_left, window_right, bottom_right, softcap = ctx.options
+        bwd_op = getattr(torch.ops.fastattn, bwd_op_name)
+        dq, dk, dv, dmask = bwd_op(
+            grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes, dropout_p,
+            rng_seed, scale, window_left, window_right, bottom_right, softcap, ctx.mask_grad,
+        )
+        dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
+
+    return backward
+
+
+torch.library.register_autograd(
+    "fastattn::attention_fwd", _make_backward("attention_bwd"), setup_context=_setup_context
+)

@@ -1,0 +1,55 @@
+"""Build facts, `python -m fastattn.info`, and importing fastattn without the extension."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fastattn
+from fastattn import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_extension_reports_build_facts():
+    C = _extension.C
+    assert C is not None, f"fastattn._C did not load: {_extension.LOAD_ERROR}"
+    assert C.cpu_isa() in ("default", "avx2", "avx512")
+    assert C.torch_version().split("+")[0] == __import__("torch").__version__.split("+")[0]
+    assert isinstance(C.built_with_cuda(), bool)
+    assert C.built_with_cuda() == bool(C.cuda_archs())
+
+
+def test_info_prints_versions_backends_and_isa():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastattn.info"], capture_output=True, text=True, check=True,
+        cwd=ROOT,
+    ).stdout
+    for fact in ("torch", "cpu isa used", "backends", "reference: usable", "gpu"):
+        assert fact in out, f"{fact!r} missing from:\n{out}"
+
+
+def test_import_without_extension_warns_once_and_reference_serves(tmp_path):
+    shutil.copytree(ROOT / "fastattn", tmp_path / "fastattn",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    script = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastattn\n"
+        "print(sum('could not be loaded' in str(x.message) for x in w))\n"
+        "s = fastattn.backends()\n"
+        "print(s['cpu'].usable, s['reference'].usable)\n"
+        "q = torch.randn(1, 2, 5, 8)\n"
+        "print(fastattn.scaled_dot_product_attention(q, q, q).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=tmp_path, check=True).stdout.split("\n")
+    assert out[0] == "1", out
+    assert out[1] == "False True", out
+    assert out[2] == "torch.Size([1, 2, 5, 8])", out
+
+
+def test_public_api_is_exported():
+    for name in ("scaled_dot_product_attention", "attention", "backends", "use_backend"):
+        assert hasattr(fastattn, name), name
