@@ -323,9 +323,11 @@ struct ForwardTile {
   explicit ForwardTile(const Problem& pr)
       : qs(kBlockM * pr.e_pad), s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad),
         row_max(kBlockM), row_sum(kBlockM), lse(kBlockM),
-        packed(ceil_div(pr.p.kv_len, kBlockN), 0) {
-    const int64_t kt_size = ceil_div(pr.p.kv_len, kBlockN) * pr.p.head_dim * pr.n_pad;
-    acc_t* cache = thread_cache<acc_t>(kt_size + packed.size() * kBlockN * pr.ev_pad);
+        packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, kBlockN) : 0, 0) {
+    // Single-row calls (decode) never pack, so they request no cache.
+    const int64_t kt_size = static_cast<int64_t>(packed.size()) * pr.p.head_dim * pr.n_pad;
+    acc_t* cache = thread_cache<acc_t>(
+        kt_size + static_cast<int64_t>(packed.size()) * kBlockN * pr.ev_pad);
     kt_all = cache;
     v_all = cache + kt_size;
   }
