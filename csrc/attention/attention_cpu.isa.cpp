@@ -41,12 +41,13 @@ constexpr int64_t pad_cols() {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// C[ROWS, n] += A[ROWS, kdim] * B[kdim, n]. A is read through (row, col) strides, so a
-// transposed operand costs nothing; B is row-major (leading dim ldb); n is a multiple of
-// two vectors (every buffer's width is padded).
-template <typename T, int ROWS>
-void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
-               int64_t ldb, T* c, int64_t ldc) {
+// C[ROWS, n] += A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR) or column-major
+// with leading dim lda, so a transposed operand costs nothing and the broadcast addresses
+// advance by one constant step; B is row-major (leading dim ldb); n is a multiple of two
+// vectors (every buffer's width is padded).
+template <typename T, int ROWS, bool A_ROW_MAJOR>
+void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+               int64_t ldc) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   for (int64_t j = 0; j < n; j += 2 * W) {
@@ -56,12 +57,14 @@ void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs, 
       acc0[r] = Vec::loadu(c + r * ldc + j);
       acc1[r] = Vec::loadu(c + r * ldc + j + W);
     }
-    for (int64_t p = 0; p < kdim; ++p) {
-      const Vec b0 = Vec::loadu(b + p * ldb + j);
-      const Vec b1 = Vec::loadu(b + p * ldb + j + W);
+    const T* bp = b + j;
+    const T* ap = a;
+    for (int64_t p = 0; p < kdim; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
+      const Vec b0 = Vec::loadu(bp);
+      const Vec b1 = Vec::loadu(bp + W);
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r) {
-        const Vec ar(a[r * a_rs + p * a_cs]);
+        const Vec ar(A_ROW_MAJOR ? ap[r * lda] : ap[r]);
         acc0[r] = at::vec::fmadd(ar, b0, acc0[r]);
         acc1[r] = at::vec::fmadd(ar, b1, acc1[r]);
       }
@@ -74,23 +77,35 @@ void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs, 
   }
 }
 
-// C[m, n] += A[m, kdim] * B[kdim, n] (see gemm_rows for the operand layouts).
+template <typename T, bool A_ROW_MAJOR>
+void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T* c, int64_t ldc) {
+  const int64_t row_step = A_ROW_MAJOR ? lda : 1;
+  int64_t i = 0;
+  for (; i + kGemmRows <= m; i += kGemmRows) {
+    gemm_rows<T, kGemmRows, A_ROW_MAJOR>(n, kdim, a + i * row_step, lda, b, ldb, c + i * ldc,
+                                         ldc);
+  }
+  const T* at = a + i * row_step;
+  T* ct = c + i * ldc;
+  switch (m - i) {
+    case 5: gemm_rows<T, 5, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 4: gemm_rows<T, 4, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 3: gemm_rows<T, 3, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 2: gemm_rows<T, 2, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 1: gemm_rows<T, 1, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    default: break;
+  }
+}
+
+// C[m, n] += A[m, kdim] * B[kdim, n]; A is read through (row, col) strides, one of which is 1.
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
           const T* b, int64_t ldb, T* c, int64_t ldc) {
-  int64_t i = 0;
-  for (; i + kGemmRows <= m; i += kGemmRows) {
-    gemm_rows<T, kGemmRows>(n, kdim, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
-  }
-  const T* at = a + i * a_rs;
-  T* ct = c + i * ldc;
-  switch (m - i) {
-    case 5: gemm_rows<T, 5>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 4: gemm_rows<T, 4>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 3: gemm_rows<T, 3>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 2: gemm_rows<T, 2>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 1: gemm_rows<T, 1>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    default: break;
+  if (a_cs == 1) {
+    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc);
+  } else {
+    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc);
   }
 }
 
