@@ -242,10 +242,12 @@ def test_non_contiguous_views():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_decode_splits_keys(dtype):
-    # L = 1 with few heads: the forward splits the keys over threads and merges by LSE.
-    q, k, v = inputs(1, 2, 1, 1, 3000, 64, 64, dtype)
+    # L = 1 with few heads and enough keys to be threaded: the forward splits the keys over
+    # threads and merges the parts by LSE (a single thread runs them unsplit).
+    S = 16000
+    q, k, v = inputs(1, 2, 1, 1, S, 64, 64, dtype)
     check(q, k, v, make_opts(), against_torch=True)
-    mask = torch.rand(1, 2, 1, 3000) > 0.2
+    mask = torch.rand(1, 2, 1, S) > 0.2
     check(q, k, v, make_opts(attn_mask=mask))
 
 

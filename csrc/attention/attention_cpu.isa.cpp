@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -40,12 +41,13 @@ constexpr int64_t pad_cols() {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// C[ROWS, n] += A[ROWS, kdim] * B[kdim, n]. A is read through (row, col) strides, so a
-// transposed operand costs nothing; B is row-major (leading dim ldb); n is a multiple of
-// two vectors (every buffer's width is padded).
-template <typename T, int ROWS>
-void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
-               int64_t ldb, T* c, int64_t ldc) {
+// C[ROWS, n] += A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR) or column-major
+// with leading dim lda, so a transposed operand costs nothing and the broadcast addresses
+// advance by one constant step; B is row-major (leading dim ldb); n is a multiple of two
+// vectors (every buffer's width is padded).
+template <typename T, int ROWS, bool A_ROW_MAJOR>
+void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+               int64_t ldc) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   for (int64_t j = 0; j < n; j += 2 * W) {
@@ -55,12 +57,14 @@ void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs, 
       acc0[r] = Vec::loadu(c + r * ldc + j);
       acc1[r] = Vec::loadu(c + r * ldc + j + W);
     }
-    for (int64_t p = 0; p < kdim; ++p) {
-      const Vec b0 = Vec::loadu(b + p * ldb + j);
-      const Vec b1 = Vec::loadu(b + p * ldb + j + W);
+    const T* bp = b + j;
+    const T* ap = a;
+    for (int64_t p = 0; p < kdim; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
+      const Vec b0 = Vec::loadu(bp);
+      const Vec b1 = Vec::loadu(bp + W);
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r) {
-        const Vec ar(a[r * a_rs + p * a_cs]);
+        const Vec ar(A_ROW_MAJOR ? ap[r * lda] : ap[r]);
         acc0[r] = at::vec::fmadd(ar, b0, acc0[r]);
         acc1[r] = at::vec::fmadd(ar, b1, acc1[r]);
       }
@@ -73,25 +77,48 @@ void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs, 
   }
 }
 
-// C[m, n] += A[m, kdim] * B[kdim, n] (see gemm_rows for the operand layouts).
-template <typename T>
-void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
-          const T* b, int64_t ldb, T* c, int64_t ldc) {
+template <typename T, bool A_ROW_MAJOR>
+void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T* c, int64_t ldc) {
+  const int64_t row_step = A_ROW_MAJOR ? lda : 1;
   int64_t i = 0;
   for (; i + kGemmRows <= m; i += kGemmRows) {
-    gemm_rows<T, kGemmRows>(n, kdim, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc);
+    gemm_rows<T, kGemmRows, A_ROW_MAJOR>(n, kdim, a + i * row_step, lda, b, ldb, c + i * ldc,
+                                         ldc);
   }
-  const T* at = a + i * a_rs;
+  const T* at = a + i * row_step;
   T* ct = c + i * ldc;
   switch (m - i) {
-    case 5: gemm_rows<T, 5>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 4: gemm_rows<T, 4>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 3: gemm_rows<T, 3>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 2: gemm_rows<T, 2>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
-    case 1: gemm_rows<T, 1>(n, kdim, at, a_rs, a_cs, b, ldb, ct, ldc); break;
+    case 5: gemm_rows<T, 5, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 4: gemm_rows<T, 4, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 3: gemm_rows<T, 3, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 2: gemm_rows<T, 2, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
+    case 1: gemm_rows<T, 1, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
     default: break;
   }
 }
+
+// C[m, n] += A[m, kdim] * B[kdim, n]; A is read through (row, col) strides, one of which is 1.
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
+          const T* b, int64_t ldb, T* c, int64_t ldc) {
+  if (a_cs == 1) {
+    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc);
+  } else {
+    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc);
+  }
+}
+
+// A per-thread buffer of at least n elements, kept across calls (grow-only).
+template <typename T>
+T* thread_cache(int64_t n) {
+  thread_local std::vector<T> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// Below this many flops a call runs on the calling thread: waking the pool costs more.
+constexpr double kParallelFlops = 4e6;
 
 template <typename T>
 Vectorized<T> vec_exp(const Vectorized<T>& x) {
@@ -100,6 +127,34 @@ Vectorized<T> vec_exp(const Vectorized<T>& x) {
   } else {
     return x.map([](T v) { return std::exp(v); });
   }
+}
+
+// sum_e a[e] * x[e] (x converted to acc_t).
+template <typename acc_t, typename scalar_t>
+acc_t dot_row(const acc_t* a, const scalar_t* x, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  Vec acc(acc_t(0));
+  int64_t e = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; e + Vec::size() <= n; e += Vec::size()) {
+      acc = at::vec::fmadd(Vec::loadu(a + e), Vec::loadu(x + e), acc);
+    }
+  } else {
+    for (; e + Vectorized<scalar_t>::size() <= n; e += Vectorized<scalar_t>::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x + e));
+      acc = at::vec::fmadd(Vec::loadu(a + e), lo, acc);
+      acc = at::vec::fmadd(Vec::loadu(a + e + Vec::size()), hi, acc);
+    }
+  }
+  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& w) { return u + w; }, acc);
+  for (; e < n; ++e) sum += a[e] * static_cast<acc_t>(x[e]);
+  return sum;
+}
+
+// y[e] += a * x[e] for e < n (x converted to acc_t).
+template <typename acc_t, typename scalar_t>
+void axpy_row(acc_t a, const scalar_t* x, acc_t* y, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) y[e] += a * static_cast<acc_t>(x[e]);
 }
 
 // dst[rows, ld] = scale * src rows (row stride src_rs), columns >= cols zeroed.
@@ -154,15 +209,20 @@ template <typename scalar_t, typename acc_t>
 struct Scores {
   // s[m, n_pad] = scores of rows [q0, q0+m) x keys [k0, k0+n) of head (b, h), with softcap,
   // alibi, mask and visibility applied (-inf where invisible, and in padded columns).
-  // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T. When softcap is on, tanh_out
-  // receives tanh(raw / softcap) for the backward.
+  // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T, or is null for a single query
+  // row (decode), whose scores are dot products with the unpacked k rows (row stride k_rs).
+  // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward.
   static void compute(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m,
-                      int64_t k0, int64_t n, const acc_t* qs, const acc_t* kt, acc_t* s,
-                      acc_t* tanh_out) {
+                      int64_t k0, int64_t n, const acc_t* qs, const acc_t* kt,
+                      const scalar_t* k_rows, int64_t k_rs, acc_t* s, acc_t* tanh_out) {
     const AttentionFwdParams& p = pr.p;
     const int64_t ld = pr.n_pad;
     std::fill(s, s + m * ld, acc_t(0));
-    gemm<acc_t>(m, ld, p.head_dim, qs, pr.e_pad, 1, kt, ld, s, ld);
+    if (kt != nullptr) {
+      gemm<acc_t>(m, ld, p.head_dim, qs, pr.e_pad, 1, kt, ld, s, ld);
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] = dot_row(qs, k_rows + j * k_rs, p.head_dim);
+    }
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const bool full = pr.tile_full(q0, m, k0, n);
     if (full && !pr.elementwise()) {
@@ -264,13 +324,28 @@ void vec_scale(T* x, int64_t n, T factor) {
 // normalized output rows to o [m, ev_pad] and their log-sum-exp to lse [m] (-inf: no key).
 template <typename scalar_t, typename acc_t>
 struct ForwardTile {
-  std::vector<acc_t> qs, kt, vb, s, o;
+  std::vector<acc_t> qs, s, o;
   std::vector<acc_t> row_max, row_sum, lse;
+  // Packed key tiles of one kv head, kept while a thread's consecutive query tiles read the
+  // same head (packing a tile costs about as much as a third of its products):
+  // kt_all [n_kb][E][n_pad] = k^T, v_all [n_kb][kBlockN][ev_pad]; the storage is
+  // thread-local and grow-only, so that calls do not pay fresh pages every time.
+  acc_t* kt_all;
+  acc_t* v_all;
+  std::vector<char> packed;
+  int64_t packed_b = -1, packed_hk = -1;
 
   explicit ForwardTile(const Problem& pr)
-      : qs(kBlockM * pr.e_pad), kt(pr.p.head_dim * pr.n_pad), vb(kBlockN * pr.ev_pad),
-        s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad), row_max(kBlockM), row_sum(kBlockM),
-        lse(kBlockM) {}
+      : qs(kBlockM * pr.e_pad), s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad),
+        row_max(kBlockM), row_sum(kBlockM), lse(kBlockM),
+        packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, kBlockN) : 0, 0) {
+    // Single-row calls (decode) never pack, so they request no cache.
+    const int64_t kt_size = static_cast<int64_t>(packed.size()) * pr.p.head_dim * pr.n_pad;
+    acc_t* cache = thread_cache<acc_t>(
+        kt_size + static_cast<int64_t>(packed.size()) * kBlockN * pr.ev_pad);
+    kt_all = cache;
+    v_all = cache + kt_size;
+  }
 
   void run(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m, int64_t kb_begin,
            int64_t kb_end) {
@@ -287,16 +362,29 @@ struct ForwardTile {
     std::fill(o.begin(), o.begin() + m * ldo, acc_t(0));
     std::fill(row_max.begin(), row_max.end(), kNegInf);
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+    if (b != packed_b || hk != packed_hk) {
+      std::fill(packed.begin(), packed.end(), 0);
+      packed_b = b;
+      packed_hk = hk;
+    }
 
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
       const int64_t k0 = kb * kBlockN, n = std::min(kBlockN, p.kv_len - k0);
       if (!pr.tile_visible(q0, m, k0, n)) continue;
-      pack_transposed(k + k0 * p.k_stride[2], p.k_stride[2], n, p.head_dim, kt.data(), ld);
-      pack_rows(v + k0 * p.v_stride[2], p.v_stride[2], n, p.v_head_dim, acc_t(1), vb.data(),
-                ldo);
-      // s [m, n_pad]: scores of the tile, becoming exp(s - running max)
-      Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(), kt.data(), s.data(),
-                                       s.data());
+      // A single row reads k and v in place: packing would cost more than the products.
+      const bool single_row = m == 1;
+      acc_t* kt = kt_all + kb * p.head_dim * ld;  // [E, n_pad]
+      acc_t* vb = v_all + kb * kBlockN * ldo;     // [kBlockN, ev_pad]
+      if (!single_row && !packed[kb]) {
+        pack_transposed(k + k0 * p.k_stride[2], p.k_stride[2], n, p.head_dim, kt, ld);
+        pack_rows(v + k0 * p.v_stride[2], p.v_stride[2], n, p.v_head_dim, acc_t(1), vb, ldo);
+        packed[kb] = 1;
+      }
+      // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
+      // tanh values are not needed here, so they go to s itself.
+      Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(),
+                                       single_row ? nullptr : kt, k + k0 * p.k_stride[2],
+                                       p.k_stride[2], s.data(), s.data());
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
         const acc_t new_max = std::max(row_max[i], vec_reduce_max(row, ld));
@@ -310,7 +398,15 @@ struct ForwardTile {
         row_max[i] = new_max;
       }
       if (p.dropout_p > 0) apply_dropout(p, b, h, q0, m, k0, n, s.data(), ld);
-      gemm<acc_t>(m, ldo, n, s.data(), ld, 1, vb.data(), ldo, o.data(), ldo);
+      if (single_row) {
+        for (int64_t j = 0; j < n; ++j) {
+          if (s[j] != acc_t(0)) {
+            axpy_row(s[j], v + (k0 + j) * p.v_stride[2], o.data(), p.v_head_dim);
+          }
+        }
+      } else {
+        gemm<acc_t>(m, ldo, n, s.data(), ld, 1, vb, ldo, o.data(), ldo);
+      }
     }
     for (int64_t i = 0; i < m; ++i) {
       if (row_sum[i] > 0) {
@@ -352,12 +448,14 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
   const int64_t Ev = p.v_head_dim;
 
   // Few query tiles (decode) leave threads idle: split the keys too and merge by LSE.
-  const int64_t threads = at::get_num_threads();
-  const int64_t splits = items >= 2 * threads
+  const double flops = 2.0 * heads * p.q_len * p.kv_len * (p.head_dim + Ev);
+  const int64_t threads = flops < kParallelFlops ? 1 : at::get_num_threads();
+  const int64_t grain = threads == 1 ? items : 1;
+  const int64_t splits = items >= 2 * threads || threads == 1
       ? 1 : std::clamp<int64_t>(ceil_div(4 * threads, items), 1, std::max<int64_t>(n_kb, 1));
 
   if (splits == 1) {
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
       ForwardTile<scalar_t, acc_t> tile(pr);
       for (int64_t it = begin; it < end; ++it) {
         const int64_t bh = it / n_qb, qb = balanced_tile(it % n_qb, n_qb);
@@ -461,8 +559,8 @@ struct BackwardTile {
                   qs.data(), pr.e_pad);
         pack_rows(dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m, Ev, acc_t(1),
                   dob.data(), pr.ev_pad);
-        Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(), kt.data(),
-                                         s.data(), t.data());
+        Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(), kt.data(), k,
+                                         p.k_stride[2], s.data(), t.data());
         // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0.
         for (int64_t i = 0; i < m; ++i) {
           const acc_t lse = lse_rows[bh * p.q_len + q0 + i];
@@ -549,7 +647,7 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
 
   // delta [B*Hq*L] = rowsum(dO o O)
   std::vector<acc_t> delta(rows);
-  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bh = r / L, i = r % L, b = bh / p.q_heads, h = bh % p.q_heads;
       const auto* o = static_cast<const scalar_t*>(p.out) + b * bp.out_stride[0] +
@@ -565,7 +663,8 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
   const int64_t n_kb = ceil_div(p.kv_len, kBlockN);
   const int64_t kv_heads = p.batch * p.kv_heads;
   const int64_t group_rows = pr.group * L;  // dq rows of one kv head
-  const int64_t threads = at::get_num_threads();
+  const double flops = 4.0 * rows * p.kv_len * (E + Ev);
+  const int64_t threads = flops < kParallelFlops ? 1 : at::get_num_threads();
   const acc_t scale = static_cast<acc_t>(p.scale);
   // Writes dq rows of kv head bkh from the accumulator acc [group, L, e_pad] (summed over
   // n_acc copies spaced acc_stride apart).
@@ -581,34 +680,38 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     }
   };
 
-  if (kv_heads >= 4 * threads || n_kb == 1) {
+  if (kv_heads >= 4 * threads || n_kb == 1 || threads == 1) {
     // Enough kv heads to keep every thread busy: a thread owns whole kv heads, so its dq
     // accumulator covers only that head's query group.
-    at::parallel_for(0, kv_heads, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, kv_heads, threads == 1 ? kv_heads : 1, [&](int64_t begin, int64_t end) {
       BackwardTile<scalar_t, acc_t> tile(pr);
       std::vector<acc_t> dq_acc(group_rows * pr.e_pad);
       for (int64_t bkh = begin; bkh < end; ++bkh) {
         std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
         for (int64_t kb = 0; kb < n_kb; ++kb) {
-          tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb, dq_acc.data());
+          tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
+                   dq_acc.data());
         }
         write_dq(bkh, dq_acc.data(), 1, 0, 0, group_rows);
       }
     });
     return;
   }
-  // Few kv heads: threads split key tiles too, each adding dq into its own accumulator
-  // [B*Hk, group, L, e_pad]; the accumulators are summed at the end.
+  // Few kv heads: key tiles are split into one chunk per thread, each chunk adding dq into
+  // its own accumulator [B*Hk, group, L, e_pad]; the accumulators are summed at the end.
+  // (Chunks are indexed explicitly rather than by thread id, so no two ever share one.)
   const int64_t acc_size = kv_heads * group_rows * pr.e_pad;
   std::vector<acc_t> dq_acc(threads * acc_size, acc_t(0));
   const int64_t items = kv_heads * n_kb;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, threads, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     BackwardTile<scalar_t, acc_t> tile(pr);
-    acc_t* acc = dq_acc.data() + at::get_thread_num() * acc_size;
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t bkh = it / n_kb, kb = balanced_tile(it % n_kb, n_kb);
-      tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
-               acc + bkh * group_rows * pr.e_pad);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* acc = dq_acc.data() + chunk * acc_size;
+      for (int64_t it = chunk * items / threads; it < (chunk + 1) * items / threads; ++it) {
+        const int64_t bkh = it / n_kb, kb = balanced_tile(it % n_kb, n_kb);
+        tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
+                 acc + bkh * group_rows * pr.e_pad);
+      }
     }
   });
   at::parallel_for(0, kv_heads * group_rows, 64, [&](int64_t begin, int64_t end) {
