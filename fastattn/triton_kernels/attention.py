@@ -83,7 +83,7 @@ def _philox_uniform(seed, counter):
 @triton.jit
 def _dropout_scale(seed, dropout_p, b, h, Hq, L, S, offs_m, offs_n):
     """[BLOCK_M, BLOCK_N] float32: 1 / (1 - p) where the element is kept, 0 where dropped."""
-    row = ((b * Hq + h) * L + offs_m).to(tl.int64)  # [BLOCK_M]
+    row = (b.to(tl.int64) * Hq + h) * L + offs_m  # [BLOCK_M] int64
     counter = row[:, None] * S + offs_n[None, :]  # [BLOCK_M, BLOCK_N] int64
     keep = _philox_uniform(seed, counter) >= dropout_p
     return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
@@ -93,15 +93,17 @@ def _dropout_scale(seed, dropout_p, b, h, Hq, L, S, offs_m, offs_n):
 def _dot(a, b, BF16_DOT_IN_FP32: tl.constexpr):
     """a @ b with a float32 accumulator.
 
-    "ieee" keeps fp32 inputs in full fp32 (no TF32), so fp32 accuracy holds; for fp16/bf16
-    operands the flag has no effect. BF16_DOT_IN_FP32 is set only under the Triton interpreter,
+    fp32 operands use input_precision="ieee" (no TF32), so fp32 accuracy holds; fp16/bf16
+    operands use the default MMA path. BF16_DOT_IN_FP32 is set only under the Triton interpreter,
     whose tl.dot multiplies the raw uint16 bits of bfloat16 operands (Triton 3.9); bf16 -> fp32
     is exact, so this computes what the bf16 MMA computes (exact products, fp32 sums).
     """
     if BF16_DOT_IN_FP32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
 
 
 @triton.jit
