@@ -28,6 +28,9 @@ import triton.language as tl
 
 # Autotuning under the interpreter would run every config on the CPU: use one small config there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTATTN_TRITON_AUTOTUNE=0 keeps only the first config of each kernel: correctness runs on a
+# GPU then compile each feature combination once instead of once per candidate config.
+_AUTOTUNE = os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -36,8 +39,18 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in shapes
+        for m, n, w, s in (shapes if _AUTOTUNE else shapes[:1])
     ]
+
+
+def _prune_for_dtype(
+    configs: list[triton.Config], named_args: dict, **kwargs
+) -> list[triton.Config]:
+    # fp32 dots run in full fp32 on FMA units: big tiles only cost registers and compile time.
+    if named_args["Q"].dtype != torch.float32:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return small or configs[:1]
 
 
 # Ampere/Hopper candidates; the autotuner drops those that exceed shared memory for a head dim.
@@ -51,6 +64,7 @@ _BWD_CONFIGS = _configs([
 ])
 # Autotune per problem shape and per feature set (the flags change the kernel's cost).
 _TUNE_KEY = ["L", "S", "BLOCK_E", "BLOCK_EV", "HAS_MASK", "HAS_DROPOUT", "GROUP"]
+_PRUNE = {"early_config_prune": _prune_for_dtype}
 
 
 @triton.jit
@@ -170,7 +184,7 @@ def _query_range(start_n, L, S, offset, window_left, window_right, BLOCK_M, BLOC
     return lo, hi
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Mask, Slopes, Seed, Out, Lse,
@@ -287,7 +301,7 @@ def _probabilities(
     return tl.exp(s - lse[:, None])
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, dOut, Lse, Delta, Mask, Slopes, Seed, dK, dV,
@@ -371,7 +385,9 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=v_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY + ["MASK_GRAD"])
+@triton.autotune(
+    configs=_BWD_CONFIGS, key=_TUNE_KEY + ["MASK_GRAD"], prune_configs_by=_PRUNE
+)
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, dOut, Lse, Delta, Mask, Slopes, Seed, dQ, dMask,
