@@ -28,6 +28,9 @@ import triton.language as tl
 
 # Autotuning under the interpreter would run every config on the CPU: use one small config there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTATTN_TRITON_AUTOTUNE=0 keeps only the first config of each kernel: correctness runs on a
+# GPU then compile each feature combination once instead of once per candidate config.
+_AUTOTUNE = os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
@@ -36,8 +39,18 @@ def _configs(shapes: list[tuple[int, int, int, int]]) -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in shapes
+        for m, n, w, s in (shapes if _AUTOTUNE else shapes[:1])
     ]
+
+
+def _prune_for_dtype(
+    configs: list[triton.Config], named_args: dict, **kwargs
+) -> list[triton.Config]:
+    # fp32 dots run in full fp32 on FMA units: big tiles only cost registers and compile time.
+    if named_args["Q"].dtype != torch.float32:
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return small or configs[:1]
 
 
 # Ampere/Hopper candidates; the autotuner drops those that exceed shared memory for a head dim.
@@ -51,6 +64,7 @@ _BWD_CONFIGS = _configs([
 ])
 # Autotune per problem shape and per feature set (the flags change the kernel's cost).
 _TUNE_KEY = ["L", "S", "BLOCK_E", "BLOCK_EV", "HAS_MASK", "HAS_DROPOUT", "GROUP"]
+_PRUNE = {"early_config_prune": _prune_for_dtype}
 
 
 @triton.jit
@@ -83,7 +97,7 @@ def _philox_uniform(seed, counter):
 @triton.jit
 def _dropout_scale(seed, dropout_p, b, h, Hq, L, S, offs_m, offs_n):
     """[BLOCK_M, BLOCK_N] float32: 1 / (1 - p) where the element is kept, 0 where dropped."""
-    row = ((b * Hq + h) * L + offs_m).to(tl.int64)  # [BLOCK_M]
+    row = (b.to(tl.int64) * Hq + h) * L + offs_m  # [BLOCK_M] int64
     counter = row[:, None] * S + offs_n[None, :]  # [BLOCK_M, BLOCK_N] int64
     keep = _philox_uniform(seed, counter) >= dropout_p
     return tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
@@ -93,15 +107,17 @@ def _dropout_scale(seed, dropout_p, b, h, Hq, L, S, offs_m, offs_n):
 def _dot(a, b, BF16_DOT_IN_FP32: tl.constexpr):
     """a @ b with a float32 accumulator.
 
-    "ieee" keeps fp32 inputs in full fp32 (no TF32), so fp32 accuracy holds; for fp16/bf16
-    operands the flag has no effect. BF16_DOT_IN_FP32 is set only under the Triton interpreter,
+    fp32 operands use input_precision="ieee" (no TF32), so fp32 accuracy holds; fp16/bf16
+    operands use the default MMA path. BF16_DOT_IN_FP32 is set only under the Triton interpreter,
     whose tl.dot multiplies the raw uint16 bits of bfloat16 operands (Triton 3.9); bf16 -> fp32
     is exact, so this computes what the bf16 MMA computes (exact products, fp32 sums).
     """
     if BF16_DOT_IN_FP32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
 
 
 @triton.jit
@@ -168,7 +184,7 @@ def _query_range(start_n, L, S, offset, window_left, window_right, BLOCK_M, BLOC
     return lo, hi
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_fwd_kernel(
     Q, K, V, Mask, Slopes, Seed, Out, Lse,
@@ -285,7 +301,7 @@ def _probabilities(
     return tl.exp(s - lse[:, None])
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY)
+@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V, dOut, Lse, Delta, Mask, Slopes, Seed, dK, dV,
@@ -369,7 +385,9 @@ def _attention_bwd_dkdv_kernel(
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=v_ok)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=_TUNE_KEY + ["MASK_GRAD"])
+@triton.autotune(
+    configs=_BWD_CONFIGS, key=_TUNE_KEY + ["MASK_GRAD"], prune_configs_by=_PRUNE
+)
 @triton.jit
 def _attention_bwd_dq_kernel(
     Q, K, V, dOut, Lse, Delta, Mask, Slopes, Seed, dQ, dMask,
