@@ -63,7 +63,7 @@ template <typename Element, int HEAD_DIM>
 using BwdDqMainConfig = BwdDqConfig<Element, HEAD_DIM, 4, (HEAD_DIM <= 128 ? 64 : 32)>;
 
 template <typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dq_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(const AttentionBwdParams p) {
   using Element = typename Cfg::Element;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, E = Cfg::kHeadDim;
   constexpr int kScoreTiles = BN / 8, kOutTiles = E / 8;
@@ -187,14 +187,14 @@ struct BwdDkDvConfig {
 // query step shrinks as the accumulators grow (ptxas: 0 spills at E = 64, 128; see
 // benchmarks/results/ptxas/ptxas_report.txt).
 template <int HEAD_DIM>
-constexpr int kDkDvBlockM = HEAD_DIM <= 64 ? 64 : (HEAD_DIM <= 96 || HEAD_DIM > 128 ? 32 : 16);
+constexpr int kDkDvBlockM = HEAD_DIM <= 64 ? 64 : (HEAD_DIM <= 96 ? 32 : 16);
 template <typename Element, int HEAD_DIM, bool COMPUTE_DK, bool COMPUTE_DV>
 using BwdDkDvMainConfig = BwdDkDvConfig<Element, HEAD_DIM, 4, kDkDvBlockM<HEAD_DIM>, COMPUTE_DK, COMPUTE_DV>;
 template <int HEAD_DIM>
 constexpr bool kSplitDkDv = HEAD_DIM > 128;
 
 template <typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using Element = typename Cfg::Element;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, E = Cfg::kHeadDim;
   constexpr int kScoreTiles = BM / 8, kOutTiles = E / 8;

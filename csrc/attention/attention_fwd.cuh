@@ -36,7 +36,7 @@ template <typename Element, int HEAD_DIM>
 using FwdDecodeConfig = FwdConfig<Element, HEAD_DIM, 1, fwd_block_n(HEAD_DIM)>;
 
 template <typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) attention_fwd_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const AttentionParams p) {
   using Element = typename Cfg::Element;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, E = Cfg::kHeadDim;
   constexpr int kScoreTiles = BN / 8, kOutTiles = E / 8;
