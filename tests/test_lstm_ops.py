@@ -166,7 +166,7 @@ def test_layer_ops_reject_bad_arguments():
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("case", [LAYER_CASES[0], LAYER_CASES[-1]])  # no options / every option
 def test_opcheck_layer_ops(case):
     T, B, H = 3, 4, 5
     P = 3 if case["proj"] else H
