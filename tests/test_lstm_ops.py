@@ -127,7 +127,8 @@ def test_layer_fwd_bwd_match_reference(dtype, case):
     if w_hr is not None:
         leaves.append(w_hr.double().requires_grad_())
     h_ref, c_ref, _, _ = reference.lstm_layer_reference(
-        *leaves[:4], leaves[4] if w_hr is not None else None, batch_sizes, reverse, f64(zc), f64(zh))
+        *leaves[:4], leaves[4] if w_hr is not None else None, batch_sizes, reverse, f64(zc),
+        f64(zh))
     want = torch.autograd.grad(
         (h_ref * grad_h_all.double()).sum() + (c_ref * grad_c_all.double()).sum(), leaves)
     same_dtype = reference.lstm_layer_bwd_reference(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr,
@@ -203,10 +204,10 @@ def test_opcheck_cell_and_sequence_ops():
 @needs_cpu_kernels
 @pytest.mark.parametrize("case", LAYER_CASES)
 def test_gradcheck_lstm_layer(case):
-    T, B, I, H = 4, 4, 3, 4
+    T, B, in_features, H = 4, 4, 3, 4
     P = 2 if case["proj"] else H
-    x = _rand(T, B, I, dtype=torch.float64).requires_grad_()
-    w_ih = _rand(4 * H, I, dtype=torch.float64).requires_grad_()
+    x = _rand(T, B, in_features, dtype=torch.float64).requires_grad_()
+    w_ih = _rand(4 * H, in_features, dtype=torch.float64).requires_grad_()
     b_ih = _rand(4 * H, dtype=torch.float64).requires_grad_()
     _, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
         T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
@@ -226,9 +227,10 @@ def test_gradcheck_lstm_layer(case):
 
 @needs_cpu_kernels
 def test_gradcheck_lstm_cell():
-    B, I, H = 3, 4, 5
+    B, in_features, H = 3, 4, 5
     tensors = [_rand(*s, dtype=torch.float64).requires_grad_()
-               for s in ((B, I), (B, H), (B, H), (4 * H, I), (4 * H, H), (4 * H,), (4 * H,))]
+               for s in ((B, in_features), (B, H), (B, H), (4 * H, in_features), (4 * H, H),
+                         (4 * H,), (4 * H,))]
     with fastattn.use_backend("cpu"):
         assert torch.autograd.gradcheck(fastattn.lstm_cell, tensors)
 
