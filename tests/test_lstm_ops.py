@@ -266,3 +266,18 @@ def test_triton_cell_backend_matches_reference():
         want_grads = torch.autograd.grad(want[0].sum() + 2 * want[1].sum(), tensors)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grads, want_grads, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_triton_backend_serves_the_lstm_module():
+    if lstm_ops._triton_cell_ops() is None:
+        pytest.skip("fastattn.triton_kernels.lstm_cell is not in this checkout")
+    m = fastattn.LSTM(4, 8, bidirectional=True, proj_size=3)
+    x = _rand(5, 2, 4).requires_grad_()
+    results = []
+    for backend in ("triton", "reference"):
+        with fastattn.use_backend(backend):
+            out, (h, c) = m(x)
+            loss = out.sum() + h.sum() + c.sum()
+            results.append((out, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
