@@ -7,7 +7,8 @@ Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (one GEMM plus one fused po
 step; weight gradients as whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise
 cell ops (fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and
 ``cuda`` serves option-free inference with the persistent fastattn::lstm_sequence_fwd kernel;
-``reference`` is plain PyTorch (fastattn/ops/reference.py).
+``reference`` is plain PyTorch (fastattn/ops/reference.py) and is the only backend that serves
+the layer_norm option (per-step PyTorch ops; no fused kernel for it yet).
 """
 
 from __future__ import annotations
