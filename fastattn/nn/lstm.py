@@ -82,6 +82,11 @@ class LSTM(nn.Module):
     - ``recurrent_dropout=p``: in training, DropConnect on weight_hh (one mask per forward,
       kept weights scaled by 1 / (1 - p)).
 
+    Random masks are drawn from torch's default generator, per layer and direction in this
+    order: the weight_hh mask, the cell zoneout mask [T, B, H], the hidden zoneout mask
+    [T, B, P]; then the between-layer dropout (the same draws nn.LSTM makes for ``dropout``).
+    The layer_norm option runs on the reference backend (plain PyTorch per step, not fused).
+
     forward(input, hx=None) -> (output, (h_n, c_n)) exactly as nn.LSTM: input [T, B, I]
     ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence (sorted or not).
     """

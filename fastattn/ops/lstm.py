@@ -7,7 +7,8 @@ Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (one GEMM plus one fused po
 step; weight gradients as whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise
 cell ops (fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and
 ``cuda`` serves option-free inference with the persistent fastattn::lstm_sequence_fwd kernel;
-``reference`` is plain PyTorch (fastattn/ops/reference.py).
+``reference`` is plain PyTorch (fastattn/ops/reference.py) and is the only backend that serves
+the layer_norm option (per-step PyTorch ops; no fused kernel for it yet).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def _triton_cell_ops() -> tuple | None:
         return None
     if not hasattr(_OPS, "lstm_cell_pointwise_fwd_triton"):
         return None
-    fwd, bwd = _OPS.lstm_cell_pointwise_fwd_triton, _OPS.lstm_cell_pointwise_bwd_triton
-    _register_cell_autograd(fwd, bwd)
-    return fwd, bwd
+    _register_cell_autograd("fastattn::lstm_cell_pointwise_fwd_triton",
+                            _OPS.lstm_cell_pointwise_bwd_triton)
+    return _OPS.lstm_cell_pointwise_fwd_triton, _OPS.lstm_cell_pointwise_bwd_triton
 
 
 # ---- fake kernels and autograd -----------------------------------------------------------------
@@ -158,17 +159,12 @@ torch.library.register_autograd(
 # ---- input checks ------------------------------------------------------------------------------
 
 
-def _check_tensor(fn: str, name: str, t, shape: tuple, like: torch.Tensor | None = None) -> None:
+def _check_tensor(fn: str, name: str, t, shape: tuple, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"fastattn.{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
         want = "[" + ", ".join(str(s) for s in shape) + "]"
         raise ValueError(f"fastattn.{fn}: {name} must have shape {want}, got {list(t.shape)}")
-    if like is None:
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"fastattn.{fn}: {name} must be float32, float64, float16 or "
-                            f"bfloat16, got {t.dtype}")
-        return
     if t.dtype != like.dtype:
         raise TypeError(f"fastattn.{fn}: {name} must have dtype {like.dtype} (as input), "
                         f"got {t.dtype}")

@@ -1,0 +1,380 @@
+"""fastattn.LSTM / fastattn.LSTMCell against torch.nn.LSTM / nn.LSTMCell and plain references."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_to_reference
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastattn
+
+FLAG_NAMES = ("num_layers", "bidirectional", "proj_size", "batch_first", "bias")
+FLAG_CASES = [
+    pytest.param(dict(zip(FLAG_NAMES, values, strict=True)),
+                 id="L{}-{}-P{}-{}-{}".format(values[0], "bi" if values[1] else "uni", values[2],
+                                              "bf" if values[3] else "tf",
+                                              "bias" if values[4] else "nobias"))
+    for values in itertools.product((1, 2), (False, True), (0, 3), (False, True), (True, False))
+]
+
+
+def _pair(flags: dict, dtype=torch.float64, **extra) -> tuple[torch.nn.LSTM, fastattn.LSTM]:
+    theirs = torch.nn.LSTM(5, 7, dtype=dtype, **flags)
+    ours = fastattn.LSTM(5, 7, dtype=dtype, **flags, **extra)
+    ours.load_state_dict(theirs.state_dict(), strict=not extra.get("layer_norm", False))
+    return theirs, ours
+
+
+def _state(flags: dict, batch: int | None, dtype=torch.float64):
+    layers = flags.get("num_layers", 1) * (2 if flags.get("bidirectional") else 1)
+    p = flags.get("proj_size", 0) or 7
+    lead = (layers,) if batch is None else (layers, batch)
+    return torch.randn(*lead, p, dtype=dtype), torch.randn(*lead, 7, dtype=dtype)
+
+
+def _run(module, x, hx, weights):
+    """Forward, then the gradients of a loss using every output, for x, hx and the weights."""
+    out, (h_n, c_n) = module(x, hx)
+    data = out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out
+    loss = (data * torch.linspace(-1, 1, data.shape[-1], dtype=data.dtype)).sum() \
+        + (h_n ** 2).sum() + 0.5 * c_n.sum()
+    leaves = [x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x, *hx, *weights]
+    return (data, h_n, c_n), torch.autograd.grad(loss, leaves, retain_graph=True)
+
+
+def _assert_same(ours, theirs, names, atol=1e-10):
+    for name, a, b in zip(names, ours, theirs, strict=True):
+        assert torch.isfinite(a).all(), f"{name} has non-finite values"
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("flags", FLAG_CASES)
+def test_lstm_matches_torch(flags):
+    theirs, ours = _pair(flags)
+    T, B = 4, 3
+    shape = (B, T, 5) if flags["batch_first"] else (T, B, 5)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    hx = [t.requires_grad_() for t in _state(flags, B)]
+    outs_t, grads_t = _run(theirs, x, hx, list(theirs.parameters()))
+    outs_o, grads_o = _run(ours, x, hx, list(ours.parameters()))
+    _assert_same(outs_o, outs_t, ("output", "h_n", "c_n"))
+    names = ["grad input", "grad h0", "grad c0"] + [f"grad {n}" for n, _ in ours.named_parameters()]
+    _assert_same(grads_o, grads_t, names)
+
+
+def test_lstm_without_hx_and_unbatched():
+    flags = dict(num_layers=2, bidirectional=True, proj_size=3)
+    theirs, ours = _pair(flags)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for hx in (None, _state(flags, None)):  # unbatched [T, I], state [L * D, P]
+        o_t, (h_t, c_t) = theirs(x, hx)
+        o_o, (h_o, c_o) = ours(x, hx)
+        _assert_same((o_o, h_o, c_o), (o_t, h_t, c_t), ("output", "h_n", "c_n"))
+        assert o_o.shape == (6, 6) and h_o.shape == (4, 3)
+    xb = torch.randn(4, 2, 5, dtype=torch.float64)
+    _assert_same([t for o in ours(xb) for t in (o if isinstance(o, tuple) else (o,))],
+                 [t for o in theirs(xb) for t in (o if isinstance(o, tuple) else (o,))],
+                 ("output", "h_n", "c_n"))
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("flags", [dict(num_layers=1), dict(num_layers=2, bidirectional=True),
+                                   dict(bidirectional=True, proj_size=3)],
+                         ids=["L1", "L2-bi", "bi-proj"])
+def test_lstm_packed_sequences(flags, enforce_sorted):
+    theirs, ours = _pair(flags)
+    lengths = [7, 5, 5, 2, 1] if enforce_sorted else [2, 7, 1, 5, 4]
+    x = torch.randn(7, 5, 5, dtype=torch.float64, requires_grad=True)
+    hx = [t.requires_grad_() for t in _state(flags, 5)]
+    results = []
+    for module in (theirs, ours):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        results.append(_run(module, packed, hx, list(module.parameters())))
+    (outs_t, grads_t), (outs_o, grads_o) = results
+    _assert_same(outs_o, outs_t, ("packed output", "h_n", "c_n"))
+    names = ["grad packed input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
+    _assert_same(grads_o, grads_t, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+def test_lstm_low_precision_vs_float64(dtype):
+    flags = dict(num_layers=2, bidirectional=True, proj_size=3)
+    theirs64, ours64 = _pair(flags)
+    theirs, ours = _pair(flags, dtype=dtype)
+    ours.load_state_dict(ours64.state_dict())
+    theirs.load_state_dict(ours64.state_dict())
+    x64 = torch.randn(6, 4, 5, dtype=torch.float64)
+    hx64 = _state(flags, 4)
+    results = {}
+    for key, module, cast in (("64", ours64, torch.float64), ("ours", ours, dtype),
+                              ("torch", theirs, dtype)):
+        x = x64.to(cast).requires_grad_()
+        hx = [t.to(cast).requires_grad_() for t in hx64]
+        results[key] = _run(module, x, hx, list(module.parameters()))
+    names = ["output", "h_n", "c_n"]
+    for i, name in enumerate(names):
+        assert_close_to_reference(results["ours"][0][i], results["64"][0][i],
+                                  results["torch"][0][i], name=name)
+    grad_names = ["grad input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
+    for i, name in enumerate(grad_names):
+        assert_close_to_reference(results["ours"][1][i], results["64"][1][i],
+                                  results["torch"][1][i], name=name)
+
+
+def test_dropout_between_layers_matches_torch_in_training_only():
+    theirs, ours = _pair(dict(num_layers=3, dropout=0.5))
+    x = torch.randn(5, 3, 5, dtype=torch.float64)
+    torch.manual_seed(11)
+    o_t = theirs(x)[0]
+    torch.manual_seed(11)
+    o_o = ours(x)[0]
+    torch.testing.assert_close(o_o, o_t, rtol=1e-9, atol=1e-10)  # same masks from the same RNG
+    torch.manual_seed(11)
+    assert not torch.allclose(ours(x)[0], ours.eval()(x)[0])
+    torch.testing.assert_close(ours(x)[0], theirs.eval()(x)[0], rtol=1e-9, atol=1e-10)
+
+
+def test_seeded_init_and_state_dict_both_ways():
+    flags = dict(num_layers=2, bidirectional=True, proj_size=2)
+    torch.manual_seed(3)
+    theirs = torch.nn.LSTM(5, 7, **flags)
+    torch.manual_seed(3)
+    ours = fastattn.LSTM(5, 7, **flags)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b), name
+    fresh = torch.nn.LSTM(5, 7, **flags)
+    fresh.load_state_dict(ours.state_dict())
+    ours2 = fastattn.LSTM(5, 7, **flags)
+    ours2.load_state_dict(fresh.state_dict())
+    x = torch.randn(3, 2, 5)
+    torch.testing.assert_close(ours2(x)[0], theirs(x)[0])
+    torch.manual_seed(4)
+    cell_t = torch.nn.LSTMCell(5, 7)
+    torch.manual_seed(4)
+    cell_o = fastattn.LSTMCell(5, 7)
+    for (name, a), b in zip(cell_o.state_dict().items(), cell_t.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ours.flatten_parameters()  # exists and changes nothing
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"])
+def test_lstm_cell_matches_torch(batched, bias, with_hx):
+    theirs = torch.nn.LSTMCell(6, 9, bias=bias, dtype=torch.float64)
+    ours = fastattn.LSTMCell(6, 9, bias=bias, dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    lead = (4,) if batched else ()
+    x = torch.randn(*lead, 6, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(*lead, 9, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    results = []
+    for module in (theirs, ours):
+        h, c = module(x, hx if with_hx else None)
+        leaves = [x, *(hx if with_hx else ()), *module.parameters()]
+        results.append(((h, c), torch.autograd.grad((h * h).sum() + c.sum(), leaves)))
+    _assert_same(results[1][0], results[0][0], ("h", "c"))
+    _assert_same(results[1][1], results[0][1], [f"grad {i}" for i in range(len(results[0][1]))])
+
+
+def test_lstm_cell_fp32_vs_float64():
+    cell64 = fastattn.LSTMCell(33, 17, dtype=torch.float64)
+    theirs = torch.nn.LSTMCell(33, 17)
+    ours = fastattn.LSTMCell(33, 17)
+    theirs.load_state_dict(cell64.state_dict())
+    ours.load_state_dict(cell64.state_dict())
+    x = torch.randn(7, 33, dtype=torch.float64)
+    hx = (torch.randn(7, 17, dtype=torch.float64), torch.randn(7, 17, dtype=torch.float64))
+    want = cell64(x, hx)
+    ours_out = ours(x.float(), tuple(t.float() for t in hx))
+    theirs_out = theirs(x.float(), tuple(t.float() for t in hx))
+    for name, a, b, c in zip("hc", ours_out, want, theirs_out, strict=True):
+        assert_close_to_reference(a, b, c, name=name)
+
+
+# ---- extras: layer_norm, zoneout, recurrent_dropout vs a plain per-step reference ---------------
+
+
+def _layer_norm(v, weight, bias, eps):
+    mean = v.mean(-1, keepdim=True)
+    var = ((v - mean) ** 2).mean(-1, keepdim=True)
+    out = (v - mean) / torch.sqrt(var + eps) * weight
+    return out if bias is None else out + bias
+
+
+def _extras_reference(m: fastattn.LSTM, x, h0, c0):
+    """nn.LSTM's math plus the extras, step by step; draws its masks from the RNG in the order
+    the module documents (per layer and direction: weight_hh mask, cell zoneout, hidden zoneout)."""
+    T, B, _ = x.shape
+    H, D = m.hidden_size, 2 if m.bidirectional else 1
+    P = m.proj_size or H
+    p_cell, p_hidden = m.zoneout
+    h_n, c_n = [], []
+    for layer in range(m.num_layers):
+        outs = []
+        for d, sfx in enumerate(("", "_reverse")[:D]):
+            def get(kind, layer=layer, sfx=sfx):
+                return getattr(m, f"{kind}_l{layer}{sfx}", None)
+            w_hh = get("weight_hh")
+            if m.training and m.recurrent_dropout > 0:
+                keep = 1 - m.recurrent_dropout
+                w_hh = w_hh * torch.bernoulli(torch.full_like(w_hh, keep)) / keep
+            masks = []
+            for p, width in ((p_cell, H), (p_hidden, P)):
+                full = torch.full((T, B, width), p, dtype=x.dtype)
+                masks.append(None if p == 0 else torch.bernoulli(full) if m.training else full)
+            k = layer * D + d
+            h, c = h0[k], c0[k]
+            hs = [None] * T
+            for t in (reversed(range(T)) if d else range(T)):
+                gi, gh = x[t] @ get("weight_ih").t(), h @ w_hh.t()
+                if m.layer_norm:
+                    gi = _layer_norm(gi, get("layer_norm_ih"), None, m.layer_norm_eps)
+                    gh = _layer_norm(gh, get("layer_norm_hh"), None, m.layer_norm_eps)
+                gates = gi + gh
+                if m.bias:
+                    gates = gates + get("bias_ih") + get("bias_hh")
+                i, f, g, o = gates.chunk(4, -1)
+                c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                if m.layer_norm:
+                    c_new = _layer_norm(c_new, get("layer_norm_c_weight"), get("layer_norm_c_bias"),
+                                        m.layer_norm_eps)
+                h_new = torch.sigmoid(o) * torch.tanh(c_new)
+                if m.proj_size:
+                    h_new = h_new @ get("weight_hr").t()
+                c = c_new if masks[0] is None else masks[0][t] * c + (1 - masks[0][t]) * c_new
+                h = h_new if masks[1] is None else masks[1][t] * h + (1 - masks[1][t]) * h_new
+                hs[t] = h
+            outs.append(torch.stack(hs))
+            h_n.append(h)
+            c_n.append(c)
+        x = torch.cat(outs, -1)
+        if m.training and m.dropout > 0 and layer < m.num_layers - 1:
+            x = F.dropout(x, m.dropout)
+    return x, (torch.stack(h_n), torch.stack(c_n))
+
+
+EXTRA_CASES = [
+    pytest.param(dict(layer_norm=True), True, id="layer_norm-train"),
+    pytest.param(dict(layer_norm=True, proj_size=3, bidirectional=True), False,
+                 id="layer_norm-proj-bi-eval"),
+    pytest.param(dict(zoneout=(0.3, 0.2)), True, id="zoneout-train"),
+    pytest.param(dict(zoneout=(0.3, 0.2), proj_size=3), False, id="zoneout-proj-eval"),
+    pytest.param(dict(zoneout=(0.0, 0.4), bidirectional=True), True, id="zoneout-hidden-bi-train"),
+    pytest.param(dict(recurrent_dropout=0.3, num_layers=2, dropout=0.2), True,
+                 id="recurrent_dropout-train"),
+    pytest.param(dict(recurrent_dropout=0.3), False, id="recurrent_dropout-eval"),
+    pytest.param(dict(layer_norm=True, zoneout=(0.2, 0.2), recurrent_dropout=0.2, num_layers=2),
+                 True, id="all-train"),
+]
+
+
+@pytest.mark.parametrize("options,training", EXTRA_CASES)
+def test_extras_match_plain_reference(options, training):
+    flag_keys = ("num_layers", "bidirectional", "proj_size", "dropout")
+    flags = {k: v for k, v in options.items() if k in flag_keys}
+    extra = {k: v for k, v in options.items() if k not in flag_keys}
+    m = fastattn.LSTM(5, 7, dtype=torch.float64, **flags, **extra).train(training)
+    with torch.no_grad():  # layer-norm gains away from their init of ones / zeros
+        for name, p in m.named_parameters():
+            if name.startswith("layer_norm_"):
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(5, 3, 5, dtype=torch.float64, requires_grad=True)
+    hx = [t.requires_grad_() for t in _state(flags, 3)]
+    torch.manual_seed(21)
+    outs_o, grads_o = _run(m, x, hx, list(m.parameters()))
+    torch.manual_seed(21)
+    outs_r, grads_r = _run(lambda x, hx: _extras_reference(m, x, *hx), x, hx, list(m.parameters()))
+    _assert_same(outs_o, outs_r, ("output", "h_n", "c_n"))
+    _assert_same(grads_o, grads_r, ["grad x", "grad h0", "grad c0"]
+                 + [n for n, _ in m.named_parameters()])
+
+
+def test_zoneout_and_recurrent_dropout_are_random_in_training_only():
+    m = fastattn.LSTM(5, 7, zoneout=(0.3, 0.3), recurrent_dropout=0.3)
+    x = torch.randn(4, 2, 5)
+    torch.manual_seed(1)
+    a = m(x)[0]
+    torch.manual_seed(2)
+    assert not torch.allclose(a, m(x)[0])
+    m.eval()
+    torch.testing.assert_close(m(x)[0], m(x)[0], rtol=0, atol=0)
+
+
+def test_backward_in_eval_mode():
+    theirs, ours = _pair(dict(num_layers=2, dropout=0.3))
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
+    hx = [t.requires_grad_() for t in _state(dict(num_layers=2), 2)]
+    outs_t, grads_t = _run(theirs, x, hx, list(theirs.parameters()))
+    outs_o, grads_o = _run(ours, x, hx, list(ours.parameters()))
+    _assert_same(grads_o, grads_t, [f"grad {i}" for i in range(len(grads_t))])
+
+
+def test_compile_fullgraph():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = fastattn.LSTM(5, 8, num_layers=2, bidirectional=True, batch_first=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            out, (h, c) = self.lstm(x)
+            return self.head(out).sum() + h.sum()
+
+    model = Model()
+    x = torch.randn(2, 4, 5)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    loss = compiled(x)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager = model(x)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
+
+
+# ---- bad inputs --------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = fastattn.LSTM(5, 7, num_layers=2)
+    with pytest.raises(ValueError, match="5 features"):
+        m(torch.randn(3, 2, 4))
+    with pytest.raises(ValueError, match="3-D .* or 2-D"):
+        m(torch.randn(3))
+    with pytest.raises(RuntimeError, match=r"h_0 of shape \[2, 2, 7\]"):
+        m(torch.randn(3, 2, 5), (torch.randn(2, 3, 7), torch.randn(2, 2, 7)))
+    with pytest.raises(RuntimeError, match=r"c_0 of shape \[2, 2, 7\]"):
+        m(torch.randn(3, 2, 5), (torch.randn(2, 2, 7), torch.randn(1, 2, 7)))
+    with pytest.raises(RuntimeError, match="dtype"):
+        m(torch.randn(3, 2, 5), (torch.randn(2, 2, 7).double(), torch.randn(2, 2, 7)))
+    with pytest.raises(TypeError, match="input must be float32"):
+        m(torch.ones(3, 2, 5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="proj_size has to be smaller"):
+        fastattn.LSTM(5, 7, proj_size=7)
+    with pytest.raises(ValueError, match="zoneout"):
+        fastattn.LSTM(5, 7, zoneout=(1.0, 0.0))
+    x, h, c = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4)
+    w_ih, w_hh = torch.randn(16, 3), torch.randn(16, 4)
+    with pytest.raises(ValueError, match=r"w_ih must have shape \[4H, 3\]"):
+        fastattn.lstm_cell(x, h, c, torch.randn(16, 5), w_hh)
+    with pytest.raises(ValueError, match=r"w_hh must have shape \[16, 4\]"):
+        fastattn.lstm_cell(x, h, c, w_ih, torch.randn(16, 5))
+    with pytest.raises(ValueError, match=r"hx must have shape \[2, 4\]"):
+        fastattn.lstm_cell(x, torch.randn(3, 4), c, w_ih, w_hh)
+    with pytest.raises(TypeError, match="cx must have dtype torch.float32"):
+        fastattn.lstm_cell(x, h, c.double(), w_ih, w_hh)
+    with pytest.raises(ValueError, match=r"b_ih must have shape \[16\]"):
+        fastattn.lstm_cell(x, h, c, w_ih, w_hh, torch.randn(15))
+    with pytest.raises(ValueError, match="input must be"):
+        fastattn.LSTMCell(3, 4)(torch.randn(2, 2, 3))

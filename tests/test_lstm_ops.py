@@ -1,0 +1,283 @@
+"""fastattn::lstm_* ops: the CPU kernels against the plain-PyTorch reference, opcheck, gradcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close_to_reference
+
+import fastattn
+from fastattn.ops import lstm as lstm_ops
+from fastattn.ops import reference
+
+OPS = torch.ops.fastattn
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
+needs_cpu_kernels = pytest.mark.skipif(
+    not fastattn.backends()["cpu"].usable, reason="fastattn._C (CPU kernels) is not built")
+
+
+def _nan_heap(*shapes: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Leaves freed NaN blocks of the output sizes in the heap, so an op's torch.empty outputs
+    most likely start as NaN and an element the kernel forgets to write shows up (best effort:
+    the CPU allocator does not promise to reuse the blocks)."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype) for s in shapes for _ in range(2)]
+    del blocks
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def _layer_inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
+    x_proj = _rand(T, B, 4 * H, dtype=dtype, scale=1.5)
+    h0, c0 = _rand(B, P, dtype=dtype), _rand(B, H, dtype=dtype)
+    w_hh = _rand(4 * H, P, dtype=dtype, scale=0.5)
+    w_hr = _rand(P, H, dtype=dtype, scale=0.5) if proj else None
+    batch_sizes = None
+    if lengths is not None:
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    zc = zh = None
+    if zoneout:
+        zc = torch.bernoulli(torch.full((T, B, H), 0.3)).to(dtype)
+        zh = torch.full((T, B, P), 0.25, dtype=dtype)  # the eval-mode form: a probability
+    return x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh
+
+
+# ---- cell pointwise ops ------------------------------------------------------------------------
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("B,H", [(1, 1), (7, 33), (5, 64)], ids=["B1H1", "B7H33", "B5H64"])
+def test_cell_pointwise_matches_reference(dtype, B, H):
+    gates, cx = _rand(B, 4 * H, dtype=dtype, scale=2), _rand(B, H, dtype=dtype)
+    _nan_heap((B, H), dtype=dtype)
+    hy, cy = OPS.lstm_cell_pointwise_fwd(gates, cx)
+    hy64, cy64 = reference.lstm_cell_pointwise_fwd_reference(gates.double(), cx.double())
+    hy_t, cy_t = reference.lstm_cell_pointwise_fwd_reference(gates, cx)
+    assert_close_to_reference(hy, hy64, hy_t, name="hy")
+    assert_close_to_reference(cy, cy64, cy_t, name="cy")
+
+    grad_hy, grad_cy = _rand(B, H, dtype=dtype), _rand(B, H, dtype=dtype)
+    _nan_heap((B, 4 * H), (B, H), dtype=dtype)
+    grad_gates, grad_cx = OPS.lstm_cell_pointwise_bwd(grad_hy, grad_cy, gates, cx, cy)
+    # float64 oracle: autograd through the reference forward
+    g64, c64 = gates.double().requires_grad_(), cx.double().requires_grad_()
+    h_ref, c_ref = reference.lstm_cell_pointwise_fwd_reference(g64, c64)
+    want_gates, want_cx = torch.autograd.grad(
+        (h_ref * grad_hy.double()).sum() + (c_ref * grad_cy.double()).sum(), (g64, c64))
+    ref_gates, ref_cx = reference.lstm_cell_pointwise_bwd_reference(grad_hy, grad_cy, gates, cx, cy)
+    assert_close_to_reference(grad_gates, want_gates, ref_gates, name="grad_gates")
+    assert_close_to_reference(grad_cx, want_cx, ref_cx, name="grad_cx")
+
+
+@needs_cpu_kernels
+def test_cell_pointwise_reads_strided_inputs():
+    base = _rand(6, 4 * 24)
+    gates = base[::2]  # rows 2 apart: not contiguous
+    cx = _rand(24, 3).t()
+    hy, cy = OPS.lstm_cell_pointwise_fwd(gates, cx)
+    want = reference.lstm_cell_pointwise_fwd_reference(gates.contiguous(), cx.contiguous())
+    torch.testing.assert_close((hy, cy), want, rtol=1e-6, atol=1e-6)
+
+
+# ---- layer ops ---------------------------------------------------------------------------------
+
+LAYER_CASES = [
+    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=False), id="plain"),
+    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=True), id="reverse"),
+    pytest.param(dict(proj=True, zoneout=False, lengths=None, reverse=False), id="proj"),
+    pytest.param(dict(proj=False, zoneout=True, lengths=None, reverse=False), id="zoneout"),
+    pytest.param(dict(proj=False, zoneout=False, lengths=[5, 5, 3, 1], reverse=False), id="packed"),
+    pytest.param(dict(proj=True, zoneout=True, lengths=[5, 4, 2, 2], reverse=True),
+                 id="packed-proj-zoneout-reverse"),
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_fwd_bwd_match_reference(dtype, case):
+    T, B, H = 5, 4, 9
+    P = 4 if case["proj"] else H
+    inputs = _layer_inputs(T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"],
+                           lengths=case["lengths"])
+    x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = inputs
+    reverse = case["reverse"]
+    _nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
+    out = OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh)
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    ref64 = reference.lstm_layer_reference(*map(f64, (x_proj, h0, c0, w_hh, w_hr)), batch_sizes,
+                                           reverse, f64(zc), f64(zh))
+    ref_t = reference.lstm_layer_reference(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh)
+    for name, got, want, same_dtype in zip(("h_all", "c_all", "gates_all", "hpre_all"), out, ref64,
+                                           ref_t, strict=True):
+        assert_close_to_reference(got, want, same_dtype, name=name)
+
+    grad_h_all, grad_c_all = _rand(T, B, P, dtype=dtype), _rand(T, B, H, dtype=dtype)
+    h_all, c_all, gates_all, hpre_all = out
+    got = OPS.lstm_layer_bwd(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc,
+                             zh, h_all, c_all, gates_all, hpre_all)
+    # float64 oracle: autograd through the reference forward
+    leaves = [t.double().requires_grad_() for t in (x_proj, h0, c0, w_hh)]
+    if w_hr is not None:
+        leaves.append(w_hr.double().requires_grad_())
+    h_ref, c_ref, _, _ = reference.lstm_layer_reference(
+        *leaves[:4], leaves[4] if w_hr is not None else None, batch_sizes, reverse, f64(zc),
+        f64(zh))
+    want = torch.autograd.grad(
+        (h_ref * grad_h_all.double()).sum() + (c_ref * grad_c_all.double()).sum(), leaves)
+    same_dtype = reference.lstm_layer_bwd_reference(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr,
+                                                    batch_sizes, reverse, zc, zh, *out)
+    names = ("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh", "grad_w_hr")
+    for i, wanted in enumerate(want):
+        assert_close_to_reference(got[i], wanted, same_dtype[i], name=names[i])
+    if w_hr is None:
+        assert got[4].numel() == 0
+
+
+@needs_cpu_kernels
+def test_sequence_fwd_is_the_option_free_layer():
+    x_proj, h0, c0, w_hh, *_ = _layer_inputs(4, 3, 8, 8, torch.float32, proj=False, zoneout=False,
+                                             lengths=None)
+    got = OPS.lstm_sequence_fwd(x_proj, h0, c0, w_hh)
+    want = OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, None, False, None, None)[:3]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@needs_cpu_kernels
+def test_layer_ops_reject_bad_arguments():
+    x_proj, h0, c0, w_hh, *_ = _layer_inputs(4, 3, 8, 8, torch.float32, proj=False, zoneout=False,
+                                             lengths=None)
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        OPS.lstm_layer_fwd(x_proj, h0[:2], c0, w_hh, None, None, False, None, None)
+    with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
+        OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, torch.tensor([1, 3, 3, 3]), False, None,
+                           None)
+    with pytest.raises(RuntimeError, match="w_hh must have dtype"):
+        OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh.double(), None, None, False, None, None)
+
+
+# ---- opcheck and gradcheck ---------------------------------------------------------------------
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", [LAYER_CASES[0], LAYER_CASES[-1]])  # no options / every option
+def test_opcheck_layer_ops(case):
+    T, B, H = 3, 4, 5
+    P = 3 if case["proj"] else H
+    x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
+        T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
+        lengths=[3, 3, 2, 1] if case["lengths"] else None)
+    grads = [t.requires_grad_() for t in (x_proj, h0, c0, w_hh, w_hr) if t is not None]
+    assert grads
+    args = (x_proj, h0, c0, w_hh, w_hr, batch_sizes, case["reverse"], zc, zh)
+    torch.library.opcheck(OPS.lstm_layer_fwd.default, args)
+    with torch.no_grad():
+        out = OPS.lstm_layer_fwd(*args)
+    bwd_args = (_rand(T, B, P, dtype=torch.float64), _rand(T, B, H, dtype=torch.float64),
+                *(t.detach() if isinstance(t, torch.Tensor) else t for t in args[1:]), *out)
+    torch.library.opcheck(OPS.lstm_layer_bwd.default, bwd_args)
+
+
+@needs_cpu_kernels
+def test_opcheck_cell_and_sequence_ops():
+    gates = _rand(3, 20, dtype=torch.float64).requires_grad_()
+    cx = _rand(3, 5, dtype=torch.float64).requires_grad_()
+    torch.library.opcheck(OPS.lstm_cell_pointwise_fwd.default, (gates, cx))
+    hy, cy = OPS.lstm_cell_pointwise_fwd(gates.detach(), cx.detach())
+    torch.library.opcheck(OPS.lstm_cell_pointwise_bwd.default,
+                          (torch.randn_like(hy), torch.randn_like(cy), gates.detach(),
+                           cx.detach(), cy))
+    x_proj, h0, c0, w_hh, *_ = _layer_inputs(3, 2, 4, 4, torch.float64, proj=False,
+                                             zoneout=False, lengths=None)
+    for t in (x_proj, h0, c0, w_hh):
+        t.requires_grad_()
+    torch.library.opcheck(OPS.lstm_sequence_fwd.default, (x_proj, h0, c0, w_hh))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_gradcheck_lstm_layer(case):
+    T, B, in_features, H = 4, 4, 3, 4
+    P = 2 if case["proj"] else H
+    x = _rand(T, B, in_features, dtype=torch.float64).requires_grad_()
+    w_ih = _rand(4 * H, in_features, dtype=torch.float64).requires_grad_()
+    b_ih = _rand(4 * H, dtype=torch.float64).requires_grad_()
+    _, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
+        T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
+        lengths=[4, 3, 3, 1] if case["lengths"] else None)
+    tensors = [x, h0, c0, w_ih, w_hh, b_ih] + ([w_hr] if w_hr is not None else [])
+    for t in tensors:
+        t.requires_grad_()
+
+    def f(x, h0, c0, w_ih, w_hh, b_ih, w_hr=None):
+        return fastattn.ops.lstm.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, None, w_hr,
+                                            batch_sizes=batch_sizes, reverse=case["reverse"],
+                                            zoneout_c=zc, zoneout_h=zh)
+
+    with fastattn.use_backend("cpu"):
+        assert torch.autograd.gradcheck(f, tensors)
+
+
+@needs_cpu_kernels
+def test_gradcheck_lstm_cell():
+    B, in_features, H = 3, 4, 5
+    tensors = [_rand(*s, dtype=torch.float64).requires_grad_()
+               for s in ((B, in_features), (B, H), (B, H), (4 * H, in_features), (4 * H, H),
+                         (4 * H,), (4 * H,))]
+    with fastattn.use_backend("cpu"):
+        assert torch.autograd.gradcheck(fastattn.lstm_cell, tensors)
+
+
+# ---- backend choice ----------------------------------------------------------------------------
+
+
+def test_forced_backends_on_cpu_tensors():
+    x, h, c = _rand(2, 3), _rand(2, 4), _rand(2, 4)
+    w_ih, w_hh = _rand(16, 3), _rand(16, 4)
+    with fastattn.use_backend("reference"):
+        want = fastattn.lstm_cell(x, h, c, w_ih, w_hh)
+    with pytest.raises(RuntimeError, match="cuda"):
+        with fastattn.use_backend("cuda"):
+            fastattn.lstm_cell(x, h, c, w_ih, w_hh)
+    if fastattn.backends()["cpu"].usable:
+        with fastattn.use_backend("cpu"):
+            torch.testing.assert_close(fastattn.lstm_cell(x, h, c, w_ih, w_hh), want)
+
+
+@pytest.mark.triton
+def test_triton_cell_backend_matches_reference():
+    if lstm_ops._triton_cell_ops() is None:
+        pytest.skip("fastattn.triton_kernels.lstm_cell is not in this checkout")
+    x, h, c = _rand(3, 5), _rand(3, 8), _rand(3, 8)
+    w_ih, w_hh, b = _rand(32, 5), _rand(32, 8), _rand(32)
+    tensors = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b)]
+    with fastattn.use_backend("triton"):
+        got = fastattn.lstm_cell(*tensors[:5], tensors[5])
+        got_grads = torch.autograd.grad(got[0].sum() + 2 * got[1].sum(), tensors)
+    with fastattn.use_backend("reference"):
+        want = fastattn.lstm_cell(*tensors[:5], tensors[5])
+        want_grads = torch.autograd.grad(want[0].sum() + 2 * want[1].sum(), tensors)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grads, want_grads, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_triton_backend_serves_the_lstm_module():
+    if lstm_ops._triton_cell_ops() is None:
+        pytest.skip("fastattn.triton_kernels.lstm_cell is not in this checkout")
+    m = fastattn.LSTM(4, 8, bidirectional=True, proj_size=3)
+    x = _rand(5, 2, 4).requires_grad_()
+    results = []
+    for backend in ("triton", "reference"):
+        with fastattn.use_backend(backend):
+            out, (h, c) = m(x)
+            loss = out.sum() + h.sum() + c.sum()
+            results.append((out, h, c, *torch.autograd.grad(loss, [x, *m.parameters()])))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
