@@ -51,8 +51,9 @@ def _lstm_sequence_fwd_kernel(
     dtype = h_all_ptr.dtype.element_ty
 
     # All of w_hh, held for the whole sequence: four [BLOCK_H, BLOCK_H] float32 tiles. The
-    # products run in float32 for every dtype: exact for float16 / bfloat16 operands, and the
-    # Triton interpreter miscomputes bfloat16 tl.dot (triton 3.9), so one path serves both.
+    # products take float32 operands for every dtype (the Triton interpreter miscomputes a
+    # bfloat16 tl.dot in triton 3.9) with tf32x3 precision: float16 / bfloat16 values are
+    # exact in tf32, float32 ones lose ~2^-22, and an "ieee" fp32 dot crashes LLVM for sm_90.
     w_i = _gate_weights(w_ptr, stride_w_row, stride_w_col, 0, hidden, cols, cols)
     w_f = _gate_weights(w_ptr, stride_w_row, stride_w_col, 1, hidden, cols, cols)
     w_g = _gate_weights(w_ptr, stride_w_row, stride_w_col, 2, hidden, cols, cols)
@@ -69,10 +70,10 @@ def _lstm_sequence_fwd_kernel(
     state_t = rows[:, None].to(tl.int64) * hidden + cols[None, :]  # into [B, H] of step t
     gates_t = rows[:, None].to(tl.int64) * (4 * hidden) + cols[None, :]  # into [B, 4H]
     for _ in range(seq_len):
-        pre_i = tl.dot(h, w_i, input_precision="ieee")
-        pre_f = tl.dot(h, w_f, input_precision="ieee")
-        pre_g = tl.dot(h, w_g, input_precision="ieee")
-        pre_o = tl.dot(h, w_o, input_precision="ieee")
+        pre_i = tl.dot(h, w_i, input_precision="tf32x3")
+        pre_f = tl.dot(h, w_f, input_precision="tf32x3")
+        pre_g = tl.dot(h, w_g, input_precision="tf32x3")
+        pre_o = tl.dot(h, w_o, input_precision="tf32x3")
         i = _sigmoid(pre_i + tl.load(x_t, mask=mask, other=0.0).to(tl.float32))
         f = _sigmoid(pre_f + tl.load(x_t + gate_step, mask=mask, other=0.0).to(tl.float32))
         g = _tanh(pre_g + tl.load(x_t + 2 * gate_step, mask=mask, other=0.0).to(tl.float32))
