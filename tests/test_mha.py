@@ -245,8 +245,12 @@ class TestIsCausal:
 
     @pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
     @pytest.mark.parametrize("with_kpm", [False, True], ids=["no_kpm", "kpm"])
-    def test_matches_torch(self, need_weights, with_kpm):
-        ours, theirs, ref64 = _modules(batch_first=True)
+    @pytest.mark.parametrize(
+        "flags", [{}, dict(add_bias_kv=True, add_zero_attn=True)], ids=["plain", "extra_keys"]
+    )
+    def test_matches_torch(self, need_weights, with_kpm, flags):
+        """With extra keys the causal op sees S = L + 2 (top-left aligned), as torch's SDPA does."""
+        ours, theirs, ref64 = _modules(batch_first=True, **flags)
         x = torch.randn(2, self.L, E)
         kpm = _mask("float", 2, self.L, self.L, True) if with_kpm else None
         inputs = dict(query=x, key=x, value=x, attn_mask=self._causal(), is_causal=True,

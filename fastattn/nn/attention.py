@@ -186,12 +186,10 @@ class MultiheadAttention(nn.Module):
         q, k, v = self._project(query, key, value, self_attention, shared_kv)
         q, k, v = (_split_heads(x, batch_dim, self.num_heads) for x in (q, k, v))  # [B, H, T, D]
         extra_keys = 0
-        if self.bias_k is not None and self.bias_v is not None:
+        if self.bias_k is not None:  # add_bias_kv: bias_k and bias_v exist together
             k = torch.cat([k, _bias_as_key(self.bias_k, batch, self.num_heads)], dim=2)
             v = torch.cat([v, _bias_as_key(self.bias_v, batch, self.num_heads)], dim=2)
             extra_keys += 1
-        elif self.bias_k is not None or self.bias_v is not None:
-            raise RuntimeError("bias_k and bias_v must both be set or both be None")
         if self.add_zero_attn:
             k = torch.cat([k, k.new_zeros(batch, self.num_heads, 1, self.head_dim)], dim=2)
             v = torch.cat([v, v.new_zeros(batch, self.num_heads, 1, self.head_dim)], dim=2)
