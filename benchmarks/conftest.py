@@ -43,8 +43,33 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The roofline goes first: every later case reports its efficiency against it.
-    items.sort(key=lambda item: item.name != "test_roofline")
+    """Roofline first (every case reports its efficiency against it); then, per test function,
+    all providers of one (shape, dtype, pass) next to each other, smallest shapes first, so a
+    run cut short by a time limit still has fastattn and its torch baselines side by side."""
+    grid = harness.session_of(config).grid
+    first_seen: dict[tuple[str, str], int] = {}
+    for item in items:
+        first_seen.setdefault((str(item.path), item.originalname), len(first_seen))
+
+    def position(item: pytest.Item, suffix: str) -> list[int]:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return [
+            getattr(grid, _GRID_PARAMS[name]).index(value)
+            for name, value in params.items()
+            if name.endswith(suffix) and name in _GRID_PARAMS
+        ]
+
+    def order(item: pytest.Item) -> tuple:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return (
+            item.originalname != "test_roofline",
+            first_seen[(str(item.path), item.originalname)],
+            position(item, "_shape"),
+            position(item, "_dtype"),
+            params.get("pass_", ""),
+        )
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")

@@ -107,7 +107,9 @@ facts() {
     $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
     $PY -c "import pytest_benchmark; print('pytest-benchmark', pytest_benchmark.__version__)"
 }
-step facts 60 0 facts
+export PY NPROC
+export -f facts
+step facts 60 0 bash -c facts
 
 if [ $HAS_GPU -eq 1 ]; then
     ARCH=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M == 9 else ''))")
