@@ -372,7 +372,7 @@ def _rotation_sets(bytes_per_set: int, device: torch.device) -> int:
 
 
 @contextlib.contextmanager
-def _unservable_as_skip(provider: Provider) -> Iterator[None]:
+def unservable_as_skip(provider: Provider) -> Iterator[None]:
     """Turns "this backend cannot serve this call" into a skip that says why.
 
     Two cases: the ops layer refusing a forced backend (a feature it lacks), and a fastattn op
@@ -449,12 +449,12 @@ def run_case(
     )
     with forced_backend(provider):
         if session.disabled:  # smoke: each case runs exactly once, untimed
-            with _unservable_as_skip(provider):
+            with unservable_as_skip(provider):
                 benchmark.pedantic(timed_call, rounds=1, iterations=1)
             return
         grid = session.grid
         start = time.perf_counter()
-        with _unservable_as_skip(provider):
+        with unservable_as_skip(provider):
             timed_call()  # compilation, autotuning, allocator growth
         sync(device)
         warmup = [time.perf_counter() - start]

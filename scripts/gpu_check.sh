@@ -93,7 +93,10 @@ step() {
 }
 
 HAS_GPU=0
-if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+NO_GPU_WHY="torch sees no CUDA device"
+if ! $PY -c "import torch" 2>/dev/null; then
+    NO_GPU_WHY="torch is not importable by $PY (set PYTHON)"
+elif $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     HAS_GPU=1
 fi
 
@@ -116,7 +119,7 @@ if [ $HAS_GPU -eq 1 ]; then
     step build "$BUILD_S" 0 env FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS="$ARCH" MAX_JOBS="$JOBS" \
         $PY setup.py build_ext --inplace
 else
-    record gpu skipped 0 "torch sees no CUDA device: CPU-only build, GPU tests skip, CPU smoke grid"
+    record gpu skipped 0 "$NO_GPU_WHY: CPU-only build, GPU tests skip, CPU smoke grid"
     step build "$BUILD_S" 0 env FASTATTN_CUDA=0 MAX_JOBS="$JOBS" $PY setup.py build_ext --inplace
 fi
 
