@@ -124,9 +124,6 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-# ---- machine facts -------------------------------------------------------------------------
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -202,9 +199,6 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     return facts
 
 
-# ---- roofline ------------------------------------------------------------------------------
-
-
 def _median_seconds(fn: Callable[[], object], device: torch.device, calls: int) -> float:
     fn()
     sync(device)
@@ -257,8 +251,6 @@ def gemm_rate(roofline: dict[str, Any], dtype: torch.dtype) -> float | None:
     return None
 
 
-# ---- peak memory ---------------------------------------------------------------------------
-
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if platform.system() == "Linux" else None
 
 
@@ -302,9 +294,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | N
     if before is None or peak is None:
         return None, "unavailable (/proc/self/status)"
     return (peak - before) * 1024, "rss high-water delta"
-
-
-# ---- running one case ----------------------------------------------------------------------
 
 
 @dataclass
