@@ -116,6 +116,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ] + [f"grid note: {note}" for note in session.grid.notes]
 
 
+_SKIPPED: list[dict[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        _SKIPPED.append({"test": report.nodeid, "reason": reason})
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    # Skipped cases never reach pytest-benchmark's JSON; the report lists them with the reason.
+    output_json["fastattn_skipped"] = list(_SKIPPED)
+
+
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     session = harness.session_of(config)
     machine_info["fastattn"] = dict(session.facts, grid=session.grid.name)

@@ -88,6 +88,12 @@ def test_report_ratios_against_the_fastest_torch_baseline(tmp_path):
     results = {
         "datetime": "2026-11-30T07:00:00",
         "machine_info": {"fastattn": {"machine": "test-machine", "grid": "quick"}},
+        "fastattn_skipped": [
+            {
+                "test": "benchmarks/bench_attention.py::test_attention[fastattn[cuda]-x]",
+                "reason": "fastattn backend 'cuda' is unavailable here: no GPU",
+            },
+        ],
         "benchmarks": [
             {
                 "name": "test_roofline",
@@ -108,6 +114,7 @@ def test_report_ratios_against_the_fastest_torch_baseline(tmp_path):
     assert "| fastattn[cpu] | 2 | 1.00x | 0.50x | fwd float32 B1-H1-L128-S128-E8 |" in text
     assert "| torch.sdpa | 4.000 | 2.00x |" in text
     assert "GEMM fp32 10.0 GFLOP/s" in text
+    assert "| 1 | fastattn backend 'cuda' is unavailable here: no GPU |" in text
     assert (out / "attention_fwd_float32.png").stat().st_size > 0
     assert (
         json.loads((out / "results.json").read_text())["benchmarks"][1]["stats"]["median"] == 0.004
