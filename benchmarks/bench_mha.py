@@ -19,6 +19,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import harness
 from benchmarks.harness import Provider
@@ -57,6 +58,30 @@ def transformer_bytes(shape: TransformerShape, pass_: str, module: nn.Module, dt
     return total * torch.empty((), dtype=dtype).element_size()
 
 
+class _OpNamespaces(TorchDispatchMode):
+    """Records the namespace of every op dispatched inside it ("aten", "fastattn", ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+def _check_runs_fastattn_kernels(provider, run, x) -> None:
+    """A fastattn provider whose call never reaches a fastattn op would time torch under our name
+    (nn.TransformerEncoderLayer's eval fast path can bypass self_attn.forward). The C++ backends
+    run fastattn::* ops, so for them this is checked; triton and reference run other ops."""
+    if provider.backend not in ("cpu", "cuda"):
+        return
+    with harness.unservable_as_skip(provider), torch.no_grad(), _OpNamespaces() as ops:
+        run(x)
+    if "fastattn" not in ops.seen:
+        raise AssertionError(f"{provider.name}: the module ran no fastattn op (saw {ops.seen})")
+
+
 def _run(
     benchmark, bench, op, pass_, provider, dtype, shape, torch_module, to_fastattn, feedforward
 ):
@@ -88,6 +113,8 @@ def _run(
 
     def make_call(inputs):
         x, dout = inputs
+        if provider.kind == "fastattn":
+            _check_runs_fastattn_kernels(provider, run, x)
         if backward:
             return lambda: torch.autograd.grad(run(x), [x] + list(module.parameters()), dout)
 

@@ -43,8 +43,33 @@ def pytest_collect_file(file_path, parent):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The roofline goes first: every later case reports its efficiency against it.
-    items.sort(key=lambda item: item.name != "test_roofline")
+    """Roofline first (every case reports its efficiency against it); then, per test function,
+    all providers of one (shape, dtype, pass) next to each other, smallest shapes first, so a
+    run cut short by a time limit still has fastattn and its torch baselines side by side."""
+    grid = harness.session_of(config).grid
+    first_seen: dict[tuple[str, str], int] = {}
+    for item in items:
+        first_seen.setdefault((str(item.path), item.originalname), len(first_seen))
+
+    def position(item: pytest.Item, suffix: str) -> list[int]:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return [
+            getattr(grid, _GRID_PARAMS[name]).index(value)
+            for name, value in params.items()
+            if name.endswith(suffix) and name in _GRID_PARAMS
+        ]
+
+    def order(item: pytest.Item) -> tuple:
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        return (
+            item.originalname != "test_roofline",
+            first_seen[(str(item.path), item.originalname)],
+            position(item, "_shape"),
+            position(item, "_dtype"),
+            params.get("pass_", ""),
+        )
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +114,20 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         "fastattn backends: "
         + ", ".join(f"{k}={v}" for k, v in facts["fastattn_backends"].items()),
     ] + [f"grid note: {note}" for note in session.grid.notes]
+
+
+_SKIPPED: list[dict[str, str]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = report.longrepr[2].removeprefix("Skipped: ")
+        _SKIPPED.append({"test": report.nodeid, "reason": reason})
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    # Skipped cases never reach pytest-benchmark's JSON; the report lists them with the reason.
+    output_json["fastattn_skipped"] = list(_SKIPPED)
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

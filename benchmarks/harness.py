@@ -124,9 +124,6 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-# ---- machine facts -------------------------------------------------------------------------
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -202,9 +199,6 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
     return facts
 
 
-# ---- roofline ------------------------------------------------------------------------------
-
-
 def _median_seconds(fn: Callable[[], object], device: torch.device, calls: int) -> float:
     fn()
     sync(device)
@@ -257,8 +251,6 @@ def gemm_rate(roofline: dict[str, Any], dtype: torch.dtype) -> float | None:
     return None
 
 
-# ---- peak memory ---------------------------------------------------------------------------
-
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if platform.system() == "Linux" else None
 
 
@@ -302,9 +294,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | N
     if before is None or peak is None:
         return None, "unavailable (/proc/self/status)"
     return (peak - before) * 1024, "rss high-water delta"
-
-
-# ---- running one case ----------------------------------------------------------------------
 
 
 @dataclass
@@ -372,7 +361,7 @@ def _rotation_sets(bytes_per_set: int, device: torch.device) -> int:
 
 
 @contextlib.contextmanager
-def _unservable_as_skip(provider: Provider) -> Iterator[None]:
+def unservable_as_skip(provider: Provider) -> Iterator[None]:
     """Turns "this backend cannot serve this call" into a skip that says why.
 
     Two cases: the ops layer refusing a forced backend (a feature it lacks), and a fastattn op
@@ -449,12 +438,12 @@ def run_case(
     )
     with forced_backend(provider):
         if session.disabled:  # smoke: each case runs exactly once, untimed
-            with _unservable_as_skip(provider):
+            with unservable_as_skip(provider):
                 benchmark.pedantic(timed_call, rounds=1, iterations=1)
             return
         grid = session.grid
         start = time.perf_counter()
-        with _unservable_as_skip(provider):
+        with unservable_as_skip(provider):
             timed_call()  # compilation, autotuning, allocator growth
         sync(device)
         warmup = [time.perf_counter() - start]

@@ -69,8 +69,9 @@ def load(paths: list[Path]) -> tuple[dict[str, Any], list[Case], dict[str, Any] 
     for path in paths:
         data = json.loads(path.read_text())
         if merged is None:
-            merged = dict(data, benchmarks=[])
+            merged = dict(data, benchmarks=[], fastattn_skipped=[])
         merged["benchmarks"].extend(data.get("benchmarks", []))
+        merged["fastattn_skipped"].extend(data.get("fastattn_skipped", []))
         roofline = roofline or data.get("machine_info", {}).get("fastattn", {}).get("roofline")
         for bench in data.get("benchmarks", []):
             info = bench.get("extra_info", {})
@@ -182,6 +183,17 @@ def op_section(op: str, cases: list[Case], best: dict[tuple, Case]) -> list[str]
             )
         lines.append("")
     return lines
+
+
+def skipped_section(skipped: list[dict[str, str]]) -> list[str]:
+    """Skipped cases grouped by reason: which providers or shapes did not run, and why."""
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for entry in skipped:
+        by_reason[entry["reason"]].append(entry["test"].split("::")[-1])
+    lines = ["## Skipped cases", "", "| cases | reason | e.g. |", "|---|---|---|"]
+    for reason, tests in sorted(by_reason.items(), key=lambda rt: -len(rt[1])):
+        lines.append(f"| {len(tests)} | {reason} | `{tests[0]}` |")
+    return lines + [""]
 
 
 def _order(case: Case) -> tuple:
@@ -342,6 +354,9 @@ def write_report(paths: list[Path], out: Path | None) -> Path:
         lines += ["No timed cases in these results (a smoke run times nothing).", ""]
     for op in sorted(by_op, key=lambda o: list(OP_TITLES).index(o) if o in OP_TITLES else 99):
         lines += op_section(op, by_op[op], best)
+    skipped = merged.get("fastattn_skipped", [])
+    if skipped:
+        lines += skipped_section(skipped)
     images = plots(cases, out)
     if images:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in images] + [""]

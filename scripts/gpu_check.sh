@@ -93,7 +93,10 @@ step() {
 }
 
 HAS_GPU=0
-if $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+NO_GPU_WHY="torch sees no CUDA device"
+if ! $PY -c "import torch" 2>/dev/null; then
+    NO_GPU_WHY="torch is not importable by $PY (set PYTHON)"
+elif $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     HAS_GPU=1
 fi
 
@@ -107,14 +110,16 @@ facts() {
     $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
     $PY -c "import pytest_benchmark; print('pytest-benchmark', pytest_benchmark.__version__)"
 }
-step facts 60 0 facts
+export PY NPROC
+export -f facts
+step facts 60 0 bash -c facts
 
 if [ $HAS_GPU -eq 1 ]; then
     ARCH=$($PY -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M == 9 else ''))")
     step build "$BUILD_S" 0 env FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS="$ARCH" MAX_JOBS="$JOBS" \
         $PY setup.py build_ext --inplace
 else
-    record gpu skipped 0 "torch sees no CUDA device: CPU-only build, GPU tests skip, CPU smoke grid"
+    record gpu skipped 0 "$NO_GPU_WHY: CPU-only build, GPU tests skip, CPU smoke grid"
     step build "$BUILD_S" 0 env FASTATTN_CUDA=0 MAX_JOBS="$JOBS" $PY setup.py build_ext --inplace
 fi
 
