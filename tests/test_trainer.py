@@ -275,3 +275,14 @@ def test_torchrun_two_processes_on_cpu(tmp_path, text_dir):
     # The two ranks read different shards, so their data positions differ.
     assert not torch.equal(state["sampler"][0]["generator"], state["sampler"][1]["generator"])
     assert [r["step"] for r in records if "train_loss" in r] == list(range(1, 21))
+
+
+@pytest.mark.parametrize("backend", ["torch", "fastattn"])
+def test_bf16_autocast_with_gradient_accumulation_trains(backend, tmp_path, text_dir):
+    out = tmp_path / "bf16"
+    assert _train(out, text_dir, "--backend", backend, "--dtype", "bfloat16", "--grad-accum", "2",
+                  "--max-steps", "6", "--eval-interval", "6") == 0
+    losses = _losses(out)
+    assert sorted(losses) == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    assert checkpoint.load(out / "ckpt.pt")["val_bpb"] < 8.5  # finite, not diverged (uniform is 8)

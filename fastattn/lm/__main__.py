@@ -10,6 +10,15 @@ from collections.abc import Sequence
 from fastattn.lm.checkpoint import CheckpointError
 from fastattn.lm.model import BACKENDS, MODELS, BackendUnavailableError
 
+_EXAMPLES = """examples:
+  fastattn-lm train                                  # GPT on this Python's stdlib, runs/gpt/
+  fastattn-lm train --model lstm --backend torch     # the same LSTM LM on nn.LSTM
+  fastattn-lm train --resume                         # continue runs/gpt/ exactly
+  fastattn-lm train --preset gpu --data corpus/      # a bigger model on your text files
+  torchrun --nproc_per_node=2 -m fastattn.lm train   # DDP: gloo on CPU, nccl on GPU
+  fastattn-lm eval --checkpoint runs/gpt/ckpt.pt
+  fastattn-lm sample --checkpoint runs/gpt/ckpt.pt --prompt "def " --tokens 300
+"""
 _CHOICES = {"model": MODELS, "backend": BACKENDS, "dtype": ("float32", "bfloat16")}
 _HELP = {
     "data": "text file or folder of text files (default: this Python's stdlib .py sources)",
@@ -46,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastattn-lm",
         description="Train, evaluate and sample byte-level GPT/LSTM language models.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_train_flags(commands.add_parser("train", help="train (or --resume) a model"))

@@ -31,7 +31,7 @@ class ModelConfig:
     """Everything that fixes the parameter shapes; checkpoints refuse to load into another."""
 
     model: str = "gpt"
-    n_layer: int = 4
+    n_layer: int = 3
     n_embd: int = 128
     n_head: int = 4  # gpt only
     block_size: int = 128  # gpt: longest context (learned positions); lstm: training window

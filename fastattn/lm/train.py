@@ -38,19 +38,19 @@ class TrainConfig:
     val_fraction: float = 0.05
     out_dir: str | None = None  # None: runs/<model>
     seed: int = 1337
-    batch_size: int = 32
+    batch_size: int = 16
     grad_accum: int = 1
-    max_steps: int = 600
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 30
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 200
     eval_batches: int = 16
-    ckpt_interval: int = 200
+    ckpt_interval: int = 250
     dtype: str = "float32"  # float32 | bfloat16 (autocast)
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -139,30 +139,39 @@ def _processes(device_name: str) -> Iterator[_Processes]:
 
 
 class _StopRequest:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second aborts."""
+    """Ctrl-C (SIGINT) or SIGTERM asks the loop to checkpoint and stop after the current step.
+
+    The step finishes first so the checkpoint is consistent (never a half-applied optimizer
+    step). A second Ctrl-C aborts at once, keeping the last checkpoint written. SIGTERM is
+    what torchrun sends its workers when it is interrupted, and what schedulers send on
+    preemption.
+    """
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
         print(
-            "\nfastattn-lm: Ctrl-C: saving a checkpoint after this step (again to abort)",
+            f"\nfastattn-lm: {signal.Signals(signum).name}: saving a checkpoint after this step"
+            " (Ctrl-C again to abort)",
             file=sys.stderr,
         )
 
     def __enter__(self):
         # Signal handlers can only be installed from the main thread.
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self._SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
