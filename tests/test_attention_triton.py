@@ -328,6 +328,23 @@ def test_no_visible_key_anywhere(S: int, device: str) -> None:
         assert (g == 0).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B, L", [(0, 7), (1, 0)])
+def test_empty_batch_or_queries(B: int, L: int, device: str) -> None:
+    """Nothing to compute: right shapes and dtypes, and no kernel launched on an empty grid."""
+    case = Case(B=B, L=L, S=7, Hq=2, Hk=1, mask="add-bcast")
+    args = _make_inputs(case, device)
+    out, lse = torch.ops.fastattn.attention_fwd_triton(**args)
+    assert out.shape == (B, 2, L, case.Ev) and lse.shape == (B, 2, L)
+    dq, dk, dv, dmask = torch.ops.fastattn.attention_bwd_triton(
+        torch.randn_like(out), args["q"], args["k"], args["v"], out, lse,
+        **{n: args[n] for n in list(args)[3:]}, mask_grad=True,
+    )
+    assert dq.shape == args["q"].shape and dmask.shape == (B, 2, L, 7)
+    assert dk.shape == args["k"].shape and dv.shape == args["v"].shape
+    assert (dk == 0).all() and (dv == 0).all()  # no query reads any key
+
+
 def _opcheck_args(device: str) -> tuple[tuple, tuple]:
     case = Case(L=7, S=7, E=16, Ev=16, Hq=2, Hk=1, mask="add-bcast", window=(-1, 0))
     args = _make_inputs(case, device)
