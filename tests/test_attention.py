@@ -34,8 +34,7 @@ def require(backend: str, dtype: torch.dtype = torch.float32, E: int = 64, Ev: i
     status = fastattn.backends()[backend]
     if not status.usable:
         pytest.skip(f"backend {backend} unavailable here: {status.reason}")
-    q = torch.empty(1, 1, 1, E, dtype=dtype)
-    why = _missing_feature(backend, q, torch.empty(1, 1, 1, Ev or E, dtype=dtype))
+    why = _missing_feature(backend, dtype, E, Ev or E)
     if why:
         pytest.skip(f"backend {backend} does not serve {why}")
 

@@ -35,20 +35,26 @@ class AttentionOptions:
     softcap: float = 0.0
 
 
-def _missing_feature(backend: str, q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """What of this call ``backend`` cannot serve (None when it can)."""
-    E, Ev = q.shape[-1], v.shape[-1]
+def _missing_feature(backend: str, dtype: torch.dtype, E: int, Ev: int) -> str | None:
+    """What of a call with these inputs ``backend`` cannot serve (None when it can)."""
     if backend == "cuda":
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return f"dtype {q.dtype} (the cuda kernels take float16 and bfloat16)"
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"dtype {dtype} (the cuda kernels take float16 and bfloat16)"
         if E != Ev or E not in CUDA_HEAD_DIMS:
             return f"head dims E={E}, Ev={Ev} (the cuda kernels take E == Ev in {CUDA_HEAD_DIMS})"
     if backend == "triton":
-        if q.dtype == torch.float64:
+        if dtype == torch.float64:
             return "dtype float64 (triton takes float16, bfloat16 and float32)"
         if max(E, Ev) > TRITON_MAX_HEAD_DIM:
             return f"head dim {max(E, Ev)} (triton takes up to {TRITON_MAX_HEAD_DIM})"
     return None
+
+
+# Evaluated while torch.compile traces, so a compiled graph bakes in the backend choice instead
+# of graph-breaking on the backend registry (a ContextVar and the environment).
+@torch.compiler.assume_constant_result
+def _choose_backend(op_name: str, device: torch.device, dtype: torch.dtype, E: int, Ev: int) -> str:
+    return backends.choose(op_name, device, lambda name: _missing_feature(name, dtype, E, Ev))
 
 
 @functools.cache
@@ -81,7 +87,7 @@ def _attention_normalized(
     if opts.dropout_p > 0:
         # Drawn from torch's default generator, so torch.manual_seed makes dropout repeatable.
         rng_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    backend = backends.choose(op_name, q.device, lambda name: _missing_feature(name, q, v))
+    backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1])
     if backend == "reference" or q.numel() == 0 or k.shape[-2] == 0 or v.numel() == 0:
         return reference.attention_reference(
             q, k, v, attn_mask, alibi_slopes, opts.dropout_p, rng_seed, opts.scale,
