@@ -28,13 +28,19 @@ ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "8.0;9.0a"
 
-# Sources (`*.isa.cpp`) compiled once per x86 ISA and picked at run time (csrc/include/fastattn/cpu_isa.h).
+# Sources (`*.isa.cpp`) compiled once per x86 ISA and picked at run time
+# (csrc/include/fastattn/cpu_isa.h).
 ISA_SOURCE_SUFFIX = ".isa.cpp"
 X86_ISAS = {
     "isa_default": [],
     "isa_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
     "isa_avx512": [
-        "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-mf16c",
         "-DCPU_CAPABILITY_AVX512",
     ],
 }
@@ -54,18 +60,32 @@ def cuda_decision():
     problems = []
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU-only build")
-    if cpp_extension.CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(
-            cpp_extension.CUDA_HOME or "", "bin") + os.pathsep + os.environ.get("PATH", "")) is None:
+    if (
+        cpp_extension.CUDA_HOME is None
+        or shutil.which(
+            "nvcc",
+            path=os.path.join(cpp_extension.CUDA_HOME or "", "bin")
+            + os.pathsep
+            + os.environ.get("PATH", ""),
+        )
+        is None
+    ):
         problems.append("nvcc was not found (set CUDA_HOME)")
     if problems:
         if forced == "1":
-            sys.exit("fastattn: FASTATTN_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems))
+            sys.exit(
+                "fastattn: FASTATTN_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(problems)
+            )
         return False, "; ".join(problems)
     return True, ""
 
 
 def cuda_arch_flags():
-    archs = os.environ.get("FASTATTN_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCHS
+    archs = (
+        os.environ.get("FASTATTN_CUDA_ARCHS")
+        or os.environ.get("TORCH_CUDA_ARCH_LIST")
+        or DEFAULT_ARCHS
+    )
     flags = []
     for arch in archs.replace(",", ";").replace(" ", ";").split(";"):
         if not arch:
@@ -82,17 +102,25 @@ class BuildExtension(cpp_extension.BuildExtension):
     def build_extension(self, ext):
         isa_sources = getattr(ext, "isa_sources", [])
         if isa_sources:
-            cxx_flags = ext.extra_compile_args["cxx"] if isinstance(
-                ext.extra_compile_args, dict) else list(ext.extra_compile_args)
-            isas = X86_ISAS if platform.machine().lower() in ("x86_64", "amd64") else {
-                "isa_default": []}
+            cxx_flags = (
+                ext.extra_compile_args["cxx"]
+                if isinstance(ext.extra_compile_args, dict)
+                else list(ext.extra_compile_args)
+            )
+            isas = (
+                X86_ISAS
+                if platform.machine().lower() in ("x86_64", "amd64")
+                else {"isa_default": []}
+            )
             for namespace, isa_flags in isas.items():
                 objects = self.compiler.compile(
                     isa_sources,
                     output_dir=os.path.join(self.build_temp, namespace),
                     include_dirs=ext.include_dirs,
-                    extra_postargs={"cxx": cxx_flags + isa_flags + [f"-DFASTATTN_ISA_NAMESPACE={namespace}"],
-                                    "nvcc": []},
+                    extra_postargs={
+                        "cxx": cxx_flags + isa_flags + [f"-DFASTATTN_ISA_NAMESPACE={namespace}"],
+                        "nvcc": [],
+                    },
                     depends=ext.depends,
                 )
                 # Appended after the extension's own objects so that, for inline functions
@@ -106,7 +134,9 @@ def make_extension():
     all_cpp = [p for p in CSRC.rglob("*.cpp")]
     isa_sources = rel(p for p in all_cpp if p.name.endswith(ISA_SOURCE_SUFFIX))
     glue_cuda = [p for p in all_cpp if p.name.endswith("_cuda.cpp")]
-    sources = rel(p for p in all_cpp if not p.name.endswith(ISA_SOURCE_SUFFIX) and p not in glue_cuda)
+    sources = rel(
+        p for p in all_cpp if not p.name.endswith(ISA_SOURCE_SUFFIX) and p not in glue_cuda
+    )
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     cxx = ["-O3", "-std=c++17", "-fopenmp" if sys.platform == "linux" else "", "-DFASTATTN_BUILD"]
     cxx = [f for f in cxx if f]
@@ -124,8 +154,15 @@ def make_extension():
         sources += rel(glue_cuda) + rel(CSRC.rglob("*.cu"))
         kwargs["extra_compile_args"] = {
             "cxx": cxx + ["-DFASTATTN_WITH_CUDA", f'-DFASTATTN_CUDA_ARCHS="{archs}"'],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-                     "-DFASTATTN_WITH_CUDA"] + arch_flags,
+            "nvcc": [
+                "-O3",
+                "-std=c++17",
+                "--use_fast_math",
+                "-lineinfo",
+                "--expt-relaxed-constexpr",
+                "-DFASTATTN_WITH_CUDA",
+            ]
+            + arch_flags,
         }
         ext = cpp_extension.CUDAExtension(sources=sources, **kwargs)
         print(f"fastattn: building CUDA kernels for archs {archs}")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-
-import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 import warnings
 from types import ModuleType
+
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
 
 C: ModuleType | None
 LOAD_ERROR: str | None

@@ -58,7 +58,9 @@ def main() -> None:
         print(f"{key:>14}: {value}")
     print("      backends:")
     for name, status in fastattn.backends().items():
-        state = "usable" if status.usable else ("built, not usable" if status.built else "not built")
+        state = (
+            "usable" if status.usable else ("built, not usable" if status.built else "not built")
+        )
         print(f"{name:>14}: {state}{' (' + status.reason + ')' if status.reason else ''}")
 
 

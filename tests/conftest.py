@@ -34,6 +34,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     status = ", ".join(
-        f"{name}={'usable' if s.usable else 'unavailable'}" for name, s in fastattn.backends().items()
+        f"{name}={'usable' if s.usable else 'unavailable'}"
+        for name, s in fastattn.backends().items()
     )
     return [f"fastattn backends: {status}"]

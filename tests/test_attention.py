@@ -175,7 +175,18 @@ def test_fully_masked_rows_give_zero_output_and_gradients(backend):
     assert q.grad[:, :, 2].abs().max() == 0
     visible_rows = mask.any(-1)
     ref = fastattn.ops.reference.attention_reference(
-        q.double(), k.double(), v.double(), mask, None, 0.0, None, 1 / math.sqrt(32), -1, -1, False, 0.0
+        q.double(),
+        k.double(),
+        v.double(),
+        mask,
+        None,
+        0.0,
+        None,
+        1 / math.sqrt(32),
+        -1,
+        -1,
+        False,
+        0.0,
     )[0]
     assert max_rel_error(out[visible_rows], ref[visible_rows]) < 1e-5
 
@@ -220,8 +231,10 @@ def test_dropout_is_seeded_rescaled_and_matches_the_reference(backend):
     ones = torch.ones(2, 2, 64, 32, device=device)
     with fastattn.use_backend(backend):
         out = fastattn.scaled_dot_product_attention(
-            torch.randn(2, 2, 64, 32, device=device), torch.randn(2, 2, 64, 32, device=device),
-            ones, dropout_p=0.5,
+            torch.randn(2, 2, 64, 32, device=device),
+            torch.randn(2, 2, 64, 32, device=device),
+            ones,
+            dropout_p=0.5,
         )
     assert abs(out.mean().item() - 1.0) < 0.05
 
@@ -244,8 +257,10 @@ FEATURES = [
     pytest.param(dict(window=(4, -1), causal=True), id="window-4-causal"),
     pytest.param(dict(softcap=5.0), id="softcap"),
     pytest.param(dict(alibi=True, causal=True), id="alibi-causal"),
-    pytest.param(dict(alibi=True, softcap=2.0, window=(5, 5), causal_align="bottom_right"),
-                 id="alibi-softcap-window-br"),
+    pytest.param(
+        dict(alibi=True, softcap=2.0, window=(5, 5), causal_align="bottom_right"),
+        id="alibi-softcap-window-br",
+    ),
 ]
 
 
@@ -291,25 +306,40 @@ def test_reference_features_agree_with_torch_explicit_masks():
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with fastattn.use_backend("reference"):
         out, lse = fastattn.attention(
-            q, k, v, causal=True, causal_align="bottom_right", window=(3, -1),
-            alibi_slopes=slopes, return_lse=True,
+            q,
+            k,
+            v,
+            causal=True,
+            causal_align="bottom_right",
+            window=(3, -1),
+            alibi_slopes=slopes,
+            return_lse=True,
         )
     assert max_rel_error(out, expected) < 1e-12
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(E) + mask
     assert max_rel_error(lse, torch.logsumexp(scores, -1)) < 1e-6
 
 
-@settings(max_examples=int(__import__("os").environ.get("FASTATTN_FUZZ_EXAMPLES", "25")),
-          deadline=None)
+@settings(
+    max_examples=int(__import__("os").environ.get("FASTATTN_FUZZ_EXAMPLES", "25")), deadline=None
+)
 @given(
-    B=st.integers(1, 2), Hk=st.integers(1, 2), group=st.integers(1, 2),
-    L=st.integers(1, 40), S=st.integers(1, 40), E=st.sampled_from([8, 16, 40, 64]),
-    Ev=st.sampled_from([8, 24, 64]), causal=st.booleans(), mask=st.sampled_from(["none", "bool", "float"]),
-    window_left=st.integers(-1, 8), softcap=st.sampled_from([None, 3.0]),
+    B=st.integers(1, 2),
+    Hk=st.integers(1, 2),
+    group=st.integers(1, 2),
+    L=st.integers(1, 40),
+    S=st.integers(1, 40),
+    E=st.sampled_from([8, 16, 40, 64]),
+    Ev=st.sampled_from([8, 24, 64]),
+    causal=st.booleans(),
+    mask=st.sampled_from(["none", "bool", "float"]),
+    window_left=st.integers(-1, 8),
+    softcap=st.sampled_from([None, 3.0]),
     align=st.sampled_from(["top_left", "bottom_right"]),
 )
-def test_fuzz_cpu_backend_against_reference(B, Hk, group, L, S, E, Ev, causal, mask, window_left,
-                                            softcap, align):
+def test_fuzz_cpu_backend_against_reference(
+    B, Hk, group, L, S, E, Ev, causal, mask, window_left, softcap, align
+):
     require("cpu", torch.float32, E, Ev)
     Hq = Hk * group
     q = torch.randn(B, Hq, L, E, dtype=torch.float64)
@@ -320,8 +350,14 @@ def test_fuzz_cpu_backend_against_reference(B, Hk, group, L, S, E, Ev, causal, m
         attn_mask = torch.rand(B, 1, L, S) > 0.3
     elif mask == "float":
         attn_mask = torch.randn(1, Hq, L, S, dtype=torch.float64)
-    kwargs = dict(causal=causal, causal_align=align, window=(window_left, -1), softcap=softcap,
-                  attn_mask=attn_mask, return_lse=True)
+    kwargs = dict(
+        causal=causal,
+        causal_align=align,
+        window=(window_left, -1),
+        softcap=softcap,
+        attn_mask=attn_mask,
+        return_lse=True,
+    )
     with fastattn.use_backend("cpu"):
         out, lse = fastattn.attention(q, k, v, **kwargs)
     with fastattn.use_backend("reference"):
@@ -348,22 +384,46 @@ def test_compiles_fullgraph_on_cpu():
 
 BAD_INPUTS = [
     pytest.param(lambda q, k, v: dict(key=k[..., :16]), ValueError, "key head dim", id="head-dim"),
-    pytest.param(lambda q, k, v: dict(value=v[..., :5, :]), ValueError, "value length", id="kv-len"),
+    pytest.param(
+        lambda q, k, v: dict(value=v[..., :5, :]), ValueError, "value length", id="kv-len"
+    ),
     pytest.param(lambda q, k, v: dict(key=k.double()), TypeError, "key dtype", id="dtype"),
     pytest.param(lambda q, k, v: dict(query=q.int()), TypeError, "query must be float", id="int"),
-    pytest.param(lambda q, k, v: dict(attn_mask=torch.ones(3, 7, dtype=torch.bool)), ValueError,
-                 "attn_mask of shape", id="mask-shape"),
-    pytest.param(lambda q, k, v: dict(attn_mask=torch.ones(6, 9, dtype=torch.int32)), TypeError,
-                 "attn_mask must be bool", id="mask-dtype"),
+    pytest.param(
+        lambda q, k, v: dict(attn_mask=torch.ones(3, 7, dtype=torch.bool)),
+        ValueError,
+        "attn_mask of shape",
+        id="mask-shape",
+    ),
+    pytest.param(
+        lambda q, k, v: dict(attn_mask=torch.ones(6, 9, dtype=torch.int32)),
+        TypeError,
+        "attn_mask must be bool",
+        id="mask-dtype",
+    ),
     pytest.param(lambda q, k, v: dict(dropout_p=1.0), ValueError, "dropout_p", id="dropout-1"),
     pytest.param(lambda q, k, v: dict(dropout_p=-0.1), ValueError, "dropout_p", id="dropout-neg"),
-    pytest.param(lambda q, k, v: dict(key=k[:, :2], value=v[:, :2], enable_gqa=True), ValueError,
-                 "multiple of key/value heads", id="gqa-heads"),
-    pytest.param(lambda q, k, v: dict(key=k[:, :1], value=v[:, :1]), ValueError,
-                 "enable_gqa", id="heads-without-gqa"),
-    pytest.param(lambda q, k, v: dict(is_causal=True, attn_mask=torch.ones(6, 9, dtype=torch.bool)),
-                 ValueError, "is_causal", id="causal-and-mask"),
-    pytest.param(lambda q, k, v: dict(key="k"), TypeError, "key must be a torch.Tensor", id="not-tensor"),
+    pytest.param(
+        lambda q, k, v: dict(key=k[:, :2], value=v[:, :2], enable_gqa=True),
+        ValueError,
+        "multiple of key/value heads",
+        id="gqa-heads",
+    ),
+    pytest.param(
+        lambda q, k, v: dict(key=k[:, :1], value=v[:, :1]),
+        ValueError,
+        "enable_gqa",
+        id="heads-without-gqa",
+    ),
+    pytest.param(
+        lambda q, k, v: dict(is_causal=True, attn_mask=torch.ones(6, 9, dtype=torch.bool)),
+        ValueError,
+        "is_causal",
+        id="causal-and-mask",
+    ),
+    pytest.param(
+        lambda q, k, v: dict(key="k"), TypeError, "key must be a torch.Tensor", id="not-tensor"
+    ),
 ]
 
 

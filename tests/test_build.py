@@ -22,7 +22,10 @@ def test_extension_reports_build_facts():
 
 def test_info_prints_versions_backends_and_isa():
     out = subprocess.run(
-        [sys.executable, "-m", "fastattn.info"], capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "fastattn.info"],
+        capture_output=True,
+        text=True,
+        check=True,
         cwd=ROOT,
     ).stdout
     for fact in ("torch", "cpu isa used", "backends", "reference: usable", "gpu"):
@@ -30,8 +33,11 @@ def test_info_prints_versions_backends_and_isa():
 
 
 def test_import_without_extension_warns_once_and_reference_serves(tmp_path):
-    shutil.copytree(ROOT / "fastattn", tmp_path / "fastattn",
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(
+        ROOT / "fastattn",
+        tmp_path / "fastattn",
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+    )
     script = (
         "import warnings, torch\n"
         "with warnings.catch_warnings(record=True) as w:\n"
@@ -43,8 +49,9 @@ def test_import_without_extension_warns_once_and_reference_serves(tmp_path):
         "q = torch.randn(1, 2, 5, 8)\n"
         "print(fastattn.scaled_dot_product_attention(q, q, q).shape)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         cwd=tmp_path, check=True).stdout.split("\n")
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True
+    ).stdout.split("\n")
     assert out[0] == "1", out
     assert out[1] == "False True", out
     assert out[2] == "torch.Size([1, 2, 5, 8])", out

@@ -1,11 +1,17 @@
 """The functional API: input checks, backend choice, autograd and fake kernels.
 
 Submodules: ``attention`` (scaled_dot_product_attention, attention), ``backends`` (status,
-forcing, choice), ``packed_attention`` (varlen, KV cache), ``reference`` (plain PyTorch oracle). The package ``fastattn`` re-exports
+forcing, choice), ``packed_attention`` (varlen, KV cache), ``reference`` (plain PyTorch
+oracle), ``lstm``. The package ``fastattn`` re-exports
 the public functions; here the names stay the modules'.
 """
 
-from fastattn.ops import _registry  # noqa: F401  (defines the fastattn::* schemas first)
-from fastattn.ops import attention, backends, packed_attention, reference
+from fastattn.ops import (
+    _registry,  # noqa: F401  (defines the fastattn::* schemas first)
+    attention,
+    backends,
+    packed_attention,
+    reference,
+)
 
 __all__ = ["attention", "backends", "packed_attention", "reference"]

@@ -63,7 +63,8 @@ def _triton_fwd_op() -> Callable:
     from fastattn.triton_kernels import attention as _  # noqa: F401  (defines the triton_ops)
 
     torch.library.register_autograd(
-        "fastattn::attention_fwd_triton", _make_backward("attention_bwd_triton"),
+        "fastattn::attention_fwd_triton",
+        _make_backward("attention_bwd_triton"),
         setup_context=_setup_context,
     )
     return torch.ops.fastattn.attention_fwd_triton
@@ -90,14 +91,34 @@ def _attention_normalized(
     backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1])
     if backend == "reference" or q.numel() == 0 or k.shape[-2] == 0 or v.numel() == 0:
         return reference.attention_reference(
-            q, k, v, attn_mask, alibi_slopes, opts.dropout_p, rng_seed, opts.scale,
-            opts.window_left, opts.window_right, opts.bottom_right, opts.softcap,
+            q,
+            k,
+            v,
+            attn_mask,
+            alibi_slopes,
+            opts.dropout_p,
+            rng_seed,
+            opts.scale,
+            opts.window_left,
+            opts.window_right,
+            opts.bottom_right,
+            opts.softcap,
         )
     # Kernels need unit stride on the last dim; everything else is read through strides.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _fwd_op(backend)(
-        q, k, v, attn_mask, alibi_slopes, opts.dropout_p, rng_seed, opts.scale,
-        opts.window_left, opts.window_right, opts.bottom_right, opts.softcap,
+        q,
+        k,
+        v,
+        attn_mask,
+        alibi_slopes,
+        opts.dropout_p,
+        rng_seed,
+        opts.scale,
+        opts.window_left,
+        opts.window_right,
+        opts.bottom_right,
+        opts.softcap,
     )
 
 
@@ -106,7 +127,9 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise TypeError(
+                f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+            )
         if t.dim() < 2:
             raise ValueError(f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}")
     for name, t in (("key", k), ("value", v)):
@@ -135,7 +158,8 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
         hq, hk = q.shape[-3], k.shape[-3]
         if hk == 0 or hq % hk:
             raise ValueError(
-                f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value heads ({hk})"
+                f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value "
+                f"heads ({hk})"
             )
         q_batch, k_batch = q_batch[:-1], k_batch[:-1]
     if q_batch != k_batch:
@@ -160,7 +184,9 @@ def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        raise TypeError(
+            f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
+        )
     if attn_mask.device != q.device:
         raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
@@ -203,16 +229,14 @@ def scaled_dot_product_attention(
         raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if is_causal and attn_mask is not None:
         raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
-    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    S, E = key.shape[-2], query.shape[-1]
     mask = _mask_4d(fn, attn_mask, query, S)
     opts = AttentionOptions(
         dropout_p=float(dropout_p),
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
         window_right=0 if is_causal else -1,
     )
-    out, _ = _attention_normalized(
-        _as_4d(query), _as_4d(key), _as_4d(value), mask, None, opts, fn
-    )
+    out, _ = _attention_normalized(_as_4d(query), _as_4d(key), _as_4d(value), mask, None, opts, fn)
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 
@@ -231,7 +255,7 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention with FlashAttention's options on q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev].
+    """FlashAttention's options on q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev].
 
     causal: key j visible to query i only if j <= i + offset, offset = 0 for
     causal_align="top_left" (torch) or S - L for "bottom_right" (FlashAttention).
@@ -248,10 +272,17 @@ def attention(
             raise ValueError(f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
     _check_qkv(fn, q, k, v, heads_dim_allowed_to_differ=True)
     if causal_align not in ("top_left", "bottom_right"):
-        raise ValueError(f"{fn}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
-    if not (isinstance(window, (tuple, list)) and len(window) == 2
-            and all(isinstance(w, int) and w >= -1 for w in window)):
-        raise ValueError(f"{fn}: window must be (left, right) ints >= -1 (-1 = unbounded), got {window!r}")
+        raise ValueError(
+            f"{fn}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}"
+        )
+    if not (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(w, int) and w >= -1 for w in window)
+    ):
+        raise ValueError(
+            f"{fn}: window must be (left, right) ints >= -1 (-1 = unbounded), got {window!r}"
+        )
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{fn}: softcap must be positive or None, got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
@@ -259,13 +290,17 @@ def attention(
     B, Hq, L, E = q.shape
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape not in (
-                torch.Size([Hq]), torch.Size([B, Hq])):
+            torch.Size([Hq]),
+            torch.Size([B, Hq]),
+        ):
             raise ValueError(
                 f"{fn}: alibi_slopes must be a tensor of shape [{Hq}] or [{B}, {Hq}], got "
                 f"{getattr(alibi_slopes, 'shape', type(alibi_slopes).__name__)}"
             )
         if alibi_slopes.device != q.device:
-            raise ValueError(f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+            raise ValueError(
+                f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}"
+            )
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
     left, right = window
     if causal:
@@ -287,19 +322,49 @@ def attention(
 
 
 @torch.library.register_fake("fastattn::attention_fwd")
-def _attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, dropout_p, rng_seed, scale,
-                        window_left, window_right, bottom_right, softcap):
+def _attention_fwd_fake(
+    q,
+    k,
+    v,
+    attn_mask,
+    alibi_slopes,
+    dropout_p,
+    rng_seed,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap,
+):
     B, H, L, _ = q.shape
     return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
 
 
 @torch.library.register_fake("fastattn::attention_bwd")
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, dropout_p,
-                        rng_seed, scale, window_left, window_right, bottom_right, softcap,
-                        mask_grad):
+def _attention_bwd_fake(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    attn_mask,
+    alibi_slopes,
+    dropout_p,
+    rng_seed,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap,
+    mask_grad,
+):
     B, H, L, _ = q.shape
-    dmask = (q.new_empty(B, H, L, k.shape[-2], dtype=torch.float32) if mask_grad
-             else q.new_empty(0, dtype=torch.float32))
+    dmask = (
+        q.new_empty(B, H, L, k.shape[-2], dtype=torch.float32)
+        if mask_grad
+        else q.new_empty(0, dtype=torch.float32)
+    )
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
@@ -318,8 +383,22 @@ def _make_backward(bwd_op_name: str) -> Callable:
         dropout_p, scale, window_left, window_right, bottom_right, softcap = ctx.options
         bwd_op = getattr(torch.ops.fastattn, bwd_op_name)
         dq, dk, dv, dmask = bwd_op(
-            grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes, dropout_p,
-            rng_seed, scale, window_left, window_right, bottom_right, softcap, ctx.mask_grad,
+            grad_out.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            attn_mask,
+            alibi_slopes,
+            dropout_p,
+            rng_seed,
+            scale,
+            window_left,
+            window_right,
+            bottom_right,
+            softcap,
+            ctx.mask_grad,
         )
         dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
         return dq, dk, dv, dmask, None, None, None, None, None, None, None, None

@@ -23,7 +23,9 @@ from fastattn import _extension
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 _CHOICES = BACKENDS + ("auto",)
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastattn_backend", default=None)
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fastattn_backend", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class BackendStatus:
         return f"BackendStatus({state}{': ' + self.reason if self.reason else ''})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> str:
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed (pip install 'fastattn[triton]')"
@@ -52,11 +54,15 @@ def _status(name: str) -> BackendStatus:
         return BackendStatus(True, True, "")
     if name == "cpu":
         if C is None:
-            return BackendStatus(False, False, f"fastattn._C is not loaded ({_extension.LOAD_ERROR})")
+            return BackendStatus(
+                False, False, f"fastattn._C is not loaded ({_extension.LOAD_ERROR})"
+            )
         return BackendStatus(True, True, "")
     if name == "cuda":
         if C is None:
-            return BackendStatus(False, False, f"fastattn._C is not loaded ({_extension.LOAD_ERROR})")
+            return BackendStatus(
+                False, False, f"fastattn._C is not loaded ({_extension.LOAD_ERROR})"
+            )
         if not C.built_with_cuda():
             return BackendStatus(False, False, "fastattn._C was built without CUDA kernels")
         if not torch.cuda.is_available():
@@ -67,7 +73,9 @@ def _status(name: str) -> BackendStatus:
         if why:
             return BackendStatus(False, False, why)
         if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            return BackendStatus(True, False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)")
+            return BackendStatus(
+                True, False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
+            )
         return BackendStatus(True, True, "")
     raise ValueError(f"unknown fastattn backend {name!r}; valid names: {', '.join(_CHOICES)}")
 
@@ -113,10 +121,15 @@ def _device_mismatch(name: str, device: torch.device) -> str | None:
         return f"the cpu backend serves CPU tensors only, got {device.type} tensors"
     if name == "cuda" and device.type != "cuda":
         return f"the cuda backend serves CUDA tensors only, got {device.type} tensors"
-    if name == "triton" and device.type != "cuda" and not (
-        device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if (
+        name == "triton"
+        and device.type != "cuda"
+        and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
     ):
-        return f"the triton backend serves CUDA tensors (CPU ones only with TRITON_INTERPRET=1), got {device.type}"
+        return (
+            "the triton backend serves CUDA tensors (CPU ones only with TRITON_INTERPRET=1), "
+            f"got {device.type}"
+        )
     return None
 
 
@@ -130,10 +143,14 @@ def choose(op: str, device: torch.device, missing: Callable[[str], str | None]) 
     if forced is not None:
         status = _status(forced)
         if not status.usable:
-            raise RuntimeError(f"fastattn.{op}: forced backend {forced!r} is unavailable: {status.reason}")
+            raise RuntimeError(
+                f"fastattn.{op}: forced backend {forced!r} is unavailable: {status.reason}"
+            )
         why = _device_mismatch(forced, device) or missing(forced)
         if why:
-            raise RuntimeError(f"fastattn.{op}: forced backend {forced!r} cannot serve this call: {why}")
+            raise RuntimeError(
+                f"fastattn.{op}: forced backend {forced!r} cannot serve this call: {why}"
+            )
         return forced
     for name in _auto_order(device):
         if _status(name).usable and not _device_mismatch(name, device) and not missing(name):

@@ -27,7 +27,9 @@ def _check_cu_seqlens(name: str, cu: Any, total: int, batch: int | None) -> list
         )
     offsets = cu.tolist()
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"attention_varlen: {name} must start at 0 and be non-decreasing, got {offsets}")
+        raise ValueError(
+            f"attention_varlen: {name} must start at 0 and be non-decreasing, got {offsets}"
+        )
     if offsets[-1] != total:
         raise ValueError(
             f"attention_varlen: {name}[-1] = {offsets[-1]} must equal the total token count {total}"
@@ -73,7 +75,7 @@ def attention_varlen(
     outs, lses = [], []
     for i in range(batch):
         qi, ki, vi = (
-            t[offsets[i]:offsets[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, H, len, D] view
+            t[offsets[i] : offsets[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, H, len, D] view
             for t, offsets in ((q, offsets_q), (k, offsets_k), (v, offsets_k))
         )
         slopes = alibi[i] if alibi is not None and alibi.dim() == 2 else alibi
@@ -107,8 +109,11 @@ def attention_with_kv_cache(
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention_with_kv_cache: {name} must be a 4-D [B, H, N, D] tensor")
     B, S_max = k_cache.shape[0], k_cache.shape[2]
-    if (not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32
-            or cache_seqlens.shape != (B,)):
+    if (
+        not isinstance(cache_seqlens, torch.Tensor)
+        or cache_seqlens.dtype != torch.int32
+        or cache_seqlens.shape != (B,)
+    ):
         raise ValueError(f"attention_with_kv_cache: cache_seqlens must be int32 of shape [{B}]")
     if (k_new is None) != (v_new is None):
         raise ValueError("attention_with_kv_cache: pass both k_new and v_new, or neither")
@@ -142,14 +147,19 @@ def attention_with_kv_cache(
     for b, length in enumerate(lengths):
         if k_new is not None:
             with torch.no_grad():
-                k_cache[b, :, length:length + L_new] = k_new[b]
-                v_cache[b, :, length:length + L_new] = v_new[b]
+                k_cache[b, :, length : length + L_new] = k_new[b]
+                v_cache[b, :, length : length + L_new] = v_new[b]
         end = length + L_new
         slopes = alibi[b] if alibi is not None and alibi.dim() == 2 else alibi
         out, lse = attention(
-            q[b:b + 1], k_cache[b:b + 1, :, :end], v_cache[b:b + 1, :, :end],
-            causal_align=causal_align, alibi_slopes=slopes, return_lse=True,
-            attn_mask=None if mask is None else mask[b:b + 1, :, :, :end], **options,
+            q[b : b + 1],
+            k_cache[b : b + 1, :, :end],
+            v_cache[b : b + 1, :, :end],
+            causal_align=causal_align,
+            alibi_slopes=slopes,
+            return_lse=True,
+            attn_mask=None if mask is None else mask[b : b + 1, :, :, :end],
+            **options,
         )
         outs.append(out)
         lses.append(lse)
