@@ -365,7 +365,8 @@ def _attention_bwd_fake(
         if mask_grad
         else q.new_empty(0, dtype=torch.float32)
     )
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    # Every backend returns fresh contiguous gradients, whatever the inputs' strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):

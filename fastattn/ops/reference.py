@@ -67,15 +67,21 @@ def visible_keys(
 
 
 def alibi_bias(
-    alibi_slopes: torch.Tensor, B: int, H: int, L: int, S: int, bottom_right: bool
+    alibi_slopes: torch.Tensor,
+    B: int,
+    H: int,
+    L: int,
+    S: int,
+    bottom_right: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """float32 [B or 1, H, L, S]: slope * (j - i - offset) from slopes [H] or [B, H]."""
+    """[B or 1, H, L, S] in ``dtype``: slope * (j - i - offset) from slopes [H] or [B, H]."""
     rel = (
         torch.arange(S, device=alibi_slopes.device)[None, :]
         - torch.arange(L, device=alibi_slopes.device)[:, None]
         - key_offset(L, S, bottom_right)
-    ).to(torch.float32)
-    slopes = alibi_slopes.to(torch.float32).reshape(-1, H, 1, 1)
+    ).to(dtype)
+    slopes = alibi_slopes.to(dtype).reshape(-1, H, 1, 1)
     return slopes * rel
 
 
@@ -110,7 +116,7 @@ def attention_reference(
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     if alibi_slopes is not None:
-        scores = scores + alibi_bias(alibi_slopes, B, Hq, L, S, bottom_right).to(compute)
+        scores = scores + alibi_bias(alibi_slopes, B, Hq, L, S, bottom_right, compute)
     visible = visible_keys(L, S, window_left, window_right, bottom_right, q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
