@@ -32,6 +32,7 @@ import torch
 
 import fastattn
 from benchmarks import shapes
+from fastattn.info import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,17 +125,6 @@ def _tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -168,7 +158,7 @@ def git_commit() -> str:
 
 def machine_facts(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, GPU, versions and commit; ``machine`` names the results folder."""
-    cpu = _cpu_model()
+    cpu = cpu_model()
     cores = os.cpu_count() or 1
     facts: dict[str, Any] = {
         "cpu_model": cpu,

@@ -19,7 +19,7 @@ def facts() -> dict[str, object]:
         "torch": torch.__version__,
         "torch cuda": torch.version.cuda or "none (CPU build)",
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu threads": torch.get_num_threads(),
     }
     try:
@@ -42,7 +42,8 @@ def facts() -> dict[str, object]:
     return out
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
