@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import fastattn
 from fastattn import _extension
 
@@ -15,7 +17,7 @@ def test_extension_reports_build_facts():
     C = _extension.C
     assert C is not None, f"fastattn._C did not load: {_extension.LOAD_ERROR}"
     assert C.cpu_isa() in ("default", "avx2", "avx512")
-    assert C.torch_version().split("+")[0] == __import__("torch").__version__.split("+")[0]
+    assert C.torch_version().split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(C.built_with_cuda(), bool)
     assert C.built_with_cuda() == bool(C.cuda_archs())
 
@@ -38,7 +40,11 @@ def test_import_without_extension_warns_once_and_reference_serves(tmp_path):
         tmp_path / "fastattn",
         ignore=shutil.ignore_patterns("*.so", "__pycache__"),
     )
+    # -S skips site hooks, so an editable install of fastattn cannot shadow the bare copy;
+    # torch's own site-packages directory is put back on the path by hand.
+    site_packages = Path(torch.__file__).resolve().parents[1]
     script = (
+        f"import sys; sys.path[:0] = [{str(tmp_path)!r}]; sys.path.append({str(site_packages)!r})\n"
         "import warnings, torch\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
@@ -50,7 +56,8 @@ def test_import_without_extension_warns_once_and_reference_serves(tmp_path):
         "print(fastattn.scaled_dot_product_attention(q, q, q).shape)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, check=True
+        [sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+        check=True,
     ).stdout.split("\n")
     assert out[0] == "1", out
     assert out[1] == "False True", out
