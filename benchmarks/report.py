@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 OP_TITLES = {
     "attention": "Attention (fwd, fwd+bwd)",
     "attention_decode": "Attention decode (L = 1)",
+    "attention_varlen": "Varlen attention (packed) vs the padded batch with a mask",
+    "attention_window": "Sliding-window attention vs an explicit mask",
     "lstm_cell": "LSTM cell step",
     "lstm": "LSTM sequence (fwd = inference, fwd+bwd = training step)",
     "mha": "MultiheadAttention layer",

@@ -6,7 +6,8 @@ Three grids, picked with ``--shapes=smoke|quick|full`` or ``FASTATTN_BENCH_GRID`
 - ``quick``: a representative subset; the CPU grid runs in about 10 minutes on 2 cores, the GPU
   grid in about 2 minutes on an H200. The default otherwise.
 - ``full``: the grids the issues set their speed targets on (CPU: issue 3's attention grid,
-  issue 5's LSTM grid; GPU: issue 4's; both: issue 6's encoder). On 2 cores the full CPU grid
+  issue 5's LSTM grid; GPU: issue 4's; both: issue 6's encoder and issue 9's varlen
+  and sliding-window cases). On 2 cores the full CPU grid
   takes hours: the lead runs it once, at the end.
 
 Each grid has a CPU and a CUDA variant: the GPU has the memory and speed for longer sequences.
@@ -37,6 +38,40 @@ class AttentionShape:
         return f"B{self.B}-H{self.H}-L{self.L}-S{self.S}-E{self.E}" + (
             "-causal" if self.causal else ""
         )
+
+
+@dataclass(frozen=True)
+class VarlenShape:
+    """Self-attention over packed sequences of these lengths: q, k, v [sum(lengths), H, E]."""
+
+    lengths: tuple[int, ...]
+    H: int
+    E: int
+    causal: bool
+
+    @property
+    def id(self) -> str:
+        return (
+            f"N{len(self.lengths)}-L{min(self.lengths)}..{max(self.lengths)}"
+            f"-T{sum(self.lengths)}-H{self.H}-E{self.E}" + ("-causal" if self.causal else "")
+        )
+
+
+@dataclass(frozen=True)
+class WindowShape:
+    """Causal sliding window: q [B, H, L, E], k and v [B, H, S, E]; query i sees keys
+    i - window .. i (top-left aligned: fastattn.attention(causal=True, window=(window, 0)))."""
+
+    B: int
+    H: int
+    L: int
+    S: int
+    E: int
+    window: int
+
+    @property
+    def id(self) -> str:
+        return f"B{self.B}-H{self.H}-L{self.L}-S{self.S}-E{self.E}-window{self.window}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +112,9 @@ class Grid:
     attention: list[AttentionShape]
     attention_decode: list[AttentionShape]
     attention_dtypes: list[torch.dtype]
+    attention_varlen: list[VarlenShape]
+    attention_window: list[WindowShape]
+    attention_features_dtypes: list[torch.dtype]
     lstm_cell: list[LSTMShape]
     lstm: list[LSTMShape]
     lstm_dtypes: list[torch.dtype]
@@ -105,6 +143,20 @@ def _decode(Bs, H, Ss, E) -> list[AttentionShape]:
     return [AttentionShape(B, H, 1, S, E, False) for S in Ss for B in Bs]
 
 
+def _varlen(lengths, H, Es) -> list[VarlenShape]:
+    return [VarlenShape(tuple(lengths), H, E, c) for E in Es for c in (False, True)]
+
+
+def _window(Bs, Hs, Ls, E, window) -> list[WindowShape]:
+    return [WindowShape(B, H, L, L, E, window) for L in Ls for B in Bs for H in Hs]
+
+
+# Issue 9's speed targets: 8 sequences of mixed lengths 64..2048 (vs the padded batch), and a
+# sliding window of 256 at L = 8192 (vs an explicit mask).
+VARLEN_FULL_LENGTHS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
+WINDOW_FULL = 256
+
+
 def _lstm(Ts, Bs, Hs) -> list[LSTMShape]:
     return [LSTMShape(T, B, H, H) for T in Ts for B in Bs for H in Hs]
 
@@ -125,6 +177,9 @@ def _cpu_grid(name: str) -> Grid:
             attention=_attention([1], [2], [16], [16], [False, True]),
             attention_decode=_decode([1], 2, [64], 16),
             attention_dtypes=[fp32, bf16],
+            attention_varlen=_varlen([5, 16, 1, 33, 9, 12, 7, 20], 2, [16]),
+            attention_window=_window([1], [2], [64], 16, 8),
+            attention_features_dtypes=[fp32],
             lstm_cell=_lstm([1], [2], [8]),
             lstm=_lstm([3], [2], [8]),
             lstm_dtypes=[fp32],
@@ -141,6 +196,9 @@ def _cpu_grid(name: str) -> Grid:
             attention=_attention([1], [8], [128, 512, 1024], [64], [False, True]),
             attention_decode=_decode([1], 2, [4096, 32768], 128),
             attention_dtypes=[fp32, bf16],
+            attention_varlen=_varlen([32, 48, 64, 96, 128, 256, 384, 512], 8, [64]),
+            attention_window=_window([1], [2], [2048], 64, WINDOW_FULL),
+            attention_features_dtypes=[fp32],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
             lstm=_lstm([32], [16], [256, 512]),
             lstm_dtypes=[fp32],
@@ -154,6 +212,9 @@ def _cpu_grid(name: str) -> Grid:
         attention=_attention([1, 4, 8], [8, 12], [128, 512, 1024, 4096], [64, 128], [False, True]),
         attention_decode=_decode([1, 2], 1, [4096, 16384, 32768], 128),
         attention_dtypes=[fp32, bf16],
+        attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]),
+        attention_window=_window([1], [2, 4], [8192], 64, WINDOW_FULL),
+        attention_features_dtypes=[fp32],
         lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
         lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]),
         lstm_dtypes=[fp32],
@@ -179,6 +240,9 @@ def _cuda_grid(name: str) -> Grid:
             ),
             attention_decode=_decode([1, 8], 16, [32768], 128),
             attention_dtypes=[bf16],
+            attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]),
+            attention_window=_window([1], [4], [8192], 64, WINDOW_FULL),
+            attention_features_dtypes=[bf16],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
             lstm=_lstm([128], [64], [256, 512]),
             lstm_dtypes=[fp32],
@@ -196,6 +260,10 @@ def _cuda_grid(name: str) -> Grid:
         ),
         attention_decode=_decode([1, 2, 4, 8], 16, [8192, 32768], 128),
         attention_dtypes=[bf16, fp16],
+        attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64, 128])
+        + _varlen([512 * i for i in range(1, 9)], 16, [128]),
+        attention_window=_window([1, 4], [4, 16], [8192, 32768], 64, WINDOW_FULL),
+        attention_features_dtypes=[bf16, fp16],
         lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
         lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]),
         lstm_dtypes=[fp32, bf16],

@@ -1,0 +1,90 @@
+"""bench_attention_features: its FLOP counts, its grids, and that each torch baseline computes
+the same attention as the fastattn call it is timed against (else the ratio means nothing)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from benchmarks import shapes
+from benchmarks.bench_attention_features import (
+    cu_seqlens,
+    pad,
+    padded_mask,
+    varlen_flops,
+    visible_pairs,
+    window_flops,
+    window_mask,
+)
+from benchmarks.shapes import VarlenShape, WindowShape
+
+
+@pytest.mark.parametrize(
+    "L, S, left, right", [(7, 7, -1, -1), (7, 7, -1, 0), (9, 5, 3, 0), (33, 40, 4, 2)]
+)
+def test_visible_pairs_counts_the_mask(L, S, left, right):
+    offset = torch.arange(S)[None, :] - torch.arange(L)[:, None]
+    visible = torch.ones(L, S, dtype=torch.bool)
+    if left >= 0:
+        visible &= offset >= -left
+    if right >= 0:
+        visible &= offset <= right
+    assert visible_pairs(L, S, left, right) == int(visible.sum())
+
+
+def test_flops_count_only_useful_work():
+    shape = VarlenShape((3, 5), H=2, E=4, causal=False)
+    assert varlen_flops(shape, "fwd") == 4 * 2 * (9 + 25) * 4
+    causal = VarlenShape((3, 5), H=2, E=4, causal=True)
+    assert varlen_flops(causal, "fwd+bwd") == 3.5 * 4 * 2 * (6 + 15) * 4
+    window = WindowShape(B=2, H=3, L=10, S=10, E=8, window=4)
+    pairs = sum(min(i, 4) + 1 for i in range(10))
+    assert window_flops(window, "fwd") == 4 * 2 * 3 * pairs * 8
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), torch.device("cuda")], ids=str)
+@pytest.mark.parametrize("name", shapes.GRIDS)
+def test_every_grid_has_the_feature_cases(name, device):
+    grid = shapes.grid(name, device)
+    assert grid.attention_varlen and grid.attention_window and grid.attention_features_dtypes
+    assert all(len(s.lengths) == 8 for s in grid.attention_varlen)
+    assert all(s.L == s.S for s in grid.attention_window)
+
+
+def test_full_grids_hold_issue_9_targets():
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        grid = shapes.grid("full", device)
+        assert any(s.lengths == shapes.VARLEN_FULL_LENGTHS for s in grid.attention_varlen)
+        assert any(s.L == 8192 and s.window == 256 for s in grid.attention_window)
+    assert min(shapes.VARLEN_FULL_LENGTHS) == 64 and max(shapes.VARLEN_FULL_LENGTHS) == 2048
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_baseline_matches_varlen(causal):
+    torch.manual_seed(0)
+    lengths, H, E = (5, 1, 12, 7), 2, 8
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, H, E, dtype=torch.float64) for _ in range(3))
+    cu = cu_seqlens(lengths, q.device)
+    assert cu.tolist() == [0, 5, 6, 18, 25]
+    with fastattn.use_backend("reference"):
+        expected = fastattn.attention_varlen(q, k, v, cu, cu, 12, 12, causal=causal)
+    padded = F.scaled_dot_product_attention(
+        pad(q, lengths),
+        pad(k, lengths),
+        pad(v, lengths),
+        attn_mask=padded_mask(lengths, causal, q.device),
+    )
+    start = 0
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(padded[i, :, :n].transpose(0, 1), expected[start : start + n])
+        start += n
+
+
+def test_window_mask_baseline_matches_window():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 37, 8, dtype=torch.float64) for _ in range(3))
+    with fastattn.use_backend("reference"):
+        expected = fastattn.attention(q, k, v, causal=True, window=(5, 0))
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(37, 37, 5, q.device))
+    torch.testing.assert_close(masked, expected)
