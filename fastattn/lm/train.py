@@ -134,6 +134,9 @@ def _processes(device_name: str) -> Iterator[_Processes]:
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         yield _Processes(dist.get_rank(), world_size, device)
+        # Tearing gloo down needs every rank: one that reaches destroy_process_group while
+        # another is still busy (rank 0 plotting) can wait there forever once the other exits.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
