@@ -298,7 +298,7 @@ def test_reference_features_agree_with_torch_explicit_masks():
     """The reference's windows/alibi/bottom-right equal torch SDPA with an explicit mask."""
     B, H, L, S, E = 1, 2, 7, 12, 16
     q, k, v = (torch.randn(B, H, n, E, dtype=torch.float64) for n in (L, S, S))
-    slopes = torch.rand(H)
+    slopes = torch.rand(H).double()  # float32 values: the API takes slopes as float32
     i = torch.arange(L)[:, None]
     j = torch.arange(S)[None, :]
     rel = j - i - (S - L)
