@@ -1,7 +1,6 @@
-// CPU implementations of the fastattn::lstm_* ops (schemas: fastattn/ops/_registry.py).
-// Sequence ops: per time step one GEMM (h_prev @ W_hh^T added to the precomputed input
-// projection) and one fused pointwise kernel; the backward runs the pointwise part per step and
-// the weight-gradient GEMMs once for the whole sequence.
+// CPU implementations of the fastattn::lstm_* ops (schemas: fastattn/ops/_registry.py): input
+// checks, outputs, and the whole-sequence weight-gradient GEMMs. The recurrence itself, GEMMs and
+// gate math fused per step, is one kernel call (csrc/lstm/lstm_cpu.isa.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -14,8 +13,8 @@
 
 namespace fastattn {
 
-FASTATTN_ISA_DECLARE(void lstm_step_fwd_kernel(const LstmStepFwdArgs&))
-FASTATTN_ISA_DECLARE(void lstm_step_bwd_kernel(const LstmStepBwdArgs&))
+FASTATTN_ISA_DECLARE(void lstm_layer_fwd_kernel(const LstmLayerFwdArgs&))
+FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
 
 namespace {
 
@@ -41,57 +40,82 @@ void check_like(const Tensor& t, const Tensor& like, at::IntArrayRef shape, cons
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
-const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-void* mut_ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+// A [T, B, F] tensor (or a [B, F] state, as T = 1) for the kernels; undefined -> absent.
+LstmSeqView seq_view(const Tensor& t) {
+  LstmSeqView v;
+  if (!t.defined()) return v;
+  v.data = t.data_ptr();
+  const bool state = t.dim() == 2;
+  v.st = state ? 0 : t.stride(0);
+  v.sb = t.stride(state ? 0 : 1);
+  v.sf = t.stride(state ? 1 : 2);
+  return v;
+}
+
+// The kernels' math type: float for float32/bfloat16/float16, double for float64.
+at::ScalarType math_type(const Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A weight for the kernels: contiguous, in the math type, optionally transposed.
+Tensor kernel_weight(const Tensor& w, bool transpose) {
+  const Tensor m = w.to(math_type(w));
+  return (transpose ? m.t() : m).contiguous();
+}
 
 // ---- cell pointwise ops ----------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> lstm_cell_pointwise_fwd_cpu(const Tensor& gates_in, const Tensor& cx_in) {
+std::tuple<Tensor, Tensor> lstm_cell_pointwise_fwd_cpu(const Tensor& gates_in, const Tensor& cx) {
   constexpr const char* op = "fastattn::lstm_cell_pointwise_fwd";
   TORCH_CHECK(gates_in.dim() == 2 && gates_in.size(1) % 4 == 0, op,
               ": gates must be [B, 4H], got ", gates_in.sizes());
   const int64_t B = gates_in.size(0), H = gates_in.size(1) / 4;
   check_like(gates_in, gates_in, {B, 4 * H}, op, "gates");
-  check_like(cx_in, gates_in, {B, H}, op, "cx");
-  const Tensor gates = gates_in.contiguous(), cx = cx_in.contiguous();
+  check_like(cx, gates_in, {B, H}, op, "cx");
   Tensor hy = at::empty({B, H}, cx.options()), cy = at::empty({B, H}, cx.options());
-  LstmStepFwdArgs a{lstm_dtype(gates, op), B, H, gates.data_ptr(), nullptr, cx.data_ptr(),
-                    cy.data_ptr(), hy.data_ptr(), nullptr, nullptr, nullptr};
-  if (B > 0 && H > 0) FASTATTN_ISA_CALL(lstm_step_fwd_kernel, a);
+  // One step of the layer kernel with no recurrent term: the gates are its x_proj.
+  LstmLayerFwdArgs a{};
+  a.shape = {lstm_dtype(gates_in, op), 1, B, H, H, false, nullptr};
+  a.x_proj = seq_view(gates_in.unsqueeze(0));
+  a.c0 = seq_view(cx);
+  a.h_all = seq_view(hy);
+  a.c_all = seq_view(cy);
+  FASTATTN_ISA_CALL(lstm_layer_fwd_kernel, a);
   return {hy, cy};
 }
 
-std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy_in,
-                                                       const Tensor& grad_cy_in,
-                                                       const Tensor& gates_in, const Tensor& cx_in,
-                                                       const Tensor& cy_in) {
+std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy, const Tensor& grad_cy,
+                                                       const Tensor& gates, const Tensor& cx,
+                                                       const Tensor& cy) {
   constexpr const char* op = "fastattn::lstm_cell_pointwise_bwd";
-  TORCH_CHECK(gates_in.dim() == 2 && gates_in.size(1) % 4 == 0, op,
-              ": gates must be [B, 4H], got ", gates_in.sizes());
-  const int64_t B = gates_in.size(0), H = gates_in.size(1) / 4;
-  check_like(gates_in, gates_in, {B, 4 * H}, op, "gates");
-  check_like(grad_hy_in, gates_in, {B, H}, op, "grad_hy");
-  check_like(grad_cy_in, gates_in, {B, H}, op, "grad_cy");
-  check_like(cx_in, gates_in, {B, H}, op, "cx");
-  check_like(cy_in, gates_in, {B, H}, op, "cy");
-  const Tensor grad_hy = grad_hy_in.contiguous(), grad_cy = grad_cy_in.contiguous();
-  const Tensor gates = gates_in.contiguous(), cx = cx_in.contiguous(), cy = cy_in.contiguous();
-  Tensor grad_gates = at::empty({B, 4 * H}, gates.options());
-  Tensor grad_cx = at::empty({B, H}, gates.options());
-  LstmStepBwdArgs a{};
-  a.dtype = lstm_dtype(gates, op);
-  a.rows = B;
-  a.hidden = H;
-  a.grad_h = grad_hy.data_ptr();
-  a.grad_c = grad_cy.data_ptr();
-  a.gates = gates.data_ptr();
-  a.gates_preactivation = true;
-  a.c_prev = cx.data_ptr();
-  a.c_new = cy.data_ptr();
-  a.grad_gates = grad_gates.data_ptr();
-  a.grad_c_prev = grad_cx.data_ptr();
-  if (B > 0 && H > 0) FASTATTN_ISA_CALL(lstm_step_bwd_kernel, a);
-  return {grad_gates, grad_cx};
+  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, op, ": gates must be [B, 4H], got ",
+              gates.sizes());
+  const int64_t B = gates.size(0), H = gates.size(1) / 4;
+  check_like(gates, gates, {B, 4 * H}, op, "gates");
+  check_like(grad_hy, gates, {B, H}, op, "grad_hy");
+  check_like(grad_cy, gates, {B, H}, op, "grad_cy");
+  check_like(cx, gates, {B, H}, op, "cx");
+  check_like(cy, gates, {B, H}, op, "cy");
+  // One step of the layer backward with no recurrent term. It reads activated gates (what the
+  // layer forward saves), computed here in the math type, so all of its data is in that type.
+  const at::ScalarType math = math_type(gates);
+  const auto chunks = gates.to(math).chunk(4, 1);
+  const Tensor activated = at::cat({chunks[0].sigmoid(), chunks[1].sigmoid(), chunks[2].tanh(),
+                                    chunks[3].sigmoid()}, 1);
+  const Tensor gh = grad_hy.to(math), gc = grad_cy.to(math), c_prev = cx.to(math);
+  Tensor grad_gates = at::empty({B, 4 * H}, activated.options());
+  Tensor grad_cx = at::empty({B, H}, activated.options());
+  LstmLayerBwdArgs a{};
+  a.shape = {math == at::kDouble ? LstmDtype::Float64 : LstmDtype::Float32, 1, B, H, H, false,
+             nullptr};
+  a.grad_h_all = seq_view(gh.unsqueeze(0));
+  a.grad_c_all = seq_view(gc.unsqueeze(0));
+  a.c0 = seq_view(c_prev);
+  a.gates_all = seq_view(activated.unsqueeze(0));
+  a.grad_x_proj = seq_view(grad_gates.unsqueeze(0));
+  a.grad_c0 = seq_view(grad_cx);
+  FASTATTN_ISA_CALL(lstm_layer_bwd_kernel, a);
+  return {grad_gates.to(gates.scalar_type()), grad_cx.to(gates.scalar_type())};
 }
 
 // ---- sequence ops ----------------------------------------------------------------------------
@@ -99,23 +123,18 @@ std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy_in,
 // Shapes and options of one layer-direction call, checked once.
 struct LayerProblem {
   int64_t T, B, H, P;
-  bool reverse;
-  std::vector<int64_t> batch_sizes;  // rows that step at each time t (all B without packing)
-  Tensor w_hh_t;                     // [P, 4H] view
+  std::vector<int64_t> batch_sizes;  // empty: every row steps at every time
   Tensor w_hr;                       // [P, H] or undefined
-  Tensor zoneout_c, zoneout_h;       // contiguous [T, B, H] / [T, B, P] or undefined
+  Tensor zoneout_c, zoneout_h;       // [T, B, H] / [T, B, P] or undefined
 
-  // Time index of the s-th step in processing order, and where that step's previous state is.
-  int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
-  Tensor prev(const Tensor& all, const Tensor& first, int64_t s) const {
-    if (s == 0) return first;
-    return all[reverse ? time(s) + 1 : time(s) - 1];
+  LstmLayerShape shape(LstmDtype dtype, bool reverse) const {
+    return {dtype, T, B, H, P, reverse, batch_sizes.empty() ? nullptr : batch_sizes.data()};
   }
 };
 
 LayerProblem layer_problem(const char* op, const Tensor& x_proj, const Tensor& h0, const Tensor& c0,
                            const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
-                           bool reverse, const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
+                           const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
   TORCH_CHECK(x_proj.dim() == 3 && x_proj.size(2) % 4 == 0, op, ": x_proj must be [T, B, 4H], got ",
               x_proj.sizes());
   lstm_dtype(x_proj, op);
@@ -123,7 +142,6 @@ LayerProblem layer_problem(const char* op, const Tensor& x_proj, const Tensor& h
   p.T = x_proj.size(0);
   p.B = x_proj.size(1);
   p.H = x_proj.size(2) / 4;
-  p.reverse = reverse;
   check_like(x_proj, x_proj, x_proj.sizes(), op, "x_proj");
   if (w_hr.has_value() && w_hr->defined()) {
     TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be [P, H], got ", w_hr->sizes());
@@ -136,16 +154,14 @@ LayerProblem layer_problem(const char* op, const Tensor& x_proj, const Tensor& h
   check_like(h0, x_proj, {p.B, p.P}, op, "h0");
   check_like(c0, x_proj, {p.B, p.H}, op, "c0");
   check_like(w_hh, x_proj, {4 * p.H, p.P}, op, "w_hh");
-  p.w_hh_t = w_hh.t();
   if (zoneout_c.has_value() && zoneout_c->defined()) {
     check_like(*zoneout_c, x_proj, {p.T, p.B, p.H}, op, "zoneout_c");
-    p.zoneout_c = zoneout_c->contiguous();
+    p.zoneout_c = *zoneout_c;
   }
   if (zoneout_h.has_value() && zoneout_h->defined()) {
     check_like(*zoneout_h, x_proj, {p.T, p.B, p.P}, op, "zoneout_h");
-    p.zoneout_h = zoneout_h->contiguous();
+    p.zoneout_h = *zoneout_h;
   }
-  p.batch_sizes.assign(p.T, p.B);
   if (batch_sizes.has_value() && batch_sizes->defined()) {
     const Tensor& bs = *batch_sizes;
     TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 &&
@@ -157,53 +173,44 @@ LayerProblem layer_problem(const char* op, const Tensor& x_proj, const Tensor& h
     for (int64_t t = 0; t < p.T; ++t) {
       TORCH_CHECK(v[t] >= 0 && v[t] <= p.B && (t == 0 || v[t] <= v[t - 1]), op,
                   ": batch_sizes must be non-increasing values in [0, ", p.B, "], got ", bs);
-      p.batch_sizes[t] = v[t];
+      p.batch_sizes.push_back(v[t]);
     }
   }
   return p;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
-    const Tensor& x_proj_in, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_hh,
+    const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
     const OptTensor& zoneout_h) {
   constexpr const char* op = "fastattn::lstm_layer_fwd";
-  const LayerProblem p = layer_problem(op, x_proj_in, h0_in, c0_in, w_hh, w_hr, batch_sizes,
-                                       reverse, zoneout_c, zoneout_h);
-  const Tensor x_proj = x_proj_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const LayerProblem p = layer_problem(op, x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
+                                       zoneout_h);
   const auto opts = x_proj.options();
+  const bool proj = p.w_hr.defined();
   Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
   Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
-  Tensor gates_all = at::empty({p.T, p.B, 4 * p.H}, opts);
-  const bool proj = p.w_hr.defined();
+  // gates_all (and, in the backward, grad_x_proj) take x_proj's layout when it is dense (empty_like;
+  // the op fakes in fastattn/ops/lstm.py do the same): feature-major x_proj, feature-major gates.
+  Tensor gates_all = at::empty_like(x_proj);
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
-  const Tensor w_hr_t = proj ? p.w_hr.t() : Tensor();
-  const LstmDtype dtype = lstm_dtype(x_proj, op);
+  const Tensor w_hh_k = kernel_weight(w_hh, false);
+  const Tensor w_hr_k = proj ? kernel_weight(p.w_hr, false) : Tensor();
 
-  for (int64_t s = 0; s < p.T; ++s) {
-    const int64_t t = p.time(s), n = p.batch_sizes[t];
-    const Tensor h_prev = p.prev(h_all, h0, s), c_prev = p.prev(c_all, c0, s);
-    if (n < p.B) {  // rows whose sequence is not running carry their state
-      h_all[t].narrow(0, n, p.B - n).copy_(h_prev.narrow(0, n, p.B - n));
-      c_all[t].narrow(0, n, p.B - n).copy_(c_prev.narrow(0, n, p.B - n));
-      gates_all[t].narrow(0, n, p.B - n).zero_();
-      if (proj) hpre_all[t].narrow(0, n, p.B - n).zero_();
-    }
-    if (n == 0 || p.H == 0) continue;
-    Tensor gates = gates_all[t].narrow(0, 0, n);  // [n, 4H]
-    at::addmm_out(gates, x_proj[t].narrow(0, 0, n), h_prev.narrow(0, 0, n), p.w_hh_t);
-    const Tensor zc = p.zoneout_c.defined() ? p.zoneout_c[t] : Tensor();
-    const Tensor zh = p.zoneout_h.defined() ? p.zoneout_h[t] : Tensor();
-    LstmStepFwdArgs a{dtype, n, p.H, gates.data_ptr(), gates.data_ptr(), c_prev.data_ptr(),
-                      c_all[t].data_ptr(), proj ? hpre_all[t].data_ptr() : h_all[t].data_ptr(),
-                      ptr_or_null(zc), proj ? nullptr : ptr_or_null(zh), h_prev.data_ptr()};
-    FASTATTN_ISA_CALL(lstm_step_fwd_kernel, a);
-    if (proj) {
-      Tensor h = h_all[t].narrow(0, 0, n);
-      at::mm_out(h, hpre_all[t].narrow(0, 0, n), w_hr_t);
-      if (zh.defined()) h.lerp_(h_prev.narrow(0, 0, n), zh.narrow(0, 0, n));
-    }
-  }
+  LstmLayerFwdArgs a{};
+  a.shape = p.shape(lstm_dtype(x_proj, op), reverse);
+  a.w_hh = w_hh_k.data_ptr();
+  a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
+  a.x_proj = seq_view(x_proj);
+  a.h0 = seq_view(h0);
+  a.c0 = seq_view(c0);
+  a.zoneout_c = seq_view(p.zoneout_c);
+  a.zoneout_h = seq_view(p.zoneout_h);
+  a.h_all = seq_view(h_all);
+  a.c_all = seq_view(c_all);
+  a.gates_all = seq_view(gates_all);
+  a.hpre_all = proj ? seq_view(hpre_all) : LstmSeqView{};
+  FASTATTN_ISA_CALL(lstm_layer_fwd_kernel, a);
   return {h_all, c_all, gates_all, hpre_all};
 }
 
@@ -215,104 +222,60 @@ std::tuple<Tensor, Tensor, Tensor> lstm_sequence_fwd_cpu(const Tensor& x_proj, c
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
-    const Tensor& grad_h_all_in, const Tensor& grad_c_all_in, const Tensor& h0_in,
-    const Tensor& c0_in, const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
-    bool reverse, const OptTensor& zoneout_c, const OptTensor& zoneout_h, const Tensor& h_all_in,
-    const Tensor& c_all_in, const Tensor& gates_all_in, const Tensor& hpre_all_in) {
+    const Tensor& grad_h_all, const Tensor& grad_c_all, const Tensor& h0, const Tensor& c0,
+    const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
+    const OptTensor& zoneout_c, const OptTensor& zoneout_h, const Tensor& h_all,
+    const Tensor& c_all, const Tensor& gates_all, const Tensor& hpre_all) {
   constexpr const char* op = "fastattn::lstm_layer_bwd";
-  const LayerProblem p = layer_problem(op, gates_all_in, h0_in, c0_in, w_hh, w_hr, batch_sizes,
-                                       reverse, zoneout_c, zoneout_h);
+  const LayerProblem p = layer_problem(op, gates_all, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
+                                       zoneout_h);
   const bool proj = p.w_hr.defined();
-  check_like(grad_h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "grad_h_all");
-  check_like(grad_c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "grad_c_all");
-  check_like(h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "h_all");
-  check_like(c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "c_all");
-  if (proj) check_like(hpre_all_in, gates_all_in, {p.T, p.B, p.H}, op, "hpre_all");
-  const Tensor grad_h_all = grad_h_all_in.contiguous(), grad_c_all = grad_c_all_in.contiguous();
-  const Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
-  const Tensor h_all = h_all_in.contiguous(), c_all = c_all_in.contiguous();
-  const Tensor gates_all = gates_all_in.contiguous();
-  const Tensor hpre_all = proj ? hpre_all_in.contiguous() : Tensor();
+  check_like(grad_h_all, gates_all, {p.T, p.B, p.P}, op, "grad_h_all");
+  check_like(grad_c_all, gates_all, {p.T, p.B, p.H}, op, "grad_c_all");
+  check_like(h_all, gates_all, {p.T, p.B, p.P}, op, "h_all");
+  check_like(c_all, gates_all, {p.T, p.B, p.H}, op, "c_all");
+  if (proj) check_like(hpre_all, gates_all, {p.T, p.B, p.H}, op, "hpre_all");
   const auto opts = gates_all.options();
-  const LstmDtype dtype = lstm_dtype(gates_all, op);
+  Tensor grad_x_proj = at::empty_like(gates_all);
+  Tensor grad_h0 = at::empty({p.B, p.P}, opts);
+  Tensor grad_c0 = at::empty({p.B, p.H}, opts);
+  Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();
+  const Tensor w_hh_t = kernel_weight(w_hh, true);
+  const Tensor w_hr_t = proj ? kernel_weight(p.w_hr, true) : Tensor();
 
-  Tensor grad_gates_all = at::empty({p.T, p.B, 4 * p.H}, opts);
-  Tensor dh = at::zeros({p.B, p.P}, opts);  // gradient reaching the state h of the current time
-  Tensor dc = at::zeros({p.B, p.H}, opts);
-  Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();  // of h_new @ W_hr^T
-  Tensor grad_hpre = proj ? at::empty({p.B, p.H}, opts) : Tensor();
-  const Tensor w_hr_mat = proj ? p.w_hr : Tensor();
+  LstmLayerBwdArgs a{};
+  a.shape = p.shape(lstm_dtype(gates_all, op), reverse);
+  a.w_hh_t = w_hh_t.data_ptr();
+  a.w_hr_t = proj ? w_hr_t.data_ptr() : nullptr;
+  a.grad_h_all = seq_view(grad_h_all);
+  a.grad_c_all = seq_view(grad_c_all);
+  a.c0 = seq_view(c0);
+  a.c_all = seq_view(c_all);
+  a.gates_all = seq_view(gates_all);
+  a.zoneout_c = seq_view(p.zoneout_c);
+  a.zoneout_h = seq_view(p.zoneout_h);
+  a.grad_x_proj = seq_view(grad_x_proj);
+  a.grad_h0 = seq_view(grad_h0);
+  a.grad_c0 = seq_view(grad_c0);
+  a.grad_hproj_all = seq_view(grad_hproj_all);
+  FASTATTN_ISA_CALL(lstm_layer_bwd_kernel, a);
 
-  for (int64_t s = p.T - 1; s >= 0; --s) {
-    const int64_t t = p.time(s), n = p.batch_sizes[t];
-    const Tensor c_prev = p.prev(c_all, c0, s);
-    if (n < p.B) {  // carried rows pass their gradient on unchanged
-      dh.narrow(0, n, p.B - n).add_(grad_h_all[t].narrow(0, n, p.B - n));
-      dc.narrow(0, n, p.B - n).add_(grad_c_all[t].narrow(0, n, p.B - n));
-      grad_gates_all[t].narrow(0, n, p.B - n).zero_();
-      if (proj) grad_hproj_all[t].narrow(0, n, p.B - n).zero_();
-    }
-    if (n == 0 || p.H == 0) continue;
-    const Tensor zc = p.zoneout_c.defined() ? p.zoneout_c[t] : Tensor();
-    const Tensor zh = p.zoneout_h.defined() ? p.zoneout_h[t] : Tensor();
-    Tensor dh_n = dh.narrow(0, 0, n);
-    Tensor grad_gates = grad_gates_all[t].narrow(0, 0, n);  // [n, 4H]
-    LstmStepBwdArgs a{};
-    a.dtype = dtype;
-    a.rows = n;
-    a.hidden = p.H;
-    if (proj) {
-      // h_t = z * h_prev + (1 - z) * (hpre @ W_hr^T): split dh_total between the two terms.
-      Tensor grad_hproj = grad_hproj_all[t].narrow(0, 0, n);
-      at::add_out(grad_hproj, dh_n, grad_h_all[t].narrow(0, 0, n));
-      if (zh.defined()) {
-        at::mul_out(dh_n, grad_hproj, zh.narrow(0, 0, n));
-        grad_hproj.sub_(dh_n);
-      }
-      Tensor grad_hpre_n = grad_hpre.narrow(0, 0, n);
-      at::mm_out(grad_hpre_n, grad_hproj, w_hr_mat);
-      a.grad_h = grad_hpre.data_ptr();
-    } else {
-      a.grad_h = dh_n.data_ptr();
-      a.grad_h_extra = grad_h_all[t].data_ptr();
-      a.zoneout_h = ptr_or_null(zh);
-      a.grad_h_prev = dh_n.data_ptr();
-    }
-    a.grad_c = dc.data_ptr();
-    a.grad_c_extra = grad_c_all[t].data_ptr();
-    a.gates = gates_all[t].data_ptr();
-    a.gates_preactivation = false;
-    a.c_prev = c_prev.data_ptr();
-    a.c_new = zc.defined() ? nullptr : c_all[t].data_ptr();
-    a.zoneout_c = ptr_or_null(zc);
-    a.grad_gates = grad_gates.data_ptr();
-    a.grad_c_prev = dc.data_ptr();
-    FASTATTN_ISA_CALL(lstm_step_bwd_kernel, a);
-    // dh_prev = (zoneout share of dh_total, already in dh_n) + grad_gates @ W_hh
-    if (zh.defined()) {
-      dh_n.addmm_(grad_gates, p.w_hh_t.t());
-    } else {
-      at::mm_out(dh_n, grad_gates, p.w_hh_t.t());
-    }
-  }
-
-  // Weight gradients for the whole sequence: sum_t grad_gates[t]^T @ h_prev(t).
+  // Weight gradients for the whole sequence: sum_t grad_gates[t]^T @ h_prev(t), one GEMM for the
+  // steps that read h_all and one for the step that reads h0.
   const int64_t G = 4 * p.H;
-  Tensor grad_w_hh;
-  if (p.T == 0) {
-    grad_w_hh = at::zeros({G, p.P}, opts);
-  } else {
-    const int64_t first = p.time(0);
-    grad_w_hh = at::mm(grad_gates_all[first].t(), h0);
+  Tensor grad_w_hh = at::zeros({G, p.P}, opts);
+  if (p.T > 0) {
+    const int64_t first = reverse ? p.T - 1 : 0;
+    grad_w_hh.addmm_(grad_x_proj[first].t(), h0);
     if (p.T > 1) {
-      const Tensor later = reverse ? grad_gates_all.narrow(0, 0, p.T - 1) : grad_gates_all.narrow(0, 1, p.T - 1);
+      const Tensor later = reverse ? grad_x_proj.narrow(0, 0, p.T - 1) : grad_x_proj.narrow(0, 1, p.T - 1);
       const Tensor prev = reverse ? h_all.narrow(0, 1, p.T - 1) : h_all.narrow(0, 0, p.T - 1);
       grad_w_hh.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, p.P}));
     }
   }
   Tensor grad_w_hr = proj ? at::mm(grad_hproj_all.reshape({-1, p.P}).t(), hpre_all.reshape({-1, p.H}))
                           : at::empty({0}, opts);
-  return {grad_gates_all, dh, dc, grad_w_hh, grad_w_hr};
+  return {grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr};
 }
 
 }  // namespace

@@ -1,6 +1,16 @@
-// CPU LSTM pointwise kernels: one fused pass per time step over the gate and state rows.
-// Compiled once per x86 ISA (see csrc/include/fastattn/cpu_isa.h); at::vec::Vectorized is
-// 8 floats wide in the AVX2 build. The glue (lstm_cpu.cpp) runs the GEMMs around them.
+// CPU LSTM layer kernels: the whole recurrence of one layer in one direction per call.
+//
+// Per step, a tile of cell units x batch lanes computes its slice of h_prev @ w_hh^T in
+// registers and runs the gate math on the accumulators before anything is written, so the gate
+// pre-activations never go through memory and a step is one parallel region. The tile is
+// weights-stationary: a weight element is broadcast and the recurrent state is kept feature-major
+// with a padded batch ([units, Bp]), so the batch lanes are plain vector loads and the weights are
+// read in the layout torch keeps them, without packing. The backward mirrors it: the GEMM
+// dh_prev = dgates @ w_hh runs on w_hh^T rows and the next step's pointwise backward runs on its
+// accumulators. Weight gradients are whole-sequence GEMMs in the glue (lstm_cpu.cpp).
+//
+// Compiled once per x86 ISA (csrc/include/fastattn/cpu_isa.h): at::vec::Vectorized<float> holds
+// 8 lanes in the AVX2 build, 16 in the AVX-512 one.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -19,192 +29,387 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-template <typename T>
-inline Vec<T> sigmoid(const Vec<T>& x) {
-  const Vec<T> one(T(1));
-  return one / (one + x.neg().exp());
+// Rows of a tile (cell units, or the four gates of one unit) and the most batch vectors per tile:
+// 4 x 3 accumulators plus 3 batch vectors and one broadcast fill the 16 AVX2 registers.
+constexpr int kTileRows = 4;
+constexpr int kTileVecs = 3;
+
+template <typename acc_t>
+inline Vec<acc_t> sigmoid(const Vec<acc_t>& x) {
+  const Vec<acc_t> one(acc_t(1));
+  return one / (one + x.neg().exp_u20());
 }
 
-// tanh(x) = 2 * sigmoid(2x) - 1: one exp and one division cost about a third of the vectorized
-// library tanh here; the absolute error near 0 stays at the dtype's rounding step.
-template <typename T>
-inline Vec<T> tanh(const Vec<T>& x) {
-  const Vec<T> one(T(1)), two(T(2));
-  return two / (one + (x * Vec<T>(T(-2))).exp()) - one;
+// tanh(x) = 2 * sigmoid(2x) - 1: one exp and one division, a third of the library tanh's cost;
+// the absolute error near 0 stays at the dtype's rounding step.
+template <typename acc_t>
+inline Vec<acc_t> tanh(const Vec<acc_t>& x) {
+  const Vec<acc_t> one(acc_t(1)), two(acc_t(2));
+  return two / (one + (x * Vec<acc_t>(acc_t(-2))).exp_u20()) - one;
 }
 
-// The math on one row, on opmath (float or double) data. Row layouts as in lstm_cpu.h.
-template <typename T>
-void step_fwd_row(int64_t H, const T* gates, T* gates_act, const T* c_prev, T* c_out, T* h_out,
-                  const T* zoneout_c, const T* zoneout_h, const T* h_prev) {
-  for (int64_t j = 0; j < H; j += Vec<T>::size()) {
-    const int64_t n = std::min<int64_t>(Vec<T>::size(), H - j);
-    auto load = [&](const T* p) { return Vec<T>::loadu(p + j, n); };
-    const Vec<T> i = sigmoid(load(gates));
-    const Vec<T> f = sigmoid(load(gates + H));
-    const Vec<T> g = tanh(load(gates + 2 * H));
-    const Vec<T> o = sigmoid(load(gates + 3 * H));
-    if (gates_act != nullptr) {
-      i.store(gates_act + j, n);
-      f.store(gates_act + H + j, n);
-      g.store(gates_act + 2 * H + j, n);
-      o.store(gates_act + 3 * H + j, n);
-    }
-    const Vec<T> cp = load(c_prev);
-    const Vec<T> c_new = f * cp + i * g;
-    const Vec<T> h_new = o * tanh(c_new);
-    // z * prev + (1 - z) * new, written as new + z * (prev - new)
-    const Vec<T> c = zoneout_c ? c_new + load(zoneout_c) * (cp - c_new) : c_new;
-    const Vec<T> h = zoneout_h ? h_new + load(zoneout_h) * (load(h_prev) - h_new) : h_new;
-    c.store(c_out + j, n);
-    h.store(h_out + j, n);
-  }
-}
+// Batch lanes b0 .. b0 + lanes - 1 of one (t, f) fibre of a data tensor, as math-type vectors.
+template <typename scalar_t, typename acc_t>
+struct Fibre {
+  static constexpr int kLanes = Vec<acc_t>::size();
+  const LstmSeqView& view;
 
-template <typename T>
-void step_bwd_row(int64_t H, const T* grad_h, const T* grad_h_extra, const T* grad_c,
-                  const T* grad_c_extra, const T* gates, bool gates_preactivation,
-                  const T* c_prev, const T* c_new, const T* zoneout_c, const T* zoneout_h,
-                  T* grad_gates, T* grad_c_prev, T* grad_h_prev) {
-  const Vec<T> one(T(1));
-  for (int64_t j = 0; j < H; j += Vec<T>::size()) {
-    const int64_t n = std::min<int64_t>(Vec<T>::size(), H - j);
-    auto load = [&](const T* p) { return Vec<T>::loadu(p + j, n); };
-    Vec<T> i = load(gates), f = load(gates + H), g = load(gates + 2 * H), o = load(gates + 3 * H);
-    if (gates_preactivation) {
-      i = sigmoid(i);
-      f = sigmoid(f);
-      g = tanh(g);
-      o = sigmoid(o);
-    }
-    Vec<T> dh = load(grad_h);
-    if (grad_h_extra) dh = dh + load(grad_h_extra);
-    if (zoneout_h) {
-      const Vec<T> to_prev = load(zoneout_h) * dh;
-      dh = dh - to_prev;
-      to_prev.store(grad_h_prev + j, n);
-    }
-    Vec<T> dc_total = load(grad_c);
-    if (grad_c_extra) dc_total = dc_total + load(grad_c_extra);
-    const Vec<T> cp = load(c_prev);
-    const Vec<T> cn = c_new ? load(c_new) : f * cp + i * g;
-    const Vec<T> tc = tanh(cn);
-    Vec<T> dc_to_prev(T(0));
-    Vec<T> dc_new = dc_total;
-    if (zoneout_c) {
-      dc_to_prev = load(zoneout_c) * dc_total;
-      dc_new = dc_total - dc_to_prev;
-    }
-    dc_new = dc_new + dh * o * (one - tc * tc);
-    (dc_new * g * i * (one - i)).store(grad_gates + j, n);
-    (dc_new * cp * f * (one - f)).store(grad_gates + H + j, n);
-    (dc_new * i * (one - g * g)).store(grad_gates + 2 * H + j, n);
-    (dh * tc * o * (one - o)).store(grad_gates + 3 * H + j, n);
-    (dc_new * f + dc_to_prev).store(grad_c_prev + j, n);
+  bool present() const { return view.data != nullptr; }
+  scalar_t* at(int64_t t, int64_t b, int64_t f) const {
+    return static_cast<scalar_t*>(view.data) + t * view.st + b * view.sb + f * view.sf;
   }
-}
-
-// Rows of bfloat16/float16 data are converted to float scratch rows around the float math.
-template <typename scalar_t>
-struct RowScratch {
-  using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  static constexpr bool kDirect = std::is_same_v<scalar_t, opmath_t>;
-  std::vector<opmath_t> buffer;
-  int64_t used = 0;
-
-  explicit RowScratch(int64_t elements) : buffer(kDirect ? 0 : elements) {}
-  void reset() { used = 0; }
-  opmath_t* take(int64_t n) {
-    opmath_t* p = buffer.data() + used;
-    used += n;
-    return p;
-  }
-  // The row as opmath data: the row itself, or a converted copy.
-  const opmath_t* in(const void* data, int64_t row, int64_t width) {
-    if (data == nullptr) return nullptr;
-    const scalar_t* p = static_cast<const scalar_t*>(data) + row * width;
-    if constexpr (kDirect) {
-      return p;
-    } else {
-      opmath_t* dst = take(width);
-      at::vec::convert(p, dst, width);
-      return dst;
+  // An absent tensor reads as zeros and ignores stores.
+  Vec<acc_t> load(int64_t t, int64_t b0, int64_t f, int lanes) const {
+    if (!present()) return Vec<acc_t>(acc_t(0));
+    const scalar_t* p = at(t, b0, f);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (view.sb == 1) return lanes == kLanes ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, lanes);
     }
+    alignas(64) acc_t tmp[kLanes] = {};
+    for (int l = 0; l < lanes; ++l) tmp[l] = static_cast<acc_t>(p[l * view.sb]);
+    return Vec<acc_t>::loadu(tmp);
   }
-  // Where the math writes the row: the row itself, or a scratch row flushed by out_done.
-  opmath_t* out(void* data, int64_t row, int64_t width) {
-    if (data == nullptr) return nullptr;
-    scalar_t* p = static_cast<scalar_t*>(data) + row * width;
-    if constexpr (kDirect) {
-      return p;
-    } else {
-      return take(width);
+  void store(const Vec<acc_t>& v, int64_t t, int64_t b0, int64_t f, int lanes) const {
+    if (!present()) return;
+    scalar_t* p = at(t, b0, f);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (view.sb == 1) return lanes == kLanes ? v.store(p) : v.store(p, lanes);
     }
-  }
-  void out_done(opmath_t* src, void* data, int64_t row, int64_t width) {
-    if constexpr (!kDirect) {
-      if (src != nullptr) at::vec::convert(src, static_cast<scalar_t*>(data) + row * width, width);
-    }
+    alignas(64) acc_t tmp[kLanes];
+    v.store(tmp);
+    for (int l = 0; l < lanes; ++l) p[l * view.sb] = static_cast<scalar_t>(tmp[l]);
   }
 };
 
-// Rows per task: enough elements that a thread's share outweighs the fork cost.
-inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)); }
-
-template <typename scalar_t>
-void step_fwd(const LstmStepFwdArgs& a) {
-  const int64_t H = a.hidden;
-  at::parallel_for(0, a.rows, row_grain(H), [&](int64_t begin, int64_t end) {
-    RowScratch<scalar_t> s(16 * H);
-    for (int64_t b = begin; b < end; ++b) {
-      s.reset();
-      auto* gates = s.in(a.gates, b, 4 * H);
-      auto* c_prev = s.in(a.c_prev, b, H);
-      auto* zc = s.in(a.zoneout_c, b, H);
-      auto* zh = s.in(a.zoneout_h, b, H);
-      auto* h_prev = a.zoneout_h ? s.in(a.h_prev, b, H) : nullptr;
-      auto* gates_act = s.out(a.gates_act, b, 4 * H);
-      auto* c_out = s.out(a.c_out, b, H);
-      auto* h_out = s.out(a.h_out, b, H);
-      step_fwd_row(H, gates, gates_act, c_prev, c_out, h_out, zc, zh, h_prev);
-      s.out_done(gates_act, a.gates_act, b, 4 * H);
-      s.out_done(c_out, a.c_out, b, H);
-      s.out_done(h_out, a.h_out, b, H);
+// acc[r][v] = sum_k a[r][k] * b[k * ldb + v * lanes], for R rows and V batch vectors.
+template <typename acc_t, int R, int V>
+inline void tile_gemm(Vec<acc_t> (&acc)[R][V], const acc_t* const* a, const acc_t* b, int64_t ldb,
+                      int64_t K) {
+  constexpr int L = Vec<acc_t>::size();
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = Vec<acc_t>(acc_t(0));
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<acc_t> bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = Vec<acc_t>::loadu(b + k * ldb + v * L);
+    for (int r = 0; r < R; ++r) {
+      const Vec<acc_t> av(a[r][k]);
+      for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
     }
-  });
+  }
 }
 
-template <typename scalar_t>
-void step_bwd(const LstmStepBwdArgs& a) {
-  const int64_t H = a.hidden;
-  at::parallel_for(0, a.rows, row_grain(H), [&](int64_t begin, int64_t end) {
-    RowScratch<scalar_t> s(24 * H);
-    for (int64_t b = begin; b < end; ++b) {
-      s.reset();
-      auto* grad_h = s.in(a.grad_h, b, H);
-      auto* grad_h_extra = s.in(a.grad_h_extra, b, H);
-      auto* grad_c = s.in(a.grad_c, b, H);
-      auto* grad_c_extra = s.in(a.grad_c_extra, b, H);
-      auto* gates = s.in(a.gates, b, 4 * H);
-      auto* c_prev = s.in(a.c_prev, b, H);
-      auto* c_new = s.in(a.c_new, b, H);
-      auto* zc = s.in(a.zoneout_c, b, H);
-      auto* zh = s.in(a.zoneout_h, b, H);
-      auto* grad_gates = s.out(a.grad_gates, b, 4 * H);
-      auto* grad_c_prev = s.out(a.grad_c_prev, b, H);
-      auto* grad_h_prev = a.zoneout_h ? s.out(a.grad_h_prev, b, H) : nullptr;
-      step_bwd_row(H, grad_h, grad_h_extra, grad_c, grad_c_extra, gates, a.gates_preactivation,
-                   c_prev, c_new, zc, zh, grad_gates, grad_c_prev, grad_h_prev);
-      s.out_done(grad_gates, a.grad_gates, b, 4 * H);
-      s.out_done(grad_c_prev, a.grad_c_prev, b, H);
-      if (a.zoneout_h) s.out_done(grad_h_prev, a.grad_h_prev, b, H);
+// Every batch vector of an R-row tile: tile_gemm over vectors [v0, v0 + V) of b, then
+// epilogue(acc, v0). Vectors at or past `active` get K = 0 (zero accumulators): their rows carry.
+template <typename acc_t, int R, typename Epilogue>
+inline void gemm_rows(const acc_t* const* a, const acc_t* b, int64_t ldb, int64_t K, int64_t nvec,
+                      int64_t active, const Epilogue& epilogue) {
+  constexpr int L = Vec<acc_t>::size();
+  for (int64_t v0 = 0; v0 < nvec;) {
+    const int64_t k = v0 < active ? K : 0;
+    const int64_t left = (v0 < active ? active : nvec) - v0;
+    if (left >= kTileVecs) {
+      Vec<acc_t> acc[R][kTileVecs];
+      tile_gemm<acc_t, R, kTileVecs>(acc, a, b + v0 * L, ldb, k);
+      epilogue(acc, v0);
+      v0 += kTileVecs;
+    } else if (left == 2) {
+      Vec<acc_t> acc[R][2];
+      tile_gemm<acc_t, R, 2>(acc, a, b + v0 * L, ldb, k);
+      epilogue(acc, v0);
+      v0 += 2;
+    } else {
+      Vec<acc_t> acc[R][1];
+      tile_gemm<acc_t, R, 1>(acc, a, b + v0 * L, ldb, k);
+      epilogue(acc, v0);
+      v0 += 1;
     }
-  });
+  }
+}
+
+// Rows [r0, r0 + rows) of a [rows_total, K] matrix `w` against b, in tiles of up to kTileRows:
+// epilogue(acc, v0, r) gets the accumulators of rows r .. r + R - 1.
+template <typename acc_t, typename Epilogue>
+inline void gemm_row_range(const acc_t* w, int64_t K, int64_t r0, int64_t r1, const acc_t* b,
+                           int64_t ldb, int64_t nvec, int64_t active, const Epilogue& epilogue) {
+  for (int64_t r = r0; r < r1; r += kTileRows) {
+    const acc_t* a[kTileRows];
+    for (int i = 0; i < kTileRows; ++i) a[i] = w + std::min(r + i, r1 - 1) * K;
+    auto tile = [&](auto& acc, int64_t v0) { epilogue(acc, v0, r); };
+    switch (std::min<int64_t>(kTileRows, r1 - r)) {
+      case 4: gemm_rows<acc_t, 4>(a, b, ldb, K, nvec, active, tile); break;
+      case 3: gemm_rows<acc_t, 3>(a, b, ldb, K, nvec, active, tile); break;
+      case 2: gemm_rows<acc_t, 2>(a, b, ldb, K, nvec, active, tile); break;
+      default: gemm_rows<acc_t, 1>(a, b, ldb, K, nvec, active, tile); break;
+    }
+  }
+}
+
+template <typename T>
+constexpr int rows_of(const T&) { return std::extent_v<T, 0>; }
+template <typename T>
+constexpr int vecs_of(const T&) { return std::extent_v<T, 1>; }
+
+// Enough tiles per thread that the parallel region's fork is a small share of a step.
+inline int64_t unit_grain(int64_t K, int64_t Bp) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, 4 * K * Bp));
+}
+
+// The problem sizes and per-step facts shared by the forward and the backward.
+template <typename acc_t>
+struct Layout {
+  static constexpr int L = Vec<acc_t>::size();
+  int64_t T, B, H, P, G, nvec, Bp;
+  bool reverse;
+  const int64_t* batch_sizes;
+
+  explicit Layout(const LstmLayerShape& s)
+      : T(s.T), B(s.B), H(s.H), P(s.P), G(4 * s.H), nvec((s.B + L - 1) / L), Bp(nvec * L),
+        reverse(s.reverse), batch_sizes(s.batch_sizes) {}
+  int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
+  int64_t rows(int64_t t) const { return batch_sizes ? batch_sizes[t] : B; }
+  int64_t active_vecs(int64_t t) const { return (rows(t) + L - 1) / L; }
+  int lanes(int64_t v) const { return static_cast<int>(std::min<int64_t>(L, B - v * L)); }
+  // Lanes of vector v whose row steps at time t (the others carry their state).
+  bool all_step(int64_t t, int64_t v) const { return (v + 1) * L <= rows(t); }
+  Vec<acc_t> step_mask(int64_t t, int64_t v) const {
+    return Vec<acc_t>::arange(acc_t(v * L), acc_t(1)) < Vec<acc_t>(acc_t(rows(t)));
+  }
+};
+
+// ---- forward ---------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void layer_fwd(const LstmLayerFwdArgs& a) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using F = Fibre<scalar_t, acc_t>;
+  constexpr int L = Vec<acc_t>::size();
+  const Layout<acc_t> lay(a.shape);
+  const int64_t H = lay.H, P = lay.P, Bp = lay.Bp, nvec = lay.nvec;
+  const bool proj = a.w_hr != nullptr;
+  const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
+  const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
+  const int64_t K = w_hh ? P : 0;
+  const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
+  const F h_all{a.h_all}, c_all{a.c_all}, gates_all{a.gates_all}, hpre_all{a.hpre_all};
+
+  // Feature-major state: h double-buffered (a step reads all of h_prev), c updated in place.
+  std::vector<acc_t> h_buf(2 * P * Bp, acc_t(0)), c_buf(H * Bp, acc_t(0)), hpre_buf(proj ? H * Bp : 0);
+  for (int64_t v = 0; v < nvec; ++v) {
+    for (int64_t p = 0; p < P; ++p) h0.load(0, v * L, p, lay.lanes(v)).store(&h_buf[p * Bp + v * L]);
+    for (int64_t j = 0; j < H; ++j) c0.load(0, v * L, j, lay.lanes(v)).store(&c_buf[j * Bp + v * L]);
+  }
+
+  for (int64_t s = 0; s < lay.T; ++s) {
+    const int64_t t = lay.time(s), active = lay.active_vecs(t);
+    const acc_t* h_prev = h_buf.data() + (s % 2) * P * Bp;
+    acc_t* h_next = h_buf.data() + ((s + 1) % 2) * P * Bp;
+
+    // h = lerp(h_new, h_prev, zoneout_h) for carried-or-stepping lanes, to state and output.
+    auto emit_h = [&](Vec<acc_t> h_new, int64_t p, int64_t v) {
+      const int lanes = lay.lanes(v);
+      const Vec<acc_t> hp = Vec<acc_t>::loadu(h_prev + p * Bp + v * L);
+      if (zh.present()) h_new = h_new + zh.load(t, v * L, p, lanes) * (hp - h_new);
+      if (!lay.all_step(t, v)) h_new = Vec<acc_t>::blendv(hp, h_new, lay.step_mask(t, v));
+      h_new.store(h_next + p * Bp + v * L);
+      h_all.store(h_new, t, v * L, p, lanes);
+    };
+
+    // Phase 1: per cell unit j, the four gate rows of w_hh against h_prev, then the cell.
+    at::parallel_for(0, H, unit_grain(4 * K, Bp), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const acc_t* rows[kTileRows];
+        for (int g = 0; g < 4; ++g) rows[g] = w_hh ? w_hh + (g * H + j) * K : nullptr;
+        gemm_rows<acc_t, 4>(rows, h_prev, Bp, K, nvec, active, [&](auto& acc, int64_t v0) {
+          for (int dv = 0; dv < vecs_of(acc); ++dv) {
+            const int64_t v = v0 + dv;
+            const int lanes = lay.lanes(v);
+            const int64_t b0 = v * L;
+            Vec<acc_t> gate[4];
+            for (int g = 0; g < 4; ++g) gate[g] = acc[g][dv] + x_proj.load(t, b0, g * H + j, lanes);
+            const Vec<acc_t> i = sigmoid(gate[0]), f = sigmoid(gate[1]);
+            const Vec<acc_t> gg = tanh(gate[2]), o = sigmoid(gate[3]);
+            acc_t* cp_ptr = &c_buf[j * Bp + b0];
+            const Vec<acc_t> cp = Vec<acc_t>::loadu(cp_ptr);
+            const Vec<acc_t> c_new = f * cp + i * gg;
+            Vec<acc_t> c = zc.present() ? c_new + zc.load(t, b0, j, lanes) * (cp - c_new) : c_new;
+            Vec<acc_t> hpre = o * tanh(c_new);
+            Vec<acc_t> act[4] = {i, f, gg, o};
+            if (!lay.all_step(t, v)) {
+              const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
+              c = Vec<acc_t>::blendv(cp, c, mask);
+              hpre = Vec<acc_t>::blendv(zero, hpre, mask);
+              for (auto& x : act) x = Vec<acc_t>::blendv(zero, x, mask);
+            }
+            c.store(cp_ptr);
+            c_all.store(c, t, b0, j, lanes);
+            for (int g = 0; g < 4; ++g) gates_all.store(act[g], t, b0, g * H + j, lanes);
+            if (proj) {
+              hpre.store(&hpre_buf[j * Bp + b0]);
+              hpre_all.store(hpre, t, b0, j, lanes);
+            } else {
+              emit_h(hpre, j, v);
+            }
+          }
+        });
+      }
+    });
+
+    // Phase 2 (projection): h_new = hpre @ w_hr^T, per tile of projected units.
+    if (proj) {
+      const int64_t tiles = (P + kTileRows - 1) / kTileRows;
+      at::parallel_for(0, tiles, unit_grain(kTileRows * H, Bp), [&](int64_t i0, int64_t i1) {
+        gemm_row_range(w_hr, H, i0 * kTileRows, std::min(P, i1 * kTileRows), hpre_buf.data(), Bp,
+                       nvec, nvec, [&](auto& acc, int64_t v0, int64_t p0) {
+                         for (int r = 0; r < rows_of(acc); ++r)
+                           for (int dv = 0; dv < vecs_of(acc); ++dv) emit_h(acc[r][dv], p0 + r, v0 + dv);
+                       });
+      });
+    }
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void layer_bwd(const LstmLayerBwdArgs& a) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using F = Fibre<scalar_t, acc_t>;
+  constexpr int L = Vec<acc_t>::size();
+  const Layout<acc_t> lay(a.shape);
+  const int64_t T = lay.T, H = lay.H, P = lay.P, G = lay.G, Bp = lay.Bp, nvec = lay.nvec;
+  const bool proj = a.w_hr_t != nullptr;
+  const auto* w_hh_t = static_cast<const acc_t*>(a.w_hh_t);
+  const auto* w_hr_t = static_cast<const acc_t*>(a.w_hr_t);
+  const int64_t K_hh = w_hh_t ? G : 0;
+  const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
+  const F gates_all{a.gates_all}, zc{a.zoneout_c}, zh{a.zoneout_h};
+  const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
+  const F grad_hproj_all{a.grad_hproj_all};
+
+  // Feature-major gradients with a padded batch: dh_new (into h_new of the current step),
+  // dh_share (passed straight to h_prev: zoneout's share, all of it for carried rows), dc (into
+  // c of the current step), and the step's gate gradients, double-buffered because the GEMM of
+  // step s reads all of them while the fused epilogue writes step s + 1's.
+  std::vector<acc_t> dh_new(P * Bp, acc_t(0)), dh_share(P * Bp, acc_t(0)), dc(H * Bp, acc_t(0));
+  std::vector<acc_t> dgates(2 * G * Bp, acc_t(0));
+
+  // Backward step s undoes forward step T - 1 - s, at time btime(s).
+  auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
+
+  // dh_total = dh_carry + grad_h_all[t], split between h_new and h_prev.
+  auto split = [&](int64_t s, Vec<acc_t> dh_total, int64_t p, int64_t v) {
+    const int64_t t = btime(s), b0 = v * L;
+    const int lanes = lay.lanes(v);
+    dh_total = dh_total + grad_h_all.load(t, b0, p, lanes);
+    Vec<acc_t> share = zh.present() ? zh.load(t, b0, p, lanes) * dh_total : Vec<acc_t>(acc_t(0));
+    if (!lay.all_step(t, v)) share = Vec<acc_t>::blendv(dh_total, share, lay.step_mask(t, v));
+    const Vec<acc_t> into_new = dh_total - share;
+    share.store(&dh_share[p * Bp + b0]);
+    into_new.store(&dh_new[p * Bp + b0]);
+    if (proj) grad_hproj_all.store(into_new, t, b0, p, lanes);
+    return into_new;
+  };
+
+  // The pointwise backward of step s for unit k, given the gradient reaching hpre.
+  auto cell = [&](int64_t s, const Vec<acc_t>& dhpre, int64_t k, int64_t v) {
+    const int64_t t = btime(s), b0 = v * L;
+    const int lanes = lay.lanes(v);
+    const Vec<acc_t> one(acc_t(1));
+    const Vec<acc_t> i = gates_all.load(t, b0, k, lanes), f = gates_all.load(t, b0, H + k, lanes);
+    const Vec<acc_t> g = gates_all.load(t, b0, 2 * H + k, lanes);
+    const Vec<acc_t> o = gates_all.load(t, b0, 3 * H + k, lanes);
+    const int64_t t_prev = lay.reverse ? t + 1 : t - 1;
+    const Vec<acc_t> cp = s == T - 1 ? c0.load(0, b0, k, lanes) : c_all.load(t_prev, b0, k, lanes);
+    acc_t* dc_ptr = &dc[k * Bp + b0];
+    const Vec<acc_t> dc_total = Vec<acc_t>::loadu(dc_ptr) + grad_c_all.load(t, b0, k, lanes);
+    const Vec<acc_t> tc = tanh(f * cp + i * g);
+    Vec<acc_t> dc_to_prev(acc_t(0)), dc_new = dc_total;
+    if (zc.present()) {
+      dc_to_prev = zc.load(t, b0, k, lanes) * dc_total;
+      dc_new = dc_total - dc_to_prev;
+    }
+    dc_new = dc_new + dhpre * o * (one - tc * tc);
+    Vec<acc_t> d[4] = {dc_new * g * i * (one - i), dc_new * cp * f * (one - f),
+                       dc_new * i * (one - g * g), dhpre * tc * o * (one - o)};
+    Vec<acc_t> dc_prev = dc_new * f + dc_to_prev;
+    if (!lay.all_step(t, v)) {
+      const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
+      for (auto& x : d) x = Vec<acc_t>::blendv(zero, x, mask);
+      dc_prev = Vec<acc_t>::blendv(dc_total, dc_prev, mask);
+    }
+    dc_prev.store(dc_ptr);
+    acc_t* dg = dgates.data() + (s % 2) * G * Bp;
+    for (int q = 0; q < 4; ++q) {
+      d[q].store(dg + (q * H + k) * Bp + b0);
+      grad_x_proj.store(d[q], t, b0, q * H + k, lanes);
+    }
+  };
+
+  const int64_t unit_tiles_h = (H + kTileRows - 1) / kTileRows;
+  const int64_t unit_tiles_p = (P + kTileRows - 1) / kTileRows;
+
+  // Phase A of step s: the gradient reaching hpre (dh_new, through w_hr with a projection), then
+  // the cell. Without a projection it runs fused into phase B of step s - 1, except for s = 0.
+  auto phase_a = [&](int64_t s) {
+    at::parallel_for(0, unit_tiles_h, unit_grain(kTileRows * (proj ? P : 1), Bp), [&](int64_t i0, int64_t i1) {
+      const int64_t k0 = i0 * kTileRows, k1 = std::min(H, i1 * kTileRows);
+      if (proj) {
+        gemm_row_range(w_hr_t, P, k0, k1, dh_new.data(), Bp, nvec, nvec,
+                       [&](auto& acc, int64_t v0, int64_t k) {
+                         for (int r = 0; r < rows_of(acc); ++r)
+                           for (int dv = 0; dv < vecs_of(acc); ++dv) cell(s, acc[r][dv], k + r, v0 + dv);
+                       });
+      } else {
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t v = 0; v < nvec; ++v) cell(s, Vec<acc_t>::loadu(&dh_new[k * Bp + v * L]), k, v);
+      }
+    });
+  };
+
+  if (T > 0) {
+    at::parallel_for(0, P, 64, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t v = 0; v < nvec; ++v) split(0, Vec<acc_t>(acc_t(0)), p, v);
+    });
+    phase_a(0);
+  }
+  for (int64_t s = 0; s < T; ++s) {
+    if (s > 0 && proj) phase_a(s);
+    // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on), then the split of the
+    // next step (and, without a projection, its cell).
+    const acc_t* dg = dgates.data() + (s % 2) * G * Bp;
+    const int64_t active = lay.active_vecs(btime(s));
+    at::parallel_for(0, unit_tiles_p, unit_grain(kTileRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
+      gemm_row_range(w_hh_t, K_hh, i0 * kTileRows, std::min(P, i1 * kTileRows), dg, Bp, nvec, active,
+                     [&](auto& acc, int64_t v0, int64_t p) {
+                       for (int r = 0; r < rows_of(acc); ++r) {
+                         for (int dv = 0; dv < vecs_of(acc); ++dv) {
+                           const int64_t v = v0 + dv;
+                           const Vec<acc_t> carry = acc[r][dv] + Vec<acc_t>::loadu(&dh_share[(p + r) * Bp + v * L]);
+                           if (s + 1 == T) {
+                             grad_h0.store(carry, 0, v * L, p + r, lay.lanes(v));
+                           } else {
+                             const Vec<acc_t> into_new = split(s + 1, carry, p + r, v);
+                             if (!proj) cell(s + 1, into_new, p + r, v);
+                           }
+                         }
+                       }
+                     });
+    });
+  }
+  for (int64_t k = 0; k < H; ++k)
+    for (int64_t v = 0; v < nvec; ++v)
+      grad_c0.store(Vec<acc_t>::loadu(&dc[k * Bp + v * L]), 0, v * L, k, lay.lanes(v));
+  if (T == 0) {  // nothing ran: the gradients of h0 / c0 are zero
+    const Vec<acc_t> zero(acc_t(0));
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t v = 0; v < nvec; ++v) grad_h0.store(zero, 0, v * L, p, lay.lanes(v));
+  }
 }
 
 template <template <typename> class Fn, typename Args>
 void dispatch(const Args& a) {
-  switch (a.dtype) {
+  switch (a.shape.dtype) {
     case LstmDtype::Float32: return Fn<float>::run(a);
     case LstmDtype::Float64: return Fn<double>::run(a);
     case LstmDtype::BFloat16: return Fn<c10::BFloat16>::run(a);
@@ -213,18 +418,18 @@ void dispatch(const Args& a) {
 }
 
 template <typename scalar_t>
-struct StepFwd {
-  static void run(const LstmStepFwdArgs& a) { step_fwd<scalar_t>(a); }
+struct LayerFwd {
+  static void run(const LstmLayerFwdArgs& a) { layer_fwd<scalar_t>(a); }
 };
 template <typename scalar_t>
-struct StepBwd {
-  static void run(const LstmStepBwdArgs& a) { step_bwd<scalar_t>(a); }
+struct LayerBwd {
+  static void run(const LstmLayerBwdArgs& a) { layer_bwd<scalar_t>(a); }
 };
 
 }  // namespace
 
-void lstm_step_fwd_kernel(const LstmStepFwdArgs& args) { dispatch<StepFwd>(args); }
-void lstm_step_bwd_kernel(const LstmStepBwdArgs& args) { dispatch<StepBwd>(args); }
+void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) { dispatch<LayerFwd>(args); }
+void lstm_layer_bwd_kernel(const LstmLayerBwdArgs& args) { dispatch<LayerBwd>(args); }
 
 }  // namespace FASTATTN_ISA_NAMESPACE
 }  // namespace fastattn

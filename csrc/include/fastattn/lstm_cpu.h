@@ -1,9 +1,13 @@
-// Arguments of the CPU LSTM pointwise kernels (csrc/lstm/lstm_cpu.isa.cpp). Torch-free: the
-// glue (csrc/lstm/lstm_cpu.cpp) fills them with data pointers of contiguous tensors.
+// Arguments of the CPU LSTM layer kernels (csrc/lstm/lstm_cpu.isa.cpp). Torch-free: the glue
+// (csrc/lstm/lstm_cpu.cpp) fills them with data pointers and strides.
 //
-// Gate chunks are in torch's order i, f, g, o. Every row of a [rows, 4H] gate tensor and of a
-// [rows, H] state tensor is contiguous and rows follow each other (row stride 4H / H).
-// Math runs in float32 for bfloat16/float16 data, in the data's type otherwise.
+// One layer in one direction over a padded sequence, as the fastattn::lstm_layer_* ops define it
+// (fastattn/ops/_registry.py). Gate chunks are in torch's order i, f, g, o. Sizes: T steps, B rows,
+// H cell units, P = projected width (H without projection), G = 4H.
+//
+// Data tensors are seen through LstmSeqView strides, so any layout works; a batch stride of 1
+// (feature-major, the layout fastattn.ops.lstm computes x_proj in) is the fast one. Weights are
+// contiguous and in the math type: float for float32/bfloat16/float16 data, double for float64.
 #pragma once
 
 #include <cstdint>
@@ -12,49 +16,49 @@ namespace fastattn {
 
 enum class LstmDtype { Float32, Float64, BFloat16, Float16 };
 
-// One forward step for `rows` rows:
-//   i, f, o = sigmoid(gates chunks), g = tanh(gates chunk);  c_new = f * c_prev + i * g;
-//   h_new = o * tanh(c_new);
-//   c_out = zoneout_c ? zoneout_c * c_prev + (1 - zoneout_c) * c_new : c_new;
-//   h_out = zoneout_h ? zoneout_h * h_prev + (1 - zoneout_h) * h_new : h_new.
-struct LstmStepFwdArgs {
-  LstmDtype dtype;
-  int64_t rows;
-  int64_t hidden;            // H
-  const void* gates;         // [rows, 4H] pre-activation
-  void* gates_act;           // [rows, 4H] activated gates out (may alias gates), or nullptr
-  const void* c_prev;        // [rows, H]
-  void* c_out;               // [rows, H]
-  void* h_out;               // [rows, H]
-  const void* zoneout_c;     // [rows, H] or nullptr
-  const void* zoneout_h;     // [rows, H] or nullptr
-  const void* h_prev;        // [rows, H], read only with zoneout_h
+// A [T, B, F] tensor: element (t, b, f) at data + t * st + b * sb + f * sf (in elements).
+// data == nullptr means the tensor is absent. A [B, F] state is a view with T = 1.
+struct LstmSeqView {
+  void* data = nullptr;
+  int64_t st = 0, sb = 0, sf = 0;
 };
 
-// The backward of one step, for `rows` rows:
-//   dh_total = grad_h + grad_h_extra;  dh_new = zoneout_h ? (1 - zoneout_h) * dh_total : dh_total
-//   (and grad_h_prev = zoneout_h * dh_total is written only with zoneout_h);
-//   dc_total = grad_c + grad_c_extra;
-//   dc_new = (zoneout_c ? (1 - zoneout_c) * dc_total : dc_total) + dh_new * o * (1 - tanh(c_new)^2)
-//   grad_gates (pre-activation) from di = dc_new * g, df = dc_new * c_prev, dg = dc_new * i,
-//   do = dh_new * tanh(c_new);  grad_c_prev = dc_new * f (+ zoneout_c * dc_total).
-struct LstmStepBwdArgs {
-  LstmDtype dtype;
-  int64_t rows;
-  int64_t hidden;
-  const void* grad_h;        // [rows, H]
-  const void* grad_h_extra;  // [rows, H] or nullptr
-  const void* grad_c;        // [rows, H]
-  const void* grad_c_extra;  // [rows, H] or nullptr
-  const void* gates;         // [rows, 4H]: activated, or pre-activation if gates_preactivation
-  bool gates_preactivation;
-  const void* c_prev;        // [rows, H]
-  const void* c_new;         // [rows, H] f * c_prev + i * g, or nullptr to recompute it
-  const void* zoneout_c;     // [rows, H] or nullptr
-  const void* zoneout_h;     // [rows, H] or nullptr
-  void* grad_gates;          // [rows, 4H]
-  void* grad_c_prev;         // [rows, H]
-  void* grad_h_prev;         // [rows, H], written only with zoneout_h
+struct LstmLayerShape {
+  LstmDtype dtype;               // of every LstmSeqView
+  int64_t T, B, H, P;
+  bool reverse;                  // steps run t = T-1 .. 0
+  const int64_t* batch_sizes;    // [T] non-increasing, or nullptr (all B rows step every time)
+};
+
+// Forward. Per step: gates = x_proj[t] + h_prev @ w_hh^T; i, f, o = sigmoid, g = tanh;
+// c_new = f * c_prev + i * g; hpre = o * tanh(c_new); h_new = w_hr ? hpre @ w_hr^T : hpre;
+// c = lerp(c_new, c_prev, zoneout_c[t]), h = lerp(h_new, h_prev, zoneout_h[t]).
+// Rows b >= batch_sizes[t] carry h and c unchanged and get zero gates_all / hpre_all.
+struct LstmLayerFwdArgs {
+  LstmLayerShape shape;
+  const void* w_hh;              // [G, P], or nullptr for no recurrent term (h0 then unused)
+  const void* w_hr;              // [P, H] or nullptr
+  LstmSeqView x_proj;            // [T, B, G] pre-activation input part (biases included)
+  LstmSeqView h0, c0;            // [B, P], [B, H]
+  LstmSeqView zoneout_c, zoneout_h;  // [T, B, H], [T, B, P] weights of the previous state, or absent
+  LstmSeqView h_all, c_all;      // out [T, B, P], [T, B, H]: state after each step
+  LstmSeqView gates_all;         // out [T, B, G]: activated gates (what the backward reads)
+  LstmSeqView hpre_all;          // out [T, B, H] with w_hr (else absent)
+};
+
+// Backward of the forward above, from its saved activated gates and cell states.
+struct LstmLayerBwdArgs {
+  LstmLayerShape shape;
+  const void* w_hh_t;            // [P, G] (w_hh transposed), or nullptr for no recurrent term
+  const void* w_hr_t;            // [H, P] (w_hr transposed), or nullptr
+  LstmSeqView grad_h_all;        // [T, B, P] gradient of h_all
+  LstmSeqView grad_c_all;        // [T, B, H] gradient of c_all, or absent (zero)
+  LstmSeqView c0, c_all, gates_all;
+  LstmSeqView zoneout_c, zoneout_h;
+  LstmSeqView grad_x_proj;       // out [T, B, G] (pre-activation gate gradients)
+  LstmSeqView grad_h0;           // out [B, P]
+  LstmSeqView grad_c0;           // out [B, H]
+  LstmSeqView grad_hproj_all;    // out [T, B, P] gradient of hpre @ w_hr^T, with w_hr (else absent)
 };
 
 }  // namespace fastattn
