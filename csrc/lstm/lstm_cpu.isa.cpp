@@ -69,6 +69,13 @@ struct Fibre {
     for (int l = 0; l < lanes; ++l) tmp[l] = static_cast<acc_t>(p[l * view.sb]);
     return Vec<acc_t>::loadu(tmp);
   }
+  // Feature-major fibres of one step lie one cache line apart per feature, a stride the hardware
+  // prefetchers miss: the kernels ask for the next unit's lines while computing this one's.
+  void prefetch(int64_t t, int64_t f, int64_t B) const {
+    if (!present() || view.sb != 1) return;
+    constexpr int64_t kLine = 64 / sizeof(scalar_t);
+    for (int64_t b = 0; b < B; b += kLine) __builtin_prefetch(at(t, b, f));
+  }
   void store(const Vec<acc_t>& v, int64_t t, int64_t b0, int64_t f, int lanes) const {
     if (!present()) return;
     scalar_t* p = at(t, b0, f);
@@ -86,16 +93,24 @@ template <typename acc_t, int R, int V>
 inline void tile_gemm(Vec<acc_t> (&acc)[R][V], const acc_t* const* a, const acc_t* b, int64_t ldb,
                       int64_t K) {
   constexpr int L = Vec<acc_t>::size();
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = Vec<acc_t>(acc_t(0));
+  // Local accumulators and row pointers: through `acc` and `a` the compiler would have to assume
+  // that every store may alias the loads, and keep the sums in memory.
+  Vec<acc_t> c[R][V];
+  const acc_t* rows[R];
+  for (int r = 0; r < R; ++r) {
+    rows[r] = a[r];
+    for (int v = 0; v < V; ++v) c[r][v] = Vec<acc_t>(acc_t(0));
+  }
   for (int64_t k = 0; k < K; ++k) {
     Vec<acc_t> bv[V];
     for (int v = 0; v < V; ++v) bv[v] = Vec<acc_t>::loadu(b + k * ldb + v * L);
     for (int r = 0; r < R; ++r) {
-      const Vec<acc_t> av(a[r][k]);
-      for (int v = 0; v < V; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      const Vec<acc_t> av(rows[r][k]);
+      for (int v = 0; v < V; ++v) c[r][v] = at::vec::fmadd(av, bv[v], c[r][v]);
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = c[r][v];
 }
 
 // Every batch vector of an R-row tile: tile_gemm over vectors [v0, v0 + V) of b, then
@@ -217,6 +232,12 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
     // Phase 1: per cell unit j, the four gate rows of w_hh against h_prev, then the cell.
     at::parallel_for(0, H, unit_grain(4 * K, Bp), [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
+        if (j + 1 < j1) {
+          for (int g = 0; g < 4; ++g) {
+            x_proj.prefetch(t, g * H + j + 1, lay.B);
+            gates_all.prefetch(t, g * H + j + 1, lay.B);
+          }
+        }
         const acc_t* rows[kTileRows];
         for (int g = 0; g < 4; ++g) rows[g] = w_hh ? w_hh + (g * H + j) * K : nullptr;
         gemm_rows<acc_t, 4>(rows, h_prev, Bp, K, nvec, active, [&](auto& acc, int64_t v0) {
