@@ -20,9 +20,16 @@ namespace {
 
 using namespace lstm_glue;
 
-// The dtype of the saved LayerNorm rstd rows and of the kernels' math.
+// The dtype of the kernels' math and of the opmath rows saved for the backward.
 at::ScalarType opmath_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_opmath(const char* op, const Tensor& t, const Tensor& like, at::IntArrayRef shape,
+                  const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == opmath_type(like) && t.sizes() == shape,
+              op, ": ", name, " must be a CPU ", opmath_type(like), " tensor of shape ", shape,
+              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
 void check_ln_weights(const char* op, const LayerProblem& p, const Tensor& like,
@@ -49,12 +56,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_ln_layer
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P;
   Tensor h_all = at::empty({T, B, P}, opts);
   Tensor c_all = at::empty({T, B, H}, opts);
-  Tensor gates_all = at::empty({T, B, 4 * H}, opts);
+  const auto opmath_opts = opts.dtype(opmath_type(x_proj));
+  Tensor gates_all = at::empty({T, B, 4 * H}, opmath_opts);
   const bool proj = p.w_hr.defined();
   Tensor hpre_all = proj ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
   Tensor hh_norm_all = at::empty({T, B, 4 * H}, opts);
-  Tensor c_norm_all = at::empty({T, B, H}, opts);
-  Tensor rstd_all = at::empty({T, B, 2}, opts.dtype(opmath_type(x_proj)));
+  Tensor c_norm_all = at::empty({T, B, H}, opmath_opts);
+  Tensor rstd_all = at::empty({T, B, 2}, opmath_opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? p.w_hr.t() : Tensor();
   const LstmDtype dtype = lstm_dtype(x_proj, op);
 
@@ -118,23 +126,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
     const Tensor& gates_all_in, const Tensor& hpre_all_in, const Tensor& hh_norm_all_in,
     const Tensor& c_norm_all_in, const Tensor& rstd_all_in) {
   constexpr const char* op = "fastattn::lstm_ln_layer_bwd";
-  const LayerProblem p = layer_problem(op, gates_all_in, h0_in, c0_in, w_hh, w_hr, batch_sizes,
+  const LayerProblem p = layer_problem(op, hh_norm_all_in, h0_in, c0_in, w_hh, w_hr, batch_sizes,
                                        reverse, zoneout_c, zoneout_h);
-  check_ln_weights(op, p, gates_all_in, ln_hh_weight_in, ln_c_weight_in, ln_c_bias_in);
+  check_ln_weights(op, p, hh_norm_all_in, ln_hh_weight_in, ln_c_weight_in, ln_c_bias_in);
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
   const bool proj = p.w_hr.defined();
-  check_like(grad_h_all_in, gates_all_in, {T, B, P}, op, "grad_h_all");
-  check_like(grad_c_all_in, gates_all_in, {T, B, H}, op, "grad_c_all");
-  check_like(h_all_in, gates_all_in, {T, B, P}, op, "h_all");
-  check_like(c_all_in, gates_all_in, {T, B, H}, op, "c_all");
-  if (proj) check_like(hpre_all_in, gates_all_in, {T, B, H}, op, "hpre_all");
-  check_like(hh_norm_all_in, gates_all_in, {T, B, G}, op, "hh_norm_all");
-  check_like(c_norm_all_in, gates_all_in, {T, B, H}, op, "c_norm_all");
-  TORCH_CHECK(rstd_all_in.device().is_cpu() &&
-                  rstd_all_in.scalar_type() == opmath_type(gates_all_in) &&
-                  rstd_all_in.sizes() == at::IntArrayRef({T, B, 2}),
-              op, ": rstd_all must be a CPU ", opmath_type(gates_all_in), " tensor of shape [",
-              T, ", ", B, ", 2], got ", rstd_all_in.scalar_type(), " ", rstd_all_in.sizes());
+  const Tensor& like = hh_norm_all_in;
+  check_like(grad_h_all_in, like, {T, B, P}, op, "grad_h_all");
+  check_like(grad_c_all_in, like, {T, B, H}, op, "grad_c_all");
+  check_like(h_all_in, like, {T, B, P}, op, "h_all");
+  check_like(c_all_in, like, {T, B, H}, op, "c_all");
+  if (proj) check_like(hpre_all_in, like, {T, B, H}, op, "hpre_all");
+  check_opmath(op, gates_all_in, like, {T, B, G}, "gates_all");
+  check_opmath(op, c_norm_all_in, like, {T, B, H}, "c_norm_all");
+  check_opmath(op, rstd_all_in, like, {T, B, 2}, "rstd_all");
   const Tensor grad_h_all = grad_h_all_in.contiguous(), grad_c_all = grad_c_all_in.contiguous();
   const Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const Tensor h_all = h_all_in.contiguous(), c_all = c_all_in.contiguous();
@@ -144,8 +149,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
   const Tensor rstd_all = rstd_all_in.contiguous();
   const Tensor ln_hh_weight = ln_hh_weight_in.contiguous();
   const Tensor ln_c_weight = ln_c_weight_in.contiguous(), ln_c_bias = ln_c_bias_in.contiguous();
-  const auto opts = gates_all.options();
-  const LstmDtype dtype = lstm_dtype(gates_all, op);
+  const auto opts = hh_norm_all.options();
+  const LstmDtype dtype = lstm_dtype(hh_norm_all, op);
 
   Tensor grad_x_proj = at::empty({T, B, G}, opts);
   Tensor grad_hh_all = at::empty({T, B, G}, opts);     // of h_prev @ W_hh^T, per step

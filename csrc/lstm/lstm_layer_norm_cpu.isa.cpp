@@ -239,7 +239,7 @@ void ln_step_fwd(const LstmLnStepFwdArgs& a) {
     const opmath_t* ln_hh_weight = weights.in(a.ln_hh_weight, 0, G);
     const opmath_t* ln_c_weight = weights.in(a.ln_c_weight, 0, H);
     const opmath_t* ln_c_bias = weights.in(a.ln_c_bias, 0, H);
-    OpmathRows<scalar_t> s(23 * H);  // the rows taken below
+    OpmathRows<scalar_t> s(18 * H);  // the rows taken below
     for (int64_t b = begin; b < end; ++b) {
       s.reset();
       const opmath_t* x_proj = s.in(a.x_proj, b, G);
@@ -249,16 +249,14 @@ void ln_step_fwd(const LstmLnStepFwdArgs& a) {
       const opmath_t* zh = s.in(a.zoneout_h, b, H);
       const opmath_t* h_prev = a.zoneout_h ? s.in(a.h_prev, b, H) : nullptr;
       opmath_t* hh_norm = s.out(a.hh, b, G);
-      opmath_t* gates_act = s.out(a.gates_act, b, G);
-      opmath_t* c_norm = s.out(a.c_norm, b, H);
+      opmath_t* gates_act = static_cast<opmath_t*>(a.gates_act) + b * G;
+      opmath_t* c_norm = static_cast<opmath_t*>(a.c_norm) + b * H;
       opmath_t* c_out = s.out(a.c_out, b, H);
       opmath_t* h_out = s.out(a.h_out, b, H);
       ln_step_fwd_row(H, opmath_t(a.eps), x_proj, hh, hh_norm, ln_hh_weight, ln_c_weight,
                       ln_c_bias, c_prev, zc, zh, h_prev, gates_act, c_norm,
                       static_cast<opmath_t*>(a.rstd) + 2 * b, c_out, h_out);
       s.flush(hh_norm, a.hh, b, G);
-      s.flush(gates_act, a.gates_act, b, G);
-      s.flush(c_norm, a.c_norm, b, H);
       s.flush(c_out, a.c_out, b, H);
       s.flush(h_out, a.h_out, b, H);
     }
@@ -274,16 +272,16 @@ void ln_step_bwd(const LstmLnStepBwdArgs& a) {
     const opmath_t* ln_hh_weight = weights.in(a.ln_hh_weight, 0, G);
     const opmath_t* ln_c_weight = weights.in(a.ln_c_weight, 0, H);
     const opmath_t* ln_c_bias = weights.in(a.ln_c_bias, 0, H);
-    OpmathRows<scalar_t> s(27 * H);  // the rows taken below
+    OpmathRows<scalar_t> s(22 * H);  // the rows taken below
     for (int64_t b = begin; b < end; ++b) {
       s.reset();
       const opmath_t* grad_h = s.in(a.grad_h, b, H);
       const opmath_t* grad_h_extra = s.in(a.grad_h_extra, b, H);
       const opmath_t* grad_c = s.in(a.grad_c, b, H);
       const opmath_t* grad_c_extra = s.in(a.grad_c_extra, b, H);
-      const opmath_t* gates_act = s.in(a.gates_act, b, G);
+      const opmath_t* gates_act = static_cast<const opmath_t*>(a.gates_act) + b * G;
       const opmath_t* hh_norm = s.in(a.hh_norm, b, G);
-      const opmath_t* c_norm = s.in(a.c_norm, b, H);
+      const opmath_t* c_norm = static_cast<const opmath_t*>(a.c_norm) + b * H;
       const opmath_t* c_prev = s.in(a.c_prev, b, H);
       const opmath_t* zc = s.in(a.zoneout_c, b, H);
       const opmath_t* zh = s.in(a.zoneout_h, b, H);

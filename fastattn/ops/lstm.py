@@ -144,19 +144,20 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 @torch.library.register_fake("fastattn::lstm_ln_layer_fwd")
 def _ln_layer_fwd_fake(x_proj, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, eps, w_hr,
                        batch_sizes, reverse, zoneout_c, zoneout_h):
-    T, B, H, _ = _state_widths(x_proj, h0, w_hr)
-    layer_outputs = _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
-                                    zoneout_h)
-    return (*layer_outputs, x_proj.new_empty(T, B, 4 * H), x_proj.new_empty(T, B, H),
-            x_proj.new_empty(T, B, 2, dtype=_opmath(x_proj.dtype)))
+    T, B, H, P = _state_widths(x_proj, h0, w_hr)
+    opmath = _opmath(x_proj.dtype)
+    hpre = x_proj.new_empty(T, B, H) if w_hr is not None else x_proj.new_empty(0)
+    return (x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H),
+            x_proj.new_empty(T, B, 4 * H, dtype=opmath), hpre, x_proj.new_empty(T, B, 4 * H),
+            x_proj.new_empty(T, B, H, dtype=opmath), x_proj.new_empty(T, B, 2, dtype=opmath))
 
 
 @torch.library.register_fake("fastattn::lstm_ln_layer_bwd")
 def _ln_layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias,
                        w_hr, batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, gates_all,
                        hpre_all, hh_norm_all, c_norm_all, rstd_all):
-    grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else gates_all.new_empty(0)
-    return (torch.empty_like(gates_all), torch.empty_like(h0), torch.empty_like(c0),
+    grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else h0.new_empty(0)
+    return (torch.empty_like(hh_norm_all), torch.empty_like(h0), torch.empty_like(c0),
             torch.empty_like(w_hh), torch.empty_like(ln_hh_weight), torch.empty_like(ln_c_weight),
             torch.empty_like(ln_c_bias), grad_w_hr)
 

@@ -3,8 +3,10 @@
 // contiguous tensors.
 //
 // Row layouts as in lstm_cpu.h: gate chunks i, f, g, o; rows of [rows, 4H] / [rows, H] tensors
-// follow each other. Data pointers are of the `dtype` type; `rstd` rows and the math are in
-// float32 for bfloat16/float16 data, in the data's type otherwise ("opmath").
+// follow each other. Data pointers are of the `dtype` type except those marked opmath: float32
+// for bfloat16/float16 data, the data's type otherwise, the type the math runs in. The rows saved
+// for the backward that feed its LayerNorm gradients (gates_act, c_norm, rstd) are opmath, so
+// that the backward's cancellation-prone sums do not start from rounded bfloat16 values.
 #pragma once
 
 #include <cstdint>
@@ -34,8 +36,8 @@ struct LstmLnStepFwdArgs {
   const void* zoneout_c;       // [rows, H] or nullptr
   const void* zoneout_h;       // [rows, H] or nullptr
   const void* h_prev;          // [rows, H], read only with zoneout_h
-  void* gates_act;             // [rows, 4H] activated gates
-  void* c_norm;                // [rows, H]
+  void* gates_act;             // [rows, 4H] opmath: activated gates
+  void* c_norm;                // [rows, H] opmath
   void* rstd;                  // [rows, 2] opmath
   void* c_out;                 // [rows, H]
   void* h_out;                 // [rows, H]
@@ -60,9 +62,9 @@ struct LstmLnStepBwdArgs {
   const void* ln_hh_weight;    // [4H]
   const void* ln_c_weight;     // [H]
   const void* ln_c_bias;       // [H]
-  const void* gates_act;       // [rows, 4H]
+  const void* gates_act;       // [rows, 4H] opmath
   const void* hh_norm;         // [rows, 4H]
-  const void* c_norm;          // [rows, H]
+  const void* c_norm;          // [rows, H] opmath
   const void* rstd;            // [rows, 2] opmath
   const void* c_prev;          // [rows, H]
   const void* zoneout_c;       // [rows, H] or nullptr
