@@ -76,7 +76,7 @@ def _f64(t):
     return None if t is None else t.double()
 
 
-def _saved_rows_f64(x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, reverse, h_all, c_all, gates_all):
+def _saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, h_all, c_all, gates_all):
     """What the op saves beyond the reference's outputs (hh_norm_all, c_norm_all, rstd_all), in
     float64, from the float64 reference run's states; zeros in rows that do not step."""
     T, B, G = x_proj.shape
@@ -122,7 +122,7 @@ def test_fwd_bwd_match_reference(dtype, shape, case):
         layer_norm=(*map(_f64, ln), EPS))
     ref_t = reference.lstm_layer_reference(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh,
                                            layer_norm=(*ln, EPS))
-    saved64 = _saved_rows_f64(x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, reverse, *ref64[:3])
+    saved64 = _saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, *ref64[:3])
     names = ("h_all", "c_all", "gates_all", "hpre_all")
     for name, got, want, same_dtype in zip(names, out[:4], ref64, ref_t, strict=True):
         assert_close_to_reference(got, want, same_dtype, dtype=dtype, name=name)
