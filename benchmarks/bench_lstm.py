@@ -1,9 +1,13 @@
-"""LSTM: one cell step, and a one-layer sequence (inference and training step).
+"""LSTM: one cell step, a one-layer sequence, and a LayerNorm-LSTM sequence (inference and
+training step).
 
 Providers for a cell step: fastattn.lstm_cell (the functional op), fastattn.LSTMCell, each per
 fastattn backend, against nn.LSTMCell. For a sequence: fastattn.LSTM per backend against
 nn.LSTM (oneDNN on CPU, cuDNN on GPU) and a Python loop over nn.LSTMCell. Every provider runs
-the same weights (the fastattn modules load the torch module's state_dict).
+the same weights (the fastattn modules load the torch module's state_dict). LayerNorm-LSTM:
+fastattn.LSTM(layer_norm=True) on the cpu backend (the fused fastattn::lstm_ln_layer_* ops)
+against the same module on the reference backend (plain PyTorch ops per step; torch has no
+LayerNorm-LSTM), which counts as the torch baseline of the ratios.
 
 FLOPs: the two GEMMs, 2*B*4H*(I+H) per step (the pointwise part is not counted), times T; a
 training step (forward + backward) is 3x the forward. Bytes: weights, inputs and states read
@@ -43,12 +47,25 @@ def sequence_providers(device: torch.device) -> list[Provider]:
     ]
 
 
+def layer_norm_providers(device: torch.device) -> list[Provider]:
+    fused = [name for name in harness.fastattn_backend_names(device) if name == "cpu"]
+    return [
+        Provider(f"fastattn.LSTM(layer_norm)[{name}]", "fastattn", name, impl="LSTM")
+        for name in fused
+    ] + [Provider("fastattn.LSTM(layer_norm)[reference]", "torch", "reference", impl="LSTM")]
+
+
+PROVIDERS = {
+    "test_lstm_cell": cell_providers,
+    "test_lstm": sequence_providers,
+    "test_lstm_layer_norm": layer_norm_providers,
+}
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "provider" in metafunc.fixturenames:
         device = harness.session_of(metafunc.config).device
-        make = (
-            cell_providers if metafunc.function.__name__ == "test_lstm_cell" else sequence_providers
-        )
+        make = PROVIDERS[metafunc.function.__name__]
         metafunc.parametrize("provider", make(device), ids=str)
 
 
@@ -198,6 +215,53 @@ def test_lstm(benchmark, bench, pass_, provider, lstm_dtype, lstm_shape):
         benchmark,
         bench,
         op="lstm",
+        pass_=pass_,
+        provider=provider,
+        shape=shape,
+        dtype=dtype,
+        flops=lstm_flops(shape, pass_),
+        bytes_moved=lstm_bytes(shape, pass_, dtype),
+        make_inputs=make_inputs,
+        make_call=make_call,
+    )
+
+
+@pytest.mark.parametrize("pass_", PASSES)
+def test_lstm_layer_norm(benchmark, bench, pass_, provider, lstm_dtype, lstm_shape):
+    device, dtype, shape = bench.device, lstm_dtype, lstm_shape
+    harness.require_backend(provider)
+    backward = pass_ == "fwd+bwd"
+    lstm_cls = harness.fastattn_entry("LSTM", issue=5)
+    torch.manual_seed(0)
+    module = lstm_cls(shape.I, shape.H, layer_norm=True, device=device, dtype=dtype)
+    module.train(backward)
+
+    def make_inputs():
+        x = harness.random_tensor(
+            shape.T, shape.B, shape.I, device=device, dtype=dtype, requires_grad=backward
+        )
+        h0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
+        c0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
+        dout = harness.random_tensor(shape.T, shape.B, shape.H, device=device, dtype=dtype)
+        return x, h0, c0, dout
+
+    def make_call(inputs):
+        x, h0, c0, dout = inputs
+        if backward:
+            return _grad_call(
+                lambda: module(x, (h0, c0))[0], [x] + list(module.parameters()), dout
+            )
+
+        def forward():
+            with torch.no_grad():
+                return module(x, (h0, c0))[0]
+
+        return forward
+
+    harness.run_case(
+        benchmark,
+        bench,
+        op="lstm_layer_norm",
         pass_=pass_,
         provider=provider,
         shape=shape,

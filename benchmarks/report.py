@@ -28,6 +28,7 @@ OP_TITLES = {
     "attention_window": "Sliding-window attention vs an explicit mask",
     "lstm_cell": "LSTM cell step",
     "lstm": "LSTM sequence (fwd = inference, fwd+bwd = training step)",
+    "lstm_layer_norm": "LayerNorm-LSTM sequence vs the plain-PyTorch reference backend",
     "mha": "MultiheadAttention layer",
     "transformer_encoder": "TransformerEncoder before/after fastattn.convert",
 }

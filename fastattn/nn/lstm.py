@@ -85,7 +85,8 @@ class LSTM(nn.Module):
     Random masks are drawn from torch's default generator, per layer and direction in this
     order: the weight_hh mask, the cell zoneout mask [T, B, H], the hidden zoneout mask
     [T, B, P]; then the between-layer dropout (the same draws nn.LSTM makes for ``dropout``).
-    The layer_norm option runs on the reference backend (plain PyTorch per step, not fused).
+    The layer_norm option runs fused on the cpu backend (CPU tensors) and on the reference
+    backend (plain PyTorch per step) elsewhere.
 
     forward(input, hx=None) -> (output, (h_n, c_n)) exactly as nn.LSTM: input [T, B, I]
     ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence (sorted or not).

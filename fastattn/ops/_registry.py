@@ -85,5 +85,33 @@ SCHEMAS.update({
     "Tensor grad_w_hr)",
 })
 
+# LayerNorm-LSTM layer ops: one layer in one direction as lstm_layer_fwd / _bwd (same layouts,
+# batch_sizes, reverse, w_hr and zoneout semantics), with the step
+#   gates = x_proj[t] + LN(h_prev @ w_hh^T) * ln_hh_weight      (LN over the 4H gates, no bias)
+#   c_new = LN(f * c_prev + i * g) * ln_c_weight + ln_c_bias    (LN over H)
+#   h_new = o * tanh(c_new)                                      (then @ w_hr^T, zoneout as above)
+# where LN(v) = (v - mean(v)) / sqrt(var(v) + eps) (biased variance) and x_proj is the caller's
+# normalized input projection LN(x @ W_ih^T) * ln_ih_weight + b_ih + b_hh.
+# ln_hh_weight [4H], ln_c_weight [H], ln_c_bias [H] in x_proj's dtype. Saved for the backward,
+# besides h_all, c_all, hpre_all: gates_all [T, B, 4H] (activated), hh_norm_all [T, B, 4H] =
+# LN(h_prev @ w_hh^T), c_norm_all [T, B, H] = LN(f * c_prev + i * g), rstd_all [T, B, 2] = the two
+# LNs' 1 / sqrt(var + eps). gates_all, c_norm_all and rstd_all are in the math dtype (float32 for
+# half/bfloat16 inputs, else the input dtype): the LN backward's sums cancel, and starting them
+# from bfloat16-rounded values doubles the gradient error. Rows that do not step at time t
+# (batch_sizes) hold zeros in gates_all, hpre_all, hh_norm_all, c_norm_all and rstd_all.
+_LSTM_LN_WEIGHTS = "Tensor ln_hh_weight, Tensor ln_c_weight, Tensor ln_c_bias"
+
+SCHEMAS.update({
+    "lstm_ln_layer_fwd": "lstm_ln_layer_fwd(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh, "
+    f"{_LSTM_LN_WEIGHTS}, float eps, {_LSTM_LAYER_OPTIONS}) -> (Tensor h_all, Tensor c_all, "
+    "Tensor gates_all, Tensor hpre_all, Tensor hh_norm_all, Tensor c_norm_all, Tensor rstd_all)",
+    # grad_w_hr is empty when w_hr is None.
+    "lstm_ln_layer_bwd": "lstm_ln_layer_bwd(Tensor grad_h_all, Tensor grad_c_all, Tensor h0, "
+    f"Tensor c0, Tensor w_hh, {_LSTM_LN_WEIGHTS}, {_LSTM_LAYER_OPTIONS}, Tensor h_all, "
+    "Tensor c_all, Tensor gates_all, Tensor hpre_all, Tensor hh_norm_all, Tensor c_norm_all, "
+    "Tensor rstd_all) -> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, "
+    "Tensor grad_ln_hh_weight, Tensor grad_ln_c_weight, Tensor grad_ln_c_bias, Tensor grad_w_hr)",
+})
+
 for _schema in SCHEMAS.values():
     LIBRARY.define(_schema)

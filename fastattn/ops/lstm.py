@@ -3,12 +3,13 @@
 Op semantics and layouts: fastattn/ops/_registry.py. This module checks inputs, chooses the
 backend (fastattn/ops/backends.py), and registers fake kernels and autograd for the ops.
 
-Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (one GEMM plus one fused pointwise pass per
-step; weight gradients as whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise
-cell ops (fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and
-``cuda`` serves option-free inference with the persistent fastattn::lstm_sequence_fwd kernel;
-``reference`` is plain PyTorch (fastattn/ops/reference.py) and is the only backend that serves
-the layer_norm option (per-step PyTorch ops; no fused kernel for it yet).
+Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd, or fastattn::lstm_ln_layer_fwd/_bwd for
+the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
+whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise cell ops
+(fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and ``cuda``
+serves option-free inference with the persistent fastattn::lstm_sequence_fwd kernel;
+``reference`` is plain PyTorch (fastattn/ops/reference.py). The layer_norm option is served by
+``cpu`` and ``reference`` only (CUDA tensors run it on the reference).
 """
 
 from __future__ import annotations
@@ -136,6 +137,57 @@ torch.library.register_autograd(
     "fastattn::lstm_layer_fwd", _layer_backward, setup_context=_layer_setup_context)
 
 
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fastattn::lstm_ln_layer_fwd")
+def _ln_layer_fwd_fake(x_proj, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, eps, w_hr,
+                       batch_sizes, reverse, zoneout_c, zoneout_h):
+    T, B, H, P = _state_widths(x_proj, h0, w_hr)
+    opmath = _opmath(x_proj.dtype)
+    hpre = x_proj.new_empty(T, B, H) if w_hr is not None else x_proj.new_empty(0)
+    return (x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H),
+            x_proj.new_empty(T, B, 4 * H, dtype=opmath), hpre, x_proj.new_empty(T, B, 4 * H),
+            x_proj.new_empty(T, B, H, dtype=opmath), x_proj.new_empty(T, B, 2, dtype=opmath))
+
+
+@torch.library.register_fake("fastattn::lstm_ln_layer_bwd")
+def _ln_layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias,
+                       w_hr, batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, gates_all,
+                       hpre_all, hh_norm_all, c_norm_all, rstd_all):
+    grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else h0.new_empty(0)
+    return (torch.empty_like(hh_norm_all), torch.empty_like(h0), torch.empty_like(c0),
+            torch.empty_like(w_hh), torch.empty_like(ln_hh_weight), torch.empty_like(ln_c_weight),
+            torch.empty_like(ln_c_bias), grad_w_hr)
+
+
+def _ln_layer_setup_context(ctx, inputs, output):
+    (x_proj, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, eps, w_hr, batch_sizes, reverse,
+     zoneout_c, zoneout_h) = inputs
+    ctx.options = (batch_sizes, reverse)
+    ctx.save_for_backward(h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr, zoneout_c,
+                          zoneout_h, *output)
+
+
+def _ln_layer_backward(ctx, grad_h_all, grad_c_all, *_grad_saved):
+    (h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr, zoneout_c, zoneout_h, h_all, c_all,
+     *saved) = ctx.saved_tensors
+    batch_sizes, reverse = ctx.options
+    grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
+    grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
+    (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight, grad_ln_c_bias,
+     grad_w_hr) = _OPS.lstm_ln_layer_bwd(
+        grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr,
+        batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, *saved)
+    return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
+            grad_ln_c_bias, None, grad_w_hr if w_hr is not None else None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "fastattn::lstm_ln_layer_fwd", _ln_layer_backward, setup_context=_ln_layer_setup_context)
+
+
 def _sequence_setup_context(ctx, inputs, output):
     x_proj, h0, c0, w_hh = inputs
     h_all, c_all, gates_all = output
@@ -210,8 +262,10 @@ def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_nor
     cell_missing = _cell_missing(device, dtype)
 
     def missing(backend: str) -> str | None:
-        if layer_norm and backend != "reference":
-            return "layer_norm (served by the reference backend only)"
+        if layer_norm and backend in ("cuda", "triton"):
+            return "layer_norm (served by the cpu and reference backends)"
+        if layer_norm and backend == "cpu" and not _has_kernel("lstm_ln_layer_fwd", "CPU"):
+            return "the CPU LayerNorm-LSTM kernels (fastattn._C has none registered)"
         return cell_missing(backend)
 
     return backends.choose(fn, device, missing)
@@ -304,7 +358,8 @@ def lstm_layer(
     layer_norm = (ln_ih_weight [4H], ln_hh_weight [4H], ln_c_weight [H], ln_c_bias [H], eps)
     makes it a LayerNorm-LSTM: gates = LN(x @ w_ih^T) * ln_ih_weight + LN(h @ w_hh^T) *
     ln_hh_weight + b_ih + b_hh (LN over the 4H gates), c = LN(f * c_prev + i * g) * ln_c_weight
-    + ln_c_bias, h = o * tanh(c).
+    + ln_c_bias, h = o * tanh(c); the ``cpu`` backend runs it on the fused
+    fastattn::lstm_ln_layer_fwd op, other devices on the reference.
     Returns (h_all [T, B, P], c_all [T, B, H]): the state after each time step; the final state
     is h_all[-1] (h_all[0] when reverse). Differentiable in input, h0, c0 and the weights.
     """
@@ -360,6 +415,11 @@ def lstm_layer(
         zoneout_h is not None)
 
     backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
+    if backend == "cpu" and layer_norm is not None:
+        h_all, c_all, *_ = _OPS.lstm_ln_layer_fwd(
+            x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
+            zoneout_c, zoneout_h)
+        return h_all, c_all
     if backend == "cpu":
         h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)

@@ -1,0 +1,406 @@
+"""fastattn::lstm_ln_layer_* (the LayerNorm-LSTM layer ops): the CPU kernels against the
+plain-PyTorch reference (lstm_layer_reference(..., layer_norm=...)), opcheck, gradcheck,
+torch.compile, and fastattn.LSTM(layer_norm=True) on the cpu vs the reference backend."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_close_to_reference
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastattn
+from fastattn.ops import lstm as lstm_ops
+from fastattn.ops import reference
+
+OPS = torch.ops.fastattn
+EPS = 1e-5
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp64", "fp32", "bf16", "fp16"]
+needs_cpu_kernels = pytest.mark.skipif(
+    not fastattn.backends()["cpu"].usable, reason="fastattn._C (CPU kernels) is not built")
+
+CASES = [
+    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=False), id="plain"),
+    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=True), id="reverse"),
+    pytest.param(dict(proj=True, zoneout=False, lengths=None, reverse=False), id="proj"),
+    pytest.param(dict(proj=False, zoneout=True, lengths=None, reverse=False), id="zoneout"),
+    pytest.param(dict(proj=False, zoneout=False, lengths=[5, 5, 3, 1], reverse=False),
+                 id="packed"),
+    pytest.param(dict(proj=True, zoneout=True, lengths=[5, 4, 2, 2], reverse=True),
+                 id="packed-proj-zoneout-reverse"),
+    pytest.param(dict(proj=False, zoneout=True, lengths=[5, 3, 3, 0], reverse=True),
+                 id="packed-zoneout-reverse-empty_row"),
+]
+# (T, B, H, P with projection); B = 1 runs the first `lengths` entry only.
+SHAPES = [pytest.param((5, 4, 7, 3), id="T5B4H7"), pytest.param((5, 4, 33, 9), id="T5B4H33"),
+          pytest.param((5, 1, 33, 9), id="T5B1H33")]
+
+
+def _nan_heap(*shapes: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Leaves freed NaN blocks of the output sizes in the heap, so an op's torch.empty outputs
+    most likely start as NaN and an element the kernel forgets to write shows up (best effort:
+    the CPU allocator does not promise to reuse the blocks)."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype) for s in shapes for _ in range(2)]
+    del blocks
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, mean=0.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale + mean).to(dtype)
+
+
+def _inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
+    """x_proj, h0, c0, w_hh, (ln_hh_weight, ln_c_weight, ln_c_bias), w_hr, batch_sizes, zc, zh."""
+    P = P if proj else H
+    x_proj = _rand(T, B, 4 * H, dtype=dtype, scale=1.5)
+    h0, c0 = _rand(B, P, dtype=dtype), _rand(B, H, dtype=dtype)
+    w_hh = _rand(4 * H, P, dtype=dtype, scale=0.5)
+    # gains away from 1 and a bias away from 0, so a kernel that drops one of them fails
+    ln = (_rand(4 * H, dtype=dtype, scale=0.3, mean=1.0),
+          _rand(H, dtype=dtype, scale=0.3, mean=1.0), _rand(H, dtype=dtype, scale=0.5))
+    w_hr = _rand(P, H, dtype=dtype, scale=0.5) if proj else None
+    batch_sizes = None
+    if lengths is not None:
+        lengths = lengths[:B]
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    zc = zh = None
+    if zoneout:
+        zc = torch.bernoulli(torch.full((T, B, H), 0.3)).to(dtype)
+        zh = torch.full((T, B, P), 0.25, dtype=dtype)  # the eval-mode form: a probability
+    return x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def _saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, h_all, c_all, gates_all):
+    """What the op saves beyond the reference's outputs (hh_norm_all, c_norm_all, rstd_all), in
+    float64, from the float64 reference run's states; zeros in rows that do not step."""
+    T, B, G = x_proj.shape
+    H = G // 4
+    sizes = [B] * T if batch_sizes is None else batch_sizes.tolist()
+    hh_norm, c_norm = torch.zeros(T, B, G, dtype=torch.float64), torch.zeros(T, B, H,
+                                                                            dtype=torch.float64)
+    rstd = torch.zeros(T, B, 2, dtype=torch.float64)
+    for t in range(T):
+        first = t == (T - 1 if reverse else 0)
+        prev = t + 1 if reverse else t - 1
+        h_prev = h0.double() if first else h_all[prev]
+        c_prev = c0.double() if first else c_all[prev]
+        n = sizes[t]
+        hh = h_prev[:n] @ w_hh.double().t()
+        i, f, g, _ = gates_all[t, :n].chunk(4, dim=-1)
+        cell = f * c_prev[:n] + i * g
+        for k, v in enumerate((hh, cell)):
+            var, mean = torch.var_mean(v, dim=-1, unbiased=False, keepdim=True)
+            r = (var + EPS).rsqrt()
+            (hh_norm if k == 0 else c_norm)[t, :n] = (v - mean) * r
+            rstd[t, :n, k] = r.squeeze(-1)
+    return hh_norm, c_norm, rstd
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("case", CASES)
+def test_fwd_bwd_match_reference(dtype, shape, case):
+    T, B, H, P = shape
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+        T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=case["lengths"])
+    P = h0.shape[1]
+    reverse = case["reverse"]
+    _nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
+    out = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, w_hr, batch_sizes, reverse, zc, zh)
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    assert [t.dtype for t in out] == [dtype, dtype, opmath, dtype, dtype, opmath, opmath]
+
+    ref64 = reference.lstm_layer_reference(
+        *map(_f64, (x_proj, h0, c0, w_hh, w_hr)), batch_sizes, reverse, _f64(zc), _f64(zh),
+        layer_norm=(*map(_f64, ln), EPS))
+    ref_t = reference.lstm_layer_reference(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh,
+                                           layer_norm=(*ln, EPS))
+    saved64 = _saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, *ref64[:3])
+    names = ("h_all", "c_all", "gates_all", "hpre_all")
+    for name, got, want, same_dtype in zip(names, out[:4], ref64, ref_t, strict=True):
+        assert_close_to_reference(got, want, same_dtype, dtype=dtype, name=name)
+    for name, got, want in zip(("hh_norm_all", "c_norm_all", "rstd_all"), out[4:], saved64,
+                               strict=True):
+        # no same-dtype PyTorch run to compare with: the dtype's budget (bf16: 2e-2)
+        assert_close_to_reference(got, want, dtype=dtype, name=name)
+    if w_hr is None:
+        assert out[3].numel() == 0
+
+    grad_h_all, grad_c_all = _rand(T, B, P, dtype=dtype), _rand(T, B, H, dtype=dtype)
+    _nan_heap((T, B, 4 * H), (B, P), (B, H), (4 * H, P), dtype=dtype)
+    got = OPS.lstm_ln_layer_bwd(grad_h_all, grad_c_all, h0, c0, w_hh, *ln, w_hr, batch_sizes,
+                                reverse, zc, zh, *out)
+
+    def reference_grads(dt):
+        leaves = [t.to(dt).requires_grad_() for t in (x_proj, h0, c0, w_hh, *ln)]
+        if w_hr is not None:
+            leaves.append(w_hr.to(dt).requires_grad_())
+        cast = (lambda t: None if t is None else t.to(dt))
+        h_ref, c_ref, _, _ = reference.lstm_layer_reference(
+            *leaves[:4], leaves[7] if w_hr is not None else None, batch_sizes, reverse, cast(zc),
+            cast(zh), layer_norm=(*leaves[4:7], EPS))
+        loss = (h_ref * grad_h_all.to(dt)).sum() + (c_ref * grad_c_all.to(dt)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    want, same_dtype = reference_grads(torch.float64), reference_grads(dtype)
+    grad_names = ("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh", "grad_ln_hh_weight",
+                  "grad_ln_c_weight", "grad_ln_c_bias", "grad_w_hr")
+    for i, wanted in enumerate(want):
+        assert_close_to_reference(got[i], wanted, same_dtype[i], name=grad_names[i])
+    if w_hr is None:
+        assert got[7].numel() == 0
+    if batch_sizes is not None:  # rows that do not step get no gradient into x_proj
+        for t, n in enumerate(batch_sizes.tolist()):
+            assert torch.equal(got[0][t, n:], torch.zeros_like(got[0][t, n:]))
+
+
+@needs_cpu_kernels
+def test_single_step_against_hand_written_math():
+    """One step of the op against LayerNorm written out by hand (not via the reference)."""
+    B, H = 3, 5
+    x_proj, h0, c0, w_hh, ln, *_ = _inputs(1, B, H, H, torch.float64, proj=False, zoneout=False,
+                                           lengths=None)
+    h_all, c_all, *_ = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, None, None, False,
+                                             None, None)
+
+    def layer_norm(v):
+        mean = v.mean(-1, keepdim=True)
+        return (v - mean) / ((v - mean).pow(2).mean(-1, keepdim=True) + EPS).sqrt()
+
+    gates = x_proj[0] + layer_norm(h0 @ w_hh.t()) * ln[0]
+    i, f, g, o = gates.chunk(4, -1)
+    c = layer_norm(f.sigmoid() * c0 + i.sigmoid() * g.tanh()) * ln[1] + ln[2]
+    torch.testing.assert_close(c_all[0], c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h_all[0], o.sigmoid() * c.tanh(), rtol=1e-12, atol=1e-12)
+
+
+@needs_cpu_kernels
+def test_ops_reject_bad_arguments():
+    x_proj, h0, c0, w_hh, ln, *_ = _inputs(4, 3, 8, 8, torch.float32, proj=False, zoneout=False,
+                                           lengths=None)
+    with pytest.raises(RuntimeError, match=r"ln_hh_weight must have shape \[32\]"):
+        OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, ln[0][:8], ln[1], ln[2], EPS, None, None,
+                              False, None, None)
+    with pytest.raises(RuntimeError, match="ln_c_bias must have dtype"):
+        OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, ln[0], ln[1], ln[2].double(), EPS, None, None,
+                              False, None, None)
+    with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
+        OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, None, torch.tensor([1, 3, 3, 3]),
+                              False, None, None)
+    out = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, None, None, False, None, None)
+    with pytest.raises(RuntimeError, match="rstd_all must be a CPU Float tensor"):
+        OPS.lstm_ln_layer_bwd(torch.ones_like(out[0]), torch.ones_like(out[1]), h0, c0, w_hh, *ln,
+                              None, None, False, None, None, *out[:6], out[6].double())
+
+
+# ---- opcheck and gradcheck ---------------------------------------------------------------------
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]])  # no options / every option
+def test_opcheck(case):
+    T, B, H, P = 3, 4, 5, 3
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+        T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
+        lengths=[3, 3, 2, 1] if case["lengths"] else None)
+    P = h0.shape[1]
+    for t in (x_proj, h0, c0, w_hh, *ln, w_hr):
+        if t is not None:
+            t.requires_grad_()
+    args = (x_proj, h0, c0, w_hh, *ln, EPS, w_hr, batch_sizes, case["reverse"], zc, zh)
+    torch.library.opcheck(OPS.lstm_ln_layer_fwd.default, args)
+    with torch.no_grad():
+        out = OPS.lstm_ln_layer_fwd(*args)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+    bwd_args = (_rand(T, B, P, dtype=torch.float64), _rand(T, B, H, dtype=torch.float64),
+                *detached[1:7], *detached[8:], *out)
+    torch.library.opcheck(OPS.lstm_ln_layer_bwd.default, bwd_args)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("case", [CASES[0], CASES[5]])
+def test_gradcheck_op(case):
+    T, B, H, P = 3, 3, 4, 2
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+        T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
+        lengths=[3, 2, 1] if case["lengths"] else None)
+    tensors = [t.requires_grad_() for t in (x_proj, h0, c0, w_hh, *ln)]
+    if w_hr is not None:
+        tensors.append(w_hr.requires_grad_())
+
+    def f(x_proj, h0, c0, w_hh, ln_hh, ln_cw, ln_cb, w_hr=None):
+        out = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, ln_hh, ln_cw, ln_cb, EPS, w_hr,
+                                    batch_sizes, case["reverse"], zc, zh)
+        return out[0], out[1]
+
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+@needs_cpu_kernels
+def test_gradcheck_lstm_layer_with_layer_norm():
+    """Through fastattn.ops.lstm.lstm_layer: the input LN and biases in PyTorch, the rest fused."""
+    T, B, in_features, H, P = 4, 3, 3, 4, 2
+    x = _rand(T, B, in_features, dtype=torch.float64)
+    w_ih = _rand(4 * H, in_features, dtype=torch.float64)
+    b_ih, b_hh = _rand(4 * H, dtype=torch.float64), _rand(4 * H, dtype=torch.float64)
+    _, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+        T, B, H, P, torch.float64, proj=True, zoneout=True, lengths=[4, 3, 1])
+    ln_ih = _rand(4 * H, dtype=torch.float64, scale=0.3, mean=1.0)
+    tensors = [t.requires_grad_() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih, *ln)]
+
+    def f(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih, ln_hh, ln_cw, ln_cb):
+        return lstm_ops.lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                   batch_sizes=batch_sizes, reverse=True, zoneout_c=zc,
+                                   zoneout_h=zh, layer_norm=(ln_ih, ln_hh, ln_cw, ln_cb, EPS))
+
+    with fastattn.use_backend("cpu"):
+        assert torch.autograd.gradcheck(f, tensors)
+
+
+# ---- backend choice, the module, torch.compile ---------------------------------------------------
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records the name of every op dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@needs_cpu_kernels
+def test_cpu_backend_serves_layer_norm():
+    assert lstm_ops._choose_backend("lstm_layer", torch.device("cpu"), torch.float32, True) == "cpu"
+    m = fastattn.LSTM(4, 8, layer_norm=True)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    with _OpRecorder() as recorder:
+        out, _ = m(x)
+        out.sum().backward()
+    assert "fastattn.lstm_ln_layer_fwd.default" in recorder.seen
+    assert "fastattn.lstm_ln_layer_bwd.default" in recorder.seen
+
+
+@pytest.mark.triton
+def test_triton_backend_refuses_layer_norm():
+    m = fastattn.LSTM(4, 8, layer_norm=True)
+    with fastattn.use_backend("triton"), pytest.raises(RuntimeError, match="layer_norm"):
+        m(torch.randn(3, 2, 4))
+
+
+def _randomize_layer_norm_gains(m: torch.nn.Module) -> None:
+    with torch.no_grad():  # away from their init of ones / zeros
+        for name, p in m.named_parameters():
+            if name.startswith("layer_norm_"):
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+MODULE_CASES = [
+    pytest.param(dict(), True, torch.float64, id="fp64-train"),
+    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3), False, torch.float64,
+                 id="fp64-2layer-bi-proj-eval"),
+    pytest.param(dict(zoneout=(0.2, 0.3), recurrent_dropout=0.2, num_layers=2), True,
+                 torch.float64, id="fp64-2layer-zoneout-recurrent_dropout-train"),
+    # eval: no random masks, so a float64 copy of the module is the oracle
+    pytest.param(dict(bidirectional=True, zoneout=(0.2, 0.3), proj_size=4), False, torch.float32,
+                 id="fp32-bi-proj-zoneout-eval"),
+]
+
+
+def _module_run(m, x, hx, backend, seed):
+    torch.manual_seed(seed)
+    with fastattn.use_backend(backend):
+        out, (h_n, c_n) = m(x, hx)
+        loss = (out * out.detach().cos()).sum() + h_n.sum() + (c_n * c_n).sum()
+        grads = torch.autograd.grad(loss, [x, *hx, *m.parameters()])
+    return (out, h_n, c_n, *grads)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("options,training,dtype", MODULE_CASES)
+def test_module_cpu_matches_reference_backend(options, training, dtype):
+    H = 33
+    m = fastattn.LSTM(5, H, layer_norm=True, dtype=dtype, **options).train(training)
+    _randomize_layer_norm_gains(m)
+    D = 2 if m.bidirectional else 1
+    P = m.proj_size or H
+    x = torch.randn(6, 3, 5, dtype=dtype, requires_grad=True)
+    hx = [torch.randn(m.num_layers * D, 3, P, dtype=dtype, requires_grad=True),
+          torch.randn(m.num_layers * D, 3, H, dtype=dtype, requires_grad=True)]
+    got = _module_run(m, x, hx, "cpu", seed=5)
+    same_dtype = _module_run(m, x, hx, "reference", seed=5)
+    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0"]
+    names += [n for n, _ in m.named_parameters()]
+    if dtype == torch.float64:
+        for name, a, b in zip(names, got, same_dtype, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10,
+                                       msg=lambda s, name=name: f"{name}: {s}")
+        return
+    m64 = copy.deepcopy(m).double()
+    x64 = x.detach().double().requires_grad_()
+    hx64 = [t.detach().double().requires_grad_() for t in hx]
+    want = _module_run(m64, x64, hx64, "reference", seed=5)
+    for name, a, w, b in zip(names, got, want, same_dtype, strict=True):
+        assert_close_to_reference(a, w, b, name=name)
+
+
+@needs_cpu_kernels
+def test_module_packed_sequence_matches_reference_backend():
+    m = fastattn.LSTM(4, 7, layer_norm=True, bidirectional=True, dtype=torch.float64)
+    _randomize_layer_norm_gains(m)
+    seqs = [torch.randn(n, 4, dtype=torch.float64, requires_grad=True) for n in (3, 5, 1)]
+    results = []
+    for backend in ("cpu", "reference"):
+        packed = torch.nn.utils.rnn.pack_sequence(seqs, enforce_sorted=False)
+        with fastattn.use_backend(backend):
+            out, (h_n, c_n) = m(packed)
+            loss = (out.data * out.data).sum() + h_n.sum() + c_n.sum()
+            results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, [*seqs,
+                                                                             *m.parameters()])))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-10, atol=1e-10)
+
+
+@needs_cpu_kernels
+def test_compile_fullgraph_runs_the_fused_op():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = fastattn.LSTM(5, 8, num_layers=2, bidirectional=True, batch_first=True,
+                                      layer_norm=True)
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            out, (h, c) = self.lstm(x)
+            return self.head(out).sum() + h.sum() + c.sum()
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    model = Model()
+    _randomize_layer_norm_gains(model)
+    x = torch.randn(2, 4, 5)
+    compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
+    loss = compiled(x)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert any("lstm_ln_layer_fwd" in code for code in graphs)
+    model.zero_grad()
+    with fastattn.use_backend("reference"):
+        eager = model(x)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for g, p in zip(grads, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad)
