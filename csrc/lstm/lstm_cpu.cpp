@@ -10,6 +10,7 @@
 
 #include "fastattn/cpu_isa.h"
 #include "fastattn/lstm_cpu.h"
+#include "lstm_layer_problem.h"
 
 namespace fastattn {
 
@@ -18,27 +19,7 @@ FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
 
 namespace {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
-LstmDtype lstm_dtype(const Tensor& t, const char* op) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return LstmDtype::Float32;
-    case at::kDouble: return LstmDtype::Float64;
-    case at::kBFloat16: return LstmDtype::BFloat16;
-    case at::kHalf: return LstmDtype::Float16;
-    default:
-      TORCH_CHECK(false, op, ": expected float32, float64, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
-
-void check_like(const Tensor& t, const Tensor& like, at::IntArrayRef shape, const char* op,
-                const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
-              like.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-}
+using namespace lstm_glue;
 
 // A [T, B, F] tensor (or a [B, F] state, as T = 1) for the kernels; undefined -> absent.
 LstmSeqView seq_view(const Tensor& t) {
@@ -120,72 +101,13 @@ std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy, co
 
 // ---- sequence ops ----------------------------------------------------------------------------
 
-// Shapes and options of one layer-direction call, checked once.
-struct LayerProblem {
-  int64_t T, B, H, P;
-  std::vector<int64_t> batch_sizes;  // empty: every row steps at every time
-  Tensor w_hr;                       // [P, H] or undefined
-  Tensor zoneout_c, zoneout_h;       // [T, B, H] / [T, B, P] or undefined
-
-  LstmLayerShape shape(LstmDtype dtype, bool reverse) const {
-    return {dtype, T, B, H, P, reverse, batch_sizes.empty() ? nullptr : batch_sizes.data()};
-  }
-};
-
-LayerProblem layer_problem(const char* op, const Tensor& x_proj, const Tensor& h0, const Tensor& c0,
-                           const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
-                           const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
-  TORCH_CHECK(x_proj.dim() == 3 && x_proj.size(2) % 4 == 0, op, ": x_proj must be [T, B, 4H], got ",
-              x_proj.sizes());
-  lstm_dtype(x_proj, op);
-  LayerProblem p;
-  p.T = x_proj.size(0);
-  p.B = x_proj.size(1);
-  p.H = x_proj.size(2) / 4;
-  check_like(x_proj, x_proj, x_proj.sizes(), op, "x_proj");
-  if (w_hr.has_value() && w_hr->defined()) {
-    TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be [P, H], got ", w_hr->sizes());
-    p.P = w_hr->size(0);
-    check_like(*w_hr, x_proj, {p.P, p.H}, op, "w_hr");
-    p.w_hr = *w_hr;
-  } else {
-    p.P = p.H;
-  }
-  check_like(h0, x_proj, {p.B, p.P}, op, "h0");
-  check_like(c0, x_proj, {p.B, p.H}, op, "c0");
-  check_like(w_hh, x_proj, {4 * p.H, p.P}, op, "w_hh");
-  if (zoneout_c.has_value() && zoneout_c->defined()) {
-    check_like(*zoneout_c, x_proj, {p.T, p.B, p.H}, op, "zoneout_c");
-    p.zoneout_c = *zoneout_c;
-  }
-  if (zoneout_h.has_value() && zoneout_h->defined()) {
-    check_like(*zoneout_h, x_proj, {p.T, p.B, p.P}, op, "zoneout_h");
-    p.zoneout_h = *zoneout_h;
-  }
-  if (batch_sizes.has_value() && batch_sizes->defined()) {
-    const Tensor& bs = *batch_sizes;
-    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1 &&
-                    bs.size(0) == p.T,
-                op, ": batch_sizes must be an int64 CPU tensor of shape [", p.T, "], got ",
-                bs.scalar_type(), " ", bs.sizes(), " on ", bs.device());
-    const Tensor bsc = bs.contiguous();
-    const int64_t* v = bsc.data_ptr<int64_t>();
-    for (int64_t t = 0; t < p.T; ++t) {
-      TORCH_CHECK(v[t] >= 0 && v[t] <= p.B && (t == 0 || v[t] <= v[t - 1]), op,
-                  ": batch_sizes must be non-increasing values in [0, ", p.B, "], got ", bs);
-      p.batch_sizes.push_back(v[t]);
-    }
-  }
-  return p;
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
     const OptTensor& zoneout_h) {
   constexpr const char* op = "fastattn::lstm_layer_fwd";
-  const LayerProblem p = layer_problem(op, x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
-                                       zoneout_h);
+  const LayerProblem p = layer_problem(op, x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                       zoneout_c, zoneout_h);
   const auto opts = x_proj.options();
   const bool proj = p.w_hr.defined();
   Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
@@ -198,7 +120,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   const Tensor w_hr_k = proj ? kernel_weight(p.w_hr, false) : Tensor();
 
   LstmLayerFwdArgs a{};
-  a.shape = p.shape(lstm_dtype(x_proj, op), reverse);
+  a.shape = p.shape(lstm_dtype(x_proj, op));
   a.w_hh = w_hh_k.data_ptr();
   a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
   a.x_proj = seq_view(x_proj);
@@ -227,8 +149,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
     const OptTensor& zoneout_c, const OptTensor& zoneout_h, const Tensor& h_all,
     const Tensor& c_all, const Tensor& gates_all, const Tensor& hpre_all) {
   constexpr const char* op = "fastattn::lstm_layer_bwd";
-  const LayerProblem p = layer_problem(op, gates_all, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
-                                       zoneout_h);
+  const LayerProblem p = layer_problem(op, gates_all, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                       zoneout_c, zoneout_h);
   const bool proj = p.w_hr.defined();
   check_like(grad_h_all, gates_all, {p.T, p.B, p.P}, op, "grad_h_all");
   check_like(grad_c_all, gates_all, {p.T, p.B, p.H}, op, "grad_c_all");
@@ -244,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   const Tensor w_hr_t = proj ? kernel_weight(p.w_hr, true) : Tensor();
 
   LstmLayerBwdArgs a{};
-  a.shape = p.shape(lstm_dtype(gates_all, op), reverse);
+  a.shape = p.shape(lstm_dtype(gates_all, op));
   a.w_hh_t = w_hh_t.data_ptr();
   a.w_hr_t = proj ? w_hr_t.data_ptr() : nullptr;
   a.grad_h_all = seq_view(grad_h_all);

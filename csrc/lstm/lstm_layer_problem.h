@@ -46,6 +46,9 @@ struct LayerProblem {
   Tensor w_hr;                       // [P, H] or undefined
   Tensor zoneout_c, zoneout_h;       // contiguous [T, B, H] / [T, B, P] or undefined
 
+  LstmLayerShape shape(LstmDtype dtype) const {
+    return {dtype, T, B, H, P, reverse, batch_sizes.data()};
+  }
   // Time index of the s-th step in processing order, and where that step's previous state is.
   int64_t time(int64_t s) const { return reverse ? T - 1 - s : s; }
   Tensor prev(const Tensor& all, const Tensor& first, int64_t s) const {

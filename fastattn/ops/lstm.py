@@ -89,21 +89,26 @@ def _state_widths(x_proj, h0, w_hr):
 def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h):
     T, B, H, P = _state_widths(x_proj, h0, w_hr)
     hpre = x_proj.new_empty(T, B, H) if w_hr is not None else x_proj.new_empty(0)
-    return x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), x_proj.new_empty(T, B, 4 * H), hpre
+    # gates_all takes x_proj's layout (the CPU kernel's choice, csrc/lstm/lstm_cpu.cpp).
+    gates = torch.empty_like(x_proj) if x_proj.device.type == "cpu" else x_proj.new_empty(
+        T, B, 4 * H)
+    return x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), gates, hpre
 
 
 @torch.library.register_fake("fastattn::lstm_sequence_fwd")
 def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
     T, B, G = x_proj.shape
-    return x_proj.new_empty(T, B, G // 4), x_proj.new_empty(T, B, G // 4), x_proj.new_empty(T, B, G)
+    gates = torch.empty_like(x_proj) if x_proj.device.type == "cpu" else x_proj.new_empty(T, B, G)
+    return x_proj.new_empty(T, B, G // 4), x_proj.new_empty(T, B, G // 4), gates
 
 
 @torch.library.register_fake("fastattn::lstm_layer_bwd")
 def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
                     zoneout_h, h_all, c_all, gates_all, hpre_all):
-    grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else gates_all.new_empty(0)
-    return (torch.empty_like(gates_all), torch.empty_like(h0), torch.empty_like(c0),
-            torch.empty_like(w_hh), grad_w_hr)
+    # grad_x_proj takes the saved gates' layout; the other gradients are contiguous.
+    grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else gates_all.new_empty(0)
+    return (torch.empty_like(gates_all), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            w_hh.new_empty(w_hh.shape), grad_w_hr)
 
 
 def _layer_bwd(*args):
@@ -401,20 +406,23 @@ def lstm_layer(
                               layer_norm[:4], (4 * H, 4 * H, H, H), strict=True):
             _check_tensor(fn, f"layer_norm {name}", t, (n,), input)
 
+    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
     bias = _sum_biases(b_ih, b_hh)
     flat = input.reshape(T * B, in_features)
     if layer_norm is not None:
         x_proj = torch.nn.functional.layer_norm(flat @ w_ih.t(), (4 * H,), layer_norm[0], bias,
-                                                layer_norm[4])
-    elif bias is not None:
-        x_proj = torch.addmm(bias, flat, w_ih.t())
+                                                layer_norm[4]).view(T, B, 4 * H)
+    elif backend == "cpu":
+        # Feature-major ([4H, T, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
+        # batch lanes of a gate as one vector, and lays the saved gates out the same way.
+        x_proj_t = w_ih @ flat.t() if bias is None else torch.addmm(bias.unsqueeze(1), w_ih, flat.t())
+        x_proj = x_proj_t.view(4 * H, T, B).permute(1, 2, 0)
     else:
-        x_proj = flat @ w_ih.t()
-    x_proj = x_proj.view(T, B, 4 * H)
+        x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
+            T, B, 4 * H)
     options = w_hr is not None or batch_sizes is not None or zoneout_c is not None or (
         zoneout_h is not None)
 
-    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
     if backend == "cpu" and layer_norm is not None:
         h_all, c_all, *_ = _OPS.lstm_ln_layer_fwd(
             x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
