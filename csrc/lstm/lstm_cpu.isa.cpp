@@ -29,23 +29,40 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Rows of a tile (cell units, or the four gates of one unit) and the most batch vectors per tile:
+// Rows of a tile (the four gates of one unit, or four columns of a weight) and the most batch
+// vectors per tile:
 // 4 x 3 accumulators plus 3 batch vectors and one broadcast fill the 16 AVX2 registers.
 constexpr int kTileRows = 4;
 constexpr int kTileVecs = 3;
 
-template <typename acc_t>
-inline Vec<acc_t> sigmoid(const Vec<acc_t>& x) {
-  const Vec<acc_t> one(acc_t(1));
-  return one / (one + x.neg().exp_u20());
+// The gate activations sit in the step's critical epilogue, so for float they are exp-free:
+// tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
+// one division, within 4e-7 relative error everywhere (near 0 too), and sigmoid(x) =
+// (1 + tanh(x / 2)) / 2. Double keeps exp-based forms for its tighter tolerance.
+C10_ALWAYS_INLINE Vec<float> tanh(const Vec<float>& x_in) {
+  const Vec<float> bound(7.90531110763549805f);
+  const Vec<float> x = at::vec::clamp(x_in, -bound, bound);
+  const Vec<float> x2 = x * x;
+  Vec<float> p(-2.76076847742355e-16f);
+  for (float c : {2.00018790482477e-13f, -8.60467152213735e-11f, 5.12229709037114e-08f,
+                  1.48572235717979e-05f, 6.37261928875436e-04f, 4.89352455891786e-03f})
+    p = at::vec::fmadd(x2, p, Vec<float>(c));
+  Vec<float> q(1.19825839466702e-06f);
+  for (float c : {1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f})
+    q = at::vec::fmadd(x2, q, Vec<float>(c));
+  return x * p / q;
 }
-
-// tanh(x) = 2 * sigmoid(2x) - 1: one exp and one division, a third of the library tanh's cost;
-// the absolute error near 0 stays at the dtype's rounding step.
-template <typename acc_t>
-inline Vec<acc_t> tanh(const Vec<acc_t>& x) {
-  const Vec<acc_t> one(acc_t(1)), two(acc_t(2));
-  return two / (one + (x * Vec<acc_t>(acc_t(-2))).exp_u20()) - one;
+C10_ALWAYS_INLINE Vec<float> sigmoid(const Vec<float>& x) {
+  const Vec<float> half(0.5f);
+  return at::vec::fmadd(half, tanh(x * half), half);
+}
+inline Vec<double> sigmoid(const Vec<double>& x) {
+  const Vec<double> one(1.0);
+  return one / (one + x.neg().exp());
+}
+inline Vec<double> tanh(const Vec<double>& x) {
+  const Vec<double> one(1.0), two(2.0);
+  return two / (one + (x * Vec<double>(-2.0)).exp()) - one;
 }
 
 // Batch lanes b0 .. b0 + lanes - 1 of one (t, f) fibre of a data tensor, as math-type vectors.
@@ -54,12 +71,12 @@ struct Fibre {
   static constexpr int kLanes = Vec<acc_t>::size();
   const LstmSeqView& view;
 
-  bool present() const { return view.data != nullptr; }
-  scalar_t* at(int64_t t, int64_t b, int64_t f) const {
+  C10_ALWAYS_INLINE bool present() const { return view.data != nullptr; }
+  C10_ALWAYS_INLINE scalar_t* at(int64_t t, int64_t b, int64_t f) const {
     return static_cast<scalar_t*>(view.data) + t * view.st + b * view.sb + f * view.sf;
   }
   // An absent tensor reads as zeros and ignores stores.
-  Vec<acc_t> load(int64_t t, int64_t b0, int64_t f, int lanes) const {
+  C10_ALWAYS_INLINE Vec<acc_t> load(int64_t t, int64_t b0, int64_t f, int lanes) const {
     if (!present()) return Vec<acc_t>(acc_t(0));
     const scalar_t* p = at(t, b0, f);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -76,7 +93,7 @@ struct Fibre {
     constexpr int64_t kLine = 64 / sizeof(scalar_t);
     for (int64_t b = 0; b < B; b += kLine) __builtin_prefetch(at(t, b, f));
   }
-  void store(const Vec<acc_t>& v, int64_t t, int64_t b0, int64_t f, int lanes) const {
+  C10_ALWAYS_INLINE void store(const Vec<acc_t>& v, int64_t t, int64_t b0, int64_t f, int lanes) const {
     if (!present()) return;
     scalar_t* p = at(t, b0, f);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -88,24 +105,24 @@ struct Fibre {
   }
 };
 
-// acc[r][v] = sum_k a[r][k] * b[k * ldb + v * lanes], for R rows and V batch vectors.
-template <typename acc_t, int R, int V>
-inline void tile_gemm(Vec<acc_t> (&acc)[R][V], const acc_t* const* a, const acc_t* b, int64_t ldb,
+// acc[r][v] = sum_k a[k * kTileRows + r] * b[k * ldb + v * lanes]: one tile of packed weight rows
+// (PackedRows) against V batch vectors of a panel.
+// Never inlined: inside the large epilogue functions the compiler would spill accumulators.
+template <typename acc_t, int V>
+C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[kTileRows][V], const acc_t* a, const acc_t* b, int64_t ldb,
                       int64_t K) {
-  constexpr int L = Vec<acc_t>::size();
-  // Local accumulators and row pointers: through `acc` and `a` the compiler would have to assume
-  // that every store may alias the loads, and keep the sums in memory.
+  constexpr int L = Vec<acc_t>::size(), R = kTileRows;
+  // Local accumulators: through `acc` the compiler would have to assume that every store may
+  // alias the loads, and keep the sums in memory.
   Vec<acc_t> c[R][V];
-  const acc_t* rows[R];
-  for (int r = 0; r < R; ++r) {
-    rows[r] = a[r];
+  for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) c[r][v] = Vec<acc_t>(acc_t(0));
-  }
+#pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
     Vec<acc_t> bv[V];
     for (int v = 0; v < V; ++v) bv[v] = Vec<acc_t>::loadu(b + k * ldb + v * L);
     for (int r = 0; r < R; ++r) {
-      const Vec<acc_t> av(rows[r][k]);
+      const Vec<acc_t> av(a[k * R + r]);
       for (int v = 0; v < V; ++v) c[r][v] = at::vec::fmadd(av, bv[v], c[r][v]);
     }
   }
@@ -113,56 +130,81 @@ inline void tile_gemm(Vec<acc_t> (&acc)[R][V], const acc_t* const* a, const acc_
     for (int v = 0; v < V; ++v) acc[r][v] = c[r][v];
 }
 
-// Every batch vector of an R-row tile: tile_gemm over vectors [v0, v0 + V) of b, then
-// epilogue(acc, v0). Vectors at or past `active` get K = 0 (zero accumulators): their rows carry.
-template <typename acc_t, int R, typename Epilogue>
-inline void gemm_rows(const acc_t* const* a, const acc_t* b, int64_t ldb, int64_t K, int64_t nvec,
+// The A operand of the step GEMMs: weight rows in tiles of kTileRows, each tile a contiguous
+// [K, kTileRows] block (element k of row r of tile i at data[(i * K + k) * kTileRows + r]), so
+// that a tile's weights are one sequential stream whatever rows it gathers (the four gates of a
+// unit, or columns of a weight). Packed once per call: T * B times less work than the GEMMs.
+template <typename acc_t>
+struct PackedRows {
+  int64_t K;
+  std::vector<acc_t> data;
+
+  // value(i, r, k): element k of row r of tile i (zero past the matrix's rows).
+  template <typename Value>
+  PackedRows(int64_t tiles, int64_t K_, const Value& value) : K(K_), data(tiles * K_ * kTileRows) {
+    at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = 0; k < K; ++k)
+          for (int r = 0; r < kTileRows; ++r) data[(i * K + k) * kTileRows + r] = value(i, r, k);
+    });
+  }
+  const acc_t* tile(int64_t i) const { return data.data() + i * K * kTileRows; }
+};
+
+// The B operand of the step GEMMs, a feature-major [K, padded batch] state, stored as panels of
+// up to kTileVecs batch vectors: each panel a contiguous [K, width] block, so that a tile streams
+// its operand sequentially instead of striding across the whole batch.
+template <typename acc_t>
+struct Panels {
+  static constexpr int L = Vec<acc_t>::size();
+  int64_t K, nvec;
+
+  int64_t size() const { return K * nvec * L; }
+  int64_t width(int64_t v0) const { return std::min<int64_t>(kTileVecs, nvec - v0); }
+  // Where batch vector v of row k lies.
+  int64_t at(int64_t k, int64_t v) const {
+    const int64_t v0 = v - v % kTileVecs;
+    return v0 * L * K + k * width(v0) * L + (v - v0) * L;
+  }
+};
+
+// One weight tile against every panel: tile_gemm over the panel's vectors [v0, v0 + width),
+// reducing over the first K rows of b, then epilogue(acc, v0). Panels at or past `active` vectors
+// get no reduction (zero accumulators): their rows carry their state.
+template <typename acc_t, typename Epilogue>
+inline void gemm_tile(const acc_t* a, const acc_t* b, const Panels<acc_t>& panels, int64_t K,
                       int64_t active, const Epilogue& epilogue) {
   constexpr int L = Vec<acc_t>::size();
-  for (int64_t v0 = 0; v0 < nvec;) {
+  for (int64_t v0 = 0; v0 < panels.nvec; v0 += kTileVecs) {
     const int64_t k = v0 < active ? K : 0;
-    const int64_t left = (v0 < active ? active : nvec) - v0;
-    if (left >= kTileVecs) {
-      Vec<acc_t> acc[R][kTileVecs];
-      tile_gemm<acc_t, R, kTileVecs>(acc, a, b + v0 * L, ldb, k);
-      epilogue(acc, v0);
-      v0 += kTileVecs;
-    } else if (left == 2) {
-      Vec<acc_t> acc[R][2];
-      tile_gemm<acc_t, R, 2>(acc, a, b + v0 * L, ldb, k);
-      epilogue(acc, v0);
-      v0 += 2;
-    } else {
-      Vec<acc_t> acc[R][1];
-      tile_gemm<acc_t, R, 1>(acc, a, b + v0 * L, ldb, k);
-      epilogue(acc, v0);
-      v0 += 1;
+    const acc_t* panel = b + panels.at(0, v0);
+    switch (panels.width(v0)) {
+      case kTileVecs: {
+        Vec<acc_t> acc[kTileRows][kTileVecs];
+        tile_gemm<acc_t, kTileVecs>(acc, a, panel, kTileVecs * L, k);
+        epilogue(acc, v0);
+        break;
+      }
+      case 2: {
+        Vec<acc_t> acc[kTileRows][2];
+        tile_gemm<acc_t, 2>(acc, a, panel, 2 * L, k);
+        epilogue(acc, v0);
+        break;
+      }
+      default: {
+        Vec<acc_t> acc[kTileRows][1];
+        tile_gemm<acc_t, 1>(acc, a, panel, L, k);
+        epilogue(acc, v0);
+        break;
+      }
     }
   }
 }
 
-// Rows [r0, r0 + rows) of a [rows_total, K] matrix `w` against b, in tiles of up to kTileRows:
-// epilogue(acc, v0, r) gets the accumulators of rows r .. r + R - 1.
-template <typename acc_t, typename Epilogue>
-inline void gemm_row_range(const acc_t* w, int64_t K, int64_t r0, int64_t r1, const acc_t* b,
-                           int64_t ldb, int64_t nvec, int64_t active, const Epilogue& epilogue) {
-  for (int64_t r = r0; r < r1; r += kTileRows) {
-    const acc_t* a[kTileRows];
-    for (int i = 0; i < kTileRows; ++i) a[i] = w + std::min(r + i, r1 - 1) * K;
-    auto tile = [&](auto& acc, int64_t v0) { epilogue(acc, v0, r); };
-    switch (std::min<int64_t>(kTileRows, r1 - r)) {
-      case 4: gemm_rows<acc_t, 4>(a, b, ldb, K, nvec, active, tile); break;
-      case 3: gemm_rows<acc_t, 3>(a, b, ldb, K, nvec, active, tile); break;
-      case 2: gemm_rows<acc_t, 2>(a, b, ldb, K, nvec, active, tile); break;
-      default: gemm_rows<acc_t, 1>(a, b, ldb, K, nvec, active, tile); break;
-    }
-  }
-}
-
-template <typename T>
-constexpr int rows_of(const T&) { return std::extent_v<T, 0>; }
 template <typename T>
 constexpr int vecs_of(const T&) { return std::extent_v<T, 1>; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Enough tiles per thread that the parallel region's fork is a small share of a step.
 inline int64_t unit_grain(int64_t K, int64_t Bp) {
@@ -203,29 +245,41 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   const bool proj = a.w_hr != nullptr;
   const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
   const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
-  const int64_t K = w_hh ? P : 0;
+  const int64_t K = w_hh ? P : 0, p_tiles = ceil_div(P, kTileRows);
+  // Tile j of w_gates: unit j's gate rows i, f, g, o. Tile i of w_proj: rows 4i .. 4i + 3 of w_hr.
+  const PackedRows<acc_t> w_gates(w_hh ? H : 0, K, [&](int64_t j, int r, int64_t k) {
+    return w_hh[(r * H + j) * P + k];
+  });
+  const PackedRows<acc_t> w_proj(proj ? p_tiles : 0, H, [&](int64_t i, int r, int64_t k) {
+    const int64_t p = i * kTileRows + r;
+    return p < P ? w_hr[p * H + k] : acc_t(0);
+  });
   const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F h_all{a.h_all}, c_all{a.c_all}, gates_all{a.gates_all}, hpre_all{a.hpre_all};
 
   // Feature-major state: h double-buffered (a step reads all of h_prev), c updated in place.
-  std::vector<acc_t> h_buf(2 * P * Bp, acc_t(0)), c_buf(H * Bp, acc_t(0)), hpre_buf(proj ? H * Bp : 0);
+  // h, the B operand of phase 1, in panels (double-buffered: a step reads all of h_prev); hpre,
+  // the B operand of the projection, likewise; c updated in place, [H, Bp].
+  const Panels<acc_t> h_panels{P, nvec}, hpre_panels{H, nvec};
+  std::vector<acc_t> h_buf(2 * h_panels.size(), acc_t(0)), c_buf(H * Bp, acc_t(0));
+  std::vector<acc_t> hpre_buf(proj ? hpre_panels.size() : 0);
   for (int64_t v = 0; v < nvec; ++v) {
-    for (int64_t p = 0; p < P; ++p) h0.load(0, v * L, p, lay.lanes(v)).store(&h_buf[p * Bp + v * L]);
+    for (int64_t p = 0; p < P; ++p) h0.load(0, v * L, p, lay.lanes(v)).store(&h_buf[h_panels.at(p, v)]);
     for (int64_t j = 0; j < H; ++j) c0.load(0, v * L, j, lay.lanes(v)).store(&c_buf[j * Bp + v * L]);
   }
 
   for (int64_t s = 0; s < lay.T; ++s) {
     const int64_t t = lay.time(s), active = lay.active_vecs(t);
-    const acc_t* h_prev = h_buf.data() + (s % 2) * P * Bp;
-    acc_t* h_next = h_buf.data() + ((s + 1) % 2) * P * Bp;
+    const acc_t* h_prev = h_buf.data() + (s % 2) * h_panels.size();
+    acc_t* h_next = h_buf.data() + ((s + 1) % 2) * h_panels.size();
 
     // h = lerp(h_new, h_prev, zoneout_h) for carried-or-stepping lanes, to state and output.
     auto emit_h = [&](Vec<acc_t> h_new, int64_t p, int64_t v) {
       const int lanes = lay.lanes(v);
-      const Vec<acc_t> hp = Vec<acc_t>::loadu(h_prev + p * Bp + v * L);
+      const Vec<acc_t> hp = Vec<acc_t>::loadu(h_prev + h_panels.at(p, v));
       if (zh.present()) h_new = h_new + zh.load(t, v * L, p, lanes) * (hp - h_new);
       if (!lay.all_step(t, v)) h_new = Vec<acc_t>::blendv(hp, h_new, lay.step_mask(t, v));
-      h_new.store(h_next + p * Bp + v * L);
+      h_new.store(h_next + h_panels.at(p, v));
       h_all.store(h_new, t, v * L, p, lanes);
     };
 
@@ -238,9 +292,7 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
             gates_all.prefetch(t, g * H + j + 1, lay.B);
           }
         }
-        const acc_t* rows[kTileRows];
-        for (int g = 0; g < 4; ++g) rows[g] = w_hh ? w_hh + (g * H + j) * K : nullptr;
-        gemm_rows<acc_t, 4>(rows, h_prev, Bp, K, nvec, active, [&](auto& acc, int64_t v0) {
+        gemm_tile(w_gates.tile(j), h_prev, h_panels, K, active, [&](auto& acc, int64_t v0) {
           for (int dv = 0; dv < vecs_of(acc); ++dv) {
             const int64_t v = v0 + dv;
             const int lanes = lay.lanes(v);
@@ -265,7 +317,7 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
             c_all.store(c, t, b0, j, lanes);
             for (int g = 0; g < 4; ++g) gates_all.store(act[g], t, b0, g * H + j, lanes);
             if (proj) {
-              hpre.store(&hpre_buf[j * Bp + b0]);
+              hpre.store(&hpre_buf[hpre_panels.at(j, v)]);
               hpre_all.store(hpre, t, b0, j, lanes);
             } else {
               emit_h(hpre, j, v);
@@ -277,13 +329,14 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
 
     // Phase 2 (projection): h_new = hpre @ w_hr^T, per tile of projected units.
     if (proj) {
-      const int64_t tiles = (P + kTileRows - 1) / kTileRows;
-      at::parallel_for(0, tiles, unit_grain(kTileRows * H, Bp), [&](int64_t i0, int64_t i1) {
-        gemm_row_range(w_hr, H, i0 * kTileRows, std::min(P, i1 * kTileRows), hpre_buf.data(), Bp,
-                       nvec, nvec, [&](auto& acc, int64_t v0, int64_t p0) {
-                         for (int r = 0; r < rows_of(acc); ++r)
-                           for (int dv = 0; dv < vecs_of(acc); ++dv) emit_h(acc[r][dv], p0 + r, v0 + dv);
-                       });
+      at::parallel_for(0, p_tiles, unit_grain(kTileRows * H, Bp), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t p0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, P - p0);
+          gemm_tile(w_proj.tile(i), hpre_buf.data(), hpre_panels, H, nvec, [&](auto& acc, int64_t v0) {
+            for (int r = 0; r < rows; ++r)
+              for (int dv = 0; dv < vecs_of(acc); ++dv) emit_h(acc[r][dv], p0 + r, v0 + dv);
+          });
+        }
       });
     }
   }
@@ -298,10 +351,21 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   constexpr int L = Vec<acc_t>::size();
   const Layout<acc_t> lay(a.shape);
   const int64_t T = lay.T, H = lay.H, P = lay.P, G = lay.G, Bp = lay.Bp, nvec = lay.nvec;
-  const bool proj = a.w_hr_t != nullptr;
-  const auto* w_hh_t = static_cast<const acc_t*>(a.w_hh_t);
-  const auto* w_hr_t = static_cast<const acc_t*>(a.w_hr_t);
-  const int64_t K_hh = w_hh_t ? G : 0;
+  const bool proj = a.w_hr != nullptr;
+  const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
+  const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
+  const int64_t K_hh = w_hh ? G : 0;
+  const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kTileRows);
+  // dh_prev = dgates @ w_hh and dhpre = dh_new @ w_hr take columns of the weights as rows: tile i
+  // of w_hh_cols holds columns 4i .. 4i + 3 of w_hh, tile i of w_hr_cols those of w_hr.
+  const PackedRows<acc_t> w_hh_cols(w_hh ? p_tiles : 0, G, [&](int64_t i, int r, int64_t n) {
+    const int64_t p = i * kTileRows + r;
+    return p < P ? w_hh[n * P + p] : acc_t(0);
+  });
+  const PackedRows<acc_t> w_hr_cols(proj ? h_tiles : 0, P, [&](int64_t i, int r, int64_t p) {
+    const int64_t k = i * kTileRows + r;
+    return k < H ? w_hr[p * H + k] : acc_t(0);
+  });
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
   const F gates_all{a.gates_all}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
@@ -311,8 +375,10 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   // dh_share (passed straight to h_prev: zoneout's share, all of it for carried rows), dc (into
   // c of the current step), and the step's gate gradients, double-buffered because the GEMM of
   // step s reads all of them while the fused epilogue writes step s + 1's.
-  std::vector<acc_t> dh_new(P * Bp, acc_t(0)), dh_share(P * Bp, acc_t(0)), dc(H * Bp, acc_t(0));
-  std::vector<acc_t> dgates(2 * G * Bp, acc_t(0));
+  // dh_new and dgates are GEMM B operands (phase A with a projection, phase B), in panels.
+  const Panels<acc_t> dh_panels{P, nvec}, dgates_panels{G, nvec};
+  std::vector<acc_t> dh_new(dh_panels.size(), acc_t(0)), dh_share(P * Bp, acc_t(0));
+  std::vector<acc_t> dc(H * Bp, acc_t(0)), dgates(2 * dgates_panels.size(), acc_t(0));
 
   // Backward step s undoes forward step T - 1 - s, at time btime(s).
   auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
@@ -326,7 +392,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     if (!lay.all_step(t, v)) share = Vec<acc_t>::blendv(dh_total, share, lay.step_mask(t, v));
     const Vec<acc_t> into_new = dh_total - share;
     share.store(&dh_share[p * Bp + b0]);
-    into_new.store(&dh_new[p * Bp + b0]);
+    into_new.store(&dh_new[dh_panels.at(p, v)]);
     if (proj) grad_hproj_all.store(into_new, t, b0, p, lanes);
     return into_new;
   };
@@ -359,30 +425,28 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
       dc_prev = Vec<acc_t>::blendv(dc_total, dc_prev, mask);
     }
     dc_prev.store(dc_ptr);
-    acc_t* dg = dgates.data() + (s % 2) * G * Bp;
+    acc_t* dg = dgates.data() + (s % 2) * dgates_panels.size();
     for (int q = 0; q < 4; ++q) {
-      d[q].store(dg + (q * H + k) * Bp + b0);
+      d[q].store(dg + dgates_panels.at(q * H + k, v));
       grad_x_proj.store(d[q], t, b0, q * H + k, lanes);
     }
   };
 
-  const int64_t unit_tiles_h = (H + kTileRows - 1) / kTileRows;
-  const int64_t unit_tiles_p = (P + kTileRows - 1) / kTileRows;
-
   // Phase A of step s: the gradient reaching hpre (dh_new, through w_hr with a projection), then
   // the cell. Without a projection it runs fused into phase B of step s - 1, except for s = 0.
   auto phase_a = [&](int64_t s) {
-    at::parallel_for(0, unit_tiles_h, unit_grain(kTileRows * (proj ? P : 1), Bp), [&](int64_t i0, int64_t i1) {
-      const int64_t k0 = i0 * kTileRows, k1 = std::min(H, i1 * kTileRows);
-      if (proj) {
-        gemm_row_range(w_hr_t, P, k0, k1, dh_new.data(), Bp, nvec, nvec,
-                       [&](auto& acc, int64_t v0, int64_t k) {
-                         for (int r = 0; r < rows_of(acc); ++r)
-                           for (int dv = 0; dv < vecs_of(acc); ++dv) cell(s, acc[r][dv], k + r, v0 + dv);
-                       });
-      } else {
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t v = 0; v < nvec; ++v) cell(s, Vec<acc_t>::loadu(&dh_new[k * Bp + v * L]), k, v);
+    at::parallel_for(0, h_tiles, unit_grain(kTileRows * (proj ? P : 1), Bp), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t k0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, H - k0);
+        if (proj) {
+          gemm_tile(w_hr_cols.tile(i), dh_new.data(), dh_panels, P, nvec, [&](auto& acc, int64_t v0) {
+            for (int r = 0; r < rows; ++r)
+              for (int dv = 0; dv < vecs_of(acc); ++dv) cell(s, acc[r][dv], k0 + r, v0 + dv);
+          });
+        } else {
+          for (int64_t k = k0; k < k0 + rows; ++k)
+            for (int64_t v = 0; v < nvec; ++v) cell(s, Vec<acc_t>::loadu(&dh_new[dh_panels.at(k, v)]), k, v);
+        }
       }
     });
   };
@@ -398,24 +462,26 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     if (s > 0 && proj) phase_a(s);
     // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on), then the split of the
     // next step (and, without a projection, its cell).
-    const acc_t* dg = dgates.data() + (s % 2) * G * Bp;
+    const acc_t* dg = dgates.data() + (s % 2) * dgates_panels.size();
     const int64_t active = lay.active_vecs(btime(s));
-    at::parallel_for(0, unit_tiles_p, unit_grain(kTileRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
-      gemm_row_range(w_hh_t, K_hh, i0 * kTileRows, std::min(P, i1 * kTileRows), dg, Bp, nvec, active,
-                     [&](auto& acc, int64_t v0, int64_t p) {
-                       for (int r = 0; r < rows_of(acc); ++r) {
-                         for (int dv = 0; dv < vecs_of(acc); ++dv) {
-                           const int64_t v = v0 + dv;
-                           const Vec<acc_t> carry = acc[r][dv] + Vec<acc_t>::loadu(&dh_share[(p + r) * Bp + v * L]);
-                           if (s + 1 == T) {
-                             grad_h0.store(carry, 0, v * L, p + r, lay.lanes(v));
-                           } else {
-                             const Vec<acc_t> into_new = split(s + 1, carry, p + r, v);
-                             if (!proj) cell(s + 1, into_new, p + r, v);
-                           }
-                         }
-                       }
-                     });
+    at::parallel_for(0, p_tiles, unit_grain(kTileRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t p0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, P - p0);
+        gemm_tile(w_hh_cols.tile(i), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
+          for (int r = 0; r < rows; ++r) {
+            for (int dv = 0; dv < vecs_of(acc); ++dv) {
+              const int64_t p = p0 + r, v = v0 + dv;
+              const Vec<acc_t> carry = acc[r][dv] + Vec<acc_t>::loadu(&dh_share[p * Bp + v * L]);
+              if (s + 1 == T) {
+                grad_h0.store(carry, 0, v * L, p, lay.lanes(v));
+              } else {
+                const Vec<acc_t> into_new = split(s + 1, carry, p, v);
+                if (!proj) cell(s + 1, into_new, p, v);
+              }
+            }
+          }
+        });
+      }
     });
   }
   for (int64_t k = 0; k < H; ++k)
