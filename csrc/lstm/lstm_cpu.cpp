@@ -38,8 +38,12 @@ at::ScalarType math_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A weight for the kernels: contiguous, in the math type.
-Tensor kernel_weight(const Tensor& w) { return w.to(math_type(w)).contiguous(); }
+// A weight for the kernels: contiguous, in the math type, optionally transposed (the backward's
+// GEMMs read rows of w^T; a strided column walk would thrash L1 sets).
+Tensor kernel_weight(const Tensor& w, bool transpose = false) {
+  const Tensor m = w.to(math_type(w));
+  return (transpose ? m.t() : m).contiguous();
+}
 
 // ---- cell pointwise ops ----------------------------------------------------------------------
 
@@ -159,13 +163,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();
-  const Tensor w_hh_k = kernel_weight(w_hh);
-  const Tensor w_hr_k = proj ? kernel_weight(p.w_hr) : Tensor();
+  const Tensor w_hh_t = kernel_weight(w_hh, true);
+  const Tensor w_hr_t = proj ? kernel_weight(p.w_hr, true) : Tensor();
 
   LstmLayerBwdArgs a{};
   a.shape = p.shape(lstm_dtype(gates_all, op));
-  a.w_hh = w_hh_k.data_ptr();
-  a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
+  a.w_hh_t = w_hh_t.data_ptr();
+  a.w_hr_t = proj ? w_hr_t.data_ptr() : nullptr;
   a.grad_h_all = seq_view(grad_h_all);
   a.grad_c_all = seq_view(grad_c_all);
   a.c0 = seq_view(c0);

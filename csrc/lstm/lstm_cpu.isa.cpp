@@ -33,6 +33,7 @@ using Vec = at::vec::Vectorized<T>;
 // vectors per tile:
 // 4 x 3 accumulators plus 3 batch vectors and one broadcast fill the 16 AVX2 registers.
 constexpr int kTileRows = 4;
+static_assert(kTileRows == 4, "the forward tiles are the four gates of one unit");
 constexpr int kTileVecs = 3;
 
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
@@ -105,15 +106,31 @@ struct Fibre {
   }
 };
 
-// acc[r][v] = sum_k a[k * kTileRows + r] * b[k * ldb + v * lanes]: one tile of packed weight rows
-// (PackedRows) against V batch vectors of a panel.
-// Never inlined: inside the large epilogue functions the compiler would spill accumulators.
-template <typename acc_t, int V>
-C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[kTileRows][V], const acc_t* a, const acc_t* b, int64_t ldb,
-                      int64_t K) {
+// The A operand of a tile: kTileRows rows of a row-major weight, read in place (the forward's
+// four gate rows of a unit, or rows of a transposed weight in the backward). No packing: a
+// one-step call would pay as much for it as for its GEMM. A partial tile repeats its last row.
+template <typename acc_t>
+struct WeightTile {
+  const acc_t* row[kTileRows];
+  C10_ALWAYS_INLINE acc_t at(int64_t k, int r) const { return row[r][k]; }
+
+  // Rows first .. first + 3 of w (rows `ld` long), clamped to `count` rows.
+  static WeightTile rows(const acc_t* w, int64_t ld, int64_t first, int64_t count) {
+    WeightTile t{};
+    for (int r = 0; r < kTileRows; ++r) t.row[r] = w ? w + std::min(first + r, count - 1) * ld : nullptr;
+    return t;
+  }
+};
+
+// acc[r][v] = sum_k a.at(k, r) * b[k * ldb + v * lanes]: one weight tile against V batch vectors
+// of a panel. Never inlined: inside the large epilogue functions the compiler spills accumulators.
+template <typename acc_t, int V, typename A>
+C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[kTileRows][V], const A a_in, const acc_t* b,
+                            int64_t ldb, int64_t K) {
   constexpr int L = Vec<acc_t>::size(), R = kTileRows;
-  // Local accumulators: through `acc` the compiler would have to assume that every store may
+  // Local copies: through `acc` and `a_in` the compiler would have to assume that every store may
   // alias the loads, and keep the sums in memory.
+  const A a = a_in;
   Vec<acc_t> c[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) c[r][v] = Vec<acc_t>(acc_t(0));
@@ -122,34 +139,13 @@ C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[kTileRows][V], const acc_t* a, con
     Vec<acc_t> bv[V];
     for (int v = 0; v < V; ++v) bv[v] = Vec<acc_t>::loadu(b + k * ldb + v * L);
     for (int r = 0; r < R; ++r) {
-      const Vec<acc_t> av(a[k * R + r]);
+      const Vec<acc_t> av(a.at(k, r));
       for (int v = 0; v < V; ++v) c[r][v] = at::vec::fmadd(av, bv[v], c[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = c[r][v];
 }
-
-// The A operand of the step GEMMs: weight rows in tiles of kTileRows, each tile a contiguous
-// [K, kTileRows] block (element k of row r of tile i at data[(i * K + k) * kTileRows + r]), so
-// that a tile's weights are one sequential stream whatever rows it gathers (the four gates of a
-// unit, or columns of a weight). Packed once per call: T * B times less work than the GEMMs.
-template <typename acc_t>
-struct PackedRows {
-  int64_t K;
-  std::vector<acc_t> data;
-
-  // value(i, r, k): element k of row r of tile i (zero past the matrix's rows).
-  template <typename Value>
-  PackedRows(int64_t tiles, int64_t K_, const Value& value) : K(K_), data(tiles * K_ * kTileRows) {
-    at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i)
-        for (int64_t k = 0; k < K; ++k)
-          for (int r = 0; r < kTileRows; ++r) data[(i * K + k) * kTileRows + r] = value(i, r, k);
-    });
-  }
-  const acc_t* tile(int64_t i) const { return data.data() + i * K * kTileRows; }
-};
 
 // The B operand of the step GEMMs, a feature-major [K, padded batch] state, stored as panels of
 // up to kTileVecs batch vectors: each panel a contiguous [K, width] block, so that a tile streams
@@ -171,8 +167,8 @@ struct Panels {
 // One weight tile against every panel: tile_gemm over the panel's vectors [v0, v0 + width),
 // reducing over the first K rows of b, then epilogue(acc, v0). Panels at or past `active` vectors
 // get no reduction (zero accumulators): their rows carry their state.
-template <typename acc_t, typename Epilogue>
-inline void gemm_tile(const acc_t* a, const acc_t* b, const Panels<acc_t>& panels, int64_t K,
+template <typename acc_t, typename A, typename Epilogue>
+inline void gemm_tile(const A& a, const acc_t* b, const Panels<acc_t>& panels, int64_t K,
                       int64_t active, const Epilogue& epilogue) {
   constexpr int L = Vec<acc_t>::size();
   for (int64_t v0 = 0; v0 < panels.nvec; v0 += kTileVecs) {
@@ -246,14 +242,6 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
   const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
   const int64_t K = w_hh ? P : 0, p_tiles = ceil_div(P, kTileRows);
-  // Tile j of w_gates: unit j's gate rows i, f, g, o. Tile i of w_proj: rows 4i .. 4i + 3 of w_hr.
-  const PackedRows<acc_t> w_gates(w_hh ? H : 0, K, [&](int64_t j, int r, int64_t k) {
-    return w_hh[(r * H + j) * P + k];
-  });
-  const PackedRows<acc_t> w_proj(proj ? p_tiles : 0, H, [&](int64_t i, int r, int64_t k) {
-    const int64_t p = i * kTileRows + r;
-    return p < P ? w_hr[p * H + k] : acc_t(0);
-  });
   const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F h_all{a.h_all}, c_all{a.c_all}, gates_all{a.gates_all}, hpre_all{a.hpre_all};
 
@@ -292,7 +280,10 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
             gates_all.prefetch(t, g * H + j + 1, lay.B);
           }
         }
-        gemm_tile(w_gates.tile(j), h_prev, h_panels, K, active, [&](auto& acc, int64_t v0) {
+        // Unit j's gate rows i, f, g, o: rows j, H + j, 2H + j, 3H + j of w_hh.
+        WeightTile<acc_t> gate_rows;
+        for (int g = 0; g < 4; ++g) gate_rows.row[g] = w_hh ? w_hh + (g * H + j) * P : nullptr;
+        gemm_tile(gate_rows, h_prev, h_panels, K, active, [&](auto& acc, int64_t v0) {
           for (int dv = 0; dv < vecs_of(acc); ++dv) {
             const int64_t v = v0 + dv;
             const int lanes = lay.lanes(v);
@@ -332,7 +323,7 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
       at::parallel_for(0, p_tiles, unit_grain(kTileRows * H, Bp), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t p0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, P - p0);
-          gemm_tile(w_proj.tile(i), hpre_buf.data(), hpre_panels, H, nvec, [&](auto& acc, int64_t v0) {
+          gemm_tile(WeightTile<acc_t>::rows(w_hr, H, p0, P), hpre_buf.data(), hpre_panels, H, nvec, [&](auto& acc, int64_t v0) {
             for (int r = 0; r < rows; ++r)
               for (int dv = 0; dv < vecs_of(acc); ++dv) emit_h(acc[r][dv], p0 + r, v0 + dv);
           });
@@ -351,21 +342,11 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   constexpr int L = Vec<acc_t>::size();
   const Layout<acc_t> lay(a.shape);
   const int64_t T = lay.T, H = lay.H, P = lay.P, G = lay.G, Bp = lay.Bp, nvec = lay.nvec;
-  const bool proj = a.w_hr != nullptr;
-  const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
-  const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
-  const int64_t K_hh = w_hh ? G : 0;
+  const bool proj = a.w_hr_t != nullptr;
+  const auto* w_hh_t = static_cast<const acc_t*>(a.w_hh_t);
+  const auto* w_hr_t = static_cast<const acc_t*>(a.w_hr_t);
+  const int64_t K_hh = w_hh_t ? G : 0;
   const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kTileRows);
-  // dh_prev = dgates @ w_hh and dhpre = dh_new @ w_hr take columns of the weights as rows: tile i
-  // of w_hh_cols holds columns 4i .. 4i + 3 of w_hh, tile i of w_hr_cols those of w_hr.
-  const PackedRows<acc_t> w_hh_cols(w_hh ? p_tiles : 0, G, [&](int64_t i, int r, int64_t n) {
-    const int64_t p = i * kTileRows + r;
-    return p < P ? w_hh[n * P + p] : acc_t(0);
-  });
-  const PackedRows<acc_t> w_hr_cols(proj ? h_tiles : 0, P, [&](int64_t i, int r, int64_t p) {
-    const int64_t k = i * kTileRows + r;
-    return k < H ? w_hr[p * H + k] : acc_t(0);
-  });
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
   const F gates_all{a.gates_all}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
@@ -439,7 +420,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, H - k0);
         if (proj) {
-          gemm_tile(w_hr_cols.tile(i), dh_new.data(), dh_panels, P, nvec, [&](auto& acc, int64_t v0) {
+          gemm_tile(WeightTile<acc_t>::rows(w_hr_t, P, k0, H), dh_new.data(), dh_panels, P, nvec, [&](auto& acc, int64_t v0) {
             for (int r = 0; r < rows; ++r)
               for (int dv = 0; dv < vecs_of(acc); ++dv) cell(s, acc[r][dv], k0 + r, v0 + dv);
           });
@@ -467,7 +448,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     at::parallel_for(0, p_tiles, unit_grain(kTileRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t p0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, P - p0);
-        gemm_tile(w_hh_cols.tile(i), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
+        gemm_tile(WeightTile<acc_t>::rows(w_hh_t, G, p0, P), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
           for (int r = 0; r < rows; ++r) {
             for (int dv = 0; dv < vecs_of(acc); ++dv) {
               const int64_t p = p0 + r, v = v0 + dv;

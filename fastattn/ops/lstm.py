@@ -324,10 +324,21 @@ def lstm_cell(
     if unbatched:
         hx, cx = hx.unsqueeze(0), cx.unsqueeze(0)
     bias = _sum_biases(b_ih, b_hh)
-    gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
-    gates = torch.addmm(gates, hx, w_hh.t())
     backend = _choose_backend(fn, input.device, input.dtype, False)
-    hy, cy = _cell_pointwise(backend)(gates, cx)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh))
+    if backend == "cpu" and not needs_grad:
+        # One step of the fused layer kernel: the recurrent GEMM and the gate math in one pass,
+        # on the input projection computed feature-major as lstm_layer does. (Its backward is
+        # built for sequences; one step trains faster on two GEMMs and the fused pointwise op.)
+        x_proj_t = w_ih @ x.t() if bias is None else torch.addmm(bias.unsqueeze(1), w_ih, x.t())
+        h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
+            x_proj_t.t().unsqueeze(0), hx, cx, w_hh, None, None, False, None, None)
+        hy, cy = h_all[0], c_all[0]
+    else:
+        gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
+        gates = torch.addmm(gates, hx, w_hh.t())
+        hy, cy = _cell_pointwise(backend)(gates, cx)
     return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
 
 
