@@ -138,7 +138,10 @@ def make_extension():
         p for p in all_cpp if not p.name.endswith(ISA_SOURCE_SUFFIX) and p not in glue_cuda
     )
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    cxx = ["-O3", "-std=c++17", "-fvisibility-inlines-hidden", "-fopenmp" if sys.platform == "linux" else "", "-DFASTATTN_BUILD"]
+    # Hidden inline functions: at::vec helpers the compiler keeps out of line are then called
+    # directly instead of through the PLT.
+    cxx = ["-O3", "-std=c++17", "-fvisibility-inlines-hidden",
+           "-fopenmp" if sys.platform == "linux" else "", "-DFASTATTN_BUILD"]
     cxx = [f for f in cxx if f]
     if x86:
         cxx.append("-DFASTATTN_X86_ISA_VARIANTS")

@@ -274,10 +274,10 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
     // Phase 1: per cell unit j, the four gate rows of w_hh against h_prev, then the cell.
     at::parallel_for(0, H, unit_grain(4 * K, Bp), [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
-        if (j + 1 < j1) {
+        if (j + 2 < j1) {
           for (int g = 0; g < 4; ++g) {
-            x_proj.prefetch(t, g * H + j + 1, lay.B);
-            gates_all.prefetch(t, g * H + j + 1, lay.B);
+            x_proj.prefetch(t, g * H + j + 2, lay.B);
+            gates_all.prefetch(t, g * H + j + 2, lay.B);
           }
         }
         // Unit j's gate rows i, f, g, o: rows j, H + j, 2H + j, 3H + j of w_hh.

@@ -426,7 +426,8 @@ def lstm_layer(
     elif backend == "cpu":
         # Feature-major ([4H, T, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
         # batch lanes of a gate as one vector, and lays the saved gates out the same way.
-        x_proj_t = w_ih @ flat.t() if bias is None else torch.addmm(bias.unsqueeze(1), w_ih, flat.t())
+        x_proj_t = (w_ih @ flat.t() if bias is None
+                    else torch.addmm(bias.unsqueeze(1), w_ih, flat.t()))
         x_proj = x_proj_t.view(4 * H, T, B).permute(1, 2, 0)
     else:
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
