@@ -296,6 +296,57 @@ def test_extras_match_plain_reference(options, training):
                  + [n for n, _ in m.named_parameters()])
 
 
+CELL_EXTRA_CASES = [
+    pytest.param(dict(layer_norm=True), True, True, id="layer_norm-train"),
+    pytest.param(dict(layer_norm=True), False, False, id="layer_norm-eval-unbatched"),
+    pytest.param(dict(zoneout=(0.3, 0.2)), True, True, id="zoneout-train"),
+    pytest.param(dict(zoneout=(0.3, 0.2)), False, True, id="zoneout-eval"),
+    pytest.param(dict(recurrent_dropout=0.3), True, True, id="recurrent_dropout-train"),
+    pytest.param(dict(layer_norm=True, zoneout=(0.2, 0.4), recurrent_dropout=0.2), True, False,
+                 id="all-train-unbatched"),
+]
+
+
+@pytest.mark.parametrize("options,training,batched", CELL_EXTRA_CASES)
+def test_cell_extras_match_one_lstm_step(options, training, batched):
+    """LSTMCell's extras compute one step of a one-layer LSTM with the same weights and masks
+    (the LSTM's extras are checked against the plain reference above)."""
+    lstm = fastattn.LSTM(5, 7, dtype=torch.float64, **options).train(training)
+    cell = fastattn.LSTMCell(5, 7, dtype=torch.float64, **options).train(training)
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            p.copy_(getattr(lstm, f"{name}_l0") + (0.3 * torch.randn_like(p)
+                                                   if name.startswith("layer_norm_") else 0))
+            getattr(lstm, f"{name}_l0").copy_(p)
+    lead = (3,) if batched else ()
+    x = torch.randn(*lead, 5, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(*lead, 7, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(*lead, 7, dtype=torch.float64, requires_grad=True)
+    params = list(cell.parameters())
+    torch.manual_seed(5)
+    hy, cy = cell(x, (h, c))
+    grads = torch.autograd.grad((hy * hy).sum() + cy.sum(), [x, h, c, *params])
+    torch.manual_seed(5)
+    _, (h_n, c_n) = lstm(x.unsqueeze(0), (h.unsqueeze(0), c.unsqueeze(0)))  # T = 1, one layer
+    want_h, want_c = h_n[0], c_n[0]
+    lstm_params = [getattr(lstm, f"{n}_l0") for n, _ in cell.named_parameters()]
+    want_grads = torch.autograd.grad((want_h * want_h).sum() + want_c.sum(),
+                                     [x, h, c, *lstm_params])
+    _assert_same((hy, cy), (want_h, want_c), ("h", "c"))
+    _assert_same(grads, want_grads, ["grad x", "grad h", "grad c"]
+                 + [n for n, _ in cell.named_parameters()])
+    if training and options.get("zoneout"):  # the masks are drawn: another seed differs
+        torch.manual_seed(6)
+        assert not torch.equal(cell(x, (h, c))[1], cy)
+
+
+def test_cell_extras_bad_options_raise():
+    with pytest.raises(ValueError, match="zoneout"):
+        fastattn.LSTMCell(5, 7, zoneout=(0.5, 1.0))
+    with pytest.raises(ValueError, match="recurrent_dropout"):
+        fastattn.LSTMCell(5, 7, recurrent_dropout=1.0)
+
+
 def test_zoneout_and_recurrent_dropout_are_random_in_training_only():
     m = fastattn.LSTM(5, 7, zoneout=(0.3, 0.3), recurrent_dropout=0.3)
     x = torch.randn(4, 2, 5)

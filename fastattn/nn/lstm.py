@@ -1,7 +1,7 @@
 """Drop-in ``nn.LSTMCell`` / ``nn.LSTM`` served by the fused fastattn LSTM ops.
 
 Constructor arguments, parameter names, shapes, initialization and the forward contract follow
-torch's modules, so ``load_state_dict`` works both ways. ``LSTM`` adds, as constructor options:
+torch's modules, so ``load_state_dict`` works both ways. Both add, as constructor options:
 ``layer_norm`` (LayerNorm-LSTM), ``zoneout=(p_cell, p_hidden)`` and ``recurrent_dropout``
 (DropConnect on ``weight_hh``, one mask per forward).
 """
@@ -22,19 +22,58 @@ from fastattn.ops.lstm import lstm_cell, lstm_layer
 __all__ = ["LSTMCell", "LSTM"]
 
 
-class LSTMCell(nn.Module):
-    """``torch.nn.LSTMCell`` with the pointwise part fused (fastattn.lstm_cell).
+def _check_extras(zoneout, recurrent_dropout) -> tuple[float, float]:
+    zoneout = (0.0, 0.0) if zoneout is None else tuple(float(p) for p in zoneout)
+    if len(zoneout) != 2 or not all(0 <= p < 1 for p in zoneout):
+        raise ValueError(
+            f"zoneout must be (p_cell, p_hidden) with each p in [0, 1), got {zoneout}")
+    if not 0 <= recurrent_dropout < 1:
+        raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+    return zoneout
+
+
+class _Extras:
+    """The options fastattn adds to torch's LSTM modules: masks and LayerNorm parameters."""
+
+    def _recurrent_weight(self, w_hh: torch.Tensor) -> torch.Tensor:
+        if self.training and self.recurrent_dropout > 0:
+            keep = 1.0 - self.recurrent_dropout
+            return w_hh * torch.bernoulli(torch.full_like(w_hh, keep)) / keep
+        return w_hh
+
+    def _zoneout_weights(self, p: float, shape: tuple[int, ...], like: torch.Tensor):
+        if p == 0:
+            return None
+        full = like.new_full(shape, p)
+        return torch.bernoulli(full) if self.training else full
+
+
+class LSTMCell(_Extras, nn.Module):
+    """``torch.nn.LSTMCell`` on the fused fastattn LSTM ops, with LSTM's optional extras.
+
+    Arguments as nn.LSTMCell (input_size, hidden_size, bias=True, device=None, dtype=None), plus
+    the keyword options of ``fastattn.LSTM`` for one step: ``layer_norm`` (parameters
+    ``layer_norm_ih``, ``layer_norm_hh`` [4H], ``layer_norm_c_weight``, ``layer_norm_c_bias``
+    [H]), ``zoneout=(p_cell, p_hidden)`` and ``recurrent_dropout`` (one weight_hh mask per
+    forward). A cell with the same weights and masks computes what a one-layer
+    ``fastattn.LSTM`` computes for one time step.
 
     forward(input [B, I] or [I], hx=None or (h [B, H], c [B, H])) -> (h', c').
     """
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None) -> None:
+                 dtype=None, *, layer_norm: bool = False,
+                 zoneout: tuple[float, float] | None = None,
+                 recurrent_dropout: float = 0.0) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
+        self.layer_norm = layer_norm
+        self.zoneout = _check_extras(zoneout, recurrent_dropout)
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.layer_norm_eps = 1e-5
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **factory))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **factory))
         if bias:
@@ -43,15 +82,27 @@ class LSTMCell(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        if layer_norm:  # after torch's parameters, so seeded init of those matches nn.LSTMCell
+            for kind, n in (("ih", 4 * hidden_size), ("hh", 4 * hidden_size),
+                            ("c_weight", hidden_size), ("c_bias", hidden_size)):
+                setattr(self, f"layer_norm_{kind}", nn.Parameter(torch.empty(n, **factory)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if name.startswith("layer_norm_"):
+                nn.init.zeros_(weight) if "c_bias" in name else nn.init.ones_(weight)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+        s = f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
+        for key, default in (("layer_norm", False), ("zoneout", (0.0, 0.0)),
+                             ("recurrent_dropout", 0.0)):
+            if getattr(self, key) != default:
+                s += f", {key}={getattr(self, key)}"
+        return s
 
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +113,28 @@ class LSTMCell(nn.Module):
             shape = (input.shape[0], self.hidden_size) if input.dim() == 2 else (self.hidden_size,)
             zeros = input.new_zeros(shape)
             hx = (zeros, zeros)
-        return lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih,
-                         self.bias_hh)
+        w_hh = self._recurrent_weight(self.weight_hh)
+        if not self.layer_norm and self.zoneout == (0.0, 0.0):
+            return lstm_cell(input, hx[0], hx[1], self.weight_ih, w_hh, self.bias_ih,
+                             self.bias_hh)
+        # The extras run as a one-step fastattn.lstm_layer (which checks the arguments).
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        h, c = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if unbatched else hx
+        B, H = x.shape[0], self.hidden_size
+        ln = None
+        if self.layer_norm:
+            ln = (self.layer_norm_ih, self.layer_norm_hh, self.layer_norm_c_weight,
+                  self.layer_norm_c_bias, self.layer_norm_eps)
+        h_all, c_all = lstm_layer(
+            x.unsqueeze(0), h, c, self.weight_ih, w_hh, self.bias_ih, self.bias_hh,
+            zoneout_c=self._zoneout_weights(self.zoneout[0], (1, B, H), x),
+            zoneout_h=self._zoneout_weights(self.zoneout[1], (1, B, H), x), layer_norm=ln)
+        hy, cy = h_all[0], c_all[0]
+        return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
 
 
-class LSTM(nn.Module):
+class LSTM(_Extras, nn.Module):
     """``torch.nn.LSTM`` on the fused fastattn LSTM ops, with optional extras.
 
     Arguments as nn.LSTM (input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -127,12 +195,7 @@ class LSTM(nn.Module):
                 "proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
-        zoneout = (0.0, 0.0) if zoneout is None else tuple(float(p) for p in zoneout)
-        if len(zoneout) != 2 or not all(0 <= p < 1 for p in zoneout):
-            raise ValueError(
-                f"zoneout must be (p_cell, p_hidden) with each p in [0, 1), got {zoneout}")
-        if not 0 <= recurrent_dropout < 1:
-            raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+        zoneout = _check_extras(zoneout, recurrent_dropout)
         self.mode = "LSTM"
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -204,21 +267,12 @@ class LSTM(nn.Module):
 
     def _layer_weights(self, layer: int, suffix: str):
         get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
-        w_hh = get("weight_hh")
-        if self.training and self.recurrent_dropout > 0:
-            keep = 1.0 - self.recurrent_dropout
-            w_hh = w_hh * torch.bernoulli(torch.full_like(w_hh, keep)) / keep
+        w_hh = self._recurrent_weight(get("weight_hh"))
         ln = None
         if self.layer_norm:
             ln = (get("layer_norm_ih"), get("layer_norm_hh"), get("layer_norm_c_weight"),
                   get("layer_norm_c_bias"), self.layer_norm_eps)
         return get("weight_ih"), w_hh, get("bias_ih"), get("bias_hh"), get("weight_hr"), ln
-
-    def _zoneout_weights(self, p: float, shape: tuple[int, ...], like: torch.Tensor):
-        if p == 0:
-            return None
-        full = like.new_full(shape, p)
-        return torch.bernoulli(full) if self.training else full
 
     def forward(self, input, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         D = 2 if self.bidirectional else 1
