@@ -38,12 +38,8 @@ at::ScalarType math_type(const Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A weight for the kernels: contiguous, in the math type, optionally transposed (the backward's
-// GEMMs read rows of w^T; a strided column walk would thrash L1 sets).
-Tensor kernel_weight(const Tensor& w, bool transpose = false) {
-  const Tensor m = w.to(math_type(w));
-  return (transpose ? m.t() : m).contiguous();
-}
+// A weight for the kernels: contiguous, in the math type.
+Tensor kernel_weight(const Tensor& w) { return w.to(math_type(w)).contiguous(); }
 
 // ---- cell pointwise ops ----------------------------------------------------------------------
 
@@ -163,13 +159,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();
-  const Tensor w_hh_t = kernel_weight(w_hh, true);
-  const Tensor w_hr_t = proj ? kernel_weight(p.w_hr, true) : Tensor();
+  const Tensor w_hh_k = kernel_weight(w_hh);
+  const Tensor w_hr_k = proj ? kernel_weight(p.w_hr) : Tensor();
 
   LstmLayerBwdArgs a{};
   a.shape = p.shape(lstm_dtype(gates_all, op));
-  a.w_hh_t = w_hh_t.data_ptr();
-  a.w_hr_t = proj ? w_hr_t.data_ptr() : nullptr;
+  a.w_hh = w_hh_k.data_ptr();
+  a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
   a.grad_h_all = seq_view(grad_h_all);
   a.grad_c_all = seq_view(grad_c_all);
   a.c0 = seq_view(c0);
@@ -186,10 +182,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   // Weight gradients for the whole sequence: sum_t grad_gates[t]^T @ h_prev(t), one GEMM for the
   // steps that read h_all and one for the step that reads h0.
   const int64_t G = 4 * p.H;
-  Tensor grad_w_hh = at::zeros({G, p.P}, opts);
-  if (p.T > 0) {
+  Tensor grad_w_hh;
+  if (p.T == 0) {
+    grad_w_hh = at::zeros({G, p.P}, opts);
+  } else {
     const int64_t first = reverse ? p.T - 1 : 0;
-    grad_w_hh.addmm_(grad_x_proj[first].t(), h0);
+    grad_w_hh = at::mm(grad_x_proj[first].t(), h0);
     if (p.T > 1) {
       const Tensor later = reverse ? grad_x_proj.narrow(0, 0, p.T - 1) : grad_x_proj.narrow(0, 1, p.T - 1);
       const Tensor prev = reverse ? h_all.narrow(0, 1, p.T - 1) : h_all.narrow(0, 0, p.T - 1);

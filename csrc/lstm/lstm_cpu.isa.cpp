@@ -202,6 +202,23 @@ constexpr int vecs_of(const T&) { return std::extent_v<T, 1>; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// w^T of a row-major [rows, cols] weight, in 16 x 16 blocks so that both sides move whole cache
+// lines (torch's strided copy of a transpose is several times slower at these sizes). The
+// backward's GEMMs read rows of w^T: walking columns of w would thrash a few L1 sets.
+template <typename acc_t>
+std::vector<acc_t> transposed(const acc_t* w, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 16;
+  std::vector<acc_t> out(w ? rows * cols : 0);
+  if (!w) return out;
+  at::parallel_for(0, ceil_div(rows, kBlock), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = b0 * kBlock; r0 < std::min(rows, b1 * kBlock); r0 += kBlock)
+      for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+        for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
+          for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) out[c * rows + r] = w[r * cols + c];
+  });
+  return out;
+}
+
 // Enough tiles per thread that the parallel region's fork is a small share of a step.
 inline int64_t unit_grain(int64_t K, int64_t Bp) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, 4 * K * Bp));
@@ -342,9 +359,11 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   constexpr int L = Vec<acc_t>::size();
   const Layout<acc_t> lay(a.shape);
   const int64_t T = lay.T, H = lay.H, P = lay.P, G = lay.G, Bp = lay.Bp, nvec = lay.nvec;
-  const bool proj = a.w_hr_t != nullptr;
-  const auto* w_hh_t = static_cast<const acc_t*>(a.w_hh_t);
-  const auto* w_hr_t = static_cast<const acc_t*>(a.w_hr_t);
+  const bool proj = a.w_hr != nullptr;
+  const std::vector<acc_t> w_hh_t_buf = transposed(static_cast<const acc_t*>(a.w_hh), G, P);
+  const std::vector<acc_t> w_hr_t_buf = transposed(static_cast<const acc_t*>(a.w_hr), P, H);
+  const acc_t* w_hh_t = a.w_hh ? w_hh_t_buf.data() : nullptr;  // [P, G]
+  const acc_t* w_hr_t = proj ? w_hr_t_buf.data() : nullptr;    // [H, P]
   const int64_t K_hh = w_hh_t ? G : 0;
   const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kTileRows);
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};

@@ -122,6 +122,8 @@ def _layer_setup_context(ctx, inputs, output):
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h = inputs
     h_all, c_all, gates_all, hpre_all = output
     ctx.options = (batch_sizes, reverse)
+    # No zero-filled gradients for the saved-for-backward outputs (gates_all is [T, B, 4H]).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(h0, c0, w_hh, w_hr, zoneout_c, zoneout_h, h_all, c_all, gates_all,
                           hpre_all)
 

@@ -49,8 +49,8 @@ struct LstmLayerFwdArgs {
 // Backward of the forward above, from its saved activated gates and cell states.
 struct LstmLayerBwdArgs {
   LstmLayerShape shape;
-  const void* w_hh_t;            // [P, G] (w_hh transposed: the GEMM reads its rows), or nullptr
-  const void* w_hr_t;            // [H, P] (w_hr transposed) or nullptr
+  const void* w_hh;              // [G, P], or nullptr for no recurrent term
+  const void* w_hr;              // [P, H] or nullptr
   LstmSeqView grad_h_all;        // [T, B, P] gradient of h_all
   LstmSeqView grad_c_all;        // [T, B, H] gradient of c_all, or absent (zero)
   LstmSeqView c0, c_all, gates_all;
