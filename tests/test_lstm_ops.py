@@ -167,13 +167,17 @@ def test_layer_ops_reject_bad_arguments():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("feature_major", [False, True], ids=["contiguous", "feature_major"])
 @pytest.mark.parametrize("case", [LAYER_CASES[0], LAYER_CASES[-1]])  # no options / every option
-def test_opcheck_layer_ops(case):
+def test_opcheck_layer_ops(case, feature_major):
     T, B, H = 3, 4, 5
     P = 3 if case["proj"] else H
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
         T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
         lengths=[3, 3, 2, 1] if case["lengths"] else None)
+    if feature_major:  # the layout fastattn.ops.lstm computes x_proj in: the fakes must follow it
+        x_proj = x_proj.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+        assert x_proj.stride() == (B, 1, T * B)
     grads = [t.requires_grad_() for t in (x_proj, h0, c0, w_hh, w_hr) if t is not None]
     assert grads
     args = (x_proj, h0, c0, w_hh, w_hr, batch_sizes, case["reverse"], zc, zh)
