@@ -95,14 +95,23 @@ LAYER_CASES = [
 ]
 
 
+# B = 4: one partial batch vector. B = 37: the CPU kernel's batch panels of 3 and 2 vectors, the
+# last one partial; H = 10 and P = 6 leave partial tiles of 4 rows.
+LAYER_SIZES = [pytest.param((5, 4, 9, 4), id="B4H9"), pytest.param((5, 37, 10, 6), id="B37H10")]
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", LAYER_CASES)
-def test_layer_fwd_bwd_match_reference(dtype, case):
-    T, B, H = 5, 4, 9
-    P = 4 if case["proj"] else H
+@pytest.mark.parametrize("sizes", LAYER_SIZES)
+def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
+    T, B, H, P_proj = sizes
+    P = P_proj if case["proj"] else H
+    lengths = case["lengths"]
+    if lengths is not None:  # the case's pattern of lengths spread over the batch, sorted
+        lengths = sorted((lengths[i % len(lengths)] for i in range(B)), reverse=True)
     inputs = _layer_inputs(T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"],
-                           lengths=case["lengths"])
+                           lengths=lengths)
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = inputs
     reverse = case["reverse"]
     _nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
