@@ -4,10 +4,11 @@
 // registers and runs the gate math on the accumulators before anything is written, so the gate
 // pre-activations never go through memory and a step is one parallel region. The tile is
 // weights-stationary: a weight element is broadcast and the recurrent state is kept feature-major
-// with a padded batch ([units, Bp]), so the batch lanes are plain vector loads and the weights are
-// read in the layout torch keeps them, without packing. The backward mirrors it: the GEMM
-// dh_prev = dgates @ w_hh runs on w_hh^T rows and the next step's pointwise backward runs on its
-// accumulators. Weight gradients are whole-sequence GEMMs in the glue (lstm_cpu.cpp).
+// with a padded batch, in panels of up to three batch vectors (Panels), so the batch lanes are
+// plain vector loads streamed in order, and the forward reads the weights in the layout torch
+// keeps them. The backward mirrors it: the GEMM dh_prev = dgates @ w_hh runs on rows of w_hh^T
+// (transposed once per call) and the next step's pointwise backward runs on its accumulators.
+// Weight gradients are whole-sequence GEMMs in the glue (lstm_cpu.cpp).
 //
 // Compiled once per x86 ISA (csrc/include/fastattn/cpu_isa.h): at::vec::Vectorized<float> holds
 // 8 lanes in the AVX2 build, 16 in the AVX-512 one.
@@ -29,9 +30,9 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Rows of a tile (the four gates of one unit, or four columns of a weight) and the most batch
-// vectors per tile:
-// 4 x 3 accumulators plus 3 batch vectors and one broadcast fill the 16 AVX2 registers.
+// Rows of a tile (the four gates of one unit, or four rows of a transposed weight) and the most
+// batch vectors per tile: 4 x 3 accumulators plus 3 batch vectors and one broadcast fill the 16
+// AVX2 registers.
 constexpr int kTileRows = 4;
 static_assert(kTileRows == 4, "the forward tiles are the four gates of one unit");
 constexpr int kTileVecs = 3;
@@ -262,9 +263,8 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F h_all{a.h_all}, c_all{a.c_all}, gates_all{a.gates_all}, hpre_all{a.hpre_all};
 
-  // Feature-major state: h double-buffered (a step reads all of h_prev), c updated in place.
-  // h, the B operand of phase 1, in panels (double-buffered: a step reads all of h_prev); hpre,
-  // the B operand of the projection, likewise; c updated in place, [H, Bp].
+  // Feature-major state: h, the B operand of phase 1, in panels and double-buffered (a step reads
+  // all of h_prev); hpre, the B operand of the projection, likewise; c updated in place, [H, Bp].
   const Panels<acc_t> h_panels{P, nvec}, hpre_panels{H, nvec};
   std::vector<acc_t> h_buf(2 * h_panels.size(), acc_t(0)), c_buf(H * Bp, acc_t(0));
   std::vector<acc_t> hpre_buf(proj ? hpre_panels.size() : 0);
@@ -374,8 +374,8 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   // Feature-major gradients with a padded batch: dh_new (into h_new of the current step),
   // dh_share (passed straight to h_prev: zoneout's share, all of it for carried rows), dc (into
   // c of the current step), and the step's gate gradients, double-buffered because the GEMM of
-  // step s reads all of them while the fused epilogue writes step s + 1's.
-  // dh_new and dgates are GEMM B operands (phase A with a projection, phase B), in panels.
+  // step s reads all of them while the fused epilogue writes step s + 1's. dh_new and dgates are
+  // GEMM B operands (phase A with a projection, phase B), in panels.
   const Panels<acc_t> dh_panels{P, nvec}, dgates_panels{G, nvec};
   std::vector<acc_t> dh_new(dh_panels.size(), acc_t(0)), dh_share(P * Bp, acc_t(0));
   std::vector<acc_t> dc(H * Bp, acc_t(0)), dgates(2 * dgates_panels.size(), acc_t(0));
