@@ -164,6 +164,46 @@ def test_lstm_cell(benchmark, bench, pass_, provider, lstm_dtype, lstm_cell_shap
     )
 
 
+def _run_sequence_case(benchmark, bench, op, pass_, provider, shape, dtype, run, params):
+    """One sequence case: run(x, h0, c0) -> output, timed forward or forward + backward into
+    x and params."""
+    device, backward = bench.device, pass_ == "fwd+bwd"
+
+    def make_inputs():
+        x = harness.random_tensor(
+            shape.T, shape.B, shape.I, device=device, dtype=dtype, requires_grad=backward
+        )
+        h0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
+        c0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
+        dout = harness.random_tensor(shape.T, shape.B, shape.H, device=device, dtype=dtype)
+        return x, h0, c0, dout
+
+    def make_call(inputs):
+        x, h0, c0, dout = inputs
+        if backward:
+            return _grad_call(lambda: run(x, h0, c0), [x] + params, dout)
+
+        def forward():
+            with torch.no_grad():
+                return run(x, h0, c0)
+
+        return forward
+
+    harness.run_case(
+        benchmark,
+        bench,
+        op=op,
+        pass_=pass_,
+        provider=provider,
+        shape=shape,
+        dtype=dtype,
+        flops=lstm_flops(shape, pass_),
+        bytes_moved=lstm_bytes(shape, pass_, dtype),
+        make_inputs=make_inputs,
+        make_call=make_call,
+    )
+
+
 @pytest.mark.parametrize("pass_", PASSES)
 def test_lstm(benchmark, bench, pass_, provider, lstm_dtype, lstm_shape):
     device, dtype, shape = bench.device, lstm_dtype, lstm_shape
@@ -191,39 +231,8 @@ def test_lstm(benchmark, bench, pass_, provider, lstm_dtype, lstm_shape):
             return torch.stack(outputs)
         return module(x, (h0, c0))[0]
 
-    def make_inputs():
-        x = harness.random_tensor(
-            shape.T, shape.B, shape.I, device=device, dtype=dtype, requires_grad=backward
-        )
-        h0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
-        c0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
-        dout = harness.random_tensor(shape.T, shape.B, shape.H, device=device, dtype=dtype)
-        return x, h0, c0, dout
-
-    def make_call(inputs):
-        x, h0, c0, dout = inputs
-        if backward:
-            return _grad_call(lambda: run(x, h0, c0), [x] + list(module.parameters()), dout)
-
-        def forward():
-            with torch.no_grad():
-                return run(x, h0, c0)
-
-        return forward
-
-    harness.run_case(
-        benchmark,
-        bench,
-        op="lstm",
-        pass_=pass_,
-        provider=provider,
-        shape=shape,
-        dtype=dtype,
-        flops=lstm_flops(shape, pass_),
-        bytes_moved=lstm_bytes(shape, pass_, dtype),
-        make_inputs=make_inputs,
-        make_call=make_call,
-    )
+    _run_sequence_case(benchmark, bench, "lstm", pass_, provider, shape, dtype, run,
+                       list(module.parameters()))
 
 
 @pytest.mark.parametrize("pass_", PASSES)
@@ -236,38 +245,5 @@ def test_lstm_layer_norm(benchmark, bench, pass_, provider, lstm_dtype, lstm_sha
     module = lstm_cls(shape.I, shape.H, layer_norm=True, device=device, dtype=dtype)
     module.train(backward)
 
-    def make_inputs():
-        x = harness.random_tensor(
-            shape.T, shape.B, shape.I, device=device, dtype=dtype, requires_grad=backward
-        )
-        h0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
-        c0 = harness.random_tensor(1, shape.B, shape.H, device=device, dtype=dtype)
-        dout = harness.random_tensor(shape.T, shape.B, shape.H, device=device, dtype=dtype)
-        return x, h0, c0, dout
-
-    def make_call(inputs):
-        x, h0, c0, dout = inputs
-        if backward:
-            return _grad_call(
-                lambda: module(x, (h0, c0))[0], [x] + list(module.parameters()), dout
-            )
-
-        def forward():
-            with torch.no_grad():
-                return module(x, (h0, c0))[0]
-
-        return forward
-
-    harness.run_case(
-        benchmark,
-        bench,
-        op="lstm_layer_norm",
-        pass_=pass_,
-        provider=provider,
-        shape=shape,
-        dtype=dtype,
-        flops=lstm_flops(shape, pass_),
-        bytes_moved=lstm_bytes(shape, pass_, dtype),
-        make_inputs=make_inputs,
-        make_call=make_call,
-    )
+    _run_sequence_case(benchmark, bench, "lstm_layer_norm", pass_, provider, shape, dtype,
+                       lambda x, h0, c0: module(x, (h0, c0))[0], list(module.parameters()))
