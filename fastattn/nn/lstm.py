@@ -35,6 +35,15 @@ def _check_extras(zoneout, recurrent_dropout) -> tuple[float, float]:
 class _Extras:
     """The options fastattn adds to torch's LSTM modules: masks and LayerNorm parameters."""
 
+    def reset_parameters(self) -> None:
+        """torch's init (uniform in +-1/sqrt(hidden_size)); LayerNorm gains one, biases zero."""
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for name, weight in self.named_parameters():
+            if name.startswith("layer_norm_"):
+                nn.init.zeros_(weight) if "c_bias" in name else nn.init.ones_(weight)
+            else:
+                nn.init.uniform_(weight, -stdv, stdv)
+
     def _recurrent_weight(self, w_hh: torch.Tensor) -> torch.Tensor:
         if self.training and self.recurrent_dropout > 0:
             keep = 1.0 - self.recurrent_dropout
@@ -87,14 +96,6 @@ class LSTMCell(_Extras, nn.Module):
                             ("c_weight", hidden_size), ("c_bias", hidden_size)):
                 setattr(self, f"layer_norm_{kind}", nn.Parameter(torch.empty(n, **factory)))
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for name, weight in self.named_parameters():
-            if name.startswith("layer_norm_"):
-                nn.init.zeros_(weight) if "c_bias" in name else nn.init.ones_(weight)
-            else:
-                nn.init.uniform_(weight, -stdv, stdv)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}" + ("" if self.bias else ", bias=False")
@@ -237,14 +238,6 @@ class LSTM(_Extras, nn.Module):
 
     def _suffixes(self) -> tuple[str, ...]:
         return ("", "_reverse") if self.bidirectional else ("",)
-
-    def reset_parameters(self) -> None:
-        stdv = 1.0 / math.sqrt(self.hidden_size)
-        for name, weight in self.named_parameters():
-            if name.startswith("layer_norm_"):
-                nn.init.zeros_(weight) if "c_bias" in name else nn.init.ones_(weight)
-            else:
-                nn.init.uniform_(weight, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
         """Kept for nn.LSTM compatibility: the fused ops need no flat weight buffer."""
