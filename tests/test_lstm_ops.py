@@ -149,6 +149,50 @@ def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
         assert got[4].numel() == 0
 
 
+# T = 70 steps of B = 16 rows and H = 256 units: lstm_layer_infer computes x_proj about 4 MiB at a
+# time, so fp32 runs two chunks (64 + 6 steps) and fp64 three (32 + 32 + 6); fp16 and bf16 one.
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_layer_infer_matches_reference(dtype, case):
+    T, B, n_in, H = 70, 16, 24, 256
+    P = 96 if case["proj"] else H
+    lengths = case["lengths"]
+    if lengths is not None:  # the case's pattern of lengths, stretched over T, sorted
+        lengths = sorted((lengths[i % len(lengths)] * T // 5 for i in range(B)), reverse=True)
+    _, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
+        T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=lengths)
+    w_hh = (w_hh.double() / 8).to(dtype)  # a stable recurrence over 70 steps
+    x = _rand(T, B, n_in, dtype=dtype).transpose(0, 1).contiguous().transpose(0, 1)  # batch-first
+    w_ih, bias = _rand(4 * H, n_in, dtype=dtype, scale=0.3), _rand(4 * H, dtype=dtype)
+    reverse = case["reverse"]
+    _nan_heap((T, B, P), (T, B, H), dtype=dtype)
+    got = OPS.lstm_layer_infer(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh)
+
+    def reference_layer(t):  # the layer in dtype t, with x_proj computed as one GEMM
+        def cast(v):
+            return None if v is None else v.to(t)
+        flat = cast(x).reshape(T * B, n_in)
+        x_proj = torch.addmm(cast(bias), flat, cast(w_ih).t()).view(T, B, 4 * H)
+        return reference.lstm_layer_reference(x_proj, *map(cast, (h0, c0, w_hh, w_hr)),
+                                              batch_sizes, reverse, cast(zc), cast(zh))[:2]
+
+    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_layer(torch.float64),
+                                         reference_layer(dtype), strict=True):
+        assert_close_to_reference(g, want, same_dtype, name=name)
+
+
+@needs_cpu_kernels
+def test_layer_infer_without_bias_is_the_layer_forward():
+    x, w_ih = _rand(5, 3, 7), _rand(32, 7)
+    _, h0, c0, w_hh, *_ = _layer_inputs(5, 3, 8, 8, torch.float32, proj=False, zoneout=False,
+                                        lengths=None)
+    got = OPS.lstm_layer_infer(x, w_ih, None, h0, c0, w_hh, None, None, False, None, None)
+    x_proj = (x.reshape(15, 7) @ w_ih.t()).view(5, 3, 32)
+    want = OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, None, False, None, None)[:2]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @needs_cpu_kernels
 def test_sequence_fwd_is_the_option_free_layer():
     x_proj, h0, c0, w_hh, *_ = _layer_inputs(4, 3, 8, 8, torch.float32, proj=False, zoneout=False,
@@ -170,6 +214,15 @@ def test_layer_ops_reject_bad_arguments():
                            None)
     with pytest.raises(RuntimeError, match="w_hh must have dtype"):
         OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh.double(), None, None, False, None, None)
+    x, w_ih, bias = _rand(4, 3, 5), _rand(32, 5), _rand(32)
+    with pytest.raises(RuntimeError, match=r"input must be \[T, B, I\]"):
+        OPS.lstm_layer_infer(x[0], w_ih, bias, h0, c0, w_hh, None, None, False, None, None)
+    with pytest.raises(RuntimeError, match="w_ih must have shape"):
+        OPS.lstm_layer_infer(x, w_ih[:, :4], bias, h0, c0, w_hh, None, None, False, None, None)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        OPS.lstm_layer_infer(x, w_ih, bias[:8], h0, c0, w_hh, None, None, False, None, None)
+    with pytest.raises(RuntimeError, match="c0 must have dtype"):
+        OPS.lstm_layer_infer(x, w_ih, bias, h0, c0.double(), w_hh, None, None, False, None, None)
 
 
 # ---- opcheck and gradcheck ---------------------------------------------------------------------
@@ -196,6 +249,11 @@ def test_opcheck_layer_ops(case, feature_major):
     bwd_args = (_rand(T, B, P, dtype=torch.float64), _rand(T, B, H, dtype=torch.float64),
                 *(t.detach() if isinstance(t, torch.Tensor) else t for t in args[1:]), *out)
     torch.library.opcheck(OPS.lstm_layer_bwd.default, bwd_args)
+    x, w_ih, bias = _rand(T, B, 2, dtype=torch.float64), _rand(4 * H, 2, dtype=torch.float64), (
+        _rand(4 * H, dtype=torch.float64))
+    infer_args = (x, w_ih, bias, *(t.detach() if isinstance(t, torch.Tensor) else t
+                                   for t in args[1:]))
+    torch.library.opcheck(OPS.lstm_layer_infer.default, infer_args)  # inference: no autograd
 
 
 @needs_cpu_kernels

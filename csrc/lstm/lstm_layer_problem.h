@@ -57,37 +57,34 @@ struct LayerProblem {
   }
 };
 
-// `gates_like` is any [T, B, 4H] tensor of the call (x_proj forward, a saved one backward).
-inline LayerProblem layer_problem(const char* op, const Tensor& gates_like, const Tensor& h0,
-                                  const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr,
+// T steps of B rows and H cell units; every tensor is checked against `like`'s dtype.
+inline LayerProblem layer_problem(const char* op, const Tensor& like, int64_t T, int64_t B,
+                                  int64_t H, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& w_hh, const OptTensor& w_hr,
                                   const OptTensor& batch_sizes, bool reverse,
                                   const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
-  TORCH_CHECK(gates_like.dim() == 3 && gates_like.size(2) % 4 == 0, op,
-              ": x_proj must be [T, B, 4H], got ", gates_like.sizes());
-  lstm_dtype(gates_like, op);
-  check_like(gates_like, gates_like, gates_like.sizes(), op, "x_proj");
   LayerProblem p;
-  p.T = gates_like.size(0);
-  p.B = gates_like.size(1);
-  p.H = gates_like.size(2) / 4;
+  p.T = T;
+  p.B = B;
+  p.H = H;
   p.reverse = reverse;
   if (given(w_hr)) {
     TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be [P, H], got ", w_hr->sizes());
     p.P = w_hr->size(0);
-    check_like(*w_hr, gates_like, {p.P, p.H}, op, "w_hr");
+    check_like(*w_hr, like, {p.P, p.H}, op, "w_hr");
     p.w_hr = *w_hr;
   } else {
     p.P = p.H;
   }
-  check_like(h0, gates_like, {p.B, p.P}, op, "h0");
-  check_like(c0, gates_like, {p.B, p.H}, op, "c0");
-  check_like(w_hh, gates_like, {4 * p.H, p.P}, op, "w_hh");
+  check_like(h0, like, {p.B, p.P}, op, "h0");
+  check_like(c0, like, {p.B, p.H}, op, "c0");
+  check_like(w_hh, like, {4 * p.H, p.P}, op, "w_hh");
   if (given(zoneout_c)) {
-    check_like(*zoneout_c, gates_like, {p.T, p.B, p.H}, op, "zoneout_c");
+    check_like(*zoneout_c, like, {p.T, p.B, p.H}, op, "zoneout_c");
     p.zoneout_c = zoneout_c->contiguous();
   }
   if (given(zoneout_h)) {
-    check_like(*zoneout_h, gates_like, {p.T, p.B, p.P}, op, "zoneout_h");
+    check_like(*zoneout_h, like, {p.T, p.B, p.P}, op, "zoneout_h");
     p.zoneout_h = zoneout_h->contiguous();
   }
   p.batch_sizes.assign(p.T, p.B);
@@ -106,6 +103,20 @@ inline LayerProblem layer_problem(const char* op, const Tensor& gates_like, cons
     }
   }
   return p;
+}
+
+// `gates_like` is any [T, B, 4H] tensor of the call (x_proj forward, a saved one backward).
+inline LayerProblem layer_problem(const char* op, const Tensor& gates_like, const Tensor& h0,
+                                  const Tensor& c0, const Tensor& w_hh, const OptTensor& w_hr,
+                                  const OptTensor& batch_sizes, bool reverse,
+                                  const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
+  TORCH_CHECK(gates_like.dim() == 3 && gates_like.size(2) % 4 == 0, op,
+              ": x_proj must be [T, B, 4H], got ", gates_like.sizes());
+  lstm_dtype(gates_like, op);
+  check_like(gates_like, gates_like, gates_like.sizes(), op, "x_proj");
+  return layer_problem(op, gates_like, gates_like.size(0), gates_like.size(1),
+                       gates_like.size(2) / 4, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
+                       zoneout_h);
 }
 
 }  // namespace lstm_glue

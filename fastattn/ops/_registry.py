@@ -79,6 +79,10 @@ SCHEMAS.update({
     "-> (Tensor h_all, Tensor c_all, Tensor gates_all)",
     "lstm_layer_fwd": "lstm_layer_fwd(Tensor x_proj, Tensor h0, Tensor c0, Tensor w_hh, "
     f"{_LSTM_LAYER_OPTIONS}) -> (Tensor h_all, Tensor c_all, Tensor gates_all, Tensor hpre_all)",
+    # Inference only (no autograd): lstm_layer_fwd's h_all and c_all, with x_proj = input @ w_ih^T
+    # + bias computed inside, a few steps at a time, and no gates saved.
+    "lstm_layer_infer": "lstm_layer_infer(Tensor input, Tensor w_ih, Tensor? bias, Tensor h0, "
+    f"Tensor c0, Tensor w_hh, {_LSTM_LAYER_OPTIONS}) -> (Tensor h_all, Tensor c_all)",
     # grad_h_all / grad_c_all: gradients of h_all / c_all (the final state's gradient included).
     # grad_w_hr is empty when w_hr is None.
     "lstm_layer_bwd": "lstm_layer_bwd(Tensor grad_h_all, Tensor grad_c_all, Tensor h0, Tensor c0, "

@@ -3,7 +3,8 @@
 Op semantics and layouts: fastattn/ops/_registry.py. This module checks inputs, chooses the
 backend (fastattn/ops/backends.py), and registers fake kernels and autograd for the ops.
 
-Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd, or fastattn::lstm_ln_layer_fwd/_bwd for
+Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (fastattn::lstm_layer_infer when no
+gradient is needed, which also serves lstm_cell then), or fastattn::lstm_ln_layer_fwd/_bwd for
 the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
 whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise cell ops
 (fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and ``cuda``
@@ -29,6 +30,10 @@ _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The CUDA persistent sequence kernel (csrc/lstm/lstm_sequence.cuh) keeps W_hh on chip.
 _CUDA_SEQUENCE_MAX_HIDDEN = 256
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -93,6 +98,13 @@ def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
     gates = torch.empty_like(x_proj) if x_proj.device.type == "cpu" else x_proj.new_empty(
         T, B, 4 * H)
     return x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), gates, hpre
+
+
+@torch.library.register_fake("fastattn::lstm_layer_infer")
+def _layer_infer_fake(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
+                      zoneout_h):
+    T, B, _ = input.shape
+    return input.new_empty(T, B, h0.shape[1]), input.new_empty(T, B, c0.shape[1])
 
 
 @torch.library.register_fake("fastattn::lstm_sequence_fwd")
@@ -327,15 +339,12 @@ def lstm_cell(
         hx, cx = hx.unsqueeze(0), cx.unsqueeze(0)
     bias = _sum_biases(b_ih, b_hh)
     backend = _choose_backend(fn, input.device, input.dtype, False)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, hx, cx, w_ih, w_hh, b_ih, b_hh))
-    if backend == "cpu" and not needs_grad:
-        # One step of the fused layer kernel: the recurrent GEMM and the gate math in one pass,
-        # on the input projection computed feature-major as lstm_layer does. (Its backward is
-        # built for sequences; one step trains faster on two GEMMs and the fused pointwise op.)
-        x_proj_t = w_ih @ x.t() if bias is None else torch.addmm(bias.unsqueeze(1), w_ih, x.t())
-        h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
-            x_proj_t.t().unsqueeze(0), hx, cx, w_hh, None, None, False, None, None)
+    if backend == "cpu" and not _needs_grad(input, hx, cx, w_ih, w_hh, bias):
+        # One step of the fused layer kernel: the recurrent GEMM and the gate math in one pass.
+        # (Its backward is built for sequences; one step trains faster on two GEMMs and the
+        # fused pointwise op.)
+        h_all, c_all = _OPS.lstm_layer_infer(
+            x.unsqueeze(0), w_ih, bias, hx, cx, w_hh, None, None, False, None, None)
         hy, cy = h_all[0], c_all[0]
     else:
         gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
@@ -421,6 +430,10 @@ def lstm_layer(
 
     backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
     bias = _sum_biases(b_ih, b_hh)
+    if backend == "cpu" and layer_norm is None and not _needs_grad(
+            input, h0, c0, w_ih, w_hh, bias, w_hr):
+        return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                     zoneout_c, zoneout_h)
     flat = input.reshape(T * B, in_features)
     if layer_norm is not None:
         x_proj = torch.nn.functional.layer_norm(flat @ w_ih.t(), (4 * H,), layer_norm[0], bias,
