@@ -162,7 +162,10 @@ def test_layer_infer_matches_reference(dtype, case):
         lengths = sorted((lengths[i % len(lengths)] * T // 5 for i in range(B)), reverse=True)
     _, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
         T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=lengths)
-    w_hh = (w_hh.double() / 8).to(dtype)  # a stable recurrence over 70 steps
+    # A contracting recurrence over 70 steps: with the short tests' weight scales it turns
+    # chaotic, and any two float32 computations (torch's included) drift apart.
+    w_hh = (w_hh.double() / 8).to(dtype)
+    w_hr = None if w_hr is None else (w_hr.double() / 8).to(dtype)
     x = _rand(T, B, n_in, dtype=dtype).transpose(0, 1).contiguous().transpose(0, 1)  # batch-first
     w_ih, bias = _rand(4 * H, n_in, dtype=dtype, scale=0.3), _rand(4 * H, dtype=dtype)
     reverse = case["reverse"]
