@@ -115,7 +115,7 @@ def test_fwd_bwd_match_reference(dtype, shape, case):
     _nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
     out = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, w_hr, batch_sizes, reverse, zc, zh)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    assert [t.dtype for t in out] == [dtype, dtype, opmath, dtype, dtype, opmath, opmath]
+    assert [t.dtype for t in out] == [dtype, dtype, opmath, dtype, opmath, opmath, opmath]
 
     ref64 = reference.lstm_layer_reference(
         *map(_f64, (x_proj, h0, c0, w_hh, w_hr)), batch_sizes, reverse, _f64(zc), _f64(zh),

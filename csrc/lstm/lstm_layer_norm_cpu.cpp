@@ -60,7 +60,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_ln_layer
   Tensor gates_all = at::empty({T, B, 4 * H}, opmath_opts);
   const bool proj = p.w_hr.defined();
   Tensor hpre_all = proj ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
-  Tensor hh_norm_all = at::empty({T, B, 4 * H}, opts);
+  Tensor hh_norm_all = at::empty({T, B, 4 * H}, opmath_opts);
+  Tensor hh_buf = at::empty({B, 4 * H}, opts);  // h_prev @ W_hh^T of the current step
   Tensor c_norm_all = at::empty({T, B, H}, opmath_opts);
   Tensor rstd_all = at::empty({T, B, 2}, opmath_opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? p.w_hr.t() : Tensor();
@@ -78,7 +79,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_ln_layer
       if (proj) hpre_all[t].narrow(0, n, B - n).zero_();
     }
     if (n == 0 || H == 0) continue;
-    Tensor hh = hh_norm_all[t].narrow(0, 0, n);  // [n, 4H]; the kernel normalizes it in place
+    Tensor hh = hh_buf.narrow(0, 0, n);
     at::mm_out(hh, h_prev.narrow(0, 0, n), w_hh_t);
     const Tensor zc = p.zoneout_c.defined() ? p.zoneout_c[t] : Tensor();
     const Tensor zh = p.zoneout_h.defined() ? p.zoneout_h[t] : Tensor();
@@ -89,6 +90,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_ln_layer
     a.eps = eps;
     a.x_proj = x_proj[t].data_ptr();
     a.hh = hh.data_ptr();
+    a.hh_norm = hh_norm_all[t].data_ptr();
     a.ln_hh_weight = ln_hh_weight.data_ptr();
     a.ln_c_weight = ln_c_weight.data_ptr();
     a.ln_c_bias = ln_c_bias.data_ptr();
@@ -126,18 +128,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
     const Tensor& gates_all_in, const Tensor& hpre_all_in, const Tensor& hh_norm_all_in,
     const Tensor& c_norm_all_in, const Tensor& rstd_all_in) {
   constexpr const char* op = "fastattn::lstm_ln_layer_bwd";
-  const LayerProblem p = layer_problem(op, hh_norm_all_in, h0_in, c0_in, w_hh, w_hr, batch_sizes,
-                                       reverse, zoneout_c, zoneout_h);
-  check_ln_weights(op, p, hh_norm_all_in, ln_hh_weight_in, ln_c_weight_in, ln_c_bias_in);
+  TORCH_CHECK(hh_norm_all_in.dim() == 3 && hh_norm_all_in.size(2) % 4 == 0, op,
+              ": hh_norm_all must be [T, B, 4H], got ", hh_norm_all_in.sizes());
+  const Tensor& like = h0_in;  // of the data dtype (hh_norm_all is opmath)
+  const LstmDtype dtype = lstm_dtype(like, op);
+  const LayerProblem p = layer_problem(op, like, hh_norm_all_in.size(0), hh_norm_all_in.size(1),
+                                       hh_norm_all_in.size(2) / 4, h0_in, c0_in, w_hh, w_hr,
+                                       batch_sizes, reverse, zoneout_c, zoneout_h);
+  check_ln_weights(op, p, like, ln_hh_weight_in, ln_c_weight_in, ln_c_bias_in);
   const int64_t T = p.T, B = p.B, H = p.H, P = p.P, G = 4 * H;
   const bool proj = p.w_hr.defined();
-  const Tensor& like = hh_norm_all_in;
   check_like(grad_h_all_in, like, {T, B, P}, op, "grad_h_all");
   check_like(grad_c_all_in, like, {T, B, H}, op, "grad_c_all");
   check_like(h_all_in, like, {T, B, P}, op, "h_all");
   check_like(c_all_in, like, {T, B, H}, op, "c_all");
   if (proj) check_like(hpre_all_in, like, {T, B, H}, op, "hpre_all");
   check_opmath(op, gates_all_in, like, {T, B, G}, "gates_all");
+  check_opmath(op, hh_norm_all_in, like, {T, B, G}, "hh_norm_all");
   check_opmath(op, c_norm_all_in, like, {T, B, H}, "c_norm_all");
   check_opmath(op, rstd_all_in, like, {T, B, 2}, "rstd_all");
   const Tensor grad_h_all = grad_h_all_in.contiguous(), grad_c_all = grad_c_all_in.contiguous();
@@ -149,16 +156,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
   const Tensor rstd_all = rstd_all_in.contiguous();
   const Tensor ln_hh_weight = ln_hh_weight_in.contiguous();
   const Tensor ln_c_weight = ln_c_weight_in.contiguous(), ln_c_bias = ln_c_bias_in.contiguous();
-  const auto opts = hh_norm_all.options();
-  const LstmDtype dtype = lstm_dtype(hh_norm_all, op);
+  const auto opts = like.options();
 
+  // What the recurrence carries from step to step is opmath (lstm_layer_norm_cpu.h), and so are
+  // the weights of its GEMMs.
+  const auto opmath_opts = opts.dtype(opmath_type(like));
+  const Tensor w_hh_op = w_hh.to(opmath_opts.dtype());
+  const Tensor w_hr_op = proj ? p.w_hr.to(opmath_opts.dtype()) : Tensor();
   Tensor grad_x_proj = at::empty({T, B, G}, opts);
-  Tensor grad_hh_all = at::empty({T, B, G}, opts);     // of h_prev @ W_hh^T, per step
-  Tensor grad_c_new_all = at::empty({T, B, H}, opts);  // of the cell LN's output
-  Tensor dh = at::zeros({B, P}, opts);  // gradient reaching the state h of the current time
-  Tensor dc = at::zeros({B, H}, opts);
-  Tensor grad_hproj_all = proj ? at::empty({T, B, P}, opts) : Tensor();  // of hpre @ W_hr^T
-  Tensor grad_hpre = proj ? at::empty({B, H}, opts) : Tensor();
+  Tensor grad_hh_all = at::empty({T, B, G}, opmath_opts);     // of h_prev @ W_hh^T, per step
+  Tensor grad_c_new_all = at::empty({T, B, H}, opmath_opts);  // of the cell LN's output
+  Tensor dh = at::zeros({B, P}, opmath_opts);  // gradient reaching the state h of the current time
+  Tensor dc = at::zeros({B, H}, opmath_opts);
+  Tensor grad_hproj_all = proj ? at::empty({T, B, P}, opmath_opts) : Tensor();  // of hpre @ W_hr^T
+  Tensor grad_hpre = proj ? at::empty({B, H}, opmath_opts) : Tensor();
 
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = p.time(s), n = p.batch_sizes[t];
@@ -189,7 +200,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
         grad_hproj.sub_(dh_n);
       }
       Tensor grad_hpre_n = grad_hpre.narrow(0, 0, n);
-      at::mm_out(grad_hpre_n, grad_hproj, p.w_hr);
+      at::mm_out(grad_hpre_n, grad_hproj, w_hr_op);
       a.grad_h = grad_hpre.data_ptr();
     } else {
       a.grad_h = dh_n.data_ptr();
@@ -215,31 +226,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
     FASTATTN_ISA_CALL(lstm_ln_step_bwd_kernel, a);
     // dh_prev = (zoneout share of dh_total, already in dh_n) + grad_hh @ W_hh
     if (zh.defined()) {
-      dh_n.addmm_(grad_hh, w_hh);
+      dh_n.addmm_(grad_hh, w_hh_op);
     } else {
-      at::mm_out(dh_n, grad_hh, w_hh);
+      at::mm_out(dh_n, grad_hh, w_hh_op);
     }
   }
 
-  // Weight gradients for the whole sequence: grad_w_hh = sum_t grad_hh[t]^T @ h_prev(t).
+  // Weight gradients for the whole sequence: grad_w_hh = sum_t grad_hh[t]^T @ h_prev(t), in
+  // opmath, rounded once.
+  const auto dtype_of = opts.dtype();
   Tensor grad_w_hh;
   if (T == 0) {
     grad_w_hh = at::zeros({G, P}, opts);
   } else {
-    grad_w_hh = at::mm(grad_hh_all[p.time(0)].t(), h0);
+    Tensor sum = at::mm(grad_hh_all[p.time(0)].t(), h0.to(opmath_opts.dtype()));
     if (T > 1) {
       const Tensor later = reverse ? grad_hh_all.narrow(0, 0, T - 1) : grad_hh_all.narrow(0, 1, T - 1);
       const Tensor prev = reverse ? h_all.narrow(0, 1, T - 1) : h_all.narrow(0, 0, T - 1);
-      grad_w_hh.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, P}));
+      sum.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, P}).to(opmath_opts.dtype()));
     }
+    grad_w_hh = sum.to(dtype_of);
   }
   Tensor grad_ln_hh_weight = sum_of_products(grad_x_proj, hh_norm_all);
-  Tensor grad_ln_c_weight = sum_of_products(grad_c_new_all, c_norm_all);
-  Tensor grad_ln_c_bias = grad_c_new_all.to(opmath_type(grad_c_new_all)).sum({0, 1}).to(opts.dtype());
-  Tensor grad_w_hr = proj ? at::mm(grad_hproj_all.reshape({-1, P}).t(), hpre_all.reshape({-1, H}))
-                          : at::empty({0}, opts);
-  return {grad_x_proj, dh, dc, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight, grad_ln_c_bias,
-          grad_w_hr};
+  Tensor grad_ln_c_weight = sum_of_products(grad_c_new_all, c_norm_all).to(dtype_of);
+  Tensor grad_ln_c_bias = grad_c_new_all.sum({0, 1}).to(dtype_of);
+  Tensor grad_w_hr =
+      proj ? at::mm(grad_hproj_all.reshape({-1, P}).t(),
+                    hpre_all.reshape({-1, H}).to(opmath_opts.dtype())).to(dtype_of)
+           : at::empty({0}, opts);
+  return {grad_x_proj, dh.to(dtype_of), dc.to(dtype_of), grad_w_hh, grad_ln_hh_weight,
+          grad_ln_c_weight, grad_ln_c_bias, grad_w_hr};
 }
 
 }  // namespace

@@ -70,7 +70,6 @@ void row_moments(const T* x, int64_t width, T eps, T& mean, T& rstd) {
 }
 
 // The math on one row, on opmath data. Layouts and semantics: lstm_layer_norm_cpu.h.
-// hh_norm may alias hh.
 template <typename T>
 void ln_step_fwd_row(int64_t H, T eps, const T* x_proj, const T* hh, T* hh_norm,
                      const T* ln_hh_weight, const T* ln_c_weight, const T* ln_c_bias,
@@ -240,7 +239,7 @@ void ln_step_fwd(const LstmLnStepFwdArgs& a) {
     const opmath_t* ln_hh_weight = weights.in(a.ln_hh_weight, 0, G);
     const opmath_t* ln_c_weight = weights.in(a.ln_c_weight, 0, H);
     const opmath_t* ln_c_bias = weights.in(a.ln_c_bias, 0, H);
-    OpmathRows<scalar_t> s(18 * H);  // the rows taken below
+    OpmathRows<scalar_t> s(14 * H);  // the rows taken below
     for (int64_t b = begin; b < end; ++b) {
       s.reset();
       const opmath_t* x_proj = s.in(a.x_proj, b, G);
@@ -249,7 +248,7 @@ void ln_step_fwd(const LstmLnStepFwdArgs& a) {
       const opmath_t* zc = s.in(a.zoneout_c, b, H);
       const opmath_t* zh = s.in(a.zoneout_h, b, H);
       const opmath_t* h_prev = a.zoneout_h ? s.in(a.h_prev, b, H) : nullptr;
-      opmath_t* hh_norm = s.out(a.hh, b, G);
+      opmath_t* hh_norm = static_cast<opmath_t*>(a.hh_norm) + b * G;
       opmath_t* gates_act = static_cast<opmath_t*>(a.gates_act) + b * G;
       opmath_t* c_norm = static_cast<opmath_t*>(a.c_norm) + b * H;
       opmath_t* c_out = s.out(a.c_out, b, H);
@@ -257,7 +256,6 @@ void ln_step_fwd(const LstmLnStepFwdArgs& a) {
       ln_step_fwd_row(H, opmath_t(a.eps), x_proj, hh, hh_norm, ln_hh_weight, ln_c_weight,
                       ln_c_bias, c_prev, zc, zh, h_prev, gates_act, c_norm,
                       static_cast<opmath_t*>(a.rstd) + 2 * b, c_out, h_out);
-      s.flush(hh_norm, a.hh, b, G);
       s.flush(c_out, a.c_out, b, H);
       s.flush(h_out, a.h_out, b, H);
     }
@@ -273,33 +271,29 @@ void ln_step_bwd(const LstmLnStepBwdArgs& a) {
     const opmath_t* ln_hh_weight = weights.in(a.ln_hh_weight, 0, G);
     const opmath_t* ln_c_weight = weights.in(a.ln_c_weight, 0, H);
     const opmath_t* ln_c_bias = weights.in(a.ln_c_bias, 0, H);
-    OpmathRows<scalar_t> s(22 * H);  // the rows taken below
+    OpmathRows<scalar_t> s(9 * H);  // the rows taken below
     for (int64_t b = begin; b < end; ++b) {
       s.reset();
-      const opmath_t* grad_h = s.in(a.grad_h, b, H);
+      const opmath_t* grad_h = static_cast<const opmath_t*>(a.grad_h) + b * H;
       const opmath_t* grad_h_extra = s.in(a.grad_h_extra, b, H);
-      const opmath_t* grad_c = s.in(a.grad_c, b, H);
+      const opmath_t* grad_c = static_cast<const opmath_t*>(a.grad_c) + b * H;
       const opmath_t* grad_c_extra = s.in(a.grad_c_extra, b, H);
       const opmath_t* gates_act = static_cast<const opmath_t*>(a.gates_act) + b * G;
-      const opmath_t* hh_norm = s.in(a.hh_norm, b, G);
+      const opmath_t* hh_norm = static_cast<const opmath_t*>(a.hh_norm) + b * G;
       const opmath_t* c_norm = static_cast<const opmath_t*>(a.c_norm) + b * H;
       const opmath_t* c_prev = s.in(a.c_prev, b, H);
       const opmath_t* zc = s.in(a.zoneout_c, b, H);
       const opmath_t* zh = s.in(a.zoneout_h, b, H);
       opmath_t* grad_gates = s.out(a.grad_gates, b, G);
-      opmath_t* grad_hh = s.out(a.grad_hh, b, G);
-      opmath_t* grad_c_new = s.out(a.grad_c_new, b, H);
-      opmath_t* grad_c_prev = s.out(a.grad_c_prev, b, H);
-      opmath_t* grad_h_prev = a.zoneout_h ? s.out(a.grad_h_prev, b, H) : nullptr;
+      opmath_t* grad_hh = static_cast<opmath_t*>(a.grad_hh) + b * G;
+      opmath_t* grad_c_new = static_cast<opmath_t*>(a.grad_c_new) + b * H;
+      opmath_t* grad_c_prev = static_cast<opmath_t*>(a.grad_c_prev) + b * H;
+      opmath_t* grad_h_prev = a.zoneout_h ? static_cast<opmath_t*>(a.grad_h_prev) + b * H : nullptr;
       ln_step_bwd_row(H, grad_h, grad_h_extra, grad_c, grad_c_extra, ln_hh_weight, ln_c_weight,
                       ln_c_bias, gates_act, hh_norm, c_norm,
                       static_cast<const opmath_t*>(a.rstd) + 2 * b, c_prev, zc, zh, grad_gates,
                       grad_hh, grad_c_new, grad_c_prev, grad_h_prev);
       s.flush(grad_gates, a.grad_gates, b, G);
-      s.flush(grad_hh, a.grad_hh, b, G);
-      s.flush(grad_c_new, a.grad_c_new, b, H);
-      s.flush(grad_c_prev, a.grad_c_prev, b, H);
-      s.flush(grad_h_prev, a.grad_h_prev, b, H);
     }
   });
 }

@@ -167,8 +167,9 @@ def _ln_layer_fwd_fake(x_proj, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bia
     opmath = _opmath(x_proj.dtype)
     hpre = x_proj.new_empty(T, B, H) if w_hr is not None else x_proj.new_empty(0)
     return (x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H),
-            x_proj.new_empty(T, B, 4 * H, dtype=opmath), hpre, x_proj.new_empty(T, B, 4 * H),
-            x_proj.new_empty(T, B, H, dtype=opmath), x_proj.new_empty(T, B, 2, dtype=opmath))
+            x_proj.new_empty(T, B, 4 * H, dtype=opmath), hpre,
+            x_proj.new_empty(T, B, 4 * H, dtype=opmath), x_proj.new_empty(T, B, H, dtype=opmath),
+            x_proj.new_empty(T, B, 2, dtype=opmath))
 
 
 @torch.library.register_fake("fastattn::lstm_ln_layer_bwd")
@@ -176,9 +177,9 @@ def _ln_layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_
                        w_hr, batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, gates_all,
                        hpre_all, hh_norm_all, c_norm_all, rstd_all):
     grad_w_hr = torch.empty_like(w_hr) if w_hr is not None else h0.new_empty(0)
-    return (torch.empty_like(hh_norm_all), torch.empty_like(h0), torch.empty_like(c0),
-            torch.empty_like(w_hh), torch.empty_like(ln_hh_weight), torch.empty_like(ln_c_weight),
-            torch.empty_like(ln_c_bias), grad_w_hr)
+    return (hh_norm_all.new_empty(hh_norm_all.shape, dtype=h0.dtype), torch.empty_like(h0),
+            torch.empty_like(c0), torch.empty_like(w_hh), torch.empty_like(ln_hh_weight),
+            torch.empty_like(ln_c_weight), torch.empty_like(ln_c_bias), grad_w_hr)
 
 
 def _ln_layer_setup_context(ctx, inputs, output):

@@ -5,8 +5,10 @@
 // Row layouts as in lstm_cpu.h: gate chunks i, f, g, o; rows of [rows, 4H] / [rows, H] tensors
 // follow each other. Data pointers are of the `dtype` type except those marked opmath: float32
 // for bfloat16/float16 data, the data's type otherwise, the type the math runs in. The rows saved
-// for the backward that feed its LayerNorm gradients (gates_act, c_norm, rstd) are opmath, so
-// that the backward's cancellation-prone sums do not start from rounded bfloat16 values.
+// for the backward that feed its LayerNorm gradients (gates_act, hh_norm, c_norm, rstd) are opmath, so
+// that the backward's cancellation-prone sums do not start from rounded bfloat16 values; so are
+// the gradients the backward carries from step to step (dh, dc and what they are made from), so
+// that they are not rounded to bfloat16 once per step.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +30,8 @@ struct LstmLnStepFwdArgs {
   int64_t hidden;              // H
   double eps;
   const void* x_proj;          // [rows, 4H] normalized input projection (bias included)
-  void* hh;                    // [rows, 4H] in: h_prev @ W_hh^T; out: hh_norm (in place)
+  const void* hh;              // [rows, 4H] h_prev @ W_hh^T
+  void* hh_norm;               // [rows, 4H] opmath: LN(hh)
   const void* ln_hh_weight;    // [4H]
   const void* ln_c_weight;     // [H]
   const void* ln_c_bias;       // [H]
@@ -55,25 +58,25 @@ struct LstmLnStepBwdArgs {
   LstmDtype dtype;
   int64_t rows;
   int64_t hidden;
-  const void* grad_h;          // [rows, H]
+  const void* grad_h;          // [rows, H] opmath
   const void* grad_h_extra;    // [rows, H] or nullptr
-  const void* grad_c;          // [rows, H]
+  const void* grad_c;          // [rows, H] opmath
   const void* grad_c_extra;    // [rows, H] or nullptr
   const void* ln_hh_weight;    // [4H]
   const void* ln_c_weight;     // [H]
   const void* ln_c_bias;       // [H]
   const void* gates_act;       // [rows, 4H] opmath
-  const void* hh_norm;         // [rows, 4H]
+  const void* hh_norm;         // [rows, 4H] opmath
   const void* c_norm;          // [rows, H] opmath
   const void* rstd;            // [rows, 2] opmath
   const void* c_prev;          // [rows, H]
   const void* zoneout_c;       // [rows, H] or nullptr
   const void* zoneout_h;       // [rows, H] or nullptr
   void* grad_gates;            // [rows, 4H]
-  void* grad_hh;               // [rows, 4H]
-  void* grad_c_new;            // [rows, H] (the weight gradients of the cell LN are reduced from it)
-  void* grad_c_prev;           // [rows, H]
-  void* grad_h_prev;           // [rows, H], written only with zoneout_h
+  void* grad_hh;               // [rows, 4H] opmath
+  void* grad_c_new;            // [rows, H] opmath (the cell LN's weight gradients come from it)
+  void* grad_c_prev;           // [rows, H] opmath
+  void* grad_h_prev;           // [rows, H] opmath, written only with zoneout_h
 };
 
 }  // namespace fastattn
