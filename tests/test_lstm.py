@@ -394,6 +394,19 @@ def test_compile_fullgraph():
         torch.testing.assert_close(g, p.grad)
 
 
+def test_compile_fullgraph_inference():
+    # Without gradients the cpu backend serves LSTM and LSTMCell with fastattn::lstm_layer_infer;
+    # aot_eager traces it through its fake.
+    lstm = fastattn.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3).eval()
+    cell = fastattn.LSTMCell(5, 8)
+    x = torch.randn(4, 2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(lstm, fullgraph=True, backend="aot_eager")(x),
+                                   lstm(x))
+        torch.testing.assert_close(torch.compile(cell, fullgraph=True, backend="aot_eager")(x[0]),
+                                   cell(x[0]))
+
+
 # ---- bad inputs --------------------------------------------------------------------------------
 
 
