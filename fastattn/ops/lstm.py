@@ -380,7 +380,8 @@ def lstm_layer(
 
     input [T, B, I]; h0 [B, P], c0 [B, H]; w_ih [4H, I], w_hh [4H, P], b_ih / b_hh [4H] or None,
     w_hr [P, H] or None (P = H without projection). The input projection for the whole sequence
-    is one GEMM. batch_sizes (int64 CPU [T], non-increasing) steps only the first
+    is one GEMM (on the ``cpu`` backend without gradients, one GEMM per few steps, feeding the
+    recurrence from cache). batch_sizes (int64 CPU [T], non-increasing) steps only the first
     batch_sizes[t] rows at time t, the others carrying their state; reverse runs t = T-1 .. 0;
     zoneout_c [T, B, H] / zoneout_h [T, B, P] weight the previous state (see _registry.py).
     layer_norm = (ln_ih_weight [4H], ln_hh_weight [4H], ln_c_weight [H], ln_c_bias [H], eps)
