@@ -99,6 +99,30 @@ std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy, co
 
 // ---- sequence ops ----------------------------------------------------------------------------
 
+// The forward kernel over steps [t0, t0 + n) of the outputs: x_proj holds those n steps, the
+// state before them is (h_start, c_start), and gates_all / hpre_all (whole-sequence, or
+// undefined) receive what the backward reads.
+void run_layer_fwd(const LayerProblem& p, LstmDtype dtype, const Tensor& w_hh_k,
+                   const Tensor& w_hr_k, const Tensor& x_proj, const Tensor& h_start,
+                   const Tensor& c_start, int64_t t0, int64_t n, const Tensor& h_all,
+                   const Tensor& c_all, const Tensor& gates_all, const Tensor& hpre_all) {
+  auto steps = [&](const Tensor& all) { return all.defined() ? all.narrow(0, t0, n) : Tensor(); };
+  LstmLayerFwdArgs a{};
+  a.shape = {dtype, n, p.B, p.H, p.P, p.reverse, p.batch_sizes.data() + t0};
+  a.w_hh = w_hh_k.data_ptr();
+  a.w_hr = ptr_or_null(w_hr_k);
+  a.x_proj = seq_view(x_proj);
+  a.h0 = seq_view(h_start);
+  a.c0 = seq_view(c_start);
+  a.zoneout_c = seq_view(steps(p.zoneout_c));
+  a.zoneout_h = seq_view(steps(p.zoneout_h));
+  a.h_all = seq_view(steps(h_all));
+  a.c_all = seq_view(steps(c_all));
+  a.gates_all = seq_view(steps(gates_all));
+  a.hpre_all = seq_view(steps(hpre_all));
+  FASTATTN_ISA_CALL(lstm_layer_fwd_kernel, a);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
     const Tensor& x_proj, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
@@ -114,23 +138,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   // the op fakes in fastattn/ops/lstm.py do the same): feature-major x_proj, feature-major gates.
   Tensor gates_all = at::empty_like(x_proj);
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
-  const Tensor w_hh_k = kernel_weight(w_hh);
-  const Tensor w_hr_k = proj ? kernel_weight(p.w_hr) : Tensor();
-
-  LstmLayerFwdArgs a{};
-  a.shape = p.shape(lstm_dtype(x_proj, op));
-  a.w_hh = w_hh_k.data_ptr();
-  a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
-  a.x_proj = seq_view(x_proj);
-  a.h0 = seq_view(h0);
-  a.c0 = seq_view(c0);
-  a.zoneout_c = seq_view(p.zoneout_c);
-  a.zoneout_h = seq_view(p.zoneout_h);
-  a.h_all = seq_view(h_all);
-  a.c_all = seq_view(c_all);
-  a.gates_all = seq_view(gates_all);
-  a.hpre_all = proj ? seq_view(hpre_all) : LstmSeqView{};
-  FASTATTN_ISA_CALL(lstm_layer_fwd_kernel, a);
+  run_layer_fwd(p, lstm_dtype(x_proj, op), kernel_weight(w_hh),
+                proj ? kernel_weight(p.w_hr) : Tensor(), x_proj, h0, c0, 0, p.T, h_all, c_all,
+                gates_all, proj ? hpre_all : Tensor());
   return {h_all, c_all, gates_all, hpre_all};
 }
 
@@ -155,12 +165,11 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   if (given(bias)) check_like(*bias, input, {4 * H}, op, "bias");
   const LayerProblem p = layer_problem(op, input, T, B, H, h0, c0, w_hh, w_hr, batch_sizes,
                                        reverse, zoneout_c, zoneout_h);
-  const bool proj = p.w_hr.defined();
   Tensor h_all = at::empty({T, B, p.P}, input.options());
   Tensor c_all = at::empty({T, B, H}, input.options());
   if (T == 0 || B == 0) return {h_all, c_all};
   const Tensor w_hh_k = kernel_weight(w_hh);
-  const Tensor w_hr_k = proj ? kernel_weight(p.w_hr) : Tensor();
+  const Tensor w_hr_k = p.w_hr.defined() ? kernel_weight(p.w_hr) : Tensor();
 
   // About 4 MiB of x_proj per chunk (L2/L3-sized), but at least 256 GEMM columns.
   const int64_t step_bytes = 4 * H * B * input.element_size();
@@ -180,18 +189,9 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     }
     const bool first = done == 0;
     const int64_t prev = reverse ? t0 + n : t0 - 1;
-    LstmLayerFwdArgs a{};
-    a.shape = {dtype, n, B, H, p.P, reverse, p.batch_sizes.data() + t0};
-    a.w_hh = w_hh_k.data_ptr();
-    a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
-    a.x_proj = seq_view(x_proj_t.view({4 * H, n, B}).permute({1, 2, 0}));
-    a.h0 = seq_view(first ? h0 : h_all[prev]);
-    a.c0 = seq_view(first ? c0 : c_all[prev]);
-    if (p.zoneout_c.defined()) a.zoneout_c = seq_view(p.zoneout_c.narrow(0, t0, n));
-    if (p.zoneout_h.defined()) a.zoneout_h = seq_view(p.zoneout_h.narrow(0, t0, n));
-    a.h_all = seq_view(h_all.narrow(0, t0, n));
-    a.c_all = seq_view(c_all.narrow(0, t0, n));
-    FASTATTN_ISA_CALL(lstm_layer_fwd_kernel, a);
+    run_layer_fwd(p, dtype, w_hh_k, w_hr_k, x_proj_t.view({4 * H, n, B}).permute({1, 2, 0}),
+                  first ? h0 : h_all[prev], first ? c0 : c_all[prev], t0, n, h_all, c_all,
+                  Tensor(), Tensor());
   }
   return {h_all, c_all};
 }
