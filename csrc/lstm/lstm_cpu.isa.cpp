@@ -14,14 +14,13 @@
 // 8 lanes in the AVX2 build, 16 in the AVX-512 one.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 #include "fastattn/lstm_cpu.h"
+#include "lstm_dtype_dispatch.h"
 
 namespace fastattn {
 namespace FASTATTN_ISA_NAMESPACE {
@@ -494,29 +493,14 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   }
 }
 
-template <template <typename> class Fn, typename Args>
-void dispatch(const Args& a) {
-  switch (a.shape.dtype) {
-    case LstmDtype::Float32: return Fn<float>::run(a);
-    case LstmDtype::Float64: return Fn<double>::run(a);
-    case LstmDtype::BFloat16: return Fn<c10::BFloat16>::run(a);
-    case LstmDtype::Float16: return Fn<c10::Half>::run(a);
-  }
-}
-
-template <typename scalar_t>
-struct LayerFwd {
-  static void run(const LstmLayerFwdArgs& a) { layer_fwd<scalar_t>(a); }
-};
-template <typename scalar_t>
-struct LayerBwd {
-  static void run(const LstmLayerBwdArgs& a) { layer_bwd<scalar_t>(a); }
-};
-
 }  // namespace
 
-void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) { dispatch<LayerFwd>(args); }
-void lstm_layer_bwd_kernel(const LstmLayerBwdArgs& args) { dispatch<LayerBwd>(args); }
+void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) {
+  visit_lstm_dtype(args.shape.dtype, [&](auto type) { layer_fwd<decltype(type)>(args); });
+}
+void lstm_layer_bwd_kernel(const LstmLayerBwdArgs& args) {
+  visit_lstm_dtype(args.shape.dtype, [&](auto type) { layer_bwd<decltype(type)>(args); });
+}
 
 }  // namespace FASTATTN_ISA_NAMESPACE
 }  // namespace fastattn

@@ -4,8 +4,6 @@
 // glue (lstm_layer_norm_cpu.cpp) runs the GEMMs around them.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -13,6 +11,7 @@
 #include <vector>
 
 #include "fastattn/lstm_layer_norm_cpu.h"
+#include "lstm_dtype_dispatch.h"
 
 namespace fastattn {
 namespace FASTATTN_ISA_NAMESPACE {
@@ -230,35 +229,55 @@ struct OpmathRows {
 // Rows per task: enough elements that a thread's share outweighs the fork cost.
 inline int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(H, 1)); }
 
+// The LayerNorm weights of a step, as opmath rows.
+template <typename opmath_t>
+struct LnWeights {
+  const opmath_t* hh;      // [4H]
+  const opmath_t* c;       // [H]
+  const opmath_t* c_bias;  // [H]
+};
+
+// row(b, scratch, weights) for every row b of a step, in parallel; `scratch` is reset for each
+// row and holds `scratch_elements` opmath elements (for its in/out conversions).
+template <typename scalar_t, typename Args, typename Row>
+void for_each_row(const Args& a, int64_t scratch_elements, const Row& row) {
+  using opmath_t = typename OpmathRows<scalar_t>::opmath_t;
+  const int64_t H = a.hidden;
+  at::parallel_for(0, a.rows, row_grain(H), [&](int64_t begin, int64_t end) {
+    OpmathRows<scalar_t> weight_rows(6 * H);
+    const LnWeights<opmath_t> weights{weight_rows.in(a.ln_hh_weight, 0, 4 * H),
+                                      weight_rows.in(a.ln_c_weight, 0, H),
+                                      weight_rows.in(a.ln_c_bias, 0, H)};
+    OpmathRows<scalar_t> scratch(scratch_elements);
+    for (int64_t b = begin; b < end; ++b) {
+      scratch.reset();
+      row(b, scratch, weights);
+    }
+  });
+}
+
 template <typename scalar_t>
 void ln_step_fwd(const LstmLnStepFwdArgs& a) {
   using opmath_t = typename OpmathRows<scalar_t>::opmath_t;
   const int64_t H = a.hidden, G = 4 * H;
-  at::parallel_for(0, a.rows, row_grain(H), [&](int64_t begin, int64_t end) {
-    OpmathRows<scalar_t> weights(6 * H);
-    const opmath_t* ln_hh_weight = weights.in(a.ln_hh_weight, 0, G);
-    const opmath_t* ln_c_weight = weights.in(a.ln_c_weight, 0, H);
-    const opmath_t* ln_c_bias = weights.in(a.ln_c_bias, 0, H);
-    OpmathRows<scalar_t> s(14 * H);  // the rows taken below
-    for (int64_t b = begin; b < end; ++b) {
-      s.reset();
-      const opmath_t* x_proj = s.in(a.x_proj, b, G);
-      const opmath_t* hh = s.in(a.hh, b, G);
-      const opmath_t* c_prev = s.in(a.c_prev, b, H);
-      const opmath_t* zc = s.in(a.zoneout_c, b, H);
-      const opmath_t* zh = s.in(a.zoneout_h, b, H);
-      const opmath_t* h_prev = a.zoneout_h ? s.in(a.h_prev, b, H) : nullptr;
-      opmath_t* hh_norm = static_cast<opmath_t*>(a.hh_norm) + b * G;
-      opmath_t* gates_act = static_cast<opmath_t*>(a.gates_act) + b * G;
-      opmath_t* c_norm = static_cast<opmath_t*>(a.c_norm) + b * H;
-      opmath_t* c_out = s.out(a.c_out, b, H);
-      opmath_t* h_out = s.out(a.h_out, b, H);
-      ln_step_fwd_row(H, opmath_t(a.eps), x_proj, hh, hh_norm, ln_hh_weight, ln_c_weight,
-                      ln_c_bias, c_prev, zc, zh, h_prev, gates_act, c_norm,
-                      static_cast<opmath_t*>(a.rstd) + 2 * b, c_out, h_out);
-      s.flush(c_out, a.c_out, b, H);
-      s.flush(h_out, a.h_out, b, H);
-    }
+  for_each_row<scalar_t>(a, 14 * H, [&](int64_t b, OpmathRows<scalar_t>& s,
+                                        const LnWeights<opmath_t>& w) {
+    const opmath_t* x_proj = s.in(a.x_proj, b, G);
+    const opmath_t* hh = s.in(a.hh, b, G);
+    const opmath_t* c_prev = s.in(a.c_prev, b, H);
+    const opmath_t* zc = s.in(a.zoneout_c, b, H);
+    const opmath_t* zh = s.in(a.zoneout_h, b, H);
+    const opmath_t* h_prev = a.zoneout_h ? s.in(a.h_prev, b, H) : nullptr;
+    opmath_t* hh_norm = static_cast<opmath_t*>(a.hh_norm) + b * G;
+    opmath_t* gates_act = static_cast<opmath_t*>(a.gates_act) + b * G;
+    opmath_t* c_norm = static_cast<opmath_t*>(a.c_norm) + b * H;
+    opmath_t* c_out = s.out(a.c_out, b, H);
+    opmath_t* h_out = s.out(a.h_out, b, H);
+    ln_step_fwd_row(H, opmath_t(a.eps), x_proj, hh, hh_norm, w.hh, w.c, w.c_bias, c_prev, zc, zh,
+                    h_prev, gates_act, c_norm, static_cast<opmath_t*>(a.rstd) + 2 * b, c_out,
+                    h_out);
+    s.flush(c_out, a.c_out, b, H);
+    s.flush(h_out, a.h_out, b, H);
   });
 }
 
@@ -266,61 +285,38 @@ template <typename scalar_t>
 void ln_step_bwd(const LstmLnStepBwdArgs& a) {
   using opmath_t = typename OpmathRows<scalar_t>::opmath_t;
   const int64_t H = a.hidden, G = 4 * H;
-  at::parallel_for(0, a.rows, row_grain(H), [&](int64_t begin, int64_t end) {
-    OpmathRows<scalar_t> weights(6 * H);
-    const opmath_t* ln_hh_weight = weights.in(a.ln_hh_weight, 0, G);
-    const opmath_t* ln_c_weight = weights.in(a.ln_c_weight, 0, H);
-    const opmath_t* ln_c_bias = weights.in(a.ln_c_bias, 0, H);
-    OpmathRows<scalar_t> s(9 * H);  // the rows taken below
-    for (int64_t b = begin; b < end; ++b) {
-      s.reset();
-      const opmath_t* grad_h = static_cast<const opmath_t*>(a.grad_h) + b * H;
-      const opmath_t* grad_h_extra = s.in(a.grad_h_extra, b, H);
-      const opmath_t* grad_c = static_cast<const opmath_t*>(a.grad_c) + b * H;
-      const opmath_t* grad_c_extra = s.in(a.grad_c_extra, b, H);
-      const opmath_t* gates_act = static_cast<const opmath_t*>(a.gates_act) + b * G;
-      const opmath_t* hh_norm = static_cast<const opmath_t*>(a.hh_norm) + b * G;
-      const opmath_t* c_norm = static_cast<const opmath_t*>(a.c_norm) + b * H;
-      const opmath_t* c_prev = s.in(a.c_prev, b, H);
-      const opmath_t* zc = s.in(a.zoneout_c, b, H);
-      const opmath_t* zh = s.in(a.zoneout_h, b, H);
-      opmath_t* grad_gates = s.out(a.grad_gates, b, G);
-      opmath_t* grad_hh = static_cast<opmath_t*>(a.grad_hh) + b * G;
-      opmath_t* grad_c_new = static_cast<opmath_t*>(a.grad_c_new) + b * H;
-      opmath_t* grad_c_prev = static_cast<opmath_t*>(a.grad_c_prev) + b * H;
-      opmath_t* grad_h_prev = a.zoneout_h ? static_cast<opmath_t*>(a.grad_h_prev) + b * H : nullptr;
-      ln_step_bwd_row(H, grad_h, grad_h_extra, grad_c, grad_c_extra, ln_hh_weight, ln_c_weight,
-                      ln_c_bias, gates_act, hh_norm, c_norm,
-                      static_cast<const opmath_t*>(a.rstd) + 2 * b, c_prev, zc, zh, grad_gates,
-                      grad_hh, grad_c_new, grad_c_prev, grad_h_prev);
-      s.flush(grad_gates, a.grad_gates, b, G);
-    }
+  for_each_row<scalar_t>(a, 9 * H, [&](int64_t b, OpmathRows<scalar_t>& s,
+                                       const LnWeights<opmath_t>& w) {
+    const opmath_t* grad_h = static_cast<const opmath_t*>(a.grad_h) + b * H;
+    const opmath_t* grad_h_extra = s.in(a.grad_h_extra, b, H);
+    const opmath_t* grad_c = static_cast<const opmath_t*>(a.grad_c) + b * H;
+    const opmath_t* grad_c_extra = s.in(a.grad_c_extra, b, H);
+    const opmath_t* gates_act = static_cast<const opmath_t*>(a.gates_act) + b * G;
+    const opmath_t* hh_norm = static_cast<const opmath_t*>(a.hh_norm) + b * G;
+    const opmath_t* c_norm = static_cast<const opmath_t*>(a.c_norm) + b * H;
+    const opmath_t* c_prev = s.in(a.c_prev, b, H);
+    const opmath_t* zc = s.in(a.zoneout_c, b, H);
+    const opmath_t* zh = s.in(a.zoneout_h, b, H);
+    opmath_t* grad_gates = s.out(a.grad_gates, b, G);
+    opmath_t* grad_hh = static_cast<opmath_t*>(a.grad_hh) + b * G;
+    opmath_t* grad_c_new = static_cast<opmath_t*>(a.grad_c_new) + b * H;
+    opmath_t* grad_c_prev = static_cast<opmath_t*>(a.grad_c_prev) + b * H;
+    opmath_t* grad_h_prev = a.zoneout_h ? static_cast<opmath_t*>(a.grad_h_prev) + b * H : nullptr;
+    ln_step_bwd_row(H, grad_h, grad_h_extra, grad_c, grad_c_extra, w.hh, w.c, w.c_bias, gates_act,
+                    hh_norm, c_norm, static_cast<const opmath_t*>(a.rstd) + 2 * b, c_prev, zc, zh,
+                    grad_gates, grad_hh, grad_c_new, grad_c_prev, grad_h_prev);
+    s.flush(grad_gates, a.grad_gates, b, G);
   });
 }
 
-template <template <typename> class Fn, typename Args>
-void dispatch(const Args& a) {
-  switch (a.dtype) {
-    case LstmDtype::Float32: return Fn<float>::run(a);
-    case LstmDtype::Float64: return Fn<double>::run(a);
-    case LstmDtype::BFloat16: return Fn<c10::BFloat16>::run(a);
-    case LstmDtype::Float16: return Fn<c10::Half>::run(a);
-  }
-}
-
-template <typename scalar_t>
-struct LnStepFwd {
-  static void run(const LstmLnStepFwdArgs& a) { ln_step_fwd<scalar_t>(a); }
-};
-template <typename scalar_t>
-struct LnStepBwd {
-  static void run(const LstmLnStepBwdArgs& a) { ln_step_bwd<scalar_t>(a); }
-};
-
 }  // namespace
 
-void lstm_ln_step_fwd_kernel(const LstmLnStepFwdArgs& args) { dispatch<LnStepFwd>(args); }
-void lstm_ln_step_bwd_kernel(const LstmLnStepBwdArgs& args) { dispatch<LnStepBwd>(args); }
+void lstm_ln_step_fwd_kernel(const LstmLnStepFwdArgs& args) {
+  visit_lstm_dtype(args.dtype, [&](auto type) { ln_step_fwd<decltype(type)>(args); });
+}
+void lstm_ln_step_bwd_kernel(const LstmLnStepBwdArgs& args) {
+  visit_lstm_dtype(args.dtype, [&](auto type) { ln_step_bwd<decltype(type)>(args); });
+}
 
 }  // namespace FASTATTN_ISA_NAMESPACE
 }  // namespace fastattn
