@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 # The rounding step of each dtype: errors below a few of these are noise, not bugs.
@@ -19,12 +20,37 @@ DTYPE_RTOL = {
     torch.bfloat16: 2e-2,
 }
 
+# The option combinations of one LSTM layer-direction call (tests of the fused layer ops).
+LSTM_LAYER_CASES = [
+    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=False), id="plain"),
+    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=True), id="reverse"),
+    pytest.param(dict(proj=True, zoneout=False, lengths=None, reverse=False), id="proj"),
+    pytest.param(dict(proj=False, zoneout=True, lengths=None, reverse=False), id="zoneout"),
+    pytest.param(dict(proj=False, zoneout=False, lengths=[5, 5, 3, 1], reverse=False), id="packed"),
+    pytest.param(dict(proj=True, zoneout=True, lengths=[5, 4, 2, 2], reverse=True),
+                 id="packed-proj-zoneout-reverse"),
+]
+
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fills ``t`` with NaN (or the integer max) so an element a kernel forgets to write fails."""
     if t.is_floating_point():
         return t.fill_(float("nan"))
     return t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.bool else True)
+
+
+def nan_heap(*shapes: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Leaves freed NaN blocks of the output sizes in the heap, so an op's torch.empty outputs
+    most likely start as NaN and an element the kernel forgets to write shows up (best effort:
+    the CPU allocator does not promise to reuse the blocks)."""
+    blocks = [torch.full(s, float("nan"), dtype=dtype) for s in shapes for _ in range(2)]
+    del blocks
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0,
+          mean: float = 0.0) -> torch.Tensor:
+    """Normal samples drawn in float64 (the same values whatever the dtype), then cast."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale + mean).to(dtype)
 
 
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close_to_reference
+from helpers import LSTM_LAYER_CASES, assert_close_to_reference, nan_heap, randn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
@@ -23,14 +23,7 @@ needs_cpu_kernels = pytest.mark.skipif(
     not fastattn.backends()["cpu"].usable, reason="fastattn._C (CPU kernels) is not built")
 
 CASES = [
-    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=False), id="plain"),
-    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=True), id="reverse"),
-    pytest.param(dict(proj=True, zoneout=False, lengths=None, reverse=False), id="proj"),
-    pytest.param(dict(proj=False, zoneout=True, lengths=None, reverse=False), id="zoneout"),
-    pytest.param(dict(proj=False, zoneout=False, lengths=[5, 5, 3, 1], reverse=False),
-                 id="packed"),
-    pytest.param(dict(proj=True, zoneout=True, lengths=[5, 4, 2, 2], reverse=True),
-                 id="packed-proj-zoneout-reverse"),
+    *LSTM_LAYER_CASES,
     pytest.param(dict(proj=False, zoneout=True, lengths=[5, 3, 3, 0], reverse=True),
                  id="packed-zoneout-reverse-empty_row"),
 ]
@@ -39,28 +32,16 @@ SHAPES = [pytest.param((5, 4, 7, 3), id="T5B4H7"), pytest.param((5, 4, 33, 9), i
           pytest.param((5, 1, 33, 9), id="T5B1H33")]
 
 
-def _nan_heap(*shapes: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Leaves freed NaN blocks of the output sizes in the heap, so an op's torch.empty outputs
-    most likely start as NaN and an element the kernel forgets to write shows up (best effort:
-    the CPU allocator does not promise to reuse the blocks)."""
-    blocks = [torch.full(s, float("nan"), dtype=dtype) for s in shapes for _ in range(2)]
-    del blocks
-
-
-def _rand(*shape, dtype=torch.float32, scale=1.0, mean=0.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale + mean).to(dtype)
-
-
 def _inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
     """x_proj, h0, c0, w_hh, (ln_hh_weight, ln_c_weight, ln_c_bias), w_hr, batch_sizes, zc, zh."""
     P = P if proj else H
-    x_proj = _rand(T, B, 4 * H, dtype=dtype, scale=1.5)
-    h0, c0 = _rand(B, P, dtype=dtype), _rand(B, H, dtype=dtype)
-    w_hh = _rand(4 * H, P, dtype=dtype, scale=0.5)
+    x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
+    h0, c0 = randn(B, P, dtype=dtype), randn(B, H, dtype=dtype)
+    w_hh = randn(4 * H, P, dtype=dtype, scale=0.5)
     # gains away from 1 and a bias away from 0, so a kernel that drops one of them fails
-    ln = (_rand(4 * H, dtype=dtype, scale=0.3, mean=1.0),
-          _rand(H, dtype=dtype, scale=0.3, mean=1.0), _rand(H, dtype=dtype, scale=0.5))
-    w_hr = _rand(P, H, dtype=dtype, scale=0.5) if proj else None
+    ln = (randn(4 * H, dtype=dtype, scale=0.3, mean=1.0),
+          randn(H, dtype=dtype, scale=0.3, mean=1.0), randn(H, dtype=dtype, scale=0.5))
+    w_hr = randn(P, H, dtype=dtype, scale=0.5) if proj else None
     batch_sizes = None
     if lengths is not None:
         lengths = lengths[:B]
@@ -112,7 +93,7 @@ def test_fwd_bwd_match_reference(dtype, shape, case):
         T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=case["lengths"])
     P = h0.shape[1]
     reverse = case["reverse"]
-    _nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
+    nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
     out = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, w_hr, batch_sizes, reverse, zc, zh)
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     assert [t.dtype for t in out] == [dtype, dtype, opmath, dtype, opmath, opmath, opmath]
@@ -133,8 +114,8 @@ def test_fwd_bwd_match_reference(dtype, shape, case):
     if w_hr is None:
         assert out[3].numel() == 0
 
-    grad_h_all, grad_c_all = _rand(T, B, P, dtype=dtype), _rand(T, B, H, dtype=dtype)
-    _nan_heap((T, B, 4 * H), (B, P), (B, H), (4 * H, P), dtype=dtype)
+    grad_h_all, grad_c_all = randn(T, B, P, dtype=dtype), randn(T, B, H, dtype=dtype)
+    nan_heap((T, B, 4 * H), (B, P), (B, H), (4 * H, P), dtype=dtype)
     got = OPS.lstm_ln_layer_bwd(grad_h_all, grad_c_all, h0, c0, w_hh, *ln, w_hr, batch_sizes,
                                 reverse, zc, zh, *out)
 
@@ -219,7 +200,7 @@ def test_opcheck(case):
     with torch.no_grad():
         out = OPS.lstm_ln_layer_fwd(*args)
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
-    bwd_args = (_rand(T, B, P, dtype=torch.float64), _rand(T, B, H, dtype=torch.float64),
+    bwd_args = (randn(T, B, P, dtype=torch.float64), randn(T, B, H, dtype=torch.float64),
                 *detached[1:7], *detached[8:], *out)
     torch.library.opcheck(OPS.lstm_ln_layer_bwd.default, bwd_args)
 
@@ -247,12 +228,12 @@ def test_gradcheck_op(case):
 def test_gradcheck_lstm_layer_with_layer_norm():
     """Through fastattn.ops.lstm.lstm_layer: the input LN and biases in PyTorch, the rest fused."""
     T, B, in_features, H, P = 4, 3, 3, 4, 2
-    x = _rand(T, B, in_features, dtype=torch.float64)
-    w_ih = _rand(4 * H, in_features, dtype=torch.float64)
-    b_ih, b_hh = _rand(4 * H, dtype=torch.float64), _rand(4 * H, dtype=torch.float64)
+    x = randn(T, B, in_features, dtype=torch.float64)
+    w_ih = randn(4 * H, in_features, dtype=torch.float64)
+    b_ih, b_hh = randn(4 * H, dtype=torch.float64), randn(4 * H, dtype=torch.float64)
     _, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
         T, B, H, P, torch.float64, proj=True, zoneout=True, lengths=[4, 3, 1])
-    ln_ih = _rand(4 * H, dtype=torch.float64, scale=0.3, mean=1.0)
+    ln_ih = randn(4 * H, dtype=torch.float64, scale=0.3, mean=1.0)
     tensors = [t.requires_grad_() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih, *ln)]
 
     def f(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih, ln_hh, ln_cw, ln_cb):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_reference
+from helpers import LSTM_LAYER_CASES, assert_close_to_reference, nan_heap, randn
 
 import fastattn
 from fastattn.ops import lstm as lstm_ops
@@ -17,23 +17,11 @@ needs_cpu_kernels = pytest.mark.skipif(
     not fastattn.backends()["cpu"].usable, reason="fastattn._C (CPU kernels) is not built")
 
 
-def _nan_heap(*shapes: tuple[int, ...], dtype: torch.dtype) -> None:
-    """Leaves freed NaN blocks of the output sizes in the heap, so an op's torch.empty outputs
-    most likely start as NaN and an element the kernel forgets to write shows up (best effort:
-    the CPU allocator does not promise to reuse the blocks)."""
-    blocks = [torch.full(s, float("nan"), dtype=dtype) for s in shapes for _ in range(2)]
-    del blocks
-
-
-def _rand(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
-
-
 def _layer_inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
-    x_proj = _rand(T, B, 4 * H, dtype=dtype, scale=1.5)
-    h0, c0 = _rand(B, P, dtype=dtype), _rand(B, H, dtype=dtype)
-    w_hh = _rand(4 * H, P, dtype=dtype, scale=0.5)
-    w_hr = _rand(P, H, dtype=dtype, scale=0.5) if proj else None
+    x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
+    h0, c0 = randn(B, P, dtype=dtype), randn(B, H, dtype=dtype)
+    w_hh = randn(4 * H, P, dtype=dtype, scale=0.5)
+    w_hr = randn(P, H, dtype=dtype, scale=0.5) if proj else None
     batch_sizes = None
     if lengths is not None:
         batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
@@ -51,16 +39,16 @@ def _layer_inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("B,H", [(1, 1), (7, 33), (5, 64)], ids=["B1H1", "B7H33", "B5H64"])
 def test_cell_pointwise_matches_reference(dtype, B, H):
-    gates, cx = _rand(B, 4 * H, dtype=dtype, scale=2), _rand(B, H, dtype=dtype)
-    _nan_heap((B, H), dtype=dtype)
+    gates, cx = randn(B, 4 * H, dtype=dtype, scale=2), randn(B, H, dtype=dtype)
+    nan_heap((B, H), dtype=dtype)
     hy, cy = OPS.lstm_cell_pointwise_fwd(gates, cx)
     hy64, cy64 = reference.lstm_cell_pointwise_fwd_reference(gates.double(), cx.double())
     hy_t, cy_t = reference.lstm_cell_pointwise_fwd_reference(gates, cx)
     assert_close_to_reference(hy, hy64, hy_t, name="hy")
     assert_close_to_reference(cy, cy64, cy_t, name="cy")
 
-    grad_hy, grad_cy = _rand(B, H, dtype=dtype), _rand(B, H, dtype=dtype)
-    _nan_heap((B, 4 * H), (B, H), dtype=dtype)
+    grad_hy, grad_cy = randn(B, H, dtype=dtype), randn(B, H, dtype=dtype)
+    nan_heap((B, 4 * H), (B, H), dtype=dtype)
     grad_gates, grad_cx = OPS.lstm_cell_pointwise_bwd(grad_hy, grad_cy, gates, cx, cy)
     # float64 oracle: autograd through the reference forward
     g64, c64 = gates.double().requires_grad_(), cx.double().requires_grad_()
@@ -74,9 +62,9 @@ def test_cell_pointwise_matches_reference(dtype, B, H):
 
 @needs_cpu_kernels
 def test_cell_pointwise_reads_strided_inputs():
-    base = _rand(6, 4 * 24)
+    base = randn(6, 4 * 24)
     gates = base[::2]  # rows 2 apart: not contiguous
-    cx = _rand(24, 3).t()
+    cx = randn(24, 3).t()
     hy, cy = OPS.lstm_cell_pointwise_fwd(gates, cx)
     want = reference.lstm_cell_pointwise_fwd_reference(gates.contiguous(), cx.contiguous())
     torch.testing.assert_close((hy, cy), want, rtol=1e-6, atol=1e-6)
@@ -84,15 +72,6 @@ def test_cell_pointwise_reads_strided_inputs():
 
 # ---- layer ops ---------------------------------------------------------------------------------
 
-LAYER_CASES = [
-    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=False), id="plain"),
-    pytest.param(dict(proj=False, zoneout=False, lengths=None, reverse=True), id="reverse"),
-    pytest.param(dict(proj=True, zoneout=False, lengths=None, reverse=False), id="proj"),
-    pytest.param(dict(proj=False, zoneout=True, lengths=None, reverse=False), id="zoneout"),
-    pytest.param(dict(proj=False, zoneout=False, lengths=[5, 5, 3, 1], reverse=False), id="packed"),
-    pytest.param(dict(proj=True, zoneout=True, lengths=[5, 4, 2, 2], reverse=True),
-                 id="packed-proj-zoneout-reverse"),
-]
 
 
 # B = 4: one partial batch vector. B = 37: the CPU kernel's batch panels of 3 and 2 vectors, the
@@ -102,7 +81,7 @@ LAYER_SIZES = [pytest.param((5, 4, 9, 4), id="B4H9"), pytest.param((5, 37, 10, 6
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("case", LSTM_LAYER_CASES)
 @pytest.mark.parametrize("sizes", LAYER_SIZES)
 def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
     T, B, H, P_proj = sizes
@@ -114,7 +93,7 @@ def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
                            lengths=lengths)
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = inputs
     reverse = case["reverse"]
-    _nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
+    nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
     out = OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh)
 
     def f64(t):
@@ -127,7 +106,7 @@ def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
                                            ref_t, strict=True):
         assert_close_to_reference(got, want, same_dtype, name=name)
 
-    grad_h_all, grad_c_all = _rand(T, B, P, dtype=dtype), _rand(T, B, H, dtype=dtype)
+    grad_h_all, grad_c_all = randn(T, B, P, dtype=dtype), randn(T, B, H, dtype=dtype)
     h_all, c_all, gates_all, hpre_all = out
     got = OPS.lstm_layer_bwd(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc,
                              zh, h_all, c_all, gates_all, hpre_all)
@@ -153,7 +132,7 @@ def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
 # time, so fp32 runs two chunks (64 + 6 steps) and fp64 three (32 + 32 + 6); fp16 and bf16 one.
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("case", LSTM_LAYER_CASES)
 def test_layer_infer_matches_reference(dtype, case):
     T, B, n_in, H = 70, 16, 24, 256
     P = 96 if case["proj"] else H
@@ -166,10 +145,10 @@ def test_layer_infer_matches_reference(dtype, case):
     # chaotic, and any two float32 computations (torch's included) drift apart.
     w_hh = (w_hh.double() / 8).to(dtype)
     w_hr = None if w_hr is None else (w_hr.double() / 8).to(dtype)
-    x = _rand(T, B, n_in, dtype=dtype).transpose(0, 1).contiguous().transpose(0, 1)  # batch-first
-    w_ih, bias = _rand(4 * H, n_in, dtype=dtype, scale=0.3), _rand(4 * H, dtype=dtype)
+    x = randn(T, B, n_in, dtype=dtype).transpose(0, 1).contiguous().transpose(0, 1)  # batch-first
+    w_ih, bias = randn(4 * H, n_in, dtype=dtype, scale=0.3), randn(4 * H, dtype=dtype)
     reverse = case["reverse"]
-    _nan_heap((T, B, P), (T, B, H), dtype=dtype)
+    nan_heap((T, B, P), (T, B, H), dtype=dtype)
     got = OPS.lstm_layer_infer(x, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh)
 
     def reference_layer(t):  # the layer in dtype t, with x_proj computed as one GEMM
@@ -187,7 +166,7 @@ def test_layer_infer_matches_reference(dtype, case):
 
 @needs_cpu_kernels
 def test_layer_infer_without_bias_is_the_layer_forward():
-    x, w_ih = _rand(5, 3, 7), _rand(32, 7)
+    x, w_ih = randn(5, 3, 7), randn(32, 7)
     _, h0, c0, w_hh, *_ = _layer_inputs(5, 3, 8, 8, torch.float32, proj=False, zoneout=False,
                                         lengths=None)
     got = OPS.lstm_layer_infer(x, w_ih, None, h0, c0, w_hh, None, None, False, None, None)
@@ -217,7 +196,7 @@ def test_layer_ops_reject_bad_arguments():
                            None)
     with pytest.raises(RuntimeError, match="w_hh must have dtype"):
         OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh.double(), None, None, False, None, None)
-    x, w_ih, bias = _rand(4, 3, 5), _rand(32, 5), _rand(32)
+    x, w_ih, bias = randn(4, 3, 5), randn(32, 5), randn(32)
     with pytest.raises(RuntimeError, match=r"input must be \[T, B, I\]"):
         OPS.lstm_layer_infer(x[0], w_ih, bias, h0, c0, w_hh, None, None, False, None, None)
     with pytest.raises(RuntimeError, match="w_ih must have shape"):
@@ -233,7 +212,7 @@ def test_layer_ops_reject_bad_arguments():
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("feature_major", [False, True], ids=["contiguous", "feature_major"])
-@pytest.mark.parametrize("case", [LAYER_CASES[0], LAYER_CASES[-1]])  # no options / every option
+@pytest.mark.parametrize("case", [LSTM_LAYER_CASES[0], LSTM_LAYER_CASES[-1]])  # no options / every option
 def test_opcheck_layer_ops(case, feature_major):
     T, B, H = 3, 4, 5
     P = 3 if case["proj"] else H
@@ -249,11 +228,11 @@ def test_opcheck_layer_ops(case, feature_major):
     torch.library.opcheck(OPS.lstm_layer_fwd.default, args)
     with torch.no_grad():
         out = OPS.lstm_layer_fwd(*args)
-    bwd_args = (_rand(T, B, P, dtype=torch.float64), _rand(T, B, H, dtype=torch.float64),
+    bwd_args = (randn(T, B, P, dtype=torch.float64), randn(T, B, H, dtype=torch.float64),
                 *(t.detach() if isinstance(t, torch.Tensor) else t for t in args[1:]), *out)
     torch.library.opcheck(OPS.lstm_layer_bwd.default, bwd_args)
-    x, w_ih, bias = _rand(T, B, 2, dtype=torch.float64), _rand(4 * H, 2, dtype=torch.float64), (
-        _rand(4 * H, dtype=torch.float64))
+    x, w_ih, bias = randn(T, B, 2, dtype=torch.float64), randn(4 * H, 2, dtype=torch.float64), (
+        randn(4 * H, dtype=torch.float64))
     infer_args = (x, w_ih, bias, *(t.detach() if isinstance(t, torch.Tensor) else t
                                    for t in args[1:]))
     torch.library.opcheck(OPS.lstm_layer_infer.default, infer_args)  # inference: no autograd
@@ -261,8 +240,8 @@ def test_opcheck_layer_ops(case, feature_major):
 
 @needs_cpu_kernels
 def test_opcheck_cell_and_sequence_ops():
-    gates = _rand(3, 20, dtype=torch.float64).requires_grad_()
-    cx = _rand(3, 5, dtype=torch.float64).requires_grad_()
+    gates = randn(3, 20, dtype=torch.float64).requires_grad_()
+    cx = randn(3, 5, dtype=torch.float64).requires_grad_()
     torch.library.opcheck(OPS.lstm_cell_pointwise_fwd.default, (gates, cx))
     hy, cy = OPS.lstm_cell_pointwise_fwd(gates.detach(), cx.detach())
     torch.library.opcheck(OPS.lstm_cell_pointwise_bwd.default,
@@ -276,13 +255,13 @@ def test_opcheck_cell_and_sequence_ops():
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("case", LAYER_CASES)
+@pytest.mark.parametrize("case", LSTM_LAYER_CASES)
 def test_gradcheck_lstm_layer(case):
     T, B, in_features, H = 4, 4, 3, 4
     P = 2 if case["proj"] else H
-    x = _rand(T, B, in_features, dtype=torch.float64).requires_grad_()
-    w_ih = _rand(4 * H, in_features, dtype=torch.float64).requires_grad_()
-    b_ih = _rand(4 * H, dtype=torch.float64).requires_grad_()
+    x = randn(T, B, in_features, dtype=torch.float64).requires_grad_()
+    w_ih = randn(4 * H, in_features, dtype=torch.float64).requires_grad_()
+    b_ih = randn(4 * H, dtype=torch.float64).requires_grad_()
     _, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
         T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
         lengths=[4, 3, 3, 1] if case["lengths"] else None)
@@ -302,7 +281,7 @@ def test_gradcheck_lstm_layer(case):
 @needs_cpu_kernels
 def test_gradcheck_lstm_cell():
     B, in_features, H = 3, 4, 5
-    tensors = [_rand(*s, dtype=torch.float64).requires_grad_()
+    tensors = [randn(*s, dtype=torch.float64).requires_grad_()
                for s in ((B, in_features), (B, H), (B, H), (4 * H, in_features), (4 * H, H),
                          (4 * H,), (4 * H,))]
     with fastattn.use_backend("cpu"):
@@ -313,8 +292,8 @@ def test_gradcheck_lstm_cell():
 
 
 def test_forced_backends_on_cpu_tensors():
-    x, h, c = _rand(2, 3), _rand(2, 4), _rand(2, 4)
-    w_ih, w_hh = _rand(16, 3), _rand(16, 4)
+    x, h, c = randn(2, 3), randn(2, 4), randn(2, 4)
+    w_ih, w_hh = randn(16, 3), randn(16, 4)
     with fastattn.use_backend("reference"):
         want = fastattn.lstm_cell(x, h, c, w_ih, w_hh)
     with pytest.raises(RuntimeError, match="cuda"):
@@ -329,8 +308,8 @@ def test_forced_backends_on_cpu_tensors():
 def test_triton_cell_backend_matches_reference():
     if lstm_ops._triton_cell_ops() is None:
         pytest.skip("fastattn.triton_kernels.lstm_cell is not in this checkout")
-    x, h, c = _rand(3, 5), _rand(3, 8), _rand(3, 8)
-    w_ih, w_hh, b = _rand(32, 5), _rand(32, 8), _rand(32)
+    x, h, c = randn(3, 5), randn(3, 8), randn(3, 8)
+    w_ih, w_hh, b = randn(32, 5), randn(32, 8), randn(32)
     tensors = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b)]
     with fastattn.use_backend("triton"):
         got = fastattn.lstm_cell(*tensors[:5], tensors[5])
@@ -347,7 +326,7 @@ def test_triton_backend_serves_the_lstm_module():
     if lstm_ops._triton_cell_ops() is None:
         pytest.skip("fastattn.triton_kernels.lstm_cell is not in this checkout")
     m = fastattn.LSTM(4, 8, bidirectional=True, proj_size=3)
-    x = _rand(5, 2, 4).requires_grad_()
+    x = randn(5, 2, 4).requires_grad_()
     results = []
     for backend in ("triton", "reference"):
         with fastattn.use_backend(backend):
