@@ -212,7 +212,8 @@ def test_layer_ops_reject_bad_arguments():
 
 @needs_cpu_kernels
 @pytest.mark.parametrize("feature_major", [False, True], ids=["contiguous", "feature_major"])
-@pytest.mark.parametrize("case", [LSTM_LAYER_CASES[0], LSTM_LAYER_CASES[-1]])  # no options / every option
+# no options / every option
+@pytest.mark.parametrize("case", [LSTM_LAYER_CASES[0], LSTM_LAYER_CASES[-1]])
 def test_opcheck_layer_ops(case, feature_major):
     T, B, H = 3, 4, 5
     P = 3 if case["proj"] else H
