@@ -8,7 +8,14 @@ import copy
 
 import pytest
 import torch
-from helpers import LSTM_LAYER_CASES, assert_close_to_reference, nan_heap, randn
+from helpers import (
+    DTYPE_RTOL,
+    LSTM_LAYER_CASES,
+    assert_close_to_reference,
+    max_rel_error,
+    nan_heap,
+    randn,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
@@ -378,10 +385,16 @@ def test_compile_fullgraph_runs_the_fused_op():
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     assert any("lstm_ln_layer_fwd" in code for code in graphs)
-    model.zero_grad()
-    with fastattn.use_backend("reference"):
-        eager = model(x)
-    eager.backward()
-    torch.testing.assert_close(loss, eager)
-    for g, p in zip(grads, model.parameters(), strict=True):
-        torch.testing.assert_close(g, p.grad)
+    # The graph runs the same fused ops as eager, so it must match eager exactly; the plain-torch
+    # reference sums in another order, so it matches at fp32's rounding, relative to each tensor.
+    for backend in ("cpu", "reference"):
+        model.zero_grad()
+        with fastattn.use_backend(backend):
+            eager = model(x)
+        eager.backward()
+        for ours, theirs in zip([loss, *grads], [eager, *(p.grad for p in model.parameters())],
+                                strict=True):
+            if backend == "cpu":
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+            else:
+                assert max_rel_error(ours, theirs) <= DTYPE_RTOL[torch.float32]
