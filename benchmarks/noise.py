@@ -162,22 +162,43 @@ def verdict(
                 )
         if not changes:
             reasons.append("no speed probe was measured both before and after")
+    reasons += others_reasons(others)
+    return {"noisy": bool(reasons), "reasons": reasons, "changes": changes, "others": others}
+
+
+def others_reasons(others: dict[str, Any]) -> list[str]:
+    """Why other processes' CPU use (CpuMonitor.stop()'s summary) makes a run noisy, if it does."""
     mean, worst = others.get("others_mean"), others.get("others_max_window")
     if mean is None:
-        reasons.append("other processes' CPU use is unknown (no /proc/stat)")
-    else:
-        if mean > OTHERS_MEAN_LIMIT:
-            reasons.append(
-                f"other processes used {100 * mean:.0f}% of the CPU over the run "
-                f"(> {100 * OTHERS_MEAN_LIMIT:.0f}%)"
-            )
-        if worst is not None and worst > OTHERS_WINDOW_LIMIT:
-            reasons.append(
-                f"other processes used {100 * worst:.0f}% of the CPU in one "
-                f"{others.get('window_s', WINDOW_S):.0f} s window "
-                f"(> {100 * OTHERS_WINDOW_LIMIT:.0f}%)"
-            )
-    return {"noisy": bool(reasons), "reasons": reasons, "changes": changes, "others": others}
+        return ["other processes' CPU use is unknown (no /proc/stat)"]
+    reasons = []
+    if mean > OTHERS_MEAN_LIMIT:
+        reasons.append(
+            f"other processes used {100 * mean:.0f}% of the CPU over the run "
+            f"(> {100 * OTHERS_MEAN_LIMIT:.0f}%)"
+        )
+    if worst is not None and worst > OTHERS_WINDOW_LIMIT:
+        reasons.append(
+            f"other processes used {100 * worst:.0f}% of the CPU in one "
+            f"{others.get('window_s', WINDOW_S):.0f} s window "
+            f"(> {100 * OTHERS_WINDOW_LIMIT:.0f}%)"
+        )
+    return reasons
+
+
+def repeat_verdict(rates: list[float], others: dict[str, Any]) -> dict[str, Any]:
+    """The verdict on a run that repeats the same work (the trainer's steps): noisy when the
+    rates' interquartile spread exceeds the probes' tolerance or other processes used the CPU."""
+    reasons = []
+    if len(rates) < 4:
+        reasons.append(f"too few repetitions to judge ({len(rates)})")
+    elif spread(rates) > PROBE_TOLERANCE:
+        reasons.append(
+            f"the same step's rate varied by {100 * spread(rates):.0f}% between quartiles "
+            f"(> {100 * PROBE_TOLERANCE:.0f}%)"
+        )
+    reasons += others_reasons(others)
+    return {"noisy": bool(reasons), "reasons": reasons, "spread": spread(rates), "others": others}
 
 
 def spread(values: list[float]) -> float:
