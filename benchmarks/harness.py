@@ -479,8 +479,10 @@ def _rotation_sets(bytes_per_set: int, device: torch.device) -> int:
 def unservable_as_skip(provider: Provider) -> Iterator[None]:
     """Turns "this backend cannot serve this call" into a skip that says why.
 
-    Two cases: the ops layer refusing a forced backend (a feature it lacks), and a fastattn op
-    with no kernel registered for the device in this build (a kernel not landed yet).
+    Three cases: the ops layer refusing a forced backend (a feature it lacks), a fastattn op
+    with no kernel registered for the device in this build (a kernel not landed yet), and a
+    torch baseline that this torch cannot run on this device (FlexAttention's backward on CPU,
+    nested-tensor SDPA with is_causal): the skip keeps torch's own message.
     """
     try:
         yield
@@ -489,10 +491,14 @@ def unservable_as_skip(provider: Provider) -> Iterator[None]:
         if provider.kind == "fastattn" and message.startswith("Could not run 'fastattn::"):
             op = message.split("'")[1]
             pytest.skip(f"{provider.name}: {op} has no kernel for this device in this build")
+        if provider.kind == "torch":
+            pytest.skip(f"{provider.name}: torch {torch.__version__} cannot run it here: {message}")
         raise
     except RuntimeError as error:
         if "forced backend" in str(error):
             pytest.skip(f"{provider.name}: {error}")
+        if provider.kind == "torch" and "No viable backend" in str(error):
+            pytest.skip(f"{provider.name}: torch {torch.__version__} cannot run it here: {error}")
         raise
 
 
@@ -505,9 +511,12 @@ def _pair(
     info: dict[str, Any],
 ) -> None:
     """A fastattn call is held for the torch baselines of its key; a torch baseline is timed
-    interleaved with the held ones (extra_info["interleaved"], which the report's ratios use)."""
+    interleaved with the held ones (extra_info["interleaved"], which the report's ratios use).
+    The reference backend (plain PyTorch, the tests' oracle) is not held: no one runs it for
+    speed, and pairing it would add its slow calls to every baseline's time."""
     if provider.kind == "fastattn":
-        session.hold(key, provider, call, t_call)
+        if provider.backend != "reference":
+            session.hold(key, provider, call, t_call)
     else:
         info["interleaved"] = session.interleave(key, provider, call, t_call)
 

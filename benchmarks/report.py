@@ -82,6 +82,7 @@ class Ratio:
 
     ours: Case
     theirs: Case
+    torch_s: float  # torch's median seconds in the interleaved rounds (or its separate run)
     median: float  # of the interleaved rounds' medians (or the separate runs' medians)
     min: float  # of the interleaved rounds' fastest calls (= median without interleaving)
     interleaved: bool
@@ -93,12 +94,13 @@ def ratio(ours: Case, theirs: Case) -> Ratio:
         return Ratio(
             ours,
             theirs,
+            pair["torch_median_s"],
             pair["torch_median_s"] / pair["fastattn_median_s"],
             pair["torch_min_s"] / pair["fastattn_min_s"],
             True,
         )
     separate = theirs.median_s / ours.median_s
-    return Ratio(ours, theirs, separate, separate, False)
+    return Ratio(ours, theirs, theirs.median_s, separate, separate, False)
 
 
 def load(paths: list[Path]) -> tuple[dict[str, Any], list[Case], dict[str, Any] | None]:
@@ -264,7 +266,7 @@ def op_section(op: str, cases: list[Case], all_ratios: dict[Case, list[Ratio]]) 
                 + (
                     [
                         best.theirs.provider,
-                        _ms(best.theirs.median_s),
+                        _ms(best.torch_s),
                         f"{best.median:.2f}x",
                         f"{best.min:.2f}x",
                     ]
@@ -364,8 +366,8 @@ def header(merged: dict[str, Any], roofline: dict[str, Any] | None) -> list[str]
         "Times are medians (warm-up excluded, device synchronized in each call). ratio = a torch "
         "baseline's time / fastattn's time on the same shape, dtype and pass (> 1: fastattn is "
         "faster), from the rounds in which the two ran interleaved: 'ratio' compares medians, "
-        "'min ratio' the fastest calls. 'fastest torch' is the baseline that gives the smallest "
-        "ratio. 'of GEMM' is GFLOP/s over the GEMM rate of the same dtype measured in this run "
+        "'min ratio' the fastest calls; 'torch ms' is torch's median in those rounds. 'fastest "
+        "torch' is the baseline that gives the smallest ratio. 'of GEMM' is GFLOP/s over the GEMM rate of the same dtype measured in this run "
         "(n/a where that rate is an emulation's; the column is left out when no row has one). "
         "Peak memory: the call's high-water mark above what was allocated before it "
         "(GPU: torch allocator; CPU: process RSS).",
@@ -558,11 +560,26 @@ def write_report(paths: list[Path], out: Path | None, trainer_dir: Path | None =
     return out
 
 
-def run_is_noisy(out: Path) -> list[str]:
-    """Why the run in ``out`` is not trusted (empty: it is): benchmarks/readme.py's rule."""
+def verdict_lines(out: Path) -> list[str]:
+    """What the noise guard and the commit check say of the run in ``out`` (readme.py's rule)."""
     from benchmarks import readme
 
-    return readme.distrust(out)
+    reasons = readme.distrust(out)
+    lines = [
+        f"benchmarks: NOT trusted, the README will not use this run: {'; '.join(reasons)}"
+        if reasons
+        else "benchmarks: QUIET run at a clean commit: commit the run folder, then "
+        "`python -m benchmarks.report --readme` (benchmarks/README.md says how)"
+    ]
+    trainer = out / TRAINER_DIR / "trainer.json"
+    if trainer.exists():
+        for backend, run in json.loads(trainer.read_text())["runs"].items():
+            noisy = run["noise"]["noisy"]
+            lines.append(
+                f"trainer --backend {backend}: "
+                + ("NOISY: " + "; ".join(run["noise"]["reasons"]) if noisy else "quiet")
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -594,12 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give pytest-benchmark JSON file(s), or --readme")
     out = write_report(args.results, args.out, args.trainer)
     print(f"wrote {out / 'report.md'}")
-    reasons = run_is_noisy(out)
-    if reasons:
-        print(f"this run is NOT trusted (the README will not use it): {'; '.join(reasons)}")
-    else:
-        print("this run is quiet and at a clean commit: commit it, then "
-              "`python -m benchmarks.report --readme` (benchmarks/README.md says how)")
+    print("\n".join(verdict_lines(out)))
 
 
 if __name__ == "__main__":

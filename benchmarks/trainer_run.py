@@ -1,4 +1,4 @@
-"""The reference trainer's default run, once per backend, as evidence that goes with a benchmark run.
+"""The reference trainer's default run per backend: evidence that goes with a benchmark run.
 
     python -m benchmarks.trainer_run OUT_DIR [-- extra trainer flags, e.g. --max-steps 20]
 
