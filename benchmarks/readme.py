@@ -62,11 +62,8 @@ def distrust(path: Path) -> list[str]:
         reasons.append("it predates the noise guard (no verdict recorded)")
     elif verdict["noisy"]:
         reasons.append("noisy: " + "; ".join(verdict["reasons"]))
-    commit = str(facts.get("git_commit", "unknown"))
-    clean = facts.get("git_clean")
-    if clean is None and commit.endswith("-dirty"):  # older runs marked dirt only in the hash
-        clean = False
-    commit = commit[:12]
+    commit = str(facts.get("git_commit", "unknown"))[:12]
+    clean = report.tree_clean(facts)
     if clean is False:
         reasons.append(f"measured on a dirty tree (uncommitted changes on {commit})")
     elif clean is None:
@@ -100,25 +97,26 @@ def _x(value: float) -> str:
 
 
 def op_rows(run: Run) -> list[list[str]]:
-    """One row per (op, fastattn provider); the reference backend (plain PyTorch, the oracle)
-    is left out: it is not what a user runs for speed."""
+    """One row per (op, pass, fastattn provider); the reference backend (plain PyTorch, the
+    oracle) is left out: it is not what a user runs for speed."""
     _, cases, _ = report.load([run.path / "results.json"])
-    all_ratios = report.ratios(cases)
-    by_op: dict[str, dict] = defaultdict(dict)
-    for case, against in all_ratios.items():
+    groups: dict[tuple[str, str], dict] = defaultdict(dict)
+    for case, against in report.ratios(cases).items():
         if "[reference]" not in case.provider:
-            by_op[case.op][case] = against
-    rows = []
+            groups[(case.op, case.pass_)][case] = against
     order = list(report.OP_TITLES)
-    for op in sorted(by_op, key=lambda o: order.index(o) if o in order else len(order)):
-        for provider, by_baseline in sorted(report.op_summary(by_op[op]).items()):
+    rows = []
+    for op, pass_ in sorted(
+        groups, key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g)
+    ):
+        for provider, by_baseline in sorted(report.op_summary(groups[(op, pass_)]).items()):
             best = by_baseline.pop("fastest torch")
             named = ", ".join(
                 f"{name} {_x(s['geomean'])}" for name, s in sorted(by_baseline.items())
             )
             rows.append(
                 [
-                    report.OP_TITLES.get(op, op),
+                    f"{report.OP_TITLES.get(op, op)}: {pass_}",
                     f"`{provider}`",
                     str(best["cases"]),
                     _x(best["geomean"]),
@@ -139,18 +137,22 @@ def trainer_sentence(run: Run) -> str:
     if noisy:
         why = "; ".join(f"--backend {b}: {', '.join(reasons)}" for b, reasons in noisy.items())
         return f"The reference-trainer runs committed with it were noisy ({why}): no figures."
+    runs = trainer["runs"]
     parts = [
-        f"{r['wall_s']:.0f} s with `--backend {b}` ({r['tokens_per_s_median']:,.0f} tokens/s)"
-        for b, r in trainer["runs"].items()
+        f"{r['wall_s']:.0f} s with `--backend {b}` ({r['tokens_per_s_median']:,.0f} tokens/s"
+        + ("" if r["val_bpb"] is None else f", {r['val_bpb']:.3f} validation bits per byte")
+        + ")"
+        for b, r in runs.items()
     ]
-    val = [r["val_bpb"] for r in trainer["runs"].values() if r["val_bpb"] is not None]
-    steps = max(r["steps"] for r in trainer["runs"].values())
-    reached = f", reaching {min(val):.2f}–{max(val):.2f} validation bits per byte" if val else ""
-    folder = _folder(run.path)
+    steps = max(r["steps"] for r in runs.values())
+    speedup = ""
+    if {"fastattn", "torch"} <= set(runs) and runs["torch"]["tokens_per_s_median"] > 0:
+        ratio = runs["fastattn"]["tokens_per_s_median"] / runs["torch"]["tokens_per_s_median"]
+        speedup = f"; fastattn's tokens/s are {_x(ratio)} torch's"
     return (
         f"The reference trainer's default run (`{trainer['command']}`, {steps} steps) took "
         + " and ".join(parts)
-        + f"{reached} ([metrics and loss plots]({folder}/{report.TRAINER_DIR}/))."
+        + f"{speedup} ([metrics and loss plots]({_folder(run.path)}/{report.TRAINER_DIR}/))."
     )
 
 

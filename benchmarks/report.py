@@ -318,12 +318,20 @@ def _order(case: Case) -> tuple:
     return (case.pass_, case.dtype, tuple(sorted(case.shape.items())), case.provider)
 
 
+def tree_clean(facts: dict[str, Any]) -> bool | None:
+    """Whether the run's tree matched its commit; None when not recorded (runs before issue 19
+    recorded only a dirty tree, as a "-dirty" suffix of the commit)."""
+    if facts.get("git_clean") is not None:
+        return facts["git_clean"]
+    return False if str(facts.get("git_commit", "")).endswith("-dirty") else None
+
+
 def run_folder_name(merged: dict[str, Any]) -> str:
     """<date>-<commit, 12 digits>, with -dirty when the tree had uncommitted changes."""
     facts = merged.get("machine_info", {}).get("fastattn", {})
     date = str(merged.get("datetime", "undated"))[:10]
     head = facts.get("git_head") or str(facts.get("git_commit", "unknown")).removesuffix("-dirty")
-    return f"{date}-{head[:12]}" + ("-dirty" if facts.get("git_clean") is False else "")
+    return f"{date}-{head[:12]}" + ("-dirty" if tree_clean(facts) is False else "")
 
 
 def _clean_words(clean: bool | None) -> str:
@@ -344,7 +352,7 @@ def header(merged: dict[str, Any], roofline: dict[str, Any] | None) -> list[str]
         f"- torch {facts.get('torch')} (cuda {facts.get('torch_cuda')}), "
         f"triton {facts.get('triton')}, fastattn {facts.get('fastattn')}",
         f"- commit: {facts.get('git_head') or facts.get('git_commit')} "
-        f"({_clean_words(facts.get('git_clean'))})",
+        f"({_clean_words(tree_clean(facts))})",
         f"- grid: {facts.get('grid')} on {facts.get('bench_device')}",
         f"- command: `{facts.get('command', 'not recorded')}`",
         "- fastattn backends: "
