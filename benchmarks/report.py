@@ -60,7 +60,7 @@ class Case:
     peak_memory_bytes: int | None
     gemm_efficiency: float | None
     # torch cases: fastattn provider -> that pair's interleaved min/median seconds
-    interleaved: dict[str, dict[str, float]] = field(default_factory=dict, compare=False)
+    interleaved: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -375,8 +375,9 @@ def header(merged: dict[str, Any], roofline: dict[str, Any] | None) -> list[str]
         "baseline's time / fastattn's time on the same shape, dtype and pass (> 1: fastattn is "
         "faster), from the rounds in which the two ran interleaved: 'ratio' compares medians, "
         "'min ratio' the fastest calls; 'torch ms' is torch's median in those rounds. 'fastest "
-        "torch' is the baseline that gives the smallest ratio. 'of GEMM' is GFLOP/s over the GEMM rate of the same dtype measured in this run "
-        "(n/a where that rate is an emulation's; the column is left out when no row has one). "
+        "torch' is the baseline that gives the smallest ratio. 'of GEMM' is GFLOP/s over the "
+        "GEMM rate of the same dtype measured in this run (n/a where that rate is an "
+        "emulation's; the column is left out when no row has one). "
         "Peak memory: the call's high-water mark above what was allocated before it "
         "(GPU: torch allocator; CPU: process RSS).",
         "",
