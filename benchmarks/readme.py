@@ -76,6 +76,8 @@ def distrust(path: Path) -> list[str]:
 def machines(root: Path) -> dict[str, list[Path]]:
     """machine folder name -> its run folders (those holding a results.json), oldest first."""
     out: dict[str, list[Path]] = {}
+    if not root.is_dir():
+        return out
     for machine in sorted(p for p in root.iterdir() if p.is_dir()):
         runs = sorted(p.parent for p in machine.glob("*/results.json"))
         if runs:

@@ -103,6 +103,16 @@ def ratio(ours: Case, theirs: Case) -> Ratio:
     return Ratio(ours, theirs, theirs.median_s, separate, separate, False)
 
 
+def merge_verdicts(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
+    if second is None:
+        return {"noisy": True, "reasons": ["a merged results file has no noise verdict"]}
+    return {
+        "noisy": first["noisy"] or second["noisy"],
+        "reasons": first["reasons"] + second["reasons"],
+        "merged": [first, second],
+    }
+
+
 def load(paths: list[Path]) -> tuple[dict[str, Any], list[Case], dict[str, Any] | None]:
     """Merged JSON, the timed cases, and the roofline of the run."""
     merged: dict[str, Any] | None = None
@@ -112,6 +122,11 @@ def load(paths: list[Path]) -> tuple[dict[str, Any], list[Case], dict[str, Any] 
         data = json.loads(path.read_text())
         if merged is None:
             merged = dict(data, benchmarks=[], fastattn_skipped=[])
+        elif "fastattn_noise" in merged:
+            # Merged runs are as trusted as their least trusted part (a missing verdict: none).
+            merged["fastattn_noise"] = merge_verdicts(
+                merged["fastattn_noise"], data.get("fastattn_noise")
+            )
         merged["benchmarks"].extend(data.get("benchmarks", []))
         merged["fastattn_skipped"].extend(data.get("fastattn_skipped", []))
         roofline = roofline or data.get("machine_info", {}).get("fastattn", {}).get("roofline")

@@ -208,3 +208,18 @@ def test_bf16_gemm_rate_is_no_ceiling_where_bf16_is_emulated():
 def test_run_folder_is_named_by_date_and_commit(facts, name):
     merged = {"datetime": "2026-12-01T05:00:00", "machine_info": {"fastattn": facts}}
     assert report.run_folder_name(merged) == name
+
+
+def test_merged_runs_are_as_trusted_as_their_least_trusted_part(tmp_path):
+    quiet = {"noisy": False, "reasons": []}
+    noisy = {"noisy": True, "reasons": ["copy_gbps went from 20.0 to 10.0"]}
+    paths = []
+    for i, verdict in enumerate([quiet, noisy, quiet]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"benchmarks": [], "fastattn_noise": verdict}))
+    merged, _, _ = report.load(paths)
+    assert merged["fastattn_noise"]["noisy"]
+    assert merged["fastattn_noise"]["reasons"] == noisy["reasons"]
+    assert not report.load([paths[0], paths[2]])[0]["fastattn_noise"]["noisy"]
+    paths[1].write_text(json.dumps({"benchmarks": []}))  # a run before the noise guard
+    assert report.load(paths)[0]["fastattn_noise"]["noisy"]
