@@ -33,6 +33,7 @@ import torch
 
 import fastattn
 from benchmarks import noise, shapes
+from fastattn import _extension
 from fastattn.info import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -163,19 +164,31 @@ def git_state() -> tuple[str, bool | None]:
         return "unknown", None
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
 def bf16_hardware(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 in hardware (CPU: AVX512-BF16/AMX-BF16 on x86, the bf16
     extension on Arm). Without it torch emulates bf16 GEMMs, so their rate is no ceiling."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(
-                (line for line in f if line.startswith(("flags", "Features"))), ""
-            ).split()
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+
+
+def cpu_isa() -> str:
+    """The ISA of fastattn's CPU kernels here (baseline, avx2, avx512), + "-amx" where the CPU
+    has AMX tiles (torch's bf16 GEMMs use them). Part of the machine's name: a VM's CPU model
+    ("AMD EPYC") often hides which generation, and so which of these, it is."""
+    C = _extension.C
+    isa = C.cpu_isa() if C is not None else "unknown"
+    return isa + ("-amx" if "amx_tile" in cpu_flags() else "")
 
 
 def machine_facts(device: torch.device) -> dict[str, Any]:
@@ -200,6 +213,7 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
         "git_head": head,
         "git_clean": clean,
         "bf16_hardware": bf16_hardware(device),
+        "cpu_isa": cpu_isa(),
         "bench_device": device.type,
     }
     if device.type == "cuda":
@@ -211,7 +225,7 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
         facts["gpu_l2_bytes"] = getattr(props, "L2_cache_size", 0)
         facts["machine"] = _slug(props.name)
     else:
-        facts["machine"] = f"{_slug(cpu)}-{cores}c"
+        facts["machine"] = f"{_slug(cpu)}-{facts['cpu_isa']}-{cores}c"
     return facts
 
 

@@ -177,7 +177,7 @@ def machine_section(name: str, runs: list[Path]) -> list[str]:
     verdict = run.results["fastattn_noise"]
     changes = ", ".join(f"{k} {100 * v:.0f}%" for k, v in verdict.get("changes", {}).items())
     others = verdict.get("others", {}).get("others_mean") or 0.0
-    hardware = f"{facts.get('cpu_model')}, {facts.get('cores')} cores" + (
+    hardware = f"{facts.get('cpu_model')} ({facts.get('cpu_isa')}), {facts.get('cores')} cores" + (
         f", {facts['gpu']}" if facts.get("gpu") else ""
     )
     bf16 = "" if facts.get("bf16_hardware") else " (no bf16 hardware: bf16 is emulated)"

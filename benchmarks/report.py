@@ -362,7 +362,8 @@ def header(merged: dict[str, Any], roofline: dict[str, Any] | None) -> list[str]
         "",
         f"- date: {merged.get('datetime', 'unknown')}",
         f"- cpu: {facts.get('cpu_model')} ({facts.get('cores')} cores, "
-        f"{facts.get('torch_threads')} torch threads)",
+        f"{facts.get('torch_threads')} torch threads, fastattn ISA {facts.get('cpu_isa', 'n/a')}, "
+        f"bf16 hardware: {facts.get('bf16_hardware', 'n/a')})",
         f"- gpu: {facts.get('gpu') or 'none'}",
         f"- torch {facts.get('torch')} (cuda {facts.get('torch_cuda')}), "
         f"triton {facts.get('triton')}, fastattn {facts.get('fastattn')}",

@@ -68,6 +68,7 @@ def _run(root, machine, folder, when, torch_s, noise=QUIET, clean=True, trainer=
         "git_head": "0123456789abcdef",
         "git_clean": clean,
         "bf16_hardware": False,
+        "cpu_isa": "avx2",
     }
     results = {
         "datetime": when,
@@ -119,7 +120,7 @@ def test_newest_quiet_clean_run_per_machine_feeds_the_table(tmp_path):
     text = readme.render(tmp_path)
     section = text[text.index("### cpu-a-2c") :]
     assert "2026-12-01-0123456789ab/report.md" in section  # not the newer noisy or dirty runs
-    assert "no bf16 hardware" in section
+    assert "### cpu-a-2c: Test CPU (avx2), 2 cores (no bf16 hardware" in section
     # vs the fastest (sdpa, interleaved medians 1.5 ms / 1 ms), and each baseline by name
     row = "| Attention (fwd, fwd+bwd): fwd | `fastattn[cpu]` | 1 | 1.50× | 1.50× | 1.50× ("
     assert row in section
