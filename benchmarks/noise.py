@@ -3,7 +3,8 @@
 A run is **noisy** when the machine's speed changed during it (its fp32 GEMM rate or its copy
 bandwidth, measured before the first case and again after the last, differ by more than 15%),
 or when other processes took CPU time from it (read from /proc/stat: the machine's busy time
-minus this process's own, over the whole run and over each short window). A noisy run is still
+minus that of this process and the processes it started, over the whole run and over each
+short window). A noisy run is still
 written; benchmarks/readme.py never takes its numbers.
 
 Reading /proc needs Linux; elsewhere other processes' use is unknown and the run counts as
@@ -31,7 +32,7 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 @dataclass(frozen=True)
 class CpuSample:
-    """Machine-wide busy and total CPU seconds (all cores) and this process's own CPU seconds."""
+    """Machine-wide busy and total CPU seconds (all cores) and this process tree's own seconds."""
 
     busy_s: float
     total_s: float
@@ -52,15 +53,60 @@ def read_proc_stat(text: str) -> tuple[float, float]:
     return busy / _CLOCK_TICKS, (busy + idle + iowait) / _CLOCK_TICKS
 
 
+def parse_pid_stat(text: str) -> tuple[int, int, float]:
+    """(pid, parent pid, CPU seconds) from a /proc/<pid>/stat line. The seconds count the
+    process and its children that it has waited for (utime + stime + cutime + cstime). The
+    command name may hold spaces and parentheses: the fields after it follow the last ')'."""
+    pid, _, rest = text.partition(" (")
+    fields = rest.rpartition(")")[2].split()
+    # fields[0] is the state (field 3), so field n is fields[n - 3]
+    ppid = int(fields[1])
+    ticks = sum(int(x) for x in fields[11:15])
+    return int(pid), ppid, ticks / _CLOCK_TICKS
+
+
+def descendants(root: int, parents: dict[int, int]) -> set[int]:
+    """The processes below ``root`` in the tree given as {pid: parent pid}."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def own_tree_seconds() -> float:
+    """CPU seconds of this process, of the children it has waited for, and of every live
+    process below it (a trainer run, Inductor's compile workers): the run's own work, which is
+    not "something else using the CPU"."""
+    own = os.times()
+    seconds = own.user + own.system + own.children_user + own.children_system
+    table: dict[int, tuple[int, float]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    pid, ppid, cpu = parse_pid_stat(f.read())
+            except (OSError, ValueError, IndexError):
+                continue  # exited while we looked
+            table[pid] = (ppid, cpu)
+    tree = descendants(os.getpid(), {pid: ppid for pid, (ppid, _) in table.items()})
+    return seconds + sum(table[pid][1] for pid in tree)
+
+
 def sample() -> CpuSample | None:
-    """The machine's and this process's CPU time now; None where /proc/stat cannot be read."""
+    """The machine's and this process tree's CPU time now; None where /proc cannot be read."""
     try:
         with open("/proc/stat") as f:
             busy, total = read_proc_stat(f.read())
+        own = own_tree_seconds()
     except (OSError, ValueError):
         return None
-    own = os.times()
-    return CpuSample(busy, total, own.user + own.system + own.children_user + own.children_system)
+    return CpuSample(busy, total, own)
 
 
 def others_share(first: CpuSample, last: CpuSample) -> float:

@@ -3,6 +3,9 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -126,3 +129,38 @@ def test_untimed_run_interleaves_once_and_is_never_trusted():
     pair = session.interleave(key, Provider("torch.nn.LSTM", "torch"), lambda: calls.append(2), 0)
     assert pair["fastattn.LSTM[cpu]"]["rounds"] == 1 and calls == [1, 2]
     assert session.noise_verdict()["noisy"]
+
+
+def test_pid_stat_parsing_survives_odd_command_names():
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = ["S", "41"] + ["0"] * 9 + [str(ticks), str(ticks), str(2 * ticks), "0"] + ["0"] * 30
+    line = "4242 (py (worker) 1) " + " ".join(fields) + "\n"
+    assert noise.parse_pid_stat(line) == (4242, 41, 4.0)
+
+
+def test_descendants_are_the_whole_subtree():
+    parents = {10: 1, 11: 10, 12: 11, 13: 10, 20: 1, 21: 20}
+    assert noise.descendants(10, parents) == {11, 12, 13}
+    assert noise.descendants(12, parents) == set()
+
+
+def _self_seconds() -> float:
+    own = os.times()
+    return own.user + own.system
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux's /proc")
+def test_a_busy_child_counts_as_our_own_work():
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", burn + "input()"], stdin=subprocess.PIPE)
+    try:
+        before = noise.own_tree_seconds() - _self_seconds()
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert noise.parse_pid_stat(f.read())[:2] == (child.pid, os.getpid())
+        deadline = time.monotonic() + 30
+        # The live (unwaited) child's CPU shows in the tree's seconds, beyond our own.
+        while noise.own_tree_seconds() - _self_seconds() - before < 0.2:
+            assert time.monotonic() < deadline, "the child's CPU time never showed"
+            time.sleep(0.05)
+    finally:
+        child.communicate(b"\n")
