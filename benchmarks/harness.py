@@ -4,7 +4,10 @@ A case is one (op, pass, provider, shape, dtype). ``run_case`` times it with pyt
 random inputs (never zeros), warm-up calls excluded from the timing, the device synchronized
 inside the timed call, and on a GPU several input sets rotated so that small cases are not
 served from L2. It records FLOPs, bytes, rates, peak memory, machine and versions in
-``benchmark.extra_info``, which ``benchmarks/report.py`` reads back.
+``benchmark.extra_info``, which ``benchmarks/report.py`` reads back. Each torch baseline is
+then timed again, alternating call by call with the fastattn providers of the same case: the
+ratios come from those interleaved rounds. The session's noise guard (``benchmarks/noise.py``)
+judges the whole run: speed probes before and after, other processes' CPU use throughout.
 """
 
 from __future__ import annotations

@@ -556,7 +556,7 @@ def write_report(paths: list[Path], out: Path | None, trainer_dir: Path | None =
         out = RESULTS / facts.get("machine", "unknown-machine") / run_folder_name(merged)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(merged, indent=1))
-    (out / "command.txt").write_text(facts.get("command", "not recorded") + "\n")
+    commands = [facts.get("command", "not recorded")]
     trainer = None
     if trainer_dir is not None:
         if (out / TRAINER_DIR).resolve() != trainer_dir.resolve():
@@ -565,6 +565,8 @@ def write_report(paths: list[Path], out: Path | None, trainer_dir: Path | None =
                 trainer_dir, out / TRAINER_DIR, ignore=shutil.ignore_patterns("*.pt", "*.tmp")
             )
         trainer = json.loads((out / TRAINER_DIR / "trainer.json").read_text())
+        commands += [run["command"] for run in trainer["runs"].values()]
+    (out / "command.txt").write_text("\n".join(commands) + "\n")
     lines = header(merged, roofline)
     all_ratios = ratios(cases)
     by_op: dict[str, list[Case]] = defaultdict(list)

@@ -6,9 +6,10 @@ Runs ``python -m fastattn.lm train`` with --backend fastattn and then --backend 
 same model, weights and batches: only the attention modules differ), each into
 OUT_DIR/<backend>/ (metrics.jsonl, loss.png, ckpt.pt), timing its wall clock and watching
 other processes' CPU use (benchmarks/noise.py). Writes OUT_DIR/trainer.json: per backend the
-wall time, steps, median tokens/s over the steps, their spread, the last validation bits per
-byte and the noise verdict. benchmarks/report.py copies all of it but the checkpoints into the
-run folder; benchmarks/readme.py writes the README's trainer sentence from it.
+wall time, the exact command, steps, median tokens/s over the steps, their spread, the last
+validation bits per byte and the noise verdict. benchmarks/report.py copies all of it but the
+checkpoints into the run folder; benchmarks/readme.py writes the README's trainer sentence
+from it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def run_backend(backend: str, out: Path, extra: list[str]) -> dict[str, Any]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = summarize_metrics(records)
     rates = summary.pop("rates")
-    return dict(summary, wall_s=wall, noise=noise.repeat_verdict(rates, others))
+    shown = shlex.join(["python"] + command[1:])
+    return dict(summary, wall_s=wall, command=shown, noise=noise.repeat_verdict(rates, others))
 
 
 def main(argv: list[str] | None = None) -> None:

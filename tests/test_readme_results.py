@@ -90,8 +90,9 @@ def _run(root, machine, folder, when, torch_s, noise=QUIET, clean=True, trainer=
 
 
 def _trainer(noisy_torch=False):
-    def run(wall, rate, val, noisy):
+    def run(backend, wall, rate, val, noisy):
         return {
+            "command": f"python -m fastattn.lm train --backend {backend} --out-dir runs/{backend}",
             "steps": 1000,
             "wall_s": wall,
             "tokens_per_s_median": rate,
@@ -103,8 +104,8 @@ def _trainer(noisy_torch=False):
     return {
         "command": "python -m fastattn.lm train",
         "runs": {
-            "fastattn": run(120.0, 3000.0, 2.351, False),
-            "torch": run(150.0, 2400.0, 2.349, noisy_torch),
+            "fastattn": run("fastattn", 120.0, 3000.0, 2.351, False),
+            "torch": run("torch", 150.0, 2400.0, 2.349, noisy_torch),
         },
     }
 
@@ -183,4 +184,8 @@ def test_report_links_the_trainer_evidence_into_the_run_folder(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Reference trainer (default run)" in text and "| torch | 1000 | 150 |" in text
     assert "noise guard: QUIET" in text
-    assert (out / "command.txt").read_text() == "not recorded\n"
+    assert (out / "command.txt").read_text().splitlines() == [
+        "not recorded",
+        "python -m fastattn.lm train --backend fastattn --out-dir runs/fastattn",
+        "python -m fastattn.lm train --backend torch --out-dir runs/torch",
+    ]
