@@ -3,6 +3,9 @@
 Providers: every fastattn backend that can serve the device (forced with use_backend; an
 unusable one skips with its reason) and three torch baselines: F.scaled_dot_product_attention
 with torch's own choice of kernel, the same under SDPBackend.MATH, and eager softmax(QK^T)V.
+A fourth, ``torch.sdpa[fp32]``, runs bf16 cases' SDPA on fp32 inputs, on machines without bf16
+hardware only: there torch emulates bf16, so a bf16 model would run faster kept in fp32, and
+beating torch's bf16 alone flatters fastattn.
 
 FLOPs (issue 4's convention): 4*B*H*L*S*E forward, half of it when causal, 2.5x the forward
 for the backward. Bytes: each input read once and each output written once (the lower bound).
@@ -25,6 +28,7 @@ TORCH_PROVIDERS = [
     Provider("torch.sdpa", "torch"),
     Provider("torch.sdpa[math]", "torch"),
     Provider("torch.eager", "torch"),
+    Provider("torch.sdpa[fp32]", "torch", impl="fp32"),
 ]
 # These build the B*H*L*S score matrix, so the largest shapes are out of their reach.
 MATERIALIZING = {"torch.sdpa[math]", "torch.eager", "fastattn[reference]"}
@@ -78,7 +82,7 @@ def attention_fn(provider: Provider, shape: AttentionShape, device: torch.device
     if provider.kind == "fastattn":
         sdpa = harness.fastattn_entry("scaled_dot_product_attention", issue=3)
         return lambda q, k, v: sdpa(q, k, v, is_causal=causal)
-    if provider.name == "torch.sdpa":
+    if provider.name in ("torch.sdpa", "torch.sdpa[fp32]"):
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if provider.name == "torch.sdpa[math]":
 
@@ -90,9 +94,21 @@ def attention_fn(provider: Provider, shape: AttentionShape, device: torch.device
     return _eager_attention(causal, shape.L, shape.S, device)
 
 
+def fp32_baseline_applies(dtype: torch.dtype, bf16_hardware: bool) -> bool:
+    """torch.sdpa[fp32] is a baseline for bf16 cases where bf16 is emulated."""
+    return dtype == torch.bfloat16 and not bf16_hardware
+
+
 def _run(benchmark, bench, op: str, pass_: str, provider: Provider, dtype, shape: AttentionShape):
     device = bench.device
     harness.require_backend(provider)
+    timed_dtype = dtype
+    if provider.impl == "fp32":
+        if not fp32_baseline_applies(dtype, bench.facts["bf16_hardware"]):
+            pytest.skip(
+                "torch.sdpa[fp32] is a baseline for bf16 cases on machines without bf16 hardware"
+            )
+        timed_dtype = torch.float32
     if provider.name in MATERIALIZING:
         harness.skip_if_materialized_too_big(
             provider, shape.B * shape.H * shape.L * shape.S, device
@@ -101,17 +117,13 @@ def _run(benchmark, bench, op: str, pass_: str, provider: Provider, dtype, shape
     backward = pass_ == "fwd+bwd"
 
     def make_inputs():
-        q = harness.random_tensor(
-            shape.B, shape.H, shape.L, shape.E, device=device, dtype=dtype, requires_grad=backward
-        )
-        k = harness.random_tensor(
-            shape.B, shape.H, shape.S, shape.E, device=device, dtype=dtype, requires_grad=backward
-        )
-        v = harness.random_tensor(
-            shape.B, shape.H, shape.S, shape.E, device=device, dtype=dtype, requires_grad=backward
-        )
-        dout = harness.random_tensor(shape.B, shape.H, shape.L, shape.E, device=device, dtype=dtype)
-        return q, k, v, dout
+        def tensor(length: int, requires_grad: bool = backward) -> torch.Tensor:
+            return harness.random_tensor(
+                shape.B, shape.H, length, shape.E,
+                device=device, dtype=timed_dtype, requires_grad=requires_grad,
+            )
+
+        return tensor(shape.L), tensor(shape.S), tensor(shape.S), tensor(shape.L, False)
 
     def make_call(inputs):
         q, k, v, dout = inputs

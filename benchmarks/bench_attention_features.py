@@ -1,15 +1,26 @@
 """Issue 9's features against what torch needs to express them: varlen and sliding window.
 
 attention_varlen: packed sequences of mixed lengths (fastattn.attention_varlen on
-[total, H, E] with int32 cu_seqlens) vs F.scaled_dot_product_attention on the padded batch
-[N, H, max_len, E] with a bool mask hiding the padded keys (and, when causal, the future:
-torch cannot combine is_causal with a mask, so the mask carries both).
+[total, H, E] with int32 cu_seqlens) against three torch baselines:
+- ``torch.sdpa[padded+mask]``: F.scaled_dot_product_attention on the padded batch
+  [N, H, max_len, E] with a bool mask hiding the padded keys (and, when causal, the future:
+  torch cannot combine is_causal with a mask, so the mask carries both). It computes the
+  padding too: it flatters fastattn, and is kept, labelled, because it is what many users do.
+- ``torch.sdpa[per-sequence]``: one SDPA call per sequence on views of the packed tensors
+  (is_causal when causal): no padding, no mask; the fair baseline.
+- ``torch.sdpa[nested]``: SDPA on nested (jagged) tensors over the packed values
+  (torch.nested.nested_tensor_from_jagged); torch runs no causal variant of it, so causal cases
+  skip with torch's own message.
 
-attention_window: causal sliding window, fastattn.attention(causal=True, window=(w, 0)) vs
-F.scaled_dot_product_attention with the equivalent explicit bool mask [L, S].
+attention_window: causal sliding window, fastattn.attention(causal=True, window=(w, 0)) against
+- ``torch.sdpa[mask]``: SDPA with the window's explicit bool mask [L, S], which computes every
+  masked-out pair (flatters fastattn; kept, labelled);
+- ``torch.flex[block mask]``: torch.nn.attention.flex_attention under torch.compile with a
+  BlockMask built from the window, which skips the blocks outside it; the fair baseline. On CPU
+  torch has no FlexAttention backward, so fwd+bwd skips with torch's own message.
 
 Providers: every fastattn backend that can serve the device (forced with use_backend; an
-unusable one skips with its reason) and torch's SDPA with its own choice of kernel.
+unusable one skips with its reason) and the torch baselines above.
 
 FLOPs: 4*E per visible (query, key) pair and head, counted exactly and only for the useful
 work (no padding, no masked-out keys), the same number for fastattn and torch so that their
@@ -19,6 +30,8 @@ Bytes: the unpadded inputs read and outputs written once (bench_attention.attent
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -30,8 +43,15 @@ from benchmarks.bench_attention import attention_bytes
 from benchmarks.harness import Provider
 from benchmarks.shapes import AttentionShape, VarlenShape, WindowShape
 
-VARLEN_TORCH = Provider("torch.sdpa[padded+mask]", "torch")
-WINDOW_TORCH = Provider("torch.sdpa[mask]", "torch")
+VARLEN_TORCH = [
+    Provider("torch.sdpa[padded+mask]", "torch", impl="padded"),
+    Provider("torch.sdpa[per-sequence]", "torch", impl="per-sequence"),
+    Provider("torch.sdpa[nested]", "torch", impl="nested"),
+]
+WINDOW_TORCH = [
+    Provider("torch.sdpa[mask]", "torch", impl="mask"),
+    Provider("torch.flex[block mask]", "torch", impl="flex"),
+]
 
 
 def fastattn_providers(device: torch.device) -> list[Provider]:
@@ -44,8 +64,8 @@ def fastattn_providers(device: torch.device) -> list[Provider]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "provider" in metafunc.fixturenames:
         device = harness.session_of(metafunc.config).device
-        torch_provider = VARLEN_TORCH if "varlen_shape" in metafunc.fixturenames else WINDOW_TORCH
-        metafunc.parametrize("provider", fastattn_providers(device) + [torch_provider], ids=str)
+        torch_providers = VARLEN_TORCH if "varlen_shape" in metafunc.fixturenames else WINDOW_TORCH
+        metafunc.parametrize("provider", fastattn_providers(device) + torch_providers, ids=str)
 
 
 def visible_pairs(L: int, S: int, left: int, right: int) -> int:
@@ -123,6 +143,69 @@ def pad(packed: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
+def per_sequence(lengths: tuple[int, ...], causal: bool) -> Callable:
+    """(q, k, v) packed [total, H, E] -> out [total, H, E]: one SDPA call per sequence."""
+    bounds = list(itertools.pairwise(itertools.accumulate(lengths, initial=0)))
+
+    def attend(q, k, v):
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[a:b].transpose(0, 1),
+                    k[a:b].transpose(0, 1),
+                    v[a:b].transpose(0, 1),
+                    is_causal=causal,
+                ).transpose(0, 1)
+                for a, b in bounds
+            ]
+        )
+
+    return attend
+
+
+def nested(cu: torch.Tensor, causal: bool) -> Callable:
+    """(q, k, v) packed [total, H, E] -> out [total, H, E] through nested (jagged) tensors
+    [N, j, H, E] viewing the packed values (no copy), transposed to SDPA's [N, H, j, E]."""
+    offsets = cu.long()
+
+    def attend(q, k, v):
+        q, k, v = (
+            torch.nested.nested_tensor_from_jagged(x, offsets).transpose(1, 2) for x in (q, k, v)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return out.transpose(1, 2).values()
+
+    return attend
+
+
+def window_mod(window: int) -> Callable:
+    """FlexAttention's mask_mod for the causal window: key j is visible to query i when
+    i - window <= j <= i."""
+
+    def visible(batch, head, i, j):
+        return (j <= i) & (j >= i - window)
+
+    return visible
+
+
+@functools.cache
+def _compiled_flex() -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def flex_window(shape: WindowShape, device: torch.device, compiled: bool = True) -> Callable:
+    """(q, k, v) -> out: flex_attention (compiled unless told not) with the window's BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask = create_block_mask(
+        window_mod(shape.window), shape.B, shape.H, shape.L, shape.S, device=device.type
+    )
+    flex = _compiled_flex() if compiled else flex_attention
+    return lambda q, k, v: flex(q, k, v, block_mask=mask)
+
+
 def _inputs(shapes: list[tuple[int, ...]], device, dtype, backward: bool):
     """q, k, v of shapes[0..2] (with grad when backward) and dout of shapes[0]."""
     q, k, v = (
@@ -152,19 +235,22 @@ def test_attention_varlen(benchmark, bench, pass_, provider, features_dtype, var
     shape, device, dtype = varlen_shape, bench.device, features_dtype
     harness.require_backend(provider)
     width, N = max(shape.lengths), len(shape.lengths)
+    packed = [(sum(shape.lengths), shape.H, shape.E)] * 3
+    cu = cu_seqlens(shape.lengths, device)
+    causal = shape.causal
     if provider.kind == "fastattn":
         varlen = harness.fastattn_entry("attention_varlen", issue=9)
         if provider.backend == "reference":  # one score matrix per sequence
             harness.skip_if_materialized_too_big(provider, shape.H * width * width, device)
-        cu = cu_seqlens(shape.lengths, device)
-        causal = shape.causal
-        fn = lambda q, k, v: varlen(q, k, v, cu, cu, width, width, causal=causal)
-        tokens = sum(shape.lengths)
-        layout = [(tokens, shape.H, shape.E)] * 3
-    else:
-        mask = padded_mask(shape.lengths, shape.causal, device)
+        fn, layout = lambda q, k, v: varlen(q, k, v, cu, cu, width, width, causal=causal), packed
+    elif provider.impl == "padded":
+        mask = padded_mask(shape.lengths, causal, device)
         fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         layout = [(N, shape.H, width, shape.E)] * 3
+    elif provider.impl == "per-sequence":
+        fn, layout = per_sequence(shape.lengths, causal), packed
+    else:
+        fn, layout = nested(cu, causal), packed
     backward = pass_ == "fwd+bwd"
     harness.run_case(
         benchmark,
@@ -193,9 +279,11 @@ def test_attention_window(benchmark, bench, pass_, provider, features_dtype, win
                 provider, shape.B * shape.H * shape.L * shape.S, device
             )
         fn = lambda q, k, v: attention(q, k, v, causal=True, window=(window, 0))
-    else:
+    elif provider.impl == "mask":
         mask = window_mask(shape.L, shape.S, window, device)
         fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        fn = flex_window(shape, device)
     backward = pass_ == "fwd+bwd"
     q_shape = (shape.B, shape.H, shape.L, shape.E)
     kv_shape = (shape.B, shape.H, shape.S, shape.E)

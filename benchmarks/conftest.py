@@ -131,6 +131,23 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
     # Skipped cases never reach pytest-benchmark's JSON; the report lists them with the reason.
     output_json["fastattn_skipped"] = list(_SKIPPED)
+    # The noise guard's verdict: benchmarks/readme.py only takes runs it calls quiet.
+    output_json["fastattn_noise"] = harness.session_of(config).noise_verdict()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    session = getattr(config, "_fastattn_bench", None)
+    if session is None or session.disabled:
+        return
+    verdict = session.noise_verdict()
+    if verdict["noisy"]:
+        terminalreporter.write_line(
+            "fastattn benchmarks: NOISY run (kept out of the README): "
+            + "; ".join(verdict["reasons"]),
+            yellow=True,
+        )
+    else:
+        terminalreporter.write_line("fastattn benchmarks: quiet run (the noise guard found none)")
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

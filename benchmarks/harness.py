@@ -4,7 +4,10 @@ A case is one (op, pass, provider, shape, dtype). ``run_case`` times it with pyt
 random inputs (never zeros), warm-up calls excluded from the timing, the device synchronized
 inside the timed call, and on a GPU several input sets rotated so that small cases are not
 served from L2. It records FLOPs, bytes, rates, peak memory, machine and versions in
-``benchmark.extra_info``, which ``benchmarks/report.py`` reads back.
+``benchmark.extra_info``, which ``benchmarks/report.py`` reads back. Each torch baseline is
+then timed again, alternating call by call with the fastattn providers of the same case: the
+ratios come from those interleaved rounds. The session's noise guard (``benchmarks/noise.py``)
+judges the whole run: speed probes before and after, other processes' CPU use throughout.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,8 @@ import pytest
 import torch
 
 import fastattn
-from benchmarks import shapes
+from benchmarks import noise, shapes
+from fastattn import _extension
 from fastattn.info import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,10 +141,16 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def git_commit() -> str:
-    """HEAD of this checkout (+ "-dirty"); FASTATTN_GIT_COMMIT overrides it (no .git on a GPU)."""
+def git_state() -> tuple[str, bool | None]:
+    """(HEAD of this checkout, whether tracked files match it); ("unknown", None) without git.
+
+    FASTATTN_GIT_COMMIT overrides the commit (no .git on a GPU machine); cleanliness is then
+    unknown unless FASTATTN_GIT_CLEAN=1 says the copy was made from a clean tree.
+    """
     if os.environ.get("FASTATTN_GIT_COMMIT"):
-        return os.environ["FASTATTN_GIT_COMMIT"]
+        return os.environ["FASTATTN_GIT_COMMIT"], (
+            True if os.environ.get("FASTATTN_GIT_CLEAN") == "1" else None
+        )
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
@@ -151,15 +162,43 @@ def git_commit() -> str:
             text=True,
             check=True,
         ).stdout.strip()
-        return head + ("-dirty" if dirty else "")
+        return head, not dirty
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return "unknown", None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return set()
+    return set(line.partition(":")[2].split())
+
+
+def bf16_hardware(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 in hardware (CPU: AVX512-BF16/AMX-BF16 on x86, the bf16
+    extension on Arm). Without it torch emulates bf16 GEMMs, so their rate is no ceiling."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+
+
+def cpu_isa() -> str:
+    """The ISA of fastattn's CPU kernels here (baseline, avx2, avx512), + "-amx" where the CPU
+    has AMX tiles (torch's bf16 GEMMs use them). Part of the machine's name: a VM's CPU model
+    ("AMD EPYC") often hides which generation, and so which of these, it is."""
+    C = _extension.C
+    isa = C.cpu_isa() if C is not None else "unknown"
+    return isa + ("-amx" if "amx_tile" in cpu_flags() else "")
 
 
 def machine_facts(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, GPU, versions and commit; ``machine`` names the results folder."""
     cpu = cpu_model()
     cores = os.cpu_count() or 1
+    head, clean = git_state()
     facts: dict[str, Any] = {
         "cpu_model": cpu,
         "cores": cores,
@@ -173,7 +212,11 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
         "fastattn_backends": {
             name: (status.reason or "usable") for name, status in fastattn.backends().items()
         },
-        "git_commit": git_commit(),
+        "git_commit": head + ("-dirty" if clean is False else ""),
+        "git_head": head,
+        "git_clean": clean,
+        "bf16_hardware": bf16_hardware(device),
+        "cpu_isa": cpu_isa(),
         "bench_device": device.type,
     }
     if device.type == "cuda":
@@ -185,7 +228,7 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
         facts["gpu_l2_bytes"] = getattr(props, "L2_cache_size", 0)
         facts["machine"] = _slug(props.name)
     else:
-        facts["machine"] = f"{_slug(cpu)}-{cores}c"
+        facts["machine"] = f"{_slug(cpu)}-{facts['cpu_isa']}-{cores}c"
     return facts
 
 
@@ -207,36 +250,62 @@ def _gemm_seconds(n: int, dtype: torch.dtype, device: torch.device, calls: int) 
     return _median_seconds(lambda: torch.mm(a, b), device, calls)
 
 
-def measure_roofline(device: torch.device, smoke: bool) -> dict[str, float | int | bool]:
+def _copy_gbps(copy_bytes: int, device: torch.device, calls: int) -> float:
+    src = random_tensor(copy_bytes // 4, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * copy_bytes / _median_seconds(lambda: dst.copy_(src), device, calls) / 1e9
+
+
+def measure_roofline(
+    device: torch.device, smoke: bool, bf16_native: bool
+) -> dict[str, float | int | bool]:
     """fp32 and bf16 GEMM rate (GFLOP/s) and copy bandwidth (GB/s, read + write) on ``device``.
 
     Measured in the same run as the cases so every case can report its efficiency. The GEMM
     size doubles from 256 until one product takes 50 ms or n reaches the cap (CPUs without
     native bf16 run bf16 GEMMs 20x slower than fp32: a fixed size would take minutes). The
-    smoke grid uses tiny sizes: its numbers only prove the code path.
+    smoke grid uses tiny sizes: its numbers only prove the code path. ``gemm_bf16_emulated``:
+    no bf16 hardware, so the bf16 rate is torch's emulation, no ceiling to compare with.
     """
     max_n = 256 if smoke else (8192 if device.type == "cuda" else 2048)
     copy_bytes = (4 << 20) if smoke else ((2 << 30) if device.type == "cuda" else (256 << 20))
     calls = 3 if smoke else 5
-    out: dict[str, float | int | bool] = {"copy_bytes": copy_bytes, "smoke": smoke}
+    out: dict[str, float | int | bool] = {
+        "copy_bytes": copy_bytes,
+        "calls": calls,
+        "smoke": smoke,
+        "gemm_bf16_emulated": not bf16_native,
+    }
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         n = 256
         while n < max_n and _gemm_seconds(n, dtype, device, calls=1) < 0.05:
             n *= 2
         out[f"gemm_{name}_n"] = n
         out[f"gemm_{name}_gflops"] = 2 * n**3 / _gemm_seconds(n, dtype, device, calls) / 1e9
-    src = random_tensor(copy_bytes // 4, device=device, dtype=torch.float32)
-    dst = torch.empty_like(src)
-    seconds = _median_seconds(lambda: dst.copy_(src), device, calls)
-    out["copy_gbps"] = 2 * copy_bytes / seconds / 1e9
+    out["copy_gbps"] = _copy_gbps(copy_bytes, device, calls)
     return out
 
 
+def speed_probes(roofline: dict[str, Any]) -> dict[str, float]:
+    """The rates the noise guard compares before and after a run (see benchmarks/noise.py)."""
+    return {name: roofline[name] for name in ("gemm_fp32_gflops", "copy_gbps")}
+
+
+def measure_speed_probes(device: torch.device, roofline: dict[str, Any]) -> dict[str, float]:
+    """The fp32 GEMM rate and copy bandwidth again, at the roofline's sizes (the "after" probe)."""
+    n, calls = roofline["gemm_fp32_n"], roofline["calls"]
+    return {
+        "gemm_fp32_gflops": 2 * n**3 / _gemm_seconds(n, torch.float32, device, calls) / 1e9,
+        "copy_gbps": _copy_gbps(roofline["copy_bytes"], device, calls),
+    }
+
+
 def gemm_rate(roofline: dict[str, Any], dtype: torch.dtype) -> float | None:
-    """The measured GEMM rate a case of ``dtype`` is compared with (fp16 uses the bf16 rate)."""
+    """The measured GEMM rate a case of ``dtype`` is compared with (fp16 uses the bf16 rate);
+    None where that rate is an emulation's (no bf16 hardware): a percentage of it means nothing."""
     if dtype == torch.float32:
         return roofline.get("gemm_fp32_gflops")
-    if dtype in (torch.bfloat16, torch.float16):
+    if dtype in (torch.bfloat16, torch.float16) and not roofline.get("gemm_bf16_emulated"):
         return roofline.get("gemm_bf16_gflops")
     return None
 
@@ -288,13 +357,19 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[int | N
 
 @dataclass
 class BenchSession:
-    """Per-run state: where and what to run, the machine facts and the lazily measured roofline."""
+    """Per-run state: where and what to run, the machine facts, the lazily measured roofline,
+    the noise guard's CPU monitor, and the fastattn calls of the case key being timed (held so
+    that each torch baseline of the same key can be timed interleaved with them)."""
 
     device: torch.device
     grid: shapes.Grid
     disabled: bool  # --benchmark-disable: every case runs once, nothing is timed
     facts: dict[str, Any]
+    monitor: noise.CpuMonitor | None = None
     _roofline: dict[str, Any] | None = None
+    _noise: dict[str, Any] | None = None
+    _held_key: tuple | None = None
+    _held: dict[str, tuple[Provider, Callable[[], None], float]] = field(default_factory=dict)
 
     @property
     def roofline(self) -> dict[str, Any]:
@@ -302,8 +377,66 @@ class BenchSession:
         return self._roofline if self._roofline is not None else self.measure_roofline()
 
     def measure_roofline(self) -> dict[str, Any]:
-        self._roofline = measure_roofline(self.device, smoke=self.grid.name == "smoke")
+        self._roofline = measure_roofline(
+            self.device, smoke=self.grid.name == "smoke", bf16_native=self.facts["bf16_hardware"]
+        )
         return self._roofline
+
+    def noise_verdict(self) -> dict[str, Any]:
+        """The noise guard's verdict on this run (benchmarks/noise.py), decided once, at the end:
+        the speed probes again, compared with the roofline's, and other processes' CPU use."""
+        if self._noise is not None:
+            return self._noise
+        if self.disabled:
+            self._noise = {"noisy": True, "reasons": ["untimed run (--benchmark-disable)"]}
+            return self._noise
+        others = self.monitor.stop() if self.monitor is not None else {}
+        before = speed_probes(self._roofline) if self._roofline is not None else None
+        after = measure_speed_probes(self.device, self._roofline) if before else None
+        self._noise = dict(noise.verdict(before, after, others), before=before, after=after)
+        return self._noise
+
+    def hold(self, key: tuple, provider: Provider, call: Callable[[], None], t_call: float) -> None:
+        if key != self._held_key:
+            self._held_key, self._held = key, {}
+        self._held[provider.name] = (provider, call, t_call)
+
+    def interleave(
+        self, key: tuple, provider: Provider, call: Callable[[], None], t_call: float
+    ) -> dict[str, Any]:
+        """Times ``call`` (a torch baseline) alternating with each held fastattn call of ``key``.
+
+        Per fastattn provider: the rounds and both sides' min and median seconds. Rounds fit
+        the grid's time budget; the order flips every round (ABBA) so neither side always runs
+        on the caches the other left. Alternating makes a change in machine speed hit both
+        sides alike, which back-to-back blocks of rounds cannot promise. Each call runs under
+        its own provider's forced backend, entered outside the timed region.
+        """
+        if key != self._held_key:
+            self._held_key, self._held = key, {}
+            return {}
+        grid = self.grid
+        out = {}
+        for name, (ours_provider, ours, t_ours) in self._held.items():
+            rounds = 1 if self.disabled else max(
+                grid.min_rounds, min(grid.max_rounds, round(grid.time_budget_s / (t_ours + t_call)))
+            )
+            sides = [(ours_provider, ours, []), (provider, call, [])]
+            for i in range(rounds):
+                for side_provider, fn, times in sides[:: 1 if i % 2 == 0 else -1]:
+                    with forced_backend(side_provider):
+                        start = time.perf_counter()
+                        fn()
+                        times.append(time.perf_counter() - start)
+            ours_s, theirs_s = sides[0][2], sides[1][2]
+            out[name] = {
+                "rounds": rounds,
+                "fastattn_min_s": min(ours_s),
+                "fastattn_median_s": statistics.median(ours_s),
+                "torch_min_s": min(theirs_s),
+                "torch_median_s": statistics.median(theirs_s),
+            }
+        return out
 
 
 def _grid_name(config: pytest.Config) -> str:
@@ -324,16 +457,25 @@ def _device(config: pytest.Config) -> torch.device:
     return torch.device(name)
 
 
+def _command(config: pytest.Config) -> str:
+    """The pytest command line of this run, with the FASTATTN_* settings it ran under."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("FASTATTN_")]
+    args = [shlex.quote(a) for a in config.invocation_params.args]
+    return " ".join(settings + ["python -m pytest"] + args)
+
+
 def session_of(config: pytest.Config) -> BenchSession:
     """The run's BenchSession, made on first use from the options and environment."""
     session = getattr(config, "_fastattn_bench", None)
     if session is None:
         device = _device(config)
+        disabled = bool(config.getoption("benchmark_disable", False))
         session = BenchSession(
             device=device,
             grid=shapes.grid(_grid_name(config), device),
-            disabled=bool(config.getoption("benchmark_disable", False)),
-            facts=machine_facts(device),
+            disabled=disabled,
+            facts=dict(machine_facts(device), command=_command(config)),
+            monitor=None if disabled else noise.CpuMonitor().start(),
         )
         config._fastattn_bench = session
     return session
@@ -354,8 +496,10 @@ def _rotation_sets(bytes_per_set: int, device: torch.device) -> int:
 def unservable_as_skip(provider: Provider) -> Iterator[None]:
     """Turns "this backend cannot serve this call" into a skip that says why.
 
-    Two cases: the ops layer refusing a forced backend (a feature it lacks), and a fastattn op
-    with no kernel registered for the device in this build (a kernel not landed yet).
+    Three cases: the ops layer refusing a forced backend (a feature it lacks), a fastattn op
+    with no kernel registered for the device in this build (a kernel not landed yet), and a
+    torch baseline that this torch cannot run on this device (FlexAttention's backward on CPU,
+    nested-tensor SDPA with is_causal): the skip keeps torch's own message.
     """
     try:
         yield
@@ -364,11 +508,34 @@ def unservable_as_skip(provider: Provider) -> Iterator[None]:
         if provider.kind == "fastattn" and message.startswith("Could not run 'fastattn::"):
             op = message.split("'")[1]
             pytest.skip(f"{provider.name}: {op} has no kernel for this device in this build")
+        if provider.kind == "torch":
+            pytest.skip(f"{provider.name}: torch {torch.__version__} cannot run it here: {message}")
         raise
     except RuntimeError as error:
         if "forced backend" in str(error):
             pytest.skip(f"{provider.name}: {error}")
+        if provider.kind == "torch" and "No viable backend" in str(error):
+            pytest.skip(f"{provider.name}: torch {torch.__version__} cannot run it here: {error}")
         raise
+
+
+def _pair(
+    session: BenchSession,
+    key: tuple,
+    provider: Provider,
+    call: Callable[[], None],
+    t_call: float,
+    info: dict[str, Any],
+) -> None:
+    """A fastattn call is held for the torch baselines of its key; a torch baseline is timed
+    interleaved with the held ones (extra_info["interleaved"], which the report's ratios use).
+    The reference backend (plain PyTorch, the tests' oracle) is not held: no one runs it for
+    speed, and pairing it would add its slow calls to every baseline's time."""
+    if provider.kind == "fastattn":
+        if provider.backend != "reference":
+            session.hold(key, provider, call, t_call)
+    else:
+        info["interleaved"] = session.interleave(key, provider, call, t_call)
 
 
 def run_case(
@@ -426,10 +593,12 @@ def run_case(
         triton=session.facts["triton"],
         git_commit=session.facts["git_commit"],
     )
+    key = (op, pass_, info["dtype"], shape.id)
     with forced_backend(provider):
         if session.disabled:  # smoke: each case runs exactly once, untimed
             with unservable_as_skip(provider):
                 benchmark.pedantic(timed_call, rounds=1, iterations=1)
+            _pair(session, key, provider, timed_call, 0.0, info)
             return
         grid = session.grid
         start = time.perf_counter()
@@ -445,6 +614,7 @@ def run_case(
         peak, method = peak_memory(timed_call, device)
         rounds = max(grid.min_rounds, min(grid.max_rounds, round(grid.time_budget_s / per_call)))
         benchmark.pedantic(timed_call, rounds=rounds, iterations=1, warmup_rounds=0)
+    _pair(session, key, provider, timed_call, per_call, info)
 
     median = benchmark.stats.stats.median
     roofline = session.roofline

@@ -54,6 +54,8 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 if [ -z "${FASTATTN_GIT_COMMIT:-}" ]; then
     FASTATTN_GIT_COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+    # benchmarks/readme.py trusts only runs at a clean commit (tracked files unchanged).
+    if git -C "$REPO" diff --quiet HEAD 2>/dev/null; then export FASTATTN_GIT_CLEAN=1; fi
 fi
 export FASTATTN_GIT_COMMIT
 

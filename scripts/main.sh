@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # The main job: set everything up (scripts/setup.sh), run the quick benchmark grid against
-# PyTorch and write its report, then train the reference byte-level GPT on the embedded
-# default corpus (the Python standard library's sources) and sample from it.
-#   OUT   where the benchmark JSON/report and the training run go (default: runs/main)
+# PyTorch, train the reference byte-level GPT once per backend (fastattn, torch) on the embedded
+# default corpus (the Python standard library's sources), and write it all as one run of this
+# machine: benchmarks/results/<machine>/<date>-<commit>/ (results.json, report.md, plots,
+# command.txt, trainer/). Then sample from the trained model. It says at the end whether the
+# noise guard found the run quiet (only a quiet run at a clean commit may feed the README;
+# benchmarks/README.md says how to commit one).
+#   OUT          scratch folder for the raw benchmark JSON and the trainer runs (default: runs/main)
+#   TRAIN_FLAGS  extra flags for both trainer runs (default: none, the trainer's default run)
+# About 20-25 minutes on a quiet 2-core CPU (an estimate: the quick grid took ~10 before its
+# baselines were timed interleaved and the fair baselines added, ~15 now; trainer 2 x ~2.5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,11 +18,18 @@ bash scripts/setup.sh
 OUT="${OUT:-runs/main}"
 mkdir -p "$OUT"
 
-echo "== quick benchmark grid vs PyTorch (about 10 minutes on 2 CPU cores)"
+echo "== quick benchmark grid vs PyTorch"
 python -m pytest benchmarks --benchmark-only -q --benchmark-json="$OUT/bench.json"
-python -m benchmarks.report "$OUT/bench.json" --out "$OUT/report"
-cat "$OUT/report/report.md"
 
-echo "== reference trainer: byte-level GPT on the standard library's sources"
-python -m fastattn.lm train --out-dir "$OUT/gpt" --overwrite
-python -m fastattn.lm sample --checkpoint "$OUT/gpt/ckpt.pt" --prompt "def " --tokens 300
+echo "== reference trainer: byte-level GPT on the standard library's sources, per backend"
+# shellcheck disable=SC2086
+python -m benchmarks.trainer_run "$OUT/trainer" -- ${TRAIN_FLAGS:-}
+
+echo "== a sample from the fastattn model"
+python -m fastattn.lm sample --checkpoint "$OUT/trainer/fastattn/ckpt.pt" --prompt "def " --tokens 300
+
+echo "== this machine's run"
+python -m benchmarks.report "$OUT/bench.json" --trainer "$OUT/trainer" > "$OUT/report.log"
+RUN=$(sed -n 's|^wrote \(.*\)/report.md$|\1|p' "$OUT/report.log")
+cat "$RUN/report.md"
+cat "$OUT/report.log"

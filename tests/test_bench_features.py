@@ -9,7 +9,10 @@ import fastattn
 from benchmarks import shapes
 from benchmarks.bench_attention_features import (
     cu_seqlens,
+    flex_window,
+    nested,
     pad,
+    per_sequence,
     padded_mask,
     varlen_flops,
     visible_pairs,
@@ -88,3 +91,31 @@ def test_window_mask_baseline_matches_window():
         expected = fastattn.attention(q, k, v, causal=True, window=(5, 0))
     masked = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(37, 37, 5, q.device))
     torch.testing.assert_close(masked, expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_sequence_and_nested_baselines_match_varlen(causal):
+    torch.manual_seed(0)
+    lengths, H, E = (5, 1, 12, 7), 2, 8
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, H, E, dtype=torch.float64) for _ in range(3))
+    cu = cu_seqlens(lengths, q.device)
+    with fastattn.use_backend("reference"):
+        expected = fastattn.attention_varlen(q, k, v, cu, cu, 12, 12, causal=causal)
+    torch.testing.assert_close(per_sequence(lengths, causal)(q, k, v), expected)
+    if causal:  # torch has no causal nested-tensor SDPA; the benchmark skips with its message
+        with pytest.raises(RuntimeError, match="No viable backend"):
+            nested(cu, causal)(q.float(), k.float(), v.float())
+    else:
+        torch.testing.assert_close(nested(cu, causal)(q, k, v), expected)
+
+
+def test_flex_block_mask_baseline_matches_window():
+    torch.manual_seed(0)
+    shape = WindowShape(B=1, H=2, L=37, S=37, E=8, window=5)
+    q, k, v = (torch.randn(1, 2, 37, 8) for _ in range(3))
+    with fastattn.use_backend("reference"):
+        expected = fastattn.attention(q, k, v, causal=True, window=(5, 0))
+    # Eager flex_attention: the same block mask and mask_mod the benchmark compiles.
+    out = flex_window(shape, q.device, compiled=False)(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

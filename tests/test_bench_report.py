@@ -1,4 +1,5 @@
-"""The benchmark suite's arithmetic and report: FLOP counts, grids, ratios, geomean, plots."""
+"""The benchmark suite's arithmetic and report: FLOP counts, grids, ratios (interleaved, per
+baseline), geomean, the "of GEMM" column, run folders, plots."""
 
 import json
 import math
@@ -6,8 +7,8 @@ import math
 import pytest
 import torch
 
-from benchmarks import report, shapes
-from benchmarks.bench_attention import attention_bytes, attention_flops
+from benchmarks import harness, report, shapes
+from benchmarks.bench_attention import attention_bytes, attention_flops, fp32_baseline_applies
 from benchmarks.bench_lstm import lstm_flops
 from benchmarks.shapes import AttentionShape, LSTMShape
 
@@ -55,7 +56,10 @@ def test_unknown_grid_is_refused():
         shapes.grid("huge", torch.device("cpu"))
 
 
-def _bench(provider, kind, median, shape_id="B1-H1-L64-S64-E8", L=64, flops=1e9):
+def _bench(
+    provider, kind, median, shape_id="B1-H1-L64-S64-E8", L=64, flops=1e9, interleaved=None,
+    efficiency=0.5, dtype="float32",
+):
     return {
         "name": f"test_attention[{provider}]",
         "stats": {"median": median},
@@ -64,14 +68,15 @@ def _bench(provider, kind, median, shape_id="B1-H1-L64-S64-E8", L=64, flops=1e9)
             "pass_": "fwd",
             "provider": provider,
             "provider_kind": kind,
-            "dtype": "float32",
+            "dtype": dtype,
             "device": "cpu",
             "shape_id": shape_id,
             "shape": {"B": 1, "H": 1, "L": L, "S": L, "E": 8, "causal": False},
             "flops": flops,
             "bytes": 1e6,
             "peak_memory_bytes": 2**20,
-            "gemm_efficiency": 0.5,
+            "gemm_efficiency": efficiency,
+            "interleaved": interleaved or {},
         },
     }
 
@@ -111,8 +116,13 @@ def test_report_ratios_against_the_fastest_torch_baseline(tmp_path):
     path.write_text(json.dumps(results))
     out = report.write_report([path], tmp_path / "out")
     text = (out / "report.md").read_text()
-    assert "| fastattn[cpu] | 2 | 1.00x | 0.50x | fwd float32 B1-H1-L128-S128-E8 |" in text
-    assert "| torch.sdpa | 4.000 | 2.00x |" in text
+    # Without interleaved rounds the ratios fall back to the separate medians.
+    assert (
+        "| fastattn[cpu] | vs fastest torch | 2 | 1.00x | 1.00x | 0.50x "
+        "| fwd float32 B1-H1-L128-S128-E8 |" in text
+    )
+    assert "| fastattn[cpu] | vs torch.eager | 1 | 5.00x | 5.00x | 5.00x |" in text
+    assert "| torch.sdpa | 4.000 | 2.00x | 2.00x |" in text
     assert "GEMM fp32 10.0 GFLOP/s" in text
     assert "| 1 | fastattn backend 'cuda' is unavailable here: no GPU |" in text
     assert (out / "attention_fwd_float32.png").stat().st_size > 0
@@ -120,3 +130,96 @@ def test_report_ratios_against_the_fastest_torch_baseline(tmp_path):
         json.loads((out / "results.json").read_text())["benchmarks"][1]["stats"]["median"] == 0.004
     )
     assert math.isclose(report.geomean([2.0, 0.5]), 1.0)
+
+
+def _interleaved(fastattn_median, torch_median, fastattn_min, torch_min):
+    return {
+        "fastattn[cpu]": {
+            "rounds": 5,
+            "fastattn_median_s": fastattn_median,
+            "torch_median_s": torch_median,
+            "fastattn_min_s": fastattn_min,
+            "torch_min_s": torch_min,
+        }
+    }
+
+
+def _ratios(benches):
+    return report.ratios([report.Case(**_case_fields(b)) for b in benches])
+
+
+def _case_fields(bench):
+    info = bench["extra_info"]
+    return dict(
+        op=info["op"], pass_=info["pass_"], provider=info["provider"], kind=info["provider_kind"],
+        dtype=info["dtype"], device=info["device"], shape=info["shape"],
+        shape_id=info["shape_id"], median_s=bench["stats"]["median"], flops=info["flops"],
+        bytes=info["bytes"], peak_memory_bytes=None, gemm_efficiency=None,
+        interleaved=info["interleaved"],
+    )
+
+
+def test_ratios_come_from_the_interleaved_rounds_and_the_fastest_baseline_is_the_least_flattering():
+    # Separate medians say 4x and 10x; the interleaved rounds say 1.5x (min 1.2x) and 3x.
+    ratios = _ratios(
+        [
+            _bench("fastattn[cpu]", "fastattn", 0.001),
+            _bench("torch.sdpa", "torch", 0.004, interleaved=_interleaved(2.0, 3.0, 1.0, 1.2)),
+            _bench("torch.eager", "torch", 0.010, interleaved=_interleaved(1.0, 3.0, 1.0, 2.0)),
+        ]
+    )
+    (case, against), = ratios.items()
+    best = report.fastest(against)
+    assert best.theirs.provider == "torch.sdpa" and best.interleaved
+    assert math.isclose(best.median, 1.5) and math.isclose(best.min, 1.2)
+    assert math.isclose(best.torch_s, 3.0)
+    summary = report.op_summary(ratios)["fastattn[cpu]"]
+    assert math.isclose(summary["fastest torch"]["geomean"], 1.5)
+    assert math.isclose(summary["torch.eager"]["geomean"], 3.0)
+    assert math.isclose(summary["torch.eager"]["geomean_min"], 2.0)
+
+
+def test_of_gemm_column_is_dropped_when_no_row_has_a_rate():
+    rows = [["a", "n/a", "1"], ["b", "n/a", "2"]]
+    assert report.table(["x", "of GEMM", "y"], rows)[:2] == ["| x | y |", "|---|---|"]
+    kept = report.table(["x", "of GEMM", "y"], [["a", "50%", "1"]])
+    assert kept[0] == "| x | of GEMM | y |"
+
+
+def test_bf16_gemm_rate_is_no_ceiling_where_bf16_is_emulated():
+    roofline = {"gemm_fp32_gflops": 100.0, "gemm_bf16_gflops": 1.0}
+    assert harness.gemm_rate(dict(roofline, gemm_bf16_emulated=True), torch.bfloat16) is None
+    assert harness.gemm_rate(dict(roofline, gemm_bf16_emulated=False), torch.bfloat16) == 1.0
+    assert harness.gemm_rate(dict(roofline, gemm_bf16_emulated=True), torch.float32) == 100.0
+    assert fp32_baseline_applies(torch.bfloat16, bf16_hardware=False)
+    assert not fp32_baseline_applies(torch.bfloat16, bf16_hardware=True)
+    assert not fp32_baseline_applies(torch.float32, bf16_hardware=False)
+
+
+@pytest.mark.parametrize(
+    "facts, name",
+    [
+        ({"git_head": "0123456789abcdef", "git_clean": True}, "2026-12-01-0123456789ab"),
+        ({"git_head": "0123456789abcdef", "git_clean": False}, "2026-12-01-0123456789ab-dirty"),
+        ({"git_commit": "fedcba9876543210-dirty"}, "2026-12-01-fedcba987654-dirty"),
+        ({"git_commit": "fedcba9876543210"}, "2026-12-01-fedcba987654"),
+    ],
+)
+def test_run_folder_is_named_by_date_and_commit(facts, name):
+    merged = {"datetime": "2026-12-01T05:00:00", "machine_info": {"fastattn": facts}}
+    assert report.run_folder_name(merged) == name
+
+
+def test_merged_runs_are_as_trusted_as_their_least_trusted_part(tmp_path):
+    quiet = {"noisy": False, "reasons": []}
+    noisy = {"noisy": True, "reasons": ["copy_gbps went from 20.0 to 10.0"]}
+    paths = []
+    for i, verdict in enumerate([quiet, noisy, quiet]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"benchmarks": [], "fastattn_noise": verdict}))
+    merged, _, _ = report.load(paths)
+    assert merged["fastattn_noise"]["noisy"]
+    assert merged["fastattn_noise"]["reasons"] == noisy["reasons"]
+    assert not report.load([paths[0], paths[2]])[0]["fastattn_noise"]["noisy"]
+    paths[1].write_text(json.dumps({"benchmarks": []}))  # a run before the noise guard
+    assert report.load(paths)[0]["fastattn_noise"]["noisy"]
