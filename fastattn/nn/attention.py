@@ -12,6 +12,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fastattn.ops import attention as attention_ops
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 
 class MultiheadAttention(nn.Module):
@@ -64,12 +65,12 @@ class MultiheadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
+            raise FastattnValueError(
                 f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} "
                 f"and num_heads={num_heads}"
             )
         if embed_dim % num_heads != 0:
-            raise ValueError(
+            raise FastattnValueError(
                 f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
             )
         super().__init__()
@@ -167,7 +168,7 @@ class MultiheadAttention(nn.Module):
         batch = query.shape[batch_dim]
         tgt_len, src_len = query.shape[1 - batch_dim], key.shape[1 - batch_dim]
         if key.shape[batch_dim] != batch or value.shape[batch_dim] != batch:
-            raise ValueError(
+            raise FastattnValueError(
                 f"query, key and value must share the batch size, got {batch}, "
                 f"{key.shape[batch_dim]} and {value.shape[batch_dim]}"
             )
@@ -262,24 +263,24 @@ class MultiheadAttention(nn.Module):
     ) -> bool:
         """Validates ranks, feature sizes and mask dtypes; returns whether the input is batched."""
         if query.is_nested or key.is_nested or value.is_nested:
-            raise TypeError("fastattn.MultiheadAttention does not take nested tensors; pad them")
+            raise FastattnTypeError("fastattn.MultiheadAttention does not take nested tensors; pad them")
         if query.dim() not in (2, 3):
-            raise ValueError(
+            raise FastattnValueError(
                 f"query must be 3-D (batched) or 2-D (unbatched), got a {query.dim()}-D tensor"
             )
         is_batched = query.dim() == 3
         if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
+            raise FastattnValueError(
                 f"key and value must be {query.dim()}-D like query, got {key.dim()}-D and "
                 f"{value.dim()}-D"
             )
         for name, x, size in (("query", query, self.embed_dim), ("key", key, self.kdim),
                               ("value", value, self.vdim)):
             if x.shape[-1] != size:
-                raise ValueError(f"{name} must have {size} features (last dim), got {x.shape[-1]}")
+                raise FastattnValueError(f"{name} must have {size} features (last dim), got {x.shape[-1]}")
         seq_dim = 1 if self.batch_first and is_batched else 0
         if key.shape[seq_dim] != value.shape[seq_dim]:
-            raise ValueError(
+            raise FastattnValueError(
                 f"key and value must have the same length, got {key.shape[seq_dim]} and "
                 f"{value.shape[seq_dim]}"
             )
@@ -287,18 +288,18 @@ class MultiheadAttention(nn.Module):
         batch = query.shape[1 - seq_dim] if is_batched else 1
         for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
-                raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+                raise FastattnTypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
         if key_padding_mask is not None:
             expected = (batch, src_len) if is_batched else (src_len,)
             if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(
+                raise FastattnValueError(
                     f"key_padding_mask must have shape {expected} (batch, source length), got "
                     f"{tuple(key_padding_mask.shape)}"
                 )
         if attn_mask is not None:
             allowed = ((tgt_len, src_len), (batch * self.num_heads, tgt_len, src_len))
             if tuple(attn_mask.shape) not in allowed:
-                raise ValueError(
+                raise FastattnValueError(
                     f"attn_mask must have shape {allowed[0]} or {allowed[1]} ((batch * num_heads, "
                     f"target length, source length)), got {tuple(attn_mask.shape)}"
                 )

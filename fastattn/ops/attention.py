@@ -17,6 +17,7 @@ import torch
 
 from fastattn.ops import backends, reference
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -125,45 +126,45 @@ def _attention_normalized(
 def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise FastattnTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
+            raise FastattnTypeError(
                 f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
             )
         if t.dim() < 2:
-            raise ValueError(f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}")
+            raise FastattnValueError(f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}")
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}")
+            raise FastattnTypeError(f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
+            raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: key head dim {k.shape[-1]} must equal query head dim {q.shape[-1]} "
             f"(query {tuple(q.shape)}, key {tuple(k.shape)})"
         )
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: value length {v.shape[-2]} must equal key length {k.shape[-2]} "
             f"(key {tuple(k.shape)}, value {tuple(v.shape)})"
         )
     if k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: key and value batch dims differ: {tuple(k.shape[:-2])} vs {tuple(v.shape[:-2])}"
         )
     if q.dim() != k.dim():
-        raise ValueError(f"{fn}: query has {q.dim()} dims but key has {k.dim()}")
+        raise FastattnValueError(f"{fn}: query has {q.dim()} dims but key has {k.dim()}")
     q_batch, k_batch = q.shape[:-2], k.shape[:-2]
     if heads_dim_allowed_to_differ and q.dim() >= 3:
         hq, hk = q.shape[-3], k.shape[-3]
         if hk == 0 or hq % hk:
-            raise ValueError(
+            raise FastattnValueError(
                 f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value "
                 f"heads ({hk})"
             )
         q_batch, k_batch = q_batch[:-1], k_batch[:-1]
     if q_batch != k_batch:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: query batch dims {tuple(q.shape[:-2])} do not match key/value batch dims "
             f"{tuple(k.shape[:-2])}"
             + ("" if heads_dim_allowed_to_differ else " (set enable_gqa=True for grouped heads)")
@@ -184,19 +185,19 @@ def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(
+        raise FastattnTypeError(
             f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
         )
     if attn_mask.device != q.device:
-        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+        raise FastattnValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        raise FastattnTypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
     target = (*q.shape[:-1], S)
     try:
         if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
             raise RuntimeError
     except RuntimeError:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
             f"(..., L, S) = {target}"
         ) from None
@@ -226,9 +227,9 @@ def scaled_dot_product_attention(
     fn = "scaled_dot_product_attention"
     _check_qkv(fn, query, key, value, enable_gqa)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if is_causal and attn_mask is not None:
-        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
+        raise FastattnValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
     S, E = key.shape[-2], query.shape[-1]
     mask = _mask_4d(fn, attn_mask, query, S)
     opts = AttentionOptions(
@@ -269,10 +270,10 @@ def attention(
     fn = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+            raise FastattnValueError(f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
     _check_qkv(fn, q, k, v, heads_dim_allowed_to_differ=True)
     if causal_align not in ("top_left", "bottom_right"):
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}"
         )
     if not (
@@ -280,25 +281,25 @@ def attention(
         and len(window) == 2
         and all(isinstance(w, int) and w >= -1 for w in window)
     ):
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: window must be (left, right) ints >= -1 (-1 = unbounded), got {window!r}"
         )
     if softcap is not None and not softcap > 0:
-        raise ValueError(f"{fn}: softcap must be positive or None, got {softcap}")
+        raise FastattnValueError(f"{fn}: softcap must be positive or None, got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     B, Hq, L, E = q.shape
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape not in (
             torch.Size([Hq]),
             torch.Size([B, Hq]),
         ):
-            raise ValueError(
+            raise FastattnValueError(
                 f"{fn}: alibi_slopes must be a tensor of shape [{Hq}] or [{B}, {Hq}], got "
                 f"{getattr(alibi_slopes, 'shape', type(alibi_slopes).__name__)}"
             )
         if alibi_slopes.device != q.device:
-            raise ValueError(
+            raise FastattnValueError(
                 f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}"
             )
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fastattn.ops.errors import FastattnValueError
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -136,7 +138,7 @@ def attention_reference(
 
     if dropout_p > 0:
         if rng_seed is None:
-            raise ValueError("attention_reference: dropout_p > 0 needs rng_seed")
+            raise FastattnValueError("attention_reference: dropout_p > 0 needs rng_seed")
         keep = dropout_keep_mask(int(rng_seed), (B, Hq, L, S), dropout_p, q.device)
         probs = probs * keep / (1.0 - dropout_p)
     out = torch.matmul(probs, vc)
