@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from fastattn.ops import backends, reference
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
@@ -90,7 +92,7 @@ def _attention_normalized(
         # Drawn from torch's default generator, so torch.manual_seed makes dropout repeatable.
         rng_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1])
-    if backend == "reference" or q.numel() == 0 or k.shape[-2] == 0 or v.numel() == 0:
+    if backend == "reference" or _has_empty_dim(q, k, v):
         return reference.attention_reference(
             q,
             k,
@@ -121,6 +123,13 @@ def _attention_normalized(
         opts.bottom_right,
         opts.softcap,
     )
+
+
+def _has_empty_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a dim of the call is 0: the plain-PyTorch reference serves those (kernel grids
+    and head-dim dispatch need positive sizes). A size only known at run time (an unbacked
+    batch under torch.export) counts as nonempty rather than guarding on it."""
+    return any(guard_or_false(n == 0) for n in (*q.shape, k.shape[-2], v.shape[-1]))
 
 
 def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
@@ -157,7 +166,7 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
     q_batch, k_batch = q.shape[:-2], k.shape[:-2]
     if heads_dim_allowed_to_differ and q.dim() >= 3:
         hq, hk = q.shape[-3], k.shape[-3]
-        if hk == 0 or hq % hk:
+        if hq % hk if hk else hq:  # no heads at all (hq = hk = 0) is an empty call
             raise FastattnValueError(
                 f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value "
                 f"heads ({hk})"
@@ -177,7 +186,22 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
         return t.unsqueeze(0)
-    return t.reshape(-1, *t.shape[-3:])
+    # flatten, not reshape(-1, ...): -1 is ambiguous when another dim is 0.
+    return t.flatten(0, t.dim() - 4)
+
+
+def _causal_bias_is_bottom_right(fn: str, bias: CausalBias, L: int, S: int) -> bool:
+    """torch's CausalBias attn_mask (causal_upper_left / causal_lower_right) as the op's causal
+    alignment, as torch's own dispatch reads it: upper-left, or any square bias, is top-left
+    causal (its sizes unchecked, as in torch); lower-right must match (L, S)."""
+    if bias.variant == CausalVariant.UPPER_LEFT or bias.seq_len_q == bias.seq_len_kv:
+        return False
+    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
+        raise FastattnValueError(
+            f"{fn}: causal_lower_right({bias.seq_len_q}, {bias.seq_len_kv}) attn_mask does not "
+            f"match the query/key lengths (L, S) = ({L}, {S})"
+        )
+    return True
 
 
 def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None:
@@ -230,12 +254,17 @@ def scaled_dot_product_attention(
         raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if is_causal and attn_mask is not None:
         raise FastattnValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
-    S, E = key.shape[-2], query.shape[-1]
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    bottom_right = False
+    if isinstance(attn_mask, CausalBias):
+        bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, L, S)
+        attn_mask, is_causal = None, True
     mask = _mask_4d(fn, attn_mask, query, S)
     opts = AttentionOptions(
         dropout_p=float(dropout_p),
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
         window_right=0 if is_causal else -1,
+        bottom_right=bottom_right,
     )
     out, _ = _attention_normalized(_as_4d(query), _as_4d(key), _as_4d(value), mask, None, opts, fn)
     return out.reshape(*query.shape[:-1], value.shape[-1])
@@ -303,6 +332,12 @@ def attention(
                 f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}"
             )
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
+    if isinstance(attn_mask, CausalBias):
+        if causal:
+            raise FastattnValueError(f"{fn}: pass causal=True or a CausalBias attn_mask, not both")
+        bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, q.shape[-2], k.shape[-2])
+        attn_mask, causal = None, True
+        causal_align = "bottom_right" if bottom_right else "top_left"
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)

@@ -127,7 +127,7 @@ def attention_with_kv_cache(
                     f"{cache.shape[3]}], got {tuple(new.shape)}"
                 )
     lengths = cache_seqlens.tolist()
-    if min(lengths) < 0 or max(lengths) + L_new > S_max:
+    if any(n < 0 or n + L_new > S_max for n in lengths):
         raise FastattnValueError(
             f"attention_with_kv_cache: cache_seqlens + L_new must lie in [0, {S_max}], got "
             f"{lengths} + {L_new}"
@@ -144,6 +144,9 @@ def attention_with_kv_cache(
                 f"attention_with_kv_cache: attn_mask must broadcast to [B, Hq, Lq, S_max] = "
                 f"{list(full)}, got {tuple(getattr(mask, 'shape', ()))}"
             ) from None
+    if B == 0:  # an empty batch, as torch returns for a zero-size batch
+        out = q.new_empty(0, *q.shape[1:3], v_cache.shape[3])
+        return (out, out.new_empty(out.shape[:3], dtype=torch.float32)) if return_lse else out
     outs, lses = [], []
     for b, length in enumerate(lengths):
         if k_new is not None:

@@ -109,7 +109,7 @@ def attention_reference(
     B, Hq, L, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = Hq // Hk
+    group = Hq // Hk if Hk else 1  # Hq = Hk = 0: no heads at all
     qc = q.to(compute)
     kc = k.to(compute).repeat_interleave(group, dim=1)
     vc = v.to(compute).repeat_interleave(group, dim=1)

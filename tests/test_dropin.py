@@ -1,0 +1,164 @@
+"""Drop-in fidelity with torch at the edges: zero-size dims, torch's CausalBias masks, LSTM with
+T = 0, mixed-dtype MHA biases, TorchScript, torch.export with a data-dependent batch, and the
+exception types of bad input (issue 18)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fastattn
+
+
+def _grads(out: torch.Tensor, grad_out: torch.Tensor, *inputs: torch.Tensor):
+    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def _leaves(*shapes, dtype=torch.float64):
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+# ---- zero-size dims --------------------------------------------------------------------------
+
+ZERO_CASES = [
+    pytest.param((0, 3, 5, 8), (0, 3, 7, 8), (0, 3, 7, 6), id="B0"),
+    pytest.param((2, 0, 5, 8), (2, 0, 7, 8), (2, 0, 7, 6), id="H0"),
+    pytest.param((2, 3, 0, 8), (2, 3, 7, 8), (2, 3, 7, 6), id="L0"),
+    pytest.param((2, 3, 5, 8), (2, 3, 0, 8), (2, 3, 0, 6), id="S0"),
+    pytest.param((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 6), id="E0"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 0), id="Ev0"),
+    pytest.param((3, 5, 8), (3, 0, 8), (3, 0, 6), id="3d-S0"),
+    pytest.param((4, 0, 2, 5, 8), (4, 0, 2, 7, 8), (4, 0, 2, 7, 6), id="5d-0"),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape"), ZERO_CASES)
+def test_sdpa_zero_size_matches_torch(q_shape, k_shape, v_shape, causal):
+    q, k, v = _leaves(q_shape, k_shape, v_shape)
+    ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs)
+    grad_out = torch.randn_like(theirs)
+    for name, g, g_ref in zip("qkv", _grads(ours, grad_out, q, k, v),
+                              _grads(theirs, grad_out, q, k, v), strict=True):
+        g = torch.zeros_like(q if name == "q" else k if name == "k" else v) if g is None else g
+        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+        assert g.shape == g_ref.shape, name
+        torch.testing.assert_close(g, g_ref, msg=f"d{name}")
+
+
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape"), ZERO_CASES[:6])
+def test_attention_zero_size_matches_torch(q_shape, k_shape, v_shape):
+    q, k, v = _leaves(q_shape, k_shape, v_shape)
+    out, lse = fastattn.attention(q, k, v, causal=True, causal_align="bottom_right",
+                                  return_lse=True)
+    L, S = q_shape[2], k_shape[2]
+    mask = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if L > S:  # rows that see no key: torch gives NaN, fastattn zeros (documented)
+        theirs = theirs.nan_to_num(0.0)
+    torch.testing.assert_close(out, theirs)
+    assert lse.shape == q_shape[:3]
+    (g,) = _grads(out, torch.randn_like(out), v)
+    assert g is None or g.shape == v.shape
+
+
+def test_packed_attention_zero_size():
+    q, k, v = _leaves((0, 2, 8), (0, 2, 8), (0, 2, 8))
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    out = fastattn.attention_varlen(q, k, v, cu, cu, 0, 0)
+    assert out.shape == (0, 2, 8)
+    q = torch.randn(0, 2, 1, 8)
+    cache = torch.randn(0, 2, 5, 8)
+    out = fastattn.attention_with_kv_cache(q, cache, cache.clone(),
+                                           torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 2, 1, 8)
+    # Batch 1 with an empty cache: S = 0 gives zeros, as torch's S = 0.
+    out = fastattn.attention_with_kv_cache(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8),
+                                           torch.randn(1, 2, 5, 8),
+                                           torch.zeros(1, dtype=torch.int32))
+    torch.testing.assert_close(out, torch.zeros(1, 2, 1, 8))
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+@pytest.mark.parametrize(("B", "L", "S"), [(0, 5, 7), (2, 0, 7), (2, 5, 0)],
+                         ids=["B0", "L0", "S0"])
+def test_mha_zero_size_matches_torch(B, L, S, need_weights):
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours = fastattn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x, y = _leaves((B, L, 8), (B, S, 8))
+    out, w = ours(x, y, y, need_weights=need_weights)
+    out_ref, w_ref = ref(x, y, y, need_weights=need_weights)
+    torch.testing.assert_close(out, out_ref)
+    assert (w is None) == (w_ref is None)
+    if w is not None:
+        torch.testing.assert_close(w, w_ref)
+    grad_out = torch.randn_like(out_ref)
+    params = [ours.in_proj_weight, ours.out_proj.bias]
+    params_ref = [ref.in_proj_weight, ref.out_proj.bias]
+    for g, g_ref in zip(_grads(out, grad_out, x, y, *params),
+                        _grads(out_ref, grad_out, x, y, *params_ref), strict=True):
+        if g_ref is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, g_ref)
+
+
+# ---- torch's CausalBias masks ----------------------------------------------------------------
+
+CAUSAL_BIAS_CASES = [
+    pytest.param(causal_upper_left, 5, 9, id="upper_left-L5-S9"),
+    pytest.param(causal_lower_right, 5, 9, id="lower_right-L5-S9"),
+    pytest.param(causal_lower_right, 7, 7, id="lower_right-L7-S7"),
+    pytest.param(causal_upper_left, 9, 5, id="upper_left-L9-S5"),
+]
+
+
+def _causal_bias_case(make, L, S):
+    q, k, v = _leaves((2, 3, L, 8), (2, 3, S, 8), (2, 3, S, 8))
+    return q, k, v, make(L, S)
+
+
+@pytest.mark.parametrize(("make", "L", "S"), CAUSAL_BIAS_CASES)
+def test_causal_bias_matches_torch(make, L, S):
+    q, k, v, bias = _causal_bias_case(make, L, S)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, ref)
+    grad_out = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(out, grad_out, q, k, v), _grads(ref, grad_out, q, k, v),
+                        strict=True):
+        torch.testing.assert_close(g, g_ref)
+    # fastattn.attention takes it too, as the same causal alignment.
+    torch.testing.assert_close(fastattn.attention(q, k, v, attn_mask=bias), ref)
+
+
+def test_causal_bias_under_compile():
+    # The bias comes in as an argument: dynamo cannot build a CausalBias inside the graph
+    # (torch's own F.scaled_dot_product_attention neither).
+    torch._dynamo.reset()
+    q, k, v, bias = _causal_bias_case(causal_lower_right, 5, 9)
+    compiled = torch.compile(fastattn.scaled_dot_product_attention, fullgraph=True)
+    out = compiled(q, k, v, attn_mask=bias)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, ref)
+    grad_out = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(out, grad_out, q, k, v), _grads(ref, grad_out, q, k, v),
+                        strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_causal_bias_errors_as_torch():
+    q, k, v, bias = _causal_bias_case(causal_lower_right, 5, 9)
+    with pytest.raises(ValueError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+    with pytest.raises(ValueError, match="is_causal"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+    with pytest.raises(RuntimeError, match=r"causal_lower_right\(5, 9\).*\(6, 9\)"):
+        fastattn.scaled_dot_product_attention(q[:, :, :1].expand(2, 3, 6, 8), k, v,
+                                              attn_mask=bias)
