@@ -162,3 +162,101 @@ def test_causal_bias_errors_as_torch():
     with pytest.raises(RuntimeError, match=r"causal_lower_right\(5, 9\).*\(6, 9\)"):
         fastattn.scaled_dot_product_attention(q[:, :, :1].expand(2, 3, 6, 8), k, v,
                                               attn_mask=bias)
+
+
+# ---- LSTM with T = 0, MHA bias dtype ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("shape", [(0, 2, 4), (0, 4)], ids=["batched", "unbatched"])
+def test_lstm_empty_sequence_raises_like_torch(shape, batch_first):
+    x = torch.randn(shape)
+    if len(shape) == 3 and batch_first:
+        x = x.transpose(0, 1)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        torch.nn.LSTM(4, 5, batch_first=batch_first)(x)
+    with pytest.raises(RuntimeError, match="sequence length to be larger than 0") as info:
+        fastattn.LSTM(4, 5, batch_first=batch_first)(x)
+    assert isinstance(info.value, ValueError)
+
+
+def test_lstm_empty_batch_matches_torch():
+    ref = torch.nn.LSTM(4, 5, num_layers=2)
+    ours = fastattn.LSTM(4, 5, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 0, 4)
+    out, (h, c) = ours(x)
+    out_ref, (h_ref, c_ref) = ref(x)
+    assert out.shape == out_ref.shape and h.shape == h_ref.shape and c.shape == c_ref.shape
+    h, c = fastattn.LSTMCell(4, 5)(torch.randn(0, 4))
+    assert h.shape == c.shape == (0, 5)
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+def test_mha_in_proj_bias_of_another_dtype_matches_torch(need_weights):
+    # torch's upstream test_multihead_attn_fast_path_query_and_bias_have_different_dtypes.
+    ref = torch.nn.MultiheadAttention(4, 4, batch_first=True, dtype=torch.float64).eval()
+    ref.in_proj_bias = torch.nn.Parameter(torch.randn(12).to(torch.float16))
+    ours = fastattn.MultiheadAttention(4, 4, batch_first=True, dtype=torch.float64).eval()
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    assert ours.in_proj_bias.dtype == torch.float16
+    query = torch.randn(4, 4, 4, dtype=torch.float64)
+    out, _ = ours(query, query, query, need_weights=need_weights)
+    out_ref, _ = ref(query, query, query, need_weights=need_weights)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, out_ref)
+    (g,) = torch.autograd.grad(out.sum(), ours.in_proj_bias)
+    (g_ref,) = torch.autograd.grad(out_ref.sum(), ref.in_proj_bias)
+    assert g.dtype == torch.float16
+    torch.testing.assert_close(g, g_ref)
+
+
+# ---- exception types -------------------------------------------------------------------------
+
+
+def _sdpa_args(**changes):
+    args = dict(query=torch.randn(2, 3, 5, 8), key=torch.randn(2, 3, 7, 8),
+                value=torch.randn(2, 3, 7, 8))
+    args.update(changes)
+    return args
+
+
+BAD_INPUTS = [
+    pytest.param("sdpa", _sdpa_args(key=torch.randn(2, 3, 7, 8, dtype=torch.float64)),
+                 TypeError, id="sdpa-key-dtype"),
+    pytest.param("sdpa", _sdpa_args(key=torch.randn(2, 3, 7, 6)), ValueError,
+                 id="sdpa-key-head-dim"),
+    pytest.param("sdpa", _sdpa_args(key=torch.randn(2, 2, 7, 8), value=torch.randn(2, 2, 7, 8)),
+                 ValueError, id="sdpa-heads-without-gqa"),
+    pytest.param("sdpa", _sdpa_args(attn_mask=torch.ones(4, 7, dtype=torch.bool)), ValueError,
+                 id="sdpa-mask-shape"),
+    pytest.param("sdpa", _sdpa_args(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError,
+                 id="sdpa-mask-dtype"),
+    pytest.param("lstm", torch.randn(3, 2, 6), ValueError, id="lstm-input-size"),
+    pytest.param("lstm_cell", torch.randn(2, 6), ValueError, id="lstm-cell-input-size"),
+]
+
+
+def _call(kind: str, args, impl):
+    if kind == "sdpa":
+        fn = F.scaled_dot_product_attention if impl == "torch" else (
+            fastattn.scaled_dot_product_attention)
+        return fn(**args)
+    if kind == "lstm":
+        return (torch.nn.LSTM if impl == "torch" else fastattn.LSTM)(4, 5)(args)
+    return (torch.nn.LSTMCell if impl == "torch" else fastattn.LSTMCell)(4, 5)(args)
+
+
+@pytest.mark.parametrize(("kind", "args", "python_kind"), BAD_INPUTS)
+def test_bad_input_is_runtime_error_like_torch(kind, args, python_kind):
+    with pytest.raises(RuntimeError) as torch_error:
+        _call(kind, args, "torch")
+    assert type(torch_error.value) is RuntimeError  # the premise: torch raises RuntimeError
+    with pytest.raises(RuntimeError) as ours:
+        _call(kind, args, "fastattn")
+    assert isinstance(ours.value, python_kind), type(ours.value)
+    expected = fastattn.FastattnTypeError if python_kind is TypeError else (
+        fastattn.FastattnValueError)
+    assert type(ours.value) is expected
+    with pytest.raises(python_kind):  # the Python spelling of the handler catches it too
+        _call(kind, args, "fastattn")

@@ -235,6 +235,9 @@ class MultiheadAttention(nn.Module):
         """The in-projections; one GEMM for self-attention, two when key is value."""
         E = self.embed_dim
         b = self.in_proj_bias
+        if b is not None and b.dtype != query.dtype:
+            # torch adds a bias of another dtype in the projection's dtype (type promotion).
+            b = b.to(query.dtype)
         b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
         if not self._packed_in_proj:
             return (

@@ -290,6 +290,10 @@ class LSTM(_Extras, nn.Module):
                 input.transpose(0, 1) if self.batch_first else input)
             T, B = x.shape[0], x.shape[1]
             batch_sizes = sorted_indices = unsorted_indices = None
+        if T == 0:  # no last step to return as h_n; torch refuses it too (RuntimeError)
+            raise FastattnValueError(
+                "fastattn.LSTM: expected sequence length to be larger than 0, got input of "
+                f"{_describe(input)} (batch_first={self.batch_first})")
         if x.shape[-1] != self.input_size:
             raise FastattnValueError(f"fastattn.LSTM: input must have {self.input_size} features "
                              f"(input_size), got {x.shape[-1]}")
