@@ -260,3 +260,61 @@ def test_bad_input_is_runtime_error_like_torch(kind, args, python_kind):
     assert type(ours.value) is expected
     with pytest.raises(python_kind):  # the Python spelling of the handler catches it too
         _call(kind, args, "fastattn")
+
+
+# ---- torch.export with a data-dependent or dynamic batch -------------------------------------
+
+
+class _FirstRows(torch.nn.Module):
+    """Runs ``fn`` on the first n batch rows, n read from a tensor: an unbacked batch size that
+    may be 0 at run time (the export must not guard on it)."""
+
+    def __init__(self, fn, batch_dim: int = 0) -> None:
+        super().__init__()
+        self.fn = fn
+        self.batch_dim = batch_dim
+
+    def forward(self, n: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:
+        b = n.item()
+        torch._check(b >= 0)
+        torch._check(b <= xs[0].shape[self.batch_dim])
+        return self.fn(*(x.narrow(self.batch_dim, 0, b) for x in xs))
+
+
+def _export_cases():
+    mha = fastattn.MultiheadAttention(8, 2, batch_first=True).eval()
+    lstm = fastattn.LSTM(8, 6).eval()
+    q, k, v = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 7, 8), torch.randn(4, 2, 7, 8)
+    x = torch.randn(4, 5, 8)
+    return [
+        ("sdpa", fastattn.scaled_dot_product_attention, (q, k, v), 0),
+        ("attention", lambda q, k, v: fastattn.attention(q, k, v, causal=True), (q, k, v), 0),
+        ("mha", lambda x: mha(x, x, x, need_weights=False)[0], (x,), 0),
+        ("lstm", lambda x: lstm(x)[0], (torch.randn(6, 4, 8),), 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["sdpa", "attention", "mha", "lstm"])
+def test_export_with_unbacked_batch(case):
+    _, fn, xs, batch_dim = _export_cases()[case]
+    program = torch.export.export(_FirstRows(fn, batch_dim), (torch.tensor(3), *xs))
+    for n in (2, 0):
+        got = program.module()(torch.tensor(n), *xs)
+        want = fn(*(x.narrow(batch_dim, 0, n) for x in xs))
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", range(3), ids=["sdpa", "mha", "lstm"])
+def test_export_with_dynamic_batch(case):
+    _, fn, xs, batch_dim = [_export_cases()[i] for i in (0, 2, 3)][case]
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, *xs):
+            return fn(*xs)
+
+    batch = torch.export.Dim("batch", max=64)
+    per_input = tuple({batch_dim: batch} for _ in xs)
+    program = torch.export.export(Wrapped(), xs, dynamic_shapes=(per_input,))  # one *xs
+    smaller = tuple(x.narrow(batch_dim, 0, 3) for x in xs)
+    torch.testing.assert_close(program.module()(*smaller), fn(*smaller))
