@@ -318,3 +318,73 @@ def test_export_with_dynamic_batch(case):
     program = torch.export.export(Wrapped(), xs, dynamic_shapes=(per_input,))  # one *xs
     smaller = tuple(x.narrow(batch_dim, 0, 3) for x in xs)
     torch.testing.assert_close(program.module()(*smaller), fn(*smaller))
+
+
+# ---- torch.jit.script ------------------------------------------------------------------------
+
+MHA_SCRIPT_CASES = [
+    pytest.param({}, id="packed"),
+    pytest.param({"kdim": 6, "vdim": 5}, id="kdim-vdim"),
+    pytest.param({"bias": False, "add_zero_attn": True}, id="nobias-zero-attn"),
+    pytest.param({"add_bias_kv": True, "batch_first": True}, id="bias-kv-batch-first"),
+]
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+@pytest.mark.parametrize("config", MHA_SCRIPT_CASES)
+def test_scripted_mha_matches_torch(config, need_weights, tmp_path):
+    ref = torch.nn.MultiheadAttention(8, 2, **config)
+    ours = fastattn.MultiheadAttention(8, 2, **config)
+    ours.load_state_dict(ref.state_dict())
+    scripted = torch.jit.script(ours)
+    torch.jit.save(scripted, tmp_path / "mha.pt")
+    loaded = torch.jit.load(tmp_path / "mha.pt")
+    batch_first = config.get("batch_first", False)
+    L, S, B = 5, 7, 3
+    q = torch.randn((B, L, 8) if batch_first else (L, B, 8))
+    kv_shape = (B, S) if batch_first else (S, B)
+    k = torch.randn(*kv_shape, config.get("kdim", 8))
+    v = torch.randn(*kv_shape, config.get("vdim", 8))
+    padding = torch.rand(B, S) < 0.3
+    padding[:, 0] = False  # every query keeps a key (torch gives NaN rows otherwise)
+    causal = torch.ones(L, S, dtype=torch.bool).triu(1)
+    for module in (scripted, loaded):
+        out, w = module(q, k, v, key_padding_mask=padding, attn_mask=causal,
+                        need_weights=need_weights)
+        out_ref, w_ref = ref(q, k, v, key_padding_mask=padding, attn_mask=causal,
+                             need_weights=need_weights)
+        torch.testing.assert_close(out, out_ref)
+        if need_weights:
+            torch.testing.assert_close(w, w_ref)
+        else:
+            assert w is None
+    # Scripted training: gradients flow through the op's registered autograd.
+    x = torch.randn(L, B, 8, requires_grad=True) if not batch_first else torch.randn(
+        B, L, 8, requires_grad=True)
+    if config.get("kdim") is None:
+        scripted(x, x, x, need_weights=need_weights)[0].sum().backward()
+        ref_x = x.detach().clone().requires_grad_()
+        ref(ref_x, ref_x, ref_x, need_weights=need_weights)[0].sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_scripted_transformer_layer_after_convert_matches_torch(layer):
+    if layer == "encoder":
+        ref = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0,
+                                               batch_first=True).eval()
+    else:
+        ref = torch.nn.TransformerDecoderLayer(16, 4, dim_feedforward=32, dropout=0.0,
+                                               batch_first=True).eval()
+    model = fastattn.convert(__import__("copy").deepcopy(ref))
+    assert isinstance(model.self_attn, fastattn.MultiheadAttention)
+    scripted = torch.jit.script(model)
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        if layer == "encoder":
+            out, out_ref = scripted(x, src_mask=mask), ref(x, src_mask=mask)
+        else:
+            out = scripted(x, memory, tgt_mask=mask, tgt_is_causal=True)
+            out_ref = ref(x, memory, tgt_mask=mask, tgt_is_causal=True)
+    torch.testing.assert_close(out, out_ref)
