@@ -295,7 +295,9 @@ class MultiheadAttention(nn.Module):
     ) -> bool:
         """Validates ranks, feature sizes and mask dtypes; returns whether the input is batched."""
         if query.is_nested or key.is_nested or value.is_nested:
-            raise FastattnTypeError("fastattn.MultiheadAttention does not take nested tensors; pad them")
+            raise FastattnTypeError(
+                "fastattn.MultiheadAttention does not take nested tensors; pad them"
+            )
         if query.dim() not in (2, 3):
             raise FastattnValueError(
                 f"query must be 3-D (batched) or 2-D (unbatched), got a {query.dim()}-D tensor"

@@ -109,8 +109,10 @@ class LSTMCell(_Extras, nn.Module):
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if input.dim() not in (1, 2):
-            raise FastattnValueError(f"fastattn.LSTMCell: input must be [B, {self.input_size}] or "
-                             f"[{self.input_size}], got shape {list(input.shape)}")
+            raise FastattnValueError(
+                f"fastattn.LSTMCell: input must be [B, {self.input_size}] or "
+                f"[{self.input_size}], got shape {list(input.shape)}"
+            )
         if hx is None:
             shape = (input.shape[0], self.hidden_size) if input.dim() == 2 else (self.hidden_size,)
             zeros = input.new_zeros(shape)
@@ -182,8 +184,10 @@ class LSTM(_Extras, nn.Module):
         super().__init__()
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(
                 dropout, bool):
-            raise FastattnValueError("dropout should be a number in range [0, 1] representing the "
-                             f"probability of an element being zeroed, got {dropout}")
+            raise FastattnValueError(
+                "dropout should be a number in range [0, 1] representing the "
+                f"probability of an element being zeroed, got {dropout}"
+            )
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
@@ -283,8 +287,10 @@ class LSTM(_Extras, nn.Module):
             unbatched = False
         else:
             if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
-                raise FastattnValueError("fastattn.LSTM: input must be a 3-D (batched) or 2-D (unbatched) "
-                                 f"tensor or a PackedSequence, got {_describe(input)}")
+                raise FastattnValueError(
+                    "fastattn.LSTM: input must be a 3-D (batched) or 2-D (unbatched) "
+                    f"tensor or a PackedSequence, got {_describe(input)}"
+                )
             unbatched = input.dim() == 2
             x = input.unsqueeze(1) if unbatched else (
                 input.transpose(0, 1) if self.batch_first else input)
@@ -295,8 +301,10 @@ class LSTM(_Extras, nn.Module):
                 "fastattn.LSTM: expected sequence length to be larger than 0, got input of "
                 f"{_describe(input)} (batch_first={self.batch_first})")
         if x.shape[-1] != self.input_size:
-            raise FastattnValueError(f"fastattn.LSTM: input must have {self.input_size} features "
-                             f"(input_size), got {x.shape[-1]}")
+            raise FastattnValueError(
+                f"fastattn.LSTM: input must have {self.input_size} features "
+                f"(input_size), got {x.shape[-1]}"
+            )
         h0, c0 = self._initial_state(hx, x, unbatched, sorted_indices, D, B, P, H)
 
         zc_p, zh_p = self.zoneout

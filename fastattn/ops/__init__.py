@@ -2,8 +2,9 @@
 
 Submodules: ``attention`` (scaled_dot_product_attention, attention), ``backends`` (status,
 forcing, choice), ``errors`` (the exceptions raised for bad input), ``packed_attention``
-(varlen, KV cache), ``reference`` (plain PyTorch oracle), ``lstm``. The package ``fastattn`` re-exports
-the public functions; here the names stay the modules'.
+(varlen, KV cache), ``reference`` (plain PyTorch oracle), ``lstm``, ``torchscript`` (the fused
+call of the modules under torch.jit.script). The package ``fastattn`` re-exports the public
+functions; here the names stay the modules'.
 """
 
 from fastattn.ops import (

@@ -141,10 +141,14 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
                 f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
             )
         if t.dim() < 2:
-            raise FastattnValueError(f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}")
+            raise FastattnValueError(
+                f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}"
+            )
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
-            raise FastattnTypeError(f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}")
+            raise FastattnTypeError(
+                f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}"
+            )
         if t.device != q.device:
             raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
     if k.shape[-1] != q.shape[-1]:
@@ -213,9 +217,13 @@ def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None
             f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
         )
     if attn_mask.device != q.device:
-        raise FastattnValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+        raise FastattnValueError(
+            f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}"
+        )
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise FastattnTypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        raise FastattnTypeError(
+            f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}"
+        )
     target = (*q.shape[:-1], S)
     try:
         if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
@@ -299,7 +307,9 @@ def attention(
     fn = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 4:
-            raise FastattnValueError(f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+            raise FastattnValueError(
+                f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}"
+            )
     _check_qkv(fn, q, k, v, heads_dim_allowed_to_differ=True)
     if causal_align not in ("top_left", "bottom_right"):
         raise FastattnValueError(

@@ -78,7 +78,9 @@ def _status(name: str) -> BackendStatus:
                 True, False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
             )
         return BackendStatus(True, True, "")
-    raise FastattnValueError(f"unknown fastattn backend {name!r}; valid names: {', '.join(_CHOICES)}")
+    raise FastattnValueError(
+        f"unknown fastattn backend {name!r}; valid names: {', '.join(_CHOICES)}"
+    )
 
 
 def backends() -> dict[str, BackendStatus]:

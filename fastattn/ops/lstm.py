@@ -237,10 +237,14 @@ def _check_tensor(fn: str, name: str, t, shape: tuple, like: torch.Tensor) -> No
         raise FastattnTypeError(f"fastattn.{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
         want = "[" + ", ".join(str(s) for s in shape) + "]"
-        raise FastattnValueError(f"fastattn.{fn}: {name} must have shape {want}, got {list(t.shape)}")
+        raise FastattnValueError(
+            f"fastattn.{fn}: {name} must have shape {want}, got {list(t.shape)}"
+        )
     if t.dtype != like.dtype:
-        raise FastattnTypeError(f"fastattn.{fn}: {name} must have dtype {like.dtype} (as input), "
-                        f"got {t.dtype}")
+        raise FastattnTypeError(
+            f"fastattn.{fn}: {name} must have dtype {like.dtype} (as input), "
+            f"got {t.dtype}"
+        )
     if t.device != like.device:
         raise RuntimeError(f"fastattn.{fn}: {name} must be on device {like.device} (as input), "
                            f"got {t.device}")
@@ -252,12 +256,18 @@ def _shape_of(t) -> str:
 
 def _check_input(fn: str, input, dims: tuple[int, ...], layout: str) -> None:
     if not isinstance(input, torch.Tensor):
-        raise FastattnTypeError(f"fastattn.{fn}: input must be a Tensor, got {type(input).__name__}")
+        raise FastattnTypeError(
+            f"fastattn.{fn}: input must be a Tensor, got {type(input).__name__}"
+        )
     if input.dim() not in dims:
-        raise FastattnValueError(f"fastattn.{fn}: input must be {layout}, got shape {list(input.shape)}")
+        raise FastattnValueError(
+            f"fastattn.{fn}: input must be {layout}, got shape {list(input.shape)}"
+        )
     if input.dtype not in _DTYPES:
-        raise FastattnTypeError(f"fastattn.{fn}: input must be float32, float64, float16 or bfloat16, "
-                        f"got {input.dtype}")
+        raise FastattnTypeError(
+            f"fastattn.{fn}: input must be float32, float64, float16 or bfloat16, "
+            f"got {input.dtype}"
+        )
 
 
 def _cell_missing(device: torch.device, dtype: torch.dtype):
@@ -326,8 +336,10 @@ def lstm_cell(
     B, in_features = x.shape
     if not isinstance(w_ih, torch.Tensor) or w_ih.dim() != 2 or w_ih.shape[0] % 4 or (
             w_ih.shape[1] != in_features):
-        raise FastattnValueError(f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (input's "
-                         f"feature size), got {_shape_of(w_ih)}")
+        raise FastattnValueError(
+            f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (input's "
+            f"feature size), got {_shape_of(w_ih)}"
+        )
     _check_tensor(fn, "w_ih", w_ih, tuple(w_ih.shape), input)
     H = w_ih.shape[0] // 4
     state_shape = (H,) if unbatched else (B, H)

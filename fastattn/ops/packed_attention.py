@@ -58,9 +58,13 @@ def attention_varlen(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise FastattnValueError(f"attention_varlen: {name} must be a 3-D [tokens, heads, dim] tensor")
+            raise FastattnValueError(
+                f"attention_varlen: {name} must be a 3-D [tokens, heads, dim] tensor"
+            )
     if options.get("attn_mask") is not None:
-        raise FastattnValueError("attention_varlen: attn_mask is not supported; use causal/window/alibi")
+        raise FastattnValueError(
+            "attention_varlen: attn_mask is not supported; use causal/window/alibi"
+        )
     offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
     batch = len(offsets_q) - 1
     offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], batch)
@@ -108,14 +112,18 @@ def attention_with_kv_cache(
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise FastattnValueError(f"attention_with_kv_cache: {name} must be a 4-D [B, H, N, D] tensor")
+            raise FastattnValueError(
+                f"attention_with_kv_cache: {name} must be a 4-D [B, H, N, D] tensor"
+            )
     B, S_max = k_cache.shape[0], k_cache.shape[2]
     if (
         not isinstance(cache_seqlens, torch.Tensor)
         or cache_seqlens.dtype != torch.int32
         or cache_seqlens.shape != (B,)
     ):
-        raise FastattnValueError(f"attention_with_kv_cache: cache_seqlens must be int32 of shape [{B}]")
+        raise FastattnValueError(
+            f"attention_with_kv_cache: cache_seqlens must be int32 of shape [{B}]"
+        )
     if (k_new is None) != (v_new is None):
         raise FastattnValueError("attention_with_kv_cache: pass both k_new and v_new, or neither")
     L_new = 0 if k_new is None else k_new.shape[2]

@@ -126,9 +126,13 @@ def _check_cell_inputs(op: str, gates: torch.Tensor, **states: torch.Tensor) -> 
                 f"[{batch}, {4 * hidden}], got shape {tuple(tensor.shape)}"
             )
         if tensor.dtype != gates.dtype:
-            raise FastattnTypeError(f"{op}: {name} has dtype {tensor.dtype}, expected gates' {gates.dtype}")
+            raise FastattnTypeError(
+                f"{op}: {name} has dtype {tensor.dtype}, expected gates' {gates.dtype}"
+            )
         if tensor.device != gates.device:
-            raise FastattnValueError(f"{op}: {name} is on {tensor.device}, expected gates' {gates.device}")
+            raise FastattnValueError(
+                f"{op}: {name} is on {tensor.device}, expected gates' {gates.device}"
+            )
     return batch, hidden
 
 
