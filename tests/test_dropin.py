@@ -153,6 +153,27 @@ def test_causal_bias_under_compile():
         torch.testing.assert_close(g, g_ref)
 
 
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+@pytest.mark.parametrize("make", [causal_upper_left, causal_lower_right])
+def test_mha_causal_bias_as_torch(make, need_weights):
+    # torch's MHA takes a CausalBias only as the is_causal hint's mask on the fused path,
+    # where the hint replaces it by top-left causal (whatever the variant); elsewhere it
+    # rejects its shape with a RuntimeError.
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours = fastattn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x, y = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    bias = make(5, 7)
+    if need_weights:
+        for module in (ref, ours):
+            with pytest.raises(RuntimeError):
+                module(x, y, y, attn_mask=bias, is_causal=True, need_weights=True)
+        return
+    out = ours(x, y, y, attn_mask=bias, is_causal=True, need_weights=False)[0]
+    torch.testing.assert_close(out, ref(x, y, y, attn_mask=bias, is_causal=True,
+                                        need_weights=False)[0])
+
+
 def test_causal_bias_errors_as_torch():
     q, k, v, bias = _causal_bias_case(causal_lower_right, 5, 9)
     with pytest.raises(ValueError):

@@ -158,6 +158,17 @@ class MultiheadAttention(nn.Module):
             [N, L, S] (averaged) or [N, num_heads, L, S], unbatched without N, None when
             ``need_weights`` is False. S includes the bias_kv and zero-attention keys.
         """
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "is_causal=True is a hint that attn_mask is the causal mask, so attn_mask is "
+                "required with it (as in torch); build it with "
+                "nn.Transformer.generate_square_subsequent_mask(L)"
+            )
+        # torch's rule: the hint replaces attn_mask only on the fused path without padding mask,
+        # before the mask is checked (so torch's CausalBias masks pass there too).
+        use_causal = is_causal and key_padding_mask is None and not need_weights
+        if use_causal:
+            attn_mask = None
         is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         # Which inputs are the same tensor decides how many projection GEMMs run.
         self_attention = query is key and key is value
@@ -174,17 +185,6 @@ class MultiheadAttention(nn.Module):
                 f"query, key and value must share the batch size, got {batch}, "
                 f"{key.shape[batch_dim]} and {value.shape[batch_dim]}"
             )
-
-        if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "is_causal=True is a hint that attn_mask is the causal mask, so attn_mask is "
-                "required with it (as in torch); build it with "
-                "nn.Transformer.generate_square_subsequent_mask(L)"
-            )
-        # torch's rule: the hint replaces attn_mask only on the fused path without padding mask.
-        use_causal = is_causal and key_padding_mask is None and not need_weights
-        if use_causal:
-            attn_mask = None
 
         q, k, v = self._project(query, key, value, self_attention, shared_kv)
         q = _split_heads(q, batch_dim, self.num_heads)  # [B, H, T, D]
