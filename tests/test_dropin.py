@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import nan_heap
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fastattn
@@ -49,6 +50,23 @@ def test_sdpa_zero_size_matches_torch(q_shape, k_shape, v_shape, causal):
         g_ref = torch.zeros_like(g) if g_ref is None else g_ref
         assert g.shape == g_ref.shape, name
         torch.testing.assert_close(g, g_ref, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("L", [0, 3], ids=["L0", "L3"])
+def test_cpu_backward_op_with_no_query_zeroes_dk_dv(L):
+    # No query (L = 0) means no gradient reaches k and v: the op must write zeros there, not
+    # leave its fresh buffers unwritten (they start as NaN here).
+    q, k, v = torch.randn(2, 3, L, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 6)
+    opts = (None, None, 0.0, None, 0.3, -1, -1, False, 0.0)
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *opts)
+    grad_out = torch.randn_like(out)
+    nan_heap(k.shape, v.shape, dtype=k.dtype)
+    _, dk, dv, _ = torch.ops.fastattn.attention_bwd(grad_out, q, k, v, out, lse, *opts, False)
+    k_ref, v_ref = k.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = F.scaled_dot_product_attention(q, k_ref, v_ref, scale=0.3)
+    dk_ref, dv_ref = _grads(ref, grad_out, k_ref, v_ref)
+    torch.testing.assert_close(dk, dk_ref)
+    torch.testing.assert_close(dv, dv_ref)
 
 
 @pytest.mark.parametrize(("q_shape", "k_shape", "v_shape"), ZERO_CASES[:6])
