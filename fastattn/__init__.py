@@ -9,6 +9,7 @@ from fastattn import _extension  # noqa: F401  (loads fastattn._C, registering t
 from fastattn.nn import LSTM, LSTMCell, MultiheadAttention, convert
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.backends import BackendStatus, backends, use_backend
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 from fastattn.ops.lstm import lstm_cell
 from fastattn.ops.packed_attention import attention_varlen, attention_with_kv_cache
 
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendStatus",
+    "FastattnTypeError",
+    "FastattnValueError",
     "LSTM",
     "LSTMCell",
     "MultiheadAttention",

@@ -625,8 +625,13 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
   const int64_t rows = p.batch * p.q_heads * L;
   auto* dq = static_cast<scalar_t*>(bp.dq);
-  if (p.kv_len == 0 || rows == 0) {  // no key: every gradient is zero
+  if (p.kv_len == 0 || rows == 0) {  // no key or no query: every gradient is zero
     std::fill(dq, dq + rows * E, scalar_t(0));
+    const int64_t kv_rows = p.batch * p.kv_heads * p.kv_len;
+    auto* dk = static_cast<scalar_t*>(bp.dk);
+    auto* dv = static_cast<scalar_t*>(bp.dv);
+    std::fill(dk, dk + kv_rows * E, scalar_t(0));
+    std::fill(dv, dv + kv_rows * Ev, scalar_t(0));
     return;
   }
 

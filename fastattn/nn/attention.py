@@ -1,7 +1,5 @@
 """fastattn.MultiheadAttention: ``nn.MultiheadAttention``'s interface on fastattn's attention op."""
 
-from __future__ import annotations
-
 import math
 import warnings
 
@@ -12,6 +10,8 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fastattn.ops import attention as attention_ops
+from fastattn.ops import torchscript as torchscript_ops
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 
 class MultiheadAttention(nn.Module):
@@ -38,13 +38,10 @@ class MultiheadAttention(nn.Module):
     is added to the scores. ``is_causal=True`` is a hint that ``attn_mask`` is the causal mask,
     exactly as in torch: ``attn_mask`` is then still required, and it is replaced by the op's
     causal visibility only when ``need_weights=False`` and no ``key_padding_mask`` is given.
-    """
 
-    # torch's TransformerEncoderLayer and TransformerEncoder read this private attribute to decide
-    # whether to bypass ``self_attn.forward`` with torch's own fused kernels
-    # (torch._transformer_encoder_layer_fwd, nested tensors). Always False, so a layer holding
-    # this module really runs it; whether the in-projection is packed is ``_packed_in_proj``.
-    _qkv_same_embed_dim = False
+    ``torch.jit.script`` compiles the module (and torch's Transformer layers holding it); the
+    scripted fused path calls the C++ op directly (``fastattn.ops.torchscript``).
+    """
 
     bias_k: Tensor | None
     bias_v: Tensor | None
@@ -64,16 +61,22 @@ class MultiheadAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         if embed_dim <= 0 or num_heads <= 0:
-            raise ValueError(
+            raise FastattnValueError(
                 f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} "
                 f"and num_heads={num_heads}"
             )
         if embed_dim % num_heads != 0:
-            raise ValueError(
+            raise FastattnValueError(
                 f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
             )
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        # torch's TransformerEncoderLayer and TransformerEncoder read this private attribute to
+        # decide whether to bypass ``self_attn.forward`` with torch's own fused kernels
+        # (torch._transformer_encoder_layer_fwd, nested tensors). Always False, so a layer holding
+        # this module really runs it; whether the in-projection is packed is ``_packed_in_proj``.
+        # An instance attribute, so that TorchScript sees it when it compiles such a layer.
+        self._qkv_same_embed_dim = False
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
@@ -155,6 +158,17 @@ class MultiheadAttention(nn.Module):
             [N, L, S] (averaged) or [N, num_heads, L, S], unbatched without N, None when
             ``need_weights`` is False. S includes the bias_kv and zero-attention keys.
         """
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "is_causal=True is a hint that attn_mask is the causal mask, so attn_mask is "
+                "required with it (as in torch); build it with "
+                "nn.Transformer.generate_square_subsequent_mask(L)"
+            )
+        # torch's rule: the hint replaces attn_mask only on the fused path without padding mask,
+        # before the mask is checked (so torch's CausalBias masks pass there too).
+        use_causal = is_causal and key_padding_mask is None and not need_weights
+        if use_causal:
+            attn_mask = None
         is_batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
         # Which inputs are the same tensor decides how many projection GEMMs run.
         self_attention = query is key and key is value
@@ -167,32 +181,25 @@ class MultiheadAttention(nn.Module):
         batch = query.shape[batch_dim]
         tgt_len, src_len = query.shape[1 - batch_dim], key.shape[1 - batch_dim]
         if key.shape[batch_dim] != batch or value.shape[batch_dim] != batch:
-            raise ValueError(
+            raise FastattnValueError(
                 f"query, key and value must share the batch size, got {batch}, "
                 f"{key.shape[batch_dim]} and {value.shape[batch_dim]}"
             )
 
-        if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "is_causal=True is a hint that attn_mask is the causal mask, so attn_mask is "
-                "required with it (as in torch); build it with "
-                "nn.Transformer.generate_square_subsequent_mask(L)"
-            )
-        # torch's rule: the hint replaces attn_mask only on the fused path without padding mask.
-        use_causal = is_causal and key_padding_mask is None and not need_weights
-        if use_causal:
-            attn_mask = None
-
         q, k, v = self._project(query, key, value, self_attention, shared_kv)
-        q, k, v = (_split_heads(x, batch_dim, self.num_heads) for x in (q, k, v))  # [B, H, T, D]
+        q = _split_heads(q, batch_dim, self.num_heads)  # [B, H, T, D]
+        k = _split_heads(k, batch_dim, self.num_heads)
+        v = _split_heads(v, batch_dim, self.num_heads)
         extra_keys = 0
-        if self.bias_k is not None:  # add_bias_kv: bias_k and bias_v exist together
-            k = torch.cat([k, _bias_as_key(self.bias_k, batch, self.num_heads)], dim=2)
-            v = torch.cat([v, _bias_as_key(self.bias_v, batch, self.num_heads)], dim=2)
+        bias_k, bias_v = self.bias_k, self.bias_v  # locals, so TorchScript refines the Optional
+        if bias_k is not None and bias_v is not None:  # add_bias_kv: both exist together
+            k = torch.cat([k, _bias_as_key(bias_k, batch, self.num_heads)], dim=2)
+            v = torch.cat([v, _bias_as_key(bias_v, batch, self.num_heads)], dim=2)
             extra_keys += 1
         if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(batch, self.num_heads, 1, self.head_dim)], dim=2)
-            v = torch.cat([v, v.new_zeros(batch, self.num_heads, 1, self.head_dim)], dim=2)
+            zero_key = [batch, self.num_heads, 1, self.head_dim]
+            k = torch.cat([k, k.new_zeros(zero_key)], dim=2)
+            v = torch.cat([v, v.new_zeros(zero_key)], dim=2)
             extra_keys += 1
 
         mask = _merge_masks(
@@ -201,7 +208,7 @@ class MultiheadAttention(nn.Module):
         )
         dropout_p = self.dropout if self.training else 0.0
 
-        weights = None
+        weights: Tensor | None = None
         if need_weights:
             # [B, H, L, S]: the same arithmetic as torch's explicit path, so the weights match.
             scores = torch.matmul(q * math.sqrt(1.0 / self.head_dim), k.transpose(-2, -1))
@@ -214,6 +221,8 @@ class MultiheadAttention(nn.Module):
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
             out = torch.matmul(weights, v)
+        elif torch.jit.is_scripting():
+            out = torchscript_ops.scaled_dot_product_attention(q, k, v, mask, dropout_p, use_causal)
         else:
             out = attention_ops.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=use_causal
@@ -225,8 +234,21 @@ class MultiheadAttention(nn.Module):
             weights = weights.mean(dim=1)
         if not is_batched:
             out = out.squeeze(1)
-            weights = weights.squeeze(0) if weights is not None else None
+            if weights is not None:
+                weights = weights.squeeze(0)
         return out, weights
+
+    @torch.jit.unused
+    def merge_masks(
+        self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor
+    ) -> tuple[Tensor | None, int | None]:
+        """Not supported. torch's encoder layers call ``self_attn.merge_masks`` only on their
+        native fast path, which a layer holding this module never takes (``_qkv_same_embed_dim``
+        is False); it is declared so that such a layer compiles under ``torch.jit.script``."""
+        raise NotImplementedError(
+            "fastattn.MultiheadAttention merges its masks inside forward; torch's encoder fast "
+            "path that calls merge_masks does not run with it"
+        )
 
     def _project(
         self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, shared_kv: bool
@@ -234,21 +256,32 @@ class MultiheadAttention(nn.Module):
         """The in-projections; one GEMM for self-attention, two when key is value."""
         E = self.embed_dim
         b = self.in_proj_bias
-        b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
-        if not self._packed_in_proj:
+        b_q: Tensor | None = None
+        b_k: Tensor | None = None
+        b_v: Tensor | None = None
+        b_kv: Tensor | None = None
+        if b is not None:  # (TorchScript compiles this block only when the bias exists)
+            if b.dtype != query.dtype:
+                # torch adds a bias of another dtype in the projection's dtype (type promotion).
+                b = b.to(query.dtype)
+            b_q, b_k, b_v = b.chunk(3)
+            b_kv = b[E:]
+        # `w is None` rather than self._packed_in_proj: TorchScript then compiles only the branch
+        # whose weights exist (the others are None attributes).
+        w = self.in_proj_weight
+        if w is None:
             return (
                 F.linear(query, self.q_proj_weight, b_q),
                 F.linear(key, self.k_proj_weight, b_k),
                 F.linear(value, self.v_proj_weight, b_v),
             )
-        w = self.in_proj_weight
         if self_attention:
             q, k, v = F.linear(query, w, b).chunk(3, dim=-1)
             return q, k, v
         w_q, w_k, w_v = w.chunk(3)
         q = F.linear(query, w_q, b_q)
         if shared_kv:
-            k, v = F.linear(key, w[E:], None if b is None else b[E:]).chunk(2, dim=-1)
+            k, v = F.linear(key, w[E:], b_kv).chunk(2, dim=-1)
             return q, k, v
         return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
@@ -262,45 +295,46 @@ class MultiheadAttention(nn.Module):
     ) -> bool:
         """Validates ranks, feature sizes and mask dtypes; returns whether the input is batched."""
         if query.is_nested or key.is_nested or value.is_nested:
-            raise TypeError("fastattn.MultiheadAttention does not take nested tensors; pad them")
+            raise FastattnTypeError(
+                "fastattn.MultiheadAttention does not take nested tensors; pad them"
+            )
         if query.dim() not in (2, 3):
-            raise ValueError(
+            raise FastattnValueError(
                 f"query must be 3-D (batched) or 2-D (unbatched), got a {query.dim()}-D tensor"
             )
         is_batched = query.dim() == 3
         if key.dim() != query.dim() or value.dim() != query.dim():
-            raise ValueError(
+            raise FastattnValueError(
                 f"key and value must be {query.dim()}-D like query, got {key.dim()}-D and "
                 f"{value.dim()}-D"
             )
-        for name, x, size in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                              ("value", value, self.vdim)):
-            if x.shape[-1] != size:
-                raise ValueError(f"{name} must have {size} features (last dim), got {x.shape[-1]}")
+        _check_features("query", query, self.embed_dim)
+        _check_features("key", key, self.kdim)
+        _check_features("value", value, self.vdim)
         seq_dim = 1 if self.batch_first and is_batched else 0
         if key.shape[seq_dim] != value.shape[seq_dim]:
-            raise ValueError(
+            raise FastattnValueError(
                 f"key and value must have the same length, got {key.shape[seq_dim]} and "
                 f"{value.shape[seq_dim]}"
             )
         tgt_len, src_len = query.shape[seq_dim], key.shape[seq_dim]
         batch = query.shape[1 - seq_dim] if is_batched else 1
-        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
-                raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
         if key_padding_mask is not None:
-            expected = (batch, src_len) if is_batched else (src_len,)
-            if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(
+            _check_mask_dtype("key_padding_mask", key_padding_mask)
+            expected = [batch, src_len] if is_batched else [src_len]
+            if list(key_padding_mask.shape) != expected:
+                raise FastattnValueError(
                     f"key_padding_mask must have shape {expected} (batch, source length), got "
-                    f"{tuple(key_padding_mask.shape)}"
+                    f"{list(key_padding_mask.shape)}"
                 )
         if attn_mask is not None:
-            allowed = ((tgt_len, src_len), (batch * self.num_heads, tgt_len, src_len))
-            if tuple(attn_mask.shape) not in allowed:
-                raise ValueError(
-                    f"attn_mask must have shape {allowed[0]} or {allowed[1]} ((batch * num_heads, "
-                    f"target length, source length)), got {tuple(attn_mask.shape)}"
+            _check_mask_dtype("attn_mask", attn_mask)
+            shape = list(attn_mask.shape)
+            per_head = [batch * self.num_heads, tgt_len, src_len]
+            if shape != [tgt_len, src_len] and shape != per_head:
+                raise FastattnValueError(
+                    f"attn_mask must have shape {[tgt_len, src_len]} or {per_head} ((batch * "
+                    f"num_heads, target length, source length)), got {shape}"
                 )
         if (key_padding_mask is not None and attn_mask is not None
                 and key_padding_mask.dtype != attn_mask.dtype):
@@ -312,9 +346,19 @@ class MultiheadAttention(nn.Module):
         return is_batched
 
 
+def _check_features(name: str, x: Tensor, size: int) -> None:
+    if x.shape[-1] != size:
+        raise FastattnValueError(f"{name} must have {size} features (last dim), got {x.shape[-1]}")
+
+
+def _check_mask_dtype(name: str, mask: Tensor) -> None:
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise FastattnTypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+
+
 def _split_heads(x: Tensor, batch_dim: int, num_heads: int) -> Tensor:
     """[B, T, H*D] (batch_dim 0) or [T, B, H*D] (batch_dim 1) -> a [B, H, T, D] view."""
-    x = x.unflatten(-1, (num_heads, -1))
+    x = x.unflatten(-1, [num_heads, -1])
     return x.permute(0, 2, 1, 3) if batch_dim == 0 else x.permute(1, 2, 0, 3)
 
 
@@ -345,26 +389,32 @@ def _merge_masks(
     entry becomes -inf). Only the dims the inputs really have are materialized; the extra keys
     (bias_kv, zero attention) are always visible.
     """
-    masks = []
+    masks: list[Tensor] = []
     if key_padding_mask is not None:  # [B, S]
         masks.append(key_padding_mask.view(batch, 1, 1, src_len))
     if attn_mask is not None:  # [L, S] or [B*H, L, S]
-        shape = (1, 1) if attn_mask.dim() == 2 else (batch, num_heads)
-        masks.append(attn_mask.view(*shape, tgt_len, src_len))
-    if not masks:
+        if attn_mask.dim() == 2:
+            masks.append(attn_mask.view(1, 1, tgt_len, src_len))
+        else:
+            masks.append(attn_mask.view(batch, num_heads, tgt_len, src_len))
+    if len(masks) == 0:
         return None
-    if all(m.dtype == torch.bool for m in masks):
+    all_bool = True
+    for m in masks:
+        all_bool = all_bool and m.dtype == torch.bool
+    if all_bool:
         blocked = masks[0] if len(masks) == 1 else masks[0] | masks[1]
         merged = ~blocked
-        fill = True
+        fill = 1.0  # padded into a bool mask: True
     else:
-        additive = [
-            torch.zeros_like(m, dtype=dtype).masked_fill_(m, float("-inf"))
-            if m.dtype == torch.bool else m.to(dtype)
-            for m in masks
-        ]
+        additive: list[Tensor] = []
+        for m in masks:
+            if m.dtype == torch.bool:
+                additive.append(torch.zeros_like(m, dtype=dtype).masked_fill_(m, float("-inf")))
+            else:
+                additive.append(m.to(dtype))
         merged = additive[0] if len(additive) == 1 else additive[0] + additive[1]
         fill = 0.0
-    if extra_keys:
-        merged = F.pad(merged, (0, extra_keys), value=fill)
+    if extra_keys > 0:
+        merged = F.pad(merged, [0, extra_keys], value=fill)
     return merged

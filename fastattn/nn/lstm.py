@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 from fastattn.ops.lstm import lstm_cell, lstm_layer
 
 __all__ = ["LSTMCell", "LSTM"]
@@ -25,10 +26,10 @@ __all__ = ["LSTMCell", "LSTM"]
 def _check_extras(zoneout, recurrent_dropout) -> tuple[float, float]:
     zoneout = (0.0, 0.0) if zoneout is None else tuple(float(p) for p in zoneout)
     if len(zoneout) != 2 or not all(0 <= p < 1 for p in zoneout):
-        raise ValueError(
+        raise FastattnValueError(
             f"zoneout must be (p_cell, p_hidden) with each p in [0, 1), got {zoneout}")
     if not 0 <= recurrent_dropout < 1:
-        raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+        raise FastattnValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
     return zoneout
 
 
@@ -108,8 +109,10 @@ class LSTMCell(_Extras, nn.Module):
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if input.dim() not in (1, 2):
-            raise ValueError(f"fastattn.LSTMCell: input must be [B, {self.input_size}] or "
-                             f"[{self.input_size}], got shape {list(input.shape)}")
+            raise FastattnValueError(
+                f"fastattn.LSTMCell: input must be [B, {self.input_size}] or "
+                f"[{self.input_size}], got shape {list(input.shape)}"
+            )
         if hx is None:
             shape = (input.shape[0], self.hidden_size) if input.dim() == 2 else (self.hidden_size,)
             zeros = input.new_zeros(shape)
@@ -181,21 +184,23 @@ class LSTM(_Extras, nn.Module):
         super().__init__()
         if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(
                 dropout, bool):
-            raise ValueError("dropout should be a number in range [0, 1] representing the "
-                             f"probability of an element being zeroed, got {dropout}")
+            raise FastattnValueError(
+                "dropout should be a number in range [0, 1] representing the "
+                f"probability of an element being zeroed, got {dropout}"
+            )
         if dropout > 0 and num_layers == 1:
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
         if not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise ValueError(f"hidden_size must be a positive int, got {hidden_size}")
+            raise FastattnValueError(f"hidden_size must be a positive int, got {hidden_size}")
         if not isinstance(num_layers, int) or num_layers <= 0:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers}")
+            raise FastattnValueError(f"num_layers must be a positive int, got {num_layers}")
         if proj_size < 0:
-            raise ValueError(
+            raise FastattnValueError(
                 "proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
-            raise ValueError("proj_size has to be smaller than hidden_size")
+            raise FastattnValueError("proj_size has to be smaller than hidden_size")
         zoneout = _check_extras(zoneout, recurrent_dropout)
         self.mode = "LSTM"
         self.input_size = input_size
@@ -282,16 +287,24 @@ class LSTM(_Extras, nn.Module):
             unbatched = False
         else:
             if not isinstance(input, torch.Tensor) or input.dim() not in (2, 3):
-                raise ValueError("fastattn.LSTM: input must be a 3-D (batched) or 2-D (unbatched) "
-                                 f"tensor or a PackedSequence, got {_describe(input)}")
+                raise FastattnValueError(
+                    "fastattn.LSTM: input must be a 3-D (batched) or 2-D (unbatched) "
+                    f"tensor or a PackedSequence, got {_describe(input)}"
+                )
             unbatched = input.dim() == 2
             x = input.unsqueeze(1) if unbatched else (
                 input.transpose(0, 1) if self.batch_first else input)
             T, B = x.shape[0], x.shape[1]
             batch_sizes = sorted_indices = unsorted_indices = None
+        if T == 0:  # no last step to return as h_n; torch refuses it too (RuntimeError)
+            raise FastattnValueError(
+                "fastattn.LSTM: expected sequence length to be larger than 0, got input of "
+                f"{_describe(input)} (batch_first={self.batch_first})")
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"fastattn.LSTM: input must have {self.input_size} features "
-                             f"(input_size), got {x.shape[-1]}")
+            raise FastattnValueError(
+                f"fastattn.LSTM: input must have {self.input_size} features "
+                f"(input_size), got {x.shape[-1]}"
+            )
         h0, c0 = self._initial_state(hx, x, unbatched, sorted_indices, D, B, P, H)
 
         zc_p, zh_p = self.zoneout
@@ -332,12 +345,12 @@ class LSTM(_Extras, nn.Module):
         if hx is None:
             return x.new_zeros(L, B, P), x.new_zeros(L, B, H)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            raise TypeError("fastattn.LSTM: hx must be a tuple (h_0, c_0)")
+            raise FastattnTypeError("fastattn.LSTM: hx must be a tuple (h_0, c_0)")
         h0, c0 = hx
         want_h, want_c = ((L, P), (L, H)) if unbatched else ((L, B, P), (L, B, H))
         for name, t, want in (("h_0", h0, want_h), ("c_0", c0, want_c)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(
+                raise FastattnTypeError(
                     f"fastattn.LSTM: hx {name} must be a Tensor, got {type(t).__name__}")
             width = "proj_size" if name == "h_0" and self.proj_size else "hidden_size"
             if tuple(t.shape) != want:

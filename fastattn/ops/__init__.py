@@ -1,17 +1,19 @@
 """The functional API: input checks, backend choice, autograd and fake kernels.
 
 Submodules: ``attention`` (scaled_dot_product_attention, attention), ``backends`` (status,
-forcing, choice), ``packed_attention`` (varlen, KV cache), ``reference`` (plain PyTorch
-oracle), ``lstm``. The package ``fastattn`` re-exports
-the public functions; here the names stay the modules'.
+forcing, choice), ``errors`` (the exceptions raised for bad input), ``packed_attention``
+(varlen, KV cache), ``reference`` (plain PyTorch oracle), ``lstm``, ``torchscript`` (the fused
+call of the modules under torch.jit.script). The package ``fastattn`` re-exports the public
+functions; here the names stay the modules'.
 """
 
 from fastattn.ops import (
     _registry,  # noqa: F401  (defines the fastattn::* schemas first)
     attention,
     backends,
+    errors,
     packed_attention,
     reference,
 )
 
-__all__ = ["attention", "backends", "packed_attention", "reference"]
+__all__ = ["attention", "backends", "errors", "packed_attention", "reference"]

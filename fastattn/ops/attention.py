@@ -14,9 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from fastattn.ops import backends, reference
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
@@ -89,7 +92,7 @@ def _attention_normalized(
         # Drawn from torch's default generator, so torch.manual_seed makes dropout repeatable.
         rng_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1])
-    if backend == "reference" or q.numel() == 0 or k.shape[-2] == 0 or v.numel() == 0:
+    if backend == "reference" or _has_empty_dim(q, k, v):
         return reference.attention_reference(
             q,
             k,
@@ -122,48 +125,59 @@ def _attention_normalized(
     )
 
 
+def _has_empty_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a dim of the call is 0: the plain-PyTorch reference serves those (kernel grids
+    and head-dim dispatch need positive sizes). A size only known at run time (an unbacked
+    batch under torch.export) counts as nonempty rather than guarding on it."""
+    return any(guard_or_false(n == 0) for n in (*q.shape, k.shape[-2], v.shape[-1]))
+
+
 def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise FastattnTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
+            raise FastattnTypeError(
                 f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
             )
         if t.dim() < 2:
-            raise ValueError(f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}")
+            raise FastattnValueError(
+                f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}"
+            )
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}")
+            raise FastattnTypeError(
+                f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}"
+            )
         if t.device != q.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
+            raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: key head dim {k.shape[-1]} must equal query head dim {q.shape[-1]} "
             f"(query {tuple(q.shape)}, key {tuple(k.shape)})"
         )
     if v.shape[-2] != k.shape[-2]:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: value length {v.shape[-2]} must equal key length {k.shape[-2]} "
             f"(key {tuple(k.shape)}, value {tuple(v.shape)})"
         )
     if k.shape[:-2] != v.shape[:-2]:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: key and value batch dims differ: {tuple(k.shape[:-2])} vs {tuple(v.shape[:-2])}"
         )
     if q.dim() != k.dim():
-        raise ValueError(f"{fn}: query has {q.dim()} dims but key has {k.dim()}")
+        raise FastattnValueError(f"{fn}: query has {q.dim()} dims but key has {k.dim()}")
     q_batch, k_batch = q.shape[:-2], k.shape[:-2]
     if heads_dim_allowed_to_differ and q.dim() >= 3:
         hq, hk = q.shape[-3], k.shape[-3]
-        if hk == 0 or hq % hk:
-            raise ValueError(
+        if hq % hk if hk else hq:  # no heads at all (hq = hk = 0) is an empty call
+            raise FastattnValueError(
                 f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value "
                 f"heads ({hk})"
             )
         q_batch, k_batch = q_batch[:-1], k_batch[:-1]
     if q_batch != k_batch:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: query batch dims {tuple(q.shape[:-2])} do not match key/value batch dims "
             f"{tuple(k.shape[:-2])}"
             + ("" if heads_dim_allowed_to_differ else " (set enable_gqa=True for grouped heads)")
@@ -176,7 +190,22 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
         return t.unsqueeze(0)
-    return t.reshape(-1, *t.shape[-3:])
+    # flatten, not reshape(-1, ...): -1 is ambiguous when another dim is 0.
+    return t.flatten(0, t.dim() - 4)
+
+
+def _causal_bias_is_bottom_right(fn: str, bias: CausalBias, L: int, S: int) -> bool:
+    """torch's CausalBias attn_mask (causal_upper_left / causal_lower_right) as the op's causal
+    alignment, as torch's own dispatch reads it: upper-left, or any square bias, is top-left
+    causal (its sizes unchecked, as in torch); lower-right must match (L, S)."""
+    if bias.variant == CausalVariant.UPPER_LEFT or bias.seq_len_q == bias.seq_len_kv:
+        return False
+    if (bias.seq_len_q, bias.seq_len_kv) != (L, S):
+        raise FastattnValueError(
+            f"{fn}: causal_lower_right({bias.seq_len_q}, {bias.seq_len_kv}) attn_mask does not "
+            f"match the query/key lengths (L, S) = ({L}, {S})"
+        )
+    return True
 
 
 def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None:
@@ -184,19 +213,23 @@ def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(
+        raise FastattnTypeError(
             f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
         )
     if attn_mask.device != q.device:
-        raise ValueError(f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}")
+        raise FastattnValueError(
+            f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}"
+        )
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        raise FastattnTypeError(
+            f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}"
+        )
     target = (*q.shape[:-1], S)
     try:
         if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
             raise RuntimeError
     except RuntimeError:
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
             f"(..., L, S) = {target}"
         ) from None
@@ -226,15 +259,20 @@ def scaled_dot_product_attention(
     fn = "scaled_dot_product_attention"
     _check_qkv(fn, query, key, value, enable_gqa)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if is_causal and attn_mask is not None:
-        raise ValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
-    S, E = key.shape[-2], query.shape[-1]
+        raise FastattnValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
+    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    bottom_right = False
+    if isinstance(attn_mask, CausalBias):
+        bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, L, S)
+        attn_mask, is_causal = None, True
     mask = _mask_4d(fn, attn_mask, query, S)
     opts = AttentionOptions(
         dropout_p=float(dropout_p),
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
         window_right=0 if is_causal else -1,
+        bottom_right=bottom_right,
     )
     out, _ = _attention_normalized(_as_4d(query), _as_4d(key), _as_4d(value), mask, None, opts, fn)
     return out.reshape(*query.shape[:-1], value.shape[-1])
@@ -269,10 +307,12 @@ def attention(
     fn = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 4:
-            raise ValueError(f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
+            raise FastattnValueError(
+                f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}"
+            )
     _check_qkv(fn, q, k, v, heads_dim_allowed_to_differ=True)
     if causal_align not in ("top_left", "bottom_right"):
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}"
         )
     if not (
@@ -280,28 +320,34 @@ def attention(
         and len(window) == 2
         and all(isinstance(w, int) and w >= -1 for w in window)
     ):
-        raise ValueError(
+        raise FastattnValueError(
             f"{fn}: window must be (left, right) ints >= -1 (-1 = unbounded), got {window!r}"
         )
     if softcap is not None and not softcap > 0:
-        raise ValueError(f"{fn}: softcap must be positive or None, got {softcap}")
+        raise FastattnValueError(f"{fn}: softcap must be positive or None, got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     B, Hq, L, E = q.shape
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape not in (
             torch.Size([Hq]),
             torch.Size([B, Hq]),
         ):
-            raise ValueError(
+            raise FastattnValueError(
                 f"{fn}: alibi_slopes must be a tensor of shape [{Hq}] or [{B}, {Hq}], got "
                 f"{getattr(alibi_slopes, 'shape', type(alibi_slopes).__name__)}"
             )
         if alibi_slopes.device != q.device:
-            raise ValueError(
+            raise FastattnValueError(
                 f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}"
             )
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
+    if isinstance(attn_mask, CausalBias):
+        if causal:
+            raise FastattnValueError(f"{fn}: pass causal=True or a CausalBias attn_mask, not both")
+        bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, q.shape[-2], k.shape[-2])
+        attn_mask, causal = None, True
+        causal_align = "bottom_right" if bottom_right else "top_left"
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)

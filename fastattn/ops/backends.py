@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fastattn import _extension
+from fastattn.ops.errors import FastattnValueError
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 _CHOICES = BACKENDS + ("auto",)
@@ -77,7 +78,9 @@ def _status(name: str) -> BackendStatus:
                 True, False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
             )
         return BackendStatus(True, True, "")
-    raise ValueError(f"unknown fastattn backend {name!r}; valid names: {', '.join(_CHOICES)}")
+    raise FastattnValueError(
+        f"unknown fastattn backend {name!r}; valid names: {', '.join(_CHOICES)}"
+    )
 
 
 def backends() -> dict[str, BackendStatus]:
@@ -87,7 +90,7 @@ def backends() -> dict[str, BackendStatus]:
 
 def _check_name(name: str, source: str) -> str:
     if name not in _CHOICES:
-        raise ValueError(
+        raise FastattnValueError(
             f"{source}: unknown fastattn backend {name!r}; valid names: {', '.join(_CHOICES)}"
         )
     return name

@@ -25,6 +25,7 @@ from fastattn.ops import (
     backends,
     reference,
 )
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -233,13 +234,17 @@ torch.library.register_autograd(
 
 def _check_tensor(fn: str, name: str, t, shape: tuple, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"fastattn.{fn}: {name} must be a Tensor, got {type(t).__name__}")
+        raise FastattnTypeError(f"fastattn.{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
         want = "[" + ", ".join(str(s) for s in shape) + "]"
-        raise ValueError(f"fastattn.{fn}: {name} must have shape {want}, got {list(t.shape)}")
+        raise FastattnValueError(
+            f"fastattn.{fn}: {name} must have shape {want}, got {list(t.shape)}"
+        )
     if t.dtype != like.dtype:
-        raise TypeError(f"fastattn.{fn}: {name} must have dtype {like.dtype} (as input), "
-                        f"got {t.dtype}")
+        raise FastattnTypeError(
+            f"fastattn.{fn}: {name} must have dtype {like.dtype} (as input), "
+            f"got {t.dtype}"
+        )
     if t.device != like.device:
         raise RuntimeError(f"fastattn.{fn}: {name} must be on device {like.device} (as input), "
                            f"got {t.device}")
@@ -251,12 +256,18 @@ def _shape_of(t) -> str:
 
 def _check_input(fn: str, input, dims: tuple[int, ...], layout: str) -> None:
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"fastattn.{fn}: input must be a Tensor, got {type(input).__name__}")
+        raise FastattnTypeError(
+            f"fastattn.{fn}: input must be a Tensor, got {type(input).__name__}"
+        )
     if input.dim() not in dims:
-        raise ValueError(f"fastattn.{fn}: input must be {layout}, got shape {list(input.shape)}")
+        raise FastattnValueError(
+            f"fastattn.{fn}: input must be {layout}, got shape {list(input.shape)}"
+        )
     if input.dtype not in _DTYPES:
-        raise TypeError(f"fastattn.{fn}: input must be float32, float64, float16 or bfloat16, "
-                        f"got {input.dtype}")
+        raise FastattnTypeError(
+            f"fastattn.{fn}: input must be float32, float64, float16 or bfloat16, "
+            f"got {input.dtype}"
+        )
 
 
 def _cell_missing(device: torch.device, dtype: torch.dtype):
@@ -325,8 +336,10 @@ def lstm_cell(
     B, in_features = x.shape
     if not isinstance(w_ih, torch.Tensor) or w_ih.dim() != 2 or w_ih.shape[0] % 4 or (
             w_ih.shape[1] != in_features):
-        raise ValueError(f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (input's "
-                         f"feature size), got {_shape_of(w_ih)}")
+        raise FastattnValueError(
+            f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (input's "
+            f"feature size), got {_shape_of(w_ih)}"
+        )
     _check_tensor(fn, "w_ih", w_ih, tuple(w_ih.shape), input)
     H = w_ih.shape[0] // 4
     state_shape = (H,) if unbatched else (B, H)
@@ -397,14 +410,14 @@ def lstm_layer(
     T, B, in_features = input.shape
     if not isinstance(w_ih, torch.Tensor) or w_ih.dim() != 2 or w_ih.shape[0] % 4 or (
             w_ih.shape[1] != in_features):
-        raise ValueError(
+        raise FastattnValueError(
             f"fastattn.{fn}: w_ih must have shape [4H, {in_features}], got {_shape_of(w_ih)}")
     H = w_ih.shape[0] // 4
     _check_tensor(fn, "w_ih", w_ih, (4 * H, in_features), input)
     P = H
     if w_hr is not None:
         if w_hr.dim() != 2 or w_hr.shape[1] != H:
-            raise ValueError(
+            raise FastattnValueError(
                 f"fastattn.{fn}: w_hr must have shape [P, {H}], got {list(w_hr.shape)}")
         P = w_hr.shape[0]
         _check_tensor(fn, "w_hr", w_hr, (P, H), input)
@@ -421,7 +434,7 @@ def lstm_layer(
     if batch_sizes is not None and (
             batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu"
             or tuple(batch_sizes.shape) != (T,)):
-        raise ValueError(
+        raise FastattnValueError(
             f"fastattn.{fn}: batch_sizes must be an int64 CPU tensor of shape [{T}], got "
             f"{batch_sizes.dtype} {list(batch_sizes.shape)} on {batch_sizes.device}")
 

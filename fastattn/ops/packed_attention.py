@@ -12,26 +12,27 @@ from typing import Any
 import torch
 
 from fastattn.ops.attention import attention
+from fastattn.ops.errors import FastattnValueError
 
 
 def _check_cu_seqlens(name: str, cu: Any, total: int, batch: int | None) -> list[int]:
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
-        raise ValueError(
+        raise FastattnValueError(
             f"attention_varlen: {name} must be a 1-D int32 tensor of cumulative lengths, got "
             f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}"
         )
     if cu.numel() < 2 or (batch is not None and cu.numel() != batch + 1):
-        raise ValueError(
+        raise FastattnValueError(
             f"attention_varlen: {name} must have batch + 1 entries"
             f"{f' ({batch + 1})' if batch is not None else ''}, got {cu.numel()}"
         )
     offsets = cu.tolist()
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(
+        raise FastattnValueError(
             f"attention_varlen: {name} must start at 0 and be non-decreasing, got {offsets}"
         )
     if offsets[-1] != total:
-        raise ValueError(
+        raise FastattnValueError(
             f"attention_varlen: {name}[-1] = {offsets[-1]} must equal the total token count {total}"
         )
     return offsets
@@ -57,16 +58,20 @@ def attention_varlen(
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"attention_varlen: {name} must be a 3-D [tokens, heads, dim] tensor")
+            raise FastattnValueError(
+                f"attention_varlen: {name} must be a 3-D [tokens, heads, dim] tensor"
+            )
     if options.get("attn_mask") is not None:
-        raise ValueError("attention_varlen: attn_mask is not supported; use causal/window/alibi")
+        raise FastattnValueError(
+            "attention_varlen: attn_mask is not supported; use causal/window/alibi"
+        )
     offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
     batch = len(offsets_q) - 1
     offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], batch)
     lengths_q = [b - a for a, b in zip(offsets_q, offsets_q[1:])]
     lengths_k = [b - a for a, b in zip(offsets_k, offsets_k[1:])]
     if max(lengths_q) > max_seqlen_q or max(lengths_k) > max_seqlen_k:
-        raise ValueError(
+        raise FastattnValueError(
             f"attention_varlen: a sequence is longer than max_seqlen_q={max_seqlen_q} / "
             f"max_seqlen_k={max_seqlen_k} (longest: {max(lengths_q)} / {max(lengths_k)})"
         )
@@ -107,27 +112,31 @@ def attention_with_kv_cache(
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attention_with_kv_cache: {name} must be a 4-D [B, H, N, D] tensor")
+            raise FastattnValueError(
+                f"attention_with_kv_cache: {name} must be a 4-D [B, H, N, D] tensor"
+            )
     B, S_max = k_cache.shape[0], k_cache.shape[2]
     if (
         not isinstance(cache_seqlens, torch.Tensor)
         or cache_seqlens.dtype != torch.int32
         or cache_seqlens.shape != (B,)
     ):
-        raise ValueError(f"attention_with_kv_cache: cache_seqlens must be int32 of shape [{B}]")
+        raise FastattnValueError(
+            f"attention_with_kv_cache: cache_seqlens must be int32 of shape [{B}]"
+        )
     if (k_new is None) != (v_new is None):
-        raise ValueError("attention_with_kv_cache: pass both k_new and v_new, or neither")
+        raise FastattnValueError("attention_with_kv_cache: pass both k_new and v_new, or neither")
     L_new = 0 if k_new is None else k_new.shape[2]
     if k_new is not None:
         for name, new, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
             if new.dim() != 4 or new.shape[:2] != cache.shape[:2] or new.shape[3] != cache.shape[3]:
-                raise ValueError(
+                raise FastattnValueError(
                     f"attention_with_kv_cache: {name} must be [{B}, {cache.shape[1]}, L_new, "
                     f"{cache.shape[3]}], got {tuple(new.shape)}"
                 )
     lengths = cache_seqlens.tolist()
-    if min(lengths) < 0 or max(lengths) + L_new > S_max:
-        raise ValueError(
+    if any(n < 0 or n + L_new > S_max for n in lengths):
+        raise FastattnValueError(
             f"attention_with_kv_cache: cache_seqlens + L_new must lie in [0, {S_max}], got "
             f"{lengths} + {L_new}"
         )
@@ -139,10 +148,13 @@ def attention_with_kv_cache(
         try:
             mask = mask.expand(full)
         except (RuntimeError, AttributeError):
-            raise ValueError(
+            raise FastattnValueError(
                 f"attention_with_kv_cache: attn_mask must broadcast to [B, Hq, Lq, S_max] = "
                 f"{list(full)}, got {tuple(getattr(mask, 'shape', ()))}"
             ) from None
+    if B == 0:  # an empty batch, as torch returns for a zero-size batch
+        out = q.new_empty(0, *q.shape[1:3], v_cache.shape[3])
+        return (out, out.new_empty(out.shape[:3], dtype=torch.float32)) if return_lse else out
     outs, lses = [], []
     for b, length in enumerate(lengths):
         if k_new is not None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from fastattn.ops.errors import FastattnValueError
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -107,7 +109,7 @@ def attention_reference(
     B, Hq, L, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = Hq // Hk
+    group = Hq // Hk if Hk else 1  # Hq = Hk = 0: no heads at all
     qc = q.to(compute)
     kc = k.to(compute).repeat_interleave(group, dim=1)
     vc = v.to(compute).repeat_interleave(group, dim=1)
@@ -136,7 +138,7 @@ def attention_reference(
 
     if dropout_p > 0:
         if rng_seed is None:
-            raise ValueError("attention_reference: dropout_p > 0 needs rng_seed")
+            raise FastattnValueError("attention_reference: dropout_p > 0 needs rng_seed")
         keep = dropout_keep_mask(int(rng_seed), (B, Hq, L, S), dropout_p, q.device)
         probs = probs * keep / (1.0 - dropout_p)
     out = torch.matmul(probs, vc)

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastattn.ops.errors import FastattnValueError
+
 # Autotuning under the interpreter would run every config on the CPU: use one small config there.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_TRITON_AUTOTUNE=0 keeps only the first config of each kernel: correctness runs on a
@@ -484,7 +486,7 @@ def _common_args(
     """
     L, S = q.shape[2], k.shape[2]
     if dropout_p > 0.0 and rng_seed is None:
-        raise ValueError(
+        raise FastattnValueError(
             "fastattn triton attention: dropout_p > 0 needs rng_seed (an int64 scalar tensor)"
         )
     has_mask = attn_mask is not None

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
+
 # Elements of the [B, H] output handled by one program; the grid is flat over B * H so that
 # any (B, H), odd ones included, fills whole blocks except the last.
 BLOCK = 1024
@@ -111,22 +113,26 @@ def _compute_dtype(dtype: torch.dtype) -> tl.dtype:
 def _check_cell_inputs(op: str, gates: torch.Tensor, **states: torch.Tensor) -> tuple[int, int]:
     """Validates shapes, dtypes and devices; returns (B, H)."""
     if gates.dim() != 2 or gates.shape[1] % 4 != 0:
-        raise ValueError(f"{op}: gates must be [B, 4H], got shape {tuple(gates.shape)}")
+        raise FastattnValueError(f"{op}: gates must be [B, 4H], got shape {tuple(gates.shape)}")
     if gates.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(
+        raise FastattnTypeError(
             f"{op}: gates must be float16, bfloat16, float32 or float64, got {gates.dtype}"
         )
     batch, hidden = gates.shape[0], gates.shape[1] // 4
     for name, tensor in states.items():
         if tuple(tensor.shape) != (batch, hidden):
-            raise ValueError(
+            raise FastattnValueError(
                 f"{op}: {name} must be [B, H] = [{batch}, {hidden}] to match gates "
                 f"[{batch}, {4 * hidden}], got shape {tuple(tensor.shape)}"
             )
         if tensor.dtype != gates.dtype:
-            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}, expected gates' {gates.dtype}")
+            raise FastattnTypeError(
+                f"{op}: {name} has dtype {tensor.dtype}, expected gates' {gates.dtype}"
+            )
         if tensor.device != gates.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device}, expected gates' {gates.device}")
+            raise FastattnValueError(
+                f"{op}: {name} is on {tensor.device}, expected gates' {gates.device}"
+            )
     return batch, hidden
 
 

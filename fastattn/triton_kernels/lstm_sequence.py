@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 from fastattn.triton_kernels.lstm_cell import _sigmoid, _tanh
 
 MAX_HIDDEN = 64
@@ -101,22 +102,30 @@ def _check_inputs(
     """Validates shapes, dtypes and devices; returns (T, B, H)."""
     op = "lstm_sequence_fwd_triton"
     if x_proj.dim() != 3 or x_proj.shape[2] % 4 != 0:
-        raise ValueError(f"{op}: x_proj must be [T, B, 4H], got shape {tuple(x_proj.shape)}")
+        raise FastattnValueError(
+            f"{op}: x_proj must be [T, B, 4H], got shape {tuple(x_proj.shape)}"
+        )
     if x_proj.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{op}: x_proj must be float32, float16 or bfloat16, got {x_proj.dtype}")
+        raise FastattnTypeError(
+            f"{op}: x_proj must be float32, float16 or bfloat16, got {x_proj.dtype}"
+        )
     seq_len, batch, hidden = x_proj.shape[0], x_proj.shape[1], x_proj.shape[2] // 4
     if not 1 <= hidden <= MAX_HIDDEN:
-        raise ValueError(f"{op}: serves hidden sizes 1..{MAX_HIDDEN}, got H = {hidden}")
+        raise FastattnValueError(f"{op}: serves hidden sizes 1..{MAX_HIDDEN}, got H = {hidden}")
     expected = {"h0": (batch, hidden), "c0": (batch, hidden), "w_hh": (4 * hidden, hidden)}
     for name, tensor in (("h0", h0), ("c0", c0), ("w_hh", w_hh)):
         if tuple(tensor.shape) != expected[name]:
-            raise ValueError(
+            raise FastattnValueError(
                 f"{op}: {name} must have shape {list(expected[name])}, got {list(tensor.shape)}"
             )
         if tensor.dtype != x_proj.dtype:
-            raise TypeError(f"{op}: {name} has dtype {tensor.dtype}, expected {x_proj.dtype}")
+            raise FastattnTypeError(
+                f"{op}: {name} has dtype {tensor.dtype}, expected {x_proj.dtype}"
+            )
         if tensor.device != x_proj.device:
-            raise ValueError(f"{op}: {name} is on {tensor.device}, expected x_proj's device")
+            raise FastattnValueError(
+                f"{op}: {name} is on {tensor.device}, expected x_proj's device"
+            )
     return seq_len, batch, hidden
 
 

@@ -1,0 +1,14 @@
+"""The exceptions fastattn raises for bad input.
+
+torch's ops reject bad input with ``RuntimeError``; Python convention (and fastattn's messages)
+say ``ValueError`` / ``TypeError``. Each class here is both, so a drop-in caller's
+``except RuntimeError`` keeps working and ``except ValueError`` / ``except TypeError`` too.
+"""
+
+
+class FastattnValueError(ValueError, RuntimeError):
+    """An argument has the right type but a wrong value, shape, device or length."""
+
+
+class FastattnTypeError(TypeError, RuntimeError):
+    """An argument has the wrong Python type or dtype."""

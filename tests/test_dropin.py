@@ -1,0 +1,429 @@
+"""Drop-in fidelity with torch at the edges: zero-size dims, torch's CausalBias masks, LSTM with
+T = 0, mixed-dtype MHA biases, TorchScript, torch.export with a data-dependent batch, and the
+exception types of bad input (issue 18)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import nan_heap
+from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+import fastattn
+
+
+def _grads(out: torch.Tensor, grad_out: torch.Tensor, *inputs: torch.Tensor):
+    return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+
+
+def _leaves(*shapes, dtype=torch.float64):
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+# ---- zero-size dims --------------------------------------------------------------------------
+
+ZERO_CASES = [
+    pytest.param((0, 3, 5, 8), (0, 3, 7, 8), (0, 3, 7, 6), id="B0"),
+    pytest.param((2, 0, 5, 8), (2, 0, 7, 8), (2, 0, 7, 6), id="H0"),
+    pytest.param((2, 3, 0, 8), (2, 3, 7, 8), (2, 3, 7, 6), id="L0"),
+    pytest.param((2, 3, 5, 8), (2, 3, 0, 8), (2, 3, 0, 6), id="S0"),
+    pytest.param((2, 3, 5, 0), (2, 3, 7, 0), (2, 3, 7, 6), id="E0"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 0), id="Ev0"),
+    pytest.param((3, 5, 8), (3, 0, 8), (3, 0, 6), id="3d-S0"),
+    pytest.param((4, 0, 2, 5, 8), (4, 0, 2, 7, 8), (4, 0, 2, 7, 6), id="5d-0"),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape"), ZERO_CASES)
+def test_sdpa_zero_size_matches_torch(q_shape, k_shape, v_shape, causal):
+    q, k, v = _leaves(q_shape, k_shape, v_shape)
+    ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs)
+    grad_out = torch.randn_like(theirs)
+    for name, g, g_ref in zip("qkv", _grads(ours, grad_out, q, k, v),
+                              _grads(theirs, grad_out, q, k, v), strict=True):
+        g = torch.zeros_like(q if name == "q" else k if name == "k" else v) if g is None else g
+        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+        assert g.shape == g_ref.shape, name
+        torch.testing.assert_close(g, g_ref, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("L", [0, 3], ids=["L0", "L3"])
+def test_cpu_backward_op_with_no_query_zeroes_dk_dv(L):
+    # No query (L = 0) means no gradient reaches k and v: the op must write zeros there, not
+    # leave its fresh buffers unwritten (they start as NaN here).
+    q, k, v = torch.randn(2, 3, L, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 6)
+    opts = (None, None, 0.0, None, 0.3, -1, -1, False, 0.0)
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *opts)
+    grad_out = torch.randn_like(out)
+    nan_heap(k.shape, v.shape, dtype=k.dtype)
+    _, dk, dv, _ = torch.ops.fastattn.attention_bwd(grad_out, q, k, v, out, lse, *opts, False)
+    k_ref, v_ref = k.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = F.scaled_dot_product_attention(q, k_ref, v_ref, scale=0.3)
+    dk_ref, dv_ref = _grads(ref, grad_out, k_ref, v_ref)
+    torch.testing.assert_close(dk, dk_ref)
+    torch.testing.assert_close(dv, dv_ref)
+
+
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape"), ZERO_CASES[:6])
+def test_attention_zero_size_matches_torch(q_shape, k_shape, v_shape):
+    q, k, v = _leaves(q_shape, k_shape, v_shape)
+    out, lse = fastattn.attention(q, k, v, causal=True, causal_align="bottom_right",
+                                  return_lse=True)
+    L, S = q_shape[2], k_shape[2]
+    mask = torch.ones(L, S, dtype=torch.bool).tril(S - L)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if L > S:  # rows that see no key: torch gives NaN, fastattn zeros (documented)
+        theirs = theirs.nan_to_num(0.0)
+    torch.testing.assert_close(out, theirs)
+    assert lse.shape == q_shape[:3]
+    (g,) = _grads(out, torch.randn_like(out), v)
+    assert g is None or g.shape == v.shape
+
+
+def test_packed_attention_zero_size():
+    q, k, v = _leaves((0, 2, 8), (0, 2, 8), (0, 2, 8))
+    cu = torch.tensor([0, 0], dtype=torch.int32)
+    out = fastattn.attention_varlen(q, k, v, cu, cu, 0, 0)
+    assert out.shape == (0, 2, 8)
+    q = torch.randn(0, 2, 1, 8)
+    cache = torch.randn(0, 2, 5, 8)
+    out = fastattn.attention_with_kv_cache(q, cache, cache.clone(),
+                                           torch.zeros(0, dtype=torch.int32))
+    assert out.shape == (0, 2, 1, 8)
+    # Batch 1 with an empty cache: S = 0 gives zeros, as torch's S = 0.
+    out = fastattn.attention_with_kv_cache(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8),
+                                           torch.randn(1, 2, 5, 8),
+                                           torch.zeros(1, dtype=torch.int32))
+    torch.testing.assert_close(out, torch.zeros(1, 2, 1, 8))
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+@pytest.mark.parametrize(("B", "L", "S"), [(0, 5, 7), (2, 0, 7), (2, 5, 0)],
+                         ids=["B0", "L0", "S0"])
+def test_mha_zero_size_matches_torch(B, L, S, need_weights):
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours = fastattn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x, y = _leaves((B, L, 8), (B, S, 8))
+    out, w = ours(x, y, y, need_weights=need_weights)
+    out_ref, w_ref = ref(x, y, y, need_weights=need_weights)
+    torch.testing.assert_close(out, out_ref)
+    assert (w is None) == (w_ref is None)
+    if w is not None:
+        torch.testing.assert_close(w, w_ref)
+    grad_out = torch.randn_like(out_ref)
+    params = [ours.in_proj_weight, ours.out_proj.bias]
+    params_ref = [ref.in_proj_weight, ref.out_proj.bias]
+    for g, g_ref in zip(_grads(out, grad_out, x, y, *params),
+                        _grads(out_ref, grad_out, x, y, *params_ref), strict=True):
+        if g_ref is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, g_ref)
+
+
+# ---- torch's CausalBias masks ----------------------------------------------------------------
+
+CAUSAL_BIAS_CASES = [
+    pytest.param(causal_upper_left, 5, 9, id="upper_left-L5-S9"),
+    pytest.param(causal_lower_right, 5, 9, id="lower_right-L5-S9"),
+    pytest.param(causal_lower_right, 7, 7, id="lower_right-L7-S7"),
+    pytest.param(causal_upper_left, 9, 5, id="upper_left-L9-S5"),
+]
+
+
+def _causal_bias_case(make, L, S):
+    q, k, v = _leaves((2, 3, L, 8), (2, 3, S, 8), (2, 3, S, 8))
+    return q, k, v, make(L, S)
+
+
+@pytest.mark.parametrize(("make", "L", "S"), CAUSAL_BIAS_CASES)
+def test_causal_bias_matches_torch(make, L, S):
+    q, k, v, bias = _causal_bias_case(make, L, S)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, ref)
+    grad_out = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(out, grad_out, q, k, v), _grads(ref, grad_out, q, k, v),
+                        strict=True):
+        torch.testing.assert_close(g, g_ref)
+    # fastattn.attention takes it too, as the same causal alignment.
+    torch.testing.assert_close(fastattn.attention(q, k, v, attn_mask=bias), ref)
+
+
+def test_causal_bias_under_compile():
+    # The bias comes in as an argument: dynamo cannot build a CausalBias inside the graph
+    # (torch's own F.scaled_dot_product_attention neither).
+    torch._dynamo.reset()
+    q, k, v, bias = _causal_bias_case(causal_lower_right, 5, 9)
+    compiled = torch.compile(fastattn.scaled_dot_product_attention, fullgraph=True)
+    out = compiled(q, k, v, attn_mask=bias)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, ref)
+    grad_out = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(out, grad_out, q, k, v), _grads(ref, grad_out, q, k, v),
+                        strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+@pytest.mark.parametrize("make", [causal_upper_left, causal_lower_right])
+def test_mha_causal_bias_as_torch(make, need_weights):
+    # torch's MHA takes a CausalBias only as the is_causal hint's mask on the fused path,
+    # where the hint replaces it by top-left causal (whatever the variant); elsewhere it
+    # rejects its shape with a RuntimeError.
+    ref = torch.nn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours = fastattn.MultiheadAttention(8, 2, batch_first=True, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x, y = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 7, 8, dtype=torch.float64)
+    bias = make(5, 7)
+    if need_weights:
+        for module in (ref, ours):
+            with pytest.raises(RuntimeError):
+                module(x, y, y, attn_mask=bias, is_causal=True, need_weights=True)
+        return
+    out = ours(x, y, y, attn_mask=bias, is_causal=True, need_weights=False)[0]
+    torch.testing.assert_close(out, ref(x, y, y, attn_mask=bias, is_causal=True,
+                                        need_weights=False)[0])
+
+
+def test_causal_bias_errors_as_torch():
+    q, k, v, bias = _causal_bias_case(causal_lower_right, 5, 9)
+    with pytest.raises(ValueError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+    with pytest.raises(ValueError, match="is_causal"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=True)
+    with pytest.raises(RuntimeError, match=r"causal_lower_right\(5, 9\).*\(6, 9\)"):
+        fastattn.scaled_dot_product_attention(q[:, :, :1].expand(2, 3, 6, 8), k, v,
+                                              attn_mask=bias)
+
+
+# ---- LSTM with T = 0, MHA bias dtype ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("shape", [(0, 2, 4), (0, 4)], ids=["batched", "unbatched"])
+def test_lstm_empty_sequence_raises_like_torch(shape, batch_first):
+    x = torch.randn(shape)
+    if len(shape) == 3 and batch_first:
+        x = x.transpose(0, 1)
+    with pytest.raises(RuntimeError, match="sequence length"):
+        torch.nn.LSTM(4, 5, batch_first=batch_first)(x)
+    with pytest.raises(RuntimeError, match="sequence length to be larger than 0") as info:
+        fastattn.LSTM(4, 5, batch_first=batch_first)(x)
+    assert isinstance(info.value, ValueError)
+
+
+def test_lstm_empty_batch_matches_torch():
+    ref = torch.nn.LSTM(4, 5, num_layers=2)
+    ours = fastattn.LSTM(4, 5, num_layers=2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 0, 4)
+    out, (h, c) = ours(x)
+    out_ref, (h_ref, c_ref) = ref(x)
+    assert out.shape == out_ref.shape and h.shape == h_ref.shape and c.shape == c_ref.shape
+    h, c = fastattn.LSTMCell(4, 5)(torch.randn(0, 4))
+    assert h.shape == c.shape == (0, 5)
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+def test_mha_in_proj_bias_of_another_dtype_matches_torch(need_weights):
+    # torch's upstream test_multihead_attn_fast_path_query_and_bias_have_different_dtypes.
+    ref = torch.nn.MultiheadAttention(4, 4, batch_first=True, dtype=torch.float64).eval()
+    ref.in_proj_bias = torch.nn.Parameter(torch.randn(12).to(torch.float16))
+    ours = fastattn.MultiheadAttention(4, 4, batch_first=True, dtype=torch.float64).eval()
+    ours.load_state_dict(ref.state_dict(), assign=True)
+    assert ours.in_proj_bias.dtype == torch.float16
+    query = torch.randn(4, 4, 4, dtype=torch.float64)
+    out, _ = ours(query, query, query, need_weights=need_weights)
+    out_ref, _ = ref(query, query, query, need_weights=need_weights)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, out_ref)
+    (g,) = torch.autograd.grad(out.sum(), ours.in_proj_bias)
+    (g_ref,) = torch.autograd.grad(out_ref.sum(), ref.in_proj_bias)
+    assert g.dtype == torch.float16
+    torch.testing.assert_close(g, g_ref)
+
+
+# ---- exception types -------------------------------------------------------------------------
+
+
+def _sdpa_args(**changes):
+    args = dict(query=torch.randn(2, 3, 5, 8), key=torch.randn(2, 3, 7, 8),
+                value=torch.randn(2, 3, 7, 8))
+    args.update(changes)
+    return args
+
+
+BAD_INPUTS = [
+    pytest.param("sdpa", _sdpa_args(key=torch.randn(2, 3, 7, 8, dtype=torch.float64)),
+                 TypeError, id="sdpa-key-dtype"),
+    pytest.param("sdpa", _sdpa_args(key=torch.randn(2, 3, 7, 6)), ValueError,
+                 id="sdpa-key-head-dim"),
+    pytest.param("sdpa", _sdpa_args(key=torch.randn(2, 2, 7, 8), value=torch.randn(2, 2, 7, 8)),
+                 ValueError, id="sdpa-heads-without-gqa"),
+    pytest.param("sdpa", _sdpa_args(attn_mask=torch.ones(4, 7, dtype=torch.bool)), ValueError,
+                 id="sdpa-mask-shape"),
+    pytest.param("sdpa", _sdpa_args(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError,
+                 id="sdpa-mask-dtype"),
+    pytest.param("lstm", torch.randn(3, 2, 6), ValueError, id="lstm-input-size"),
+    pytest.param("lstm_cell", torch.randn(2, 6), ValueError, id="lstm-cell-input-size"),
+]
+
+
+def _call(kind: str, args, impl):
+    if kind == "sdpa":
+        fn = F.scaled_dot_product_attention if impl == "torch" else (
+            fastattn.scaled_dot_product_attention)
+        return fn(**args)
+    if kind == "lstm":
+        return (torch.nn.LSTM if impl == "torch" else fastattn.LSTM)(4, 5)(args)
+    return (torch.nn.LSTMCell if impl == "torch" else fastattn.LSTMCell)(4, 5)(args)
+
+
+@pytest.mark.parametrize(("kind", "args", "python_kind"), BAD_INPUTS)
+def test_bad_input_is_runtime_error_like_torch(kind, args, python_kind):
+    with pytest.raises(RuntimeError) as torch_error:
+        _call(kind, args, "torch")
+    assert type(torch_error.value) is RuntimeError  # the premise: torch raises RuntimeError
+    with pytest.raises(RuntimeError) as ours:
+        _call(kind, args, "fastattn")
+    assert isinstance(ours.value, python_kind), type(ours.value)
+    expected = fastattn.FastattnTypeError if python_kind is TypeError else (
+        fastattn.FastattnValueError)
+    assert type(ours.value) is expected
+    with pytest.raises(python_kind):  # the Python spelling of the handler catches it too
+        _call(kind, args, "fastattn")
+
+
+# ---- torch.export with a data-dependent or dynamic batch -------------------------------------
+
+
+class _FirstRows(torch.nn.Module):
+    """Runs ``fn`` on the first n batch rows, n read from a tensor: an unbacked batch size that
+    may be 0 at run time (the export must not guard on it)."""
+
+    def __init__(self, fn, batch_dim: int = 0) -> None:
+        super().__init__()
+        self.fn = fn
+        self.batch_dim = batch_dim
+
+    def forward(self, n: torch.Tensor, *xs: torch.Tensor) -> torch.Tensor:
+        b = n.item()
+        torch._check(b >= 0)
+        torch._check(b <= xs[0].shape[self.batch_dim])
+        return self.fn(*(x.narrow(self.batch_dim, 0, b) for x in xs))
+
+
+def _export_cases():
+    mha = fastattn.MultiheadAttention(8, 2, batch_first=True).eval()
+    lstm = fastattn.LSTM(8, 6).eval()
+    q, k, v = torch.randn(4, 2, 5, 8), torch.randn(4, 2, 7, 8), torch.randn(4, 2, 7, 8)
+    x = torch.randn(4, 5, 8)
+    return [
+        ("sdpa", fastattn.scaled_dot_product_attention, (q, k, v), 0),
+        ("attention", lambda q, k, v: fastattn.attention(q, k, v, causal=True), (q, k, v), 0),
+        ("mha", lambda x: mha(x, x, x, need_weights=False)[0], (x,), 0),
+        ("lstm", lambda x: lstm(x)[0], (torch.randn(6, 4, 8),), 1),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["sdpa", "attention", "mha", "lstm"])
+def test_export_with_unbacked_batch(case):
+    _, fn, xs, batch_dim = _export_cases()[case]
+    program = torch.export.export(_FirstRows(fn, batch_dim), (torch.tensor(3), *xs))
+    for n in (2, 0):
+        got = program.module()(torch.tensor(n), *xs)
+        want = fn(*(x.narrow(batch_dim, 0, n) for x in xs))
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("case", range(3), ids=["sdpa", "mha", "lstm"])
+def test_export_with_dynamic_batch(case):
+    _, fn, xs, batch_dim = [_export_cases()[i] for i in (0, 2, 3)][case]
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, *xs):
+            return fn(*xs)
+
+    batch = torch.export.Dim("batch", max=64)
+    per_input = tuple({batch_dim: batch} for _ in xs)
+    program = torch.export.export(Wrapped(), xs, dynamic_shapes=(per_input,))  # one *xs
+    smaller = tuple(x.narrow(batch_dim, 0, 3) for x in xs)
+    torch.testing.assert_close(program.module()(*smaller), fn(*smaller))
+
+
+# ---- torch.jit.script ------------------------------------------------------------------------
+
+MHA_SCRIPT_CASES = [
+    pytest.param({}, id="packed"),
+    pytest.param({"kdim": 6, "vdim": 5}, id="kdim-vdim"),
+    pytest.param({"bias": False, "add_zero_attn": True}, id="nobias-zero-attn"),
+    pytest.param({"add_bias_kv": True, "batch_first": True}, id="bias-kv-batch-first"),
+]
+
+
+@pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])
+@pytest.mark.parametrize("config", MHA_SCRIPT_CASES)
+def test_scripted_mha_matches_torch(config, need_weights, tmp_path):
+    ref = torch.nn.MultiheadAttention(8, 2, **config)
+    ours = fastattn.MultiheadAttention(8, 2, **config)
+    ours.load_state_dict(ref.state_dict())
+    scripted = torch.jit.script(ours)
+    torch.jit.save(scripted, tmp_path / "mha.pt")
+    loaded = torch.jit.load(tmp_path / "mha.pt")
+    batch_first = config.get("batch_first", False)
+    L, S, B = 5, 7, 3
+    q = torch.randn((B, L, 8) if batch_first else (L, B, 8))
+    kv_shape = (B, S) if batch_first else (S, B)
+    k = torch.randn(*kv_shape, config.get("kdim", 8))
+    v = torch.randn(*kv_shape, config.get("vdim", 8))
+    padding = torch.rand(B, S) < 0.3
+    padding[:, 0] = False  # every query keeps a key (torch gives NaN rows otherwise)
+    causal = torch.ones(L, S, dtype=torch.bool).triu(1)
+    for module in (scripted, loaded):
+        out, w = module(q, k, v, key_padding_mask=padding, attn_mask=causal,
+                        need_weights=need_weights)
+        out_ref, w_ref = ref(q, k, v, key_padding_mask=padding, attn_mask=causal,
+                             need_weights=need_weights)
+        torch.testing.assert_close(out, out_ref)
+        if need_weights:
+            torch.testing.assert_close(w, w_ref)
+        else:
+            assert w is None
+    # Scripted training: gradients flow through the op's registered autograd.
+    x = torch.randn(L, B, 8, requires_grad=True) if not batch_first else torch.randn(
+        B, L, 8, requires_grad=True)
+    if config.get("kdim") is None:
+        scripted(x, x, x, need_weights=need_weights)[0].sum().backward()
+        ref_x = x.detach().clone().requires_grad_()
+        ref(ref_x, ref_x, ref_x, need_weights=need_weights)[0].sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad)
+
+
+@pytest.mark.parametrize("layer", ["encoder", "decoder"])
+def test_scripted_transformer_layer_after_convert_matches_torch(layer):
+    if layer == "encoder":
+        ref = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0,
+                                               batch_first=True).eval()
+    else:
+        ref = torch.nn.TransformerDecoderLayer(16, 4, dim_feedforward=32, dropout=0.0,
+                                               batch_first=True).eval()
+    model = fastattn.convert(__import__("copy").deepcopy(ref))
+    assert isinstance(model.self_attn, fastattn.MultiheadAttention)
+    scripted = torch.jit.script(model)
+    x, memory = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        if layer == "encoder":
+            out, out_ref = scripted(x, src_mask=mask), ref(x, src_mask=mask)
+        else:
+            out = scripted(x, memory, tgt_mask=mask, tgt_is_causal=True)
+            out_ref = ref(x, memory, tgt_mask=mask, tgt_is_causal=True)
+    torch.testing.assert_close(out, out_ref)
