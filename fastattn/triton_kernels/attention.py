@@ -121,6 +121,20 @@ def _dot(a, b, BF16_DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def _load_k_transposed(k_base, offs_n, offs_e, stride_kn, stride_ke, S, E):
+    """k^T tile [BLOCK_E, BLOCK_N], zero-padded: the right operand of every q . k^T product.
+
+    The forward and both backward kernels multiply the same [BLOCK_M, BLOCK_E] q tile by this
+    same tile, so the backward recomputes the forward's scores bit for bit, and P = exp(s - lse)
+    depends on that: with |s| ~ 1e4 one float32 ulp of s is 1e-3. The backward used to form
+    q @ trans(k) instead, which the interpreter's BLAS sums in another order (a transposed
+    operand): P, and so dv, came out 4e-3 off although the forward was exact (issue 18).
+    """
+    ptrs = k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke
+    return tl.load(ptrs, mask=(offs_n[None, :] < S) & (offs_e[:, None] < E), other=0.0)
+
+
+@triton.jit
 def _tanh(x):
     """tanh from exp (absolute error ~1e-7, which is what the scores need).
 
@@ -237,10 +251,8 @@ def _attention_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < S
-        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke
-        # k^T: [BLOCK_E, BLOCK_N]
-        k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_e[:, None] < E), other=0.0)
-        qk = _dot(q, k, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
+        k_t = _load_k_transposed(k_base, offs_n, offs_e, stride_kn, stride_ke, S, E)
+        qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
         s, _ = _score_tile(
             qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
             mask_base, stride_mm, stride_mn, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
@@ -333,8 +345,8 @@ def _attention_bwd_dkdv_kernel(
     col_ok = offs_n < S
     k_ok = col_ok[:, None] & (offs_e[None, :] < E)
     v_ok = col_ok[:, None] & (offs_ev[None, :] < Ev)
-    k = tl.load(K + b64 * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn
-                + offs_e[None, :] * stride_ke, mask=k_ok, other=0.0)  # [BLOCK_N, BLOCK_E]
+    k_t = _load_k_transposed(K + b64 * stride_kb + kvh * stride_kh, offs_n, offs_e,
+                             stride_kn, stride_ke, S, E)  # [BLOCK_E, BLOCK_N]
     v = tl.load(V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn
                 + offs_ev[None, :] * stride_ve, mask=v_ok, other=0.0)  # [BLOCK_N, BLOCK_EV]
     seed = 0
@@ -359,7 +371,7 @@ def _attention_bwd_dkdv_kernel(
             do = tl.load(dOut + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                          + offs_ev[None, :] * stride_doe,
                          mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [M, Ev]
-            qk = _dot(q, tl.trans(k), BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
+            qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
             s, tanh_s = _score_tile(
                 qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
                 Mask + b64 * stride_mb + h * stride_mh, stride_mm, stride_mn,
@@ -441,11 +453,10 @@ def _attention_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < S
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_e[None, :] * stride_ke,
-                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_N, BLOCK_E]
+        k_t = _load_k_transposed(k_base, offs_n, offs_e, stride_kn, stride_ke, S, E)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
                     mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [N, Ev]
-        qk = _dot(q, tl.trans(k), BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
+        qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
         s, tanh_s = _score_tile(
             qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
             mask_base, stride_mm, stride_mn, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
@@ -460,7 +471,7 @@ def _attention_bwd_dq_kernel(
             tl.store(dmask_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - tanh_s * tanh_s)
-        dq += _dot(ds.to(k.dtype), k, BF16_DOT_IN_FP32)
+        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), BF16_DOT_IN_FP32)
 
     dq_ptrs = dQ + (row_base + offs_m[:, None]) * E + offs_e[None, :]
     tl.store(dq_ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
