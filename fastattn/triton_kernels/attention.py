@@ -54,14 +54,18 @@ def _prune_for_dtype(
 
 
 # Ampere/Hopper candidates; the autotuner drops those that exceed shared memory for a head dim.
-_FWD_CONFIGS = _configs([
+# (tests/triton_aot.py compiles every one of them for sm_80 and sm_90.)
+_FWD_SHAPES = [
     (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
     (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (128, 128, 8, 3),
-])
-_BWD_CONFIGS = _configs([
+]
+_BWD_SHAPES = [
     (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
     (128, 128, 8, 2), (64, 64, 8, 4),
-])
+]
+_FWD_CONFIGS = _configs(_FWD_SHAPES)
+_BWD_CONFIGS = _configs(_BWD_SHAPES)
+_DELTA_BLOCK_M = 16 if _INTERPRETED else 64
 # Autotune per problem shape and per feature set (the flags change the kernel's cost).
 _TUNE_KEY = ["L", "S", "BLOCK_E", "BLOCK_EV", "HAS_MASK", "HAS_DROPOUT", "GROUP"]
 _PRUNE = {"early_config_prune": _prune_for_dtype}
@@ -624,12 +628,11 @@ def attention_bwd_triton(
         q, k, attn_mask, alibi_slopes, dropout_p, rng_seed, window_left, window_right, bottom_right
     )
     block_e, block_ev = _head_block(E), _head_block(Ev)
-    delta_block_m = 16 if _INTERPRETED else 64
     if B * Hq * L > 0:
-        delta_grid = (triton.cdiv(L, delta_block_m), B * Hq)
+        delta_grid = (triton.cdiv(L, _DELTA_BLOCK_M), B * Hq)
         torch.library.wrap_triton(_attention_bwd_delta_kernel)[delta_grid](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, L, Ev,
-            BLOCK_EV=block_ev, BLOCK_M=delta_block_m,
+            BLOCK_EV=block_ev, BLOCK_M=_DELTA_BLOCK_M,
         )
     scalars = (
         float(scale), float(softcap), options["dropout_p"],
