@@ -25,8 +25,10 @@ NO_FLAGS = (None, False, False, False)
 ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
 
 
-def _attention_configs(kernel: str, dtype: str) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for this dtype."""
+def _attention_configs(
+    kernel: str, dtype: str, block_e: int, block_ev: int
+) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may pick for these."""
     import triton
 
     from fastattn.triton_kernels import attention
@@ -34,7 +36,8 @@ def _attention_configs(kernel: str, dtype: str) -> list[tuple[int, int, int, int
     shapes = attention._FWD_SHAPES if kernel == "attention_fwd" else attention._BWD_SHAPES
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                for m, n, w, s in shapes]
-    kept = attention._prune_for_dtype(configs, {"Q": _FakeTensor(dtype)})
+    kept = attention._prune_for_dtype(configs, {"Q": _FakeTensor(dtype)}, BLOCK_E=block_e,
+                                      BLOCK_EV=block_ev)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
 
@@ -58,9 +61,10 @@ def cases(full: bool) -> list[dict]:
     where the lowering differs: attention fwd/dkdv/dq in the first autotune config (the one
     FASTATTN_TRITON_AUTOTUNE=0 keeps) at head dim 64 with every flag on (float mask, ALiBi,
     dropout, softcap, dmask): fp32 (FMA dots) on sm_80 and sm_90, fp16 on sm_80 (mma.sync),
-    bf16 on sm_90 (wgmma); the backward dK/dV kernel (the most shared memory) at head dim 256
-    in fp16 on sm_90; the delta kernel; the LSTM cell in fp32, fp64, bf16 and the sequence
-    kernel in fp32 on both archs at its largest tile and bf16 at its smallest.
+    bf16 on sm_90 (wgmma); the backward dK/dV kernel (the most shared memory) at head block
+    256 in fp16 on sm_90 and in fp32 on sm_80 (its own 32 x 32 config); the delta kernel; the
+    LSTM cell in fp32, fp64, bf16 and the sequence kernel in fp32 on both archs at its largest
+    tile and bf16 at its smallest.
     """
     if full:
         return _full_cases()
@@ -73,7 +77,8 @@ def cases(full: bool) -> list[dict]:
     for kernel in ATTENTION_KERNELS:
         for dtype, arch in (("fp32", 80), ("fp32", 90), ("fp16", 80), ("bf16", 90)):
             out.append(_attention_case(kernel, dtype, arch, None, 64, 64, ALL_FLAGS))
-    out.append(_attention_case("attention_bwd_dkdv", "fp16", 90, None, 256, 256, NO_FLAGS))
+    out += [_attention_case("attention_bwd_dkdv", d, a, None, 256, 256, NO_FLAGS)
+            for d, a in (("fp16", 90), ("fp32", 80))]
     return out
 
 
@@ -90,9 +95,9 @@ def _full_cases() -> list[dict]:
             out += [dict(kernel="attention_bwd_delta", dtype=dtype, arch=arch, block_ev=e)
                     for e in HEAD_BLOCKS]
             for kernel in ATTENTION_KERNELS:
-                configs = _attention_configs(kernel, dtype)
-                out += [_attention_case(kernel, dtype, arch, c, e, e, f) for c in configs
-                        for e in HEAD_BLOCKS for f in (ALL_FLAGS, NO_FLAGS)]
+                out += [_attention_case(kernel, dtype, arch, c, e, e, f) for e in HEAD_BLOCKS
+                        for c in _attention_configs(kernel, dtype, e, e)
+                        for f in (ALL_FLAGS, NO_FLAGS)]
                 out += [_attention_case(kernel, dtype, arch, None, 64, 64, f)
                         for f in every_flags if f not in (ALL_FLAGS, NO_FLAGS)]
                 out += [_attention_case(kernel, dtype, arch, None, e, ev, ALL_FLAGS)
@@ -102,7 +107,7 @@ def _full_cases() -> list[dict]:
 
 def _attention_case(kernel, dtype, arch, config, block_e, block_ev, flags) -> dict:
     """One attention case; config None is the first autotune config of the dtype."""
-    config = config or _attention_configs(kernel, dtype)[0]
+    config = config or _attention_configs(kernel, dtype, block_e, block_ev)[0]
     return dict(kernel=kernel, dtype=dtype, arch=arch, config=tuple(config), block_e=block_e,
                 block_ev=block_ev, flags=flags)
 
@@ -212,7 +217,8 @@ def compile_case(case: dict) -> dict:
 
 def first_config(case: dict) -> tuple[int, int, int, int]:
     """The autotune config FASTATTN_TRITON_AUTOTUNE=0 keeps for this attention case."""
-    return tuple(_attention_configs(case["kernel"], case["dtype"])[0])
+    configs = _attention_configs(case["kernel"], case["dtype"], case["block_e"], case["block_ev"])
+    return tuple(configs[0])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def _prune_for_dtype(
     # fp32 dots run in full fp32 on FMA units: big tiles only cost registers and compile time.
     if named_args["Q"].dtype != torch.float32:
         return configs
+    if max(kwargs["BLOCK_E"], kwargs["BLOCK_EV"]) > 128:
+        # The FMA dots stage their operands in shared memory: at a 256 head block 64x64 tiles
+        # need 279 KB for dK/dV (sm_90 has 227 KB, sm_80 163 KB), so no config would launch.
+        m, n, warps, stages = _FP32_WIDE_HEAD_SHAPE
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)]
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return small or configs[:1]
 
@@ -66,6 +71,8 @@ _BWD_SHAPES = [
 _FWD_CONFIGS = _configs(_FWD_SHAPES)
 _BWD_CONFIGS = _configs(_BWD_SHAPES)
 _DELTA_BLOCK_M = 16 if _INTERPRETED else 64
+# The only fp32 config at head blocks above 128 (see _prune_for_dtype).
+_FP32_WIDE_HEAD_SHAPE = (32, 32, 4, 1)
 # Autotune per problem shape and per feature set (the flags change the kernel's cost).
 _TUNE_KEY = ["L", "S", "BLOCK_E", "BLOCK_EV", "HAS_MASK", "HAS_DROPOUT", "GROUP"]
 _PRUNE = {"early_config_prune": _prune_for_dtype}
