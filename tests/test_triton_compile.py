@@ -4,8 +4,9 @@ Catches what the interpreter cannot: lowering failures (an fp32 "ieee" tl.dot cr
 SLP vectorizer for sm_90 in triton 3.9), local memory in the PTX, and tiles whose shared memory
 exceeds the arch's limit. tests/triton_aot.py lists the specialisations the launchers produce
 and compiles one. CI compiles the subset ``cases(full=False)`` describes (each compile costs
-seconds of CPU); FASTATTN_TRITON_AOT=full compiles every autotune config x head-dim block x
-flag set x dtype x arch (~1800 compiles: hours on a few cores).
+seconds of CPU, a minute for a big fp32 tile); FASTATTN_TRITON_AOT=full compiles the ~1800
+cases of ``cases(full=True)``, every autotune config, head block, flag, dtype and arch (hours
+on a few cores).
 
 The cases run in a few worker processes, each compiling a batch in sequence (one import of
 torch and triton per batch); a case whose worker aborts is compiled again in a process of its

@@ -2,7 +2,9 @@
 
 The specialisations are those the launchers in fastattn/triton_kernels/ produce: every dtype,
 head-dim block, feature flag and autotune config (after the dtype pruning). ``cases()`` lists
-them, ``compile_case()`` compiles one for ``GPUTarget("cuda", arch, 32)``. Run as a script
+them, ``compile_case()`` compiles one for ``GPUTarget("cuda", arch, 32)``. Integer arguments
+are compiled generic: the GPU launcher's extra specialisations of a call's values (a stride
+of 1 as a constant, 16-divisible pointers and sizes) are not enumerated. Run as a script
 (``python -m tests.triton_aot '<JSON list of cases>'``, without TRITON_INTERPRET) it compiles
 them in order and prints one JSON summary line per case.
 """
@@ -17,7 +19,6 @@ ARCHS = (80, 90)
 # Shared memory one block may use (the opt-in maximum), bytes: sm_80 A100, sm_90 H100.
 MAX_SHARED = {80: 163 * 1024, 90: 227 * 1024}
 HEAD_BLOCKS = (16, 32, 64, 128, 256)  # _head_block() of every served head dim (1..256)
-TORCH_TO_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 # The attention flags: (mask kind, HAS_ALIBI, HAS_DROPOUT, HAS_SOFTCAP); mask kind is None,
 # "bool" or "float" (an additive mask of q's dtype; only such a mask can take a gradient).
 ALL_FLAGS = ("float", True, True, True)
@@ -53,10 +54,13 @@ class _FakeTensor:
 def cases(full: bool) -> list[dict]:
     """The compile cases, as JSON-able dicts.
 
-    full=True: every specialisation the launchers produce for a contiguous layout: per arch
-    and dtype, each attention kernel in every autotune config x head-dim block (E = Ev) with
-    all flags and with none, every flag combination and every (E, Ev) pair in the first
-    config; the delta kernel at every head block; the LSTM kernels at every tile size.
+    full=True (~1800 cases): per arch and dtype, each attention kernel in every autotune
+    config x head block (E = Ev) with all flags and with none, and in the first config every
+    flag combination (head dim 64) and every (E, Ev) pair (all flags); the delta kernel at
+    every head block; the LSTM kernels in every dtype and tile size. Every value of every
+    dimension, and every config with every head block, but not the whole product (24 flag
+    sets x 25 (E, Ev) pairs x configs would be ~25 times more): the flags add code to one
+    tile layout, the configs and head blocks choose that layout and the shared memory.
     full=False (CI, a few minutes of 2 cores): every kernel in every dtype class on both archs
     where the lowering differs: attention fwd/dkdv/dq in the first autotune config (the one
     FASTATTN_TRITON_AUTOTUNE=0 keeps) at head dim 64 with every flag on (float mask, ALiBi,
