@@ -59,9 +59,10 @@ def _lstm_sequence_fwd_kernel(
     # products take float32 operands for every dtype (the Triton interpreter miscomputes a
     # bfloat16 tl.dot in triton 3.9) with tf32x3 precision (hi*hi + hi*lo + lo*hi on the
     # tensor cores): float16 / bfloat16 values are exact in tf32, and for float32 the error
-    # stays ~1e-7 of sum |h * w|, as with "ieee". An "ieee" dot is lowered to FMA chains on
-    # which LLVM's SLP vectorizer (run by triton 3.9 for sm_90, not for sm_80) aborts, an
-    # assertion in BoUpSLP::scheduleBlock, for this loop from BLOCK_H = 32 on.
+    # stays ~1e-7 of sum |h * w|, as with "ieee". An "ieee" dot is lowered to FMA chains, and
+    # LLVM's SLP vectorizer (run by triton 3.9 for sm_90, not for sm_80) aborts on this loop's
+    # four of them sharing the operand h (an assertion in BoUpSLP::scheduleBlock, from
+    # BLOCK_H = 32 on; one such dot per loop compiles, reloading w in the loop does not help).
     w_i = _gate_weights(w_ptr, stride_w_row, stride_w_col, 0, hidden, cols, cols)
     w_f = _gate_weights(w_ptr, stride_w_row, stride_w_col, 1, hidden, cols, cols)
     w_g = _gate_weights(w_ptr, stride_w_row, stride_w_col, 2, hidden, cols, cols)
