@@ -51,19 +51,30 @@ def _prune_for_dtype(
     # fp32 dots run in full fp32 on FMA units: big tiles only cost registers and compile time.
     if named_args["Q"].dtype != torch.float32:
         return configs
+    if max(kwargs["BLOCK_E"], kwargs["BLOCK_EV"]) > 128:
+        # The FMA dots stage their operands in shared memory: at a 256 head block 64x64 tiles
+        # need 279 KB for dK/dV (sm_90 has 227 KB, sm_80 163 KB), so no config would launch.
+        m, n, warps, stages = _FP32_WIDE_HEAD_SHAPE
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)]
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
     return small or configs[:1]
 
 
 # Ampere/Hopper candidates; the autotuner drops those that exceed shared memory for a head dim.
-_FWD_CONFIGS = _configs([
+# (tests/triton_aot.py compiles every one of them for sm_80 and sm_90.)
+_FWD_SHAPES = [
     (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
     (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (128, 128, 8, 3),
-])
-_BWD_CONFIGS = _configs([
+]
+_BWD_SHAPES = [
     (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 8, 2),
     (128, 128, 8, 2), (64, 64, 8, 4),
-])
+]
+_FWD_CONFIGS = _configs(_FWD_SHAPES)
+_BWD_CONFIGS = _configs(_BWD_SHAPES)
+_DELTA_BLOCK_M = 16 if _INTERPRETED else 64
+# The only fp32 config at head blocks above 128 (see _prune_for_dtype).
+_FP32_WIDE_HEAD_SHAPE = (32, 32, 4, 1)
 # Autotune per problem shape and per feature set (the flags change the kernel's cost).
 _TUNE_KEY = ["L", "S", "BLOCK_E", "BLOCK_EV", "HAS_MASK", "HAS_DROPOUT", "GROUP"]
 _PRUNE = {"early_config_prune": _prune_for_dtype}
@@ -110,9 +121,11 @@ def _dot(a, b, BF16_DOT_IN_FP32: tl.constexpr):
     """a @ b with a float32 accumulator.
 
     fp32 operands use input_precision="ieee" (no TF32), so fp32 accuracy holds; fp16/bf16
-    operands use the default MMA path. BF16_DOT_IN_FP32 is set only under the Triton interpreter,
-    whose tl.dot multiplies the raw uint16 bits of bfloat16 operands (Triton 3.9); bf16 -> fp32
-    is exact, so this computes what the bf16 MMA computes (exact products, fp32 sums).
+    operands use the default MMA path. No two ieee dots of one loop body share their left
+    operand: that crashed LLVM for sm_90 in lstm_sequence.py (tests/test_triton_compile.py).
+    BF16_DOT_IN_FP32 is set only under the Triton interpreter, whose tl.dot multiplies the raw
+    uint16 bits of bfloat16 operands (Triton 3.9); bf16 -> fp32 is exact, so this computes
+    what the bf16 MMA computes (exact products, fp32 sums).
     """
     if BF16_DOT_IN_FP32:
         a = a.to(tl.float32)
@@ -120,6 +133,20 @@ def _dot(a, b, BF16_DOT_IN_FP32: tl.constexpr):
     if a.dtype == tl.float32:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _load_k_transposed(k_base, offs_n, offs_e, stride_kn, stride_ke, S, E):
+    """k^T tile [BLOCK_E, BLOCK_N], zero-padded: the right operand of every q . k^T product.
+
+    The forward and both backward kernels multiply the same [BLOCK_M, BLOCK_E] q tile by this
+    same tile, so the backward recomputes the forward's scores bit for bit, and P = exp(s - lse)
+    depends on that: with |s| ~ 1e4 one float32 ulp of s is 1e-3. The backward used to form
+    q @ trans(k) instead, which the interpreter's BLAS sums in another order (a transposed
+    operand): P, and so dv, came out 4e-3 off although the forward was exact (issue 18).
+    """
+    ptrs = k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke
+    return tl.load(ptrs, mask=(offs_n[None, :] < S) & (offs_e[:, None] < E), other=0.0)
 
 
 @triton.jit
@@ -239,10 +266,8 @@ def _attention_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < S
-        k_ptrs = k_base + offs_n[None, :] * stride_kn + offs_e[:, None] * stride_ke
-        # k^T: [BLOCK_E, BLOCK_N]
-        k = tl.load(k_ptrs, mask=col_ok[None, :] & (offs_e[:, None] < E), other=0.0)
-        qk = _dot(q, k, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
+        k_t = _load_k_transposed(k_base, offs_n, offs_e, stride_kn, stride_ke, S, E)
+        qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
         s, _ = _score_tile(
             qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
             mask_base, stride_mm, stride_mn, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
@@ -335,8 +360,8 @@ def _attention_bwd_dkdv_kernel(
     col_ok = offs_n < S
     k_ok = col_ok[:, None] & (offs_e[None, :] < E)
     v_ok = col_ok[:, None] & (offs_ev[None, :] < Ev)
-    k = tl.load(K + b64 * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kn
-                + offs_e[None, :] * stride_ke, mask=k_ok, other=0.0)  # [BLOCK_N, BLOCK_E]
+    k_t = _load_k_transposed(K + b64 * stride_kb + kvh * stride_kh, offs_n, offs_e,
+                             stride_kn, stride_ke, S, E)  # [BLOCK_E, BLOCK_N]
     v = tl.load(V + b64 * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vn
                 + offs_ev[None, :] * stride_ve, mask=v_ok, other=0.0)  # [BLOCK_N, BLOCK_EV]
     seed = 0
@@ -361,7 +386,7 @@ def _attention_bwd_dkdv_kernel(
             do = tl.load(dOut + b64 * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
                          + offs_ev[None, :] * stride_doe,
                          mask=row_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [M, Ev]
-            qk = _dot(q, tl.trans(k), BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
+            qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
             s, tanh_s = _score_tile(
                 qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
                 Mask + b64 * stride_mb + h * stride_mh, stride_mm, stride_mn,
@@ -443,11 +468,10 @@ def _attention_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < S
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_e[None, :] * stride_ke,
-                    mask=col_ok[:, None] & (offs_e[None, :] < E), other=0.0)  # [BLOCK_N, BLOCK_E]
+        k_t = _load_k_transposed(k_base, offs_n, offs_e, stride_kn, stride_ke, S, E)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
                     mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [N, Ev]
-        qk = _dot(q, tl.trans(k), BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
+        qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
         s, tanh_s = _score_tile(
             qk, offs_m, offs_n, L, S, offset, window_left, window_right, scale, softcap, slope,
             mask_base, stride_mm, stride_mn, HAS_MASK, MASK_IS_BOOL, HAS_ALIBI, HAS_SOFTCAP,
@@ -462,7 +486,7 @@ def _attention_bwd_dq_kernel(
             tl.store(dmask_ptrs, ds, mask=row_ok[:, None] & col_ok[None, :])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - tanh_s * tanh_s)
-        dq += _dot(ds.to(k.dtype), k, BF16_DOT_IN_FP32)
+        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), BF16_DOT_IN_FP32)
 
     dq_ptrs = dQ + (row_base + offs_m[:, None]) * E + offs_e[None, :]
     tl.store(dq_ptrs, (dq * scale).to(dQ.dtype.element_ty), mask=q_ok)
@@ -615,12 +639,11 @@ def attention_bwd_triton(
         q, k, attn_mask, alibi_slopes, dropout_p, rng_seed, window_left, window_right, bottom_right
     )
     block_e, block_ev = _head_block(E), _head_block(Ev)
-    delta_block_m = 16 if _INTERPRETED else 64
     if B * Hq * L > 0:
-        delta_grid = (triton.cdiv(L, delta_block_m), B * Hq)
+        delta_grid = (triton.cdiv(L, _DELTA_BLOCK_M), B * Hq)
         torch.library.wrap_triton(_attention_bwd_delta_kernel)[delta_grid](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), Hq, L, Ev,
-            BLOCK_EV=block_ev, BLOCK_M=delta_block_m,
+            BLOCK_EV=block_ev, BLOCK_M=_DELTA_BLOCK_M,
         )
     scalars = (
         float(scale), float(softcap), options["dropout_p"],

@@ -28,6 +28,11 @@ MAX_HIDDEN = 64
 BLOCK_B = 16  # tl.dot needs at least 16 rows
 
 
+def num_warps(block_h: int) -> int:
+    """Warps of a program: the four [BLOCK_H, BLOCK_H] weight tiles need 8 from BLOCK_H = 64."""
+    return 4 if block_h <= 32 else 8
+
+
 @triton.jit
 def _gate_weights(w_ptr, stride_w_row, stride_w_col, gate, hidden, k_idx, n_idx):
     """[BLOCK_H (k), BLOCK_H (n)] = w_hh[gate * H + n, k]: one gate's rows, transposed by
@@ -53,8 +58,12 @@ def _lstm_sequence_fwd_kernel(
 
     # All of w_hh, held for the whole sequence: four [BLOCK_H, BLOCK_H] float32 tiles. The
     # products take float32 operands for every dtype (the Triton interpreter miscomputes a
-    # bfloat16 tl.dot in triton 3.9) with tf32x3 precision: float16 / bfloat16 values are
-    # exact in tf32, float32 ones lose ~2^-22, and an "ieee" fp32 dot crashes LLVM for sm_90.
+    # bfloat16 tl.dot in triton 3.9) with tf32x3 precision (hi*hi + hi*lo + lo*hi on the
+    # tensor cores): float16 / bfloat16 values are exact in tf32, and for float32 the error
+    # stays ~1e-7 of sum |h * w|, as with "ieee". An "ieee" dot is lowered to FMA chains, and
+    # LLVM's SLP vectorizer (run by triton 3.9 for sm_90, not for sm_80) aborts on this loop's
+    # four of them sharing the operand h (an assertion in BoUpSLP::scheduleBlock, from
+    # BLOCK_H = 32 on; one such dot per loop compiles, reloading w in the loop does not help).
     w_i = _gate_weights(w_ptr, stride_w_row, stride_w_col, 0, hidden, cols, cols)
     w_f = _gate_weights(w_ptr, stride_w_row, stride_w_col, 1, hidden, cols, cols)
     w_g = _gate_weights(w_ptr, stride_w_row, stride_w_col, 2, hidden, cols, cols)
@@ -160,5 +169,5 @@ def lstm_sequence_fwd_into(
         x_proj, h0, c0, w_hh, h_all, c_all, gates_all, seq_len, batch, hidden,
         x_proj.stride(0), x_proj.stride(1), x_proj.stride(2), h0.stride(0), h0.stride(1),
         c0.stride(0), c0.stride(1), w_hh.stride(0), w_hh.stride(1),
-        BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=4 if block_h <= 32 else 8,
+        BLOCK_B=BLOCK_B, BLOCK_H=block_h, num_warps=num_warps(block_h),
     )
