@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_reference, max_rel_error
+from helpers import assert_close_to_reference, attention_grad_scales, max_rel_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -40,7 +40,8 @@ def require(backend: str, dtype: torch.dtype = torch.float32, E: int = 64, Ev: i
 
 
 def run_three_ways(backend, q, k, v, grad_out, **kwargs):
-    """(ours, torch's at the same dtype, float64 reference) outputs and input gradients."""
+    """[ours, torch's at the same dtype, float64 reference] (output, input gradients), then the
+    gradients' scale floors (attention_grad_scales)."""
     results = []
     for kind in ("ours", "torch", "ref64"):
         inputs = []
@@ -61,17 +62,19 @@ def run_three_ways(backend, q, k, v, grad_out, **kwargs):
         out.backward(grad_out.to(out.dtype))
         grads = [t.grad if t is not None else None for t in inputs]
         results.append((out, grads))
+    results.append(attention_grad_scales(q, k, v, grad_out, kwargs.get("scale")))
     return results
 
 
 def check_three_ways(results, dtype, compare_torch=True):
-    (ours, g_ours), (theirs, g_theirs), (ref, g_ref) = results
+    (ours, g_ours), (theirs, g_theirs), (ref, g_ref), floors = results
     assert_close_to_reference(ours, ref, theirs if compare_torch else None, dtype=dtype, name="out")
     for name, a, t, r in zip(("dq", "dk", "dv", "dmask"), g_ours, g_theirs, g_ref):
         if r is None:
             continue
         assert a is not None, f"{name} missing"
-        assert_close_to_reference(a, r, t if compare_torch else None, dtype=dtype, name=name)
+        assert_close_to_reference(a, r, t if compare_torch else None, dtype=dtype, name=name,
+                                  scale_floor=floors.get(name, 0.0))
 
 
 SHAPES = [
@@ -98,6 +101,26 @@ def test_matches_torch_and_float64(backend, dtype, shape, is_causal):
     v = torch.randn(B, H, S, Ev, dtype=dtype, device=device)
     g = torch.randn(B, H, L, Ev, dtype=dtype, device=device)
     check_three_ways(run_three_ways(backend, q, k, v, g, is_causal=is_causal), dtype)
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1, 1, 8, 8), (2, 3, 7, 33, 40, 40)], ids=["L1-S1", "L7-S33"]
+)
+@pytest.mark.parametrize("grad", ["dq", "dk"])
+def test_the_gradient_floor_still_catches_a_real_error(shape, grad):
+    """The scale floor only absorbs rounding noise: an error of 1e-4 of the floor where the
+    exact gradient is zero (one key), or of 1e-4 of the gradient elsewhere, fails."""
+    B, H, L, S, E, Ev = shape
+    q, k, g = torch.randn(B, H, L, E), torch.randn(B, H, S, E), torch.randn(B, H, L, Ev)
+    v = torch.randn(B, H, S, Ev)
+    results = run_three_ways("reference", q, k, v, g)
+    check_three_ways(results, torch.float32)
+    index = ("dq", "dk").index(grad)
+    wrong = results[0][1][index]
+    size = max(float(results[2][1][index].abs().max()), results[3][grad])
+    wrong.view(-1)[0] += 1e-4 * size
+    with pytest.raises(AssertionError, match=f"{grad}: relative error"):
+        check_three_ways(results, torch.float32)
 
 
 MASKS = ["bool-LS", "bool-B1LS", "float-LS-grad", "float-BHLS-grad", "bool-L1"]
