@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastattn
 from benchmarks import harness
 from benchmarks.bench_attention import attention_bytes
 from benchmarks.harness import Provider
@@ -153,7 +154,7 @@ def test_attention_varlen(benchmark, bench, pass_, provider, features_dtype, var
     harness.require_backend(provider)
     width, N = max(shape.lengths), len(shape.lengths)
     if provider.kind == "fastattn":
-        varlen = harness.fastattn_entry("attention_varlen", issue=9)
+        varlen = fastattn.attention_varlen
         if provider.backend == "reference":  # one score matrix per sequence
             harness.skip_if_materialized_too_big(provider, shape.H * width * width, device)
         cu = cu_seqlens(shape.lengths, device)
@@ -187,7 +188,7 @@ def test_attention_window(benchmark, bench, pass_, provider, features_dtype, win
     harness.require_backend(provider)
     window = shape.window
     if provider.kind == "fastattn":
-        attention = harness.fastattn_entry("attention", issue=9)
+        attention = fastattn.attention
         if provider.backend == "reference":
             harness.skip_if_materialized_too_big(
                 provider, shape.B * shape.H * shape.L * shape.S, device
