@@ -427,6 +427,21 @@ def test_compiles_fullgraph_on_cpu():
     assert max_rel_error(out, ref) < 1e-5 and q.grad is not None
 
 
+def test_compiles_with_a_batch_size_that_changes_between_calls():
+    """The second batch size makes torch.compile trace the batch as a symbolic int: the
+    backend choice (grid limits included) must not take it as an argument."""
+    require("cpu", torch.float32, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda q: fastattn.scaled_dot_product_attention(q, q, q), fullgraph=True,
+        backend="aot_eager",
+    )
+    for B in (2, 3, 5):
+        q = torch.randn(B, 2, 7, 16)
+        expected = F.scaled_dot_product_attention(q, q, q)
+        assert max_rel_error(compiled(q), expected) < 1e-5
+
+
 BAD_INPUTS = [
     pytest.param(lambda q, k, v: dict(key=k[..., :16]), ValueError, "key head dim", id="head-dim"),
     pytest.param(

@@ -90,6 +90,16 @@ def _triton_fwd_op() -> Callable:
     return torch.ops.fastattn.attention_fwd_triton
 
 
+def _grid_extent(batch, heads_q) -> tuple[int, int]:
+    """(batch, heads_q) as _choose_backend takes them: 1, 1 when within every backend's grid
+    limits, so that a batch size that changes between calls neither hands torch.compile's
+    constant-folded choice a symbolic int nor recompiles it; the real values (specialized)
+    only past a limit."""
+    if batch * heads_q <= GRID_YZ_MAX:
+        return 1, 1
+    return int(batch), int(heads_q)
+
+
 def _fwd_op(backend: str) -> Callable:
     return _triton_fwd_op() if backend == "triton" else torch.ops.fastattn.attention_fwd
 
@@ -108,8 +118,8 @@ def _attention_normalized(
     if opts.dropout_p > 0:
         # Drawn from torch's default generator, so torch.manual_seed makes dropout repeatable.
         rng_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    B, Hq, _, E = q.shape
-    backend = _choose_backend(op_name, q.device, q.dtype, E, v.shape[-1], B, Hq)
+    backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1],
+                              *_grid_extent(q.shape[0], q.shape[1]))
     if backend == "reference" or q.numel() == 0 or k.shape[-2] == 0 or v.numel() == 0:
         return reference.attention_reference(
             q,
