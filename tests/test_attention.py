@@ -312,7 +312,9 @@ def test_flash_features_against_float64(backend, dtype, features, L, S):
     assert_close_to_reference(out, ref, dtype=dtype, name="out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
-    assert_close_to_reference(lse[finite], ref_lse[finite].double(), dtype=torch.float32, name="lse")
+    assert_close_to_reference(
+        lse[finite], ref_lse[finite].double(), dtype=torch.float32, name="lse"
+    )
     for name, a, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close_to_reference(a, r, dtype=dtype, name=name)
 

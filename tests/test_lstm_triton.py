@@ -17,7 +17,7 @@ from tests.lstm_math import cell_grads, cell_math, sequence_inputs, sequence_mat
 pytestmark = pytest.mark.triton
 
 pytest.importorskip("triton")  # an optional dependency; our own modules below must import
-from fastattn.ops import reference  # noqa: E402
+from fastattn.ops import reference as lib_ref  # noqa: E402
 from fastattn.triton_kernels import lstm_cell, lstm_sequence  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,8 +193,8 @@ def test_matches_library_reference(dtype):
     grad_hy, grad_cy = torch.randn_like(cx), torch.randn_like(cx)
     ours = torch.ops.fastattn.lstm_cell_pointwise_fwd_triton(gates, cx)
     ours += torch.ops.fastattn.lstm_cell_pointwise_bwd_triton(grad_hy, grad_cy, gates, cx, ours[1])
-    theirs = reference.lstm_cell_pointwise_fwd_reference(gates, cx)
-    theirs += reference.lstm_cell_pointwise_bwd_reference(grad_hy, grad_cy, gates, cx, ours[1])
+    theirs = lib_ref.lstm_cell_pointwise_fwd_reference(gates, cx)
+    theirs += lib_ref.lstm_cell_pointwise_bwd_reference(grad_hy, grad_cy, gates, cx, ours[1])
     for actual, expected in zip(ours, theirs, strict=True):
         torch.testing.assert_close(actual, expected)
 
