@@ -38,6 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastattn
 from benchmarks import harness
 from benchmarks.bench_attention import attention_bytes
 from benchmarks.harness import Provider
@@ -239,7 +240,7 @@ def test_attention_varlen(benchmark, bench, pass_, provider, features_dtype, var
     cu = cu_seqlens(shape.lengths, device)
     causal = shape.causal
     if provider.kind == "fastattn":
-        varlen = harness.fastattn_entry("attention_varlen", issue=9)
+        varlen = fastattn.attention_varlen
         if provider.backend == "reference":  # one score matrix per sequence
             harness.skip_if_materialized_too_big(provider, shape.H * width * width, device)
         fn, layout = lambda q, k, v: varlen(q, k, v, cu, cu, width, width, causal=causal), packed
@@ -273,7 +274,7 @@ def test_attention_window(benchmark, bench, pass_, provider, features_dtype, win
     harness.require_backend(provider)
     window = shape.window
     if provider.kind == "fastattn":
-        attention = harness.fastattn_entry("attention", issue=9)
+        attention = fastattn.attention
         if provider.backend == "reference":
             harness.skip_if_materialized_too_big(
                 provider, shape.B * shape.H * shape.L * shape.S, device

@@ -21,6 +21,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastattn
 from benchmarks import harness
 from benchmarks.harness import Provider
 from benchmarks.shapes import LSTMShape
@@ -86,7 +87,7 @@ def _module_for(provider: Provider, torch_module: nn.Module) -> nn.Module:
     """The provider's module with ``torch_module``'s weights (same device and dtype)."""
     if provider.kind == "torch":
         return torch_module
-    cls = harness.fastattn_entry(provider.impl, issue=5)
+    cls = getattr(fastattn, provider.impl)
     ref = next(torch_module.parameters())
     module = cls(
         torch_module.input_size, torch_module.hidden_size, device=ref.device, dtype=ref.dtype
@@ -105,7 +106,7 @@ def test_lstm_cell(benchmark, bench, pass_, provider, lstm_dtype, lstm_cell_shap
     harness.require_backend(provider)
     backward = pass_ == "fwd+bwd"
     lstm_cell = (
-        harness.fastattn_entry("lstm_cell", issue=5) if provider.impl == "lstm_cell" else None
+        fastattn.lstm_cell if provider.impl == "lstm_cell" else None
     )
     torch.manual_seed(0)
     torch_cell = nn.LSTMCell(shape.I, shape.H, device=device, dtype=dtype)
@@ -240,7 +241,7 @@ def test_lstm_layer_norm(benchmark, bench, pass_, provider, lstm_dtype, lstm_sha
     device, dtype, shape = bench.device, lstm_dtype, lstm_shape
     harness.require_backend(provider)
     backward = pass_ == "fwd+bwd"
-    lstm_cls = harness.fastattn_entry("LSTM", issue=5)
+    lstm_cls = fastattn.LSTM
     torch.manual_seed(0)
     module = lstm_cls(shape.I, shape.H, layer_norm=True, device=device, dtype=dtype)
     module.train(backward)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastattn
 from benchmarks import harness
 from benchmarks.harness import Provider
 from benchmarks.shapes import TransformerShape
@@ -147,7 +148,7 @@ def test_mha(benchmark, bench, pass_, provider, mha_dtype, mha_shape):
     )
 
     def to_fastattn(layer: nn.MultiheadAttention) -> nn.Module:
-        cls = harness.fastattn_entry("MultiheadAttention", issue=6)
+        cls = fastattn.MultiheadAttention
         module = cls(
             layer.embed_dim, layer.num_heads, batch_first=True, device=bench.device, dtype=mha_dtype
         )
@@ -174,9 +175,9 @@ def test_transformer_encoder(benchmark, bench, pass_, provider, mha_dtype, encod
     encoder = nn.TransformerEncoder(layer, encoder_shape.layers, enable_nested_tensor=False)
 
     def to_fastattn(model: nn.Module) -> nn.Module:
-        convert = harness.fastattn_entry("convert", issue=6)
+        convert = fastattn.convert
         converted = convert(copy.deepcopy(model))
-        mha_cls = harness.fastattn_entry("MultiheadAttention", issue=6)
+        mha_cls = fastattn.MultiheadAttention
         if not any(isinstance(m, mha_cls) for m in converted.modules()):
             raise AssertionError(
                 "fastattn.convert left no fastattn.MultiheadAttention in the encoder"

@@ -64,14 +64,6 @@ def fastattn_backend_names(device: torch.device) -> list[str]:
     return ["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"]
 
 
-def fastattn_entry(name: str, issue: int) -> Any:
-    """fastattn.<name>, or a skip saying that this checkout does not have it yet."""
-    entry = getattr(fastattn, name, None)
-    if entry is None:
-        pytest.skip(f"fastattn.{name} is not in this checkout (issue {issue})")
-    return entry
-
-
 def require_backend(provider: Provider) -> None:
     if provider.backend is None:
         return
@@ -494,22 +486,16 @@ def _rotation_sets(bytes_per_set: int, device: torch.device) -> int:
 
 @contextlib.contextmanager
 def unservable_as_skip(provider: Provider) -> Iterator[None]:
-    """Turns "this backend cannot serve this call" into a skip that says why.
-
-    Three cases: the ops layer refusing a forced backend (a feature it lacks), a fastattn op
-    with no kernel registered for the device in this build (a kernel not landed yet), and a
-    torch baseline that this torch cannot run on this device (FlexAttention's backward on CPU,
-    nested-tensor SDPA with is_causal): the skip keeps torch's own message.
-    """
+    """Turns "this backend cannot serve this call" into a skip that says why: the ops layer
+    refusing a forced backend (a feature it lacks), or a torch baseline that this torch cannot
+    run on this device (FlexAttention's backward on CPU, nested-tensor SDPA with is_causal): the
+    skip keeps torch's own message. A fastattn op with no kernel for the device fails: every op
+    has one in every build."""
     try:
         yield
     except NotImplementedError as error:
-        message = str(error)
-        if provider.kind == "fastattn" and message.startswith("Could not run 'fastattn::"):
-            op = message.split("'")[1]
-            pytest.skip(f"{provider.name}: {op} has no kernel for this device in this build")
         if provider.kind == "torch":
-            pytest.skip(f"{provider.name}: torch {torch.__version__} cannot run it here: {message}")
+            pytest.skip(f"{provider.name}: torch {torch.__version__} cannot run it here: {error}")
         raise
     except RuntimeError as error:
         if "forced backend" in str(error):

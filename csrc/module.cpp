@@ -2,6 +2,9 @@
 // registrations of every linked kernel file; the functions below only report build facts.
 #include <torch/extension.h>
 
+#include <vector>
+
+#include "fastattn/attention_head_dims.h"
 #include "fastattn/cpu_isa.h"
 
 #ifndef FASTATTN_CUDA_ARCHS
@@ -25,6 +28,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled in");
   m.def("cuda_archs", [] { return std::string(FASTATTN_CUDA_ARCHS); },
         "The CUDA architectures the kernels were compiled for ('' without CUDA)");
+  m.def("attention_cuda_head_dims",
+        [] {
+          return std::vector<int>(std::begin(fastattn::kAttentionCudaHeadDims),
+                                  std::end(fastattn::kAttentionCudaHeadDims));
+        },
+        "The head dims (E == Ev) the CUDA attention kernels are compiled for");
   m.def("cpu_isa", [] { return std::string(fastattn::cpu_isa_name(fastattn::cpu_isa())); },
         "The x86 ISA the CPU kernels use on this machine");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },

@@ -136,6 +136,14 @@ def test_matches_reference_and_torch(shape, causal, dtype):
     check(q, k, v, opts, against_torch=expressible)
 
 
+def test_key_cache_above_the_per_thread_cap_is_per_call_and_correct():
+    """A forward whose packed key/value tiles exceed the kernel's per-thread cache cap (16 MiB:
+    S = 33000 keys of E = Ev = 64 in float32 take about 17 MiB) allocates them for the call
+    alone instead of growing a buffer that every pool thread would keep."""
+    q, k, v = inputs(1, 1, 1, 3, 33000, 64, 64, torch.float32)
+    check(q, k, v, make_opts(), against_torch=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_broadcast_masks(kind, dtype):

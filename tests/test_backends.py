@@ -1,5 +1,8 @@
 """Backend status, forcing and the errors for unknown or impossible backends."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -65,3 +68,68 @@ def test_env_forces_reference(monkeypatch):
 def test_auto_prefers_compiled_cpu_backend_for_cpu_tensors():
     expected = "cpu" if fastattn.backends()["cpu"].usable else "reference"
     assert backend_rules.choose("test", torch.device("cpu"), lambda name: None) == expected
+
+
+@pytest.fixture
+def fake_cuda_backends(monkeypatch):
+    """Every backend reports usable, so choose() runs its CUDA rules on metadata alone; the
+    fallback warnings start unseen."""
+    monkeypatch.setattr(backend_rules, "_status", lambda name: backend_rules.BackendStatus(
+        True, True, ""))
+    monkeypatch.setattr(backend_rules, "_warned_fallbacks", set())
+    monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
+
+
+def test_auto_fallback_to_reference_on_cuda_warns_once_per_reason(fake_cuda_backends, recwarn):
+    cuda = torch.device("cuda")
+    warnings.simplefilter("always")  # the once-per-reason rule is ours, not the filter's
+    for _ in range(3):
+        assert backend_rules.choose("op", cuda, lambda name: f"no {name} today") == "reference"
+    fallbacks = [w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]
+    assert len(fallbacks) == 1
+    message = str(fallbacks[0].message)
+    assert "cuda: no cuda today" in message and "triton: no triton today" in message
+    assert "O(L * S) memory" in message
+    backend_rules.choose("op", cuda, lambda name: "another reason")
+    assert len([w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]) == 2
+
+
+def test_auto_picks_a_fused_backend_or_cpu_without_a_warning(fake_cuda_backends, recwarn):
+    warnings.simplefilter("always")
+    assert backend_rules.choose("op", torch.device("cuda"), lambda name: None) == "cuda"
+    only_triton = lambda name: None if name == "triton" else "no"  # noqa: E731
+    assert backend_rules.choose("op", torch.device("cuda"), only_triton) == "triton"
+    assert backend_rules.choose("op", torch.device("cpu"), lambda name: "no") == "reference"
+    assert not [w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]
+
+
+@pytest.mark.parametrize(
+    "batch, heads, cuda_ok, triton_ok",
+    [
+        pytest.param(65535, 1, True, True, id="B65535-H1"),
+        pytest.param(1, 65535, True, True, id="B1-H65535"),
+        pytest.param(256, 256, True, False, id="B256-H256"),
+        pytest.param(65536, 1, False, False, id="B65536-H1"),
+        pytest.param(1, 65536, False, False, id="B1-H65536"),
+    ],
+)
+def test_grid_limits_are_feature_checks_so_auto_falls_back(
+    fake_cuda_backends, batch, heads, cuda_ok, triton_ok
+):
+    """The glue's grid limits (CUDA: heads on grid.y, batch on grid.z; Triton: B * Hq on grid.y,
+    each <= 65535) are feature checks: auto picks another backend instead of the glue raising."""
+    from fastattn.ops.attention import _choose_backend, _missing_feature
+
+    def missing(name):
+        return _missing_feature(name, torch.float16, 64, 64, batch=batch, heads_q=heads)
+
+    assert (missing("cuda") is None) == cuda_ok
+    assert (missing("triton") is None) == triton_ok
+    if not cuda_ok:
+        assert "65535" in missing("cuda")
+    expected = "cuda" if cuda_ok else "triton" if triton_ok else "reference"
+    with pytest.warns(backend_rules.ReferenceFallbackWarning) if expected == "reference" else (
+        contextlib.nullcontext()
+    ):
+        got = _choose_backend("sdpa", torch.device("cuda"), torch.float16, 64, 64, batch, heads)
+    assert got == expected

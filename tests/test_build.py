@@ -22,6 +22,22 @@ def test_extension_reports_build_facts():
     assert C.built_with_cuda() == bool(C.cuda_archs())
 
 
+def test_the_one_cuda_head_dim_list_matches_the_compiled_instances():
+    """csrc/include/fastattn/attention_head_dims.h is the only list: Python reads it from _C,
+    and each entry has its forward and backward instance file per dtype (no more, no less)."""
+    from fastattn.ops.attention import CUDA_HEAD_DIMS
+
+    C = _extension.C
+    assert C is not None, f"fastattn._C did not load: {_extension.LOAD_ERROR}"
+    head_dims = C.attention_cuda_head_dims()
+    assert head_dims == sorted(set(head_dims)) and CUDA_HEAD_DIMS == tuple(head_dims)
+    instances = {p.name for p in (ROOT / "csrc" / "attention" / "instances").glob("*.cu")}
+    assert instances == {
+        f"attention_{pass_}_{dtype}_hdim{e}.cu"
+        for pass_ in ("fwd", "bwd") for dtype in ("fp16", "bf16") for e in head_dims
+    }
+
+
 def test_info_prints_versions_backends_and_isa():
     out = subprocess.run(
         [sys.executable, "-m", "fastattn.info"],

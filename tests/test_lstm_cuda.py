@@ -2,18 +2,18 @@
 against float64 plain-PyTorch computations of the same math.
 
 One test body per op, parametrized over device: the ``cuda`` cases (csrc/lstm/*.cu) are marked
-``gpu`` and run on a GPU; the ``cpu`` cases exercise the C++ CPU kernels of the same ops where
-fastattn._C registers them. A case whose kernel is not registered in this build skips, naming
-what is missing.
+``gpu`` and run on a GPU; the ``cpu`` cases exercise the C++ CPU kernels of the same ops. A
+missing op or CPU kernel fails; only the ``cuda`` cases of a build without CUDA skip.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
+from fastattn import _extension
+from fastattn.ops import lstm as _lstm_ops  # noqa: F401  (registers the fake kernels)
+from fastattn.ops import reference
 from tests.helpers import assert_close_to_reference
 from tests.lstm_math import cell_grads, cell_math, sequence_inputs, sequence_math
 
@@ -36,12 +36,16 @@ CELL_SIZES = [
 
 
 def require_kernel(op: str, device: str) -> None:
-    """Skips (with the reason) when fastattn::<op> has no kernel for ``device`` in this build."""
-    if not hasattr(torch.ops.fastattn, op):
-        pytest.skip(f"fastattn::{op} has no schema in fastattn/ops/_registry.py on this branch")
+    """Fails when fastattn::<op> or its kernel for ``device`` is missing; skips (saying why) only
+    the cuda cases of an extension built without CUDA."""
+    assert _extension.C is not None, f"fastattn._C did not load: {_extension.LOAD_ERROR}"
+    if device == "cuda" and not _extension.C.built_with_cuda():
+        pytest.skip("fastattn._C was built without CUDA (FASTATTN_CUDA=0 or no nvcc)")
+    assert hasattr(torch.ops.fastattn, op), f"fastattn::{op} has no schema"
     key = "CUDA" if device == "cuda" else "CPU"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", key):
-        pytest.skip(f"fastattn._C registers no {key} kernel for fastattn::{op} in this build")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", key), (
+        f"fastattn._C registers no {key} kernel for fastattn::{op}"
+    )
 
 
 def laid_out(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -189,12 +193,6 @@ def test_sequence_matches_a_loop_of_cell_ops():
 
 def test_sequence_against_library_reference():
     """float64 agreement of this file's oracle with fastattn.ops.reference's sequence forward."""
-    try:
-        reference = importlib.import_module("fastattn.ops.reference")
-    except ImportError as error:
-        pytest.skip(f"fastattn.ops.reference is not importable on this branch: {error}")
-    if not hasattr(reference, "lstm_sequence_fwd_reference"):
-        pytest.skip("fastattn.ops.reference has no lstm_sequence_fwd_reference on this branch")
     inputs = sequence_inputs(4, 5, 7, torch.float64, "cpu")
     for ours, theirs in zip(sequence_math(*inputs), reference.lstm_sequence_fwd_reference(*inputs),
                             strict=True):
@@ -241,10 +239,6 @@ def test_cuda_ops_opcheck():
     """Schema, fake kernels (fastattn/ops/lstm.py) and dispatch of the CUDA impls."""
     require_kernel("lstm_cell_pointwise_fwd", "cuda")
     require_kernel("lstm_sequence_fwd", "cuda")
-    try:
-        importlib.import_module("fastattn.ops.lstm")  # registers the fake kernels
-    except ImportError as error:
-        pytest.skip(f"fastattn.ops.lstm is not importable on this branch: {error}")
     gates = torch.randn(5, 28, device="cuda")
     cx, grad_hy, grad_cy = torch.randn(3, 5, 7, device="cuda").unbind(0)
     _, cy = cell_math(gates, cx)

@@ -307,8 +307,7 @@ def test_forced_backends_on_cpu_tensors():
 
 @pytest.mark.triton
 def test_triton_cell_backend_matches_reference():
-    if lstm_ops._triton_cell_ops() is None:
-        pytest.skip("fastattn.triton_kernels.lstm_cell is not in this checkout")
+    assert lstm_ops._triton_cell_ops() is not None, "the Triton LSTM cell ops did not register"
     x, h, c = randn(3, 5), randn(3, 8), randn(3, 8)
     w_ih, w_hh, b = randn(32, 5), randn(32, 8), randn(32)
     tensors = [t.requires_grad_() for t in (x, h, c, w_ih, w_hh, b)]
@@ -324,8 +323,7 @@ def test_triton_cell_backend_matches_reference():
 
 @pytest.mark.triton
 def test_triton_backend_serves_the_lstm_module():
-    if lstm_ops._triton_cell_ops() is None:
-        pytest.skip("fastattn.triton_kernels.lstm_cell is not in this checkout")
+    assert lstm_ops._triton_cell_ops() is not None, "the Triton LSTM cell ops did not register"
     m = fastattn.LSTM(4, 8, bidirectional=True, proj_size=3)
     x = randn(5, 2, 4).requires_grad_()
     results = []

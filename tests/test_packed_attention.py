@@ -3,7 +3,7 @@ attention_with_kv_cache against full attention over the same prefix."""
 
 import pytest
 import torch
-from helpers import max_rel_error
+from helpers import assert_close_to_reference, attention_grad_scales, max_rel_error
 
 import fastattn
 
@@ -16,15 +16,8 @@ def require(backend):
         pytest.skip(f"backend {backend} unavailable here: {status.reason}")
 
 
-def padded(x: torch.Tensor, offsets: list[int], length: int) -> torch.Tensor:
-    """[total, H, D] -> [batch, H, length, D] zero-padded, for the padded equivalent."""
-    out = x.new_zeros(len(offsets) - 1, x.shape[1], length, x.shape[2])
-    for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
-        out[i, :, : b - a] = x[a:b].transpose(0, 1)
-    return out
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(
     "options",
     [
@@ -33,42 +26,45 @@ def padded(x: torch.Tensor, offsets: list[int], length: int) -> torch.Tensor:
         pytest.param(dict(window=(4, 0), softcap=3.0), id="window-softcap"),
     ],
 )
-def test_varlen_matches_padded_equivalent(backend, options):
+def test_varlen_matches_per_sequence_float64(backend, dtype, options):
+    """Output, LSE and the gradients of q, k, v against float64 attention run on each sequence
+    alone (GQA, ALiBi, odd lengths, a one-query sequence)."""
     require(backend)
     lens_q, lens_k = [1, 7, 33, 12], [5, 7, 40, 12]
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(sum(lens_q), 4, 32, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(sum(lens_k), 2, 32, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(sum(lens_k), 2, 16, dtype=torch.float64, requires_grad=True)
+    offsets_q = [0, *torch.tensor(lens_q).cumsum(0).tolist()]
+    offsets_k = [0, *torch.tensor(lens_k).cumsum(0).tolist()]
+    cu_q, cu_k = (torch.tensor(o, dtype=torch.int32) for o in (offsets_q, offsets_k))
+    q = torch.randn(sum(lens_q), 4, 32, dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lens_k), 2, 32, dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lens_k), 2, 16, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(sum(lens_q), 4, 16, dtype=dtype)
     slopes = torch.rand(len(lens_q), 4)
     with fastattn.use_backend(backend):
         out, lse = fastattn.attention_varlen(
             q, k, v, cu_q, cu_k, 33, 40, alibi_slopes=slopes, return_lse=True, **options
         )
     assert out.shape == (sum(lens_q), 4, 16) and lse.shape == (4, sum(lens_q))
-    out.sum().backward()
-    qp, kp, vp = (
-        padded(q, cu_q.tolist(), 33),
-        padded(k, cu_k.tolist(), 40),
-        padded(v, cu_k.tolist(), 40),
-    )
-    for i, (a, b) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:])):
-        Li, Si = lens_q[i], lens_k[i]
+    out.backward(grad_out)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    refs, ref_lses = [], []
+    for i in range(len(lens_q)):
+        qi = q64[offsets_q[i] : offsets_q[i + 1]].transpose(0, 1)[None]
+        ki, vi = (t[offsets_k[i] : offsets_k[i + 1]].transpose(0, 1)[None] for t in (k64, v64))
         with fastattn.use_backend("reference"):
-            ref = fastattn.attention(
-                qp[i : i + 1, :, :Li],
-                kp[i : i + 1, :, :Si],
-                vp[i : i + 1, :, :Si],
-                alibi_slopes=slopes[i],
-                **options,
+            ref, ref_lse = fastattn.attention(
+                qi, ki, vi, alibi_slopes=slopes[i], return_lse=True, **options
             )
-        assert max_rel_error(out[a:b], ref[0].transpose(0, 1)) < 1e-10
-    assert (
-        torch.isfinite(q.grad).all()
-        and torch.isfinite(k.grad).all()
-        and torch.isfinite(v.grad).all()
-    )
+        refs.append(ref[0].transpose(0, 1))
+        ref_lses.append(ref_lse[0])
+    ref = torch.cat(refs)
+    ref.backward(grad_out.double())
+    assert_close_to_reference(out, ref, dtype=dtype, name="out")
+    assert_close_to_reference(lse, torch.cat(ref_lses, dim=-1), dtype=torch.float32, name="lse")
+    floors = attention_grad_scales(q.transpose(0, 1), k.transpose(0, 1), v, grad_out)
+    for name, ours, theirs in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close_to_reference(ours.grad, theirs.grad, dtype=dtype, name=name,
+                                  scale_floor=floors.get(name, 0.0))
 
 
 @pytest.mark.parametrize(

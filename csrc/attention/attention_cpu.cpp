@@ -18,12 +18,12 @@ FASTATTN_ISA_DECLARE(void attention_bwd_kernel(const AttentionBwdParams& params)
 
 namespace {
 
-AttnDtype attn_dtype(const at::Tensor& q) {
+Dtype attn_dtype(const at::Tensor& q) {
   switch (q.scalar_type()) {
-    case at::kFloat: return AttnDtype::Float32;
-    case at::kDouble: return AttnDtype::Float64;
-    case at::kBFloat16: return AttnDtype::BFloat16;
-    case at::kHalf: return AttnDtype::Float16;
+    case at::kFloat: return Dtype::Float32;
+    case at::kDouble: return Dtype::Float64;
+    case at::kBFloat16: return Dtype::BFloat16;
+    case at::kHalf: return Dtype::Float16;
     default:
       TORCH_CHECK(false, "fastattn attention (cpu): q must be float32, float64, bfloat16 or "
                   "float16, got ", q.scalar_type());

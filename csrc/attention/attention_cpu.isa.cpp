@@ -109,13 +109,31 @@ void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t 
   }
 }
 
-// A per-thread buffer of at least n elements, kept across calls (grow-only).
+// Scratch of n elements for one thread's work in one call. Up to kMaxCachedScratchBytes it is
+// a per-thread buffer kept across calls (so that repeated calls do not pay fresh pages); a
+// larger request is allocated for this call alone and freed with it, so that one long sequence
+// does not pin its scratch in every pool thread for the life of the process.
+constexpr int64_t kMaxCachedScratchBytes = int64_t{16} << 20;
+
 template <typename T>
-T* thread_cache(int64_t n) {
-  thread_local std::vector<T> buffer;
-  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
-}
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) {
+    if (n * static_cast<int64_t>(sizeof(T)) <= kMaxCachedScratchBytes) {
+      thread_local std::vector<T> cached;
+      if (static_cast<int64_t>(cached.size()) < n) cached.resize(n);
+      data_ = cached.data();
+    } else {
+      owned_.resize(n);
+      data_ = owned_.data();
+    }
+  }
+  T* data() const { return data_; }
+
+ private:
+  std::vector<T> owned_;
+  T* data_ = nullptr;
+};
 
 // Below this many flops a call runs on the calling thread: waking the pool costs more.
 constexpr double kParallelFlops = 4e6;
@@ -328,24 +346,23 @@ struct ForwardTile {
   std::vector<acc_t> row_max, row_sum, lse;
   // Packed key tiles of one kv head, kept while a thread's consecutive query tiles read the
   // same head (packing a tile costs about as much as a third of its products):
-  // kt_all [n_kb][E][n_pad] = k^T, v_all [n_kb][kBlockN][ev_pad]; the storage is
-  // thread-local and grow-only, so that calls do not pay fresh pages every time.
+  // kt_all [n_kb][E][n_pad] = k^T, v_all [n_kb][kBlockN][ev_pad], in `cache` (see Scratch);
+  // packed[kb]: whether tile kb holds the current head. (Declared in initialization order.)
+  std::vector<char> packed;
+  Scratch<acc_t> cache;
   acc_t* kt_all;
   acc_t* v_all;
-  std::vector<char> packed;
   int64_t packed_b = -1, packed_hk = -1;
 
   explicit ForwardTile(const Problem& pr)
       : qs(kBlockM * pr.e_pad), s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad),
         row_max(kBlockM), row_sum(kBlockM), lse(kBlockM),
-        packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, kBlockN) : 0, 0) {
-    // Single-row calls (decode) never pack, so they request no cache.
-    const int64_t kt_size = static_cast<int64_t>(packed.size()) * pr.p.head_dim * pr.n_pad;
-    acc_t* cache = thread_cache<acc_t>(
-        kt_size + static_cast<int64_t>(packed.size()) * kBlockN * pr.ev_pad);
-    kt_all = cache;
-    v_all = cache + kt_size;
-  }
+        packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, kBlockN) : 0, 0),
+        // Single-row calls (decode) never pack, so they request no cache.
+        cache(static_cast<int64_t>(packed.size()) *
+              (pr.p.head_dim * pr.n_pad + kBlockN * pr.ev_pad)),
+        kt_all(cache.data()),
+        v_all(cache.data() + static_cast<int64_t>(packed.size()) * pr.p.head_dim * pr.n_pad) {}
 
   void run(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m, int64_t kb_begin,
            int64_t kb_end) {
@@ -728,12 +745,12 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
 }
 
 template <typename Fn>
-void dispatch_dtype(AttnDtype dtype, Fn&& fn) {
+void dispatch_dtype(Dtype dtype, Fn&& fn) {
   switch (dtype) {
-    case AttnDtype::Float32: fn(float{}); break;
-    case AttnDtype::Float64: fn(double{}); break;
-    case AttnDtype::BFloat16: fn(c10::BFloat16{}); break;
-    case AttnDtype::Float16: fn(c10::Half{}); break;
+    case Dtype::Float32: fn(float{}); break;
+    case Dtype::Float64: fn(double{}); break;
+    case Dtype::BFloat16: fn(c10::BFloat16{}); break;
+    case Dtype::Float16: fn(c10::Half{}); break;
   }
 }
 

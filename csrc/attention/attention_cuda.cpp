@@ -60,7 +60,8 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(v.size(3) == pr.head_dim, "fastattn attention (cuda): value head dim ", v.size(3),
               " != query head dim ", pr.head_dim, " (the cuda kernels need Ev == E)");
   TORCH_CHECK(attention_cuda_supports_head_dim(static_cast<int>(pr.head_dim)),
-              "fastattn attention (cuda): head dim ", pr.head_dim, " is not compiled (32, 64, 96, 128, 192, 256)");
+              "fastattn attention (cuda): head dim ", pr.head_dim, " is not compiled (",
+              c10::ArrayRef<int>(kAttentionCudaHeadDims), ")");
   TORCH_CHECK(pr.heads_kv > 0 && pr.heads_q % pr.heads_kv == 0,
               "fastattn attention (cuda): query heads ", pr.heads_q, " must be a multiple of kv heads ", pr.heads_kv);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
@@ -90,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_common(Attention
                                                                         const at::Tensor& v_in,
                                                                         const Options& o) {
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
-  p.dtype = q.scalar_type() == at::kHalf ? AttentionDtype::kFloat16 : AttentionDtype::kBFloat16;
+  p.dtype = q.scalar_type() == at::kHalf ? Dtype::Float16 : Dtype::BFloat16;
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();

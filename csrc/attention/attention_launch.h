@@ -2,7 +2,9 @@
 // .cu file so they compile in parallel) and the one dtype / head-dim switch that picks them.
 #pragma once
 
+#include <cstddef>
 #include <type_traits>
+#include <utility>
 
 #include "fastattn/attention_params.h"
 
@@ -28,25 +30,32 @@ struct TypeTag {
 };
 
 // Calls fn(TypeTag<Element>{}, std::integral_constant<int, HEAD_DIM>{}) for the compiled
-// config; cudaErrorInvalidValue for any other (the glue rejects those before).
-template <typename Half, typename BFloat16, typename Fn>
-cudaError_t dispatch_dtype_head_dim(AttentionDtype dtype, int head_dim, Fn&& fn) {
+// config (a head dim of kAttentionCudaHeadDims, float16 or bfloat16); cudaErrorInvalidValue for
+// any other (the glue rejects those before).
+template <typename Half, typename BFloat16, typename Fn, std::size_t... I>
+cudaError_t dispatch_dtype_head_dim(Dtype dtype, int head_dim, Fn&& fn,
+                                    std::index_sequence<I...>) {
   auto with_dtype = [&](auto head_dim_constant) -> cudaError_t {
     switch (dtype) {
-      case AttentionDtype::kFloat16: return fn(TypeTag<Half>{}, head_dim_constant);
-      case AttentionDtype::kBFloat16: return fn(TypeTag<BFloat16>{}, head_dim_constant);
+      case Dtype::Float16: return fn(TypeTag<Half>{}, head_dim_constant);
+      case Dtype::BFloat16: return fn(TypeTag<BFloat16>{}, head_dim_constant);
+      case Dtype::Float32:
+      case Dtype::Float64: break;
     }
     return cudaErrorInvalidValue;
   };
-  switch (head_dim) {
-    case 32: return with_dtype(std::integral_constant<int, 32>{});
-    case 64: return with_dtype(std::integral_constant<int, 64>{});
-    case 96: return with_dtype(std::integral_constant<int, 96>{});
-    case 128: return with_dtype(std::integral_constant<int, 128>{});
-    case 192: return with_dtype(std::integral_constant<int, 192>{});
-    case 256: return with_dtype(std::integral_constant<int, 256>{});
-  }
-  return cudaErrorInvalidValue;
+  cudaError_t result = cudaErrorInvalidValue;
+  // One comparison per compiled head dim, stopping at the match.
+  (void)((head_dim == kAttentionCudaHeadDims[I] &&
+          (result = with_dtype(std::integral_constant<int, kAttentionCudaHeadDims[I]>{}), true)) ||
+         ...);
+  return result;
+}
+
+template <typename Half, typename BFloat16, typename Fn>
+cudaError_t dispatch_dtype_head_dim(Dtype dtype, int head_dim, Fn&& fn) {
+  return dispatch_dtype_head_dim<Half, BFloat16>(
+      dtype, head_dim, std::forward<Fn>(fn), std::make_index_sequence<kNumAttentionCudaHeadDims>{});
 }
 
 }  // namespace attn

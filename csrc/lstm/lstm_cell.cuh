@@ -141,12 +141,12 @@ struct TypeTag {
 
 // The one dtype switch of the LSTM kernels: calls fn(TypeTag<Element>{}).
 template <typename Fn>
-cudaError_t dispatch_dtype(LstmDtype dtype, Fn&& fn) {
+cudaError_t dispatch_dtype(Dtype dtype, Fn&& fn) {
   switch (dtype) {
-    case LstmDtype::kFloat32: return fn(TypeTag<float>{});
-    case LstmDtype::kFloat64: return fn(TypeTag<double>{});
-    case LstmDtype::kFloat16: return fn(TypeTag<__half>{});
-    case LstmDtype::kBFloat16: return fn(TypeTag<__nv_bfloat16>{});
+    case Dtype::Float32: return fn(TypeTag<float>{});
+    case Dtype::Float64: return fn(TypeTag<double>{});
+    case Dtype::Float16: return fn(TypeTag<__half>{});
+    case Dtype::BFloat16: return fn(TypeTag<__nv_bfloat16>{});
   }
   return cudaErrorInvalidValue;
 }

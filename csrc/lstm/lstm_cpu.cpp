@@ -85,7 +85,7 @@ std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy, co
   Tensor grad_gates = at::empty({B, 4 * H}, activated.options());
   Tensor grad_cx = at::empty({B, H}, activated.options());
   LstmLayerBwdArgs a{};
-  a.shape = {math == at::kDouble ? LstmDtype::Float64 : LstmDtype::Float32, 1, B, H, H, false,
+  a.shape = {math == at::kDouble ? Dtype::Float64 : Dtype::Float32, 1, B, H, H, false,
              nullptr};
   a.grad_h_all = seq_view(gh.unsqueeze(0));
   a.grad_c_all = seq_view(gc.unsqueeze(0));
@@ -102,7 +102,7 @@ std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy, co
 // The forward kernel over steps [t0, t0 + n) of the outputs: x_proj holds those n steps, the
 // state before them is (h_start, c_start), and gates_all / hpre_all (whole-sequence, or
 // undefined) receive what the backward reads.
-void run_layer_fwd(const LayerProblem& p, LstmDtype dtype, const Tensor& w_hh_k,
+void run_layer_fwd(const LayerProblem& p, Dtype dtype, const Tensor& w_hh_k,
                    const Tensor& w_hr_k, const Tensor& x_proj, const Tensor& h_start,
                    const Tensor& c_start, int64_t t0, int64_t n, const Tensor& h_all,
                    const Tensor& c_all, const Tensor& gates_all, const Tensor& hpre_all) {
@@ -155,7 +155,7 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     bool reverse, const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
   constexpr const char* op = "fastattn::lstm_layer_infer";
   TORCH_CHECK(input.dim() == 3, op, ": input must be [T, B, I], got ", input.sizes());
-  const LstmDtype dtype = lstm_dtype(input, op);
+  const Dtype dtype = lstm_dtype(input, op);
   check_like(input, input, input.sizes(), op, "input");
   const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
   TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, op, ": w_ih must be [4H, ", I, "], got ",

@@ -16,12 +16,12 @@
 namespace fastattn {
 namespace {
 
-LstmDtype lstm_dtype(const at::Tensor& t, const char* op, const char* name) {
+Dtype lstm_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
-    case at::kFloat: return LstmDtype::kFloat32;
-    case at::kDouble: return LstmDtype::kFloat64;
-    case at::kHalf: return LstmDtype::kFloat16;
-    case at::kBFloat16: return LstmDtype::kBFloat16;
+    case at::kFloat: return Dtype::Float32;
+    case at::kDouble: return Dtype::Float64;
+    case at::kHalf: return Dtype::Float16;
+    case at::kBFloat16: return Dtype::BFloat16;
     default:
       TORCH_CHECK_TYPE(false, "fastattn::", op, ": ", name,
                        " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::
               x_proj_in.device());
   TORCH_CHECK_VALUE(x_proj_in.dim() == 3 && x_proj_in.size(2) % 4 == 0, "fastattn::", op,
                     ": x_proj must be [T, B, 4H], got shape ", x_proj_in.sizes());
-  const LstmDtype dtype = lstm_dtype(x_proj_in, op, "x_proj");
+  const Dtype dtype = lstm_dtype(x_proj_in, op, "x_proj");
   const int64_t seq_len = x_proj_in.size(0), batch = x_proj_in.size(1);
   const int64_t hidden = x_proj_in.size(2) / 4;
   check_like(h0_in, x_proj_in, {batch, hidden}, op, "h0", "x_proj");

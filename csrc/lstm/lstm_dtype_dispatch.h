@@ -11,12 +11,12 @@ namespace fastattn {
 // Calls fn with a value of dtype's C++ type (fn(float{}), fn(c10::BFloat16{}), ...), so a
 // generic lambda instantiates its kernel template with decltype of it.
 template <typename Fn>
-void visit_lstm_dtype(LstmDtype dtype, const Fn& fn) {
+void visit_lstm_dtype(Dtype dtype, const Fn& fn) {
   switch (dtype) {
-    case LstmDtype::Float32: return fn(float{});
-    case LstmDtype::Float64: return fn(double{});
-    case LstmDtype::BFloat16: return fn(c10::BFloat16{});
-    case LstmDtype::Float16: return fn(c10::Half{});
+    case Dtype::Float32: return fn(float{});
+    case Dtype::Float64: return fn(double{});
+    case Dtype::BFloat16: return fn(c10::BFloat16{});
+    case Dtype::Float16: return fn(c10::Half{});
   }
 }
 

@@ -65,7 +65,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_ln_layer
   Tensor c_norm_all = at::empty({T, B, H}, opmath_opts);
   Tensor rstd_all = at::empty({T, B, 2}, opmath_opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? p.w_hr.t() : Tensor();
-  const LstmDtype dtype = lstm_dtype(x_proj, op);
+  const Dtype dtype = lstm_dtype(x_proj, op);
 
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = p.time(s), n = p.batch_sizes[t];
@@ -131,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
   TORCH_CHECK(hh_norm_all_in.dim() == 3 && hh_norm_all_in.size(2) % 4 == 0, op,
               ": hh_norm_all must be [T, B, 4H], got ", hh_norm_all_in.sizes());
   const Tensor& like = h0_in;  // of the data dtype (hh_norm_all is opmath)
-  const LstmDtype dtype = lstm_dtype(like, op);
+  const Dtype dtype = lstm_dtype(like, op);
   const LayerProblem p = layer_problem(op, like, hh_norm_all_in.size(0), hh_norm_all_in.size(1),
                                        hh_norm_all_in.size(2) / 4, h0_in, c0_in, w_hh, w_hr,
                                        batch_sizes, reverse, zoneout_c, zoneout_h);

@@ -15,12 +15,12 @@ namespace lstm_glue {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-inline LstmDtype lstm_dtype(const Tensor& t, const char* op) {
+inline Dtype lstm_dtype(const Tensor& t, const char* op) {
   switch (t.scalar_type()) {
-    case at::kFloat: return LstmDtype::Float32;
-    case at::kDouble: return LstmDtype::Float64;
-    case at::kBFloat16: return LstmDtype::BFloat16;
-    case at::kHalf: return LstmDtype::Float16;
+    case at::kFloat: return Dtype::Float32;
+    case at::kDouble: return Dtype::Float64;
+    case at::kBFloat16: return Dtype::BFloat16;
+    case at::kHalf: return Dtype::Float16;
     default:
       TORCH_CHECK(false, op, ": expected float32, float64, bfloat16 or float16, got ",
                   t.scalar_type());
@@ -46,7 +46,7 @@ struct LayerProblem {
   Tensor w_hr;                       // [P, H] or undefined
   Tensor zoneout_c, zoneout_h;       // contiguous [T, B, H] / [T, B, P] or undefined
 
-  LstmLayerShape shape(LstmDtype dtype) const {
+  LstmLayerShape shape(Dtype dtype) const {
     return {dtype, T, B, H, P, reverse, batch_sizes.data()};
   }
   // Time index of the s-th step in processing order, and where that step's previous state is.

@@ -17,13 +17,20 @@ import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
+from fastattn import _extension
 from fastattn.ops import backends, reference
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-CUDA_HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+# The head dims the CUDA kernels are compiled for, from the one list in
+# csrc/include/fastattn/attention_head_dims.h (empty without the extension: no cuda backend).
+CUDA_HEAD_DIMS = tuple(_extension.C.attention_cuda_head_dims()) if _extension.C else ()
 TRITON_MAX_HEAD_DIM = 256
+# A CUDA grid's y and z dimensions hold at most this many blocks. The CUDA kernels put the query
+# heads on y and the batch on z; the Triton kernels put batch * heads on y. Checked here, with
+# the rest of what a backend cannot serve, so that auto falls back instead of the glue raising.
+GRID_YZ_MAX = 65535
 
 
 @dataclass(frozen=True)
@@ -38,26 +45,39 @@ class AttentionOptions:
     softcap: float = 0.0
 
 
-def _missing_feature(backend: str, dtype: torch.dtype, E: int, Ev: int) -> str | None:
+def _missing_feature(
+    backend: str, dtype: torch.dtype, E: int, Ev: int, batch: int, heads_q: int
+) -> str | None:
     """What of a call with these inputs ``backend`` cannot serve (None when it can)."""
     if backend == "cuda":
         if dtype not in (torch.float16, torch.bfloat16):
             return f"dtype {dtype} (the cuda kernels take float16 and bfloat16)"
         if E != Ev or E not in CUDA_HEAD_DIMS:
             return f"head dims E={E}, Ev={Ev} (the cuda kernels take E == Ev in {CUDA_HEAD_DIMS})"
+        if batch > GRID_YZ_MAX or heads_q > GRID_YZ_MAX:
+            return (f"batch {batch} x query heads {heads_q} (the cuda kernels take at most "
+                    f"{GRID_YZ_MAX} of each)")
     if backend == "triton":
         if dtype == torch.float64:
             return "dtype float64 (triton takes float16, bfloat16 and float32)"
         if max(E, Ev) > TRITON_MAX_HEAD_DIM:
             return f"head dim {max(E, Ev)} (triton takes up to {TRITON_MAX_HEAD_DIM})"
+        if batch * heads_q > GRID_YZ_MAX:
+            return (f"batch {batch} x query heads {heads_q} (the triton kernels take "
+                    f"batch * heads <= {GRID_YZ_MAX})")
     return None
 
 
 # Evaluated while torch.compile traces, so a compiled graph bakes in the backend choice instead
 # of graph-breaking on the backend registry (a ContextVar and the environment).
 @torch.compiler.assume_constant_result
-def _choose_backend(op_name: str, device: torch.device, dtype: torch.dtype, E: int, Ev: int) -> str:
-    return backends.choose(op_name, device, lambda name: _missing_feature(name, dtype, E, Ev))
+def _choose_backend(
+    op_name: str, device: torch.device, dtype: torch.dtype, E: int, Ev: int, batch: int,
+    heads_q: int,
+) -> str:
+    return backends.choose(
+        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q)
+    )
 
 
 @functools.cache
@@ -71,6 +91,16 @@ def _triton_fwd_op() -> Callable:
         setup_context=_setup_context,
     )
     return torch.ops.fastattn.attention_fwd_triton
+
+
+def _grid_extent(batch, heads_q) -> tuple[int, int]:
+    """(batch, heads_q) as _choose_backend takes them: 1, 1 when within every backend's grid
+    limits, so that a batch size that changes between calls neither hands torch.compile's
+    constant-folded choice a symbolic int nor recompiles it; the real values (specialized)
+    only past a limit."""
+    if batch * heads_q <= GRID_YZ_MAX:
+        return 1, 1
+    return int(batch), int(heads_q)
 
 
 def _fwd_op(backend: str) -> Callable:
@@ -91,7 +121,8 @@ def _attention_normalized(
     if opts.dropout_p > 0:
         # Drawn from torch's default generator, so torch.manual_seed makes dropout repeatable.
         rng_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1])
+    backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1],
+                              *_grid_extent(q.shape[0], q.shape[1]))
     if backend == "reference" or _has_empty_dim(q, k, v):
         return reference.attention_reference(
             q,

@@ -4,7 +4,9 @@ Backends: ``cpu`` (C++ kernels in fastattn._C), ``cuda`` (CUDA C++ kernels in fa
 ``triton`` (fastattn.triton_kernels) and ``reference`` (plain PyTorch, always available).
 ``auto`` picks cuda > triton > reference for CUDA tensors and cpu > reference for CPU ones.
 ``FASTATTN_BACKEND=<name>`` or ``with fastattn.use_backend(name):`` forces one; a forced
-backend that cannot serve a call raises instead of silently falling back.
+backend that cannot serve a call raises instead of silently falling back. When ``auto`` falls
+back to ``reference`` for CUDA tensors (which materializes the L x S scores: O(L * S) memory),
+it warns once per reason with a ReferenceFallbackWarning.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import contextvars
 import functools
 import importlib.util
 import os
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -27,6 +31,30 @@ _CHOICES = BACKENDS + ("auto",)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "fastattn_backend", default=None
 )
+
+
+class ReferenceFallbackWarning(UserWarning):
+    """auto served CUDA tensors with the reference backend (no fused kernel could)."""
+
+
+_warned_fallbacks: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_reference_fallback(op: str, reasons: list[str]) -> None:
+    """Warns once per distinct reason (whatever the warnings filters say)."""
+    why = "; ".join(reasons)
+    with _warned_lock:
+        if why in _warned_fallbacks:
+            return
+        _warned_fallbacks.add(why)
+    warnings.warn(
+        f"fastattn.{op}: no fused backend serves this call on CUDA ({why}); falling back to the "
+        "reference backend, which materializes the full score matrix (O(L * S) memory). "
+        "This warning is shown once per reason.",
+        ReferenceFallbackWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass(frozen=True)
@@ -155,7 +183,17 @@ def choose(op: str, device: torch.device, missing: Callable[[str], str | None]) 
                 f"fastattn.{op}: forced backend {forced!r} cannot serve this call: {why}"
             )
         return forced
+    reasons = []  # why each fused backend passed, for the fallback warning
     for name in _auto_order(device):
-        if _status(name).usable and not _device_mismatch(name, device) and not missing(name):
+        if name == "reference":
+            break
+        status = _status(name)
+        why = status.reason if not status.usable else (
+            _device_mismatch(name, device) or missing(name)
+        )
+        if not why:
             return name
+        reasons.append(f"{name}: {why}")
+    if device.type == "cuda":
+        _warn_reference_fallback(op, reasons)
     return "reference"

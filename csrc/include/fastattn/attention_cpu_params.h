@@ -5,13 +5,14 @@
 
 #include <cstdint>
 
+#include "fastattn/dtype.h"
+
 namespace fastattn {
 
-enum class AttnDtype { Float32, Float64, BFloat16, Float16 };
 enum class AttnMaskKind { None, Bool, Additive };
 
 struct AttentionFwdParams {
-  AttnDtype dtype;
+  Dtype dtype;
   int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim, v_head_dim;
 
   // q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev]; last dims contiguous.

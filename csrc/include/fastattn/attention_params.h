@@ -10,12 +10,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include "fastattn/attention_head_dims.h"
+#include "fastattn/dtype.h"
+
 namespace fastattn {
 
-enum class AttentionDtype : int { kFloat16 = 0, kBFloat16 = 1 };
-
 struct AttentionParams {
-  AttentionDtype dtype = AttentionDtype::kBFloat16;
+  Dtype dtype = Dtype::BFloat16;  // Float16 or BFloat16: the only types the kernels serve
 
   // Element pointers (dtype above).
   const void* q = nullptr;
@@ -83,12 +84,6 @@ struct AttentionBwdParams : AttentionParams {
   // the gradient of an additive mask. Written only for tiles that are not skipped.
   float* dmask = nullptr;
 };
-
-// Head dims the kernels are compiled for (Ev == E).
-constexpr bool attention_cuda_supports_head_dim(int head_dim) {
-  return head_dim == 32 || head_dim == 64 || head_dim == 96 || head_dim == 128 ||
-         head_dim == 192 || head_dim == 256;
-}
 
 // The number of KV splits run_attention_fwd would like for this problem on a device with
 // `num_sms` multiprocessors (1 = no split). The caller allocates the partial buffers.

@@ -12,9 +12,9 @@
 
 #include <cstdint>
 
-namespace fastattn {
+#include "fastattn/dtype.h"
 
-enum class LstmDtype { Float32, Float64, BFloat16, Float16 };
+namespace fastattn {
 
 // A [T, B, F] tensor: element (t, b, f) at data + t * st + b * sb + f * sf (in elements).
 // data == nullptr means the tensor is absent. A [B, F] state is a view with T = 1.
@@ -24,7 +24,7 @@ struct LstmSeqView {
 };
 
 struct LstmLayerShape {
-  LstmDtype dtype;               // of every LstmSeqView
+  Dtype dtype;               // of every LstmSeqView
   int64_t T, B, H, P;
   bool reverse;                  // steps run t = T-1 .. 0
   const int64_t* batch_sizes;    // [T] non-increasing, or nullptr (all B rows step every time)

@@ -25,7 +25,7 @@ namespace fastattn {
 //   c_out / h_out: c_new / h_new, lerped toward c_prev / h_prev by zoneout_c / zoneout_h.
 // rstd[row] = (rstd of hh, rstd of the cell), each 1 / sqrt(var + eps).
 struct LstmLnStepFwdArgs {
-  LstmDtype dtype;
+  Dtype dtype;
   int64_t rows;
   int64_t hidden;              // H
   double eps;
@@ -55,7 +55,7 @@ struct LstmLnStepFwdArgs {
 //   grad_hh: gradient of hh = h_prev @ W_hh^T (through hh's LN).
 // grad_h_prev may alias grad_h and grad_c_prev may alias grad_c.
 struct LstmLnStepBwdArgs {
-  LstmDtype dtype;
+  Dtype dtype;
   int64_t rows;
   int64_t hidden;
   const void* grad_h;          // [rows, H] opmath

@@ -9,13 +9,13 @@
 
 #include <cuda_runtime_api.h>
 
-namespace fastattn {
+#include "fastattn/dtype.h"
 
-enum class LstmDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+namespace fastattn {
 
 // Inputs: last dim contiguous, rows at any stride. Outputs: contiguous.
 struct LstmCellFwdParams {
-  LstmDtype dtype = LstmDtype::kFloat32;
+  Dtype dtype = Dtype::Float32;
   const void* gates = nullptr;  // [B, 4H] pre-activation
   const void* cx = nullptr;     // [B, H]
   void* hy = nullptr;           // [B, H]
@@ -25,7 +25,7 @@ struct LstmCellFwdParams {
 };
 
 struct LstmCellBwdParams {
-  LstmDtype dtype = LstmDtype::kFloat32;
+  Dtype dtype = Dtype::Float32;
   const void* grad_hy = nullptr;  // [B, H]
   const void* grad_cy = nullptr;  // [B, H]
   const void* gates = nullptr;    // [B, 4H] pre-activation (the forward's input)
@@ -43,7 +43,7 @@ struct LstmCellBwdParams {
 //   -> h_all, c_all [T, B, H] (states after each step), gates_all [T, B, 4H] ACTIVATED gates
 //      (i, f, g, o after sigmoid / tanh), as the backward in fastattn/ops/lstm.py expects.
 struct LstmSequenceFwdParams {
-  LstmDtype dtype = LstmDtype::kFloat32;
+  Dtype dtype = Dtype::Float32;
   const void* x_proj = nullptr;
   const void* h0 = nullptr;
   const void* c0 = nullptr;
