@@ -152,7 +152,9 @@ def make_extension():
         include_dirs=[str(CSRC / "include")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"] if sys.platform == "linux" else [],
-        depends=rel(CSRC.rglob("*.h")) + rel(CSRC.rglob("*.cuh")),
+        # The `*.isa.cpp` sources too: build_ext relinks only when a source or a depends
+        # entry is newer than the library, and the per-ISA objects are not its sources.
+        depends=rel(CSRC.rglob("*.h")) + rel(CSRC.rglob("*.cuh")) + isa_sources,
     )
     if build_cuda:
         archs, arch_flags = cuda_arch_flags()
