@@ -20,7 +20,8 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # setuptools/wheel/ninja are the build requirements: --no-build-isolation builds against the
 # torch installed above instead of a fresh one.
-python -c "import setuptools, wheel, ninja" 2>/dev/null || pip install --quiet setuptools wheel ninja
+python -c "import setuptools, wheel, ninja" 2>/dev/null \
+  || pip install --quiet setuptools wheel ninja
 # The Triton the interpreter tests were validated with (GPU machines bring their own).
 python -c "import triton" 2>/dev/null || pip install --quiet "${FASTATTN_TRITON:-triton==3.9.0}"
 
@@ -47,7 +48,8 @@ then
   echo "fastattn: the extension is up to date with csrc/, setup.py and torch; not rebuilding"
 else
   rm -f "$stamp"
-  MAX_JOBS="${MAX_JOBS:-$(nproc)}" pip install --quiet --no-build-isolation -e ".[test,train,triton]"
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+    pip install --quiet --no-build-isolation -e ".[test,train,triton]"
   echo "$key" >"$stamp"
 fi
 python -m fastattn.info
