@@ -29,20 +29,24 @@ CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "8.0;9.0a"
 
 # Sources (`*.isa.cpp`) compiled once per x86 ISA and picked at run time
-# (csrc/include/fastattn/cpu_isa.h).
+# (csrc/include/fastattn/cpu_isa.h). Each variant defines CPU_CAPABILITY=<ISA> and
+# CPU_CAPABILITY_<ISA> as PyTorch's own build does: at::vec's `inline namespace
+# CPU_CAPABILITY` then differs per variant, so no at::vec inline function of one width can
+# stand in for another variant's at link time.
 ISA_SOURCE_SUFFIX = ".isa.cpp"
+
+
+def isa_flags(capability, machine_flags=()):
+    return [*machine_flags, f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
+
+
 X86_ISAS = {
-    "isa_default": [],
-    "isa_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
-    "isa_avx512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mfma",
-        "-mf16c",
-        "-DCPU_CAPABILITY_AVX512",
-    ],
+    "isa_default": isa_flags("DEFAULT"),
+    "isa_avx2": isa_flags("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+    "isa_avx512": isa_flags(
+        "AVX512",
+        ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    ),
 }
 
 
@@ -110,21 +114,19 @@ class BuildExtension(cpp_extension.BuildExtension):
             isas = (
                 X86_ISAS
                 if platform.machine().lower() in ("x86_64", "amd64")
-                else {"isa_default": []}
+                else {"isa_default": X86_ISAS["isa_default"]}
             )
-            for namespace, isa_flags in isas.items():
+            for namespace, flags in isas.items():
                 objects = self.compiler.compile(
                     isa_sources,
                     output_dir=os.path.join(self.build_temp, namespace),
                     include_dirs=ext.include_dirs,
                     extra_postargs={
-                        "cxx": cxx_flags + isa_flags + [f"-DFASTATTN_ISA_NAMESPACE={namespace}"],
+                        "cxx": cxx_flags + flags + [f"-DFASTATTN_ISA_NAMESPACE={namespace}"],
                         "nvcc": [],
                     },
                     depends=ext.depends,
                 )
-                # Appended after the extension's own objects so that, for inline functions
-                # defined in several objects, the linker keeps the baseline-ISA copy.
                 ext.extra_objects = list(ext.extra_objects) + objects
         super().build_extension(ext)
 
@@ -150,7 +152,9 @@ def make_extension():
         include_dirs=[str(CSRC / "include")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"] if sys.platform == "linux" else [],
-        depends=rel(CSRC.rglob("*.h")) + rel(CSRC.rglob("*.cuh")),
+        # The `*.isa.cpp` sources too: build_ext relinks only when a source or a depends
+        # entry is newer than the library, and the per-ISA objects are not its sources.
+        depends=rel(CSRC.rglob("*.h")) + rel(CSRC.rglob("*.cuh")) + isa_sources,
     )
     if build_cuda:
         archs, arch_flags = cuda_arch_flags()

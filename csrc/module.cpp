@@ -36,6 +36,17 @@ PYBIND11_MODULE(_C, m) {
         "The head dims (E == Ev) the CUDA attention kernels are compiled for");
   m.def("cpu_isa", [] { return std::string(fastattn::cpu_isa_name(fastattn::cpu_isa())); },
         "The x86 ISA the CPU kernels use on this machine");
+  m.def("cpu_isa_variants",
+        [] {
+          std::vector<std::tuple<std::string, std::string, int64_t>> out;
+          for (const auto& v : fastattn::runnable_isa_variants()) {
+            out.emplace_back(fastattn::cpu_isa_name(v.isa), v.build.vec_float_type,
+                             v.build.vec_float_width);
+          }
+          return out;
+        },
+        "(isa, mangled at::vec float type, float lanes) of every compiled variant this CPU "
+        "can run, each reported by the variant's own code");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
 }

@@ -248,15 +248,33 @@ def test_non_contiguous_views():
     check(q, k, v, make_opts(window_right=0), against_torch=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-def test_decode_splits_keys(dtype):
-    # L = 1 with few heads and enough keys to be threaded: the forward splits the keys over
-    # threads and merges the parts by LSE (a single thread runs them unsplit).
-    S = 16000
-    q, k, v = inputs(1, 2, 1, 1, S, 64, 64, dtype)
-    check(q, k, v, make_opts(), against_torch=True)
-    mask = torch.rand(1, 2, 1, S) > 0.2
-    check(q, k, v, make_opts(attn_mask=mask))
+DECODE_CASES = [  # Hq, Hk, L, the mask kind, options
+    pytest.param(2, 1, 1, None, {}, id="L1-gqa"),
+    pytest.param(2, 2, 1, "bool", {}, id="L1-bool-mask"),
+    pytest.param(1, 1, 3, "additive", dict(window_right=0, bottom_right=True),
+                 id="L3-additive-mask-causal-bottom-right"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("Hq, Hk, L, mask_kind, options", DECODE_CASES)
+def test_decode_splits_keys(Hq, Hk, L, mask_kind, options, dtype):
+    # Fewer query tiles than twice the threads, and S = 3001 keys (an odd tail tile): the
+    # forward splits the keys over the threads and merges the parts by LSE. Two threads at
+    # least, so that the split runs even on a one-core machine.
+    S, threads = 3001, torch.get_num_threads()
+    q, k, v = inputs(1, Hq, Hk, L, S, 64, 64, dtype)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(1, Hq, L, S) > 0.2
+    elif mask_kind == "additive":
+        mask = torch.randn(1, 1, L, S, dtype=dtype)
+    torch.set_num_threads(max(2, threads))
+    try:
+        check(q, k, v, make_opts(attn_mask=mask, **options),
+              against_torch=not options.get("bottom_right", False))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_empty_inputs():

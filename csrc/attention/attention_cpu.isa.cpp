@@ -137,6 +137,12 @@ class Scratch {
 
 // Below this many flops a call runs on the calling thread: waking the pool costs more.
 constexpr double kParallelFlops = 4e6;
+// The same for a forward with fewer query tiles than twice the threads (decode: L = 1..few),
+// which splits the keys over threads instead. One thread reads a key in ~20 ns at E = 128
+// (512 flops; Zen 4), so 1e6 flops take ~40 us and two threads save ~20 us, against a few us
+// to wake a spinning pool and merge by LSE. Reasoned, not tuned: scripts/ab_decode.py
+// measures it on a quiet machine.
+constexpr double kSplitParallelFlops = 1e6;
 
 template <typename T>
 Vectorized<T> vec_exp(const Vectorized<T>& x) {
@@ -466,9 +472,11 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
 
   // Few query tiles (decode) leave threads idle: split the keys too and merge by LSE.
   const double flops = 2.0 * heads * p.q_len * p.kv_len * (p.head_dim + Ev);
-  const int64_t threads = flops < kParallelFlops ? 1 : at::get_num_threads();
+  const int64_t pool = at::get_num_threads();
+  const bool few_items = items < 2 * pool;
+  const int64_t threads = flops < (few_items ? kSplitParallelFlops : kParallelFlops) ? 1 : pool;
   const int64_t grain = threads == 1 ? items : 1;
-  const int64_t splits = items >= 2 * threads || threads == 1
+  const int64_t splits = !few_items || threads == 1
       ? 1 : std::clamp<int64_t>(ceil_div(4 * threads, items), 1, std::max<int64_t>(n_kb, 1));
 
   if (splits == 1) {

@@ -1,12 +1,16 @@
 // Run-time choice among the per-ISA builds of the `*.isa.cpp` kernel sources.
 //
 // setup.py compiles every `*.isa.cpp` file once per x86 ISA, each time with
-// FASTATTN_ISA_NAMESPACE set to isa_default / isa_avx2 / isa_avx512 and the matching
-// -m flags, so a kernel file wraps its entry points in `namespace FASTATTN_ISA_NAMESPACE`.
+// FASTATTN_ISA_NAMESPACE set to isa_default / isa_avx2 / isa_avx512, the matching -m flags
+// and CPU_CAPABILITY=DEFAULT / AVX2 / AVX512 (at::vec's inline namespace, as in PyTorch's
+// own build), so a kernel file wraps its entry points in `namespace FASTATTN_ISA_NAMESPACE`.
 // Glue code declares them with FASTATTN_ISA_DECLARE and calls FASTATTN_ISA_CALL, which
 // picks the widest ISA this CPU supports: an older CPU never executes an instruction it
 // lacks.
 #pragma once
+
+#include <cstdint>
+#include <vector>
 
 namespace fastattn {
 
@@ -15,7 +19,22 @@ enum class CpuIsa { Default, Avx2, Avx512 };
 // The ISA the kernels use on this machine. ATEN_CPU_CAPABILITY=default|avx2|avx512 caps it,
 // as it caps ATen's own kernels.
 CpuIsa cpu_isa();
+// The widest ISA this CPU supports, whatever ATEN_CPU_CAPABILITY says.
+CpuIsa cpu_isa_supported();
 const char* cpu_isa_name(CpuIsa isa);
+
+// How one variant was compiled (cpu_isa_variant.isa.cpp): the mangled name of the at::vec
+// float vector type it uses, and that type's number of lanes.
+struct IsaVariantBuild {
+  const char* vec_float_type;
+  int64_t vec_float_width;
+};
+struct IsaVariant {
+  CpuIsa isa;
+  IsaVariantBuild build;
+};
+// Every compiled variant this CPU can run, narrowest first (each is asked by its own code).
+std::vector<IsaVariant> runnable_isa_variants();
 
 }  // namespace fastattn
 

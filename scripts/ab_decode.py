@@ -1,0 +1,82 @@
+"""A/B timing of CPU decode attention (L = 1 over S keys): fastattn's CPU kernel on one thread
+and on all threads, against torch's scaled_dot_product_attention, in one process.
+
+Run it on a quiet machine (timings on a shared one mean nothing):
+    python scripts/ab_decode.py [--heads 1] [--dim 128] [--rounds 7] [--reps 50]
+
+The rounds interleave the candidates, and each candidate keeps its fastest repetition in
+each round; a ratio is the median over rounds of (time of the baseline / time of the
+candidate), so above 1 means faster than the baseline. Where "fastattn 1 thread / all" stays
+below 1 at small S, the kernel's kSplitParallelFlops (csrc/attention/attention_cpu.isa.cpp)
+should rise to that S's flops, printed in the first column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastattn  # noqa: F401  (registers torch.ops.fastattn)
+
+
+def fastest(fn, reps: int) -> float:
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def ratios(dtype: torch.dtype, S: int, H: int, E: int, rounds: int, reps: int,
+           threads: int) -> tuple[float, float]:
+    """(1 thread / all threads, torch / fastattn on all threads), medians over rounds."""
+    q = torch.randn(1, H, 1, E, dtype=dtype)
+    k, v = torch.randn(1, H, S, E, dtype=dtype), torch.randn(1, H, S, E, dtype=dtype)
+    op_args = (None, None, 0.0, None, 1 / math.sqrt(E), -1, -1, False, 0.0)
+
+    def ours():
+        return torch.ops.fastattn.attention_fwd(q, k, v, *op_args)
+
+    def theirs():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    split, vs_torch = [], []
+    for _ in range(rounds):
+        torch.set_num_threads(1)
+        one = fastest(ours, reps)
+        torch.set_num_threads(threads)
+        all_threads = fastest(ours, reps)
+        torch_time = fastest(theirs, reps)
+        split.append(one / all_threads)
+        vs_torch.append(torch_time / all_threads)
+    return statistics.median(split), statistics.median(vs_torch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heads", type=int, default=1)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192,16384,32768")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    E, H = args.dim, args.heads
+    print(f"threads {threads}, heads {H}, head dim {E}; ratios: median over {args.rounds} rounds")
+    print(f"{'dtype':>9} {'S':>6} {'flops':>8} {'1 thread / all':>15} {'torch / fastattn':>17}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for S in (int(s) for s in args.lengths.split(",")):
+            split, vs_torch = ratios(dtype, S, H, E, args.rounds, args.reps, threads)
+            flops = 2.0 * H * S * 2 * E
+            print(f"{str(dtype)[6:]:>9} {S:>6} {flops:>8.1e} {split:>15.2f} {vs_torch:>17.2f}")
+    torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    main()
