@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cudasim"))
 import build as cudasim_build  # noqa: E402
-
 from fastattn.ops import reference  # noqa: E402
 
 pytestmark = pytest.mark.cudasim
@@ -50,8 +49,13 @@ def asan_build() -> Path:
 
 def run(program: Path, *args: str, schedule: str = "rr", **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "CUDASIM_SCHED": schedule, **env}
-    return subprocess.run([str(program), *args], capture_output=True, text=True, env=environment,
-                          timeout=RUN_TIMEOUT_S)
+    return subprocess.run(
+        [str(program), *args],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=RUN_TIMEOUT_S,
+    )
 
 
 def assert_passes(result: subprocess.CompletedProcess) -> None:
@@ -88,11 +92,13 @@ def test_dropout_keep_mask_is_the_cpu_philox_stream(check_build, tmp_path):
     offset = 0
     for shape, p in (((2, 3, 33, 50), 0.3), ((1, 2, 3, 200), 0.5)):
         n = int(np.prod(shape))
-        kernel = torch.from_numpy(got[offset:offset + n].astype(bool)).reshape(shape)
+        kernel = torch.from_numpy(got[offset : offset + n].astype(bool)).reshape(shape)
         offset += n
         expected = reference.dropout_keep_mask(seed, shape, p, torch.device("cpu"))
         assert 0.3 < expected.float().mean() < 0.8
-        assert torch.equal(kernel, expected), f"keep masks differ at {(kernel != expected).nonzero()[:5]}"
+        assert torch.equal(kernel, expected), (
+            f"keep masks differ at {(kernel != expected).nonzero()[:5]}"
+        )
     assert offset == got.size
 
 
@@ -133,11 +139,15 @@ def test_race_checker_catches_deleted_syncthreads_under_lockstep(tmp_path):
     text = source.read_text()
     barrier = "      __syncthreads();\n\n      for (int e = threadIdx.x; e < tile_rows * units;"
     assert text.count(barrier) == 1, "the barrier this test deletes moved: update the test"
-    source.write_text(text.replace(barrier, "\n\n      for (int e = threadIdx.x; e < tile_rows * units;"))
+    source.write_text(
+        text.replace(barrier, "\n\n      for (int e = threadIdx.x; e < tile_rows * units;")
+    )
     mutant = _built("check", ["lstm"], csrc=csrc)
     result = run(mutant / "lstm", "sequence f32 T2 B1 H1", schedule="rr")
     assert result.returncode != 0
-    assert "shared-memory race" in result.stderr and "lstm_sequence.cuh:" in result.stderr, result.stderr
+    assert "shared-memory race" in result.stderr and "lstm_sequence.cuh:" in result.stderr, (
+        result.stderr
+    )
 
 
 def test_bank_conflict_report(check_build, capsys):
@@ -145,12 +155,19 @@ def test_bank_conflict_report(check_build, capsys):
     self-test's column read proves the counter sees a 32-way conflict."""
     result = run(check_build / "selftest", "banks", CUDASIM_BANK_REPORT="1")
     assert result.returncode == 0
-    assert "selftest::banks(float*)" in result.stdout and "1023 conflicts" in result.stdout, result.stdout
+    assert "selftest::banks(float*)" in result.stdout and "1023 conflicts" in result.stdout, (
+        result.stdout
+    )
     report = []
-    for program, args in (("attention", ["f16 E64 GQA", "decode GQA"]), ("lstm", ["sequence f16", "cell f16"])):
+    for program, args in (
+        ("attention", ["f16 E64 GQA", "decode GQA"]),
+        ("lstm", ["sequence f16", "cell f16"]),
+    ):
         out = run(check_build / program, *args, CUDASIM_BANK_REPORT="1")
         assert out.returncode == 0, out.stdout + out.stderr
-        report += [line for line in out.stdout.splitlines() if line.startswith("cudasim bank conflicts")]
+        report += [
+            line for line in out.stdout.splitlines() if line.startswith("cudasim bank conflicts")
+        ]
     assert report
     with capsys.disabled():
         print("\n" + "\n".join(report))
@@ -162,8 +179,10 @@ def test_bank_conflict_report(check_build, capsys):
 def _asan_env() -> dict[str, str]:
     # The fibers switch stacks; ASan is told (start/finish_switch_fiber), but its
     # stack-use-after-return detector cannot follow ucontext switches.
-    return {"ASAN_OPTIONS": "detect_stack_use_after_return=0:detect_leaks=0",
-            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
+    return {
+        "ASAN_OPTIONS": "detect_stack_use_after_return=0:detect_leaks=0",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    }
 
 
 @pytest.mark.parametrize("program", ["attention", "lstm"])

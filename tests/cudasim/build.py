@@ -9,9 +9,11 @@ Variants:
   check  every program, kernels instrumented for the shared-memory race checker and bank
          counter (-fsanitize=thread instrumentation, linked against runtime/smem_check.cpp
          instead of libtsan);
+  subset the same with the attention program reduced to two configs (CUDASIM_CONFIG_SUBSET):
+         what the mutation check rebuilds per mutant;
   asan   AddressSanitizer + UBSan: the LSTM program, the self-test and the attention program
-         reduced to two configs (CUDASIM_ASAN_SUBSET), because ASan builds of all 24 attention
-         configs take minutes.
+         reduced to the two configs, because ASan builds of all 24 attention configs take
+         minutes.
 
 Outputs go to <repo>/build/cudasim/<variant>-<hash>/ (build/ is git-ignored); a finished
 directory is reused as is. Command line: python tests/cudasim/build.py [--variant V]
@@ -41,7 +43,11 @@ PROGRAMS = {"attention": "attention.cpp", "lstm": "lstm.cpp", "selftest": "selft
 BASE_FLAGS = ["-std=c++17", "-O1", "-g", "-w", "-pthread", "-fno-extern-tls-init"]
 # GCC's thread-sanitizer instrumentation without its runtime: smem_check.cpp answers the calls.
 RACE_FLAGS = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
-ASAN_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+ASAN_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+    "-fno-omit-frame-pointer",
+]
 
 
 class ToolchainMissing(RuntimeError):
@@ -87,8 +93,12 @@ def _compile(cmd: list[str]) -> None:
         raise RuntimeError(f"cudasim build failed: {' '.join(cmd)}\n{result.stderr[-6000:]}")
 
 
-def build(variant: str = "check", csrc: Path | None = None, out: Path | None = None,
-          programs: list[str] | None = None) -> Path:
+def build(
+    variant: str = "check",
+    csrc: Path | None = None,
+    out: Path | None = None,
+    programs: list[str] | None = None,
+) -> Path:
     """Returns the directory holding the built programs (building them if not cached)."""
     cxx, include = find_toolchain()
     csrc = Path(csrc or ROOT / "csrc").resolve()
@@ -102,24 +112,64 @@ def build(variant: str = "check", csrc: Path | None = None, out: Path | None = N
     try:
         gen = work / "gen"
         for d in KERNEL_DIRS:
-            subprocess.run([sys.executable, str(HERE / "rewrite_sources.py"), str(csrc / d), str(gen / d)],
-                           check=True)
-        common = [cxx, *BASE_FLAGS, f"-I{include}", f"-I{RUNTIME}", f"-I{HARNESS}", f"-I{gen}",
-                  f"-I{gen / 'include'}"]
+            subprocess.run(
+                [sys.executable, str(HERE / "rewrite_sources.py"), str(csrc / d), str(gen / d)],
+                check=True,
+            )
+        common = [
+            cxx,
+            *BASE_FLAGS,
+            f"-I{include}",
+            f"-I{RUNTIME}",
+            f"-I{HARNESS}",
+            f"-I{gen}",
+            f"-I{gen / 'include'}",
+        ]
         if variant == "asan":
-            flags, link_flags, extra = ASAN_FLAGS, ASAN_FLAGS, ["-DCUDASIM_ASAN_SUBSET"]
+            flags, link_flags = ASAN_FLAGS, ASAN_FLAGS
         else:
-            flags, link_flags, extra = RACE_FLAGS, [], []
-        jobs = [[*common, *(flags if variant == "asan" else []), "-c", str(RUNTIME / "smem_check.cpp"),
-                 "-o", str(work / "smem_check.o")]]
+            flags, link_flags = RACE_FLAGS, []
+        extra = ["-DCUDASIM_CONFIG_SUBSET"] if variant in ("subset", "asan") else []
+        jobs = [
+            [
+                *common,
+                *(flags if variant == "asan" else []),
+                "-c",
+                str(RUNTIME / "smem_check.cpp"),
+                "-o",
+                str(work / "smem_check.o"),
+            ]
+        ]
         for p in programs:
-            jobs.append([*common, *flags, *extra, "-include", "cudasim.h", "-c", str(HARNESS / PROGRAMS[p]),
-                         "-o", str(work / f"{p}.o")])
+            jobs.append(
+                [
+                    *common,
+                    *flags,
+                    *extra,
+                    "-include",
+                    "cudasim.h",
+                    "-c",
+                    str(HARNESS / PROGRAMS[p]),
+                    "-o",
+                    str(work / f"{p}.o"),
+                ]
+            )
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             list(pool.map(_compile, jobs))
         for p in programs:
-            _compile([cxx, *BASE_FLAGS, *link_flags, "-rdynamic", str(work / f"{p}.o"), str(work / "smem_check.o"),
-                      "-ldl", "-o", str(work / p)])
+            _compile(
+                [
+                    cxx,
+                    *BASE_FLAGS,
+                    *link_flags,
+                    "-rdynamic",
+                    str(work / f"{p}.o"),
+                    str(work / "smem_check.o"),
+                    "-ldl",
+                    "-o",
+                    str(work / p),
+                ]
+            )
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
@@ -131,7 +181,7 @@ def build(variant: str = "check", csrc: Path | None = None, out: Path | None = N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variant", choices=("check", "asan"), default="check")
+    parser.add_argument("--variant", choices=("check", "subset", "asan"), default="check")
     parser.add_argument("--csrc", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("programs", nargs="*", help=f"some of {sorted(PROGRAMS)} (default: all)")

@@ -11,6 +11,7 @@ the ones tested. Each rewritten statement keeps its line count and every file st
 #line naming its source path, so reports (races, deadlocks, compile errors) point at csrc/.
 Usage: rewrite_sources.py SRC_DIR DST_DIR (SRC_DIR: a copy of csrc/ or csrc/ itself)
 """
+
 import os
 import re
 import sys
@@ -88,13 +89,13 @@ def rewrite_asm(s):
             break
         open_i = m.end() - 1
         close_i = match_paren(s, open_i)
-        parts = split_top(s[open_i + 1:close_i], ":")
+        parts = split_top(s[open_i + 1 : close_i], ":")
         template = parts[0].strip()
         outs = operands(parts[1], "out") if len(parts) > 1 else "{}"
         ins = operands(parts[2], "in") if len(parts) > 2 else "{}"
-        result.append(s[pos:m.start()])
+        result.append(s[pos : m.start()])
         call = f"::cudasim::ptx::exec(__FILE__, __LINE__, {template}, {outs}, {ins})"
-        result.append(call + keep_lines(s[m.start():close_i + 1], call))
+        result.append(call + keep_lines(s[m.start() : close_i + 1], call))
         pos = close_i + 1
     result.append(s[pos:])
     return "".join(result)
@@ -112,14 +113,15 @@ def rewrite_launches(s):
             start += 1
         kernel = s[start:i].strip()
         j = s.find(">>>", i)
-        config = s[i + 3:j]
+        config = s[i + 3 : j]
         k = s.index("(", j)
         close = match_paren(s, k)
-        args = s[k + 1:close].strip()
+        args = s[k + 1 : close].strip()
         result.append(s[pos:start])
-        call = (f"::cudasim::launch_kernel({kernel}, ::cudasim::LaunchConfig({config})"
-                + (f", {args})" if args else ")"))
-        result.append(call + keep_lines(s[start:close + 1], call))
+        call = f"::cudasim::launch_kernel({kernel}, ::cudasim::LaunchConfig({config})" + (
+            f", {args})" if args else ")"
+        )
+        result.append(call + keep_lines(s[start : close + 1], call))
         pos = close + 1
     result.append(s[pos:])
     return "".join(result)

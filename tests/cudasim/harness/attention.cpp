@@ -8,11 +8,13 @@
 // applied (recovered with one-hot values) for the Python test to compare with the CPU
 // backend's Philox stream (fastattn.ops.reference.dropout_keep_mask).
 //
-// CUDASIM_ASAN_SUBSET (the ASan+UBSan build): the kernels of two configs only, called through
-// their per-config launchers (what run_attention_* dispatch to), to keep that build short.
+// CUDASIM_CONFIG_SUBSET (the ASan+UBSan build and the mutation check): the kernels of two
+// configs only (f16 E64, bf16 E128), called through their per-config launchers (what
+// run_attention_* dispatch to) with the split count the case names, to keep those builds
+// short. The cases of those two configs cover every flag.
 #include "attention/attention_fwd.cuh"
 #include "attention/attention_bwd.cuh"
-#ifndef CUDASIM_ASAN_SUBSET
+#ifndef CUDASIM_CONFIG_SUBSET
 #include "attention/attention_dispatch.cu"
 #endif
 
@@ -52,7 +54,7 @@ struct Case {
   float dropout = 0.0f;
   bool strided = false;  // q, k, v, out, grad_out as [B, L, H, E] views (row stride H * E)
   bool backward = true;
-  int asan_splits = 1;   // KV splits in the ASan subset build (the others ask the glue's heuristic)
+  int subset_splits = 1;  // KV splits in the subset build (the full build asks the glue's heuristic)
 };
 
 // Tensors of one case, in the layout the params describe.
@@ -213,10 +215,10 @@ Reference reference(const Problem<T>& pr, const AttentionParams& p) {
   return r;
 }
 
-// The configs the ASan subset build compiles.
+// The configs the subset build compiles.
 template <typename T, int E>
 constexpr bool kCompiled =
-#ifdef CUDASIM_ASAN_SUBSET
+#ifdef CUDASIM_CONFIG_SUBSET
     (std::is_same_v<T, __half> && E == 64) || (std::is_same_v<T, __nv_bfloat16> && E == 128);
 #else
     true;
@@ -225,8 +227,8 @@ constexpr bool kCompiled =
 // Runs the forward the way the glue does: ask for the split count, allocate the partials.
 template <typename T, int E>
 cudaError_t run_fwd(AttentionParams& p, const Case& c, std::vector<float>& out_partial, std::vector<float>& lse_partial) {
-#ifdef CUDASIM_ASAN_SUBSET
-  p.num_splits = c.asan_splits;
+#ifdef CUDASIM_CONFIG_SUBSET
+  p.num_splits = c.subset_splits;
 #else
   (void)c;
   p.num_splits = fastattn::attention_fwd_num_splits(p, cudasim::device_sms());
@@ -236,7 +238,7 @@ cudaError_t run_fwd(AttentionParams& p, const Case& c, std::vector<float>& out_p
     lse_partial.assign(size_t(p.num_splits) * p.batch * p.heads_q * p.len_q, NAN);
     p.out_partial = out_partial.data(), p.lse_partial = lse_partial.data();
   }
-#ifdef CUDASIM_ASAN_SUBSET
+#ifdef CUDASIM_CONFIG_SUBSET
   return fastattn::attn::launch_attention_fwd<T, E>(p, nullptr);
 #else
   return fastattn::run_attention_fwd(p, nullptr);
@@ -244,7 +246,7 @@ cudaError_t run_fwd(AttentionParams& p, const Case& c, std::vector<float>& out_p
 }
 template <typename T, int E>
 cudaError_t run_bwd(const AttentionBwdParams& p) {
-#ifdef CUDASIM_ASAN_SUBSET
+#ifdef CUDASIM_CONFIG_SUBSET
   return fastattn::attn::launch_attention_bwd<T, E>(p, nullptr);
 #else
   return fastattn::run_attention_bwd(p, nullptr);
@@ -374,12 +376,18 @@ const std::vector<Entry>& cases() {
                Alibi::kNone, Mask::kFloatPerHead, 0.0f, true}},
       {true, {"bf16 E64 decode GQA L5 S300", 64, 1, 4, 2, 5, 300, false, -1, -1, 0.0f, Alibi::kNone, Mask::kNone,
               0.0f, false, true, 3}},
-      {false, {"f16 E128 decode L1 S257 causal bottom-right dropout 0.1 softcap", 128, 1, 2, 2, 1, 257, true, -1, 0,
+      {false, {"f16 E64 decode L1 S257 causal bottom-right dropout 0.1 softcap", 64, 1, 2, 2, 1, 257, true, -1, 0,
                30.0f, Alibi::kNone, Mask::kNone, 0.1f, false, true, 4}},
       {true, {"bf16 E256 decode L7 S129 window(40,-1) alibi", 256, 1, 1, 1, 7, 129, true, 40, -1, 0.0f,
               Alibi::kPerHead}},
       {false, {"f16 E96 decode L16 S33 bool mask [L,S], [B,L,H,E] views", 96, 1, 3, 1, 16, 33, false, -1, -1, 0.0f,
                Alibi::kNone, Mask::kBoolShared, 0.0f, true}},
+      {false, {"f16 E64 GQA 2:1 float mask [B,Hq,L,S] + dmask, window(12,3) L19 S37", 64, 1, 2, 1, 19, 37, false, 12,
+               3, 0.0f, Alibi::kNone, Mask::kFloatFull}},
+      {true, {"bf16 E128 decode GQA L3 S200 key-padding bool mask, softcap", 128, 2, 2, 1, 3, 200, false, -1, -1, 10.0f,
+              Alibi::kNone, Mask::kBoolKeyPadding, 0.0f, false, true, 3}},
+      {true, {"bf16 E128 bool mask [L,S] broadcast, empty row, alibi[B,Hq] L21 S30", 128, 2, 1, 1, 21, 30, false, -1,
+              -1, 0.0f, Alibi::kPerBatchHead, Mask::kBoolShared}},
       {true, {"bf16 E32 L1 S1", 32, 1, 1, 1, 1, 1}},
       {false, {"f16 E192 L7 S1 causal top-left", 192, 1, 1, 1, 7, 1, false, -1, 0}},
   };
@@ -421,7 +429,7 @@ int main(int argc, char** argv) {
   if (const char* path = harness::option(argc, argv, "dropout-mask")) {
     // The shapes the Python test expects: the main kernel, then the split-KV decode path.
     FILE* f = std::fopen(path, "wb");
-#ifdef CUDASIM_ASAN_SUBSET
+#ifdef CUDASIM_CONFIG_SUBSET
     const bool ok = false;
 #else
     const bool ok = f && dump_dropout_mask<__half, 64>(f, 2, 3, 33, 50, 0.3f) &&
