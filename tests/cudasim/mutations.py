@@ -277,7 +277,8 @@ def main(argv: list[str]) -> int:
         dead, how = verdict(m, csrc)
         killed += dead
         seconds = time.monotonic() - t0
-        print(f"{'KILLED  ' if dead else 'SURVIVED'} {m.name:36s} {seconds:5.0f}s  {how}", flush=True)
+        status = "KILLED  " if dead else "SURVIVED"
+        print(f"{status} {m.name:36s} {seconds:5.0f}s  {how}", flush=True)
     share = killed / len(chosen) if chosen else 0.0
     print(
         f"mutation check: {killed} of {len(chosen)} mutants killed "
