@@ -260,10 +260,9 @@ def verdict(mutation: Mutation, csrc: Path) -> tuple[bool, str]:
                 return True, f"hangs under {schedule}"
             if result.returncode != 0:
                 log = (result.stderr + result.stdout).splitlines()
-                first = next(
-                    (line for line in log if "cudasim:" in line or "FAIL" in line),
-                    log[0] if log else "",
-                )
+                # The first report or failing case (warnings only explain, they do not fail).
+                fatal = [x for x in log if ("cudasim:" in x and "warning" not in x) or "FAIL" in x]
+                first = fatal[0] if fatal else (log[-1] if log else f"exit {result.returncode}")
                 return True, f"{schedule}: {first.strip()[:110]}"
         return False, "all schedules pass"
 
