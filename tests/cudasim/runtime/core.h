@@ -1,11 +1,13 @@
 // core.h: the execution model of cudasim (CUDA C++ kernel source run on the CPU).
 //
-// Included through cudasim.h, which the build force-includes before any kernel source. Every CUDA thread of a block is a fiber (ucontext) with its own stack, so
-// per-thread "register" arrays are ordinary locals. The fibers of a block run on one OS
-// thread and switch only where a CUDA thread must wait for others: __syncthreads*,
-// warp collectives (__shfl_*_sync and the PTX stand-ins ldmatrix / mma in ptx_sim.h).
-// Blocks run one after another. Host-side half/bfloat16 types and conversions come from
-// the real CUDA headers (bit-exact rounding).
+// Included through cudasim.h, which the build force-includes before any kernel source.
+// Every CUDA thread of a block is a fiber (ucontext) with its own stack, so per-thread
+// "register" arrays are ordinary locals. The fibers of a block run on one OS thread and
+// switch only where a CUDA thread must wait for others: __syncthreads*, warp collectives
+// (__shfl_*_sync, __syncwarp and the PTX stand-ins ldmatrix / mma in ptx.h). Blocks run one
+// after another, except in cooperative launches (one OS thread per block, see Coop).
+// Host-side half/bfloat16 types and conversions come from the real CUDA headers (bit-exact
+// rounding).
 //
 // Shared memory: __shared__ becomes thread_local, so a block-scope `__shared__ T x[N]`
 // is one array shared by the fibers of the running block, and
