@@ -1,0 +1,451 @@
+// Attention forward, split-KV decode + combine, and backward (preprocess, dQ, dK/dV) under
+// cudasim, through the entry points the torch glue calls (csrc/attention/attention_cuda.cpp:
+// attention_fwd_num_splits, run_attention_fwd, run_attention_bwd), against a float64
+// reference of the kernel contract (fastattn/attention_params.h).
+//
+// The backward gets the float64 forward's out (rounded to the element type) and lse, so it
+// is judged on its own. --dropout-mask=FILE instead writes the keep mask the forward kernels
+// applied (recovered with one-hot values) for the Python test to compare with the CPU
+// backend's Philox stream (fastattn.ops.reference.dropout_keep_mask).
+//
+// CUDASIM_CONFIG_SUBSET (the ASan+UBSan build and the mutation check): the kernels of two
+// configs only (f16 E64, bf16 E128), called through their per-config launchers (what
+// run_attention_* dispatch to) with the split count the case names, to keep those builds
+// short. The cases of those two configs cover every flag.
+#include "attention/attention_fwd.cuh"
+#include "attention/attention_bwd.cuh"
+#ifndef CUDASIM_CONFIG_SUBSET
+#include "attention/attention_dispatch.cu"
+#endif
+
+#include <cstdlib>
+
+#include "harness.h"
+
+CUDASIM_DEFINE_DYNAMIC_SMEM(fastattn::attn, smem, 227 * 1024)
+
+using fastattn::AttentionBwdParams;
+using fastattn::AttentionParams;
+using harness::Err;
+using harness::from_d;
+using harness::to_d;
+
+namespace {
+
+enum class Mask {
+  kNone,
+  kBoolShared,      // bool [1, 1, L, S] broadcast over batch and heads (zero strides), one empty row
+  kBoolKeyPadding,  // bool [B, 1, 1, S] (zero head and row strides)
+  kFloatFull,       // additive [B, Hq, L, S], with its gradient (dmask)
+  kFloatPerHead,    // additive [1, Hq, L, S] broadcast over batch
+};
+enum class Alibi { kNone, kPerHead, kPerBatchHead };
+
+struct Case {
+  const char* name;
+  int head_dim;
+  int batch, heads_q, heads_kv;
+  int64_t len_q, len_kv;
+  bool bottom_right = false;
+  int64_t window_left = -1, window_right = -1;  // causal: window_right = 0
+  float softcap = 0.0f;
+  Alibi alibi = Alibi::kNone;
+  Mask mask = Mask::kNone;
+  float dropout = 0.0f;
+  bool strided = false;  // q, k, v, out, grad_out as [B, L, H, E] views (row stride H * E)
+  bool backward = true;
+  int subset_splits = 1;  // KV splits in the subset build (the full build asks the glue's heuristic)
+};
+
+// Tensors of one case, in the layout the params describe.
+template <typename T>
+struct Problem {
+  const Case& c;
+  int B, Hq, Hk, E;
+  int64_t L, S;
+  std::vector<T> q, k, v, d_out, mask_float;
+  std::vector<unsigned char> mask_bool;
+  std::vector<float> slopes;
+  int64_t mask_strides[4] = {0, 0, 0, 0};  // b, h, i, j
+
+  Problem(const Case& c_, std::mt19937& rng)
+      : c(c_), B(c_.batch), Hq(c_.heads_q), Hk(c_.heads_kv), E(c_.head_dim), L(c_.len_q), S(c_.len_kv) {
+    q = harness::randn<T>(size_t(B) * Hq * L * E, rng);
+    k = harness::randn<T>(size_t(B) * Hk * S * E, rng);
+    v = harness::randn<T>(size_t(B) * Hk * S * E, rng);
+    d_out = harness::randn<T>(size_t(B) * Hq * L * E, rng);
+    slopes.resize(size_t(B) * Hq);
+    for (size_t x = 0; x < slopes.size(); ++x) slopes[x] = 0.03f * float(x % 7 + 1);
+    std::normal_distribution<double> normal;
+    switch (c.mask) {
+      case Mask::kNone: break;
+      case Mask::kBoolShared:
+        mask_bool.resize(L * S);
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t j = 0; j < S; ++j) mask_bool[i * S + j] = i != 2 && (i * 31 + j * 17) % 5 != 0;
+        mask_strides[2] = S, mask_strides[3] = 1;
+        break;
+      case Mask::kBoolKeyPadding:
+        mask_bool.resize(B * S);
+        for (int b = 0; b < B; ++b)
+          for (int64_t j = 0; j < S; ++j) mask_bool[b * S + j] = j < S - 3 * (b + 1);
+        mask_strides[0] = S, mask_strides[3] = 1;
+        break;
+      case Mask::kFloatFull:
+      case Mask::kFloatPerHead: {
+        const int mb = c.mask == Mask::kFloatFull ? B : 1;
+        mask_float.resize(size_t(mb) * Hq * L * S);
+        for (size_t x = 0; x < mask_float.size(); ++x)
+          mask_float[x] = from_d<T>(x % 11 == 3 ? -INFINITY : 0.5 * normal(rng));
+        mask_strides[0] = c.mask == Mask::kFloatFull ? Hq * L * S : 0;
+        mask_strides[1] = L * S, mask_strides[2] = S, mask_strides[3] = 1;
+        break;
+      }
+    }
+  }
+  // Element (b, h, i, e) of a [B, H, N, E] tensor stored as the case's layout says.
+  size_t at(int H, int64_t N, int b, int h, int64_t i, int e) const {
+    return c.strided ? ((size_t(b) * N + i) * H + h) * E + e : ((size_t(b) * H + h) * N + i) * E + e;
+  }
+  void strides(int H, int64_t N, int64_t& sb, int64_t& sh, int64_t& sr) const {
+    if (c.strided) sb = N * H * E, sh = E, sr = H * E;
+    else sb = H * N * E, sh = N * E, sr = E;
+  }
+  void fill(AttentionParams& p) const {
+    p.dtype = std::is_same_v<T, __half> ? fastattn::AttentionDtype::kFloat16 : fastattn::AttentionDtype::kBFloat16;
+    p.q = q.data(), p.k = k.data(), p.v = v.data();
+    strides(Hq, L, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+    strides(Hk, S, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+    strides(Hk, S, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
+    strides(Hq, L, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
+    p.batch = B, p.heads_q = Hq, p.heads_kv = Hk, p.len_q = L, p.len_kv = S, p.head_dim = E;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(E));
+    p.softcap = c.softcap;
+    p.window_left = c.window_left, p.window_right = c.window_right, p.bottom_right = c.bottom_right;
+    if (c.mask != Mask::kNone) {
+      p.mask_is_bool = !mask_bool.empty();
+      p.mask = p.mask_is_bool ? static_cast<const void*>(mask_bool.data()) : static_cast<const void*>(mask_float.data());
+      p.mask_batch_stride = mask_strides[0], p.mask_head_stride = mask_strides[1];
+      p.mask_row_stride = mask_strides[2], p.mask_col_stride = mask_strides[3];
+    }
+    if (c.alibi != Alibi::kNone) {
+      p.alibi_slopes = slopes.data();
+      p.alibi_batch_stride = c.alibi == Alibi::kPerBatchHead ? Hq : 0;
+    }
+    p.dropout_p = c.dropout;
+    p.seed = 0x9E3779B97F4A7C15ull;  // both 32-bit halves of the Philox key non-zero
+  }
+};
+
+// float64 forward and backward of the contract, one query row at a time.
+struct Reference {
+  std::vector<double> out, lse, dq, dk, dv, dmask;
+};
+
+template <typename T>
+Reference reference(const Problem<T>& pr, const AttentionParams& p) {
+  const int B = pr.B, Hq = pr.Hq, Hk = pr.Hk, E = pr.E, G = Hq / Hk;
+  const int64_t L = pr.L, S = pr.S;
+  const Case& c = pr.c;
+  Reference r;
+  r.out.assign(size_t(B) * Hq * L * E, 0.0), r.lse.assign(size_t(B) * Hq * L, -INFINITY);
+  r.dq.assign(size_t(B) * Hq * L * E, 0.0), r.dk.assign(size_t(B) * Hk * S * E, 0.0);
+  r.dv.assign(size_t(B) * Hk * S * E, 0.0), r.dmask.assign(size_t(B) * Hq * L * S, 0.0);
+  const double scale = p.scale;
+  const int64_t offset = c.bottom_right ? S - L : 0;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hq; ++h) {
+      const int hk = h / G;
+      for (int64_t i = 0; i < L; ++i) {
+        std::vector<double> s(S, -INFINITY), dsdz(S, scale), P(S, 0.0), keep(S, 1.0);
+        double m = -INFINITY;
+        for (int64_t j = 0; j < S; ++j) {
+          const int64_t d = j - i - offset;
+          if ((c.window_left >= 0 && d < -c.window_left) || (c.window_right >= 0 && d > c.window_right)) continue;
+          const int64_t mi = b * pr.mask_strides[0] + h * pr.mask_strides[1] + i * pr.mask_strides[2] + j * pr.mask_strides[3];
+          if (!pr.mask_bool.empty() && !pr.mask_bool[mi]) continue;
+          double z = 0.0;
+          for (int e = 0; e < E; ++e) z += to_d(pr.q[pr.at(Hq, L, b, h, i, e)]) * to_d(pr.k[pr.at(Hk, S, b, hk, j, e)]);
+          double x = z * scale;
+          if (c.softcap > 0.0f) {
+            const double t = std::tanh(x / c.softcap);
+            x = c.softcap * t;
+            dsdz[j] = scale * (1.0 - t * t);
+          }
+          if (c.alibi != Alibi::kNone) x += double(pr.slopes[b * p.alibi_batch_stride + h]) * double(d);
+          if (!pr.mask_float.empty()) x += to_d(pr.mask_float[mi]);
+          s[j] = x;
+          m = std::max(m, x);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < S; ++j)
+          if (s[j] != -INFINITY) sum += std::exp(s[j] - m);
+        const size_t row = (size_t(b) * Hq + h) * L + i;
+        if (!(sum > 0)) continue;  // no visible key: out 0, lse -inf, no gradient
+        r.lse[row] = m + std::log(sum);
+        for (int64_t j = 0; j < S; ++j) {
+          if (s[j] != -INFINITY) P[j] = std::exp(s[j] - m) / sum;
+          if (c.dropout > 0.0f) {
+            const uint64_t n = static_cast<uint64_t>(row * S + j);
+            keep[j] = fastattn::philox_uniform(p.seed, n) >= c.dropout ? 1.0 / (1.0 - double(c.dropout)) : 0.0;
+          }
+        }
+        double delta = 0.0;  // rowsum(dO * out) with out rounded to T, like the kernel's input
+        for (int e = 0; e < E; ++e) {
+          double o = 0.0;
+          for (int64_t j = 0; j < S; ++j) o += P[j] * keep[j] * to_d(pr.v[pr.at(Hk, S, b, hk, j, e)]);
+          r.out[row * E + e] = o;
+          delta += to_d(pr.d_out[pr.at(Hq, L, b, h, i, e)]) * to_d(from_d<T>(o));
+        }
+        for (int64_t j = 0; j < S; ++j) {
+          if (P[j] == 0.0) continue;
+          double dp = 0.0;
+          for (int e = 0; e < E; ++e) dp += to_d(pr.d_out[pr.at(Hq, L, b, h, i, e)]) * to_d(pr.v[pr.at(Hk, S, b, hk, j, e)]);
+          const double ds = P[j] * (dp * keep[j] - delta);
+          r.dmask[row * S + j] = ds;
+          const double dz = ds * dsdz[j];
+          for (int e = 0; e < E; ++e) {
+            r.dq[row * E + e] += dz * to_d(pr.k[pr.at(Hk, S, b, hk, j, e)]);
+            r.dk[((size_t(b) * Hk + hk) * S + j) * E + e] += dz * to_d(pr.q[pr.at(Hq, L, b, h, i, e)]);
+            r.dv[((size_t(b) * Hk + hk) * S + j) * E + e] += P[j] * keep[j] * to_d(pr.d_out[pr.at(Hq, L, b, h, i, e)]);
+          }
+        }
+      }
+    }
+  return r;
+}
+
+// The configs the subset build compiles.
+template <typename T, int E>
+constexpr bool kCompiled =
+#ifdef CUDASIM_CONFIG_SUBSET
+    (std::is_same_v<T, __half> && E == 64) || (std::is_same_v<T, __nv_bfloat16> && E == 128);
+#else
+    true;
+#endif
+
+// Runs the forward the way the glue does: ask for the split count, allocate the partials.
+template <typename T, int E>
+cudaError_t run_fwd(AttentionParams& p, const Case& c, std::vector<float>& out_partial, std::vector<float>& lse_partial) {
+#ifdef CUDASIM_CONFIG_SUBSET
+  p.num_splits = c.subset_splits;
+#else
+  (void)c;
+  p.num_splits = fastattn::attention_fwd_num_splits(p, cudasim::device_sms());
+#endif
+  if (p.num_splits > 1) {
+    out_partial.assign(size_t(p.num_splits) * p.batch * p.heads_q * p.len_q * p.head_dim, NAN);
+    lse_partial.assign(size_t(p.num_splits) * p.batch * p.heads_q * p.len_q, NAN);
+    p.out_partial = out_partial.data(), p.lse_partial = lse_partial.data();
+  }
+#ifdef CUDASIM_CONFIG_SUBSET
+  return fastattn::attn::launch_attention_fwd<T, E>(p, nullptr);
+#else
+  return fastattn::run_attention_fwd(p, nullptr);
+#endif
+}
+template <typename T, int E>
+cudaError_t run_bwd(const AttentionBwdParams& p) {
+#ifdef CUDASIM_CONFIG_SUBSET
+  return fastattn::attn::launch_attention_bwd<T, E>(p, nullptr);
+#else
+  return fastattn::run_attention_bwd(p, nullptr);
+#endif
+}
+
+template <typename T, int E>
+bool run_case(const Case& c) {
+  std::mt19937 rng(1234 + E + int(c.len_q) * 7 + int(c.len_kv));
+  const Problem<T> pr(c, rng);
+  AttentionParams p;
+  pr.fill(p);
+  const Reference ref = reference(pr, p);
+  const double tol = std::is_same_v<T, __half> ? 5e-3 : 3e-2;  // of max |reference|
+  const int64_t rows = int64_t(pr.B) * pr.Hq * pr.L;
+  const unsigned long long sw0 = cudasim::rt().switches;
+
+  // Forward.
+  std::vector<T> out = harness::poisoned<T>(size_t(rows) * E);
+  std::vector<float> lse(rows, NAN), out_partial, lse_partial;
+  p.out = out.data(), p.lse = lse.data();
+  if (const cudaError_t err = run_fwd<T, E>(p, c, out_partial, lse_partial); err != cudaSuccess) {
+    std::printf("%-70s FAIL  forward launch error %d\n", c.name, int(err));
+    return false;
+  }
+  Err e_out, e_lse;
+  bool empty_ok = true;
+  for (int b = 0; b < pr.B; ++b)
+    for (int h = 0; h < pr.Hq; ++h)
+      for (int64_t i = 0; i < pr.L; ++i) {
+        const size_t row = (size_t(b) * pr.Hq + h) * pr.L + i;
+        for (int e = 0; e < E; ++e) e_out.add(ref.out[row * E + e], to_d(out[pr.at(pr.Hq, pr.L, b, h, i, e)]));
+        if (std::isinf(ref.lse[row])) empty_ok &= std::isinf(lse[row]) && lse[row] < 0;
+        else e_lse.add(ref.lse[row], lse[row]);
+      }
+  bool ok = e_out.rel() <= tol && e_lse.max_abs <= 1e-4 * std::max(1.0, e_lse.max_ref) && empty_ok;
+  std::printf("%-70s %s  splits %3d  out %.1e lse %.1e", c.name, ok ? "OK  " : "FAIL", p.num_splits, e_out.rel(), e_lse.max_abs);
+  if (!empty_ok) std::printf(" (row without keys: lse not -inf)");
+
+  // Backward from the reference forward.
+  if (c.backward) {
+    AttentionBwdParams bp;
+    static_cast<AttentionParams&>(bp) = p;
+    bp.num_splits = 1, bp.out_partial = nullptr, bp.lse_partial = nullptr;
+    std::vector<T> ref_out(size_t(rows) * E);
+    std::vector<float> ref_lse(rows), delta(rows, NAN);
+    for (int b = 0; b < pr.B; ++b)
+      for (int h = 0; h < pr.Hq; ++h)
+        for (int64_t i = 0; i < pr.L; ++i)
+          for (int e = 0; e < E; ++e) {
+            const size_t row = (size_t(b) * pr.Hq + h) * pr.L + i;
+            ref_out[pr.at(pr.Hq, pr.L, b, h, i, e)] = from_d<T>(ref.out[row * E + e]);
+            ref_lse[row] = static_cast<float>(ref.lse[row]);
+          }
+    std::vector<T> dq = harness::poisoned<T>(size_t(rows) * E);
+    std::vector<T> dk = harness::poisoned<T>(size_t(pr.B) * pr.Hk * pr.S * E), dv = dk;
+    const bool with_dmask = c.mask == Mask::kFloatFull;
+    std::vector<float> dmask(with_dmask ? size_t(rows) * pr.S : 0, 0.0f);  // the caller zero-fills it
+    bp.out = ref_out.data(), bp.lse = ref_lse.data();
+    bp.grad_out = pr.d_out.data();
+    pr.strides(pr.Hq, pr.L, bp.grad_out_batch_stride, bp.grad_out_head_stride, bp.grad_out_row_stride);
+    bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data(), bp.delta = delta.data();
+    bp.dmask = with_dmask ? dmask.data() : nullptr;
+    if (const cudaError_t err = run_bwd<T, E>(bp); err != cudaSuccess) {
+      std::printf("  FAIL backward launch error %d\n", int(err));
+      return false;
+    }
+    Err e_dq, e_dk, e_dv, e_dm;
+    for (size_t x = 0; x < dq.size(); ++x) e_dq.add(ref.dq[x], to_d(dq[x]));
+    for (size_t x = 0; x < dk.size(); ++x) e_dk.add(ref.dk[x], to_d(dk[x]));
+    for (size_t x = 0; x < dv.size(); ++x) e_dv.add(ref.dv[x], to_d(dv[x]));
+    for (size_t x = 0; x < dmask.size(); ++x) e_dm.add(ref.dmask[x], dmask[x]);
+    const bool bwd_ok = e_dq.rel() <= tol && e_dk.rel() <= tol && e_dv.rel() <= tol && (!with_dmask || e_dm.rel() <= tol);
+    std::printf(" | bwd %s dq %.1e dk %.1e dv %.1e", bwd_ok ? "OK  " : "FAIL", e_dq.rel(), e_dk.rel(), e_dv.rel());
+    if (with_dmask) std::printf(" dmask %.1e", e_dm.rel());
+    ok &= bwd_ok;
+  }
+  std::printf(" (tol %.0e) %llu switches\n", tol, cudasim::rt().switches - sw0);
+  return ok;
+}
+
+struct Entry {
+  bool bf16;
+  Case c;
+};
+
+template <typename T>
+bool dispatch_head_dim(const Case& c, bool& ran) {
+  auto go = [&](auto e) {
+    constexpr int E = decltype(e)::value;
+    if constexpr (kCompiled<T, E>) {
+      ran = true;
+      return run_case<T, E>(c);
+    }
+    return true;
+  };
+  switch (c.head_dim) {
+    case 32: return go(std::integral_constant<int, 32>{});
+    case 64: return go(std::integral_constant<int, 64>{});
+    case 96: return go(std::integral_constant<int, 96>{});
+    case 128: return go(std::integral_constant<int, 128>{});
+    case 192: return go(std::integral_constant<int, 192>{});
+    case 256: return go(std::integral_constant<int, 256>{});
+  }
+  std::printf("%s: head dim %d has no kernel\n", c.name, c.head_dim);
+  return false;
+}
+
+// Every flag, every head dim, both dtypes, odd sizes; the decode cases (L <= 16) take the
+// one-warp kernel and, with few (b, h) CTAs, the split-KV path plus the combine kernel.
+const std::vector<Entry>& cases() {
+  static const std::vector<Entry> all = {
+      {false, {"f16 E64 GQA 4:1 L33 S47", 64, 1, 4, 1, 33, 47}},
+      {true, {"bf16 E128 B2 GQA 2:1 causal bottom-right L70 S50 (rows without keys)", 128, 2, 2, 1, 70, 50, true, -1, 0}},
+      {false, {"f16 E64 causal top-left softcap alibi[Hq] L50 S80", 64, 1, 2, 2, 50, 80, false, -1, 0, 20.0f, Alibi::kPerHead}},
+      {true, {"bf16 E32 window(20,5) bool mask [L,S] broadcast, empty row L40 S90", 32, 1, 2, 1, 40, 90, false, 20, 5,
+              0.0f, Alibi::kNone, Mask::kBoolShared}},
+      {false, {"f16 E32 float mask [B,Hq,L,S] + dmask, window(30,10) L40 S70", 32, 2, 1, 1, 40, 70, false, 30, 10, 0.0f,
+               Alibi::kNone, Mask::kFloatFull}},
+      {false, {"f16 E64 GQA dropout 0.2 L33 S70", 64, 1, 2, 1, 33, 70, false, -1, -1, 0.0f, Alibi::kNone, Mask::kNone,
+               0.2f}},
+      {true, {"bf16 E96 B2 alibi[B,Hq] key-padding bool mask [B,1,1,S] L30 S45", 96, 2, 2, 2, 30, 45, false, -1, -1,
+              0.0f, Alibi::kPerBatchHead, Mask::kBoolKeyPadding}},
+      {false, {"f16 E256 GQA 2:1 L20 S40 (split dK / dV kernels)", 256, 1, 2, 1, 20, 40}},
+      {true, {"bf16 E192 causal bottom-right L17 S33", 192, 1, 1, 1, 17, 33, true, -1, 0}},
+      {false, {"f16 E128 [B,L,H,E] views, float mask [1,Hq,L,S] L65 S64", 128, 2, 2, 2, 65, 64, false, -1, -1, 0.0f,
+               Alibi::kNone, Mask::kFloatPerHead, 0.0f, true}},
+      {true, {"bf16 E64 decode GQA L5 S300", 64, 1, 4, 2, 5, 300, false, -1, -1, 0.0f, Alibi::kNone, Mask::kNone,
+              0.0f, false, true, 3}},
+      {false, {"f16 E64 decode L1 S257 causal bottom-right dropout 0.1 softcap", 64, 1, 2, 2, 1, 257, true, -1, 0,
+               30.0f, Alibi::kNone, Mask::kNone, 0.1f, false, true, 4}},
+      {true, {"bf16 E256 decode L7 S129 window(40,-1) alibi", 256, 1, 1, 1, 7, 129, true, 40, -1, 0.0f,
+              Alibi::kPerHead}},
+      {false, {"f16 E96 decode L16 S33 bool mask [L,S], [B,L,H,E] views", 96, 1, 3, 1, 16, 33, false, -1, -1, 0.0f,
+               Alibi::kNone, Mask::kBoolShared, 0.0f, true}},
+      {false, {"f16 E64 GQA 2:1 float mask [B,Hq,L,S] + dmask, window(12,3) L19 S37", 64, 1, 2, 1, 19, 37, false, 12,
+               3, 0.0f, Alibi::kNone, Mask::kFloatFull}},
+      {true, {"bf16 E128 decode GQA L3 S200 key-padding bool mask, softcap", 128, 2, 2, 1, 3, 200, false, -1, -1, 10.0f,
+              Alibi::kNone, Mask::kBoolKeyPadding, 0.0f, false, true, 3}},
+      {true, {"bf16 E128 bool mask [L,S] broadcast, empty row, alibi[B,Hq] L21 S30", 128, 2, 1, 1, 21, 30, false, -1,
+              -1, 0.0f, Alibi::kPerBatchHead, Mask::kBoolShared}},
+      {true, {"bf16 E32 L1 S1", 32, 1, 1, 1, 1, 1}},
+      {false, {"f16 E192 L7 S1 causal top-left", 192, 1, 1, 1, 7, 1, false, -1, 0}},
+  };
+  return all;
+}
+
+// Forward with one-hot values (v[j] = e_j, S <= E): out[i][j] = P[i][j] * keep[i][j] / (1 - p),
+// so out != 0 is the keep mask the kernel applied. Writes uint8 [B, H, L, S] per shape.
+template <typename T, int E>
+bool dump_dropout_mask(FILE* f, int B, int H, int64_t L, int64_t S, float p_drop) {
+  std::mt19937 rng(5);
+  Case c{"dropout mask", E, B, H, H, L, S};
+  c.dropout = p_drop;
+  Problem<T> pr(c, rng);
+  for (auto& x : pr.q) x = from_d<T>(0.1 * to_d(x));  // nearly uniform probabilities: none underflows
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < H; ++h)
+      for (int64_t j = 0; j < S; ++j)
+        for (int e = 0; e < E; ++e) pr.v[pr.at(H, S, b, h, j, e)] = from_d<T>(e == j ? 1.0 : 0.0);
+  AttentionParams p;
+  pr.fill(p);
+  std::vector<T> out = harness::poisoned<T>(size_t(B) * H * L * E);
+  std::vector<float> lse(size_t(B) * H * L), op, lp;
+  p.out = out.data(), p.lse = lse.data();
+  if (run_fwd<T, E>(p, c, op, lp) != cudaSuccess) return false;
+  std::vector<unsigned char> keep(size_t(B) * H * L * S);
+  for (size_t row = 0; row < size_t(B) * H * L; ++row)
+    for (int64_t j = 0; j < S; ++j) keep[row * S + j] = to_d(out[row * E + j]) != 0.0;
+  std::fwrite(keep.data(), 1, keep.size(), f);
+  std::printf("dropout mask B%d H%d L%lld S%lld p %.2f: %d splits, %.3f kept\n", B, H, (long long)L, (long long)S,
+              p_drop, p.num_splits, double(std::count(keep.begin(), keep.end(), 1)) / keep.size());
+  return true;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  cudasim::register_dynamic_smem(fastattn::attn::smem, sizeof(fastattn::attn::smem));
+  if (const char* path = harness::option(argc, argv, "dropout-mask")) {
+    // The shapes the Python test expects: the main kernel, then the split-KV decode path.
+    FILE* f = std::fopen(path, "wb");
+#ifdef CUDASIM_CONFIG_SUBSET
+    const bool ok = false;
+#else
+    const bool ok = f && dump_dropout_mask<__half, 64>(f, 2, 3, 33, 50, 0.3f) &&
+                    dump_dropout_mask<__nv_bfloat16, 256>(f, 1, 2, 3, 200, 0.5f);
+#endif
+    if (f) std::fclose(f);
+    return ok ? 0 : 1;
+  }
+  const harness::Selection sel(argc, argv);
+  int failed = 0, ran = 0;
+  for (const Entry& entry : cases()) {
+    if (!sel.wants(entry.c.name)) continue;
+    bool compiled = false;
+    const bool ok = entry.bf16 ? dispatch_head_dim<__nv_bfloat16>(entry.c, compiled) : dispatch_head_dim<__half>(entry.c, compiled);
+    ran += compiled;
+    failed += !ok;
+  }
+  return harness::finish(failed, ran);
+}
