@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fastattn.ops import backends, reference
+from fastattn.ops._autograd import first_order_only
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -378,6 +379,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(bwd_op_name: str) -> Callable:
+    @first_order_only(f"fastattn::{bwd_op_name.replace('_bwd', '_fwd')}")
     def backward(ctx, grad_out, grad_lse):
         # lse is an auxiliary output (returned detached by the public API).
         q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed = ctx.saved_tensors
