@@ -29,11 +29,15 @@ CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "8.0;9.0a"
 
 # Sources (`*.isa.cpp`) compiled once per x86 ISA and picked at run time
-# (csrc/include/fastattn/cpu_isa.h).
+# (csrc/include/fastattn/cpu_isa.h). CPU_CAPABILITY names the inline namespace that ATen's vector
+# headers (at::vec::CPU_CAPABILITY::Vectorized, ...) live in, as in ATen's own per-ISA builds:
+# left undefined, every ISA's Vectorized<float> has the same mangled name, so an out-of-line copy
+# (the compiler's inlining choice) from one ISA's object can serve another ISA's calls, with the
+# wrong vector width and register ABI, and corrupt memory.
 ISA_SOURCE_SUFFIX = ".isa.cpp"
 X86_ISAS = {
-    "isa_default": [],
-    "isa_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "isa_default": ["-DCPU_CAPABILITY=DEFAULT"],
+    "isa_avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
     "isa_avx512": [
         "-mavx512f",
         "-mavx512bw",
@@ -41,6 +45,7 @@ X86_ISAS = {
         "-mavx512dq",
         "-mfma",
         "-mf16c",
+        "-DCPU_CAPABILITY=AVX512",
         "-DCPU_CAPABILITY_AVX512",
     ],
 }

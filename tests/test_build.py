@@ -1,10 +1,13 @@
 """Build facts, `python -m fastattn.info`, and importing fastattn without the extension."""
 
+import platform
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import fastattn
@@ -20,6 +23,29 @@ def test_extension_reports_build_facts():
     assert C.torch_version().split("+")[0] == torch.__version__.split("+")[0]
     assert isinstance(C.built_with_cuda(), bool)
     assert C.built_with_cuda() == bool(C.cuda_archs())
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="one kernel build per x86 ISA exists on x86 only")
+def test_each_isa_build_has_its_own_vector_namespace():
+    # The *.isa.cpp kernels are compiled once per x86 ISA. ATen's vector types live in the inline
+    # namespace at::vec::CPU_CAPABILITY, which each build must name after its ISA: under one shared
+    # name an out-of-line at::vec function (the compiler's inlining choice) of one ISA's object
+    # serves the other ISAs' calls, with another vector width and register ABI: memory corruption.
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed")
+    assert _extension.C is not None, f"fastattn._C did not load: {_extension.LOAD_ERROR}"
+    symbols = subprocess.run([nm, "-C", _extension.C.__file__], capture_output=True, text=True,
+                             check=True).stdout.splitlines()
+    expected = {"isa_default": "DEFAULT", "isa_avx2": "AVX2", "isa_avx512": "AVX512"}
+    checked = set()
+    for symbol in symbols:
+        isa = re.search(r"fastattn::(isa_\w+)::", symbol)
+        for namespace in re.findall(r"at::vec::(\w+)::", symbol) if isa else ():
+            assert namespace == expected[isa.group(1)], symbol
+            checked.add(isa.group(1))
+    assert checked == set(expected), f"no at::vec symbols found for {set(expected) - checked}"
 
 
 def test_info_prints_versions_backends_and_isa():
