@@ -58,14 +58,15 @@ def _triton_cell_ops() -> tuple | None:
 # ---- fake kernels and autograd -----------------------------------------------------------------
 
 
+# The cell kernels (CPU and CUDA) return contiguous tensors whatever the inputs' strides.
 @torch.library.register_fake("fastattn::lstm_cell_pointwise_fwd")
 def _cell_fwd_fake(gates, cx):
-    return torch.empty_like(cx), torch.empty_like(cx)
+    return cx.new_empty(cx.shape), cx.new_empty(cx.shape)
 
 
 @torch.library.register_fake("fastattn::lstm_cell_pointwise_bwd")
 def _cell_bwd_fake(grad_hy, grad_cy, gates, cx, cy):
-    return torch.empty_like(gates), torch.empty_like(cx)
+    return gates.new_empty(gates.shape), cx.new_empty(cx.shape)
 
 
 def _register_cell_autograd(fwd, bwd) -> None:
