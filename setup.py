@@ -4,6 +4,8 @@ Environment:
   FASTATTN_CUDA=0|1        force the CUDA kernels off / on (on fails loudly if impossible)
   FASTATTN_CUDA_ARCHS      e.g. "8.0;9.0a" (else TORCH_CUDA_ARCH_LIST, else "8.0;9.0a")
   MAX_JOBS                 parallel compile jobs (honoured by torch's ninja build)
+  FASTATTN_ASAN=1          AddressSanitizer + UndefinedBehaviorSanitizer build of the C++ CPU code
+                           (for scripts/asan_check.sh; Python must then run with libasan preloaded)
 """
 
 import os
@@ -54,6 +56,22 @@ def rel(paths):
     return sorted(str(p.relative_to(ROOT)) for p in paths)
 
 
+# FASTATTN_ASAN=1: every C++ CPU source, per-ISA kernels included, built with these (compile and
+# link). UBSan's findings abort instead of printing and going on, so that a test run fails.
+SANITIZER_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+    "-fno-omit-frame-pointer",
+]
+
+
+def asan_requested():
+    value = os.environ.get("FASTATTN_ASAN", "0")
+    if value not in ("", "0", "1"):
+        sys.exit(f"fastattn: FASTATTN_ASAN must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def cuda_decision():
     """Returns (build_cuda, reason) without ever probing for a GPU."""
     forced = os.environ.get("FASTATTN_CUDA")
@@ -61,6 +79,8 @@ def cuda_decision():
         sys.exit(f"fastattn: FASTATTN_CUDA must be 0 or 1, got {forced!r}")
     if forced == "0":
         return False, "FASTATTN_CUDA=0"
+    if asan_requested():
+        return False, "FASTATTN_ASAN=1 (the sanitized build is CPU-only)"
     problems = []
     if torch.version.cuda is None:
         problems.append(f"torch {torch.__version__} is a CPU-only build")
@@ -147,11 +167,18 @@ def make_extension():
     cxx = [f for f in cxx if f]
     if x86:
         cxx.append("-DFASTATTN_X86_ISA_VARIANTS")
+    link = ["-fopenmp"] if sys.platform == "linux" else []
+    asan = asan_requested()
+    if asan:
+        # -O1 keeps the sanitizers' reports readable and their run time bearable.
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g", *SANITIZER_FLAGS]
+        link += SANITIZER_FLAGS
+        print("fastattn: AddressSanitizer/UBSan build (FASTATTN_ASAN=1)")
     kwargs = dict(
         name="fastattn._C",
         include_dirs=[str(CSRC / "include")],
         extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"] if sys.platform == "linux" else [],
+        extra_link_args=link,
         # The `*.isa.cpp` sources too: build_ext relinks only when a source or a depends
         # entry is newer than the library, and the per-ISA objects are not its sources.
         depends=rel(CSRC.rglob("*.h")) + rel(CSRC.rglob("*.cuh")) + isa_sources,

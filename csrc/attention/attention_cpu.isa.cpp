@@ -315,6 +315,14 @@ void apply_dropout(const AttentionFwdParams& p, int64_t b, int64_t h, int64_t q0
   }
 }
 
+// max(a, b) that is NaN when either is (std::max(-inf, NaN) is -inf): a NaN score from q, k or v
+// must make its row NaN, as in torch, not pass for a row with no visible key.
+template <typename T>
+T nan_max(T a, T b) {
+  return std::isnan(a) || a > b ? a : b;
+}
+
+// NaN when any element is NaN (at::vec::maximum propagates NaN).
 template <typename T>
 T vec_reduce_max(const T* x, int64_t n) {  // n a multiple of the vector width
   using Vec = Vectorized<T>;
@@ -410,7 +418,7 @@ struct ForwardTile {
                                        p.k_stride[2], s.data(), s.data());
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
-        const acc_t new_max = std::max(row_max[i], vec_reduce_max(row, ld));
+        const acc_t new_max = nan_max(row_max[i], vec_reduce_max(row, ld));
         if (new_max == kNegInf) {  // nothing visible to this row yet
           std::fill(row, row + ld, acc_t(0));
           continue;
@@ -431,13 +439,15 @@ struct ForwardTile {
         gemm<acc_t>(m, ldo, n, s.data(), ld, 1, vb, ldo, o.data(), ldo);
       }
     }
+    // row_sum is 0 only for a row that saw no key (its largest score adds exp(0) = 1); a NaN
+    // row_sum (a NaN score) makes the row and its lse NaN.
     for (int64_t i = 0; i < m; ++i) {
-      if (row_sum[i] > 0) {
-        vec_scale(o.data() + i * ldo, ldo, acc_t(1) / row_sum[i]);
-        lse[i] = row_max[i] + std::log(row_sum[i]);
-      } else {
+      if (row_sum[i] == acc_t(0)) {
         std::fill(o.data() + i * ldo, o.data() + (i + 1) * ldo, acc_t(0));
         lse[i] = kNegInf;
+      } else {
+        vec_scale(o.data() + i * ldo, ldo, acc_t(1) / row_sum[i]);
+        lse[i] = row_max[i] + std::log(row_sum[i]);
       }
     }
   }
@@ -522,7 +532,7 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
     for (int64_t r = begin; r < end; ++r) {
       constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
       acc_t lse_max = kNegInf;
-      for (int64_t sp = 0; sp < splits; ++sp) lse_max = std::max(lse_max, part_lse[sp * rows + r]);
+      for (int64_t sp = 0; sp < splits; ++sp) lse_max = nan_max(lse_max, part_lse[sp * rows + r]);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t lse = kNegInf;
       if (lse_max != kNegInf) {
@@ -586,12 +596,18 @@ struct BackwardTile {
                   dob.data(), pr.ev_pad);
         Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(), kt.data(), k,
                                          p.k_stride[2], s.data(), t.data());
-        // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0.
+        // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row
+        // that saw a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN).
         for (int64_t i = 0; i < m; ++i) {
           const acc_t lse = lse_rows[bh * p.q_len + q0 + i];
+          acc_t* row = s.data() + i * ld;
+          if (std::isnan(lse)) {
+            std::fill(row, row + ld, lse);
+            continue;
+          }
           const acc_t shift = lse == -std::numeric_limits<acc_t>::infinity()
               ? std::numeric_limits<acc_t>::infinity() : lse;
-          vec_exp_sum(s.data() + i * ld, ld, shift);
+          vec_exp_sum(row, ld, shift);
         }
         // dp [m, n_pad] = dO V^T
         std::fill(dp.begin(), dp.begin() + m * ld, acc_t(0));

@@ -155,8 +155,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
   for (int r = 0; r < 2; ++r) {
     const int64_t i = rows[r];
     const float sum = quad_sum(row_sum[r]);
-    const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;  // no visible key: output 0
-    const float lse = sum > 0.0f ? row_max[r] + logf(sum) : -INFINITY;
+    // sum is 0 only for a row with no visible key: output 0. A NaN score (from q, k or v) makes
+    // sum NaN (fmaxf drops NaN from the max, exp2f does not), and the row and its lse NaN.
+    const float inv_sum = sum == 0.0f ? 0.0f : 1.0f / sum;
+    const float lse = sum == 0.0f ? -INFINITY : row_max[r] + logf(sum);
     if (i >= p.len_q) continue;
     const int64_t row_index = (int64_t{b} * p.heads_q + h) * p.len_q + i;  // in [B, Hq, L]
     if (p.num_splits == 1) {
@@ -193,8 +195,13 @@ __global__ void __launch_bounds__(128) attention_split_combine_kernel(const Atte
   const int64_t bh = row / p.len_q;
   const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
 
+  // The max keeps a NaN lse (fmaxf would drop it, and a row whose splits are all NaN would
+  // come out 0).
   float lse_max = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) lse_max = fmaxf(lse_max, p.lse_partial[s * rows_total + row]);
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float part = p.lse_partial[s * rows_total + row];
+    lse_max = isnan(part) || part > lse_max ? part : lse_max;
+  }
   float acc[kPerLane] = {};
   float weight_sum = 0.0f;
   if (lse_max != -INFINITY) {
@@ -209,7 +216,7 @@ __global__ void __launch_bounds__(128) attention_split_combine_kernel(const Atte
       }
     }
   }
-  const float inv = weight_sum > 0.0f ? 1.0f / weight_sum : 0.0f;
+  const float inv = weight_sum == 0.0f ? 0.0f : 1.0f / weight_sum;
   Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
                  i * p.out_row_stride;
 #pragma unroll
@@ -217,7 +224,7 @@ __global__ void __launch_bounds__(128) attention_split_combine_kernel(const Atte
     const int e = lane + c * kWarpSize;
     if (e < HEAD_DIM) out[e] = ElementTraits<Element>::from_float(acc[c] * inv);
   }
-  if (lane == 0) p.lse[row] = weight_sum > 0.0f ? lse_max + logf(weight_sum) : -INFINITY;
+  if (lane == 0) p.lse[row] = weight_sum == 0.0f ? -INFINITY : lse_max + logf(weight_sum);
 }
 
 template <typename Cfg>

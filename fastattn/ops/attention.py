@@ -19,6 +19,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from fastattn import _extension
 from fastattn.ops import backends, reference
+from fastattn.ops._autograd import first_order_only
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
@@ -455,6 +456,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _make_backward(bwd_op_name: str) -> Callable:
+    @first_order_only(f"fastattn::{bwd_op_name.replace('_bwd', '_fwd')}")
     def backward(ctx, grad_out, grad_lse):
         # lse is an auxiliary output (returned detached by the public API).
         q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed = ctx.saved_tensors

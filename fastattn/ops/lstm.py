@@ -25,6 +25,7 @@ from fastattn.ops import (
     backends,
     reference,
 )
+from fastattn.ops._autograd import first_order_only
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _OPS = torch.ops.fastattn
@@ -58,14 +59,15 @@ def _triton_cell_ops() -> tuple | None:
 # ---- fake kernels and autograd -----------------------------------------------------------------
 
 
+# The cell kernels (CPU and CUDA) return contiguous tensors whatever the inputs' strides.
 @torch.library.register_fake("fastattn::lstm_cell_pointwise_fwd")
 def _cell_fwd_fake(gates, cx):
-    return torch.empty_like(cx), torch.empty_like(cx)
+    return cx.new_empty(cx.shape), cx.new_empty(cx.shape)
 
 
 @torch.library.register_fake("fastattn::lstm_cell_pointwise_bwd")
 def _cell_bwd_fake(grad_hy, grad_cy, gates, cx, cy):
-    return torch.empty_like(gates), torch.empty_like(cx)
+    return gates.new_empty(gates.shape), cx.new_empty(cx.shape)
 
 
 def _register_cell_autograd(fwd, bwd) -> None:
@@ -73,6 +75,7 @@ def _register_cell_autograd(fwd, bwd) -> None:
         gates, cx = inputs
         ctx.save_for_backward(gates, cx, output[1])
 
+    @first_order_only(fwd)
     def backward(ctx, grad_hy, grad_cy):
         gates, cx, cy = ctx.saved_tensors
         grad_hy = torch.zeros_like(cy) if grad_hy is None else grad_hy
@@ -82,7 +85,7 @@ def _register_cell_autograd(fwd, bwd) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
-_register_cell_autograd(_OPS.lstm_cell_pointwise_fwd.default, _OPS.lstm_cell_pointwise_bwd.default)
+_register_cell_autograd("fastattn::lstm_cell_pointwise_fwd", _OPS.lstm_cell_pointwise_bwd.default)
 
 
 def _state_widths(x_proj, h0, w_hr):
@@ -141,6 +144,7 @@ def _layer_setup_context(ctx, inputs, output):
                           hpre_all)
 
 
+@first_order_only("fastattn::lstm_layer_fwd")
 def _layer_backward(ctx, grad_h_all, grad_c_all, _grad_gates_all, _grad_hpre_all):
     h0, c0, w_hh, w_hr, zoneout_c, zoneout_h, h_all, c_all, gates_all, hpre_all = ctx.saved_tensors
     batch_sizes, reverse = ctx.options
@@ -191,6 +195,7 @@ def _ln_layer_setup_context(ctx, inputs, output):
                           zoneout_h, *output)
 
 
+@first_order_only("fastattn::lstm_ln_layer_fwd")
 def _ln_layer_backward(ctx, grad_h_all, grad_c_all, *_grad_saved):
     (h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr, zoneout_c, zoneout_h, h_all, c_all,
      *saved) = ctx.saved_tensors
@@ -215,6 +220,7 @@ def _sequence_setup_context(ctx, inputs, output):
     ctx.save_for_backward(h0, c0, w_hh, h_all, c_all, gates_all)
 
 
+@first_order_only("fastattn::lstm_sequence_fwd")
 def _sequence_backward(ctx, grad_h_all, grad_c_all, _grad_gates_all):
     h0, c0, w_hh, h_all, c_all, gates_all = ctx.saved_tensors
     grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all

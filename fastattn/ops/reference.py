@@ -128,13 +128,14 @@ def attention_reference(
     scores = scores.masked_fill(~visible, float("-inf"))
 
     # A row with no visible key has max -inf: shift it by 0 instead so exp() gives exact zeros
-    # (and zero gradients) rather than NaN. Every other row sums to >= 1 after the shift.
+    # (and zero gradients) rather than NaN. Every other row sums to >= 1 after the shift, or to
+    # NaN when a score is NaN (from q, k or v: amax, clamp_min and the division keep it NaN).
     row_max = scores.amax(dim=-1, keepdim=True) if S > 0 else scores.new_zeros(B, Hq, L, 1)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     unnormalized = torch.exp(scores - row_max)
     row_sum = unnormalized.sum(dim=-1, keepdim=True)
     probs = unnormalized / row_sum.clamp_min(1.0)
-    lse = torch.where(row_sum > 0, row_max + torch.log(row_sum), float("-inf")).squeeze(-1)
+    lse = torch.where(row_sum == 0, float("-inf"), row_max + torch.log(row_sum)).squeeze(-1)
 
     if dropout_p > 0:
         if rng_seed is None:

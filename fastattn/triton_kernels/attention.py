@@ -286,9 +286,11 @@ def _attention_fwd_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, BF16_DOT_IN_FP32)
         m_i = m_new
 
-    has_keys = l_i > 0.0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # acc is 0 on rows without keys
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    # l_i is 0 only on rows without a visible key (acc is 0 there too); a NaN score (from q, k
+    # or v) makes l_i NaN, and the row and its lse NaN, as in torch.
+    no_keys = l_i == 0.0
+    out = acc / tl.where(no_keys, 1.0, l_i)[:, None]
+    lse = tl.where(no_keys, float("-inf"), m_i + tl.log(tl.where(no_keys, 1.0, l_i)))
     o_ptrs = Out + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_ev[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_ev[None, :] < Ev))
     tl.store(Lse + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Builds fastattn's C++ CPU code with AddressSanitizer and UBSan (setup.py's FASTATTN_ASAN=1) in a
+# copy of the tree, build/asan/ (FASTATTN_ASAN_DIR), so the normal in-place build is untouched, and
+# runs the CPU op tests against it under every x86 kernel variant this CPU has.
+#
+#   bash scripts/asan_check.sh                 # the default test selection
+#   bash scripts/asan_check.sh -k opcheck      # extra pytest arguments
+#
+# Environment: PYTHON (default: python, e.g. .venv/bin/python), FASTATTN_ASAN_ISAS (default
+# "default avx2 avx512": the ATEN_CPU_CAPABILITY values to run under; a value above what the CPU
+# has runs its widest variant), FASTATTN_ASAN_TESTS (the test files), MAX_JOBS (compile jobs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+PYTHON=$(command -v "$PYTHON")
+DEST=${FASTATTN_ASAN_DIR:-$PWD/build/asan}
+ISAS=${FASTATTN_ASAN_ISAS:-default avx2 avx512}
+TESTS=${FASTATTN_ASAN_TESTS:-tests/test_attention_cpu_op.py tests/test_lstm_ops.py \
+tests/test_lstm_layer_norm.py tests/test_op_compile.py}
+
+# The copy: tracked and untracked-but-not-ignored files. tar keeps their modification times, so
+# a second run recompiles only what changed.
+mkdir -p "$DEST"
+git ls-files -z --cached --others --exclude-standard \
+  | tar --null --files-from=- -cf - | tar -xf - -C "$DEST"
+
+cd "$DEST"
+FASTATTN_ASAN=1 FASTATTN_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" setup.py build_ext --inplace \
+  > asan_build.log 2>&1 || { tail -n 40 asan_build.log; exit 1; }
+
+# The ASan runtime must be the first library in the process (python itself is not instrumented).
+# detect_leaks=0: CPython and torch keep allocations alive until exit by design.
+LIBASAN=$(${CXX:-c++} -print-file-name=libasan.so)
+[ -f "$LIBASAN" ] || { echo "asan_check: libasan.so not found (got '$LIBASAN')" >&2; exit 1; }
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=0
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# The tests import this copy's fastattn (the sanitized _C), never an installed one.
+export PYTHONPATH=$DEST
+for isa in $ISAS; do
+  echo "== ASan/UBSan: ATEN_CPU_CAPABILITY=$isa"
+  # shellcheck disable=SC2086
+  ATEN_CPU_CAPABILITY=$isa LD_PRELOAD=$LIBASAN "$PYTHON" -m pytest -q -p no:cacheprovider \
+    $TESTS "$@"
+done
