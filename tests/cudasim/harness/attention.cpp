@@ -112,7 +112,7 @@ struct Problem {
     else sb = H * N * E, sh = N * E, sr = E;
   }
   void fill(AttentionParams& p) const {
-    p.dtype = std::is_same_v<T, __half> ? fastattn::AttentionDtype::kFloat16 : fastattn::AttentionDtype::kBFloat16;
+    p.dtype = std::is_same_v<T, __half> ? fastattn::Dtype::Float16 : fastattn::Dtype::BFloat16;
     p.q = q.data(), p.k = k.data(), p.v = v.data();
     strides(Hq, L, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
     strides(Hk, S, p.k_batch_stride, p.k_head_stride, p.k_row_stride);

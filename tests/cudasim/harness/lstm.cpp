@@ -13,18 +13,18 @@
 
 CUDASIM_DEFINE_DYNAMIC_SMEM(fastattn::lstm, smem_raw, 227 * 1024)
 
-using fastattn::LstmDtype;
+using fastattn::Dtype;
 using harness::Err;
 using harness::from_d;
 using harness::to_d;
 
 namespace {
 
-template <typename T> constexpr LstmDtype dtype_of();
-template <> constexpr LstmDtype dtype_of<float>() { return LstmDtype::kFloat32; }
-template <> constexpr LstmDtype dtype_of<double>() { return LstmDtype::kFloat64; }
-template <> constexpr LstmDtype dtype_of<__half>() { return LstmDtype::kFloat16; }
-template <> constexpr LstmDtype dtype_of<__nv_bfloat16>() { return LstmDtype::kBFloat16; }
+template <typename T> constexpr Dtype dtype_of();
+template <> constexpr Dtype dtype_of<float>() { return Dtype::Float32; }
+template <> constexpr Dtype dtype_of<double>() { return Dtype::Float64; }
+template <> constexpr Dtype dtype_of<__half>() { return Dtype::Float16; }
+template <> constexpr Dtype dtype_of<__nv_bfloat16>() { return Dtype::BFloat16; }
 // Tolerance relative to max |ref|: float32 math (float64 for double), then rounding to T.
 template <typename T> double tol_of() {
   return std::is_same_v<T, double> ? 1e-12 : std::is_same_v<T, float> ? 2e-6 : std::is_same_v<T, __half> ? 2e-3 : 1.6e-2;
