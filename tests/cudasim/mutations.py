@@ -84,8 +84,8 @@ MUTATIONS = [
     Mutation(
         "fwd-lse-without-max",
         FWD,
-        "? row_max[r] + logf(sum) : -INFINITY;",
-        "? logf(sum) : -INFINITY;",
+        ": row_max[r] + logf(sum);",
+        ": logf(sum);",
     ),
     Mutation(
         "common-a-fragment-row",
@@ -136,8 +136,8 @@ MUTATIONS = [
     Mutation(
         "combine-lse-without-sum",
         FWD,
-        "? lse_max + logf(weight_sum) : -INFINITY;",
-        "? lse_max : -INFINITY;",
+        ": lse_max + logf(weight_sum);",
+        ": lse_max;",
     ),
     # Backward: preprocess, dQ, dK/dV.
     Mutation(
