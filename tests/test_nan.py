@@ -25,7 +25,7 @@ def _require(backend: str, dtype: torch.dtype, E: int) -> str:
     status = fastattn.backends()[backend]
     if not status.usable:
         pytest.skip(f"backend {backend} unavailable here: {status.reason}")
-    why = _missing_feature(backend, dtype, E, E)
+    why = _missing_feature(backend, dtype, E, E, batch=1, heads_q=1)
     if why:
         pytest.skip(f"backend {backend} does not serve {why}")
     return "cuda" if backend == "cuda" or (backend == "triton" and HAS_GPU) else "cpu"

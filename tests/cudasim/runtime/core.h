@@ -50,6 +50,11 @@
 
 #include "smem_check.h"
 
+// CUDA's device math library declares the classification functions in the global namespace
+// (kernels call a bare isnan); host C++ keeps them in std:: only.
+using std::isinf;
+using std::isnan;
+
 namespace cudasim {
 
 constexpr int kWarpSize = 32;
