@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fastattn
+from fastattn.ops.attention import _missing_feature
+
 # The rounding step of each dtype: errors below a few of these are noise, not bugs.
 DTYPE_FLOOR = {
     torch.float64: 1e-12,
@@ -19,6 +22,32 @@ DTYPE_RTOL = {
     torch.float16: 5e-3,
     torch.bfloat16: 2e-2,
 }
+
+HAS_GPU = torch.cuda.is_available()
+
+# Every attention backend, as a test parameter (triton and cuda carry their markers).
+ATTENTION_BACKENDS = [
+    pytest.param("reference", id="reference"),
+    pytest.param("cpu", id="cpu"),
+    pytest.param("triton", id="triton", marks=pytest.mark.triton),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def device_for(backend: str) -> str:
+    """The device whose tensors ``backend`` runs on here (triton interprets CPU tensors)."""
+    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_GPU) else "cpu"
+
+
+def require(backend: str, dtype: torch.dtype = torch.float32, E: int = 64, Ev: int | None = None):
+    """Skips, saying why, unless ``backend`` is usable here and serves this dtype and head dims."""
+    status = fastattn.backends()[backend]
+    if not status.usable:
+        pytest.skip(f"backend {backend} unavailable here: {status.reason}")
+    why = _missing_feature(backend, dtype, E, Ev or E, batch=1, heads_q=1)
+    if why:
+        pytest.skip(f"backend {backend} does not serve {why}")
+
 
 # The option combinations of one LSTM layer-direction call (tests of the fused layer ops).
 LSTM_LAYER_CASES = [

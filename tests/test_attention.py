@@ -8,35 +8,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_reference, attention_grad_scales, max_rel_error
+from helpers import (
+    ATTENTION_BACKENDS,
+    assert_close_to_reference,
+    attention_grad_scales,
+    device_for,
+    max_rel_error,
+    require,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastattn
 from fastattn.ops.attention import _missing_feature
 
-HAS_GPU = torch.cuda.is_available()
-
-BACKENDS = [
-    pytest.param("reference", id="reference"),
-    pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.triton),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
-]
+BACKENDS = ATTENTION_BACKENDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-def device_for(backend: str) -> str:
-    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_GPU) else "cpu"
-
-
-def require(backend: str, dtype: torch.dtype = torch.float32, E: int = 64, Ev: int | None = None):
-    status = fastattn.backends()[backend]
-    if not status.usable:
-        pytest.skip(f"backend {backend} unavailable here: {status.reason}")
-    why = _missing_feature(backend, dtype, E, Ev or E, batch=1, heads_q=1)
-    if why:
-        pytest.skip(f"backend {backend} does not serve {why}")
 
 
 def run_three_ways(backend, q, k, v, grad_out, **kwargs):

@@ -6,29 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ATTENTION_BACKENDS, device_for, require
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn
-from fastattn.ops.attention import _missing_feature
 
-HAS_GPU = torch.cuda.is_available()
-BACKENDS = [
-    pytest.param("reference", id="reference"),
-    pytest.param("cpu", id="cpu"),
-    pytest.param("triton", id="triton", marks=pytest.mark.triton),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
-]
+BACKENDS = ATTENTION_BACKENDS
 NAN = float("nan")
 
 
 def _require(backend: str, dtype: torch.dtype, E: int) -> str:
-    status = fastattn.backends()[backend]
-    if not status.usable:
-        pytest.skip(f"backend {backend} unavailable here: {status.reason}")
-    why = _missing_feature(backend, dtype, E, E, batch=1, heads_q=1)
-    if why:
-        pytest.skip(f"backend {backend} does not serve {why}")
-    return "cuda" if backend == "cuda" or (backend == "triton" and HAS_GPU) else "cpu"
+    require(backend, dtype, E)
+    return device_for(backend)
 
 
 def _poison_all_q(q, k, v):
