@@ -1,0 +1,439 @@
+"""One LSTM layer in one direction, forward and backward, as persistent Triton kernels.
+
+Registered as the triton ops mirroring fastattn::lstm_layer_fwd / _bwd (schemas, layouts and
+option semantics: fastattn/ops/_registry.py), with every option: projection (w_hr), packed
+batch_sizes, reverse, zoneout_c / zoneout_h:
+
+    fastattn::lstm_layer_fwd_triton(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+        zoneout_c, zoneout_h) -> (h_all, c_all, gates_all, hpre_all)
+    fastattn::lstm_layer_bwd_triton(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes,
+        reverse, zoneout_c, zoneout_h, h_all, c_all, gates_all, hpre_all)
+        -> (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr)
+
+Served: float32, float16, bfloat16 (Triton has no float64 tl.dot) and H, P <= MAX_HIDDEN.
+Outputs are contiguous; x_proj, h0, c0, w_hh and w_hr are read through their strides.
+
+Design. Batch rows are independent, so each program owns BLOCK_B rows and runs the whole time
+loop alone: no grid sync, one launch per layer and direction. The forward keeps w_hh (and
+w_hr) in registers for the whole sequence and h, c in registers between steps. The backward
+runs the dh / dc recurrence per row block in reverse time with the same register-resident
+weights, writing grad_x_proj (the pre-activation gate gradients) as it goes; grad_w_hh and
+grad_w_hr are then one GEMM each over the whole sequence, outside the loop.
+
+Why only H, P <= 64: the alternative for larger H, streaming w_hh from L2 every step, loses to
+the C++ loop (one cuBLAS GEMM + one fused pointwise kernel per step, the cuda backend) on
+paper. H200 figures: 132 SMs; L2 ~10 TB/s in all, ~76 GB/s per SM at its fair share and at
+most ~125 GB/s (64 B/clock) for one SM alone; per SM ~3.7 TFLOP/s TF32 and ~7.5 TFLOP/s
+bf16 on the tensor cores; a launch ~4 us. Per time step (T = 128 multiplies all by 128):
+
+- C++ loop: two launches, >= 8 us, and the GEMM [B, P] x [P, 4H] spread over every SM stays
+  below that except at fp32 H1024 B64 (537 MFLOP on the CUDA cores, ~15 us): ~8 us for every
+  B in {1, 16, 64} and H in {256, 512, 1024}.
+- Streaming Triton kernel: EVERY program reads all of w_hh (16 H^2 bytes fp32, 8 H^2 bf16)
+  through its own SM's L2 port each step, whatever its number of rows, so its step time does
+  not fall with B; B only sets how many SMs run side by side (ceil(B / 16)). At 76..125 GB/s:
+  fp32 H256 8..14 us, H512 34..55 us, H1024 134..220 us; bf16 H256 4..7 us, H512 17..28 us,
+  H1024 67..110 us (the tf32x3 products, 3 passes at 3.7 TFLOP/s, take about as long).
+
+So the C++ loop wins by 1.7x to 25x at H >= 512 in every dtype and at fp32 H256, for B = 1,
+16 and 64 alike; the streaming kernel would win only at half precision H256, by 1.2x to 1.9x
+depending on an unmeasured per-SM L2 rate, where the CUDA persistent kernel (w_hh on chip
+across SMs, grid sync) is the better design. Not built. With w_hh in registers (H, P <= 64:
+four [64, 64] float32 tiles are 64 KiB, 64 registers a thread at 8 warps) nothing is streamed:
+a step is a dependent chain of a few small MMAs, the activations and an x_proj load, ~1..2 us
+against the C++ loop's >= 8 us, 4x to 8x for every B (ceil(B / 16) programs, one wave up to
+B = 2112). That is what this module serves, and fastattn.ops.lstm chooses it only there.
+
+Numerics: h and c are rounded to the input dtype after every step, as a loop of
+lstm_cell_pointwise_fwd calls does; products accumulate in float32 and take float32
+operands with tf32x3 precision (hi*hi + hi*lo + lo*hi on the tensor cores; the Triton
+interpreter miscomputes a bfloat16 tl.dot in triton 3.9): float16 / bfloat16 values are exact
+in tf32, and for float32 the error stays ~1e-7 of sum |h * w|, as with "ieee". An "ieee" dot
+is lowered to FMA chains, and LLVM's SLP vectorizer (run by triton 3.9 for sm_90, not for
+sm_80) aborts on four of them sharing an operand in one loop (an assertion in
+BoUpSLP::scheduleBlock, from a 32-wide tile on). The backward works in float32 throughout and
+rounds its results once, as fastattn.ops.reference.lstm_layer_bwd_reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
+from fastattn.triton_kernels.lstm_cell import _sigmoid, _tanh
+
+MAX_HIDDEN = 64  # the largest H and P whose weights stay in registers
+BLOCK_B = 16  # batch rows of a program; tl.dot needs at least 16
+
+
+def block_size(size: int) -> int:
+    """The tile width that holds ``size`` units (tl.dot needs every dim >= 16)."""
+    return max(16, triton.next_power_of_2(size))
+
+
+def num_warps(block_h: int, block_p: int) -> int:
+    """Warps of a program: four [BLOCK_P, BLOCK_H] weight tiles need 8 from 64 wide on."""
+    return 4 if max(block_h, block_p) <= 32 else 8
+
+
+@triton.jit
+def _tile(ptr, idx0, stride0, size0, idx1, stride1, size1):
+    """[len(idx0), len(idx1)] float32 = ptr[idx0 * stride0 + idx1 * stride1], zero outside
+    size0 x size1. Loads weight tiles (transposed by the choice of strides) and state rows."""
+    mask = (idx0[:, None] < size0) & (idx1[None, :] < size1)
+    offsets = idx0[:, None].to(tl.int64) * stride0 + idx1[None, :] * stride1
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _lstm_layer_fwd_kernel(
+    x_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, batch_sizes_ptr, zoneout_c_ptr, zoneout_h_ptr,
+    h_all_ptr, c_all_ptr, gates_all_ptr, hpre_all_ptr,
+    seq_len, batch, hidden, state,
+    stride_x_t, stride_x_b, stride_x_g, stride_h0_b, stride_h0_p, stride_c0_b, stride_c0_h,
+    stride_w_hh_row, stride_w_hh_col, stride_w_hr_row, stride_w_hr_col,
+    HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_ZONEOUT_C: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B] batch rows
+    h_cols = tl.arange(0, BLOCK_H)  # hidden units (gate and c columns)
+    p_cols = tl.arange(0, BLOCK_P)  # state units (h columns; P = H without projection)
+    mask_h = (rows[:, None] < batch) & (h_cols[None, :] < hidden)  # [BLOCK_B, BLOCK_H]
+    mask_p = (rows[:, None] < batch) & (p_cols[None, :] < state)  # [BLOCK_B, BLOCK_P]
+    dtype = h_all_ptr.dtype.element_ty
+
+    # [BLOCK_P (k), BLOCK_H (n)] = w_hh[gate * H + n, k]: h @ tile is one gate's product.
+    w_i = _tile(w_hh_ptr, p_cols, stride_w_hh_col, state, h_cols, stride_w_hh_row, hidden)
+    w_f = _tile(w_hh_ptr + hidden * stride_w_hh_row, p_cols, stride_w_hh_col, state, h_cols,
+                stride_w_hh_row, hidden)
+    w_g = _tile(w_hh_ptr + 2 * hidden * stride_w_hh_row, p_cols, stride_w_hh_col, state, h_cols,
+                stride_w_hh_row, hidden)
+    w_o = _tile(w_hh_ptr + 3 * hidden * stride_w_hh_row, p_cols, stride_w_hh_col, state, h_cols,
+                stride_w_hh_row, hidden)
+    if HAS_PROJ:  # [BLOCK_H (k), BLOCK_P (n)] = w_hr[n, k]
+        w_r = _tile(w_hr_ptr, h_cols, stride_w_hr_col, hidden, p_cols, stride_w_hr_row, state)
+
+    # States in float32 holding values of the input dtype; padded columns stay zero.
+    h = _tile(h0_ptr, rows, stride_h0_b, batch, p_cols, stride_h0_p, state)  # [BLOCK_B, BLOCK_P]
+    c = _tile(c0_ptr, rows, stride_c0_b, batch, h_cols, stride_c0_h, hidden)  # [BLOCK_B, BLOCK_H]
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x_b + h_cols[None, :] * stride_x_g
+    gate_step = hidden * stride_x_g
+    # Offsets into the contiguous outputs of step 0: [B, H], [B, P], [B, 4H].
+    h_offsets = rows[:, None].to(tl.int64) * hidden + h_cols[None, :]
+    p_offsets = rows[:, None].to(tl.int64) * state + p_cols[None, :]
+    g_offsets = rows[:, None].to(tl.int64) * (4 * hidden) + h_cols[None, :]
+    for s in range(seq_len):
+        t = seq_len - 1 - s if REVERSE else s
+        if HAS_BATCH_SIZES:  # rows past batch_sizes[t] carry their state through this step
+            steps = rows[:, None] < tl.load(batch_sizes_ptr + t)
+        else:
+            steps = rows[:, None] < batch
+        step_h = mask_h & steps
+        x_t = x_rows + t.to(tl.int64) * stride_x_t
+        pre_i = tl.dot(h, w_i, input_precision="tf32x3")
+        pre_f = tl.dot(h, w_f, input_precision="tf32x3")
+        pre_g = tl.dot(h, w_g, input_precision="tf32x3")
+        pre_o = tl.dot(h, w_o, input_precision="tf32x3")
+        i = _sigmoid(pre_i + tl.load(x_t, mask=step_h, other=0.0).to(tl.float32))
+        f = _sigmoid(pre_f + tl.load(x_t + gate_step, mask=step_h, other=0.0).to(tl.float32))
+        g = _tanh(pre_g + tl.load(x_t + 2 * gate_step, mask=step_h, other=0.0).to(tl.float32))
+        o = _sigmoid(pre_o + tl.load(x_t + 3 * gate_step, mask=step_h, other=0.0).to(tl.float32))
+        c_cell = f * c + i * g
+        hpre = tl.where(step_h, o * _tanh(c_cell), 0.0).to(dtype).to(tl.float32)
+        c_new = c_cell.to(dtype).to(tl.float32)
+        if HAS_PROJ:
+            h_new = tl.dot(hpre, w_r, input_precision="tf32x3").to(dtype).to(tl.float32)
+        else:
+            h_new = hpre
+        h_t = h_offsets + t.to(tl.int64) * batch * hidden
+        p_t = p_offsets + t.to(tl.int64) * batch * state
+        if HAS_ZONEOUT_C:  # the weight of the previous state: lerp(c_new, c, z)
+            z_c = tl.load(zoneout_c_ptr + h_t, mask=step_h, other=0.0).to(tl.float32)
+            c_new = (c_new + z_c * (c - c_new)).to(dtype).to(tl.float32)
+        if HAS_ZONEOUT_H:
+            z_h = tl.load(zoneout_h_ptr + p_t, mask=mask_p & steps, other=0.0).to(tl.float32)
+            h_new = (h_new + z_h * (h - h_new)).to(dtype).to(tl.float32)
+        c = tl.where(steps, c_new, c)
+        h = tl.where(steps & mask_p, h_new, h)
+
+        tl.store(c_all_ptr + h_t, c.to(dtype), mask=mask_h)
+        tl.store(h_all_ptr + p_t, h.to(dtype), mask=mask_p)
+        # Rows that do not step hold zeros in gates_all and hpre_all (the schema's contract).
+        g_t = g_offsets + t.to(tl.int64) * batch * 4 * hidden
+        tl.store(gates_all_ptr + g_t, tl.where(steps, i, 0.0).to(dtype), mask=mask_h)
+        tl.store(gates_all_ptr + g_t + hidden, tl.where(steps, f, 0.0).to(dtype), mask=mask_h)
+        tl.store(gates_all_ptr + g_t + 2 * hidden, tl.where(steps, g, 0.0).to(dtype), mask=mask_h)
+        tl.store(gates_all_ptr + g_t + 3 * hidden, tl.where(steps, o, 0.0).to(dtype), mask=mask_h)
+        if HAS_PROJ:
+            tl.store(hpre_all_ptr + h_t, hpre.to(dtype), mask=mask_h)
+
+
+@triton.jit
+def _lstm_layer_bwd_kernel(
+    grad_h_all_ptr, grad_c_all_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, batch_sizes_ptr, zoneout_c_ptr,
+    zoneout_h_ptr, c_all_ptr, gates_all_ptr,
+    grad_gates_all_ptr, grad_h0_ptr, grad_c0_ptr, grad_hy_all_ptr,
+    seq_len, batch, hidden, state,
+    stride_c0_b, stride_c0_h, stride_w_hh_row, stride_w_hh_col, stride_w_hr_row, stride_w_hr_col,
+    HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_ZONEOUT_C: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """grad_gates_all [T, B, 4H] float32: the pre-activation gate gradients (grad_x_proj);
+    grad_hy_all [T, B, P] float32 (HAS_PROJ): the gradient reaching h_new = hpre @ w_hr^T,
+    which grad_w_hr needs. Both are zero on rows that do not step. The other inputs are
+    contiguous (the launcher's copies) except c0 and the weights."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    h_cols = tl.arange(0, BLOCK_H)
+    p_cols = tl.arange(0, BLOCK_P)
+    mask_h = (rows[:, None] < batch) & (h_cols[None, :] < hidden)  # [BLOCK_B, BLOCK_H]
+    mask_p = (rows[:, None] < batch) & (p_cols[None, :] < state)  # [BLOCK_B, BLOCK_P]
+
+    # [BLOCK_H (k), BLOCK_P (n)] = w_hh[gate * H + k, n]: grad_gate @ tile is its part of dh.
+    w_i = _tile(w_hh_ptr, h_cols, stride_w_hh_row, hidden, p_cols, stride_w_hh_col, state)
+    w_f = _tile(w_hh_ptr + hidden * stride_w_hh_row, h_cols, stride_w_hh_row, hidden, p_cols,
+                stride_w_hh_col, state)
+    w_g = _tile(w_hh_ptr + 2 * hidden * stride_w_hh_row, h_cols, stride_w_hh_row, hidden, p_cols,
+                stride_w_hh_col, state)
+    w_o = _tile(w_hh_ptr + 3 * hidden * stride_w_hh_row, h_cols, stride_w_hh_row, hidden, p_cols,
+                stride_w_hh_col, state)
+    if HAS_PROJ:  # [BLOCK_P (k), BLOCK_H (n)] = w_hr[k, n]
+        w_r = _tile(w_hr_ptr, p_cols, stride_w_hr_row, state, h_cols, stride_w_hr_col, hidden)
+
+    dh = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)  # gradient reaching the state h
+    dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # gradient reaching the state c
+    h_offsets = rows[:, None].to(tl.int64) * hidden + h_cols[None, :]
+    p_offsets = rows[:, None].to(tl.int64) * state + p_cols[None, :]
+    g_offsets = rows[:, None].to(tl.int64) * (4 * hidden) + h_cols[None, :]
+    c_prev0 = _tile(c0_ptr, rows, stride_c0_b, batch, h_cols, stride_c0_h, hidden)
+    for r in range(seq_len):
+        s = seq_len - 1 - r  # the forward's step index, walked backwards
+        t = seq_len - 1 - s if REVERSE else s
+        if HAS_BATCH_SIZES:
+            steps = rows[:, None] < tl.load(batch_sizes_ptr + t)
+        else:
+            steps = rows[:, None] < batch
+        step_h = mask_h & steps
+        step_p = mask_p & steps
+        h_t = h_offsets + t.to(tl.int64) * batch * hidden
+        p_t = p_offsets + t.to(tl.int64) * batch * state
+        g_t = g_offsets + t.to(tl.int64) * batch * 4 * hidden
+        dh_total = dh + tl.load(grad_h_all_ptr + p_t, mask=mask_p, other=0.0).to(tl.float32)
+        dc_total = dc + tl.load(grad_c_all_ptr + h_t, mask=mask_h, other=0.0).to(tl.float32)
+
+        dh_new = tl.where(step_p, dh_total, 0.0)
+        if HAS_ZONEOUT_H:
+            z_h = tl.load(zoneout_h_ptr + p_t, mask=step_p, other=0.0).to(tl.float32)
+            dh_new = dh_new * (1.0 - z_h)
+        if HAS_PROJ:
+            tl.store(grad_hy_all_ptr + p_t, dh_new, mask=mask_p)
+            dh_hpre = tl.dot(dh_new, w_r, input_precision="tf32x3")  # [BLOCK_B, BLOCK_H]
+        else:
+            dh_hpre = dh_new
+        dc_new = tl.where(step_h, dc_total, 0.0)
+        if HAS_ZONEOUT_C:
+            z_c = tl.load(zoneout_c_ptr + h_t, mask=step_h, other=0.0).to(tl.float32)
+            dc_new = dc_new * (1.0 - z_c)
+
+        i = tl.load(gates_all_ptr + g_t, mask=step_h, other=0.0).to(tl.float32)
+        f = tl.load(gates_all_ptr + g_t + hidden, mask=step_h, other=0.0).to(tl.float32)
+        g = tl.load(gates_all_ptr + g_t + 2 * hidden, mask=step_h, other=0.0).to(tl.float32)
+        o = tl.load(gates_all_ptr + g_t + 3 * hidden, mask=step_h, other=0.0).to(tl.float32)
+        # The state this step read: c0 at the first step, else the previous step's c_all.
+        # (clamped into the sequence at the first step, whose load is then discarded).
+        prev = tl.minimum(tl.maximum(t + 1 if REVERSE else t - 1, 0), seq_len - 1)
+        c_prev = tl.load(c_all_ptr + h_offsets + prev.to(tl.int64) * batch * hidden,
+                         mask=step_h, other=0.0).to(tl.float32)
+        c_prev = tl.where(s > 0, c_prev, c_prev0)
+        # c_all[t] holds the zoned-out state; tanh needs the cell's own f * c_prev + i * g.
+        tanh_c = _tanh(f * c_prev + i * g)
+        d_cell = dc_new + dh_hpre * o * (1.0 - tanh_c * tanh_c)
+        grad_i = d_cell * g * i * (1.0 - i)
+        grad_f = d_cell * c_prev * f * (1.0 - f)
+        grad_g = d_cell * i * (1.0 - g * g)
+        grad_o = dh_hpre * tanh_c * o * (1.0 - o)
+        tl.store(grad_gates_all_ptr + g_t, grad_i, mask=mask_h)
+        tl.store(grad_gates_all_ptr + g_t + hidden, grad_f, mask=mask_h)
+        tl.store(grad_gates_all_ptr + g_t + 2 * hidden, grad_g, mask=mask_h)
+        tl.store(grad_gates_all_ptr + g_t + 3 * hidden, grad_o, mask=mask_h)
+
+        dh_prev = tl.dot(grad_i, w_i, input_precision="tf32x3")
+        dh_prev += tl.dot(grad_f, w_f, input_precision="tf32x3")
+        dh_prev += tl.dot(grad_g, w_g, input_precision="tf32x3")
+        dh_prev += tl.dot(grad_o, w_o, input_precision="tf32x3")
+        dc_prev = d_cell * f
+        if HAS_ZONEOUT_H:  # the zoned-out share of h came straight from the previous state
+            dh_prev += dh_total * z_h
+        if HAS_ZONEOUT_C:
+            dc_prev += dc_total * z_c
+        dh = tl.where(step_p, dh_prev, dh_total)
+        dc = tl.where(step_h, dc_prev, dc_total)
+    tl.store(grad_h0_ptr + p_offsets, dh.to(grad_h0_ptr.dtype.element_ty), mask=mask_p)
+    tl.store(grad_c0_ptr + h_offsets, dc.to(grad_c0_ptr.dtype.element_ty), mask=mask_h)
+
+
+# ---- ops ---------------------------------------------------------------------------------------
+
+
+def _check_inputs(op, x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h):
+    """Validates shapes, dtypes and devices before any launch; returns (T, B, H, P)."""
+    if x_proj.dim() != 3 or x_proj.shape[2] % 4 != 0:
+        raise FastattnValueError(f"{op}: x_proj must be [T, B, 4H], got {list(x_proj.shape)}")
+    if x_proj.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise FastattnTypeError(
+            f"{op}: x_proj must be float32, float16 or bfloat16, got {x_proj.dtype}")
+    seq_len, batch, hidden = x_proj.shape[0], x_proj.shape[1], x_proj.shape[2] // 4
+    state = w_hr.shape[0] if w_hr is not None and w_hr.dim() == 2 else hidden
+    expected = {"h0": (batch, state), "c0": (batch, hidden), "w_hh": (4 * hidden, state),
+                "w_hr": (state, hidden), "zoneout_c": (seq_len, batch, hidden),
+                "zoneout_h": (seq_len, batch, state)}
+    tensors = {"h0": h0, "c0": c0, "w_hh": w_hh, "w_hr": w_hr, "zoneout_c": zoneout_c,
+               "zoneout_h": zoneout_h}
+    for name, tensor in tensors.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != expected[name]:
+            raise FastattnValueError(
+                f"{op}: {name} must have shape {list(expected[name])}, got {list(tensor.shape)}")
+        if tensor.dtype != x_proj.dtype:
+            raise FastattnTypeError(f"{op}: {name} has dtype {tensor.dtype}, expected "
+                                    f"{x_proj.dtype} (x_proj's)")
+        if tensor.device != x_proj.device:
+            raise FastattnValueError(
+                f"{op}: {name} is on {tensor.device}, expected {x_proj.device} (x_proj's)")
+    if max(hidden, state) > MAX_HIDDEN:
+        raise FastattnValueError(
+            f"{op}: serves H and P up to {MAX_HIDDEN} (weights held in registers), got H = "
+            f"{hidden}, P = {state}")
+    if batch_sizes is not None and (batch_sizes.dtype != torch.int64 or batch_sizes.device.type
+                                    != "cpu" or tuple(batch_sizes.shape) != (seq_len,)):
+        raise FastattnValueError(
+            f"{op}: batch_sizes must be an int64 CPU tensor of shape [{seq_len}], got "
+            f"{batch_sizes.dtype} {list(batch_sizes.shape)} on {batch_sizes.device}")
+    return seq_len, batch, hidden, state
+
+
+def _flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h) -> dict:
+    return dict(HAS_PROJ=w_hr is not None, HAS_BATCH_SIZES=batch_sizes is not None,
+                REVERSE=bool(reverse), HAS_ZONEOUT_C=zoneout_c is not None,
+                HAS_ZONEOUT_H=zoneout_h is not None)
+
+
+def _launch_shape(hidden: int, state: int) -> dict:
+    block_h, block_p = block_size(hidden), block_size(state)
+    return dict(BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_P=block_p,
+                num_warps=num_warps(block_h, block_p))
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+@torch.library.triton_op("fastattn::lstm_layer_fwd_triton", mutates_args=())
+def lstm_layer_fwd_triton(
+    x_proj: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    batch_sizes: torch.Tensor | None,
+    reverse: bool,
+    zoneout_c: torch.Tensor | None,
+    zoneout_h: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h_all [T, B, P], c_all [T, B, H], activated gates_all [T, B, 4H], hpre_all [T, B, H]
+    or empty without w_hr), as fastattn::lstm_layer_fwd; see the module doc."""
+    seq_len, batch, hidden, state = _check_inputs(
+        "lstm_layer_fwd_triton", x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h)
+    h_all = x_proj.new_empty((seq_len, batch, state))
+    c_all = x_proj.new_empty((seq_len, batch, hidden))
+    gates_all = x_proj.new_empty((seq_len, batch, 4 * hidden))
+    hpre_all = x_proj.new_empty((seq_len, batch, hidden) if w_hr is not None else (0,))
+    if seq_len and batch:
+        # Optional tensors the kernel does not read are replaced by any pointer of their type.
+        sizes = x_proj.new_empty(0, dtype=torch.int64) if batch_sizes is None else (
+            batch_sizes.to(x_proj.device))
+        w_hr_ = w_hh if w_hr is None else w_hr
+        torch.library.wrap_triton(_lstm_layer_fwd_kernel)[(triton.cdiv(batch, BLOCK_B),)](
+            x_proj, h0, c0, w_hh, w_hr_, sizes, _contiguous(zoneout_c) if zoneout_c is not None
+            else x_proj, _contiguous(zoneout_h) if zoneout_h is not None else x_proj,
+            h_all, c_all, gates_all, hpre_all if w_hr is not None else h_all,
+            seq_len, batch, hidden, state,
+            x_proj.stride(0), x_proj.stride(1), x_proj.stride(2), h0.stride(0), h0.stride(1),
+            c0.stride(0), c0.stride(1), w_hh.stride(0), w_hh.stride(1),
+            w_hr_.stride(0), w_hr_.stride(1),
+            **_flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h),
+            **_launch_shape(hidden, state),
+        )
+    return h_all, c_all, gates_all, hpre_all
+
+
+@torch.library.triton_op("fastattn::lstm_layer_bwd_triton", mutates_args=())
+def lstm_layer_bwd_triton(
+    grad_h_all: torch.Tensor,
+    grad_c_all: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    w_hh: torch.Tensor,
+    w_hr: torch.Tensor | None,
+    batch_sizes: torch.Tensor | None,
+    reverse: bool,
+    zoneout_c: torch.Tensor | None,
+    zoneout_h: torch.Tensor | None,
+    h_all: torch.Tensor,
+    c_all: torch.Tensor,
+    gates_all: torch.Tensor,
+    hpre_all: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x_proj [T, B, 4H], grad_h0 [B, P], grad_c0 [B, H], grad_w_hh [4H, P], grad_w_hr
+    [P, H] or empty), as fastattn::lstm_layer_bwd; see the module doc."""
+    seq_len, batch, hidden, state = _check_inputs(
+        "lstm_layer_bwd_triton", gates_all, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
+        zoneout_h)
+    saved = {"grad_h_all": (grad_h_all, (seq_len, batch, state)),
+             "grad_c_all": (grad_c_all, (seq_len, batch, hidden)),
+             "h_all": (h_all, (seq_len, batch, state)), "c_all": (c_all, (seq_len, batch, hidden)),
+             "hpre_all": (hpre_all, (seq_len, batch, hidden) if w_hr is not None else (0,))}
+    for name, (tensor, shape) in saved.items():
+        if tuple(tensor.shape) != shape:
+            raise FastattnValueError(f"lstm_layer_bwd_triton: {name} must have shape "
+                                     f"{list(shape)}, got {list(tensor.shape)}")
+    dtype = gates_all.dtype
+    # The gate gradients stay float32 until grad_w_hh has been summed from them.
+    grad_gates_all = gates_all.new_empty((seq_len, batch, 4 * hidden), dtype=torch.float32)
+    grad_hy_all = gates_all.new_empty(
+        (seq_len, batch, state) if w_hr is not None else (0,), dtype=torch.float32)
+    grad_h0 = h0.new_empty((batch, state))
+    grad_c0 = c0.new_empty((batch, hidden))
+    if batch:
+        sizes = gates_all.new_empty(0, dtype=torch.int64) if batch_sizes is None else (
+            batch_sizes.to(gates_all.device))
+        w_hr_ = w_hh if w_hr is None else w_hr
+        c_all_ = c_all.contiguous()
+        torch.library.wrap_triton(_lstm_layer_bwd_kernel)[(triton.cdiv(batch, BLOCK_B),)](
+            grad_h_all.contiguous(), grad_c_all.contiguous(), c0, w_hh, w_hr_, sizes,
+            _contiguous(zoneout_c) if zoneout_c is not None else c_all_,
+            _contiguous(zoneout_h) if zoneout_h is not None else c_all_,
+            c_all_, gates_all.contiguous(),
+            grad_gates_all, grad_h0, grad_c0, grad_hy_all if w_hr is not None else grad_gates_all,
+            seq_len, batch, hidden, state,
+            c0.stride(0), c0.stride(1), w_hh.stride(0), w_hh.stride(1),
+            w_hr_.stride(0), w_hr_.stride(1),
+            **_flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h),
+            **_launch_shape(hidden, state),
+        )
+    # The state each step read: h0 first, then the previous step's output, in the step order.
+    if reverse:
+        h_prev_all = torch.cat([h_all[1:], h0.unsqueeze(0)])
+    else:
+        h_prev_all = torch.cat([h0.unsqueeze(0), h_all[:-1]])
+    grad_gates = grad_gates_all.view(seq_len * batch, 4 * hidden)
+    grad_w_hh = (grad_gates.t() @ h_prev_all.reshape(seq_len * batch, state).float()).to(dtype)
+    grad_w_hr = gates_all.new_empty(0)
+    if w_hr is not None:
+        grad_w_hr = (grad_hy_all.view(seq_len * batch, state).t()
+                     @ hpre_all.reshape(seq_len * batch, hidden).float()).to(dtype)
+    return grad_gates_all.to(dtype), grad_h0, grad_c0, grad_w_hh, grad_w_hr
