@@ -6,9 +6,11 @@ backend (fastattn/ops/backends.py), and registers fake kernels and autograd for 
 Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (fastattn::lstm_layer_infer when no
 gradient is needed, which also serves lstm_cell then), or fastattn::lstm_ln_layer_fwd/_bwd for
 the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
-whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise cell ops
-(fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and ``cuda``
-serves option-free inference with the persistent fastattn::lstm_sequence_fwd kernel;
+whole-sequence GEMMs); ``cuda`` runs the fused pointwise cell ops (fastattn::lstm_cell_pointwise_*
+CUDA impls) inside a step loop, and serves option-free inference with the persistent
+fastattn::lstm_sequence_fwd kernel; ``triton`` runs lstm_cell on the *_triton pointwise ops and
+lstm_layer on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, which it
+serves for H, P <= 64 only (fastattn/triton_kernels/lstm_layer.py says why);
 ``reference`` is plain PyTorch (fastattn/ops/reference.py). The layer_norm option is served by
 ``cpu`` and ``reference`` only (CUDA tensors run it on the reference).
 """
@@ -32,6 +34,9 @@ _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The CUDA persistent sequence kernel (csrc/lstm/lstm_sequence.cuh) keeps W_hh on chip.
 _CUDA_SEQUENCE_MAX_HIDDEN = 256
+# The Triton layer kernels hold the weights in registers (fastattn/triton_kernels/lstm_layer.py:
+# MAX_HIDDEN); beyond that, streaming them each step loses to the cuda backend's C++ loop.
+_TRITON_LAYER_MAX_WIDTH = 64
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -54,6 +59,17 @@ def _triton_cell_ops() -> tuple | None:
     _register_cell_autograd("fastattn::lstm_cell_pointwise_fwd_triton",
                             _OPS.lstm_cell_pointwise_bwd_triton)
     return _OPS.lstm_cell_pointwise_fwd_triton, _OPS.lstm_cell_pointwise_bwd_triton
+
+
+@functools.cache
+def _triton_layer_fwd():
+    """The Triton layer forward op (autograd registered), or None when triton is absent."""
+    try:
+        importlib.import_module("fastattn.triton_kernels.lstm_layer")
+    except ImportError:
+        return None
+    _register_layer_autograd("fastattn::lstm_layer_fwd_triton", _OPS.lstm_layer_bwd_triton)
+    return _OPS.lstm_layer_fwd_triton
 
 
 # ---- fake kernels and autograd -----------------------------------------------------------------
@@ -144,21 +160,26 @@ def _layer_setup_context(ctx, inputs, output):
                           hpre_all)
 
 
-@first_order_only("fastattn::lstm_layer_fwd")
-def _layer_backward(ctx, grad_h_all, grad_c_all, _grad_gates_all, _grad_hpre_all):
-    h0, c0, w_hh, w_hr, zoneout_c, zoneout_h, h_all, c_all, gates_all, hpre_all = ctx.saved_tensors
-    batch_sizes, reverse = ctx.options
-    grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
-    grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
-    grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr = _layer_bwd(
-        grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
-        h_all, c_all, gates_all, hpre_all)
-    return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None,
-            None, None, None, None)
+def _register_layer_autograd(fwd: str, bwd) -> None:
+    """Autograd of a forward op with lstm_layer_fwd's schema, by ``bwd`` (lstm_layer_bwd's)."""
+
+    @first_order_only(fwd)
+    def backward(ctx, grad_h_all, grad_c_all, _grad_gates_all, _grad_hpre_all):
+        (h0, c0, w_hh, w_hr, zoneout_c, zoneout_h, h_all, c_all, gates_all,
+         hpre_all) = ctx.saved_tensors
+        batch_sizes, reverse = ctx.options
+        grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
+        grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
+        grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr = bwd(
+            grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
+            zoneout_h, h_all, c_all, gates_all, hpre_all)
+        return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None,
+                None, None, None, None)
+
+    torch.library.register_autograd(fwd, backward, setup_context=_layer_setup_context)
 
 
-torch.library.register_autograd(
-    "fastattn::lstm_layer_fwd", _layer_backward, setup_context=_layer_setup_context)
+_register_layer_autograd("fastattn::lstm_layer_fwd", _layer_bwd)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -295,17 +316,32 @@ def _cell_missing(device: torch.device, dtype: torch.dtype):
 # Evaluated once per (op, device, dtype, flag) while torch.compile traces, so that a compiled
 # model bakes in the backend choice instead of graph-breaking on the backend registry.
 @torch.compiler.assume_constant_result
-def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool) -> str:
+def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool,
+                    width: int = 0) -> str:
+    """``width``: lstm_layer's max(H, P), which the Triton layer kernels limit."""
     cell_missing = _cell_missing(device, dtype)
 
     def missing(backend: str) -> str | None:
         if layer_norm and backend in ("cuda", "triton"):
             return "layer_norm (served by the cpu and reference backends)"
+        if backend == "triton" and fn == "lstm_layer":
+            return _triton_layer_missing(dtype, width)
         if layer_norm and backend == "cpu" and not _has_kernel("lstm_ln_layer_fwd", "CPU"):
             return "the CPU LayerNorm-LSTM kernels (fastattn._C has none registered)"
         return cell_missing(backend)
 
     return backends.choose(fn, device, missing)
+
+
+def _triton_layer_missing(dtype: torch.dtype, width: int) -> str | None:
+    if _triton_layer_fwd() is None:
+        return "the Triton LSTM layer kernels (fastattn.triton_kernels.lstm_layer)"
+    if dtype == torch.float64:
+        return "dtype float64 (triton serves float32, float16, bfloat16)"
+    if width > _TRITON_LAYER_MAX_WIDTH:
+        return (f"hidden or projection size {width} > {_TRITON_LAYER_MAX_WIDTH} (the Triton layer "
+                "keeps the weights in registers; beyond that the cuda backend's C++ loop wins)")
+    return None
 
 
 def _cell_pointwise(backend: str):
@@ -449,7 +485,7 @@ def lstm_layer(
                               layer_norm[:4], (4 * H, 4 * H, H, H), strict=True):
             _check_tensor(fn, f"layer_norm {name}", t, (n,), input)
 
-    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
+    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None, max(H, P))
     bias = _sum_biases(b_ih, b_hh)
     if backend == "cpu" and layer_norm is None and not _needs_grad(
             input, h0, c0, w_ih, w_hh, bias, w_hr):
@@ -483,6 +519,10 @@ def lstm_layer(
     if (backend == "cuda" and not options and H <= _CUDA_SEQUENCE_MAX_HIDDEN
             and input.dtype != torch.float64 and not torch.is_grad_enabled()):
         h_all, c_all, _ = _OPS.lstm_sequence_fwd(x_proj, h0, c0, w_hh)
+        return h_all, c_all
+    if backend == "triton":
+        h_all, c_all, _, _ = _triton_layer_fwd()(
+            x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
         return h_all, c_all
     if backend == "reference":
         h_all, c_all, _, _ = reference.lstm_layer_reference(
