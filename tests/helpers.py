@@ -61,6 +61,23 @@ LSTM_LAYER_CASES = [
 ]
 
 
+def lstm_layer_inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
+    """Fresh random inputs of one lstm_layer_fwd call: (x_proj, h0, c0, w_hh, w_hr, batch_sizes,
+    zoneout_c, zoneout_h); ``lengths`` (sorted, one per row) gives batch_sizes."""
+    x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
+    h0, c0 = randn(B, P, dtype=dtype), randn(B, H, dtype=dtype)
+    w_hh = randn(4 * H, P, dtype=dtype, scale=0.5)
+    w_hr = randn(P, H, dtype=dtype, scale=0.5) if proj else None
+    batch_sizes = None
+    if lengths is not None:
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    zc = zh = None
+    if zoneout:
+        zc = torch.bernoulli(torch.full((T, B, H), 0.3)).to(dtype)
+        zh = torch.full((T, B, P), 0.25, dtype=dtype)  # the eval-mode form: a probability
+    return x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fills ``t`` with NaN (or the integer max) so an element a kernel forgets to write fails."""
     if t.is_floating_point():

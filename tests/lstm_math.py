@@ -45,3 +45,36 @@ def sequence_inputs(seq_len, batch, hidden, dtype, device):
     h0, c0 = torch.randn(2, batch, hidden, dtype=dtype, device=device).unbind(0)
     w_hh = torch.randn(4 * hidden, hidden, dtype=dtype, device=device) / hidden**0.5
     return x_proj, h0, c0, w_hh
+
+
+def layer_oracles(inputs, reverse, grad_h_all, grad_c_all):
+    """What one lstm_layer_fwd / _bwd call should give, by fastattn.ops.reference.
+
+    inputs = (x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h). Returns
+    (forward64, forward_torch, grads64, grads_torch): the forward outputs (h_all, c_all, gates_all,
+    hpre_all) on float64 copies and at the inputs' dtype; the gradients (x_proj, h0, c0, w_hh
+    and w_hr when given) of sum(h_all * grad_h_all) + sum(c_all * grad_c_all) by float64
+    autograd, and by lstm_layer_bwd_reference at the inputs' dtype.
+    """
+    from fastattn.ops import reference
+
+    x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h = inputs
+
+    def f64(t):
+        return None if t is None else t.double()
+
+    forward64 = reference.lstm_layer_reference(
+        *map(f64, (x_proj, h0, c0, w_hh, w_hr)), batch_sizes, reverse, f64(zoneout_c),
+        f64(zoneout_h))
+    forward_torch = reference.lstm_layer_reference(
+        x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
+    leaves = [t.double().requires_grad_() for t in (x_proj, h0, c0, w_hh, w_hr) if t is not None]
+    h_all, c_all, _, _ = reference.lstm_layer_reference(
+        *leaves[:4], leaves[4] if w_hr is not None else None, batch_sizes, reverse,
+        f64(zoneout_c), f64(zoneout_h))
+    grads64 = torch.autograd.grad(
+        (h_all * grad_h_all.double()).sum() + (c_all * grad_c_all.double()).sum(), leaves)
+    grads_torch = reference.lstm_layer_bwd_reference(
+        grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
+        *forward_torch)
+    return forward64, forward_torch, grads64, grads_torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import LSTM_LAYER_CASES, assert_close_to_reference, nan_heap, randn
+from helpers import lstm_layer_inputs as _layer_inputs
 
 import fastattn
 from fastattn.ops import lstm as lstm_ops
@@ -15,21 +16,6 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "fp64", "bf16", "fp16"]
 needs_cpu_kernels = pytest.mark.skipif(
     not fastattn.backends()["cpu"].usable, reason="fastattn._C (CPU kernels) is not built")
-
-
-def _layer_inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
-    x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
-    h0, c0 = randn(B, P, dtype=dtype), randn(B, H, dtype=dtype)
-    w_hh = randn(4 * H, P, dtype=dtype, scale=0.5)
-    w_hr = randn(P, H, dtype=dtype, scale=0.5) if proj else None
-    batch_sizes = None
-    if lengths is not None:
-        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
-    zc = zh = None
-    if zoneout:
-        zc = torch.bernoulli(torch.full((T, B, H), 0.3)).to(dtype)
-        zh = torch.full((T, B, P), 0.25, dtype=dtype)  # the eval-mode form: a probability
-    return x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh
 
 
 # ---- cell pointwise ops ------------------------------------------------------------------------

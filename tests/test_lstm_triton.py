@@ -1,4 +1,6 @@
-"""The Triton fused pointwise LSTM cell ops against a float64 plain-PyTorch computation.
+"""The Triton LSTM ops (the fused pointwise cell, the persistent layer forward and backward)
+against float64 plain-PyTorch computations, and fastattn.LSTM on the triton backend against
+torch.nn.LSTM.
 
 Runs on CPU tensors under TRITON_INTERPRET=1 (set before Python starts) or on a CUDA GPU:
     TRITON_INTERPRET=1 PYTHONPATH=$PWD python -m pytest tests/test_lstm_triton.py -q
@@ -10,15 +12,18 @@ import os
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from tests.helpers import assert_close_to_reference, poison_
-from tests.lstm_math import cell_grads, cell_math, sequence_inputs, sequence_math
+from tests.helpers import LSTM_LAYER_CASES, assert_close_to_reference, lstm_layer_inputs, poison_
+from tests.lstm_math import cell_grads, cell_math, layer_oracles
 
 pytestmark = pytest.mark.triton
 
 pytest.importorskip("triton")  # an optional dependency; our own modules below must import
+import fastattn  # noqa: E402
+from fastattn.ops import lstm as lstm_ops  # noqa: E402
 from fastattn.ops import reference as lib_ref  # noqa: E402
-from fastattn.triton_kernels import lstm_cell, lstm_sequence  # noqa: E402
+from fastattn.triton_kernels import lstm_cell, lstm_layer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [
@@ -199,68 +204,247 @@ def test_matches_library_reference(dtype):
         torch.testing.assert_close(actual, expected)
 
 
-SEQUENCE_DTYPES = [d for d in DTYPES if d.values[0] != torch.float64]
-SEQUENCE_CASES = [
-    pytest.param(5, b, h, False, id=f"T5-B{b}-H{h}") for b in (1, 7, 33) for h in (1, 7, 33, 64)
+# ---- the layer ops (fastattn::lstm_layer_fwd_triton / _bwd_triton) -------------------------------
+
+LAYER_DTYPES = [d for d in DTYPES if d.values[0] != torch.float64]
+# (T, B, H, P): one step of one row, and odd sizes with a projection narrower than H (P applies
+# with the proj option only). float32 runs every option; float16 and bfloat16 (the same kernel
+# code, other loads and stores) none and all of them at once; then once, all options in float32
+# at the largest served tile with B past one 16-row program. (The interpreter takes ~1.5 s a case.)
+_SMALL_SIZES = (((1, 1, 8, 5), "T1-B1-H8"), ((5, 3, 24, 5), "T5-B3-H24"))
+_ALL_OPTIONS = LSTM_LAYER_CASES[-1]
+LAYER_CASES = [
+    pytest.param(torch.float32, c.values[0], sizes, id=f"fp32-{c.id}-{size_id}")
+    for c in LSTM_LAYER_CASES for sizes, size_id in _SMALL_SIZES
 ] + [
-    pytest.param(1, 7, 7, False, id="T1-B7-H7"),
-    pytest.param(4, 7, 33, True, id="T4-B7-H33-strided"),
-]
+    pytest.param(d.values[0], c.values[0], (5, 3, 24, 5), id=f"{d.id}-{c.id}-T5-B3-H24")
+    for d in LAYER_DTYPES[1:] for c in (LSTM_LAYER_CASES[0], _ALL_OPTIONS)
+] + [pytest.param(torch.float32, _ALL_OPTIONS.values[0], (4, 17, 64, 33),
+                  id=f"fp32-{_ALL_OPTIONS.id}-T4-B17-H64-P33")]
 
 
-@pytest.mark.parametrize("seq_len, batch, hidden, strided", SEQUENCE_CASES)
-@pytest.mark.parametrize("dtype", SEQUENCE_DTYPES)
-def test_sequence_forward_matches_float64(dtype, seq_len, batch, hidden, strided):
-    inputs = sequence_inputs(seq_len, batch, hidden, dtype, DEVICE)
-    if strided:  # batch-major x_proj seen as [T, B, 4H]; transposed w_hh; sliced states
-        x_proj, h0, c0, w_hh = inputs
-        x_proj = x_proj.transpose(0, 1).contiguous().transpose(0, 1)
-        w_hh = w_hh.t().contiguous().t()
-        h0 = torch.cat([h0, torch.randn_like(h0)], dim=1)[:, :hidden]
-        inputs = (x_proj, h0, c0.t().contiguous().t(), w_hh)
-    outputs = torch.ops.fastattn.lstm_sequence_fwd_triton(*inputs)
-    expected64 = sequence_math(*(t.double() for t in inputs))
-    expected_torch = sequence_math(*inputs)
-    for name, actual, ref64, ref_torch in zip(
-        ("h_all", "c_all", "gates_all"), outputs, expected64, expected_torch, strict=True
-    ):
-        assert actual.dtype == dtype
-        assert_close_to_reference(actual, ref64, ref_torch, name=name)
+
+def _on_device(inputs: tuple) -> tuple:
+    """lstm_layer_inputs on DEVICE; batch_sizes stays on the CPU, as the schema wants."""
+    return tuple(t.to(DEVICE) if t is not None and t.dim() > 1 else t for t in inputs)
 
 
-@pytest.mark.parametrize("dtype", SEQUENCE_DTYPES)
-def test_sequence_writes_every_element(dtype):
-    seq_len, batch, hidden = 3, 17, 33  # 2 programs of 16 rows, the last one partial
-    inputs = sequence_inputs(seq_len, batch, hidden, dtype, DEVICE)
-    h_all = poison_(torch.empty(seq_len, batch, hidden, dtype=dtype, device=DEVICE))
-    c_all = poison_(torch.empty_like(h_all))
-    gates_all = poison_(torch.empty(seq_len, batch, 4 * hidden, dtype=dtype, device=DEVICE))
-    lstm_sequence.lstm_sequence_fwd_into(*inputs, h_all, c_all, gates_all)
-    expected64 = sequence_math(*(t.double() for t in inputs))
-    expected_torch = sequence_math(*inputs)
-    for actual, ref64, ref_torch in zip(
-        (h_all, c_all, gates_all), expected64, expected_torch, strict=True
-    ):
-        assert_close_to_reference(actual, ref64, ref_torch)
+def _layer_case(sizes, dtype, case):
+    T, B, H, P = sizes
+    P = P if case["proj"] else H
+    lengths = case["lengths"]
+    if lengths is not None:  # the case's pattern of lengths spread over the batch, sorted
+        lengths = sorted((min(lengths[i % len(lengths)], T) for i in range(B)), reverse=True)
+    return _on_device(lstm_layer_inputs(T, B, H, P, dtype, proj=case["proj"],
+                                        zoneout=case["zoneout"], lengths=lengths))
+
+
+@pytest.mark.parametrize("dtype, case, sizes", LAYER_CASES)
+def test_layer_matches_float64(dtype, case, sizes):
+    """Every output and gradient of every option against float64, errors <= 2x torch's own."""
+    inputs = _layer_case(sizes, dtype, case)
+    reverse = case["reverse"]
+    x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = inputs
+    out = torch.ops.fastattn.lstm_layer_fwd_triton(x_proj, h0, c0, w_hh, w_hr, batch_sizes,
+                                                   reverse, zc, zh)
+    grad_h_all, grad_c_all = torch.randn_like(out[0]), torch.randn_like(out[1])
+    forward64, forward_torch, grads64, grads_torch = layer_oracles(
+        inputs, reverse, grad_h_all, grad_c_all)
+    grads = torch.ops.fastattn.lstm_layer_bwd_triton(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr,
+                                                     batch_sizes, reverse, zc, zh, *out)
+    for name, got, want, same_dtype in zip(("h_all", "c_all", "gates_all", "hpre_all"), out,
+                                           forward64, forward_torch, strict=True):
+        assert got.dtype == dtype and got.is_contiguous(), name
+        assert_close_to_reference(got, want, same_dtype, name=name)
+    names = ("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh", "grad_w_hr")
+    for name, got, want, same_dtype in zip(names, grads, grads64, grads_torch):
+        assert got.dtype == dtype, name
+        assert_close_to_reference(got, want, same_dtype, name=name)
+    if w_hr is None:
+        assert grads[4].numel() == 0 and out[3].numel() == 0
+
+
+def test_layer_reads_strided_inputs():
+    """Transposed x_proj (batch-major in memory), w_hh, w_hr and states; strided gradients."""
+    case = dict(proj=True, zoneout=True, lengths=[5, 4, 2], reverse=True)
+    x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_case((5, 3, 24, 5), torch.float32,
+                                                                   case)
+    def batch_major(t):
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    c0_every_other = torch.stack([c0, c0 + 1], dim=-1)[..., 0]  # strides (2H, 2)
+    views = (batch_major(x_proj), h0.t().contiguous().t(), c0_every_other,
+             w_hh.t().contiguous().t(), w_hr.t().contiguous().t(), batch_sizes, batch_major(zc),
+             zh)
+    grad_h_all = torch.randn(3, 5, 5, device=DEVICE).transpose(0, 1)  # [T, B, P], batch-major
+    grad_c_all = torch.randn(5, 3, 1, device=DEVICE).expand(5, 3, 24)  # broadcast, as from sum()
+    out = torch.ops.fastattn.lstm_layer_fwd_triton(*views[:6], True, *views[6:])
+    grads = torch.ops.fastattn.lstm_layer_bwd_triton(grad_h_all, grad_c_all, *views[1:6], True,
+                                                     *views[6:], *out)
+    plain = (x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh)
+    want_out = torch.ops.fastattn.lstm_layer_fwd_triton(*plain[:6], True, *plain[6:])
+    want_grads = torch.ops.fastattn.lstm_layer_bwd_triton(
+        grad_h_all.contiguous(), grad_c_all.contiguous(), *plain[1:6], True, *plain[6:],
+        *want_out)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    torch.testing.assert_close(grads, want_grads, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", LAYER_DTYPES)
+def test_layer_writes_every_element(dtype):
+    """NaN-poisoned outputs of both kernels: an element left unwritten stays NaN and fails."""
+    case = dict(proj=True, zoneout=False, lengths=[3, 1], reverse=False)
+    T, B, H, P = 3, 17, 24, 5  # 2 programs of 16 rows, the last one partial
+    inputs = _layer_case((T, B, H, P), dtype, case)
+    x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = inputs
+    out = [poison_(torch.empty(T, B, n, dtype=dtype, device=DEVICE)) for n in (P, H, 4 * H, H)]
+    lstm_layer.lstm_layer_fwd_into(*inputs[:6], False, zc, zh, *out)
+    grad_h_all, grad_c_all = torch.randn_like(out[0]), torch.randn_like(out[1])
+    forward64, forward_torch, grads64, grads_torch = layer_oracles(
+        inputs, False, grad_h_all, grad_c_all)
+    for name, got, want, same_dtype in zip(("h_all", "c_all", "gates_all", "hpre_all"), out,
+                                           forward64, forward_torch, strict=True):
+        assert_close_to_reference(got, want, same_dtype, name=name)
+
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    grad_gates_all, grad_hy_all = poison_(torch.empty(T, B, 4 * H, **f32)), poison_(
+        torch.empty(T, B, P, **f32))
+    grad_h0, grad_c0 = poison_(torch.empty_like(h0)), poison_(torch.empty_like(c0))
+    lstm_layer.lstm_layer_bwd_into(grad_h_all, grad_c_all, c0, w_hh, w_hr, batch_sizes, False, zc,
+                                   zh, out[1], out[2], grad_gates_all, grad_h0, grad_c0,
+                                   grad_hy_all)
+    for name, got, want, same_dtype in (("grad_x_proj", grad_gates_all, grads64[0], grads_torch[0]),
+                                        ("grad_h0", grad_h0, grads64[1], grads_torch[1]),
+                                        ("grad_c0", grad_c0, grads64[2], grads_torch[2])):
+        assert_close_to_reference(got.to(dtype), want, same_dtype, name=name)
+    assert not grad_hy_all.isnan().any(), "grad_hy_all (grad_w_hr's input) has unwritten elements"
+
+
+def test_layer_zero_sizes():
+    for T, B in ((0, 3), (4, 0)):
+        x_proj, h0, c0, w_hh, *_ = _on_device(lstm_layer_inputs(
+            T, B, 8, 8, torch.float32, proj=False, zoneout=False, lengths=None))
+        out = torch.ops.fastattn.lstm_layer_fwd_triton(x_proj, h0, c0, w_hh, None, None, False,
+                                                       None, None)
+        assert [tuple(t.shape) for t in out] == [(T, B, 8), (T, B, 8), (T, B, 32), (0,)]
+        grads = torch.ops.fastattn.lstm_layer_bwd_triton(
+            torch.ones_like(out[0]), torch.ones_like(out[1]), h0, c0, w_hh, None, None, False,
+            None, None, *out)
+        assert [tuple(t.shape) for t in grads] == [(T, B, 32), (B, 8), (B, 8), (32, 8), (0,)]
+        # No step ran: the initial state's gradient is zero, as no output depends on it.
+        assert not grads[1].any() and not grads[3].any()
 
 
 @pytest.mark.parametrize(
-    "hidden, dtype, error, match",
+    "hidden, proj, dtype, error, match",
     [
-        pytest.param(65, torch.float32, ValueError, "hidden sizes 1..64", id="H-too-large"),
-        pytest.param(8, torch.float64, TypeError, "float32, float16 or bfloat16", id="fp64"),
+        pytest.param(65, 0, torch.float32, ValueError, "H and P up to 64", id="H-too-large"),
+        pytest.param(8, 65, torch.float32, ValueError, "H and P up to 64", id="P-too-large"),
+        pytest.param(8, 0, torch.float64, TypeError, "float32, float16 or bfloat16", id="fp64"),
     ],
 )
-def test_sequence_rejects_unserved_inputs(hidden, dtype, error, match):
+def test_layer_rejects_unserved_inputs(hidden, proj, dtype, error, match):
+    x_proj, h0, c0, w_hh, w_hr, *_ = _on_device(lstm_layer_inputs(
+        2, 3, hidden, proj or hidden, dtype, proj=bool(proj), zoneout=False, lengths=None))
     with pytest.raises(error, match=match):
-        torch.ops.fastattn.lstm_sequence_fwd_triton(*sequence_inputs(2, 3, hidden, dtype, DEVICE))
+        torch.ops.fastattn.lstm_layer_fwd_triton(x_proj, h0, c0, w_hh, w_hr, None, False, None,
+                                                 None)
 
 
-def test_sequence_rejects_bad_shapes():
-    x_proj, h0, c0, w_hh = sequence_inputs(2, 3, 8, torch.float32, DEVICE)
+def test_layer_rejects_bad_shapes():
+    x_proj, h0, c0, w_hh, *_ = _on_device(lstm_layer_inputs(
+        2, 3, 8, 8, torch.float32, proj=False, zoneout=False, lengths=None))
+    fwd = torch.ops.fastattn.lstm_layer_fwd_triton
     with pytest.raises(ValueError, match="c0 must have shape"):
-        torch.ops.fastattn.lstm_sequence_fwd_triton(x_proj, h0, c0[:2], w_hh)
+        fwd(x_proj, h0, c0[:2], w_hh, None, None, False, None, None)
     with pytest.raises(ValueError, match="w_hh must have shape"):
-        torch.ops.fastattn.lstm_sequence_fwd_triton(x_proj, h0, c0, w_hh[:, :4])
+        fwd(x_proj, h0, c0, w_hh[:, :4], None, None, False, None, None)
     with pytest.raises(ValueError, match=r"x_proj must be \[T, B, 4H\]"):
-        torch.ops.fastattn.lstm_sequence_fwd_triton(x_proj[..., 1:], h0, c0, w_hh)
+        fwd(x_proj[..., 1:], h0, c0, w_hh, None, None, False, None, None)
+    with pytest.raises(ValueError, match="zoneout_h must have shape"):
+        fwd(x_proj, h0, c0, w_hh, None, None, False, None, h0)
+    with pytest.raises(ValueError, match="batch_sizes must be an int64 CPU tensor"):
+        fwd(x_proj, h0, c0, w_hh, None, torch.tensor([3]), False, None, None)
+
+
+def _layer_opcheck_args():
+    case = dict(proj=True, zoneout=True, lengths=[3, 2, 2], reverse=True)
+    inputs = _layer_case((3, 3, 8, 5), torch.float32, case)
+    fwd_args = (*inputs[:6], True, *inputs[6:])
+    out = torch.ops.fastattn.lstm_layer_fwd_triton(*fwd_args)
+    grads = (torch.randn_like(out[0]), torch.randn_like(out[1]))
+    return fwd_args, (*grads, *fwd_args[1:], *out)
+
+
+def test_layer_opcheck_schema():
+    """Schema consistency (no mutation, no aliasing) and autograd registration of both ops."""
+    lstm_ops._triton_layer_fwd()  # registers the autograd
+    fwd_args, bwd_args = _layer_opcheck_args()
+    utils = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_fwd_triton, fwd_args, test_utils=utils)
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_bwd_triton, bwd_args, test_utils=utils)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="the Triton interpreter executes kernels on FakeTensors, which cannot work; "
+    "fake-tensor tracing is checked when the triton tests run on a GPU",
+)
+def test_layer_opcheck_fake_tensor():
+    lstm_ops._triton_layer_fwd()
+    fwd_args, bwd_args = _layer_opcheck_args()
+    utils = ("test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_fwd_triton, fwd_args, test_utils=utils)
+    torch.library.opcheck(torch.ops.fastattn.lstm_layer_bwd_triton, bwd_args, test_utils=utils)
+
+
+# ---- the triton backend of fastattn.LSTM against torch.nn.LSTM ----------------------------------
+
+MODULE_FLAGS = [
+    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3), id="L2-bi-P3"),
+    pytest.param(dict(num_layers=1, bidirectional=False, proj_size=0, batch_first=True),
+                 id="L1-uni-batch_first"),
+]
+
+
+@pytest.mark.parametrize("flags", MODULE_FLAGS)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_triton_backend_matches_nn_lstm(flags, packed):
+    """fastattn.LSTM on the triton backend (the persistent layer kernels) against nn.LSTM:
+    output, final states and the gradients of the input, the initial states and every weight."""
+    theirs = torch.nn.LSTM(6, 24, **flags).to(DEVICE)
+    ours = fastattn.LSTM(6, 24, **flags).to(DEVICE)
+    ours.load_state_dict(theirs.state_dict())
+    T, B = 5, 3
+    batch_first = flags.get("batch_first", False)
+    x = torch.randn(*((B, T) if batch_first else (T, B)), 6, device=DEVICE, requires_grad=True)
+    layers = flags["num_layers"] * (2 if flags["bidirectional"] else 1)
+    hx = (torch.randn(layers, B, flags["proj_size"] or 24, device=DEVICE, requires_grad=True),
+          torch.randn(layers, B, 24, device=DEVICE, requires_grad=True))
+
+    def run(module):
+        inp = x
+        if packed:
+            inp = pack_padded_sequence(x, torch.tensor([5, 4, 2]), batch_first=batch_first)
+        out, (h_n, c_n) = module(inp, hx)
+        data = out.data if packed else out
+        loss = (data * torch.linspace(-1, 1, data.shape[-1], device=DEVICE)).sum() + (
+            h_n ** 2).sum() + 0.5 * c_n.sum()
+        return (data, h_n, c_n), torch.autograd.grad(loss, [x, *hx, *module.parameters()])
+
+    with fastattn.use_backend("triton"):
+        got, got_grads = run(ours)
+    want, want_grads = run(theirs)
+    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
+        f"grad {n}" for n, _ in ours.named_parameters()]
+    for name, a, b in zip(names, (*got, *got_grads), (*want, *want_grads), strict=True):
+        assert torch.isfinite(a).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_triton_backend_declines_wide_layers():
+    """H > 64: the forced triton backend names the limit; auto never picks it there."""
+    m = fastattn.LSTM(4, 65)
+    with pytest.raises(RuntimeError, match="hidden or projection size 65 > 64"):
+        with fastattn.use_backend("triton"):
+            m.to(DEVICE)(torch.randn(2, 1, 4, device=DEVICE))

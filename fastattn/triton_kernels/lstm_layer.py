@@ -88,6 +88,20 @@ def _tile(ptr, idx0, stride0, size0, idx1, stride1, size1):
 
 
 @triton.jit
+def _round(x, dtype: tl.constexpr):
+    """float32 x rounded to the nearest ``dtype`` value (ties to even), kept in float32.
+    bfloat16 is rounded on the bits, after which the conversion is exact: the Triton
+    interpreter (triton 3.9) truncates float32 to bfloat16, which biases a recurrence; a GPU
+    rounds either way. NaN stays NaN (the bit trick could carry a NaN payload into inf)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _lstm_layer_fwd_kernel(
     x_ptr, h0_ptr, c0_ptr, w_hh_ptr, w_hr_ptr, batch_sizes_ptr, zoneout_c_ptr, zoneout_h_ptr,
     h_all_ptr, c_all_ptr, gates_all_ptr, hpre_all_ptr,
@@ -142,31 +156,32 @@ def _lstm_layer_fwd_kernel(
         g = _tanh(pre_g + tl.load(x_t + 2 * gate_step, mask=step_h, other=0.0).to(tl.float32))
         o = _sigmoid(pre_o + tl.load(x_t + 3 * gate_step, mask=step_h, other=0.0).to(tl.float32))
         c_cell = f * c + i * g
-        hpre = tl.where(step_h, o * _tanh(c_cell), 0.0).to(dtype).to(tl.float32)
-        c_new = c_cell.to(dtype).to(tl.float32)
+        hpre = _round(tl.where(step_h, o * _tanh(c_cell), 0.0), dtype)
+        c_new = _round(c_cell, dtype)
         if HAS_PROJ:
-            h_new = tl.dot(hpre, w_r, input_precision="tf32x3").to(dtype).to(tl.float32)
+            h_new = _round(tl.dot(hpre, w_r, input_precision="tf32x3"), dtype)
         else:
             h_new = hpre
         h_t = h_offsets + t.to(tl.int64) * batch * hidden
         p_t = p_offsets + t.to(tl.int64) * batch * state
         if HAS_ZONEOUT_C:  # the weight of the previous state: lerp(c_new, c, z)
             z_c = tl.load(zoneout_c_ptr + h_t, mask=step_h, other=0.0).to(tl.float32)
-            c_new = (c_new + z_c * (c - c_new)).to(dtype).to(tl.float32)
+            c_new = _round(c_new + z_c * (c - c_new), dtype)
         if HAS_ZONEOUT_H:
             z_h = tl.load(zoneout_h_ptr + p_t, mask=mask_p & steps, other=0.0).to(tl.float32)
-            h_new = (h_new + z_h * (h - h_new)).to(dtype).to(tl.float32)
+            h_new = _round(h_new + z_h * (h - h_new), dtype)
         c = tl.where(steps, c_new, c)
         h = tl.where(steps & mask_p, h_new, h)
 
         tl.store(c_all_ptr + h_t, c.to(dtype), mask=mask_h)
         tl.store(h_all_ptr + p_t, h.to(dtype), mask=mask_p)
         # Rows that do not step hold zeros in gates_all and hpre_all (the schema's contract).
-        g_t = g_offsets + t.to(tl.int64) * batch * 4 * hidden
-        tl.store(gates_all_ptr + g_t, tl.where(steps, i, 0.0).to(dtype), mask=mask_h)
-        tl.store(gates_all_ptr + g_t + hidden, tl.where(steps, f, 0.0).to(dtype), mask=mask_h)
-        tl.store(gates_all_ptr + g_t + 2 * hidden, tl.where(steps, g, 0.0).to(dtype), mask=mask_h)
-        tl.store(gates_all_ptr + g_t + 3 * hidden, tl.where(steps, o, 0.0).to(dtype), mask=mask_h)
+        # The stored states are rounded already (exact conversions); the gates are not.
+        g_t = gates_all_ptr + g_offsets + t.to(tl.int64) * batch * 4 * hidden
+        tl.store(g_t, _round(tl.where(steps, i, 0.0), dtype).to(dtype), mask=mask_h)
+        tl.store(g_t + hidden, _round(tl.where(steps, f, 0.0), dtype).to(dtype), mask=mask_h)
+        tl.store(g_t + 2 * hidden, _round(tl.where(steps, g, 0.0), dtype).to(dtype), mask=mask_h)
+        tl.store(g_t + 3 * hidden, _round(tl.where(steps, o, 0.0), dtype).to(dtype), mask=mask_h)
         if HAS_PROJ:
             tl.store(hpre_all_ptr + h_t, hpre.to(dtype), mask=mask_h)
 
@@ -182,7 +197,10 @@ def _lstm_layer_bwd_kernel(
     HAS_ZONEOUT_C: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """grad_gates_all [T, B, 4H] float32: the pre-activation gate gradients (grad_x_proj);
+    """Float32 outputs, rounded to the input dtype by the caller (in torch: the Triton
+    interpreter of triton 3.9 truncates float32 to bfloat16 instead of rounding to nearest):
+    grad_h0 [B, P], grad_c0 [B, H]; grad_gates_all [T, B, 4H], the pre-activation gate
+    gradients (grad_x_proj);
     grad_hy_all [T, B, P] float32 (HAS_PROJ): the gradient reaching h_new = hpre @ w_hr^T,
     which grad_w_hr needs. Both are zero on rows that do not step. The other inputs are
     contiguous (the launcher's copies) except c0 and the weights."""
@@ -271,8 +289,8 @@ def _lstm_layer_bwd_kernel(
             dc_prev += dc_total * z_c
         dh = tl.where(step_p, dh_prev, dh_total)
         dc = tl.where(step_h, dc_prev, dc_total)
-    tl.store(grad_h0_ptr + p_offsets, dh.to(grad_h0_ptr.dtype.element_ty), mask=mask_p)
-    tl.store(grad_c0_ptr + h_offsets, dc.to(grad_c0_ptr.dtype.element_ty), mask=mask_h)
+    tl.store(grad_h0_ptr + p_offsets, dh, mask=mask_p)
+    tl.store(grad_c0_ptr + h_offsets, dc, mask=mask_h)
 
 
 # ---- ops ---------------------------------------------------------------------------------------
@@ -328,10 +346,6 @@ def _launch_shape(hidden: int, state: int) -> dict:
                 num_warps=num_warps(block_h, block_p))
 
 
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.contiguous()
-
-
 @torch.library.triton_op("fastattn::lstm_layer_fwd_triton", mutates_args=())
 def lstm_layer_fwd_triton(
     x_proj: torch.Tensor,
@@ -352,23 +366,35 @@ def lstm_layer_fwd_triton(
     c_all = x_proj.new_empty((seq_len, batch, hidden))
     gates_all = x_proj.new_empty((seq_len, batch, 4 * hidden))
     hpre_all = x_proj.new_empty((seq_len, batch, hidden) if w_hr is not None else (0,))
-    if seq_len and batch:
-        # Optional tensors the kernel does not read are replaced by any pointer of their type.
-        sizes = x_proj.new_empty(0, dtype=torch.int64) if batch_sizes is None else (
-            batch_sizes.to(x_proj.device))
-        w_hr_ = w_hh if w_hr is None else w_hr
-        torch.library.wrap_triton(_lstm_layer_fwd_kernel)[(triton.cdiv(batch, BLOCK_B),)](
-            x_proj, h0, c0, w_hh, w_hr_, sizes, _contiguous(zoneout_c) if zoneout_c is not None
-            else x_proj, _contiguous(zoneout_h) if zoneout_h is not None else x_proj,
-            h_all, c_all, gates_all, hpre_all if w_hr is not None else h_all,
-            seq_len, batch, hidden, state,
-            x_proj.stride(0), x_proj.stride(1), x_proj.stride(2), h0.stride(0), h0.stride(1),
-            c0.stride(0), c0.stride(1), w_hh.stride(0), w_hh.stride(1),
-            w_hr_.stride(0), w_hr_.stride(1),
-            **_flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h),
-            **_launch_shape(hidden, state),
-        )
+    lstm_layer_fwd_into(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
+                        h_all, c_all, gates_all, hpre_all)
     return h_all, c_all, gates_all, hpre_all
+
+
+def lstm_layer_fwd_into(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
+                        h_all, c_all, gates_all, hpre_all) -> None:
+    """Launches the forward kernel, writing into contiguous outputs (checked by callers)."""
+    seq_len, batch, hidden = c_all.shape
+    state = h_all.shape[2]
+    if seq_len == 0 or batch == 0:
+        return
+    # Optional tensors the kernel does not read are replaced by any pointer of their type.
+    sizes = x_proj.new_empty(0, dtype=torch.int64) if batch_sizes is None else (
+        batch_sizes.to(x_proj.device))
+    w_hr_ = w_hh if w_hr is None else w_hr
+    # Zoneout weights are read at the outputs' offsets: one layout keeps the argument list short.
+    zoneout_c_ = x_proj if zoneout_c is None else zoneout_c.contiguous()
+    zoneout_h_ = x_proj if zoneout_h is None else zoneout_h.contiguous()
+    torch.library.wrap_triton(_lstm_layer_fwd_kernel)[(triton.cdiv(batch, BLOCK_B),)](
+        x_proj, h0, c0, w_hh, w_hr_, sizes, zoneout_c_, zoneout_h_,
+        h_all, c_all, gates_all, hpre_all if w_hr is not None else h_all,
+        seq_len, batch, hidden, state,
+        x_proj.stride(0), x_proj.stride(1), x_proj.stride(2), h0.stride(0), h0.stride(1),
+        c0.stride(0), c0.stride(1), w_hh.stride(0), w_hh.stride(1),
+        w_hr_.stride(0), w_hr_.stride(1),
+        **_flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h),
+        **_launch_shape(hidden, state),
+    )
 
 
 @torch.library.triton_op("fastattn::lstm_layer_bwd_triton", mutates_args=())
@@ -406,34 +432,51 @@ def lstm_layer_bwd_triton(
     grad_gates_all = gates_all.new_empty((seq_len, batch, 4 * hidden), dtype=torch.float32)
     grad_hy_all = gates_all.new_empty(
         (seq_len, batch, state) if w_hr is not None else (0,), dtype=torch.float32)
-    grad_h0 = h0.new_empty((batch, state))
-    grad_c0 = c0.new_empty((batch, hidden))
-    if batch:
-        sizes = gates_all.new_empty(0, dtype=torch.int64) if batch_sizes is None else (
-            batch_sizes.to(gates_all.device))
-        w_hr_ = w_hh if w_hr is None else w_hr
-        c_all_ = c_all.contiguous()
-        torch.library.wrap_triton(_lstm_layer_bwd_kernel)[(triton.cdiv(batch, BLOCK_B),)](
-            grad_h_all.contiguous(), grad_c_all.contiguous(), c0, w_hh, w_hr_, sizes,
-            _contiguous(zoneout_c) if zoneout_c is not None else c_all_,
-            _contiguous(zoneout_h) if zoneout_h is not None else c_all_,
-            c_all_, gates_all.contiguous(),
-            grad_gates_all, grad_h0, grad_c0, grad_hy_all if w_hr is not None else grad_gates_all,
-            seq_len, batch, hidden, state,
-            c0.stride(0), c0.stride(1), w_hh.stride(0), w_hh.stride(1),
-            w_hr_.stride(0), w_hr_.stride(1),
-            **_flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h),
-            **_launch_shape(hidden, state),
-        )
+    grad_h0 = h0.new_empty((batch, state), dtype=torch.float32)
+    grad_c0 = c0.new_empty((batch, hidden), dtype=torch.float32)
+    lstm_layer_bwd_into(grad_h_all, grad_c_all, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
+                        zoneout_h, c_all, gates_all, grad_gates_all, grad_h0, grad_c0,
+                        grad_hy_all)
     # The state each step read: h0 first, then the previous step's output, in the step order.
     if reverse:
-        h_prev_all = torch.cat([h_all[1:], h0.unsqueeze(0)])
+        h_prev_all = torch.cat([h_all, h0.unsqueeze(0)])[1:]
     else:
-        h_prev_all = torch.cat([h0.unsqueeze(0), h_all[:-1]])
+        h_prev_all = torch.cat([h0.unsqueeze(0), h_all])[:seq_len]
     grad_gates = grad_gates_all.view(seq_len * batch, 4 * hidden)
     grad_w_hh = (grad_gates.t() @ h_prev_all.reshape(seq_len * batch, state).float()).to(dtype)
     grad_w_hr = gates_all.new_empty(0)
     if w_hr is not None:
         grad_w_hr = (grad_hy_all.view(seq_len * batch, state).t()
                      @ hpre_all.reshape(seq_len * batch, hidden).float()).to(dtype)
-    return grad_gates_all.to(dtype), grad_h0, grad_c0, grad_w_hh, grad_w_hr
+    return (grad_gates_all.to(dtype), grad_h0.to(dtype), grad_c0.to(dtype), grad_w_hh,
+            grad_w_hr)
+
+
+def lstm_layer_bwd_into(grad_h_all, grad_c_all, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
+                        zoneout_h, c_all, gates_all, grad_gates_all, grad_h0, grad_c0,
+                        grad_hy_all) -> None:
+    """Launches the backward kernel, writing the float32 grad_gates_all [T, B, 4H],
+    grad_hy_all [T, B, P] (with w_hr; else empty), grad_h0 [B, P] and grad_c0 [B, H], all
+    contiguous."""
+    seq_len, batch, hidden = c_all.shape
+    state = grad_h0.shape[1]
+    if batch == 0:
+        return
+    sizes = gates_all.new_empty(0, dtype=torch.int64) if batch_sizes is None else (
+        batch_sizes.to(gates_all.device))
+    w_hr_ = w_hh if w_hr is None else w_hr
+    # The per-step tensors are read at the outputs' offsets (contiguous); they are read once, so
+    # a copy costs about what strided reads would.
+    c_all = c_all.contiguous()
+    zoneout_c_ = c_all if zoneout_c is None else zoneout_c.contiguous()
+    zoneout_h_ = c_all if zoneout_h is None else zoneout_h.contiguous()
+    torch.library.wrap_triton(_lstm_layer_bwd_kernel)[(triton.cdiv(batch, BLOCK_B),)](
+        grad_h_all.contiguous(), grad_c_all.contiguous(), c0, w_hh, w_hr_, sizes, zoneout_c_,
+        zoneout_h_, c_all, gates_all.contiguous(),
+        grad_gates_all, grad_h0, grad_c0, grad_hy_all if w_hr is not None else grad_gates_all,
+        seq_len, batch, hidden, state,
+        c0.stride(0), c0.stride(1), w_hh.stride(0), w_hh.stride(1),
+        w_hr_.stride(0), w_hr_.stride(1),
+        **_flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h),
+        **_launch_shape(hidden, state),
+    )
