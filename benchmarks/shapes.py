@@ -245,7 +245,8 @@ def _cuda_grid(name: str) -> Grid:
             attention_window=_window([1], [4], [8192], 64, WINDOW_FULL),
             attention_features_dtypes=[bf16],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
-            lstm=_lstm([128], [64], [256, 512]),
+            # H = 32: the widest layer the triton backend's persistent kernels serve.
+            lstm=_lstm([128], [64], [256, 512]) + _lstm([128], [1, 64], [32]),
             lstm_dtypes=[fp32],
             mha=[TransformerShape(4, 1024, 512, 8, 1)],
             encoder=[encoder_full],
@@ -266,7 +267,7 @@ def _cuda_grid(name: str) -> Grid:
         attention_window=_window([1, 4], [4, 16], [8192, 32768], 64, WINDOW_FULL),
         attention_features_dtypes=[bf16, fp16],
         lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
-        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]),
+        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]) + _lstm([128], [1, 16, 64], [32]),
         lstm_dtypes=[fp32, bf16],
         mha=[TransformerShape(4, 1024, 512, 8, 1)],
         encoder=[encoder_full],

@@ -24,6 +24,11 @@ HEAD_BLOCKS = (16, 32, 64, 128, 256)  # _head_block() of every served head dim (
 ALL_FLAGS = ("float", True, True, True)
 NO_FLAGS = (None, False, False, False)
 ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
+LSTM_LAYER_KERNELS = ("lstm_layer_fwd", "lstm_layer_bwd")
+LSTM_BLOCKS = (16, 32)  # block_size() of every served H and P (1..32)
+# The LSTM layer flags: (HAS_PROJ, HAS_BATCH_SIZES, REVERSE, HAS_ZONEOUT_C, HAS_ZONEOUT_H).
+LSTM_ALL_FLAGS = (True, True, True, True, True)
+LSTM_NO_FLAGS = (False, False, False, False, False)
 
 
 def _attention_configs(
@@ -54,28 +59,31 @@ class _FakeTensor:
 def cases(full: bool) -> list[dict]:
     """The compile cases, as JSON-able dicts.
 
-    full=True (~1800 cases): per arch and dtype, each attention kernel in every autotune
+    full=True (~1900 cases): per arch and dtype, each attention kernel in every autotune
     config x head block (E = Ev) with all flags and with none, and in the first config every
     flag combination (head dim 64) and every (E, Ev) pair (all flags); the delta kernel at
-    every head block; the LSTM kernels in every dtype and tile size. Every value of every
-    dimension, and every config with every head block, but not the whole product (24 flag
-    sets x 25 (E, Ev) pairs x configs would be ~25 times more): the flags add code to one
-    tile layout, the configs and head blocks choose that layout and the shared memory.
+    every head block; the LSTM kernels in every dtype and tile size (the layer kernels in every
+    (H, P) tile pair with all flags, and at H = P without projection with no and all other
+    flags). Every value of every dimension, and every config with every head block, but not
+    the whole product (24 flag sets x 25 (E, Ev) pairs x configs would be ~25 times more): the
+    flags add code to one tile layout, the configs and head blocks choose that layout and the
+    shared memory.
     full=False (CI, a few minutes of 2 cores): every kernel in every dtype class on both archs
     where the lowering differs: attention fwd/dkdv/dq in the first autotune config (the one
     FASTATTN_TRITON_AUTOTUNE=0 keeps) at head dim 64 with every flag on (float mask, ALiBi,
     dropout, softcap, dmask): fp32 (FMA dots) on sm_80 and sm_90, fp16 on sm_80 (mma.sync),
     bf16 on sm_90 (wgmma); the backward dK/dV kernel (the most shared memory) at head block
     256 in fp16 on sm_90 and in fp32 on sm_80 (its own 32 x 32 config); the delta kernel; the
-    LSTM cell in fp32, fp64, bf16 and the sequence kernel in fp32 on both archs at its largest
-    tile and bf16 at its smallest.
+    LSTM cell in fp32, fp64, bf16 and the layer forward and backward with every flag in fp32 on
+    sm_80 (the smaller shared memory) at their largest tiles (H = P = 32) and bf16 on sm_90 at
+    H 32, P 16.
     """
     if full:
         return _full_cases()
     out = [dict(kernel=k, dtype=d, arch=a) for k in ("lstm_cell_fwd", "lstm_cell_bwd")
            for d, a in (("fp32", 90), ("fp64", 90), ("bf16", 80))]
-    out += [dict(kernel="lstm_sequence", dtype=d, arch=a, block_h=h)
-            for d, a, h in (("fp32", 90, 64), ("fp32", 80, 64), ("bf16", 90, 16))]
+    out += [_lstm_layer_case(k, d, a, h, p, LSTM_ALL_FLAGS) for k in LSTM_LAYER_KERNELS
+            for d, a, h, p in (("fp32", 80, 32, 32), ("bf16", 90, 32, 16))]
     out += [dict(kernel="attention_bwd_delta", dtype=d, arch=a, block_ev=e)
             for d, a, e in (("fp32", 80, 16), ("bf16", 90, 256))]
     for kernel in ATTENTION_KERNELS:
@@ -94,8 +102,11 @@ def _full_cases() -> list[dict]:
             out += [dict(kernel=k, dtype=dtype, arch=arch)
                     for k in ("lstm_cell_fwd", "lstm_cell_bwd")]
         for dtype in ("fp32", "fp16", "bf16"):
-            out += [dict(kernel="lstm_sequence", dtype=dtype, arch=arch, block_h=h)
-                    for h in (16, 32, 64)]
+            for kernel in LSTM_LAYER_KERNELS:
+                out += [_lstm_layer_case(kernel, dtype, arch, h, p, LSTM_ALL_FLAGS)
+                        for h in LSTM_BLOCKS for p in LSTM_BLOCKS]
+                out += [_lstm_layer_case(kernel, dtype, arch, h, h, (False, *f[1:]))
+                        for h in LSTM_BLOCKS for f in (LSTM_NO_FLAGS, LSTM_ALL_FLAGS)]
             out += [dict(kernel="attention_bwd_delta", dtype=dtype, arch=arch, block_ev=e)
                     for e in HEAD_BLOCKS]
             for kernel in ATTENTION_KERNELS:
@@ -107,6 +118,11 @@ def _full_cases() -> list[dict]:
                 out += [_attention_case(kernel, dtype, arch, None, e, ev, ALL_FLAGS)
                         for e in HEAD_BLOCKS for ev in HEAD_BLOCKS if e != ev]
     return out
+
+
+def _lstm_layer_case(kernel, dtype, arch, block_h, block_p, flags) -> dict:
+    return dict(kernel=kernel, dtype=dtype, arch=arch, block_h=block_h, block_p=block_p,
+                lstm_flags=flags)
 
 
 def _attention_case(kernel, dtype, arch, config, block_e, block_ev, flags) -> dict:
@@ -128,6 +144,10 @@ def case_id(case: dict) -> str:
         parts.append("+".join(names) or "noflags")
     if "block_h" in case:
         parts.append(f"H{case['block_h']}")
+    if "block_p" in case:
+        parts.append(f"P{case['block_p']}")
+        names = ("proj", "packed", "reverse", "zoneout_c", "zoneout_h")
+        parts.append("+".join(n for n, on in zip(names, case["lstm_flags"]) if on) or "noflags")
     if "block_ev" in case and "config" not in case:
         parts.append(f"Ev{case['block_ev']}")
     return "-".join(parts)
@@ -183,20 +203,29 @@ def _delta_kernel(case: dict):
 def _lstm_kernel(case: dict):
     import triton.language as tl
 
-    from fastattn.triton_kernels import lstm_cell, lstm_sequence
+    from fastattn.triton_kernels import lstm_cell, lstm_layer
 
     dtype = case["dtype"]
-    if case["kernel"] == "lstm_sequence":
-        fn = lstm_sequence._lstm_sequence_fwd_kernel
-        constexprs = {"BLOCK_B": lstm_sequence.BLOCK_B, "BLOCK_H": case["block_h"]}
-        options = {"num_warps": lstm_sequence.num_warps(case["block_h"])}
+    pointers = {}
+    if case["kernel"] in LSTM_LAYER_KERNELS:
+        fn = {"lstm_layer_fwd": lstm_layer._lstm_layer_fwd_kernel,
+              "lstm_layer_bwd": lstm_layer._lstm_layer_bwd_kernel}[case["kernel"]]
+        names = ("HAS_PROJ", "HAS_BATCH_SIZES", "REVERSE", "HAS_ZONEOUT_C", "HAS_ZONEOUT_H")
+        constexprs = dict(zip(names, case["lstm_flags"]))
+        constexprs.update(BLOCK_B=lstm_layer.BLOCK_B, BLOCK_H=case["block_h"],
+                          BLOCK_P=case["block_p"])
+        options = {"num_warps": lstm_layer.num_warps(case["block_h"], case["block_p"])}
+        # The backward's results are float32 (rounded by the launcher); batch sizes int64.
+        pointers = {name: "fp32" for name in ("grad_gates_all_ptr", "grad_h0_ptr",
+                                              "grad_c0_ptr", "grad_hy_all_ptr")}
+        pointers["batch_sizes_ptr"] = "i64"
     else:
         fn = {"lstm_cell_fwd": lstm_cell._lstm_cell_fwd_kernel,
               "lstm_cell_bwd": lstm_cell._lstm_cell_bwd_kernel}[case["kernel"]]
         compute = tl.float64 if dtype == "fp64" else tl.float32
         constexprs = {"COMPUTE_DTYPE": compute, "BLOCK": lstm_cell.BLOCK}
         options = {"num_warps": 4}
-    pointers = {name: dtype for name in fn.arg_names if name.endswith("_ptr")}
+    pointers = {name: pointers.get(name, dtype) for name in fn.arg_names if name.endswith("_ptr")}
     return fn, _signature(fn, pointers, set(), constexprs), constexprs, options
 
 

@@ -10,7 +10,7 @@ whole-sequence GEMMs); ``cuda`` runs the fused pointwise cell ops (fastattn::lst
 CUDA impls) inside a step loop, and serves option-free inference with the persistent
 fastattn::lstm_sequence_fwd kernel; ``triton`` runs lstm_cell on the *_triton pointwise ops and
 lstm_layer on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, which it
-serves for H, P <= 64 only (fastattn/triton_kernels/lstm_layer.py says why);
+serves for H, P <= 32 only (fastattn/triton_kernels/lstm_layer.py says why);
 ``reference`` is plain PyTorch (fastattn/ops/reference.py). The layer_norm option is served by
 ``cpu`` and ``reference`` only (CUDA tensors run it on the reference).
 """
@@ -34,9 +34,9 @@ _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The CUDA persistent sequence kernel (csrc/lstm/lstm_sequence.cuh) keeps W_hh on chip.
 _CUDA_SEQUENCE_MAX_HIDDEN = 256
-# The Triton layer kernels hold the weights in registers (fastattn/triton_kernels/lstm_layer.py:
-# MAX_HIDDEN); beyond that, streaming them each step loses to the cuda backend's C++ loop.
-_TRITON_LAYER_MAX_WIDTH = 64
+# The Triton layer kernels hold the weights on chip (fastattn/triton_kernels/lstm_layer.py:
+# MAX_HIDDEN); streaming them each step instead loses to the cuda backend's C++ loop.
+_TRITON_LAYER_MAX_WIDTH = 32
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -340,7 +340,7 @@ def _triton_layer_missing(dtype: torch.dtype, width: int) -> str | None:
         return "dtype float64 (triton serves float32, float16, bfloat16)"
     if width > _TRITON_LAYER_MAX_WIDTH:
         return (f"hidden or projection size {width} > {_TRITON_LAYER_MAX_WIDTH} (the Triton layer "
-                "keeps the weights in registers; beyond that the cuda backend's C++ loop wins)")
+                "keeps the weights on chip; streaming them loses to the cuda backend's C++ loop)")
     return None
 
 
@@ -520,8 +520,8 @@ def lstm_layer(
             and input.dtype != torch.float64 and not torch.is_grad_enabled()):
         h_all, c_all, _ = _OPS.lstm_sequence_fwd(x_proj, h0, c0, w_hh)
         return h_all, c_all
-    if backend == "triton":
-        h_all, c_all, _, _ = _triton_layer_fwd()(
+    if backend == "triton":  # chosen only once _triton_layer_fwd() has registered the op
+        h_all, c_all, _, _ = _OPS.lstm_layer_fwd_triton(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
         return h_all, c_all
     if backend == "reference":

@@ -15,12 +15,12 @@ Outputs are contiguous; x_proj, h0, c0, w_hh and w_hr are read through their str
 
 Design. Batch rows are independent, so each program owns BLOCK_B rows and runs the whole time
 loop alone: no grid sync, one launch per layer and direction. The forward keeps w_hh (and
-w_hr) in registers for the whole sequence and h, c in registers between steps. The backward
-runs the dh / dc recurrence per row block in reverse time with the same register-resident
-weights, writing grad_x_proj (the pre-activation gate gradients) as it goes; grad_w_hh and
-grad_w_hr are then one GEMM each over the whole sequence, outside the loop.
+w_hr) on chip for the whole sequence and h, c in registers between steps. The backward runs
+the dh / dc recurrence per row block in reverse time with the same on-chip weights, writing
+grad_x_proj (the pre-activation gate gradients) as it goes; grad_w_hh and grad_w_hr are then
+one GEMM each over the whole sequence, outside the loop.
 
-Why only H, P <= 64: the alternative for larger H, streaming w_hh from L2 every step, loses to
+Why only H, P <= 32: the alternative for larger H, streaming w_hh from L2 every step, loses to
 the C++ loop (one cuBLAS GEMM + one fused pointwise kernel per step, the cuda backend) on
 paper. H200 figures: 132 SMs; L2 ~10 TB/s in all, ~76 GB/s per SM at its fair share and at
 most ~125 GB/s (64 B/clock) for one SM alone; per SM ~3.7 TFLOP/s TF32 and ~7.5 TFLOP/s
@@ -38,11 +38,15 @@ bf16 on the tensor cores; a launch ~4 us. Per time step (T = 128 multiplies all 
 So the C++ loop wins by 1.7x to 25x at H >= 512 in every dtype and at fp32 H256, for B = 1,
 16 and 64 alike; the streaming kernel would win only at half precision H256, by 1.2x to 1.9x
 depending on an unmeasured per-SM L2 rate, where the CUDA persistent kernel (w_hh on chip
-across SMs, grid sync) is the better design. Not built. With w_hh in registers (H, P <= 64:
-four [64, 64] float32 tiles are 64 KiB, 64 registers a thread at 8 warps) nothing is streamed:
-a step is a dependent chain of a few small MMAs, the activations and an x_proj load, ~1..2 us
-against the C++ loop's >= 8 us, 4x to 8x for every B (ceil(B / 16) programs, one wave up to
-B = 2112). That is what this module serves, and fastattn.ops.lstm chooses it only there.
+across SMs, grid sync) is the better design. Not built. With the weights on chip for the
+whole sequence nothing is streamed: a step is a dependent chain of a few small MMAs, the
+activations and an x_proj load, ~1..2 us against the C++ loop's >= 8 us, 4x to 8x for every
+B (ceil(B / 16) programs, one wave up to B = 2112). That is what this module serves, and
+fastattn.ops.lstm chooses it only there. On chip means shared memory: the tf32x3 products keep
+a hi and a lo copy of every weight tile there (Triton hoists them out of the loop), so 64-wide
+tiles need 168 KiB even without software pipelining (num_stages = 1; 240 KiB with the default
+3): over sm_80's 163 KiB. 32-wide tiles take 60 KiB (forward) and 80 KiB (backward) with the
+default pipelining, within every arch's limit (tests/triton_aot.py checks it).
 
 Numerics: h and c are rounded to the input dtype after every step, as a loop of
 lstm_cell_pointwise_fwd calls does; products accumulate in float32 and take float32
@@ -64,7 +68,7 @@ import triton.language as tl
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 from fastattn.triton_kernels.lstm_cell import _sigmoid, _tanh
 
-MAX_HIDDEN = 64  # the largest H and P whose weights stay in registers
+MAX_HIDDEN = 32  # the largest H and P whose weight tiles stay on chip on sm_80 and sm_90
 BLOCK_B = 16  # batch rows of a program; tl.dot needs at least 16
 
 
@@ -74,7 +78,7 @@ def block_size(size: int) -> int:
 
 
 def num_warps(block_h: int, block_p: int) -> int:
-    """Warps of a program: four [BLOCK_P, BLOCK_H] weight tiles need 8 from 64 wide on."""
+    """Warps of a program: 4 up to 32-wide tiles (the widest served), 8 beyond."""
     return 4 if max(block_h, block_p) <= 32 else 8
 
 
