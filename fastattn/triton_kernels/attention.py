@@ -122,7 +122,7 @@ def _dot(a, b, BF16_DOT_IN_FP32: tl.constexpr):
 
     fp32 operands use input_precision="ieee" (no TF32), so fp32 accuracy holds; fp16/bf16
     operands use the default MMA path. No two ieee dots of one loop body share their left
-    operand: that crashed LLVM for sm_90 in lstm_sequence.py (tests/test_triton_compile.py).
+    operand: that crashed LLVM for sm_90 in an LSTM kernel (tests/test_triton_compile.py).
     BF16_DOT_IN_FP32 is set only under the Triton interpreter, whose tl.dot multiplies the raw
     uint16 bits of bfloat16 operands (Triton 3.9); bf16 -> fp32 is exact, so this computes
     what the bf16 MMA computes (exact products, fp32 sums).
