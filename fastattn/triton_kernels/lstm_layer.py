@@ -35,18 +35,20 @@ bf16 on the tensor cores; a launch ~4 us. Per time step (T = 128 multiplies all 
   fp32 H256 8..14 us, H512 34..55 us, H1024 134..220 us; bf16 H256 4..7 us, H512 17..28 us,
   H1024 67..110 us (the tf32x3 products, 3 passes at 3.7 TFLOP/s, take about as long).
 
-So the C++ loop wins by 1.7x to 25x at H >= 512 in every dtype and at fp32 H256, for B = 1,
-16 and 64 alike; the streaming kernel would win only at half precision H256, by 1.2x to 1.9x
-depending on an unmeasured per-SM L2 rate, where the CUDA persistent kernel (w_hh on chip
-across SMs, grid sync) is the better design. Not built. With the weights on chip for the
-whole sequence nothing is streamed: a step is a dependent chain of a few small MMAs, the
-activations and an x_proj load, ~1..2 us against the C++ loop's >= 8 us, 4x to 8x for every
-B (ceil(B / 16) programs, one wave up to B = 2112). That is what this module serves, and
-fastattn.ops.lstm chooses it only there. On chip means shared memory: the tf32x3 products keep
-a hi and a lo copy of every weight tile there (Triton hoists them out of the loop), so 64-wide
-tiles need 168 KiB even without software pipelining (num_stages = 1; 240 KiB with the default
-3): over sm_80's 163 KiB. 32-wide tiles take 60 KiB (forward) and 80 KiB (backward) with the
-default pipelining, within every arch's limit (tests/triton_aot.py checks it).
+So the C++ loop wins by 2x to 27x at H >= 512 in every dtype and ties or wins by up to 1.7x
+at fp32 H256, for B = 1, 16 and 64 alike; the streaming kernel would win only at half
+precision H256, by 1.2x to 1.9x depending on an unmeasured per-SM L2 rate, where the CUDA
+persistent kernel (w_hh on chip across SMs, grid sync) is the better design. Not built.
+
+With the weights on chip for the whole sequence nothing is streamed: a step is a dependent
+chain of a few small MMAs, the activations and an x_proj load, ~1..2 us against the C++
+loop's >= 8 us, 4x to 8x for every B (ceil(B / 16) programs, one wave up to B = 2112). That
+is what this module serves, and fastattn.ops.lstm chooses it only there. On chip means shared
+memory: the tf32x3 products keep a hi and a lo copy of every weight tile there (Triton hoists
+them out of the loop), so 64-wide tiles need 168 KiB even without software pipelining
+(num_stages = 1; 200 KiB forward and 240 KiB backward with the default 3): over sm_80's
+163 KiB. 32-wide tiles take 60 KiB (forward) and 80 KiB (backward) with the default
+pipelining, within every arch's limit (tests/triton_aot.py checks it).
 
 Numerics: h and c are rounded to the input dtype after every step, as a loop of
 lstm_cell_pointwise_fwd calls does; products accumulate in float32 and take float32
