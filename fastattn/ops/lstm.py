@@ -313,7 +313,7 @@ def _cell_missing(device: torch.device, dtype: torch.dtype):
     return missing
 
 
-# Evaluated once per (op, device, dtype, flag) while torch.compile traces, so that a compiled
+# Evaluated once per (op, device, dtype, flag, width) while torch.compile traces, so that a compiled
 # model bakes in the backend choice instead of graph-breaking on the backend registry.
 @torch.compiler.assume_constant_result
 def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool,
