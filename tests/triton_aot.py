@@ -24,6 +24,10 @@ HEAD_BLOCKS = (16, 32, 64, 128, 256)  # _head_block() of every served head dim (
 ALL_FLAGS = ("float", True, True, True)
 NO_FLAGS = (None, False, False, False)
 ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
+# Where the attention kernels find each sequence (issue 16): None (dense), "varlen" (cu_seqlens,
+# every kernel) or "paged" (a KV cache's lengths and block table, the forward only). Packed
+# sequences take no mask; a KV cache no mask and no dropout.
+SEQUENCE_FLAGS = {"varlen": (None, True, True, True), "paged": (None, True, False, True)}
 
 
 def _attention_configs(
@@ -54,7 +58,7 @@ class _FakeTensor:
 def cases(full: bool) -> list[dict]:
     """The compile cases, as JSON-able dicts.
 
-    full=True (~1800 cases): per arch and dtype, each attention kernel in every autotune
+    full=True: per arch and dtype, each attention kernel in every autotune
     config x head block (E = Ev) with all flags and with none, and in the first config every
     flag combination (head dim 64) and every (E, Ev) pair (all flags); the delta kernel at
     every head block; the LSTM kernels in every dtype and tile size. Every value of every
@@ -68,7 +72,10 @@ def cases(full: bool) -> list[dict]:
     bf16 on sm_90 (wgmma); the backward dK/dV kernel (the most shared memory) at head block
     256 in fp16 on sm_90 and in fp32 on sm_80 (its own 32 x 32 config); the delta kernel; the
     LSTM cell in fp32, fp64, bf16 and the sequence kernel in fp32 on both archs at its largest
-    tile and bf16 at its smallest.
+    tile and bf16 at its smallest; the packed (varlen) and paged KV-cache paths of the attention
+    kernels once per kernel, the split-KV combine and the KV-cache append kernels.
+    full=True adds the packed and paged paths in every config x head block, and the combine and
+    append kernels at every head block (~2500 cases in all).
     """
     if full:
         return _full_cases()
@@ -83,6 +90,15 @@ def cases(full: bool) -> list[dict]:
             out.append(_attention_case(kernel, dtype, arch, None, 64, 64, ALL_FLAGS))
     out += [_attention_case("attention_bwd_dkdv", d, a, None, 256, 256, NO_FLAGS)
             for d, a in (("fp16", 90), ("fp32", 80))]
+    # Packed and paged sequences: each kernel once in the dtype classes whose lowering differs.
+    out += [_attention_case(k, d, a, None, 64, 64, SEQUENCE_FLAGS[seq], seq)
+            for k, d, a, seq in (("attention_fwd", "fp16", 80, "varlen"),
+                                 ("attention_fwd", "bf16", 90, "paged"),
+                                 ("attention_fwd", "fp32", 90, "paged"),
+                                 ("attention_bwd_dkdv", "fp32", 90, "varlen"),
+                                 ("attention_bwd_dq", "bf16", 80, "varlen"))]
+    out += [dict(kernel="attention_split_combine", dtype="fp16", arch=90, block_ev=128),
+            dict(kernel="kv_cache_append", dtype="bf16", arch=80, block_ev=128, paged=True)]
     return out
 
 
@@ -106,14 +122,25 @@ def _full_cases() -> list[dict]:
                         for f in every_flags if f not in (ALL_FLAGS, NO_FLAGS)]
                 out += [_attention_case(kernel, dtype, arch, None, e, ev, ALL_FLAGS)
                         for e in HEAD_BLOCKS for ev in HEAD_BLOCKS if e != ev]
+                for seq in ("varlen", "paged") if kernel == "attention_fwd" else ("varlen",):
+                    out += [_attention_case(kernel, dtype, arch, c, e, e, SEQUENCE_FLAGS[seq],
+                                            seq)
+                            for e in HEAD_BLOCKS for c in _attention_configs(kernel, dtype, e, e)]
+            out += [dict(kernel="attention_split_combine", dtype=dtype, arch=arch, block_ev=e)
+                    for e in HEAD_BLOCKS]
+            out += [dict(kernel="kv_cache_append", dtype=dtype, arch=arch, block_ev=e, paged=p)
+                    for e in HEAD_BLOCKS for p in (False, True)]
     return out
 
 
-def _attention_case(kernel, dtype, arch, config, block_e, block_ev, flags) -> dict:
+def _attention_case(kernel, dtype, arch, config, block_e, block_ev, flags, sequences=None):
     """One attention case; config None is the first autotune config of the dtype."""
     config = config or _attention_configs(kernel, dtype, block_e, block_ev)[0]
-    return dict(kernel=kernel, dtype=dtype, arch=arch, config=tuple(config), block_e=block_e,
+    case = dict(kernel=kernel, dtype=dtype, arch=arch, config=tuple(config), block_e=block_e,
                 block_ev=block_ev, flags=flags)
+    if sequences:
+        case["sequences"] = sequences
+    return case
 
 
 def case_id(case: dict) -> str:
@@ -130,6 +157,10 @@ def case_id(case: dict) -> str:
         parts.append(f"H{case['block_h']}")
     if "block_ev" in case and "config" not in case:
         parts.append(f"Ev{case['block_ev']}")
+    if case.get("sequences"):
+        parts.append(case["sequences"])
+    if case.get("paged"):
+        parts.append("paged")
     return "-".join(parts)
 
 
@@ -157,16 +188,20 @@ def _attention_kernel(case: dict):
         "attention_bwd_dkdv": attention._attention_bwd_dkdv_kernel,
         "attention_bwd_dq": attention._attention_bwd_dq_kernel,
     }[case["kernel"]].fn  # the jit function under the autotuner
+    sequences = case.get("sequences")
     constexprs = {
         "HAS_MASK": mask is not None, "MASK_IS_BOOL": mask == "bool", "HAS_ALIBI": alibi,
         "HAS_DROPOUT": dropout, "HAS_SOFTCAP": softcap, "MASK_GRAD": mask == "float",
+        "VARLEN": sequences == "varlen", "KEY_LENS": sequences == "paged",
+        "PAGED": sequences == "paged",
         "BLOCK_E": case["block_e"], "BLOCK_EV": case["block_ev"], "BF16_DOT_IN_FP32": False,
         "BLOCK_M": block_m, "BLOCK_N": block_n,
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     pointers = {name: dtype for name in ("Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ")}
     pointers.update(Lse="fp32", Delta="fp32", dMask="fp32", Slopes="fp32", Seed="i64",
-                    Mask="i1" if mask == "bool" else dtype)
+                    Mask="i1" if mask == "bool" else dtype, CuSeqlensQ="i32", CuSeqlensK="i32",
+                    SeqlensK="i32", BlockTable="i32")
     signature = _signature(fn, pointers, {"scale", "softcap", "dropout_p"}, constexprs)
     return fn, signature, constexprs, {"num_warps": warps, "num_stages": stages}
 
@@ -177,6 +212,26 @@ def _delta_kernel(case: dict):
     fn = attention._attention_bwd_delta_kernel
     constexprs = {"BLOCK_EV": case["block_ev"], "BLOCK_M": attention._DELTA_BLOCK_M}
     pointers = {"Out": case["dtype"], "dOut": case["dtype"], "Delta": "fp32"}
+    return fn, _signature(fn, pointers, set(), constexprs), constexprs, {}
+
+
+def _combine_kernel(case: dict):
+    from fastattn.triton_kernels import attention
+
+    fn = attention._attention_split_combine_kernel
+    constexprs = {"BLOCK_EV": case["block_ev"], "BLOCK_M": attention._DELTA_BLOCK_M}
+    pointers = {"PartOut": "fp32", "PartLse": "fp32", "Out": case["dtype"], "Lse": "fp32"}
+    return fn, _signature(fn, pointers, set(), constexprs), constexprs, {}
+
+
+def _append_kernel(case: dict):
+    from fastattn.triton_kernels import attention_varlen
+
+    fn = attention_varlen._kv_cache_append_kernel
+    constexprs = {"PAGED": case["paged"], "BLOCK_L": attention_varlen._APPEND_BLOCK_L,
+                  "BLOCK_E": case["block_ev"], "BLOCK_EV": case["block_ev"]}
+    pointers = {name: case["dtype"] for name in ("KNew", "VNew", "KCache", "VCache")}
+    pointers.update(CacheSeqlens="i32", BlockTable="i32")
     return fn, _signature(fn, pointers, set(), constexprs), constexprs, {}
 
 
@@ -208,6 +263,10 @@ def compile_case(case: dict) -> dict:
 
     if case["kernel"].startswith("attention_bwd_delta"):
         fn, signature, constexprs, options = _delta_kernel(case)
+    elif case["kernel"] == "attention_split_combine":
+        fn, signature, constexprs, options = _combine_kernel(case)
+    elif case["kernel"] == "kv_cache_append":
+        fn, signature, constexprs, options = _append_kernel(case)
     elif case["kernel"].startswith("attention"):
         fn, signature, constexprs, options = _attention_kernel(case)
     else:
