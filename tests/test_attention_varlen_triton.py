@@ -462,3 +462,28 @@ def test_bad_varlen_offsets_are_rejected() -> None:
         torch.ops.fastattn.attention_varlen_fwd_triton(
             q, q, q, cu.long(), cu, 5, 5, None, 0.0, None, 1.0, -1, -1, False, 0.0,
         )
+
+
+# The interpreter's numpy max over a NaN row warns; the kernel's semantics are what is tested.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_in_its_sequence(device: str) -> None:
+    """A NaN query gives NaN output and lse rows, as in torch, and nothing else: not the other
+    rows of a packed batch, nor the other sequence of a split-KV decode (merged splits)."""
+    args = _varlen_inputs(VarlenCase(lengths_q=(3, 5), lengths_k=(4, 20)), device)
+    args["q"][4, 1, 0] = float("nan")  # sequence 1, row 1, head 1
+    out, lse = torch.ops.fastattn.attention_varlen_fwd_triton(**args)
+    nan_rows = torch.zeros(8, 2, dtype=torch.bool)
+    nan_rows[4, 1] = True
+    assert torch.equal(out.isnan().all(-1), nan_rows) and not out[~nan_rows].isnan().any()
+    assert torch.equal(lse.isnan(), nan_rows.T)
+
+    case = CacheCase(cache_seqlens=(40, 50), L_new=1, Lq=1, Hq=2, Hk=1, S_max=64,
+                     window=(-1, -1))
+    assert attention_varlen._num_splits(2 * case.Hq, 1, case.S_max, torch.device(device)) > 1
+    args, _, _ = _cache_inputs(case, device)
+    args["q"][1, 0, 0, 3] = float("nan")
+    out, lse = torch.ops.fastattn.attention_kv_cache_fwd_triton(**args)
+    assert out[1, 0].isnan().all() and lse[1, 0].isnan().all()
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, 1]).all()
+    assert torch.isfinite(lse[0]).all() and torch.isfinite(lse[1, 1]).all()
