@@ -16,6 +16,11 @@ Registered as ``fastattn::attention_fwd_triton`` and ``fastattn::attention_bwd_t
 
 The backward is three kernels: delta = rowsum(dO * O); dK/dV over key blocks (looping over the
 query heads of a GQA group, so no atomics); dQ over query blocks, which also writes dmask.
+
+The same kernels serve packed sequences and the KV cache (attention_varlen.py's ops) through
+constexpr paths: VARLEN reads each sequence's rows from cu_seqlens, KEY_LENS its key count from
+cache_seqlens, PAGED maps key positions through a block table; the forward can split the keys
+of a (sequence, head) over programs (split-KV decode). Dense calls are batch row b = sequence b.
 """
 
 from __future__ import annotations
