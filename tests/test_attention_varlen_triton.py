@@ -2,7 +2,7 @@
 reference run sequence by sequence (fastattn/ops/reference.py).
 
 CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 before Python starts: one 16 x 16
-tile config, so lengths 0, 1, 7 and 33 cross tile edges), CUDA tensors compiled on a GPU.
+tile config, so lengths 0, 1, 7, 17 and 20 cross tile edges), CUDA tensors compiled on a GPU.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def _packed(total: int, H: int, D: int, dtype: torch.dtype, device: str, noncont
 
 @dataclasses.dataclass(frozen=True)
 class VarlenCase:
-    lengths_q: tuple[int, ...] = (0, 1, 7, 33)
-    lengths_k: tuple[int, ...] = (5, 0, 7, 40)
+    lengths_q: tuple[int, ...] = (0, 1, 7, 20)
+    lengths_k: tuple[int, ...] = (5, 0, 7, 17)
     Hq: int = 2
     Hk: int = 2
     E: int = 16
@@ -156,17 +156,17 @@ def _check_varlen(case: VarlenCase, device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [
-    # Lengths 0, 1, 7 and > one tile (33, 40), GQA, strided inputs, Lq != Sk.
+    # Lengths 0, 1, 7 and > one 16-row tile (17, 20), GQA, strided inputs, Lq != Sk.
     pytest.param(VarlenCase(Hq=4, Hk=2, noncontiguous=True, window=(-1, 0), bottom_right=True),
                  id="gqa-causal-bottom-right-noncontiguous"),
-    pytest.param(VarlenCase(lengths_q=(7, 33, 1), lengths_k=(33, 7, 1), window=(-1, 0),
+    pytest.param(VarlenCase(lengths_q=(7, 20, 1), lengths_k=(18, 7, 1), window=(-1, 0),
                             dtype=FP16, E=40, Ev=8), id="causal-top-left-fp16-E40-Ev8"),
     pytest.param(VarlenCase(lengths_q=(17, 0, 5), lengths_k=(20, 3, 0), window=(4, 1),
                             bottom_right=True, softcap=2.0, alibi=True, Hq=2, Hk=1),
                  id="window-softcap-alibi-batch"),
     pytest.param(VarlenCase(lengths_q=(7, 20), lengths_k=(9, 18), dropout_p=0.3, Hq=2, Hk=1,
                             window=(-1, 0)), id="dropout-gqa-causal"),
-    pytest.param(VarlenCase(lengths_q=(1, 7), lengths_k=(33, 5), dtype=BF16), id="bf16"),
+    pytest.param(VarlenCase(lengths_q=(1, 7), lengths_k=(20, 5), dtype=BF16), id="bf16"),
 ])
 def test_varlen_matches_reference(case: VarlenCase, device: str) -> None:
     _check_varlen(case, device)
