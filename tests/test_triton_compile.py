@@ -4,7 +4,7 @@ Catches what the interpreter cannot: lowering failures (an fp32 "ieee" tl.dot cr
 SLP vectorizer for sm_90 in triton 3.9), local memory in the PTX, and tiles whose shared memory
 exceeds the arch's limit. tests/triton_aot.py lists the specialisations the launchers produce
 and compiles one. CI compiles the subset ``cases(full=False)`` describes (each compile costs
-seconds of CPU, a minute for a big fp32 tile); FASTATTN_TRITON_AOT=full compiles the ~1900
+seconds of CPU, a minute for a big fp32 tile); FASTATTN_TRITON_AOT=full compiles the ~2500
 cases of ``cases(full=True)``, every autotune config, head block, flag, dtype and arch (hours
 on a few cores).
 

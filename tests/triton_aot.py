@@ -29,6 +29,10 @@ LSTM_BLOCKS = (16, 32)  # block_size() of every served H and P (1..32)
 # The LSTM layer flags: (HAS_PROJ, HAS_BATCH_SIZES, REVERSE, HAS_ZONEOUT_C, HAS_ZONEOUT_H).
 LSTM_ALL_FLAGS = (True, True, True, True, True)
 LSTM_NO_FLAGS = (False, False, False, False, False)
+# Where the attention kernels find each sequence (issue 16): None (dense), "varlen" (cu_seqlens,
+# every kernel) or "paged" (a KV cache's lengths and block table, the forward only). Packed
+# sequences take no mask; a KV cache no mask and no dropout.
+SEQUENCE_FLAGS = {"varlen": (None, True, True, True), "paged": (None, True, False, True)}
 
 
 def _attention_configs(
@@ -59,7 +63,7 @@ class _FakeTensor:
 def cases(full: bool) -> list[dict]:
     """The compile cases, as JSON-able dicts.
 
-    full=True (~1900 cases): per arch and dtype, each attention kernel in every autotune
+    full=True: per arch and dtype, each attention kernel in every autotune
     config x head block (E = Ev) with all flags and with none, and in the first config every
     flag combination (head dim 64) and every (E, Ev) pair (all flags); the delta kernel at
     every head block; the LSTM kernels in every dtype and tile size (the layer kernels in every
@@ -76,7 +80,10 @@ def cases(full: bool) -> list[dict]:
     256 in fp16 on sm_90 and in fp32 on sm_80 (its own 32 x 32 config); the delta kernel; the
     LSTM cell in fp32, fp64, bf16 and the layer forward and backward with every flag in fp32 on
     sm_80 (the smaller shared memory) at their largest tiles (H = P = 32) and bf16 on sm_90 at
-    H 32, P 16.
+    H 32, P 16; the paged KV-cache forward in bf16 on sm_90 and the packed
+    dQ kernel in fp16 on sm_80, the split-KV combine and the KV-cache append kernels.
+    full=True adds the packed and paged paths in every config x head block, and the combine and
+    append kernels at every head block.
     """
     if full:
         return _full_cases()
@@ -91,6 +98,13 @@ def cases(full: bool) -> list[dict]:
             out.append(_attention_case(kernel, dtype, arch, None, 64, 64, ALL_FLAGS))
     out += [_attention_case("attention_bwd_dkdv", d, a, None, 256, 256, NO_FLAGS)
             for d, a in (("fp16", 90), ("fp32", 80))]
+    # Packed and paged sequences (each attention compile costs ~20-60 s of CI): the paged
+    # forward (indirect key rows, split-KV) on wgmma and the packed dQ kernel on mma.sync.
+    out += [_attention_case(k, d, a, None, 64, 64, SEQUENCE_FLAGS[seq], seq)
+            for k, d, a, seq in (("attention_fwd", "bf16", 90, "paged"),
+                                 ("attention_bwd_dq", "fp16", 80, "varlen"))]
+    out += [dict(kernel="attention_split_combine", dtype="fp16", arch=90, block_ev=128),
+            dict(kernel="kv_cache_append", dtype="bf16", arch=80, block_ev=128, paged=True)]
     return out
 
 
@@ -117,6 +131,14 @@ def _full_cases() -> list[dict]:
                         for f in every_flags if f not in (ALL_FLAGS, NO_FLAGS)]
                 out += [_attention_case(kernel, dtype, arch, None, e, ev, ALL_FLAGS)
                         for e in HEAD_BLOCKS for ev in HEAD_BLOCKS if e != ev]
+                for seq in ("varlen", "paged") if kernel == "attention_fwd" else ("varlen",):
+                    out += [_attention_case(kernel, dtype, arch, c, e, e, SEQUENCE_FLAGS[seq],
+                                            seq)
+                            for e in HEAD_BLOCKS for c in _attention_configs(kernel, dtype, e, e)]
+            out += [dict(kernel="attention_split_combine", dtype=dtype, arch=arch, block_ev=e)
+                    for e in HEAD_BLOCKS]
+            out += [dict(kernel="kv_cache_append", dtype=dtype, arch=arch, block_ev=e, paged=p)
+                    for e in HEAD_BLOCKS for p in (False, True)]
     return out
 
 
@@ -125,11 +147,14 @@ def _lstm_layer_case(kernel, dtype, arch, block_h, block_p, flags) -> dict:
                 lstm_flags=flags)
 
 
-def _attention_case(kernel, dtype, arch, config, block_e, block_ev, flags) -> dict:
+def _attention_case(kernel, dtype, arch, config, block_e, block_ev, flags, sequences=None):
     """One attention case; config None is the first autotune config of the dtype."""
     config = config or _attention_configs(kernel, dtype, block_e, block_ev)[0]
-    return dict(kernel=kernel, dtype=dtype, arch=arch, config=tuple(config), block_e=block_e,
+    case = dict(kernel=kernel, dtype=dtype, arch=arch, config=tuple(config), block_e=block_e,
                 block_ev=block_ev, flags=flags)
+    if sequences:
+        case["sequences"] = sequences
+    return case
 
 
 def case_id(case: dict) -> str:
@@ -150,6 +175,10 @@ def case_id(case: dict) -> str:
         parts.append("+".join(n for n, on in zip(names, case["lstm_flags"]) if on) or "noflags")
     if "block_ev" in case and "config" not in case:
         parts.append(f"Ev{case['block_ev']}")
+    if case.get("sequences"):
+        parts.append(case["sequences"])
+    if case.get("paged"):
+        parts.append("paged")
     return "-".join(parts)
 
 
@@ -177,16 +206,20 @@ def _attention_kernel(case: dict):
         "attention_bwd_dkdv": attention._attention_bwd_dkdv_kernel,
         "attention_bwd_dq": attention._attention_bwd_dq_kernel,
     }[case["kernel"]].fn  # the jit function under the autotuner
+    sequences = case.get("sequences")
     constexprs = {
         "HAS_MASK": mask is not None, "MASK_IS_BOOL": mask == "bool", "HAS_ALIBI": alibi,
         "HAS_DROPOUT": dropout, "HAS_SOFTCAP": softcap, "MASK_GRAD": mask == "float",
+        "VARLEN": sequences == "varlen", "KEY_LENS": sequences == "paged",
+        "PAGED": sequences == "paged",
         "BLOCK_E": case["block_e"], "BLOCK_EV": case["block_ev"], "BF16_DOT_IN_FP32": False,
         "BLOCK_M": block_m, "BLOCK_N": block_n,
     }
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     pointers = {name: dtype for name in ("Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ")}
     pointers.update(Lse="fp32", Delta="fp32", dMask="fp32", Slopes="fp32", Seed="i64",
-                    Mask="i1" if mask == "bool" else dtype)
+                    Mask="i1" if mask == "bool" else dtype, CuSeqlensQ="i32", CuSeqlensK="i32",
+                    SeqlensK="i32", BlockTable="i32")
     signature = _signature(fn, pointers, {"scale", "softcap", "dropout_p"}, constexprs)
     return fn, signature, constexprs, {"num_warps": warps, "num_stages": stages}
 
@@ -197,6 +230,26 @@ def _delta_kernel(case: dict):
     fn = attention._attention_bwd_delta_kernel
     constexprs = {"BLOCK_EV": case["block_ev"], "BLOCK_M": attention._DELTA_BLOCK_M}
     pointers = {"Out": case["dtype"], "dOut": case["dtype"], "Delta": "fp32"}
+    return fn, _signature(fn, pointers, set(), constexprs), constexprs, {}
+
+
+def _combine_kernel(case: dict):
+    from fastattn.triton_kernels import attention
+
+    fn = attention._attention_split_combine_kernel
+    constexprs = {"BLOCK_EV": case["block_ev"], "BLOCK_M": attention._DELTA_BLOCK_M}
+    pointers = {"PartOut": "fp32", "PartLse": "fp32", "Out": case["dtype"], "Lse": "fp32"}
+    return fn, _signature(fn, pointers, set(), constexprs), constexprs, {}
+
+
+def _append_kernel(case: dict):
+    from fastattn.triton_kernels import attention_varlen
+
+    fn = attention_varlen._kv_cache_append_kernel
+    constexprs = {"PAGED": case["paged"], "BLOCK_L": attention_varlen._APPEND_BLOCK_L,
+                  "BLOCK_E": case["block_ev"], "BLOCK_EV": case["block_ev"]}
+    pointers = {name: case["dtype"] for name in ("KNew", "VNew", "KCache", "VCache")}
+    pointers.update(CacheSeqlens="i32", BlockTable="i32")
     return fn, _signature(fn, pointers, set(), constexprs), constexprs, {}
 
 
@@ -237,6 +290,10 @@ def compile_case(case: dict) -> dict:
 
     if case["kernel"].startswith("attention_bwd_delta"):
         fn, signature, constexprs, options = _delta_kernel(case)
+    elif case["kernel"] == "attention_split_combine":
+        fn, signature, constexprs, options = _combine_kernel(case)
+    elif case["kernel"] == "kv_cache_append":
+        fn, signature, constexprs, options = _append_kernel(case)
     elif case["kernel"].startswith("attention"):
         fn, signature, constexprs, options = _attention_kernel(case)
     else:
