@@ -48,6 +48,16 @@ CpuIsa cpu_isa() {
   return isa;
 }
 
+bool cpu_has_avx512_bf16() {
+#ifdef FASTATTN_X86_ISA_VARIANTS
+  __builtin_cpu_init();
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::Avx512: return "avx512";

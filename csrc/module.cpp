@@ -6,10 +6,21 @@
 
 #include "fastattn/attention_head_dims.h"
 #include "fastattn/cpu_isa.h"
+#include "fastattn/dtype.h"
 
 #ifndef FASTATTN_CUDA_ARCHS
 #define FASTATTN_CUDA_ARCHS ""
 #endif
+
+namespace fastattn {
+
+FASTATTN_ISA_DECLARE(const char* attention_fwd_tile_engine(Dtype dtype))
+
+const char* attention_cpu_tile_engine(Dtype dtype) {
+  return FASTATTN_ISA_CALL(attention_fwd_tile_engine, dtype);
+}
+
+}  // namespace fastattn
 
 namespace {
 
@@ -47,6 +58,23 @@ PYBIND11_MODULE(_C, m) {
         },
         "(isa, mangled at::vec float type, float lanes) of every compiled variant this CPU "
         "can run, each reported by the variant's own code");
+  m.def("cpu_attention_tile_engine",
+        [](const std::string& dtype) -> std::string {
+          using fastattn::Dtype;
+          const std::pair<const char*, Dtype> names[] = {{"float32", Dtype::Float32},
+                                                         {"float64", Dtype::Float64},
+                                                         {"bfloat16", Dtype::BFloat16},
+                                                         {"float16", Dtype::Float16}};
+          for (const auto& [name, value] : names) {
+            if (dtype == name) {
+              return fastattn::attention_cpu_tile_engine(value);
+            }
+          }
+          throw pybind11::value_error("cpu_attention_tile_engine: dtype must be float32, "
+                                      "float64, bfloat16 or float16, got " + dtype);
+        },
+        "The engine of the CPU attention forward's tile products for a dtype name on this "
+        "machine (at the ISA cpu_isa() reports)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
 }

@@ -33,6 +33,10 @@ def facts() -> dict[str, object]:
     else:
         out["fastattn._C"] = f"built against torch {C.torch_version()}"
         out["cpu isa used"] = C.cpu_isa()
+        out["tile engine"] = ", ".join(
+            f"{dtype}: {C.cpu_attention_tile_engine(dtype)}"
+            for dtype in ("float32", "float64", "bfloat16", "float16")
+        )
         out["cuda kernels"] = f"archs {C.cuda_archs()}" if C.built_with_cuda() else "not built"
     out["gpu"] = (
         ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

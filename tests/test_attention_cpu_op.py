@@ -289,11 +289,12 @@ def test_empty_inputs():
     assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
 
 
-def test_outputs_fully_written():
-    q, k, v = inputs(1, 3, 1, 70, 100, 40, 24, torch.float32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_outputs_fully_written(dtype):
+    q, k, v = inputs(1, 3, 1, 70, 100, 40, 24, dtype)
     opts = make_opts(window_left=3, window_right=2)  # most key tiles are skipped
-    grad_out = torch.randn(1, 3, 70, 24)
-    poison_(torch.empty(1, 3, 70, 24))
+    grad_out = torch.randn(1, 3, 70, 24, dtype=dtype)
+    poison_(torch.empty(1, 3, 70, 24, dtype=dtype))
     poison_(torch.empty(1, 3, 70))
     out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(opts, 40))
     for t in (q, k, v):
@@ -302,6 +303,52 @@ def test_outputs_fully_written():
         grad_out, q, k, v, out, lse, *op_args(opts, 40), False)
     for t in (out, lse, dq, dk, dv):
         assert not t.isnan().any()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_tile_engine_of_each_dtype():
+    engine = _extension.C.cpu_attention_tile_engine
+    assert engine("float32") == engine("float16") == "at::vec fp32 FMA"
+    assert engine("float64") == "at::vec fp64 FMA"
+    dot = _extension.C.cpu_isa() == "avx512" and "avx512_bf16" in cpu_flags()
+    assert engine("bfloat16") == ("avx512-bf16 vdpbf16ps" if dot else "at::vec fp32 FMA")
+    with pytest.raises(ValueError, match="dtype must be"):
+        engine("int8")
+
+
+@pytest.mark.skipif(
+    _extension.C.cpu_isa() != "avx512" or "avx512_bf16" not in cpu_flags(),
+    reason="bf16 tile products use vdpbf16ps only where the kernels run avx512 and the CPU has "
+    f"AVX512-BF16; here they run {_extension.C.cpu_isa()} and the CPU "
+    f"{'has' if 'avx512_bf16' in cpu_flags() else 'lacks'} AVX512-BF16",
+)
+def test_bf16_tile_products_use_avx512_bf16():
+    assert _extension.C.cpu_attention_tile_engine("bfloat16") == "avx512-bf16 vdpbf16ps"
+
+
+# Odd lengths (a single row, tails of the 64-row/64-key tiles, odd key counts that leave half a
+# key pair for the bf16 dot products) and head dims off the 32-lane padding (8, 72).
+ODD_BF16_SHAPES = [
+    pytest.param(L, E, id=f"L{L}-S{2 * L + 1}-E{E}") for L in (1, 7, 33, 65) for E in (8, 72)
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("L, E", ODD_BF16_SHAPES)
+def test_bf16_odd_sizes(L, E, causal):
+    q, k, v = inputs(2, 2, 1, L, 2 * L + 1, E, E, torch.bfloat16)
+    check(q, k, v, make_opts(window_right=0 if causal else -1), against_torch=True)
 
 
 BAD_INPUTS = [

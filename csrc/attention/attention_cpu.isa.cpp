@@ -3,15 +3,20 @@
 // Tiles of kBlockM query rows meet tiles of kBlockN keys; the L x S score matrix never exists
 // (a thread holds O((kBlockM + kBlockN) * E) floats). Tile products use a register-blocked
 // at::vec FMA micro-kernel (gemm below) on operands packed once per tile into float (double
-// for float64) buffers whose widths are padded to whole register pairs.
+// for float64) buffers whose widths are padded to whole register pairs; the avx512 build's
+// bf16 forward uses AVX512-BF16 dot products instead where the CPU has them (TileProducts).
 // The forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
 // probabilities from it with the same packing and the same micro-kernel, so P is bit-identical
-// to the forward's even for huge logits.
+// to the forward's even for huge logits (with the bf16 dot products the scores agree to fp32
+// rounding: a relative error of ~1e-7 times the logit's size in P).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#ifdef CPU_CAPABILITY_AVX512
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +26,7 @@
 #include <vector>
 
 #include "fastattn/attention_cpu_params.h"
+#include "fastattn/cpu_isa.h"
 #include "fastattn/philox.h"
 
 namespace fastattn {
@@ -77,25 +83,26 @@ void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int
   }
 }
 
+// Calls fn(i, std::integral_constant<int, R>{}) on row blocks [i, i + R) that cover [0, m):
+// blocks of ROWS rows, then one smaller block per remaining size, so that every micro-kernel
+// call has a compile-time row count.
+template <int ROWS, typename Fn>
+void for_row_blocks(int64_t m, Fn&& fn) {
+  int64_t i = 0;
+  for (; i + ROWS <= m; i += ROWS) fn(i, std::integral_constant<int, ROWS>{});
+  if constexpr (ROWS > 1) {
+    if (i < m) for_row_blocks<ROWS - 1>(m - i, [&](int64_t r, auto rows) { fn(i + r, rows); });
+  }
+}
+
 template <typename T, bool A_ROW_MAJOR>
 void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b,
                  int64_t ldb, T* c, int64_t ldc) {
   const int64_t row_step = A_ROW_MAJOR ? lda : 1;
-  int64_t i = 0;
-  for (; i + kGemmRows <= m; i += kGemmRows) {
-    gemm_rows<T, kGemmRows, A_ROW_MAJOR>(n, kdim, a + i * row_step, lda, b, ldb, c + i * ldc,
-                                         ldc);
-  }
-  const T* at = a + i * row_step;
-  T* ct = c + i * ldc;
-  switch (m - i) {
-    case 5: gemm_rows<T, 5, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
-    case 4: gemm_rows<T, 4, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
-    case 3: gemm_rows<T, 3, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
-    case 2: gemm_rows<T, 2, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
-    case 1: gemm_rows<T, 1, A_ROW_MAJOR>(n, kdim, at, lda, b, ldb, ct, ldc); break;
-    default: break;
-  }
+  for_row_blocks<kGemmRows>(m, [&](int64_t i, auto rows) {
+    gemm_rows<T, decltype(rows)::value, A_ROW_MAJOR>(n, kdim, a + i * row_step, lda, b, ldb,
+                                                     c + i * ldc, ldc);
+  });
 }
 
 // C[m, n] += A[m, kdim] * B[kdim, n]; A is read through (row, col) strides, one of which is 1.
@@ -229,7 +236,174 @@ struct Problem {
   }
 };
 
+// The forward's tile products and the packing they read: scale * Q, K^T and V into acc_t
+// buffers for the at::vec FMA micro-kernel (gemm). TileProducts below swaps in the bf16 dot
+// products where the CPU has them; the backward always uses these.
 template <typename scalar_t, typename acc_t>
+struct FmaProducts {
+  static const char* engine() {
+    return std::is_same_v<acc_t, double> ? "at::vec fp64 FMA" : "at::vec fp32 FMA";
+  }
+  // qs [m, e_pad] = scale * q rows (row stride q_rs).
+  static void pack_q(const Problem& pr, const scalar_t* q, int64_t q_rs, int64_t m, acc_t* qs) {
+    pack_rows(q, q_rs, m, pr.p.head_dim, static_cast<acc_t>(pr.p.scale), qs, pr.e_pad);
+  }
+  // kt [E, n_pad] = k^T and vb [kBlockN, ev_pad] = v of n keys.
+  static void pack_kv(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
+                      int64_t v_rs, int64_t n, acc_t* kt, acc_t* vb) {
+    pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad);
+    pack_rows(v, v_rs, n, pr.p.v_head_dim, acc_t(1), vb, pr.ev_pad);
+  }
+  // s [m, n_pad] += qs kt (s holds zeros).
+  static void qk(const Problem& pr, int64_t m, const acc_t* qs, const acc_t* kt, acc_t* s) {
+    gemm<acc_t>(m, pr.n_pad, pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad, s, pr.n_pad);
+  }
+  // o [m, ev_pad] += p [m, n] vb; p (in s) may be overwritten.
+  static void pv(const Problem& pr, int64_t m, int64_t n, acc_t* p, const acc_t* vb, acc_t* o) {
+    gemm<acc_t>(m, pr.ev_pad, n, p, pr.n_pad, 1, vb, pr.ev_pad, o, pr.ev_pad);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct TileProducts : FmaProducts<scalar_t, acc_t> {};
+
+#ifdef CPU_CAPABILITY_AVX512
+// bf16 tile products on AVX512-BF16: vdpbf16ps multiplies 16 pairs of bf16 and adds both
+// products to 16 fp32 accumulators, twice the multiply-adds of an fp32 FMA, with no
+// conversion of K and V to fp32. Products of two bf16 are exact in fp32, so QK^T has fp32
+// accuracy; P is rounded to bf16 before PV (as torch's bf16 flash kernel and FlashAttention
+// do), a relative error of at most 2^-9 per probability, while the softmax sum stays fp32.
+// (vdpbf16ps also treats bf16 denormals as zero: magnitudes below 1e-38, far below the
+// rounding step of any score or output.) Operands hold bf16 pairs as 32-bit words, stored in
+// the acc_t (float) buffers the FMA path uses: a pair needs the room of one float.
+typedef uint32_t __attribute__((__may_alias__)) bf16_pair;
+constexpr int kDotRows = 8;  // rows of the dot micro-kernel's register tile (x 2 vectors)
+
+inline bf16_pair bf16_pair_of(c10::BFloat16 lo, c10::BFloat16 hi) {
+  return static_cast<uint32_t>(lo.x) | static_cast<uint32_t>(hi.x) << 16;
+}
+
+// C[ROWS, n] (ACCUMULATE ? += : = alpha *) A[ROWS, kp] B[kp, n] over bf16 pairs: A row-major
+// (leading dim lda pairs), B [kp, n] with pair (2p, 2p+1) of the reduction at row p
+// ("VNNI" layout, leading dim ldb), C fp32; n is a multiple of 32.
+template <int ROWS, bool ACCUMULATE>
+__attribute__((target("avx512f,avx512bf16"))) void dot_rows(
+    int64_t n, int64_t kp, const bf16_pair* a, int64_t lda, const bf16_pair* b, int64_t ldb,
+    float* c, int64_t ldc, float alpha) {
+  for (int64_t j = 0; j < n; j += 32) {
+    __m512 acc0[ROWS], acc1[ROWS];
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      acc0[r] = ACCUMULATE ? _mm512_loadu_ps(c + r * ldc + j) : _mm512_setzero_ps();
+      acc1[r] = ACCUMULATE ? _mm512_loadu_ps(c + r * ldc + j + 16) : _mm512_setzero_ps();
+    }
+    const bf16_pair* bp = b + j;
+    for (int64_t p = 0; p < kp; ++p, bp += ldb) {
+      const auto b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp));
+      const auto b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + 16));
+#pragma GCC unroll 8
+      for (int r = 0; r < ROWS; ++r) {
+        const auto ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(a[r * lda + p]));
+        acc0[r] = _mm512_dpbf16_ps(acc0[r], ar, b0);
+        acc1[r] = _mm512_dpbf16_ps(acc1[r], ar, b1);
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(alpha);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      _mm512_storeu_ps(c + r * ldc + j, ACCUMULATE ? acc0[r] : _mm512_mul_ps(acc0[r], scale));
+      _mm512_storeu_ps(c + r * ldc + j + 16,
+                       ACCUMULATE ? acc1[r] : _mm512_mul_ps(acc1[r], scale));
+    }
+  }
+}
+
+template <bool ACCUMULATE>
+void dot(int64_t m, int64_t n, int64_t kp, const bf16_pair* a, int64_t lda, const bf16_pair* b,
+         int64_t ldb, float* c, int64_t ldc, float alpha) {
+  for_row_blocks<kDotRows>(m, [&](int64_t i, auto rows) {
+    dot_rows<decltype(rows)::value, ACCUMULATE>(n, kp, a + i * lda, lda, b, ldb, c + i * ldc,
+                                                ldc, alpha);
+  });
+}
+
+// The fp32 rows [m, n] (leading dim ld, n a multiple of 32) become bf16 pairs in place: pair
+// j of a row takes the room of float j, which is read before it is written.
+__attribute__((target("avx512f,avx512bf16"))) inline void to_pairs_in_place(float* x, int64_t m,
+                                                                           int64_t n,
+                                                                           int64_t ld) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* row = x + i * ld;
+    for (int64_t j = 0; j < n; j += 32) {
+      const __m512bh pairs = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + j + 16),
+                                                 _mm512_loadu_ps(row + j));
+      _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(row) + j / 2,
+                          reinterpret_cast<__m512i>(pairs));
+    }
+  }
+}
+
+template <>
+struct TileProducts<c10::BFloat16, float> {
+  using Fma = FmaProducts<c10::BFloat16, float>;
+  using bf16 = c10::BFloat16;
+  static bool on() { return cpu_has_avx512_bf16(); }
+  static const char* engine() { return on() ? "avx512-bf16 vdpbf16ps" : Fma::engine(); }
+
+  // Q rows as pairs, unscaled (qk applies the scale in fp32) and zero-padded to an even E.
+  // A single row (m == 1) is read unpacked by the decode path (Scores), so it stays fp32.
+  static void pack_q(const Problem& pr, const bf16* q, int64_t q_rs, int64_t m, float* qs) {
+    if (!on() || m == 1) return Fma::pack_q(pr, q, q_rs, m, qs);
+    const int64_t E = pr.p.head_dim;
+    auto* dst = reinterpret_cast<bf16_pair*>(qs);
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t e = 0; e < E; e += 2) {
+        dst[r * pr.e_pad + e / 2] = bf16_pair_of(q[r * q_rs + e], e + 1 < E ? q[r * q_rs + e + 1]
+                                                                         : bf16(0.f));
+      }
+    }
+  }
+  // kt [ceil(E/2), n_pad] pairs (k[j, 2p], k[j, 2p+1]) at (p, j); vb [ceil(n/2), ev_pad] pairs
+  // (v[2i, e], v[2i+1, e]) at (i, e). Zeros pad keys n.. and columns Ev.., so no padding
+  // product meets an uninitialized (possibly NaN) word.
+  static void pack_kv(const Problem& pr, const bf16* k, int64_t k_rs, const bf16* v,
+                      int64_t v_rs, int64_t n, float* kt, float* vb) {
+    if (!on()) return Fma::pack_kv(pr, k, k_rs, v, v_rs, n, kt, vb);
+    const int64_t E = pr.p.head_dim, Ev = pr.p.v_head_dim, ld = pr.n_pad, ldo = pr.ev_pad;
+    auto* kp = reinterpret_cast<bf16_pair*>(kt);
+    for (int64_t e = 0; e < E; e += 2) std::fill(kp + e / 2 * ld + n, kp + (e / 2 + 1) * ld, 0);
+    for (int64_t j = 0; j < n; ++j) {
+      const bf16* row = k + j * k_rs;
+      for (int64_t e = 0; e < E; e += 2) {
+        kp[e / 2 * ld + j] = bf16_pair_of(row[e], e + 1 < E ? row[e + 1] : bf16(0.f));
+      }
+    }
+    auto* vp = reinterpret_cast<bf16_pair*>(vb);
+    for (int64_t i = 0; 2 * i < n; ++i) {
+      const bf16* r0 = v + 2 * i * v_rs;
+      const bool second = 2 * i + 1 < n;
+      for (int64_t e = 0; e < Ev; ++e) {
+        vp[i * ldo + e] = bf16_pair_of(r0[e], second ? r0[v_rs + e] : bf16(0.f));
+      }
+      std::fill(vp + i * ldo + Ev, vp + (i + 1) * ldo, 0);
+    }
+  }
+  static void qk(const Problem& pr, int64_t m, const float* qs, const float* kt, float* s) {
+    if (!on()) return Fma::qk(pr, m, qs, kt, s);
+    dot<false>(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), reinterpret_cast<const bf16_pair*>(qs),
+               pr.e_pad, reinterpret_cast<const bf16_pair*>(kt), pr.n_pad, s, pr.n_pad,
+               static_cast<float>(pr.p.scale));
+  }
+  static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o) {
+    if (!on()) return Fma::pv(pr, m, n, p, vb, o);
+    to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
+    dot<true>(m, pr.ev_pad, ceil_div(n, 2), reinterpret_cast<const bf16_pair*>(p), pr.n_pad,
+              reinterpret_cast<const bf16_pair*>(vb), pr.ev_pad, o, pr.ev_pad, 1.f);
+  }
+};
+#endif  // CPU_CAPABILITY_AVX512
+
+template <typename scalar_t, typename acc_t, typename Products = FmaProducts<scalar_t, acc_t>>
 struct Scores {
   // s[m, n_pad] = scores of rows [q0, q0+m) x keys [k0, k0+n) of head (b, h), with softcap,
   // alibi, mask and visibility applied (-inf where invisible, and in padded columns).
@@ -243,7 +417,7 @@ struct Scores {
     const int64_t ld = pr.n_pad;
     std::fill(s, s + m * ld, acc_t(0));
     if (kt != nullptr) {
-      gemm<acc_t>(m, ld, p.head_dim, qs, pr.e_pad, 1, kt, ld, s, ld);
+      Products::qk(pr, m, qs, kt, s);
     } else {
       for (int64_t j = 0; j < n; ++j) s[j] = dot_row(qs, k_rows + j * k_rs, p.head_dim);
     }
@@ -356,6 +530,7 @@ void vec_scale(T* x, int64_t n, T factor) {
 // normalized output rows to o [m, ev_pad] and their log-sum-exp to lse [m] (-inf: no key).
 template <typename scalar_t, typename acc_t>
 struct ForwardTile {
+  using Products = TileProducts<scalar_t, acc_t>;
   std::vector<acc_t> qs, s, o;
   std::vector<acc_t> row_max, row_sum, lse;
   // Packed key tiles of one kv head, kept while a thread's consecutive query tiles read the
@@ -388,8 +563,7 @@ struct ForwardTile {
     const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-    pack_rows(q + q0 * p.q_stride[2], p.q_stride[2], m, p.head_dim,
-              static_cast<acc_t>(p.scale), qs.data(), pr.e_pad);
+    Products::pack_q(pr, q + q0 * p.q_stride[2], p.q_stride[2], m, qs.data());
     std::fill(o.begin(), o.begin() + m * ldo, acc_t(0));
     std::fill(row_max.begin(), row_max.end(), kNegInf);
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
@@ -407,14 +581,14 @@ struct ForwardTile {
       acc_t* kt = kt_all + kb * p.head_dim * ld;  // [E, n_pad]
       acc_t* vb = v_all + kb * kBlockN * ldo;     // [kBlockN, ev_pad]
       if (!single_row && !packed[kb]) {
-        pack_transposed(k + k0 * p.k_stride[2], p.k_stride[2], n, p.head_dim, kt, ld);
-        pack_rows(v + k0 * p.v_stride[2], p.v_stride[2], n, p.v_head_dim, acc_t(1), vb, ldo);
+        Products::pack_kv(pr, k + k0 * p.k_stride[2], p.k_stride[2], v + k0 * p.v_stride[2],
+                          p.v_stride[2], n, kt, vb);
         packed[kb] = 1;
       }
       // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
       // tanh values are not needed here, so they go to s itself.
-      Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(),
-                                       single_row ? nullptr : kt, k + k0 * p.k_stride[2],
+      Scores<scalar_t, acc_t, Products>::compute(pr, b, h, q0, m, k0, n, qs.data(),
+                                                 single_row ? nullptr : kt, k + k0 * p.k_stride[2],
                                        p.k_stride[2], s.data(), s.data());
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
@@ -436,7 +610,7 @@ struct ForwardTile {
           }
         }
       } else {
-        gemm<acc_t>(m, ldo, n, s.data(), ld, 1, vb, ldo, o.data(), ldo);
+        Products::pv(pr, m, n, s.data(), vb, o.data());
       }
     }
     // row_sum is 0 only for a row that saw no key (its largest score adds exp(0) = 1); a NaN
@@ -787,6 +961,16 @@ void attention_fwd_kernel(const AttentionFwdParams& params) {
 void attention_bwd_kernel(const AttentionBwdParams& params) {
   dispatch_dtype(params.fwd.dtype,
                  [&](auto tag) { attention_bwd_typed<decltype(tag)>(params); });
+}
+
+const char* attention_fwd_tile_engine(Dtype dtype) {
+  const char* engine = nullptr;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    engine = TileProducts<scalar_t, acc_t>::engine();
+  });
+  return engine;
 }
 
 }  // namespace FASTATTN_ISA_NAMESPACE

@@ -22,6 +22,9 @@ CpuIsa cpu_isa();
 // The widest ISA this CPU supports, whatever ATEN_CPU_CAPABILITY says.
 CpuIsa cpu_isa_supported();
 const char* cpu_isa_name(CpuIsa isa);
+// Whether this CPU has AVX512-BF16 (vdpbf16ps), which the avx512 variant's bf16 tile products
+// use; asked at run time because AVX-512 CPUs before Cooper Lake / Zen 4 lack it.
+bool cpu_has_avx512_bf16();
 
 // How one variant was compiled (cpu_isa_variant.isa.cpp): the mangled name of the at::vec
 // float vector type it uses, and that type's number of lanes.
