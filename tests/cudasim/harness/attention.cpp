@@ -3,6 +3,12 @@
 // attention_fwd_num_splits, run_attention_fwd, run_attention_bwd), against a float64
 // reference of the kernel contract (fastattn/attention_params.h).
 //
+// The same kernels on packed varlen sequences (forward and backward; cu_seqlens read in the
+// kernels) and on a KV cache (run_kv_cache_append, then the forward over a contiguous cache
+// through cache_batch_idx or a paged one through a shuffled block table, split-KV on), each
+// against float64 attention per sequence (varlen_cases, kv_cache_cases: f16 E64, which the
+// subset build compiles too). --varlen-dropout-mask=FILE writes the varlen forward's keep bits.
+//
 // The backward gets the float64 forward's out (rounded to the element type) and lse, so it
 // is judged on its own. --dropout-mask=FILE instead writes the keep mask the forward kernels
 // applied (recovered with one-hot values) for the Python test to compare with the CPU
