@@ -102,6 +102,27 @@ def test_dropout_keep_mask_is_the_cpu_philox_stream(check_build, tmp_path):
     assert offset == got.size
 
 
+def test_varlen_dropout_keep_mask_follows_the_varlen_counter(check_build, tmp_path):
+    """The varlen forward drops (b, h, i, j) by VARLEN_SPEC's counter
+    ((h * total_q) + cu_seqlens_q[b] + i) * max_seqlen_k + j: the keep bits of the dense
+    [1, Hq, total_q, max_seqlen_k] Philox stream, at each sequence's rows and own keys."""
+    path = tmp_path / "keep.bin"
+    result = run(check_build / "attention", f"--varlen-dropout-mask={path}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lens_q, lens_k, heads, p = [3, 0, 9], [20, 5, 33], 3, 0.3  # the harness's packed sequences
+    total_q, max_k = sum(lens_q), max(lens_k)
+    got = torch.from_numpy(np.fromfile(path, dtype=np.uint8).astype(bool))
+    got = got.reshape(heads, total_q, max_k)
+    seed = 0x9E3779B97F4A7C15
+    expected = reference.dropout_keep_mask(seed, (1, heads, total_q, max_k), p, torch.device("cpu"))
+    row = 0
+    for length_q, length_k in zip(lens_q, lens_k, strict=True):
+        rows = slice(row, row + length_q)
+        assert torch.equal(got[:, rows, :length_k], expected[0, :, rows, :length_k])
+        row += length_q
+    assert 0.5 < got.float().sum() / (heads * sum(q * k for q, k in zip(lens_q, lens_k))) < 0.9
+
+
 # ---- the emulator's own checks ------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@
 //      kv head (GQA, summed in registers) and their query tiles, recomputing P from the LSE.
 //   3. dQ: one CTA per query tile and head; it loops over key tiles, recomputing P and dS.
 // Both 2 and 3 recompute Q K^T and dO V^T instead of accumulating dQ with atomics: more
-// FLOPs, but bitwise reproducible and free of an fp32 dQ workspace.
+// FLOPs, but bitwise reproducible and free of an fp32 dQ workspace. Varlen problems run the
+// same kernels (Sequence: each CTA finds its sequence's rows; CTAs past its end exit).
 // With s = score(z), z = q.k, P = exp(s - lse), dP = dO v (times the dropout factor):
 //   dS = P (dP - delta) (= dmask), dZ = dS * ds/dz, dQ = dZ K, dK = dZ^T Q, dV = P_dropped^T dO.
 #pragma once
@@ -15,15 +16,22 @@
 namespace fastattn {
 namespace attn {
 
+// Rows of lse / delta: [B, Hq, L], or varlen [Hq, total_q] (one batch of total_q rows).
+__host__ __device__ inline int64_t lse_batches(const AttentionParams& p) { return p.cu_seqlens_q ? 1 : p.batch; }
+__host__ __device__ inline int64_t lse_rows_per_head(const AttentionParams& p) {
+  return p.cu_seqlens_q ? p.total_q : p.len_q;
+}
+
 // delta[b, h, i] = sum_e dO[b, h, i, e] * O[b, h, i, e]. One warp per row.
 template <typename Element, int HEAD_DIM>
 __global__ void __launch_bounds__(128) attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t rows_total = int64_t{p.batch} * p.heads_q * p.len_q;
+  const int64_t rows_per_head = lse_rows_per_head(p);
+  const int64_t rows_total = lse_batches(p) * p.heads_q * rows_per_head;
   const int64_t row = int64_t{blockIdx.x} * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   if (row >= rows_total) return;
-  const int64_t i = row % p.len_q;
-  const int64_t bh = row / p.len_q;
+  const int64_t i = row % rows_per_head;  // varlen: the packed row (batch strides are 0)
+  const int64_t bh = row / rows_per_head;
   const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
   const Element* d_out = static_cast<const Element*>(p.grad_out) + b * p.grad_out_batch_stride +
                          h * p.grad_out_head_stride + i * p.grad_out_row_stride;
@@ -78,14 +86,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
   const int h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.heads_q / p.heads_kv);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const Sequence seq(p, b);
+  if (i0 >= seq.len_q) return;  // the grid covers the longest sequence
 
-  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* d_out = static_cast<const Element*>(p.grad_out) + b * p.grad_out_batch_stride +
-                         h * p.grad_out_head_stride;
-  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const int64_t bh_rows = (int64_t{b} * p.heads_q + h) * p.len_q;  // row index of (b, h, 0)
-  const ScoreMod mod(p, b, h, sizeof(Element));
+  const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_batch_stride, p.grad_out_head_stride,
+                                         p.grad_out_row_stride);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  const int64_t bh_rows = seq.lse_row0(p, b, h);  // lse / delta index of (b, h, 0)
+  const ScoreMod mod(p, seq, b, h, sizeof(Element));
 
   int64_t j_begin, j_end;
   mod.key_range(i0, i0 + BM - 1, j_begin, j_end);
@@ -96,16 +106,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
   float lse[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse[r] = lse_for_backward(p.lse + bh_rows, rows[r], p.len_q);
-    delta[r] = rows[r] < p.len_q ? p.delta[bh_rows + rows[r]] : 0.0f;
+    lse[r] = lse_for_backward(p.lse + bh_rows, rows[r], seq.len_q);
+    delta[r] = rows[r] < seq.len_q ? p.delta[bh_rows + rows[r]] : 0.0f;
   }
   float dq_acc[kOutTiles][4];  // [16, E] per warp
   zero(dq_acc);
 
   if (n_begin < n_end) {
-    q_tile.template load_async<Cfg::kThreads>(q, p.q_row_stride, i0, p.len_q, tid);
-    do_tile.template load_async<Cfg::kThreads>(d_out, p.grad_out_row_stride, i0, p.len_q, tid);
-    k_tile.template load_async<Cfg::kThreads>(k, p.k_row_stride, int64_t{n_begin} * BN, p.len_kv, tid);
+    q_tile.template load_async<Cfg::kThreads>(q, i0, seq.len_q, tid);
+    do_tile.template load_async<Cfg::kThreads>(d_out, i0, seq.len_q, tid);
+    k_tile.template load_async<Cfg::kThreads>(k, int64_t{n_begin} * BN, seq.len_kv, tid);
     cp_async_commit();
   }
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
     __syncthreads();  // Q, dO and this K tile landed
     float scores[kScoreTiles][4];  // [16, BLOCK_N] per warp: z, then P, then dZ
     if (active) {
-      v_tile.template load_async<Cfg::kThreads>(v, p.v_row_stride, j0, p.len_kv, tid);
+      v_tile.template load_async<Cfg::kThreads>(v, j0, seq.len_kv, tid);
       cp_async_commit();
       zero(scores);
       warp_gemm_a_bt<Element, kScoreTiles, E>(scores, q_tile, warp * 16, k_tile, lane);
@@ -136,7 +146,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
           float ds_dz = mod.scale;
           const float s = plain ? scores[n][e] * mod.scale : mod.score<Element>(scores[n][e], i, j, &ds_dz);
           const float prob = exp2f((s - lse[r]) * kLog2e);
-          const bool in_bounds = i < p.len_q && j < p.len_kv;
+          const bool in_bounds = i < seq.len_q && j < seq.len_kv;
           float d_prob = d_probs[n][e];
           if (p.dropout_p > 0.0f && in_bounds) d_prob *= dropout_factor(p, (bh_rows + i) * p.len_kv, j);
           const float d_score = prob * (d_prob - delta[r]);
@@ -148,18 +158,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
     }
     __syncthreads();  // every warp is done with the K and V tiles
     if (n_block + 1 < n_end) {
-      k_tile.template load_async<Cfg::kThreads>(k, p.k_row_stride, j0 + BN, p.len_kv, tid);
+      k_tile.template load_async<Cfg::kThreads>(k, j0 + BN, seq.len_kv, tid);
       cp_async_commit();
     }
   }
 
-  Element* dq = static_cast<Element*>(p.dq) + bh_rows * E;  // [B, Hq, L, E] contiguous
+  const auto dq = seq.q_rows<Element>(p.dq, b, h, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= p.len_q) continue;
+    if (rows[r] >= seq.len_q) continue;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {
-      *reinterpret_cast<uint32_t*>(dq + rows[r] * E + n * 8 + 2 * t) =
+      *reinterpret_cast<uint32_t*>(const_cast<Element*>(dq.row(rows[r])) + n * 8 + 2 * t) =
           ElementTraits<Element>::pack(dq_acc[n][2 * r], dq_acc[n][2 * r + 1]);
     }
   }
@@ -211,11 +221,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   const int hk = blockIdx.y, b = blockIdx.z;
   const int group = p.heads_q / p.heads_kv;
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const Sequence seq(p, b);
+  if (j0 >= seq.len_kv) return;  // the grid covers the longest sequence
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
 
-  k_tile.template load_async<Cfg::kThreads>(k, p.k_row_stride, j0, p.len_kv, tid);
-  if constexpr (Cfg::kComputeDk) v_tile.template load_async<Cfg::kThreads>(v, p.v_row_stride, j0, p.len_kv, tid);
+  k_tile.template load_async<Cfg::kThreads>(k, j0, seq.len_kv, tid);
+  if constexpr (Cfg::kComputeDk) v_tile.template load_async<Cfg::kThreads>(v, j0, seq.len_kv, tid);
   cp_async_commit();
 
   const int64_t keys[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
@@ -225,11 +237,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   zero(dv_acc);
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const ScoreMod mod(p, b, h, sizeof(Element));
-    const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-    const Element* d_out = static_cast<const Element*>(p.grad_out) + b * p.grad_out_batch_stride +
-                           h * p.grad_out_head_stride;
-    const int64_t bh_rows = (int64_t{b} * p.heads_q + h) * p.len_q;
+    const ScoreMod mod(p, seq, b, h, sizeof(Element));
+    const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+    const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_batch_stride, p.grad_out_head_stride,
+                                           p.grad_out_row_stride);
+    const int64_t bh_rows = seq.lse_row0(p, b, h);
     int64_t i_begin, i_end;
     mod.query_range(j0, j0 + BN - 1, i_begin, i_end);
     const int m_begin = static_cast<int>(i_begin / BM);
@@ -239,13 +251,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
       const int64_t i0 = int64_t{m_block} * BM;
       if (!mod.tile_has_visible<Element, BM, BN, Cfg::kThreads>(i0, j0, tid)) continue;
       __syncthreads();  // every warp is done with the previous Q, dO, lse and delta
-      q_tile.template load_async<Cfg::kThreads>(q, p.q_row_stride, i0, p.len_q, tid);
+      q_tile.template load_async<Cfg::kThreads>(q, i0, seq.len_q, tid);
       cp_async_commit();
-      do_tile.template load_async<Cfg::kThreads>(d_out, p.grad_out_row_stride, i0, p.len_q, tid);
+      do_tile.template load_async<Cfg::kThreads>(d_out, i0, seq.len_q, tid);
       cp_async_commit();
       for (int c = tid; c < BM; c += Cfg::kThreads) {
-        lse_s[c] = lse_for_backward(p.lse + bh_rows, i0 + c, p.len_q);
-        delta_s[c] = i0 + c < p.len_q ? p.delta[bh_rows + i0 + c] : 0.0f;
+        lse_s[c] = lse_for_backward(p.lse + bh_rows, i0 + c, seq.len_q);
+        delta_s[c] = i0 + c < seq.len_q ? p.delta[bh_rows + i0 + c] : 0.0f;
       }
       cp_async_wait<1>();
       __syncthreads();  // Q (and K, V on the first step), lse and delta are in shared memory
@@ -271,7 +283,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
           float ds_dz = mod.scale;
           const float s = plain ? probs[n][e] * mod.scale : mod.score<Element>(probs[n][e], i, j, &ds_dz);
           const float prob = exp2f((s - lse_s[c]) * kLog2e);
-          const float keep = p.dropout_p > 0.0f && i < p.len_q && j < p.len_kv
+          const float keep = p.dropout_p > 0.0f && i < seq.len_q && j < seq.len_kv
                                  ? dropout_factor(p, (bh_rows + i) * p.len_kv, j)
                                  : 1.0f;
           if constexpr (Cfg::kComputeDk) {
@@ -286,18 +298,19 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   }
   cp_async_wait_all();  // K / V of a CTA that visited no query tile
 
-  const int64_t bhk_rows = (int64_t{b} * p.heads_kv + hk) * p.len_kv;  // [B, Hk, S, E] contiguous
+  const auto dk = seq.kv_rows<Element>(p.dk, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1);
+  const auto dv = seq.kv_rows<Element>(p.dv, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (keys[r] >= p.len_kv) continue;
+    if (keys[r] >= seq.len_kv) continue;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {
       if constexpr (Cfg::kComputeDk) {
-        *reinterpret_cast<uint32_t*>(static_cast<Element*>(p.dk) + (bhk_rows + keys[r]) * E + n * 8 + 2 * t) =
+        *reinterpret_cast<uint32_t*>(const_cast<Element*>(dk.row(keys[r])) + n * 8 + 2 * t) =
             ElementTraits<Element>::pack(dk_acc[n][2 * r], dk_acc[n][2 * r + 1]);
       }
       if constexpr (Cfg::kComputeDv) {
-        *reinterpret_cast<uint32_t*>(static_cast<Element*>(p.dv) + (bhk_rows + keys[r]) * E + n * 8 + 2 * t) =
+        *reinterpret_cast<uint32_t*>(const_cast<Element*>(dv.row(keys[r])) + n * 8 + 2 * t) =
             ElementTraits<Element>::pack(dv_acc[n][2 * r], dv_acc[n][2 * r + 1]);
       }
     }
@@ -322,7 +335,7 @@ cudaError_t launch_dkdv_kernel(const AttentionBwdParams& p, cudaStream_t stream)
 template <typename Element, int HEAD_DIM>
 cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = 4;
-  const int64_t rows = int64_t{p.batch} * p.heads_q * p.len_q;
+  const int64_t rows = lse_batches(p) * p.heads_q * lse_rows_per_head(p);
   attention_bwd_preprocess_kernel<Element, HEAD_DIM>
       <<<ceil_div(rows, kRowsPerBlock), kRowsPerBlock * kWarpSize, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();

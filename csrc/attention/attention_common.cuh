@@ -131,11 +131,11 @@ struct SmemTile {
 
   __device__ __forceinline__ Element* at(int row, int col) const { return data + row * kStride + col; }
 
-  // Rows [row0, row0 + ROWS) of a [rows_total, HEAD_DIM] global matrix with `row_stride`;
+  // Rows [row0, row0 + ROWS) of a [rows_total, HEAD_DIM] global matrix (`rows`: a Rows);
   // rows past rows_total are zero-filled (zeros, not garbage: 0 * NaN would poison P @ V).
-  template <int NUM_THREADS>
-  __device__ __forceinline__ void load_async(const Element* global, int64_t row_stride, int64_t row0,
-                                             int64_t rows_total, int tid) const {
+  template <int NUM_THREADS, typename RowsOfMatrix>
+  __device__ __forceinline__ void load_async(const RowsOfMatrix& rows, int64_t row0, int64_t rows_total,
+                                             int tid) const {
     constexpr int kChunksPerRow = HEAD_DIM / 8;
     constexpr int kChunks = ROWS * kChunksPerRow;
 #pragma unroll
@@ -143,9 +143,75 @@ struct SmemTile {
       const int row = c / kChunksPerRow;
       const int col = (c % kChunksPerRow) * 8;
       const bool in_bounds = row0 + row < rows_total;
-      const Element* src = in_bounds ? global + (row0 + row) * row_stride + col : global;
+      const Element* src = in_bounds ? rows.row(row0 + row) + col : rows.base;
       cp_async_16(at(row, col), src, in_bounds ? 16 : 0);
     }
+  }
+};
+
+// The rows of one (sequence, head) matrix in global memory: `row_stride` apart, or, paged,
+// row r at row r % block_size of block blocks[r / block_size], blocks `block_stride` apart.
+// The branch on `blocks` is uniform, so the dense layouts pay one predictable test.
+template <typename Element>
+struct Rows {
+  const Element* base;  // row 0 (paged: of block 0)
+  int64_t row_stride;
+  const int* blocks = nullptr;
+  int block_size = 1;
+  int64_t block_stride = 0;
+
+  __device__ __forceinline__ const Element* row(int64_t r) const {
+    if (blocks == nullptr) return base + r * row_stride;
+    return base + blocks[r / block_size] * block_stride + (r % block_size) * row_stride;
+  }
+};
+
+// Where sequence b of the batch lives and how long it is, in each layout of AttentionParams
+// (dense, varlen, KV cache).
+struct Sequence {
+  int64_t len_q, len_kv;  // this sequence's queries and keys
+  int64_t q_start;        // its first row in q / out / dq (varlen; else 0)
+  int64_t k_start;        // its first row in k / v / dk / dv (varlen; else 0)
+  int64_t kv_batch;       // its batch index in k / v (cache_batch_idx[b] when given; else b)
+  const int* blocks;      // paged: its row of the block table; else null
+
+  __device__ Sequence(const AttentionParams& p, int b) {
+    len_q = p.len_q, len_kv = p.len_kv, q_start = 0, k_start = 0, kv_batch = b, blocks = nullptr;
+    if (p.cu_seqlens_q != nullptr) {
+      q_start = p.cu_seqlens_q[b], k_start = p.cu_seqlens_k[b];
+      len_q = p.cu_seqlens_q[b + 1] - q_start;
+      len_kv = p.cu_seqlens_k[b + 1] - k_start;
+    }
+    if (p.cache_seqlens != nullptr) {
+      const int64_t keys = p.cache_seqlens[b] + p.cache_new_len;
+      len_kv = keys < p.len_kv ? keys : p.len_kv;  // never past the cache's capacity
+      if (p.cache_batch_idx != nullptr) kv_batch = p.cache_batch_idx[b];
+      if (p.block_table != nullptr) blocks = p.block_table + b * p.block_table_batch_stride;
+    }
+  }
+
+  // The index in lse / delta of query row 0 of head h: [B, Hq, L] dense, [Hq, total_q] varlen.
+  __device__ __forceinline__ int64_t lse_row0(const AttentionParams& p, int b, int h) const {
+    return p.cu_seqlens_q != nullptr ? int64_t{h} * p.total_q + q_start
+                                     : (int64_t{b} * p.heads_q + h) * p.len_q;
+  }
+
+  // Query rows of head h in q-like tensors (q, out, grad_out, dq), given their strides.
+  template <typename Element>
+  __device__ __forceinline__ Rows<Element> q_rows(const void* base, int b, int h, int64_t batch_stride,
+                                                  int64_t head_stride, int64_t row_stride) const {
+    return {static_cast<const Element*>(base) + b * batch_stride + q_start * row_stride + h * head_stride,
+            row_stride};
+  }
+
+  // Key rows of kv head hk in k, v (paged through the block table) or dk, dv.
+  template <typename Element>
+  __device__ __forceinline__ Rows<Element> kv_rows(const void* base, int hk, int64_t batch_stride,
+                                                   int64_t head_stride, int64_t row_stride,
+                                                   int block_size) const {
+    const Element* head = static_cast<const Element*>(base) + hk * head_stride;
+    if (blocks != nullptr) return {head, row_stride, blocks, block_size, batch_stride};
+    return {head + kv_batch * batch_stride + k_start * row_stride, row_stride};
   }
 };
 
@@ -232,7 +298,7 @@ struct ScoreMod {
   int64_t mask_row_stride, mask_col_stride;
   int64_t len_q, len_kv, offset, window_left, window_right;
 
-  __device__ ScoreMod(const AttentionParams& p, int b, int h, int element_bytes) {
+  __device__ ScoreMod(const AttentionParams& p, const Sequence& seq, int b, int h, int element_bytes) {
     scale = p.scale;
     softcap = p.softcap;
     has_alibi = p.alibi_slopes != nullptr;
@@ -244,9 +310,9 @@ struct ScoreMod {
            (b * p.mask_batch_stride + h * p.mask_head_stride) * mask_element_bytes;
     mask_row_stride = p.mask_row_stride;
     mask_col_stride = p.mask_col_stride;
-    len_q = p.len_q;
-    len_kv = p.len_kv;
-    offset = p.bottom_right ? p.len_kv - p.len_q : 0;
+    len_q = seq.len_q;
+    len_kv = seq.len_kv;
+    offset = p.bottom_right ? seq.len_kv - seq.len_q : 0;
     window_left = p.window_left;
     window_right = p.window_right;
   }
@@ -327,7 +393,7 @@ struct ScoreMod {
 
 // Dropout keep factor of (b, h, i, j): 0 or 1 / (1 - p).
 __device__ __forceinline__ float dropout_factor(const AttentionParams& p, int64_t row_base, int64_t j) {
-  // row_base = ((b * Hq + h) * L + i) * S
+  // row_base = (index of row (b, h, i) in lse) * S
   const float u = philox_uniform(p.seed, static_cast<uint64_t>(row_base + j));
   return u >= p.dropout_p ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
 }

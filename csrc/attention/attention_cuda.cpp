@@ -13,27 +13,18 @@
 #include <tuple>
 #include <vector>
 
+#include "attention_cuda_checks.h"
 #include "fastattn/attention_params.h"
 
 namespace fastattn {
 namespace {
 
-using OptionalTensor = std::optional<at::Tensor>;
-
-// The kernels read rows with 16-byte cp.async: each row (every index but the last) must
-// start 16-byte aligned. Views that break this (rare: odd offsets or strides) are copied.
-at::Tensor aligned_rows(const at::Tensor& t) {
-  bool aligned = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(-1) == 1;
-  const int64_t elements_per_16_bytes = 16 / static_cast<int64_t>(t.element_size());
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    aligned = aligned && (t.size(d) == 1 || t.stride(d) % elements_per_16_bytes == 0);
-  }
-  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
-}
+using glue::aligned_rows;
+using glue::OptionalTensor;
+constexpr const char* kOp = "attention";
 
 void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.device() == q.device(), "fastattn attention (cuda): ", name, " is on ", t.device(),
-              " but q is on ", q.device());
+  glue::check_same_device(t, q, kOp, name);
 }
 
 struct Problem {
@@ -41,14 +32,7 @@ struct Problem {
 };
 
 Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.is_cuda(), "fastattn attention (cuda): q must be a CUDA tensor, got ", q.device());
-  check_same_device(k, q, "k");
-  check_same_device(v, q, "v");
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "fastattn attention (cuda): q must be float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "fastattn attention (cuda): q, k, v must share a dtype, got ", q.scalar_type(), ", ",
-              k.scalar_type(), ", ", v.scalar_type());
+  glue::check_fp16_or_bf16(q, k, v, kOp);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "fastattn attention (cuda): q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, E] must be 4-d, got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
@@ -57,30 +41,15 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
                   v.size(2) == pr.len_kv && k.size(3) == pr.head_dim,
               "fastattn attention (cuda): expected k [B, Hk, S, E] and v [B, Hk, S, Ev] matching q ", q.sizes(),
               ", got k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(v.size(3) == pr.head_dim, "fastattn attention (cuda): value head dim ", v.size(3),
-              " != query head dim ", pr.head_dim, " (the cuda kernels need Ev == E)");
-  TORCH_CHECK(attention_cuda_supports_head_dim(static_cast<int>(pr.head_dim)),
-              "fastattn attention (cuda): head dim ", pr.head_dim, " is not compiled (",
-              c10::ArrayRef<int>(kAttentionCudaHeadDims), ")");
-  TORCH_CHECK(pr.heads_kv > 0 && pr.heads_q % pr.heads_kv == 0,
-              "fastattn attention (cuda): query heads ", pr.heads_q, " must be a multiple of kv heads ", pr.heads_kv);
+  glue::check_heads(pr.batch, pr.heads_q, pr.heads_kv, pr.head_dim, v.size(3), kOp);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "fastattn attention (cuda): the last dim of q, k, v must be contiguous (stride 1)");
-  // Grid limits: heads on grid.y, batch (times the KV splits) on grid.z.
-  TORCH_CHECK(pr.heads_q <= 65535 && pr.batch <= 65535,
-              "fastattn attention (cuda): at most 65535 heads and 65535 batches, got ", pr.heads_q, ", ", pr.batch);
   return pr;
 }
 
 struct Options {
   const OptionalTensor& attn_mask;
-  const OptionalTensor& alibi_slopes;
-  double dropout_p;
-  const OptionalTensor& rng_seed;
-  double scale;
-  int64_t window_left, window_right;
-  bool bottom_right;
-  double softcap;
+  glue::Options score;
 };
 
 // Fills everything but the output pointers; returns the (possibly realigned) q, k, v and
@@ -104,11 +73,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_common(Attention
   p.len_q = pr.len_q;
   p.len_kv = pr.len_kv;
   p.head_dim = static_cast<int>(pr.head_dim);
-  p.scale = static_cast<float>(o.scale);
-  p.softcap = static_cast<float>(o.softcap);
-  p.window_left = o.window_left;
-  p.window_right = o.window_right;
-  p.bottom_right = o.bottom_right;
 
   at::Tensor mask;
   if (o.attn_mask.has_value()) {
@@ -125,33 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_common(Attention
     p.mask_batch_stride = mask.stride(0), p.mask_head_stride = mask.stride(1);
     p.mask_row_stride = mask.stride(2), p.mask_col_stride = mask.stride(3);
   }
-  if (o.alibi_slopes.has_value()) {
-    const at::Tensor& slopes = *o.alibi_slopes;
-    check_same_device(slopes, q, "alibi_slopes");
-    TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.is_contiguous() &&
-                    ((slopes.dim() == 1 && slopes.size(0) == pr.heads_q) ||
-                     (slopes.dim() == 2 && slopes.size(0) == pr.batch && slopes.size(1) == pr.heads_q)),
-                "fastattn attention (cuda): alibi_slopes must be contiguous float32 [Hq] or [B, Hq], got ",
-                slopes.scalar_type(), " ", slopes.sizes());
-    p.alibi_slopes = slopes.data_ptr<float>();
-    p.alibi_batch_stride = slopes.dim() == 2 ? pr.heads_q : 0;
-  }
-  TORCH_CHECK(o.dropout_p >= 0.0 && o.dropout_p <= 1.0, "fastattn attention (cuda): dropout_p must be in [0, 1], got ",
-              o.dropout_p);
-  p.dropout_p = static_cast<float>(o.dropout_p);
-  if (o.dropout_p > 0.0) {
-    TORCH_CHECK(o.rng_seed.has_value() && o.rng_seed->device().is_cpu() && o.rng_seed->numel() == 1 &&
-                    o.rng_seed->scalar_type() == at::kLong,
-                "fastattn attention (cuda): dropout_p > 0 needs rng_seed, an int64 CPU scalar tensor");
-    p.seed = static_cast<uint64_t>(o.rng_seed->item<int64_t>());
-  }
+  glue::fill_options(p, o.score, q, pr.batch, pr.heads_q, kOp);
   return {q, k, v, mask};
-}
-
-int multiprocessor_count(const at::Tensor& q) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, q.get_device()));
-  return count;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -172,13 +111,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   }
 
   AttentionParams p;
-  const Options o{attn_mask, alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right, bottom_right, softcap};
+  const Options o{attn_mask, {alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right, bottom_right, softcap}};
   const auto kept_alive = fill_common(p, pr, q_in, k_in, v_in, o);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
 
-  p.num_splits = attention_fwd_num_splits(p, multiprocessor_count(q_in));
+  p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
     out_partial = at::empty({p.num_splits, pr.batch, pr.heads_q, pr.len_q, pr.head_dim},
@@ -228,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   }
 
   AttentionBwdParams p;
-  const Options o{attn_mask, alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right, bottom_right, softcap};
+  const Options o{attn_mask, {alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right, bottom_right, softcap}};
   const auto kept_alive = fill_common(p, pr, q_in, k_in, v_in, o);
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -242,6 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
+  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
+  p.dkv_batch_stride = dk.stride(0), p.dkv_head_stride = dk.stride(1), p.dkv_row_stride = dk.stride(2);
   p.delta = delta.data_ptr<float>();
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));

@@ -4,6 +4,8 @@
 // softmax online in fp32 and writes out and LSE. The same kernel with one warp and a
 // KV-split grid is the decode path (L <= 16): each CTA covers a slice of the keys, writes a
 // partial result with its LSE, and a second kernel merges the slices by their LSE.
+// Varlen and KV-cache problems run the same kernels: each CTA finds its sequence's rows and
+// length (Sequence), CTAs past the end of a shorter sequence exit at once.
 #pragma once
 
 #include "attention_common.cuh"
@@ -51,11 +53,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
   const int b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
   const int hk = h / (p.heads_q / p.heads_kv);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const Sequence seq(p, b);
+  if (i0 >= seq.len_q) return;  // the grid covers the longest sequence
 
-  const Element* q = static_cast<const Element*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const Element* k = static_cast<const Element*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const Element* v = static_cast<const Element*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  const ScoreMod mod(p, b, h, sizeof(Element));
+  const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  const int64_t lse_row0 = seq.lse_row0(p, b, h);
+  const ScoreMod mod(p, seq, b, h, sizeof(Element));
 
   // Whole key tiles outside the window are never visited.
   int64_t j_begin, j_end;
@@ -74,8 +79,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
   float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; quad-reduced at the end
 
   if (n_begin < n_end) {
-    q_tile.template load_async<Cfg::kThreads>(q, p.q_row_stride, i0, p.len_q, tid);
-    k_tile.template load_async<Cfg::kThreads>(k, p.k_row_stride, int64_t{n_begin} * BN, p.len_kv, tid);
+    q_tile.template load_async<Cfg::kThreads>(q, i0, seq.len_q, tid);
+    k_tile.template load_async<Cfg::kThreads>(k, int64_t{n_begin} * BN, seq.len_kv, tid);
     cp_async_commit();
   }
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -85,7 +90,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
     __syncthreads();  // K tile landed; every warp is done with the previous V tile
     float scores[kScoreTiles][4];  // [16, BLOCK_N] per warp
     if (active) {
-      v_tile.template load_async<Cfg::kThreads>(v, p.v_row_stride, j0, p.len_kv, tid);
+      v_tile.template load_async<Cfg::kThreads>(v, j0, seq.len_kv, tid);
       cp_async_commit();
       zero(scores);
       warp_gemm_a_bt<Element, kScoreTiles, E>(scores, q_tile, warp * 16, k_tile, lane);
@@ -93,7 +98,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
     cp_async_wait_all();
     __syncthreads();  // V tile landed; every warp is done with the K tile
     if (n_block + 1 < n_end) {
-      k_tile.template load_async<Cfg::kThreads>(k, p.k_row_stride, j0 + BN, p.len_kv, tid);
+      k_tile.template load_async<Cfg::kThreads>(k, j0 + BN, seq.len_kv, tid);
       cp_async_commit();
     }
     if (!active) continue;
@@ -139,12 +144,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t i = rows[e / 2];
-        if (i >= p.len_q) continue;
-        const int64_t row_base = ((int64_t{b} * p.heads_q + h) * p.len_q + i) * p.len_kv;
+        if (i >= seq.len_q) continue;
+        const int64_t row_base = (lse_row0 + i) * p.len_kv;
 #pragma unroll
         for (int n = 0; n < kScoreTiles; ++n) {
           const int64_t j = j0 + n * 8 + 2 * t + (e & 1);
-          if (j < p.len_kv) scores[n][e] *= dropout_factor(p, row_base, j);
+          if (j < seq.len_kv) scores[n][e] *= dropout_factor(p, row_base, j);
         }
       }
     }
@@ -159,18 +164,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
     // sum NaN (fmaxf drops NaN from the max, exp2f does not), and the row and its lse NaN.
     const float inv_sum = sum == 0.0f ? 0.0f : 1.0f / sum;
     const float lse = sum == 0.0f ? -INFINITY : row_max[r] + logf(sum);
-    if (i >= p.len_q) continue;
-    const int64_t row_index = (int64_t{b} * p.heads_q + h) * p.len_q + i;  // in [B, Hq, L]
+    if (i >= seq.len_q) continue;
+    const int64_t row_index = lse_row0 + i;
     if (p.num_splits == 1) {
       Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-                     i * p.out_row_stride;
+                     (seq.q_start + i) * p.out_row_stride;
 #pragma unroll
       for (int n = 0; n < kOutTiles; ++n) {
         *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = ElementTraits<Element>::pack(
             out_acc[n][2 * r] * inv_sum, out_acc[n][2 * r + 1] * inv_sum);
       }
       if (t == 0) p.lse[row_index] = lse;
-    } else {
+    } else {  // [B, Hq, L] rows (the glue never splits varlen problems)
       const int64_t partial_row = int64_t{split} * p.batch * p.heads_q * p.len_q + row_index;
       float* out = p.out_partial + partial_row * E;
 #pragma unroll
@@ -243,7 +248,8 @@ cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream) 
     return p.len_q <= kDecodeMaxLenQ ? launch_fwd_kernel<FwdDecodeConfig<Element, HEAD_DIM>>(p, stream)
                                      : launch_fwd_kernel<FwdMainConfig<Element, HEAD_DIM>>(p, stream);
   }
-  if (p.len_q > kDecodeMaxLenQ || p.num_splits > kMaxSplits || !p.out_partial || !p.lse_partial) {
+  if (p.len_q > kDecodeMaxLenQ || p.num_splits > kMaxSplits || !p.out_partial || !p.lse_partial ||
+      p.cu_seqlens_q != nullptr) {
     return cudaErrorInvalidValue;
   }
   cudaError_t err = launch_fwd_kernel<FwdDecodeConfig<Element, HEAD_DIM>>(p, stream);

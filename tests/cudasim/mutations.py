@@ -31,6 +31,7 @@ TARGET = 0.9
 FWD = "attention/attention_fwd.cuh"
 BWD = "attention/attention_bwd.cuh"
 COMMON = "attention/attention_common.cuh"
+APPEND = "attention/kv_cache_append.cu"
 SEQ = "lstm/lstm_sequence.cuh"
 CELL = "lstm/lstm_cell.cuh"
 
@@ -180,6 +181,43 @@ MUTATIONS = [
         BWD,
         "for (int offset = kWarpSize / 2; offset > 0; offset /= 2)",
         "for (int offset = kWarpSize / 4; offset > 0; offset /= 2)",
+    ),
+    # Varlen and KV cache (the Sequence / Rows views of attention_common.cuh, the append).
+    Mutation(
+        "varlen-k-start-ignored",
+        COMMON,
+        "q_start = p.cu_seqlens_q[b], k_start = p.cu_seqlens_k[b];",
+        "q_start = p.cu_seqlens_q[b], k_start = 0;",
+    ),
+    Mutation(
+        "varlen-bottom-right-of-the-batch",
+        COMMON,
+        "offset = p.bottom_right ? seq.len_kv - seq.len_q : 0;",
+        "offset = p.bottom_right ? p.len_kv - p.len_q : 0;",
+    ),
+    Mutation(
+        "varlen-lse-head-stride",
+        COMMON,
+        "int64_t{h} * p.total_q + q_start",
+        "int64_t{h} * p.len_q + q_start",
+    ),
+    Mutation(
+        "paged-block-table-ignored",
+        COMMON,
+        "base + blocks[r / block_size] * block_stride",
+        "base + (r / block_size) * block_stride",
+    ),
+    Mutation(
+        "kv-cache-new-rows-unseen",
+        COMMON,
+        "const int64_t keys = p.cache_seqlens[b] + p.cache_new_len;",
+        "const int64_t keys = p.cache_seqlens[b];",
+    ),
+    Mutation(
+        "append-at-position-zero",
+        APPEND,
+        "const int64_t pos = p.cache_seqlens[b] + t;",
+        "const int64_t pos = t;",
     ),
     # LSTM cell and persistent sequence kernels.
     Mutation("seq-no-grid-sync", SEQ, "    grid.sync();", ""),

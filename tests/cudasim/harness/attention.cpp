@@ -3,6 +3,12 @@
 // attention_fwd_num_splits, run_attention_fwd, run_attention_bwd), against a float64
 // reference of the kernel contract (fastattn/attention_params.h).
 //
+// The same kernels on packed varlen sequences (forward and backward; cu_seqlens read in the
+// kernels) and on a KV cache (run_kv_cache_append, then the forward over a contiguous cache
+// through cache_batch_idx or a paged one through a shuffled block table, split-KV on), each
+// against float64 attention per sequence (varlen_cases, kv_cache_cases: f16 E64, which the
+// subset build compiles too). --varlen-dropout-mask=FILE writes the varlen forward's keep bits.
+//
 // The backward gets the float64 forward's out (rounded to the element type) and lse, so it
 // is judged on its own. --dropout-mask=FILE instead writes the keep mask the forward kernels
 // applied (recovered with one-hot values) for the Python test to compare with the CPU
@@ -17,8 +23,11 @@
 #ifndef CUDASIM_CONFIG_SUBSET
 #include "attention/attention_dispatch.cu"
 #endif
+#include "attention/kv_cache_append.cu"
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 
 #include "harness.h"
 
@@ -226,11 +235,12 @@ constexpr bool kCompiled =
 
 // Runs the forward the way the glue does: ask for the split count, allocate the partials.
 template <typename T, int E>
-cudaError_t run_fwd(AttentionParams& p, const Case& c, std::vector<float>& out_partial, std::vector<float>& lse_partial) {
+cudaError_t run_fwd(AttentionParams& p, int subset_splits, std::vector<float>& out_partial,
+                    std::vector<float>& lse_partial) {
 #ifdef CUDASIM_CONFIG_SUBSET
-  p.num_splits = c.subset_splits;
+  p.num_splits = subset_splits;
 #else
-  (void)c;
+  (void)subset_splits;
   p.num_splits = fastattn::attention_fwd_num_splits(p, cudasim::device_sms());
 #endif
   if (p.num_splits > 1) {
@@ -268,7 +278,7 @@ bool run_case(const Case& c) {
   std::vector<T> out = harness::poisoned<T>(size_t(rows) * E);
   std::vector<float> lse(rows, NAN), out_partial, lse_partial;
   p.out = out.data(), p.lse = lse.data();
-  if (const cudaError_t err = run_fwd<T, E>(p, c, out_partial, lse_partial); err != cudaSuccess) {
+  if (const cudaError_t err = run_fwd<T, E>(p, c.subset_splits, out_partial, lse_partial); err != cudaSuccess) {
     std::printf("%-70s FAIL  forward launch error %d\n", c.name, int(err));
     return false;
   }
@@ -309,6 +319,8 @@ bool run_case(const Case& c) {
     bp.grad_out = pr.d_out.data();
     pr.strides(pr.Hq, pr.L, bp.grad_out_batch_stride, bp.grad_out_head_stride, bp.grad_out_row_stride);
     bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data(), bp.delta = delta.data();
+    bp.dq_batch_stride = int64_t(pr.Hq) * pr.L * E, bp.dq_head_stride = pr.L * E, bp.dq_row_stride = E;
+    bp.dkv_batch_stride = int64_t(pr.Hk) * pr.S * E, bp.dkv_head_stride = pr.S * E, bp.dkv_row_stride = E;
     bp.dmask = with_dmask ? dmask.data() : nullptr;
     if (const cudaError_t err = run_bwd<T, E>(bp); err != cudaSuccess) {
       std::printf("  FAIL backward launch error %d\n", int(err));
@@ -412,7 +424,7 @@ bool dump_dropout_mask(FILE* f, int B, int H, int64_t L, int64_t S, float p_drop
   std::vector<T> out = harness::poisoned<T>(size_t(B) * H * L * E);
   std::vector<float> lse(size_t(B) * H * L), op, lp;
   p.out = out.data(), p.lse = lse.data();
-  if (run_fwd<T, E>(p, c, op, lp) != cudaSuccess) return false;
+  if (run_fwd<T, E>(p, c.subset_splits, op, lp) != cudaSuccess) return false;
   std::vector<unsigned char> keep(size_t(B) * H * L * S);
   for (size_t row = 0; row < size_t(B) * H * L; ++row)
     for (int64_t j = 0; j < S; ++j) keep[row * S + j] = to_d(out[row * E + j]) != 0.0;
@@ -420,6 +432,376 @@ bool dump_dropout_mask(FILE* f, int B, int H, int64_t L, int64_t S, float p_drop
   std::printf("dropout mask B%d H%d L%lld S%lld p %.2f: %d splits, %.3f kept\n", B, H, (long long)L, (long long)S,
               p_drop, p.num_splits, double(std::count(keep.begin(), keep.end(), 1)) / keep.size());
   return true;
+}
+
+// ---- varlen and KV cache -------------------------------------------------------------------
+// The same kernels with per-sequence rows and lengths: packed varlen sequences (forward and
+// backward), and the KV-cache forward (append, then attend; contiguous or paged cache).
+
+struct SeqOptions {
+  bool bottom_right = false;
+  int64_t window_left = -1, window_right = -1;
+  float softcap = 0.0f;
+  bool alibi = false;  // slopes [B, Hq]
+  float dropout = 0.0f;
+};
+
+// float64 attention of one sequence and query head (Lq queries, Sk keys): q(i, e), k(j, e),
+// v(j, e), d_out(i, e) read the inputs, keep(i, j) is the dropout factor, round(x) rounds the
+// output to the element type (the backward's delta uses the stored out). Writes out [Lq, E]
+// and lse [Lq]; adds dq [Lq, E], dk / dv [Sk, E].
+struct SeqGrads {
+  std::vector<double> out, lse, dq, dk, dv;
+};
+template <typename Q, typename K, typename V, typename DO, typename Keep, typename Round>
+void reference_sequence(int64_t Lq, int64_t Sk, int E, double scale, double slope, const SeqOptions& o,
+                        Q q, K k, V v, DO d_out, Keep keep, Round round, SeqGrads& g) {
+  const int64_t offset = o.bottom_right ? Sk - Lq : 0;
+  for (int64_t i = 0; i < Lq; ++i) {
+    std::vector<double> s(Sk, -INFINITY), dsdz(Sk, scale), P(Sk, 0.0), kp(Sk, 1.0);
+    double m = -INFINITY;
+    for (int64_t j = 0; j < Sk; ++j) {
+      const int64_t d = j - i - offset;
+      if ((o.window_left >= 0 && d < -o.window_left) || (o.window_right >= 0 && d > o.window_right)) continue;
+      double z = 0.0;
+      for (int e = 0; e < E; ++e) z += q(i, e) * k(j, e);
+      double x = z * scale;
+      if (o.softcap > 0.0f) {
+        const double t = std::tanh(x / o.softcap);
+        x = o.softcap * t;
+        dsdz[j] = scale * (1.0 - t * t);
+      }
+      s[j] = x + slope * double(d);
+      m = std::max(m, s[j]);
+    }
+    double sum = 0.0;
+    for (int64_t j = 0; j < Sk; ++j)
+      if (s[j] != -INFINITY) sum += std::exp(s[j] - m);
+    g.lse[i] = sum > 0 ? m + std::log(sum) : -INFINITY;
+    if (!(sum > 0)) continue;  // no visible key: out 0, no gradient
+    for (int64_t j = 0; j < Sk; ++j) {
+      if (s[j] != -INFINITY) P[j] = std::exp(s[j] - m) / sum;
+      kp[j] = keep(i, j);
+    }
+    double delta = 0.0;
+    for (int e = 0; e < E; ++e) {
+      double out = 0.0;
+      for (int64_t j = 0; j < Sk; ++j) out += P[j] * kp[j] * v(j, e);
+      g.out[i * E + e] = out;
+      delta += d_out(i, e) * round(out);
+    }
+    for (int64_t j = 0; j < Sk; ++j) {
+      if (P[j] == 0.0) continue;
+      double dp = 0.0;
+      for (int e = 0; e < E; ++e) dp += d_out(i, e) * v(j, e);
+      const double dz = P[j] * (dp * kp[j] - delta) * dsdz[j];
+      for (int e = 0; e < E; ++e) {
+        g.dq[i * E + e] += dz * k(j, e);
+        g.dk[j * E + e] += dz * q(i, e);
+        g.dv[j * E + e] += P[j] * kp[j] * d_out(i, e);
+      }
+    }
+  }
+}
+
+struct VarlenCase {
+  const char* name;
+  int Hq, Hk;
+  std::vector<int> lens_q, lens_k;
+  SeqOptions o;
+};
+
+// Packed [total, H, E] tensors whose rows are `row_stride` = (H + 1) * E apart (a view of a
+// wider buffer: the kernels must follow the strides, not assume [total, H, E] contiguous).
+template <typename T>
+struct Packed {
+  int H, E;
+  int64_t total, row_stride;
+  std::vector<T> data;
+  Packed(int64_t total_, int H_, int E_, std::mt19937& rng)
+      : H(H_), E(E_), total(total_), row_stride(int64_t(H_ + 1) * E_), data(harness::randn<T>(size_t(total_ + 1) * (H_ + 1) * E_, rng)) {}
+  double at(int64_t row, int h, int e) const { return to_d(data[row * row_stride + h * E + e]); }
+};
+
+std::vector<int> offsets(const std::vector<int>& lens) {
+  std::vector<int> cu(lens.size() + 1, 0);
+  for (size_t b = 0; b < lens.size(); ++b) cu[b + 1] = cu[b] + lens[b];
+  return cu;
+}
+
+template <typename T, int E>
+bool run_varlen_case(const VarlenCase& c, const char* dropout_mask_path = nullptr) {
+  std::mt19937 rng(77 + E + c.Hq);
+  const int B = int(c.lens_q.size()), Hq = c.Hq, Hk = c.Hk, G = Hq / Hk;
+  const std::vector<int> cu_q = offsets(c.lens_q), cu_k = offsets(c.lens_k);
+  const int64_t total_q = cu_q[B], total_k = cu_k[B];
+  const int64_t max_q = *std::max_element(c.lens_q.begin(), c.lens_q.end());
+  const int64_t max_k = *std::max_element(c.lens_k.begin(), c.lens_k.end());
+  Packed<T> q(total_q, Hq, E, rng);
+  const Packed<T> k(total_k, Hk, E, rng), v(total_k, Hk, E, rng), d_out(total_q, Hq, E, rng);
+  Packed<T> v_used = v;
+  if (dropout_mask_path) {  // one-hot values: out[i][j] != 0 is the keep bit of key j
+    for (auto& x : q.data) x = from_d<T>(0.1 * to_d(x));  // nearly uniform probabilities: none underflows
+    for (int b = 0; b < B; ++b)
+      for (int64_t j = cu_k[b]; j < cu_k[b + 1]; ++j)
+        for (int h = 0; h < Hk; ++h)
+          for (int e = 0; e < E; ++e) v_used.data[j * v.row_stride + h * E + e] = from_d<T>(e == j - cu_k[b] ? 1.0 : 0.0);
+  }
+  std::vector<float> slopes(size_t(B) * Hq);
+  for (size_t x = 0; x < slopes.size(); ++x) slopes[x] = 0.05f * float(x % 5 + 1);
+
+  AttentionParams p;
+  p.dtype = std::is_same_v<T, __half> ? fastattn::Dtype::Float16 : fastattn::Dtype::BFloat16;
+  p.q = q.data.data(), p.k = k.data.data(), p.v = v_used.data.data();
+  p.q_head_stride = E, p.q_row_stride = q.row_stride;
+  p.k_head_stride = E, p.k_row_stride = k.row_stride;
+  p.v_head_stride = E, p.v_row_stride = v.row_stride;
+  p.out_head_stride = E, p.out_row_stride = int64_t(Hq) * E;  // [total_q, Hq, E] contiguous
+  p.batch = B, p.heads_q = Hq, p.heads_kv = Hk, p.len_q = max_q, p.len_kv = max_k, p.head_dim = E;
+  p.cu_seqlens_q = cu_q.data(), p.cu_seqlens_k = cu_k.data(), p.total_q = total_q;
+  p.scale = 1.0f / std::sqrt(float(E));
+  p.softcap = c.o.softcap;
+  p.window_left = c.o.window_left, p.window_right = c.o.window_right, p.bottom_right = c.o.bottom_right;
+  if (c.o.alibi) p.alibi_slopes = slopes.data(), p.alibi_batch_stride = Hq;
+  p.dropout_p = c.o.dropout;
+  p.seed = 0x9E3779B97F4A7C15ull;
+
+  std::vector<T> out = harness::poisoned<T>(size_t(total_q) * Hq * E);
+  std::vector<float> lse(size_t(Hq) * total_q, NAN), op, lp;
+  p.out = out.data(), p.lse = lse.data();
+  if (const cudaError_t err = run_fwd<T, E>(p, 1, op, lp); err != cudaSuccess) {
+    std::printf("%-70s FAIL  forward launch error %d\n", c.name, int(err));
+    return false;
+  }
+  if (dropout_mask_path) {  // uint8 [Hq, total_q, max_k]: keep bits of the keys each row has
+    std::vector<unsigned char> keep(size_t(Hq) * total_q * max_k, 0);
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < Hq; ++h)
+        for (int64_t i = cu_q[b]; i < cu_q[b + 1]; ++i)
+          for (int64_t j = 0; j < c.lens_k[b]; ++j)
+            keep[(size_t(h) * total_q + i) * max_k + j] = to_d(out[(i * Hq + h) * E + j]) != 0.0;
+    FILE* f = std::fopen(dropout_mask_path, "wb");
+    if (!f) return false;
+    std::fwrite(keep.data(), 1, keep.size(), f);
+    std::fclose(f);
+    std::printf("varlen dropout mask Hq%d total_q %lld max_k %lld written\n", Hq, (long long)total_q, (long long)max_k);
+    return true;
+  }
+
+  // Backward from the reference forward, into contiguous dq [total_q, Hq, E], dk / dv [total_k, Hk, E].
+  AttentionBwdParams bp;
+  static_cast<AttentionParams&>(bp) = p;
+  std::vector<T> ref_out(size_t(total_q) * Hq * E);
+  std::vector<float> ref_lse(size_t(Hq) * total_q), delta(ref_lse.size(), NAN);
+  std::vector<double> r_out(ref_out.size()), r_lse(ref_lse.size()), r_dq(ref_out.size(), 0.0);
+  std::vector<double> r_dk(size_t(total_k) * Hk * E, 0.0), r_dv(r_dk.size(), 0.0);
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hq; ++h) {
+      const int hk = h / G;
+      const int64_t q0 = cu_q[b], k0 = cu_k[b], Lq = c.lens_q[b], Sk = c.lens_k[b];
+      SeqGrads g{std::vector<double>(Lq * E, 0.0), std::vector<double>(Lq, 0.0), std::vector<double>(Lq * E, 0.0),
+                 std::vector<double>(Sk * E, 0.0), std::vector<double>(Sk * E, 0.0)};
+      const int64_t lse0 = int64_t(h) * total_q + q0;  // this row's dropout counter is (lse0 + i) * max_k + j
+      reference_sequence(
+          Lq, Sk, E, p.scale, c.o.alibi ? slopes[b * Hq + h] : 0.0, c.o,
+          [&](int64_t i, int e) { return q.at(q0 + i, h, e); }, [&](int64_t j, int e) { return k.at(k0 + j, hk, e); },
+          [&](int64_t j, int e) { return v.at(k0 + j, hk, e); }, [&](int64_t i, int e) { return d_out.at(q0 + i, h, e); },
+          [&](int64_t i, int64_t j) {
+            if (c.o.dropout <= 0.0f) return 1.0;
+            const uint64_t n = uint64_t((lse0 + i) * max_k + j);
+            return fastattn::philox_uniform(p.seed, n) >= c.o.dropout ? 1.0 / (1.0 - double(c.o.dropout)) : 0.0;
+          },
+          [](double x) { return to_d(from_d<T>(x)); }, g);
+      for (int64_t i = 0; i < Lq; ++i) {
+        r_lse[lse0 + i] = g.lse[i];
+        ref_lse[lse0 + i] = float(g.lse[i]);
+        for (int e = 0; e < E; ++e) {
+          const size_t x = ((q0 + i) * Hq + h) * E + e;
+          r_out[x] = g.out[i * E + e], r_dq[x] = g.dq[i * E + e];
+          ref_out[x] = from_d<T>(g.out[i * E + e]);
+        }
+      }
+      for (int64_t j = 0; j < Sk; ++j)
+        for (int e = 0; e < E; ++e) {
+          r_dk[((k0 + j) * Hk + hk) * E + e] += g.dk[j * E + e];
+          r_dv[((k0 + j) * Hk + hk) * E + e] += g.dv[j * E + e];
+        }
+    }
+  const double tol = std::is_same_v<T, __half> ? 5e-3 : 3e-2;
+  Err e_out, e_lse;
+  bool empty_ok = true;
+  for (size_t x = 0; x < out.size(); ++x) e_out.add(r_out[x], to_d(out[x]));
+  for (size_t x = 0; x < lse.size(); ++x) {
+    if (std::isinf(r_lse[x])) empty_ok &= std::isinf(lse[x]) && lse[x] < 0;
+    else e_lse.add(r_lse[x], lse[x]);
+  }
+  bool ok = e_out.rel() <= tol && e_lse.max_abs <= 1e-4 * std::max(1.0, e_lse.max_ref) && empty_ok;
+  std::printf("%-70s %s  out %.1e lse %.1e%s", c.name, ok ? "OK  " : "FAIL", e_out.rel(), e_lse.max_abs,
+              empty_ok ? "" : " (row without keys: lse not -inf)");
+
+  std::vector<T> dq = harness::poisoned<T>(ref_out.size()), dk = harness::poisoned<T>(r_dk.size()), dv = dk;
+  bp.out = ref_out.data(), bp.lse = ref_lse.data();
+  bp.out_head_stride = E, bp.out_row_stride = int64_t(Hq) * E;
+  bp.grad_out = d_out.data.data(), bp.grad_out_head_stride = E, bp.grad_out_row_stride = d_out.row_stride;
+  bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data(), bp.delta = delta.data();
+  bp.dq_head_stride = E, bp.dq_row_stride = int64_t(Hq) * E;
+  bp.dkv_head_stride = E, bp.dkv_row_stride = int64_t(Hk) * E;
+  if (const cudaError_t err = run_bwd<T, E>(bp); err != cudaSuccess) {
+    std::printf("  FAIL backward launch error %d\n", int(err));
+    return false;
+  }
+  Err e_dq, e_dk, e_dv;
+  for (size_t x = 0; x < dq.size(); ++x) e_dq.add(r_dq[x], to_d(dq[x]));
+  for (size_t x = 0; x < dk.size(); ++x) e_dk.add(r_dk[x], to_d(dk[x])), e_dv.add(r_dv[x], to_d(dv[x]));
+  const bool bwd_ok = e_dq.rel() <= tol && e_dk.rel() <= tol && e_dv.rel() <= tol;
+  std::printf(" | bwd %s dq %.1e dk %.1e dv %.1e (tol %.0e)\n", bwd_ok ? "OK  " : "FAIL", e_dq.rel(), e_dk.rel(),
+              e_dv.rel(), tol);
+  return ok && bwd_ok;
+}
+
+enum class Cache { kContiguous, kPaged, kPagedVllm };
+
+struct KvCacheCase {
+  const char* name;
+  int Hq, Hk;
+  int64_t Lq, L_new;
+  std::vector<int> cache_seqlens;
+  Cache cache;
+  int64_t capacity;  // S_max, or max_blocks * block_size
+  int block_size = 0;
+  SeqOptions o;
+  int subset_splits = 1;
+};
+
+// Appends and attends as the glue does, then checks the cache (the new rows at their slots,
+// every other element untouched) and out / lse against float64 attention over each
+// sequence's logical keys (the old cache prefix, then k_new).
+template <typename T, int E>
+bool run_kv_cache_case(const KvCacheCase& c) {
+  std::mt19937 rng(99 + E + int(c.Lq));
+  const int B = int(c.cache_seqlens.size()), Hq = c.Hq, Hk = c.Hk, G = Hq / Hk;
+  const bool paged = c.cache != Cache::kContiguous;
+  const int bs = paged ? c.block_size : 1;
+  const int64_t max_blocks = paged ? c.capacity / bs : 0;
+  // Paged: shuffled blocks, two spare ones no sequence uses. Contiguous: cache rows reversed
+  // through cache_batch_idx, one spare row.
+  const int64_t cache_blocks = paged ? B * max_blocks + 2 : B + 1;
+  std::vector<int> block_table(size_t(B) * max_blocks), batch_idx(B);
+  for (size_t x = 0; x < block_table.size(); ++x) block_table[x] = int(x) + 2;
+  std::shuffle(block_table.begin(), block_table.end(), rng);
+  for (int b = 0; b < B; ++b) batch_idx[b] = B - b;
+  const int64_t rows_per_block = paged ? bs : c.capacity;
+  int64_t sb, sh, sr;  // cache strides: [blocks, Hk, rows, E] or vLLM's [blocks, rows, Hk, E]
+  if (c.cache == Cache::kPagedVllm) sb = rows_per_block * Hk * E, sh = E, sr = int64_t(Hk) * E;
+  else sb = Hk * rows_per_block * E, sh = rows_per_block * E, sr = E;
+  const std::vector<T> k0 = harness::randn<T>(size_t(cache_blocks) * sb, rng), v0 = harness::randn<T>(k0.size(), rng);
+  std::vector<T> k_cache = k0, v_cache = v0;
+  const std::vector<T> q = harness::randn<T>(size_t(B) * Hq * c.Lq * E, rng);
+  const std::vector<T> k_new = harness::randn<T>(size_t(B) * Hk * c.L_new * E, rng), v_new = harness::randn<T>(k_new.size(), rng);
+  std::vector<float> slopes(size_t(B) * Hq);
+  for (size_t x = 0; x < slopes.size(); ++x) slopes[x] = 0.04f * float(x % 3 + 1);
+  // Where position pos of sequence b lives in the cache (element offset of (hk, e) = 0).
+  auto slot = [&](int b, int64_t pos) {
+    return paged ? int64_t(block_table[b * max_blocks + pos / bs]) * sb + (pos % bs) * sr
+                 : int64_t(batch_idx[b]) * sb + pos * sr;
+  };
+
+  AttentionParams p;
+  p.dtype = std::is_same_v<T, __half> ? fastattn::Dtype::Float16 : fastattn::Dtype::BFloat16;
+  p.q = q.data(), p.k = k_cache.data(), p.v = v_cache.data();
+  p.q_batch_stride = Hq * c.Lq * E, p.q_head_stride = c.Lq * E, p.q_row_stride = E;
+  p.k_batch_stride = p.v_batch_stride = sb, p.k_head_stride = p.v_head_stride = sh, p.k_row_stride = p.v_row_stride = sr;
+  p.out_batch_stride = p.q_batch_stride, p.out_head_stride = p.q_head_stride, p.out_row_stride = E;
+  p.batch = B, p.heads_q = Hq, p.heads_kv = Hk, p.len_q = c.Lq, p.len_kv = c.capacity, p.head_dim = E;
+  p.scale = 1.0f / std::sqrt(float(E));
+  p.softcap = c.o.softcap;
+  p.window_left = c.o.window_left, p.window_right = c.o.window_right, p.bottom_right = c.o.bottom_right;
+  if (c.o.alibi) p.alibi_slopes = slopes.data(), p.alibi_batch_stride = Hq;
+  p.cache_seqlens = c.cache_seqlens.data(), p.cache_new_len = c.L_new, p.cache_blocks = cache_blocks;
+  if (paged) p.block_table = block_table.data(), p.block_table_batch_stride = max_blocks, p.block_size = bs;
+  else p.cache_batch_idx = batch_idx.data();
+  p.k_new = k_new.data(), p.v_new = v_new.data();
+  p.k_new_batch_stride = p.v_new_batch_stride = Hk * c.L_new * E;
+  p.k_new_head_stride = p.v_new_head_stride = c.L_new * E, p.k_new_row_stride = p.v_new_row_stride = E;
+
+  if (const cudaError_t err = fastattn::run_kv_cache_append(p, nullptr); err != cudaSuccess) {
+    std::printf("%-70s FAIL  append launch error %d\n", c.name, int(err));
+    return false;
+  }
+  std::vector<T> out = harness::poisoned<T>(q.size());
+  std::vector<float> lse(size_t(B) * Hq * c.Lq, NAN), op, lp;
+  p.out = out.data(), p.lse = lse.data();
+  if (const cudaError_t err = run_fwd<T, E>(p, c.subset_splits, op, lp); err != cudaSuccess) {
+    std::printf("%-70s FAIL  forward launch error %d\n", c.name, int(err));
+    return false;
+  }
+
+  std::vector<T> k_expect = k0, v_expect = v0;
+  for (int b = 0; b < B; ++b)
+    for (int hk = 0; hk < Hk; ++hk)
+      for (int64_t t = 0; t < c.L_new; ++t)
+        for (int e = 0; e < E; ++e) {
+          const size_t from = ((size_t(b) * Hk + hk) * c.L_new + t) * E + e;
+          const size_t to = size_t(slot(b, c.cache_seqlens[b] + t) + hk * sh + e);
+          k_expect[to] = k_new[from], v_expect[to] = v_new[from];
+        }
+  const bool cache_ok = std::memcmp(k_expect.data(), k_cache.data(), k_cache.size() * sizeof(T)) == 0 &&
+                        std::memcmp(v_expect.data(), v_cache.data(), v_cache.size() * sizeof(T)) == 0;
+
+  Err e_out, e_lse;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hq; ++h) {
+      const int hk = h / G;
+      const int64_t old = c.cache_seqlens[b], Sk = old + c.L_new;
+      auto key = [&](const std::vector<T>& cache0, const std::vector<T>& fresh) {
+        return [&, old, from_cache = &cache0, from_new = &fresh](int64_t j, int e) {
+          return j < old ? to_d((*from_cache)[size_t(slot(b, j) + hk * sh + e)])
+                         : to_d((*from_new)[((size_t(b) * Hk + hk) * c.L_new + (j - old)) * E + e]);
+        };
+      };
+      SeqGrads g{std::vector<double>(c.Lq * E, 0.0), std::vector<double>(c.Lq, 0.0), std::vector<double>(c.Lq * E, 0.0),
+                 std::vector<double>(Sk * E, 0.0), std::vector<double>(Sk * E, 0.0)};
+      const size_t q0 = (size_t(b) * Hq + h) * c.Lq;
+      reference_sequence(
+          c.Lq, Sk, E, p.scale, c.o.alibi ? slopes[b * Hq + h] : 0.0, c.o,
+          [&](int64_t i, int e) { return to_d(q[(q0 + i) * E + e]); }, key(k0, k_new), key(v0, v_new),
+          [](int64_t, int) { return 0.0; }, [](int64_t, int64_t) { return 1.0; }, [](double x) { return x; }, g);
+      for (int64_t i = 0; i < c.Lq; ++i) {
+        for (int e = 0; e < E; ++e) e_out.add(g.out[i * E + e], to_d(out[(q0 + i) * E + e]));
+        e_lse.add(g.lse[i], lse[q0 + i]);
+      }
+    }
+  const double tol = std::is_same_v<T, __half> ? 5e-3 : 3e-2;
+  const bool ok = cache_ok && e_out.rel() <= tol && e_lse.max_abs <= 1e-4 * std::max(1.0, e_lse.max_ref);
+  std::printf("%-70s %s  splits %3d  cache %s out %.1e lse %.1e (tol %.0e)\n", c.name, ok ? "OK  " : "FAIL",
+              p.num_splits, cache_ok ? "ok" : "WRONG", e_out.rel(), e_lse.max_abs, tol);
+  return ok;
+}
+
+// f16 E64: a config both the full and the subset build compile, and the emulator's cheapest
+// that the mutation check also runs.
+const std::vector<VarlenCase>& varlen_cases() {
+  static const std::vector<VarlenCase> all = {
+      {"varlen E64 f16 GQA 2:1 lens q (0,1,7,70) k (3,1,7,130) causal top-left", 2, 1, {0, 1, 7, 70}, {3, 1, 7, 130},
+       {false, -1, 0}},
+      {"varlen E64 f16 lens q (5,1,0,16) k (9,0,4,40) causal bottom-right softcap alibi dropout 0.2", 2, 2,
+       {5, 1, 0, 16}, {9, 0, 4, 40}, {true, -1, 0, 15.0f, true, 0.2f}},
+      {"varlen E64 f16 GQA 2:1 lens q (33,2) k (20,66) bottom-right window(8,2)", 2, 1, {33, 2}, {20, 66},
+       {true, 8, 2}},
+  };
+  return all;
+}
+
+const std::vector<KvCacheCase>& kv_cache_cases() {
+  static const std::vector<KvCacheCase> all = {
+      {"kvcache f16 E64 paged bs 5 shuffled, GQA 2:1 Lq1 L_new 1, lens (0,37,130)", 2, 1, 1, 1, {0, 37, 130},
+       Cache::kPaged, 135, 5, {}, 4},
+      {"kvcache f16 E64 paged vLLM [blocks,bs,Hk,E].transpose bs 16 Lq3 L_new 3 causal bottom-right", 2, 2, 3, 3,
+       {45, 70}, Cache::kPagedVllm, 80, 16, {true, -1, 0, 0.0f, true}, 3},
+      {"kvcache f16 E64 contiguous cache_batch_idx, Lq2 L_new 0 softcap window(50,-1)", 1, 1, 2, 0, {7, 150},
+       Cache::kContiguous, 160, 0, {true, 50, -1, 20.0f}, 2},
+  };
+  return all;
 }
 
 }  // namespace
@@ -438,6 +820,11 @@ int main(int argc, char** argv) {
     if (f) std::fclose(f);
     return ok ? 0 : 1;
   }
+  if (const char* path = harness::option(argc, argv, "varlen-dropout-mask")) {
+    // Keys <= E (one-hot values): packed sequences of (q, k) lengths (3, 20), (0, 5), (9, 33).
+    const VarlenCase c{"varlen dropout mask", 3, 3, {3, 0, 9}, {20, 5, 33}, {false, -1, -1, 0.0f, false, 0.3f}};
+    return run_varlen_case<__half, 64>(c, path) ? 0 : 1;
+  }
   const harness::Selection sel(argc, argv);
   int failed = 0, ran = 0;
   for (const Entry& entry : cases()) {
@@ -446,6 +833,16 @@ int main(int argc, char** argv) {
     const bool ok = entry.bf16 ? dispatch_head_dim<__nv_bfloat16>(entry.c, compiled) : dispatch_head_dim<__half>(entry.c, compiled);
     ran += compiled;
     failed += !ok;
+  }
+  for (const VarlenCase& c : varlen_cases()) {
+    if (!sel.wants(c.name)) continue;
+    ++ran;
+    failed += !run_varlen_case<__half, 64>(c);
+  }
+  for (const KvCacheCase& c : kv_cache_cases()) {
+    if (!sel.wants(c.name)) continue;
+    ++ran;
+    failed += !run_kv_cache_case<__half, 64>(c);
   }
   return harness::finish(failed, ran);
 }
