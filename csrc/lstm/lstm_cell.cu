@@ -45,7 +45,7 @@ cudaError_t launch_lstm_step_fwd(const LstmStepFwdParams& p, cudaStream_t stream
     constexpr int kVec = 16 / sizeof(T);
     constexpr size_t t = sizeof(T);
     if (vectorizable<kVec>(p.hidden,
-                           {{p.x_proj, t}, {p.rec, t}, {p.c_prev, t}, {p.h_prev, t},
+                           {{p.x_proj, t}, {p.rec, sizeof(lstm::acc_t<T>)}, {p.c_prev, t}, {p.h_prev, t},
                             {p.zoneout_c, t}, {p.zoneout_h, t}, {p.c_out, t}, {p.h_out, t},
                             {p.gates_out, t}},
                            {p.x_proj_row_stride, p.c_prev_row_stride, p.h_prev_row_stride})) {

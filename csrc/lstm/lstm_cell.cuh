@@ -107,11 +107,11 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
       load_acc<T, VEC>(x + 2 * H, g);
       load_acc<T, VEC>(x + 3 * H, o);
       if (p.rec != nullptr) {
-        const T* rec = static_cast<const T*>(p.rec) + at.row * 4 * H + at.col;
-        add_acc<T, A, VEC>(rec, i);
-        add_acc<T, A, VEC>(rec + H, f);
-        add_acc<T, A, VEC>(rec + 2 * H, g);
-        add_acc<T, A, VEC>(rec + 3 * H, o);
+        const A* rec = static_cast<const A*>(p.rec) + at.row * 4 * H + at.col;
+        add_acc<A, A, VEC>(rec, i);
+        add_acc<A, A, VEC>(rec + H, f);
+        add_acc<A, A, VEC>(rec + 2 * H, g);
+        add_acc<A, A, VEC>(rec + 3 * H, o);
       }
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {

@@ -3,14 +3,14 @@
 Op semantics and layouts: fastattn/ops/_registry.py. This module checks inputs, chooses the
 backend (fastattn/ops/backends.py), and registers fake kernels and autograd for the ops.
 
-Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (fastattn::lstm_layer_infer when no
-gradient is needed, which also serves lstm_cell then), or fastattn::lstm_ln_layer_fwd/_bwd for
-the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
-whole-sequence GEMMs); ``cuda`` and ``triton`` run the fused pointwise cell ops
-(fastattn::lstm_cell_pointwise_* CUDA impls / *_triton ops) inside a step loop, and ``cuda``
-serves option-free inference with the persistent fastattn::lstm_sequence_fwd kernel;
-``reference`` is plain PyTorch (fastattn/ops/reference.py). The layer_norm option is served by
-``cpu`` and ``reference`` only (CUDA tensors run it on the reference).
+Backends: ``cpu`` and ``cuda`` run fastattn::lstm_layer_fwd/_bwd, one op call per layer and
+direction whose time loop runs in C++ (fastattn::lstm_layer_infer when no gradient is needed;
+on CPU it also serves lstm_cell then; on CUDA it runs the persistent sequence kernel where that
+fits, see csrc/lstm/lstm_cuda.cpp); ``cpu`` also runs fastattn::lstm_ln_layer_fwd/_bwd for the
+layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
+whole-sequence GEMMs); ``triton`` runs the fused pointwise cell ops (*_triton ops) inside a
+step loop; ``reference`` is plain PyTorch (fastattn/ops/reference.py). The layer_norm option is
+served by ``cpu`` and ``reference`` only (CUDA tensors run it on the reference).
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# The CUDA persistent sequence kernel (csrc/lstm/lstm_sequence.cuh) keeps W_hh on chip.
-_CUDA_SEQUENCE_MAX_HIDDEN = 256
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -278,8 +276,8 @@ def _check_input(fn: str, input, dims: tuple[int, ...], layout: str) -> None:
 
 def _cell_missing(device: torch.device, dtype: torch.dtype):
     def missing(backend: str) -> str | None:
-        if backend == "cuda" and not _has_kernel("lstm_cell_pointwise_fwd", "CUDA"):
-            return "the CUDA LSTM cell kernels (fastattn._C has none registered)"
+        if backend == "cuda" and not _has_kernel("lstm_layer_fwd", "CUDA"):
+            return "the CUDA LSTM kernels (fastattn._C has none registered)"
         if backend == "triton":
             if _triton_cell_ops() is None:
                 return "the Triton LSTM cell kernels (fastattn.triton_kernels.lstm_cell)"
@@ -451,7 +449,7 @@ def lstm_layer(
 
     backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
     bias = _sum_biases(b_ih, b_hh)
-    if backend == "cpu" and layer_norm is None and not _needs_grad(
+    if backend in ("cpu", "cuda") and layer_norm is None and not _needs_grad(
             input, h0, c0, w_ih, w_hh, bias, w_hr):
         return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
                                      zoneout_c, zoneout_h)
@@ -468,21 +466,15 @@ def lstm_layer(
     else:
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)
-    options = w_hr is not None or batch_sizes is not None or zoneout_c is not None or (
-        zoneout_h is not None)
 
     if backend == "cpu" and layer_norm is not None:
         h_all, c_all, *_ = _OPS.lstm_ln_layer_fwd(
             x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
             zoneout_c, zoneout_h)
         return h_all, c_all
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
-        return h_all, c_all
-    if (backend == "cuda" and not options and H <= _CUDA_SEQUENCE_MAX_HIDDEN
-            and input.dtype != torch.float64 and not torch.is_grad_enabled()):
-        h_all, c_all, _ = _OPS.lstm_sequence_fwd(x_proj, h0, c0, w_hh)
         return h_all, c_all
     if backend == "reference":
         h_all, c_all, _, _ = reference.lstm_layer_reference(

@@ -45,7 +45,8 @@ struct LstmCellBwdParams {
 struct LstmStepFwdParams {
   Dtype dtype = Dtype::Float32;
   const void* x_proj = nullptr;     // [B, 4H] the input's share of the pre-activation gates
-  const void* rec = nullptr;        // [B, 4H] h_prev @ w_hh^T (rows < stepping), or nullptr
+  const void* rec = nullptr;        // [B, 4H] h_prev @ w_hh^T (rows < stepping) in the math
+                                    // type (float32 for half types), or nullptr
   const void* c_prev = nullptr;     // [B, H]
   const void* h_prev = nullptr;     // [B, H] without projection (zoneout_h, carried rows)
   const void* zoneout_c = nullptr;  // [B, H] weight of c_prev, or nullptr
