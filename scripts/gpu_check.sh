@@ -8,7 +8,9 @@
 #   build   fastattn._C with CUDA for this GPU's arch only (FASTATTN_CUDA=1, MAX_JOBS=nproc)
 #   info    python -m fastattn.info
 #   tests   every gpu- and triton-marked test (junit.xml)
-#   bench   the GPU benchmark grid (quick by default), one pytest run per op family
+#   bench   the GPU benchmark grid (quick by default), one pytest run per op family; the lstm
+#           family times fastattn.LSTM / LSTMCell per backend against nn.LSTM / nn.LSTMCell
+#           (cuDNN), inference (fwd) and training (fwd+bwd), T128 B16/64 H256/512 fp32 + bf16
 #   report  benchmarks/report.py over the benchmark JSON
 # and writes under OUT_DIR:
 #   summary.md, summary.json   each step's status and time, test counts, failures, the report

@@ -282,8 +282,9 @@ bool has_options(const LayerProblem& p) {
 }
 
 // The persistent kernel (csrc/lstm/lstm_sequence.cuh) serves an option-free problem when it
-// fits on this device (hidden size, sm_80+, a co-resident grid); float64 stays on the loop,
-// whose cuBLAS float64 GEMMs outrun the kernel's scalar float64 products.
+// fits on this device (hidden size, sm_80+, cooperative launch, a co-resident grid): a problem
+// it cannot take falls back to the loop instead of raising. float64 stays on the loop, as the
+// Python-side choice kept it before (the two have not been timed against each other).
 bool sequence_kernel_serves(const LayerProblem& p, Dtype dtype) {
   if (has_options(p) || dtype == Dtype::Float64 || p.T == 0 || p.B == 0) return false;
   LstmSequenceFwdParams sp;
