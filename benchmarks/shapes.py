@@ -245,9 +245,11 @@ def _cuda_grid(name: str) -> Grid:
             attention_window=_window([1], [4], [8192], 64, WINDOW_FULL),
             attention_features_dtypes=[bf16],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
-            # H = 32: the widest layer the triton backend's persistent kernels serve.
-            lstm=_lstm([128], [64], [256, 512]) + _lstm([128], [1, 64], [32]),
-            lstm_dtypes=[fp32],
+            # Issue 17's cuDNN target range (B <= 64, H <= 512); H 256 inference is the
+            # persistent kernel's, the rest the C++ step loop's. H = 32: the widest layer the
+            # triton backend's persistent kernels serve.
+            lstm=_lstm([128], [16, 64], [256, 512]) + _lstm([128], [1, 64], [32]),
+            lstm_dtypes=[fp32, bf16],
             mha=[TransformerShape(4, 1024, 512, 8, 1)],
             encoder=[encoder_full],
             mha_dtypes=[bf16],

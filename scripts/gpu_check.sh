@@ -8,9 +8,10 @@
 #   build   fastattn._C with CUDA for this GPU's arch only (FASTATTN_CUDA=1, MAX_JOBS=nproc)
 #   info    python -m fastattn.info
 #   tests   every gpu- and triton-marked test (junit.xml)
-#   bench   the GPU benchmark grid (quick by default), one pytest run per op family (the LSTM
-#           family times every backend against cuDNN; its H = 32 shapes are the ones the triton
-#           backend's persistent layer kernels serve)
+#   bench   the GPU benchmark grid (quick by default), one pytest run per op family; the lstm
+#           family times fastattn.LSTM / LSTMCell per backend against nn.LSTM / nn.LSTMCell
+#           (cuDNN), inference (fwd) and training (fwd+bwd), T128 B16/64 H256/512 fp32 + bf16,
+#           and H = 32, the widest layer the triton backend's persistent kernels serve
 #   report  benchmarks/report.py over the benchmark JSON
 # and writes under OUT_DIR:
 #   summary.md, summary.json   each step's status and time, test counts, failures, the report

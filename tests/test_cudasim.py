@@ -74,10 +74,11 @@ def test_attention_fwd_bwd_decode(check_build, schedule):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
-def test_lstm_cell_and_sequence(check_build, schedule):
+def test_lstm_cell_step_and_sequence(check_build, schedule):
     # The skewed schedules run one persistent-kernel grid per dtype path (they are the slow
     # cases: every block is an OS thread with 256 fibers); lockstep runs every case.
-    cases = [] if schedule == "rr" else ["cell", "sequence f32 T4 B20 H40 4 SMs", "sequence f16"]
+    cases = [] if schedule == "rr" else [
+        "cell", "step", "projection", "sequence f32 T4 B20 H40 4 SMs", "sequence f16"]
     assert_passes(run(check_build / "lstm", *cases, schedule=schedule))
 
 
@@ -208,7 +209,8 @@ def _asan_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("program", ["attention", "lstm"])
 def test_asan_ubsan_subset(asan_build, program):
-    cases = ["cell", "sequence f16", "sequence f64"] if program == "lstm" else []
+    cases = ["cell", "step", "projection", "sequence f16", "sequence f64"] if (
+        program == "lstm") else []
     assert_passes(run(asan_build / program, *cases, **_asan_env()))
 
 

@@ -1,5 +1,7 @@
 """The compiled LSTM ops (fastattn::lstm_cell_pointwise_fwd/_bwd, fastattn::lstm_sequence_fwd)
-against float64 plain-PyTorch computations of the same math.
+against float64 plain-PyTorch computations of the same math; on a GPU also the CUDA layer ops
+(fastattn::lstm_layer_fwd/_bwd/_infer) through fastattn.LSTM / LSTMCell against nn.LSTM /
+nn.LSTMCell (cuDNN) and, for the options nn.LSTM lacks, against the reference loop.
 
 One test body per op, parametrized over device: the ``cuda`` cases (csrc/lstm/*.cu) are marked
 ``gpu`` and run on a GPU; the ``cpu`` cases exercise the C++ CPU kernels of the same ops. A
@@ -8,11 +10,16 @@ missing op or CPU kernel fails; only the ``cuda`` cases of a build without CUDA 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+import fastattn
 from fastattn import _extension
-from fastattn.ops import lstm as _lstm_ops  # noqa: F401  (registers the fake kernels)
+from fastattn.ops import lstm as lstm_ops
 from fastattn.ops import reference
 from tests.helpers import assert_close_to_reference
 from tests.lstm_math import cell_grads, cell_math, sequence_inputs, sequence_math
@@ -252,3 +259,247 @@ def test_cuda_ops_opcheck():
         torch.ops.fastattn.lstm_sequence_fwd, sequence_inputs(3, 5, 7, torch.float32, "cuda"),
         test_utils=utils,
     )
+
+
+# ---- the layer ops on CUDA (csrc/lstm/lstm_cuda.cpp: C++ time loop, persistent kernel) ----------
+# fastattn.LSTM / LSTMCell on CUDA against nn.LSTM / nn.LSTMCell themselves (cuDNN): our error
+# against nn's float64 run must stay within 2x nn's own error in the same dtype (plus a floor),
+# for the outputs, the final states and the gradient of every input and weight.
+
+MODULE_FLAGS = [
+    pytest.param(dict(), False, id="plain"),
+    pytest.param(dict(), True, id="plain-packed"),
+    pytest.param(dict(num_layers=2, bidirectional=True), False, id="L2-bi"),
+    pytest.param(dict(proj_size=5), False, id="proj"),
+    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True, bias=False),
+                 True, id="L2-bi-proj-bf-nobias-packed"),
+]
+# H 256: the persistent kernel serves option-free inference; 300: it does not fit. float32 runs
+# every size, the other dtypes two (the GPU test step of scripts/gpu_check.sh has 150 s for all).
+MODULE_SIZES = [
+    pytest.param(dtype, t, b, h, id=f"{name}-T{t}-B{b}-H{h}")
+    for dtype, name in ((torch.float32, "fp32"), (torch.float64, "fp64"),
+                        (torch.float16, "fp16"), (torch.bfloat16, "bf16"))
+    for t, b, h in ((1, 1, 7), (5, 7, 33), (6, 3, 256), (3, 5, 300))
+    if dtype == torch.float32 or h in (33, 256)
+]
+
+
+def _grads(outputs, leaves, seed):
+    """Gradients of every leaf for fixed random cotangents of every output (float64 inputs give
+    float64 cotangents of the same values)."""
+    gen = torch.Generator().manual_seed(seed)
+    cotangents = [torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o) for o in outputs]
+    return torch.autograd.grad(outputs, leaves, cotangents)
+
+
+def _run_module(module, x, hx, packed_lengths, grad):
+    if packed_lengths is not None:
+        x_in = pack_padded_sequence(x, packed_lengths, batch_first=module.batch_first,
+                                    enforce_sorted=False)
+    else:
+        x_in = x
+    with torch.set_grad_enabled(grad):
+        out, (h_n, c_n) = module(x_in, hx)
+    data = out.data if isinstance(out, PackedSequence) else out
+    outputs = [data, h_n, c_n]
+    if not grad:
+        return outputs
+    return outputs + list(_grads(outputs, [x, *hx, *module.parameters()], seed=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("dtype, seq_len, batch, hidden", MODULE_SIZES)
+@pytest.mark.parametrize("flags, packed", MODULE_FLAGS)
+def test_lstm_module_matches_nn_lstm(flags, packed, dtype, seq_len, batch, hidden, grad):
+    require_kernel("lstm_layer_fwd", "cuda")
+    require_kernel("lstm_layer_bwd", "cuda")
+    require_kernel("lstm_layer_infer", "cuda")
+    torch.manual_seed(0)
+    in_features = 11
+    theirs = nn.LSTM(in_features, hidden, device="cuda", dtype=dtype, **flags)
+    ours = fastattn.LSTM(in_features, hidden, device="cuda", dtype=dtype, **flags)
+    ours.load_state_dict(theirs.state_dict())
+    theirs64 = copy.deepcopy(theirs).double()
+    batch_first = flags.get("batch_first", False)
+    x = torch.randn((batch, seq_len, in_features) if batch_first else (seq_len, batch, in_features),
+                    device="cuda", dtype=dtype)
+    layers = flags.get("num_layers", 1) * (2 if flags.get("bidirectional") else 1)
+    width = flags.get("proj_size", 0) or hidden
+    hx = (torch.randn(layers, batch, width, device="cuda", dtype=dtype),
+          torch.randn(layers, batch, hidden, device="cuda", dtype=dtype))
+    lengths = None
+    if packed:  # distinct lengths in shuffled order, the longest == seq_len
+        lengths = torch.randperm(batch).add(seq_len - batch + 1).clamp_min(1)
+        lengths[lengths.argmax()] = seq_len
+    leaves = [t.detach().requires_grad_(grad) for t in (x, *hx)]
+    leaves64 = [t.detach().double().requires_grad_(grad) for t in (x, *hx)]
+    got = _run_module(ours, leaves[0], tuple(leaves[1:]), lengths, grad)
+    ref64 = _run_module(theirs64, leaves64[0], tuple(leaves64[1:]), lengths, grad)
+    ref_torch = _run_module(theirs, leaves[0], tuple(leaves[1:]), lengths, grad)
+    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
+        f"grad {n}" for n, _ in ours.named_parameters()]
+    for name, a, r64, rt in zip(names, got, ref64, ref_torch, strict=False):
+        assert a.shape == rt.shape, f"{name}: shape {tuple(a.shape)} != {tuple(rt.shape)}"
+        assert_close_to_reference(a, r64, rt, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch, hidden", [(1, 7), (7, 33), (33, 100)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lstm_cell_module_matches_nn_lstm_cell(dtype, batch, hidden):
+    require_kernel("lstm_cell_pointwise_fwd", "cuda")
+    torch.manual_seed(0)
+    theirs = nn.LSTMCell(9, hidden, device="cuda", dtype=dtype)
+    ours = fastattn.LSTMCell(9, hidden, device="cuda", dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    theirs64 = copy.deepcopy(theirs).double()
+    inputs = [torch.randn(batch, n, device="cuda", dtype=dtype) for n in (9, hidden, hidden)]
+
+    def run(module, tensors):
+        x, h, c = (t.detach().requires_grad_() for t in tensors)
+        outputs = list(module(x, (h, c)))
+        return outputs + list(_grads(outputs, [x, h, c, *module.parameters()], seed=2))
+
+    got = run(ours, inputs)
+    ref64 = run(theirs64, [t.double() for t in inputs])
+    ref_torch = run(theirs, inputs)
+    names = ["hy", "cy", "grad input", "grad hx", "grad cx"] + [
+        f"grad {n}" for n, _ in ours.named_parameters()]
+    for name, a, r64, rt in zip(names, got, ref64, ref_torch, strict=True):
+        assert_close_to_reference(a, r64, rt, name=name)
+
+
+# Options nn.LSTM lacks (zoneout, reverse alone, batch_sizes with projection) are checked at the
+# op level against fastattn.ops.reference's plain-PyTorch loop: float64 on the GPU as the oracle,
+# the same loop in the test dtype as "torch's own" error.
+LAYER_OPTIONS = [
+    pytest.param(dict(), id="none"),
+    pytest.param(dict(reverse=True), id="reverse"),
+    pytest.param(dict(proj=3), id="proj"),
+    pytest.param(dict(packed=True, reverse=True), id="packed-reverse"),
+    pytest.param(dict(zoneout="bernoulli"), id="zoneout-train"),
+    pytest.param(dict(zoneout="probability", proj=5, packed=True), id="zoneout-eval-proj-packed"),
+    pytest.param(dict(zoneout="bernoulli", proj=4, reverse=True), id="zoneout-proj-reverse"),
+]
+
+
+def _layer_inputs(options, seq_len, batch, hidden, dtype):
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(shape, generator=gen, dtype=torch.float64)).to("cuda", dtype)
+
+    proj = options.get("proj")
+    width = proj or hidden
+    x_proj = rand(seq_len, batch, 4 * hidden, scale=1.5)
+    h0, c0 = rand(batch, width), rand(batch, hidden)
+    w_hh = rand(4 * hidden, width, scale=width ** -0.5)
+    w_hr = rand(proj, hidden, scale=hidden ** -0.5) if proj else None
+    batch_sizes = None
+    if options.get("packed"):
+        batch_sizes = torch.linspace(batch, 1, seq_len).round().long()
+    zoneout_c = zoneout_h = None
+    if options.get("zoneout") == "bernoulli":
+        zoneout_c = torch.bernoulli(torch.full((seq_len, batch, hidden), 0.3), generator=gen)
+        zoneout_h = torch.bernoulli(torch.full((seq_len, batch, width), 0.4), generator=gen)
+    elif options.get("zoneout") == "probability":
+        zoneout_c = torch.full((seq_len, batch, hidden), 0.3)
+        zoneout_h = torch.full((seq_len, batch, width), 0.2)
+    zoneout_c, zoneout_h = (z if z is None else z.to("cuda", dtype) for z in (zoneout_c, zoneout_h))
+    return (x_proj, h0, c0, w_hh, w_hr, batch_sizes, options.get("reverse", False), zoneout_c,
+            zoneout_h)
+
+
+def _layer_outputs_and_grads(fn, args, grad):
+    x_proj, h0, c0, w_hh, w_hr, *rest = args
+    leaves = [t.detach().requires_grad_(grad) if t is not None else None
+              for t in (x_proj, h0, c0, w_hh, w_hr)]
+    with torch.set_grad_enabled(grad):
+        h_all, c_all = fn(*leaves, *rest)[:2]
+    if not grad:
+        return [h_all, c_all]
+    wanted = [t for t in leaves if t is not None]
+    return [h_all, c_all, *_grads([h_all, c_all], wanted, seed=4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+@pytest.mark.parametrize("seq_len, batch, hidden", [(1, 1, 1), (5, 7, 33)])
+@pytest.mark.parametrize("options", LAYER_OPTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_op_every_option(dtype, options, seq_len, batch, hidden, grad):
+    require_kernel("lstm_layer_fwd", "cuda")
+    args = _layer_inputs(options, seq_len, batch, hidden, dtype)
+
+    def ours(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh):
+        # Through fastattn.ops.lstm.lstm_layer with an identity input projection, so that the
+        # inference path (fastattn::lstm_layer_infer) is the one served without gradients.
+        eye = torch.eye(x_proj.shape[-1], device="cuda", dtype=x_proj.dtype)
+        return lstm_ops.lstm_layer(x_proj, h0, c0, eye, w_hh, None, None, w_hr,
+                                   batch_sizes=batch_sizes, reverse=reverse, zoneout_c=zc,
+                                   zoneout_h=zh)
+
+    got = _layer_outputs_and_grads(ours, args, grad)
+    args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_cuda else a for a in args]
+    ref64 = _layer_outputs_and_grads(reference.lstm_layer_reference, args64, grad)
+    ref_t = _layer_outputs_and_grads(reference.lstm_layer_reference, args, grad)
+    names = ["h_all", "c_all", "grad x_proj", "grad h0", "grad c0", "grad w_hh", "grad w_hr"]
+    for name, a, r64, rt in zip(names, got, ref64, ref_t, strict=False):
+        assert_close_to_reference(a, r64, rt, name=name)
+
+
+@pytest.mark.gpu
+def test_layer_ops_opcheck():
+    """Schemas, fake kernels (strides included) and dispatch of the CUDA layer ops."""
+    require_kernel("lstm_layer_fwd", "cuda")
+    args = _layer_inputs(dict(proj=3, packed=True, zoneout="bernoulli"), 4, 5, 7, torch.float32)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    ops = torch.ops.fastattn
+    torch.library.opcheck(ops.lstm_layer_fwd.default, args, test_utils=utils)
+    x_proj, h0, c0, w_hh, w_hr, *rest = args
+    h_all, c_all, gates_all, hpre_all = ops.lstm_layer_fwd(*args)
+    bwd_args = (torch.randn_like(h_all), torch.randn_like(c_all), h0, c0, w_hh, w_hr, *rest,
+                h_all, c_all, gates_all, hpre_all)
+    torch.library.opcheck(ops.lstm_layer_bwd.default, bwd_args, test_utils=utils[:2])
+    w_ih = torch.randn(28, 6, device="cuda")
+    infer_args = (torch.randn(4, 5, 6, device="cuda"), w_ih, torch.randn(28, device="cuda"), h0, c0,
+                  w_hh, w_hr, *rest)
+    torch.library.opcheck(ops.lstm_layer_infer.default, infer_args, test_utils=utils[:2])
+
+
+@pytest.mark.gpu
+def test_layer_op_bad_inputs_raise_before_any_kernel():
+    require_kernel("lstm_layer_fwd", "cuda")
+    x_proj, h0, c0, w_hh, *_ = _layer_inputs(dict(), 3, 4, 5, torch.float32)
+    ops = torch.ops.fastattn
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
+        ops.lstm_layer_fwd(x_proj, h0[:, :2], c0, w_hh, None, None, False, None, None)
+    with pytest.raises(RuntimeError, match="c0 must be on"):
+        ops.lstm_layer_fwd(x_proj, h0, c0.cpu(), w_hh, None, None, False, None, None)
+    with pytest.raises(RuntimeError, match="batch_sizes must be non-increasing"):
+        ops.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, torch.tensor([1, 2, 2]), False, None, None)
+    with pytest.raises(RuntimeError, match="w_hh must have dtype"):
+        ops.lstm_layer_fwd(x_proj, h0, c0, w_hh.double(), None, None, False, None, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
+def test_lstm_module_under_inductor(grad):
+    """fastattn.LSTM on CUDA compiled by Inductor (fullgraph) gives eager's outputs and
+    gradients: the ops' fakes (shapes, strides) match what the CUDA kernels return."""
+    require_kernel("lstm_layer_fwd", "cuda")
+    torch.manual_seed(0)
+    lstm = fastattn.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3, device="cuda")
+    x = torch.randn(4, 3, 5, device="cuda")
+    compiled = torch.compile(lstm, fullgraph=True)
+    with torch.set_grad_enabled(grad):
+        got, expected = compiled(x), lstm(x)
+    torch.testing.assert_close(got, expected)
+    if grad:
+        params = list(lstm.parameters())
+        compiled_grads = torch.autograd.grad(got[0].sum() + got[1][0].sum(), params)
+        eager_grads = torch.autograd.grad(expected[0].sum() + expected[1][0].sum(), params)
+        for a, b in zip(compiled_grads, eager_grads, strict=True):
+            torch.testing.assert_close(a, b)

@@ -1,6 +1,8 @@
 // CUDA implementations of the fastattn LSTM ops (schemas: fastattn/ops/_registry.py):
-// input checks, output allocation, params structs, launch on the current stream.
-// The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
+// input checks, output allocation, params structs, launch on the current stream. The layer ops
+// run their time loop here: per step a GEMM on torch's current stream (cuBLAS through ATen,
+// into preallocated buffers) and one fused pointwise kernel; the weight gradients are GEMMs
+// over all steps after the loop. The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,9 +11,12 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "fastattn/lstm_params.h"
+#include "lstm_layer_problem.h"
 
 namespace fastattn {
 namespace {
@@ -176,6 +181,292 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::
   return {h_all, c_all, gates_all};
 }
 
+// ---- layer ops -------------------------------------------------------------------------------
+
+using lstm_glue::LayerProblem;
+using lstm_glue::OptTensor;
+
+// The type the kernels compute in, and the backward keeps its gradients in.
+at::ScalarType math_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Dtype math_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? Dtype::Float64 : Dtype::Float32;
+}
+
+// Step t of a [T, ...] tensor, or nullptr for an absent option.
+void* ptr_at(const at::Tensor& all, int64_t t) {
+  return all.defined() ? all[t].data_ptr() : nullptr;
+}
+
+// out[:n] = a[:n] @ b into rows of a preallocated buffer (cuBLAS on the current stream); out
+// may be float32 for half / bfloat16 operands (the product is not rounded to them).
+void mm_rows(const at::Tensor& out, int64_t n, const at::Tensor& a, const at::Tensor& b) {
+  if (n == 0) return;
+  at::Tensor rows = out.narrow(0, 0, n);
+  if (out.scalar_type() == a.scalar_type()) {
+    at::mm_out(rows, a.narrow(0, 0, n), b);
+  } else {
+    at::mm_out(rows, a.narrow(0, 0, n), b, out.scalar_type());
+  }
+}
+
+// Every tensor of the call on x's CUDA device (layer_problem checks shapes, dtypes, devices).
+LayerProblem cuda_layer_problem(const char* op, const at::Tensor& x, const at::Tensor& h0,
+                                const at::Tensor& c0, const at::Tensor& w_hh,
+                                const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
+                                const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
+  TORCH_CHECK(x.is_cuda(), op, " (CUDA): expected CUDA tensors, got ", x.device());
+  LayerProblem p = lstm_glue::layer_problem(op, x, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                            zoneout_c, zoneout_h);
+  // The step kernels read the options as contiguous [B, width] rows of step t.
+  if (p.w_hr.defined()) p.w_hr = p.w_hr.contiguous();
+  return p;
+}
+
+// The forward time loop. x_proj [T, B, 4H] (last dim contiguous), h0 / c0 contiguous; writes
+// h_all, c_all, and gates_all when defined. hpre: [T, B, H] (hpre_all) or a [1, B, H] scratch
+// when projecting, else undefined.
+void layer_forward(const LayerProblem& p, const at::Tensor& x_proj, const at::Tensor& h0,
+                   const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& h_all,
+                   const at::Tensor& c_all, const at::Tensor& gates_all, const at::Tensor& hpre) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x_proj.device().index());
+  const bool proj = p.w_hr.defined();
+  const Dtype dtype = lstm_dtype(x_proj, "lstm_layer_fwd", "x_proj");
+  // h_prev @ w_hh^T of a step, in the math type: half types add it to x_proj unrounded.
+  at::Tensor rec = at::empty({p.B, 4 * p.H}, x_proj.options().dtype(math_type(x_proj)));
+  const at::Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? p.w_hr.t() : at::Tensor();
+  for (int64_t s = 0; s < p.T; ++s) {
+    const int64_t t = p.time(s), n = p.batch_sizes[t];
+    const at::Tensor h_prev = p.prev(h_all, h0, s), c_prev = p.prev(c_all, c0, s);
+    mm_rows(rec, n, h_prev, w_hh_t);
+    const at::Tensor h_t = h_all[t], hpre_t = proj ? hpre[hpre.size(0) == 1 ? 0 : t] : at::Tensor();
+    LstmStepFwdParams sp;
+    sp.dtype = dtype;
+    sp.x_proj = x_proj[t].data_ptr();
+    sp.rec = rec.data_ptr();
+    sp.c_prev = c_prev.data_ptr();
+    sp.h_prev = proj ? nullptr : h_prev.data_ptr();
+    sp.zoneout_c = ptr_at(p.zoneout_c, t);
+    sp.zoneout_h = proj ? nullptr : ptr_at(p.zoneout_h, t);
+    sp.c_out = c_all[t].data_ptr();
+    sp.h_out = proj ? hpre_t.data_ptr() : h_t.data_ptr();
+    sp.gates_out = ptr_at(gates_all, t);
+    sp.x_proj_row_stride = x_proj.stride(1);
+    sp.c_prev_row_stride = c_prev.stride(0);
+    sp.h_prev_row_stride = h_prev.stride(0);
+    sp.batch = p.B;
+    sp.hidden = p.H;
+    sp.stepping = n;
+    sp.project = proj;
+    C10_CUDA_CHECK(launch_lstm_step_fwd(sp, stream));
+    if (!proj) continue;
+    mm_rows(h_t, n, hpre_t, w_hr_t);
+    LstmProjectionFwdParams pp;
+    pp.dtype = dtype;
+    pp.h = h_t.data_ptr();
+    pp.h_prev = h_prev.data_ptr();
+    pp.zoneout_h = ptr_at(p.zoneout_h, t);
+    pp.batch = p.B;
+    pp.width = p.P;
+    pp.stepping = n;
+    C10_CUDA_CHECK(launch_lstm_projection_fwd(pp, stream));
+  }
+}
+
+bool has_options(const LayerProblem& p) {
+  return p.w_hr.defined() || p.reverse || p.zoneout_c.defined() || p.zoneout_h.defined() ||
+         std::any_of(p.batch_sizes.begin(), p.batch_sizes.end(),
+                     [&](int64_t n) { return n != p.B; });
+}
+
+// The persistent kernel (csrc/lstm/lstm_sequence.cuh) serves an option-free problem when it
+// fits on this device (hidden size, sm_80+, cooperative launch, a co-resident grid): a problem
+// it cannot take falls back to the loop instead of raising. float64 stays on the loop, as the
+// Python-side choice kept it before (the two have not been timed against each other).
+bool sequence_kernel_serves(const LayerProblem& p, Dtype dtype) {
+  if (has_options(p) || dtype == Dtype::Float64 || p.T == 0 || p.B == 0) return false;
+  LstmSequenceFwdParams sp;
+  sp.dtype = dtype;
+  sp.seq_len = p.T;
+  sp.batch = p.B;
+  sp.hidden = p.H;
+  return lstm_sequence_fwd_fits(sp);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
+    const at::Tensor& x_proj_in, const at::Tensor& h0_in, const at::Tensor& c0_in,
+    const at::Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
+    const OptTensor& zoneout_c, const OptTensor& zoneout_h) {
+  constexpr const char* op = "fastattn::lstm_layer_fwd";
+  const LayerProblem p = cuda_layer_problem(op, x_proj_in, h0_in, c0_in, w_hh, w_hr, batch_sizes,
+                                            reverse, zoneout_c, zoneout_h);
+  const c10::cuda::CUDAGuard guard(x_proj_in.device());
+  const at::Tensor x_proj = x_proj_in.contiguous(), h0 = h0_in.contiguous(),
+                   c0 = c0_in.contiguous();
+  const auto opts = x_proj.options();
+  const bool proj = p.w_hr.defined();
+  at::Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
+  at::Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
+  at::Tensor gates_all = at::empty({p.T, p.B, 4 * p.H}, opts);
+  at::Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
+  layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all,
+                proj ? hpre_all : at::Tensor());
+  return {h_all, c_all, gates_all, hpre_all};
+}
+
+// Inference: x_proj by one GEMM, then the persistent kernel where it serves, else the loop
+// (no gates saved).
+std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_cuda(
+    const at::Tensor& input, const at::Tensor& w_ih, const OptTensor& bias, const at::Tensor& h0_in,
+    const at::Tensor& c0_in, const at::Tensor& w_hh, const OptTensor& w_hr,
+    const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
+    const OptTensor& zoneout_h) {
+  constexpr const char* op = "fastattn::lstm_layer_infer";
+  TORCH_CHECK(input.is_cuda(), op, " (CUDA): expected CUDA tensors, got ", input.device());
+  TORCH_CHECK(input.dim() == 3, op, ": input must be [T, B, I], got ", input.sizes());
+  const Dtype dtype = lstm_dtype(input, op, "input");
+  const int64_t T = input.size(0), B = input.size(1), I = input.size(2);
+  TORCH_CHECK(w_ih.dim() == 2 && w_ih.size(0) % 4 == 0, op, ": w_ih must be [4H, ", I,
+              "], got ", w_ih.sizes());
+  const int64_t H = w_ih.size(0) / 4;
+  lstm_glue::check_like(w_ih, input, {4 * H, I}, op, "w_ih");
+  if (lstm_glue::given(bias)) lstm_glue::check_like(*bias, input, {4 * H}, op, "bias");
+  LayerProblem p = lstm_glue::layer_problem(op, input, T, B, H, h0_in, c0_in, w_hh, w_hr,
+                                            batch_sizes, reverse, zoneout_c, zoneout_h);
+  if (p.w_hr.defined()) p.w_hr = p.w_hr.contiguous();
+  const c10::cuda::CUDAGuard guard(input.device());
+  const auto opts = input.options();
+  at::Tensor h_all = at::empty({T, B, p.P}, opts);
+  at::Tensor c_all = at::empty({T, B, H}, opts);
+  if (T == 0 || B == 0) return {h_all, c_all};
+  const at::Tensor x = input.reshape({T * B, I});
+  const at::Tensor x_proj = (lstm_glue::given(bias) ? at::addmm(*bias, x, w_ih.t())
+                                                    : at::mm(x, w_ih.t()))
+                                .view({T, B, 4 * H});
+  const at::Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  if (sequence_kernel_serves(p, dtype)) {
+    at::Tensor gates_all = at::empty({T, B, 4 * H}, opts);  // the kernel writes them regardless
+    LstmSequenceFwdParams sp;
+    sp.dtype = dtype;
+    sp.x_proj = x_proj.data_ptr();
+    sp.h0 = h0.data_ptr();
+    sp.c0 = c0.data_ptr();
+    const at::Tensor w = w_hh.contiguous();
+    sp.w_hh = w.data_ptr();
+    sp.h_all = h_all.data_ptr();
+    sp.c_all = c_all.data_ptr();
+    sp.gates_all = gates_all.data_ptr();
+    sp.seq_len = T;
+    sp.batch = B;
+    sp.hidden = H;
+    C10_CUDA_CHECK(launch_lstm_sequence_fwd(sp, c10::cuda::getCurrentCUDAStream(input.device().index())));
+    return {h_all, c_all};
+  }
+  const at::Tensor hpre = p.w_hr.defined() ? at::empty({1, B, H}, opts) : at::Tensor();
+  layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, at::Tensor(), hpre);
+  return {h_all, c_all};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
+    const at::Tensor& grad_h_all_in, const at::Tensor& grad_c_all_in, const at::Tensor& h0,
+    const at::Tensor& c0_in, const at::Tensor& w_hh, const OptTensor& w_hr,
+    const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
+    const OptTensor& zoneout_h, const at::Tensor& h_all, const at::Tensor& c_all_in,
+    const at::Tensor& gates_all_in, const at::Tensor& hpre_all) {
+  constexpr const char* op = "fastattn::lstm_layer_bwd";
+  const LayerProblem p = cuda_layer_problem(op, gates_all_in, h0, c0_in, w_hh, w_hr, batch_sizes,
+                                            reverse, zoneout_c, zoneout_h);
+  const bool proj = p.w_hr.defined();
+  lstm_glue::check_like(grad_h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "grad_h_all");
+  lstm_glue::check_like(grad_c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "grad_c_all");
+  lstm_glue::check_like(h_all, gates_all_in, {p.T, p.B, p.P}, op, "h_all");
+  lstm_glue::check_like(c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "c_all");
+  if (proj) lstm_glue::check_like(hpre_all, gates_all_in, {p.T, p.B, p.H}, op, "hpre_all");
+
+  const c10::cuda::CUDAGuard guard(gates_all_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gates_all_in.device().index());
+  const Dtype dtype = lstm_dtype(gates_all_in, op, "gates_all");
+  const at::ScalarType math = math_type(gates_all_in);
+  const auto mopts = gates_all_in.options().dtype(math);
+  const at::Tensor grad_h_all = grad_h_all_in.contiguous(), grad_c_all = grad_c_all_in.contiguous();
+  const at::Tensor c_all = c_all_in.contiguous(), gates_all = gates_all_in.contiguous();
+  const at::Tensor c0 = c0_in.contiguous();
+  // Gradients in the math type: the carried state gradients, and every step's pre-activation
+  // gradients (the whole-sequence weight gradient GEMM reads them all).
+  at::Tensor grad_gates_all = at::empty({p.T, p.B, 4 * p.H}, mopts);
+  at::Tensor dh = at::zeros({p.B, p.P}, mopts), dc = at::zeros({p.B, p.H}, mopts);
+  at::Tensor grad_proj_all = proj ? at::empty({p.T, p.B, p.P}, mopts) : at::Tensor();
+  at::Tensor grad_hpre = proj ? at::empty({p.B, p.H}, mopts) : at::Tensor();
+  const at::Tensor w_hh_m = w_hh.to(math), w_hr_m = proj ? p.w_hr.to(math) : at::Tensor();
+
+  for (int64_t s = p.T - 1; s >= 0; --s) {
+    const int64_t t = p.time(s), n = p.batch_sizes[t];
+    const at::Tensor c_prev = p.prev(c_all, c0, s);
+    if (proj) {
+      LstmProjectionBwdParams pp;
+      pp.dtype = dtype;
+      pp.grad_dtype = math_dtype(gates_all);
+      pp.grad_h = grad_h_all[t].data_ptr();
+      pp.zoneout_h = ptr_at(p.zoneout_h, t);
+      pp.carried_h = dh.data_ptr();
+      pp.grad_proj = grad_proj_all[t].data_ptr();
+      pp.batch = p.B;
+      pp.width = p.P;
+      pp.stepping = n;
+      C10_CUDA_CHECK(launch_lstm_projection_bwd(pp, stream));
+      mm_rows(grad_hpre, n, grad_proj_all[t], w_hr_m);
+    }
+    LstmStepBwdParams sp;
+    sp.dtype = dtype;
+    sp.grad_dtype = math_dtype(gates_all);
+    sp.gates = gates_all[t].data_ptr();
+    sp.gates_activated = true;
+    sp.c_prev = c_prev.data_ptr();
+    sp.grad_h = proj ? nullptr : grad_h_all[t].data_ptr();
+    sp.grad_c = grad_c_all[t].data_ptr();
+    sp.grad_hpre = proj ? grad_hpre.data_ptr() : nullptr;
+    sp.carried_h = proj ? nullptr : dh.data_ptr();
+    sp.carried_c = dc.data_ptr();
+    sp.zoneout_c = ptr_at(p.zoneout_c, t);
+    sp.zoneout_h = proj ? nullptr : ptr_at(p.zoneout_h, t);
+    sp.grad_gates = grad_gates_all[t].data_ptr();
+    sp.grad_c_prev = dc.data_ptr();
+    sp.gates_row_stride = 4 * p.H;
+    sp.c_prev_row_stride = c_prev.stride(0);
+    sp.grad_h_row_stride = p.H;
+    sp.grad_c_row_stride = p.H;
+    sp.batch = p.B;
+    sp.hidden = p.H;
+    sp.stepping = n;
+    C10_CUDA_CHECK(launch_lstm_step_bwd(sp, stream));
+    // The recurrent path back to h_prev, added to the part that skipped it.
+    if (n > 0) dh.narrow(0, 0, n).addmm_(grad_gates_all[t].narrow(0, 0, n), w_hh_m);
+  }
+
+  // Weight gradients for the whole sequence: sum_t grad_gates[t]^T @ h_prev(t), one GEMM for
+  // the steps that read h_all and one for the step that reads h0.
+  const int64_t G = 4 * p.H;
+  at::Tensor grad_w_hh;
+  if (p.T == 0) {
+    grad_w_hh = at::zeros({G, p.P}, mopts);
+  } else {
+    const int64_t first = reverse ? p.T - 1 : 0;
+    grad_w_hh = at::mm(grad_gates_all[first].t(), h0.to(math));
+    if (p.T > 1) {
+      const at::Tensor later = grad_gates_all.narrow(0, reverse ? 0 : 1, p.T - 1);
+      const at::Tensor prev = h_all.narrow(0, reverse ? 1 : 0, p.T - 1).to(math);
+      grad_w_hh.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, p.P}));
+    }
+  }
+  const at::ScalarType out = gates_all.scalar_type();
+  at::Tensor grad_w_hr =
+      proj ? at::mm(grad_proj_all.reshape({-1, p.P}).t(), hpre_all.to(math).reshape({-1, p.H})).to(out)
+           : at::empty({0}, gates_all.options());
+  return {grad_gates_all.to(out), dh.to(out), dc.to(out), grad_w_hh.to(out), grad_w_hr};
+}
+
 }  // namespace
 }  // namespace fastattn
 
@@ -183,4 +474,7 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("lstm_cell_pointwise_fwd", &fastattn::lstm_cell_pointwise_fwd_cuda);
   m.impl("lstm_cell_pointwise_bwd", &fastattn::lstm_cell_pointwise_bwd_cuda);
   m.impl("lstm_sequence_fwd", &fastattn::lstm_sequence_fwd_cuda);
+  m.impl("lstm_layer_fwd", &fastattn::lstm_layer_fwd_cuda);
+  m.impl("lstm_layer_infer", &fastattn::lstm_layer_infer_cuda);
+  m.impl("lstm_layer_bwd", &fastattn::lstm_layer_bwd_cuda);
 }

@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU glue of the sequence-level LSTM ops: the shapes and options
+// Argument checks shared by the CPU and CUDA glue of the sequence-level LSTM ops: the shapes and options
 // of one layer-direction call (schemas and semantics: fastattn/ops/_registry.py).
 #pragma once
 
@@ -29,7 +29,8 @@ inline Dtype lstm_dtype(const Tensor& t, const char* op) {
 
 inline void check_like(const Tensor& t, const Tensor& like, at::IntArrayRef shape, const char* op,
                        const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on ", like.device(),
+              " (the device of the op's first tensor), got ", t.device());
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ",
               like.scalar_type(), ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());

@@ -3,16 +3,16 @@
 Op semantics and layouts: fastattn/ops/_registry.py. This module checks inputs, chooses the
 backend (fastattn/ops/backends.py), and registers fake kernels and autograd for the ops.
 
-Backends: ``cpu`` runs fastattn::lstm_layer_fwd/_bwd (fastattn::lstm_layer_infer when no
-gradient is needed, which also serves lstm_cell then), or fastattn::lstm_ln_layer_fwd/_bwd for
-the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
-whole-sequence GEMMs); ``cuda`` runs the fused pointwise cell ops (fastattn::lstm_cell_pointwise_*
-CUDA impls) inside a step loop, and serves option-free inference with the persistent
-fastattn::lstm_sequence_fwd kernel; ``triton`` runs lstm_cell on the *_triton pointwise ops and
-lstm_layer on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, which it
-serves for H, P <= 32 only (fastattn/triton_kernels/lstm_layer.py says why);
-``reference`` is plain PyTorch (fastattn/ops/reference.py). The layer_norm option is served by
-``cpu`` and ``reference`` only (CUDA tensors run it on the reference).
+Backends: ``cpu`` and ``cuda`` run fastattn::lstm_layer_fwd/_bwd, one op call per layer and
+direction whose time loop runs in C++ (fastattn::lstm_layer_infer when no gradient is needed;
+on CPU it also serves lstm_cell then; on CUDA it runs the persistent sequence kernel where that
+fits, see csrc/lstm/lstm_cuda.cpp); ``cpu`` also runs fastattn::lstm_ln_layer_fwd/_bwd for the
+layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
+whole-sequence GEMMs); ``triton`` runs lstm_cell on the *_triton pointwise ops and lstm_layer
+on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, which it serves for
+H, P <= 32 only (fastattn/triton_kernels/lstm_layer.py says why); ``reference`` is plain
+PyTorch (fastattn/ops/reference.py). The layer_norm option is served by ``cpu`` and
+``reference`` only (CUDA tensors run it on the reference).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# The CUDA persistent sequence kernel (csrc/lstm/lstm_sequence.cuh) keeps W_hh on chip.
-_CUDA_SEQUENCE_MAX_HIDDEN = 256
 # The Triton layer kernels hold the weights on chip (fastattn/triton_kernels/lstm_layer.py:
 # MAX_HIDDEN); streaming them each step instead loses to the cuda backend's C++ loop.
 _TRITON_LAYER_MAX_WIDTH = 32
@@ -299,8 +297,8 @@ def _check_input(fn: str, input, dims: tuple[int, ...], layout: str) -> None:
 
 def _cell_missing(device: torch.device, dtype: torch.dtype):
     def missing(backend: str) -> str | None:
-        if backend == "cuda" and not _has_kernel("lstm_cell_pointwise_fwd", "CUDA"):
-            return "the CUDA LSTM cell kernels (fastattn._C has none registered)"
+        if backend == "cuda" and not _has_kernel("lstm_layer_fwd", "CUDA"):
+            return "the CUDA LSTM kernels (fastattn._C has none registered)"
         if backend == "triton":
             if _triton_cell_ops() is None:
                 return "the Triton LSTM cell kernels (fastattn.triton_kernels.lstm_cell)"
@@ -487,7 +485,7 @@ def lstm_layer(
 
     backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None, max(H, P))
     bias = _sum_biases(b_ih, b_hh)
-    if backend == "cpu" and layer_norm is None and not _needs_grad(
+    if backend in ("cpu", "cuda") and layer_norm is None and not _needs_grad(
             input, h0, c0, w_ih, w_hh, bias, w_hr):
         return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
                                      zoneout_c, zoneout_h)
@@ -504,33 +502,21 @@ def lstm_layer(
     else:
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)
-    options = w_hr is not None or batch_sizes is not None or zoneout_c is not None or (
-        zoneout_h is not None)
 
     if backend == "cpu" and layer_norm is not None:
         h_all, c_all, *_ = _OPS.lstm_ln_layer_fwd(
             x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
             zoneout_c, zoneout_h)
         return h_all, c_all
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
-        return h_all, c_all
-    if (backend == "cuda" and not options and H <= _CUDA_SEQUENCE_MAX_HIDDEN
-            and input.dtype != torch.float64 and not torch.is_grad_enabled()):
-        h_all, c_all, _ = _OPS.lstm_sequence_fwd(x_proj, h0, c0, w_hh)
         return h_all, c_all
     if backend == "triton":  # chosen only once _triton_layer_fwd() has registered the op
         h_all, c_all, _, _ = _OPS.lstm_layer_fwd_triton(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
         return h_all, c_all
-    if backend == "reference":
-        h_all, c_all, _, _ = reference.lstm_layer_reference(
-            x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
-            layer_norm=None if layer_norm is None else (*layer_norm[1:],))
-        return h_all, c_all
-    pointwise = _cell_pointwise(backend)
-    h_all, c_all, _, _ = reference.lstm_layer_reference(
+    h_all, c_all, _, _ = reference.lstm_layer_reference(  # the reference backend
         x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
-        cell=lambda gates, c_prev: (*pointwise(gates, c_prev), None))
+        layer_norm=None if layer_norm is None else (*layer_norm[1:],))
     return h_all, c_all

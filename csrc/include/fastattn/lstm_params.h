@@ -38,6 +38,79 @@ struct LstmCellBwdParams {
   int64_t batch = 0, hidden = 0;
 };
 
+// One time step of a layer-direction op (fastattn::lstm_layer_fwd / _infer), the part after
+// the recurrent GEMM; the cell op (LstmCellFwdParams) is the same step without options.
+// Rows b < stepping step, the others carry their state (see _registry.py, batch_sizes).
+// Row-strided inputs: last dim contiguous. Outputs and rec: contiguous [B, width] rows.
+struct LstmStepFwdParams {
+  Dtype dtype = Dtype::Float32;
+  const void* x_proj = nullptr;     // [B, 4H] the input's share of the pre-activation gates
+  const void* rec = nullptr;        // [B, 4H] h_prev @ w_hh^T (rows < stepping) in the math
+                                    // type (float32 for half types), or nullptr
+  const void* c_prev = nullptr;     // [B, H]
+  const void* h_prev = nullptr;     // [B, H] without projection (zoneout_h, carried rows)
+  const void* zoneout_c = nullptr;  // [B, H] weight of c_prev, or nullptr
+  const void* zoneout_h = nullptr;  // [B, H] weight of h_prev (no projection), or nullptr
+  void* c_out = nullptr;            // [B, H]
+  void* h_out = nullptr;            // [B, H] the new h; hpre = o * tanh(c) when projecting
+  void* gates_out = nullptr;        // [B, 4H] activated gates (zeros for carried rows), or nullptr
+  int64_t x_proj_row_stride = 0, c_prev_row_stride = 0, h_prev_row_stride = 0;
+  int64_t batch = 0, hidden = 0, stepping = 0;
+  bool project = false;  // h_out is hpre (zeros for carried rows; zoneout_h applies after w_hr)
+};
+
+// With projection, after h_out[:stepping] = hpre @ w_hr^T was written by a GEMM: zoneout_h
+// mixing of the stepped rows and the carried rows' h_prev. Every [B, P] tensor contiguous.
+struct LstmProjectionFwdParams {
+  Dtype dtype = Dtype::Float32;
+  void* h = nullptr;                // [B, P] in: projected h_new (rows < stepping); out: state
+  const void* h_prev = nullptr;     // [B, P]
+  const void* zoneout_h = nullptr;  // [B, P] or nullptr
+  int64_t batch = 0, width = 0, stepping = 0;
+};
+
+// The backward of one step (and of the cell op: gates pre-activation, c_new given, no carried
+// gradients, grad_dtype == dtype). The gradients reaching the step are incoming (dtype, the
+// gradient of this step's outputs h_all[t] / c_all[t]) plus carried (grad_dtype, from the later
+// steps). Outputs in grad_dtype: grad_gates (pre-activation; zeros for carried rows),
+// grad_c_prev, and carried_h overwritten in place by the part of the h gradient that skips the
+// recurrent GEMM (zoneout_h's share, all of it for carried rows); the caller adds
+// grad_gates @ w_hh to it. Row-strided inputs: last dim contiguous; the rest contiguous.
+struct LstmStepBwdParams {
+  Dtype dtype = Dtype::Float32;       // gates, c_prev, c_new, grad_h, grad_c, zoneout_*
+  Dtype grad_dtype = Dtype::Float32;  // carried_*, grad_hpre, grad_gates, grad_c_prev
+  const void* gates = nullptr;        // [B, 4H] pre-activation, or activated if gates_activated
+  const void* c_prev = nullptr;       // [B, H]
+  const void* c_new = nullptr;        // [B, H] f * c_prev + i * g, or nullptr: recomputed
+  const void* grad_h = nullptr;       // [B, H] incoming h gradient (no projection), or nullptr
+  const void* grad_c = nullptr;       // [B, H] incoming c gradient
+  const void* grad_hpre = nullptr;    // [B, H] gradient of hpre (projection), or nullptr
+  void* carried_h = nullptr;          // [B, H] in/out (no projection), or nullptr
+  const void* carried_c = nullptr;    // [B, H], or nullptr (may equal grad_c_prev)
+  const void* zoneout_c = nullptr;    // [B, H], or nullptr
+  const void* zoneout_h = nullptr;    // [B, H] (no projection), or nullptr
+  void* grad_gates = nullptr;         // [B, 4H]
+  void* grad_c_prev = nullptr;        // [B, H]
+  int64_t gates_row_stride = 0, c_prev_row_stride = 0, c_new_row_stride = 0;
+  int64_t grad_h_row_stride = 0, grad_c_row_stride = 0;
+  int64_t batch = 0, hidden = 0, stepping = 0;
+  bool gates_activated = false;
+};
+
+// The projection's share of a step backward: total = carried_h + grad_h (the gradient of the
+// [B, P] state); rows < stepping: grad_proj = total * (1 - zoneout_h), carried_h = total *
+// zoneout_h; carried rows: grad_proj = 0, carried_h = total. The caller then computes the hpre
+// gradient grad_proj @ w_hr and adds grad_gates @ w_hh to carried_h. Contiguous [B, P].
+struct LstmProjectionBwdParams {
+  Dtype dtype = Dtype::Float32;       // grad_h, zoneout_h
+  Dtype grad_dtype = Dtype::Float32;  // carried_h, grad_proj
+  const void* grad_h = nullptr;
+  const void* zoneout_h = nullptr;    // or nullptr
+  void* carried_h = nullptr;          // in/out
+  void* grad_proj = nullptr;
+  int64_t batch = 0, width = 0, stepping = 0;
+};
+
 // One layer, one direction, over a whole sequence: every tensor contiguous.
 //   x_proj [T, B, 4H] = x @ W_ih^T + b_ih + b_hh;  h0, c0 [B, H];  w_hh [4H, H]
 //   -> h_all, c_all [T, B, H] (states after each step), gates_all [T, B, 4H] ACTIVATED gates
@@ -60,8 +133,15 @@ constexpr int64_t kLstmSequenceMaxHidden = 256;
 
 cudaError_t launch_lstm_cell_fwd(const LstmCellFwdParams& params, cudaStream_t stream);
 cudaError_t launch_lstm_cell_bwd(const LstmCellBwdParams& params, cudaStream_t stream);
+cudaError_t launch_lstm_step_fwd(const LstmStepFwdParams& params, cudaStream_t stream);
+cudaError_t launch_lstm_step_bwd(const LstmStepBwdParams& params, cudaStream_t stream);
+cudaError_t launch_lstm_projection_fwd(const LstmProjectionFwdParams& params, cudaStream_t stream);
+cudaError_t launch_lstm_projection_bwd(const LstmProjectionBwdParams& params, cudaStream_t stream);
 // Launches on the current device; cudaErrorCooperativeLaunchTooLarge when the grid the
 // problem needs cannot be co-resident on it.
 cudaError_t launch_lstm_sequence_fwd(const LstmSequenceFwdParams& params, cudaStream_t stream);
+// Whether launch_lstm_sequence_fwd can serve `params` on the current device (hidden size,
+// sm_80+, cooperative launches, a co-resident grid): the layer ops' choice of the kernel.
+bool lstm_sequence_fwd_fits(const LstmSequenceFwdParams& params);
 
 }  // namespace fastattn

@@ -1,13 +1,16 @@
 // LSTM kernels under cudasim through their launchers (the ones csrc/lstm/lstm_cuda.cpp
-// calls): launch_lstm_cell_fwd / _bwd (csrc/lstm/lstm_cell.cu: pointwise, 16-byte vector and
-// scalar paths) and launch_lstm_sequence_fwd (csrc/lstm/lstm_sequence_fwd.cu: persistent
+// calls): launch_lstm_cell_fwd / _bwd, launch_lstm_step_fwd / _bwd and
+// launch_lstm_projection_fwd / _bwd (csrc/lstm/lstm_cell.cu: pointwise, 16-byte vector and
+// scalar paths, every layer option) and launch_lstm_sequence_fwd (csrc/lstm/lstm_sequence_fwd.cu: persistent
 // kernel, cooperative launch, grid.sync per step; every block on its own OS thread), against
 // float64 references. The cell backward is the gradient of the cell forward (its inputs:
 // gates, cx; its outputs' gradients: hy, cy).
 #include "lstm/lstm_cell.cu"
 #include "lstm/lstm_sequence_fwd.cu"
 
+#include <algorithm>
 #include <cstdlib>
+#include <memory>
 
 #include "harness.h"
 
@@ -132,6 +135,198 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms) {
   return ok;
 }
 
+// Values in (0, 1): zoneout weights (Bernoulli draws in training, probabilities in eval).
+template <typename T>
+std::vector<T> uniform01(size_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<double> u(0.02, 0.98);
+  std::vector<T> v(n);
+  for (auto& x : v) x = from_d<T>(u(rng));
+  return v;
+}
+
+// A copy of v whose data starts 64-byte aligned: a float32 gradient buffer of a half-precision
+// step is read in 8-element (32-byte) vectors, which malloc's 16-byte alignment would not allow.
+template <typename T>
+struct Aligned64 {
+  std::vector<T> storage;
+  T* ptr;
+  explicit Aligned64(const std::vector<T>& v) : storage(v.size() + 64 / sizeof(T)) {
+    void* start = storage.data();
+    size_t space = storage.size() * sizeof(T);
+    ptr = static_cast<T*>(std::align(64, v.size() * sizeof(T), start, space));
+    std::copy(v.begin(), v.end(), ptr);
+  }
+  T* data() { return ptr; }
+  T operator[](size_t i) const { return ptr[i]; }
+};
+
+// The options of one layer step (LstmStepFwdParams / LstmStepBwdParams).
+struct StepOptions {
+  int64_t stepping;  // rows < stepping step, the others carry their state
+  bool zoneout_c, zoneout_h, project;
+  int64_t pad = 0;   // extra elements per row of the row-strided inputs (selects VEC = 1)
+};
+
+const char* vec_path(int64_t H, int64_t pad, size_t bytes) {
+  return pad || H % static_cast<int64_t>(16 / bytes) ? "VEC 1" : "VEC 16B";
+}
+
+// One forward step with the recurrent GEMM's output `rec` against float64: activations, c, h
+// (hpre with projection), zoneout mixing, carried rows, activated gates.
+template <typename T>
+bool step_fwd_case(int64_t B, int64_t H, StepOptions o) {
+  std::mt19937 rng(31 + B * 7 + H);
+  const int64_t xs = 4 * H + o.pad, cs = H + o.pad;
+  using A = fastattn::lstm::acc_t<T>;  // the recurrent GEMM's output type
+  std::vector<T> x = harness::randn<T>(B * xs, rng, 1.5);
+  const Aligned64<A> rec(harness::randn<A>(B * 4 * H, rng));
+  std::vector<T> cp = harness::randn<T>(B * cs, rng), hp = harness::randn<T>(B * cs, rng);
+  std::vector<T> zc = uniform01<T>(B * H, rng), zh = uniform01<T>(B * H, rng);
+  std::vector<T> c_out = harness::poisoned<T>(B * H), h_out = harness::poisoned<T>(B * H);
+  std::vector<T> g_out = harness::poisoned<T>(B * 4 * H);
+  fastattn::LstmStepFwdParams p;
+  p.dtype = dtype_of<T>();
+  p.x_proj = x.data(), p.rec = rec.ptr, p.c_prev = cp.data();
+  p.h_prev = o.project ? nullptr : hp.data();
+  p.zoneout_c = o.zoneout_c ? zc.data() : nullptr;
+  p.zoneout_h = o.zoneout_h && !o.project ? zh.data() : nullptr;
+  p.c_out = c_out.data(), p.h_out = h_out.data(), p.gates_out = g_out.data();
+  p.x_proj_row_stride = xs, p.c_prev_row_stride = cs, p.h_prev_row_stride = cs;
+  p.batch = B, p.hidden = H, p.stepping = o.stepping, p.project = o.project;
+  if (fastattn::launch_lstm_step_fwd(p, nullptr) != cudaSuccess) return false;
+  Err ec, eh, eg;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t u = 0; u < H; ++u) {
+      const double c_prev = to_d(cp[b * cs + u]), h_prev = to_d(hp[b * cs + u]);
+      double act[4] = {0, 0, 0, 0}, c = c_prev, h = o.project ? 0.0 : h_prev;
+      if (b < o.stepping) {
+        for (int q = 0; q < 4; ++q) {
+          const double a = to_d(x[b * xs + q * H + u]) + to_d(rec[b * 4 * H + q * H + u]);
+          act[q] = q == 2 ? std::tanh(a) : sig(a);
+        }
+        c = act[1] * c_prev + act[0] * act[2];
+        h = act[3] * std::tanh(c);
+        if (o.zoneout_c) c += to_d(zc[b * H + u]) * (c_prev - c);
+        if (o.zoneout_h && !o.project) h += to_d(zh[b * H + u]) * (h_prev - h);
+      }
+      ec.add(c, to_d(c_out[b * H + u]));
+      eh.add(h, to_d(h_out[b * H + u]));
+      for (int q = 0; q < 4; ++q) eg.add(act[q], to_d(g_out[b * 4 * H + q * H + u]));
+    }
+  const double tol = tol_of<T>();
+  const bool ok = ec.rel() <= tol && eh.rel() <= tol && eg.rel() <= tol;
+  std::printf("step fwd %-4s B%lld H%lld stepping %lld%s%s%s (%s)  %s  rel err c %.1e h %.1e gates %.1e (tol %.0e)\n",
+              harness::dtype_name<T>(), (long long)B, (long long)H, (long long)o.stepping,
+              o.zoneout_c ? " zoneout_c" : "", o.zoneout_h ? " zoneout_h" : "", o.project ? " project" : "",
+              vec_path(H, o.pad, sizeof(T)), ok ? "OK  " : "FAIL", ec.rel(), eh.rel(), eg.rel(), tol);
+  return ok;
+}
+
+// One backward step of the layer (activated gates, c recomputed, gradients in G, the carried
+// c gradient updated in place as the glue does) against float64.
+template <typename T, typename G>
+bool step_bwd_case(int64_t B, int64_t H, StepOptions o) {
+  std::mt19937 rng(57 + B * 5 + H);
+  const int64_t gs = 4 * H + o.pad, cs = H + o.pad;
+  std::vector<T> gates(B * gs);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < gs; ++k) {
+      const double a = 1.5 * std::normal_distribution<double>()(rng);
+      gates[b * gs + k] = from_d<T>(k / H == 2 ? std::tanh(a) : sig(a));
+    }
+  std::vector<T> cp = harness::randn<T>(B * cs, rng), gh = harness::randn<T>(B * cs, rng);
+  std::vector<T> gc = harness::randn<T>(B * cs, rng);
+  std::vector<T> zc = uniform01<T>(B * H, rng), zh = uniform01<T>(B * H, rng);
+  const std::vector<G> ghpre0 = harness::randn<G>(B * H, rng), ch0 = harness::randn<G>(B * H, rng);
+  const std::vector<G> cc0 = harness::randn<G>(B * H, rng);
+  Aligned64<G> ghpre(ghpre0), ch(ch0), cc(cc0), gg(harness::poisoned<G>(B * 4 * H));
+  fastattn::LstmStepBwdParams p;
+  p.dtype = dtype_of<T>();
+  p.grad_dtype = dtype_of<G>();
+  p.gates = gates.data(), p.gates_activated = true, p.c_prev = cp.data();
+  p.grad_h = o.project ? nullptr : gh.data();
+  p.grad_c = gc.data();
+  p.grad_hpre = o.project ? ghpre.data() : nullptr;
+  p.carried_h = o.project ? nullptr : ch.data();
+  p.carried_c = cc.data();
+  p.zoneout_c = o.zoneout_c ? zc.data() : nullptr;
+  p.zoneout_h = o.zoneout_h && !o.project ? zh.data() : nullptr;
+  p.grad_gates = gg.data(), p.grad_c_prev = cc.data();
+  p.gates_row_stride = gs, p.c_prev_row_stride = cs, p.grad_h_row_stride = cs, p.grad_c_row_stride = cs;
+  p.batch = B, p.hidden = H, p.stepping = o.stepping;
+  if (fastattn::launch_lstm_step_bwd(p, nullptr) != cudaSuccess) return false;
+  Err egg, edc, edh;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t u = 0; u < H; ++u) {
+      const int64_t e = b * H + u;
+      const double dct = to_d(gc[b * cs + u]) + to_d(cc0[e]);
+      const double dht = o.project ? 0.0 : to_d(gh[b * cs + u]) + to_d(ch0[e]);
+      const double z_c = o.zoneout_c ? to_d(zc[e]) : 0.0, z_h = o.zoneout_h && !o.project ? to_d(zh[e]) : 0.0;
+      double ref[4] = {0, 0, 0, 0}, dcp = dct, dskip = dht;
+      if (b < o.stepping) {
+        const double i = to_d(gates[b * gs + u]), f = to_d(gates[b * gs + H + u]);
+        const double g = to_d(gates[b * gs + 2 * H + u]), og = to_d(gates[b * gs + 3 * H + u]);
+        const double c_prev = to_d(cp[b * cs + u]), c = f * c_prev + i * g, tc = std::tanh(c);
+        const double dh = o.project ? to_d(ghpre[e]) : dht * (1 - z_h);
+        const double dc = dct * (1 - z_c) + dh * og * (1 - tc * tc);
+        ref[0] = dc * g * i * (1 - i), ref[1] = dc * c_prev * f * (1 - f), ref[2] = dc * i * (1 - g * g);
+        ref[3] = dh * tc * og * (1 - og);
+        dcp = dc * f + dct * z_c;
+        dskip = dht * z_h;
+      }
+      for (int q = 0; q < 4; ++q) egg.add(ref[q], to_d(gg[b * 4 * H + q * H + u]));
+      edc.add(dcp, to_d(cc[e]));
+      if (!o.project) edh.add(dskip, to_d(ch[e]));
+    }
+  const double tol = tol_of<G>();
+  const bool ok = egg.rel() <= tol && edc.rel() <= tol && edh.rel() <= tol;
+  std::printf("step bwd %-4s grads %-4s B%lld H%lld stepping %lld%s%s%s (%s)  %s  rel err dgates %.1e dc %.1e dh %.1e (tol %.0e)\n",
+              harness::dtype_name<T>(), harness::dtype_name<G>(), (long long)B, (long long)H, (long long)o.stepping,
+              o.zoneout_c ? " zoneout_c" : "", o.zoneout_h ? " zoneout_h" : "", o.project ? " project" : "",
+              vec_path(H, o.pad, sizeof(T)), ok ? "OK  " : "FAIL", egg.rel(), edc.rel(), edh.rel(), tol);
+  return ok;
+}
+
+// The projection's zoneout / carried rows after the h = hpre @ w_hr^T GEMM, and its backward.
+template <typename T, typename G>
+bool projection_case(int64_t B, int64_t P, int64_t stepping, bool zoneout) {
+  std::mt19937 rng(91 + B + P);
+  std::vector<T> h = harness::randn<T>(B * P, rng), hp = harness::randn<T>(B * P, rng);
+  std::vector<T> z = uniform01<T>(B * P, rng), gh = harness::randn<T>(B * P, rng);
+  const std::vector<T> h_new = h;
+  for (int64_t e = stepping * P; e < B * P; ++e) h[e] = from_d<T>(NAN);  // rows the GEMM skips
+  const std::vector<G> carried0 = harness::randn<G>(B * P, rng);
+  std::vector<G> carried = carried0, grad_proj = harness::poisoned<G>(B * P);
+  fastattn::LstmProjectionFwdParams f;
+  f.dtype = dtype_of<T>();
+  f.h = h.data(), f.h_prev = hp.data(), f.zoneout_h = zoneout ? z.data() : nullptr;
+  f.batch = B, f.width = P, f.stepping = stepping;
+  fastattn::LstmProjectionBwdParams b;
+  b.dtype = dtype_of<T>();
+  b.grad_dtype = dtype_of<G>();
+  b.grad_h = gh.data(), b.zoneout_h = zoneout ? z.data() : nullptr;
+  b.carried_h = carried.data(), b.grad_proj = grad_proj.data();
+  b.batch = B, b.width = P, b.stepping = stepping;
+  if (fastattn::launch_lstm_projection_fwd(f, nullptr) != cudaSuccess ||
+      fastattn::launch_lstm_projection_bwd(b, nullptr) != cudaSuccess)
+    return false;
+  Err eh, ep, ec;
+  for (int64_t e = 0; e < B * P; ++e) {
+    const bool stepped = e / P < stepping;
+    const double zz = zoneout ? to_d(z[e]) : 0.0, hn = to_d(h_new[e]), hpv = to_d(hp[e]);
+    eh.add(stepped ? hn + zz * (hpv - hn) : hpv, to_d(h[e]));
+    const double total = to_d(carried0[e]) + to_d(gh[e]);
+    ep.add(stepped ? total * (1 - zz) : 0.0, to_d(grad_proj[e]));
+    ec.add(stepped ? total * zz : total, to_d(carried[e]));
+  }
+  const double tol = tol_of<T>();
+  const bool ok = eh.rel() <= tol && ep.rel() <= tol_of<G>() && ec.rel() <= tol_of<G>();
+  std::printf("projection %-4s grads %-4s B%lld P%lld stepping %lld%s  %s  rel err h %.1e grad_proj %.1e carried %.1e\n",
+              harness::dtype_name<T>(), harness::dtype_name<G>(), (long long)B, (long long)P, (long long)stepping,
+              zoneout ? " zoneout_h" : "", ok ? "OK  " : "FAIL", eh.rel(), ep.rel(), ec.rel());
+  return ok;
+}
+
 struct Entry {
   const char* name;
   bool (*run)();
@@ -152,6 +347,25 @@ const Entry kCases[] = {
     {"sequence bf16 T3 B5 H64", [] { return sequence_case<__nv_bfloat16>(3, 5, 64, 4); }},
     {"sequence f64 T3 B6 H32", [] { return sequence_case<double>(3, 6, 32, 2); }},
     {"sequence f32 T2 B1 H1", [] { return sequence_case<float>(2, 1, 1, 1); }},
+    // Layer steps: every option, carried rows (stepping < B, and none stepping), odd sizes,
+    // both vector paths, every dtype; the backward with float32 gradients for half types as
+    // the layer backward keeps them (T-typed gradients: the cell cases above).
+    {"step fwd f32 all options", [] { return step_fwd_case<float>(5, 40, {3, true, true, false}); }},
+    {"step fwd f32 project", [] { return step_fwd_case<float>(6, 8, {6, true, false, true}); }},
+    {"step fwd f64 zoneout_h", [] { return step_fwd_case<double>(3, 34, {2, false, true, false}); }},
+    {"step fwd f16 padded", [] { return step_fwd_case<__half>(7, 33, {4, true, true, false, 3}); }},
+    {"step fwd bf16 project none stepping", [] { return step_fwd_case<__nv_bfloat16>(4, 48, {0, true, false, true}); }},
+    {"step fwd f16 B1 H1", [] { return step_fwd_case<__half>(1, 1, {1, false, false, false}); }},
+    {"step bwd f32 all options", [] { return step_bwd_case<float, float>(5, 40, {3, true, true, false}); }},
+    {"step bwd f32 project", [] { return step_bwd_case<float, float>(6, 8, {5, true, false, true}); }},
+    {"step bwd f64 zoneout_h", [] { return step_bwd_case<double, double>(3, 34, {3, false, true, false}); }},
+    {"step bwd f16 padded", [] { return step_bwd_case<__half, float>(7, 33, {4, true, true, false, 3}); }},
+    {"step bwd bf16 project none stepping", [] { return step_bwd_case<__nv_bfloat16, float>(4, 48, {0, true, false, true}); }},
+    {"step bwd bf16 vec", [] { return step_bwd_case<__nv_bfloat16, float>(3, 16, {2, false, false, false}); }},
+    {"projection f32", [] { return projection_case<float, float>(5, 7, 3, true); }},
+    {"projection f16", [] { return projection_case<__half, float>(4, 33, 2, false); }},
+    {"projection bf16", [] { return projection_case<__nv_bfloat16, float>(3, 5, 3, true); }},
+    {"projection f64", [] { return projection_case<double, double>(2, 3, 1, true); }},
 };
 
 }  // namespace
