@@ -37,6 +37,10 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int kTileRows = 4;
 static_assert(kTileRows == 4, "the forward tiles are the four gates of one unit");
 constexpr int kTileVecs = 3;
+// The backward's dh_prev GEMM reduces over all 4H gates, so its B operand (a step's gate
+// gradients, 4H x padded batch) streams from L2 rather than L1: tiles of 8 weight rows halve its
+// reads per FMA. 8 x 3 accumulators need AVX-512's 32 vector registers; AVX2 keeps 4 rows.
+constexpr int kBwdRows = at::vec::Vectorized<float>::size() == 16 ? 8 : kTileRows;
 
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
 // tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
@@ -148,28 +152,29 @@ struct Fibre {
   }
 };
 
-// The A operand of a tile: kTileRows rows of a row-major weight, read in place (the forward's
+// The A operand of a tile: R rows of a row-major weight, read in place (the forward's
 // four gate rows of a unit, or rows of a transposed weight in the backward). No packing: a
 // one-step call would pay as much for it as for its GEMM. A partial tile repeats its last row.
-template <typename acc_t>
+template <typename acc_t, int R = kTileRows>
 struct WeightTile {
-  const acc_t* row[kTileRows];
+  static constexpr int kRows = R;
+  const acc_t* row[R];
   C10_ALWAYS_INLINE acc_t at(int64_t k, int r) const { return row[r][k]; }
 
   // Rows first .. first + 3 of w (rows `ld` long), clamped to `count` rows.
   static WeightTile rows(const acc_t* w, int64_t ld, int64_t first, int64_t count) {
     WeightTile t{};
-    for (int r = 0; r < kTileRows; ++r) t.row[r] = w ? w + std::min(first + r, count - 1) * ld : nullptr;
+    for (int r = 0; r < R; ++r) t.row[r] = w ? w + std::min(first + r, count - 1) * ld : nullptr;
     return t;
   }
 };
 
 // acc[r][v] = sum_k a.at(k, r) * b[k * ldb + v * lanes]: one weight tile against V batch vectors
 // of a panel. Never inlined: inside the large epilogue functions the compiler spills accumulators.
-template <typename acc_t, int V, typename A>
-C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[kTileRows][V], const A a_in, const acc_t* b,
+template <typename acc_t, int R, int V, typename A>
+C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[R][V], const A a_in, const acc_t* b,
                             int64_t ldb, int64_t K) {
-  constexpr int L = Vec<acc_t>::size(), R = kTileRows;
+  constexpr int L = Vec<acc_t>::size();
   // Local copies: through `acc` and `a_in` the compiler would have to assume that every store may
   // alias the loads, and keep the sums in memory.
   const A a = a_in;
@@ -218,20 +223,20 @@ inline void gemm_tile(const A& a, const acc_t* b, const Panels<acc_t>& panels, i
     const acc_t* panel = b + panels.at(0, v0);
     switch (panels.width(v0)) {
       case kTileVecs: {
-        Vec<acc_t> acc[kTileRows][kTileVecs];
-        tile_gemm<acc_t, kTileVecs>(acc, a, panel, kTileVecs * L, k);
+        Vec<acc_t> acc[A::kRows][kTileVecs];
+        tile_gemm<acc_t, A::kRows, kTileVecs>(acc, a, panel, kTileVecs * L, k);
         epilogue(acc, v0);
         break;
       }
       case 2: {
-        Vec<acc_t> acc[kTileRows][2];
-        tile_gemm<acc_t, 2>(acc, a, panel, 2 * L, k);
+        Vec<acc_t> acc[A::kRows][2];
+        tile_gemm<acc_t, A::kRows, 2>(acc, a, panel, 2 * L, k);
         epilogue(acc, v0);
         break;
       }
       default: {
-        Vec<acc_t> acc[kTileRows][1];
-        tile_gemm<acc_t, 1>(acc, a, panel, L, k);
+        Vec<acc_t> acc[A::kRows][1];
+        tile_gemm<acc_t, A::kRows, 1>(acc, a, panel, L, k);
         epilogue(acc, v0);
         break;
       }
@@ -404,7 +409,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   const acc_t* w_hh_t = a.w_hh ? w_hh_t_buf.data() : nullptr;  // [P, G]
   const acc_t* w_hr_t = proj ? w_hr_t_buf.data() : nullptr;    // [H, P]
   const int64_t K_hh = w_hh_t ? G : 0;
-  const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kTileRows);
+  const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kBwdRows);
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
   const F gates_all{a.gates_all}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
@@ -498,10 +503,10 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     // next step (and, without a projection, its cell).
     const acc_t* dg = dgates.data() + (s % 2) * dgates_panels.size();
     const int64_t active = lay.active_vecs(btime(s));
-    at::parallel_for(0, p_tiles, unit_grain(kTileRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, p_tiles, unit_grain(kBwdRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, P - p0);
-        gemm_tile(WeightTile<acc_t>::rows(w_hh_t, G, p0, P), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
+        const int64_t p0 = i * kBwdRows, rows = std::min<int64_t>(kBwdRows, P - p0);
+        gemm_tile(WeightTile<acc_t, kBwdRows>::rows(w_hh_t, G, p0, P), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
           for (int r = 0; r < rows; ++r) {
             for (int dv = 0; dv < vecs_of(acc); ++dv) {
               const int64_t p = p0 + r, v = v0 + dv;
