@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "fastattn/cpu_isa.h"
+#include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
 #include "lstm_layer_problem.h"
 
@@ -17,6 +18,8 @@ namespace fastattn {
 
 FASTATTN_ISA_DECLARE(void lstm_layer_fwd_kernel(const LstmLayerFwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
+FASTATTN_ISA_DECLARE(void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs&))
+FASTATTN_ISA_DECLARE(void lstm_cell_pointwise_bwd_kernel(const LstmCellPointwiseArgs&))
 
 namespace {
 
@@ -51,50 +54,49 @@ std::tuple<Tensor, Tensor> lstm_cell_pointwise_fwd_cpu(const Tensor& gates_in, c
   const int64_t B = gates_in.size(0), H = gates_in.size(1) / 4;
   check_like(gates_in, gates_in, {B, 4 * H}, op, "gates");
   check_like(cx, gates_in, {B, H}, op, "cx");
+  const Tensor gates = gates_in.contiguous(), c_prev = cx.contiguous();
   Tensor hy = at::empty({B, H}, cx.options()), cy = at::empty({B, H}, cx.options());
-  // One step of the layer kernel with no recurrent term: the gates are its x_proj.
-  LstmLayerFwdArgs a{};
-  a.shape = {lstm_dtype(gates_in, op), 1, B, H, H, false, nullptr};
-  a.x_proj = seq_view(gates_in.unsqueeze(0));
-  a.c0 = seq_view(cx);
-  a.h_all = seq_view(hy);
-  a.c_all = seq_view(cy);
-  FASTATTN_ISA_CALL(lstm_layer_fwd_kernel, a);
+  LstmCellPointwiseArgs a{};
+  a.dtype = lstm_dtype(gates, op);
+  a.B = B;
+  a.H = H;
+  a.gates = gates.data_ptr();
+  a.cx = c_prev.data_ptr();
+  a.hy = hy.data_ptr();
+  a.cy = cy.data_ptr();
+  FASTATTN_ISA_CALL(lstm_cell_pointwise_fwd_kernel, a);
   return {hy, cy};
 }
 
 std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy, const Tensor& grad_cy,
-                                                       const Tensor& gates, const Tensor& cx,
+                                                       const Tensor& gates_in, const Tensor& cx,
                                                        const Tensor& cy) {
   constexpr const char* op = "fastattn::lstm_cell_pointwise_bwd";
-  TORCH_CHECK(gates.dim() == 2 && gates.size(1) % 4 == 0, op, ": gates must be [B, 4H], got ",
-              gates.sizes());
-  const int64_t B = gates.size(0), H = gates.size(1) / 4;
-  check_like(gates, gates, {B, 4 * H}, op, "gates");
-  check_like(grad_hy, gates, {B, H}, op, "grad_hy");
-  check_like(grad_cy, gates, {B, H}, op, "grad_cy");
-  check_like(cx, gates, {B, H}, op, "cx");
-  check_like(cy, gates, {B, H}, op, "cy");
-  // One step of the layer backward with no recurrent term. It reads activated gates (what the
-  // layer forward saves), computed here in the math type, so all of its data is in that type.
-  const at::ScalarType math = math_type(gates);
-  const auto chunks = gates.to(math).chunk(4, 1);
-  const Tensor activated = at::cat({chunks[0].sigmoid(), chunks[1].sigmoid(), chunks[2].tanh(),
-                                    chunks[3].sigmoid()}, 1);
-  const Tensor gh = grad_hy.to(math), gc = grad_cy.to(math), c_prev = cx.to(math);
-  Tensor grad_gates = at::empty({B, 4 * H}, activated.options());
-  Tensor grad_cx = at::empty({B, H}, activated.options());
-  LstmLayerBwdArgs a{};
-  a.shape = {math == at::kDouble ? Dtype::Float64 : Dtype::Float32, 1, B, H, H, false,
-             nullptr};
-  a.grad_h_all = seq_view(gh.unsqueeze(0));
-  a.grad_c_all = seq_view(gc.unsqueeze(0));
-  a.c0 = seq_view(c_prev);
-  a.gates_all = seq_view(activated.unsqueeze(0));
-  a.grad_x_proj = seq_view(grad_gates.unsqueeze(0));
-  a.grad_c0 = seq_view(grad_cx);
-  FASTATTN_ISA_CALL(lstm_layer_bwd_kernel, a);
-  return {grad_gates.to(gates.scalar_type()), grad_cx.to(gates.scalar_type())};
+  TORCH_CHECK(gates_in.dim() == 2 && gates_in.size(1) % 4 == 0, op,
+              ": gates must be [B, 4H], got ", gates_in.sizes());
+  const int64_t B = gates_in.size(0), H = gates_in.size(1) / 4;
+  check_like(gates_in, gates_in, {B, 4 * H}, op, "gates");
+  check_like(grad_hy, gates_in, {B, H}, op, "grad_hy");
+  check_like(grad_cy, gates_in, {B, H}, op, "grad_cy");
+  check_like(cx, gates_in, {B, H}, op, "cx");
+  check_like(cy, gates_in, {B, H}, op, "cy");
+  // The kernel recomputes the activations and c from the pre-activation gates (cy is unused).
+  const Tensor gates = gates_in.contiguous(), c_prev = cx.contiguous();
+  const Tensor gh = grad_hy.contiguous(), gc = grad_cy.contiguous();
+  Tensor grad_gates = at::empty({B, 4 * H}, gates.options());
+  Tensor grad_cx = at::empty({B, H}, gates.options());
+  LstmCellPointwiseArgs a{};
+  a.dtype = lstm_dtype(gates, op);
+  a.B = B;
+  a.H = H;
+  a.gates = gates.data_ptr();
+  a.cx = c_prev.data_ptr();
+  a.grad_hy = gh.data_ptr();
+  a.grad_cy = gc.data_ptr();
+  a.grad_gates = grad_gates.data_ptr();
+  a.grad_cx = grad_cx.data_ptr();
+  FASTATTN_ISA_CALL(lstm_cell_pointwise_bwd_kernel, a);
+  return {grad_gates, grad_cx};
 }
 
 // ---- sequence ops ----------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 // plain vector loads streamed in order, and the forward reads the weights in the layout torch
 // keeps them. The backward mirrors it: the GEMM dh_prev = dgates @ w_hh runs on rows of w_hh^T
 // (transposed once per call) and the next step's pointwise backward runs on its accumulators.
-// Weight gradients are whole-sequence GEMMs in the glue (lstm_cpu.cpp).
+// Weight gradients are whole-sequence GEMMs in the glue (lstm_cpu.cpp). The cell ops' pointwise
+// kernels share the cell math but put their lanes along the features of row-major data.
 //
 // Compiled once per x86 ISA (csrc/include/fastattn/cpu_isa.h): at::vec::Vectorized<float> holds
 // 8 lanes in the AVX2 build, 16 in the AVX-512 one.
@@ -19,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
 #include "lstm_dtype_dispatch.h"
 
@@ -35,6 +37,10 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int kTileRows = 4;
 static_assert(kTileRows == 4, "the forward tiles are the four gates of one unit");
 constexpr int kTileVecs = 3;
+// The backward's dh_prev GEMM reduces over all 4H gates, so its B operand (a step's gate
+// gradients, 4H x padded batch) streams from L2 rather than L1: tiles of 8 weight rows halve its
+// reads per FMA. 8 x 3 accumulators need AVX-512's 32 vector registers; AVX2 keeps 4 rows.
+constexpr int kBwdRows = at::vec::Vectorized<float>::size() == 16 ? 8 : kTileRows;
 
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
 // tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
@@ -64,6 +70,46 @@ inline Vec<double> sigmoid(const Vec<double>& x) {
 inline Vec<double> tanh(const Vec<double>& x) {
   const Vec<double> one(1.0), two(2.0);
   return two / (one + (x * Vec<double>(-2.0)).exp()) - one;
+}
+
+// The cell's math on one vector of lanes, shared by the layer kernels (lanes along the batch) and
+// the cell pointwise kernels (lanes along the features). Gates in torch's order i, f, g, o.
+template <typename acc_t>
+C10_ALWAYS_INLINE void activate(Vec<acc_t> (&gate)[4]) {
+  gate[0] = sigmoid(gate[0]);
+  gate[1] = sigmoid(gate[1]);
+  gate[2] = tanh(gate[2]);
+  gate[3] = sigmoid(gate[3]);
+}
+
+// gate: pre-activations in, activated gates out; returns c_new = f * c_prev + i * g and
+// hpre = o * tanh(c_new).
+template <typename acc_t>
+struct CellOut {
+  Vec<acc_t> c_new, hpre;
+};
+template <typename acc_t>
+C10_ALWAYS_INLINE CellOut<acc_t> cell_fwd(Vec<acc_t> (&gate)[4], const Vec<acc_t>& cp) {
+  activate(gate);
+  const Vec<acc_t> c_new = gate[1] * cp + gate[0] * gate[2];
+  return {c_new, gate[3] * tanh(c_new)};
+}
+
+// The backward of cell_fwd from its activated gates act and c_prev, given the gradients reaching
+// hpre (dhpre) and c_new from later steps (dc): d receives the pre-activation gate gradients;
+// returns the gradient passed to c_prev through f.
+template <typename acc_t>
+C10_ALWAYS_INLINE Vec<acc_t> cell_bwd(const Vec<acc_t> (&act)[4], const Vec<acc_t>& cp,
+                                      const Vec<acc_t>& dhpre, Vec<acc_t> dc, Vec<acc_t> (&d)[4]) {
+  const Vec<acc_t> one(acc_t(1));
+  const Vec<acc_t> i = act[0], f = act[1], g = act[2], o = act[3];
+  const Vec<acc_t> tc = tanh(f * cp + i * g);
+  dc = dc + dhpre * o * (one - tc * tc);
+  d[0] = dc * g * i * (one - i);
+  d[1] = dc * cp * f * (one - f);
+  d[2] = dc * i * (one - g * g);
+  d[3] = dhpre * tc * o * (one - o);
+  return dc * f;
 }
 
 // Batch lanes b0 .. b0 + lanes - 1 of one (t, f) fibre of a data tensor, as math-type vectors.
@@ -106,28 +152,29 @@ struct Fibre {
   }
 };
 
-// The A operand of a tile: kTileRows rows of a row-major weight, read in place (the forward's
+// The A operand of a tile: R rows of a row-major weight, read in place (the forward's
 // four gate rows of a unit, or rows of a transposed weight in the backward). No packing: a
 // one-step call would pay as much for it as for its GEMM. A partial tile repeats its last row.
-template <typename acc_t>
+template <typename acc_t, int R = kTileRows>
 struct WeightTile {
-  const acc_t* row[kTileRows];
+  static constexpr int kRows = R;
+  const acc_t* row[R];
   C10_ALWAYS_INLINE acc_t at(int64_t k, int r) const { return row[r][k]; }
 
   // Rows first .. first + 3 of w (rows `ld` long), clamped to `count` rows.
   static WeightTile rows(const acc_t* w, int64_t ld, int64_t first, int64_t count) {
     WeightTile t{};
-    for (int r = 0; r < kTileRows; ++r) t.row[r] = w ? w + std::min(first + r, count - 1) * ld : nullptr;
+    for (int r = 0; r < R; ++r) t.row[r] = w ? w + std::min(first + r, count - 1) * ld : nullptr;
     return t;
   }
 };
 
 // acc[r][v] = sum_k a.at(k, r) * b[k * ldb + v * lanes]: one weight tile against V batch vectors
 // of a panel. Never inlined: inside the large epilogue functions the compiler spills accumulators.
-template <typename acc_t, int V, typename A>
-C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[kTileRows][V], const A a_in, const acc_t* b,
+template <typename acc_t, int R, int V, typename A>
+C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[R][V], const A a_in, const acc_t* b,
                             int64_t ldb, int64_t K) {
-  constexpr int L = Vec<acc_t>::size(), R = kTileRows;
+  constexpr int L = Vec<acc_t>::size();
   // Local copies: through `acc` and `a_in` the compiler would have to assume that every store may
   // alias the loads, and keep the sums in memory.
   const A a = a_in;
@@ -176,20 +223,20 @@ inline void gemm_tile(const A& a, const acc_t* b, const Panels<acc_t>& panels, i
     const acc_t* panel = b + panels.at(0, v0);
     switch (panels.width(v0)) {
       case kTileVecs: {
-        Vec<acc_t> acc[kTileRows][kTileVecs];
-        tile_gemm<acc_t, kTileVecs>(acc, a, panel, kTileVecs * L, k);
+        Vec<acc_t> acc[A::kRows][kTileVecs];
+        tile_gemm<acc_t, A::kRows, kTileVecs>(acc, a, panel, kTileVecs * L, k);
         epilogue(acc, v0);
         break;
       }
       case 2: {
-        Vec<acc_t> acc[kTileRows][2];
-        tile_gemm<acc_t, 2>(acc, a, panel, 2 * L, k);
+        Vec<acc_t> acc[A::kRows][2];
+        tile_gemm<acc_t, A::kRows, 2>(acc, a, panel, 2 * L, k);
         epilogue(acc, v0);
         break;
       }
       default: {
-        Vec<acc_t> acc[kTileRows][1];
-        tile_gemm<acc_t, 1>(acc, a, panel, L, k);
+        Vec<acc_t> acc[A::kRows][1];
+        tile_gemm<acc_t, A::kRows, 1>(acc, a, panel, L, k);
         epilogue(acc, v0);
         break;
       }
@@ -304,16 +351,14 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
             const int64_t v = v0 + dv;
             const int lanes = lay.lanes(v);
             const int64_t b0 = v * L;
-            Vec<acc_t> gate[4];
-            for (int g = 0; g < 4; ++g) gate[g] = acc[g][dv] + x_proj.load(t, b0, g * H + j, lanes);
-            const Vec<acc_t> i = sigmoid(gate[0]), f = sigmoid(gate[1]);
-            const Vec<acc_t> gg = tanh(gate[2]), o = sigmoid(gate[3]);
+            Vec<acc_t> act[4];
+            for (int g = 0; g < 4; ++g) act[g] = acc[g][dv] + x_proj.load(t, b0, g * H + j, lanes);
             acc_t* cp_ptr = &c_buf[j * Bp + b0];
             const Vec<acc_t> cp = Vec<acc_t>::loadu(cp_ptr);
-            const Vec<acc_t> c_new = f * cp + i * gg;
+            const CellOut<acc_t> cell = cell_fwd(act, cp);
+            const Vec<acc_t> c_new = cell.c_new;
             Vec<acc_t> c = zc.present() ? c_new + zc.load(t, b0, j, lanes) * (cp - c_new) : c_new;
-            Vec<acc_t> hpre = o * tanh(c_new);
-            Vec<acc_t> act[4] = {i, f, gg, o};
+            Vec<acc_t> hpre = cell.hpre;
             if (!lay.all_step(t, v)) {
               const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
               c = Vec<acc_t>::blendv(cp, c, mask);
@@ -364,7 +409,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   const acc_t* w_hh_t = a.w_hh ? w_hh_t_buf.data() : nullptr;  // [P, G]
   const acc_t* w_hr_t = proj ? w_hr_t_buf.data() : nullptr;    // [H, P]
   const int64_t K_hh = w_hh_t ? G : 0;
-  const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kTileRows);
+  const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kBwdRows);
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
   const F gates_all{a.gates_all}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
@@ -400,24 +445,19 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   auto cell = [&](int64_t s, const Vec<acc_t>& dhpre, int64_t k, int64_t v) {
     const int64_t t = btime(s), b0 = v * L;
     const int lanes = lay.lanes(v);
-    const Vec<acc_t> one(acc_t(1));
-    const Vec<acc_t> i = gates_all.load(t, b0, k, lanes), f = gates_all.load(t, b0, H + k, lanes);
-    const Vec<acc_t> g = gates_all.load(t, b0, 2 * H + k, lanes);
-    const Vec<acc_t> o = gates_all.load(t, b0, 3 * H + k, lanes);
+    Vec<acc_t> act[4];
+    for (int q = 0; q < 4; ++q) act[q] = gates_all.load(t, b0, q * H + k, lanes);
     const int64_t t_prev = lay.reverse ? t + 1 : t - 1;
     const Vec<acc_t> cp = s == T - 1 ? c0.load(0, b0, k, lanes) : c_all.load(t_prev, b0, k, lanes);
     acc_t* dc_ptr = &dc[k * Bp + b0];
     const Vec<acc_t> dc_total = Vec<acc_t>::loadu(dc_ptr) + grad_c_all.load(t, b0, k, lanes);
-    const Vec<acc_t> tc = tanh(f * cp + i * g);
     Vec<acc_t> dc_to_prev(acc_t(0)), dc_new = dc_total;
     if (zc.present()) {
       dc_to_prev = zc.load(t, b0, k, lanes) * dc_total;
       dc_new = dc_total - dc_to_prev;
     }
-    dc_new = dc_new + dhpre * o * (one - tc * tc);
-    Vec<acc_t> d[4] = {dc_new * g * i * (one - i), dc_new * cp * f * (one - f),
-                       dc_new * i * (one - g * g), dhpre * tc * o * (one - o)};
-    Vec<acc_t> dc_prev = dc_new * f + dc_to_prev;
+    Vec<acc_t> d[4];
+    Vec<acc_t> dc_prev = cell_bwd(act, cp, dhpre, dc_new, d) + dc_to_prev;
     if (!lay.all_step(t, v)) {
       const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
       for (auto& x : d) x = Vec<acc_t>::blendv(zero, x, mask);
@@ -463,10 +503,10 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     // next step (and, without a projection, its cell).
     const acc_t* dg = dgates.data() + (s % 2) * dgates_panels.size();
     const int64_t active = lay.active_vecs(btime(s));
-    at::parallel_for(0, p_tiles, unit_grain(kTileRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, p_tiles, unit_grain(kBwdRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t p0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, P - p0);
-        gemm_tile(WeightTile<acc_t>::rows(w_hh_t, G, p0, P), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
+        const int64_t p0 = i * kBwdRows, rows = std::min<int64_t>(kBwdRows, P - p0);
+        gemm_tile(WeightTile<acc_t, kBwdRows>::rows(w_hh_t, G, p0, P), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
           for (int r = 0; r < rows; ++r) {
             for (int dv = 0; dv < vecs_of(acc); ++dv) {
               const int64_t p = p0 + r, v = v0 + dv;
@@ -493,8 +533,92 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   }
 }
 
+// ---- cell pointwise (row-major, lanes along the features) ------------------------------------
+
+// n <= lanes consecutive elements as math-type lanes (the others zero), and back.
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE Vec<acc_t> load_n(const scalar_t* p, int n) {
+  constexpr int L = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return n == L ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
+  } else {
+    alignas(64) acc_t tmp[L] = {};
+    for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l]);
+    return Vec<acc_t>::loadu(tmp);
+  }
+}
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE void store_n(const Vec<acc_t>& v, scalar_t* p, int n) {
+  constexpr int L = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    n == L ? v.store(p) : v.store(p, n);
+  } else {
+    alignas(64) acc_t tmp[L];
+    v.store(tmp);
+    for (int l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(tmp[l]);
+  }
+}
+
+// body(b, j, n) for each row b and each run of n <= lanes features from j, rows split across
+// threads once a task holds enough gate elements to pay for the fork.
+template <typename acc_t, typename Body>
+void for_each_cell_vector(int64_t B, int64_t H, const Body& body) {
+  constexpr int L = Vec<acc_t>::size();
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, 4 * H));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t j = 0; j < H; j += L) body(b, j, static_cast<int>(std::min<int64_t>(L, H - j)));
+  });
+}
+
+template <typename scalar_t>
+void cell_pointwise_fwd(const LstmCellPointwiseArgs& a) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t H = a.H;
+  const auto* gates = static_cast<const scalar_t*>(a.gates);
+  const auto* cx = static_cast<const scalar_t*>(a.cx);
+  auto* hy = static_cast<scalar_t*>(a.hy);
+  auto* cy = static_cast<scalar_t*>(a.cy);
+  for_each_cell_vector<acc_t>(a.B, H, [&](int64_t b, int64_t j, int n) {
+    Vec<acc_t> gate[4];
+    for (int g = 0; g < 4; ++g) gate[g] = load_n<acc_t>(gates + b * 4 * H + g * H + j, n);
+    const CellOut<acc_t> cell = cell_fwd(gate, load_n<acc_t>(cx + b * H + j, n));
+    store_n(cell.c_new, cy + b * H + j, n);
+    store_n(cell.hpre, hy + b * H + j, n);
+  });
+}
+
+template <typename scalar_t>
+void cell_pointwise_bwd(const LstmCellPointwiseArgs& a) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  const int64_t H = a.H;
+  const auto* gates = static_cast<const scalar_t*>(a.gates);
+  const auto* cx = static_cast<const scalar_t*>(a.cx);
+  const auto* grad_hy = static_cast<const scalar_t*>(a.grad_hy);
+  const auto* grad_cy = static_cast<const scalar_t*>(a.grad_cy);
+  auto* grad_gates = static_cast<scalar_t*>(a.grad_gates);
+  auto* grad_cx = static_cast<scalar_t*>(a.grad_cx);
+  for_each_cell_vector<acc_t>(a.B, H, [&](int64_t b, int64_t j, int n) {
+    Vec<acc_t> act[4], d[4];
+    for (int g = 0; g < 4; ++g) act[g] = load_n<acc_t>(gates + b * 4 * H + g * H + j, n);
+    activate(act);
+    const int64_t row = b * H + j;
+    const Vec<acc_t> dc_prev = cell_bwd(act, load_n<acc_t>(cx + row, n),
+                                        load_n<acc_t>(grad_hy + row, n),
+                                        load_n<acc_t>(grad_cy + row, n), d);
+    for (int g = 0; g < 4; ++g) store_n(d[g], grad_gates + b * 4 * H + g * H + j, n);
+    store_n(dc_prev, grad_cx + row, n);
+  });
+}
+
 }  // namespace
 
+void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs& args) {
+  visit_lstm_dtype(args.dtype, [&](auto type) { cell_pointwise_fwd<decltype(type)>(args); });
+}
+void lstm_cell_pointwise_bwd_kernel(const LstmCellPointwiseArgs& args) {
+  visit_lstm_dtype(args.dtype, [&](auto type) { cell_pointwise_bwd<decltype(type)>(args); });
+}
 void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) {
   visit_lstm_dtype(args.shape.dtype, [&](auto type) { layer_fwd<decltype(type)>(args); });
 }
