@@ -6,11 +6,14 @@ generated code also asserts that every op output has the strides the fake kernel
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import randn
 
 import fastattn
+from fastattn.ops.attention import AttentionOptions
 
 OPS = torch.ops.fastattn
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -43,6 +46,16 @@ def opcheck(op, args, dtype):
         torch.library.opcheck(op, args, test_utils=CHEAP_CHECKS)
 
 
+
+def test_attention_options_are_the_schema_arguments():
+    """The ops layer passes AttentionOptions positionally (``*options.op_args()``) after
+    attn_mask and alibi_slopes, and reads it back the same way: its fields must be the schema's
+    arguments there, in order."""
+    names = [f.name for f in dataclasses.fields(AttentionOptions)]
+    fwd = [a.name for a in OPS.attention_fwd.default._schema.arguments]
+    bwd = [a.name for a in OPS.attention_bwd.default._schema.arguments]
+    assert fwd[:5] == ["q", "k", "v", "attn_mask", "alibi_slopes"] and fwd[5:] == names
+    assert bwd[6:8] == ["attn_mask", "alibi_slopes"] and bwd[8:] == [*names, "mask_grad"]
 
 def _attention_args(dtype, case):
     """attention_fwd's arguments: GQA, non-contiguous q, and each option group."""
