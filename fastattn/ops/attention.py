@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
@@ -132,7 +133,11 @@ def _attention_normalized(
     op_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs attention on normalized [B, H, L, E] tensors with the chosen backend."""
-    backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1],
+    # The head dims as plain ints: under torch.compile(dynamic=True) operator.index specializes
+    # them (a guard on their values; int() would keep them symbolic, which the constant-folded
+    # choice cannot take). Head dims are a model's constants, the lengths stay dynamic.
+    E, Ev = operator.index(q.shape[-1]), operator.index(v.shape[-1])
+    backend = _choose_backend(op_name, q.device, q.dtype, E, Ev,
                               *_grid_extent(q.shape[0], q.shape[1]))
     if backend == "reference" or _has_empty_dim(q, k, v):
         return reference.attention_reference(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
