@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastattn import _extension
 
@@ -105,3 +106,16 @@ def test_cpu_op_tests_pass_under(isa):
     output = run.stdout[-6000:] + run.stderr[-3000:]
     assert run.returncode == 0, f"CPU op tests under {isa}:\n{output}"
     assert " passed" in run.stdout and " skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_inductor_cache_dir_is_per_isa():
+    """Inductor's FX graph cache key omits ATEN_CPU_CAPABILITY: a graph compiled under AVX-512 was
+    served to an avx2 run. conftest.py keys the cache dir by the ISA torch runs, here and in a
+    subprocess that inherits this process's (already keyed) variable under another ISA."""
+    ours = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert os.path.basename(ours) == "isa-" + torch.backends.cpu.get_cpu_capability().lower()
+    script = "import conftest, os; print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": str(ROOT / "tests")}
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    assert run.stdout.strip() == os.path.join(os.path.dirname(ours), "isa-default")
