@@ -29,16 +29,24 @@ FASTATTN_ASAN=1 FASTATTN_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} "$PYTHON" setup.py build
   > asan_build.log 2>&1 || { tail -n 40 asan_build.log; exit 1; }
 
 # The ASan runtime must be the first library in the process (python itself is not instrumented).
+# libstdc++ is preloaded right after it: python does not link it, so without it ASan's
+# __cxa_throw interceptor finds no real __cxa_throw when it starts and the first C++ exception
+# (every TORCH_CHECK an error test expects) aborts with "CHECK failed: ... real___cxa_throw".
 # detect_leaks=0: CPython and torch keep allocations alive until exit by design.
 LIBASAN=$(${CXX:-c++} -print-file-name=libasan.so)
-[ -f "$LIBASAN" ] || { echo "asan_check: libasan.so not found (got '$LIBASAN')" >&2; exit 1; }
+LIBSTDCXX=$(${CXX:-c++} -print-file-name=libstdc++.so)
+for lib in "$LIBASAN" "$LIBSTDCXX"; do
+  [ -f "$lib" ] || { echo "asan_check: $lib not found (${CXX:-c++} -print-file-name)" >&2; exit 1; }
+done
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_init_order=1:detect_stack_use_after_return=0
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # The tests import this copy's fastattn (the sanitized _C), never an installed one.
 export PYTHONPATH=$DEST
 for isa in $ISAS; do
   echo "== ASan/UBSan: ATEN_CPU_CAPABILITY=$isa"
+  # --capture=sys: a sanitizer report is written to fd 2 and the process aborts; fd capture
+  # would swallow it.
   # shellcheck disable=SC2086
-  ATEN_CPU_CAPABILITY=$isa LD_PRELOAD=$LIBASAN "$PYTHON" -m pytest -q -p no:cacheprovider \
-    $TESTS "$@"
+  ATEN_CPU_CAPABILITY=$isa LD_PRELOAD="$LIBASAN $LIBSTDCXX" "$PYTHON" -m pytest -q \
+    -p no:cacheprovider --capture=sys $TESTS "$@"
 done

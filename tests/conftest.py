@@ -3,12 +3,27 @@ import os
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 import fastattn
 
 HAS_GPU = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def inductor_cache_dir_per_isa() -> str:
+    """Inductor's cache dir with a subfolder per CPU ISA. Inductor's FX graph and AOTAutograd
+    cache keys omit ATEN_CPU_CAPABILITY (torch 2.13), so a graph compiled under AVX-512 is served
+    to a run under avx2 (and computes garbage there). A subprocess inherits the variable already
+    keyed: its parent folder is the root."""
+    root = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    if os.path.basename(root).startswith("isa-"):
+        root = os.path.dirname(root)
+    return os.path.join(root, "isa-" + torch.backends.cpu.get_cpu_capability().lower())
+
+
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir_per_isa()
 
 
 @pytest.fixture(autouse=True)

@@ -400,3 +400,19 @@ def test_opcheck(device: str) -> None:
         tests += ["test_faketensor", "test_aot_dispatch_dynamic"]
     torch.library.opcheck(torch.ops.fastattn.attention_fwd_triton, fwd_args, test_utils=tests)
     torch.library.opcheck(torch.ops.fastattn.attention_bwd_triton, bwd_args, test_utils=tests)
+
+
+def test_triton_ops_take_the_registry_schemas() -> None:
+    """triton_op infers its schema from the Python signature (torch 2.13 ignores a schema=
+    argument), so the triton ops spell the arguments out: they must stay those of
+    fastattn::attention_fwd / attention_bwd, since the ops layer calls either with the same
+    positional arguments."""
+    import fastattn.triton_kernels.attention  # noqa: F401  (registers the triton_ops)
+
+    for name in ("attention_fwd", "attention_bwd"):
+        ours = getattr(torch.ops.fastattn, name).default._schema
+        mirror = getattr(torch.ops.fastattn, f"{name}_triton").default._schema
+        assert [(a.name, str(a.type)) for a in mirror.arguments] == [
+            (a.name, str(a.type)) for a in ours.arguments
+        ]
+        assert [str(r.type) for r in mirror.returns] == [str(r.type) for r in ours.returns]

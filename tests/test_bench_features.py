@@ -62,24 +62,32 @@ def test_full_grids_hold_issue_9_targets():
     assert min(shapes.VARLEN_FULL_LENGTHS) == 64 and max(shapes.VARLEN_FULL_LENGTHS) == 2048
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_padded_baseline_matches_varlen(causal):
+VARLEN_LENGTHS = (5, 1, 12, 7)
+
+
+def _varlen_case(causal):
+    """Packed float64 q, k, v [total, H, E] of VARLEN_LENGTHS, their cu_seqlens, and the
+    reference backend's varlen attention: what each baseline must reproduce."""
     torch.manual_seed(0)
-    lengths, H, E = (5, 1, 12, 7), 2, 8
-    total = sum(lengths)
-    q, k, v = (torch.randn(total, H, E, dtype=torch.float64) for _ in range(3))
-    cu = cu_seqlens(lengths, q.device)
-    assert cu.tolist() == [0, 5, 6, 18, 25]
+    q, k, v = (torch.randn(sum(VARLEN_LENGTHS), 2, 8, dtype=torch.float64) for _ in range(3))
+    cu = cu_seqlens(VARLEN_LENGTHS, q.device)
     with fastattn.use_backend("reference"):
         expected = fastattn.attention_varlen(q, k, v, cu, cu, 12, 12, causal=causal)
+    return q, k, v, cu, expected
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_baseline_matches_varlen(causal):
+    q, k, v, cu, expected = _varlen_case(causal)
+    assert cu.tolist() == [0, 5, 6, 18, 25]
     padded = F.scaled_dot_product_attention(
-        pad(q, lengths),
-        pad(k, lengths),
-        pad(v, lengths),
-        attn_mask=padded_mask(lengths, causal, q.device),
+        pad(q, VARLEN_LENGTHS),
+        pad(k, VARLEN_LENGTHS),
+        pad(v, VARLEN_LENGTHS),
+        attn_mask=padded_mask(VARLEN_LENGTHS, causal, q.device),
     )
     start = 0
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(VARLEN_LENGTHS):
         torch.testing.assert_close(padded[i, :, :n].transpose(0, 1), expected[start : start + n])
         start += n
 
@@ -95,14 +103,8 @@ def test_window_mask_baseline_matches_window():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_per_sequence_and_nested_baselines_match_varlen(causal):
-    torch.manual_seed(0)
-    lengths, H, E = (5, 1, 12, 7), 2, 8
-    total = sum(lengths)
-    q, k, v = (torch.randn(total, H, E, dtype=torch.float64) for _ in range(3))
-    cu = cu_seqlens(lengths, q.device)
-    with fastattn.use_backend("reference"):
-        expected = fastattn.attention_varlen(q, k, v, cu, cu, 12, 12, causal=causal)
-    torch.testing.assert_close(per_sequence(lengths, causal)(q, k, v), expected)
+    q, k, v, cu, expected = _varlen_case(causal)
+    torch.testing.assert_close(per_sequence(VARLEN_LENGTHS, causal)(q, k, v), expected)
     if causal:  # torch has no causal nested-tensor SDPA; the benchmark skips with its message
         with pytest.raises(RuntimeError, match="No viable backend"):
             nested(cu, causal)(q.float(), k.float(), v.float())

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from bench_records import attention_record, interleaved_rounds
 
 from benchmarks import harness, report, shapes
 from benchmarks.bench_attention import attention_bytes, attention_flops, fp32_baseline_applies
@@ -56,31 +57,6 @@ def test_unknown_grid_is_refused():
         shapes.grid("huge", torch.device("cpu"))
 
 
-def _bench(
-    provider, kind, median, shape_id="B1-H1-L64-S64-E8", L=64, flops=1e9, interleaved=None,
-    efficiency=0.5, dtype="float32",
-):
-    return {
-        "name": f"test_attention[{provider}]",
-        "stats": {"median": median},
-        "extra_info": {
-            "op": "attention",
-            "pass_": "fwd",
-            "provider": provider,
-            "provider_kind": kind,
-            "dtype": dtype,
-            "device": "cpu",
-            "shape_id": shape_id,
-            "shape": {"B": 1, "H": 1, "L": L, "S": L, "E": 8, "causal": False},
-            "flops": flops,
-            "bytes": 1e6,
-            "peak_memory_bytes": 2**20,
-            "gemm_efficiency": efficiency,
-            "interleaved": interleaved or {},
-        },
-    }
-
-
 def test_report_ratios_against_the_fastest_torch_baseline(tmp_path):
     roofline = {
         "gemm_fp32_gflops": 10.0,
@@ -105,11 +81,11 @@ def test_report_ratios_against_the_fastest_torch_baseline(tmp_path):
                 "stats": {"median": 1.0},
                 "extra_info": {"op": "roofline", "roofline": roofline},
             },
-            _bench("torch.sdpa", "torch", 0.004),
-            _bench("torch.eager", "torch", 0.010),
-            _bench("fastattn[cpu]", "fastattn", 0.002),  # 2x the best torch
-            _bench("torch.sdpa", "torch", 0.004, "B1-H1-L128-S128-E8", L=128),
-            _bench("fastattn[cpu]", "fastattn", 0.008, "B1-H1-L128-S128-E8", L=128),  # 0.5x
+            attention_record("torch.sdpa", "torch", 0.004),
+            attention_record("torch.eager", "torch", 0.010),
+            attention_record("fastattn[cpu]", "fastattn", 0.002),  # 2x the best torch
+            attention_record("torch.sdpa", "torch", 0.004, "B1-H1-L128-S128-E8"),
+            attention_record("fastattn[cpu]", "fastattn", 0.008, "B1-H1-L128-S128-E8"),  # 0.5x
         ],
     }
     path = tmp_path / "r.json"
@@ -132,18 +108,6 @@ def test_report_ratios_against_the_fastest_torch_baseline(tmp_path):
     assert math.isclose(report.geomean([2.0, 0.5]), 1.0)
 
 
-def _interleaved(fastattn_median, torch_median, fastattn_min, torch_min):
-    return {
-        "fastattn[cpu]": {
-            "rounds": 5,
-            "fastattn_median_s": fastattn_median,
-            "torch_median_s": torch_median,
-            "fastattn_min_s": fastattn_min,
-            "torch_min_s": torch_min,
-        }
-    }
-
-
 def _ratios(benches):
     return report.ratios([report.Case(**_case_fields(b)) for b in benches])
 
@@ -163,9 +127,11 @@ def test_ratios_come_from_the_interleaved_rounds_and_the_fastest_baseline_is_the
     # Separate medians say 4x and 10x; the interleaved rounds say 1.5x (min 1.2x) and 3x.
     ratios = _ratios(
         [
-            _bench("fastattn[cpu]", "fastattn", 0.001),
-            _bench("torch.sdpa", "torch", 0.004, interleaved=_interleaved(2.0, 3.0, 1.0, 1.2)),
-            _bench("torch.eager", "torch", 0.010, interleaved=_interleaved(1.0, 3.0, 1.0, 2.0)),
+            attention_record("fastattn[cpu]", "fastattn", 0.001),
+            attention_record("torch.sdpa", "torch", 0.004,
+                             interleaved=interleaved_rounds(2.0, 3.0, 1.0, 1.2)),
+            attention_record("torch.eager", "torch", 0.010,
+                             interleaved=interleaved_rounds(1.0, 3.0, 1.0, 2.0)),
         ]
     )
     (case, against), = ratios.items()

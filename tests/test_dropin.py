@@ -17,6 +17,21 @@ def _grads(out: torch.Tensor, grad_out: torch.Tensor, *inputs: torch.Tensor):
     return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
 
 
+def _assert_matches_torch(out, ref, inputs, ref_inputs=None):
+    """out equals torch's ref, and so do the gradients of inputs (of ref_inputs for ref, when
+    torch's side has its own leaves) for one random grad_out. A gradient that does not exist
+    (None: the output does not depend on the input) counts as zeros on either side."""
+    torch.testing.assert_close(out, ref)
+    ref_inputs = inputs if ref_inputs is None else ref_inputs
+    grad_out = torch.randn_like(ref)
+    grads = zip(inputs, _grads(out, grad_out, *inputs), _grads(ref, grad_out, *ref_inputs),
+                strict=True)
+    for i, (t, g, g_ref) in enumerate(grads):
+        torch.testing.assert_close(torch.zeros_like(t) if g is None else g,
+                                   torch.zeros_like(t) if g_ref is None else g_ref,
+                                   msg=lambda m, i=i: f"gradient of input {i}: {m}")
+
+
 def _leaves(*shapes, dtype=torch.float64):
     return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
 
@@ -41,15 +56,7 @@ def test_sdpa_zero_size_matches_torch(q_shape, k_shape, v_shape, causal):
     q, k, v = _leaves(q_shape, k_shape, v_shape)
     ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)
     theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
-    torch.testing.assert_close(ours, theirs)
-    grad_out = torch.randn_like(theirs)
-    for name, g, g_ref in zip("qkv", _grads(ours, grad_out, q, k, v),
-                              _grads(theirs, grad_out, q, k, v), strict=True):
-        g = torch.zeros_like(q if name == "q" else k if name == "k" else v) if g is None else g
-        g_ref = torch.zeros_like(g) if g_ref is None else g_ref
-        assert g.shape == g_ref.shape, name
-        torch.testing.assert_close(g, g_ref, msg=f"d{name}")
+    _assert_matches_torch(ours, theirs, [q, k, v])
 
 
 @pytest.mark.parametrize("L", [0, 3], ids=["L0", "L3"])
@@ -112,19 +119,11 @@ def test_mha_zero_size_matches_torch(B, L, S, need_weights):
     x, y = _leaves((B, L, 8), (B, S, 8))
     out, w = ours(x, y, y, need_weights=need_weights)
     out_ref, w_ref = ref(x, y, y, need_weights=need_weights)
-    torch.testing.assert_close(out, out_ref)
     assert (w is None) == (w_ref is None)
     if w is not None:
         torch.testing.assert_close(w, w_ref)
-    grad_out = torch.randn_like(out_ref)
-    params = [ours.in_proj_weight, ours.out_proj.bias]
-    params_ref = [ref.in_proj_weight, ref.out_proj.bias]
-    for g, g_ref in zip(_grads(out, grad_out, x, y, *params),
-                        _grads(out_ref, grad_out, x, y, *params_ref), strict=True):
-        if g_ref is None:
-            assert g is None or not g.any()
-        else:
-            torch.testing.assert_close(g, g_ref)
+    _assert_matches_torch(out, out_ref, [x, y, ours.in_proj_weight, ours.out_proj.bias],
+                          [x, y, ref.in_proj_weight, ref.out_proj.bias])
 
 
 # ---- torch's CausalBias masks ----------------------------------------------------------------
@@ -147,11 +146,7 @@ def test_causal_bias_matches_torch(make, L, S):
     q, k, v, bias = _causal_bias_case(make, L, S)
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    torch.testing.assert_close(out, ref)
-    grad_out = torch.randn_like(ref)
-    for g, g_ref in zip(_grads(out, grad_out, q, k, v), _grads(ref, grad_out, q, k, v),
-                        strict=True):
-        torch.testing.assert_close(g, g_ref)
+    _assert_matches_torch(out, ref, [q, k, v])
     # fastattn.attention takes it too, as the same causal alignment.
     torch.testing.assert_close(fastattn.attention(q, k, v, attn_mask=bias), ref)
 
@@ -164,11 +159,7 @@ def test_causal_bias_under_compile():
     compiled = torch.compile(fastattn.scaled_dot_product_attention, fullgraph=True)
     out = compiled(q, k, v, attn_mask=bias)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    torch.testing.assert_close(out, ref)
-    grad_out = torch.randn_like(ref)
-    for g, g_ref in zip(_grads(out, grad_out, q, k, v), _grads(ref, grad_out, q, k, v),
-                        strict=True):
-        torch.testing.assert_close(g, g_ref)
+    _assert_matches_torch(out, ref, [q, k, v])
 
 
 @pytest.mark.parametrize("need_weights", [False, True], ids=["fused", "weights"])

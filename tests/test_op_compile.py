@@ -6,11 +6,14 @@ generated code also asserts that every op output has the strides the fake kernel
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import randn
 
 import fastattn
+from fastattn.ops.attention import AttentionOptions
 
 OPS = torch.ops.fastattn
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -43,6 +46,16 @@ def opcheck(op, args, dtype):
         torch.library.opcheck(op, args, test_utils=CHEAP_CHECKS)
 
 
+
+def test_attention_options_are_the_schema_arguments():
+    """The ops layer passes AttentionOptions positionally (``*options.op_args()``) after
+    attn_mask and alibi_slopes, and reads it back the same way: its fields must be the schema's
+    arguments there, in order."""
+    names = [f.name for f in dataclasses.fields(AttentionOptions)]
+    fwd = [a.name for a in OPS.attention_fwd.default._schema.arguments]
+    bwd = [a.name for a in OPS.attention_bwd.default._schema.arguments]
+    assert fwd[:5] == ["q", "k", "v", "attn_mask", "alibi_slopes"] and fwd[5:] == names
+    assert bwd[6:8] == ["attn_mask", "alibi_slopes"] and bwd[8:] == [*names, "mask_grad"]
 
 def _attention_args(dtype, case):
     """attention_fwd's arguments: GQA, non-contiguous q, and each option group."""
@@ -161,7 +174,8 @@ def inductor():
     torch._dynamo.reset()
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        yield lambda f: torch.compile(f, backend="inductor", fullgraph=True, dynamic=False)
+        yield lambda f, dynamic=False: torch.compile(f, backend="inductor", fullgraph=True,
+                                                     dynamic=dynamic)
     torch._dynamo.reset()
 
 
@@ -180,9 +194,10 @@ def _outputs_and_grads(f, inputs, params, grad):
     return [*outs, *torch.autograd.grad(loss, leaves)]
 
 
-def _check_compiled(compile_fn, f, inputs, params, dtype, grad):
+def _check_compiled(compile_fn, f, inputs, params, dtype, grad, compiled_f=None):
+    """compile_fn(f) (or the given compiled_f) against f on inputs: outputs and gradients."""
     eager = _outputs_and_grads(f, inputs, params, grad)
-    compiled = _outputs_and_grads(compile_fn(f), inputs, params, grad)
+    compiled = _outputs_and_grads(compiled_f or compile_fn(f), inputs, params, grad)
     assert len(compiled) == len(eager)
     for i, (c, e) in enumerate(zip(compiled, eager)):
         assert c.shape == e.shape and c.dtype == e.dtype, i
@@ -190,7 +205,6 @@ def _check_compiled(compile_fn, f, inputs, params, dtype, grad):
         torch.testing.assert_close(c, e, **COMPILE_TOL[dtype], msg=f"result {i} differs")
 
 
-# Every dtype with and without gradients; the options rotate so each appears at least once.
 # Every dtype, with and without gradients (one Inductor compile costs seconds: each case covers
 # several options and the cases share the dtypes and modes between the modules).
 LSTM_CASES = [
@@ -256,3 +270,16 @@ def test_inductor_attention_matches_eager(inductor, dtype, grad, case):
                                   causal_align="bottom_right", alibi_slopes=slopes)
 
     _check_compiled(inductor, f, (q, k, v), [], dtype, grad)
+
+
+def test_inductor_dynamic_shapes_compile_once(inductor):
+    """torch.compile(dynamic=True): other sequence lengths and batch sizes reuse the one graph
+    (the backend choice must not need them; head dims are specialized), forward and backward."""
+    def f(q, k, v):
+        return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    compiled = inductor(f, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for B, L, S in ((2, 7, 9), (5, 12, 20)):  # all distinct from H and E: no duck sizing
+            q, k, v = randn(B, 3, L, 16), randn(B, 3, S, 16), randn(B, 3, S, 16)
+            _check_compiled(inductor, f, (q, k, v), [], torch.float32, True, compiled)

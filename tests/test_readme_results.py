@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from bench_records import attention_record, interleaved_rounds
 
 from benchmarks import readme, report
 
@@ -20,38 +21,6 @@ def test_readme_results_section_is_what_the_command_writes():
     assert text == readme.splice(text, readme.render()), (
         "README.md's results section is stale: run `python -m benchmarks.report --readme`"
     )
-
-
-def _case(provider, kind, median, interleaved=None, shape_id="B1-H8-L512-S512-E64"):
-    return {
-        "name": f"test_attention[{provider}]",
-        "stats": {"median": median},
-        "extra_info": {
-            "op": "attention",
-            "pass_": "fwd",
-            "provider": provider,
-            "provider_kind": kind,
-            "dtype": "float32",
-            "device": "cpu",
-            "shape_id": shape_id,
-            "shape": {"B": 1, "H": 8, "L": 512, "S": 512, "E": 64, "causal": False},
-            "flops": 1e9,
-            "bytes": 1e6,
-            "interleaved": interleaved or {},
-        },
-    }
-
-
-def _pair(fastattn_s, torch_s):
-    return {
-        "fastattn[cpu]": {
-            "rounds": 9,
-            "fastattn_median_s": fastattn_s,
-            "torch_median_s": torch_s,
-            "fastattn_min_s": fastattn_s * 0.9,
-            "torch_min_s": torch_s * 0.9,
-        }
-    }
 
 
 def _run(root, machine, folder, when, torch_s, noise=QUIET, clean=True, trainer=None):
@@ -74,10 +43,12 @@ def _run(root, machine, folder, when, torch_s, noise=QUIET, clean=True, trainer=
         "datetime": when,
         "machine_info": {"fastattn": facts},
         "benchmarks": [
-            _case("fastattn[cpu]", "fastattn", 0.001),
-            _case("fastattn[reference]", "fastattn", 0.1),
-            _case("torch.sdpa", "torch", 0.002, _pair(0.001, torch_s)),
-            _case("torch.eager", "torch", 0.004, _pair(0.001, 4 * torch_s)),
+            attention_record("fastattn[cpu]", "fastattn", 0.001),
+            attention_record("fastattn[reference]", "fastattn", 0.1),
+            attention_record("torch.sdpa", "torch", 0.002,
+                             interleaved=interleaved_rounds(0.001, torch_s)),
+            attention_record("torch.eager", "torch", 0.004,
+                             interleaved=interleaved_rounds(0.001, 4 * torch_s)),
         ],
     }
     if noise is not None:

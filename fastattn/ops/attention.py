@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -36,14 +37,28 @@ GRID_YZ_MAX = 65535
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """The non-tensor arguments of attention_fwd/bwd, in schema order."""
+    """The arguments of attention_fwd/bwd after attn_mask and alibi_slopes, in schema order
+    (_ATTENTION_OPTIONS in _registry.py): every call, fake and backward passes them on as
+    ``*options.op_args()`` and reads them back as ``AttentionOptions(*args)``."""
 
     dropout_p: float = 0.0
+    # int64 CPU scalar tensor seeding dropout's Philox stream; None when dropout_p == 0.
+    rng_seed: torch.Tensor | None = None
     scale: float = 1.0
     window_left: int = -1
     window_right: int = -1
     bottom_right: bool = False
     softcap: float = 0.0
+
+    def op_args(self) -> tuple:
+        # Not dataclasses.astuple: that deep-copies rng_seed.
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+
+def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
+    """The seed of a call's dropout, drawn from torch's default generator so that
+    torch.manual_seed makes dropout repeatable."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
 
 
 def _missing_feature(
@@ -118,43 +133,17 @@ def _attention_normalized(
     op_name: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs attention on normalized [B, H, L, E] tensors with the chosen backend."""
-    rng_seed = None
-    if opts.dropout_p > 0:
-        # Drawn from torch's default generator, so torch.manual_seed makes dropout repeatable.
-        rng_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    backend = _choose_backend(op_name, q.device, q.dtype, q.shape[-1], v.shape[-1],
+    # The head dims as plain ints: under torch.compile(dynamic=True) operator.index specializes
+    # them (a guard on their values; int() would keep them symbolic, which the constant-folded
+    # choice cannot take). Head dims are a model's constants, the lengths stay dynamic.
+    E, Ev = operator.index(q.shape[-1]), operator.index(v.shape[-1])
+    backend = _choose_backend(op_name, q.device, q.dtype, E, Ev,
                               *_grid_extent(q.shape[0], q.shape[1]))
     if backend == "reference" or _has_empty_dim(q, k, v):
-        return reference.attention_reference(
-            q,
-            k,
-            v,
-            attn_mask,
-            alibi_slopes,
-            opts.dropout_p,
-            rng_seed,
-            opts.scale,
-            opts.window_left,
-            opts.window_right,
-            opts.bottom_right,
-            opts.softcap,
-        )
+        return reference.attention_reference(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
     # Kernels need unit stride on the last dim; everything else is read through strides.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _fwd_op(backend)(
-        q,
-        k,
-        v,
-        attn_mask,
-        alibi_slopes,
-        opts.dropout_p,
-        rng_seed,
-        opts.scale,
-        opts.window_left,
-        opts.window_right,
-        opts.bottom_right,
-        opts.softcap,
-    )
+    return _fwd_op(backend)(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
 
 
 def _has_empty_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -302,6 +291,7 @@ def scaled_dot_product_attention(
     mask = _mask_4d(fn, attn_mask, query, S)
     opts = AttentionOptions(
         dropout_p=float(dropout_p),
+        rng_seed=_dropout_seed(dropout_p),
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
         window_right=0 if is_causal else -1,
         bottom_right=bottom_right,
@@ -380,18 +370,19 @@ def attention(
         bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, q.shape[-2], k.shape[-2])
         attn_mask, causal = None, True
         causal_align = "bottom_right" if bottom_right else "top_left"
+    mask = _mask_4d(fn, attn_mask, q, k.shape[-2])
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)
     opts = AttentionOptions(
         dropout_p=float(dropout_p),
+        rng_seed=_dropout_seed(dropout_p),
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
         window_left=left,
         window_right=right,
         bottom_right=causal_align == "bottom_right",
         softcap=float(softcap or 0.0),
     )
-    mask = _mask_4d(fn, attn_mask, q, k.shape[-2])
     out, lse = _attention_normalized(q, k, v, mask, alibi_slopes, opts, fn)
     return (out, lse.detach()) if return_lse else out
 
@@ -400,44 +391,15 @@ def attention(
 
 
 @torch.library.register_fake("fastattn::attention_fwd")
-def _attention_fwd_fake(
-    q,
-    k,
-    v,
-    attn_mask,
-    alibi_slopes,
-    dropout_p,
-    rng_seed,
-    scale,
-    window_left,
-    window_right,
-    bottom_right,
-    softcap,
-):
+def _attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, *options):
     B, H, L, _ = q.shape
     return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
 
 
 @torch.library.register_fake("fastattn::attention_bwd")
-def _attention_bwd_fake(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    attn_mask,
-    alibi_slopes,
-    dropout_p,
-    rng_seed,
-    scale,
-    window_left,
-    window_right,
-    bottom_right,
-    softcap,
-    mask_grad,
-):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, *options_mask_grad):
     B, H, L, _ = q.shape
+    mask_grad = options_mask_grad[-1]
     dmask = (
         q.new_empty(B, H, L, k.shape[-2], dtype=torch.float32)
         if mask_grad
@@ -448,10 +410,12 @@ def _attention_bwd_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, alibi_slopes, dropout_p, rng_seed, *options = inputs
+    q, k, v, attn_mask, alibi_slopes, *options = inputs
+    opts = AttentionOptions(*options)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed)
-    ctx.options = (dropout_p, *options)
+    # The seed is a tensor: saved as one, not kept on ctx.
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, opts.rng_seed)
+    ctx.options = replace(opts, rng_seed=None)
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
 
 
@@ -460,28 +424,15 @@ def _make_backward(bwd_op_name: str) -> Callable:
     def backward(ctx, grad_out, grad_lse):
         # lse is an auxiliary output (returned detached by the public API).
         q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed = ctx.saved_tensors
-        dropout_p, scale, window_left, window_right, bottom_right, softcap = ctx.options
+        opts = replace(ctx.options, rng_seed=rng_seed)
         bwd_op = getattr(torch.ops.fastattn, bwd_op_name)
         dq, dk, dv, dmask = bwd_op(
-            grad_out.contiguous(),
-            q,
-            k,
-            v,
-            out,
-            lse,
-            attn_mask,
-            alibi_slopes,
-            dropout_p,
-            rng_seed,
-            scale,
-            window_left,
-            window_right,
-            bottom_right,
-            softcap,
+            grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes, *opts.op_args(),
             ctx.mask_grad,
         )
         dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
-        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
+        # No gradient for alibi_slopes nor for the options.
+        return dq, dk, dv, dmask, None, *(None for _ in fields(AttentionOptions))
 
     return backward
 

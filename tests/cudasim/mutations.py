@@ -41,7 +41,7 @@ class Mutation:
     name: str
     file: str
     old: str
-    new: str
+    new: str = ""  # empty: the mutant deletes the snippet
 
     @property
     def program(self) -> str:
@@ -54,28 +54,20 @@ MUTATIONS = [
         "fwd-no-barrier-k-landed",
         FWD,
         "    __syncthreads();  // K tile landed; every warp is done with the previous V tile\n",
-        "",
     ),
     Mutation(
         "fwd-no-barrier-v-landed",
         FWD,
         "    __syncthreads();  // V tile landed; every warp is done with the K tile\n",
-        "",
     ),
-    Mutation(
-        "fwd-no-cp-async-wait-k",
-        FWD,
-        "    cp_async_wait_all();\n    __syncthreads();  // K tile landed",
-        "    __syncthreads();  // K tile landed",
+    # The wait for the K (V) tile's cp.async copies removed, its barrier kept.
+    *(
+        Mutation(f"fwd-no-cp-async-wait-{tile.lower()}", FWD,
+                 f"    cp_async_wait_all();\n{barrier}", barrier)
+        for tile, barrier in ((t, f"    __syncthreads();  // {t} tile landed") for t in "KV")
     ),
-    Mutation(
-        "fwd-no-cp-async-wait-v",
-        FWD,
-        "    cp_async_wait_all();\n    __syncthreads();  // V tile landed",
-        "    __syncthreads();  // V tile landed",
-    ),
-    Mutation("fwd-out-not-rescaled", FWD, "        out_acc[n][2 * r] *= rescale;\n", ""),
-    Mutation("fwd-row-sum-not-rescaled", FWD, "      row_sum[r] *= rescale;\n", ""),
+    Mutation("fwd-out-not-rescaled", FWD, "        out_acc[n][2 * r] *= rescale;\n"),
+    Mutation("fwd-row-sum-not-rescaled", FWD, "      row_sum[r] *= rescale;\n"),
     Mutation(
         "fwd-dropout-not-applied",
         FWD,
@@ -145,15 +137,13 @@ MUTATIONS = [
         "dq-no-barrier-after-kv",
         BWD,
         "    __syncthreads();  // every warp is done with the K and V tiles\n",
-        "",
     ),
     Mutation(
         "dkdv-no-barrier-before-q",
         BWD,
         "      __syncthreads();  // every warp is done with the previous Q, dO, lse and delta\n",
-        "",
     ),
-    Mutation("dkdv-no-barrier-do-landed", BWD, "      __syncthreads();  // dO landed\n", ""),
+    Mutation("dkdv-no-barrier-do-landed", BWD, "      __syncthreads();  // dO landed\n"),
     Mutation("dkdv-cp-async-wait-too-few", BWD, "cp_async_wait<1>();", "cp_async_wait<2>();"),
     Mutation(
         "dkdv-dropout-keep-lost",
@@ -220,7 +210,7 @@ MUTATIONS = [
         "const int64_t pos = t;",
     ),
     # LSTM cell and persistent sequence kernels.
-    Mutation("seq-no-grid-sync", SEQ, "    grid.sync();", ""),
+    Mutation("seq-no-grid-sync", SEQ, "    grid.sync();"),
     Mutation(
         "seq-no-barrier-after-stage",
         SEQ,

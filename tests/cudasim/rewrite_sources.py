@@ -26,25 +26,11 @@ def skip_string(s, i):
     return i + 1
 
 
-def match_paren(s, i):
-    """s[i] == '('; returns the index of the matching ')'."""
+def code_chars(s, i=0):
+    """(index, depth) of each character of s from i on that is outside string and character
+    literals; depth is the bracket nesting there (an opening bracket counts itself, a closing
+    one does not)."""
     depth = 0
-    while True:
-        c = s[i]
-        if c in "\"'":
-            i = skip_string(s, i)
-            continue
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-
-
-def split_top(s, sep):
-    parts, depth, i, start = [], 0, 0, 0
     while i < len(s):
         c = s[i]
         if c in "\"'":
@@ -54,12 +40,21 @@ def split_top(s, sep):
             depth += 1
         elif c in ")]}":
             depth -= 1
-        elif c == sep and depth == 0:  # inside asm( ), every top-level ':' separates
-            parts.append(s[start:i])
-            start = i + 1
+        yield i, depth
         i += 1
-    parts.append(s[start:])
-    return parts
+
+
+def match_paren(s, i):
+    """s[i] == '('; returns the index of the matching ')'."""
+    return next(j for j, depth in code_chars(s, i) if depth == 0)
+
+
+def split_top(s, sep):
+    """s split at each sep outside brackets and literals (inside asm( ), every top-level ':'
+    separates)."""
+    cuts = [j for j, depth in code_chars(s) if depth == 0 and s[j] == sep]
+    bounds = [-1, *cuts, len(s)]
+    return [s[a + 1 : b] for a, b in zip(bounds, bounds[1:])]
 
 
 def operands(text, kind):

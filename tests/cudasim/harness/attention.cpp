@@ -233,6 +233,20 @@ constexpr bool kCompiled =
     true;
 #endif
 
+// Launches the forward (AttentionParams) or the backward (AttentionBwdParams) through the glue's
+// entry point, or in the subset build through the per-config launcher it dispatches to.
+template <typename T, int E, typename Params>
+cudaError_t launch(const Params& p) {
+  constexpr bool kForward = std::is_same_v<Params, AttentionParams>;
+#ifdef CUDASIM_CONFIG_SUBSET
+  if constexpr (kForward) return fastattn::attn::launch_attention_fwd<T, E>(p, nullptr);
+  else return fastattn::attn::launch_attention_bwd<T, E>(p, nullptr);
+#else
+  if constexpr (kForward) return fastattn::run_attention_fwd(p, nullptr);
+  else return fastattn::run_attention_bwd(p, nullptr);
+#endif
+}
+
 // Runs the forward the way the glue does: ask for the split count, allocate the partials.
 template <typename T, int E>
 cudaError_t run_fwd(AttentionParams& p, int subset_splits, std::vector<float>& out_partial,
@@ -248,19 +262,7 @@ cudaError_t run_fwd(AttentionParams& p, int subset_splits, std::vector<float>& o
     lse_partial.assign(size_t(p.num_splits) * p.batch * p.heads_q * p.len_q, NAN);
     p.out_partial = out_partial.data(), p.lse_partial = lse_partial.data();
   }
-#ifdef CUDASIM_CONFIG_SUBSET
-  return fastattn::attn::launch_attention_fwd<T, E>(p, nullptr);
-#else
-  return fastattn::run_attention_fwd(p, nullptr);
-#endif
-}
-template <typename T, int E>
-cudaError_t run_bwd(const AttentionBwdParams& p) {
-#ifdef CUDASIM_CONFIG_SUBSET
-  return fastattn::attn::launch_attention_bwd<T, E>(p, nullptr);
-#else
-  return fastattn::run_attention_bwd(p, nullptr);
-#endif
+  return launch<T, E>(p);
 }
 
 template <typename T, int E>
@@ -322,7 +324,7 @@ bool run_case(const Case& c) {
     bp.dq_batch_stride = int64_t(pr.Hq) * pr.L * E, bp.dq_head_stride = pr.L * E, bp.dq_row_stride = E;
     bp.dkv_batch_stride = int64_t(pr.Hk) * pr.S * E, bp.dkv_head_stride = pr.S * E, bp.dkv_row_stride = E;
     bp.dmask = with_dmask ? dmask.data() : nullptr;
-    if (const cudaError_t err = run_bwd<T, E>(bp); err != cudaSuccess) {
+    if (const cudaError_t err = launch<T, E>(bp); err != cudaSuccess) {
       std::printf("  FAIL backward launch error %d\n", int(err));
       return false;
     }
