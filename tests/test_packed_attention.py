@@ -201,7 +201,8 @@ KV_CASES = [
                  id="paged-shuffled-window-softcap-alibi"),
     pytest.param("paged-vllm", 3, 2, 2, 2, 0, [2, 45, 9], 12, dict(causal=True),
                  id="paged-vllm-layout-no-append"),
-    pytest.param("paged", 1, 2, 1, 1, 1, [1999], 16, dict(), id="paged-split-kv-long-context"),
+    # Few heads, one query, 5k keys: the kernel splits the keys over threads (4 here).
+    pytest.param("paged", 1, 2, 1, 1, 1, [4999], 16, dict(), id="paged-split-kv-long-context"),
 ]
 
 
@@ -222,10 +223,15 @@ def test_kv_cache_matches_attention_over_each_sequence(backend, layout, B, Hq, H
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     slopes = torch.rand(B, Hq) if options.pop("alibi", False) else None
     nan_heap((B, Hq, Lq, Ev), dtype=dtype)
-    with fastattn.use_backend(backend):
-        out, lse = fastattn.attention_with_kv_cache(
-            q, k_cache, v_cache, seqlens, k_new, v_new, block_table=table,
-            cache_batch_idx=batch_idx, alibi_slopes=slopes, return_lse=True, **options)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # split-KV decode needs a pool to split over
+    try:
+        with fastattn.use_backend(backend):
+            out, lse = fastattn.attention_with_kv_cache(
+                q, k_cache, v_cache, seqlens, k_new, v_new, block_table=table,
+                cache_batch_idx=batch_idx, alibi_slopes=slopes, return_lse=True, **options)
+    finally:
+        torch.set_num_threads(threads)
     assert out.shape == (B, Hq, Lq, Ev) and out.is_contiguous() and lse.shape == (B, Hq, Lq)
     assert torch.equal(seqlens, torch.tensor(lengths, dtype=torch.int32))
     window = options.get("window", (-1, -1))
@@ -313,8 +319,8 @@ def _varlen_op_args(dtype, dropout):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_opcheck_varlen_ops(dtype):
-    """Every check in float32 with every option (dropout included); schema and fake-vs-real
-    strides for bfloat16 and for the option-free call."""
+    """The forward: every check in float32 with every option (dropout included), schema and
+    fake-vs-real strides otherwise; the backward (no autograd of its own): schema and fake."""
     require("cpu")
     cheap = ("test_schema", "test_faketensor")
     for dropout in (False, True):
