@@ -135,6 +135,24 @@ def test_varlen_dropout_uses_the_packed_counter(backend):
         torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-9, atol=1e-9)
 
 
+def test_varlen_nan_stays_in_its_row_and_sequence():
+    """A NaN query gives a NaN output row, a NaN key NaN rows of its own sequence only, as
+    attention_fwd (and torch) do; the other sequences stay finite."""
+    require("cpu")
+    lens = [4, 6, 5]
+    q, k, v = (randn(15, 2, 8) for _ in range(3))
+    q[4, 0, 3] = float("nan")  # sequence 1, row 0, head 0
+    k[12, 1, 0] = float("nan")  # sequence 2, key 2, head 1
+    cu = cumulative(lens)
+    with fastattn.use_backend("cpu"):
+        out = fastattn.attention_varlen(q, k, v, cu, cu, 6, 6)
+    nan_rows = out.isnan().any(-1)  # [15, 2]
+    expected = torch.zeros(15, 2, dtype=torch.bool)
+    expected[4, 0] = True
+    expected[10:, 1] = True
+    assert torch.equal(nan_rows, expected)
+
+
 @pytest.mark.parametrize(
     "bad,message",
     [
