@@ -2,6 +2,8 @@
 on each sequence alone; their value checks, "nothing written on error", opcheck of the three ops
 and torch.compile (fullgraph, no recompile per decode step)."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import assert_close_to_reference, attention_grad_scales, nan_heap, randn
@@ -17,6 +19,18 @@ def require(backend):
     status = fastattn.backends()[backend]
     if not status.usable:
         pytest.skip(f"backend {backend} unavailable here: {status.reason}")
+
+
+@contextlib.contextmanager
+def thread_pool(n):
+    """n intra-op threads: the kernels' multi-threaded paths (split-KV decode, varlen's
+    dynamic scheduling) need a pool, whatever the machine running the tests has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cumulative(lengths):
@@ -47,9 +61,10 @@ def varlen_reference64(q, k, v, lens_q, lens_k, alibi, opts, keep=None):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-# Lengths: an empty sequence, one token, odd sizes, one longer than a 64-row tile, and an
-# empty key side under a non-empty query (its rows see no key: zeros, lse -inf).
-LENS_Q = [0, 1, 7, 70, 12, 3]
+# Lengths: an empty sequence, one token, odd sizes, one longer than two 64-row tiles (enough work
+# for the kernels to use their thread pool), and an empty key side under a non-empty query (its
+# rows see no key: zeros, lse -inf).
+LENS_Q = [0, 1, 7, 130, 12, 3]
 LENS_K = [5, 1, 9, 66, 12, 0]
 VARLEN_OPTIONS = [
     pytest.param(dict(), dict(window=(-1, -1), bottom_right=False), id="plain"),
@@ -83,13 +98,14 @@ def test_varlen_matches_per_sequence_float64(backend, dtype, options, ref_option
     grad_out = randn(sum(LENS_Q), Hq, Ev, dtype=dtype)
     slopes = torch.rand(len(LENS_Q), Hq)
     nan_heap((sum(LENS_Q), Hq, Ev), dtype=dtype)
-    with fastattn.use_backend(backend):
+    with fastattn.use_backend(backend), thread_pool(4):
         out, lse = fastattn.attention_varlen(
             q, k, v, cumulative(LENS_Q), cumulative(LENS_K), max(LENS_Q), max(LENS_K),
             alibi_slopes=slopes, return_lse=True, **options)
-    assert out.shape == (sum(LENS_Q), Hq, Ev) and out.dtype == dtype and out.is_contiguous()
-    assert lse.shape == (Hq, sum(LENS_Q)) and lse.dtype == torch.float32
-    out.backward(grad_out)
+        assert out.shape == (sum(LENS_Q), Hq, Ev) and out.dtype == dtype
+        assert out.is_contiguous() and lse.shape == (Hq, sum(LENS_Q))
+        assert lse.dtype == torch.float32
+        out.backward(grad_out)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = varlen_reference64(q64, k64, v64, LENS_Q, LENS_K, slopes,
@@ -241,15 +257,10 @@ def test_kv_cache_matches_attention_over_each_sequence(backend, layout, B, Hq, H
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     slopes = torch.rand(B, Hq) if options.pop("alibi", False) else None
     nan_heap((B, Hq, Lq, Ev), dtype=dtype)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)  # split-KV decode needs a pool to split over
-    try:
-        with fastattn.use_backend(backend):
-            out, lse = fastattn.attention_with_kv_cache(
-                q, k_cache, v_cache, seqlens, k_new, v_new, block_table=table,
-                cache_batch_idx=batch_idx, alibi_slopes=slopes, return_lse=True, **options)
-    finally:
-        torch.set_num_threads(threads)
+    with fastattn.use_backend(backend), thread_pool(4):
+        out, lse = fastattn.attention_with_kv_cache(
+            q, k_cache, v_cache, seqlens, k_new, v_new, block_table=table,
+            cache_batch_idx=batch_idx, alibi_slopes=slopes, return_lse=True, **options)
     assert out.shape == (B, Hq, Lq, Ev) and out.is_contiguous() and lse.shape == (B, Hq, Lq)
     assert torch.equal(seqlens, torch.tensor(lengths, dtype=torch.int32))
     window = options.get("window", (-1, -1))

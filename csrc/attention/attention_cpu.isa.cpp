@@ -7,6 +7,8 @@
 // The forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
 // probabilities from it with the same packing and the same micro-kernel, so P is bit-identical
 // to the forward's even for huge logits.
+// The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
+// its row addressing know the layout (attention_cpu_params.h).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -14,7 +16,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -509,6 +513,33 @@ inline int64_t balanced_tile(int64_t t, int64_t n_tiles) {
   return (t % 2 == 0) ? t / 2 : n_tiles - 1 - t / 2;
 }
 
+// Runs fn(state, unit) for units 0 .. n - 1 on `threads` threads that take the next unit from a
+// shared counter, each thread with its own state = make_state(). Varlen sequences differ in
+// cost by orders of magnitude: the contiguous chunks of at::parallel_for would leave threads
+// idle while one works through the long sequences.
+template <typename MakeState, typename Fn>
+void parallel_dynamic(int64_t threads, int64_t n, MakeState&& make_state, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t unit = next++; unit < n; unit = next++) fn(state, unit);
+  });
+}
+
+// The sequences by decreasing cost (q_len * kv_len): dynamic scheduling starts the long ones
+// first, so that no long one is left for the end.
+std::vector<int64_t> sequences_by_cost(const Problem& pr) {
+  std::vector<int64_t> order(pr.p.batch), cost(pr.p.batch);
+  for (int64_t b = 0; b < pr.p.batch; ++b) {
+    const Sequence sq = pr.sequence(b);
+    cost[b] = sq.q_len * std::max<int64_t>(sq.kv_len, 1);
+  }
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
 // The largest divisor of the page size up to kBlockN (kBlockN when not paged).
 int64_t key_tile_width(const AttentionFwdParams& p) {
   if (p.block_table == nullptr) return kBlockN;
@@ -550,21 +581,35 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
       ? 1 : std::clamp<int64_t>(ceil_div(4 * threads, items), 1, std::max<int64_t>(n_kb, 1));
 
   if (splits == 1) {
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-      ForwardTile<scalar_t, acc_t> tile(pr);
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t bh = it / n_qb, qb = balanced_tile(it % n_qb, n_qb);
-        const int64_t h = bh % p.q_heads;
-        const Sequence sq = pr.sequence(bh / p.q_heads);
-        const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
-        if (m <= 0) continue;
-        tile.run(pr, sq, h, q0, m, 0, ceil_div(sq.kv_len, pr.block_n));
-        for (int64_t i = 0; i < m; ++i) {
-          p.lse[pr.row_index(sq, h, q0 + i)] = static_cast<float>(tile.lse[i]);
-          scalar_t* dst = pr.q_side_row(out, p.out_stride, sq, h, q0 + i);
-          const acc_t* src = tile.o.data() + i * pr.ev_pad;
-          for (int64_t e = 0; e < Ev; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+    // Query tile qb of head h of sequence b (nothing past the sequence's end).
+    auto run_tile = [&](ForwardTile<scalar_t, acc_t>& tile, int64_t b, int64_t h, int64_t qb) {
+      const Sequence sq = pr.sequence(b);
+      const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
+      if (m <= 0) return;
+      tile.run(pr, sq, h, q0, m, 0, ceil_div(sq.kv_len, pr.block_n));
+      for (int64_t i = 0; i < m; ++i) {
+        p.lse[pr.row_index(sq, h, q0 + i)] = static_cast<float>(tile.lse[i]);
+        scalar_t* dst = pr.q_side_row(out, p.out_stride, sq, h, q0 + i);
+        const acc_t* src = tile.o.data() + i * pr.ev_pad;
+        for (int64_t e = 0; e < Ev; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+      }
+    };
+    auto make_tile = [&] { return ForwardTile<scalar_t, acc_t>(pr); };
+    if (pr.varlen() && threads > 1) {
+      // A unit is a whole head, so that its query tiles share the thread's packed keys.
+      const std::vector<int64_t> order = sequences_by_cost(pr);
+      parallel_dynamic(threads, heads, make_tile, [&](auto& tile, int64_t unit) {
+        for (int64_t qb = 0; qb < n_qb; ++qb) {
+          run_tile(tile, order[unit / p.q_heads], unit % p.q_heads, qb);
         }
+      });
+      return;
+    }
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+      auto tile = make_tile();
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t bh = it / n_qb;
+        run_tile(tile, bh / p.q_heads, bh % p.q_heads, balanced_tile(it % n_qb, n_qb));
       }
     });
     return;
@@ -809,18 +854,30 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
   if (kv_heads >= 4 * threads || n_kb == 1 || threads == 1 || pr.varlen()) {
     // Enough kv heads (varlen: sequences x kv heads) to keep every thread busy: a thread owns
     // whole kv heads, so its dq accumulator covers only that head's query group.
-    at::parallel_for(0, kv_heads, threads == 1 ? kv_heads : 1, [&](int64_t begin, int64_t end) {
-      BackwardTile<scalar_t, acc_t> tile(pr);
-      std::vector<acc_t> dq_acc(group_rows * pr.e_pad);
-      for (int64_t bkh = begin; bkh < end; ++bkh) {
-        const Sequence sq = pr.sequence(bkh / p.kv_heads);
-        const int64_t hk = bkh % p.kv_heads;
-        std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
-        for (int64_t kb = 0; kb < ceil_div(sq.kv_len, pr.block_n); ++kb) {
-          tile.run(pr, bp, lse.data(), delta.data(), sq, hk, kb, dq_acc.data());
-        }
-        write_dq(sq, hk, dq_acc.data(), 1, 0, 0, group_rows);
+    struct HeadState {
+      BackwardTile<scalar_t, acc_t> tile;
+      std::vector<acc_t> dq_acc;
+    };
+    auto make_state = [&] { return HeadState{BackwardTile<scalar_t, acc_t>(pr),
+                                             std::vector<acc_t>(group_rows * pr.e_pad)}; };
+    auto run_head = [&](HeadState& st, int64_t b, int64_t hk) {
+      const Sequence sq = pr.sequence(b);
+      std::fill(st.dq_acc.begin(), st.dq_acc.end(), acc_t(0));
+      for (int64_t kb = 0; kb < ceil_div(sq.kv_len, pr.block_n); ++kb) {
+        st.tile.run(pr, bp, lse.data(), delta.data(), sq, hk, kb, st.dq_acc.data());
       }
+      write_dq(sq, hk, st.dq_acc.data(), 1, 0, 0, group_rows);
+    };
+    if (pr.varlen() && threads > 1) {
+      const std::vector<int64_t> order = sequences_by_cost(pr);
+      parallel_dynamic(threads, kv_heads, make_state, [&](HeadState& st, int64_t unit) {
+        run_head(st, order[unit / p.kv_heads], unit % p.kv_heads);
+      });
+      return;
+    }
+    at::parallel_for(0, kv_heads, threads == 1 ? kv_heads : 1, [&](int64_t begin, int64_t end) {
+      auto st = make_state();
+      for (int64_t bkh = begin; bkh < end; ++bkh) run_head(st, bkh / p.kv_heads, bkh % p.kv_heads);
     });
     return;
   }
