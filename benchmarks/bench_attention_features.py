@@ -1,16 +1,22 @@
-"""Issue 9's features against what torch needs to express them: varlen and sliding window.
+"""Issues 9 and 16's features against what torch needs to express them: varlen, paged decode
+and sliding window.
 
-attention_varlen: packed sequences of mixed lengths (fastattn.attention_varlen on
-[total, H, E] with int32 cu_seqlens) against three torch baselines:
-- ``torch.sdpa[padded+mask]``: F.scaled_dot_product_attention on the padded batch
-  [N, H, max_len, E] with a bool mask hiding the padded keys (and, when causal, the future:
-  torch cannot combine is_causal with a mask, so the mask carries both). It computes the
-  padding too: it flatters fastattn, and is kept, labelled, because it is what many users do.
+attention_varlen: packed sequences of mixed lengths (fastattn.attention_varlen, one fused op on
+[total, H, E] with int32 cu_seqlens) against
 - ``torch.sdpa[per-sequence]``: one SDPA call per sequence on views of the packed tensors
   (is_causal when causal): no padding, no mask; the fair baseline.
 - ``torch.sdpa[nested]``: SDPA on nested (jagged) tensors over the packed values
   (torch.nested.nested_tensor_from_jagged); torch runs no causal variant of it, so causal cases
   skip with torch's own message.
+- ``fastattn[<backend>,per-sequence]``: one fastattn.attention call per sequence, the Python
+  loop attention_varlen was before issue 16 (a fastattn provider: its ratio is its own).
+(A padded batch with a mask computes the padding too: it measured skipped padding, not the
+kernel, and was dropped.)
+
+attention_paged_decode: one decode step (append one token, attend over 2k-token contexts) of
+fastattn.attention_with_kv_cache on a paged cache with a shuffled block table against
+- ``torch.sdpa[gather pages]``: the same append by index_put_, the pages gathered into a
+  contiguous [B, H, S, E] batch, then SDPA.
 
 attention_window: causal sliding window, fastattn.attention(causal=True, window=(w, 0)) against
 - ``torch.sdpa[mask]``: SDPA with the window's explicit bool mask [L, S], which computes every
@@ -42,13 +48,13 @@ import fastattn
 from benchmarks import harness
 from benchmarks.bench_attention import attention_bytes
 from benchmarks.harness import Provider
-from benchmarks.shapes import AttentionShape, VarlenShape, WindowShape
+from benchmarks.shapes import AttentionShape, PagedDecodeShape, VarlenShape, WindowShape
 
 VARLEN_TORCH = [
-    Provider("torch.sdpa[padded+mask]", "torch", impl="padded"),
     Provider("torch.sdpa[per-sequence]", "torch", impl="per-sequence"),
     Provider("torch.sdpa[nested]", "torch", impl="nested"),
 ]
+PAGED_TORCH = [Provider("torch.sdpa[gather pages]", "torch", impl="gather")]
 WINDOW_TORCH = [
     Provider("torch.sdpa[mask]", "torch", impl="mask"),
     Provider("torch.flex[block mask]", "torch", impl="flex"),
@@ -62,11 +68,22 @@ def fastattn_providers(device: torch.device) -> list[Provider]:
     ]
 
 
+def varlen_loop_provider(device: torch.device) -> Provider:
+    """The pre-issue-16 attention_varlen on the device's first fused backend."""
+    name = harness.fastattn_backend_names(device)[0]
+    return Provider(f"fastattn[{name},per-sequence]", "fastattn", backend=name, impl="loop")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "provider" in metafunc.fixturenames:
         device = harness.session_of(metafunc.config).device
-        torch_providers = VARLEN_TORCH if "varlen_shape" in metafunc.fixturenames else WINDOW_TORCH
-        metafunc.parametrize("provider", fastattn_providers(device) + torch_providers, ids=str)
+        if "varlen_shape" in metafunc.fixturenames:
+            extra = [varlen_loop_provider(device), *VARLEN_TORCH]
+        elif "paged_shape" in metafunc.fixturenames:
+            extra = PAGED_TORCH
+        else:
+            extra = WINDOW_TORCH
+        metafunc.parametrize("provider", fastattn_providers(device) + extra, ids=str)
 
 
 def visible_pairs(L: int, S: int, left: int, right: int) -> int:
@@ -115,43 +132,22 @@ def cu_seqlens(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(offsets, dtype=torch.int32, device=device)
 
 
-def padded_mask(lengths: tuple[int, ...], causal: bool, device: torch.device) -> torch.Tensor:
-    """bool [N, 1, max_len, max_len], True = may attend: the keys of each sequence's own length
-    (and not after the query when causal). Padded query rows still see their sequence's keys,
-    so no row is empty and no NaN enters the backward."""
-    width = max(lengths)
-    keys = torch.arange(width, device=device)
-    mask = (keys < torch.tensor(lengths, device=device)[:, None])[:, None, None, :]
-    mask = mask.expand(len(lengths), 1, width, width)
-    if causal:
-        mask = mask & torch.ones(width, width, dtype=torch.bool, device=device).tril()
-    return mask.contiguous()
-
-
 def window_mask(L: int, S: int, window: int, device: torch.device) -> torch.Tensor:
     """bool [L, S], True = may attend: i - window <= j <= i."""
     offset = torch.arange(S, device=device)[None, :] - torch.arange(L, device=device)[:, None]
     return (offset <= 0) & (offset >= -window)
 
 
-def pad(packed: torch.Tensor, lengths: tuple[int, ...]) -> torch.Tensor:
-    """[total, H, E] -> [N, H, max_len, E], the padding zero-filled."""
-    out = packed.new_zeros(len(lengths), packed.shape[1], max(lengths), packed.shape[2])
-    start = 0
-    for i, n in enumerate(lengths):
-        out[i, :, :n] = packed[start : start + n].transpose(0, 1)
-        start += n
-    return out
-
-
-def per_sequence(lengths: tuple[int, ...], causal: bool) -> Callable:
-    """(q, k, v) packed [total, H, E] -> out [total, H, E]: one SDPA call per sequence."""
+def per_sequence(lengths: tuple[int, ...], causal: bool, sdpa: Callable | None = None) -> Callable:
+    """(q, k, v) packed [total, H, E] -> out [total, H, E]: one call of ``sdpa`` (default
+    F.scaled_dot_product_attention; torch's signature) per sequence."""
     bounds = list(itertools.pairwise(itertools.accumulate(lengths, initial=0)))
+    sdpa = sdpa or F.scaled_dot_product_attention
 
     def attend(q, k, v):
         return torch.cat(
             [
-                F.scaled_dot_product_attention(
+                sdpa(
                     q[a:b].transpose(0, 1),
                     k[a:b].transpose(0, 1),
                     v[a:b].transpose(0, 1),
@@ -160,6 +156,42 @@ def per_sequence(lengths: tuple[int, ...], causal: bool) -> Callable:
                 for a, b in bounds
             ]
         )
+
+    return attend
+
+
+def paged_cache(shape: PagedDecodeShape, device: torch.device, dtype: torch.dtype):
+    """(k_cache, v_cache [num_blocks, H, block_size, E], block_table int32 [B, S / block_size])
+    with every sequence's pages at shuffled places of the cache."""
+    blocks = -(-shape.S // shape.block_size)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randperm(shape.B * blocks, generator=generator).view(shape.B, blocks)
+    cache_shape = (shape.B * blocks, shape.H, shape.block_size, shape.E)
+    k_cache, v_cache = (harness.random_tensor(*cache_shape, device=device, dtype=dtype)
+                        for _ in range(2))
+    return k_cache, v_cache, table.to(device=device, dtype=torch.int32)
+
+
+def gather_pages_sdpa(block_table: torch.Tensor, S: int) -> Callable:
+    """attention_with_kv_cache's call for sequences that all hold S - L_new positions, in
+    torch: k_new / v_new [B, H, L_new, E] written into the pages by index_put_, each sequence's
+    pages gathered into [B, H, S, E], then SDPA (bottom-right causal: the new queries see every
+    earlier position and the new ones up to their own)."""
+    def attend(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+        B, H, L, _ = q.shape
+        block_size = k_cache.shape[2]
+        pos = torch.arange(S, device=q.device)
+        blocks, rows = block_table.long()[:, pos // block_size], pos % block_size  # [B, S]
+        appended = slice(S - k_new.shape[2], S)
+        k_cache[blocks[:, appended], :, rows[appended]] = k_new.transpose(1, 2)
+        v_cache[blocks[:, appended], :, rows[appended]] = v_new.transpose(1, 2)
+        # [B, S, H, E] -> [B, H, S, E]
+        keys = k_cache[blocks, :, rows.expand_as(blocks)].transpose(1, 2)
+        values = v_cache[blocks, :, rows.expand_as(blocks)].transpose(1, 2)
+        mask = None
+        if L > 1:
+            mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(S - L)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     return attend
 
@@ -235,23 +267,21 @@ def _call(fn: Callable, backward: bool) -> Callable[[tuple], Callable[[], object
 def test_attention_varlen(benchmark, bench, pass_, provider, features_dtype, varlen_shape):
     shape, device, dtype = varlen_shape, bench.device, features_dtype
     harness.require_backend(provider)
-    width, N = max(shape.lengths), len(shape.lengths)
+    width = max(shape.lengths)
     packed = [(sum(shape.lengths), shape.H, shape.E)] * 3
     cu = cu_seqlens(shape.lengths, device)
     causal = shape.causal
-    if provider.kind == "fastattn":
+    if provider.impl == "loop":
+        fn = per_sequence(shape.lengths, causal, fastattn.scaled_dot_product_attention)
+    elif provider.kind == "fastattn":
         varlen = fastattn.attention_varlen
         if provider.backend == "reference":  # one score matrix per sequence
             harness.skip_if_materialized_too_big(provider, shape.H * width * width, device)
-        fn, layout = lambda q, k, v: varlen(q, k, v, cu, cu, width, width, causal=causal), packed
-    elif provider.impl == "padded":
-        mask = padded_mask(shape.lengths, causal, device)
-        fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        layout = [(N, shape.H, width, shape.E)] * 3
+        fn = lambda q, k, v: varlen(q, k, v, cu, cu, width, width, causal=causal)
     elif provider.impl == "per-sequence":
-        fn, layout = per_sequence(shape.lengths, causal), packed
+        fn = per_sequence(shape.lengths, causal)
     else:
-        fn, layout = nested(cu, causal), packed
+        fn = nested(cu, causal)
     backward = pass_ == "fwd+bwd"
     harness.run_case(
         benchmark,
@@ -263,8 +293,50 @@ def test_attention_varlen(benchmark, bench, pass_, provider, features_dtype, var
         dtype=dtype,
         flops=varlen_flops(shape, pass_),
         bytes_moved=varlen_bytes(shape, pass_, dtype),
-        make_inputs=lambda: _inputs(layout, device, dtype, backward),
+        make_inputs=lambda: _inputs(packed, device, dtype, backward),
         make_call=_call(fn, backward),
+    )
+
+
+def paged_decode_bytes(shape: PagedDecodeShape, dtype: torch.dtype) -> float:
+    """The S cached keys and values of every head read once, q read and out written."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return item * shape.B * shape.H * shape.E * (2 * shape.S + 2)
+
+
+def test_attention_paged_decode(benchmark, bench, provider, features_dtype, paged_shape):
+    shape, device, dtype = paged_shape, bench.device, features_dtype
+    harness.require_backend(provider)
+    k_cache, v_cache, table = paged_cache(shape, device, dtype)
+    # Each sequence holds S - 1 positions; the step appends its one new token (every timed call
+    # writes the same position, so the cache stays the same between calls).
+    seqlens = torch.full((shape.B,), shape.S - 1, dtype=torch.int32, device=device)
+    if provider.kind == "fastattn":
+        if provider.backend == "reference":
+            harness.skip_if_materialized_too_big(provider, shape.B * shape.H * shape.S, device)
+        with_cache = fastattn.attention_with_kv_cache
+
+        def fn(q, k_new, v_new):
+            return with_cache(q, k_cache, v_cache, seqlens, k_new, v_new, block_table=table)
+    else:
+        gathered = gather_pages_sdpa(table, shape.S)
+
+        def fn(q, k_new, v_new):
+            return gathered(q, k_cache, v_cache, seqlens, k_new, v_new)
+
+    step = (shape.B, shape.H, 1, shape.E)
+    harness.run_case(
+        benchmark,
+        bench,
+        op="attention_paged_decode",
+        pass_="fwd",
+        provider=provider,
+        shape=shape,
+        dtype=dtype,
+        flops=4 * shape.B * shape.H * shape.S * shape.E,
+        bytes_moved=paged_decode_bytes(shape, dtype),
+        make_inputs=lambda: _inputs([step] * 3, device, dtype, False),
+        make_call=_call(fn, False),
     )
 
 

@@ -82,6 +82,7 @@ _GRID_PARAMS = {
     "decode_shape": "attention_decode",
     "attention_dtype": "attention_dtypes",
     "varlen_shape": "attention_varlen",
+    "paged_shape": "attention_paged_decode",
     "window_shape": "attention_window",
     "features_dtype": "attention_features_dtypes",
     "lstm_cell_shape": "lstm_cell",

@@ -35,6 +35,7 @@ OP_TITLES = {
     "attention": "Attention (fwd, fwd+bwd)",
     "attention_decode": "Attention decode (L = 1)",
     "attention_varlen": "Varlen attention (packed sequences)",
+    "attention_paged_decode": "Paged KV-cache decode step",
     "attention_window": "Sliding-window attention",
     "lstm_cell": "LSTM cell step",
     "lstm": "LSTM sequence (fwd = inference, fwd+bwd = training step)",

@@ -7,9 +7,9 @@ Three grids, picked with ``--shapes=smoke|quick|full`` or ``FASTATTN_BENCH_GRID`
   the estimate since the baselines are also timed interleaved and the fair baselines were
   added), the GPU grid in about 2 minutes on an H200. The default otherwise.
 - ``full``: the grids the issues set their speed targets on (CPU: issue 3's attention grid,
-  issue 5's LSTM grid; GPU: issue 4's; both: issue 6's encoder and issue 9's varlen
-  and sliding-window cases). On 2 cores the full CPU grid
-  takes hours: the lead runs it once, at the end.
+  issue 5's LSTM grid; GPU: issue 4's; both: issue 6's encoder, issue 9's varlen and
+  sliding-window cases, issue 16's many-sequence varlen and paged decode cases). On 2 cores
+  the full CPU grid takes hours: the lead runs it once, at the end.
 
 Each grid has a CPU and a CUDA variant: the GPU has the memory and speed for longer sequences.
 """
@@ -56,6 +56,23 @@ class VarlenShape:
             f"N{len(self.lengths)}-L{min(self.lengths)}..{max(self.lengths)}"
             f"-T{sum(self.lengths)}-H{self.H}-E{self.E}" + ("-causal" if self.causal else "")
         )
+
+
+@dataclass(frozen=True)
+class PagedDecodeShape:
+    """One decode step over a paged KV cache: q [B, H, 1, E]; every sequence holds S positions
+    (the last one appended by the step) in pages of block_size rows of a cache
+    [num_blocks, H, block_size, E], its block table shuffled."""
+
+    B: int
+    H: int
+    S: int
+    E: int
+    block_size: int
+
+    @property
+    def id(self) -> str:
+        return f"B{self.B}-H{self.H}-S{self.S}-E{self.E}-block{self.block_size}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,7 @@ class Grid:
     attention_decode: list[AttentionShape]
     attention_dtypes: list[torch.dtype]
     attention_varlen: list[VarlenShape]
+    attention_paged_decode: list[PagedDecodeShape]
     attention_window: list[WindowShape]
     attention_features_dtypes: list[torch.dtype]
     lstm_cell: list[LSTMShape]
@@ -148,6 +166,10 @@ def _varlen(lengths, H, Es) -> list[VarlenShape]:
     return [VarlenShape(tuple(lengths), H, E, c) for E in Es for c in (False, True)]
 
 
+def _varlen_many(H, E) -> list[VarlenShape]:
+    return [VarlenShape(VARLEN_MANY_LENGTHS, H, E, True)]
+
+
 def _window(Bs, Hs, Ls, E, window) -> list[WindowShape]:
     return [WindowShape(B, H, L, L, E, window) for L in Ls for B in Bs for H in Hs]
 
@@ -156,6 +178,11 @@ def _window(Bs, Hs, Ls, E, window) -> list[WindowShape]:
 # sliding window of 256 at L = 8192 (vs an explicit mask).
 VARLEN_FULL_LENGTHS = (64, 128, 256, 512, 768, 1024, 1536, 2048)
 WINDOW_FULL = 256
+# Issue 16's targets: 256 sequences of 16..128 tokens (H 8, E 64, causal; vs the per-sequence
+# SDPA loop, the per-sequence fastattn loop it replaced and nested-tensor SDPA), and a paged
+# decode step at B = 32 with 2k-token contexts in pages of 16 (vs gathering the pages + SDPA).
+VARLEN_MANY_LENGTHS = tuple(16 + (37 * i) % 113 for i in range(256))
+PAGED_DECODE_FULL = PagedDecodeShape(B=32, H=8, S=2048, E=64, block_size=16)
 
 
 def _lstm(Ts, Bs, Hs) -> list[LSTMShape]:
@@ -179,6 +206,7 @@ def _cpu_grid(name: str) -> Grid:
             attention_decode=_decode([1], 2, [64], 16),
             attention_dtypes=[fp32, bf16],
             attention_varlen=_varlen([5, 16, 1, 33, 9, 12, 7, 20], 2, [16]),
+            attention_paged_decode=[PagedDecodeShape(B=3, H=2, S=40, E=16, block_size=16)],
             attention_window=_window([1], [2], [64], 16, 8),
             attention_features_dtypes=[fp32],
             lstm_cell=_lstm([1], [2], [8]),
@@ -197,7 +225,9 @@ def _cpu_grid(name: str) -> Grid:
             attention=_attention([1], [8], [128, 512, 1024], [64], [False, True]),
             attention_decode=_decode([1], 2, [4096, 32768], 128),
             attention_dtypes=[fp32, bf16],
-            attention_varlen=_varlen([32, 48, 64, 96, 128, 256, 384, 512], 8, [64]),
+            attention_varlen=_varlen([32, 48, 64, 96, 128, 256, 384, 512], 8, [64])
+            + _varlen_many(8, 64),
+            attention_paged_decode=[PAGED_DECODE_FULL],
             attention_window=_window([1], [2], [2048], 64, WINDOW_FULL),
             attention_features_dtypes=[fp32],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
@@ -213,7 +243,8 @@ def _cpu_grid(name: str) -> Grid:
         attention=_attention([1, 4, 8], [8, 12], [128, 512, 1024, 4096], [64, 128], [False, True]),
         attention_decode=_decode([1, 2], 1, [4096, 16384, 32768], 128),
         attention_dtypes=[fp32, bf16],
-        attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]),
+        attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]) + _varlen_many(8, 64),
+        attention_paged_decode=[PAGED_DECODE_FULL],
         attention_window=_window([1], [2, 4], [8192], 64, WINDOW_FULL),
         attention_features_dtypes=[fp32],
         lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
@@ -241,7 +272,8 @@ def _cuda_grid(name: str) -> Grid:
             ),
             attention_decode=_decode([1, 8], 16, [32768], 128),
             attention_dtypes=[bf16],
-            attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]),
+            attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]) + _varlen_many(8, 64),
+            attention_paged_decode=[PAGED_DECODE_FULL],
             attention_window=_window([1], [4], [8192], 64, WINDOW_FULL),
             attention_features_dtypes=[bf16],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
@@ -265,7 +297,10 @@ def _cuda_grid(name: str) -> Grid:
         attention_decode=_decode([1, 2, 4, 8], 16, [8192, 32768], 128),
         attention_dtypes=[bf16, fp16],
         attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64, 128])
-        + _varlen([512 * i for i in range(1, 9)], 16, [128]),
+        + _varlen([512 * i for i in range(1, 9)], 16, [128])
+        + _varlen_many(8, 64),
+        attention_paged_decode=[PAGED_DECODE_FULL,
+                                PagedDecodeShape(B=32, H=16, S=8192, E=128, block_size=256)],
         attention_window=_window([1, 4], [4, 16], [8192, 32768], 64, WINDOW_FULL),
         attention_features_dtypes=[bf16, fp16],
         lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),

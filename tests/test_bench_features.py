@@ -10,16 +10,16 @@ from benchmarks import shapes
 from benchmarks.bench_attention_features import (
     cu_seqlens,
     flex_window,
+    gather_pages_sdpa,
     nested,
-    pad,
-    padded_mask,
+    paged_cache,
     per_sequence,
     varlen_flops,
     visible_pairs,
     window_flops,
     window_mask,
 )
-from benchmarks.shapes import VarlenShape, WindowShape
+from benchmarks.shapes import PagedDecodeShape, VarlenShape, WindowShape
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,8 @@ def test_flops_count_only_useful_work():
 def test_every_grid_has_the_feature_cases(name, device):
     grid = shapes.grid(name, device)
     assert grid.attention_varlen and grid.attention_window and grid.attention_features_dtypes
-    assert all(len(s.lengths) == 8 for s in grid.attention_varlen)
+    assert grid.attention_paged_decode
+    assert any(len(s.lengths) == 8 for s in grid.attention_varlen)
     assert all(s.L == s.S for s in grid.attention_window)
 
 
@@ -76,20 +77,33 @@ def _varlen_case(causal):
     return q, k, v, cu, expected
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_padded_baseline_matches_varlen(causal):
-    q, k, v, cu, expected = _varlen_case(causal)
-    assert cu.tolist() == [0, 5, 6, 18, 25]
-    padded = F.scaled_dot_product_attention(
-        pad(q, VARLEN_LENGTHS),
-        pad(k, VARLEN_LENGTHS),
-        pad(v, VARLEN_LENGTHS),
-        attn_mask=padded_mask(VARLEN_LENGTHS, causal, q.device),
-    )
-    start = 0
-    for i, n in enumerate(VARLEN_LENGTHS):
-        torch.testing.assert_close(padded[i, :, :n].transpose(0, 1), expected[start : start + n])
-        start += n
+def test_full_grids_hold_issue_16_targets():
+    lengths = shapes.VARLEN_MANY_LENGTHS
+    assert len(lengths) == 256 and min(lengths) == 16 and max(lengths) == 128
+    for device in (torch.device("cpu"), torch.device("cuda")):
+        grid = shapes.grid("full", device)
+        assert any(s.lengths == lengths and s.H == 8 and s.E == 64 and s.causal
+                   for s in grid.attention_varlen)
+        assert shapes.PAGED_DECODE_FULL in grid.attention_paged_decode
+    assert shapes.PAGED_DECODE_FULL == PagedDecodeShape(B=32, H=8, S=2048, E=64, block_size=16)
+
+
+@pytest.mark.parametrize("L_new", [1, 3])
+def test_gather_pages_baseline_matches_kv_cache(L_new):
+    torch.manual_seed(0)
+    shape = PagedDecodeShape(B=3, H=2, S=37, E=8, block_size=8)
+    k_cache, v_cache, table = paged_cache(shape, torch.device("cpu"), torch.float64)
+    assert sorted(table.flatten().tolist()) == list(range(3 * 5))
+    q = torch.randn(3, 2, L_new, 8, dtype=torch.float64)
+    k_new, v_new = (torch.randn(3, 2, L_new, 8, dtype=torch.float64) for _ in range(2))
+    seqlens = torch.full((3,), 37 - L_new, dtype=torch.int32)
+    caches = (k_cache.clone(), v_cache.clone())
+    with fastattn.use_backend("reference"):
+        expected = fastattn.attention_with_kv_cache(q, *caches, seqlens, k_new, v_new,
+                                                    block_table=table, causal=True)
+    out = gather_pages_sdpa(table, 37)(q, k_cache, v_cache, seqlens, k_new, v_new)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(k_cache, caches[0])
 
 
 def test_window_mask_baseline_matches_window():
@@ -105,6 +119,9 @@ def test_window_mask_baseline_matches_window():
 def test_per_sequence_and_nested_baselines_match_varlen(causal):
     q, k, v, cu, expected = _varlen_case(causal)
     torch.testing.assert_close(per_sequence(VARLEN_LENGTHS, causal)(q, k, v), expected)
+    loop = per_sequence(VARLEN_LENGTHS, causal, fastattn.scaled_dot_product_attention)
+    with fastattn.use_backend("reference"):
+        torch.testing.assert_close(loop(q, k, v), expected)
     if causal:  # torch has no causal nested-tensor SDPA; the benchmark skips with its message
         with pytest.raises(RuntimeError, match="No viable backend"):
             nested(cu, causal)(q.float(), k.float(), v.float())

@@ -1,8 +1,12 @@
-// CPU glue of fastattn::attention_fwd / attention_bwd: checks the normalized-layout tensors,
-// allocates the results, fills the torch-free params structs and calls the widest-ISA build
-// of the kernels in attention_cpu.isa.cpp.
+// CPU glue of fastattn::attention_fwd / _bwd, attention_varlen_fwd / _bwd and
+// attention_kv_cache_fwd: checks the tensors (and, on the CPU where it costs no device sync,
+// the values of the offsets, lengths and block tables the kernels index with), allocates the
+// results, fills the torch-free params structs and calls the widest-ISA build of the kernels
+// in attention_cpu.isa.cpp.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+
+#include <ATen/TensorIndexing.h>
 
 #include <cmath>
 #include <optional>
@@ -31,6 +35,8 @@ Dtype attn_dtype(const at::Tensor& q) {
 }
 
 // The kernels read the last dim contiguously and every other dim through its stride.
+int64_t ceil_div_host(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 at::Tensor last_dim_contiguous(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
@@ -47,6 +53,60 @@ void check_4d(const at::Tensor& t, const char* name, const at::Tensor& q) {
 struct Inputs {
   at::Tensor q, k, v, mask, alibi;
 };
+
+// Strides (batch, head, row) of a [B, H, rows, D] tensor, or of a varlen [rows, H, D] one
+// (batch stride 0: its sequences are told apart by row offsets).
+void row_strides(int64_t* dst, const at::Tensor& t) {
+  if (t.dim() == 4) {
+    for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
+  } else {
+    dst[0] = 0;
+    dst[1] = t.stride(1);
+    dst[2] = t.stride(0);
+  }
+}
+
+// Checks and fills the options shared by every layout (p.batch and p.q_heads already set).
+void fill_options(AttentionFwdParams& p, Inputs& in, const char* op, const at::Tensor& q,
+                  const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                  const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
+                  int64_t window_right, bool bottom_right, double softcap) {
+  const int64_t B = p.batch, Hq = p.q_heads;
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "fastattn ", op, " (cpu): dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(std::isfinite(scale), "fastattn ", op, " (cpu): scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
+              "fastattn ", op, " (cpu): softcap must be >= 0 (0 = off), got ", softcap);
+  p.alibi_slopes = nullptr;
+  p.alibi_batch_stride = 0;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat,
+                "fastattn ", op, " (cpu): alibi_slopes must be a float32 CPU tensor, got ",
+                a.scalar_type(), " on ", a.device());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == Hq) ||
+                (a.dim() == 2 && a.size(0) == B && a.size(1) == Hq),
+                "fastattn ", op, " (cpu): alibi_slopes must be [Hq] or [B, Hq] with Hq=", Hq,
+                ", B=", B, ", got ", a.sizes());
+    in.alibi = a.contiguous();
+    p.alibi_slopes = in.alibi.data_ptr<float>();
+    p.alibi_batch_stride = a.dim() == 2 ? Hq : 0;
+  }
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = 0;
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(rng_seed.has_value() && rng_seed->numel() == 1 &&
+                rng_seed->scalar_type() == at::kLong && rng_seed->device().is_cpu(),
+                "fastattn ", op, " (cpu): dropout_p > 0 needs rng_seed, an int64 CPU scalar "
+                "tensor");
+    p.seed = static_cast<uint64_t>(rng_seed->item<int64_t>());
+  }
+  p.scale = scale;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  p.softcap = softcap;
+}
 
 // Checks every input of the forward options and fills `p` (all but out / lse).
 Inputs fill_fwd_params(AttentionFwdParams& p, const at::Tensor& q_in, const at::Tensor& k_in,
@@ -74,20 +134,13 @@ Inputs fill_fwd_params(AttentionFwdParams& p, const at::Tensor& q_in, const at::
               ") must be a multiple of k/v heads (", Hk, ")");
   TORCH_CHECK(E > 0 && Ev > 0, "fastattn attention (cpu): head dims must be positive, got E=",
               E, ", Ev=", Ev);
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
-              "fastattn attention (cpu): dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(std::isfinite(scale), "fastattn attention (cpu): scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0,
-              "fastattn attention (cpu): softcap must be >= 0 (0 = off), got ", softcap);
 
   p.batch = B; p.q_heads = Hq; p.kv_heads = Hk; p.q_len = L; p.kv_len = S;
   p.head_dim = E; p.v_head_dim = Ev;
   p.q = in.q.data_ptr(); p.k = in.k.data_ptr(); p.v = in.v.data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    p.q_stride[d] = in.q.stride(d);
-    p.k_stride[d] = in.k.stride(d);
-    p.v_stride[d] = in.v.stride(d);
-  }
+  row_strides(p.q_stride, in.q);
+  row_strides(p.k_stride, in.k);
+  row_strides(p.v_stride, in.v);
 
   p.mask_kind = AttnMaskKind::None;
   p.mask = nullptr;
@@ -109,36 +162,8 @@ Inputs fill_fwd_params(AttentionFwdParams& p, const at::Tensor& q_in, const at::
     for (int d = 0; d < 4; ++d) p.mask_stride[d] = m.size(d) == 1 ? 0 : m.stride(d);
   }
 
-  p.alibi_slopes = nullptr;
-  p.alibi_batch_stride = 0;
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& a = *alibi_slopes;
-    TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat,
-                "fastattn attention (cpu): alibi_slopes must be a float32 CPU tensor, got ",
-                a.scalar_type(), " on ", a.device());
-    TORCH_CHECK((a.dim() == 1 && a.size(0) == Hq) ||
-                (a.dim() == 2 && a.size(0) == B && a.size(1) == Hq),
-                "fastattn attention (cpu): alibi_slopes must be [Hq] or [B, Hq] with Hq=", Hq,
-                ", B=", B, ", got ", a.sizes());
-    in.alibi = a.contiguous();
-    p.alibi_slopes = in.alibi.data_ptr<float>();
-    p.alibi_batch_stride = a.dim() == 2 ? Hq : 0;
-  }
-
-  p.dropout_p = static_cast<float>(dropout_p);
-  p.seed = 0;
-  if (dropout_p > 0.0) {
-    TORCH_CHECK(rng_seed.has_value() && rng_seed->numel() == 1 &&
-                rng_seed->scalar_type() == at::kLong && rng_seed->device().is_cpu(),
-                "fastattn attention (cpu): dropout_p > 0 needs rng_seed, an int64 CPU scalar "
-                "tensor");
-    p.seed = static_cast<uint64_t>(rng_seed->item<int64_t>());
-  }
-  p.scale = scale;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.bottom_right = bottom_right;
-  p.softcap = softcap;
+  fill_options(p, in, "attention", q_in, alibi_slopes, dropout_p, rng_seed, scale, window_left,
+               window_right, bottom_right, softcap);
   return in;
 }
 
@@ -153,9 +178,36 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   at::Tensor out = at::empty({p.batch, p.q_heads, p.q_len, p.v_head_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
+  row_strides(p.out_stride, out);
   p.lse = lse.data_ptr<float>();
   FASTATTN_ISA_CALL(attention_fwd_kernel, p);
   return {out, lse};
+}
+
+// Runs the backward kernel on checked inputs (bp.fwd filled but for out / lse); returns
+// dq, dk, dv, contiguous like q, k, v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(AttentionBwdParams& bp,
+                                                       const at::Tensor& grad_out,
+                                                       const at::Tensor& out,
+                                                       const at::Tensor& lse, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v) {
+  AttentionFwdParams& p = bp.fwd;
+  p.out = const_cast<void*>(out.data_ptr());
+  row_strides(p.out_stride, out);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());
+  bp.grad_out = grad_out.data_ptr();
+  row_strides(bp.grad_out_stride, grad_out);
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  bp.dq = dq.data_ptr();
+  bp.dk = dk.data_ptr();
+  bp.dv = dv.data_ptr();
+  row_strides(bp.dq_stride, dq);
+  row_strides(bp.dk_stride, dk);
+  row_strides(bp.dv_stride, dv);
+  FASTATTN_ISA_CALL(attention_bwd_kernel, bp);
+  return {dq, dk, dv};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
@@ -184,25 +236,282 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor grad_out_c = last_dim_contiguous(grad_out);
   const at::Tensor out_c = last_dim_contiguous(out);
   const at::Tensor lse_c = lse.contiguous();
-  p.out = const_cast<void*>(out_c.data_ptr());
-  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
-  bp.grad_out = grad_out_c.data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    bp.grad_out_stride[d] = grad_out_c.stride(d);
-    bp.out_stride[d] = out_c.stride(d);
-  }
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
   at::Tensor dmask = mask_grad
       ? at::zeros({p.batch, p.q_heads, p.q_len, p.kv_len}, q.options().dtype(at::kFloat))
       : at::empty({0}, q.options().dtype(at::kFloat));
-  bp.dq = dq.data_ptr();
-  bp.dk = dk.data_ptr();
-  bp.dv = dv.data_ptr();
   bp.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
-  FASTATTN_ISA_CALL(attention_bwd_kernel, bp);
+  const auto [dq, dk, dv] = run_bwd(bp, grad_out_c, out_c, lse_c, q, k, v);
   return {dq, dk, dv, dmask};
+}
+
+void check_index_tensor(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kInt && t.dim() == dim,
+              "fastattn ", op, " (cpu): ", name, " must be a ", dim, "-D int32 CPU tensor, got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+// Checks cu_seqlens (int32 [B + 1] from 0, non-decreasing, ending at total, no length above
+// max_len) and returns it contiguous.
+at::Tensor checked_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch,
+                              int64_t total, int64_t max_len, const char* max_name) {
+  const char* op = "attention_varlen";
+  check_index_tensor(cu, op, name, 1);
+  TORCH_CHECK(cu.size(0) == batch + 1, "fastattn ", op, " (cpu): ", name, " must have B + 1 = ",
+              batch + 1, " entries (as cu_seqlens_q), got ", cu.size(0));
+  at::Tensor c = cu.contiguous();
+  const int32_t* o = c.data_ptr<int32_t>();
+  TORCH_CHECK(o[0] == 0, "fastattn ", op, " (cpu): ", name, " must start at 0, got ", o[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(o[b + 1] >= o[b], "fastattn ", op, " (cpu): ", name,
+                " must be non-decreasing, got ", o[b], " then ", o[b + 1], " at ", b);
+    TORCH_CHECK(o[b + 1] - o[b] <= max_len, "fastattn ", op, " (cpu): sequence ", b, " has ",
+                o[b + 1] - o[b], " rows, more than ", max_name, " = ", max_len);
+  }
+  TORCH_CHECK(o[batch] == total, "fastattn ", op, " (cpu): ", name, "[-1] = ", o[batch],
+              " must equal the total row count ", total);
+  return c;
+}
+
+struct VarlenInputs {
+  Inputs in;
+  at::Tensor cu_q, cu_k;
+};
+
+VarlenInputs fill_varlen_params(AttentionFwdParams& p, const at::Tensor& q_in,
+                                const at::Tensor& k_in, const at::Tensor& v_in,
+                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                const std::optional<at::Tensor>& rng_seed, double scale,
+                                int64_t window_left, int64_t window_right, bool bottom_right,
+                                double softcap) {
+  const char* op = "attention_varlen";
+  p.dtype = attn_dtype(q_in);
+  for (const auto& [t, name] : {std::pair{q_in, "q"}, {k_in, "k"}, {v_in, "v"}}) {
+    TORCH_CHECK(t.dim() == 3, "fastattn ", op, " (cpu): ", name,
+                " must be 3-D [tokens, heads, dim], got shape ", t.sizes());
+    TORCH_CHECK(t.device().is_cpu(), "fastattn ", op, " (cpu): ", name,
+                " must be on the CPU, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == q_in.scalar_type(), "fastattn ", op, " (cpu): ", name,
+                " must have q's dtype ", q_in.scalar_type(), ", got ", t.scalar_type());
+  }
+  const int64_t Hq = q_in.size(1), E = q_in.size(2), Hk = k_in.size(1), Ev = v_in.size(2);
+  TORCH_CHECK(k_in.size(2) == E, "fastattn ", op, " (cpu): k's head dim must equal q's (", E,
+              "), got k ", k_in.sizes());
+  TORCH_CHECK(v_in.size(0) == k_in.size(0) && v_in.size(1) == Hk, "fastattn ", op,
+              " (cpu): v must be [", k_in.size(0), ", ", Hk, ", Ev] like k, got v ", v_in.sizes());
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "fastattn ", op, " (cpu): q heads (", Hq,
+              ") must be a multiple of k/v heads (", Hk, ")");
+  TORCH_CHECK(E > 0 && Ev > 0, "fastattn ", op, " (cpu): head dims must be positive, got E=", E,
+              ", Ev=", Ev);
+  TORCH_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, "fastattn ", op,
+              " (cpu): max_seqlen_q / max_seqlen_k must be >= 0, got ", max_seqlen_q, " / ",
+              max_seqlen_k);
+  check_index_tensor(cu_seqlens_q, op, "cu_seqlens_q", 1);
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  TORCH_CHECK(B >= 0, "fastattn ", op, " (cpu): cu_seqlens_q must have B + 1 >= 1 entries");
+  VarlenInputs vin{{last_dim_contiguous(q_in), last_dim_contiguous(k_in),
+                    last_dim_contiguous(v_in), {}, {}},
+                   checked_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", B, q_in.size(0),
+                                      max_seqlen_q, "max_seqlen_q"),
+                   checked_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", B, k_in.size(0),
+                                      max_seqlen_k, "max_seqlen_k")};
+  const Inputs& in = vin.in;
+  p.batch = B; p.q_heads = Hq; p.kv_heads = Hk; p.q_len = max_seqlen_q; p.kv_len = max_seqlen_k;
+  p.head_dim = E; p.v_head_dim = Ev;
+  p.q = in.q.data_ptr(); p.k = in.k.data_ptr(); p.v = in.v.data_ptr();
+  row_strides(p.q_stride, in.q);
+  row_strides(p.k_stride, in.k);
+  row_strides(p.v_stride, in.v);
+  p.cu_seqlens_q = vin.cu_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = vin.cu_k.data_ptr<int32_t>();
+  p.mask_kind = AttnMaskKind::None;
+  fill_options(p, vin.in, op, q_in, alibi_slopes, dropout_p, rng_seed, scale, window_left,
+               window_right, bottom_right, softcap);
+  return vin;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap) {
+  AttentionFwdParams p{};
+  VarlenInputs in = fill_varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, alibi_slopes, dropout_p, rng_seed, scale,
+                                       window_left, window_right, bottom_right, softcap);
+  at::Tensor out = at::empty({q.size(0), p.q_heads, p.v_head_dim}, q.options());
+  at::Tensor lse = at::empty({p.q_heads, q.size(0)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  row_strides(p.out_stride, out);
+  p.lse = lse.data_ptr<float>();
+  FASTATTN_ISA_CALL(attention_fwd_kernel, p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap) {
+  AttentionBwdParams bp{};
+  AttentionFwdParams& p = bp.fwd;
+  VarlenInputs in = fill_varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, alibi_slopes, dropout_p, rng_seed, scale,
+                                       window_left, window_right, bottom_right, softcap);
+  const std::vector<int64_t> out_shape{q.size(0), p.q_heads, p.v_head_dim};
+  for (const auto& [t, name] : {std::pair{grad_out, "grad_out"}, {out, "out"}}) {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == q.scalar_type() &&
+                t.sizes() == out_shape, "fastattn attention_varlen_bwd (cpu): ", name,
+                " must be ", q.scalar_type(), " ", at::IntArrayRef(out_shape),
+                " [total_q, Hq, Ev] on the CPU, got ", t.scalar_type(), " ", t.sizes(), " on ",
+                t.device());
+  }
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat &&
+              lse.sizes() == at::IntArrayRef({p.q_heads, q.size(0)}),
+              "fastattn attention_varlen_bwd (cpu): lse must be float32 [Hq, total_q] on the "
+              "CPU, got ", lse.scalar_type(), " ", lse.sizes(), " on ", lse.device());
+  return run_bwd(bp, last_dim_contiguous(grad_out), last_dim_contiguous(out), lse.contiguous(),
+                 q, k, v);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& k_new,
+    const std::optional<at::Tensor>& v_new, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx,
+    const std::optional<at::Tensor>& alibi_slopes, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap) {
+  const char* op = "attention_kv_cache";
+  AttentionFwdParams p{};
+  p.dtype = attn_dtype(q);
+  check_4d(q, "q", q);
+  check_4d(k_cache, "k_cache", q);
+  check_4d(v_cache, "v_cache", q);
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), E = q.size(3);
+  const int64_t Hk = k_cache.size(1), Ev = v_cache.size(3);
+  for (const auto& [t, name] : {std::pair{k_cache, "k_cache"}, {v_cache, "v_cache"}}) {
+    TORCH_CHECK(t.size(3) <= 1 || t.stride(3) == 1, "fastattn ", op, " (cpu): ", name,
+                " must have a contiguous last dim (it is read and written in place), got "
+                "strides ", t.strides());
+  }
+  TORCH_CHECK(k_cache.size(3) == E, "fastattn ", op, " (cpu): k_cache's head dim must equal "
+              "q's (", E, "), got k_cache ", k_cache.sizes());
+  TORCH_CHECK(v_cache.size(0) == k_cache.size(0) && v_cache.size(1) == Hk &&
+              v_cache.size(2) == k_cache.size(2), "fastattn ", op, " (cpu): v_cache must be [",
+              k_cache.size(0), ", ", Hk, ", ", k_cache.size(2), ", Ev] like k_cache, got ",
+              v_cache.sizes());
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "fastattn ", op, " (cpu): q heads (", Hq,
+              ") must be a multiple of cache heads (", Hk, ")");
+  TORCH_CHECK(E > 0 && Ev > 0, "fastattn ", op, " (cpu): head dims must be positive, got E=", E,
+              ", Ev=", Ev);
+  check_index_tensor(cache_seqlens, op, "cache_seqlens", 1);
+  TORCH_CHECK(cache_seqlens.size(0) == B, "fastattn ", op, " (cpu): cache_seqlens must be [B] = [",
+              B, "], got ", cache_seqlens.sizes());
+  TORCH_CHECK(k_new.has_value() == v_new.has_value(), "fastattn ", op,
+              " (cpu): pass both k_new and v_new, or neither");
+  int64_t L_new = 0;
+  if (k_new.has_value()) {
+    L_new = k_new->dim() == 4 ? k_new->size(2) : -1;
+    for (const auto& [t, name, dim] :
+         {std::tuple{*k_new, "k_new", E}, std::tuple{*v_new, "v_new", Ev}}) {
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == q.scalar_type() &&
+                  t.dim() == 4 && t.size(0) == B && t.size(1) == Hk && t.size(2) == L_new &&
+                  t.size(3) == dim, "fastattn ", op, " (cpu): ", name, " must be ",
+                  q.scalar_type(), " [B, Hk, L_new, ", dim == E ? "E" : "Ev", "] = [", B, ", ",
+                  Hk, ", L_new, ", dim, "] on the CPU (k_new and v_new sharing L_new), got ",
+                  t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    }
+  }
+  const bool paged = block_table.has_value();
+  at::Tensor table, batch_idx;
+  int64_t capacity = k_cache.size(2);  // keys one sequence can hold
+  const at::Tensor seqlens_c = cache_seqlens.contiguous();
+  const int32_t* seqlens = seqlens_c.data_ptr<int32_t>();
+  if (paged) {
+    TORCH_CHECK(!cache_batch_idx.has_value(), "fastattn ", op,
+                " (cpu): cache_batch_idx must be None with a block_table");
+    check_index_tensor(*block_table, op, "block_table", 2);
+    TORCH_CHECK(block_table->size(0) == B, "fastattn ", op, " (cpu): block_table must be "
+                "[B, max_blocks] with B = ", B, ", got ", block_table->sizes());
+    TORCH_CHECK(k_cache.size(2) > 0, "fastattn ", op, " (cpu): a paged cache's block_size "
+                "(k_cache.size(2)) must be positive");
+    table = block_table->contiguous();
+    capacity = table.size(1) * k_cache.size(2);
+  } else if (cache_batch_idx.has_value()) {
+    check_index_tensor(*cache_batch_idx, op, "cache_batch_idx", 1);
+    TORCH_CHECK(cache_batch_idx->size(0) == B, "fastattn ", op, " (cpu): cache_batch_idx must "
+                "be [B] = [", B, "], got ", cache_batch_idx->sizes());
+    batch_idx = cache_batch_idx->contiguous();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = seqlens[b];
+    TORCH_CHECK(len >= 0 && len + L_new <= capacity, "fastattn ", op, " (cpu): cache_seqlens[",
+                b, "] + L_new = ", len, " + ", L_new, " must lie in [0, ", capacity,
+                "] (the cache's capacity per sequence)");
+    if (paged) {
+      const int32_t* row = table.data_ptr<int32_t>() + b * table.size(1);
+      for (int64_t j = 0; j < ceil_div_host(len + L_new, k_cache.size(2)); ++j) {
+        TORCH_CHECK(row[j] >= 0 && row[j] < k_cache.size(0), "fastattn ", op,
+                    " (cpu): block_table[", b, ", ", j, "] = ", row[j], " is not a block of "
+                    "the cache (", k_cache.size(0), " blocks)");
+      }
+    } else if (batch_idx.defined()) {
+      const int32_t idx = batch_idx.data_ptr<int32_t>()[b];
+      TORCH_CHECK(idx >= 0 && idx < k_cache.size(0), "fastattn ", op, " (cpu): cache_batch_idx[",
+                  b, "] = ", idx, " is not a row of the cache (", k_cache.size(0), " rows)");
+    } else {
+      TORCH_CHECK(k_cache.size(0) >= B, "fastattn ", op, " (cpu): k_cache has ",
+                  k_cache.size(0), " rows for a batch of ", B, " (pass cache_batch_idx)");
+    }
+  }
+  p.batch = B; p.q_heads = Hq; p.kv_heads = Hk; p.q_len = Lq; p.kv_len = capacity;
+  p.head_dim = E; p.v_head_dim = Ev;
+  Inputs in{last_dim_contiguous(q), k_cache, v_cache, {}, {}};
+  fill_options(p, in, op, q, alibi_slopes, 0.0, std::nullopt, scale, window_left, window_right,
+               bottom_right, softcap);
+
+  // Everything is valid: append, then attend.
+  if (L_new > 0 && B > 0) {
+    using at::indexing::Slice;
+    const at::Tensor pos = seqlens_c.to(at::kLong).unsqueeze(1) +
+                           at::arange(L_new, seqlens_c.options().dtype(at::kLong));  // [B, L_new]
+    at::Tensor cache_index, row;  // [B, L_new]: batch row (or block) and row of each new key
+    if (paged) {
+      cache_index = table.to(at::kLong).gather(1, at::div(pos, k_cache.size(2), "floor"));
+      row = at::remainder(pos, k_cache.size(2));
+    } else {
+      cache_index = batch_idx.defined() ? batch_idx.to(at::kLong) : at::arange(B, pos.options());
+      cache_index = cache_index.unsqueeze(1).expand_as(pos);
+      row = pos;
+    }
+    // Indices around a slice put their dims first: the values are [B, L_new, Hk, D].
+    for (auto [cache, values] : {std::pair{k_cache, *k_new}, {v_cache, *v_new}}) {
+      cache.index_put_({cache_index, Slice(), row}, values.permute({0, 2, 1, 3}));
+    }
+  }
+
+  p.q = in.q.data_ptr(); p.k = k_cache.data_ptr(); p.v = v_cache.data_ptr();
+  row_strides(p.q_stride, in.q);
+  row_strides(p.k_stride, k_cache);
+  row_strides(p.v_stride, v_cache);
+  p.cache_seqlens = seqlens;
+  p.kv_new_len = L_new;
+  p.cache_batch_idx = batch_idx.defined() ? batch_idx.data_ptr<int32_t>() : nullptr;
+  p.block_table = paged ? table.data_ptr<int32_t>() : nullptr;
+  p.block_table_stride = paged ? table.size(1) : 0;
+  p.block_size = paged ? k_cache.size(2) : 0;
+  p.mask_kind = AttnMaskKind::None;
+  at::Tensor out = at::empty({B, Hq, Lq, Ev}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  row_strides(p.out_stride, out);
+  p.lse = lse.data_ptr<float>();
+  FASTATTN_ISA_CALL(attention_fwd_kernel, p);
+  return {out, lse};
 }
 
 }  // namespace
@@ -210,6 +519,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
+  m.impl("attention_varlen_fwd", &attention_varlen_fwd_cpu);
+  m.impl("attention_varlen_bwd", &attention_varlen_bwd_cpu);
+  m.impl("attention_kv_cache_fwd", &attention_kv_cache_fwd_cpu);
 }
 
 }  // namespace fastattn

@@ -9,6 +9,8 @@
 // probabilities from it with the same packing and the same micro-kernel, so P is bit-identical
 // to the forward's even for huge logits (with the bf16 dot products the scores agree to fp32
 // rounding: a relative error of ~1e-7 times the logit's size in P).
+// The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
+// its row addressing know the layout (attention_cpu_params.h).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -19,7 +21,9 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -211,23 +215,71 @@ void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t 
   }
 }
 
-// The rows/keys of one (b, h) pair that a tile covers, and the geometry shared by the passes.
+// One sequence of a call (attention_cpu_params.h): batch row b of a dense or KV-cache call,
+// sequence b of a varlen one.
+struct Sequence {
+  int64_t b;
+  int64_t q_begin, q_len;   // its query rows of head (b, h): q_begin .. q_begin + q_len - 1
+  int64_t k_begin, kv_len;  // its keys: rows k_begin .. of kv batch row kv_batch (not paged)
+  int64_t kv_batch;
+  int64_t offset;           // diagonal shift: kv_len - q_len for bottom-right, else 0
+};
+
+// The geometry shared by the passes, and where a sequence's rows are found.
 struct Problem {
   const AttentionFwdParams& p;
-  int64_t group;      // query heads per kv head
-  int64_t offset;     // diagonal shift: S - L for bottom-right, else 0
+  int64_t group;    // query heads per kv head
+  int64_t block_n;  // keys per tile: kBlockN, or a divisor of the page size so that the keys
+                    // of a tile are rows of one page, read with the page's row stride
   int64_t e_pad, ev_pad, n_pad;
 
+  bool varlen() const { return p.cu_seqlens_q != nullptr; }
+
+  Sequence sequence(int64_t b) const {
+    Sequence sq{b, 0, p.q_len, 0, p.kv_len, b, 0};
+    if (varlen()) {
+      sq.q_begin = p.cu_seqlens_q[b];
+      sq.q_len = p.cu_seqlens_q[b + 1] - sq.q_begin;
+      sq.k_begin = p.cu_seqlens_k[b];
+      sq.kv_len = p.cu_seqlens_k[b + 1] - sq.k_begin;
+    } else if (p.cache_seqlens != nullptr) {
+      sq.kv_len = p.cache_seqlens[b] + p.kv_new_len;
+      if (p.cache_batch_idx != nullptr) sq.kv_batch = p.cache_batch_idx[b];
+    }
+    sq.offset = p.bottom_right ? sq.kv_len - sq.q_len : 0;
+    return sq;
+  }
+  // The row index of query row i of head h (lse element; dropout counter / kv_len).
+  int64_t row_index(const Sequence& sq, int64_t h, int64_t i) const {
+    return varlen() ? h * p.cu_seqlens_q[p.batch] + sq.q_begin + i
+                    : (sq.b * p.q_heads + h) * p.q_len + i;
+  }
+  // Query-side row i of head h in a tensor laid out like q (q, out, grad_out, dq).
+  template <typename T>
+  static T* q_side_row(T* base, const int64_t* stride, const Sequence& sq, int64_t h, int64_t i) {
+    return base + sq.b * stride[0] + h * stride[1] + (sq.q_begin + i) * stride[2];
+  }
+  // Key j of kv head hk in a tensor laid out like k (k, v, dk, dv); the tile holding key j
+  // continues with the row stride stride[2].
+  template <typename T>
+  T* key_row(T* base, const int64_t* stride, const Sequence& sq, int64_t hk, int64_t j) const {
+    if (p.block_table != nullptr) {
+      const int64_t block = p.block_table[sq.b * p.block_table_stride + j / p.block_size];
+      return base + block * stride[0] + hk * stride[1] + (j % p.block_size) * stride[2];
+    }
+    return base + sq.kv_batch * stride[0] + hk * stride[1] + (sq.k_begin + j) * stride[2];
+  }
+
   // Whether any key in [k0, k0 + n) is visible to any row in [q0, q0 + m).
-  bool tile_visible(int64_t q0, int64_t m, int64_t k0, int64_t n) const {
-    if (p.window_left >= 0 && k0 + n - 1 < q0 + offset - p.window_left) return false;
-    if (p.window_right >= 0 && k0 > q0 + m - 1 + offset + p.window_right) return false;
+  bool tile_visible(const Sequence& sq, int64_t q0, int64_t m, int64_t k0, int64_t n) const {
+    if (p.window_left >= 0 && k0 + n - 1 < q0 + sq.offset - p.window_left) return false;
+    if (p.window_right >= 0 && k0 > q0 + m - 1 + sq.offset + p.window_right) return false;
     return true;
   }
   // Whether every key of the tile is visible to every row of it, before any mask.
-  bool tile_full(int64_t q0, int64_t m, int64_t k0, int64_t n) const {
-    if (p.window_left >= 0 && k0 < q0 + m - 1 + offset - p.window_left) return false;
-    if (p.window_right >= 0 && k0 + n - 1 > q0 + offset + p.window_right) return false;
+  bool tile_full(const Sequence& sq, int64_t q0, int64_t m, int64_t k0, int64_t n) const {
+    if (p.window_left >= 0 && k0 < q0 + m - 1 + sq.offset - p.window_left) return false;
+    if (p.window_right >= 0 && k0 + n - 1 > q0 + sq.offset + p.window_right) return false;
     return true;
   }
   // Whether scores of a fully visible tile need per-element work (softcap, bias, mask).
@@ -405,12 +457,12 @@ struct TileProducts<c10::BFloat16, float> {
 
 template <typename scalar_t, typename acc_t, typename Products = FmaProducts<scalar_t, acc_t>>
 struct Scores {
-  // s[m, n_pad] = scores of rows [q0, q0+m) x keys [k0, k0+n) of head (b, h), with softcap,
-  // alibi, mask and visibility applied (-inf where invisible, and in padded columns).
+  // s[m, n_pad] = scores of rows [q0, q0+m) x keys [k0, k0+n) of head h of sequence sq, with
+  // softcap, alibi, mask and visibility applied (-inf where invisible, and in padded columns).
   // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T, or is null for a single query
   // row (decode), whose scores are dot products with the unpacked k rows (row stride k_rs).
   // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward.
-  static void compute(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m,
+  static void compute(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
                       int64_t k0, int64_t n, const acc_t* qs, const acc_t* kt,
                       const scalar_t* k_rows, int64_t k_rs, acc_t* s, acc_t* tanh_out) {
     const AttentionFwdParams& p = pr.p;
@@ -422,7 +474,7 @@ struct Scores {
       for (int64_t j = 0; j < n; ++j) s[j] = dot_row(qs, k_rows + j * k_rs, p.head_dim);
     }
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-    const bool full = pr.tile_full(q0, m, k0, n);
+    const bool full = pr.tile_full(sq, q0, m, k0, n);
     if (full && !pr.elementwise()) {
       if (n < ld) {
         for (int64_t i = 0; i < m; ++i) std::fill(s + i * ld + n, s + (i + 1) * ld, kNegInf);
@@ -431,7 +483,7 @@ struct Scores {
     }
     const acc_t softcap = static_cast<acc_t>(p.softcap);
     const acc_t slope = p.alibi_slopes
-        ? static_cast<acc_t>(p.alibi_slopes[b * p.alibi_batch_stride + h]) : acc_t(0);
+        ? static_cast<acc_t>(p.alibi_slopes[sq.b * p.alibi_batch_stride + h]) : acc_t(0);
     for (int64_t i = 0; i < m; ++i) {
       acc_t* row = s + i * ld;
       const int64_t qi = q0 + i;
@@ -444,12 +496,12 @@ struct Scores {
       }
       if (p.alibi_slopes) {
         for (int64_t j = 0; j < n; ++j) {
-          row[j] += slope * static_cast<acc_t>(k0 + j - qi - pr.offset);
+          row[j] += slope * static_cast<acc_t>(k0 + j - qi - sq.offset);
         }
       }
       if (p.mask_kind != AttnMaskKind::None) {
         const int64_t* ms = p.mask_stride;
-        const int64_t base = b * ms[0] + h * ms[1] + qi * ms[2] + k0 * ms[3];
+        const int64_t base = sq.b * ms[0] + h * ms[1] + qi * ms[2] + k0 * ms[3];
         if (p.mask_kind == AttnMaskKind::Bool) {
           const bool* mrow = static_cast<const bool*>(p.mask) + base;
           for (int64_t j = 0; j < n; ++j) {
@@ -462,9 +514,9 @@ struct Scores {
       }
       // Visible keys of row qi: [qi + offset - left, qi + offset + right], clipped to the tile.
       int64_t lo = 0, hi = n;
-      if (p.window_left >= 0) lo = std::clamp(qi + pr.offset - p.window_left - k0, int64_t(0), n);
+      if (p.window_left >= 0) lo = std::clamp(qi + sq.offset - p.window_left - k0, int64_t(0), n);
       if (p.window_right >= 0) {
-        hi = std::clamp(qi + pr.offset + p.window_right + 1 - k0, int64_t(0), n);
+        hi = std::clamp(qi + sq.offset + p.window_right + 1 - k0, int64_t(0), n);
       }
       hi = std::max(hi, lo);
       std::fill(row, row + lo, kNegInf);
@@ -473,15 +525,15 @@ struct Scores {
   }
 };
 
-// Multiplies p[m, n] by the dropout keep mask scaled by 1/(1 - dropout_p) of head (b, h),
-// rows [q0, q0+m), keys [k0, k0+n).
+// Multiplies p[m, n] by the dropout keep mask scaled by 1/(1 - dropout_p) of head h of
+// sequence sq, rows [q0, q0+m), keys [k0, k0+n).
 template <typename acc_t>
-void apply_dropout(const AttentionFwdParams& p, int64_t b, int64_t h, int64_t q0, int64_t m,
+void apply_dropout(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
                    int64_t k0, int64_t n, acc_t* prob, int64_t ld) {
+  const AttentionFwdParams& p = pr.p;
   const acc_t keep_scale = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   for (int64_t i = 0; i < m; ++i) {
-    const uint64_t row = static_cast<uint64_t>(((b * p.q_heads + h) * p.q_len + q0 + i) *
-                                               p.kv_len + k0);
+    const uint64_t row = static_cast<uint64_t>(pr.row_index(sq, h, q0 + i) * p.kv_len + k0);
     acc_t* pr = prob + i * ld;
     for (int64_t j = 0; j < n; ++j) {
       pr[j] = philox_uniform(p.seed, row + j) >= p.dropout_p ? pr[j] * keep_scale : acc_t(0);
@@ -526,7 +578,7 @@ void vec_scale(T* x, int64_t n, T factor) {
   for (int64_t j = 0; j < n; j += Vec::size()) (Vec::loadu(x + j) * f).store(x + j);
 }
 
-// Forward of rows [q0, q0+m) of head (b, h) over key tiles [kb_begin, kb_end): writes the
+// Forward of rows [q0, q0+m) of head h of sequence sq over key tiles [kb_begin, kb_end): writes the
 // normalized output rows to o [m, ev_pad] and their log-sum-exp to lse [m] (-inf: no key).
 template <typename scalar_t, typename acc_t>
 struct ForwardTile {
@@ -535,7 +587,7 @@ struct ForwardTile {
   std::vector<acc_t> row_max, row_sum, lse;
   // Packed key tiles of one kv head, kept while a thread's consecutive query tiles read the
   // same head (packing a tile costs about as much as a third of its products):
-  // kt_all [n_kb][E][n_pad] = k^T, v_all [n_kb][kBlockN][ev_pad], in `cache` (see Scratch);
+  // kt_all [n_kb][E][n_pad] = k^T, v_all [n_kb][block_n][ev_pad], in `cache` (see Scratch);
   // packed[kb]: whether tile kb holds the current head. (Declared in initialization order.)
   std::vector<char> packed;
   Scratch<acc_t> cache;
@@ -546,50 +598,51 @@ struct ForwardTile {
   explicit ForwardTile(const Problem& pr)
       : qs(kBlockM * pr.e_pad), s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad),
         row_max(kBlockM), row_sum(kBlockM), lse(kBlockM),
-        packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, kBlockN) : 0, 0),
+        packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, pr.block_n) : 0, 0),
         // Single-row calls (decode) never pack, so they request no cache.
         cache(static_cast<int64_t>(packed.size()) *
-              (pr.p.head_dim * pr.n_pad + kBlockN * pr.ev_pad)),
+              (pr.p.head_dim * pr.n_pad + pr.block_n * pr.ev_pad)),
         kt_all(cache.data()),
         v_all(cache.data() + static_cast<int64_t>(packed.size()) * pr.p.head_dim * pr.n_pad) {}
 
-  void run(const Problem& pr, int64_t b, int64_t h, int64_t q0, int64_t m, int64_t kb_begin,
-           int64_t kb_end) {
+  void run(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
+           int64_t kb_begin, int64_t kb_end) {
     const AttentionFwdParams& p = pr.p;
     const int64_t hk = h / pr.group;
     const int64_t ld = pr.n_pad, ldo = pr.ev_pad;
-    const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-    const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
-    const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
+    const auto* k = static_cast<const scalar_t*>(p.k);
+    const auto* v = static_cast<const scalar_t*>(p.v);
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-    Products::pack_q(pr, q + q0 * p.q_stride[2], p.q_stride[2], m, qs.data());
+    Products::pack_q(pr, pr.q_side_row(static_cast<const scalar_t*>(p.q), p.q_stride, sq, h, q0),
+                     p.q_stride[2], m, qs.data());
     std::fill(o.begin(), o.begin() + m * ldo, acc_t(0));
     std::fill(row_max.begin(), row_max.end(), kNegInf);
     std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-    if (b != packed_b || hk != packed_hk) {
+    if (sq.b != packed_b || hk != packed_hk) {
       std::fill(packed.begin(), packed.end(), 0);
-      packed_b = b;
+      packed_b = sq.b;
       packed_hk = hk;
     }
 
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-      const int64_t k0 = kb * kBlockN, n = std::min(kBlockN, p.kv_len - k0);
-      if (!pr.tile_visible(q0, m, k0, n)) continue;
+      const int64_t k0 = kb * pr.block_n, n = std::min(pr.block_n, sq.kv_len - k0);
+      if (!pr.tile_visible(sq, q0, m, k0, n)) continue;
+      const scalar_t* k_tile = pr.key_row(k, p.k_stride, sq, hk, k0);
+      const scalar_t* v_tile = pr.key_row(v, p.v_stride, sq, hk, k0);
       // A single row reads k and v in place: packing would cost more than the products.
       const bool single_row = m == 1;
       acc_t* kt = kt_all + kb * p.head_dim * ld;  // [E, n_pad]
-      acc_t* vb = v_all + kb * kBlockN * ldo;     // [kBlockN, ev_pad]
+      acc_t* vb = v_all + kb * pr.block_n * ldo;  // [block_n, ev_pad]
       if (!single_row && !packed[kb]) {
-        Products::pack_kv(pr, k + k0 * p.k_stride[2], p.k_stride[2], v + k0 * p.v_stride[2],
-                          p.v_stride[2], n, kt, vb);
+        Products::pack_kv(pr, k_tile, p.k_stride[2], v_tile, p.v_stride[2], n, kt, vb);
         packed[kb] = 1;
       }
       // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
       // tanh values are not needed here, so they go to s itself.
-      Scores<scalar_t, acc_t, Products>::compute(pr, b, h, q0, m, k0, n, qs.data(),
-                                                 single_row ? nullptr : kt, k + k0 * p.k_stride[2],
-                                       p.k_stride[2], s.data(), s.data());
+      Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, qs.data(),
+                                                 single_row ? nullptr : kt, k_tile, p.k_stride[2],
+                                                 s.data(), s.data());
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
         const acc_t new_max = nan_max(row_max[i], vec_reduce_max(row, ld));
@@ -602,11 +655,11 @@ struct ForwardTile {
         if (rescale != acc_t(1)) vec_scale(o.data() + i * ldo, ldo, rescale);
         row_max[i] = new_max;
       }
-      if (p.dropout_p > 0) apply_dropout(p, b, h, q0, m, k0, n, s.data(), ld);
+      if (p.dropout_p > 0) apply_dropout(pr, sq, h, q0, m, k0, n, s.data(), ld);
       if (single_row) {
         for (int64_t j = 0; j < n; ++j) {
           if (s[j] != acc_t(0)) {
-            axpy_row(s[j], v + (k0 + j) * p.v_stride[2], o.data(), p.v_head_dim);
+            axpy_row(s[j], v_tile + j * p.v_stride[2], o.data(), p.v_head_dim);
           }
         }
       } else {
@@ -634,49 +687,103 @@ inline int64_t balanced_tile(int64_t t, int64_t n_tiles) {
   return (t % 2 == 0) ? t / 2 : n_tiles - 1 - t / 2;
 }
 
+// Runs fn(state, unit) for units 0 .. n - 1 on `threads` threads that take the next unit from a
+// shared counter, each thread with its own state = make_state(). Varlen sequences differ in
+// cost by orders of magnitude: the contiguous chunks of at::parallel_for would leave threads
+// idle while one works through the long sequences.
+template <typename MakeState, typename Fn>
+void parallel_dynamic(int64_t threads, int64_t n, MakeState&& make_state, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t unit = next++; unit < n; unit = next++) fn(state, unit);
+  });
+}
+
+// The sequences by decreasing cost (q_len * kv_len): dynamic scheduling starts the long ones
+// first, so that no long one is left for the end.
+std::vector<int64_t> sequences_by_cost(const Problem& pr) {
+  std::vector<int64_t> order(pr.p.batch), cost(pr.p.batch);
+  for (int64_t b = 0; b < pr.p.batch; ++b) {
+    const Sequence sq = pr.sequence(b);
+    cost[b] = sq.q_len * std::max<int64_t>(sq.kv_len, 1);
+  }
+  std::iota(order.begin(), order.end(), int64_t(0));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+// The largest divisor of the page size up to kBlockN (kBlockN when not paged).
+int64_t key_tile_width(const AttentionFwdParams& p) {
+  if (p.block_table == nullptr) return kBlockN;
+  int64_t width = std::min(kBlockN, p.block_size);
+  while (p.block_size % width != 0) --width;
+  return width;
+}
+
+template <typename acc_t>
 Problem make_problem(const AttentionFwdParams& p) {
+  const int64_t block_n = key_tile_width(p);
   return Problem{p,
                  p.q_heads / p.kv_heads,
-                 p.bottom_right ? p.kv_len - p.q_len : 0,
-                 0, 0, 0};
+                 block_n,
+                 round_up(p.head_dim, pad_cols<acc_t>()),
+                 round_up(p.v_head_dim, pad_cols<acc_t>()),
+                 round_up(block_n, pad_cols<acc_t>())};
 }
 
 template <typename scalar_t>
 void attention_fwd_typed(const AttentionFwdParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  Problem pr = make_problem(p);
-  pr.e_pad = round_up(p.head_dim, pad_cols<acc_t>());
-  pr.ev_pad = round_up(p.v_head_dim, pad_cols<acc_t>());
-  pr.n_pad = round_up(kBlockN, pad_cols<acc_t>());
-  const int64_t n_qb = ceil_div(p.q_len, kBlockM), n_kb = ceil_div(p.kv_len, kBlockN);
+  const Problem pr = make_problem<acc_t>(p);
+  // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
+  const int64_t n_qb = ceil_div(p.q_len, kBlockM), n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
   if (items == 0) return;
   auto* out = static_cast<scalar_t*>(p.out);
   const int64_t Ev = p.v_head_dim;
 
-  // Few query tiles (decode) leave threads idle: split the keys too and merge by LSE.
+  // Few query tiles (decode) leave threads idle: split the keys too and merge by LSE (the
+  // layouts with a contiguous [B, Hq, L, Ev] out: dense and KV cache; varlen has many items).
   const double flops = 2.0 * heads * p.q_len * p.kv_len * (p.head_dim + Ev);
   const int64_t pool = at::get_num_threads();
   const bool few_items = items < 2 * pool;
   const int64_t threads = flops < (few_items ? kSplitParallelFlops : kParallelFlops) ? 1 : pool;
   const int64_t grain = threads == 1 ? items : 1;
-  const int64_t splits = !few_items || threads == 1
+  const int64_t splits = !few_items || threads == 1 || pr.varlen()
       ? 1 : std::clamp<int64_t>(ceil_div(4 * threads, items), 1, std::max<int64_t>(n_kb, 1));
 
   if (splits == 1) {
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-      ForwardTile<scalar_t, acc_t> tile(pr);
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t bh = it / n_qb, qb = balanced_tile(it % n_qb, n_qb);
-        const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
-        const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
-        tile.run(pr, b, h, q0, m, 0, n_kb);
-        for (int64_t i = 0; i < m; ++i) {
-          p.lse[bh * p.q_len + q0 + i] = static_cast<float>(tile.lse[i]);
-          scalar_t* dst = out + (bh * p.q_len + q0 + i) * Ev;
-          const acc_t* src = tile.o.data() + i * pr.ev_pad;
-          for (int64_t e = 0; e < Ev; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+    // Query tile qb of head h of sequence b (nothing past the sequence's end).
+    auto run_tile = [&](ForwardTile<scalar_t, acc_t>& tile, int64_t b, int64_t h, int64_t qb) {
+      const Sequence sq = pr.sequence(b);
+      const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
+      if (m <= 0) return;
+      tile.run(pr, sq, h, q0, m, 0, ceil_div(sq.kv_len, pr.block_n));
+      for (int64_t i = 0; i < m; ++i) {
+        p.lse[pr.row_index(sq, h, q0 + i)] = static_cast<float>(tile.lse[i]);
+        scalar_t* dst = pr.q_side_row(out, p.out_stride, sq, h, q0 + i);
+        const acc_t* src = tile.o.data() + i * pr.ev_pad;
+        for (int64_t e = 0; e < Ev; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+      }
+    };
+    auto make_tile = [&] { return ForwardTile<scalar_t, acc_t>(pr); };
+    if (pr.varlen() && threads > 1) {
+      // A unit is a whole head, so that its query tiles share the thread's packed keys.
+      const std::vector<int64_t> order = sequences_by_cost(pr);
+      parallel_dynamic(threads, heads, make_tile, [&](auto& tile, int64_t unit) {
+        for (int64_t qb = 0; qb < n_qb; ++qb) {
+          run_tile(tile, order[unit / p.q_heads], unit % p.q_heads, qb);
         }
+      });
+      return;
+    }
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+      auto tile = make_tile();
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t bh = it / n_qb;
+        run_tile(tile, bh / p.q_heads, bh % p.q_heads, balanced_tile(it % n_qb, n_qb));
       }
     });
     return;
@@ -690,10 +797,12 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
     ForwardTile<scalar_t, acc_t> tile(pr);
     for (int64_t it = begin; it < end; ++it) {
       const int64_t split = it % splits, bh = it / splits / n_qb, qb = it / splits % n_qb;
-      const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+      const int64_t h = bh % p.q_heads;
+      const Sequence sq = pr.sequence(bh / p.q_heads);
       const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
       const int64_t row0 = bh * p.q_len + q0;
-      tile.run(pr, b, h, q0, m, split * n_kb / splits, (split + 1) * n_kb / splits);
+      const int64_t seq_kb = ceil_div(sq.kv_len, pr.block_n);
+      tile.run(pr, sq, h, q0, m, split * seq_kb / splits, (split + 1) * seq_kb / splits);
       for (int64_t i = 0; i < m; ++i) {
         part_lse[split * rows + row0 + i] = tile.lse[i];
         std::copy(tile.o.data() + i * pr.ev_pad, tile.o.data() + i * pr.ev_pad + Ev,
@@ -726,54 +835,52 @@ void attention_fwd_typed(const AttentionFwdParams& p) {
   });
 }
 
-// Backward of one key tile of kv head (b, hk) against every visible query tile of the query
-// heads sharing it: dk/dv rows of the tile are complete afterwards; dq contributions are
-// added into dq_acc [group, L, e_pad] (unscaled by softmax scale).
+// Backward of one key tile of kv head hk of sequence sq against every visible query tile of
+// the query heads sharing it: dk/dv rows of the tile are complete afterwards; dq contributions
+// are added into dq_acc [group, L, e_pad] (unscaled by softmax scale).
 template <typename scalar_t, typename acc_t>
 struct BackwardTile {
   std::vector<acc_t> kb, kt, vt, qs, dob, s, t, dp, pz, dk, dv;
 
   explicit BackwardTile(const Problem& pr)
-      : kb(kBlockN * pr.e_pad), kt(pr.p.head_dim * pr.n_pad), vt(pr.p.v_head_dim * pr.n_pad),
+      : kb(pr.block_n * pr.e_pad), kt(pr.p.head_dim * pr.n_pad), vt(pr.p.v_head_dim * pr.n_pad),
         qs(kBlockM * pr.e_pad), dob(kBlockM * pr.ev_pad), s(kBlockM * pr.n_pad),
         t(pr.p.softcap > 0 ? kBlockM * pr.n_pad : 0), dp(kBlockM * pr.n_pad),
-        pz(pr.p.dropout_p > 0 ? kBlockM * pr.n_pad : 0), dk(kBlockN * pr.e_pad),
-        dv(kBlockN * pr.ev_pad) {}
+        pz(pr.p.dropout_p > 0 ? kBlockM * pr.n_pad : 0), dk(pr.block_n * pr.e_pad),
+        dv(pr.block_n * pr.ev_pad) {}
 
   void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* lse_rows,
-           const acc_t* delta, int64_t b, int64_t hk, int64_t kblock, acc_t* dq_acc) {
+           const acc_t* delta, const Sequence& sq, int64_t hk, int64_t kblock, acc_t* dq_acc) {
     const AttentionFwdParams& p = pr.p;
     const int64_t ld = pr.n_pad, E = p.head_dim, Ev = p.v_head_dim;
-    const int64_t k0 = kblock * kBlockN, n = std::min(kBlockN, p.kv_len - k0);
-    const auto* k = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1] +
-                    k0 * p.k_stride[2];
-    const auto* v = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1] +
-                    k0 * p.v_stride[2];
+    const int64_t k0 = kblock * pr.block_n, n = std::min(pr.block_n, sq.kv_len - k0);
+    const auto* k = pr.key_row(static_cast<const scalar_t*>(p.k), p.k_stride, sq, hk, k0);
+    const auto* v = pr.key_row(static_cast<const scalar_t*>(p.v), p.v_stride, sq, hk, k0);
     pack_rows(k, p.k_stride[2], n, E, acc_t(1), kb.data(), pr.e_pad);
     pack_transposed(k, p.k_stride[2], n, E, kt.data(), ld);
     pack_transposed(v, p.v_stride[2], n, Ev, vt.data(), ld);
     std::fill(dk.begin(), dk.end(), acc_t(0));
     std::fill(dv.begin(), dv.end(), acc_t(0));
-    const int64_t n_qb = ceil_div(p.q_len, kBlockM);
+    const int64_t n_qb = ceil_div(sq.q_len, kBlockM);
 
     for (int64_t g = 0; g < pr.group; ++g) {
-      const int64_t h = hk * pr.group + g, bh = b * p.q_heads + h;
-      const auto* q = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
-      const auto* dout = static_cast<const scalar_t*>(bp.grad_out) + b * bp.grad_out_stride[0] +
-                         h * bp.grad_out_stride[1];
+      const int64_t h = hk * pr.group + g;
+      const auto* q = pr.q_side_row(static_cast<const scalar_t*>(p.q), p.q_stride, sq, h, 0);
+      const auto* dout =
+          pr.q_side_row(static_cast<const scalar_t*>(bp.grad_out), bp.grad_out_stride, sq, h, 0);
       for (int64_t qb = 0; qb < n_qb; ++qb) {
-        const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
-        if (!pr.tile_visible(q0, m, k0, n)) continue;
+        const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
+        if (!pr.tile_visible(sq, q0, m, k0, n)) continue;
         pack_rows(q + q0 * p.q_stride[2], p.q_stride[2], m, E, static_cast<acc_t>(p.scale),
                   qs.data(), pr.e_pad);
         pack_rows(dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m, Ev, acc_t(1),
                   dob.data(), pr.ev_pad);
-        Scores<scalar_t, acc_t>::compute(pr, b, h, q0, m, k0, n, qs.data(), kt.data(), k,
+        Scores<scalar_t, acc_t>::compute(pr, sq, h, q0, m, k0, n, qs.data(), kt.data(), k,
                                          p.k_stride[2], s.data(), t.data());
         // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row
         // that saw a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN).
         for (int64_t i = 0; i < m; ++i) {
-          const acc_t lse = lse_rows[bh * p.q_len + q0 + i];
+          const acc_t lse = lse_rows[pr.row_index(sq, h, q0 + i)];
           acc_t* row = s.data() + i * ld;
           if (std::isnan(lse)) {
             std::fill(row, row + ld, lse);
@@ -789,22 +896,22 @@ struct BackwardTile {
         const acc_t* p_used = s.data();  // the probabilities that multiplied V
         if (p.dropout_p > 0) {
           std::copy(s.begin(), s.begin() + m * ld, pz.begin());
-          apply_dropout(p, b, h, q0, m, k0, n, pz.data(), ld);
-          apply_dropout(p, b, h, q0, m, k0, n, dp.data(), ld);
+          apply_dropout(pr, sq, h, q0, m, k0, n, pz.data(), ld);
+          apply_dropout(pr, sq, h, q0, m, k0, n, dp.data(), ld);
           p_used = pz.data();
         }
         // dv [n, ev_pad] += (P o Z)^T dO
         gemm<acc_t>(n, pr.ev_pad, m, p_used, 1, ld, dob.data(), pr.ev_pad, dv.data(), pr.ev_pad);
         // dp becomes dS = P o (dP - delta): the gradient of the final scores.
         for (int64_t i = 0; i < m; ++i) {
-          const acc_t d = delta[bh * p.q_len + q0 + i];
+          const acc_t d = delta[pr.row_index(sq, h, q0 + i)];
           acc_t* dsr = dp.data() + i * ld;
           const acc_t* pr_row = s.data() + i * ld;
           for (int64_t j = 0; j < ld; ++j) dsr[j] = pr_row[j] * (dsr[j] - d);
         }
         if (bp.dmask) {
           for (int64_t i = 0; i < m; ++i) {
-            float* dst = bp.dmask + (bh * p.q_len + q0 + i) * p.kv_len + k0;
+            float* dst = bp.dmask + pr.row_index(sq, h, q0 + i) * p.kv_len + k0;
             const acc_t* src = dp.data() + i * ld;
             for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
           }
@@ -818,12 +925,14 @@ struct BackwardTile {
                     dq_acc + (g * p.q_len + q0) * pr.e_pad, pr.e_pad);
       }
     }
-    auto* dk_out = static_cast<scalar_t*>(bp.dk) + ((b * p.kv_heads + hk) * p.kv_len + k0) * E;
-    auto* dv_out = static_cast<scalar_t*>(bp.dv) + ((b * p.kv_heads + hk) * p.kv_len + k0) * Ev;
+    auto* dk_out = pr.key_row(static_cast<scalar_t*>(bp.dk), bp.dk_stride, sq, hk, k0);
+    auto* dv_out = pr.key_row(static_cast<scalar_t*>(bp.dv), bp.dv_stride, sq, hk, k0);
     for (int64_t j = 0; j < n; ++j) {
-      for (int64_t e = 0; e < E; ++e) dk_out[j * E + e] = static_cast<scalar_t>(dk[j * pr.e_pad + e]);
+      for (int64_t e = 0; e < E; ++e) {
+        dk_out[j * bp.dk_stride[2] + e] = static_cast<scalar_t>(dk[j * pr.e_pad + e]);
+      }
       for (int64_t e = 0; e < Ev; ++e) {
-        dv_out[j * Ev + e] = static_cast<scalar_t>(dv[j * pr.ev_pad + e]);
+        dv_out[j * bp.dv_stride[2] + e] = static_cast<scalar_t>(dv[j * pr.ev_pad + e]);
       }
     }
   }
@@ -833,65 +942,81 @@ template <typename scalar_t>
 void attention_bwd_typed(const AttentionBwdParams& bp) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const AttentionFwdParams& p = bp.fwd;
-  Problem pr = make_problem(p);
-  pr.e_pad = round_up(p.head_dim, pad_cols<acc_t>());
-  pr.ev_pad = round_up(p.v_head_dim, pad_cols<acc_t>());
-  pr.n_pad = round_up(kBlockN, pad_cols<acc_t>());
+  const Problem pr = make_problem<acc_t>(p);
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
-  const int64_t rows = p.batch * p.q_heads * L;
+  // The query rows' row indices are 0 .. rows - 1 (attention_cpu_params.h); dq/dk/dv are
+  // contiguous, so their sizes follow from the row counts.
+  const int64_t rows = p.q_heads * (pr.varlen() ? p.cu_seqlens_q[p.batch] : p.batch * L);
+  const int64_t kv_rows = p.kv_heads * (pr.varlen() ? p.cu_seqlens_k[p.batch] : p.batch * p.kv_len);
   auto* dq = static_cast<scalar_t*>(bp.dq);
   if (p.kv_len == 0 || rows == 0) {  // no key or no query: every gradient is zero
     std::fill(dq, dq + rows * E, scalar_t(0));
-    const int64_t kv_rows = p.batch * p.kv_heads * p.kv_len;
     auto* dk = static_cast<scalar_t*>(bp.dk);
     auto* dv = static_cast<scalar_t*>(bp.dv);
     std::fill(dk, dk + kv_rows * E, scalar_t(0));
     std::fill(dv, dv + kv_rows * Ev, scalar_t(0));
     return;
   }
+  // Query tiles: item it is tile it % n_qb of head it / n_qb (past a sequence's end: none).
+  const int64_t n_qb = ceil_div(L, kBlockM), q_items = p.batch * p.q_heads * n_qb;
+  auto q_tile = [&](int64_t it, Sequence& sq, int64_t& h, int64_t& q0) {
+    const int64_t bh = it / n_qb;
+    h = bh % p.q_heads;
+    sq = pr.sequence(bh / p.q_heads);
+    q0 = it % n_qb * kBlockM;
+    return std::min(kBlockM, sq.q_len - q0);
+  };
 
-  // lse [B*Hq*L]: the forward's float32 LSE would cap float64 gradients at float32 accuracy,
-  // so float64 recomputes it (float64 serves gradcheck, not speed).
+  // lse by row index: the forward's float32 LSE would cap float64 gradients at float32
+  // accuracy, so float64 recomputes it (float64 serves gradcheck, not speed).
   std::vector<acc_t> lse(p.lse, p.lse + rows);
   if constexpr (std::is_same_v<scalar_t, double>) {
-    const int64_t n_qb = ceil_div(L, kBlockM), n_kb = ceil_div(p.kv_len, kBlockN);
-    at::parallel_for(0, p.batch * p.q_heads * n_qb, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, q_items, 1, [&](int64_t begin, int64_t end) {
       ForwardTile<scalar_t, acc_t> tile(pr);
       for (int64_t it = begin; it < end; ++it) {
-        const int64_t bh = it / n_qb, q0 = it % n_qb * kBlockM, m = std::min(kBlockM, L - q0);
-        tile.run(pr, bh / p.q_heads, bh % p.q_heads, q0, m, 0, n_kb);
-        std::copy(tile.lse.begin(), tile.lse.begin() + m, lse.begin() + bh * L + q0);
+        Sequence sq;
+        int64_t h, q0;
+        const int64_t m = q_tile(it, sq, h, q0);
+        if (m <= 0) continue;
+        tile.run(pr, sq, h, q0, m, 0, ceil_div(sq.kv_len, pr.block_n));
+        for (int64_t i = 0; i < m; ++i) lse[pr.row_index(sq, h, q0 + i)] = tile.lse[i];
       }
     });
   }
 
-  // delta [B*Hq*L] = rowsum(dO o O)
+  // delta by row index = rowsum(dO o O)
   std::vector<acc_t> delta(rows);
-  at::parallel_for(0, rows, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t bh = r / L, i = r % L, b = bh / p.q_heads, h = bh % p.q_heads;
-      const auto* o = static_cast<const scalar_t*>(p.out) + b * bp.out_stride[0] +
-                      h * bp.out_stride[1] + i * bp.out_stride[2];
-      const auto* d = static_cast<const scalar_t*>(bp.grad_out) + b * bp.grad_out_stride[0] +
-                      h * bp.grad_out_stride[1] + i * bp.grad_out_stride[2];
-      acc_t sum = 0;
-      for (int64_t e = 0; e < Ev; ++e) sum += static_cast<acc_t>(o[e]) * static_cast<acc_t>(d[e]);
-      delta[r] = sum;
+  at::parallel_for(0, q_items, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      Sequence sq;
+      int64_t h, q0;
+      const int64_t m = q_tile(it, sq, h, q0);
+      for (int64_t i = 0; i < m; ++i) {
+        const auto* o =
+            pr.q_side_row(static_cast<const scalar_t*>(p.out), p.out_stride, sq, h, q0 + i);
+        const auto* d = pr.q_side_row(static_cast<const scalar_t*>(bp.grad_out),
+                                      bp.grad_out_stride, sq, h, q0 + i);
+        acc_t sum = 0;
+        for (int64_t e = 0; e < Ev; ++e) sum += static_cast<acc_t>(o[e]) * static_cast<acc_t>(d[e]);
+        delta[pr.row_index(sq, h, q0 + i)] = sum;
+      }
     }
   });
 
-  const int64_t n_kb = ceil_div(p.kv_len, kBlockN);
+  const int64_t n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t kv_heads = p.batch * p.kv_heads;
   const int64_t group_rows = pr.group * L;  // dq rows of one kv head
   const double flops = 4.0 * rows * p.kv_len * (E + Ev);
   const int64_t threads = flops < kParallelFlops ? 1 : at::get_num_threads();
   const acc_t scale = static_cast<acc_t>(p.scale);
-  // Writes dq rows of kv head bkh from the accumulator acc [group, L, e_pad] (summed over
-  // n_acc copies spaced acc_stride apart).
-  auto write_dq = [&](int64_t bkh, const acc_t* acc, int64_t n_acc, int64_t acc_stride,
-                      int64_t r_begin, int64_t r_end) {
+  // Writes dq rows [r_begin, r_end) of kv head hk of sequence sq from the accumulator
+  // acc [group, L, e_pad] (summed over n_acc copies spaced acc_stride apart).
+  auto write_dq = [&](const Sequence& sq, int64_t hk, const acc_t* acc, int64_t n_acc,
+                      int64_t acc_stride, int64_t r_begin, int64_t r_end) {
     for (int64_t r = r_begin; r < r_end; ++r) {
-      scalar_t* dst = dq + (bkh * group_rows + r) * E;
+      const int64_t g = r / L, i = r % L;
+      if (i >= sq.q_len) continue;
+      scalar_t* dst = pr.q_side_row(dq, bp.dq_stride, sq, hk * pr.group + g, i);
       for (int64_t e = 0; e < E; ++e) {
         acc_t sum = 0;
         for (int64_t c = 0; c < n_acc; ++c) sum += acc[c * acc_stride + r * pr.e_pad + e];
@@ -900,25 +1025,38 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     }
   };
 
-  if (kv_heads >= 4 * threads || n_kb == 1 || threads == 1) {
-    // Enough kv heads to keep every thread busy: a thread owns whole kv heads, so its dq
-    // accumulator covers only that head's query group.
-    at::parallel_for(0, kv_heads, threads == 1 ? kv_heads : 1, [&](int64_t begin, int64_t end) {
-      BackwardTile<scalar_t, acc_t> tile(pr);
-      std::vector<acc_t> dq_acc(group_rows * pr.e_pad);
-      for (int64_t bkh = begin; bkh < end; ++bkh) {
-        std::fill(dq_acc.begin(), dq_acc.end(), acc_t(0));
-        for (int64_t kb = 0; kb < n_kb; ++kb) {
-          tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
-                   dq_acc.data());
-        }
-        write_dq(bkh, dq_acc.data(), 1, 0, 0, group_rows);
+  if (kv_heads >= 4 * threads || n_kb == 1 || threads == 1 || pr.varlen()) {
+    // Enough kv heads (varlen: sequences x kv heads) to keep every thread busy: a thread owns
+    // whole kv heads, so its dq accumulator covers only that head's query group.
+    struct HeadState {
+      BackwardTile<scalar_t, acc_t> tile;
+      std::vector<acc_t> dq_acc;
+    };
+    auto make_state = [&] { return HeadState{BackwardTile<scalar_t, acc_t>(pr),
+                                             std::vector<acc_t>(group_rows * pr.e_pad)}; };
+    auto run_head = [&](HeadState& st, int64_t b, int64_t hk) {
+      const Sequence sq = pr.sequence(b);
+      std::fill(st.dq_acc.begin(), st.dq_acc.end(), acc_t(0));
+      for (int64_t kb = 0; kb < ceil_div(sq.kv_len, pr.block_n); ++kb) {
+        st.tile.run(pr, bp, lse.data(), delta.data(), sq, hk, kb, st.dq_acc.data());
       }
+      write_dq(sq, hk, st.dq_acc.data(), 1, 0, 0, group_rows);
+    };
+    if (pr.varlen() && threads > 1) {
+      const std::vector<int64_t> order = sequences_by_cost(pr);
+      parallel_dynamic(threads, kv_heads, make_state, [&](HeadState& st, int64_t unit) {
+        run_head(st, order[unit / p.kv_heads], unit % p.kv_heads);
+      });
+      return;
+    }
+    at::parallel_for(0, kv_heads, threads == 1 ? kv_heads : 1, [&](int64_t begin, int64_t end) {
+      auto st = make_state();
+      for (int64_t bkh = begin; bkh < end; ++bkh) run_head(st, bkh / p.kv_heads, bkh % p.kv_heads);
     });
     return;
   }
-  // Few kv heads: key tiles are split into one chunk per thread, each chunk adding dq into
-  // its own accumulator [B*Hk, group, L, e_pad]; the accumulators are summed at the end.
+  // Few kv heads (dense): key tiles are split into one chunk per thread, each chunk adding dq
+  // into its own accumulator [B*Hk, group, L, e_pad]; the accumulators are summed at the end.
   // (Chunks are indexed explicitly rather than by thread id, so no two ever share one.)
   const int64_t acc_size = kv_heads * group_rows * pr.e_pad;
   std::vector<acc_t> dq_acc(threads * acc_size, acc_t(0));
@@ -929,15 +1067,16 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
       acc_t* acc = dq_acc.data() + chunk * acc_size;
       for (int64_t it = chunk * items / threads; it < (chunk + 1) * items / threads; ++it) {
         const int64_t bkh = it / n_kb, kb = balanced_tile(it % n_kb, n_kb);
-        tile.run(pr, bp, lse.data(), delta.data(), bkh / p.kv_heads, bkh % p.kv_heads, kb,
-                 acc + bkh * group_rows * pr.e_pad);
+        tile.run(pr, bp, lse.data(), delta.data(), pr.sequence(bkh / p.kv_heads),
+                 bkh % p.kv_heads, kb, acc + bkh * group_rows * pr.e_pad);
       }
     }
   });
   at::parallel_for(0, kv_heads * group_rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bkh = r / group_rows, rr = r % group_rows;
-      write_dq(bkh, dq_acc.data() + bkh * group_rows * pr.e_pad, threads, acc_size, rr, rr + 1);
+      write_dq(pr.sequence(bkh / p.kv_heads), bkh % p.kv_heads,
+               dq_acc.data() + bkh * group_rows * pr.e_pad, threads, acc_size, rr, rr + 1);
     }
   });
 }

@@ -1,8 +1,9 @@
 """The two language models of the reference trainer: a small GPT and an LSTM LM.
 
-``backend="fastattn"`` routes attention through ``fastattn.scaled_dot_product_attention`` and
-the recurrence through ``fastattn.LSTM``; ``backend="torch"`` uses
-``F.scaled_dot_product_attention`` and ``nn.LSTM``. Both backends build identical parameters
+``backend="fastattn"`` routes attention through ``fastattn.scaled_dot_product_attention`` (and,
+when decoding, ``fastattn.attention_with_kv_cache`` over a paged KV cache) and the recurrence
+through ``fastattn.LSTM``; ``backend="torch"`` uses ``F.scaled_dot_product_attention`` (decoding:
+gathering the cache's pages, then SDPA) and ``nn.LSTM``. Both backends build identical parameters
 from the same seed (same names, shapes, init order), so runs can be compared step by step.
 """
 
@@ -21,8 +22,6 @@ from fastattn.lm.data import VOCAB_SIZE
 BACKENDS = ("fastattn", "torch")
 MODELS = ("gpt", "lstm")
 
-# Per-layer KV cache of the GPT: (k, v), each [B, n_head, S, head_dim].
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 LSTMState = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -36,6 +35,58 @@ class ModelConfig:
     n_head: int = 4  # gpt only
     block_size: int = 128  # gpt: longest context (learned positions); lstm: training window
     dropout: float = 0.0
+
+
+class PagedKVCache:
+    """The GPT's decoding cache, paged as fastattn.attention_with_kv_cache reads it.
+
+    Per layer k and v [num_blocks, n_head, block_size, head_dim]; position p of batch row b
+    lives in block block_table[b, p // block_size] (int32 [B, max_blocks]), row p % block_size.
+    Every row holds the same ``length`` positions (the model steps all rows together);
+    ``seqlens`` is that length as the int32 [B] tensor the attention op takes.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, device: torch.device,
+                 dtype: torch.dtype, block_size: int = 16):
+        head_dim = config.n_embd // config.n_head
+        max_blocks = -(-config.block_size // block_size)
+        self.block_table = torch.arange(batch * max_blocks, dtype=torch.int32,
+                                        device=device).view(batch, max_blocks)
+        shape = (batch * max_blocks, config.n_head, block_size, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+    def advance(self, n: int) -> None:
+        """Marks n more positions of every row as filled (after all layers appended them)."""
+        self.length += n
+        self.seqlens.fill_(self.length)
+
+    def reset(self) -> None:
+        self.advance(-self.length)
+
+
+def paged_attention_torch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor, v_new: torch.Tensor, *, block_table: torch.Tensor, causal: bool,
+) -> torch.Tensor:
+    """fastattn.attention_with_kv_cache's paged call (bottom-right causal) in plain torch:
+    appends k_new / v_new [B, H, L, D] into the pages, gathers every page of each row and runs
+    F.scaled_dot_product_attention with a mask of the valid, causally visible positions."""
+    B, H, L, _ = q.shape
+    block_size = k_cache.shape[2]
+    pos = torch.arange(block_table.shape[1] * block_size, device=q.device)  # [S_cap]
+    blocks, rows = block_table.long()[:, pos // block_size], pos % block_size  # [B, S_cap]
+    new = cache_seqlens.long()[:, None] + torch.arange(L, device=q.device)  # [B, L]
+    new_blocks = block_table.long().gather(1, new // block_size)
+    k_cache[new_blocks, :, new % block_size] = k_new.transpose(1, 2)
+    v_cache[new_blocks, :, new % block_size] = v_new.transpose(1, 2)
+    keys = k_cache[blocks, :, rows[None, :].expand_as(blocks)].transpose(1, 2)  # [B, H, S_cap, D]
+    values = v_cache[blocks, :, rows[None, :].expand_as(blocks)].transpose(1, 2)
+    last_visible = new if causal else (cache_seqlens.long() + L - 1)[:, None].expand(B, L)
+    mask = pos[None, None, :] <= last_visible[:, :, None]  # [B, L, S_cap]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
 
 
 class BackendUnavailableError(RuntimeError):
@@ -62,8 +113,19 @@ def attention_function(backend: str) -> Callable[..., torch.Tensor]:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def cached_attention_function(backend: str) -> Callable[..., torch.Tensor]:
+    """Attention over a paged KV cache of the chosen backend (attention_with_kv_cache's
+    signature, as far as the GPT calls it)."""
+    if backend == "fastattn":
+        return _fastattn_attr("attention_with_kv_cache")
+    if backend == "torch":
+        return paged_attention_torch
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: ModelConfig, sdpa: Callable[..., torch.Tensor]):
+    def __init__(self, config: ModelConfig, sdpa: Callable[..., torch.Tensor],
+                 cached_attention: Callable[..., torch.Tensor]):
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(
@@ -74,34 +136,33 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.sdpa = sdpa
+        self.cached_attention = cached_attention
 
-    def forward(
-        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [B, L, C] -> (y [B, L, C], (k, v) [B, H, S, C/H] including the cache)."""
+    def forward(self, x: torch.Tensor, cache: PagedKVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x [B, L, C] -> y [B, L, C]. With ``cache``, the L new positions are appended to
+        layer ``layer``'s pages and attend over every cached position before them (bottom-right
+        causal: the new queries are the last positions)."""
         B, L, C = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is None:
-            # Training and prefill: L == S, so torch's top-left causal mask is the usual one.
+            # Training: L == S, so torch's top-left causal mask is the usual one.
             y = self.sdpa(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         else:
-            # Decoding: the new queries come after every cached key, so they see all of them.
-            if L != 1:
-                raise ValueError("decoding with a KV cache takes one new token at a time")
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
-            y = self.sdpa(q, k, v)
+            y = self.cached_attention(q, cache.k[layer], cache.v[layer], cache.seqlens, k, v,
+                                      block_table=cache.block_table, causal=True)
         y = y.transpose(1, 2).reshape(B, L, C)
-        return self.proj(y), (k, v)
+        return self.proj(y)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config: ModelConfig, sdpa: Callable[..., torch.Tensor]):
+    def __init__(self, config: ModelConfig, sdpa: Callable[..., torch.Tensor],
+                 cached_attention: Callable[..., torch.Tensor]):
         super().__init__()
         self.ln_attn = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, sdpa)
+        self.attn = CausalSelfAttention(config, sdpa, cached_attention)
         self.ln_mlp = nn.LayerNorm(config.n_embd)
         self.mlp = nn.Sequential(
             nn.Linear(config.n_embd, 4 * config.n_embd),
@@ -110,10 +171,9 @@ class Block(nn.Module):
             nn.Dropout(config.dropout),
         )
 
-    def forward(self, x, cache=None):
-        attn_out, kv = self.attn(self.ln_attn(x), cache)
-        x = x + attn_out
-        return x + self.mlp(self.ln_mlp(x)), kv
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_attn(x), cache, layer)
+        return x + self.mlp(self.ln_mlp(x))
 
 
 class GPT(nn.Module):
@@ -123,10 +183,13 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         sdpa = attention_function(backend)
+        cached_attention = cached_attention_function(backend)
         self.token_embedding = nn.Embedding(VOCAB_SIZE, config.n_embd)
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, sdpa) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(
+            Block(config, sdpa, cached_attention) for _ in range(config.n_layer)
+        )
         self.ln_final = nn.LayerNorm(config.n_embd)
         self.apply(self._init_weights)
         # Residual projections scaled down with depth so the residual stream starts small.
@@ -141,26 +204,33 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, KVCache]:
-        """idx int64 [B, L] -> (logits [B, L, 256], the per-layer KV cache after these tokens).
+    def new_kv_cache(self, batch: int, block_size: int = 16) -> PagedKVCache:
+        """An empty paged KV cache for decoding ``batch`` rows with this model."""
+        weight = self.token_embedding.weight
+        return PagedKVCache(self.config, batch, weight.device, weight.dtype, block_size)
 
-        With ``cache`` (from an earlier call), idx holds the one next token of each row.
+    def forward(
+        self, idx: torch.Tensor, cache: PagedKVCache | None = None
+    ) -> tuple[torch.Tensor, PagedKVCache | None]:
+        """idx int64 [B, L] -> (logits [B, L, 256], cache).
+
+        With ``cache`` (new_kv_cache), idx holds the next L tokens of each row, after the
+        cache's ``length`` positions: their keys and values are appended to it (prefill: an
+        empty cache and the prompt; decoding: one token at a time).
         """
-        past = 0 if cache is None else cache[0][0].shape[2]
+        past = 0 if cache is None else cache.length
         if past + idx.shape[1] > self.config.block_size:
             raise ValueError(
                 f"{past + idx.shape[1]} positions exceed block_size {self.config.block_size}"
             )
         positions = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = self.drop(self.token_embedding(idx) + self.position_embedding(positions))
-        new_cache = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if cache is None else cache[i])
-            new_cache.append(kv)
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(idx.shape[1])
         logits = F.linear(self.ln_final(x), self.token_embedding.weight)
-        return logits, new_cache
+        return logits, cache
 
 
 class LSTMLM(nn.Module):

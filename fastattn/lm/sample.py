@@ -40,9 +40,10 @@ def generate(
 ) -> bytes:
     """Continues ``prompt`` by ``tokens`` bytes.
 
-    GPT: the prompt is run once (prefill) and each new byte then attends over the per-layer
-    KV cache with a single query. When the cache reaches block_size (learned positions end
-    there) the last half block is re-run as a fresh prefill. LSTM: (h, c) carries over.
+    GPT: the prompt is run once (prefill) into a paged KV cache and each new byte then attends
+    over it with a single query (attention_with_kv_cache for the fastattn backend). When the
+    cache reaches block_size (learned positions end there) the last half block is re-run as a
+    fresh prefill. LSTM: (h, c) carries over.
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -51,15 +52,17 @@ def generate(
     if isinstance(model, GPT):
         block_size = model.config.block_size
         window = context[-block_size:]
-        logits, cache = model(torch.tensor([window], device=device))
+        cache = model.new_kv_cache(batch=1)
+        logits, _ = model(torch.tensor([window], device=device), cache)
         for _ in range(tokens):
             next_byte = _pick(logits[:, -1], temperature, top_k, generator)
             out.append(int(next_byte))
-            if cache[0][0].shape[2] == block_size:
+            if cache.length == block_size:
                 window = (context + out)[-(block_size // 2):]
-                logits, cache = model(torch.tensor([window], device=device))
+                cache.reset()
+                logits, _ = model(torch.tensor([window], device=device), cache)
             else:
-                logits, cache = model(next_byte, cache)
+                logits, _ = model(next_byte, cache)
     else:
         logits, state = model(torch.tensor([context], device=device))
         for _ in range(tokens):

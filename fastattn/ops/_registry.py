@@ -41,6 +41,53 @@ SCHEMAS = {
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)",
 }
 
+# Varlen and KV-cache attention (fastattn/ops/packed_attention.py): per sequence, attention_fwd's
+# math with L = Lq_b, S = Sk_b (bottom_right offset Sk_b - Lq_b); the kernels read the offsets
+# themselves (no host sync, no per-sequence launch).
+#   Varlen: q [total_q, Hq, E], k [total_k, Hk, E], v [total_k, Hk, Ev] (token-major; last dim
+#   contiguous, other strides arbitrary). cu_seqlens_q / cu_seqlens_k: int32 [B + 1] on q's device,
+#   from 0, non-decreasing, last == total; sequence b owns q rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+#   and k/v rows cu_seqlens_k[b]:cu_seqlens_k[b+1] (either may be empty). max_seqlen_q /
+#   max_seqlen_k bound the lengths (they size the grids). alibi_slopes [Hq] or [B, Hq].
+#   Dropout counter of (b, h, i, j): ((h * total_q) + cu_seqlens_q[b] + i) * max_seqlen_k + j,
+#   i.e. attention_fwd's for a batch of 1 with L = total_q, S = max_seqlen_k and the query's
+#   global row (reference.dropout_keep_mask gives the bits).
+#   Returns out [total_q, Hq, Ev] (q's dtype, contiguous) and lse float32 [Hq, total_q]; the
+#   backward returns dq, dk, dv contiguous like q, k, v.
+#   KV cache: q [B, Hq, Lq, E]; cache_seqlens int32 [B] = valid positions before the append.
+#   Contiguous cache (block_table None): k_cache [B_cache, Hk, S_max, E], v_cache [B_cache, Hk,
+#   S_max, Ev]; sequence b uses cache row cache_batch_idx[b] (int32 [B]), or b when None.
+#   Paged (block_table int32 [B, max_blocks]): k_cache [num_blocks, Hk, block_size, E], v_cache
+#   [num_blocks, Hk, block_size, Ev]; position p of sequence b is row p % block_size of block
+#   block_table[b, p // block_size]; cache_batch_idx must be None. Any cache strides with a
+#   contiguous last dim (FlashAttention's / vLLM's [num_blocks, block_size, Hk, E] passed as
+#   .transpose(1, 2) is read and written in place).
+#   k_new [B, Hk, L_new, E] / v_new [B, Hk, L_new, Ev] (both or neither) are written into the
+#   caches at positions cache_seqlens[b] .. cache_seqlens[b] + L_new - 1, after every argument
+#   is validated; then the queries attend over positions [0, cache_seqlens[b] + L_new)
+#   (bottom_right offset cache_seqlens[b] + L_new - Lq). cache_seqlens is not changed. No dropout,
+#   no mask, not differentiable. Returns out [B, Hq, Lq, Ev] (q's dtype, contiguous) and lse
+#   float32 [B, Hq, Lq].
+_VARLEN_OPTIONS = (
+    "Tensor? alibi_slopes, float dropout_p, Tensor? rng_seed, float scale, int window_left, "
+    "int window_right, bool bottom_right, float softcap"
+)
+_VARLEN_SEQUENCES = (
+    "Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k"
+)
+
+SCHEMAS.update({
+    "attention_varlen_fwd": f"attention_varlen_fwd(Tensor q, Tensor k, Tensor v, "
+    f"{_VARLEN_SEQUENCES}, {_VARLEN_OPTIONS}) -> (Tensor out, Tensor lse)",
+    "attention_varlen_bwd": "attention_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+    f"Tensor out, Tensor lse, {_VARLEN_SEQUENCES}, {_VARLEN_OPTIONS}) "
+    "-> (Tensor dq, Tensor dk, Tensor dv)",
+    "attention_kv_cache_fwd": "attention_kv_cache_fwd(Tensor q, Tensor(a!) k_cache, "
+    "Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, Tensor? v_new, Tensor? block_table, "
+    "Tensor? cache_batch_idx, Tensor? alibi_slopes, float scale, int window_left, "
+    "int window_right, bool bottom_right, float softcap) -> (Tensor out, Tensor lse)",
+})
+
 # LSTM (fastattn/ops/lstm.py). Gate chunks are in torch's order i, f, g, o (i, f, o sigmoid,
 # g tanh); cy = f * cx + i * g, hy = o * tanh(cy); math in float32 for half/bfloat16 inputs.
 #

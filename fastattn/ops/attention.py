@@ -333,6 +333,42 @@ def attention(
                 f"{fn}: {name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}"
             )
     _check_qkv(fn, q, k, v, heads_dim_allowed_to_differ=True)
+    if isinstance(attn_mask, CausalBias):
+        if causal:
+            raise FastattnValueError(f"{fn}: pass causal=True or a CausalBias attn_mask, not both")
+        bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, q.shape[-2], k.shape[-2])
+        attn_mask, causal = None, True
+        causal_align = "bottom_right" if bottom_right else "top_left"
+    mask = _mask_4d(fn, attn_mask, q, k.shape[-2])
+    opts, alibi_slopes = attention_options(
+        fn, q, q.shape[0], causal=causal, causal_align=causal_align, window=window,
+        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, scale=scale,
+    )
+    out, lse = _attention_normalized(q, k, v, mask, alibi_slopes, opts, fn)
+    return (out, lse.detach()) if return_lse else out
+
+
+def attention_options(
+    fn: str,
+    q: torch.Tensor,
+    batch: int,
+    *,
+    causal: bool = False,
+    causal_align: str = "top_left",
+    window: tuple[int, int] = (-1, -1),
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> tuple[AttentionOptions, torch.Tensor | None]:
+    """Checks ``attention``'s keyword options (documented there) for a call named ``fn`` and
+    returns them as the ops' AttentionOptions, with the ALiBi slopes float32 contiguous.
+
+    Shared by attention, attention_varlen and attention_with_kv_cache: ``q``'s last dim is the
+    head dim E (default scale 1/sqrt(E)) and ``batch`` the number of sequences, so that
+    alibi_slopes may be [Hq] or [batch, Hq], Hq = q.shape[1] (true of q [B, Hq, L, E] and of
+    varlen's q [total_q, Hq, E]).
+    """
     if causal_align not in ("top_left", "bottom_right"):
         raise FastattnValueError(
             f"{fn}: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}"
@@ -349,7 +385,7 @@ def attention(
         raise FastattnValueError(f"{fn}: softcap must be positive or None, got {softcap}")
     if not 0.0 <= dropout_p < 1.0:
         raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
-    B, Hq, L, E = q.shape
+    B, Hq, E = batch, q.shape[1], q.shape[-1]
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.shape not in (
             torch.Size([Hq]),
@@ -364,13 +400,6 @@ def attention(
                 f"{fn}: alibi_slopes is on {alibi_slopes.device} but q is on {q.device}"
             )
         alibi_slopes = alibi_slopes.to(torch.float32).contiguous()
-    if isinstance(attn_mask, CausalBias):
-        if causal:
-            raise FastattnValueError(f"{fn}: pass causal=True or a CausalBias attn_mask, not both")
-        bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, q.shape[-2], k.shape[-2])
-        attn_mask, causal = None, True
-        causal_align = "bottom_right" if bottom_right else "top_left"
-    mask = _mask_4d(fn, attn_mask, q, k.shape[-2])
     left, right = window
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -383,8 +412,7 @@ def attention(
         bottom_right=causal_align == "bottom_right",
         softcap=float(softcap or 0.0),
     )
-    out, lse = _attention_normalized(q, k, v, mask, alibi_slopes, opts, fn)
-    return (out, lse.detach()) if return_lse else out
+    return opts, alibi_slopes
 
 
 # ---- op registration: fake kernels and autograd for the C++ and Triton attention ops ----

@@ -1,41 +1,107 @@
-"""Attention over packed variable-length sequences and over a KV cache.
+"""Attention over packed variable-length sequences and over a KV cache, each one fused op.
 
-Both run the fused attention op once per sequence on strided views of the packed or cached
-tensors: no padding is materialized or computed, and no key beyond a sequence's valid prefix
-is read.
+``attention_varlen`` calls ``fastattn::attention_varlen_fwd`` (differentiable) and
+``attention_with_kv_cache`` calls ``fastattn::attention_kv_cache_fwd`` (which appends the new
+keys in place); layouts and semantics are documented with the schemas in _registry.py. The
+kernels read the per-sequence offsets themselves: no padding, no per-sequence launch, no host
+sync but the optional value check below, and one graph under torch.compile.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from fastattn.ops.attention import attention
-from fastattn.ops.errors import FastattnValueError
+from fastattn.ops import backends, reference
+from fastattn.ops._autograd import first_order_only
+from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
+from fastattn.ops.attention import (
+    AttentionOptions,
+    _grid_extent,
+    _missing_feature,
+    attention_options,
+)
+from fastattn.ops.errors import FastattnTypeError, FastattnValueError
+
+# FASTATTN_SKIP_VALUE_CHECKS=1 turns off, process-wide, the checks below that read tensor values
+# (one host sync per call); the check_values argument does so per call.
+_SKIP_VALUE_CHECKS_ENV = "FASTATTN_SKIP_VALUE_CHECKS"
 
 
-def _check_cu_seqlens(name: str, cu: Any, total: int, batch: int | None) -> list[int]:
-    if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+# Constant-folded while torch.compile traces, as attention's _choose_backend.
+@torch.compiler.assume_constant_result
+def _choose_backend(
+    op_name: str, device: torch.device, dtype: torch.dtype, E: int, Ev: int, batch: int,
+    heads_q: int,
+) -> str:
+    return backends.choose(
+        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q)
+    )
+
+
+@functools.cache
+def _triton_ops() -> tuple[Callable, Callable]:
+    # Imported on first use: triton is optional and slow to import.
+    # The module defines the triton_ops and registers the varlen forward's autograd.
+    from fastattn.triton_kernels import attention_varlen as _  # noqa: F401
+
+    ops = torch.ops.fastattn
+    return ops.attention_varlen_fwd_triton, ops.attention_kv_cache_fwd_triton
+
+
+def _value_checks_wanted(check_values: bool) -> bool:
+    """Whether to run the checks that read tensor values: asked for, not turned off by the
+    environment, and not while torch.compile traces (a host read would break the graph)."""
+    return (
+        not torch.compiler.is_compiling()
+        and check_values
+        and os.environ.get(_SKIP_VALUE_CHECKS_ENV, "") != "1"
+    )
+
+
+def _raise_failed(fn: str, facts: list[tuple[torch.Tensor, Callable[[], str]]]) -> None:
+    """Reads every fact (0-d bool tensors) in one host sync; raises the first failed one's
+    message (messages may read more values: that is the error path)."""
+    if not facts:
+        return
+    held = torch.stack([fact for fact, _ in facts]).tolist()
+    for ok, (_, message) in zip(held, facts):
+        if not ok:
+            raise FastattnValueError(f"{fn}: {message()}")
+
+
+def _check_index_tensor(fn: str, name: str, t: Any, dim: int, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dim:
         raise FastattnValueError(
-            f"attention_varlen: {name} must be a 1-D int32 tensor of cumulative lengths, got "
-            f"{getattr(cu, 'dtype', type(cu).__name__)} {tuple(getattr(cu, 'shape', ()))}"
+            f"{fn}: {name} must be a {dim}-D int32 tensor, got "
+            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
         )
-    if cu.numel() < 2 or (batch is not None and cu.numel() != batch + 1):
-        raise FastattnValueError(
-            f"attention_varlen: {name} must have batch + 1 entries"
-            f"{f' ({batch + 1})' if batch is not None else ''}, got {cu.numel()}"
-        )
-    offsets = cu.tolist()
-    if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise FastattnValueError(
-            f"attention_varlen: {name} must start at 0 and be non-decreasing, got {offsets}"
-        )
-    if offsets[-1] != total:
-        raise FastattnValueError(
-            f"attention_varlen: {name}[-1] = {offsets[-1]} must equal the total token count {total}"
-        )
-    return offsets
+    if t.device != device:
+        raise FastattnValueError(f"{fn}: {name} is on {t.device} but q is on {device}")
+
+
+def _check_tokens(fn: str, q: Any, k: Any, v: Any, dims: int, layout: str) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise FastattnTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dims:
+            raise FastattnValueError(
+                f"{fn}: {name} must be {dims}-D {layout}, got shape {tuple(t.shape)}"
+            )
+        if not t.is_floating_point() or t.dtype != q.dtype:
+            raise FastattnTypeError(
+                f"{fn}: {name} must be a float tensor of q's dtype {q.dtype}, got {t.dtype}"
+            )
+        if t.device != q.device:
+            raise FastattnValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def attention_varlen(
@@ -46,49 +112,89 @@ def attention_varlen(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    *,
+    return_lse: bool = False,
+    check_values: bool = True,
     **options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention over packed sequences: q [total_q, Hq, E], k [total_k, Hk, E], v [total_k, Hk, Ev].
 
-    Sequence i owns rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of q and cu_seqlens_k[i]:... of
-    k/v (int32, batch + 1 entries, starting at 0). ``options`` are fastattn.attention's
-    (causal, causal_align, window, softcap, alibi_slopes [Hq] or [batch, Hq], dropout_p,
-    scale, return_lse) except attn_mask. Returns out [total_q, Hq, Ev] and, with
-    return_lse, lse float32 [Hq, total_q].
+    Sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:... of
+    k/v (int32 [B + 1] on q's device, from 0, non-decreasing, ending at total_q / total_k;
+    a sequence may be empty); no sequence is longer than max_seqlen_q / max_seqlen_k. Hq must
+    be a multiple of Hk (GQA). ``options`` are fastattn.attention's but attn_mask: causal,
+    causal_align (bottom_right aligns each sequence's last query with its last key), window,
+    softcap, alibi_slopes (float32 [Hq] or [B, Hq]), dropout_p, scale. Returns out
+    [total_q, Hq, Ev] in q's dtype and, with return_lse, lse float32 [Hq, total_q] (detached).
+    Differentiable in q, k and v.
+
+    Value checks: the offsets' values (start 0, non-decreasing, last == total, lengths within
+    max_seqlen) are checked at the cost of one host sync per call, raising ValueError. Pass
+    check_values=False, or set FASTATTN_SKIP_VALUE_CHECKS=1, to skip it (a GPU then never
+    waits); it is also skipped while torch.compile traces. The CPU kernels check the values
+    they index with in any case; on a GPU, wrong offsets then give wrong results.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise FastattnValueError(
-                f"attention_varlen: {name} must be a 3-D [tokens, heads, dim] tensor"
-            )
+    fn = "attention_varlen"
+    _check_tokens(fn, q, k, v, 3, "[tokens, heads, dim]")
     if options.get("attn_mask") is not None:
+        raise FastattnValueError(f"{fn}: attn_mask is not supported; use causal/window/alibi")
+    options.pop("attn_mask", None)
+    total_q, Hq, E = q.shape
+    total_k, Hk, Ev = v.shape
+    if k.shape[0] != total_k or k.shape[1] != Hk or k.shape[2] != E:
         raise FastattnValueError(
-            "attention_varlen: attn_mask is not supported; use causal/window/alibi"
+            f"{fn}: k must be [{total_k}, {Hk}, {E}] (v's tokens and heads, q's head dim), got "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}, q {tuple(q.shape)}"
         )
-    offsets_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None)
-    batch = len(offsets_q) - 1
-    offsets_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], batch)
-    lengths_q = [b - a for a, b in zip(offsets_q, offsets_q[1:])]
-    lengths_k = [b - a for a, b in zip(offsets_k, offsets_k[1:])]
-    if max(lengths_q) > max_seqlen_q or max(lengths_k) > max_seqlen_k:
+    if Hq % Hk if Hk else Hq:
+        raise FastattnValueError(f"{fn}: q heads ({Hq}) must be a multiple of k/v heads ({Hk})")
+    _check_index_tensor(fn, "cu_seqlens_q", cu_seqlens_q, 1, q.device)
+    _check_index_tensor(fn, "cu_seqlens_k", cu_seqlens_k, 1, q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if batch < 0 or cu_seqlens_k.shape[0] != batch + 1:
         raise FastattnValueError(
-            f"attention_varlen: a sequence is longer than max_seqlen_q={max_seqlen_q} / "
-            f"max_seqlen_k={max_seqlen_k} (longest: {max(lengths_q)} / {max(lengths_k)})"
+            f"{fn}: cu_seqlens_q and cu_seqlens_k must both have batch + 1 >= 1 entries, got "
+            f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
         )
-    alibi = options.pop("alibi_slopes", None)
-    return_lse = options.pop("return_lse", False)
-    outs, lses = [], []
-    for i in range(batch):
-        qi, ki, vi = (
-            t[offsets[i] : offsets[i + 1]].transpose(0, 1).unsqueeze(0)  # [1, H, len, D] view
-            for t, offsets in ((q, offsets_q), (k, offsets_k), (v, offsets_k))
+    if max_seqlen_q < 0 or max_seqlen_k < 0:
+        raise FastattnValueError(
+            f"{fn}: max_seqlen_q / max_seqlen_k must be >= 0, got {max_seqlen_q} / {max_seqlen_k}"
         )
-        slopes = alibi[i] if alibi is not None and alibi.dim() == 2 else alibi
-        out, lse = attention(qi, ki, vi, alibi_slopes=slopes, return_lse=True, **options)
-        outs.append(out[0].transpose(0, 1))
-        lses.append(lse[0])
-    out = torch.cat(outs, dim=0)
-    return (out, torch.cat(lses, dim=-1)) if return_lse else out
+    opts, alibi = attention_options(fn, q, batch, **options)
+    if _value_checks_wanted(check_values):
+        facts = []
+        for name, cu, total, max_len, max_name in (
+            ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k"),
+        ):
+            lengths = cu.diff()
+            facts += [
+                (cu[0] == 0, lambda name=name, cu=cu: f"{name} must start at 0, got {cu.tolist()}"),
+                ((lengths >= 0).all(),
+                 lambda name=name, cu=cu: f"{name} must be non-decreasing, got {cu.tolist()}"),
+                (cu[-1] == total,
+                 lambda name=name, cu=cu, total=total: f"{name}[-1] = {int(cu[-1])} must equal "
+                 f"the total token count {total}"),
+                ((lengths <= max_len).all(),
+                 lambda cu=cu, max_len=max_len, max_name=max_name: f"a sequence is longer than "
+                 f"{max_name}={max_len} (longest: {int(cu.diff().max())})"),
+            ]
+        _raise_failed(fn, facts)
+
+    backend = _choose_backend(fn, q.device, q.dtype, E, Ev, *_grid_extent(batch, Hq))
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, *opts.op_args())
+    if backend == "reference" or 0 in (Hq, E, Ev):
+        out, lse = reference.attention_varlen_reference(q, k, v, *args)
+    else:
+        fwd = _triton_ops()[0] if backend == "triton" else torch.ops.fastattn.attention_varlen_fwd
+        out, lse = fwd(*(_last_dim_contiguous(t) for t in (q, k, v)), *args)
+    return (out, lse.detach()) if return_lse else out
+
+
+def _scalar_options(opts: AttentionOptions) -> tuple:
+    """The options after dropout_p and rng_seed (which the KV-cache op does not take), in
+    schema order."""
+    return opts.op_args()[2:]
 
 
 def attention_with_kv_cache(
@@ -99,81 +205,175 @@ def attention_with_kv_cache(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     *,
+    block_table: torch.Tensor | None = None,
+    cache_batch_idx: torch.Tensor | None = None,
+    causal: bool = False,
     causal_align: str = "bottom_right",
-    **options: Any,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    check_values: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Decoding attention: q [B, Hq, Lq, E] over each sequence's valid cache prefix.
+    """Decoding attention: q [B, Hq, Lq, E] over each sequence's cached keys, in one op.
 
-    k_cache [B, Hk, S_max, E] and v_cache [B, Hk, S_max, Ev] hold cache_seqlens[b] (int32 [B])
-    valid positions; k_new/v_new [B, Hk, L_new, *] are first written in place at positions
-    cache_seqlens[b]:cache_seqlens[b] + L_new (cache_seqlens itself is not changed). Queries
-    are the last positions of each sequence, so causal masks align bottom-right by default.
-    ``options`` are fastattn.attention's. The cache update is not differentiable.
+    cache_seqlens (int32 [B]) counts each sequence's valid cache positions. Caches:
+    - contiguous: k_cache [B_cache, Hk, S_max, E], v_cache [B_cache, Hk, S_max, Ev]; sequence b
+      uses row cache_batch_idx[b] (int32 [B]), or b when cache_batch_idx is None;
+    - paged (block_table int32 [B, max_blocks]): k_cache [num_blocks, Hk, block_size, E], v_cache
+      [num_blocks, Hk, block_size, Ev]; position p of sequence b is row p % block_size of block
+      block_table[b, p // block_size]. FlashAttention's / vLLM's [num_blocks, block_size, Hk, E]
+      caches work as ``.transpose(1, 2)`` views, read and written in place.
+    Caches need a contiguous last dim; other strides are free.
+    k_new / v_new [B, Hk, L_new, E / Ev] (both or neither) are written into the caches in place
+    at positions cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 (cache_seqlens itself is not
+    changed), then the queries attend over positions [0, cache_seqlens[b] + L_new). Every
+    argument is checked before anything is written: on error the caches are unchanged.
+    Options as fastattn.attention's (no dropout, no attn_mask); causal masks align
+    bottom-right by default (the queries are each sequence's last positions). Returns out
+    [B, Hq, Lq, Ev] in q's dtype and, with return_lse, lse float32 [B, Hq, Lq]. Not
+    differentiable.
+
+    Value checks: cache_seqlens + L_new within the capacity, cache_batch_idx and the used
+    block_table entries within the cache are checked at the cost of one host sync per call,
+    raising ValueError. check_values=False or FASTATTN_SKIP_VALUE_CHECKS=1 skips it (it is also
+    skipped while torch.compile traces). The CPU kernels check these values in any case; on a
+    GPU a wrong value then reads or writes out of bounds.
     """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise FastattnValueError(
-                f"attention_with_kv_cache: {name} must be a 4-D [B, H, N, D] tensor"
-            )
-    B, S_max = k_cache.shape[0], k_cache.shape[2]
-    if (
-        not isinstance(cache_seqlens, torch.Tensor)
-        or cache_seqlens.dtype != torch.int32
-        or cache_seqlens.shape != (B,)
-    ):
+    fn = "attention_with_kv_cache"
+    _check_tokens(fn, q, k_cache, v_cache, 4, "[B, H, N, D]")
+    B, Hq, Lq, E = q.shape
+    n_cache, Hk, rows, Ev = v_cache.shape
+    if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != E:
         raise FastattnValueError(
-            f"attention_with_kv_cache: cache_seqlens must be int32 of shape [{B}]"
+            f"{fn}: k_cache must be [{n_cache}, {Hk}, {rows}, {E}] (v_cache's first dims, q's "
+            f"head dim), got k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.shape[-1] > 1 and cache.stride(-1) != 1:
+            raise FastattnValueError(
+                f"{fn}: {name} must have a contiguous last dim (it is written in place), got "
+                f"strides {cache.stride()}"
+            )
+    if Hq % Hk if Hk else Hq:
+        raise FastattnValueError(f"{fn}: q heads ({Hq}) must be a multiple of cache heads ({Hk})")
+    _check_index_tensor(fn, "cache_seqlens", cache_seqlens, 1, q.device)
+    if cache_seqlens.shape[0] != B:
+        raise FastattnValueError(
+            f"{fn}: cache_seqlens must be int32 of shape [{B}], got {tuple(cache_seqlens.shape)}"
         )
     if (k_new is None) != (v_new is None):
-        raise FastattnValueError("attention_with_kv_cache: pass both k_new and v_new, or neither")
-    L_new = 0 if k_new is None else k_new.shape[2]
+        raise FastattnValueError(f"{fn}: pass both k_new and v_new, or neither")
+    L_new = 0
     if k_new is not None:
-        for name, new, cache in (("k_new", k_new, k_cache), ("v_new", v_new, v_cache)):
-            if new.dim() != 4 or new.shape[:2] != cache.shape[:2] or new.shape[3] != cache.shape[3]:
+        _check_tokens(fn, q, k_new, v_new, 4, "[B, Hk, L_new, D]")
+        L_new = k_new.shape[2]
+        for name, new, dim in (("k_new", k_new, E), ("v_new", v_new, Ev)):
+            if new.shape != (B, Hk, L_new, dim):
                 raise FastattnValueError(
-                    f"attention_with_kv_cache: {name} must be [{B}, {cache.shape[1]}, L_new, "
-                    f"{cache.shape[3]}], got {tuple(new.shape)}"
+                    f"{fn}: {name} must be [{B}, {Hk}, L_new, {dim}] with k_new's L_new = "
+                    f"{L_new}, got {tuple(new.shape)}"
                 )
-    lengths = cache_seqlens.tolist()
-    if any(n < 0 or n + L_new > S_max for n in lengths):
-        raise FastattnValueError(
-            f"attention_with_kv_cache: cache_seqlens + L_new must lie in [0, {S_max}], got "
-            f"{lengths} + {L_new}"
-        )
-    alibi = options.pop("alibi_slopes", None)
-    return_lse = options.pop("return_lse", False)
-    mask = options.pop("attn_mask", None)
-    if mask is not None:
-        full = (B, q.shape[1], q.shape[2], S_max)
-        try:
-            mask = mask.expand(full)
-        except (RuntimeError, AttributeError):
+    capacity = rows
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise FastattnValueError(f"{fn}: cache_batch_idx must be None with a block_table")
+        _check_index_tensor(fn, "block_table", block_table, 2, q.device)
+        if block_table.shape[0] != B or rows == 0:
             raise FastattnValueError(
-                f"attention_with_kv_cache: attn_mask must broadcast to [B, Hq, Lq, S_max] = "
-                f"{list(full)}, got {tuple(getattr(mask, 'shape', ()))}"
-            ) from None
-    if B == 0:  # an empty batch, as torch returns for a zero-size batch
-        out = q.new_empty(0, *q.shape[1:3], v_cache.shape[3])
-        return (out, out.new_empty(out.shape[:3], dtype=torch.float32)) if return_lse else out
-    outs, lses = [], []
-    for b, length in enumerate(lengths):
-        if k_new is not None:
-            with torch.no_grad():
-                k_cache[b, :, length : length + L_new] = k_new[b]
-                v_cache[b, :, length : length + L_new] = v_new[b]
-        end = length + L_new
-        slopes = alibi[b] if alibi is not None and alibi.dim() == 2 else alibi
-        out, lse = attention(
-            q[b : b + 1],
-            k_cache[b : b + 1, :, :end],
-            v_cache[b : b + 1, :, :end],
-            causal_align=causal_align,
-            alibi_slopes=slopes,
-            return_lse=True,
-            attn_mask=None if mask is None else mask[b : b + 1, :, :, :end],
-            **options,
+                f"{fn}: block_table must be [{B}, max_blocks] and the block size (k_cache dim 2) "
+                f"positive, got block_table {tuple(block_table.shape)}, block size {rows}"
+            )
+        capacity = block_table.shape[1] * rows
+    elif cache_batch_idx is not None:
+        _check_index_tensor(fn, "cache_batch_idx", cache_batch_idx, 1, q.device)
+        if cache_batch_idx.shape[0] != B:
+            raise FastattnValueError(
+                f"{fn}: cache_batch_idx must be [{B}], got {tuple(cache_batch_idx.shape)}"
+            )
+    elif n_cache < B:
+        raise FastattnValueError(
+            f"{fn}: the cache has {n_cache} rows for a batch of {B} (pass cache_batch_idx)"
         )
-        outs.append(out)
-        lses.append(lse)
-    out = torch.cat(outs, dim=0)
-    return (out, torch.cat(lses, dim=0)) if return_lse else out
+    opts, alibi = attention_options(
+        fn, q, B, causal=causal, causal_align=causal_align, window=window, softcap=softcap,
+        alibi_slopes=alibi_slopes, scale=scale,
+    )
+    if _value_checks_wanted(check_values) and B > 0:
+        end = cache_seqlens + L_new
+        facts = [((cache_seqlens >= 0).all() & (end <= capacity).all(),
+                  lambda: f"cache_seqlens + L_new must lie in [0, {capacity}] (the capacity per "
+                  f"sequence), got {cache_seqlens.tolist()} + {L_new}")]
+        if block_table is not None and block_table.shape[1] > 0:
+            used = torch.arange(block_table.shape[1], device=q.device) * rows < end[:, None]
+            bad = used & ((block_table < 0) | (block_table >= n_cache))
+            facts.append((~bad.any(), lambda: f"block_table entries of used blocks must lie in "
+                          f"[0, {n_cache}), got {block_table[bad].tolist()}"))
+        if cache_batch_idx is not None:
+            facts.append((((cache_batch_idx >= 0) & (cache_batch_idx < n_cache)).all(),
+                          lambda: f"cache_batch_idx must lie in [0, {n_cache}), got "
+                          f"{cache_batch_idx.tolist()}"))
+        _raise_failed(fn, facts)
+
+    backend = _choose_backend(fn, q.device, q.dtype, E, Ev, *_grid_extent(B, Hq))
+    args = (cache_seqlens, k_new, v_new, block_table, cache_batch_idx, alibi,
+            *_scalar_options(opts))
+    if backend == "reference" or 0 in (Hq, E, Ev):
+        out, lse = reference.attention_kv_cache_reference(q, k_cache, v_cache, *args)
+    else:
+        op = _triton_ops()[1] if backend == "triton" else torch.ops.fastattn.attention_kv_cache_fwd
+        out, lse = op(_last_dim_contiguous(q), k_cache, v_cache, *args)
+    return (out, lse) if return_lse else out
+
+
+# ---- op registration: fake kernels and autograd (the C++ ops; Triton's in _triton_ops) ----
+
+
+@torch.library.register_fake("fastattn::attention_varlen_fwd")
+def _attention_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               *options):
+    total_q, Hq, _ = q.shape
+    return q.new_empty(total_q, Hq, v.shape[-1]), q.new_empty(Hq, total_q, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastattn::attention_varlen_bwd")
+def _attention_varlen_bwd_fake(grad_out, q, k, v, *rest):
+    # Every backend returns fresh contiguous gradients, whatever the inputs' strides.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+@torch.library.register_fake("fastattn::attention_kv_cache_fwd")
+def _attention_kv_cache_fwd_fake(q, k_cache, v_cache, *rest):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty(B, Hq, Lq, v_cache.shape[-1]), q.new_empty(B, Hq, Lq, dtype=torch.float32)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, alibi, dropout_p, rng_seed, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, alibi, rng_seed)
+    ctx.max_seqlens = (max_q, max_k)
+    ctx.options = (dropout_p, *options)
+
+
+def _make_varlen_backward(bwd_op_name: str) -> Callable:
+    @first_order_only(f"fastattn::{bwd_op_name.replace('_bwd', '_fwd')}")
+    def backward(ctx, grad_out, grad_lse):
+        # lse is an auxiliary output (returned detached by the public API).
+        q, k, v, out, lse, cu_q, cu_k, alibi, rng_seed = ctx.saved_tensors
+        dropout_p, *options = ctx.options
+        dq, dk, dv = getattr(torch.ops.fastattn, bwd_op_name)(
+            grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, *ctx.max_seqlens, alibi,
+            dropout_p, rng_seed, *options,
+        )
+        return dq, dk, dv, *([None] * 12)
+
+    return backward
+
+
+torch.library.register_autograd(
+    "fastattn::attention_varlen_fwd",
+    _make_varlen_backward("attention_varlen_bwd"),
+    setup_context=_varlen_setup_context,
+)

@@ -100,11 +100,14 @@ def attention_reference(
     window_right: int,
     bottom_right: bool,
     softcap: float,
+    dropout_keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in the normalized layout of fastattn::attention_fwd (see _registry.py).
 
     q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev]; returns out [B, Hq, L, Ev] in q's dtype
     and lse [B, Hq, L] float32. Computes in float64 for float64 inputs, else float32.
+    dropout_keep: the bool keep mask [B, Hq, L, S] to use instead of the one rng_seed draws
+    (the varlen reference passes its slice of the packed call's mask).
     """
     B, Hq, L, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
@@ -138,12 +141,114 @@ def attention_reference(
     lse = torch.where(row_sum == 0, float("-inf"), row_max + torch.log(row_sum)).squeeze(-1)
 
     if dropout_p > 0:
-        if rng_seed is None:
-            raise FastattnValueError("attention_reference: dropout_p > 0 needs rng_seed")
-        keep = dropout_keep_mask(int(rng_seed), (B, Hq, L, S), dropout_p, q.device)
+        keep = dropout_keep
+        if keep is None:
+            if rng_seed is None:
+                raise FastattnValueError("attention_reference: dropout_p > 0 needs rng_seed")
+            keep = dropout_keep_mask(int(rng_seed), (B, Hq, L, S), dropout_p, q.device)
         probs = probs * keep / (1.0 - dropout_p)
     out = torch.matmul(probs, vc)
     return out.to(q.dtype), lse.to(torch.float32)
+
+
+def _slopes_of(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    return alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+
+
+def attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    alibi_slopes: torch.Tensor | None,
+    dropout_p: float,
+    rng_seed: torch.Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fastattn::attention_varlen_fwd (layout and dropout counter: _registry.py), one
+    attention_reference per sequence. Returns out [total_q, Hq, Ev], lse float32 [Hq, total_q]."""
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    total_q, Hq = q.shape[0], q.shape[1]
+    keep_all = None
+    if dropout_p > 0:
+        if rng_seed is None:
+            raise FastattnValueError("attention_varlen_reference: dropout_p > 0 needs rng_seed")
+        keep_all = dropout_keep_mask(int(rng_seed), (1, Hq, total_q, max_seqlen_k), dropout_p,
+                                     q.device)
+    outs, lses = [q.new_empty(0, Hq, v.shape[-1])], [q.new_empty(Hq, 0, dtype=torch.float32)]
+    for b in range(len(offsets_q) - 1):
+        (q0, q1), (k0, k1) = offsets_q[b : b + 2], offsets_k[b : b + 2]
+        qb, kb, vb = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        keep = None if keep_all is None else keep_all[:, :, q0:q1, : k1 - k0]
+        out, lse = attention_reference(
+            qb, kb, vb, None, _slopes_of(alibi_slopes, b), dropout_p, rng_seed, scale,
+            window_left, window_right, bottom_right, softcap, dropout_keep=keep,
+        )
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def kv_cache_positions(
+    k_cache: torch.Tensor, b: int, length: int, block_table: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cache index, row) int64 [length] of positions 0 .. length - 1 of sequence b: the batch
+    row (or, paged, the block) of k_cache [*, Hk, rows, E] and the row within it."""
+    pos = torch.arange(length, device=k_cache.device)
+    if block_table is not None:
+        block_size = k_cache.shape[2]
+        return block_table[b].long()[pos // block_size], pos % block_size
+    row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+    return torch.full_like(pos, row), pos
+
+
+def attention_kv_cache_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    block_table: torch.Tensor | None,
+    cache_batch_idx: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fastattn::attention_kv_cache_fwd (layouts: _registry.py): appends k_new / v_new into the
+    caches in place, then one attention_reference per sequence over its gathered keys.
+    The caller validates the arguments. Returns out [B, Hq, Lq, Ev], lse float32 [B, Hq, Lq]."""
+    L_new = 0 if k_new is None else k_new.shape[2]
+    outs, lses = [], []
+    for b, length in enumerate(cache_seqlens.tolist()):
+        index, row = kv_cache_positions(k_cache, b, length + L_new, block_table, cache_batch_idx)
+        if L_new:
+            with torch.no_grad():
+                k_cache[index[length:], :, row[length:]] = k_new[b].transpose(0, 1)
+                v_cache[index[length:], :, row[length:]] = v_new[b].transpose(0, 1)
+        keys, values = (c[index, :, row].transpose(0, 1)[None] for c in (k_cache, v_cache))
+        out, lse = attention_reference(
+            q[b : b + 1], keys, values, None, _slopes_of(alibi_slopes, b), 0.0, None, scale,
+            window_left, window_right, bottom_right, softcap,
+        )
+        outs.append(out)
+        lses.append(lse)
+    if not outs:
+        B, Hq, Lq = q.shape[:3]
+        out = q.new_empty(B, Hq, Lq, v_cache.shape[-1])
+        return out, q.new_empty(B, Hq, Lq, dtype=torch.float32)
+    return torch.cat(outs), torch.cat(lses)
 
 
 # ---- LSTM (schemas and semantics: fastattn/ops/_registry.py) ----------------------------------
