@@ -648,7 +648,7 @@ bool run_varlen_case(const VarlenCase& c, const char* dropout_mask_path = nullpt
   bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data(), bp.delta = delta.data();
   bp.dq_head_stride = E, bp.dq_row_stride = int64_t(Hq) * E;
   bp.dkv_head_stride = E, bp.dkv_row_stride = int64_t(Hk) * E;
-  if (const cudaError_t err = run_bwd<T, E>(bp); err != cudaSuccess) {
+  if (const cudaError_t err = launch<T, E>(bp); err != cudaSuccess) {
     std::printf("  FAIL backward launch error %d\n", int(err));
     return false;
   }
