@@ -94,6 +94,17 @@ def _tile(ptr, idx0, stride0, size0, idx1, stride1, size1):
 
 
 @triton.jit
+def _gate_tiles(w_hh_ptr, gate_stride, idx0, stride0, size0, idx1, stride1, size1):
+    """The four gates' weight tiles (i, f, g, o) of w_hh, gate q starting q * gate_stride
+    elements in; each as _tile(...) with the given (transposing) strides."""
+    w_i = _tile(w_hh_ptr, idx0, stride0, size0, idx1, stride1, size1)
+    w_f = _tile(w_hh_ptr + gate_stride, idx0, stride0, size0, idx1, stride1, size1)
+    w_g = _tile(w_hh_ptr + 2 * gate_stride, idx0, stride0, size0, idx1, stride1, size1)
+    w_o = _tile(w_hh_ptr + 3 * gate_stride, idx0, stride0, size0, idx1, stride1, size1)
+    return w_i, w_f, w_g, w_o
+
+
+@triton.jit
 def _round(x, dtype: tl.constexpr):
     """float32 x rounded to the nearest ``dtype`` value (ties to even), kept in float32.
     bfloat16 is rounded on the bits, after which the conversion is exact: the Triton
@@ -126,13 +137,8 @@ def _lstm_layer_fwd_kernel(
     dtype = h_all_ptr.dtype.element_ty
 
     # [BLOCK_P (k), BLOCK_H (n)] = w_hh[gate * H + n, k]: h @ tile is one gate's product.
-    w_i = _tile(w_hh_ptr, p_cols, stride_w_hh_col, state, h_cols, stride_w_hh_row, hidden)
-    w_f = _tile(w_hh_ptr + hidden * stride_w_hh_row, p_cols, stride_w_hh_col, state, h_cols,
-                stride_w_hh_row, hidden)
-    w_g = _tile(w_hh_ptr + 2 * hidden * stride_w_hh_row, p_cols, stride_w_hh_col, state, h_cols,
-                stride_w_hh_row, hidden)
-    w_o = _tile(w_hh_ptr + 3 * hidden * stride_w_hh_row, p_cols, stride_w_hh_col, state, h_cols,
-                stride_w_hh_row, hidden)
+    w_i, w_f, w_g, w_o = _gate_tiles(w_hh_ptr, hidden * stride_w_hh_row, p_cols,
+                                     stride_w_hh_col, state, h_cols, stride_w_hh_row, hidden)
     if HAS_PROJ:  # [BLOCK_H (k), BLOCK_P (n)] = w_hr[n, k]
         w_r = _tile(w_hr_ptr, h_cols, stride_w_hr_col, hidden, p_cols, stride_w_hr_row, state)
 
@@ -217,13 +223,8 @@ def _lstm_layer_bwd_kernel(
     mask_p = (rows[:, None] < batch) & (p_cols[None, :] < state)  # [BLOCK_B, BLOCK_P]
 
     # [BLOCK_H (k), BLOCK_P (n)] = w_hh[gate * H + k, n]: grad_gate @ tile is its part of dh.
-    w_i = _tile(w_hh_ptr, h_cols, stride_w_hh_row, hidden, p_cols, stride_w_hh_col, state)
-    w_f = _tile(w_hh_ptr + hidden * stride_w_hh_row, h_cols, stride_w_hh_row, hidden, p_cols,
-                stride_w_hh_col, state)
-    w_g = _tile(w_hh_ptr + 2 * hidden * stride_w_hh_row, h_cols, stride_w_hh_row, hidden, p_cols,
-                stride_w_hh_col, state)
-    w_o = _tile(w_hh_ptr + 3 * hidden * stride_w_hh_row, h_cols, stride_w_hh_row, hidden, p_cols,
-                stride_w_hh_col, state)
+    w_i, w_f, w_g, w_o = _gate_tiles(w_hh_ptr, hidden * stride_w_hh_row, h_cols,
+                                     stride_w_hh_row, hidden, p_cols, stride_w_hh_col, state)
     if HAS_PROJ:  # [BLOCK_P (k), BLOCK_H (n)] = w_hr[k, n]
         w_r = _tile(w_hr_ptr, p_cols, stride_w_hr_row, state, h_cols, stride_w_hr_col, hidden)
 
