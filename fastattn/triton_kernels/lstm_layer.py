@@ -70,7 +70,8 @@ import triton.language as tl
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 from fastattn.triton_kernels.lstm_cell import _sigmoid, _tanh
 
-MAX_HIDDEN = 32  # the largest H and P whose weight tiles stay on chip on sm_80 and sm_90
+MAX_RESIDENT = 32  # the largest H and P whose weight tiles stay on chip on sm_80 and sm_90
+STREAM_BLOCK = 32  # the tile width over H and P when the weights are streamed
 BLOCK_B = 16  # batch rows of a program; tl.dot needs at least 16
 
 
@@ -80,7 +81,7 @@ def block_size(size: int) -> int:
 
 
 def num_warps(block_h: int, block_p: int) -> int:
-    """Warps of a program: 4 up to 32-wide tiles (the widest served), 8 beyond."""
+    """Warps of a program: 4 up to 32-wide tiles (the widest launched), 8 beyond."""
     return 4 if max(block_h, block_p) <= 32 else 8
 
 
@@ -105,6 +106,18 @@ def _gate_tiles(w_hh_ptr, gate_stride, idx0, stride0, size0, idx1, stride1, size
 
 
 @triton.jit
+def _state_before(s, first_ptr, stride_first_b, stride_first_u, all_ptr, prev, rows, batch,
+                  cols, width):
+    """float32 [rows, cols] of the state step ``s`` reads: the (strided) initial state at the
+    first step, else time ``prev`` of the contiguous [T, B, width] outputs. One load runs."""
+    later = _tile(all_ptr + prev.to(tl.int64) * batch * width, rows, width,
+                  tl.where(s > 0, batch, 0), cols, 1, width)
+    first = _tile(first_ptr, rows, stride_first_b, tl.where(s > 0, 0, batch), cols,
+                  stride_first_u, width)
+    return tl.where(s > 0, later, first)
+
+
+@triton.jit
 def _round(x, dtype: tl.constexpr):
     """float32 x rounded to the nearest ``dtype`` value (ties to even), kept in float32.
     bfloat16 is rounded on the bits, after which the conversion is exact: the Triton
@@ -126,76 +139,148 @@ def _lstm_layer_fwd_kernel(
     stride_x_t, stride_x_b, stride_x_g, stride_h0_b, stride_h0_p, stride_c0_b, stride_c0_h,
     stride_w_hh_row, stride_w_hh_col, stride_w_hr_row, stride_w_hr_col,
     HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_ZONEOUT_C: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr,
+    HAS_ZONEOUT_C: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """RESIDENT (H <= BLOCK_H, P <= BLOCK_P): the weights and the state stay on chip, and every
+    loop over column blocks below runs once with constant bounds (folded by the compiler).
+    Else each step streams the weight tiles and reads the previous state back from h_all /
+    c_all, which this program wrote for its own rows (a block barrier orders the two)."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BLOCK_B] batch rows
-    h_cols = tl.arange(0, BLOCK_H)  # hidden units (gate and c columns)
+    h_cols = tl.arange(0, BLOCK_H)  # hidden units (gate and c columns) of a column block
     p_cols = tl.arange(0, BLOCK_P)  # state units (h columns; P = H without projection)
-    mask_h = (rows[:, None] < batch) & (h_cols[None, :] < hidden)  # [BLOCK_B, BLOCK_H]
-    mask_p = (rows[:, None] < batch) & (p_cols[None, :] < state)  # [BLOCK_B, BLOCK_P]
     dtype = h_all_ptr.dtype.element_ty
-
-    # [BLOCK_P (k), BLOCK_H (n)] = w_hh[gate * H + n, k]: h @ tile is one gate's product.
-    w_i, w_f, w_g, w_o = _gate_tiles(w_hh_ptr, hidden * stride_w_hh_row, p_cols,
-                                     stride_w_hh_col, state, h_cols, stride_w_hh_row, hidden)
-    if HAS_PROJ:  # [BLOCK_H (k), BLOCK_P (n)] = w_hr[n, k]
-        w_r = _tile(w_hr_ptr, h_cols, stride_w_hr_col, hidden, p_cols, stride_w_hr_row, state)
-
-    # States in float32 holding values of the input dtype; padded columns stay zero.
-    h = _tile(h0_ptr, rows, stride_h0_b, batch, p_cols, stride_h0_p, state)  # [BLOCK_B, BLOCK_P]
-    c = _tile(c0_ptr, rows, stride_c0_b, batch, h_cols, stride_c0_h, hidden)  # [BLOCK_B, BLOCK_H]
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_x_b + h_cols[None, :] * stride_x_g
-    gate_step = hidden * stride_x_g
-    # Offsets into the contiguous outputs of step 0: [B, H], [B, P], [B, 4H].
-    h_offsets = rows[:, None].to(tl.int64) * hidden + h_cols[None, :]
-    p_offsets = rows[:, None].to(tl.int64) * state + p_cols[None, :]
-    g_offsets = rows[:, None].to(tl.int64) * (4 * hidden) + h_cols[None, :]
+    if RESIDENT:
+        n_h = BLOCK_H
+        n_p = BLOCK_P
+        # [BLOCK_P (k), BLOCK_H (n)] = w_hh[gate * H + n, k]: h @ tile is one gate's product.
+        w_i, w_f, w_g, w_o = _gate_tiles(w_hh_ptr, hidden * stride_w_hh_row, p_cols,
+                                         stride_w_hh_col, state, h_cols, stride_w_hh_row, hidden)
+        if HAS_PROJ:  # [BLOCK_H (k), BLOCK_P (n)] = w_hr[n, k]
+            w_r = _tile(w_hr_ptr, h_cols, stride_w_hr_col, hidden, p_cols, stride_w_hr_row,
+                        state)
+        # States in float32 holding values of the input dtype; padded columns stay zero.
+        h = _tile(h0_ptr, rows, stride_h0_b, batch, p_cols, stride_h0_p, state)
+        c = _tile(c0_ptr, rows, stride_c0_b, batch, h_cols, stride_c0_h, hidden)
+    else:
+        n_h = hidden
+        n_p = state
     for s in range(seq_len):
         t = seq_len - 1 - s if REVERSE else s
+        prev = tl.minimum(tl.maximum(t + 1 if REVERSE else t - 1, 0), seq_len - 1)
         if HAS_BATCH_SIZES:  # rows past batch_sizes[t] carry their state through this step
             steps = rows[:, None] < tl.load(batch_sizes_ptr + t)
         else:
             steps = rows[:, None] < batch
-        step_h = mask_h & steps
-        x_t = x_rows + t.to(tl.int64) * stride_x_t
-        pre_i = tl.dot(h, w_i, input_precision="tf32x3")
-        pre_f = tl.dot(h, w_f, input_precision="tf32x3")
-        pre_g = tl.dot(h, w_g, input_precision="tf32x3")
-        pre_o = tl.dot(h, w_o, input_precision="tf32x3")
-        i = _sigmoid(pre_i + tl.load(x_t, mask=step_h, other=0.0).to(tl.float32))
-        f = _sigmoid(pre_f + tl.load(x_t + gate_step, mask=step_h, other=0.0).to(tl.float32))
-        g = _tanh(pre_g + tl.load(x_t + 2 * gate_step, mask=step_h, other=0.0).to(tl.float32))
-        o = _sigmoid(pre_o + tl.load(x_t + 3 * gate_step, mask=step_h, other=0.0).to(tl.float32))
-        c_cell = f * c + i * g
-        hpre = _round(tl.where(step_h, o * _tanh(c_cell), 0.0), dtype)
-        c_new = _round(c_cell, dtype)
+        x_t = x_ptr + t.to(tl.int64) * stride_x_t + rows[:, None].to(tl.int64) * stride_x_b
+        out_rows = t.to(tl.int64) * batch + rows[:, None].to(tl.int64)  # rows of [T * B, *]
+        if RESIDENT and HAS_PROJ:
+            hpre = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # the projection's input
+        for j0 in range(0, n_h, BLOCK_H):  # gate columns j0 + h_cols of each gate
+            cols = j0 + h_cols
+            mask_h = (rows[:, None] < batch) & (cols[None, :] < hidden)
+            step_h = mask_h & steps
+            pre_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            pre_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            pre_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            pre_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for k0 in range(0, n_p, BLOCK_P):
+                if not RESIDENT:
+                    h = _state_before(s, h0_ptr, stride_h0_b, stride_h0_p, h_all_ptr, prev,
+                                      rows, batch, k0 + p_cols, state)
+                    w_i, w_f, w_g, w_o = _gate_tiles(
+                        w_hh_ptr + j0 * stride_w_hh_row + k0 * stride_w_hh_col,
+                        hidden * stride_w_hh_row, p_cols, stride_w_hh_col, state - k0, h_cols,
+                        stride_w_hh_row, hidden - j0)
+                pre_i += tl.dot(h, w_i, input_precision="tf32x3")
+                pre_f += tl.dot(h, w_f, input_precision="tf32x3")
+                pre_g += tl.dot(h, w_g, input_precision="tf32x3")
+                pre_o += tl.dot(h, w_o, input_precision="tf32x3")
+            x_j = x_t + cols[None, :] * stride_x_g
+            gate_step = hidden * stride_x_g
+            i = _sigmoid(pre_i + tl.load(x_j, mask=step_h, other=0.0).to(tl.float32))
+            f = _sigmoid(pre_f + tl.load(x_j + gate_step, mask=step_h, other=0.0).to(tl.float32))
+            g = _tanh(pre_g + tl.load(x_j + 2 * gate_step, mask=step_h, other=0.0).to(tl.float32))
+            o = _sigmoid(pre_o + tl.load(x_j + 3 * gate_step, mask=step_h, other=0.0).to(
+                tl.float32))
+            if RESIDENT:
+                c_prev = c
+            else:
+                c_prev = _state_before(s, c0_ptr, stride_c0_b, stride_c0_h, c_all_ptr, prev,
+                                       rows, batch, cols, hidden)
+            c_cell = f * c_prev + i * g
+            hpre_j = _round(tl.where(step_h, o * _tanh(c_cell), 0.0), dtype)
+            c_new = _round(c_cell, dtype)
+            h_offsets = out_rows * hidden + cols[None, :]
+            if HAS_ZONEOUT_C:  # the weight of the previous state: lerp(c_new, c, z)
+                z_c = tl.load(zoneout_c_ptr + h_offsets, mask=step_h, other=0.0).to(tl.float32)
+                c_new = _round(c_new + z_c * (c_prev - c_new), dtype)
+            c_out = tl.where(steps, c_new, c_prev)
+            tl.store(c_all_ptr + h_offsets, c_out.to(dtype), mask=mask_h)
+            # Rows that do not step hold zeros in gates_all and hpre_all (the schema's
+            # contract). The stored states are rounded already (exact conversions); the gates
+            # are not.
+            g_t = gates_all_ptr + out_rows * (4 * hidden) + cols[None, :]
+            tl.store(g_t, _round(tl.where(steps, i, 0.0), dtype).to(dtype), mask=mask_h)
+            tl.store(g_t + hidden, _round(tl.where(steps, f, 0.0), dtype).to(dtype), mask=mask_h)
+            tl.store(g_t + 2 * hidden, _round(tl.where(steps, g, 0.0), dtype).to(dtype),
+                     mask=mask_h)
+            tl.store(g_t + 3 * hidden, _round(tl.where(steps, o, 0.0), dtype).to(dtype),
+                     mask=mask_h)
+            if HAS_PROJ:
+                tl.store(hpre_all_ptr + h_offsets, hpre_j.to(dtype), mask=mask_h)
+                if RESIDENT:
+                    hpre = hpre_j
+            else:  # h is hpre (P = H, so BLOCK_P = BLOCK_H and the columns are the same)
+                if RESIDENT:
+                    h_prev = h
+                else:
+                    h_prev = _state_before(s, h0_ptr, stride_h0_b, stride_h0_p, h_all_ptr,
+                                           prev, rows, batch, cols, state)
+                h_new = hpre_j
+                if HAS_ZONEOUT_H:
+                    z_h = tl.load(zoneout_h_ptr + h_offsets, mask=step_h, other=0.0).to(
+                        tl.float32)
+                    h_new = _round(h_new + z_h * (h_prev - h_new), dtype)
+                h_out = tl.where(step_h, h_new, h_prev)
+                tl.store(h_all_ptr + h_offsets, h_out.to(dtype), mask=mask_h)
+                if RESIDENT:
+                    h = h_out
+            if RESIDENT:
+                c = c_out
         if HAS_PROJ:
-            h_new = _round(tl.dot(hpre, w_r, input_precision="tf32x3"), dtype)
-        else:
-            h_new = hpre
-        h_t = h_offsets + t.to(tl.int64) * batch * hidden
-        p_t = p_offsets + t.to(tl.int64) * batch * state
-        if HAS_ZONEOUT_C:  # the weight of the previous state: lerp(c_new, c, z)
-            z_c = tl.load(zoneout_c_ptr + h_t, mask=step_h, other=0.0).to(tl.float32)
-            c_new = _round(c_new + z_c * (c - c_new), dtype)
-        if HAS_ZONEOUT_H:
-            z_h = tl.load(zoneout_h_ptr + p_t, mask=mask_p & steps, other=0.0).to(tl.float32)
-            h_new = _round(h_new + z_h * (h - h_new), dtype)
-        c = tl.where(steps, c_new, c)
-        h = tl.where(steps & mask_p, h_new, h)
-
-        tl.store(c_all_ptr + h_t, c.to(dtype), mask=mask_h)
-        tl.store(h_all_ptr + p_t, h.to(dtype), mask=mask_p)
-        # Rows that do not step hold zeros in gates_all and hpre_all (the schema's contract).
-        # The stored states are rounded already (exact conversions); the gates are not.
-        g_t = gates_all_ptr + g_offsets + t.to(tl.int64) * batch * 4 * hidden
-        tl.store(g_t, _round(tl.where(steps, i, 0.0), dtype).to(dtype), mask=mask_h)
-        tl.store(g_t + hidden, _round(tl.where(steps, f, 0.0), dtype).to(dtype), mask=mask_h)
-        tl.store(g_t + 2 * hidden, _round(tl.where(steps, g, 0.0), dtype).to(dtype), mask=mask_h)
-        tl.store(g_t + 3 * hidden, _round(tl.where(steps, o, 0.0), dtype).to(dtype), mask=mask_h)
-        if HAS_PROJ:
-            tl.store(hpre_all_ptr + h_t, hpre.to(dtype), mask=mask_h)
+            if not RESIDENT:
+                tl.debug_barrier()  # hpre_all[t] of every column block is written
+            for p0 in range(0, n_p, BLOCK_P):  # h = hpre @ w_hr^T, state columns p0 + p_cols
+                cols_p = p0 + p_cols
+                mask_p = (rows[:, None] < batch) & (cols_p[None, :] < state)
+                proj = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+                for k0 in range(0, n_h, BLOCK_H):
+                    if not RESIDENT:
+                        hpre = _tile(hpre_all_ptr + t.to(tl.int64) * batch * hidden, rows,
+                                     hidden, batch, k0 + h_cols, 1, hidden)
+                        # [BLOCK_H (k), BLOCK_P (n)] = w_hr[p0 + n, k0 + k]
+                        w_r = _tile(w_hr_ptr + p0 * stride_w_hr_row + k0 * stride_w_hr_col,
+                                    h_cols, stride_w_hr_col, hidden - k0, p_cols,
+                                    stride_w_hr_row, state - p0)
+                    proj += tl.dot(hpre, w_r, input_precision="tf32x3")
+                h_new = _round(proj, dtype)
+                if RESIDENT:
+                    h_prev = h
+                else:
+                    h_prev = _state_before(s, h0_ptr, stride_h0_b, stride_h0_p, h_all_ptr,
+                                           prev, rows, batch, cols_p, state)
+                p_offsets = out_rows * state + cols_p[None, :]
+                if HAS_ZONEOUT_H:
+                    z_h = tl.load(zoneout_h_ptr + p_offsets, mask=mask_p & steps,
+                                  other=0.0).to(tl.float32)
+                    h_new = _round(h_new + z_h * (h_prev - h_new), dtype)
+                h_out = tl.where(steps & mask_p, h_new, h_prev)
+                tl.store(h_all_ptr + p_offsets, h_out.to(dtype), mask=mask_p)
+                if RESIDENT:
+                    h = h_out
+        if not RESIDENT:
+            tl.debug_barrier()  # the next step reads h_all[t] and c_all[t] back
 
 
 @triton.jit
@@ -206,7 +291,7 @@ def _lstm_layer_bwd_kernel(
     seq_len, batch, hidden, state,
     stride_c0_b, stride_c0_h, stride_w_hh_row, stride_w_hh_col, stride_w_hr_row, stride_w_hr_col,
     HAS_PROJ: tl.constexpr, HAS_BATCH_SIZES: tl.constexpr, REVERSE: tl.constexpr,
-    HAS_ZONEOUT_C: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr,
+    HAS_ZONEOUT_C: tl.constexpr, HAS_ZONEOUT_H: tl.constexpr, RESIDENT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Float32 outputs, rounded to the input dtype by the caller (in torch: the Triton
@@ -215,89 +300,188 @@ def _lstm_layer_bwd_kernel(
     gradients (grad_x_proj);
     grad_hy_all [T, B, P] float32 (HAS_PROJ): the gradient reaching h_new = hpre @ w_hr^T,
     which grad_w_hr needs. Both are zero on rows that do not step. The other inputs are
-    contiguous (the launcher's copies) except c0 and the weights."""
+    contiguous (the launcher's copies) except c0 and the weights.
+
+    Per step, three phases over column blocks: (A) the gradient reaching h (and through the
+    projection's output), (B) the gate gradients and dc per H block, (C) dh_prev = grad_gates @
+    w_hh per P block. RESIDENT as in the forward: the weights and dh, dc stay on chip and each
+    phase is one block; else dh and dc live in grad_h0 / grad_c0 (this program's rows) and the
+    phases read back what the one before wrote, after a block barrier."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     h_cols = tl.arange(0, BLOCK_H)
     p_cols = tl.arange(0, BLOCK_P)
-    mask_h = (rows[:, None] < batch) & (h_cols[None, :] < hidden)  # [BLOCK_B, BLOCK_H]
-    mask_p = (rows[:, None] < batch) & (p_cols[None, :] < state)  # [BLOCK_B, BLOCK_P]
-
-    # [BLOCK_H (k), BLOCK_P (n)] = w_hh[gate * H + k, n]: grad_gate @ tile is its part of dh.
-    w_i, w_f, w_g, w_o = _gate_tiles(w_hh_ptr, hidden * stride_w_hh_row, h_cols,
-                                     stride_w_hh_row, hidden, p_cols, stride_w_hh_col, state)
-    if HAS_PROJ:  # [BLOCK_P (k), BLOCK_H (n)] = w_hr[k, n]
-        w_r = _tile(w_hr_ptr, p_cols, stride_w_hr_row, state, h_cols, stride_w_hr_col, hidden)
-
-    dh = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)  # gradient reaching the state h
-    dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # gradient reaching the state c
-    h_offsets = rows[:, None].to(tl.int64) * hidden + h_cols[None, :]
-    p_offsets = rows[:, None].to(tl.int64) * state + p_cols[None, :]
-    g_offsets = rows[:, None].to(tl.int64) * (4 * hidden) + h_cols[None, :]
-    c_prev0 = _tile(c0_ptr, rows, stride_c0_b, batch, h_cols, stride_c0_h, hidden)
+    if RESIDENT:
+        n_h = BLOCK_H
+        n_p = BLOCK_P
+        # [BLOCK_H (k), BLOCK_P (n)] = w_hh[gate * H + k, n]: grad_gate @ tile is its part of dh.
+        w_i, w_f, w_g, w_o = _gate_tiles(w_hh_ptr, hidden * stride_w_hh_row, h_cols,
+                                         stride_w_hh_row, hidden, p_cols, stride_w_hh_col, state)
+        if HAS_PROJ:  # [BLOCK_P (k), BLOCK_H (n)] = w_hr[k, n]
+            w_r = _tile(w_hr_ptr, p_cols, stride_w_hr_row, state, h_cols, stride_w_hr_col,
+                        hidden)
+        dh = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)  # gradient reaching the state h
+        dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # gradient reaching the state c
+    else:
+        n_h = hidden
+        n_p = state
+        for p0 in range(0, n_p, BLOCK_P):
+            offsets = rows[:, None].to(tl.int64) * state + (p0 + p_cols)[None, :]
+            mask = (rows[:, None] < batch) & ((p0 + p_cols)[None, :] < state)
+            tl.store(grad_h0_ptr + offsets, tl.zeros((BLOCK_B, BLOCK_P), tl.float32), mask=mask)
+        for j0 in range(0, n_h, BLOCK_H):
+            offsets = rows[:, None].to(tl.int64) * hidden + (j0 + h_cols)[None, :]
+            mask = (rows[:, None] < batch) & ((j0 + h_cols)[None, :] < hidden)
+            tl.store(grad_c0_ptr + offsets, tl.zeros((BLOCK_B, BLOCK_H), tl.float32), mask=mask)
+        tl.debug_barrier()
     for r in range(seq_len):
         s = seq_len - 1 - r  # the forward's step index, walked backwards
         t = seq_len - 1 - s if REVERSE else s
+        prev = tl.minimum(tl.maximum(t + 1 if REVERSE else t - 1, 0), seq_len - 1)
         if HAS_BATCH_SIZES:
             steps = rows[:, None] < tl.load(batch_sizes_ptr + t)
         else:
             steps = rows[:, None] < batch
-        step_h = mask_h & steps
-        step_p = mask_p & steps
-        h_t = h_offsets + t.to(tl.int64) * batch * hidden
-        p_t = p_offsets + t.to(tl.int64) * batch * state
-        g_t = g_offsets + t.to(tl.int64) * batch * 4 * hidden
-        dh_total = dh + tl.load(grad_h_all_ptr + p_t, mask=mask_p, other=0.0).to(tl.float32)
-        dc_total = dc + tl.load(grad_c_all_ptr + h_t, mask=mask_h, other=0.0).to(tl.float32)
-
-        dh_new = tl.where(step_p, dh_total, 0.0)
-        if HAS_ZONEOUT_H:
-            z_h = tl.load(zoneout_h_ptr + p_t, mask=step_p, other=0.0).to(tl.float32)
-            dh_new = dh_new * (1.0 - z_h)
-        if HAS_PROJ:
-            tl.store(grad_hy_all_ptr + p_t, dh_new, mask=mask_p)
-            dh_hpre = tl.dot(dh_new, w_r, input_precision="tf32x3")  # [BLOCK_B, BLOCK_H]
-        else:
-            dh_hpre = dh_new
-        dc_new = tl.where(step_h, dc_total, 0.0)
-        if HAS_ZONEOUT_C:
-            z_c = tl.load(zoneout_c_ptr + h_t, mask=step_h, other=0.0).to(tl.float32)
-            dc_new = dc_new * (1.0 - z_c)
-
-        i = tl.load(gates_all_ptr + g_t, mask=step_h, other=0.0).to(tl.float32)
-        f = tl.load(gates_all_ptr + g_t + hidden, mask=step_h, other=0.0).to(tl.float32)
-        g = tl.load(gates_all_ptr + g_t + 2 * hidden, mask=step_h, other=0.0).to(tl.float32)
-        o = tl.load(gates_all_ptr + g_t + 3 * hidden, mask=step_h, other=0.0).to(tl.float32)
-        # The state this step read: c0 at the first step, else the previous step's c_all.
-        # (clamped into the sequence at the first step, whose load is then discarded).
-        prev = tl.minimum(tl.maximum(t + 1 if REVERSE else t - 1, 0), seq_len - 1)
-        c_prev = tl.load(c_all_ptr + h_offsets + prev.to(tl.int64) * batch * hidden,
-                         mask=step_h, other=0.0).to(tl.float32)
-        c_prev = tl.where(s > 0, c_prev, c_prev0)
-        # c_all[t] holds the zoned-out state; tanh needs the cell's own f * c_prev + i * g.
-        tanh_c = _tanh(f * c_prev + i * g)
-        d_cell = dc_new + dh_hpre * o * (1.0 - tanh_c * tanh_c)
-        grad_i = d_cell * g * i * (1.0 - i)
-        grad_f = d_cell * c_prev * f * (1.0 - f)
-        grad_g = d_cell * i * (1.0 - g * g)
-        grad_o = dh_hpre * tanh_c * o * (1.0 - o)
-        tl.store(grad_gates_all_ptr + g_t, grad_i, mask=mask_h)
-        tl.store(grad_gates_all_ptr + g_t + hidden, grad_f, mask=mask_h)
-        tl.store(grad_gates_all_ptr + g_t + 2 * hidden, grad_g, mask=mask_h)
-        tl.store(grad_gates_all_ptr + g_t + 3 * hidden, grad_o, mask=mask_h)
-
-        dh_prev = tl.dot(grad_i, w_i, input_precision="tf32x3")
-        dh_prev += tl.dot(grad_f, w_f, input_precision="tf32x3")
-        dh_prev += tl.dot(grad_g, w_g, input_precision="tf32x3")
-        dh_prev += tl.dot(grad_o, w_o, input_precision="tf32x3")
-        dc_prev = d_cell * f
-        if HAS_ZONEOUT_H:  # the zoned-out share of h came straight from the previous state
-            dh_prev += dh_total * z_h
-        if HAS_ZONEOUT_C:
-            dc_prev += dc_total * z_c
-        dh = tl.where(step_p, dh_prev, dh_total)
-        dc = tl.where(step_h, dc_prev, dc_total)
-    tl.store(grad_h0_ptr + p_offsets, dh, mask=mask_p)
-    tl.store(grad_c0_ptr + h_offsets, dc, mask=mask_h)
+        out_rows = t.to(tl.int64) * batch + rows[:, None].to(tl.int64)  # rows of [T * B, *]
+        # (A) dh_total = dh + grad_h_all[t], and with a projection its output's gradient.
+        if RESIDENT:
+            dh_total = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+            dh_new = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+        for p0 in range(0, n_p, BLOCK_P):
+            cols_p = p0 + p_cols
+            mask_p = (rows[:, None] < batch) & (cols_p[None, :] < state)
+            p_offsets = out_rows * state + cols_p[None, :]
+            dh_in = dh if RESIDENT else _tile(grad_h0_ptr, rows, state, batch, cols_p, 1, state)
+            dh_total_p = dh_in + tl.load(grad_h_all_ptr + p_offsets, mask=mask_p,
+                                         other=0.0).to(tl.float32)
+            if RESIDENT:
+                dh_total = dh_total_p
+            else:  # in place: each element is read and written by the same thread
+                tl.store(grad_h0_ptr + rows[:, None].to(tl.int64) * state + cols_p[None, :],
+                         dh_total_p, mask=mask_p)
+            if HAS_PROJ:
+                dh_new_p = tl.where(mask_p & steps, dh_total_p, 0.0)
+                if HAS_ZONEOUT_H:
+                    dh_new_p *= 1.0 - tl.load(zoneout_h_ptr + p_offsets, mask=mask_p & steps,
+                                              other=0.0).to(tl.float32)
+                tl.store(grad_hy_all_ptr + p_offsets, dh_new_p, mask=mask_p)
+                if RESIDENT:
+                    dh_new = dh_new_p
+        if not RESIDENT:
+            tl.debug_barrier()
+        # (B) the gate gradients and dc, per block of H columns.
+        if RESIDENT:
+            grad_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            grad_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            grad_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            grad_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        for j0 in range(0, n_h, BLOCK_H):
+            cols = j0 + h_cols
+            mask_h = (rows[:, None] < batch) & (cols[None, :] < hidden)
+            step_h = mask_h & steps
+            h_offsets = out_rows * hidden + cols[None, :]
+            if HAS_PROJ:  # the gradient reaching hpre: dh_new @ w_hr
+                dh_hpre = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for k0 in range(0, n_p, BLOCK_P):
+                    if not RESIDENT:
+                        dh_new = _tile(grad_hy_all_ptr + t.to(tl.int64) * batch * state, rows,
+                                       state, batch, k0 + p_cols, 1, state)
+                        # [BLOCK_P (k), BLOCK_H (n)] = w_hr[k0 + k, j0 + n]
+                        w_r = _tile(w_hr_ptr + k0 * stride_w_hr_row + j0 * stride_w_hr_col,
+                                    p_cols, stride_w_hr_row, state - k0, h_cols,
+                                    stride_w_hr_col, hidden - j0)
+                    dh_hpre += tl.dot(dh_new, w_r, input_precision="tf32x3")
+            else:  # P = H: the state's columns are the gates'
+                if RESIDENT:
+                    dh_hpre = tl.where(step_h, dh_total, 0.0)
+                else:
+                    dh_hpre = tl.where(step_h, _tile(grad_h0_ptr, rows, state, batch, cols, 1,
+                                                     state), 0.0)
+                if HAS_ZONEOUT_H:
+                    dh_hpre *= 1.0 - tl.load(zoneout_h_ptr + h_offsets, mask=step_h,
+                                             other=0.0).to(tl.float32)
+            c_offsets = rows[:, None].to(tl.int64) * hidden + cols[None, :]
+            dc_in = dc if RESIDENT else tl.load(grad_c0_ptr + c_offsets, mask=mask_h, other=0.0)
+            dc_total = dc_in + tl.load(grad_c_all_ptr + h_offsets, mask=mask_h,
+                                       other=0.0).to(tl.float32)
+            dc_new = tl.where(step_h, dc_total, 0.0)
+            if HAS_ZONEOUT_C:
+                z_c = tl.load(zoneout_c_ptr + h_offsets, mask=step_h, other=0.0).to(tl.float32)
+                dc_new = dc_new * (1.0 - z_c)
+            g_t = gates_all_ptr + out_rows * (4 * hidden) + cols[None, :]
+            i = tl.load(g_t, mask=step_h, other=0.0).to(tl.float32)
+            f = tl.load(g_t + hidden, mask=step_h, other=0.0).to(tl.float32)
+            g = tl.load(g_t + 2 * hidden, mask=step_h, other=0.0).to(tl.float32)
+            o = tl.load(g_t + 3 * hidden, mask=step_h, other=0.0).to(tl.float32)
+            c_prev = _state_before(s, c0_ptr, stride_c0_b, stride_c0_h, c_all_ptr, prev, rows,
+                                   batch, cols, hidden)
+            # c_all[t] holds the zoned-out state; tanh needs the cell's own f * c_prev + i * g.
+            tanh_c = _tanh(f * c_prev + i * g)
+            d_cell = dc_new + dh_hpre * o * (1.0 - tanh_c * tanh_c)
+            grad_i_j = d_cell * g * i * (1.0 - i)
+            grad_f_j = d_cell * c_prev * f * (1.0 - f)
+            grad_g_j = d_cell * i * (1.0 - g * g)
+            grad_o_j = dh_hpre * tanh_c * o * (1.0 - o)
+            gg_t = grad_gates_all_ptr + out_rows * (4 * hidden) + cols[None, :]
+            tl.store(gg_t, grad_i_j, mask=mask_h)
+            tl.store(gg_t + hidden, grad_f_j, mask=mask_h)
+            tl.store(gg_t + 2 * hidden, grad_g_j, mask=mask_h)
+            tl.store(gg_t + 3 * hidden, grad_o_j, mask=mask_h)
+            dc_prev = d_cell * f
+            if HAS_ZONEOUT_C:
+                dc_prev += dc_total * z_c
+            dc_out = tl.where(step_h, dc_prev, dc_total)
+            if RESIDENT:
+                dc = dc_out
+                grad_i, grad_f, grad_g, grad_o = grad_i_j, grad_f_j, grad_g_j, grad_o_j
+            else:  # in place, as dh above
+                tl.store(grad_c0_ptr + c_offsets, dc_out, mask=mask_h)
+        if not RESIDENT:
+            tl.debug_barrier()
+        # (C) dh_prev = sum over the gates of grad_gate @ w_hh, per block of P columns.
+        for p0 in range(0, n_p, BLOCK_P):
+            cols_p = p0 + p_cols
+            mask_p = (rows[:, None] < batch) & (cols_p[None, :] < state)
+            step_p = mask_p & steps
+            dh_prev = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)
+            for k0 in range(0, n_h, BLOCK_H):
+                if not RESIDENT:
+                    gg_k = (grad_gates_all_ptr + t.to(tl.int64) * batch * 4 * hidden + k0)
+                    grad_i = _tile(gg_k, rows, 4 * hidden, batch, h_cols, 1, hidden - k0)
+                    grad_f = _tile(gg_k + hidden, rows, 4 * hidden, batch, h_cols, 1, hidden - k0)
+                    grad_g = _tile(gg_k + 2 * hidden, rows, 4 * hidden, batch, h_cols, 1,
+                                   hidden - k0)
+                    grad_o = _tile(gg_k + 3 * hidden, rows, 4 * hidden, batch, h_cols, 1,
+                                   hidden - k0)
+                    # [BLOCK_H (k), BLOCK_P (n)] = w_hh[gate * H + k0 + k, p0 + n]
+                    w_i, w_f, w_g, w_o = _gate_tiles(
+                        w_hh_ptr + k0 * stride_w_hh_row + p0 * stride_w_hh_col,
+                        hidden * stride_w_hh_row, h_cols, stride_w_hh_row, hidden - k0, p_cols,
+                        stride_w_hh_col, state - p0)
+                dh_prev += tl.dot(grad_i, w_i, input_precision="tf32x3")
+                dh_prev += tl.dot(grad_f, w_f, input_precision="tf32x3")
+                dh_prev += tl.dot(grad_g, w_g, input_precision="tf32x3")
+                dh_prev += tl.dot(grad_o, w_o, input_precision="tf32x3")
+            d_offsets = rows[:, None].to(tl.int64) * state + cols_p[None, :]
+            if RESIDENT:
+                dh_total_p = dh_total
+            else:
+                dh_total_p = tl.load(grad_h0_ptr + d_offsets, mask=mask_p, other=0.0)
+            if HAS_ZONEOUT_H:  # the zoned-out share of h came straight from the previous state
+                z_h = tl.load(zoneout_h_ptr + out_rows * state + cols_p[None, :], mask=step_p,
+                              other=0.0).to(tl.float32)
+                dh_prev += dh_total_p * z_h
+            dh_out = tl.where(step_p, dh_prev, dh_total_p)
+            if RESIDENT:
+                dh = dh_out
+            else:  # in place, as in (A)
+                tl.store(grad_h0_ptr + d_offsets, dh_out, mask=mask_p)
+        if not RESIDENT:
+            tl.debug_barrier()
+    if RESIDENT:
+        tl.store(grad_h0_ptr + rows[:, None].to(tl.int64) * state + p_cols[None, :], dh,
+                 mask=(rows[:, None] < batch) & (p_cols[None, :] < state))
+        tl.store(grad_c0_ptr + rows[:, None].to(tl.int64) * hidden + h_cols[None, :], dc,
+                 mask=(rows[:, None] < batch) & (h_cols[None, :] < hidden))
 
 
 # ---- ops ---------------------------------------------------------------------------------------
@@ -329,10 +513,6 @@ def _check_inputs(op, x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneou
         if tensor.device != x_proj.device:
             raise FastattnValueError(
                 f"{op}: {name} is on {tensor.device}, expected {x_proj.device} (x_proj's)")
-    if max(hidden, state) > MAX_HIDDEN:
-        raise FastattnValueError(
-            f"{op}: serves H and P up to {MAX_HIDDEN} (weights held in registers), got H = "
-            f"{hidden}, P = {state}")
     if batch_sizes is not None and (batch_sizes.dtype != torch.int64 or batch_sizes.device.type
                                     != "cpu" or tuple(batch_sizes.shape) != (seq_len,)):
         raise FastattnValueError(
@@ -348,8 +528,10 @@ def _flags(w_hr, batch_sizes, reverse, zoneout_c, zoneout_h) -> dict:
 
 
 def _launch_shape(hidden: int, state: int) -> dict:
-    block_h, block_p = block_size(hidden), block_size(state)
-    return dict(BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_P=block_p,
+    resident = max(hidden, state) <= MAX_RESIDENT
+    block_h, block_p = ((block_size(hidden), block_size(state)) if resident
+                        else (STREAM_BLOCK, STREAM_BLOCK))
+    return dict(RESIDENT=resident, BLOCK_B=BLOCK_B, BLOCK_H=block_h, BLOCK_P=block_p,
                 num_warps=num_warps(block_h, block_p))
 
 
