@@ -221,6 +221,20 @@ LAYER_CASES = [
     for d in LAYER_DTYPES[1:] for c in (LSTM_LAYER_CASES[0], _ALL_OPTIONS)
 ] + [pytest.param(torch.float32, _ALL_OPTIONS.values[0], (4, 17, 32, 17),
                   id=f"fp32-{_ALL_OPTIONS.id}-T4-B17-H32-P17")]
+# Past 32 the weights are streamed (RESIDENT=False): 32-wide column blocks, the last partial.
+# Each option once in float32 at T1 or T5 with H 33 or 40 (the proj case with P 33 > H:
+# streamed for P alone), every option at once in bfloat16 and none in float16. (~3 s a case.)
+_STREAMED_SIZES = {"plain": (1, 3, 40, 40), "reverse": (1, 1, 33, 33), "proj": (1, 1, 17, 33),
+                   "zoneout": (1, 1, 40, 40), "packed": (5, 3, 33, 33),
+                   _ALL_OPTIONS.id: (5, 3, 33, 17)}
+STREAMED_CASES = [
+    pytest.param(torch.float32, c.values[0], _STREAMED_SIZES[c.id],
+                 id="fp32-{}-T{}-B{}-H{}-P{}".format(c.id, *_STREAMED_SIZES[c.id]))
+    for c in LSTM_LAYER_CASES
+] + [pytest.param(torch.bfloat16, _ALL_OPTIONS.values[0], (5, 3, 40, 17),
+                  id=f"bf16-{_ALL_OPTIONS.id}-T5-B3-H40-P17"),
+     pytest.param(torch.float16, LSTM_LAYER_CASES[0].values[0], (5, 1, 33, 33),
+                  id="fp16-plain-T5-B1-H33-P33")]
 
 
 
@@ -239,7 +253,7 @@ def _layer_case(sizes, dtype, case):
                                         zoneout=case["zoneout"], lengths=lengths))
 
 
-@pytest.mark.parametrize("dtype, case, sizes", LAYER_CASES)
+@pytest.mark.parametrize("dtype, case, sizes", LAYER_CASES + STREAMED_CASES)
 def test_layer_matches_float64(dtype, case, sizes):
     """Every output and gradient of every option against float64, errors <= 2x torch's own."""
     inputs = _layer_case(sizes, dtype, case)
@@ -290,11 +304,18 @@ def test_layer_reads_strided_inputs():
     torch.testing.assert_close(grads, want_grads, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", LAYER_DTYPES)
-def test_layer_writes_every_element(dtype):
+# 2 programs of 16 rows, the last one partial; on chip, and streamed in 2 x 2 column blocks
+# (whose state scratch is the poisoned grad_h0 / grad_c0) in float32.
+WRITE_CASES = [pytest.param(d.values[0], (3, 17, 24, 5), id=f"{d.id}-T3-B17-H24-P5")
+               for d in LAYER_DTYPES] + [
+    pytest.param(torch.float32, (2, 17, 33, 40), id="fp32-T2-B17-H33-P40")]
+
+
+@pytest.mark.parametrize("dtype, sizes", WRITE_CASES)
+def test_layer_writes_every_element(dtype, sizes):
     """NaN-poisoned outputs of both kernels: an element left unwritten stays NaN and fails."""
     case = dict(proj=True, zoneout=False, lengths=[3, 1], reverse=False)
-    T, B, H, P = 3, 17, 24, 5  # 2 programs of 16 rows, the last one partial
+    T, B, H, P = sizes
     inputs = _layer_case((T, B, H, P), dtype, case)
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = inputs
     out = [poison_(torch.empty(T, B, n, dtype=dtype, device=DEVICE)) for n in (P, H, 4 * H, H)]
@@ -335,19 +356,11 @@ def test_layer_zero_sizes():
         assert not grads[1].any() and not grads[3].any()
 
 
-@pytest.mark.parametrize(
-    "hidden, proj, dtype, error, match",
-    [
-        pytest.param(33, 0, torch.float32, ValueError, "H and P up to 32", id="H-too-large"),
-        pytest.param(8, 33, torch.float32, ValueError, "H and P up to 32", id="P-too-large"),
-        pytest.param(8, 0, torch.float64, TypeError, "float32, float16 or bfloat16", id="fp64"),
-    ],
-)
-def test_layer_rejects_unserved_inputs(hidden, proj, dtype, error, match):
-    x_proj, h0, c0, w_hh, w_hr, *_ = _on_device(lstm_layer_inputs(
-        2, 3, hidden, proj or hidden, dtype, proj=bool(proj), zoneout=False, lengths=None))
-    with pytest.raises(error, match=match):
-        torch.ops.fastattn.lstm_layer_fwd_triton(x_proj, h0, c0, w_hh, w_hr, None, False, None,
+def test_layer_rejects_float64():
+    x_proj, h0, c0, w_hh, *_ = _on_device(lstm_layer_inputs(
+        2, 3, 8, 8, torch.float64, proj=False, zoneout=False, lengths=None))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        torch.ops.fastattn.lstm_layer_fwd_triton(x_proj, h0, c0, w_hh, None, None, False, None,
                                                  None)
 
 
@@ -400,27 +413,32 @@ def test_layer_opcheck_fake_tensor():
 
 # ---- the triton backend of fastattn.LSTM against torch.nn.LSTM ----------------------------------
 
-MODULE_FLAGS = [
-    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3), id="L2-bi-P3"),
-    pytest.param(dict(num_layers=1, bidirectional=False, proj_size=0, batch_first=True),
-                 id="L1-uni-batch_first"),
+_MODULE_FLAGS = [
+    (dict(hidden_size=24, num_layers=2, bidirectional=True, proj_size=3), "L2-bi-H24-P3"),
+    (dict(hidden_size=24, num_layers=1, bidirectional=False, proj_size=0, batch_first=True),
+     "L1-uni-H24-batch_first"),
 ]
+# Every flag set padded and packed with the weights on chip; packed once with them streamed.
+MODULE_CASES = [pytest.param(flags, packed, id=f"{name}-{'packed' if packed else 'padded'}")
+                for flags, name in _MODULE_FLAGS for packed in (False, True)] + [
+    pytest.param(dict(hidden_size=33, num_layers=1, bidirectional=False, proj_size=17), True,
+                 id="L1-uni-H33-P17-packed")]
 
 
-@pytest.mark.parametrize("flags", MODULE_FLAGS)
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("flags, packed", MODULE_CASES)
 def test_triton_backend_matches_nn_lstm(flags, packed):
     """fastattn.LSTM on the triton backend (the persistent layer kernels) against nn.LSTM:
     output, final states and the gradients of the input, the initial states and every weight."""
-    theirs = torch.nn.LSTM(6, 24, **flags).to(DEVICE)
-    ours = fastattn.LSTM(6, 24, **flags).to(DEVICE)
+    theirs = torch.nn.LSTM(6, **flags).to(DEVICE)
+    ours = fastattn.LSTM(6, **flags).to(DEVICE)
     ours.load_state_dict(theirs.state_dict())
     T, B = 5, 3
     batch_first = flags.get("batch_first", False)
     x = torch.randn(*((B, T) if batch_first else (T, B)), 6, device=DEVICE, requires_grad=True)
     layers = flags["num_layers"] * (2 if flags["bidirectional"] else 1)
-    hx = (torch.randn(layers, B, flags["proj_size"] or 24, device=DEVICE, requires_grad=True),
-          torch.randn(layers, B, 24, device=DEVICE, requires_grad=True))
+    hidden = flags["hidden_size"]
+    hx = (torch.randn(layers, B, flags["proj_size"] or hidden, device=DEVICE, requires_grad=True),
+          torch.randn(layers, B, hidden, device=DEVICE, requires_grad=True))
 
     def run(module):
         inp = x
@@ -457,11 +475,3 @@ def test_triton_backend_compiles_with_inductor():
             loss = out.sum() + (h_n ** 2).sum() + c_n.sum()
             results.append((out, h_n, c_n, *torch.autograd.grad(loss, [x, *module.parameters()])))
     torch.testing.assert_close(results[1], results[0], rtol=2e-5, atol=2e-5)
-
-
-def test_triton_backend_declines_wide_layers():
-    """H > 32: the forced triton backend names the limit."""
-    m = fastattn.LSTM(4, 33)
-    with pytest.raises(RuntimeError, match="hidden or projection size 33 > 32"):
-        with fastattn.use_backend("triton"):
-            m.to(DEVICE)(torch.randn(2, 1, 4, device=DEVICE))

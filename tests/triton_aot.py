@@ -25,7 +25,10 @@ ALL_FLAGS = ("float", True, True, True)
 NO_FLAGS = (None, False, False, False)
 ATTENTION_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
 LSTM_LAYER_KERNELS = ("lstm_layer_fwd", "lstm_layer_bwd")
-LSTM_BLOCKS = (16, 32)  # block_size() of every served H and P (1..32)
+LSTM_BLOCKS = (16, 32)  # block_size() of every H and P whose weights stay on chip (1..32)
+# Past 32 the layer kernels stream the weights (RESIDENT=False) in tiles of this (BLOCK_H,
+# BLOCK_P), whatever H and P.
+LSTM_STREAMED = (32, 32)
 # The LSTM layer flags: (HAS_PROJ, HAS_BATCH_SIZES, REVERSE, HAS_ZONEOUT_C, HAS_ZONEOUT_H).
 LSTM_ALL_FLAGS = (True, True, True, True, True)
 LSTM_NO_FLAGS = (False, False, False, False, False)
@@ -67,11 +70,11 @@ def cases(full: bool) -> list[dict]:
     config x head block (E = Ev) with all flags and with none, and in the first config every
     flag combination (head dim 64) and every (E, Ev) pair (all flags); the delta kernel at
     every head block; the LSTM kernels in every dtype and tile size (the layer kernels in every
-    (H, P) tile pair with all flags, and at H = P without projection with no and all other
-    flags). Every value of every dimension, and every config with every head block, but not
-    the whole product (24 flag sets x 25 (E, Ev) pairs x configs would be ~25 times more): the
-    flags add code to one tile layout, the configs and head blocks choose that layout and the
-    shared memory.
+    on-chip (H, P) tile pair with all flags, and at H = P without projection with no and all
+    other flags; streamed with no flags, all flags, and all but the projection). Every value of
+    every dimension, and every config with every head block, but not the whole product (24
+    flag sets x 25 (E, Ev) pairs x configs would be ~25 times more): the flags add code to one
+    tile layout, the configs and head blocks choose that layout and the shared memory.
     full=False (CI, a few minutes of 2 cores): every kernel in every dtype class on both archs
     where the lowering differs: attention fwd/dkdv/dq in the first autotune config (the one
     FASTATTN_TRITON_AUTOTUNE=0 keeps) at head dim 64 with every flag on (float mask, ALiBi,
@@ -80,7 +83,8 @@ def cases(full: bool) -> list[dict]:
     256 in fp16 on sm_90 and in fp32 on sm_80 (its own 32 x 32 config); the delta kernel; the
     LSTM cell in fp32, fp64, bf16 and the layer forward and backward with every flag in fp32 on
     sm_80 (the smaller shared memory) at their largest tiles (H = P = 32) and bf16 on sm_90 at
-    H 32, P 16; the paged KV-cache forward in bf16 on sm_90 and the packed
+    H 32, P 16, and streamed (H, P > 32) with every flag in fp32 on sm_80 and none in bf16 on
+    sm_90; the paged KV-cache forward in bf16 on sm_90 and the packed
     dQ kernel in fp16 on sm_80, the split-KV combine and the KV-cache append kernels.
     full=True adds the packed and paged paths in every config x head block, and the combine and
     append kernels at every head block.
@@ -91,6 +95,9 @@ def cases(full: bool) -> list[dict]:
            for d, a in (("fp32", 90), ("fp64", 90), ("bf16", 80))]
     out += [_lstm_layer_case(k, d, a, h, p, LSTM_ALL_FLAGS) for k in LSTM_LAYER_KERNELS
             for d, a, h, p in (("fp32", 80, 32, 32), ("bf16", 90, 32, 16))]
+    out += [_lstm_layer_case(k, d, a, *LSTM_STREAMED, f, resident=False)
+            for k in LSTM_LAYER_KERNELS
+            for d, a, f in (("fp32", 80, LSTM_ALL_FLAGS), ("bf16", 90, LSTM_NO_FLAGS))]
     out += [dict(kernel="attention_bwd_delta", dtype=d, arch=a, block_ev=e)
             for d, a, e in (("fp32", 80, 16), ("bf16", 90, 256))]
     for kernel in ATTENTION_KERNELS:
@@ -121,6 +128,8 @@ def _full_cases() -> list[dict]:
                         for h in LSTM_BLOCKS for p in LSTM_BLOCKS]
                 out += [_lstm_layer_case(kernel, dtype, arch, h, h, (False, *f[1:]))
                         for h in LSTM_BLOCKS for f in (LSTM_NO_FLAGS, LSTM_ALL_FLAGS)]
+                out += [_lstm_layer_case(kernel, dtype, arch, *LSTM_STREAMED, f, resident=False)
+                        for f in (LSTM_NO_FLAGS, LSTM_ALL_FLAGS, (False, *LSTM_ALL_FLAGS[1:]))]
             out += [dict(kernel="attention_bwd_delta", dtype=dtype, arch=arch, block_ev=e)
                     for e in HEAD_BLOCKS]
             for kernel in ATTENTION_KERNELS:
@@ -142,9 +151,9 @@ def _full_cases() -> list[dict]:
     return out
 
 
-def _lstm_layer_case(kernel, dtype, arch, block_h, block_p, flags) -> dict:
+def _lstm_layer_case(kernel, dtype, arch, block_h, block_p, flags, resident=True) -> dict:
     return dict(kernel=kernel, dtype=dtype, arch=arch, block_h=block_h, block_p=block_p,
-                lstm_flags=flags)
+                lstm_flags=flags, resident=resident)
 
 
 def _attention_case(kernel, dtype, arch, config, block_e, block_ev, flags, sequences=None):
@@ -173,6 +182,7 @@ def case_id(case: dict) -> str:
         parts.append(f"P{case['block_p']}")
         names = ("proj", "packed", "reverse", "zoneout_c", "zoneout_h")
         parts.append("+".join(n for n, on in zip(names, case["lstm_flags"]) if on) or "noflags")
+        parts.append("resident" if case["resident"] else "streamed")
     if "block_ev" in case and "config" not in case:
         parts.append(f"Ev{case['block_ev']}")
     if case.get("sequences"):
@@ -265,8 +275,8 @@ def _lstm_kernel(case: dict):
               "lstm_layer_bwd": lstm_layer._lstm_layer_bwd_kernel}[case["kernel"]]
         names = ("HAS_PROJ", "HAS_BATCH_SIZES", "REVERSE", "HAS_ZONEOUT_C", "HAS_ZONEOUT_H")
         constexprs = dict(zip(names, case["lstm_flags"]))
-        constexprs.update(BLOCK_B=lstm_layer.BLOCK_B, BLOCK_H=case["block_h"],
-                          BLOCK_P=case["block_p"])
+        constexprs.update(RESIDENT=case["resident"], BLOCK_B=lstm_layer.BLOCK_B,
+                          BLOCK_H=case["block_h"], BLOCK_P=case["block_p"])
         options = {"num_warps": lstm_layer.num_warps(case["block_h"], case["block_p"])}
         # The backward's results are float32 (rounded by the launcher); batch sizes int64.
         pointers = {name: "fp32" for name in ("grad_gates_all_ptr", "grad_h0_ptr",

@@ -9,8 +9,10 @@ on CPU it also serves lstm_cell then; on CUDA it runs the persistent sequence ke
 fits, see csrc/lstm/lstm_cuda.cpp); ``cpu`` also runs fastattn::lstm_ln_layer_fwd/_bwd for the
 layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
 whole-sequence GEMMs); ``triton`` runs lstm_cell on the *_triton pointwise ops and lstm_layer
-on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, which it serves for
-H, P <= 32 only (fastattn/triton_kernels/lstm_layer.py says why); ``reference`` is plain
+on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, for any H and P. Per
+size, auto prefers the cuda backend's C++ loop (first in backends.choose's order) wherever the
+extension has it: at H >= 512 it beats streaming the weights on paper
+(fastattn/triton_kernels/lstm_layer.py has the figures); ``reference`` is plain
 PyTorch (fastattn/ops/reference.py). The layer_norm option is served by ``cpu`` and
 ``reference`` only (CUDA tensors run it on the reference).
 """
@@ -32,9 +34,6 @@ from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# The Triton layer kernels hold the weights on chip (fastattn/triton_kernels/lstm_layer.py:
-# MAX_HIDDEN); streaming them each step instead loses to the cuda backend's C++ loop.
-_TRITON_LAYER_MAX_WIDTH = 32
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -314,16 +313,14 @@ def _cell_missing(device: torch.device, dtype: torch.dtype):
 # Evaluated once per (op, device, dtype, flag, width) while torch.compile traces, so that a compiled
 # model bakes in the backend choice instead of graph-breaking on the backend registry.
 @torch.compiler.assume_constant_result
-def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool,
-                    width: int = 0) -> str:
-    """``width``: lstm_layer's max(H, P), which the Triton layer kernels limit."""
+def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool) -> str:
     cell_missing = _cell_missing(device, dtype)
 
     def missing(backend: str) -> str | None:
         if layer_norm and backend in ("cuda", "triton"):
             return "layer_norm (served by the cpu and reference backends)"
         if backend == "triton" and fn == "lstm_layer":
-            return _triton_layer_missing(dtype, width)
+            return _triton_layer_missing(dtype)
         if layer_norm and backend == "cpu" and not _has_kernel("lstm_ln_layer_fwd", "CPU"):
             return "the CPU LayerNorm-LSTM kernels (fastattn._C has none registered)"
         return cell_missing(backend)
@@ -331,14 +328,11 @@ def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_nor
     return backends.choose(fn, device, missing)
 
 
-def _triton_layer_missing(dtype: torch.dtype, width: int) -> str | None:
+def _triton_layer_missing(dtype: torch.dtype) -> str | None:
     if _triton_layer_fwd() is None:
         return "the Triton LSTM layer kernels (fastattn.triton_kernels.lstm_layer)"
     if dtype == torch.float64:
         return "dtype float64 (triton serves float32, float16, bfloat16)"
-    if width > _TRITON_LAYER_MAX_WIDTH:
-        return (f"hidden or projection size {width} > {_TRITON_LAYER_MAX_WIDTH} (the Triton layer "
-                "keeps the weights on chip; streaming them loses to the cuda backend's C++ loop)")
     return None
 
 
@@ -483,7 +477,7 @@ def lstm_layer(
                               layer_norm[:4], (4 * H, 4 * H, H, H), strict=True):
             _check_tensor(fn, f"layer_norm {name}", t, (n,), input)
 
-    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None, max(H, P))
+    backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
     bias = _sum_biases(b_ih, b_hh)
     if backend in ("cpu", "cuda") and layer_norm is None and not _needs_grad(
             input, h0, c0, w_ih, w_hh, bias, w_hr):

@@ -10,45 +10,58 @@ batch_sizes, reverse, zoneout_c / zoneout_h:
         reverse, zoneout_c, zoneout_h, h_all, c_all, gates_all, hpre_all)
         -> (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr)
 
-Served: float32, float16, bfloat16 (Triton has no float64 tl.dot) and H, P <= MAX_HIDDEN.
+Served: float32, float16, bfloat16 (Triton has no float64 tl.dot), any H and P.
 Outputs are contiguous; x_proj, h0, c0, w_hh and w_hr are read through their strides.
 
-Design. Batch rows are independent, so each program owns BLOCK_B rows and runs the whole time
-loop alone: no grid sync, one launch per layer and direction. The forward keeps w_hh (and
-w_hr) on chip for the whole sequence and h, c in registers between steps. The backward runs
-the dh / dc recurrence per row block in reverse time with the same on-chip weights, writing
+Design. Batch rows are independent, so each program owns BLOCK_B rows for every gate column
+and runs the whole time loop alone: no grid sync (a grid-wide spin barrier would also deadlock
+the interpreter, which runs programs one after another), one launch per layer and direction.
+One kernel template per direction, two ways to hold the weights (the RESIDENT constexpr):
+
+- H, P <= MAX_RESIDENT (32): w_hh (and w_hr) stay on chip for the whole sequence, h and c in
+  registers between steps; every loop over column blocks runs once with constant bounds.
+- Larger: each step loops over STREAM_BLOCK-wide column blocks of the gates (then of the
+  projection), streaming the w_hh / w_hr tiles from global memory (L2), and reads the previous
+  state back from the h_all / c_all rows this program wrote the step before (the outputs are
+  the state scratch; a block barrier orders the writes and the reads).
+
+The backward runs the dh / dc recurrence per row block in reverse time with the same two
+layouts (streamed: dh and dc kept in grad_h0 / grad_c0, this program's rows), writing
 grad_x_proj (the pre-activation gate gradients) as it goes; grad_w_hh and grad_w_hr are then
 one GEMM each over the whole sequence, outside the loop.
 
-Why only H, P <= 32: the alternative for larger H, streaming w_hh from L2 every step, loses to
-the C++ loop (one cuBLAS GEMM + one fused pointwise kernel per step, the cuda backend) on
-paper. H200 figures: 132 SMs; L2 ~10 TB/s in all, ~76 GB/s per SM at its fair share and at
-most ~125 GB/s (64 B/clock) for one SM alone; per SM ~3.7 TFLOP/s TF32 and ~7.5 TFLOP/s
-bf16 on the tensor cores; a launch ~4 us. Per time step (T = 128 multiplies all by 128):
+Per-size preference (fastattn.ops.lstm): the cuda backend comes first in backends.choose's
+order, so wherever the extension has its C++-loop op (one cuBLAS GEMM + one fused pointwise
+kernel per step) it serves lstm_layer; the streamed kernel serves CUDA tensors without that
+build (a Triton-only install), so that no CUDA path runs the time loop in Python. On paper
+the C++ loop is the faster one at large H. H200 figures: 132 SMs; L2 ~10 TB/s in all,
+~76 GB/s per SM at its fair share and at most ~125 GB/s (64 B/clock) for one SM alone; per SM
+~3.7 TFLOP/s TF32 and ~7.5 TFLOP/s bf16 on the tensor cores; a launch ~4 us. Per time step
+(T = 128 multiplies all by 128):
 
 - C++ loop: two launches, >= 8 us, and the GEMM [B, P] x [P, 4H] spread over every SM stays
   below that except at fp32 H1024 B64 (537 MFLOP on the CUDA cores, ~15 us): ~8 us for every
   B in {1, 16, 64} and H in {256, 512, 1024}.
-- Streaming Triton kernel: EVERY program reads all of w_hh (16 H^2 bytes fp32, 8 H^2 bf16)
+- Streamed kernel: EVERY program reads all of w_hh (16 H^2 bytes fp32, 8 H^2 bf16)
   through its own SM's L2 port each step, whatever its number of rows, so its step time does
   not fall with B; B only sets how many SMs run side by side (ceil(B / 16)). At 76..125 GB/s:
   fp32 H256 8..14 us, H512 34..55 us, H1024 134..220 us; bf16 H256 4..7 us, H512 17..28 us,
   H1024 67..110 us (the tf32x3 products, 3 passes at 3.7 TFLOP/s, take about as long).
 
 So the C++ loop wins by 2x to 27x at H >= 512 in every dtype and ties or wins by up to 1.7x
-at fp32 H256, for B = 1, 16 and 64 alike; the streaming kernel would win only at half
+at fp32 H256, for B = 1, 16 and 64 alike; the streamed kernel would win only at half
 precision H256, by 1.2x to 1.9x depending on an unmeasured per-SM L2 rate, where the CUDA
-persistent kernel (w_hh on chip across SMs, grid sync) is the better design. Not built.
+persistent kernel (w_hh on chip across SMs, grid sync) is the better design.
 
 With the weights on chip for the whole sequence nothing is streamed: a step is a dependent
 chain of a few small MMAs, the activations and an x_proj load, ~1..2 us against the C++
-loop's >= 8 us, 4x to 8x for every B (ceil(B / 16) programs, one wave up to B = 2112). That
-is what this module serves, and fastattn.ops.lstm chooses it only there. On chip means shared
-memory: the tf32x3 products keep a hi and a lo copy of every weight tile there (Triton hoists
-them out of the loop), so 64-wide tiles need 168 KiB even without software pipelining
-(num_stages = 1; 200 KiB forward and 240 KiB backward with the default 3): over sm_80's
-163 KiB. 32-wide tiles take 60 KiB (forward) and 80 KiB (backward) with the default
-pipelining, within every arch's limit (tests/triton_aot.py checks it).
+loop's >= 8 us, 4x to 8x for every B (ceil(B / 16) programs, one wave up to B = 2112). On
+chip means shared memory: the tf32x3 products keep a hi and a lo copy of every weight tile
+there (Triton hoists them out of the loop), so 64-wide tiles need 168 KiB even without
+software pipelining (num_stages = 1; 200 KiB forward and 240 KiB backward with the default
+3): over sm_80's 163 KiB. 32-wide tiles take 60 KiB (forward) and 84 KiB (backward) with the
+default pipelining, within every arch's limit (tests/triton_aot.py checks it); so do the
+streamed kernels' 32-wide tiles.
 
 Numerics: h and c are rounded to the input dtype after every step, as a loop of
 lstm_cell_pointwise_fwd calls does; products accumulate in float32 and take float32
