@@ -334,6 +334,9 @@ def _lstm_layer_bwd_kernel(
                         hidden)
         dh = tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32)  # gradient reaching the state h
         dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)  # gradient reaching the state c
+        # c0 loaded once: in the loop, a second (strided) load a step costs a layout
+        # conversion through shared memory (4 KiB more of it for fp32 H = P = 32).
+        c_prev0 = _tile(c0_ptr, rows, stride_c0_b, batch, h_cols, stride_c0_h, hidden)
     else:
         n_h = hidden
         n_p = state
@@ -425,8 +428,12 @@ def _lstm_layer_bwd_kernel(
             f = tl.load(g_t + hidden, mask=step_h, other=0.0).to(tl.float32)
             g = tl.load(g_t + 2 * hidden, mask=step_h, other=0.0).to(tl.float32)
             o = tl.load(g_t + 3 * hidden, mask=step_h, other=0.0).to(tl.float32)
-            c_prev = _state_before(s, c0_ptr, stride_c0_b, stride_c0_h, c_all_ptr, prev, rows,
-                                   batch, cols, hidden)
+            if RESIDENT:
+                c_prev = tl.where(s > 0, _tile(c_all_ptr + prev.to(tl.int64) * batch * hidden,
+                                               rows, hidden, batch, cols, 1, hidden), c_prev0)
+            else:
+                c_prev = _state_before(s, c0_ptr, stride_c0_b, stride_c0_h, c_all_ptr, prev,
+                                       rows, batch, cols, hidden)
             # c_all[t] holds the zoned-out state; tanh needs the cell's own f * c_prev + i * g.
             tanh_c = _tanh(f * c_prev + i * g)
             d_cell = dc_new + dh_hpre * o * (1.0 - tanh_c * tanh_c)
