@@ -11,7 +11,7 @@
 #   bench   the GPU benchmark grid (quick by default), one pytest run per op family; the lstm
 #           family times fastattn.LSTM / LSTMCell per backend against nn.LSTM / nn.LSTMCell
 #           (cuDNN), inference (fwd) and training (fwd+bwd), T128 B16/64 H256/512 fp32 + bf16,
-#           and H = 32, the widest layer the triton backend's persistent kernels serve
+#           and H = 32, the widest layer whose weights the triton backend keeps on chip
 #   report  benchmarks/report.py over the benchmark JSON
 # and writes under OUT_DIR:
 #   summary.md, summary.json   each step's status and time, test counts, failures, the report
