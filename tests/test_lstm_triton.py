@@ -479,3 +479,18 @@ def test_triton_backend_compiles_with_inductor():
             loss = out.sum() + (h_n ** 2).sum() + c_n.sum()
             results.append((out, h_n, c_n, *torch.autograd.grad(loss, [x, *module.parameters()])))
     torch.testing.assert_close(results[1], results[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cuda_kernels", [True, False], ids=["cuda-built", "triton-only"])
+def test_auto_serves_cuda_layers_without_the_python_loop(monkeypatch, cuda_kernels):
+    """On CUDA tensors auto takes the cuda backend's C++-loop op where the extension has it
+    (first in backends.choose's order, whatever H), else the triton kernels, which serve any H
+    and P: never the reference backend's Python time loop. Metadata only (no GPU needed)."""
+    from fastattn.ops import backends
+
+    monkeypatch.setattr(backends, "_status", lambda name: backends.BackendStatus(True, True, ""))
+    monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
+    monkeypatch.setattr(lstm_ops, "_has_kernel", lambda op, key: cuda_kernels or key != "CUDA")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        got = lstm_ops._choose_backend("lstm_layer", torch.device("cuda"), dtype, False)
+        assert got == ("cuda" if cuda_kernels else "triton"), dtype
