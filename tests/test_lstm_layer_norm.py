@@ -453,3 +453,22 @@ def test_compile_fullgraph_runs_the_fused_op():
                 torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
             else:
                 assert max_rel_error(ours, theirs) <= DTYPE_RTOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_cuda_module_under_inductor():
+    """fastattn.LSTM(layer_norm=True) on CUDA compiled by Inductor (fullgraph) gives eager's
+    outputs and gradients: the LN ops' fakes match what the CUDA kernels return."""
+    _require_kernels("cuda")
+    lstm = fastattn.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3, layer_norm=True,
+                         device="cuda")
+    _randomize_layer_norm_gains(lstm)
+    x = torch.randn(4, 3, 5, device="cuda")
+    compiled = torch.compile(lstm, fullgraph=True)
+    got, expected = compiled(x), lstm(x)
+    torch.testing.assert_close(got, expected)
+    params = list(lstm.parameters())
+    compiled_grads = torch.autograd.grad(got[0].sum() + got[1][1].sum(), params)
+    eager_grads = torch.autograd.grad(expected[0].sum() + expected[1][1].sum(), params)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)
