@@ -1,6 +1,7 @@
-"""fastattn::lstm_ln_layer_* (the LayerNorm-LSTM layer ops): the CPU kernels against the
-plain-PyTorch reference (lstm_layer_reference(..., layer_norm=...)), opcheck, gradcheck,
-torch.compile, and fastattn.LSTM(layer_norm=True) on the cpu vs the reference backend."""
+"""fastattn::lstm_ln_layer_* (the LayerNorm-LSTM layer ops): the CPU kernels (and on a GPU the
+CUDA ones) against the plain-PyTorch reference (lstm_layer_reference(..., layer_norm=...)),
+opcheck, gradcheck, torch.compile, and fastattn.LSTM(layer_norm=True) on the cpu (and cuda) vs
+the reference backend."""
 
 from __future__ import annotations
 
@@ -90,18 +91,60 @@ def _saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, h_all, c_all, ga
     return hh_norm, c_norm, rstd
 
 
-@needs_cpu_kernels
+# The CUDA ops (csrc/lstm/lstm_cuda.cpp: the C++ time loop around the LN step kernels of
+# csrc/lstm/lstm_cell.cuh) run the same checks on a GPU; without one they skip, and their
+# kernels run under the CUDA emulator (tests/test_cudasim.py, the "ln step" cases).
+DEVICES = [pytest.param("cpu", id="cpu", marks=needs_cpu_kernels),
+           pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _require_kernels(device: str) -> None:
+    """Skips the cuda cases of an extension built without CUDA (saying so); fails when a build
+    with CUDA lacks the LN ops' CUDA kernels."""
+    if device == "cuda":
+        if not fastattn.backends()["cuda"].built:
+            pytest.skip(f"no CUDA kernels: {fastattn.backends()['cuda'].reason}")
+        for op in ("lstm_ln_layer_fwd", "lstm_ln_layer_bwd"):
+            assert lstm_ops._has_kernel(op, "CUDA"), f"fastattn._C has no CUDA kernel for {op}"
+
+
+def _on(device: str, *tensors):
+    """The tensors on ``device`` (None stays None); batch_sizes is not among them (CPU always)."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def _poison(device: str, *shapes: tuple[int, ...], dtype: torch.dtype) -> None:
+    if device == "cpu":
+        nan_heap(*shapes, dtype=dtype)
+    else:  # freed NaN blocks the CUDA caching allocator hands to the op's same-size outputs
+        blocks = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in shapes]
+        del blocks
+
+
+# Every shape on the CPU; on a GPU the odd one with B > 1 (the GPU test step's time is shared by
+# every gpu test: the float64 reference runs on the host).
+DEVICE_SHAPES = [
+    *(pytest.param("cpu", *shape.values, id=f"cpu-{shape.id}", marks=needs_cpu_kernels)
+      for shape in SHAPES),
+    pytest.param("cuda", SHAPES[1].values[0], id=f"cuda-{SHAPES[1].id}", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("device, shape", DEVICE_SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("case", CASES)
-def test_fwd_bwd_match_reference(dtype, shape, case):
+def test_fwd_bwd_match_reference(dtype, shape, case, device):
+    _require_kernels(device)
     T, B, H, P = shape
     x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
         T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=case["lengths"])
     P = h0.shape[1]
     reverse = case["reverse"]
-    nan_heap((T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
-    out = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, w_hr, batch_sizes, reverse, zc, zh)
+    _poison(device, (T, B, P), (T, B, H), (T, B, 4 * H), dtype=dtype)
+    out = OPS.lstm_ln_layer_fwd(*_on(device, x_proj, h0, c0, w_hh, *ln), EPS,
+                                *_on(device, w_hr), batch_sizes, reverse, *_on(device, zc, zh))
+    assert all(t.device.type == device for t in out)
+    out = [t.cpu() for t in out]
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     assert [t.dtype for t in out] == [dtype, dtype, opmath, dtype, opmath, opmath, opmath]
 
@@ -122,9 +165,10 @@ def test_fwd_bwd_match_reference(dtype, shape, case):
         assert out[3].numel() == 0
 
     grad_h_all, grad_c_all = randn(T, B, P, dtype=dtype), randn(T, B, H, dtype=dtype)
-    nan_heap((T, B, 4 * H), (B, P), (B, H), (4 * H, P), dtype=dtype)
-    got = OPS.lstm_ln_layer_bwd(grad_h_all, grad_c_all, h0, c0, w_hh, *ln, w_hr, batch_sizes,
-                                reverse, zc, zh, *out)
+    _poison(device, (T, B, 4 * H), (B, P), (B, H), (4 * H, P), dtype=dtype)
+    got = OPS.lstm_ln_layer_bwd(*_on(device, grad_h_all, grad_c_all, h0, c0, w_hh, *ln, w_hr),
+                                batch_sizes, reverse, *_on(device, zc, zh, *out))
+    got = [t.cpu() for t in got]
 
     def reference_grads(dt):
         leaves = [t.to(dt).requires_grad_() for t in (x_proj, h0, c0, w_hh, *ln)]
@@ -191,13 +235,15 @@ def test_ops_reject_bad_arguments():
 # ---- opcheck and gradcheck ---------------------------------------------------------------------
 
 
-@needs_cpu_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]])  # no options / every option
-def test_opcheck(case):
+def test_opcheck(case, device):
+    _require_kernels(device)
     T, B, H, P = 3, 4, 5, 3
     x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
         T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
         lengths=[3, 3, 2, 1] if case["lengths"] else None)
+    x_proj, h0, c0, w_hh, *ln, w_hr, zc, zh = _on(device, x_proj, h0, c0, w_hh, *ln, w_hr, zc, zh)
     P = h0.shape[1]
     for t in (x_proj, h0, c0, w_hh, *ln, w_hr):
         if t is not None:
@@ -207,8 +253,8 @@ def test_opcheck(case):
     with torch.no_grad():
         out = OPS.lstm_ln_layer_fwd(*args)
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
-    bwd_args = (randn(T, B, P, dtype=torch.float64), randn(T, B, H, dtype=torch.float64),
-                *detached[1:7], *detached[8:], *out)
+    bwd_args = (*_on(device, randn(T, B, P, dtype=torch.float64),
+                     randn(T, B, H, dtype=torch.float64)), *detached[1:7], *detached[8:], *out)
     torch.library.opcheck(OPS.lstm_ln_layer_bwd.default, bwd_args)
 
 
@@ -279,6 +325,20 @@ def test_cpu_backend_serves_layer_norm():
     assert "fastattn.lstm_ln_layer_bwd.default" in recorder.seen
 
 
+@pytest.mark.gpu
+def test_cuda_backend_serves_layer_norm():
+    _require_kernels("cuda")
+    got = lstm_ops._choose_backend("lstm_layer", torch.device("cuda"), torch.float32, True)
+    assert got == "cuda"
+    m = fastattn.LSTM(4, 8, layer_norm=True, device="cuda")
+    x = torch.randn(3, 2, 4, device="cuda", requires_grad=True)
+    with _OpRecorder() as recorder:
+        out, _ = m(x)
+        out.sum().backward()
+    assert "fastattn.lstm_ln_layer_fwd.default" in recorder.seen
+    assert "fastattn.lstm_ln_layer_bwd.default" in recorder.seen
+
+
 @pytest.mark.triton
 def test_triton_backend_refuses_layer_norm():
     m = fastattn.LSTM(4, 8, layer_norm=True)
@@ -314,18 +374,21 @@ def _module_run(m, x, hx, backend, seed):
     return (out, h_n, c_n, *grads)
 
 
-@needs_cpu_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options,training,dtype", MODULE_CASES)
-def test_module_cpu_matches_reference_backend(options, training, dtype):
+def test_module_matches_reference_backend(options, training, dtype, device):
+    """The fused backend of ``device`` (cpu / cuda) against the reference backend."""
+    _require_kernels(device)
     H = 33
-    m = fastattn.LSTM(5, H, layer_norm=True, dtype=dtype, **options).train(training)
+    m = fastattn.LSTM(5, H, layer_norm=True, dtype=dtype, device=device, **options)
+    m.train(training)
     _randomize_layer_norm_gains(m)
     D = 2 if m.bidirectional else 1
     P = m.proj_size or H
-    x = torch.randn(6, 3, 5, dtype=dtype, requires_grad=True)
-    hx = [torch.randn(m.num_layers * D, 3, P, dtype=dtype, requires_grad=True),
-          torch.randn(m.num_layers * D, 3, H, dtype=dtype, requires_grad=True)]
-    got = _module_run(m, x, hx, "cpu", seed=5)
+    x = torch.randn(6, 3, 5, dtype=dtype, device=device, requires_grad=True)
+    hx = [torch.randn(m.num_layers * D, 3, P, dtype=dtype, device=device, requires_grad=True),
+          torch.randn(m.num_layers * D, 3, H, dtype=dtype, device=device, requires_grad=True)]
+    got = _module_run(m, x, hx, device, seed=5)
     same_dtype = _module_run(m, x, hx, "reference", seed=5)
     names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0"]
     names += [n for n, _ in m.named_parameters()]
@@ -398,3 +461,22 @@ def test_compile_fullgraph_runs_the_fused_op():
                 torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
             else:
                 assert max_rel_error(ours, theirs) <= DTYPE_RTOL[torch.float32]
+
+
+@pytest.mark.gpu
+def test_cuda_module_under_inductor():
+    """fastattn.LSTM(layer_norm=True) on CUDA compiled by Inductor (fullgraph) gives eager's
+    outputs and gradients: the LN ops' fakes match what the CUDA kernels return."""
+    _require_kernels("cuda")
+    lstm = fastattn.LSTM(5, 8, num_layers=2, bidirectional=True, proj_size=3, layer_norm=True,
+                         device="cuda")
+    _randomize_layer_norm_gains(lstm)
+    x = torch.randn(4, 3, 5, device="cuda")
+    compiled = torch.compile(lstm, fullgraph=True)
+    got, expected = compiled(x), lstm(x)
+    torch.testing.assert_close(got, expected)
+    params = list(lstm.parameters())
+    compiled_grads = torch.autograd.grad(got[0].sum() + got[1][1].sum(), params)
+    eager_grads = torch.autograd.grad(expected[0].sum() + expected[1][1].sum(), params)
+    for a, b in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,5 +1,5 @@
 // Launchers of the fused pointwise LSTM step kernels (csrc/lstm/lstm_cell.cuh) for every dtype:
-// the cell ops, and one time step of the layer ops.
+// the cell ops, and one time step of the layer ops (the LayerNorm-LSTM's too).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -35,11 +35,38 @@ dim3 grid_for(int64_t threads_needed) {
   return dim3(static_cast<unsigned>(std::min(kMaxBlocks, (threads_needed + kThreads - 1) / kThreads)));
 }
 
+// A LayerNorm step runs one block per batch row, one thread per hidden unit up to kThreads
+// (whole warps: the block reduction shuffles across full warps); its dynamic shared memory holds
+// the reduction's per-warp partial sums (two values at a time).
+template <typename Params>
+cudaError_t launch_ln_step(void (*kernel)(Params), const Params& p, size_t math_bytes,
+                           cudaStream_t stream) {
+  const int64_t threads = std::min<int64_t>(kThreads, (p.hidden + 31) / 32 * 32);
+  const dim3 grid(static_cast<unsigned>(std::min(kMaxBlocks, p.batch)));
+  kernel<<<grid, static_cast<unsigned>(threads), 2 * 32 * math_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+bool ln_math_dtype(Dtype dtype, Dtype grad_dtype) {
+  return grad_dtype == (dtype == Dtype::Float64 ? Dtype::Float64 : Dtype::Float32);
+}
+
 }  // namespace
 
 cudaError_t launch_lstm_step_fwd(const LstmStepFwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
   if (p.stepping < 0 || p.stepping > p.batch) return cudaErrorInvalidValue;
+  if (p.ln.hh_weight != nullptr) {
+    if (p.rec == nullptr || p.gates_out == nullptr || p.hh_norm_out == nullptr ||
+        p.c_norm_out == nullptr || p.rstd_out == nullptr || p.ln.c_weight == nullptr ||
+        p.ln.c_bias == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+    return lstm::dispatch_dtype(p.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      return launch_ln_step(lstm::lstm_ln_step_fwd_kernel<T>, p, sizeof(lstm::acc_t<T>), stream);
+    });
+  }
   return lstm::dispatch_dtype(p.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     constexpr int kVec = 16 / sizeof(T);
@@ -60,6 +87,17 @@ cudaError_t launch_lstm_step_fwd(const LstmStepFwdParams& p, cudaStream_t stream
 cudaError_t launch_lstm_step_bwd(const LstmStepBwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
   if (p.stepping < 0 || p.stepping > p.batch) return cudaErrorInvalidValue;
+  if (p.ln.hh_weight != nullptr) {
+    if (!ln_math_dtype(p.dtype, p.grad_dtype) || p.hh_norm == nullptr || p.c_norm == nullptr ||
+        p.rstd == nullptr || p.grad_hh == nullptr || p.grad_c_new == nullptr ||
+        p.ln.c_weight == nullptr || p.ln.c_bias == nullptr) {
+      return cudaErrorInvalidValue;
+    }
+    return lstm::dispatch_dtype(p.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      return launch_ln_step(lstm::lstm_ln_step_bwd_kernel<T>, p, sizeof(lstm::acc_t<T>), stream);
+    });
+  }
   return lstm::dispatch_dtype_pair(p.dtype, p.grad_dtype, [&](auto tag, auto grad_tag) {
     using T = typename decltype(tag)::type;
     using G = typename decltype(grad_tag)::type;

@@ -1,5 +1,6 @@
 // Fused pointwise LSTM step kernels (forward and backward), torch-free: the cell ops and one
-// time step of the layer ops (projection, batch_sizes rows, zoneout; fastattn/ops/_registry.py).
+// time step of the layer ops (projection, batch_sizes rows, zoneout, the LayerNorm-LSTM's LN
+// stage; fastattn/ops/_registry.py).
 // One thread handles VEC consecutive hidden units of one batch row: it reads the four gate
 // chunks i, f, g, o of those units with one VEC-wide load each (16 bytes when the launcher
 // found every row aligned, else VEC = 1), so a warp reads 4 x 512 contiguous bytes per pass.
@@ -249,6 +250,238 @@ __global__ void lstm_step_bwd_kernel(LstmStepBwdParams p) {
     store_acc<G, VEC>(grad_gates + 3 * H, o);
     store_acc<G, VEC>(static_cast<G*>(p.grad_c_prev) + out, dc_prev);
     if (p.carried_h != nullptr) store_acc<G, VEC>(static_cast<G*>(p.carried_h) + out, dh_skip);
+  }
+}
+
+// ---- the LayerNorm stage (LstmStepLayerNorm) ------------------------------------------------
+// Its LNs reduce over a row, so a LayerNorm step runs one block per batch row (a grid-stride
+// loop over rows); thread k of the block owns hidden units k, k + blockDim.x, ... and all four
+// gate elements of each. Every element a thread reads back within a step it wrote itself, so
+// the only exchange between threads is the block reduction (and its barriers).
+
+__device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
+
+// Sums each of v[0..N) over the block (blockDim.x a multiple of 32, at most 1024) and hands
+// every thread the totals; scratch: N * 32 elements of dynamic shared memory. Every thread of
+// the block must call it.
+template <int N, typename A>
+__device__ __forceinline__ void block_sum(A (&v)[N], A* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) v[n] += __shfl_xor_sync(0xffffffffu, v[n], offset);
+    if (lane == 0) scratch[n * 32 + warp] = v[n];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    v[n] = A(0);
+    for (int w = 0; w < warps; ++w) v[n] += scratch[n * 32 + w];  // one order: every thread agrees
+  }
+  __syncthreads();  // the scratch is free for the next reduction
+}
+
+// 1 / sqrt(var + eps) of the row values value(u, q) (units u of this thread, chunks q < Q),
+// width elements in all, and their mean: two passes (mean, then the mean square deviation),
+// so a row far from zero loses nothing to cancellation.
+template <int Q, typename A, typename Value>
+__device__ __forceinline__ void row_moments(int64_t H, A eps, const Value& value, A* scratch,
+                                            A& mean, A& rstd) {
+  A sum[1] = {A(0)};
+  for (int64_t u = threadIdx.x; u < H; u += blockDim.x)
+#pragma unroll
+    for (int q = 0; q < Q; ++q) sum[0] += value(u, q);
+  block_sum(sum, scratch);
+  mean = sum[0] / A(Q * H);
+  A squares[1] = {A(0)};
+  for (int64_t u = threadIdx.x; u < H; u += blockDim.x)
+#pragma unroll
+    for (int q = 0; q < Q; ++q) {
+      const A d = value(u, q) - mean;
+      squares[0] += d * d;
+    }
+  block_sum(squares, scratch);
+  rstd = A(1) / sqrt_(squares[0] / A(Q * H) + eps);
+}
+
+// The LayerNorm-LSTM forward step (LstmStepFwdParams with ln): T the data, A the math type of
+// rec and of the saved rows.
+template <typename T>
+__global__ void lstm_ln_step_fwd_kernel(LstmStepFwdParams p) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* scratch = reinterpret_cast<A*>(smem_raw);
+  const int64_t H = p.hidden, G = 4 * H;
+  const A eps = static_cast<A>(p.ln.eps);
+  const T* hh_weight = static_cast<const T*>(p.ln.hh_weight);
+  const T* c_weight = static_cast<const T*>(p.ln.c_weight);
+  const T* c_bias = static_cast<const T*>(p.ln.c_bias);
+  for (int64_t row = blockIdx.x; row < p.batch; row += gridDim.x) {  // uniform in the block
+    const T* c_prev = static_cast<const T*>(p.c_prev) + row * p.c_prev_row_stride;
+    const T* h_prev = p.h_prev == nullptr
+                          ? nullptr
+                          : static_cast<const T*>(p.h_prev) + row * p.h_prev_row_stride;
+    A* gates = static_cast<A*>(p.gates_out) + row * G;
+    A* hh_norm = static_cast<A*>(p.hh_norm_out) + row * G;
+    A* c_norm = static_cast<A*>(p.c_norm_out) + row * H;
+    A* rstd = static_cast<A*>(p.rstd_out) + row * 2;
+    T* c_out = static_cast<T*>(p.c_out) + row * H;
+    T* h_out = static_cast<T*>(p.h_out) + row * H;
+    if (row >= p.stepping) {  // a carried row: state through, zeros saved
+      for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+        c_out[u] = c_prev[u];
+        h_out[u] = p.project ? from_acc<T>(A(0)) : h_prev[u];
+        c_norm[u] = A(0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) gates[q * H + u] = hh_norm[q * H + u] = A(0);
+      }
+      if (threadIdx.x < 2) rstd[threadIdx.x] = A(0);
+      continue;
+    }
+    const A* rec = static_cast<const A*>(p.rec) + row * G;
+    const T* x = static_cast<const T*>(p.x_proj) + row * p.x_proj_row_stride;
+    A hh_mean, hh_rstd;
+    row_moments<4>(H, eps, [&](int64_t u, int q) { return rec[q * H + u]; }, scratch, hh_mean,
+                   hh_rstd);
+    for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+      A act[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k = q * H + u;
+        const A normed = (rec[k] - hh_mean) * hh_rstd;
+        hh_norm[k] = normed;
+        const A pre = to_acc(x[k]) + normed * to_acc(hh_weight[k]);
+        act[q] = q == 2 ? tanh_(pre) : sigmoid(pre);
+        gates[k] = act[q];
+      }
+      c_norm[u] = act[1] * to_acc(c_prev[u]) + act[0] * act[2];  // the cell before its LN, for now
+    }
+    A c_mean, c_rstd;
+    row_moments<1>(H, eps, [&](int64_t u, int) { return c_norm[u]; }, scratch, c_mean, c_rstd);
+    for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+      const A cn = (c_norm[u] - c_mean) * c_rstd;
+      c_norm[u] = cn;
+      A c = cn * to_acc(c_weight[u]) + to_acc(c_bias[u]);
+      A h = gates[3 * H + u] * tanh_(c);  // from the cell's c, before zoneout mixes it
+      if (p.zoneout_c != nullptr) {
+        c += to_acc(static_cast<const T*>(p.zoneout_c)[row * H + u]) * (to_acc(c_prev[u]) - c);
+      }
+      if (!p.project && p.zoneout_h != nullptr) {
+        h += to_acc(static_cast<const T*>(p.zoneout_h)[row * H + u]) * (to_acc(h_prev[u]) - h);
+      }
+      c_out[u] = from_acc<T>(c);
+      h_out[u] = from_acc<T>(h);
+    }
+    if (threadIdx.x == 0) {
+      rstd[0] = hh_rstd;
+      rstd[1] = c_rstd;
+    }
+  }
+}
+
+// The backward of lstm_ln_step_fwd_kernel (LstmStepBwdParams with ln; the gradients in A).
+// The LN backward without affine, from the normalized row y and its rstd:
+// dx = rstd * (dy - mean(dy) - y * mean(dy * y)).
+template <typename T>
+__global__ void lstm_ln_step_bwd_kernel(LstmStepBwdParams p) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* scratch = reinterpret_cast<A*>(smem_raw);
+  const int64_t H = p.hidden, G = 4 * H;
+  const T* hh_weight = static_cast<const T*>(p.ln.hh_weight);
+  const T* c_weight = static_cast<const T*>(p.ln.c_weight);
+  const T* c_bias = static_cast<const T*>(p.ln.c_bias);
+  for (int64_t row = blockIdx.x; row < p.batch; row += gridDim.x) {  // uniform in the block
+    const T* grad_h = p.grad_h == nullptr
+                          ? nullptr
+                          : static_cast<const T*>(p.grad_h) + row * p.grad_h_row_stride;
+    const T* grad_c = static_cast<const T*>(p.grad_c) + row * p.grad_c_row_stride;
+    A* carried_h = p.carried_h == nullptr ? nullptr : static_cast<A*>(p.carried_h) + row * H;
+    const A* carried_c =
+        p.carried_c == nullptr ? nullptr : static_cast<const A*>(p.carried_c) + row * H;
+    const T* zc = p.zoneout_c == nullptr ? nullptr : static_cast<const T*>(p.zoneout_c) + row * H;
+    const T* zh = p.zoneout_h == nullptr ? nullptr : static_cast<const T*>(p.zoneout_h) + row * H;
+    A* grad_gates = static_cast<A*>(p.grad_gates) + row * G;
+    A* grad_hh = static_cast<A*>(p.grad_hh) + row * G;
+    A* grad_c_new = static_cast<A*>(p.grad_c_new) + row * H;
+    A* grad_c_prev = static_cast<A*>(p.grad_c_prev) + row * H;
+    // The gradients reaching this step's c and h outputs (h: without projection).
+    auto dc_total = [&](int64_t u) {
+      return to_acc(grad_c[u]) + (carried_c == nullptr ? A(0) : carried_c[u]);
+    };
+    auto dh_total = [&](int64_t u) {
+      return (grad_h == nullptr ? A(0) : to_acc(grad_h[u])) +
+             (carried_h == nullptr ? A(0) : carried_h[u]);
+    };
+    if (row >= p.stepping) {  // a carried row: its gradients pass through unchanged
+      for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+        if (carried_h != nullptr) carried_h[u] = dh_total(u);
+        grad_c_prev[u] = dc_total(u);  // after dc_total(u): may alias carried_c
+        grad_c_new[u] = A(0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) grad_gates[q * H + u] = grad_hh[q * H + u] = A(0);
+      }
+      continue;
+    }
+    const A* gates = static_cast<const A*>(p.gates) + row * G;
+    const A* hh_norm = static_cast<const A*>(p.hh_norm) + row * G;
+    const A* c_norm = static_cast<const A*>(p.c_norm) + row * H;
+    const A* rstd = static_cast<const A*>(p.rstd) + row * 2;
+    const T* c_prev = static_cast<const T*>(p.c_prev) + row * p.c_prev_row_stride;
+    // The cell LN's output gradient, and o's.
+    A c_sums[2] = {A(0), A(0)};  // sum dy, sum dy * y of the cell LN
+    for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+      const A z_c = zc == nullptr ? A(0) : to_acc(zc[u]);
+      const A z_h = zh == nullptr ? A(0) : to_acc(zh[u]);
+      A dh;
+      if (p.grad_hpre != nullptr) {
+        dh = static_cast<const A*>(p.grad_hpre)[row * H + u];
+      } else {
+        const A total = dh_total(u);
+        dh = total * (A(1) - z_h);
+        if (carried_h != nullptr) carried_h[u] = total * z_h;  // the share that skips the GEMM
+      }
+      const A cn = c_norm[u], w = to_acc(c_weight[u]);
+      const A tc = tanh_(cn * w + to_acc(c_bias[u]));
+      const A o = gates[3 * H + u];
+      const A dc_new = dc_total(u) * (A(1) - z_c) + dh * o * (A(1) - tc * tc);
+      grad_c_new[u] = dc_new;
+      grad_gates[3 * H + u] = dh * tc * o * (A(1) - o);
+      c_sums[0] += dc_new * w;
+      c_sums[1] += dc_new * w * cn;
+    }
+    block_sum(c_sums, scratch);
+    const A c_mean_dy = c_sums[0] / A(H), c_mean_dy_y = c_sums[1] / A(H);
+    // The gates' gradients through the cell LN, and the sums of the hh LN's backward.
+    A hh_sums[2] = {A(0), A(0)};
+    for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+      const A dy = grad_c_new[u] * to_acc(c_weight[u]);
+      const A d_cell = (dy - c_mean_dy - c_norm[u] * c_mean_dy_y) * rstd[1];
+      const A i = gates[u], f = gates[H + u], g = gates[2 * H + u], cp = to_acc(c_prev[u]);
+      const A z_c = zc == nullptr ? A(0) : to_acc(zc[u]);
+      const A d_pre[4] = {d_cell * g * i * (A(1) - i), d_cell * cp * f * (A(1) - f),
+                          d_cell * i * (A(1) - g * g), grad_gates[3 * H + u]};
+      grad_c_prev[u] = d_cell * f + dc_total(u) * z_c;  // after dc_total(u): may alias carried_c
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k = q * H + u;
+        grad_gates[k] = d_pre[q];
+        const A hh_dy = d_pre[q] * to_acc(hh_weight[k]);
+        hh_sums[0] += hh_dy;
+        hh_sums[1] += hh_dy * hh_norm[k];
+      }
+    }
+    block_sum(hh_sums, scratch);
+    const A hh_mean_dy = hh_sums[0] / A(G), hh_mean_dy_y = hh_sums[1] / A(G);
+    for (int64_t u = threadIdx.x; u < H; u += blockDim.x)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t k = q * H + u;
+        const A dy = grad_gates[k] * to_acc(hh_weight[k]);
+        grad_hh[k] = (dy - hh_mean_dy - hh_norm[k] * hh_mean_dy_y) * rstd[0];
+      }
   }
 }
 

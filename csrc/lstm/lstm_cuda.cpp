@@ -1,8 +1,8 @@
 // CUDA implementations of the fastattn LSTM ops (schemas: fastattn/ops/_registry.py):
 // input checks, output allocation, params structs, launch on the current stream. The layer ops
-// run their time loop here: per step a GEMM on torch's current stream (cuBLAS through ATen,
-// into preallocated buffers) and one fused pointwise kernel; the weight gradients are GEMMs
-// over all steps after the loop. The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
+// (plain and LayerNorm-LSTM) run their time loop here: per step a GEMM on torch's current
+// stream (cuBLAS through ATen, into preallocated buffers) and one fused step kernel; the weight
+// gradients are GEMMs (and, for the LN gains, reductions) over all steps after the loop. The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -225,12 +225,26 @@ LayerProblem cuda_layer_problem(const char* op, const at::Tensor& x, const at::T
   return p;
 }
 
+// The LayerNorm-LSTM's share of a layer call (fastattn::lstm_ln_layer_*): its weights
+// (contiguous, the data dtype) and the rows the forward saves for the backward (math type).
+struct LayerNorm {
+  at::Tensor hh_weight, c_weight, c_bias;  // [4H], [H], [H]
+  double eps = 0.0;
+  at::Tensor hh_norm_all, c_norm_all, rstd_all;  // [T, B, 4H], [T, B, H], [T, B, 2]
+
+  LstmStepLayerNorm params() const {
+    return {hh_weight.data_ptr(), c_weight.data_ptr(), c_bias.data_ptr(), eps};
+  }
+};
+
 // The forward time loop. x_proj [T, B, 4H] (last dim contiguous), h0 / c0 contiguous; writes
 // h_all, c_all, and gates_all when defined. hpre: [T, B, H] (hpre_all) or a [1, B, H] scratch
-// when projecting, else undefined.
+// when projecting, else undefined. ln: the LayerNorm-LSTM step (gates_all in the math type),
+// or nullptr.
 void layer_forward(const LayerProblem& p, const at::Tensor& x_proj, const at::Tensor& h0,
                    const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& h_all,
-                   const at::Tensor& c_all, const at::Tensor& gates_all, const at::Tensor& hpre) {
+                   const at::Tensor& c_all, const at::Tensor& gates_all, const at::Tensor& hpre,
+                   const LayerNorm* ln = nullptr) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x_proj.device().index());
   const bool proj = p.w_hr.defined();
   const Dtype dtype = lstm_dtype(x_proj, "lstm_layer_fwd", "x_proj");
@@ -260,6 +274,12 @@ void layer_forward(const LayerProblem& p, const at::Tensor& x_proj, const at::Te
     sp.hidden = p.H;
     sp.stepping = n;
     sp.project = proj;
+    if (ln != nullptr) {
+      sp.ln = ln->params();
+      sp.hh_norm_out = ln->hh_norm_all[t].data_ptr();
+      sp.c_norm_out = ln->c_norm_all[t].data_ptr();
+      sp.rstd_out = ln->rstd_all[t].data_ptr();
+    }
     C10_CUDA_CHECK(launch_lstm_step_fwd(sp, stream));
     if (!proj) continue;
     mm_rows(h_t, n, hpre_t, w_hr_t);
@@ -369,34 +389,38 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_cuda(
   return {h_all, c_all};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
-    const at::Tensor& grad_h_all_in, const at::Tensor& grad_c_all_in, const at::Tensor& h0,
-    const at::Tensor& c0_in, const at::Tensor& w_hh, const OptTensor& w_hr,
-    const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
-    const OptTensor& zoneout_h, const at::Tensor& h_all, const at::Tensor& c_all_in,
-    const at::Tensor& gates_all_in, const at::Tensor& hpre_all) {
-  constexpr const char* op = "fastattn::lstm_layer_bwd";
-  const LayerProblem p = cuda_layer_problem(op, gates_all_in, h0, c0_in, w_hh, w_hr, batch_sizes,
-                                            reverse, zoneout_c, zoneout_h);
-  const bool proj = p.w_hr.defined();
-  lstm_glue::check_like(grad_h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "grad_h_all");
-  lstm_glue::check_like(grad_c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "grad_c_all");
-  lstm_glue::check_like(h_all, gates_all_in, {p.T, p.B, p.P}, op, "h_all");
-  lstm_glue::check_like(c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "c_all");
-  if (proj) lstm_glue::check_like(hpre_all, gates_all_in, {p.T, p.B, p.H}, op, "hpre_all");
+// The gradients of one layer call, in the math type, from its backward time loop.
+struct LayerGrads {
+  at::Tensor grad_gates_all;  // [T, B, 4H] of x_proj
+  at::Tensor grad_rec_all;    // [T, B, 4H] of h_prev @ w_hh^T (grad_gates_all without LN)
+  at::Tensor grad_c_new_all;  // [T, B, H] of the cell LN's output (LN only)
+  at::Tensor dh, dc;          // [B, P], [B, H] of h0, c0
+  at::Tensor grad_w_hh;       // [4H, P]
+  at::Tensor grad_w_hr;       // [P, H], undefined without projection
+};
 
-  const c10::cuda::CUDAGuard guard(gates_all_in.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(gates_all_in.device().index());
-  const Dtype dtype = lstm_dtype(gates_all_in, op, "gates_all");
-  const at::ScalarType math = math_type(gates_all_in);
-  const auto mopts = gates_all_in.options().dtype(math);
-  const at::Tensor grad_h_all = grad_h_all_in.contiguous(), grad_c_all = grad_c_all_in.contiguous();
-  const at::Tensor c_all = c_all_in.contiguous(), gates_all = gates_all_in.contiguous();
-  const at::Tensor c0 = c0_in.contiguous();
-  // Gradients in the math type: the carried state gradients, and every step's pre-activation
-  // gradients (the whole-sequence weight gradient GEMM reads them all).
-  at::Tensor grad_gates_all = at::empty({p.T, p.B, 4 * p.H}, mopts);
-  at::Tensor dh = at::zeros({p.B, p.P}, mopts), dc = at::zeros({p.B, p.H}, mopts);
+// The backward time loop (reverse of layer_forward) and the whole-sequence weight gradients.
+// Inputs contiguous; gates_all (activated) in the data dtype, or with ln in the math type as
+// ln's saved rows.
+LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
+                          const at::Tensor& grad_c_all, const at::Tensor& h0, const at::Tensor& c0,
+                          const at::Tensor& w_hh, const at::Tensor& h_all, const at::Tensor& c_all,
+                          const at::Tensor& gates_all, const at::Tensor& hpre_all,
+                          const LayerNorm* ln) {
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(h0.device().index());
+  const bool proj = p.w_hr.defined();
+  const Dtype dtype = lstm_dtype(h0, "lstm_layer_bwd", "h0");
+  const at::ScalarType math = math_type(h0);
+  const Dtype grad_dtype = math_dtype(h0);
+  const auto mopts = h0.options().dtype(math);
+  LayerGrads r;
+  // Gradients in the math type: the carried state gradients, and every step's gradients that
+  // the whole-sequence weight gradients read.
+  r.grad_gates_all = at::empty({p.T, p.B, 4 * p.H}, mopts);
+  r.grad_rec_all = ln != nullptr ? at::empty({p.T, p.B, 4 * p.H}, mopts) : r.grad_gates_all;
+  if (ln != nullptr) r.grad_c_new_all = at::empty({p.T, p.B, p.H}, mopts);
+  r.dh = at::zeros({p.B, p.P}, mopts);
+  r.dc = at::zeros({p.B, p.H}, mopts);
   at::Tensor grad_proj_all = proj ? at::empty({p.T, p.B, p.P}, mopts) : at::Tensor();
   at::Tensor grad_hpre = proj ? at::empty({p.B, p.H}, mopts) : at::Tensor();
   const at::Tensor w_hh_m = w_hh.to(math), w_hr_m = proj ? p.w_hr.to(math) : at::Tensor();
@@ -407,10 +431,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     if (proj) {
       LstmProjectionBwdParams pp;
       pp.dtype = dtype;
-      pp.grad_dtype = math_dtype(gates_all);
+      pp.grad_dtype = grad_dtype;
       pp.grad_h = grad_h_all[t].data_ptr();
       pp.zoneout_h = ptr_at(p.zoneout_h, t);
-      pp.carried_h = dh.data_ptr();
+      pp.carried_h = r.dh.data_ptr();
       pp.grad_proj = grad_proj_all[t].data_ptr();
       pp.batch = p.B;
       pp.width = p.P;
@@ -420,51 +444,194 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     }
     LstmStepBwdParams sp;
     sp.dtype = dtype;
-    sp.grad_dtype = math_dtype(gates_all);
+    sp.grad_dtype = grad_dtype;
     sp.gates = gates_all[t].data_ptr();
     sp.gates_activated = true;
     sp.c_prev = c_prev.data_ptr();
     sp.grad_h = proj ? nullptr : grad_h_all[t].data_ptr();
     sp.grad_c = grad_c_all[t].data_ptr();
     sp.grad_hpre = proj ? grad_hpre.data_ptr() : nullptr;
-    sp.carried_h = proj ? nullptr : dh.data_ptr();
-    sp.carried_c = dc.data_ptr();
+    sp.carried_h = proj ? nullptr : r.dh.data_ptr();
+    sp.carried_c = r.dc.data_ptr();
     sp.zoneout_c = ptr_at(p.zoneout_c, t);
     sp.zoneout_h = proj ? nullptr : ptr_at(p.zoneout_h, t);
-    sp.grad_gates = grad_gates_all[t].data_ptr();
-    sp.grad_c_prev = dc.data_ptr();
+    sp.grad_gates = r.grad_gates_all[t].data_ptr();
+    sp.grad_c_prev = r.dc.data_ptr();
     sp.gates_row_stride = 4 * p.H;
     sp.c_prev_row_stride = c_prev.stride(0);
-    sp.grad_h_row_stride = p.H;
+    sp.grad_h_row_stride = p.P;
     sp.grad_c_row_stride = p.H;
     sp.batch = p.B;
     sp.hidden = p.H;
     sp.stepping = n;
+    if (ln != nullptr) {
+      sp.ln = ln->params();
+      sp.hh_norm = ln->hh_norm_all[t].data_ptr();
+      sp.c_norm = ln->c_norm_all[t].data_ptr();
+      sp.rstd = ln->rstd_all[t].data_ptr();
+      sp.grad_hh = r.grad_rec_all[t].data_ptr();
+      sp.grad_c_new = r.grad_c_new_all[t].data_ptr();
+    }
     C10_CUDA_CHECK(launch_lstm_step_bwd(sp, stream));
     // The recurrent path back to h_prev, added to the part that skipped it.
-    if (n > 0) dh.narrow(0, 0, n).addmm_(grad_gates_all[t].narrow(0, 0, n), w_hh_m);
+    if (n > 0) r.dh.narrow(0, 0, n).addmm_(r.grad_rec_all[t].narrow(0, 0, n), w_hh_m);
   }
 
-  // Weight gradients for the whole sequence: sum_t grad_gates[t]^T @ h_prev(t), one GEMM for
-  // the steps that read h_all and one for the step that reads h0.
+  // Weight gradients for the whole sequence: sum_t grad_rec[t]^T @ h_prev(t), one GEMM for the
+  // steps that read h_all and one for the step that reads h0.
   const int64_t G = 4 * p.H;
-  at::Tensor grad_w_hh;
   if (p.T == 0) {
-    grad_w_hh = at::zeros({G, p.P}, mopts);
+    r.grad_w_hh = at::zeros({G, p.P}, mopts);
   } else {
-    const int64_t first = reverse ? p.T - 1 : 0;
-    grad_w_hh = at::mm(grad_gates_all[first].t(), h0.to(math));
+    const int64_t first = p.reverse ? p.T - 1 : 0;
+    r.grad_w_hh = at::mm(r.grad_rec_all[first].t(), h0.to(math));
     if (p.T > 1) {
-      const at::Tensor later = grad_gates_all.narrow(0, reverse ? 0 : 1, p.T - 1);
-      const at::Tensor prev = h_all.narrow(0, reverse ? 1 : 0, p.T - 1).to(math);
-      grad_w_hh.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, p.P}));
+      const at::Tensor later = r.grad_rec_all.narrow(0, p.reverse ? 0 : 1, p.T - 1);
+      const at::Tensor prev = h_all.narrow(0, p.reverse ? 1 : 0, p.T - 1).to(math);
+      r.grad_w_hh.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, p.P}));
     }
   }
-  const at::ScalarType out = gates_all.scalar_type();
-  at::Tensor grad_w_hr =
-      proj ? at::mm(grad_proj_all.reshape({-1, p.P}).t(), hpre_all.to(math).reshape({-1, p.H})).to(out)
-           : at::empty({0}, gates_all.options());
-  return {grad_gates_all.to(out), dh.to(out), dc.to(out), grad_w_hh.to(out), grad_w_hr};
+  if (proj) {
+    r.grad_w_hr =
+        at::mm(grad_proj_all.reshape({-1, p.P}).t(), hpre_all.to(math).reshape({-1, p.H}));
+  }
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_bwd_cuda(
+    const at::Tensor& grad_h_all_in, const at::Tensor& grad_c_all_in, const at::Tensor& h0_in,
+    const at::Tensor& c0_in, const at::Tensor& w_hh, const OptTensor& w_hr,
+    const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
+    const OptTensor& zoneout_h, const at::Tensor& h_all_in, const at::Tensor& c_all_in,
+    const at::Tensor& gates_all_in, const at::Tensor& hpre_all) {
+  constexpr const char* op = "fastattn::lstm_layer_bwd";
+  const LayerProblem p = cuda_layer_problem(op, gates_all_in, h0_in, c0_in, w_hh, w_hr,
+                                            batch_sizes, reverse, zoneout_c, zoneout_h);
+  const bool proj = p.w_hr.defined();
+  lstm_glue::check_like(grad_h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "grad_h_all");
+  lstm_glue::check_like(grad_c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "grad_c_all");
+  lstm_glue::check_like(h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "h_all");
+  lstm_glue::check_like(c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "c_all");
+  if (proj) lstm_glue::check_like(hpre_all, gates_all_in, {p.T, p.B, p.H}, op, "hpre_all");
+
+  const c10::cuda::CUDAGuard guard(gates_all_in.device());
+  const LayerGrads g = layer_backward(
+      p, grad_h_all_in.contiguous(), grad_c_all_in.contiguous(), h0_in.contiguous(),
+      c0_in.contiguous(), w_hh, h_all_in.contiguous(), c_all_in.contiguous(),
+      gates_all_in.contiguous(), proj ? hpre_all.contiguous() : at::Tensor(), nullptr);
+  const at::ScalarType out = gates_all_in.scalar_type();
+  return {g.grad_gates_all.to(out), g.dh.to(out), g.dc.to(out), g.grad_w_hh.to(out),
+          proj ? g.grad_w_hr.to(out) : at::empty({0}, gates_all_in.options())};
+}
+
+// ---- LayerNorm-LSTM layer ops (the same loops with the LN stage) ---------------------------
+
+// A saved row tensor of the LN ops: on `like`'s device, in its math type, of this shape.
+void check_math_rows(const char* op, const at::Tensor& t, const at::Tensor& like,
+                     at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == math_type(like) &&
+                  t.sizes() == shape,
+              op, ": ", name, " must be a ", math_type(like), " tensor of shape ", shape, " on ",
+              like.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+LayerNorm ln_weights(const char* op, const LayerProblem& p, const at::Tensor& like,
+                     const at::Tensor& hh_weight, const at::Tensor& c_weight,
+                     const at::Tensor& c_bias, double eps) {
+  lstm_glue::check_like(hh_weight, like, {4 * p.H}, op, "ln_hh_weight");
+  lstm_glue::check_like(c_weight, like, {p.H}, op, "ln_c_weight");
+  lstm_glue::check_like(c_bias, like, {p.H}, op, "ln_c_bias");
+  LayerNorm ln;
+  ln.hh_weight = hh_weight.contiguous();
+  ln.c_weight = c_weight.contiguous();
+  ln.c_bias = c_bias.contiguous();
+  ln.eps = eps;
+  return ln;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lstm_ln_layer_fwd_cuda(const at::Tensor& x_proj_in, const at::Tensor& h0_in,
+                       const at::Tensor& c0_in, const at::Tensor& w_hh,
+                       const at::Tensor& ln_hh_weight, const at::Tensor& ln_c_weight,
+                       const at::Tensor& ln_c_bias, double eps, const OptTensor& w_hr,
+                       const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
+                       const OptTensor& zoneout_h) {
+  constexpr const char* op = "fastattn::lstm_ln_layer_fwd";
+  const LayerProblem p = cuda_layer_problem(op, x_proj_in, h0_in, c0_in, w_hh, w_hr, batch_sizes,
+                                            reverse, zoneout_c, zoneout_h);
+  LayerNorm ln = ln_weights(op, p, x_proj_in, ln_hh_weight, ln_c_weight, ln_c_bias, eps);
+  const c10::cuda::CUDAGuard guard(x_proj_in.device());
+  const at::Tensor x_proj = x_proj_in.contiguous(), h0 = h0_in.contiguous(),
+                   c0 = c0_in.contiguous();
+  const auto opts = x_proj.options(), mopts = opts.dtype(math_type(x_proj));
+  const bool proj = p.w_hr.defined();
+  at::Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
+  at::Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
+  at::Tensor gates_all = at::empty({p.T, p.B, 4 * p.H}, mopts);
+  at::Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
+  ln.hh_norm_all = at::empty({p.T, p.B, 4 * p.H}, mopts);
+  ln.c_norm_all = at::empty({p.T, p.B, p.H}, mopts);
+  ln.rstd_all = at::empty({p.T, p.B, 2}, mopts);
+  layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all, proj ? hpre_all : at::Tensor(),
+                &ln);
+  return {h_all, c_all, gates_all, hpre_all, ln.hh_norm_all, ln.c_norm_all, ln.rstd_all};
+}
+
+// sum over time and batch of a * b: [T, B, W] x2 -> [W] (math type).
+at::Tensor sum_of_products(const at::Tensor& a, const at::Tensor& b) {
+  return at::mul(a, b).sum({0, 1});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+lstm_ln_layer_bwd_cuda(const at::Tensor& grad_h_all, const at::Tensor& grad_c_all,
+                       const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& w_hh,
+                       const at::Tensor& ln_hh_weight, const at::Tensor& ln_c_weight,
+                       const at::Tensor& ln_c_bias, const OptTensor& w_hr,
+                       const OptTensor& batch_sizes, bool reverse, const OptTensor& zoneout_c,
+                       const OptTensor& zoneout_h, const at::Tensor& h_all,
+                       const at::Tensor& c_all, const at::Tensor& gates_all,
+                       const at::Tensor& hpre_all, const at::Tensor& hh_norm_all,
+                       const at::Tensor& c_norm_all, const at::Tensor& rstd_all) {
+  constexpr const char* op = "fastattn::lstm_ln_layer_bwd";
+  TORCH_CHECK(h0.is_cuda(), op, " (CUDA): expected CUDA tensors, got ", h0.device());
+  TORCH_CHECK(hh_norm_all.dim() == 3 && hh_norm_all.size(2) % 4 == 0, op,
+              ": hh_norm_all must be [T, B, 4H], got ", hh_norm_all.sizes());
+  lstm_glue::lstm_dtype(h0, op);
+  LayerProblem p = lstm_glue::layer_problem(
+      op, h0, hh_norm_all.size(0), hh_norm_all.size(1), hh_norm_all.size(2) / 4, h0, c0, w_hh,
+      w_hr, batch_sizes, reverse, zoneout_c, zoneout_h);
+  if (p.w_hr.defined()) p.w_hr = p.w_hr.contiguous();
+  LayerNorm ln = ln_weights(op, p, h0, ln_hh_weight, ln_c_weight, ln_c_bias, 0.0);
+  const int64_t T = p.T, B = p.B, H = p.H, P = p.P;
+  const bool proj = p.w_hr.defined();
+  lstm_glue::check_like(grad_h_all, h0, {T, B, P}, op, "grad_h_all");
+  lstm_glue::check_like(grad_c_all, h0, {T, B, H}, op, "grad_c_all");
+  lstm_glue::check_like(h_all, h0, {T, B, P}, op, "h_all");
+  lstm_glue::check_like(c_all, h0, {T, B, H}, op, "c_all");
+  if (proj) lstm_glue::check_like(hpre_all, h0, {T, B, H}, op, "hpre_all");
+  check_math_rows(op, gates_all, h0, {T, B, 4 * H}, "gates_all");
+  check_math_rows(op, hh_norm_all, h0, {T, B, 4 * H}, "hh_norm_all");
+  check_math_rows(op, c_norm_all, h0, {T, B, H}, "c_norm_all");
+  check_math_rows(op, rstd_all, h0, {T, B, 2}, "rstd_all");
+
+  const c10::cuda::CUDAGuard guard(h0.device());
+  ln.hh_norm_all = hh_norm_all.contiguous();
+  ln.c_norm_all = c_norm_all.contiguous();
+  ln.rstd_all = rstd_all.contiguous();
+  const LayerGrads g = layer_backward(
+      p, grad_h_all.contiguous(), grad_c_all.contiguous(), h0.contiguous(), c0.contiguous(), w_hh,
+      h_all.contiguous(), c_all.contiguous(), gates_all.contiguous(),
+      proj ? hpre_all.contiguous() : at::Tensor(), &ln);
+  const at::ScalarType out = h0.scalar_type();
+  return {g.grad_gates_all.to(out),
+          g.dh.to(out),
+          g.dc.to(out),
+          g.grad_w_hh.to(out),
+          sum_of_products(g.grad_gates_all, ln.hh_norm_all).to(out),
+          sum_of_products(g.grad_c_new_all, ln.c_norm_all).to(out),
+          g.grad_c_new_all.sum({0, 1}).to(out),
+          proj ? g.grad_w_hr.to(out) : at::empty({0}, h0.options())};
 }
 
 }  // namespace
@@ -477,4 +644,6 @@ TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("lstm_layer_fwd", &fastattn::lstm_layer_fwd_cuda);
   m.impl("lstm_layer_infer", &fastattn::lstm_layer_infer_cuda);
   m.impl("lstm_layer_bwd", &fastattn::lstm_layer_bwd_cuda);
+  m.impl("lstm_ln_layer_fwd", &fastattn::lstm_ln_layer_fwd_cuda);
+  m.impl("lstm_ln_layer_bwd", &fastattn::lstm_ln_layer_bwd_cuda);
 }

@@ -157,8 +157,8 @@ class LSTM(_Extras, nn.Module):
     Random masks are drawn from torch's default generator, per layer and direction in this
     order: the weight_hh mask, the cell zoneout mask [T, B, H], the hidden zoneout mask
     [T, B, P]; then the between-layer dropout (the same draws nn.LSTM makes for ``dropout``).
-    The layer_norm option runs fused on the cpu backend (CPU tensors) and on the reference
-    backend (plain PyTorch per step) elsewhere.
+    The layer_norm option runs fused on the cpu and cuda backends (fastattn::lstm_ln_layer_*
+    ops, one call per layer and direction).
 
     forward(input, hx=None) -> (output, (h_n, c_n)) exactly as nn.LSTM: input [T, B, I]
     ([B, T, I] with batch_first), [T, I] unbatched, or a PackedSequence (sorted or not).

@@ -6,15 +6,14 @@ backend (fastattn/ops/backends.py), and registers fake kernels and autograd for 
 Backends: ``cpu`` and ``cuda`` run fastattn::lstm_layer_fwd/_bwd, one op call per layer and
 direction whose time loop runs in C++ (fastattn::lstm_layer_infer when no gradient is needed;
 on CPU it also serves lstm_cell then; on CUDA it runs the persistent sequence kernel where that
-fits, see csrc/lstm/lstm_cuda.cpp); ``cpu`` also runs fastattn::lstm_ln_layer_fwd/_bwd for the
-layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
+fits, see csrc/lstm/lstm_cuda.cpp); ``cpu`` and ``cuda`` also run fastattn::lstm_ln_layer_fwd/_bwd
+for the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
 whole-sequence GEMMs); ``triton`` runs lstm_cell on the *_triton pointwise ops and lstm_layer
 on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, for any H and P. Per
 size, auto prefers the cuda backend's C++ loop (first in backends.choose's order) wherever the
 extension has it: at H >= 512 it beats streaming the weights on paper
 (fastattn/triton_kernels/lstm_layer.py has the figures); ``reference`` is plain
-PyTorch (fastattn/ops/reference.py). The layer_norm option is served by ``cpu`` and
-``reference`` only (CUDA tensors run it on the reference).
+PyTorch (fastattn/ops/reference.py). ``triton`` does not serve the layer_norm option.
 """
 
 from __future__ import annotations
@@ -310,15 +309,17 @@ def _cell_missing(device: torch.device, dtype: torch.dtype):
     return missing
 
 
-# Evaluated once per (op, device, dtype, flag, width) while torch.compile traces, so that a compiled
+# Evaluated once per (op, device, dtype, flag) while torch.compile traces, so that a compiled
 # model bakes in the backend choice instead of graph-breaking on the backend registry.
 @torch.compiler.assume_constant_result
 def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_norm: bool) -> str:
     cell_missing = _cell_missing(device, dtype)
 
     def missing(backend: str) -> str | None:
-        if layer_norm and backend in ("cuda", "triton"):
-            return "layer_norm (served by the cpu and reference backends)"
+        if layer_norm and backend == "triton":
+            return "layer_norm (served by the cpu, cuda and reference backends)"
+        if layer_norm and backend == "cuda" and not _has_kernel("lstm_ln_layer_fwd", "CUDA"):
+            return "the CUDA LayerNorm-LSTM kernels (fastattn._C has none registered)"
         if backend == "triton" and fn == "lstm_layer":
             return _triton_layer_missing(dtype)
         if layer_norm and backend == "cpu" and not _has_kernel("lstm_ln_layer_fwd", "CPU"):
@@ -434,8 +435,8 @@ def lstm_layer(
     layer_norm = (ln_ih_weight [4H], ln_hh_weight [4H], ln_c_weight [H], ln_c_bias [H], eps)
     makes it a LayerNorm-LSTM: gates = LN(x @ w_ih^T) * ln_ih_weight + LN(h @ w_hh^T) *
     ln_hh_weight + b_ih + b_hh (LN over the 4H gates), c = LN(f * c_prev + i * g) * ln_c_weight
-    + ln_c_bias, h = o * tanh(c); the ``cpu`` backend runs it on the fused
-    fastattn::lstm_ln_layer_fwd op, other devices on the reference.
+    + ln_c_bias, h = o * tanh(c); the ``cpu`` and ``cuda`` backends run it on the fused
+    fastattn::lstm_ln_layer_fwd op.
     Returns (h_all [T, B, P], c_all [T, B, H]): the state after each time step; the final state
     is h_all[-1] (h_all[0] when reverse). Differentiable in input, h0, c0 and the weights.
     """
@@ -497,7 +498,7 @@ def lstm_layer(
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)
 
-    if backend == "cpu" and layer_norm is not None:
+    if backend in ("cpu", "cuda") and layer_norm is not None:
         h_all, c_all, *_ = _OPS.lstm_ln_layer_fwd(
             x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
             zoneout_c, zoneout_h)

@@ -238,14 +238,39 @@ MUTATIONS = [
     Mutation(
         "cell-bwd-forget-gradient",
         CELL,
-        "f[e] = dc * c_prev[e] * sf * (A(1) - sf);",
-        "f[e] = dc * c[e] * sf * (A(1) - sf);",
+        "const A gf = dc * c_prev[e] * f[e] * (A(1) - f[e]);",
+        "const A gf = dc * c[e] * f[e] * (A(1) - f[e]);",
     ),
     Mutation(
         "cell-vector-offset",
         CELL,
         "col((linear % vecs_per_row) * VEC)",
         "col(linear % vecs_per_row)",
+    ),
+    # The LayerNorm stage of the step kernels (block reductions, the LN backward).
+    Mutation(
+        "ln-no-barrier-after-partials",
+        CELL,
+        "    if (lane == 0) scratch[n * 32 + warp] = v[n];\n  }\n  __syncthreads();\n",
+        "    if (lane == 0) scratch[n * 32 + warp] = v[n];\n  }\n",
+    ),
+    Mutation(
+        "ln-block-sum-first-warp-only",
+        CELL,
+        "for (int w = 0; w < warps; ++w)",
+        "for (int w = 0; w < 1; ++w)",
+    ),
+    Mutation(
+        "ln-bwd-hh-without-projection-term",
+        CELL,
+        "(dy - hh_mean_dy - hh_norm[k] * hh_mean_dy_y) * rstd[0]",
+        "(dy - hh_mean_dy) * rstd[0]",
+    ),
+    Mutation(
+        "ln-fwd-cell-rstd-of-hh",
+        CELL,
+        "const A cn = (c_norm[u] - c_mean) * c_rstd;",
+        "const A cn = (c_norm[u] - c_mean) * hh_rstd;",
     ),
 ]
 

@@ -38,10 +38,23 @@ struct LstmCellBwdParams {
   int64_t batch = 0, hidden = 0;
 };
 
-// One time step of a layer-direction op (fastattn::lstm_layer_fwd / _infer), the part after
-// the recurrent GEMM; the cell op (LstmCellFwdParams) is the same step without options.
+// The LayerNorm stage of a LayerNorm-LSTM step (fastattn::lstm_ln_layer_*, _registry.py):
+// gates = x_proj + LN(rec) * hh_weight, c_new = LN(f * c_prev + i * g) * c_weight + c_bias,
+// LN over the row without affine, (v - mean) / sqrt(biased var + eps). hh_weight == nullptr: off.
+struct LstmStepLayerNorm {
+  const void* hh_weight = nullptr;  // [4H] dtype
+  const void* c_weight = nullptr;   // [H] dtype
+  const void* c_bias = nullptr;     // [H] dtype
+  double eps = 0.0;
+};
+
+// One time step of a layer-direction op (fastattn::lstm_layer_fwd / _infer, and
+// fastattn::lstm_ln_layer_fwd with ln), the part after the recurrent GEMM; the cell op
+// (LstmCellFwdParams) is the same step without options.
 // Rows b < stepping step, the others carry their state (see _registry.py, batch_sizes).
 // Row-strided inputs: last dim contiguous. Outputs and rec: contiguous [B, width] rows.
+// With ln: rec is required, and gates_out, hh_norm_out, c_norm_out, rstd_out (the rows the
+// backward reads, zeros for carried rows) are all required and in the math type.
 struct LstmStepFwdParams {
   Dtype dtype = Dtype::Float32;
   const void* x_proj = nullptr;     // [B, 4H] the input's share of the pre-activation gates
@@ -57,6 +70,10 @@ struct LstmStepFwdParams {
   int64_t x_proj_row_stride = 0, c_prev_row_stride = 0, h_prev_row_stride = 0;
   int64_t batch = 0, hidden = 0, stepping = 0;
   bool project = false;  // h_out is hpre (zeros for carried rows; zoneout_h applies after w_hr)
+  LstmStepLayerNorm ln;
+  void* hh_norm_out = nullptr;      // [B, 4H] LN(rec)
+  void* c_norm_out = nullptr;       // [B, H] LN(f * c_prev + i * g)
+  void* rstd_out = nullptr;         // [B, 2] 1 / sqrt(var + eps) of rec and of the cell
 };
 
 // With projection, after h_out[:stepping] = hpre @ w_hr^T was written by a GEMM: zoneout_h
@@ -76,6 +93,10 @@ struct LstmProjectionFwdParams {
 // grad_c_prev, and carried_h overwritten in place by the part of the h gradient that skips the
 // recurrent GEMM (zoneout_h's share, all of it for carried rows); the caller adds
 // grad_gates @ w_hh to it. Row-strided inputs: last dim contiguous; the rest contiguous.
+// With ln (the LayerNorm-LSTM step): grad_dtype is the math type; gates (activated), hh_norm,
+// c_norm and rstd are the forward's saved rows, in the math type; c_new is unused; the outputs
+// add grad_hh (of rec: the caller adds grad_hh @ w_hh to carried_h instead of grad_gates @ w_hh)
+// and grad_c_new (of the cell LN's output, for its weight gradients), zeros for carried rows.
 struct LstmStepBwdParams {
   Dtype dtype = Dtype::Float32;       // gates, c_prev, c_new, grad_h, grad_c, zoneout_*
   Dtype grad_dtype = Dtype::Float32;  // carried_*, grad_hpre, grad_gates, grad_c_prev
@@ -95,6 +116,12 @@ struct LstmStepBwdParams {
   int64_t grad_h_row_stride = 0, grad_c_row_stride = 0;
   int64_t batch = 0, hidden = 0, stepping = 0;
   bool gates_activated = false;
+  LstmStepLayerNorm ln;
+  const void* hh_norm = nullptr;      // [B, 4H]
+  const void* c_norm = nullptr;       // [B, H]
+  const void* rstd = nullptr;         // [B, 2]
+  void* grad_hh = nullptr;            // [B, 4H]
+  void* grad_c_new = nullptr;         // [B, H]
 };
 
 // The projection's share of a step backward: total = carried_h + grad_h (the gradient of the

@@ -1,7 +1,7 @@
 // LSTM kernels under cudasim through their launchers (the ones csrc/lstm/lstm_cuda.cpp
 // calls): launch_lstm_cell_fwd / _bwd, launch_lstm_step_fwd / _bwd and
 // launch_lstm_projection_fwd / _bwd (csrc/lstm/lstm_cell.cu: pointwise, 16-byte vector and
-// scalar paths, every layer option) and launch_lstm_sequence_fwd (csrc/lstm/lstm_sequence_fwd.cu: persistent
+// scalar paths, every layer option, the LayerNorm-LSTM step) and launch_lstm_sequence_fwd (csrc/lstm/lstm_sequence_fwd.cu: persistent
 // kernel, cooperative launch, grid.sync per step; every block on its own OS thread), against
 // float64 references. The cell backward is the gradient of the cell forward (its inputs:
 // gates, cx; its outputs' gradients: hy, cy).
@@ -327,6 +327,177 @@ bool projection_case(int64_t B, int64_t P, int64_t stepping, bool zoneout) {
   return ok;
 }
 
+// ---- the LayerNorm-LSTM step (LstmStepLayerNorm) -----------------------------------------
+
+// One row of the LayerNorm step in float64 (LstmStepLayerNorm's math, zoneout, carried rows).
+struct LnRow {
+  std::vector<double> c_out, h_out, gates, hh_norm, c_norm;
+  double rstd[2] = {0, 0};
+};
+
+LnRow ln_row_fwd(int64_t H, double eps, bool stepping, bool project, const double* x, const double* rec,
+                 const double* cp, const double* hp, const double* zc, const double* zh, const double* w_hh,
+                 const double* wc, const double* bc) {
+  const int64_t G = 4 * H;
+  LnRow r{std::vector<double>(cp, cp + H), std::vector<double>(H, 0.0), std::vector<double>(G, 0.0),
+          std::vector<double>(G, 0.0), std::vector<double>(H, 0.0)};
+  if (!stepping) {
+    if (!project) r.h_out.assign(hp, hp + H);
+    return r;
+  }
+  auto moments = [&](const std::vector<double>& v, double& mean) {
+    mean = 0;
+    for (double e : v) mean += e;
+    mean /= double(v.size());
+    double var = 0;
+    for (double e : v) var += (e - mean) * (e - mean);
+    return 1.0 / std::sqrt(var / double(v.size()) + eps);
+  };
+  double mean;
+  r.rstd[0] = moments(std::vector<double>(rec, rec + G), mean);
+  std::vector<double> cell(H);
+  for (int64_t k = 0; k < G; ++k) {
+    r.hh_norm[k] = (rec[k] - mean) * r.rstd[0];
+    const double pre = x[k] + r.hh_norm[k] * w_hh[k];
+    r.gates[k] = k / H == 2 ? std::tanh(pre) : sig(pre);
+  }
+  for (int64_t u = 0; u < H; ++u) cell[u] = r.gates[H + u] * cp[u] + r.gates[u] * r.gates[2 * H + u];
+  r.rstd[1] = moments(cell, mean);
+  for (int64_t u = 0; u < H; ++u) {
+    r.c_norm[u] = (cell[u] - mean) * r.rstd[1];
+    const double c = r.c_norm[u] * wc[u] + bc[u], h = r.gates[3 * H + u] * std::tanh(c);
+    r.c_out[u] = zc ? c + zc[u] * (cp[u] - c) : c;
+    r.h_out[u] = zh && !project ? h + zh[u] * (hp[u] - h) : h;
+  }
+  return r;
+}
+
+// The LayerNorm step forward and backward through launch_lstm_step_fwd / _bwd, as the layer
+// ops call them (the backward reads the forward kernel's own saved rows), against float64: the
+// forward by ln_row_fwd, every gradient by central differences of ln_row_fwd (an oracle that
+// shares no derivation with the kernel) of the loss sum(dc * c_out) + sum(dh * h_out), where dc
+// and dh are the incoming plus carried gradients (dh: of hpre with projection).
+template <typename T>
+bool ln_step_case(int64_t B, int64_t H, StepOptions o) {
+  using A = fastattn::lstm::acc_t<T>;
+  std::mt19937 rng(43 + B * 11 + H);
+  const int64_t G = 4 * H, xs = G + o.pad, cs = H + o.pad;
+  const double eps = 1e-5;
+  std::vector<T> x = harness::randn<T>(B * xs, rng, 1.5);
+  const Aligned64<A> rec(harness::randn<A>(B * G, rng, 2.0));
+  std::vector<T> cp = harness::randn<T>(B * cs, rng), hp = harness::randn<T>(B * cs, rng);
+  std::vector<T> zc = uniform01<T>(B * H, rng), zh = uniform01<T>(B * H, rng);
+  std::vector<T> w_hh = harness::randn<T>(G, rng, 0.3), wc = harness::randn<T>(H, rng, 0.3);
+  std::vector<T> bc = harness::randn<T>(H, rng, 0.5);
+  for (auto& w : w_hh) w = from_d<T>(1.0 + to_d(w));  // gains away from 1 and 0
+  for (auto& w : wc) w = from_d<T>(1.0 + to_d(w));
+  std::vector<T> c_out = harness::poisoned<T>(B * H), h_out = harness::poisoned<T>(B * H);
+  Aligned64<A> gates(harness::poisoned<A>(B * G)), hh_norm(harness::poisoned<A>(B * G));
+  Aligned64<A> c_norm(harness::poisoned<A>(B * H)), rstd(harness::poisoned<A>(B * 2));
+  const bool zoneout_h = o.zoneout_h && !o.project;
+  fastattn::LstmStepFwdParams f;
+  f.dtype = dtype_of<T>();
+  f.x_proj = x.data(), f.rec = rec.ptr, f.c_prev = cp.data(), f.h_prev = o.project ? nullptr : hp.data();
+  f.zoneout_c = o.zoneout_c ? zc.data() : nullptr, f.zoneout_h = zoneout_h ? zh.data() : nullptr;
+  f.c_out = c_out.data(), f.h_out = h_out.data(), f.gates_out = gates.data();
+  f.x_proj_row_stride = xs, f.c_prev_row_stride = cs, f.h_prev_row_stride = cs;
+  f.batch = B, f.hidden = H, f.stepping = o.stepping, f.project = o.project;
+  f.ln = {w_hh.data(), wc.data(), bc.data(), eps};
+  f.hh_norm_out = hh_norm.data(), f.c_norm_out = c_norm.data(), f.rstd_out = rstd.data();
+  if (fastattn::launch_lstm_step_fwd(f, nullptr) != cudaSuccess) return false;
+
+  std::vector<T> gh = harness::randn<T>(B * cs, rng), gc = harness::randn<T>(B * cs, rng);
+  const std::vector<A> ghpre0 = harness::randn<A>(B * H, rng), ch0 = harness::randn<A>(B * H, rng);
+  const std::vector<A> cc0 = harness::randn<A>(B * H, rng);
+  Aligned64<A> ghpre(ghpre0), ch(ch0), cc(cc0), ggates(harness::poisoned<A>(B * G));
+  Aligned64<A> ghh(harness::poisoned<A>(B * G)), gcnew(harness::poisoned<A>(B * H));
+  fastattn::LstmStepBwdParams b;
+  b.dtype = dtype_of<T>();
+  b.grad_dtype = dtype_of<A>();
+  b.gates = gates.data(), b.gates_activated = true, b.c_prev = cp.data();
+  b.grad_h = o.project ? nullptr : gh.data(), b.grad_c = gc.data();
+  b.grad_hpre = o.project ? ghpre.data() : nullptr;
+  b.carried_h = o.project ? nullptr : ch.data(), b.carried_c = cc.data();
+  b.zoneout_c = f.zoneout_c, b.zoneout_h = f.zoneout_h;
+  b.grad_gates = ggates.data(), b.grad_c_prev = cc.data();  // the carried c gradient in place
+  b.gates_row_stride = G, b.c_prev_row_stride = cs, b.grad_h_row_stride = cs, b.grad_c_row_stride = cs;
+  b.batch = B, b.hidden = H, b.stepping = o.stepping;
+  b.ln = f.ln;
+  b.hh_norm = hh_norm.data(), b.c_norm = c_norm.data(), b.rstd = rstd.data();
+  b.grad_hh = ghh.data(), b.grad_c_new = gcnew.data();
+  if (fastattn::launch_lstm_step_bwd(b, nullptr) != cudaSuccess) return false;
+
+  auto row_of = [](const auto& v, int64_t r, int64_t stride, int64_t n) {
+    std::vector<double> out(n);
+    for (int64_t k = 0; k < n; ++k) out[k] = to_d(v[r * stride + k]);
+    return out;
+  };
+  const std::vector<double> w_hh_d = row_of(w_hh, 0, 0, G), wc_d = row_of(wc, 0, 0, H);
+  Err ec, eh, eg, en, ecn, er, egg, ehh, ecp, ech, ecn_new;
+  for (int64_t r = 0; r < B; ++r) {
+    std::vector<double> xr = row_of(x, r, xs, G), recr = row_of(rec, r, G, G), cpr = row_of(cp, r, cs, H);
+    std::vector<double> hpr = row_of(hp, r, cs, H), bcr = row_of(bc, 0, 0, H);
+    const std::vector<double> zcr = row_of(zc, r, H, H), zhr = row_of(zh, r, H, H);
+    std::vector<double> dc(H), dh(H);
+    for (int64_t u = 0; u < H; ++u) {
+      dc[u] = to_d(gc[r * cs + u]) + to_d(cc0[r * H + u]);
+      dh[u] = o.project ? to_d(ghpre0[r * H + u]) : to_d(gh[r * cs + u]) + to_d(ch0[r * H + u]);
+    }
+    auto run = [&] {
+      return ln_row_fwd(H, eps, r < o.stepping, o.project, xr.data(), recr.data(), cpr.data(), hpr.data(),
+                        o.zoneout_c ? zcr.data() : nullptr, zoneout_h ? zhr.data() : nullptr, w_hh_d.data(),
+                        wc_d.data(), bcr.data());
+    };
+    auto loss = [&] {
+      const LnRow y = run();
+      double l = 0;
+      for (int64_t u = 0; u < H; ++u) l += dc[u] * y.c_out[u] + dh[u] * y.h_out[u];
+      return l;
+    };
+    // d loss / d v[k] by central differences.
+    auto grad = [&](std::vector<double>& v, int64_t k) {
+      const double keep = v[k], step = 1e-6 * std::max(1.0, std::fabs(keep));
+      v[k] = keep + step;
+      const double up = loss();
+      v[k] = keep - step;
+      const double down = loss();
+      v[k] = keep;
+      return (up - down) / (2 * step);
+    };
+    const LnRow ref = run();
+    for (int64_t u = 0; u < H; ++u) {
+      ec.add(ref.c_out[u], to_d(c_out[r * H + u]));
+      eh.add(ref.h_out[u], to_d(h_out[r * H + u]));
+      ecn.add(ref.c_norm[u], to_d(c_norm[r * H + u]));
+      ecp.add(grad(cpr, u), to_d(cc[r * H + u]));
+      if (!o.project) ech.add(grad(hpr, u), to_d(ch[r * H + u]));
+      ecn_new.add(grad(bcr, u), to_d(gcnew[r * H + u]));
+    }
+    for (int64_t k = 0; k < G; ++k) {
+      eg.add(ref.gates[k], to_d(gates[r * G + k]));
+      en.add(ref.hh_norm[k], to_d(hh_norm[r * G + k]));
+      egg.add(grad(xr, k), to_d(ggates[r * G + k]));
+      ehh.add(grad(recr, k), to_d(ghh[r * G + k]));
+    }
+    for (int k = 0; k < 2; ++k) er.add(ref.rstd[k], to_d(rstd[r * 2 + k]));
+  }
+  // Outputs in T: T's rounding; saved rows and gradients in A: A's math, plus the central
+  // differences' own error for float64.
+  const double tol = tol_of<T>(), tol_a = std::is_same_v<A, double> ? 1e-7 : 2e-6;
+  const bool fwd_ok = ec.rel() <= tol && eh.rel() <= tol && eg.rel() <= tol_a && en.rel() <= tol_a &&
+                      ecn.rel() <= tol_a && er.rel() <= tol_a;
+  const bool bwd_ok = egg.rel() <= tol_a && ehh.rel() <= tol_a && ecp.rel() <= tol_a && ech.rel() <= tol_a &&
+                      ecn_new.rel() <= tol_a;
+  std::printf("ln step %-4s B%lld H%lld stepping %lld%s%s%s pad %lld  %s  rel err c %.1e h %.1e gates %.1e "
+              "hh_norm %.1e c_norm %.1e rstd %.1e | dgates %.1e dhh %.1e dc_prev %.1e dh_prev %.1e dc_new %.1e "
+              "(tol %.0e, %.0e)\n",
+              harness::dtype_name<T>(), (long long)B, (long long)H, (long long)o.stepping,
+              o.zoneout_c ? " zoneout_c" : "", o.zoneout_h ? " zoneout_h" : "", o.project ? " project" : "",
+              (long long)o.pad, fwd_ok && bwd_ok ? "OK  " : "FAIL", ec.rel(), eh.rel(), eg.rel(), en.rel(), ecn.rel(),
+              er.rel(), egg.rel(), ehh.rel(), ecp.rel(), ech.rel(), ecn_new.rel(), tol, tol_a);
+  return fwd_ok && bwd_ok;
+}
+
 struct Entry {
   const char* name;
   bool (*run)();
@@ -362,6 +533,16 @@ const Entry kCases[] = {
     {"step bwd f16 padded", [] { return step_bwd_case<__half, float>(7, 33, {4, true, true, false, 3}); }},
     {"step bwd bf16 project none stepping", [] { return step_bwd_case<__nv_bfloat16, float>(4, 48, {0, true, false, true}); }},
     {"step bwd bf16 vec", [] { return step_bwd_case<__nv_bfloat16, float>(3, 16, {2, false, false, false}); }},
+    // The LayerNorm step: every option, carried rows (and none stepping), odd sizes, padded
+    // rows, H > the block's 256 threads (two units per thread), every dtype.
+    {"ln step f32 all options", [] { return ln_step_case<float>(5, 33, {3, true, true, false, 1}); }},
+    {"ln step f32 project", [] { return ln_step_case<float>(4, 33, {2, true, false, true}); }},
+    {"ln step f32 B1 H1", [] { return ln_step_case<float>(1, 1, {1, false, false, false}); }},
+    {"ln step f64 zoneout", [] { return ln_step_case<double>(3, 34, {2, true, true, false}); }},
+    {"ln step f16 padded", [] { return ln_step_case<__half>(3, 33, {3, true, true, false, 3}); }},
+    {"ln step bf16 project", [] { return ln_step_case<__nv_bfloat16>(3, 33, {2, false, false, true}); }},
+    {"ln step bf16 none stepping", [] { return ln_step_case<__nv_bfloat16>(2, 7, {0, true, true, false}); }},
+    {"ln step f32 H260", [] { return ln_step_case<float>(2, 260, {1, true, true, false}); }},
     {"projection f32", [] { return projection_case<float, float>(5, 7, 3, true); }},
     {"projection f16", [] { return projection_case<__half, float>(4, 33, 2, false); }},
     {"projection bf16", [] { return projection_case<__nv_bfloat16, float>(3, 5, 3, true); }},
