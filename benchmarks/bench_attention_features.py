@@ -37,7 +37,6 @@ Bytes: the unpadded inputs read and outputs written once (bench_attention.attent
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable
 
 import pytest
@@ -140,20 +139,19 @@ def window_mask(L: int, S: int, window: int, device: torch.device) -> torch.Tens
 
 def per_sequence(lengths: tuple[int, ...], causal: bool, sdpa: Callable | None = None) -> Callable:
     """(q, k, v) packed [total, H, E] -> out [total, H, E]: one call of ``sdpa`` (default
-    F.scaled_dot_product_attention; torch's signature) per sequence."""
-    bounds = list(itertools.pairwise(itertools.accumulate(lengths, initial=0)))
+    F.scaled_dot_product_attention; torch's signature) per sequence, on the views torch.split
+    gives. (Views by slicing, q[a:b], would cost torch's backward one zero-filled
+    [total, H, E] gradient per sequence and input: O(N * total) memory traffic that measures
+    autograd's slice backward, not attention; split's backward concatenates once.)"""
+    sizes = list(lengths)
     sdpa = sdpa or F.scaled_dot_product_attention
 
     def attend(q, k, v):
         return torch.cat(
             [
-                sdpa(
-                    q[a:b].transpose(0, 1),
-                    k[a:b].transpose(0, 1),
-                    v[a:b].transpose(0, 1),
-                    is_causal=causal,
-                ).transpose(0, 1)
-                for a, b in bounds
+                sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                     is_causal=causal).transpose(0, 1)
+                for qs, ks, vs in zip(q.split(sizes), k.split(sizes), v.split(sizes))
             ]
         )
 
