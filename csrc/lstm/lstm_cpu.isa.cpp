@@ -35,16 +35,12 @@ using Vec = at::vec::Vectorized<T>;
 // batch vectors per tile: 4 x 3 accumulators plus 3 batch vectors and one broadcast fill the 16
 // AVX2 registers.
 constexpr int kTileRows = 4;
-static_assert(kTileRows == 4, "the forward tiles hold four gate rows per unit");
+static_assert(kTileRows == 4, "the forward tiles are the four gates of one unit");
 constexpr int kTileVecs = 3;
 // The backward's dh_prev GEMM reduces over all 4H gates, so its B operand (a step's gate
 // gradients, 4H x padded batch) streams from L2 rather than L1: tiles of 8 weight rows halve its
 // reads per FMA. 8 x 3 accumulators need AVX-512's 32 vector registers; AVX2 keeps 4 rows.
 constexpr int kBwdRows = at::vec::Vectorized<float>::size() == 16 ? 8 : kTileRows;
-// The forward's tiles hold the gate rows of kFwdUnits cell units. With one batch vector (B <= 16
-// on AVX-512) one unit gives only 4 accumulators, too few to cover the FMA latency; AVX-512's
-// 32 registers hold two units' 8 x 3.
-constexpr int kFwdUnits = at::vec::Vectorized<float>::size() == 16 ? 2 : 1;
 
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
 // tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
@@ -310,7 +306,6 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
   const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
   const int64_t K = w_hh ? P : 0, p_tiles = ceil_div(P, kTileRows);
-  const int64_t unit_tiles = ceil_div(H, kFwdUnits);
   const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
   const Fibre<acc_t, acc_t> gates_all{a.gates_all};
@@ -340,52 +335,45 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
       h_all.store(h_new, t, v * L, p, lanes);
     };
 
-    // Phase 1: per tile of kFwdUnits cell units, their gate rows of w_hh against h_prev, then
-    // the cell.
-    at::parallel_for(0, unit_tiles, unit_grain(4 * kFwdUnits * K, Bp), [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t j0 = i * kFwdUnits, units = std::min<int64_t>(kFwdUnits, H - j0);
-        for (int64_t j = j0 + kFwdUnits; i + 1 < i1 && j < std::min(H, j0 + 2 * kFwdUnits); ++j) {
+    // Phase 1: per cell unit j, the four gate rows of w_hh against h_prev, then the cell.
+    at::parallel_for(0, H, unit_grain(4 * K, Bp), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        if (j + 2 < j1) {
           for (int g = 0; g < 4; ++g) {
-            x_proj.prefetch(t, g * H + j, lay.B);
-            gates_all.prefetch(t, g * H + j, lay.B);
+            x_proj.prefetch(t, g * H + j + 2, lay.B);
+            gates_all.prefetch(t, g * H + j + 2, lay.B);
           }
         }
-        // Unit j's gate rows i, f, g, o: rows j, H + j, 2H + j, 3H + j of w_hh (a partial tile
-        // repeats its last unit).
-        WeightTile<acc_t, 4 * kFwdUnits> gate_rows;
-        for (int u = 0; u < kFwdUnits; ++u)
-          for (int g = 0; g < 4; ++g)
-            gate_rows.row[4 * u + g] = w_hh ? w_hh + (g * H + std::min(j0 + u, H - 1)) * P : nullptr;
+        // Unit j's gate rows i, f, g, o: rows j, H + j, 2H + j, 3H + j of w_hh.
+        WeightTile<acc_t> gate_rows;
+        for (int g = 0; g < 4; ++g) gate_rows.row[g] = w_hh ? w_hh + (g * H + j) * P : nullptr;
         gemm_tile(gate_rows, h_prev, h_panels, K, active, [&](auto& acc, int64_t v0) {
-          for (int u = 0; u < units; ++u) {
-            for (int dv = 0; dv < vecs_of(acc); ++dv) {
-              const int64_t j = j0 + u, v = v0 + dv;
-              const int lanes = lay.lanes(v);
-              const int64_t b0 = v * L;
-              Vec<acc_t> act[4];
-              for (int g = 0; g < 4; ++g) act[g] = acc[4 * u + g][dv] + x_proj.load(t, b0, g * H + j, lanes);
-              acc_t* cp_ptr = &c_buf[j * Bp + b0];
-              const Vec<acc_t> cp = Vec<acc_t>::loadu(cp_ptr);
-              const CellOut<acc_t> cell = cell_fwd(act, cp);
-              const Vec<acc_t> c_new = cell.c_new;
-              Vec<acc_t> c = zc.present() ? c_new + zc.load(t, b0, j, lanes) * (cp - c_new) : c_new;
-              Vec<acc_t> hpre = cell.hpre;
-              if (!lay.all_step(t, v)) {
-                const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
-                c = Vec<acc_t>::blendv(cp, c, mask);
-                hpre = Vec<acc_t>::blendv(zero, hpre, mask);
-                for (auto& x : act) x = Vec<acc_t>::blendv(zero, x, mask);
-              }
-              c.store(cp_ptr);
-              c_all.store(c, t, b0, j, lanes);
-              for (int g = 0; g < 4; ++g) gates_all.store(act[g], t, b0, g * H + j, lanes);
-              if (proj) {
-                hpre.store(&hpre_buf[hpre_panels.at(j, v)]);
-                hpre_all.store(hpre, t, b0, j, lanes);
-              } else {
-                emit_h(hpre, j, v);
-              }
+          for (int dv = 0; dv < vecs_of(acc); ++dv) {
+            const int64_t v = v0 + dv;
+            const int lanes = lay.lanes(v);
+            const int64_t b0 = v * L;
+            Vec<acc_t> act[4];
+            for (int g = 0; g < 4; ++g) act[g] = acc[g][dv] + x_proj.load(t, b0, g * H + j, lanes);
+            acc_t* cp_ptr = &c_buf[j * Bp + b0];
+            const Vec<acc_t> cp = Vec<acc_t>::loadu(cp_ptr);
+            const CellOut<acc_t> cell = cell_fwd(act, cp);
+            const Vec<acc_t> c_new = cell.c_new;
+            Vec<acc_t> c = zc.present() ? c_new + zc.load(t, b0, j, lanes) * (cp - c_new) : c_new;
+            Vec<acc_t> hpre = cell.hpre;
+            if (!lay.all_step(t, v)) {
+              const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
+              c = Vec<acc_t>::blendv(cp, c, mask);
+              hpre = Vec<acc_t>::blendv(zero, hpre, mask);
+              for (auto& x : act) x = Vec<acc_t>::blendv(zero, x, mask);
+            }
+            c.store(cp_ptr);
+            c_all.store(c, t, b0, j, lanes);
+            for (int g = 0; g < 4; ++g) gates_all.store(act[g], t, b0, g * H + j, lanes);
+            if (proj) {
+              hpre.store(&hpre_buf[hpre_panels.at(j, v)]);
+              hpre_all.store(hpre, t, b0, j, lanes);
+            } else {
+              emit_h(hpre, j, v);
             }
           }
         });
