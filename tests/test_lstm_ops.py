@@ -114,6 +114,35 @@ def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
         assert got[4].numel() == 0
 
 
+# grad c0 = f * dc with dc = grad_c + grad_h * o * (1 - tanh^2(c_new)). A grad_c that cancels 97%
+# of the second term magnifies any error in the saved gates ~33 times: the CPU kernel once saved
+# them rounded to bfloat16 / float16 and got grad c0 several percent wrong (PyTorch's autograd
+# keeps the step's float32 intermediates). T = 1, so no rounded state enters either side.
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,H", [(1, 1), (7, 33)], ids=["B1H1", "B7H33"])
+def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H):
+    x_proj, h0, c0, w_hh, *_ = _layer_inputs(1, B, H, H, dtype, proj=False, zoneout=False,
+                                             lengths=None)
+    grad_h = randn(1, B, H, dtype=dtype)
+    gates = reference.lstm_gate_activations(x_proj.double() + h0.double() @ w_hh.double().t())
+    i, f, g, o = gates.chunk(4, dim=-1)
+    grad_c = (-0.97 * grad_h.double() * o * (1 - (f * c0.double() + i * g).tanh() ** 2)).to(dtype)
+
+    def grads(fn, cast):
+        leaves = [t.to(cast).requires_grad_() for t in (x_proj, h0, c0, w_hh)]
+        h_all, c_all = fn(*leaves, None, None, False, None, None)[:2]
+        loss = (h_all * grad_h.to(cast)).sum() + (c_all * grad_c.to(cast)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    got = grads(OPS.lstm_layer_fwd, dtype)
+    want = grads(reference.lstm_layer_reference, torch.float64)
+    same_dtype = grads(reference.lstm_layer_reference, dtype)
+    for name, a, w, r in zip(("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh"), got, want,
+                             same_dtype, strict=True):
+        assert_close_to_reference(a, w, r, name=name)
+
+
 # T = 70 steps of B = 16 rows and H = 256 units: lstm_layer_infer computes x_proj about 4 MiB at a
 # time, so fp32 runs two chunks (64 + 6 steps) and fp64 three (32 + 32 + 6); fp16 and bf16 one.
 @needs_cpu_kernels
@@ -182,6 +211,11 @@ def test_layer_ops_reject_bad_arguments():
                            None)
     with pytest.raises(RuntimeError, match="w_hh must have dtype"):
         OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh.double(), None, None, False, None, None)
+    h_all, c_all, gates_all, hpre_all = OPS.lstm_layer_fwd(x_proj, h0, c0, w_hh, None, None,
+                                                           False, None, None)
+    with pytest.raises(RuntimeError, match="gates_all must be Float"):  # the math dtype
+        OPS.lstm_layer_bwd(h_all, c_all, h0, c0, w_hh, None, None, False, None, None, h_all,
+                           c_all, gates_all.double(), hpre_all)
     x, w_ih, bias = randn(4, 3, 5), randn(32, 5), randn(32)
     with pytest.raises(RuntimeError, match=r"input must be \[T, B, I\]"):
         OPS.lstm_layer_infer(x[0], w_ih, bias, h0, c0, w_hh, None, None, False, None, None)
@@ -200,11 +234,13 @@ def test_layer_ops_reject_bad_arguments():
 @pytest.mark.parametrize("feature_major", [False, True], ids=["contiguous", "feature_major"])
 # no options / every option
 @pytest.mark.parametrize("case", [LSTM_LAYER_CASES[0], LSTM_LAYER_CASES[-1]])
-def test_opcheck_layer_ops(case, feature_major):
+# bf16: the CPU kernel saves gates_all in float32, and the fakes must say so
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_opcheck_layer_ops(case, feature_major, dtype):
     T, B, H = 3, 4, 5
     P = 3 if case["proj"] else H
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
-        T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
+        T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"],
         lengths=[3, 3, 2, 1] if case["lengths"] else None)
     if feature_major:  # the layout fastattn.ops.lstm computes x_proj in: the fakes must follow it
         x_proj = x_proj.permute(2, 0, 1).contiguous().permute(1, 2, 0)
@@ -215,11 +251,11 @@ def test_opcheck_layer_ops(case, feature_major):
     torch.library.opcheck(OPS.lstm_layer_fwd.default, args)
     with torch.no_grad():
         out = OPS.lstm_layer_fwd(*args)
-    bwd_args = (randn(T, B, P, dtype=torch.float64), randn(T, B, H, dtype=torch.float64),
+    bwd_args = (randn(T, B, P, dtype=dtype), randn(T, B, H, dtype=dtype),
                 *(t.detach() if isinstance(t, torch.Tensor) else t for t in args[1:]), *out)
     torch.library.opcheck(OPS.lstm_layer_bwd.default, bwd_args)
-    x, w_ih, bias = randn(T, B, 2, dtype=torch.float64), randn(4 * H, 2, dtype=torch.float64), (
-        randn(4 * H, dtype=torch.float64))
+    x, w_ih, bias = randn(T, B, 2, dtype=dtype), randn(4 * H, 2, dtype=dtype), (
+        randn(4 * H, dtype=dtype))
     infer_args = (x, w_ih, bias, *(t.detach() if isinstance(t, torch.Tensor) else t
                                    for t in args[1:]))
     torch.library.opcheck(OPS.lstm_layer_infer.default, infer_args)  # inference: no autograd

@@ -138,7 +138,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
   // gates_all (and, in the backward, grad_x_proj) take x_proj's layout when it is dense (empty_like;
   // the op fakes in fastattn/ops/lstm.py do the same): feature-major x_proj, feature-major gates.
-  Tensor gates_all = at::empty_like(x_proj);
+  // gates_all is in the math type (csrc/include/fastattn/lstm_cpu.h says why).
+  Tensor gates_all = at::empty_like(x_proj, opts.dtype(math_type(x_proj)));
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   run_layer_fwd(p, lstm_dtype(x_proj, op), kernel_weight(w_hh),
                 proj ? kernel_weight(p.w_hr) : Tensor(), x_proj, h0, c0, 0, p.T, h_all, c_all,
@@ -211,16 +212,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
     const OptTensor& zoneout_c, const OptTensor& zoneout_h, const Tensor& h_all,
     const Tensor& c_all, const Tensor& gates_all, const Tensor& hpre_all) {
   constexpr const char* op = "fastattn::lstm_layer_bwd";
-  const LayerProblem p = layer_problem(op, gates_all, h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                                       zoneout_c, zoneout_h);
+  TORCH_CHECK(gates_all.dim() == 3 && gates_all.size(2) % 4 == 0, op,
+              ": gates_all must be [T, B, 4H], got ", gates_all.sizes());
+  const int64_t H = gates_all.size(2) / 4;
+  lstm_dtype(c_all, op);
+  const LayerProblem p = layer_problem(op, c_all, gates_all.size(0), gates_all.size(1), H, h0, c0,
+                                       w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h);
   const bool proj = p.w_hr.defined();
-  check_like(grad_h_all, gates_all, {p.T, p.B, p.P}, op, "grad_h_all");
-  check_like(grad_c_all, gates_all, {p.T, p.B, p.H}, op, "grad_c_all");
-  check_like(h_all, gates_all, {p.T, p.B, p.P}, op, "h_all");
-  check_like(c_all, gates_all, {p.T, p.B, p.H}, op, "c_all");
-  if (proj) check_like(hpre_all, gates_all, {p.T, p.B, p.H}, op, "hpre_all");
-  const auto opts = gates_all.options();
-  Tensor grad_x_proj = at::empty_like(gates_all);
+  check_like(grad_h_all, c_all, {p.T, p.B, p.P}, op, "grad_h_all");
+  check_like(grad_c_all, c_all, {p.T, p.B, p.H}, op, "grad_c_all");
+  check_like(h_all, c_all, {p.T, p.B, p.P}, op, "h_all");
+  check_like(c_all, c_all, {p.T, p.B, p.H}, op, "c_all");
+  if (proj) check_like(hpre_all, c_all, {p.T, p.B, p.H}, op, "hpre_all");
+  // The forward saves the gates in the math type.
+  TORCH_CHECK(gates_all.device() == c_all.device() && gates_all.scalar_type() == math_type(c_all),
+              op, ": gates_all must be ", math_type(c_all), " on ", c_all.device(), ", got ",
+              gates_all.scalar_type(), " on ", gates_all.device());
+  const auto opts = c_all.options();
+  Tensor grad_x_proj = at::empty_like(gates_all, opts);
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();
@@ -228,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   const Tensor w_hr_k = proj ? kernel_weight(p.w_hr) : Tensor();
 
   LstmLayerBwdArgs a{};
-  a.shape = p.shape(lstm_dtype(gates_all, op));
+  a.shape = p.shape(lstm_dtype(c_all, op));
   a.w_hh = w_hh_k.data_ptr();
   a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
   a.grad_h_all = seq_view(grad_h_all);

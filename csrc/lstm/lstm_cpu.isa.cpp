@@ -307,7 +307,8 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
   const int64_t K = w_hh ? P : 0, p_tiles = ceil_div(P, kTileRows);
   const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
-  const F h_all{a.h_all}, c_all{a.c_all}, gates_all{a.gates_all}, hpre_all{a.hpre_all};
+  const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
+  const Fibre<acc_t, acc_t> gates_all{a.gates_all};
 
   // Feature-major state: h, the B operand of phase 1, in panels and double-buffered (a step reads
   // all of h_prev); hpre, the B operand of the projection, likewise; c updated in place, [H, Bp].
@@ -411,7 +412,8 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   const int64_t K_hh = w_hh_t ? G : 0;
   const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kBwdRows);
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
-  const F gates_all{a.gates_all}, zc{a.zoneout_c}, zh{a.zoneout_h};
+  const F zc{a.zoneout_c}, zh{a.zoneout_h};
+  const Fibre<acc_t, acc_t> gates_all{a.gates_all};
   const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
   const F grad_hproj_all{a.grad_hproj_all};
 

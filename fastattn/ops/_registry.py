@@ -99,6 +99,8 @@ SCHEMAS.update({
 #   h0 [B, P], c0 [B, H]; w_hh [4H, P]; w_hr [P, H] or None (P = proj_size, else P = H).
 #   Outputs are the states after each time step, in time order: h_all [T, B, P], c_all [T, B, H];
 #   gates_all [T, B, 4H] holds the ACTIVATED gates (i, f, g, o after sigmoid/tanh); on CPU it
+#   is in the math dtype (float32 for half/bfloat16: the backward's dc = grad_c + grad_h * o *
+#   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors) and
 #   takes x_proj's memory layout (empty_like), and grad_x_proj takes gates_all's: fastattn.ops.lstm
 #   computes x_proj feature-major ([4H, T, B] in memory), the layout the CPU kernel reads fastest;
 #   hpre_all [T, B, H] = o * tanh(c) before the projection (empty when w_hr is None).

@@ -110,10 +110,14 @@ def _state_widths(x_proj, h0, w_hr):
 def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h):
     T, B, H, P = _state_widths(x_proj, h0, w_hr)
     hpre = x_proj.new_empty(T, B, H) if w_hr is not None else x_proj.new_empty(0)
-    # gates_all takes x_proj's layout (the CPU kernel's choice, csrc/lstm/lstm_cpu.cpp).
-    gates = torch.empty_like(x_proj) if x_proj.device.type == "cpu" else x_proj.new_empty(
-        T, B, 4 * H)
-    return x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), gates, hpre
+    return x_proj.new_empty(T, B, P), x_proj.new_empty(T, B, H), _gates_all_fake(x_proj), hpre
+
+
+def _gates_all_fake(x_proj):
+    # On CPU gates_all takes x_proj's layout and the math dtype (csrc/lstm/lstm_cpu.cpp).
+    if x_proj.device.type == "cpu":
+        return torch.empty_like(x_proj, dtype=_opmath(x_proj.dtype))
+    return x_proj.new_empty(x_proj.shape)
 
 
 @torch.library.register_fake("fastattn::lstm_layer_infer")
@@ -126,17 +130,16 @@ def _layer_infer_fake(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, revers
 @torch.library.register_fake("fastattn::lstm_sequence_fwd")
 def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
     T, B, G = x_proj.shape
-    gates = torch.empty_like(x_proj) if x_proj.device.type == "cpu" else x_proj.new_empty(T, B, G)
-    return x_proj.new_empty(T, B, G // 4), x_proj.new_empty(T, B, G // 4), gates
+    return x_proj.new_empty(T, B, G // 4), x_proj.new_empty(T, B, G // 4), _gates_all_fake(x_proj)
 
 
 @torch.library.register_fake("fastattn::lstm_layer_bwd")
 def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
                     zoneout_h, h_all, c_all, gates_all, hpre_all):
-    # grad_x_proj takes the saved gates' layout; the other gradients are contiguous.
-    grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else gates_all.new_empty(0)
-    return (torch.empty_like(gates_all), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            w_hh.new_empty(w_hh.shape), grad_w_hr)
+    # grad_x_proj takes the saved gates' layout (in the data dtype); the others are contiguous.
+    grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else h0.new_empty(0)
+    return (torch.empty_like(gates_all, dtype=h0.dtype), h0.new_empty(h0.shape),
+            c0.new_empty(c0.shape), w_hh.new_empty(w_hh.shape), grad_w_hr)
 
 
 def _layer_bwd(*args):

@@ -424,7 +424,7 @@ def lstm_layer_bwd_reference(
     grad_w_hr [P, H] or empty).
     """
     T, B, G = gates_all.shape
-    dtype = gates_all.dtype
+    dtype = c_all.dtype  # gates_all may be saved in the math dtype (the CPU kernel does)
     dt = _lstm_opmath(dtype)
     sizes = [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
     dh = torch.zeros_like(h0, dtype=dt)
@@ -465,5 +465,5 @@ def lstm_layer_bwd_reference(
         dh.to(dtype),
         dc.to(dtype),
         grad_w_hh.to(dtype),
-        grad_w_hr.to(dtype) if grad_w_hr is not None else gates_all.new_empty(0),
+        grad_w_hr.to(dtype) if grad_w_hr is not None else c_all.new_empty(0),
     )

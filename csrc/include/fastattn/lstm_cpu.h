@@ -7,7 +7,8 @@
 //
 // Data tensors are seen through LstmSeqView strides, so any layout works; a batch stride of 1
 // (feature-major, the layout fastattn.ops.lstm computes x_proj in) is the fast one. Weights are
-// contiguous and in the math type: float for float32/bfloat16/float16 data, double for float64.
+// contiguous and, like the saved gates_all, in the math type: float for float32/bfloat16/float16
+// data, double for float64.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +25,7 @@ struct LstmSeqView {
 };
 
 struct LstmLayerShape {
-  Dtype dtype;               // of every LstmSeqView
+  Dtype dtype;               // of every LstmSeqView but gates_all (math type)
   int64_t T, B, H, P;
   bool reverse;                  // steps run t = T-1 .. 0
   const int64_t* batch_sizes;    // [T] non-increasing, or nullptr (all B rows step every time)
@@ -42,7 +43,10 @@ struct LstmLayerFwdArgs {
   LstmSeqView h0, c0;            // [B, P], [B, H]
   LstmSeqView zoneout_c, zoneout_h;  // [T, B, H], [T, B, P] weights of the previous state, or absent
   LstmSeqView h_all, c_all;      // out [T, B, P], [T, B, H]: state after each step
-  LstmSeqView gates_all;         // out [T, B, G]: activated gates (what the backward reads)
+  // out [T, B, G]: activated gates (what the backward reads), in the math type. The backward
+  // recomputes tanh(c_new) from them, and in dc = grad_c + grad_h * o * (1 - tanh^2(c_new)) the
+  // two terms can cancel: gates rounded to bfloat16 made grad c0 several percent wrong.
+  LstmSeqView gates_all;
   LstmSeqView hpre_all;          // out [T, B, H] with w_hr (else absent)
 };
 
@@ -53,7 +57,8 @@ struct LstmLayerBwdArgs {
   const void* w_hr;              // [P, H] or nullptr
   LstmSeqView grad_h_all;        // [T, B, P] gradient of h_all
   LstmSeqView grad_c_all;        // [T, B, H] gradient of c_all, or absent (zero)
-  LstmSeqView c0, c_all, gates_all;
+  LstmSeqView c0, c_all;
+  LstmSeqView gates_all;         // [T, B, G], in the math type (as the forward saves it)
   LstmSeqView zoneout_c, zoneout_h;
   LstmSeqView grad_x_proj;       // out [T, B, G] (pre-activation gate gradients)
   LstmSeqView grad_h0;           // out [B, P]
