@@ -4,7 +4,8 @@
 // (a thread holds O((kBlockM + kBlockN) * E) floats). Tile products use a register-blocked
 // at::vec FMA micro-kernel (gemm below) on operands packed once per tile into float (double
 // for float64) buffers whose widths are padded to whole register pairs; the avx512 build's
-// bf16 forward uses AVX512-BF16 dot products instead where the CPU has them (TileProducts).
+// bf16 forward uses AVX512-BF16 dot products instead where the CPU has them, or ATen's oneDNN
+// brgemm on the same operands where the CPU has AMX-BF16 (TileProducts).
 // The forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
 // probabilities from it with the same packing and the same micro-kernel, so P is bit-identical
 // to the forward's even for huge logits (with the bf16 dot products the scores agree to fp32
@@ -29,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attention_cpu_brgemm.h"
 #include "fastattn/attention_cpu_params.h"
 #include "fastattn/cpu_isa.h"
 #include "fastattn/philox.h"
@@ -306,6 +308,8 @@ struct FmaProducts {
     pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad);
     pack_rows(v, v_rs, n, pr.p.v_head_dim, acc_t(1), vb, pr.ev_pad);
   }
+  // Ends a thread's run of products (brgemm's AMX state; nothing here).
+  static void release() {}
   // s [m, n_pad] += qs kt (s holds zeros).
   static void qk(const Problem& pr, int64_t m, const acc_t* qs, const acc_t* kt, acc_t* s) {
     gemm<acc_t>(m, pr.n_pad, pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad, s, pr.n_pad);
@@ -395,12 +399,21 @@ __attribute__((target("avx512f,avx512bf16"))) inline void to_pairs_in_place(floa
   }
 }
 
+// Where cpu_brgemm::use_for_bf16() (AMX-BF16, or forced), the same pair operands go to ATen's
+// oneDNN brgemm instead of dot: its VNNI-2 layout of B is ours (attention_cpu_brgemm.h).
 template <>
 struct TileProducts<c10::BFloat16, float> {
   using Fma = FmaProducts<c10::BFloat16, float>;
   using bf16 = c10::BFloat16;
   static bool on() { return cpu_has_avx512_bf16(); }
-  static const char* engine() { return on() ? "avx512-bf16 vdpbf16ps" : Fma::engine(); }
+  static bool brgemm() { return cpu_brgemm::use_for_bf16(); }
+  static const char* engine() {
+    if (brgemm()) return cpu_brgemm::bf16_engine_name();
+    return on() ? "avx512-bf16 vdpbf16ps" : Fma::engine();
+  }
+  static void release() {
+    if (brgemm()) cpu_brgemm::release();
+  }
 
   // Q rows as pairs, unscaled (qk applies the scale in fp32) and zero-padded to an even E.
   // A single row (m == 1) is read unpacked by the decode path (Scores), so it stays fp32.
@@ -442,6 +455,15 @@ struct TileProducts<c10::BFloat16, float> {
   }
   static void qk(const Problem& pr, int64_t m, const float* qs, const float* kt, float* s) {
     if (!on()) return Fma::qk(pr, m, qs, kt, s);
+    if (brgemm()) {
+      cpu_brgemm::bf16_product(m, pr.n_pad, 2 * ceil_div(pr.p.head_dim, 2),
+                               reinterpret_cast<const uint16_t*>(qs), 2 * pr.e_pad,
+                               reinterpret_cast<const uint32_t*>(kt), pr.n_pad, s, pr.n_pad,
+                               false);
+      const float scale = static_cast<float>(pr.p.scale);
+      for (int64_t i = 0; i < m * pr.n_pad; ++i) s[i] *= scale;
+      return;
+    }
     dot<false>(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), reinterpret_cast<const bf16_pair*>(qs),
                pr.e_pad, reinterpret_cast<const bf16_pair*>(kt), pr.n_pad, s, pr.n_pad,
                static_cast<float>(pr.p.scale));
@@ -449,6 +471,12 @@ struct TileProducts<c10::BFloat16, float> {
   static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o) {
     if (!on()) return Fma::pv(pr, m, n, p, vb, o);
     to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
+    if (brgemm()) {
+      return cpu_brgemm::bf16_product(m, pr.ev_pad, 2 * ceil_div(n, 2),
+                                      reinterpret_cast<const uint16_t*>(p), 2 * pr.n_pad,
+                                      reinterpret_cast<const uint32_t*>(vb), pr.ev_pad, o,
+                                      pr.ev_pad, true);
+    }
     dot<true>(m, pr.ev_pad, ceil_div(n, 2), reinterpret_cast<const bf16_pair*>(p), pr.n_pad,
               reinterpret_cast<const bf16_pair*>(vb), pr.ev_pad, o, pr.ev_pad, 1.f);
   }
@@ -677,6 +705,7 @@ struct ForwardTile {
         lse[i] = row_max[i] + std::log(row_sum[i]);
       }
     }
+    Products::release();
   }
 };
 
