@@ -11,6 +11,7 @@ test_outputs_fully_written poisons freed blocks of the results' sizes right befo
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -317,24 +318,29 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def expected_bf16_engine() -> str:
+    """The engine this process's bf16 forward must use: oneDNN's brgemm where the CPU has
+    AMX-BF16 (unless FASTATTN_CPU_TILE_ENGINE=native) or the variable is brgemm
+    (tests/test_cpu_tile_engine.py), else vdpbf16ps where the kernels run avx512 and the CPU has
+    AVX512-BF16, else fp32 FMA."""
+    flags = cpu_flags()
+    if _extension.C.cpu_isa() != "avx512" or "avx512_bf16" not in flags:
+        return "at::vec fp32 FMA"
+    asked = os.environ.get("FASTATTN_CPU_TILE_ENGINE", "").lower()
+    if "amx_bf16" in flags and asked != "native":
+        return "oneDNN brgemm bf16 (AMX)"
+    if asked == "brgemm":
+        return "oneDNN brgemm bf16 (forced, no AMX)"
+    return "avx512-bf16 vdpbf16ps"
+
+
 def test_tile_engine_of_each_dtype():
     engine = _extension.C.cpu_attention_tile_engine
     assert engine("float32") == engine("float16") == "at::vec fp32 FMA"
     assert engine("float64") == "at::vec fp64 FMA"
-    dot = _extension.C.cpu_isa() == "avx512" and "avx512_bf16" in cpu_flags()
-    assert engine("bfloat16") == ("avx512-bf16 vdpbf16ps" if dot else "at::vec fp32 FMA")
+    assert engine("bfloat16") == expected_bf16_engine()
     with pytest.raises(ValueError, match="dtype must be"):
         engine("int8")
-
-
-@pytest.mark.skipif(
-    _extension.C.cpu_isa() != "avx512" or "avx512_bf16" not in cpu_flags(),
-    reason="bf16 tile products use vdpbf16ps only where the kernels run avx512 and the CPU has "
-    f"AVX512-BF16; here they run {_extension.C.cpu_isa()} and the CPU "
-    f"{'has' if 'avx512_bf16' in cpu_flags() else 'lacks'} AVX512-BF16",
-)
-def test_bf16_tile_products_use_avx512_bf16():
-    assert _extension.C.cpu_attention_tile_engine("bfloat16") == "avx512-bf16 vdpbf16ps"
 
 
 # Odd lengths (a single row, tails of the 64-row/64-key tiles, odd key counts that leave half a

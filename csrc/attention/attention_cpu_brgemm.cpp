@@ -1,0 +1,76 @@
+// Glue from the CPU attention kernel's bf16 tile products to ATen's oneDNN brgemm
+// (attention_cpu_brgemm.h).
+#include "attention_cpu_brgemm.h"
+
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+
+#include "fastattn/cpu_isa.h"
+
+namespace fastattn::cpu_brgemm {
+namespace {
+
+namespace cpublas = at::native::cpublas;
+
+// FASTATTN_CPU_TILE_ENGINE: "brgemm" or "native" (our micro-kernels) overrides the choice by
+// CPU, to test brgemm without AMX and to compare the two engines on one machine.
+bool asked(const char* name) {
+  const char* engine = std::getenv("FASTATTN_CPU_TILE_ENGINE");
+  return engine != nullptr && !strcasecmp(engine, name);
+}
+
+// Whether oneDNN's VNNI bf16 brgemm runs on this CPU and gives the right product: ATen raises
+// where its oneDNN build has no kernel for the CPU. One 2 x 16 x 2 product, checked exactly
+// (small integers are exact in bf16 and fp32).
+bool bf16_brgemm_runs() {
+  const c10::BFloat16 a[4] = {1.f, 2.f, 3.f, 4.f};  // [[1, 2], [3, 4]]
+  c10::BFloat16 b[2 * 16];                           // one pair row: b[0][j] = j, b[1][j] = 1
+  for (int j = 0; j < 16; ++j) {
+    b[2 * j] = static_cast<float>(j);
+    b[2 * j + 1] = 1.f;
+  }
+  float c[2 * 16];
+  try {
+    cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a, b, c, true);
+    cpublas::brgemm_release(true);
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int j = 0; j < 16; ++j) {
+    if (c[j] != j + 2.f || c[16 + j] != 3.f * j + 4.f) return false;
+  }
+  return true;
+}
+
+bool decide() {
+  if (!cpu_has_avx512_bf16()) return false;
+  if (asked("native")) return false;
+  if (!cpublas::could_pack(at::kBFloat16) && !asked("brgemm")) return false;
+  return bf16_brgemm_runs();
+}
+
+}  // namespace
+
+bool use_for_bf16() {
+  static const bool use = decide();
+  return use;
+}
+
+const char* bf16_engine_name() {
+  return cpublas::could_pack(at::kBFloat16) ? "oneDNN brgemm bf16 (AMX)"
+                                            : "oneDNN brgemm bf16 (forced, no AMX)";
+}
+
+void bf16_product(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
+                  const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool add) {
+  cpublas::brgemm(m, n, k, lda, ldb, ldc, add, reinterpret_cast<const c10::BFloat16*>(a),
+                  reinterpret_cast<const c10::BFloat16*>(b), c, true);
+}
+
+void release() { cpublas::brgemm_release(true); }
+
+}  // namespace fastattn::cpu_brgemm
