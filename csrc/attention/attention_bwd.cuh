@@ -19,7 +19,7 @@ namespace attn {
 // Rows of lse / delta: [B, Hq, L], or varlen [Hq, total_q] (one batch of total_q rows).
 __host__ __device__ inline int64_t lse_batches(const AttentionParams& p) { return p.cu_seqlens_q ? 1 : p.batch; }
 __host__ __device__ inline int64_t lse_rows_per_head(const AttentionParams& p) {
-  return p.cu_seqlens_q ? p.total_q : p.len_q;
+  return p.cu_seqlens_q ? p.total_q : p.q_len;
 }
 
 // delta[b, h, i] = sum_e dO[b, h, i, e] * O[b, h, i, e]. One warp per row.
@@ -27,16 +27,16 @@ template <typename Element, int HEAD_DIM>
 __global__ void __launch_bounds__(128) attention_bwd_preprocess_kernel(const AttentionBwdParams p) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t rows_per_head = lse_rows_per_head(p);
-  const int64_t rows_total = lse_batches(p) * p.heads_q * rows_per_head;
+  const int64_t rows_total = lse_batches(p) * p.q_heads * rows_per_head;
   const int64_t row = int64_t{blockIdx.x} * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   if (row >= rows_total) return;
   const int64_t i = row % rows_per_head;  // varlen: the packed row (batch strides are 0)
   const int64_t bh = row / rows_per_head;
-  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
-  const Element* d_out = static_cast<const Element*>(p.grad_out) + b * p.grad_out_batch_stride +
-                         h * p.grad_out_head_stride + i * p.grad_out_row_stride;
-  const Element* out = static_cast<const Element*>(p.out) + b * p.out_batch_stride +
-                       h * p.out_head_stride + i * p.out_row_stride;
+  const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
+  const Element* d_out = static_cast<const Element*>(p.grad_out) + b * p.grad_out_stride[0] +
+                         h * p.grad_out_stride[1] + i * p.grad_out_stride[2];
+  const Element* out = static_cast<const Element*>(p.out) + b * p.out_stride[0] +
+                       h * p.out_stride[1] + i * p.out_stride[2];
   float sum = 0.0f;
   for (int e = lane; e < HEAD_DIM; e += kWarpSize) {
     sum += ElementTraits<Element>::to_float(d_out[e]) * ElementTraits<Element>::to_float(out[e]);
@@ -48,8 +48,8 @@ __global__ void __launch_bounds__(128) attention_bwd_preprocess_kernel(const Att
 
 // The LSE a backward kernel subtracts: +inf for rows past L and rows without a visible key,
 // so that their P = exp(s - lse) is exactly 0 (never exp(-inf + inf) = NaN).
-__device__ __forceinline__ float lse_for_backward(const float* lse, int64_t i, int64_t len_q) {
-  const float value = i < len_q ? lse[i] : INFINITY;
+__device__ __forceinline__ float lse_for_backward(const float* lse, int64_t i, int64_t q_len) {
+  const float value = i < q_len ? lse[i] : INFINITY;
   return value == -INFINITY ? INFINITY : value;
 }
 
@@ -84,16 +84,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.heads_q / p.heads_kv);
+  const int hk = h / query_heads_per_kv_head(p);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
   const Sequence seq(p, b);
-  if (i0 >= seq.len_q) return;  // the grid covers the longest sequence
+  if (i0 >= seq.q_len) return;  // the grid covers the longest sequence
 
-  const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-  const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_batch_stride, p.grad_out_head_stride,
-                                         p.grad_out_row_stride);
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  const auto q = seq.q_rows<Element>(p.q, b, h, p.q_stride[0], p.q_stride[1], p.q_stride[2]);
+  const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_stride[0], p.grad_out_stride[1],
+                                         p.grad_out_stride[2]);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2], p.block_size);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2], p.block_size);
   const int64_t bh_rows = seq.lse_row0(p, b, h);  // lse / delta index of (b, h, 0)
   const ScoreMod mod(p, seq, b, h, sizeof(Element));
 
@@ -106,16 +106,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
   float lse[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    lse[r] = lse_for_backward(p.lse + bh_rows, rows[r], seq.len_q);
-    delta[r] = rows[r] < seq.len_q ? p.delta[bh_rows + rows[r]] : 0.0f;
+    lse[r] = lse_for_backward(p.lse + bh_rows, rows[r], seq.q_len);
+    delta[r] = rows[r] < seq.q_len ? p.delta[bh_rows + rows[r]] : 0.0f;
   }
   float dq_acc[kOutTiles][4];  // [16, E] per warp
   zero(dq_acc);
 
   if (n_begin < n_end) {
-    q_tile.template load_async<Cfg::kThreads>(q, i0, seq.len_q, tid);
-    do_tile.template load_async<Cfg::kThreads>(d_out, i0, seq.len_q, tid);
-    k_tile.template load_async<Cfg::kThreads>(k, int64_t{n_begin} * BN, seq.len_kv, tid);
+    q_tile.template load_async<Cfg::kThreads>(q, i0, seq.q_len, tid);
+    do_tile.template load_async<Cfg::kThreads>(d_out, i0, seq.q_len, tid);
+    k_tile.template load_async<Cfg::kThreads>(k, int64_t{n_begin} * BN, seq.kv_len, tid);
     cp_async_commit();
   }
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
     __syncthreads();  // Q, dO and this K tile landed
     float scores[kScoreTiles][4];  // [16, BLOCK_N] per warp: z, then P, then dZ
     if (active) {
-      v_tile.template load_async<Cfg::kThreads>(v, j0, seq.len_kv, tid);
+      v_tile.template load_async<Cfg::kThreads>(v, j0, seq.kv_len, tid);
       cp_async_commit();
       zero(scores);
       warp_gemm_a_bt<Element, kScoreTiles, E>(scores, q_tile, warp * 16, k_tile, lane);
@@ -146,11 +146,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
           float ds_dz = mod.scale;
           const float s = plain ? scores[n][e] * mod.scale : mod.score<Element>(scores[n][e], i, j, &ds_dz);
           const float prob = exp2f((s - lse[r]) * kLog2e);
-          const bool in_bounds = i < seq.len_q && j < seq.len_kv;
+          const bool in_bounds = i < seq.q_len && j < seq.kv_len;
           float d_prob = d_probs[n][e];
-          if (p.dropout_p > 0.0f && in_bounds) d_prob *= dropout_factor(p, (bh_rows + i) * p.len_kv, j);
+          if (p.dropout_p > 0.0f && in_bounds) d_prob *= dropout_factor(p, (bh_rows + i) * p.kv_len, j);
           const float d_score = prob * (d_prob - delta[r]);
-          if (p.dmask != nullptr && in_bounds) p.dmask[(bh_rows + i) * p.len_kv + j] = d_score;
+          if (p.dmask != nullptr && in_bounds) p.dmask[(bh_rows + i) * p.kv_len + j] = d_score;
           scores[n][e] = d_score * ds_dz;
         }
       }
@@ -158,15 +158,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
     }
     __syncthreads();  // every warp is done with the K and V tiles
     if (n_block + 1 < n_end) {
-      k_tile.template load_async<Cfg::kThreads>(k, j0 + BN, seq.len_kv, tid);
+      k_tile.template load_async<Cfg::kThreads>(k, j0 + BN, seq.kv_len, tid);
       cp_async_commit();
     }
   }
 
-  const auto dq = seq.q_rows<Element>(p.dq, b, h, p.dq_batch_stride, p.dq_head_stride, p.dq_row_stride);
+  const auto dq = seq.q_rows<Element>(p.dq, b, h, p.dq_stride[0], p.dq_stride[1], p.dq_stride[2]);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (rows[r] >= seq.len_q) continue;
+    if (rows[r] >= seq.q_len) continue;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {
       *reinterpret_cast<uint32_t*>(const_cast<Element*>(dq.row(rows[r])) + n * 8 + 2 * t) =
@@ -219,15 +219,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const int hk = blockIdx.y, b = blockIdx.z;
-  const int group = p.heads_q / p.heads_kv;
+  const int group = query_heads_per_kv_head(p);
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
   const Sequence seq(p, b);
-  if (j0 >= seq.len_kv) return;  // the grid covers the longest sequence
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  if (j0 >= seq.kv_len) return;  // the grid covers the longest sequence
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2], p.block_size);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2], p.block_size);
 
-  k_tile.template load_async<Cfg::kThreads>(k, j0, seq.len_kv, tid);
-  if constexpr (Cfg::kComputeDk) v_tile.template load_async<Cfg::kThreads>(v, j0, seq.len_kv, tid);
+  k_tile.template load_async<Cfg::kThreads>(k, j0, seq.kv_len, tid);
+  if constexpr (Cfg::kComputeDk) v_tile.template load_async<Cfg::kThreads>(v, j0, seq.kv_len, tid);
   cp_async_commit();
 
   const int64_t keys[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
@@ -238,9 +238,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
 
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const ScoreMod mod(p, seq, b, h, sizeof(Element));
-    const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-    const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_batch_stride, p.grad_out_head_stride,
-                                           p.grad_out_row_stride);
+    const auto q = seq.q_rows<Element>(p.q, b, h, p.q_stride[0], p.q_stride[1], p.q_stride[2]);
+    const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_stride[0], p.grad_out_stride[1],
+                                           p.grad_out_stride[2]);
     const int64_t bh_rows = seq.lse_row0(p, b, h);
     int64_t i_begin, i_end;
     mod.query_range(j0, j0 + BN - 1, i_begin, i_end);
@@ -251,13 +251,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
       const int64_t i0 = int64_t{m_block} * BM;
       if (!mod.tile_has_visible<Element, BM, BN, Cfg::kThreads>(i0, j0, tid)) continue;
       __syncthreads();  // every warp is done with the previous Q, dO, lse and delta
-      q_tile.template load_async<Cfg::kThreads>(q, i0, seq.len_q, tid);
+      q_tile.template load_async<Cfg::kThreads>(q, i0, seq.q_len, tid);
       cp_async_commit();
-      do_tile.template load_async<Cfg::kThreads>(d_out, i0, seq.len_q, tid);
+      do_tile.template load_async<Cfg::kThreads>(d_out, i0, seq.q_len, tid);
       cp_async_commit();
       for (int c = tid; c < BM; c += Cfg::kThreads) {
-        lse_s[c] = lse_for_backward(p.lse + bh_rows, i0 + c, seq.len_q);
-        delta_s[c] = i0 + c < seq.len_q ? p.delta[bh_rows + i0 + c] : 0.0f;
+        lse_s[c] = lse_for_backward(p.lse + bh_rows, i0 + c, seq.q_len);
+        delta_s[c] = i0 + c < seq.q_len ? p.delta[bh_rows + i0 + c] : 0.0f;
       }
       cp_async_wait<1>();
       __syncthreads();  // Q (and K, V on the first step), lse and delta are in shared memory
@@ -283,8 +283,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
           float ds_dz = mod.scale;
           const float s = plain ? probs[n][e] * mod.scale : mod.score<Element>(probs[n][e], i, j, &ds_dz);
           const float prob = exp2f((s - lse_s[c]) * kLog2e);
-          const float keep = p.dropout_p > 0.0f && i < seq.len_q && j < seq.len_kv
-                                 ? dropout_factor(p, (bh_rows + i) * p.len_kv, j)
+          const float keep = p.dropout_p > 0.0f && i < seq.q_len && j < seq.kv_len
+                                 ? dropout_factor(p, (bh_rows + i) * p.kv_len, j)
                                  : 1.0f;
           if constexpr (Cfg::kComputeDk) {
             d_scores[n][e] = prob * (d_scores[n][e] * keep - delta_s[c]) * ds_dz;
@@ -298,11 +298,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   }
   cp_async_wait_all();  // K / V of a CTA that visited no query tile
 
-  const auto dk = seq.kv_rows<Element>(p.dk, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1);
-  const auto dv = seq.kv_rows<Element>(p.dv, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1);
+  const auto dk = seq.kv_rows<Element>(p.dk, hk, p.dk_stride[0], p.dk_stride[1], p.dk_stride[2], 1);
+  const auto dv = seq.kv_rows<Element>(p.dv, hk, p.dv_stride[0], p.dv_stride[1], p.dv_stride[2], 1);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    if (keys[r] >= seq.len_kv) continue;
+    if (keys[r] >= seq.kv_len) continue;
 #pragma unroll
     for (int n = 0; n < kOutTiles; ++n) {
       if constexpr (Cfg::kComputeDk) {
@@ -327,7 +327,7 @@ cudaError_t launch_dkdv_kernel(const AttentionBwdParams& p, cudaStream_t stream)
   const auto kernel = attention_bwd_dkdv_kernel<Cfg>;
   cudaError_t err = allow_smem(kernel, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.len_kv, Cfg::kBlockN), p.heads_kv, p.batch);
+  const dim3 grid(ceil_div(p.kv_len, Cfg::kBlockN), p.kv_heads, p.batch);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -335,7 +335,7 @@ cudaError_t launch_dkdv_kernel(const AttentionBwdParams& p, cudaStream_t stream)
 template <typename Element, int HEAD_DIM>
 cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   constexpr int kRowsPerBlock = 4;
-  const int64_t rows = lse_batches(p) * p.heads_q * lse_rows_per_head(p);
+  const int64_t rows = lse_batches(p) * p.q_heads * lse_rows_per_head(p);
   attention_bwd_preprocess_kernel<Element, HEAD_DIM>
       <<<ceil_div(rows, kRowsPerBlock), kRowsPerBlock * kWarpSize, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
@@ -345,7 +345,7 @@ cudaError_t launch_attention_bwd(const AttentionBwdParams& p, cudaStream_t strea
   const auto dq_kernel = attention_bwd_dq_kernel<DqCfg>;
   err = allow_smem(dq_kernel, DqCfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  dq_kernel<<<dim3(ceil_div(p.len_q, DqCfg::kBlockM), p.heads_q, p.batch), DqCfg::kThreads, DqCfg::kSmemBytes,
+  dq_kernel<<<dim3(ceil_div(p.q_len, DqCfg::kBlockM), p.q_heads, p.batch), DqCfg::kThreads, DqCfg::kSmemBytes,
               stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;

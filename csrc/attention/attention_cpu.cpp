@@ -12,12 +12,12 @@
 #include <optional>
 #include <tuple>
 
-#include "fastattn/attention_cpu_params.h"
+#include "fastattn/attention_params.h"
 #include "fastattn/cpu_isa.h"
 
 namespace fastattn {
 
-FASTATTN_ISA_DECLARE(void attention_fwd_kernel(const AttentionFwdParams& params))
+FASTATTN_ISA_DECLARE(void attention_fwd_kernel(const AttentionParams& params))
 FASTATTN_ISA_DECLARE(void attention_bwd_kernel(const AttentionBwdParams& params))
 
 namespace {
@@ -67,7 +67,7 @@ void row_strides(int64_t* dst, const at::Tensor& t) {
 }
 
 // Checks and fills the options shared by every layout (p.batch and p.q_heads already set).
-void fill_options(AttentionFwdParams& p, Inputs& in, const char* op, const at::Tensor& q,
+void fill_options(AttentionParams& p, Inputs& in, const char* op, const at::Tensor& q,
                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                   const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
                   int64_t window_right, bool bottom_right, double softcap) {
@@ -109,7 +109,7 @@ void fill_options(AttentionFwdParams& p, Inputs& in, const char* op, const at::T
 }
 
 // Checks every input of the forward options and fills `p` (all but out / lse).
-Inputs fill_fwd_params(AttentionFwdParams& p, const at::Tensor& q_in, const at::Tensor& k_in,
+Inputs fill_fwd_params(AttentionParams& p, const at::Tensor& q_in, const at::Tensor& k_in,
                        const at::Tensor& v_in, const std::optional<at::Tensor>& attn_mask,
                        const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
                        const std::optional<at::Tensor>& rng_seed, double scale,
@@ -172,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& alibi_slopes,
     double dropout_p, const std::optional<at::Tensor>& rng_seed, double scale,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap) {
-  AttentionFwdParams p{};
+  AttentionParams p{};
   Inputs in = fill_fwd_params(p, q, k, v, attn_mask, alibi_slopes, dropout_p, rng_seed, scale,
                               window_left, window_right, bottom_right, softcap);
   at::Tensor out = at::empty({p.batch, p.q_heads, p.q_len, p.v_head_dim}, q.options());
@@ -184,14 +184,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   return {out, lse};
 }
 
-// Runs the backward kernel on checked inputs (bp.fwd filled but for out / lse); returns
+// Runs the backward kernel on checked inputs (bp filled but for out / lse); returns
 // dq, dk, dv, contiguous like q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(AttentionBwdParams& bp,
                                                        const at::Tensor& grad_out,
                                                        const at::Tensor& out,
                                                        const at::Tensor& lse, const at::Tensor& q,
                                                        const at::Tensor& k, const at::Tensor& v) {
-  AttentionFwdParams& p = bp.fwd;
+  AttentionParams& p = bp;
   p.out = const_cast<void*>(out.data_ptr());
   row_strides(p.out_stride, out);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
@@ -217,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
     int64_t window_right, bool bottom_right, double softcap, bool mask_grad) {
   AttentionBwdParams bp{};
-  AttentionFwdParams& p = bp.fwd;
+  AttentionParams& p = bp;
   Inputs in = fill_fwd_params(p, q, k, v, attn_mask, alibi_slopes, dropout_p, rng_seed, scale,
                               window_left, window_right, bottom_right, softcap);
   const std::vector<int64_t> out_shape{p.batch, p.q_heads, p.q_len, p.v_head_dim};
@@ -277,7 +277,7 @@ struct VarlenInputs {
   at::Tensor cu_q, cu_k;
 };
 
-VarlenInputs fill_varlen_params(AttentionFwdParams& p, const at::Tensor& q_in,
+VarlenInputs fill_varlen_params(AttentionParams& p, const at::Tensor& q_in,
                                 const at::Tensor& k_in, const at::Tensor& v_in,
                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k,
@@ -325,6 +325,7 @@ VarlenInputs fill_varlen_params(AttentionFwdParams& p, const at::Tensor& q_in,
   row_strides(p.v_stride, in.v);
   p.cu_seqlens_q = vin.cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = vin.cu_k.data_ptr<int32_t>();
+  p.total_q = q_in.size(0);
   p.mask_kind = AttnMaskKind::None;
   fill_options(p, vin.in, op, q_in, alibi_slopes, dropout_p, rng_seed, scale, window_left,
                window_right, bottom_right, softcap);
@@ -337,7 +338,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
     int64_t max_seqlen_k, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
     const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
     int64_t window_right, bool bottom_right, double softcap) {
-  AttentionFwdParams p{};
+  AttentionParams p{};
   VarlenInputs in = fill_varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        max_seqlen_k, alibi_slopes, dropout_p, rng_seed, scale,
                                        window_left, window_right, bottom_right, softcap);
@@ -358,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
     int64_t window_right, bool bottom_right, double softcap) {
   AttentionBwdParams bp{};
-  AttentionFwdParams& p = bp.fwd;
+  AttentionParams& p = bp;
   VarlenInputs in = fill_varlen_params(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                        max_seqlen_k, alibi_slopes, dropout_p, rng_seed, scale,
                                        window_left, window_right, bottom_right, softcap);
@@ -386,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cpu(
     const std::optional<at::Tensor>& alibi_slopes, double scale, int64_t window_left,
     int64_t window_right, bool bottom_right, double softcap) {
   const char* op = "attention_kv_cache";
-  AttentionFwdParams p{};
+  AttentionParams p{};
   p.dtype = attn_dtype(q);
   check_4d(q, "q", q);
   check_4d(k_cache, "k_cache", q);
@@ -504,6 +505,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cpu(
   p.block_table = paged ? table.data_ptr<int32_t>() : nullptr;
   p.block_table_stride = paged ? table.size(1) : 0;
   p.block_size = paged ? k_cache.size(2) : 0;
+  p.cache_blocks = k_cache.size(0);
   p.mask_kind = AttnMaskKind::None;
   at::Tensor out = at::empty({B, Hq, Lq, Ev}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));

@@ -11,7 +11,7 @@
 // to the forward's even for huge logits (with the bf16 dot products the scores agree to fp32
 // rounding: a relative error of ~1e-7 times the logit's size in P).
 // The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
-// its row addressing know the layout (attention_cpu_params.h).
+// its row addressing know the layout (attention_params.h).
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "attention_cpu_brgemm.h"
-#include "fastattn/attention_cpu_params.h"
+#include "fastattn/attention_params.h"
 #include "fastattn/cpu_isa.h"
 #include "fastattn/philox.h"
 
@@ -217,7 +217,7 @@ void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t 
   }
 }
 
-// One sequence of a call (attention_cpu_params.h): batch row b of a dense or KV-cache call,
+// One sequence of a call (attention_params.h): batch row b of a dense or KV-cache call,
 // sequence b of a varlen one.
 struct Sequence {
   int64_t b;
@@ -229,7 +229,7 @@ struct Sequence {
 
 // The geometry shared by the passes, and where a sequence's rows are found.
 struct Problem {
-  const AttentionFwdParams& p;
+  const AttentionParams& p;
   int64_t group;    // query heads per kv head
   int64_t block_n;  // keys per tile: kBlockN, or a divisor of the page size so that the keys
                     // of a tile are rows of one page, read with the page's row stride
@@ -493,7 +493,7 @@ struct Scores {
   static void compute(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
                       int64_t k0, int64_t n, const acc_t* qs, const acc_t* kt,
                       const scalar_t* k_rows, int64_t k_rs, acc_t* s, acc_t* tanh_out) {
-    const AttentionFwdParams& p = pr.p;
+    const AttentionParams& p = pr.p;
     const int64_t ld = pr.n_pad;
     std::fill(s, s + m * ld, acc_t(0));
     if (kt != nullptr) {
@@ -558,7 +558,7 @@ struct Scores {
 template <typename acc_t>
 void apply_dropout(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
                    int64_t k0, int64_t n, acc_t* prob, int64_t ld) {
-  const AttentionFwdParams& p = pr.p;
+  const AttentionParams& p = pr.p;
   const acc_t keep_scale = acc_t(1) / (acc_t(1) - static_cast<acc_t>(p.dropout_p));
   for (int64_t i = 0; i < m; ++i) {
     const uint64_t row = static_cast<uint64_t>(pr.row_index(sq, h, q0 + i) * p.kv_len + k0);
@@ -646,7 +646,7 @@ struct ForwardTile {
 
   void run(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
            int64_t kb_begin, int64_t kb_end) {
-    const AttentionFwdParams& p = pr.p;
+    const AttentionParams& p = pr.p;
     const int64_t hk = h / pr.group;
     const int64_t ld = pr.n_pad, ldo = pr.ev_pad;
     const auto* k = static_cast<const scalar_t*>(p.k);
@@ -757,7 +757,7 @@ std::vector<int64_t> sequences_by_cost(const Problem& pr) {
 }
 
 // The largest divisor of the page size up to kBlockN (kBlockN when not paged).
-int64_t key_tile_width(const AttentionFwdParams& p) {
+int64_t key_tile_width(const AttentionParams& p) {
   if (p.block_table == nullptr) return kBlockN;
   int64_t width = std::min(kBlockN, p.block_size);
   while (p.block_size % width != 0) --width;
@@ -765,7 +765,7 @@ int64_t key_tile_width(const AttentionFwdParams& p) {
 }
 
 template <typename acc_t>
-Problem make_problem(const AttentionFwdParams& p) {
+Problem make_problem(const AttentionParams& p) {
   const int64_t block_n = key_tile_width(p);
   return Problem{p,
                  p.q_heads / p.kv_heads,
@@ -776,7 +776,7 @@ Problem make_problem(const AttentionFwdParams& p) {
 }
 
 template <typename scalar_t>
-void attention_fwd_typed(const AttentionFwdParams& p) {
+void attention_fwd_typed(const AttentionParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const Problem pr = make_problem<acc_t>(p);
   // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
@@ -893,7 +893,7 @@ struct BackwardTile {
 
   void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* lse_rows,
            const acc_t* delta, const Sequence& sq, int64_t hk, int64_t kblock, acc_t* dq_acc) {
-    const AttentionFwdParams& p = pr.p;
+    const AttentionParams& p = pr.p;
     const int64_t ld = pr.n_pad, E = p.head_dim, Ev = p.v_head_dim;
     const int64_t k0 = kblock * pr.block_n, n = std::min(pr.block_n, sq.kv_len - k0);
     const auto* k = pr.key_row(static_cast<const scalar_t*>(p.k), p.k_stride, sq, hk, k0);
@@ -983,10 +983,10 @@ struct BackwardTile {
 template <typename scalar_t>
 void attention_bwd_typed(const AttentionBwdParams& bp) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const AttentionFwdParams& p = bp.fwd;
+  const AttentionParams& p = bp;
   const Problem pr = make_problem<acc_t>(p);
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
-  // The query rows' row indices are 0 .. rows - 1 (attention_cpu_params.h); dq/dk/dv are
+  // The query rows' row indices are 0 .. rows - 1 (attention_params.h); dq/dk/dv are
   // contiguous, so their sizes follow from the row counts.
   const int64_t rows = p.q_heads * (pr.varlen() ? p.cu_seqlens_q[p.batch] : p.batch * L);
   const int64_t kv_rows = p.kv_heads * (pr.varlen() ? p.cu_seqlens_k[p.batch] : p.batch * p.kv_len);
@@ -1135,12 +1135,12 @@ void dispatch_dtype(Dtype dtype, Fn&& fn) {
 
 }  // namespace
 
-void attention_fwd_kernel(const AttentionFwdParams& params) {
+void attention_fwd_kernel(const AttentionParams& params) {
   dispatch_dtype(params.dtype, [&](auto tag) { attention_fwd_typed<decltype(tag)>(params); });
 }
 
 void attention_bwd_kernel(const AttentionBwdParams& params) {
-  dispatch_dtype(params.fwd.dtype,
+  dispatch_dtype(params.dtype,
                  [&](auto tag) { attention_bwd_typed<decltype(tag)>(params); });
 }
 

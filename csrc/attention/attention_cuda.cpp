@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "attention_cuda_checks.h"
-#include "fastattn/attention_params.h"
+#include "fastattn/attention_cuda_launch.h"
 
 namespace fastattn {
 namespace {
@@ -28,7 +28,7 @@ void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* nam
 }
 
 struct Problem {
-  int64_t batch, heads_q, heads_kv, len_q, len_kv, head_dim;
+  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim;
 };
 
 Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -37,11 +37,11 @@ Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "fastattn attention (cuda): q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, E] must be 4-d, got ",
               q.sizes(), ", ", k.sizes(), ", ", v.sizes());
   const Problem pr{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
-  TORCH_CHECK(k.size(0) == pr.batch && v.size(0) == pr.batch && v.size(1) == pr.heads_kv &&
-                  v.size(2) == pr.len_kv && k.size(3) == pr.head_dim,
+  TORCH_CHECK(k.size(0) == pr.batch && v.size(0) == pr.batch && v.size(1) == pr.kv_heads &&
+                  v.size(2) == pr.kv_len && k.size(3) == pr.head_dim,
               "fastattn attention (cuda): expected k [B, Hk, S, E] and v [B, Hk, S, Ev] matching q ", q.sizes(),
               ", got k ", k.sizes(), ", v ", v.sizes());
-  glue::check_heads(pr.batch, pr.heads_q, pr.heads_kv, pr.head_dim, v.size(3), kOp);
+  glue::check_heads(pr.batch, pr.q_heads, pr.kv_heads, pr.head_dim, v.size(3), kOp);
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "fastattn attention (cuda): the last dim of q, k, v must be contiguous (stride 1)");
   return pr;
@@ -64,15 +64,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_common(Attention
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
-  p.v_batch_stride = v.stride(0), p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(2);
-  p.batch = static_cast<int>(pr.batch);
-  p.heads_q = static_cast<int>(pr.heads_q);
-  p.heads_kv = static_cast<int>(pr.heads_kv);
-  p.len_q = pr.len_q;
-  p.len_kv = pr.len_kv;
-  p.head_dim = static_cast<int>(pr.head_dim);
+  glue::row_strides(p.q_stride, q);
+  glue::row_strides(p.k_stride, k);
+  glue::row_strides(p.v_stride, v);
+  p.batch = pr.batch;
+  p.q_heads = pr.q_heads;
+  p.kv_heads = pr.kv_heads;
+  p.q_len = pr.q_len;
+  p.kv_len = pr.kv_len;
+  p.head_dim = pr.head_dim;
+  p.v_head_dim = pr.head_dim;
 
   at::Tensor mask;
   if (o.attn_mask.has_value()) {
@@ -80,16 +81,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_common(Attention
     check_same_device(mask, q, "attn_mask");
     TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(),
                 "fastattn attention (cuda): attn_mask must be bool or ", q.scalar_type(), ", got ", mask.scalar_type());
-    TORCH_CHECK(mask.dim() == 4 && mask.size(0) == pr.batch && mask.size(1) == pr.heads_q &&
-                    mask.size(2) == pr.len_q && mask.size(3) == pr.len_kv,
-                "fastattn attention (cuda): attn_mask must be a [B, Hq, L, S] = [", pr.batch, ", ", pr.heads_q, ", ",
-                pr.len_q, ", ", pr.len_kv, "] (broadcast) view, got ", mask.sizes());
+    TORCH_CHECK(mask.dim() == 4 && mask.size(0) == pr.batch && mask.size(1) == pr.q_heads &&
+                    mask.size(2) == pr.q_len && mask.size(3) == pr.kv_len,
+                "fastattn attention (cuda): attn_mask must be a [B, Hq, L, S] = [", pr.batch, ", ", pr.q_heads, ", ",
+                pr.q_len, ", ", pr.kv_len, "] (broadcast) view, got ", mask.sizes());
     p.mask = mask.data_ptr();
-    p.mask_is_bool = mask.scalar_type() == at::kBool;
-    p.mask_batch_stride = mask.stride(0), p.mask_head_stride = mask.stride(1);
-    p.mask_row_stride = mask.stride(2), p.mask_col_stride = mask.stride(3);
+    p.mask_kind = mask.scalar_type() == at::kBool ? AttnMaskKind::Bool : AttnMaskKind::Additive;
+    for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
   }
-  glue::fill_options(p, o.score, q, pr.batch, pr.heads_q, kOp);
+  glue::fill_options(p, o.score, q, pr.batch, pr.q_heads, kOp);
   return {q, k, v, mask};
 }
 
@@ -101,10 +101,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
                                                       double softcap) {
   const Problem pr = check_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
-  at::Tensor out = at::empty({pr.batch, pr.heads_q, pr.len_q, pr.head_dim}, q_in.options());
-  at::Tensor lse = at::empty({pr.batch, pr.heads_q, pr.len_q}, q_in.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({pr.batch, pr.q_heads, pr.q_len, pr.head_dim}, q_in.options());
+  at::Tensor lse = at::empty({pr.batch, pr.q_heads, pr.q_len}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  if (pr.len_kv == 0) {  // no key visible anywhere
+  if (pr.kv_len == 0) {  // no key visible anywhere
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
@@ -115,14 +115,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const auto kept_alive = fill_common(p, pr, q_in, k_in, v_in, o);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
+  glue::row_strides(p.out_stride, out);
 
   p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
-    out_partial = at::empty({p.num_splits, pr.batch, pr.heads_q, pr.len_q, pr.head_dim},
+    out_partial = at::empty({p.num_splits, pr.batch, pr.q_heads, pr.q_len, pr.head_dim},
                             q_in.options().dtype(at::kFloat));
-    lse_partial = at::empty({p.num_splits, pr.batch, pr.heads_q, pr.len_q}, q_in.options().dtype(at::kFloat));
+    lse_partial = at::empty({p.num_splits, pr.batch, pr.q_heads, pr.q_len}, q_in.options().dtype(at::kFloat));
     p.out_partial = out_partial.data_ptr<float>();
     p.lse_partial = lse_partial.data_ptr<float>();
   }
@@ -139,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   check_same_device(grad_out_in, q_in, "grad_out");
   check_same_device(out_in, q_in, "out");
   check_same_device(lse_in, q_in, "lse");
-  const std::vector<int64_t> out_shape{pr.batch, pr.heads_q, pr.len_q, pr.head_dim};
+  const std::vector<int64_t> out_shape{pr.batch, pr.q_heads, pr.q_len, pr.head_dim};
   TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape &&
                   grad_out_in.scalar_type() == q_in.scalar_type() && out_in.scalar_type() == q_in.scalar_type(),
               "fastattn attention_bwd (cuda): grad_out and out must be ", q_in.scalar_type(), " ", out_shape,
@@ -148,18 +148,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   TORCH_CHECK(grad_out_in.stride(3) == 1 && out_in.stride(3) == 1,
               "fastattn attention_bwd (cuda): the last dim of grad_out and out must be contiguous");
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat &&
-                  lse_in.sizes() == std::vector<int64_t>({pr.batch, pr.heads_q, pr.len_q}),
+                  lse_in.sizes() == std::vector<int64_t>({pr.batch, pr.q_heads, pr.q_len}),
               "fastattn attention_bwd (cuda): lse must be float32 [B, Hq, L], got ", lse_in.scalar_type(), " ",
               lse_in.sizes());
   const c10::cuda::CUDAGuard device_guard(q_in.device());
 
   at::Tensor dq = at::empty(out_shape, q_in.options());
-  at::Tensor dk = at::empty({pr.batch, pr.heads_kv, pr.len_kv, pr.head_dim}, q_in.options());
-  at::Tensor dv = at::empty({pr.batch, pr.heads_kv, pr.len_kv, pr.head_dim}, q_in.options());
+  at::Tensor dk = at::empty({pr.batch, pr.kv_heads, pr.kv_len, pr.head_dim}, q_in.options());
+  at::Tensor dv = at::empty({pr.batch, pr.kv_heads, pr.kv_len, pr.head_dim}, q_in.options());
   const auto f32 = q_in.options().dtype(at::kFloat);
   // Skipped tiles are never written: dmask starts at zero.
-  at::Tensor dmask = mask_grad ? at::zeros({pr.batch, pr.heads_q, pr.len_q, pr.len_kv}, f32) : at::empty({0}, f32);
-  if (pr.batch * pr.heads_q == 0 || pr.len_q == 0 || pr.len_kv == 0) {
+  at::Tensor dmask = mask_grad ? at::zeros({pr.batch, pr.q_heads, pr.q_len, pr.kv_len}, f32) : at::empty({0}, f32);
+  if (pr.batch * pr.q_heads == 0 || pr.q_len == 0 || pr.kv_len == 0) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
@@ -171,18 +171,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const auto kept_alive = fill_common(p, pr, q_in, k_in, v_in, o);
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor delta = at::empty({pr.batch, pr.heads_q, pr.len_q}, f32);
+  at::Tensor delta = at::empty({pr.batch, pr.q_heads, pr.q_len}, f32);
   p.out = const_cast<void*>(out.data_ptr());
-  p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
+  glue::row_strides(p.out_stride, out);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.grad_out = grad_out.data_ptr();
-  p.grad_out_batch_stride = grad_out.stride(0), p.grad_out_head_stride = grad_out.stride(1);
-  p.grad_out_row_stride = grad_out.stride(2);
+  glue::row_strides(p.grad_out_stride, grad_out);
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
-  p.dkv_batch_stride = dk.stride(0), p.dkv_head_stride = dk.stride(1), p.dkv_row_stride = dk.stride(2);
+  glue::row_strides(p.dq_stride, dq);
+  glue::row_strides(p.dk_stride, dk);
+  glue::row_strides(p.dv_stride, dv);
   p.delta = delta.data_ptr<float>();
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "fastattn/attention_head_dims.h"
 #include "fastattn/attention_params.h"
 
 namespace fastattn {
@@ -33,6 +34,16 @@ inline at::Tensor aligned_rows(const at::Tensor& t) {
   return rows_are_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// The (batch, head, row) strides of a [B, H, rows, D] tensor, or of a packed varlen
+// [rows, H, D] one (batch stride 0: its sequences start at row offsets).
+inline void row_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  if (t.dim() == 4) {
+    dst[0] = t.stride(0), dst[1] = t.stride(1), dst[2] = t.stride(2);
+  } else {
+    dst[0] = 0, dst[1] = t.stride(1), dst[2] = t.stride(0);
+  }
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
   TORCH_CHECK(t.device() == q.device(), "fastattn ", op, " (cuda): ", name, " is on ", t.device(),
               " but q is on ", q.device());
@@ -50,16 +61,16 @@ inline void check_fp16_or_bf16(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 // Head dims, GQA and the grid limits (heads on grid.y, batch times KV splits on grid.z).
-inline void check_heads(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t head_dim, int64_t value_dim,
+inline void check_heads(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t value_dim,
                         const char* op) {
   TORCH_CHECK(value_dim == head_dim, "fastattn ", op, " (cuda): value head dim ", value_dim,
               " != query head dim ", head_dim, " (the cuda kernels need Ev == E)");
   TORCH_CHECK(attention_cuda_supports_head_dim(static_cast<int>(head_dim)), "fastattn ", op, " (cuda): head dim ",
               head_dim, " is not compiled (", c10::ArrayRef<int>(kAttentionCudaHeadDims), ")");
-  TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, "fastattn ", op, " (cuda): query heads ", heads_q,
-              " must be a multiple of kv heads ", heads_kv);
-  TORCH_CHECK(heads_q <= 65535 && batch <= 65535, "fastattn ", op,
-              " (cuda): at most 65535 heads and 65535 batches, got ", heads_q, ", ", batch);
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "fastattn ", op, " (cuda): query heads ", q_heads,
+              " must be a multiple of kv heads ", kv_heads);
+  TORCH_CHECK(q_heads <= 65535 && batch <= 65535, "fastattn ", op,
+              " (cuda): at most 65535 heads and 65535 batches, got ", q_heads, ", ", batch);
 }
 
 struct Options {
@@ -72,11 +83,11 @@ struct Options {
   double softcap;
 };
 
-// Checks and fills the score options; batch / heads_q are the alibi slopes' [B, Hq].
+// Checks and fills the score options; batch / q_heads are the alibi slopes' [B, Hq].
 inline void fill_options(AttentionParams& p, const Options& o, const at::Tensor& q, int64_t batch,
-                         int64_t heads_q, const char* op) {
-  p.scale = static_cast<float>(o.scale);
-  p.softcap = static_cast<float>(o.softcap);
+                         int64_t q_heads, const char* op) {
+  p.scale = o.scale;
+  p.softcap = o.softcap;
   p.window_left = o.window_left;
   p.window_right = o.window_right;
   p.bottom_right = o.bottom_right;
@@ -84,12 +95,12 @@ inline void fill_options(AttentionParams& p, const Options& o, const at::Tensor&
     const at::Tensor& slopes = *o.alibi_slopes;
     check_same_device(slopes, q, op, "alibi_slopes");
     TORCH_CHECK(slopes.scalar_type() == at::kFloat && slopes.is_contiguous() &&
-                    ((slopes.dim() == 1 && slopes.size(0) == heads_q) ||
-                     (slopes.dim() == 2 && slopes.size(0) == batch && slopes.size(1) == heads_q)),
+                    ((slopes.dim() == 1 && slopes.size(0) == q_heads) ||
+                     (slopes.dim() == 2 && slopes.size(0) == batch && slopes.size(1) == q_heads)),
                 "fastattn ", op, " (cuda): alibi_slopes must be contiguous float32 [Hq] or [B, Hq] = [", batch,
-                ", ", heads_q, "], got ", slopes.scalar_type(), " ", slopes.sizes());
+                ", ", q_heads, "], got ", slopes.scalar_type(), " ", slopes.sizes());
     p.alibi_slopes = slopes.data_ptr<float>();
-    p.alibi_batch_stride = slopes.dim() == 2 ? heads_q : 0;
+    p.alibi_batch_stride = slopes.dim() == 2 ? q_heads : 0;
   }
   TORCH_CHECK(o.dropout_p >= 0.0 && o.dropout_p <= 1.0, "fastattn ", op, " (cuda): dropout_p must be in [0, 1], got ",
               o.dropout_p);

@@ -12,13 +12,13 @@ namespace fastattn {
 // leave most SMs idle: aim at ~4 CTAs per SM, at least one key tile per split. Varlen
 // problems never split (the partial buffers and the combine kernel are laid out [B, Hq, L]).
 int attention_fwd_num_splits(const AttentionParams& params, int num_sms) {
-  if (params.len_q > attn::kDecodeMaxLenQ || !attention_cuda_supports_head_dim(params.head_dim) ||
+  if (params.q_len > attn::kDecodeMaxLenQ || !attention_cuda_supports_head_dim(params.head_dim) ||
       params.cu_seqlens_q != nullptr) {
     return 1;
   }
   const int64_t block_n = attn::fwd_block_n(params.head_dim);
-  const int64_t ctas = int64_t{params.batch} * params.heads_q;
-  const int64_t key_blocks = (params.len_kv + block_n - 1) / block_n;
+  const int64_t ctas = params.batch * params.q_heads;
+  const int64_t key_blocks = (params.kv_len + block_n - 1) / block_n;
   const int64_t wanted = ctas > 0 ? (int64_t{4} * num_sms + ctas - 1) / ctas : 1;
   int64_t splits = wanted < key_blocks ? wanted : key_blocks;
   splits = splits < attn::kMaxSplits ? splits : attn::kMaxSplits;

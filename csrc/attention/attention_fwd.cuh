@@ -51,14 +51,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
   const int g = lane / 4, t = lane % 4;
   const int h = blockIdx.y;
   const int b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
-  const int hk = h / (p.heads_q / p.heads_kv);
+  const int hk = h / query_heads_per_kv_head(p);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * BM;
   const Sequence seq(p, b);
-  if (i0 >= seq.len_q) return;  // the grid covers the longest sequence
+  if (i0 >= seq.q_len) return;  // the grid covers the longest sequence
 
-  const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  const auto q = seq.q_rows<Element>(p.q, b, h, p.q_stride[0], p.q_stride[1], p.q_stride[2]);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2], p.block_size);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2], p.block_size);
   const int64_t lse_row0 = seq.lse_row0(p, b, h);
   const ScoreMod mod(p, seq, b, h, sizeof(Element));
 
@@ -79,8 +79,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
   float row_sum[2] = {0.0f, 0.0f};  // this thread's columns only; quad-reduced at the end
 
   if (n_begin < n_end) {
-    q_tile.template load_async<Cfg::kThreads>(q, i0, seq.len_q, tid);
-    k_tile.template load_async<Cfg::kThreads>(k, int64_t{n_begin} * BN, seq.len_kv, tid);
+    q_tile.template load_async<Cfg::kThreads>(q, i0, seq.q_len, tid);
+    k_tile.template load_async<Cfg::kThreads>(k, int64_t{n_begin} * BN, seq.kv_len, tid);
     cp_async_commit();
   }
   for (int n_block = n_begin; n_block < n_end; ++n_block) {
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
     __syncthreads();  // K tile landed; every warp is done with the previous V tile
     float scores[kScoreTiles][4];  // [16, BLOCK_N] per warp
     if (active) {
-      v_tile.template load_async<Cfg::kThreads>(v, j0, seq.len_kv, tid);
+      v_tile.template load_async<Cfg::kThreads>(v, j0, seq.kv_len, tid);
       cp_async_commit();
       zero(scores);
       warp_gemm_a_bt<Element, kScoreTiles, E>(scores, q_tile, warp * 16, k_tile, lane);
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
     cp_async_wait_all();
     __syncthreads();  // V tile landed; every warp is done with the K tile
     if (n_block + 1 < n_end) {
-      k_tile.template load_async<Cfg::kThreads>(k, j0 + BN, seq.len_kv, tid);
+      k_tile.template load_async<Cfg::kThreads>(k, j0 + BN, seq.kv_len, tid);
       cp_async_commit();
     }
     if (!active) continue;
@@ -144,12 +144,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t i = rows[e / 2];
-        if (i >= seq.len_q) continue;
-        const int64_t row_base = (lse_row0 + i) * p.len_kv;
+        if (i >= seq.q_len) continue;
+        const int64_t row_base = (lse_row0 + i) * p.kv_len;
 #pragma unroll
         for (int n = 0; n < kScoreTiles; ++n) {
           const int64_t j = j0 + n * 8 + 2 * t + (e & 1);
-          if (j < seq.len_kv) scores[n][e] *= dropout_factor(p, row_base, j);
+          if (j < seq.kv_len) scores[n][e] *= dropout_factor(p, row_base, j);
         }
       }
     }
@@ -164,11 +164,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
     // sum NaN (fmaxf drops NaN from the max, exp2f does not), and the row and its lse NaN.
     const float inv_sum = sum == 0.0f ? 0.0f : 1.0f / sum;
     const float lse = sum == 0.0f ? -INFINITY : row_max[r] + logf(sum);
-    if (i >= seq.len_q) continue;
+    if (i >= seq.q_len) continue;
     const int64_t row_index = lse_row0 + i;
     if (p.num_splits == 1) {
-      Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-                     (seq.q_start + i) * p.out_row_stride;
+      Element* out = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
+                     (seq.q_start + i) * p.out_stride[2];
 #pragma unroll
       for (int n = 0; n < kOutTiles; ++n) {
         *reinterpret_cast<uint32_t*>(out + n * 8 + 2 * t) = ElementTraits<Element>::pack(
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
       }
       if (t == 0) p.lse[row_index] = lse;
     } else {  // [B, Hq, L] rows (the glue never splits varlen problems)
-      const int64_t partial_row = int64_t{split} * p.batch * p.heads_q * p.len_q + row_index;
+      const int64_t partial_row = int64_t{split} * p.batch * p.q_heads * p.q_len + row_index;
       float* out = p.out_partial + partial_row * E;
 #pragma unroll
       for (int n = 0; n < kOutTiles; ++n) {
@@ -193,12 +193,12 @@ template <typename Element, int HEAD_DIM>
 __global__ void __launch_bounds__(128) attention_split_combine_kernel(const AttentionParams p) {
   constexpr int kPerLane = (HEAD_DIM + kWarpSize - 1) / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t rows_total = int64_t{p.batch} * p.heads_q * p.len_q;
+  const int64_t rows_total = p.batch * p.q_heads * p.q_len;
   const int64_t row = int64_t{blockIdx.x} * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   if (row >= rows_total) return;
-  const int64_t i = row % p.len_q;
-  const int64_t bh = row / p.len_q;
-  const int64_t b = bh / p.heads_q, h = bh % p.heads_q;
+  const int64_t i = row % p.q_len;
+  const int64_t bh = row / p.q_len;
+  const int64_t b = bh / p.q_heads, h = bh % p.q_heads;
 
   // The max keeps a NaN lse (fmaxf would drop it, and a row whose splits are all NaN would
   // come out 0).
@@ -222,8 +222,8 @@ __global__ void __launch_bounds__(128) attention_split_combine_kernel(const Atte
     }
   }
   const float inv = weight_sum == 0.0f ? 0.0f : 1.0f / weight_sum;
-  Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-                 i * p.out_row_stride;
+  Element* out = static_cast<Element*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
+                 i * p.out_stride[2];
 #pragma unroll
   for (int c = 0; c < kPerLane; ++c) {
     const int e = lane + c * kWarpSize;
@@ -237,7 +237,7 @@ cudaError_t launch_fwd_kernel(const AttentionParams& p, cudaStream_t stream) {
   const auto kernel = attention_fwd_kernel<Cfg>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(ceil_div(p.len_q, Cfg::kBlockM), p.heads_q, p.batch * p.num_splits);
+  const dim3 grid(ceil_div(p.q_len, Cfg::kBlockM), p.q_heads, p.batch * p.num_splits);
   kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
@@ -245,17 +245,17 @@ cudaError_t launch_fwd_kernel(const AttentionParams& p, cudaStream_t stream) {
 template <typename Element, int HEAD_DIM>
 cudaError_t launch_attention_fwd(const AttentionParams& p, cudaStream_t stream) {
   if (p.num_splits == 1) {
-    return p.len_q <= kDecodeMaxLenQ ? launch_fwd_kernel<FwdDecodeConfig<Element, HEAD_DIM>>(p, stream)
+    return p.q_len <= kDecodeMaxLenQ ? launch_fwd_kernel<FwdDecodeConfig<Element, HEAD_DIM>>(p, stream)
                                      : launch_fwd_kernel<FwdMainConfig<Element, HEAD_DIM>>(p, stream);
   }
-  if (p.len_q > kDecodeMaxLenQ || p.num_splits > kMaxSplits || !p.out_partial || !p.lse_partial ||
+  if (p.q_len > kDecodeMaxLenQ || p.num_splits > kMaxSplits || !p.out_partial || !p.lse_partial ||
       p.cu_seqlens_q != nullptr) {
     return cudaErrorInvalidValue;
   }
   cudaError_t err = launch_fwd_kernel<FwdDecodeConfig<Element, HEAD_DIM>>(p, stream);
   if (err != cudaSuccess) return err;
   constexpr int kRowsPerBlock = 4;
-  const int64_t rows = int64_t{p.batch} * p.heads_q * p.len_q;
+  const int64_t rows = p.batch * p.q_heads * p.q_len;
   attention_split_combine_kernel<Element, HEAD_DIM>
       <<<ceil_div(rows, kRowsPerBlock), kRowsPerBlock * kWarpSize, 0, stream>>>(p);
   return cudaGetLastError();

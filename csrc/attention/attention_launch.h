@@ -6,7 +6,8 @@
 #include <type_traits>
 #include <utility>
 
-#include "fastattn/attention_params.h"
+#include "fastattn/attention_cuda_launch.h"
+#include "fastattn/attention_head_dims.h"
 
 namespace fastattn {
 namespace attn {

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "attention_cuda_checks.h"
-#include "fastattn/attention_params.h"
+#include "fastattn/attention_cuda_launch.h"
 
 namespace fastattn {
 namespace {
@@ -40,7 +40,7 @@ at::Tensor checked_offsets(const at::Tensor& cu, const at::Tensor& q, int64_t ba
 }
 
 struct Varlen {
-  int64_t batch, heads_q, heads_kv, total_q, total_k, head_dim, max_q, max_k;
+  int64_t batch, q_heads, kv_heads, total_q, total_k, head_dim, max_q, max_k;
   at::Tensor cu_q, cu_k;
 };
 
@@ -60,13 +60,13 @@ Varlen check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   vl.cu_q = checked_offsets(cu_q, q, -1, "cu_seqlens_q");
   vl.batch = vl.cu_q.size(0) - 1;
   vl.cu_k = checked_offsets(cu_k, q, vl.batch, "cu_seqlens_k");
-  vl.heads_q = q.size(1), vl.heads_kv = k.size(1), vl.head_dim = q.size(2);
+  vl.q_heads = q.size(1), vl.kv_heads = k.size(1), vl.head_dim = q.size(2);
   vl.total_q = q.size(0), vl.total_k = k.size(0);
   vl.max_q = max_seqlen_q.expect_int();
   vl.max_k = max_seqlen_k.expect_int();
   TORCH_CHECK(vl.max_q >= 0 && vl.max_k >= 0, "fastattn attention_varlen (cuda): max_seqlen_q / max_seqlen_k must be "
               ">= 0, got ", vl.max_q, ", ", vl.max_k);
-  glue::check_heads(vl.batch, vl.heads_q, vl.heads_kv, vl.head_dim, v.size(2), "attention_varlen");
+  glue::check_heads(vl.batch, vl.q_heads, vl.kv_heads, vl.head_dim, v.size(2), "attention_varlen");
   return vl;
 }
 
@@ -79,25 +79,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fill_varlen(AttentionParams& p, c
   p.dtype = q.scalar_type() == at::kHalf ? Dtype::Float16 : Dtype::BFloat16;
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   // Packed rows: no batch stride, sequence b starts at row cu_seqlens[b].
-  p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(0);
-  p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(0);
-  p.v_head_stride = v.stride(1), p.v_row_stride = v.stride(0);
-  p.batch = static_cast<int>(vl.batch);
-  p.heads_q = static_cast<int>(vl.heads_q);
-  p.heads_kv = static_cast<int>(vl.heads_kv);
-  p.len_q = vl.max_q;
-  p.len_kv = vl.max_k;
+  glue::row_strides(p.q_stride, q);
+  glue::row_strides(p.k_stride, k);
+  glue::row_strides(p.v_stride, v);
+  p.batch = vl.batch;
+  p.q_heads = vl.q_heads;
+  p.kv_heads = vl.kv_heads;
+  p.q_len = vl.max_q;
+  p.kv_len = vl.max_k;
   p.total_q = vl.total_q;
-  p.head_dim = static_cast<int>(vl.head_dim);
+  p.head_dim = vl.head_dim;
+  p.v_head_dim = vl.head_dim;
   p.cu_seqlens_q = vl.cu_q.data_ptr<int>();
   p.cu_seqlens_k = vl.cu_k.data_ptr<int>();
-  glue::fill_options(p, o, q, vl.batch, vl.heads_q, "attention_varlen");
+  glue::fill_options(p, o, q, vl.batch, vl.q_heads, "attention_varlen");
   return {q, k, v};
 }
 
 // Nothing for the kernels to do: no query row, or no key anywhere.
 bool varlen_is_trivial(const Varlen& vl) {
-  return vl.batch == 0 || vl.heads_q == 0 || vl.total_q == 0 || vl.max_q == 0 || vl.total_k == 0 || vl.max_k == 0;
+  return vl.batch == 0 || vl.q_heads == 0 || vl.total_q == 0 || vl.max_q == 0 || vl.total_k == 0 || vl.max_k == 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
@@ -110,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
   AttentionParams p;
   const auto kept_alive = fill_varlen(p, vl, q_in, k_in, v_in, o);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
-  at::Tensor out = at::empty({vl.total_q, vl.heads_q, vl.head_dim}, q_in.options());
-  at::Tensor lse = at::empty({vl.heads_q, vl.total_q}, q_in.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({vl.total_q, vl.q_heads, vl.head_dim}, q_in.options());
+  at::Tensor lse = at::empty({vl.q_heads, vl.total_q}, q_in.options().dtype(at::kFloat));
   if (varlen_is_trivial(vl)) {
     out.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
@@ -119,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
   }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(0);
+  glue::row_strides(p.out_stride, out);
   C10_CUDA_CHECK(run_attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {out, lse};
 }
@@ -141,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
               out_in.scalar_type(), " ", out_in.sizes());
   TORCH_CHECK(grad_out_in.stride(2) == 1 && out_in.stride(2) == 1,
               "fastattn attention_varlen_bwd (cuda): the last dim of grad_out and out must be contiguous");
-  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 2 && lse_in.size(0) == vl.heads_q &&
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.dim() == 2 && lse_in.size(0) == vl.q_heads &&
                   lse_in.size(1) == vl.total_q,
-              "fastattn attention_varlen_bwd (cuda): lse must be float32 [Hq, total_q] = [", vl.heads_q, ", ",
+              "fastattn attention_varlen_bwd (cuda): lse must be float32 [Hq, total_q] = [", vl.q_heads, ", ",
               vl.total_q, "], got ", lse_in.scalar_type(), " ", lse_in.sizes());
   const glue::Options o{alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right, bottom_right, softcap};
   AttentionBwdParams p;
@@ -162,15 +163,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   // Keys no query sees (and their sequences' empty query sets) are written by the kernels.
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
-  at::Tensor delta = at::empty({vl.heads_q, vl.total_q}, q_in.options().dtype(at::kFloat));
+  at::Tensor delta = at::empty({vl.q_heads, vl.total_q}, q_in.options().dtype(at::kFloat));
   p.out = const_cast<void*>(out.data_ptr());
-  p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(0);
+  glue::row_strides(p.out_stride, out);
   p.lse = const_cast<float*>(lse.data_ptr<float>());
   p.grad_out = grad_out.data_ptr();
-  p.grad_out_head_stride = grad_out.stride(1), p.grad_out_row_stride = grad_out.stride(0);
+  glue::row_strides(p.grad_out_stride, grad_out);
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(0);
-  p.dkv_head_stride = dk.stride(1), p.dkv_row_stride = dk.stride(0);
+  glue::row_strides(p.dq_stride, dq);
+  glue::row_strides(p.dk_stride, dk);
+  glue::row_strides(p.dv_stride, dv);
   p.delta = delta.data_ptr<float>();
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv};
@@ -197,13 +199,13 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
               "fastattn attention_kv_cache (cuda): q [B, Hq, Lq, E], k_cache / v_cache ",
               paged ? "[num_blocks, Hk, block_size, E]" : "[B_cache, Hk, S_max, E]", " must be 4-d, got ",
               q_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
-  const int64_t batch = q_in.size(0), heads_q = q_in.size(1), len_q = q_in.size(2), head_dim = q_in.size(3);
-  const int64_t cache_blocks = k_cache.size(0), heads_kv = k_cache.size(1), rows = k_cache.size(2);
-  TORCH_CHECK(v_cache.size(0) == cache_blocks && v_cache.size(1) == heads_kv && v_cache.size(2) == rows &&
+  const int64_t batch = q_in.size(0), q_heads = q_in.size(1), q_len = q_in.size(2), head_dim = q_in.size(3);
+  const int64_t cache_blocks = k_cache.size(0), kv_heads = k_cache.size(1), rows = k_cache.size(2);
+  TORCH_CHECK(v_cache.size(0) == cache_blocks && v_cache.size(1) == kv_heads && v_cache.size(2) == rows &&
                   k_cache.size(3) == head_dim,
               "fastattn attention_kv_cache (cuda): expected k_cache and v_cache of the same [blocks, Hk, rows] with "
               "k_cache's last dim E = ", head_dim, ", got ", k_cache.sizes(), ", ", v_cache.sizes());
-  glue::check_heads(batch, heads_q, heads_kv, head_dim, v_cache.size(3), kOp);
+  glue::check_heads(batch, q_heads, kv_heads, head_dim, v_cache.size(3), kOp);
   TORCH_CHECK(q_in.stride(3) == 1, "fastattn attention_kv_cache (cuda): the last dim of q must be contiguous");
   // The caches are written in place, so they cannot be realigned by a copy.
   TORCH_CHECK(glue::rows_are_aligned(k_cache) && glue::rows_are_aligned(v_cache),
@@ -220,11 +222,11 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
     glue::check_same_device(*k_new_in, q_in, kOp, "k_new");
     glue::check_same_device(*v_new_in, q_in, kOp, "v_new");
     len_new = k_new_in->dim() == 4 ? k_new_in->size(2) : -1;
-    const std::vector<int64_t> shape{batch, heads_kv, len_new, head_dim};
+    const std::vector<int64_t> shape{batch, kv_heads, len_new, head_dim};
     TORCH_CHECK(k_new_in->sizes() == shape && v_new_in->sizes() == shape &&
                     k_new_in->scalar_type() == q_in.scalar_type() && v_new_in->scalar_type() == q_in.scalar_type(),
                 "fastattn attention_kv_cache (cuda): k_new and v_new must be ", q_in.scalar_type(),
-                " [B, Hk, L_new, E] = [", batch, ", ", heads_kv, ", L_new, ", head_dim, "], got ",
+                " [B, Hk, L_new, E] = [", batch, ", ", kv_heads, ", L_new, ", head_dim, "], got ",
                 k_new_in->scalar_type(), " ", k_new_in->sizes(), " and ", v_new_in->scalar_type(), " ",
                 v_new_in->sizes());
     k_new = k_new_in->contiguous();
@@ -254,40 +256,41 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
   AttentionParams p;
   const glue::Options o{alibi_slopes, 0.0, std::nullopt, scale, window_left, window_right, bottom_right, softcap};
   const at::Tensor q = aligned_rows(q_in);
-  glue::fill_options(p, o, q, batch, heads_q, kOp);
+  glue::fill_options(p, o, q, batch, q_heads, kOp);
   // Everything is checked: from here on the cache may be written.
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   p.dtype = q.scalar_type() == at::kHalf ? Dtype::Float16 : Dtype::BFloat16;
   p.q = q.data_ptr(), p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
-  p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
-  p.k_batch_stride = k_cache.stride(0), p.k_head_stride = k_cache.stride(1), p.k_row_stride = k_cache.stride(2);
-  p.v_batch_stride = v_cache.stride(0), p.v_head_stride = v_cache.stride(1), p.v_row_stride = v_cache.stride(2);
-  p.batch = static_cast<int>(batch);
-  p.heads_q = static_cast<int>(heads_q);
-  p.heads_kv = static_cast<int>(heads_kv);
-  p.len_q = len_q;
-  p.len_kv = capacity;
-  p.head_dim = static_cast<int>(head_dim);
+  glue::row_strides(p.q_stride, q);
+  glue::row_strides(p.k_stride, k_cache);
+  glue::row_strides(p.v_stride, v_cache);
+  p.batch = batch;
+  p.q_heads = q_heads;
+  p.kv_heads = kv_heads;
+  p.q_len = q_len;
+  p.kv_len = capacity;
+  p.head_dim = head_dim;
+  p.v_head_dim = head_dim;
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
-  p.cache_new_len = len_new;
+  p.kv_new_len = len_new;
   p.cache_blocks = cache_blocks;
   if (paged) {
     p.block_table = block_table.data_ptr<int>();
-    p.block_table_batch_stride = max_blocks;
-    p.block_size = static_cast<int>(rows);
+    p.block_table_stride = max_blocks;
+    p.block_size = rows;
   } else if (cache_batch_idx.defined()) {
     p.cache_batch_idx = cache_batch_idx.data_ptr<int>();
   }
   if (len_new > 0) {
     p.k_new = k_new.data_ptr(), p.v_new = v_new.data_ptr();
-    p.k_new_batch_stride = k_new.stride(0), p.k_new_head_stride = k_new.stride(1), p.k_new_row_stride = k_new.stride(2);
-    p.v_new_batch_stride = v_new.stride(0), p.v_new_head_stride = v_new.stride(1), p.v_new_row_stride = v_new.stride(2);
+    glue::row_strides(p.k_new_stride, k_new);
+    glue::row_strides(p.v_new_stride, v_new);
     C10_CUDA_CHECK(run_kv_cache_append(p, stream));
   }
 
-  at::Tensor out = at::empty({batch, heads_q, len_q, head_dim}, q_in.options());
-  at::Tensor lse = at::empty({batch, heads_q, len_q}, q_in.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({batch, q_heads, q_len, head_dim}, q_in.options());
+  at::Tensor lse = at::empty({batch, q_heads, q_len}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   if (capacity == 0) {  // no key anywhere
     out.zero_();
@@ -296,13 +299,13 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
   }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
+  glue::row_strides(p.out_stride, out);
   p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {
     const auto f32 = q_in.options().dtype(at::kFloat);
-    out_partial = at::empty({p.num_splits, batch, heads_q, len_q, head_dim}, f32);
-    lse_partial = at::empty({p.num_splits, batch, heads_q, len_q}, f32);
+    out_partial = at::empty({p.num_splits, batch, q_heads, q_len, head_dim}, f32);
+    lse_partial = at::empty({p.num_splits, batch, q_heads, q_len}, f32);
     p.out_partial = out_partial.data_ptr<float>();
     p.lse_partial = lse_partial.data_ptr<float>();
   }

@@ -182,14 +182,14 @@ MUTATIONS = [
     Mutation(
         "varlen-bottom-right-of-the-batch",
         COMMON,
-        "offset = p.bottom_right ? seq.len_kv - seq.len_q : 0;",
-        "offset = p.bottom_right ? p.len_kv - p.len_q : 0;",
+        "offset = p.bottom_right ? seq.kv_len - seq.q_len : 0;",
+        "offset = p.bottom_right ? p.kv_len - p.q_len : 0;",
     ),
     Mutation(
         "varlen-lse-head-stride",
         COMMON,
         "int64_t{h} * p.total_q + q_start",
-        "int64_t{h} * p.len_q + q_start",
+        "int64_t{h} * p.q_len + q_start",
     ),
     Mutation(
         "paged-block-table-ignored",
@@ -200,7 +200,7 @@ MUTATIONS = [
     Mutation(
         "kv-cache-new-rows-unseen",
         COMMON,
-        "const int64_t keys = p.cache_seqlens[b] + p.cache_new_len;",
+        "const int64_t keys = p.cache_seqlens[b] + p.kv_new_len;",
         "const int64_t keys = p.cache_seqlens[b];",
     ),
     Mutation(

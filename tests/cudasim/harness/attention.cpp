@@ -53,8 +53,8 @@ enum class Alibi { kNone, kPerHead, kPerBatchHead };
 struct Case {
   const char* name;
   int head_dim;
-  int batch, heads_q, heads_kv;
-  int64_t len_q, len_kv;
+  int batch, q_heads, kv_heads;
+  int64_t q_len, kv_len;
   bool bottom_right = false;
   int64_t window_left = -1, window_right = -1;  // causal: window_right = 0
   float softcap = 0.0f;
@@ -78,7 +78,7 @@ struct Problem {
   int64_t mask_strides[4] = {0, 0, 0, 0};  // b, h, i, j
 
   Problem(const Case& c_, std::mt19937& rng)
-      : c(c_), B(c_.batch), Hq(c_.heads_q), Hk(c_.heads_kv), E(c_.head_dim), L(c_.len_q), S(c_.len_kv) {
+      : c(c_), B(c_.batch), Hq(c_.q_heads), Hk(c_.kv_heads), E(c_.head_dim), L(c_.q_len), S(c_.kv_len) {
     q = harness::randn<T>(size_t(B) * Hq * L * E, rng);
     k = harness::randn<T>(size_t(B) * Hk * S * E, rng);
     v = harness::randn<T>(size_t(B) * Hk * S * E, rng);
@@ -116,26 +116,27 @@ struct Problem {
   size_t at(int H, int64_t N, int b, int h, int64_t i, int e) const {
     return c.strided ? ((size_t(b) * N + i) * H + h) * E + e : ((size_t(b) * H + h) * N + i) * E + e;
   }
-  void strides(int H, int64_t N, int64_t& sb, int64_t& sh, int64_t& sr) const {
-    if (c.strided) sb = N * H * E, sh = E, sr = H * E;
-    else sb = H * N * E, sh = N * E, sr = E;
+  // (batch, head, row) strides of a [B, H, N, E] tensor stored as the case's layout says.
+  void strides(int H, int64_t N, int64_t (&s)[3]) const {
+    if (c.strided) s[0] = N * H * E, s[1] = E, s[2] = H * E;
+    else s[0] = H * N * E, s[1] = N * E, s[2] = E;
   }
   void fill(AttentionParams& p) const {
     p.dtype = std::is_same_v<T, __half> ? fastattn::Dtype::Float16 : fastattn::Dtype::BFloat16;
     p.q = q.data(), p.k = k.data(), p.v = v.data();
-    strides(Hq, L, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-    strides(Hk, S, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
-    strides(Hk, S, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
-    strides(Hq, L, p.out_batch_stride, p.out_head_stride, p.out_row_stride);
-    p.batch = B, p.heads_q = Hq, p.heads_kv = Hk, p.len_q = L, p.len_kv = S, p.head_dim = E;
+    strides(Hq, L, p.q_stride);
+    strides(Hk, S, p.k_stride);
+    strides(Hk, S, p.v_stride);
+    strides(Hq, L, p.out_stride);
+    p.batch = B, p.q_heads = Hq, p.kv_heads = Hk, p.q_len = L, p.kv_len = S, p.head_dim = E, p.v_head_dim = E;
     p.scale = 1.0f / std::sqrt(static_cast<float>(E));
     p.softcap = c.softcap;
     p.window_left = c.window_left, p.window_right = c.window_right, p.bottom_right = c.bottom_right;
     if (c.mask != Mask::kNone) {
-      p.mask_is_bool = !mask_bool.empty();
-      p.mask = p.mask_is_bool ? static_cast<const void*>(mask_bool.data()) : static_cast<const void*>(mask_float.data());
-      p.mask_batch_stride = mask_strides[0], p.mask_head_stride = mask_strides[1];
-      p.mask_row_stride = mask_strides[2], p.mask_col_stride = mask_strides[3];
+      const bool is_bool = !mask_bool.empty();
+      p.mask_kind = is_bool ? fastattn::AttnMaskKind::Bool : fastattn::AttnMaskKind::Additive;
+      p.mask = is_bool ? static_cast<const void*>(mask_bool.data()) : static_cast<const void*>(mask_float.data());
+      std::copy(mask_strides, mask_strides + 4, p.mask_stride);
     }
     if (c.alibi != Alibi::kNone) {
       p.alibi_slopes = slopes.data();
@@ -258,8 +259,8 @@ cudaError_t run_fwd(AttentionParams& p, int subset_splits, std::vector<float>& o
   p.num_splits = fastattn::attention_fwd_num_splits(p, cudasim::device_sms());
 #endif
   if (p.num_splits > 1) {
-    out_partial.assign(size_t(p.num_splits) * p.batch * p.heads_q * p.len_q * p.head_dim, NAN);
-    lse_partial.assign(size_t(p.num_splits) * p.batch * p.heads_q * p.len_q, NAN);
+    out_partial.assign(size_t(p.num_splits) * p.batch * p.q_heads * p.q_len * p.head_dim, NAN);
+    lse_partial.assign(size_t(p.num_splits) * p.batch * p.q_heads * p.q_len, NAN);
     p.out_partial = out_partial.data(), p.lse_partial = lse_partial.data();
   }
   return launch<T, E>(p);
@@ -267,7 +268,7 @@ cudaError_t run_fwd(AttentionParams& p, int subset_splits, std::vector<float>& o
 
 template <typename T, int E>
 bool run_case(const Case& c) {
-  std::mt19937 rng(1234 + E + int(c.len_q) * 7 + int(c.len_kv));
+  std::mt19937 rng(1234 + E + int(c.q_len) * 7 + int(c.kv_len));
   const Problem<T> pr(c, rng);
   AttentionParams p;
   pr.fill(p);
@@ -319,10 +320,11 @@ bool run_case(const Case& c) {
     std::vector<float> dmask(with_dmask ? size_t(rows) * pr.S : 0, 0.0f);  // the caller zero-fills it
     bp.out = ref_out.data(), bp.lse = ref_lse.data();
     bp.grad_out = pr.d_out.data();
-    pr.strides(pr.Hq, pr.L, bp.grad_out_batch_stride, bp.grad_out_head_stride, bp.grad_out_row_stride);
+    pr.strides(pr.Hq, pr.L, bp.grad_out_stride);
     bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data(), bp.delta = delta.data();
-    bp.dq_batch_stride = int64_t(pr.Hq) * pr.L * E, bp.dq_head_stride = pr.L * E, bp.dq_row_stride = E;
-    bp.dkv_batch_stride = int64_t(pr.Hk) * pr.S * E, bp.dkv_head_stride = pr.S * E, bp.dkv_row_stride = E;
+    bp.dq_stride[0] = int64_t(pr.Hq) * pr.L * E, bp.dq_stride[1] = pr.L * E, bp.dq_stride[2] = E;
+    bp.dk_stride[0] = int64_t(pr.Hk) * pr.S * E, bp.dk_stride[1] = pr.S * E, bp.dk_stride[2] = E;
+    std::copy(bp.dk_stride, bp.dk_stride + 3, bp.dv_stride);
     bp.dmask = with_dmask ? dmask.data() : nullptr;
     if (const cudaError_t err = launch<T, E>(bp); err != cudaSuccess) {
       std::printf("  FAIL backward launch error %d\n", int(err));
@@ -555,11 +557,11 @@ bool run_varlen_case(const VarlenCase& c, const char* dropout_mask_path = nullpt
   AttentionParams p;
   p.dtype = std::is_same_v<T, __half> ? fastattn::Dtype::Float16 : fastattn::Dtype::BFloat16;
   p.q = q.data.data(), p.k = k.data.data(), p.v = v_used.data.data();
-  p.q_head_stride = E, p.q_row_stride = q.row_stride;
-  p.k_head_stride = E, p.k_row_stride = k.row_stride;
-  p.v_head_stride = E, p.v_row_stride = v.row_stride;
-  p.out_head_stride = E, p.out_row_stride = int64_t(Hq) * E;  // [total_q, Hq, E] contiguous
-  p.batch = B, p.heads_q = Hq, p.heads_kv = Hk, p.len_q = max_q, p.len_kv = max_k, p.head_dim = E;
+  p.q_stride[1] = E, p.q_stride[2] = q.row_stride;
+  p.k_stride[1] = E, p.k_stride[2] = k.row_stride;
+  p.v_stride[1] = E, p.v_stride[2] = v.row_stride;
+  p.out_stride[1] = E, p.out_stride[2] = int64_t(Hq) * E;  // [total_q, Hq, E] contiguous
+  p.batch = B, p.q_heads = Hq, p.kv_heads = Hk, p.q_len = max_q, p.kv_len = max_k, p.head_dim = E, p.v_head_dim = E;
   p.cu_seqlens_q = cu_q.data(), p.cu_seqlens_k = cu_k.data(), p.total_q = total_q;
   p.scale = 1.0f / std::sqrt(float(E));
   p.softcap = c.o.softcap;
@@ -643,11 +645,11 @@ bool run_varlen_case(const VarlenCase& c, const char* dropout_mask_path = nullpt
 
   std::vector<T> dq = harness::poisoned<T>(ref_out.size()), dk = harness::poisoned<T>(r_dk.size()), dv = dk;
   bp.out = ref_out.data(), bp.lse = ref_lse.data();
-  bp.out_head_stride = E, bp.out_row_stride = int64_t(Hq) * E;
-  bp.grad_out = d_out.data.data(), bp.grad_out_head_stride = E, bp.grad_out_row_stride = d_out.row_stride;
+  bp.out_stride[1] = E, bp.out_stride[2] = int64_t(Hq) * E;
+  bp.grad_out = d_out.data.data(), bp.grad_out_stride[1] = E, bp.grad_out_stride[2] = d_out.row_stride;
   bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data(), bp.delta = delta.data();
-  bp.dq_head_stride = E, bp.dq_row_stride = int64_t(Hq) * E;
-  bp.dkv_head_stride = E, bp.dkv_row_stride = int64_t(Hk) * E;
+  bp.dq_stride[1] = E, bp.dq_stride[2] = int64_t(Hq) * E;
+  bp.dk_stride[1] = bp.dv_stride[1] = E, bp.dk_stride[2] = bp.dv_stride[2] = int64_t(Hk) * E;
   if (const cudaError_t err = launch<T, E>(bp); err != cudaSuccess) {
     std::printf("  FAIL backward launch error %d\n", int(err));
     return false;
@@ -711,20 +713,20 @@ bool run_kv_cache_case(const KvCacheCase& c) {
   AttentionParams p;
   p.dtype = std::is_same_v<T, __half> ? fastattn::Dtype::Float16 : fastattn::Dtype::BFloat16;
   p.q = q.data(), p.k = k_cache.data(), p.v = v_cache.data();
-  p.q_batch_stride = Hq * c.Lq * E, p.q_head_stride = c.Lq * E, p.q_row_stride = E;
-  p.k_batch_stride = p.v_batch_stride = sb, p.k_head_stride = p.v_head_stride = sh, p.k_row_stride = p.v_row_stride = sr;
-  p.out_batch_stride = p.q_batch_stride, p.out_head_stride = p.q_head_stride, p.out_row_stride = E;
-  p.batch = B, p.heads_q = Hq, p.heads_kv = Hk, p.len_q = c.Lq, p.len_kv = c.capacity, p.head_dim = E;
+  p.q_stride[0] = Hq * c.Lq * E, p.q_stride[1] = c.Lq * E, p.q_stride[2] = E;
+  p.k_stride[0] = p.v_stride[0] = sb, p.k_stride[1] = p.v_stride[1] = sh, p.k_stride[2] = p.v_stride[2] = sr;
+  p.out_stride[0] = p.q_stride[0], p.out_stride[1] = p.q_stride[1], p.out_stride[2] = E;
+  p.batch = B, p.q_heads = Hq, p.kv_heads = Hk, p.q_len = c.Lq, p.kv_len = c.capacity, p.head_dim = E, p.v_head_dim = E;
   p.scale = 1.0f / std::sqrt(float(E));
   p.softcap = c.o.softcap;
   p.window_left = c.o.window_left, p.window_right = c.o.window_right, p.bottom_right = c.o.bottom_right;
   if (c.o.alibi) p.alibi_slopes = slopes.data(), p.alibi_batch_stride = Hq;
-  p.cache_seqlens = c.cache_seqlens.data(), p.cache_new_len = c.L_new, p.cache_blocks = cache_blocks;
-  if (paged) p.block_table = block_table.data(), p.block_table_batch_stride = max_blocks, p.block_size = bs;
+  p.cache_seqlens = c.cache_seqlens.data(), p.kv_new_len = c.L_new, p.cache_blocks = cache_blocks;
+  if (paged) p.block_table = block_table.data(), p.block_table_stride = max_blocks, p.block_size = bs;
   else p.cache_batch_idx = batch_idx.data();
   p.k_new = k_new.data(), p.v_new = v_new.data();
-  p.k_new_batch_stride = p.v_new_batch_stride = Hk * c.L_new * E;
-  p.k_new_head_stride = p.v_new_head_stride = c.L_new * E, p.k_new_row_stride = p.v_new_row_stride = E;
+  p.k_new_stride[0] = p.v_new_stride[0] = Hk * c.L_new * E;
+  p.k_new_stride[1] = p.v_new_stride[1] = c.L_new * E, p.k_new_stride[2] = p.v_new_stride[2] = E;
 
   if (const cudaError_t err = fastattn::run_kv_cache_append(p, nullptr); err != cudaSuccess) {
     std::printf("%-70s FAIL  append launch error %d\n", c.name, int(err));
