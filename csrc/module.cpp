@@ -73,8 +73,8 @@ PYBIND11_MODULE(_C, m) {
           throw pybind11::value_error("cpu_attention_tile_engine: dtype must be float32, "
                                       "float64, bfloat16 or float16, got " + dtype);
         },
-        "The engine of the CPU attention forward's tile products for a dtype name on this "
-        "machine (at the ISA cpu_isa() reports)");
+        "The engine of the CPU attention's tile products (forward and backward) for a dtype "
+        "name on this machine (at the ISA cpu_isa() reports)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
 }

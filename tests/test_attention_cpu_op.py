@@ -343,6 +343,67 @@ def test_tile_engine_of_each_dtype():
         engine("int8")
 
 
+needs_bf16_dot_products = pytest.mark.skipif(
+    _extension.C.cpu_isa() != "avx512" or "avx512_bf16" not in cpu_flags(),
+    reason="bf16 tile products use vdpbf16ps only where the kernels run avx512 and the CPU has "
+    f"AVX512-BF16; here they run {_extension.C.cpu_isa()} and the CPU "
+    f"{'has' if 'avx512_bf16' in cpu_flags() else 'lacks'} AVX512-BF16",
+)
+
+
+@needs_bf16_dot_products
+def test_bf16_backward_products_use_avx512_bf16():
+    """The bf16 dot products round P before dV += P^T dO and dS before dK += dS^T Q (as torch
+    does); fp32 products do not. Two query rows that differ in one element by one bf16 step
+    give P and |dS| rows that differ by ~1e-5 relative: rounded to bf16 they are almost all
+    equal. With dO rows g and -g, dV = (P0 - P1)^T g and, off that element, dK = scale (dS0 +
+    dS1)^T q then cancel exactly on the dot path, and are tiny but nonzero in fp32 (and in
+    float64)."""
+    torch.manual_seed(0)
+    S, E = 64, 64
+    q = torch.randn(1, 1, 1, E).bfloat16().repeat(1, 1, 2, 1)
+    q[..., 0] = 2.0**-4
+    q[0, 0, 1, 0] = 2.0**-4 + 2.0**-11  # one bf16 step up
+    k, v = torch.randn(1, 1, S, E).bfloat16(), torch.randn(1, 1, S, E).bfloat16()
+    g = torch.randn(E).bfloat16()
+    grad_out = torch.stack([g, -g]).view(1, 1, 2, E)
+    args = op_args(make_opts(), E)
+    out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *args)
+    _, dk, dv, _ = torch.ops.fastattn.attention_bwd(grad_out, q, k, v, out, lse, *args, False)
+    _, _, (_, dk64, dv64) = reference64(q, k, v, make_opts(), grad_out)
+    for name, got, want in (("dv", dv, dv64), ("dk", dk[..., 1:], dk64[..., 1:])):
+        assert (want != 0).float().mean() > 0.99, f"{name}: the float64 gradient cancels"
+        zeros = (got == 0).float().mean().item()
+        assert zeros > 0.8, f"{name}: {zeros:.0%} exact zeros: not rounded like bf16 products"
+
+
+# Odd lengths for the bf16 backward on dot products: a single row or key, tails of the
+# 64-row/64-key tiles, odd counts that leave half a pair on either side of a product (the
+# backward also reduces over queries); an odd head dim on a few of them. Hq = 2, Hk = 1 (GQA).
+BF16_BACKWARD_SHAPES = [
+    pytest.param(L, S, E, id=f"L{L}-S{S}-E{E}")
+    for L in (1, 7, 33, 130) for S in (1, 7, 33, 130) for E in (64, 33)
+    if E == 64 or (L, S) in ((1, 7), (7, 33), (33, 130), (130, 1))
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("L, S, E", BF16_BACKWARD_SHAPES)
+def test_bf16_backward_odd_sizes(L, S, E, causal):
+    q, k, v = inputs(1, 2, 1, L, S, E, E, torch.bfloat16)
+    check(q, k, v, make_opts(window_right=0 if causal else -1),
+          against_torch=not (causal and L > S))
+
+
+def test_bf16_backward_non_contiguous_gqa():
+    B, Hq, Hk, L, S, E = 2, 4, 2, 33, 130, 64  # [B, L, H, E] storage seen as [B, H, L, E]
+    q = torch.randn(B, L, Hq, E, dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(B, S, Hk, E, dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn(B, S, Hk, E, dtype=torch.bfloat16).transpose(1, 2)
+    assert not q.is_contiguous()
+    check(q, k, v, make_opts(window_right=0), against_torch=True)
+
+
 # Odd lengths (a single row, tails of the 64-row/64-key tiles, odd key counts that leave half a
 # key pair for the bf16 dot products) and head dims off the 32-lane padding (8, 72).
 ODD_BF16_SHAPES = [

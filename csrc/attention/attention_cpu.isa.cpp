@@ -4,12 +4,13 @@
 // (a thread holds O((kBlockM + kBlockN) * E) floats). Tile products use a register-blocked
 // at::vec FMA micro-kernel (gemm below) on operands packed once per tile into float (double
 // for float64) buffers whose widths are padded to whole register pairs; the avx512 build's
-// bf16 forward uses AVX512-BF16 dot products instead where the CPU has them, or ATen's oneDNN
-// brgemm on the same operands where the CPU has AMX-BF16 (TileProducts).
-// The forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
-// probabilities from it with the same packing and the same micro-kernel, so P is bit-identical
-// to the forward's even for huge logits (with the bf16 dot products the scores agree to fp32
-// rounding: a relative error of ~1e-7 times the logit's size in P).
+// bf16 forward and backward use AVX512-BF16 dot products instead where the CPU has them, and
+// the forward's QK^T and PV go to ATen's oneDNN brgemm on the same operands where the CPU has
+// AMX-BF16 (TileProducts). The forward keeps an online softmax and writes the log-sum-exp; the
+// backward recomputes the probabilities from it with the same packing and the same products,
+// so P is bit-identical to the forward's even for huge logits (except a single query row under
+// the bf16 dot products, which the forward scores in fp32: there the scores agree to fp32
+// rounding, a relative error of ~1e-7 times the logit's size in P).
 // The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
 // its row addressing know the layout (attention_params.h).
 #include <ATen/Parallel.h>
@@ -24,6 +25,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <limits>
 #include <memory>
@@ -290,9 +292,9 @@ struct Problem {
   }
 };
 
-// The forward's tile products and the packing they read: scale * Q, K^T and V into acc_t
-// buffers for the at::vec FMA micro-kernel (gemm). TileProducts below swaps in the bf16 dot
-// products where the CPU has them; the backward always uses these.
+// The tile products and the packing they read, for the at::vec FMA micro-kernel (gemm) on
+// acc_t buffers: the forward's (scale * Q, K^T and V; qk, pv) and the backward's (Backward).
+// TileProducts below swaps in the bf16 dot products where the CPU has them.
 template <typename scalar_t, typename acc_t>
 struct FmaProducts {
   static const char* engine() {
@@ -318,6 +320,44 @@ struct FmaProducts {
   static void pv(const Problem& pr, int64_t m, int64_t n, acc_t* p, const acc_t* vb, acc_t* o) {
     gemm<acc_t>(m, pr.ev_pad, n, p, pr.n_pad, 1, vb, pr.ev_pad, o, pr.ev_pad);
   }
+
+  // The backward's operands of one key tile (kt = K^T as qk reads it, kb = K, vt = V^T) and
+  // of one query tile (qs as qk reads it, dob = dO), and its products other than qk.
+  struct Backward {
+    std::vector<acc_t> kt, kb, vt, qs, dob;
+
+    explicit Backward(const Problem& pr)
+        : kt(pr.p.head_dim * pr.n_pad), kb(pr.block_n * pr.e_pad),
+          vt(pr.p.v_head_dim * pr.n_pad), qs(kBlockM * pr.e_pad), dob(kBlockM * pr.ev_pad) {}
+
+    void pack_keys(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
+                   int64_t v_rs, int64_t n) {
+      pack_rows(k, k_rs, n, pr.p.head_dim, acc_t(1), kb.data(), pr.e_pad);
+      pack_transposed(k, k_rs, n, pr.p.head_dim, kt.data(), pr.n_pad);
+      pack_transposed(v, v_rs, n, pr.p.v_head_dim, vt.data(), pr.n_pad);
+    }
+    void pack_queries(const Problem& pr, const scalar_t* q, int64_t q_rs, const scalar_t* dout,
+                      int64_t dout_rs, int64_t m) {
+      pack_q(pr, q, q_rs, m, qs.data());
+      pack_rows(dout, dout_rs, m, pr.p.v_head_dim, acc_t(1), dob.data(), pr.ev_pad);
+    }
+    // dp [m, n_pad] = dO V^T
+    void dp(const Problem& pr, int64_t m, acc_t* dp) const {
+      std::fill(dp, dp + m * pr.n_pad, acc_t(0));
+      gemm<acc_t>(m, pr.n_pad, pr.p.v_head_dim, dob.data(), pr.ev_pad, 1, vt.data(), pr.n_pad,
+                  dp, pr.n_pad);
+    }
+    // dv [n, ev_pad] += P^T dO for the probabilities p [m, n_pad] (kept).
+    void dv(const Problem& pr, int64_t m, int64_t n, const acc_t* p, acc_t* dv) {
+      gemm<acc_t>(n, pr.ev_pad, m, p, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad);
+    }
+    // dk [n, e_pad] += scale dS^T Q and dq [m, e_pad] += dS K (unscaled) for the score
+    // gradient ds [m, n_pad] (may be overwritten).
+    void dk_dq(const Problem& pr, int64_t m, int64_t n, acc_t* ds, acc_t* dk, acc_t* dq) {
+      gemm<acc_t>(n, pr.e_pad, m, ds, 1, pr.n_pad, qs.data(), pr.e_pad, dk, pr.e_pad);
+      gemm<acc_t>(m, pr.e_pad, n, ds, pr.n_pad, 1, kb.data(), pr.e_pad, dq, pr.e_pad);
+    }
+  };
 };
 
 template <typename scalar_t, typename acc_t>
@@ -326,12 +366,14 @@ struct TileProducts : FmaProducts<scalar_t, acc_t> {};
 #ifdef CPU_CAPABILITY_AVX512
 // bf16 tile products on AVX512-BF16: vdpbf16ps multiplies 16 pairs of bf16 and adds both
 // products to 16 fp32 accumulators, twice the multiply-adds of an fp32 FMA, with no
-// conversion of K and V to fp32. Products of two bf16 are exact in fp32, so QK^T has fp32
-// accuracy; P is rounded to bf16 before PV (as torch's bf16 flash kernel and FlashAttention
-// do), a relative error of at most 2^-9 per probability, while the softmax sum stays fp32.
-// (vdpbf16ps also treats bf16 denormals as zero: magnitudes below 1e-38, far below the
-// rounding step of any score or output.) Operands hold bf16 pairs as 32-bit words, stored in
-// the acc_t (float) buffers the FMA path uses: a pair needs the room of one float.
+// conversion of the inputs to fp32. Products of two bf16 are exact in fp32, so products of
+// bf16 inputs (QK^T, dO V^T) have fp32 accuracy. A computed operand is rounded to bf16 where
+// torch's bf16 flash kernels round it: P before PV and before dV += P^T dO, dS before
+// dQ += dS K and dK += dS^T Q, a relative error of at most 2^-9 per element, while every sum
+// stays fp32 (and dS is computed from the fp32 P). (vdpbf16ps also treats bf16 denormals as
+// zero: magnitudes below 1e-38, far below the rounding step of any score or gradient.)
+// Operands hold bf16 pairs as 32-bit words, stored in the acc_t (float) buffers the FMA path
+// uses: a pair needs the room of one float.
 typedef uint32_t __attribute__((__may_alias__)) bf16_pair;
 constexpr int kDotRows = 8;  // rows of the dot micro-kernel's register tile (x 2 vectors)
 
@@ -339,10 +381,11 @@ inline bf16_pair bf16_pair_of(c10::BFloat16 lo, c10::BFloat16 hi) {
   return static_cast<uint32_t>(lo.x) | static_cast<uint32_t>(hi.x) << 16;
 }
 
-// C[ROWS, n] (ACCUMULATE ? += : = alpha *) A[ROWS, kp] B[kp, n] over bf16 pairs: A row-major
-// (leading dim lda pairs), B [kp, n] with pair (2p, 2p+1) of the reduction at row p
-// ("VNNI" layout, leading dim ldb), C fp32; n is a multiple of 32.
-template <int ROWS, bool ACCUMULATE>
+// C[ROWS, n] (ACCUMULATE ? += : =) alpha A[ROWS, kp] B[kp, n] over bf16 pairs: A row-major
+// (A_ROW_MAJOR, leading dim lda pairs) or column-major, so that a transposed operand costs
+// nothing, as in gemm_rows; B [kp, n] with pair (2p, 2p+1) of the reduction at row p ("VNNI"
+// layout, leading dim ldb); C fp32; n is a multiple of 32.
+template <int ROWS, bool A_ROW_MAJOR, bool ACCUMULATE>
 __attribute__((target("avx512f,avx512bf16"))) void dot_rows(
     int64_t n, int64_t kp, const bf16_pair* a, int64_t lda, const bf16_pair* b, int64_t ldb,
     float* c, int64_t ldc, float alpha) {
@@ -350,16 +393,18 @@ __attribute__((target("avx512f,avx512bf16"))) void dot_rows(
     __m512 acc0[ROWS], acc1[ROWS];
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      acc0[r] = ACCUMULATE ? _mm512_loadu_ps(c + r * ldc + j) : _mm512_setzero_ps();
-      acc1[r] = ACCUMULATE ? _mm512_loadu_ps(c + r * ldc + j + 16) : _mm512_setzero_ps();
+      acc0[r] = _mm512_setzero_ps();
+      acc1[r] = _mm512_setzero_ps();
     }
     const bf16_pair* bp = b + j;
-    for (int64_t p = 0; p < kp; ++p, bp += ldb) {
+    const bf16_pair* ap = a;
+    for (int64_t p = 0; p < kp; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
       const auto b0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp));
       const auto b1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(bp + 16));
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r) {
-        const auto ar = reinterpret_cast<__m512bh>(_mm512_set1_epi32(a[r * lda + p]));
+        const auto ar = reinterpret_cast<__m512bh>(
+            _mm512_set1_epi32(A_ROW_MAJOR ? ap[r * lda] : ap[r]));
         acc0[r] = _mm512_dpbf16_ps(acc0[r], ar, b0);
         acc1[r] = _mm512_dpbf16_ps(acc1[r], ar, b1);
       }
@@ -367,23 +412,55 @@ __attribute__((target("avx512f,avx512bf16"))) void dot_rows(
     const __m512 scale = _mm512_set1_ps(alpha);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      _mm512_storeu_ps(c + r * ldc + j, ACCUMULATE ? acc0[r] : _mm512_mul_ps(acc0[r], scale));
-      _mm512_storeu_ps(c + r * ldc + j + 16,
-                       ACCUMULATE ? acc1[r] : _mm512_mul_ps(acc1[r], scale));
+      float* cr = c + r * ldc + j;
+      _mm512_storeu_ps(cr, ACCUMULATE ? _mm512_fmadd_ps(acc0[r], scale, _mm512_loadu_ps(cr))
+                                      : _mm512_mul_ps(acc0[r], scale));
+      _mm512_storeu_ps(cr + 16, ACCUMULATE
+                                    ? _mm512_fmadd_ps(acc1[r], scale, _mm512_loadu_ps(cr + 16))
+                                    : _mm512_mul_ps(acc1[r], scale));
     }
   }
 }
 
-template <bool ACCUMULATE>
-void dot(int64_t m, int64_t n, int64_t kp, const bf16_pair* a, int64_t lda, const bf16_pair* b,
-         int64_t ldb, float* c, int64_t ldc, float alpha) {
+template <bool A_ROW_MAJOR, bool ACCUMULATE>
+void dot_layout(int64_t m, int64_t n, int64_t kp, const bf16_pair* a, int64_t lda,
+                const bf16_pair* b, int64_t ldb, float* c, int64_t ldc, float alpha) {
+  const int64_t row_step = A_ROW_MAJOR ? lda : 1;
   for_row_blocks<kDotRows>(m, [&](int64_t i, auto rows) {
-    dot_rows<decltype(rows)::value, ACCUMULATE>(n, kp, a + i * lda, lda, b, ldb, c + i * ldc,
-                                                ldc, alpha);
+    dot_rows<decltype(rows)::value, A_ROW_MAJOR, ACCUMULATE>(n, kp, a + i * row_step, lda, b,
+                                                             ldb, c + i * ldc, ldc, alpha);
   });
 }
 
-// The fp32 rows [m, n] (leading dim ld, n a multiple of 32) become bf16 pairs in place: pair
+// C[m, n] (ACCUMULATE ? += : =) alpha A[m, kp] B[kp, n] over bf16 pairs; A is read through
+// (row, pair) strides, one of which is 1, as in gemm.
+template <bool ACCUMULATE>
+void dot(int64_t m, int64_t n, int64_t kp, const bf16_pair* a, int64_t a_rs, int64_t a_cs,
+         const bf16_pair* b, int64_t ldb, float* c, int64_t ldc, float alpha) {
+  if (a_cs == 1) {
+    dot_layout<true, ACCUMULATE>(m, n, kp, a, a_rs, b, ldb, c, ldc, alpha);
+  } else {
+    dot_layout<false, ACCUMULATE>(m, n, kp, a, a_cs, b, ldb, c, ldc, alpha);
+  }
+}
+
+// The operand layouts of dot, from bf16 rows (inputs) or fp32 rows (computed tiles, rounded
+// to nearest even as torch's conversion rounds). Each zero-fills what the products read past
+// the data (a missing odd element, padded rows or columns), so that no padding product meets
+// an uninitialized (possibly NaN) word.
+
+// dst [rows, ld] = pairs (src[r, 2p], src[r, 2p+1]) at (r, p): an A operand reduced over its
+// columns, row-major. A bf16 row is already such pairs in memory.
+inline void pack_column_pairs(const c10::BFloat16* src, int64_t src_rs, int64_t rows,
+                              int64_t cols, bf16_pair* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::BFloat16* s = src + r * src_rs;
+    std::memcpy(dst + r * ld, s, cols / 2 * sizeof(bf16_pair));
+    if (cols % 2 != 0) dst[r * ld + cols / 2] = bf16_pair_of(s[cols - 1], c10::BFloat16(0.f));
+  }
+}
+
+// The fp32 rows [m, n] (leading dim ld, n a multiple of 32) become column pairs in place: pair
 // j of a row takes the room of float j, which is read before it is written.
 __attribute__((target("avx512f,avx512bf16"))) inline void to_pairs_in_place(float* x, int64_t m,
                                                                            int64_t n,
@@ -396,6 +473,52 @@ __attribute__((target("avx512f,avx512bf16"))) inline void to_pairs_in_place(floa
       _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(row) + j / 2,
                           reinterpret_cast<__m512i>(pairs));
     }
+  }
+}
+
+// dst [ceil(cols/2), ld] = pairs (src[r, 2p], src[r, 2p+1]) at (p, r), rows.. zero: the
+// transpose of an operand reduced over its columns, as B (K^T for the scores, V^T for dP).
+inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t src_rs, int64_t rows,
+                                  int64_t cols, bf16_pair* dst, int64_t ld) {
+  const int64_t pairs = ceil_div(cols, 2);
+  for (int64_t p = 0; p < pairs; ++p) std::fill(dst + p * ld + rows, dst + (p + 1) * ld, 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::BFloat16* s = src + r * src_rs;
+    for (int64_t p = 0; p < cols / 2; ++p) std::memcpy(dst + p * ld + r, s + 2 * p, 4);
+    if (cols % 2 != 0) dst[cols / 2 * ld + r] = bf16_pair_of(s[cols - 1], c10::BFloat16(0.f));
+  }
+}
+
+// 16 elements of x (lanes outside mask read as 0) as bf16 bits in the low halves of 32-bit lanes.
+__attribute__((target("avx512f,avx512bf16"))) inline __m512i bf16_lanes(const float* x,
+                                                                       __mmask16 mask) {
+  return _mm512_cvtepu16_epi32(
+      reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x))));
+}
+inline __m512i bf16_lanes(const c10::BFloat16* x, __mmask16 mask) {
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x));
+}
+
+// dst [ceil(rows/2), ld] = pairs (src[2i, c], src[2i+1, c]) at (i, c), columns cols.. zero
+// (ld >= cols rounded up to 16): an operand reduced over its rows, as B (V for PV; K, Q and
+// dO in the backward) or, read column-major, as A (P^T and dS^T).
+template <typename T>
+__attribute__((target("avx512f,avx512bf16"))) void pack_row_pairs(const T* src, int64_t src_rs,
+                                                                  int64_t rows, int64_t cols,
+                                                                  bf16_pair* dst, int64_t ld) {
+  for (int64_t i = 0; 2 * i < rows; ++i) {
+    const T* r0 = src + 2 * i * src_rs;
+    const bool second = 2 * i + 1 < rows;
+    bf16_pair* d = dst + i * ld;
+    int64_t c = 0;
+    for (; c < cols; c += 16) {
+      const __mmask16 mask =
+          cols - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cols - c)) - 1);
+      const __m512i lo = bf16_lanes(r0 + c, mask);
+      const __m512i hi = second ? bf16_lanes(r0 + src_rs + c, mask) : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    std::fill(d + c, d + ld, 0);
   }
 }
 
@@ -414,44 +537,22 @@ struct TileProducts<c10::BFloat16, float> {
   static void release() {
     if (brgemm()) cpu_brgemm::release();
   }
+  static bf16_pair* pairs(float* x) { return reinterpret_cast<bf16_pair*>(x); }
+  static const bf16_pair* pairs(const float* x) { return reinterpret_cast<const bf16_pair*>(x); }
 
   // Q rows as pairs, unscaled (qk applies the scale in fp32) and zero-padded to an even E.
   // A single row (m == 1) is read unpacked by the decode path (Scores), so it stays fp32.
   static void pack_q(const Problem& pr, const bf16* q, int64_t q_rs, int64_t m, float* qs) {
     if (!on() || m == 1) return Fma::pack_q(pr, q, q_rs, m, qs);
-    const int64_t E = pr.p.head_dim;
-    auto* dst = reinterpret_cast<bf16_pair*>(qs);
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t e = 0; e < E; e += 2) {
-        dst[r * pr.e_pad + e / 2] = bf16_pair_of(q[r * q_rs + e], e + 1 < E ? q[r * q_rs + e + 1]
-                                                                         : bf16(0.f));
-      }
-    }
+    pack_column_pairs(q, q_rs, m, pr.p.head_dim, pairs(qs), pr.e_pad);
   }
   // kt [ceil(E/2), n_pad] pairs (k[j, 2p], k[j, 2p+1]) at (p, j); vb [ceil(n/2), ev_pad] pairs
-  // (v[2i, e], v[2i+1, e]) at (i, e). Zeros pad keys n.. and columns Ev.., so no padding
-  // product meets an uninitialized (possibly NaN) word.
+  // (v[2i, e], v[2i+1, e]) at (i, e).
   static void pack_kv(const Problem& pr, const bf16* k, int64_t k_rs, const bf16* v,
                       int64_t v_rs, int64_t n, float* kt, float* vb) {
     if (!on()) return Fma::pack_kv(pr, k, k_rs, v, v_rs, n, kt, vb);
-    const int64_t E = pr.p.head_dim, Ev = pr.p.v_head_dim, ld = pr.n_pad, ldo = pr.ev_pad;
-    auto* kp = reinterpret_cast<bf16_pair*>(kt);
-    for (int64_t e = 0; e < E; e += 2) std::fill(kp + e / 2 * ld + n, kp + (e / 2 + 1) * ld, 0);
-    for (int64_t j = 0; j < n; ++j) {
-      const bf16* row = k + j * k_rs;
-      for (int64_t e = 0; e < E; e += 2) {
-        kp[e / 2 * ld + j] = bf16_pair_of(row[e], e + 1 < E ? row[e + 1] : bf16(0.f));
-      }
-    }
-    auto* vp = reinterpret_cast<bf16_pair*>(vb);
-    for (int64_t i = 0; 2 * i < n; ++i) {
-      const bf16* r0 = v + 2 * i * v_rs;
-      const bool second = 2 * i + 1 < n;
-      for (int64_t e = 0; e < Ev; ++e) {
-        vp[i * ldo + e] = bf16_pair_of(r0[e], second ? r0[v_rs + e] : bf16(0.f));
-      }
-      std::fill(vp + i * ldo + Ev, vp + (i + 1) * ldo, 0);
-    }
+    pack_transposed_pairs(k, k_rs, n, pr.p.head_dim, pairs(kt), pr.n_pad);
+    pack_row_pairs(v, v_rs, n, pr.p.v_head_dim, pairs(vb), pr.ev_pad);
   }
   static void qk(const Problem& pr, int64_t m, const float* qs, const float* kt, float* s) {
     if (!on()) return Fma::qk(pr, m, qs, kt, s);
@@ -464,9 +565,8 @@ struct TileProducts<c10::BFloat16, float> {
       for (int64_t i = 0; i < m * pr.n_pad; ++i) s[i] *= scale;
       return;
     }
-    dot<false>(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), reinterpret_cast<const bf16_pair*>(qs),
-               pr.e_pad, reinterpret_cast<const bf16_pair*>(kt), pr.n_pad, s, pr.n_pad,
-               static_cast<float>(pr.p.scale));
+    dot<false>(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad, 1, pairs(kt),
+               pr.n_pad, s, pr.n_pad, static_cast<float>(pr.p.scale));
   }
   static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o) {
     if (!on()) return Fma::pv(pr, m, n, p, vb, o);
@@ -477,9 +577,59 @@ struct TileProducts<c10::BFloat16, float> {
                                       reinterpret_cast<const uint32_t*>(vb), pr.ev_pad, o,
                                       pr.ev_pad, true);
     }
-    dot<true>(m, pr.ev_pad, ceil_div(n, 2), reinterpret_cast<const bf16_pair*>(p), pr.n_pad,
-              reinterpret_cast<const bf16_pair*>(vb), pr.ev_pad, o, pr.ev_pad, 1.f);
+    dot<true>(m, pr.ev_pad, ceil_div(n, 2), pairs(p), pr.n_pad, 1, pairs(vb), pr.ev_pad, o,
+              pr.ev_pad, 1.f);
   }
+
+  // The FMA path's buffers hold the pair layouts (kt and vt as transposed pairs, qs and dob as
+  // column pairs, kb as row pairs), plus row pairs of the query tile for the products that
+  // reduce over queries.
+  struct Backward : Fma::Backward {
+    std::vector<float> q_rows, dout_rows;  // [kBlockM / 2, e_pad], [kBlockM / 2, ev_pad]
+    std::vector<float> transposed;         // [kBlockM / 2, n_pad]: P or dS as row pairs
+
+    explicit Backward(const Problem& pr)
+        : Fma::Backward(pr), q_rows(on() ? kBlockM / 2 * pr.e_pad : 0),
+          dout_rows(on() ? kBlockM / 2 * pr.ev_pad : 0),
+          transposed(on() ? kBlockM / 2 * pr.n_pad : 0) {}
+
+    void pack_keys(const Problem& pr, const bf16* k, int64_t k_rs, const bf16* v, int64_t v_rs,
+                   int64_t n) {
+      if (!on()) return Fma::Backward::pack_keys(pr, k, k_rs, v, v_rs, n);
+      pack_transposed_pairs(k, k_rs, n, pr.p.head_dim, pairs(kt.data()), pr.n_pad);
+      pack_row_pairs(k, k_rs, n, pr.p.head_dim, pairs(kb.data()), pr.e_pad);
+      pack_transposed_pairs(v, v_rs, n, pr.p.v_head_dim, pairs(vt.data()), pr.n_pad);
+    }
+    // (Unlike pack_q, a single row is packed too: the backward always scores through qk.)
+    void pack_queries(const Problem& pr, const bf16* q, int64_t q_rs, const bf16* dout,
+                      int64_t dout_rs, int64_t m) {
+      if (!on()) return Fma::Backward::pack_queries(pr, q, q_rs, dout, dout_rs, m);
+      pack_column_pairs(q, q_rs, m, pr.p.head_dim, pairs(qs.data()), pr.e_pad);
+      pack_row_pairs(q, q_rs, m, pr.p.head_dim, pairs(q_rows.data()), pr.e_pad);
+      pack_column_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(dob.data()), pr.ev_pad);
+      pack_row_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(dout_rows.data()), pr.ev_pad);
+    }
+    void dp(const Problem& pr, int64_t m, float* dp) const {
+      if (!on()) return Fma::Backward::dp(pr, m, dp);
+      dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(dob.data()), pr.ev_pad, 1,
+                 pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f);
+    }
+    void dv(const Problem& pr, int64_t m, int64_t n, const float* p, float* dv) {
+      if (!on()) return Fma::Backward::dv(pr, m, n, p, dv);
+      pack_row_pairs(p, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
+      dot<true>(n, pr.ev_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
+                pairs(dout_rows.data()), pr.ev_pad, dv, pr.ev_pad, 1.f);
+    }
+    void dk_dq(const Problem& pr, int64_t m, int64_t n, float* ds, float* dk, float* dq) {
+      if (!on()) return Fma::Backward::dk_dq(pr, m, n, ds, dk, dq);
+      pack_row_pairs(ds, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
+      dot<true>(n, pr.e_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
+                pairs(q_rows.data()), pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
+      to_pairs_in_place(ds, m, pr.n_pad, pr.n_pad);
+      dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
+                dq, pr.e_pad, 1.f);
+    }
+  };
 };
 #endif  // CPU_CAPABILITY_AVX512
 
@@ -882,12 +1032,13 @@ void attention_fwd_typed(const AttentionParams& p) {
 // are added into dq_acc [group, L, e_pad] (unscaled by softmax scale).
 template <typename scalar_t, typename acc_t>
 struct BackwardTile {
-  std::vector<acc_t> kb, kt, vt, qs, dob, s, t, dp, pz, dk, dv;
+  using Products = TileProducts<scalar_t, acc_t>;
+  typename Products::Backward operands;
+  std::vector<acc_t> s, t, dp, pz, dk, dv;
 
   explicit BackwardTile(const Problem& pr)
-      : kb(pr.block_n * pr.e_pad), kt(pr.p.head_dim * pr.n_pad), vt(pr.p.v_head_dim * pr.n_pad),
-        qs(kBlockM * pr.e_pad), dob(kBlockM * pr.ev_pad), s(kBlockM * pr.n_pad),
-        t(pr.p.softcap > 0 ? kBlockM * pr.n_pad : 0), dp(kBlockM * pr.n_pad),
+      : operands(pr), s(kBlockM * pr.n_pad), t(pr.p.softcap > 0 ? kBlockM * pr.n_pad : 0),
+        dp(kBlockM * pr.n_pad),
         pz(pr.p.dropout_p > 0 ? kBlockM * pr.n_pad : 0), dk(pr.block_n * pr.e_pad),
         dv(pr.block_n * pr.ev_pad) {}
 
@@ -898,9 +1049,7 @@ struct BackwardTile {
     const int64_t k0 = kblock * pr.block_n, n = std::min(pr.block_n, sq.kv_len - k0);
     const auto* k = pr.key_row(static_cast<const scalar_t*>(p.k), p.k_stride, sq, hk, k0);
     const auto* v = pr.key_row(static_cast<const scalar_t*>(p.v), p.v_stride, sq, hk, k0);
-    pack_rows(k, p.k_stride[2], n, E, acc_t(1), kb.data(), pr.e_pad);
-    pack_transposed(k, p.k_stride[2], n, E, kt.data(), ld);
-    pack_transposed(v, p.v_stride[2], n, Ev, vt.data(), ld);
+    operands.pack_keys(pr, k, p.k_stride[2], v, p.v_stride[2], n);
     std::fill(dk.begin(), dk.end(), acc_t(0));
     std::fill(dv.begin(), dv.end(), acc_t(0));
     const int64_t n_qb = ceil_div(sq.q_len, kBlockM);
@@ -913,12 +1062,12 @@ struct BackwardTile {
       for (int64_t qb = 0; qb < n_qb; ++qb) {
         const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
         if (!pr.tile_visible(sq, q0, m, k0, n)) continue;
-        pack_rows(q + q0 * p.q_stride[2], p.q_stride[2], m, E, static_cast<acc_t>(p.scale),
-                  qs.data(), pr.e_pad);
-        pack_rows(dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m, Ev, acc_t(1),
-                  dob.data(), pr.ev_pad);
-        Scores<scalar_t, acc_t>::compute(pr, sq, h, q0, m, k0, n, qs.data(), kt.data(), k,
-                                         p.k_stride[2], s.data(), t.data());
+        operands.pack_queries(pr, q + q0 * p.q_stride[2], p.q_stride[2],
+                              dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m);
+        // The forward's score products on the forward's packing: P is the forward's.
+        Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n,
+                                                   operands.qs.data(), operands.kt.data(), k,
+                                                   p.k_stride[2], s.data(), t.data());
         // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row
         // that saw a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN).
         for (int64_t i = 0; i < m; ++i) {
@@ -932,9 +1081,7 @@ struct BackwardTile {
               ? std::numeric_limits<acc_t>::infinity() : lse;
           vec_exp_sum(row, ld, shift);
         }
-        // dp [m, n_pad] = dO V^T
-        std::fill(dp.begin(), dp.begin() + m * ld, acc_t(0));
-        gemm<acc_t>(m, ld, Ev, dob.data(), pr.ev_pad, 1, vt.data(), ld, dp.data(), ld);
+        operands.dp(pr, m, dp.data());
         const acc_t* p_used = s.data();  // the probabilities that multiplied V
         if (p.dropout_p > 0) {
           std::copy(s.begin(), s.begin() + m * ld, pz.begin());
@@ -942,8 +1089,7 @@ struct BackwardTile {
           apply_dropout(pr, sq, h, q0, m, k0, n, dp.data(), ld);
           p_used = pz.data();
         }
-        // dv [n, ev_pad] += (P o Z)^T dO
-        gemm<acc_t>(n, pr.ev_pad, m, p_used, 1, ld, dob.data(), pr.ev_pad, dv.data(), pr.ev_pad);
+        operands.dv(pr, m, n, p_used, dv.data());  // with dropout: (P o Z)^T dO
         // dp becomes dS = P o (dP - delta): the gradient of the final scores.
         for (int64_t i = 0; i < m; ++i) {
           const acc_t d = delta[pr.row_index(sq, h, q0 + i)];
@@ -961,10 +1107,7 @@ struct BackwardTile {
         if (p.softcap > 0) {  // d raw = d capped * (1 - tanh^2)
           for (int64_t i = 0; i < m * ld; ++i) dp[i] *= acc_t(1) - t[i] * t[i];
         }
-        // dk [n, e_pad] += dS^T (scale * Q);  dq [m, e_pad] += dS K
-        gemm<acc_t>(n, pr.e_pad, m, dp.data(), 1, ld, qs.data(), pr.e_pad, dk.data(), pr.e_pad);
-        gemm<acc_t>(m, pr.e_pad, n, dp.data(), ld, 1, kb.data(), pr.e_pad,
-                    dq_acc + (g * p.q_len + q0) * pr.e_pad, pr.e_pad);
+        operands.dk_dq(pr, m, n, dp.data(), dk.data(), dq_acc + (g * p.q_len + q0) * pr.e_pad);
       }
     }
     auto* dk_out = pr.key_row(static_cast<scalar_t*>(bp.dk), bp.dk_stride, sq, hk, k0);
