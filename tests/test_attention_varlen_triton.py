@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from fastattn.ops import reference
+from fastattn.ops import packed_attention, reference
 from fastattn.ops.errors import FastattnValueError
 from tests.conftest import HAS_GPU, HAS_TRITON, TRITON_INTERPRETED
 from tests.helpers import assert_close_to_reference, nan_heap
@@ -213,11 +213,13 @@ def test_varlen_no_queries_or_no_keys(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_autograd(device: str) -> None:
-    """The registered autograd runs the bwd op: torch.autograd gives the op's gradients."""
+    """The autograd that fastattn.ops.packed_attention registers (with the C++ op's, when it
+    first reaches the Triton ops) runs the bwd op: torch.autograd gives the op's gradients."""
     args = _varlen_inputs(VarlenCase(lengths_q=(3, 9), lengths_k=(5, 9), window=(-1, 0)), device)
     for n in ("q", "k", "v"):
         args[n].requires_grad_()
-    out, lse = torch.ops.fastattn.attention_varlen_fwd_triton(**args)
+    varlen_fwd_triton = packed_attention._triton_ops()[0]
+    out, lse = varlen_fwd_triton(**args)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (args["q"], args["k"], args["v"]), grad_out)
     _, _, grads64 = _varlen_reference64(args, grad_out)

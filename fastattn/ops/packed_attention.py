@@ -45,10 +45,16 @@ def _choose_backend(
 
 @functools.cache
 def _triton_ops() -> tuple[Callable, Callable]:
+    """The Triton varlen forward (its autograd registered here, with the C++ op's, below) and
+    the Triton KV-cache op."""
     # Imported on first use: triton is optional and slow to import.
-    # The module defines the triton_ops and registers the varlen forward's autograd.
-    from fastattn.triton_kernels import attention_varlen as _  # noqa: F401
+    from fastattn.triton_kernels import attention_varlen as _  # noqa: F401  (defines the ops)
 
+    torch.library.register_autograd(
+        "fastattn::attention_varlen_fwd_triton",
+        _make_varlen_backward("attention_varlen_bwd_triton"),
+        setup_context=_varlen_setup_context,
+    )
     ops = torch.ops.fastattn
     return ops.attention_varlen_fwd_triton, ops.attention_kv_cache_fwd_triton
 
@@ -327,7 +333,8 @@ def attention_with_kv_cache(
     return (out, lse) if return_lse else out
 
 
-# ---- op registration: fake kernels and autograd (the C++ ops; Triton's in _triton_ops) ----
+# ---- op registration: fake kernels and autograd (the C++ ops; the Triton varlen op's autograd
+# is registered in _triton_ops, on first use, with the same backward) ----
 
 
 @torch.library.register_fake("fastattn::attention_varlen_fwd")

@@ -20,7 +20,8 @@ block_table in the kernel: one launch for every sequence, no host sync, no paddi
   head) is split over several programs along the keys and the partial results merged by
   _attention_split_combine_kernel (log-sum-exp weights).
 
-The autograd of the varlen forward (its backward is the bwd op) is registered here, at import.
+The autograd of the varlen forward (its backward is the bwd op) is registered with the C++ op's
+in fastattn/ops/packed_attention.py, which reaches these ops through its _triton_ops().
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastattn.ops._autograd import first_order_only
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 from fastattn.triton_kernels.attention import (
     _INTERPRETED,
@@ -396,30 +396,3 @@ def attention_kv_cache_fwd_triton(
                                 part_lse.view(num_splits, B * Hq * Lq), out, lse)
     return out, lse
 
-
-def _varlen_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, \
-        dropout_p, rng_seed, *options = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed)
-    ctx.options = (max_seqlen_q, max_seqlen_k, dropout_p, *options)
-
-
-@first_order_only("fastattn::attention_varlen_fwd_triton")
-def _varlen_backward(ctx, grad_out, grad_lse):
-    # lse is an auxiliary output (returned detached by the public API): grad_lse is ignored.
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, dropout_p, scale, window_left, window_right, bottom_right, \
-        softcap = ctx.options
-    dq, dk, dv = torch.ops.fastattn.attention_varlen_bwd_triton(
-        grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right,
-        bottom_right, softcap,
-    )
-    return (dq, dk, dv) + (None,) * 12
-
-
-torch.library.register_autograd(
-    "fastattn::attention_varlen_fwd_triton", _varlen_backward,
-    setup_context=_varlen_setup_context,
-)
