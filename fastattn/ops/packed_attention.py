@@ -30,6 +30,11 @@ from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 # FASTATTN_SKIP_VALUE_CHECKS=1 turns off, process-wide, the checks below that read tensor values
 # (one host sync per call); the check_values argument does so per call.
 _SKIP_VALUE_CHECKS_ENV = "FASTATTN_SKIP_VALUE_CHECKS"
+# What falling back to the reference backend costs (ReferenceFallbackWarning's text).
+_REFERENCE_COST = (
+    "reads the offsets to the host and loops over the sequences in Python, materializing each "
+    "sequence's L x S score matrix (O(L * S) memory)"
+)
 
 
 # Constant-folded while torch.compile traces, as attention's _choose_backend.
@@ -39,7 +44,8 @@ def _choose_backend(
     heads_q: int,
 ) -> str:
     return backends.choose(
-        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q)
+        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q),
+        reference_cost=_REFERENCE_COST,
     )
 
 
