@@ -418,6 +418,60 @@ def test_kv_cache_bad_input_writes_nothing(change, message: str, device: str) ->
         torch.testing.assert_close(cache, saved, rtol=0, atol=0, equal_nan=True)
 
 
+# The interpreter's numpy max over a NaN row warns; the kernel's semantics are what is tested.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["paged", "batch-idx"])
+def test_kv_cache_block_ids_outside_the_cache_are_never_touched(layout: str, device: str):
+    """Wrong block_table / cache_batch_idx values (unchecked: check_values=False) neither read
+    nor write outside the caches: the append skips such a block, a query that sees one of its
+    positions gets a NaN row and lse, the other queries match the reference. The caches are
+    views into a wider buffer, so an out-of-range id would hit finite values, not a fault."""
+    torch.manual_seed(11)
+    B, Hq, Hk, Lq, E = 2, 2, 1, 4, 16
+    if layout == "paged":  # 9 blocks of 4 rows; ids 9 and -1 are the buffer's guard blocks
+        buffers = [torch.randn(11, Hk, 4, E, device=device) for _ in range(2)]
+        caches = [buf[1:10] for buf in buffers]
+        table = torch.tensor([[0, 9, 2, 3], [4, 5, -1, 6]], dtype=torch.int32, device=device)
+        fixed = torch.tensor([[0, 7, 2, 3], [4, 5, 8, 6]], dtype=torch.int32, device=device)
+        seqlens, window = [9, 8], 1
+        # Sequence 0 sees [5 + i, 6 + i] of 10 keys, block 9 holds 4..7; sequence 1 appends
+        # into block -1 (positions 8..11) and sees [4 + i, 5 + i] of 9 keys.
+        nan_rows = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+        untouched = slice(7, 9)  # the stand-ins of the wrong ids in the reference run
+    else:  # 3 cache rows of 16 positions; id 3 is the buffer's guard row
+        buffers = [torch.randn(5, Hk, 16, E, device=device) for _ in range(2)]
+        caches = [buf[1:4] for buf in buffers]
+        table = torch.tensor([1, 3], dtype=torch.int32, device=device)
+        fixed = torch.tensor([1, 2], dtype=torch.int32, device=device)
+        seqlens, window = [9, 8], -1
+        nan_rows = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+        untouched = slice(2, 3)
+    q = torch.randn(B, Hq, Lq, E, device=device)
+    k_new, v_new = (torch.randn(B, Hk, 1, E, device=device) for _ in range(2))
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    before = [buf.clone() for buf in buffers]
+
+    def call(op, k_cache, v_cache, index):
+        paged = layout == "paged"
+        return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, index if paged else None,
+                  None if paged else index, None, E**-0.5, window, 0, True, 0.0)
+
+    expected_caches = [c.clone() for c in caches]
+    expected = call(reference.attention_kv_cache_reference, *expected_caches, fixed)
+    out, lse = call(torch.ops.fastattn.attention_kv_cache_fwd_triton, *caches, table)
+    for buf, old, cache, want in zip(buffers, before, caches, expected_caches):
+        assert torch.equal(buf[0], old[0]) and torch.equal(buf[-1], old[-1])  # the guards
+        assert torch.equal(cache[untouched], old[1:-1][untouched])
+        keep = torch.ones(cache.shape[0], dtype=torch.bool)
+        keep[untouched] = False
+        assert torch.equal(cache[keep], want[keep])
+    nan_rows = nan_rows[:, None, :].expand(B, Hq, Lq).to(device)
+    assert out[nan_rows].isnan().all() and lse[nan_rows].isnan().all()
+    torch.testing.assert_close(out[~nan_rows], expected[0][~nan_rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[~nan_rows], expected[1][~nan_rows], rtol=1e-5, atol=1e-5)
+
+
 def test_autotune_key_is_length_buckets() -> None:
     """New lengths in a bucket reuse its autotuned config (issue 16): the key has no length."""
     for kernel in (triton_attention._attention_fwd_kernel,

@@ -92,8 +92,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
   const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
   const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_batch_stride, p.grad_out_head_stride,
                                          p.grad_out_row_stride);
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
   const int64_t bh_rows = seq.lse_row0(p, b, h);  // lse / delta index of (b, h, 0)
   const ScoreMod mod(p, seq, b, h, sizeof(Element));
 
@@ -223,8 +223,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
   const Sequence seq(p, b);
   if (j0 >= seq.len_kv) return;  // the grid covers the longest sequence
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
 
   k_tile.template load_async<Cfg::kThreads>(k, j0, seq.len_kv, tid);
   if constexpr (Cfg::kComputeDk) v_tile.template load_async<Cfg::kThreads>(v, j0, seq.len_kv, tid);
@@ -298,8 +298,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   }
   cp_async_wait_all();  // K / V of a CTA that visited no query tile
 
-  const auto dk = seq.kv_rows<Element>(p.dk, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1);
-  const auto dv = seq.kv_rows<Element>(p.dv, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride, 1);
+  const auto dk = seq.kv_rows<Element>(p.dk, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride);
+  const auto dv = seq.kv_rows<Element>(p.dv, hk, p.dkv_batch_stride, p.dkv_head_stride, p.dkv_row_stride);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (keys[r] >= seq.len_kv) continue;

@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
   if (i0 >= seq.len_q) return;  // the grid covers the longest sequence
 
   const auto q = seq.q_rows<Element>(p.q, b, h, p.q_batch_stride, p.q_head_stride, p.q_row_stride);
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride, p.block_size);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_batch_stride, p.k_head_stride, p.k_row_stride, MissingRows::kNaN);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_batch_stride, p.v_head_stride, p.v_row_stride);
   const int64_t lse_row0 = seq.lse_row0(p, b, h);
   const ScoreMod mod(p, seq, b, h, sizeof(Element));
 

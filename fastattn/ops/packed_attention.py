@@ -250,8 +250,11 @@ def attention_with_kv_cache(
     Value checks: cache_seqlens + L_new within the capacity, cache_batch_idx and the used
     block_table entries within the cache are checked at the cost of one host sync per call,
     raising ValueError. check_values=False or FASTATTN_SKIP_VALUE_CHECKS=1 skips it (it is also
-    skipped while torch.compile traces). The CPU kernels check these values in any case; on a
-    GPU a wrong value then reads or writes out of bounds.
+    skipped while torch.compile traces). The CPU kernels check these values in any case. The
+    CUDA and Triton kernels never read or write outside the caches: new rows past the capacity
+    or in a block (cache row) whose block_table (cache_batch_idx) entry lies outside the cache
+    are not written, and such a block's keys count as NaN, so every query that sees one of its
+    positions gets a NaN out row and lse (the other queries are exact).
     """
     fn = "attention_with_kv_cache"
     _check_tokens(fn, q, k_cache, v_cache, 4, "[B, H, N, D]")
