@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from fastattn.ops import reference
+from fastattn.ops import packed_attention, reference
 from fastattn.ops.errors import FastattnValueError
 from tests.conftest import HAS_GPU, HAS_TRITON, TRITON_INTERPRETED
 from tests.helpers import assert_close_to_reference, nan_heap
@@ -213,11 +213,13 @@ def test_varlen_no_queries_or_no_keys(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_autograd(device: str) -> None:
-    """The registered autograd runs the bwd op: torch.autograd gives the op's gradients."""
+    """The autograd that fastattn.ops.packed_attention registers (with the C++ op's, when it
+    first reaches the Triton ops) runs the bwd op: torch.autograd gives the op's gradients."""
     args = _varlen_inputs(VarlenCase(lengths_q=(3, 9), lengths_k=(5, 9), window=(-1, 0)), device)
     for n in ("q", "k", "v"):
         args[n].requires_grad_()
-    out, lse = torch.ops.fastattn.attention_varlen_fwd_triton(**args)
+    varlen_fwd_triton = packed_attention._triton_ops()[0]
+    out, lse = varlen_fwd_triton(**args)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, (args["q"], args["k"], args["v"]), grad_out)
     _, _, grads64 = _varlen_reference64(args, grad_out)
@@ -414,6 +416,60 @@ def test_kv_cache_bad_input_writes_nothing(change, message: str, device: str) ->
         torch.ops.fastattn.attention_kv_cache_fwd_triton(**args)
     for cache, saved in zip((args["k_cache"], args["v_cache"]), before):
         torch.testing.assert_close(cache, saved, rtol=0, atol=0, equal_nan=True)
+
+
+# The interpreter's numpy max over a NaN row warns; the kernel's semantics are what is tested.
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["paged", "batch-idx"])
+def test_kv_cache_block_ids_outside_the_cache_are_never_touched(layout: str, device: str):
+    """Wrong block_table / cache_batch_idx values (unchecked: check_values=False) neither read
+    nor write outside the caches: the append skips such a block, a query that sees one of its
+    positions gets a NaN row and lse, the other queries match the reference. The caches are
+    views into a wider buffer, so an out-of-range id would hit finite values, not a fault."""
+    torch.manual_seed(11)
+    B, Hq, Hk, Lq, E = 2, 2, 1, 4, 16
+    if layout == "paged":  # 9 blocks of 4 rows; ids 9 and -1 are the buffer's guard blocks
+        buffers = [torch.randn(11, Hk, 4, E, device=device) for _ in range(2)]
+        caches = [buf[1:10] for buf in buffers]
+        table = torch.tensor([[0, 9, 2, 3], [4, 5, -1, 6]], dtype=torch.int32, device=device)
+        fixed = torch.tensor([[0, 7, 2, 3], [4, 5, 8, 6]], dtype=torch.int32, device=device)
+        seqlens, window = [9, 8], 1
+        # Sequence 0 sees [5 + i, 6 + i] of 10 keys, block 9 holds 4..7; sequence 1 appends
+        # into block -1 (positions 8..11) and sees [4 + i, 5 + i] of 9 keys.
+        nan_rows = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+        untouched = slice(7, 9)  # the stand-ins of the wrong ids in the reference run
+    else:  # 3 cache rows of 16 positions; id 3 is the buffer's guard row
+        buffers = [torch.randn(5, Hk, 16, E, device=device) for _ in range(2)]
+        caches = [buf[1:4] for buf in buffers]
+        table = torch.tensor([1, 3], dtype=torch.int32, device=device)
+        fixed = torch.tensor([1, 2], dtype=torch.int32, device=device)
+        seqlens, window = [9, 8], -1
+        nan_rows = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+        untouched = slice(2, 3)
+    q = torch.randn(B, Hq, Lq, E, device=device)
+    k_new, v_new = (torch.randn(B, Hk, 1, E, device=device) for _ in range(2))
+    cache_seqlens = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    before = [buf.clone() for buf in buffers]
+
+    def call(op, k_cache, v_cache, index):
+        paged = layout == "paged"
+        return op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, index if paged else None,
+                  None if paged else index, None, E**-0.5, window, 0, True, 0.0)
+
+    expected_caches = [c.clone() for c in caches]
+    expected = call(reference.attention_kv_cache_reference, *expected_caches, fixed)
+    out, lse = call(torch.ops.fastattn.attention_kv_cache_fwd_triton, *caches, table)
+    for buf, old, cache, want in zip(buffers, before, caches, expected_caches):
+        assert torch.equal(buf[0], old[0]) and torch.equal(buf[-1], old[-1])  # the guards
+        assert torch.equal(cache[untouched], old[1:-1][untouched])
+        keep = torch.ones(cache.shape[0], dtype=torch.bool)
+        keep[untouched] = False
+        assert torch.equal(cache[keep], want[keep])
+    nan_rows = nan_rows[:, None, :].expand(B, Hq, Lq).to(device)
+    assert out[nan_rows].isnan().all() and lse[nan_rows].isnan().all()
+    torch.testing.assert_close(out[~nan_rows], expected[0][~nan_rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[~nan_rows], expected[1][~nan_rows], rtol=1e-5, atol=1e-5)
 
 
 def test_autotune_key_is_length_buckets() -> None:

@@ -67,7 +67,8 @@ def test_env_forces_reference(monkeypatch):
 
 def test_auto_prefers_compiled_cpu_backend_for_cpu_tensors():
     expected = "cpu" if fastattn.backends()["cpu"].usable else "reference"
-    assert backend_rules.choose("test", torch.device("cpu"), lambda name: None) == expected
+    cpu = torch.device("cpu")
+    assert backend_rules.choose("test", cpu, lambda name: None, reference_cost="") == expected
 
 
 @pytest.fixture
@@ -84,22 +85,52 @@ def test_auto_fallback_to_reference_on_cuda_warns_once_per_reason(fake_cuda_back
     cuda = torch.device("cuda")
     warnings.simplefilter("always")  # the once-per-reason rule is ours, not the filter's
     for _ in range(3):
-        assert backend_rules.choose("op", cuda, lambda name: f"no {name} today") == "reference"
+        assert backend_rules.choose(
+            "op", cuda, lambda name: f"no {name} today", reference_cost="costs a lot"
+        ) == "reference"
     fallbacks = [w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]
     assert len(fallbacks) == 1
     message = str(fallbacks[0].message)
     assert "cuda: no cuda today" in message and "triton: no triton today" in message
-    assert "O(L * S) memory" in message
-    backend_rules.choose("op", cuda, lambda name: "another reason")
+    assert "reference backend, which costs a lot." in message
+    backend_rules.choose("op", cuda, lambda name: "another reason", reference_cost="costs a lot")
     assert len([w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]) == 2
+    # The same reasons with another cost (another op family) warn again.
+    backend_rules.choose("op2", cuda, lambda name: "another reason", reference_cost="is slow")
+    assert len([w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]) == 3
+
+
+def test_fallback_warning_says_what_the_reference_costs_per_op_family(fake_cuda_backends):
+    """Attention's fallback names the L x S score matrix; the LSTM's (which has none) the
+    unfused per-step ops."""
+    from fastattn.ops import attention, lstm, packed_attention
+
+    cuda = torch.device("cuda")
+    with pytest.warns(backend_rules.ReferenceFallbackWarning) as attention_warnings:
+        # float64: neither the cuda nor the triton attention kernels take it.
+        got = attention._choose_backend("attention", cuda, torch.float64, 64, 64, 1, 1)
+    assert got == "reference"
+    assert "materializes the full L x S score matrix (O(L * S) memory)" in str(
+        attention_warnings[0].message)
+    with pytest.warns(backend_rules.ReferenceFallbackWarning) as varlen_warnings:
+        packed_attention._choose_backend("attention_varlen", cuda, torch.float64, 64, 64, 1, 1)
+    assert "loops over the sequences" in str(varlen_warnings[0].message)
+    with pytest.warns(backend_rules.ReferenceFallbackWarning) as lstm_warnings:
+        # layer_norm: served by the cpu and reference backends only.
+        got = lstm._choose_backend("lstm_layer", cuda, torch.float32, True)
+    assert got == "reference"
+    message = str(lstm_warnings[0].message)
+    assert "fastattn.lstm_layer:" in message and "unfused PyTorch ops" in message
+    assert "score matrix" not in message and "L * S" not in message
 
 
 def test_auto_picks_a_fused_backend_or_cpu_without_a_warning(fake_cuda_backends, recwarn):
     warnings.simplefilter("always")
-    assert backend_rules.choose("op", torch.device("cuda"), lambda name: None) == "cuda"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert backend_rules.choose("op", cuda, lambda name: None, reference_cost="") == "cuda"
     only_triton = lambda name: None if name == "triton" else "no"  # noqa: E731
-    assert backend_rules.choose("op", torch.device("cuda"), only_triton) == "triton"
-    assert backend_rules.choose("op", torch.device("cpu"), lambda name: "no") == "reference"
+    assert backend_rules.choose("op", cuda, only_triton, reference_cost="") == "triton"
+    assert backend_rules.choose("op", cpu, lambda name: "no", reference_cost="") == "reference"
     assert not [w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]
 
 

@@ -92,8 +92,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
   const auto q = seq.q_rows<Element>(p.q, b, h, p.q_stride[0], p.q_stride[1], p.q_stride[2]);
   const auto d_out = seq.q_rows<Element>(p.grad_out, b, h, p.grad_out_stride[0], p.grad_out_stride[1],
                                          p.grad_out_stride[2]);
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2], p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2], p.block_size);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2]);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2]);
   const int64_t bh_rows = seq.lse_row0(p, b, h);  // lse / delta index of (b, h, 0)
   const ScoreMod mod(p, seq, b, h, sizeof(Element));
 
@@ -223,8 +223,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * BN;
   const Sequence seq(p, b);
   if (j0 >= seq.kv_len) return;  // the grid covers the longest sequence
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2], p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2], p.block_size);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2]);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2]);
 
   k_tile.template load_async<Cfg::kThreads>(k, j0, seq.kv_len, tid);
   if constexpr (Cfg::kComputeDk) v_tile.template load_async<Cfg::kThreads>(v, j0, seq.kv_len, tid);
@@ -298,8 +298,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dkdv_kernel(co
   }
   cp_async_wait_all();  // K / V of a CTA that visited no query tile
 
-  const auto dk = seq.kv_rows<Element>(p.dk, hk, p.dk_stride[0], p.dk_stride[1], p.dk_stride[2], 1);
-  const auto dv = seq.kv_rows<Element>(p.dv, hk, p.dv_stride[0], p.dv_stride[1], p.dv_stride[2], 1);
+  const auto dk = seq.kv_rows<Element>(p.dk, hk, p.dk_stride[0], p.dk_stride[1], p.dk_stride[2]);
+  const auto dv = seq.kv_rows<Element>(p.dv, hk, p.dv_stride[0], p.dv_stride[1], p.dv_stride[2]);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (keys[r] >= seq.kv_len) continue;

@@ -33,6 +33,7 @@ struct ElementTraits<__half> {
   }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static constexpr uint32_t kNaNPair = 0x7E007E00u;  // two quiet NaNs
 };
 
 template <>
@@ -43,6 +44,7 @@ struct ElementTraits<__nv_bfloat16> {
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static constexpr uint32_t kNaNPair = 0x7FC07FC0u;  // two quiet NaNs
 };
 
 // ---- tensor-core primitives ------------------------------------------------------------------
@@ -132,7 +134,8 @@ struct SmemTile {
   __device__ __forceinline__ Element* at(int row, int col) const { return data + row * kStride + col; }
 
   // Rows [row0, row0 + ROWS) of a [rows_total, HEAD_DIM] global matrix (`rows`: a Rows);
-  // rows past rows_total are zero-filled (zeros, not garbage: 0 * NaN would poison P @ V).
+  // rows past rows_total are zero-filled (zeros, not garbage: 0 * NaN would poison P @ V), the
+  // rows of a block outside the cache (Rows::row is null) are filled with rows.missing_fill.
   template <int NUM_THREADS, typename RowsOfMatrix>
   __device__ __forceinline__ void load_async(const RowsOfMatrix& rows, int64_t row0, int64_t rows_total,
                                              int tid) const {
@@ -143,8 +146,13 @@ struct SmemTile {
       const int row = c / kChunksPerRow;
       const int col = (c % kChunksPerRow) * 8;
       const bool in_bounds = row0 + row < rows_total;
-      const Element* src = in_bounds ? rows.row(row0 + row) + col : rows.base;
-      cp_async_16(at(row, col), src, in_bounds ? 16 : 0);
+      const Element* src = in_bounds ? rows.row(row0 + row) : rows.base;
+      if (src == nullptr) {
+        const uint32_t f = rows.missing_fill;
+        *reinterpret_cast<uint4*>(at(row, col)) = uint4{f, f, f, f};
+        continue;
+      }
+      cp_async_16(at(row, col), in_bounds ? src + col : src, in_bounds ? 16 : 0);
     }
   }
 };
@@ -152,6 +160,9 @@ struct SmemTile {
 // The rows of one (sequence, head) matrix in global memory: `row_stride` apart, or, paged,
 // row r at row r % block_size of block blocks[r / block_size], blocks `block_stride` apart.
 // The branch on `blocks` is uniform, so the dense layouts pay one predictable test.
+// A block id outside [0, num_blocks) (a wrong block_table / cache_batch_idx value: the glue
+// cannot check values without a host sync) is never dereferenced: row() is null, and the tile
+// loader writes missing_fill (two elements' bits) instead.
 template <typename Element>
 struct Rows {
   const Element* base;  // row 0 (paged: of block 0)
@@ -159,10 +170,14 @@ struct Rows {
   const int* blocks = nullptr;
   int block_size = 1;
   int64_t block_stride = 0;
+  int64_t num_blocks = 0;
+  uint32_t missing_fill = 0;
 
   __device__ __forceinline__ const Element* row(int64_t r) const {
     if (blocks == nullptr) return base + r * row_stride;
-    return base + blocks[r / block_size] * block_stride + (r % block_size) * row_stride;
+    const int64_t block = blocks[r / block_size];
+    if (block < 0 || block >= num_blocks) return nullptr;
+    return base + block * block_stride + (r % block_size) * row_stride;
   }
 };
 
@@ -172,17 +187,27 @@ __device__ __forceinline__ int query_heads_per_kv_head(const AttentionParams& p)
   return static_cast<int>(p.q_heads) / static_cast<int>(p.kv_heads);
 }
 
+// What the tile loader writes for the rows of a block outside the cache: NaN keys (a query
+// that sees one gets a NaN score, so a NaN row, as for NaN inputs), zero values (a query that
+// does not see them multiplies them by 0).
+enum class MissingRows { kZero, kNaN };
+
 // Where sequence b of the batch lives and how long it is, in each layout of AttentionParams
 // (dense, varlen, KV cache).
 struct Sequence {
   int64_t q_len, kv_len;  // this sequence's queries and keys
   int64_t q_start;        // its first row in q / out / dq (varlen; else 0)
   int64_t k_start;        // its first row in k / v / dk / dv (varlen; else 0)
-  int64_t kv_batch;       // its batch index in k / v (cache_batch_idx[b] when given; else b)
-  const int* blocks;      // paged: its row of the block table; else null
+  int64_t kv_batch;       // its batch index in k / v (b; a KV cache's row is in blocks)
+  // KV cache with a block table: its row of the table. With cache_batch_idx: its entry, the id
+  // of one block of kv_len (S_max) rows, so that both index paths share Rows' bound check.
+  const int* blocks;
+  int block_size;
+  int64_t num_blocks;  // the bound of the block ids
 
   __device__ Sequence(const AttentionParams& p, int b) {
     q_len = p.q_len, kv_len = p.kv_len, q_start = 0, k_start = 0, kv_batch = b, blocks = nullptr;
+    block_size = 1, num_blocks = p.cache_blocks;
     if (p.cu_seqlens_q != nullptr) {
       q_start = p.cu_seqlens_q[b], k_start = p.cu_seqlens_k[b];
       q_len = p.cu_seqlens_q[b + 1] - q_start;
@@ -191,8 +216,11 @@ struct Sequence {
     if (p.cache_seqlens != nullptr) {
       const int64_t keys = p.cache_seqlens[b] + p.kv_new_len;
       kv_len = keys < p.kv_len ? keys : p.kv_len;  // never past the cache's capacity
-      if (p.cache_batch_idx != nullptr) kv_batch = p.cache_batch_idx[b];
-      if (p.block_table != nullptr) blocks = p.block_table + b * p.block_table_stride;
+      if (p.block_table != nullptr) {
+        blocks = p.block_table + b * p.block_table_stride, block_size = static_cast<int>(p.block_size);
+      } else if (p.cache_batch_idx != nullptr) {
+        blocks = p.cache_batch_idx + b, block_size = static_cast<int>(p.kv_len);
+      }
     }
   }
 
@@ -216,9 +244,12 @@ struct Sequence {
   template <typename Element>
   __device__ __forceinline__ Rows<Element> kv_rows(const void* base, int hk, int64_t batch_stride,
                                                    int64_t head_stride, int64_t row_stride,
-                                                   int block_size) const {
+                                                   MissingRows missing = MissingRows::kZero) const {
     const Element* head = static_cast<const Element*>(base) + hk * head_stride;
-    if (blocks != nullptr) return {head, row_stride, blocks, block_size, batch_stride};
+    if (blocks != nullptr) {
+      const uint32_t fill = missing == MissingRows::kNaN ? ElementTraits<Element>::kNaNPair : 0u;
+      return {head, row_stride, blocks, block_size, batch_stride, num_blocks, fill};
+    }
     return {head + kv_batch * batch_stride + k_start * row_stride, row_stride};
   }
 };

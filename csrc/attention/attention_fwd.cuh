@@ -57,8 +57,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_fwd_kernel(const A
   if (i0 >= seq.q_len) return;  // the grid covers the longest sequence
 
   const auto q = seq.q_rows<Element>(p.q, b, h, p.q_stride[0], p.q_stride[1], p.q_stride[2]);
-  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2], p.block_size);
-  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2], p.block_size);
+  const auto k = seq.kv_rows<Element>(p.k, hk, p.k_stride[0], p.k_stride[1], p.k_stride[2], MissingRows::kNaN);
+  const auto v = seq.kv_rows<Element>(p.v, hk, p.v_stride[0], p.v_stride[1], p.v_stride[2]);
   const int64_t lse_row0 = seq.lse_row0(p, b, h);
   const ScoreMod mod(p, seq, b, h, sizeof(Element));
 

@@ -250,8 +250,10 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
   const int64_t capacity = paged ? max_blocks * rows : rows;
   TORCH_CHECK(len_new <= capacity, "fastattn attention_kv_cache (cuda): L_new = ", len_new,
               " does not fit in a cache of ", capacity, " positions");
-  TORCH_CHECK(!paged || rows <= std::numeric_limits<int>::max(),
-              "fastattn attention_kv_cache (cuda): block_size too large");
+  // The kernels index both caches as blocks of `rows` rows (a cache_batch_idx entry is one
+  // block of S_max rows), with an int block size.
+  TORCH_CHECK(rows <= std::numeric_limits<int>::max(),
+              "fastattn attention_kv_cache (cuda): k_cache dim 2 (block_size / S_max) too large");
 
   AttentionParams p;
   const glue::Options o{alibi_slopes, 0.0, std::nullopt, scale, window_left, window_right, bottom_right, softcap};

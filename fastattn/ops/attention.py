@@ -33,6 +33,8 @@ TRITON_MAX_HEAD_DIM = 256
 # heads on y and the batch on z; the Triton kernels put batch * heads on y. Checked here, with
 # the rest of what a backend cannot serve, so that auto falls back instead of the glue raising.
 GRID_YZ_MAX = 65535
+# What falling back to the reference backend costs (ReferenceFallbackWarning's text).
+_REFERENCE_COST = "materializes the full L x S score matrix (O(L * S) memory)"
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,8 @@ def _choose_backend(
     heads_q: int,
 ) -> str:
     return backends.choose(
-        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q)
+        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q),
+        reference_cost=_REFERENCE_COST,
     )
 
 

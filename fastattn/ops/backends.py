@@ -5,8 +5,9 @@ Backends: ``cpu`` (C++ kernels in fastattn._C), ``cuda`` (CUDA C++ kernels in fa
 ``auto`` picks cuda > triton > reference for CUDA tensors and cpu > reference for CPU ones.
 ``FASTATTN_BACKEND=<name>`` or ``with fastattn.use_backend(name):`` forces one; a forced
 backend that cannot serve a call raises instead of silently falling back. When ``auto`` falls
-back to ``reference`` for CUDA tensors (which materializes the L x S scores: O(L * S) memory),
-it warns once per reason with a ReferenceFallbackWarning.
+back to ``reference`` for CUDA tensors, it warns once per reason with a ReferenceFallbackWarning
+that says what the reference costs for that op (attention: the L x S scores, O(L * S) memory;
+LSTM: unfused PyTorch ops at every time step).
 """
 
 from __future__ import annotations
@@ -37,21 +38,20 @@ class ReferenceFallbackWarning(UserWarning):
     """auto served CUDA tensors with the reference backend (no fused kernel could)."""
 
 
-_warned_fallbacks: set[str] = set()
+_warned_fallbacks: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
 
 
-def _warn_reference_fallback(op: str, reasons: list[str]) -> None:
-    """Warns once per distinct reason (whatever the warnings filters say)."""
+def _warn_reference_fallback(op: str, reasons: list[str], reference_cost: str) -> None:
+    """Warns once per distinct reason and cost (whatever the warnings filters say)."""
     why = "; ".join(reasons)
     with _warned_lock:
-        if why in _warned_fallbacks:
+        if (why, reference_cost) in _warned_fallbacks:
             return
-        _warned_fallbacks.add(why)
+        _warned_fallbacks.add((why, reference_cost))
     warnings.warn(
         f"fastattn.{op}: no fused backend serves this call on CUDA ({why}); falling back to the "
-        "reference backend, which materializes the full score matrix (O(L * S) memory). "
-        "This warning is shown once per reason.",
+        f"reference backend, which {reference_cost}. This warning is shown once per reason.",
         ReferenceFallbackWarning,
         stacklevel=3,
     )
@@ -164,11 +164,15 @@ def _device_mismatch(name: str, device: torch.device) -> str | None:
     return None
 
 
-def choose(op: str, device: torch.device, missing: Callable[[str], str | None]) -> str:
+def choose(
+    op: str, device: torch.device, missing: Callable[[str], str | None], *, reference_cost: str
+) -> str:
     """The backend that serves one call of ``op`` on ``device``.
 
     ``missing(backend)`` names the feature of this call that the backend lacks, or returns None
     when it can serve it. A forced backend that cannot serve raises RuntimeError.
+    ``reference_cost`` completes "the reference backend, which ..." in the fallback warning:
+    what the reference costs for this op.
     """
     forced = forced_backend()
     if forced is not None:
@@ -195,5 +199,5 @@ def choose(op: str, device: torch.device, missing: Callable[[str], str | None]) 
             return name
         reasons.append(f"{name}: {why}")
     if device.type == "cuda":
-        _warn_reference_fallback(op, reasons)
+        _warn_reference_fallback(op, reasons, reference_cost)
     return "reference"

@@ -33,6 +33,9 @@ from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _OPS = torch.ops.fastattn
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# What falling back to the reference backend costs (ReferenceFallbackWarning's text).
+_REFERENCE_COST = ("runs the LSTM as unfused PyTorch ops (a kernel launch and a temporary per "
+                   "operation, and a Python loop over the time steps of a layer)")
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -329,7 +332,7 @@ def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_nor
             return "the CPU LayerNorm-LSTM kernels (fastattn._C has none registered)"
         return cell_missing(backend)
 
-    return backends.choose(fn, device, missing)
+    return backends.choose(fn, device, missing, reference_cost=_REFERENCE_COST)
 
 
 def _triton_layer_missing(dtype: torch.dtype) -> str | None:

@@ -30,6 +30,11 @@ from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 # FASTATTN_SKIP_VALUE_CHECKS=1 turns off, process-wide, the checks below that read tensor values
 # (one host sync per call); the check_values argument does so per call.
 _SKIP_VALUE_CHECKS_ENV = "FASTATTN_SKIP_VALUE_CHECKS"
+# What falling back to the reference backend costs (ReferenceFallbackWarning's text).
+_REFERENCE_COST = (
+    "reads the offsets to the host and loops over the sequences in Python, materializing each "
+    "sequence's L x S score matrix (O(L * S) memory)"
+)
 
 
 # Constant-folded while torch.compile traces, as attention's _choose_backend.
@@ -39,16 +44,23 @@ def _choose_backend(
     heads_q: int,
 ) -> str:
     return backends.choose(
-        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q)
+        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q),
+        reference_cost=_REFERENCE_COST,
     )
 
 
 @functools.cache
 def _triton_ops() -> tuple[Callable, Callable]:
+    """The Triton varlen forward (its autograd registered here, with the C++ op's, below) and
+    the Triton KV-cache op."""
     # Imported on first use: triton is optional and slow to import.
-    # The module defines the triton_ops and registers the varlen forward's autograd.
-    from fastattn.triton_kernels import attention_varlen as _  # noqa: F401
+    from fastattn.triton_kernels import attention_varlen as _  # noqa: F401  (defines the ops)
 
+    torch.library.register_autograd(
+        "fastattn::attention_varlen_fwd_triton",
+        _make_varlen_backward("attention_varlen_bwd_triton"),
+        setup_context=_varlen_setup_context,
+    )
     ops = torch.ops.fastattn
     return ops.attention_varlen_fwd_triton, ops.attention_kv_cache_fwd_triton
 
@@ -238,8 +250,11 @@ def attention_with_kv_cache(
     Value checks: cache_seqlens + L_new within the capacity, cache_batch_idx and the used
     block_table entries within the cache are checked at the cost of one host sync per call,
     raising ValueError. check_values=False or FASTATTN_SKIP_VALUE_CHECKS=1 skips it (it is also
-    skipped while torch.compile traces). The CPU kernels check these values in any case; on a
-    GPU a wrong value then reads or writes out of bounds.
+    skipped while torch.compile traces). The CPU kernels check these values in any case. The
+    CUDA and Triton kernels never read or write outside the caches: new rows past the capacity
+    or in a block (cache row) whose block_table (cache_batch_idx) entry lies outside the cache
+    are not written, and such a block's keys count as NaN, so every query that sees one of its
+    positions gets a NaN out row and lse (the other queries are exact).
     """
     fn = "attention_with_kv_cache"
     _check_tokens(fn, q, k_cache, v_cache, 4, "[B, H, N, D]")
@@ -327,7 +342,8 @@ def attention_with_kv_cache(
     return (out, lse) if return_lse else out
 
 
-# ---- op registration: fake kernels and autograd (the C++ ops; Triton's in _triton_ops) ----
+# ---- op registration: fake kernels and autograd (the C++ ops; the Triton varlen op's autograd
+# is registered in _triton_ops, on first use, with the same backward) ----
 
 
 @torch.library.register_fake("fastattn::attention_varlen_fwd")

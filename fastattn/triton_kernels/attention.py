@@ -150,10 +150,11 @@ def _dot(a, b, BF16_DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _load_k_transposed(k_base, k_rows, offs_n, offs_e, stride_ke, S, E):
+def _load_k_transposed(k_base, k_rows, key_ok, offs_e, stride_ke, E):
     """k^T tile [BLOCK_E, BLOCK_N], zero-padded: the right operand of every q . k^T product.
 
-    k_rows: int64 [BLOCK_N] element offsets of the tile's keys from k_base (see _kv_rows).
+    k_rows: int64 [BLOCK_N] element offsets of the tile's keys from k_base (see _kv_rows);
+    key_ok [BLOCK_N]: which of them to read (the others are 0).
     The forward and both backward kernels multiply the same [BLOCK_M, BLOCK_E] q tile by this
     same tile, so the backward recomputes the forward's scores bit for bit, and P = exp(s - lse)
     depends on that: with |s| ~ 1e4 one float32 ulp of s is 1e-3. The backward used to form
@@ -161,28 +162,33 @@ def _load_k_transposed(k_base, k_rows, offs_n, offs_e, stride_ke, S, E):
     operand): P, and so dv, came out 4e-3 off although the forward was exact (issue 18).
     """
     ptrs = k_base + k_rows[None, :] + offs_e[:, None] * stride_ke
-    return tl.load(ptrs, mask=(offs_n[None, :] < S) & (offs_e[:, None] < E), other=0.0)
+    return tl.load(ptrs, mask=key_ok[None, :] & (offs_e[:, None] < E), other=0.0)
 
 
 @triton.jit
 def _kv_rows(
-    offs_n, S, table_row, block_size, stride_kb, stride_kn, stride_vb, stride_vn,
-    PAGED: tl.constexpr,
+    offs_n, col_ok, table_row, block_size, num_blocks, stride_kb, stride_kn, stride_vb,
+    stride_vn, PAGED: tl.constexpr,
 ):
-    """int64 [BLOCK_N] element offsets of key positions offs_n in K and in V.
+    """(k_rows, v_rows, stored): int64 [BLOCK_N] element offsets of key positions offs_n in K
+    and in V, and which of the positions (col_ok: those within the sequence) are in memory.
 
     Contiguous keys: position * row stride, from the sequence's first key. PAGED: position p
     lives in block table_row[p // block_size], row p % block_size, from K / V themselves (the
     block stride is the batch stride, so any layout with a unit last dim is read in place).
+    A block id outside [0, num_blocks) (a wrong block table value: the host checks values only
+    at the cost of a sync) is not stored: never read, its keys count as NaN (the forward).
     """
     k_rows = offs_n.to(tl.int64) * stride_kn
     v_rows = offs_n.to(tl.int64) * stride_vn
+    stored = col_ok
     if PAGED:
-        block = tl.load(table_row + offs_n // block_size, mask=offs_n < S, other=0).to(tl.int64)
+        block = tl.load(table_row + offs_n // block_size, mask=col_ok, other=0).to(tl.int64)
+        stored = col_ok & (block >= 0) & (block < num_blocks)
         row = (offs_n % block_size).to(tl.int64)
         k_rows = block * stride_kb + row * stride_kn
         v_rows = block * stride_vb + row * stride_vn
-    return k_rows, v_rows
+    return k_rows, v_rows, stored
 
 
 @triton.jit
@@ -289,7 +295,7 @@ def _attention_fwd_kernel(
     stride_sb,
     stride_ob, stride_oh, stride_om, stride_o_split,
     stride_lse_b, stride_lse_h, stride_lse_split,
-    stride_table_b, block_size,
+    stride_table_b, block_size, num_blocks,
     Hq, L, S, E, Ev, dropout_cols,
     scale, softcap, dropout_p, window_left, window_right, bottom_right,
     GROUP, num_splits, tune_len_q, tune_len_k,
@@ -360,10 +366,12 @@ def _attention_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < seq_len_k
-        k_rows, v_rows = _kv_rows(offs_n, seq_len_k, table_row, block_size, stride_kb, stride_kn,
-                                  stride_vb, stride_vn, PAGED)
-        k_t = _load_k_transposed(k_base, k_rows, offs_n, offs_e, stride_ke, seq_len_k, E)
+        k_rows, v_rows, stored = _kv_rows(offs_n, col_ok, table_row, block_size, num_blocks,
+                                          stride_kb, stride_kn, stride_vb, stride_vn, PAGED)
+        k_t = _load_k_transposed(k_base, k_rows, stored, offs_e, stride_ke, E)
         qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
+        if PAGED:  # the key of a block outside the cache is NaN: a query that sees it is NaN
+            qk = tl.where((col_ok & ~stored)[None, :], float("nan"), qk)
         s, _ = _score_tile(
             qk, offs_m, offs_n, seq_len_q, seq_len_k, offset, window_left, window_right, scale,
             softcap, slope, mask_base, stride_mm, stride_mn,
@@ -379,7 +387,7 @@ def _attention_fwd_kernel(
             p = p * _dropout_scale(seed, dropout_p, rows, dropout_cols, offs_n)
         v_ptrs = v_base + v_rows[:, None] + offs_ev[None, :] * stride_ve
         # v: [BLOCK_N, BLOCK_EV]
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)
+        v = tl.load(v_ptrs, mask=stored[:, None] & (offs_ev[None, :] < Ev), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, BF16_DOT_IN_FP32)
         m_i = m_new
 
@@ -509,10 +517,10 @@ def _attention_bwd_dkdv_kernel(
     col_ok = offs_n < seq_len_k
     k_ok = col_ok[:, None] & (offs_e[None, :] < E)
     v_ok = col_ok[:, None] & (offs_ev[None, :] < Ev)
-    k_rows, v_rows = _kv_rows(offs_n, seq_len_k, K, 1, stride_kb, stride_kn, stride_vb, stride_vn,
-                              False)
+    k_rows, v_rows, _ = _kv_rows(offs_n, col_ok, K, 1, 0, stride_kb, stride_kn, stride_vb,
+                                 stride_vn, False)
     k_t = _load_k_transposed(K + b64 * stride_kb + kvh * stride_kh + k_start * stride_kn, k_rows,
-                             offs_n, offs_e, stride_ke, seq_len_k, E)  # [BLOCK_E, BLOCK_N]
+                             col_ok, offs_e, stride_ke, E)  # [BLOCK_E, BLOCK_N]
     v = tl.load(V + b64 * stride_vb + kvh * stride_vh + k_start * stride_vn + v_rows[:, None]
                 + offs_ev[None, :] * stride_ve, mask=v_ok, other=0.0)  # [BLOCK_N, BLOCK_EV]
     seed = 0
@@ -638,9 +646,9 @@ def _attention_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         col_ok = offs_n < seq_len_k
-        k_rows, v_rows = _kv_rows(offs_n, seq_len_k, K, 1, stride_kb, stride_kn, stride_vb,
-                                  stride_vn, False)
-        k_t = _load_k_transposed(k_base, k_rows, offs_n, offs_e, stride_ke, seq_len_k, E)
+        k_rows, v_rows, _ = _kv_rows(offs_n, col_ok, K, 1, 0, stride_kb, stride_kn, stride_vb,
+                                     stride_vn, False)
+        k_t = _load_k_transposed(k_base, k_rows, col_ok, offs_e, stride_ke, E)
         v = tl.load(v_base + v_rows[:, None] + offs_ev[None, :] * stride_ve,
                     mask=col_ok[:, None] & (offs_ev[None, :] < Ev), other=0.0)  # [N, Ev]
         qk = _dot(q, k_t, BF16_DOT_IN_FP32)  # [BLOCK_M, BLOCK_N]
@@ -751,13 +759,15 @@ class Sequences:
     seqlens_k: torch.Tensor | None = None
     block_table: torch.Tensor | None = None
     block_size: int = 1
+    num_blocks: int = 0  # the blocks in K / V: table entries outside [0, num_blocks) are unread
 
     def kernel_args(self, dummy: torch.Tensor) -> tuple[list, dict]:
-        """(the four pointers and the table's row stride and block size, the three flags)."""
+        """(the four pointers, the table's row stride, block size and block count, the three
+        flags)."""
         table = self.block_table
         pointers = [t if t is not None else dummy for t in (
             self.cu_seqlens_q, self.cu_seqlens_k, self.seqlens_k, table)]
-        scalars = [table.stride(0) if table is not None else 0, self.block_size]
+        scalars = [table.stride(0) if table is not None else 0, self.block_size, self.num_blocks]
         flags = {"VARLEN": self.cu_seqlens_q is not None, "KEY_LENS": self.seqlens_k is not None,
                  "PAGED": table is not None}
         return pointers + scalars, flags

@@ -20,7 +20,8 @@ block_table in the kernel: one launch for every sequence, no host sync, no paddi
   head) is split over several programs along the keys and the partial results merged by
   _attention_split_combine_kernel (log-sum-exp weights).
 
-The autograd of the varlen forward (its backward is the bwd op) is registered here, at import.
+The autograd of the varlen forward (its backward is the bwd op) is registered with the C++ op's
+in fastattn/ops/packed_attention.py, which reaches these ops through its _triton_ops().
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastattn.ops._autograd import first_order_only
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 from fastattn.triton_kernels.attention import (
     _INTERPRETED,
@@ -59,13 +59,14 @@ def _kv_cache_append_kernel(
     stride_nvb, stride_nvh, stride_nvl, stride_nve,
     stride_kb, stride_kh, stride_kn, stride_ke,
     stride_vb, stride_vh, stride_vn, stride_ve,
-    stride_table_b, block_size, capacity,
+    stride_table_b, block_size, capacity, num_blocks,
     Hk, L_new, E, Ev,
     PAGED: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
 ):
     """Writes k_new / v_new rows [t0, t0 + BLOCK_L) of one sequence and kv head into its cache
     at positions cache_seqlens[b] + t, through the same row mapping the attention kernel reads
-    (_kv_rows). Positions at or past the capacity are not written (never out of bounds)."""
+    (_kv_rows). Positions at or past the capacity, or in a block outside [0, num_blocks), are
+    not written (never out of bounds)."""
     offs_t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     pid_bh = tl.program_id(1)
     b64 = (pid_bh // Hk).to(tl.int64)
@@ -80,6 +81,7 @@ def _kv_cache_append_kernel(
     if PAGED:
         block = tl.load(BlockTable + b64 * stride_table_b + pos // block_size, mask=ok,
                         other=0).to(tl.int64)
+        ok = ok & (block >= 0) & (block < num_blocks)
         row = (pos % block_size).to(tl.int64)
         k_rows = block * stride_kb + row * stride_kn
         v_rows = block * stride_vb + row * stride_vn
@@ -341,8 +343,10 @@ def attention_kv_cache_fwd_triton(
 
     Returns out [B, Hq, Lq, Ev] (q's dtype, contiguous) and lse float32 [B, Hq, Lq]. Every
     shape, dtype and device is checked before the append. Values are not (that needs a host
-    sync): positions at or past the cache's capacity (S_max, or max_blocks * block_size) are
-    neither written nor read, and block ids / cache_batch_idx entries are trusted.
+    sync), but nothing outside the caches is read or written: positions at or past the
+    capacity (S_max, or max_blocks * block_size) are skipped, and so are the blocks (cache rows)
+    whose block_table (cache_batch_idx) entry lies outside the cache; such a block's keys
+    count as NaN, so a query that sees one of them gets a NaN out row and lse.
     """
     _check_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
                     cache_batch_idx, alibi_slopes)
@@ -360,7 +364,7 @@ def attention_kv_cache_fwd_triton(
         torch.library.wrap_triton(_kv_cache_append_kernel)[append_grid](
             k_new, v_new, k_cache, v_cache, cache_seqlens, table if table is not None else q,
             *k_new.stride(), *v_new.stride(), *k_cache.stride(), *v_cache.stride(),
-            table.stride(0) if table is not None else 0, block_size, capacity,
+            table.stride(0) if table is not None else 0, block_size, capacity, k_cache.shape[0],
             Hk, L_new, E, Ev, PAGED=table is not None, BLOCK_L=_APPEND_BLOCK_L,
             BLOCK_E=_head_block(E), BLOCK_EV=_head_block(Ev),
         )
@@ -388,7 +392,8 @@ def attention_kv_cache_fwd_triton(
         E=E, Ev=Ev, attn_mask=None, alibi_slopes=alibi_slopes, dropout_p=0.0, rng_seed=None,
         scale=scale, window_left=window_left, window_right=window_right,
         bottom_right=bottom_right, softcap=softcap, dropout_cols=capacity,
-        sequences=Sequences(seqlens_k=seqlens_k, block_table=table, block_size=block_size),
+        sequences=Sequences(seqlens_k=seqlens_k, block_table=table, block_size=block_size,
+                            num_blocks=k_cache.shape[0]),
         num_splits=num_splits,
     )
     if num_splits > 1:
@@ -396,30 +401,3 @@ def attention_kv_cache_fwd_triton(
                                 part_lse.view(num_splits, B * Hq * Lq), out, lse)
     return out, lse
 
-
-def _varlen_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, \
-        dropout_p, rng_seed, *options = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed)
-    ctx.options = (max_seqlen_q, max_seqlen_k, dropout_p, *options)
-
-
-@first_order_only("fastattn::attention_varlen_fwd_triton")
-def _varlen_backward(ctx, grad_out, grad_lse):
-    # lse is an auxiliary output (returned detached by the public API): grad_lse is ignored.
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, rng_seed = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, dropout_p, scale, window_left, window_right, bottom_right, \
-        softcap = ctx.options
-    dq, dk, dv = torch.ops.fastattn.attention_varlen_bwd_triton(
-        grad_out.contiguous(), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-        max_seqlen_k, alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right,
-        bottom_right, softcap,
-    )
-    return (dq, dk, dv) + (None,) * 12
-
-
-torch.library.register_autograd(
-    "fastattn::attention_varlen_fwd_triton", _varlen_backward,
-    setup_context=_varlen_setup_context,
-)

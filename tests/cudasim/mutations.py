@@ -194,8 +194,25 @@ MUTATIONS = [
     Mutation(
         "paged-block-table-ignored",
         COMMON,
-        "base + blocks[r / block_size] * block_stride",
-        "base + (r / block_size) * block_stride",
+        "const int64_t block = blocks[r / block_size];",
+        "const int64_t block = r / block_size;",
+    ),
+    Mutation(
+        "paged-block-id-unchecked",
+        COMMON,
+        "    if (block < 0 || block >= num_blocks) return nullptr;\n",
+    ),
+    Mutation(
+        "paged-missing-keys-zero",
+        COMMON,
+        "missing == MissingRows::kNaN ? ElementTraits<Element>::kNaNPair : 0u;",
+        "0u;",
+    ),
+    Mutation(
+        "batch-idx-ignored",
+        COMMON,
+        "blocks = p.cache_batch_idx + b, block_size = static_cast<int>(p.len_kv);",
+        "",
     ),
     Mutation(
         "kv-cache-new-rows-unseen",

@@ -104,6 +104,10 @@ struct AttentionParams {
   int64_t block_table_stride = 0;
   int64_t block_size = 0;
   int64_t cache_blocks = 0;  // B_cache or num_blocks: the bound of the indices above
+  // Indices outside [0, cache_blocks) are never dereferenced by the CUDA kernels (the glue
+  // cannot read them without a host sync): the forward reads such a block's keys as NaN and its
+  // values as 0, so a query that sees one of its keys gets a NaN out row and lse, and the others
+  // are unaffected. The CPU glue checks the values and raises instead.
 
   // [cuda] The rows run_kv_cache_append writes into the cache before the forward: k_new /
   // v_new [B, Hk, kv_new_len, E] at positions cache_seqlens[b] ... of sequence b. (The CPU

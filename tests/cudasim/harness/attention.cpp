@@ -26,6 +26,7 @@
 #include "attention/kv_cache_append.cu"
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 
@@ -675,6 +676,11 @@ struct KvCacheCase {
   int block_size = 0;
   SeqOptions o;
   int subset_splits = 1;
+  // Wrong index values the op layer would have rejected (check_values=False): {b, column,
+  // id} sets block_table[b, column] (paged) or cache_batch_idx[b] (contiguous) to a block id
+  // outside the cache. Nothing may be read or written there; a query that sees one of the
+  // block's positions gets a NaN row and lse (attention_params.h), the others are exact.
+  std::vector<std::array<int, 3>> bad_ids = {};
 };
 
 // Appends and attends as the glue does, then checks the cache (the new rows at their slots,
@@ -694,6 +700,11 @@ bool run_kv_cache_case(const KvCacheCase& c) {
   for (size_t x = 0; x < block_table.size(); ++x) block_table[x] = int(x) + 2;
   std::shuffle(block_table.begin(), block_table.end(), rng);
   for (int b = 0; b < B; ++b) batch_idx[b] = B - b;
+  for (const auto& [b, column, id] : c.bad_ids) (paged ? block_table[b * max_blocks + column] : batch_idx[b]) = id;
+  auto missing = [&](int b, int64_t pos) {  // position pos of sequence b is in a block outside the cache
+    const int id = paged ? block_table[b * max_blocks + pos / bs] : batch_idx[b];
+    return id < 0 || id >= cache_blocks;
+  };
   const int64_t rows_per_block = paged ? bs : c.capacity;
   int64_t sb, sh, sr;  // cache strides: [blocks, Hk, rows, E] or vLLM's [blocks, rows, Hk, E]
   if (c.cache == Cache::kPagedVllm) sb = rows_per_block * Hk * E, sh = E, sr = int64_t(Hk) * E;
@@ -746,6 +757,7 @@ bool run_kv_cache_case(const KvCacheCase& c) {
       for (int64_t t = 0; t < c.L_new; ++t)
         for (int e = 0; e < E; ++e) {
           const size_t from = ((size_t(b) * Hk + hk) * c.L_new + t) * E + e;
+          if (missing(b, c.cache_seqlens[b] + t)) continue;  // skipped by the append
           const size_t to = size_t(slot(b, c.cache_seqlens[b] + t) + hk * sh + e);
           k_expect[to] = k_new[from], v_expect[to] = v_new[from];
         }
@@ -753,12 +765,16 @@ bool run_kv_cache_case(const KvCacheCase& c) {
                         std::memcmp(v_expect.data(), v_cache.data(), v_cache.size() * sizeof(T)) == 0;
 
   Err e_out, e_lse;
+  bool nan_rows_ok = true;
+  int nan_rows = 0;
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < Hq; ++h) {
       const int hk = h / G;
       const int64_t old = c.cache_seqlens[b], Sk = old + c.L_new;
-      auto key = [&](const std::vector<T>& cache0, const std::vector<T>& fresh) {
-        return [&, old, from_cache = &cache0, from_new = &fresh](int64_t j, int e) {
+      // A missing block's keys are NaN and its values 0 (what the kernel reads instead).
+      auto key = [&](const std::vector<T>& cache0, const std::vector<T>& fresh, double if_missing) {
+        return [&, old, if_missing, from_cache = &cache0, from_new = &fresh](int64_t j, int e) {
+          if (missing(b, j)) return if_missing;
           return j < old ? to_d((*from_cache)[size_t(slot(b, j) + hk * sh + e)])
                          : to_d((*from_new)[((size_t(b) * Hk + hk) * c.L_new + (j - old)) * E + e]);
         };
@@ -768,17 +784,31 @@ bool run_kv_cache_case(const KvCacheCase& c) {
       const size_t q0 = (size_t(b) * Hq + h) * c.Lq;
       reference_sequence(
           c.Lq, Sk, E, p.scale, c.o.alibi ? slopes[b * Hq + h] : 0.0, c.o,
-          [&](int64_t i, int e) { return to_d(q[(q0 + i) * E + e]); }, key(k0, k_new), key(v0, v_new),
+          [&](int64_t i, int e) { return to_d(q[(q0 + i) * E + e]); }, key(k0, k_new, NAN), key(v0, v_new, 0.0),
           [](int64_t, int) { return 0.0; }, [](int64_t, int64_t) { return 1.0; }, [](double x) { return x; }, g);
       for (int64_t i = 0; i < c.Lq; ++i) {
-        for (int e = 0; e < E; ++e) e_out.add(g.out[i * E + e], to_d(out[(q0 + i) * E + e]));
-        e_lse.add(g.lse[i], lse[q0 + i]);
+        bool sees_missing = false;
+        for (int64_t j = 0, d0 = -i - (c.o.bottom_right ? Sk - c.Lq : 0); j < Sk; ++j) {
+          const bool hidden = (c.o.window_left >= 0 && j + d0 < -c.o.window_left) ||
+                              (c.o.window_right >= 0 && j + d0 > c.o.window_right);
+          sees_missing |= !hidden && missing(b, j);
+        }
+        for (int e = 0; e < E; ++e) {
+          const double got = to_d(out[(q0 + i) * E + e]);
+          if (sees_missing) nan_rows_ok &= std::isnan(got);
+          else e_out.add(g.out[i * E + e], got);
+        }
+        if (sees_missing) nan_rows_ok &= std::isnan(lse[q0 + i]), ++nan_rows;
+        else e_lse.add(g.lse[i], lse[q0 + i]);
       }
     }
   const double tol = std::is_same_v<T, __half> ? 5e-3 : 3e-2;
-  const bool ok = cache_ok && e_out.rel() <= tol && e_lse.max_abs <= 1e-4 * std::max(1.0, e_lse.max_ref);
-  std::printf("%-70s %s  splits %3d  cache %s out %.1e lse %.1e (tol %.0e)\n", c.name, ok ? "OK  " : "FAIL",
+  const bool ok = cache_ok && nan_rows_ok && e_out.rel() <= tol &&
+                  e_lse.max_abs <= 1e-4 * std::max(1.0, e_lse.max_ref);
+  std::printf("%-70s %s  splits %3d  cache %s out %.1e lse %.1e (tol %.0e)", c.name, ok ? "OK  " : "FAIL",
               p.num_splits, cache_ok ? "ok" : "WRONG", e_out.rel(), e_lse.max_abs, tol);
+  if (!c.bad_ids.empty()) std::printf("  NaN rows %d %s", nan_rows, nan_rows_ok ? "ok" : "WRONG");
+  std::printf("\n");
   return ok;
 }
 
@@ -804,6 +834,10 @@ const std::vector<KvCacheCase>& kv_cache_cases() {
        {45, 70}, Cache::kPagedVllm, 80, 16, {true, -1, 0, 0.0f, true}, 3},
       {"kvcache f16 E64 contiguous cache_batch_idx, Lq2 L_new 0 softcap window(50,-1)", 1, 1, 2, 0, {7, 150},
        Cache::kContiguous, 160, 0, {true, 50, -1, 20.0f}, 2},
+      {"kvcache f16 E64 paged bs 8 block ids past the end / negative, window(14,0) L_new 2", 2, 1, 4, 2, {30, 21},
+       Cache::kPaged, 40, 8, {true, 14, 0}, 2, {{0, 1, 12}, {1, 2, -1}}},
+      {"kvcache f16 E64 contiguous cache_batch_idx past the end, L_new 1", 2, 2, 2, 1, {7, 40},
+       Cache::kContiguous, 48, 0, {}, 1, {{1, 0, 1000}}},
   };
   return all;
 }
