@@ -78,6 +78,29 @@ def lstm_layer_inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
     return x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh
 
 
+def ln_layer_inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
+    """Fresh random inputs of one lstm_ln_layer_fwd call: (x_proj, h0, c0, w_hh, (ln_hh_weight,
+    ln_c_weight, ln_c_bias), w_hr, batch_sizes, zoneout_c, zoneout_h); P applies with ``proj``
+    only; ``lengths`` (sorted, one per row; the first B taken) gives batch_sizes."""
+    P = P if proj else H
+    x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
+    h0, c0 = randn(B, P, dtype=dtype), randn(B, H, dtype=dtype)
+    w_hh = randn(4 * H, P, dtype=dtype, scale=0.5)
+    # gains away from 1 and a bias away from 0, so a kernel that drops one of them fails
+    ln = (randn(4 * H, dtype=dtype, scale=0.3, mean=1.0),
+          randn(H, dtype=dtype, scale=0.3, mean=1.0), randn(H, dtype=dtype, scale=0.5))
+    w_hr = randn(P, H, dtype=dtype, scale=0.5) if proj else None
+    batch_sizes = None
+    if lengths is not None:
+        lengths = lengths[:B]
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+    zc = zh = None
+    if zoneout:
+        zc = torch.bernoulli(torch.full((T, B, H), 0.3)).to(dtype)
+        zh = torch.full((T, B, P), 0.25, dtype=dtype)  # the eval-mode form: a probability
+    return x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fills ``t`` with NaN (or the integer max) so an element a kernel forgets to write fails."""
     if t.is_floating_point():

@@ -78,3 +78,63 @@ def layer_oracles(inputs, reverse, grad_h_all, grad_c_all):
         grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
         *forward_torch)
     return forward64, forward_torch, grads64, grads_torch
+
+
+def _ln_saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, eps, h_all, c_all, gates_all):
+    """What the LN op saves beyond the reference's outputs (hh_norm_all, c_norm_all, rstd_all), in
+    float64, from the float64 reference run's states; zeros in rows that do not step."""
+    T, B, G = x_proj.shape
+    H = G // 4
+    sizes = [B] * T if batch_sizes is None else batch_sizes.tolist()
+    hh_norm = torch.zeros(T, B, G, dtype=torch.float64)
+    c_norm = torch.zeros(T, B, H, dtype=torch.float64)
+    rstd = torch.zeros(T, B, 2, dtype=torch.float64)
+    for t in range(T):
+        first = t == (T - 1 if reverse else 0)
+        prev = t + 1 if reverse else t - 1
+        h_prev = h0.double() if first else h_all[prev]
+        c_prev = c0.double() if first else c_all[prev]
+        n = sizes[t]
+        hh = h_prev[:n] @ w_hh.double().t()
+        i, f, g, _ = gates_all[t, :n].chunk(4, dim=-1)
+        cell = f * c_prev[:n] + i * g
+        for k, v in enumerate((hh, cell)):
+            var, mean = torch.var_mean(v, dim=-1, unbiased=False, keepdim=True)
+            r = (var + eps).rsqrt()
+            (hh_norm if k == 0 else c_norm)[t, :n] = (v - mean) * r
+            rstd[t, :n, k] = r.squeeze(-1)
+    return hh_norm, c_norm, rstd
+
+
+def ln_layer_oracles(inputs, reverse, eps, grad_h_all, grad_c_all):
+    """What one lstm_ln_layer_fwd / _bwd call should give, by fastattn.ops.reference (on the CPU).
+
+    inputs = helpers.ln_layer_inputs' (x_proj, h0, c0, w_hh, (ln_hh_weight, ln_c_weight,
+    ln_c_bias), w_hr, batch_sizes, zoneout_c, zoneout_h). Returns (forward64, forward_torch,
+    saved64, grads64, grads_torch): h_all, c_all, gates_all, hpre_all on float64 copies and at
+    the inputs' dtype; hh_norm_all, c_norm_all, rstd_all in float64; the gradients (x_proj, h0,
+    c0, w_hh, the three LN weights, and w_hr when given) of sum(h_all * grad_h_all) +
+    sum(c_all * grad_c_all) by autograd through the reference in float64 and at the inputs'
+    dtype.
+    """
+    from fastattn.ops import reference
+
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = inputs
+
+    def run(dt, grad: bool):
+        leaves = [t.detach().to(dt).requires_grad_(grad) for t in (x_proj, h0, c0, w_hh, *ln)]
+        if w_hr is not None:
+            leaves.append(w_hr.detach().to(dt).requires_grad_(grad))
+        cast = (lambda t: None if t is None else t.to(dt))
+        out = reference.lstm_layer_reference(
+            *leaves[:4], leaves[7] if w_hr is not None else None, batch_sizes, reverse, cast(zc),
+            cast(zh), layer_norm=(*leaves[4:7], eps))
+        if not grad:
+            return out
+        loss = (out[0] * grad_h_all.to(dt)).sum() + (out[1] * grad_c_all.to(dt)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    forward64, forward_torch = run(torch.float64, False), run(x_proj.dtype, False)
+    saved64 = _ln_saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, eps, *forward64[:3])
+    return (forward64, forward_torch, saved64, run(torch.float64, True),
+            run(x_proj.dtype, True))

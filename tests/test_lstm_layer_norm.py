@@ -13,15 +13,16 @@ from helpers import (
     DTYPE_RTOL,
     LSTM_LAYER_CASES,
     assert_close_to_reference,
+    ln_layer_inputs,
     max_rel_error,
     nan_heap,
     randn,
 )
+from lstm_math import ln_layer_oracles
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn.ops import lstm as lstm_ops
-from fastattn.ops import reference
 
 OPS = torch.ops.fastattn
 EPS = 1e-5
@@ -38,57 +39,6 @@ CASES = [
 # (T, B, H, P with projection); B = 1 runs the first `lengths` entry only.
 SHAPES = [pytest.param((5, 4, 7, 3), id="T5B4H7"), pytest.param((5, 4, 33, 9), id="T5B4H33"),
           pytest.param((5, 1, 33, 9), id="T5B1H33")]
-
-
-def _inputs(T, B, H, P, dtype, *, proj, zoneout, lengths):
-    """x_proj, h0, c0, w_hh, (ln_hh_weight, ln_c_weight, ln_c_bias), w_hr, batch_sizes, zc, zh."""
-    P = P if proj else H
-    x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
-    h0, c0 = randn(B, P, dtype=dtype), randn(B, H, dtype=dtype)
-    w_hh = randn(4 * H, P, dtype=dtype, scale=0.5)
-    # gains away from 1 and a bias away from 0, so a kernel that drops one of them fails
-    ln = (randn(4 * H, dtype=dtype, scale=0.3, mean=1.0),
-          randn(H, dtype=dtype, scale=0.3, mean=1.0), randn(H, dtype=dtype, scale=0.5))
-    w_hr = randn(P, H, dtype=dtype, scale=0.5) if proj else None
-    batch_sizes = None
-    if lengths is not None:
-        lengths = lengths[:B]
-        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
-    zc = zh = None
-    if zoneout:
-        zc = torch.bernoulli(torch.full((T, B, H), 0.3)).to(dtype)
-        zh = torch.full((T, B, P), 0.25, dtype=dtype)  # the eval-mode form: a probability
-    return x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh
-
-
-def _f64(t):
-    return None if t is None else t.double()
-
-
-def _saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, h_all, c_all, gates_all):
-    """What the op saves beyond the reference's outputs (hh_norm_all, c_norm_all, rstd_all), in
-    float64, from the float64 reference run's states; zeros in rows that do not step."""
-    T, B, G = x_proj.shape
-    H = G // 4
-    sizes = [B] * T if batch_sizes is None else batch_sizes.tolist()
-    hh_norm, c_norm = torch.zeros(T, B, G, dtype=torch.float64), torch.zeros(T, B, H,
-                                                                            dtype=torch.float64)
-    rstd = torch.zeros(T, B, 2, dtype=torch.float64)
-    for t in range(T):
-        first = t == (T - 1 if reverse else 0)
-        prev = t + 1 if reverse else t - 1
-        h_prev = h0.double() if first else h_all[prev]
-        c_prev = c0.double() if first else c_all[prev]
-        n = sizes[t]
-        hh = h_prev[:n] @ w_hh.double().t()
-        i, f, g, _ = gates_all[t, :n].chunk(4, dim=-1)
-        cell = f * c_prev[:n] + i * g
-        for k, v in enumerate((hh, cell)):
-            var, mean = torch.var_mean(v, dim=-1, unbiased=False, keepdim=True)
-            r = (var + EPS).rsqrt()
-            (hh_norm if k == 0 else c_norm)[t, :n] = (v - mean) * r
-            rstd[t, :n, k] = r.squeeze(-1)
-    return hh_norm, c_norm, rstd
 
 
 # The CUDA ops (csrc/lstm/lstm_cuda.cpp: the C++ time loop around the LN step kernels of
@@ -136,7 +86,7 @@ DEVICE_SHAPES = [
 def test_fwd_bwd_match_reference(dtype, shape, case, device):
     _require_kernels(device)
     T, B, H, P = shape
-    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = ln_layer_inputs(
         T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=case["lengths"])
     P = h0.shape[1]
     reverse = case["reverse"]
@@ -148,40 +98,24 @@ def test_fwd_bwd_match_reference(dtype, shape, case, device):
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
     assert [t.dtype for t in out] == [dtype, dtype, opmath, dtype, opmath, opmath, opmath]
 
-    ref64 = reference.lstm_layer_reference(
-        *map(_f64, (x_proj, h0, c0, w_hh, w_hr)), batch_sizes, reverse, _f64(zc), _f64(zh),
-        layer_norm=(*map(_f64, ln), EPS))
-    ref_t = reference.lstm_layer_reference(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zc, zh,
-                                           layer_norm=(*ln, EPS))
-    saved64 = _saved_rows_f64(x_proj, h0, c0, w_hh, batch_sizes, reverse, *ref64[:3])
+    grad_h_all, grad_c_all = randn(T, B, P, dtype=dtype), randn(T, B, H, dtype=dtype)
+    ref64, ref_t, saved64, want, same_dtype = ln_layer_oracles(
+        (x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh), reverse, EPS, grad_h_all,
+        grad_c_all)
     names = ("h_all", "c_all", "gates_all", "hpre_all")
-    for name, got, want, same_dtype in zip(names, out[:4], ref64, ref_t, strict=True):
-        assert_close_to_reference(got, want, same_dtype, dtype=dtype, name=name)
-    for name, got, want in zip(("hh_norm_all", "c_norm_all", "rstd_all"), out[4:], saved64,
-                               strict=True):
+    for name, got, want_, same_dtype_ in zip(names, out[:4], ref64, ref_t, strict=True):
+        assert_close_to_reference(got, want_, same_dtype_, dtype=dtype, name=name)
+    for name, got, want_ in zip(("hh_norm_all", "c_norm_all", "rstd_all"), out[4:], saved64,
+                                strict=True):
         # no same-dtype PyTorch run to compare with: the dtype's budget (bf16: 2e-2)
-        assert_close_to_reference(got, want, dtype=dtype, name=name)
+        assert_close_to_reference(got, want_, dtype=dtype, name=name)
     if w_hr is None:
         assert out[3].numel() == 0
 
-    grad_h_all, grad_c_all = randn(T, B, P, dtype=dtype), randn(T, B, H, dtype=dtype)
     _poison(device, (T, B, 4 * H), (B, P), (B, H), (4 * H, P), dtype=dtype)
     got = OPS.lstm_ln_layer_bwd(*_on(device, grad_h_all, grad_c_all, h0, c0, w_hh, *ln, w_hr),
                                 batch_sizes, reverse, *_on(device, zc, zh, *out))
     got = [t.cpu() for t in got]
-
-    def reference_grads(dt):
-        leaves = [t.to(dt).requires_grad_() for t in (x_proj, h0, c0, w_hh, *ln)]
-        if w_hr is not None:
-            leaves.append(w_hr.to(dt).requires_grad_())
-        cast = (lambda t: None if t is None else t.to(dt))
-        h_ref, c_ref, _, _ = reference.lstm_layer_reference(
-            *leaves[:4], leaves[7] if w_hr is not None else None, batch_sizes, reverse, cast(zc),
-            cast(zh), layer_norm=(*leaves[4:7], EPS))
-        loss = (h_ref * grad_h_all.to(dt)).sum() + (c_ref * grad_c_all.to(dt)).sum()
-        return torch.autograd.grad(loss, leaves)
-
-    want, same_dtype = reference_grads(torch.float64), reference_grads(dtype)
     grad_names = ("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh", "grad_ln_hh_weight",
                   "grad_ln_c_weight", "grad_ln_c_bias", "grad_w_hr")
     for i, wanted in enumerate(want):
@@ -197,8 +131,8 @@ def test_fwd_bwd_match_reference(dtype, shape, case, device):
 def test_single_step_against_hand_written_math():
     """One step of the op against LayerNorm written out by hand (not via the reference)."""
     B, H = 3, 5
-    x_proj, h0, c0, w_hh, ln, *_ = _inputs(1, B, H, H, torch.float64, proj=False, zoneout=False,
-                                           lengths=None)
+    x_proj, h0, c0, w_hh, ln, *_ = ln_layer_inputs(1, B, H, H, torch.float64, proj=False,
+                                                   zoneout=False, lengths=None)
     h_all, c_all, *_ = OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, *ln, EPS, None, None, False,
                                              None, None)
 
@@ -215,8 +149,8 @@ def test_single_step_against_hand_written_math():
 
 @needs_cpu_kernels
 def test_ops_reject_bad_arguments():
-    x_proj, h0, c0, w_hh, ln, *_ = _inputs(4, 3, 8, 8, torch.float32, proj=False, zoneout=False,
-                                           lengths=None)
+    x_proj, h0, c0, w_hh, ln, *_ = ln_layer_inputs(4, 3, 8, 8, torch.float32, proj=False,
+                                                   zoneout=False, lengths=None)
     with pytest.raises(RuntimeError, match=r"ln_hh_weight must have shape \[32\]"):
         OPS.lstm_ln_layer_fwd(x_proj, h0, c0, w_hh, ln[0][:8], ln[1], ln[2], EPS, None, None,
                               False, None, None)
@@ -240,7 +174,7 @@ def test_ops_reject_bad_arguments():
 def test_opcheck(case, device):
     _require_kernels(device)
     T, B, H, P = 3, 4, 5, 3
-    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = ln_layer_inputs(
         T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
         lengths=[3, 3, 2, 1] if case["lengths"] else None)
     x_proj, h0, c0, w_hh, *ln, w_hr, zc, zh = _on(device, x_proj, h0, c0, w_hh, *ln, w_hr, zc, zh)
@@ -262,7 +196,7 @@ def test_opcheck(case, device):
 @pytest.mark.parametrize("case", [CASES[0], CASES[5]])
 def test_gradcheck_op(case):
     T, B, H, P = 3, 3, 4, 2
-    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = ln_layer_inputs(
         T, B, H, P, torch.float64, proj=case["proj"], zoneout=case["zoneout"],
         lengths=[3, 2, 1] if case["lengths"] else None)
     tensors = [t.requires_grad_() for t in (x_proj, h0, c0, w_hh, *ln)]
@@ -284,7 +218,7 @@ def test_gradcheck_lstm_layer_with_layer_norm():
     x = randn(T, B, in_features, dtype=torch.float64)
     w_ih = randn(4 * H, in_features, dtype=torch.float64)
     b_ih, b_hh = randn(4 * H, dtype=torch.float64), randn(4 * H, dtype=torch.float64)
-    _, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _inputs(
+    _, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = ln_layer_inputs(
         T, B, H, P, torch.float64, proj=True, zoneout=True, lengths=[4, 3, 1])
     ln_ih = randn(4 * H, dtype=torch.float64, scale=0.3, mean=1.0)
     tensors = [t.requires_grad_() for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, ln_ih, *ln)]

@@ -9,11 +9,12 @@ on CPU it also serves lstm_cell then; on CUDA it runs the persistent sequence ke
 fits, see csrc/lstm/lstm_cuda.cpp); ``cpu`` and ``cuda`` also run fastattn::lstm_ln_layer_fwd/_bwd
 for the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
 whole-sequence GEMMs); ``triton`` runs lstm_cell on the *_triton pointwise ops and lstm_layer
-on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels, for any H and P. Per
+on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels (layer_norm:
+fastattn::lstm_ln_layer_fwd_triton / _bwd_triton, the same kernels), for any H and P. Per
 size, auto prefers the cuda backend's C++ loop (first in backends.choose's order) wherever the
 extension has it: at H >= 512 it beats streaming the weights on paper
 (fastattn/triton_kernels/lstm_layer.py has the figures); ``reference`` is plain
-PyTorch (fastattn/ops/reference.py). ``triton`` does not serve the layer_norm option.
+PyTorch (fastattn/ops/reference.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def _triton_layer_fwd():
     except ImportError:
         return None
     _register_layer_autograd("fastattn::lstm_layer_fwd_triton", _OPS.lstm_layer_bwd_triton)
+    _register_ln_layer_autograd("fastattn::lstm_ln_layer_fwd_triton",
+                                _OPS.lstm_ln_layer_bwd_triton)
     return _OPS.lstm_layer_fwd_triton
 
 
@@ -218,23 +221,29 @@ def _ln_layer_setup_context(ctx, inputs, output):
                           zoneout_h, *output)
 
 
-@first_order_only("fastattn::lstm_ln_layer_fwd")
-def _ln_layer_backward(ctx, grad_h_all, grad_c_all, *_grad_saved):
-    (h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr, zoneout_c, zoneout_h, h_all, c_all,
-     *saved) = ctx.saved_tensors
-    batch_sizes, reverse = ctx.options
-    grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
-    grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
-    (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight, grad_ln_c_bias,
-     grad_w_hr) = _OPS.lstm_ln_layer_bwd(
-        grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr,
-        batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, *saved)
-    return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
-            grad_ln_c_bias, None, grad_w_hr if w_hr is not None else None, None, None, None, None)
+def _register_ln_layer_autograd(fwd: str, bwd) -> None:
+    """Autograd of a forward op with lstm_ln_layer_fwd's schema, by ``bwd`` (lstm_ln_layer_bwd's
+    schema)."""
+
+    @first_order_only(fwd)
+    def backward(ctx, grad_h_all, grad_c_all, *_grad_saved):
+        (h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr, zoneout_c, zoneout_h, h_all,
+         c_all, *saved) = ctx.saved_tensors
+        batch_sizes, reverse = ctx.options
+        grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
+        grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
+        (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
+         grad_ln_c_bias, grad_w_hr) = bwd(
+            grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr,
+            batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, *saved)
+        return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
+                grad_ln_c_bias, None, grad_w_hr if w_hr is not None else None, None, None, None,
+                None)
+
+    torch.library.register_autograd(fwd, backward, setup_context=_ln_layer_setup_context)
 
 
-torch.library.register_autograd(
-    "fastattn::lstm_ln_layer_fwd", _ln_layer_backward, setup_context=_ln_layer_setup_context)
+_register_ln_layer_autograd("fastattn::lstm_ln_layer_fwd", _OPS.lstm_ln_layer_bwd)
 
 
 def _sequence_setup_context(ctx, inputs, output):
@@ -322,8 +331,6 @@ def _choose_backend(fn: str, device: torch.device, dtype: torch.dtype, layer_nor
     cell_missing = _cell_missing(device, dtype)
 
     def missing(backend: str) -> str | None:
-        if layer_norm and backend == "triton":
-            return "layer_norm (served by the cpu, cuda and reference backends)"
         if layer_norm and backend == "cuda" and not _has_kernel("lstm_ln_layer_fwd", "CUDA"):
             return "the CUDA LayerNorm-LSTM kernels (fastattn._C has none registered)"
         if backend == "triton" and fn == "lstm_layer":
@@ -442,7 +449,8 @@ def lstm_layer(
     makes it a LayerNorm-LSTM: gates = LN(x @ w_ih^T) * ln_ih_weight + LN(h @ w_hh^T) *
     ln_hh_weight + b_ih + b_hh (LN over the 4H gates), c = LN(f * c_prev + i * g) * ln_c_weight
     + ln_c_bias, h = o * tanh(c); the ``cpu`` and ``cuda`` backends run it on the fused
-    fastattn::lstm_ln_layer_fwd op.
+    fastattn::lstm_ln_layer_fwd op, the ``triton`` backend on
+    fastattn::lstm_ln_layer_fwd_triton.
     Returns (h_all [T, B, P], c_all [T, B, H]): the state after each time step; the final state
     is h_all[-1] (h_all[0] when reverse). Differentiable in input, h0, c0 and the weights.
     """
@@ -504,8 +512,11 @@ def lstm_layer(
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)
 
-    if backend in ("cpu", "cuda") and layer_norm is not None:
-        h_all, c_all, *_ = _OPS.lstm_ln_layer_fwd(
+    if backend in ("cpu", "cuda", "triton") and layer_norm is not None:
+        # the triton op is chosen only once _triton_layer_fwd() has registered it
+        ln_layer_fwd = _OPS.lstm_ln_layer_fwd_triton if backend == "triton" else (
+            _OPS.lstm_ln_layer_fwd)
+        h_all, c_all, *_ = ln_layer_fwd(
             x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
             zoneout_c, zoneout_h)
         return h_all, c_all
