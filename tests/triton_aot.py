@@ -29,9 +29,13 @@ LSTM_BLOCKS = (16, 32)  # block_size() of every H and P whose weights stay on ch
 # Past 32 the layer kernels stream the weights (RESIDENT=False) in tiles of this (BLOCK_H,
 # BLOCK_P), whatever H and P.
 LSTM_STREAMED = (32, 32)
-# The LSTM layer flags: (HAS_PROJ, HAS_BATCH_SIZES, REVERSE, HAS_ZONEOUT_C, HAS_ZONEOUT_H).
-LSTM_ALL_FLAGS = (True, True, True, True, True)
-LSTM_NO_FLAGS = (False, False, False, False, False)
+# The LSTM layer flags: (HAS_PROJ, HAS_BATCH_SIZES, REVERSE, HAS_ZONEOUT_C, HAS_ZONEOUT_H,
+# LAYER_NORM).
+LSTM_FLAG_NAMES = ("HAS_PROJ", "HAS_BATCH_SIZES", "REVERSE", "HAS_ZONEOUT_C", "HAS_ZONEOUT_H",
+                   "LAYER_NORM")
+LSTM_ALL_FLAGS = (True, True, True, True, True, True)
+LSTM_NO_FLAGS = (False, False, False, False, False, False)
+LSTM_ALL_BUT_LN = (True, True, True, True, True, False)
 # Where the attention kernels find each sequence (issue 16): None (dense), "varlen" (cu_seqlens,
 # every kernel) or "paged" (a KV cache's lengths and block table, the forward only). Packed
 # sequences take no mask; a KV cache no mask and no dropout.
@@ -93,8 +97,9 @@ def cases(full: bool) -> list[dict]:
         return _full_cases()
     out = [dict(kernel=k, dtype=d, arch=a) for k in ("lstm_cell_fwd", "lstm_cell_bwd")
            for d, a in (("fp32", 90), ("fp64", 90), ("bf16", 80))]
-    out += [_lstm_layer_case(k, d, a, h, p, LSTM_ALL_FLAGS) for k in LSTM_LAYER_KERNELS
-            for d, a, h, p in (("fp32", 80, 32, 32), ("bf16", 90, 32, 16))]
+    out += [_lstm_layer_case(k, d, a, h, p, f) for k in LSTM_LAYER_KERNELS
+            for d, a, h, p, f in (("fp32", 80, 32, 32, LSTM_ALL_FLAGS),
+                                  ("bf16", 90, 32, 16, LSTM_ALL_BUT_LN))]
     out += [_lstm_layer_case(k, d, a, *LSTM_STREAMED, f, resident=False)
             for k in LSTM_LAYER_KERNELS
             for d, a, f in (("fp32", 80, LSTM_ALL_FLAGS), ("bf16", 90, LSTM_NO_FLAGS))]
@@ -124,12 +129,15 @@ def _full_cases() -> list[dict]:
                     for k in ("lstm_cell_fwd", "lstm_cell_bwd")]
         for dtype in ("fp32", "fp16", "bf16"):
             for kernel in LSTM_LAYER_KERNELS:
-                out += [_lstm_layer_case(kernel, dtype, arch, h, p, LSTM_ALL_FLAGS)
-                        for h in LSTM_BLOCKS for p in LSTM_BLOCKS]
+                out += [_lstm_layer_case(kernel, dtype, arch, h, p, f)
+                        for h in LSTM_BLOCKS for p in LSTM_BLOCKS
+                        for f in (LSTM_ALL_FLAGS, LSTM_ALL_BUT_LN)]
                 out += [_lstm_layer_case(kernel, dtype, arch, h, h, (False, *f[1:]))
-                        for h in LSTM_BLOCKS for f in (LSTM_NO_FLAGS, LSTM_ALL_FLAGS)]
+                        for h in LSTM_BLOCKS
+                        for f in (LSTM_NO_FLAGS, LSTM_ALL_FLAGS, LSTM_ALL_BUT_LN)]
                 out += [_lstm_layer_case(kernel, dtype, arch, *LSTM_STREAMED, f, resident=False)
-                        for f in (LSTM_NO_FLAGS, LSTM_ALL_FLAGS, (False, *LSTM_ALL_FLAGS[1:]))]
+                        for f in (LSTM_NO_FLAGS, LSTM_ALL_FLAGS, LSTM_ALL_BUT_LN,
+                                  (False, *LSTM_ALL_FLAGS[1:]))]
             out += [dict(kernel="attention_bwd_delta", dtype=dtype, arch=arch, block_ev=e)
                     for e in HEAD_BLOCKS]
             for kernel in ATTENTION_KERNELS:
@@ -180,8 +188,9 @@ def case_id(case: dict) -> str:
         parts.append(f"H{case['block_h']}")
     if "block_p" in case:
         parts.append(f"P{case['block_p']}")
-        names = ("proj", "packed", "reverse", "zoneout_c", "zoneout_h")
-        parts.append("+".join(n for n, on in zip(names, case["lstm_flags"]) if on) or "noflags")
+        names = ("proj", "packed", "reverse", "zoneout_c", "zoneout_h", "layer_norm")
+        parts.append("+".join(n for n, on in zip(names, case["lstm_flags"], strict=True) if on)
+                     or "noflags")
         parts.append("resident" if case["resident"] else "streamed")
     if "block_ev" in case and "config" not in case:
         parts.append(f"Ev{case['block_ev']}")
@@ -273,14 +282,18 @@ def _lstm_kernel(case: dict):
     if case["kernel"] in LSTM_LAYER_KERNELS:
         fn = {"lstm_layer_fwd": lstm_layer._lstm_layer_fwd_kernel,
               "lstm_layer_bwd": lstm_layer._lstm_layer_bwd_kernel}[case["kernel"]]
-        names = ("HAS_PROJ", "HAS_BATCH_SIZES", "REVERSE", "HAS_ZONEOUT_C", "HAS_ZONEOUT_H")
-        constexprs = dict(zip(names, case["lstm_flags"]))
+        constexprs = dict(zip(LSTM_FLAG_NAMES, case["lstm_flags"], strict=True))
         constexprs.update(RESIDENT=case["resident"], BLOCK_B=lstm_layer.BLOCK_B,
                           BLOCK_H=case["block_h"], BLOCK_P=case["block_p"])
         options = {"num_warps": lstm_layer.num_warps(case["block_h"], case["block_p"])}
-        # The backward's results are float32 (rounded by the launcher); batch sizes int64.
-        pointers = {name: "fp32" for name in ("grad_gates_all_ptr", "grad_h0_ptr",
-                                              "grad_c0_ptr", "grad_hy_all_ptr")}
+        # The backward's results are float32 (rounded by the launcher), and so are the LN
+        # step's saved rows and gates_all with LAYER_NORM; batch sizes int64.
+        f32 = ["grad_gates_all_ptr", "grad_h0_ptr", "grad_c0_ptr", "grad_hy_all_ptr",
+               "grad_hh_all_ptr", "grad_c_new_all_ptr", "hh_norm_all_ptr", "c_norm_all_ptr",
+               "rstd_all_ptr"]
+        if constexprs["LAYER_NORM"]:
+            f32.append("gates_all_ptr")
+        pointers = dict.fromkeys(f32, "fp32")
         pointers["batch_sizes_ptr"] = "i64"
     else:
         fn = {"lstm_cell_fwd": lstm_cell._lstm_cell_fwd_kernel,
@@ -289,7 +302,7 @@ def _lstm_kernel(case: dict):
         constexprs = {"COMPUTE_DTYPE": compute, "BLOCK": lstm_cell.BLOCK}
         options = {"num_warps": 4}
     pointers = {name: pointers.get(name, dtype) for name in fn.arg_names if name.endswith("_ptr")}
-    return fn, _signature(fn, pointers, set(), constexprs), constexprs, options
+    return fn, _signature(fn, pointers, {"eps"}, constexprs), constexprs, options
 
 
 def compile_case(case: dict) -> dict:
