@@ -14,8 +14,14 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from tests.helpers import LSTM_LAYER_CASES, assert_close_to_reference, lstm_layer_inputs, poison_
-from tests.lstm_math import cell_grads, cell_math, layer_oracles
+from tests.helpers import (
+    LSTM_LAYER_CASES,
+    assert_close_to_reference,
+    ln_layer_inputs,
+    lstm_layer_inputs,
+    poison_,
+)
+from tests.lstm_math import cell_grads, cell_math, layer_oracles, ln_layer_oracles
 
 pytestmark = pytest.mark.triton
 
@@ -408,11 +414,15 @@ def test_layer_opcheck_schema():
     "fake-tensor tracing is checked when the triton tests run on a GPU",
 )
 def test_layer_opcheck_fake_tensor():
+    """Fake-tensor propagation and AOT dispatch of the layer ops, with and without the LN."""
     lstm_ops._triton_layer_fwd()
-    fwd_args, bwd_args = _layer_opcheck_args()
     utils = ("test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.fastattn.lstm_layer_fwd_triton, fwd_args, test_utils=utils)
-    torch.library.opcheck(torch.ops.fastattn.lstm_layer_bwd_triton, bwd_args, test_utils=utils)
+    for (fwd_args, bwd_args), prefix in ((_layer_opcheck_args(), "lstm_layer"),
+                                         (_ln_opcheck_args(), "lstm_ln_layer")):
+        torch.library.opcheck(getattr(torch.ops.fastattn, f"{prefix}_fwd_triton"), fwd_args,
+                              test_utils=utils)
+        torch.library.opcheck(getattr(torch.ops.fastattn, f"{prefix}_bwd_triton"), bwd_args,
+                              test_utils=utils)
 
 
 # ---- the triton backend of fastattn.LSTM against torch.nn.LSTM ----------------------------------
@@ -485,12 +495,153 @@ def test_triton_backend_compiles_with_inductor():
 def test_auto_serves_cuda_layers_without_the_python_loop(monkeypatch, cuda_kernels):
     """On CUDA tensors auto takes the cuda backend's C++-loop op where the extension has it
     (first in backends.choose's order, whatever H), else the triton kernels, which serve any H
-    and P: never the reference backend's Python time loop. Metadata only (no GPU needed)."""
+    and P, with or without the LayerNorm: never the reference backend's Python time loop.
+    Metadata only (no GPU needed)."""
     from fastattn.ops import backends
 
     monkeypatch.setattr(backends, "_status", lambda name: backends.BackendStatus(True, True, ""))
     monkeypatch.delenv("FASTATTN_BACKEND", raising=False)
     monkeypatch.setattr(lstm_ops, "_has_kernel", lambda op, key: cuda_kernels or key != "CUDA")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        got = lstm_ops._choose_backend("lstm_layer", torch.device("cuda"), dtype, False)
-        assert got == ("cuda" if cuda_kernels else "triton"), dtype
+        for layer_norm in (False, True):
+            got = lstm_ops._choose_backend("lstm_layer", torch.device("cuda"), dtype, layer_norm)
+            assert got == ("cuda" if cuda_kernels else "triton"), (dtype, layer_norm)
+
+
+# ---- the LayerNorm-LSTM layer ops (fastattn::lstm_ln_layer_fwd_triton / _bwd_triton) ------------
+
+LN_EPS = 1e-5
+_LN_OPTIONS = {c.id: c.values[0] for c in LSTM_LAYER_CASES}
+# (dtype, option case, (T, B, H, P)): H 1 and 7 on chip (P 5 < H), H 33 streamed (P 17 < H), and
+# H 1 and 7 streamed for P 33 > H alone; T 1 to 5, B 1 and 3 (packed: lengths 5, 4, 2 cut at T);
+# every option at once in each dtype, each path. (The interpreter takes ~1..5 s a case.)
+LN_CASES = [
+    pytest.param(dtype, _LN_OPTIONS[option], sizes,
+                 id="{}-{}-T{}-B{}-H{}-P{}".format(dtype_id, option, *sizes))
+    for dtype, dtype_id, option, sizes in (
+        (torch.float32, "fp32", "plain", (1, 1, 1, 1)),
+        (torch.float32, "fp32", _ALL_OPTIONS.id, (5, 3, 7, 5)),
+        (torch.bfloat16, "bf16", _ALL_OPTIONS.id, (5, 3, 7, 5)),
+        (torch.float16, "fp16", _ALL_OPTIONS.id, (2, 3, 7, 5)),
+        (torch.float32, "fp32", "proj", (1, 1, 1, 33)),
+        (torch.float32, "fp32", _ALL_OPTIONS.id, (2, 3, 7, 33)),
+        (torch.float32, "fp32", _ALL_OPTIONS.id, (3, 3, 33, 17)),
+        (torch.bfloat16, "bf16", _ALL_OPTIONS.id, (2, 3, 33, 17)),
+        (torch.float16, "fp16", "zoneout", (2, 1, 33, 33)),
+    )
+]
+_LN_FORWARD = ("h_all", "c_all", "gates_all", "hpre_all", "hh_norm_all", "c_norm_all",
+               "rstd_all")
+_LN_GRADS = ("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh", "grad_ln_hh_weight",
+             "grad_ln_c_weight", "grad_ln_c_bias", "grad_w_hr")
+
+
+def _ln_case(sizes, dtype, case):
+    """ln_layer_inputs on DEVICE (batch_sizes on the CPU); P applies with the proj option."""
+    T, B, H, P = sizes
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = ln_layer_inputs(
+        T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=case["lengths"])
+    x_proj, h0, c0, w_hh, w_hr, zc, zh = _on_device((x_proj, h0, c0, w_hh, w_hr, zc, zh))
+    return x_proj, h0, c0, w_hh, tuple(t.to(DEVICE) for t in ln), w_hr, batch_sizes, zc, zh
+
+
+def _cpu(inputs):
+    return tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+@pytest.mark.parametrize("dtype, case, sizes", LN_CASES)
+def test_ln_layer_matches_float64_and_the_cpu_op(dtype, case, sizes):
+    """Every output, saved row and gradient of the LN ops against float64 (errors <= 2x those
+    of the reference at the same dtype) and against the CPU LN op (fastattn::lstm_ln_layer_*),
+    where the extension is built."""
+    inputs = _ln_case(sizes, dtype, case)
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = inputs
+    reverse = case["reverse"]
+    out = torch.ops.fastattn.lstm_ln_layer_fwd_triton(x_proj, h0, c0, w_hh, *ln, LN_EPS, w_hr,
+                                                      batch_sizes, reverse, zc, zh)
+    grad_h_all, grad_c_all = torch.randn_like(out[0]), torch.randn_like(out[1])
+    grads = torch.ops.fastattn.lstm_ln_layer_bwd_triton(
+        grad_h_all, grad_c_all, h0, c0, w_hh, *ln, w_hr, batch_sizes, reverse, zc, zh, *out)
+    forward64, forward_torch, saved64, grads64, grads_torch = ln_layer_oracles(
+        _cpu(inputs), reverse, LN_EPS, grad_h_all.cpu(), grad_c_all.cpu())
+    assert [t.dtype for t in out] == [dtype, dtype, torch.float32, dtype] + [torch.float32] * 3
+    assert [t.dtype for t in grads] == [dtype] * 8
+    if w_hr is None:
+        assert out[3].numel() == 0 and grads[7].numel() == 0
+    names, ours = _LN_FORWARD + _LN_GRADS, (*out, *grads)
+    wanted64 = (*forward64, *saved64, *grads64)  # grads64 lacks grad_w_hr without w_hr
+    for name, got, want, same_dtype in zip(names, ours, wanted64,
+                                           (*forward_torch, None, None, None, *grads_torch)):
+        assert got.is_contiguous(), name
+        assert_close_to_reference(got.cpu(), want, same_dtype, dtype=dtype, name=name)
+    if not fastattn.backends()["cpu"].usable:
+        return  # a build without the CPU kernels: the float64 checks above are the test
+    cpu_inputs = _cpu(inputs)
+    cpu_out = torch.ops.fastattn.lstm_ln_layer_fwd(*cpu_inputs[:4], *cpu_inputs[4], LN_EPS,
+                                                   *cpu_inputs[5:7], reverse, *cpu_inputs[7:])
+    cpu_grads = torch.ops.fastattn.lstm_ln_layer_bwd(
+        grad_h_all.cpu(), grad_c_all.cpu(), *cpu_inputs[1:4], *cpu_inputs[4], *cpu_inputs[5:7],
+        reverse, *cpu_inputs[7:], *cpu_out)
+    # The CPU op as the same-dtype baseline: errors vs float64 <= 2x its own, plus the floor.
+    for name, got, want, cpu in zip(names, ours, wanted64, (*cpu_out, *cpu_grads)):
+        assert_close_to_reference(got.cpu(), want, cpu, dtype=dtype,
+                                  name=f"{name} (against the CPU op's error)")
+
+
+# 2 programs of 16 rows, the last one partial, packed; on chip and streamed, in float32.
+LN_WRITE_CASES = [pytest.param((2, 17, 7, 5), id="T2-B17-H7-P5"),
+                  pytest.param((2, 17, 33, 17), id="T2-B17-H33-P17-streamed")]
+
+
+@pytest.mark.parametrize("sizes", LN_WRITE_CASES)
+def test_ln_layer_writes_every_element(sizes):
+    """NaN-poisoned outputs and scratch of both kernels: an element left unwritten stays NaN."""
+    T, B, H, P = sizes
+    case = dict(proj=True, zoneout=True, lengths=[T] * 9 + [1] * (B - 9), reverse=False)
+    inputs = _ln_case(sizes, torch.float32, case)
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = inputs
+    f32 = dict(dtype=torch.float32, device=DEVICE)
+    out = [poison_(torch.empty(T, B, n, **f32)) for n in (P, H, 4 * H, H, 4 * H, H, 2)]
+    lstm_layer.lstm_layer_fwd_into(x_proj, h0, c0, w_hh, w_hr, batch_sizes, False, zc, zh,
+                                   *out[:4], layer_norm=(*ln, LN_EPS), ln_saved=out[4:])
+    grad_h_all, grad_c_all = torch.randn_like(out[0]), torch.randn_like(out[1])
+    forward64, forward_torch, saved64, grads64, grads_torch = ln_layer_oracles(
+        _cpu(inputs), False, LN_EPS, grad_h_all.cpu(), grad_c_all.cpu())
+    for name, got, want, same_dtype in zip(_LN_FORWARD, out, (*forward64, *saved64),
+                                           (*forward_torch, None, None, None), strict=True):
+        assert_close_to_reference(got.cpu(), want, same_dtype, name=name)
+
+    grad_gates_all, grad_hh_all = (poison_(torch.empty(T, B, 4 * H, **f32)) for _ in range(2))
+    grad_c_new_all, grad_hy_all = poison_(torch.empty(T, B, H, **f32)), poison_(
+        torch.empty(T, B, P, **f32))
+    grad_h0, grad_c0 = poison_(torch.empty_like(h0)), poison_(torch.empty_like(c0))
+    lstm_layer.lstm_layer_bwd_into(grad_h_all, grad_c_all, c0, w_hh, w_hr, batch_sizes, False, zc,
+                                   zh, out[1], out[2], grad_gates_all, grad_h0, grad_c0,
+                                   grad_hy_all, layer_norm=ln, ln_saved=out[4:],
+                                   ln_grads=(grad_hh_all, grad_c_new_all))
+    for name, got, want, same_dtype in (("grad_x_proj", grad_gates_all, grads64[0], grads_torch[0]),
+                                        ("grad_h0", grad_h0, grads64[1], grads_torch[1]),
+                                        ("grad_c0", grad_c0, grads64[2], grads_torch[2])):
+        assert_close_to_reference(got.cpu(), want, same_dtype, name=name)
+    for name, scratch in (("grad_hh_all", grad_hh_all), ("grad_c_new_all", grad_c_new_all),
+                          ("grad_hy_all", grad_hy_all)):  # the weight gradients' inputs
+        assert not scratch.isnan().any(), f"{name} has unwritten elements"
+
+
+def _ln_opcheck_args():
+    case = dict(proj=True, zoneout=True, lengths=[3, 2, 2], reverse=True)
+    x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = _ln_case((3, 3, 8, 5), torch.float32,
+                                                                   case)
+    fwd_args = (x_proj, h0, c0, w_hh, *ln, LN_EPS, w_hr, batch_sizes, True, zc, zh)
+    out = torch.ops.fastattn.lstm_ln_layer_fwd_triton(*fwd_args)
+    grads = (torch.randn_like(out[0]), torch.randn_like(out[1]))
+    return fwd_args, (*grads, *fwd_args[1:7], *fwd_args[8:], *out)
+
+
+def test_ln_layer_opcheck_schema():
+    """Schema consistency (no mutation, no aliasing) and autograd registration of the LN ops."""
+    lstm_ops._triton_layer_fwd()  # registers the autograd
+    fwd_args, bwd_args = _ln_opcheck_args()
+    utils = ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.fastattn.lstm_ln_layer_fwd_triton, fwd_args, test_utils=utils)
+    torch.library.opcheck(torch.ops.fastattn.lstm_ln_layer_bwd_triton, bwd_args, test_utils=utils)
