@@ -5,9 +5,10 @@ Providers for a cell step: fastattn.lstm_cell (the functional op), fastattn.LSTM
 fastattn backend, against nn.LSTMCell. For a sequence: fastattn.LSTM per backend against
 nn.LSTM (oneDNN on CPU, cuDNN on GPU) and a Python loop over nn.LSTMCell. Every provider runs
 the same weights (the fastattn modules load the torch module's state_dict). LayerNorm-LSTM:
-fastattn.LSTM(layer_norm=True) on the cpu backend (the fused fastattn::lstm_ln_layer_* ops)
-against the same module on the reference backend (plain PyTorch ops per step; torch has no
-LayerNorm-LSTM), which counts as the torch baseline of the ratios.
+fastattn.LSTM(layer_norm=True) on each fused backend (cpu; on a GPU cuda and triton: the
+fastattn::lstm_ln_layer_* ops and their *_triton kernels) against the same module on the
+reference backend (plain PyTorch ops per step; torch has no LayerNorm-LSTM), which counts as the
+torch baseline of the ratios.
 
 FLOPs: the two GEMMs, 2*B*4H*(I+H) per step (the pointwise part is not counted), times T; a
 training step (forward + backward) is 3x the forward. Bytes: weights, inputs and states read
@@ -49,7 +50,7 @@ def sequence_providers(device: torch.device) -> list[Provider]:
 
 
 def layer_norm_providers(device: torch.device) -> list[Provider]:
-    fused = [name for name in harness.fastattn_backend_names(device) if name == "cpu"]
+    fused = [name for name in harness.fastattn_backend_names(device) if name != "reference"]
     return [
         Provider(f"fastattn.LSTM(layer_norm)[{name}]", "fastattn", name, impl="LSTM")
         for name in fused

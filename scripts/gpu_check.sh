@@ -11,7 +11,9 @@
 #   bench   the GPU benchmark grid (quick by default), one pytest run per op family; the lstm
 #           family times fastattn.LSTM / LSTMCell per backend against nn.LSTM / nn.LSTMCell
 #           (cuDNN), inference (fwd) and training (fwd+bwd), T128 B16/64 H256/512 fp32 + bf16,
-#           and H = 32, the widest layer whose weights the triton backend keeps on chip
+#           and H = 32, the widest layer whose weights the triton backend keeps on chip; and
+#           fastattn.LSTM(layer_norm=True) on the cuda and triton backends against the
+#           reference backend
 #   report  benchmarks/report.py over the benchmark JSON
 # and writes under OUT_DIR:
 #   summary.md, summary.json   each step's status and time, test counts, failures, the report

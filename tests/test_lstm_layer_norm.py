@@ -274,10 +274,36 @@ def test_cuda_backend_serves_layer_norm():
 
 
 @pytest.mark.triton
-def test_triton_backend_refuses_layer_norm():
-    m = fastattn.LSTM(4, 8, layer_norm=True)
-    with fastattn.use_backend("triton"), pytest.raises(RuntimeError, match="layer_norm"):
-        m(torch.randn(3, 2, 4))
+def test_triton_backend_serves_layer_norm():
+    """fastattn.LSTM(layer_norm=True) on the triton backend runs the Triton LN layer ops (no
+    Python time loop) and matches the reference backend: output, final states, every gradient.
+    Bidirectional with a projection, zoneout and packed sequences, H 7 (weights on chip; the
+    streamed kernels: tests/test_lstm_triton.py)."""
+    lstm_ops._triton_layer_fwd()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the Triton interpreter
+    m = fastattn.LSTM(5, 7, layer_norm=True, bidirectional=True, proj_size=3, zoneout=(0.2, 0.3),
+                      device=device)
+    m.eval()  # the zoneout probabilities as weights: no random masks to replay
+    _randomize_layer_norm_gains(m)
+    x = torch.randn(4, 3, 5, device=device, requires_grad=True)
+    hx = [torch.randn(2, 3, 3, device=device, requires_grad=True),
+          torch.randn(2, 3, 7, device=device, requires_grad=True)]
+    results = []
+    for backend in ("triton", "reference"):
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([4, 3, 1]))
+        with fastattn.use_backend(backend), _OpRecorder() as recorder:
+            out, (h_n, c_n) = m(packed, hx)
+            loss = (out.data * out.data.detach().cos()).sum() + h_n.sum() + (c_n * c_n).sum()
+            results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, [x, *hx,
+                                                                             *m.parameters()])))
+        if backend == "triton":
+            assert "fastattn.lstm_ln_layer_fwd_triton.default" in recorder.seen
+            assert "fastattn.lstm_ln_layer_bwd_triton.default" in recorder.seen
+    names = ["output", "h_n", "c_n", "grad x", "grad h0", "grad c0"]
+    names += [n for n, _ in m.named_parameters()]
+    for name, got, want in zip(names, *results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
+                                   msg=lambda s, name=name: f"{name}: {s}")
 
 
 def _randomize_layer_norm_gains(m: torch.nn.Module) -> None:
