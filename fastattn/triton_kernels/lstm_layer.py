@@ -1,14 +1,27 @@
 """One LSTM layer in one direction, forward and backward, as persistent Triton kernels.
 
-Registered as the triton ops mirroring fastattn::lstm_layer_fwd / _bwd (schemas, layouts and
-option semantics: fastattn/ops/_registry.py), with every option: projection (w_hr), packed
-batch_sizes, reverse, zoneout_c / zoneout_h:
+Registered as the triton ops mirroring fastattn::lstm_layer_fwd / _bwd and the LayerNorm-LSTM
+ops fastattn::lstm_ln_layer_fwd / _bwd (schemas, layouts and option semantics:
+fastattn/ops/_registry.py), with every option: projection (w_hr), packed batch_sizes, reverse,
+zoneout_c / zoneout_h; the LN ops also take the LN gains, bias and eps, and save the float32
+gates_all, hh_norm_all, c_norm_all and rstd_all as the CPU LN op does:
 
     fastattn::lstm_layer_fwd_triton(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse,
         zoneout_c, zoneout_h) -> (h_all, c_all, gates_all, hpre_all)
     fastattn::lstm_layer_bwd_triton(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes,
         reverse, zoneout_c, zoneout_h, h_all, c_all, gates_all, hpre_all)
         -> (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr)
+    fastattn::lstm_ln_layer_fwd_triton(x_proj, h0, c0, w_hh, ln_hh_weight, ln_c_weight,
+        ln_c_bias, eps, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
+        -> (h_all, c_all, gates_all, hpre_all, hh_norm_all, c_norm_all, rstd_all)
+    fastattn::lstm_ln_layer_bwd_triton(grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight,
+        ln_c_weight, ln_c_bias, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h, h_all,
+        c_all, gates_all, hpre_all, hh_norm_all, c_norm_all, rstd_all)
+        -> (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
+            grad_ln_c_bias, grad_w_hr)
+
+Both pairs run the same two kernels: the LAYER_NORM constexpr adds the LN passes (see the
+kernels' docs); the LN gains' gradients are sums over the sequence in torch, as grad_w_hh.
 
 Served: float32, float16, bfloat16 (Triton has no float64 tl.dot), any H and P.
 Outputs are contiguous; x_proj, h0, c0, w_hh and w_hr are read through their strides.
@@ -29,6 +42,12 @@ The backward runs the dh / dc recurrence per row block in reverse time with the 
 layouts (streamed: dh and dc kept in grad_h0 / grad_c0, this program's rows), writing
 grad_x_proj (the pre-activation gate gradients) as it goes; grad_w_hh and grad_w_hr are then
 one GEMM each over the whole sequence, outside the loop.
+
+A LayerNorm needs its row's mean and variance before any element of the row is normalized, so
+with LAYER_NORM each step makes more passes over the column blocks (five forward, three more
+backward); streamed, the raw values wait in the float32 rows the op saves anyway (hh_norm_all,
+c_norm_all, the gate gradients), normalized in place later, so the LN costs no extra memory.
+On chip, every pass is one block and nothing leaves the registers but the saved rows.
 
 Per-size preference (fastattn.ops.lstm): the cuda backend comes first in backends.choose's
 order, so wherever the extension has its C++-loop op (one cuBLAS GEMM + one fused pointwise
@@ -59,9 +78,9 @@ loop's >= 8 us, 4x to 8x for every B (ceil(B / 16) programs, one wave up to B = 
 chip means shared memory: the tf32x3 products keep a hi and a lo copy of every weight tile
 there (Triton hoists them out of the loop), so 64-wide tiles need 168 KiB even without
 software pipelining (num_stages = 1; 200 KiB forward and 240 KiB backward with the default
-3): over sm_80's 163 KiB. 32-wide tiles take 60 KiB (forward) and 84 KiB (backward) with the
-default pipelining, within every arch's limit (tests/triton_aot.py checks it); so do the
-streamed kernels' 32-wide tiles.
+3): over sm_80's 163 KiB. 32-wide tiles take 60 KiB (forward) and 80 KiB (backward) with the
+default pipelining (with LAYER_NORM, 77 and 140 KiB: fp32 on sm_80), within every arch's limit
+(tests/triton_aot.py checks it); so do the streamed kernels' 32-wide tiles.
 
 Numerics: h and c are rounded to the input dtype after every step, as a loop of
 lstm_cell_pointwise_fwd calls does; products accumulate in float32 and take float32
@@ -72,6 +91,10 @@ is lowered to FMA chains, and LLVM's SLP vectorizer (run by triton 3.9 for sm_90
 sm_80) aborts on four of them sharing an operand in one loop (an assertion in
 BoUpSLP::scheduleBlock, from a 32-wide tile on). The backward works in float32 throughout and
 rounds its results once, as fastattn.ops.reference.lstm_layer_bwd_reference does.
+With LAYER_NORM the moments are two-pass float32 sums (no cancellation), as on the CPU; the
+recurrent product is normalized in float32 (the CPU op rounds it to the input dtype first),
+and c and h are rounded as without the LN (the CPU op lerps the zoneout before rounding c),
+so the two can differ by a rounding step of the input dtype.
 """
 
 from __future__ import annotations
