@@ -100,7 +100,8 @@ def test_auto_fallback_to_reference_on_cuda_warns_once_per_reason(fake_cuda_back
     assert len([w for w in recwarn if w.category is backend_rules.ReferenceFallbackWarning]) == 3
 
 
-def test_fallback_warning_says_what_the_reference_costs_per_op_family(fake_cuda_backends):
+def test_fallback_warning_says_what_the_reference_costs_per_op_family(fake_cuda_backends,
+                                                                      monkeypatch):
     """Attention's fallback names the L x S score matrix; the LSTM's (which has none) the
     unfused per-step ops."""
     from fastattn.ops import attention, lstm, packed_attention
@@ -115,9 +116,11 @@ def test_fallback_warning_says_what_the_reference_costs_per_op_family(fake_cuda_
     with pytest.warns(backend_rules.ReferenceFallbackWarning) as varlen_warnings:
         packed_attention._choose_backend("attention_varlen", cuda, torch.float64, 64, 64, 1, 1)
     assert "loops over the sequences" in str(varlen_warnings[0].message)
+    # A Triton-only install (no CUDA kernels in the extension) with float64, which no triton
+    # kernel takes.
+    monkeypatch.setattr(lstm, "_has_kernel", lambda op, key: key != "CUDA")
     with pytest.warns(backend_rules.ReferenceFallbackWarning) as lstm_warnings:
-        # layer_norm: served by the cpu and reference backends only.
-        got = lstm._choose_backend("lstm_layer", cuda, torch.float32, True)
+        got = lstm._choose_backend("lstm_layer", cuda, torch.float64, True)
     assert got == "reference"
     message = str(lstm_warnings[0].message)
     assert "fastattn.lstm_layer:" in message and "unfused PyTorch ops" in message

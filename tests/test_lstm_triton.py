@@ -645,3 +645,38 @@ def test_ln_layer_opcheck_schema():
     utils = ("test_schema", "test_autograd_registration")
     torch.library.opcheck(torch.ops.fastattn.lstm_ln_layer_fwd_triton, fwd_args, test_utils=utils)
     torch.library.opcheck(torch.ops.fastattn.lstm_ln_layer_bwd_triton, bwd_args, test_utils=utils)
+
+
+@pytest.mark.parametrize("H", [8, 33], ids=["H8", "H33-streamed"])
+def test_ln_layer_zero_sizes(H):
+    for T, B in ((0, 3), (4, 0)):
+        x_proj, h0, c0, w_hh, ln, *_ = _ln_case((T, B, H, H), torch.float32, _LN_OPTIONS["plain"])
+        out = torch.ops.fastattn.lstm_ln_layer_fwd_triton(x_proj, h0, c0, w_hh, *ln, LN_EPS,
+                                                          None, None, False, None, None)
+        assert [tuple(t.shape) for t in out] == [(T, B, H), (T, B, H), (T, B, 4 * H), (0,),
+                                                 (T, B, 4 * H), (T, B, H), (T, B, 2)]
+        grads = torch.ops.fastattn.lstm_ln_layer_bwd_triton(
+            torch.ones_like(out[0]), torch.ones_like(out[1]), h0, c0, w_hh, *ln, None, None,
+            False, None, None, *out)
+        assert [tuple(t.shape) for t in grads] == [(T, B, 4 * H), (B, H), (B, H), (4 * H, H),
+                                                   (4 * H,), (H,), (H,), (0,)]
+        # No step ran: no output depends on the initial state or the weights.
+        assert not any(g.any() for g in grads[1:])
+
+
+def test_ln_layer_rejects_bad_arguments():
+    x_proj, h0, c0, w_hh, ln, *_ = _ln_case((2, 3, 8, 8), torch.float32, _LN_OPTIONS["plain"])
+    fwd = torch.ops.fastattn.lstm_ln_layer_fwd_triton
+    with pytest.raises(ValueError, match=r"ln_hh_weight must be a torch.float32 tensor of shape "
+                                         r"\[32\]"):
+        fwd(x_proj, h0, c0, w_hh, ln[0][:8], *ln[1:], LN_EPS, None, None, False, None, None)
+    with pytest.raises(ValueError, match="ln_c_bias must be a torch.float32 tensor"):
+        fwd(x_proj, h0, c0, w_hh, *ln[:2], ln[2].half(), LN_EPS, None, None, False, None, None)
+    out = fwd(x_proj, h0, c0, w_hh, *ln, LN_EPS, None, None, False, None, None)
+    grads = (torch.ones_like(out[0]), torch.ones_like(out[1]))
+    bwd = torch.ops.fastattn.lstm_ln_layer_bwd_triton
+    with pytest.raises(TypeError, match="rstd_all must be float32"):
+        bwd(*grads, h0, c0, w_hh, *ln, None, None, False, None, None, *out[:6], out[6].half())
+    with pytest.raises(ValueError, match=r"c_norm_all must have shape \[2, 3, 8\]"):
+        bwd(*grads, h0, c0, w_hh, *ln, None, None, False, None, None, *out[:5], out[5][:1],
+            out[6])
