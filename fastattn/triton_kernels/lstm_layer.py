@@ -168,14 +168,14 @@ def _round(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _streamed_product(acc, a_ptr, a_width, rows, batch, k_cols, n_k, w_ptr, stride_w_k,
-                      stride_w_n, n_cols, n_n, BLOCK_K: tl.constexpr):
-    """acc + a @ w over k in blocks of BLOCK_K, for the streamed layout: a is this program's rows
-    of a contiguous [B, a_width] float32/dtype scratch (k < n_k), w [n_k, n_n] is read through
-    the strides (a transposed view of a weight). k_cols = tl.arange(0, BLOCK_K); n_cols the
-    tile's column indices (from 0)."""
+def _streamed_product(acc, a_ptr, rows, batch, k_cols, n_k, w_ptr, stride_w_k, stride_w_n,
+                      n_cols, n_n, BLOCK_K: tl.constexpr):
+    """acc + a @ w over k in blocks of BLOCK_K, the weights streamed: a [B, n_k] is this
+    program's rows of a contiguous scratch of the step, w [n_k, n_n] is read through its
+    strides (a transposed view of a weight). k_cols = tl.arange(0, BLOCK_K); n_cols: the
+    tile's column indices, from 0."""
     for k0 in range(0, n_k, BLOCK_K):
-        a = _tile(a_ptr, rows, a_width, batch, k0 + k_cols, 1, n_k)
+        a = _tile(a_ptr, rows, n_k, batch, k0 + k_cols, 1, n_k)
         w = _tile(w_ptr + k0 * stride_w_k, k_cols, stride_w_k, n_k - k0, n_cols, stride_w_n,
                   n_n)
         acc += tl.dot(a, w, input_precision="tf32x3")
@@ -477,8 +477,8 @@ def _lstm_layer_fwd_kernel(
                     # [BLOCK_H (k), BLOCK_P (n)] = w_hr[p0 + n, k]
                     proj = _streamed_product(
                         tl.zeros((BLOCK_B, BLOCK_P), dtype=tl.float32),
-                        hpre_all_ptr + t.to(tl.int64) * batch * hidden, hidden, rows, batch,
-                        h_cols, hidden, w_hr_ptr + p0 * stride_w_hr_row, stride_w_hr_col,
+                        hpre_all_ptr + t.to(tl.int64) * batch * hidden, rows, batch, h_cols,
+                        hidden, w_hr_ptr + p0 * stride_w_hr_row, stride_w_hr_col,
                         stride_w_hr_row, p_cols, state - p0, BLOCK_H)
                     h_prev = _state_before(s, h0_ptr, stride_h0_b, stride_h0_p, h_all_ptr,
                                            prev, rows, batch, cols_p, state)
@@ -632,8 +632,8 @@ def _lstm_layer_bwd_kernel(
                 else:  # [BLOCK_P (k), BLOCK_H (n)] = w_hr[k, j0 + n]
                     dh_hpre = _streamed_product(
                         tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32),
-                        grad_hy_all_ptr + t.to(tl.int64) * batch * state, state, rows, batch,
-                        p_cols, state, w_hr_ptr + j0 * stride_w_hr_col, stride_w_hr_row,
+                        grad_hy_all_ptr + t.to(tl.int64) * batch * state, rows, batch, p_cols,
+                        state, w_hr_ptr + j0 * stride_w_hr_col, stride_w_hr_row,
                         stride_w_hr_col, h_cols, hidden - j0, BLOCK_P)
             else:  # P = H: the state's columns are the gates'
                 if RESIDENT:
