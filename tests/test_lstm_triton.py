@@ -477,10 +477,12 @@ def test_triton_backend_matches_nn_lstm(flags, packed):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor compiles the triton ops for a "
                     "GPU; the interpreter cannot run their kernels on the FakeTensors it traces")
-def test_triton_backend_compiles_with_inductor():
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["plain", "layer_norm"])
+def test_triton_backend_compiles_with_inductor(layer_norm):
     """torch.compile of fastattn.LSTM on the triton backend: the same outputs and gradients."""
     torch.manual_seed(0)
-    module = fastattn.LSTM(6, 24, proj_size=5, bidirectional=True).to(DEVICE)
+    module = fastattn.LSTM(6, 24, proj_size=5, bidirectional=True,
+                           layer_norm=layer_norm).to(DEVICE)
     x = torch.randn(5, 3, 6, device=DEVICE, requires_grad=True)
     results = []
     with fastattn.use_backend("triton"):
