@@ -539,12 +539,14 @@ _LN_GRADS = ("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh", "grad_ln_hh_weigh
 
 
 def _ln_case(sizes, dtype, case):
-    """ln_layer_inputs on DEVICE (batch_sizes on the CPU); P applies with the proj option."""
+    """ln_layer_inputs on DEVICE (batch_sizes on the CPU); P applies with the proj option. The
+    LN weights are stride-2 views: the ops must not assume contiguous ones."""
     T, B, H, P = sizes
     x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh = ln_layer_inputs(
         T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"], lengths=case["lengths"])
     x_proj, h0, c0, w_hh, w_hr, zc, zh = _on_device((x_proj, h0, c0, w_hh, w_hr, zc, zh))
-    return x_proj, h0, c0, w_hh, tuple(t.to(DEVICE) for t in ln), w_hr, batch_sizes, zc, zh
+    ln = tuple(torch.stack([t, t + 1], dim=-1).to(DEVICE)[..., 0] for t in ln)
+    return x_proj, h0, c0, w_hh, ln, w_hr, batch_sizes, zc, zh
 
 
 def _cpu(inputs):

@@ -967,6 +967,9 @@ def lstm_layer_fwd_into(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneou
     zoneout_c_ = x_proj if zoneout_c is None else zoneout_c.contiguous()
     zoneout_h_ = x_proj if zoneout_h is None else zoneout_h.contiguous()
     ln_hh_weight, ln_c_weight, ln_c_bias, eps = layer_norm or (x_proj, x_proj, x_proj, 0.0)
+    # The LN weights are read as contiguous rows ([4H] or [H]: a copy, if any, is cheap).
+    ln_hh_weight, ln_c_weight, ln_c_bias = (w.contiguous() for w in (ln_hh_weight, ln_c_weight,
+                                                                      ln_c_bias))
     hh_norm_all, c_norm_all, rstd_all = ln_saved or (gates_all, gates_all, gates_all)
     torch.library.wrap_triton(_lstm_layer_fwd_kernel)[(triton.cdiv(batch, BLOCK_B),)](
         x_proj, h0, c0, w_hh, w_hr_, sizes, zoneout_c_, zoneout_h_,
@@ -1133,7 +1136,8 @@ def lstm_layer_bwd_into(grad_h_all, grad_c_all, c0, w_hh, w_hr, batch_sizes, rev
     c_all = c_all.contiguous()
     zoneout_c_ = c_all if zoneout_c is None else zoneout_c.contiguous()
     zoneout_h_ = c_all if zoneout_h is None else zoneout_h.contiguous()
-    ln_hh_weight, ln_c_weight, ln_c_bias = layer_norm or (c_all, c_all, c_all)
+    ln_hh_weight, ln_c_weight, ln_c_bias = (w.contiguous() for w in layer_norm or (c_all, c_all,
+                                                                                c_all))
     hh_norm_all, c_norm_all, rstd_all = (t.contiguous() for t in ln_saved or (
         grad_gates_all, grad_gates_all, grad_gates_all))
     # Without the LN, dh_prev and grad_w_hh take the gate gradients themselves.
