@@ -902,9 +902,15 @@ std::vector<int64_t> sequences_by_cost(const Problem& pr) {
   return order;
 }
 
-// The largest divisor of the page size up to kBlockN (kBlockN when not paged).
+// The largest divisor of the page size up to kBlockN when paged; else kBlockN, or fewer when
+// every sequence has fewer keys: the keys rounded up to whole register pairs, so that the
+// products and the softmax of a short sequence skip the padding (at L = S = 16 they computed
+// 64 columns for 16 keys).
+template <typename acc_t>
 int64_t key_tile_width(const AttentionParams& p) {
-  if (p.block_table == nullptr) return kBlockN;
+  if (p.block_table == nullptr) {
+    return std::min(kBlockN, round_up(std::max<int64_t>(p.kv_len, 1), pad_cols<acc_t>()));
+  }
   int64_t width = std::min(kBlockN, p.block_size);
   while (p.block_size % width != 0) --width;
   return width;
@@ -912,7 +918,7 @@ int64_t key_tile_width(const AttentionParams& p) {
 
 template <typename acc_t>
 Problem make_problem(const AttentionParams& p) {
-  const int64_t block_n = key_tile_width(p);
+  const int64_t block_n = key_tile_width<acc_t>(p);
   return Problem{p,
                  p.q_heads / p.kv_heads,
                  block_n,
