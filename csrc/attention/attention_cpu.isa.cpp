@@ -557,10 +557,8 @@ struct TileProducts<c10::BFloat16, float> {
   static void qk(const Problem& pr, int64_t m, const float* qs, const float* kt, float* s) {
     if (!on()) return Fma::qk(pr, m, qs, kt, s);
     if (brgemm()) {
-      cpu_brgemm::bf16_product(m, pr.n_pad, 2 * ceil_div(pr.p.head_dim, 2),
-                               reinterpret_cast<const uint16_t*>(qs), 2 * pr.e_pad,
-                               reinterpret_cast<const uint32_t*>(kt), pr.n_pad, s, pr.n_pad,
-                               false);
+      cpu_brgemm::bf16_product(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad,
+                               pairs(kt), pr.n_pad, s, pr.n_pad, false);
       const float scale = static_cast<float>(pr.p.scale);
       for (int64_t i = 0; i < m * pr.n_pad; ++i) s[i] *= scale;
       return;
@@ -572,10 +570,8 @@ struct TileProducts<c10::BFloat16, float> {
     if (!on()) return Fma::pv(pr, m, n, p, vb, o);
     to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
     if (brgemm()) {
-      return cpu_brgemm::bf16_product(m, pr.ev_pad, 2 * ceil_div(n, 2),
-                                      reinterpret_cast<const uint16_t*>(p), 2 * pr.n_pad,
-                                      reinterpret_cast<const uint32_t*>(vb), pr.ev_pad, o,
-                                      pr.ev_pad, true);
+      return cpu_brgemm::bf16_product(m, pr.ev_pad, ceil_div(n, 2), pairs(p), pr.n_pad,
+                                      pairs(vb), pr.ev_pad, o, pr.ev_pad, true);
     }
     dot<true>(m, pr.ev_pad, ceil_div(n, 2), pairs(p), pr.n_pad, 1, pairs(vb), pr.ev_pad, o,
               pr.ev_pad, 1.f);
@@ -906,9 +902,15 @@ std::vector<int64_t> sequences_by_cost(const Problem& pr) {
   return order;
 }
 
-// The largest divisor of the page size up to kBlockN (kBlockN when not paged).
+// The largest divisor of the page size up to kBlockN when paged; else kBlockN, or fewer when
+// every sequence has fewer keys: the keys rounded up to whole register pairs, so that the
+// products and the softmax of a short sequence skip the padding (at L = S = 16 they computed
+// 64 columns for 16 keys).
+template <typename acc_t>
 int64_t key_tile_width(const AttentionParams& p) {
-  if (p.block_table == nullptr) return kBlockN;
+  if (p.block_table == nullptr) {
+    return std::min(kBlockN, round_up(std::max<int64_t>(p.kv_len, 1), pad_cols<acc_t>()));
+  }
   int64_t width = std::min(kBlockN, p.block_size);
   while (p.block_size % width != 0) --width;
   return width;
@@ -916,7 +918,7 @@ int64_t key_tile_width(const AttentionParams& p) {
 
 template <typename acc_t>
 Problem make_problem(const AttentionParams& p) {
-  const int64_t block_n = key_tile_width(p);
+  const int64_t block_n = key_tile_width<acc_t>(p);
   return Problem{p,
                  p.q_heads / p.kv_heads,
                  block_n,

@@ -65,9 +65,10 @@ const char* bf16_engine_name() {
                                             : "oneDNN brgemm bf16 (forced, no AMX)";
 }
 
-void bf16_product(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
+void bf16_product(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t lda,
                   const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool add) {
-  cpublas::brgemm(m, n, k, lda, ldb, ldc, add, reinterpret_cast<const c10::BFloat16*>(a),
+  // brgemm counts A's reduction and leading dim in bf16 elements, B's leading dim in pairs.
+  cpublas::brgemm(m, n, 2 * kp, 2 * lda, ldb, ldc, add, reinterpret_cast<const c10::BFloat16*>(a),
                   reinterpret_cast<const c10::BFloat16*>(b), c, true);
 }
 

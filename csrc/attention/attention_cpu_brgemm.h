@@ -24,9 +24,10 @@ bool use_for_bf16();
 // "oneDNN brgemm bf16 (forced, no AMX)".
 const char* bf16_engine_name();
 
-// C[m, n] (add ? += : =) A[m, k] B[k, n] with k even: A bf16 bits row-major (leading dim lda
-// bf16 elements), B VNNI-2 pairs (leading dim ldb pairs), C fp32 (leading dim ldc).
-void bf16_product(int64_t m, int64_t n, int64_t k, const uint16_t* a, int64_t lda,
+// C[m, n] (add ? += : =) A[m, 2 kp] B[2 kp, n] over kp pairs of the reduction: A row-major
+// pairs (a bf16 row read as 32-bit words, leading dim lda pairs), B VNNI-2 pairs (leading dim
+// ldb pairs), C fp32 (leading dim ldc).
+void bf16_product(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t lda,
                   const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool add);
 
 // Releases the AMX tile state brgemm configured on this thread (a no-op without AMX): called

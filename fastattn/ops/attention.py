@@ -53,8 +53,13 @@ class AttentionOptions:
     softcap: float = 0.0
 
     def op_args(self) -> tuple:
-        # Not dataclasses.astuple: that deep-copies rng_seed.
-        return tuple(getattr(self, f.name) for f in fields(self))
+        # Not dataclasses.astuple: that deep-copies rng_seed. (The names are listed once:
+        # dataclasses.fields costs microseconds per call, which short sequences notice.)
+        return tuple(getattr(self, name) for name in _OPTION_NAMES)
+
+
+_OPTION_NAMES = tuple(f.name for f in fields(AttentionOptions))
+_NO_OPTION_GRADS = (None,) * len(_OPTION_NAMES)
 
 
 def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
@@ -122,8 +127,12 @@ def _grid_extent(batch, heads_q) -> tuple[int, int]:
     return int(batch), int(heads_q)
 
 
-def _fwd_op(backend: str) -> Callable:
-    return _triton_fwd_op() if backend == "triton" else torch.ops.fastattn.attention_fwd
+def _fwd_op(backend: str, needs_grad: bool) -> Callable:
+    if backend == "triton":
+        return _triton_fwd_op()
+    if needs_grad and not torch.compiler.is_compiling():
+        return _AttentionFunction.apply
+    return torch.ops.fastattn.attention_fwd
 
 
 def _attention_normalized(
@@ -146,7 +155,10 @@ def _attention_normalized(
         return reference.attention_reference(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
     # Kernels need unit stride on the last dim; everything else is read through strides.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _fwd_op(backend)(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, attn_mask)
+    )
+    return _fwd_op(backend, needs_grad)(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
 
 
 def _has_empty_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -463,11 +475,29 @@ def _make_backward(bwd_op_name: str) -> Callable:
         )
         dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
         # No gradient for alibi_slopes nor for the options.
-        return dq, dk, dv, dmask, None, *(None for _ in fields(AttentionOptions))
+        return dq, dk, dv, dmask, None, *_NO_OPTION_GRADS
 
     return backward
 
 
+_attention_backward = _make_backward("attention_bwd")
 torch.library.register_autograd(
-    "fastattn::attention_fwd", _make_backward("attention_bwd"), setup_context=_setup_context
+    "fastattn::attention_fwd", _attention_backward, setup_context=_setup_context
 )
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """attention_fwd with its registered setup_context and backward, for eager calls that need
+    gradients: torch.library's autograd wrapper of the op costs ~45 us more per forward (its
+    fill_defaults rebuilds the schema's argument list once per argument), a twentieth of an fp32
+    L = 128 forward+backward on 2 cores. (forward takes ctx, with no setup_context staticmethod:
+    Function.apply would bind the arguments through inspect.signature on every call.) Traced
+    calls (torch.compile) and direct op calls keep the op's registered autograd."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        output = torch.ops.fastattn.attention_fwd(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    backward = staticmethod(_attention_backward)
