@@ -115,13 +115,15 @@ def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
 
 
 # grad c0 = f * dc with dc = grad_c + grad_h * o * (1 - tanh^2(c_new)). A grad_c that cancels 97%
-# of the second term magnifies any error in the saved gates ~33 times: the CPU kernel once saved
-# them rounded to bfloat16 / float16 and got grad c0 several percent wrong (PyTorch's autograd
-# keeps the step's float32 intermediates). T = 1, so no rounded state enters either side.
-@needs_cpu_kernels
+# of the second term magnifies any error in the saved gates ~33 times: the CPU and CUDA kernels
+# once saved them rounded to bfloat16 / float16 and got grad c0 several percent wrong (PyTorch's
+# autograd keeps the step's float32 intermediates). T = 1, so no rounded state enters either side.
+# The CUDA step kernels' version of this case runs under cudasim (harness/lstm.cpp, step cancel).
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_cpu_kernels),
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B,H", [(1, 1), (7, 33)], ids=["B1H1", "B7H33"])
-def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H):
+def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H, device):
     x_proj, h0, c0, w_hh, *_ = _layer_inputs(1, B, H, H, dtype, proj=False, zoneout=False,
                                              lengths=None)
     grad_h = randn(1, B, H, dtype=dtype)
@@ -130,9 +132,9 @@ def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H):
     grad_c = (-0.97 * grad_h.double() * o * (1 - (f * c0.double() + i * g).tanh() ** 2)).to(dtype)
 
     def grads(fn, cast):
-        leaves = [t.to(cast).requires_grad_() for t in (x_proj, h0, c0, w_hh)]
+        leaves = [t.to(device, cast).requires_grad_() for t in (x_proj, h0, c0, w_hh)]
         h_all, c_all = fn(*leaves, None, None, False, None, None)[:2]
-        loss = (h_all * grad_h.to(cast)).sum() + (c_all * grad_c.to(cast)).sum()
+        loss = (h_all * grad_h.to(device, cast)).sum() + (c_all * grad_c.to(device, cast)).sum()
         return torch.autograd.grad(loss, leaves)
 
     got = grads(OPS.lstm_layer_fwd, dtype)

@@ -83,6 +83,16 @@ __device__ __forceinline__ void add_acc(const T* ptr, A (&out)[VEC]) {
   for (int e = 0; e < VEC; ++e) out[e] += more[e];
 }
 
+// The four gate chunks i, f, g, o of VEC units: chunk q starts at gates + q * H.
+template <typename S, typename A, int VEC>
+__device__ __forceinline__ void load_gates(const S* gates, int64_t H, A (&i)[VEC], A (&f)[VEC],
+                                           A (&g)[VEC], A (&o)[VEC]) {
+  load_acc<S, VEC>(gates, i);
+  load_acc<S, VEC>(gates + H, f);
+  load_acc<S, VEC>(gates + 2 * H, g);
+  load_acc<S, VEC>(gates + 3 * H, o);
+}
+
 // One step of a layer-direction (and the cell op): gates = x_proj (+ rec), activations, the
 // new c and h, zoneout mixing, carried rows (LstmStepFwdParams). The options are uniform
 // branches on null pointers: every thread of a launch takes the same ones, except the
@@ -101,12 +111,9 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
     load_acc<T, VEC>(static_cast<const T*>(p.c_prev) + at.row * p.c_prev_row_stride + at.col,
                      c_prev);
     if (at.row < p.stepping) {
-      const T* x = static_cast<const T*>(p.x_proj) + at.row * p.x_proj_row_stride + at.col;
       A i[VEC], f[VEC], g[VEC], o[VEC];
-      load_acc<T, VEC>(x, i);
-      load_acc<T, VEC>(x + H, f);
-      load_acc<T, VEC>(x + 2 * H, g);
-      load_acc<T, VEC>(x + 3 * H, o);
+      load_gates<T, A, VEC>(static_cast<const T*>(p.x_proj) + at.row * p.x_proj_row_stride + at.col,
+                            H, i, f, g, o);
       if (p.rec != nullptr) {
         const A* rec = static_cast<const A*>(p.rec) + at.row * 4 * H + at.col;
         add_acc<A, A, VEC>(rec, i);
@@ -123,12 +130,12 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
         c[e] = f[e] * c_prev[e] + i[e] * g[e];
         h[e] = o[e] * tanh_(c[e]);  // from the cell's c, before zoneout mixes it
       }
-      if (p.gates_out != nullptr) {
-        T* gates = static_cast<T*>(p.gates_out) + at.row * 4 * H + at.col;
-        store_acc<T, VEC>(gates, i);
-        store_acc<T, VEC>(gates + H, f);
-        store_acc<T, VEC>(gates + 2 * H, g);
-        store_acc<T, VEC>(gates + 3 * H, o);
+      if (p.gates_out != nullptr) {  // in A: the backward's dc can cancel (LstmStepFwdParams)
+        A* gates = static_cast<A*>(p.gates_out) + at.row * 4 * H + at.col;
+        store_acc<A, VEC>(gates, i);
+        store_acc<A, VEC>(gates + H, f);
+        store_acc<A, VEC>(gates + 2 * H, g);
+        store_acc<A, VEC>(gates + 3 * H, o);
       }
       if (p.zoneout_c != nullptr) {
         A z[VEC];
@@ -154,9 +161,9 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
       if (p.gates_out != nullptr) {
         A zero[VEC];
         fill<A, VEC>(zero, A(0));
-        T* gates = static_cast<T*>(p.gates_out) + at.row * 4 * H + at.col;
+        A* gates = static_cast<A*>(p.gates_out) + at.row * 4 * H + at.col;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) store_acc<T, VEC>(gates + q * H, zero);
+        for (int q = 0; q < 4; ++q) store_acc<A, VEC>(gates + q * H, zero);
       }
     }
     store_acc<T, VEC>(static_cast<T*>(p.c_out) + out, c);
@@ -188,12 +195,13 @@ __global__ void lstm_step_bwd_kernel(LstmStepBwdParams p) {
     if (p.carried_h != nullptr) add_acc<G, A, VEC>(static_cast<G*>(p.carried_h) + out, dh_total);
     A i[VEC], f[VEC], g[VEC], o[VEC], dc_prev[VEC], dh_skip[VEC];
     if (at.row < p.stepping) {
-      const T* gates = static_cast<const T*>(p.gates) + at.row * p.gates_row_stride + at.col;
+      const int64_t gates_at = at.row * p.gates_row_stride + at.col;
       A c_prev[VEC], c[VEC], dh[VEC], zc[VEC], zh[VEC];
-      load_acc<T, VEC>(gates, i);
-      load_acc<T, VEC>(gates + H, f);
-      load_acc<T, VEC>(gates + 2 * H, g);
-      load_acc<T, VEC>(gates + 3 * H, o);
+      if (p.gates_activated) {  // the layer forward's saved gates, in A
+        load_gates<A, A, VEC>(static_cast<const A*>(p.gates) + gates_at, H, i, f, g, o);
+      } else {  // the cell op's pre-activation input
+        load_gates<T, A, VEC>(static_cast<const T*>(p.gates) + gates_at, H, i, f, g, o);
+      }
       load_acc<T, VEC>(static_cast<const T*>(p.c_prev) + at.row * p.c_prev_row_stride + at.col,
                        c_prev);
       if (p.c_new != nullptr) {
