@@ -70,8 +70,11 @@ interpreter miscomputes a bfloat16 tl.dot in triton 3.9): float16 / bfloat16 val
 in tf32, and for float32 the error stays ~1e-7 of sum |h * w|, as with "ieee". An "ieee" dot
 is lowered to FMA chains, and LLVM's SLP vectorizer (run by triton 3.9 for sm_90, not for
 sm_80) aborts on four of them sharing an operand in one loop (an assertion in
-BoUpSLP::scheduleBlock, from a 32-wide tile on). The backward works in float32 throughout and
-rounds its results once, as fastattn.ops.reference.lstm_layer_bwd_reference does.
+BoUpSLP::scheduleBlock, from a 32-wide tile on). gates_all is float32 for every dtype, as the
+CPU and CUDA ops save it: the backward's dc = grad_c + grad_h * o * (1 - tanh^2(c)) can cancel,
+and gates rounded to bfloat16 would reach grad c0 magnified (percent-level errors). The backward
+works in float32 throughout and rounds its results once, as
+fastattn.ops.reference.lstm_layer_bwd_reference does.
 """
 
 from __future__ import annotations
@@ -232,14 +235,12 @@ def _lstm_layer_fwd_kernel(
             tl.store(c_all_ptr + h_offsets, c_out.to(dtype), mask=mask_h)
             # Rows that do not step hold zeros in gates_all and hpre_all (the schema's
             # contract). The stored states are rounded already (exact conversions); the gates
-            # are not.
+            # are saved unrounded, in float32 (the backward's dc can cancel: module doc).
             g_t = gates_all_ptr + out_rows * (4 * hidden) + cols[None, :]
-            tl.store(g_t, _round(tl.where(steps, i, 0.0), dtype).to(dtype), mask=mask_h)
-            tl.store(g_t + hidden, _round(tl.where(steps, f, 0.0), dtype).to(dtype), mask=mask_h)
-            tl.store(g_t + 2 * hidden, _round(tl.where(steps, g, 0.0), dtype).to(dtype),
-                     mask=mask_h)
-            tl.store(g_t + 3 * hidden, _round(tl.where(steps, o, 0.0), dtype).to(dtype),
-                     mask=mask_h)
+            tl.store(g_t, tl.where(steps, i, 0.0), mask=mask_h)
+            tl.store(g_t + hidden, tl.where(steps, f, 0.0), mask=mask_h)
+            tl.store(g_t + 2 * hidden, tl.where(steps, g, 0.0), mask=mask_h)
+            tl.store(g_t + 3 * hidden, tl.where(steps, o, 0.0), mask=mask_h)
             if HAS_PROJ:
                 tl.store(hpre_all_ptr + h_offsets, hpre_j.to(dtype), mask=mask_h)
                 if RESIDENT:
@@ -567,13 +568,13 @@ def lstm_layer_fwd_triton(
     zoneout_c: torch.Tensor | None,
     zoneout_h: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h_all [T, B, P], c_all [T, B, H], activated gates_all [T, B, 4H], hpre_all [T, B, H]
-    or empty without w_hr), as fastattn::lstm_layer_fwd; see the module doc."""
+    """(h_all [T, B, P], c_all [T, B, H], activated gates_all [T, B, 4H] float32, hpre_all
+    [T, B, H] or empty without w_hr), as fastattn::lstm_layer_fwd; see the module doc."""
     seq_len, batch, hidden, state = _check_inputs(
         "lstm_layer_fwd_triton", x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h)
     h_all = x_proj.new_empty((seq_len, batch, state))
     c_all = x_proj.new_empty((seq_len, batch, hidden))
-    gates_all = x_proj.new_empty((seq_len, batch, 4 * hidden))
+    gates_all = x_proj.new_empty((seq_len, batch, 4 * hidden), dtype=torch.float32)
     hpre_all = x_proj.new_empty((seq_len, batch, hidden) if w_hr is not None else (0,))
     lstm_layer_fwd_into(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
                         h_all, c_all, gates_all, hpre_all)
@@ -625,8 +626,16 @@ def lstm_layer_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x_proj [T, B, 4H], grad_h0 [B, P], grad_c0 [B, H], grad_w_hh [4H, P], grad_w_hr
     [P, H] or empty), as fastattn::lstm_layer_bwd; see the module doc."""
+    op = "lstm_layer_bwd_triton"
+    if gates_all.dim() != 3 or gates_all.shape[2] % 4 != 0:
+        raise FastattnValueError(f"{op}: gates_all must be [T, B, 4H], got "
+                                 f"{list(gates_all.shape)}")
+    if gates_all.dtype != torch.float32 or gates_all.device != h0.device:
+        raise FastattnTypeError(f"{op}: gates_all must be float32 on {h0.device} (the "
+                                f"forward's), got {gates_all.dtype} on {gates_all.device}")
+    # The data dtype is h0's: checked as x_proj's would be.
     seq_len, batch, hidden, state = _check_inputs(
-        "lstm_layer_bwd_triton", gates_all, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
+        op, h0.new_empty(()).expand(gates_all.shape), h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
         zoneout_h)
     saved = {"grad_h_all": (grad_h_all, (seq_len, batch, state)),
              "grad_c_all": (grad_c_all, (seq_len, batch, hidden)),
@@ -636,7 +645,7 @@ def lstm_layer_bwd_triton(
         if tuple(tensor.shape) != shape:
             raise FastattnValueError(f"lstm_layer_bwd_triton: {name} must have shape "
                                      f"{list(shape)}, got {list(tensor.shape)}")
-    dtype = gates_all.dtype
+    dtype = h0.dtype
     # The gate gradients stay float32 until grad_w_hh has been summed from them.
     grad_gates_all = gates_all.new_empty((seq_len, batch, 4 * hidden), dtype=torch.float32)
     grad_hy_all = gates_all.new_empty(
@@ -653,7 +662,7 @@ def lstm_layer_bwd_triton(
         h_prev_all = torch.cat([h0.unsqueeze(0), h_all])[:seq_len]
     grad_gates = grad_gates_all.view(seq_len * batch, 4 * hidden)
     grad_w_hh = (grad_gates.t() @ h_prev_all.reshape(seq_len * batch, state).float()).to(dtype)
-    grad_w_hr = gates_all.new_empty(0)
+    grad_w_hr = h0.new_empty(0)
     if w_hr is not None:
         grad_w_hr = (grad_hy_all.view(seq_len * batch, state).t()
                      @ hpre_all.reshape(seq_len * batch, hidden).float()).to(dtype)
