@@ -21,6 +21,34 @@ def cell_grads(gates, cx, grad_hy, grad_cy, dtype):
     return torch.autograd.grad((hy, cy), (g, c), (grad_hy.to(dtype), grad_cy.to(dtype)))
 
 
+def cancelling_cell_gradient_grads(layer_fwd, x_proj, h0, c0, w_hh, grad_h):
+    """One layer step (x_proj [1, B, 4H], no options) whose backward's cell gradient cancels.
+
+    dc = grad_c + grad_h * o * (1 - tanh^2(c)) with grad_c = -0.97 times the second term
+    (float64, rounded to the inputs' dtype) keeps 3% of its terms, so any error of the saved
+    gates reaches grad c0 = f * dc ~33 times magnified: kernels that saved them rounded to
+    bfloat16 / float16 got grad c0 several percent wrong (PyTorch's autograd keeps the step's
+    float32 intermediates). T = 1, so no rounded state enters either side. Returns the
+    gradients of (x_proj, h0, c0, w_hh) by ``layer_fwd`` (lstm_layer_fwd's schema, with
+    autograd), by the reference in float64, and by the reference at the inputs' dtype.
+    """
+    from fastattn.ops import reference
+
+    dtype = x_proj.dtype
+    gates = reference.lstm_gate_activations(x_proj.double() + h0.double() @ w_hh.double().t())
+    i, f, g, o = gates.chunk(4, dim=-1)
+    grad_c = (-0.97 * grad_h.double() * o * (1 - (f * c0.double() + i * g).tanh() ** 2)).to(dtype)
+
+    def grads(fn, cast):
+        leaves = [t.to(cast).requires_grad_() for t in (x_proj, h0, c0, w_hh)]
+        h_all, c_all = fn(*leaves, None, None, False, None, None)[:2]
+        loss = (h_all * grad_h.to(cast)).sum() + (c_all * grad_c.to(cast)).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    return (grads(layer_fwd, dtype), grads(reference.lstm_layer_reference, torch.float64),
+            grads(reference.lstm_layer_reference, dtype))
+
+
 def sequence_math(x_proj, h0, c0, w_hh):
     """x_proj [T, B, 4H], h0, c0 [B, H], w_hh [4H, H] -> (h_all, c_all [T, B, H], activated
     gates_all [T, B, 4H]) by a loop of cell steps."""

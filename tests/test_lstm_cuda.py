@@ -158,9 +158,8 @@ def test_sequence_forward(device, dtype, seq_len, batch, hidden):
     assert h_all.shape == (seq_len, batch, hidden) and c_all.shape == (seq_len, batch, hidden)
     assert gates_all.shape == (seq_len, batch, 4 * hidden)
     assert h_all.dtype == c_all.dtype == dtype
-    # The CPU kernel saves the gates in the math dtype (csrc/include/fastattn/lstm_cpu.h).
-    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert gates_all.dtype == (dtype if device == "cuda" else math_dtype)
+    # Both kernels save the gates in the math dtype (fastattn/ops/_registry.py).
+    assert gates_all.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
     expected64 = sequence_math(*(t.double() for t in inputs))
     expected_torch = sequence_math(*inputs)
@@ -454,10 +453,12 @@ def test_layer_op_every_option(dtype, options, seq_len, batch, hidden, grad):
 
 
 @pytest.mark.gpu
-def test_layer_ops_opcheck():
-    """Schemas, fake kernels (strides included) and dispatch of the CUDA layer ops."""
+# bf16: gates_all is saved in float32, and the fakes must say so
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_ops_opcheck(dtype):
+    """Schemas, fake kernels (dtypes and strides included) and dispatch of the CUDA layer ops."""
     require_kernel("lstm_layer_fwd", "cuda")
-    args = _layer_inputs(dict(proj=3, packed=True, zoneout="bernoulli"), 4, 5, 7, torch.float32)
+    args = _layer_inputs(dict(proj=3, packed=True, zoneout="bernoulli"), 4, 5, 7, dtype)
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     ops = torch.ops.fastattn
     torch.library.opcheck(ops.lstm_layer_fwd.default, args, test_utils=utils)
@@ -466,9 +467,9 @@ def test_layer_ops_opcheck():
     bwd_args = (torch.randn_like(h_all), torch.randn_like(c_all), h0, c0, w_hh, w_hr, *rest,
                 h_all, c_all, gates_all, hpre_all)
     torch.library.opcheck(ops.lstm_layer_bwd.default, bwd_args, test_utils=utils[:2])
-    w_ih = torch.randn(28, 6, device="cuda")
-    infer_args = (torch.randn(4, 5, 6, device="cuda"), w_ih, torch.randn(28, device="cuda"), h0, c0,
-                  w_hh, w_hr, *rest)
+    w_ih = torch.randn(28, 6, device="cuda", dtype=dtype)
+    infer_args = (torch.randn(4, 5, 6, device="cuda", dtype=dtype), w_ih,
+                  torch.randn(28, device="cuda", dtype=dtype), h0, c0, w_hh, w_hr, *rest)
     torch.library.opcheck(ops.lstm_layer_infer.default, infer_args, test_utils=utils[:2])
 
 

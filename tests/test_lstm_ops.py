@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import LSTM_LAYER_CASES, assert_close_to_reference, nan_heap, randn
 from helpers import lstm_layer_inputs as _layer_inputs
+from lstm_math import cancelling_cell_gradient_grads
 
 import fastattn
 from fastattn.ops import lstm as lstm_ops
@@ -114,30 +115,19 @@ def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
         assert got[4].numel() == 0
 
 
-# grad c0 = f * dc with dc = grad_c + grad_h * o * (1 - tanh^2(c_new)). A grad_c that cancels 97%
-# of the second term magnifies any error in the saved gates ~33 times: the CPU kernel once saved
-# them rounded to bfloat16 / float16 and got grad c0 several percent wrong (PyTorch's autograd
-# keeps the step's float32 intermediates). T = 1, so no rounded state enters either side.
-@needs_cpu_kernels
+# The backward's cell gradient cancels (tests/lstm_math.py): the CPU and CUDA kernels once saved
+# the gates rounded to bfloat16 / float16 and got grad c0 several percent wrong. The CUDA step
+# kernels' version of this case also runs under cudasim (harness/lstm.cpp, "step cancel").
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_cpu_kernels),
+                                    pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B,H", [(1, 1), (7, 33)], ids=["B1H1", "B7H33"])
-def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H):
+def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H, device):
     x_proj, h0, c0, w_hh, *_ = _layer_inputs(1, B, H, H, dtype, proj=False, zoneout=False,
                                              lengths=None)
     grad_h = randn(1, B, H, dtype=dtype)
-    gates = reference.lstm_gate_activations(x_proj.double() + h0.double() @ w_hh.double().t())
-    i, f, g, o = gates.chunk(4, dim=-1)
-    grad_c = (-0.97 * grad_h.double() * o * (1 - (f * c0.double() + i * g).tanh() ** 2)).to(dtype)
-
-    def grads(fn, cast):
-        leaves = [t.to(cast).requires_grad_() for t in (x_proj, h0, c0, w_hh)]
-        h_all, c_all = fn(*leaves, None, None, False, None, None)[:2]
-        loss = (h_all * grad_h.to(cast)).sum() + (c_all * grad_c.to(cast)).sum()
-        return torch.autograd.grad(loss, leaves)
-
-    got = grads(OPS.lstm_layer_fwd, dtype)
-    want = grads(reference.lstm_layer_reference, torch.float64)
-    same_dtype = grads(reference.lstm_layer_reference, dtype)
+    got, want, same_dtype = cancelling_cell_gradient_grads(
+        OPS.lstm_layer_fwd, *(t.to(device) for t in (x_proj, h0, c0, w_hh, grad_h)))
     for name, a, w, r in zip(("grad_x_proj", "grad_h0", "grad_c0", "grad_w_hh"), got, want,
                              same_dtype, strict=True):
         assert_close_to_reference(a, w, r, name=name)

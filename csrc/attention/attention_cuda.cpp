@@ -27,9 +27,7 @@ void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* nam
   glue::check_same_device(t, q, kOp, name);
 }
 
-struct Problem {
-  int64_t batch, q_heads, kv_heads, q_len, kv_len, head_dim;
-};
+using Problem = glue::Sizes;
 
 Problem check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   glue::check_fp16_or_bf16(q, k, v, kOp);
@@ -60,20 +58,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_common(Attention
                                                                         const at::Tensor& v_in,
                                                                         const Options& o) {
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
-  p.dtype = q.scalar_type() == at::kHalf ? Dtype::Float16 : Dtype::BFloat16;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  glue::row_strides(p.q_stride, q);
-  glue::row_strides(p.k_stride, k);
-  glue::row_strides(p.v_stride, v);
-  p.batch = pr.batch;
-  p.q_heads = pr.q_heads;
-  p.kv_heads = pr.kv_heads;
-  p.q_len = pr.q_len;
-  p.kv_len = pr.kv_len;
-  p.head_dim = pr.head_dim;
-  p.v_head_dim = pr.head_dim;
+  glue::fill_qkv(p, pr, q, k, v);
 
   at::Tensor mask;
   if (o.attn_mask.has_value()) {
@@ -113,9 +98,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   AttentionParams p;
   const Options o{attn_mask, {alibi_slopes, dropout_p, rng_seed, scale, window_left, window_right, bottom_right, softcap}};
   const auto kept_alive = fill_common(p, pr, q_in, k_in, v_in, o);
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  glue::row_strides(p.out_stride, out);
+  glue::fill_outputs(p, out, lse);
 
   p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
   at::Tensor out_partial, lse_partial;
@@ -172,18 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({pr.batch, pr.q_heads, pr.q_len}, f32);
-  p.out = const_cast<void*>(out.data_ptr());
-  glue::row_strides(p.out_stride, out);
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.grad_out = grad_out.data_ptr();
-  glue::row_strides(p.grad_out_stride, grad_out);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  glue::row_strides(p.dq_stride, dq);
-  glue::row_strides(p.dk_stride, dk);
-  glue::row_strides(p.dv_stride, dv);
-  p.delta = delta.data_ptr<float>();
+  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv, delta);
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv, dmask};

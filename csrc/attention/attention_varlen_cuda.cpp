@@ -42,6 +42,9 @@ at::Tensor checked_offsets(const at::Tensor& cu, const at::Tensor& q, int64_t ba
 struct Varlen {
   int64_t batch, q_heads, kv_heads, total_q, total_k, head_dim, max_q, max_k;
   at::Tensor cu_q, cu_k;
+
+  // The kernels' grid and dropout counter run over the longest sequences.
+  glue::Sizes sizes() const { return {batch, q_heads, kv_heads, max_q, max_k, head_dim}; }
 };
 
 Varlen check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
@@ -76,20 +79,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fill_varlen(AttentionParams& p, c
                                                            const at::Tensor& k_in, const at::Tensor& v_in,
                                                            const glue::Options& o) {
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
-  p.dtype = q.scalar_type() == at::kHalf ? Dtype::Float16 : Dtype::BFloat16;
-  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   // Packed rows: no batch stride, sequence b starts at row cu_seqlens[b].
-  glue::row_strides(p.q_stride, q);
-  glue::row_strides(p.k_stride, k);
-  glue::row_strides(p.v_stride, v);
-  p.batch = vl.batch;
-  p.q_heads = vl.q_heads;
-  p.kv_heads = vl.kv_heads;
-  p.q_len = vl.max_q;
-  p.kv_len = vl.max_k;
+  glue::fill_qkv(p, vl.sizes(), q, k, v);
   p.total_q = vl.total_q;
-  p.head_dim = vl.head_dim;
-  p.v_head_dim = vl.head_dim;
   p.cu_seqlens_q = vl.cu_q.data_ptr<int>();
   p.cu_seqlens_k = vl.cu_k.data_ptr<int>();
   glue::fill_options(p, o, q, vl.batch, vl.q_heads, "attention_varlen");
@@ -118,9 +110,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  glue::row_strides(p.out_stride, out);
+  glue::fill_outputs(p, out, lse);
   C10_CUDA_CHECK(run_attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {out, lse};
 }
@@ -164,16 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({vl.q_heads, vl.total_q}, q_in.options().dtype(at::kFloat));
-  p.out = const_cast<void*>(out.data_ptr());
-  glue::row_strides(p.out_stride, out);
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  p.grad_out = grad_out.data_ptr();
-  glue::row_strides(p.grad_out_stride, grad_out);
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  glue::row_strides(p.dq_stride, dq);
-  glue::row_strides(p.dk_stride, dk);
-  glue::row_strides(p.dv_stride, dv);
-  p.delta = delta.data_ptr<float>();
+  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv, delta);
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv};
 }
@@ -262,18 +243,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
   // Everything is checked: from here on the cache may be written.
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  p.dtype = q.scalar_type() == at::kHalf ? Dtype::Float16 : Dtype::BFloat16;
-  p.q = q.data_ptr(), p.k = k_cache.data_ptr(), p.v = v_cache.data_ptr();
-  glue::row_strides(p.q_stride, q);
-  glue::row_strides(p.k_stride, k_cache);
-  glue::row_strides(p.v_stride, v_cache);
-  p.batch = batch;
-  p.q_heads = q_heads;
-  p.kv_heads = kv_heads;
-  p.q_len = q_len;
-  p.kv_len = capacity;
-  p.head_dim = head_dim;
-  p.v_head_dim = head_dim;
+  glue::fill_qkv(p, {batch, q_heads, kv_heads, q_len, capacity, head_dim}, q, k_cache, v_cache);
   p.cache_seqlens = cache_seqlens.data_ptr<int>();
   p.kv_new_len = len_new;
   p.cache_blocks = cache_blocks;
@@ -299,9 +269,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out, lse};
   }
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  glue::row_strides(p.out_stride, out);
+  glue::fill_outputs(p, out, lse);
   p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
   at::Tensor out_partial, lse_partial;
   if (p.num_splits > 1) {

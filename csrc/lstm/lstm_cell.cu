@@ -74,7 +74,7 @@ cudaError_t launch_lstm_step_fwd(const LstmStepFwdParams& p, cudaStream_t stream
     if (vectorizable<kVec>(p.hidden,
                            {{p.x_proj, t}, {p.rec, sizeof(lstm::acc_t<T>)}, {p.c_prev, t}, {p.h_prev, t},
                             {p.zoneout_c, t}, {p.zoneout_h, t}, {p.c_out, t}, {p.h_out, t},
-                            {p.gates_out, t}},
+                            {p.gates_out, sizeof(lstm::acc_t<T>)}},
                            {p.x_proj_row_stride, p.c_prev_row_stride, p.h_prev_row_stride})) {
       lstm::lstm_step_fwd_kernel<T, kVec><<<grid_for(p.batch * (p.hidden / kVec)), kThreads, 0, stream>>>(p);
     } else {
@@ -103,8 +103,9 @@ cudaError_t launch_lstm_step_bwd(const LstmStepBwdParams& p, cudaStream_t stream
     using G = typename decltype(grad_tag)::type;
     constexpr int kVec = 16 / sizeof(T);
     constexpr size_t t = sizeof(T), g = sizeof(G);
+    const size_t gates_bytes = p.gates_activated ? sizeof(lstm::acc_t<T>) : t;
     if (vectorizable<kVec>(p.hidden,
-                           {{p.gates, t}, {p.c_prev, t}, {p.c_new, t}, {p.grad_h, t}, {p.grad_c, t},
+                           {{p.gates, gates_bytes}, {p.c_prev, t}, {p.c_new, t}, {p.grad_h, t}, {p.grad_c, t},
                             {p.zoneout_c, t}, {p.zoneout_h, t}, {p.grad_hpre, g}, {p.carried_h, g},
                             {p.carried_c, g}, {p.grad_gates, g}, {p.grad_c_prev, g}},
                            {p.gates_row_stride, p.c_prev_row_stride, p.c_new_row_stride,

@@ -83,6 +83,16 @@ __device__ __forceinline__ void add_acc(const T* ptr, A (&out)[VEC]) {
   for (int e = 0; e < VEC; ++e) out[e] += more[e];
 }
 
+// The four gate chunks i, f, g, o of VEC units: chunk q starts at gates + q * H.
+template <typename S, typename A, int VEC>
+__device__ __forceinline__ void load_gates(const S* gates, int64_t H, A (&i)[VEC], A (&f)[VEC],
+                                           A (&g)[VEC], A (&o)[VEC]) {
+  load_acc<S, VEC>(gates, i);
+  load_acc<S, VEC>(gates + H, f);
+  load_acc<S, VEC>(gates + 2 * H, g);
+  load_acc<S, VEC>(gates + 3 * H, o);
+}
+
 // One step of a layer-direction (and the cell op): gates = x_proj (+ rec), activations, the
 // new c and h, zoneout mixing, carried rows (LstmStepFwdParams). The options are uniform
 // branches on null pointers: every thread of a launch takes the same ones, except the
@@ -101,12 +111,9 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
     load_acc<T, VEC>(static_cast<const T*>(p.c_prev) + at.row * p.c_prev_row_stride + at.col,
                      c_prev);
     if (at.row < p.stepping) {
-      const T* x = static_cast<const T*>(p.x_proj) + at.row * p.x_proj_row_stride + at.col;
       A i[VEC], f[VEC], g[VEC], o[VEC];
-      load_acc<T, VEC>(x, i);
-      load_acc<T, VEC>(x + H, f);
-      load_acc<T, VEC>(x + 2 * H, g);
-      load_acc<T, VEC>(x + 3 * H, o);
+      load_gates<T, A, VEC>(static_cast<const T*>(p.x_proj) + at.row * p.x_proj_row_stride + at.col,
+                            H, i, f, g, o);
       if (p.rec != nullptr) {
         const A* rec = static_cast<const A*>(p.rec) + at.row * 4 * H + at.col;
         add_acc<A, A, VEC>(rec, i);
@@ -123,12 +130,12 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
         c[e] = f[e] * c_prev[e] + i[e] * g[e];
         h[e] = o[e] * tanh_(c[e]);  // from the cell's c, before zoneout mixes it
       }
-      if (p.gates_out != nullptr) {
-        T* gates = static_cast<T*>(p.gates_out) + at.row * 4 * H + at.col;
-        store_acc<T, VEC>(gates, i);
-        store_acc<T, VEC>(gates + H, f);
-        store_acc<T, VEC>(gates + 2 * H, g);
-        store_acc<T, VEC>(gates + 3 * H, o);
+      if (p.gates_out != nullptr) {  // in A: the backward's dc can cancel (LstmStepFwdParams)
+        A* gates = static_cast<A*>(p.gates_out) + at.row * 4 * H + at.col;
+        store_acc<A, VEC>(gates, i);
+        store_acc<A, VEC>(gates + H, f);
+        store_acc<A, VEC>(gates + 2 * H, g);
+        store_acc<A, VEC>(gates + 3 * H, o);
       }
       if (p.zoneout_c != nullptr) {
         A z[VEC];
@@ -154,9 +161,9 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
       if (p.gates_out != nullptr) {
         A zero[VEC];
         fill<A, VEC>(zero, A(0));
-        T* gates = static_cast<T*>(p.gates_out) + at.row * 4 * H + at.col;
+        A* gates = static_cast<A*>(p.gates_out) + at.row * 4 * H + at.col;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) store_acc<T, VEC>(gates + q * H, zero);
+        for (int q = 0; q < 4; ++q) store_acc<A, VEC>(gates + q * H, zero);
       }
     }
     store_acc<T, VEC>(static_cast<T*>(p.c_out) + out, c);
@@ -188,12 +195,13 @@ __global__ void lstm_step_bwd_kernel(LstmStepBwdParams p) {
     if (p.carried_h != nullptr) add_acc<G, A, VEC>(static_cast<G*>(p.carried_h) + out, dh_total);
     A i[VEC], f[VEC], g[VEC], o[VEC], dc_prev[VEC], dh_skip[VEC];
     if (at.row < p.stepping) {
-      const T* gates = static_cast<const T*>(p.gates) + at.row * p.gates_row_stride + at.col;
+      const int64_t gates_at = at.row * p.gates_row_stride + at.col;
       A c_prev[VEC], c[VEC], dh[VEC], zc[VEC], zh[VEC];
-      load_acc<T, VEC>(gates, i);
-      load_acc<T, VEC>(gates + H, f);
-      load_acc<T, VEC>(gates + 2 * H, g);
-      load_acc<T, VEC>(gates + 3 * H, o);
+      if (p.gates_activated) {  // the layer forward's saved gates, in A
+        load_gates<A, A, VEC>(static_cast<const A*>(p.gates) + gates_at, H, i, f, g, o);
+      } else {  // the cell op's pre-activation input
+        load_gates<T, A, VEC>(static_cast<const T*>(p.gates) + gates_at, H, i, f, g, o);
+      }
       load_acc<T, VEC>(static_cast<const T*>(p.c_prev) + at.row * p.c_prev_row_stride + at.col,
                        c_prev);
       if (p.c_new != nullptr) {
@@ -283,27 +291,41 @@ __device__ __forceinline__ void block_sum(A (&v)[N], A* scratch) {
   __syncthreads();  // the scratch is free for the next reduction
 }
 
-// 1 / sqrt(var + eps) of the row values value(u, q) (units u of this thread, chunks q < Q),
-// width elements in all, and their mean: two passes (mean, then the mean square deviation),
-// so a row far from zero loses nothing to cancellation.
+// Every LN reduction, forward and backward: one pass over this thread's units u of the row
+// (u = threadIdx.x, + blockDim.x, ... < H) in which add(u, sums) adds unit u's share to
+// sums[0..N) (and may do the pass's other per-unit work), then the block reduction. Every thread
+// gets the sums over the row divided by count (the row's element count). Every thread of the
+// block must call it.
+template <int N, typename A, typename Add>
+__device__ __forceinline__ void row_means(int64_t H, A count, const Add& add, A* scratch,
+                                          A (&means)[N]) {
+  fill<A, N>(means, A(0));
+  for (int64_t u = threadIdx.x; u < H; u += blockDim.x) add(u, means);
+  block_sum(means, scratch);
+#pragma unroll
+  for (int n = 0; n < N; ++n) means[n] /= count;
+}
+
+// 1 / sqrt(var + eps) of the row values value(u, q) (units u, chunks q < Q: Q * H elements)
+// and their mean: two passes (mean, then the mean square deviation), so a row far from zero
+// loses nothing to cancellation.
 template <int Q, typename A, typename Value>
 __device__ __forceinline__ void row_moments(int64_t H, A eps, const Value& value, A* scratch,
                                             A& mean, A& rstd) {
-  A sum[1] = {A(0)};
-  for (int64_t u = threadIdx.x; u < H; u += blockDim.x)
+  A means[1];
+  row_means(H, A(Q * H), [&](int64_t u, A (&sum)[1]) {
 #pragma unroll
     for (int q = 0; q < Q; ++q) sum[0] += value(u, q);
-  block_sum(sum, scratch);
-  mean = sum[0] / A(Q * H);
-  A squares[1] = {A(0)};
-  for (int64_t u = threadIdx.x; u < H; u += blockDim.x)
+  }, scratch, means);
+  mean = means[0];
+  row_means(H, A(Q * H), [&](int64_t u, A (&squares)[1]) {
 #pragma unroll
     for (int q = 0; q < Q; ++q) {
       const A d = value(u, q) - mean;
       squares[0] += d * d;
     }
-  block_sum(squares, scratch);
-  rstd = A(1) / sqrt_(squares[0] / A(Q * H) + eps);
+  }, scratch, means);
+  rstd = A(1) / sqrt_(means[0] + eps);
 }
 
 // The LayerNorm-LSTM forward step (LstmStepFwdParams with ln): T the data, A the math type of
@@ -430,9 +452,9 @@ __global__ void lstm_ln_step_bwd_kernel(LstmStepBwdParams p) {
     const A* c_norm = static_cast<const A*>(p.c_norm) + row * H;
     const A* rstd = static_cast<const A*>(p.rstd) + row * 2;
     const T* c_prev = static_cast<const T*>(p.c_prev) + row * p.c_prev_row_stride;
-    // The cell LN's output gradient, and o's.
-    A c_sums[2] = {A(0), A(0)};  // sum dy, sum dy * y of the cell LN
-    for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+    // The cell LN's output gradient, and o's; the means of dy and dy * y of the cell LN.
+    A c_means[2];
+    row_means(H, A(H), [&](int64_t u, A (&c_sums)[2]) {
       const A z_c = zc == nullptr ? A(0) : to_acc(zc[u]);
       const A z_h = zh == nullptr ? A(0) : to_acc(zh[u]);
       A dh;
@@ -451,12 +473,11 @@ __global__ void lstm_ln_step_bwd_kernel(LstmStepBwdParams p) {
       grad_gates[3 * H + u] = dh * tc * o * (A(1) - o);
       c_sums[0] += dc_new * w;
       c_sums[1] += dc_new * w * cn;
-    }
-    block_sum(c_sums, scratch);
-    const A c_mean_dy = c_sums[0] / A(H), c_mean_dy_y = c_sums[1] / A(H);
-    // The gates' gradients through the cell LN, and the sums of the hh LN's backward.
-    A hh_sums[2] = {A(0), A(0)};
-    for (int64_t u = threadIdx.x; u < H; u += blockDim.x) {
+    }, scratch, c_means);
+    const A c_mean_dy = c_means[0], c_mean_dy_y = c_means[1];
+    // The gates' gradients through the cell LN; the means of the hh LN's backward.
+    A hh_means[2];
+    row_means(H, A(G), [&](int64_t u, A (&hh_sums)[2]) {
       const A dy = grad_c_new[u] * to_acc(c_weight[u]);
       const A d_cell = (dy - c_mean_dy - c_norm[u] * c_mean_dy_y) * rstd[1];
       const A i = gates[u], f = gates[H + u], g = gates[2 * H + u], cp = to_acc(c_prev[u]);
@@ -472,9 +493,8 @@ __global__ void lstm_ln_step_bwd_kernel(LstmStepBwdParams p) {
         hh_sums[0] += hh_dy;
         hh_sums[1] += hh_dy * hh_norm[k];
       }
-    }
-    block_sum(hh_sums, scratch);
-    const A hh_mean_dy = hh_sums[0] / A(G), hh_mean_dy_y = hh_sums[1] / A(G);
+    }, scratch, hh_means);
+    const A hh_mean_dy = hh_means[0], hh_mean_dy_y = hh_means[1];
     for (int64_t u = threadIdx.x; u < H; u += blockDim.x)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {

@@ -33,6 +33,15 @@ Dtype lstm_dtype(const at::Tensor& t, const char* op, const char* name) {
   }
 }
 
+// The type the kernels compute in, and the backward keeps its gradients in.
+at::ScalarType math_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Dtype math_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? Dtype::Float64 : Dtype::Float32;
+}
+
 void check_like(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef shape, const char* op,
                 const char* name, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), "fastattn::", op, ": ", name, " is on ", t.device(),
@@ -153,7 +162,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::
                    c0 = c0_in.contiguous(), w_hh = w_hh_in.contiguous();
   at::Tensor h_all = at::empty({seq_len, batch, hidden}, x_proj.options());
   at::Tensor c_all = at::empty({seq_len, batch, hidden}, x_proj.options());
-  at::Tensor gates_all = at::empty({seq_len, batch, 4 * hidden}, x_proj.options());
+  at::Tensor gates_all =
+      at::empty({seq_len, batch, 4 * hidden}, x_proj.options().dtype(math_type(x_proj)));
 
   LstmSequenceFwdParams p;
   p.dtype = dtype;
@@ -185,15 +195,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::
 
 using lstm_glue::LayerProblem;
 using lstm_glue::OptTensor;
-
-// The type the kernels compute in, and the backward keeps its gradients in.
-at::ScalarType math_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-Dtype math_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? Dtype::Float64 : Dtype::Float32;
-}
 
 // Step t of a [T, ...] tensor, or nullptr for an absent option.
 void* ptr_at(const at::Tensor& all, int64_t t) {
@@ -238,9 +239,8 @@ struct LayerNorm {
 };
 
 // The forward time loop. x_proj [T, B, 4H] (last dim contiguous), h0 / c0 contiguous; writes
-// h_all, c_all, and gates_all when defined. hpre: [T, B, H] (hpre_all) or a [1, B, H] scratch
-// when projecting, else undefined. ln: the LayerNorm-LSTM step (gates_all in the math type),
-// or nullptr.
+// h_all, c_all, and gates_all (the math type) when defined. hpre: [T, B, H] (hpre_all) or a
+// [1, B, H] scratch when projecting, else undefined. ln: the LayerNorm-LSTM step, or nullptr.
 void layer_forward(const LayerProblem& p, const at::Tensor& x_proj, const at::Tensor& h0,
                    const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& h_all,
                    const at::Tensor& c_all, const at::Tensor& gates_all, const at::Tensor& hpre,
@@ -329,7 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
   const bool proj = p.w_hr.defined();
   at::Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
   at::Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
-  at::Tensor gates_all = at::empty({p.T, p.B, 4 * p.H}, opts);
+  // In the math type: the backward's dc = grad_c + grad_h * o * (1 - tanh^2(c)) can cancel, and
+  // gates rounded to a half type would reach grad c0 magnified (csrc/include/fastattn/lstm_params.h).
+  at::Tensor gates_all = at::empty({p.T, p.B, 4 * p.H}, opts.dtype(math_type(x_proj)));
   at::Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all,
                 proj ? hpre_all : at::Tensor());
@@ -367,7 +369,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_cuda(
                                 .view({T, B, 4 * H});
   const at::Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   if (sequence_kernel_serves(p, dtype)) {
-    at::Tensor gates_all = at::empty({T, B, 4 * H}, opts);  // the kernel writes them regardless
+    // The kernel writes the gates regardless (in the math type).
+    at::Tensor gates_all = at::empty({T, B, 4 * H}, opts.dtype(math_type(input)));
     LstmSequenceFwdParams sp;
     sp.dtype = dtype;
     sp.x_proj = x_proj.data_ptr();
@@ -389,6 +392,16 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_cuda(
   return {h_all, c_all};
 }
 
+// A saved row tensor of the layer ops (gates_all, the LN rows): on `like`'s device, in its
+// math type, of this shape.
+void check_math_rows(const char* op, const at::Tensor& t, const at::Tensor& like,
+                     at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == math_type(like) &&
+                  t.sizes() == shape,
+              op, ": ", name, " must be a ", math_type(like), " tensor of shape ", shape, " on ",
+              like.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
 // The gradients of one layer call, in the math type, from its backward time loop.
 struct LayerGrads {
   at::Tensor grad_gates_all;  // [T, B, 4H] of x_proj
@@ -400,8 +413,7 @@ struct LayerGrads {
 };
 
 // The backward time loop (reverse of layer_forward) and the whole-sequence weight gradients.
-// Inputs contiguous; gates_all (activated) in the data dtype, or with ln in the math type as
-// ln's saved rows.
+// Inputs contiguous; gates_all (activated) in the math type, as layer_forward saved them.
 LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
                           const at::Tensor& grad_c_all, const at::Tensor& h0, const at::Tensor& c0,
                           const at::Tensor& w_hh, const at::Tensor& h_all, const at::Tensor& c_all,
@@ -505,35 +517,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_laye
     const OptTensor& zoneout_h, const at::Tensor& h_all_in, const at::Tensor& c_all_in,
     const at::Tensor& gates_all_in, const at::Tensor& hpre_all) {
   constexpr const char* op = "fastattn::lstm_layer_bwd";
-  const LayerProblem p = cuda_layer_problem(op, gates_all_in, h0_in, c0_in, w_hh, w_hr,
-                                            batch_sizes, reverse, zoneout_c, zoneout_h);
+  TORCH_CHECK(c_all_in.is_cuda(), op, " (CUDA): expected CUDA tensors, got ", c_all_in.device());
+  TORCH_CHECK(gates_all_in.dim() == 3 && gates_all_in.size(2) % 4 == 0, op,
+              ": gates_all must be [T, B, 4H], got ", gates_all_in.sizes());
+  lstm_glue::lstm_dtype(c_all_in, op);
+  LayerProblem p = lstm_glue::layer_problem(
+      op, c_all_in, gates_all_in.size(0), gates_all_in.size(1), gates_all_in.size(2) / 4, h0_in,
+      c0_in, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h);
+  if (p.w_hr.defined()) p.w_hr = p.w_hr.contiguous();
   const bool proj = p.w_hr.defined();
-  lstm_glue::check_like(grad_h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "grad_h_all");
-  lstm_glue::check_like(grad_c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "grad_c_all");
-  lstm_glue::check_like(h_all_in, gates_all_in, {p.T, p.B, p.P}, op, "h_all");
-  lstm_glue::check_like(c_all_in, gates_all_in, {p.T, p.B, p.H}, op, "c_all");
-  if (proj) lstm_glue::check_like(hpre_all, gates_all_in, {p.T, p.B, p.H}, op, "hpre_all");
+  lstm_glue::check_like(grad_h_all_in, c_all_in, {p.T, p.B, p.P}, op, "grad_h_all");
+  lstm_glue::check_like(grad_c_all_in, c_all_in, {p.T, p.B, p.H}, op, "grad_c_all");
+  lstm_glue::check_like(h_all_in, c_all_in, {p.T, p.B, p.P}, op, "h_all");
+  lstm_glue::check_like(c_all_in, c_all_in, {p.T, p.B, p.H}, op, "c_all");
+  if (proj) lstm_glue::check_like(hpre_all, c_all_in, {p.T, p.B, p.H}, op, "hpre_all");
+  check_math_rows(op, gates_all_in, c_all_in, {p.T, p.B, 4 * p.H}, "gates_all");
 
-  const c10::cuda::CUDAGuard guard(gates_all_in.device());
+  const c10::cuda::CUDAGuard guard(c_all_in.device());
   const LayerGrads g = layer_backward(
       p, grad_h_all_in.contiguous(), grad_c_all_in.contiguous(), h0_in.contiguous(),
       c0_in.contiguous(), w_hh, h_all_in.contiguous(), c_all_in.contiguous(),
       gates_all_in.contiguous(), proj ? hpre_all.contiguous() : at::Tensor(), nullptr);
-  const at::ScalarType out = gates_all_in.scalar_type();
+  const at::ScalarType out = c_all_in.scalar_type();
   return {g.grad_gates_all.to(out), g.dh.to(out), g.dc.to(out), g.grad_w_hh.to(out),
-          proj ? g.grad_w_hr.to(out) : at::empty({0}, gates_all_in.options())};
+          proj ? g.grad_w_hr.to(out) : at::empty({0}, c_all_in.options())};
 }
 
 // ---- LayerNorm-LSTM layer ops (the same loops with the LN stage) ---------------------------
-
-// A saved row tensor of the LN ops: on `like`'s device, in its math type, of this shape.
-void check_math_rows(const char* op, const at::Tensor& t, const at::Tensor& like,
-                     at::IntArrayRef shape, const char* name) {
-  TORCH_CHECK(t.device() == like.device() && t.scalar_type() == math_type(like) &&
-                  t.sizes() == shape,
-              op, ": ", name, " must be a ", math_type(like), " tensor of shape ", shape, " on ",
-              like.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-}
 
 LayerNorm ln_weights(const char* op, const LayerProblem& p, const at::Tensor& like,
                      const at::Tensor& hh_weight, const at::Tensor& c_weight,

@@ -33,7 +33,7 @@
 //
 // Rounding: states are stored in the tensor dtype and the next step reads them back from
 // there, exactly like a loop of lstm_cell_pointwise_fwd calls; the math is float32 (float64
-// for float64).
+// for float64), and the activated gates are saved in it (LstmSequenceFwdParams).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -93,7 +93,7 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
   const T* x_proj = static_cast<const T*>(p.x_proj);
   T* h_all = static_cast<T*>(p.h_all);
   T* c_all = static_cast<T*>(p.c_all);
-  T* gates_all = static_cast<T*>(p.gates_all);
+  A* gates_all = static_cast<A*>(p.gates_all);  // in A, as the layer op saves them
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
 
@@ -147,11 +147,11 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
         const A c = f * load_l2(c_prev + b * H + unit) + i * g;
         const A h = o * tanh_(c);
         const int64_t state = (t * B + b) * H + unit;
-        T* gates = gates_all + (t * B + b) * 4 * H + unit;
-        gates[0] = from_acc<T>(i);
-        gates[H] = from_acc<T>(f);
-        gates[2 * H] = from_acc<T>(g);
-        gates[3 * H] = from_acc<T>(o);
+        A* gates = gates_all + (t * B + b) * 4 * H + unit;
+        gates[0] = i;
+        gates[H] = f;
+        gates[2 * H] = g;
+        gates[3 * H] = o;
         c_all[state] = from_acc<T>(c);
         h_all[state] = from_acc<T>(h);
       }

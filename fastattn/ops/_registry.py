@@ -98,11 +98,12 @@ SCHEMAS.update({
 #   x_proj [T, B, 4H] = x @ W_ih^T + b_ih + b_hh, precomputed by one GEMM for the sequence;
 #   h0 [B, P], c0 [B, H]; w_hh [4H, P]; w_hr [P, H] or None (P = proj_size, else P = H).
 #   Outputs are the states after each time step, in time order: h_all [T, B, P], c_all [T, B, H];
-#   gates_all [T, B, 4H] holds the ACTIVATED gates (i, f, g, o after sigmoid/tanh); on CPU it
-#   is in the math dtype (float32 for half/bfloat16: the backward's dc = grad_c + grad_h * o *
-#   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors) and
-#   takes x_proj's memory layout (empty_like), and grad_x_proj takes gates_all's: fastattn.ops.lstm
-#   computes x_proj feature-major ([4H, T, B] in memory), the layout the CPU kernel reads fastest;
+#   gates_all [T, B, 4H] holds the ACTIVATED gates (i, f, g, o after sigmoid/tanh) in the math
+#   dtype on every device (float32 for half/bfloat16: the backward's dc = grad_c + grad_h * o *
+#   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors); on
+#   CPU it takes x_proj's memory layout (empty_like), and grad_x_proj takes gates_all's:
+#   fastattn.ops.lstm computes x_proj feature-major ([4H, T, B] in memory), the layout the CPU
+#   kernel reads fastest;
 #   hpre_all [T, B, H] = o * tanh(c) before the projection (empty when w_hr is None).
 #   The step at time t reads the state of time t - 1 (t + 1 when reverse), h0/c0 at the first
 #   step (t = 0, or t = T - 1 when reverse). So h_n = h_all[T - 1] (h_all[0] when reverse).

@@ -120,10 +120,11 @@ def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
 
 
 def _gates_all_fake(x_proj):
-    # On CPU gates_all takes x_proj's layout and the math dtype (csrc/lstm/lstm_cpu.cpp).
+    # gates_all is in the math dtype on every device; on CPU it takes x_proj's layout
+    # (csrc/lstm/lstm_cpu.cpp), on CUDA it is contiguous (csrc/lstm/lstm_cuda.cpp).
     if x_proj.device.type == "cpu":
         return torch.empty_like(x_proj, dtype=_opmath(x_proj.dtype))
-    return x_proj.new_empty(x_proj.shape)
+    return x_proj.new_empty(x_proj.shape, dtype=_opmath(x_proj.dtype))
 
 
 @torch.library.register_fake("fastattn::lstm_layer_infer")

@@ -424,7 +424,7 @@ def lstm_layer_bwd_reference(
     grad_w_hr [P, H] or empty).
     """
     T, B, G = gates_all.shape
-    dtype = c_all.dtype  # gates_all may be saved in the math dtype (the CPU kernel does)
+    dtype = c_all.dtype  # gates_all is saved in the math dtype (every kernel does)
     dt = _lstm_opmath(dtype)
     sizes = [B] * T if batch_sizes is None else [int(n) for n in batch_sizes.tolist()]
     dh = torch.zeros_like(h0, dtype=dt)

@@ -89,8 +89,11 @@ interpreter miscomputes a bfloat16 tl.dot in triton 3.9): float16 / bfloat16 val
 in tf32, and for float32 the error stays ~1e-7 of sum |h * w|, as with "ieee". An "ieee" dot
 is lowered to FMA chains, and LLVM's SLP vectorizer (run by triton 3.9 for sm_90, not for
 sm_80) aborts on four of them sharing an operand in one loop (an assertion in
-BoUpSLP::scheduleBlock, from a 32-wide tile on). The backward works in float32 throughout and
-rounds its results once, as fastattn.ops.reference.lstm_layer_bwd_reference does.
+BoUpSLP::scheduleBlock, from a 32-wide tile on). gates_all is float32 for every dtype, as the
+CPU and CUDA ops save it: the backward's dc = grad_c + grad_h * o * (1 - tanh^2(c)) can cancel,
+and gates rounded to bfloat16 would reach grad c0 magnified (percent-level errors). The backward
+works in float32 throughout and rounds its results once, as
+fastattn.ops.reference.lstm_layer_bwd_reference does.
 With LAYER_NORM the moments are two-pass float32 sums (no cancellation), as on the CPU; the
 recurrent product is normalized in float32 (the CPU op rounds it to the input dtype first),
 and c and h are rounded as without the LN (the CPU op lerps the zoneout before rounding c),
@@ -355,7 +358,7 @@ def _lstm_layer_fwd_kernel(
                                       rows, batch, cols, hidden)
                 # Rows that do not step hold zeros in gates_all and hpre_all (the schema's
                 # contract). The stored states are rounded already (exact conversions); the
-                # gates are not.
+                # gates are saved unrounded, in float32 (the backward's dc can cancel: module doc).
                 _store_gates(gates_all_ptr + g_t, hidden, mask_h, tl.where(steps, i, 0.0),
                              tl.where(steps, f, 0.0), tl.where(steps, g, 0.0),
                              tl.where(steps, o, 0.0), gates_dtype)
@@ -897,13 +900,13 @@ def lstm_layer_fwd_triton(
     zoneout_c: torch.Tensor | None,
     zoneout_h: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h_all [T, B, P], c_all [T, B, H], activated gates_all [T, B, 4H], hpre_all [T, B, H]
-    or empty without w_hr), as fastattn::lstm_layer_fwd; see the module doc."""
+    """(h_all [T, B, P], c_all [T, B, H], activated gates_all [T, B, 4H] float32, hpre_all
+    [T, B, H] or empty without w_hr), as fastattn::lstm_layer_fwd; see the module doc."""
     seq_len, batch, hidden, state = _check_inputs(
         "lstm_layer_fwd_triton", x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h)
     h_all = x_proj.new_empty((seq_len, batch, state))
     c_all = x_proj.new_empty((seq_len, batch, hidden))
-    gates_all = x_proj.new_empty((seq_len, batch, 4 * hidden))
+    gates_all = x_proj.new_empty((seq_len, batch, 4 * hidden), dtype=torch.float32)
     hpre_all = x_proj.new_empty((seq_len, batch, hidden) if w_hr is not None else (0,))
     lstm_layer_fwd_into(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
                         h_all, c_all, gates_all, hpre_all)
@@ -1030,11 +1033,19 @@ def lstm_layer_bwd_triton(
     """(grad_x_proj [T, B, 4H], grad_h0 [B, P], grad_c0 [B, H], grad_w_hh [4H, P], grad_w_hr
     [P, H] or empty), as fastattn::lstm_layer_bwd; see the module doc."""
     op = "lstm_layer_bwd_triton"
+    # The data dtype is h0's (gates_all is float32): checked as x_proj's would be.
+    if gates_all.dim() != 3 or gates_all.shape[2] % 4 != 0:
+        raise FastattnValueError(f"{op}: gates_all must be [T, B, 4H], got "
+                                 f"{list(gates_all.shape)}")
     seq_len, batch, hidden, state = _check_inputs(
-        op, gates_all, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h)
+        op, h0.new_empty(()).expand(gates_all.shape), h0, c0, w_hh, w_hr, batch_sizes,
+        zoneout_c, zoneout_h)
     _check_saved(op, seq_len, batch, hidden, state, w_hr is not None, grad_h_all=grad_h_all,
                  grad_c_all=grad_c_all, h_all=h_all, c_all=c_all, hpre_all=hpre_all)
-    dtype = gates_all.dtype
+    if gates_all.dtype != torch.float32 or gates_all.device != h0.device:
+        raise FastattnTypeError(f"{op}: gates_all must be float32 on {h0.device} (the "
+                                f"forward's), got {gates_all.dtype} on {gates_all.device}")
+    dtype = h0.dtype
     # The gate gradients stay float32 until grad_w_hh has been summed from them.
     f32 = dict(dtype=torch.float32, device=h0.device)
     grad_gates_all = torch.empty((seq_len, batch, 4 * hidden), **f32)
@@ -1046,7 +1057,7 @@ def lstm_layer_bwd_triton(
                         grad_hy_all)
     grad_w_hh = _products(grad_gates_all, _h_prev_all(h0, h_all, reverse)).to(dtype)
     grad_w_hr = _products(grad_hy_all, hpre_all).to(dtype) if w_hr is not None else (
-        gates_all.new_empty(0))
+        h0.new_empty(0))
     return (grad_gates_all.to(dtype), grad_h0.to(dtype), grad_c0.to(dtype), grad_w_hh,
             grad_w_hr)
 

@@ -66,7 +66,8 @@ struct LstmStepFwdParams {
   const void* zoneout_h = nullptr;  // [B, H] weight of h_prev (no projection), or nullptr
   void* c_out = nullptr;            // [B, H]
   void* h_out = nullptr;            // [B, H] the new h; hpre = o * tanh(c) when projecting
-  void* gates_out = nullptr;        // [B, 4H] activated gates (zeros for carried rows), or nullptr
+  void* gates_out = nullptr;        // [B, 4H] activated gates in the math type (zeros for
+                                    // carried rows), or nullptr; see LstmStepBwdParams
   int64_t x_proj_row_stride = 0, c_prev_row_stride = 0, h_prev_row_stride = 0;
   int64_t batch = 0, hidden = 0, stepping = 0;
   bool project = false;  // h_out is hpre (zeros for carried rows; zoneout_h applies after w_hr)
@@ -93,6 +94,8 @@ struct LstmProjectionFwdParams {
 // grad_c_prev, and carried_h overwritten in place by the part of the h gradient that skips the
 // recurrent GEMM (zoneout_h's share, all of it for carried rows); the caller adds
 // grad_gates @ w_hh to it. Row-strided inputs: last dim contiguous; the rest contiguous.
+// Activated gates come in the math type because dc = grad_c + grad_h * o * (1 - tanh^2(c)) can
+// cancel: gates rounded to a half type would reach dc magnified (percent-level grad c_prev).
 // With ln (the LayerNorm-LSTM step): grad_dtype is the math type; gates (activated), hh_norm,
 // c_norm and rstd are the forward's saved rows, in the math type; c_new is unused; the outputs
 // add grad_hh (of rec: the caller adds grad_hh @ w_hh to carried_h instead of grad_gates @ w_hh)
@@ -100,7 +103,8 @@ struct LstmProjectionFwdParams {
 struct LstmStepBwdParams {
   Dtype dtype = Dtype::Float32;       // gates, c_prev, c_new, grad_h, grad_c, zoneout_*
   Dtype grad_dtype = Dtype::Float32;  // carried_*, grad_hpre, grad_gates, grad_c_prev
-  const void* gates = nullptr;        // [B, 4H] pre-activation, or activated if gates_activated
+  const void* gates = nullptr;        // [B, 4H] pre-activation (dtype), or activated in the
+                                      // math type if gates_activated (the forward's gates_out)
   const void* c_prev = nullptr;       // [B, H]
   const void* c_new = nullptr;        // [B, H] f * c_prev + i * g, or nullptr: recomputed
   const void* grad_h = nullptr;       // [B, H] incoming h gradient (no projection), or nullptr
@@ -141,7 +145,7 @@ struct LstmProjectionBwdParams {
 // One layer, one direction, over a whole sequence: every tensor contiguous.
 //   x_proj [T, B, 4H] = x @ W_ih^T + b_ih + b_hh;  h0, c0 [B, H];  w_hh [4H, H]
 //   -> h_all, c_all [T, B, H] (states after each step), gates_all [T, B, 4H] ACTIVATED gates
-//      (i, f, g, o after sigmoid / tanh), as the backward in fastattn/ops/lstm.py expects.
+//      (i, f, g, o after sigmoid / tanh) in the math type, as lstm_layer_bwd reads them.
 struct LstmSequenceFwdParams {
   Dtype dtype = Dtype::Float32;
   const void* x_proj = nullptr;
