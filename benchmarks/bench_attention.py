@@ -126,17 +126,6 @@ def _run(benchmark, bench, op: str, pass_: str, provider: Provider, dtype, shape
 
         return tensor(shape.L), tensor(shape.S), tensor(shape.S), tensor(shape.L, False)
 
-    def make_call(inputs):
-        q, k, v, dout = inputs
-        if backward:
-            return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
-
-        def forward():
-            with torch.no_grad():
-                return fn(q, k, v)
-
-        return forward
-
     harness.run_case(
         benchmark,
         bench,
@@ -148,7 +137,7 @@ def _run(benchmark, bench, op: str, pass_: str, provider: Provider, dtype, shape
         flops=attention_flops(shape, pass_),
         bytes_moved=attention_bytes(shape, pass_, dtype),
         make_inputs=make_inputs,
-        make_call=make_call,
+        make_call=harness.attention_call(fn, backward),
     )
 
 

@@ -246,21 +246,6 @@ def _inputs(shapes: list[tuple[int, ...]], device, dtype, backward: bool):
     return q, k, v, harness.random_tensor(*shapes[0], device=device, dtype=dtype)
 
 
-def _call(fn: Callable, backward: bool) -> Callable[[tuple], Callable[[], object]]:
-    def make_call(inputs):
-        q, k, v, dout = inputs
-        if backward:
-            return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
-
-        def forward():
-            with torch.no_grad():
-                return fn(q, k, v)
-
-        return forward
-
-    return make_call
-
-
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
 def test_attention_varlen(benchmark, bench, pass_, provider, features_dtype, varlen_shape):
     shape, device, dtype = varlen_shape, bench.device, features_dtype
@@ -292,7 +277,7 @@ def test_attention_varlen(benchmark, bench, pass_, provider, features_dtype, var
         flops=varlen_flops(shape, pass_),
         bytes_moved=varlen_bytes(shape, pass_, dtype),
         make_inputs=lambda: _inputs(packed, device, dtype, backward),
-        make_call=_call(fn, backward),
+        make_call=harness.attention_call(fn, backward),
     )
 
 
@@ -334,7 +319,7 @@ def test_attention_paged_decode(benchmark, bench, provider, features_dtype, page
         flops=4 * shape.B * shape.H * shape.S * shape.E,
         bytes_moved=paged_decode_bytes(shape, dtype),
         make_inputs=lambda: _inputs([step] * 3, device, dtype, False),
-        make_call=_call(fn, False),
+        make_call=harness.attention_call(fn, False),
     )
 
 
@@ -369,5 +354,5 @@ def test_attention_window(benchmark, bench, pass_, provider, features_dtype, win
         flops=window_flops(shape, pass_),
         bytes_moved=window_bytes(shape, pass_, dtype),
         make_inputs=lambda: _inputs([q_shape, kv_shape, kv_shape], device, dtype, backward),
-        make_call=_call(fn, backward),
+        make_call=harness.attention_call(fn, backward),
     )

@@ -112,6 +112,39 @@ def random_tensor(
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
 
 
+def attention_call(
+    fn: Callable[..., torch.Tensor], backward: bool
+) -> Callable[[tuple], Callable[[], object]]:
+    """make_call for an attention-like ``fn(q, k, v) -> out`` on inputs (q, k, v, dout): the
+    forward under no_grad, or forward and backward to every input's gradient."""
+
+    def make_call(inputs: tuple) -> Callable[[], object]:
+        q, k, v, dout = inputs
+        if backward:
+            return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
+
+        def forward() -> torch.Tensor:
+            with torch.no_grad():
+                return fn(q, k, v)
+
+        return forward
+
+    return make_call
+
+
+def fastest(
+    fn: Callable[[], object], reps: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """Seconds of the fastest of ``reps`` calls by ``clock``: wall time by default; the A/B
+    scripts pass time.process_time on a shared machine (CPU time ignores descheduling)."""
+    best = math.inf
+    for _ in range(reps):
+        start = clock()
+        fn()
+        best = min(best, clock() - start)
+    return best
+
+
 def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()

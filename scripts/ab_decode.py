@@ -1,8 +1,8 @@
 """A/B timing of CPU decode attention (L = 1 over S keys): fastattn's CPU kernel on one thread
 and on all threads, against torch's scaled_dot_product_attention, in one process.
 
-Run it on a quiet machine (timings on a shared one mean nothing):
-    python scripts/ab_decode.py [--heads 1] [--dim 128] [--rounds 7] [--reps 50]
+Run it from the repository root on a quiet machine (timings on a shared one mean nothing):
+    python -m scripts.ab_decode [--heads 1] [--dim 128] [--rounds 7] [--reps 50]
 
 The rounds interleave the candidates, and each candidate keeps its fastest repetition in
 each round; a ratio is the median over rounds of (time of the baseline / time of the
@@ -16,21 +16,12 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastattn  # noqa: F401  (registers torch.ops.fastattn)
-
-
-def fastest(fn, reps: int) -> float:
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from benchmarks.harness import fastest
 
 
 def ratios(dtype: torch.dtype, S: int, H: int, E: int, rounds: int, reps: int,

@@ -2,9 +2,10 @@
 fastattn.attention_varlen against the per-sequence SDPA loop, the per-sequence fastattn loop it
 replaced and (non-causal) SDPA on nested tensors, with the benchmarks' own baselines.
 
-Run it on a quiet machine (timings on a shared one mean little):
-    python scripts/ab_varlen.py [--case many|long|long-noncausal|...] [--pass fwd|fwd+bwd]
-                                [--rounds 7] [--reps 5] [--threads N]
+Run it from the repository root on a quiet machine (wall timings on a shared one mean little;
+--clock cpu compares CPU time instead, best with --threads 1):
+    python -m scripts.ab_varlen [--case many|long|long-noncausal|...] [--pass fwd|fwd+bwd]
+                                [--rounds 7] [--reps 5] [--threads N] [--clock wall|cpu]
 
 The rounds interleave the candidates (fastattn, then each baseline), and each candidate keeps
 its fastest repetition in each round; a ratio is (time of the baseline / time of the fused op)
@@ -15,7 +16,6 @@ and the spread (min..max), whose width says how noisy the machine was.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -23,6 +23,7 @@ import torch
 
 import fastattn
 from benchmarks.bench_attention_features import cu_seqlens, nested, per_sequence
+from benchmarks.harness import attention_call, fastest
 from benchmarks.shapes import VARLEN_FULL_LENGTHS, VARLEN_MANY_LENGTHS
 
 CASES = {
@@ -31,15 +32,9 @@ CASES = {
     "long": (VARLEN_FULL_LENGTHS, True),
     "long-noncausal": (VARLEN_FULL_LENGTHS, False),
 }
-
-
-def fastest(fn, reps: int) -> float:
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+# wall: what a user waits; cpu: the process's CPU time (all threads), which ignores
+# descheduling and so still compares the work of each side on a shared machine.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def candidates(lengths: tuple[int, ...], causal: bool) -> dict:
@@ -58,18 +53,6 @@ def candidates(lengths: tuple[int, ...], causal: bool) -> dict:
     return fns
 
 
-def timed_call(fn, inputs, backward: bool):
-    q, k, v, dout = inputs
-    if backward:
-        return lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), dout)
-
-    def forward():
-        with torch.no_grad():
-            return fn(q, k, v)
-
-    return forward
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", choices=sorted(CASES), default="many")
@@ -79,6 +62,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--skip", default="", help="comma-separated candidates to leave out")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,18 +73,18 @@ def main() -> None:
     inputs = tuple(torch.randn(shape, requires_grad=backward and i < 3) for i in range(4))
     skip = set(filter(None, args.skip.split(",")))
     fns = {
-        name: timed_call(fn, inputs, backward)
+        name: attention_call(fn, backward)(inputs)
         for name, fn in candidates(lengths, causal).items()
         if name not in skip
     }
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
         for name, fn in fns.items():
-            times[name].append(fastest(fn, args.reps))
+            times[name].append(fastest(fn, args.reps, CLOCKS[args.clock]))
     print(
         f"{args.case} ({len(lengths)} sequences of {min(lengths)}..{max(lengths)}, "
         f"causal={causal}), H {args.heads}, E {args.dim}, {args.pass_}, threads {args.threads}, "
-        f"{args.rounds} rounds x {args.reps} reps"
+        f"{args.rounds} rounds x {args.reps} reps, {args.clock} clock"
     )
     ours = times["fastattn"]
     print(f"  fastattn: median {statistics.median(ours) * 1e3:.2f} ms")

@@ -86,38 +86,66 @@ VARLEN_CASES = [
                   id="reference-fp32-causal-br")]
 
 
-@pytest.mark.parametrize("backend,dtype,options,ref_options", VARLEN_CASES)
-def test_varlen_matches_per_sequence_float64(backend, dtype, options, ref_options):
-    """Output, LSE and the gradients of q, k, v (GQA, ALiBi [B, Hq], strided inputs)."""
-    require(backend)
+def check_varlen_against_float64(backend, dtype, options, ref_options, lens_q, lens_k,
+                                 threads):
+    """Output, LSE and the gradients of q, k, v (GQA, ALiBi [B, Hq], strided inputs, out poisoned
+    with NaN beforehand) against float64 attention on each sequence; returns lse."""
     torch.manual_seed(0)
     Hq, Hk, E, Ev = 4, 2, 40, 24
-    q = tokens(sum(LENS_Q), Hq, E, dtype).requires_grad_()
-    k = tokens(sum(LENS_K), Hk, E, dtype).requires_grad_()
-    v = tokens(sum(LENS_K), Hk, Ev, dtype).requires_grad_()
-    grad_out = randn(sum(LENS_Q), Hq, Ev, dtype=dtype)
-    slopes = torch.rand(len(LENS_Q), Hq)
-    nan_heap((sum(LENS_Q), Hq, Ev), dtype=dtype)
-    with fastattn.use_backend(backend), thread_pool(4):
+    q = tokens(sum(lens_q), Hq, E, dtype).requires_grad_()
+    k = tokens(sum(lens_k), Hk, E, dtype).requires_grad_()
+    v = tokens(sum(lens_k), Hk, Ev, dtype).requires_grad_()
+    grad_out = randn(sum(lens_q), Hq, Ev, dtype=dtype)
+    slopes = torch.rand(len(lens_q), Hq)
+    nan_heap((sum(lens_q), Hq, Ev), dtype=dtype)
+    with fastattn.use_backend(backend), thread_pool(threads):
         out, lse = fastattn.attention_varlen(
-            q, k, v, cumulative(LENS_Q), cumulative(LENS_K), max(LENS_Q), max(LENS_K),
+            q, k, v, cumulative(lens_q), cumulative(lens_k), max(lens_q), max(lens_k),
             alibi_slopes=slopes, return_lse=True, **options)
-        assert out.shape == (sum(LENS_Q), Hq, Ev) and out.dtype == dtype
-        assert out.is_contiguous() and lse.shape == (Hq, sum(LENS_Q))
+        assert out.shape == (sum(lens_q), Hq, Ev) and out.dtype == dtype
+        assert out.is_contiguous() and lse.shape == (Hq, sum(lens_q))
         assert lse.dtype == torch.float32
         out.backward(grad_out)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = varlen_reference64(q64, k64, v64, LENS_Q, LENS_K, slopes,
+    ref, ref_lse = varlen_reference64(q64, k64, v64, lens_q, lens_k, slopes,
                                       dict(scale=E**-0.5, **ref_options))
     ref.backward(grad_out.double())
     assert_close_to_reference(out, ref, dtype=dtype, name="out")
     assert_close_to_reference(lse, ref_lse, dtype=torch.float32, name="lse")
-    assert torch.isneginf(lse[:, -3:]).all(), "rows of the keyless sequence must have lse -inf"
     floors = attention_grad_scales(q.transpose(0, 1), k.transpose(0, 1), v, grad_out)
     for name, ours, theirs in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
         assert_close_to_reference(ours.grad, theirs.grad, dtype=dtype, name=name,
                                   scale_floor=floors.get(name, 0.0))
+    return lse
+
+
+@pytest.mark.parametrize("backend,dtype,options,ref_options", VARLEN_CASES)
+def test_varlen_matches_per_sequence_float64(backend, dtype, options, ref_options):
+    require(backend)
+    lse = check_varlen_against_float64(backend, dtype, options, ref_options, LENS_Q, LENS_K, 4)
+    assert torch.isneginf(lse[:, -3:]).all(), "rows of the keyless sequence must have lse -inf"
+
+
+# Tiles that a causal or right window edge cuts, whose products skip what no row sees: lengths
+# just past the 64-row and 64-key tiles and below one vector pair, queries longer and shorter
+# than the keys (bottom-right shifts the diagonal both ways), every dtype.
+DIAGONAL_LENS_Q = [33, 65, 129, 0, 1, 7]
+DIAGONAL_LENS_K = [33, 70, 100, 3, 1, 65]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.float32, torch.bfloat16],
+                         ids=["fp16", "fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("options,ref_options", [
+    pytest.param(dict(causal=True), dict(window=(-1, 0), bottom_right=False), id="causal-tl"),
+    pytest.param(dict(causal=True, causal_align="bottom_right"),
+                 dict(window=(-1, 0), bottom_right=True), id="causal-br"),
+    pytest.param(dict(window=(9, 3)), dict(window=(9, 3), bottom_right=False), id="window"),
+])
+def test_varlen_diagonal_tiles_match_float64(dtype, options, ref_options):
+    require("cpu")
+    check_varlen_against_float64("cpu", dtype, options, ref_options, DIAGONAL_LENS_Q,
+                                 DIAGONAL_LENS_K, 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

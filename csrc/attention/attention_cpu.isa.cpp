@@ -103,24 +103,46 @@ void for_row_blocks(int64_t m, Fn&& fn) {
   }
 }
 
+// On a tile that a causal (right) window cuts, row i of a product sees only the keys
+// j < i + diag: its score columns (QK^T, dO V^T) or its reduction steps (PV, dS K) past those
+// are never needed, as masked scores are overwritten with -inf and masked probabilities are 0.
+// A product told `diag` skips them per block of rows, up to whole column pairs of vectors
+// (most of the waste of the diagonal tiles: a 64 x 64 one computes twice its visible pairs).
+// kAllVisible: no limit.
+constexpr int64_t kAllVisible = std::numeric_limits<int64_t>::max() / 4;
+
+// The columns (or reduction steps) of rows [i, i + rows) under the limit `diag`, rounded up to
+// `step`, at most `n`.
+inline int64_t visible_extent(int64_t i, int64_t rows, int64_t diag, int64_t n, int64_t step) {
+  if (diag >= kAllVisible) return n;
+  return std::min(n, round_up(std::max<int64_t>(i + rows - 1 + diag, 0), step));
+}
+
 template <typename T, bool A_ROW_MAJOR>
 void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b,
-                 int64_t ldb, T* c, int64_t ldc) {
+                 int64_t ldb, T* c, int64_t ldc, int64_t col_diag, int64_t k_diag) {
   const int64_t row_step = A_ROW_MAJOR ? lda : 1;
   for_row_blocks<kGemmRows>(m, [&](int64_t i, auto rows) {
-    gemm_rows<T, decltype(rows)::value, A_ROW_MAJOR>(n, kdim, a + i * row_step, lda, b, ldb,
-                                                     c + i * ldc, ldc);
+    constexpr int R = decltype(rows)::value;
+    const int64_t n_rows = visible_extent(i, R, col_diag, n, 2 * Vectorized<T>::size());
+    const int64_t k_rows = visible_extent(i, R, k_diag, kdim, 1);
+    if (n_rows == 0 || k_rows == 0) return;
+    gemm_rows<T, R, A_ROW_MAJOR>(n_rows, k_rows, a + i * row_step, lda, b, ldb, c + i * ldc,
+                                 ldc);
   });
 }
 
 // C[m, n] += A[m, kdim] * B[kdim, n]; A is read through (row, col) strides, one of which is 1.
+// Row i needs only columns j < i + col_diag and reduction steps p < i + k_diag (see
+// kAllVisible); the rest of C may be left as it was.
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
-          const T* b, int64_t ldb, T* c, int64_t ldc) {
+          const T* b, int64_t ldb, T* c, int64_t ldc, int64_t col_diag = kAllVisible,
+          int64_t k_diag = kAllVisible) {
   if (a_cs == 1) {
-    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc);
+    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc, col_diag, k_diag);
   } else {
-    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc);
+    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc, col_diag, k_diag);
   }
 }
 
@@ -213,6 +235,13 @@ template <typename scalar_t, typename acc_t>
 void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols,
                      acc_t* dst, int64_t ld) {
   for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, acc_t(0));
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    // at::vec's register-blocked transpose (16 x 16 blocks on AVX-512): the scalar loop below
+    // stores one element per column and took as long as the tile's products.
+    at::vec::transpose_mxn<float>(src, src_rs, dst, ld, static_cast<int>(rows),
+                                  static_cast<int>(cols));
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * src_rs;
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c]);
@@ -286,6 +315,12 @@ struct Problem {
     if (p.window_right >= 0 && k0 + n - 1 > q0 + sq.offset + p.window_right) return false;
     return true;
   }
+  // Row i of the tile at (q0, k0) sees no key j >= i + diag (kAllVisible without a right
+  // window edge): what the tile products skip (see kAllVisible).
+  int64_t visible_diag(const Sequence& sq, int64_t q0, int64_t k0) const {
+    if (p.window_right < 0 || p.window_right >= kAllVisible) return kAllVisible;
+    return q0 + sq.offset + p.window_right + 1 - k0;
+  }
   // Whether scores of a fully visible tile need per-element work (softcap, bias, mask).
   bool elementwise() const {
     return p.softcap > 0 || p.alibi_slopes != nullptr || p.mask_kind != AttnMaskKind::None;
@@ -312,13 +347,19 @@ struct FmaProducts {
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
   static void release() {}
-  // s [m, n_pad] += qs kt (s holds zeros).
-  static void qk(const Problem& pr, int64_t m, const acc_t* qs, const acc_t* kt, acc_t* s) {
-    gemm<acc_t>(m, pr.n_pad, pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad, s, pr.n_pad);
+  // s [m, n_pad] += qs kt (s holds zeros) for the columns of n keys that row i sees
+  // (j < i + diag, kAllVisible); the other columns of s may stay 0.
+  static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
+                 acc_t* s, int64_t diag) {
+    gemm<acc_t>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad,
+                s, pr.n_pad, diag);
   }
-  // o [m, ev_pad] += p [m, n] vb; p (in s) may be overwritten.
-  static void pv(const Problem& pr, int64_t m, int64_t n, acc_t* p, const acc_t* vb, acc_t* o) {
-    gemm<acc_t>(m, pr.ev_pad, n, p, pr.n_pad, 1, vb, pr.ev_pad, o, pr.ev_pad);
+  // o [m, ev_pad] += p [m, n] vb, where p[i, j] = 0 for j >= i + diag; p (in s) may be
+  // overwritten.
+  static void pv(const Problem& pr, int64_t m, int64_t n, acc_t* p, const acc_t* vb, acc_t* o,
+                 int64_t diag) {
+    gemm<acc_t>(m, pr.ev_pad, n, p, pr.n_pad, 1, vb, pr.ev_pad, o, pr.ev_pad, kAllVisible,
+                diag);
   }
 
   // The backward's operands of one key tile (kt = K^T as qk reads it, kb = K, vt = V^T) and
@@ -341,21 +382,23 @@ struct FmaProducts {
       pack_q(pr, q, q_rs, m, qs.data());
       pack_rows(dout, dout_rs, m, pr.p.v_head_dim, acc_t(1), dob.data(), pr.ev_pad);
     }
-    // dp [m, n_pad] = dO V^T
-    void dp(const Problem& pr, int64_t m, acc_t* dp) const {
+    // dp [m, n_pad] = dO V^T, where row i sees keys j < i + diag (0 elsewhere).
+    void dp(const Problem& pr, int64_t m, acc_t* dp, int64_t diag) const {
       std::fill(dp, dp + m * pr.n_pad, acc_t(0));
       gemm<acc_t>(m, pr.n_pad, pr.p.v_head_dim, dob.data(), pr.ev_pad, 1, vt.data(), pr.n_pad,
-                  dp, pr.n_pad);
+                  dp, pr.n_pad, diag);
     }
     // dv [n, ev_pad] += P^T dO for the probabilities p [m, n_pad] (kept).
     void dv(const Problem& pr, int64_t m, int64_t n, const acc_t* p, acc_t* dv) {
       gemm<acc_t>(n, pr.ev_pad, m, p, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad);
     }
     // dk [n, e_pad] += scale dS^T Q and dq [m, e_pad] += dS K (unscaled) for the score
-    // gradient ds [m, n_pad] (may be overwritten).
-    void dk_dq(const Problem& pr, int64_t m, int64_t n, acc_t* ds, acc_t* dk, acc_t* dq) {
+    // gradient ds [m, n_pad] (may be overwritten; ds[i, j] = 0 for j >= i + diag).
+    void dk_dq(const Problem& pr, int64_t m, int64_t n, acc_t* ds, acc_t* dk, acc_t* dq,
+               int64_t diag) {
       gemm<acc_t>(n, pr.e_pad, m, ds, 1, pr.n_pad, qs.data(), pr.e_pad, dk, pr.e_pad);
-      gemm<acc_t>(m, pr.e_pad, n, ds, pr.n_pad, 1, kb.data(), pr.e_pad, dq, pr.e_pad);
+      gemm<acc_t>(m, pr.e_pad, n, ds, pr.n_pad, 1, kb.data(), pr.e_pad, dq, pr.e_pad,
+                  kAllVisible, diag);
     }
   };
 };
@@ -424,23 +467,30 @@ __attribute__((target("avx512f,avx512bf16"))) void dot_rows(
 
 template <bool A_ROW_MAJOR, bool ACCUMULATE>
 void dot_layout(int64_t m, int64_t n, int64_t kp, const bf16_pair* a, int64_t lda,
-                const bf16_pair* b, int64_t ldb, float* c, int64_t ldc, float alpha) {
+                const bf16_pair* b, int64_t ldb, float* c, int64_t ldc, float alpha,
+                int64_t col_diag, int64_t k_diag) {
   const int64_t row_step = A_ROW_MAJOR ? lda : 1;
   for_row_blocks<kDotRows>(m, [&](int64_t i, auto rows) {
-    dot_rows<decltype(rows)::value, A_ROW_MAJOR, ACCUMULATE>(n, kp, a + i * row_step, lda, b,
-                                                             ldb, c + i * ldc, ldc, alpha);
+    constexpr int R = decltype(rows)::value;
+    const int64_t n_rows = visible_extent(i, R, col_diag, n, 32);
+    const int64_t kp_rows = ceil_div(visible_extent(i, R, k_diag, 2 * kp, 2), 2);
+    if (n_rows == 0 || kp_rows == 0) return;
+    dot_rows<R, A_ROW_MAJOR, ACCUMULATE>(n_rows, kp_rows, a + i * row_step, lda, b, ldb,
+                                         c + i * ldc, ldc, alpha);
   });
 }
 
 // C[m, n] (ACCUMULATE ? += : =) alpha A[m, kp] B[kp, n] over bf16 pairs; A is read through
-// (row, pair) strides, one of which is 1, as in gemm.
+// (row, pair) strides, one of which is 1, as in gemm. Row i needs only columns j < i + col_diag
+// and the pairs of reduction steps p < i + k_diag (kAllVisible); the rest of C is not written.
 template <bool ACCUMULATE>
 void dot(int64_t m, int64_t n, int64_t kp, const bf16_pair* a, int64_t a_rs, int64_t a_cs,
-         const bf16_pair* b, int64_t ldb, float* c, int64_t ldc, float alpha) {
+         const bf16_pair* b, int64_t ldb, float* c, int64_t ldc, float alpha,
+         int64_t col_diag = kAllVisible, int64_t k_diag = kAllVisible) {
   if (a_cs == 1) {
-    dot_layout<true, ACCUMULATE>(m, n, kp, a, a_rs, b, ldb, c, ldc, alpha);
+    dot_layout<true, ACCUMULATE>(m, n, kp, a, a_rs, b, ldb, c, ldc, alpha, col_diag, k_diag);
   } else {
-    dot_layout<false, ACCUMULATE>(m, n, kp, a, a_cs, b, ldb, c, ldc, alpha);
+    dot_layout<false, ACCUMULATE>(m, n, kp, a, a_cs, b, ldb, c, ldc, alpha, col_diag, k_diag);
   }
 }
 
@@ -554,8 +604,9 @@ struct TileProducts<c10::BFloat16, float> {
     pack_transposed_pairs(k, k_rs, n, pr.p.head_dim, pairs(kt), pr.n_pad);
     pack_row_pairs(v, v_rs, n, pr.p.v_head_dim, pairs(vb), pr.ev_pad);
   }
-  static void qk(const Problem& pr, int64_t m, const float* qs, const float* kt, float* s) {
-    if (!on()) return Fma::qk(pr, m, qs, kt, s);
+  static void qk(const Problem& pr, int64_t m, int64_t n, const float* qs, const float* kt,
+                 float* s, int64_t diag) {
+    if (!on()) return Fma::qk(pr, m, n, qs, kt, s, diag);
     if (brgemm()) {
       cpu_brgemm::bf16_product(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad,
                                pairs(kt), pr.n_pad, s, pr.n_pad, false);
@@ -563,18 +614,19 @@ struct TileProducts<c10::BFloat16, float> {
       for (int64_t i = 0; i < m * pr.n_pad; ++i) s[i] *= scale;
       return;
     }
-    dot<false>(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad, 1, pairs(kt),
-               pr.n_pad, s, pr.n_pad, static_cast<float>(pr.p.scale));
+    dot<false>(m, round_up(n, 32), ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad, 1,
+               pairs(kt), pr.n_pad, s, pr.n_pad, static_cast<float>(pr.p.scale), diag);
   }
-  static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o) {
-    if (!on()) return Fma::pv(pr, m, n, p, vb, o);
+  static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o,
+                 int64_t diag) {
+    if (!on()) return Fma::pv(pr, m, n, p, vb, o, diag);
     to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
     if (brgemm()) {
       return cpu_brgemm::bf16_product(m, pr.ev_pad, ceil_div(n, 2), pairs(p), pr.n_pad,
                                       pairs(vb), pr.ev_pad, o, pr.ev_pad, true);
     }
     dot<true>(m, pr.ev_pad, ceil_div(n, 2), pairs(p), pr.n_pad, 1, pairs(vb), pr.ev_pad, o,
-              pr.ev_pad, 1.f);
+              pr.ev_pad, 1.f, kAllVisible, diag);
   }
 
   // The FMA path's buffers hold the pair layouts (kt and vt as transposed pairs, qs and dob as
@@ -605,10 +657,12 @@ struct TileProducts<c10::BFloat16, float> {
       pack_column_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(dob.data()), pr.ev_pad);
       pack_row_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(dout_rows.data()), pr.ev_pad);
     }
-    void dp(const Problem& pr, int64_t m, float* dp) const {
-      if (!on()) return Fma::Backward::dp(pr, m, dp);
+    void dp(const Problem& pr, int64_t m, float* dp, int64_t diag) const {
+      if (!on()) return Fma::Backward::dp(pr, m, dp, diag);
+      // The columns that dot leaves unwritten must read 0 (dS = P (dP - delta) with P = 0).
+      if (diag < kAllVisible) std::fill(dp, dp + m * pr.n_pad, 0.f);
       dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(dob.data()), pr.ev_pad, 1,
-                 pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f);
+                 pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f, diag);
     }
     void dv(const Problem& pr, int64_t m, int64_t n, const float* p, float* dv) {
       if (!on()) return Fma::Backward::dv(pr, m, n, p, dv);
@@ -616,14 +670,15 @@ struct TileProducts<c10::BFloat16, float> {
       dot<true>(n, pr.ev_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
                 pairs(dout_rows.data()), pr.ev_pad, dv, pr.ev_pad, 1.f);
     }
-    void dk_dq(const Problem& pr, int64_t m, int64_t n, float* ds, float* dk, float* dq) {
-      if (!on()) return Fma::Backward::dk_dq(pr, m, n, ds, dk, dq);
+    void dk_dq(const Problem& pr, int64_t m, int64_t n, float* ds, float* dk, float* dq,
+               int64_t diag) {
+      if (!on()) return Fma::Backward::dk_dq(pr, m, n, ds, dk, dq, diag);
       pack_row_pairs(ds, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
       dot<true>(n, pr.e_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
                 pairs(q_rows.data()), pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
       to_pairs_in_place(ds, m, pr.n_pad, pr.n_pad);
       dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
-                dq, pr.e_pad, 1.f);
+                dq, pr.e_pad, 1.f, kAllVisible, diag);
     }
   };
 };
@@ -643,7 +698,7 @@ struct Scores {
     const int64_t ld = pr.n_pad;
     std::fill(s, s + m * ld, acc_t(0));
     if (kt != nullptr) {
-      Products::qk(pr, m, qs, kt, s);
+      Products::qk(pr, m, n, qs, kt, s, pr.visible_diag(sq, q0, k0));
     } else {
       for (int64_t j = 0; j < n; ++j) s[j] = dot_row(qs, k_rows + j * k_rs, p.head_dim);
     }
@@ -828,17 +883,20 @@ struct ForwardTile {
       Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, qs.data(),
                                                  single_row ? nullptr : kt, k_tile, p.k_stride[2],
                                                  s.data(), s.data());
+      // The softmax reads the columns of the tile's n keys (rounded up to whole vectors; the
+      // rest is -inf, and pv reads no further than n).
+      const int64_t cols = round_up(n, Vectorized<acc_t>::size());
       for (int64_t i = 0; i < m; ++i) {
-        new_max[i] = nan_max(row_max[i], vec_reduce_max(s.data() + i * ld, ld));
+        new_max[i] = nan_max(row_max[i], vec_reduce_max(s.data() + i * ld, cols));
       }
       rescale_factors(row_max.data(), new_max.data(), m, rescale.data());
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
         if (new_max[i] == kNegInf) {  // nothing visible to this row yet
-          std::fill(row, row + ld, acc_t(0));
+          std::fill(row, row + cols, acc_t(0));
           continue;
         }
-        row_sum[i] = row_sum[i] * rescale[i] + vec_exp_sum(row, ld, new_max[i]);
+        row_sum[i] = row_sum[i] * rescale[i] + vec_exp_sum(row, cols, new_max[i]);
         if (rescale[i] != acc_t(1)) vec_scale(o.data() + i * ldo, ldo, rescale[i]);
         row_max[i] = new_max[i];
       }
@@ -850,7 +908,7 @@ struct ForwardTile {
           }
         }
       } else {
-        Products::pv(pr, m, n, s.data(), vb, o.data());
+        Products::pv(pr, m, n, s.data(), vb, o.data(), pr.visible_diag(sq, q0, k0));
       }
     }
     // row_sum is 0 only for a row that saw no key (its largest score adds exp(0) = 1); a NaN
@@ -1083,7 +1141,8 @@ struct BackwardTile {
               ? std::numeric_limits<acc_t>::infinity() : lse;
           vec_exp_sum(row, ld, shift);
         }
-        operands.dp(pr, m, dp.data());
+        const int64_t diag = pr.visible_diag(sq, q0, k0);
+        operands.dp(pr, m, dp.data(), diag);
         const acc_t* p_used = s.data();  // the probabilities that multiplied V
         if (p.dropout_p > 0) {
           std::copy(s.begin(), s.begin() + m * ld, pz.begin());
@@ -1109,7 +1168,8 @@ struct BackwardTile {
         if (p.softcap > 0) {  // d raw = d capped * (1 - tanh^2)
           for (int64_t i = 0; i < m * ld; ++i) dp[i] *= acc_t(1) - t[i] * t[i];
         }
-        operands.dk_dq(pr, m, n, dp.data(), dk.data(), dq_acc + (g * p.q_len + q0) * pr.e_pad);
+        operands.dk_dq(pr, m, n, dp.data(), dk.data(), dq_acc + (g * p.q_len + q0) * pr.e_pad,
+                       diag);
       }
     }
     auto* dk_out = pr.key_row(static_cast<scalar_t*>(bp.dk), bp.dk_stride, sq, hk, k0);
