@@ -145,6 +145,20 @@ def fastest(
     return best
 
 
+def fastest_interleaved(
+    fns: list[Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
+    """Each function's fastest seconds by ``clock`` over ``rounds`` rounds of one call each, in
+    turn: a slow spell of a shared machine then hits every candidate, not one."""
+    best = [math.inf] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = clock()
+            fn()
+            best[i] = min(best[i], clock() - start)
+    return best
+
+
 def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()

@@ -1,6 +1,6 @@
 """fastattn.LSTM against nn.LSTM on CPU, interleaved in one process (issue 17 item 4).
 
-    python scripts/ab_lstm.py [--rounds 15] [--threads 1] [--cases T32B16H512,...]
+    python -m scripts.ab_lstm [--rounds 15] [--threads 1] [--cases T32B16H512,...]
 
 For each case of issue 5's grid (T in {32, 128}, B in {16, 64}, H = I in {256, 512, 1024}),
 float32, the rounds alternate one call of each provider, inference (no grad) and a training
@@ -14,24 +14,14 @@ thread, CPU time still compares the work each side does while other processes sh
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
 from torch import nn
 
 import fastattn
-
-
-def fastest_each(fns, rounds: int) -> list[float]:
-    """Each function's fastest thread CPU time over `rounds` interleaved calls."""
-    best = [math.inf] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.thread_time()
-            fn()
-            best[i] = min(best[i], time.thread_time() - t0)
-    return best
+from benchmarks.harness import fastest_interleaved
+from benchmarks.report import geomean
 
 
 def case_ratios(T: int, B: int, H: int, rounds: int) -> tuple[float, float]:
@@ -57,7 +47,7 @@ def case_ratios(T: int, B: int, H: int, rounds: int) -> tuple[float, float]:
     fns = [infer(ref), infer(ours), train(ref), train(ours)]
     for fn in fns:
         fn()
-    t = fastest_each(fns, rounds)
+    t = fastest_interleaved(fns, rounds, time.thread_time)
     return t[0] / t[1], t[2] / t[3]
 
 
@@ -79,9 +69,6 @@ def main() -> None:
         infer.append(r_infer)
         train.append(r_train)
         print(f"T{T} B{B} H{H}: inference {r_infer:.2f}x, training {r_train:.2f}x", flush=True)
-
-    def geomean(values: list[float]) -> float:
-        return math.exp(sum(map(math.log, values)) / len(values))
 
     print(f"geomean: inference {geomean(infer):.2f}x, training {geomean(train):.2f}x")
 
