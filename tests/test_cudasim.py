@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+from fastattn.ops import reference
+
+# Alone after the path change: whether isort calls tests/cudasim/build.py first- or third-party
+# depends on whether setup.py's build/ directory exists at the root.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cudasim"))
 import build as cudasim_build  # noqa: E402
-from fastattn.ops import reference  # noqa: E402
 
 pytestmark = pytest.mark.cudasim
 
