@@ -215,7 +215,7 @@ MUTATIONS = [
     Mutation(
         "batch-idx-ignored",
         COMMON,
-        "blocks = p.cache_batch_idx + b, block_size = static_cast<int>(p.len_kv);",
+        "blocks = p.cache_batch_idx + b, block_size = static_cast<int>(p.kv_len);",
         "",
     ),
     Mutation(
