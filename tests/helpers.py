@@ -44,7 +44,7 @@ def require(backend: str, dtype: torch.dtype = torch.float32, E: int = 64, Ev: i
     status = fastattn.backends()[backend]
     if not status.usable:
         pytest.skip(f"backend {backend} unavailable here: {status.reason}")
-    why = _missing_feature(backend, dtype, E, Ev or E, batch=1, heads_q=1)
+    why = _missing_feature(backend, dtype, E, Ev or E, batch=1, q_heads=1)
     if why:
         pytest.skip(f"backend {backend} does not serve {why}")
 

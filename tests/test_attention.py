@@ -363,7 +363,7 @@ def test_fuzz_across_tiles_against_float64(backend, dtype):
         align=st.sampled_from(["top_left", "bottom_right"]),
     )
     def check(B, Hk, group, L, S, E, Ev, causal, mask, window_left, softcap, align):
-        if _missing_feature(backend, dtype, E, Ev, batch=B, heads_q=Hk * group):
+        if _missing_feature(backend, dtype, E, Ev, batch=B, q_heads=Hk * group):
             return
         Hq = Hk * group
         gen = torch.Generator().manual_seed(L * 1000 + S)

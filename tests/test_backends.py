@@ -155,7 +155,7 @@ def test_grid_limits_are_feature_checks_so_auto_falls_back(
     from fastattn.ops.attention import _choose_backend, _missing_feature
 
     def missing(name):
-        return _missing_feature(name, torch.float16, 64, 64, batch=batch, heads_q=heads)
+        return _missing_feature(name, torch.float16, 64, 64, batch=batch, q_heads=heads)
 
     assert (missing("cuda") is None) == cuda_ok
     assert (missing("triton") is None) == triton_ok

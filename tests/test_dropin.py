@@ -126,6 +126,19 @@ def test_mha_zero_size_matches_torch(B, L, S, need_weights):
                           [x, y, ref.in_proj_weight, ref.out_proj.bias])
 
 
+@pytest.mark.parametrize("options", [{}, {"layer_norm": True}, {"zoneout": (0.25, 0.5)}],
+                         ids=["plain", "layer_norm", "zoneout"])
+def test_lstm_cell_zero_hidden_size_matches_torch(options):
+    """nn.LSTMCell takes hidden_size 0 (nn.LSTM refuses it): zero-size states, and a zero
+    gradient for the input, through each of fastattn's cell paths (the extras run the layer ops)."""
+    x = torch.randn(3, 4, requires_grad=True)
+    want = torch.nn.LSTMCell(4, 0)(x)
+    got = fastattn.LSTMCell(4, 0, **options)(x)
+    assert [g.shape for g in got] == [w.shape for w in want] == [(3, 0), (3, 0)]
+    (grad,) = torch.autograd.grad(sum(g.sum() for g in got), x)
+    assert torch.equal(grad, torch.zeros_like(x))
+
+
 # ---- torch's CausalBias masks ----------------------------------------------------------------
 
 CAUSAL_BIAS_CASES = [

@@ -166,6 +166,35 @@ def test_ops_reject_bad_arguments():
                               None, None, False, None, None, *out[:6], out[6].double())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_hidden_size(device):
+    """H == 0: every state, gate and gradient is zero-size (the backward too), but rstd_all
+    [T, B, 2] is not: it must be written (zeros, as for rows that do not step), not left as
+    allocated. Deterministic mode makes every torch.empty start as NaN (the module: test_dropin)."""
+    _require_kernels(device)
+    T, B = 3, 2
+    x_proj, h0, c0, w_hh, ln, *_ = _inputs(T, B, 0, 0, torch.float32, proj=False, zoneout=False,
+                                           lengths=None)
+    tensors = _on(device, x_proj, h0, c0, w_hh, *ln)
+    deterministic = (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    try:
+        for batch_sizes in (None, torch.tensor([2, 1, 1])):
+            args = (*tensors, EPS, None, batch_sizes, False, None, None)
+            out = OPS.lstm_ln_layer_fwd(*args)
+            assert [tuple(t.shape) for t in out] == [(T, B, 0)] * 3 + [(0,)] + [(T, B, 0)] * 2 + [
+                (T, B, 2)]
+            assert torch.equal(out[6].cpu(), torch.zeros(T, B, 2)), "rstd_all"
+            grads = OPS.lstm_ln_layer_bwd(*_on(device, torch.ones(T, B, 0), torch.ones(T, B, 0)),
+                                          *args[1:7], *args[8:], *out)
+            assert [tuple(g.shape) for g in grads] == [
+                (T, B, 0), (B, 0), (B, 0), (0, 0), (0,), (0,), (0,), (0,)]
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
 # ---- opcheck and gradcheck ---------------------------------------------------------------------
 
 

@@ -191,6 +191,29 @@ def test_sequence_fwd_is_the_option_free_layer():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("extra", ["plain", "layer_norm", "zoneout"])
+def test_layer_with_zero_hidden_size(extra):
+    """H == 0 over T > 1 steps, forward and backward (nn.LSTMCell takes hidden_size 0, and
+    fastattn.LSTMCell's extras run these layer ops): zero-size states, a zero input gradient."""
+    T, B, width = 3, 2, 4
+    x = randn(T, B, width).requires_grad_()
+    empty = [torch.zeros(*s, requires_grad=True) for s in ((B, 0), (B, 0), (0, width), (0, 0))]
+    zoneout = torch.full((T, B, 0), 0.5)
+    options = {
+        "plain": {},
+        "layer_norm": {"layer_norm": (torch.ones(0), torch.ones(0), torch.ones(0), torch.zeros(0),
+                                      1e-5)},
+        "zoneout": {"zoneout_c": zoneout, "zoneout_h": zoneout},
+    }[extra]
+    with fastattn.use_backend("cpu"):
+        h_all, c_all = lstm_ops.lstm_layer(x, *empty, **options)
+        assert h_all.shape == c_all.shape == (T, B, 0)
+        grads = torch.autograd.grad(h_all.sum() + c_all.sum(), [x, *empty])
+    assert torch.equal(grads[0], torch.zeros_like(x))
+    assert [g.shape for g in grads[1:]] == [e.shape for e in empty]
+
+
+@needs_cpu_kernels
 def test_layer_ops_reject_bad_arguments():
     x_proj, h0, c0, w_hh, *_ = _layer_inputs(4, 3, 8, 8, torch.float32, proj=False, zoneout=False,
                                              lengths=None)

@@ -265,10 +265,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
     if (p.T > 1) {
       const Tensor later = reverse ? grad_x_proj.narrow(0, 0, p.T - 1) : grad_x_proj.narrow(0, 1, p.T - 1);
       const Tensor prev = reverse ? h_all.narrow(0, 1, p.T - 1) : h_all.narrow(0, 0, p.T - 1);
-      grad_w_hh.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, p.P}));
+      // Explicit row counts: -1 cannot be inferred from zero-size rows (H == 0 or P == 0).
+      const int64_t rows = (p.T - 1) * p.B;
+      grad_w_hh.addmm_(later.reshape({rows, G}).t(), prev.reshape({rows, p.P}));
     }
   }
-  Tensor grad_w_hr = proj ? at::mm(grad_hproj_all.reshape({-1, p.P}).t(), hpre_all.reshape({-1, p.H}))
+  const int64_t rows = p.T * p.B;
+  Tensor grad_w_hr = proj ? at::mm(grad_hproj_all.reshape({rows, p.P}).t(), hpre_all.reshape({rows, p.H}))
                           : at::empty({0}, opts);
   return {grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr};
 }

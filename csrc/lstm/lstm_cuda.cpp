@@ -500,12 +500,15 @@ LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
     if (p.T > 1) {
       const at::Tensor later = r.grad_rec_all.narrow(0, p.reverse ? 0 : 1, p.T - 1);
       const at::Tensor prev = h_all.narrow(0, p.reverse ? 1 : 0, p.T - 1).to(math);
-      r.grad_w_hh.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, p.P}));
+      // Explicit row counts: -1 cannot be inferred from zero-size rows (H == 0 or P == 0).
+      const int64_t rows = (p.T - 1) * p.B;
+      r.grad_w_hh.addmm_(later.reshape({rows, G}).t(), prev.reshape({rows, p.P}));
     }
   }
   if (proj) {
     r.grad_w_hr =
-        at::mm(grad_proj_all.reshape({-1, p.P}).t(), hpre_all.to(math).reshape({-1, p.H}));
+        at::mm(grad_proj_all.reshape({p.T * p.B, p.P}).t(),
+               hpre_all.to(math).reshape({p.T * p.B, p.H}));
   }
   return r;
 }
@@ -581,7 +584,8 @@ lstm_ln_layer_fwd_cuda(const at::Tensor& x_proj_in, const at::Tensor& h0_in,
   at::Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   ln.hh_norm_all = at::empty({p.T, p.B, 4 * p.H}, mopts);
   ln.c_norm_all = at::empty({p.T, p.B, p.H}, mopts);
-  ln.rstd_all = at::empty({p.T, p.B, 2}, mopts);
+  // H == 0: zeros, as on the CPU (csrc/lstm/lstm_layer_norm_cpu.cpp), since no step writes them.
+  ln.rstd_all = p.H == 0 ? at::zeros({p.T, p.B, 2}, mopts) : at::empty({p.T, p.B, 2}, mopts);
   layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all, proj ? hpre_all : at::Tensor(),
                 &ln);
   return {h_all, c_all, gates_all, hpre_all, ln.hh_norm_all, ln.c_norm_all, ln.rstd_all};

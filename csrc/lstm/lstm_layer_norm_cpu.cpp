@@ -63,7 +63,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_ln_layer
   Tensor hh_norm_all = at::empty({T, B, 4 * H}, opmath_opts);
   Tensor hh_buf = at::empty({B, 4 * H}, opts);  // h_prev @ W_hh^T of the current step
   Tensor c_norm_all = at::empty({T, B, H}, opmath_opts);
-  Tensor rstd_all = at::empty({T, B, 2}, opmath_opts);
+  // An LN over no elements (H == 0) has no statistics and no step writes them: saved as zeros,
+  // as for rows that do not step (nothing reads them; torch's native_layer_norm says NaN).
+  Tensor rstd_all = H == 0 ? at::zeros({T, B, 2}, opmath_opts) : at::empty({T, B, 2}, opmath_opts);
   const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? p.w_hr.t() : Tensor();
   const Dtype dtype = lstm_dtype(x_proj, op);
 
@@ -243,7 +245,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
     if (T > 1) {
       const Tensor later = reverse ? grad_hh_all.narrow(0, 0, T - 1) : grad_hh_all.narrow(0, 1, T - 1);
       const Tensor prev = reverse ? h_all.narrow(0, 1, T - 1) : h_all.narrow(0, 0, T - 1);
-      sum.addmm_(later.reshape({-1, G}).t(), prev.reshape({-1, P}).to(opmath_opts.dtype()));
+      // Explicit row counts: -1 cannot be inferred from zero-size rows (H == 0 or P == 0).
+      const int64_t rows = (T - 1) * B;
+      sum.addmm_(later.reshape({rows, G}).t(), prev.reshape({rows, P}).to(opmath_opts.dtype()));
     }
     grad_w_hh = sum.to(dtype_of);
   }
@@ -251,8 +255,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_
   Tensor grad_ln_c_weight = sum_of_products(grad_c_new_all, c_norm_all).to(dtype_of);
   Tensor grad_ln_c_bias = grad_c_new_all.sum({0, 1}).to(dtype_of);
   Tensor grad_w_hr =
-      proj ? at::mm(grad_hproj_all.reshape({-1, P}).t(),
-                    hpre_all.reshape({-1, H}).to(opmath_opts.dtype())).to(dtype_of)
+      proj ? at::mm(grad_hproj_all.reshape({T * B, P}).t(),
+                    hpre_all.reshape({T * B, H}).to(opmath_opts.dtype())).to(dtype_of)
            : at::empty({0}, opts);
   return {grad_x_proj, dh.to(dtype_of), dc.to(dtype_of), grad_w_hh, grad_ln_hh_weight,
           grad_ln_c_weight, grad_ln_c_bias, grad_w_hr};

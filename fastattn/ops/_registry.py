@@ -154,7 +154,8 @@ SCHEMAS.update({
 # LNs' 1 / sqrt(var + eps). gates_all, hh_norm_all, c_norm_all and rstd_all are in the math dtype
 # (float32 for half/bfloat16 inputs, else the input dtype): the LN backward's sums cancel, and
 # starting them from bfloat16-rounded values doubles the gradient error. Rows that do not step at
-# time t (batch_sizes) hold zeros in gates_all, hpre_all, hh_norm_all, c_norm_all and rstd_all.
+# time t (batch_sizes) hold zeros in gates_all, hpre_all, hh_norm_all, c_norm_all and rstd_all;
+# with H == 0 (LNs over no elements, which have no statistics) all of rstd_all is zero.
 _LSTM_LN_WEIGHTS = "Tensor ln_hh_weight, Tensor ln_c_weight, Tensor ln_c_bias"
 
 SCHEMAS.update({

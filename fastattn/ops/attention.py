@@ -69,7 +69,7 @@ def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
 
 
 def _missing_feature(
-    backend: str, dtype: torch.dtype, E: int, Ev: int, batch: int, heads_q: int
+    backend: str, dtype: torch.dtype, E: int, Ev: int, batch: int, q_heads: int
 ) -> str | None:
     """What of a call with these inputs ``backend`` cannot serve (None when it can)."""
     if backend == "cuda":
@@ -77,16 +77,16 @@ def _missing_feature(
             return f"dtype {dtype} (the cuda kernels take float16 and bfloat16)"
         if E != Ev or E not in CUDA_HEAD_DIMS:
             return f"head dims E={E}, Ev={Ev} (the cuda kernels take E == Ev in {CUDA_HEAD_DIMS})"
-        if batch > GRID_YZ_MAX or heads_q > GRID_YZ_MAX:
-            return (f"batch {batch} x query heads {heads_q} (the cuda kernels take at most "
+        if batch > GRID_YZ_MAX or q_heads > GRID_YZ_MAX:
+            return (f"batch {batch} x query heads {q_heads} (the cuda kernels take at most "
                     f"{GRID_YZ_MAX} of each)")
     if backend == "triton":
         if dtype == torch.float64:
             return "dtype float64 (triton takes float16, bfloat16 and float32)"
         if max(E, Ev) > TRITON_MAX_HEAD_DIM:
             return f"head dim {max(E, Ev)} (triton takes up to {TRITON_MAX_HEAD_DIM})"
-        if batch * heads_q > GRID_YZ_MAX:
-            return (f"batch {batch} x query heads {heads_q} (the triton kernels take "
+        if batch * q_heads > GRID_YZ_MAX:
+            return (f"batch {batch} x query heads {q_heads} (the triton kernels take "
                     f"batch * heads <= {GRID_YZ_MAX})")
     return None
 
@@ -96,10 +96,10 @@ def _missing_feature(
 @torch.compiler.assume_constant_result
 def _choose_backend(
     op_name: str, device: torch.device, dtype: torch.dtype, E: int, Ev: int, batch: int,
-    heads_q: int,
+    q_heads: int,
 ) -> str:
     return backends.choose(
-        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q),
+        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, q_heads),
         reference_cost=_REFERENCE_COST,
     )
 
@@ -117,14 +117,14 @@ def _triton_fwd_op() -> Callable:
     return torch.ops.fastattn.attention_fwd_triton
 
 
-def _grid_extent(batch, heads_q) -> tuple[int, int]:
-    """(batch, heads_q) as _choose_backend takes them: 1, 1 when within every backend's grid
+def _grid_extent(batch, q_heads) -> tuple[int, int]:
+    """(batch, q_heads) as _choose_backend takes them: 1, 1 when within every backend's grid
     limits, so that a batch size that changes between calls neither hands torch.compile's
     constant-folded choice a symbolic int nor recompiles it; the real values (specialized)
     only past a limit."""
-    if batch * heads_q <= GRID_YZ_MAX:
+    if batch * q_heads <= GRID_YZ_MAX:
         return 1, 1
-    return int(batch), int(heads_q)
+    return int(batch), int(q_heads)
 
 
 def _fwd_op(backend: str, needs_grad: bool) -> Callable:

@@ -41,10 +41,10 @@ _REFERENCE_COST = (
 @torch.compiler.assume_constant_result
 def _choose_backend(
     op_name: str, device: torch.device, dtype: torch.dtype, E: int, Ev: int, batch: int,
-    heads_q: int,
+    q_heads: int,
 ) -> str:
     return backends.choose(
-        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, heads_q),
+        op_name, device, lambda name: _missing_feature(name, dtype, E, Ev, batch, q_heads),
         reference_cost=_REFERENCE_COST,
     )
 

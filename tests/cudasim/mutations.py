@@ -62,8 +62,12 @@ MUTATIONS = [
     ),
     # The wait for the K (V) tile's cp.async copies removed, its barrier kept.
     *(
-        Mutation(f"fwd-no-cp-async-wait-{tile.lower()}", FWD,
-                 f"    cp_async_wait_all();\n{barrier}", barrier)
+        Mutation(
+            f"fwd-no-cp-async-wait-{tile.lower()}",
+            FWD,
+            f"    cp_async_wait_all();\n{barrier}",
+            barrier,
+        )
         for tile, barrier in ((t, f"    __syncthreads();  // {t} tile landed") for t in "KV")
     ),
     Mutation("fwd-out-not-rescaled", FWD, "        out_acc[n][2 * r] *= rescale;\n"),
@@ -211,7 +215,7 @@ MUTATIONS = [
     Mutation(
         "batch-idx-ignored",
         COMMON,
-        "blocks = p.cache_batch_idx + b, block_size = static_cast<int>(p.len_kv);",
+        "blocks = p.cache_batch_idx + b, block_size = static_cast<int>(p.kv_len);",
         "",
     ),
     Mutation(
