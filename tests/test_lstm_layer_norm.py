@@ -173,8 +173,8 @@ def test_zero_hidden_size(device):
     allocated. Deterministic mode makes every torch.empty start as NaN (the module: test_dropin)."""
     _require_kernels(device)
     T, B = 3, 2
-    x_proj, h0, c0, w_hh, ln, *_ = _inputs(T, B, 0, 0, torch.float32, proj=False, zoneout=False,
-                                           lengths=None)
+    x_proj, h0, c0, w_hh, ln, *_ = ln_layer_inputs(T, B, 0, 0, torch.float32, proj=False,
+                                                   zoneout=False, lengths=None)
     tensors = _on(device, x_proj, h0, c0, w_hh, *ln)
     deterministic = (torch.are_deterministic_algorithms_enabled(),
                      torch.is_deterministic_algorithms_warn_only_enabled())

@@ -229,6 +229,9 @@ def test_layer_ops_reject_bad_arguments():
     with pytest.raises(RuntimeError, match="gates_all must be Float"):  # the math dtype
         OPS.lstm_layer_bwd(h_all, c_all, h0, c0, w_hh, None, None, False, None, None, h_all,
                            c_all, gates_all.double(), hpre_all)
+    with pytest.raises(RuntimeError, match=r"a projection w_hr \[P, H\] needs H > 0"):
+        OPS.lstm_layer_fwd(x_proj[..., :0], h0[:, :2], c0[:, :0], w_hh[:0, :2], randn(2, 0),
+                           None, False, None, None)
     x, w_ih, bias = randn(4, 3, 5), randn(32, 5), randn(32)
     with pytest.raises(RuntimeError, match=r"input must be \[T, B, I\]"):
         OPS.lstm_layer_infer(x[0], w_ih, bias, h0, c0, w_hh, None, None, False, None, None)

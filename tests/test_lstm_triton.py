@@ -411,6 +411,9 @@ def test_layer_rejects_bad_shapes():
         fwd(x_proj, h0, c0, w_hh, None, None, False, None, h0)
     with pytest.raises(ValueError, match="batch_sizes must be an int64 CPU tensor"):
         fwd(x_proj, h0, c0, w_hh, None, torch.tensor([3]), False, None, None)
+    with pytest.raises(ValueError, match=r"a projection w_hr \[P, H\] needs H > 0"):
+        fwd(x_proj[..., :0], h0[:, :2], c0[:, :0], w_hh[:0, :2], w_hh.new_empty(2, 0), None,
+            False, None, None)
 
 
 def _layer_opcheck_args():

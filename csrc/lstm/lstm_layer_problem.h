@@ -73,6 +73,10 @@ inline LayerProblem layer_problem(const char* op, const Tensor& like, int64_t T,
     TORCH_CHECK(w_hr->dim() == 2, op, ": w_hr must be [P, H], got ", w_hr->sizes());
     p.P = w_hr->size(0);
     check_like(*w_hr, like, {p.P, p.H}, op, "w_hr");
+    // h = w_hr @ hpre would be an empty product; the kernels never write h_all then (and
+    // torch's nn.LSTM needs proj_size < hidden_size, so no module reaches this).
+    TORCH_CHECK(p.H > 0 || p.P == 0, op, ": a projection w_hr [P, H] needs H > 0, got ",
+                w_hr->sizes());
     p.w_hr = *w_hr;
   } else {
     p.P = p.H;

@@ -838,6 +838,9 @@ def _check_inputs(op, x_proj, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneou
             f"{op}: x_proj must be float32, float16 or bfloat16, got {x_proj.dtype}")
     seq_len, batch, hidden = x_proj.shape[0], x_proj.shape[1], x_proj.shape[2] // 4
     state = w_hr.shape[0] if w_hr is not None and w_hr.dim() == 2 else hidden
+    if hidden == 0 and state > 0:  # h = w_hr @ hpre would be an empty product, never written
+        raise FastattnValueError(f"{op}: a projection w_hr [P, H] needs H > 0, got "
+                                 f"{list(w_hr.shape)}")
     expected = {"h0": (batch, state), "c0": (batch, hidden), "w_hh": (4 * hidden, state),
                 "w_hr": (state, hidden), "zoneout_c": (seq_len, batch, hidden),
                 "zoneout_h": (seq_len, batch, state)}
