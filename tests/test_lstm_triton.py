@@ -425,13 +425,16 @@ def _layer_opcheck_args():
     return fwd_args, (*grads, *fwd_args[1:], *out)
 
 
-def test_layer_opcheck_schema():
-    """Schema consistency (no mutation, no aliasing) and autograd registration of both ops."""
+@pytest.mark.parametrize("prefix", ["lstm_layer", "lstm_ln_layer"], ids=["plain", "layer_norm"])
+def test_layer_opcheck_schema(prefix):
+    """Schema consistency (no mutation, no aliasing) and autograd registration of each pair."""
     lstm_ops._triton_layer_fwd()  # registers the autograd
-    fwd_args, bwd_args = _layer_opcheck_args()
+    fwd_args, bwd_args = {"lstm_layer": _layer_opcheck_args, "lstm_ln_layer": _ln_opcheck_args}[
+        prefix]()
     utils = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.fastattn.lstm_layer_fwd_triton, fwd_args, test_utils=utils)
-    torch.library.opcheck(torch.ops.fastattn.lstm_layer_bwd_triton, bwd_args, test_utils=utils)
+    for suffix, args in (("fwd", fwd_args), ("bwd", bwd_args)):
+        op = getattr(torch.ops.fastattn, f"{prefix}_{suffix}_triton")
+        torch.library.opcheck(op, args, test_utils=utils)
 
 
 @pytest.mark.skipif(
@@ -666,15 +669,6 @@ def _ln_opcheck_args():
     out = torch.ops.fastattn.lstm_ln_layer_fwd_triton(*fwd_args)
     grads = (torch.randn_like(out[0]), torch.randn_like(out[1]))
     return fwd_args, (*grads, *fwd_args[1:7], *fwd_args[8:], *out)
-
-
-def test_ln_layer_opcheck_schema():
-    """Schema consistency (no mutation, no aliasing) and autograd registration of the LN ops."""
-    lstm_ops._triton_layer_fwd()  # registers the autograd
-    fwd_args, bwd_args = _ln_opcheck_args()
-    utils = ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(torch.ops.fastattn.lstm_ln_layer_fwd_triton, fwd_args, test_utils=utils)
-    torch.library.opcheck(torch.ops.fastattn.lstm_ln_layer_bwd_triton, bwd_args, test_utils=utils)
 
 
 @pytest.mark.parametrize("H", [8, 33], ids=["H8", "H33-streamed"])

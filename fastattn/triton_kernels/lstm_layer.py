@@ -1004,6 +1004,26 @@ def _check_saved(op, seq_len, batch, hidden, state, proj, **saved) -> None:
                                      f"{list(tensor.shape)}")
 
 
+def _check_bwd_inputs(op, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h, saved,
+                      saved_f32) -> tuple[int, int, int, int]:
+    """A backward's checks before any launch; returns (T, B, H, P). The data dtype is h0's,
+    checked as x_proj's would be; ``saved_f32`` holds the forward's float32 rows, the first a
+    [T, B, 4H] one that gives the sizes; ``saved`` the rest, in the data dtype."""
+    first_name, first = next(iter(saved_f32.items()))
+    if first.dim() != 3 or first.shape[2] % 4 != 0:
+        raise FastattnValueError(f"{op}: {first_name} must be [T, B, 4H], got "
+                                 f"{list(first.shape)}")
+    seq_len, batch, hidden, state = _check_inputs(
+        op, h0.new_empty(()).expand(first.shape), h0, c0, w_hh, w_hr, batch_sizes, zoneout_c,
+        zoneout_h)
+    _check_saved(op, seq_len, batch, hidden, state, w_hr is not None, **saved, **saved_f32)
+    for name, tensor in saved_f32.items():
+        if tensor.dtype != torch.float32 or tensor.device != h0.device:
+            raise FastattnTypeError(f"{op}: {name} must be float32 on {h0.device} (the "
+                                    f"forward's), got {tensor.dtype} on {tensor.device}")
+    return seq_len, batch, hidden, state
+
+
 def _h_prev_all(h0, h_all, reverse):
     """[T, B, P]: the state each step read, h0 first, then the previous step's output."""
     if reverse:
@@ -1036,18 +1056,10 @@ def lstm_layer_bwd_triton(
     """(grad_x_proj [T, B, 4H], grad_h0 [B, P], grad_c0 [B, H], grad_w_hh [4H, P], grad_w_hr
     [P, H] or empty), as fastattn::lstm_layer_bwd; see the module doc."""
     op = "lstm_layer_bwd_triton"
-    # The data dtype is h0's (gates_all is float32): checked as x_proj's would be.
-    if gates_all.dim() != 3 or gates_all.shape[2] % 4 != 0:
-        raise FastattnValueError(f"{op}: gates_all must be [T, B, 4H], got "
-                                 f"{list(gates_all.shape)}")
-    seq_len, batch, hidden, state = _check_inputs(
-        op, h0.new_empty(()).expand(gates_all.shape), h0, c0, w_hh, w_hr, batch_sizes,
-        zoneout_c, zoneout_h)
-    _check_saved(op, seq_len, batch, hidden, state, w_hr is not None, grad_h_all=grad_h_all,
-                 grad_c_all=grad_c_all, h_all=h_all, c_all=c_all, hpre_all=hpre_all)
-    if gates_all.dtype != torch.float32 or gates_all.device != h0.device:
-        raise FastattnTypeError(f"{op}: gates_all must be float32 on {h0.device} (the "
-                                f"forward's), got {gates_all.dtype} on {gates_all.device}")
+    seq_len, batch, hidden, state = _check_bwd_inputs(
+        op, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h,
+        dict(grad_h_all=grad_h_all, grad_c_all=grad_c_all, h_all=h_all, c_all=c_all,
+             hpre_all=hpre_all), dict(gates_all=gates_all))
     dtype = h0.dtype
     # The gate gradients stay float32 until grad_w_hh has been summed from them.
     f32 = dict(dtype=torch.float32, device=h0.device)
@@ -1092,21 +1104,12 @@ def lstm_ln_layer_bwd_triton(
     """(grad_x_proj [T, B, 4H], grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight,
     grad_ln_c_weight, grad_ln_c_bias, grad_w_hr or empty), as fastattn::lstm_ln_layer_bwd."""
     op = "lstm_ln_layer_bwd_triton"
-    if hh_norm_all.dim() != 3 or hh_norm_all.shape[2] % 4 != 0:
-        raise FastattnValueError(f"{op}: hh_norm_all must be [T, B, 4H], got "
-                                 f"{list(hh_norm_all.shape)}")
-    # The data dtype is h0's (the saved LN rows are float32): checked as x_proj's would be.
-    seq_len, batch, hidden, state = _check_inputs(
-        op, h0.new_empty(()).expand(hh_norm_all.shape), h0, c0, w_hh, w_hr, batch_sizes,
-        zoneout_c, zoneout_h)
-    _check_saved(op, seq_len, batch, hidden, state, w_hr is not None, grad_h_all=grad_h_all,
-                 grad_c_all=grad_c_all, h_all=h_all, c_all=c_all, hpre_all=hpre_all,
-                 gates_all=gates_all, c_norm_all=c_norm_all, rstd_all=rstd_all)
-    for name, tensor in (("gates_all", gates_all), ("hh_norm_all", hh_norm_all),
-                         ("c_norm_all", c_norm_all), ("rstd_all", rstd_all)):
-        if tensor.dtype != torch.float32:
-            raise FastattnTypeError(f"{op}: {name} must be float32 (the forward's), got "
-                                    f"{tensor.dtype}")
+    seq_len, batch, hidden, state = _check_bwd_inputs(
+        op, h0, c0, w_hh, w_hr, batch_sizes, zoneout_c, zoneout_h,
+        dict(grad_h_all=grad_h_all, grad_c_all=grad_c_all, h_all=h_all, c_all=c_all,
+             hpre_all=hpre_all),
+        dict(hh_norm_all=hh_norm_all, gates_all=gates_all, c_norm_all=c_norm_all,
+             rstd_all=rstd_all))
     _check_ln_weights(op, hidden, h0, ln_hh_weight, ln_c_weight, ln_c_bias)
     dtype = h0.dtype
     f32 = dict(dtype=torch.float32, device=h0.device)
