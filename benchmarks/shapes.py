@@ -225,8 +225,7 @@ def _cpu_grid(name: str) -> Grid:
             attention=_attention([1], [8], [128, 512, 1024], [64], [False, True]),
             attention_decode=_decode([1], 2, [4096, 32768], 128),
             attention_dtypes=[fp32, bf16],
-            attention_varlen=_varlen([32, 48, 64, 96, 128, 256, 384, 512], 8, [64])
-            + _varlen_many(8, 64),
+            attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]) + _varlen_many(8, 64),
             attention_paged_decode=[PAGED_DECODE_FULL],
             attention_window=_window([1], [2], [2048], 64, WINDOW_FULL),
             attention_features_dtypes=[fp32],
