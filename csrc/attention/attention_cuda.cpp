@@ -155,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({pr.batch, pr.q_heads, pr.q_len}, f32);
-  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv, delta);
+  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv);
+  p.delta = delta.data_ptr<float>();
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv, dmask};

@@ -154,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({vl.q_heads, vl.total_q}, q_in.options().dtype(at::kFloat));
-  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv, delta);
+  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv);
+  p.delta = delta.data_ptr<float>();
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv};
 }
