@@ -1,8 +1,8 @@
 // What the CUDA attention glue files (attention_cuda.cpp, attention_varlen_cuda.cpp) share:
 // the 16-byte row alignment the kernels' cp.async loads need, device checks, and filling
-// AttentionParams: the q / k / v tensors and sizes, and the options (scale, softcap, window,
-// alibi, dropout) after checking them (the tensors' pointers and strides through
-// attention_glue.h, which the CPU glue shares). Knows no attention math.
+// AttentionParams: the q / k / v tensors and sizes, the options (scale, softcap, window,
+// alibi, dropout) after checking them, and split-KV's partial buffers (the tensors' pointers
+// and strides through attention_glue.h, which the CPU glue shares). Knows no attention math.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "attention_glue.h"
+#include "fastattn/attention_cuda_launch.h"
 #include "fastattn/attention_head_dims.h"
 #include "fastattn/attention_params.h"
 
@@ -130,6 +131,27 @@ inline int multiprocessor_count(const at::Tensor& q) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, q.get_device()));
   return count;
+}
+
+// Split-KV's float32 partial results (out [num_splits, B, Hq, L, E], lse [num_splits, B, Hq,
+// L]), allocated when the forward splits the keys; kept alive by the caller until the launch.
+struct SplitKvBuffers {
+  at::Tensor out_partial, lse_partial;
+};
+
+// Picks p.num_splits for q's device (p's sizes filled) and, when it splits, allocates the
+// partial buffers and points p at them.
+inline SplitKvBuffers fill_split_kv(AttentionParams& p, const at::Tensor& q) {
+  p.num_splits = attention_fwd_num_splits(p, multiprocessor_count(q));
+  SplitKvBuffers buffers;
+  if (p.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    buffers.out_partial = at::empty({p.num_splits, p.batch, p.q_heads, p.q_len, p.head_dim}, f32);
+    buffers.lse_partial = at::empty({p.num_splits, p.batch, p.q_heads, p.q_len}, f32);
+    p.out_partial = buffers.out_partial.data_ptr<float>();
+    p.lse_partial = buffers.lse_partial.data_ptr<float>();
+  }
+  return buffers;
 }
 
 }  // namespace glue

@@ -271,15 +271,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
     return {out, lse};
   }
   glue::fill_outputs(p, out, lse);
-  p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
-  at::Tensor out_partial, lse_partial;
-  if (p.num_splits > 1) {
-    const auto f32 = q_in.options().dtype(at::kFloat);
-    out_partial = at::empty({p.num_splits, batch, q_heads, q_len, head_dim}, f32);
-    lse_partial = at::empty({p.num_splits, batch, q_heads, q_len}, f32);
-    p.out_partial = out_partial.data_ptr<float>();
-    p.lse_partial = lse_partial.data_ptr<float>();
-  }
+  const glue::SplitKvBuffers split_buffers = glue::fill_split_kv(p, q_in);
   C10_CUDA_CHECK(run_attention_fwd(p, stream));
   return {out, lse};
 }
