@@ -149,13 +149,6 @@ def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, rev
             c0.new_empty(c0.shape), w_hh.new_empty(w_hh.shape), grad_w_hr)
 
 
-def _layer_bwd(*args):
-    """fastattn::lstm_layer_bwd where a kernel serves the device, else the reference."""
-    if _has_kernel("lstm_layer_bwd", args[0].device.type.upper()):
-        return _OPS.lstm_layer_bwd(*args)
-    return reference.lstm_layer_bwd_reference(*args)
-
-
 def _layer_setup_context(ctx, inputs, output):
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h = inputs
     h_all, c_all, gates_all, hpre_all = output
@@ -185,7 +178,10 @@ def _register_layer_autograd(fwd: str, bwd) -> None:
     register_autograd(fwd, backward, setup_context=_layer_setup_context)
 
 
-_register_layer_autograd("fastattn::lstm_layer_fwd", _layer_bwd)
+# Every device with a lstm_layer_fwd or lstm_sequence_fwd kernel registers lstm_layer_bwd in the
+# same TORCH_LIBRARY_IMPL block (csrc/lstm/lstm_cpu.cpp, lstm_cuda.cpp); meta and fake tensors
+# take the fakes above. So a backward of either forward always has the op.
+_register_layer_autograd("fastattn::lstm_layer_fwd", _OPS.lstm_layer_bwd)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -258,7 +254,7 @@ def _sequence_backward(ctx, grad_h_all, grad_c_all, _grad_gates_all):
     h0, c0, w_hh, h_all, c_all, gates_all = ctx.saved_tensors
     grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
     grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
-    grad_x_proj, grad_h0, grad_c0, grad_w_hh, _ = _layer_bwd(
+    grad_x_proj, grad_h0, grad_c0, grad_w_hh, _ = _OPS.lstm_layer_bwd(
         grad_h_all, grad_c_all, h0, c0, w_hh, None, None, False, None, None, h_all, c_all,
         gates_all, h_all.new_empty(0))
     return grad_x_proj, grad_h0, grad_c0, grad_w_hh
