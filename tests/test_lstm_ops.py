@@ -293,6 +293,20 @@ def test_opcheck_cell_and_sequence_ops():
     torch.library.opcheck(OPS.lstm_sequence_fwd.default, (x_proj, h0, c0, w_hh))
 
 
+@pytest.mark.parametrize("fwd", ["lstm_layer_fwd", "lstm_sequence_fwd"])
+def test_layer_backward_runs_on_meta_tensors(fwd):
+    # The backward of both forwards calls fastattn::lstm_layer_bwd, whose fake serves meta
+    # tensors (shape propagation), as the forwards' fakes do.
+    T, B, H = 3, 2, 4
+    x_proj, w_hh = (torch.empty(shape, device="meta", requires_grad=True)
+                    for shape in ((T, B, 4 * H), (4 * H, H)))
+    h0, c0 = torch.empty(B, H, device="meta"), torch.empty(B, H, device="meta")
+    extra = (None, None, False, None, None) if fwd == "lstm_layer_fwd" else ()
+    h_all, c_all = getattr(OPS, fwd)(x_proj, h0, c0, w_hh, *extra)[:2]
+    grads = torch.autograd.grad((h_all.sum(), c_all.sum()), (x_proj, w_hh))
+    assert [g.shape for g in grads] == [x_proj.shape, w_hh.shape]
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("case", LSTM_LAYER_CASES)
 def test_gradcheck_lstm_layer(case):

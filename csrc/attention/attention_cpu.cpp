@@ -12,6 +12,7 @@
 #include <optional>
 #include <tuple>
 
+#include "attention_glue.h"
 #include "fastattn/attention_params.h"
 #include "fastattn/cpu_isa.h"
 
@@ -53,18 +54,6 @@ void check_4d(const at::Tensor& t, const char* name, const at::Tensor& q) {
 struct Inputs {
   at::Tensor q, k, v, mask, alibi;
 };
-
-// Strides (batch, head, row) of a [B, H, rows, D] tensor, or of a varlen [rows, H, D] one
-// (batch stride 0: its sequences are told apart by row offsets).
-void row_strides(int64_t* dst, const at::Tensor& t) {
-  if (t.dim() == 4) {
-    for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
-  } else {
-    dst[0] = 0;
-    dst[1] = t.stride(1);
-    dst[2] = t.stride(0);
-  }
-}
 
 // Checks and fills the options shared by every layout (p.batch and p.q_heads already set).
 void fill_options(AttentionParams& p, Inputs& in, const char* op, const at::Tensor& q,
@@ -137,10 +126,7 @@ Inputs fill_fwd_params(AttentionParams& p, const at::Tensor& q_in, const at::Ten
 
   p.batch = B; p.q_heads = Hq; p.kv_heads = Hk; p.q_len = L; p.kv_len = S;
   p.head_dim = E; p.v_head_dim = Ev;
-  p.q = in.q.data_ptr(); p.k = in.k.data_ptr(); p.v = in.v.data_ptr();
-  row_strides(p.q_stride, in.q);
-  row_strides(p.k_stride, in.k);
-  row_strides(p.v_stride, in.v);
+  glue::fill_qkv_tensors(p, in.q, in.k, in.v);
 
   p.mask_kind = AttnMaskKind::None;
   p.mask = nullptr;
@@ -177,9 +163,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
                               window_left, window_right, bottom_right, softcap);
   at::Tensor out = at::empty({p.batch, p.q_heads, p.q_len, p.v_head_dim}, q.options());
   at::Tensor lse = at::empty({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
-  row_strides(p.out_stride, out);
-  p.lse = lse.data_ptr<float>();
+  glue::fill_outputs(p, out, lse);
   FASTATTN_ISA_CALL(attention_fwd_kernel, p);
   return {out, lse};
 }
@@ -191,21 +175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(AttentionBwdParams& bp,
                                                        const at::Tensor& out,
                                                        const at::Tensor& lse, const at::Tensor& q,
                                                        const at::Tensor& k, const at::Tensor& v) {
-  AttentionParams& p = bp;
-  p.out = const_cast<void*>(out.data_ptr());
-  row_strides(p.out_stride, out);
-  p.lse = const_cast<float*>(lse.data_ptr<float>());
-  bp.grad_out = grad_out.data_ptr();
-  row_strides(bp.grad_out_stride, grad_out);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  bp.dq = dq.data_ptr();
-  bp.dk = dk.data_ptr();
-  bp.dv = dv.data_ptr();
-  row_strides(bp.dq_stride, dq);
-  row_strides(bp.dk_stride, dk);
-  row_strides(bp.dv_stride, dv);
+  glue::fill_bwd_tensors(bp, grad_out, out, lse, dq, dk, dv);
   FASTATTN_ISA_CALL(attention_bwd_kernel, bp);
   return {dq, dk, dv};
 }
@@ -319,10 +292,7 @@ VarlenInputs fill_varlen_params(AttentionParams& p, const at::Tensor& q_in,
   const Inputs& in = vin.in;
   p.batch = B; p.q_heads = Hq; p.kv_heads = Hk; p.q_len = max_seqlen_q; p.kv_len = max_seqlen_k;
   p.head_dim = E; p.v_head_dim = Ev;
-  p.q = in.q.data_ptr(); p.k = in.k.data_ptr(); p.v = in.v.data_ptr();
-  row_strides(p.q_stride, in.q);
-  row_strides(p.k_stride, in.k);
-  row_strides(p.v_stride, in.v);
+  glue::fill_qkv_tensors(p, in.q, in.k, in.v);
   p.cu_seqlens_q = vin.cu_q.data_ptr<int32_t>();
   p.cu_seqlens_k = vin.cu_k.data_ptr<int32_t>();
   p.total_q = q_in.size(0);
@@ -344,9 +314,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(
                                        window_left, window_right, bottom_right, softcap);
   at::Tensor out = at::empty({q.size(0), p.q_heads, p.v_head_dim}, q.options());
   at::Tensor lse = at::empty({p.q_heads, q.size(0)}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
-  row_strides(p.out_stride, out);
-  p.lse = lse.data_ptr<float>();
+  glue::fill_outputs(p, out, lse);
   FASTATTN_ISA_CALL(attention_fwd_kernel, p);
   return {out, lse};
 }
@@ -495,10 +463,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cpu(
     }
   }
 
-  p.q = in.q.data_ptr(); p.k = k_cache.data_ptr(); p.v = v_cache.data_ptr();
-  row_strides(p.q_stride, in.q);
-  row_strides(p.k_stride, k_cache);
-  row_strides(p.v_stride, v_cache);
+  glue::fill_qkv_tensors(p, in.q, k_cache, v_cache);
   p.cache_seqlens = seqlens;
   p.kv_new_len = L_new;
   p.cache_batch_idx = batch_idx.defined() ? batch_idx.data_ptr<int32_t>() : nullptr;
@@ -509,9 +474,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cpu(
   p.mask_kind = AttnMaskKind::None;
   at::Tensor out = at::empty({B, Hq, Lq, Ev}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
-  p.out = out.data_ptr();
-  row_strides(p.out_stride, out);
-  p.lse = lse.data_ptr<float>();
+  glue::fill_outputs(p, out, lse);
   FASTATTN_ISA_CALL(attention_fwd_kernel, p);
   return {out, lse};
 }

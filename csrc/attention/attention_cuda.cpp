@@ -100,15 +100,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const auto kept_alive = fill_common(p, pr, q_in, k_in, v_in, o);
   glue::fill_outputs(p, out, lse);
 
-  p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
-  at::Tensor out_partial, lse_partial;
-  if (p.num_splits > 1) {
-    out_partial = at::empty({p.num_splits, pr.batch, pr.q_heads, pr.q_len, pr.head_dim},
-                            q_in.options().dtype(at::kFloat));
-    lse_partial = at::empty({p.num_splits, pr.batch, pr.q_heads, pr.q_len}, q_in.options().dtype(at::kFloat));
-    p.out_partial = out_partial.data_ptr<float>();
-    p.lse_partial = lse_partial.data_ptr<float>();
-  }
+  const glue::SplitKvBuffers split_buffers = glue::fill_split_kv(p, q_in);
   C10_CUDA_CHECK(run_attention_fwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {out, lse};
 }
@@ -155,7 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({pr.batch, pr.q_heads, pr.q_len}, f32);
-  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv, delta);
+  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv);
+  p.delta = delta.data_ptr<float>();
   p.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv, dmask};

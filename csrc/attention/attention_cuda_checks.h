@@ -1,7 +1,8 @@
 // What the CUDA attention glue files (attention_cuda.cpp, attention_varlen_cuda.cpp) share:
 // the 16-byte row alignment the kernels' cp.async loads need, device checks, and filling
-// AttentionParams: the q / k / v tensors and sizes, the options (scale, softcap, window, alibi,
-// dropout) after checking them, and the backward's tensors. Knows no attention math.
+// AttentionParams: the q / k / v tensors and sizes, the options (scale, softcap, window,
+// alibi, dropout) after checking them, and split-KV's partial buffers (the tensors' pointers
+// and strides through attention_glue.h, which the CPU glue shares). Knows no attention math.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,8 @@
 #include <cstdint>
 #include <optional>
 
+#include "attention_glue.h"
+#include "fastattn/attention_cuda_launch.h"
 #include "fastattn/attention_head_dims.h"
 #include "fastattn/attention_params.h"
 
@@ -34,16 +37,6 @@ inline at::Tensor aligned_rows(const at::Tensor& t) {
   return rows_are_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// The (batch, head, row) strides of a [B, H, rows, D] tensor, or of a packed varlen
-// [rows, H, D] one (batch stride 0: its sequences start at row offsets).
-inline void row_strides(int64_t (&dst)[3], const at::Tensor& t) {
-  if (t.dim() == 4) {
-    dst[0] = t.stride(0), dst[1] = t.stride(1), dst[2] = t.stride(2);
-  } else {
-    dst[0] = 0, dst[1] = t.stride(1), dst[2] = t.stride(0);
-  }
-}
-
 // The sizes of a call as AttentionParams counts them: q_len / kv_len are the dense lengths,
 // varlen's max_seqlen_q / max_seqlen_k, or the KV cache's query length and capacity.
 struct Sizes {
@@ -55,12 +48,7 @@ struct Sizes {
 inline void fill_qkv(AttentionParams& p, const Sizes& s, const at::Tensor& q, const at::Tensor& k,
                      const at::Tensor& v) {
   p.dtype = q.scalar_type() == at::kHalf ? Dtype::Float16 : Dtype::BFloat16;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  row_strides(p.q_stride, q);
-  row_strides(p.k_stride, k);
-  row_strides(p.v_stride, v);
+  fill_qkv_tensors(p, q, k, v);
   p.batch = s.batch;
   p.q_heads = s.q_heads;
   p.kv_heads = s.kv_heads;
@@ -68,30 +56,6 @@ inline void fill_qkv(AttentionParams& p, const Sizes& s, const at::Tensor& q, co
   p.kv_len = s.kv_len;
   p.head_dim = s.head_dim;
   p.v_head_dim = s.head_dim;
-}
-
-// The forward's outputs: out (laid out like q) and the float32 lse.
-inline void fill_outputs(AttentionParams& p, const at::Tensor& out, const at::Tensor& lse) {
-  p.out = out.data_ptr();
-  row_strides(p.out_stride, out);
-  p.lse = lse.data_ptr<float>();
-}
-
-// The backward's tensors besides fill_qkv's: the forward's out / lse, grad_out, the gradients
-// and the float32 delta workspace (laid out like lse). Inputs kept alive by the caller.
-inline void fill_bwd_tensors(AttentionBwdParams& p, const at::Tensor& grad_out, const at::Tensor& out,
-                             const at::Tensor& lse, const at::Tensor& dq, const at::Tensor& dk,
-                             const at::Tensor& dv, const at::Tensor& delta) {
-  fill_outputs(p, out, lse);
-  p.grad_out = grad_out.data_ptr();
-  row_strides(p.grad_out_stride, grad_out);
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  row_strides(p.dq_stride, dq);
-  row_strides(p.dk_stride, dk);
-  row_strides(p.dv_stride, dv);
-  p.delta = delta.data_ptr<float>();
 }
 
 inline void check_same_device(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name) {
@@ -167,6 +131,27 @@ inline int multiprocessor_count(const at::Tensor& q) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, q.get_device()));
   return count;
+}
+
+// Split-KV's float32 partial results (out [num_splits, B, Hq, L, E], lse [num_splits, B, Hq,
+// L]), allocated when the forward splits the keys; kept alive by the caller until the launch.
+struct SplitKvBuffers {
+  at::Tensor out_partial, lse_partial;
+};
+
+// Picks p.num_splits for q's device (p's sizes filled) and, when it splits, allocates the
+// partial buffers and points p at them.
+inline SplitKvBuffers fill_split_kv(AttentionParams& p, const at::Tensor& q) {
+  p.num_splits = attention_fwd_num_splits(p, multiprocessor_count(q));
+  SplitKvBuffers buffers;
+  if (p.num_splits > 1) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    buffers.out_partial = at::empty({p.num_splits, p.batch, p.q_heads, p.q_len, p.head_dim}, f32);
+    buffers.lse_partial = at::empty({p.num_splits, p.batch, p.q_heads, p.q_len}, f32);
+    p.out_partial = buffers.out_partial.data_ptr<float>();
+    p.lse_partial = buffers.lse_partial.data_ptr<float>();
+  }
+  return buffers;
 }
 
 }  // namespace glue

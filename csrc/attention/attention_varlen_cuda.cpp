@@ -154,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   const at::Tensor grad_out = aligned_rows(grad_out_in), out = aligned_rows(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({vl.q_heads, vl.total_q}, q_in.options().dtype(at::kFloat));
-  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv, delta);
+  glue::fill_bwd_tensors(p, grad_out, out, lse, dq, dk, dv);
+  p.delta = delta.data_ptr<float>();
   C10_CUDA_CHECK(run_attention_bwd(p, c10::cuda::getCurrentCUDAStream().stream()));
   return {dq, dk, dv};
 }
@@ -270,15 +271,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kv_cache_fwd_cuda(
     return {out, lse};
   }
   glue::fill_outputs(p, out, lse);
-  p.num_splits = attention_fwd_num_splits(p, glue::multiprocessor_count(q_in));
-  at::Tensor out_partial, lse_partial;
-  if (p.num_splits > 1) {
-    const auto f32 = q_in.options().dtype(at::kFloat);
-    out_partial = at::empty({p.num_splits, batch, q_heads, q_len, head_dim}, f32);
-    lse_partial = at::empty({p.num_splits, batch, q_heads, q_len}, f32);
-    p.out_partial = out_partial.data_ptr<float>();
-    p.lse_partial = lse_partial.data_ptr<float>();
-  }
+  const glue::SplitKvBuffers split_buffers = glue::fill_split_kv(p, q_in);
   C10_CUDA_CHECK(run_attention_fwd(p, stream));
   return {out, lse};
 }

@@ -130,7 +130,7 @@ __global__ void lstm_step_fwd_kernel(LstmStepFwdParams p) {
         c[e] = f[e] * c_prev[e] + i[e] * g[e];
         h[e] = o[e] * tanh_(c[e]);  // from the cell's c, before zoneout mixes it
       }
-      if (p.gates_out != nullptr) {  // in A: the backward's dc can cancel (LstmStepFwdParams)
+      if (p.gates_out != nullptr) {  // in A: the backward's dc can cancel (LstmStepBwdParams)
         A* gates = static_cast<A*>(p.gates_out) + at.row * 4 * H + at.col;
         store_acc<A, VEC>(gates, i);
         store_acc<A, VEC>(gates + H, f);

@@ -1,10 +1,15 @@
-"""The backward formulas registered for the fastattn ops are first-order only.
+"""How the fastattn ops' autograd is registered: first-order only, and usable under torch.func.
 
 A registered backward calls the *_bwd ops, which have no autograd of their own: differentiated
 again (double backward: torch.autograd.grad(..., create_graph=True), gradgradcheck, a gradient
 penalty), it would silently drop the second-order terms. ``first_order_only`` makes that a
 RuntimeError instead, raised when the gradients are differentiated, not when they are computed
 (so create_graph=True alone still works).
+
+torch.library's autograd wrapper is an autograd.Function without a setup_context staticmethod,
+which torch.func transforms (grad, vjp, jacrev, vmap of a gradient) refuse to run.
+``register_autograd`` also builds the same formulas into a Function that has one, and
+``differentiable`` hands that Function out to calls made under a transform.
 """
 
 from __future__ import annotations
@@ -14,18 +19,44 @@ from collections.abc import Callable
 
 import torch
 
+# The transform-ready Function of each op registered through register_autograd, by op name.
+_TRANSFORMABLE: dict[str, type[torch.autograd.Function]] = {}
 
-def _builds_graph(ctx, grads: tuple) -> bool:
-    """Whether autograd records this backward: create_graph=True (grad mode on inside a backward)
-    and a gradient or a saved input that requires grad."""
+
+def _graph_inputs(ctx, grads: tuple) -> list[torch.Tensor]:
+    """What autograd would record this backward on: with create_graph=True (grad mode on inside
+    a backward, as always under torch.func.grad), the gradients and saved inputs that require
+    grad; none otherwise."""
     if not torch.is_grad_enabled():
-        return False
+        return []
     tensors = (*grads, *ctx.saved_tensors)
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    return [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+class _RaiseOnBackward(torch.autograd.Function):
+    """(message, n, *results, *anchors) -> results, as views recorded on a node that raises
+    ``message`` when differentiated. The anchors (tensors that require grad) are what ties the
+    node into the graph, so that it is recorded at every autograd level, torch.func's too (it
+    has a setup_context, so transforms accept it, and needs no requires_grad_ on their
+    tensors, which they refuse)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(message, n, *tensors):
+        return tuple(None if t is None else t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
 
 
 def first_order_only(op: str) -> Callable:
-    """Decorator of a ``torch.library.register_autograd`` backward of the op named ``op``.
+    """Decorator of a registered backward (see register_autograd) of the op named ``op``.
 
     The backward runs without recording a graph; when autograd would have recorded one, its
     gradients come back attached to a node that raises "double backward ... is not supported"
@@ -40,18 +71,45 @@ def first_order_only(op: str) -> Callable:
     def decorate(backward: Callable) -> Callable:
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
-            builds_graph = _builds_graph(ctx, grads)
+            anchors = _graph_inputs(ctx, grads)
             with torch.no_grad():
                 results = backward(ctx, *grads)
-            if not builds_graph:
+            if not anchors:
                 return results
-            raise_on_backward = torch._C._functions.DelayedError(message, len(results))
-
-            def differentiable_alias(t):  # DelayedError records a node only for such inputs
-                return None if t is None else t.detach().requires_grad_()
-
-            return raise_on_backward(*(differentiable_alias(t) for t in results))
+            return _RaiseOnBackward.apply(message, len(results), *results, *anchors)
 
         return wrapper
 
     return decorate
+
+
+def register_autograd(op: str, backward: Callable, setup_context: Callable) -> None:
+    """``torch.library.register_autograd`` of the op named ``op`` ("fastattn::name"), plus the
+    same ``backward`` and ``setup_context`` as an autograd.Function that torch.func transforms
+    accept (``differentiable`` returns it under a transform). Its vmap rule is generated: vmap
+    runs the op's own batching (torch's per-sample fallback for a custom op)."""
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    namespace, name = op.split("::")
+    packet = getattr(getattr(torch.ops, namespace), name)
+
+    def forward(*args):
+        return packet(*args)
+
+    _TRANSFORMABLE[op] = type(
+        f"{name}_function",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "generate_vmap_rule": True,
+        },
+    )
+
+
+def differentiable(op: Callable) -> Callable:
+    """``op`` (an op packet registered through register_autograd), or, while a torch.func
+    transform is active, its transform-ready Function's apply."""
+    if torch._C._are_functorch_transforms_active():
+        return _TRANSFORMABLE[op._qualified_op_name].apply
+    return op

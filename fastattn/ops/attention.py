@@ -20,7 +20,7 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 
 from fastattn import _extension
 from fastattn.ops import backends, reference
-from fastattn.ops._autograd import first_order_only
+from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
@@ -109,7 +109,7 @@ def _triton_fwd_op() -> Callable:
     # Imported on first use: triton is optional and slow to import.
     from fastattn.triton_kernels import attention as _  # noqa: F401  (defines the triton_ops)
 
-    torch.library.register_autograd(
+    register_autograd(
         "fastattn::attention_fwd_triton",
         _make_backward("attention_bwd_triton"),
         setup_context=_setup_context,
@@ -129,10 +129,11 @@ def _grid_extent(batch, q_heads) -> tuple[int, int]:
 
 def _fwd_op(backend: str, needs_grad: bool) -> Callable:
     if backend == "triton":
-        return _triton_fwd_op()
-    if needs_grad and not torch.compiler.is_compiling():
+        return differentiable(_triton_fwd_op())
+    if (needs_grad and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()):
         return _AttentionFunction.apply
-    return torch.ops.fastattn.attention_fwd
+    return differentiable(torch.ops.fastattn.attention_fwd)
 
 
 def _attention_normalized(
@@ -481,9 +482,7 @@ def _make_backward(bwd_op_name: str) -> Callable:
 
 
 _attention_backward = _make_backward("attention_bwd")
-torch.library.register_autograd(
-    "fastattn::attention_fwd", _attention_backward, setup_context=_setup_context
-)
+register_autograd("fastattn::attention_fwd", _attention_backward, setup_context=_setup_context)
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -492,7 +491,8 @@ class _AttentionFunction(torch.autograd.Function):
     fill_defaults rebuilds the schema's argument list once per argument), a twentieth of an fp32
     L = 128 forward+backward on 2 cores. (forward takes ctx, with no setup_context staticmethod:
     Function.apply would bind the arguments through inspect.signature on every call.) Traced
-    calls (torch.compile) and direct op calls keep the op's registered autograd."""
+    calls (torch.compile), calls under torch.func transforms (which refuse a Function without
+    setup_context) and direct op calls keep the op's registered autograd."""
 
     @staticmethod
     def forward(ctx, *args):

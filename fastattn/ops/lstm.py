@@ -29,7 +29,7 @@ from fastattn.ops import (
     backends,
     reference,
 )
-from fastattn.ops._autograd import first_order_only
+from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
 from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 
 _OPS = torch.ops.fastattn
@@ -100,7 +100,7 @@ def _register_cell_autograd(fwd, bwd) -> None:
         grad_cy = torch.zeros_like(cy) if grad_cy is None else grad_cy
         return bwd(grad_hy, grad_cy, gates, cx, cy)
 
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+    register_autograd(fwd, backward, setup_context=setup_context)
 
 
 _register_cell_autograd("fastattn::lstm_cell_pointwise_fwd", _OPS.lstm_cell_pointwise_bwd.default)
@@ -149,13 +149,6 @@ def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, rev
             c0.new_empty(c0.shape), w_hh.new_empty(w_hh.shape), grad_w_hr)
 
 
-def _layer_bwd(*args):
-    """fastattn::lstm_layer_bwd where a kernel serves the device, else the reference."""
-    if _has_kernel("lstm_layer_bwd", args[0].device.type.upper()):
-        return _OPS.lstm_layer_bwd(*args)
-    return reference.lstm_layer_bwd_reference(*args)
-
-
 def _layer_setup_context(ctx, inputs, output):
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h = inputs
     h_all, c_all, gates_all, hpre_all = output
@@ -182,10 +175,13 @@ def _register_layer_autograd(fwd: str, bwd) -> None:
         return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_w_hr if w_hr is not None else None,
                 None, None, None, None)
 
-    torch.library.register_autograd(fwd, backward, setup_context=_layer_setup_context)
+    register_autograd(fwd, backward, setup_context=_layer_setup_context)
 
 
-_register_layer_autograd("fastattn::lstm_layer_fwd", _layer_bwd)
+# Every device with a lstm_layer_fwd or lstm_sequence_fwd kernel registers lstm_layer_bwd in the
+# same TORCH_LIBRARY_IMPL block (csrc/lstm/lstm_cpu.cpp, lstm_cuda.cpp); meta and fake tensors
+# take the fakes above. So a backward of either forward always has the op.
+_register_layer_autograd("fastattn::lstm_layer_fwd", _OPS.lstm_layer_bwd)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -241,7 +237,7 @@ def _register_ln_layer_autograd(fwd: str, bwd) -> None:
                 grad_ln_c_bias, None, grad_w_hr if w_hr is not None else None, None, None, None,
                 None)
 
-    torch.library.register_autograd(fwd, backward, setup_context=_ln_layer_setup_context)
+    register_autograd(fwd, backward, setup_context=_ln_layer_setup_context)
 
 
 _register_ln_layer_autograd("fastattn::lstm_ln_layer_fwd", _OPS.lstm_ln_layer_bwd)
@@ -258,13 +254,13 @@ def _sequence_backward(ctx, grad_h_all, grad_c_all, _grad_gates_all):
     h0, c0, w_hh, h_all, c_all, gates_all = ctx.saved_tensors
     grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
     grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
-    grad_x_proj, grad_h0, grad_c0, grad_w_hh, _ = _layer_bwd(
+    grad_x_proj, grad_h0, grad_c0, grad_w_hh, _ = _OPS.lstm_layer_bwd(
         grad_h_all, grad_c_all, h0, c0, w_hh, None, None, False, None, None, h_all, c_all,
         gates_all, h_all.new_empty(0))
     return grad_x_proj, grad_h0, grad_c0, grad_w_hh
 
 
-torch.library.register_autograd(
+register_autograd(
     "fastattn::lstm_sequence_fwd", _sequence_backward, setup_context=_sequence_setup_context)
 
 
@@ -354,9 +350,9 @@ def _triton_layer_missing(dtype: torch.dtype) -> str | None:
 def _cell_pointwise(backend: str):
     """The pointwise cell op of ``backend``: (gates [B, 4H], cx [B, H]) -> (hy, cy)."""
     if backend == "triton":
-        return _triton_cell_ops()[0]
+        return differentiable(_triton_cell_ops()[0])
     if backend in ("cpu", "cuda"):
-        return _OPS.lstm_cell_pointwise_fwd
+        return differentiable(_OPS.lstm_cell_pointwise_fwd)
     return reference.lstm_cell_pointwise_fwd_reference
 
 
@@ -517,16 +513,16 @@ def lstm_layer(
         # the triton op is chosen only once _triton_layer_fwd() has registered it
         ln_layer_fwd = _OPS.lstm_ln_layer_fwd_triton if backend == "triton" else (
             _OPS.lstm_ln_layer_fwd)
-        h_all, c_all, *_ = ln_layer_fwd(
+        h_all, c_all, *_ = differentiable(ln_layer_fwd)(
             x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
             zoneout_c, zoneout_h)
         return h_all, c_all
     if backend in ("cpu", "cuda"):
-        h_all, c_all, _, _ = _OPS.lstm_layer_fwd(
+        h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd)(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
         return h_all, c_all
     if backend == "triton":  # chosen only once _triton_layer_fwd() has registered the op
-        h_all, c_all, _, _ = _OPS.lstm_layer_fwd_triton(
+        h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd_triton)(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
         return h_all, c_all
     h_all, c_all, _, _ = reference.lstm_layer_reference(  # the reference backend

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fastattn.ops import backends, reference
-from fastattn.ops._autograd import first_order_only
+from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
 from fastattn.ops.attention import (
     AttentionOptions,
@@ -56,7 +56,7 @@ def _triton_ops() -> tuple[Callable, Callable]:
     # Imported on first use: triton is optional and slow to import.
     from fastattn.triton_kernels import attention_varlen as _  # noqa: F401  (defines the ops)
 
-    torch.library.register_autograd(
+    register_autograd(
         "fastattn::attention_varlen_fwd_triton",
         _make_varlen_backward("attention_varlen_bwd_triton"),
         setup_context=_varlen_setup_context,
@@ -199,7 +199,7 @@ def attention_varlen(
         out, lse = reference.attention_varlen_reference(q, k, v, *args)
     else:
         fwd = _triton_ops()[0] if backend == "triton" else torch.ops.fastattn.attention_varlen_fwd
-        out, lse = fwd(*(_last_dim_contiguous(t) for t in (q, k, v)), *args)
+        out, lse = differentiable(fwd)(*(_last_dim_contiguous(t) for t in (q, k, v)), *args)
     return (out, lse.detach()) if return_lse else out
 
 
@@ -388,7 +388,7 @@ def _make_varlen_backward(bwd_op_name: str) -> Callable:
     return backward
 
 
-torch.library.register_autograd(
+register_autograd(
     "fastattn::attention_varlen_fwd",
     _make_varlen_backward("attention_varlen_bwd"),
     setup_context=_varlen_setup_context,
