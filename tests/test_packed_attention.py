@@ -328,6 +328,28 @@ def test_kv_cache_bf16_decode():
         assert_close_to_reference(out[b : b + 1], ref, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("grad_input", ["q", "k_new"])
+def test_kv_cache_backward_raises_instead_of_dropping_gradients(backend, grad_input):
+    # Without an autograd kernel torch's fallback warned and left q.grad None: a silent zero.
+    require(backend)
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, _, _ = make_cache("contiguous", 2, 2, 8, 8, 16, 16, torch.float32, gen)
+    q, k_new, v_new = randn(2, 2, 1, 8), randn(2, 2, 1, 8), randn(2, 2, 1, 8)
+    {"q": q, "k_new": k_new}[grad_input].requires_grad_()
+    seqlens = torch.tensor([3, 9], dtype=torch.int32)
+    with fastattn.use_backend(backend):
+        out = fastattn.attention_with_kv_cache(q, k_cache, v_cache, seqlens, k_new, v_new)
+        with torch.no_grad():
+            # The new rows are in the caches now: attend over them without appending again.
+            expected = fastattn.attention_with_kv_cache(q, k_cache, v_cache, seqlens + 1)
+    assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="attention_with_kv_cache is not differentiable"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not fastattn.attention_with_kv_cache(q, k_cache, v_cache, seqlens).requires_grad
+
+
 BAD_KV_CALLS = [
     # (changes to a good call, message); the bad value sits in the LAST sequence, so that an
     # implementation appending sequence by sequence would already have written the others.

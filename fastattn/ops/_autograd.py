@@ -113,3 +113,20 @@ def differentiable(op: Callable) -> Callable:
     if torch._C._are_functorch_transforms_active():
         return _TRANSFORMABLE[op._qualified_op_name].apply
     return op
+
+
+def not_differentiable(fn: str, results: tuple, inputs: tuple) -> tuple:
+    """``results`` of the non-differentiable ``fn``, computed without a graph, recorded on a node
+    that raises a clear RuntimeError when a backward reaches it, wherever one of ``inputs``
+    requires grad with grad mode on (else ``results`` as they are). Without it, torch's fallback
+    for an op with no autograd kernel warns and silently returns no gradient."""
+    if not torch.is_grad_enabled():
+        return results
+    anchors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not anchors:
+        return results
+    message = (
+        f"fastattn.{fn} is not differentiable (a decoding op): no gradient flows to its inputs; "
+        "call it under torch.no_grad() or on detached tensors"
+    )
+    return _RaiseOnBackward.apply(message, len(results), *results, *anchors)

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 
 from fastattn.ops import backends, reference
-from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
+from fastattn.ops._autograd import (
+    differentiable,
+    first_order_only,
+    not_differentiable,
+    register_autograd,
+)
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
 from fastattn.ops.attention import (
     AttentionOptions,
@@ -245,7 +250,7 @@ def attention_with_kv_cache(
     Options as fastattn.attention's (no dropout, no attn_mask); causal masks align
     bottom-right by default (the queries are each sequence's last positions). Returns out
     [B, Hq, Lq, Ev] in q's dtype and, with return_lse, lse float32 [B, Hq, Lq]. Not
-    differentiable.
+    differentiable: a backward that reaches its outputs raises RuntimeError.
 
     Value checks: cache_seqlens + L_new within the capacity, cache_batch_idx and the used
     block_table entries within the cache are checked at the cost of one host sync per call,
@@ -334,11 +339,14 @@ def attention_with_kv_cache(
     backend = _choose_backend(fn, q.device, q.dtype, E, Ev, *_grid_extent(B, Hq))
     args = (cache_seqlens, k_new, v_new, block_table, cache_batch_idx, alibi,
             *_scalar_options(opts))
-    if backend == "reference" or 0 in (Hq, E, Ev):
-        out, lse = reference.attention_kv_cache_reference(q, k_cache, v_cache, *args)
-    else:
-        op = _triton_ops()[1] if backend == "triton" else torch.ops.fastattn.attention_kv_cache_fwd
-        out, lse = op(_last_dim_contiguous(q), k_cache, v_cache, *args)
+    with torch.no_grad():
+        if backend == "reference" or 0 in (Hq, E, Ev):
+            out, lse = reference.attention_kv_cache_reference(q, k_cache, v_cache, *args)
+        else:
+            op = torch.ops.fastattn.attention_kv_cache_fwd
+            op = _triton_ops()[1] if backend == "triton" else op
+            out, lse = op(_last_dim_contiguous(q), k_cache, v_cache, *args)
+    out, lse = not_differentiable(fn, (out, lse), (q, k_cache, v_cache, k_new, v_new, alibi_slopes))
     return (out, lse) if return_lse else out
 
 
