@@ -306,6 +306,39 @@ def test_outputs_fully_written(dtype):
         assert not t.isnan().any()
 
 
+def vm_flags_at(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+    holds = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and not head.endswith(":"):  # a mapping's first line: lo-hi ...
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                holds = lo <= address < hi
+            elif holds and head == "VmFlags:":
+                return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="needs Linux transparent huge pages (madvise is a no-op elsewhere)")
+def test_large_results_are_advised_huge_pages():
+    """Results of >= 4 MiB (out of the forward, dq / dk / dv of the backward) are advised
+    MADV_HUGEPAGE (VmFlags 'hg') on their whole 2 MiB pages before the kernels write them: their
+    fresh pages then fault in 2 MiB at a time. 4096 sequences of one token keep it cheap."""
+    T, H, E, huge = 4096, 8, 64, 2 << 20  # 8 MiB per float32 [T, H, E] result
+    q, k, v, grad_out = (torch.randn(T, H, E) for _ in range(4))
+    cu = torch.arange(T + 1, dtype=torch.int32)
+    args = (cu, cu, 1, 1, None, 0.0, None, E**-0.5, -1, -1, False, 0.0)
+    out, lse = torch.ops.fastattn.attention_varlen_fwd(q, k, v, *args)
+    grads = torch.ops.fastattn.attention_varlen_bwd(grad_out, q, k, v, out, lse, *args)
+    for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+        whole_pages_begin = -(-t.data_ptr() // huge) * huge
+        whole_pages_end = (t.data_ptr() + t.nbytes) // huge * huge
+        for address in (whole_pages_begin, whole_pages_end - 1):
+            assert "hg" in vm_flags_at(address), f"{name} at {address:#x} was not advised"
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux reports them (empty elsewhere)."""
     try:

@@ -118,31 +118,41 @@ inline int64_t visible_extent(int64_t i, int64_t rows, int64_t diag, int64_t n, 
   return std::min(n, round_up(std::max<int64_t>(i + rows - 1 + diag, 0), step));
 }
 
+// The first reduction step that rows [i, i + rows) need when row i needs only the steps
+// p > i - from_diag (see kAllVisible; kAllVisible: all).
+inline int64_t first_visible_step(int64_t i, int64_t from_diag) {
+  if (from_diag >= kAllVisible) return 0;
+  return std::max<int64_t>(i - from_diag + 1, 0);
+}
+
 template <typename T, bool A_ROW_MAJOR>
 void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b,
-                 int64_t ldb, T* c, int64_t ldc, int64_t col_diag, int64_t k_diag) {
+                 int64_t ldb, T* c, int64_t ldc, int64_t col_diag, int64_t k_diag,
+                 int64_t k_from_diag) {
   const int64_t row_step = A_ROW_MAJOR ? lda : 1;
+  const int64_t k_step = A_ROW_MAJOR ? 1 : lda;
   for_row_blocks<kGemmRows>(m, [&](int64_t i, auto rows) {
     constexpr int R = decltype(rows)::value;
     const int64_t n_rows = visible_extent(i, R, col_diag, n, 2 * Vectorized<T>::size());
-    const int64_t k_rows = visible_extent(i, R, k_diag, kdim, 1);
-    if (n_rows == 0 || k_rows == 0) return;
-    gemm_rows<T, R, A_ROW_MAJOR>(n_rows, k_rows, a + i * row_step, lda, b, ldb, c + i * ldc,
-                                 ldc);
+    const int64_t k_end = visible_extent(i, R, k_diag, kdim, 1);
+    const int64_t k_begin = first_visible_step(i, k_from_diag);
+    if (n_rows == 0 || k_end <= k_begin) return;
+    gemm_rows<T, R, A_ROW_MAJOR>(n_rows, k_end - k_begin, a + i * row_step + k_begin * k_step,
+                                 lda, b + k_begin * ldb, ldb, c + i * ldc, ldc);
   });
 }
 
 // C[m, n] += A[m, kdim] * B[kdim, n]; A is read through (row, col) strides, one of which is 1.
-// Row i needs only columns j < i + col_diag and reduction steps p < i + k_diag (see
-// kAllVisible); the rest of C may be left as it was.
+// Row i needs only columns j < i + col_diag and reduction steps i - k_from_diag < p <
+// i + k_diag (see kAllVisible); the rest of C may be left as it was.
 template <typename T>
 void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
           const T* b, int64_t ldb, T* c, int64_t ldc, int64_t col_diag = kAllVisible,
-          int64_t k_diag = kAllVisible) {
+          int64_t k_diag = kAllVisible, int64_t k_from_diag = kAllVisible) {
   if (a_cs == 1) {
-    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc, col_diag, k_diag);
+    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc, col_diag, k_diag, k_from_diag);
   } else {
-    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc, col_diag, k_diag);
+    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc, col_diag, k_diag, k_from_diag);
   }
 }
 
@@ -388,15 +398,18 @@ struct FmaProducts {
       gemm<acc_t>(m, pr.n_pad, pr.p.v_head_dim, dob.data(), pr.ev_pad, 1, vt.data(), pr.n_pad,
                   dp, pr.n_pad, diag);
     }
-    // dv [n, ev_pad] += P^T dO for the probabilities p [m, n_pad] (kept).
-    void dv(const Problem& pr, int64_t m, int64_t n, const acc_t* p, acc_t* dv) {
-      gemm<acc_t>(n, pr.ev_pad, m, p, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad);
+    // dv [n, ev_pad] += P^T dO for the probabilities p [m, n_pad] (kept; p[i, j] = 0 for
+    // j >= i + diag, so key j needs only the rows i > j - diag).
+    void dv(const Problem& pr, int64_t m, int64_t n, const acc_t* p, acc_t* dv, int64_t diag) {
+      gemm<acc_t>(n, pr.ev_pad, m, p, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad,
+                  kAllVisible, kAllVisible, diag);
     }
     // dk [n, e_pad] += scale dS^T Q and dq [m, e_pad] += dS K (unscaled) for the score
     // gradient ds [m, n_pad] (may be overwritten; ds[i, j] = 0 for j >= i + diag).
     void dk_dq(const Problem& pr, int64_t m, int64_t n, acc_t* ds, acc_t* dk, acc_t* dq,
                int64_t diag) {
-      gemm<acc_t>(n, pr.e_pad, m, ds, 1, pr.n_pad, qs.data(), pr.e_pad, dk, pr.e_pad);
+      gemm<acc_t>(n, pr.e_pad, m, ds, 1, pr.n_pad, qs.data(), pr.e_pad, dk, pr.e_pad,
+                  kAllVisible, kAllVisible, diag);
       gemm<acc_t>(m, pr.e_pad, n, ds, pr.n_pad, 1, kb.data(), pr.e_pad, dq, pr.e_pad,
                   kAllVisible, diag);
     }
@@ -664,8 +677,8 @@ struct TileProducts<c10::BFloat16, float> {
       dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(dob.data()), pr.ev_pad, 1,
                  pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f, diag);
     }
-    void dv(const Problem& pr, int64_t m, int64_t n, const float* p, float* dv) {
-      if (!on()) return Fma::Backward::dv(pr, m, n, p, dv);
+    void dv(const Problem& pr, int64_t m, int64_t n, const float* p, float* dv, int64_t diag) {
+      if (!on()) return Fma::Backward::dv(pr, m, n, p, dv, diag);
       pack_row_pairs(p, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
       dot<true>(n, pr.ev_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
                 pairs(dout_rows.data()), pr.ev_pad, dv, pr.ev_pad, 1.f);
@@ -1150,7 +1163,7 @@ struct BackwardTile {
           apply_dropout(pr, sq, h, q0, m, k0, n, dp.data(), ld);
           p_used = pz.data();
         }
-        operands.dv(pr, m, n, p_used, dv.data());  // with dropout: (P o Z)^T dO
+        operands.dv(pr, m, n, p_used, dv.data(), diag);  // with dropout: (P o Z)^T dO
         // dp becomes dS = P o (dP - delta): the gradient of the final scores.
         for (int64_t i = 0; i < m; ++i) {
           const acc_t d = delta[pr.row_index(sq, h, q0 + i)];
@@ -1231,24 +1244,44 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     });
   }
 
-  // delta by row index = rowsum(dO o O)
+  // delta by row index = rowsum(dO o O). Varlen reads out and grad_out [total_q, Hq, Ev] in
+  // memory order, token by token: head by head, a head's rows lie a token apart, a stride the
+  // hardware prefetchers did not follow (issue 16's case, 1 thread: fwd+bwd 167 -> 158 ms).
   std::vector<acc_t> delta(rows);
-  at::parallel_for(0, q_items, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      Sequence sq;
-      int64_t h, q0;
-      const int64_t m = q_tile(it, sq, h, q0);
-      for (int64_t i = 0; i < m; ++i) {
-        const auto* o =
-            pr.q_side_row(static_cast<const scalar_t*>(p.out), p.out_stride, sq, h, q0 + i);
-        const auto* d = pr.q_side_row(static_cast<const scalar_t*>(bp.grad_out),
-                                      bp.grad_out_stride, sq, h, q0 + i);
-        acc_t sum = 0;
-        for (int64_t e = 0; e < Ev; ++e) sum += static_cast<acc_t>(o[e]) * static_cast<acc_t>(d[e]);
-        delta[pr.row_index(sq, h, q0 + i)] = sum;
+  auto row_delta = [&](const scalar_t* o, const scalar_t* d) {
+    acc_t sum = 0;
+    for (int64_t e = 0; e < Ev; ++e) sum += static_cast<acc_t>(o[e]) * static_cast<acc_t>(d[e]);
+    return sum;
+  };
+  if (pr.varlen()) {
+    const int64_t total = p.cu_seqlens_q[p.batch];
+    const auto* o = static_cast<const scalar_t*>(p.out);
+    const auto* d = static_cast<const scalar_t*>(bp.grad_out);
+    at::parallel_for(0, total, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t h = 0; h < p.q_heads; ++h) {
+          delta[h * total + t] =
+              row_delta(o + h * p.out_stride[1] + t * p.out_stride[2],
+                        d + h * bp.grad_out_stride[1] + t * bp.grad_out_stride[2]);
+        }
       }
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, q_items, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t it = begin; it < end; ++it) {
+        Sequence sq;
+        int64_t h, q0;
+        const int64_t m = q_tile(it, sq, h, q0);
+        for (int64_t i = 0; i < m; ++i) {
+          const auto* o =
+              pr.q_side_row(static_cast<const scalar_t*>(p.out), p.out_stride, sq, h, q0 + i);
+          const auto* d = pr.q_side_row(static_cast<const scalar_t*>(bp.grad_out),
+                                        bp.grad_out_stride, sq, h, q0 + i);
+          delta[pr.row_index(sq, h, q0 + i)] = row_delta(o, d);
+        }
+      }
+    });
+  }
 
   const int64_t n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t kv_heads = p.batch * p.kv_heads;
