@@ -146,7 +146,7 @@ def _fwd_op(backend: str, needs_grad: bool) -> Callable:
     # Traced calls and calls under torch.func transforms go through the op's registered autograd.
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return differentiable(torch.ops.fastattn.attention_fwd)
-    return _AttentionFunction.apply if needs_grad else _attention_fwd_eager
+    return _attention_with_grad if needs_grad else _attention_fwd_eager
 
 
 def _attention_normalized(
@@ -507,14 +507,24 @@ class _AttentionFunction(torch.autograd.Function):
     gradients: torch.library's autograd wrapper of the op costs ~45 us more per forward (its
     fill_defaults rebuilds the schema's argument list once per argument), a twentieth of an fp32
     L = 128 forward+backward on 2 cores. (forward takes ctx, with no setup_context staticmethod:
-    Function.apply would bind the arguments through inspect.signature on every call.) Traced
-    calls (torch.compile), calls under torch.func transforms (which refuse a Function without
-    setup_context) and direct op calls keep the op's registered autograd."""
+    Function.apply would bind the arguments through inspect.signature on every call. The options
+    come as one tuple: apply costs ~0.4 us per argument.) Traced calls (torch.compile), calls
+    under torch.func transforms (which refuse a Function without setup_context) and direct op
+    calls keep the op's registered autograd."""
 
     @staticmethod
-    def forward(ctx, *args):
+    def forward(ctx, q, k, v, attn_mask, alibi_slopes, options):
+        args = (q, k, v, attn_mask, alibi_slopes, *options)
         output = _attention_fwd_eager(*args)
         _setup_context(ctx, args, output)
         return output
 
-    backward = staticmethod(_attention_backward)
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        # The registered backward's gradients of q, k, v, attn_mask and alibi_slopes (its Nones
+        # for the options collapse into the one for the options tuple).
+        return (*_attention_backward(ctx, grad_out, grad_lse)[:5], None)
+
+
+def _attention_with_grad(q, k, v, attn_mask, alibi_slopes, *options):
+    return _AttentionFunction.apply(q, k, v, attn_mask, alibi_slopes, options)
