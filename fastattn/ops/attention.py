@@ -195,42 +195,45 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
             raise FastattnValueError(
                 f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}"
             )
+    device = q.device
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
             raise FastattnTypeError(
                 f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}"
             )
-        if t.device != q.device:
-            raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
-    if k.shape[-1] != q.shape[-1]:
+        if t.device != device:
+            raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {device}")
+    # The shapes fetched once: each .shape builds a torch.Size (this runs on every call).
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if ks[-1] != qs[-1]:
         raise FastattnValueError(
-            f"{fn}: key head dim {k.shape[-1]} must equal query head dim {q.shape[-1]} "
-            f"(query {tuple(q.shape)}, key {tuple(k.shape)})"
+            f"{fn}: key head dim {ks[-1]} must equal query head dim {qs[-1]} "
+            f"(query {tuple(qs)}, key {tuple(ks)})"
         )
-    if v.shape[-2] != k.shape[-2]:
+    if vs[-2] != ks[-2]:
         raise FastattnValueError(
-            f"{fn}: value length {v.shape[-2]} must equal key length {k.shape[-2]} "
-            f"(key {tuple(k.shape)}, value {tuple(v.shape)})"
+            f"{fn}: value length {vs[-2]} must equal key length {ks[-2]} "
+            f"(key {tuple(ks)}, value {tuple(vs)})"
         )
-    if k.shape[:-2] != v.shape[:-2]:
+    if ks[:-2] != vs[:-2]:
         raise FastattnValueError(
-            f"{fn}: key and value batch dims differ: {tuple(k.shape[:-2])} vs {tuple(v.shape[:-2])}"
+            f"{fn}: key and value batch dims differ: {tuple(ks[:-2])} vs {tuple(vs[:-2])}"
         )
-    if q.dim() != k.dim():
-        raise FastattnValueError(f"{fn}: query has {q.dim()} dims but key has {k.dim()}")
-    q_batch, k_batch = q.shape[:-2], k.shape[:-2]
-    if heads_dim_allowed_to_differ and q.dim() >= 3:
-        hq, hk = q.shape[-3], k.shape[-3]
+    if len(qs) != len(ks):
+        raise FastattnValueError(f"{fn}: query has {len(qs)} dims but key has {len(ks)}")
+    batch_dims = len(qs) - 2
+    if heads_dim_allowed_to_differ and batch_dims >= 1:
+        hq, hk = qs[-3], ks[-3]
         if hq % hk if hk else hq:  # no heads at all (hq = hk = 0) is an empty call
             raise FastattnValueError(
                 f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value "
                 f"heads ({hk})"
             )
-        q_batch, k_batch = q_batch[:-1], k_batch[:-1]
-    if q_batch != k_batch:
+        batch_dims -= 1
+    if qs[:batch_dims] != ks[:batch_dims]:
         raise FastattnValueError(
-            f"{fn}: query batch dims {tuple(q.shape[:-2])} do not match key/value batch dims "
-            f"{tuple(k.shape[:-2])}"
+            f"{fn}: query batch dims {tuple(qs[:-2])} do not match key/value batch dims "
+            f"{tuple(ks[:-2])}"
             + ("" if heads_dim_allowed_to_differ else " (set enable_gqa=True for grouped heads)")
         )
 
