@@ -53,14 +53,12 @@ class AttentionOptions:
     softcap: float = 0.0
 
     def op_args(self) -> tuple:
-        # Not dataclasses.astuple: that deep-copies rng_seed. (One attrgetter of the names,
-        # built once: dataclasses.fields, or a getattr per name, costs ~1 us per call, which
-        # short sequences notice.)
-        return _GET_OPTIONS(self)
+        # Not dataclasses.astuple: that deep-copies rng_seed. (The names are listed once:
+        # dataclasses.fields costs microseconds per call, which short sequences notice.)
+        return tuple(getattr(self, name) for name in _OPTION_NAMES)
 
 
 _OPTION_NAMES = tuple(f.name for f in fields(AttentionOptions))
-_GET_OPTIONS = operator.attrgetter(*_OPTION_NAMES)
 _NO_OPTION_GRADS = (None,) * len(_OPTION_NAMES)
 # Where rng_seed sits in the options as the ops take them (setup_context saves it as a tensor).
 _SEED_INDEX = _OPTION_NAMES.index("rng_seed")
