@@ -12,7 +12,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
@@ -60,6 +60,10 @@ class AttentionOptions:
 
 _OPTION_NAMES = tuple(f.name for f in fields(AttentionOptions))
 _NO_OPTION_GRADS = (None,) * len(_OPTION_NAMES)
+# Where rng_seed sits in the options as the ops take them (setup_context saves it as a tensor).
+_SEED_INDEX = _OPTION_NAMES.index("rng_seed")
+# The C++ op as its OpOverload: calling it skips the packet's overload resolution.
+_ATTENTION_FWD = torch.ops.fastattn.attention_fwd.default
 
 
 def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
@@ -127,13 +131,22 @@ def _grid_extent(batch, q_heads) -> tuple[int, int]:
     return int(batch), int(q_heads)
 
 
+def _attention_fwd_eager(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_fwd run below the Autograd dispatch key, as the op's registered autograd kernel
+    runs it when no graph is recorded, without that kernel's Python: torch.library's
+    autograd_impl scans the arguments, builds a dataclass and looks the schema up again on every
+    call (~6 us, a quarter of an L = 16 forward)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ATTENTION_FWD(*args)
+
+
 def _fwd_op(backend: str, needs_grad: bool) -> Callable:
     if backend == "triton":
         return differentiable(_triton_fwd_op())
-    if (needs_grad and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()):
-        return _AttentionFunction.apply
-    return differentiable(torch.ops.fastattn.attention_fwd)
+    # Traced calls and calls under torch.func transforms go through the op's registered autograd.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return differentiable(torch.ops.fastattn.attention_fwd)
+    return _attention_with_grad if needs_grad else _attention_fwd_eager
 
 
 def _attention_normalized(
@@ -155,7 +168,8 @@ def _attention_normalized(
     if backend == "reference" or _has_empty_dim(q, k, v):
         return reference.attention_reference(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
     # Kernels need unit stride on the last dim; everything else is read through strides.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, attn_mask)
     )
@@ -181,48 +195,53 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
             raise FastattnValueError(
                 f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}"
             )
+    device = q.device
     for name, t in (("key", k), ("value", v)):
         if t.dtype != q.dtype:
             raise FastattnTypeError(
                 f"{fn}: {name} dtype {t.dtype} does not match query dtype {q.dtype}"
             )
-        if t.device != q.device:
-            raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {q.device}")
-    if k.shape[-1] != q.shape[-1]:
+        if t.device != device:
+            raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {device}")
+    # The shapes fetched once: each .shape builds a torch.Size (this runs on every call).
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if ks[-1] != qs[-1]:
         raise FastattnValueError(
-            f"{fn}: key head dim {k.shape[-1]} must equal query head dim {q.shape[-1]} "
-            f"(query {tuple(q.shape)}, key {tuple(k.shape)})"
+            f"{fn}: key head dim {ks[-1]} must equal query head dim {qs[-1]} "
+            f"(query {tuple(qs)}, key {tuple(ks)})"
         )
-    if v.shape[-2] != k.shape[-2]:
+    if vs[-2] != ks[-2]:
         raise FastattnValueError(
-            f"{fn}: value length {v.shape[-2]} must equal key length {k.shape[-2]} "
-            f"(key {tuple(k.shape)}, value {tuple(v.shape)})"
+            f"{fn}: value length {vs[-2]} must equal key length {ks[-2]} "
+            f"(key {tuple(ks)}, value {tuple(vs)})"
         )
-    if k.shape[:-2] != v.shape[:-2]:
+    if ks[:-2] != vs[:-2]:
         raise FastattnValueError(
-            f"{fn}: key and value batch dims differ: {tuple(k.shape[:-2])} vs {tuple(v.shape[:-2])}"
+            f"{fn}: key and value batch dims differ: {tuple(ks[:-2])} vs {tuple(vs[:-2])}"
         )
-    if q.dim() != k.dim():
-        raise FastattnValueError(f"{fn}: query has {q.dim()} dims but key has {k.dim()}")
-    q_batch, k_batch = q.shape[:-2], k.shape[:-2]
-    if heads_dim_allowed_to_differ and q.dim() >= 3:
-        hq, hk = q.shape[-3], k.shape[-3]
+    if len(qs) != len(ks):
+        raise FastattnValueError(f"{fn}: query has {len(qs)} dims but key has {len(ks)}")
+    batch_dims = len(qs) - 2
+    if heads_dim_allowed_to_differ and batch_dims >= 1:
+        hq, hk = qs[-3], ks[-3]
         if hq % hk if hk else hq:  # no heads at all (hq = hk = 0) is an empty call
             raise FastattnValueError(
                 f"{fn}: with enable_gqa, query heads ({hq}) must be a multiple of key/value "
                 f"heads ({hk})"
             )
-        q_batch, k_batch = q_batch[:-1], k_batch[:-1]
-    if q_batch != k_batch:
+        batch_dims -= 1
+    if qs[:batch_dims] != ks[:batch_dims]:
         raise FastattnValueError(
-            f"{fn}: query batch dims {tuple(q.shape[:-2])} do not match key/value batch dims "
-            f"{tuple(k.shape[:-2])}"
+            f"{fn}: query batch dims {tuple(qs[:-2])} do not match key/value batch dims "
+            f"{tuple(ks[:-2])}"
             + ("" if heads_dim_allowed_to_differ else " (set enable_gqa=True for grouped heads)")
         )
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(..., H, N, D) -> [B, H, N, D] without copying when the strides allow."""
+    if t.dim() == 4:
+        return t
     if t.dim() == 2:
         return t.unsqueeze(0).unsqueeze(0)
     if t.dim() == 3:
@@ -313,7 +332,7 @@ def scaled_dot_product_attention(
         bottom_right=bottom_right,
     )
     out, _ = _attention_normalized(_as_4d(query), _as_4d(key), _as_4d(value), mask, None, opts, fn)
-    return out.reshape(*query.shape[:-1], value.shape[-1])
+    return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
 
 
 def attention(
@@ -455,24 +474,25 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, *o
 
 def _setup_context(ctx, inputs, output):
     q, k, v, attn_mask, alibi_slopes, *options = inputs
-    opts = AttentionOptions(*options)
     out, lse = output
-    # The seed is a tensor: saved as one, not kept on ctx.
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, opts.rng_seed)
-    ctx.options = replace(opts, rng_seed=None)
+    # The seed is a tensor: saved as one, not kept on ctx. The options stay the op's arguments
+    # (an AttentionOptions rebuilt here and in backward costs microseconds per call).
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, alibi_slopes, options[_SEED_INDEX])
+    ctx.options_before_seed = tuple(options[:_SEED_INDEX])
+    ctx.options_after_seed = tuple(options[_SEED_INDEX + 1:])
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
 
 
 def _make_backward(bwd_op_name: str) -> Callable:
+    bwd_op = getattr(torch.ops.fastattn, bwd_op_name).default
+
     @first_order_only(f"fastattn::{bwd_op_name.replace('_bwd', '_fwd')}")
     def backward(ctx, grad_out, grad_lse):
         # lse is an auxiliary output (returned detached by the public API).
         q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed = ctx.saved_tensors
-        opts = replace(ctx.options, rng_seed=rng_seed)
-        bwd_op = getattr(torch.ops.fastattn, bwd_op_name)
         dq, dk, dv, dmask = bwd_op(
-            grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes, *opts.op_args(),
-            ctx.mask_grad,
+            grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes,
+            *ctx.options_before_seed, rng_seed, *ctx.options_after_seed, ctx.mask_grad,
         )
         dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
         # No gradient for alibi_slopes nor for the options.
@@ -490,14 +510,24 @@ class _AttentionFunction(torch.autograd.Function):
     gradients: torch.library's autograd wrapper of the op costs ~45 us more per forward (its
     fill_defaults rebuilds the schema's argument list once per argument), a twentieth of an fp32
     L = 128 forward+backward on 2 cores. (forward takes ctx, with no setup_context staticmethod:
-    Function.apply would bind the arguments through inspect.signature on every call.) Traced
-    calls (torch.compile), calls under torch.func transforms (which refuse a Function without
-    setup_context) and direct op calls keep the op's registered autograd."""
+    Function.apply would bind the arguments through inspect.signature on every call. The options
+    come as one tuple: apply costs ~0.4 us per argument.) Traced calls (torch.compile), calls
+    under torch.func transforms (which refuse a Function without setup_context) and direct op
+    calls keep the op's registered autograd."""
 
     @staticmethod
-    def forward(ctx, *args):
-        output = torch.ops.fastattn.attention_fwd(*args)
+    def forward(ctx, q, k, v, attn_mask, alibi_slopes, options):
+        args = (q, k, v, attn_mask, alibi_slopes, *options)
+        output = _attention_fwd_eager(*args)
         _setup_context(ctx, args, output)
         return output
 
-    backward = staticmethod(_attention_backward)
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        # The registered backward's gradients of q, k, v, attn_mask and alibi_slopes (its Nones
+        # for the options collapse into the one for the options tuple).
+        return (*_attention_backward(ctx, grad_out, grad_lse)[:5], None)
+
+
+def _attention_with_grad(q, k, v, attn_mask, alibi_slopes, *options):
+    return _AttentionFunction.apply(q, k, v, attn_mask, alibi_slopes, options)

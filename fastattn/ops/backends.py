@@ -68,6 +68,11 @@ class BackendStatus:
         return f"BackendStatus({state}{': ' + self.reason if self.reason else ''})"
 
 
+# Shared (frozen): _status runs on every call of every op, and building a dataclass there costs
+# as much as the rest of the choice.
+_USABLE = BackendStatus(True, True, "")
+
+
 @functools.cache
 def _triton_importable() -> str:
     if importlib.util.find_spec("triton") is None:
@@ -80,13 +85,13 @@ def _triton_importable() -> str:
 def _status(name: str) -> BackendStatus:
     C = _extension.C
     if name == "reference":
-        return BackendStatus(True, True, "")
+        return _USABLE
     if name == "cpu":
         if C is None:
             return BackendStatus(
                 False, False, f"fastattn._C is not loaded ({_extension.LOAD_ERROR})"
             )
-        return BackendStatus(True, True, "")
+        return _USABLE
     if name == "cuda":
         if C is None:
             return BackendStatus(
@@ -96,7 +101,7 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(False, False, "fastattn._C was built without CUDA kernels")
         if not torch.cuda.is_available():
             return BackendStatus(True, False, "no CUDA device is available")
-        return BackendStatus(True, True, "")
+        return _USABLE
     if name == "triton":
         why = _triton_importable()
         if why:
@@ -105,7 +110,7 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(
                 True, False, "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
             )
-        return BackendStatus(True, True, "")
+        return _USABLE
     raise FastattnValueError(
         f"unknown fastattn backend {name!r}; valid names: {', '.join(_CHOICES)}"
     )
