@@ -1,7 +1,7 @@
 // FlashAttention-style attention forward and backward on the CPU, compiled once per x86 ISA.
 //
-// Tiles of kBlockM query rows meet tiles of kBlockN keys; the L x S score matrix never exists
-// (a thread holds O((kBlockM + kBlockN) * E) floats). Tile products use a register-blocked
+// Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward) or kBlockN (backward) keys;
+// the L x S score matrix never exists (a thread holds O((kBlockM + kForwardBlockN) * E) floats). Tile products use a register-blocked
 // at::vec FMA micro-kernel (gemm below) on operands packed once per tile into float (double
 // for float64) buffers whose widths are padded to whole register pairs; the avx512 build's
 // bf16 forward and backward use AVX512-BF16 dot products instead where the CPU has them, and
@@ -44,7 +44,11 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kBlockM = 64;  // query rows per tile
-constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr int64_t kBlockN = 64;  // keys per tile of the backward
+// Keys per tile of the forward: twice the backward's halves the per-row steps of its online
+// softmax per key (the row max and sum reductions, the rescale of O), which made the fp32
+// forward 2-4% faster at L = S = 1024-4096 (Zen 4 avx512, one thread, thread CPU time).
+constexpr int64_t kForwardBlockN = 128;
 constexpr int kGemmRows = 6;     // rows of the micro-kernel's register tile (x 2 vectors)
 
 template <typename T>
@@ -55,12 +59,14 @@ constexpr int64_t pad_cols() {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// C[ROWS, n] += A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR) or column-major
-// with leading dim lda, so a transposed operand costs nothing and the broadcast addresses
-// advance by one constant step; B is row-major (leading dim ldb); n is a multiple of two
-// vectors (every buffer's width is padded).
-template <typename T, int ROWS, bool A_ROW_MAJOR>
-void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+// C[ROWS, n] (ACCUMULATE ? += : =) A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR)
+// or column-major with leading dim lda, so a transposed operand costs nothing and the
+// broadcast addresses advance by one constant step; B is row-major (leading dim ldb); n is a
+// multiple of two vectors (every buffer's width is padded). Out of line: GCC inlined the
+// forward's QK^T instance (its only caller) into the tile loop, where it ran the fp32 forward
+// ~5% slower (Zen 4, one thread).
+template <typename T, int ROWS, bool A_ROW_MAJOR, bool ACCUMULATE>
+__attribute__((noinline)) void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
                int64_t ldc) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
@@ -68,8 +74,8 @@ void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int
     Vec acc0[ROWS], acc1[ROWS];
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      acc0[r] = Vec::loadu(c + r * ldc + j);
-      acc1[r] = Vec::loadu(c + r * ldc + j + W);
+      acc0[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j) : Vec(T(0));
+      acc1[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j + W) : Vec(T(0));
     }
     const T* bp = b + j;
     const T* ap = a;
@@ -118,7 +124,7 @@ inline int64_t visible_extent(int64_t i, int64_t rows, int64_t diag, int64_t n, 
   return std::min(n, round_up(std::max<int64_t>(i + rows - 1 + diag, 0), step));
 }
 
-template <typename T, bool A_ROW_MAJOR>
+template <typename T, bool A_ROW_MAJOR, bool ACCUMULATE>
 void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b,
                  int64_t ldb, T* c, int64_t ldc, int64_t col_diag, int64_t k_diag) {
   const int64_t row_step = A_ROW_MAJOR ? lda : 1;
@@ -127,22 +133,22 @@ void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, co
     const int64_t n_rows = visible_extent(i, R, col_diag, n, 2 * Vectorized<T>::size());
     const int64_t k_rows = visible_extent(i, R, k_diag, kdim, 1);
     if (n_rows == 0 || k_rows == 0) return;
-    gemm_rows<T, R, A_ROW_MAJOR>(n_rows, k_rows, a + i * row_step, lda, b, ldb, c + i * ldc,
+    gemm_rows<T, R, A_ROW_MAJOR, ACCUMULATE>(n_rows, k_rows, a + i * row_step, lda, b, ldb, c + i * ldc,
                                  ldc);
   });
 }
 
-// C[m, n] += A[m, kdim] * B[kdim, n]; A is read through (row, col) strides, one of which is 1.
-// Row i needs only columns j < i + col_diag and reduction steps p < i + k_diag (see
-// kAllVisible); the rest of C may be left as it was.
-template <typename T>
+// C[m, n] (ACCUMULATE ? += : =) A[m, kdim] * B[kdim, n]; A is read through (row, col) strides,
+// one of which is 1. Row i needs only columns j < i + col_diag and reduction steps
+// p < i + k_diag (see kAllVisible); the rest of C may be left as it was.
+template <typename T, bool ACCUMULATE = true>
 void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
           const T* b, int64_t ldb, T* c, int64_t ldc, int64_t col_diag = kAllVisible,
           int64_t k_diag = kAllVisible) {
   if (a_cs == 1) {
-    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc, col_diag, k_diag);
+    gemm_layout<T, true, ACCUMULATE>(m, n, kdim, a, a_rs, b, ldb, c, ldc, col_diag, k_diag);
   } else {
-    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc, col_diag, k_diag);
+    gemm_layout<T, false, ACCUMULATE>(m, n, kdim, a, a_cs, b, ldb, c, ldc, col_diag, k_diag);
   }
 }
 
@@ -262,8 +268,7 @@ struct Sequence {
 struct Problem {
   const AttentionParams& p;
   int64_t group;    // query heads per kv head
-  int64_t block_n;  // keys per tile: kBlockN, or a divisor of the page size so that the keys
-                    // of a tile are rows of one page, read with the page's row stride
+  int64_t block_n;  // keys per tile (key_tile_width)
   int64_t e_pad, ev_pad, n_pad;
 
   bool varlen() const { return p.cu_seqlens_q != nullptr; }
@@ -339,7 +344,7 @@ struct FmaProducts {
   static void pack_q(const Problem& pr, const scalar_t* q, int64_t q_rs, int64_t m, acc_t* qs) {
     pack_rows(q, q_rs, m, pr.p.head_dim, static_cast<acc_t>(pr.p.scale), qs, pr.e_pad);
   }
-  // kt [E, n_pad] = k^T and vb [kBlockN, ev_pad] = v of n keys.
+  // kt [E, n_pad] = k^T and vb [block_n, ev_pad] = v of n keys.
   static void pack_kv(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
                       int64_t v_rs, int64_t n, acc_t* kt, acc_t* vb) {
     pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad);
@@ -347,11 +352,11 @@ struct FmaProducts {
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
   static void release() {}
-  // s [m, n_pad] += qs kt (s holds zeros) for the columns of n keys that row i sees
-  // (j < i + diag, kAllVisible); the other columns of s may stay 0.
+  // s [m, n_pad] = qs kt for the columns of n keys that row i sees (j < i + diag,
+  // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
                  acc_t* s, int64_t diag) {
-    gemm<acc_t>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad,
+    gemm<acc_t, false>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad,
                 s, pr.n_pad, diag);
   }
   // o [m, ev_pad] += p [m, n] vb, where p[i, j] = 0 for j >= i + diag; p (in s) may be
@@ -696,7 +701,10 @@ struct Scores {
                       const scalar_t* k_rows, int64_t k_rs, acc_t* s, acc_t* tanh_out) {
     const AttentionParams& p = pr.p;
     const int64_t ld = pr.n_pad;
-    std::fill(s, s + m * ld, acc_t(0));
+    // qk writes the columns that a row may see; the others become -inf below. Only the softcap
+    // reads them before (its tanh values of masked columns reach the backward's dS), so only
+    // then are they zeroed first.
+    if (p.softcap > 0) std::fill(s, s + m * ld, acc_t(0));
     if (kt != nullptr) {
       Products::qk(pr, m, n, qs, kt, s, pr.visible_diag(sq, q0, k0));
     } else {
@@ -960,23 +968,24 @@ std::vector<int64_t> sequences_by_cost(const Problem& pr) {
   return order;
 }
 
-// The largest divisor of the page size up to kBlockN when paged; else kBlockN, or fewer when
-// every sequence has fewer keys: the keys rounded up to whole register pairs, so that the
-// products and the softmax of a short sequence skip the padding (at L = S = 16 they computed
-// 64 columns for 16 keys).
+// Keys per tile of a pass whose tiles hold at most max_width keys: the largest divisor of the
+// page size up to max_width when paged (so that the keys of a tile are rows of one page, read
+// with the page's row stride); else max_width, or fewer when every sequence has fewer keys:
+// the keys rounded up to whole register pairs, so that the products and the softmax of a short
+// sequence skip the padding (at L = S = 16 they computed 64 columns for 16 keys).
 template <typename acc_t>
-int64_t key_tile_width(const AttentionParams& p) {
+int64_t key_tile_width(const AttentionParams& p, int64_t max_width) {
   if (p.block_table == nullptr) {
-    return std::min(kBlockN, round_up(std::max<int64_t>(p.kv_len, 1), pad_cols<acc_t>()));
+    return std::min(max_width, round_up(std::max<int64_t>(p.kv_len, 1), pad_cols<acc_t>()));
   }
-  int64_t width = std::min(kBlockN, p.block_size);
+  int64_t width = std::min(max_width, p.block_size);
   while (p.block_size % width != 0) --width;
   return width;
 }
 
 template <typename acc_t>
-Problem make_problem(const AttentionParams& p) {
-  const int64_t block_n = key_tile_width<acc_t>(p);
+Problem make_problem(const AttentionParams& p, int64_t max_block_n) {
+  const int64_t block_n = key_tile_width<acc_t>(p, max_block_n);
   return Problem{p,
                  p.q_heads / p.kv_heads,
                  block_n,
@@ -988,7 +997,7 @@ Problem make_problem(const AttentionParams& p) {
 template <typename scalar_t>
 void attention_fwd_typed(const AttentionParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Problem pr = make_problem<acc_t>(p);
+  const Problem pr = make_problem<acc_t>(p, kForwardBlockN);
   // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
   const int64_t n_qb = ceil_div(p.q_len, kBlockM), n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
@@ -1189,7 +1198,7 @@ template <typename scalar_t>
 void attention_bwd_typed(const AttentionBwdParams& bp) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const AttentionParams& p = bp;
-  const Problem pr = make_problem<acc_t>(p);
+  const Problem pr = make_problem<acc_t>(p, kBlockN);
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
   // The query rows' row indices are 0 .. rows - 1 (attention_params.h); dq/dk/dv are
   // contiguous, so their sizes follow from the row counts.
