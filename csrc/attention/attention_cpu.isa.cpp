@@ -1,16 +1,17 @@
 // FlashAttention-style attention forward and backward on the CPU, compiled once per x86 ISA.
 //
 // Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward) or kBlockN (backward) keys;
-// the L x S score matrix never exists (a thread holds O((kBlockM + kForwardBlockN) * E) floats). Tile products use a register-blocked
-// at::vec FMA micro-kernel (gemm below) on operands packed once per tile into float (double
-// for float64) buffers whose widths are padded to whole register pairs; the avx512 build's
-// bf16 forward and backward use AVX512-BF16 dot products instead where the CPU has them, and
-// the forward's QK^T and PV go to ATen's oneDNN brgemm on the same operands where the CPU has
-// AMX-BF16 (TileProducts). The forward keeps an online softmax and writes the log-sum-exp; the
-// backward recomputes the probabilities from it with the same packing and the same products,
-// so P is bit-identical to the forward's even for huge logits (except a single query row under
-// the bf16 dot products, which the forward scores in fp32: there the scores agree to fp32
-// rounding, a relative error of ~1e-7 times the logit's size in P).
+// the L x S score matrix never exists (a thread holds O((kBlockM + kForwardBlockN) * E)
+// floats). Tile products use a register-blocked at::vec FMA micro-kernel (gemm below) on
+// operands packed once per tile into float (double for float64) buffers whose widths are
+// padded to whole register pairs; the avx512 build's bf16 forward and backward use AVX512-BF16
+// dot products instead where the CPU has them, and the forward's QK^T and PV go to ATen's
+// oneDNN brgemm on the same operands where the CPU has AMX-BF16 (TileProducts). The forward
+// keeps an online softmax and writes the log-sum-exp; the backward recomputes the
+// probabilities from it with the same packing and the same products, so P is bit-identical to
+// the forward's even for huge logits (except a single query row under the bf16 dot products,
+// which the forward scores in fp32: there the scores agree to fp32 rounding, a relative error
+// of ~1e-7 times the logit's size in P).
 // The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
 // its row addressing know the layout (attention_params.h).
 #include <ATen/Parallel.h>
@@ -45,10 +46,15 @@ using at::vec::Vectorized;
 
 constexpr int64_t kBlockM = 64;  // query rows per tile
 constexpr int64_t kBlockN = 64;  // keys per tile of the backward
-// Keys per tile of the forward: twice the backward's halves the per-row steps of its online
-// softmax per key (the row max and sum reductions, the rescale of O), which made the fp32
-// forward 2-4% faster at L = S = 1024-4096 (Zen 4 avx512, one thread, thread CPU time).
+// Keys per tile of the forward. On avx512, twice the backward's: that halves the per-row steps
+// of the online softmax per key (the row max and sum reductions, the rescale of O) and made the
+// forward 2-4% faster in fp32 and 6-8% in bf16 at L = S = 1024-4096 (Zen 4, one thread, thread
+// CPU time). The avx2 build ran 1-4% slower with 128 keys than with 64 on the same CPU.
+#ifdef CPU_CAPABILITY_AVX512
 constexpr int64_t kForwardBlockN = 128;
+#else
+constexpr int64_t kForwardBlockN = 64;
+#endif
 constexpr int kGemmRows = 6;     // rows of the micro-kernel's register tile (x 2 vectors)
 
 template <typename T>
@@ -66,8 +72,8 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 // forward's QK^T instance (its only caller) into the tile loop, where it ran the fp32 forward
 // ~5% slower (Zen 4, one thread).
 template <typename T, int ROWS, bool A_ROW_MAJOR, bool ACCUMULATE>
-__attribute__((noinline)) void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-               int64_t ldc) {
+__attribute__((noinline)) void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda,
+                                         const T* b, int64_t ldb, T* c, int64_t ldc) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   for (int64_t j = 0; j < n; j += 2 * W) {
@@ -133,8 +139,8 @@ void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, co
     const int64_t n_rows = visible_extent(i, R, col_diag, n, 2 * Vectorized<T>::size());
     const int64_t k_rows = visible_extent(i, R, k_diag, kdim, 1);
     if (n_rows == 0 || k_rows == 0) return;
-    gemm_rows<T, R, A_ROW_MAJOR, ACCUMULATE>(n_rows, k_rows, a + i * row_step, lda, b, ldb, c + i * ldc,
-                                 ldc);
+    gemm_rows<T, R, A_ROW_MAJOR, ACCUMULATE>(n_rows, k_rows, a + i * row_step, lda, b, ldb,
+                                             c + i * ldc, ldc);
   });
 }
 
@@ -356,8 +362,8 @@ struct FmaProducts {
   // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
                  acc_t* s, int64_t diag) {
-    gemm<acc_t, false>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad,
-                s, pr.n_pad, diag);
+    gemm<acc_t, false>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt,
+                       pr.n_pad, s, pr.n_pad, diag);
   }
   // o [m, ev_pad] += p [m, n] vb, where p[i, j] = 0 for j >= i + diag; p (in s) may be
   // overwritten.
