@@ -122,6 +122,8 @@ SHAPES = [  # B, Hq, Hk, L, S, E, Ev
     pytest.param((1, 1, 1, 100, 100, 128, 128), id="L100-S100-E128"),
     pytest.param((2, 3, 1, 33, 1, 64, 40), id="L33-S1-gqa3"),
     pytest.param((2, 4, 4, 70, 130, 40, 24), id="many-kv-heads"),  # backward: threads own heads
+    # Key tiles and a 1-key tail: two of the avx512 forward's 128 keys, four of 64 elsewhere.
+    pytest.param((1, 4, 2, 130, 257, 64, 64), id="L130-S257-gqa"),
 ]
 
 
@@ -292,8 +294,10 @@ def test_empty_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
 def test_outputs_fully_written(dtype):
-    q, k, v = inputs(1, 3, 1, 70, 100, 40, 24, dtype)
-    opts = make_opts(window_left=3, window_right=2)  # most key tiles are skipped
+    # Most key tiles are skipped (no row sees a key past 72): all but the first of the avx512
+    # forward's 128-key tiles, all but the first two of the 64-key tiles elsewhere.
+    q, k, v = inputs(1, 3, 1, 70, 300, 40, 24, dtype)
+    opts = make_opts(window_left=3, window_right=2)
     grad_out = torch.randn(1, 3, 70, 24, dtype=dtype)
     poison_(torch.empty(1, 3, 70, 24, dtype=dtype))
     poison_(torch.empty(1, 3, 70))
@@ -437,8 +441,9 @@ def test_bf16_backward_non_contiguous_gqa():
     check(q, k, v, make_opts(window_right=0), against_torch=True)
 
 
-# Odd lengths (a single row, tails of the 64-row/64-key tiles, odd key counts that leave half a
-# key pair for the bf16 dot products) and head dims off the 32-lane padding (8, 72).
+# Odd lengths (a single row, tails of the 64-row query tiles and of the 64- and 128-key tiles
+# (the avx512 forward's), odd key counts that leave half a key pair for the bf16 dot products)
+# and head dims off the 32-lane padding (8, 72).
 ODD_BF16_SHAPES = [
     pytest.param(L, E, id=f"L{L}-S{2 * L + 1}-E{E}") for L in (1, 7, 33, 65) for E in (8, 72)
 ]

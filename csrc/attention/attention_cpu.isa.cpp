@@ -1,16 +1,17 @@
 // FlashAttention-style attention forward and backward on the CPU, compiled once per x86 ISA.
 //
-// Tiles of kBlockM query rows meet tiles of kBlockN keys; the L x S score matrix never exists
-// (a thread holds O((kBlockM + kBlockN) * E) floats). Tile products use a register-blocked
-// at::vec FMA micro-kernel (gemm below) on operands packed once per tile into float (double
-// for float64) buffers whose widths are padded to whole register pairs; the avx512 build's
-// bf16 forward and backward use AVX512-BF16 dot products instead where the CPU has them, and
-// the forward's QK^T and PV go to ATen's oneDNN brgemm on the same operands where the CPU has
-// AMX-BF16 (TileProducts). The forward keeps an online softmax and writes the log-sum-exp; the
-// backward recomputes the probabilities from it with the same packing and the same products,
-// so P is bit-identical to the forward's even for huge logits (except a single query row under
-// the bf16 dot products, which the forward scores in fp32: there the scores agree to fp32
-// rounding, a relative error of ~1e-7 times the logit's size in P).
+// Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward) or kBlockN (backward) keys;
+// the L x S score matrix never exists (a thread holds O((kBlockM + kForwardBlockN) * E)
+// floats). Tile products use a register-blocked at::vec FMA micro-kernel (gemm below) on
+// operands packed once per tile into float (double for float64) buffers whose widths are
+// padded to whole register pairs; the avx512 build's bf16 forward and backward use AVX512-BF16
+// dot products instead where the CPU has them, and the forward's QK^T and PV go to ATen's
+// oneDNN brgemm on the same operands where the CPU has AMX-BF16 (TileProducts). The forward
+// keeps an online softmax and writes the log-sum-exp; the backward recomputes the
+// probabilities from it with the same packing and the same products, so P is bit-identical to
+// the forward's even for huge logits (except a single query row under the bf16 dot products,
+// which the forward scores in fp32: there the scores agree to fp32 rounding, a relative error
+// of ~1e-7 times the logit's size in P).
 // The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
 // its row addressing know the layout (attention_params.h).
 #include <ATen/Parallel.h>
@@ -44,7 +45,16 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr int64_t kBlockM = 64;  // query rows per tile
-constexpr int64_t kBlockN = 64;  // keys per tile
+constexpr int64_t kBlockN = 64;  // keys per tile of the backward
+// Keys per tile of the forward. On avx512, twice the backward's: that halves the per-row steps
+// of the online softmax per key (the row max and sum reductions, the rescale of O) and made the
+// forward 2-4% faster in fp32 and 6-8% in bf16 at L = S = 1024-4096 (Zen 4, one thread, thread
+// CPU time). The avx2 build ran 1-4% slower with 128 keys than with 64 on the same CPU.
+#ifdef CPU_CAPABILITY_AVX512
+constexpr int64_t kForwardBlockN = 128;
+#else
+constexpr int64_t kForwardBlockN = 64;
+#endif
 constexpr int kGemmRows = 6;     // rows of the micro-kernel's register tile (x 2 vectors)
 
 template <typename T>
@@ -55,21 +65,23 @@ constexpr int64_t pad_cols() {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-// C[ROWS, n] += A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR) or column-major
-// with leading dim lda, so a transposed operand costs nothing and the broadcast addresses
-// advance by one constant step; B is row-major (leading dim ldb); n is a multiple of two
-// vectors (every buffer's width is padded).
-template <typename T, int ROWS, bool A_ROW_MAJOR>
-void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
-               int64_t ldc) {
+// C[ROWS, n] (ACCUMULATE ? += : =) A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR)
+// or column-major with leading dim lda, so a transposed operand costs nothing and the
+// broadcast addresses advance by one constant step; B is row-major (leading dim ldb); n is a
+// multiple of two vectors (every buffer's width is padded). Out of line: GCC inlined the
+// forward's QK^T instance (its only caller) into the tile loop, where it ran the fp32 forward
+// ~5% slower (Zen 4, one thread).
+template <typename T, int ROWS, bool A_ROW_MAJOR, bool ACCUMULATE>
+__attribute__((noinline)) void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda,
+                                         const T* b, int64_t ldb, T* c, int64_t ldc) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   for (int64_t j = 0; j < n; j += 2 * W) {
     Vec acc0[ROWS], acc1[ROWS];
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      acc0[r] = Vec::loadu(c + r * ldc + j);
-      acc1[r] = Vec::loadu(c + r * ldc + j + W);
+      acc0[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j) : Vec(T(0));
+      acc1[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j + W) : Vec(T(0));
     }
     const T* bp = b + j;
     const T* ap = a;
@@ -125,7 +137,7 @@ inline int64_t first_visible_step(int64_t i, int64_t from_diag) {
   return std::max<int64_t>(i - from_diag + 1, 0);
 }
 
-template <typename T, bool A_ROW_MAJOR>
+template <typename T, bool A_ROW_MAJOR, bool ACCUMULATE>
 void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, const T* b,
                  int64_t ldb, T* c, int64_t ldc, int64_t col_diag, int64_t k_diag,
                  int64_t k_from_diag) {
@@ -137,22 +149,25 @@ void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, co
     const int64_t k_end = visible_extent(i, R, k_diag, kdim, 1);
     const int64_t k_begin = first_visible_step(i, k_from_diag);
     if (n_rows == 0 || k_end <= k_begin) return;
-    gemm_rows<T, R, A_ROW_MAJOR>(n_rows, k_end - k_begin, a + i * row_step + k_begin * k_step,
-                                 lda, b + k_begin * ldb, ldb, c + i * ldc, ldc);
+    gemm_rows<T, R, A_ROW_MAJOR, ACCUMULATE>(n_rows, k_end - k_begin,
+                                             a + i * row_step + k_begin * k_step, lda,
+                                             b + k_begin * ldb, ldb, c + i * ldc, ldc);
   });
 }
 
-// C[m, n] += A[m, kdim] * B[kdim, n]; A is read through (row, col) strides, one of which is 1.
-// Row i needs only columns j < i + col_diag and reduction steps i - k_from_diag < p <
-// i + k_diag (see kAllVisible); the rest of C may be left as it was.
-template <typename T>
+// C[m, n] (ACCUMULATE ? += : =) A[m, kdim] * B[kdim, n]; A is read through (row, col) strides,
+// one of which is 1. Row i needs only columns j < i + col_diag and reduction steps
+// i - k_from_diag < p < i + k_diag (see kAllVisible); the rest of C may be left as it was.
+template <typename T, bool ACCUMULATE = true>
 void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t a_cs,
           const T* b, int64_t ldb, T* c, int64_t ldc, int64_t col_diag = kAllVisible,
           int64_t k_diag = kAllVisible, int64_t k_from_diag = kAllVisible) {
   if (a_cs == 1) {
-    gemm_layout<T, true>(m, n, kdim, a, a_rs, b, ldb, c, ldc, col_diag, k_diag, k_from_diag);
+    gemm_layout<T, true, ACCUMULATE>(m, n, kdim, a, a_rs, b, ldb, c, ldc, col_diag, k_diag,
+                                     k_from_diag);
   } else {
-    gemm_layout<T, false>(m, n, kdim, a, a_cs, b, ldb, c, ldc, col_diag, k_diag, k_from_diag);
+    gemm_layout<T, false, ACCUMULATE>(m, n, kdim, a, a_cs, b, ldb, c, ldc, col_diag, k_diag,
+                                      k_from_diag);
   }
 }
 
@@ -272,8 +287,7 @@ struct Sequence {
 struct Problem {
   const AttentionParams& p;
   int64_t group;    // query heads per kv head
-  int64_t block_n;  // keys per tile: kBlockN, or a divisor of the page size so that the keys
-                    // of a tile are rows of one page, read with the page's row stride
+  int64_t block_n;  // keys per tile (key_tile_width)
   int64_t e_pad, ev_pad, n_pad;
 
   bool varlen() const { return p.cu_seqlens_q != nullptr; }
@@ -349,7 +363,7 @@ struct FmaProducts {
   static void pack_q(const Problem& pr, const scalar_t* q, int64_t q_rs, int64_t m, acc_t* qs) {
     pack_rows(q, q_rs, m, pr.p.head_dim, static_cast<acc_t>(pr.p.scale), qs, pr.e_pad);
   }
-  // kt [E, n_pad] = k^T and vb [kBlockN, ev_pad] = v of n keys.
+  // kt [E, n_pad] = k^T and vb [block_n, ev_pad] = v of n keys.
   static void pack_kv(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
                       int64_t v_rs, int64_t n, acc_t* kt, acc_t* vb) {
     pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad);
@@ -357,12 +371,12 @@ struct FmaProducts {
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
   static void release() {}
-  // s [m, n_pad] += qs kt (s holds zeros) for the columns of n keys that row i sees
-  // (j < i + diag, kAllVisible); the other columns of s may stay 0.
+  // s [m, n_pad] = qs kt for the columns of n keys that row i sees (j < i + diag,
+  // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
                  acc_t* s, int64_t diag) {
-    gemm<acc_t>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt, pr.n_pad,
-                s, pr.n_pad, diag);
+    gemm<acc_t, false>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt,
+                       pr.n_pad, s, pr.n_pad, diag);
   }
   // o [m, ev_pad] += p [m, n] vb, where p[i, j] = 0 for j >= i + diag; p (in s) may be
   // overwritten.
@@ -709,7 +723,10 @@ struct Scores {
                       const scalar_t* k_rows, int64_t k_rs, acc_t* s, acc_t* tanh_out) {
     const AttentionParams& p = pr.p;
     const int64_t ld = pr.n_pad;
-    std::fill(s, s + m * ld, acc_t(0));
+    // qk writes the columns that a row may see; the others become -inf below. Only the softcap
+    // reads them before (its tanh values of masked columns reach the backward's dS), so only
+    // then are they zeroed first.
+    if (p.softcap > 0) std::fill(s, s + m * ld, acc_t(0));
     if (kt != nullptr) {
       Products::qk(pr, m, n, qs, kt, s, pr.visible_diag(sq, q0, k0));
     } else {
@@ -973,23 +990,24 @@ std::vector<int64_t> sequences_by_cost(const Problem& pr) {
   return order;
 }
 
-// The largest divisor of the page size up to kBlockN when paged; else kBlockN, or fewer when
-// every sequence has fewer keys: the keys rounded up to whole register pairs, so that the
-// products and the softmax of a short sequence skip the padding (at L = S = 16 they computed
-// 64 columns for 16 keys).
+// Keys per tile of a pass whose tiles hold at most max_width keys: the largest divisor of the
+// page size up to max_width when paged (so that the keys of a tile are rows of one page, read
+// with the page's row stride); else max_width, or fewer when every sequence has fewer keys:
+// the keys rounded up to whole register pairs, so that the products and the softmax of a short
+// sequence skip the padding (at L = S = 16 they computed 64 columns for 16 keys).
 template <typename acc_t>
-int64_t key_tile_width(const AttentionParams& p) {
+int64_t key_tile_width(const AttentionParams& p, int64_t max_width) {
   if (p.block_table == nullptr) {
-    return std::min(kBlockN, round_up(std::max<int64_t>(p.kv_len, 1), pad_cols<acc_t>()));
+    return std::min(max_width, round_up(std::max<int64_t>(p.kv_len, 1), pad_cols<acc_t>()));
   }
-  int64_t width = std::min(kBlockN, p.block_size);
+  int64_t width = std::min(max_width, p.block_size);
   while (p.block_size % width != 0) --width;
   return width;
 }
 
 template <typename acc_t>
-Problem make_problem(const AttentionParams& p) {
-  const int64_t block_n = key_tile_width<acc_t>(p);
+Problem make_problem(const AttentionParams& p, int64_t max_block_n) {
+  const int64_t block_n = key_tile_width<acc_t>(p, max_block_n);
   return Problem{p,
                  p.q_heads / p.kv_heads,
                  block_n,
@@ -1001,7 +1019,7 @@ Problem make_problem(const AttentionParams& p) {
 template <typename scalar_t>
 void attention_fwd_typed(const AttentionParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Problem pr = make_problem<acc_t>(p);
+  const Problem pr = make_problem<acc_t>(p, kForwardBlockN);
   // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
   const int64_t n_qb = ceil_div(p.q_len, kBlockM), n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
@@ -1202,7 +1220,7 @@ template <typename scalar_t>
 void attention_bwd_typed(const AttentionBwdParams& bp) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const AttentionParams& p = bp;
-  const Problem pr = make_problem<acc_t>(p);
+  const Problem pr = make_problem<acc_t>(p, kBlockN);
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
   // The query rows' row indices are 0 .. rows - 1 (attention_params.h); dq/dk/dv are
   // contiguous, so their sizes follow from the row counts.
