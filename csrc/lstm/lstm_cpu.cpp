@@ -12,6 +12,7 @@
 #include "fastattn/cpu_isa.h"
 #include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
+#include "lstm_gemm_cpu.h"
 #include "lstm_layer_problem.h"
 
 namespace fastattn {
@@ -185,10 +186,12 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     // Feature-major [4H, n, B], seen as [n, B, 4H] (the kernel's fast layout).
     Tensor x_proj_t = buffer.narrow(0, 0, 4 * H * n * B).view({4 * H, n * B});
     const Tensor x = input.narrow(0, t0, n).reshape({n * B, I});
-    if (given(bias)) {
-      at::addmm_out(x_proj_t, bias->unsqueeze(1), w_ih, x.t());
-    } else {
-      at::mm_out(x_proj_t, w_ih, x.t());
+    if (!lstm_gemm::mm_out(x_proj_t, w_ih, x.t(), false, given(bias) ? *bias : Tensor())) {
+      if (given(bias)) {
+        at::addmm_out(x_proj_t, bias->unsqueeze(1), w_ih, x.t());
+      } else {
+        at::mm_out(x_proj_t, w_ih, x.t());
+      }
     }
     const bool first = done == 0;
     const int64_t prev = reverse ? t0 + n : t0 - 1;
@@ -267,7 +270,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
       const Tensor prev = reverse ? h_all.narrow(0, 1, p.T - 1) : h_all.narrow(0, 0, p.T - 1);
       // Explicit row counts: -1 cannot be inferred from zero-size rows (H == 0 or P == 0).
       const int64_t rows = (p.T - 1) * p.B;
-      grad_w_hh.addmm_(later.reshape({rows, G}).t(), prev.reshape({rows, p.P}));
+      const Tensor a = later.reshape({rows, G}).t(), b = prev.reshape({rows, p.P});
+      if (!lstm_gemm::mm_out(grad_w_hh, a, b, true)) grad_w_hh.addmm_(a, b);
     }
   }
   const int64_t rows = p.T * p.B;
