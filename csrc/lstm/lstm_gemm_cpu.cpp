@@ -42,7 +42,7 @@ bool brgemm_runs() {
 }
 
 // FASTATTN_LSTM_GEMM=torch keeps torch.mm, read on every call so that one process can
-// interleave the two engines (scripts/ab_lstm.py --gemm).
+// interleave the two engines (python -m scripts.ab_lstm --gemm).
 bool usable() {
   static const bool runs = brgemm_runs();
   const char* engine = std::getenv("FASTATTN_LSTM_GEMM");
