@@ -66,9 +66,12 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
     return false;
   const float* A = a.const_data_ptr<float>();
   const float* Bsrc = b.const_data_ptr<float>();
-  const float* bias = row_bias.defined() && !accumulate ? row_bias.const_data_ptr<float>() : nullptr;
+  const float* bias =
+      row_bias.defined() && !accumulate ? row_bias.const_data_ptr<float>() : nullptr;
   float* C = out.mutable_data_ptr<float>();
   const int64_t lda = a.stride(0), ldc = out.stride(0), bsk = b.stride(0), bsn = b.stride(1);
+  // brgemm's rows must not overlap (a one-row view may carry any row stride).
+  if (lda < K || ldc < N) return false;
 
   // Column blocks across threads: each packs its own B panels once and reads all of A.
   at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t j0, int64_t j1) {
