@@ -186,7 +186,7 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     // Feature-major [4H, n, B], seen as [n, B, 4H] (the kernel's fast layout).
     Tensor x_proj_t = buffer.narrow(0, 0, 4 * H * n * B).view({4 * H, n * B});
     const Tensor x = input.narrow(0, t0, n).reshape({n * B, I});
-    if (!lstm_gemm::mm_out(x_proj_t, w_ih, x.t(), false, given(bias) ? *bias : Tensor())) {
+    if (!lstm_gemm::mm_out(x_proj_t, w_ih, x.t(), given(bias) ? *bias : Tensor())) {
       if (given(bias)) {
         at::addmm_out(x_proj_t, bias->unsqueeze(1), w_ih, x.t());
       } else {
@@ -270,8 +270,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
       const Tensor prev = reverse ? h_all.narrow(0, 1, p.T - 1) : h_all.narrow(0, 0, p.T - 1);
       // Explicit row counts: -1 cannot be inferred from zero-size rows (H == 0 or P == 0).
       const int64_t rows = (p.T - 1) * p.B;
-      const Tensor a = later.reshape({rows, G}).t(), b = prev.reshape({rows, p.P});
-      if (!lstm_gemm::mm_out(grad_w_hh, a, b, true)) grad_w_hh.addmm_(a, b);
+      grad_w_hh.addmm_(later.reshape({rows, G}).t(), prev.reshape({rows, p.P}));
     }
   }
   const int64_t rows = p.T * p.B;

@@ -6,9 +6,8 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
-#include <strings.h>
 #include <exception>
+#include <strings.h>
 #include <vector>
 
 namespace fastattn::lstm_gemm {
@@ -16,8 +15,9 @@ namespace {
 
 namespace cpublas = at::native::cpublas;
 
-// Blocks: C in column blocks of kCols (the B panel, kDepth x kCols, 128 KiB, stays in L2 while
-// every row block of A streams past it) and row blocks of kRows; the reduction in kDepth steps.
+// Blocks: out in column blocks of kCols, each against one packed B panel [K, kCols] (zero-padded
+// past b's last column) that stays in L2 while the row blocks of A stream past it; a row block of
+// kRows reduces over K in steps of kDepth into a [kRows, kCols] block, then goes to out.
 constexpr int64_t kCols = 64, kRows = 64, kDepth = 512;
 
 // Whether oneDNN's float32 brgemm runs here and gives the right product (ATen raises where its
@@ -51,7 +51,7 @@ bool usable() {
 
 }  // namespace
 
-bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias) {
   const auto f32_cpu = [](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 2;
@@ -64,39 +64,36 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
   if (row_bias.defined() && (row_bias.scalar_type() != at::kFloat || !row_bias.is_contiguous() ||
                              row_bias.numel() != M))
     return false;
-  const float* A = a.const_data_ptr<float>();
-  const float* Bsrc = b.const_data_ptr<float>();
-  const float* bias =
-      row_bias.defined() && !accumulate ? row_bias.const_data_ptr<float>() : nullptr;
-  float* C = out.mutable_data_ptr<float>();
   const int64_t lda = a.stride(0), ldc = out.stride(0), bsk = b.stride(0), bsn = b.stride(1);
   // brgemm's rows must not overlap (a one-row view may carry any row stride).
-  if (lda < K || ldc < N) return false;
+  if (lda < K) return false;
+  const float* A = a.const_data_ptr<float>();
+  const float* Bsrc = b.const_data_ptr<float>();
+  const float* bias = row_bias.defined() ? row_bias.const_data_ptr<float>() : nullptr;
+  float* C = out.mutable_data_ptr<float>();
 
-  // Column blocks across threads: each packs its own B panels once and reads all of A.
+  // Column blocks across threads: each packs its own panels and reads all of A.
   at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<float> panel(kDepth * kCols);
+    std::vector<float> panel(K * kCols), block(kRows * kCols);
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t n0 = j * kCols, n = std::min(kCols, N - n0);
-      if (bias) {
-        for (int64_t m = 0; m < M; ++m) std::fill_n(C + m * ldc + n0, n, bias[m]);
+      // panel[k][jj] = b[k][n0 + jj], zero for jj >= n.
+      if (n < kCols) std::fill(panel.begin(), panel.end(), 0.f);
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const float* src = Bsrc + (n0 + jj) * bsn;
+        for (int64_t k = 0; k < K; ++k) panel[k * kCols + jj] = src[k * bsk];
       }
-      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-        const int64_t k = std::min(kDepth, K - k0);
-        // panel[kk][jj] = b[k0 + kk][n0 + jj], leading dim n.
-        if (bsn == 1) {
-          for (int64_t kk = 0; kk < k; ++kk)
-            std::memcpy(&panel[kk * n], Bsrc + (k0 + kk) * bsk + n0, n * sizeof(float));
-        } else {
-          for (int64_t jj = 0; jj < n; ++jj) {
-            const float* src = Bsrc + (n0 + jj) * bsn + k0 * bsk;
-            for (int64_t kk = 0; kk < k; ++kk) panel[kk * n + jj] = src[kk * bsk];
-          }
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t rows = std::min(kRows, M - m0);
+        for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+          cpublas::brgemm(rows, kCols, std::min(kDepth, K - k0), lda, kCols, kCols, k0 > 0,
+                          A + m0 * lda + k0, &panel[k0 * kCols], block.data(), false);
         }
-        const bool add = accumulate || bias || k0 > 0;
-        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-          cpublas::brgemm(std::min(kRows, M - m0), n, k, lda, n, ldc, add, A + m0 * lda + k0,
-                          panel.data(), C + m0 * ldc + n0, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = C + (m0 + r) * ldc + n0;
+          const float* src = &block[r * kCols];
+          const float add = bias ? bias[m0 + r] : 0.f;
+          for (int64_t jj = 0; jj < n; ++jj) dst[jj] = src[jj] + add;
         }
       }
     }
