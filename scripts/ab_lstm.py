@@ -1,6 +1,6 @@
 """fastattn.LSTM against nn.LSTM on CPU, interleaved in one process (issue 17 item 4).
 
-    python -m scripts.ab_lstm [--rounds 15] [--threads 1] [--cases T32B16H512,...]
+    python -m scripts.ab_lstm [--rounds 15] [--threads 1] [--cases T32B16H512,...] [--gemm]
 
 For each case of issue 5's grid (T in {32, 128}, B in {16, 64}, H = I in {256, 512, 1024}),
 float32, the rounds alternate one call of each provider, inference (no grad) and a training
@@ -8,12 +8,15 @@ step (forward + backward into the input and every weight), and keep each one's f
 CPU time. Printed: torch_time / fastattn_time per case and pass, and the geomeans. With one
 thread, CPU time still compares the work each side does while other processes share the cores
 (it ignores descheduling, not cache contention); it is no substitute for the quiet benchmark
-(benchmarks/bench_lstm.py).
+(benchmarks/bench_lstm.py). With --gemm, fastattn's inference also runs with
+FASTATTN_LSTM_GEMM=torch (its input projection on torch.mm instead of oneDNN brgemm,
+csrc/lstm/lstm_gemm_cpu.h) in the same rounds, and that ratio is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -24,8 +27,17 @@ from benchmarks.harness import fastest_interleaved
 from benchmarks.report import geomean
 
 
-def case_ratios(T: int, B: int, H: int, rounds: int) -> tuple[float, float]:
-    """(inference, training) ratios torch_time / fastattn_time of one case."""
+def with_gemm_engine(engine: str, fn):
+    """fn with FASTATTN_LSTM_GEMM set to engine (read by the kernels on every call)."""
+    def call():
+        os.environ["FASTATTN_LSTM_GEMM"] = engine
+        fn()
+    return call
+
+
+def case_ratios(T: int, B: int, H: int, rounds: int, gemm_ab: bool) -> list[float]:
+    """Ratios torch_time / fastattn_time of one case: inference, training, and with gemm_ab
+    inference with fastattn's projection on torch.mm."""
     torch.manual_seed(0)
     ref = nn.LSTM(H, H)
     ours = fastattn.LSTM(H, H)
@@ -45,10 +57,13 @@ def case_ratios(T: int, B: int, H: int, rounds: int) -> tuple[float, float]:
         return lambda: torch.autograd.grad(module(x_grad, state)[0], params, dout)
 
     fns = [infer(ref), infer(ours), train(ref), train(ours)]
+    if gemm_ab:
+        fns = [with_gemm_engine("brgemm", fn) for fn in fns]
+        fns.append(with_gemm_engine("torch", infer(ours)))
     for fn in fns:
         fn()
     t = fastest_interleaved(fns, rounds, time.thread_time)
-    return t[0] / t[1], t[2] / t[3]
+    return [t[0] / t[1], t[2] / t[3], *([t[0] / t[4]] if gemm_ab else [])]
 
 
 def main() -> None:
@@ -56,6 +71,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", default="", help="comma-separated, e.g. T32B16H512")
+    parser.add_argument("--gemm", action="store_true",
+                        help="also time fastattn's inference with FASTATTN_LSTM_GEMM=torch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = [(T, B, H) for T in (32, 128) for B in (16, 64) for H in (256, 512, 1024)]
@@ -63,14 +80,15 @@ def main() -> None:
         cases = [c for c in cases if "T{}B{}H{}".format(*c) in args.cases.split(",")]
     print(f"threads {args.threads}, float32, torch time / fastattn time (thread CPU time, "
           f"fastest of {args.rounds})")
-    infer, train = [], []
+    columns = ["inference", "training"] + (["inference torch.mm"] if args.gemm else [])
+    ratios = []
     for T, B, H in cases:
-        r_infer, r_train = case_ratios(T, B, H, args.rounds)
-        infer.append(r_infer)
-        train.append(r_train)
-        print(f"T{T} B{B} H{H}: inference {r_infer:.2f}x, training {r_train:.2f}x", flush=True)
+        ratios.append(case_ratios(T, B, H, args.rounds, args.gemm))
+        print(f"T{T} B{B} H{H}: " + ", ".join(
+            f"{name} {r:.2f}x" for name, r in zip(columns, ratios[-1], strict=True)), flush=True)
 
-    print(f"geomean: inference {geomean(infer):.2f}x, training {geomean(train):.2f}x")
+    print("geomean: " + ", ".join(f"{name} {geomean([r[i] for r in ratios]):.2f}x"
+                                  for i, name in enumerate(columns)))
 
 
 if __name__ == "__main__":

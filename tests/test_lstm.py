@@ -126,6 +126,31 @@ def test_lstm_low_precision_vs_float64(dtype):
                                   results["torch"][1][i], name=name)
 
 
+@pytest.mark.parametrize("engine,bias", [("brgemm", True), ("brgemm", False), ("torch", True)])
+def test_lstm_fp32_inference_projection_vs_float64(engine, bias, monkeypatch):
+    """The float32 inference input projection (csrc/lstm/lstm_gemm_cpu.cpp, or torch.mm where
+    FASTATTN_LSTM_GEMM=torch) at sizes off every block: 4H = 600 rows, I = 520 (two reduction
+    blocks), two chunks of 102 and 8 steps (1734 and 136 columns), both directions, a strided
+    input, with and without the bias."""
+    monkeypatch.setenv("FASTATTN_LSTM_GEMM", engine)
+    flags = dict(bidirectional=True, bias=bias)
+    theirs64 = torch.nn.LSTM(520, 150, dtype=torch.float64, **flags)
+    ours, theirs = fastattn.LSTM(520, 150, **flags), torch.nn.LSTM(520, 150, **flags)
+    ours.load_state_dict(theirs64.state_dict())
+    theirs.load_state_dict(theirs64.state_dict())
+    x64 = torch.randn(110, 17, 1040, dtype=torch.float64)[..., ::2]
+    hx64 = [torch.randn(2, 17, 150, dtype=torch.float64) for _ in range(2)]
+    results = {}
+    with torch.no_grad():
+        for key, module in (("64", theirs64), ("ours", ours), ("torch", theirs)):
+            dtype = torch.float64 if key == "64" else torch.float32
+            out, (h_n, c_n) = module(x64.to(dtype), [t.to(dtype) for t in hx64])
+            results[key] = [out, h_n, c_n]
+    for name, a, r, t in zip(["output", "h_n", "c_n"], results["ours"], results["64"],
+                             results["torch"], strict=True):
+        assert_close_to_reference(a, r, t, name=name)
+
+
 def test_dropout_between_layers_matches_torch_in_training_only():
     theirs, ours = _pair(dict(num_layers=3, dropout=0.5))
     x = torch.randn(5, 3, 5, dtype=torch.float64)

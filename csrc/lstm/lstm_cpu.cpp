@@ -12,6 +12,7 @@
 #include "fastattn/cpu_isa.h"
 #include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
+#include "lstm_gemm_cpu.h"
 #include "lstm_layer_problem.h"
 
 namespace fastattn {
@@ -185,10 +186,12 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     // Feature-major [4H, n, B], seen as [n, B, 4H] (the kernel's fast layout).
     Tensor x_proj_t = buffer.narrow(0, 0, 4 * H * n * B).view({4 * H, n * B});
     const Tensor x = input.narrow(0, t0, n).reshape({n * B, I});
-    if (given(bias)) {
-      at::addmm_out(x_proj_t, bias->unsqueeze(1), w_ih, x.t());
-    } else {
-      at::mm_out(x_proj_t, w_ih, x.t());
+    if (!lstm_gemm::mm_out(x_proj_t, w_ih, x.t(), given(bias) ? *bias : Tensor())) {
+      if (given(bias)) {
+        at::addmm_out(x_proj_t, bias->unsqueeze(1), w_ih, x.t());
+      } else {
+        at::mm_out(x_proj_t, w_ih, x.t());
+      }
     }
     const bool first = done == 0;
     const int64_t prev = reverse ? t0 + n : t0 - 1;

@@ -1,0 +1,105 @@
+// Blocked float32 GEMM on ATen's oneDNN brgemm (lstm_gemm_cpu.h).
+#include "lstm_gemm_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <exception>
+#include <strings.h>
+#include <vector>
+
+namespace fastattn::lstm_gemm {
+namespace {
+
+namespace cpublas = at::native::cpublas;
+
+// Blocks: out in column blocks of kCols, each against one packed B panel [K, kCols] (zero-padded
+// past b's last column) that stays in L2 while the row blocks of A stream past it; a row block of
+// kRows reduces over K in steps of kDepth into a [kRows, kCols] block, then goes to out.
+constexpr int64_t kCols = 64, kRows = 64, kDepth = 512;
+
+// Whether oneDNN's float32 brgemm runs here and gives the right product (ATen raises where its
+// oneDNN build has no kernel for the CPU): one 2 x 16 x 2 product of small integers, exact.
+bool brgemm_runs() {
+  const float a[4] = {1.f, 2.f, 3.f, 4.f};  // [[1, 2], [3, 4]]
+  float b[2 * 16], c[2 * 16];                // b[0][j] = j, b[1][j] = 1
+  for (int j = 0; j < 16; ++j) {
+    b[j] = static_cast<float>(j);
+    b[16 + j] = 1.f;
+  }
+  try {
+    cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a, b, c, false);
+    cpublas::brgemm_release(false);
+  } catch (const std::exception&) {
+    return false;
+  }
+  for (int j = 0; j < 16; ++j) {
+    if (c[j] != j + 2.f || c[16 + j] != 3.f * j + 4.f) return false;
+  }
+  return true;
+}
+
+// FASTATTN_LSTM_GEMM=torch keeps torch.mm, read on every call so that one process can
+// interleave the two engines (python -m scripts.ab_lstm --gemm).
+bool usable() {
+  static const bool runs = brgemm_runs();
+  const char* engine = std::getenv("FASTATTN_LSTM_GEMM");
+  return runs && !(engine != nullptr && !strcasecmp(engine, "torch"));
+}
+
+}  // namespace
+
+bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+            const at::Tensor& row_bias) {
+  const auto f32_cpu = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 2;
+  };
+  if (!f32_cpu(out) || !f32_cpu(a) || !f32_cpu(b) || !usable()) return false;
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (out.stride(1) != 1 || a.stride(1) != 1 || out.size(0) != M || out.size(1) != N ||
+      b.size(0) != K || M == 0 || N == 0 || K == 0)
+    return false;
+  if (row_bias.defined() && (row_bias.scalar_type() != at::kFloat || !row_bias.is_contiguous() ||
+                             row_bias.numel() != M))
+    return false;
+  const int64_t lda = a.stride(0), ldc = out.stride(0), bsk = b.stride(0), bsn = b.stride(1);
+  // brgemm's rows must not overlap (a one-row view may carry any row stride).
+  if (lda < K) return false;
+  const float* A = a.const_data_ptr<float>();
+  const float* Bsrc = b.const_data_ptr<float>();
+  const float* bias = row_bias.defined() ? row_bias.const_data_ptr<float>() : nullptr;
+  float* C = out.mutable_data_ptr<float>();
+
+  // Column blocks across threads: each packs its own panels and reads all of A.
+  at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> panel(K * kCols), block(kRows * kCols);
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t n0 = j * kCols, n = std::min(kCols, N - n0);
+      // panel[k][jj] = b[k][n0 + jj], zero for jj >= n.
+      if (n < kCols) std::fill(panel.begin(), panel.end(), 0.f);
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const float* src = Bsrc + (n0 + jj) * bsn;
+        for (int64_t k = 0; k < K; ++k) panel[k * kCols + jj] = src[k * bsk];
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int64_t rows = std::min(kRows, M - m0);
+        for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+          cpublas::brgemm(rows, kCols, std::min(kDepth, K - k0), lda, kCols, kCols, k0 > 0,
+                          A + m0 * lda + k0, &panel[k0 * kCols], block.data(), false);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* dst = C + (m0 + r) * ldc + n0;
+          const float* src = &block[r * kCols];
+          const float add = bias ? bias[m0 + r] : 0.f;
+          for (int64_t jj = 0; jj < n; ++jj) dst[jj] = src[jj] + add;
+        }
+      }
+    }
+    cpublas::brgemm_release(false);
+  });
+  return true;
+}
+
+}  // namespace fastattn::lstm_gemm
