@@ -7,8 +7,8 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 
+#include "fastattn/brgemm_probe.h"
 #include "fastattn/cpu_isa.h"
 
 namespace fastattn::cpu_brgemm {
@@ -23,34 +23,11 @@ bool asked(const char* name) {
   return engine != nullptr && !strcasecmp(engine, name);
 }
 
-// Whether oneDNN's VNNI bf16 brgemm runs on this CPU and gives the right product: ATen raises
-// where its oneDNN build has no kernel for the CPU. One 2 x 16 x 2 product, checked exactly
-// (small integers are exact in bf16 and fp32).
-bool bf16_brgemm_runs() {
-  const c10::BFloat16 a[4] = {1.f, 2.f, 3.f, 4.f};  // [[1, 2], [3, 4]]
-  c10::BFloat16 b[2 * 16];                           // one pair row: b[0][j] = j, b[1][j] = 1
-  for (int j = 0; j < 16; ++j) {
-    b[2 * j] = static_cast<float>(j);
-    b[2 * j + 1] = 1.f;
-  }
-  float c[2 * 16];
-  try {
-    cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a, b, c, true);
-    cpublas::brgemm_release(true);
-  } catch (const std::exception&) {
-    return false;
-  }
-  for (int j = 0; j < 16; ++j) {
-    if (c[j] != j + 2.f || c[16 + j] != 3.f * j + 4.f) return false;
-  }
-  return true;
-}
-
 bool decide() {
   if (!cpu_has_avx512_bf16()) return false;
   if (asked("native")) return false;
   if (!cpublas::could_pack(at::kBFloat16) && !asked("brgemm")) return false;
-  return bf16_brgemm_runs();
+  return brgemm_runs<c10::BFloat16>(/*vnni=*/true);
 }
 
 }  // namespace

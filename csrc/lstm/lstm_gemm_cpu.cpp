@@ -6,9 +6,10 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <exception>
 #include <strings.h>
 #include <vector>
+
+#include "fastattn/brgemm_probe.h"
 
 namespace fastattn::lstm_gemm {
 namespace {
@@ -20,31 +21,10 @@ namespace cpublas = at::native::cpublas;
 // kRows reduces over K in steps of kDepth into a [kRows, kCols] block, then goes to out.
 constexpr int64_t kCols = 64, kRows = 64, kDepth = 512;
 
-// Whether oneDNN's float32 brgemm runs here and gives the right product (ATen raises where its
-// oneDNN build has no kernel for the CPU): one 2 x 16 x 2 product of small integers, exact.
-bool brgemm_runs() {
-  const float a[4] = {1.f, 2.f, 3.f, 4.f};  // [[1, 2], [3, 4]]
-  float b[2 * 16], c[2 * 16];                // b[0][j] = j, b[1][j] = 1
-  for (int j = 0; j < 16; ++j) {
-    b[j] = static_cast<float>(j);
-    b[16 + j] = 1.f;
-  }
-  try {
-    cpublas::brgemm(2, 16, 2, 2, 16, 16, false, a, b, c, false);
-    cpublas::brgemm_release(false);
-  } catch (const std::exception&) {
-    return false;
-  }
-  for (int j = 0; j < 16; ++j) {
-    if (c[j] != j + 2.f || c[16 + j] != 3.f * j + 4.f) return false;
-  }
-  return true;
-}
-
 // FASTATTN_LSTM_GEMM=torch keeps torch.mm, read on every call so that one process can
 // interleave the two engines (python -m scripts.ab_lstm --gemm).
 bool usable() {
-  static const bool runs = brgemm_runs();
+  static const bool runs = brgemm_runs<float>(/*vnni=*/false);
   const char* engine = std::getenv("FASTATTN_LSTM_GEMM");
   return runs && !(engine != nullptr && !strcasecmp(engine, "torch"));
 }
