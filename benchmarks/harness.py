@@ -457,9 +457,7 @@ class BenchSession:
         grid = self.grid
         out = {}
         for name, (ours_provider, ours, t_ours) in self._held.items():
-            rounds = 1 if self.disabled else max(
-                grid.min_rounds, min(grid.max_rounds, round(grid.time_budget_s / (t_ours + t_call)))
-            )
+            rounds = 1 if self.disabled else grid.rounds(t_ours + t_call)
             sides = [(ours_provider, ours, []), (provider, call, [])]
             for i in range(rounds):
                 for side_provider, fn, times in sides[:: 1 if i % 2 == 0 else -1]:
@@ -645,7 +643,7 @@ def run_case(
             warmup.append(time.perf_counter() - start)
         per_call = statistics.median(warmup[1:])
         peak, method = peak_memory(timed_call, device)
-        rounds = max(grid.min_rounds, min(grid.max_rounds, round(grid.time_budget_s / per_call)))
+        rounds = grid.rounds(per_call)
         benchmark.pedantic(timed_call, rounds=rounds, iterations=1, warmup_rounds=0)
     _pair(session, key, provider, timed_call, per_call, info)
 

@@ -144,7 +144,17 @@ class Grid:
     time_budget_s: float = 0.3
     min_rounds: int = 3
     max_rounds: int = 50
+    # A call slower than this runs once per measurement: such calls (nested-tensor SDPA takes
+    # 10-35 s on the 64..2048 varlen case) are far from any ratio noise could flip, and min_rounds
+    # of them cost minutes of the main job.
+    slow_call_s: float = 5.0
     notes: list[str] = field(default_factory=list)
+
+    def rounds(self, t_call: float) -> int:
+        """How many timed rounds a measurement of calls taking ``t_call`` seconds gets."""
+        if t_call > self.slow_call_s:
+            return 1
+        return max(self.min_rounds, min(self.max_rounds, round(self.time_budget_s / t_call)))
 
 
 def _attention(Bs, Hs, Ls, Es, causals) -> list[AttentionShape]:

@@ -121,6 +121,21 @@ def test_baselines_run_interleaved_with_the_held_fastattn_calls_in_abba_order():
     assert session.interleave(("attention", "fwd", "float32", "B2"), theirs, calls.clear, 0.1) == {}
 
 
+def test_a_call_slower_than_slow_call_s_is_timed_once():
+    grid = dataclasses.replace(shapes.grid("smoke", torch.device("cpu")), slow_call_s=5.0)
+    assert grid.rounds(0.001) == grid.max_rounds
+    assert grid.rounds(4.0) == grid.min_rounds
+    assert grid.rounds(6.0) == 1
+    session = harness.BenchSession(torch.device("cpu"), grid, False, facts={})
+    calls = []
+    key = ("attention_varlen", "fwd", "float32", "N8")
+    session.hold(key, Provider("fastattn[cpu]", "fastattn", backend="cpu"), lambda: calls.append(1),
+                 t_call=0.5)
+    pair = session.interleave(key, Provider("torch.sdpa[nested]", "torch"),
+                              lambda: calls.append(2), t_call=12.0)
+    assert pair["fastattn[cpu]"]["rounds"] == 1 and calls == [1, 2]
+
+
 def test_untimed_run_interleaves_once_and_is_never_trusted():
     session = _session(disabled=True)
     calls = []
