@@ -1,6 +1,7 @@
 """fastattn.LSTM against nn.LSTM on CPU, interleaved in one process (issue 17 item 4).
 
     python -m scripts.ab_lstm [--rounds 15] [--threads 1] [--cases T32B16H512,...] [--gemm]
+    python -m scripts.ab_lstm --cells [--rounds 15] [--threads 1] [--cases B64H1024,...]
 
 For each case of issue 5's grid (T in {32, 128}, B in {16, 64}, H = I in {256, 512, 1024}),
 float32, the rounds alternate one call of each provider, inference (no grad) and a training
@@ -11,6 +12,10 @@ thread, CPU time still compares the work each side does while other processes sh
 (benchmarks/bench_lstm.py). With --gemm, fastattn's inference also runs with
 FASTATTN_LSTM_GEMM=torch (its input projection on torch.mm instead of oneDNN brgemm,
 csrc/lstm/lstm_gemm_cpu.h) in the same rounds, and that ratio is printed too.
+
+With --cells, the benchmark's cell-step cases instead (B in {16, 64}, H = I in {256, 512, 1024}):
+fastattn.lstm_cell and fastattn.LSTMCell against nn.LSTMCell, forward (no grad) and a training
+step (forward + backward into the input, both states and every weight).
 """
 
 from __future__ import annotations
@@ -66,15 +71,52 @@ def case_ratios(T: int, B: int, H: int, rounds: int, gemm_ab: bool) -> list[floa
     return [t[0] / t[1], t[2] / t[3], *([t[0] / t[4]] if gemm_ab else [])]
 
 
+def cell_ratios(B: int, H: int, rounds: int) -> list[float]:
+    """Ratios nn.LSTMCell time / fastattn time: lstm_cell and LSTMCell, forward and training."""
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(H, H)
+    ours = fastattn.LSTMCell(H, H)
+    ours.load_state_dict(ref.state_dict())
+    x, h, c = (torch.randn(B, H, requires_grad=True) for _ in range(3))
+    grads = (torch.randn(B, H), torch.randn(B, H))
+    params = [x, h, c, *ref.parameters()]
+
+    def functional():
+        return fastattn.lstm_cell(x, h, c, ref.weight_ih, ref.weight_hh, ref.bias_ih, ref.bias_hh)
+
+    def forward(step):
+        def call():
+            with torch.no_grad():
+                step()
+        return call
+
+    def train(step, inputs):
+        return lambda: torch.autograd.grad(step(), inputs, grads)
+
+    steps = [lambda: ref(x, (h, c)), functional, lambda: ours(x, (h, c))]
+    ours_params = [x, h, c, *ours.parameters()]
+    fns = [forward(s) for s in steps] + [
+        train(steps[0], params), train(steps[1], params), train(steps[2], ours_params)]
+    for fn in fns:
+        fn()
+    t = fastest_interleaved(fns, rounds, time.thread_time)
+    return [t[0] / t[1], t[0] / t[2], t[3] / t[4], t[3] / t[5]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", default="", help="comma-separated, e.g. T32B16H512")
+    parser.add_argument("--cells", action="store_true",
+                        help="the cell-step cases (lstm_cell, LSTMCell) instead of nn.LSTM's")
     parser.add_argument("--gemm", action="store_true",
                         help="also time fastattn's inference with FASTATTN_LSTM_GEMM=torch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cells:
+        main_cells(args)
+        return
     cases = [(T, B, H) for T in (32, 128) for B in (16, 64) for H in (256, 512, 1024)]
     if args.cases:
         cases = [c for c in cases if "T{}B{}H{}".format(*c) in args.cases.split(",")]
@@ -87,6 +129,22 @@ def main() -> None:
         print(f"T{T} B{B} H{H}: " + ", ".join(
             f"{name} {r:.2f}x" for name, r in zip(columns, ratios[-1], strict=True)), flush=True)
 
+    print("geomean: " + ", ".join(f"{name} {geomean([r[i] for r in ratios]):.2f}x"
+                                  for i, name in enumerate(columns)))
+
+
+def main_cells(args: argparse.Namespace) -> None:
+    cases = [(B, H) for B in (16, 64) for H in (256, 512, 1024)]
+    if args.cases:
+        cases = [c for c in cases if "B{}H{}".format(*c) in args.cases.split(",")]
+    print(f"threads {args.threads}, float32, nn.LSTMCell time / fastattn time (thread CPU "
+          f"time, fastest of {args.rounds})")
+    columns = ["lstm_cell fwd", "LSTMCell fwd", "lstm_cell train", "LSTMCell train"]
+    ratios = []
+    for B, H in cases:
+        ratios.append(cell_ratios(B, H, args.rounds))
+        print(f"B{B} H{H}: " + ", ".join(
+            f"{name} {r:.2f}x" for name, r in zip(columns, ratios[-1], strict=True)), flush=True)
     print("geomean: " + ", ".join(f"{name} {geomean([r[i] for r in ratios]):.2f}x"
                                   for i, name in enumerate(columns)))
 

@@ -208,19 +208,26 @@ def test_lstm_cell_matches_torch(batched, bias, with_hx):
     _assert_same(results[1][1], results[0][1], [f"grad {i}" for i in range(len(results[0][1]))])
 
 
-def test_lstm_cell_fp32_vs_float64():
+# Batch sizes 7, 40, 70: the inference input projection's panels 16 and 48 wide (a narrow b,
+# csrc/lstm/lstm_gemm_cpu.cpp), then 64 wide with a partial second block.
+@pytest.mark.parametrize("B", [7, 40, 70])
+def test_lstm_cell_fp32_vs_float64(B):
     cell64 = fastattn.LSTMCell(33, 17, dtype=torch.float64)
     theirs = torch.nn.LSTMCell(33, 17)
     ours = fastattn.LSTMCell(33, 17)
     theirs.load_state_dict(cell64.state_dict())
     ours.load_state_dict(cell64.state_dict())
-    x = torch.randn(7, 33, dtype=torch.float64)
-    hx = (torch.randn(7, 17, dtype=torch.float64), torch.randn(7, 17, dtype=torch.float64))
+    x = torch.randn(B, 33, dtype=torch.float64)
+    hx = (torch.randn(B, 17, dtype=torch.float64), torch.randn(B, 17, dtype=torch.float64))
     want = cell64(x, hx)
-    ours_out = ours(x.float(), tuple(t.float() for t in hx))
     theirs_out = theirs(x.float(), tuple(t.float() for t in hx))
-    for name, a, b, c in zip("hc", ours_out, want, theirs_out, strict=True):
-        assert_close_to_reference(a, b, c, name=name)
+    # With grad the cell runs two GEMMs and the fused pointwise op, without it the fused
+    # one-step layer kernel (fastattn/ops/lstm.py's lstm_cell).
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            ours_out = ours(x.float(), tuple(t.float() for t in hx))
+        for name, a, b, c in zip("hc", ours_out, want, theirs_out, strict=True):
+            assert_close_to_reference(a, b, c, name=f"{name} (grad {grad})")
 
 
 # ---- extras: layer_norm, zoneout, recurrent_dropout vs a plain per-step reference ---------------

@@ -16,10 +16,15 @@ namespace {
 
 namespace cpublas = at::native::cpublas;
 
-// Blocks: out in column blocks of kCols, each against one packed B panel [K, kCols] (zero-padded
-// past b's last column) that stays in L2 while the row blocks of A stream past it; a row block of
-// kRows reduces over K in steps of kDepth into a [kRows, kCols] block, then goes to out.
+// Blocks: out in column blocks of `cols` (kCols, or fewer for a narrow b), each against one packed
+// B panel [K, cols] (zero-padded past b's last column) that stays in L2 while the row blocks of A
+// stream past it; a row block of kRows reduces over K in steps of kDepth into a [kRows, cols]
+// block, then goes to out.
 constexpr int64_t kCols = 64, kRows = 64, kDepth = 512;
+// Panel width for N columns: kCols, or N rounded up to kColStep when b is narrower (a one-step
+// call, as lstm_cell's inference makes, has N = B: a 64-wide panel for B = 16 would multiply
+// three columns of zeros for every one of b's). At most kCols / kColStep kernel shapes per a.
+constexpr int64_t kColStep = 16;
 
 // FASTATTN_LSTM_GEMM=torch keeps torch.mm, read on every call so that one process can
 // interleave the two engines (python -m scripts.ab_lstm --gemm).
@@ -53,25 +58,26 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   float* C = out.mutable_data_ptr<float>();
 
   // Column blocks across threads: each packs its own panels and reads all of A.
-  at::parallel_for(0, (N + kCols - 1) / kCols, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<float> panel(K * kCols), block(kRows * kCols);
+  const int64_t cols = std::min(kCols, (N + kColStep - 1) / kColStep * kColStep);
+  at::parallel_for(0, (N + cols - 1) / cols, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> panel(K * cols), block(kRows * cols);
     for (int64_t j = j0; j < j1; ++j) {
-      const int64_t n0 = j * kCols, n = std::min(kCols, N - n0);
+      const int64_t n0 = j * cols, n = std::min(cols, N - n0);
       // panel[k][jj] = b[k][n0 + jj], zero for jj >= n.
-      if (n < kCols) std::fill(panel.begin(), panel.end(), 0.f);
+      if (n < cols) std::fill(panel.begin(), panel.end(), 0.f);
       for (int64_t jj = 0; jj < n; ++jj) {
         const float* src = Bsrc + (n0 + jj) * bsn;
-        for (int64_t k = 0; k < K; ++k) panel[k * kCols + jj] = src[k * bsk];
+        for (int64_t k = 0; k < K; ++k) panel[k * cols + jj] = src[k * bsk];
       }
       for (int64_t m0 = 0; m0 < M; m0 += kRows) {
         const int64_t rows = std::min(kRows, M - m0);
         for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-          cpublas::brgemm(rows, kCols, std::min(kDepth, K - k0), lda, kCols, kCols, k0 > 0,
-                          A + m0 * lda + k0, &panel[k0 * kCols], block.data(), false);
+          cpublas::brgemm(rows, cols, std::min(kDepth, K - k0), lda, cols, cols, k0 > 0,
+                          A + m0 * lda + k0, &panel[k0 * cols], block.data(), false);
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* dst = C + (m0 + r) * ldc + n0;
-          const float* src = &block[r * kCols];
+          const float* src = &block[r * cols];
           const float add = bias ? bias[m0 + r] : 0.f;
           for (int64_t jj = 0; jj < n; ++jj) dst[jj] = src[jj] + add;
         }

@@ -14,7 +14,8 @@ namespace fastattn::lstm_gemm {
 // the caller then uses at::mm / at::addmm.
 //
 // oneDNN compiles a kernel per block shape and leading dims, so every one here depends on a's
-// shape only (the weights'), never on b's columns (T * B, which changes from call to call).
+// shape (the weights') and, only where b has fewer than 64 columns, on their count rounded up
+// to 16: never on T * B itself, which changes from call to call.
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias = at::Tensor());
 
