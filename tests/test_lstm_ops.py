@@ -243,6 +243,36 @@ def test_layer_ops_reject_bad_arguments():
         OPS.lstm_layer_infer(x, w_ih, bias, h0, c0.double(), w_hh, None, None, False, None, None)
 
 
+# ---- training input projection -----------------------------------------------------------------
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_weight_mm_matches_torch(dtype, bias):
+    # Sizes off every brgemm block (64 rows and columns, 512 deep); x a transposed view, as
+    # fastattn.ops.lstm passes the input; then the gradients, as the module's backward takes them.
+    M, K, N = 130, 515, 67
+    w, x = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype).t()
+    b = randn(M, dtype=dtype) if bias else None
+    want64 = w.double() @ x.double() + (b.double()[:, None] if bias else 0)
+    nan_heap((M, N), dtype=dtype)
+    got = OPS.lstm_weight_mm(w, x, b)
+    torch_result = torch.addmm(b[:, None], w, x) if bias else w @ x
+    assert got.is_contiguous()
+    assert_close_to_reference(got, want64, torch_result, name="out")
+    args = [t.clone().requires_grad_() if t is not None else None for t in (w, x, b)]
+    grad = randn(M, N, dtype=dtype)
+    got_grads = torch.autograd.grad(OPS.lstm_weight_mm(*args), [t for t in args if t is not None],
+                                    grad)
+    want_grads = (grad.double() @ x.double().t(), w.double().t() @ grad.double(),
+                  grad.double().sum(1))
+    for name, g, want in zip(("grad_weight", "grad_x", "grad_bias"), got_grads, want_grads,
+                             strict=False):
+        assert_close_to_reference(g, want, name=name)
+    torch.library.opcheck(OPS.lstm_weight_mm.default, args)
+
+
 # ---- opcheck and gradcheck ---------------------------------------------------------------------
 
 

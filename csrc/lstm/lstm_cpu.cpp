@@ -209,6 +209,28 @@ std::tuple<Tensor, Tensor, Tensor> lstm_sequence_fwd_cpu(const Tensor& x_proj, c
   return {h_all, c_all, gates_all};
 }
 
+// The training input projection (weight = w_ih, x = input^T: x_proj feature-major, as
+// lstm_layer_infer computes it): float32 on oneDNN's brgemm (lstm_gemm_cpu.h, kernels that depend
+// on the weight's shape alone), other dtypes and FASTATTN_LSTM_GEMM=torch on at::mm.
+Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor& bias) {
+  constexpr const char* op = "fastattn::lstm_weight_mm";
+  lstm_dtype(weight, op);
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && weight.size(1) == x.size(0), op,
+              ": weight must be [M, K] and x [K, N], got ", weight.sizes(), " and ", x.sizes());
+  check_like(x, weight, x.sizes(), op, "x");
+  if (given(bias)) check_like(*bias, weight, {weight.size(0)}, op, "bias");
+  Tensor out = at::empty({weight.size(0), x.size(1)}, weight.options());
+  const Tensor w = weight.contiguous();
+  if (!lstm_gemm::mm_out(out, w, x, given(bias) ? *bias : Tensor())) {
+    if (given(bias)) {
+      at::addmm_out(out, bias->unsqueeze(1), w, x);
+    } else {
+      at::mm_out(out, w, x);
+    }
+  }
+  return out;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
     const Tensor& grad_h_all, const Tensor& grad_c_all, const Tensor& h0, const Tensor& c0,
     const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
@@ -288,6 +310,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("lstm_layer_fwd", &lstm_layer_fwd_cpu);
   m.impl("lstm_layer_infer", &lstm_layer_infer_cpu);
   m.impl("lstm_layer_bwd", &lstm_layer_bwd_cpu);
+  m.impl("lstm_weight_mm", &lstm_weight_mm_cpu);
 }
 
 }  // namespace fastattn

@@ -1,7 +1,9 @@
-// The CPU LSTM inference's float32 input projection through ATen's oneDNN micro-kernels
-// (at::native::cpublas::brgemm) on B panels we pack, instead of torch.mm: on the 2-core AMD EPYC
-// (Zen 4) torch.mm goes to MKL, whose code path there reached 84-96 GFLOP/s on these shapes at
-// one thread, oneDNN's AVX-512 brgemm 99-107 (FMA peak 114).
+// The CPU LSTM's float32 input projection (inference and training) through ATen's oneDNN
+// micro-kernels (at::native::cpublas::brgemm) on B panels we pack, instead of torch.mm: on the
+// 2-core AMD EPYC (Zen 4) torch.mm goes to MKL, whose code path there reached 84-96 GFLOP/s on
+// these shapes at one thread, oneDNN's AVX-512 brgemm 99-107 (FMA peak 114). The gradient into the
+// input stays on torch.mm: it reduces over 4H, and its packed panels fall out of L2 (brgemm 56-65
+// GFLOP/s there, MKL 79-87).
 #pragma once
 
 #include <ATen/ATen.h>

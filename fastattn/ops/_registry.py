@@ -139,6 +139,9 @@ SCHEMAS.update({
     f"Tensor w_hh, {_LSTM_LAYER_OPTIONS}, Tensor h_all, Tensor c_all, Tensor gates_all, "
     "Tensor hpre_all) -> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, "
     "Tensor grad_w_hr)",
+    # CPU only: out [M, N] = weight [M, K] @ x [K, N] (+ bias[:, None]), contiguous; the training
+    # input projection computes x_proj feature-major with it (weight = w_ih, x = input^T).
+    "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias) -> Tensor",
 })
 
 # LayerNorm-LSTM layer ops: one layer in one direction as lstm_layer_fwd / _bwd (same layouts,
