@@ -441,6 +441,15 @@ def test_bf16_backward_non_contiguous_gqa():
     check(q, k, v, make_opts(window_right=0), against_torch=True)
 
 
+# The avx512 bf16 backward keeps a kv head's packed query tiles (48 KiB each at E = 64) while
+# they fit in 1 MiB, else packs them for every key tile: GQA group 2 x 4 query tiles (kept),
+# group 4 x 7 tiles (1.3 MiB: packed anew), both with several key tiles and tails.
+@pytest.mark.parametrize("Hq, L", [(4, 200), (8, 417)], ids=["kept", "repacked"])
+def test_bf16_backward_query_tiles_of_a_kv_head(Hq, L):
+    q, k, v = inputs(1, Hq, 2, L, L + 30, 64, 64, torch.bfloat16)
+    check(q, k, v, make_opts(window_right=0), against_torch=True)
+
+
 # Odd lengths (a single row, tails of the 64-row query tiles and of the 64- and 128-key tiles
 # (the avx512 forward's), odd key counts that leave half a key pair for the bf16 dot products)
 # and head dims off the 32-lane padding (8, 72).

@@ -206,10 +206,37 @@ constexpr double kParallelFlops = 4e6;
 // measures it on a quiet machine.
 constexpr double kSplitParallelFlops = 1e6;
 
+#ifdef CPU_CAPABILITY_AVX512
+// exp(x) = 2^n p(r), n = round(x log2(e)), r = x - n ln(2) in [-ln(2)/2, ln(2)/2], p a degree-5
+// polynomial (the coefficients and the accuracy of at::vec's exp_u20), with vscalefps applying
+// 2^n: 10 instructions against exp_u20's ~19, whose integer exponent assembly (conversions,
+// shift, blend) costs as much as its polynomial. The softmax's exp took ~10% of the bf16 and fp32
+// forward and backward on Zen 4. x is clamped to [-104, 88.8] first (NaN kept: vmaxps and vminps
+// return their second operand when either is NaN): exp(-104) rounds to 0 and exp(88.8) to inf,
+// and -inf (a masked score) would otherwise meet inf - inf in r.
+inline Vectorized<float> exp_avx512(const Vectorized<float>& x) {
+  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.8f),
+                                       _mm512_max_ps(_mm512_set1_ps(-104.f), __m512(x)));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), clamped);
+  __m512 poly = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.166676521f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.499991506f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.999999701f));
+  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(poly, n);
+}
+#endif
+
 template <typename T>
 Vectorized<T> vec_exp(const Vectorized<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
+#ifdef CPU_CAPABILITY_AVX512
+    return exp_avx512(x);
+#else
     return x.exp_u20();
+#endif
   } else {
     return x.map([](T v) { return std::exp(v); });
   }
@@ -401,11 +428,15 @@ struct FmaProducts {
       pack_transposed(k, k_rs, n, pr.p.head_dim, kt.data(), pr.n_pad);
       pack_transposed(v, v_rs, n, pr.p.v_head_dim, vt.data(), pr.n_pad);
     }
+    // Query tile `tile` (g * n_qb + qb) of kv head `head` (b * kv_heads + hk) of the call:
+    // only the bf16 operands below keep packed tiles by it.
     void pack_queries(const Problem& pr, const scalar_t* q, int64_t q_rs, const scalar_t* dout,
-                      int64_t dout_rs, int64_t m) {
+                      int64_t dout_rs, int64_t m, int64_t /*head*/, int64_t /*tile*/) {
       pack_q(pr, q, q_rs, m, qs.data());
       pack_rows(dout, dout_rs, m, pr.p.v_head_dim, acc_t(1), dob.data(), pr.ev_pad);
     }
+    // The packed query tile as qk reads it.
+    const acc_t* scores_queries() const { return qs.data(); }
     // dp [m, n_pad] = dO V^T, where row i sees keys j < i + diag (0 elsewhere).
     void dp(const Problem& pr, int64_t m, acc_t* dp, int64_t diag) const {
       std::fill(dp, dp + m * pr.n_pad, acc_t(0));
@@ -656,17 +687,32 @@ struct TileProducts<c10::BFloat16, float> {
               pr.ev_pad, 1.f, kAllVisible, diag);
   }
 
-  // The FMA path's buffers hold the pair layouts (kt and vt as transposed pairs, qs and dob as
-  // column pairs, kb as row pairs), plus row pairs of the query tile for the products that
-  // reduce over queries.
+  // The FMA path's buffers hold the key tile's pair layouts (kt and vt as transposed pairs, kb
+  // as row pairs). A query tile has four (column pairs of q as qk reads them and of dO, row pairs
+  // of both for the products that reduce over queries), kept in `queries` for every query tile
+  // of the current kv head: every key tile of a head meets the same query tiles, and packing
+  // them anew for each key tile took ~5% of the bf16 backward at L = S = 512 (Zen 4). A head
+  // whose packed tiles would not fit in kMaxCachedQueryBytes (about a Zen 4 core's L2, where
+  // the next key tile finds them; reasoned, not tuned) uses one slot, packed for every key tile.
+  static constexpr int64_t kMaxCachedQueryBytes = int64_t{1} << 20;
   struct Backward : Fma::Backward {
-    std::vector<float> q_rows, dout_rows;  // [kBlockM / 2, e_pad], [kBlockM / 2, ev_pad]
-    std::vector<float> transposed;         // [kBlockM / 2, n_pad]: P or dS as row pairs
+    int64_t slot_floats = 0, slots = 0;
+    std::vector<float> queries;  // [slots][qs | dob | q_rows | dout_rows]
+    std::vector<char> packed;    // per slot: holds tile `slot` of kv head `packed_head`
+    int64_t packed_head = -1;
+    float *cur_qs = nullptr, *cur_dob = nullptr, *cur_q_rows = nullptr, *cur_dout_rows = nullptr;
+    std::vector<float> transposed;  // [kBlockM / 2, n_pad]: P or dS as row pairs
 
     explicit Backward(const Problem& pr)
-        : Fma::Backward(pr), q_rows(on() ? kBlockM / 2 * pr.e_pad : 0),
-          dout_rows(on() ? kBlockM / 2 * pr.ev_pad : 0),
-          transposed(on() ? kBlockM / 2 * pr.n_pad : 0) {}
+        : Fma::Backward(pr), transposed(on() ? kBlockM / 2 * pr.n_pad : 0) {
+      if (!on()) return;
+      slot_floats = kBlockM * (pr.e_pad + pr.ev_pad) + kBlockM / 2 * (pr.e_pad + pr.ev_pad);
+      const int64_t tiles = pr.group * ceil_div(pr.p.q_len, kBlockM);
+      slots = tiles * slot_floats * static_cast<int64_t>(sizeof(float)) <= kMaxCachedQueryBytes
+          ? tiles : 1;
+      queries.resize(slots * slot_floats);
+      packed.assign(slots, 0);
+    }
 
     void pack_keys(const Problem& pr, const bf16* k, int64_t k_rs, const bf16* v, int64_t v_rs,
                    int64_t n) {
@@ -677,32 +723,44 @@ struct TileProducts<c10::BFloat16, float> {
     }
     // (Unlike pack_q, a single row is packed too: the backward always scores through qk.)
     void pack_queries(const Problem& pr, const bf16* q, int64_t q_rs, const bf16* dout,
-                      int64_t dout_rs, int64_t m) {
-      if (!on()) return Fma::Backward::pack_queries(pr, q, q_rs, dout, dout_rs, m);
-      pack_column_pairs(q, q_rs, m, pr.p.head_dim, pairs(qs.data()), pr.e_pad);
-      pack_row_pairs(q, q_rs, m, pr.p.head_dim, pairs(q_rows.data()), pr.e_pad);
-      pack_column_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(dob.data()), pr.ev_pad);
-      pack_row_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(dout_rows.data()), pr.ev_pad);
+                      int64_t dout_rs, int64_t m, int64_t head, int64_t tile) {
+      if (!on()) return Fma::Backward::pack_queries(pr, q, q_rs, dout, dout_rs, m, head, tile);
+      if (head != packed_head) {
+        std::fill(packed.begin(), packed.end(), 0);
+        packed_head = head;
+      }
+      const int64_t slot = slots == 1 ? 0 : tile;
+      cur_qs = queries.data() + slot * slot_floats;
+      cur_dob = cur_qs + kBlockM * pr.e_pad;
+      cur_q_rows = cur_dob + kBlockM * pr.ev_pad;
+      cur_dout_rows = cur_q_rows + kBlockM / 2 * pr.e_pad;
+      if (slots > 1 && packed[slot]) return;
+      packed[slot] = 1;
+      pack_column_pairs(q, q_rs, m, pr.p.head_dim, pairs(cur_qs), pr.e_pad);
+      pack_column_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(cur_dob), pr.ev_pad);
+      pack_row_pairs(q, q_rs, m, pr.p.head_dim, pairs(cur_q_rows), pr.e_pad);
+      pack_row_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(cur_dout_rows), pr.ev_pad);
     }
+    const float* scores_queries() const { return on() ? cur_qs : qs.data(); }
     void dp(const Problem& pr, int64_t m, float* dp, int64_t diag) const {
       if (!on()) return Fma::Backward::dp(pr, m, dp, diag);
       // The columns that dot leaves unwritten must read 0 (dS = P (dP - delta) with P = 0).
       if (diag < kAllVisible) std::fill(dp, dp + m * pr.n_pad, 0.f);
-      dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(dob.data()), pr.ev_pad, 1,
+      dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(cur_dob), pr.ev_pad, 1,
                  pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f, diag);
     }
     void dv(const Problem& pr, int64_t m, int64_t n, const float* p, float* dv, int64_t diag) {
       if (!on()) return Fma::Backward::dv(pr, m, n, p, dv, diag);
       pack_row_pairs(p, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
       dot<true>(n, pr.ev_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
-                pairs(dout_rows.data()), pr.ev_pad, dv, pr.ev_pad, 1.f);
+                pairs(cur_dout_rows), pr.ev_pad, dv, pr.ev_pad, 1.f);
     }
     void dk_dq(const Problem& pr, int64_t m, int64_t n, float* ds, float* dk, float* dq,
                int64_t diag) {
       if (!on()) return Fma::Backward::dk_dq(pr, m, n, ds, dk, dq, diag);
       pack_row_pairs(ds, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
       dot<true>(n, pr.e_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
-                pairs(q_rows.data()), pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
+                pairs(cur_q_rows), pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
       to_pairs_in_place(ds, m, pr.n_pad, pr.n_pad);
       dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
                 dq, pr.e_pad, 1.f, kAllVisible, diag);
@@ -1154,10 +1212,12 @@ struct BackwardTile {
         const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
         if (!pr.tile_visible(sq, q0, m, k0, n)) continue;
         operands.pack_queries(pr, q + q0 * p.q_stride[2], p.q_stride[2],
-                              dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m);
+                              dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m,
+                              sq.b * p.kv_heads + hk, g * n_qb + qb);
         // The forward's score products on the forward's packing: P is the forward's.
         Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n,
-                                                   operands.qs.data(), operands.kt.data(), k,
+                                                   operands.scores_queries(),
+                                                   operands.kt.data(), k,
                                                    p.k_stride[2], s.data(), t.data());
         // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row
         // that saw a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN).
