@@ -258,7 +258,9 @@ void check_index_tensor(const at::Tensor& t, const char* op, const char* name, i
 }
 
 // Checks cu_seqlens (int32 [B + 1] from 0, non-decreasing, ending at total, no length above
-// max_len) and returns it contiguous.
+// max_len) and returns it contiguous. The value checks raise ValueError (TORCH_CHECK_VALUE):
+// on CPU tensors they are the only check of these values (the Python op layer skips its own
+// and re-raises these as FastattnValueError), so they must read as fastattn's other value errors.
 at::Tensor checked_cu_seqlens(const at::Tensor& cu, const char* name, int64_t batch,
                               int64_t total, int64_t max_len, const char* max_name) {
   const char* op = "attention_varlen";
@@ -267,15 +269,17 @@ at::Tensor checked_cu_seqlens(const at::Tensor& cu, const char* name, int64_t ba
               batch + 1, " entries (as cu_seqlens_q), got ", cu.size(0));
   at::Tensor c = cu.contiguous();
   const int32_t* o = c.data_ptr<int32_t>();
-  TORCH_CHECK(o[0] == 0, "fastattn ", op, " (cpu): ", name, " must start at 0, got ", o[0]);
+  TORCH_CHECK_VALUE(o[0] == 0, "fastattn ", op, " (cpu): ", name, " must start at 0, got ",
+                    o[0]);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(o[b + 1] >= o[b], "fastattn ", op, " (cpu): ", name,
-                " must be non-decreasing, got ", o[b], " then ", o[b + 1], " at ", b);
-    TORCH_CHECK(o[b + 1] - o[b] <= max_len, "fastattn ", op, " (cpu): sequence ", b, " has ",
-                o[b + 1] - o[b], " rows, more than ", max_name, " = ", max_len);
+    TORCH_CHECK_VALUE(o[b + 1] >= o[b], "fastattn ", op, " (cpu): ", name,
+                      " must be non-decreasing, got ", o[b], " then ", o[b + 1], " at ", b);
+    TORCH_CHECK_VALUE(o[b + 1] - o[b] <= max_len, "fastattn ", op, " (cpu): ", name,
+                      " gives sequence ", b, " ", o[b + 1] - o[b], " rows, more than ", max_name,
+                      " = ", max_len);
   }
-  TORCH_CHECK(o[batch] == total, "fastattn ", op, " (cpu): ", name, "[-1] = ", o[batch],
-              " must equal the total row count ", total);
+  TORCH_CHECK_VALUE(o[batch] == total, "fastattn ", op, " (cpu): ", name, "[-1] = ", o[batch],
+                    " must equal the total token count ", total);
   return c;
 }
 

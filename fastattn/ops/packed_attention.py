@@ -91,6 +91,24 @@ def _raise_failed(fn: str, facts: list[tuple[torch.Tensor, Callable[[], str]]]) 
             raise FastattnValueError(f"{fn}: {message()}")
 
 
+def _kernel_value_errors(op: Callable) -> Callable:
+    """``op``, its ValueErrors (the C++ CPU op's checks of the offsets' values, the only check of
+    them on CPU tensors) re-raised as FastattnValueError, as the Python checks would raise. While
+    torch.compile traces, ``op`` as it is: the compiled graph raises them as plain ValueError."""
+    if torch.compiler.is_compiling():
+        return op
+
+    def call(*args: Any) -> Any:
+        try:
+            return op(*args)
+        except FastattnValueError:
+            raise
+        except ValueError as error:
+            raise FastattnValueError(str(error)) from error
+
+    return call
+
+
 def _check_index_tensor(fn: str, name: str, t: Any, dim: int, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dim:
         raise FastattnValueError(
@@ -146,10 +164,13 @@ def attention_varlen(
     Differentiable in q, k and v.
 
     Value checks: the offsets' values (start 0, non-decreasing, last == total, lengths within
-    max_seqlen) are checked at the cost of one host sync per call, raising ValueError. Pass
-    check_values=False, or set FASTATTN_SKIP_VALUE_CHECKS=1, to skip it (a GPU then never
-    waits); it is also skipped while torch.compile traces. The CPU kernels check the values
-    they index with in any case; on a GPU, wrong offsets then give wrong results.
+    max_seqlen) are checked before any output is written, raising ValueError naming the
+    offsets. On CPU tensors with the C++ kernels, the op checks them itself on every call,
+    forward and backward (a pass over B + 1 ints, no extra cost; check_values does not turn it
+    off). Elsewhere (GPU, reference backend) they are checked at the cost of one host sync per
+    call; pass check_values=False, or set FASTATTN_SKIP_VALUE_CHECKS=1, to skip it (a GPU then
+    never waits); it is also skipped while torch.compile traces, and on a GPU wrong offsets
+    then give wrong results. Under torch.compile the CPU op's error is a plain ValueError.
     """
     fn = "attention_varlen"
     _check_tokens(fn, q, k, v, 3, "[tokens, heads, dim]")
@@ -178,7 +199,12 @@ def attention_varlen(
             f"{fn}: max_seqlen_q / max_seqlen_k must be >= 0, got {max_seqlen_q} / {max_seqlen_k}"
         )
     opts, alibi = attention_options(fn, q, batch, **options)
-    if _value_checks_wanted(check_values):
+    backend = _choose_backend(fn, q.device, q.dtype, E, Ev, *_grid_extent(batch, Hq))
+    use_reference = backend == "reference" or 0 in (Hq, E, Ev)
+    # The C++ CPU op checks the offsets' values itself (checked_cu_seqlens): checking them here
+    # too would cost more than the rest of a small call.
+    kernel_checks_values = backend == "cpu" and q.device.type == "cpu" and not use_reference
+    if not kernel_checks_values and _value_checks_wanted(check_values):
         facts = []
         for name, cu, total, max_len, max_name in (
             ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q"),
@@ -198,13 +224,13 @@ def attention_varlen(
             ]
         _raise_failed(fn, facts)
 
-    backend = _choose_backend(fn, q.device, q.dtype, E, Ev, *_grid_extent(batch, Hq))
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi, *opts.op_args())
-    if backend == "reference" or 0 in (Hq, E, Ev):
+    if use_reference:
         out, lse = reference.attention_varlen_reference(q, k, v, *args)
     else:
         fwd = _triton_ops()[0] if backend == "triton" else torch.ops.fastattn.attention_varlen_fwd
-        out, lse = differentiable(fwd)(*(_last_dim_contiguous(t) for t in (q, k, v)), *args)
+        fwd = _kernel_value_errors(differentiable(fwd))
+        out, lse = fwd(*(_last_dim_contiguous(t) for t in (q, k, v)), *args)
     return (out, lse.detach()) if return_lse else out
 
 
