@@ -497,3 +497,18 @@ def test_opcheck():
                           (torch.randn_like(out), q, k, v, out, lse, *args, True),
                           test_utils=("test_schema", "test_faketensor"))
 
+
+
+def test_varlen_op_raises_value_error_on_bad_offsets():
+    """The op's checks of cu_seqlens' values (the only ones on CPU tensors) raise ValueError
+    naming the offsets, forward and backward."""
+    q = torch.randn(8, 2, 16)
+    good = torch.tensor([0, 3, 5, 8], dtype=torch.int32)
+    bad = torch.tensor([0, 6, 5, 8], dtype=torch.int32)
+    options = (None, 0.0, None, 0.25, -1, -1, False, 0.0)
+    out, lse = torch.ops.fastattn.attention_varlen_fwd(q, q, q, good, good, 5, 5, *options)
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        torch.ops.fastattn.attention_varlen_fwd(q, q, q, good, bad, 5, 5, *options)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        torch.ops.fastattn.attention_varlen_bwd(out, q, q, q, out, lse, bad, good, 5, 5,
+                                                *options)

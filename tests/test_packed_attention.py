@@ -215,15 +215,35 @@ def test_varlen_rejects_bad_cu_seqlens(bad, message):
         fastattn.attention_varlen(q, q, q, cu, bad(cu), 5, 5)
 
 
-def test_varlen_cpu_kernel_checks_values_when_python_does_not():
-    """check_values=False skips the host-side check; the CPU op still refuses bad offsets."""
+@pytest.mark.parametrize("check_values", [True, False], ids=["checks-on", "checks-off"])
+@pytest.mark.parametrize("name", ["cu_seqlens_q", "cu_seqlens_k"])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (lambda cu: cu.to(torch.int64), "1-D int32"),
+        (lambda cu: cu[None], "1-D int32"),
+        (lambda cu: cu.to("meta"), "is on meta"),
+        (lambda cu: cu - 1, "must start at 0"),
+        (lambda cu: torch.tensor([0, -1, 5, 8], dtype=torch.int32), "non-decreasing"),
+        (lambda cu: torch.tensor([0, 6, 5, 8], dtype=torch.int32), "non-decreasing"),
+        (lambda cu: torch.tensor([0, 3, 5, 7], dtype=torch.int32), "total token count 8"),
+        (lambda cu: torch.tensor([0, 1, 7, 8], dtype=torch.int32), "max_seqlen"),
+    ],
+    ids=["int64", "2-D", "meta", "first", "negative", "decreasing", "last", "too-long"],
+)
+def test_varlen_cpu_op_rejects_bad_cu_seqlens(bad, message, name, check_values):
+    """On CPU tensors the C++ op alone checks the offsets' values (the Python check is skipped,
+    check_values or not); its errors read as the Python checks': FastattnValueError (a
+    ValueError and a RuntimeError) naming the offsets."""
     require("cpu")
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    cu = torch.tensor([0, 3, 5, 8], dtype=torch.int32)
     q = torch.randn(8, 2, 16)
-    with fastattn.use_backend("cpu"):
-        for bad_k, max_k in ((torch.tensor([0, 6, 5], dtype=torch.int32), 8), (cu, 4)):
-            with pytest.raises(RuntimeError, match="cu_seqlens_k|max_seqlen_k"):
-                fastattn.attention_varlen(q, q, q, cu, bad_k, 5, max_k, check_values=False)
+    offsets = {"cu_seqlens_q": cu, "cu_seqlens_k": cu, name: bad(cu)}
+    with fastattn.use_backend("cpu"), pytest.raises(ValueError, match=message) as caught:
+        fastattn.attention_varlen(q, q, q, offsets["cu_seqlens_q"], offsets["cu_seqlens_k"], 5,
+                                  5, check_values=check_values)
+    assert isinstance(caught.value, RuntimeError)
+    assert name in str(caught.value)
 
 
 # ---- KV cache ----------------------------------------------------------------------------------

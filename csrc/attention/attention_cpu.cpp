@@ -271,15 +271,18 @@ at::Tensor checked_cu_seqlens(const at::Tensor& cu, const char* name, int64_t ba
   const int32_t* o = c.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(o[0] == 0, "fastattn ", op, " (cpu): ", name, " must start at 0, got ",
                     o[0]);
+  // In the Python checks' order (a decrease is reported as such, not as a long sequence).
   for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK_VALUE(o[b + 1] >= o[b], "fastattn ", op, " (cpu): ", name,
                       " must be non-decreasing, got ", o[b], " then ", o[b + 1], " at ", b);
+  }
+  TORCH_CHECK_VALUE(o[batch] == total, "fastattn ", op, " (cpu): ", name, "[-1] = ", o[batch],
+                    " must equal the total token count ", total);
+  for (int64_t b = 0; b < batch; ++b) {
     TORCH_CHECK_VALUE(o[b + 1] - o[b] <= max_len, "fastattn ", op, " (cpu): ", name,
                       " gives sequence ", b, " ", o[b + 1] - o[b], " rows, more than ", max_name,
                       " = ", max_len);
   }
-  TORCH_CHECK_VALUE(o[batch] == total, "fastattn ", op, " (cpu): ", name, "[-1] = ", o[batch],
-                    " must equal the total token count ", total);
   return c;
 }
 
