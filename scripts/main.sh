@@ -8,8 +8,8 @@
 # benchmarks/README.md says how to commit one).
 #   OUT          scratch folder for the raw benchmark JSON and the trainer runs (default: runs/main)
 #   TRAIN_FLAGS  extra flags for both trainer runs (default: none, the trainer's default run)
-# About 20-25 minutes on a quiet 2-core CPU (an estimate: the quick grid took ~10 before its
-# baselines were timed interleaved and the fair baselines added, ~15 now; trainer 2 x ~2.5).
+# About 20 minutes on a 2-core CPU once set up (2026-12-04, AVX2 EPYC: quick grid 14 min, trainer
+# 2 x ~2); on a fresh machine setup.sh first builds the extension (~6 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
