@@ -116,6 +116,10 @@ def check(q, k, v, opts, *, against_torch=False, mask_grad=False):
 
 SHAPES = [  # B, Hq, Hk, L, S, E, Ev
     pytest.param((1, 2, 2, 1, 7, 8, 8), id="L1-S7-E8"),
+    # A single row reads keys and values in place, in groups of one vector of keys and blocks of
+    # up to 8 vectors of the output: partial vectors, a 9th output vector, Ev != E.
+    pytest.param((1, 3, 1, 1, 33, 40, 24), id="L1-S33-E40-Ev24-gqa3"),
+    pytest.param((1, 2, 2, 1, 130, 136, 130), id="L1-S130-E136-Ev130"),
     pytest.param((2, 2, 2, 7, 33, 40, 40), id="L7-S33-E40"),
     pytest.param((1, 4, 2, 33, 100, 64, 64), id="L33-S100-E64-gqa"),
     pytest.param((1, 2, 2, 100, 33, 80, 48), id="L100-S33-E80-Ev48"),

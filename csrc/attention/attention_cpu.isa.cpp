@@ -242,32 +242,77 @@ Vectorized<T> vec_exp(const Vectorized<T>& x) {
   }
 }
 
-// sum_e a[e] * x[e] (x converted to acc_t).
+// count <= lanes consecutive elements of x as acc_t lanes (the others zero).
 template <typename acc_t, typename scalar_t>
-acc_t dot_row(const acc_t* a, const scalar_t* x, int64_t n) {
+C10_ALWAYS_INLINE Vectorized<acc_t> load_lanes(const scalar_t* x, int64_t count) {
   using Vec = Vectorized<acc_t>;
-  Vec acc(acc_t(0));
-  int64_t e = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (; e + Vec::size() <= n; e += Vec::size()) {
-      acc = at::vec::fmadd(Vec::loadu(a + e), Vec::loadu(x + e), acc);
-    }
+    return count == Vec::size() ? Vec::loadu(x) : Vec::loadu(x, count);
   } else {
-    for (; e + Vectorized<scalar_t>::size() <= n; e += Vectorized<scalar_t>::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x + e));
-      acc = at::vec::fmadd(Vec::loadu(a + e), lo, acc);
-      acc = at::vec::fmadd(Vec::loadu(a + e + Vec::size()), hi, acc);
-    }
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x, count)));
   }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& u, Vec& w) { return u + w; }, acc);
-  for (; e < n; ++e) sum += a[e] * static_cast<acc_t>(x[e]);
-  return sum;
 }
 
-// y[e] += a * x[e] for e < n (x converted to acc_t).
+// s[j] = sum_e q[e] * k[j * k_rs + e] for e < E, j < n: a single query row's scores, reading
+// the key rows in place (q zero-padded to whole vectors). Each key's products stay a vector
+// of partial sums; a group of one vector's worth of keys is transposed and added up at once,
+// which costs a few instructions per key where a horizontal sum per key (a chain of 4 shuffles
+// and adds on AVX-512) took most of a decode step's scoring time (Zen 4).
 template <typename acc_t, typename scalar_t>
-void axpy_row(acc_t a, const scalar_t* x, acc_t* y, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) y[e] += a * static_cast<acc_t>(x[e]);
+void row_scores(const acc_t* q, const scalar_t* k, int64_t k_rs, int64_t n, int64_t E, acc_t* s) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
+  alignas(64) acc_t part[L * L] = {};
+  alignas(64) acc_t by_lane[L * L];
+  const int64_t nvec = ceil_div(E, L), tail = E - (nvec - 1) * L;
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+    const int64_t keys = std::min(L, n - j0);
+    for (int64_t j = 0; j < keys; ++j) {
+      const scalar_t* row = k + (j0 + j) * k_rs;
+      Vec acc(acc_t(0));
+      for (int64_t c = 0; c < nvec; ++c) {
+        const int64_t lanes = c + 1 < nvec ? L : tail;
+        acc = at::vec::fmadd(Vec::loadu(q + c * L), load_lanes<acc_t>(row + c * L, lanes), acc);
+      }
+      acc.store(part + j * L);
+    }
+    at::vec::transpose_mxn<acc_t, L, L>(part, L, by_lane, L);
+    Vec total = Vec::loadu(by_lane);
+    for (int64_t l = 1; l < L; ++l) total = total + Vec::loadu(by_lane + l * L);
+    total.store(s + j0, keys);
+  }
+}
+
+// o[e] += sum_j p[j] * v[j * v_rs + e] for e < ev, j < n: a single query row's PV, reading the
+// value rows in place. A block of up to 8 vectors of o stays in registers across the keys (8
+// accumulators, a broadcast and a load fit AVX2's 16): updating o in memory key by key chained
+// every key's FMAs through a store and a reload, 3/4 of a decode step's time (Zen 4). o must
+// have room for whole vectors past ev (its width is padded); the values' lanes past ev read as
+// zero. Keys with p[j] == 0 (masked, or underflowed) are skipped, so that a masked key's value
+// is never read, as the multi-row path's zero probabilities make it contribute nothing.
+template <typename acc_t, typename scalar_t>
+void row_pv(const acc_t* p, const scalar_t* v, int64_t v_rs, int64_t n, int64_t ev, acc_t* o) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t L = Vec::size();
+  for_row_blocks<8>(ceil_div(ev, L), [&](int64_t c0, auto block) {
+    constexpr int R = decltype(block)::value;
+    const int64_t e0 = c0 * L;
+    int64_t lanes[R];
+    Vec acc[R];
+    for (int r = 0; r < R; ++r) {
+      lanes[r] = std::min<int64_t>(L, ev - e0 - r * L);
+      acc[r] = Vec::loadu(o + e0 + r * L);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == acc_t(0)) continue;
+      const Vec pj(p[j]);
+      const scalar_t* row = v + j * v_rs + e0;
+      for (int r = 0; r < R; ++r) {
+        acc[r] = at::vec::fmadd(pj, load_lanes<acc_t>(row + r * L, lanes[r]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) acc[r].store(o + e0 + r * L);
+  });
 }
 
 // dst[rows, ld] = scale * src rows (row stride src_rs), columns >= cols zeroed.
@@ -788,7 +833,7 @@ struct Scores {
     if (kt != nullptr) {
       Products::qk(pr, m, n, qs, kt, s, pr.visible_diag(sq, q0, k0));
     } else {
-      for (int64_t j = 0; j < n; ++j) s[j] = dot_row(qs, k_rows + j * k_rs, p.head_dim);
+      row_scores(qs, k_rows, k_rs, n, p.head_dim, s);
     }
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const bool full = pr.tile_full(sq, q0, m, k0, n);
@@ -990,11 +1035,7 @@ struct ForwardTile {
       }
       if (p.dropout_p > 0) apply_dropout(pr, sq, h, q0, m, k0, n, s.data(), ld);
       if (single_row) {
-        for (int64_t j = 0; j < n; ++j) {
-          if (s[j] != acc_t(0)) {
-            axpy_row(s[j], v_tile + j * p.v_stride[2], o.data(), p.v_head_dim);
-          }
-        }
+        row_pv(s.data(), v_tile, p.v_stride[2], n, p.v_head_dim, o.data());
       } else {
         Products::pv(pr, m, n, s.data(), vb, o.data(), pr.visible_diag(sq, q0, k0));
       }
