@@ -249,48 +249,62 @@ def test_layer_ops_reject_bad_arguments():
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-def test_weight_mm_matches_torch(dtype, bias):
+# steps = 3: 23-column groups, which the 64-column brgemm blocks cut across
+@pytest.mark.parametrize("steps", [1, 3])
+def test_weight_mm_matches_torch(dtype, bias, steps):
     # Sizes off every brgemm block (64 rows and columns, 512 deep); x a transposed view, as
     # fastattn.ops.lstm passes the input; then the gradients, as the module's backward takes them.
-    M, K, N = 130, 515, 67
+    M, K, N = 130, 515, 69
     w, x = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype).t()
     b = randn(M, dtype=dtype) if bias else None
-    want64 = w.double() @ x.double() + (b.double()[:, None] if bias else 0)
-    nan_heap((M, N), dtype=dtype)
-    got = OPS.lstm_weight_mm(w, x, b)
-    torch_result = torch.addmm(b[:, None], w, x) if bias else w @ x
-    assert got.is_contiguous()
+
+    def grouped(product):  # [M, N] -> [steps, M, N / steps]
+        return product.view(M, steps, N // steps).permute(1, 0, 2)
+
+    want64 = grouped(w.double() @ x.double() + (b.double()[:, None] if bias else 0))
+    nan_heap((steps, M, N // steps), dtype=dtype)
+    got = OPS.lstm_weight_mm(w, x, b, steps)
+    torch_result = grouped(torch.addmm(b[:, None], w, x) if bias else w @ x)
+    assert got.shape == (steps, M, N // steps) and got.is_contiguous()
     assert_close_to_reference(got, want64, torch_result, name="out")
     args = [t.clone().requires_grad_() if t is not None else None for t in (w, x, b)]
-    grad = randn(M, N, dtype=dtype)
-    got_grads = torch.autograd.grad(OPS.lstm_weight_mm(*args), [t for t in args if t is not None],
-                                    grad)
-    want_grads = (grad.double() @ x.double().t(), w.double().t() @ grad.double(),
-                  grad.double().sum(1))
+    grad = randn(steps, M, N // steps, dtype=dtype)
+    got_grads = torch.autograd.grad(OPS.lstm_weight_mm(*args, steps),
+                                    [t for t in args if t is not None], grad)
+    grad2d = grad.double().permute(1, 0, 2).reshape(M, N)
+    want_grads = (grad2d @ x.double().t(), w.double().t() @ grad2d, grad2d.sum(1))
     for name, g, want in zip(("grad_weight", "grad_x", "grad_bias"), got_grads, want_grads,
                              strict=False):
         assert_close_to_reference(g, want, name=name)
-    torch.library.opcheck(OPS.lstm_weight_mm.default, args)
+    torch.library.opcheck(OPS.lstm_weight_mm.default, (*args, steps))
+
+
+@needs_cpu_kernels
+def test_weight_mm_rejects_steps_that_do_not_divide():
+    w, x = randn(8, 5), randn(5, 6)
+    for steps in (0, 4):
+        with pytest.raises(ValueError, match="steps must be >= 1 and divide the 6 columns"):
+            OPS.lstm_weight_mm(w, x, None, steps)
 
 
 # ---- opcheck and gradcheck ---------------------------------------------------------------------
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("feature_major", [False, True], ids=["contiguous", "feature_major"])
+@pytest.mark.parametrize("step_major", [False, True], ids=["contiguous", "step_major"])
 # no options / every option
 @pytest.mark.parametrize("case", [LSTM_LAYER_CASES[0], LSTM_LAYER_CASES[-1]])
 # bf16: the CPU kernel saves gates_all in float32, and the fakes must say so
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
-def test_opcheck_layer_ops(case, feature_major, dtype):
+def test_opcheck_layer_ops(case, step_major, dtype):
     T, B, H = 3, 4, 5
     P = 3 if case["proj"] else H
     x_proj, h0, c0, w_hh, w_hr, batch_sizes, zc, zh = _layer_inputs(
         T, B, H, P, dtype, proj=case["proj"], zoneout=case["zoneout"],
         lengths=[3, 3, 2, 1] if case["lengths"] else None)
-    if feature_major:  # the layout fastattn.ops.lstm computes x_proj in: the fakes must follow it
-        x_proj = x_proj.permute(2, 0, 1).contiguous().permute(1, 2, 0)
-        assert x_proj.stride() == (B, 1, T * B)
+    if step_major:  # the layout fastattn.ops.lstm computes x_proj in
+        x_proj = x_proj.permute(0, 2, 1).contiguous().permute(0, 2, 1)
+        assert x_proj.stride() == (4 * H * B, 1, B)
     grads = [t.requires_grad_() for t in (x_proj, h0, c0, w_hh, w_hr) if t is not None]
     assert grads
     args = (x_proj, h0, c0, w_hh, w_hr, batch_sizes, case["reverse"], zc, zh)

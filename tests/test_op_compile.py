@@ -91,12 +91,12 @@ def test_opcheck_attention(dtype, case):
     opcheck(OPS.attention_bwd.default, bwd_args, dtype)
 
 
-def _layer_inputs(dtype, feature_major, options):
+def _layer_inputs(dtype, step_major, options):
     T, B, H = 4, 5, 6
     P = 3 if options else H
     x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
-    if feature_major:  # the layout fastattn.ops.lstm computes x_proj in
-        x_proj = x_proj.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    if step_major:  # the layout fastattn.ops.lstm computes x_proj in
+        x_proj = x_proj.permute(0, 2, 1).contiguous().permute(0, 2, 1)
     h0, c0 = randn(B, P, dtype=dtype), randn(B, H, dtype=dtype)
     w_hh = randn(4 * H, P, dtype=dtype, scale=0.5)
     w_hr = batch_sizes = zc = zh = None
@@ -116,10 +116,10 @@ def _detached(args):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("feature_major", [False, True], ids=["contiguous", "feature-major"])
+@pytest.mark.parametrize("step_major", [False, True], ids=["contiguous", "step-major"])
 @pytest.mark.parametrize("options", [False, True], ids=["plain", "proj-packed-zoneout-reverse"])
-def test_opcheck_lstm_layer_ops(dtype, feature_major, options):
-    args = _layer_inputs(dtype, feature_major, options)
+def test_opcheck_lstm_layer_ops(dtype, step_major, options):
+    args = _layer_inputs(dtype, step_major, options)
     opcheck(OPS.lstm_layer_fwd.default, args, dtype)
     plain = _detached(args)
     with torch.no_grad():

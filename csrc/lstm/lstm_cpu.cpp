@@ -46,6 +46,16 @@ at::ScalarType math_type(const Tensor& t) {
 // A weight for the kernels: contiguous, in the math type.
 Tensor kernel_weight(const Tensor& w) { return w.to(math_type(w)).contiguous(); }
 
+// out [M, N] = w @ x (+ bias[:, None]) on at::mm, for the dtypes and CPUs that lstm_gemm::mm_out
+// leaves out.
+void torch_mm_out(Tensor out, const Tensor& w, const Tensor& x, const Tensor& bias) {
+  if (bias.defined()) {
+    at::addmm_out(out, bias.unsqueeze(1), w, x);
+  } else {
+    at::mm_out(out, w, x);
+  }
+}
+
 // ---- cell pointwise ops ----------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> lstm_cell_pointwise_fwd_cpu(const Tensor& gates_in, const Tensor& cx) {
@@ -137,10 +147,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   const bool proj = p.w_hr.defined();
   Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
   Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
-  // gates_all (and, in the backward, grad_x_proj) take x_proj's layout when it is dense (empty_like;
-  // the op fakes in fastattn/ops/lstm.py do the same): feature-major x_proj, feature-major gates.
-  // gates_all is in the math type (csrc/include/fastattn/lstm_cpu.h says why).
-  Tensor gates_all = at::empty_like(x_proj, opts.dtype(math_type(x_proj)));
+  // gates_all is step-major ([T, 4H, B] in memory), as the kernels read it fastest, and in the math
+  // type (csrc/include/fastattn/lstm_cpu.h says why); the op fakes in fastattn/ops/lstm.py match.
+  Tensor gates_all =
+      at::empty({p.T, 4 * p.H, p.B}, opts.dtype(math_type(x_proj))).permute({0, 2, 1});
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   run_layer_fwd(p, lstm_dtype(x_proj, op), kernel_weight(w_hh),
                 proj ? kernel_weight(p.w_hr) : Tensor(), x_proj, h0, c0, 0, p.T, h_all, c_all,
@@ -183,19 +193,18 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
     const int64_t t0 = reverse ? T - done - n : done;
-    // Feature-major [4H, n, B], seen as [n, B, 4H] (the kernel's fast layout).
-    Tensor x_proj_t = buffer.narrow(0, 0, 4 * H * n * B).view({4 * H, n * B});
+    // Step-major [n, 4H, B] (the kernel's fast layout) from brgemm; at::mm's feature-major
+    // [4H, n * B] where brgemm does not run (the kernel reads any layout).
     const Tensor x = input.narrow(0, t0, n).reshape({n * B, I});
-    if (!lstm_gemm::mm_out(x_proj_t, w_ih, x.t(), given(bias) ? *bias : Tensor())) {
-      if (given(bias)) {
-        at::addmm_out(x_proj_t, bias->unsqueeze(1), w_ih, x.t());
-      } else {
-        at::mm_out(x_proj_t, w_ih, x.t());
-      }
+    const Tensor b = given(bias) ? *bias : Tensor(), proj_buf = buffer.narrow(0, 0, 4 * H * n * B);
+    Tensor x_proj = proj_buf.view({n, 4 * H, B});
+    if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
+      torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);
+      x_proj = proj_buf.view({4 * H, n, B}).permute({1, 0, 2});
     }
     const bool first = done == 0;
     const int64_t prev = reverse ? t0 + n : t0 - 1;
-    run_layer_fwd(p, dtype, w_hh_k, w_hr_k, x_proj_t.view({4 * H, n, B}).permute({1, 2, 0}),
+    run_layer_fwd(p, dtype, w_hh_k, w_hr_k, x_proj.permute({0, 2, 1}),
                   first ? h0 : h_all[prev], first ? c0 : c_all[prev], t0, n, h_all, c_all,
                   Tensor(), Tensor());
   }
@@ -209,24 +218,25 @@ std::tuple<Tensor, Tensor, Tensor> lstm_sequence_fwd_cpu(const Tensor& x_proj, c
   return {h_all, c_all, gates_all};
 }
 
-// The training input projection (weight = w_ih, x = input^T: x_proj feature-major, as
+// The training input projection (weight = w_ih, x = input^T, steps = T: x_proj step-major, as
 // lstm_layer_infer computes it): float32 on oneDNN's brgemm (lstm_gemm_cpu.h, kernels that depend
 // on the weight's shape alone), other dtypes and FASTATTN_LSTM_GEMM=torch on at::mm.
-Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor& bias) {
+Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor& bias,
+                          int64_t steps) {
   constexpr const char* op = "fastattn::lstm_weight_mm";
   lstm_dtype(weight, op);
   TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && weight.size(1) == x.size(0), op,
               ": weight must be [M, K] and x [K, N], got ", weight.sizes(), " and ", x.sizes());
+  TORCH_CHECK_VALUE(steps >= 1 && x.size(1) % steps == 0, op, ": steps must be >= 1 and divide the ",
+                    x.size(1), " columns of x, got ", steps);
   check_like(x, weight, x.sizes(), op, "x");
   if (given(bias)) check_like(*bias, weight, {weight.size(0)}, op, "bias");
-  Tensor out = at::empty({weight.size(0), x.size(1)}, weight.options());
-  const Tensor w = weight.contiguous();
-  if (!lstm_gemm::mm_out(out, w, x, given(bias) ? *bias : Tensor())) {
-    if (given(bias)) {
-      at::addmm_out(out, bias->unsqueeze(1), w, x);
-    } else {
-      at::mm_out(out, w, x);
-    }
+  Tensor out = at::empty({steps, weight.size(0), x.size(1) / steps}, weight.options());
+  const Tensor w = weight.contiguous(), b = given(bias) ? *bias : Tensor();
+  if (!lstm_gemm::mm_out(out, w, x, b)) {
+    const Tensor product = at::empty({weight.size(0), x.size(1)}, weight.options());
+    torch_mm_out(product, w, x, b);
+    out.permute({1, 0, 2}).copy_(product.view({weight.size(0), steps, x.size(1) / steps}));
   }
   return out;
 }
@@ -254,7 +264,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
               op, ": gates_all must be ", math_type(c_all), " on ", c_all.device(), ", got ",
               gates_all.scalar_type(), " on ", gates_all.device());
   const auto opts = c_all.options();
-  Tensor grad_x_proj = at::empty_like(gates_all, opts);
+  // Feature-major ([4H, T, B] in memory): the weight gradients' GEMMs, here and in the Python
+  // backward of the input projection, read it as one [4H, T * B] matrix.
+  Tensor grad_x_proj = at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();

@@ -39,17 +39,20 @@ bool usable() {
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias) {
   const auto f32_cpu = [](const at::Tensor& t) {
-    return t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 2;
+    return t.scalar_type() == at::kFloat && t.device().is_cpu();
   };
-  if (!f32_cpu(out) || !f32_cpu(a) || !f32_cpu(b) || !usable()) return false;
-  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  if (out.stride(1) != 1 || a.stride(1) != 1 || out.size(0) != M || out.size(1) != N ||
-      b.size(0) != K || M == 0 || N == 0 || K == 0)
+  if (!f32_cpu(out) || !f32_cpu(a) || !f32_cpu(b) || a.dim() != 2 || b.dim() != 2 || !usable())
     return false;
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  // Column c of the product goes to out[c / group][m][c % group].
+  if (out.dim() != 3 || out.size(1) != M || out.size(0) * out.size(2) != N || !out.is_contiguous())
+    return false;
+  if (a.stride(1) != 1 || b.size(0) != K || M == 0 || N == 0 || K == 0) return false;
   if (row_bias.defined() && (row_bias.scalar_type() != at::kFloat || !row_bias.is_contiguous() ||
                              row_bias.numel() != M))
     return false;
-  const int64_t lda = a.stride(0), ldc = out.stride(0), bsk = b.stride(0), bsn = b.stride(1);
+  const int64_t group = out.size(2);
+  const int64_t lda = a.stride(0), bsk = b.stride(0), bsn = b.stride(1);
   // brgemm's rows must not overlap (a one-row view may carry any row stride).
   if (lda < K) return false;
   const float* A = a.const_data_ptr<float>();
@@ -75,11 +78,16 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
           cpublas::brgemm(rows, cols, std::min(kDepth, K - k0), lda, cols, cols, k0 > 0,
                           A + m0 * lda + k0, &panel[k0 * cols], block.data(), false);
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* dst = C + (m0 + r) * ldc + n0;
-          const float* src = &block[r * cols];
-          const float add = bias ? bias[m0 + r] : 0.f;
-          for (int64_t jj = 0; jj < n; ++jj) dst[jj] = src[jj] + add;
+        // The block's columns, a run per column group they fall in.
+        for (int64_t c0 = n0; c0 < n0 + n;) {
+          const int64_t run = std::min(n0 + n, (c0 / group + 1) * group) - c0;
+          float* dst = C + ((c0 / group) * M + m0) * group + c0 % group;
+          for (int64_t r = 0; r < rows; ++r) {
+            const float* src = &block[r * cols + (c0 - n0)];
+            const float add = bias ? bias[m0 + r] : 0.f;
+            for (int64_t jj = 0; jj < run; ++jj) dst[r * group + jj] = src[jj] + add;
+          }
+          c0 += run;
         }
       }
     }

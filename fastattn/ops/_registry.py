@@ -100,10 +100,10 @@ SCHEMAS.update({
 #   Outputs are the states after each time step, in time order: h_all [T, B, P], c_all [T, B, H];
 #   gates_all [T, B, 4H] holds the ACTIVATED gates (i, f, g, o after sigmoid/tanh) in the math
 #   dtype on every device (float32 for half/bfloat16: the backward's dc = grad_c + grad_h * o *
-#   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors); on
-#   CPU it takes x_proj's memory layout (empty_like), and grad_x_proj takes gates_all's:
-#   fastattn.ops.lstm computes x_proj feature-major ([4H, T, B] in memory), the layout the CPU
-#   kernel reads fastest;
+#   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors). On
+#   CPU, gates_all is step-major ([T, 4H, B] in memory) and grad_x_proj feature-major ([4H, T, B]
+#   in memory, one [4H, T * B] matrix for the weight gradients' GEMMs); x_proj may have any
+#   layout, and fastattn.ops.lstm computes it step-major, the layout the CPU kernel reads fastest;
 #   hpre_all [T, B, H] = o * tanh(c) before the projection (empty when w_hr is None).
 #   The step at time t reads the state of time t - 1 (t + 1 when reverse), h0/c0 at the first
 #   step (t = 0, or t = T - 1 when reverse). So h_n = h_all[T - 1] (h_all[0] when reverse).
@@ -139,9 +139,10 @@ SCHEMAS.update({
     f"Tensor w_hh, {_LSTM_LAYER_OPTIONS}, Tensor h_all, Tensor c_all, Tensor gates_all, "
     "Tensor hpre_all) -> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, "
     "Tensor grad_w_hr)",
-    # CPU only: out [M, N] = weight [M, K] @ x [K, N] (+ bias[:, None]), contiguous; the training
-    # input projection computes x_proj feature-major with it (weight = w_ih, x = input^T).
-    "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias) -> Tensor",
+    # CPU only: weight [M, K] @ x [K, N] (+ bias[:, None]) as a contiguous out [steps, M, N / steps],
+    # out[s] = the product's columns s * N / steps ... (s + 1) * N / steps - 1; the training input
+    # projection computes x_proj step-major with it (weight = w_ih, x = input^T, steps = T).
+    "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias, int steps) -> Tensor",
 })
 
 # LayerNorm-LSTM layer ops: one layer in one direction as lstm_layer_fwd / _bwd (same layouts,

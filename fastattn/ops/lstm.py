@@ -120,11 +120,12 @@ def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
 
 
 def _gates_all_fake(x_proj):
-    # gates_all is in the math dtype on every device; on CPU it takes x_proj's layout
-    # (csrc/lstm/lstm_cpu.cpp), on CUDA it is contiguous (csrc/lstm/lstm_cuda.cpp).
+    # gates_all is in the math dtype on every device; on CPU it is step-major ([T, 4H, B] in
+    # memory, csrc/lstm/lstm_cpu.cpp), on CUDA contiguous (csrc/lstm/lstm_cuda.cpp).
+    T, B, G = x_proj.shape
     if x_proj.device.type == "cpu":
-        return torch.empty_like(x_proj, dtype=_opmath(x_proj.dtype))
-    return x_proj.new_empty(x_proj.shape, dtype=_opmath(x_proj.dtype))
+        return x_proj.new_empty(T, G, B, dtype=_opmath(x_proj.dtype)).permute(0, 2, 1)
+    return x_proj.new_empty(T, B, G, dtype=_opmath(x_proj.dtype))
 
 
 @torch.library.register_fake("fastattn::lstm_layer_infer")
@@ -143,9 +144,13 @@ def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
 @torch.library.register_fake("fastattn::lstm_layer_bwd")
 def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
                     zoneout_h, h_all, c_all, gates_all, hpre_all):
-    # grad_x_proj takes the saved gates' layout (in the data dtype); the others are contiguous.
+    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU, contiguous
+    # on CUDA; the others are contiguous.
+    T, B, G = gates_all.shape
+    grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0) if h0.device.type == "cpu"
+                   else h0.new_empty(T, B, G))
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else h0.new_empty(0)
-    return (torch.empty_like(gates_all, dtype=h0.dtype), h0.new_empty(h0.shape),
+    return (grad_x_proj, h0.new_empty(h0.shape),
             c0.new_empty(c0.shape), w_hh.new_empty(w_hh.shape), grad_w_hr)
 
 
@@ -185,24 +190,26 @@ _register_layer_autograd("fastattn::lstm_layer_fwd", _OPS.lstm_layer_bwd)
 
 
 @torch.library.register_fake("fastattn::lstm_weight_mm")
-def _weight_mm_fake(weight, x, bias):
-    return weight.new_empty(weight.shape[0], x.shape[1])
+def _weight_mm_fake(weight, x, bias, steps):
+    return weight.new_empty(steps, weight.shape[0], x.shape[1] // steps)
 
 
 def _weight_mm_setup_context(ctx, inputs, output):
-    weight, x, bias = inputs
+    weight, x, bias, steps = inputs
     ctx.save_for_backward(weight, x)
 
 
 @first_order_only("fastattn::lstm_weight_mm")
 def _weight_mm_backward(ctx, grad):
     weight, x = ctx.saved_tensors
-    need_weight, need_x, need_bias = ctx.needs_input_grad
-    # torch.mm, not brgemm: w^T @ grad reduces over 4H, and mm_out's [4H, 64] panels of grad
-    # then fall out of L2 (56-65 GFLOP/s against MKL's 79-87 on the EPYC, issue 17).
+    need_weight, need_x, need_bias, _ = ctx.needs_input_grad
+    # The product's [M, N] gradient: a view when grad is feature-major, as lstm_layer_bwd's
+    # grad_x_proj is. torch.mm, not brgemm: w^T @ grad reduces over 4H, and mm_out's [4H, 64]
+    # panels of grad then fall out of L2 (56-65 GFLOP/s against MKL's 79-87 on the EPYC, issue 17).
+    grad = grad.permute(1, 0, 2).reshape(weight.shape[0], x.shape[1])
     return (grad @ x.t() if need_weight else None,
             weight.t() @ grad if need_x else None,
-            grad.sum(1) if need_bias else None)
+            grad.sum(1) if need_bias else None, None)
 
 
 register_autograd("fastattn::lstm_weight_mm", _weight_mm_backward,
@@ -525,10 +532,9 @@ def lstm_layer(
         x_proj = torch.nn.functional.layer_norm(flat @ w_ih.t(), (4 * H,), layer_norm[0], bias,
                                                 layer_norm[4]).view(T, B, 4 * H)
     elif backend == "cpu":
-        # Feature-major ([4H, T, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
-        # batch lanes of a gate as one vector, and lays the saved gates out the same way.
-        x_proj_t = differentiable(_OPS.lstm_weight_mm)(w_ih, flat.t(), bias)
-        x_proj = x_proj_t.view(4 * H, T, B).permute(1, 2, 0)
+        # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
+        # batch lanes of a gate as one vector, and a step's gates one after another.
+        x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, flat.t(), bias, T).permute(0, 2, 1)
     else:
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)

@@ -5,8 +5,9 @@
 // (fastattn/ops/_registry.py). Gate chunks are in torch's order i, f, g, o. Sizes: T steps, B rows,
 // H cell units, P = projected width (H without projection), G = 4H.
 //
-// Data tensors are seen through LstmSeqView strides, so any layout works; a batch stride of 1
-// (feature-major, the layout fastattn.ops.lstm computes x_proj in) is the fast one. Weights are
+// Data tensors are seen through LstmSeqView strides, so any layout works; a batch stride of 1 is
+// the fast one, step-major ([T, 4H, B] in memory: the layout fastattn.ops.lstm computes x_proj
+// in, and the glue allocates gates_all in) the fastest. Weights are
 // contiguous and, like the saved gates_all, in the math type: float for float32/bfloat16/float16
 // data, double for float64.
 #pragma once
