@@ -191,6 +191,25 @@ def test_sequence_fwd_is_the_option_free_layer():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("T, B", [(0, 3), (4, 0)], ids=["T0", "B0"])
+def test_layer_with_no_steps_or_no_rows(T, B):
+    """Training through a layer of zero steps or zero rows: empty outputs, the final state's
+    gradient passed straight to h0 / c0 (T = 0), zero weight gradients."""
+    I, H = 5, 7
+    x = randn(T, B, I).requires_grad_()
+    h0, c0 = randn(B, H).requires_grad_(), randn(B, H).requires_grad_()
+    w_ih, w_hh = randn(4 * H, I).requires_grad_(), randn(4 * H, H).requires_grad_()
+    b = randn(4 * H).requires_grad_()
+    with fastattn.use_backend("cpu"):
+        h_all, c_all = lstm_ops.lstm_layer(x, h0, c0, w_ih, w_hh, b)
+    assert h_all.shape == c_all.shape == (T, B, H)
+    grads = torch.autograd.grad(h_all.sum() + c_all.sum(), [x, h0, c0, w_ih, w_hh, b],
+                                allow_unused=True)
+    for t, g in zip((x, h0, c0, w_ih, w_hh, b), grads, strict=True):
+        assert g is None or torch.equal(g, torch.zeros_like(t))
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("extra", ["plain", "layer_norm", "zoneout"])
 def test_layer_with_zero_hidden_size(extra):
     """H == 0 over T > 1 steps, forward and backward (nn.LSTMCell takes hidden_size 0, and
@@ -249,42 +268,34 @@ def test_layer_ops_reject_bad_arguments():
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-# steps = 3: 23-column groups, which the 64-column brgemm blocks cut across
-@pytest.mark.parametrize("steps", [1, 3])
-def test_weight_mm_matches_torch(dtype, bias, steps):
+# S = 3: 23-column steps, which the 64-column brgemm blocks cut across; S = 0 and N = 0: empty
+@pytest.mark.parametrize("S, N", [(1, 69), (3, 23), (0, 5), (4, 0)])
+def test_weight_mm_matches_torch(dtype, bias, S, N):
     # Sizes off every brgemm block (64 rows and columns, 512 deep); x a transposed view, as
     # fastattn.ops.lstm passes the input; then the gradients, as the module's backward takes them.
-    M, K, N = 130, 515, 69
-    w, x = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype).t()
+    M, K = 130, 515
+    w, x = randn(M, K, dtype=dtype), randn(S, N, K, dtype=dtype).transpose(1, 2)
     b = randn(M, dtype=dtype) if bias else None
 
-    def grouped(product):  # [M, N] -> [steps, M, N / steps]
-        return product.view(M, steps, N // steps).permute(1, 0, 2)
+    def product(w, x, b):  # torch.matmul's broadcast of w over the S steps
+        return w @ x + (b[:, None] if b is not None else 0)
 
-    want64 = grouped(w.double() @ x.double() + (b.double()[:, None] if bias else 0))
-    nan_heap((steps, M, N // steps), dtype=dtype)
-    got = OPS.lstm_weight_mm(w, x, b, steps)
-    torch_result = grouped(torch.addmm(b[:, None], w, x) if bias else w @ x)
-    assert got.shape == (steps, M, N // steps) and got.is_contiguous()
-    assert_close_to_reference(got, want64, torch_result, name="out")
+    want64 = product(w.double(), x.double(), b.double() if bias else None)
+    nan_heap((S, M, N), dtype=dtype)
+    got = OPS.lstm_weight_mm(w, x, b)
+    assert got.shape == (S, M, N) and got.is_contiguous()
+    assert_close_to_reference(got, want64, product(w, x, b), name="out")
     args = [t.clone().requires_grad_() if t is not None else None for t in (w, x, b)]
-    grad = randn(steps, M, N // steps, dtype=dtype)
-    got_grads = torch.autograd.grad(OPS.lstm_weight_mm(*args, steps),
-                                    [t for t in args if t is not None], grad)
-    grad2d = grad.double().permute(1, 0, 2).reshape(M, N)
-    want_grads = (grad2d @ x.double().t(), w.double().t() @ grad2d, grad2d.sum(1))
+    grad = randn(S, M, N, dtype=dtype)
+    inputs = [t for t in args if t is not None]
+    got_grads = torch.autograd.grad(OPS.lstm_weight_mm(*args), inputs, grad)
+    args64 = [t.detach().double().requires_grad_() for t in inputs]
+    want_grads = torch.autograd.grad(product(*args64, *([None] if not bias else [])), args64,
+                                     grad.double())
     for name, g, want in zip(("grad_weight", "grad_x", "grad_bias"), got_grads, want_grads,
                              strict=False):
         assert_close_to_reference(g, want, name=name)
-    torch.library.opcheck(OPS.lstm_weight_mm.default, (*args, steps))
-
-
-@needs_cpu_kernels
-def test_weight_mm_rejects_steps_that_do_not_divide():
-    w, x = randn(8, 5), randn(5, 6)
-    for steps in (0, 4):
-        with pytest.raises(ValueError, match="steps must be >= 1 and divide the 6 columns"):
-            OPS.lstm_weight_mm(w, x, None, steps)
+    torch.library.opcheck(OPS.lstm_weight_mm.default, args)
 
 
 # ---- opcheck and gradcheck ---------------------------------------------------------------------

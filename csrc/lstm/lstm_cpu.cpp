@@ -218,25 +218,25 @@ std::tuple<Tensor, Tensor, Tensor> lstm_sequence_fwd_cpu(const Tensor& x_proj, c
   return {h_all, c_all, gates_all};
 }
 
-// The training input projection (weight = w_ih, x = input^T, steps = T: x_proj step-major, as
+// The training input projection (weight = w_ih, x = input.transpose(1, 2): x_proj step-major, as
 // lstm_layer_infer computes it): float32 on oneDNN's brgemm (lstm_gemm_cpu.h, kernels that depend
 // on the weight's shape alone), other dtypes and FASTATTN_LSTM_GEMM=torch on at::mm.
-Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor& bias,
-                          int64_t steps) {
+Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor& bias) {
   constexpr const char* op = "fastattn::lstm_weight_mm";
   lstm_dtype(weight, op);
-  TORCH_CHECK(weight.dim() == 2 && x.dim() == 2 && weight.size(1) == x.size(0), op,
-              ": weight must be [M, K] and x [K, N], got ", weight.sizes(), " and ", x.sizes());
-  TORCH_CHECK_VALUE(steps >= 1 && x.size(1) % steps == 0, op, ": steps must be >= 1 and divide the ",
-                    x.size(1), " columns of x, got ", steps);
+  TORCH_CHECK(weight.dim() == 2 && x.dim() == 3 && weight.size(1) == x.size(1), op,
+              ": weight must be [M, K] and x [S, K, N], got ", weight.sizes(), " and ", x.sizes());
   check_like(x, weight, x.sizes(), op, "x");
   if (given(bias)) check_like(*bias, weight, {weight.size(0)}, op, "bias");
-  Tensor out = at::empty({steps, weight.size(0), x.size(1) / steps}, weight.options());
+  const int64_t S = x.size(0), M = weight.size(0), K = x.size(1), N = x.size(2);
+  Tensor out = at::empty({S, M, N}, weight.options());
+  // The S products as one: columns (s, n) of x's [K, S * N] (a view for a transposed input).
   const Tensor w = weight.contiguous(), b = given(bias) ? *bias : Tensor();
-  if (!lstm_gemm::mm_out(out, w, x, b)) {
-    const Tensor product = at::empty({weight.size(0), x.size(1)}, weight.options());
-    torch_mm_out(product, w, x, b);
-    out.permute({1, 0, 2}).copy_(product.view({weight.size(0), steps, x.size(1) / steps}));
+  const Tensor x_cols = x.permute({1, 0, 2}).reshape({K, S * N});
+  if (!lstm_gemm::mm_out(out, w, x_cols, b)) {
+    const Tensor product = at::empty({M, S * N}, weight.options());
+    torch_mm_out(product, w, x_cols, b);
+    out.permute({1, 0, 2}).copy_(product.view({M, S, N}));
   }
   return out;
 }
@@ -264,8 +264,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
               op, ": gates_all must be ", math_type(c_all), " on ", c_all.device(), ", got ",
               gates_all.scalar_type(), " on ", gates_all.device());
   const auto opts = c_all.options();
-  // Feature-major ([4H, T, B] in memory): the weight gradients' GEMMs, here and in the Python
-  // backward of the input projection, read it as one [4H, T * B] matrix.
+  // Feature-major ([4H, T, B] in memory): the weight gradients' GEMMs, here and in the backward of
+  // the input projection (lstm_weight_mm, fastattn/ops/lstm.py), read it as one [4H, T * B] matrix.
   Tensor grad_x_proj = at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);

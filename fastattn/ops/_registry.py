@@ -139,10 +139,10 @@ SCHEMAS.update({
     f"Tensor w_hh, {_LSTM_LAYER_OPTIONS}, Tensor h_all, Tensor c_all, Tensor gates_all, "
     "Tensor hpre_all) -> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, "
     "Tensor grad_w_hr)",
-    # CPU only: weight [M, K] @ x [K, N] (+ bias[:, None]) as a contiguous out [steps, M, N / steps],
-    # out[s] = the product's columns s * N / steps ... (s + 1) * N / steps - 1; the training input
-    # projection computes x_proj step-major with it (weight = w_ih, x = input^T, steps = T).
-    "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias, int steps) -> Tensor",
+    # CPU only: out [S, M, N] = weight [M, K] @ x [S, K, N] (+ bias[:, None]), contiguous, as
+    # torch.matmul broadcasts weight; the training input projection computes x_proj step-major with
+    # it (weight = w_ih, x = input.transpose(1, 2)).
+    "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias) -> Tensor",
 })
 
 # LayerNorm-LSTM layer ops: one layer in one direction as lstm_layer_fwd / _bwd (same layouts,

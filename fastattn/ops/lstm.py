@@ -190,26 +190,29 @@ _register_layer_autograd("fastattn::lstm_layer_fwd", _OPS.lstm_layer_bwd)
 
 
 @torch.library.register_fake("fastattn::lstm_weight_mm")
-def _weight_mm_fake(weight, x, bias, steps):
-    return weight.new_empty(steps, weight.shape[0], x.shape[1] // steps)
+def _weight_mm_fake(weight, x, bias):
+    return weight.new_empty(x.shape[0], weight.shape[0], x.shape[2])
 
 
 def _weight_mm_setup_context(ctx, inputs, output):
-    weight, x, bias, steps = inputs
+    weight, x, bias = inputs
     ctx.save_for_backward(weight, x)
 
 
 @first_order_only("fastattn::lstm_weight_mm")
 def _weight_mm_backward(ctx, grad):
     weight, x = ctx.saved_tensors
-    need_weight, need_x, need_bias, _ = ctx.needs_input_grad
-    # The product's [M, N] gradient: a view when grad is feature-major, as lstm_layer_bwd's
-    # grad_x_proj is. torch.mm, not brgemm: w^T @ grad reduces over 4H, and mm_out's [4H, 64]
-    # panels of grad then fall out of L2 (56-65 GFLOP/s against MKL's 79-87 on the EPYC, issue 17).
-    grad = grad.permute(1, 0, 2).reshape(weight.shape[0], x.shape[1])
-    return (grad @ x.t() if need_weight else None,
-            weight.t() @ grad if need_x else None,
-            grad.sum(1) if need_bias else None, None)
+    need_weight, need_x, need_bias = ctx.needs_input_grad
+    # The S products as one, over columns (s, n): grad's [M, S * N] is a view when it is
+    # feature-major, as lstm_layer_bwd's grad_x_proj is. torch.mm, not brgemm: w^T @ grad reduces
+    # over 4H, and mm_out's [4H, 64] panels of grad then fall out of L2 (56-65 GFLOP/s against
+    # MKL's 79-87 on the EPYC, issue 17).
+    S, K, N = x.shape
+    grad = grad.permute(1, 0, 2).reshape(weight.shape[0], S * N)
+    x_cols = x.permute(1, 0, 2).reshape(K, S * N)
+    return (grad @ x_cols.t() if need_weight else None,
+            (weight.t() @ grad).view(K, S, N).permute(1, 0, 2) if need_x else None,
+            grad.sum(1) if need_bias else None)
 
 
 register_autograd("fastattn::lstm_weight_mm", _weight_mm_backward,
@@ -534,7 +537,8 @@ def lstm_layer(
     elif backend == "cpu":
         # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
         # batch lanes of a gate as one vector, and a step's gates one after another.
-        x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, flat.t(), bias, T).permute(0, 2, 1)
+        x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, input.transpose(1, 2), bias).permute(
+            0, 2, 1)
     else:
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)
