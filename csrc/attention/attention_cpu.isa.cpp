@@ -327,16 +327,75 @@ void pack_rows(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols, 
   }
 }
 
-// dst[cols, ld] = transpose of src rows [rows, cols]; columns >= rows zeroed.
+#ifdef CPU_CAPABILITY_AVX512
+// dst[c, r] = src[r, c] for r < rows, c < cols (both <= 16), in registers. at::vec's
+// transpose_mxn<float> does the same shuffles (FBGEMM's) but zero-fills a 1 KB stack array
+// (rep stos) and goes through it for every block: it took as long as the QK^T product of a
+// short varlen sequence's tile (Zen 4).
+inline void transpose_16x16(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
+                            int cols) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_rs) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // interleave 32-bit elements of row pairs
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // then 64-bit pairs
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // then 128-bit lanes
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i >= cols) break;
+    const __m512 col = i < 8 ? _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88)
+                             : _mm512_shuffle_f32x4(t[i - 8], t[i], 0xdd);
+    _mm512_mask_storeu_ps(dst + i * ld, row_mask, col);
+  }
+}
+#endif
+
+// dst[cols, ld] = transpose of src rows [rows, cols]; columns rows .. width zeroed (the
+// products read no further).
 template <typename scalar_t, typename acc_t>
 void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols,
-                     acc_t* dst, int64_t ld) {
-  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, acc_t(0));
+                     acc_t* dst, int64_t ld, int64_t width) {
+  for (int64_t c = 0; c < cols; ++c) {
+    std::fill(dst + c * ld + rows, dst + c * ld + width, acc_t(0));
+  }
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    // at::vec's register-blocked transpose (16 x 16 blocks on AVX-512): the scalar loop below
-    // stores one element per column and took as long as the tile's products.
+    // A register-blocked transpose: the scalar loop below stores one element per column and
+    // took as long as the tile's products.
+#ifdef CPU_CAPABILITY_AVX512
+    for (int64_t r = 0; r < rows; r += 16) {
+      for (int64_t c = 0; c < cols; c += 16) {
+        transpose_16x16(src + r * src_rs + c, src_rs, dst + c * ld + r, ld,
+                        static_cast<int>(std::min<int64_t>(16, rows - r)),
+                        static_cast<int>(std::min<int64_t>(16, cols - c)));
+      }
+    }
+#else
     at::vec::transpose_mxn<float>(src, src_rs, dst, ld, static_cast<int>(rows),
                                   static_cast<int>(cols));
+#endif
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -438,7 +497,8 @@ struct FmaProducts {
   // kt [E, n_pad] = k^T and vb [block_n, ev_pad] = v of n keys.
   static void pack_kv(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
                       int64_t v_rs, int64_t n, acc_t* kt, acc_t* vb) {
-    pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad);
+    pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad,
+                    round_up(n, pad_cols<acc_t>()));
     pack_rows(v, v_rs, n, pr.p.v_head_dim, acc_t(1), vb, pr.ev_pad);
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
@@ -470,8 +530,8 @@ struct FmaProducts {
     void pack_keys(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
                    int64_t v_rs, int64_t n) {
       pack_rows(k, k_rs, n, pr.p.head_dim, acc_t(1), kb.data(), pr.e_pad);
-      pack_transposed(k, k_rs, n, pr.p.head_dim, kt.data(), pr.n_pad);
-      pack_transposed(v, v_rs, n, pr.p.v_head_dim, vt.data(), pr.n_pad);
+      pack_transposed(k, k_rs, n, pr.p.head_dim, kt.data(), pr.n_pad, pr.n_pad);
+      pack_transposed(v, v_rs, n, pr.p.v_head_dim, vt.data(), pr.n_pad, pr.n_pad);
     }
     // Query tile `tile` (g * n_qb + qb) of kv head `head` (b * kv_heads + hk) of the call:
     // only the bf16 operands below keep packed tiles by it.
@@ -820,9 +880,10 @@ struct Scores {
   // softcap, alibi, mask and visibility applied (-inf where invisible, and in padded columns).
   // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T, or is null for a single query
   // row (decode), whose scores are dot products with the unpacked k rows (row stride k_rs).
-  // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward.
+  // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward. The caller
+  // reads the columns up to `width` (>= n): only those are set.
   static void compute(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
-                      int64_t k0, int64_t n, const acc_t* qs, const acc_t* kt,
+                      int64_t k0, int64_t n, int64_t width, const acc_t* qs, const acc_t* kt,
                       const scalar_t* k_rows, int64_t k_rs, acc_t* s, acc_t* tanh_out) {
     const AttentionParams& p = pr.p;
     const int64_t ld = pr.n_pad;
@@ -838,8 +899,8 @@ struct Scores {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const bool full = pr.tile_full(sq, q0, m, k0, n);
     if (full && !pr.elementwise()) {
-      if (n < ld) {
-        for (int64_t i = 0; i < m; ++i) std::fill(s + i * ld + n, s + (i + 1) * ld, kNegInf);
+      if (n < width) {
+        for (int64_t i = 0; i < m; ++i) std::fill(s + i * ld + n, s + i * ld + width, kNegInf);
       }
       return;
     }
@@ -882,7 +943,7 @@ struct Scores {
       }
       hi = std::max(hi, lo);
       std::fill(row, row + lo, kNegInf);
-      std::fill(row + hi, row + ld, kNegInf);
+      std::fill(row + hi, row + width, kNegInf);
     }
   }
 };
@@ -1011,14 +1072,14 @@ struct ForwardTile {
         Products::pack_kv(pr, k_tile, p.k_stride[2], v_tile, p.v_stride[2], n, kt, vb);
         packed[kb] = 1;
       }
-      // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
-      // tanh values are not needed here, so they go to s itself.
-      Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, qs.data(),
-                                                 single_row ? nullptr : kt, k_tile, p.k_stride[2],
-                                                 s.data(), s.data());
       // The softmax reads the columns of the tile's n keys (rounded up to whole vectors; the
       // rest is -inf, and pv reads no further than n).
       const int64_t cols = round_up(n, Vectorized<acc_t>::size());
+      // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
+      // tanh values are not needed here, so they go to s itself.
+      Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, cols, qs.data(),
+                                                 single_row ? nullptr : kt, k_tile, p.k_stride[2],
+                                                 s.data(), s.data());
       for (int64_t i = 0; i < m; ++i) {
         new_max[i] = nan_max(row_max[i], vec_reduce_max(s.data() + i * ld, cols));
       }
@@ -1256,7 +1317,7 @@ struct BackwardTile {
                               dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m,
                               sq.b * p.kv_heads + hk, g * n_qb + qb);
         // The forward's score products on the forward's packing: P is the forward's.
-        Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n,
+        Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, ld,
                                                    operands.scores_queries(),
                                                    operands.kt.data(), k,
                                                    p.k_stride[2], s.data(), t.data());
