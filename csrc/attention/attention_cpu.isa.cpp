@@ -65,42 +65,59 @@ constexpr int64_t pad_cols() {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// C[ROWS, COLS vectors] (ACCUMULATE ? += : =) A[ROWS, kdim] * B[kdim, COLS vectors]: the
+// register tile of gemm_rows (same operands).
+template <typename T, int ROWS, int COLS, bool A_ROW_MAJOR, bool ACCUMULATE>
+C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T* b,
+                                 int64_t ldb, T* c, int64_t ldc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[ROWS][COLS];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < COLS; ++v) {
+      acc[r][v] = ACCUMULATE ? Vec::loadu(c + r * ldc + v * W) : Vec(T(0));
+    }
+  }
+  const T* bp = b;
+  const T* ap = a;
+  for (int64_t p = 0; p < kdim; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
+    Vec bv[COLS];
+#pragma GCC unroll 2
+    for (int v = 0; v < COLS; ++v) bv[v] = Vec::loadu(bp + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const Vec ar(A_ROW_MAJOR ? ap[r * lda] : ap[r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < COLS; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < COLS; ++v) acc[r][v].store(c + r * ldc + v * W);
+  }
+}
+
 // C[ROWS, n] (ACCUMULATE ? += : =) A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR)
 // or column-major with leading dim lda, so a transposed operand costs nothing and the
 // broadcast addresses advance by one constant step; B is row-major (leading dim ldb); n is a
-// multiple of two vectors (every buffer's width is padded). Out of line: GCC inlined the
+// multiple of one vector (every buffer's width is padded to two). Register tiles of two
+// vectors per row, and one for an odd last vector: the score columns of a causal tile's rows
+// end at the diagonal, and rounding them up to two vectors computed 1.40x the visible scores
+// of issue 16's short sequences where one vector computes 1.22x. Out of line: GCC inlined the
 // forward's QK^T instance (its only caller) into the tile loop, where it ran the fp32 forward
 // ~5% slower (Zen 4, one thread).
 template <typename T, int ROWS, bool A_ROW_MAJOR, bool ACCUMULATE>
 __attribute__((noinline)) void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda,
                                          const T* b, int64_t ldb, T* c, int64_t ldc) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  for (int64_t j = 0; j < n; j += 2 * W) {
-    Vec acc0[ROWS], acc1[ROWS];
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      acc0[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j) : Vec(T(0));
-      acc1[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j + W) : Vec(T(0));
-    }
-    const T* bp = b + j;
-    const T* ap = a;
-    for (int64_t p = 0; p < kdim; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
-      const Vec b0 = Vec::loadu(bp);
-      const Vec b1 = Vec::loadu(bp + W);
-#pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) {
-        const Vec ar(A_ROW_MAJOR ? ap[r * lda] : ap[r]);
-        acc0[r] = at::vec::fmadd(ar, b0, acc0[r]);
-        acc1[r] = at::vec::fmadd(ar, b1, acc1[r]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      acc0[r].store(c + r * ldc + j);
-      acc1[r].store(c + r * ldc + j + W);
-    }
+  constexpr int64_t W = Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    gemm_tile<T, ROWS, 2, A_ROW_MAJOR, ACCUMULATE>(kdim, a, lda, b + j, ldb, c + j, ldc);
   }
+  if (j < n) gemm_tile<T, ROWS, 1, A_ROW_MAJOR, ACCUMULATE>(kdim, a, lda, b + j, ldb, c + j, ldc);
 }
 
 // Calls fn(i, std::integral_constant<int, R>{}) on row blocks [i, i + R) that cover [0, m):
@@ -118,7 +135,7 @@ void for_row_blocks(int64_t m, Fn&& fn) {
 // On a tile that a causal (right) window cuts, row i of a product sees only the keys
 // j < i + diag: its score columns (QK^T, dO V^T) or its reduction steps (PV, dS K) past those
 // are never needed, as masked scores are overwritten with -inf and masked probabilities are 0.
-// A product told `diag` skips them per block of rows, up to whole column pairs of vectors
+// A product told `diag` skips them per block of rows, up to whole vectors of columns
 // (most of the waste of the diagonal tiles: a 64 x 64 one computes twice its visible pairs).
 // kAllVisible: no limit.
 constexpr int64_t kAllVisible = std::numeric_limits<int64_t>::max() / 4;
@@ -145,7 +162,7 @@ void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, co
   const int64_t k_step = A_ROW_MAJOR ? 1 : lda;
   for_row_blocks<kGemmRows>(m, [&](int64_t i, auto rows) {
     constexpr int R = decltype(rows)::value;
-    const int64_t n_rows = visible_extent(i, R, col_diag, n, 2 * Vectorized<T>::size());
+    const int64_t n_rows = visible_extent(i, R, col_diag, n, Vectorized<T>::size());
     const int64_t k_end = visible_extent(i, R, k_diag, kdim, 1);
     const int64_t k_begin = first_visible_step(i, k_from_diag);
     if (n_rows == 0 || k_end <= k_begin) return;
@@ -507,8 +524,8 @@ struct FmaProducts {
   // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
                  acc_t* s, int64_t diag) {
-    gemm<acc_t, false>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt,
-                       pr.n_pad, s, pr.n_pad, diag);
+    gemm<acc_t, false>(m, round_up(n, Vectorized<acc_t>::size()), pr.p.head_dim, qs, pr.e_pad, 1,
+                       kt, pr.n_pad, s, pr.n_pad, diag);
   }
   // o [m, ev_pad] += p [m, n] vb, where p[i, j] = 0 for j >= i + diag; p (in s) may be
   // overwritten.
