@@ -19,7 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#ifdef CPU_CAPABILITY_AVX512
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -344,12 +344,13 @@ void pack_rows(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols, 
   }
 }
 
-#ifdef CPU_CAPABILITY_AVX512
-// dst[c, r] = src[r, c] for r < rows, c < cols (both <= 16), in registers. at::vec's
-// transpose_mxn<float> does the same shuffles (FBGEMM's) but zero-fills a 1 KB stack array
-// (rep stos) and goes through it for every block: it took as long as the QK^T product of a
-// short varlen sequence's tile (Zen 4).
-inline void transpose_16x16(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
+// dst[c, r] = src[r, c] for r < rows, c < cols (both <= kTransposeBlock), in registers.
+// at::vec's transpose_mxn<float> does the same shuffles (FBGEMM's) on AVX-512 but zero-fills a
+// 1 KB stack array (rep stos) and goes through it for every block: it took as long as the QK^T
+// product of a short varlen sequence's tile (Zen 4); on AVX2 it is a scalar loop.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTransposeBlock = 16;
+inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
                             int cols) {
   const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
@@ -388,6 +389,46 @@ inline void transpose_16x16(const float* src, int64_t src_rs, float* dst, int64_
     _mm512_mask_storeu_ps(dst + i * ld, row_mask, col);
   }
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kTransposeBlock = 8;
+inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
+                            int cols) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane);
+  const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lane);
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = i >= rows ? _mm256_setzero_ps()
+        : cols == 8  ? _mm256_loadu_ps(src + i * src_rs)
+                     : _mm256_maskload_ps(src + i * src_rs, col_mask);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // interleave 32-bit elements of row pairs
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // then 64-bit pairs: column c of rows 4i..4i+3 (and c + 4)
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    if (i >= cols) break;
+    const __m256 col = i < 4 ? _mm256_permute2f128_ps(r[i], r[i + 4], 0x20)
+                             : _mm256_permute2f128_ps(r[i - 4], r[i], 0x31);
+    if (rows == 8) {
+      _mm256_storeu_ps(dst + i * ld, col);
+    } else {
+      _mm256_maskstore_ps(dst + i * ld, row_mask, col);  // microcoded on Zen: only at edges
+    }
+  }
+}
+#else
+constexpr int kTransposeBlock = 0;  // no register transpose: the scalar loop
 #endif
 
 // dst[cols, ld] = transpose of src rows [rows, cols]; columns rows .. width zeroed (the
@@ -398,21 +439,18 @@ void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t 
   for (int64_t c = 0; c < cols; ++c) {
     std::fill(dst + c * ld + rows, dst + c * ld + width, acc_t(0));
   }
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> &&
+                kTransposeBlock > 0) {
     // A register-blocked transpose: the scalar loop below stores one element per column and
     // took as long as the tile's products.
-#ifdef CPU_CAPABILITY_AVX512
-    for (int64_t r = 0; r < rows; r += 16) {
-      for (int64_t c = 0; c < cols; c += 16) {
-        transpose_16x16(src + r * src_rs + c, src_rs, dst + c * ld + r, ld,
-                        static_cast<int>(std::min<int64_t>(16, rows - r)),
-                        static_cast<int>(std::min<int64_t>(16, cols - c)));
+    constexpr int64_t B = kTransposeBlock;
+    for (int64_t r = 0; r < rows; r += B) {
+      for (int64_t c = 0; c < cols; c += B) {
+        transpose_block(src + r * src_rs + c, src_rs, dst + c * ld + r, ld,
+                        static_cast<int>(std::min(B, rows - r)),
+                        static_cast<int>(std::min(B, cols - c)));
       }
     }
-#else
-    at::vec::transpose_mxn<float>(src, src_rs, dst, ld, static_cast<int>(rows),
-                                  static_cast<int>(cols));
-#endif
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
