@@ -19,7 +19,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#ifdef CPU_CAPABILITY_AVX512
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -65,42 +65,59 @@ constexpr int64_t pad_cols() {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+// C[ROWS, COLS vectors] (ACCUMULATE ? += : =) A[ROWS, kdim] * B[kdim, COLS vectors]: the
+// register tile of gemm_rows (same operands).
+template <typename T, int ROWS, int COLS, bool A_ROW_MAJOR, bool ACCUMULATE>
+C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T* b,
+                                 int64_t ldb, T* c, int64_t ldc) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc[ROWS][COLS];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < COLS; ++v) {
+      acc[r][v] = ACCUMULATE ? Vec::loadu(c + r * ldc + v * W) : Vec(T(0));
+    }
+  }
+  const T* bp = b;
+  const T* ap = a;
+  for (int64_t p = 0; p < kdim; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
+    Vec bv[COLS];
+#pragma GCC unroll 2
+    for (int v = 0; v < COLS; ++v) bv[v] = Vec::loadu(bp + v * W);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const Vec ar(A_ROW_MAJOR ? ap[r * lda] : ap[r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < COLS; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < COLS; ++v) acc[r][v].store(c + r * ldc + v * W);
+  }
+}
+
 // C[ROWS, n] (ACCUMULATE ? += : =) A[ROWS, kdim] * B[kdim, n]. A is row-major (A_ROW_MAJOR)
 // or column-major with leading dim lda, so a transposed operand costs nothing and the
 // broadcast addresses advance by one constant step; B is row-major (leading dim ldb); n is a
-// multiple of two vectors (every buffer's width is padded). Out of line: GCC inlined the
+// multiple of one vector (every buffer's width is padded to two). Register tiles of two
+// vectors per row, and one for an odd last vector: the score columns of a causal tile's rows
+// end at the diagonal, and rounding them up to two vectors computed 1.40x the visible scores
+// of issue 16's short sequences where one vector computes 1.22x. Out of line: GCC inlined the
 // forward's QK^T instance (its only caller) into the tile loop, where it ran the fp32 forward
 // ~5% slower (Zen 4, one thread).
 template <typename T, int ROWS, bool A_ROW_MAJOR, bool ACCUMULATE>
 __attribute__((noinline)) void gemm_rows(int64_t n, int64_t kdim, const T* a, int64_t lda,
                                          const T* b, int64_t ldb, T* c, int64_t ldc) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t W = Vec::size();
-  for (int64_t j = 0; j < n; j += 2 * W) {
-    Vec acc0[ROWS], acc1[ROWS];
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      acc0[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j) : Vec(T(0));
-      acc1[r] = ACCUMULATE ? Vec::loadu(c + r * ldc + j + W) : Vec(T(0));
-    }
-    const T* bp = b + j;
-    const T* ap = a;
-    for (int64_t p = 0; p < kdim; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
-      const Vec b0 = Vec::loadu(bp);
-      const Vec b1 = Vec::loadu(bp + W);
-#pragma GCC unroll 8
-      for (int r = 0; r < ROWS; ++r) {
-        const Vec ar(A_ROW_MAJOR ? ap[r * lda] : ap[r]);
-        acc0[r] = at::vec::fmadd(ar, b0, acc0[r]);
-        acc1[r] = at::vec::fmadd(ar, b1, acc1[r]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < ROWS; ++r) {
-      acc0[r].store(c + r * ldc + j);
-      acc1[r].store(c + r * ldc + j + W);
-    }
+  constexpr int64_t W = Vectorized<T>::size();
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    gemm_tile<T, ROWS, 2, A_ROW_MAJOR, ACCUMULATE>(kdim, a, lda, b + j, ldb, c + j, ldc);
   }
+  if (j < n) gemm_tile<T, ROWS, 1, A_ROW_MAJOR, ACCUMULATE>(kdim, a, lda, b + j, ldb, c + j, ldc);
 }
 
 // Calls fn(i, std::integral_constant<int, R>{}) on row blocks [i, i + R) that cover [0, m):
@@ -118,7 +135,7 @@ void for_row_blocks(int64_t m, Fn&& fn) {
 // On a tile that a causal (right) window cuts, row i of a product sees only the keys
 // j < i + diag: its score columns (QK^T, dO V^T) or its reduction steps (PV, dS K) past those
 // are never needed, as masked scores are overwritten with -inf and masked probabilities are 0.
-// A product told `diag` skips them per block of rows, up to whole column pairs of vectors
+// A product told `diag` skips them per block of rows, up to whole vectors of columns
 // (most of the waste of the diagonal tiles: a 64 x 64 one computes twice its visible pairs).
 // kAllVisible: no limit.
 constexpr int64_t kAllVisible = std::numeric_limits<int64_t>::max() / 4;
@@ -145,7 +162,7 @@ void gemm_layout(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t lda, co
   const int64_t k_step = A_ROW_MAJOR ? 1 : lda;
   for_row_blocks<kGemmRows>(m, [&](int64_t i, auto rows) {
     constexpr int R = decltype(rows)::value;
-    const int64_t n_rows = visible_extent(i, R, col_diag, n, 2 * Vectorized<T>::size());
+    const int64_t n_rows = visible_extent(i, R, col_diag, n, Vectorized<T>::size());
     const int64_t k_end = visible_extent(i, R, k_diag, kdim, 1);
     const int64_t k_begin = first_visible_step(i, k_from_diag);
     if (n_rows == 0 || k_end <= k_begin) return;
@@ -327,16 +344,113 @@ void pack_rows(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols, 
   }
 }
 
-// dst[cols, ld] = transpose of src rows [rows, cols]; columns >= rows zeroed.
+// dst[c, r] = src[r, c] for r < rows, c < cols (both <= kTransposeBlock), in registers.
+// at::vec's transpose_mxn<float> does the same shuffles (FBGEMM's) on AVX-512 but zero-fills a
+// 1 KB stack array (rep stos) and goes through it for every block: it took as long as the QK^T
+// product of a short varlen sequence's tile (Zen 4); on AVX2 it is a scalar loop.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTransposeBlock = 16;
+inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
+                            int cols) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_rs) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // interleave 32-bit elements of row pairs
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // then 64-bit pairs
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // then 128-bit lanes
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i >= cols) break;
+    const __m512 col = i < 8 ? _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88)
+                             : _mm512_shuffle_f32x4(t[i - 8], t[i], 0xdd);
+    _mm512_mask_storeu_ps(dst + i * ld, row_mask, col);
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kTransposeBlock = 8;
+inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
+                            int cols) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane);
+  const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lane);
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = i >= rows ? _mm256_setzero_ps()
+        : cols == 8  ? _mm256_loadu_ps(src + i * src_rs)
+                     : _mm256_maskload_ps(src + i * src_rs, col_mask);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // interleave 32-bit elements of row pairs
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // then 64-bit pairs: column c of rows 4i..4i+3 (and c + 4)
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    if (i >= cols) break;
+    const __m256 col = i < 4 ? _mm256_permute2f128_ps(r[i], r[i + 4], 0x20)
+                             : _mm256_permute2f128_ps(r[i - 4], r[i], 0x31);
+    if (rows == 8) {
+      _mm256_storeu_ps(dst + i * ld, col);
+    } else {
+      _mm256_maskstore_ps(dst + i * ld, row_mask, col);  // microcoded on Zen: only at edges
+    }
+  }
+}
+#else
+constexpr int kTransposeBlock = 0;  // no register transpose: the scalar loop
+#endif
+
+// dst[cols, ld] = transpose of src rows [rows, cols]; columns rows .. width zeroed (the
+// products read no further).
 template <typename scalar_t, typename acc_t>
 void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols,
-                     acc_t* dst, int64_t ld) {
-  for (int64_t c = 0; c < cols; ++c) std::fill(dst + c * ld + rows, dst + (c + 1) * ld, acc_t(0));
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    // at::vec's register-blocked transpose (16 x 16 blocks on AVX-512): the scalar loop below
-    // stores one element per column and took as long as the tile's products.
-    at::vec::transpose_mxn<float>(src, src_rs, dst, ld, static_cast<int>(rows),
-                                  static_cast<int>(cols));
+                     acc_t* dst, int64_t ld, int64_t width) {
+  for (int64_t c = 0; c < cols; ++c) {
+    std::fill(dst + c * ld + rows, dst + c * ld + width, acc_t(0));
+  }
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> &&
+                kTransposeBlock > 0) {
+    // A register-blocked transpose: the scalar loop below stores one element per column and
+    // took as long as the tile's products.
+    constexpr int64_t B = kTransposeBlock;
+    for (int64_t r = 0; r < rows; r += B) {
+      for (int64_t c = 0; c < cols; c += B) {
+        transpose_block(src + r * src_rs + c, src_rs, dst + c * ld + r, ld,
+                        static_cast<int>(std::min(B, rows - r)),
+                        static_cast<int>(std::min(B, cols - c)));
+      }
+    }
     return;
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -438,7 +552,8 @@ struct FmaProducts {
   // kt [E, n_pad] = k^T and vb [block_n, ev_pad] = v of n keys.
   static void pack_kv(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
                       int64_t v_rs, int64_t n, acc_t* kt, acc_t* vb) {
-    pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad);
+    pack_transposed(k, k_rs, n, pr.p.head_dim, kt, pr.n_pad,
+                    round_up(n, pad_cols<acc_t>()));
     pack_rows(v, v_rs, n, pr.p.v_head_dim, acc_t(1), vb, pr.ev_pad);
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
@@ -447,8 +562,8 @@ struct FmaProducts {
   // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
                  acc_t* s, int64_t diag) {
-    gemm<acc_t, false>(m, round_up(n, pad_cols<acc_t>()), pr.p.head_dim, qs, pr.e_pad, 1, kt,
-                       pr.n_pad, s, pr.n_pad, diag);
+    gemm<acc_t, false>(m, round_up(n, Vectorized<acc_t>::size()), pr.p.head_dim, qs, pr.e_pad, 1,
+                       kt, pr.n_pad, s, pr.n_pad, diag);
   }
   // o [m, ev_pad] += p [m, n] vb, where p[i, j] = 0 for j >= i + diag; p (in s) may be
   // overwritten.
@@ -470,8 +585,8 @@ struct FmaProducts {
     void pack_keys(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
                    int64_t v_rs, int64_t n) {
       pack_rows(k, k_rs, n, pr.p.head_dim, acc_t(1), kb.data(), pr.e_pad);
-      pack_transposed(k, k_rs, n, pr.p.head_dim, kt.data(), pr.n_pad);
-      pack_transposed(v, v_rs, n, pr.p.v_head_dim, vt.data(), pr.n_pad);
+      pack_transposed(k, k_rs, n, pr.p.head_dim, kt.data(), pr.n_pad, pr.n_pad);
+      pack_transposed(v, v_rs, n, pr.p.v_head_dim, vt.data(), pr.n_pad, pr.n_pad);
     }
     // Query tile `tile` (g * n_qb + qb) of kv head `head` (b * kv_heads + hk) of the call:
     // only the bf16 operands below keep packed tiles by it.
@@ -820,9 +935,10 @@ struct Scores {
   // softcap, alibi, mask and visibility applied (-inf where invisible, and in padded columns).
   // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T, or is null for a single query
   // row (decode), whose scores are dot products with the unpacked k rows (row stride k_rs).
-  // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward.
+  // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward. The caller
+  // reads the columns up to `width` (>= n): only those are set.
   static void compute(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
-                      int64_t k0, int64_t n, const acc_t* qs, const acc_t* kt,
+                      int64_t k0, int64_t n, int64_t width, const acc_t* qs, const acc_t* kt,
                       const scalar_t* k_rows, int64_t k_rs, acc_t* s, acc_t* tanh_out) {
     const AttentionParams& p = pr.p;
     const int64_t ld = pr.n_pad;
@@ -838,8 +954,8 @@ struct Scores {
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const bool full = pr.tile_full(sq, q0, m, k0, n);
     if (full && !pr.elementwise()) {
-      if (n < ld) {
-        for (int64_t i = 0; i < m; ++i) std::fill(s + i * ld + n, s + (i + 1) * ld, kNegInf);
+      if (n < width) {
+        for (int64_t i = 0; i < m; ++i) std::fill(s + i * ld + n, s + i * ld + width, kNegInf);
       }
       return;
     }
@@ -882,7 +998,7 @@ struct Scores {
       }
       hi = std::max(hi, lo);
       std::fill(row, row + lo, kNegInf);
-      std::fill(row + hi, row + ld, kNegInf);
+      std::fill(row + hi, row + width, kNegInf);
     }
   }
 };
@@ -1011,14 +1127,14 @@ struct ForwardTile {
         Products::pack_kv(pr, k_tile, p.k_stride[2], v_tile, p.v_stride[2], n, kt, vb);
         packed[kb] = 1;
       }
-      // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
-      // tanh values are not needed here, so they go to s itself.
-      Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, qs.data(),
-                                                 single_row ? nullptr : kt, k_tile, p.k_stride[2],
-                                                 s.data(), s.data());
       // The softmax reads the columns of the tile's n keys (rounded up to whole vectors; the
       // rest is -inf, and pv reads no further than n).
       const int64_t cols = round_up(n, Vectorized<acc_t>::size());
+      // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
+      // tanh values are not needed here, so they go to s itself.
+      Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, cols, qs.data(),
+                                                 single_row ? nullptr : kt, k_tile, p.k_stride[2],
+                                                 s.data(), s.data());
       for (int64_t i = 0; i < m; ++i) {
         new_max[i] = nan_max(row_max[i], vec_reduce_max(s.data() + i * ld, cols));
       }
@@ -1256,7 +1372,7 @@ struct BackwardTile {
                               dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m,
                               sq.b * p.kv_heads + hk, g * n_qb + qb);
         // The forward's score products on the forward's packing: P is the forward's.
-        Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n,
+        Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, ld,
                                                    operands.scores_queries(),
                                                    operands.kt.data(), k,
                                                    p.k_stride[2], s.data(), t.data());
