@@ -190,13 +190,14 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   const int64_t chunk = std::min(T, std::max({int64_t(1), (int64_t(4) << 20) / step_bytes,
                                               (256 + B - 1) / B}));
   Tensor buffer = at::empty({4 * H * chunk * B}, input.options());
+  const Tensor b = given(bias) ? *bias : Tensor();
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
     const int64_t t0 = reverse ? T - done - n : done;
     // Step-major [n, 4H, B] (the kernel's fast layout) from brgemm; at::mm's feature-major
     // [4H, n * B] where brgemm does not run (the kernel reads any layout).
     const Tensor x = input.narrow(0, t0, n).reshape({n * B, I});
-    const Tensor b = given(bias) ? *bias : Tensor(), proj_buf = buffer.narrow(0, 0, 4 * H * n * B);
+    const Tensor proj_buf = buffer.narrow(0, 0, 4 * H * n * B);
     Tensor x_proj = proj_buf.view({n, 4 * H, B});
     if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
       torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);

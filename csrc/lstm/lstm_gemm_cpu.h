@@ -13,9 +13,9 @@ namespace fastattn::lstm_gemm {
 // a @ b (+ row_bias[:, None] when given) into a contiguous out [S, M, N / S], for float32 CPU
 // tensors a [M, K] (unit column stride) and b [K, N] (any strides): column c of the product goes
 // to out[c / (N / S)]. With b's columns ordered (t, b) and S = T, each step t gets its own [M, B]
-// block (an LSTM's x_proj step after step, as the CPU kernel reads it); S = 1 is the plain product. Returns false, leaving out untouched, where these do
-// not hold, where oneDNN's float32 brgemm does not run on this CPU, or where
-// FASTATTN_LSTM_GEMM=torch: the caller then uses at::mm / at::addmm.
+// block (an LSTM's x_proj step after step, as the CPU kernel reads it); S = 1 is the plain
+// product. Returns false, leaving out untouched, where these do not hold, where oneDNN's float32
+// brgemm does not run on this CPU, or where FASTATTN_LSTM_GEMM=torch: the caller then uses at::mm.
 //
 // oneDNN compiles a kernel per block shape and leading dims, so every one here depends on a's
 // shape (the weights') and, only where b has fewer than 64 columns, on their count rounded up

@@ -530,9 +530,9 @@ def lstm_layer(
             input, h0, c0, w_ih, w_hh, bias, w_hr):
         return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
                                      zoneout_c, zoneout_h)
-    flat = input.reshape(T * B, in_features)
     if layer_norm is not None:
-        x_proj = torch.nn.functional.layer_norm(flat @ w_ih.t(), (4 * H,), layer_norm[0], bias,
+        x_proj = torch.nn.functional.layer_norm(input.reshape(T * B, in_features) @ w_ih.t(),
+                                                (4 * H,), layer_norm[0], bias,
                                                 layer_norm[4]).view(T, B, 4 * H)
     elif backend == "cpu":
         # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
@@ -540,6 +540,7 @@ def lstm_layer(
         x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, input.transpose(1, 2), bias).permute(
             0, 2, 1)
     else:
+        flat = input.reshape(T * B, in_features)
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)
 
