@@ -2,6 +2,7 @@
 
     python -m scripts.ab_lstm [--rounds 15] [--threads 1] [--cases T32B16H512,...] [--gemm]
     python -m scripts.ab_lstm --cells [--rounds 15] [--threads 1] [--cases B64H1024,...]
+    python -m scripts.ab_lstm --parts [--rounds 15] [--threads 2] [--cases T32B16H256,...]
 
 For each case of issue 5's grid (T in {32, 128}, B in {16, 64}, H = I in {256, 512, 1024}),
 float32, the rounds alternate one call of each provider, inference (no grad) and a training
@@ -16,6 +17,13 @@ csrc/lstm/lstm_gemm_cpu.h) in the same rounds, and that ratio is printed too.
 With --cells, the benchmark's cell-step cases instead (B in {16, 64}, H = I in {256, 512, 1024}):
 fastattn.lstm_cell and fastattn.LSTMCell against nn.LSTMCell, forward (no grad) and a training
 step (forward + backward into the input, both states and every weight).
+
+With --parts, where a training step's time goes: torch's whole step and ours, and ours split into
+the ops it runs (input projection, forward recurrence, backward op with the w_hh gradient, the
+projection's two backward GEMMs), each with its GFLOP/s, and the rest (autograd, allocation,
+gradient accumulation). Wall clock when --threads > 1 (thread CPU time would see one thread only).
+That is the bound issue 17 asks for where a case stays below torch: the step's six GEMM-sized
+products at torch's rate against ours, op by op.
 """
 
 from __future__ import annotations
@@ -103,6 +111,62 @@ def cell_ratios(B: int, H: int, rounds: int) -> list[float]:
     return [t[0] / t[1], t[0] / t[2], t[3] / t[4], t[3] / t[5]]
 
 
+def part_times(T: int, B: int, H: int, rounds: int, clock) -> dict[str, tuple[float, float]]:
+    """Seconds and GFLOP of torch's training step, ours, and our step's ops (I = H)."""
+    ops = torch.ops.fastattn
+    torch.manual_seed(0)
+    ref = nn.LSTM(H, H)
+    ours = fastattn.LSTM(H, H)
+    ours.load_state_dict(ref.state_dict())
+    x, dout = torch.randn(T, B, H), torch.randn(T, B, H)
+    state = (torch.randn(1, B, H), torch.randn(1, B, H))
+    x_grad = x.clone().requires_grad_()
+    w_ih, w_hh = ref.weight_ih_l0.detach(), ref.weight_hh_l0.detach()
+    bias = (ref.bias_ih_l0 + ref.bias_hh_l0).detach()
+    h0, c0 = state[0][0], state[1][0]
+    # The ops' arguments as fastattn.LSTM's training path passes them (fastattn/ops/lstm.py).
+    x_proj = ops.lstm_weight_mm(w_ih, x.transpose(1, 2), bias).permute(0, 2, 1)
+    layer = (h0, c0, w_hh, None, None, False, None, None)
+    h_all, c_all, gates_all, hpre_all = ops.lstm_layer_fwd(x_proj, *layer)
+    grad_x_proj = ops.lstm_layer_bwd(dout, torch.randn_like(c_all), *layer, h_all, c_all,
+                                     gates_all, hpre_all)[0]
+    grad = grad_x_proj.permute(2, 0, 1).reshape(4 * H, T * B)  # a view: feature-major
+    x_cols = x.reshape(T * B, H).t()
+
+    def train(module):
+        params = [x_grad, *module.parameters()]
+        return lambda: torch.autograd.grad(module(x_grad, state)[0], params, dout)
+
+    product = 2 * T * B * 4 * H * H / 1e9  # GFLOP of one [T * B, H] x [H, 4H] product
+    parts = {
+        "torch step": (train(ref), 6 * product),
+        "ours step": (train(ours), 6 * product),
+        "projection": (lambda: ops.lstm_weight_mm(w_ih, x.transpose(1, 2), bias), product),
+        "forward": (lambda: ops.lstm_layer_fwd(x_proj, *layer), product),
+        "backward op": (lambda: ops.lstm_layer_bwd(dout, c_all, *layer, h_all, c_all, gates_all,
+                                                   hpre_all), 2 * product),
+        "grad w_ih": (lambda: grad @ x_cols.t(), product),
+        "grad input": (lambda: w_ih.t() @ grad, product),
+    }
+    for fn, _ in parts.values():
+        fn()
+    seconds = fastest_interleaved([fn for fn, _ in parts.values()], rounds, clock)
+    return {name: (t, flop) for name, t, (_, flop) in zip(parts, seconds, parts.values())}
+
+
+def main_parts(args: argparse.Namespace, cases: list[tuple[int, int, int]]) -> None:
+    clock = time.perf_counter if args.threads > 1 else time.thread_time
+    print(f"threads {args.threads}, float32, training step, ms (GFLOP/s), "
+          f"{'wall' if args.threads > 1 else 'thread CPU'} time, fastest of {args.rounds}")
+    for T, B, H in cases:
+        times = part_times(T, B, H, args.rounds, clock)
+        ours_parts = [name for name in times if name not in ("torch step", "ours step")]
+        rest = times["ours step"][0] - sum(times[name][0] for name in ours_parts)
+        cells = [f"{name} {t * 1e3:.2f} ({flop / t:.0f})" for name, (t, flop) in times.items()]
+        print(f"T{T} B{B} H{H}: " + ", ".join(cells) + f", rest {rest * 1e3:.2f}; "
+              f"ratio {times['torch step'][0] / times['ours step'][0]:.2f}x", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -112,6 +176,8 @@ def main() -> None:
                         help="the cell-step cases (lstm_cell, LSTMCell) instead of nn.LSTM's")
     parser.add_argument("--gemm", action="store_true",
                         help="also time fastattn's inference with FASTATTN_LSTM_GEMM=torch")
+    parser.add_argument("--parts", action="store_true",
+                        help="the training step split into fastattn's ops, with GFLOP/s")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.cells:
@@ -120,6 +186,9 @@ def main() -> None:
     cases = [(T, B, H) for T in (32, 128) for B in (16, 64) for H in (256, 512, 1024)]
     if args.cases:
         cases = [c for c in cases if "T{}B{}H{}".format(*c) in args.cases.split(",")]
+    if args.parts:
+        main_parts(args, cases)
+        return
     print(f"threads {args.threads}, float32, torch time / fastattn time (thread CPU time, "
           f"fastest of {args.rounds})")
     columns = ["inference", "training"] + (["inference torch.mm"] if args.gemm else [])
