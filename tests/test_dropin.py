@@ -254,6 +254,31 @@ def test_mha_in_proj_bias_of_another_dtype_matches_torch(need_weights):
     torch.testing.assert_close(g, g_ref)
 
 
+# ---- batch dims that broadcast ---------------------------------------------------------------
+
+BROADCAST_CASES = [
+    pytest.param((2, 3, 5, 8), (1, 3, 7, 8), (2, 1, 7, 6), {}, id="kv-batch-1"),
+    pytest.param((2, 6, 5, 8), (2, 1, 7, 8), (2, 1, 7, 6), {"is_causal": True}, id="one-kv-head"),
+    pytest.param((1, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), {}, id="q-batch-1"),
+    pytest.param((2, 3, 5, 8), (3, 7, 8), (7, 6), {}, id="fewer-kv-dims"),
+    pytest.param((2, 2, 3, 5, 8), (2, 1, 3, 7, 8), (1, 2, 3, 7, 6), {}, id="5d"),
+    pytest.param((2, 6, 5, 8), (1, 2, 7, 8), (1, 2, 7, 6), {"enable_gqa": True}, id="gqa"),
+    pytest.param((0, 3, 5, 8), (1, 3, 7, 8), (1, 3, 7, 6), {}, id="B0"),
+]
+
+
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), BROADCAST_CASES)
+def test_sdpa_broadcasts_batch_dims_like_torch(q_shape, k_shape, v_shape, options):
+    """torch's SDPA broadcasts the batch dims of q, k and v (a key/value shared by the batch or
+    by every head); fastattn rejected them. Gradients reduce over the broadcast dims."""
+    q, k, v = _leaves(q_shape, k_shape, v_shape)
+    mask = torch.randn(q_shape[-2], k_shape[-2], dtype=torch.float64, requires_grad=True)
+    kwargs = dict(options) if options.get("is_causal") else dict(options, attn_mask=mask)
+    ours = fastattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    theirs = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    _assert_matches_torch(ours, theirs, [q, k, v] + ([] if options.get("is_causal") else [mask]))
+
+
 # ---- attn_mask dtypes ------------------------------------------------------------------------
 
 

@@ -241,6 +241,22 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
         )
 
 
+def _broadcast_batch_dims(q, k, v, enable_gqa: bool) -> tuple | None:
+    """q, k, v expanded (stride-0 views) to their common batch dims, as torch's SDPA broadcasts
+    them (e.g. one key/value shared by a batch, or by every head: k [B, 1, S, E]). With
+    enable_gqa the head dims (-3) stay as they are and only the dims before them broadcast.
+    None when that changes nothing or they do not broadcast."""
+    kept = 3 if enable_gqa and min(q.dim(), k.dim(), v.dim()) >= 3 else 2
+    lead = [t.shape[:-kept] for t in (q, k, v)]
+    if lead[0] == lead[1] == lead[2]:
+        return None
+    try:
+        batch = torch.broadcast_shapes(*lead)
+    except RuntimeError:
+        return None
+    return tuple(t.expand(*batch, *t.shape[-kept:]) for t in (q, k, v))
+
+
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(..., H, N, D) -> [B, H, N, D] without copying when the strides allow."""
     if t.dim() == 4:
@@ -311,7 +327,8 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, fused.
 
-    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev) in query's dtype.
+    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev) in query's dtype; the
+    batch dims (...) broadcast against each other, as in torch.
     attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
     (..., L, S). is_causal: top-left aligned causal mask (as torch). scale: default 1/sqrt(E).
     enable_gqa: dim -3 of query may be a multiple of key/value's (grouped-query attention).
@@ -319,7 +336,18 @@ def scaled_dot_product_attention(
     A query row with no visible key yields zeros (torch yields NaN there).
     """
     fn = "scaled_dot_product_attention"
-    _check_qkv(fn, query, key, value, enable_gqa)
+    try:
+        _check_qkv(fn, query, key, value, enable_gqa)
+        expanded = None
+    except FastattnValueError:
+        # Batch dims that differ may broadcast, as torch's SDPA takes them (only looked at
+        # here: the check is free on every well-formed call). If not, the error stands.
+        expanded = _broadcast_batch_dims(query, key, value, enable_gqa)
+        if expanded is None:
+            raise
+    if expanded is not None:
+        query, key, value = expanded
+        _check_qkv(fn, query, key, value, enable_gqa)
     if not 0.0 <= dropout_p < 1.0:
         raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if is_causal and attn_mask is not None:
