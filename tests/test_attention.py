@@ -484,7 +484,8 @@ BAD_INPUTS = [
         id="gqa-heads",
     ),
     pytest.param(
-        lambda q, k, v: dict(key=k[:, :1], value=v[:, :1]),
+        # 2 key heads for 3 query heads: not grouped (one key head would broadcast, as in torch)
+        lambda q, k, v: dict(key=k[:, :2], value=v[:, :2]),
         ValueError,
         "enable_gqa",
         id="heads-without-gqa",

@@ -237,6 +237,31 @@ def test_bfloat16_matches_torch():
     _compare(ours, theirs, ref64, inputs, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("masks", ["attn_mask", "attn_mask+kpm"])
+def test_float32_mask_with_bfloat16_keeps_float32_precision_like_torch(masks):
+    """torch's fused path adds a float32 attn_mask to bfloat16 scores at float32 precision; the
+    merged mask was rounded to bfloat16 first (5x torch's error for a 30-sized bias)."""
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    ours = fastattn.MultiheadAttention(64, 4, batch_first=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    ref64 = copy.deepcopy(theirs).double()
+    x = torch.randn(2, 33, 64)
+    attn_mask = torch.randn(33, 33) * 30  # an ALiBi / relative-position sized float32 bias
+    kpm = _bool_mask(2, 33) if masks == "attn_mask+kpm" else None
+    exact = ref64(*(x.double(),) * 3, attn_mask=attn_mask.double(), key_padding_mask=kpm,
+                  need_weights=False)[0]
+
+    def error(module):
+        xb = x.bfloat16()
+        out = copy.deepcopy(module).bfloat16()(xb, xb, xb, attn_mask=attn_mask,
+                                               key_padding_mask=kpm, need_weights=False)[0]
+        assert out.dtype == torch.bfloat16
+        return ((out.double() - exact).abs().max() / exact.abs().max()).item()
+
+    assert error(ours) <= 1.5 * error(theirs), (error(ours), error(theirs))
+
+
 class TestIsCausal:
     L = 6
 

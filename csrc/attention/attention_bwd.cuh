@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1) attention_bwd_dq_kernel(cons
           float d_prob = d_probs[n][e];
           if (p.dropout_p > 0.0f && in_bounds) d_prob *= dropout_factor(p, (bh_rows + i) * p.kv_len, j);
           const float d_score = prob * (d_prob - delta[r]);
-          if (p.dmask != nullptr && in_bounds) p.dmask[(bh_rows + i) * p.kv_len + j] = d_score;
+          if (p.dmask != nullptr && in_bounds) static_cast<float*>(p.dmask)[(bh_rows + i) * p.kv_len + j] = d_score;
           scores[n][e] = d_score * ds_dz;
         }
       }

@@ -173,11 +173,13 @@ Inputs fill_fwd_params(AttentionParams& p, const at::Tensor& q_in, const at::Ten
                 m.size(3) == S, "fastattn attention (cpu): attn_mask must be a [B, Hq, L, S] = [",
                 B, ", ", Hq, ", ", L, ", ", S, "] view (broadcast strides allowed), got ",
                 m.sizes());
-    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q_in.scalar_type(),
-                "fastattn attention (cpu): attn_mask must be bool or q's dtype ",
+    TORCH_CHECK(m.scalar_type() == at::kBool || m.scalar_type() == q_in.scalar_type() ||
+                    m.scalar_type() == at::kFloat,
+                "fastattn attention (cpu): attn_mask must be bool, float32 or q's dtype ",
                 q_in.scalar_type(), ", got ", m.scalar_type());
     in.mask = m;
     p.mask_kind = m.scalar_type() == at::kBool ? AttnMaskKind::Bool : AttnMaskKind::Additive;
+    p.mask_is_float32 = m.scalar_type() == at::kFloat;
     p.mask = m.data_ptr();
     for (int d = 0; d < 4; ++d) p.mask_stride[d] = m.size(d) == 1 ? 0 : m.stride(d);
   }
@@ -243,10 +245,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor grad_out_c = last_dim_contiguous(grad_out);
   const at::Tensor out_c = last_dim_contiguous(out);
   const at::Tensor lse_c = lse.contiguous();
+  // In the kernel's accumulation dtype, so that float64 mask gradients keep float64 precision.
+  const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dmask = mask_grad
-      ? at::zeros({p.batch, p.q_heads, p.q_len, p.kv_len}, q.options().dtype(at::kFloat))
-      : at::empty({0}, q.options().dtype(at::kFloat));
-  bp.dmask = mask_grad ? dmask.data_ptr<float>() : nullptr;
+      ? at::zeros({p.batch, p.q_heads, p.q_len, p.kv_len}, q.options().dtype(acc))
+      : at::empty({0}, q.options().dtype(acc));
+  bp.dmask = mask_grad ? dmask.data_ptr() : nullptr;
   const auto [dq, dk, dv] = run_bwd(bp, grad_out_c, out_c, lse_c, q, k, v);
   return {dq, dk, dv, dmask};
 }

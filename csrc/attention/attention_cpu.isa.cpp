@@ -986,8 +986,14 @@ struct Scores {
             if (!mrow[j * ms[3]]) row[j] = kNegInf;
           }
         } else {
-          const scalar_t* mrow = static_cast<const scalar_t*>(p.mask) + base;
-          for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(mrow[j * ms[3]]);
+          const auto add = [&](const auto* mrow) {
+            for (int64_t j = 0; j < n; ++j) row[j] += static_cast<acc_t>(mrow[j * ms[3]]);
+          };
+          if (p.mask_is_float32) {
+            add(static_cast<const float*>(p.mask) + base);
+          } else {
+            add(static_cast<const scalar_t*>(p.mask) + base);
+          }
         }
       }
       // Visible keys of row qi: [qi + offset - left, qi + offset + right], clipped to the tile.
@@ -1408,9 +1414,9 @@ struct BackwardTile {
         }
         if (bp.dmask) {
           for (int64_t i = 0; i < m; ++i) {
-            float* dst = bp.dmask + pr.row_index(sq, h, q0 + i) * p.kv_len + k0;
-            const acc_t* src = dp.data() + i * ld;
-            for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+            acc_t* dst =
+                static_cast<acc_t*>(bp.dmask) + pr.row_index(sq, h, q0 + i) * p.kv_len + k0;
+            std::copy(dp.data() + i * ld, dp.data() + i * ld + n, dst);
           }
         }
         if (p.softcap > 0) {  // d raw = d capped * (1 - tanh^2)

@@ -216,7 +216,8 @@ class MultiheadAttention(nn.Module):
                 if mask.dtype == torch.bool:
                     scores = scores.masked_fill(~mask, float("-inf"))
                 else:
-                    scores = scores + mask
+                    # A float32 mask with half scores (torch raises there): added at float32.
+                    scores = (scores + mask).to(scores.dtype)
             weights = torch.softmax(scores, dim=-1)
             if dropout_p > 0.0:
                 weights = F.dropout(weights, p=dropout_p)
@@ -386,8 +387,10 @@ def _merge_masks(
     """One broadcastable [B|1, H|1, L|1, S + extra_keys] mask in the op's convention.
 
     Bool when both masks are bool (True = may attend), else additive of ``dtype`` (a blocked bool
-    entry becomes -inf). Only the dims the inputs really have are materialized; the extra keys
-    (bias_kv, zero attention) are always visible.
+    entry becomes -inf), or float32 when a float32 mask comes with a half-precision ``dtype``:
+    torch adds such a mask at float32 precision, and so does fastattn's op. Only the dims the
+    inputs really have are materialized; the extra keys (bias_kv, zero attention) are always
+    visible.
     """
     masks: list[Tensor] = []
     if key_padding_mask is not None:  # [B, S]
@@ -411,8 +414,11 @@ def _merge_masks(
         for m in masks:
             if m.dtype == torch.bool:
                 additive.append(torch.zeros_like(m, dtype=dtype).masked_fill_(m, float("-inf")))
+            elif m.dtype == torch.float32:
+                additive.append(m)
             else:
                 additive.append(m.to(dtype))
+        # (a float32 mask promotes the sum to float32)
         merged = additive[0] if len(additive) == 1 else additive[0] + additive[1]
         fill = 0.0
     if extra_keys > 0:

@@ -7,8 +7,9 @@ in fastattn/triton_kernels/ and mirror the schemas below under a ``_triton`` suf
 Normalized attention layout, shared by every backend:
   q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev], Hq % Hk == 0 (GQA: head h reads kv
   head h // (Hq // Hk)); last dims contiguous, other strides arbitrary.
-  attn_mask: None, or a bool (True = may attend) or additive tensor of q's dtype, given as
-  a [B, Hq, L, S] view whose broadcast strides may be 0.
+  attn_mask: None, or a bool (True = may attend) or additive tensor of q's dtype (or float32:
+  cpu, triton and reference read it at float32 precision), given as a [B, Hq, L, S] view whose
+  broadcast strides may be 0.
   alibi_slopes: None or float32 [Hq] or [B, Hq]; adds slope * (j - i - offset) to score (i, j).
   Visibility: key j is visible to query i iff  -window_left <= j - i - offset <= window_right
   (a negative bound is unbounded), offset = S - L if bottom_right else 0. Causal is
@@ -35,7 +36,8 @@ _ATTENTION_OPTIONS = (
 SCHEMAS = {
     "attention_fwd": f"attention_fwd(Tensor q, Tensor k, Tensor v, {_ATTENTION_OPTIONS}) "
     "-> (Tensor out, Tensor lse)",
-    # dmask is [B, Hq, L, S] float32 when mask_grad, else an empty tensor.
+    # dmask is [B, Hq, L, S] when mask_grad, else an empty tensor; float32 (float64 for
+    # float64 inputs on the CPU).
     "attention_bwd": "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
     f"Tensor lse, {_ATTENTION_OPTIONS}, bool mask_grad) "
     "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dmask)",

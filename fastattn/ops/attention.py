@@ -167,6 +167,9 @@ def _attention_normalized(
                               *_grid_extent(q.shape[0], q.shape[1]))
     if backend == "reference" or _has_empty_dim(q, k, v):
         return reference.attention_reference(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
+    if backend == "cuda" and attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
+        # The cuda kernels read an additive mask in q's dtype only.
+        attn_mask = attn_mask.to(q.dtype)
     # Kernels need unit stride on the last dim; everything else is read through strides.
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -238,6 +241,22 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
         )
 
 
+def _broadcast_batch_dims(q, k, v, enable_gqa: bool) -> tuple | None:
+    """q, k, v expanded (stride-0 views) to their common batch dims, as torch's SDPA broadcasts
+    them (e.g. one key/value shared by a batch, or by every head: k [B, 1, S, E]). With
+    enable_gqa the head dims (-3) stay as they are and only the dims before them broadcast.
+    None when that changes nothing or they do not broadcast."""
+    kept = 3 if enable_gqa and min(q.dim(), k.dim(), v.dim()) >= 3 else 2
+    lead = [t.shape[:-kept] for t in (q, k, v)]
+    if lead[0] == lead[1] == lead[2]:
+        return None
+    try:
+        batch = torch.broadcast_shapes(*lead)
+    except RuntimeError:
+        return None
+    return tuple(t.expand(*batch, *t.shape[-kept:]) for t in (q, k, v))
+
+
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
     """(..., H, N, D) -> [B, H, N, D] without copying when the strides allow."""
     if t.dim() == 4:
@@ -265,7 +284,9 @@ def _causal_bias_is_bottom_right(fn: str, bias: CausalBias, L: int, S: int) -> b
 
 
 def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None:
-    """The mask as a [B, Hq, L, S] broadcast view of bool or q's dtype."""
+    """The mask as a [B, Hq, L, S] broadcast view of bool, float32 or q's dtype: torch's SDPA
+    takes a float32 mask with any q and adds it at float32 precision, so it is not rounded to a
+    float16 / bfloat16 q's dtype here (_attention_normalized does that for the cuda kernels)."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
@@ -289,7 +310,8 @@ def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None
             f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
             f"(..., L, S) = {target}"
         ) from None
-    mask = attn_mask if attn_mask.dtype in (torch.bool, q.dtype) else attn_mask.to(q.dtype)
+    keep = (torch.bool, torch.float32, q.dtype)
+    mask = attn_mask if attn_mask.dtype in keep else attn_mask.to(q.dtype)
     return _as_4d(mask.expand(target)) if len(target) > 2 else mask.expand(1, 1, *target)
 
 
@@ -305,7 +327,8 @@ def scaled_dot_product_attention(
 ) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, fused.
 
-    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev) in query's dtype.
+    query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev) in query's dtype; the
+    batch dims (...) broadcast against each other, as in torch.
     attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
     (..., L, S). is_causal: top-left aligned causal mask (as torch). scale: default 1/sqrt(E).
     enable_gqa: dim -3 of query may be a multiple of key/value's (grouped-query attention).
@@ -313,7 +336,18 @@ def scaled_dot_product_attention(
     A query row with no visible key yields zeros (torch yields NaN there).
     """
     fn = "scaled_dot_product_attention"
-    _check_qkv(fn, query, key, value, enable_gqa)
+    try:
+        _check_qkv(fn, query, key, value, enable_gqa)
+        expanded = None
+    except FastattnValueError:
+        # Batch dims that differ may broadcast, as torch's SDPA takes them (only looked at
+        # here: the check is free on every well-formed call). If not, the error stands.
+        expanded = _broadcast_batch_dims(query, key, value, enable_gqa)
+        if expanded is None:
+            raise
+    if expanded is not None:
+        query, key, value = expanded
+        _check_qkv(fn, query, key, value, enable_gqa)
     if not 0.0 <= dropout_p < 1.0:
         raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
     if is_causal and attn_mask is not None:
@@ -463,11 +497,9 @@ def _attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, *options):
 def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, alibi_slopes, *options_mask_grad):
     B, H, L, _ = q.shape
     mask_grad = options_mask_grad[-1]
-    dmask = (
-        q.new_empty(B, H, L, k.shape[-2], dtype=torch.float32)
-        if mask_grad
-        else q.new_empty(0, dtype=torch.float32)
-    )
+    # In the accumulation dtype: float64 for float64 inputs, else float32.
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dmask = q.new_empty(B, H, L, k.shape[-2], dtype=acc) if mask_grad else q.new_empty(0, dtype=acc)
     # Every backend returns fresh contiguous gradients, whatever the inputs' strides.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 

@@ -71,6 +71,10 @@ struct AttentionParams {
   // dtype. mask_kind is None exactly when mask is null.
   AttnMaskKind mask_kind = AttnMaskKind::None;
   const void* mask = nullptr;
+  // [cpu] An additive mask is float32 rather than the element dtype: torch's SDPA takes a
+  // float32 mask with any q dtype, and rounding it to bfloat16 / float16 would shift the scores
+  // of large biases (ALiBi-like, relative positions) by their rounding error.
+  bool mask_is_float32 = false;
   int64_t mask_stride[4] = {};
 
   // Optional float32 slopes [B, Hq] (alibi_batch_stride = Hq) or [Hq] (stride 0):
@@ -135,9 +139,10 @@ struct AttentionBwdParams : AttentionParams {
   int64_t dq_stride[3] = {}, dk_stride[3] = {}, dv_stride[3] = {};
   // [cuda] float32 workspace laid out like lse: rowsum(grad_out * out).
   float* delta = nullptr;
-  // Optional [B, Hq, L, S] float32 contiguous, zero-initialized by the caller: dL/d(scores),
-  // the gradient of an additive mask (dense only). Written only for tiles that are not skipped.
-  float* dmask = nullptr;
+  // Optional [B, Hq, L, S] contiguous, zero-initialized by the caller: dL/d(scores), the
+  // gradient of an additive mask (dense only), in the accumulation dtype (float32; float64 for
+  // float64 inputs on the CPU). Written only for tiles that are not skipped.
+  void* dmask = nullptr;
 };
 
 }  // namespace fastattn
