@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastattn.ops.errors import FastattnTypeError, FastattnValueError
+from fastattn.ops.errors import FastattnDtypeError, FastattnTypeError, FastattnValueError
 from fastattn.ops.lstm import lstm_cell, lstm_layer
 
 __all__ = ["LSTMCell", "LSTM"]
@@ -117,6 +117,11 @@ class LSTMCell(_Extras, nn.Module):
             shape = (input.shape[0], self.hidden_size) if input.dim() == 2 else (self.hidden_size,)
             zeros = input.new_zeros(shape)
             hx = (zeros, zeros)
+        elif input.dim() == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            # batched only: unbatched, nn.LSTMCell takes hx[0] and hx[1] of whatever it is given
+            raise FastattnTypeError(
+                f"fastattn.LSTMCell: hx must be a tuple (h_0, c_0), got {_describe(hx)}"
+                + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
         w_hh = self._recurrent_weight(self.weight_hh)
         if not self.layer_norm and self.zoneout == (0.0, 0.0):
             return lstm_cell(input, hx[0], hx[1], self.weight_ih, w_hh, self.bias_ih,
@@ -192,10 +197,16 @@ class LSTM(_Extras, nn.Module):
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
-        if not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise FastattnValueError(f"hidden_size must be a positive int, got {hidden_size}")
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise FastattnValueError(f"num_layers must be a positive int, got {num_layers}")
+        # nn.LSTM's checks, in its order and with its exception types
+        for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
+                                  ("input_size", input_size, int),
+                                  ("hidden_size", hidden_size, int),
+                                  ("num_layers", num_layers, int)):
+            if not isinstance(value, kind):
+                raise FastattnTypeError(
+                    f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+            if kind is int and value <= 0:
+                raise FastattnValueError(f"{name} must be greater than zero, got {value}")
         if proj_size < 0:
             raise FastattnValueError(
                 "proj_size should be a positive integer or zero to disable projections")
@@ -248,6 +259,11 @@ class LSTM(_Extras, nn.Module):
         """Kept for nn.LSTM compatibility: the fused ops need no flat weight buffer."""
 
     @property
+    def _flat_weights(self) -> list[nn.Parameter | None]:
+        """nn.LSTM's list of the parameters in _flat_weights_names order (read by user code)."""
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         per = len(self._flat_weights_names) // (self.num_layers * len(self._suffixes()))
         names = self._flat_weights_names
@@ -255,16 +271,19 @@ class LSTM(_Extras, nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
-        for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
-                             ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0),
+        for key, default in (("proj_size", 0), ("num_layers", 1), ("bias", True),  # nn.LSTM's
+                             ("batch_first", False), ("dropout", 0.0), ("bidirectional", False),
                              ("layer_norm", False), ("zoneout", (0.0, 0.0)),
                              ("recurrent_dropout", 0.0)):
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)}"
         return s
 
-    def _layer_weights(self, layer: int, suffix: str):
-        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
+    def _layer_weights(self, layer: int, suffix: str, dtype: torch.dtype | None):
+        def get(kind):
+            t = getattr(self, f"{kind}_l{layer}{suffix}", None)
+            return t if t is None or dtype is None else t.to(dtype)
+
         w_hh = self._recurrent_weight(get("weight_hh"))
         ln = None
         if self.layer_norm:
@@ -296,6 +315,17 @@ class LSTM(_Extras, nn.Module):
                 input.transpose(0, 1) if self.batch_first else input)
             T, B = x.shape[0], x.shape[1]
             batch_sizes = sorted_indices = unsorted_indices = None
+        # Under autocast nn.LSTM runs in the autocast dtype (mkldnn_rnn_layer on the CPU,
+        # _cudnn_rnn on CUDA are on autocast's lower-precision lists): so do we, casting input,
+        # state and weights. (torch's packed path returns the input's dtype, as ours does.)
+        dtype = None if packed else _autocast_dtype(x, self.weight_ih_l0)
+        if dtype is not None:
+            x = x.to(dtype)
+        elif x.dtype != self.weight_ih_l0.dtype:  # nn.LSTM raises ValueError, fastattn TypeError
+            raise FastattnDtypeError(
+                f"fastattn.LSTM: input must be {str(self.weight_ih_l0.dtype)[6:]} as the "
+                f"weights, got {x.dtype}: convert the input (input.to({self.weight_ih_l0.dtype}))"
+                f" or the model (model.to({x.dtype}))")
         if T == 0:  # no last step to return as h_n; torch refuses it too (RuntimeError)
             raise FastattnValueError(
                 "fastattn.LSTM: expected sequence length to be larger than 0, got input of "
@@ -305,7 +335,7 @@ class LSTM(_Extras, nn.Module):
                 f"fastattn.LSTM: input must have {self.input_size} features "
                 f"(input_size), got {x.shape[-1]}"
             )
-        h0, c0 = self._initial_state(hx, x, unbatched, sorted_indices, D, B, P, H)
+        h0, c0 = self._initial_state(hx, x, unbatched, sorted_indices, D, B, P, H, dtype)
 
         zc_p, zh_p = self.zoneout
         step_sizes = batch_sizes if packed and int(batch_sizes[-1]) < B else None
@@ -313,7 +343,7 @@ class LSTM(_Extras, nn.Module):
         for layer in range(self.num_layers):
             outputs = []
             for d, suffix in enumerate(self._suffixes()):
-                w_ih, w_hh, b_ih, b_hh, w_hr, ln = self._layer_weights(layer, suffix)
+                w_ih, w_hh, b_ih, b_hh, w_hr, ln = self._layer_weights(layer, suffix, dtype)
                 k = layer * D + d
                 h_all, c_all = lstm_layer(
                     x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=step_sizes,
@@ -340,13 +370,15 @@ class LSTM(_Extras, nn.Module):
         output = x.transpose(0, 1) if self.batch_first else x
         return output, (h_n, c_n)
 
-    def _initial_state(self, hx, x, unbatched, sorted_indices, D, B, P, H):
+    def _initial_state(self, hx, x, unbatched, sorted_indices, D, B, P, H, dtype):
         L = self.num_layers * D
         if hx is None:
             return x.new_zeros(L, B, P), x.new_zeros(L, B, H)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise FastattnTypeError("fastattn.LSTM: hx must be a tuple (h_0, c_0)")
         h0, c0 = hx
+        if dtype is not None:  # autocast: any floating state runs in the autocast dtype
+            h0, c0 = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (h0, c0))
         want_h, want_c = ((L, P), (L, H)) if unbatched else ((L, B, P), (L, B, H))
         for name, t, want in (("h_0", h0, want_h), ("c_0", c0, want_c)):
             if not isinstance(t, torch.Tensor):
@@ -366,6 +398,16 @@ class LSTM(_Extras, nn.Module):
         if sorted_indices is not None:
             h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         return h0, c0
+
+
+def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs nn.LSTM in for input x, or None where autocast is off (or leaves
+    it alone: autocast does not cast float64)."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind) or torch.float64 in (x.dtype, weight.dtype) or (
+            not x.is_floating_point()):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def _describe(x) -> str:
