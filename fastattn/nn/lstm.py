@@ -355,7 +355,12 @@ class LSTM(_Extras, nn.Module):
                 outputs.append(h_all)
             x = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
+                if packed:  # over the packed rows only: the mask nn.LSTM draws from the same RNG
+                    flat = x.reshape(T * B, -1)
+                    kept = F.dropout(flat.index_select(0, rows), self.dropout, training=True)
+                    x = flat.index_copy(0, rows, kept).view(T, B, -1)
+                else:
+                    x = F.dropout(x, self.dropout, training=True)
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
 
         if packed:
