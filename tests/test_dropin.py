@@ -395,6 +395,38 @@ def test_lstm_under_cpu_autocast_as_torch(flags, x_dtype, with_hx):
         assert torch.isfinite(p.grad).all(), name
 
 
+@pytest.mark.parametrize(("x_dtype", "hx_dtype"), [(torch.float32, None), (torch.bfloat16, None),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
+@pytest.mark.parametrize("options", [{}, {"zoneout": (0.5, 0.25)}], ids=["plain", "zoneout"])
+def test_lstm_cell_under_cpu_autocast_as_torch(x_dtype, hx_dtype, options):
+    """nn.LSTMCell under CPU autocast: GEMMs in bf16, the result in the state's dtype (the
+    input's without hx), whatever the input's dtype; ours refused a bf16 input (a Linear's
+    output under autocast) next to float32 weights."""
+    theirs, ours = torch.nn.LSTMCell(5, 33), fastattn.LSTMCell(5, 33, **options).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(7, 5).to(x_dtype)
+    hx = None if hx_dtype is None else tuple(torch.randn(2, 7, 33).to(hx_dtype) * 0.5)
+    if options:  # eval-mode zoneout mixes in the previous state: torch's side, by hand
+        p_c, p_h = options["zoneout"]
+        h0, c0 = hx if hx is not None else (torch.zeros(7, 33).to(x_dtype),) * 2
+    results = []
+    for module in (theirs, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, c = module(x, hx)
+        if options and module is theirs:
+            h, c = p_h * h0 + (1 - p_h) * h, p_c * c0 + (1 - p_c) * c
+        (h.float().sum() + c.float().sum()).backward()
+        results.append((h, c))
+    for name, a, t in zip(("h", "c"), results[1], results[0], strict=True):
+        assert a.dtype == t.dtype, name
+        torch.testing.assert_close(a, t, rtol=2e-2, atol=2e-2)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("options", [{}, {"layer_norm": True}], ids=["plain", "layer_norm"])
 def test_lstm_cell_and_layer_norm_lstm_under_cpu_autocast(options):
     """nn.LSTMCell under CPU autocast returns the state's dtype (its GEMMs autocast, the

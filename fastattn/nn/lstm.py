@@ -122,10 +122,20 @@ class LSTMCell(_Extras, nn.Module):
             raise FastattnTypeError(
                 f"fastattn.LSTMCell: hx must be a tuple (h_0, c_0), got {_describe(hx)}"
                 + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
-        w_hh = self._recurrent_weight(self.weight_hh)
+        # Under autocast torch's lstm_cell runs its GEMMs in the autocast dtype (as lstm_cell
+        # does) and the pointwise part in the state's dtype (cx's): the arguments go to that.
+        dtype = None
+        if _autocast_dtype(input, self.weight_ih) is not None and isinstance(hx[1], torch.Tensor):
+            dtype = hx[1].dtype
+
+        def cast(t):
+            return t if dtype is None or not isinstance(t, torch.Tensor) else t.to(dtype)
+
+        input, hx = cast(input), (cast(hx[0]), cast(hx[1]))
+        w_ih, w_hh = cast(self.weight_ih), self._recurrent_weight(cast(self.weight_hh))
+        b_ih, b_hh = cast(self.bias_ih), cast(self.bias_hh)
         if not self.layer_norm and self.zoneout == (0.0, 0.0):
-            return lstm_cell(input, hx[0], hx[1], self.weight_ih, w_hh, self.bias_ih,
-                             self.bias_hh)
+            return lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
         # The extras run as a one-step fastattn.lstm_layer (which checks the arguments).
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
@@ -133,10 +143,11 @@ class LSTMCell(_Extras, nn.Module):
         B, H = x.shape[0], self.hidden_size
         ln = None
         if self.layer_norm:
-            ln = (self.layer_norm_ih, self.layer_norm_hh, self.layer_norm_c_weight,
-                  self.layer_norm_c_bias, self.layer_norm_eps)
+            ln = (cast(self.layer_norm_ih), cast(self.layer_norm_hh),
+                  cast(self.layer_norm_c_weight), cast(self.layer_norm_c_bias),
+                  self.layer_norm_eps)
         h_all, c_all = lstm_layer(
-            x.unsqueeze(0), h, c, self.weight_ih, w_hh, self.bias_ih, self.bias_hh,
+            x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh,
             zoneout_c=self._zoneout_weights(self.zoneout[0], (1, B, H), x),
             zoneout_h=self._zoneout_weights(self.zoneout[1], (1, B, H), x), layer_norm=ln)
         hy, cy = h_all[0], c_all[0]
