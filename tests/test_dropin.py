@@ -399,6 +399,33 @@ def test_lstm_under_cpu_autocast_as_torch(flags, x_dtype, with_hx):
                                                   (torch.bfloat16, torch.float32),
                                                   (torch.float32, torch.bfloat16)],
                          ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
+def test_packed_lstm_under_cpu_autocast_as_torch(x_dtype, hx_dtype):
+    """nn.LSTM's packed path under CPU autocast: GEMMs in bf16, the rest in the state's dtype
+    (the input's without hx); ours refused a bf16 input next to float32 weights."""
+    flags = dict(num_layers=2, bidirectional=True)
+    theirs, ours = torch.nn.LSTM(5, 33, **flags), fastattn.LSTM(5, 33, **flags)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 3, 5).to(x_dtype), [2, 6, 5],
+                                                enforce_sorted=False)
+    hx = None if hx_dtype is None else tuple(torch.randn(2, 4, 3, 33).to(hx_dtype) * 0.5)
+    results = []
+    for module in (theirs, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h_n, c_n) = module(x, hx)
+        (out.data.float().sum() + c_n.float().sum()).backward()
+        results.append((out.data, h_n, c_n))
+    for name, a, t in zip(("output", "h_n", "c_n"), results[1], results[0], strict=True):
+        assert a.dtype == t.dtype, name
+        torch.testing.assert_close(a, t, rtol=3e-2, atol=3e-2)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize(("x_dtype", "hx_dtype"), [(torch.float32, None), (torch.bfloat16, None),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
 @pytest.mark.parametrize("options", [{}, {"zoneout": (0.5, 0.25)}], ids=["plain", "zoneout"])
 def test_lstm_cell_under_cpu_autocast_as_torch(x_dtype, hx_dtype, options):
     """nn.LSTMCell under CPU autocast: GEMMs in bf16, the result in the state's dtype (the

@@ -328,8 +328,12 @@ class LSTM(_Extras, nn.Module):
             batch_sizes = sorted_indices = unsorted_indices = None
         # Under autocast nn.LSTM runs in the autocast dtype (mkldnn_rnn_layer on the CPU,
         # _cudnn_rnn on CUDA are on autocast's lower-precision lists): so do we, casting input,
-        # state and weights. (torch's packed path returns the input's dtype, as ours does.)
-        dtype = None if packed else _autocast_dtype(x, self.weight_ih_l0)
+        # state and weights. Its packed path runs its GEMMs so but the pointwise part in the
+        # state's dtype (c_0's, the input's without hx): there we run all in that dtype.
+        dtype = _autocast_dtype(x, self.weight_ih_l0)
+        if dtype is not None and packed:
+            c0 = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else None
+            dtype = c0.dtype if isinstance(c0, torch.Tensor) else x.dtype
         if dtype is not None:
             x = x.to(dtype)
         elif x.dtype != self.weight_ih_l0.dtype:  # nn.LSTM raises ValueError, fastattn TypeError
