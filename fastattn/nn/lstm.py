@@ -127,13 +127,11 @@ class LSTMCell(_Extras, nn.Module):
         dtype = None
         if _autocast_dtype(input, self.weight_ih) is not None and isinstance(hx[1], torch.Tensor):
             dtype = hx[1].dtype
-
-        def cast(t):
-            return t if dtype is None or not isinstance(t, torch.Tensor) else t.to(dtype)
-
-        input, hx = cast(input), (cast(hx[0]), cast(hx[1]))
-        w_ih, w_hh = cast(self.weight_ih), self._recurrent_weight(cast(self.weight_hh))
-        b_ih, b_hh = cast(self.bias_ih), cast(self.bias_hh)
+            input, hx = input.to(dtype), (_cast(hx[0], dtype), hx[1])
+        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        if dtype is not None:
+            w_ih, w_hh, b_ih, b_hh = (_cast(t, dtype) for t in (w_ih, w_hh, b_ih, b_hh))
+        w_hh = self._recurrent_weight(w_hh)
         if not self.layer_norm and self.zoneout == (0.0, 0.0):
             return lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
         # The extras run as a one-step fastattn.lstm_layer (which checks the arguments).
@@ -143,8 +141,8 @@ class LSTMCell(_Extras, nn.Module):
         B, H = x.shape[0], self.hidden_size
         ln = None
         if self.layer_norm:
-            ln = (cast(self.layer_norm_ih), cast(self.layer_norm_hh),
-                  cast(self.layer_norm_c_weight), cast(self.layer_norm_c_bias),
+            ln = (*(_cast(t, dtype) for t in (self.layer_norm_ih, self.layer_norm_hh,
+                                               self.layer_norm_c_weight, self.layer_norm_c_bias)),
                   self.layer_norm_eps)
         h_all, c_all = lstm_layer(
             x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh,
@@ -293,7 +291,7 @@ class LSTM(_Extras, nn.Module):
     def _layer_weights(self, layer: int, suffix: str, dtype: torch.dtype | None):
         def get(kind):
             t = getattr(self, f"{kind}_l{layer}{suffix}", None)
-            return t if t is None or dtype is None else t.to(dtype)
+            return t if dtype is None or t is None else t.to(dtype)
 
         w_hh = self._recurrent_weight(get("weight_hh"))
         ln = None
@@ -330,17 +328,18 @@ class LSTM(_Extras, nn.Module):
         # _cudnn_rnn on CUDA are on autocast's lower-precision lists): so do we, casting input,
         # state and weights. Its packed path runs its GEMMs so but the pointwise part in the
         # state's dtype (c_0's, the input's without hx): there we run all in that dtype.
-        dtype = _autocast_dtype(x, self.weight_ih_l0)
+        w0 = self.weight_ih_l0
+        dtype = _autocast_dtype(x, w0)
         if dtype is not None and packed:
             c0 = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else None
             dtype = c0.dtype if isinstance(c0, torch.Tensor) else x.dtype
         if dtype is not None:
             x = x.to(dtype)
-        elif x.dtype != self.weight_ih_l0.dtype:  # nn.LSTM raises ValueError, fastattn TypeError
+        elif x.dtype != w0.dtype:  # nn.LSTM raises ValueError, fastattn TypeError
             raise FastattnDtypeError(
-                f"fastattn.LSTM: input must be {str(self.weight_ih_l0.dtype)[6:]} as the "
-                f"weights, got {x.dtype}: convert the input (input.to({self.weight_ih_l0.dtype}))"
-                f" or the model (model.to({x.dtype}))")
+                f"fastattn.LSTM: input must be {str(w0.dtype)[6:]} as the weights, got "
+                f"{x.dtype}: convert the input (input.to({w0.dtype})) or the model "
+                f"(model.to({x.dtype}))")
         if T == 0:  # no last step to return as h_n; torch refuses it too (RuntimeError)
             raise FastattnValueError(
                 "fastattn.LSTM: expected sequence length to be larger than 0, got input of "
@@ -398,7 +397,7 @@ class LSTM(_Extras, nn.Module):
             raise FastattnTypeError("fastattn.LSTM: hx must be a tuple (h_0, c_0)")
         h0, c0 = hx
         if dtype is not None:  # autocast: any floating state runs in the autocast dtype
-            h0, c0 = (t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (h0, c0))
+            h0, c0 = _cast(h0, dtype), _cast(c0, dtype)
         want_h, want_c = ((L, P), (L, H)) if unbatched else ((L, B, P), (L, B, H))
         for name, t, want in (("h_0", h0, want_h), ("c_0", c0, want_c)):
             if not isinstance(t, torch.Tensor):
@@ -420,9 +419,16 @@ class LSTM(_Extras, nn.Module):
         return h0, c0
 
 
+def _cast(t, dtype: torch.dtype | None):
+    """t in dtype (autocast's choice), or t itself where dtype is None or t is not a Tensor."""
+    return t if dtype is None or not isinstance(t, torch.Tensor) else t.to(dtype)
+
+
 def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs nn.LSTM in for input x, or None where autocast is off (or leaves
     it alone: autocast does not cast float64)."""
+    if not torch._C._is_any_autocast_enabled():  # the fast way out (nn.LSTM's own check)
+        return None
     kind = x.device.type
     if not torch.is_autocast_enabled(kind) or torch.float64 in (x.dtype, weight.dtype) or (
             not x.is_floating_point()):
