@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import nan_heap
+from helpers import assert_close_to_reference, nan_heap
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fastattn
@@ -377,6 +377,182 @@ def test_bad_input_is_runtime_error_like_torch(kind, args, python_kind):
     assert type(ours.value) is expected
     with pytest.raises(python_kind):  # the Python spelling of the handler catches it too
         _call(kind, args, "fastattn")
+
+
+# ---- LSTM constructor, attributes, input dtype, hx and autocast as nn.LSTM / nn.LSTMCell ------
+
+
+LSTM_BAD_ARGS = [dict(hidden_size=2.0), dict(num_layers=1.5), dict(input_size=0),
+                 dict(input_size=-1), dict(bias="yes"), dict(bias=1), dict(batch_first=1)]
+
+
+@pytest.mark.parametrize("changes", LSTM_BAD_ARGS, ids=lambda c: "-".join(map(str, *c.items())))
+def test_lstm_constructor_errors_as_torch(changes):
+    args = {"input_size": 5, "hidden_size": 7, **changes}
+    with pytest.raises(Exception) as theirs:
+        torch.nn.LSTM(**args)
+    with pytest.raises(type(theirs.value)):
+        fastattn.LSTM(**args)
+
+
+@pytest.mark.parametrize("flags", [{}, dict(num_layers=2, bias=False, batch_first=True,
+                                            dropout=0.5, bidirectional=True, proj_size=3)],
+                         ids=["default", "all"])
+def test_lstm_repr_and_flat_weights_as_torch(flags):
+    theirs, ours = torch.nn.LSTM(5, 7, **flags), fastattn.LSTM(5, 7, **flags)
+    assert repr(ours) == repr(theirs)
+    assert [p.shape for p in ours._flat_weights] == [p.shape for p in theirs._flat_weights]
+    named = dict(ours.named_parameters())
+    assert all(p is named[n] for n, p in zip(ours._flat_weights_names, ours._flat_weights,
+                                             strict=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64],
+                         ids=["f64", "bf16", "int64"])
+@pytest.mark.parametrize("packed", [False, True], ids=["tensor", "packed"])
+def test_lstm_input_dtype_not_the_weights_raises_like_torch(dtype, packed):
+    x = torch.ones(3, 2, 5, dtype=dtype)
+    if packed:  # torch's packed path fails later, in its kernel (RuntimeError)
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [3, 2])
+    with pytest.raises(RuntimeError if packed else ValueError) as theirs:
+        torch.nn.LSTM(5, 7)(x)
+    with pytest.raises(type(theirs.value), match="input must be float32") as ours:
+        fastattn.LSTM(5, 7)(x)
+    assert isinstance(ours.value, TypeError)  # fastattn's convention for a dtype, too
+
+
+@pytest.mark.parametrize("hx", [torch.zeros(2, 7), (torch.zeros(2, 7),) * 3],
+                         ids=["tensor", "triple"])
+def test_lstm_cell_hx_not_a_pair_raises_like_torch(hx):
+    x = torch.randn(2, 5)
+    with pytest.raises(Exception) as theirs:
+        torch.nn.LSTMCell(5, 7)(x, hx)
+    with pytest.raises(type(theirs.value), match="hx must be a tuple"):
+        fastattn.LSTMCell(5, 7)(x, hx)
+    # Unbatched, nn.LSTMCell takes hx[0] and hx[1] of whatever it is given: so do we.
+    hx = torch.randn(2, 7) if isinstance(hx, torch.Tensor) else tuple(torch.randn(3, 7))
+    theirs, ours = torch.nn.LSTMCell(5, 7), fastattn.LSTMCell(5, 7)
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(x[0], hx), theirs(x[0], hx))
+
+
+@pytest.mark.parametrize("flags", [{}, dict(num_layers=2, bidirectional=True)],
+                         ids=["L1", "L2-bi"])
+@pytest.mark.parametrize(("x_dtype", "with_hx"), [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["fp32-in", "bf16-in-fp32-hx"])
+def test_lstm_under_cpu_autocast_as_torch(flags, x_dtype, with_hx):
+    """nn.LSTM under CPU bf16 autocast runs in bf16 (input, state and weights cast), whatever
+    the input's dtype; before, fastattn.LSTM ignored autocast and refused a bf16 input."""
+    theirs = torch.nn.LSTM(5, 33, **flags)
+    ours = fastattn.LSTM(5, 33, **flags)
+    ours.load_state_dict(theirs.state_dict())
+    ref = torch.nn.LSTM(5, 33, dtype=torch.float64, **flags)
+    ref.load_state_dict({k: v.bfloat16() for k, v in theirs.state_dict().items()})
+    L = 2 * flags.get("num_layers", 1) if flags.get("bidirectional") else 1
+    x = torch.randn(7, 3, 5).to(x_dtype)
+    hx = (torch.randn(L, 3, 33), torch.randn(L, 3, 33)) if with_hx else None
+    with torch.no_grad():
+        out_ref = ref(x.bfloat16().double(),
+                      None if hx is None else [t.bfloat16().double() for t in hx])
+    results = []
+    for module in (theirs, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h_n, c_n) = module(x, hx)
+        (out.float().sum() + c_n.float().sum()).backward()
+        results.append((out, h_n, c_n))
+    for name, a, t, r in zip(("output", "h_n", "c_n"), results[1], results[0],
+                             (out_ref[0], *out_ref[1]), strict=True):
+        assert a.dtype == t.dtype == torch.bfloat16, name
+        assert_close_to_reference(a, r, t, name=name)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize(("x_dtype", "hx_dtype"), [(torch.float32, None), (torch.bfloat16, None),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
+def test_packed_lstm_under_cpu_autocast_as_torch(x_dtype, hx_dtype):
+    """nn.LSTM's packed path under CPU autocast: GEMMs in bf16, the rest in the state's dtype
+    (the input's without hx); ours refused a bf16 input next to float32 weights."""
+    flags = dict(num_layers=2, bidirectional=True)
+    theirs, ours = torch.nn.LSTM(5, 33, **flags), fastattn.LSTM(5, 33, **flags)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 3, 5).to(x_dtype), [2, 6, 5],
+                                                enforce_sorted=False)
+    hx = None if hx_dtype is None else tuple(torch.randn(2, 4, 3, 33).to(hx_dtype) * 0.5)
+    results = []
+    for module in (theirs, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h_n, c_n) = module(x, hx)
+        (out.data.float().sum() + c_n.float().sum()).backward()
+        results.append((out.data, h_n, c_n))
+    for name, a, t in zip(("output", "h_n", "c_n"), results[1], results[0], strict=True):
+        assert a.dtype == t.dtype, name
+        torch.testing.assert_close(a, t, rtol=3e-2, atol=3e-2)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize(("x_dtype", "hx_dtype"), [(torch.float32, None), (torch.bfloat16, None),
+                                                  (torch.bfloat16, torch.float32),
+                                                  (torch.float32, torch.bfloat16)],
+                         ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
+@pytest.mark.parametrize("options", [{}, {"zoneout": (0.5, 0.25)}], ids=["plain", "zoneout"])
+def test_lstm_cell_under_cpu_autocast_as_torch(x_dtype, hx_dtype, options):
+    """nn.LSTMCell under CPU autocast: GEMMs in bf16, the result in the state's dtype (the
+    input's without hx), whatever the input's dtype; ours refused a bf16 input (a Linear's
+    output under autocast) next to float32 weights."""
+    theirs, ours = torch.nn.LSTMCell(5, 33), fastattn.LSTMCell(5, 33, **options).eval()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(7, 5).to(x_dtype)
+    hx = None if hx_dtype is None else tuple(torch.randn(2, 7, 33).to(hx_dtype) * 0.5)
+    if options:  # eval-mode zoneout mixes in the previous state: torch's side, by hand
+        p_c, p_h = options["zoneout"]
+        h0, c0 = hx if hx is not None else (torch.zeros(7, 33).to(x_dtype),) * 2
+    results = []
+    for module in (theirs, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, c = module(x, hx)
+        if options and module is theirs:
+            h, c = p_h * h0 + (1 - p_h) * h, p_c * c0 + (1 - p_c) * c
+        (h.float().sum() + c.float().sum()).backward()
+        results.append((h, c))
+    for name, a, t in zip(("h", "c"), results[1], results[0], strict=True):
+        assert a.dtype == t.dtype, name
+        torch.testing.assert_close(a, t, rtol=2e-2, atol=2e-2)
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        torch.testing.assert_close(p.grad, q.grad, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("options", [{}, {"layer_norm": True}], ids=["plain", "layer_norm"])
+def test_lstm_cell_and_layer_norm_lstm_under_cpu_autocast(options):
+    """nn.LSTMCell under CPU autocast returns the state's dtype (its GEMMs autocast, the
+    pointwise part not); ours crashed on the bf16 gates. The LayerNorm-LSTM (no torch twin)
+    crashed too, in its forward and in a backward run under autocast."""
+    x, hx = torch.randn(3, 5), (torch.randn(3, 7), torch.randn(3, 7))
+    cell = fastattn.LSTMCell(5, 7, **options)
+    theirs = torch.nn.LSTMCell(5, 7)
+    theirs.load_state_dict(cell.state_dict(), strict=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, c = cell(x, hx)
+        h_t, c_t = theirs(x, hx)
+        (h.sum() + c.sum()).backward()
+    assert h.dtype == h_t.dtype and c.dtype == c_t.dtype
+    h32, c32 = cell(x, hx)
+    torch.testing.assert_close(h, h32, rtol=0.02, atol=0.02)  # bf16 GEMMs
+    torch.testing.assert_close(c, c32, rtol=0.02, atol=0.02)
+    lstm = fastattn.LSTM(5, 7, **options)
+    xs = torch.randn(4, 3, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = lstm(xs)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), lstm(xs)[0], rtol=0.03, atol=0.03)
+    assert all(torch.isfinite(p.grad).all() for p in lstm.parameters())
 
 
 # ---- torch.export with a data-dependent or dynamic batch -------------------------------------

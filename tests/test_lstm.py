@@ -164,6 +164,25 @@ def test_dropout_between_layers_matches_torch_in_training_only():
     torch.testing.assert_close(ours(x)[0], theirs.eval()(x)[0], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+def test_dropout_between_layers_on_packed_input_matches_torch(enforce_sorted):
+    """nn.LSTM drops out the packed rows; dropping out the padded [T, B, *] tensor instead drew
+    other masks from the same seed (and a padded row's draw for nothing)."""
+    theirs, ours = _pair(dict(num_layers=3, dropout=0.5, bidirectional=True))
+    lengths = [5, 4, 4, 2, 1] if enforce_sorted else [2, 5, 1, 4, 4]
+    x = torch.randn(5, 5, 5, dtype=torch.float64, requires_grad=True)
+    hx = [t.requires_grad_() for t in _state(dict(num_layers=3, bidirectional=True), 5)]
+    results = []
+    for module in (theirs, ours):
+        torch.manual_seed(11)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        results.append(_run(module, packed, hx, list(module.parameters())))
+    (outs_t, grads_t), (outs_o, grads_o) = results
+    _assert_same(outs_o, outs_t, ("packed output", "h_n", "c_n"))
+    names = ["grad packed input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
+    _assert_same(grads_o, grads_t, names)
+
+
 def test_seeded_init_and_state_dict_both_ways():
     flags = dict(num_layers=2, bidirectional=True, proj_size=2)
     torch.manual_seed(3)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastattn.ops.errors import FastattnTypeError, FastattnValueError
+from fastattn.ops.errors import FastattnDtypeError, FastattnTypeError, FastattnValueError
 from fastattn.ops.lstm import lstm_cell, lstm_layer
 
 __all__ = ["LSTMCell", "LSTM"]
@@ -117,10 +117,23 @@ class LSTMCell(_Extras, nn.Module):
             shape = (input.shape[0], self.hidden_size) if input.dim() == 2 else (self.hidden_size,)
             zeros = input.new_zeros(shape)
             hx = (zeros, zeros)
-        w_hh = self._recurrent_weight(self.weight_hh)
+        elif input.dim() == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            # batched only: unbatched, nn.LSTMCell takes hx[0] and hx[1] of whatever it is given
+            raise FastattnTypeError(
+                f"fastattn.LSTMCell: hx must be a tuple (h_0, c_0), got {_describe(hx)}"
+                + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+        # Under autocast torch's lstm_cell runs its GEMMs in the autocast dtype (as lstm_cell
+        # does) and the pointwise part in the state's dtype (cx's): the arguments go to that.
+        dtype = None
+        if _autocast_dtype(input, self.weight_ih) is not None and isinstance(hx[1], torch.Tensor):
+            dtype = hx[1].dtype
+            input, hx = input.to(dtype), (_cast(hx[0], dtype), hx[1])
+        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        if dtype is not None:
+            w_ih, w_hh, b_ih, b_hh = (_cast(t, dtype) for t in (w_ih, w_hh, b_ih, b_hh))
+        w_hh = self._recurrent_weight(w_hh)
         if not self.layer_norm and self.zoneout == (0.0, 0.0):
-            return lstm_cell(input, hx[0], hx[1], self.weight_ih, w_hh, self.bias_ih,
-                             self.bias_hh)
+            return lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
         # The extras run as a one-step fastattn.lstm_layer (which checks the arguments).
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
@@ -128,10 +141,11 @@ class LSTMCell(_Extras, nn.Module):
         B, H = x.shape[0], self.hidden_size
         ln = None
         if self.layer_norm:
-            ln = (self.layer_norm_ih, self.layer_norm_hh, self.layer_norm_c_weight,
-                  self.layer_norm_c_bias, self.layer_norm_eps)
+            ln = (*(_cast(t, dtype) for t in (self.layer_norm_ih, self.layer_norm_hh,
+                                               self.layer_norm_c_weight, self.layer_norm_c_bias)),
+                  self.layer_norm_eps)
         h_all, c_all = lstm_layer(
-            x.unsqueeze(0), h, c, self.weight_ih, w_hh, self.bias_ih, self.bias_hh,
+            x.unsqueeze(0), h, c, w_ih, w_hh, b_ih, b_hh,
             zoneout_c=self._zoneout_weights(self.zoneout[0], (1, B, H), x),
             zoneout_h=self._zoneout_weights(self.zoneout[1], (1, B, H), x), layer_norm=ln)
         hy, cy = h_all[0], c_all[0]
@@ -192,10 +206,16 @@ class LSTM(_Extras, nn.Module):
             warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
                           f"non-zero dropout expects num_layers greater than 1, but got "
                           f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
-        if not isinstance(hidden_size, int) or hidden_size <= 0:
-            raise FastattnValueError(f"hidden_size must be a positive int, got {hidden_size}")
-        if not isinstance(num_layers, int) or num_layers <= 0:
-            raise FastattnValueError(f"num_layers must be a positive int, got {num_layers}")
+        # nn.LSTM's checks, in its order and with its exception types
+        for name, value, kind in (("bias", bias, bool), ("batch_first", batch_first, bool),
+                                  ("input_size", input_size, int),
+                                  ("hidden_size", hidden_size, int),
+                                  ("num_layers", num_layers, int)):
+            if not isinstance(value, kind):
+                raise FastattnTypeError(
+                    f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+            if kind is int and value <= 0:
+                raise FastattnValueError(f"{name} must be greater than zero, got {value}")
         if proj_size < 0:
             raise FastattnValueError(
                 "proj_size should be a positive integer or zero to disable projections")
@@ -248,6 +268,11 @@ class LSTM(_Extras, nn.Module):
         """Kept for nn.LSTM compatibility: the fused ops need no flat weight buffer."""
 
     @property
+    def _flat_weights(self) -> list[nn.Parameter | None]:
+        """nn.LSTM's list of the parameters in _flat_weights_names order (read by user code)."""
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    @property
     def all_weights(self) -> list[list[nn.Parameter]]:
         per = len(self._flat_weights_names) // (self.num_layers * len(self._suffixes()))
         names = self._flat_weights_names
@@ -255,16 +280,19 @@ class LSTM(_Extras, nn.Module):
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
-        for key, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
-                             ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0),
+        for key, default in (("proj_size", 0), ("num_layers", 1), ("bias", True),  # nn.LSTM's
+                             ("batch_first", False), ("dropout", 0.0), ("bidirectional", False),
                              ("layer_norm", False), ("zoneout", (0.0, 0.0)),
                              ("recurrent_dropout", 0.0)):
             if getattr(self, key) != default:
                 s += f", {key}={getattr(self, key)}"
         return s
 
-    def _layer_weights(self, layer: int, suffix: str):
-        get = lambda kind: getattr(self, f"{kind}_l{layer}{suffix}", None)  # noqa: E731
+    def _layer_weights(self, layer: int, suffix: str, dtype: torch.dtype | None):
+        def get(kind):
+            t = getattr(self, f"{kind}_l{layer}{suffix}", None)
+            return t if dtype is None or t is None else t.to(dtype)
+
         w_hh = self._recurrent_weight(get("weight_hh"))
         ln = None
         if self.layer_norm:
@@ -296,6 +324,22 @@ class LSTM(_Extras, nn.Module):
                 input.transpose(0, 1) if self.batch_first else input)
             T, B = x.shape[0], x.shape[1]
             batch_sizes = sorted_indices = unsorted_indices = None
+        # Under autocast nn.LSTM runs in the autocast dtype (mkldnn_rnn_layer on the CPU,
+        # _cudnn_rnn on CUDA are on autocast's lower-precision lists): so do we, casting input,
+        # state and weights. Its packed path runs its GEMMs so but the pointwise part in the
+        # state's dtype (c_0's, the input's without hx): there we run all in that dtype.
+        w0 = self.weight_ih_l0
+        dtype = _autocast_dtype(x, w0)
+        if dtype is not None and packed:
+            c0 = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else None
+            dtype = c0.dtype if isinstance(c0, torch.Tensor) else x.dtype
+        if dtype is not None:
+            x = x.to(dtype)
+        elif x.dtype != w0.dtype:  # nn.LSTM raises ValueError, fastattn TypeError
+            raise FastattnDtypeError(
+                f"fastattn.LSTM: input must be {str(w0.dtype)[6:]} as the weights, got "
+                f"{x.dtype}: convert the input (input.to({w0.dtype})) or the model "
+                f"(model.to({x.dtype}))")
         if T == 0:  # no last step to return as h_n; torch refuses it too (RuntimeError)
             raise FastattnValueError(
                 "fastattn.LSTM: expected sequence length to be larger than 0, got input of "
@@ -305,7 +349,7 @@ class LSTM(_Extras, nn.Module):
                 f"fastattn.LSTM: input must have {self.input_size} features "
                 f"(input_size), got {x.shape[-1]}"
             )
-        h0, c0 = self._initial_state(hx, x, unbatched, sorted_indices, D, B, P, H)
+        h0, c0 = self._initial_state(hx, x, unbatched, sorted_indices, D, B, P, H, dtype)
 
         zc_p, zh_p = self.zoneout
         step_sizes = batch_sizes if packed and int(batch_sizes[-1]) < B else None
@@ -313,7 +357,7 @@ class LSTM(_Extras, nn.Module):
         for layer in range(self.num_layers):
             outputs = []
             for d, suffix in enumerate(self._suffixes()):
-                w_ih, w_hh, b_ih, b_hh, w_hr, ln = self._layer_weights(layer, suffix)
+                w_ih, w_hh, b_ih, b_hh, w_hr, ln = self._layer_weights(layer, suffix, dtype)
                 k = layer * D + d
                 h_all, c_all = lstm_layer(
                     x, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes=step_sizes,
@@ -325,7 +369,12 @@ class LSTM(_Extras, nn.Module):
                 outputs.append(h_all)
             x = outputs[0] if D == 1 else torch.cat(outputs, dim=-1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, training=True)
+                if packed:  # over the packed rows only: the mask nn.LSTM draws from the same RNG
+                    flat = x.reshape(T * B, -1)
+                    kept = F.dropout(flat.index_select(0, rows), self.dropout, training=True)
+                    x = flat.index_copy(0, rows, kept).view(T, B, -1)
+                else:
+                    x = F.dropout(x, self.dropout, training=True)
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
 
         if packed:
@@ -340,13 +389,15 @@ class LSTM(_Extras, nn.Module):
         output = x.transpose(0, 1) if self.batch_first else x
         return output, (h_n, c_n)
 
-    def _initial_state(self, hx, x, unbatched, sorted_indices, D, B, P, H):
+    def _initial_state(self, hx, x, unbatched, sorted_indices, D, B, P, H, dtype):
         L = self.num_layers * D
         if hx is None:
             return x.new_zeros(L, B, P), x.new_zeros(L, B, H)
         if not isinstance(hx, (tuple, list)) or len(hx) != 2:
             raise FastattnTypeError("fastattn.LSTM: hx must be a tuple (h_0, c_0)")
         h0, c0 = hx
+        if dtype is not None:  # autocast: any floating state runs in the autocast dtype
+            h0, c0 = _cast(h0, dtype), _cast(c0, dtype)
         want_h, want_c = ((L, P), (L, H)) if unbatched else ((L, B, P), (L, B, H))
         for name, t, want in (("h_0", h0, want_h), ("c_0", c0, want_c)):
             if not isinstance(t, torch.Tensor):
@@ -366,6 +417,23 @@ class LSTM(_Extras, nn.Module):
         if sorted_indices is not None:
             h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         return h0, c0
+
+
+def _cast(t, dtype: torch.dtype | None):
+    """t in dtype (autocast's choice), or t itself where dtype is None or t is not a Tensor."""
+    return t if dtype is None or not isinstance(t, torch.Tensor) else t.to(dtype)
+
+
+def _autocast_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs nn.LSTM in for input x, or None where autocast is off (or leaves
+    it alone: autocast does not cast float64)."""
+    if not torch._C._is_any_autocast_enabled():  # the fast way out (nn.LSTM's own check)
+        return None
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind) or torch.float64 in (x.dtype, weight.dtype) or (
+            not x.is_floating_point()):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def _describe(x) -> str:

@@ -12,3 +12,8 @@ class FastattnValueError(ValueError, RuntimeError):
 
 class FastattnTypeError(TypeError, RuntimeError):
     """An argument has the wrong Python type or dtype."""
+
+
+class FastattnDtypeError(FastattnTypeError, ValueError):
+    """A tensor's dtype differs from the module's weights: nn.LSTM raises ``ValueError`` for it,
+    fastattn's convention says ``TypeError``; this is both (and ``RuntimeError``)."""

@@ -264,10 +264,13 @@ def _register_ln_layer_autograd(fwd: str, bwd) -> None:
         batch_sizes, reverse = ctx.options
         grad_h_all = torch.zeros_like(h_all) if grad_h_all is None else grad_h_all
         grad_c_all = torch.zeros_like(c_all) if grad_c_all is None else grad_c_all
-        (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
-         grad_ln_c_bias, grad_w_hr) = bwd(
-            grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr,
-            batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, *saved)
+        # A backward run under autocast would cast the GEMMs inside the kernel, whose operands
+        # mix the data dtype and opmath on purpose.
+        with torch.autocast(h0.device.type, enabled=False):
+            (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
+             grad_ln_c_bias, grad_w_hr) = bwd(
+                grad_h_all, grad_c_all, h0, c0, w_hh, ln_hh_weight, ln_c_weight, ln_c_bias, w_hr,
+                batch_sizes, reverse, zoneout_c, zoneout_h, h_all, c_all, *saved)
         return (grad_x_proj, grad_h0, grad_c0, grad_w_hh, grad_ln_hh_weight, grad_ln_c_weight,
                 grad_ln_c_bias, None, grad_w_hr if w_hr is not None else None, None, None, None,
                 None)
@@ -443,7 +446,9 @@ def lstm_cell(
     else:
         gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
         gates = torch.addmm(gates, hx, w_hh.t())
-        hy, cy = _cell_pointwise(backend)(gates, cx)
+        # Autocast runs the GEMMs in its lower precision; torch's lstm_cell then computes the
+        # pointwise part in the state's dtype, and so do we (a no-op without autocast).
+        hy, cy = _cell_pointwise(backend)(gates.to(cx.dtype), cx)
     return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
 
 
@@ -543,6 +548,9 @@ def lstm_layer(
         flat = input.reshape(T * B, in_features)
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
             T, B, 4 * H)
+    # Autocast may have run the projection GEMM in its lower precision; the recurrence runs in
+    # the input's dtype, as torch's lstm_cell runs its pointwise part (a no-op without autocast).
+    x_proj = x_proj.to(input.dtype)
 
     if backend in ("cpu", "cuda", "triton") and layer_norm is not None:
         # the triton op is chosen only once _triton_layer_fwd() has registered it
