@@ -267,6 +267,32 @@ BROADCAST_CASES = [
 ]
 
 
+def test_sdpa_and_mha_with_dropout_one_give_torch_zeros():
+    """dropout_p = 1 drops every probability: torch returns zeros (with zero gradients) where
+    fastattn raised; MultiheadAttention(dropout=1.0) training without weights reaches it too."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16, requires_grad=True) for _ in range(3))
+    out = fastattn.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    ref = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), torch.randn_like(ref))
+    for g, g_ref in zip(grads, ref_grads, strict=True):
+        assert torch.equal(g, g_ref) and torch.equal(g, torch.zeros_like(g))
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastattn.scaled_dot_product_attention(q, k, v, dropout_p=1.5)
+
+    ref_mha = torch.nn.MultiheadAttention(16, 2, dropout=1.0)
+    mha = fastattn.MultiheadAttention(16, 2, dropout=1.0)
+    mha.load_state_dict(ref_mha.state_dict())
+    x = torch.randn(5, 3, 16)
+    out, _ = mha(x, x, x, need_weights=False)
+    ref, _ = ref_mha(x, x, x, need_weights=False)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    # only the output projection's bias is left of the attention's zeros
+    assert torch.allclose(out, ref_mha.out_proj.bias.detach().expand_as(out), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), BROADCAST_CASES)
 def test_sdpa_broadcasts_batch_dims_like_torch(q_shape, k_shape, v_shape, options):
     """torch's SDPA broadcasts the batch dims of q, k and v (a key/value shared by the batch or

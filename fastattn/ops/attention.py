@@ -332,7 +332,8 @@ def scaled_dot_product_attention(
     attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
     (..., L, S). is_causal: top-left aligned causal mask (as torch). scale: default 1/sqrt(E).
     enable_gqa: dim -3 of query may be a multiple of key/value's (grouped-query attention).
-    dropout_p applies to the attention probabilities (pass 0 in eval, as with torch).
+    dropout_p applies to the attention probabilities (pass 0 in eval, as with torch); at 1 the
+    output is zeros, as torch's.
     A query row with no visible key yields zeros (torch yields NaN there).
     """
     fn = "scaled_dot_product_attention"
@@ -348,10 +349,15 @@ def scaled_dot_product_attention(
     if expanded is not None:
         query, key, value = expanded
         _check_qkv(fn, query, key, value, enable_gqa)
-    if not 0.0 <= dropout_p < 1.0:
-        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
     if is_causal and attn_mask is not None:
         raise FastattnValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
+    if dropout_p == 1.0:
+        # Every probability dropped: torch's dropout gives zeros at p = 1 (not 0 / (1 - p)), so
+        # the output and the gradients are zeros, NaN where the attention is NaN, as in torch.
+        return scaled_dot_product_attention(
+            query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa) * 0.0
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     bottom_right = False
     if isinstance(attn_mask, CausalBias):
