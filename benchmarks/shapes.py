@@ -4,7 +4,9 @@ Three grids, picked with ``--shapes=smoke|quick|full`` or ``FASTATTN_BENCH_GRID`
 
 - ``smoke``: tiny shapes, every case runs once; the default under ``--benchmark-disable`` (CI).
 - ``quick``: a representative subset; the CPU grid ran in 14 minutes on 2 cores (AVX2 EPYC,
-  2026-12-04, baselines timed interleaved, calls over ``Grid.slow_call_s`` timed once), the GPU grid in about 2 minutes on an H200. The default otherwise.
+  2026-12-04, baselines timed interleaved, calls over ``Grid.slow_call_s`` timed once); the GPU
+  grid is sized for about 2 minutes on an H200 (an estimate: it has not run on one yet). The
+  default otherwise.
 - ``full``: the grids the issues set their speed targets on (CPU: issue 3's attention grid,
   issue 5's LSTM grid; GPU: issue 4's; both: issue 6's encoder, issue 9's varlen and
   sliding-window cases, issue 16's many-sequence varlen and paged decode cases). On 2 cores

@@ -476,7 +476,7 @@ BAD_INPUTS = [
         id="mask-dtype",
     ),
     # (1.0 is valid, as in torch: every probability dropped, test_dropin.py)
-    pytest.param(lambda q, k, v: dict(dropout_p=1.5), ValueError, "dropout_p", id="dropout-above-1"),
+    pytest.param(lambda q, k, v: dict(dropout_p=1.5), ValueError, "dropout_p", id="dropout-1.5"),
     pytest.param(lambda q, k, v: dict(dropout_p=-0.1), ValueError, "dropout_p", id="dropout-neg"),
     pytest.param(
         lambda q, k, v: dict(key=k[:, :2], value=v[:, :2], enable_gqa=True),

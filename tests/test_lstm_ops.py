@@ -195,10 +195,10 @@ def test_sequence_fwd_is_the_option_free_layer():
 def test_layer_with_no_steps_or_no_rows(T, B):
     """Training through a layer of zero steps or zero rows: empty outputs, the final state's
     gradient passed straight to h0 / c0 (T = 0), zero weight gradients."""
-    I, H = 5, 7
-    x = randn(T, B, I).requires_grad_()
+    n_in, H = 5, 7
+    x = randn(T, B, n_in).requires_grad_()
     h0, c0 = randn(B, H).requires_grad_(), randn(B, H).requires_grad_()
-    w_ih, w_hh = randn(4 * H, I).requires_grad_(), randn(4 * H, H).requires_grad_()
+    w_ih, w_hh = randn(4 * H, n_in).requires_grad_(), randn(4 * H, H).requires_grad_()
     b = randn(4 * H).requires_grad_()
     with fastattn.use_backend("cpu"):
         h_all, c_all = lstm_ops.lstm_layer(x, h0, c0, w_ih, w_hh, b)
