@@ -436,35 +436,45 @@ def test_torch_attributes_are_mirrored():
 
 
 @pytest.mark.parametrize(
-    "call,error,match",
+    "call,error,match,torch_error",
     [
         (lambda m: m(torch.randn(3, 2, E + 1), torch.randn(3, 2, E), torch.randn(3, 2, E)),
-         ValueError, "query must have 24 features"),
+         ValueError, "query must have 24 features", AssertionError),
         (lambda m: m(torch.randn(3, 2, E), torch.randn(4, 2, E), torch.randn(3, 2, E)),
-         ValueError, "same length"),
+         ValueError, "same length", AssertionError),
         (lambda m: m(torch.randn(3, 2, E), torch.randn(3, 2, E), torch.randn(3, 2, E),
-                     attn_mask=torch.zeros(3, 4)), ValueError, "attn_mask must have shape"),
+                     attn_mask=torch.zeros(3, 4)), ValueError, "attn_mask must have shape",
+         RuntimeError),
         (lambda m: m(torch.randn(3, 2, E), torch.randn(3, 2, E), torch.randn(3, 2, E),
                      key_padding_mask=torch.zeros(3, 2, dtype=torch.bool)),
-         ValueError, "key_padding_mask must have shape"),
+         ValueError, "key_padding_mask must have shape", AssertionError),
         (lambda m: m(torch.randn(3, 2, E), torch.randn(3, 2, E), torch.randn(3, 2, E),
                      attn_mask=torch.zeros(3, 3, dtype=torch.int64)),
-         TypeError, "bool or floating"),
+         TypeError, "bool or floating", AssertionError),
         (lambda m: m(torch.randn(3, E), torch.randn(3, 2, E), torch.randn(3, 2, E)),
-         ValueError, "must be 2-D like query"),
+         ValueError, "must be 2-D like query", AssertionError),
         (lambda m: m(torch.randn(3, 2, 1, E), torch.randn(3, 2, E), torch.randn(3, 2, E)),
-         ValueError, "3-D .batched. or 2-D"),
+         ValueError, "3-D .batched. or 2-D", AssertionError),
+        (lambda m: m(torch.randn(3, 2, E), torch.randn(3, 3, E), torch.randn(3, 3, E)),
+         ValueError, "share the batch size", RuntimeError),
     ],
-    ids=["embed_dim", "kv_length", "mask_shape", "kpm_shape", "mask_dtype", "ranks", "query_rank"],
+    ids=["embed_dim", "kv_length", "mask_shape", "kpm_shape", "mask_dtype", "ranks", "query_rank",
+         "batch"],
 )
-def test_bad_inputs_raise_clear_errors(call, error, match):
-    with pytest.raises(error, match=match):
+def test_bad_inputs_raise_clear_errors(call, error, match, torch_error):
+    """Our error type and message, and whatever nn.MultiheadAttention raises for the same call
+    (AssertionError where torch asserts): an ``except`` written for torch's module still works."""
+    with pytest.raises(torch_error):
+        call(nn.MultiheadAttention(E, H))
+    with pytest.raises(error, match=match) as raised:
         call(fastattn.MultiheadAttention(E, H))
+    assert isinstance(raised.value, torch_error)
 
 
 def test_constructor_rejects_bad_sizes():
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="divisible") as raised:
         fastattn.MultiheadAttention(10, 3)
+    assert isinstance(raised.value, AssertionError)  # what torch's constructor raises
     with pytest.raises(ValueError, match="greater than 0"):
         fastattn.MultiheadAttention(0, 1)
 

@@ -11,7 +11,12 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fastattn.ops import attention as attention_ops
 from fastattn.ops import torchscript as torchscript_ops
-from fastattn.ops.errors import FastattnTypeError, FastattnValueError
+from fastattn.ops.errors import (
+    FastattnDtypeAssertionError,
+    FastattnShapeAssertionError,
+    FastattnTypeError,
+    FastattnValueError,
+)
 
 
 class MultiheadAttention(nn.Module):
@@ -65,8 +70,8 @@ class MultiheadAttention(nn.Module):
                 f"embed_dim and num_heads must be greater than 0, got embed_dim={embed_dim} "
                 f"and num_heads={num_heads}"
             )
-        if embed_dim % num_heads != 0:
-            raise FastattnValueError(
+        if embed_dim % num_heads != 0:  # torch asserts it
+            raise FastattnShapeAssertionError(
                 f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
             )
         super().__init__()
@@ -299,13 +304,14 @@ class MultiheadAttention(nn.Module):
             raise FastattnTypeError(
                 "fastattn.MultiheadAttention does not take nested tensors; pad them"
             )
+        # The checks torch makes with assert raise errors that are AssertionError too.
         if query.dim() not in (2, 3):
-            raise FastattnValueError(
+            raise FastattnShapeAssertionError(
                 f"query must be 3-D (batched) or 2-D (unbatched), got a {query.dim()}-D tensor"
             )
         is_batched = query.dim() == 3
         if key.dim() != query.dim() or value.dim() != query.dim():
-            raise FastattnValueError(
+            raise FastattnShapeAssertionError(
                 f"key and value must be {query.dim()}-D like query, got {key.dim()}-D and "
                 f"{value.dim()}-D"
             )
@@ -314,7 +320,7 @@ class MultiheadAttention(nn.Module):
         _check_features("value", value, self.vdim)
         seq_dim = 1 if self.batch_first and is_batched else 0
         if key.shape[seq_dim] != value.shape[seq_dim]:
-            raise FastattnValueError(
+            raise FastattnShapeAssertionError(
                 f"key and value must have the same length, got {key.shape[seq_dim]} and "
                 f"{value.shape[seq_dim]}"
             )
@@ -324,7 +330,7 @@ class MultiheadAttention(nn.Module):
             _check_mask_dtype("key_padding_mask", key_padding_mask)
             expected = [batch, src_len] if is_batched else [src_len]
             if list(key_padding_mask.shape) != expected:
-                raise FastattnValueError(
+                raise FastattnShapeAssertionError(
                     f"key_padding_mask must have shape {expected} (batch, source length), got "
                     f"{list(key_padding_mask.shape)}"
                 )
@@ -349,12 +355,14 @@ class MultiheadAttention(nn.Module):
 
 def _check_features(name: str, x: Tensor, size: int) -> None:
     if x.shape[-1] != size:
-        raise FastattnValueError(f"{name} must have {size} features (last dim), got {x.shape[-1]}")
+        raise FastattnShapeAssertionError(
+            f"{name} must have {size} features (last dim), got {x.shape[-1]}")
 
 
 def _check_mask_dtype(name: str, mask: Tensor) -> None:
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise FastattnTypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+        raise FastattnDtypeAssertionError(
+            f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
 
 
 def _split_heads(x: Tensor, batch_dim: int, num_heads: int) -> Tensor:

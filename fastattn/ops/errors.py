@@ -17,3 +17,14 @@ class FastattnTypeError(TypeError, RuntimeError):
 class FastattnDtypeError(FastattnTypeError, ValueError):
     """A tensor's dtype differs from the module's weights: nn.LSTM raises ``ValueError`` for it,
     fastattn's convention says ``TypeError``; this is both (and ``RuntimeError``)."""
+
+
+class FastattnShapeAssertionError(FastattnValueError, AssertionError):
+    """A wrong shape or size that the torch module fastattn replaces rejects with ``assert``
+    (nn.MultiheadAttention's checks): ``ValueError`` by fastattn's convention, ``AssertionError``
+    as in torch (and ``RuntimeError``)."""
+
+
+class FastattnDtypeAssertionError(FastattnTypeError, AssertionError):
+    """A wrong dtype that the torch module rejects with ``assert``: ``TypeError``,
+    ``AssertionError`` and ``RuntimeError``."""
