@@ -237,10 +237,12 @@ def test_bfloat16_matches_torch():
     _compare(ours, theirs, ref64, inputs, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "jit.script"])
 @pytest.mark.parametrize("masks", ["attn_mask", "attn_mask+kpm"])
-def test_float32_mask_with_bfloat16_keeps_float32_precision_like_torch(masks):
+def test_float32_mask_with_bfloat16_keeps_float32_precision_like_torch(masks, scripted):
     """torch's fused path adds a float32 attn_mask to bfloat16 scores at float32 precision; the
-    merged mask was rounded to bfloat16 first (5x torch's error for a 30-sized bias)."""
+    merged mask was rounded to bfloat16 first (5x torch's error for a 30-sized bias), and under
+    torch.jit.script still was after the eager path kept it."""
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(64, 4, batch_first=True).eval()
     ours = fastattn.MultiheadAttention(64, 4, batch_first=True).eval()
@@ -252,14 +254,15 @@ def test_float32_mask_with_bfloat16_keeps_float32_precision_like_torch(masks):
     exact = ref64(*(x.double(),) * 3, attn_mask=attn_mask.double(), key_padding_mask=kpm,
                   need_weights=False)[0]
 
-    def error(module):
+    def error(module, script=False):
         xb = x.bfloat16()
-        out = copy.deepcopy(module).bfloat16()(xb, xb, xb, attn_mask=attn_mask,
-                                               key_padding_mask=kpm, need_weights=False)[0]
+        module = copy.deepcopy(module).bfloat16()
+        module = torch.jit.script(module) if script else module
+        out = module(xb, xb, xb, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=False)[0]
         assert out.dtype == torch.bfloat16
         return ((out.double() - exact).abs().max() / exact.abs().max()).item()
 
-    assert error(ours) <= 1.5 * error(theirs), (error(ours), error(theirs))
+    assert error(ours, scripted) <= 1.5 * error(theirs), (error(ours, scripted), error(theirs))
 
 
 class TestIsCausal:
