@@ -71,6 +71,8 @@ def _attention_args(dtype, case):
     elif case == "additive-mask-dropout":
         mask = randn(B, 1, L, S, dtype=dtype).expand(B, Hq, L, S).requires_grad_()
         dropout_p, seed = 0.3, torch.tensor(1234)
+    elif case == "float32-mask":  # any q dtype: the CPU kernel adds it at float32
+        mask = randn(B, 1, L, S).expand(B, Hq, L, S).requires_grad_()
     for t in (q, k, v):
         t.requires_grad_()
     return (q, k, v, mask, alibi, dropout_p, seed, E**-0.5, *window, bottom_right, softcap)
@@ -78,7 +80,7 @@ def _attention_args(dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", ["gqa", "bool-mask-alibi-window-softcap",
-                                  "additive-mask-dropout"])
+                                  "additive-mask-dropout", "float32-mask"])
 def test_opcheck_attention(dtype, case):
     args = _attention_args(dtype, case)
     opcheck(OPS.attention_fwd.default, args, dtype)
@@ -250,6 +252,8 @@ ATTENTION_CASES = [
     pytest.param(torch.float32, True, "mask", id="fp32-train-mask"),
     pytest.param(torch.bfloat16, True, "flash-options", id="bf16-train-window-softcap-alibi"),
     pytest.param(torch.float16, False, "gqa-causal", id="fp16-inference-gqa-causal"),
+    pytest.param(torch.bfloat16, True, "float32-mask-broadcast",
+                 id="bf16-train-float32-mask-broadcast-kv"),
 ]
 
 
@@ -258,11 +262,15 @@ def test_inductor_attention_matches_eager(inductor, dtype, grad, case):
     q, k, v = randn(2, 4, 7, 16, dtype=dtype), randn(2, 2, 9, 16, dtype=dtype), randn(
         2, 2, 9, 16, dtype=dtype)
     mask, slopes = torch.rand(7, 9) > 0.3, torch.rand(4)
+    float_mask = torch.randn(7, 9) * 3
 
     def f(q, k, v):
         if case == "mask":
             kv = (k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
             return fastattn.scaled_dot_product_attention(q * 2, *kv, attn_mask=mask) + 1
+        if case == "float32-mask-broadcast":  # one kv head broadcast to all, as torch takes it
+            return fastattn.scaled_dot_product_attention(q, k[:, :1], v[:, :1],
+                                                         attn_mask=float_mask)
         if case == "gqa-causal":
             return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                          enable_gqa=True)
