@@ -462,6 +462,22 @@ def test_lstm_cell_hx_not_a_pair_raises_like_torch(hx):
     torch.testing.assert_close(ours(x[0], hx), theirs(x[0], hx))
 
 
+# Input and state dtypes under bf16 autocast (None: no hx): autocast's output next to float32
+# weights, and a state of either dtype.
+AUTOCAST_INPUT_AND_STATE_DTYPES = pytest.mark.parametrize(
+    ("x_dtype", "hx_dtype"),
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32),
+     (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
+
+
+def _assert_float32_finite_weight_grads(ours, theirs):
+    """Autocast leaves the weights and their gradients float32, as torch's."""
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert p.grad.dtype == q.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
+
+
 @pytest.mark.parametrize("flags", [{}, dict(num_layers=2, bidirectional=True)],
                          ids=["L1", "L2-bi"])
 @pytest.mark.parametrize(("x_dtype", "with_hx"), [(torch.float32, False), (torch.bfloat16, True)],
@@ -490,15 +506,10 @@ def test_lstm_under_cpu_autocast_as_torch(flags, x_dtype, with_hx):
                              (out_ref[0], *out_ref[1]), strict=True):
         assert a.dtype == t.dtype == torch.bfloat16, name
         assert_close_to_reference(a, r, t, name=name)
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        assert p.grad.dtype == q.grad.dtype == torch.float32, name
-        assert torch.isfinite(p.grad).all(), name
+    _assert_float32_finite_weight_grads(ours, theirs)
 
 
-@pytest.mark.parametrize(("x_dtype", "hx_dtype"), [(torch.float32, None), (torch.bfloat16, None),
-                                                  (torch.bfloat16, torch.float32),
-                                                  (torch.float32, torch.bfloat16)],
-                         ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
+@AUTOCAST_INPUT_AND_STATE_DTYPES
 def test_packed_lstm_under_cpu_autocast_as_torch(x_dtype, hx_dtype):
     """nn.LSTM's packed path under CPU autocast: GEMMs in bf16, the rest in the state's dtype
     (the input's without hx); ours refused a bf16 input next to float32 weights."""
@@ -517,15 +528,10 @@ def test_packed_lstm_under_cpu_autocast_as_torch(x_dtype, hx_dtype):
     for name, a, t in zip(("output", "h_n", "c_n"), results[1], results[0], strict=True):
         assert a.dtype == t.dtype, name
         torch.testing.assert_close(a, t, rtol=3e-2, atol=3e-2)
-    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        assert p.grad.dtype == q.grad.dtype == torch.float32, name
-        assert torch.isfinite(p.grad).all(), name
+    _assert_float32_finite_weight_grads(ours, theirs)
 
 
-@pytest.mark.parametrize(("x_dtype", "hx_dtype"), [(torch.float32, None), (torch.bfloat16, None),
-                                                  (torch.bfloat16, torch.float32),
-                                                  (torch.float32, torch.bfloat16)],
-                         ids=["fp32", "bf16", "bf16-in-fp32-hx", "fp32-in-bf16-hx"])
+@AUTOCAST_INPUT_AND_STATE_DTYPES
 @pytest.mark.parametrize("options", [{}, {"zoneout": (0.5, 0.25)}], ids=["plain", "zoneout"])
 def test_lstm_cell_under_cpu_autocast_as_torch(x_dtype, hx_dtype, options):
     """nn.LSTMCell under CPU autocast: GEMMs in bf16, the result in the state's dtype (the

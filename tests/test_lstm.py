@@ -46,6 +46,21 @@ def _run(module, x, hx, weights):
     return (data, h_n, c_n), torch.autograd.grad(loss, leaves, retain_graph=True)
 
 
+def _assert_same_on_packed(theirs, ours, x, lengths, enforce_sorted, hx, seed=None):
+    """Both modules on x packed with lengths (each run seeded with seed, if given): the packed
+    output, the final states and every gradient agree."""
+    results = []
+    for module in (theirs, ours):
+        if seed is not None:
+            torch.manual_seed(seed)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
+        results.append(_run(module, packed, hx, list(module.parameters())))
+    (outs_t, grads_t), (outs_o, grads_o) = results
+    _assert_same(outs_o, outs_t, ("packed output", "h_n", "c_n"))
+    names = ["grad packed input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
+    _assert_same(grads_o, grads_t, names)
+
+
 def _assert_same(ours, theirs, names, atol=1e-10):
     for name, a, b in zip(names, ours, theirs, strict=True):
         assert torch.isfinite(a).all(), f"{name} has non-finite values"
@@ -90,14 +105,7 @@ def test_lstm_packed_sequences(flags, enforce_sorted):
     lengths = [7, 5, 5, 2, 1] if enforce_sorted else [2, 7, 1, 5, 4]
     x = torch.randn(7, 5, 5, dtype=torch.float64, requires_grad=True)
     hx = [t.requires_grad_() for t in _state(flags, 5)]
-    results = []
-    for module in (theirs, ours):
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
-        results.append(_run(module, packed, hx, list(module.parameters())))
-    (outs_t, grads_t), (outs_o, grads_o) = results
-    _assert_same(outs_o, outs_t, ("packed output", "h_n", "c_n"))
-    names = ["grad packed input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
-    _assert_same(grads_o, grads_t, names)
+    _assert_same_on_packed(theirs, ours, x, lengths, enforce_sorted, hx)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
@@ -172,15 +180,7 @@ def test_dropout_between_layers_on_packed_input_matches_torch(enforce_sorted):
     lengths = [5, 4, 4, 2, 1] if enforce_sorted else [2, 5, 1, 4, 4]
     x = torch.randn(5, 5, 5, dtype=torch.float64, requires_grad=True)
     hx = [t.requires_grad_() for t in _state(dict(num_layers=3, bidirectional=True), 5)]
-    results = []
-    for module in (theirs, ours):
-        torch.manual_seed(11)
-        packed = pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted)
-        results.append(_run(module, packed, hx, list(module.parameters())))
-    (outs_t, grads_t), (outs_o, grads_o) = results
-    _assert_same(outs_o, outs_t, ("packed output", "h_n", "c_n"))
-    names = ["grad packed input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
-    _assert_same(grads_o, grads_t, names)
+    _assert_same_on_packed(theirs, ours, x, lengths, enforce_sorted, hx, seed=11)
 
 
 def test_seeded_init_and_state_dict_both_ways():

@@ -128,9 +128,8 @@ class LSTMCell(_Extras, nn.Module):
         if _autocast_dtype(input, self.weight_ih) is not None and isinstance(hx[1], torch.Tensor):
             dtype = hx[1].dtype
             input, hx = input.to(dtype), (_cast(hx[0], dtype), hx[1])
-        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-        if dtype is not None:
-            w_ih, w_hh, b_ih, b_hh = (_cast(t, dtype) for t in (w_ih, w_hh, b_ih, b_hh))
+        w_ih, w_hh, b_ih, b_hh = (_cast(t, dtype) for t in (self.weight_ih, self.weight_hh,
+                                                           self.bias_ih, self.bias_hh))
         w_hh = self._recurrent_weight(w_hh)
         if not self.layer_norm and self.zoneout == (0.0, 0.0):
             return lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)
@@ -290,8 +289,7 @@ class LSTM(_Extras, nn.Module):
 
     def _layer_weights(self, layer: int, suffix: str, dtype: torch.dtype | None):
         def get(kind):
-            t = getattr(self, f"{kind}_l{layer}{suffix}", None)
-            return t if dtype is None or t is None else t.to(dtype)
+            return _cast(getattr(self, f"{kind}_l{layer}{suffix}", None), dtype)
 
         w_hh = self._recurrent_weight(get("weight_hh"))
         ln = None
