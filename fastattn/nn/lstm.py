@@ -125,11 +125,11 @@ class LSTMCell(_Extras, nn.Module):
         # Under autocast torch's lstm_cell runs its GEMMs in the autocast dtype (as lstm_cell
         # does) and the pointwise part in the state's dtype (cx's): the arguments go to that.
         dtype = None
-        if _autocast_dtype(input, self.weight_ih) is not None and isinstance(hx[1], torch.Tensor):
+        w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        if _autocast_dtype(input, w_ih) is not None and isinstance(hx[1], torch.Tensor):
             dtype = hx[1].dtype
             input, hx = input.to(dtype), (_cast(hx[0], dtype), hx[1])
-        w_ih, w_hh, b_ih, b_hh = (_cast(t, dtype) for t in (self.weight_ih, self.weight_hh,
-                                                           self.bias_ih, self.bias_hh))
+            w_ih, w_hh, b_ih, b_hh = (_cast(t, dtype) for t in (w_ih, w_hh, b_ih, b_hh))
         w_hh = self._recurrent_weight(w_hh)
         if not self.layer_norm and self.zoneout == (0.0, 0.0):
             return lstm_cell(input, hx[0], hx[1], w_ih, w_hh, b_ih, b_hh)

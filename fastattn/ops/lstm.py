@@ -43,6 +43,9 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Cached: the extension registers its kernels once, when it loads, and the query cost 3 us, a
+# tenth of a small cell step's Python time (every lstm_cell / lstm_layer call asks it).
+@functools.cache
 def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", key)
 
@@ -308,7 +311,7 @@ register_autograd(
 def _check_tensor(fn: str, name: str, t, shape: tuple, like: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise FastattnTypeError(f"fastattn.{fn}: {name} must be a Tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
+    if t.shape != shape:  # torch.Size is a tuple: no conversion (a cell step checks six)
         want = "[" + ", ".join(str(s) for s in shape) + "]"
         raise FastattnValueError(
             f"fastattn.{fn}: {name} must have shape {want}, got {list(t.shape)}"
@@ -423,7 +426,7 @@ def lstm_cell(
             f"fastattn.{fn}: w_ih must have shape [4H, {in_features}] (input's "
             f"feature size), got {_shape_of(w_ih)}"
         )
-    _check_tensor(fn, "w_ih", w_ih, tuple(w_ih.shape), input)
+    _check_tensor(fn, "w_ih", w_ih, w_ih.shape, input)
     H = w_ih.shape[0] // 4
     state_shape = (H,) if unbatched else (B, H)
     _check_tensor(fn, "hx", hx, state_shape, input)
