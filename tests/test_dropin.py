@@ -510,21 +510,34 @@ def test_lstm_under_cpu_autocast_as_torch(flags, x_dtype, with_hx):
 
 
 @AUTOCAST_INPUT_AND_STATE_DTYPES
-def test_packed_lstm_under_cpu_autocast_as_torch(x_dtype, hx_dtype):
-    """nn.LSTM's packed path under CPU autocast: GEMMs in bf16, the rest in the state's dtype
-    (the input's without hx); ours refused a bf16 input next to float32 weights."""
-    flags = dict(num_layers=2, bidirectional=True)
+@pytest.mark.parametrize("proj_size", [0, 4], ids=["H", "proj"])
+@pytest.mark.parametrize("layout", ["packed", "padded", "batch_first", "unbatched"])
+def test_lstm_under_cpu_autocast_dtypes_as_torch(x_dtype, hx_dtype, proj_size, layout):
+    """nn.LSTM's packed path, and on the CPU its projection path, under autocast: GEMMs in bf16,
+    the rest in the state's dtype (the input's without hx), output and h_n of a projection in
+    bf16 (the projection's GEMM); the padded path without projection all in bf16. Ours refused
+    a bf16 input next to float32 weights, and returned c_n of a projection in bf16."""
+    flags = dict(num_layers=2, bidirectional=True, proj_size=proj_size,
+                 batch_first=layout == "batch_first")
     theirs, ours = torch.nn.LSTM(5, 33, **flags), fastattn.LSTM(5, 33, **flags)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 3, 5).to(x_dtype), [2, 6, 5],
-                                                enforce_sorted=False)
-    hx = None if hx_dtype is None else tuple(torch.randn(2, 4, 3, 33).to(hx_dtype) * 0.5)
+    shape = {"packed": (6, 3, 5), "padded": (6, 4, 5), "batch_first": (4, 6, 5),
+             "unbatched": (6, 5)}[layout]
+    x = torch.randn(shape).to(x_dtype)
+    batch = {"packed": (3,), "unbatched": ()}.get(layout, (4,))
+    if layout == "packed":
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [2, 6, 5], enforce_sorted=False)
+    P = proj_size or 33
+    hx = None if hx_dtype is None else (
+        (torch.randn(4, *batch, P) * 0.5).to(hx_dtype),
+        (torch.randn(4, *batch, 33) * 0.5).to(hx_dtype))
     results = []
     for module in (theirs, ours):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, (h_n, c_n) = module(x, hx)
-        (out.data.float().sum() + c_n.float().sum()).backward()
-        results.append((out.data, h_n, c_n))
+        out = out.data if layout == "packed" else out
+        (out.float().sum() + c_n.float().sum()).backward()
+        results.append((out, h_n, c_n))
     for name, a, t in zip(("output", "h_n", "c_n"), results[1], results[0], strict=True):
         assert a.dtype == t.dtype, name
         torch.testing.assert_close(a, t, rtol=3e-2, atol=3e-2)
