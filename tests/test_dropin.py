@@ -658,6 +658,65 @@ def test_export_with_dynamic_batch(case):
     torch.testing.assert_close(program.module()(*smaller), fn(*smaller))
 
 
+# ---- torch.jit.trace -------------------------------------------------------------------------
+
+LSTM_TRACE_CASES = [
+    pytest.param({}, id="L1"),
+    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3), id="L2-bi-proj"),
+    pytest.param(dict(batch_first=True, bias=False), id="batch-first-nobias"),
+]
+
+
+def _assert_traced_matches_torch(ours, ref, x, hx, tmp_path):
+    """torch.jit.trace of ours passes torch's trace check (check_trace=True re-traces under
+    no_grad), and the traced model, and the one saved and loaded, compute ref's outputs with
+    and without grad mode (without, on the inference kernel as eager) and its gradients."""
+    traced = torch.jit.trace(ours, (x, hx))
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    for module in (traced, torch.jit.load(tmp_path / "traced.pt")):
+        for grad_mode in (False, True):
+            with torch.set_grad_enabled(grad_mode):
+                torch.testing.assert_close(module(x, hx), ref(x, hx))
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            module(x, hx)
+        assert "fastattn::lstm_layer_infer" in {e.name for e in prof.events()}
+        leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+        ref_leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+        outs = torch.utils._pytree.tree_leaves(module(leaves[0], tuple(leaves[1:])))
+        ref_outs = torch.utils._pytree.tree_leaves(ref(ref_leaves[0], tuple(ref_leaves[1:])))
+        module.zero_grad()
+        ref.zero_grad()
+        grads = [torch.randn_like(t) for t in outs]
+        torch.autograd.backward(outs, grads)
+        torch.autograd.backward(ref_outs, grads)
+        for a, b in zip(leaves, ref_leaves, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+        for (name, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("config", LSTM_TRACE_CASES)
+def test_traced_lstm_matches_torch(config, tmp_path):
+    """torch.jit.trace of fastattn.LSTM failed torch's trace check: under no_grad ours ran
+    another op, so the re-traced graph differed."""
+    ref = torch.nn.LSTM(5, 7, **config)
+    ours = fastattn.LSTM(5, 7, **config)
+    ours.load_state_dict(ref.state_dict())
+    L = 2 * config.get("num_layers", 1) if config.get("bidirectional") else 1
+    x = torch.randn((3, 4, 5) if config.get("batch_first") else (4, 3, 5))
+    hx = (torch.randn(L, 3, config.get("proj_size") or 7), torch.randn(L, 3, 7))
+    _assert_traced_matches_torch(ours, ref, x, hx, tmp_path)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_traced_lstm_cell_matches_torch(bias, tmp_path):
+    """As test_traced_lstm_matches_torch for fastattn.LSTMCell (the same failure)."""
+    ref, ours = torch.nn.LSTMCell(5, 7, bias=bias), fastattn.LSTMCell(5, 7, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    _assert_traced_matches_torch(ours, ref, torch.randn(3, 5),
+                                 (torch.randn(3, 7), torch.randn(3, 7)), tmp_path)
+
+
 # ---- torch.jit.script ------------------------------------------------------------------------
 
 MHA_SCRIPT_CASES = [
