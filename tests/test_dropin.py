@@ -702,7 +702,7 @@ def test_traced_lstm_matches_torch(config, tmp_path):
     ref = torch.nn.LSTM(5, 7, **config)
     ours = fastattn.LSTM(5, 7, **config)
     ours.load_state_dict(ref.state_dict())
-    L = 2 * config.get("num_layers", 1) if config.get("bidirectional") else 1
+    L = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
     x = torch.randn((3, 4, 5) if config.get("batch_first") else (4, 3, 5))
     hx = (torch.randn(L, 3, config.get("proj_size") or 7), torch.randn(L, 3, 7))
     _assert_traced_matches_torch(ours, ref, x, hx, tmp_path)
