@@ -510,21 +510,34 @@ def test_lstm_under_cpu_autocast_as_torch(flags, x_dtype, with_hx):
 
 
 @AUTOCAST_INPUT_AND_STATE_DTYPES
-def test_packed_lstm_under_cpu_autocast_as_torch(x_dtype, hx_dtype):
-    """nn.LSTM's packed path under CPU autocast: GEMMs in bf16, the rest in the state's dtype
-    (the input's without hx); ours refused a bf16 input next to float32 weights."""
-    flags = dict(num_layers=2, bidirectional=True)
+@pytest.mark.parametrize("proj_size", [0, 4], ids=["H", "proj"])
+@pytest.mark.parametrize("layout", ["packed", "padded", "batch_first", "unbatched"])
+def test_lstm_under_cpu_autocast_dtypes_as_torch(x_dtype, hx_dtype, proj_size, layout):
+    """nn.LSTM's packed path, and on the CPU its projection path, under autocast: GEMMs in bf16,
+    the rest in the state's dtype (the input's without hx), output and h_n of a projection in
+    bf16 (the projection's GEMM); the padded path without projection all in bf16. Ours refused
+    a bf16 input next to float32 weights, and returned c_n of a projection in bf16."""
+    flags = dict(num_layers=2, bidirectional=True, proj_size=proj_size,
+                 batch_first=layout == "batch_first")
     theirs, ours = torch.nn.LSTM(5, 33, **flags), fastattn.LSTM(5, 33, **flags)
     ours.load_state_dict(theirs.state_dict())
-    x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 3, 5).to(x_dtype), [2, 6, 5],
-                                                enforce_sorted=False)
-    hx = None if hx_dtype is None else tuple(torch.randn(2, 4, 3, 33).to(hx_dtype) * 0.5)
+    shape = {"packed": (6, 3, 5), "padded": (6, 4, 5), "batch_first": (4, 6, 5),
+             "unbatched": (6, 5)}[layout]
+    x = torch.randn(shape).to(x_dtype)
+    batch = {"packed": (3,), "unbatched": ()}.get(layout, (4,))
+    if layout == "packed":
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [2, 6, 5], enforce_sorted=False)
+    P = proj_size or 33
+    hx = None if hx_dtype is None else (
+        (torch.randn(4, *batch, P) * 0.5).to(hx_dtype),
+        (torch.randn(4, *batch, 33) * 0.5).to(hx_dtype))
     results = []
     for module in (theirs, ours):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, (h_n, c_n) = module(x, hx)
-        (out.data.float().sum() + c_n.float().sum()).backward()
-        results.append((out.data, h_n, c_n))
+        out = out.data if layout == "packed" else out
+        (out.float().sum() + c_n.float().sum()).backward()
+        results.append((out, h_n, c_n))
     for name, a, t in zip(("output", "h_n", "c_n"), results[1], results[0], strict=True):
         assert a.dtype == t.dtype, name
         torch.testing.assert_close(a, t, rtol=3e-2, atol=3e-2)
@@ -643,6 +656,65 @@ def test_export_with_dynamic_batch(case):
     program = torch.export.export(Wrapped(), xs, dynamic_shapes=(per_input,))  # one *xs
     smaller = tuple(x.narrow(batch_dim, 0, 3) for x in xs)
     torch.testing.assert_close(program.module()(*smaller), fn(*smaller))
+
+
+# ---- torch.jit.trace -------------------------------------------------------------------------
+
+LSTM_TRACE_CASES = [
+    pytest.param({}, id="L1"),
+    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3), id="L2-bi-proj"),
+    pytest.param(dict(batch_first=True, bias=False), id="batch-first-nobias"),
+]
+
+
+def _assert_traced_matches_torch(ours, ref, x, hx, tmp_path):
+    """torch.jit.trace of ours passes torch's trace check (check_trace=True re-traces under
+    no_grad), and the traced model, and the one saved and loaded, compute ref's outputs with
+    and without grad mode (without, on the inference kernel as eager) and its gradients."""
+    traced = torch.jit.trace(ours, (x, hx))
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    for module in (traced, torch.jit.load(tmp_path / "traced.pt")):
+        for grad_mode in (False, True):
+            with torch.set_grad_enabled(grad_mode):
+                torch.testing.assert_close(module(x, hx), ref(x, hx))
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            module(x, hx)
+        assert "fastattn::lstm_layer_infer" in {e.name for e in prof.events()}
+        leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+        ref_leaves = [t.clone().requires_grad_() for t in (x, *hx)]
+        outs = torch.utils._pytree.tree_leaves(module(leaves[0], tuple(leaves[1:])))
+        ref_outs = torch.utils._pytree.tree_leaves(ref(ref_leaves[0], tuple(ref_leaves[1:])))
+        module.zero_grad()
+        ref.zero_grad()
+        grads = [torch.randn_like(t) for t in outs]
+        torch.autograd.backward(outs, grads)
+        torch.autograd.backward(ref_outs, grads)
+        for a, b in zip(leaves, ref_leaves, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+        for (name, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("config", LSTM_TRACE_CASES)
+def test_traced_lstm_matches_torch(config, tmp_path):
+    """torch.jit.trace of fastattn.LSTM failed torch's trace check: under no_grad ours ran
+    another op, so the re-traced graph differed."""
+    ref = torch.nn.LSTM(5, 7, **config)
+    ours = fastattn.LSTM(5, 7, **config)
+    ours.load_state_dict(ref.state_dict())
+    L = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
+    x = torch.randn((3, 4, 5) if config.get("batch_first") else (4, 3, 5))
+    hx = (torch.randn(L, 3, config.get("proj_size") or 7), torch.randn(L, 3, 7))
+    _assert_traced_matches_torch(ours, ref, x, hx, tmp_path)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_traced_lstm_cell_matches_torch(bias, tmp_path):
+    """As test_traced_lstm_matches_torch for fastattn.LSTMCell (the same failure)."""
+    ref, ours = torch.nn.LSTMCell(5, 7, bias=bias), fastattn.LSTMCell(5, 7, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    _assert_traced_matches_torch(ours, ref, torch.randn(3, 5),
+                                 (torch.randn(3, 7), torch.randn(3, 7)), tmp_path)
 
 
 # ---- torch.jit.script ------------------------------------------------------------------------

@@ -133,6 +133,10 @@ def test_opcheck_lstm_layer_ops(dtype, step_major, options):
     x, w_ih = randn(T, B, 3, dtype=dtype), randn(4 * H, 3, dtype=dtype)
     bias = randn(4 * H, dtype=dtype)
     opcheck(OPS.lstm_layer_infer.default, (x, w_ih, bias, *plain[1:]), dtype)
+    # The composite op over both (its autograd: the training path's).
+    opcheck(OPS.lstm_layer.default, (x, w_ih, bias, *plain[1:]), dtype)
+    opcheck(OPS.lstm_layer.default, (*(t.requires_grad_() for t in (x, w_ih, bias)), *args[1:]),
+            dtype)
     if not options:
         opcheck(OPS.lstm_sequence_fwd.default, args[:4], dtype)
 
@@ -162,6 +166,11 @@ def test_opcheck_lstm_cell_pointwise_ops(dtype):
     hy, cy = OPS.lstm_cell_pointwise_fwd(gates.detach(), cx.detach())
     grads = (torch.randn_like(hy), torch.randn_like(cy))
     opcheck(OPS.lstm_cell_pointwise_bwd.default, (*grads, gates.detach(), cx.detach(), cy), dtype)
+    x, w_ih, w_hh = randn(5, 3, dtype=dtype), randn(24, 3, dtype=dtype), randn(24, 6, dtype=dtype)
+    hx, bias = randn(5, 6, dtype=dtype), randn(24, dtype=dtype)
+    cell_args = (x, hx, cx.detach(), w_ih, w_hh, bias)
+    opcheck(OPS.lstm_cell.default, cell_args, dtype)  # the composite op: inference
+    opcheck(OPS.lstm_cell.default, tuple(t.requires_grad_() for t in cell_args), dtype)
 
 
 # ---- Inductor ----------------------------------------------------------------------------------

@@ -324,11 +324,17 @@ class LSTM(_Extras, nn.Module):
             batch_sizes = sorted_indices = unsorted_indices = None
         # Under autocast nn.LSTM runs in the autocast dtype (mkldnn_rnn_layer on the CPU,
         # _cudnn_rnn on CUDA are on autocast's lower-precision lists): so do we, casting input,
-        # state and weights. Its packed path runs its GEMMs so but the pointwise part in the
-        # state's dtype (c_0's, the input's without hx): there we run all in that dtype.
+        # state and weights. Its packed path, and on the CPU its projection path (mkldnn has no
+        # projection), run its GEMMs so but the pointwise part in the state's dtype (c_0's, the
+        # input's without hx): there we run all in that dtype. With a projection, h is its
+        # GEMM's output there, so output and h_n come out in the autocast dtype (h_dtype), c_n
+        # in the state's.
         w0 = self.weight_ih_l0
         dtype = _autocast_dtype(x, w0)
-        if dtype is not None and packed:
+        h_dtype = None
+        if dtype is not None and (packed or (self.proj_size > 0 and x.device.type == "cpu")):
+            if self.proj_size > 0:
+                h_dtype = dtype
             c0 = hx[1] if isinstance(hx, (tuple, list)) and len(hx) == 2 else None
             dtype = c0.dtype if isinstance(c0, torch.Tensor) else x.dtype
         if dtype is not None:
@@ -374,6 +380,8 @@ class LSTM(_Extras, nn.Module):
                 else:
                     x = F.dropout(x, self.dropout, training=True)
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if h_dtype is not None:
+            x, h_n = x.to(h_dtype), h_n.to(h_dtype)
 
         if packed:
             output = PackedSequence(x.reshape(T * B, -1).index_select(0, rows), batch_sizes,

@@ -135,6 +135,18 @@ SCHEMAS.update({
     # + bias computed inside, a few steps at a time, and no gates saved.
     "lstm_layer_infer": "lstm_layer_infer(Tensor input, Tensor w_ih, Tensor? bias, Tensor h0, "
     f"Tensor c0, Tensor w_hh, {_LSTM_LAYER_OPTIONS}) -> (Tensor h_all, Tensor c_all)",
+    # lstm_layer_infer's schema and results, differentiable: lstm_layer_infer where no gradient
+    # is needed, the input projection and lstm_layer_fwd where one is (a Python composite,
+    # fastattn/ops/lstm.py). One op either way, so that torch.jit.trace records the same node
+    # with and without grad mode (its check re-traces under no_grad), and a traced model takes
+    # the inference kernel under no_grad and trains with grad.
+    "lstm_layer": "lstm_layer(Tensor input, Tensor w_ih, Tensor? bias, Tensor h0, Tensor c0, "
+    f"Tensor w_hh, {_LSTM_LAYER_OPTIONS}) -> (Tensor h_all, Tensor c_all)",
+    # The same for one step of fastattn.lstm_cell on the CPU: input [B, I], hx / cx [B, H],
+    # w_ih [4H, I], w_hh [4H, H], bias [4H] or None -> (hy, cy) [B, H]; lstm_layer_infer for one
+    # step without gradients, else two GEMMs and lstm_cell_pointwise_fwd.
+    "lstm_cell": "lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, "
+    "Tensor? bias) -> (Tensor hy, Tensor cy)",
     # grad_h_all / grad_c_all: gradients of h_all / c_all (the final state's gradient included).
     # grad_w_hr is empty when w_hr is None.
     "lstm_layer_bwd": "lstm_layer_bwd(Tensor grad_h_all, Tensor grad_c_all, Tensor h0, Tensor c0, "

@@ -6,14 +6,15 @@ backend (fastattn/ops/backends.py), and registers fake kernels and autograd for 
 Backends: ``cpu`` and ``cuda`` run fastattn::lstm_layer_fwd/_bwd, one op call per layer and
 direction whose time loop runs in C++ (fastattn::lstm_layer_infer when no gradient is needed;
 on CPU it also serves lstm_cell then; on CUDA it runs the persistent sequence kernel where that
-fits, see csrc/lstm/lstm_cuda.cpp); ``cpu`` and ``cuda`` also run fastattn::lstm_ln_layer_fwd/_bwd
-for the layer_norm option (one GEMM plus one fused row pass per step; weight gradients as
-whole-sequence GEMMs); ``triton`` runs lstm_cell on the *_triton pointwise ops and lstm_layer
-on the persistent fastattn::lstm_layer_fwd_triton / _bwd_triton kernels (layer_norm:
-fastattn::lstm_ln_layer_fwd_triton / _bwd_triton, the same kernels), for any H and P. Per
-size, auto prefers the cuda backend's C++ loop (first in backends.choose's order) wherever the
-extension has it: at H >= 512 it beats streaming the weights on paper
-(fastattn/triton_kernels/lstm_layer.py has the figures); ``reference`` is plain
+fits, see csrc/lstm/lstm_cuda.cpp; the choice is made inside the composite ops
+fastattn::lstm_layer and fastattn::lstm_cell, which torch.jit.trace records); ``cpu`` and
+``cuda`` also run fastattn::lstm_ln_layer_fwd/_bwd for the layer_norm option (one GEMM plus one
+fused row pass per step; weight gradients as whole-sequence GEMMs); ``triton`` runs lstm_cell
+on the *_triton pointwise ops and lstm_layer on the persistent fastattn::lstm_layer_fwd_triton /
+_bwd_triton kernels (layer_norm: fastattn::lstm_ln_layer_fwd_triton / _bwd_triton, the same
+kernels), for any H and P. Per size, auto prefers the cuda backend's C++ loop (first in
+backends.choose's order) wherever the extension has it: at H >= 512 it beats streaming the
+weights on paper (fastattn/triton_kernels/lstm_layer.py has the figures); ``reference`` is plain
 PyTorch (fastattn/ops/reference.py).
 """
 
@@ -439,20 +440,38 @@ def lstm_cell(
         hx, cx = hx.unsqueeze(0), cx.unsqueeze(0)
     bias = _sum_biases(b_ih, b_hh)
     backend = _choose_backend(fn, input.device, input.dtype, False)
-    if backend == "cpu" and not _needs_grad(input, hx, cx, w_ih, w_hh, bias):
-        # One step of the fused layer kernel: the recurrent GEMM and the gate math in one pass.
-        # (Its backward is built for sequences; one step trains faster on two GEMMs and the
-        # fused pointwise op.)
+    if backend == "cpu":
+        # torch.jit.trace records the op, one node whichever kernel runs (_registry.py); eager
+        # calls its composite directly, saving a dispatch.
+        cell = _OPS.lstm_cell if torch.jit.is_tracing() else _cell
+        hy, cy = cell(x, hx, cx, w_ih, w_hh, bias)
+    else:
+        hy, cy = _cell_step(x, hx, cx, w_ih, w_hh, bias, _cell_pointwise(backend))
+    return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
+
+
+def _cell_step(x, hx, cx, w_ih, w_hh, bias, pointwise) -> tuple[torch.Tensor, torch.Tensor]:
+    """One differentiable step: the two GEMMs, then ``pointwise`` (a cell pointwise op)."""
+    gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
+    gates = torch.addmm(gates, hx, w_hh.t())
+    # Autocast runs the GEMMs in its lower precision; torch's lstm_cell then computes the
+    # pointwise part in the state's dtype, and so do we (a no-op without autocast).
+    return pointwise(gates.to(cx.dtype), cx)
+
+
+def _cell(x, hx, cx, w_ih, w_hh, bias):
+    """fastattn::lstm_cell (the cpu backend's lstm_cell on [B, I] input): where no gradient is
+    needed, one step of the fused layer kernel (the recurrent GEMM and the gate math in one
+    pass); else, as its backward is built for sequences, two GEMMs and the fused pointwise op,
+    which train one step faster."""
+    if not _needs_grad(x, hx, cx, w_ih, w_hh, bias):
         h_all, c_all = _OPS.lstm_layer_infer(
             x.unsqueeze(0), w_ih, bias, hx, cx, w_hh, None, None, False, None, None)
-        hy, cy = h_all[0], c_all[0]
-    else:
-        gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
-        gates = torch.addmm(gates, hx, w_hh.t())
-        # Autocast runs the GEMMs in its lower precision; torch's lstm_cell then computes the
-        # pointwise part in the state's dtype, and so do we (a no-op without autocast).
-        hy, cy = _cell_pointwise(backend)(gates.to(cx.dtype), cx)
-    return (hy.squeeze(0), cy.squeeze(0)) if unbatched else (hy, cy)
+        return h_all[0], c_all[0]
+    return _cell_step(x, hx, cx, w_ih, w_hh, bias, differentiable(_OPS.lstm_cell_pointwise_fwd))
+
+
+_registry.LIBRARY.impl("lstm_cell", _cell, "CompositeImplicitAutograd")
 
 
 def _sum_biases(b_ih: torch.Tensor | None, b_hh: torch.Tensor | None) -> torch.Tensor | None:
@@ -534,26 +553,19 @@ def lstm_layer(
 
     backend = _choose_backend(fn, input.device, input.dtype, layer_norm is not None)
     bias = _sum_biases(b_ih, b_hh)
-    if backend in ("cpu", "cuda") and layer_norm is None and not _needs_grad(
-            input, h0, c0, w_ih, w_hh, bias, w_hr):
-        return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
-                                     zoneout_c, zoneout_h)
+    if backend in ("cpu", "cuda") and layer_norm is None:
+        # torch.jit.trace records the op, one node whichever kernel runs (_registry.py); eager
+        # calls its composite directly, saving a dispatch (4 us a call, 1-thread CPU time).
+        layer = _OPS.lstm_layer if torch.jit.is_tracing() else _layer
+        return layer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
+                     zoneout_h)
     if layer_norm is not None:
+        # in the input's dtype, as _input_projection returns it (autocast may run the GEMM lower)
         x_proj = torch.nn.functional.layer_norm(input.reshape(T * B, in_features) @ w_ih.t(),
                                                 (4 * H,), layer_norm[0], bias,
-                                                layer_norm[4]).view(T, B, 4 * H)
-    elif backend == "cpu":
-        # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
-        # batch lanes of a gate as one vector, and a step's gates one after another.
-        x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, input.transpose(1, 2), bias).permute(
-            0, 2, 1)
+                                                layer_norm[4]).view(T, B, 4 * H).to(input.dtype)
     else:
-        flat = input.reshape(T * B, in_features)
-        x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
-            T, B, 4 * H)
-    # Autocast may have run the projection GEMM in its lower precision; the recurrence runs in
-    # the input's dtype, as torch's lstm_cell runs its pointwise part (a no-op without autocast).
-    x_proj = x_proj.to(input.dtype)
+        x_proj = _input_projection(input, w_ih, bias, step_major=False)
 
     if backend in ("cpu", "cuda", "triton") and layer_norm is not None:
         # the triton op is chosen only once _triton_layer_fwd() has registered it
@@ -563,10 +575,6 @@ def lstm_layer(
             x_proj, h0, c0, w_hh, *layer_norm[1:4], layer_norm[4], w_hr, batch_sizes, reverse,
             zoneout_c, zoneout_h)
         return h_all, c_all
-    if backend in ("cpu", "cuda"):
-        h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd)(
-            x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
-        return h_all, c_all
     if backend == "triton":  # chosen only once _triton_layer_fwd() has registered the op
         h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd_triton)(
             x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
@@ -575,3 +583,37 @@ def lstm_layer(
         x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h,
         layer_norm=None if layer_norm is None else (*layer_norm[1:],))
     return h_all, c_all
+
+
+def _input_projection(input: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None,
+                      step_major: bool) -> torch.Tensor:
+    """x_proj [T, B, 4H] = input @ w_ih^T + bias in input's dtype, differentiable; step_major on
+    the cpu backend (its lstm_weight_mm op)."""
+    T, B, in_features = input.shape
+    if step_major:
+        # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
+        # batch lanes of a gate as one vector, and a step's gates one after another.
+        x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, input.transpose(1, 2), bias).permute(
+            0, 2, 1)
+    else:
+        flat = input.reshape(T * B, in_features)
+        x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
+            T, B, w_ih.shape[0])
+    # Autocast may have run the projection GEMM in its lower precision; the recurrence runs in
+    # the input's dtype, as torch's lstm_cell runs its pointwise part (a no-op without autocast).
+    return x_proj.to(input.dtype)
+
+
+def _layer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h):
+    """fastattn::lstm_layer (the cpu and cuda backends' lstm_layer without layer_norm): the
+    inference kernel where no gradient is needed, else the training op on x_proj."""
+    if not _needs_grad(input, h0, c0, w_ih, w_hh, bias, w_hr):
+        return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
+                                     zoneout_c, zoneout_h)
+    x_proj = _input_projection(input, w_ih, bias, step_major=input.device.type == "cpu")
+    h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd)(
+        x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
+    return h_all, c_all
+
+
+_registry.LIBRARY.impl("lstm_layer", _layer, "CompositeImplicitAutograd")
