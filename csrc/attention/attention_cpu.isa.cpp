@@ -1141,17 +1141,23 @@ struct ForwardTile {
       Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, cols, qs.data(),
                                                  single_row ? nullptr : kt, k_tile, p.k_stride[2],
                                                  s.data(), s.data());
+      // Row i's scores past its diagonal (whole vectors of them) are -inf: the max and the
+      // exp skip those and write their probabilities as the zeros exp would give. On a causal
+      // diagonal tile that halves the softmax's work, most of a short sequence's tiles.
+      const int64_t diag = pr.visible_diag(sq, q0, k0);
+      const auto row_cols = [&](int64_t i) {
+        return visible_extent(i, 1, diag, cols, Vectorized<acc_t>::size());
+      };
       for (int64_t i = 0; i < m; ++i) {
-        new_max[i] = nan_max(row_max[i], vec_reduce_max(s.data() + i * ld, cols));
+        new_max[i] = nan_max(row_max[i], vec_reduce_max(s.data() + i * ld, row_cols(i)));
       }
       rescale_factors(row_max.data(), new_max.data(), m, rescale.data());
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
-        if (new_max[i] == kNegInf) {  // nothing visible to this row yet
-          std::fill(row, row + cols, acc_t(0));
-          continue;
-        }
-        row_sum[i] = row_sum[i] * rescale[i] + vec_exp_sum(row, cols, new_max[i]);
+        const int64_t width = new_max[i] == kNegInf ? 0 : row_cols(i);  // -inf: nothing seen yet
+        std::fill(row + width, row + cols, acc_t(0));
+        if (new_max[i] == kNegInf) continue;
+        row_sum[i] = row_sum[i] * rescale[i] + vec_exp_sum(row, width, new_max[i]);
         if (rescale[i] != acc_t(1)) vec_scale(o.data() + i * ldo, ldo, rescale[i]);
         row_max[i] = new_max[i];
       }
@@ -1159,7 +1165,7 @@ struct ForwardTile {
       if (single_row) {
         row_pv(s.data(), v_tile, p.v_stride[2], n, p.v_head_dim, o.data());
       } else {
-        Products::pv(pr, m, n, s.data(), vb, o.data(), pr.visible_diag(sq, q0, k0));
+        Products::pv(pr, m, n, s.data(), vb, o.data(), diag);
       }
     }
     // row_sum is 0 only for a row that saw no key (its largest score adds exp(0) = 1); a NaN
@@ -1383,7 +1389,10 @@ struct BackwardTile {
                                                    operands.kt.data(), k,
                                                    p.k_stride[2], s.data(), t.data());
         // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row
-        // that saw a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN).
+        // that saw a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN). As in
+        // the forward, the exp skips the whole vectors of -inf scores past a row's diagonal and
+        // writes their zeros.
+        const int64_t diag = pr.visible_diag(sq, q0, k0);
         for (int64_t i = 0; i < m; ++i) {
           const acc_t lse = lse_rows[pr.row_index(sq, h, q0 + i)];
           acc_t* row = s.data() + i * ld;
@@ -1393,9 +1402,10 @@ struct BackwardTile {
           }
           const acc_t shift = lse == -std::numeric_limits<acc_t>::infinity()
               ? std::numeric_limits<acc_t>::infinity() : lse;
-          vec_exp_sum(row, ld, shift);
+          const int64_t width = visible_extent(i, 1, diag, ld, Vectorized<acc_t>::size());
+          vec_exp_sum(row, width, shift);
+          std::fill(row + width, row + ld, acc_t(0));
         }
-        const int64_t diag = pr.visible_diag(sq, q0, k0);
         operands.dp(pr, m, dp.data(), diag);
         const acc_t* p_used = s.data();  // the probabilities that multiplied V
         if (p.dropout_p > 0) {
