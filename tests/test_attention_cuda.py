@@ -239,6 +239,37 @@ def test_many_tiles_causal(E):
     check(run_ours(q, k, v, g, **opts), run_reference(q, k, v, g, **opts), torch.bfloat16)
 
 
+@pytest.mark.parametrize("E", [64, 128], ids=lambda e: f"E{e}")
+def test_float32_mask_with_bf16_q_matches_torch(E):
+    """A float32 additive mask with a bfloat16 q is added at float32 precision, as torch's SDPA
+    adds it: rounded to bfloat16 first (what the cuda backend did), a 30-sized bias (ALiBi /
+    relative positions) moves the scores by up to 0.125, ~8% output error where torch has 0.4%.
+    Out and the mask gradient within 2x torch's own error against float64."""
+    B, Hq, Hk, L, S = 2, 4, 2, 33, 70
+    q, k, v, g = make_inputs(B, Hq, Hk, L, S, E, torch.bfloat16)
+    mask = torch.randn(B, 1, L, S, device="cuda") * 30
+    mask[:, :, 5, :] = float("-inf")  # one fully masked row
+    mask = mask.expand(B, Hq, L, S)
+    ours = run_ours(q, k, v, g, mask=mask, mask_grad=True)
+    ref = run_reference(q, k, v, g, mask=mask, mask_grad=True)
+    qt, kt, vt = (t.detach().requires_grad_() for t in (q, k, v))
+    mask_t = mask.detach().clone().requires_grad_()
+    group = Hq // Hk
+    torch_out = F.scaled_dot_product_attention(
+        qt, kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1), attn_mask=mask_t
+    )
+    (torch_dmask,) = torch.autograd.grad(torch_out, mask_t, g)
+    assert ours[2][3].dtype == torch.float32
+    # torch gives NaN for the fully masked row (ours: zeros); compare out elsewhere.
+    rows = torch.ones(L, dtype=torch.bool, device="cuda")
+    rows[5] = False
+    assert_close_to_reference(ours[0][:, :, rows], ref[0][:, :, rows], torch_out[:, :, rows],
+                              dtype=torch.bfloat16, name="out")
+    assert_close_to_reference(ours[2][3][:, :, rows], ref[2][3][:, :, rows],
+                              torch_dmask[:, :, rows], dtype=torch.bfloat16, name="dmask")
+    check(ours, ref, torch.bfloat16)
+
+
 def test_fully_masked_rows_are_zero_with_zero_gradients():
     B, H, L, S, E = 1, 2, 20, 40, 64
     q, k, v, g = make_inputs(B, H, H, L, S, E, torch.float16)
@@ -271,3 +302,7 @@ def test_rejects_what_it_cannot_serve():
         torch.ops.fastattn.attention_fwd(q40, q40, q40, *args)
     with pytest.raises(RuntimeError, match="same dtype|share a dtype"):
         torch.ops.fastattn.attention_fwd(q, k.bfloat16(), v, *args)
+    for mask_dtype in (torch.float64, torch.bfloat16, torch.int32):  # bool, float32 or q's only
+        mask = torch.zeros(1, 2, 8, 8, device="cuda", dtype=mask_dtype)
+        with pytest.raises(RuntimeError, match="attn_mask must be bool, float32 or q's dtype"):
+            torch.ops.fastattn.attention_fwd(q, k, v, mask, *args[1:])

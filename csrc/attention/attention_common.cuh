@@ -331,7 +331,7 @@ __device__ __forceinline__ void zero(float (&acc)[N_TILES][4]) {
 // in the contract's order: scale, softcap, alibi, mask, visibility.
 struct ScoreMod {
   float scale, softcap, slope;
-  bool has_alibi, has_mask, mask_is_bool;
+  bool has_alibi, has_mask, mask_is_bool, mask_is_float32;
   const unsigned char* mask;  // at (b, h); bytes, element size below
   int mask_element_bytes;
   int64_t mask_row_stride, mask_col_stride;
@@ -344,7 +344,8 @@ struct ScoreMod {
     slope = has_alibi ? p.alibi_slopes[b * p.alibi_batch_stride + h] : 0.0f;
     has_mask = p.mask != nullptr;
     mask_is_bool = p.mask_kind == AttnMaskKind::Bool;
-    mask_element_bytes = mask_is_bool ? 1 : element_bytes;
+    mask_is_float32 = p.mask_is_float32;
+    mask_element_bytes = mask_is_bool ? 1 : (mask_is_float32 ? 4 : element_bytes);
     mask = static_cast<const unsigned char*>(p.mask) +
            (b * p.mask_stride[0] + h * p.mask_stride[1]) * mask_element_bytes;
     mask_row_stride = p.mask_stride[2];
@@ -362,11 +363,15 @@ struct ScoreMod {
            (window_right < 0 || d <= window_right);
   }
 
-  // The mask entry of (i, j), in bounds only (callers check in_window first).
+  // The mask entry of (i, j), in bounds only (callers check in_window first). An additive
+  // mask is in the element dtype or float32, which is read as is: torch's SDPA adds a float32
+  // mask to fp16 / bf16 scores at float32 precision, and rounding a large bias (ALiBi-like,
+  // relative positions) to bf16 would shift the scores by its rounding error.
   template <typename Element>
   __device__ __forceinline__ float mask_bias(int64_t i, int64_t j) const {
     const int64_t index = i * mask_row_stride + j * mask_col_stride;
     if (mask_is_bool) return mask[index] ? 0.0f : -INFINITY;
+    if (mask_is_float32) return reinterpret_cast<const float*>(mask)[index];
     return ElementTraits<Element>::to_float(reinterpret_cast<const Element*>(mask)[index]);
   }
 

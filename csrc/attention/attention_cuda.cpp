@@ -64,14 +64,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fill_common(Attention
   if (o.attn_mask.has_value()) {
     mask = *o.attn_mask;
     check_same_device(mask, q, "attn_mask");
-    TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type(),
-                "fastattn attention (cuda): attn_mask must be bool or ", q.scalar_type(), ", got ", mask.scalar_type());
+    // float32 with any q: added at float32 precision, as torch's SDPA does.
+    TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == q.scalar_type() ||
+                    mask.scalar_type() == at::kFloat,
+                "fastattn attention (cuda): attn_mask must be bool, float32 or q's dtype ", q.scalar_type(),
+                ", got ", mask.scalar_type());
     TORCH_CHECK(mask.dim() == 4 && mask.size(0) == pr.batch && mask.size(1) == pr.q_heads &&
                     mask.size(2) == pr.q_len && mask.size(3) == pr.kv_len,
                 "fastattn attention (cuda): attn_mask must be a [B, Hq, L, S] = [", pr.batch, ", ", pr.q_heads, ", ",
                 pr.q_len, ", ", pr.kv_len, "] (broadcast) view, got ", mask.sizes());
     p.mask = mask.data_ptr();
     p.mask_kind = mask.scalar_type() == at::kBool ? AttnMaskKind::Bool : AttnMaskKind::Additive;
+    p.mask_is_float32 = mask.scalar_type() == at::kFloat;
     for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
   }
   glue::fill_options(p, o.score, q, pr.batch, pr.q_heads, kOp);

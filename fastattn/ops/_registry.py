@@ -7,8 +7,8 @@ in fastattn/triton_kernels/ and mirror the schemas below under a ``_triton`` suf
 Normalized attention layout, shared by every backend:
   q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev], Hq % Hk == 0 (GQA: head h reads kv
   head h // (Hq // Hk)); last dims contiguous, other strides arbitrary.
-  attn_mask: None, or a bool (True = may attend) or additive tensor of q's dtype (or float32:
-  cpu, triton and reference read it at float32 precision), given as a [B, Hq, L, S] view whose
+  attn_mask: None, or a bool (True = may attend) or additive tensor of q's dtype (or float32,
+  which every backend reads at float32 precision), given as a [B, Hq, L, S] view whose
   broadcast strides may be 0.
   alibi_slopes: None or float32 [Hq] or [B, Hq]; adds slope * (j - i - offset) to score (i, j).
   Visibility: key j is visible to query i iff  -window_left <= j - i - offset <= window_right

@@ -167,9 +167,6 @@ def _attention_normalized(
                               *_grid_extent(q.shape[0], q.shape[1]))
     if backend == "reference" or _has_empty_dim(q, k, v):
         return reference.attention_reference(q, k, v, attn_mask, alibi_slopes, *opts.op_args())
-    if backend == "cuda" and attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
-        # The cuda kernels read an additive mask in q's dtype only.
-        attn_mask = attn_mask.to(q.dtype)
     # Kernels need unit stride on the last dim; everything else is read through strides.
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -286,7 +283,7 @@ def _causal_bias_is_bottom_right(fn: str, bias: CausalBias, L: int, S: int) -> b
 def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None:
     """The mask as a [B, Hq, L, S] broadcast view of bool, float32 or q's dtype: torch's SDPA
     takes a float32 mask with any q and adds it at float32 precision, so it is not rounded to a
-    float16 / bfloat16 q's dtype here (_attention_normalized does that for the cuda kernels)."""
+    float16 / bfloat16 q's dtype (every backend reads a float32 mask at float32 precision)."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):

@@ -37,10 +37,9 @@ def scaled_dot_product_attention(
     mask: Tensor | None = None
     if attn_mask is not None:
         mask = attn_mask.expand(B, H, L, S)
-        # The CPU op adds a float32 mask at float32 precision whatever q's dtype (as torch and
-        # the eager path); the CUDA op reads an additive mask in q's dtype only.
-        keep = mask.dtype == torch.float32 and q.device.type == "cpu"
-        if mask.dtype != torch.bool and mask.dtype != q.dtype and not keep:
+        # The op adds a float32 mask at float32 precision whatever q's dtype (as torch and the
+        # eager path); other float dtypes become q's.
+        if mask.dtype != torch.bool and mask.dtype != q.dtype and mask.dtype != torch.float32:
             mask = mask.to(q.dtype)
     rng_seed: Tensor | None = None
     if dropout_p > 0.0:

@@ -120,6 +120,13 @@ MUTATIONS = [
         "i * mask_row_stride + j * mask_col_stride",
         "i * mask_col_stride + j * mask_col_stride",
     ),
+    Mutation(
+        "common-float32-mask-rounded-to-element",
+        COMMON,
+        "if (mask_is_float32) return reinterpret_cast<const float*>(mask)[index];",
+        "if (mask_is_float32) return ElementTraits<Element>::to_float(\n"
+        "        ElementTraits<Element>::from_float(reinterpret_cast<const float*>(mask)[index]));",
+    ),
     # Split-KV decode and the combine kernel.
     Mutation(
         "decode-overlapping-splits",

@@ -68,12 +68,12 @@ struct AttentionParams {
 
   // Optional [B, Hq, L, S] mask read through its (possibly zero) strides (batch, head, row,
   // column), dense layout only: bool (1 byte, true = may attend) or additive in the element
-  // dtype. mask_kind is None exactly when mask is null.
+  // dtype (or float32, below). mask_kind is None exactly when mask is null.
   AttnMaskKind mask_kind = AttnMaskKind::None;
   const void* mask = nullptr;
-  // [cpu] An additive mask is float32 rather than the element dtype: torch's SDPA takes a
-  // float32 mask with any q dtype, and rounding it to bfloat16 / float16 would shift the scores
-  // of large biases (ALiBi-like, relative positions) by their rounding error.
+  // An additive mask is float32 rather than the element dtype: torch's SDPA takes a float32
+  // mask with any q dtype, and rounding it to bfloat16 / float16 would shift the scores of
+  // large biases (ALiBi-like, relative positions) by their rounding error.
   bool mask_is_float32 = false;
   int64_t mask_stride[4] = {};
 
