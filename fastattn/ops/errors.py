@@ -32,8 +32,8 @@ class FastattnDtypeAssertionError(FastattnTypeError, AssertionError):
 
 class FastattnIndexError(FastattnValueError, IndexError):
     """A tensor lacks a dim that torch's op indexes, and torch lets that ``IndexError`` through
-    (a 0-D or 1-D attn_mask on its CPU flash path): ``ValueError`` by fastattn's convention,
-    ``IndexError`` as in torch (and ``RuntimeError``)."""
+    (a 0-D or 1-D attn_mask on its CPU flash path, enable_gqa with a 2-D input): ``ValueError``
+    by fastattn's convention, ``IndexError`` as in torch (and ``RuntimeError``)."""
 
 
 class FastattnNotImplementedError(FastattnTypeError, NotImplementedError):
