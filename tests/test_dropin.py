@@ -17,11 +17,12 @@ def _grads(out: torch.Tensor, grad_out: torch.Tensor, *inputs: torch.Tensor):
     return torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
 
 
-def _assert_matches_torch(out, ref, inputs, ref_inputs=None):
+def _assert_matches_torch(out, ref, inputs, ref_inputs=None, equal_nan=False):
     """out equals torch's ref, and so do the gradients of inputs (of ref_inputs for ref, when
     torch's side has its own leaves) for one random grad_out. A gradient that does not exist
-    (None: the output does not depend on the input) counts as zeros on either side."""
-    torch.testing.assert_close(out, ref)
+    (None: the output does not depend on the input) counts as zeros on either side. With
+    equal_nan, NaN matches NaN (and nothing else)."""
+    torch.testing.assert_close(out, ref, equal_nan=equal_nan)
     ref_inputs = inputs if ref_inputs is None else ref_inputs
     grad_out = torch.randn_like(ref)
     grads = zip(inputs, _grads(out, grad_out, *inputs), _grads(ref, grad_out, *ref_inputs),
@@ -29,11 +30,35 @@ def _assert_matches_torch(out, ref, inputs, ref_inputs=None):
     for i, (t, g, g_ref) in enumerate(grads):
         torch.testing.assert_close(torch.zeros_like(t) if g is None else g,
                                    torch.zeros_like(t) if g_ref is None else g_ref,
+                                   equal_nan=equal_nan,
                                    msg=lambda m, i=i: f"gradient of input {i}: {m}")
 
 
 def _leaves(*shapes, dtype=torch.float64):
     return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def _assert_sdpa_like_torch(q, k, v, grads=True, **kwargs):
+    """fastattn's SDPA does with these arguments what torch's does: raises an instance of the
+    exception type torch raises, or returns torch's output (and, with ``grads``, the gradients
+    of q, k, v and of a mask that requires them)."""
+    try:
+        theirs = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    except Exception as torch_error:  # whatever torch raises is the spec
+        with pytest.raises(type(torch_error)):
+            fastattn.scaled_dot_product_attention(q, k, v, **kwargs)
+        return
+    ours = fastattn.scaled_dot_product_attention(q, k, v, **kwargs)
+    if not grads:
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        # half precision: fastattn's kernels and torch's round differently, within an ulp of 1
+        ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}.get(ours.dtype)
+        tolerance = {} if ulp is None else dict(atol=ulp, rtol=ulp)
+        torch.testing.assert_close(ours, theirs, equal_nan=True, **tolerance)
+        return
+    mask = kwargs.get("attn_mask")
+    mask_leaf = [mask] if isinstance(mask, torch.Tensor) and mask.requires_grad else []
+    _assert_matches_torch(ours, theirs, [q, k, v, *mask_leaf], equal_nan=True)
 
 
 # ---- zero-size dims --------------------------------------------------------------------------
@@ -47,16 +72,37 @@ ZERO_CASES = [
     pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 0), id="Ev0"),
     pytest.param((3, 5, 8), (3, 0, 8), (3, 0, 6), id="3d-S0"),
     pytest.param((4, 0, 2, 5, 8), (4, 0, 2, 7, 8), (4, 0, 2, 7, 6), id="5d-0"),
+    # torch returns zeros when L = 0 or value is empty, before looking at the other shapes
+    pytest.param((2, 6, 5, 8), (2, 0, 7, 8), (2, 0, 7, 6), id="Hk0"),
+    pytest.param((2, 6, 5, 8), (2, 4, 7, 8), (2, 4, 7, 0), id="Ev0-heads-not-dividing"),
+    pytest.param((2, 6, 5, 8), (0, 6, 7, 8), (0, 6, 7, 6), id="kv-B0-q-B2"),
+    pytest.param((2, 6, 0, 8), (3, 6, 7, 3), (3, 6, 9, 4), id="L0-shapes-disagree"),
+    pytest.param((5, 8), (7, 8), (0, 6), id="2d-value-S0-key-S7"),
+]
+
+ZERO_SIZE_OPTIONS = [
+    pytest.param({}, id="full"),
+    pytest.param({"is_causal": True}, id="causal"),
+    pytest.param({"enable_gqa": True}, id="gqa"),
+    pytest.param({"attn_mask": torch.ones(3, 3)}, id="mask-of-another-shape"),
+    pytest.param({"attn_mask": torch.ones(3, dtype=torch.bool), "dropout_p": 2.0}, id="1d-mask-p2"),
+    pytest.param({"nan_query": True}, id="nan-query"),
 ]
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("options", ZERO_SIZE_OPTIONS)
 @pytest.mark.parametrize(("q_shape", "k_shape", "v_shape"), ZERO_CASES)
-def test_sdpa_zero_size_matches_torch(q_shape, k_shape, v_shape, causal):
+def test_sdpa_zero_size_matches_torch(q_shape, k_shape, v_shape, options):
+    """Zero-size dims as torch: with L = 0 or an empty value, zeros of shape (..., L, Ev) whatever
+    the other shapes and options (GQA with no key heads, a mask of another shape), zero
+    gradients, and NaN everywhere when an input holds NaN; otherwise torch's result or error."""
     q, k, v = _leaves(q_shape, k_shape, v_shape)
-    ours = fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    theirs = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    _assert_matches_torch(ours, theirs, [q, k, v])
+    options = dict(options)
+    if options.pop("nan_query", False) and q.numel():
+        q = q.detach().clone()
+        q.view(-1)[0] = float("nan")
+        q.requires_grad_()
+    _assert_sdpa_like_torch(q, k, v, **options)
 
 
 @pytest.mark.parametrize("L", [0, 3], ids=["L0", "L3"])
@@ -263,6 +309,12 @@ BROADCAST_CASES = [
     pytest.param((2, 3, 5, 8), (3, 7, 8), (7, 6), {}, id="fewer-kv-dims"),
     pytest.param((2, 2, 3, 5, 8), (2, 1, 3, 7, 8), (1, 2, 3, 7, 6), {}, id="5d"),
     pytest.param((2, 6, 5, 8), (1, 2, 7, 8), (1, 2, 7, 6), {"enable_gqa": True}, id="gqa"),
+    # enable_gqa with key heads != value heads: torch repeats each to the query heads
+    pytest.param((2, 6, 5, 8), (2, 2, 7, 8), (2, 3, 7, 6), {"enable_gqa": True}, id="gqa-kv-2-3"),
+    pytest.param((6, 5, 8), (3, 7, 8), (1, 7, 6), {"enable_gqa": True, "is_causal": True},
+                 id="gqa-3d-kv-3-1-causal"),
+    pytest.param((2, 6, 5, 8), (1, 6, 7, 8), (2, 2, 7, 6), {"enable_gqa": True},
+                 id="gqa-kv-6-2-broadcast"),
     pytest.param((0, 3, 5, 8), (1, 3, 7, 8), (1, 3, 7, 6), {}, id="B0"),
 ]
 
@@ -296,7 +348,8 @@ def test_sdpa_and_mha_with_dropout_one_give_torch_zeros():
 @pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), BROADCAST_CASES)
 def test_sdpa_broadcasts_batch_dims_like_torch(q_shape, k_shape, v_shape, options):
     """torch's SDPA broadcasts the batch dims of q, k and v (a key/value shared by the batch or
-    by every head); fastattn rejected them. Gradients reduce over the broadcast dims."""
+    by every head), and with enable_gqa repeats key and value heads to the query heads, each
+    its own way; fastattn rejected them. Gradients reduce over the broadcast dims."""
     q, k, v = _leaves(q_shape, k_shape, v_shape)
     mask = torch.randn(q_shape[-2], k_shape[-2], dtype=torch.float64, requires_grad=True)
     kwargs = dict(options) if options.get("is_causal") else dict(options, attn_mask=mask)
@@ -352,6 +405,119 @@ def test_float64_mask_gradient_keeps_float64_precision(mask_shape):
     (g_ref,) = torch.autograd.grad(theirs, mask_ref, grad_out)
     assert g.dtype == torch.float64
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+_MASK_DTYPES = [torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                torch.int64]
+
+
+def _mask_of(dtype, shape, requires_grad=False):
+    if dtype == torch.bool:
+        return torch.rand(shape) > 0.3
+    if not dtype.is_floating_point:
+        return torch.randint(0, 2, shape, dtype=dtype)
+    return torch.randn(shape, dtype=dtype, requires_grad=requires_grad)
+
+
+@pytest.mark.parametrize("mask_shape", [(), (7,), (5, 7), (2, 3, 5, 7)], ids=str)
+@pytest.mark.parametrize("mask_dtype", _MASK_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_sdpa_mask_dtype_and_rank_as_torch(dtype, mask_dtype, mask_shape):
+    """torch takes a bool, float32 or query-dtype mask only (RuntimeError for the others, which
+    fastattn converted), and its CPU flash path raises IndexError for a 0-D or 1-D mask, which
+    fastattn broadcast."""
+    torch.manual_seed(0)
+    q, k, v = _leaves((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dtype=dtype)
+    mask = _mask_of(mask_dtype, mask_shape, requires_grad=dtype == torch.float64)
+    _assert_sdpa_like_torch(q, k, v, grads=dtype == torch.float64, attn_mask=mask)
+
+
+# (q, k, v shapes, options): calls whose outcome hangs on torch's choice between its CPU flash
+# and math kernels (a 0-D / 1-D mask, is_causal with a mask, a negative or NaN dropout_p), or on
+# the argument types torch's parser takes.
+SDPA_EDGE_CASES = [
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(attn_mask="1d"), id="1d-mask"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(attn_mask="1d-grad"),
+                 id="1d-mask-requiring-grad"),
+    pytest.param((3, 5, 8), (3, 7, 8), (3, 7, 8), dict(attn_mask="1d"), id="1d-mask-3d"),
+    pytest.param((2, 3, 5, 8), (2, 1, 7, 8), (2, 1, 7, 8), dict(attn_mask="1d"),
+                 id="1d-mask-kv-head-broadcast"),
+    pytest.param((2, 6, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(attn_mask="1d", enable_gqa=True),
+                 id="1d-mask-gqa"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), dict(attn_mask="0d"),
+                 id="0d-mask-Ev"),
+    pytest.param((5, 8), (7, 8), (7, 8), dict(enable_gqa=True), id="gqa-2d"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(attn_mask="2d", is_causal=True),
+                 id="causal-2d-mask"),
+    pytest.param((2, 3, 9, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(attn_mask="bool", is_causal=True),
+                 id="causal-bool-mask-L9-S7"),
+    pytest.param((2, 6, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8),
+                 dict(attn_mask="4d", is_causal=True, enable_gqa=True), id="causal-4d-mask-gqa"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(attn_mask="3d", is_causal=True),
+                 id="causal-3d-mask"),
+    pytest.param((3, 5, 8), (3, 7, 8), (3, 7, 8), dict(attn_mask="2d", is_causal=True),
+                 id="causal-mask-3d"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), dict(attn_mask="2d", is_causal=True),
+                 id="causal-mask-Ev"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8),
+                 dict(attn_mask="2d-grad", is_causal=True), id="causal-mask-requiring-grad"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8),
+                 dict(attn_mask="2d", is_causal=True, dropout_p=1.0), id="causal-mask-p1"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(dropout_p=-0.5), id="p-negative"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), dict(dropout_p=-0.5),
+                 id="p-negative-Ev"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), dict(dropout_p=float("nan")),
+                 id="p-nan-Ev"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(dropout_p=float("inf")),
+                 id="p-inf"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(is_causal=1), id="causal-int"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(enable_gqa=None), id="gqa-none"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(scale=torch.tensor(0.5)),
+                 id="scale-0d-tensor"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8),
+                 dict(scale=torch.tensor(0.5, requires_grad=True)), id="scale-tensor-with-grad"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(scale=torch.tensor([0.5])),
+                 id="scale-1d-tensor"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8),
+                 dict(dropout_p=torch.tensor(0.0, requires_grad=True)), id="p-tensor-with-grad"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(scale=2), id="scale-int"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8), dict(scale=float("nan")),
+                 id="scale-nan"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 8),
+                 dict(scale=float("inf"), is_causal=True), id="scale-inf-causal"),
+    pytest.param((2, 3, 5, 8), (2, 3, 7, 8), (2, 3, 7, 6), dict(scale=-1e39),
+                 id="scale-f32-overflow-Ev"),
+]
+
+
+def _edge_mask(kind, q_shape, S):
+    L = q_shape[-2]
+    shape = {"0d": (), "1d": (S,), "2d": (L, S), "bool": (L, S), "3d": (q_shape[-3], L, S),
+             "4d": (*q_shape[:-1], S)}[kind.removesuffix("-grad")]
+    if kind == "bool":
+        mask = torch.rand(shape) > 0.3
+        mask[0] = False  # a row that sees no key
+        return mask
+    return torch.randn(shape, dtype=torch.float64, requires_grad=kind.endswith("-grad"))
+
+
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), SDPA_EDGE_CASES)
+def test_sdpa_edge_arguments_as_torch(q_shape, k_shape, v_shape, options):
+    torch.manual_seed(0)
+    q, k, v = _leaves(q_shape, k_shape, v_shape)
+    options = dict(options)
+    if isinstance(options.get("attn_mask"), str):
+        options["attn_mask"] = _edge_mask(options["attn_mask"], q_shape, k_shape[-2])
+    _assert_sdpa_like_torch(q, k, v, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64], ids=str)
+def test_sdpa_input_dtype_error_as_torch(dtype):
+    """torch rejects complex inputs with NotImplementedError (integer ones with RuntimeError)."""
+    q = torch.ones(2, 3, 5, 8, dtype=dtype)
+    _assert_sdpa_like_torch(q, q, q)
+    with pytest.raises(TypeError):  # fastattn's convention, as well
+        fastattn.scaled_dot_product_attention(q, q, q)
 
 
 # ---- exception types -------------------------------------------------------------------------

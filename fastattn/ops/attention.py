@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -22,9 +23,15 @@ from fastattn import _extension
 from fastattn.ops import backends, reference
 from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
 from fastattn.ops._registry import LIBRARY  # noqa: F401  (schemas must exist before registering)
-from fastattn.ops.errors import FastattnTypeError, FastattnValueError
+from fastattn.ops.errors import (
+    FastattnIndexError,
+    FastattnNotImplementedError,
+    FastattnTypeError,
+    FastattnValueError,
+)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 # The head dims the CUDA kernels are compiled for, from the one list in
 # csrc/include/fastattn/attention_head_dims.h (empty without the extension: no cuda backend).
 CUDA_HEAD_DIMS = tuple(_extension.C.attention_cuda_head_dims()) if _extension.C else ()
@@ -183,14 +190,14 @@ def _has_empty_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return any(guard_or_false(n == 0) for n in (*q.shape, k.shape[-2], v.shape[-1]))
 
 
-def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
+def _check_tensors(fn: str, q, k, v, empty_may_be_any_dtype: bool = False) -> None:
+    """Tensors of at least 2 dims, of one float dtype and on one device: what torch's SDPA
+    checks before anything else (validate_sdpa_input), and the dtype. With
+    empty_may_be_any_dtype, a call with no query or an empty value may have any dtype (torch
+    returns its zeros before it looks at the dtype)."""
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
             raise FastattnTypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise FastattnTypeError(
-                f"{fn}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
         if t.dim() < 2:
             raise FastattnValueError(
                 f"{fn}: {name} must have shape (..., seq, dim), got {tuple(t.shape)}"
@@ -203,8 +210,22 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
             )
         if t.device != device:
             raise FastattnValueError(f"{fn}: {name} is on {t.device} but query is on {device}")
-    # The shapes fetched once: each .shape builds a torch.Size (this runs on every call).
-    qs, ks, vs = q.shape, k.shape, v.shape
+    dtype = q.dtype
+    if dtype not in _FLOAT_DTYPES and not (
+        empty_may_be_any_dtype and _no_query_or_value(q.shape, v)
+    ):
+        # torch has no kernel for complex or float8 (NotImplementedError), and rejects integer
+        # and bool inputs with RuntimeError: both are caught as they are from torch.
+        error = (FastattnNotImplementedError if dtype.is_complex or dtype.is_floating_point
+                 else FastattnTypeError)
+        raise error(f"{fn}: query, key and value must be float16, bfloat16, float32 or float64, "
+                    f"got {dtype}")
+
+
+def _check_shapes(fn: str, qs: torch.Size, ks: torch.Size, vs: torch.Size,
+                  heads_dim_allowed_to_differ: bool) -> None:
+    """The shapes qs, ks, vs of query, key, value as the kernels take them (key and value with
+    the same heads)."""
     if ks[-1] != qs[-1]:
         raise FastattnValueError(
             f"{fn}: key head dim {ks[-1]} must equal query head dim {qs[-1]} "
@@ -236,6 +257,12 @@ def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
             f"{tuple(ks[:-2])}"
             + ("" if heads_dim_allowed_to_differ else " (set enable_gqa=True for grouped heads)")
         )
+
+
+def _check_qkv(fn: str, q, k, v, heads_dim_allowed_to_differ: bool) -> None:
+    _check_tensors(fn, q, k, v)
+    # The shapes fetched once: each .shape builds a torch.Size (this runs on every call).
+    _check_shapes(fn, q.shape, k.shape, v.shape, heads_dim_allowed_to_differ)
 
 
 def _broadcast_batch_dims(q, k, v, enable_gqa: bool) -> tuple | None:
@@ -280,36 +307,114 @@ def _causal_bias_is_bottom_right(fn: str, bias: CausalBias, L: int, S: int) -> b
     return True
 
 
-def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None:
-    """The mask as a [B, Hq, L, S] broadcast view of bool, float32 or q's dtype: torch's SDPA
-    takes a float32 mask with any q and adds it at float32 precision, so it is not rounded to a
-    float16 / bfloat16 q's dtype (every backend reads a float32 mask at float32 precision)."""
+def _check_mask_type(fn: str, attn_mask) -> None:
+    """attention's attn_mask: None, or a bool or floating-point tensor (_mask_4d converts any
+    but float32 to q's dtype; scaled_dot_product_attention takes float32 or q's, as torch)."""
     if attn_mask is None:
-        return None
+        return
     if not isinstance(attn_mask, torch.Tensor):
         raise FastattnTypeError(
             f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
-        )
-    if attn_mask.device != q.device:
-        raise FastattnValueError(
-            f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}"
         )
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise FastattnTypeError(
             f"{fn}: attn_mask must be bool or floating point, got {attn_mask.dtype}"
         )
-    target = (*q.shape[:-1], S)
+
+
+def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None:
+    """The mask (a tensor of a checked dtype, or None) as a [B, Hq, L, S] broadcast view of
+    bool, float32 or q's dtype: torch's SDPA takes a float32 mask with any q and adds it at
+    float32 precision, so it is not rounded to a float16 / bfloat16 q's dtype (every backend
+    reads a float32 mask at float32 precision)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.device != q.device:
+        raise FastattnValueError(
+            f"{fn}: attn_mask is on {attn_mask.device} but query is on {q.device}"
+        )
+    target = torch.Size((*q.shape[:-1], S))
     try:
-        if torch.broadcast_shapes(attn_mask.shape, target) != torch.Size(target):
+        # torch.broadcast_shapes is Python (~11 us, half of a masked L = 8 call's Python): plain
+        # sizes go to the C++ it stands for. Traced sizes keep it, which does not specialize them.
+        broadcast = (torch.broadcast_shapes if torch.compiler.is_compiling()
+                     else torch._C._infer_size)
+        if broadcast(attn_mask.shape, target) != target:
             raise RuntimeError
     except RuntimeError:
         raise FastattnValueError(
             f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-            f"(..., L, S) = {target}"
+            f"(..., L, S) = {tuple(target)}"
         ) from None
     keep = (torch.bool, torch.float32, q.dtype)
     mask = attn_mask if attn_mask.dtype in keep else attn_mask.to(q.dtype)
     return _as_4d(mask.expand(target)) if len(target) > 2 else mask.expand(1, 1, *target)
+
+
+def _torch_flash_gate(q, k, v, mask, dropout_p, enable_gqa: bool, whole: bool) -> bool:
+    """Whether torch's CPU SDPA picks its flash kernel for these (well-formed) inputs
+    (use_flash_attention_cpp in sdp_utils_cpp.cpp), or with ``whole`` false, whether its checks
+    reach the attn_mask's shape (check_attn_mask_shape). Some of torch's answers hang on that
+    choice, and fastattn gives them too: a 0-D or 1-D mask makes that check raise IndexError;
+    the flash kernel takes is_causal with a mask, which the math one refuses, and refuses a
+    negative or NaN dropout_p, which the math one ignores."""
+    if not (q.device.type == "cpu" and torch.backends.cuda.flash_sdp_enabled()
+            and not dropout_p > 0 and q.dim() == k.dim() == v.dim() == 4):
+        return False
+    (B, Hq, L, E), (Bk, Hk, S, Ek), (Bv, Hv, _, Ev) = q.shape, k.shape, v.shape
+    if not B == Bk == Bv or Hk != Hv or (Hq % Hk if enable_gqa else Hq != Hk):
+        return False
+    if mask is not None and mask.requires_grad:
+        return False
+    if not whole:
+        return True
+    m = (L, S) if mask is None else mask.shape
+    if not (len(m) == 2 or len(m) == 4 and m[0] in (1, B) and m[1] in (1, Hq)):
+        return False
+    if not (m[-2] in (1, L) and m[-1] in (1, S)):
+        return False
+    return (E == Ek == Ev and L > 0 and S > 0
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
+
+
+def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's SDPA of a call with no query (L = 0) or an empty value, whatever the other
+    shapes: zeros of shape (..., L, Ev) made to depend on every input, so that each gets a zero
+    gradient of its shape (and NaN or inf anywhere in the inputs makes every output NaN). The
+    same expression as torch's, for the same dtypes and gradients."""
+    return q.new_zeros((*q.shape[:-1], v.shape[-1])) + (q.sum() + k.sum() + v.sum()) * 0
+
+
+def _no_query_or_value(qs: torch.Size, value: torch.Tensor) -> bool:
+    """Whether L = 0 or value is empty, calls torch answers with _empty_attention. A size only
+    known at run time (torch.compile, export) counts as nonzero rather than guarding on it."""
+    return guard_or_false(qs[-2] == 0) or guard_or_false(value.numel() == 0)
+
+
+def _float_arg(fn: str, name: str, x) -> float:
+    """x, not a float, as a float, taken as torch's argument parser takes a float: any real
+    number (int, bool, NumPy scalar, SymFloat) or a 0-D tensor that does not require grad;
+    TypeError for anything else."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() == 0 and not x.requires_grad:
+            return float(x)
+    elif isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        return float(x)
+    raise FastattnTypeError(f"{fn}: {name} must be a float, got {type(x).__name__}")
+
+
+def _common_kv_heads(q, k, v) -> tuple | None:
+    """k and v with their heads (dim -3) repeated to a common count, when enable_gqa gives them
+    different ones that each divide q's (torch repeats each to q's heads): lcm(Hk, Hv) heads,
+    which q's head h reads as h // (Hq / lcm), as torch's k head h // (Hq / Hk). None when
+    that does not apply."""
+    if min(q.dim(), k.dim(), v.dim()) < 3:
+        return None
+    hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+    if hk == hv or not hk or not hv or hq % hk or hq % hv:
+        return None
+    heads = math.lcm(hk, hv)
+    return (k.repeat_interleave(heads // hk, dim=-3), v.repeat_interleave(heads // hv, dim=-3))
 
 
 def scaled_dot_product_attention(
@@ -326,50 +431,115 @@ def scaled_dot_product_attention(
 
     query (..., L, E), key (..., S, E), value (..., S, Ev) -> (..., L, Ev) in query's dtype; the
     batch dims (...) broadcast against each other, as in torch.
-    attn_mask: bool (True = may attend) or float (added to the scores), broadcastable to
-    (..., L, S). is_causal: top-left aligned causal mask (as torch). scale: default 1/sqrt(E).
-    enable_gqa: dim -3 of query may be a multiple of key/value's (grouped-query attention).
+    attn_mask: bool (True = may attend) or float (added to the scores; float32 or query's dtype,
+    as torch), broadcastable to (..., L, S). is_causal: top-left aligned causal mask (as torch).
+    scale: default 1/sqrt(E). enable_gqa: dim -3 of query may be a multiple of key's and of
+    value's (grouped-query attention).
     dropout_p applies to the attention probabilities (pass 0 in eval, as with torch); at 1 the
     output is zeros, as torch's.
-    A query row with no visible key yields zeros (torch yields NaN there).
+    A query row with no visible key yields zeros (torch yields NaN there), and is_causal with a
+    scale <= 0 the attention (torch's CPU flash kernel yields NaN everywhere there; its math
+    kernel, the attention).
+    Takes and rejects what torch's does on the CPU, with its results: zeros when L = 0 or value
+    is empty, whatever the other shapes; is_causal with a mask where torch's flash kernel
+    serves the call; a 0-D or 1-D mask raises IndexError there.
     """
     fn = "scaled_dot_product_attention"
-    try:
-        _check_qkv(fn, query, key, value, enable_gqa)
-        expanded = None
-    except FastattnValueError:
-        # Batch dims that differ may broadcast, as torch's SDPA takes them (only looked at
-        # here: the check is free on every well-formed call). If not, the error stands.
-        expanded = _broadcast_batch_dims(query, key, value, enable_gqa)
-        if expanded is None:
-            raise
-    if expanded is not None:
-        query, key, value = expanded
-        _check_qkv(fn, query, key, value, enable_gqa)
-    if not 0.0 <= dropout_p <= 1.0:
-        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
-    if is_causal and attn_mask is not None:
-        raise FastattnValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
-    if dropout_p == 1.0:
-        # Every probability dropped: torch's dropout gives zeros at p = 1 (not 0 / (1 - p)), so
-        # the output and the gradients are zeros, NaN where the attention is NaN, as in torch.
-        return scaled_dot_product_attention(
-            query, key, value, attn_mask, 0.0, is_causal, scale, enable_gqa) * 0.0
-    L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
+    if is_causal is not False and is_causal is not True:
+        raise FastattnTypeError(f"{fn}: is_causal must be a bool, got {type(is_causal).__name__}")
+    if enable_gqa is not False and enable_gqa is not True:
+        raise FastattnTypeError(f"{fn}: enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if scale is not None and type(scale) is not float:
+        scale = _float_arg(fn, "scale", scale)
+    if type(dropout_p) is not float:
+        dropout_p = _float_arg(fn, "dropout_p", dropout_p)
+    if scale is not None and not abs(scale) <= _FLOAT32_MAX:
+        # A scale that is NaN or infinite in float32 makes NaN or zeros, as torch's kernel (flash
+        # or math) happens to treat NaN and infinite scores; fastattn's kernels refuse it, and
+        # torch's own result is the drop-in's answer.
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+            enable_gqa=enable_gqa)
+    _check_tensors(fn, query, key, value, empty_may_be_any_dtype=True)
+    qs, ks, vs = query.shape, key.shape, value.shape
     bottom_right = False
-    if isinstance(attn_mask, CausalBias):
-        bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, L, S)
-        attn_mask, is_causal = None, True
-    mask = _mask_4d(fn, attn_mask, query, S)
+    if attn_mask is not None:
+        if isinstance(attn_mask, CausalBias):
+            if is_causal:
+                raise FastattnValueError(
+                    f"{fn}: attn_mask must be None when is_causal=True (as in torch)"
+                )
+            bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, qs[-2], ks[-2])
+            attn_mask, is_causal = None, True
+        elif not isinstance(attn_mask, torch.Tensor):
+            raise FastattnTypeError(
+                f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}"
+            )
+        elif attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            raise FastattnTypeError(
+                f"{fn}: attn_mask must be bool, float32 or query's dtype {query.dtype} "
+                f"(as torch), got {attn_mask.dtype}"
+            )
+    # torch returns zeros here, before it looks at the other shapes (plain sizes tested inline:
+    # this runs on every call).
+    L, n = qs[-2], value.numel()
+    if (not (L and n)) if type(L) is int and type(n) is int else _no_query_or_value(qs, value):
+        return _empty_attention(query, key, value)
+    if (attn_mask is not None and attn_mask.dim() < 2
+            and _torch_flash_gate(query, key, value, attn_mask, dropout_p, enable_gqa, False)):
+        raise FastattnIndexError(
+            f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} has no (L, S) dims: torch's "
+            f"CPU flash path raises IndexError for it (broadcast it to 2-D)"
+        )
+    if enable_gqa and min(query.dim(), key.dim(), value.dim()) < 3:
+        raise FastattnIndexError(f"{fn}: enable_gqa needs a heads dim (-3) in query, key and "
+                                 f"value (torch raises IndexError), got {query.dim()}-D, "
+                                 f"{key.dim()}-D and {value.dim()}-D")
+    # The call as torch takes it; the kernels' conditions only looked at when unmet (free on
+    # every well-formed call).
+    original = query, key, value
+    try:
+        _check_shapes(fn, qs, ks, vs, enable_gqa)
+    except FastattnValueError:
+        # key and value heads that differ under enable_gqa, batch dims that broadcast (e.g. one
+        # key/value shared by a batch): if neither applies, the error stands.
+        kv = _common_kv_heads(query, key, value) if enable_gqa else None
+        if kv is not None:
+            key, value = kv
+        expanded = _broadcast_batch_dims(query, key, value, enable_gqa)
+        if expanded is not None:
+            query, key, value = expanded
+        elif kv is None:
+            raise
+        _check_shapes(fn, query.shape, key.shape, value.shape, enable_gqa)
+    if dropout_p > 1.0:
+        raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
+    if (is_causal and attn_mask is not None
+            and not _torch_flash_gate(*original, attn_mask, dropout_p, enable_gqa, True)):
+        raise FastattnValueError(f"{fn}: attn_mask must be None when is_causal=True (as in torch)")
+    # torch drops nothing when dropout_p is not > 0 (negative, NaN); at 1 it drops everything:
+    # its dropout gives zeros there (not 0 / (1 - p)), so the output and the gradients are
+    # zeros, NaN where the attention is NaN, as in torch.
+    drop_all = dropout_p == 1.0
+    if not dropout_p > 0:
+        if dropout_p != 0 and _torch_flash_gate(*original, attn_mask, dropout_p, enable_gqa, True):
+            raise FastattnValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p} (torch's "
+                                     f"CPU flash path raises for it)")
+        dropout_p = 0.0
+    elif drop_all:
+        dropout_p = 0.0
+    E = query.shape[-1]
+    mask = _mask_4d(fn, attn_mask, query, key.shape[-2])
     opts = AttentionOptions(
         dropout_p=float(dropout_p),
         rng_seed=_dropout_seed(dropout_p),
-        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
+        scale=scale if scale is not None else 1.0 / math.sqrt(E) if E else 1.0,
         window_right=0 if is_causal else -1,
         bottom_right=bottom_right,
     )
     out, _ = _attention_normalized(_as_4d(query), _as_4d(key), _as_4d(value), mask, None, opts, fn)
-    return out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
+    out = out if query.dim() == 4 else out.reshape(*query.shape[:-1], value.shape[-1])
+    return out * 0.0 if drop_all else out
 
 
 def attention(
@@ -411,6 +581,7 @@ def attention(
         bottom_right = _causal_bias_is_bottom_right(fn, attn_mask, q.shape[-2], k.shape[-2])
         attn_mask, causal = None, True
         causal_align = "bottom_right" if bottom_right else "top_left"
+    _check_mask_type(fn, attn_mask)
     mask = _mask_4d(fn, attn_mask, q, k.shape[-2])
     opts, alibi_slopes = attention_options(
         fn, q, q.shape[0], causal=causal, causal_align=causal_align, window=window,

@@ -28,3 +28,15 @@ class FastattnShapeAssertionError(FastattnValueError, AssertionError):
 class FastattnDtypeAssertionError(FastattnTypeError, AssertionError):
     """A wrong dtype that the torch module rejects with ``assert``: ``TypeError``,
     ``AssertionError`` and ``RuntimeError``."""
+
+
+class FastattnIndexError(FastattnValueError, IndexError):
+    """A tensor lacks a dim that torch's op indexes, and torch lets that ``IndexError`` through
+    (a 0-D or 1-D attn_mask on its CPU flash path, enable_gqa with a 2-D input): ``ValueError``
+    by fastattn's convention, ``IndexError`` as in torch (and ``RuntimeError``)."""
+
+
+class FastattnNotImplementedError(FastattnTypeError, NotImplementedError):
+    """A dtype torch's op has no kernel for (complex, float8), which torch rejects with
+    ``NotImplementedError``: ``TypeError`` by fastattn's convention, ``NotImplementedError`` as in
+    torch (and ``RuntimeError``)."""
