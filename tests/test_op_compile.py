@@ -6,8 +6,6 @@ generated code also asserts that every op output has the strides the fake kernel
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from helpers import randn
@@ -51,7 +49,7 @@ def test_attention_options_are_the_schema_arguments():
     """The ops layer passes AttentionOptions positionally (``*options.op_args()``) after
     attn_mask and alibi_slopes, and reads it back the same way: its fields must be the schema's
     arguments there, in order."""
-    names = [f.name for f in dataclasses.fields(AttentionOptions)]
+    names = list(AttentionOptions._fields)
     fwd = [a.name for a in OPS.attention_fwd.default._schema.arguments]
     bwd = [a.name for a in OPS.attention_bwd.default._schema.arguments]
     assert fwd[:5] == ["q", "k", "v", "attn_mask", "alibi_slopes"] and fwd[5:] == names
