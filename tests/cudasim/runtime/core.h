@@ -469,6 +469,13 @@ inline void run_blocks(const std::vector<uint3>& idxs, dim3 grid, dim3 block_dim
     }
     smem_check::on_block_end(b);
   }
+#if CUDASIM_ASAN
+  // The poison past dyn_smem outlives the thread: the shared memory is a thread_local array,
+  // and glibc hands an exited thread's stack and TLS to the next thread it creates, whose own
+  // thread_locals (this runtime's rng) then hit the stale poison (a use-after-poison report
+  // that came and went with the OS's thread reuse in cooperative launches).
+  if (r.smem_base) ASAN_UNPOISON_MEMORY_REGION(r.smem_base, r.smem_capacity);
+#endif
   r.block = nullptr;
   r.current = nullptr;
   for (auto m : maps) munmap(m, stack + page);
