@@ -390,7 +390,10 @@ def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def _no_query_or_value(qs: torch.Size, value: torch.Tensor) -> bool:
     """Whether L = 0 or value is empty, calls torch answers with _empty_attention. A size only
     known at run time (torch.compile, export) counts as nonzero rather than guarding on it."""
-    return guard_or_false(qs[-2] == 0) or guard_or_false(value.numel() == 0)
+    L, n = qs[-2], value.numel()
+    if type(L) is int and type(n) is int:  # plain sizes (eager): no guards (runs on every call)
+        return not (L and n)
+    return guard_or_false(L == 0) or guard_or_false(n == 0)
 
 
 def _float_arg(fn: str, name: str, x) -> float:
@@ -482,10 +485,8 @@ def scaled_dot_product_attention(
                 f"{fn}: attn_mask must be bool, float32 or query's dtype {query.dtype} "
                 f"(as torch), got {attn_mask.dtype}"
             )
-    # torch returns zeros here, before it looks at the other shapes (plain sizes tested inline:
-    # this runs on every call).
-    L, n = qs[-2], value.numel()
-    if (not (L and n)) if type(L) is int and type(n) is int else _no_query_or_value(qs, value):
+    # torch returns zeros here, before it looks at the other shapes.
+    if _no_query_or_value(qs, value):
         return _empty_attention(query, key, value)
     if (attn_mask is not None and attn_mask.dim() < 2
             and _torch_flash_gate(query, key, value, attn_mask, dropout_p, enable_gqa, False)):
