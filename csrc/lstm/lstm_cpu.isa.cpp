@@ -6,8 +6,8 @@
 // weights-stationary: a weight element is broadcast and the recurrent state is kept feature-major
 // with a padded batch, in panels of up to three batch vectors (Panels), so the batch lanes are
 // plain vector loads streamed in order, and the forward reads the weights in the layout torch
-// keeps them. The backward mirrors it: the GEMM dh_prev = dgates @ w_hh runs on rows of w_hh^T
-// (transposed once per call) and the next step's pointwise backward runs on its accumulators.
+// keeps them. The backward mirrors it: the GEMM dh_prev = dgates @ w_hh runs on groups of columns
+// of w_hh (packed once per call) and the next step's pointwise backward runs on its accumulators.
 // Weight gradients are whole-sequence GEMMs in the glue (lstm_cpu.cpp). The cell ops' pointwise
 // kernels share the cell math but put their lanes along the features of row-major data.
 //
@@ -32,7 +32,7 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// Rows of a tile (the four gates of one unit, or four rows of a transposed weight) and the most
+// Rows of a tile (the four gates of one unit, or four columns of a weight) and the most
 // batch vectors per tile: 4 x 3 accumulators plus 3 batch vectors and one broadcast fill the 16
 // AVX2 registers.
 constexpr int kTileRows = 4;
@@ -157,9 +157,10 @@ struct Fibre {
   }
 };
 
-// The A operand of a tile: R rows of a row-major weight, read in place (the forward's
-// four gate rows of a unit, or rows of a transposed weight in the backward). No packing: a
-// one-step call would pay as much for it as for its GEMM. A partial tile repeats its last row.
+// The A operand of the forward's tiles: R rows of a row-major weight, read in place (the four
+// gate rows of a unit, or rows of w_hr). No packing: a one-step call would pay as much for it as
+// for its GEMM, and packing the gate rows per call (or per inference chunk) cost more than it
+// saved at T8 B64 H1024. A partial tile repeats its last row.
 template <typename acc_t, int R = kTileRows>
 struct WeightTile {
   static constexpr int kRows = R;
@@ -254,26 +255,50 @@ constexpr int vecs_of(const T&) { return std::extent_v<T, 1>; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// w^T of a row-major [rows, cols] weight, in 16 x 16 blocks so that both sides move whole cache
-// lines (torch's strided copy of a transpose is several times slower at these sizes). The
-// backward's GEMMs read rows of w^T: walking columns of w would thrash a few L1 sets. Within a
-// block the writes run along rows of w^T: the other order strides them by `rows` elements, a
-// multiple of 4 KiB for the [4H, H] w_hh at H >= 256, so all of them fall in one L1 set (11x
-// slower at H = 256 on the Zen 4 EPYC). The buffer is left uninitialized: zeroing it first would
-// cost a pass over up to 16 MiB (H = 1024).
-template <typename acc_t>
-std::unique_ptr<acc_t[]> transposed(const acc_t* w, int64_t rows, int64_t cols) {
-  constexpr int64_t kBlock = 16;
-  if (!w) return nullptr;
-  std::unique_ptr<acc_t[]> out(new acc_t[rows * cols]);
-  at::parallel_for(0, ceil_div(rows, kBlock), 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t r0 = b0 * kBlock; r0 < std::min(rows, b1 * kBlock); r0 += kBlock)
-      for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
-        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c)
-          for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r) out[c * rows + r] = w[r * cols + c];
-  });
-  return out;
-}
+// The A operand of the backward's tiles: the columns of a row-major [rows, cols] weight in groups
+// of R, each group stored as [rows][R] (column c0 + r of row k at k * R + r), so that a tile
+// reads one sequential stream of R-element pieces. Rows of w^T (a transpose per call, and R
+// streams per tile) made the whole backward op 6-8% slower at T8 B64 H1024 on the Zen 4 EPYC (the
+// same within noise at T32 B16 H256). Building it copies R-element pieces of each row: 16 rows at
+// a time, so that the reads run along rows of w and the writes along each group (a group is
+// rows * R elements long, a multiple of 4 KiB at H >= 128: walking all groups per row would put
+// every write in one L1 set). Columns past `cols` are zero.
+template <typename acc_t, int R>
+struct ColumnGroups {
+  std::unique_ptr<acc_t[]> data;
+  int64_t rows = 0;
+
+  struct Tile {
+    static constexpr int kRows = R;
+    const acc_t* base;
+    C10_ALWAYS_INLINE acc_t at(int64_t k, int r) const { return base[k * R + r]; }
+  };
+  // Group i: columns i * R .. i * R + R - 1.
+  Tile tile(int64_t i) const { return {data ? data.get() + i * rows * R : nullptr}; }
+
+  static ColumnGroups of(const acc_t* w, int64_t rows, int64_t cols) {
+    constexpr int64_t kRowBlock = 16;
+    ColumnGroups out;
+    out.rows = rows;
+    if (!w) return out;
+    const int64_t groups = ceil_div(cols, R);
+    out.data.reset(new acc_t[groups * rows * R]);
+    acc_t* dst = out.data.get();
+    at::parallel_for(0, ceil_div(rows, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t k0 = b0 * kRowBlock; k0 < std::min(rows, b1 * kRowBlock); k0 += kRowBlock) {
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t c0 = g * R, n = std::min<int64_t>(R, cols - c0);
+          for (int64_t k = k0; k < std::min(rows, k0 + kRowBlock); ++k) {
+            acc_t* piece = dst + (g * rows + k) * R;
+            std::copy_n(w + k * cols + c0, n, piece);
+            std::fill(piece + n, piece + R, acc_t(0));
+          }
+        }
+      }
+    });
+    return out;
+  }
+};
 
 // Enough tiles per thread that the parallel region's fork is a small share of a step.
 inline int64_t unit_grain(int64_t K, int64_t Bp) {
@@ -414,11 +439,11 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   const Layout<acc_t> lay(a.shape);
   const int64_t T = lay.T, H = lay.H, P = lay.P, G = lay.G, Bp = lay.Bp, nvec = lay.nvec;
   const bool proj = a.w_hr != nullptr;
-  const auto w_hh_t_buf = transposed(static_cast<const acc_t*>(a.w_hh), G, P);
-  const auto w_hr_t_buf = transposed(static_cast<const acc_t*>(a.w_hr), P, H);
-  const acc_t* w_hh_t = w_hh_t_buf.get();  // [P, G]
-  const acc_t* w_hr_t = w_hr_t_buf.get();  // [H, P]
-  const int64_t K_hh = w_hh_t ? G : 0;
+  // dh_prev = dgates @ w_hh and dhpre = dh_new @ w_hr reduce over the weights' rows: their tiles
+  // are groups of columns.
+  const auto w_hh_cols = ColumnGroups<acc_t, kBwdRows>::of(static_cast<const acc_t*>(a.w_hh), G, P);
+  const auto w_hr_cols = ColumnGroups<acc_t, kTileRows>::of(static_cast<const acc_t*>(a.w_hr), P, H);
+  const int64_t K_hh = a.w_hh ? G : 0;
   const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kBwdRows);
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
   const F zc{a.zoneout_c}, zh{a.zoneout_h};
@@ -498,7 +523,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t k0 = i * kTileRows, rows = std::min<int64_t>(kTileRows, H - k0);
         if (proj) {
-          gemm_tile(WeightTile<acc_t>::rows(w_hr_t, P, k0, H), dh_new.data(), dh_panels, P, nvec, [&](auto& acc, int64_t v0) {
+          gemm_tile(w_hr_cols.tile(i), dh_new.data(), dh_panels, P, nvec, [&](auto& acc, int64_t v0) {
             for (int r = 0; r < rows; ++r)
               for (int dv = 0; dv < vecs_of(acc); ++dv) cell(s, acc[r][dv], k0 + r, v0 + dv);
           });
@@ -526,7 +551,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     at::parallel_for(0, p_tiles, unit_grain(kBwdRows * K_hh, Bp), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t p0 = i * kBwdRows, rows = std::min<int64_t>(kBwdRows, P - p0);
-        gemm_tile(WeightTile<acc_t, kBwdRows>::rows(w_hh_t, G, p0, P), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
+        gemm_tile(w_hh_cols.tile(i), dg, dgates_panels, K_hh, active, [&](auto& acc, int64_t v0) {
           for (int r = 0; r < rows; ++r) {
             for (int dv = 0; dv < vecs_of(acc); ++dv) {
               const int64_t p = p0 + r, v = v0 + dv;
