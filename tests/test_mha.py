@@ -350,7 +350,8 @@ def test_fused_path_gets_one_broadcastable_mask(monkeypatch, kpm_kind, mask_kind
 
 
 def test_fully_blocked_row_gives_zero_attention_on_fused_path():
-    """Documented difference: torch returns NaN there; the fused path attends to nothing."""
+    """The fused path attends to nothing there, as torch's module does in training (its eval
+    fast path returns NaN: a documented difference)."""
     ours = fastattn.MultiheadAttention(E, H, batch_first=True)
     with torch.no_grad():
         ours.out_proj.bias.normal_()

@@ -35,7 +35,9 @@ class MultiheadAttention(nn.Module):
       training. ``key_padding_mask`` and ``attn_mask`` are merged into one broadcastable
       mask ([B, 1, 1, S], [1, 1, L, S], [B, 1, L, S] or, for a per-head 3-D ``attn_mask``,
       [B, H, L, S]); bool masks stay bool, so no float mask per head is built for them. A
-      query whose keys are all blocked gets a zero output row there (torch returns NaN).
+      query whose keys are all blocked gets a zero output row there, as torch's module gives in
+      training (through its scaled_dot_product_attention); in eval, torch's fast path returns
+      NaN for that row.
     - ``need_weights=True`` (torch's default) computes the softmax weights explicitly, as torch
       does, and returns them averaged over heads ([B, L, S]) or per head ([B, H, L, S]).
 
