@@ -443,8 +443,8 @@ def scaled_dot_product_attention(
     dropout_p applies to the attention probabilities (pass 0 in eval, as with torch); at 1 the
     output is zeros, as torch's.
     A query row with no visible key yields zeros and zero gradients, as torch's does (its
-    _safe_softmax, torch >= 2.5). is_causal with a scale <= 0 gives the attention (torch's CPU flash kernel yields NaN everywhere there; its math
-    kernel, the attention).
+    _safe_softmax, torch >= 2.5). is_causal with a scale <= 0 gives the attention (torch's CPU
+    flash kernel yields NaN everywhere there; its math kernel, the attention).
     Takes and rejects what torch's does on the CPU, with its results: zeros when L = 0 or value
     is empty, whatever the other shapes; is_causal with a mask where torch's flash kernel
     serves the call; a 0-D or 1-D mask raises IndexError there.
