@@ -17,6 +17,7 @@
 
 namespace fastattn {
 
+FASTATTN_ISA_DECLARE(bool lstm_layer_fwd_unit_lanes(int64_t batch))
 FASTATTN_ISA_DECLARE(void lstm_layer_fwd_kernel(const LstmLayerFwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs&))
@@ -191,15 +192,22 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
                                               (256 + B - 1) / B}));
   Tensor buffer = at::empty({4 * H * chunk * B}, input.options());
   const Tensor b = given(bias) ? *bias : Tensor();
+  // A small batch runs with lanes along the units (lstm_cpu.isa.cpp), which reads a row's gates
+  // as vectors: x_proj row-major [n, B, 4H] there.
+  const bool unit_lanes = FASTATTN_ISA_CALL(lstm_layer_fwd_unit_lanes, B);
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
     const int64_t t0 = reverse ? T - done - n : done;
-    // Step-major [n, 4H, B] (the kernel's fast layout) from brgemm; at::mm's feature-major
-    // [4H, n * B] where brgemm does not run (the kernel reads any layout).
+    // Step-major [n, 4H, B] (the batch-lane kernel's fast layout) from brgemm; at::mm's
+    // feature-major [4H, n * B] where brgemm does not run (the kernel reads any layout).
     const Tensor x = input.narrow(0, t0, n).reshape({n * B, I});
     const Tensor proj_buf = buffer.narrow(0, 0, 4 * H * n * B);
     Tensor x_proj = proj_buf.view({n, 4 * H, B});
-    if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
+    if (unit_lanes) {
+      x_proj = proj_buf.view({n, B, 4 * H});
+      torch_mm_out(x_proj.view({n * B, 4 * H}).t(), w_ih, x.t(), b);
+      x_proj = x_proj.permute({0, 2, 1});
+    } else if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
       torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);
       x_proj = proj_buf.view({4 * H, n, B}).permute({1, 0, 2});
     }

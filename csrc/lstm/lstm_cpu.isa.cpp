@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastattn/cpu_transpose.h"
 #include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
 #include "lstm_dtype_dispatch.h"
@@ -42,6 +43,16 @@ constexpr int kTileVecs = 3;
 // gradients, 4H x padded batch) streams from L2 rather than L1: tiles of 8 weight rows halve its
 // reads per FMA. 8 x 3 accumulators need AVX-512's 32 vector registers; AVX2 keeps 4 rows.
 constexpr int kBwdRows = at::vec::Vectorized<float>::size() == 16 ? 8 : kTileRows;
+
+// With lanes along the batch, a batch of fewer rows than a vector leaves lanes idle (15 of 16 at
+// B = 1 on AVX-512) and every weight element is broadcast for one or two FMAs: fastattn.LSTM ran
+// 2.5-4x slower than nn.LSTM at B <= 4. Below kUnitLaneBatch rows the forward turns the tiles
+// around, as GEMV-shaped kernels do: a vector holds L consecutive units of one gate, loaded from
+// w_hh^T (packed once per call), and each batch row's h_prev element is the broadcast. A tile is
+// kUnitRows batch rows x the four gates of L units; the state is row-major [B, features].
+constexpr int kUnitRows = at::vec::Vectorized<float>::size() == 16 ? 4 : 2;
+constexpr int64_t kUnitLaneBatch = 2 * at::vec::Vectorized<float>::size();
+inline bool unit_lanes(int64_t batch) { return batch < kUnitLaneBatch; }
 
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
 // tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
@@ -113,6 +124,30 @@ C10_ALWAYS_INLINE Vec<acc_t> cell_bwd(const Vec<acc_t> (&act)[4], const Vec<acc_
   return dc * f;
 }
 
+// n <= lanes consecutive elements as math-type lanes (the others zero), and back.
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE Vec<acc_t> load_n(const scalar_t* p, int n) {
+  constexpr int L = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return n == L ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
+  } else {
+    alignas(64) acc_t tmp[L] = {};
+    for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l]);
+    return Vec<acc_t>::loadu(tmp);
+  }
+}
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE void store_n(const Vec<acc_t>& v, scalar_t* p, int n) {
+  constexpr int L = Vec<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    n == L ? v.store(p) : v.store(p, n);
+  } else {
+    alignas(64) acc_t tmp[L];
+    v.store(tmp);
+    for (int l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(tmp[l]);
+  }
+}
+
 // Batch lanes b0 .. b0 + lanes - 1 of one (t, f) fibre of a data tensor, as math-type vectors.
 template <typename scalar_t, typename acc_t>
 struct Fibre {
@@ -125,14 +160,11 @@ struct Fibre {
   }
   // An absent tensor reads as zeros and ignores stores.
   C10_ALWAYS_INLINE Vec<acc_t> load(int64_t t, int64_t b0, int64_t f, int lanes) const {
-    if (!present()) return Vec<acc_t>(acc_t(0));
-    const scalar_t* p = at(t, b0, f);
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (view.sb == 1) return lanes == kLanes ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, lanes);
-    }
-    alignas(64) acc_t tmp[kLanes] = {};
-    for (int l = 0; l < lanes; ++l) tmp[l] = static_cast<acc_t>(p[l * view.sb]);
-    return Vec<acc_t>::loadu(tmp);
+    return present() ? gather(at(t, b0, f), view.sb, lanes) : Vec<acc_t>(acc_t(0));
+  }
+  // Features f0 .. f0 + n - 1 of one (t, b) row instead (the unit-lane kernel's lanes).
+  C10_ALWAYS_INLINE Vec<acc_t> load_row(int64_t t, int64_t b, int64_t f0, int n) const {
+    return present() ? gather(at(t, b, f0), view.sf, n) : Vec<acc_t>(acc_t(0));
   }
   // A unit reads or writes the fibres of its four gates, H features apart: four streams that the
   // hardware prefetchers pick up late in a step-major tensor ([T, 4H, B] in memory; 4-5% slower
@@ -146,14 +178,29 @@ struct Fibre {
     for (int64_t b = 0; b < B; b += kLine) __builtin_prefetch(at(t, b, f), kWrite);
   }
   C10_ALWAYS_INLINE void store(const Vec<acc_t>& v, int64_t t, int64_t b0, int64_t f, int lanes) const {
-    if (!present()) return;
-    scalar_t* p = at(t, b0, f);
+    if (present()) scatter(v, at(t, b0, f), view.sb, lanes);
+  }
+  C10_ALWAYS_INLINE void store_row(const Vec<acc_t>& v, int64_t t, int64_t b, int64_t f0, int n) const {
+    if (present()) scatter(v, at(t, b, f0), view.sf, n);
+  }
+
+ private:
+  // n elements `stride` apart from p as the first n lanes (the others zero), and back.
+  static C10_ALWAYS_INLINE Vec<acc_t> gather(const scalar_t* p, int64_t stride, int n) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (view.sb == 1) return lanes == kLanes ? v.store(p) : v.store(p, lanes);
+      if (stride == 1) return n == kLanes ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
+    }
+    alignas(64) acc_t tmp[kLanes] = {};
+    for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l * stride]);
+    return Vec<acc_t>::loadu(tmp);
+  }
+  static C10_ALWAYS_INLINE void scatter(const Vec<acc_t>& v, scalar_t* p, int64_t stride, int n) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (stride == 1) return n == kLanes ? v.store(p) : v.store(p, n);
     }
     alignas(64) acc_t tmp[kLanes];
     v.store(tmp);
-    for (int l = 0; l < lanes; ++l) p[l * view.sb] = static_cast<scalar_t>(tmp[l]);
+    for (int l = 0; l < n; ++l) p[l * stride] = static_cast<scalar_t>(tmp[l]);
   }
 };
 
@@ -330,8 +377,12 @@ struct Layout {
 // ---- forward ---------------------------------------------------------------------------------
 
 template <typename scalar_t>
+void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a);
+
+template <typename scalar_t>
 void layer_fwd(const LstmLayerFwdArgs& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  if (unit_lanes(a.shape.B)) return layer_fwd_unit_lanes<scalar_t>(a);
   using F = Fibre<scalar_t, acc_t>;
   constexpr int L = Vec<acc_t>::size();
   const Layout<acc_t> lay(a.shape);
@@ -423,6 +474,160 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
             for (int r = 0; r < rows; ++r)
               for (int dv = 0; dv < vecs_of(acc); ++dv) emit_h(acc[r][dv], p0 + r, v0 + dv);
           });
+        }
+      });
+    }
+  }
+}
+
+// ---- forward, lanes along the units (small batches) ---------------------------------------
+
+// Rows of the row-major [*, K] weight w, transposed in blocks of up to L rows: block i
+// (block(i) = {first row, rows, offset}) becomes a [K, L] panel at `offset` whose row k holds
+// w[first .. first + rows - 1, k] (then zeros), rows `ld` apart. Register-blocked transposes
+// (cpu_transpose.h); `size` elements in all.
+struct RowBlock {
+  int64_t first, rows, offset;
+};
+template <typename acc_t, typename Block>
+std::unique_ptr<acc_t[]> transposed_rows(const acc_t* w, int64_t K, int64_t ld, int64_t blocks,
+                                         int64_t size, const Block& block) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  std::unique_ptr<acc_t[]> out(new acc_t[size]);
+  if (!w) return out;
+  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const RowBlock blk = block(i);
+      pack_transposed(w + blk.first * K, K, blk.rows, K, out.get() + blk.offset, ld, L);
+    }
+  });
+  return out;
+}
+
+// A unit-lane tile of rows 0 .. nb - 1 (nb <= R) of the row-major a (rows lda apart) against V
+// vectors of b per k: tile_gemm with exactly nb rows (a batch smaller than R computes no
+// repeated rows), then epilogue(acc).
+template <typename acc_t, int R, int V, typename Epilogue>
+inline void unit_tile(int64_t nb, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                      int64_t K, const Epilogue& epilogue) {
+  if constexpr (R > 1) {
+    if (nb < R) return unit_tile<acc_t, R - 1, V>(nb, a, lda, b, ldb, K, epilogue);
+  }
+  Vec<acc_t> acc[R][V];
+  tile_gemm<acc_t, R, V>(acc, WeightTile<acc_t, R>::rows(a, lda, 0, R), b, ldb, K);
+  epilogue(acc);
+}
+
+template <typename scalar_t>
+void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using F = Fibre<scalar_t, acc_t>;
+  constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
+  const Layout<acc_t> lay(a.shape);
+  const int64_t B = lay.B, H = lay.H, P = lay.P;
+  const bool proj = a.w_hr != nullptr;
+  const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
+  const int64_t K = w_hh ? P : 0;
+  const int64_t units = ceil_div(H, L), p_blocks = ceil_div(P, L);
+  // w_hh^T per block u of L units: a contiguous [P, 4, L] panel, row k holding gates i, f, g, o
+  // of units u * L .. u * L + L - 1 (a tile reads its four B vectors per k adjacent, and its
+  // panel as one sequential stream: panels interleaved along k, 4 * H elements apart, made the
+  // inference op 2.6x slower at T32 B1 H1024, where the weights come from memory every step).
+  const int64_t hh_panel = K * 4 * L;
+  const auto w_hh_t = transposed_rows(w_hh, P, 4 * L, 4 * units, units * hh_panel, [&](int64_t i) {
+    const int64_t g = i % 4, u = i / 4;
+    return RowBlock{g * H + u * L, std::min<int64_t>(L, H - u * L), u * hh_panel + g * L};
+  });
+  // With a projection, w_hr^T per block of L projected features: a [H, L] panel.
+  const auto w_hr_t = proj ? transposed_rows(static_cast<const acc_t*>(a.w_hr), H, L, p_blocks,
+                                             p_blocks * H * L, [&](int64_t i) {
+                                               return RowBlock{i * L, std::min<int64_t>(L, P - i * L), i * H * L};
+                                             })
+                           : nullptr;
+  const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
+  const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
+  const Fibre<acc_t, acc_t> gates_all{a.gates_all};
+
+  // Row-major state: h [B, P] double-buffered (a tile's broadcasts read rows of h_prev), c
+  // [B, H] updated in place, hpre [B, H] (the projection's broadcasts).
+  std::vector<acc_t> h_buf(2 * B * P), c_buf(B * H), hpre_buf(proj ? B * H : 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t p = 0; p < P; p += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, P - p));
+      store_n(h0.load_row(0, b, p, n), &h_buf[b * P + p], n);
+    }
+    for (int64_t j = 0; j < H; j += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, H - j));
+      store_n(c0.load_row(0, b, j, n), &c_buf[b * H + j], n);
+    }
+  }
+
+  for (int64_t s = 0; s < lay.T; ++s) {
+    const int64_t t = lay.time(s), stepping = lay.rows(t);
+    const acc_t* h_prev = h_buf.data() + (s % 2) * B * P;
+    acc_t* h_next = h_buf.data() + ((s + 1) % 2) * B * P;
+
+    // h = lerp(h_new, h_prev, zoneout_h) for row b's features p0 .. p0 + n - 1; a row that does
+    // not step carries h_prev.
+    auto emit_h = [&](Vec<acc_t> h_new, int64_t b, int64_t p0, int n) {
+      const Vec<acc_t> hp = load_n<acc_t>(h_prev + b * P + p0, n);
+      if (b >= stepping) h_new = hp;
+      else if (zh.present()) h_new = h_new + zh.load_row(t, b, p0, n) * (hp - h_new);
+      store_n(h_new, h_next + b * P + p0, n);
+      h_all.store_row(h_new, t, b, p0, n);
+    };
+
+    // Phase 1: per block of L units and tile of R batch rows, the four gates, then the cell.
+    at::parallel_for(0, units, std::max<int64_t>(1, unit_grain(4 * K, B) / L),
+                     [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t j0 = u * L;
+        const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
+        for (int64_t b0 = 0; b0 < B; b0 += R) {
+          unit_tile<acc_t, R, 4>(std::min<int64_t>(R, B - b0), h_prev + b0 * P, P,
+                                 w_hh_t.get() + u * hh_panel, 4 * L, K, [&](auto& acc) {
+          for (int64_t b = b0; b < b0 + static_cast<int64_t>(std::extent_v<std::remove_reference_t<decltype(acc)>>); ++b) {
+            Vec<acc_t> act[4];
+            for (int g = 0; g < 4; ++g) act[g] = acc[b - b0][g] + x_proj.load_row(t, b, g * H + j0, n);
+            acc_t* cp_ptr = &c_buf[b * H + j0];
+            const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
+            const CellOut<acc_t> cell = cell_fwd(act, cp);
+            Vec<acc_t> c = zc.present() ? cell.c_new + zc.load_row(t, b, j0, n) * (cp - cell.c_new)
+                                        : cell.c_new;
+            Vec<acc_t> hpre = cell.hpre;
+            if (b >= stepping) {
+              c = cp;
+              hpre = act[0] = act[1] = act[2] = act[3] = Vec<acc_t>(acc_t(0));
+            }
+            store_n(c, cp_ptr, n);
+            c_all.store_row(c, t, b, j0, n);
+            for (int g = 0; g < 4; ++g) gates_all.store_row(act[g], t, b, g * H + j0, n);
+            if (proj) {
+              store_n(hpre, &hpre_buf[b * H + j0], n);
+              hpre_all.store_row(hpre, t, b, j0, n);
+            } else {
+              emit_h(hpre, b, j0, n);
+            }
+          }
+          });
+        }
+      }
+    });
+
+    // Phase 2 (projection): h_new = hpre @ w_hr^T, per block of L projected features.
+    if (proj) {
+      at::parallel_for(0, p_blocks, std::max<int64_t>(1, unit_grain(H, B) / L),
+                       [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t p0 = i * L;
+          const int n = static_cast<int>(std::min<int64_t>(L, P - p0));
+          for (int64_t b0 = 0; b0 < B; b0 += R) {
+            const int64_t nb = std::min<int64_t>(R, B - b0);
+            unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.get() + i * H * L, L, H,
+                                   [&](auto& acc) {
+              for (int64_t r = 0; r < nb; ++r) emit_h(acc[r][0], b0 + r, p0, n);
+            });
+          }
         }
       });
     }
@@ -580,30 +785,6 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
 
 // ---- cell pointwise (row-major, lanes along the features) ------------------------------------
 
-// n <= lanes consecutive elements as math-type lanes (the others zero), and back.
-template <typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE Vec<acc_t> load_n(const scalar_t* p, int n) {
-  constexpr int L = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return n == L ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
-  } else {
-    alignas(64) acc_t tmp[L] = {};
-    for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l]);
-    return Vec<acc_t>::loadu(tmp);
-  }
-}
-template <typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE void store_n(const Vec<acc_t>& v, scalar_t* p, int n) {
-  constexpr int L = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    n == L ? v.store(p) : v.store(p, n);
-  } else {
-    alignas(64) acc_t tmp[L];
-    v.store(tmp);
-    for (int l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(tmp[l]);
-  }
-}
-
 // body(b, j, n) for each row b and each run of n <= lanes features from j, rows split across
 // threads once a task holds enough gate elements to pay for the fork.
 template <typename acc_t, typename Body>
@@ -664,6 +845,7 @@ void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs& args) {
 void lstm_cell_pointwise_bwd_kernel(const LstmCellPointwiseArgs& args) {
   visit_lstm_dtype(args.dtype, [&](auto type) { cell_pointwise_bwd<decltype(type)>(args); });
 }
+bool lstm_layer_fwd_unit_lanes(int64_t batch) { return unit_lanes(batch); }
 void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) {
   visit_lstm_dtype(args.shape.dtype, [&](auto type) { layer_fwd<decltype(type)>(args); });
 }

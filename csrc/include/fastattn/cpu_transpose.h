@@ -1,0 +1,135 @@
+// Register-blocked transposes for the per-ISA kernel builds (`*.isa.cpp`, see cpu_isa.h): the
+// attention kernels' K^T and V^T tiles and the LSTM kernels' unit-major weights. Included inside
+// no namespace; it opens fastattn::FASTATTN_ISA_NAMESPACE itself, so each ISA build gets its own
+// copy.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace fastattn {
+namespace FASTATTN_ISA_NAMESPACE {
+
+// dst[c, r] = src[r, c] for r < rows, c < cols (both <= kTransposeBlock), in registers.
+// at::vec's transpose_mxn<float> does the same shuffles (FBGEMM's) on AVX-512 but zero-fills a
+// 1 KB stack array (rep stos) and goes through it for every block: it took as long as the QK^T
+// product of a short varlen sequence's tile (Zen 4); on AVX2 it is a scalar loop.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTransposeBlock = 16;
+inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
+                            int cols) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
+  __m512 r[16], t[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_rs) : _mm512_setzero_ps();
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // interleave 32-bit elements of row pairs
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // then 64-bit pairs
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // then 128-bit lanes
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+      t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i >= cols) break;
+    const __m512 col = i < 8 ? _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88)
+                             : _mm512_shuffle_f32x4(t[i - 8], t[i], 0xdd);
+    _mm512_mask_storeu_ps(dst + i * ld, row_mask, col);
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kTransposeBlock = 8;
+inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
+                            int cols) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane);
+  const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lane);
+  __m256 r[8], t[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = i >= rows ? _mm256_setzero_ps()
+        : cols == 8  ? _mm256_loadu_ps(src + i * src_rs)
+                     : _mm256_maskload_ps(src + i * src_rs, col_mask);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // interleave 32-bit elements of row pairs
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // then 64-bit pairs: column c of rows 4i..4i+3 (and c + 4)
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    if (i >= cols) break;
+    const __m256 col = i < 4 ? _mm256_permute2f128_ps(r[i], r[i + 4], 0x20)
+                             : _mm256_permute2f128_ps(r[i - 4], r[i], 0x31);
+    if (rows == 8) {
+      _mm256_storeu_ps(dst + i * ld, col);
+    } else {
+      _mm256_maskstore_ps(dst + i * ld, row_mask, col);  // microcoded on Zen: only at edges
+    }
+  }
+}
+#else
+constexpr int kTransposeBlock = 0;  // no register transpose: the scalar loop
+#endif
+
+// dst[cols, ld] = transpose of src rows [rows, cols]; columns rows .. width zeroed (the
+// products read no further).
+template <typename scalar_t, typename acc_t>
+void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t cols,
+                     acc_t* dst, int64_t ld, int64_t width) {
+  for (int64_t c = 0; c < cols; ++c) {
+    std::fill(dst + c * ld + rows, dst + c * ld + width, acc_t(0));
+  }
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> &&
+                kTransposeBlock > 0) {
+    // A register-blocked transpose: the scalar loop below stores one element per column and
+    // took as long as the tile's products.
+    constexpr int64_t B = kTransposeBlock;
+    for (int64_t r = 0; r < rows; r += B) {
+      for (int64_t c = 0; c < cols; c += B) {
+        transpose_block(src + r * src_rs + c, src_rs, dst + c * ld + r, ld,
+                        static_cast<int>(std::min(B, rows - r)),
+                        static_cast<int>(std::min(B, cols - c)));
+      }
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* s = src + r * src_rs;
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c]);
+  }
+}
+
+}  // namespace FASTATTN_ISA_NAMESPACE
+}  // namespace fastattn
