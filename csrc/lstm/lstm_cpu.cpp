@@ -17,7 +17,11 @@
 
 namespace fastattn {
 
+// Whether the forward kernel puts its lanes along the units for this batch (else along the
+// batch), and whether a one-step call of this batch, which fills less than one vector, runs its
+// recurrent product as a GEMM here instead (lstm_cpu.isa.cpp).
 FASTATTN_ISA_DECLARE(bool lstm_layer_fwd_unit_lanes(int64_t batch))
+FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
 FASTATTN_ISA_DECLARE(void lstm_layer_fwd_kernel(const LstmLayerFwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs&))
@@ -123,7 +127,7 @@ void run_layer_fwd(const LayerProblem& p, Dtype dtype, const Tensor& w_hh_k,
   auto steps = [&](const Tensor& all) { return all.defined() ? all.narrow(0, t0, n) : Tensor(); };
   LstmLayerFwdArgs a{};
   a.shape = {dtype, n, p.B, p.H, p.P, p.reverse, p.batch_sizes.data() + t0};
-  a.w_hh = w_hh_k.data_ptr();
+  a.w_hh = ptr_or_null(w_hh_k);
   a.w_hr = ptr_or_null(w_hr_k);
   a.x_proj = seq_view(x_proj);
   a.h0 = seq_view(h_start);
@@ -183,7 +187,12 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   Tensor h_all = at::empty({T, B, p.P}, input.options());
   Tensor c_all = at::empty({T, B, H}, input.options());
   if (T == 0 || B == 0) return {h_all, c_all};
-  const Tensor w_hh_k = kernel_weight(w_hh);
+  // One step of a batch that fills less than a vector (a cell, a sampling loop's step): the
+  // recurrent product h0 @ w_hh^T is one more GEMM into x_proj, and the kernel runs the cell
+  // alone (no w_hh). Its kernels would leave most lanes idle or pack w_hh for this one step:
+  // T1 B1 H256 took 111 us through the unit-lane kernel, 76 us so (torch's lstm_cell: 75).
+  const bool step_on_gemm = T == 1 && FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, B);
+  const Tensor w_hh_k = step_on_gemm ? Tensor() : kernel_weight(w_hh);
   const Tensor w_hr_k = p.w_hr.defined() ? kernel_weight(p.w_hr) : Tensor();
 
   // About 4 MiB of x_proj per chunk (L2/L3-sized), but at least 256 GEMM columns.
@@ -194,7 +203,7 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   const Tensor b = given(bias) ? *bias : Tensor();
   // A small batch runs with lanes along the units (lstm_cpu.isa.cpp), which reads a row's gates
   // as vectors: x_proj row-major [n, B, 4H] there.
-  const bool unit_lanes = FASTATTN_ISA_CALL(lstm_layer_fwd_unit_lanes, B);
+  const bool unit_lanes = step_on_gemm || FASTATTN_ISA_CALL(lstm_layer_fwd_unit_lanes, B);
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
     const int64_t t0 = reverse ? T - done - n : done;
@@ -205,7 +214,9 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     Tensor x_proj = proj_buf.view({n, 4 * H, B});
     if (unit_lanes) {
       x_proj = proj_buf.view({n, B, 4 * H});
-      torch_mm_out(x_proj.view({n * B, 4 * H}).t(), w_ih, x.t(), b);
+      Tensor rows = x_proj.view({n * B, 4 * H});
+      b.defined() ? at::addmm_out(rows, b, x, w_ih.t()) : at::mm_out(rows, x, w_ih.t());
+      if (step_on_gemm) rows.addmm_(h0, w_hh.t());
       x_proj = x_proj.permute({0, 2, 1});
     } else if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
       torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);

@@ -38,7 +38,8 @@ struct LstmLayerShape {
 // Rows b >= batch_sizes[t] carry h and c unchanged and get zero gates_all / hpre_all.
 struct LstmLayerFwdArgs {
   LstmLayerShape shape;
-  const void* w_hh;              // [G, P], or nullptr for no recurrent term (h0 then unused)
+  const void* w_hh;              // [G, P], or nullptr for no recurrent term (h0 then only
+                                 // carried and mixed by zoneout)
   const void* w_hr;              // [P, H] or nullptr
   LstmSeqView x_proj;            // [T, B, G] pre-activation input part (biases included)
   LstmSeqView h0, c0;            // [B, P], [B, H]
