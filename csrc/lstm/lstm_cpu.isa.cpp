@@ -642,8 +642,12 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
 // ---- backward --------------------------------------------------------------------------------
 
 template <typename scalar_t>
+void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a);
+
+template <typename scalar_t>
 void layer_bwd(const LstmLayerBwdArgs& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  if (unit_lanes(a.shape.B)) return layer_bwd_unit_lanes<scalar_t>(a);
   using F = Fibre<scalar_t, acc_t>;
   constexpr int L = Vec<acc_t>::size();
   const Layout<acc_t> lay(a.shape);
@@ -785,6 +789,146 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     const Vec<acc_t> zero(acc_t(0));
     for (int64_t p = 0; p < P; ++p)
       for (int64_t v = 0; v < nvec; ++v) grad_h0.store(zero, 0, v * L, p, lay.lanes(v));
+  }
+}
+
+// ---- backward, lanes along the units (small batches) --------------------------------------
+
+// layer_bwd with the forward's unit lanes (unit_lanes): the state gradients are row-major
+// [B, features], dh_prev = dgates @ w_hh reads w_hh's rows in place as vectors of kBwdUnitVecs * L
+// columns (packed into contiguous panels, ColumnGroups) and broadcasts each row's gate gradients.
+constexpr int kBwdUnitVecs = 4;
+
+template <typename scalar_t>
+void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using F = Fibre<scalar_t, acc_t>;
+  constexpr int L = Vec<acc_t>::size(), R = kUnitRows, V = kBwdUnitVecs;
+  const Layout<acc_t> lay(a.shape);
+  const int64_t T = lay.T, B = lay.B, H = lay.H, P = lay.P, G = lay.G;
+  const bool proj = a.w_hr != nullptr;
+  const auto w_hh_cols = ColumnGroups<acc_t, V * L>::of(static_cast<const acc_t*>(a.w_hh), G, P);
+  const auto w_hr_cols = ColumnGroups<acc_t, L>::of(static_cast<const acc_t*>(a.w_hr), P, H);
+  const int64_t K_hh = a.w_hh ? G : 0;
+  const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
+  const F zc{a.zoneout_c}, zh{a.zoneout_h};
+  const Fibre<acc_t, acc_t> gates_all{a.gates_all};
+  const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
+  const F grad_hproj_all{a.grad_hproj_all};
+
+  // dh_new, dh_share and dc as layer_bwd's, row-major; the step's gate gradients [B, G],
+  // double-buffered (the GEMM of step s reads them all while its epilogue writes step s + 1's).
+  std::vector<acc_t> dh_new(B * P, acc_t(0)), dh_share(B * P, acc_t(0)), dc(B * H, acc_t(0));
+  std::vector<acc_t> dgates(2 * B * G, acc_t(0));
+  auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
+  auto lanes = [](int64_t size, int64_t f0) { return static_cast<int>(std::min<int64_t>(L, size - f0)); };
+
+  // Row b's features p0 .. p0 + n - 1: dh_total = dh_carry + grad_h_all[t], split between h_new
+  // and h_prev (a row that does not step passes all of it to h_prev).
+  auto split = [&](int64_t s, Vec<acc_t> dh_total, int64_t b, int64_t p0, int n) {
+    const int64_t t = btime(s);
+    dh_total = dh_total + grad_h_all.load_row(t, b, p0, n);
+    Vec<acc_t> share = zh.present() ? zh.load_row(t, b, p0, n) * dh_total : Vec<acc_t>(acc_t(0));
+    if (b >= lay.rows(t)) share = dh_total;
+    const Vec<acc_t> into_new = dh_total - share;
+    store_n(share, &dh_share[b * P + p0], n);
+    store_n(into_new, &dh_new[b * P + p0], n);
+    if (proj) grad_hproj_all.store_row(into_new, t, b, p0, n);
+    return into_new;
+  };
+
+  // The pointwise backward of step s for row b's units k0 .. k0 + n - 1.
+  auto cell = [&](int64_t s, const Vec<acc_t>& dhpre, int64_t b, int64_t k0, int n) {
+    const int64_t t = btime(s);
+    Vec<acc_t> act[4];
+    for (int q = 0; q < 4; ++q) act[q] = gates_all.load_row(t, b, q * H + k0, n);
+    const int64_t t_prev = lay.reverse ? t + 1 : t - 1;
+    const Vec<acc_t> cp = s == T - 1 ? c0.load_row(0, b, k0, n) : c_all.load_row(t_prev, b, k0, n);
+    acc_t* dc_ptr = &dc[b * H + k0];
+    const Vec<acc_t> dc_total = load_n<acc_t>(dc_ptr, n) + grad_c_all.load_row(t, b, k0, n);
+    Vec<acc_t> dc_to_prev(acc_t(0)), dc_new = dc_total;
+    if (zc.present()) {
+      dc_to_prev = zc.load_row(t, b, k0, n) * dc_total;
+      dc_new = dc_total - dc_to_prev;
+    }
+    Vec<acc_t> d[4];
+    Vec<acc_t> dc_prev = cell_bwd(act, cp, dhpre, dc_new, d) + dc_to_prev;
+    if (b >= lay.rows(t)) {
+      for (auto& x : d) x = Vec<acc_t>(acc_t(0));
+      dc_prev = dc_total;
+    }
+    store_n(dc_prev, dc_ptr, n);
+    acc_t* dg = dgates.data() + (s % 2) * B * G + b * G;
+    for (int q = 0; q < 4; ++q) {
+      store_n(d[q], dg + q * H + k0, n);
+      grad_x_proj.store_row(d[q], t, b, q * H + k0, n);
+    }
+  };
+
+  // Phase A of step s: the gradient reaching hpre (through w_hr with a projection), then the
+  // cell; without a projection it runs fused into phase B of step s - 1, except for s = 0.
+  auto phase_a = [&](int64_t s) {
+    at::parallel_for(0, ceil_div(H, L), 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t k0 = u * L;
+        const int n = lanes(H, k0);
+        for (int64_t b0 = 0; b0 < B; b0 += R) {
+          const int64_t nb = std::min<int64_t>(R, B - b0);
+          if (proj) {
+            unit_tile<acc_t, R, 1>(nb, dh_new.data() + b0 * P, P, w_hr_cols.tile(u).base, L, P,
+                                   [&](auto& acc) {
+              for (int64_t r = 0; r < nb; ++r) cell(s, acc[r][0], b0 + r, k0, n);
+            });
+          } else {
+            for (int64_t b = b0; b < b0 + nb; ++b) cell(s, load_n<acc_t>(&dh_new[b * P + k0], n), b, k0, n);
+          }
+        }
+      }
+    });
+  };
+
+  if (T > 0) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t p0 = 0; p0 < P; p0 += L) split(0, Vec<acc_t>(acc_t(0)), b, p0, lanes(P, p0));
+    phase_a(0);
+  }
+  for (int64_t s = 0; s < T; ++s) {
+    if (s > 0 && proj) phase_a(s);
+    // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on) per group of V * L
+    // columns, then the split of the next step (and, without a projection, its cell).
+    const acc_t* dg = dgates.data() + (s % 2) * B * G;
+    at::parallel_for(0, ceil_div(P, V * L), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t b0 = 0; b0 < B; b0 += R) {
+          const int64_t nb = std::min<int64_t>(R, B - b0);
+          unit_tile<acc_t, R, V>(nb, dg + b0 * G, G, w_hh_cols.tile(i).base, V * L, K_hh,
+                                 [&](auto& acc) {
+            for (int64_t r = 0; r < nb; ++r) {
+              const int64_t b = b0 + r;
+              for (int v = 0; v < V; ++v) {
+                const int64_t p0 = i * V * L + v * L;
+                if (p0 >= P) break;
+                const int n = lanes(P, p0);
+                const Vec<acc_t> carry = acc[r][v] + load_n<acc_t>(&dh_share[b * P + p0], n);
+                if (s + 1 == T) {
+                  grad_h0.store_row(carry, 0, b, p0, n);
+                } else {
+                  const Vec<acc_t> into_new = split(s + 1, carry, b, p0, n);
+                  if (!proj) cell(s + 1, into_new, b, p0, n);
+                }
+              }
+            }
+          });
+        }
+      }
+    });
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k0 = 0; k0 < H; k0 += L)
+      grad_c0.store_row(load_n<acc_t>(&dc[b * H + k0], lanes(H, k0)), 0, b, k0, lanes(H, k0));
+    if (T == 0)  // nothing ran: the gradients of h0 are zero
+      for (int64_t p0 = 0; p0 < P; p0 += L)
+        grad_h0.store_row(Vec<acc_t>(acc_t(0)), 0, b, p0, lanes(P, p0));
   }
 }
 
