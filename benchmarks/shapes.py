@@ -241,7 +241,9 @@ def _cpu_grid(name: str) -> Grid:
             attention_window=_window([1], [2], [2048], 64, WINDOW_FULL),
             attention_features_dtypes=[fp32],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
-            lstm=_lstm([32], [16], [256, 512]),
+            # B1 and B4: a single stream's and a small batch's sequence, where the kernels put
+            # their lanes along the units (csrc/lstm/lstm_cpu.isa.cpp)
+            lstm=_lstm([32], [16], [256, 512]) + _lstm([128], [1, 4], [256]),
             lstm_dtypes=[fp32],
             mha=[TransformerShape(4, 256, 512, 8, 1)],
             encoder=[TransformerShape(4, 256, 512, 8, 6)],
@@ -258,7 +260,7 @@ def _cpu_grid(name: str) -> Grid:
         attention_window=_window([1], [2, 4], [8192], 64, WINDOW_FULL),
         attention_features_dtypes=[fp32],
         lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
-        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]),
+        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]) + _lstm([128], [1, 4], [256, 512]),
         lstm_dtypes=[fp32],
         mha=[TransformerShape(4, 1024, 512, 8, 1)],
         encoder=[encoder_full],
