@@ -46,10 +46,10 @@ constexpr int kBwdRows = at::vec::Vectorized<float>::size() == 16 ? 8 : kTileRow
 
 // With lanes along the batch, a batch of fewer rows than a vector leaves lanes idle (15 of 16 at
 // B = 1 on AVX-512) and every weight element is broadcast for one or two FMAs: fastattn.LSTM ran
-// 2.5-4x slower than nn.LSTM at B <= 4. Below kUnitLaneBatch rows the forward turns the tiles
-// around, as GEMV-shaped kernels do: a vector holds L consecutive units of one gate, loaded from
-// w_hh^T (packed once per call), and each batch row's h_prev element is the broadcast. A tile is
-// kUnitRows batch rows x the four gates of L units; the state is row-major [B, features].
+// 2.5-4x slower than nn.LSTM at B <= 4. For the batches unit_lanes picks, the forward and the
+// backward turn the tiles around, as GEMV-shaped kernels do: a vector holds L consecutive units
+// (features), loaded from a weight packed once per call, and each batch row's state element is
+// the broadcast. A tile is up to kUnitRows batch rows; the state is row-major [B, features].
 constexpr int kUnitRows = at::vec::Vectorized<float>::size() == 16 ? 4 : 2;
 constexpr int64_t kUnitLaneBatch = 2 * at::vec::Vectorized<float>::size();
 // A batch of exactly one vector keeps the batch lanes: at B16 on AVX-512 the two ran alike at
@@ -304,6 +304,9 @@ inline void gemm_tile(const A& a, const acc_t* b, const Panels<acc_t>& panels, i
 
 template <typename T>
 constexpr int vecs_of(const T&) { return std::extent_v<T, 1>; }
+// The rows of a tile's accumulators: a unit-lane tile has as many as its batch rows.
+template <typename T>
+constexpr int rows_of(const T&) { return std::extent_v<T, 0>; }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -544,10 +547,11 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
     return RowBlock{g * H + u * L, std::min<int64_t>(L, H - u * L), u * hh_panel + g * L};
   });
   // With a projection, w_hr^T per block of L projected features: a [H, L] panel.
+  auto w_hr_block = [&](int64_t i) {
+    return RowBlock{i * L, std::min<int64_t>(L, P - i * L), i * H * L};
+  };
   const auto w_hr_t = proj ? transposed_rows(static_cast<const acc_t*>(a.w_hr), H, L, p_blocks,
-                                             p_blocks * H * L, [&](int64_t i) {
-                                               return RowBlock{i * L, std::min<int64_t>(L, P - i * L), i * H * L};
-                                             })
+                                             p_blocks * H * L, w_hr_block)
                            : nullptr;
   const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
@@ -582,6 +586,30 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
       h_all.store_row(h_new, t, b, p0, n);
     };
 
+    // Row b's cell for units j0 .. j0 + n - 1, from the gate pre-activations' recurrent part.
+    auto cell = [&](Vec<acc_t> (&act)[4], int64_t b, int64_t j0, int n) {
+      for (int g = 0; g < 4; ++g) act[g] = act[g] + x_proj.load_row(t, b, g * H + j0, n);
+      acc_t* cp_ptr = &c_buf[b * H + j0];
+      const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
+      const CellOut<acc_t> out = cell_fwd(act, cp);
+      Vec<acc_t> c = zc.present() ? out.c_new + zc.load_row(t, b, j0, n) * (cp - out.c_new)
+                                  : out.c_new;
+      Vec<acc_t> hpre = out.hpre;
+      if (b >= stepping) {
+        c = cp;
+        hpre = act[0] = act[1] = act[2] = act[3] = Vec<acc_t>(acc_t(0));
+      }
+      store_n(c, cp_ptr, n);
+      c_all.store_row(c, t, b, j0, n);
+      for (int g = 0; g < 4; ++g) gates_all.store_row(act[g], t, b, g * H + j0, n);
+      if (proj) {
+        store_n(hpre, &hpre_buf[b * H + j0], n);
+        hpre_all.store_row(hpre, t, b, j0, n);
+      } else {
+        emit_h(hpre, b, j0, n);
+      }
+    };
+
     // Phase 1: per block of L units and tile of R batch rows, the four gates, then the cell.
     at::parallel_for(0, units, std::max<int64_t>(1, unit_grain(4 * K, B) / L),
                      [&](int64_t u0, int64_t u1) {
@@ -589,31 +617,10 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
         const int64_t j0 = u * L;
         const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
         for (int64_t b0 = 0; b0 < B; b0 += R) {
-          unit_tile<acc_t, R, 4>(std::min<int64_t>(R, B - b0), h_prev + b0 * P, P,
-                                 w_hh_t.get() + u * hh_panel, 4 * L, K, [&](auto& acc) {
-          for (int64_t b = b0; b < b0 + static_cast<int64_t>(std::extent_v<std::remove_reference_t<decltype(acc)>>); ++b) {
-            Vec<acc_t> act[4];
-            for (int g = 0; g < 4; ++g) act[g] = acc[b - b0][g] + x_proj.load_row(t, b, g * H + j0, n);
-            acc_t* cp_ptr = &c_buf[b * H + j0];
-            const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
-            const CellOut<acc_t> cell = cell_fwd(act, cp);
-            Vec<acc_t> c = zc.present() ? cell.c_new + zc.load_row(t, b, j0, n) * (cp - cell.c_new)
-                                        : cell.c_new;
-            Vec<acc_t> hpre = cell.hpre;
-            if (b >= stepping) {
-              c = cp;
-              hpre = act[0] = act[1] = act[2] = act[3] = Vec<acc_t>(acc_t(0));
-            }
-            store_n(c, cp_ptr, n);
-            c_all.store_row(c, t, b, j0, n);
-            for (int g = 0; g < 4; ++g) gates_all.store_row(act[g], t, b, g * H + j0, n);
-            if (proj) {
-              store_n(hpre, &hpre_buf[b * H + j0], n);
-              hpre_all.store_row(hpre, t, b, j0, n);
-            } else {
-              emit_h(hpre, b, j0, n);
-            }
-          }
+          const int64_t nb = std::min<int64_t>(R, B - b0);
+          unit_tile<acc_t, R, 4>(nb, h_prev + b0 * P, P, w_hh_t.get() + u * hh_panel, 4 * L, K,
+                                 [&](auto& acc) {
+            for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, j0, n);
           });
         }
       }
@@ -630,7 +637,7 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
             const int64_t nb = std::min<int64_t>(R, B - b0);
             unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.get() + i * H * L, L, H,
                                    [&](auto& acc) {
-              for (int64_t r = 0; r < nb; ++r) emit_h(acc[r][0], b0 + r, p0, n);
+              for (int64_t r = 0; r < rows_of(acc); ++r) emit_h(acc[r][0], b0 + r, p0, n);
             });
           }
         }
@@ -656,7 +663,8 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   // dh_prev = dgates @ w_hh and dhpre = dh_new @ w_hr reduce over the weights' rows: their tiles
   // are groups of columns.
   const auto w_hh_cols = ColumnGroups<acc_t, kBwdRows>::of(static_cast<const acc_t*>(a.w_hh), G, P);
-  const auto w_hr_cols = ColumnGroups<acc_t, kTileRows>::of(static_cast<const acc_t*>(a.w_hr), P, H);
+  const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
+  const auto w_hr_cols = ColumnGroups<acc_t, kTileRows>::of(w_hr, P, H);
   const int64_t K_hh = a.w_hh ? G : 0;
   const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kBwdRows);
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
@@ -821,7 +829,9 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
   std::vector<acc_t> dh_new(B * P, acc_t(0)), dh_share(B * P, acc_t(0)), dc(B * H, acc_t(0));
   std::vector<acc_t> dgates(2 * B * G, acc_t(0));
   auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
-  auto lanes = [](int64_t size, int64_t f0) { return static_cast<int>(std::min<int64_t>(L, size - f0)); };
+  auto lanes = [](int64_t size, int64_t f0) {
+    return static_cast<int>(std::min<int64_t>(L, size - f0));
+  };
 
   // Row b's features p0 .. p0 + n - 1: dh_total = dh_carry + grad_h_all[t], split between h_new
   // and h_prev (a row that does not step passes all of it to h_prev).
@@ -877,10 +887,11 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
           if (proj) {
             unit_tile<acc_t, R, 1>(nb, dh_new.data() + b0 * P, P, w_hr_cols.tile(u).base, L, P,
                                    [&](auto& acc) {
-              for (int64_t r = 0; r < nb; ++r) cell(s, acc[r][0], b0 + r, k0, n);
+              for (int64_t r = 0; r < rows_of(acc); ++r) cell(s, acc[r][0], b0 + r, k0, n);
             });
           } else {
-            for (int64_t b = b0; b < b0 + nb; ++b) cell(s, load_n<acc_t>(&dh_new[b * P + k0], n), b, k0, n);
+            for (int64_t b = b0; b < b0 + nb; ++b)
+              cell(s, load_n<acc_t>(&dh_new[b * P + k0], n), b, k0, n);
           }
         }
       }
@@ -903,7 +914,7 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
           const int64_t nb = std::min<int64_t>(R, B - b0);
           unit_tile<acc_t, R, V>(nb, dg + b0 * G, G, w_hh_cols.tile(i).base, V * L, K_hh,
                                  [&](auto& acc) {
-            for (int64_t r = 0; r < nb; ++r) {
+            for (int64_t r = 0; r < rows_of(acc); ++r) {
               const int64_t b = b0 + r;
               for (int v = 0; v < V; ++v) {
                 const int64_t p0 = i * V * L + v * L;
