@@ -153,6 +153,30 @@ C10_ALWAYS_INLINE void store_n(const Vec<acc_t>& v, scalar_t* p, int n) {
   }
 }
 
+// Zoneout with mix weight w, where `present`: the forward keeps w of the previous state,
+// x + w * (prev - x); the backward passes w of a state's gradient g straight to the previous one.
+template <typename acc_t>
+C10_ALWAYS_INLINE Vec<acc_t> zoneout_mix(bool present, const Vec<acc_t>& w, const Vec<acc_t>& x,
+                                         const Vec<acc_t>& prev) {
+  return present ? x + w * (prev - x) : x;
+}
+template <typename acc_t>
+C10_ALWAYS_INLINE Vec<acc_t> zoneout_share(bool present, const Vec<acc_t>& w,
+                                           const Vec<acc_t>& g) {
+  return present ? w * g : Vec<acc_t>(acc_t(0));
+}
+
+// cell_bwd under zoneout_c (weight zc where `zoneout`): dc_total, the gradient reaching c, gives
+// its zoneout share straight to c_prev and the rest to c_new; returns c_prev's whole gradient.
+template <typename acc_t>
+C10_ALWAYS_INLINE Vec<acc_t> cell_bwd_zoneout(const Vec<acc_t> (&act)[4], const Vec<acc_t>& cp,
+                                              const Vec<acc_t>& dhpre, const Vec<acc_t>& dc_total,
+                                              bool zoneout, const Vec<acc_t>& zc,
+                                              Vec<acc_t> (&d)[4]) {
+  const Vec<acc_t> dc_to_prev = zoneout_share(zoneout, zc, dc_total);
+  return cell_bwd(act, cp, dhpre, dc_total - dc_to_prev, d) + dc_to_prev;
+}
+
 // Batch lanes b0 .. b0 + lanes - 1 of one (t, f) fibre of a data tensor, as math-type vectors.
 template <typename scalar_t, typename acc_t>
 struct Fibre {
@@ -422,7 +446,7 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
     auto emit_h = [&](Vec<acc_t> h_new, int64_t p, int64_t v) {
       const int lanes = lay.lanes(v);
       const Vec<acc_t> hp = Vec<acc_t>::loadu(h_prev + h_panels.at(p, v));
-      if (zh.present()) h_new = h_new + zh.load(t, v * L, p, lanes) * (hp - h_new);
+      h_new = zoneout_mix(zh.present(), zh.load(t, v * L, p, lanes), h_new, hp);
       if (!lay.all_step(t, v)) h_new = Vec<acc_t>::blendv(hp, h_new, lay.step_mask(t, v));
       h_new.store(h_next + h_panels.at(p, v));
       h_all.store(h_new, t, v * L, p, lanes);
@@ -451,7 +475,7 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
             const Vec<acc_t> cp = Vec<acc_t>::loadu(cp_ptr);
             const CellOut<acc_t> cell = cell_fwd(act, cp);
             const Vec<acc_t> c_new = cell.c_new;
-            Vec<acc_t> c = zc.present() ? c_new + zc.load(t, b0, j, lanes) * (cp - c_new) : c_new;
+            Vec<acc_t> c = zoneout_mix(zc.present(), zc.load(t, b0, j, lanes), c_new, cp);
             Vec<acc_t> hpre = cell.hpre;
             if (!lay.all_step(t, v)) {
               const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
@@ -581,7 +605,7 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
     auto emit_h = [&](Vec<acc_t> h_new, int64_t b, int64_t p0, int n) {
       const Vec<acc_t> hp = load_n<acc_t>(h_prev + b * P + p0, n);
       if (b >= stepping) h_new = hp;
-      else if (zh.present()) h_new = h_new + zh.load_row(t, b, p0, n) * (hp - h_new);
+      else h_new = zoneout_mix(zh.present(), zh.load_row(t, b, p0, n), h_new, hp);
       store_n(h_new, h_next + b * P + p0, n);
       h_all.store_row(h_new, t, b, p0, n);
     };
@@ -592,8 +616,7 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
       acc_t* cp_ptr = &c_buf[b * H + j0];
       const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
       const CellOut<acc_t> out = cell_fwd(act, cp);
-      Vec<acc_t> c = zc.present() ? out.c_new + zc.load_row(t, b, j0, n) * (cp - out.c_new)
-                                  : out.c_new;
+      Vec<acc_t> c = zoneout_mix(zc.present(), zc.load_row(t, b, j0, n), out.c_new, cp);
       Vec<acc_t> hpre = out.hpre;
       if (b >= stepping) {
         c = cp;
@@ -690,7 +713,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     const int64_t t = btime(s), b0 = v * L;
     const int lanes = lay.lanes(v);
     dh_total = dh_total + grad_h_all.load(t, b0, p, lanes);
-    Vec<acc_t> share = zh.present() ? zh.load(t, b0, p, lanes) * dh_total : Vec<acc_t>(acc_t(0));
+    Vec<acc_t> share = zoneout_share(zh.present(), zh.load(t, b0, p, lanes), dh_total);
     if (!lay.all_step(t, v)) share = Vec<acc_t>::blendv(dh_total, share, lay.step_mask(t, v));
     const Vec<acc_t> into_new = dh_total - share;
     share.store(&dh_share[p * Bp + b0]);
@@ -718,13 +741,9 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     const Vec<acc_t> cp = s == T - 1 ? c0.load(0, b0, k, lanes) : c_all.load(t_prev, b0, k, lanes);
     acc_t* dc_ptr = &dc[k * Bp + b0];
     const Vec<acc_t> dc_total = Vec<acc_t>::loadu(dc_ptr) + grad_c_all.load(t, b0, k, lanes);
-    Vec<acc_t> dc_to_prev(acc_t(0)), dc_new = dc_total;
-    if (zc.present()) {
-      dc_to_prev = zc.load(t, b0, k, lanes) * dc_total;
-      dc_new = dc_total - dc_to_prev;
-    }
     Vec<acc_t> d[4];
-    Vec<acc_t> dc_prev = cell_bwd(act, cp, dhpre, dc_new, d) + dc_to_prev;
+    Vec<acc_t> dc_prev =
+        cell_bwd_zoneout(act, cp, dhpre, dc_total, zc.present(), zc.load(t, b0, k, lanes), d);
     if (!lay.all_step(t, v)) {
       const Vec<acc_t> mask = lay.step_mask(t, v), zero(acc_t(0));
       for (auto& x : d) x = Vec<acc_t>::blendv(zero, x, mask);
@@ -838,7 +857,7 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
   auto split = [&](int64_t s, Vec<acc_t> dh_total, int64_t b, int64_t p0, int n) {
     const int64_t t = btime(s);
     dh_total = dh_total + grad_h_all.load_row(t, b, p0, n);
-    Vec<acc_t> share = zh.present() ? zh.load_row(t, b, p0, n) * dh_total : Vec<acc_t>(acc_t(0));
+    Vec<acc_t> share = zoneout_share(zh.present(), zh.load_row(t, b, p0, n), dh_total);
     if (b >= lay.rows(t)) share = dh_total;
     const Vec<acc_t> into_new = dh_total - share;
     store_n(share, &dh_share[b * P + p0], n);
@@ -856,13 +875,9 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
     const Vec<acc_t> cp = s == T - 1 ? c0.load_row(0, b, k0, n) : c_all.load_row(t_prev, b, k0, n);
     acc_t* dc_ptr = &dc[b * H + k0];
     const Vec<acc_t> dc_total = load_n<acc_t>(dc_ptr, n) + grad_c_all.load_row(t, b, k0, n);
-    Vec<acc_t> dc_to_prev(acc_t(0)), dc_new = dc_total;
-    if (zc.present()) {
-      dc_to_prev = zc.load_row(t, b, k0, n) * dc_total;
-      dc_new = dc_total - dc_to_prev;
-    }
     Vec<acc_t> d[4];
-    Vec<acc_t> dc_prev = cell_bwd(act, cp, dhpre, dc_new, d) + dc_to_prev;
+    Vec<acc_t> dc_prev =
+        cell_bwd_zoneout(act, cp, dhpre, dc_total, zc.present(), zc.load_row(t, b, k0, n), d);
     if (b >= lay.rows(t)) {
       for (auto& x : d) x = Vec<acc_t>(acc_t(0));
       dc_prev = dc_total;
