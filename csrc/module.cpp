@@ -7,6 +7,7 @@
 #include "fastattn/attention_head_dims.h"
 #include "fastattn/cpu_isa.h"
 #include "fastattn/dtype.h"
+#include "fastattn/lstm_cpu.h"
 
 #ifndef FASTATTN_CUDA_ARCHS
 #define FASTATTN_CUDA_ARCHS ""
@@ -15,10 +16,13 @@
 namespace fastattn {
 
 FASTATTN_ISA_DECLARE(const char* attention_fwd_tile_engine(Dtype dtype))
+FASTATTN_ISA_DECLARE(LstmUnitLanes lstm_unit_lanes())
 
 const char* attention_cpu_tile_engine(Dtype dtype) {
   return FASTATTN_ISA_CALL(attention_fwd_tile_engine, dtype);
 }
+
+LstmUnitLanes cpu_lstm_unit_lanes() { return FASTATTN_ISA_CALL(lstm_unit_lanes); }
 
 }  // namespace fastattn
 
@@ -75,6 +79,14 @@ PYBIND11_MODULE(_C, m) {
         },
         "The engine of the CPU attention's tile products (forward and backward) for a dtype "
         "name on this machine (at the ISA cpu_isa() reports)");
+  m.def("cpu_lstm_unit_lanes",
+        [] {
+          const fastattn::LstmUnitLanes lanes = fastattn::cpu_lstm_unit_lanes();
+          return std::make_tuple(lanes.below, lanes.except);
+        },
+        "(below, except): the CPU LSTM kernels put their vector lanes along the units for a "
+        "batch B < below other than except (at the ISA cpu_isa() reports), and keep their "
+        "gates and gate gradients row-major then");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
 }

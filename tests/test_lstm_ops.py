@@ -340,6 +340,35 @@ def test_opcheck_layer_ops(case, step_major, dtype):
 
 
 @needs_cpu_kernels
+def test_layer_op_fakes_match_the_kernels_layouts_for_every_batch():
+    # gates_all and grad_x_proj are step-major / feature-major where the CPU kernels' lanes run
+    # along the batch and row-major where they run along the units: a choice of the batch and the
+    # ISA (lstm_ops._cpu_unit_lanes) that the fakes must make as the kernels do, on either side
+    # of both of its bounds.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    T, H = 2, 3
+    below, single = lstm_ops._UNIT_LANES_BELOW, lstm_ops._UNIT_LANES_EXCEPT
+    assert 0 < single < below
+    unit = [B for B in range(2 * below + 2) if lstm_ops._cpu_unit_lanes(B)]
+    assert unit == [B for B in range(below) if B != single]
+    for B in range(2 * below + 2):
+        args = (randn(T, B, 4 * H), randn(B, H), randn(B, H), randn(4 * H, H), None, None, False,
+                None, None)
+        h_all, c_all, gates_all, hpre_all = OPS.lstm_layer_fwd(*args)
+        grads = (randn(T, B, H), randn(T, B, H))
+        grad_x_proj = OPS.lstm_layer_bwd(*grads, *args[1:], h_all, c_all, gates_all, hpre_all)[0]
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+            fake_out = OPS.lstm_layer_fwd(*fake)
+            fake_grads = [mode.from_tensor(t) for t in grads]
+            fake_grad_x_proj = OPS.lstm_layer_bwd(*fake_grads, *fake[1:], *fake_out)[0]
+        assert fake_out[2].stride() == gates_all.stride(), B
+        assert fake_grad_x_proj.stride() == grad_x_proj.stride(), B
+        assert (gates_all.stride() == torch.empty(T, B, 4 * H).stride()) == (B in unit), B
+
+
+@needs_cpu_kernels
 def test_opcheck_cell_and_sequence_ops():
     gates = randn(3, 20, dtype=torch.float64).requires_grad_()
     cx = randn(3, 5, dtype=torch.float64).requires_grad_()

@@ -91,8 +91,8 @@ def test_opcheck_attention(dtype, case):
     opcheck(OPS.attention_bwd.default, bwd_args, dtype)
 
 
-def _layer_inputs(dtype, step_major, options):
-    T, B, H = 4, 5, 6
+def _layer_inputs(dtype, step_major, options, B=5):
+    T, H = 4, 6
     P = 3 if options else H
     x_proj = randn(T, B, 4 * H, dtype=dtype, scale=1.5)
     if step_major:  # the layout fastattn.ops.lstm computes x_proj in
@@ -102,7 +102,7 @@ def _layer_inputs(dtype, step_major, options):
     w_hr = batch_sizes = zc = zh = None
     if options:
         w_hr = randn(P, H, dtype=dtype, scale=0.5)
-        batch_sizes = torch.tensor([5, 4, 4, 2])
+        batch_sizes = torch.tensor([B, B - 1, B - 1, 2])
         zc = torch.bernoulli(torch.full((T, B, H), 0.3)).to(dtype)
         zh = torch.full((T, B, P), 0.25, dtype=dtype)
     for t in (x_proj, h0, c0, w_hh, w_hr):
@@ -118,8 +118,12 @@ def _detached(args):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("step_major", [False, True], ids=["contiguous", "step-major"])
 @pytest.mark.parametrize("options", [False, True], ids=["plain", "proj-packed-zoneout-reverse"])
-def test_opcheck_lstm_layer_ops(dtype, step_major, options):
-    args = _layer_inputs(dtype, step_major, options)
+# The CPU kernels' two orientations, whose saved gates and gate gradients have different layouts
+# (fastattn.ops.lstm._cpu_unit_lanes): B = 5 runs the unit lanes on every ISA, B = 37 the batch
+# lanes (from two vectors up: 32 rows on avx512, 16 on avx2).
+@pytest.mark.parametrize("batch", [5, 37], ids=["unit-lanes", "batch-lanes"])
+def test_opcheck_lstm_layer_ops(dtype, step_major, options, batch):
+    args = _layer_inputs(dtype, step_major, options, batch)
     opcheck(OPS.lstm_layer_fwd.default, args, dtype)
     plain = _detached(args)
     with torch.no_grad():

@@ -17,10 +17,10 @@
 
 namespace fastattn {
 
-// Whether the forward kernel puts its lanes along the units for this batch (else along the
-// batch), and whether a one-step call of this batch, which fills less than one vector, runs its
-// recurrent product as a GEMM here instead (lstm_cpu.isa.cpp).
-FASTATTN_ISA_DECLARE(bool lstm_layer_fwd_unit_lanes(int64_t batch))
+// For which batches the kernels put their lanes along the units (else along the batch), and
+// whether a one-step call of this batch, which fills less than one vector, runs its recurrent
+// product as a GEMM here instead (lstm_cpu.isa.cpp).
+FASTATTN_ISA_DECLARE(LstmUnitLanes lstm_unit_lanes())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
 FASTATTN_ISA_DECLARE(void lstm_layer_fwd_kernel(const LstmLayerFwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
@@ -152,10 +152,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   const bool proj = p.w_hr.defined();
   Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
   Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
-  // gates_all is step-major ([T, 4H, B] in memory), as the kernels read it fastest, and in the math
-  // type (csrc/include/fastattn/lstm_cpu.h says why); the op fakes in fastattn/ops/lstm.py match.
-  Tensor gates_all =
-      at::empty({p.T, 4 * p.H, p.B}, opts.dtype(math_type(x_proj))).permute({0, 2, 1});
+  // gates_all is in the layout the kernels read fastest (step-major [T, 4H, B] in memory with
+  // lanes along the batch, row-major with lanes along the units) and in the math type
+  // (csrc/include/fastattn/lstm_cpu.h says why); the op fakes in fastattn/ops/lstm.py match.
+  const auto gates_opts = opts.dtype(math_type(x_proj));
+  Tensor gates_all = FASTATTN_ISA_CALL(lstm_unit_lanes)(p.B)
+                         ? at::empty({p.T, p.B, 4 * p.H}, gates_opts)
+                         : at::empty({p.T, 4 * p.H, p.B}, gates_opts).permute({0, 2, 1});
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   run_layer_fwd(p, lstm_dtype(x_proj, op), kernel_weight(w_hh),
                 proj ? kernel_weight(p.w_hr) : Tensor(), x_proj, h0, c0, 0, p.T, h_all, c_all,
@@ -203,7 +206,7 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   const Tensor b = given(bias) ? *bias : Tensor();
   // A small batch runs with lanes along the units (lstm_cpu.isa.cpp), which reads a row's gates
   // as vectors: x_proj row-major [n, B, 4H] there.
-  const bool unit_lanes = step_on_gemm || FASTATTN_ISA_CALL(lstm_layer_fwd_unit_lanes, B);
+  const bool unit_lanes = step_on_gemm || FASTATTN_ISA_CALL(lstm_unit_lanes)(B);
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
     const int64_t t0 = reverse ? T - done - n : done;
@@ -284,9 +287,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
               op, ": gates_all must be ", math_type(c_all), " on ", c_all.device(), ", got ",
               gates_all.scalar_type(), " on ", gates_all.device());
   const auto opts = c_all.options();
-  // Feature-major ([4H, T, B] in memory): the weight gradients' GEMMs, here and in the backward of
-  // the input projection (lstm_weight_mm, fastattn/ops/lstm.py), read it as one [4H, T * B] matrix.
-  Tensor grad_x_proj = at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
+  // Feature-major ([4H, T, B] in memory) with lanes along the batch, row-major with lanes along the
+  // units: either way the weight gradients' GEMMs, here and in the backward of the input
+  // projection (fastattn/ops/lstm.py), read it as one [4H, T * B] matrix (or its transpose).
+  Tensor grad_x_proj = FASTATTN_ISA_CALL(lstm_unit_lanes)(p.B)
+                           ? at::empty({p.T, p.B, 4 * p.H}, opts)
+                           : at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();

@@ -55,9 +55,7 @@ constexpr int64_t kUnitLaneBatch = 2 * at::vec::Vectorized<float>::size();
 // A batch of exactly one vector keeps the batch lanes: at B16 on AVX-512 the two ran alike at
 // T16 H256 and the batch lanes 8-10% faster at H1024 (inference op, 1 thread, Zen 4); the unit
 // lanes won at B24 (16%) and at B16 H64 (13%).
-inline bool unit_lanes(int64_t batch) {
-  return batch < kUnitLaneBatch && batch != at::vec::Vectorized<float>::size();
-}
+constexpr LstmUnitLanes unit_lanes{kUnitLaneBatch, at::vec::Vectorized<float>::size()};
 
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
 // tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
@@ -1020,7 +1018,7 @@ void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs& args) {
 void lstm_cell_pointwise_bwd_kernel(const LstmCellPointwiseArgs& args) {
   visit_lstm_dtype(args.dtype, [&](auto type) { cell_pointwise_bwd<decltype(type)>(args); });
 }
-bool lstm_layer_fwd_unit_lanes(int64_t batch) { return unit_lanes(batch); }
+LstmUnitLanes lstm_unit_lanes() { return unit_lanes; }
 bool lstm_layer_step_on_gemm(int64_t batch) { return batch < Vec<float>::size(); }
 void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) {
   visit_lstm_dtype(args.shape.dtype, [&](auto type) { layer_fwd<decltype(type)>(args); });

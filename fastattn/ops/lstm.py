@@ -25,6 +25,7 @@ import importlib
 
 import torch
 
+from fastattn import _extension
 from fastattn.ops import (
     _registry,  # noqa: F401  (defines the schemas)
     backends,
@@ -42,6 +43,17 @@ _REFERENCE_COST = ("runs the LSTM as unfused PyTorch ops (a kernel launch and a 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+# The CPU kernels put their vector lanes along the units for a batch B < below other than except
+# (at the ISA this process runs, csrc/lstm/lstm_cpu.isa.cpp), else along the batch. That decides
+# the layouts they read and write fastest: row-major, or step-major / feature-major.
+# Plain ints: under torch.compile a symbolic batch compares into a guard, not a graph break.
+_UNIT_LANES_BELOW, _UNIT_LANES_EXCEPT = (
+    _extension.C.cpu_lstm_unit_lanes() if _extension.C is not None else (0, 0))
+
+
+def _cpu_unit_lanes(batch) -> bool:
+    return batch < _UNIT_LANES_BELOW and batch != _UNIT_LANES_EXCEPT
 
 
 # Cached: the extension registers its kernels once, when it loads, and the query cost 3 us, a
@@ -125,9 +137,10 @@ def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
 
 def _gates_all_fake(x_proj):
     # gates_all is in the math dtype on every device; on CPU it is step-major ([T, 4H, B] in
-    # memory, csrc/lstm/lstm_cpu.cpp), on CUDA contiguous (csrc/lstm/lstm_cuda.cpp).
+    # memory, csrc/lstm/lstm_cpu.cpp) where the lanes run along the batch, else contiguous (CPU
+    # unit lanes, CUDA: csrc/lstm/lstm_cuda.cpp).
     T, B, G = x_proj.shape
-    if x_proj.device.type == "cpu":
+    if x_proj.device.type == "cpu" and not _cpu_unit_lanes(B):
         return x_proj.new_empty(T, G, B, dtype=_opmath(x_proj.dtype)).permute(0, 2, 1)
     return x_proj.new_empty(T, B, G, dtype=_opmath(x_proj.dtype))
 
@@ -148,10 +161,11 @@ def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
 @torch.library.register_fake("fastattn::lstm_layer_bwd")
 def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
                     zoneout_h, h_all, c_all, gates_all, hpre_all):
-    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU, contiguous
-    # on CUDA; the others are contiguous.
+    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU where the
+    # lanes run along the batch, else contiguous (as gates_all); the others are contiguous.
     T, B, G = gates_all.shape
-    grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0) if h0.device.type == "cpu"
+    grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0)
+                   if h0.device.type == "cpu" and not _cpu_unit_lanes(B)
                    else h0.new_empty(T, B, G))
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else h0.new_empty(0)
     return (grad_x_proj, h0.new_empty(h0.shape),
@@ -587,8 +601,8 @@ def lstm_layer(
 
 def _input_projection(input: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None,
                       step_major: bool) -> torch.Tensor:
-    """x_proj [T, B, 4H] = input @ w_ih^T + bias in input's dtype, differentiable; step_major on
-    the cpu backend (its lstm_weight_mm op)."""
+    """x_proj [T, B, 4H] = input @ w_ih^T + bias in input's dtype, differentiable; step_major
+    (the lstm_weight_mm op) where the cpu backend's lanes run along the batch, else row-major."""
     T, B, in_features = input.shape
     if step_major:
         # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
@@ -610,7 +624,8 @@ def _layer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_
     if not _needs_grad(input, h0, c0, w_ih, w_hh, bias, w_hr):
         return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
                                      zoneout_c, zoneout_h)
-    x_proj = _input_projection(input, w_ih, bias, step_major=input.device.type == "cpu")
+    step_major = input.device.type == "cpu" and not _cpu_unit_lanes(input.shape[1])
+    x_proj = _input_projection(input, w_ih, bias, step_major=step_major)
     h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd)(
         x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
     return h_all, c_all

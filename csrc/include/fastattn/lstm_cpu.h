@@ -5,11 +5,12 @@
 // (fastattn/ops/_registry.py). Gate chunks are in torch's order i, f, g, o. Sizes: T steps, B rows,
 // H cell units, P = projected width (H without projection), G = 4H.
 //
-// Data tensors are seen through LstmSeqView strides, so any layout works; a batch stride of 1 is
-// the fast one, step-major ([T, 4H, B] in memory: the layout fastattn.ops.lstm computes x_proj
-// in, and the glue allocates gates_all in) the fastest. Weights are
-// contiguous and, like the saved gates_all, in the math type: float for float32/bfloat16/float16
-// data, double for float64.
+// Data tensors are seen through LstmSeqView strides, so any layout works. The fast one depends on
+// where the kernels put their vector lanes (LstmUnitLanes): along the batch, a batch stride of 1,
+// step-major ([T, 4H, B] in memory) the fastest; along the units, row-major [T, B, F]. The glue
+// allocates gates_all and grad_x_proj, and fastattn.ops.lstm computes x_proj, in the fast layout.
+// Weights are contiguous and, like the saved gates_all, in the math type: float for
+// float32/bfloat16/float16 data, double for float64.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,13 @@
 #include "fastattn/dtype.h"
 
 namespace fastattn {
+
+// The batches for which the layer kernels put their vector lanes along the units instead of the
+// batch: B < below, except B == except (one ISA's choice; lstm_cpu.isa.cpp says why).
+struct LstmUnitLanes {
+  int64_t below, except;
+  bool operator()(int64_t batch) const { return batch < below && batch != except; }
+};
 
 // A [T, B, F] tensor: element (t, b, f) at data + t * st + b * sb + f * sf (in elements).
 // data == nullptr means the tensor is absent. A [B, F] state is a view with T = 1.
