@@ -176,6 +176,46 @@ def test_layer_infer_matches_reference(dtype, case, T, B):
         assert_close_to_reference(g, want, same_dtype, name=name)
 
 
+# One step (T = 1) of fewer rows than a vector computes its gates as dot products of the weights'
+# rows with the batch rows (lstm_step_gates_cpu.isa.cpp: float32 on avx2 and avx512; elsewhere
+# and with FASTATTN_LSTM_GEMM=torch, two GEMMs). Odd widths leave partial vectors along k, a
+# projection makes h0 narrower than the units, and x and h0 are row-strided views read in place.
+@needs_cpu_kernels
+@pytest.mark.parametrize("B", [1, 2, 5, 7])
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
+def test_layer_infer_one_step_gates(B, proj, monkeypatch):
+    n_in, H = 7, 33
+    P = 5 if proj else H
+    x = randn(1, B, n_in + 3)[:, :, :n_in]
+    h0, c0 = randn(B, P + 2)[:, :P], randn(B, H)
+    w_ih, w_hh = randn(4 * H, n_in, scale=0.5), randn(4 * H, P, scale=0.5)
+    w_hr = randn(P, H, scale=0.5) if proj else None
+    bias = randn(4 * H)
+    args = [x, w_ih, bias, h0, c0, w_hh, w_hr, None, False, None, None]
+    nan_heap((4 * H * B,), (1, B, P), (1, B, H), dtype=torch.float32)
+    got = OPS.lstm_layer_infer(*args)
+
+    def reference_step(t):
+        def cast(v):
+            return None if v is None else v.to(t)
+        x_proj = torch.addmm(cast(bias), cast(x[0]), cast(w_ih).t()).unsqueeze(0)
+        return reference.lstm_layer_reference(x_proj, *map(cast, (h0, c0, w_hh, w_hr)), None,
+                                              False, None, None)[:2]
+
+    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_step(torch.float64),
+                                         reference_step(torch.float32), strict=True):
+        assert_close_to_reference(g, want, same_dtype, name=name)
+    monkeypatch.setenv("FASTATTN_LSTM_GEMM", "torch")
+    torch.testing.assert_close(got, OPS.lstm_layer_infer(*args), rtol=2e-6, atol=2e-6)
+    monkeypatch.delenv("FASTATTN_LSTM_GEMM")
+    # NaN in one row's input reaches that row's state only.
+    args[0] = x.clone()
+    args[0][0, B - 1, n_in - 1] = float("nan")
+    h_all, c_all = OPS.lstm_layer_infer(*args)
+    assert h_all[0, B - 1].isnan().all() and c_all[0, B - 1].isnan().all()
+    assert h_all[0, :B - 1].isfinite().all() and c_all[0, :B - 1].isfinite().all()
+
+
 @needs_cpu_kernels
 def test_layer_infer_without_bias_is_the_layer_forward():
     x, w_ih = randn(5, 3, 7), randn(32, 7)

@@ -22,6 +22,8 @@ namespace fastattn {
 // product as a GEMM here instead (lstm_cpu.isa.cpp).
 FASTATTN_ISA_DECLARE(LstmUnitLanes lstm_unit_lanes())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
+FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
+FASTATTN_ISA_DECLARE(void lstm_step_gates_kernel(const LstmStepGatesArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_fwd_kernel(const LstmLayerFwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs&))
@@ -166,6 +168,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   return {h_all, c_all, gates_all, hpre_all};
 }
 
+// rows = bias + x @ w_ih^T + h0 @ w_hh^T for a one-step call's few rows by the GEMV-style kernel
+// (lstm_step_gates_cpu.isa.cpp), where it serves: float32, unit column strides, an ISA it is
+// faster on, and FASTATTN_LSTM_GEMM not torch. False: the caller runs the two GEMMs.
+bool step_gates(const Tensor& rows, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                const Tensor& w_hh, const Tensor& bias) {
+  const bool f32 = rows.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat;
+  const auto unit_cols = [](const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
+  if (!f32 || !FASTATTN_ISA_CALL(lstm_step_gates_runs) || lstm_gemm::torch_mm_forced() ||
+      !unit_cols(rows) || !unit_cols(x) || !unit_cols(h0) || !unit_cols(w_ih) ||
+      !unit_cols(w_hh) || (bias.defined() && !bias.is_contiguous()))
+    return false;
+  LstmStepGatesArgs a{};
+  a.B = rows.size(0);
+  a.G = rows.size(1);
+  a.I = x.size(1);
+  a.P = h0.size(1);
+  a.x = x.const_data_ptr<float>();
+  a.ldx = x.stride(0);
+  a.h = h0.const_data_ptr<float>();
+  a.ldh = h0.stride(0);
+  a.w_ih = w_ih.const_data_ptr<float>();
+  a.ld_ih = w_ih.stride(0);
+  a.w_hh = w_hh.const_data_ptr<float>();
+  a.ld_hh = w_hh.stride(0);
+  a.bias = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  a.gates = rows.mutable_data_ptr<float>();
+  a.ld_gates = rows.stride(0);
+  FASTATTN_ISA_CALL(lstm_step_gates_kernel, a);
+  return true;
+}
+
 // Inference: the input projection runs a chunk of steps at a time into one reused buffer, which
 // the kernel reads while it is still in cache, and no gates are saved. A whole-sequence x_proj
 // (or gates_all) is a fresh allocation of T * B * 4H elements whose pages the allocator maps anew
@@ -191,9 +224,10 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   Tensor c_all = at::empty({T, B, H}, input.options());
   if (T == 0 || B == 0) return {h_all, c_all};
   // One step of a batch that fills less than a vector (a cell, a sampling loop's step): the
-  // recurrent product h0 @ w_hh^T is one more GEMM into x_proj, and the kernel runs the cell
-  // alone (no w_hh). Its kernels would leave most lanes idle or pack w_hh for this one step:
-  // T1 B1 H256 took 111 us through the unit-lane kernel, 76 us so (torch's lstm_cell: 75).
+  // recurrent product h0 @ w_hh^T goes into x_proj with the input's (step_gates, or one more
+  // GEMM), and the kernel runs the cell alone (no w_hh). Its kernels would leave most lanes idle
+  // or pack w_hh for this one step: T1 B1 H256 took 111 us through the unit-lane kernel, 76 us
+  // on two GEMMs (torch's lstm_cell: 75), 43 us on step_gates (1 thread, Zen 4).
   const bool step_on_gemm = T == 1 && FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, B);
   const Tensor w_hh_k = step_on_gemm ? Tensor() : kernel_weight(w_hh);
   const Tensor w_hr_k = p.w_hr.defined() ? kernel_weight(p.w_hr) : Tensor();
@@ -218,8 +252,10 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     if (unit_lanes) {
       x_proj = proj_buf.view({n, B, 4 * H});
       Tensor rows = x_proj.view({n * B, 4 * H});
-      b.defined() ? at::addmm_out(rows, b, x, w_ih.t()) : at::mm_out(rows, x, w_ih.t());
-      if (step_on_gemm) rows.addmm_(h0, w_hh.t());
+      if (!(step_on_gemm && step_gates(rows, x, h0, w_ih, w_hh, b))) {
+        b.defined() ? at::addmm_out(rows, b, x, w_ih.t()) : at::mm_out(rows, x, w_ih.t());
+        if (step_on_gemm) rows.addmm_(h0, w_hh.t());
+      }
       x_proj = x_proj.permute({0, 2, 1});
     } else if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
       torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);

@@ -26,15 +26,17 @@ constexpr int64_t kCols = 64, kRows = 64, kDepth = 512;
 // three columns of zeros for every one of b's). At most kCols / kColStep kernel shapes per a.
 constexpr int64_t kColStep = 16;
 
-// FASTATTN_LSTM_GEMM=torch keeps torch.mm, read on every call so that one process can
-// interleave the two engines (python -m scripts.ab_lstm --gemm).
 bool usable() {
   static const bool runs = brgemm_runs<float>(/*vnni=*/false);
-  const char* engine = std::getenv("FASTATTN_LSTM_GEMM");
-  return runs && !(engine != nullptr && !strcasecmp(engine, "torch"));
+  return runs && !torch_mm_forced();
 }
 
 }  // namespace
+
+bool torch_mm_forced() {
+  const char* engine = std::getenv("FASTATTN_LSTM_GEMM");
+  return engine != nullptr && !strcasecmp(engine, "torch");
+}
 
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias) {

@@ -23,4 +23,9 @@ namespace fastattn::lstm_gemm {
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias = at::Tensor());
 
+// Whether FASTATTN_LSTM_GEMM=torch asks for torch.mm wherever the CPU LSTM could run its own
+// products instead (read on every call, so that one process can interleave the engines:
+// python -m scripts.ab_lstm --gemm).
+bool torch_mm_forced();
+
 }  // namespace fastattn::lstm_gemm

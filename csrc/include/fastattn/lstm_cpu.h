@@ -26,6 +26,24 @@ struct LstmUnitLanes {
   bool operator()(int64_t batch) const { return batch < below && batch != except; }
 };
 
+// One step's gate pre-activations for a batch of a few rows, float32:
+// gates[b, j] = bias[j] + x[b, :] . w_ih[j, :] + h[b, :] . w_hh[j, :] for b < B, j < G. Every
+// matrix is row-major with unit column stride; ld* are row strides in elements.
+struct LstmStepGatesArgs {
+  int64_t B, G, I, P;
+  const float* x;
+  int64_t ldx;
+  const float* h;
+  int64_t ldh;
+  const float* w_ih;
+  int64_t ld_ih;
+  const float* w_hh;
+  int64_t ld_hh;
+  const float* bias;  // [G], or nullptr
+  float* gates;
+  int64_t ld_gates;
+};
+
 // A [T, B, F] tensor: element (t, b, f) at data + t * st + b * sb + f * sf (in elements).
 // data == nullptr means the tensor is absent. A [B, F] state is a view with T = 1.
 struct LstmSeqView {
