@@ -240,10 +240,13 @@ def _cpu_grid(name: str) -> Grid:
             attention_paged_decode=[PAGED_DECODE_FULL],
             attention_window=_window([1], [2], [2048], 64, WINDOW_FULL),
             attention_features_dtypes=[fp32],
-            lstm_cell=_lstm([1], [64], [256, 512, 1024]),
-            # B1 and B4: a single stream's and a small batch's sequence, where the kernels put
-            # their lanes along the units (csrc/lstm/lstm_cpu.isa.cpp)
-            lstm=_lstm([32], [16], [256, 512]) + _lstm([128], [1, 4], [256]),
+            # B1: one stream's decoding step (the one-step gates kernel,
+            # csrc/lstm/lstm_step_gates_cpu.isa.cpp)
+            lstm_cell=_lstm([1], [1, 64], [256]) + _lstm([1], [64], [512, 1024]),
+            # B1, B4 and B24: a single stream's and small batches' sequences, where the kernels
+            # put their lanes along the units (csrc/lstm/lstm_cpu.isa.cpp)
+            lstm=_lstm([32], [16], [256, 512]) + _lstm([128], [1, 4], [256])
+            + _lstm([64], [24], [256]),
             lstm_dtypes=[fp32],
             mha=[TransformerShape(4, 256, 512, 8, 1)],
             encoder=[TransformerShape(4, 256, 512, 8, 6)],
@@ -259,8 +262,9 @@ def _cpu_grid(name: str) -> Grid:
         attention_paged_decode=[PAGED_DECODE_FULL],
         attention_window=_window([1], [2, 4], [8192], 64, WINDOW_FULL),
         attention_features_dtypes=[fp32],
-        lstm_cell=_lstm([1], [16, 64], [256, 512, 1024]),
-        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]) + _lstm([128], [1, 4], [256, 512]),
+        lstm_cell=_lstm([1], [1, 16, 64], [256, 512, 1024]),
+        lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]) + _lstm([128], [1, 4], [256, 512])
+        + _lstm([64], [24], [256, 512]),
         lstm_dtypes=[fp32],
         mha=[TransformerShape(4, 1024, 512, 8, 1)],
         encoder=[encoder_full],
