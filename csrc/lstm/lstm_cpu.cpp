@@ -119,6 +119,10 @@ std::tuple<Tensor, Tensor> lstm_cell_pointwise_bwd_cpu(const Tensor& grad_hy, co
 
 // ---- sequence ops ----------------------------------------------------------------------------
 
+// Whether a [T, B, 4H] tensor is step-major ([T, 4H, B] in memory) rather than row-major: its
+// batch stride is 1. The op fakes (fastattn/ops/lstm.py, _step_major) decide alike.
+bool step_major(const Tensor& t) { return t.stride(1) == 1; }
+
 // The forward kernel over steps [t0, t0 + n) of the outputs: x_proj holds those n steps, the
 // state before them is (h_start, c_start), and gates_all / hpre_all (whole-sequence, or
 // undefined) receive what the backward reads.
@@ -154,13 +158,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   const bool proj = p.w_hr.defined();
   Tensor h_all = at::empty({p.T, p.B, p.P}, opts);
   Tensor c_all = at::empty({p.T, p.B, p.H}, opts);
-  // gates_all is in the layout the kernels read fastest (step-major [T, 4H, B] in memory with
-  // lanes along the batch, row-major with lanes along the units) and in the math type
-  // (csrc/include/fastattn/lstm_cpu.h says why); the op fakes in fastattn/ops/lstm.py match.
+  // gates_all is in the math type (csrc/include/fastattn/lstm_cpu.h says why) and in the layout
+  // of x_proj, which the caller picks for the kernel's lanes (fastattn/ops/lstm.py): step-major
+  // ([T, 4H, B] in memory) where x_proj's batch stride is 1, else row-major. A rule on x_proj's
+  // strides, not on B, so that the op fakes, which follow it, need no guard on a symbolic batch.
   const auto gates_opts = opts.dtype(math_type(x_proj));
-  Tensor gates_all = FASTATTN_ISA_CALL(lstm_unit_lanes)(p.B)
-                         ? at::empty({p.T, p.B, 4 * p.H}, gates_opts)
-                         : at::empty({p.T, 4 * p.H, p.B}, gates_opts).permute({0, 2, 1});
+  Tensor gates_all = step_major(x_proj)
+                         ? at::empty({p.T, 4 * p.H, p.B}, gates_opts).permute({0, 2, 1})
+                         : at::empty({p.T, p.B, 4 * p.H}, gates_opts);
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   run_layer_fwd(p, lstm_dtype(x_proj, op), kernel_weight(w_hh),
                 proj ? kernel_weight(p.w_hr) : Tensor(), x_proj, h0, c0, 0, p.T, h_all, c_all,
@@ -323,12 +328,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
               op, ": gates_all must be ", math_type(c_all), " on ", c_all.device(), ", got ",
               gates_all.scalar_type(), " on ", gates_all.device());
   const auto opts = c_all.options();
-  // Feature-major ([4H, T, B] in memory) with lanes along the batch, row-major with lanes along the
-  // units: either way the weight gradients' GEMMs, here and in the backward of the input
-  // projection (fastattn/ops/lstm.py), read it as one [4H, T * B] matrix (or its transpose).
-  Tensor grad_x_proj = FASTATTN_ISA_CALL(lstm_unit_lanes)(p.B)
-                           ? at::empty({p.T, p.B, 4 * p.H}, opts)
-                           : at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
+  // Feature-major ([4H, T, B] in memory) after a step-major forward, else row-major, as gates_all
+  // (the fakes follow the same rule): either way the weight gradients' GEMMs, here and in the
+  // backward of the input projection (fastattn/ops/lstm.py), read it as one [4H, T * B] matrix
+  // (or its transpose).
+  Tensor grad_x_proj = step_major(gates_all)
+                           ? at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0})
+                           : at::empty({p.T, p.B, 4 * p.H}, opts);
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();

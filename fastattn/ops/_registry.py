@@ -102,13 +102,13 @@ SCHEMAS.update({
 #   Outputs are the states after each time step, in time order: h_all [T, B, P], c_all [T, B, H];
 #   gates_all [T, B, 4H] holds the ACTIVATED gates (i, f, g, o after sigmoid/tanh) in the math
 #   dtype on every device (float32 for half/bfloat16: the backward's dc = grad_c + grad_h * o *
-#   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors). On
-#   CPU, where the kernels' vector lanes run along the batch, gates_all is step-major ([T, 4H, B]
-#   in memory) and grad_x_proj feature-major ([4H, T, B] in memory, one [4H, T * B] matrix for
-#   the weight gradients' GEMMs); where they run along the units (small batches,
-#   fastattn.ops.lstm._cpu_unit_lanes), both are contiguous. x_proj may have any layout, and
-#   fastattn.ops.lstm computes it in the one the CPU kernel reads fastest (step-major, or
-#   row-major for unit lanes);
+#   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors).
+#   x_proj may have any layout; fastattn.ops.lstm computes it in the one the CPU kernel reads
+#   fastest: step-major ([T, 4H, B] in memory) where its vector lanes run along the batch,
+#   row-major where they run along the units (small batches, fastattn.ops.lstm._cpu_unit_lanes).
+#   On CPU, where x_proj's batch stride is 1 (step-major), gates_all is step-major and
+#   grad_x_proj feature-major ([4H, T, B] in memory, one [4H, T * B] matrix for the weight
+#   gradients' GEMMs); otherwise both are contiguous;
 #   hpre_all [T, B, H] = o * tanh(c) before the projection (empty when w_hr is None).
 #   The step at time t reads the state of time t - 1 (t + 1 when reverse), h0/c0 at the first
 #   step (t = 0, or t = T - 1 when reverse). So h_n = h_all[T - 1] (h_all[0] when reverse).

@@ -46,14 +46,21 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 # The CPU kernels put their vector lanes along the units for a batch B < below other than except
 # (at the ISA this process runs, csrc/lstm/lstm_cpu.isa.cpp), else along the batch. That decides
-# the layouts they read and write fastest: row-major, or step-major / feature-major.
-# Plain ints: under torch.compile a symbolic batch compares into a guard, not a graph break.
+# the layout of x_proj they read fastest, row-major or step-major; the training ops then keep
+# gates_all and grad_x_proj in x_proj's layout (_step_major).
 _UNIT_LANES_BELOW, _UNIT_LANES_EXCEPT = (
     _extension.C.cpu_lstm_unit_lanes() if _extension.C is not None else (0, 0))
 
 
-def _cpu_unit_lanes(batch) -> bool:
+def _cpu_unit_lanes(batch: int) -> bool:
     return batch < _UNIT_LANES_BELOW and batch != _UNIT_LANES_EXCEPT
+
+
+def _step_major(t: torch.Tensor) -> bool:
+    """Whether a [T, B, 4H] tensor is step-major ([T, 4H, B] in memory): its batch stride is 1.
+    The CPU training ops lay gates_all out as x_proj, and grad_x_proj as gates_all, by this rule
+    (csrc/lstm/lstm_cpu.cpp), which reads strides only: no guard on a symbolic batch."""
+    return t.stride(1) == 1
 
 
 # Cached: the extension registers its kernels once, when it loads, and the query cost 3 us, a
@@ -137,10 +144,10 @@ def _layer_fwd_fake(x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
 
 def _gates_all_fake(x_proj):
     # gates_all is in the math dtype on every device; on CPU it is step-major ([T, 4H, B] in
-    # memory, csrc/lstm/lstm_cpu.cpp) where the lanes run along the batch, else contiguous (CPU
-    # unit lanes, CUDA: csrc/lstm/lstm_cuda.cpp).
+    # memory, csrc/lstm/lstm_cpu.cpp) where x_proj is, else contiguous (as on CUDA,
+    # csrc/lstm/lstm_cuda.cpp).
     T, B, G = x_proj.shape
-    if x_proj.device.type == "cpu" and not _cpu_unit_lanes(B):
+    if x_proj.device.type == "cpu" and _step_major(x_proj):
         return x_proj.new_empty(T, G, B, dtype=_opmath(x_proj.dtype)).permute(0, 2, 1)
     return x_proj.new_empty(T, B, G, dtype=_opmath(x_proj.dtype))
 
@@ -161,11 +168,11 @@ def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
 @torch.library.register_fake("fastattn::lstm_layer_bwd")
 def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
                     zoneout_h, h_all, c_all, gates_all, hpre_all):
-    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU where the
-    # lanes run along the batch, else contiguous (as gates_all); the others are contiguous.
+    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU where
+    # gates_all is step-major, else contiguous; the others are contiguous.
     T, B, G = gates_all.shape
     grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0)
-                   if h0.device.type == "cpu" and not _cpu_unit_lanes(B)
+                   if h0.device.type == "cpu" and _step_major(gates_all)
                    else h0.new_empty(T, B, G))
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else h0.new_empty(0)
     return (grad_x_proj, h0.new_empty(h0.shape),
@@ -624,7 +631,11 @@ def _layer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_
     if not _needs_grad(input, h0, c0, w_ih, w_hh, bias, w_hr):
         return _OPS.lstm_layer_infer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse,
                                      zoneout_c, zoneout_h)
-    step_major = input.device.type == "cpu" and not _cpu_unit_lanes(input.shape[1])
+    # Row-major x_proj for the unit lanes; a symbolic batch (torch.compile, export) gets
+    # step-major, which serves every batch, instead of a guard on the lane choice.
+    batch = input.shape[1]
+    step_major = input.device.type == "cpu" and not (
+        isinstance(batch, int) and _cpu_unit_lanes(batch))
     x_proj = _input_projection(input, w_ih, bias, step_major=step_major)
     h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd)(
         x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)

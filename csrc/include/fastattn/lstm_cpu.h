@@ -7,8 +7,9 @@
 //
 // Data tensors are seen through LstmSeqView strides, so any layout works. The fast one depends on
 // where the kernels put their vector lanes (LstmUnitLanes): along the batch, a batch stride of 1,
-// step-major ([T, 4H, B] in memory) the fastest; along the units, row-major [T, B, F]. The glue
-// allocates gates_all and grad_x_proj, and fastattn.ops.lstm computes x_proj, in the fast layout.
+// step-major ([T, 4H, B] in memory) the fastest; along the units, row-major [T, B, F].
+// fastattn.ops.lstm computes x_proj in the fast layout, and the glue allocates gates_all and
+// grad_x_proj in x_proj's.
 // Weights are contiguous and, like the saved gates_all, in the math type: float for
 // float32/bfloat16/float16 data, double for float64.
 #pragma once
