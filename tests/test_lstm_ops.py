@@ -139,9 +139,12 @@ def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H, device):
 # avx512, < 16 on avx2) but for exactly one vector, along the batch above: B = 5 and 40 run one
 # each everywhere, B = 20 the unit lanes on avx512 and the batch lanes on avx2, B = 16 the batch
 # lanes (one full vector on avx512). One step (T = 1) of fewer rows than a vector (B = 3) adds
-# h0 @ w_hh^T to x_proj as a GEMM and runs the cell alone; of B = 20, one step of a kernel.
+# h0 @ w_hh^T to x_proj and runs the cell alone; of B = 20, one step of a kernel; of B = 40, one
+# step of the batch lanes, whose float32 projection (brgemm, lstm_gemm_cpu.cpp) then has fewer
+# column blocks than threads and splits its rows.
 @needs_cpu_kernels
-@pytest.mark.parametrize(("T", "B"), [(70, 5), (70, 16), (70, 20), (70, 40), (1, 3), (1, 20)],
+@pytest.mark.parametrize(("T", "B"),
+                         [(70, 5), (70, 16), (70, 20), (70, 40), (1, 3), (1, 20), (1, 40)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", LSTM_LAYER_CASES)

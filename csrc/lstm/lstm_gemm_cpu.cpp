@@ -62,19 +62,30 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   const float* bias = row_bias.defined() ? row_bias.const_data_ptr<float>() : nullptr;
   float* C = out.mutable_data_ptr<float>();
 
-  // Column blocks across threads: each packs its own panels and reads all of A.
+  // Column blocks across threads: each packs its own panels and reads all of A. With fewer
+  // column blocks than threads (a one-step call's B columns), the rows are split too, and each
+  // part packs its own copy of its panel: else one thread ran a 2-thread cell step's projection.
   const int64_t cols = std::min(kCols, (N + kColStep - 1) / kColStep * kColStep);
-  at::parallel_for(0, (N + cols - 1) / cols, 1, [&](int64_t j0, int64_t j1) {
+  const int64_t col_blocks = (N + cols - 1) / cols, row_blocks = (M + kRows - 1) / kRows;
+  const int64_t row_parts =
+      std::clamp<int64_t>(at::get_num_threads() / col_blocks, 1, row_blocks);
+  at::parallel_for(0, col_blocks * row_parts, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> panel(K * cols), block(kRows * cols);
-    for (int64_t j = j0; j < j1; ++j) {
+    int64_t packed = -1;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t j = i / row_parts, part = i % row_parts;
       const int64_t n0 = j * cols, n = std::min(cols, N - n0);
-      // panel[k][jj] = b[k][n0 + jj], zero for jj >= n.
-      if (n < cols) std::fill(panel.begin(), panel.end(), 0.f);
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const float* src = Bsrc + (n0 + jj) * bsn;
-        for (int64_t k = 0; k < K; ++k) panel[k * cols + jj] = src[k * bsk];
+      if (j != packed) {
+        // panel[k][jj] = b[k][n0 + jj], zero for jj >= n.
+        if (n < cols) std::fill(panel.begin(), panel.end(), 0.f);
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const float* src = Bsrc + (n0 + jj) * bsn;
+          for (int64_t k = 0; k < K; ++k) panel[k * cols + jj] = src[k * bsk];
+        }
+        packed = j;
       }
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      const int64_t r0 = row_blocks * part / row_parts, r1 = row_blocks * (part + 1) / row_parts;
+      for (int64_t m0 = r0 * kRows; m0 < std::min(M, r1 * kRows); m0 += kRows) {
         const int64_t rows = std::min(kRows, M - m0);
         for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
           cpublas::brgemm(rows, cols, std::min(kDepth, K - k0), lda, cols, cols, k0 > 0,
