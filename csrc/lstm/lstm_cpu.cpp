@@ -18,8 +18,8 @@
 namespace fastattn {
 
 // For which batches the kernels put their lanes along the units (else along the batch), and
-// whether a one-step call of this batch, which fills less than one vector, runs its recurrent
-// product as a GEMM here instead (lstm_cpu.isa.cpp).
+// whether a one-step call of this batch, which fills less than one vector, computes its
+// recurrent product here, before the kernel (lstm_cpu.isa.cpp).
 FASTATTN_ISA_DECLARE(LstmUnitLanes lstm_unit_lanes())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
 FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())

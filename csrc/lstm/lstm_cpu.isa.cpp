@@ -548,6 +548,18 @@ inline void unit_tile(int64_t nb, const acc_t* a, int64_t lda, const acc_t* b, i
   epilogue(acc);
 }
 
+// fn(i, b0, nb) for every block i < blocks of features, across threads (at least `grain` blocks
+// per thread), and every tile of nb <= R batch rows b0 .. b0 + nb - 1: how the unit-lane kernels
+// visit their tiles.
+template <int R, typename Fn>
+inline void for_unit_tiles(int64_t blocks, int64_t grain, int64_t batch, const Fn& fn) {
+  at::parallel_for(0, blocks, std::max<int64_t>(1, grain), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t b0 = 0; b0 < batch; b0 += R) fn(i, b0, std::min<int64_t>(R, batch - b0));
+    }
+  });
+}
+
 template <typename scalar_t>
 void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -632,36 +644,24 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
     };
 
     // Phase 1: per block of L units and tile of R batch rows, the four gates, then the cell.
-    at::parallel_for(0, units, std::max<int64_t>(1, unit_grain(4 * K, B) / L),
-                     [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t j0 = u * L;
-        const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-        for (int64_t b0 = 0; b0 < B; b0 += R) {
-          const int64_t nb = std::min<int64_t>(R, B - b0);
-          unit_tile<acc_t, R, 4>(nb, h_prev + b0 * P, P, w_hh_t.get() + u * hh_panel, 4 * L, K,
-                                 [&](auto& acc) {
-            for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, j0, n);
-          });
-        }
-      }
+    for_unit_tiles<R>(units, unit_grain(4 * K, B) / L, B, [&](int64_t u, int64_t b0, int64_t nb) {
+      const int64_t j0 = u * L;
+      const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
+      unit_tile<acc_t, R, 4>(nb, h_prev + b0 * P, P, w_hh_t.get() + u * hh_panel, 4 * L, K,
+                             [&](auto& acc) {
+        for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, j0, n);
+      });
     });
 
     // Phase 2 (projection): h_new = hpre @ w_hr^T, per block of L projected features.
     if (proj) {
-      at::parallel_for(0, p_blocks, std::max<int64_t>(1, unit_grain(H, B) / L),
-                       [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t p0 = i * L;
-          const int n = static_cast<int>(std::min<int64_t>(L, P - p0));
-          for (int64_t b0 = 0; b0 < B; b0 += R) {
-            const int64_t nb = std::min<int64_t>(R, B - b0);
-            unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.get() + i * H * L, L, H,
-                                   [&](auto& acc) {
-              for (int64_t r = 0; r < rows_of(acc); ++r) emit_h(acc[r][0], b0 + r, p0, n);
-            });
-          }
-        }
+      for_unit_tiles<R>(p_blocks, unit_grain(H, B) / L, B, [&](int64_t i, int64_t b0, int64_t nb) {
+        const int64_t p0 = i * L;
+        const int n = static_cast<int>(std::min<int64_t>(L, P - p0));
+        unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.get() + i * H * L, L, H,
+                               [&](auto& acc) {
+          for (int64_t r = 0; r < rows_of(acc); ++r) emit_h(acc[r][0], b0 + r, p0, n);
+        });
       });
     }
   }
@@ -891,22 +891,17 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
   // Phase A of step s: the gradient reaching hpre (through w_hr with a projection), then the
   // cell; without a projection it runs fused into phase B of step s - 1, except for s = 0.
   auto phase_a = [&](int64_t s) {
-    at::parallel_for(0, ceil_div(H, L), 1, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t k0 = u * L;
-        const int n = lanes(H, k0);
-        for (int64_t b0 = 0; b0 < B; b0 += R) {
-          const int64_t nb = std::min<int64_t>(R, B - b0);
-          if (proj) {
-            unit_tile<acc_t, R, 1>(nb, dh_new.data() + b0 * P, P, w_hr_cols.tile(u).base, L, P,
-                                   [&](auto& acc) {
-              for (int64_t r = 0; r < rows_of(acc); ++r) cell(s, acc[r][0], b0 + r, k0, n);
-            });
-          } else {
-            for (int64_t b = b0; b < b0 + nb; ++b)
-              cell(s, load_n<acc_t>(&dh_new[b * P + k0], n), b, k0, n);
-          }
-        }
+    for_unit_tiles<R>(ceil_div(H, L), 1, B, [&](int64_t u, int64_t b0, int64_t nb) {
+      const int64_t k0 = u * L;
+      const int n = lanes(H, k0);
+      if (proj) {
+        unit_tile<acc_t, R, 1>(nb, dh_new.data() + b0 * P, P, w_hr_cols.tile(u).base, L, P,
+                               [&](auto& acc) {
+          for (int64_t r = 0; r < rows_of(acc); ++r) cell(s, acc[r][0], b0 + r, k0, n);
+        });
+      } else {
+        for (int64_t b = b0; b < b0 + nb; ++b)
+          cell(s, load_n<acc_t>(&dh_new[b * P + k0], n), b, k0, n);
       }
     });
   };
@@ -921,30 +916,25 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
     // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on) per group of V * L
     // columns, then the split of the next step (and, without a projection, its cell).
     const acc_t* dg = dgates.data() + (s % 2) * B * G;
-    at::parallel_for(0, ceil_div(P, V * L), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t b0 = 0; b0 < B; b0 += R) {
-          const int64_t nb = std::min<int64_t>(R, B - b0);
-          unit_tile<acc_t, R, V>(nb, dg + b0 * G, G, w_hh_cols.tile(i).base, V * L, K_hh,
-                                 [&](auto& acc) {
-            for (int64_t r = 0; r < rows_of(acc); ++r) {
-              const int64_t b = b0 + r;
-              for (int v = 0; v < V; ++v) {
-                const int64_t p0 = i * V * L + v * L;
-                if (p0 >= P) break;
-                const int n = lanes(P, p0);
-                const Vec<acc_t> carry = acc[r][v] + load_n<acc_t>(&dh_share[b * P + p0], n);
-                if (s + 1 == T) {
-                  grad_h0.store_row(carry, 0, b, p0, n);
-                } else {
-                  const Vec<acc_t> into_new = split(s + 1, carry, b, p0, n);
-                  if (!proj) cell(s + 1, into_new, b, p0, n);
-                }
-              }
+    for_unit_tiles<R>(ceil_div(P, V * L), 1, B, [&](int64_t i, int64_t b0, int64_t nb) {
+      unit_tile<acc_t, R, V>(nb, dg + b0 * G, G, w_hh_cols.tile(i).base, V * L, K_hh,
+                             [&](auto& acc) {
+        for (int64_t r = 0; r < rows_of(acc); ++r) {
+          const int64_t b = b0 + r;
+          for (int v = 0; v < V; ++v) {
+            const int64_t p0 = i * V * L + v * L;
+            if (p0 >= P) break;
+            const int n = lanes(P, p0);
+            const Vec<acc_t> carry = acc[r][v] + load_n<acc_t>(&dh_share[b * P + p0], n);
+            if (s + 1 == T) {
+              grad_h0.store_row(carry, 0, b, p0, n);
+            } else {
+              const Vec<acc_t> into_new = split(s + 1, carry, b, p0, n);
+              if (!proj) cell(s + 1, into_new, b, p0, n);
             }
-          });
+          }
         }
-      }
+      });
     });
   }
   for (int64_t b = 0; b < B; ++b) {
