@@ -17,12 +17,22 @@ namespace fastattn {
 
 FASTATTN_ISA_DECLARE(const char* attention_fwd_tile_engine(Dtype dtype))
 FASTATTN_ISA_DECLARE(LstmUnitLanes lstm_unit_lanes())
+FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
+FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
 
 const char* attention_cpu_tile_engine(Dtype dtype) {
   return FASTATTN_ISA_CALL(attention_fwd_tile_engine, dtype);
 }
 
 LstmUnitLanes cpu_lstm_unit_lanes() { return FASTATTN_ISA_CALL(lstm_unit_lanes); }
+
+// Batches B < this run fastattn::lstm_step_gates on its GEMV-style kernel (0: none do).
+int64_t cpu_lstm_step_gates_below() {
+  if (!FASTATTN_ISA_CALL(lstm_step_gates_runs)) return 0;
+  int64_t below = 0;
+  while (FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, below)) ++below;
+  return below;
+}
 
 }  // namespace fastattn
 
@@ -87,6 +97,9 @@ PYBIND11_MODULE(_C, m) {
         "(below, except): the CPU LSTM kernels put their vector lanes along the units for a "
         "batch B < below other than except (at the ISA cpu_isa() reports), and keep their "
         "gates and gate gradients row-major then");
+  m.def("cpu_lstm_step_gates_below", &fastattn::cpu_lstm_step_gates_below,
+        "fastattn::lstm_step_gates computes the gates of a batch B < this on its GEMV-style "
+        "kernel (at the ISA cpu_isa() reports; 0: on none), else on two GEMMs");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
 }

@@ -249,6 +249,31 @@ def test_lstm_cell_fp32_vs_float64(B):
             assert_close_to_reference(a, b, c, name=f"{name} (grad {grad})")
 
 
+# Training steps of float32 cells: fewer rows than a vector take the gates from
+# fastattn::lstm_step_gates (B 1 and 7 on AVX2 and AVX-512), more rows from two GEMMs (B 40).
+# Every gradient against float64, within twice torch's own error.
+@pytest.mark.parametrize("B", [1, 7, 40])
+def test_lstm_cell_fp32_gradients_vs_float64(B):
+    cell64 = fastattn.LSTMCell(33, 17, dtype=torch.float64)
+    theirs = torch.nn.LSTMCell(33, 17)
+    ours = fastattn.LSTMCell(33, 17)
+    theirs.load_state_dict(cell64.state_dict())
+    ours.load_state_dict(cell64.state_dict())
+    x, h, c, grad_h, grad_c = (torch.randn(B, n, dtype=torch.float64) for n in (33, 17, 17, 17, 17))
+
+    def gradients(module, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, h, c)]
+        hy, cy = module(leaves[0], (leaves[1], leaves[2]))
+        loss = (hy * grad_h.to(dtype)).sum() + (cy * grad_c.to(dtype)).sum()
+        return torch.autograd.grad(loss, [*leaves, *module.parameters()])
+
+    names = ("input", "hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+    for name, a, b, t in zip(names, gradients(ours, torch.float32),
+                             gradients(cell64, torch.float64),
+                             gradients(theirs, torch.float32), strict=True):
+        assert_close_to_reference(a, b, t, name=f"grad {name}")
+
+
 # ---- extras: layer_norm, zoneout, recurrent_dropout vs a plain per-step reference ---------------
 
 

@@ -219,6 +219,63 @@ def test_layer_infer_one_step_gates(B, proj, monkeypatch):
     assert h_all[0, :B - 1].isfinite().all() and c_all[0, :B - 1].isfinite().all()
 
 
+# fastattn::lstm_step_gates: a training cell step's products (fastattn.lstm_cell with grad), on
+# the same kernel for B < lstm_ops._STEP_GATES_BELOW, else on two GEMMs; B = 17 is past the
+# kernel's batches on both ISAs that have it, B = 0 an empty step. Odd widths, row-strided input
+# and state read in place, and every gradient, against float64.
+@needs_cpu_kernels
+@pytest.mark.parametrize("B", [0, 1, 3, 7, 17])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_step_gates_op(B, bias, monkeypatch):
+    n_in, H = 7, 33
+    x, hx = randn(B, n_in + 3)[:, :n_in], randn(B, H + 2)[:, :H]
+    w_ih, w_hh = randn(4 * H, n_in, scale=0.5), randn(4 * H, H, scale=0.5)
+    b = randn(4 * H) if bias else None
+    inputs = [t for t in (x, hx, w_ih, w_hh, b) if t is not None]
+
+    def product(x, hx, w_ih, w_hh, *b):
+        gates = x @ w_ih.t() + hx @ w_hh.t()
+        return gates + b[0] if b else gates
+
+    nan_heap((B, 4 * H), dtype=torch.float32)
+    got = OPS.lstm_step_gates(x, hx, w_ih, w_hh, b)
+    assert got.shape == (B, 4 * H) and got.is_contiguous()
+    inputs64 = [t.double().requires_grad_() for t in inputs]
+    want64 = product(*inputs64)
+    assert_close_to_reference(got, want64, product(*inputs), name="gates")
+    monkeypatch.setenv("FASTATTN_LSTM_GEMM", "torch")
+    torch.testing.assert_close(got, OPS.lstm_step_gates(x, hx, w_ih, w_hh, b), rtol=2e-6,
+                               atol=2e-6)
+    monkeypatch.delenv("FASTATTN_LSTM_GEMM")
+    args = [t.clone().requires_grad_() if t is not None else None for t in (x, hx, w_ih, w_hh, b)]
+    grad = randn(B, 4 * H)
+    got_grads = torch.autograd.grad(OPS.lstm_step_gates(*args), [t for t in args if t is not None],
+                                    grad)
+    want_grads = torch.autograd.grad(want64, inputs64, grad.double())
+    for name, g, want in zip(("input", "hx", "w_ih", "w_hh", "bias"), got_grads, want_grads,
+                             strict=False):
+        assert_close_to_reference(g, want, name=f"grad_{name}")
+    torch.library.opcheck(OPS.lstm_step_gates.default, args)
+    if B:  # NaN in one row's input reaches that row's gates only
+        x_nan = x.clone()
+        x_nan[B - 1, n_in - 1] = float("nan")
+        gates = OPS.lstm_step_gates(x_nan, hx, w_ih, w_hh, b)
+        assert gates[B - 1].isnan().all() and gates[:B - 1].isfinite().all()
+
+
+@needs_cpu_kernels
+def test_step_gates_op_rejects_bad_shapes():
+    x, hx, w_ih, w_hh = randn(2, 3), randn(2, 4), randn(16, 3), randn(16, 4)
+    with pytest.raises(RuntimeError, match="hx must have shape"):
+        OPS.lstm_step_gates(x, randn(2, 5), w_ih, w_hh, None)
+    with pytest.raises(RuntimeError, match="w_ih must be"):
+        OPS.lstm_step_gates(x, hx, randn(15, 3), w_hh, None)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        OPS.lstm_step_gates(x, hx, w_ih, w_hh, randn(15))
+    with pytest.raises(RuntimeError, match="w_hh must have dtype"):
+        OPS.lstm_step_gates(x, hx, w_ih, w_hh.double(), None)
+
+
 @needs_cpu_kernels
 def test_layer_infer_without_bias_is_the_layer_forward():
     x, w_ih = randn(5, 3, 7), randn(32, 7)

@@ -160,6 +160,11 @@ SCHEMAS.update({
     # torch.matmul broadcasts weight; the training input projection computes x_proj step-major with
     # it (weight = w_ih, x = input.transpose(1, 2)).
     "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias) -> Tensor",
+    # CPU only: gates [B, 4H] = input [B, I] @ w_ih^T + hx [B, H] @ w_hh^T (+ bias [4H]), before
+    # the activations, contiguous: the products of a training cell step of a few rows, which a
+    # GEMV-style kernel computes faster than two GEMMs (fastattn.ops.lstm's lstm_cell).
+    "lstm_step_gates": "lstm_step_gates(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, "
+    "Tensor? bias) -> Tensor",
 })
 
 # LayerNorm-LSTM layer ops: one layer in one direction as lstm_layer_fwd / _bwd (same layouts,

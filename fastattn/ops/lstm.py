@@ -56,6 +56,11 @@ def _cpu_unit_lanes(batch: int) -> bool:
     return batch < _UNIT_LANES_BELOW and batch != _UNIT_LANES_EXCEPT
 
 
+# fastattn::lstm_step_gates runs its GEMV-style kernel for float32 batches B < this (0: none).
+_STEP_GATES_BELOW = (
+    _extension.C.cpu_lstm_step_gates_below() if _extension.C is not None else 0)
+
+
 def _step_major(t: torch.Tensor) -> bool:
     """Whether a [T, B, 4H] tensor is step-major ([T, 4H, B] in memory): its batch stride is 1.
     The CPU training ops lay gates_all out as x_proj, and grad_x_proj as gates_all, by this rule
@@ -242,6 +247,31 @@ def _weight_mm_backward(ctx, grad):
 
 register_autograd("fastattn::lstm_weight_mm", _weight_mm_backward,
                   setup_context=_weight_mm_setup_context)
+
+
+@torch.library.register_fake("fastattn::lstm_step_gates")
+def _step_gates_fake(input, hx, w_ih, w_hh, bias):
+    return input.new_empty(input.shape[0], w_ih.shape[0])
+
+
+def _step_gates_setup_context(ctx, inputs, output):
+    input, hx, w_ih, w_hh, _bias = inputs
+    ctx.save_for_backward(input, hx, w_ih, w_hh)
+
+
+@first_order_only("fastattn::lstm_step_gates")
+def _step_gates_backward(ctx, grad):
+    input, hx, w_ih, w_hh = ctx.saved_tensors
+    need_input, need_hx, need_w_ih, need_w_hh, need_bias = ctx.needs_input_grad
+    return (grad @ w_ih if need_input else None,
+            grad @ w_hh if need_hx else None,
+            grad.t() @ input if need_w_ih else None,
+            grad.t() @ hx if need_w_hh else None,
+            grad.sum(0) if need_bias else None)
+
+
+register_autograd("fastattn::lstm_step_gates", _step_gates_backward,
+                  setup_context=_step_gates_setup_context)
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -483,13 +513,20 @@ def _cell_step(x, hx, cx, w_ih, w_hh, bias, pointwise) -> tuple[torch.Tensor, to
 def _cell(x, hx, cx, w_ih, w_hh, bias):
     """fastattn::lstm_cell (the cpu backend's lstm_cell on [B, I] input): where no gradient is
     needed, one step of the fused layer kernel (the recurrent GEMM and the gate math in one
-    pass); else, as its backward is built for sequences, two GEMMs and the fused pointwise op,
-    which train one step faster."""
+    pass); else, as its backward is built for sequences, the gates' products and the fused
+    pointwise op, which train one step faster: for a few float32 rows the products in one
+    pass (lstm_step_gates), else two GEMMs. Under autocast, the GEMMs in its precision."""
     if not _needs_grad(x, hx, cx, w_ih, w_hh, bias):
         h_all, c_all = _OPS.lstm_layer_infer(
             x.unsqueeze(0), w_ih, bias, hx, cx, w_hh, None, None, False, None, None)
         return h_all[0], c_all[0]
-    return _cell_step(x, hx, cx, w_ih, w_hh, bias, differentiable(_OPS.lstm_cell_pointwise_fwd))
+    pointwise = differentiable(_OPS.lstm_cell_pointwise_fwd)
+    batch = x.shape[0]
+    # A symbolic batch (compile, export) takes the GEMMs, which serve every batch, without a guard.
+    if (isinstance(batch, int) and batch < _STEP_GATES_BELOW and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")):
+        return pointwise(_OPS.lstm_step_gates(x, hx, w_ih, w_hh, bias), cx)
+    return _cell_step(x, hx, cx, w_ih, w_hh, bias, pointwise)
 
 
 _registry.LIBRARY.impl("lstm_cell", _cell, "CompositeImplicitAutograd")
