@@ -26,7 +26,8 @@ const char* attention_cpu_tile_engine(Dtype dtype) {
 
 LstmUnitLanes cpu_lstm_unit_lanes() { return FASTATTN_ISA_CALL(lstm_unit_lanes); }
 
-// Batches B < this run fastattn::lstm_step_gates on its GEMV-style kernel (0: none do).
+// Batches B < this run fastattn::lstm_step_gates on its GEMV-style kernel (0: none do). Counted
+// from lstm_layer_step_on_gemm, so that the batch rule is stated once, in the kernel's ISA file.
 int64_t cpu_lstm_step_gates_below() {
   if (!FASTATTN_ISA_CALL(lstm_step_gates_runs)) return 0;
   int64_t below = 0;

@@ -207,7 +207,8 @@ bool step_gates(const Tensor& rows, const Tensor& x, const Tensor& h0, const Ten
 // gates [B, 4H] = input @ w_ih^T + hx @ w_hh^T (+ bias), before the activations: the products of
 // one training cell step (fastattn.ops.lstm's cell with grad; autograd's four products are its
 // backward). step_gates for a batch of fewer rows than a vector, where it is faster than the two
-// GEMMs (a B1 H256 step: 1.65x), else those GEMMs.
+// GEMMs (a B1 H256 step: 1.65x with the weights in L2; about even when a training step's
+// backward has pushed them out to L3), else those GEMMs.
 Tensor lstm_step_gates_cpu(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
                            const Tensor& w_hh, const OptTensor& bias) {
   constexpr const char* op = "fastattn::lstm_step_gates";
