@@ -137,6 +137,13 @@ def _processes(device_name: str) -> Iterator[_Processes]:
         # Tearing gloo down needs every rank: one that reaches destroy_process_group while
         # another is still busy (rank 0 plotting) can wait there forever once the other exits.
         dist.barrier()
+        # Then a pause without the GIL: a gloo worker frees each finished collective (this
+        # barrier holds the last one, the gather of the ranks' weight digests, whose tensors
+        # have Python objects) and needs the GIL to do it. Had the main thread meanwhile
+        # dropped the DDP model, the group's destructor would join that worker while holding
+        # the GIL: a deadlock seen in one CI run (torch 2.13, gloo), a rank stuck at exit after
+        # its training had finished.
+        time.sleep(0.1)
     finally:
         dist.destroy_process_group()
 
