@@ -227,15 +227,22 @@ def test_lstm_cell_matches_torch(batched, bias, with_hx):
     _assert_same(results[1][1], results[0][1], [f"grad {i}" for i in range(len(results[0][1]))])
 
 
+def _cells_fp64_torch_ours(input_size: int, hidden_size: int):
+    """A float64 fastattn.LSTMCell, and float32 nn.LSTMCell and fastattn.LSTMCell with its
+    weights."""
+    cell64 = fastattn.LSTMCell(input_size, hidden_size, dtype=torch.float64)
+    theirs = torch.nn.LSTMCell(input_size, hidden_size)
+    ours = fastattn.LSTMCell(input_size, hidden_size)
+    theirs.load_state_dict(cell64.state_dict())
+    ours.load_state_dict(cell64.state_dict())
+    return cell64, theirs, ours
+
+
 # Batch sizes 7, 40, 70: the inference input projection's panels 16 and 48 wide (a narrow b,
 # csrc/lstm/lstm_gemm_cpu.cpp), then 64 wide with a partial second block.
 @pytest.mark.parametrize("B", [7, 40, 70])
 def test_lstm_cell_fp32_vs_float64(B):
-    cell64 = fastattn.LSTMCell(33, 17, dtype=torch.float64)
-    theirs = torch.nn.LSTMCell(33, 17)
-    ours = fastattn.LSTMCell(33, 17)
-    theirs.load_state_dict(cell64.state_dict())
-    ours.load_state_dict(cell64.state_dict())
+    cell64, theirs, ours = _cells_fp64_torch_ours(33, 17)
     x = torch.randn(B, 33, dtype=torch.float64)
     hx = (torch.randn(B, 17, dtype=torch.float64), torch.randn(B, 17, dtype=torch.float64))
     want = cell64(x, hx)
@@ -254,11 +261,7 @@ def test_lstm_cell_fp32_vs_float64(B):
 # Every gradient against float64, within twice torch's own error.
 @pytest.mark.parametrize("B", [1, 7, 40])
 def test_lstm_cell_fp32_gradients_vs_float64(B):
-    cell64 = fastattn.LSTMCell(33, 17, dtype=torch.float64)
-    theirs = torch.nn.LSTMCell(33, 17)
-    ours = fastattn.LSTMCell(33, 17)
-    theirs.load_state_dict(cell64.state_dict())
-    ours.load_state_dict(cell64.state_dict())
+    cell64, theirs, ours = _cells_fp64_torch_ours(33, 17)
     x, h, c, grad_h, grad_c = (torch.randn(B, n, dtype=torch.float64) for n in (33, 17, 17, 17, 17))
 
     def gradients(module, dtype):

@@ -173,17 +173,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   return {h_all, c_all, gates_all, hpre_all};
 }
 
-// rows = bias + x @ w_ih^T + h0 @ w_hh^T for a one-step call's few rows by the GEMV-style kernel
-// (lstm_step_gates_cpu.isa.cpp), where it serves: float32, unit column strides, an ISA it is
-// faster on, and FASTATTN_LSTM_GEMM not torch. False: the caller runs the two GEMMs.
-bool step_gates(const Tensor& rows, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+// rows = (bias +) x @ w_ih^T: the input projection of a batch-row-major x_proj.
+void project_rows(Tensor& rows, const Tensor& x, const Tensor& w_ih, const Tensor& bias) {
+  bias.defined() ? at::addmm_out(rows, bias, x, w_ih.t()) : at::mm_out(rows, x, w_ih.t());
+}
+
+// rows = (bias +) x @ w_ih^T + h0 @ w_hh^T, the gate pre-activations of one step: by the
+// GEMV-style kernel (lstm_step_gates_cpu.isa.cpp) for fewer rows than a vector where it serves
+// (float32, unit column strides, an ISA it is faster on, FASTATTN_LSTM_GEMM not torch), else by
+// two GEMMs.
+void step_gates(Tensor& rows, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                 const Tensor& w_hh, const Tensor& bias) {
   const bool f32 = rows.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat;
   const auto unit_cols = [](const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
-  if (!f32 || !FASTATTN_ISA_CALL(lstm_step_gates_runs) || lstm_gemm::torch_mm_forced() ||
+  if (!FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, rows.size(0)) || !f32 ||
+      !FASTATTN_ISA_CALL(lstm_step_gates_runs) || lstm_gemm::torch_mm_forced() ||
       !unit_cols(rows) || !unit_cols(x) || !unit_cols(h0) || !unit_cols(w_ih) ||
-      !unit_cols(w_hh) || (bias.defined() && !bias.is_contiguous()))
-    return false;
+      !unit_cols(w_hh) || (bias.defined() && !bias.is_contiguous())) {
+    project_rows(rows, x, w_ih, bias);
+    rows.addmm_(h0, w_hh.t());
+    return;
+  }
   LstmStepGatesArgs a{};
   a.B = rows.size(0);
   a.G = rows.size(1);
@@ -201,14 +211,12 @@ bool step_gates(const Tensor& rows, const Tensor& x, const Tensor& h0, const Ten
   a.gates = rows.mutable_data_ptr<float>();
   a.ld_gates = rows.stride(0);
   FASTATTN_ISA_CALL(lstm_step_gates_kernel, a);
-  return true;
 }
 
 // gates [B, 4H] = input @ w_ih^T + hx @ w_hh^T (+ bias), before the activations: the products of
 // one training cell step (fastattn.ops.lstm's cell with grad; autograd's four products are its
-// backward). step_gates for a batch of fewer rows than a vector, where it is faster than the two
-// GEMMs (a B1 H256 step: 1.65x with the weights in L2; about even when a training step's
-// backward has pushed them out to L3), else those GEMMs.
+// backward), by step_gates: its kernel ran a B1 H256 step 1.65x faster than the two GEMMs with
+// the weights in L2, and about even when a training step's backward had pushed them out to L3.
 Tensor lstm_step_gates_cpu(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
                            const Tensor& w_hh, const OptTensor& bias) {
   constexpr const char* op = "fastattn::lstm_step_gates";
@@ -223,12 +231,7 @@ Tensor lstm_step_gates_cpu(const Tensor& input, const Tensor& hx, const Tensor& 
   check_like(w_hh, input, {G, G / 4}, op, "w_hh");
   if (given(bias)) check_like(*bias, input, {G}, op, "bias");
   Tensor gates = at::empty({B, G}, input.options());
-  const Tensor b = given(bias) ? *bias : Tensor();
-  const bool few_rows = FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, B);
-  if (!(few_rows && step_gates(gates, input, hx, w_ih, w_hh, b))) {
-    b.defined() ? at::addmm_out(gates, b, input, w_ih.t()) : at::mm_out(gates, input, w_ih.t());
-    gates.addmm_(hx, w_hh.t());
-  }
+  step_gates(gates, input, hx, w_ih, w_hh, given(bias) ? *bias : Tensor());
   return gates;
 }
 
@@ -285,10 +288,7 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     if (unit_lanes) {
       x_proj = proj_buf.view({n, B, 4 * H});
       Tensor rows = x_proj.view({n * B, 4 * H});
-      if (!(step_on_gemm && step_gates(rows, x, h0, w_ih, w_hh, b))) {
-        b.defined() ? at::addmm_out(rows, b, x, w_ih.t()) : at::mm_out(rows, x, w_ih.t());
-        if (step_on_gemm) rows.addmm_(h0, w_hh.t());
-      }
+      step_on_gemm ? step_gates(rows, x, h0, w_ih, w_hh, b) : project_rows(rows, x, w_ih, b);
       x_proj = x_proj.permute({0, 2, 1});
     } else if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
       torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);
