@@ -6,8 +6,9 @@
 
 For each case of issue 5's grid (T in {32, 128}, B in {16, 64}, H = I in {256, 512, 1024}),
 float32, the rounds alternate one call of each provider, inference (no grad) and a training
-step (forward + backward into the input and every weight), and keep each one's fastest thread
-CPU time. Printed: torch_time / fastattn_time per case and pass, and the geomeans. With one
+step (forward + backward into the input and every weight), and keep each one's fastest time:
+thread CPU time with one thread, wall clock with more (thread CPU time would see the calling
+thread only). Printed: torch_time / fastattn_time per case and pass, and the geomeans. With one
 thread, CPU time still compares the work each side does while other processes share the cores
 (it ignores descheduling, not cache contention); it is no substitute for the quiet benchmark
 (benchmarks/bench_lstm.py). With --gemm, fastattn's inference also runs with
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 import torch
@@ -48,9 +50,33 @@ def with_gemm_engine(engine: str, fn):
     return call
 
 
-def case_ratios(T: int, B: int, H: int, rounds: int, gemm_ab: bool) -> list[float]:
+def step_clock(threads: int):
+    """Thread CPU time with one thread; wall clock with more (thread time sees the caller only)."""
+    return time.perf_counter if threads > 1 else time.thread_time
+
+
+def clock_name(threads: int) -> str:
+    return "wall" if threads > 1 else "thread CPU"
+
+
+def parse_cases(spec: str, pattern: str) -> list[tuple[int, ...]]:
+    """The --cases list as tuples of the pattern's groups: 'T32B16H512' -> (32, 16, 512)."""
+    cases = []
+    for item in spec.split(","):
+        match = re.fullmatch(pattern, item.strip())
+        if not match:
+            raise SystemExit(f"--cases: {item!r} does not match {pattern}")
+        cases.append(tuple(int(g) for g in match.groups()))
+    return cases
+
+
+def case_ratios(T: int, B: int, H: int, rounds: int, gemm_ab: bool,
+                clock) -> tuple[list[float], list[float]]:
     """Ratios torch_time / fastattn_time of one case: inference, training, and with gemm_ab
-    inference with fastattn's projection on torch.mm."""
+    inference with fastattn's projection on torch.mm. Then the GEMM rate each of torch's and
+    ours reaches (inference: two [T * B, H] x [H, 4H] products; training: six) as a fraction of
+    torch.mm's rate on one such product, timed in the same rounds: torch inference, ours, torch
+    training, ours. A fraction near 1 is a bound: no kernel of the same FLOPs runs much faster."""
     torch.manual_seed(0)
     ref = nn.LSTM(H, H)
     ours = fastattn.LSTM(H, H)
@@ -69,17 +95,20 @@ def case_ratios(T: int, B: int, H: int, rounds: int, gemm_ab: bool) -> list[floa
         params = [x_grad, *module.parameters()]
         return lambda: torch.autograd.grad(module(x_grad, state)[0], params, dout)
 
-    fns = [infer(ref), infer(ours), train(ref), train(ours)]
+    rows, weight = x.reshape(T * B, H), ref.weight_ih_l0.detach()
+    fns = [infer(ref), infer(ours), train(ref), train(ours), lambda: torch.mm(rows, weight.t())]
     if gemm_ab:
         fns = [with_gemm_engine("brgemm", fn) for fn in fns]
         fns.append(with_gemm_engine("torch", infer(ours)))
     for fn in fns:
         fn()
-    t = fastest_interleaved(fns, rounds, time.thread_time)
-    return [t[0] / t[1], t[2] / t[3], *([t[0] / t[4]] if gemm_ab else [])]
+    t = fastest_interleaved(fns, rounds, clock)
+    ratios = [t[0] / t[1], t[2] / t[3], *([t[0] / t[5]] if gemm_ab else [])]
+    products = [2, 2, 6, 6]  # [T * B, H] x [H, 4H] products per call
+    return ratios, [n * t[4] / ti for n, ti in zip(products, t[:4], strict=True)]
 
 
-def cell_ratios(B: int, H: int, rounds: int) -> list[float]:
+def cell_ratios(B: int, H: int, rounds: int, clock) -> list[float]:
     """Ratios nn.LSTMCell time / fastattn time: lstm_cell and LSTMCell, forward and training."""
     torch.manual_seed(0)
     ref = nn.LSTMCell(H, H)
@@ -107,7 +136,7 @@ def cell_ratios(B: int, H: int, rounds: int) -> list[float]:
         train(steps[0], params), train(steps[1], params), train(steps[2], ours_params)]
     for fn in fns:
         fn()
-    t = fastest_interleaved(fns, rounds, time.thread_time)
+    t = fastest_interleaved(fns, rounds, clock)
     return [t[0] / t[1], t[0] / t[2], t[3] / t[4], t[3] / t[5]]
 
 
@@ -155,11 +184,10 @@ def part_times(T: int, B: int, H: int, rounds: int, clock) -> dict[str, tuple[fl
 
 
 def main_parts(args: argparse.Namespace, cases: list[tuple[int, int, int]]) -> None:
-    clock = time.perf_counter if args.threads > 1 else time.thread_time
     print(f"threads {args.threads}, float32, training step, ms (GFLOP/s), "
-          f"{'wall' if args.threads > 1 else 'thread CPU'} time, fastest of {args.rounds}")
+          f"{clock_name(args.threads)} time, fastest of {args.rounds}")
     for T, B, H in cases:
-        times = part_times(T, B, H, args.rounds, clock)
+        times = part_times(T, B, H, args.rounds, step_clock(args.threads))
         ours_parts = [name for name in times if name not in ("torch step", "ours step")]
         rest = times["ours step"][0] - sum(times[name][0] for name in ours_parts)
         cells = [f"{name} {t * 1e3:.2f} ({flop / t:.0f})" for name, (t, flop) in times.items()]
@@ -171,7 +199,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cases", default="", help="comma-separated, e.g. T32B16H512")
+    parser.add_argument("--cases", default="",
+                        help="comma-separated, e.g. T32B16H512,T64B24H256 (B64H1024 with --cells)"
+                             "; default: issue 5's grid")
     parser.add_argument("--cells", action="store_true",
                         help="the cell-step cases (lstm_cell, LSTMCell) instead of nn.LSTM's")
     parser.add_argument("--gemm", action="store_true",
@@ -185,18 +215,22 @@ def main() -> None:
         return
     cases = [(T, B, H) for T in (32, 128) for B in (16, 64) for H in (256, 512, 1024)]
     if args.cases:
-        cases = [c for c in cases if "T{}B{}H{}".format(*c) in args.cases.split(",")]
+        cases = parse_cases(args.cases, r"T(\d+)B(\d+)H(\d+)")
     if args.parts:
         main_parts(args, cases)
         return
-    print(f"threads {args.threads}, float32, torch time / fastattn time (thread CPU time, "
-          f"fastest of {args.rounds})")
+    print(f"threads {args.threads}, float32, torch time / fastattn time "
+          f"({clock_name(args.threads)} time, fastest of {args.rounds})")
+    print("and each one's GEMM rate as a fraction of torch.mm's on a [T * B, H] x [H, 4H] product")
     columns = ["inference", "training"] + (["inference torch.mm"] if args.gemm else [])
     ratios = []
     for T, B, H in cases:
-        ratios.append(case_ratios(T, B, H, args.rounds, args.gemm))
+        case, rates = case_ratios(T, B, H, args.rounds, args.gemm, step_clock(args.threads))
+        ratios.append(case)
         print(f"T{T} B{B} H{H}: " + ", ".join(
-            f"{name} {r:.2f}x" for name, r in zip(columns, ratios[-1], strict=True)), flush=True)
+            f"{name} {r:.2f}x" for name, r in zip(columns, case, strict=True))
+            + "; of torch.mm's rate: inference torch {:.0%} ours {:.0%}, training torch {:.0%} "
+              "ours {:.0%}".format(*rates), flush=True)
 
     print("geomean: " + ", ".join(f"{name} {geomean([r[i] for r in ratios]):.2f}x"
                                   for i, name in enumerate(columns)))
@@ -205,13 +239,13 @@ def main() -> None:
 def main_cells(args: argparse.Namespace) -> None:
     cases = [(B, H) for B in (16, 64) for H in (256, 512, 1024)]
     if args.cases:
-        cases = [c for c in cases if "B{}H{}".format(*c) in args.cases.split(",")]
-    print(f"threads {args.threads}, float32, nn.LSTMCell time / fastattn time (thread CPU "
-          f"time, fastest of {args.rounds})")
+        cases = parse_cases(args.cases, r"B(\d+)H(\d+)")
+    print(f"threads {args.threads}, float32, nn.LSTMCell time / fastattn time "
+          f"({clock_name(args.threads)} time, fastest of {args.rounds})")
     columns = ["lstm_cell fwd", "LSTMCell fwd", "lstm_cell train", "LSTMCell train"]
     ratios = []
     for B, H in cases:
-        ratios.append(cell_ratios(B, H, args.rounds))
+        ratios.append(cell_ratios(B, H, args.rounds, step_clock(args.threads)))
         print(f"B{B} H{H}: " + ", ".join(
             f"{name} {r:.2f}x" for name, r in zip(columns, ratios[-1], strict=True)), flush=True)
     print("geomean: " + ", ".join(f"{name} {geomean([r[i] for r in ratios]):.2f}x"
