@@ -3,9 +3,12 @@
     python -m benchmarks.report --readme            # rewrite README.md between the markers
     python -m benchmarks.report --readme --check    # exit 1 when README.md is stale
 
-For every machine under benchmarks/results/ it takes the newest *trusted* run: one that the
-noise guard called quiet (benchmarks/noise.py), measured at a clean commit, on a grid that
-times (not smoke). A machine with runs but none trusted is still listed, with why. The table
+For every machine under benchmarks/results/ it takes the newest *trusted* run of the quick grid
+(the main job, scripts/main.sh): one that the noise guard called quiet (benchmarks/noise.py),
+measured at a clean commit. A machine with runs but none trusted is still listed, with why.
+Below it comes the newest trusted run of the full grid (the issues' target grids), where one is
+committed: usually a selection of it (its pytest command is quoted), never in place of the
+quick grid's table. The table
 gives, per op and fastattn provider, the geometric mean and worst of the ratios against the
 fastest torch baseline (from the interleaved rounds) and the geomean against each baseline by
 name. The trainer sentence comes from the same run's trainer.json when its runs were quiet.
@@ -85,13 +88,35 @@ def machines(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def newest_trusted(runs: list[Path]) -> Run | None:
+MAIN_GRID = "quick"  # what scripts/main.sh runs; the README's table per machine
+FULL_GRID = "full"  # the issues' target grids, run (in part) by hand
+
+
+def grid_of(path: Path) -> str | None:
+    """The grid a run folder's results.json names (None when unreadable or unrecorded)."""
+    try:
+        results = json.loads((path / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return results.get("machine_info", {}).get("fastattn", {}).get("grid")
+
+
+def newest_trusted(runs: list[Path], grid: str = MAIN_GRID) -> Run | None:
     trusted = [
         Run(path, json.loads((path / "results.json").read_text()))
         for path in runs
-        if not distrust(path)
+        if not distrust(path) and grid_of(path) == grid
     ]
     return max(trusted, key=lambda r: r.datetime, default=None)
+
+
+def pytest_command(run: Run) -> str | None:
+    """The pytest command of a run (command.txt's first line), which says what was selected."""
+    path = run.path / "command.txt"
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    return lines[0] if lines else None
 
 
 def _x(value: float) -> str:
@@ -158,32 +183,14 @@ def trainer_sentence(run: Run) -> str:
     )
 
 
-def machine_section(name: str, runs: list[Path]) -> list[str]:
-    run = newest_trusted(runs)
-    if run is None:
-        return (
-            [
-                f"### {name}",
-                "",
-                f"No trustworthy run yet. The {len(runs)} committed run(s) are kept as history; "
-                "the next quiet `scripts/main.sh` run at a clean commit fills this in:",
-                "",
-            ]
-            + [f"- `{p.name}`: " + "; ".join(distrust(p)) for p in runs]
-            + [""]
-        )
+def _run_lines(run: Run) -> list[str]:
+    """A trusted run's link, commit, grid and noise verdict, then its table."""
     facts = run.facts
     folder = _folder(run.path)
     verdict = run.results["fastattn_noise"]
     changes = ", ".join(f"{k} {100 * v:.0f}%" for k, v in verdict.get("changes", {}).items())
     others = verdict.get("others", {}).get("others_mean") or 0.0
-    hardware = f"{facts.get('cpu_model')} ({facts.get('cpu_isa')}), {facts.get('cores')} cores" + (
-        f", {facts['gpu']}" if facts.get("gpu") else ""
-    )
-    bf16 = "" if facts.get("bf16_hardware") else " (no bf16 hardware: bf16 is emulated)"
     lines = [
-        f"### {name}: {hardware}{bf16}",
-        "",
         f"[`{folder}/report.md`]({folder}/report.md): commit `{facts.get('git_head', '')[:12]}` "
         f"(clean tree), {run.datetime[:10]}, {facts.get('grid')} grid on "
         f"{facts.get('bench_device')}, torch {facts.get('torch')}; noise guard quiet "
@@ -199,10 +206,44 @@ def machine_section(name: str, runs: list[Path]) -> list[str]:
         )
     else:
         lines += ["No fastattn case was timed in this run.", ""]
-    lines += [trainer_sentence(run), ""]
-    plot = run.path / "attention_fwd_float32.png"
-    if plot.exists():
-        lines += [f"![attention forward, float32, on {name}]({folder}/{plot.name})", ""]
+    return lines
+
+
+def machine_section(name: str, runs: list[Path]) -> list[str]:
+    run = newest_trusted(runs)
+    full = newest_trusted(runs, FULL_GRID)
+    if run is None:
+        untrusted = [p for p in runs if distrust(p)]
+        fill = "the next quiet `scripts/main.sh` run at a clean commit fills this in"
+        lines = [f"### {name}", ""]
+        if untrusted:
+            lines += [
+                f"No trustworthy {MAIN_GRID}-grid run yet. The {len(untrusted)} untrusted "
+                f"committed run(s) are kept as history; {fill}:",
+                "",
+            ] + [f"- `{p.name}`: " + "; ".join(distrust(p)) for p in untrusted] + [""]
+        else:
+            lines += [f"No trustworthy {MAIN_GRID}-grid run yet: {fill}.", ""]
+    else:
+        facts = run.facts
+        folder = _folder(run.path)
+        hardware = (f"{facts.get('cpu_model')} ({facts.get('cpu_isa')}), {facts.get('cores')} "
+                    "cores" + (f", {facts['gpu']}" if facts.get("gpu") else ""))
+        bf16 = "" if facts.get("bf16_hardware") else " (no bf16 hardware: bf16 is emulated)"
+        lines = [f"### {name}: {hardware}{bf16}", ""] + _run_lines(run)
+        lines += [trainer_sentence(run), ""]
+        plot = run.path / "attention_fwd_float32.png"
+        if plot.exists():
+            lines += [f"![attention forward, float32, on {name}]({folder}/{plot.name})", ""]
+    if full is not None:
+        command = pytest_command(full)
+        lines += [
+            f"#### {name}: {FULL_GRID} grid",
+            "",
+            "The issues' target grids, as selected by "
+            + (f"`{command}`" if command else "an unrecorded command") + ":",
+            "",
+        ] + _run_lines(full)
     return lines
 
 
@@ -211,9 +252,11 @@ def render(root: Path = report.RESULTS) -> str:
     lines = [
         BEGIN,
         "",
-        "Per machine, the newest committed run that the noise guard called quiet (fp32 GEMM "
-        "rate and copy bandwidth within 15% before and after, other processes under 5% of the "
-        "CPU), measured at a clean commit. Ratio = a PyTorch baseline's time / fastattn's time "
+        "Per machine, the newest committed quick-grid run (`scripts/main.sh`) that the noise "
+        "guard called quiet (fp32 GEMM rate and copy bandwidth within 15% before and after, "
+        "other processes under 5% of the CPU), measured at a clean commit; below it, where one "
+        "is committed, the newest such run on the full grid (the issues' target grids, often a "
+        "selection of it). Ratio = a PyTorch baseline's time / fastattn's time "
         "(> 1: faster), from rounds where the two ran interleaved; 'min' compares their "
         "fastest calls. Each row's cases are listed in the linked report.",
         "",

@@ -343,11 +343,15 @@ def tree_clean(facts: dict[str, Any]) -> bool | None:
 
 
 def run_folder_name(merged: dict[str, Any]) -> str:
-    """<date>-<commit, 12 digits>, with -dirty when the tree had uncommitted changes."""
+    """<date>-<commit, 12 digits>, then -<grid> for a grid other than the quick one (so that a
+    full-grid run never lands in a quick run's folder) and -dirty when the tree had uncommitted
+    changes."""
     facts = merged.get("machine_info", {}).get("fastattn", {})
     date = str(merged.get("datetime", "undated"))[:10]
     head = facts.get("git_head") or str(facts.get("git_commit", "unknown")).removesuffix("-dirty")
-    return f"{date}-{head[:12]}" + ("-dirty" if tree_clean(facts) is False else "")
+    grid = facts.get("grid")
+    return (f"{date}-{head[:12]}" + (f"-{grid}" if grid and grid != "quick" else "")
+            + ("-dirty" if tree_clean(facts) is False else ""))
 
 
 def _clean_words(clean: bool | None) -> str:

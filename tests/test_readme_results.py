@@ -23,14 +23,15 @@ def test_readme_results_section_is_what_the_command_writes():
     )
 
 
-def _run(root, machine, folder, when, torch_s, noise=QUIET, clean=True, trainer=None):
+def _run(root, machine, folder, when, torch_s, noise=QUIET, clean=True, trainer=None,
+         grid="quick", command=None):
     path = root / machine / folder
     path.mkdir(parents=True)
     facts = {
         "machine": machine,
         "cpu_model": "Test CPU",
         "cores": 2,
-        "grid": "quick",
+        "grid": grid,
         "bench_device": "cpu",
         "torch": "2.13.0",
         "git_commit": "0123456789abcdef" + ("" if clean else "-dirty"),
@@ -54,6 +55,8 @@ def _run(root, machine, folder, when, torch_s, noise=QUIET, clean=True, trainer=
     if noise is not None:
         results["fastattn_noise"] = noise
     (path / "results.json").write_text(json.dumps(results))
+    if command is not None:
+        (path / "command.txt").write_text(command + "\n")
     if trainer is not None:
         (path / "trainer").mkdir()
         (path / "trainer" / "trainer.json").write_text(json.dumps(trainer))
@@ -112,7 +115,7 @@ def test_machine_without_a_trusted_run_is_listed_with_why(tmp_path):
     _run(tmp_path, "cpu-b-4c", "2026-12-02-0123456789ab", "2026-12-02T01:00", 0.002,
          noise={"noisy": True, "reasons": ["other processes used 80% of the CPU"]})
     section = readme.render(tmp_path)
-    assert "### cpu-b-4c" in section and "No trustworthy run yet" in section
+    assert "### cpu-b-4c" in section and "No trustworthy quick-grid run yet" in section
     assert "`2026-12-01-0123456789ab-dirty`: measured on a dirty tree" in section
     assert "`2026-11-30`: it predates the noise guard" in section
     assert "`2026-12-02-0123456789ab`: noisy: other processes used 80% of the CPU" in section
@@ -160,3 +163,37 @@ def test_report_links_the_trainer_evidence_into_the_run_folder(tmp_path):
         "python -m fastattn.lm train --backend fastattn --out-dir runs/fastattn",
         "python -m fastattn.lm train --backend torch --out-dir runs/torch",
     ]
+
+
+def test_full_grid_run_is_shown_below_the_quick_one_never_in_its_place(tmp_path):
+    selection = "python -m pytest benchmarks/bench_lstm.py --benchmark-only --shapes=full -k lstm"
+    _run(tmp_path, "cpu-c-2c", "2026-12-01-0123456789ab", "2026-12-01T01:00", 0.0015)
+    _run(tmp_path, "cpu-c-2c", "2026-12-02-0123456789ab-full", "2026-12-02T01:00", 0.003,
+         grid="full", command=selection)
+    _run(tmp_path, "cpu-c-2c", "2026-12-03-0123456789ab-full", "2026-12-03T01:00", 0.009,
+         grid="full", noise={"noisy": True, "reasons": ["copy_gbps went from 20 to 10"]})
+    text = readme.render(tmp_path)
+    section = text[text.index("### cpu-c-2c") :]
+    quick, full = section.split("#### cpu-c-2c: full grid")
+    assert "2026-12-01-0123456789ab/report.md" in quick and "-full/" not in quick
+    assert "| 1.50× | 1.50× | 1.50× (" in quick  # the quick run's ratios (sdpa 1.5 ms / 1 ms)
+    assert f"`{selection}`" in full
+    assert "2026-12-02-0123456789ab-full/report.md" in full  # not the newer noisy one
+    assert "| 3.00× | 3.00× | 3.00× (" in full
+
+
+def test_full_grid_run_without_a_quick_one(tmp_path):
+    _run(tmp_path, "cpu-d-2c", "2026-12-02-0123456789ab-full", "2026-12-02T01:00", 0.003,
+         grid="full")
+    section = readme.render(tmp_path)
+    assert "No trustworthy quick-grid run yet: the next quiet" in section
+    assert "#### cpu-d-2c: full grid" in section and "an unrecorded command" in section
+
+
+def test_run_folder_names_the_grid_unless_quick():
+    def merged(grid):
+        facts = {"git_head": "0123456789abcdef", "git_clean": True, "grid": grid}
+        return {"datetime": "2026-12-05T01:00", "machine_info": {"fastattn": facts}}
+
+    assert report.run_folder_name(merged("quick")) == "2026-12-05-0123456789ab"
+    assert report.run_folder_name(merged("full")) == "2026-12-05-0123456789ab-full"
