@@ -81,6 +81,33 @@ def test_lstm_matches_torch(flags):
     _assert_same(grads_o, grads_t, names)
 
 
+# The batch picks the kernels' lanes (float64 vectors hold 8 rows on avx512, 4 on avx2): B = 1
+# along the units; B = 16, 17 and 40 along the batch, in panels of several vectors, the last one
+# partial at 17 and 40. test_lstm_matches_torch runs every flag at B = 3 (unit lanes) only.
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("B", [1, 16, 17, 40])
+@pytest.mark.parametrize("flags", [
+    dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True, bias=True),
+    dict(num_layers=1, bidirectional=False, proj_size=0, batch_first=False, bias=False),
+], ids=["L2-bi-P3-bf-bias", "L1-uni-P0-tf-nobias"])
+def test_lstm_matches_torch_at_every_lane_layout(flags, B, packed):
+    theirs, ours = _pair(flags)
+    T = 4
+    hx = [t.requires_grad_() for t in _state(flags, B)]
+    if packed:  # lengths 1 .. T, unsorted, so that rows stop stepping within a vector
+        lengths = [1 + (5 * b) % T for b in range(B)]
+        x = torch.randn(T, B, 5, dtype=torch.float64, requires_grad=True)
+        _assert_same_on_packed(theirs, ours, x, lengths, False, hx)
+        return
+    shape = (B, T, 5) if flags["batch_first"] else (T, B, 5)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    outs_t, grads_t = _run(theirs, x, hx, list(theirs.parameters()))
+    outs_o, grads_o = _run(ours, x, hx, list(ours.parameters()))
+    _assert_same(outs_o, outs_t, ("output", "h_n", "c_n"))
+    names = ["grad input", "grad h0", "grad c0"] + [f"grad {n}" for n, _ in ours.named_parameters()]
+    _assert_same(grads_o, grads_t, names)
+
+
 def test_lstm_without_hx_and_unbatched():
     flags = dict(num_layers=2, bidirectional=True, proj_size=3)
     theirs, ours = _pair(flags)
