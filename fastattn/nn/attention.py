@@ -221,7 +221,11 @@ class MultiheadAttention(nn.Module):
             scores = torch.matmul(q * math.sqrt(1.0 / self.head_dim), k.transpose(-2, -1))
             if mask is not None:
                 if mask.dtype == torch.bool:
-                    scores = scores.masked_fill(~mask, float("-inf"))
+                    # Added as -inf, as torch's explicit path adds its masks: a query with every
+                    # key blocked gets NaN weights and a NaN gradient into q, k and the
+                    # projections, as in torch (masked_fill would zero that gradient).
+                    blocked = torch.zeros(mask.shape, dtype=scores.dtype, device=mask.device)
+                    scores = scores + blocked.masked_fill_(~mask, float("-inf"))
                 else:
                     # A float32 mask with half scores (torch raises there): added at float32.
                     scores = (scores + mask).to(scores.dtype)
