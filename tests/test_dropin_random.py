@@ -1,9 +1,10 @@
-"""Drop-in fidelity over random combinations of the modules' options: fastattn.LSTM and
-fastattn.MultiheadAttention against torch's, configurations drawn from a seeded generator (the
-test id names the seed; the failure message names the configuration). The other tests pin each
-option and a few combinations; these catch an interaction of options that none of them pairs.
-float64, so that any difference is a bug, not rounding: outputs, final states, attention weights
-and the gradients of every input and parameter, or the exception type torch raises."""
+"""Drop-in fidelity over random combinations of options: fastattn.LSTM, fastattn.LSTMCell,
+fastattn.MultiheadAttention and fastattn.scaled_dot_product_attention against torch's,
+configurations drawn from a seeded generator (the test id names the seed; the failure message
+names the configuration). The other tests pin each option and a few combinations; these catch an
+interaction of options that none of them pairs. float64, so that any difference is a bug, not
+rounding: outputs, final states, attention weights and the gradients of every input and
+parameter (NaN where torch's are NaN), or the exception type torch raises."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastattn
@@ -176,3 +178,87 @@ def test_mha_random_option_combinations_match_torch(seed):
     for n in range(CONFIGS_PER_SEED):
         torch.manual_seed(1000 * seed + n)
         _check_mha(_mha_config(rng))
+
+
+def _check_lstm_cell(c: dict) -> None:
+    f64 = torch.float64
+    theirs = torch.nn.LSTMCell(c["input_size"], c["hidden_size"], bias=c["bias"], dtype=f64)
+    ours = fastattn.LSTMCell(c["input_size"], c["hidden_size"], bias=c["bias"], dtype=f64)
+    ours.load_state_dict(theirs.state_dict())
+    lead = () if c["unbatched"] else (c["B"],)
+    x = torch.randn(*lead, c["input_size"], dtype=f64, requires_grad=True)
+    hx = None
+    if c["with_hx"]:
+        hx = tuple(torch.randn(*lead, c["hidden_size"], dtype=f64, requires_grad=True)
+                   for _ in range(2))
+
+    def run(module):
+        outputs = module(x, hx)
+        grads = [torch.linspace(-1, 1, t.numel(), dtype=f64).view(t.shape) for t in outputs]
+        leaves = [x, *(hx or ()), *module.parameters()]
+        return [*outputs, *torch.autograd.grad(outputs, leaves, grads, allow_unused=True)]
+
+    _assert_same_or_same_error(run, theirs, ours, c)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_lstm_cell_random_option_combinations_match_torch(seed):
+    rng = random.Random(seed)
+    for n in range(CONFIGS_PER_SEED):
+        torch.manual_seed(1000 * seed + n)
+        _check_lstm_cell(dict(
+            input_size=rng.choice([1, 4]), hidden_size=rng.choice([1, 5, 33]),
+            B=rng.choice([1, 3, 7, 16, 17]), bias=rng.random() < 0.8,
+            unbatched=rng.random() < 0.2, with_hx=rng.random() < 0.6))
+
+
+def _check_sdpa(c: dict) -> None:
+    f64 = torch.float64
+    lead_q = (c["Hq"],) if c["dims"] == 3 else (c["B"], c["Hq"])
+    lead_k = (c["Hk"],) if c["dims"] == 3 else (c["B"], c["Hk"])
+    L, S, E = c["L"], c["S"], c["E"]
+    q = torch.randn(*lead_q, L, E, dtype=f64, requires_grad=True)
+    k = torch.randn(*lead_k, S, E, dtype=f64, requires_grad=True)
+    v = torch.randn(*lead_k, S, c["Ev"], dtype=f64, requires_grad=True)
+    if c["transposed"]:  # a non-contiguous view: the same values, another memory order
+        q = q.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+    mask, leaves = None, [q, k, v]
+    if c["mask"] in ("bool", "bool with a blocked row"):
+        mask = torch.rand(L, S) < 0.6
+        if c["mask"] == "bool with a blocked row":
+            mask[L // 2] = False
+    elif c["mask"] in ("float", "float with a -inf row"):
+        mask = torch.randn(L, S, dtype=f64)
+        if c["mask"] == "float with a -inf row":
+            mask[L // 2] = -torch.inf
+    elif c["mask"] == "float, requires grad":
+        mask = torch.randn(L, S, dtype=f64, requires_grad=True)
+        leaves.append(mask)
+    kwargs = dict(attn_mask=mask, is_causal=c["is_causal"], scale=c["scale"],
+                  enable_gqa=c["enable_gqa"])
+
+    def run(sdpa):
+        out = sdpa(q, k, v, **kwargs)
+        grad = torch.linspace(-1, 1, out.numel(), dtype=f64).view(out.shape)
+        return [out, *torch.autograd.grad(out, leaves, grad, allow_unused=True)]
+
+    _assert_same_or_same_error(run, F.scaled_dot_product_attention,
+                               fastattn.scaled_dot_product_attention, c)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_sdpa_random_option_combinations_match_torch(seed):
+    rng = random.Random(seed)
+    for n in range(CONFIGS_PER_SEED):
+        torch.manual_seed(1000 * seed + n)
+        hk = rng.choice([1, 2])
+        hq = hk * rng.choice([1, 2])
+        e = rng.choice([1, 8])
+        _check_sdpa(dict(
+            dims=rng.choice([3, 4]), B=rng.choice([1, 2]), Hq=hq, Hk=hk,
+            enable_gqa=hq != hk or rng.random() < 0.2, L=rng.choice([1, 5, 17]),
+            S=rng.choice([1, 6, 17]), E=e, Ev=rng.choice([e, 4]),
+            is_causal=rng.random() < 0.3, scale=rng.choice([None, 0.5]),
+            transposed=rng.random() < 0.3,
+            mask=rng.choice([None, "bool", "bool with a blocked row", "float",
+                             "float with a -inf row", "float, requires grad"])))
