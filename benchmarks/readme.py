@@ -88,26 +88,21 @@ def machines(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-MAIN_GRID = "quick"  # what scripts/main.sh runs; the README's table per machine
-FULL_GRID = "full"  # the issues' target grids, run (in part) by hand
+FULL_GRID = "full"  # the issues' target grids, run (in part) by hand; report.MAIN_GRID is the table
 
 
-def grid_of(path: Path) -> str | None:
-    """The grid a run folder's results.json names (None when unreadable or unrecorded)."""
-    try:
-        results = json.loads((path / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return results.get("machine_info", {}).get("fastattn", {}).get("grid")
-
-
-def newest_trusted(runs: list[Path], grid: str = MAIN_GRID) -> Run | None:
-    trusted = [
+def trusted_runs(runs: list[Path]) -> list[Run]:
+    return [
         Run(path, json.loads((path / "results.json").read_text()))
         for path in runs
-        if not distrust(path) and grid_of(path) == grid
+        if not distrust(path)
     ]
-    return max(trusted, key=lambda r: r.datetime, default=None)
+
+
+def newest(trusted: list[Run], grid: str) -> Run | None:
+    """The newest of the trusted runs on ``grid``."""
+    return max((r for r in trusted if r.facts.get("grid") == grid), key=lambda r: r.datetime,
+               default=None)
 
 
 def pytest_command(run: Run) -> str | None:
@@ -210,20 +205,21 @@ def _run_lines(run: Run) -> list[str]:
 
 
 def machine_section(name: str, runs: list[Path]) -> list[str]:
-    run = newest_trusted(runs)
-    full = newest_trusted(runs, FULL_GRID)
+    trusted = trusted_runs(runs)
+    run, full = newest(trusted, report.MAIN_GRID), newest(trusted, FULL_GRID)
     if run is None:
-        untrusted = [p for p in runs if distrust(p)]
+        trusted_paths = {r.path for r in trusted}
+        untrusted = [p for p in runs if p not in trusted_paths]
         fill = "the next quiet `scripts/main.sh` run at a clean commit fills this in"
         lines = [f"### {name}", ""]
         if untrusted:
             lines += [
-                f"No trustworthy {MAIN_GRID}-grid run yet. The {len(untrusted)} untrusted "
+                f"No trustworthy {report.MAIN_GRID}-grid run yet. The {len(untrusted)} untrusted "
                 f"committed run(s) are kept as history; {fill}:",
                 "",
             ] + [f"- `{p.name}`: " + "; ".join(distrust(p)) for p in untrusted] + [""]
         else:
-            lines += [f"No trustworthy {MAIN_GRID}-grid run yet: {fill}.", ""]
+            lines += [f"No trustworthy {report.MAIN_GRID}-grid run yet: {fill}.", ""]
     else:
         facts = run.facts
         folder = _folder(run.path)

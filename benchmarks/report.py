@@ -342,6 +342,9 @@ def tree_clean(facts: dict[str, Any]) -> bool | None:
     return False if str(facts.get("git_commit", "")).endswith("-dirty") else None
 
 
+MAIN_GRID = "quick"  # what scripts/main.sh runs; its run folders carry no grid suffix
+
+
 def run_folder_name(merged: dict[str, Any]) -> str:
     """<date>-<commit, 12 digits>, then -<grid> for a grid other than the quick one (so that a
     full-grid run never lands in a quick run's folder) and -dirty when the tree had uncommitted
@@ -350,7 +353,7 @@ def run_folder_name(merged: dict[str, Any]) -> str:
     date = str(merged.get("datetime", "undated"))[:10]
     head = facts.get("git_head") or str(facts.get("git_commit", "unknown")).removesuffix("-dirty")
     grid = facts.get("grid")
-    return (f"{date}-{head[:12]}" + (f"-{grid}" if grid and grid != "quick" else "")
+    return (f"{date}-{head[:12]}" + (f"-{grid}" if grid and grid != MAIN_GRID else "")
             + ("-dirty" if tree_clean(facts) is False else ""))
 
 

@@ -67,10 +67,9 @@ def _assert_same(ours, theirs, names, atol=1e-10):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("flags", FLAG_CASES)
-def test_lstm_matches_torch(flags):
-    theirs, ours = _pair(flags)
-    T, B = 4, 3
+def _assert_same_on_padded(theirs, ours, flags, T, B):
+    """Both modules on a padded [T, B, 5] input (batch-first where flags say) and a random
+    state: the output, the final states and every gradient agree."""
     shape = (B, T, 5) if flags["batch_first"] else (T, B, 5)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     hx = [t.requires_grad_() for t in _state(flags, B)]
@@ -79,6 +78,11 @@ def test_lstm_matches_torch(flags):
     _assert_same(outs_o, outs_t, ("output", "h_n", "c_n"))
     names = ["grad input", "grad h0", "grad c0"] + [f"grad {n}" for n, _ in ours.named_parameters()]
     _assert_same(grads_o, grads_t, names)
+
+
+@pytest.mark.parametrize("flags", FLAG_CASES)
+def test_lstm_matches_torch(flags):
+    _assert_same_on_padded(*_pair(flags), flags, T=4, B=3)
 
 
 # The batch picks the kernels' lanes (float64 vectors hold 8 rows on avx512, 4 on avx2): B = 1
@@ -93,19 +97,13 @@ def test_lstm_matches_torch(flags):
 def test_lstm_matches_torch_at_every_lane_layout(flags, B, packed):
     theirs, ours = _pair(flags)
     T = 4
-    hx = [t.requires_grad_() for t in _state(flags, B)]
-    if packed:  # lengths 1 .. T, unsorted, so that rows stop stepping within a vector
-        lengths = [1 + (5 * b) % T for b in range(B)]
-        x = torch.randn(T, B, 5, dtype=torch.float64, requires_grad=True)
-        _assert_same_on_packed(theirs, ours, x, lengths, False, hx)
+    if not packed:
+        _assert_same_on_padded(theirs, ours, flags, T, B)
         return
-    shape = (B, T, 5) if flags["batch_first"] else (T, B, 5)
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-    outs_t, grads_t = _run(theirs, x, hx, list(theirs.parameters()))
-    outs_o, grads_o = _run(ours, x, hx, list(ours.parameters()))
-    _assert_same(outs_o, outs_t, ("output", "h_n", "c_n"))
-    names = ["grad input", "grad h0", "grad c0"] + [f"grad {n}" for n, _ in ours.named_parameters()]
-    _assert_same(grads_o, grads_t, names)
+    hx = [t.requires_grad_() for t in _state(flags, B)]
+    lengths = [1 + (5 * b) % T for b in range(B)]  # 1 .. T, unsorted: rows stop within a vector
+    x = torch.randn(T, B, 5, dtype=torch.float64, requires_grad=True)
+    _assert_same_on_packed(theirs, ours, x, lengths, False, hx)
 
 
 def test_lstm_without_hx_and_unbatched():
