@@ -78,10 +78,12 @@ def test_attention_fwd_bwd_decode(check_build, schedule):
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_lstm_cell_step_and_sequence(check_build, schedule):
-    # The skewed schedules run one persistent-kernel grid per dtype path (they are the slow
-    # cases: every block is an OS thread with 256 fibers); lockstep runs every case.
+    # The skewed schedules run one persistent-kernel grid per dtype path, forward and backward
+    # (they are the slow cases: every block is an OS thread with 256 fibers); lockstep runs
+    # every case.
     cases = [] if schedule == "rr" else [
-        "cell", "step", "projection", "sequence f32 T4 B20 H40 4 SMs", "sequence f16"]
+        "cell", "step", "projection", "sequence f32 T4 B20 H40 4 SMs", "sequence f16",
+        "sequence bwd f32 T4 B20 H40 4 SMs", "sequence bwd f16"]
     assert_passes(run(check_build / "lstm", *cases, schedule=schedule))
 
 

@@ -1,7 +1,8 @@
 """The compiled LSTM ops (fastattn::lstm_cell_pointwise_fwd/_bwd, fastattn::lstm_sequence_fwd)
 against float64 plain-PyTorch computations of the same math; on a GPU also the CUDA layer ops
-(fastattn::lstm_layer_fwd/_bwd/_infer) through fastattn.LSTM / LSTMCell against nn.LSTM /
-nn.LSTMCell (cuDNN) and, for the options nn.LSTM lacks, against the reference loop.
+(fastattn::lstm_layer_fwd/_bwd/_infer, the persistent kernels where they serve) through
+fastattn.LSTM / LSTMCell against nn.LSTM / nn.LSTMCell (cuDNN) and, for the options nn.LSTM
+lacks, against the reference loop.
 
 One test body per op, parametrized over device: the ``cuda`` cases (csrc/lstm/*.cu) are marked
 ``gpu`` and run on a GPU; the ``cpu`` cases exercise the C++ CPU kernels of the same ops. A
@@ -343,6 +344,52 @@ def test_lstm_module_matches_nn_lstm(flags, packed, dtype, seq_len, batch, hidde
     names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
         f"grad {n}" for n, _ in ours.named_parameters()]
     for name, a, r64, rt in zip(names, got, ref64, ref_torch, strict=False):
+        assert a.shape == rt.shape, f"{name}: shape {tuple(a.shape)} != {tuple(rt.shape)}"
+        assert_close_to_reference(a, r64, rt, name=name)
+
+
+def _cuda_kernels_run(fn) -> set[str]:
+    """Names of the CUDA kernels ``fn()`` launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len, batch, hidden", [(1, 1, 1), (6, 33, 100), (3, 1100, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_option_free_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden):
+    """A training step of an option-free fastattn.LSTM layer (H <= 256) runs the persistent
+    forward and backward kernels (csrc/lstm/lstm_sequence.cuh), not the per-step loop, and
+    matches nn.LSTM: outputs and every gradient, against float64 and cuDNN's error."""
+    require_kernel("lstm_layer_bwd", "cuda")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the persistent LSTM kernels need sm_80 or newer")
+    torch.manual_seed(0)
+    in_features = 9
+    theirs = nn.LSTM(in_features, hidden, device="cuda", dtype=dtype)
+    ours = fastattn.LSTM(in_features, hidden, device="cuda", dtype=dtype)
+    ours.load_state_dict(theirs.state_dict())
+    theirs64 = copy.deepcopy(theirs).double()
+    x = torch.randn(seq_len, batch, in_features, device="cuda", dtype=dtype)
+    hx = (torch.randn(1, batch, hidden, device="cuda", dtype=dtype),
+          torch.randn(1, batch, hidden, device="cuda", dtype=dtype))
+    leaves = [t.detach().requires_grad_() for t in (x, *hx)]
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, *hx)]
+    got = []
+    kernels = _cuda_kernels_run(
+        lambda: got.extend(_run_module(ours, leaves[0], tuple(leaves[1:]), None, True)))
+    for direction in ("fwd", "bwd"):
+        assert any(f"lstm_sequence_{direction}_kernel" in name for name in kernels), (
+            f"the persistent {direction} kernel did not run; kernels: {sorted(kernels)}")
+    assert not any("lstm_step" in name for name in kernels), sorted(kernels)
+    ref64 = _run_module(theirs64, leaves64[0], tuple(leaves64[1:]), None, True)
+    ref_torch = _run_module(theirs, leaves[0], tuple(leaves[1:]), None, True)
+    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
+        f"grad {n}" for n, _ in ours.named_parameters()]
+    for name, a, r64, rt in zip(names, got, ref64, ref_torch, strict=True):
         assert a.shape == rt.shape, f"{name}: shape {tuple(a.shape)} != {tuple(rt.shape)}"
         assert_close_to_reference(a, r64, rt, name=name)
 

@@ -1,8 +1,10 @@
 // CUDA implementations of the fastattn LSTM ops (schemas: fastattn/ops/_registry.py):
 // input checks, output allocation, params structs, launch on the current stream. The layer ops
 // (plain and LayerNorm-LSTM) run their time loop here: per step a GEMM on torch's current
-// stream (cuBLAS through ATen, into preallocated buffers) and one fused step kernel; the weight
-// gradients are GEMMs (and, for the LN gains, reductions) over all steps after the loop. The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
+// stream (cuBLAS through ATen, into preallocated buffers) and one fused step kernel; an
+// option-free layer runs the persistent forward and backward kernels instead where they fit
+// (sequence_kernel_serves). The weight gradients are GEMMs (and, for the LN gains, reductions)
+// over all steps after either. The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -132,6 +134,26 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_pointwise_bwd_cuda(
   return {grad_gates, grad_cx};
 }
 
+// The persistent forward (csrc/lstm/lstm_sequence.cuh) on x_proj's current stream; every
+// tensor contiguous, gates_all in the math type.
+cudaError_t sequence_forward(Dtype dtype, const at::Tensor& x_proj, const at::Tensor& h0,
+                             const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& h_all,
+                             const at::Tensor& c_all, const at::Tensor& gates_all) {
+  LstmSequenceFwdParams p;
+  p.dtype = dtype;
+  p.x_proj = x_proj.data_ptr();
+  p.h0 = h0.data_ptr();
+  p.c0 = c0.data_ptr();
+  p.w_hh = w_hh.data_ptr();
+  p.h_all = h_all.data_ptr();
+  p.c_all = c_all.data_ptr();
+  p.gates_all = gates_all.data_ptr();
+  p.seq_len = x_proj.size(0);
+  p.batch = x_proj.size(1);
+  p.hidden = x_proj.size(2) / 4;
+  return launch_lstm_sequence_fwd(p, c10::cuda::getCurrentCUDAStream(x_proj.device().index()));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::Tensor& x_proj_in,
                                                                       const at::Tensor& h0_in,
                                                                       const at::Tensor& c0_in,
@@ -165,20 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::
   at::Tensor gates_all =
       at::empty({seq_len, batch, 4 * hidden}, x_proj.options().dtype(math_type(x_proj)));
 
-  LstmSequenceFwdParams p;
-  p.dtype = dtype;
-  p.x_proj = x_proj.data_ptr();
-  p.h0 = h0.data_ptr();
-  p.c0 = c0.data_ptr();
-  p.w_hh = w_hh.data_ptr();
-  p.h_all = h_all.data_ptr();
-  p.c_all = c_all.data_ptr();
-  p.gates_all = gates_all.data_ptr();
-  p.seq_len = seq_len;
-  p.batch = batch;
-  p.hidden = hidden;
-  const cudaError_t err =
-      launch_lstm_sequence_fwd(p, c10::cuda::getCurrentCUDAStream(x_proj.device().index()));
+  const cudaError_t err = sequence_forward(dtype, x_proj, h0, c0, w_hh, h_all, c_all, gates_all);
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
     (void)cudaGetLastError();  // a refused launch must not surface in a later, unrelated check
     TORCH_CHECK(false, "fastattn::", op, " (CUDA): device ", x_proj.device(),
@@ -301,18 +310,14 @@ bool has_options(const LayerProblem& p) {
                      [&](int64_t n) { return n != p.B; });
 }
 
-// The persistent kernel (csrc/lstm/lstm_sequence.cuh) serves an option-free problem when it
-// fits on this device (hidden size, sm_80+, cooperative launch, a co-resident grid): a problem
-// it cannot take falls back to the loop instead of raising. float64 stays on the loop, as the
-// Python-side choice kept it before (the two have not been timed against each other).
-bool sequence_kernel_serves(const LayerProblem& p, Dtype dtype) {
+// The persistent kernels (csrc/lstm/lstm_sequence.cuh) serve an option-free problem when they
+// fit on this device (hidden size, sm_80+, cooperative launch, a co-resident grid), the
+// forward and the backward each by its own check: a problem one cannot take runs the loop
+// instead of raising. float64 stays on the loop, as the Python-side choice kept it before (the
+// two have not been timed against each other).
+bool sequence_kernel_serves(const LayerProblem& p, Dtype dtype, bool backward) {
   if (has_options(p) || dtype == Dtype::Float64 || p.T == 0 || p.B == 0) return false;
-  LstmSequenceFwdParams sp;
-  sp.dtype = dtype;
-  sp.seq_len = p.T;
-  sp.batch = p.B;
-  sp.hidden = p.H;
-  return lstm_sequence_fwd_fits(sp);
+  return backward ? lstm_sequence_bwd_fits(dtype, p.B, p.H) : lstm_sequence_fwd_fits(dtype, p.B, p.H);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
@@ -333,8 +338,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
   // gates rounded to a half type would reach grad c0 magnified (csrc/include/fastattn/lstm_params.h).
   at::Tensor gates_all = at::empty({p.T, p.B, 4 * p.H}, opts.dtype(math_type(x_proj)));
   at::Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
-  layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all,
-                proj ? hpre_all : at::Tensor());
+  const Dtype dtype = lstm_glue::lstm_dtype(x_proj, op);
+  if (sequence_kernel_serves(p, dtype, false)) {
+    C10_CUDA_CHECK(
+        sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all, gates_all));
+  } else {
+    layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all,
+                  proj ? hpre_all : at::Tensor());
+  }
   return {h_all, c_all, gates_all, hpre_all};
 }
 
@@ -368,23 +379,11 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_cuda(
                                                     : at::mm(x, w_ih.t()))
                                 .view({T, B, 4 * H});
   const at::Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
-  if (sequence_kernel_serves(p, dtype)) {
+  if (sequence_kernel_serves(p, dtype, false)) {
     // The kernel writes the gates regardless (in the math type).
-    at::Tensor gates_all = at::empty({T, B, 4 * H}, opts.dtype(math_type(input)));
-    LstmSequenceFwdParams sp;
-    sp.dtype = dtype;
-    sp.x_proj = x_proj.data_ptr();
-    sp.h0 = h0.data_ptr();
-    sp.c0 = c0.data_ptr();
-    const at::Tensor w = w_hh.contiguous();
-    sp.w_hh = w.data_ptr();
-    sp.h_all = h_all.data_ptr();
-    sp.c_all = c_all.data_ptr();
-    sp.gates_all = gates_all.data_ptr();
-    sp.seq_len = T;
-    sp.batch = B;
-    sp.hidden = H;
-    C10_CUDA_CHECK(launch_lstm_sequence_fwd(sp, c10::cuda::getCurrentCUDAStream(input.device().index())));
+    const at::Tensor gates_all = at::empty({T, B, 4 * H}, opts.dtype(math_type(input)));
+    C10_CUDA_CHECK(
+        sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all, gates_all));
     return {h_all, c_all};
   }
   const at::Tensor hpre = p.w_hr.defined() ? at::empty({1, B, H}, opts) : at::Tensor();
@@ -437,7 +436,27 @@ LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
   at::Tensor grad_hpre = proj ? at::empty({p.B, p.H}, mopts) : at::Tensor();
   const at::Tensor w_hh_m = w_hh.to(math), w_hr_m = proj ? p.w_hr.to(math) : at::Tensor();
 
-  for (int64_t s = p.T - 1; s >= 0; --s) {
+  // The persistent kernel where it serves (it writes grad_gates_all, dh and dc), else the loop.
+  const bool persistent = ln == nullptr && sequence_kernel_serves(p, dtype, true);
+  if (persistent) {
+    LstmSequenceBwdParams sp;
+    sp.dtype = dtype;
+    sp.grad_h_all = grad_h_all.data_ptr();
+    sp.grad_c_all = grad_c_all.data_ptr();
+    sp.c0 = c0.data_ptr();
+    sp.c_all = c_all.data_ptr();
+    sp.gates_all = gates_all.data_ptr();
+    const at::Tensor w = w_hh.contiguous();
+    sp.w_hh = w.data_ptr();
+    sp.grad_gates_all = r.grad_gates_all.data_ptr();
+    sp.grad_h0 = r.dh.data_ptr();
+    sp.grad_c0 = r.dc.data_ptr();
+    sp.seq_len = p.T;
+    sp.batch = p.B;
+    sp.hidden = p.H;
+    C10_CUDA_CHECK(launch_lstm_sequence_bwd(sp, stream));
+  }
+  for (int64_t s = p.T - 1; !persistent && s >= 0; --s) {
     const int64_t t = p.time(s), n = p.batch_sizes[t];
     const at::Tensor c_prev = p.prev(c_all, c0, s);
     if (proj) {

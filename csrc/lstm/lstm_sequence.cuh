@@ -1,6 +1,7 @@
-// Persistent whole-sequence LSTM forward (one layer, one direction, H <= 256), torch-free.
+// Persistent whole-sequence LSTM forward and backward (one layer, one direction, no options,
+// H <= 256), torch-free.
 //
-// Work split. The grid is (slices, batch_ctas). CTA (s, y) owns the hidden units
+// Forward work split. The grid is (slices, batch_ctas). CTA (s, y) owns the hidden units
 // [s * units, (s + 1) * units) and keeps the 4 * units rows of w_hh that produce their gates
 // (i, f, g, o of each unit) in shared memory for the whole sequence, loaded once. It serves
 // the batch tiles y, y + batch_ctas, ... of kBatchTile rows each. Per time step t and tile:
@@ -11,8 +12,20 @@
 //   3. pointwise cell for its units: gates = rec + x_proj[t], activations, c, h; writes
 //      h_all[t], c_all[t] and the activated gates_all[t] for its units only.
 //
-// Synchronization (cannot be tested on this machine; reasoned here). Step t of every CTA
-// reads all of h_all[t - 1] (every slice's units), which other CTAs wrote during step t - 1.
+// Backward work split: the same grid and tiles, t = T-1 .. 0. The gradient reaching h_t of a
+// unit u is grad_h[t] + sum over the 4H gate rows r of grad_gates[t+1][r] * w_hh[r][u], so
+// the CTA keeps the w_hh COLUMNS of its units (again 4 * units * H elements): its row
+// q * units + u is column u of w_hh's gate-q block, w_hh[q*H : (q+1)*H, u]. Per step and tile:
+//   1. stage grad_gates[t+1] [kBatchTile, 4H] (every unit's, math type), unless t = T-1;
+//   2. the same product, row q * units + u reducing over gate q's H gradients: 4 partial sums
+//      per unit, which the pointwise pass adds, so 4 * units warps' worth of rows as forward;
+//   3. pointwise backward of its units (as lstm_step_bwd_kernel without options): c recomputed
+//      from the saved activated gates and c_{t-1}; writes grad_gates[t]; the carried gradient
+//      of c lives in grad_c0 (each element read and written by one fixed thread).
+// After the step t = 0 and its grid barrier, one more staging and product gives grad_h0.
+//
+// Synchronization (cannot be tested on this machine; reasoned here). Forward step t of every
+// CTA reads all of h_all[t - 1] (every slice's units), which other CTAs wrote during step t - 1.
 // Exactly one grid-wide barrier per step orders this: cooperative_groups::this_grid().sync()
 // at the end of each step. The kernel must be launched with cudaLaunchCooperativeKernel (the
 // launcher does), which guarantees all CTAs are co-resident or fails the launch instead of
@@ -21,19 +34,23 @@
 // to loads after it. One barrier suffices because a step writes only h_all[t] / c_all[t] /
 // gates_all[t] and reads only h_all[t - 1] / c_all[t - 1] / x_proj[t]: no location is
 // written and read by different CTAs within the same step (write-after-read across steps is
-// impossible since each step writes a fresh time slice). Loads of states written by other
-// CTAs use ld.global.cg (L2, the coherence point), never the SM-local L1, so no stale line
-// (for example one shared with h_all[t - 2] at a slice boundary) can be read.
+// impossible since each step writes a fresh time slice). The backward is the mirror image:
+// step t writes grad_gates[t] and reads grad_gates[t + 1], the forward's saved tensors and
+// the grad_c0 elements of its own threads. Loads of values written by other CTAs use
+// ld.global.cg (L2, the coherence point), never the SM-local L1, so no stale line (for
+// example one shared with h_all[t - 2] at a slice boundary) can be read.
 // c_{t-1} of a unit is written and read by the same CTA (and, with the fixed thread mapping,
 // the same thread); it is read back through L2 as well, which costs nothing extra.
-// Within a CTA, two __syncthreads() per tile separate staging h, the product (reads h,
-// writes rec) and the pointwise pass (reads rec); the next tile's staging of h only starts
-// after the product that read h finished (second barrier), and its product only writes rec
-// after every thread passed the next first barrier, i.e. finished the previous pointwise pass.
+// Within a CTA, two __syncthreads() per tile separate staging, the product (reads the staged
+// tile, writes rec) and the pointwise pass (reads rec); the next tile's staging only starts
+// after the product that read the staged tile finished (second barrier), and its product only
+// writes rec after every thread passed the next first barrier, i.e. finished the previous
+// pointwise pass.
 //
-// Rounding: states are stored in the tensor dtype and the next step reads them back from
-// there, exactly like a loop of lstm_cell_pointwise_fwd calls; the math is float32 (float64
-// for float64), and the activated gates are saved in it (LstmSequenceFwdParams).
+// Rounding: forward states are stored in the tensor dtype and the next step reads them back
+// from there, exactly like a loop of lstm_cell_pointwise_fwd calls; the math is float32
+// (float64 for float64), and the activated gates are saved in it (LstmSequenceFwdParams). The
+// backward keeps every gradient in the math type, as the layer backward's loop does.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -47,16 +64,19 @@ constexpr int kSequenceThreads = 256;
 constexpr int kSequenceWarps = kSequenceThreads / 32;
 constexpr int kBatchTile = 8;
 
-// Dynamic shared memory of one CTA: h tile, recurrent-product tile, then its w_hh rows.
+// Dynamic shared memory of one CTA: the staged tile [kBatchTile, staged] (h_{t-1} forward,
+// staged = H; grad_gates[t+1] backward, staged = 4H), the product tile [kBatchTile, 4 * units],
+// then its 4 * units rows of w_hh (forward) or columns (backward), H elements each.
 template <typename T>
 struct SequenceSmem {
-  int64_t hidden, units;
-  __host__ __device__ SequenceSmem(int64_t hidden_, int64_t units_) : hidden(hidden_), units(units_) {}
-  __host__ __device__ int64_t h_elems() const { return kBatchTile * hidden; }     // [kBatchTile, H]
-  __host__ __device__ int64_t rec_elems() const { return kBatchTile * 4 * units; }  // [kBatchTile, 4 * units]
-  __host__ __device__ int64_t w_elems() const { return 4 * units * hidden; }       // [4 * units, H]
+  int64_t hidden, units, staged;
+  __host__ __device__ SequenceSmem(int64_t hidden_, int64_t units_, int64_t staged_)
+      : hidden(hidden_), units(units_), staged(staged_) {}
+  __host__ __device__ int64_t staged_elems() const { return kBatchTile * staged; }
+  __host__ __device__ int64_t rec_elems() const { return kBatchTile * 4 * units; }
+  __host__ __device__ int64_t w_elems() const { return 4 * units * hidden; }
   __host__ __device__ size_t bytes() const {
-    return (h_elems() + rec_elems()) * sizeof(acc_t<T>) + w_elems() * sizeof(T);
+    return (staged_elems() + rec_elems()) * sizeof(acc_t<T>) + w_elems() * sizeof(T);
   }
 };
 
@@ -65,6 +85,49 @@ __device__ __forceinline__ float load_l2(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ double load_l2(const double* p) { return __ldcg(p); }
 __device__ __forceinline__ float load_l2(const __half* p) { return __half2float(__ldcg(p)); }
 __device__ __forceinline__ float load_l2(const __nv_bfloat16* p) { return __bfloat162float(__ldcg(p)); }
+
+// Stages rows b0 .. b0 + tile_rows of a [B, width] matrix that other CTAs wrote into the
+// [kBatchTile, width] tile `dst` as the math type; rows past the batch are zero.
+template <typename A, typename S>
+__device__ __forceinline__ void stage_tile(A* dst, const S* src, int64_t b0, int tile_rows,
+                                           int64_t width) {
+  for (int64_t e = threadIdx.x; e < kBatchTile * width; e += blockDim.x) {
+    const int64_t bb = e / width;
+    dst[e] = bb < tile_rows ? load_l2(src + (b0 + bb) * width + e % width) : A(0);
+  }
+}
+
+// rec_s[bb, r] = sum over k < H of w_s[r, k] * staged[bb, (r / units) * gate_stride + k] for
+// the CTA's 4 * units rows r: one warp per row, lanes split k, a butterfly across the warp.
+// gate_stride 0 reads the staged h (forward); H reads gate q's gradients (backward).
+template <typename T, typename A>
+__device__ __forceinline__ void tile_product(const T* w_s, const A* staged, int64_t staged_width,
+                                             int64_t gate_stride, int units, int64_t H, A* rec_s) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, rows = 4 * units;
+  for (int r = warp; r < rows; r += kSequenceWarps) {
+    A acc[kBatchTile];
+#pragma unroll
+    for (int bb = 0; bb < kBatchTile; ++bb) acc[bb] = A(0);
+    const T* w_row = w_s + int64_t(r) * H;
+    const A* s_row = staged + (r / units) * gate_stride;
+    for (int64_t k = lane; k < H; k += 32) {
+      const A w = to_acc(w_row[k]);
+#pragma unroll
+      for (int bb = 0; bb < kBatchTile; ++bb) acc[bb] += w * s_row[bb * staged_width + k];
+    }
+#pragma unroll
+    for (int bb = 0; bb < kBatchTile; ++bb) {
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) {
+        acc[bb] += __shfl_xor_sync(0xffffffffu, acc[bb], offset);
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int bb = 0; bb < kBatchTile; ++bb) rec_s[bb * rows + r] = acc[bb];
+    }
+  }
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kSequenceThreads)
@@ -75,10 +138,10 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
 
   const int64_t H = p.hidden, B = p.batch;
   const int64_t unit0 = int64_t(blockIdx.x) * units;
-  const SequenceSmem<T> layout(H, units);
+  const SequenceSmem<T> layout(H, units, H);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   A* h_s = reinterpret_cast<A*>(smem_raw);                        // [kBatchTile, H]
-  A* rec_s = h_s + layout.h_elems();                              // [kBatchTile, 4 * units]
+  A* rec_s = h_s + layout.staged_elems();                         // [kBatchTile, 4 * units]
   T* w_s = reinterpret_cast<T*>(rec_s + layout.rec_elems());      // [4 * units, H]
   const int rows = 4 * units;  // w_s row r = gate (r / units) of unit unit0 + r % units
 
@@ -94,7 +157,6 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
   T* h_all = static_cast<T*>(p.h_all);
   T* c_all = static_cast<T*>(p.c_all);
   A* gates_all = static_cast<A*>(p.gates_all);  // in A, as the layer op saves them
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
 
   for (int64_t t = 0; t < p.seq_len; ++t) {
@@ -104,34 +166,10 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
       const int64_t b0 = tile * kBatchTile;
       const int tile_rows = static_cast<int>(B - b0 < kBatchTile ? B - b0 : kBatchTile);
 
-      for (int64_t e = threadIdx.x; e < layout.h_elems(); e += blockDim.x) {
-        const int64_t bb = e / H;
-        h_s[e] = bb < tile_rows ? load_l2(h_prev + (b0 + bb) * H + e % H) : A(0);
-      }
+      stage_tile(h_s, h_prev, b0, tile_rows, H);
       __syncthreads();
 
-      for (int r = warp; r < rows; r += kSequenceWarps) {
-        A acc[kBatchTile];
-#pragma unroll
-        for (int bb = 0; bb < kBatchTile; ++bb) acc[bb] = A(0);
-        const T* w_row = w_s + int64_t(r) * H;
-        for (int64_t k = lane; k < H; k += 32) {
-          const A w = to_acc(w_row[k]);
-#pragma unroll
-          for (int bb = 0; bb < kBatchTile; ++bb) acc[bb] += w * h_s[bb * H + k];
-        }
-#pragma unroll
-        for (int bb = 0; bb < kBatchTile; ++bb) {
-#pragma unroll
-          for (int offset = 16; offset > 0; offset /= 2) {
-            acc[bb] += __shfl_xor_sync(0xffffffffu, acc[bb], offset);
-          }
-        }
-        if (lane == 0) {
-#pragma unroll
-          for (int bb = 0; bb < kBatchTile; ++bb) rec_s[bb * rows + r] = acc[bb];
-        }
-      }
+      tile_product(w_s, h_s, H, 0, units, H, rec_s);
       __syncthreads();
 
       for (int e = threadIdx.x; e < tile_rows * units; e += blockDim.x) {
@@ -157,6 +195,85 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
       }
     }
     grid.sync();
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSequenceThreads)
+lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
+  using A = acc_t<T>;
+  namespace cg = cooperative_groups;
+  cg::grid_group grid = cg::this_grid();
+
+  const int64_t H = p.hidden, B = p.batch, G = 4 * H, T_len = p.seq_len;
+  const int64_t unit0 = int64_t(blockIdx.x) * units;
+  const SequenceSmem<T> layout(H, units, G);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  A* dg_s = reinterpret_cast<A*>(smem_raw);                       // [kBatchTile, 4H]
+  A* rec_s = dg_s + layout.staged_elems();                        // [kBatchTile, 4 * units]
+  T* w_s = reinterpret_cast<T*>(rec_s + layout.rec_elems());      // [4 * units, H]
+  const int rows = 4 * units;  // w_s row r = w_hh[q*H : (q+1)*H, unit0 + r % units], q = r / units
+
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  for (int64_t e = threadIdx.x; e < layout.w_elems(); e += blockDim.x) {
+    const int64_t r = e / H, k = e % H;
+    const int64_t unit = unit0 + r % units, gate = r / units;
+    w_s[e] = unit < H ? w_hh[(gate * H + k) * H + unit] : from_acc<T>(A(0));
+  }
+  // The first staging barrier below orders these stores before the first product; the step
+  // t = T-1 has no product, and its grid barrier orders them.
+
+  const T* grad_h_all = static_cast<const T*>(p.grad_h_all);
+  const T* grad_c_all = static_cast<const T*>(p.grad_c_all);
+  const T* c_all = static_cast<const T*>(p.c_all);
+  const T* c0 = static_cast<const T*>(p.c0);
+  const A* gates_all = static_cast<const A*>(p.gates_all);
+  A* grad_gates_all = static_cast<A*>(p.grad_gates_all);
+  A* grad_c0 = static_cast<A*>(p.grad_c0);  // the carried gradient of c until the end
+  A* grad_h0 = static_cast<A*>(p.grad_h0);
+  const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
+
+  // t = -1 is the pass that only takes grad_h0 from grad_gates[0].
+  for (int64_t t = T_len - 1; t >= -1; --t) {
+    const bool recurrent = t + 1 < T_len;  // grad_gates[t + 1] exists: a gradient reaches h_t
+    for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+      const int64_t b0 = tile * kBatchTile;
+      const int tile_rows = static_cast<int>(B - b0 < kBatchTile ? B - b0 : kBatchTile);
+      if (recurrent) {
+        stage_tile(dg_s, grad_gates_all + (t + 1) * B * G, b0, tile_rows, G);
+        __syncthreads();
+        tile_product(w_s, dg_s, G, H, units, H, rec_s);
+        __syncthreads();
+      }
+      for (int e = threadIdx.x; e < tile_rows * units; e += blockDim.x) {
+        const int bb = e / units, u = e % units;
+        const int64_t unit = unit0 + u, b = b0 + bb;
+        if (unit >= H) continue;
+        const A* rec = rec_s + bb * rows + u;  // gate q's share of the gradient at rec[q * units]
+        const A dh_rec = recurrent ? (rec[0] + rec[units]) + (rec[2 * units] + rec[3 * units]) : A(0);
+        if (t < 0) {
+          grad_h0[b * H + unit] = dh_rec;
+          continue;
+        }
+        const int64_t state = (t * B + b) * H + unit;
+        const A* gates = gates_all + (t * B + b) * G + unit;
+        const A i = gates[0], f = gates[H], g = gates[2 * H], o = gates[3 * H];
+        const A c_prev = to_acc(t == 0 ? c0[b * H + unit] : c_all[state - B * H]);
+        const A tc = tanh_(f * c_prev + i * g);
+        const A dh = to_acc(grad_h_all[state]) + dh_rec;
+        A* carried_c = grad_c0 + b * H + unit;
+        const A dc_total = to_acc(grad_c_all[state]) + (recurrent ? *carried_c : A(0));
+        const A dc = dc_total + dh * o * (A(1) - tc * tc);
+        *carried_c = dc * f;
+        A* grad_gates = grad_gates_all + (t * B + b) * G + unit;
+        // Pre-activation gradients: sigmoid' = s (1 - s), tanh' = 1 - t^2.
+        grad_gates[0] = dc * g * i * (A(1) - i);
+        grad_gates[H] = dc * c_prev * f * (A(1) - f);
+        grad_gates[2 * H] = dc * i * (A(1) - g * g);
+        grad_gates[3 * H] = dh * tc * o * (A(1) - o);
+      }
+    }
+    if (t >= 0) grid.sync();
   }
 }
 

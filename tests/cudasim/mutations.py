@@ -242,14 +242,14 @@ MUTATIONS = [
     Mutation(
         "seq-no-barrier-after-stage",
         SEQ,
-        "      }\n      __syncthreads();\n\n      for (int r = warp;",
-        "      }\n\n      for (int r = warp;",
+        "      stage_tile(h_s, h_prev, b0, tile_rows, H);\n      __syncthreads();\n",
+        "      stage_tile(h_s, h_prev, b0, tile_rows, H);\n",
     ),
     Mutation(
         "seq-no-barrier-after-product",
         SEQ,
-        "      }\n      __syncthreads();\n\n      for (int e = threadIdx.x; e < tile_rows",
-        "      }\n\n      for (int e = threadIdx.x; e < tile_rows",
+        "      tile_product(w_s, h_s, H, 0, units, H, rec_s);\n      __syncthreads();\n",
+        "      tile_product(w_s, h_s, H, 0, units, H, rec_s);\n",
     ),
     Mutation(
         "seq-short-reduction",
@@ -262,6 +262,41 @@ MUTATIONS = [
         SEQ,
         "f * load_l2(c_prev + b * H + unit)",
         "f * load_l2(h_prev + b * H + unit)",
+    ),
+    # The persistent backward.
+    Mutation("seq-bwd-no-grid-sync", SEQ, "    if (t >= 0) grid.sync();"),
+    Mutation(
+        "seq-bwd-no-barrier-after-stage",
+        SEQ,
+        "G);\n        __syncthreads();\n        tile_product",
+        "G);\n        tile_product",
+    ),
+    Mutation(
+        "seq-bwd-no-barrier-after-product",
+        SEQ,
+        "        tile_product(w_s, dg_s, G, H, units, H, rec_s);\n        __syncthreads();\n",
+        "        tile_product(w_s, dg_s, G, H, units, H, rec_s);\n",
+    ),
+    Mutation(
+        "seq-bwd-w-rows-not-columns",
+        SEQ,
+        "w_hh[(gate * H + k) * H + unit]",
+        "w_hh[(gate * H + unit) * H + k]",
+    ),
+    Mutation(
+        "seq-bwd-drops-carried-c", SEQ, "(recurrent ? *carried_c : A(0))", "A(0)"
+    ),
+    Mutation(
+        "seq-bwd-drops-a-gate-share",
+        SEQ,
+        "(rec[0] + rec[units]) + (rec[2 * units] + rec[3 * units])",
+        "(rec[0] + rec[units]) + rec[2 * units]",
+    ),
+    Mutation(
+        "seq-bwd-staged-from-step-t",
+        SEQ,
+        "grad_gates_all + (t + 1) * B * G",
+        "grad_gates_all + (t + 1 < T_len ? t : t + 1) * B * G",
     ),
     Mutation(
         "cell-bwd-forget-gradient",

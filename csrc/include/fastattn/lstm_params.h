@@ -158,7 +158,28 @@ struct LstmSequenceFwdParams {
   int64_t seq_len = 0, batch = 0, hidden = 0;
 };
 
-// The persistent sequence kernel keeps each CTA's slice of w_hh in shared memory; it serves
+// Its backward, for the same problem (no options): every tensor contiguous.
+//   grad_h_all, grad_c_all [T, B, H] (the outputs' gradients, the data dtype); c0 [B, H];
+//   c_all [T, B, H] and gates_all [T, B, 4H] (activated, math type) as the forward saved them;
+//   w_hh [4H, H]
+//   -> grad_gates_all [T, B, 4H] (of x_proj, pre-activation), grad_h0, grad_c0 [B, H], all in
+//      the math type, as lstm_layer_bwd's loop keeps them; the weight gradients are GEMMs over
+//      grad_gates_all afterwards.
+struct LstmSequenceBwdParams {
+  Dtype dtype = Dtype::Float32;
+  const void* grad_h_all = nullptr;
+  const void* grad_c_all = nullptr;
+  const void* c0 = nullptr;
+  const void* c_all = nullptr;
+  const void* gates_all = nullptr;
+  const void* w_hh = nullptr;
+  void* grad_gates_all = nullptr;
+  void* grad_h0 = nullptr;
+  void* grad_c0 = nullptr;
+  int64_t seq_len = 0, batch = 0, hidden = 0;
+};
+
+// The persistent sequence kernels keep each CTA's slice of w_hh in shared memory; they serve
 // hidden sizes up to this on sm_80 and newer devices that support cooperative launches.
 constexpr int64_t kLstmSequenceMaxHidden = 256;
 
@@ -171,8 +192,11 @@ cudaError_t launch_lstm_projection_bwd(const LstmProjectionBwdParams& params, cu
 // Launches on the current device; cudaErrorCooperativeLaunchTooLarge when the grid the
 // problem needs cannot be co-resident on it.
 cudaError_t launch_lstm_sequence_fwd(const LstmSequenceFwdParams& params, cudaStream_t stream);
-// Whether launch_lstm_sequence_fwd can serve `params` on the current device (hidden size,
-// sm_80+, cooperative launches, a co-resident grid): the layer ops' choice of the kernel.
-bool lstm_sequence_fwd_fits(const LstmSequenceFwdParams& params);
+cudaError_t launch_lstm_sequence_bwd(const LstmSequenceBwdParams& params, cudaStream_t stream);
+// Whether launch_lstm_sequence_fwd / _bwd can serve a problem of this dtype and size on the
+// current device (hidden size, sm_80+, cooperative launches, a co-resident grid): the layer
+// ops' choice of the kernels.
+bool lstm_sequence_fwd_fits(Dtype dtype, int64_t batch, int64_t hidden);
+bool lstm_sequence_bwd_fits(Dtype dtype, int64_t batch, int64_t hidden);
 
 }  // namespace fastattn

@@ -1,12 +1,13 @@
 // LSTM kernels under cudasim through their launchers (the ones csrc/lstm/lstm_cuda.cpp
 // calls): launch_lstm_cell_fwd / _bwd, launch_lstm_step_fwd / _bwd and
 // launch_lstm_projection_fwd / _bwd (csrc/lstm/lstm_cell.cu: pointwise, 16-byte vector and
-// scalar paths, every layer option, the LayerNorm-LSTM step) and launch_lstm_sequence_fwd (csrc/lstm/lstm_sequence_fwd.cu: persistent
-// kernel, cooperative launch, grid.sync per step; every block on its own OS thread), against
-// float64 references. The cell backward is the gradient of the cell forward (its inputs:
+// scalar paths, every layer option, the LayerNorm-LSTM step) and launch_lstm_sequence_fwd / _bwd
+// (csrc/lstm/lstm_sequence.cu: persistent kernels, cooperative launch, grid.sync per step; every
+// block on its own OS thread), against float64 references; the backward's reference is itself
+// checked against central differences of a float64 forward. The cell backward is the gradient of the cell forward (its inputs:
 // gates, cx; its outputs' gradients: hy, cy).
 #include "lstm/lstm_cell.cu"
-#include "lstm/lstm_sequence_fwd.cu"
+#include "lstm/lstm_sequence.cu"
 
 #include <algorithm>
 #include <cstdlib>
@@ -132,6 +133,177 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms) {
   std::printf("sequence %-4s T%lld B%lld H%lld (%d SMs)  %s  rel err h %.1e c %.1e gates %.1e (tol %.0e)  %llu switches\n",
               harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, sms, ok ? "OK  " : "FAIL",
               eh.rel(), ec.rel(), eg.rel(), tol, cudasim::rt().switches - sw0);
+  return ok;
+}
+
+// A float64 LSTM forward over [T, B, 4H] pre-activations: h_all, c_all [T, B, H] and the
+// activated gates [T, B, 4H]; w [4H, H] as w_hh.
+struct SequenceRef {
+  std::vector<double> h, c, gates;
+};
+SequenceRef forward_f64(const std::vector<double>& x, const std::vector<double>& h0, const std::vector<double>& c0,
+                        const std::vector<double>& w, int64_t steps, int64_t B, int64_t H) {
+  SequenceRef r{std::vector<double>(steps * B * H), std::vector<double>(steps * B * H),
+                std::vector<double>(steps * B * 4 * H)};
+  for (int64_t t = 0; t < steps; ++t)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t u = 0; u < H; ++u) {
+        const double* hp = t == 0 ? &h0[b * H] : &r.h[((t - 1) * B + b) * H];
+        const double cp = t == 0 ? c0[b * H + u] : r.c[((t - 1) * B + b) * H + u];
+        double a[4];
+        for (int q = 0; q < 4; ++q) {
+          double s = x[(t * B + b) * 4 * H + q * H + u];
+          for (int64_t k = 0; k < H; ++k) s += w[(q * H + u) * H + k] * hp[k];
+          a[q] = q == 2 ? std::tanh(s) : sig(s);
+          r.gates[(t * B + b) * 4 * H + q * H + u] = a[q];
+        }
+        r.c[(t * B + b) * H + u] = a[1] * cp + a[0] * a[2];
+        r.h[(t * B + b) * H + u] = a[3] * std::tanh(r.c[(t * B + b) * H + u]);
+      }
+  return r;
+}
+
+// The backward of forward_f64 by the chain rule, from the saved activated gates and c_all (c
+// recomputed from them, as the kernels do): grad of the pre-activations [T, B, 4H], h0, c0.
+struct SequenceGrads {
+  std::vector<double> gates, h0, c0;
+};
+SequenceGrads backward_f64(const std::vector<double>& gh, const std::vector<double>& gc, const std::vector<double>& c0,
+                           const std::vector<double>& c_all, const std::vector<double>& gates,
+                           const std::vector<double>& w, int64_t steps, int64_t B, int64_t H) {
+  const int64_t G = 4 * H;
+  SequenceGrads r{std::vector<double>(steps * B * G), std::vector<double>(B * H), std::vector<double>(B * H, 0.0)};
+  std::vector<double> dh_rec(B * H, 0.0);  // the gradient reaching h_t through step t + 1
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t u = 0; u < H; ++u) {
+        const int64_t e = (t * B + b) * H + u, at = (t * B + b) * G + u;
+        const double i = gates[at], f = gates[at + H], g = gates[at + 2 * H], o = gates[at + 3 * H];
+        const double cp = t == 0 ? c0[b * H + u] : c_all[e - B * H], tc = std::tanh(f * cp + i * g);
+        const double dh = gh[e] + dh_rec[b * H + u];
+        const double dc = gc[e] + r.c0[b * H + u] + dh * o * (1 - tc * tc);
+        r.c0[b * H + u] = dc * f;
+        r.gates[at] = dc * g * i * (1 - i);
+        r.gates[at + H] = dc * cp * f * (1 - f);
+        r.gates[at + 2 * H] = dc * i * (1 - g * g);
+        r.gates[at + 3 * H] = dh * tc * o * (1 - o);
+      }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < H; ++k) {
+        double s = 0.0;
+        for (int64_t row = 0; row < G; ++row) s += r.gates[(t * B + b) * G + row] * w[row * H + k];
+        dh_rec[b * H + k] = s;
+      }
+  }
+  r.h0 = dh_rec;
+  return r;
+}
+
+template <typename T>
+std::vector<double> as_f64(const std::vector<T>& v) {
+  std::vector<double> d(v.size());
+  for (size_t n = 0; n < v.size(); ++n) d[n] = to_d(v[n]);
+  return d;
+}
+
+// Whole-sequence backward: random rounded inputs (activated gates in the math type, as the
+// forward saves them), against backward_f64 of the same values. Poisoned outputs.
+template <typename T>
+bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms) {
+  using A = fastattn::lstm::acc_t<T>;
+  cudasim::device_sms() = sms;
+  std::mt19937 rng(13 + H + B);
+  const int64_t G = 4 * H;
+  std::vector<T> gh = harness::randn<T>(steps * B * H, rng), gc = harness::randn<T>(steps * B * H, rng);
+  std::vector<T> c0 = harness::randn<T>(B * H, rng), c_all = harness::randn<T>(steps * B * H, rng);
+  std::vector<T> w = harness::randn<T>(G * H, rng, 1.0 / std::sqrt(double(H)));
+  std::vector<A> gates(steps * B * G);
+  for (int64_t n = 0; n < steps * B * G; ++n) {
+    const double a = 1.5 * std::normal_distribution<double>()(rng);
+    gates[n] = from_d<A>(n % G / H == 2 ? std::tanh(a) : sig(a));
+  }
+  std::vector<A> dg = harness::poisoned<A>(steps * B * G), dh0 = harness::poisoned<A>(B * H);
+  std::vector<A> dc0 = harness::poisoned<A>(B * H);
+  fastattn::LstmSequenceBwdParams p;
+  p.dtype = dtype_of<T>();
+  p.grad_h_all = gh.data(), p.grad_c_all = gc.data(), p.c0 = c0.data(), p.c_all = c_all.data();
+  p.gates_all = gates.data(), p.w_hh = w.data();
+  p.grad_gates_all = dg.data(), p.grad_h0 = dh0.data(), p.grad_c0 = dc0.data();
+  p.seq_len = steps, p.batch = B, p.hidden = H;
+  const unsigned long long sw0 = cudasim::rt().switches;
+  if (const cudaError_t err = fastattn::launch_lstm_sequence_bwd(p, nullptr); err != cudaSuccess) {
+    std::printf("sequence bwd %s: launch error %d\n", harness::dtype_name<T>(), int(err));
+    return false;
+  }
+  const SequenceGrads ref = backward_f64(as_f64(gh), as_f64(gc), as_f64(c0), as_f64(c_all), as_f64(gates),
+                                         as_f64(w), steps, B, H);
+  Err eg, eh, ec;
+  for (int64_t n = 0; n < steps * B * G; ++n) eg.add(ref.gates[n], to_d(dg[n]));
+  for (int64_t n = 0; n < B * H; ++n) {
+    eh.add(ref.h0[n], to_d(dh0[n]));
+    ec.add(ref.c0[n], to_d(dc0[n]));
+  }
+  // Every gradient is computed and kept in A: its rounding (the inputs are exact in A).
+  const double tol = tol_of<A>();
+  const bool ok = eg.rel() <= tol && eh.rel() <= tol && ec.rel() <= tol;
+  std::printf("sequence bwd %-4s T%lld B%lld H%lld (%d SMs)  %s  rel err dgates %.1e dh0 %.1e dc0 %.1e (tol %.0e)  %llu switches\n",
+              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, sms, ok ? "OK  " : "FAIL",
+              eg.rel(), eh.rel(), ec.rel(), tol, cudasim::rt().switches - sw0);
+  return ok;
+}
+
+// The float64 forward kernel then the backward kernel on its saved tensors; the gradients
+// against central differences of forward_f64 of L = sum(grad_h * h_all + grad_c * c_all) along
+// a random direction of (x_proj, h0, c0). This checks backward_f64's chain rule (and with it
+// sequence_bwd_case's reference) independently of it.
+bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H) {
+  cudasim::device_sms() = 4;
+  std::mt19937 rng(5 + H);
+  const int64_t G = 4 * H, S = steps * B * H;
+  const std::vector<double> x = harness::randn<double>(steps * B * G, rng), h0 = harness::randn<double>(B * H, rng);
+  const std::vector<double> c0 = harness::randn<double>(B * H, rng);
+  const std::vector<double> w = harness::randn<double>(G * H, rng, 1.0 / std::sqrt(double(H)));
+  const std::vector<double> gh = harness::randn<double>(S, rng), gc = harness::randn<double>(S, rng);
+  std::vector<double> h_all = harness::poisoned<double>(S), c_all = harness::poisoned<double>(S);
+  std::vector<double> gates = harness::poisoned<double>(steps * B * G);
+  fastattn::LstmSequenceFwdParams f;
+  f.dtype = Dtype::Float64;
+  f.x_proj = x.data(), f.h0 = h0.data(), f.c0 = c0.data(), f.w_hh = w.data();
+  f.h_all = h_all.data(), f.c_all = c_all.data(), f.gates_all = gates.data();
+  f.seq_len = steps, f.batch = B, f.hidden = H;
+  std::vector<double> dg = harness::poisoned<double>(steps * B * G), dh0 = harness::poisoned<double>(B * H);
+  std::vector<double> dc0 = harness::poisoned<double>(B * H);
+  fastattn::LstmSequenceBwdParams b;
+  b.dtype = Dtype::Float64;
+  b.grad_h_all = gh.data(), b.grad_c_all = gc.data(), b.c0 = c0.data(), b.c_all = c_all.data();
+  b.gates_all = gates.data(), b.w_hh = w.data();
+  b.grad_gates_all = dg.data(), b.grad_h0 = dh0.data(), b.grad_c0 = dc0.data();
+  b.seq_len = steps, b.batch = B, b.hidden = H;
+  if (fastattn::launch_lstm_sequence_fwd(f, nullptr) != cudaSuccess ||
+      fastattn::launch_lstm_sequence_bwd(b, nullptr) != cudaSuccess)
+    return false;
+  const std::vector<double> vx = harness::randn<double>(x.size(), rng), vh = harness::randn<double>(B * H, rng);
+  const std::vector<double> vc = harness::randn<double>(B * H, rng);
+  const auto loss = [&](double eps) {
+    std::vector<double> xe = x, he = h0, ce = c0;
+    for (size_t n = 0; n < xe.size(); ++n) xe[n] += eps * vx[n];
+    for (int64_t n = 0; n < B * H; ++n) he[n] += eps * vh[n], ce[n] += eps * vc[n];
+    const SequenceRef r = forward_f64(xe, he, ce, w, steps, B, H);
+    double l = 0.0;
+    for (int64_t n = 0; n < S; ++n) l += gh[n] * r.h[n] + gc[n] * r.c[n];
+    return l;
+  };
+  const double eps = 1e-5, numeric = (loss(eps) - loss(-eps)) / (2 * eps);
+  double analytic = 0.0, scale = 0.0;
+  for (size_t n = 0; n < dg.size(); ++n) analytic += dg[n] * vx[n], scale += std::fabs(dg[n] * vx[n]);
+  for (int64_t n = 0; n < B * H; ++n) {
+    analytic += dh0[n] * vh[n] + dc0[n] * vc[n];
+    scale += std::fabs(dh0[n] * vh[n]) + std::fabs(dc0[n] * vc[n]);
+  }
+  const double rel = std::fabs(analytic - numeric) / scale;
+  const bool ok = rel <= 1e-8;
+  std::printf("sequence bwd directional f64 T%lld B%lld H%lld  %s  analytic %.12g numeric %.12g rel %.1e (tol 1e-8)\n",
+              (long long)steps, (long long)B, (long long)H, ok ? "OK  " : "FAIL", analytic, numeric, rel);
   return ok;
 }
 
@@ -586,6 +758,15 @@ const Entry kCases[] = {
     {"sequence bf16 T3 B5 H64", [] { return sequence_case<__nv_bfloat16>(3, 5, 64, 4); }},
     {"sequence f64 T3 B6 H32", [] { return sequence_case<double>(3, 6, 32, 2); }},
     {"sequence f32 T2 B1 H1", [] { return sequence_case<float>(2, 1, 1, 1); }},
+    // The backward on the same grids, and its reference against central differences.
+    {"sequence bwd f32 T4 B20 H40 4 SMs", [] { return sequence_bwd_case<float>(4, 20, 40, 4); }},
+    {"sequence bwd f32 T3 B20 H40 10 SMs", [] { return sequence_bwd_case<float>(3, 20, 40, 10); }},
+    {"sequence bwd f16 T3 B9 H90", [] { return sequence_bwd_case<__half>(3, 9, 90, 4); }},
+    {"sequence bwd bf16 T3 B5 H64", [] { return sequence_bwd_case<__nv_bfloat16>(3, 5, 64, 4); }},
+    {"sequence bwd f64 T3 B6 H32", [] { return sequence_bwd_case<double>(3, 6, 32, 2); }},
+    {"sequence bwd f32 T1 B1 H1", [] { return sequence_bwd_case<float>(1, 1, 1, 1); }},
+    {"sequence bwd f32 T2 B1 H1", [] { return sequence_bwd_case<float>(2, 1, 1, 1); }},
+    {"sequence bwd directional f64 T3 B9 H12", [] { return sequence_bwd_directional_case(3, 9, 12); }},
     // Layer steps: every option, carried rows (stepping < B, and none stepping), odd sizes,
     // both vector paths, every dtype; the backward with float32 gradients for half types as
     // the layer backward keeps them (T-typed gradients: the cell cases above).
