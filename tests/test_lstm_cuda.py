@@ -277,8 +277,9 @@ MODULE_FLAGS = [
     pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True, bias=False),
                  True, id="L2-bi-proj-bf-nobias-packed"),
 ]
-# H 256: the persistent kernel serves option-free inference; 300: it does not fit. float32 runs
-# every size, the other dtypes two (the GPU test step of scripts/gpu_check.sh has 240 s for all).
+# H 256: the persistent kernels serve the plain and bidirectional layers; 300: they do not fit.
+# float32 runs every size, the other dtypes two (the GPU test step of scripts/gpu_check.sh has
+# 240 s for all).
 MODULE_SIZES = [
     pytest.param(dtype, t, b, h, id=f"{name}-T{t}-B{b}-H{h}")
     for dtype, name in ((torch.float32, "fp32"), (torch.float64, "fp64"),
@@ -357,25 +358,29 @@ def _cuda_kernels_run(fn) -> set[str]:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("seq_len, batch, hidden", [(1, 1, 1), (6, 33, 100), (3, 1100, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-def test_option_free_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden):
-    """A training step of an option-free fastattn.LSTM layer (H <= 256) runs the persistent
-    forward and backward kernels (csrc/lstm/lstm_sequence.cuh), not the per-step loop, and
-    matches nn.LSTM: outputs and every gradient, against float64 and cuDNN's error."""
+def test_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden, bidirectional):
+    """A training step of fastattn.LSTM without options but direction (H <= 256) runs the
+    persistent forward and backward kernels (csrc/lstm/lstm_sequence.cuh) in both directions,
+    not the per-step loop, and matches nn.LSTM: outputs and every gradient, against float64
+    and cuDNN's error."""
     require_kernel("lstm_layer_bwd", "cuda")
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the persistent LSTM kernels need sm_80 or newer")
     torch.manual_seed(0)
     in_features = 9
-    theirs = nn.LSTM(in_features, hidden, device="cuda", dtype=dtype)
-    ours = fastattn.LSTM(in_features, hidden, device="cuda", dtype=dtype)
+    theirs = nn.LSTM(in_features, hidden, device="cuda", dtype=dtype, bidirectional=bidirectional)
+    ours = fastattn.LSTM(in_features, hidden, device="cuda", dtype=dtype,
+                         bidirectional=bidirectional)
     ours.load_state_dict(theirs.state_dict())
     theirs64 = copy.deepcopy(theirs).double()
     x = torch.randn(seq_len, batch, in_features, device="cuda", dtype=dtype)
-    hx = (torch.randn(1, batch, hidden, device="cuda", dtype=dtype),
-          torch.randn(1, batch, hidden, device="cuda", dtype=dtype))
+    directions = 2 if bidirectional else 1
+    hx = (torch.randn(directions, batch, hidden, device="cuda", dtype=dtype),
+          torch.randn(directions, batch, hidden, device="cuda", dtype=dtype))
     leaves = [t.detach().requires_grad_() for t in (x, *hx)]
     leaves64 = [t.detach().double().requires_grad_() for t in (x, *hx)]
     got = []

@@ -1,9 +1,9 @@
 // CUDA implementations of the fastattn LSTM ops (schemas: fastattn/ops/_registry.py):
 // input checks, output allocation, params structs, launch on the current stream. The layer ops
 // (plain and LayerNorm-LSTM) run their time loop here: per step a GEMM on torch's current
-// stream (cuBLAS through ATen, into preallocated buffers) and one fused step kernel; an
-// option-free layer runs the persistent forward and backward kernels instead where they fit
-// (sequence_kernel_serves). The weight gradients are GEMMs (and, for the LN gains, reductions)
+// stream (cuBLAS through ATen, into preallocated buffers) and one fused step kernel; a layer
+// without options (either time order) runs the persistent forward and backward kernels instead
+// where they fit (sequence_kernel_serves). The weight gradients are GEMMs (and, for the LN gains, reductions)
 // over all steps after either. The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -138,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_pointwise_bwd_cuda(
 // tensor contiguous, gates_all in the math type.
 cudaError_t sequence_forward(Dtype dtype, const at::Tensor& x_proj, const at::Tensor& h0,
                              const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& h_all,
-                             const at::Tensor& c_all, const at::Tensor& gates_all) {
+                             const at::Tensor& c_all, const at::Tensor& gates_all, bool reverse) {
   LstmSequenceFwdParams p;
   p.dtype = dtype;
   p.x_proj = x_proj.data_ptr();
@@ -151,6 +151,7 @@ cudaError_t sequence_forward(Dtype dtype, const at::Tensor& x_proj, const at::Te
   p.seq_len = x_proj.size(0);
   p.batch = x_proj.size(1);
   p.hidden = x_proj.size(2) / 4;
+  p.reverse = reverse;
   return launch_lstm_sequence_fwd(p, c10::cuda::getCurrentCUDAStream(x_proj.device().index()));
 }
 
@@ -187,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::
   at::Tensor gates_all =
       at::empty({seq_len, batch, 4 * hidden}, x_proj.options().dtype(math_type(x_proj)));
 
-  const cudaError_t err = sequence_forward(dtype, x_proj, h0, c0, w_hh, h_all, c_all, gates_all);
+  const cudaError_t err =
+      sequence_forward(dtype, x_proj, h0, c0, w_hh, h_all, c_all, gates_all, false);
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
     (void)cudaGetLastError();  // a refused launch must not surface in a later, unrelated check
     TORCH_CHECK(false, "fastattn::", op, " (CUDA): device ", x_proj.device(),
@@ -304,19 +306,24 @@ void layer_forward(const LayerProblem& p, const at::Tensor& x_proj, const at::Te
   }
 }
 
-bool has_options(const LayerProblem& p) {
-  return p.w_hr.defined() || p.reverse || p.zoneout_c.defined() || p.zoneout_h.defined() ||
-         std::any_of(p.batch_sizes.begin(), p.batch_sizes.end(),
-                     [&](int64_t n) { return n != p.B; });
+// Of the layer options, the persistent kernels take reverse only: no projection, zoneout or
+// packed rows.
+bool persistent_takes_options(const LayerProblem& p) {
+  return !p.w_hr.defined() && !p.zoneout_c.defined() && !p.zoneout_h.defined() &&
+         std::all_of(p.batch_sizes.begin(), p.batch_sizes.end(),
+                     [&](int64_t n) { return n == p.B; });
 }
 
-// The persistent kernels (csrc/lstm/lstm_sequence.cuh) serve an option-free problem when they
+// The persistent kernels (csrc/lstm/lstm_sequence.cuh) serve a problem whose options they take
+// (either time order, nothing else) when they
 // fit on this device (hidden size, sm_80+, cooperative launch, a co-resident grid), the
 // forward and the backward each by its own check: a problem one cannot take runs the loop
 // instead of raising. float64 stays on the loop, as the Python-side choice kept it before (the
 // two have not been timed against each other).
 bool sequence_kernel_serves(const LayerProblem& p, Dtype dtype, bool backward) {
-  if (has_options(p) || dtype == Dtype::Float64 || p.T == 0 || p.B == 0) return false;
+  if (!persistent_takes_options(p) || dtype == Dtype::Float64 || p.T == 0 || p.B == 0) {
+    return false;
+  }
   return backward ? lstm_sequence_bwd_fits(dtype, p.B, p.H) : lstm_sequence_fwd_fits(dtype, p.B, p.H);
 }
 
@@ -340,8 +347,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
   at::Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   const Dtype dtype = lstm_glue::lstm_dtype(x_proj, op);
   if (sequence_kernel_serves(p, dtype, false)) {
-    C10_CUDA_CHECK(
-        sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all, gates_all));
+    C10_CUDA_CHECK(sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all,
+                                    gates_all, p.reverse));
   } else {
     layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all,
                   proj ? hpre_all : at::Tensor());
@@ -382,8 +389,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_cuda(
   if (sequence_kernel_serves(p, dtype, false)) {
     // The kernel writes the gates regardless (in the math type).
     const at::Tensor gates_all = at::empty({T, B, 4 * H}, opts.dtype(math_type(input)));
-    C10_CUDA_CHECK(
-        sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all, gates_all));
+    C10_CUDA_CHECK(sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all,
+                                    gates_all, p.reverse));
     return {h_all, c_all};
   }
   const at::Tensor hpre = p.w_hr.defined() ? at::empty({1, B, H}, opts) : at::Tensor();
@@ -454,6 +461,7 @@ LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
     sp.seq_len = p.T;
     sp.batch = p.B;
     sp.hidden = p.H;
+    sp.reverse = p.reverse;
     C10_CUDA_CHECK(launch_lstm_sequence_bwd(sp, stream));
   }
   for (int64_t s = p.T - 1; !persistent && s >= 0; --s) {

@@ -1,5 +1,5 @@
-// Persistent whole-sequence LSTM forward and backward (one layer, one direction, no options,
-// H <= 256), torch-free.
+// Persistent whole-sequence LSTM forward and backward (one layer, one direction, either time
+// order, no other options, H <= 256), torch-free.
 //
 // Forward work split. The grid is (slices, batch_ctas). CTA (s, y) owns the hidden units
 // [s * units, (s + 1) * units) and keeps the 4 * units rows of w_hh that produce their gates
@@ -12,7 +12,7 @@
 //   3. pointwise cell for its units: gates = rec + x_proj[t], activations, c, h; writes
 //      h_all[t], c_all[t] and the activated gates_all[t] for its units only.
 //
-// Backward work split: the same grid and tiles, t = T-1 .. 0. The gradient reaching h_t of a
+// Backward work split: the same grid and tiles, the steps in reverse. The gradient reaching h_t of a
 // unit u is grad_h[t] + sum over the 4H gate rows r of grad_gates[t+1][r] * w_hh[r][u], so
 // the CTA keeps the w_hh COLUMNS of its units (again 4 * units * H elements): its row
 // q * units + u is column u of w_hh's gate-q block, w_hh[q*H : (q+1)*H, u]. Per step and tile:
@@ -34,7 +34,8 @@
 // to loads after it. One barrier suffices because a step writes only h_all[t] / c_all[t] /
 // gates_all[t] and reads only h_all[t - 1] / c_all[t - 1] / x_proj[t]: no location is
 // written and read by different CTAs within the same step (write-after-read across steps is
-// impossible since each step writes a fresh time slice). The backward is the mirror image:
+// impossible since each step writes a fresh time slice; reversed, read t + 1 for t - 1). The
+// backward is the mirror image:
 // step t writes grad_gates[t] and reads grad_gates[t + 1], the forward's saved tensors and
 // the grad_c0 elements of its own threads. Loads of values written by other CTAs use
 // ld.global.cg (L2, the coherence point), never the SM-local L1, so no stale line (for
@@ -159,9 +160,11 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
   A* gates_all = static_cast<A*>(p.gates_all);  // in A, as the layer op saves them
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
 
-  for (int64_t t = 0; t < p.seq_len; ++t) {
-    const T* h_prev = t == 0 ? static_cast<const T*>(p.h0) : h_all + (t - 1) * B * H;  // [B, H]
-    const T* c_prev = t == 0 ? static_cast<const T*>(p.c0) : c_all + (t - 1) * B * H;  // [B, H]
+  const int64_t dir = p.reverse ? -1 : 1;  // step s runs time t = s, or T-1-s reversed
+  for (int64_t s = 0; s < p.seq_len; ++s) {
+    const int64_t t = p.reverse ? p.seq_len - 1 - s : s;
+    const T* h_prev = s == 0 ? static_cast<const T*>(p.h0) : h_all + (t - dir) * B * H;  // [B, H]
+    const T* c_prev = s == 0 ? static_cast<const T*>(p.c0) : c_all + (t - dir) * B * H;  // [B, H]
     for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
       const int64_t b0 = tile * kBatchTile;
       const int tile_rows = static_cast<int>(B - b0 < kBatchTile ? B - b0 : kBatchTile);
@@ -233,14 +236,17 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
   A* grad_h0 = static_cast<A*>(p.grad_h0);
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
 
-  // t = -1 is the pass that only takes grad_h0 from grad_gates[0].
-  for (int64_t t = T_len - 1; t >= -1; --t) {
-    const bool recurrent = t + 1 < T_len;  // grad_gates[t + 1] exists: a gradient reaches h_t
+  // Forward step s ran time t = s (T-1-s reversed); s = -1 is the pass that only takes grad_h0
+  // from the gradients of step 0.
+  const int64_t dir = p.reverse ? -1 : 1;
+  for (int64_t s = T_len - 1; s >= -1; --s) {
+    const int64_t t = p.reverse ? T_len - 1 - s : s;
+    const bool recurrent = s + 1 < T_len;  // step s + 1 exists: a gradient reaches h of step s
     for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
       const int64_t b0 = tile * kBatchTile;
       const int tile_rows = static_cast<int>(B - b0 < kBatchTile ? B - b0 : kBatchTile);
       if (recurrent) {
-        stage_tile(dg_s, grad_gates_all + (t + 1) * B * G, b0, tile_rows, G);
+        stage_tile(dg_s, grad_gates_all + (t + dir) * B * G, b0, tile_rows, G);
         __syncthreads();
         tile_product(w_s, dg_s, G, H, units, H, rec_s);
         __syncthreads();
@@ -251,14 +257,14 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
         if (unit >= H) continue;
         const A* rec = rec_s + bb * rows + u;  // gate q's share of the gradient at rec[q * units]
         const A dh_rec = recurrent ? (rec[0] + rec[units]) + (rec[2 * units] + rec[3 * units]) : A(0);
-        if (t < 0) {
+        if (s < 0) {
           grad_h0[b * H + unit] = dh_rec;
           continue;
         }
         const int64_t state = (t * B + b) * H + unit;
         const A* gates = gates_all + (t * B + b) * G + unit;
         const A i = gates[0], f = gates[H], g = gates[2 * H], o = gates[3 * H];
-        const A c_prev = to_acc(t == 0 ? c0[b * H + unit] : c_all[state - B * H]);
+        const A c_prev = to_acc(s == 0 ? c0[b * H + unit] : c_all[state - dir * B * H]);
         const A tc = tanh_(f * c_prev + i * g);
         const A dh = to_acc(grad_h_all[state]) + dh_rec;
         A* carried_c = grad_c0 + b * H + unit;
@@ -273,7 +279,7 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
         grad_gates[3 * H] = dh * tc * o * (A(1) - o);
       }
     }
-    if (t >= 0) grid.sync();
+    if (s >= 0) grid.sync();
   }
 }
 

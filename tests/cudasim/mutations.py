@@ -264,7 +264,7 @@ MUTATIONS = [
         "f * load_l2(h_prev + b * H + unit)",
     ),
     # The persistent backward.
-    Mutation("seq-bwd-no-grid-sync", SEQ, "    if (t >= 0) grid.sync();"),
+    Mutation("seq-bwd-no-grid-sync", SEQ, "    if (s >= 0) grid.sync();"),
     Mutation(
         "seq-bwd-no-barrier-after-stage",
         SEQ,
@@ -295,8 +295,20 @@ MUTATIONS = [
     Mutation(
         "seq-bwd-staged-from-step-t",
         SEQ,
-        "grad_gates_all + (t + 1) * B * G",
-        "grad_gates_all + (t + 1 < T_len ? t : t + 1) * B * G",
+        "grad_gates_all + (t + dir) * B * G",
+        "grad_gates_all + t * B * G",
+    ),
+    Mutation(
+        "seq-fwd-reverse-reads-the-wrong-neighbour",
+        SEQ,
+        "h_all + (t - dir) * B * H;  // [B, H]",
+        "h_all + (t - 1) * B * H;  // [B, H]",
+    ),
+    Mutation(
+        "seq-bwd-ignores-reverse",
+        SEQ,
+        "  const int64_t dir = p.reverse ? -1 : 1;\n  for (int64_t s = T_len - 1",
+        "  const int64_t dir = 1;\n  for (int64_t s = T_len - 1",
     ),
     Mutation(
         "cell-bwd-forget-gradient",

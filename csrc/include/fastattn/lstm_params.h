@@ -156,6 +156,7 @@ struct LstmSequenceFwdParams {
   void* c_all = nullptr;
   void* gates_all = nullptr;
   int64_t seq_len = 0, batch = 0, hidden = 0;
+  bool reverse = false;  // steps t = T-1 .. 0, the first reading h0 / c0
 };
 
 // Its backward, for the same problem (no options): every tensor contiguous.
@@ -177,6 +178,7 @@ struct LstmSequenceBwdParams {
   void* grad_h0 = nullptr;
   void* grad_c0 = nullptr;
   int64_t seq_len = 0, batch = 0, hidden = 0;
+  bool reverse = false;  // the forward ran reversed
 };
 
 // The persistent sequence kernels keep each CTA's slice of w_hh in shared memory; they serve

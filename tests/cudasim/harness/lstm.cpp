@@ -85,7 +85,7 @@ bool cell_case(int64_t B, int64_t H, int64_t pad) {
 
 // Whole-sequence forward; the reference continues from the kernel's own rounded states.
 template <typename T>
-bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms) {
+bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = false) {
   cudasim::device_sms() = sms;
   std::mt19937 rng(7 + H);
   std::vector<T> x = harness::randn<T>(steps * B * 4 * H, rng), h0 = harness::randn<T>(B * H, rng);
@@ -96,7 +96,7 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms) {
   p.dtype = dtype_of<T>();
   p.x_proj = x.data(), p.h0 = h0.data(), p.c0 = c0.data(), p.w_hh = w.data();
   p.h_all = h_all.data(), p.c_all = c_all.data(), p.gates_all = g_all.data();
-  p.seq_len = steps, p.batch = B, p.hidden = H;
+  p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = reverse;
   const unsigned long long sw0 = cudasim::rt().switches;
   if (const cudaError_t err = fastattn::launch_lstm_sequence_fwd(p, nullptr); err != cudaSuccess) {
     std::printf("sequence %s: launch error %d\n", harness::dtype_name<T>(), int(err));
@@ -104,7 +104,8 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms) {
   }
   Err eh, ec, eg;
   std::vector<T> hp = h0, cp = c0;
-  for (int64_t t = 0; t < steps; ++t) {
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t t = reverse ? steps - 1 - step : step;
     std::vector<T> hn(B * H), cn(B * H);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < H; ++u) {
@@ -130,8 +131,9 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms) {
   }
   const double tol = tol_of<T>() * 2, tol_gates = tol_of<fastattn::lstm::acc_t<T>>() * 2;
   const bool ok = eh.rel() <= tol && ec.rel() <= tol && eg.rel() <= tol_gates;
-  std::printf("sequence %-4s T%lld B%lld H%lld (%d SMs)  %s  rel err h %.1e c %.1e gates %.1e (tol %.0e)  %llu switches\n",
-              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, sms, ok ? "OK  " : "FAIL",
+  std::printf("sequence %-4s T%lld B%lld H%lld%s (%d SMs)  %s  rel err h %.1e c %.1e gates %.1e (tol %.0e)  %llu switches\n",
+              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, reverse ? " reverse" : "", sms,
+              ok ? "OK  " : "FAIL",
               eh.rel(), ec.rel(), eg.rel(), tol, cudasim::rt().switches - sw0);
   return ok;
 }
@@ -142,14 +144,16 @@ struct SequenceRef {
   std::vector<double> h, c, gates;
 };
 SequenceRef forward_f64(const std::vector<double>& x, const std::vector<double>& h0, const std::vector<double>& c0,
-                        const std::vector<double>& w, int64_t steps, int64_t B, int64_t H) {
+                        const std::vector<double>& w, int64_t steps, int64_t B, int64_t H, bool reverse) {
   SequenceRef r{std::vector<double>(steps * B * H), std::vector<double>(steps * B * H),
                 std::vector<double>(steps * B * 4 * H)};
-  for (int64_t t = 0; t < steps; ++t)
+  const int64_t dir = reverse ? -1 : 1;
+  for (int64_t step = 0; step < steps; ++step)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < H; ++u) {
-        const double* hp = t == 0 ? &h0[b * H] : &r.h[((t - 1) * B + b) * H];
-        const double cp = t == 0 ? c0[b * H + u] : r.c[((t - 1) * B + b) * H + u];
+        const int64_t t = reverse ? steps - 1 - step : step;
+        const double* hp = step == 0 ? &h0[b * H] : &r.h[((t - dir) * B + b) * H];
+        const double cp = step == 0 ? c0[b * H + u] : r.c[((t - dir) * B + b) * H + u];
         double a[4];
         for (int q = 0; q < 4; ++q) {
           double s = x[(t * B + b) * 4 * H + q * H + u];
@@ -163,23 +167,24 @@ SequenceRef forward_f64(const std::vector<double>& x, const std::vector<double>&
   return r;
 }
 
-// The backward of forward_f64 by the chain rule, from the saved activated gates and c_all (c
+// The backward of forward_f64 (either time order) by the chain rule, from the saved activated gates and c_all (c
 // recomputed from them, as the kernels do): grad of the pre-activations [T, B, 4H], h0, c0.
 struct SequenceGrads {
   std::vector<double> gates, h0, c0;
 };
 SequenceGrads backward_f64(const std::vector<double>& gh, const std::vector<double>& gc, const std::vector<double>& c0,
                            const std::vector<double>& c_all, const std::vector<double>& gates,
-                           const std::vector<double>& w, int64_t steps, int64_t B, int64_t H) {
-  const int64_t G = 4 * H;
+                           const std::vector<double>& w, int64_t steps, int64_t B, int64_t H, bool reverse) {
+  const int64_t G = 4 * H, dir = reverse ? -1 : 1;
   SequenceGrads r{std::vector<double>(steps * B * G), std::vector<double>(B * H), std::vector<double>(B * H, 0.0)};
-  std::vector<double> dh_rec(B * H, 0.0);  // the gradient reaching h_t through step t + 1
-  for (int64_t t = steps - 1; t >= 0; --t) {
+  std::vector<double> dh_rec(B * H, 0.0);  // the gradient reaching h of a step through the next
+  for (int64_t step = steps - 1; step >= 0; --step) {
+    const int64_t t = reverse ? steps - 1 - step : step;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < H; ++u) {
         const int64_t e = (t * B + b) * H + u, at = (t * B + b) * G + u;
         const double i = gates[at], f = gates[at + H], g = gates[at + 2 * H], o = gates[at + 3 * H];
-        const double cp = t == 0 ? c0[b * H + u] : c_all[e - B * H], tc = std::tanh(f * cp + i * g);
+        const double cp = step == 0 ? c0[b * H + u] : c_all[e - dir * B * H], tc = std::tanh(f * cp + i * g);
         const double dh = gh[e] + dh_rec[b * H + u];
         const double dc = gc[e] + r.c0[b * H + u] + dh * o * (1 - tc * tc);
         r.c0[b * H + u] = dc * f;
@@ -209,7 +214,7 @@ std::vector<double> as_f64(const std::vector<T>& v) {
 // Whole-sequence backward: random rounded inputs (activated gates in the math type, as the
 // forward saves them), against backward_f64 of the same values. Poisoned outputs.
 template <typename T>
-bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms) {
+bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = false) {
   using A = fastattn::lstm::acc_t<T>;
   cudasim::device_sms() = sms;
   std::mt19937 rng(13 + H + B);
@@ -229,14 +234,14 @@ bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms) {
   p.grad_h_all = gh.data(), p.grad_c_all = gc.data(), p.c0 = c0.data(), p.c_all = c_all.data();
   p.gates_all = gates.data(), p.w_hh = w.data();
   p.grad_gates_all = dg.data(), p.grad_h0 = dh0.data(), p.grad_c0 = dc0.data();
-  p.seq_len = steps, p.batch = B, p.hidden = H;
+  p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = reverse;
   const unsigned long long sw0 = cudasim::rt().switches;
   if (const cudaError_t err = fastattn::launch_lstm_sequence_bwd(p, nullptr); err != cudaSuccess) {
     std::printf("sequence bwd %s: launch error %d\n", harness::dtype_name<T>(), int(err));
     return false;
   }
   const SequenceGrads ref = backward_f64(as_f64(gh), as_f64(gc), as_f64(c0), as_f64(c_all), as_f64(gates),
-                                         as_f64(w), steps, B, H);
+                                         as_f64(w), steps, B, H, reverse);
   Err eg, eh, ec;
   for (int64_t n = 0; n < steps * B * G; ++n) eg.add(ref.gates[n], to_d(dg[n]));
   for (int64_t n = 0; n < B * H; ++n) {
@@ -246,8 +251,9 @@ bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms) {
   // Every gradient is computed and kept in A: its rounding (the inputs are exact in A).
   const double tol = tol_of<A>();
   const bool ok = eg.rel() <= tol && eh.rel() <= tol && ec.rel() <= tol;
-  std::printf("sequence bwd %-4s T%lld B%lld H%lld (%d SMs)  %s  rel err dgates %.1e dh0 %.1e dc0 %.1e (tol %.0e)  %llu switches\n",
-              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, sms, ok ? "OK  " : "FAIL",
+  std::printf("sequence bwd %-4s T%lld B%lld H%lld%s (%d SMs)  %s  rel err dgates %.1e dh0 %.1e dc0 %.1e (tol %.0e)  %llu switches\n",
+              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, reverse ? " reverse" : "", sms,
+              ok ? "OK  " : "FAIL",
               eg.rel(), eh.rel(), ec.rel(), tol, cudasim::rt().switches - sw0);
   return ok;
 }
@@ -256,7 +262,7 @@ bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms) {
 // against central differences of forward_f64 of L = sum(grad_h * h_all + grad_c * c_all) along
 // a random direction of (x_proj, h0, c0). This checks backward_f64's chain rule (and with it
 // sequence_bwd_case's reference) independently of it.
-bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H) {
+bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, bool reverse) {
   cudasim::device_sms() = 4;
   std::mt19937 rng(5 + H);
   const int64_t G = 4 * H, S = steps * B * H;
@@ -270,7 +276,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H) {
   f.dtype = Dtype::Float64;
   f.x_proj = x.data(), f.h0 = h0.data(), f.c0 = c0.data(), f.w_hh = w.data();
   f.h_all = h_all.data(), f.c_all = c_all.data(), f.gates_all = gates.data();
-  f.seq_len = steps, f.batch = B, f.hidden = H;
+  f.seq_len = steps, f.batch = B, f.hidden = H, f.reverse = reverse;
   std::vector<double> dg = harness::poisoned<double>(steps * B * G), dh0 = harness::poisoned<double>(B * H);
   std::vector<double> dc0 = harness::poisoned<double>(B * H);
   fastattn::LstmSequenceBwdParams b;
@@ -278,7 +284,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H) {
   b.grad_h_all = gh.data(), b.grad_c_all = gc.data(), b.c0 = c0.data(), b.c_all = c_all.data();
   b.gates_all = gates.data(), b.w_hh = w.data();
   b.grad_gates_all = dg.data(), b.grad_h0 = dh0.data(), b.grad_c0 = dc0.data();
-  b.seq_len = steps, b.batch = B, b.hidden = H;
+  b.seq_len = steps, b.batch = B, b.hidden = H, b.reverse = reverse;
   if (fastattn::launch_lstm_sequence_fwd(f, nullptr) != cudaSuccess ||
       fastattn::launch_lstm_sequence_bwd(b, nullptr) != cudaSuccess)
     return false;
@@ -288,7 +294,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H) {
     std::vector<double> xe = x, he = h0, ce = c0;
     for (size_t n = 0; n < xe.size(); ++n) xe[n] += eps * vx[n];
     for (int64_t n = 0; n < B * H; ++n) he[n] += eps * vh[n], ce[n] += eps * vc[n];
-    const SequenceRef r = forward_f64(xe, he, ce, w, steps, B, H);
+    const SequenceRef r = forward_f64(xe, he, ce, w, steps, B, H, reverse);
     double l = 0.0;
     for (int64_t n = 0; n < S; ++n) l += gh[n] * r.h[n] + gc[n] * r.c[n];
     return l;
@@ -302,8 +308,9 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H) {
   }
   const double rel = std::fabs(analytic - numeric) / scale;
   const bool ok = rel <= 1e-8;
-  std::printf("sequence bwd directional f64 T%lld B%lld H%lld  %s  analytic %.12g numeric %.12g rel %.1e (tol 1e-8)\n",
-              (long long)steps, (long long)B, (long long)H, ok ? "OK  " : "FAIL", analytic, numeric, rel);
+  std::printf("sequence bwd directional f64 T%lld B%lld H%lld%s  %s  analytic %.12g numeric %.12g rel %.1e (tol 1e-8)\n",
+              (long long)steps, (long long)B, (long long)H, reverse ? " reverse" : "", ok ? "OK  " : "FAIL", analytic,
+              numeric, rel);
   return ok;
 }
 
@@ -758,6 +765,8 @@ const Entry kCases[] = {
     {"sequence bf16 T3 B5 H64", [] { return sequence_case<__nv_bfloat16>(3, 5, 64, 4); }},
     {"sequence f64 T3 B6 H32", [] { return sequence_case<double>(3, 6, 32, 2); }},
     {"sequence f32 T2 B1 H1", [] { return sequence_case<float>(2, 1, 1, 1); }},
+    {"sequence f32 T4 B11 H40 reverse", [] { return sequence_case<float>(4, 11, 40, 4, true); }},
+    {"sequence bf16 T3 B5 H64 reverse", [] { return sequence_case<__nv_bfloat16>(3, 5, 64, 4, true); }},
     // The backward on the same grids, and its reference against central differences.
     {"sequence bwd f32 T4 B20 H40 4 SMs", [] { return sequence_bwd_case<float>(4, 20, 40, 4); }},
     {"sequence bwd f32 T3 B20 H40 10 SMs", [] { return sequence_bwd_case<float>(3, 20, 40, 10); }},
@@ -766,7 +775,10 @@ const Entry kCases[] = {
     {"sequence bwd f64 T3 B6 H32", [] { return sequence_bwd_case<double>(3, 6, 32, 2); }},
     {"sequence bwd f32 T1 B1 H1", [] { return sequence_bwd_case<float>(1, 1, 1, 1); }},
     {"sequence bwd f32 T2 B1 H1", [] { return sequence_bwd_case<float>(2, 1, 1, 1); }},
-    {"sequence bwd directional f64 T3 B9 H12", [] { return sequence_bwd_directional_case(3, 9, 12); }},
+    {"sequence bwd f32 T4 B11 H40 reverse", [] { return sequence_bwd_case<float>(4, 11, 40, 4, true); }},
+    {"sequence bwd f16 T3 B9 H90 reverse", [] { return sequence_bwd_case<__half>(3, 9, 90, 4, true); }},
+    {"sequence bwd directional f64 T3 B9 H12", [] { return sequence_bwd_directional_case(3, 9, 12, false); }},
+    {"sequence bwd directional f64 T4 B3 H7 reverse", [] { return sequence_bwd_directional_case(4, 3, 7, true); }},
     // Layer steps: every option, carried rows (stepping < B, and none stepping), odd sizes,
     // both vector paths, every dtype; the backward with float32 gradients for half types as
     // the layer backward keeps them (T-typed gradients: the cell cases above).
