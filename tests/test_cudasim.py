@@ -83,7 +83,8 @@ def test_lstm_cell_step_and_sequence(check_build, schedule):
     # every case.
     cases = [] if schedule == "rr" else [
         "cell", "step", "projection", "sequence f32 T4 B20 H40 4 SMs", "sequence f16",
-        "sequence bwd f32 T4 B20 H40 4 SMs", "sequence bwd f16"]
+        "sequence bwd f32 T4 B20 H40 4 SMs", "sequence bwd f16",
+        "sequence bwd f32 T5 B11 H40 packed"]
     assert_passes(run(check_build / "lstm", *cases, schedule=schedule))
 
 
@@ -214,8 +215,8 @@ def _asan_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("program", ["attention", "lstm"])
 def test_asan_ubsan_subset(asan_build, program):
-    cases = ["cell", "step", "projection", "sequence f16", "sequence f64"] if (
-        program == "lstm") else []
+    cases = ["cell", "step", "projection", "sequence f16", "sequence f64", "sequence bwd f16",
+             "sequence bwd f64", "sequence bwd bf16"] if program == "lstm" else []
     assert_passes(run(asan_build / program, *cases, **_asan_env()))
 
 

@@ -277,7 +277,7 @@ MODULE_FLAGS = [
     pytest.param(dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True, bias=False),
                  True, id="L2-bi-proj-bf-nobias-packed"),
 ]
-# H 256: the persistent kernels serve the plain and bidirectional layers; 300: they do not fit.
+# H 256: the persistent kernels serve the layers without projection; 300: they do not fit.
 # float32 runs every size, the other dtypes two (the GPU test step of scripts/gpu_check.sh has
 # 240 s for all).
 MODULE_SIZES = [
@@ -358,15 +358,17 @@ def _cuda_kernels_run(fn) -> set[str]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("bidirectional, packed", [(False, False), (True, False), (True, True)],
+                         ids=["uni", "bi", "bi-packed"])
 @pytest.mark.parametrize("seq_len, batch, hidden", [(1, 1, 1), (6, 33, 100), (3, 1100, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-def test_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden, bidirectional):
-    """A training step of fastattn.LSTM without options but direction (H <= 256) runs the
-    persistent forward and backward kernels (csrc/lstm/lstm_sequence.cuh) in both directions,
-    not the per-step loop, and matches nn.LSTM: outputs and every gradient, against float64
-    and cuDNN's error."""
+def test_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden, bidirectional,
+                                              packed):
+    """A training step of fastattn.LSTM without projection (H <= 256), uni- or bidirectional,
+    padded or packed, runs the persistent forward and backward kernels
+    (csrc/lstm/lstm_sequence.cuh), not the per-step loop, and matches nn.LSTM: outputs and
+    every gradient, against float64 and cuDNN's error."""
     require_kernel("lstm_layer_bwd", "cuda")
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the persistent LSTM kernels need sm_80 or newer")
@@ -381,17 +383,21 @@ def test_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden, bid
     directions = 2 if bidirectional else 1
     hx = (torch.randn(directions, batch, hidden, device="cuda", dtype=dtype),
           torch.randn(directions, batch, hidden, device="cuda", dtype=dtype))
+    lengths = None
+    if packed:  # shuffled lengths in 1..seq_len, the longest == seq_len
+        lengths = torch.randint(1, seq_len + 1, (batch,))
+        lengths[0] = seq_len
     leaves = [t.detach().requires_grad_() for t in (x, *hx)]
     leaves64 = [t.detach().double().requires_grad_() for t in (x, *hx)]
     got = []
     kernels = _cuda_kernels_run(
-        lambda: got.extend(_run_module(ours, leaves[0], tuple(leaves[1:]), None, True)))
+        lambda: got.extend(_run_module(ours, leaves[0], tuple(leaves[1:]), lengths, True)))
     for direction in ("fwd", "bwd"):
         assert any(f"lstm_sequence_{direction}_kernel" in name for name in kernels), (
             f"the persistent {direction} kernel did not run; kernels: {sorted(kernels)}")
     assert not any("lstm_step" in name for name in kernels), sorted(kernels)
-    ref64 = _run_module(theirs64, leaves64[0], tuple(leaves64[1:]), None, True)
-    ref_torch = _run_module(theirs, leaves[0], tuple(leaves[1:]), None, True)
+    ref64 = _run_module(theirs64, leaves64[0], tuple(leaves64[1:]), lengths, True)
+    ref_torch = _run_module(theirs, leaves[0], tuple(leaves[1:]), lengths, True)
     names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
         f"grad {n}" for n, _ in ours.named_parameters()]
     for name, a, r64, rt in zip(names, got, ref64, ref_torch, strict=True):

@@ -1,5 +1,5 @@
 // Persistent whole-sequence LSTM forward and backward (one layer, one direction, either time
-// order, no other options, H <= 256), torch-free.
+// order, packed rows, no other options, H <= 256), torch-free.
 //
 // Forward work split. The grid is (slices, batch_ctas). CTA (s, y) owns the hidden units
 // [s * units, (s + 1) * units) and keeps the 4 * units rows of w_hh that produce their gates
@@ -10,7 +10,8 @@
 //      lanes split the H reduction (consecutive k, so w and h reads are bank-conflict free),
 //      then a butterfly reduction across the warp;
 //   3. pointwise cell for its units: gates = rec + x_proj[t], activations, c, h; writes
-//      h_all[t], c_all[t] and the activated gates_all[t] for its units only.
+//      h_all[t], c_all[t] and the activated gates_all[t] for its units only. Packed: rows
+//      b >= batch_sizes[t] carry their state instead (gates zero), as lstm_step_fwd_kernel.
 //
 // Backward work split: the same grid and tiles, the steps in reverse. The gradient reaching h_t of a
 // unit u is grad_h[t] + sum over the 4H gate rows r of grad_gates[t+1][r] * w_hh[r][u], so
@@ -21,7 +22,8 @@
 //      per unit, which the pointwise pass adds, so 4 * units warps' worth of rows as forward;
 //   3. pointwise backward of its units (as lstm_step_bwd_kernel without options): c recomputed
 //      from the saved activated gates and c_{t-1}; writes grad_gates[t]; the carried gradient
-//      of c lives in grad_c0 (each element read and written by one fixed thread).
+//      of c lives in grad_c0 (each element read and written by one fixed thread), and packed,
+//      that of h through a carried row's steps in grad_h0.
 // After the step t = 0 and its grid barrier, one more staging and product gives grad_h0.
 //
 // Synchronization (cannot be tested on this machine; reasoned here). Forward step t of every
@@ -165,6 +167,7 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
     const int64_t t = p.reverse ? p.seq_len - 1 - s : s;
     const T* h_prev = s == 0 ? static_cast<const T*>(p.h0) : h_all + (t - dir) * B * H;  // [B, H]
     const T* c_prev = s == 0 ? static_cast<const T*>(p.c0) : c_all + (t - dir) * B * H;  // [B, H]
+    const int64_t stepping = p.batch_sizes == nullptr ? B : p.batch_sizes[t];
     for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
       const int64_t b0 = tile * kBatchTile;
       const int tile_rows = static_cast<int>(B - b0 < kBatchTile ? B - b0 : kBatchTile);
@@ -179,6 +182,14 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
         const int bb = e / units, u = e % units;
         const int64_t unit = unit0 + u, b = b0 + bb;
         if (unit >= H) continue;
+        const int64_t state = (t * B + b) * H + unit;
+        A* gates = gates_all + (t * B + b) * 4 * H + unit;
+        if (b >= stepping) {  // a carried row: its state passes through, its gates are zero
+          for (int q = 0; q < 4; ++q) gates[q * H] = A(0);
+          c_all[state] = from_acc<T>(load_l2(c_prev + b * H + unit));
+          h_all[state] = from_acc<T>(load_l2(h_prev + b * H + unit));
+          continue;
+        }
         const T* x = x_proj + (t * B + b) * 4 * H + unit;  // gate chunk q at x[q * H]
         const A* rec = rec_s + bb * rows + u;               // gate chunk q at rec[q * units]
         const A i = sigmoid(rec[0] + to_acc(x[0]));
@@ -187,8 +198,6 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
         const A o = sigmoid(rec[3 * units] + to_acc(x[3 * H]));
         const A c = f * load_l2(c_prev + b * H + unit) + i * g;
         const A h = o * tanh_(c);
-        const int64_t state = (t * B + b) * H + unit;
-        A* gates = gates_all + (t * B + b) * 4 * H + unit;
         gates[0] = i;
         gates[H] = f;
         gates[2 * H] = g;
@@ -233,7 +242,9 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
   const A* gates_all = static_cast<const A*>(p.gates_all);
   A* grad_gates_all = static_cast<A*>(p.grad_gates_all);
   A* grad_c0 = static_cast<A*>(p.grad_c0);  // the carried gradient of c until the end
+  // The gradient a carried row's h passes on to its previous step, until the end (packed).
   A* grad_h0 = static_cast<A*>(p.grad_h0);
+  const bool packed = p.batch_sizes != nullptr;
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
 
   // Forward step s ran time t = s (T-1-s reversed); s = -1 is the pass that only takes grad_h0
@@ -242,6 +253,7 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
   for (int64_t s = T_len - 1; s >= -1; --s) {
     const int64_t t = p.reverse ? T_len - 1 - s : s;
     const bool recurrent = s + 1 < T_len;  // step s + 1 exists: a gradient reaches h of step s
+    const int64_t stepping = s < 0 || !packed ? B : p.batch_sizes[t];
     for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
       const int64_t b0 = tile * kBatchTile;
       const int tile_rows = static_cast<int>(B - b0 < kBatchTile ? B - b0 : kBatchTile);
@@ -257,21 +269,30 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
         if (unit >= H) continue;
         const A* rec = rec_s + bb * rows + u;  // gate q's share of the gradient at rec[q * units]
         const A dh_rec = recurrent ? (rec[0] + rec[units]) + (rec[2 * units] + rec[3 * units]) : A(0);
+        A* carried_h = grad_h0 + b * H + unit;
+        const A dh_carried = packed && recurrent ? *carried_h : A(0);
         if (s < 0) {
-          grad_h0[b * H + unit] = dh_rec;
+          *carried_h = dh_rec + dh_carried;
           continue;
         }
         const int64_t state = (t * B + b) * H + unit;
+        const A dh = to_acc(grad_h_all[state]) + dh_rec + dh_carried;
+        A* carried_c = grad_c0 + b * H + unit;
+        const A dc_total = to_acc(grad_c_all[state]) + (recurrent ? *carried_c : A(0));
+        A* grad_gates = grad_gates_all + (t * B + b) * G + unit;
+        if (b >= stepping) {  // a carried row: its gradients pass through, its gates' are zero
+          for (int q = 0; q < 4; ++q) grad_gates[q * H] = A(0);
+          *carried_c = dc_total;
+          *carried_h = dh;
+          continue;
+        }
+        if (packed) *carried_h = A(0);
         const A* gates = gates_all + (t * B + b) * G + unit;
         const A i = gates[0], f = gates[H], g = gates[2 * H], o = gates[3 * H];
         const A c_prev = to_acc(s == 0 ? c0[b * H + unit] : c_all[state - dir * B * H]);
         const A tc = tanh_(f * c_prev + i * g);
-        const A dh = to_acc(grad_h_all[state]) + dh_rec;
-        A* carried_c = grad_c0 + b * H + unit;
-        const A dc_total = to_acc(grad_c_all[state]) + (recurrent ? *carried_c : A(0));
         const A dc = dc_total + dh * o * (A(1) - tc * tc);
         *carried_c = dc * f;
-        A* grad_gates = grad_gates_all + (t * B + b) * G + unit;
         // Pre-activation gradients: sigmoid' = s (1 - s), tanh' = 1 - t^2.
         grad_gates[0] = dc * g * i * (A(1) - i);
         grad_gates[H] = dc * c_prev * f * (A(1) - f);

@@ -311,6 +311,20 @@ MUTATIONS = [
         "  const int64_t dir = 1;\n  for (int64_t s = T_len - 1",
     ),
     Mutation(
+        "seq-packed-fwd-every-row-steps",
+        SEQ,
+        "const int64_t stepping = p.batch_sizes == nullptr ? B : p.batch_sizes[t];",
+        "const int64_t stepping = B;",
+    ),
+    Mutation(
+        "seq-packed-bwd-every-row-steps",
+        SEQ,
+        "const int64_t stepping = s < 0 || !packed ? B : p.batch_sizes[t];",
+        "const int64_t stepping = B;",
+    ),
+    Mutation("seq-packed-bwd-drops-carried-h", SEQ, "*carried_h = dh;", "*carried_h = A(0);"),
+    Mutation("seq-packed-bwd-keeps-carried-h", SEQ, "        if (packed) *carried_h = A(0);\n"),
+    Mutation(
         "cell-bwd-forget-gradient",
         CELL,
         "const A gf = dc * c_prev[e] * f[e] * (A(1) - f[e]);",

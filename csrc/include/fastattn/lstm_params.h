@@ -157,6 +157,9 @@ struct LstmSequenceFwdParams {
   void* gates_all = nullptr;
   int64_t seq_len = 0, batch = 0, hidden = 0;
   bool reverse = false;  // steps t = T-1 .. 0, the first reading h0 / c0
+  // Device int64 [T], or nullptr: only rows < batch_sizes[t] step at time t; the others carry
+  // their state through it (gates_all zero), as in LstmStepFwdParams::stepping.
+  const int64_t* batch_sizes = nullptr;
 };
 
 // Its backward, for the same problem (no options): every tensor contiguous.
@@ -178,7 +181,8 @@ struct LstmSequenceBwdParams {
   void* grad_h0 = nullptr;
   void* grad_c0 = nullptr;
   int64_t seq_len = 0, batch = 0, hidden = 0;
-  bool reverse = false;  // the forward ran reversed
+  bool reverse = false;                   // the forward ran reversed
+  const int64_t* batch_sizes = nullptr;   // as the forward's: a carried row's gates get zero
 };
 
 // The persistent sequence kernels keep each CTA's slice of w_hh in shared memory; they serve

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <string>
 
 #include "harness.h"
 
@@ -84,8 +85,21 @@ bool cell_case(int64_t B, int64_t H, int64_t pad) {
 }
 
 // Whole-sequence forward; the reference continues from the kernel's own rounded states.
+// The options the persistent kernels take: the time order, and packed rows (rows <
+// batch_sizes[t] step at time t, the others carry their state; empty: every row steps).
+struct SequenceOptions {
+  bool reverse = false;
+  std::vector<int64_t> batch_sizes;
+  int64_t time(int64_t step, int64_t steps) const { return reverse ? steps - 1 - step : step; }
+  bool steps_row(int64_t t, int64_t b) const { return batch_sizes.empty() || b < batch_sizes[t]; }
+  const int64_t* device_sizes() const { return batch_sizes.empty() ? nullptr : batch_sizes.data(); }
+  std::string label() const {
+    return std::string(reverse ? " reverse" : "") + (batch_sizes.empty() ? "" : " packed");
+  }
+};
+
 template <typename T>
-bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = false) {
+bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, const SequenceOptions& o = {}) {
   cudasim::device_sms() = sms;
   std::mt19937 rng(7 + H);
   std::vector<T> x = harness::randn<T>(steps * B * 4 * H, rng), h0 = harness::randn<T>(B * H, rng);
@@ -96,7 +110,7 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = 
   p.dtype = dtype_of<T>();
   p.x_proj = x.data(), p.h0 = h0.data(), p.c0 = c0.data(), p.w_hh = w.data();
   p.h_all = h_all.data(), p.c_all = c_all.data(), p.gates_all = g_all.data();
-  p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = reverse;
+  p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = o.reverse, p.batch_sizes = o.device_sizes();
   const unsigned long long sw0 = cudasim::rt().switches;
   if (const cudaError_t err = fastattn::launch_lstm_sequence_fwd(p, nullptr); err != cudaSuccess) {
     std::printf("sequence %s: launch error %d\n", harness::dtype_name<T>(), int(err));
@@ -105,7 +119,7 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = 
   Err eh, ec, eg;
   std::vector<T> hp = h0, cp = c0;
   for (int64_t step = 0; step < steps; ++step) {
-    const int64_t t = reverse ? steps - 1 - step : step;
+    const int64_t t = o.time(step, steps);
     std::vector<T> hn(B * H), cn(B * H);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < H; ++u) {
@@ -115,12 +129,15 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = 
           for (int64_t k = 0; k < H; ++k) s += to_d(w[(q * H + u) * H + k]) * to_d(hp[b * H + k]);
           a[q] = s;
         }
-        const double gi = sig(a[0]), gf = sig(a[1]), gg = std::tanh(a[2]), go = sig(a[3]);
-        const double c = gf * to_d(cp[b * H + u]) + gi * gg, h = go * std::tanh(c);
+        double gref[4] = {sig(a[0]), sig(a[1]), std::tanh(a[2]), sig(a[3])};
+        double c = gref[1] * to_d(cp[b * H + u]) + gref[0] * gref[2], h = gref[3] * std::tanh(c);
+        if (!o.steps_row(t, b)) {  // carried: the previous state, zero gates
+          c = to_d(cp[b * H + u]), h = to_d(hp[b * H + u]);
+          for (double& g : gref) g = 0.0;
+        }
         const int64_t s = (t * B + b) * H + u;
         eh.add(h, to_d(h_all[s]));
         ec.add(c, to_d(c_all[s]));
-        const double gref[4] = {gi, gf, gg, go};
         for (int q = 0; q < 4; ++q) eg.add(gref[q], to_d(g_all[(t * B + b) * 4 * H + q * H + u]));
         // Continue from the kernel's own states (so one rounding flip does not propagate).
         hn[b * H + u] = h_all[s];
@@ -132,7 +149,7 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = 
   const double tol = tol_of<T>() * 2, tol_gates = tol_of<fastattn::lstm::acc_t<T>>() * 2;
   const bool ok = eh.rel() <= tol && ec.rel() <= tol && eg.rel() <= tol_gates;
   std::printf("sequence %-4s T%lld B%lld H%lld%s (%d SMs)  %s  rel err h %.1e c %.1e gates %.1e (tol %.0e)  %llu switches\n",
-              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, reverse ? " reverse" : "", sms,
+              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, o.label().c_str(), sms,
               ok ? "OK  " : "FAIL",
               eh.rel(), ec.rel(), eg.rel(), tol, cudasim::rt().switches - sw0);
   return ok;
@@ -144,16 +161,22 @@ struct SequenceRef {
   std::vector<double> h, c, gates;
 };
 SequenceRef forward_f64(const std::vector<double>& x, const std::vector<double>& h0, const std::vector<double>& c0,
-                        const std::vector<double>& w, int64_t steps, int64_t B, int64_t H, bool reverse) {
+                        const std::vector<double>& w, int64_t steps, int64_t B, int64_t H,
+                        const SequenceOptions& o) {
   SequenceRef r{std::vector<double>(steps * B * H), std::vector<double>(steps * B * H),
                 std::vector<double>(steps * B * 4 * H)};
-  const int64_t dir = reverse ? -1 : 1;
+  const int64_t dir = o.reverse ? -1 : 1;
   for (int64_t step = 0; step < steps; ++step)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < H; ++u) {
-        const int64_t t = reverse ? steps - 1 - step : step;
+        const int64_t t = o.time(step, steps);
         const double* hp = step == 0 ? &h0[b * H] : &r.h[((t - dir) * B + b) * H];
         const double cp = step == 0 ? c0[b * H + u] : r.c[((t - dir) * B + b) * H + u];
+        if (!o.steps_row(t, b)) {  // carried (its gates stay zero)
+          r.c[(t * B + b) * H + u] = cp;
+          r.h[(t * B + b) * H + u] = hp[u];
+          continue;
+        }
         double a[4];
         for (int q = 0; q < 4; ++q) {
           double s = x[(t * B + b) * 4 * H + q * H + u];
@@ -174,18 +197,26 @@ struct SequenceGrads {
 };
 SequenceGrads backward_f64(const std::vector<double>& gh, const std::vector<double>& gc, const std::vector<double>& c0,
                            const std::vector<double>& c_all, const std::vector<double>& gates,
-                           const std::vector<double>& w, int64_t steps, int64_t B, int64_t H, bool reverse) {
-  const int64_t G = 4 * H, dir = reverse ? -1 : 1;
+                           const std::vector<double>& w, int64_t steps, int64_t B, int64_t H,
+                           const SequenceOptions& o) {
+  const int64_t G = 4 * H, dir = o.reverse ? -1 : 1;
   SequenceGrads r{std::vector<double>(steps * B * G), std::vector<double>(B * H), std::vector<double>(B * H, 0.0)};
   std::vector<double> dh_rec(B * H, 0.0);  // the gradient reaching h of a step through the next
+  std::vector<double> carried_h(B * H, 0.0);  // through carried steps (packed)
   for (int64_t step = steps - 1; step >= 0; --step) {
-    const int64_t t = reverse ? steps - 1 - step : step;
+    const int64_t t = o.time(step, steps);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < H; ++u) {
         const int64_t e = (t * B + b) * H + u, at = (t * B + b) * G + u;
+        if (!o.steps_row(t, b)) {  // carried: both gradients pass to the previous step unchanged
+          r.c0[b * H + u] += gc[e];
+          carried_h[b * H + u] += gh[e] + dh_rec[b * H + u];
+          continue;
+        }
+        const double dh = gh[e] + dh_rec[b * H + u] + carried_h[b * H + u];
+        carried_h[b * H + u] = 0.0;
         const double i = gates[at], f = gates[at + H], g = gates[at + 2 * H], o = gates[at + 3 * H];
         const double cp = step == 0 ? c0[b * H + u] : c_all[e - dir * B * H], tc = std::tanh(f * cp + i * g);
-        const double dh = gh[e] + dh_rec[b * H + u];
         const double dc = gc[e] + r.c0[b * H + u] + dh * o * (1 - tc * tc);
         r.c0[b * H + u] = dc * f;
         r.gates[at] = dc * g * i * (1 - i);
@@ -200,7 +231,7 @@ SequenceGrads backward_f64(const std::vector<double>& gh, const std::vector<doub
         dh_rec[b * H + k] = s;
       }
   }
-  r.h0 = dh_rec;
+  for (int64_t n = 0; n < B * H; ++n) r.h0[n] = dh_rec[n] + carried_h[n];
   return r;
 }
 
@@ -214,7 +245,7 @@ std::vector<double> as_f64(const std::vector<T>& v) {
 // Whole-sequence backward: random rounded inputs (activated gates in the math type, as the
 // forward saves them), against backward_f64 of the same values. Poisoned outputs.
 template <typename T>
-bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms, bool reverse = false) {
+bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms, const SequenceOptions& o = {}) {
   using A = fastattn::lstm::acc_t<T>;
   cudasim::device_sms() = sms;
   std::mt19937 rng(13 + H + B);
@@ -234,14 +265,14 @@ bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms, bool revers
   p.grad_h_all = gh.data(), p.grad_c_all = gc.data(), p.c0 = c0.data(), p.c_all = c_all.data();
   p.gates_all = gates.data(), p.w_hh = w.data();
   p.grad_gates_all = dg.data(), p.grad_h0 = dh0.data(), p.grad_c0 = dc0.data();
-  p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = reverse;
+  p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = o.reverse, p.batch_sizes = o.device_sizes();
   const unsigned long long sw0 = cudasim::rt().switches;
   if (const cudaError_t err = fastattn::launch_lstm_sequence_bwd(p, nullptr); err != cudaSuccess) {
     std::printf("sequence bwd %s: launch error %d\n", harness::dtype_name<T>(), int(err));
     return false;
   }
   const SequenceGrads ref = backward_f64(as_f64(gh), as_f64(gc), as_f64(c0), as_f64(c_all), as_f64(gates),
-                                         as_f64(w), steps, B, H, reverse);
+                                         as_f64(w), steps, B, H, o);
   Err eg, eh, ec;
   for (int64_t n = 0; n < steps * B * G; ++n) eg.add(ref.gates[n], to_d(dg[n]));
   for (int64_t n = 0; n < B * H; ++n) {
@@ -252,7 +283,7 @@ bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms, bool revers
   const double tol = tol_of<A>();
   const bool ok = eg.rel() <= tol && eh.rel() <= tol && ec.rel() <= tol;
   std::printf("sequence bwd %-4s T%lld B%lld H%lld%s (%d SMs)  %s  rel err dgates %.1e dh0 %.1e dc0 %.1e (tol %.0e)  %llu switches\n",
-              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, reverse ? " reverse" : "", sms,
+              harness::dtype_name<T>(), (long long)steps, (long long)B, (long long)H, o.label().c_str(), sms,
               ok ? "OK  " : "FAIL",
               eg.rel(), eh.rel(), ec.rel(), tol, cudasim::rt().switches - sw0);
   return ok;
@@ -262,7 +293,7 @@ bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms, bool revers
 // against central differences of forward_f64 of L = sum(grad_h * h_all + grad_c * c_all) along
 // a random direction of (x_proj, h0, c0). This checks backward_f64's chain rule (and with it
 // sequence_bwd_case's reference) independently of it.
-bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, bool reverse) {
+bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, const SequenceOptions& o) {
   cudasim::device_sms() = 4;
   std::mt19937 rng(5 + H);
   const int64_t G = 4 * H, S = steps * B * H;
@@ -276,7 +307,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, bool rev
   f.dtype = Dtype::Float64;
   f.x_proj = x.data(), f.h0 = h0.data(), f.c0 = c0.data(), f.w_hh = w.data();
   f.h_all = h_all.data(), f.c_all = c_all.data(), f.gates_all = gates.data();
-  f.seq_len = steps, f.batch = B, f.hidden = H, f.reverse = reverse;
+  f.seq_len = steps, f.batch = B, f.hidden = H, f.reverse = o.reverse, f.batch_sizes = o.device_sizes();
   std::vector<double> dg = harness::poisoned<double>(steps * B * G), dh0 = harness::poisoned<double>(B * H);
   std::vector<double> dc0 = harness::poisoned<double>(B * H);
   fastattn::LstmSequenceBwdParams b;
@@ -284,7 +315,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, bool rev
   b.grad_h_all = gh.data(), b.grad_c_all = gc.data(), b.c0 = c0.data(), b.c_all = c_all.data();
   b.gates_all = gates.data(), b.w_hh = w.data();
   b.grad_gates_all = dg.data(), b.grad_h0 = dh0.data(), b.grad_c0 = dc0.data();
-  b.seq_len = steps, b.batch = B, b.hidden = H, b.reverse = reverse;
+  b.seq_len = steps, b.batch = B, b.hidden = H, b.reverse = o.reverse, b.batch_sizes = o.device_sizes();
   if (fastattn::launch_lstm_sequence_fwd(f, nullptr) != cudaSuccess ||
       fastattn::launch_lstm_sequence_bwd(b, nullptr) != cudaSuccess)
     return false;
@@ -294,7 +325,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, bool rev
     std::vector<double> xe = x, he = h0, ce = c0;
     for (size_t n = 0; n < xe.size(); ++n) xe[n] += eps * vx[n];
     for (int64_t n = 0; n < B * H; ++n) he[n] += eps * vh[n], ce[n] += eps * vc[n];
-    const SequenceRef r = forward_f64(xe, he, ce, w, steps, B, H, reverse);
+    const SequenceRef r = forward_f64(xe, he, ce, w, steps, B, H, o);
     double l = 0.0;
     for (int64_t n = 0; n < S; ++n) l += gh[n] * r.h[n] + gc[n] * r.c[n];
     return l;
@@ -309,7 +340,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, bool rev
   const double rel = std::fabs(analytic - numeric) / scale;
   const bool ok = rel <= 1e-8;
   std::printf("sequence bwd directional f64 T%lld B%lld H%lld%s  %s  analytic %.12g numeric %.12g rel %.1e (tol 1e-8)\n",
-              (long long)steps, (long long)B, (long long)H, reverse ? " reverse" : "", ok ? "OK  " : "FAIL", analytic,
+              (long long)steps, (long long)B, (long long)H, o.label().c_str(), ok ? "OK  " : "FAIL", analytic,
               numeric, rel);
   return ok;
 }
@@ -765,8 +796,11 @@ const Entry kCases[] = {
     {"sequence bf16 T3 B5 H64", [] { return sequence_case<__nv_bfloat16>(3, 5, 64, 4); }},
     {"sequence f64 T3 B6 H32", [] { return sequence_case<double>(3, 6, 32, 2); }},
     {"sequence f32 T2 B1 H1", [] { return sequence_case<float>(2, 1, 1, 1); }},
-    {"sequence f32 T4 B11 H40 reverse", [] { return sequence_case<float>(4, 11, 40, 4, true); }},
-    {"sequence bf16 T3 B5 H64 reverse", [] { return sequence_case<__nv_bfloat16>(3, 5, 64, 4, true); }},
+    {"sequence f32 T4 B11 H40 reverse", [] { return sequence_case<float>(4, 11, 40, 4, {true}); }},
+    {"sequence bf16 T3 B5 H64 reverse", [] { return sequence_case<__nv_bfloat16>(3, 5, 64, 4, {true}); }},
+    // Packed rows (non-increasing, a step with none stepping), both time orders.
+    {"sequence f32 T5 B11 H40 packed", [] { return sequence_case<float>(5, 11, 40, 4, {false, {11, 9, 9, 3, 0}}); }},
+    {"sequence f16 T4 B10 H33 reverse packed", [] { return sequence_case<__half>(4, 10, 33, 4, {true, {10, 7, 2, 1}}); }},
     // The backward on the same grids, and its reference against central differences.
     {"sequence bwd f32 T4 B20 H40 4 SMs", [] { return sequence_bwd_case<float>(4, 20, 40, 4); }},
     {"sequence bwd f32 T3 B20 H40 10 SMs", [] { return sequence_bwd_case<float>(3, 20, 40, 10); }},
@@ -775,10 +809,17 @@ const Entry kCases[] = {
     {"sequence bwd f64 T3 B6 H32", [] { return sequence_bwd_case<double>(3, 6, 32, 2); }},
     {"sequence bwd f32 T1 B1 H1", [] { return sequence_bwd_case<float>(1, 1, 1, 1); }},
     {"sequence bwd f32 T2 B1 H1", [] { return sequence_bwd_case<float>(2, 1, 1, 1); }},
-    {"sequence bwd f32 T4 B11 H40 reverse", [] { return sequence_bwd_case<float>(4, 11, 40, 4, true); }},
-    {"sequence bwd f16 T3 B9 H90 reverse", [] { return sequence_bwd_case<__half>(3, 9, 90, 4, true); }},
-    {"sequence bwd directional f64 T3 B9 H12", [] { return sequence_bwd_directional_case(3, 9, 12, false); }},
-    {"sequence bwd directional f64 T4 B3 H7 reverse", [] { return sequence_bwd_directional_case(4, 3, 7, true); }},
+    {"sequence bwd f32 T4 B11 H40 reverse", [] { return sequence_bwd_case<float>(4, 11, 40, 4, {true}); }},
+    {"sequence bwd f16 T3 B9 H90 reverse", [] { return sequence_bwd_case<__half>(3, 9, 90, 4, {true}); }},
+    {"sequence bwd f32 T5 B11 H40 packed", [] { return sequence_bwd_case<float>(5, 11, 40, 4, {false, {11, 9, 9, 3, 0}}); }},
+    {"sequence bwd bf16 T4 B10 H33 reverse packed",
+     [] { return sequence_bwd_case<__nv_bfloat16>(4, 10, 33, 4, {true, {10, 7, 2, 1}}); }},
+    {"sequence bwd directional f64 T3 B9 H12", [] { return sequence_bwd_directional_case(3, 9, 12, {}); }},
+    {"sequence bwd directional f64 T4 B3 H7 reverse", [] { return sequence_bwd_directional_case(4, 3, 7, {true}); }},
+    {"sequence bwd directional f64 T5 B9 H6 packed",
+     [] { return sequence_bwd_directional_case(5, 9, 6, {false, {9, 8, 5, 5, 2}}); }},
+    {"sequence bwd directional f64 T5 B9 H6 reverse packed",
+     [] { return sequence_bwd_directional_case(5, 9, 6, {true, {9, 8, 5, 5, 2}}); }},
     // Layer steps: every option, carried rows (stepping < B, and none stepping), odd sizes,
     // both vector paths, every dtype; the backward with float32 gradients for half types as
     // the layer backward keeps them (T-typed gradients: the cell cases above).
