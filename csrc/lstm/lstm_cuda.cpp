@@ -320,12 +320,17 @@ bool persistent_takes_options(const LayerProblem& p) {
 }
 
 // The problem's batch_sizes on `device` for the persistent kernels, or undefined when every row
-// steps at every time (the kernels then read none).
+// steps at every time (the kernels then read none). Copied from pinned memory without blocking:
+// a copy from pageable memory would first wait for the stream's earlier work (the layers
+// before), stalling the host. The caching host allocator keeps the pinned buffer until the copy
+// ran.
 at::Tensor device_batch_sizes(const LayerProblem& p, const at::Device& device) {
   const bool packed = std::any_of(p.batch_sizes.begin(), p.batch_sizes.end(),
                                   [&](int64_t n) { return n != p.B; });
   if (!packed) return at::Tensor();
-  return at::tensor(at::IntArrayRef(p.batch_sizes), at::kLong).to(device);
+  at::Tensor host = at::empty({p.T}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::copy(p.batch_sizes.begin(), p.batch_sizes.end(), host.data_ptr<int64_t>());
+  return host.to(device, at::kLong, /*non_blocking=*/true);
 }
 
 // The persistent kernels (csrc/lstm/lstm_sequence.cuh) serve a problem whose options they take
