@@ -2,8 +2,8 @@
 // input checks, output allocation, params structs, launch on the current stream. The layer ops
 // (plain and LayerNorm-LSTM) run their time loop here: per step a GEMM on torch's current
 // stream (cuBLAS through ATen, into preallocated buffers) and one fused step kernel; a layer
-// without projection or zoneout runs the persistent forward and backward kernels instead where
-// they fit (sequence_kernel_serves). The weight gradients are GEMMs (and, for the LN gains, reductions)
+// without projection runs the persistent forward and backward kernels instead where they fit
+// (sequence_kernel_serves). The weight gradients are GEMMs (and, for the LN gains, reductions)
 // over all steps after either. The kernels themselves (csrc/lstm/*.cu) know nothing of torch.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -134,17 +134,25 @@ std::tuple<at::Tensor, at::Tensor> lstm_cell_pointwise_bwd_cuda(
   return {grad_gates, grad_cx};
 }
 
-// An optional int64 tensor's data (batch_sizes), or nullptr.
-const int64_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<int64_t>() : nullptr;
-}
+// The layer options the persistent kernels take (csrc/lstm/lstm_sequence.cuh), on the device;
+// lstm_sequence_fwd has none.
+struct SequenceOptions {
+  bool reverse = false;
+  at::Tensor batch_sizes;           // int64 [T], or undefined: every row steps
+  at::Tensor zoneout_c, zoneout_h;  // contiguous [T, B, H], or undefined
 
-// The persistent forward (csrc/lstm/lstm_sequence.cuh) on x_proj's current stream; every
-// tensor contiguous, gates_all in the math type; batch_sizes: device int64 [T] or undefined.
+  const int64_t* batch_sizes_ptr() const {
+    return batch_sizes.defined() ? batch_sizes.data_ptr<int64_t>() : nullptr;
+  }
+  static const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+};
+
+// The persistent forward on x_proj's current stream; every tensor contiguous, gates_all in the
+// math type.
 cudaError_t sequence_forward(Dtype dtype, const at::Tensor& x_proj, const at::Tensor& h0,
                              const at::Tensor& c0, const at::Tensor& w_hh, const at::Tensor& h_all,
-                             const at::Tensor& c_all, const at::Tensor& gates_all, bool reverse,
-                             const at::Tensor& batch_sizes) {
+                             const at::Tensor& c_all, const at::Tensor& gates_all,
+                             const SequenceOptions& o) {
   LstmSequenceFwdParams p;
   p.dtype = dtype;
   p.x_proj = x_proj.data_ptr();
@@ -157,8 +165,10 @@ cudaError_t sequence_forward(Dtype dtype, const at::Tensor& x_proj, const at::Te
   p.seq_len = x_proj.size(0);
   p.batch = x_proj.size(1);
   p.hidden = x_proj.size(2) / 4;
-  p.reverse = reverse;
-  p.batch_sizes = data_or_null(batch_sizes);
+  p.reverse = o.reverse;
+  p.batch_sizes = o.batch_sizes_ptr();
+  p.zoneout_c = SequenceOptions::ptr(o.zoneout_c);
+  p.zoneout_h = SequenceOptions::ptr(o.zoneout_h);
   return launch_lstm_sequence_fwd(p, c10::cuda::getCurrentCUDAStream(x_proj.device().index()));
 }
 
@@ -196,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_sequence_fwd_cuda(const at::
       at::empty({seq_len, batch, 4 * hidden}, x_proj.options().dtype(math_type(x_proj)));
 
   const cudaError_t err =
-      sequence_forward(dtype, x_proj, h0, c0, w_hh, h_all, c_all, gates_all, false, at::Tensor());
+      sequence_forward(dtype, x_proj, h0, c0, w_hh, h_all, c_all, gates_all, SequenceOptions());
   if (err == cudaErrorCooperativeLaunchTooLarge || err == cudaErrorNotSupported) {
     (void)cudaGetLastError();  // a refused launch must not surface in a later, unrelated check
     TORCH_CHECK(false, "fastattn::", op, " (CUDA): device ", x_proj.device(),
@@ -313,11 +323,8 @@ void layer_forward(const LayerProblem& p, const at::Tensor& x_proj, const at::Te
   }
 }
 
-// Of the layer options, the persistent kernels take reverse and packed rows: no projection or
-// zoneout.
-bool persistent_takes_options(const LayerProblem& p) {
-  return !p.w_hr.defined() && !p.zoneout_c.defined() && !p.zoneout_h.defined();
-}
+// Of the layer options, the persistent kernels take all but projection.
+bool persistent_takes_options(const LayerProblem& p) { return !p.w_hr.defined(); }
 
 // The problem's batch_sizes on `device` for the persistent kernels, or undefined when every row
 // steps at every time (the kernels then read none). Copied from pinned memory without blocking:
@@ -333,11 +340,14 @@ at::Tensor device_batch_sizes(const LayerProblem& p, const at::Device& device) {
   return host.to(device, at::kLong, /*non_blocking=*/true);
 }
 
+SequenceOptions sequence_options(const LayerProblem& p, const at::Device& device) {
+  return {p.reverse, device_batch_sizes(p, device), p.zoneout_c, p.zoneout_h};
+}
+
 // The persistent kernels (csrc/lstm/lstm_sequence.cuh) serve a problem whose options they take
-// (either time order, packed rows) when they
-// fit on this device (hidden size, sm_80+, cooperative launch, a co-resident grid), the
-// forward and the backward each by its own check: a problem one cannot take runs the loop
-// instead of raising. float64 stays on the loop, as the Python-side choice kept it before (the
+// (all but projection) when they fit on this device (hidden size, sm_80+, cooperative launch,
+// a co-resident grid), the forward and the backward each by its own check: a problem one
+// cannot take runs the loop instead of raising. float64 stays on the loop, as the Python-side choice kept it before (the
 // two have not been timed against each other).
 bool sequence_kernel_serves(const LayerProblem& p, Dtype dtype, bool backward) {
   if (!persistent_takes_options(p) || dtype == Dtype::Float64 || p.T == 0 || p.B == 0) {
@@ -367,8 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(
   const Dtype dtype = lstm_glue::lstm_dtype(x_proj, op);
   if (sequence_kernel_serves(p, dtype, false)) {
     C10_CUDA_CHECK(sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all,
-                                    gates_all, p.reverse,
-                                    device_batch_sizes(p, x_proj.device())));
+                                    gates_all, sequence_options(p, x_proj.device())));
   } else {
     layer_forward(p, x_proj, h0, c0, w_hh, h_all, c_all, gates_all,
                   proj ? hpre_all : at::Tensor());
@@ -410,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor> lstm_layer_infer_cuda(
     // The kernel writes the gates regardless (in the math type).
     const at::Tensor gates_all = at::empty({T, B, 4 * H}, opts.dtype(math_type(input)));
     C10_CUDA_CHECK(sequence_forward(dtype, x_proj, h0, c0, w_hh.contiguous(), h_all, c_all,
-                                    gates_all, p.reverse, device_batch_sizes(p, input.device())));
+                                    gates_all, sequence_options(p, input.device())));
     return {h_all, c_all};
   }
   const at::Tensor hpre = p.w_hr.defined() ? at::empty({1, B, H}, opts) : at::Tensor();
@@ -481,9 +490,11 @@ LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
     sp.seq_len = p.T;
     sp.batch = p.B;
     sp.hidden = p.H;
-    sp.reverse = p.reverse;
-    const at::Tensor batch_sizes = device_batch_sizes(p, h0.device());
-    sp.batch_sizes = data_or_null(batch_sizes);
+    const SequenceOptions o = sequence_options(p, h0.device());
+    sp.reverse = o.reverse;
+    sp.batch_sizes = o.batch_sizes_ptr();
+    sp.zoneout_c = SequenceOptions::ptr(o.zoneout_c);
+    sp.zoneout_h = SequenceOptions::ptr(o.zoneout_h);
     C10_CUDA_CHECK(launch_lstm_sequence_bwd(sp, stream));
   }
   for (int64_t s = p.T - 1; !persistent && s >= 0; --s) {

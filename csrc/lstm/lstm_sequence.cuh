@@ -1,5 +1,5 @@
-// Persistent whole-sequence LSTM forward and backward (one layer, one direction, either time
-// order, packed rows, no other options, H <= 256), torch-free.
+// Persistent whole-sequence LSTM forward and backward (one layer, one direction, every layer
+// option but projection: either time order, packed rows, zoneout; H <= 256), torch-free.
 //
 // Forward work split. The grid is (slices, batch_ctas). CTA (s, y) owns the hidden units
 // [s * units, (s + 1) * units) and keeps the 4 * units rows of w_hh that produce their gates
@@ -11,7 +11,8 @@
 //      then a butterfly reduction across the warp;
 //   3. pointwise cell for its units: gates = rec + x_proj[t], activations, c, h; writes
 //      h_all[t], c_all[t] and the activated gates_all[t] for its units only. Packed: rows
-//      b >= batch_sizes[t] carry their state instead (gates zero), as lstm_step_fwd_kernel.
+//      b >= batch_sizes[t] carry their state instead (gates zero), and zoneout mixes the
+//      previous state in, as lstm_step_fwd_kernel does.
 //
 // Backward work split: the same grid and tiles, the steps in reverse. The gradient reaching h_t of a
 // unit u is grad_h[t] + sum over the 4H gate rows r of grad_gates[t+1][r] * w_hh[r][u], so
@@ -22,8 +23,8 @@
 //      per unit, which the pointwise pass adds, so 4 * units warps' worth of rows as forward;
 //   3. pointwise backward of its units (as lstm_step_bwd_kernel without options): c recomputed
 //      from the saved activated gates and c_{t-1}; writes grad_gates[t]; the carried gradient
-//      of c lives in grad_c0 (each element read and written by one fixed thread), and packed,
-//      that of h through a carried row's steps in grad_h0.
+//      of c lives in grad_c0 (each element read and written by one fixed thread), and the
+//      share of h's that skips the gates (a carried row's, zoneout's) in grad_h0.
 // After the step t = 0 and its grid barrier, one more staging and product gives grad_h0.
 //
 // Synchronization (cannot be tested on this machine; reasoned here). Forward step t of every
@@ -160,6 +161,8 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
   T* h_all = static_cast<T*>(p.h_all);
   T* c_all = static_cast<T*>(p.c_all);
   A* gates_all = static_cast<A*>(p.gates_all);  // in A, as the layer op saves them
+  const T* zoneout_c = static_cast<const T*>(p.zoneout_c);
+  const T* zoneout_h = static_cast<const T*>(p.zoneout_h);
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
 
   const int64_t dir = p.reverse ? -1 : 1;  // step s runs time t = s, or T-1-s reversed
@@ -196,8 +199,11 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
         const A f = sigmoid(rec[units] + to_acc(x[H]));
         const A g = tanh_(rec[2 * units] + to_acc(x[2 * H]));
         const A o = sigmoid(rec[3 * units] + to_acc(x[3 * H]));
-        const A c = f * load_l2(c_prev + b * H + unit) + i * g;
-        const A h = o * tanh_(c);
+        const A c_before = load_l2(c_prev + b * H + unit);
+        A c = f * c_before + i * g;
+        A h = o * tanh_(c);  // from the cell's c, before zoneout mixes it
+        if (zoneout_c != nullptr) c += to_acc(zoneout_c[state]) * (c_before - c);
+        if (zoneout_h != nullptr) h += to_acc(zoneout_h[state]) * (load_l2(h_prev + b * H + unit) - h);
         gates[0] = i;
         gates[H] = f;
         gates[2 * H] = g;
@@ -242,9 +248,13 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
   const A* gates_all = static_cast<const A*>(p.gates_all);
   A* grad_gates_all = static_cast<A*>(p.grad_gates_all);
   A* grad_c0 = static_cast<A*>(p.grad_c0);  // the carried gradient of c until the end
-  // The gradient a carried row's h passes on to its previous step, until the end (packed).
+  // The gradient that passes from a step's h to the previous step's h without the gates (a
+  // carried row's, zoneout's share), until the end.
   A* grad_h0 = static_cast<A*>(p.grad_h0);
   const bool packed = p.batch_sizes != nullptr;
+  const T* zoneout_c = static_cast<const T*>(p.zoneout_c);
+  const T* zoneout_h = static_cast<const T*>(p.zoneout_h);
+  const bool h_skips = packed || zoneout_h != nullptr;
   const int64_t tiles = (B + kBatchTile - 1) / kBatchTile;
 
   // Forward step s ran time t = s (T-1-s reversed); s = -1 is the pass that only takes grad_h0
@@ -270,29 +280,33 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
         const A* rec = rec_s + bb * rows + u;  // gate q's share of the gradient at rec[q * units]
         const A dh_rec = recurrent ? (rec[0] + rec[units]) + (rec[2 * units] + rec[3 * units]) : A(0);
         A* carried_h = grad_h0 + b * H + unit;
-        const A dh_carried = packed && recurrent ? *carried_h : A(0);
+        const A dh_carried = h_skips && recurrent ? *carried_h : A(0);
         if (s < 0) {
           *carried_h = dh_rec + dh_carried;
           continue;
         }
         const int64_t state = (t * B + b) * H + unit;
-        const A dh = to_acc(grad_h_all[state]) + dh_rec + dh_carried;
+        const A dh_total = to_acc(grad_h_all[state]) + dh_rec + dh_carried;
         A* carried_c = grad_c0 + b * H + unit;
         const A dc_total = to_acc(grad_c_all[state]) + (recurrent ? *carried_c : A(0));
         A* grad_gates = grad_gates_all + (t * B + b) * G + unit;
         if (b >= stepping) {  // a carried row: its gradients pass through, its gates' are zero
           for (int q = 0; q < 4; ++q) grad_gates[q * H] = A(0);
           *carried_c = dc_total;
-          *carried_h = dh;
+          *carried_h = dh_total;
           continue;
         }
-        if (packed) *carried_h = A(0);
+        // Zoneout keeps z of the previous state: that share of each gradient skips the cell.
+        const A zc = zoneout_c != nullptr ? to_acc(zoneout_c[state]) : A(0);
+        const A zh = zoneout_h != nullptr ? to_acc(zoneout_h[state]) : A(0);
+        if (h_skips) *carried_h = dh_total * zh;
+        const A dh = dh_total * (A(1) - zh);
         const A* gates = gates_all + (t * B + b) * G + unit;
         const A i = gates[0], f = gates[H], g = gates[2 * H], o = gates[3 * H];
         const A c_prev = to_acc(s == 0 ? c0[b * H + unit] : c_all[state - dir * B * H]);
         const A tc = tanh_(f * c_prev + i * g);
-        const A dc = dc_total + dh * o * (A(1) - tc * tc);
-        *carried_c = dc * f;
+        const A dc = dc_total * (A(1) - zc) + dh * o * (A(1) - tc * tc);
+        *carried_c = dc * f + dc_total * zc;
         // Pre-activation gradients: sigmoid' = s (1 - s), tanh' = 1 - t^2.
         grad_gates[0] = dc * g * i * (A(1) - i);
         grad_gates[H] = dc * c_prev * f * (A(1) - f);

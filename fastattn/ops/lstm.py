@@ -5,8 +5,8 @@ backend (fastattn/ops/backends.py), and registers fake kernels and autograd for 
 
 Backends: ``cpu`` and ``cuda`` run fastattn::lstm_layer_fwd/_bwd, one op call per layer and
 direction whose time loop runs in C++ (fastattn::lstm_layer_infer when no gradient is needed;
-on CPU it also serves lstm_cell then; on CUDA a layer without projection or zoneout runs the
-persistent sequence kernels instead, forward and backward, where they fit, see
+on CPU it also serves lstm_cell then; on CUDA a layer without projection runs the persistent
+sequence kernels instead, forward and backward, where they fit, see
 csrc/lstm/lstm_cuda.cpp; the choice is made inside the composite ops fastattn::lstm_layer and
 fastattn::lstm_cell, which torch.jit.trace records); ``cpu`` and
 ``cuda`` also run fastattn::lstm_ln_layer_fwd/_bwd for the layer_norm option (one GEMM plus one

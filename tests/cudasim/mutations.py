@@ -260,8 +260,8 @@ MUTATIONS = [
     Mutation(
         "seq-c-prev-from-h",
         SEQ,
-        "f * load_l2(c_prev + b * H + unit)",
-        "f * load_l2(h_prev + b * H + unit)",
+        "const A c_before = load_l2(c_prev + b * H + unit);",
+        "const A c_before = load_l2(h_prev + b * H + unit);",
     ),
     # The persistent backward.
     Mutation("seq-bwd-no-grid-sync", SEQ, "    if (s >= 0) grid.sync();"),
@@ -322,8 +322,33 @@ MUTATIONS = [
         "const int64_t stepping = s < 0 || !packed ? B : p.batch_sizes[t];",
         "const int64_t stepping = B;",
     ),
-    Mutation("seq-packed-bwd-drops-carried-h", SEQ, "*carried_h = dh;", "*carried_h = A(0);"),
-    Mutation("seq-packed-bwd-keeps-carried-h", SEQ, "        if (packed) *carried_h = A(0);\n"),
+    Mutation("seq-packed-bwd-drops-carried-h", SEQ, "*carried_h = dh_total;", "*carried_h = A(0);"),
+    Mutation(
+        "seq-packed-bwd-keeps-carried-h",
+        SEQ,
+        "if (h_skips) *carried_h = dh_total * zh;",
+        "if (zoneout_h != nullptr) *carried_h = dh_total * zh;",
+    ),
+    Mutation(
+        "seq-zoneout-fwd-h-from-mixed-c",
+        SEQ,
+        "        A h = o * tanh_(c);  // from the cell's c, before zoneout mixes it\n"
+        "        if (zoneout_c != nullptr) c += to_acc(zoneout_c[state]) * (c_before - c);\n",
+        "        if (zoneout_c != nullptr) c += to_acc(zoneout_c[state]) * (c_before - c);\n"
+        "        A h = o * tanh_(c);  // from the cell's c, before zoneout mixes it\n",
+    ),
+    Mutation(
+        "seq-zoneout-bwd-c-share-dropped",
+        SEQ,
+        "*carried_c = dc * f + dc_total * zc;",
+        "*carried_c = dc * f;",
+    ),
+    Mutation(
+        "seq-zoneout-bwd-h-share-dropped",
+        SEQ,
+        "const A dh = dh_total * (A(1) - zh);",
+        "const A dh = dh_total;",
+    ),
     Mutation(
         "cell-bwd-forget-gradient",
         CELL,

@@ -160,6 +160,10 @@ struct LstmSequenceFwdParams {
   // Device int64 [T], or nullptr: only rows < batch_sizes[t] step at time t; the others carry
   // their state through it (gates_all zero), as in LstmStepFwdParams::stepping.
   const int64_t* batch_sizes = nullptr;
+  // [T, B, H] in the data dtype, or nullptr: zoneout weights of the previous c / h
+  // (LstmStepFwdParams).
+  const void* zoneout_c = nullptr;
+  const void* zoneout_h = nullptr;
 };
 
 // Its backward, for the same problem (no options): every tensor contiguous.
@@ -183,6 +187,8 @@ struct LstmSequenceBwdParams {
   int64_t seq_len = 0, batch = 0, hidden = 0;
   bool reverse = false;                   // the forward ran reversed
   const int64_t* batch_sizes = nullptr;   // as the forward's: a carried row's gates get zero
+  const void* zoneout_c = nullptr;        // as the forward's
+  const void* zoneout_h = nullptr;
 };
 
 // The persistent sequence kernels keep each CTA's slice of w_hh in shared memory; they serve

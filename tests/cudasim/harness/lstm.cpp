@@ -85,18 +85,40 @@ bool cell_case(int64_t B, int64_t H, int64_t pad) {
 }
 
 // Whole-sequence forward; the reference continues from the kernel's own rounded states.
-// The options the persistent kernels take: the time order, and packed rows (rows <
-// batch_sizes[t] step at time t, the others carry their state; empty: every row steps).
+// Values in (0, 1): zoneout weights (Bernoulli draws in training, probabilities in eval).
+template <typename T>
+std::vector<T> uniform01(size_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<double> u(0.02, 0.98);
+  std::vector<T> v(n);
+  for (auto& x : v) x = from_d<T>(u(rng));
+  return v;
+}
+
+// The options the persistent kernels take: the time order, packed rows (rows <
+// batch_sizes[t] step at time t, the others carry their state; empty: every row steps), and
+// zoneout of c and h (random weights in (0, 1), drawn by each case: zoneout_draws).
 struct SequenceOptions {
   bool reverse = false;
   std::vector<int64_t> batch_sizes;
+  bool zoneout = false;
   int64_t time(int64_t step, int64_t steps) const { return reverse ? steps - 1 - step : step; }
   bool steps_row(int64_t t, int64_t b) const { return batch_sizes.empty() || b < batch_sizes[t]; }
   const int64_t* device_sizes() const { return batch_sizes.empty() ? nullptr : batch_sizes.data(); }
   std::string label() const {
-    return std::string(reverse ? " reverse" : "") + (batch_sizes.empty() ? "" : " packed");
+    return std::string(reverse ? " reverse" : "") + (batch_sizes.empty() ? "" : " packed") +
+           (zoneout ? " zoneout" : "");
   }
 };
+
+// A case's zoneout weights [T, B, H] rounded to T, or none (empty) without zoneout.
+template <typename T>
+std::vector<T> zoneout_draws(const SequenceOptions& o, size_t n, std::mt19937& rng) {
+  return o.zoneout ? uniform01<T>(n, rng) : std::vector<T>();
+}
+template <typename T>
+const T* data_or_null(const std::vector<T>& v) {
+  return v.empty() ? nullptr : v.data();
+}
 
 template <typename T>
 bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, const SequenceOptions& o = {}) {
@@ -111,6 +133,8 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, const SequenceO
   p.x_proj = x.data(), p.h0 = h0.data(), p.c0 = c0.data(), p.w_hh = w.data();
   p.h_all = h_all.data(), p.c_all = c_all.data(), p.gates_all = g_all.data();
   p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = o.reverse, p.batch_sizes = o.device_sizes();
+  const std::vector<T> zc = zoneout_draws<T>(o, steps * B * H, rng), zh = zoneout_draws<T>(o, steps * B * H, rng);
+  p.zoneout_c = data_or_null(zc), p.zoneout_h = data_or_null(zh);
   const unsigned long long sw0 = cudasim::rt().switches;
   if (const cudaError_t err = fastattn::launch_lstm_sequence_fwd(p, nullptr); err != cudaSuccess) {
     std::printf("sequence %s: launch error %d\n", harness::dtype_name<T>(), int(err));
@@ -131,11 +155,14 @@ bool sequence_case(int64_t steps, int64_t B, int64_t H, int sms, const SequenceO
         }
         double gref[4] = {sig(a[0]), sig(a[1]), std::tanh(a[2]), sig(a[3])};
         double c = gref[1] * to_d(cp[b * H + u]) + gref[0] * gref[2], h = gref[3] * std::tanh(c);
+        const int64_t s = (t * B + b) * H + u;
         if (!o.steps_row(t, b)) {  // carried: the previous state, zero gates
           c = to_d(cp[b * H + u]), h = to_d(hp[b * H + u]);
           for (double& g : gref) g = 0.0;
+        } else if (o.zoneout) {  // h from the cell's c, then both mixed with the previous state
+          c += to_d(zc[s]) * (to_d(cp[b * H + u]) - c);
+          h += to_d(zh[s]) * (to_d(hp[b * H + u]) - h);
         }
-        const int64_t s = (t * B + b) * H + u;
         eh.add(h, to_d(h_all[s]));
         ec.add(c, to_d(c_all[s]));
         for (int q = 0; q < 4; ++q) eg.add(gref[q], to_d(g_all[(t * B + b) * 4 * H + q * H + u]));
@@ -162,7 +189,7 @@ struct SequenceRef {
 };
 SequenceRef forward_f64(const std::vector<double>& x, const std::vector<double>& h0, const std::vector<double>& c0,
                         const std::vector<double>& w, int64_t steps, int64_t B, int64_t H,
-                        const SequenceOptions& o) {
+                        const SequenceOptions& o, const std::vector<double>& zc, const std::vector<double>& zh) {
   SequenceRef r{std::vector<double>(steps * B * H), std::vector<double>(steps * B * H),
                 std::vector<double>(steps * B * 4 * H)};
   const int64_t dir = o.reverse ? -1 : 1;
@@ -184,8 +211,13 @@ SequenceRef forward_f64(const std::vector<double>& x, const std::vector<double>&
           a[q] = q == 2 ? std::tanh(s) : sig(s);
           r.gates[(t * B + b) * 4 * H + q * H + u] = a[q];
         }
-        r.c[(t * B + b) * H + u] = a[1] * cp + a[0] * a[2];
-        r.h[(t * B + b) * H + u] = a[3] * std::tanh(r.c[(t * B + b) * H + u]);
+        const int64_t e = (t * B + b) * H + u;
+        r.c[e] = a[1] * cp + a[0] * a[2];
+        r.h[e] = a[3] * std::tanh(r.c[e]);
+        if (o.zoneout) {
+          r.c[e] += zc[e] * (cp - r.c[e]);
+          r.h[e] += zh[e] * (hp[u] - r.h[e]);
+        }
       }
   return r;
 }
@@ -198,27 +230,28 @@ struct SequenceGrads {
 SequenceGrads backward_f64(const std::vector<double>& gh, const std::vector<double>& gc, const std::vector<double>& c0,
                            const std::vector<double>& c_all, const std::vector<double>& gates,
                            const std::vector<double>& w, int64_t steps, int64_t B, int64_t H,
-                           const SequenceOptions& o) {
-  const int64_t G = 4 * H, dir = o.reverse ? -1 : 1;
+                           const SequenceOptions& opt, const std::vector<double>& zc, const std::vector<double>& zh) {
+  const int64_t G = 4 * H, dir = opt.reverse ? -1 : 1;
   SequenceGrads r{std::vector<double>(steps * B * G), std::vector<double>(B * H), std::vector<double>(B * H, 0.0)};
   std::vector<double> dh_rec(B * H, 0.0);  // the gradient reaching h of a step through the next
-  std::vector<double> carried_h(B * H, 0.0);  // through carried steps (packed)
+  std::vector<double> carried_h(B * H, 0.0);  // past the gates: carried rows, zoneout's share
   for (int64_t step = steps - 1; step >= 0; --step) {
-    const int64_t t = o.time(step, steps);
+    const int64_t t = opt.time(step, steps);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t u = 0; u < H; ++u) {
         const int64_t e = (t * B + b) * H + u, at = (t * B + b) * G + u;
-        if (!o.steps_row(t, b)) {  // carried: both gradients pass to the previous step unchanged
+        if (!opt.steps_row(t, b)) {  // carried: both gradients pass to the previous step unchanged
           r.c0[b * H + u] += gc[e];
           carried_h[b * H + u] += gh[e] + dh_rec[b * H + u];
           continue;
         }
-        const double dh = gh[e] + dh_rec[b * H + u] + carried_h[b * H + u];
-        carried_h[b * H + u] = 0.0;
+        const double z_c = opt.zoneout ? zc[e] : 0.0, z_h = opt.zoneout ? zh[e] : 0.0;
+        const double dh_total = gh[e] + dh_rec[b * H + u] + carried_h[b * H + u], dh = dh_total * (1 - z_h);
+        carried_h[b * H + u] = dh_total * z_h;
         const double i = gates[at], f = gates[at + H], g = gates[at + 2 * H], o = gates[at + 3 * H];
         const double cp = step == 0 ? c0[b * H + u] : c_all[e - dir * B * H], tc = std::tanh(f * cp + i * g);
-        const double dc = gc[e] + r.c0[b * H + u] + dh * o * (1 - tc * tc);
-        r.c0[b * H + u] = dc * f;
+        const double dc_total = gc[e] + r.c0[b * H + u], dc = dc_total * (1 - z_c) + dh * o * (1 - tc * tc);
+        r.c0[b * H + u] = dc * f + dc_total * z_c;
         r.gates[at] = dc * g * i * (1 - i);
         r.gates[at + H] = dc * cp * f * (1 - f);
         r.gates[at + 2 * H] = dc * i * (1 - g * g);
@@ -266,13 +299,15 @@ bool sequence_bwd_case(int64_t steps, int64_t B, int64_t H, int sms, const Seque
   p.gates_all = gates.data(), p.w_hh = w.data();
   p.grad_gates_all = dg.data(), p.grad_h0 = dh0.data(), p.grad_c0 = dc0.data();
   p.seq_len = steps, p.batch = B, p.hidden = H, p.reverse = o.reverse, p.batch_sizes = o.device_sizes();
+  const std::vector<T> zc = zoneout_draws<T>(o, steps * B * H, rng), zh = zoneout_draws<T>(o, steps * B * H, rng);
+  p.zoneout_c = data_or_null(zc), p.zoneout_h = data_or_null(zh);
   const unsigned long long sw0 = cudasim::rt().switches;
   if (const cudaError_t err = fastattn::launch_lstm_sequence_bwd(p, nullptr); err != cudaSuccess) {
     std::printf("sequence bwd %s: launch error %d\n", harness::dtype_name<T>(), int(err));
     return false;
   }
   const SequenceGrads ref = backward_f64(as_f64(gh), as_f64(gc), as_f64(c0), as_f64(c_all), as_f64(gates),
-                                         as_f64(w), steps, B, H, o);
+                                         as_f64(w), steps, B, H, o, as_f64(zc), as_f64(zh));
   Err eg, eh, ec;
   for (int64_t n = 0; n < steps * B * G; ++n) eg.add(ref.gates[n], to_d(dg[n]));
   for (int64_t n = 0; n < B * H; ++n) {
@@ -316,6 +351,9 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, const Se
   b.gates_all = gates.data(), b.w_hh = w.data();
   b.grad_gates_all = dg.data(), b.grad_h0 = dh0.data(), b.grad_c0 = dc0.data();
   b.seq_len = steps, b.batch = B, b.hidden = H, b.reverse = o.reverse, b.batch_sizes = o.device_sizes();
+  const std::vector<double> zc = zoneout_draws<double>(o, S, rng), zh = zoneout_draws<double>(o, S, rng);
+  f.zoneout_c = b.zoneout_c = data_or_null(zc);
+  f.zoneout_h = b.zoneout_h = data_or_null(zh);
   if (fastattn::launch_lstm_sequence_fwd(f, nullptr) != cudaSuccess ||
       fastattn::launch_lstm_sequence_bwd(b, nullptr) != cudaSuccess)
     return false;
@@ -325,7 +363,7 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, const Se
     std::vector<double> xe = x, he = h0, ce = c0;
     for (size_t n = 0; n < xe.size(); ++n) xe[n] += eps * vx[n];
     for (int64_t n = 0; n < B * H; ++n) he[n] += eps * vh[n], ce[n] += eps * vc[n];
-    const SequenceRef r = forward_f64(xe, he, ce, w, steps, B, H, o);
+    const SequenceRef r = forward_f64(xe, he, ce, w, steps, B, H, o, zc, zh);
     double l = 0.0;
     for (int64_t n = 0; n < S; ++n) l += gh[n] * r.h[n] + gc[n] * r.c[n];
     return l;
@@ -343,15 +381,6 @@ bool sequence_bwd_directional_case(int64_t steps, int64_t B, int64_t H, const Se
               (long long)steps, (long long)B, (long long)H, o.label().c_str(), ok ? "OK  " : "FAIL", analytic,
               numeric, rel);
   return ok;
-}
-
-// Values in (0, 1): zoneout weights (Bernoulli draws in training, probabilities in eval).
-template <typename T>
-std::vector<T> uniform01(size_t n, std::mt19937& rng) {
-  std::uniform_real_distribution<double> u(0.02, 0.98);
-  std::vector<T> v(n);
-  for (auto& x : v) x = from_d<T>(u(rng));
-  return v;
 }
 
 // A copy of v whose data starts 64-byte aligned: a float32 gradient buffer of a half-precision
@@ -801,6 +830,9 @@ const Entry kCases[] = {
     // Packed rows (non-increasing, a step with none stepping), both time orders.
     {"sequence f32 T5 B11 H40 packed", [] { return sequence_case<float>(5, 11, 40, 4, {false, {11, 9, 9, 3, 0}}); }},
     {"sequence f16 T4 B10 H33 reverse packed", [] { return sequence_case<__half>(4, 10, 33, 4, {true, {10, 7, 2, 1}}); }},
+    {"sequence f32 T4 B11 H40 zoneout", [] { return sequence_case<float>(4, 11, 40, 4, {false, {}, true}); }},
+    {"sequence bf16 T4 B10 H33 reverse packed zoneout",
+     [] { return sequence_case<__nv_bfloat16>(4, 10, 33, 4, {true, {10, 7, 2, 1}, true}); }},
     // The backward on the same grids, and its reference against central differences.
     {"sequence bwd f32 T4 B20 H40 4 SMs", [] { return sequence_bwd_case<float>(4, 20, 40, 4); }},
     {"sequence bwd f32 T3 B20 H40 10 SMs", [] { return sequence_bwd_case<float>(3, 20, 40, 10); }},
@@ -814,7 +846,14 @@ const Entry kCases[] = {
     {"sequence bwd f32 T5 B11 H40 packed", [] { return sequence_bwd_case<float>(5, 11, 40, 4, {false, {11, 9, 9, 3, 0}}); }},
     {"sequence bwd bf16 T4 B10 H33 reverse packed",
      [] { return sequence_bwd_case<__nv_bfloat16>(4, 10, 33, 4, {true, {10, 7, 2, 1}}); }},
+    {"sequence bwd f32 T4 B11 H40 zoneout", [] { return sequence_bwd_case<float>(4, 11, 40, 4, {false, {}, true}); }},
+    {"sequence bwd f16 T4 B10 H33 reverse packed zoneout",
+     [] { return sequence_bwd_case<__half>(4, 10, 33, 4, {true, {10, 7, 2, 1}, true}); }},
     {"sequence bwd directional f64 T3 B9 H12", [] { return sequence_bwd_directional_case(3, 9, 12, {}); }},
+    {"sequence bwd directional f64 T4 B5 H6 zoneout",
+     [] { return sequence_bwd_directional_case(4, 5, 6, {false, {}, true}); }},
+    {"sequence bwd directional f64 T5 B9 H6 reverse packed zoneout",
+     [] { return sequence_bwd_directional_case(5, 9, 6, {true, {9, 8, 5, 5, 2}, true}); }},
     {"sequence bwd directional f64 T4 B3 H7 reverse", [] { return sequence_bwd_directional_case(4, 3, 7, {true}); }},
     {"sequence bwd directional f64 T5 B9 H6 packed",
      [] { return sequence_bwd_directional_case(5, 9, 6, {false, {9, 8, 5, 5, 2}}); }},
