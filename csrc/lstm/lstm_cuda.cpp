@@ -347,13 +347,14 @@ SequenceOptions sequence_options(const LayerProblem& p, const at::Device& device
 // The persistent kernels (csrc/lstm/lstm_sequence.cuh) serve a problem whose options they take
 // (all but projection) when they fit on this device (hidden size, sm_80+, cooperative launch,
 // a co-resident grid), the forward and the backward each by its own check: a problem one
-// cannot take runs the loop instead of raising. float64 stays on the loop, as the Python-side choice kept it before (the
-// two have not been timed against each other).
+// cannot take runs the loop instead of raising. float64 stays on the loop, as the Python-side
+// choice kept it before (the two have not been timed against each other).
 bool sequence_kernel_serves(const LayerProblem& p, Dtype dtype, bool backward) {
   if (!persistent_takes_options(p) || dtype == Dtype::Float64 || p.T == 0 || p.B == 0) {
     return false;
   }
-  return backward ? lstm_sequence_bwd_fits(dtype, p.B, p.H) : lstm_sequence_fwd_fits(dtype, p.B, p.H);
+  return backward ? lstm_sequence_bwd_fits(dtype, p.B, p.H)
+                  : lstm_sequence_fwd_fits(dtype, p.B, p.H);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_layer_fwd_cuda(

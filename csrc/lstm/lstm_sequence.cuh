@@ -14,14 +14,14 @@
 //      b >= batch_sizes[t] carry their state instead (gates zero), and zoneout mixes the
 //      previous state in, as lstm_step_fwd_kernel does.
 //
-// Backward work split: the same grid and tiles, the steps in reverse. The gradient reaching h_t of a
-// unit u is grad_h[t] + sum over the 4H gate rows r of grad_gates[t+1][r] * w_hh[r][u], so
-// the CTA keeps the w_hh COLUMNS of its units (again 4 * units * H elements): its row
+// Backward work split: the same grid and tiles, the steps in reverse. The gradient reaching
+// h_t of a unit u is grad_h[t] + sum over the 4H gate rows r of grad_gates[t+1][r] * w_hh[r][u],
+// so the CTA keeps the w_hh COLUMNS of its units (again 4 * units * H elements): its row
 // q * units + u is column u of w_hh's gate-q block, w_hh[q*H : (q+1)*H, u]. Per step and tile:
 //   1. stage grad_gates[t+1] [kBatchTile, 4H] (every unit's, math type), unless t = T-1;
 //   2. the same product, row q * units + u reducing over gate q's H gradients: 4 partial sums
 //      per unit, which the pointwise pass adds, so 4 * units warps' worth of rows as forward;
-//   3. pointwise backward of its units (as lstm_step_bwd_kernel without options): c recomputed
+//   3. pointwise backward of its units (as lstm_step_bwd_kernel): c recomputed
 //      from the saved activated gates and c_{t-1}; writes grad_gates[t]; the carried gradient
 //      of c lives in grad_c0 (each element read and written by one fixed thread), and the
 //      share of h's that skips the gates (a carried row's, zoneout's) in grad_h0.
@@ -38,11 +38,11 @@
 // gates_all[t] and reads only h_all[t - 1] / c_all[t - 1] / x_proj[t]: no location is
 // written and read by different CTAs within the same step (write-after-read across steps is
 // impossible since each step writes a fresh time slice; reversed, read t + 1 for t - 1). The
-// backward is the mirror image:
-// step t writes grad_gates[t] and reads grad_gates[t + 1], the forward's saved tensors and
-// the grad_c0 elements of its own threads. Loads of values written by other CTAs use
-// ld.global.cg (L2, the coherence point), never the SM-local L1, so no stale line (for
-// example one shared with h_all[t - 2] at a slice boundary) can be read.
+// backward is the mirror image: step t writes grad_gates[t] and reads grad_gates[t + 1], the
+// forward's saved tensors and the grad_c0 / grad_h0 elements of its own threads. Loads of
+// values written by other CTAs use ld.global.cg (L2, the coherence point), never the SM-local
+// L1, so no stale line (for example one shared with h_all[t - 2] at a slice boundary) can be
+// read.
 // c_{t-1} of a unit is written and read by the same CTA (and, with the fixed thread mapping,
 // the same thread); it is read back through L2 as well, which costs nothing extra.
 // Within a CTA, two __syncthreads() per tile separate staging, the product (reads the staged
