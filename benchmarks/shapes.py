@@ -293,8 +293,9 @@ def _cuda_grid(name: str) -> Grid:
             attention_window=_window([1], [4], [8192], 64, WINDOW_FULL),
             attention_features_dtypes=[bf16],
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
-            # Issue 17's cuDNN target range (B <= 64, H <= 512); H 256 inference is the
-            # persistent kernel's, the rest the C++ step loop's. H = 32: the widest layer whose
+            # Issue 17's cuDNN target range (B <= 64, H <= 512); on the cuda backend H <= 256
+            # (inference and training) runs the persistent kernels, H 512 the C++ step loop.
+            # H = 32: the widest layer whose
             # weights the triton backend's kernels keep on chip (H 256/512 time its streamed
             # variant, which the on-paper figures in triton_kernels/lstm_layer.py rank below
             # the cuda backend).
