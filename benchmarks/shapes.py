@@ -295,10 +295,9 @@ def _cuda_grid(name: str) -> Grid:
             lstm_cell=_lstm([1], [64], [256, 512, 1024]),
             # Issue 17's cuDNN target range (B <= 64, H <= 512); on the cuda backend H <= 256
             # (inference and training) runs the persistent kernels, H 512 the C++ step loop.
-            # H = 32: the widest layer whose
-            # weights the triton backend's kernels keep on chip (H 256/512 time its streamed
-            # variant, which the on-paper figures in triton_kernels/lstm_layer.py rank below
-            # the cuda backend).
+            # H = 32: the widest layer whose weights the triton backend's kernels keep on chip
+            # (H 256/512 time its streamed variant, which the on-paper figures in
+            # triton_kernels/lstm_layer.py rank below the cuda backend).
             lstm=_lstm([128], [16, 64], [256, 512]) + _lstm([128], [1, 64], [32]),
             lstm_dtypes=[fp32, bf16],
             mha=[TransformerShape(4, 1024, 512, 8, 1)],
