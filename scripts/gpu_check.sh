@@ -7,7 +7,7 @@
 #   facts   nvidia-smi, nvcc, torch/triton versions
 #   build   fastattn._C with CUDA for this GPU's arch only (FASTATTN_CUDA=1, MAX_JOBS=nproc)
 #   info    python -m fastattn.info
-#   tests   every gpu- and triton-marked test (junit.xml)
+#   tests   every gpu- and triton-marked test (junit.xml), the CUDA kernels' test files first
 #   bench   the GPU benchmark grid (quick by default), one pytest run per op family; the lstm
 #           family times fastattn.LSTM / LSTMCell per backend against nn.LSTM / nn.LSTMCell
 #           (cuDNN), inference (fwd) and training (fwd+bwd), T128 B16/64 H256/512 fp32 + bf16,
@@ -143,9 +143,20 @@ TIMEOUT_ARGS=()
 if $PY -c "import pytest_timeout" 2>/dev/null; then
     TIMEOUT_ARGS=(--timeout=120)  # one hung kernel must not eat the whole step
 fi
+# The CUDA kernels' own test files first (their kernels are compiled ahead, and none of them
+# has run on a GPU yet), then the rest in name order: the Triton tests compile their kernels on
+# first use, and the step's time limit must not leave the CUDA files unrun behind them.
+FIRST_TESTS=(tests/test_lstm_cuda.py tests/test_attention_cuda.py tests/test_attention_varlen_cuda.py)
+TEST_FILES=("${FIRST_TESTS[@]}")
+for file in tests/test_*.py; do
+    case " ${FIRST_TESTS[*]} " in
+        *" $file "*) ;;
+        *) TEST_FILES+=("$file") ;;
+    esac
+done
 # Exit code 5: no test is marked yet, which is not a failure of this script.
-step tests "$TESTS_S" 0,5 $PY -m pytest tests -m "gpu or triton" -q -rfEs -p no:cacheprovider \
-    "${TIMEOUT_ARGS[@]}" --junitxml="$LOGS/junit.xml"
+step tests "$TESTS_S" 0,5 $PY -m pytest "${TEST_FILES[@]}" -m "gpu or triton" -q -rfEs \
+    -p no:cacheprovider "${TIMEOUT_ARGS[@]}" --junitxml="$LOGS/junit.xml"
 
 BENCH_JSONS=()
 if [ $HAS_GPU -eq 1 ]; then
