@@ -146,13 +146,19 @@ def fastest(
 
 
 def fastest_interleaved(
-    fns: list[Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter
+    fns: list[Callable[[], object]], rounds: int, clock: Callable[[], float] = time.perf_counter,
+    warm_calls: int = 0,
 ) -> list[float]:
     """Each function's fastest seconds by ``clock`` over ``rounds`` rounds of one call each, in
-    turn: a slow spell of a shared machine then hits every candidate, not one."""
+    turn: a slow spell of a shared machine then hits every candidate, not one. ``warm_calls``
+    untimed calls precede each timed one, so that it finds its own operands in cache rather
+    than the previous candidate's (weights of a few MB otherwise favour whichever candidate
+    shares them with the one before it)."""
     best = [math.inf] * len(fns)
     for _ in range(rounds):
         for i, fn in enumerate(fns):
+            for _ in range(warm_calls):
+                fn()
             start = clock()
             fn()
             best[i] = min(best[i], clock() - start)
