@@ -312,6 +312,23 @@ def _run_module(module, x, hx, packed_lengths, grad):
     return outputs + list(_grads(outputs, [x, *hx, *module.parameters()], seed=1))
 
 
+def _module_pair(in_features, hidden, dtype, **flags):
+    """nn.LSTM on the GPU, fastattn.LSTM with its weights, and its float64 copy."""
+    theirs = nn.LSTM(in_features, hidden, device="cuda", dtype=dtype, **flags)
+    ours = fastattn.LSTM(in_features, hidden, device="cuda", dtype=dtype, **flags)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours, copy.deepcopy(theirs).double()
+
+
+def _assert_module_matches(ours, got, ref64, ref_torch):
+    """_run_module's outputs (and gradients) of ours against nn.LSTM's: float64 and cuDNN."""
+    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
+        f"grad {n}" for n, _ in ours.named_parameters()]
+    for name, (a, r64, rt) in zip(names, zip(got, ref64, ref_torch, strict=True), strict=False):
+        assert a.shape == rt.shape, f"{name}: shape {tuple(a.shape)} != {tuple(rt.shape)}"
+        assert_close_to_reference(a, r64, rt, name=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("grad", [True, False], ids=["train", "infer"])
 @pytest.mark.parametrize("dtype, seq_len, batch, hidden", MODULE_SIZES)
@@ -322,10 +339,7 @@ def test_lstm_module_matches_nn_lstm(flags, packed, dtype, seq_len, batch, hidde
     require_kernel("lstm_layer_infer", "cuda")
     torch.manual_seed(0)
     in_features = 11
-    theirs = nn.LSTM(in_features, hidden, device="cuda", dtype=dtype, **flags)
-    ours = fastattn.LSTM(in_features, hidden, device="cuda", dtype=dtype, **flags)
-    ours.load_state_dict(theirs.state_dict())
-    theirs64 = copy.deepcopy(theirs).double()
+    theirs, ours, theirs64 = _module_pair(in_features, hidden, dtype, **flags)
     batch_first = flags.get("batch_first", False)
     x = torch.randn((batch, seq_len, in_features) if batch_first else (seq_len, batch, in_features),
                     device="cuda", dtype=dtype)
@@ -342,11 +356,7 @@ def test_lstm_module_matches_nn_lstm(flags, packed, dtype, seq_len, batch, hidde
     got = _run_module(ours, leaves[0], tuple(leaves[1:]), lengths, grad)
     ref64 = _run_module(theirs64, leaves64[0], tuple(leaves64[1:]), lengths, grad)
     ref_torch = _run_module(theirs, leaves[0], tuple(leaves[1:]), lengths, grad)
-    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
-        f"grad {n}" for n, _ in ours.named_parameters()]
-    for name, a, r64, rt in zip(names, got, ref64, ref_torch, strict=False):
-        assert a.shape == rt.shape, f"{name}: shape {tuple(a.shape)} != {tuple(rt.shape)}"
-        assert_close_to_reference(a, r64, rt, name=name)
+    _assert_module_matches(ours, got, ref64, ref_torch)
 
 
 def _cuda_kernels_run(fn) -> set[str]:
@@ -374,11 +384,7 @@ def test_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden, bid
         pytest.skip("the persistent LSTM kernels need sm_80 or newer")
     torch.manual_seed(0)
     in_features = 9
-    theirs = nn.LSTM(in_features, hidden, device="cuda", dtype=dtype, bidirectional=bidirectional)
-    ours = fastattn.LSTM(in_features, hidden, device="cuda", dtype=dtype,
-                         bidirectional=bidirectional)
-    ours.load_state_dict(theirs.state_dict())
-    theirs64 = copy.deepcopy(theirs).double()
+    theirs, ours, theirs64 = _module_pair(in_features, hidden, dtype, bidirectional=bidirectional)
     x = torch.randn(seq_len, batch, in_features, device="cuda", dtype=dtype)
     directions = 2 if bidirectional else 1
     hx = (torch.randn(directions, batch, hidden, device="cuda", dtype=dtype),
@@ -398,11 +404,7 @@ def test_training_runs_the_persistent_kernels(dtype, seq_len, batch, hidden, bid
     assert not any("lstm_step" in name for name in kernels), sorted(kernels)
     ref64 = _run_module(theirs64, leaves64[0], tuple(leaves64[1:]), lengths, True)
     ref_torch = _run_module(theirs, leaves[0], tuple(leaves[1:]), lengths, True)
-    names = ["output", "h_n", "c_n", "grad input", "grad h0", "grad c0"] + [
-        f"grad {n}" for n, _ in ours.named_parameters()]
-    for name, a, r64, rt in zip(names, got, ref64, ref_torch, strict=True):
-        assert a.shape == rt.shape, f"{name}: shape {tuple(a.shape)} != {tuple(rt.shape)}"
-        assert_close_to_reference(a, r64, rt, name=name)
+    _assert_module_matches(ours, got, ref64, ref_torch)
 
 
 @pytest.mark.gpu

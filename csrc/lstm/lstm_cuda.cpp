@@ -141,10 +141,14 @@ struct SequenceOptions {
   at::Tensor batch_sizes;           // int64 [T], or undefined: every row steps
   at::Tensor zoneout_c, zoneout_h;  // contiguous [T, B, H], or undefined
 
-  const int64_t* batch_sizes_ptr() const {
-    return batch_sizes.defined() ? batch_sizes.data_ptr<int64_t>() : nullptr;
+  // Sets them in a kernel's params (LstmSequenceFwdParams / LstmSequenceBwdParams).
+  template <typename Params>
+  void apply(Params& p) const {
+    p.reverse = reverse;
+    p.batch_sizes = batch_sizes.defined() ? batch_sizes.data_ptr<int64_t>() : nullptr;
+    p.zoneout_c = zoneout_c.defined() ? zoneout_c.data_ptr() : nullptr;
+    p.zoneout_h = zoneout_h.defined() ? zoneout_h.data_ptr() : nullptr;
   }
-  static const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 };
 
 // The persistent forward on x_proj's current stream; every tensor contiguous, gates_all in the
@@ -165,10 +169,7 @@ cudaError_t sequence_forward(Dtype dtype, const at::Tensor& x_proj, const at::Te
   p.seq_len = x_proj.size(0);
   p.batch = x_proj.size(1);
   p.hidden = x_proj.size(2) / 4;
-  p.reverse = o.reverse;
-  p.batch_sizes = o.batch_sizes_ptr();
-  p.zoneout_c = SequenceOptions::ptr(o.zoneout_c);
-  p.zoneout_h = SequenceOptions::ptr(o.zoneout_h);
+  o.apply(p);
   return launch_lstm_sequence_fwd(p, c10::cuda::getCurrentCUDAStream(x_proj.device().index()));
 }
 
@@ -471,10 +472,11 @@ LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
   r.dc = at::zeros({p.B, p.H}, mopts);
   at::Tensor grad_proj_all = proj ? at::empty({p.T, p.B, p.P}, mopts) : at::Tensor();
   at::Tensor grad_hpre = proj ? at::empty({p.B, p.H}, mopts) : at::Tensor();
-  const at::Tensor w_hh_m = w_hh.to(math), w_hr_m = proj ? p.w_hr.to(math) : at::Tensor();
-
-  // The persistent kernel where it serves (it writes grad_gates_all, dh and dc), else the loop.
+  // The persistent kernel where it serves (it writes grad_gates_all, dh and dc), else the loop,
+  // which alone reads the weights in the math type.
   const bool persistent = ln == nullptr && sequence_kernel_serves(p, dtype, true);
+  const at::Tensor w_hh_m = persistent ? at::Tensor() : w_hh.to(math);
+  const at::Tensor w_hr_m = proj ? p.w_hr.to(math) : at::Tensor();
   if (persistent) {
     LstmSequenceBwdParams sp;
     sp.dtype = dtype;
@@ -492,10 +494,7 @@ LayerGrads layer_backward(const LayerProblem& p, const at::Tensor& grad_h_all,
     sp.batch = p.B;
     sp.hidden = p.H;
     const SequenceOptions o = sequence_options(p, h0.device());
-    sp.reverse = o.reverse;
-    sp.batch_sizes = o.batch_sizes_ptr();
-    sp.zoneout_c = SequenceOptions::ptr(o.zoneout_c);
-    sp.zoneout_h = SequenceOptions::ptr(o.zoneout_h);
+    o.apply(sp);
     C10_CUDA_CHECK(launch_lstm_sequence_bwd(sp, stream));
   }
   for (int64_t s = p.T - 1; !persistent && s >= 0; --s) {

@@ -58,35 +58,45 @@ SequencePlan plan_sequence(Kernel* kernel, int64_t batch, int64_t hidden, int64_
   return plan;
 }
 
-// The plan of the forward (backward) kernel for T: it stages rows of h (of the 4H gate
-// gradients).
-template <typename T>
-SequencePlan plan_fwd(int64_t batch, int64_t hidden) {
-  return plan_sequence<T>(lstm::lstm_sequence_fwd_kernel<T>, batch, hidden, hidden);
+// The forward or the backward kernel for T, and its plan: the forward stages rows of h, the
+// backward rows of the 4H gate gradients.
+template <bool kBackward, typename T>
+auto* sequence_kernel() {
+  if constexpr (kBackward) {
+    return lstm::lstm_sequence_bwd_kernel<T>;
+  } else {
+    return lstm::lstm_sequence_fwd_kernel<T>;
+  }
 }
 
-template <typename T>
-SequencePlan plan_bwd(int64_t batch, int64_t hidden) {
-  return plan_sequence<T>(lstm::lstm_sequence_bwd_kernel<T>, batch, hidden, 4 * hidden);
+template <bool kBackward, typename T>
+SequencePlan plan(int64_t batch, int64_t hidden) {
+  return plan_sequence<T>(sequence_kernel<kBackward, T>(), batch, hidden,
+                          kBackward ? 4 * hidden : hidden);
 }
 
-template <typename Params, typename Kernel>
-cudaError_t launch_planned(const SequencePlan& plan, Kernel* kernel, const Params& p,
-                           cudaStream_t stream) {
-  if (plan.error != cudaSuccess) return plan.error;
-  Params params = p;
-  int units_arg = static_cast<int>(plan.units);
-  void* args[] = {&params, &units_arg};
-  return cudaLaunchCooperativeKernel(
-      reinterpret_cast<const void*>(kernel),
-      dim3(static_cast<unsigned>(plan.slices), static_cast<unsigned>(plan.batch_ctas)),
-      dim3(lstm::kSequenceThreads), args, plan.smem, stream);
+// LstmSequenceFwdParams or LstmSequenceBwdParams: launches its kernel with the planned grid.
+template <bool kBackward, typename Params>
+cudaError_t launch(const Params& p, cudaStream_t stream) {
+  if (p.seq_len == 0 || p.batch == 0) return cudaSuccess;
+  if (p.hidden <= 0 || p.hidden > kLstmSequenceMaxHidden) return cudaErrorInvalidValue;
+  return lstm::dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const SequencePlan planned = plan<kBackward, T>(p.batch, p.hidden);
+    if (planned.error != cudaSuccess) return planned.error;
+    Params params = p;
+    int units_arg = static_cast<int>(planned.units);
+    void* args[] = {&params, &units_arg};
+    return cudaLaunchCooperativeKernel(
+        reinterpret_cast<const void*>(sequence_kernel<kBackward, T>()),
+        dim3(static_cast<unsigned>(planned.slices), static_cast<unsigned>(planned.batch_ctas)),
+        dim3(lstm::kSequenceThreads), args, planned.smem, stream);
+  });
 }
 
-// Whether a problem of this size can take a persistent kernel on the current device; `plan`
-// returns the dtype's plan (its error says why not).
-template <typename Plan>
-bool sequence_fits(Dtype dtype, int64_t hidden, Plan plan) {
+// Whether a problem of this size can take the kernel on the current device.
+template <bool kBackward>
+bool fits(Dtype dtype, int64_t batch, int64_t hidden) {
   if (hidden <= 0 || hidden > kLstmSequenceMaxHidden) return false;
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -95,7 +105,9 @@ bool sequence_fits(Dtype dtype, int64_t hidden, Plan plan) {
     (void)cudaGetLastError();  // a failed query must not surface in a later, unrelated check
     return false;
   }
-  const cudaError_t err = lstm::dispatch_dtype(dtype, plan);
+  const cudaError_t err = lstm::dispatch_dtype(dtype, [&](auto tag) {
+    return plan<kBackward, typename decltype(tag)::type>(batch, hidden).error;
+  });
   if (err != cudaSuccess) (void)cudaGetLastError();
   return err == cudaSuccess;
 }
@@ -103,36 +115,20 @@ bool sequence_fits(Dtype dtype, int64_t hidden, Plan plan) {
 }  // namespace
 
 cudaError_t launch_lstm_sequence_fwd(const LstmSequenceFwdParams& p, cudaStream_t stream) {
-  if (p.seq_len == 0 || p.batch == 0) return cudaSuccess;
-  if (p.hidden <= 0 || p.hidden > kLstmSequenceMaxHidden) return cudaErrorInvalidValue;
-  return lstm::dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return launch_planned(plan_fwd<T>(p.batch, p.hidden), lstm::lstm_sequence_fwd_kernel<T>, p,
-                          stream);
-  });
+  return launch<false>(p, stream);
 }
 
 // T == 0 leaves grad_h0 / grad_c0 to the caller (no step reaches them: zeros).
 cudaError_t launch_lstm_sequence_bwd(const LstmSequenceBwdParams& p, cudaStream_t stream) {
-  if (p.seq_len == 0 || p.batch == 0) return cudaSuccess;
-  if (p.hidden <= 0 || p.hidden > kLstmSequenceMaxHidden) return cudaErrorInvalidValue;
-  return lstm::dispatch_dtype(p.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    return launch_planned(plan_bwd<T>(p.batch, p.hidden), lstm::lstm_sequence_bwd_kernel<T>, p,
-                          stream);
-  });
+  return launch<true>(p, stream);
 }
 
 bool lstm_sequence_fwd_fits(Dtype dtype, int64_t batch, int64_t hidden) {
-  return sequence_fits(dtype, hidden, [&](auto tag) {
-    return plan_fwd<typename decltype(tag)::type>(batch, hidden).error;
-  });
+  return fits<false>(dtype, batch, hidden);
 }
 
 bool lstm_sequence_bwd_fits(Dtype dtype, int64_t batch, int64_t hidden) {
-  return sequence_fits(dtype, hidden, [&](auto tag) {
-    return plan_bwd<typename decltype(tag)::type>(batch, hidden).error;
-  });
+  return fits<true>(dtype, batch, hidden);
 }
 
 }  // namespace fastattn

@@ -101,6 +101,20 @@ __device__ __forceinline__ void stage_tile(A* dst, const S* src, int64_t b0, int
   }
 }
 
+// The CTA's 4 * units rows of H weights in w_s: row r serves gate r / units of unit
+// unit0 + r % units, as w_hh's row of that gate and unit (forward), or with `columns` as the
+// unit's column of w_hh's gate block (backward); zero for units past H.
+template <typename T>
+__device__ __forceinline__ void load_weight_slice(T* w_s, const T* w_hh, int64_t H, int64_t unit0,
+                                                  int units, bool columns) {
+  for (int64_t e = threadIdx.x; e < 4 * units * H; e += blockDim.x) {
+    const int64_t r = e / H, k = e % H;
+    const int64_t unit = unit0 + r % units, gate = r / units;
+    const int64_t at = columns ? (gate * H + k) * H + unit : (gate * H + unit) * H + k;
+    w_s[e] = unit < H ? w_hh[at] : from_acc<T>(acc_t<T>(0));
+  }
+}
+
 // rec_s[bb, r] = sum over k < H of w_s[r, k] * staged[bb, (r / units) * gate_stride + k] for
 // the CTA's 4 * units rows r: one warp per row, lanes split k, a butterfly across the warp.
 // gate_stride 0 reads the staged h (forward); H reads gate q's gradients (backward).
@@ -149,12 +163,7 @@ lstm_sequence_fwd_kernel(LstmSequenceFwdParams p, int units) {
   T* w_s = reinterpret_cast<T*>(rec_s + layout.rec_elems());      // [4 * units, H]
   const int rows = 4 * units;  // w_s row r = gate (r / units) of unit unit0 + r % units
 
-  const T* w_hh = static_cast<const T*>(p.w_hh);
-  for (int64_t e = threadIdx.x; e < layout.w_elems(); e += blockDim.x) {
-    const int64_t r = e / H, k = e % H;
-    const int64_t unit = unit0 + r % units, gate = r / units;
-    w_s[e] = unit < H ? w_hh[(gate * H + unit) * H + k] : from_acc<T>(A(0));
-  }
+  load_weight_slice(w_s, static_cast<const T*>(p.w_hh), H, unit0, units, false);
   // The first staging barrier below also orders these stores before the first product.
 
   const T* x_proj = static_cast<const T*>(p.x_proj);
@@ -232,12 +241,7 @@ lstm_sequence_bwd_kernel(LstmSequenceBwdParams p, int units) {
   T* w_s = reinterpret_cast<T*>(rec_s + layout.rec_elems());      // [4 * units, H]
   const int rows = 4 * units;  // w_s row r = w_hh[q*H : (q+1)*H, unit0 + r % units], q = r / units
 
-  const T* w_hh = static_cast<const T*>(p.w_hh);
-  for (int64_t e = threadIdx.x; e < layout.w_elems(); e += blockDim.x) {
-    const int64_t r = e / H, k = e % H;
-    const int64_t unit = unit0 + r % units, gate = r / units;
-    w_s[e] = unit < H ? w_hh[(gate * H + k) * H + unit] : from_acc<T>(A(0));
-  }
+  load_weight_slice(w_s, static_cast<const T*>(p.w_hh), H, unit0, units, true);
   // The first staging barrier below orders these stores before the first product; the step
   // t = T-1 has no product, and its grid barrier orders them.
 

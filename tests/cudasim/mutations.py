@@ -280,8 +280,8 @@ MUTATIONS = [
     Mutation(
         "seq-bwd-w-rows-not-columns",
         SEQ,
-        "w_hh[(gate * H + k) * H + unit]",
-        "w_hh[(gate * H + unit) * H + k]",
+        "columns ? (gate * H + k) * H + unit :",
+        "columns ? (gate * H + unit) * H + k :",
     ),
     Mutation(
         "seq-bwd-drops-carried-c", SEQ, "(recurrent ? *carried_c : A(0))", "A(0)"
