@@ -148,6 +148,42 @@ def test_varlen_diagonal_tiles_match_float64(dtype, options, ref_options):
                                  DIAGONAL_LENS_K, 2)
 
 
+# The cpu kernels run a sequence whose rows fit in L2 as one unit of all its heads, read in
+# address order first, and a longer one head by head (varlen_units in attention_cpu.isa.cpp).
+# At Hq 16, Hk 8, E 64, Ev 32, fp32 a token takes 7 KiB of q, k and v (9 KiB with dO in the
+# backward): 300 tokens exceed every L2 of our CPUs (512 KiB - 2 MiB), 17 fit in each. The warm
+# reads follow the layout: token by token (token-major) or head by head (head-major).
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", ["token-major", "head-major"])
+def test_varlen_short_and_long_sequences_match_float64(layout, threads):
+    require("cpu")
+    torch.manual_seed(0)
+    lens, Hq, Hk, E, Ev = [17, 300, 0, 1, 3, 17], 16, 8, 64, 32
+
+    def packed(heads, dim):
+        if layout == "head-major":
+            return randn(heads, sum(lens), dim, dtype=torch.float32).transpose(0, 1)
+        return randn(sum(lens), heads, dim, dtype=torch.float32)
+
+    q, k, v = packed(Hq, E), packed(Hk, E), packed(Hk, Ev)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    grad_out = randn(sum(lens), Hq, Ev, dtype=torch.float32)
+    nan_heap((sum(lens), Hq, Ev), dtype=torch.float32)
+    with fastattn.use_backend("cpu"), thread_pool(threads):
+        out = fastattn.attention_varlen(q, k, v, cumulative(lens), cumulative(lens), max(lens),
+                                        max(lens), causal=True)
+        out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = varlen_reference64(q64, k64, v64, lens, lens, None,
+                                dict(scale=E**-0.5, window=(-1, 0), bottom_right=False))
+    ref.backward(grad_out.double())
+    assert_close_to_reference(out, ref, dtype=torch.float32, name="out")
+    floors = attention_grad_scales(q.transpose(0, 1), k.transpose(0, 1), v, grad_out)
+    for name, ours, theirs in (("dq", q, q64), ("dk", k, k64), ("dv", v, v64)):
+        assert_close_to_reference(ours.grad, theirs.grad, dtype=torch.float32, name=name,
+                                  scale_floor=floors.get(name, 0.0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_dropout_uses_the_packed_counter(backend):
     """The keep mask of element (b, h, i, j) is reference.dropout_keep_mask's bit at
