@@ -1,7 +1,11 @@
 // Launchers of the persistent whole-sequence LSTM forward and backward
 // (csrc/lstm/lstm_sequence.cuh), and the checks of whether they can serve a problem on the
 // current device.
+#include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "lstm_sequence.cuh"
 
@@ -15,47 +19,54 @@ struct SequencePlan {
   size_t smem = 0;
 };
 
-// Picks the units per CTA and the batch CTAs so that the whole grid of `kernel` is co-resident.
-// Fewer units per CTA means more CTAs share the recurrent product of a step; at most kMaxSlices
-// slices keep the per-step grid barrier cheap. staged: the width of the kernel's staged rows
-// (SequenceSmem). Sets the kernel's dynamic shared memory limit.
+// The slice width that planning picks for one kernel, device and hidden size, and how many CTAs
+// of it are co-resident: everything of a plan but its batch CTAs.
+struct SliceChoice {
+  cudaError_t error = cudaSuccess;
+  int64_t units = 0, slices = 0, resident = 0;
+  size_t smem = 0;
+};
+
+// Picks the units per CTA of `kernel` so that a grid of its slices is co-resident. Fewer units
+// per CTA means more CTAs share the recurrent product of a step; at most kMaxSlices slices keep
+// the per-step grid barrier cheap. staged: the width of the kernel's staged rows (SequenceSmem).
+// Raises the kernel's dynamic shared memory limit to the device's opt-in maximum, so that any
+// width chosen, now or for another hidden size, can launch.
 template <typename T, typename Kernel>
-SequencePlan plan_sequence(Kernel* kernel, int64_t batch, int64_t hidden, int64_t staged) {
+SliceChoice choose_slices(Kernel* kernel, int device, int sms, int64_t hidden, int64_t staged) {
   constexpr int64_t kMaxSlices = 64;
-  SequencePlan plan;
-  int device = 0, sms = 0, cooperative = 0, max_smem = 0;
-  cudaError_t& err = plan.error;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
+  SliceChoice choice;
+  int cooperative = 0, max_smem = 0;
+  cudaError_t& err = choice.error;
+  err = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
   if (err == cudaSuccess) {
     err = cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  if (err != cudaSuccess) return plan;
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem);
+  }
+  if (err != cudaSuccess) return choice;
   if (!cooperative) {
     err = cudaErrorNotSupported;
-    return plan;
+    return choice;
   }
-  const int64_t tiles = (batch + lstm::kBatchTile - 1) / lstm::kBatchTile;
   for (int64_t units = (hidden + kMaxSlices - 1) / kMaxSlices; units <= hidden; units *= 2) {
     const size_t smem = lstm::SequenceSmem<T>(hidden, units, staged).bytes();
     if (smem > static_cast<size_t>(max_smem)) break;  // larger slices only need more
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return plan;
     int ctas_per_sm = 0;
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, lstm::kSequenceThreads, smem);
-    if (err != cudaSuccess) return plan;
+    if (err != cudaSuccess) return choice;
     const int64_t resident = int64_t(ctas_per_sm) * sms;
     const int64_t slices = (hidden + units - 1) / units;
     if (slices > resident) continue;
-    plan.units = units;
-    plan.slices = slices;
-    plan.batch_ctas = tiles < resident / slices ? tiles : resident / slices;
-    plan.smem = smem;
-    return plan;
+    choice.units = units;
+    choice.slices = slices;
+    choice.resident = resident;
+    choice.smem = smem;
+    return choice;
   }
   err = cudaErrorCooperativeLaunchTooLarge;
-  return plan;
+  return choice;
 }
 
 // The forward or the backward kernel for T, and its plan: the forward stages rows of h, the
@@ -69,10 +80,45 @@ auto* sequence_kernel() {
   }
 }
 
+// Choosing the slices costs an attribute call and an occupancy query per candidate width, and
+// every layer call plans twice (the glue's fits check, then the launch), so each kernel keeps
+// its choices by device, SM count (fixed on a device; the emulator varies it) and hidden size.
+// A failed query is not kept: the next call asks again.
 template <bool kBackward, typename T>
 SequencePlan plan(int64_t batch, int64_t hidden) {
-  return plan_sequence<T>(sequence_kernel<kBackward, T>(), batch, hidden,
-                          kBackward ? 4 * hidden : hidden);
+  SequencePlan planned;
+  int device = 0, sms = 0;
+  planned.error = cudaGetDevice(&device);
+  if (planned.error == cudaSuccess) {
+    planned.error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  if (planned.error != cudaSuccess) return planned;
+  static std::mutex mutex;
+  static std::map<std::tuple<int, int, int64_t>, SliceChoice> chosen;
+  SliceChoice choice;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_tuple(device, sms, hidden);
+    const auto found = chosen.find(key);
+    if (found != chosen.end()) {
+      choice = found->second;
+    } else {
+      choice = choose_slices<T>(sequence_kernel<kBackward, T>(), device, sms, hidden,
+                                kBackward ? 4 * hidden : hidden);
+      if (choice.error == cudaSuccess || choice.error == cudaErrorCooperativeLaunchTooLarge ||
+          choice.error == cudaErrorNotSupported) {
+        chosen.emplace(key, choice);
+      }
+    }
+  }
+  planned.error = choice.error;
+  if (planned.error != cudaSuccess) return planned;
+  const int64_t tiles = (batch + lstm::kBatchTile - 1) / lstm::kBatchTile;
+  planned.units = choice.units;
+  planned.slices = choice.slices;
+  planned.batch_ctas = std::min(tiles, choice.resident / choice.slices);
+  planned.smem = choice.smem;
+  return planned;
 }
 
 // LstmSequenceFwdParams or LstmSequenceBwdParams: launches its kernel with the planned grid.
