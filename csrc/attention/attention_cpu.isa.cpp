@@ -1159,7 +1159,7 @@ struct VarlenUnit {
 std::vector<VarlenUnit> varlen_units(const Problem& pr, int64_t heads, int64_t bytes_per_query,
                                      int64_t bytes_per_key) {
   std::vector<VarlenUnit> units;
-  units.reserve(pr.p.batch * heads);
+  units.reserve(pr.p.batch);  // one per sequence that fits; a longer one adds its heads
   for (const int64_t b : sequences_by_cost(pr)) {
     const Sequence sq = pr.sequence(b);
     if (sq.q_len * bytes_per_query + sq.kv_len * bytes_per_key <= l2_cache_bytes()) {
