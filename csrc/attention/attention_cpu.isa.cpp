@@ -1106,10 +1106,15 @@ std::vector<int64_t> sequences_by_cost(const Problem& pr) {
   return order;
 }
 
-// The bytes of a core's L2 cache (512 KiB where the system does not say).
+// The bytes of a core's L2 cache (512 KiB where the system does not say: glibc's sysconf says,
+// other C libraries may not define the name).
 int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
     const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long reported = 0;
+#endif
     return reported > 0 ? static_cast<int64_t>(reported) : int64_t{512} << 10;
   }();
   return bytes;
