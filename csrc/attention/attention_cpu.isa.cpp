@@ -1120,24 +1120,36 @@ int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// Reads one byte of every cache line of rows [row_begin, row_begin + rows) of heads [0, heads) of
-// a varlen tensor (element (row r, head h) at base + h * stride[1] + r * stride[2], `width`
-// elements), in address order. A varlen pass reads a head's rows a token apart (2 KiB at H 8,
-// E 64, fp32, for 256 bytes of the head), a stride the hardware prefetchers do not follow: head
-// by head, the forward's packing of issue 16's many short sequences stalled on memory for about
-// a third of its time (Zen 4, one thread). Read in address order first, the same rows stream
-// in at several times the rate (a cold 38 MB tensor: 1.5 ms in order, 4.3 ms head by head) and
-// stay in L2 for the heads that follow.
+// A tensor that a varlen pass reads (q, k, v, dO): per sequence its query rows (query_rows) or
+// its key rows, `heads` heads of `width` elements each; element (row r, head h) at
+// base + h * stride[1] + r * stride[2].
+struct VarlenRows {
+  const void* base;
+  const int64_t* stride;
+  bool query_rows;
+  int64_t heads, width;
+
+  int64_t first_row(const Sequence& sq) const { return query_rows ? sq.q_begin : sq.k_begin; }
+  int64_t rows(const Sequence& sq) const { return query_rows ? sq.q_len : sq.kv_len; }
+};
+
+// Reads one byte of every cache line of sequence sq's rows of t, in address order. A varlen pass
+// reads a head's rows a token apart (2 KiB at H 8, E 64, fp32, for 256 bytes of the head), a
+// stride the hardware prefetchers do not follow: head by head, the forward's packing of issue
+// 16's many short sequences stalled on memory for about a third of its time (Zen 4, one
+// thread). Read in address order first, the same rows stream in at several times the rate (a
+// cold 38 MB tensor: 1.5 ms in order, 4.3 ms head by head) and stay in L2 for the heads that
+// follow.
 template <typename T>
-void warm_rows(const void* base, const int64_t* stride, int64_t row_begin, int64_t rows,
-               int64_t heads, int64_t width) {
+void warm_rows(const VarlenRows& t, const Sequence& sq) {
   constexpr int64_t kLine = 64;
-  const auto* first = static_cast<const T*>(base) + row_begin * stride[2];
-  const int64_t row_bytes = width * static_cast<int64_t>(sizeof(T));
-  const bool heads_inner = std::abs(stride[2]) >= std::abs(stride[1]);
-  const int64_t outer = heads_inner ? rows : heads, inner = heads_inner ? heads : rows;
-  const int64_t outer_stride = heads_inner ? stride[2] : stride[1];
-  const int64_t inner_stride = heads_inner ? stride[1] : stride[2];
+  const auto* first = static_cast<const T*>(t.base) + t.first_row(sq) * t.stride[2];
+  const int64_t row_bytes = t.width * static_cast<int64_t>(sizeof(T));
+  const bool heads_inner = std::abs(t.stride[2]) >= std::abs(t.stride[1]);
+  const int64_t outer = heads_inner ? t.rows(sq) : t.heads;
+  const int64_t inner = heads_inner ? t.heads : t.rows(sq);
+  const int64_t outer_stride = heads_inner ? t.stride[2] : t.stride[1];
+  const int64_t inner_stride = heads_inner ? t.stride[1] : t.stride[2];
   unsigned char seen = 0;
   for (int64_t o = 0; o < outer; ++o) {
     for (int64_t i = 0; i < inner; ++i) {
@@ -1156,18 +1168,23 @@ struct VarlenUnit {
   bool warm;
 };
 
-// The units of a varlen pass over `heads` heads per sequence, longest sequences first
-// (sequences_by_cost). A unit is a whole head, so that its tiles share the thread's packed
-// operands; a sequence whose rows of every tensor the pass reads fit in L2 (bytes_per_query /
-// bytes_per_key: a query's / a key's bytes in all heads of those tensors) is one unit of all its
-// heads, warmed first. (Longer ones would only evict their own rows before the heads read them.)
-std::vector<VarlenUnit> varlen_units(const Problem& pr, int64_t heads, int64_t bytes_per_query,
-                                     int64_t bytes_per_key) {
+// The units of a varlen pass over `heads` heads per sequence that reads the tensors `read`,
+// longest sequences first (sequences_by_cost). A unit is a whole head, so that its tiles share
+// the thread's packed operands; a sequence whose rows of every tensor read fit in L2 is one unit
+// of all its heads, warmed first. (Longer ones would only evict their own rows before the heads
+// read them.)
+template <typename T>
+std::vector<VarlenUnit> varlen_units(const Problem& pr, int64_t heads,
+                                     const std::vector<VarlenRows>& read) {
   std::vector<VarlenUnit> units;
   units.reserve(pr.p.batch);  // one per sequence that fits; a longer one adds its heads
   for (const int64_t b : sequences_by_cost(pr)) {
     const Sequence sq = pr.sequence(b);
-    if (sq.q_len * bytes_per_query + sq.kv_len * bytes_per_key <= l2_cache_bytes()) {
+    int64_t bytes = 0;
+    for (const VarlenRows& t : read) {
+      bytes += t.rows(sq) * t.heads * t.width * static_cast<int64_t>(sizeof(T));
+    }
+    if (bytes <= l2_cache_bytes()) {
       units.push_back({b, 0, heads, true});
     } else {
       for (int64_t h = 0; h < heads; ++h) units.push_back({b, h, h + 1, false});
@@ -1239,18 +1256,16 @@ void attention_fwd_typed(const AttentionParams& p) {
     };
     auto make_tile = [&] { return ForwardTile<scalar_t, acc_t>(pr); };
     if (pr.varlen()) {
-      constexpr int64_t kBytes = sizeof(scalar_t);
-      const std::vector<VarlenUnit> units = varlen_units(
-          pr, p.q_heads, p.q_heads * p.head_dim * kBytes,
-          p.kv_heads * (p.head_dim + p.v_head_dim) * kBytes);
+      const std::vector<VarlenRows> read = {{p.q, p.q_stride, true, p.q_heads, p.head_dim},
+                                            {p.k, p.k_stride, false, p.kv_heads, p.head_dim},
+                                            {p.v, p.v_stride, false, p.kv_heads, Ev}};
+      const std::vector<VarlenUnit> units = varlen_units<scalar_t>(pr, p.q_heads, read);
       parallel_dynamic(threads, static_cast<int64_t>(units.size()), make_tile,
                        [&](auto& tile, int64_t u) {
         const VarlenUnit& unit = units[u];
         if (unit.warm) {
           const Sequence sq = pr.sequence(unit.b);
-          warm_rows<scalar_t>(p.q, p.q_stride, sq.q_begin, sq.q_len, p.q_heads, p.head_dim);
-          warm_rows<scalar_t>(p.k, p.k_stride, sq.k_begin, sq.kv_len, p.kv_heads, p.head_dim);
-          warm_rows<scalar_t>(p.v, p.v_stride, sq.k_begin, sq.kv_len, p.kv_heads, Ev);
+          for (const VarlenRows& t : read) warm_rows<scalar_t>(t, sq);
         }
         for (int64_t h = unit.h_begin; h < unit.h_end; ++h) {
           for (int64_t qb = 0; qb < n_qb; ++qb) run_tile(tile, unit.b, h, qb);
@@ -1543,19 +1558,17 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
       write_dq(sq, hk, st.dq_acc.data(), 1, 0, 0, group_rows);
     };
     if (pr.varlen()) {
-      constexpr int64_t kBytes = sizeof(scalar_t);
-      const std::vector<VarlenUnit> units = varlen_units(
-          pr, p.kv_heads, p.q_heads * (E + Ev) * kBytes, p.kv_heads * (E + Ev) * kBytes);
+      const std::vector<VarlenRows> read = {{p.q, p.q_stride, true, p.q_heads, E},
+                                            {bp.grad_out, bp.grad_out_stride, true, p.q_heads, Ev},
+                                            {p.k, p.k_stride, false, p.kv_heads, E},
+                                            {p.v, p.v_stride, false, p.kv_heads, Ev}};
+      const std::vector<VarlenUnit> units = varlen_units<scalar_t>(pr, p.kv_heads, read);
       parallel_dynamic(threads, static_cast<int64_t>(units.size()), make_state,
                        [&](HeadState& st, int64_t u) {
         const VarlenUnit& unit = units[u];
         if (unit.warm) {
           const Sequence sq = pr.sequence(unit.b);
-          warm_rows<scalar_t>(p.q, p.q_stride, sq.q_begin, sq.q_len, p.q_heads, E);
-          warm_rows<scalar_t>(bp.grad_out, bp.grad_out_stride, sq.q_begin, sq.q_len, p.q_heads,
-                              Ev);
-          warm_rows<scalar_t>(p.k, p.k_stride, sq.k_begin, sq.kv_len, p.kv_heads, E);
-          warm_rows<scalar_t>(p.v, p.v_stride, sq.k_begin, sq.kv_len, p.kv_heads, Ev);
+          for (const VarlenRows& t : read) warm_rows<scalar_t>(t, sq);
         }
         for (int64_t hk = unit.h_begin; hk < unit.h_end; ++hk) run_head(st, unit.b, hk);
       });
