@@ -234,7 +234,9 @@ def _cpu_grid(name: str) -> Grid:
         return Grid(
             name,
             attention=_attention([1], [8], [128, 512, 1024], [64], [False, True]),
-            attention_decode=_decode([1], 2, [4096, 32768], 128),
+            # S = 512: a short context, where a call's fixed costs (Python, waking the threads)
+            # weigh as much as the keys.
+            attention_decode=_decode([1], 2, [512, 4096, 32768], 128),
             attention_dtypes=[fp32, bf16],
             attention_varlen=_varlen(VARLEN_FULL_LENGTHS, 8, [64]) + _varlen_many(8, 64),
             attention_paged_decode=[PAGED_DECODE_FULL],

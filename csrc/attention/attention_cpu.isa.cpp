@@ -218,14 +218,17 @@ class Scratch {
   T* data_ = nullptr;
 };
 
-// Below this many flops a call runs on the calling thread: waking the pool costs more.
-constexpr double kParallelFlops = 4e6;
-// The same for a forward with fewer query tiles than twice the threads (decode: L = 1..few),
-// which splits the keys over threads instead. One thread reads a key in ~20 ns at E = 128
-// (512 flops; Zen 4), so 1e6 flops take ~40 us and two threads save ~20 us, against a few us
-// to wake a spinning pool and merge by LSE. Reasoned, not tuned: scripts/ab_decode.py
-// measures it on a quiet machine.
-constexpr double kSplitParallelFlops = 1e6;
+// Below this many flops a call runs on the calling thread: waking the pool costs more. Measured
+// on Zen 4 (2 threads, pool spinning between calls): at 1.3e5 flops (L = S = 8, H 8, E 64) the
+// two threads already save 2 us of 12 in the forward and 13 of 31 in the backward; at 2e6
+// (L = S = 32) 16 us of 39 in the forward. (It was 4e6 until then.)
+constexpr double kParallelFlops = 1e5;
+// The same for a forward that splits the keys of its query tiles over the threads and merges
+// the parts by LSE (attention_fwd_typed, decode): the merge and its buffers cost a few us more.
+// Measured the same way with one head (L = 1, E 128): at S = 512 (2.6e5 flops) 16.4 us split
+// against 16.1 on one thread, at S = 1024 14.5 against 22.3. scripts/ab_decode.py measures it
+// on a quiet machine.
+constexpr double kSplitParallelFlops = 3e5;
 
 #ifdef CPU_CAPABILITY_AVX512
 // exp(x) = 2^n p(r), n = round(x log2(e)), r = x - n ln(2) in [-ln(2)/2, ln(2)/2], p a degree-5
@@ -979,9 +982,16 @@ struct ForwardTile {
   acc_t* v_all;
   int64_t packed_b = -1, packed_hk = -1;
 
+  // The rows of the buffers: a tile's, at most q_len rounded up to whole vectors
+  // (rescale_factors writes those). 64 rows zeroed ~100 KB per thread and call at L = 1.
+  static int64_t rows(const Problem& pr) {
+    return std::min(kBlockM, round_up(std::max<int64_t>(pr.p.q_len, 1), Vectorized<acc_t>::size()));
+  }
+
   explicit ForwardTile(const Problem& pr)
-      : qs(kBlockM * pr.e_pad), s(kBlockM * pr.n_pad), o(kBlockM * pr.ev_pad),
-        row_max(kBlockM), row_sum(kBlockM), lse(kBlockM), new_max(kBlockM), rescale(kBlockM),
+      : qs(rows(pr) * pr.e_pad), s(rows(pr) * pr.n_pad), o(rows(pr) * pr.ev_pad),
+        row_max(rows(pr)), row_sum(rows(pr)), lse(rows(pr)), new_max(rows(pr)),
+        rescale(rows(pr)),
         packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, pr.block_n) : 0, 0),
         // Single-row calls (decode) never pack, so they request no cache.
         cache(static_cast<int64_t>(packed.size()) *
@@ -1230,15 +1240,19 @@ void attention_fwd_typed(const AttentionParams& p) {
   auto* out = static_cast<scalar_t*>(p.out);
   const int64_t Ev = p.v_head_dim;
 
-  // Few query tiles (decode) leave threads idle: split the keys too and merge by LSE (the
-  // layouts with a contiguous [B, Hq, L, Ev] out: dense and KV cache; varlen has many items).
+  // Fewer query tiles than twice the threads (decode: L = 1..few) would leave threads idle or
+  // unevenly loaded: the keys of each tile are split too, into as many parts as make the units
+  // divide evenly over the threads, and the parts merged by LSE (the layouts with a contiguous
+  // [B, Hq, L, Ev] out: dense and KV cache; varlen has many items). Tiles that already divide
+  // evenly (e.g. 2 heads on 2 threads) run whole, one per thread, with no merge.
   const double flops = 2.0 * heads * p.q_len * p.kv_len * (p.head_dim + Ev);
   const int64_t pool = at::get_num_threads();
-  const bool few_items = items < 2 * pool;
-  const int64_t threads = flops < (few_items ? kSplitParallelFlops : kParallelFlops) ? 1 : pool;
+  const int64_t even_splits = pr.varlen() || items >= 2 * pool
+      ? 1 : std::clamp<int64_t>(pool / std::gcd(items, pool), 1, std::max<int64_t>(n_kb, 1));
+  const int64_t threads =
+      flops < (even_splits > 1 ? kSplitParallelFlops : kParallelFlops) ? 1 : pool;
   const int64_t grain = threads == 1 ? items : 1;
-  const int64_t splits = !few_items || threads == 1 || pr.varlen()
-      ? 1 : std::clamp<int64_t>(ceil_div(4 * threads, items), 1, std::max<int64_t>(n_kb, 1));
+  const int64_t splits = threads == 1 ? 1 : even_splits;
 
   if (splits == 1) {
     // Query tile qb of head h of sequence b (nothing past the sequence's end).
