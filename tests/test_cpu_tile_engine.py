@@ -1,11 +1,12 @@
-"""The engine of the CPU attention forward's bf16 tile products (issue 15 item 3).
+"""The engine of the CPU attention's bf16 tile products, forward and backward (issue 15 item 3).
 
 Where the CPU has AMX-BF16 the products run through ATen's oneDNN brgemm (AMX tiles); elsewhere
 on AVX512-BF16 through our vdpbf16ps micro-kernel. FASTATTN_CPU_TILE_ENGINE=brgemm|native
 overrides the choice (oneDNN's bf16 brgemm also runs without AMX, on AVX512-BF16), so that both
 engines are tested on either kind of machine: the cases here run under this process's engine,
-and test_bf16_tests_pass_on_the_other_engine reruns them, and the bf16 op tests, under the other
-one in a subprocess (the engine is chosen once per process).
+and test_bf16_tests_pass_on_the_other_engine reruns them, and the bf16 op tests (dense, varlen
+and KV cache, forward and backward), under the other one in a subprocess (the engine is chosen
+once per process).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def test_bf16_tests_pass_on_the_other_engine():
     args = [
         "tests/test_cpu_tile_engine.py",
         "tests/test_attention_cpu_op.py",
+        "tests/test_packed_attention.py",  # varlen and KV-cache calls of the same kernels
         "-q",
         "-rs",
         "-p",

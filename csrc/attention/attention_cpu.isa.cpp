@@ -5,9 +5,9 @@
 // floats). Tile products use a register-blocked at::vec FMA micro-kernel (gemm below) on
 // operands packed once per tile into float (double for float64) buffers whose widths are
 // padded to whole register pairs; the avx512 build's bf16 forward and backward use AVX512-BF16
-// dot products instead where the CPU has them, and the forward's QK^T and PV go to ATen's
-// oneDNN brgemm on the same operands where the CPU has AMX-BF16 (TileProducts). The forward
-// keeps an online softmax and writes the log-sum-exp; the backward recomputes the
+// dot products instead where the CPU has them, and both passes' products go to ATen's oneDNN
+// brgemm where the CPU has AMX-BF16 (TileProducts; the backward's dK and dV transposed). The
+// forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
 // probabilities from it with the same packing and the same products, so P is bit-identical to
 // the forward's even for huge logits (except a single query row under the bf16 dot products,
 // which the forward scores in fp32: there the scores agree to fp32 rounding, a relative error
@@ -489,6 +489,8 @@ struct FmaProducts {
     }
     // The packed query tile as qk reads it.
     const acc_t* scores_queries() const { return qs.data(); }
+    // Completes the key tile's dk [n, e_pad] and dv [n, ev_pad] (dk_dq and dv added into them).
+    void finish_keys(const Problem&, int64_t, acc_t*, acc_t*) const {}
     // dp [m, n_pad] = dO V^T, where row i sees keys j < i + diag (0 elsewhere).
     void dp(const Problem& pr, int64_t m, acc_t* dp, int64_t diag) const {
       std::fill(dp, dp + m * pr.n_pad, acc_t(0));
@@ -746,19 +748,29 @@ struct TileProducts<c10::BFloat16, float> {
   // them anew for each key tile took ~5% of the bf16 backward at L = S = 512 (Zen 4). A head
   // whose packed tiles would not fit in kMaxCachedQueryBytes (about a Zen 4 core's L2, where
   // the next key tile finds them; reasoned, not tuned) uses one slot, packed for every key tile.
+  //
+  // With brgemm, which reads A row-major, the products that reduce over the query rows run
+  // transposed: dK^T [E, n] += Q^T dS and dV^T [Ev, n] += dO^T P, with Q^T and dO^T as pairs of
+  // rows (two more layouts per query tile, q_cols and dout_cols) and dS, P as the row pairs that
+  // dot reads as B. finish_keys transposes dK^T and dV^T into the tile's dk and dv.
   static constexpr int64_t kMaxCachedQueryBytes = int64_t{1} << 20;
   struct Backward : Fma::Backward {
     int64_t slot_floats = 0, slots = 0;
-    std::vector<float> queries;  // [slots][qs | dob | q_rows | dout_rows]
+    std::vector<float> queries;  // [slots][qs | dob | q_rows | dout_rows (| q_cols | dout_cols)]
     std::vector<char> packed;    // per slot: holds tile `slot` of kv head `packed_head`
     int64_t packed_head = -1;
     float *cur_qs = nullptr, *cur_dob = nullptr, *cur_q_rows = nullptr, *cur_dout_rows = nullptr;
+    float *cur_q_cols = nullptr, *cur_dout_cols = nullptr;  // [E | Ev, kBlockM / 2] (brgemm)
     std::vector<float> transposed;  // [kBlockM / 2, n_pad]: P or dS as row pairs
+    std::vector<float> dkt, dvt;    // [E, n_pad], [Ev, n_pad]: dK^T, dV^T (brgemm)
 
     explicit Backward(const Problem& pr)
-        : Fma::Backward(pr), transposed(on() ? kBlockM / 2 * pr.n_pad : 0) {
+        : Fma::Backward(pr), transposed(on() ? kBlockM / 2 * pr.n_pad : 0),
+          dkt(brgemm() ? pr.p.head_dim * pr.n_pad : 0),
+          dvt(brgemm() ? pr.p.v_head_dim * pr.n_pad : 0) {
       if (!on()) return;
-      slot_floats = kBlockM * (pr.e_pad + pr.ev_pad) + kBlockM / 2 * (pr.e_pad + pr.ev_pad);
+      slot_floats = kBlockM * (pr.e_pad + pr.ev_pad) + kBlockM / 2 * (pr.e_pad + pr.ev_pad) +
+                    (brgemm() ? kBlockM / 2 * (pr.p.head_dim + pr.p.v_head_dim) : 0);
       const int64_t tiles = pr.group * ceil_div(pr.p.q_len, kBlockM);
       slots = tiles * slot_floats * static_cast<int64_t>(sizeof(float)) <= kMaxCachedQueryBytes
           ? tiles : 1;
@@ -772,6 +784,8 @@ struct TileProducts<c10::BFloat16, float> {
       pack_transposed_pairs(k, k_rs, n, pr.p.head_dim, pairs(kt.data()), pr.n_pad);
       pack_row_pairs(k, k_rs, n, pr.p.head_dim, pairs(kb.data()), pr.e_pad);
       pack_transposed_pairs(v, v_rs, n, pr.p.v_head_dim, pairs(vt.data()), pr.n_pad);
+      std::fill(dkt.begin(), dkt.end(), 0.f);
+      std::fill(dvt.begin(), dvt.end(), 0.f);
     }
     // (Unlike pack_q, a single row is packed too: the backward always scores through qk.)
     void pack_queries(const Problem& pr, const bf16* q, int64_t q_rs, const bf16* dout,
@@ -786,16 +800,31 @@ struct TileProducts<c10::BFloat16, float> {
       cur_dob = cur_qs + kBlockM * pr.e_pad;
       cur_q_rows = cur_dob + kBlockM * pr.ev_pad;
       cur_dout_rows = cur_q_rows + kBlockM / 2 * pr.e_pad;
+      cur_q_cols = cur_dout_rows + kBlockM / 2 * pr.ev_pad;
+      cur_dout_cols = cur_q_cols + pr.p.head_dim * kBlockM / 2;
       if (slots > 1 && packed[slot]) return;
       packed[slot] = 1;
       pack_column_pairs(q, q_rs, m, pr.p.head_dim, pairs(cur_qs), pr.e_pad);
       pack_column_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(cur_dob), pr.ev_pad);
       pack_row_pairs(q, q_rs, m, pr.p.head_dim, pairs(cur_q_rows), pr.e_pad);
       pack_row_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(cur_dout_rows), pr.ev_pad);
+      if (brgemm()) {
+        // The row pairs transposed, pair for pair (32-bit words, moved unchanged).
+        const int64_t row_pairs = ceil_div(m, 2);
+        pack_transposed(cur_q_rows, pr.e_pad, row_pairs, pr.p.head_dim, cur_q_cols,
+                        kBlockM / 2, row_pairs);
+        pack_transposed(cur_dout_rows, pr.ev_pad, row_pairs, pr.p.v_head_dim, cur_dout_cols,
+                        kBlockM / 2, row_pairs);
+      }
     }
     const float* scores_queries() const { return on() ? cur_qs : qs.data(); }
     void dp(const Problem& pr, int64_t m, float* dp, int64_t diag) const {
       if (!on()) return Fma::Backward::dp(pr, m, dp, diag);
+      if (brgemm()) {
+        return cpu_brgemm::bf16_product(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2),
+                                        pairs(cur_dob), pr.ev_pad, pairs(vt.data()), pr.n_pad,
+                                        dp, pr.n_pad, false);
+      }
       // The columns that dot leaves unwritten must read 0 (dS = P (dP - delta) with P = 0).
       if (diag < kAllVisible) std::fill(dp, dp + m * pr.n_pad, 0.f);
       dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(cur_dob), pr.ev_pad, 1,
@@ -804,6 +833,12 @@ struct TileProducts<c10::BFloat16, float> {
     void dv(const Problem& pr, int64_t m, int64_t n, const float* p, float* dv, int64_t diag) {
       if (!on()) return Fma::Backward::dv(pr, m, n, p, dv, diag);
       pack_row_pairs(p, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
+      if (brgemm()) {
+        return cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, ceil_div(m, 2),
+                                        pairs(cur_dout_cols), kBlockM / 2,
+                                        pairs(transposed.data()), pr.n_pad, dvt.data(), pr.n_pad,
+                                        true);
+      }
       dot<true>(n, pr.ev_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
                 pairs(cur_dout_rows), pr.ev_pad, dv, pr.ev_pad, 1.f);
     }
@@ -811,11 +846,29 @@ struct TileProducts<c10::BFloat16, float> {
                int64_t diag) {
       if (!on()) return Fma::Backward::dk_dq(pr, m, n, ds, dk, dq, diag);
       pack_row_pairs(ds, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
+      if (brgemm()) {
+        cpu_brgemm::bf16_product(pr.p.head_dim, pr.n_pad, ceil_div(m, 2), pairs(cur_q_cols),
+                                 kBlockM / 2, pairs(transposed.data()), pr.n_pad, dkt.data(),
+                                 pr.n_pad, true);
+        to_pairs_in_place(ds, m, pr.n_pad, pr.n_pad);
+        return cpu_brgemm::bf16_product(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad,
+                                        pairs(kb.data()), pr.e_pad, dq, pr.e_pad, true);
+      }
       dot<true>(n, pr.e_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
                 pairs(cur_q_rows), pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
       to_pairs_in_place(ds, m, pr.n_pad, pr.n_pad);
       dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
                 dq, pr.e_pad, 1.f, kAllVisible, diag);
+    }
+    // dk = scale dK^T^T and dv = dV^T^T (brgemm); dot added into dk and dv directly.
+    void finish_keys(const Problem& pr, int64_t n, float* dk, float* dv) const {
+      if (!brgemm()) return;
+      pack_transposed(dkt.data(), pr.n_pad, pr.p.head_dim, n, dk, pr.e_pad, pr.p.head_dim);
+      pack_transposed(dvt.data(), pr.n_pad, pr.p.v_head_dim, n, dv, pr.ev_pad, pr.p.v_head_dim);
+      const float scale = static_cast<float>(pr.p.scale);
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t e = 0; e < pr.p.head_dim; ++e) dk[j * pr.e_pad + e] *= scale;
+      }
     }
   };
 };
@@ -1434,6 +1487,8 @@ struct BackwardTile {
                        diag);
       }
     }
+    operands.finish_keys(pr, n, dk.data(), dv.data());
+    Products::release();
     auto* dk_out = pr.key_row(static_cast<scalar_t*>(bp.dk), bp.dk_stride, sq, hk, k0);
     auto* dv_out = pr.key_row(static_cast<scalar_t*>(bp.dv), bp.dv_stride, sq, hk, k0);
     for (int64_t j = 0; j < n; ++j) {

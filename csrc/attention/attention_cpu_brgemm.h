@@ -1,4 +1,4 @@
-// bf16 tile products of the CPU attention forward through ATen's oneDNN micro-kernels
+// bf16 tile products of the CPU attention forward and backward through ATen's oneDNN micro-kernels
 // (at::native::cpublas::brgemm): on a CPU with AMX-BF16 they run on AMX tiles, which no at::vec
 // or AVX-512 kernel of ours can reach. The interface is torch-free so that the per-ISA kernel
 // (attention_cpu.isa.cpp) can call it; attention_cpu_brgemm.cpp is the glue to ATen.
@@ -13,7 +13,7 @@
 
 namespace fastattn::cpu_brgemm {
 
-// Whether the bf16 forward's tile products go through brgemm: where the CPU has AMX-BF16 (ATen's
+// Whether the bf16 tile products go through brgemm: where the CPU has AMX-BF16 (ATen's
 // cpublas::could_pack(bf16)), unless FASTATTN_CPU_TILE_ENGINE=native keeps our micro-kernels
 // (to compare the engines); or where FASTATTN_CPU_TILE_ENGINE=brgemm forces it (to test the
 // path on CPUs without AMX, where oneDNN's brgemm runs on AVX512-BF16). Either way the CPU
