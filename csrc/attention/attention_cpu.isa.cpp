@@ -860,7 +860,7 @@ struct TileProducts<c10::BFloat16, float> {
       dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
                 dq, pr.e_pad, 1.f, kAllVisible, diag);
     }
-    // dk = scale dK^T^T and dv = dV^T^T (brgemm); dot added into dk and dv directly.
+    // With brgemm, dk = scale * (dK^T)^T and dv = (dV^T)^T; dot added into dk and dv directly.
     void finish_keys(const Problem& pr, int64_t n, float* dk, float* dv) const {
       if (!brgemm()) return;
       pack_transposed(dkt.data(), pr.n_pad, pr.p.head_dim, n, dk, pr.e_pad, pr.p.head_dim);
