@@ -1,5 +1,6 @@
 // The pybind11 module fastattn._C. Importing it runs the static TORCH_LIBRARY_IMPL
-// registrations of every linked kernel file; the functions below only report build facts.
+// registrations of every linked kernel file; the functions below report build facts, but for
+// the eager attention entry (attention_eager_entry.cpp).
 #include <torch/extension.h>
 
 #include <vector>
@@ -23,6 +24,8 @@ FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
 const char* attention_cpu_tile_engine(Dtype dtype) {
   return FASTATTN_ISA_CALL(attention_fwd_tile_engine, dtype);
 }
+
+void bind_attention_eager_entry(pybind11::module_& m);
 
 LstmUnitLanes cpu_lstm_unit_lanes() { return FASTATTN_ISA_CALL(lstm_unit_lanes); }
 
@@ -103,4 +106,5 @@ PYBIND11_MODULE(_C, m) {
         "kernel (at the ISA cpu_isa() reports; 0: on none), else on two GEMMs");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
+  fastattn::bind_attention_eager_entry(m);
 }

@@ -70,6 +70,11 @@ _NO_OPTION_GRADS = (None,) * len(_OPTION_NAMES)
 _SEED_INDEX = _OPTION_NAMES.index("rng_seed")
 # The C++ op as its OpOverload: calling it skips the packet's overload resolution.
 _ATTENTION_FWD = torch.ops.fastattn.attention_fwd.default
+# scaled_dot_product_attention of a plain eager CPU call (no mask, dropout or gradient; 4-D
+# tensors the op takes as they are; nothing intercepting the call), run in C++ without this
+# module's ~11 us of checks and normalization, which reach the same op call
+# (csrc/attention/attention_eager_entry.cpp lists the conditions); None for any other call.
+_EAGER_ENTRY = _extension.C.attention_eager_entry if _extension.C else None
 
 
 def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
@@ -449,6 +454,11 @@ def scaled_dot_product_attention(
     is empty, whatever the other shapes; is_causal with a mask where torch's flash kernel
     serves the call; a 0-D or 1-D mask raises IndexError there.
     """
+    if _EAGER_ENTRY is not None and not torch.compiler.is_compiling():
+        out = _EAGER_ENTRY(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                           backends.forced_by_use_backend())
+        if out is not None:
+            return out
     fn = "scaled_dot_product_attention"
     if is_causal is not False and is_causal is not True:
         raise FastattnTypeError(f"{fn}: is_causal must be a bool, got {type(is_causal).__name__}")

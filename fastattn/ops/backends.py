@@ -139,6 +139,11 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
+def forced_by_use_backend() -> str | None:
+    """The name use_backend() forces here (``"auto"`` included), or None outside any block."""
+    return _forced.get()
+
+
 def forced_backend() -> str | None:
     """The backend forced by use_backend() or FASTATTN_BACKEND, or None for auto."""
     name = _forced.get()

@@ -1,0 +1,255 @@
+"""The eager CPU entry of fastattn.scaled_dot_product_attention
+(csrc/attention/attention_eager_entry.cpp).
+
+A plain eager CPU call (no mask, dropout or gradient; 4-D tensors the op takes as they are;
+nothing intercepting the call) runs from C++ without the Python wrapper. The entry must serve
+the calls it claims with the Python path's result, bit for bit, and decline (return None) every
+other call, so that the Python path's conversions, checks, errors and interceptors (modes,
+tracing, transforms, forced backends) still see it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close_to_reference, randn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastattn
+from fastattn import _extension
+from fastattn.ops import attention as attention_ops
+
+pytestmark = pytest.mark.skipif(
+    _extension.C is None, reason=f"fastattn._C is not built: {_extension.LOAD_ERROR}"
+)
+
+
+def entry(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+          forced=None):
+    return _extension.C.attention_eager_entry(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                              enable_gqa, forced)
+
+
+def python_path(monkeypatch, *args, **kwargs):
+    """fastattn.scaled_dot_product_attention with the entry switched off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_ops, "_EAGER_ENTRY", None)
+        return fastattn.scaled_dot_product_attention(*args, **kwargs)
+
+
+def qkv(B, Hq, Hk, L, S, E, Ev, dtype, layout="contiguous"):
+    """Fresh random q [B, Hq, L, E], k [B, Hk, S, E], v [B, Hk, S, Ev] in ``layout``:
+    contiguous; "blhe" (views of [B, len, H, dim] tensors, as a model's projections give);
+    "strided_last" (every other element of a wider last dim); "broadcast_heads" (k and v one
+    head expanded to Hk with stride 0)."""
+    if layout == "blhe":
+        return (randn(B, L, Hq, E, dtype=dtype).transpose(1, 2),
+                randn(B, S, Hk, E, dtype=dtype).transpose(1, 2),
+                randn(B, S, Hk, Ev, dtype=dtype).transpose(1, 2))
+    if layout == "strided_last":
+        return (randn(B, Hq, L, 2 * E, dtype=dtype)[..., ::2],
+                randn(B, Hk, S, 2 * E, dtype=dtype)[..., ::2],
+                randn(B, Hk, S, 2 * Ev, dtype=dtype)[..., ::2])
+    if layout == "broadcast_heads":
+        return (randn(B, Hq, L, E, dtype=dtype),
+                randn(B, 1, S, E, dtype=dtype).expand(B, Hk, S, E),
+                randn(B, 1, S, Ev, dtype=dtype).expand(B, Hk, S, Ev))
+    return (randn(B, Hq, L, E, dtype=dtype), randn(B, Hk, S, E, dtype=dtype),
+            randn(B, Hk, S, Ev, dtype=dtype))
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (B, Hq, Hk, L, S, E, Ev, enable_gqa)
+SHAPES = {
+    "one": (1, 1, 1, 1, 1, 8, 8, False),
+    "odd": (2, 3, 3, 7, 33, 16, 24, False),
+    "gqa": (1, 4, 2, 5, 9, 32, 32, True),
+    "decode": (1, 2, 2, 1, 512, 128, 128, False),
+    "more_queries_than_keys": (3, 2, 2, 33, 7, 8, 8, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("scale", [None, 0.3], ids=["default_scale", "scale"])
+def test_serves_plain_calls_as_the_python_path(monkeypatch, dtype, shape, is_causal, scale):
+    B, Hq, Hk, L, S, E, Ev, gqa = shape
+    torch.manual_seed(L * 131 + S)
+    q, k, v = qkv(B, Hq, Hk, L, S, E, Ev, dtype)
+    out = entry(q, k, v, None, 0.0, is_causal, scale, gqa)
+    assert out is not None, "the entry declined a plain call"
+    expected = python_path(monkeypatch, q, k, v, is_causal=is_causal, scale=scale,
+                           enable_gqa=gqa)
+    assert out.shape == (B, Hq, L, Ev) and out.dtype == dtype
+    assert torch.equal(out, expected)
+    # And the public function takes it.
+    assert torch.equal(fastattn.scaled_dot_product_attention(
+        q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa), expected)
+    wide = [t.double() for t in (q, k, v)]
+    assert_close_to_reference(
+        out, F.scaled_dot_product_attention(*wide, is_causal=is_causal, scale=scale,
+                                            enable_gqa=gqa),
+        F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                       enable_gqa=gqa))
+
+
+@pytest.mark.parametrize("layout", ["blhe", "strided_last", "broadcast_heads"])
+def test_serves_strided_views(monkeypatch, layout):
+    torch.manual_seed(3)
+    q, k, v = qkv(2, 3, 3, 7, 33, 16, 16, torch.float32, layout)
+    out = entry(q, k, v, is_causal=True)
+    assert out is not None
+    assert torch.equal(out, python_path(monkeypatch, q, k, v, is_causal=True))
+
+
+def test_serves_inference_and_no_grad(monkeypatch):
+    torch.manual_seed(4)
+    q, k, v = qkv(1, 2, 2, 5, 9, 16, 16, torch.float32)
+    expected = python_path(monkeypatch, q, k, v)
+    with torch.inference_mode():
+        qi, ki, vi = (t.clone() for t in (q, k, v))
+        out = entry(qi, ki, vi)
+        assert out is not None and out.is_inference()
+        assert torch.equal(out, expected)
+    leaf = q.clone().requires_grad_()
+    with torch.no_grad():
+        out = entry(leaf, k, v)
+    assert out is not None and out.grad_fn is None and not out.requires_grad
+    assert torch.equal(out, expected)
+
+
+def test_use_backend_overrides_the_environment(monkeypatch):
+    torch.manual_seed(5)
+    q, k, v = qkv(1, 2, 2, 3, 5, 8, 8, torch.float32)
+    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+    assert entry(q, k, v) is None
+    assert entry(q, k, v, forced="cpu") is not None
+    assert entry(q, k, v, forced="auto") is not None
+    monkeypatch.setenv("FASTATTN_BACKEND", "cpu")
+    assert entry(q, k, v) is not None
+    assert entry(q, k, v, forced="reference") is None
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _declined_calls():
+    """(id, call): calls the entry must leave to the Python path."""
+    q, k, v = qkv(2, 2, 2, 3, 5, 8, 8, torch.float32)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    return {
+        "attn_mask": lambda: entry(q, k, v, attn_mask=mask),
+        "dropout": lambda: entry(q, k, v, dropout_p=0.1),
+        "int_dropout": lambda: entry(q, k, v, dropout_p=0),
+        "int_is_causal": lambda: entry(q, k, v, is_causal=1),
+        "int_enable_gqa": lambda: entry(q, k, v, enable_gqa=0),
+        "int_scale": lambda: entry(q, k, v, scale=2),
+        "tensor_scale": lambda: entry(q, k, v, scale=torch.tensor(0.5)),
+        "inf_scale": lambda: entry(q, k, v, scale=float("inf")),
+        "nan_scale": lambda: entry(q, k, v, scale=float("nan")),
+        "float32_overflowing_scale": lambda: entry(q, k, v, scale=1e39),
+        "3d": lambda: entry(q[0], k[0], v[0]),
+        "empty_query": lambda: entry(q[:, :, :0], k, v),
+        "empty_keys": lambda: entry(q, k[:, :, :0], v[:, :, :0]),
+        "broadcast_batch": lambda: entry(q, k[:1], v[:1]),
+        "grouped_heads_without_enable_gqa": lambda: entry(q, k[:, :1], v[:, :1]),
+        "mismatched_heads": lambda: entry(q[:, :1], k, v, enable_gqa=True),
+        "mismatched_head_dim": lambda: entry(q[..., :4], k, v),
+        "mismatched_lengths": lambda: entry(q, k, v[:, :, :4]),
+        "mismatched_dtype": lambda: entry(q, k.double(), v),
+        "integer_dtype": lambda: entry(*(t.to(torch.int32) for t in (q, k, v))),
+        "requires_grad": lambda: entry(q.clone().requires_grad_(), k, v),
+        "value_requires_grad": lambda: entry(q, k, v.clone().requires_grad_()),
+        "negative_view": lambda: entry(q._neg_view(), k, v),
+        "subclass": lambda: entry(q.as_subclass(_Subclass), k, v),
+        "not_a_tensor": lambda: entry(q.tolist(), k, v),
+        "forced_reference": lambda: entry(q, k, v, forced="reference"),
+        "forced_cuda": lambda: entry(q, k, v, forced="cuda"),
+        "forced_unknown": lambda: entry(q, k, v, forced="cudnn"),
+        "forced_not_a_string": lambda: entry(q, k, v, forced=1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_declined_calls()))
+def test_declines_calls_that_need_the_python_path(name):
+    torch.manual_seed(6)
+    assert _declined_calls()[name]() is None
+
+
+@pytest.mark.parametrize("env", ["reference", "cuda", "cudnn"])
+def test_declines_where_the_environment_forces_another_backend(monkeypatch, env):
+    torch.manual_seed(7)
+    q, k, v = qkv(1, 2, 2, 3, 5, 8, 8, torch.float32)
+    monkeypatch.setenv("FASTATTN_BACKEND", env)
+    assert entry(q, k, v) is None
+
+
+class _RecordingDispatchMode(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordingFunctionMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_interceptors_see_the_call(monkeypatch):
+    """Where something intercepts torch's calls, the entry declines and the interceptor sees
+    the op as it did before the entry existed."""
+    torch.manual_seed(8)
+    q, k, v = qkv(1, 2, 2, 3, 5, 8, 8, torch.float32)
+    expected = python_path(monkeypatch, q, k, v)
+    with _RecordingDispatchMode() as mode:
+        assert entry(q, k, v) is None
+        out = fastattn.scaled_dot_product_attention(q, k, v)
+    assert "fastattn.attention_fwd.default" in mode.ops and torch.equal(out, expected)
+    with _RecordingFunctionMode() as function_mode:
+        assert entry(q, k, v) is None
+        fastattn.scaled_dot_product_attention(q, k, v)
+    assert function_mode.calls > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert entry(q, k, v) is None
+    assert torch.vmap(lambda x: torch.tensor(entry(x, k[0], v[0]) is None))(q.unsqueeze(1)).all()
+
+    # (A trace would record the entry's output as a constant.)
+    declined_while_tracing = []
+
+    def traced(a, b, c):
+        declined_while_tracing.append(entry(a, b, c) is None)
+        return a + 1
+
+    torch.jit.trace(traced, (q, k, v), check_trace=False)
+    assert declined_while_tracing == [True]
+
+
+def test_profiler_records_the_op():
+    torch.manual_seed(9)
+    q, k, v = qkv(1, 2, 2, 3, 5, 8, 8, torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert entry(q, k, v) is not None
+    assert "fastattn::attention_fwd" in {event.name for event in prof.events()}
+
+
+def test_gradients_still_flow_through_the_python_path():
+    torch.manual_seed(10)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 3, 5, 8, 8, torch.float64))
+    out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.grad_fn is not None
+    torch.autograd.gradcheck(
+        lambda a, b, c: fastattn.scaled_dot_product_attention(a, b, c, is_causal=True),
+        (q, k, v))
