@@ -1,11 +1,12 @@
 """The eager CPU entry of fastattn.scaled_dot_product_attention
 (csrc/attention/attention_eager_entry.cpp).
 
-A plain eager CPU call (no mask, dropout or gradient; 4-D tensors the op takes as they are;
-nothing intercepting the call) runs from C++ without the Python wrapper. The entry must serve
-the calls it claims with the Python path's result, bit for bit, and decline (return None) every
-other call, so that the Python path's conversions, checks, errors and interceptors (modes,
-tracing, transforms, forced backends) still see it.
+A plain eager CPU call (no mask or dropout; 4-D tensors the op takes as they are; nothing
+intercepting the call) runs from C++ without the Python wrapper, and where it needs gradients,
+records a C++ autograd node. The entry must serve the calls it claims with the Python path's
+results and gradients, bit for bit, its errors on double backward included, and decline (return
+None) every other call, so that the Python path's conversions, checks, errors and interceptors
+(modes, tracing, transforms, forced backends) still see it.
 """
 
 from __future__ import annotations
@@ -162,8 +163,7 @@ def _declined_calls():
         "mismatched_lengths": lambda: entry(q, k, v[:, :, :4]),
         "mismatched_dtype": lambda: entry(q, k.double(), v),
         "integer_dtype": lambda: entry(*(t.to(torch.int32) for t in (q, k, v))),
-        "requires_grad": lambda: entry(q.clone().requires_grad_(), k, v),
-        "value_requires_grad": lambda: entry(q, k, v.clone().requires_grad_()),
+        "forward_ad": lambda: _dual_call(q, k, v),
         "negative_view": lambda: entry(q._neg_view(), k, v),
         "subclass": lambda: entry(q.as_subclass(_Subclass), k, v),
         "not_a_tensor": lambda: entry(q.tolist(), k, v),
@@ -172,6 +172,14 @@ def _declined_calls():
         "forced_unknown": lambda: entry(q, k, v, forced="cudnn"),
         "forced_not_a_string": lambda: entry(q, k, v, forced=1),
     }
+
+
+def _dual_call(q, k, v):
+    """The entry on a dual tensor (forward-mode AD), which the Python path's autograd.Function
+    rejects."""
+    leaf = q.clone().requires_grad_()
+    with torch.autograd.forward_ad.dual_level():
+        return entry(torch.autograd.forward_ad.make_dual(leaf, torch.ones_like(q)), k, v)
 
 
 @pytest.mark.parametrize("name", list(_declined_calls()))
@@ -245,7 +253,7 @@ def test_profiler_records_the_op():
     assert "fastattn::attention_fwd" in {event.name for event in prof.events()}
 
 
-def test_gradients_still_flow_through_the_python_path():
+def test_entry_gradients_pass_gradcheck():
     torch.manual_seed(10)
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 3, 5, 8, 8, torch.float64))
     out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -253,3 +261,96 @@ def test_gradients_still_flow_through_the_python_path():
     torch.autograd.gradcheck(
         lambda a, b, c: fastattn.scaled_dot_product_attention(a, b, c, is_causal=True),
         (q, k, v))
+
+
+def _gradients(out_fn, inputs, grad_out):
+    for t in inputs:
+        t.grad = None
+    out = out_fn()
+    out.backward(grad_out)
+    return out, [None if t.grad is None else t.grad.clone() for t in inputs]
+
+
+GRAD_CASES = {
+    "odd": (2, 3, 3, 7, 33, 16, 24, False, "contiguous", (True, True, True)),
+    "gqa_causal": (1, 4, 2, 5, 9, 32, 32, True, "contiguous", (True, True, True)),
+    "blhe_value_only": (2, 2, 2, 9, 9, 8, 8, False, "blhe", (False, False, True)),
+    "broadcast_heads": (1, 4, 4, 6, 11, 16, 16, False, "broadcast_heads", (True, True, True)),
+    "query_only": (1, 2, 2, 1, 17, 8, 8, False, "contiguous", (True, False, False)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", GRAD_CASES.values(), ids=GRAD_CASES.keys())
+def test_gradients_equal_the_python_path(monkeypatch, dtype, case):
+    B, Hq, Hk, L, S, E, Ev, gqa, layout, needs_grad = case
+    torch.manual_seed(L * 17 + S)
+    base = qkv(B, Hq, Hk, L, S, E, Ev, dtype, layout)
+    # Leaves with the layout's strides (detach keeps them).
+    inputs = [t.detach().requires_grad_(grad) for t, grad in zip(base, needs_grad)]
+    grad_out = randn(B, Hq, L, Ev, dtype=dtype)
+    is_causal = case is GRAD_CASES["gqa_causal"]
+
+    def call():
+        return fastattn.scaled_dot_product_attention(*inputs, is_causal=is_causal,
+                                                     enable_gqa=gqa)
+
+    out, grads = _gradients(call, inputs, grad_out)
+    assert out.grad_fn is not None and "Attention" in out.grad_fn.name()
+    assert entry(*inputs, is_causal=is_causal, enable_gqa=gqa) is not None
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_ops, "_EAGER_ENTRY", None)
+        expected_out, expected = _gradients(call, inputs, grad_out)
+    assert torch.equal(out, expected_out)
+    for name, grad, want, needed in zip("qkv", grads, expected, needs_grad):
+        assert (grad is None) == (not needed), name
+        if needed:
+            assert torch.equal(grad, want), f"grad of {name}"
+
+
+def test_double_backward_raises_as_the_python_path(monkeypatch):
+    torch.manual_seed(11)
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 4, 6, 8, 8, torch.float64))
+    messages = []
+    for python in (False, True):
+        with monkeypatch.context() as patch:
+            if python:
+                patch.setattr(attention_ops, "_EAGER_ENTRY", None)
+            out = fastattn.scaled_dot_product_attention(q, k, v)
+            # create_graph alone works: the first-order gradients are right.
+            dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)
+            with pytest.raises(RuntimeError) as error:
+                (dq.sum() + dk.sum() + dv.sum()).backward()
+        messages.append(str(error.value).split("\n")[0])
+    assert "double backward" in messages[0] and messages[0] == messages[1]
+
+
+def test_saved_tensor_hooks_and_checkpointing(monkeypatch):
+    """Activation checkpointing (torch.utils.checkpoint, non-reentrant) and saved-tensor hooks
+    see the entry's saved tensors and give the Python path's gradients."""
+    torch.manual_seed(12)
+    inputs = [t.requires_grad_() for t in qkv(1, 2, 2, 5, 7, 8, 8, torch.float32)]
+    grad_out = randn(1, 2, 5, 8)
+
+    def block(q, k, v):
+        return fastattn.scaled_dot_product_attention(q, k, v, is_causal=True).sin()
+
+    packed = []
+
+    def hooked():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t.clone(),
+                                                      lambda t: t):
+            return block(*inputs)
+
+    def checkpointed():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+
+    plain = _gradients(lambda: block(*inputs), inputs, grad_out)[1]
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_ops, "_EAGER_ENTRY", None)
+        expected = _gradients(lambda: block(*inputs), inputs, grad_out)[1]
+    for fn in (hooked, checkpointed):
+        grads = _gradients(fn, inputs, grad_out)[1]
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected)), fn.__name__
+    assert all(torch.equal(a, b) for a, b in zip(plain, expected))
+    assert packed, "the saved-tensor hooks saw nothing"
