@@ -881,6 +881,95 @@ def test_traced_lstm_cell_matches_torch(bias, tmp_path):
                                  (torch.randn(3, 7), torch.randn(3, 7)), tmp_path)
 
 
+def _traced_and_loaded(fn, inputs, tmp_path):
+    """torch.jit.trace of fn (with torch's trace check) and that trace saved and loaded."""
+    traced = torch.jit.trace(fn, inputs)
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    return traced, torch.jit.load(tmp_path / "traced.pt")
+
+
+class _Sdpa(torch.nn.Module):
+    """An SDPA call with its keyword arguments, as a module to trace."""
+
+    def __init__(self, sdpa, **kwargs):
+        super().__init__()
+        self.sdpa, self.kwargs = sdpa, kwargs
+
+    def forward(self, q, k, v, *mask):  # a trace's inputs are tensors: no mask, no argument
+        return self.sdpa(q, k, v, *mask, **self.kwargs)
+
+
+SDPA_TRACE_CASES = {
+    "causal": (dict(is_causal=True), False, 2),
+    "bool-mask": ({}, True, 2),
+    "gqa-scale": (dict(enable_gqa=True, scale=0.5), False, 1),
+}
+
+
+@pytest.mark.parametrize("case", SDPA_TRACE_CASES.values(), ids=SDPA_TRACE_CASES.keys())
+def test_traced_sdpa_matches_torch(case, tmp_path):
+    """torch.jit.trace of fastattn.scaled_dot_product_attention raised AssertionError (its
+    emptiness checks took the trace's 0-D tensor sizes for symbolic ones). The trace records
+    fastattn::attention_fwd, and it, saved and loaded, computes torch's results and gradients on
+    other batch sizes and lengths, with and without grad mode."""
+    kwargs, masked, kv_heads = case
+    ours = _Sdpa(fastattn.scaled_dot_product_attention, **kwargs)
+    ref = _Sdpa(F.scaled_dot_product_attention, **kwargs)
+
+    def inputs(B, L, S):
+        mask = (torch.rand(L, S) > 0.3,) if masked else ()
+        return (torch.randn(B, 2, L, 8), torch.randn(B, kv_heads, S, 8),
+                torch.randn(B, kv_heads, S, 8), *mask)
+
+    torch.manual_seed(0)
+    example = inputs(1, 3, 5)
+    for module in _traced_and_loaded(ours, example, tmp_path):
+        assert "fastattn::attention_fwd" in str(module.inlined_graph)
+        other = inputs(2, 6, 9)
+        for grad_mode in (False, True):
+            with torch.set_grad_enabled(grad_mode):
+                torch.testing.assert_close(module(*other), ref(*other))
+        leaves = [t.clone().requires_grad_() for t in other[:3]]
+        ref_leaves = [t.clone().requires_grad_() for t in other[:3]]
+        grad = torch.randn(2, 2, 6, 8)
+        module(*leaves, *other[3:]).backward(grad)
+        ref(*ref_leaves, *other[3:]).backward(grad)
+        for a, b in zip(leaves, ref_leaves, strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x, key_padding_mask):
+        return self.mha(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]
+
+
+def test_traced_mha_matches_torch(tmp_path):
+    """torch.jit.trace of fastattn.MultiheadAttention (the same failure, in its SDPA call)."""
+    torch.manual_seed(1)
+    ref = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+    ours = fastattn.MultiheadAttention(16, 2, batch_first=True)
+    ours.load_state_dict(ref.state_dict())
+    ours, ref = _SelfAttention(ours), _SelfAttention(ref)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, -2:] = True
+    for module in _traced_and_loaded(ours, (torch.randn(2, 5, 16), mask), tmp_path):
+        assert "fastattn::attention_fwd" in str(module.inlined_graph)
+        x = torch.randn(2, 5, 16)
+        out, ref_out = module(x, mask), ref(x, mask)
+        torch.testing.assert_close(out, ref_out)
+        module.zero_grad()
+        ref.zero_grad()
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref_out.backward(grad)
+        for (name, p), q in zip(module.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # ---- torch.jit.script ------------------------------------------------------------------------
 
 MHA_SCRIPT_CASES = [

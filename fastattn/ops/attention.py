@@ -154,8 +154,11 @@ def _attention_fwd_eager(*args) -> tuple[torch.Tensor, torch.Tensor]:
 def _fwd_op(backend: str, needs_grad: bool) -> Callable:
     if backend == "triton":
         return differentiable(_triton_fwd_op())
-    # Traced calls and calls under torch.func transforms go through the op's registered autograd.
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    # Traced calls (torch.compile, torch.jit.trace: a trace records the op, which saves and
+    # trains, and the same op with and without grad mode) and calls under torch.func transforms
+    # go through the op's registered autograd.
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()):
         return differentiable(torch.ops.fastattn.attention_fwd)
     return _attention_with_grad if needs_grad else _attention_fwd_eager
 
@@ -194,6 +197,8 @@ def _has_empty_dim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     n, s, ev = q.numel(), k.shape[-2], v.shape[-1]
     if type(n) is int and type(s) is int and type(ev) is int:  # plain sizes (eager): no guards
         return not (n and s and ev)
+    if torch.jit.is_tracing():  # sizes are 0-D tensors; the trace keeps the answer as a constant
+        return not (int(n) and int(s) and int(ev))
     return any(guard_or_false(n == 0) for n in (*q.shape, k.shape[-2], v.shape[-1]))
 
 
@@ -343,8 +348,10 @@ def _mask_4d(fn: str, attn_mask, q: torch.Tensor, S: int) -> torch.Tensor | None
     target = torch.Size((*q.shape[:-1], S))
     try:
         # torch.broadcast_shapes is Python (~11 us, half of a masked L = 8 call's Python): plain
-        # sizes go to the C++ it stands for. Traced sizes keep it, which does not specialize them.
-        broadcast = (torch.broadcast_shapes if torch.compiler.is_compiling()
+        # sizes go to the C++ it stands for. Traced sizes keep it, which does not specialize them
+        # (torch.compile) or takes the 0-D tensors torch.jit.trace gives for sizes.
+        broadcast = (torch.broadcast_shapes
+                     if torch.compiler.is_compiling() or torch.jit.is_tracing()
                      else torch._C._infer_size)
         if broadcast(attn_mask.shape, target) != target:
             raise RuntimeError
@@ -398,6 +405,8 @@ def _no_query_or_value(qs: torch.Size, value: torch.Tensor) -> bool:
     L, n = qs[-2], value.numel()
     if type(L) is int and type(n) is int:  # plain sizes (eager): no guards (runs on every call)
         return not (L and n)
+    if torch.jit.is_tracing():  # sizes are 0-D tensors; the trace keeps the answer as a constant
+        return not (int(L) and int(n))
     return guard_or_false(L == 0) or guard_or_false(n == 0)
 
 
