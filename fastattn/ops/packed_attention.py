@@ -279,13 +279,14 @@ def attention_with_kv_cache(
     differentiable: a backward that reaches its outputs raises RuntimeError.
 
     Value checks: cache_seqlens + L_new within the capacity, cache_batch_idx and the used
-    block_table entries within the cache are checked at the cost of one host sync per call,
-    raising ValueError. check_values=False or FASTATTN_SKIP_VALUE_CHECKS=1 skips it (it is also
-    skipped while torch.compile traces). The CPU kernels check these values in any case. The
-    CUDA and Triton kernels never read or write outside the caches: new rows past the capacity
-    or in a block (cache row) whose block_table (cache_batch_idx) entry lies outside the cache
-    are not written, and such a block's keys count as NaN, so every query that sees one of its
-    positions gets a NaN out row and lse (the other queries are exact).
+    block_table entries within the cache are checked, raising ValueError. The CPU op checks
+    them itself, always, at no extra cost. Elsewhere they cost one host sync per call;
+    check_values=False or FASTATTN_SKIP_VALUE_CHECKS=1 skips that (it is also skipped while
+    torch.compile traces). The CUDA and Triton kernels never read or write outside the caches:
+    new rows past the capacity or in a block (cache row) whose block_table (cache_batch_idx)
+    entry lies outside the cache are not written, and such a block's keys count as NaN, so
+    every query that sees one of its positions gets a NaN out row and lse (the other queries
+    are exact).
     """
     fn = "attention_with_kv_cache"
     _check_tokens(fn, q, k_cache, v_cache, 4, "[B, H, N, D]")
@@ -346,7 +347,12 @@ def attention_with_kv_cache(
         fn, q, B, causal=causal, causal_align=causal_align, window=window, softcap=softcap,
         alibi_slopes=alibi_slopes, scale=scale,
     )
-    if _value_checks_wanted(check_values) and B > 0:
+    backend = _choose_backend(fn, q.device, q.dtype, E, Ev, *_grid_extent(B, Hq))
+    use_reference = backend == "reference" or 0 in (Hq, E, Ev)
+    # The C++ CPU op checks these values itself, before it writes anything: checking them here
+    # too cost more than the rest of a decode step (~80 us of H 8, S 512's ~190).
+    kernel_checks_values = backend == "cpu" and q.device.type == "cpu" and not use_reference
+    if not kernel_checks_values and _value_checks_wanted(check_values) and B > 0:
         end = cache_seqlens + L_new
         facts = [((cache_seqlens >= 0).all() & (end <= capacity).all(),
                   lambda: f"cache_seqlens + L_new must lie in [0, {capacity}] (the capacity per "
@@ -362,15 +368,14 @@ def attention_with_kv_cache(
                           f"{cache_batch_idx.tolist()}"))
         _raise_failed(fn, facts)
 
-    backend = _choose_backend(fn, q.device, q.dtype, E, Ev, *_grid_extent(B, Hq))
     args = (cache_seqlens, k_new, v_new, block_table, cache_batch_idx, alibi,
             *_scalar_options(opts))
     with torch.no_grad():
-        if backend == "reference" or 0 in (Hq, E, Ev):
+        if use_reference:
             out, lse = reference.attention_kv_cache_reference(q, k_cache, v_cache, *args)
         else:
             op = torch.ops.fastattn.attention_kv_cache_fwd
-            op = _triton_ops()[1] if backend == "triton" else op
+            op = _triton_ops()[1] if backend == "triton" else _kernel_value_errors(op)
             out, lse = op(_last_dim_contiguous(q), k_cache, v_cache, *args)
     out, lse = not_differentiable(fn, (out, lse), (q, k_cache, v_cache, k_new, v_new, alibi_slopes))
     return (out, lse) if return_lse else out
