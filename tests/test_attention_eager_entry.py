@@ -1,4 +1,4 @@
-"""The eager CPU entry of fastattn.scaled_dot_product_attention
+"""The eager CPU entries of fastattn.scaled_dot_product_attention and fastattn.attention
 (csrc/attention/attention_eager_entry.cpp).
 
 A plain eager CPU call (no mask or dropout; 4-D tensors the op takes as they are; nothing
@@ -354,3 +354,87 @@ def test_saved_tensor_hooks_and_checkpointing(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(grads, expected)), fn.__name__
     assert all(torch.equal(a, b) for a, b in zip(plain, expected))
     assert packed, "the saved-tensor hooks saw nothing"
+
+
+# ---- fastattn.attention's entry -----------------------------------------------------------------
+
+
+def options_entry(q, k, v, causal=False, causal_align="top_left", window=(-1, -1), softcap=None,
+                  alibi_slopes=None, attn_mask=None, dropout_p=0.0, scale=None, return_lse=False,
+                  forced=None):
+    return _extension.C.attention_options_eager_entry(
+        q, k, v, causal, causal_align, window, softcap, alibi_slopes, attn_mask, dropout_p, scale,
+        return_lse, forced)
+
+
+OPTION_CASES = {
+    "plain": {},
+    "causal_bottom_right": dict(causal=True, causal_align="bottom_right"),
+    "causal_window": dict(causal=True, window=(3, 2)),
+    "window_list": dict(window=[-1, 2], causal_align="bottom_right"),
+    "softcap_scale": dict(softcap=5.0, scale=0.3),
+    "sliding_softcap": dict(window=(4, 4), softcap=2.5),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("options", OPTION_CASES.values(), ids=OPTION_CASES.keys())
+def test_attention_options_as_the_python_path(monkeypatch, dtype, options):
+    """fastattn.attention's plain calls (GQA, every window and softcap option, return_lse) give
+    the Python path's output, LSE and gradients, bit for bit."""
+    torch.manual_seed(13)
+    inputs = [t.detach().requires_grad_() for t in qkv(2, 4, 2, 7, 12, 16, 8, dtype)]
+    grad_out = randn(2, 4, 7, 8, dtype=dtype)
+    assert options_entry(*(t.detach() for t in inputs), **options) is not None
+
+    def call():
+        out, lse = fastattn.attention(*inputs, return_lse=True, **options)
+        assert not lse.requires_grad
+        call.lse = lse
+        return out
+
+    out, grads = _gradients(call, inputs, grad_out)
+    lse = call.lse
+    assert "Attention" in out.grad_fn.name()
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_ops, "_OPTIONS_EAGER_ENTRY", None)
+        expected_out, expected = _gradients(call, inputs, grad_out)
+    assert torch.equal(out, expected_out) and torch.equal(lse, call.lse)
+    for name, grad, want in zip("qkv", grads, expected):
+        assert torch.equal(grad, want), f"grad of {name}"
+    with torch.no_grad():
+        assert torch.equal(fastattn.attention(*inputs, **options), expected_out)
+
+
+def _declined_option_calls():
+    q, k, v = qkv(2, 2, 2, 3, 5, 8, 8, torch.float32)
+    return {
+        "alibi": lambda: options_entry(q, k, v, alibi_slopes=torch.rand(2)),
+        "attn_mask": lambda: options_entry(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool)),
+        "dropout": lambda: options_entry(q, k, v, dropout_p=0.1),
+        "int_causal": lambda: options_entry(q, k, v, causal=1),
+        "unknown_alignment": lambda: options_entry(q, k, v, causal_align="center"),
+        "alignment_not_a_string": lambda: options_entry(q, k, v, causal_align=None),
+        "window_of_three": lambda: options_entry(q, k, v, window=(1, 2, 3)),
+        "window_below_minus_one": lambda: options_entry(q, k, v, window=(-2, 0)),
+        "bool_window": lambda: options_entry(q, k, v, window=(True, 0)),
+        "float_window": lambda: options_entry(q, k, v, window=(1.0, 0)),
+        "huge_window": lambda: options_entry(q, k, v, window=(2**70, 0)),
+        "window_not_a_sequence": lambda: options_entry(q, k, v, window=3),
+        "int_softcap": lambda: options_entry(q, k, v, softcap=5),
+        "zero_softcap": lambda: options_entry(q, k, v, softcap=0.0),
+        "inf_softcap": lambda: options_entry(q, k, v, softcap=float("inf")),
+        "nan_softcap": lambda: options_entry(q, k, v, softcap=float("nan")),
+        "inf_scale": lambda: options_entry(q, k, v, scale=float("inf")),
+        "int_scale": lambda: options_entry(q, k, v, scale=1),
+        "int_return_lse": lambda: options_entry(q, k, v, return_lse=1),
+        "3d": lambda: options_entry(q[0], k[0], v[0]),
+        "heads_not_a_multiple": lambda: options_entry(q[:, :1], k, v),
+        "forced_reference": lambda: options_entry(q, k, v, forced="reference"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_declined_option_calls()))
+def test_attention_entry_declines_calls_that_need_the_python_path(name):
+    torch.manual_seed(14)
+    assert _declined_option_calls()[name]() is None

@@ -1,14 +1,14 @@
-// The eager CPU entry of fastattn.scaled_dot_product_attention: a call that needs none of the
-// Python wrapper's work (no mask, no dropout, plain CPU tensors of one float dtype in the
-// [B, H, len, dim] layout the op takes, nothing intercepting the call) runs fastattn::attention_fwd
-// from here, and where a gradient is needed records it on a C++ autograd node whose backward runs
-// fastattn::attention_bwd; any other call gets None and takes the Python path, which checks,
-// normalizes and raises. The Python path costs ~11 us per call (two thirds of a short decode
-// step's time on 2 cores) and its autograd.Function ~45 us more per forward and backward; this
-// one under 2 and a few.
+// The eager CPU entries of fastattn.scaled_dot_product_attention and fastattn.attention: a call
+// that needs none of the Python wrapper's work (no mask, ALiBi or dropout; plain CPU tensors of
+// one float dtype in the [B, H, len, dim] layout the op takes; nothing intercepting the call)
+// runs fastattn::attention_fwd from here, and where a gradient is needed records it on a C++
+// autograd node whose backward runs fastattn::attention_bwd; any other call gets None and takes
+// the Python path, which checks, normalizes and raises. The Python path costs ~11 us per call
+// (two thirds of a short decode step's time on 2 cores) and its autograd.Function ~55 us more
+// per forward and backward; this one under 2 and a few.
 //
-// Declining is always safe, so the gate below only lists conditions under which the Python path
-// makes exactly these op calls with these arguments; it raises nothing. The autograd node gives
+// Declining is always safe, so the gates below only list conditions under which the Python path
+// makes exactly these op calls with these arguments; they raise nothing. The autograd node gives
 // the gradients of the Python path's (fastattn/ops/attention.py: _AttentionFunction), first
 // order only as there (fastattn/ops/_autograd.py: first_order_only).
 #include <torch/extension.h>
@@ -43,30 +43,38 @@ using AttentionBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
     const std::optional<at::Tensor>&, double, int64_t, int64_t, bool, double, bool);
 
-// fastattn::attention_fwd (out, lse) without mask, ALiBi, dropout or softcap, through the
-// dispatcher (the profiler records it there), below autograd.
+// The options of an attention_fwd call without mask, ALiBi or dropout.
+struct Options {
+  double scale;
+  int64_t window_left, window_right;
+  bool bottom_right;
+  double softcap;
+};
+
+// fastattn::attention_fwd (out, lse) through the dispatcher (the profiler records it there),
+// below autograd.
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v, double scale,
-                                                 int64_t window_right) {
+                                                 const at::Tensor& v, const Options& o) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastattn::attention_fwd", "")
                              .typed<AttentionFwd>();
   at::AutoDispatchBelowAutograd below_autograd;
-  return op.call(q, k, v, std::nullopt, std::nullopt, 0.0, std::nullopt, scale, -1, window_right,
-                 false, 0.0);
+  return op.call(q, k, v, std::nullopt, std::nullopt, 0.0, std::nullopt, o.scale, o.window_left,
+                 o.window_right, o.bottom_right, o.softcap);
 }
 
 // Its gradients dq, dk, dv (fastattn::attention_bwd, no graph recorded).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, double scale, int64_t window_right) {
+    const at::Tensor& out, const at::Tensor& lse, const Options& o) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastattn::attention_bwd", "")
                              .typed<AttentionBwd>();
   at::AutoDispatchBelowAutograd below_autograd;
   const auto [dq, dk, dv, dmask] =
       op.call(grad_out.contiguous(), q, k, v, out, lse, std::nullopt, std::nullopt, 0.0,
-              std::nullopt, scale, -1, window_right, false, 0.0, false);
+              std::nullopt, o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap,
+              false);
   return {dq, dk, dv};
 }
 
@@ -90,17 +98,24 @@ struct RaiseOnBackward : torch::autograd::Function<RaiseOnBackward> {
   }
 };
 
-// out = attention(q, k, v) recorded for autograd. The backward records no graph; where autograd
-// would have recorded one (create_graph=True), the gradients come back on a RaiseOnBackward
-// node, as the Python path's do.
+// (out, lse) = attention(q, k, v) recorded for autograd (lse not differentiable, as the Python
+// path's detached one). The backward records no graph; where autograd would have recorded one
+// (create_graph=True), the gradients come back on a RaiseOnBackward node, as the Python path's
+// do.
 struct Attention : torch::autograd::Function<Attention> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                            const at::Tensor& v, double scale, int64_t window_right) {
-    auto [out, lse] = attention_fwd(q, k, v, scale, window_right);
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, double scale, int64_t window_left,
+                               int64_t window_right, bool bottom_right, double softcap) {
+    const Options o{scale, window_left, window_right, bottom_right, softcap};
+    auto [out, lse] = attention_fwd(q, k, v, o);
     ctx->save_for_backward({q, k, v, out, lse});
+    ctx->mark_non_differentiable({lse});
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["window_left"] = window_left;
     ctx->saved_data["window_right"] = window_right;
-    return out;
+    ctx->saved_data["bottom_right"] = bottom_right;
+    ctx->saved_data["softcap"] = softcap;
+    return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -113,19 +128,23 @@ struct Attention : torch::autograd::Function<Attention> {
         }
       }
     }
+    const Options o{ctx->saved_data["scale"].toDouble(), ctx->saved_data["window_left"].toInt(),
+                    ctx->saved_data["window_right"].toInt(),
+                    ctx->saved_data["bottom_right"].toBool(),
+                    ctx->saved_data["softcap"].toDouble()};
     at::Tensor dq, dk, dv;
     {
       at::NoGradGuard no_grad;
-      std::tie(dq, dk, dv) = attention_bwd(grads[0], saved[0], saved[1], saved[2], saved[3],
-                                           saved[4], ctx->saved_data["scale"].toDouble(),
-                                           ctx->saved_data["window_right"].toInt());
+      std::tie(dq, dk, dv) =
+          attention_bwd(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], o);
     }
     if (!anchors.empty()) {
       const variable_list raising = RaiseOnBackward::apply(at::TensorList{dq, dk, dv},
                                                            at::TensorList(anchors));
       dq = raising[0], dk = raising[1], dv = raising[2];
     }
-    return {dq, dk, dv, at::Tensor(), at::Tensor()};
+    const at::Tensor none;
+    return {dq, dk, dv, none, none, none, none, none};
   }
 };
 
@@ -191,61 +210,144 @@ const at::Tensor* plain_operand(PyObject* obj, const at::Tensor* q) {
 
 bool is_bool(PyObject* obj) { return obj == Py_True || obj == Py_False; }
 
-py::object attention_eager_entry(py::handle query, py::handle key, py::handle value,
-                                 py::handle attn_mask, py::handle dropout_p, py::handle is_causal,
-                                 py::handle scale, py::handle enable_gqa, py::handle forced) {
-  const py::object decline = py::none();
-  // The arguments as the Python path takes them at once: anything else (a mask, dropout, an
-  // int or tensor scale, one NaN or infinite in float32) needs its conversions and checks.
-  if (!attn_mask.is_none() || !PyFloat_CheckExact(dropout_p.ptr()) ||
-      PyFloat_AS_DOUBLE(dropout_p.ptr()) != 0.0 || !is_bool(is_causal.ptr()) ||
-      !is_bool(enable_gqa.ptr())) {
-    return decline;
-  }
-  std::optional<double> given_scale;
-  if (!scale.is_none()) {
-    if (!PyFloat_CheckExact(scale.ptr())) return decline;
-    given_scale = PyFloat_AS_DOUBLE(scale.ptr());
-    if (!(std::fabs(*given_scale) <= FLT_MAX)) return decline;
-  }
-  if (!backend_allows_cpu(forced.ptr()) || !nothing_intercepts()) return decline;
+bool is_float_zero(PyObject* obj) {
+  return PyFloat_CheckExact(obj) && PyFloat_AS_DOUBLE(obj) == 0.0;
+}
+
+// q, k, v of a call the op serves as it is, or none: nothing forces another backend or
+// intercepts the call, the tensors are plain, 4-D and nonempty, and the shapes match (grouped
+// query heads where allowed).
+struct Operands {
+  const at::Tensor *q, *k, *v;
+};
+
+std::optional<Operands> plain_operands(py::handle query, py::handle key, py::handle value,
+                                       py::handle forced, bool grouped_heads) {
+  if (!backend_allows_cpu(forced.ptr()) || !nothing_intercepts()) return std::nullopt;
   const at::Tensor* q = plain_operand(query.ptr(), nullptr);
   const at::Tensor* k = q ? plain_operand(key.ptr(), q) : nullptr;
   const at::Tensor* v = k ? plain_operand(value.ptr(), q) : nullptr;
-  if (v == nullptr) return decline;
-  // Shapes the op takes as they are (no broadcast batch dims; grouped heads only with
-  // enable_gqa, as torch).
+  if (v == nullptr) return std::nullopt;
   const int64_t B = q->size(0), Hq = q->size(1), E = q->size(3), Hk = k->size(1);
-  const bool gqa = enable_gqa.ptr() == Py_True;
   if (k->size(0) != B || v->size(0) != B || v->size(1) != Hk || k->size(3) != E ||
-      v->size(2) != k->size(2) || (gqa ? Hq % Hk != 0 : Hq != Hk)) {
-    return decline;
+      v->size(2) != k->size(2) || (grouped_heads ? Hq % Hk != 0 : Hq != Hk)) {
+    return std::nullopt;
   }
-  const double softmax_scale = given_scale ? *given_scale : 1.0 / std::sqrt(double(E));
-  const int64_t window_right = is_causal.ptr() == Py_True ? 0 : -1;
-  const bool records_graph = at::GradMode::is_enabled() &&
-                             (q->requires_grad() || k->requires_grad() || v->requires_grad());
-  // Forward-mode AD (dual tensors) takes the Python path, whose autograd.Function rejects it.
-  if (records_graph && (q->_fw_grad(0).defined() || k->_fw_grad(0).defined() ||
-                        v->_fw_grad(0).defined())) {
-    return decline;
+  return Operands{q, k, v};
+}
+
+// The op's (out, lse) for the operands, on the autograd node where a gradient is needed, or
+// none where the call takes the Python path after all (forward-mode AD: dual tensors, which
+// the Python path's autograd.Function rejects).
+std::optional<std::tuple<at::Tensor, at::Tensor>> run(const Operands& in, const Options& o) {
+  const at::Tensor &q = *in.q, &k = *in.k, &v = *in.v;
+  const bool records_graph =
+      at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  if (records_graph &&
+      (q._fw_grad(0).defined() || k._fw_grad(0).defined() || v._fw_grad(0).defined())) {
+    return std::nullopt;
   }
-  at::Tensor out;
-  {
-    py::gil_scoped_release no_gil;
-    out = records_graph ? Attention::apply(*q, *k, *v, softmax_scale, window_right)
-                        : std::get<0>(attention_fwd(*q, *k, *v, softmax_scale, window_right));
+  py::gil_scoped_release no_gil;
+  if (!records_graph) return attention_fwd(q, k, v, o);
+  const variable_list out = Attention::apply(q, k, v, o.scale, o.window_left, o.window_right,
+                                             o.bottom_right, o.softcap);
+  return std::tuple{out[0], out[1]};
+}
+
+py::object wrap(at::Tensor t) {
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
+}
+
+double default_scale(const at::Tensor& q) { return 1.0 / std::sqrt(double(q.size(3))); }
+
+py::object sdpa_entry(py::handle query, py::handle key, py::handle value, py::handle attn_mask,
+                      py::handle dropout_p, py::handle is_causal, py::handle scale,
+                      py::handle enable_gqa, py::handle forced) {
+  // The arguments as the Python path takes them at once: anything else (a mask, dropout, an
+  // int or tensor scale, one NaN or infinite in float32) needs its conversions and checks.
+  if (!attn_mask.is_none() || !is_float_zero(dropout_p.ptr()) || !is_bool(is_causal.ptr()) ||
+      !is_bool(enable_gqa.ptr())) {
+    return py::none();
   }
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(out)));
+  if (!scale.is_none() && !(PyFloat_CheckExact(scale.ptr()) &&
+                            std::fabs(PyFloat_AS_DOUBLE(scale.ptr())) <= FLT_MAX)) {
+    return py::none();
+  }
+  const auto in = plain_operands(query, key, value, forced, enable_gqa.ptr() == Py_True);
+  if (!in) return py::none();
+  const Options o{scale.is_none() ? default_scale(*in->q) : PyFloat_AS_DOUBLE(scale.ptr()), -1,
+                  is_causal.ptr() == Py_True ? 0 : -1, false, 0.0};
+  const auto result = run(*in, o);
+  return result ? wrap(std::get<0>(*result)) : py::none();
+}
+
+// An exact int >= -1 (a window bound; -1 = unbounded), or none.
+std::optional<int64_t> window_bound(PyObject* obj) {
+  if (!PyLong_CheckExact(obj)) return std::nullopt;
+  int overflow = 0;
+  const long long bound = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (overflow != 0 || bound < -1) return std::nullopt;
+  return bound;
+}
+
+py::object attention_entry(py::handle query, py::handle key, py::handle value, py::handle causal,
+                           py::handle causal_align, py::handle window, py::handle softcap,
+                           py::handle alibi_slopes, py::handle attn_mask, py::handle dropout_p,
+                           py::handle scale, py::handle return_lse, py::handle forced) {
+  if (!alibi_slopes.is_none() || !attn_mask.is_none() || !is_float_zero(dropout_p.ptr()) ||
+      !is_bool(causal.ptr()) || !is_bool(return_lse.ptr()) ||
+      !PyUnicode_CheckExact(causal_align.ptr())) {
+    return py::none();
+  }
+  const char* align = PyUnicode_AsUTF8(causal_align.ptr());
+  if (align == nullptr) {
+    PyErr_Clear();
+    return py::none();
+  }
+  const bool bottom_right = std::strcmp(align, "bottom_right") == 0;
+  if (!bottom_right && std::strcmp(align, "top_left") != 0) return py::none();
+  if (!(PyTuple_CheckExact(window.ptr()) || PyList_CheckExact(window.ptr())) ||
+      PySequence_Fast_GET_SIZE(window.ptr()) != 2) {
+    return py::none();
+  }
+  const auto left = window_bound(PySequence_Fast_GET_ITEM(window.ptr(), 0));
+  auto right = window_bound(PySequence_Fast_GET_ITEM(window.ptr(), 1));
+  if (!left || !right) return py::none();
+  // The op refuses a softcap or scale that is not finite: the Python path raises that.
+  double cap = 0.0;
+  if (!softcap.is_none()) {
+    if (!PyFloat_CheckExact(softcap.ptr())) return py::none();
+    cap = PyFloat_AS_DOUBLE(softcap.ptr());
+    if (!(cap > 0.0 && std::isfinite(cap))) return py::none();
+  }
+  if (!scale.is_none() &&
+      !(PyFloat_CheckExact(scale.ptr()) && std::isfinite(PyFloat_AS_DOUBLE(scale.ptr())))) {
+    return py::none();
+  }
+  const auto in = plain_operands(query, key, value, forced, /*grouped_heads=*/true);
+  if (!in) return py::none();
+  if (causal.ptr() == Py_True) right = *right < 0 ? 0 : std::min<int64_t>(*right, 0);
+  const Options o{scale.is_none() ? default_scale(*in->q) : PyFloat_AS_DOUBLE(scale.ptr()), *left,
+                  *right, bottom_right, cap};
+  const auto result = run(*in, o);
+  if (!result) return py::none();
+  if (return_lse.ptr() == Py_True) {
+    return py::make_tuple(wrap(std::get<0>(*result)), wrap(std::get<1>(*result)));
+  }
+  return wrap(std::get<0>(*result));
 }
 
 }  // namespace
 
 void bind_attention_eager_entry(py::module_& m) {
-  m.def("attention_eager_entry", &attention_eager_entry,
+  m.def("attention_eager_entry", &sdpa_entry,
         "scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, "
         "enable_gqa) for a plain eager CPU call, given use_backend's forced backend (or None); "
         "None where the call needs the Python path");
+  m.def("attention_options_eager_entry", &attention_entry,
+        "fastattn.attention(q, k, v, causal, causal_align, window, softcap, alibi_slopes, "
+        "attn_mask, dropout_p, scale, return_lse) for a plain eager CPU call, given "
+        "use_backend's forced backend (or None); None where the call needs the Python path");
 }
 
 }  // namespace fastattn

@@ -70,11 +70,13 @@ _NO_OPTION_GRADS = (None,) * len(_OPTION_NAMES)
 _SEED_INDEX = _OPTION_NAMES.index("rng_seed")
 # The C++ op as its OpOverload: calling it skips the packet's overload resolution.
 _ATTENTION_FWD = torch.ops.fastattn.attention_fwd.default
-# scaled_dot_product_attention of a plain eager CPU call (no mask, dropout or gradient; 4-D
-# tensors the op takes as they are; nothing intercepting the call), run in C++ without this
-# module's ~11 us of checks and normalization, which reach the same op call
-# (csrc/attention/attention_eager_entry.cpp lists the conditions); None for any other call.
+# scaled_dot_product_attention and attention of a plain eager CPU call (no mask, ALiBi or
+# dropout; 4-D tensors the op takes as they are; nothing intercepting the call), run in C++
+# without this module's ~11 us of checks and normalization (and its autograd.Function's ~55 us),
+# which reach the same op calls (csrc/attention/attention_eager_entry.cpp lists the
+# conditions); None for any other call.
 _EAGER_ENTRY = _extension.C.attention_eager_entry if _extension.C else None
+_OPTIONS_EAGER_ENTRY = _extension.C.attention_options_eager_entry if _extension.C else None
 
 
 def _dropout_seed(dropout_p: float) -> torch.Tensor | None:
@@ -590,6 +592,12 @@ def attention(
     return_lse: also return the log-sum-exp of the scores, float32 [B, Hq, L] (detached),
     for merging partial attention results.
     """
+    if _OPTIONS_EAGER_ENTRY is not None and not torch.compiler.is_compiling():
+        result = _OPTIONS_EAGER_ENTRY(q, k, v, causal, causal_align, window, softcap, alibi_slopes,
+                                      attn_mask, dropout_p, scale, return_lse,
+                                      backends.forced_by_use_backend())
+        if result is not None:
+            return result
     fn = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if isinstance(t, torch.Tensor) and t.dim() != 4:
