@@ -1,5 +1,5 @@
-"""The eager CPU entries of fastattn.scaled_dot_product_attention and fastattn.attention
-(csrc/attention/attention_eager_entry.cpp).
+"""The eager CPU entries of fastattn.scaled_dot_product_attention, fastattn.attention and
+fastattn.attention_with_kv_cache (csrc/attention/attention_eager_entry.cpp).
 
 A plain eager CPU call (no mask or dropout; 4-D tensors the op takes as they are; nothing
 intercepting the call) runs from C++ without the Python wrapper, and where it needs gradients,
@@ -21,6 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastattn
 from fastattn import _extension
 from fastattn.ops import attention as attention_ops
+from fastattn.ops import packed_attention as packed_ops
+from fastattn.ops.errors import FastattnValueError
 
 pytestmark = pytest.mark.skipif(
     _extension.C is None, reason=f"fastattn._C is not built: {_extension.LOAD_ERROR}"
@@ -438,3 +440,162 @@ def _declined_option_calls():
 def test_attention_entry_declines_calls_that_need_the_python_path(name):
     torch.manual_seed(14)
     assert _declined_option_calls()[name]() is None
+
+
+# ---- fastattn.attention_with_kv_cache's entry ---------------------------------------------------
+
+
+def kv_entry(q, k_cache, v_cache, cache_seqlens, k_new=None, v_new=None, *, block_table=None,
+             cache_batch_idx=None, causal=False, causal_align="bottom_right", window=(-1, -1),
+             softcap=None, alibi_slopes=None, scale=None, return_lse=False, forced=None):
+    return _extension.C.attention_kv_cache_eager_entry(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, causal,
+        causal_align, window, softcap, alibi_slopes, scale, return_lse, forced)
+
+
+def kv_call(layout, dtype, L_new=2, Lq=2):
+    """(args, kwargs) of a fresh random KV-cache call of 3 sequences (cached lengths 5, 0, 17),
+    GQA heads, new rows token-major (k_new) and with a strided last dim (v_new), in a cache of
+    ``layout``: "contiguous" [B, Hk, S_max, E]; "batch_idx" (rows picked by cache_batch_idx);
+    "paged" [blocks, Hk, 8, E] through a shuffled block_table; "paged_vllm" (the same as
+    transposed views of [blocks, 8, Hk, E])."""
+    B, Hq, Hk, E, Ev, S_max, block = 3, 4, 2, 16, 8, 24, 8
+    q = randn(B, Hq, Lq, E, dtype=dtype)
+    k_new = randn(B, L_new, Hk, E, dtype=dtype).transpose(1, 2) if L_new else None
+    v_new = randn(B, Hk, L_new, 2 * Ev, dtype=dtype)[..., ::2] if L_new else None
+    seqlens = torch.tensor([5, 0, 17], dtype=torch.int32)
+    kwargs = {}
+    if layout in ("paged", "paged_vllm"):
+        blocks = 10
+        if layout == "paged":
+            caches = (randn(blocks, Hk, block, E, dtype=dtype),
+                      randn(blocks, Hk, block, Ev, dtype=dtype))
+        else:
+            caches = (randn(blocks, block, Hk, E, dtype=dtype).transpose(1, 2),
+                      randn(blocks, block, Hk, Ev, dtype=dtype).transpose(1, 2))
+        kwargs["block_table"] = torch.randperm(blocks)[:9].view(B, 3).to(torch.int32)
+    else:
+        rows = 5 if layout == "batch_idx" else B
+        caches = randn(rows, Hk, S_max, E, dtype=dtype), randn(rows, Hk, S_max, Ev, dtype=dtype)
+        if layout == "batch_idx":
+            kwargs["cache_batch_idx"] = torch.tensor([4, 0, 2], dtype=torch.int32)
+    return [q, *caches, seqlens, k_new, v_new], kwargs
+
+
+def _cache_copies(args):
+    """args with fresh copies of the caches (same strides)."""
+    q, k_cache, v_cache, *rest = args
+    copy = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)  # noqa: E731
+    return [q, copy(k_cache), copy(v_cache), *rest]
+
+
+KV_OPTIONS = {
+    "plain": {},
+    "causal": dict(causal=True),
+    "causal_top_left_window": dict(causal=True, causal_align="top_left", window=(6, -1)),
+    "softcap_scale": dict(softcap=3.0, scale=0.2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "batch_idx", "paged", "paged_vllm"])
+@pytest.mark.parametrize("options", KV_OPTIONS.values(), ids=KV_OPTIONS.keys())
+def test_kv_cache_calls_as_the_python_path(monkeypatch, dtype, layout, options):
+    """attention_with_kv_cache's plain calls give the Python path's output and LSE and leave the
+    caches as it does (the new rows appended, version counters bumped), bit for bit."""
+    torch.manual_seed(15)
+    args, kwargs = kv_call(layout, dtype)
+    kwargs.update(options, return_lse=True)
+    assert kv_entry(*_cache_copies(args), **kwargs) is not None
+    served = _cache_copies(args)
+    versions = [t._version for t in served[1:3]]
+    out, lse = fastattn.attention_with_kv_cache(*served, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(packed_ops, "_KV_CACHE_EAGER_ENTRY", None)
+        python = _cache_copies(args)
+        python_versions = [t._version for t in python[1:3]]
+        expected_out, expected_lse = fastattn.attention_with_kv_cache(*python, **kwargs)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    for name, cache, want in zip(("k_cache", "v_cache"), served[1:3], python[1:3]):
+        assert torch.equal(cache, want), name
+        assert not torch.equal(cache, args[1 if name == "k_cache" else 2]), f"{name} unchanged"
+    bumps = [t._version - v for t, v in zip(served[1:3], versions)]
+    assert bumps == [t._version - v for t, v in zip(python[1:3], python_versions)]
+    assert min(bumps) > 0, "the caches' version counters did not move"
+    kwargs.pop("return_lse")
+    with torch.inference_mode():
+        assert torch.equal(fastattn.attention_with_kv_cache(*_cache_copies(args), **kwargs), out)
+
+
+def test_kv_cache_without_new_rows(monkeypatch):
+    torch.manual_seed(16)
+    args, kwargs = kv_call("paged", torch.float32, L_new=0)
+    assert kv_entry(*args, **kwargs) is not None
+    out = fastattn.attention_with_kv_cache(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(packed_ops, "_KV_CACHE_EAGER_ENTRY", None)
+        assert torch.equal(out, fastattn.attention_with_kv_cache(*args, **kwargs))
+
+
+def _declined_kv_calls():
+    args, kwargs = kv_call("paged", torch.float32)
+    q, k_cache, v_cache, seqlens, k_new, v_new = args
+    wide = seqlens.to(torch.int64)
+    return {
+        "alibi": lambda: kv_entry(*args, **kwargs, alibi_slopes=torch.rand(4)),
+        "q_requires_grad": lambda: kv_entry(q.detach().requires_grad_(), *args[1:], **kwargs),
+        "k_new_requires_grad": lambda: kv_entry(*args[:4], k_new.detach().requires_grad_(),
+                                                v_new, **kwargs),
+        "k_new_only": lambda: kv_entry(*args[:5], None, **kwargs),
+        "int64_seqlens": lambda: kv_entry(q, k_cache, v_cache, wide, k_new, v_new, **kwargs),
+        "2d_seqlens": lambda: kv_entry(q, k_cache, v_cache, seqlens[None], k_new, v_new,
+                                       **kwargs),
+        "int64_block_table": lambda: kv_entry(*args, block_table=kwargs["block_table"].long()),
+        "3d_q": lambda: kv_entry(q[0], *args[1:], **kwargs),
+        "new_rows_of_another_dtype": lambda: kv_entry(*args[:4], k_new.double(), v_new.double(),
+                                                      **kwargs),
+        "empty_new_rows": lambda: kv_entry(*args[:4], k_new[:, :, :0], v_new[:, :, :0],
+                                           **kwargs),
+        "int_causal": lambda: kv_entry(*args, **kwargs, causal=1),
+        "zero_softcap": lambda: kv_entry(*args, **kwargs, softcap=0.0),
+        "int_return_lse": lambda: kv_entry(*args, **kwargs, return_lse=1),
+        "forced_reference": lambda: kv_entry(*args, **kwargs, forced="reference"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_declined_kv_calls()))
+def test_kv_cache_entry_declines_calls_that_need_the_python_path(name):
+    torch.manual_seed(17)
+    assert _declined_kv_calls()[name]() is None
+
+
+def _refused_kv_calls():
+    """Calls the op refuses, each with the error the Python path raises for it."""
+    args, kwargs = kv_call("paged", torch.float32)
+    q, k_cache, v_cache, seqlens, k_new, v_new = args
+    table = kwargs["block_table"]
+    outside = table.clone()
+    outside[2, 2] = 10
+    return {
+        "past_the_capacity": ((q, k_cache, v_cache, seqlens + 7, k_new, v_new),
+                              dict(block_table=table), "capacity"),
+        "block_outside_the_cache": (args, dict(block_table=outside), "not a block"),
+        "table_of_another_batch": (args, dict(block_table=table[:2]), "block_table must be"),
+        "new_rows_of_another_shape": ((*args[:4], k_new[:2], v_new[:2]), kwargs,
+                                      "k_new must be"),
+        "more_query_heads_than_a_multiple": ((q[:, :3], *args[1:]), kwargs, "multiple"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_refused_kv_calls()))
+def test_kv_cache_calls_the_op_refuses_raise_the_python_paths_error(name):
+    """The op checks everything before it writes: the entry leaves the caches untouched and the
+    call to the Python path, which raises its ValueError."""
+    torch.manual_seed(18)
+    args, kwargs, message = _refused_kv_calls()[name]
+    caches = [t.clone() for t in args[1:3]]
+    assert kv_entry(*args, **kwargs) is None
+    assert all(torch.equal(a, b) for a, b in zip(args[1:3], caches)), "the entry wrote"
+    with pytest.raises(FastattnValueError, match=message):
+        fastattn.attention_with_kv_cache(*args, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(args[1:3], caches)), "the call wrote"

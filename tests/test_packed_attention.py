@@ -441,6 +441,37 @@ def test_kv_cache_writes_nothing_on_error(change, message, check_values):
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_cache_writes_bump_the_caches_versions(backend):
+    """The caches are written in place as torch's in-place ops write them: their version counters
+    move, so that a backward that saved a cache before the call raises instead of reading the new
+    rows, and writing an inference tensor outside inference mode raises torch's error."""
+    require(backend)
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache, _, _ = make_cache("contiguous", 2, 2, 8, 8, 16, 16, torch.float32, gen)
+    q, k_new, v_new = randn(2, 2, 1, 8), randn(2, 2, 1, 8), randn(2, 2, 1, 8)
+    seqlens = torch.tensor([3, 9], dtype=torch.int32)
+    weight = torch.rand(k_cache.shape, requires_grad=True)
+    saved = (weight * k_cache).sum()  # saves k_cache for weight's gradient
+    versions = k_cache._version, v_cache._version
+    with fastattn.use_backend(backend):
+        fastattn.attention_with_kv_cache(q, k_cache, v_cache, seqlens, k_new, v_new)
+    assert k_cache._version > versions[0] and v_cache._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    with torch.inference_mode():
+        k_frozen, v_frozen = k_cache.clone(), v_cache.clone()
+    other_k, other_v = randn(2, 2, 1, 8), randn(2, 2, 1, 8)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside"):
+        with fastattn.use_backend(backend):
+            fastattn.attention_with_kv_cache(q, k_frozen, v_frozen, seqlens, other_k, other_v)
+    if backend == "cpu":  # the reference's index_put_ (torch's) raises after it wrote
+        assert torch.equal(k_frozen, k_cache) and torch.equal(v_frozen, v_cache)
+    with torch.inference_mode(), fastattn.use_backend(backend):
+        fastattn.attention_with_kv_cache(q, k_frozen, v_frozen, seqlens, other_k, other_v)
+    assert not torch.equal(k_frozen, k_cache) and not torch.equal(v_frozen, v_cache)
+
+
 # ---- opcheck and torch.compile -----------------------------------------------------------------
 
 

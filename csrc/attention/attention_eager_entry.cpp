@@ -1,11 +1,12 @@
-// The eager CPU entries of fastattn.scaled_dot_product_attention and fastattn.attention: a call
-// that needs none of the Python wrapper's work (no mask, ALiBi or dropout; plain CPU tensors of
-// one float dtype in the [B, H, len, dim] layout the op takes; nothing intercepting the call)
-// runs fastattn::attention_fwd from here, and where a gradient is needed records it on a C++
-// autograd node whose backward runs fastattn::attention_bwd; any other call gets None and takes
-// the Python path, which checks, normalizes and raises. The Python path costs ~11 us per call
-// (two thirds of a short decode step's time on 2 cores) and its autograd.Function ~55 us more
-// per forward and backward; this one under 2 and a few.
+// The eager CPU entries of fastattn.scaled_dot_product_attention, fastattn.attention and
+// fastattn.attention_with_kv_cache: a call that needs none of the Python wrapper's work (no mask,
+// ALiBi or dropout; plain CPU tensors of one float dtype in the [B, H, len, dim] layout the op
+// takes; nothing intercepting the call) runs fastattn::attention_fwd (or attention_kv_cache_fwd)
+// from here, and where a gradient is needed records it on a C++ autograd node whose backward
+// runs fastattn::attention_bwd; any other call gets None and takes the Python path, which
+// checks, normalizes and raises. The Python path costs ~11 us per call (two thirds of a short
+// decode step's time on 2 cores; ~25 us for the KV-cache op's many arguments) and its
+// autograd.Function ~55 us more per forward and backward; this one under 2 and a few.
 //
 // Declining is always safe, so the gates below only list conditions under which the Python path
 // makes exactly these op calls with these arguments; they raise nothing. The autograd node gives
@@ -258,7 +259,8 @@ py::object wrap(at::Tensor t) {
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }
 
-double default_scale(const at::Tensor& q) { return 1.0 / std::sqrt(double(q.size(3))); }
+// The Python path's default scale for head dim E.
+double default_scale(int64_t E) { return 1.0 / std::sqrt(double(E)); }
 
 py::object sdpa_entry(py::handle query, py::handle key, py::handle value, py::handle attn_mask,
                       py::handle dropout_p, py::handle is_causal, py::handle scale,
@@ -275,7 +277,7 @@ py::object sdpa_entry(py::handle query, py::handle key, py::handle value, py::ha
   }
   const auto in = plain_operands(query, key, value, forced, enable_gqa.ptr() == Py_True);
   if (!in) return py::none();
-  const Options o{scale.is_none() ? default_scale(*in->q) : PyFloat_AS_DOUBLE(scale.ptr()), -1,
+  const Options o{scale.is_none() ? default_scale(in->q->size(3)) : PyFloat_AS_DOUBLE(scale.ptr()), -1,
                   is_causal.ptr() == Py_True ? 0 : -1, false, 0.0};
   const auto result = run(*in, o);
   return result ? wrap(std::get<0>(*result)) : py::none();
@@ -290,51 +292,147 @@ std::optional<int64_t> window_bound(PyObject* obj) {
   return bound;
 }
 
+// fastattn.attention's options as the Python path's attention_options takes them without
+// conversions or errors, for q's head dim E; none for anything else (a non-bool causal, an
+// unknown alignment, a window that is not (left, right) exact ints >= -1, a softcap or scale that
+// is not a finite float, a softcap <= 0).
+std::optional<Options> attention_options(py::handle causal, py::handle causal_align,
+                                         py::handle window, py::handle softcap, py::handle scale,
+                                         int64_t E) {
+  if (!is_bool(causal.ptr()) || !PyUnicode_CheckExact(causal_align.ptr())) return std::nullopt;
+  const char* align = PyUnicode_AsUTF8(causal_align.ptr());
+  if (align == nullptr) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  const bool bottom_right = std::strcmp(align, "bottom_right") == 0;
+  if (!bottom_right && std::strcmp(align, "top_left") != 0) return std::nullopt;
+  if (!(PyTuple_CheckExact(window.ptr()) || PyList_CheckExact(window.ptr())) ||
+      PySequence_Fast_GET_SIZE(window.ptr()) != 2) {
+    return std::nullopt;
+  }
+  const auto left = window_bound(PySequence_Fast_GET_ITEM(window.ptr(), 0));
+  auto right = window_bound(PySequence_Fast_GET_ITEM(window.ptr(), 1));
+  if (!left || !right) return std::nullopt;
+  // The op refuses a softcap or scale that is not finite: the Python path raises that.
+  double cap = 0.0;
+  if (!softcap.is_none()) {
+    if (!PyFloat_CheckExact(softcap.ptr())) return std::nullopt;
+    cap = PyFloat_AS_DOUBLE(softcap.ptr());
+    if (!(cap > 0.0 && std::isfinite(cap))) return std::nullopt;
+  }
+  if (!scale.is_none() &&
+      !(PyFloat_CheckExact(scale.ptr()) && std::isfinite(PyFloat_AS_DOUBLE(scale.ptr())))) {
+    return std::nullopt;
+  }
+  if (causal.ptr() == Py_True) right = *right < 0 ? 0 : std::min<int64_t>(*right, 0);
+  return Options{scale.is_none() ? default_scale(E) : PyFloat_AS_DOUBLE(scale.ptr()),
+                 *left, *right, bottom_right, cap};
+}
+
 py::object attention_entry(py::handle query, py::handle key, py::handle value, py::handle causal,
                            py::handle causal_align, py::handle window, py::handle softcap,
                            py::handle alibi_slopes, py::handle attn_mask, py::handle dropout_p,
                            py::handle scale, py::handle return_lse, py::handle forced) {
   if (!alibi_slopes.is_none() || !attn_mask.is_none() || !is_float_zero(dropout_p.ptr()) ||
-      !is_bool(causal.ptr()) || !is_bool(return_lse.ptr()) ||
-      !PyUnicode_CheckExact(causal_align.ptr())) {
-    return py::none();
-  }
-  const char* align = PyUnicode_AsUTF8(causal_align.ptr());
-  if (align == nullptr) {
-    PyErr_Clear();
-    return py::none();
-  }
-  const bool bottom_right = std::strcmp(align, "bottom_right") == 0;
-  if (!bottom_right && std::strcmp(align, "top_left") != 0) return py::none();
-  if (!(PyTuple_CheckExact(window.ptr()) || PyList_CheckExact(window.ptr())) ||
-      PySequence_Fast_GET_SIZE(window.ptr()) != 2) {
-    return py::none();
-  }
-  const auto left = window_bound(PySequence_Fast_GET_ITEM(window.ptr(), 0));
-  auto right = window_bound(PySequence_Fast_GET_ITEM(window.ptr(), 1));
-  if (!left || !right) return py::none();
-  // The op refuses a softcap or scale that is not finite: the Python path raises that.
-  double cap = 0.0;
-  if (!softcap.is_none()) {
-    if (!PyFloat_CheckExact(softcap.ptr())) return py::none();
-    cap = PyFloat_AS_DOUBLE(softcap.ptr());
-    if (!(cap > 0.0 && std::isfinite(cap))) return py::none();
-  }
-  if (!scale.is_none() &&
-      !(PyFloat_CheckExact(scale.ptr()) && std::isfinite(PyFloat_AS_DOUBLE(scale.ptr())))) {
+      !is_bool(return_lse.ptr())) {
     return py::none();
   }
   const auto in = plain_operands(query, key, value, forced, /*grouped_heads=*/true);
   if (!in) return py::none();
-  if (causal.ptr() == Py_True) right = *right < 0 ? 0 : std::min<int64_t>(*right, 0);
-  const Options o{scale.is_none() ? default_scale(*in->q) : PyFloat_AS_DOUBLE(scale.ptr()), *left,
-                  *right, bottom_right, cap};
-  const auto result = run(*in, o);
+  const auto o = attention_options(causal, causal_align, window, softcap, scale, in->q->size(3));
+  if (!o) return py::none();
+  const auto result = run(*in, *o);
   if (!result) return py::none();
   if (return_lse.ptr() == Py_True) {
     return py::make_tuple(wrap(std::get<0>(*result)), wrap(std::get<1>(*result)));
   }
   return wrap(std::get<0>(*result));
+}
+
+// An exact int32 CPU tensor of `dim` dims with plain keys (the KV-cache op's index tensors), or
+// null.
+const at::Tensor* plain_index(PyObject* obj, int64_t dim) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  const bool plain = t.dim() == dim && t.scalar_type() == at::kInt && t.device().is_cpu() &&
+                     plain_cpu_keys().isSupersetOf(t.key_set());
+  return plain ? &t : nullptr;
+}
+
+// None, or an index tensor as plain_index takes it; false for anything else.
+bool optional_index(py::handle obj, int64_t dim, std::optional<at::Tensor>& out) {
+  if (obj.is_none()) return true;
+  const at::Tensor* t = plain_index(obj.ptr(), dim);
+  if (t != nullptr) out = *t;
+  return t != nullptr;
+}
+
+using AttentionKvCacheFwd = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, double, int64_t, int64_t, bool, double);
+
+// fastattn.attention_with_kv_cache's plain calls (no ALiBi; plain CPU tensors, int32 index
+// tensors; no input requiring grad). The op checks every shape and value before it writes
+// anything (csrc/attention/attention_cpu.cpp), and the Python path makes the same op call after
+// checks of its own that raise where the op would: so where the op raises, nothing was written,
+// and the call goes to the Python path, which raises its own error (type and message) for it.
+py::object kv_cache_entry(py::handle query, py::handle k_cache, py::handle v_cache,
+                          py::handle cache_seqlens, py::handle k_new, py::handle v_new,
+                          py::handle block_table, py::handle cache_batch_idx, py::handle causal,
+                          py::handle causal_align, py::handle window, py::handle softcap,
+                          py::handle alibi_slopes, py::handle scale, py::handle return_lse,
+                          py::handle forced) {
+  if (!alibi_slopes.is_none() || !is_bool(return_lse.ptr()) ||
+      k_new.is_none() != v_new.is_none() || !backend_allows_cpu(forced.ptr()) ||
+      !nothing_intercepts()) {
+    return py::none();
+  }
+  const at::Tensor* q = plain_operand(query.ptr(), nullptr);
+  const at::Tensor* kc = q ? plain_operand(k_cache.ptr(), q) : nullptr;
+  const at::Tensor* vc = kc ? plain_operand(v_cache.ptr(), q) : nullptr;
+  const at::Tensor* seqlens = vc ? plain_index(cache_seqlens.ptr(), 1) : nullptr;
+  if (seqlens == nullptr) return py::none();
+  std::optional<at::Tensor> kn, vn, table, batch_idx;
+  if (!k_new.is_none()) {
+    const at::Tensor* k = plain_operand(k_new.ptr(), q);
+    const at::Tensor* v = k ? plain_operand(v_new.ptr(), q) : nullptr;
+    if (v == nullptr) return py::none();
+    kn = *k, vn = *v;
+  }
+  if (!optional_index(block_table, 2, table) || !optional_index(cache_batch_idx, 1, batch_idx)) {
+    return py::none();
+  }
+  // The Python path records a node that raises on backward where an input requires grad.
+  if (at::GradMode::is_enabled()) {
+    const bool new_rows_require_grad = kn && (kn->requires_grad() || vn->requires_grad());
+    if (q->requires_grad() || kc->requires_grad() || vc->requires_grad() ||
+        new_rows_require_grad) {
+      return py::none();
+    }
+  }
+  const auto o = attention_options(causal, causal_align, window, softcap, scale, q->size(3));
+  if (!o) return py::none();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastattn::attention_kv_cache_fwd", "")
+                             .typed<AttentionKvCacheFwd>();
+  std::tuple<at::Tensor, at::Tensor> result;
+  try {
+    py::gil_scoped_release no_gil;
+    // Through autograd's fallback, as the Python path's call under no_grad: it bumps the
+    // caches' version counters.
+    at::NoGradGuard no_grad;
+    result = op.call(*q, *kc, *vc, *seqlens, kn, vn, table, batch_idx, std::nullopt, o->scale,
+                     o->window_left, o->window_right, o->bottom_right, o->softcap);
+  } catch (const c10::Error&) {
+    return py::none();
+  }
+  if (return_lse.ptr() == Py_True) {
+    return py::make_tuple(wrap(std::get<0>(result)), wrap(std::get<1>(result)));
+  }
+  return wrap(std::get<0>(result));
 }
 
 }  // namespace
@@ -348,6 +446,11 @@ void bind_attention_eager_entry(py::module_& m) {
         "fastattn.attention(q, k, v, causal, causal_align, window, softcap, alibi_slopes, "
         "attn_mask, dropout_p, scale, return_lse) for a plain eager CPU call, given "
         "use_backend's forced backend (or None); None where the call needs the Python path");
+  m.def("attention_kv_cache_eager_entry", &kv_cache_entry,
+        "fastattn.attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, "
+        "block_table, cache_batch_idx, causal, causal_align, window, softcap, alibi_slopes, "
+        "scale, return_lse) for a plain eager CPU call, given use_backend's forced backend (or "
+        "None); None where the call needs the Python path");
 }
 
 }  // namespace fastattn

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fastattn import _extension
 from fastattn.ops import backends, reference
 from fastattn.ops._autograd import (
     differentiable,
@@ -35,6 +36,11 @@ from fastattn.ops.errors import FastattnTypeError, FastattnValueError
 # FASTATTN_SKIP_VALUE_CHECKS=1 turns off, process-wide, the checks below that read tensor values
 # (one host sync per call); the check_values argument does so per call.
 _SKIP_VALUE_CHECKS_ENV = "FASTATTN_SKIP_VALUE_CHECKS"
+# attention_with_kv_cache of a plain eager CPU call (no ALiBi; plain CPU tensors; nothing
+# intercepting the call), run in C++ without this module's ~25 us of checks, which reach the same
+# op call (csrc/attention/attention_eager_entry.cpp lists the conditions); None for any other
+# call, and for a call the op refuses (it writes nothing then), whose error the checks here raise.
+_KV_CACHE_EAGER_ENTRY = _extension.C.attention_kv_cache_eager_entry if _extension.C else None
 # What falling back to the reference backend costs (ReferenceFallbackWarning's text).
 _REFERENCE_COST = (
     "reads the offsets to the host and loops over the sequences in Python, materializing each "
@@ -271,8 +277,9 @@ def attention_with_kv_cache(
     Caches need a contiguous last dim; other strides are free.
     k_new / v_new [B, Hk, L_new, E / Ev] (both or neither) are written into the caches in place
     at positions cache_seqlens[b] .. cache_seqlens[b] + L_new - 1 (cache_seqlens itself is not
-    changed), then the queries attend over positions [0, cache_seqlens[b] + L_new). Every
-    argument is checked before anything is written: on error the caches are unchanged.
+    changed; the caches' version counters move, as torch's in-place ops move them), then the
+    queries attend over positions [0, cache_seqlens[b] + L_new). Every argument is checked
+    before anything is written: on error the caches are unchanged.
     Options as fastattn.attention's (no dropout, no attn_mask); causal masks align
     bottom-right by default (the queries are each sequence's last positions). Returns out
     [B, Hq, Lq, Ev] in q's dtype and, with return_lse, lse float32 [B, Hq, Lq]. Not
@@ -288,6 +295,13 @@ def attention_with_kv_cache(
     every query that sees one of its positions gets a NaN out row and lse (the other queries
     are exact).
     """
+    if _KV_CACHE_EAGER_ENTRY is not None and not torch.compiler.is_compiling():
+        result = _KV_CACHE_EAGER_ENTRY(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                       block_table, cache_batch_idx, causal, causal_align, window,
+                                       softcap, alibi_slopes, scale, return_lse,
+                                       backends.forced_by_use_backend())
+        if result is not None:
+            return result
     fn = "attention_with_kv_cache"
     _check_tokens(fn, q, k_cache, v_cache, 4, "[B, H, N, D]")
     B, Hq, Lq, E = q.shape
