@@ -247,6 +247,7 @@ class CacheCase:
     bottom_right: bool = True
     softcap: float = 0.0
     alibi: bool = False
+    strided_new: bool = False  # k_new / v_new with a last-dim stride of 2, as the CPU op takes
 
 
 def _cache_inputs(case: CacheCase, device: str) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -256,7 +257,8 @@ def _cache_inputs(case: CacheCase, device: str) -> tuple[dict, torch.Tensor, tor
     lens = torch.tensor(case.cache_seqlens)
     logical = [torch.randn(B, Hk, case.S_max, d, dtype=case.dtype, device=device)
                for d in (case.E, case.Ev)]
-    new = [torch.randn(B, Hk, case.L_new, d, dtype=case.dtype, device=device)
+    step = 2 if case.strided_new else 1
+    new = [torch.randn(B, Hk, case.L_new, step * d, dtype=case.dtype, device=device)[..., ::step]
            for d in (case.E, case.Ev)]
     for cache in logical:  # never-written positions hold NaN: reading one fails the test
         for b in range(B):
@@ -368,6 +370,8 @@ CACHE_CASES = [
                  id="paged-vllm-transposed-decode-bf16"),
     pytest.param(CacheCase(cache_seqlens=(5, 0), L_new=0, Lq=4, bottom_right=False),
                  id="no-append-top-left"),
+    pytest.param(CacheCase(layout="paged", cache_seqlens=(4, 11), L_new=2, Lq=1,
+                           strided_new=True), id="paged-strided-new-rows"),
 ]
 
 

@@ -261,7 +261,9 @@ def _check_kv_cache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tabl
             raise FastattnTypeError(
                 f"{fn}: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}"
             )
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
+        # The append kernel reads k_new / v_new through all four strides; q and the caches
+        # are read (and written) in rows.
+        if t.stride(-1) != 1 and t.shape[-1] > 1 and name not in ("k_new", "v_new"):
             raise FastattnValueError(f"{fn}: {name} must have a unit last stride")
     B, Hq, _, E = q.shape
     Hk = k_cache.shape[1]
