@@ -1,12 +1,12 @@
 """The eager CPU entries of fastattn.scaled_dot_product_attention, fastattn.attention and
 fastattn.attention_with_kv_cache (csrc/attention/attention_eager_entry.cpp).
 
-A plain eager CPU call (no mask or dropout; 4-D tensors the op takes as they are; nothing
-intercepting the call) runs from C++ without the Python wrapper, and where it needs gradients,
-records a C++ autograd node. The entry must serve the calls it claims with the Python path's
-results and gradients, bit for bit, its errors on double backward included, and decline (return
-None) every other call, so that the Python path's conversions, checks, errors and interceptors
-(modes, tracing, transforms, forced backends) still see it.
+A plain eager CPU call (no dropout; 4-D tensors the op takes as they are, a mask that
+broadcasts to them; nothing intercepting the call) runs from C++ without the Python wrapper, and
+where it needs gradients, records a C++ autograd node. The entry must serve the calls it claims
+with the Python path's results and gradients, bit for bit, its errors on double backward
+included, and decline (return None) every other call, so that the Python path's conversions,
+checks, errors and interceptors (modes, tracing, transforms, forced backends) still see it.
 """
 
 from __future__ import annotations
@@ -145,7 +145,17 @@ def _declined_calls():
     q, k, v = qkv(2, 2, 2, 3, 5, 8, 8, torch.float32)
     mask = torch.ones(3, 5, dtype=torch.bool)
     return {
-        "attn_mask": lambda: entry(q, k, v, attn_mask=mask),
+        "mask_with_is_causal": lambda: entry(q, k, v, attn_mask=mask, is_causal=True),
+        "1d_mask": lambda: entry(q, k, v, attn_mask=mask[0]),
+        "5d_mask": lambda: entry(q, k, v, attn_mask=mask.expand(1, 2, 2, 3, 5)),
+        "mask_not_broadcasting": lambda: entry(q, k, v, attn_mask=mask[:, :4]),
+        "mask_of_another_batch": lambda: entry(q, k, v, attn_mask=mask.expand(3, 1, 3, 5)),
+        "mask_requiring_grad": lambda: entry(q, k, v, attn_mask=torch.zeros(3, 5,
+                                                                            requires_grad=True)),
+        "float16_mask_for_float32": lambda: entry(q, k, v, attn_mask=mask.half()),
+        "int_mask": lambda: entry(q, k, v, attn_mask=mask.int()),
+        "mask_subclass": lambda: entry(q, k, v, attn_mask=mask.as_subclass(_Subclass)),
+        "mask_not_a_tensor": lambda: entry(q, k, v, attn_mask=mask.tolist()),
         "dropout": lambda: entry(q, k, v, dropout_p=0.1),
         "int_dropout": lambda: entry(q, k, v, dropout_p=0),
         "int_is_causal": lambda: entry(q, k, v, is_causal=1),
@@ -310,6 +320,62 @@ def test_gradients_equal_the_python_path(monkeypatch, dtype, case):
             assert torch.equal(grad, want), f"grad of {name}"
 
 
+# (B, Hq, Hk, L, S, mask shape, enable_gqa)
+MASK_CASES = {
+    "2d": (2, 3, 3, 7, 33, (7, 33), False),
+    "3d": (2, 2, 2, 6, 11, (2, 6, 11), False),
+    "key_padding": (2, 4, 4, 5, 17, (2, 1, 1, 17), False),
+    "decode_padding": (2, 4, 4, 1, 17, (2, 1, 1, 17), False),
+    "per_head_gqa": (1, 4, 2, 5, 9, (1, 4, 5, 9), True),
+    "full": (2, 2, 2, 6, 11, (2, 2, 6, 11), False),
+}
+
+
+def _mask(shape, kind, dtype):
+    """A fresh random mask: bool (True = may attend), or additive (float32 or ``dtype``) with
+    -inf entries; where it has query rows, its first one blocks every key."""
+    if kind == "bool":
+        mask = torch.rand(shape) > 0.3
+        blocked = False
+    else:
+        mask = torch.randn(shape, dtype=torch.float32 if kind == "float32" else dtype)
+        mask[torch.rand(shape) < 0.2] = float("-inf")
+        blocked = float("-inf")
+    if shape[-2] > 1:
+        mask[..., 0, :] = blocked
+    return mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["bool", "float32", "query_dtype"])
+@pytest.mark.parametrize("case", MASK_CASES.values(), ids=MASK_CASES.keys())
+def test_masked_calls_as_the_python_path(monkeypatch, dtype, kind, case):
+    """Masks that broadcast to [B, Hq, L, S] (2-, 3- and 4-D; bool, float32 and the query's
+    dtype; a query row that sees no key) give the Python path's output and gradients, bit for
+    bit."""
+    B, Hq, Hk, L, S, mask_shape, gqa = case
+    torch.manual_seed(L * 29 + S)
+    inputs = [t.requires_grad_() for t in qkv(B, Hq, Hk, L, S, 16, 8, dtype)]
+    mask = _mask(mask_shape, kind, dtype)
+    grad_out = randn(B, Hq, L, 8, dtype=dtype)
+    with torch.no_grad():
+        assert entry(*inputs, attn_mask=mask, enable_gqa=gqa) is not None
+
+    def call():
+        return fastattn.scaled_dot_product_attention(*inputs, attn_mask=mask, enable_gqa=gqa)
+
+    out, grads = _gradients(call, inputs, grad_out)
+    assert "Attention" in out.grad_fn.name()
+    with monkeypatch.context() as patch:
+        patch.setattr(attention_ops, "_EAGER_ENTRY", None)
+        expected_out, expected = _gradients(call, inputs, grad_out)
+    assert torch.equal(out, expected_out)
+    if mask_shape[-2] > 1:
+        assert not out[:, :, 0].any(), "the blocked row is not zero"
+    for name, grad, want in zip("qkv", grads, expected):
+        assert torch.equal(grad, want), f"grad of {name}"
+
+
 def test_double_backward_raises_as_the_python_path(monkeypatch):
     torch.manual_seed(11)
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 4, 6, 8, 8, torch.float64))
@@ -376,6 +442,8 @@ OPTION_CASES = {
     "window_list": dict(window=[-1, 2], causal_align="bottom_right"),
     "softcap_scale": dict(softcap=5.0, scale=0.3),
     "sliding_softcap": dict(window=(4, 4), softcap=2.5),
+    "causal_padding_mask": dict(causal=True, attn_mask=(torch.arange(12) < 9).expand(2, 1, 7, 12)),
+    "window_float32_mask": dict(window=(3, 3), attn_mask=torch.linspace(-2, 2, 84).view(7, 12)),
 }
 
 
@@ -412,7 +480,9 @@ def _declined_option_calls():
     q, k, v = qkv(2, 2, 2, 3, 5, 8, 8, torch.float32)
     return {
         "alibi": lambda: options_entry(q, k, v, alibi_slopes=torch.rand(2)),
-        "attn_mask": lambda: options_entry(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool)),
+        "int_mask": lambda: options_entry(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.int)),
+        "float16_mask": lambda: options_entry(q, k, v, attn_mask=torch.zeros(3, 5).half()),
+        "1d_mask": lambda: options_entry(q, k, v, attn_mask=torch.zeros(5)),
         "dropout": lambda: options_entry(q, k, v, dropout_p=0.1),
         "int_causal": lambda: options_entry(q, k, v, causal=1),
         "unknown_alignment": lambda: options_entry(q, k, v, causal_align="center"),

@@ -1,7 +1,7 @@
 // The eager CPU entries of fastattn.scaled_dot_product_attention, fastattn.attention and
-// fastattn.attention_with_kv_cache: a call that needs none of the Python wrapper's work (no mask,
+// fastattn.attention_with_kv_cache: a call that needs none of the Python wrapper's work (no
 // ALiBi or dropout; plain CPU tensors of one float dtype in the [B, H, len, dim] layout the op
-// takes; nothing intercepting the call) runs fastattn::attention_fwd (or attention_kv_cache_fwd)
+// takes, a mask that broadcasts to them; nothing intercepting the call) runs fastattn::attention_fwd (or attention_kv_cache_fwd)
 // from here, and where a gradient is needed records it on a C++ autograd node whose backward
 // runs fastattn::attention_bwd; any other call gets None and takes the Python path, which
 // checks, normalizes and raises. The Python path costs ~11 us per call (two thirds of a short
@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <array>
 #include <cfloat>
 #include <cmath>
 #include <cstdlib>
@@ -52,28 +53,34 @@ struct Options {
   double softcap;
 };
 
+// An undefined tensor as the op's absent optional one.
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // fastattn::attention_fwd (out, lse) through the dispatcher (the profiler records it there),
-// below autograd.
+// below autograd; mask: the op's [B, Hq, L, S] attn_mask or undefined.
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
-                                                 const at::Tensor& v, const Options& o) {
+                                                 const at::Tensor& v, const at::Tensor& mask,
+                                                 const Options& o) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastattn::attention_fwd", "")
                              .typed<AttentionFwd>();
   at::AutoDispatchBelowAutograd below_autograd;
-  return op.call(q, k, v, std::nullopt, std::nullopt, 0.0, std::nullopt, o.scale, o.window_left,
-                 o.window_right, o.bottom_right, o.softcap);
+  return op.call(q, k, v, optional(mask), std::nullopt, 0.0, std::nullopt, o.scale,
+                 o.window_left, o.window_right, o.bottom_right, o.softcap);
 }
 
-// Its gradients dq, dk, dv (fastattn::attention_bwd, no graph recorded).
+// Its gradients dq, dk, dv (fastattn::attention_bwd, no graph recorded; none for the mask).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const Options& o) {
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& mask, const Options& o) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastattn::attention_bwd", "")
                              .typed<AttentionBwd>();
   at::AutoDispatchBelowAutograd below_autograd;
   const auto [dq, dk, dv, dmask] =
-      op.call(grad_out.contiguous(), q, k, v, out, lse, std::nullopt, std::nullopt, 0.0,
+      op.call(grad_out.contiguous(), q, k, v, out, lse, optional(mask), std::nullopt, 0.0,
               std::nullopt, o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap,
               false);
   return {dq, dk, dv};
@@ -99,17 +106,19 @@ struct RaiseOnBackward : torch::autograd::Function<RaiseOnBackward> {
   }
 };
 
-// (out, lse) = attention(q, k, v) recorded for autograd (lse not differentiable, as the Python
-// path's detached one). The backward records no graph; where autograd would have recorded one
+// (out, lse) = attention(q, k, v, mask) recorded for autograd (lse not differentiable, as the
+// Python path's detached one; the mask, if defined, requires no grad). The backward records no graph; where autograd would have recorded one
 // (create_graph=True), the gradients come back on a RaiseOnBackward node, as the Python path's
 // do.
 struct Attention : torch::autograd::Function<Attention> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, double scale, int64_t window_left,
-                               int64_t window_right, bool bottom_right, double softcap) {
+                               const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                               double scale, int64_t window_left, int64_t window_right,
+                               bool bottom_right, double softcap) {
     const Options o{scale, window_left, window_right, bottom_right, softcap};
-    auto [out, lse] = attention_fwd(q, k, v, o);
-    ctx->save_for_backward({q, k, v, out, lse});
+    const at::Tensor mask_or_undefined = mask.value_or(at::Tensor());
+    auto [out, lse] = attention_fwd(q, k, v, mask_or_undefined, o);
+    ctx->save_for_backward({q, k, v, out, lse, mask_or_undefined});
     ctx->mark_non_differentiable({lse});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["window_left"] = window_left;
@@ -137,7 +146,7 @@ struct Attention : torch::autograd::Function<Attention> {
     {
       at::NoGradGuard no_grad;
       std::tie(dq, dk, dv) =
-          attention_bwd(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], o);
+          attention_bwd(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], o);
     }
     if (!anchors.empty()) {
       const variable_list raising = RaiseOnBackward::apply(at::TensorList{dq, dk, dv},
@@ -145,7 +154,7 @@ struct Attention : torch::autograd::Function<Attention> {
       dq = raising[0], dk = raising[1], dv = raising[2];
     }
     const at::Tensor none;
-    return {dq, dk, dv, none, none, none, none, none};
+    return {dq, dk, dv, none, none, none, none, none, none};
   }
 };
 
@@ -215,15 +224,38 @@ bool is_float_zero(PyObject* obj) {
   return PyFloat_CheckExact(obj) && PyFloat_AS_DOUBLE(obj) == 0.0;
 }
 
-// q, k, v of a call the op serves as it is, or none: nothing forces another backend or
-// intercepts the call, the tensors are plain, 4-D and nonempty, and the shapes match (grouped
-// query heads where allowed).
+// attn_mask as the Python path's _mask_4d hands it to the op: its view expanded to
+// [B, Hq, L, S], for a plain CPU tensor of 2 to 4 dims, bool, float32 or q's dtype (the ones it
+// keeps as they are), requiring no grad (its gradient is the Python path's), that broadcasts to
+// that shape; none for anything else.
+std::optional<at::Tensor> broadcast_mask(PyObject* obj, const at::Tensor& q, int64_t S) {
+  if (!THPVariable_CheckExact(obj)) return std::nullopt;
+  const at::Tensor& m = THPVariable_Unpack(obj);
+  const at::ScalarType dtype = m.scalar_type();
+  if (m.dim() < 2 || m.dim() > 4 || !m.device().is_cpu() ||
+      !plain_cpu_keys().isSupersetOf(m.key_set()) || m.requires_grad() ||
+      !(dtype == at::kBool || dtype == at::kFloat || dtype == q.scalar_type())) {
+    return std::nullopt;
+  }
+  const std::array<int64_t, 4> target{q.size(0), q.size(1), q.size(2), S};
+  for (int64_t d = 1; d <= m.dim(); ++d) {
+    const int64_t size = m.size(-d);
+    if (size != 1 && size != target[4 - d]) return std::nullopt;
+  }
+  return m.expand(target);
+}
+
+// q, k, v (and attn_mask, which may be None) of a call the op serves as it is, or none: nothing
+// forces another backend or intercepts the call, the tensors are plain, 4-D and nonempty, and the
+// shapes match (grouped query heads where allowed).
 struct Operands {
   const at::Tensor *q, *k, *v;
+  at::Tensor mask;  // the op's [B, Hq, L, S] attn_mask, or undefined
 };
 
 std::optional<Operands> plain_operands(py::handle query, py::handle key, py::handle value,
-                                       py::handle forced, bool grouped_heads) {
+                                       py::handle attn_mask, py::handle forced,
+                                       bool grouped_heads) {
   if (!backend_allows_cpu(forced.ptr()) || !nothing_intercepts()) return std::nullopt;
   const at::Tensor* q = plain_operand(query.ptr(), nullptr);
   const at::Tensor* k = q ? plain_operand(key.ptr(), q) : nullptr;
@@ -234,7 +266,13 @@ std::optional<Operands> plain_operands(py::handle query, py::handle key, py::han
       v->size(2) != k->size(2) || (grouped_heads ? Hq % Hk != 0 : Hq != Hk)) {
     return std::nullopt;
   }
-  return Operands{q, k, v};
+  at::Tensor mask;
+  if (!attn_mask.is_none()) {
+    auto expanded = broadcast_mask(attn_mask.ptr(), *q, k->size(2));
+    if (!expanded) return std::nullopt;
+    mask = std::move(*expanded);
+  }
+  return Operands{q, k, v, std::move(mask)};
 }
 
 // The op's (out, lse) for the operands, on the autograd node where a gradient is needed, or
@@ -245,13 +283,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> run(const Operands& in, const 
   const bool records_graph =
       at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
   if (records_graph &&
-      (q._fw_grad(0).defined() || k._fw_grad(0).defined() || v._fw_grad(0).defined())) {
+      (q._fw_grad(0).defined() || k._fw_grad(0).defined() || v._fw_grad(0).defined() ||
+       (in.mask.defined() && in.mask._fw_grad(0).defined()))) {
     return std::nullopt;
   }
   py::gil_scoped_release no_gil;
-  if (!records_graph) return attention_fwd(q, k, v, o);
-  const variable_list out = Attention::apply(q, k, v, o.scale, o.window_left, o.window_right,
-                                             o.bottom_right, o.softcap);
+  if (!records_graph) return attention_fwd(q, k, v, in.mask, o);
+  const variable_list out = Attention::apply(q, k, v, optional(in.mask), o.scale, o.window_left,
+                                             o.window_right, o.bottom_right, o.softcap);
   return std::tuple{out[0], out[1]};
 }
 
@@ -265,20 +304,22 @@ double default_scale(int64_t E) { return 1.0 / std::sqrt(double(E)); }
 py::object sdpa_entry(py::handle query, py::handle key, py::handle value, py::handle attn_mask,
                       py::handle dropout_p, py::handle is_causal, py::handle scale,
                       py::handle enable_gqa, py::handle forced) {
-  // The arguments as the Python path takes them at once: anything else (a mask, dropout, an
-  // int or tensor scale, one NaN or infinite in float32) needs its conversions and checks.
-  if (!attn_mask.is_none() || !is_float_zero(dropout_p.ptr()) || !is_bool(is_causal.ptr()) ||
-      !is_bool(enable_gqa.ptr())) {
+  // The arguments as the Python path takes them at once: anything else (dropout, an int or
+  // tensor scale, one NaN or infinite in float32, a mask with is_causal, which torch's kernel
+  // choice decides) needs its conversions and checks.
+  if (!is_float_zero(dropout_p.ptr()) || !is_bool(is_causal.ptr()) ||
+      !is_bool(enable_gqa.ptr()) || (!attn_mask.is_none() && is_causal.ptr() == Py_True)) {
     return py::none();
   }
   if (!scale.is_none() && !(PyFloat_CheckExact(scale.ptr()) &&
                             std::fabs(PyFloat_AS_DOUBLE(scale.ptr())) <= FLT_MAX)) {
     return py::none();
   }
-  const auto in = plain_operands(query, key, value, forced, enable_gqa.ptr() == Py_True);
+  const auto in =
+      plain_operands(query, key, value, attn_mask, forced, enable_gqa.ptr() == Py_True);
   if (!in) return py::none();
-  const Options o{scale.is_none() ? default_scale(in->q->size(3)) : PyFloat_AS_DOUBLE(scale.ptr()), -1,
-                  is_causal.ptr() == Py_True ? 0 : -1, false, 0.0};
+  const double s = scale.is_none() ? default_scale(in->q->size(3)) : PyFloat_AS_DOUBLE(scale.ptr());
+  const Options o{s, -1, is_causal.ptr() == Py_True ? 0 : -1, false, 0.0};
   const auto result = run(*in, o);
   return result ? wrap(std::get<0>(*result)) : py::none();
 }
@@ -334,11 +375,11 @@ py::object attention_entry(py::handle query, py::handle key, py::handle value, p
                            py::handle causal_align, py::handle window, py::handle softcap,
                            py::handle alibi_slopes, py::handle attn_mask, py::handle dropout_p,
                            py::handle scale, py::handle return_lse, py::handle forced) {
-  if (!alibi_slopes.is_none() || !attn_mask.is_none() || !is_float_zero(dropout_p.ptr()) ||
+  if (!alibi_slopes.is_none() || !is_float_zero(dropout_p.ptr()) ||
       !is_bool(return_lse.ptr())) {
     return py::none();
   }
-  const auto in = plain_operands(query, key, value, forced, /*grouped_heads=*/true);
+  const auto in = plain_operands(query, key, value, attn_mask, forced, /*grouped_heads=*/true);
   if (!in) return py::none();
   const auto o = attention_options(causal, causal_align, window, softcap, scale, in->q->size(3));
   if (!o) return py::none();

@@ -70,11 +70,11 @@ _NO_OPTION_GRADS = (None,) * len(_OPTION_NAMES)
 _SEED_INDEX = _OPTION_NAMES.index("rng_seed")
 # The C++ op as its OpOverload: calling it skips the packet's overload resolution.
 _ATTENTION_FWD = torch.ops.fastattn.attention_fwd.default
-# scaled_dot_product_attention and attention of a plain eager CPU call (no mask, ALiBi or
-# dropout; 4-D tensors the op takes as they are; nothing intercepting the call), run in C++
-# without this module's ~11 us of checks and normalization (and its autograd.Function's ~55 us),
-# which reach the same op calls (csrc/attention/attention_eager_entry.cpp lists the
-# conditions); None for any other call.
+# scaled_dot_product_attention and attention of a plain eager CPU call (no ALiBi or dropout;
+# 4-D tensors the op takes as they are, a mask that broadcasts to them without conversion;
+# nothing intercepting the call), run in C++ without this module's ~11 us of checks and
+# normalization (and its autograd.Function's ~55 us), which reach the same op calls
+# (csrc/attention/attention_eager_entry.cpp lists the conditions); None for any other call.
 _EAGER_ENTRY = _extension.C.attention_eager_entry if _extension.C else None
 _OPTIONS_EAGER_ENTRY = _extension.C.attention_options_eager_entry if _extension.C else None
 
