@@ -239,6 +239,49 @@ def cpu_isa() -> str:
     return isa + ("-amx" if "amx_tile" in cpu_flags() else "")
 
 
+def _cpuinfo_fields(*names: str) -> dict[str, str]:
+    """The first value of each named /proc/cpuinfo field that is there."""
+    found: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in names and key not in found:
+                    found[key] = value.strip()
+    except OSError:
+        pass
+    return found
+
+
+# AMD's CPU families and model ranges of its Zen generations (the processor programming
+# references; family 25 holds both Zen 3 and Zen 4).
+_AMD_GENERATIONS = {
+    23: [(range(0x00, 0x30), "zen1"), (range(0x30, 0x100), "zen2")],
+    25: [(range(0x10, 0x20), "zen4"), (range(0x60, 0x80), "zen4"), (range(0xA0, 0xB0), "zen4"),
+         (range(0x00, 0x100), "zen3")],
+    26: [(range(0x00, 0x100), "zen5")],
+}
+
+
+def cpu_generation() -> str:
+    """AMD's Zen generation of this CPU ("zen4", "zen5"; "family<N>" for a family not in the
+    table), or "" for other vendors, whose model names say it. A VM's "AMD EPYC" hides it, and
+    two generations with the same ISA differ in speed (Zen 5 runs AVX-512 at full width, Zen 4
+    in two halves): part of the machine's name, so that their runs are not compared as one."""
+    fields = _cpuinfo_fields("vendor_id", "cpu family", "model")
+    if fields.get("vendor_id") != "AuthenticAMD":
+        return ""
+    try:
+        family, model = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return ""
+    for models, name in _AMD_GENERATIONS.get(family, []):
+        if model in models:
+            return name
+    return f"family{family}"
+
+
 def machine_facts(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, GPU, versions and commit; ``machine`` names the results folder."""
     cpu = cpu_model()
@@ -273,7 +316,11 @@ def machine_facts(device: torch.device) -> dict[str, Any]:
         facts["gpu_l2_bytes"] = getattr(props, "L2_cache_size", 0)
         facts["machine"] = _slug(props.name)
     else:
-        facts["machine"] = f"{_slug(cpu)}-{facts['cpu_isa']}-{cores}c"
+        generation = cpu_generation()
+        facts["cpu_generation"] = generation or None
+        facts["machine"] = "-".join(
+            part for part in (_slug(cpu), generation, facts["cpu_isa"], f"{cores}c") if part
+        )
     return facts
 
 

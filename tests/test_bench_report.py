@@ -189,3 +189,22 @@ def test_merged_runs_are_as_trusted_as_their_least_trusted_part(tmp_path):
     assert not report.load([paths[0], paths[2]])[0]["fastattn_noise"]["noisy"]
     paths[1].write_text(json.dumps({"benchmarks": []}))  # a run before the noise guard
     assert report.load(paths)[0]["fastattn_noise"]["noisy"]
+
+
+@pytest.mark.parametrize("fields, generation", [
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17"}, "zen4"),  # Genoa
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "model": "1"}, "zen3"),  # Milan
+    ({"vendor_id": "AuthenticAMD", "cpu family": "26", "model": "2"}, "zen5"),  # Turin
+    ({"vendor_id": "AuthenticAMD", "cpu family": "27", "model": "0"}, "family27"),
+    ({"vendor_id": "GenuineIntel", "cpu family": "6", "model": "143"}, ""),
+    ({}, ""),
+])
+def test_machine_name_holds_amds_generation(monkeypatch, fields, generation):
+    """A VM's "AMD EPYC" hides its generation; Zen 4 and Zen 5 (both AVX-512) run at different
+    speeds, so each gets its own results folder."""
+    monkeypatch.setattr(harness, "_cpuinfo_fields", lambda *names: fields)
+    monkeypatch.setattr(harness, "cpu_model", lambda: "AMD EPYC")
+    assert harness.cpu_generation() == generation
+    facts = harness.machine_facts(torch.device("cpu"))
+    middle = f"{generation}-" if generation else ""
+    assert facts["machine"] == f"amd-epyc-{middle}{facts['cpu_isa']}-{facts['cores']}c"
