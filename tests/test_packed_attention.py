@@ -323,6 +323,13 @@ KV_CASES = [
                  id="paged-vllm-layout-append"),
     # Few heads, one query, 5k keys: the kernel splits the keys over threads (4 here).
     pytest.param("paged", 1, 2, 1, 1, 1, [4999], 16, dict(), id="paged-split-kv-long-context"),
+    # One query row: key tiles span pages, read a page's run at a time; pages of 5 and 12 rows
+    # start runs mid-vector, and the runs end mid-page where a sequence ends.
+    pytest.param("paged", 3, 4, 2, 1, 1, [0, 23, 70], 5,
+                 dict(causal=True, window=(30, 0), softcap=5.0, alibi=True),
+                 id="paged-decode-odd-pages-window-softcap-alibi"),
+    pytest.param("paged-vllm", 2, 2, 2, 1, 1, [40, 129], 12, dict(causal=True),
+                 id="paged-vllm-decode-tiles-span-pages"),
 ]
 
 
