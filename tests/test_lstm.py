@@ -159,6 +159,36 @@ def test_lstm_low_precision_vs_float64(dtype):
                                   results["torch"][1][i], name=name)
 
 
+@pytest.mark.parametrize("engine", ["brgemm", "torch"])
+@pytest.mark.parametrize("B", [16, 40])
+def test_lstm_fp32_training_at_batch_lanes_vs_float64(engine, B, monkeypatch):
+    """Float32 training at batches whose lanes run along the batch (step-major x_proj and gate
+    gradients): the weight gradients are one product over every step (lstm_gemm_cpu.cpp's
+    brgemm, or torch.mm where FASTATTN_LSTM_GEMM=torch), each direction's steps paired with its
+    own h_prev. Off every block: 4H = 100 rows, I = 37, T = 9, both directions, two layers."""
+    monkeypatch.setenv("FASTATTN_LSTM_GEMM", engine)
+    flags = dict(num_layers=2, bidirectional=True)
+    theirs64 = torch.nn.LSTM(37, 25, dtype=torch.float64, **flags)
+    ours, theirs = fastattn.LSTM(37, 25, **flags), torch.nn.LSTM(37, 25, **flags)
+    ours.load_state_dict(theirs64.state_dict())
+    theirs.load_state_dict(theirs64.state_dict())
+    x64 = torch.randn(9, B, 37, dtype=torch.float64)
+    hx64 = [torch.randn(4, B, 25, dtype=torch.float64) for _ in range(2)]
+    results = {}
+    for key, module in (("64", theirs64), ("ours", ours), ("torch", theirs)):
+        dtype = torch.float64 if key == "64" else torch.float32
+        x = x64.to(dtype).requires_grad_()
+        hx = [t.to(dtype).requires_grad_() for t in hx64]
+        results[key] = _run(module, x, hx, list(module.parameters()))
+    for i, name in enumerate(["output", "h_n", "c_n"]):
+        assert_close_to_reference(results["ours"][0][i], results["64"][0][i],
+                                  results["torch"][0][i], name=name)
+    grad_names = ["grad input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
+    for i, name in enumerate(grad_names):
+        assert_close_to_reference(results["ours"][1][i], results["64"][1][i],
+                                  results["torch"][1][i], name=name)
+
+
 @pytest.mark.parametrize("engine,bias", [("brgemm", True), ("brgemm", False), ("torch", True)])
 def test_lstm_fp32_inference_projection_vs_float64(engine, bias, monkeypatch):
     """The float32 inference input projection (csrc/lstm/lstm_gemm_cpu.cpp, or torch.mm where

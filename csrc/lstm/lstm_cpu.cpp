@@ -333,6 +333,45 @@ Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor
   return out;
 }
 
+// grad_w_hh = sum_t grad_gates[t]^T @ h_prev(t) as one product of grad_x_proj's [4H, T * B]
+// (its memory after a step-major forward) and every step's h_prev, on oneDNN's brgemm
+// (lstm_gemm::mm_out: torch.mm's MKL runs its AVX2 code on AMD; T32 B16 H256 on the Zen 5,
+// ~400 GFLOP/s against ~210). Undefined where that does not run (another dtype or layout,
+// FASTATTN_LSTM_GEMM=torch, a CPU without brgemm): the caller sums at::mm's products then.
+Tensor grad_w_hh_on_brgemm(const LayerProblem& p, bool reverse, const Tensor& grad_x_proj,
+                           const Tensor& h0, const Tensor& h_all) {
+  if (p.T == 0 || h_all.scalar_type() != at::kFloat || !step_major(grad_x_proj) ||
+      lstm_gemm::torch_mm_forced()) {
+    return Tensor();
+  }
+  const Tensor h_prev_all = (reverse ? at::cat({h_all.narrow(0, 1, p.T - 1), h0.unsqueeze(0)})
+                                     : at::cat({h0.unsqueeze(0), h_all.narrow(0, 0, p.T - 1)}))
+                                .reshape({p.T * p.B, p.P});
+  const int64_t G = 4 * p.H;
+  const Tensor out = at::empty({1, G, p.P}, h_all.options());
+  const Tensor grad_cols = grad_x_proj.permute({2, 0, 1}).reshape({G, p.T * p.B});
+  return lstm_gemm::mm_out(out, grad_cols, h_prev_all) ? out[0] : Tensor();
+}
+
+// The same sum on at::mm: one GEMM for the steps that read h_all and one for the step that reads
+// h0.
+Tensor grad_w_hh_on_mm(const LayerProblem& p, bool reverse, const Tensor& grad_x_proj,
+                       const Tensor& h0, const Tensor& h_all) {
+  const int64_t G = 4 * p.H;
+  if (p.T == 0) return at::zeros({G, p.P}, h_all.options());
+  const int64_t first = reverse ? p.T - 1 : 0;
+  Tensor grad_w_hh = at::mm(grad_x_proj[first].t(), h0);
+  if (p.T > 1) {
+    const Tensor later =
+        reverse ? grad_x_proj.narrow(0, 0, p.T - 1) : grad_x_proj.narrow(0, 1, p.T - 1);
+    const Tensor prev = reverse ? h_all.narrow(0, 1, p.T - 1) : h_all.narrow(0, 0, p.T - 1);
+    // Explicit row counts: -1 cannot be inferred from zero-size rows (H == 0 or P == 0).
+    const int64_t rows = (p.T - 1) * p.B;
+    grad_w_hh.addmm_(later.reshape({rows, G}).t(), prev.reshape({rows, p.P}));
+  }
+  return grad_w_hh;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
     const Tensor& grad_h_all, const Tensor& grad_c_all, const Tensor& h0, const Tensor& c0,
     const Tensor& w_hh, const OptTensor& w_hr, const OptTensor& batch_sizes, bool reverse,
@@ -386,23 +425,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   a.grad_hproj_all = seq_view(grad_hproj_all);
   FASTATTN_ISA_CALL(lstm_layer_bwd_kernel, a);
 
-  // Weight gradients for the whole sequence: sum_t grad_gates[t]^T @ h_prev(t), one GEMM for the
-  // steps that read h_all and one for the step that reads h0.
-  const int64_t G = 4 * p.H;
-  Tensor grad_w_hh;
-  if (p.T == 0) {
-    grad_w_hh = at::zeros({G, p.P}, opts);
-  } else {
-    const int64_t first = reverse ? p.T - 1 : 0;
-    grad_w_hh = at::mm(grad_x_proj[first].t(), h0);
-    if (p.T > 1) {
-      const Tensor later = reverse ? grad_x_proj.narrow(0, 0, p.T - 1) : grad_x_proj.narrow(0, 1, p.T - 1);
-      const Tensor prev = reverse ? h_all.narrow(0, 1, p.T - 1) : h_all.narrow(0, 0, p.T - 1);
-      // Explicit row counts: -1 cannot be inferred from zero-size rows (H == 0 or P == 0).
-      const int64_t rows = (p.T - 1) * p.B;
-      grad_w_hh.addmm_(later.reshape({rows, G}).t(), prev.reshape({rows, p.P}));
-    }
-  }
+  // Weight gradients for the whole sequence.
+  Tensor grad_w_hh = grad_w_hh_on_brgemm(p, reverse, grad_x_proj, h0, h_all);
+  if (!grad_w_hh.defined()) grad_w_hh = grad_w_hh_on_mm(p, reverse, grad_x_proj, h0, h_all);
   const int64_t rows = p.T * p.B;
   Tensor grad_w_hr = proj ? at::mm(grad_hproj_all.reshape({rows, p.P}).t(), hpre_all.reshape({rows, p.H}))
                           : at::empty({0}, opts);

@@ -235,13 +235,16 @@ def _weight_mm_backward(ctx, grad):
     weight, x = ctx.saved_tensors
     need_weight, need_x, need_bias = ctx.needs_input_grad
     # The S products as one, over columns (s, n): grad's [M, S * N] is a view when it is
-    # feature-major, as lstm_layer_bwd's grad_x_proj is. torch.mm, not brgemm: w^T @ grad reduces
-    # over 4H, and mm_out's [4H, 64] panels of grad then fall out of L2 (56-65 GFLOP/s against
-    # MKL's 79-87 on the EPYC, issue 17).
+    # feature-major, as lstm_layer_bwd's grad_x_proj is. The weight's gradient grad @ x_cols^T
+    # on this op's own product (oneDNN's brgemm for float32; torch.mm's MKL runs its AVX2 code on
+    # AMD: T32 B16 H256 on the Zen 5, 395 GFLOP/s against 211). The input's, w^T @ grad, on
+    # torch.mm: it reduces over 4H, and mm_out's [4H, 64] panels of grad then fall out of L2
+    # (56-65 GFLOP/s against MKL's 79-87 on the Zen 4 at one thread, issue 17; the Zen 5 runs
+    # it 1.3-1.5x faster on brgemm, a choice left to a per-machine measurement).
     S, K, N = x.shape
     grad = grad.permute(1, 0, 2).reshape(weight.shape[0], S * N)
     x_cols = x.permute(1, 0, 2).reshape(K, S * N)
-    return (grad @ x_cols.t() if need_weight else None,
+    return (_OPS.lstm_weight_mm(grad, x_cols.t().unsqueeze(0), None)[0] if need_weight else None,
             (weight.t() @ grad).view(K, S, N).permute(1, 0, 2) if need_x else None,
             grad.sum(1) if need_bias else None)
 
