@@ -212,14 +212,6 @@ def git_state() -> tuple[str, bool | None]:
         return "unknown", None
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
 
 
 def bf16_hardware(device: torch.device) -> bool:
@@ -252,6 +244,12 @@ def _cpuinfo_fields(*names: str) -> dict[str, str]:
     except OSError:
         pass
     return found
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on Arm)."""
+    fields = _cpuinfo_fields("flags", "Features")
+    return set(fields.get("flags", fields.get("Features", "")).split())
 
 
 # AMD's CPU families and model ranges of its Zen generations (the processor programming

@@ -1,6 +1,6 @@
 // The pybind11 module fastattn._C. Importing it runs the static TORCH_LIBRARY_IMPL
-// registrations of every linked kernel file; the functions below report build facts, but for
-// the eager attention entry (attention_eager_entry.cpp).
+// registrations of every linked kernel file; the functions below report build facts, and the
+// eager attention entries are bound from attention_eager_entry.cpp.
 #include <torch/extension.h>
 
 #include <vector>

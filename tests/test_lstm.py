@@ -133,6 +133,25 @@ def test_lstm_packed_sequences(flags, enforce_sorted):
     _assert_same_on_packed(theirs, ours, x, lengths, enforce_sorted, hx)
 
 
+def _assert_close_to_float64(module64, ours, theirs, x64, hx64, dtype):
+    """ours and theirs (nn.LSTM), both in dtype, against module64 (float64, the same weights) on
+    x64 and hx64: the outputs, final states and every gradient within the bound of
+    assert_close_to_reference (2x torch's own error)."""
+    results = {}
+    for key, module, cast in (("64", module64, torch.float64), ("ours", ours, dtype),
+                              ("torch", theirs, dtype)):
+        x = x64.to(cast).requires_grad_()
+        hx = [t.to(cast).requires_grad_() for t in hx64]
+        results[key] = _run(module, x, hx, list(module.parameters()))
+    for i, name in enumerate(["output", "h_n", "c_n"]):
+        assert_close_to_reference(results["ours"][0][i], results["64"][0][i],
+                                  results["torch"][0][i], name=name)
+    grad_names = ["grad input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
+    for i, name in enumerate(grad_names):
+        assert_close_to_reference(results["ours"][1][i], results["64"][1][i],
+                                  results["torch"][1][i], name=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
 def test_lstm_low_precision_vs_float64(dtype):
@@ -143,20 +162,7 @@ def test_lstm_low_precision_vs_float64(dtype):
     theirs.load_state_dict(ours64.state_dict())
     x64 = torch.randn(6, 4, 5, dtype=torch.float64)
     hx64 = _state(flags, 4)
-    results = {}
-    for key, module, cast in (("64", ours64, torch.float64), ("ours", ours, dtype),
-                              ("torch", theirs, dtype)):
-        x = x64.to(cast).requires_grad_()
-        hx = [t.to(cast).requires_grad_() for t in hx64]
-        results[key] = _run(module, x, hx, list(module.parameters()))
-    names = ["output", "h_n", "c_n"]
-    for i, name in enumerate(names):
-        assert_close_to_reference(results["ours"][0][i], results["64"][0][i],
-                                  results["torch"][0][i], name=name)
-    grad_names = ["grad input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
-    for i, name in enumerate(grad_names):
-        assert_close_to_reference(results["ours"][1][i], results["64"][1][i],
-                                  results["torch"][1][i], name=name)
+    _assert_close_to_float64(ours64, ours, theirs, x64, hx64, dtype)
 
 
 @pytest.mark.parametrize("engine", ["brgemm", "torch"])
@@ -174,19 +180,7 @@ def test_lstm_fp32_training_at_batch_lanes_vs_float64(engine, B, monkeypatch):
     theirs.load_state_dict(theirs64.state_dict())
     x64 = torch.randn(9, B, 37, dtype=torch.float64)
     hx64 = [torch.randn(4, B, 25, dtype=torch.float64) for _ in range(2)]
-    results = {}
-    for key, module in (("64", theirs64), ("ours", ours), ("torch", theirs)):
-        dtype = torch.float64 if key == "64" else torch.float32
-        x = x64.to(dtype).requires_grad_()
-        hx = [t.to(dtype).requires_grad_() for t in hx64]
-        results[key] = _run(module, x, hx, list(module.parameters()))
-    for i, name in enumerate(["output", "h_n", "c_n"]):
-        assert_close_to_reference(results["ours"][0][i], results["64"][0][i],
-                                  results["torch"][0][i], name=name)
-    grad_names = ["grad input", "grad h0", "grad c0"] + [n for n, _ in ours.named_parameters()]
-    for i, name in enumerate(grad_names):
-        assert_close_to_reference(results["ours"][1][i], results["64"][1][i],
-                                  results["torch"][1][i], name=name)
+    _assert_close_to_float64(theirs64, ours, theirs, x64, hx64, torch.float32)
 
 
 @pytest.mark.parametrize("engine,bias", [("brgemm", True), ("brgemm", False), ("torch", True)])

@@ -209,7 +209,7 @@ def attention_varlen(
     use_reference = backend == "reference" or 0 in (Hq, E, Ev)
     # The C++ CPU op checks the offsets' values itself (checked_cu_seqlens): checking them here
     # too would cost more than the rest of a small call.
-    kernel_checks_values = backend == "cpu" and q.device.type == "cpu" and not use_reference
+    kernel_checks_values = backend == "cpu" and not use_reference
     if not kernel_checks_values and _value_checks_wanted(check_values):
         facts = []
         for name, cu, total, max_len, max_name in (
@@ -365,7 +365,7 @@ def attention_with_kv_cache(
     use_reference = backend == "reference" or 0 in (Hq, E, Ev)
     # The C++ CPU op checks these values itself, before it writes anything: checking them here
     # too cost more than the rest of a decode step (~80 us of H 8, S 512's ~190).
-    kernel_checks_values = backend == "cpu" and q.device.type == "cpu" and not use_reference
+    kernel_checks_values = backend == "cpu" and not use_reference
     if not kernel_checks_values and _value_checks_wanted(check_values) and B > 0:
         end = cache_seqlens + L_new
         facts = [((cache_seqlens >= 0).all() & (end <= capacity).all(),
