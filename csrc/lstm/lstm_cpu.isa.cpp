@@ -251,27 +251,44 @@ struct WeightTile {
 
 // acc[r][v] = sum_k a.at(k, r) * b[k * ldb + v * lanes]: one weight tile against V batch vectors
 // of a panel. Never inlined: inside the large epilogue functions the compiler spills accumulators.
+// The tile comes by reference: by value, the callee's copy read the caller's four pointer stores as
+// one 32-byte load, which cannot be forwarded from them and waited for the store queue to drain
+// behind the previous epilogue's scattered stores (a third of the forward's time at T32 B16 H256).
 template <typename acc_t, int R, int V, typename A>
-C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[R][V], const A a_in, const acc_t* b,
+C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[R][V], const A& a_in, const acc_t* b,
                             int64_t ldb, int64_t K) {
   constexpr int L = Vec<acc_t>::size();
+  // Independent sums: keeping both FMA pipes busy through a 4-cycle latency takes 8 chains, so a
+  // tile with fewer accumulators (4 gate rows x one batch vector at B = 16) splits k over S sets
+  // of them, summed at the end.
+  constexpr int S = std::min(4, (8 + R * V - 1) / (R * V));
   // Local copies: through `acc` and `a_in` the compiler would have to assume that every store may
   // alias the loads, and keep the sums in memory.
   const A a = a_in;
-  Vec<acc_t> c[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) c[r][v] = Vec<acc_t>(acc_t(0));
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < K; ++k) {
+  Vec<acc_t> c[S][R][V];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) c[s][r][v] = Vec<acc_t>(acc_t(0));
+  auto step = [&](int64_t k, Vec<acc_t> (&sum)[R][V]) {
     Vec<acc_t> bv[V];
     for (int v = 0; v < V; ++v) bv[v] = Vec<acc_t>::loadu(b + k * ldb + v * L);
     for (int r = 0; r < R; ++r) {
       const Vec<acc_t> av(a.at(k, r));
-      for (int v = 0; v < V; ++v) c[r][v] = at::vec::fmadd(av, bv[v], c[r][v]);
+      for (int v = 0; v < V; ++v) sum[r][v] = at::vec::fmadd(av, bv[v], sum[r][v]);
+    }
+  };
+  int64_t k = 0;
+#pragma GCC unroll 4
+  for (; k + S <= K; k += S)
+    for (int s = 0; s < S; ++s) step(k + s, c[s]);
+  for (; k < K; ++k) step(k, c[0]);
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) {
+      Vec<acc_t> sum = c[0][r][v];
+      for (int s = 1; s < S; ++s) sum = sum + c[s][r][v];
+      acc[r][v] = sum;
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = c[r][v];
 }
 
 // The B operand of the step GEMMs, a feature-major [K, padded batch] state, stored as panels of
