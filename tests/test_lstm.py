@@ -183,20 +183,26 @@ def test_lstm_fp32_training_at_batch_lanes_vs_float64(engine, B, monkeypatch):
     _assert_close_to_float64(theirs64, ours, theirs, x64, hx64, torch.float32)
 
 
-@pytest.mark.parametrize("engine,bias", [("brgemm", True), ("brgemm", False), ("torch", True)])
-def test_lstm_fp32_inference_projection_vs_float64(engine, bias, monkeypatch):
+@pytest.mark.parametrize("engine,bias,B,strided", [
+    ("brgemm", True, 17, False), ("brgemm", False, 17, False), ("brgemm", True, 17, True),
+    ("brgemm", True, 48, True), ("brgemm", False, 48, False), ("torch", True, 17, False)])
+def test_lstm_fp32_inference_projection_vs_float64(engine, bias, B, strided, monkeypatch):
     """The float32 inference input projection (csrc/lstm/lstm_gemm_cpu.cpp, or torch.mm where
-    FASTATTN_LSTM_GEMM=torch) at sizes off every block: 4H = 600 rows, I = 520 (two reduction
-    blocks), two chunks of 102 and 8 steps (1734 and 136 columns), both directions, a strided
-    input, with and without the bias."""
+    FASTATTN_LSTM_GEMM=torch) at sizes off every block: 4H = 600, I = 520 (two reduction
+    blocks), both directions, with and without the bias. B = 17 (lanes along the units) computes
+    a row-major x_proj, two chunks of 102 and 8 steps (1734 and 136 rows, neither a whole number
+    of 64-row blocks); B = 48 (lanes along the batch) a step-major one, three chunks of 36 steps
+    and a last of 2 (1728 and 96 columns). A strided input is the GEMM's column operand there, and takes
+    torch.mm at B = 17 (brgemm reads rows with unit stride)."""
     monkeypatch.setenv("FASTATTN_LSTM_GEMM", engine)
     flags = dict(bidirectional=True, bias=bias)
     theirs64 = torch.nn.LSTM(520, 150, dtype=torch.float64, **flags)
     ours, theirs = fastattn.LSTM(520, 150, **flags), torch.nn.LSTM(520, 150, **flags)
     ours.load_state_dict(theirs64.state_dict())
     theirs.load_state_dict(theirs64.state_dict())
-    x64 = torch.randn(110, 17, 1040, dtype=torch.float64)[..., ::2]
-    hx64 = [torch.randn(2, 17, 150, dtype=torch.float64) for _ in range(2)]
+    x64 = torch.randn(110, B, 1040, dtype=torch.float64)[..., ::2] if strided else \
+        torch.randn(110, B, 520, dtype=torch.float64)
+    hx64 = [torch.randn(2, B, 150, dtype=torch.float64) for _ in range(2)]
     results = {}
     with torch.no_grad():
         for key, module in (("64", theirs64), ("ours", ours), ("torch", theirs)):

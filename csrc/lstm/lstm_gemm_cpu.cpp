@@ -39,7 +39,7 @@ bool torch_mm_forced() {
 }
 
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-            const at::Tensor& row_bias) {
+            const at::Tensor& row_bias, const at::Tensor& col_bias) {
   const auto f32_cpu = [](const at::Tensor& t) {
     return t.scalar_type() == at::kFloat && t.device().is_cpu();
   };
@@ -50,16 +50,19 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   if (out.dim() != 3 || out.size(1) != M || out.size(0) * out.size(2) != N || !out.is_contiguous())
     return false;
   if (a.stride(1) != 1 || b.size(0) != K || M == 0 || N == 0 || K == 0) return false;
-  if (row_bias.defined() && (row_bias.scalar_type() != at::kFloat || !row_bias.is_contiguous() ||
-                             row_bias.numel() != M))
-    return false;
+  const auto bias_fits = [](const at::Tensor& bias, int64_t n) {
+    return !bias.defined() ||
+           (bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == n);
+  };
+  if (!bias_fits(row_bias, M) || !bias_fits(col_bias, N)) return false;
   const int64_t group = out.size(2);
   const int64_t lda = a.stride(0), bsk = b.stride(0), bsn = b.stride(1);
   // brgemm's rows must not overlap (a one-row view may carry any row stride).
   if (lda < K) return false;
   const float* A = a.const_data_ptr<float>();
   const float* Bsrc = b.const_data_ptr<float>();
-  const float* bias = row_bias.defined() ? row_bias.const_data_ptr<float>() : nullptr;
+  const float* r_bias = row_bias.defined() ? row_bias.const_data_ptr<float>() : nullptr;
+  const float* c_bias = col_bias.defined() ? col_bias.const_data_ptr<float>() : nullptr;
   float* C = out.mutable_data_ptr<float>();
 
   // Column blocks across threads: each packs its own panels and reads all of A. With fewer
@@ -70,7 +73,7 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   const int64_t row_parts =
       std::clamp<int64_t>(at::get_num_threads() / col_blocks, 1, row_blocks);
   at::parallel_for(0, col_blocks * row_parts, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> panel(K * cols), block(kRows * cols);
+    std::vector<float> panel(K * cols), block(kRows * cols), tail;
     int64_t packed = -1;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t j = i / row_parts, part = i % row_parts;
@@ -87,9 +90,18 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
       const int64_t r0 = row_blocks * part / row_parts, r1 = row_blocks * (part + 1) / row_parts;
       for (int64_t m0 = r0 * kRows; m0 < std::min(M, r1 * kRows); m0 += kRows) {
         const int64_t rows = std::min(kRows, M - m0);
+        const float* a_rows = A + m0 * lda;
+        if (rows < kRows) {
+          // The last rows, zero-padded to a whole block, so that its kernel is the others'.
+          if (tail.empty()) {
+            tail.assign(kRows * lda, 0.f);
+            for (int64_t r = 0; r < rows; ++r) std::copy_n(a_rows + r * lda, K, &tail[r * lda]);
+          }
+          a_rows = tail.data();
+        }
         for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-          cpublas::brgemm(rows, cols, std::min(kDepth, K - k0), lda, cols, cols, k0 > 0,
-                          A + m0 * lda + k0, &panel[k0 * cols], block.data(), false);
+          cpublas::brgemm(kRows, cols, std::min(kDepth, K - k0), lda, cols, cols, k0 > 0,
+                          a_rows + k0, &panel[k0 * cols], block.data(), false);
         }
         // The block's columns, a run per column group they fall in.
         for (int64_t c0 = n0; c0 < n0 + n;) {
@@ -97,8 +109,12 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
           float* dst = C + ((c0 / group) * M + m0) * group + c0 % group;
           for (int64_t r = 0; r < rows; ++r) {
             const float* src = &block[r * cols + (c0 - n0)];
-            const float add = bias ? bias[m0 + r] : 0.f;
-            for (int64_t jj = 0; jj < run; ++jj) dst[r * group + jj] = src[jj] + add;
+            const float add = r_bias ? r_bias[m0 + r] : 0.f;
+            if (c_bias) {
+              for (int64_t jj = 0; jj < run; ++jj) dst[r * group + jj] = src[jj] + add + c_bias[c0 + jj];
+            } else {
+              for (int64_t jj = 0; jj < run; ++jj) dst[r * group + jj] = src[jj] + add;
+            }
           }
           c0 += run;
         }

@@ -10,18 +10,21 @@
 
 namespace fastattn::lstm_gemm {
 
-// a @ b (+ row_bias[:, None] when given) into a contiguous out [S, M, N / S], for float32 CPU
-// tensors a [M, K] (unit column stride) and b [K, N] (any strides): column c of the product goes
-// to out[c / (N / S)]. With b's columns ordered (t, b) and S = T, each step t gets its own [M, B]
-// block (an LSTM's x_proj step after step, as the CPU kernel reads it); S = 1 is the plain
-// product. Returns false, leaving out untouched, where these do not hold, where oneDNN's float32
-// brgemm does not run on this CPU, or where FASTATTN_LSTM_GEMM=torch: the caller then uses at::mm.
+// a @ b (+ row_bias[:, None], + col_bias[None, :], each when given) into a contiguous out
+// [S, M, N / S], for float32 CPU tensors a [M, K] (unit column stride) and b [K, N] (any
+// strides): column c of the product goes to out[c / (N / S)]. With b's columns ordered (t, b) and
+// S = T, each step t gets its own [M, B] block (an LSTM's x_proj step after step, as the CPU
+// kernel reads it); S = 1 is the plain product (a = the input's rows and b = w_ih^T give a
+// row-major x_proj). Returns false, leaving out untouched, where these do not hold, where oneDNN's
+// float32 brgemm does not run on this CPU, or where FASTATTN_LSTM_GEMM=torch: the caller then uses
+// at::mm.
 //
 // oneDNN compiles a kernel per block shape and leading dims, so every one here depends on a's
-// shape (the weights') and, only where b has fewer than 64 columns, on their count rounded up
-// to 16: never on T * B itself, which changes from call to call.
+// row stride and, only where b has fewer than 64 columns, on their count rounded up to 16: never
+// on a's row count (a last block of fewer rows runs on a zero-padded copy), which for a = the
+// input's rows changes with T * B from call to call.
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-            const at::Tensor& row_bias = at::Tensor());
+            const at::Tensor& row_bias = at::Tensor(), const at::Tensor& col_bias = at::Tensor());
 
 // Whether FASTATTN_LSTM_GEMM=torch asks for torch.mm wherever the CPU LSTM could run its own
 // products instead (read on every call, so that one process can interleave the engines:
