@@ -17,6 +17,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -216,6 +217,16 @@ struct Fibre {
   static C10_ALWAYS_INLINE Vec<acc_t> gather(const scalar_t* p, int64_t stride, int n) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (stride == 1) return n == kLanes ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
+      // A strided fibre (a row-major [T, B, F] tensor read along the batch) by a gather
+      // instruction: through the buffer below, the vector load of the lanes' scalar stores
+      // cannot be store-forwarded and waits for the store queue to drain (two thirds of the
+      // backward's time outside its GEMM at T32 B16 H256). Lanes past n read element n - 1.
+      using index_t = at::vec::int_same_size_t<acc_t>;
+      if (stride > 0 && stride <= std::numeric_limits<index_t>::max() / kLanes) {
+        const Vec<index_t> lane = at::vec::minimum(Vec<index_t>::arange(0, 1), Vec<index_t>(n - 1));
+        const Vec<acc_t> v = at::vec::gather<sizeof(acc_t)>(p, lane * Vec<index_t>(stride));
+        return n == kLanes ? v : Vec<acc_t>::set(Vec<acc_t>(acc_t(0)), v, n);
+      }
     }
     alignas(64) acc_t tmp[kLanes] = {};
     for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l * stride]);
