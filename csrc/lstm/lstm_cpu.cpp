@@ -338,6 +338,21 @@ Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor
   return out;
 }
 
+// The training input projection of a row-major x_proj (lanes along the units): out [M, N] =
+// input [M, K] @ weight^T (+ bias), F.linear's product, by project_rows.
+Tensor lstm_linear_cpu(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
+  constexpr const char* op = "fastattn::lstm_linear";
+  lstm_dtype(input, op);
+  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && weight.size(1) == input.size(1), op,
+              ": input must be [M, K] and weight [N, K], got ", input.sizes(), " and ",
+              weight.sizes());
+  check_like(weight, input, weight.sizes(), op, "weight");
+  if (given(bias)) check_like(*bias, input, {weight.size(0)}, op, "bias");
+  Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
+  project_rows(out, input, weight, given(bias) ? *bias : Tensor());
+  return out;
+}
+
 // grad_w_hh = sum_t grad_gates[t]^T @ h_prev(t) as one product of grad_x_proj's [4H, T * B]
 // (its memory after a step-major forward) and every step's h_prev, on oneDNN's brgemm
 // (lstm_gemm::mm_out: torch.mm's MKL runs its AVX2 code on AMD; T32 B16 H256 on the Zen 5,
@@ -400,13 +415,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
               op, ": gates_all must be ", math_type(c_all), " on ", c_all.device(), ", got ",
               gates_all.scalar_type(), " on ", gates_all.device());
   const auto opts = c_all.options();
-  // Feature-major ([4H, T, B] in memory) after a step-major forward, else row-major, as gates_all
-  // (the fakes follow the same rule): either way the weight gradients' GEMMs, here and in the
-  // backward of the input projection (fastattn/ops/lstm.py), read it as one [4H, T * B] matrix
-  // (or its transpose).
-  Tensor grad_x_proj = step_major(gates_all)
-                           ? at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0})
-                           : at::empty({p.T, p.B, 4 * p.H}, opts);
+  // Feature-major ([4H, T, B] in memory, as the fake says), the A operand of the weight
+  // gradients' brgemm products, here and in the backward of the input projection
+  // (fastattn/ops/lstm.py), as one [4H, T * B] matrix with unit column stride. The kernel writes
+  // it in gates_all's layout: feature-major after a step-major forward; after a row-major one
+  // (lanes along the units) into row-major rows, transposed after (at::copy_'s blocked
+  // transpose), which costs less than running those products on torch.mm's MKL on AMD.
+  Tensor grad_x_proj = at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
+  const Tensor grad_rows = step_major(gates_all) ? grad_x_proj : at::empty({p.T, p.B, 4 * p.H}, opts);
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();
@@ -424,11 +440,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   a.gates_all = seq_view(gates_all);
   a.zoneout_c = seq_view(p.zoneout_c);
   a.zoneout_h = seq_view(p.zoneout_h);
-  a.grad_x_proj = seq_view(grad_x_proj);
+  a.grad_x_proj = seq_view(grad_rows);
   a.grad_h0 = seq_view(grad_h0);
   a.grad_c0 = seq_view(grad_c0);
   a.grad_hproj_all = seq_view(grad_hproj_all);
   FASTATTN_ISA_CALL(lstm_layer_bwd_kernel, a);
+  if (!grad_rows.is_same(grad_x_proj)) {
+    grad_x_proj.permute({2, 0, 1}).view({4 * p.H, p.T * p.B})
+        .copy_(grad_rows.view({p.T * p.B, 4 * p.H}).t());
+  }
 
   // Weight gradients for the whole sequence.
   Tensor grad_w_hh = grad_w_hh_on_brgemm(p, reverse, grad_x_proj, h0, h_all);
@@ -449,6 +469,7 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("lstm_layer_infer", &lstm_layer_infer_cpu);
   m.impl("lstm_layer_bwd", &lstm_layer_bwd_cpu);
   m.impl("lstm_weight_mm", &lstm_weight_mm_cpu);
+  m.impl("lstm_linear", &lstm_linear_cpu);
   m.impl("lstm_step_gates", &lstm_step_gates_cpu);
 }
 

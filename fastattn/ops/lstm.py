@@ -174,11 +174,10 @@ def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
 @torch.library.register_fake("fastattn::lstm_layer_bwd")
 def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
                     zoneout_h, h_all, c_all, gates_all, hpre_all):
-    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU where
-    # gates_all is step-major, else contiguous; the others are contiguous.
+    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU, else
+    # contiguous; the others are contiguous.
     T, B, G = gates_all.shape
-    grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0)
-                   if h0.device.type == "cpu" and _step_major(gates_all)
+    grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0) if h0.device.type == "cpu"
                    else h0.new_empty(T, B, G))
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else h0.new_empty(0)
     return (grad_x_proj, h0.new_empty(h0.shape),
@@ -251,6 +250,32 @@ def _weight_mm_backward(ctx, grad):
 
 register_autograd("fastattn::lstm_weight_mm", _weight_mm_backward,
                   setup_context=_weight_mm_setup_context)
+
+
+@torch.library.register_fake("fastattn::lstm_linear")
+def _linear_fake(input, weight, bias):
+    return input.new_empty(input.shape[0], weight.shape[0])
+
+
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, bias = inputs
+    ctx.save_for_backward(input, weight)
+
+
+@first_order_only("fastattn::lstm_linear")
+def _linear_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad
+    # The weight's gradient grad^T @ input on lstm_weight_mm's product (oneDNN's brgemm for
+    # float32), whose A operand grad^T has unit column stride when grad is feature-major, as
+    # lstm_layer_bwd's grad_x_proj is on CPU (else it makes a contiguous copy); the input's on
+    # torch.mm, as in _weight_mm_backward.
+    return (grad @ weight if need_input else None,
+            _OPS.lstm_weight_mm(grad.t(), input.unsqueeze(0), None)[0] if need_weight else None,
+            grad.sum(0) if need_bias else None)
+
+
+register_autograd("fastattn::lstm_linear", _linear_backward, setup_context=_linear_setup_context)
 
 
 @torch.library.register_fake("fastattn::lstm_step_gates")
@@ -627,7 +652,7 @@ def lstm_layer(
                                                 (4 * H,), layer_norm[0], bias,
                                                 layer_norm[4]).view(T, B, 4 * H).to(input.dtype)
     else:
-        x_proj = _input_projection(input, w_ih, bias, step_major=False)
+        x_proj = _input_projection(input, w_ih, bias, layout="torch")
 
     if backend in ("cpu", "cuda", "triton") and layer_norm is not None:
         # the triton op is chosen only once _triton_layer_fwd() has registered it
@@ -648,15 +673,19 @@ def lstm_layer(
 
 
 def _input_projection(input: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tensor | None,
-                      step_major: bool) -> torch.Tensor:
-    """x_proj [T, B, 4H] = input @ w_ih^T + bias in input's dtype, differentiable; step_major
-    (the lstm_weight_mm op) where the cpu backend's lanes run along the batch, else row-major."""
+                      layout: str) -> torch.Tensor:
+    """x_proj [T, B, 4H] = input @ w_ih^T + bias in input's dtype, differentiable. layout: where
+    the cpu backend's lanes run along the batch, "step_major" (the lstm_weight_mm op); along the
+    units, "rows" (row-major, the lstm_linear op); elsewhere "torch" (row-major, torch's GEMM)."""
     T, B, in_features = input.shape
-    if step_major:
+    if layout == "step_major":
         # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
         # batch lanes of a gate as one vector, and a step's gates one after another.
         x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, input.transpose(1, 2), bias).permute(
             0, 2, 1)
+    elif layout == "rows":
+        x_proj = differentiable(_OPS.lstm_linear)(
+            input.reshape(T * B, in_features), w_ih, bias).view(T, B, w_ih.shape[0])
     else:
         flat = input.reshape(T * B, in_features)
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(
@@ -675,9 +704,9 @@ def _layer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_
     # Row-major x_proj for the unit lanes; a symbolic batch (torch.compile, export) gets
     # step-major, which serves every batch, instead of a guard on the lane choice.
     batch = input.shape[1]
-    step_major = input.device.type == "cpu" and not (
-        isinstance(batch, int) and _cpu_unit_lanes(batch))
-    x_proj = _input_projection(input, w_ih, bias, step_major=step_major)
+    layout = "torch" if input.device.type != "cpu" else (
+        "rows" if isinstance(batch, int) and _cpu_unit_lanes(batch) else "step_major")
+    x_proj = _input_projection(input, w_ih, bias, layout)
     h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd)(
         x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)
     return h_all, c_all
