@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "fastattn/attention_head_dims.h"
+#include "fastattn/cpu_gemm.h"
 #include "fastattn/cpu_isa.h"
 #include "fastattn/dtype.h"
 #include "fastattn/lstm_cpu.h"
@@ -104,6 +105,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_lstm_step_gates_below", &fastattn::cpu_lstm_step_gates_below,
         "fastattn::lstm_step_gates computes the gates of a batch B < this on its GEMV-style "
         "kernel (at the ISA cpu_isa() reports; 0: on none), else on two GEMMs");
+  m.def("cpu_gemm_beats_torch_mm", &fastattn::cpu_gemm::beats_torch_mm,
+        "Whether fastattn's float32 CPU GEMM (oneDNN brgemm) runs here and beats torch.mm's "
+        "(fastattn.ops.linear then takes it)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
   fastattn::bind_attention_eager_entry(m);

@@ -13,7 +13,7 @@ thread, CPU time still compares the work each side does while other processes sh
 (it ignores descheduling, not cache contention); it is no substitute for the quiet benchmark
 (benchmarks/bench_lstm.py). With --gemm, fastattn's inference also runs with
 FASTATTN_LSTM_GEMM=torch (its input projection on torch.mm instead of oneDNN brgemm,
-csrc/lstm/lstm_gemm_cpu.h) in the same rounds, and that ratio is printed too.
+csrc/include/fastattn/cpu_gemm.h) in the same rounds, and that ratio is printed too.
 
 With --cells, the benchmark's cell-step cases instead (B in {16, 64}, H = I in {256, 512, 1024}):
 fastattn.lstm_cell and fastattn.LSTMCell against nn.LSTMCell, forward (no grad) and a training

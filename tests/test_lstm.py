@@ -171,7 +171,7 @@ def test_lstm_fp32_training_vs_float64(engine, B, monkeypatch):
     """Float32 training at batches whose lanes run along the units (B = 5 and 24: row-major
     x_proj, its projection on lstm_linear, 216 rows at B = 24, too few for brgemm at B = 5) and
     along the batch (16, 40: step-major x_proj): the weight gradients are one product over every
-    step of the feature-major gate gradients (lstm_gemm_cpu.cpp's brgemm, or torch.mm where
+    step of the feature-major gate gradients (cpu_gemm.cpp's brgemm, or torch.mm where
     FASTATTN_LSTM_GEMM=torch), each direction's steps paired with its own h_prev. Off every
     block: 4H = 100 rows, I = 37, T = 9, both directions, two layers."""
     monkeypatch.setenv("FASTATTN_LSTM_GEMM", engine)
@@ -189,13 +189,13 @@ def test_lstm_fp32_training_vs_float64(engine, B, monkeypatch):
     ("brgemm", True, 17, False), ("brgemm", False, 17, False), ("brgemm", True, 17, True),
     ("brgemm", True, 48, True), ("brgemm", False, 48, False), ("torch", True, 17, False)])
 def test_lstm_fp32_inference_projection_vs_float64(engine, bias, B, strided, monkeypatch):
-    """The float32 inference input projection (csrc/lstm/lstm_gemm_cpu.cpp, or torch.mm where
+    """The float32 inference input projection (csrc/cpu_gemm.cpp, or torch.mm where
     FASTATTN_LSTM_GEMM=torch) at sizes off every block: 4H = 600, I = 520 (two reduction
     blocks), both directions, with and without the bias. B = 17 (lanes along the units) computes
     a row-major x_proj, two chunks of 102 and 8 steps (1734 and 136 rows, neither a whole number
     of 64-row blocks); B = 48 (lanes along the batch) a step-major one, three chunks of 36 steps
-    and a last of 2 (1728 and 96 columns). A strided input is the GEMM's column operand there, and takes
-    torch.mm at B = 17 (brgemm reads rows with unit stride)."""
+    and a last of 2 (1728 and 96 columns). A strided input is the GEMM's column operand there,
+    and takes torch.mm at B = 17 (brgemm reads rows with unit stride)."""
     monkeypatch.setenv("FASTATTN_LSTM_GEMM", engine)
     flags = dict(bidirectional=True, bias=bias)
     theirs64 = torch.nn.LSTM(520, 150, dtype=torch.float64, **flags)
@@ -296,7 +296,7 @@ def _cells_fp64_torch_ours(input_size: int, hidden_size: int):
 
 
 # Batch sizes 7, 40, 70: the inference input projection's panels 16 and 48 wide (a narrow b,
-# csrc/lstm/lstm_gemm_cpu.cpp), then 64 wide with a partial second block.
+# csrc/cpu_gemm.cpp), then 64 wide with a partial second block.
 @pytest.mark.parametrize("B", [7, 40, 70])
 def test_lstm_cell_fp32_vs_float64(B):
     cell64, theirs, ours = _cells_fp64_torch_ours(33, 17)

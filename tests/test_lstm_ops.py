@@ -140,7 +140,7 @@ def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H, device):
 # each everywhere, B = 20 the unit lanes on avx512 and the batch lanes on avx2, B = 16 the batch
 # lanes (one full vector on avx512). One step (T = 1) of fewer rows than a vector (B = 3) adds
 # h0 @ w_hh^T to x_proj and runs the cell alone; of B = 20, one step of a kernel; of B = 40, one
-# step of the batch lanes, whose float32 projection (brgemm, lstm_gemm_cpu.cpp) then has fewer
+# step of the batch lanes, whose float32 projection (brgemm, cpu_gemm.cpp) then has fewer
 # column blocks than threads and splits its rows.
 @needs_cpu_kernels
 @pytest.mark.parametrize(("T", "B"),
@@ -403,41 +403,6 @@ def test_weight_mm_matches_torch(dtype, bias, S, N):
                              strict=False):
         assert_close_to_reference(g, want, name=name)
     torch.library.opcheck(OPS.lstm_weight_mm.default, args)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-# M = 130: two 64-row brgemm blocks and a 2-row tail; M = 63: too few rows for brgemm (torch.mm);
-# M = 0: empty
-@pytest.mark.parametrize("M", [130, 63, 0])
-# grad as lstm_layer_bwd gives it on CPU (feature-major: its transpose contiguous) and row-major
-@pytest.mark.parametrize("grad_layout", ["feature_major", "row_major"])
-def test_linear_matches_torch(dtype, bias, M, grad_layout):
-    # Sizes off every brgemm block (64 rows and columns, 512 deep): the product, then the
-    # gradients, as the module's backward takes them.
-    N, K = 100, 515
-    x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype)
-    b = randn(N, dtype=dtype) if bias else None
-
-    def product(x, w, b=None):
-        return x @ w.t() + (b if b is not None else 0)
-
-    want64 = product(x.double(), w.double(), b.double() if bias else None)
-    nan_heap((M, N), dtype=dtype)
-    got = OPS.lstm_linear(x, w, b)
-    assert got.shape == (M, N) and got.is_contiguous()
-    assert_close_to_reference(got, want64, product(x, w, b), name="out")
-    args = [t.clone().requires_grad_() if t is not None else None for t in (x, w, b)]
-    grad = randn(M, N, dtype=dtype) if grad_layout == "row_major" else randn(N, M, dtype=dtype).t()
-    inputs = [t for t in args if t is not None]
-    got_grads = torch.autograd.grad(OPS.lstm_linear(*args), inputs, grad)
-    args64 = [t.detach().double().requires_grad_() for t in inputs]
-    want_grads = torch.autograd.grad(product(*args64), args64, grad.double())
-    for name, g, want in zip(("grad_input", "grad_weight", "grad_bias"), got_grads, want_grads,
-                             strict=False):
-        assert_close_to_reference(g, want, name=name)
-    torch.library.opcheck(OPS.lstm_linear.default, args)
 
 
 # ---- opcheck and gradcheck ---------------------------------------------------------------------

@@ -499,3 +499,31 @@ def test_pickle_deepcopy_and_to_dtype():
     out64 = as64(x.double(), x.double(), x.double(), need_weights=False)[0]
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64.float(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sharing", ["self", "cross"])
+def test_float32_vs_float64_with_projections_of_many_rows(sharing):
+    """Projections of 66 rows (2 x 33): fastattn.ops.linear's op where its GEMM beats torch.mm's
+    (AMD CPUs). The float32 output and every gradient (inputs and parameters) within 2x torch's
+    own float32 error against float64: self-attention (one packed in-projection GEMM) and
+    cross-attention (the q, k, v GEMMs)."""
+    theirs64 = nn.MultiheadAttention(E, H, batch_first=True, dtype=torch.float64)
+    ours, theirs = fastattn.MultiheadAttention(E, H, batch_first=True), nn.MultiheadAttention(
+        E, H, batch_first=True)
+    ours.load_state_dict(theirs64.state_dict())
+    theirs.load_state_dict(theirs64.state_dict())
+    q64 = torch.randn(2, 33, E, dtype=torch.float64)
+    kv64 = q64 if sharing == "self" else torch.randn(2, 40, E, dtype=torch.float64)
+    results = {}
+    for key, module, dtype in (("64", theirs64, torch.float64), ("ours", ours, torch.float32),
+                               ("torch", theirs, torch.float32)):
+        q = q64.to(dtype).requires_grad_()
+        kv = q if sharing == "self" else kv64.to(dtype).requires_grad_()
+        out, _ = module(q, kv, kv, need_weights=False)
+        leaves = [q] + ([] if sharing == "self" else [kv]) + list(module.parameters())
+        results[key] = [out, *torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel(),
+                                                  dtype=dtype).view(out.shape))]
+    names = ["output", "grad q"] + ([] if sharing == "self" else ["grad kv"]) + [
+        f"grad {n}" for n, _ in ours.named_parameters()]
+    for name, a, r, t in zip(names, results["ours"], results["64"], results["torch"], strict=True):
+        assert_close_to_reference(a, r, t, name=name)

@@ -261,6 +261,19 @@ def test_inductor_lstm_cell_matches_eager(inductor, dtype, grad):
     _check_compiled(inductor, f, inputs, list(cell.parameters()), dtype, grad)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["fp32-inference", "fp32-train"])
+def test_inductor_multihead_attention_matches_eager(inductor, grad):
+    """Projections of 66 and 80 rows: fastattn::linear where its GEMM beats torch.mm's (AMD
+    CPUs), F.linear elsewhere."""
+    mha = fastattn.MultiheadAttention(16, 2, batch_first=True)
+
+    def f(x, kv):
+        return mha(x, kv, kv, need_weights=False)[0]
+
+    _check_compiled(inductor, f, (randn(2, 33, 16), randn(2, 40, 16)), list(mha.parameters()),
+                    torch.float32, grad)
+
+
 ATTENTION_CASES = [
     pytest.param(torch.float32, True, "mask", id="fp32-train-mask"),
     pytest.param(torch.bfloat16, True, "flash-options", id="bf16-train-window-softcap-alibi"),

@@ -9,10 +9,10 @@
 #include <tuple>
 #include <vector>
 
+#include "fastattn/cpu_gemm.h"
 #include "fastattn/cpu_isa.h"
 #include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
-#include "lstm_gemm_cpu.h"
 #include "lstm_layer_problem.h"
 
 namespace fastattn {
@@ -53,7 +53,7 @@ at::ScalarType math_type(const Tensor& t) {
 // A weight for the kernels: contiguous, in the math type.
 Tensor kernel_weight(const Tensor& w) { return w.to(math_type(w)).contiguous(); }
 
-// out [M, N] = w @ x (+ bias[:, None]) on at::mm, for the dtypes and CPUs that lstm_gemm::mm_out
+// out [M, N] = w @ x (+ bias[:, None]) on at::mm, for the dtypes and CPUs that cpu_gemm::mm_out
 // leaves out.
 void torch_mm_out(Tensor out, const Tensor& w, const Tensor& x, const Tensor& bias) {
   if (bias.defined()) {
@@ -173,16 +173,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
   return {h_all, c_all, gates_all, hpre_all};
 }
 
-// rows = (bias +) x @ w_ih^T: the input projection of a batch-row-major x_proj, on oneDNN's brgemm
-// where lstm_gemm::mm_out runs (torch.mm's MKL runs its AVX2 code on AMD: T64 B24 H256 on the
-// Zen 5, ~420 GFLOP/s against ~210, or ~110 as addmm with the bias), else on at::mm. Not for
-// fewer than 64 rows (a cell step's few): brgemm packs w_ih^T on every call, more work than such
-// a product.
-void project_rows(Tensor& rows, const Tensor& x, const Tensor& w_ih, const Tensor& bias) {
-  if (x.size(0) >= 64 && lstm_gemm::mm_out(rows.unsqueeze(0), x, w_ih.t(), Tensor(), bias)) return;
-  bias.defined() ? at::addmm_out(rows, bias, x, w_ih.t()) : at::mm_out(rows, x, w_ih.t());
-}
-
 // rows = (bias +) x @ w_ih^T + h0 @ w_hh^T, the gate pre-activations of one step: by the
 // GEMV-style kernel (lstm_step_gates_cpu.isa.cpp) for fewer rows than a vector where it serves
 // (float32, unit column strides, an ISA it is faster on, FASTATTN_LSTM_GEMM not torch), else by
@@ -192,10 +182,10 @@ void step_gates(Tensor& rows, const Tensor& x, const Tensor& h0, const Tensor& w
   const bool f32 = rows.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat;
   const auto unit_cols = [](const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
   if (!FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, rows.size(0)) || !f32 ||
-      !FASTATTN_ISA_CALL(lstm_step_gates_runs) || lstm_gemm::torch_mm_forced() ||
+      !FASTATTN_ISA_CALL(lstm_step_gates_runs) || cpu_gemm::torch_mm_forced() ||
       !unit_cols(rows) || !unit_cols(x) || !unit_cols(h0) || !unit_cols(w_ih) ||
       !unit_cols(w_hh) || (bias.defined() && !bias.is_contiguous())) {
-    project_rows(rows, x, w_ih, bias);
+    cpu_gemm::linear_out(rows, x, w_ih, bias);
     rows.addmm_(h0, w_hh.t());
     return;
   }
@@ -293,9 +283,9 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     if (unit_lanes) {
       x_proj = proj_buf.view({n, B, 4 * H});
       Tensor rows = x_proj.view({n * B, 4 * H});
-      step_on_gemm ? step_gates(rows, x, h0, w_ih, w_hh, b) : project_rows(rows, x, w_ih, b);
+      step_on_gemm ? step_gates(rows, x, h0, w_ih, w_hh, b) : cpu_gemm::linear_out(rows, x, w_ih, b);
       x_proj = x_proj.permute({0, 2, 1});
-    } else if (!lstm_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
+    } else if (!cpu_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
       torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);
       x_proj = proj_buf.view({4 * H, n, B}).permute({1, 0, 2});
     }
@@ -316,7 +306,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_sequence_fwd_cpu(const Tensor& x_proj, c
 }
 
 // The training input projection (weight = w_ih, x = input.transpose(1, 2): x_proj step-major, as
-// lstm_layer_infer computes it): float32 on oneDNN's brgemm (lstm_gemm_cpu.h, kernels that depend
+// lstm_layer_infer computes it): float32 on oneDNN's brgemm (fastattn/cpu_gemm.h, kernels that depend
 // on the weight's shape alone), other dtypes and FASTATTN_LSTM_GEMM=torch on at::mm.
 Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor& bias) {
   constexpr const char* op = "fastattn::lstm_weight_mm";
@@ -330,7 +320,7 @@ Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor
   // The S products as one: columns (s, n) of x's [K, S * N] (a view for a transposed input).
   const Tensor w = weight.contiguous(), b = given(bias) ? *bias : Tensor();
   const Tensor x_cols = x.permute({1, 0, 2}).reshape({K, S * N});
-  if (!lstm_gemm::mm_out(out, w, x_cols, b)) {
+  if (!cpu_gemm::mm_out(out, w, x_cols, b)) {
     const Tensor product = at::empty({M, S * N}, weight.options());
     torch_mm_out(product, w, x_cols, b);
     out.permute({1, 0, 2}).copy_(product.view({M, S, N}));
@@ -338,30 +328,15 @@ Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor
   return out;
 }
 
-// The training input projection of a row-major x_proj (lanes along the units): out [M, N] =
-// input [M, K] @ weight^T (+ bias), F.linear's product, by project_rows.
-Tensor lstm_linear_cpu(const Tensor& input, const Tensor& weight, const OptTensor& bias) {
-  constexpr const char* op = "fastattn::lstm_linear";
-  lstm_dtype(input, op);
-  TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && weight.size(1) == input.size(1), op,
-              ": input must be [M, K] and weight [N, K], got ", input.sizes(), " and ",
-              weight.sizes());
-  check_like(weight, input, weight.sizes(), op, "weight");
-  if (given(bias)) check_like(*bias, input, {weight.size(0)}, op, "bias");
-  Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
-  project_rows(out, input, weight, given(bias) ? *bias : Tensor());
-  return out;
-}
-
 // grad_w_hh = sum_t grad_gates[t]^T @ h_prev(t) as one product of grad_x_proj's [4H, T * B]
 // (its memory after a step-major forward) and every step's h_prev, on oneDNN's brgemm
-// (lstm_gemm::mm_out: torch.mm's MKL runs its AVX2 code on AMD; T32 B16 H256 on the Zen 5,
+// (cpu_gemm::mm_out: torch.mm's MKL runs its AVX2 code on AMD; T32 B16 H256 on the Zen 5,
 // ~400 GFLOP/s against ~210). Undefined where that does not run (another dtype or layout,
 // FASTATTN_LSTM_GEMM=torch, a CPU without brgemm): the caller sums at::mm's products then.
 Tensor grad_w_hh_on_brgemm(const LayerProblem& p, bool reverse, const Tensor& grad_x_proj,
                            const Tensor& h0, const Tensor& h_all) {
   if (p.T == 0 || h_all.scalar_type() != at::kFloat || !step_major(grad_x_proj) ||
-      lstm_gemm::torch_mm_forced()) {
+      cpu_gemm::torch_mm_forced()) {
     return Tensor();
   }
   const Tensor h_prev_all = (reverse ? at::cat({h_all.narrow(0, 1, p.T - 1), h0.unsqueeze(0)})
@@ -370,7 +345,7 @@ Tensor grad_w_hh_on_brgemm(const LayerProblem& p, bool reverse, const Tensor& gr
   const int64_t G = 4 * p.H;
   const Tensor out = at::empty({1, G, p.P}, h_all.options());
   const Tensor grad_cols = grad_x_proj.permute({2, 0, 1}).reshape({G, p.T * p.B});
-  return lstm_gemm::mm_out(out, grad_cols, h_prev_all) ? out[0] : Tensor();
+  return cpu_gemm::mm_out(out, grad_cols, h_prev_all) ? out[0] : Tensor();
 }
 
 // The same sum on at::mm: one GEMM for the steps that read h_all and one for the step that reads
@@ -469,7 +444,6 @@ TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
   m.impl("lstm_layer_infer", &lstm_layer_infer_cpu);
   m.impl("lstm_layer_bwd", &lstm_layer_bwd_cpu);
   m.impl("lstm_weight_mm", &lstm_weight_mm_cpu);
-  m.impl("lstm_linear", &lstm_linear_cpu);
   m.impl("lstm_step_gates", &lstm_step_gates_cpu);
 }
 

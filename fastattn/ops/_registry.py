@@ -161,9 +161,10 @@ SCHEMAS.update({
     # it (weight = w_ih, x = input.transpose(1, 2)).
     "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias) -> Tensor",
     # CPU only: out [M, N] = input [M, K] @ weight [N, K]^T (+ bias [N]), contiguous (F.linear's
-    # product): the training input projection of a row-major x_proj (input = the input's rows,
-    # weight = w_ih), where the CPU kernels' lanes run along the units.
-    "lstm_linear": "lstm_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor",
+    # product on fastattn's own GEMM): the LSTM's training input projection of a row-major x_proj
+    # (input = the input's rows, weight = w_ih), where the CPU kernels' lanes run along the units,
+    # and fastattn.ops.linear where that GEMM beats torch.mm.
+    "linear": "linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor",
     # CPU only: gates [B, 4H] = input [B, I] @ w_ih^T + hx [B, H] @ w_hh^T (+ bias [4H]), before
     # the activations, contiguous: the products of a training cell step of a few rows, which a
     # GEMV-style kernel computes faster than two GEMMs (fastattn.ops.lstm's lstm_cell).

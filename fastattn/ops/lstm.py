@@ -30,6 +30,7 @@ from fastattn import _extension
 from fastattn.ops import (
     _registry,  # noqa: F401  (defines the schemas)
     backends,
+    linear,  # noqa: F401  (registers fastattn::linear's fake and autograd)
     reference,
 )
 from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
@@ -250,32 +251,6 @@ def _weight_mm_backward(ctx, grad):
 
 register_autograd("fastattn::lstm_weight_mm", _weight_mm_backward,
                   setup_context=_weight_mm_setup_context)
-
-
-@torch.library.register_fake("fastattn::lstm_linear")
-def _linear_fake(input, weight, bias):
-    return input.new_empty(input.shape[0], weight.shape[0])
-
-
-def _linear_setup_context(ctx, inputs, output):
-    input, weight, bias = inputs
-    ctx.save_for_backward(input, weight)
-
-
-@first_order_only("fastattn::lstm_linear")
-def _linear_backward(ctx, grad):
-    input, weight = ctx.saved_tensors
-    need_input, need_weight, need_bias = ctx.needs_input_grad
-    # The weight's gradient grad^T @ input on lstm_weight_mm's product (oneDNN's brgemm for
-    # float32), whose A operand grad^T has unit column stride when grad is feature-major, as
-    # lstm_layer_bwd's grad_x_proj is on CPU (else it makes a contiguous copy); the input's on
-    # torch.mm, as in _weight_mm_backward.
-    return (grad @ weight if need_input else None,
-            _OPS.lstm_weight_mm(grad.t(), input.unsqueeze(0), None)[0] if need_weight else None,
-            grad.sum(0) if need_bias else None)
-
-
-register_autograd("fastattn::lstm_linear", _linear_backward, setup_context=_linear_setup_context)
 
 
 @torch.library.register_fake("fastattn::lstm_step_gates")
@@ -676,7 +651,7 @@ def _input_projection(input: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tenso
                       layout: str) -> torch.Tensor:
     """x_proj [T, B, 4H] = input @ w_ih^T + bias in input's dtype, differentiable. layout: where
     the cpu backend's lanes run along the batch, "step_major" (the lstm_weight_mm op); along the
-    units, "rows" (row-major, the lstm_linear op); elsewhere "torch" (row-major, torch's GEMM)."""
+    units, "rows" (row-major, the linear op); elsewhere "torch" (row-major, torch's GEMM)."""
     T, B, in_features = input.shape
     if layout == "step_major":
         # Step-major ([T, 4H, B] in memory, seen as [T, B, 4H]): the CPU kernel reads a step's
@@ -684,7 +659,7 @@ def _input_projection(input: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tenso
         x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, input.transpose(1, 2), bias).permute(
             0, 2, 1)
     elif layout == "rows":
-        x_proj = differentiable(_OPS.lstm_linear)(
+        x_proj = differentiable(_OPS.linear)(
             input.reshape(T * B, in_features), w_ih, bias).view(T, B, w_ih.shape[0])
     else:
         flat = input.reshape(T * B, in_features)

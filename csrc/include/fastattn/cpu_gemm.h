@@ -1,14 +1,15 @@
-// The CPU LSTM's float32 input projection (inference and training) through ATen's oneDNN
-// micro-kernels (at::native::cpublas::brgemm) on B panels we pack, instead of torch.mm: on the
-// 2-core AMD EPYC (Zen 4) torch.mm goes to MKL, whose code path there reached 84-96 GFLOP/s on
-// these shapes at one thread, oneDNN's AVX-512 brgemm 99-107 (FMA peak 114). The gradient into the
-// input stays on torch.mm: it reduces over 4H, and its packed panels fall out of L2 (brgemm 56-65
-// GFLOP/s there, MKL 79-87).
+// fastattn's own float32 CPU GEMMs (the LSTM's projections and weight gradients, the
+// fastattn::linear op) through ATen's oneDNN micro-kernels (at::native::cpublas::brgemm) on B
+// panels we pack, instead of torch.mm: on AMD, torch.mm goes to MKL, which runs its AVX2 code
+// there (~210 GFLOP/s on 2 cores of the Zen 4 and the Zen 5 alike; oneDNN's AVX-512 brgemm
+// ~400-450 on the Zen 5, 99-107 a core against MKL's 84-96 on the Zen 4). The LSTM's gradient into
+// the input stays on torch.mm: it reduces over 4H, and its packed panels fell out of L2 on the
+// Zen 4 (brgemm 56-65 GFLOP/s a core there, MKL 79-87).
 #pragma once
 
 #include <ATen/ATen.h>
 
-namespace fastattn::lstm_gemm {
+namespace fastattn::cpu_gemm {
 
 // a @ b (+ row_bias[:, None], + col_bias[None, :], each when given) into a contiguous out
 // [S, M, N / S], for float32 CPU tensors a [M, K] (unit column stride) and b [K, N] (any
@@ -26,9 +27,20 @@ namespace fastattn::lstm_gemm {
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias = at::Tensor(), const at::Tensor& col_bias = at::Tensor());
 
+// out [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), F.linear's product: on mm_out from 64 rows
+// (fewer would not pay for packing w^T on every call), else at::addmm / at::mm (any dtype).
+void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                const at::Tensor& bias);
+
+// Whether mm_out runs here and beats torch.mm: oneDNN's float32 brgemm runs, the CPU is AMD's
+// (where MKL takes its AVX2 code; on Intel it has not been measured against MKL) and
+// FASTATTN_LSTM_GEMM is not torch. fastattn.ops.linear asks once, at import, for the products that
+// torch.nn's modules would run on torch.mm.
+bool beats_torch_mm();
+
 // Whether FASTATTN_LSTM_GEMM=torch asks for torch.mm wherever the CPU LSTM could run its own
 // products instead (read on every call, so that one process can interleave the engines:
 // python -m scripts.ab_lstm --gemm).
 bool torch_mm_forced();
 
-}  // namespace fastattn::lstm_gemm
+}  // namespace fastattn::cpu_gemm

@@ -1,5 +1,5 @@
-// Blocked float32 GEMM on ATen's oneDNN brgemm (lstm_gemm_cpu.h).
-#include "lstm_gemm_cpu.h"
+// Blocked float32 GEMM on ATen's oneDNN brgemm (fastattn/cpu_gemm.h).
+#include "fastattn/cpu_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -11,7 +11,7 @@
 
 #include "fastattn/brgemm_probe.h"
 
-namespace fastattn::lstm_gemm {
+namespace fastattn::cpu_gemm {
 namespace {
 
 namespace cpublas = at::native::cpublas;
@@ -125,4 +125,16 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
   return true;
 }
 
-}  // namespace fastattn::lstm_gemm
+void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                const at::Tensor& bias) {
+  if (x.size(0) >= kRows && mm_out(out.unsqueeze(0), x, w.t(), at::Tensor(), bias)) return;
+  bias.defined() ? at::addmm_out(out, bias, x, w.t())
+                 : at::mm_out(out, x, w.t());
+}
+
+bool beats_torch_mm() {
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd && usable();
+}
+
+}  // namespace fastattn::cpu_gemm

@@ -1,0 +1,77 @@
+"""``linear``: F.linear, on fastattn's own float32 CPU GEMM (the fastattn::linear op, oneDNN's
+brgemm: csrc/include/fastattn/cpu_gemm.h) where that beats torch.mm's, else F.linear itself.
+
+It beats it on AMD CPUs, where torch.mm's MKL runs its AVX2 code: on the 2-core Zen 5 EPYC,
+MultiheadAttention's in-projection [1024, 512] x [512, 1536] ran at 450 GFLOP/s against
+F.linear's 218. The op's fake and autograd are registered here; the LSTM's training input
+projection calls the op itself (fastattn.ops.lstm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastattn import _extension
+from fastattn.ops import _registry  # noqa: F401  (defines the schemas)
+from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
+
+_OPS = torch.ops.fastattn
+# Fewer rows would not pay for packing the weight on every call (csrc/cpu_gemm.cpp).
+_MIN_ROWS = 64
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+# Asked once (a constant for torch.compile to trace past): FASTATTN_LSTM_GEMM=torch set before
+# the import turns the op off.
+_GEMM_WINS = _extension.C is not None and _extension.C.cpu_gemm_beats_torch_mm()
+
+
+@torch.library.register_fake("fastattn::linear")
+def _linear_fake(input, weight, bias):
+    return input.new_empty(input.shape[0], weight.shape[0])
+
+
+def _linear_setup_context(ctx, inputs, output):
+    input, weight, bias = inputs
+    ctx.save_for_backward(input, weight)
+
+
+@first_order_only("fastattn::linear")
+def _linear_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad
+    # The weight's gradient grad^T @ input on lstm_weight_mm's product (the same GEMM), whose A
+    # operand grad^T has unit column stride when grad is feature-major, as lstm_layer_bwd's
+    # grad_x_proj is on CPU (else it makes a contiguous copy); the input's on torch.mm, as the
+    # LSTM's other input gradients (cpu_gemm.h says why).
+    return (grad @ weight if need_input else None,
+            _OPS.lstm_weight_mm(grad.t(), input.unsqueeze(0), None)[0] if need_weight else None,
+            grad.sum(0) if need_bias else None)
+
+
+register_autograd("fastattn::linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+def _takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether fastattn::linear serves this call: a GEMM that wins here, plain float32 CPU
+    tensors of F.linear's shapes with enough rows, and no autocast (F.linear would run in its
+    dtype)."""
+    tensors = (input, weight) if bias is None else (input, weight, bias)
+    if not _GEMM_WINS or any(
+            type(t) not in _PLAIN or t.dtype != torch.float32 or t.device.type != "cpu"
+            for t in tensors):
+        return False
+    if input.dim() < 2 or weight.dim() != 2 or input.shape[-1] != weight.shape[1] or (
+            bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        return False
+    return input.numel() >= _MIN_ROWS * input.shape[-1] and not torch.is_autocast_enabled("cpu")
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """F.linear(input, weight, bias): the same result (to float32 rounding), shapes, gradients
+    and errors, on fastattn::linear where _takes_op says it serves the call."""
+    if not _takes_op(input, weight, bias):
+        return F.linear(input, weight, bias)
+    rows = input.reshape(-1, input.shape[-1])
+    out = differentiable(_OPS.linear)(rows, weight, bias)
+    return out.view(*input.shape[:-1], weight.shape[0])
