@@ -285,9 +285,9 @@ def test_lstm_cell_matches_torch(batched, bias, with_hx):
 
 
 def _cells_fp64_torch_ours(input_size: int, hidden_size: int):
-    """A float64 fastattn.LSTMCell, and float32 nn.LSTMCell and fastattn.LSTMCell with its
-    weights."""
-    cell64 = fastattn.LSTMCell(input_size, hidden_size, dtype=torch.float64)
+    """A float64 nn.LSTMCell (the reference: torch's own op, sharing no code with ours), and
+    float32 nn.LSTMCell and fastattn.LSTMCell with its weights."""
+    cell64 = torch.nn.LSTMCell(input_size, hidden_size, dtype=torch.float64)
     theirs = torch.nn.LSTMCell(input_size, hidden_size)
     ours = fastattn.LSTMCell(input_size, hidden_size)
     theirs.load_state_dict(cell64.state_dict())
@@ -314,9 +314,10 @@ def test_lstm_cell_fp32_vs_float64(B):
 
 
 # Training steps of float32 cells: fewer rows than a vector take the gates from
-# fastattn::lstm_step_gates (B 1 and 7 on AVX2 and AVX-512), more rows from two GEMMs (B 40).
-# Every gradient against float64, within twice torch's own error.
-@pytest.mark.parametrize("B", [1, 7, 40])
+# fastattn::lstm_step_gates (B 1 and 7 on AVX2 and AVX-512), more rows from two GEMMs (B 40;
+# B 70: fastattn::linear's, where its GEMM beats torch.mm's). Every gradient against float64,
+# within twice torch's own error.
+@pytest.mark.parametrize("B", [1, 7, 40, 70])
 def test_lstm_cell_fp32_gradients_vs_float64(B):
     cell64, theirs, ours = _cells_fp64_torch_ours(33, 17)
     x, h, c, grad_h, grad_c = (torch.randn(B, n, dtype=torch.float64) for n in (33, 17, 17, 17, 17))

@@ -30,7 +30,7 @@ from fastattn import _extension
 from fastattn.ops import (
     _registry,  # noqa: F401  (defines the schemas)
     backends,
-    linear,  # noqa: F401  (registers fastattn::linear's fake and autograd)
+    linear,
     reference,
 )
 from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
@@ -506,9 +506,9 @@ def lstm_cell(
 
 
 def _cell_step(x, hx, cx, w_ih, w_hh, bias, pointwise) -> tuple[torch.Tensor, torch.Tensor]:
-    """One differentiable step: the two GEMMs, then ``pointwise`` (a cell pointwise op)."""
-    gates = torch.addmm(bias, x, w_ih.t()) if bias is not None else x @ w_ih.t()
-    gates = torch.addmm(gates, hx, w_hh.t())
+    """One differentiable step: the two GEMMs (fastattn.ops.linear: on fastattn's own GEMM where
+    it beats torch.mm's), then ``pointwise`` (a cell pointwise op)."""
+    gates = linear.linear(x, w_ih, bias) + linear.linear(hx, w_hh)
     # Autocast runs the GEMMs in its lower precision; torch's lstm_cell then computes the
     # pointwise part in the state's dtype, and so do we (a no-op without autocast).
     return pointwise(gates.to(cx.dtype), cx)
