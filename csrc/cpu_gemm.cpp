@@ -91,16 +91,19 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
       for (int64_t m0 = r0 * kRows; m0 < std::min(M, r1 * kRows); m0 += kRows) {
         const int64_t rows = std::min(kRows, M - m0);
         const float* a_rows = A + m0 * lda;
+        int64_t ld = lda;
         if (rows < kRows) {
-          // The last rows, zero-padded to a whole block, so that its kernel is the others'.
+          // The last rows, zero-padded to a whole block (rows K apart: the same kernel as the
+          // others' for a contiguous a), so that no kernel depends on M.
           if (tail.empty()) {
-            tail.assign(kRows * lda, 0.f);
-            for (int64_t r = 0; r < rows; ++r) std::copy_n(a_rows + r * lda, K, &tail[r * lda]);
+            tail.assign(kRows * K, 0.f);
+            for (int64_t r = 0; r < rows; ++r) std::copy_n(a_rows + r * lda, K, &tail[r * K]);
           }
           a_rows = tail.data();
+          ld = K;
         }
         for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
-          cpublas::brgemm(kRows, cols, std::min(kDepth, K - k0), lda, cols, cols, k0 > 0,
+          cpublas::brgemm(kRows, cols, std::min(kDepth, K - k0), ld, cols, cols, k0 > 0,
                           a_rows + k0, &panel[k0 * cols], block.data(), false);
         }
         // The block's columns, a run per column group they fall in.
@@ -111,7 +114,8 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const float* src = &block[r * cols + (c0 - n0)];
             const float add = r_bias ? r_bias[m0 + r] : 0.f;
             if (c_bias) {
-              for (int64_t jj = 0; jj < run; ++jj) dst[r * group + jj] = src[jj] + add + c_bias[c0 + jj];
+              for (int64_t jj = 0; jj < run; ++jj)
+                dst[r * group + jj] = src[jj] + add + c_bias[c0 + jj];
             } else {
               for (int64_t jj = 0; jj < run; ++jj) dst[r * group + jj] = src[jj] + add;
             }

@@ -37,11 +37,15 @@ class _OpRecorder(TorchDispatchMode):
 @pytest.mark.parametrize("M", [130, 63, 0])
 # grad as lstm_layer_bwd gives it on CPU (feature-major: its transpose contiguous) and row-major
 @pytest.mark.parametrize("grad_layout", ["feature_major", "row_major"])
-def test_linear_matches_torch(dtype, bias, M, grad_layout):
+# input rows K apart or further (a column slice: the padded last block is then laid out anew)
+@pytest.mark.parametrize("x_layout", ["contiguous", "row_stride"])
+def test_linear_matches_torch(dtype, bias, M, grad_layout, x_layout):
     # Sizes off every brgemm block (64 rows and columns, 512 deep): the product, then the
     # gradients, as the module's backward takes them.
     N, K = 100, 515
-    x, w = randn(M, K, dtype=dtype), randn(N, K, dtype=dtype)
+    x = randn(M, K, dtype=dtype) if x_layout == "contiguous" else (
+        randn(M, K + 9, dtype=dtype)[:, 4:-5])
+    w = randn(N, K, dtype=dtype)
     b = randn(N, dtype=dtype) if bias else None
 
     def product(x, w, b=None):

@@ -21,9 +21,9 @@ namespace fastattn::cpu_gemm {
 // at::mm.
 //
 // oneDNN compiles a kernel per block shape and leading dims, so every one here depends on a's
-// row stride and, only where b has fewer than 64 columns, on their count rounded up to 16: never
-// on a's row count (a last block of fewer rows runs on a zero-padded copy), which for a = the
-// input's rows changes with T * B from call to call.
+// columns (K) and row stride and, only where b has fewer than 64 columns, on their count rounded
+// up to 16: never on a's row count (a last block of fewer rows runs on a zero-padded copy),
+// which for a = the input's rows changes with T * B from call to call.
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias = at::Tensor(), const at::Tensor& col_bias = at::Tensor());
 
