@@ -23,6 +23,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # Asked once (a constant for torch.compile to trace past): FASTATTN_LSTM_GEMM=torch set before
 # the import turns the op off.
 _GEMM_WINS = _extension.C is not None and _extension.C.cpu_gemm_beats_torch_mm()
+# And on the input gradient grad @ weight, a deep product (AMD Zen 5 on; cpu_gemm.h says why).
+DEEP_GEMM_WINS = (_extension.C is not None
+                  and _extension.C.cpu_gemm_deep_products_beat_torch_mm())
 
 
 @torch.library.register_fake("fastattn::linear")
@@ -41,14 +44,20 @@ def _linear_backward(ctx, grad):
     need_input, need_weight, need_bias = ctx.needs_input_grad
     # The weight's gradient grad^T @ input on lstm_weight_mm's product (the same GEMM), whose A
     # operand grad^T has unit column stride when grad is feature-major, as lstm_layer_bwd's
-    # grad_x_proj is on CPU (else it makes a contiguous copy); the input's on torch.mm, as the
-    # LSTM's other input gradients (cpu_gemm.h says why).
-    return (grad @ weight if need_input else None,
+    # grad_x_proj is on CPU (else it makes a contiguous copy); the input's, grad @ weight, on this
+    # op where the GEMM wins such deep products (a row-major grad; else it takes torch.mm), on
+    # torch.mm elsewhere.
+    return (input_gradient(grad, weight) if need_input else None,
             _OPS.lstm_weight_mm(grad.t(), input.unsqueeze(0), None)[0] if need_weight else None,
             grad.sum(0) if need_bias else None)
 
 
 register_autograd("fastattn::linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad [M, N] @ weight [N, K]: on fastattn::linear where DEEP_GEMM_WINS, else torch.mm."""
+    return _OPS.linear(grad, weight.t(), None) if DEEP_GEMM_WINS else grad @ weight
 
 
 def _takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -238,9 +238,9 @@ def _weight_mm_backward(ctx, grad):
     # feature-major, as lstm_layer_bwd's grad_x_proj is. The weight's gradient grad @ x_cols^T
     # on this op's own product (oneDNN's brgemm for float32; torch.mm's MKL runs its AVX2 code on
     # AMD: T32 B16 H256 on the Zen 5, 395 GFLOP/s against 211). The input's, w^T @ grad, on
-    # torch.mm: it reduces over 4H, and mm_out's [4H, 64] panels of grad then fall out of L2
-    # (56-65 GFLOP/s against MKL's 79-87 on the Zen 4 at one thread, issue 17; the Zen 5 runs
-    # it 1.3-1.5x faster on brgemm, a choice left to a per-machine measurement).
+    # torch.mm: it reduces over 4H with w^T (I rows) as A, and brgemm's [4H, 64] panels of grad
+    # then fall out of L2 (56-65 GFLOP/s against MKL's 79-87 on the Zen 4 at one thread, issue
+    # 17; on the Zen 5 about even: 183-240 against 188-204, a copy of grad^T as A 216-230).
     S, K, N = x.shape
     grad = grad.permute(1, 0, 2).reshape(weight.shape[0], S * N)
     x_cols = x.permute(1, 0, 2).reshape(K, S * N)
