@@ -46,7 +46,8 @@ def test_info_prints_versions_backends_and_isa():
         check=True,
         cwd=ROOT,
     ).stdout
-    for fact in ("torch", "cpu isa used", "tile engine", "backends", "reference: usable", "gpu"):
+    for fact in ("torch", "cpu isa used", "tile engine", "linear gemm", "backends",
+                 "reference: usable", "gpu"):
         assert fact in out, f"{fact!r} missing from:\n{out}"
 
 

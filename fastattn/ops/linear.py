@@ -24,7 +24,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # the import turns the op off.
 _GEMM_WINS = _extension.C is not None and _extension.C.cpu_gemm_beats_torch_mm()
 # And on the input gradient grad @ weight, a deep product (AMD Zen 5 on; cpu_gemm.h says why).
-DEEP_GEMM_WINS = (_extension.C is not None
+_DEEP_GEMM_WINS = (_extension.C is not None
                   and _extension.C.cpu_gemm_deep_products_beat_torch_mm())
 
 
@@ -47,7 +47,7 @@ def _linear_backward(ctx, grad):
     # grad_x_proj is on CPU (else it makes a contiguous copy); the input's, grad @ weight, on this
     # op where the GEMM wins such deep products (a row-major grad; else it takes torch.mm), on
     # torch.mm elsewhere.
-    return (input_gradient(grad, weight) if need_input else None,
+    return (_input_gradient(grad, weight) if need_input else None,
             _OPS.lstm_weight_mm(grad.t(), input.unsqueeze(0), None)[0] if need_weight else None,
             grad.sum(0) if need_bias else None)
 
@@ -55,9 +55,9 @@ def _linear_backward(ctx, grad):
 register_autograd("fastattn::linear", _linear_backward, setup_context=_linear_setup_context)
 
 
-def input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad [M, N] @ weight [N, K]: on fastattn::linear where DEEP_GEMM_WINS, else torch.mm."""
-    return _OPS.linear(grad, weight.t(), None) if DEEP_GEMM_WINS else grad @ weight
+def _input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad [M, N] @ weight [N, K]: on fastattn::linear where _DEEP_GEMM_WINS, else torch.mm."""
+    return _OPS.linear(grad, weight.t(), None) if _DEEP_GEMM_WINS else grad @ weight
 
 
 def _takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
