@@ -32,9 +32,10 @@ class _OpRecorder(TorchDispatchMode):
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-# M = 130: two 64-row brgemm blocks and a 2-row tail; M = 63: too few rows for brgemm (torch.mm);
-# M = 0: empty
-@pytest.mark.parametrize("M", [130, 63, 0])
+# M = 130: two 64-row brgemm blocks and a 2-row tail; M = 520: enough rows for the input gradient
+# on brgemm too (where it wins such products: AMD Zen 5 on); M = 63: too few rows for brgemm
+# (torch.mm); M = 0: empty
+@pytest.mark.parametrize("M", [130, 520, 63, 0])
 # grad as lstm_layer_bwd gives it on CPU (feature-major: its transpose contiguous) and row-major
 @pytest.mark.parametrize("grad_layout", ["feature_major", "row_major"])
 # input rows K apart or further (a column slice: the padded last block is then laid out anew)

@@ -55,9 +55,19 @@ def _linear_backward(ctx, grad):
 register_autograd("fastattn::linear", _linear_backward, setup_context=_linear_setup_context)
 
 
+# The input gradient packs the weight column by column (strided reads), a cost that only many
+# rows repay: on the Zen 5, [M, 4096] @ [4096, 1024] ran 0.33x torch.mm's speed at M = 64, 0.75x
+# at 256, 1.13x at 512; [M, 1536] @ [1536, 512] 0.58x, 1.14x, 1.45x (an LSTM cell's training step
+# at B64 H1024 went from parity to 0.69x torch on it before this bound).
+_DEEP_MIN_ROWS = 512
+
+
 def _input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad [M, N] @ weight [N, K]: on fastattn::linear where _DEEP_GEMM_WINS, else torch.mm."""
-    return _OPS.linear(grad, weight.t(), None) if _DEEP_GEMM_WINS else grad @ weight
+    """grad [M, N] @ weight [N, K]: on fastattn::linear where _DEEP_GEMM_WINS for at least
+    _DEEP_MIN_ROWS rows, else torch.mm."""
+    if _DEEP_GEMM_WINS and grad.shape[0] >= _DEEP_MIN_ROWS:
+        return _OPS.linear(grad, weight.t(), None)
+    return grad @ weight
 
 
 def _takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
