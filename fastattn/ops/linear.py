@@ -1,9 +1,9 @@
 """``linear``: F.linear, on fastattn's own float32 CPU GEMM (the fastattn::linear op, oneDNN's
 brgemm: csrc/include/fastattn/cpu_gemm.h) where that beats torch.mm's, else F.linear itself.
 
-It beats it on AMD CPUs, where torch.mm's MKL runs its AVX2 code: on the 2-core Zen 5 EPYC,
-MultiheadAttention's in-projection [1024, 512] x [512, 1536] ran at 450 GFLOP/s against
-F.linear's 218. The op's fake and autograd are registered here; the LSTM's training input
+It beats it on AMD CPUs with AVX-512, where torch.mm's MKL runs its AVX2 code: on the 2-core
+Zen 5 EPYC, MultiheadAttention's in-projection [1024, 512] x [512, 1536] ran at 450 GFLOP/s
+against F.linear's 218. The op's fake and autograd are registered here; the LSTM's training input
 projection calls the op itself (fastattn.ops.lstm).
 """
 

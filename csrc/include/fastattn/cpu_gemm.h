@@ -33,9 +33,10 @@ void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                 const at::Tensor& bias);
 
 // Whether mm_out runs here and beats torch.mm: oneDNN's float32 brgemm runs, the CPU is AMD's
-// (where MKL takes its AVX2 code; on Intel it has not been measured against MKL) and
-// FASTATTN_LSTM_GEMM is not torch. fastattn.ops.linear asks once, at import, for the products that
-// torch.nn's modules would run on torch.mm.
+// with AVX-512 (where MKL takes its AVX2 code; on Intel it has not been measured against MKL, nor
+// on an AVX2-only AMD CPU, where both run AVX2 code) and FASTATTN_LSTM_GEMM is not torch.
+// fastattn.ops.linear asks once, at import, for the products that torch.nn's modules would run
+// on torch.mm.
 bool beats_torch_mm();
 
 // Whether mm_out also beats torch.mm on an input gradient grad @ w with a row-major grad as A,
