@@ -18,14 +18,18 @@ at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight,
   TORCH_CHECK(input.dim() == 2 && weight.dim() == 2 && weight.size(1) == input.size(1), op,
               ": input must be [M, K] and weight [N, K], got ", input.sizes(), " and ",
               weight.sizes());
+  const auto check_like_input = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == input.scalar_type() && t.device() == input.device(), op, ": ",
+                name, " must be ", input.scalar_type(), " on ", input.device(),
+                " like input, got ", t.scalar_type(), " on ", t.device());
+  };
+  check_like_input(weight, "weight");
   const bool has_bias = bias.has_value() && bias->defined();
-  for (const at::Tensor* t : {&weight, has_bias ? &*bias : &weight}) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type() && t->device() == input.device(), op,
-                ": weight and bias must be ", input.scalar_type(), " on ", input.device(),
-                " like input, got ", t->scalar_type(), " on ", t->device());
+  if (has_bias) {
+    check_like_input(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must be [",
+                weight.size(0), "], got ", bias->sizes());
   }
-  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == weight.size(0)), op,
-              ": bias must be [", weight.size(0), "], got ", bias->sizes());
   at::Tensor out = at::empty({input.size(0), weight.size(0)}, input.options());
   cpu_gemm::linear_out(out, input, weight, has_bias ? *bias : at::Tensor());
   return out;

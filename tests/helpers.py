@@ -1,9 +1,11 @@
-"""Shared test utilities: seeded inputs, NaN poisoning and error-vs-float64 checks."""
+"""Shared test utilities: seeded inputs, NaN poisoning, error-vs-float64 checks and an op
+recorder."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn.ops.attention import _missing_feature
@@ -197,3 +199,15 @@ def attention_grad_scales(
         "dk": softmax_scale * dp * rms(q),
         "dmask": dp / max(S, 1),
     }
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every op dispatched inside the block (``seen``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))

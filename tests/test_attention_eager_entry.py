@@ -14,9 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_reference, randn
+from helpers import OpRecorder, assert_close_to_reference, randn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import _extension
@@ -208,16 +207,6 @@ def test_declines_where_the_environment_forces_another_backend(monkeypatch, env)
     assert entry(q, k, v) is None
 
 
-class _RecordingDispatchMode(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 class _RecordingFunctionMode(TorchFunctionMode):
     def __init__(self):
         super().__init__()
@@ -234,10 +223,10 @@ def test_interceptors_see_the_call(monkeypatch):
     torch.manual_seed(8)
     q, k, v = qkv(1, 2, 2, 3, 5, 8, 8, torch.float32)
     expected = python_path(monkeypatch, q, k, v)
-    with _RecordingDispatchMode() as mode:
+    with OpRecorder() as mode:
         assert entry(q, k, v) is None
         out = fastattn.scaled_dot_product_attention(q, k, v)
-    assert "fastattn.attention_fwd.default" in mode.ops and torch.equal(out, expected)
+    assert "fastattn.attention_fwd.default" in mode.seen and torch.equal(out, expected)
     with _RecordingFunctionMode() as function_mode:
         assert entry(q, k, v) is None
         fastattn.scaled_dot_product_attention(q, k, v)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_to_reference, nan_heap, randn
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpRecorder, assert_close_to_reference, nan_heap, randn
 
 import fastattn
 from fastattn.ops import linear as linear_ops
@@ -15,18 +14,6 @@ from fastattn.ops import linear as linear_ops
 OPS = torch.ops.fastattn
 needs_cpu_kernels = pytest.mark.skipif(
     not fastattn.backends()["cpu"].usable, reason="fastattn._C (CPU kernels) is not built")
-
-
-class _OpRecorder(TorchDispatchMode):
-    """Records the name of every op dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @needs_cpu_kernels
@@ -93,7 +80,7 @@ def test_linear_matches_f_linear(bias, shape):
         out = fn(*args)
         return [out, *torch.autograd.grad(out, args, grad.to(dtype))]
 
-    with _OpRecorder() as recorder:
+    with OpRecorder() as recorder:
         ours = run(linear_ops.linear, torch.float32)
     theirs, want64 = run(F.linear, torch.float32), run(F.linear, torch.float64)
     for name, a, r, t in zip(["out", "grad_input", "grad_weight", "grad_bias"], ours, want64,
@@ -108,7 +95,7 @@ def test_linear_matches_f_linear(bias, shape):
 def test_linear_under_autocast_is_f_linear():
     """Under CPU autocast F.linear runs in bfloat16; so does fastattn.ops.linear (not the op)."""
     x, w, b = randn(80, 16), randn(8, 16), randn(8)
-    with torch.autocast("cpu", dtype=torch.bfloat16), _OpRecorder() as recorder:
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpRecorder() as recorder:
         out = linear_ops.linear(x, w, b)
         want = F.linear(x, w, b)
     assert out.dtype == want.dtype == torch.bfloat16

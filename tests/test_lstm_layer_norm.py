@@ -12,6 +12,7 @@ import torch
 from helpers import (
     DTYPE_RTOL,
     LSTM_LAYER_CASES,
+    OpRecorder,
     assert_close_to_reference,
     ln_layer_inputs,
     max_rel_error,
@@ -19,7 +20,6 @@ from helpers import (
     randn,
 )
 from lstm_math import ln_layer_oracles
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn.ops import lstm as lstm_ops
@@ -264,24 +264,12 @@ def test_gradcheck_lstm_layer_with_layer_norm():
 # ---- backend choice, the module, torch.compile ---------------------------------------------------
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Records the name of every op dispatched inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @needs_cpu_kernels
 def test_cpu_backend_serves_layer_norm():
     assert lstm_ops._choose_backend("lstm_layer", torch.device("cpu"), torch.float32, True) == "cpu"
     m = fastattn.LSTM(4, 8, layer_norm=True)
     x = torch.randn(3, 2, 4, requires_grad=True)
-    with _OpRecorder() as recorder:
+    with OpRecorder() as recorder:
         out, _ = m(x)
         out.sum().backward()
     assert "fastattn.lstm_ln_layer_fwd.default" in recorder.seen
@@ -295,7 +283,7 @@ def test_cuda_backend_serves_layer_norm():
     assert got == "cuda"
     m = fastattn.LSTM(4, 8, layer_norm=True, device="cuda")
     x = torch.randn(3, 2, 4, device="cuda", requires_grad=True)
-    with _OpRecorder() as recorder:
+    with OpRecorder() as recorder:
         out, _ = m(x)
         out.sum().backward()
     assert "fastattn.lstm_ln_layer_fwd.default" in recorder.seen
@@ -320,7 +308,7 @@ def test_triton_backend_serves_layer_norm():
     results = []
     for backend in ("triton", "reference"):
         packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([4, 3, 1]))
-        with fastattn.use_backend(backend), _OpRecorder() as recorder:
+        with fastattn.use_backend(backend), OpRecorder() as recorder:
             out, (h_n, c_n) = m(packed, hx)
             loss = (out.data * out.data.detach().cos()).sum() + h_n.sum() + (c_n * c_n).sum()
             results.append((out.data, h_n, c_n, *torch.autograd.grad(loss, [x, *hx,

@@ -1,8 +1,8 @@
 // The eager CPU entries of fastattn.scaled_dot_product_attention, fastattn.attention and
 // fastattn.attention_with_kv_cache: a call that needs none of the Python wrapper's work (no
 // ALiBi or dropout; plain CPU tensors of one float dtype in the [B, H, len, dim] layout the op
-// takes, a mask that broadcasts to them; nothing intercepting the call) runs fastattn::attention_fwd (or attention_kv_cache_fwd)
-// from here, and where a gradient is needed records it on a C++ autograd node whose backward
+// takes, a mask that broadcasts to them; nothing intercepting the call) runs
+// fastattn::attention_fwd (or attention_kv_cache_fwd) from here, and where a gradient is needed records it on a C++ autograd node whose backward
 // runs fastattn::attention_bwd; any other call gets None and takes the Python path, which
 // checks, normalizes and raises. The Python path costs ~11 us per call (two thirds of a short
 // decode step's time on 2 cores; ~25 us for the KV-cache op's many arguments) and its
@@ -107,9 +107,9 @@ struct RaiseOnBackward : torch::autograd::Function<RaiseOnBackward> {
 };
 
 // (out, lse) = attention(q, k, v, mask) recorded for autograd (lse not differentiable, as the
-// Python path's detached one; the mask, if defined, requires no grad). The backward records no graph; where autograd would have recorded one
-// (create_graph=True), the gradients come back on a RaiseOnBackward node, as the Python path's
-// do.
+// Python path's detached one; the mask, if defined, requires no grad). The backward records no
+// graph; where autograd would have recorded one (create_graph=True), the gradients come back on a
+// RaiseOnBackward node, as the Python path's do.
 struct Attention : torch::autograd::Function<Attention> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, const std::optional<at::Tensor>& mask,

@@ -283,7 +283,8 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     if (unit_lanes) {
       x_proj = proj_buf.view({n, B, 4 * H});
       Tensor rows = x_proj.view({n * B, 4 * H});
-      step_on_gemm ? step_gates(rows, x, h0, w_ih, w_hh, b) : cpu_gemm::linear_out(rows, x, w_ih, b);
+      step_on_gemm ? step_gates(rows, x, h0, w_ih, w_hh, b)
+                   : cpu_gemm::linear_out(rows, x, w_ih, b);
       x_proj = x_proj.permute({0, 2, 1});
     } else if (!cpu_gemm::mm_out(x_proj, w_ih, x.t(), b)) {
       torch_mm_out(proj_buf.view({4 * H, n * B}), w_ih, x.t(), b);
@@ -306,8 +307,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_sequence_fwd_cpu(const Tensor& x_proj, c
 }
 
 // The training input projection (weight = w_ih, x = input.transpose(1, 2): x_proj step-major, as
-// lstm_layer_infer computes it): float32 on oneDNN's brgemm (fastattn/cpu_gemm.h, kernels that depend
-// on the weight's shape alone), other dtypes and FASTATTN_LSTM_GEMM=torch on at::mm.
+// lstm_layer_infer computes it): float32 on oneDNN's brgemm (fastattn/cpu_gemm.h, kernels that
+// depend on the weight's shape alone), other dtypes and FASTATTN_LSTM_GEMM=torch on at::mm.
 Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor& bias) {
   constexpr const char* op = "fastattn::lstm_weight_mm";
   lstm_dtype(weight, op);
@@ -397,7 +398,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   // (lanes along the units) into row-major rows, transposed after (at::copy_'s blocked
   // transpose), which costs less than running those products on torch.mm's MKL on AMD.
   Tensor grad_x_proj = at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
-  const Tensor grad_rows = step_major(gates_all) ? grad_x_proj : at::empty({p.T, p.B, 4 * p.H}, opts);
+  const Tensor grad_rows =
+      step_major(gates_all) ? grad_x_proj : at::empty({p.T, p.B, 4 * p.H}, opts);
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();
