@@ -81,11 +81,18 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
       const int64_t j = i / row_parts, part = i % row_parts;
       const int64_t n0 = j * cols, n = std::min(cols, N - n0);
       if (j != packed) {
-        // panel[k][jj] = b[k][n0 + jj], zero for jj >= n.
+        // panel[k][jj] = b[k][n0 + jj], zero for jj >= n, read along b's unit stride: a
+        // row-major b (an LSTM gradient, a weight as linear's input gradient reads it) row by
+        // row, else column by column. Column by column, a row-major b's panel read each of its
+        // K rows n times, a page apart each (a TLB miss per element): slower than the product.
         if (n < cols) std::fill(panel.begin(), panel.end(), 0.f);
-        for (int64_t jj = 0; jj < n; ++jj) {
-          const float* src = Bsrc + (n0 + jj) * bsn;
-          for (int64_t k = 0; k < K; ++k) panel[k * cols + jj] = src[k * bsk];
+        if (bsn == 1) {
+          for (int64_t k = 0; k < K; ++k) std::copy_n(Bsrc + k * bsk + n0, n, &panel[k * cols]);
+        } else {
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const float* src = Bsrc + (n0 + jj) * bsn;
+            for (int64_t k = 0; k < K; ++k) panel[k * cols + jj] = src[k * bsk];
+          }
         }
         packed = j;
       }
