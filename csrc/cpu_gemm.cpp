@@ -4,8 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 
-#include <cpuid.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <strings.h>
@@ -150,17 +148,6 @@ bool beats_torch_mm() {
   // AVX2 code, and torch.mm keeps it.
   static const bool amd_avx512 = __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f");
   return amd_avx512 && usable();
-}
-
-bool deep_products_beat_torch_mm() {
-  // CPUID leaf 1's family (base + extended): 0x19 is Zen 3 and Zen 4, 0x1A Zen 5.
-  static const bool zen5_on = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
-    const unsigned base = (eax >> 8) & 0xf;
-    return (base == 0xf ? base + ((eax >> 20) & 0xff) : base) >= 0x1a;
-  }();
-  return zen5_on && beats_torch_mm();
 }
 
 }  // namespace fastattn::cpu_gemm

@@ -108,8 +108,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_gemm_beats_torch_mm", &fastattn::cpu_gemm::beats_torch_mm,
         "Whether fastattn's float32 CPU GEMM (oneDNN brgemm) runs here and beats torch.mm's "
         "(fastattn.ops.linear then takes it)");
-  m.def("cpu_gemm_deep_products_beat_torch_mm", &fastattn::cpu_gemm::deep_products_beat_torch_mm,
-        "Whether it also beats torch.mm on fastattn::linear's input gradient (AMD Zen 5 on)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
   fastattn::bind_attention_eager_entry(m);

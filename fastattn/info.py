@@ -39,9 +39,7 @@ def facts() -> dict[str, object]:
         )
         # fastattn.ops.linear's choice (MultiheadAttention's projections): its own GEMM or torch's
         out["linear gemm"] = (
-            "fastattn (oneDNN brgemm)" + (", input gradient too"
-                                           if C.cpu_gemm_deep_products_beat_torch_mm() else "")
-            if C.cpu_gemm_beats_torch_mm() else "torch.mm")
+            "fastattn (oneDNN brgemm)" if C.cpu_gemm_beats_torch_mm() else "torch.mm")
         out["cuda kernels"] = f"archs {C.cuda_archs()}" if C.built_with_cuda() else "not built"
     out["gpu"] = (
         ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))

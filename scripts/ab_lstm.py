@@ -174,8 +174,10 @@ def part_times(T: int, B: int, H: int, rounds: int, clock) -> dict[str, tuple[fl
         "forward": (lambda: ops.lstm_layer_fwd(x_proj, *layer), product),
         "backward op": (lambda: ops.lstm_layer_bwd(dout, c_all, *layer, h_all, c_all, gates_all,
                                                    hpre_all), 2 * product),
-        "grad w_ih": (lambda: grad @ x_cols.t(), product),
-        "grad input": (lambda: w_ih.t() @ grad, product),
+        # The two products of the projection's backward, on the GEMM the step takes them on.
+        "grad w_ih": (lambda: ops.lstm_weight_mm(grad, x_cols.t().unsqueeze(0), None), product),
+        "grad input": (lambda: ops.lstm_weight_mm(w_ih.t().contiguous(), grad.unsqueeze(0), None),
+                       product),
     }
     for fn, _ in parts.values():
         fn()

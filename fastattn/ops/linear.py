@@ -23,9 +23,6 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # Asked once (a constant for torch.compile to trace past): FASTATTN_LSTM_GEMM=torch set before
 # the import turns the op off.
 _GEMM_WINS = _extension.C is not None and _extension.C.cpu_gemm_beats_torch_mm()
-# And on the input gradient grad @ weight, a deep product (AMD Zen 5 on; cpu_gemm.h says why).
-_DEEP_GEMM_WINS = (_extension.C is not None
-                  and _extension.C.cpu_gemm_deep_products_beat_torch_mm())
 
 
 @torch.library.register_fake("fastattn::linear")
@@ -42,11 +39,10 @@ def _linear_setup_context(ctx, inputs, output):
 def _linear_backward(ctx, grad):
     input, weight = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad
-    # The weight's gradient grad^T @ input on lstm_weight_mm's product (the same GEMM), whose A
-    # operand grad^T has unit column stride when grad is feature-major, as lstm_layer_bwd's
-    # grad_x_proj is on CPU (else it makes a contiguous copy); the input's, grad @ weight, on this
-    # op where the GEMM wins such deep products (a row-major grad; else it takes torch.mm), on
-    # torch.mm elsewhere.
+    # Both gradients on the GEMM the forward took (the caller chose it): the weight's,
+    # grad^T @ input, on lstm_weight_mm's product, whose A operand grad^T has unit column stride
+    # when grad is feature-major, as lstm_layer_bwd's grad_x_proj is on CPU (else it makes a
+    # contiguous copy); the input's as _input_gradient says.
     return (_input_gradient(grad, weight) if need_input else None,
             _OPS.lstm_weight_mm(grad.t(), input.unsqueeze(0), None)[0] if need_weight else None,
             grad.sum(0) if need_bias else None)
@@ -55,19 +51,14 @@ def _linear_backward(ctx, grad):
 register_autograd("fastattn::linear", _linear_backward, setup_context=_linear_setup_context)
 
 
-# The input gradient packs the weight column by column (strided reads), a cost that only many
-# rows repay: on the Zen 5, [M, 4096] @ [4096, 1024] ran 0.33x torch.mm's speed at M = 64, 0.75x
-# at 256, 1.13x at 512; [M, 1536] @ [1536, 512] 0.58x, 1.14x, 1.45x (an LSTM cell's training step
-# at B64 H1024 went from parity to 0.69x torch on it before this bound).
-_DEEP_MIN_ROWS = 512
-
-
 def _input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad [M, N] @ weight [N, K]: on fastattn::linear where _DEEP_GEMM_WINS for at least
-    _DEEP_MIN_ROWS rows, else torch.mm."""
-    if _DEEP_GEMM_WINS and grad.shape[0] >= _DEEP_MIN_ROWS:
-        return _OPS.linear(grad, weight.t(), None)
-    return grad @ weight
+    """grad [M, N] @ weight [N, K] on fastattn's GEMM: a row-major grad as this op's A (on the
+    Zen 5, 2.1-2.9x torch.mm's rate at 64-1024 rows against weights of 256-1024 columns); a
+    feature-major one (the LSTM's) as the product's transpose weight^T @ grad^T, with a copy of
+    weight^T as lstm_weight_mm's A, since brgemm reads its A along rows."""
+    if grad.stride(0) == 1 and grad.stride(1) != 1:
+        return _OPS.lstm_weight_mm(weight.t().contiguous(), grad.t().unsqueeze(0), None)[0].t()
+    return _OPS.linear(grad, weight.t(), None)
 
 
 def _takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

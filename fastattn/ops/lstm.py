@@ -235,18 +235,18 @@ def _weight_mm_backward(ctx, grad):
     weight, x = ctx.saved_tensors
     need_weight, need_x, need_bias = ctx.needs_input_grad
     # The S products as one, over columns (s, n): grad's [M, S * N] is a view when it is
-    # feature-major, as lstm_layer_bwd's grad_x_proj is. The weight's gradient grad @ x_cols^T
-    # on this op's own product (oneDNN's brgemm for float32; torch.mm's MKL runs its AVX2 code on
-    # AMD: T32 B16 H256 on the Zen 5, 395 GFLOP/s against 211). The input's, w^T @ grad, on
-    # torch.mm: it reduces over 4H with w^T (I rows) as A, and brgemm's [4H, 64] panels of grad
-    # then fall out of L2 (56-65 GFLOP/s against MKL's 79-87 on the Zen 4 at one thread, issue
-    # 17; on the Zen 5 about even: 183-240 against 188-204, a copy of grad^T as A 216-230).
+    # feature-major, as lstm_layer_bwd's grad_x_proj is. Both gradients on this op's own product
+    # (oneDNN's brgemm for float32; torch.mm's MKL runs its AVX2 code on AMD): the weight's,
+    # grad @ x_cols^T (T32 B16 H256 on the Zen 5, 395 GFLOP/s against 211), and the input's,
+    # w^T @ grad, with a copy of w^T as A (T32 B64 H512, 419 against 203), which comes out in
+    # x's own [S, K, N].
     S, K, N = x.shape
-    grad = grad.permute(1, 0, 2).reshape(weight.shape[0], S * N)
     x_cols = x.permute(1, 0, 2).reshape(K, S * N)
-    return (_OPS.lstm_weight_mm(grad, x_cols.t().unsqueeze(0), None)[0] if need_weight else None,
-            (weight.t() @ grad).view(K, S, N).permute(1, 0, 2) if need_x else None,
-            grad.sum(1) if need_bias else None)
+    grad_cols = grad.permute(1, 0, 2).reshape(weight.shape[0], S * N)
+    return (_OPS.lstm_weight_mm(grad_cols, x_cols.t().unsqueeze(0), None)[0]
+            if need_weight else None,
+            _OPS.lstm_weight_mm(weight.t().contiguous(), grad, None) if need_x else None,
+            grad_cols.sum(1) if need_bias else None)
 
 
 register_autograd("fastattn::lstm_weight_mm", _weight_mm_backward,

@@ -2,9 +2,7 @@
 // fastattn::linear op) through ATen's oneDNN micro-kernels (at::native::cpublas::brgemm) on B
 // panels we pack, instead of torch.mm: on AMD, torch.mm goes to MKL, which runs its AVX2 code
 // there (~210 GFLOP/s on 2 cores of the Zen 4 and the Zen 5 alike; oneDNN's AVX-512 brgemm
-// ~400-450 on the Zen 5, 99-107 a core against MKL's 84-96 on the Zen 4). The LSTM's gradient into
-// the input stays on torch.mm: it reduces over 4H with w^T as A, and its packed panels fell out
-// of L2 on the Zen 4 (brgemm 56-65 GFLOP/s a core there, MKL 79-87; about even on the Zen 5).
+// ~400-450 on the Zen 5, 99-107 a core against MKL's 84-96 on the Zen 4).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,13 +36,6 @@ void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
 // fastattn.ops.linear asks once, at import, for the products that torch.nn's modules would run
 // on torch.mm.
 bool beats_torch_mm();
-
-// Whether mm_out also beats torch.mm on an input gradient grad @ w with a row-major grad as A,
-// a deep product (it reduces over w's rows, a projection's outputs), as fastattn::linear's
-// backward runs it: beats_torch_mm() and an AMD CPU of family 0x1A (Zen 5) or later. On the Zen 5
-// brgemm ran such products 1.5-2x faster than MKL (512-2048 rows, reductions over 512-4096, 2
-// threads); the Zen 4 was not measured on them (its LSTM input gradient, w^T as A, lost above).
-bool deep_products_beat_torch_mm();
 
 // Whether FASTATTN_LSTM_GEMM=torch asks for torch.mm wherever the CPU LSTM could run its own
 // products instead (read on every call, so that one process can interleave the engines:
