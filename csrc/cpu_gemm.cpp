@@ -25,6 +25,8 @@ constexpr int64_t kCols = 64, kRows = 64, kDepth = 512;
 // call, as lstm_cell's inference makes, has N = B: a 64-wide panel for B = 16 would multiply
 // three columns of zeros for every one of b's). At most kCols / kColStep kernel shapes per a.
 constexpr int64_t kColStep = 16;
+// Rows of B a column-by-column packing copies at a time: [kTranspose, kCols] floats, 16 KiB.
+constexpr int64_t kTranspose = 64;
 
 bool usable() {
   static const bool runs = brgemm_runs<float>(/*vnni=*/false);
@@ -81,15 +83,21 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
       if (j != packed) {
         // panel[k][jj] = b[k][n0 + jj], zero for jj >= n, read along b's unit stride: a
         // row-major b (an LSTM gradient, a weight as linear's input gradient reads it) row by
-        // row, else column by column. Column by column, a row-major b's panel read each of its
-        // K rows n times, a page apart each (a TLB miss per element): slower than the product.
+        // row, else (w^T, as the projections read it) column by column over kTranspose rows at
+        // a time, so that both the columns read and the panel rows written stay in L1. Column
+        // by column over all K, a row-major b's panel read each of its K rows n times, a page
+        // apart each (a TLB miss per element), and w^T's wrote each panel row n times from L2:
+        // either cost more than the product of few rows.
         if (n < cols) std::fill(panel.begin(), panel.end(), 0.f);
         if (bsn == 1) {
           for (int64_t k = 0; k < K; ++k) std::copy_n(Bsrc + k * bsk + n0, n, &panel[k * cols]);
         } else {
-          for (int64_t jj = 0; jj < n; ++jj) {
-            const float* src = Bsrc + (n0 + jj) * bsn;
-            for (int64_t k = 0; k < K; ++k) panel[k * cols + jj] = src[k * bsk];
+          for (int64_t k0 = 0; k0 < K; k0 += kTranspose) {
+            const int64_t k1 = std::min(K, k0 + kTranspose);
+            for (int64_t jj = 0; jj < n; ++jj) {
+              const float* src = Bsrc + (n0 + jj) * bsn;
+              for (int64_t k = k0; k < k1; ++k) panel[k * cols + jj] = src[k * bsk];
+            }
           }
         }
         packed = j;
