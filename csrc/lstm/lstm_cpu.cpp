@@ -11,6 +11,7 @@
 
 #include "fastattn/cpu_gemm.h"
 #include "fastattn/cpu_isa.h"
+#include "fastattn/cpu_transpose_copy.h"
 #include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
 #include "lstm_layer_problem.h"
@@ -319,7 +320,7 @@ Tensor lstm_weight_mm_cpu(const Tensor& weight, const Tensor& x, const OptTensor
   const int64_t S = x.size(0), M = weight.size(0), K = x.size(1), N = x.size(2);
   Tensor out = at::empty({S, M, N}, weight.options());
   // The S products as one: columns (s, n) of x's [K, S * N] (a view for a transposed input).
-  const Tensor w = weight.contiguous(), b = given(bias) ? *bias : Tensor();
+  const Tensor w = contiguous_matrix(weight), b = given(bias) ? *bias : Tensor();
   const Tensor x_cols = x.permute({1, 0, 2}).reshape({K, S * N});
   if (!cpu_gemm::mm_out(out, w, x_cols, b)) {
     const Tensor product = at::empty({M, S * N}, weight.options());
@@ -395,8 +396,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   // gradients' brgemm products, here and in the backward of the input projection
   // (fastattn/ops/lstm.py), as one [4H, T * B] matrix with unit column stride. The kernel writes
   // it in gates_all's layout: feature-major after a step-major forward; after a row-major one
-  // (lanes along the units) into row-major rows, transposed after (at::copy_'s blocked
-  // transpose), which costs less than running those products on torch.mm's MKL on AMD.
+  // (lanes along the units) into row-major rows, transposed after (transpose_copy), which costs
+  // less than running those products on torch.mm's MKL on AMD.
   Tensor grad_x_proj = at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
   const Tensor grad_rows =
       step_major(gates_all) ? grad_x_proj : at::empty({p.T, p.B, 4 * p.H}, opts);
@@ -423,8 +424,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   a.grad_hproj_all = seq_view(grad_hproj_all);
   FASTATTN_ISA_CALL(lstm_layer_bwd_kernel, a);
   if (!grad_rows.is_same(grad_x_proj)) {
-    grad_x_proj.permute({2, 0, 1}).view({4 * p.H, p.T * p.B})
-        .copy_(grad_rows.view({p.T * p.B, 4 * p.H}).t());
+    transpose_copy(grad_x_proj.permute({2, 0, 1}).view({4 * p.H, p.T * p.B}),
+                   grad_rows.view({p.T * p.B, 4 * p.H}));
   }
 
   // Weight gradients for the whole sequence.

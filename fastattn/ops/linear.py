@@ -57,7 +57,7 @@ def _input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     feature-major one (the LSTM's) as the product's transpose weight^T @ grad^T, with a copy of
     weight^T as lstm_weight_mm's A, since brgemm reads its A along rows."""
     if grad.stride(0) == 1 and grad.stride(1) != 1:
-        return _OPS.lstm_weight_mm(weight.t().contiguous(), grad.t().unsqueeze(0), None)[0].t()
+        return _OPS.lstm_weight_mm(weight.t(), grad.t().unsqueeze(0), None)[0].t()
     return _OPS.linear(grad, weight.t(), None)
 
 

@@ -245,7 +245,7 @@ def _weight_mm_backward(ctx, grad):
     grad_cols = grad.permute(1, 0, 2).reshape(weight.shape[0], S * N)
     return (_OPS.lstm_weight_mm(grad_cols, x_cols.t().unsqueeze(0), None)[0]
             if need_weight else None,
-            _OPS.lstm_weight_mm(weight.t().contiguous(), grad, None) if need_x else None,
+            _OPS.lstm_weight_mm(weight.t(), grad, None) if need_x else None,
             grad_cols.sum(1) if need_bias else None)
 
 
