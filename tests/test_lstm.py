@@ -169,7 +169,7 @@ def test_lstm_low_precision_vs_float64(dtype):
 @pytest.mark.parametrize("B", [5, 16, 24, 40])
 def test_lstm_fp32_training_vs_float64(engine, B, monkeypatch):
     """Float32 training at batches whose lanes run along the units (B = 5 and 24: row-major
-    x_proj, its projection on lstm_linear, 216 rows at B = 24, too few for brgemm at B = 5) and
+    x_proj, its projection on fastattn::linear, 216 rows at B = 24, too few for brgemm at B = 5) and
     along the batch (16, 40: step-major x_proj): the weight gradients are one product over every
     step of the feature-major gate gradients (cpu_gemm.cpp's brgemm, or torch.mm where
     FASTATTN_LSTM_GEMM=torch), each direction's steps paired with its own h_prev. Off every

@@ -78,6 +78,29 @@ def test_backends_start_from_identical_weights():
             assert torch.equal(reference[name], candidate[name]), (model, name)
 
 
+@pytest.mark.parametrize("kind,projections", [("gpt", 2 * 4 + 1), ("lstm", 1)])
+def test_fastattn_backend_projects_through_fastattn_linear(kind, projections, monkeypatch):
+    """--backend fastattn runs every projection (the GPT's four per block and both models' tied
+    head) through fastattn.ops.linear, which picks fastattn's GEMM or F.linear; --backend torch
+    none of them."""
+    import fastattn.ops.linear as linear_module
+
+    calls = []
+    real = linear_module.linear
+
+    def recording(input, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return real(input, weight, bias)
+
+    monkeypatch.setattr(linear_module, "linear", recording)
+    config = ModelConfig(model=kind, n_layer=2, n_embd=24, n_head=2, block_size=33)
+    idx = torch.randint(0, 256, (3, 33))
+    build_model(config, "torch")(idx)
+    assert calls == []
+    build_model(config, "fastattn")(idx)
+    assert len(calls) == projections and calls[-1] == (256, 24)
+
+
 @pytest.mark.parametrize("model", ["gpt", "lstm"])
 def test_resume_after_ctrl_c_matches_uninterrupted_run(model, tmp_path, text_dir):
     assert _train(tmp_path / "straight", text_dir, "--backend", "torch", model=model) == 0

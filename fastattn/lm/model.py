@@ -1,9 +1,11 @@
 """The two language models of the reference trainer: a small GPT and an LSTM LM.
 
 ``backend="fastattn"`` routes attention through ``fastattn.scaled_dot_product_attention`` (and,
-when decoding, ``fastattn.attention_with_kv_cache`` over a paged KV cache) and the recurrence
-through ``fastattn.LSTM``; ``backend="torch"`` uses ``F.scaled_dot_product_attention`` (decoding:
-gathering the cache's pages, then SDPA) and ``nn.LSTM``. Both backends build identical parameters
+when decoding, ``fastattn.attention_with_kv_cache`` over a paged KV cache), the recurrence
+through ``fastattn.LSTM`` and the projections through ``fastattn.ops.linear.linear`` (F.linear on
+fastattn's CPU GEMM where that beats torch.mm's, else F.linear); ``backend="torch"`` uses
+``F.scaled_dot_product_attention`` (decoding: gathering the cache's pages, then SDPA), ``nn.LSTM``
+and ``F.linear``. Both backends build identical parameters
 from the same seed (same names, shapes, init order), so runs can be compared step by step.
 """
 
@@ -113,6 +115,28 @@ def attention_function(backend: str) -> Callable[..., torch.Tensor]:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def linear_function(backend: str) -> Callable[..., torch.Tensor]:
+    """F.linear of the chosen backend (F.linear's signature)."""
+    if backend == "fastattn":
+        return _fastattn_attr("ops").linear.linear
+    if backend == "torch":
+        return F.linear
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose product is the backend's linear function: the same parameters, names and
+    initialization on either backend."""
+
+    def __init__(self, in_features: int, out_features: int,
+                 linear: Callable[..., torch.Tensor]):
+        super().__init__(in_features, out_features)
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, self.weight, self.bias)
+
+
 def cached_attention_function(backend: str) -> Callable[..., torch.Tensor]:
     """Attention over a paged KV cache of the chosen backend (attention_with_kv_cache's
     signature, as far as the GPT calls it)."""
@@ -125,7 +149,8 @@ def cached_attention_function(backend: str) -> Callable[..., torch.Tensor]:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, sdpa: Callable[..., torch.Tensor],
-                 cached_attention: Callable[..., torch.Tensor]):
+                 cached_attention: Callable[..., torch.Tensor],
+                 linear: Callable[..., torch.Tensor]):
         super().__init__()
         if config.n_embd % config.n_head:
             raise ValueError(
@@ -133,8 +158,8 @@ class CausalSelfAttention(nn.Module):
             )
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.qkv = Linear(config.n_embd, 3 * config.n_embd, linear)
+        self.proj = Linear(config.n_embd, config.n_embd, linear)
         self.sdpa = sdpa
         self.cached_attention = cached_attention
 
@@ -159,15 +184,16 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, config: ModelConfig, sdpa: Callable[..., torch.Tensor],
-                 cached_attention: Callable[..., torch.Tensor]):
+                 cached_attention: Callable[..., torch.Tensor],
+                 linear: Callable[..., torch.Tensor]):
         super().__init__()
         self.ln_attn = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config, sdpa, cached_attention)
+        self.attn = CausalSelfAttention(config, sdpa, cached_attention, linear)
         self.ln_mlp = nn.LayerNorm(config.n_embd)
         self.mlp = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
+            Linear(config.n_embd, 4 * config.n_embd, linear),
             nn.GELU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
+            Linear(4 * config.n_embd, config.n_embd, linear),
             nn.Dropout(config.dropout),
         )
 
@@ -184,11 +210,12 @@ class GPT(nn.Module):
         self.config = config
         sdpa = attention_function(backend)
         cached_attention = cached_attention_function(backend)
+        self.linear = linear_function(backend)
         self.token_embedding = nn.Embedding(VOCAB_SIZE, config.n_embd)
         self.position_embedding = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(config, sdpa, cached_attention) for _ in range(config.n_layer)
+            Block(config, sdpa, cached_attention, self.linear) for _ in range(config.n_layer)
         )
         self.ln_final = nn.LayerNorm(config.n_embd)
         self.apply(self._init_weights)
@@ -229,7 +256,7 @@ class GPT(nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.advance(idx.shape[1])
-        logits = F.linear(self.ln_final(x), self.token_embedding.weight)
+        logits = self.linear(self.ln_final(x), self.token_embedding.weight)
         return logits, cache
 
 
@@ -259,6 +286,7 @@ class LSTMLM(nn.Module):
         elif backend != "torch":
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.ln_final = nn.LayerNorm(config.n_embd)
+        self.linear = linear_function(backend)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
     def forward(
@@ -266,7 +294,7 @@ class LSTMLM(nn.Module):
     ) -> tuple[torch.Tensor, LSTMState]:
         """idx int64 [B, L] -> (logits [B, L, 256], (h, c) each [n_layer, B, n_embd])."""
         out, state = self.lstm(self.token_embedding(idx), state)
-        return F.linear(self.ln_final(out), self.token_embedding.weight), state
+        return self.linear(self.ln_final(out), self.token_embedding.weight), state
 
 
 def build_model(config: ModelConfig, backend: str) -> nn.Module:
