@@ -157,19 +157,24 @@ SCHEMAS.update({
     "Tensor hpre_all) -> (Tensor grad_x_proj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh, "
     "Tensor grad_w_hr)",
     # CPU only: out [S, M, N] = weight [M, K] @ x [S, K, N] (+ bias[:, None]), contiguous, as
-    # torch.matmul broadcasts weight; the training input projection computes x_proj step-major with
-    # it (weight = w_ih, x = input.transpose(1, 2)).
+    # torch.matmul broadcasts weight, on fastattn's own GEMM (cpu_gemm.h): the training input
+    # projection computes x_proj step-major with it (weight = w_ih, x = input.transpose(1, 2)),
+    # and the backwards of this op and of linear their weight and input gradients.
     "lstm_weight_mm": "lstm_weight_mm(Tensor weight, Tensor x, Tensor? bias) -> Tensor",
-    # CPU only: out [M, N] = input [M, K] @ weight [N, K]^T (+ bias [N]), contiguous (F.linear's
-    # product on fastattn's own GEMM): the LSTM's training input projection of a row-major x_proj
-    # (input = the input's rows, weight = w_ih), where the CPU kernels' lanes run along the units,
-    # and fastattn.ops.linear where that GEMM beats torch.mm.
-    "linear": "linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor",
     # CPU only: gates [B, 4H] = input [B, I] @ w_ih^T + hx [B, H] @ w_hh^T (+ bias [4H]), before
     # the activations, contiguous: the products of a training cell step of a few rows, which a
     # GEMV-style kernel computes faster than two GEMMs (fastattn.ops.lstm's lstm_cell).
     "lstm_step_gates": "lstm_step_gates(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, "
     "Tensor? bias) -> Tensor",
+})
+
+# fastattn's own float32 CPU GEMM (csrc/include/fastattn/cpu_gemm.h; other dtypes on at::mm).
+SCHEMAS.update({
+    # CPU only: out [M, N] = input [M, K] @ weight [N, K]^T (+ bias [N]), contiguous (F.linear's
+    # product): the LSTM's training input projection of a row-major x_proj (input = the input's
+    # rows, weight = w_ih), where the CPU kernels' lanes run along the units, and
+    # fastattn.ops.linear where that GEMM beats torch.mm.
+    "linear": "linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor",
 })
 
 # LayerNorm-LSTM layer ops: one layer in one direction as lstm_layer_fwd / _bwd (same layouts,
