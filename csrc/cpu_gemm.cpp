@@ -146,7 +146,8 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 
 void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                 const at::Tensor& bias) {
-  if (x.size(0) >= kRows && mm_out(out.unsqueeze(0), x, w.t(), at::Tensor(), bias)) return;
+  if (x.size(0) >= kLinearMinRows && mm_out(out.unsqueeze(0), x, w.t(), at::Tensor(), bias))
+    return;
   bias.defined() ? at::addmm_out(out, bias, x, w.t())
                  : at::mm_out(out, x, w.t());
 }

@@ -108,6 +108,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_gemm_beats_torch_mm", &fastattn::cpu_gemm::beats_torch_mm,
         "Whether fastattn's float32 CPU GEMM (oneDNN brgemm) runs here and beats torch.mm's "
         "(fastattn.ops.linear then takes it)");
+  m.attr("cpu_gemm_linear_min_rows") = fastattn::cpu_gemm::kLinearMinRows;
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
   fastattn::bind_attention_eager_entry(m);

@@ -17,12 +17,13 @@ from fastattn.ops import _registry  # noqa: F401  (defines the schemas)
 from fastattn.ops._autograd import differentiable, first_order_only, register_autograd
 
 _OPS = torch.ops.fastattn
-# Fewer rows would not pay for packing the weight on every call (csrc/cpu_gemm.cpp).
-_MIN_ROWS = 64
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # Asked once (a constant for torch.compile to trace past): FASTATTN_LSTM_GEMM=torch set before
 # the import turns the op off.
 _GEMM_WINS = _extension.C is not None and _extension.C.cpu_gemm_beats_torch_mm()
+# Below this many rows the op would run at::mm itself (packing the weight would not pay), so
+# such a call keeps F.linear, without the op's overhead.
+_MIN_ROWS = _extension.C.cpu_gemm_linear_min_rows if _GEMM_WINS else None
 
 
 @torch.library.register_fake("fastattn::linear")

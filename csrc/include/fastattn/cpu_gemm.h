@@ -25,8 +25,12 @@ namespace fastattn::cpu_gemm {
 bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
             const at::Tensor& row_bias = at::Tensor(), const at::Tensor& col_bias = at::Tensor());
 
-// out [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), F.linear's product: on mm_out from 64 rows
-// (fewer would not pay for packing w^T on every call), else at::addmm / at::mm (any dtype).
+// The fewest rows of x for which linear_out takes mm_out: fewer would not pay for packing w^T on
+// every call (a block of 64 rows; a smaller x runs on a zero-padded copy of one).
+constexpr int64_t kLinearMinRows = 64;
+
+// out [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), F.linear's product: on mm_out from
+// kLinearMinRows rows, else at::addmm / at::mm (any dtype).
 void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                 const at::Tensor& bias);
 
