@@ -289,17 +289,28 @@ void row_scores(const acc_t* q, const scalar_t* k, int64_t k_rs, int64_t n, int6
   alignas(64) acc_t part[L * L] = {};
   alignas(64) acc_t by_lane[L * L];
   const int64_t nvec = ceil_div(E, L), tail = E - (nvec - 1) * L;
+  // kKeys keys at a time, each its own chain of FMAs: one key's chain of E / L dependent FMAs at
+  // a time left the FMA units waiting on its latency (bf16 decode 5-8% slower, Zen 5).
+  constexpr int64_t kKeys = 4;
   for (int64_t j0 = 0; j0 < n; j0 += L) {
     const int64_t keys = std::min(L, n - j0);
-    for (int64_t j = 0; j < keys; ++j) {
+    // Keys j0 + j .. j0 + j + R - 1 into part's rows j .. j + R - 1.
+    const auto chains = [&](auto count, int64_t j) {
+      constexpr int64_t R = decltype(count)::value;
       const scalar_t* row = k + (j0 + j) * k_rs;
-      Vec acc(acc_t(0));
+      Vec acc[R];
+      for (int64_t r = 0; r < R; ++r) acc[r] = Vec(acc_t(0));
       for (int64_t c = 0; c < nvec; ++c) {
         const int64_t lanes = c + 1 < nvec ? L : tail;
-        acc = at::vec::fmadd(Vec::loadu(q + c * L), load_lanes<acc_t>(row + c * L, lanes), acc);
+        const Vec qv = Vec::loadu(q + c * L);
+        for (int64_t r = 0; r < R; ++r)
+          acc[r] = at::vec::fmadd(qv, load_lanes<acc_t>(row + r * k_rs + c * L, lanes), acc[r]);
       }
-      acc.store(part + j * L);
-    }
+      for (int64_t r = 0; r < R; ++r) acc[r].store(part + (j + r) * L);
+    };
+    int64_t j = 0;
+    for (; j + kKeys <= keys; j += kKeys) chains(std::integral_constant<int64_t, kKeys>{}, j);
+    for (; j < keys; ++j) chains(std::integral_constant<int64_t, 1>{}, j);
     at::vec::transpose_mxn<acc_t, L, L>(part, L, by_lane, L);
     Vec total = Vec::loadu(by_lane);
     for (int64_t l = 1; l < L; ++l) total = total + Vec::loadu(by_lane + l * L);
