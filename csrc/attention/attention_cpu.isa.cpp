@@ -277,6 +277,15 @@ C10_ALWAYS_INLINE Vectorized<acc_t> load_lanes(const scalar_t* x, int64_t count)
   }
 }
 
+// The lines of the `bytes` bytes at row into the cache, for a row kAheadRows rows further on in
+// a stream that the single-row products read once.
+constexpr int64_t kAheadRows = 16;
+template <typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_bytes(const scalar_t* row, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+}
+
 // s[j] = sum_e q[e] * k[j * k_rs + e] for e < E, j < n: a single query row's scores, reading
 // the key rows in place (q zero-padded to whole vectors). Each key's products stay a vector
 // of partial sums; a group of one vector's worth of keys is transposed and added up at once,
@@ -298,6 +307,8 @@ void row_scores(const acc_t* q, const scalar_t* k, int64_t k_rs, int64_t n, int6
     const auto chains = [&](auto count, int64_t j) {
       constexpr int64_t R = decltype(count)::value;
       const scalar_t* row = k + (j0 + j) * k_rs;
+      for (int64_t r = 0; r < R; ++r)
+        prefetch_bytes(row + (r + kAheadRows) * k_rs, E * int64_t(sizeof(scalar_t)));
       Vec acc[R];
       for (int64_t r = 0; r < R; ++r) acc[r] = Vec(acc_t(0));
       for (int64_t c = 0; c < nvec; ++c) {
@@ -342,6 +353,7 @@ void row_pv(const acc_t* p, const scalar_t* v, int64_t v_rs, int64_t n, int64_t 
       if (p[j] == acc_t(0)) continue;
       const Vec pj(p[j]);
       const scalar_t* row = v + j * v_rs + e0;
+      prefetch_bytes(row + kAheadRows * v_rs, R * L * int64_t(sizeof(scalar_t)));
       for (int r = 0; r < R; ++r) {
         acc[r] = at::vec::fmadd(pj, load_lanes<acc_t>(row + r * L, lanes[r]), acc[r]);
       }
