@@ -17,7 +17,8 @@ void transpose_copy_kernel(const float* src, int64_t src_rs, int64_t rows, int64
                            float* dst, int64_t ld) {
   constexpr int64_t kChunk = 64;
   // Enough elements per task (64 Ki) that the fork is a small share of it.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, rows * kChunk));
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, rows * kChunk));
   at::parallel_for(0, (cols + kChunk - 1) / kChunk, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t c0 = i * kChunk;

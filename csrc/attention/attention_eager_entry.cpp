@@ -2,11 +2,12 @@
 // fastattn.attention_with_kv_cache: a call that needs none of the Python wrapper's work (no
 // ALiBi or dropout; plain CPU tensors of one float dtype in the [B, H, len, dim] layout the op
 // takes, a mask that broadcasts to them; nothing intercepting the call) runs
-// fastattn::attention_fwd (or attention_kv_cache_fwd) from here, and where a gradient is needed records it on a C++ autograd node whose backward
-// runs fastattn::attention_bwd; any other call gets None and takes the Python path, which
-// checks, normalizes and raises. The Python path costs ~11 us per call (two thirds of a short
-// decode step's time on 2 cores; ~25 us for the KV-cache op's many arguments) and its
-// autograd.Function ~55 us more per forward and backward; this one under 2 and a few.
+// fastattn::attention_fwd (or attention_kv_cache_fwd) from here, and where a gradient is needed
+// records it on a C++ autograd node whose backward runs fastattn::attention_bwd; any other call
+// gets None and takes the Python path, which checks, normalizes and raises. The Python path
+// costs ~11 us per call (two thirds of a short decode step's time on 2 cores; ~25 us for the
+// KV-cache op's many arguments) and its autograd.Function ~55 us more per forward and backward;
+// this one under 2 and a few.
 //
 // Declining is always safe, so the gates below only list conditions under which the Python path
 // makes exactly these op calls with these arguments; they raise nothing. The autograd node gives
