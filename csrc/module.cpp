@@ -18,7 +18,7 @@
 namespace fastattn {
 
 FASTATTN_ISA_DECLARE(const char* attention_fwd_tile_engine(Dtype dtype))
-FASTATTN_ISA_DECLARE(LstmUnitLanes lstm_unit_lanes())
+FASTATTN_ISA_DECLARE(int64_t lstm_unit_lanes_below())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
 FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
 
@@ -28,7 +28,7 @@ const char* attention_cpu_tile_engine(Dtype dtype) {
 
 void bind_attention_eager_entry(pybind11::module_& m);
 
-LstmUnitLanes cpu_lstm_unit_lanes() { return FASTATTN_ISA_CALL(lstm_unit_lanes); }
+int64_t cpu_lstm_unit_lanes_below() { return FASTATTN_ISA_CALL(lstm_unit_lanes_below); }
 
 // Batches B < this run fastattn::lstm_step_gates on its GEMV-style kernel (0: none do). Counted
 // from lstm_layer_step_on_gemm, so that the batch rule is stated once, in the kernel's ISA file.
@@ -94,14 +94,9 @@ PYBIND11_MODULE(_C, m) {
         },
         "The engine of the CPU attention's tile products (forward and backward) for a dtype "
         "name on this machine (at the ISA cpu_isa() reports)");
-  m.def("cpu_lstm_unit_lanes",
-        [] {
-          const fastattn::LstmUnitLanes lanes = fastattn::cpu_lstm_unit_lanes();
-          return std::make_tuple(lanes.below, lanes.except);
-        },
-        "(below, except): the CPU LSTM kernels put their vector lanes along the units for a "
-        "batch B < below other than except (at the ISA cpu_isa() reports), and keep their "
-        "gates and gate gradients row-major then");
+  m.def("cpu_lstm_unit_lanes_below", &fastattn::cpu_lstm_unit_lanes_below,
+        "The CPU LSTM kernels put their vector lanes along the units for a batch B < this (at "
+        "the ISA cpu_isa() reports), and keep their gates and gate gradients row-major then");
   m.def("cpu_lstm_step_gates_below", &fastattn::cpu_lstm_step_gates_below,
         "fastattn::lstm_step_gates computes the gates of a batch B < this on its GEMV-style "
         "kernel (at the ISA cpu_isa() reports; 0: on none), else on two GEMMs");

@@ -85,8 +85,9 @@ def test_lstm_matches_torch(flags):
     _assert_same_on_padded(*_pair(flags), flags, T=4, B=3)
 
 
-# The batch picks the kernels' lanes (float64 vectors hold 8 rows on avx512, 4 on avx2): B = 1
-# along the units; B = 16, 17 and 40 along the batch, in panels of several vectors, the last one
+# The batch picks the kernels' lanes (along the units below two float32 vectors of rows: 32 on
+# avx512, 16 on avx2; float64 vectors hold 8 rows on avx512, 4 on avx2): B = 1 along the units;
+# B = 40, and on avx2 16 and 17, along the batch, in panels of several vectors, the last one
 # partial at 17 and 40. test_lstm_matches_torch runs every flag at B = 3 (unit lanes) only.
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("B", [1, 16, 17, 40])

@@ -136,12 +136,12 @@ def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H, device):
 # T = 70 steps of H = 256 units: lstm_layer_infer computes x_proj about 4 MiB at a time, so at
 # B = 20 fp32 runs two chunks (51 + 19 steps) and fp64 three, fp16 and bf16 one; at B = 40, three
 # or more. The CPU kernel puts its lanes along the units below two vectors of rows (B < 32 on
-# avx512, < 16 on avx2) but for exactly one vector, along the batch above: B = 5 and 40 run one
-# each everywhere, B = 20 the unit lanes on avx512 and the batch lanes on avx2, B = 16 the batch
-# lanes (one full vector on avx512). One step (T = 1) of fewer rows than a vector (B = 3) adds
-# h0 @ w_hh^T to x_proj and runs the cell alone; of B = 20, one step of a kernel; of B = 40, one
-# step of the batch lanes, whose float32 projection (brgemm, cpu_gemm.cpp) then has fewer
-# column blocks than threads and splits its rows.
+# avx512, < 16 on avx2), along the batch above: B = 5 and 40 run one each everywhere, B = 16 and
+# 20 the unit lanes on avx512 and the batch lanes on avx2 (one full vector there at 16). One step
+# (T = 1) of fewer rows than a vector (B = 3) adds h0 @ w_hh^T to x_proj and runs the cell alone;
+# of B = 20, one step of a kernel; of B = 40, one step of the batch lanes, whose float32
+# projection (brgemm, cpu_gemm.cpp) then has fewer column blocks than threads and splits its
+# rows.
 @needs_cpu_kernels
 @pytest.mark.parametrize(("T", "B"),
                          [(70, 5), (70, 16), (70, 20), (70, 40), (1, 3), (1, 20), (1, 40)],

@@ -39,6 +39,7 @@
 #include "attention_cpu_brgemm.h"
 #include "fastattn/attention_params.h"
 #include "fastattn/cpu_isa.h"
+#include "fastattn/cpu_scratch.h"
 #include "fastattn/cpu_transpose.h"
 #include "fastattn/philox.h"
 
@@ -191,32 +192,6 @@ void gemm(int64_t m, int64_t n, int64_t kdim, const T* a, int64_t a_rs, int64_t 
                                       k_from_diag);
   }
 }
-
-// Scratch of n elements for one thread's work in one call. Up to kMaxCachedScratchBytes it is
-// a per-thread buffer kept across calls (so that repeated calls do not pay fresh pages); a
-// larger request is allocated for this call alone and freed with it, so that one long sequence
-// does not pin its scratch in every pool thread for the life of the process.
-constexpr int64_t kMaxCachedScratchBytes = int64_t{16} << 20;
-
-template <typename T>
-class Scratch {
- public:
-  explicit Scratch(int64_t n) {
-    if (n * static_cast<int64_t>(sizeof(T)) <= kMaxCachedScratchBytes) {
-      thread_local std::vector<T> cached;
-      if (static_cast<int64_t>(cached.size()) < n) cached.resize(n);
-      data_ = cached.data();
-    } else {
-      owned_.resize(n);
-      data_ = owned_.data();
-    }
-  }
-  T* data() const { return data_; }
-
- private:
-  std::vector<T> owned_;
-  T* data_ = nullptr;
-};
 
 // Below this many flops a call runs on the calling thread: waking the pool costs more. Measured
 // on Zen 4 (2 threads, pool spinning between calls): at 1.3e5 flops (L = S = 8, H 8, E 64) the
@@ -1072,10 +1047,10 @@ struct ForwardTile {
   std::vector<acc_t> row_max, row_sum, lse, new_max, rescale;
   // Packed key tiles of one kv head, kept while a thread's consecutive query tiles read the
   // same head (packing a tile costs about as much as a third of its products):
-  // kt_all [n_kb][E][n_pad] = k^T, v_all [n_kb][block_n][ev_pad], in `cache` (see Scratch);
+  // kt_all [n_kb][E][n_pad] = k^T, v_all [n_kb][block_n][ev_pad], in `cache` (see cpu_scratch.h);
   // packed[kb]: whether tile kb holds the current head. (Declared in initialization order.)
   std::vector<char> packed;
-  Scratch<acc_t> cache;
+  ScratchBuffer<acc_t> cache;
   acc_t* kt_all;
   acc_t* v_all;
   int64_t packed_b = -1, packed_hk = -1;

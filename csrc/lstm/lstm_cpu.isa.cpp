@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastattn/cpu_scratch.h"
 #include "fastattn/cpu_transpose.h"
 #include "fastattn/lstm_cell_cpu.h"
 #include "fastattn/lstm_cpu.h"
@@ -47,16 +48,17 @@ constexpr int kBwdRows = at::vec::Vectorized<float>::size() == 16 ? 8 : kTileRow
 
 // With lanes along the batch, a batch of fewer rows than a vector leaves lanes idle (15 of 16 at
 // B = 1 on AVX-512) and every weight element is broadcast for one or two FMAs: fastattn.LSTM ran
-// 2.5-4x slower than nn.LSTM at B <= 4. For the batches unit_lanes picks, the forward and the
+// 2.5-4x slower than nn.LSTM at B <= 4. For batches below kUnitLaneBatch, the forward and the
 // backward turn the tiles around, as GEMV-shaped kernels do: a vector holds L consecutive units
 // (features), loaded from a weight packed once per call, and each batch row's state element is
 // the broadcast. A tile is up to kUnitRows batch rows; the state is row-major [B, features].
 constexpr int kUnitRows = at::vec::Vectorized<float>::size() == 16 ? 4 : 2;
+// Below two vectors of rows. At exactly one vector the unit lanes won too (forward op, Zen 5, 2
+// threads): B16 T32 H256 0.84-1.01 ms against 1.18-1.45 on AVX-512, H512 2.7-3.3 against 3.7-4.4;
+// B8 T32 H256 0.76-0.85 against 1.21-1.45 on AVX2. (On a Zen 4, 1 thread, they had run alike at
+// B16 H256 and the batch lanes 8-10% faster at H1024.) At B32-64 the two ran alike.
 constexpr int64_t kUnitLaneBatch = 2 * at::vec::Vectorized<float>::size();
-// A batch of exactly one vector keeps the batch lanes: at B16 on AVX-512 the two ran alike at
-// T16 H256 and the batch lanes 8-10% faster at H1024 (inference op, 1 thread, Zen 4); the unit
-// lanes won at B24 (16%) and at B16 H64 (13%).
-constexpr LstmUnitLanes unit_lanes{kUnitLaneBatch, at::vec::Vectorized<float>::size()};
+C10_ALWAYS_INLINE bool unit_lanes(int64_t batch) { return batch < kUnitLaneBatch; }
 
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
 // tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
@@ -370,8 +372,9 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // every write in one L1 set). Columns past `cols` are zero.
 template <typename acc_t, int R>
 struct ColumnGroups {
-  std::unique_ptr<acc_t[]> data;
-  int64_t rows = 0;
+  const int64_t rows;
+  const bool present;
+  ScratchBuffer<acc_t> data;
 
   struct Tile {
     static constexpr int kRows = R;
@@ -379,16 +382,15 @@ struct ColumnGroups {
     C10_ALWAYS_INLINE acc_t at(int64_t k, int r) const { return base[k * R + r]; }
   };
   // Group i: columns i * R .. i * R + R - 1.
-  Tile tile(int64_t i) const { return {data ? data.get() + i * rows * R : nullptr}; }
+  Tile tile(int64_t i) const { return {present ? data.data() + i * rows * R : nullptr}; }
 
-  static ColumnGroups of(const acc_t* w, int64_t rows, int64_t cols) {
+  // w's groups; none (null tiles) for a null w.
+  ColumnGroups(const acc_t* w, int64_t rows, int64_t cols)
+      : rows(rows), present(w != nullptr), data(w ? ceil_div(cols, R) * rows * R : 0) {
     constexpr int64_t kRowBlock = 16;
-    ColumnGroups out;
-    out.rows = rows;
-    if (!w) return out;
+    if (!w) return;
     const int64_t groups = ceil_div(cols, R);
-    out.data.reset(new acc_t[groups * rows * R]);
-    acc_t* dst = out.data.get();
+    acc_t* dst = data.data();
     at::parallel_for(0, ceil_div(rows, kRowBlock), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t k0 = b0 * kRowBlock; k0 < std::min(rows, b1 * kRowBlock); k0 += kRowBlock) {
         for (int64_t g = 0; g < groups; ++g) {
@@ -401,7 +403,6 @@ struct ColumnGroups {
         }
       }
     });
-    return out;
   }
 };
 
@@ -456,8 +457,9 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   // Feature-major state: h, the B operand of phase 1, in panels and double-buffered (a step reads
   // all of h_prev); hpre, the B operand of the projection, likewise; c updated in place, [H, Bp].
   const Panels<acc_t> h_panels{P, nvec}, hpre_panels{H, nvec};
-  std::vector<acc_t> h_buf(2 * h_panels.size(), acc_t(0)), c_buf(H * Bp, acc_t(0));
-  std::vector<acc_t> hpre_buf(proj ? hpre_panels.size() : 0);
+  const ScratchBuffer<acc_t> h_buf(2 * h_panels.size(), zero_filled);
+  const ScratchBuffer<acc_t> c_buf(H * Bp, zero_filled);
+  const ScratchBuffer<acc_t> hpre_buf(proj ? hpre_panels.size() : 0, zero_filled);
   for (int64_t v = 0; v < nvec; ++v) {
     for (int64_t p = 0; p < P; ++p) h0.load(0, v * L, p, lay.lanes(v)).store(&h_buf[h_panels.at(p, v)]);
     for (int64_t j = 0; j < H; ++j) c0.load(0, v * L, j, lay.lanes(v)).store(&c_buf[j * Bp + v * L]);
@@ -540,26 +542,24 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
 
 // ---- forward, lanes along the units (small batches) ---------------------------------------
 
-// Rows of the row-major [*, K] weight w, transposed in blocks of up to L rows: block i
-// (block(i) = {first row, rows, offset}) becomes a [K, L] panel at `offset` whose row k holds
+// Rows of the row-major [*, K] weight w, transposed in blocks of up to L rows into out: block i
+// (block(i) = {first row, rows, offset}) becomes a [K, L] panel at out + offset whose row k holds
 // w[first .. first + rows - 1, k] (then zeros), rows `ld` apart. Register-blocked transposes
-// (cpu_transpose.h); `size` elements in all.
+// (cpu_transpose.h). Nothing for a null w.
 struct RowBlock {
   int64_t first, rows, offset;
 };
 template <typename acc_t, typename Block>
-std::unique_ptr<acc_t[]> transposed_rows(const acc_t* w, int64_t K, int64_t ld, int64_t blocks,
-                                         int64_t size, const Block& block) {
+void transposed_rows(acc_t* out, const acc_t* w, int64_t K, int64_t ld, int64_t blocks,
+                     const Block& block) {
   constexpr int64_t L = Vec<acc_t>::size();
-  std::unique_ptr<acc_t[]> out(new acc_t[size]);
-  if (!w) return out;
+  if (!w) return;
   at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const RowBlock blk = block(i);
-      pack_transposed(w + blk.first * K, K, blk.rows, K, out.get() + blk.offset, ld, L);
+      pack_transposed(w + blk.first * K, K, blk.rows, K, out + blk.offset, ld, L);
     }
   });
-  return out;
 }
 
 // A unit-lane tile of rows 0 .. nb - 1 (nb <= R) of the row-major a (rows lda apart) against V
@@ -604,7 +604,8 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
   // panel as one sequential stream: panels interleaved along k, 4 * H elements apart, made the
   // inference op 2.6x slower at T32 B1 H1024, where the weights come from memory every step).
   const int64_t hh_panel = K * 4 * L;
-  const auto w_hh_t = transposed_rows(w_hh, P, 4 * L, 4 * units, units * hh_panel, [&](int64_t i) {
+  const ScratchBuffer<acc_t> w_hh_t(units * hh_panel);
+  transposed_rows(w_hh_t.data(), w_hh, P, 4 * L, 4 * units, [&](int64_t i) {
     const int64_t g = i % 4, u = i / 4;
     return RowBlock{g * H + u * L, std::min<int64_t>(L, H - u * L), u * hh_panel + g * L};
   });
@@ -612,16 +613,16 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
   auto w_hr_block = [&](int64_t i) {
     return RowBlock{i * L, std::min<int64_t>(L, P - i * L), i * H * L};
   };
-  const auto w_hr_t = proj ? transposed_rows(static_cast<const acc_t*>(a.w_hr), H, L, p_blocks,
-                                             p_blocks * H * L, w_hr_block)
-                           : nullptr;
+  const ScratchBuffer<acc_t> w_hr_t(proj ? p_blocks * H * L : 0);
+  transposed_rows(w_hr_t.data(), static_cast<const acc_t*>(a.w_hr), H, L, p_blocks, w_hr_block);
   const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
   const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
   const Fibre<acc_t, acc_t> gates_all{a.gates_all};
 
   // Row-major state: h [B, P] double-buffered (a tile's broadcasts read rows of h_prev), c
   // [B, H] updated in place, hpre [B, H] (the projection's broadcasts).
-  std::vector<acc_t> h_buf(2 * B * P), c_buf(B * H), hpre_buf(proj ? B * H : 0);
+  const ScratchBuffer<acc_t> h_buf(2 * B * P, zero_filled), c_buf(B * H, zero_filled);
+  const ScratchBuffer<acc_t> hpre_buf(proj ? B * H : 0, zero_filled);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t p = 0; p < P; p += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, P - p));
@@ -675,7 +676,7 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
     for_unit_tiles<R>(units, unit_grain(4 * K, B) / L, B, [&](int64_t u, int64_t b0, int64_t nb) {
       const int64_t j0 = u * L;
       const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-      unit_tile<acc_t, R, 4>(nb, h_prev + b0 * P, P, w_hh_t.get() + u * hh_panel, 4 * L, K,
+      unit_tile<acc_t, R, 4>(nb, h_prev + b0 * P, P, w_hh_t.data() + u * hh_panel, 4 * L, K,
                              [&](auto& acc) {
         for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, j0, n);
       });
@@ -686,7 +687,7 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
       for_unit_tiles<R>(p_blocks, unit_grain(H, B) / L, B, [&](int64_t i, int64_t b0, int64_t nb) {
         const int64_t p0 = i * L;
         const int n = static_cast<int>(std::min<int64_t>(L, P - p0));
-        unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.get() + i * H * L, L, H,
+        unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.data() + i * H * L, L, H,
                                [&](auto& acc) {
           for (int64_t r = 0; r < rows_of(acc); ++r) emit_h(acc[r][0], b0 + r, p0, n);
         });
@@ -711,9 +712,9 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   const bool proj = a.w_hr != nullptr;
   // dh_prev = dgates @ w_hh and dhpre = dh_new @ w_hr reduce over the weights' rows: their tiles
   // are groups of columns.
-  const auto w_hh_cols = ColumnGroups<acc_t, kBwdRows>::of(static_cast<const acc_t*>(a.w_hh), G, P);
+  const ColumnGroups<acc_t, kBwdRows> w_hh_cols(static_cast<const acc_t*>(a.w_hh), G, P);
   const auto* w_hr = static_cast<const acc_t*>(a.w_hr);
-  const auto w_hr_cols = ColumnGroups<acc_t, kTileRows>::of(w_hr, P, H);
+  const ColumnGroups<acc_t, kTileRows> w_hr_cols(w_hr, P, H);
   const int64_t K_hh = a.w_hh ? G : 0;
   const int64_t h_tiles = ceil_div(H, kTileRows), p_tiles = ceil_div(P, kBwdRows);
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
@@ -728,8 +729,9 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   // step s reads all of them while the fused epilogue writes step s + 1's. dh_new and dgates are
   // GEMM B operands (phase A with a projection, phase B), in panels.
   const Panels<acc_t> dh_panels{P, nvec}, dgates_panels{G, nvec};
-  std::vector<acc_t> dh_new(dh_panels.size(), acc_t(0)), dh_share(P * Bp, acc_t(0));
-  std::vector<acc_t> dc(H * Bp, acc_t(0)), dgates(2 * dgates_panels.size(), acc_t(0));
+  const ScratchBuffer<acc_t> dh_new(dh_panels.size(), zero_filled);
+  const ScratchBuffer<acc_t> dh_share(P * Bp, zero_filled), dc(H * Bp, zero_filled);
+  const ScratchBuffer<acc_t> dgates(2 * dgates_panels.size(), zero_filled);
 
   // Backward step s undoes forward step T - 1 - s, at time btime(s).
   auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
@@ -847,7 +849,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
 
 // ---- backward, lanes along the units (small batches) --------------------------------------
 
-// layer_bwd with the forward's unit lanes (unit_lanes): the state gradients are row-major
+// layer_bwd with the forward's unit lanes (small batches): the state gradients are row-major
 // [B, features], dh_prev = dgates @ w_hh reads w_hh's rows in place as vectors of kBwdUnitVecs * L
 // columns (packed into contiguous panels, ColumnGroups) and broadcasts each row's gate gradients.
 constexpr int kBwdUnitVecs = 4;
@@ -860,8 +862,8 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
   const Layout<acc_t> lay(a.shape);
   const int64_t T = lay.T, B = lay.B, H = lay.H, P = lay.P, G = lay.G;
   const bool proj = a.w_hr != nullptr;
-  const auto w_hh_cols = ColumnGroups<acc_t, V * L>::of(static_cast<const acc_t*>(a.w_hh), G, P);
-  const auto w_hr_cols = ColumnGroups<acc_t, L>::of(static_cast<const acc_t*>(a.w_hr), P, H);
+  const ColumnGroups<acc_t, V * L> w_hh_cols(static_cast<const acc_t*>(a.w_hh), G, P);
+  const ColumnGroups<acc_t, L> w_hr_cols(static_cast<const acc_t*>(a.w_hr), P, H);
   const int64_t K_hh = a.w_hh ? G : 0;
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
   const F zc{a.zoneout_c}, zh{a.zoneout_h};
@@ -871,8 +873,8 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
 
   // dh_new, dh_share and dc as layer_bwd's, row-major; the step's gate gradients [B, G],
   // double-buffered (the GEMM of step s reads them all while its epilogue writes step s + 1's).
-  std::vector<acc_t> dh_new(B * P, acc_t(0)), dh_share(B * P, acc_t(0)), dc(B * H, acc_t(0));
-  std::vector<acc_t> dgates(2 * B * G, acc_t(0));
+  const ScratchBuffer<acc_t> dh_new(B * P, zero_filled), dh_share(B * P, zero_filled);
+  const ScratchBuffer<acc_t> dc(B * H, zero_filled), dgates(2 * B * G, zero_filled);
   auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
   auto lanes = [](int64_t size, int64_t f0) {
     return static_cast<int>(std::min<int64_t>(L, size - f0));
@@ -1036,7 +1038,7 @@ void lstm_cell_pointwise_fwd_kernel(const LstmCellPointwiseArgs& args) {
 void lstm_cell_pointwise_bwd_kernel(const LstmCellPointwiseArgs& args) {
   visit_lstm_dtype(args.dtype, [&](auto type) { cell_pointwise_bwd<decltype(type)>(args); });
 }
-LstmUnitLanes lstm_unit_lanes() { return unit_lanes; }
+int64_t lstm_unit_lanes_below() { return kUnitLaneBatch; }
 bool lstm_layer_step_on_gemm(int64_t batch) { return batch < Vec<float>::size(); }
 void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) {
   visit_lstm_dtype(args.shape.dtype, [&](auto type) { layer_fwd<decltype(type)>(args); });

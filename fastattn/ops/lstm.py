@@ -46,16 +46,16 @@ _REFERENCE_COST = ("runs the LSTM as unfused PyTorch ops (a kernel launch and a 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-# The CPU kernels put their vector lanes along the units for a batch B < below other than except
-# (at the ISA this process runs, csrc/lstm/lstm_cpu.isa.cpp), else along the batch. That decides
-# the layout of x_proj they read fastest, row-major or step-major; the training ops then keep
-# gates_all and grad_x_proj in x_proj's layout (_step_major).
-_UNIT_LANES_BELOW, _UNIT_LANES_EXCEPT = (
-    _extension.C.cpu_lstm_unit_lanes() if _extension.C is not None else (0, 0))
+# The CPU kernels put their vector lanes along the units for a batch B < this (at the ISA this
+# process runs, csrc/lstm/lstm_cpu.isa.cpp), else along the batch. That decides the layout of
+# x_proj they read fastest, row-major or step-major; the training ops then keep gates_all and
+# grad_x_proj in x_proj's layout (_step_major).
+_UNIT_LANES_BELOW = (
+    _extension.C.cpu_lstm_unit_lanes_below() if _extension.C is not None else 0)
 
 
 def _cpu_unit_lanes(batch: int) -> bool:
-    return batch < _UNIT_LANES_BELOW and batch != _UNIT_LANES_EXCEPT
+    return batch < _UNIT_LANES_BELOW
 
 
 # fastattn::lstm_step_gates runs its GEMV-style kernel for float32 batches B < this (0: none).

@@ -6,7 +6,7 @@
 // H cell units, P = projected width (H without projection), G = 4H.
 //
 // Data tensors are seen through LstmSeqView strides, so any layout works. The fast one depends on
-// where the kernels put their vector lanes (LstmUnitLanes): along the batch, a batch stride of 1,
+// where the kernels put their vector lanes (lstm_unit_lanes_below): along the batch, a batch stride of 1,
 // step-major ([T, 4H, B] in memory) the fastest; along the units, row-major [T, B, F].
 // fastattn.ops.lstm computes x_proj in the fast layout, and the glue allocates gates_all and
 // grad_x_proj in x_proj's.
@@ -19,13 +19,6 @@
 #include "fastattn/dtype.h"
 
 namespace fastattn {
-
-// The batches for which the layer kernels put their vector lanes along the units instead of the
-// batch: B < below, except B == except (one ISA's choice; lstm_cpu.isa.cpp says why).
-struct LstmUnitLanes {
-  int64_t below, except;
-  bool operator()(int64_t batch) const { return batch < below && batch != except; }
-};
 
 // One step's gate pre-activations for a batch of a few rows, float32:
 // gates[b, j] = bias[j] + x[b, :] . w_ih[j, :] + h[b, :] . w_hh[j, :] for b < B, j < G. Every
