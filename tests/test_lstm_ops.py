@@ -71,6 +71,21 @@ LAYER_SIZES = [pytest.param((5, 4, 9, 4), id="B4H9"), pytest.param((5, 37, 10, 6
 @pytest.mark.parametrize("case", LSTM_LAYER_CASES)
 @pytest.mark.parametrize("sizes", LAYER_SIZES)
 def test_layer_fwd_bwd_match_reference(dtype, case, sizes):
+    _check_layer_ops_against_reference(dtype, case, sizes)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("B", [3, 40], ids=["unit-lanes", "batch-lanes"])
+def test_layer_ops_with_weight_copies_past_the_scratch_cap(B):
+    # H = 1040: the unit-lane kernels' transposed w_hh (65 blocks of 16 units x 1040 x 4 gates)
+    # and the backward's column groups of w_hh take more than the 16 MiB that a thread keeps for
+    # later calls (csrc/include/fastattn/cpu_scratch.h), so they are the call's own; B = 40 runs
+    # the batch lanes' packed columns of w_hh (17.3 MB) that way.
+    plain = dict(proj=False, zoneout=False, lengths=None, reverse=False)
+    _check_layer_ops_against_reference(torch.float32, plain, (2, B, 1040, 1040))
+
+
+def _check_layer_ops_against_reference(dtype, case, sizes):
     T, B, H, P_proj = sizes
     P = P_proj if case["proj"] else H
     lengths = case["lengths"]
