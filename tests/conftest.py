@@ -31,6 +31,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def inductor():
+    """torch.compile with Inductor, fullgraph, on a fresh dynamo state. Inductor's FX graph and
+    AOTAutograd caches are off: their keys omit ATEN_CPU_CAPABILITY, so a graph cached under
+    AVX-512 (16-lane loops) is served to an AVX2 run (8-lane vectors) and computes garbage;
+    seen with torch 2.13 and plain torch code, without fastattn."""
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield lambda f, dynamic=False: torch.compile(f, backend="inductor", fullgraph=True,
+                                                     dynamic=dynamic)
+    torch._dynamo.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="no CUDA GPU on this machine (gpu tests run on a lent GPU)")
     no_triton = pytest.mark.skip(reason="triton is not installed")

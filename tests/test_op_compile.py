@@ -178,20 +178,6 @@ def test_opcheck_lstm_cell_pointwise_ops(dtype):
 # ---- Inductor ----------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def inductor():
-    """torch.compile with Inductor, fullgraph, on a fresh dynamo state. Inductor's FX graph and
-    AOTAutograd caches are off: their keys omit ATEN_CPU_CAPABILITY, so a graph cached under
-    AVX-512 (16-lane loops) is served to an AVX2 run (8-lane vectors) and computes garbage;
-    seen with torch 2.13 and plain torch code, without fastattn."""
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False), \
-            torch._functorch.config.patch(enable_autograd_cache=False):
-        yield lambda f, dynamic=False: torch.compile(f, backend="inductor", fullgraph=True,
-                                                     dynamic=dynamic)
-    torch._dynamo.reset()
-
-
 def _outputs_and_grads(f, inputs, params, grad):
     """f(*inputs)'s tensor outputs, then (grad) the gradients of the inputs and params that
     require grad, for a fixed random weighting of the outputs."""

@@ -101,6 +101,30 @@ def test_fastattn_backend_projects_through_fastattn_linear(kind, projections, mo
     assert len(calls) == projections and calls[-1] == (256, 24)
 
 
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_fastattn_backend_model_compiles_whole_and_matches_eager(kind, inductor):
+    """--compile (on in the gpu preset) compiles the model: with --backend fastattn its fastattn
+    ops (attention and fastattn.ops.linear in the GPT, the LSTM and the tied head in the LSTM
+    model) must compile under Inductor without a graph break and give eager's logits and
+    gradients."""
+    config = ModelConfig(model=kind, n_layer=2, n_embd=24, n_head=2, block_size=33)
+    model = build_model(config, "fastattn")
+    idx, targets = torch.randint(0, 256, (3, 33)), torch.randint(0, 256, (3, 33))
+    params = list(model.parameters())
+
+    def logits_and_grads(forward):
+        logits = forward(idx)[0]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return [logits.detach(), *torch.autograd.grad(loss, params)]
+
+    eager = logits_and_grads(model)
+    compiled = logits_and_grads(inductor(model))
+    assert len(compiled) == len(eager) == len(params) + 1
+    for i, (got, want) in enumerate(zip(compiled, eager, strict=True)):
+        assert not got.isnan().any(), i
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"result {i} differs")
+
+
 @pytest.mark.parametrize("model", ["gpt", "lstm"])
 def test_resume_after_ctrl_c_matches_uninterrupted_run(model, tmp_path, text_dir):
     assert _train(tmp_path / "straight", text_dir, "--backend", "torch", model=model) == 0
