@@ -1,8 +1,8 @@
 // FlashAttention-style attention forward and backward on the CPU, compiled once per x86 ISA.
 //
-// Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward) or kBlockN (backward) keys;
-// the L x S score matrix never exists (a thread holds O((kBlockM + kForwardBlockN) * E)
-// floats). Tile products use a register-blocked at::vec FMA micro-kernel (gemm below) on
+// Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward; twice that on brgemm) or
+// kBlockN (backward) keys; the L x S score matrix never exists (a thread holds
+// O((kBlockM + kForwardBlockN) * E) floats). Tile products use a register-blocked at::vec FMA micro-kernel (gemm below) on
 // operands packed once per tile into float (double for float64) buffers whose widths are
 // padded to whole register pairs; the avx512 build's bf16 forward and backward use AVX512-BF16
 // dot products instead where the CPU has them, and both passes' products go to ATen's oneDNN
@@ -210,12 +210,19 @@ constexpr double kSplitParallelFlops = 3e5;
 // polynomial (the coefficients and the accuracy of at::vec's exp_u20), with vscalefps applying
 // 2^n: 10 instructions against exp_u20's ~19, whose integer exponent assembly (conversions,
 // shift, blend) costs as much as its polynomial. The softmax's exp took ~10% of the bf16 and fp32
-// forward and backward on Zen 4. x is clamped to [-104, 88.8] first (NaN kept: vmaxps and vminps
-// return their second operand when either is NaN): exp(-104) rounds to 0 and exp(88.8) to inf,
-// and -inf (a masked score) would otherwise meet inf - inf in r.
+// forward and backward on Zen 4. x is clamped to [-87.3, 88.8] first (NaN kept: vmaxps and vminps
+// return their second operand when either is NaN), and lanes below -87.3 give 0: exp(88.8)
+// rounds to inf, -inf (a masked score) would otherwise meet inf - inf in r, and exp(-87.3) is
+// the least normal float that the polynomial reaches. A subnormal result (or one that rounds to
+// 0 from below the least normal) costs Intel CPUs a microcode assist per instruction: masked
+// scores, which the softmax meets in every diagonal tile, made the bf16 forward at L = S = 128
+// causal 1.5x slower than without the mask (Xeon with AMX, 2 threads). Results that would be
+// subnormal (below 1.2e-38) become 0, as under flush-to-zero.
 inline Vectorized<float> exp_avx512(const Vectorized<float>& x) {
+  const __mmask16 normal =  // x >= -87.3, or NaN
+      _mm512_cmp_ps_mask(__m512(x), _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
   const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.8f),
-                                       _mm512_max_ps(_mm512_set1_ps(-104.f), __m512(x)));
+                                       _mm512_max_ps(_mm512_set1_ps(-87.3f), __m512(x)));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), clamped);
@@ -224,7 +231,7 @@ inline Vectorized<float> exp_avx512(const Vectorized<float>& x) {
   poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.499991506f));
   poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.999999701f));
   poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(poly, n);
+  return _mm512_maskz_scalef_ps(normal, poly, n);
 }
 #endif
 
@@ -239,6 +246,40 @@ Vectorized<T> vec_exp(const Vectorized<T>& x) {
   } else {
     return x.map([](T v) { return std::exp(v); });
   }
+}
+
+// NaN when any element is NaN (at::vec::maximum propagates NaN).
+// Inlined, so that the reductions of consecutive rows overlap (a call per row and key tile took
+// ~9% of the bf16 forward at L = S = 1024 on the Xeon with AMX).
+template <typename T>
+C10_ALWAYS_INLINE T vec_reduce_max(const T* x, int64_t n) {  // n a multiple of the vector width
+  using Vec = Vectorized<T>;
+  Vec acc(-std::numeric_limits<T>::infinity());
+  for (int64_t j = 0; j < n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
+  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+}
+
+// x[j] = exp(scale * x[j] - shift) for j < n (n a multiple of the vector width), with one
+// rounding (a fused multiply-add; scale 1 gives x[j] - shift exactly); returns their sum as a
+// vector of partial sums (the forward adds a row's up once, after its last key tile).
+template <typename T>
+Vectorized<T> vec_exp_sum(T* x, int64_t n, T scale, T shift) {
+  using Vec = Vectorized<T>;
+  const Vec sc(scale), sh(-shift);
+  Vec acc(T(0));
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const Vec e = vec_exp(at::vec::fmadd(Vec::loadu(x + j), sc, sh));
+    e.store(x + j);
+    acc = acc + e;
+  }
+  return acc;
+}
+
+template <typename T>
+void vec_scale(T* x, int64_t n, T factor) {
+  using Vec = Vectorized<T>;
+  const Vec f(factor);
+  for (int64_t j = 0; j < n; j += Vec::size()) (Vec::loadu(x + j) * f).store(x + j);
 }
 
 // count <= lanes consecutive elements of x as acc_t lanes (the others zero).
@@ -463,6 +504,8 @@ struct FmaProducts {
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
   static void release() {}
+  // Keys per tile of the forward.
+  static int64_t forward_block_n() { return kForwardBlockN; }
   // s [m, n_pad] = qs kt for the columns of n keys that row i sees (j < i + diag,
   // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
@@ -470,6 +513,20 @@ struct FmaProducts {
     gemm<acc_t, false>(m, round_up(n, Vectorized<acc_t>::size()), pr.p.head_dim, qs, pr.e_pad, 1,
                        kt, pr.n_pad, s, pr.n_pad, diag);
   }
+  // The factor by which the softmax multiplies qk's scores (here they are scaled already).
+  static acc_t score_scale(const Problem&) { return acc_t(1); }
+  // The probabilities of a row of scores: row[j] = exp(scale * row[j] - shift) for j < width,
+  // 0 for width <= j < cols (multiples of the vector width), in the layout pv reads; returns
+  // the sum of the exps as partial sums (vec_exp_sum).
+  static Vectorized<acc_t> exp_probs(acc_t* row, int64_t width, int64_t cols, acc_t scale,
+                                     acc_t shift) {
+    const Vectorized<acc_t> sum = vec_exp_sum(row, width, scale, shift);
+    std::fill(row + width, row + cols, acc_t(0));
+    return sum;
+  }
+  // Puts probabilities p [m, n_pad] that exp_probs of FmaProducts wrote (dropout scales them
+  // first) in the layout pv reads: they are in it.
+  static void layout_probs(const Problem&, int64_t, acc_t*) {}
   // o [m, ev_pad] += p [m, n] vb, where p[i, j] = 0 for j >= i + diag; p (in s) may be
   // overwritten.
   static void pv(const Problem& pr, int64_t m, int64_t n, acc_t* p, const acc_t* vb, acc_t* o,
@@ -651,6 +708,29 @@ __attribute__((target("avx512f,avx512bf16"))) inline void to_pairs_in_place(floa
   }
 }
 
+// The softmax's exp and to_pairs_in_place in one pass over a row (a pass fewer over the tile's
+// scores): row[j] = exp(scale * row[j] - shift) for j < width, 0 for width <= j < cols, as
+// column pairs in place (width and cols multiples of 16, the row's room a multiple of 32
+// floats); returns the sum of the exps before their rounding to bf16, as partial sums.
+__attribute__((target("avx512f,avx512bf16"))) inline Vectorized<float> exp_to_pairs(
+    float* row, int64_t width, int64_t cols, float scale, float shift) {
+  const Vectorized<float> sc(scale), sh(-shift);
+  const auto exp_at = [&](int64_t j) -> __m512 {
+    return j < width ? __m512(exp_avx512(at::vec::fmadd(Vectorized<float>::loadu(row + j), sc, sh)))
+                     : _mm512_setzero_ps();
+  };
+  auto* out = reinterpret_cast<bf16_pair*>(row);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j < width; j += 32) {
+    const __m512 lo = exp_at(j), hi = exp_at(j + 16);
+    sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
+    _mm512_storeu_si512(out + j / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+  }
+  std::fill(out + j / 2, out + round_up(cols, 32) / 2, 0);
+  return sum;
+}
+
 // dst [ceil(cols/2), ld] = pairs (src[r, 2p], src[r, 2p+1]) at (p, r), rows.. zero: the
 // transpose of an operand reduced over its columns, as B (K^T for the scores, V^T for dP).
 inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t src_rs, int64_t rows,
@@ -712,6 +792,11 @@ struct TileProducts<c10::BFloat16, float> {
   static void release() {
     if (brgemm()) cpu_brgemm::release();
   }
+  // brgemm's forward takes twice the keys per tile: half the per-row steps of the softmax
+  // (reductions, the rescale of O) and of the calls into brgemm per key. bf16 forward, Xeon with
+  // AMX, 2 threads, against 128: L = S = 512 and 1024 12-14% faster, causal 8-15%; 512 keys
+  // ran slower than 256 at each of those sizes (s then outgrows L1 and L2's nearest share).
+  static int64_t forward_block_n() { return brgemm() ? 2 * kForwardBlockN : kForwardBlockN; }
   static bf16_pair* pairs(float* x) { return reinterpret_cast<bf16_pair*>(x); }
   static const bf16_pair* pairs(const float* x) { return reinterpret_cast<const bf16_pair*>(x); }
 
@@ -733,8 +818,11 @@ struct TileProducts<c10::BFloat16, float> {
                  float* s, int64_t diag) {
     if (!on()) return Fma::qk(pr, m, n, qs, kt, s, diag);
     if (brgemm()) {
-      cpu_brgemm::bf16_product(m, pr.n_pad, ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad,
+      // The columns that some row sees (whole vector pairs: a few kernel shapes per tile width).
+      const int64_t cols = visible_extent(0, m, diag, pr.n_pad, 32);
+      cpu_brgemm::bf16_product(m, cols, ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad,
                                pairs(kt), pr.n_pad, s, pr.n_pad, false);
+      if (defers_scale(pr)) return;
       const float scale = static_cast<float>(pr.p.scale);
       for (int64_t i = 0; i < m * pr.n_pad; ++i) s[i] *= scale;
       return;
@@ -742,13 +830,34 @@ struct TileProducts<c10::BFloat16, float> {
     dot<false>(m, round_up(n, 32), ceil_div(pr.p.head_dim, 2), pairs(qs), pr.e_pad, 1,
                pairs(kt), pr.n_pad, s, pr.n_pad, static_cast<float>(pr.p.scale), diag);
   }
+  // brgemm has no factor for its products: the softmax's exp applies the scale instead, as
+  // one fused multiply-add with its shift (a pass fewer over the scores; bf16 forward at
+  // L = S = 1024 on the Xeon with AMX, 2 threads: see the commit), unless per-element work
+  // (softcap, bias, mask) needs the scaled scores first, or a negative scale would turn the
+  // row's max into its min.
+  static bool defers_scale(const Problem& pr) {
+    return brgemm() && pr.p.scale > 0 && !pr.elementwise();
+  }
+  static float score_scale(const Problem& pr) {
+    return defers_scale(pr) ? static_cast<float>(pr.p.scale) : 1.f;
+  }
+  // The probabilities as the column pairs that pv reads, converted as the exp writes them.
+  static Vectorized<float> exp_probs(float* row, int64_t width, int64_t cols, float scale,
+                                     float shift) {
+    if (!on()) return Fma::exp_probs(row, width, cols, scale, shift);
+    return exp_to_pairs(row, width, cols, scale, shift);
+  }
+  static void layout_probs(const Problem& pr, int64_t m, float* p) {
+    if (on()) to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
+  }
+  // p holds the probabilities as column pairs (exp_probs, layout_probs).
   static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o,
                  int64_t diag) {
     if (!on()) return Fma::pv(pr, m, n, p, vb, o, diag);
-    to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
     if (brgemm()) {
-      return cpu_brgemm::bf16_product(m, pr.ev_pad, ceil_div(n, 2), pairs(p), pr.n_pad,
-                                      pairs(vb), pr.ev_pad, o, pr.ev_pad, true);
+      return cpu_brgemm::bf16_product(m, pr.ev_pad, ceil_div(visible_extent(0, m, diag, n, 2), 2),
+                                      pairs(p), pr.n_pad, pairs(vb), pr.ev_pad, o, pr.ev_pad,
+                                      true);
     }
     dot<true>(m, pr.ev_pad, ceil_div(n, 2), pairs(p), pr.n_pad, 1, pairs(vb), pr.ev_pad, o,
               pr.ev_pad, 1.f, kAllVisible, diag);
@@ -997,36 +1106,6 @@ T nan_max(T a, T b) {
   return std::isnan(a) || a > b ? a : b;
 }
 
-// NaN when any element is NaN (at::vec::maximum propagates NaN).
-template <typename T>
-T vec_reduce_max(const T* x, int64_t n) {  // n a multiple of the vector width
-  using Vec = Vectorized<T>;
-  Vec acc(-std::numeric_limits<T>::infinity());
-  for (int64_t j = 0; j < n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
-}
-
-// x[j] = exp(x[j] - shift) for j < n (n a multiple of the vector width); returns the sum.
-template <typename T>
-T vec_exp_sum(T* x, int64_t n, T shift) {
-  using Vec = Vectorized<T>;
-  const Vec sh(shift);
-  Vec acc(T(0));
-  for (int64_t j = 0; j < n; j += Vec::size()) {
-    const Vec e = vec_exp(Vec::loadu(x + j) - sh);
-    e.store(x + j);
-    acc = acc + e;
-  }
-  return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
-}
-
-template <typename T>
-void vec_scale(T* x, int64_t n, T factor) {
-  using Vec = Vectorized<T>;
-  const Vec f(factor);
-  for (int64_t j = 0; j < n; j += Vec::size()) (Vec::loadu(x + j) * f).store(x + j);
-}
-
 // out[i] = exp(old_max[i] - new_max[i]) for i < round_up(m, vector width) (the arrays hold
 // that many): the online softmax's rescale factors of a tile's rows, one vector exp per vector
 // of rows (a scalar exp per row and tile took ~4% of the fp32 forward's time on Zen 4).
@@ -1044,6 +1123,8 @@ template <typename scalar_t, typename acc_t>
 struct ForwardTile {
   using Products = TileProducts<scalar_t, acc_t>;
   std::vector<acc_t> qs, s, o;
+  // row_sum: a vector of partial sums per row (kSumLanes), added up once the keys are done.
+  static constexpr int64_t kSumLanes = Vectorized<acc_t>::size();
   std::vector<acc_t> row_max, row_sum, lse, new_max, rescale;
   // Packed key tiles of one kv head, kept while a thread's consecutive query tiles read the
   // same head (packing a tile costs about as much as a third of its products):
@@ -1063,7 +1144,7 @@ struct ForwardTile {
 
   explicit ForwardTile(const Problem& pr)
       : qs(rows(pr) * pr.e_pad), s(rows(pr) * pr.n_pad), o(rows(pr) * pr.ev_pad),
-        row_max(rows(pr)), row_sum(rows(pr)), lse(rows(pr)), new_max(rows(pr)),
+        row_max(rows(pr)), row_sum(rows(pr) * kSumLanes), lse(rows(pr)), new_max(rows(pr)),
         rescale(rows(pr)),
         packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, pr.block_n) : 0, 0),
         // Single-row calls (decode) never pack, so they request no cache.
@@ -1120,16 +1201,27 @@ struct ForwardTile {
       const auto row_cols = [&](int64_t i) {
         return visible_extent(i, 1, diag, cols, Vectorized<acc_t>::size());
       };
+      // The scores' maxima and exps take the scale that qk left to them (score_scale > 0; a
+      // single row's scores are scaled: row_scores reads the scaled q).
+      const acc_t scale = single_row ? acc_t(1) : Products::score_scale(pr);
       for (int64_t i = 0; i < m; ++i) {
-        new_max[i] = nan_max(row_max[i], vec_reduce_max(s.data() + i * ld, row_cols(i)));
+        new_max[i] = nan_max(row_max[i], scale * vec_reduce_max(s.data() + i * ld, row_cols(i)));
       }
       rescale_factors(row_max.data(), new_max.data(), m, rescale.data());
+      // fp32 probabilities where something else reads them first: a single row's row_pv, and
+      // dropout, which scales them before pv's layout (bf16 pairs) rounds them.
+      const bool fp32_probs = single_row || p.dropout_p > 0;
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
-        const int64_t width = new_max[i] == kNegInf ? 0 : row_cols(i);  // -inf: nothing seen yet
-        std::fill(row + width, row + cols, acc_t(0));
-        if (new_max[i] == kNegInf) continue;
-        row_sum[i] = row_sum[i] * rescale[i] + vec_exp_sum(row, width, new_max[i]);
+        const bool seen = new_max[i] != kNegInf;  // -inf: nothing seen yet
+        const int64_t width = seen ? row_cols(i) : 0;
+        const Vectorized<acc_t> sum =
+            fp32_probs ? FmaProducts<scalar_t, acc_t>::exp_probs(row, width, cols, scale, new_max[i])
+                    : Products::exp_probs(row, width, cols, scale, new_max[i]);
+        if (!seen) continue;
+        acc_t* partial = row_sum.data() + i * kSumLanes;
+        at::vec::fmadd(Vectorized<acc_t>::loadu(partial), Vectorized<acc_t>(rescale[i]), sum)
+            .store(partial);
         if (rescale[i] != acc_t(1)) vec_scale(o.data() + i * ldo, ldo, rescale[i]);
         row_max[i] = new_max[i];
       }
@@ -1140,18 +1232,22 @@ struct ForwardTile {
                  p.v_head_dim, o.data());
         });
       } else {
+        if (fp32_probs) Products::layout_probs(pr, m, s.data());
         Products::pv(pr, m, n, s.data(), vb, o.data(), diag);
       }
     }
-    // row_sum is 0 only for a row that saw no key (its largest score adds exp(0) = 1); a NaN
-    // row_sum (a NaN score) makes the row and its lse NaN.
+    // The sum is 0 only for a row that saw no key (its largest score adds exp(0) = 1); a NaN
+    // sum (a NaN score) makes the row and its lse NaN.
     for (int64_t i = 0; i < m; ++i) {
-      if (row_sum[i] == acc_t(0)) {
+      const acc_t sum = at::vec::vec_reduce_all<acc_t>(
+          [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; },
+          Vectorized<acc_t>::loadu(row_sum.data() + i * kSumLanes));
+      if (sum == acc_t(0)) {
         std::fill(o.data() + i * ldo, o.data() + (i + 1) * ldo, acc_t(0));
         lse[i] = kNegInf;
       } else {
-        vec_scale(o.data() + i * ldo, ldo, acc_t(1) / row_sum[i]);
-        lse[i] = row_max[i] + std::log(row_sum[i]);
+        vec_scale(o.data() + i * ldo, ldo, acc_t(1) / sum);
+        lse[i] = row_max[i] + std::log(sum);
       }
     }
     Products::release();
@@ -1311,7 +1407,7 @@ Problem make_problem(const AttentionParams& p, int64_t max_block_n) {
 template <typename scalar_t>
 void attention_fwd_typed(const AttentionParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Problem pr = make_problem<acc_t>(p, kForwardBlockN);
+  const Problem pr = make_problem<acc_t>(p, TileProducts<scalar_t, acc_t>::forward_block_n());
   // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
   const int64_t n_qb = ceil_div(p.q_len, kBlockM), n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
@@ -1480,7 +1576,7 @@ struct BackwardTile {
           const acc_t shift = lse == -std::numeric_limits<acc_t>::infinity()
               ? std::numeric_limits<acc_t>::infinity() : lse;
           const int64_t width = visible_extent(i, 1, diag, ld, Vectorized<acc_t>::size());
-          vec_exp_sum(row, width, shift);
+          vec_exp_sum(row, width, Products::score_scale(pr), shift);
           std::fill(row + width, row + ld, acc_t(0));
         }
         operands.dp(pr, m, dp.data(), diag);
