@@ -459,6 +459,17 @@ def test_bf16_backward_non_contiguous_gqa():
     check(q, k, v, make_opts(window_right=0), against_torch=True)
 
 
+def test_bf16_odd_head_dim_in_rows_of_even_stride():
+    # [B, S, H, E] storage with E = 33, H = 2: rows 66 elements apart, so the K^T and V^T pair
+    # packing transposes 16 whole pairs per row as 32-bit words and adds the half pair apart.
+    B, Hq, Hk, L, S, E = 1, 2, 2, 70, 130, 33
+    q, k, v = (torch.randn(B, n, H, E, dtype=torch.bfloat16).transpose(1, 2)
+               for n, H in ((L, Hq), (S, Hk), (S, Hk)))
+    assert k.stride(2) == 66
+    for causal in (False, True):
+        check(q, k, v, make_opts(window_right=0 if causal else -1), against_torch=True)
+
+
 # The avx512 bf16 backward keeps a kv head's packed query tiles (48 KiB each at E = 64) while
 # they fit in 1 MiB, else packs them for every key tile: GQA group 2 x 4 query tiles (kept),
 # group 4 x 7 tiles (1.3 MiB: packed anew), both with several key tiles and tails.
