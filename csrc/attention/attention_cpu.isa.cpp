@@ -1,8 +1,9 @@
 // FlashAttention-style attention forward and backward on the CPU, compiled once per x86 ISA.
 //
-// Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward; twice that on brgemm) or
-// kBlockN (backward) keys; the L x S score matrix never exists (a thread holds
-// O((kBlockM + kForwardBlockN) * E) floats). Tile products use a register-blocked at::vec FMA micro-kernel (gemm below) on
+// Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward) or kBlockN (backward) keys,
+// twice those on brgemm; the L x S score matrix never exists (a thread holds
+// O((kBlockM + kForwardBlockN) * E) floats). Tile products use a register-blocked at::vec FMA
+// micro-kernel (gemm below) on
 // operands packed once per tile into float (double for float64) buffers whose widths are
 // padded to whole register pairs; the avx512 build's bf16 forward and backward use AVX512-BF16
 // dot products instead where the CPU has them, and both passes' products go to ATen's oneDNN
@@ -504,8 +505,9 @@ struct FmaProducts {
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
   static void release() {}
-  // Keys per tile of the forward.
+  // Keys per tile of the forward and of the backward.
   static int64_t forward_block_n() { return kForwardBlockN; }
+  static int64_t backward_block_n() { return kBlockN; }
   // s [m, n_pad] = qs kt for the columns of n keys that row i sees (j < i + diag,
   // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
@@ -806,6 +808,9 @@ struct TileProducts<c10::BFloat16, float> {
   // AMX, 2 threads, against 128: L = S = 512 and 1024 12-14% faster, causal 8-15%; 512 keys
   // ran slower than 256 at each of those sizes (s then outgrows L1 and L2's nearest share).
   static int64_t forward_block_n() { return brgemm() ? 2 * kForwardBlockN : kForwardBlockN; }
+  // And the backward twice its 64: fwd+bwd 5% faster at L = S = 512 and 1024 (same machine,
+  // alternating builds, min of 6), causal unchanged; 256 lost at L = S = 512 causal.
+  static int64_t backward_block_n() { return brgemm() ? 2 * kBlockN : kBlockN; }
   static bf16_pair* pairs(float* x) { return reinterpret_cast<bf16_pair*>(x); }
   static const bf16_pair* pairs(const float* x) { return reinterpret_cast<const bf16_pair*>(x); }
 
@@ -1637,7 +1642,7 @@ template <typename scalar_t>
 void attention_bwd_typed(const AttentionBwdParams& bp) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const AttentionParams& p = bp;
-  const Problem pr = make_problem<acc_t>(p, kBlockN);
+  const Problem pr = make_problem<acc_t>(p, TileProducts<scalar_t, acc_t>::backward_block_n());
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
   // The query rows' row indices are 0 .. rows - 1 (attention_params.h); dq/dk/dv are
   // contiguous, so their sizes follow from the row counts.
