@@ -18,9 +18,7 @@
 
 #include <algorithm>
 #include <limits>
-#include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "fastattn/cpu_scratch.h"
 #include "fastattn/cpu_transpose.h"
