@@ -16,8 +16,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from helpers import DTYPE_RTOL, assert_close_to_reference, poison_
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn  # noqa: F401  (loads fastattn._C, which registers the CPU kernels)
 from fastattn import _extension
