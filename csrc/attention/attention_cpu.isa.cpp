@@ -1580,6 +1580,7 @@ struct BackwardTile {
         // the forward, the exp skips the whole vectors of -inf scores past a row's diagonal and
         // writes their zeros.
         const int64_t diag = pr.visible_diag(sq, q0, k0);
+        const acc_t scale = Products::score_scale(pr);
         for (int64_t i = 0; i < m; ++i) {
           const acc_t lse = lse_rows[pr.row_index(sq, h, q0 + i)];
           acc_t* row = s.data() + i * ld;
@@ -1590,8 +1591,8 @@ struct BackwardTile {
           const acc_t shift = lse == -std::numeric_limits<acc_t>::infinity()
               ? std::numeric_limits<acc_t>::infinity() : lse;
           const int64_t width = visible_extent(i, 1, diag, ld, Vectorized<acc_t>::size());
-          vec_exp_sum(row, width, Products::score_scale(pr), shift);
-          std::fill(row + width, row + ld, acc_t(0));
+          // fp32 P, whatever the products' layout: dS and dropout read it first.
+          FmaProducts<scalar_t, acc_t>::exp_probs(row, width, ld, scale, shift);
         }
         operands.dp(pr, m, dp.data(), diag);
         const acc_t* p_used = s.data();  // the probabilities that multiplied V
