@@ -561,7 +561,7 @@ struct FmaProducts {
     }
     // The packed query tile as qk reads it.
     const acc_t* scores_queries() const { return qs.data(); }
-    // Completes the key tile's dk [n, e_pad] and dv [n, ev_pad] (dk_dq and dv added into them).
+    // Completes the key tile's dk [n, e_pad] and dv [n, ev_pad] (grads added into them).
     void finish_keys(const Problem&, int64_t, acc_t*, acc_t*) const {}
     // dp [m, n_pad] = dO V^T, where row i sees keys j < i + diag (0 elsewhere).
     void dp(const Problem& pr, int64_t m, acc_t* dp, int64_t diag) const {
@@ -569,16 +569,14 @@ struct FmaProducts {
       gemm<acc_t>(m, pr.n_pad, pr.p.v_head_dim, dob.data(), pr.ev_pad, 1, vt.data(), pr.n_pad,
                   dp, pr.n_pad, diag);
     }
-    // dv [n, ev_pad] += P^T dO for the probabilities p [m, n_pad] (kept; p[i, j] = 0 for
-    // j >= i + diag, so key j needs only the rows i > j - diag).
-    void dv(const Problem& pr, int64_t m, int64_t n, const acc_t* p, acc_t* dv, int64_t diag) {
+    // dv [n, ev_pad] += P^T dO for the probabilities p [m, n_pad] (kept), dk [n, e_pad] +=
+    // scale dS^T Q and dq [m, e_pad] += dS K (unscaled) for the score gradient ds [m, n_pad]
+    // (may be overwritten). p[i, j] = ds[i, j] = 0 for j >= i + diag, so key j needs only the
+    // rows i > j - diag.
+    void grads(const Problem& pr, int64_t m, int64_t n, const acc_t* p, acc_t* ds, acc_t* dk,
+               acc_t* dv, acc_t* dq, int64_t diag) {
       gemm<acc_t>(n, pr.ev_pad, m, p, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad,
                   kAllVisible, kAllVisible, diag);
-    }
-    // dk [n, e_pad] += scale dS^T Q and dq [m, e_pad] += dS K (unscaled) for the score
-    // gradient ds [m, n_pad] (may be overwritten; ds[i, j] = 0 for j >= i + diag).
-    void dk_dq(const Problem& pr, int64_t m, int64_t n, acc_t* ds, acc_t* dk, acc_t* dq,
-               int64_t diag) {
       gemm<acc_t>(n, pr.e_pad, m, ds, 1, pr.n_pad, qs.data(), pr.e_pad, dk, pr.e_pad,
                   kAllVisible, kAllVisible, diag);
       gemm<acc_t>(m, pr.e_pad, n, ds, pr.n_pad, 1, kb.data(), pr.e_pad, dq, pr.e_pad,
@@ -755,25 +753,19 @@ inline void pack_transposed_pairs(const c10::BFloat16* src, int64_t src_rs, int6
   }
 }
 
-// 16 elements of x (lanes outside mask read as 0) as bf16 bits in the low halves of 32-bit lanes.
-__attribute__((target("avx512f,avx512bf16"))) inline __m512i bf16_lanes(const float* x,
-                                                                       __mmask16 mask) {
-  return _mm512_cvtepu16_epi32(
-      reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, x))));
-}
-inline __m512i bf16_lanes(const c10::BFloat16* x, __mmask16 mask) {
-  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x));
-}
-
 // dst [ceil(rows/2), ld] = pairs (src[2i, c], src[2i+1, c]) at (i, c), columns cols.. zero
 // (ld >= cols rounded up to 16): an operand reduced over its rows, as B (V for PV; K, Q and
-// dO in the backward) or, read column-major, as A (P^T and dS^T).
-template <typename T>
-__attribute__((target("avx512f,avx512bf16"))) void pack_row_pairs(const T* src, int64_t src_rs,
-                                                                  int64_t rows, int64_t cols,
-                                                                  bf16_pair* dst, int64_t ld) {
+// dO in the backward).
+__attribute__((target("avx512f,avx512bf16"))) inline void pack_row_pairs(
+    const c10::BFloat16* src, int64_t src_rs, int64_t rows, int64_t cols, bf16_pair* dst,
+    int64_t ld) {
+  // 16 elements of x (lanes outside mask read as 0) as bf16 bits in the low halves of 32-bit
+  // lanes.
+  const auto bf16_lanes = [](const c10::BFloat16* x, __mmask16 mask) {
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x));
+  };
   for (int64_t i = 0; 2 * i < rows; ++i) {
-    const T* r0 = src + 2 * i * src_rs;
+    const c10::BFloat16* r0 = src + 2 * i * src_rs;
     const bool second = 2 * i + 1 < rows;
     bf16_pair* d = dst + i * ld;
     int64_t c = 0;
@@ -785,6 +777,55 @@ __attribute__((target("avx512f,avx512bf16"))) void pack_row_pairs(const T* src, 
       _mm512_storeu_si512(d + c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
     std::fill(d + c, d + ld, 0);
+  }
+}
+
+// The bf16 pairs (a[c], b[c]) of 16 columns c, given kRowPairWords: vcvtne2ps2bf16 (b, a) puts
+// a's 16 values in words 0..15 and b's in 16..31; a row pair wants a[c] in word 2c and b[c]
+// in word 2c + 1.
+alignas(64) constexpr uint16_t kRowPairWords[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                    21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                    11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i row_pairs(
+    __m512 a, __m512 b, __m512i row_pair_words) {
+  return _mm512_permutexvar_epi16(row_pair_words,
+                                  reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+}
+
+// The backward's computed operands, rounded to bf16 in one pass over P and dS [m, n] (fp32
+// rows, leading dim n, a multiple of 32): P and dS as row pairs p_rows and ds_rows
+// [ceil(m/2), n] (as pack_row_pairs lays them out; an odd last row pairs with zeros), which
+// the products that reduce over the query rows read, and dS as column pairs in place
+// (to_pairs_in_place), which dq's product reads. Three passes (two over P and dS as row pairs,
+// one over dS in place) took ~8% of the bf16 backward at L = S = 512 (Xeon with AMX).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pairs(
+    const float* p, float* ds, int64_t m, int64_t n, bf16_pair* p_rows, bf16_pair* ds_rows) {
+  const __m512i interleave = _mm512_load_si512(kRowPairWords);
+  for (int64_t i = 0; i < m; i += 2) {
+    const bool second = i + 1 < m;
+    const float *p0 = p + i * n, *p1 = p0 + n;
+    float *ds0 = ds + i * n, *ds1 = ds0 + n;
+    bf16_pair *pr = p_rows + i / 2 * n, *dr = ds_rows + i / 2 * n;
+    for (int64_t j = 0; j < n; j += 32) {
+      // Row i's column pairs land at floats j / 2 .. j / 2 + 15 of its room, read already.
+      __m512 a[2], b[2], c[2], d[2];  // P rows i, i + 1 and dS rows i, i + 1, columns j..j + 31
+      for (int h = 0; h < 2; ++h) {
+        a[h] = _mm512_loadu_ps(p0 + j + 16 * h);
+        b[h] = second ? _mm512_loadu_ps(p1 + j + 16 * h) : _mm512_setzero_ps();
+        c[h] = _mm512_loadu_ps(ds0 + j + 16 * h);
+        d[h] = second ? _mm512_loadu_ps(ds1 + j + 16 * h) : _mm512_setzero_ps();
+      }
+      for (int h = 0; h < 2; ++h) {
+        _mm512_storeu_si512(pr + j + 16 * h, row_pairs(a[h], b[h], interleave));
+        _mm512_storeu_si512(dr + j + 16 * h, row_pairs(c[h], d[h], interleave));
+      }
+      _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds0) + j / 2,
+                          reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(c[1], c[0])));
+      if (second) {
+        _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds1) + j / 2,
+                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(d[1], d[0])));
+      }
+    }
   }
 }
 
@@ -897,11 +938,11 @@ struct TileProducts<c10::BFloat16, float> {
     int64_t packed_head = -1;
     float *cur_qs = nullptr, *cur_dob = nullptr, *cur_q_rows = nullptr, *cur_dout_rows = nullptr;
     float *cur_q_cols = nullptr, *cur_dout_cols = nullptr;  // [E | Ev, kBlockM / 2] (brgemm)
-    std::vector<float> transposed;  // [kBlockM / 2, n_pad]: P or dS as row pairs
+    std::vector<float> p_rows, ds_rows;  // [kBlockM / 2, n_pad]: P, dS as row pairs
     std::vector<float> dkt, dvt;    // [E, n_pad], [Ev, n_pad]: dK^T, dV^T (brgemm)
 
     explicit Backward(const Problem& pr)
-        : Fma::Backward(pr), transposed(on() ? kBlockM / 2 * pr.n_pad : 0),
+        : Fma::Backward(pr), p_rows(on() ? kBlockM / 2 * pr.n_pad : 0), ds_rows(p_rows.size()),
           dkt(brgemm() ? pr.p.head_dim * pr.n_pad : 0),
           dvt(brgemm() ? pr.p.v_head_dim * pr.n_pad : 0) {
       if (!on()) return;
@@ -966,33 +1007,26 @@ struct TileProducts<c10::BFloat16, float> {
       dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(cur_dob), pr.ev_pad, 1,
                  pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f, diag);
     }
-    void dv(const Problem& pr, int64_t m, int64_t n, const float* p, float* dv, int64_t diag) {
-      if (!on()) return Fma::Backward::dv(pr, m, n, p, dv, diag);
-      pack_row_pairs(p, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
+    // As FmaProducts' grads, with P and dS rounded to bf16 pairs in one pass (pack_grad_pairs).
+    void grads(const Problem& pr, int64_t m, int64_t n, const float* p, float* ds, float* dk,
+               float* dv, float* dq, int64_t diag) {
+      if (!on()) return Fma::Backward::grads(pr, m, n, p, ds, dk, dv, dq, diag);
+      pack_grad_pairs(p, ds, m, pr.n_pad, pairs(p_rows.data()), pairs(ds_rows.data()));
+      const int64_t row_pairs = ceil_div(m, 2);
       if (brgemm()) {
-        return cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, ceil_div(m, 2),
-                                        pairs(cur_dout_cols), kBlockM / 2,
-                                        pairs(transposed.data()), pr.n_pad, dvt.data(), pr.n_pad,
-                                        true);
-      }
-      dot<true>(n, pr.ev_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
-                pairs(cur_dout_rows), pr.ev_pad, dv, pr.ev_pad, 1.f);
-    }
-    void dk_dq(const Problem& pr, int64_t m, int64_t n, float* ds, float* dk, float* dq,
-               int64_t diag) {
-      if (!on()) return Fma::Backward::dk_dq(pr, m, n, ds, dk, dq, diag);
-      pack_row_pairs(ds, pr.n_pad, m, pr.n_pad, pairs(transposed.data()), pr.n_pad);
-      if (brgemm()) {
-        cpu_brgemm::bf16_product(pr.p.head_dim, pr.n_pad, ceil_div(m, 2), pairs(cur_q_cols),
-                                 kBlockM / 2, pairs(transposed.data()), pr.n_pad, dkt.data(),
+        cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, row_pairs, pairs(cur_dout_cols),
+                                 kBlockM / 2, pairs(p_rows.data()), pr.n_pad, dvt.data(),
                                  pr.n_pad, true);
-        to_pairs_in_place(ds, m, pr.n_pad, pr.n_pad);
+        cpu_brgemm::bf16_product(pr.p.head_dim, pr.n_pad, row_pairs, pairs(cur_q_cols),
+                                 kBlockM / 2, pairs(ds_rows.data()), pr.n_pad, dkt.data(),
+                                 pr.n_pad, true);
         return cpu_brgemm::bf16_product(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad,
                                         pairs(kb.data()), pr.e_pad, dq, pr.e_pad, true);
       }
-      dot<true>(n, pr.e_pad, ceil_div(m, 2), pairs(transposed.data()), 1, pr.n_pad,
-                pairs(cur_q_rows), pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
-      to_pairs_in_place(ds, m, pr.n_pad, pr.n_pad);
+      dot<true>(n, pr.ev_pad, row_pairs, pairs(p_rows.data()), 1, pr.n_pad,
+                pairs(cur_dout_rows), pr.ev_pad, dv, pr.ev_pad, 1.f);
+      dot<true>(n, pr.e_pad, row_pairs, pairs(ds_rows.data()), 1, pr.n_pad, pairs(cur_q_rows),
+                pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
       dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
                 dq, pr.e_pad, 1.f, kAllVisible, diag);
     }
@@ -1602,7 +1636,6 @@ struct BackwardTile {
           apply_dropout(pr, sq, h, q0, m, k0, n, dp.data(), ld);
           p_used = pz.data();
         }
-        operands.dv(pr, m, n, p_used, dv.data(), diag);  // with dropout: (P o Z)^T dO
         // dp becomes dS = P o (dP - delta): the gradient of the final scores.
         for (int64_t i = 0; i < m; ++i) {
           const acc_t d = delta[pr.row_index(sq, h, q0 + i)];
@@ -1620,8 +1653,9 @@ struct BackwardTile {
         if (p.softcap > 0) {  // d raw = d capped * (1 - tanh^2)
           for (int64_t i = 0; i < m * ld; ++i) dp[i] *= acc_t(1) - t[i] * t[i];
         }
-        operands.dk_dq(pr, m, n, dp.data(), dk.data(), dq_acc + (g * p.q_len + q0) * pr.e_pad,
-                       diag);
+        // With dropout, dv takes (P o Z)^T dO.
+        operands.grads(pr, m, n, p_used, dp.data(), dk.data(), dv.data(),
+                       dq_acc + (g * p.q_len + q0) * pr.e_pad, diag);
       }
     }
     operands.finish_keys(pr, n, dk.data(), dv.data());
@@ -1689,10 +1723,16 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
   // memory order, token by token: head by head, a head's rows lie a token apart, a stride the
   // hardware prefetchers did not follow (issue 16's case, 1 thread: fwd+bwd 167 -> 158 ms).
   std::vector<acc_t> delta(rows);
+  // A vector of partial sums at a time: one element at a time (a bf16 conversion each) took
+  // ~3% of the bf16 backward at L = S = 512 (Xeon with AMX).
   auto row_delta = [&](const scalar_t* o, const scalar_t* d) {
-    acc_t sum = 0;
-    for (int64_t e = 0; e < Ev; ++e) sum += static_cast<acc_t>(o[e]) * static_cast<acc_t>(d[e]);
-    return sum;
+    using Vec = Vectorized<acc_t>;
+    Vec sum(acc_t(0));
+    for (int64_t e = 0; e < Ev; e += Vec::size()) {
+      const int64_t lanes = std::min<int64_t>(Vec::size(), Ev - e);
+      sum = at::vec::fmadd(load_lanes<acc_t>(o + e, lanes), load_lanes<acc_t>(d + e, lanes), sum);
+    }
+    return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum);
   };
   if (pr.varlen()) {
     const int64_t total = p.cu_seqlens_q[p.batch];
