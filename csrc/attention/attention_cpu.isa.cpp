@@ -209,24 +209,24 @@ constexpr double kSplitParallelFlops = 3e5;
 #ifdef CPU_CAPABILITY_AVX512
 // exp(x) = 2^n p(r), n = round(x log2(e)), r = x - n ln(2) in [-ln(2)/2, ln(2)/2], p a degree-5
 // polynomial (the coefficients and the accuracy of at::vec's exp_u20), with vscalefps applying
-// 2^n: 10 instructions against exp_u20's ~19, whose integer exponent assembly (conversions,
-// shift, blend) costs as much as its polynomial. The softmax's exp took ~10% of the bf16 and fp32
-// forward and backward on Zen 4. x is clamped to [-87.3, 88.8] first (NaN kept: vmaxps and vminps
-// return their second operand when either is NaN), and lanes below -87.3 give 0: exp(88.8)
-// rounds to inf, -inf (a masked score) would otherwise meet inf - inf in r, and exp(-87.3) is
-// the least normal float that the polynomial reaches. A subnormal result (or one that rounds to
-// 0 from below the least normal) costs Intel CPUs a microcode assist per instruction: masked
-// scores, which the softmax meets in every diagonal tile, made the bf16 forward at L = S = 128
-// causal 1.5x slower than without the mask (Xeon with AMX, 2 threads). Results that would be
-// subnormal (below 1.2e-38) become 0, as under flush-to-zero.
+// 2^n: 8 instructions and a compare against exp_u20's ~19, whose integer exponent assembly
+// (conversions, shift, blend) costs as much as its polynomial. The softmax's exp took ~10% of
+// the bf16 and fp32 forward and backward on Zen 4. Its exponents are scale * s - shift with the
+// shift at least the largest scaled score (the row's max or its LSE), so x <= 0 up to rounding,
+// -inf (a masked score) or NaN: no clamp above, where exp(88.8) would overflow (vscalefps gives
+// inf up to +inf itself, which would give NaN). Lanes below -87.3 give 0: -inf would meet
+// inf - inf in r, and exp(-87.3) is the least normal float that the polynomial reaches. A
+// subnormal result (or one that rounds to 0 from below the least normal) costs Intel CPUs a
+// microcode assist per instruction: masked scores, which the softmax meets in every diagonal
+// tile, made the bf16 forward at L = S = 128 causal 1.5x slower than without the mask (Xeon
+// with AMX, 2 threads). Results that would be subnormal (below 1.2e-38) become 0, as under
+// flush-to-zero. NaN stays NaN (the compare keeps its lane, the polynomial carries it).
 inline Vectorized<float> exp_avx512(const Vectorized<float>& x) {
   const __mmask16 normal =  // x >= -87.3, or NaN
       _mm512_cmp_ps_mask(__m512(x), _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
-  const __m512 clamped = _mm512_min_ps(_mm512_set1_ps(88.8f),
-                                       _mm512_max_ps(_mm512_set1_ps(-87.3f), __m512(x)));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(__m512(x), _mm512_set1_ps(1.44269504f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), clamped);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), __m512(x));
   __m512 poly = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
   poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.166676521f));
   poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.499991506f));
@@ -249,15 +249,41 @@ Vectorized<T> vec_exp(const Vectorized<T>& x) {
   }
 }
 
-// NaN when any element is NaN (at::vec::maximum propagates NaN).
-// Inlined, so that the reductions of consecutive rows overlap (a call per row and key tile took
-// ~9% of the bf16 forward at L = S = 1024 on the Xeon with AMX).
+// The largest of x[0..n) (n a multiple of the vector width), NaN when any element is NaN
+// (at::vec::maximum propagates NaN). Inlined, so that the reductions of consecutive rows
+// overlap (a call per row and key tile took ~9% of the bf16 forward at L = S = 1024 on the
+// Xeon with AMX).
 template <typename T>
-C10_ALWAYS_INLINE T vec_reduce_max(const T* x, int64_t n) {  // n a multiple of the vector width
+C10_ALWAYS_INLINE T vec_reduce_max(const T* x, int64_t n) {
   using Vec = Vectorized<T>;
   Vec acc(-std::numeric_limits<T>::infinity());
   for (int64_t j = 0; j < n; j += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + j));
   return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+}
+
+// A row's largest score for the softmax's shift: a NaN among the scores must make the row NaN.
+// With exp_avx512, which keeps NaN, plain vmaxps (which drops a NaN operand) serves: a NaN
+// score's probability, so the row's sum and output, become NaN whatever the shift. Only a row
+// whose scores are all NaN or -inf would lose it, its max -inf reading as "no key seen": it is
+// scanned again keeping NaN. (at::vec::maximum costs 4 instructions a vector; the row maxima
+// took ~10% of the bf16 forward at L = S = 1024, Xeon with AMX.) Elsewhere exp may not keep
+// NaN (float's exp_u20), so the max does.
+template <typename T>
+C10_ALWAYS_INLINE T scores_max(const T* x, int64_t n) {  // n a multiple of the vector width
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 a = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), b = a;
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32) {  // two chains: vmaxps's latency, not its rate, bounds one
+      a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
+      b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
+    }
+    if (j < n) a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    return m == -std::numeric_limits<float>::infinity() ? vec_reduce_max(x, n) : m;
+  }
+#endif
+  return vec_reduce_max(x, n);
 }
 
 // x[j] = exp(scale * x[j] - shift) for j < n (n a multiple of the vector width), with one
@@ -1253,7 +1279,7 @@ struct ForwardTile {
       // single row's scores are scaled: row_scores reads the scaled q).
       const acc_t scale = single_row ? acc_t(1) : Products::score_scale(pr);
       for (int64_t i = 0; i < m; ++i) {
-        new_max[i] = nan_max(row_max[i], scale * vec_reduce_max(s.data() + i * ld, row_cols(i)));
+        new_max[i] = nan_max(row_max[i], scale * scores_max(s.data() + i * ld, row_cols(i)));
       }
       rescale_factors(row_max.data(), new_max.data(), m, rescale.data());
       // fp32 probabilities where something else reads them first: a single row's row_pv, and
