@@ -510,6 +510,18 @@ struct Problem {
   }
 };
 
+// dp [m, ld] becomes dS = P o (dP - delta) (row i's delta[i]): the gradient of the scores
+// that the softmax read.
+template <typename T>
+void score_grads(const T* p, T* dp, const T* delta, int64_t m, int64_t ld) {
+  for (int64_t i = 0; i < m; ++i) {
+    const T d = delta[i];
+    T* dsr = dp + i * ld;
+    const T* pr = p + i * ld;
+    for (int64_t j = 0; j < ld; ++j) dsr[j] = pr[j] * (dsr[j] - d);
+  }
+}
+
 // The tile products and the packing they read, for the at::vec FMA micro-kernel (gemm) on
 // acc_t buffers: the forward's (scale * Q, K^T and V; qk, pv) and the backward's (Backward).
 // TileProducts below swaps in the bf16 dot products where the CPU has them.
@@ -595,13 +607,15 @@ struct FmaProducts {
       gemm<acc_t>(m, pr.n_pad, pr.p.v_head_dim, dob.data(), pr.ev_pad, 1, vt.data(), pr.n_pad,
                   dp, pr.n_pad, diag);
     }
-    // dv [n, ev_pad] += P^T dO for the probabilities p [m, n_pad] (kept), dk [n, e_pad] +=
-    // scale dS^T Q and dq [m, e_pad] += dS K (unscaled) for the score gradient ds [m, n_pad]
-    // (may be overwritten). p[i, j] = ds[i, j] = 0 for j >= i + diag, so key j needs only the
-    // rows i > j - diag.
-    void grads(const Problem& pr, int64_t m, int64_t n, const acc_t* p, acc_t* ds, acc_t* dk,
-               acc_t* dv, acc_t* dq, int64_t diag) {
-      gemm<acc_t>(n, pr.ev_pad, m, p, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad,
+    // dv [n, ev_pad] += P_dv^T dO, dk [n, e_pad] += scale dS^T Q and dq [m, e_pad] += dS K
+    // (unscaled), for the probabilities p [m, n_pad] (P_dv: with dropout, P o Z) and the score
+    // gradient dS = P o (dP - delta) (row i's delta[i]), which ds [m, n_pad] holds already where
+    // delta is null, dP otherwise (overwritten either way). p[i, j] = ds[i, j] = 0 for
+    // j >= i + diag, so key j needs only the rows i > j - diag.
+    void grads(const Problem& pr, int64_t m, int64_t n, const acc_t* p_dv, const acc_t* p,
+               acc_t* ds, const acc_t* delta, acc_t* dk, acc_t* dv, acc_t* dq, int64_t diag) {
+      if (delta != nullptr) score_grads(p, ds, delta, m, pr.n_pad);
+      gemm<acc_t>(n, pr.ev_pad, m, p_dv, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad,
                   kAllVisible, kAllVisible, diag);
       gemm<acc_t>(n, pr.e_pad, m, ds, 1, pr.n_pad, qs.data(), pr.e_pad, dk, pr.e_pad,
                   kAllVisible, kAllVisible, diag);
@@ -818,38 +832,49 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i row_pairs(
                                   reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
 }
 
-// The backward's computed operands, rounded to bf16 in one pass over P and dS [m, n] (fp32
-// rows, leading dim n, a multiple of 32): P and dS as row pairs p_rows and ds_rows
-// [ceil(m/2), n] (as pack_row_pairs lays them out; an odd last row pairs with zeros), which
-// the products that reduce over the query rows read, and dS as column pairs in place
-// (to_pairs_in_place), which dq's product reads. Three passes (two over P and dS as row pairs,
-// one over dS in place) took ~8% of the bf16 backward at L = S = 512 (Xeon with AMX).
+// The backward's computed operands, rounded to bf16 in one pass over P and dP [m, n] (fp32
+// rows, leading dim n, a multiple of 32): dS = P o (dP - delta) (score_grads; with delta null,
+// dp holds dS already) as column pairs in place of dp (to_pairs_in_place), which dq's product
+// reads, and as row pairs ds_rows [ceil(m/2), n] (as pack_row_pairs lays them out; an odd last
+// row pairs with zeros), and P_dv (p_dv: P, or with dropout P o Z) as row pairs p_rows, which
+// the products that reduce over the query rows read. A pass for dS and three for its pairs and
+// P's (two over P and dS as row pairs, one over dS in place) took ~9% of the bf16 backward at
+// L = S = 512 (Xeon with AMX).
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pairs(
-    const float* p, float* ds, int64_t m, int64_t n, bf16_pair* p_rows, bf16_pair* ds_rows) {
+    const float* p_dv, const float* p, float* dp, const float* delta, int64_t m, int64_t n,
+    bf16_pair* p_rows, bf16_pair* ds_rows) {
   const __m512i interleave = _mm512_load_si512(kRowPairWords);
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t i = 0; i < m; i += 2) {
     const bool second = i + 1 < m;
-    const float *p0 = p + i * n, *p1 = p0 + n;
-    float *ds0 = ds + i * n, *ds1 = ds0 + n;
+    float* ds[2] = {dp + i * n, dp + (i + 1) * n};
+    const __m512 d0 = _mm512_set1_ps(delta ? delta[i] : 0.f);
+    const __m512 d1 = _mm512_set1_ps(delta && second ? delta[i + 1] : 0.f);
+    // dS from P and dP of row r at column c (row i + 1 only if second).
+    const auto score_grad = [&](int64_t r, int64_t c, __m512 d) {
+      const __m512 g = _mm512_loadu_ps(dp + r * n + c);
+      return delta ? _mm512_mul_ps(_mm512_loadu_ps(p + r * n + c), _mm512_sub_ps(g, d)) : g;
+    };
     bf16_pair *pr = p_rows + i / 2 * n, *dr = ds_rows + i / 2 * n;
     for (int64_t j = 0; j < n; j += 32) {
-      // Row i's column pairs land at floats j / 2 .. j / 2 + 15 of its room, read already.
-      __m512 a[2], b[2], c[2], d[2];  // P rows i, i + 1 and dS rows i, i + 1, columns j..j + 31
+      // Row r's column pairs land at floats j / 2 .. j / 2 + 15 of its room, read already.
+      __m512 a[2], b[2], c[2], e[2];  // P_dv rows i, i + 1 and dS rows i, i + 1, columns j..
       for (int h = 0; h < 2; ++h) {
-        a[h] = _mm512_loadu_ps(p0 + j + 16 * h);
-        b[h] = second ? _mm512_loadu_ps(p1 + j + 16 * h) : _mm512_setzero_ps();
-        c[h] = _mm512_loadu_ps(ds0 + j + 16 * h);
-        d[h] = second ? _mm512_loadu_ps(ds1 + j + 16 * h) : _mm512_setzero_ps();
+        const int64_t col = j + 16 * h;
+        a[h] = _mm512_loadu_ps(p_dv + i * n + col);
+        b[h] = second ? _mm512_loadu_ps(p_dv + (i + 1) * n + col) : zero;
+        c[h] = score_grad(i, col, d0);
+        e[h] = second ? score_grad(i + 1, col, d1) : zero;
       }
       for (int h = 0; h < 2; ++h) {
         _mm512_storeu_si512(pr + j + 16 * h, row_pairs(a[h], b[h], interleave));
-        _mm512_storeu_si512(dr + j + 16 * h, row_pairs(c[h], d[h], interleave));
+        _mm512_storeu_si512(dr + j + 16 * h, row_pairs(c[h], e[h], interleave));
       }
-      _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds0) + j / 2,
+      _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds[0]) + j / 2,
                           reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(c[1], c[0])));
       if (second) {
-        _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds1) + j / 2,
-                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(d[1], d[0])));
+        _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds[1]) + j / 2,
+                            reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e[1], e[0])));
       }
     }
   }
@@ -1033,11 +1058,13 @@ struct TileProducts<c10::BFloat16, float> {
       dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(cur_dob), pr.ev_pad, 1,
                  pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f, diag);
     }
-    // As FmaProducts' grads, with P and dS rounded to bf16 pairs in one pass (pack_grad_pairs).
-    void grads(const Problem& pr, int64_t m, int64_t n, const float* p, float* ds, float* dk,
-               float* dv, float* dq, int64_t diag) {
-      if (!on()) return Fma::Backward::grads(pr, m, n, p, ds, dk, dv, dq, diag);
-      pack_grad_pairs(p, ds, m, pr.n_pad, pairs(p_rows.data()), pairs(ds_rows.data()));
+    // As FmaProducts' grads, with dS computed and it and P_dv rounded to bf16 pairs in one
+    // pass (pack_grad_pairs).
+    void grads(const Problem& pr, int64_t m, int64_t n, const float* p_dv, const float* p,
+               float* ds, const float* delta, float* dk, float* dv, float* dq, int64_t diag) {
+      if (!on()) return Fma::Backward::grads(pr, m, n, p_dv, p, ds, delta, dk, dv, dq, diag);
+      pack_grad_pairs(p_dv, p, ds, delta, m, pr.n_pad, pairs(p_rows.data()),
+                      pairs(ds_rows.data()));
       const int64_t row_pairs = ceil_div(m, 2);
       if (brgemm()) {
         cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, row_pairs, pairs(cur_dout_cols),
@@ -1599,13 +1626,13 @@ template <typename scalar_t, typename acc_t>
 struct BackwardTile {
   using Products = TileProducts<scalar_t, acc_t>;
   typename Products::Backward operands;
-  std::vector<acc_t> s, t, dp, pz, dk, dv;
+  std::vector<acc_t> s, t, dp, pz, dk, dv, d_rows;
 
   explicit BackwardTile(const Problem& pr)
       : operands(pr), s(kBlockM * pr.n_pad), t(pr.p.softcap > 0 ? kBlockM * pr.n_pad : 0),
         dp(kBlockM * pr.n_pad),
         pz(pr.p.dropout_p > 0 ? kBlockM * pr.n_pad : 0), dk(pr.block_n * pr.e_pad),
-        dv(pr.block_n * pr.ev_pad) {}
+        dv(pr.block_n * pr.ev_pad), d_rows(kBlockM) {}
 
   void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* lse_rows,
            const acc_t* delta, const Sequence& sq, int64_t hk, int64_t kblock, acc_t* dq_acc) {
@@ -1662,26 +1689,26 @@ struct BackwardTile {
           apply_dropout(pr, sq, h, q0, m, k0, n, dp.data(), ld);
           p_used = pz.data();
         }
-        // dp becomes dS = P o (dP - delta): the gradient of the final scores.
-        for (int64_t i = 0; i < m; ++i) {
-          const acc_t d = delta[pr.row_index(sq, h, q0 + i)];
-          acc_t* dsr = dp.data() + i * ld;
-          const acc_t* pr_row = s.data() + i * ld;
-          for (int64_t j = 0; j < ld; ++j) dsr[j] = pr_row[j] * (dsr[j] - d);
-        }
-        if (bp.dmask) {
-          for (int64_t i = 0; i < m; ++i) {
-            acc_t* dst =
-                static_cast<acc_t*>(bp.dmask) + pr.row_index(sq, h, q0 + i) * p.kv_len + k0;
-            std::copy(dp.data() + i * ld, dp.data() + i * ld + n, dst);
+        for (int64_t i = 0; i < m; ++i) d_rows[i] = delta[pr.row_index(sq, h, q0 + i)];
+        // dS, the gradient of the final scores, is computed here where the mask's gradient
+        // reads it or softcap changes it; else by grads, in its pass over P and dP.
+        const bool ds_first = bp.dmask != nullptr || p.softcap > 0;
+        if (ds_first) {
+          score_grads(s.data(), dp.data(), d_rows.data(), m, ld);
+          if (bp.dmask) {
+            for (int64_t i = 0; i < m; ++i) {
+              acc_t* dst =
+                  static_cast<acc_t*>(bp.dmask) + pr.row_index(sq, h, q0 + i) * p.kv_len + k0;
+              std::copy(dp.data() + i * ld, dp.data() + i * ld + n, dst);
+            }
+          }
+          if (p.softcap > 0) {  // d raw = d capped * (1 - tanh^2)
+            for (int64_t i = 0; i < m * ld; ++i) dp[i] *= acc_t(1) - t[i] * t[i];
           }
         }
-        if (p.softcap > 0) {  // d raw = d capped * (1 - tanh^2)
-          for (int64_t i = 0; i < m * ld; ++i) dp[i] *= acc_t(1) - t[i] * t[i];
-        }
         // With dropout, dv takes (P o Z)^T dO.
-        operands.grads(pr, m, n, p_used, dp.data(), dk.data(), dv.data(),
-                       dq_acc + (g * p.q_len + q0) * pr.e_pad, diag);
+        operands.grads(pr, m, n, p_used, s.data(), dp.data(), ds_first ? nullptr : d_rows.data(),
+                       dk.data(), dv.data(), dq_acc + (g * p.q_len + q0) * pr.e_pad, diag);
       }
     }
     operands.finish_keys(pr, n, dk.data(), dv.data());
