@@ -845,17 +845,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pai
     bf16_pair* p_rows, bf16_pair* ds_rows) {
   const __m512i interleave = _mm512_load_si512(kRowPairWords);
   const __m512 zero = _mm512_setzero_ps();
+  const bool p_is_p_dv = p == p_dv;  // no dropout: dS reads the P vectors already loaded
   for (int64_t i = 0; i < m; i += 2) {
     const bool second = i + 1 < m;
-    float* ds[2] = {dp + i * n, dp + (i + 1) * n};
+    float* ds0 = dp + i * n;
+    float* ds1 = ds0 + n;  // row i + 1 (only if second)
     const __m512 d0 = _mm512_set1_ps(delta ? delta[i] : 0.f);
     const __m512 d1 = _mm512_set1_ps(delta && second ? delta[i + 1] : 0.f);
-    // dS from P and dP of row r at column c (row i + 1 only if second).
-    const auto score_grad = [&](int64_t r, int64_t c, __m512 d) {
-      const __m512 g = _mm512_loadu_ps(dp + r * n + c);
-      return delta ? _mm512_mul_ps(_mm512_loadu_ps(p + r * n + c), _mm512_sub_ps(g, d)) : g;
-    };
-    bf16_pair *pr = p_rows + i / 2 * n, *dr = ds_rows + i / 2 * n;
+    bf16_pair *p_out = p_rows + i / 2 * n, *ds_out = ds_rows + i / 2 * n;
     for (int64_t j = 0; j < n; j += 32) {
       // Row r's column pairs land at floats j / 2 .. j / 2 + 15 of its room, read already.
       __m512 a[2], b[2], c[2], e[2];  // P_dv rows i, i + 1 and dS rows i, i + 1, columns j..
@@ -863,17 +860,23 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pai
         const int64_t col = j + 16 * h;
         a[h] = _mm512_loadu_ps(p_dv + i * n + col);
         b[h] = second ? _mm512_loadu_ps(p_dv + (i + 1) * n + col) : zero;
-        c[h] = score_grad(i, col, d0);
-        e[h] = second ? score_grad(i + 1, col, d1) : zero;
+        c[h] = _mm512_loadu_ps(ds0 + col);
+        e[h] = second ? _mm512_loadu_ps(ds1 + col) : zero;
+        if (delta) {  // c, e hold dP: dS = P (dP - delta) (0 for a missing row i + 1)
+          const __m512 pa = p_is_p_dv ? a[h] : _mm512_loadu_ps(p + i * n + col);
+          const __m512 pb = p_is_p_dv || !second ? b[h] : _mm512_loadu_ps(p + (i + 1) * n + col);
+          c[h] = _mm512_mul_ps(pa, _mm512_sub_ps(c[h], d0));
+          e[h] = _mm512_mul_ps(pb, _mm512_sub_ps(e[h], d1));
+        }
       }
       for (int h = 0; h < 2; ++h) {
-        _mm512_storeu_si512(pr + j + 16 * h, row_pairs(a[h], b[h], interleave));
-        _mm512_storeu_si512(dr + j + 16 * h, row_pairs(c[h], e[h], interleave));
+        _mm512_storeu_si512(p_out + j + 16 * h, row_pairs(a[h], b[h], interleave));
+        _mm512_storeu_si512(ds_out + j + 16 * h, row_pairs(c[h], e[h], interleave));
       }
-      _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds[0]) + j / 2,
+      _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds0) + j / 2,
                           reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(c[1], c[0])));
       if (second) {
-        _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds[1]) + j / 2,
+        _mm512_storeu_si512(reinterpret_cast<bf16_pair*>(ds1) + j / 2,
                             reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(e[1], e[0])));
       }
     }
@@ -1038,11 +1041,11 @@ struct TileProducts<c10::BFloat16, float> {
       pack_row_pairs(dout, dout_rs, m, pr.p.v_head_dim, pairs(cur_dout_rows), pr.ev_pad);
       if (brgemm()) {
         // The row pairs transposed, pair for pair (32-bit words, moved unchanged).
-        const int64_t row_pairs = ceil_div(m, 2);
-        pack_transposed(cur_q_rows, pr.e_pad, row_pairs, pr.p.head_dim, cur_q_cols,
-                        kBlockM / 2, row_pairs);
-        pack_transposed(cur_dout_rows, pr.ev_pad, row_pairs, pr.p.v_head_dim, cur_dout_cols,
-                        kBlockM / 2, row_pairs);
+        const int64_t m_pairs = ceil_div(m, 2);
+        pack_transposed(cur_q_rows, pr.e_pad, m_pairs, pr.p.head_dim, cur_q_cols, kBlockM / 2,
+                        m_pairs);
+        pack_transposed(cur_dout_rows, pr.ev_pad, m_pairs, pr.p.v_head_dim, cur_dout_cols,
+                        kBlockM / 2, m_pairs);
       }
     }
     const float* scores_queries() const { return on() ? cur_qs : qs.data(); }
@@ -1065,20 +1068,20 @@ struct TileProducts<c10::BFloat16, float> {
       if (!on()) return Fma::Backward::grads(pr, m, n, p_dv, p, ds, delta, dk, dv, dq, diag);
       pack_grad_pairs(p_dv, p, ds, delta, m, pr.n_pad, pairs(p_rows.data()),
                       pairs(ds_rows.data()));
-      const int64_t row_pairs = ceil_div(m, 2);
+      const int64_t m_pairs = ceil_div(m, 2);
       if (brgemm()) {
-        cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, row_pairs, pairs(cur_dout_cols),
+        cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, m_pairs, pairs(cur_dout_cols),
                                  kBlockM / 2, pairs(p_rows.data()), pr.n_pad, dvt.data(),
                                  pr.n_pad, true);
-        cpu_brgemm::bf16_product(pr.p.head_dim, pr.n_pad, row_pairs, pairs(cur_q_cols),
+        cpu_brgemm::bf16_product(pr.p.head_dim, pr.n_pad, m_pairs, pairs(cur_q_cols),
                                  kBlockM / 2, pairs(ds_rows.data()), pr.n_pad, dkt.data(),
                                  pr.n_pad, true);
         return cpu_brgemm::bf16_product(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad,
                                         pairs(kb.data()), pr.e_pad, dq, pr.e_pad, true);
       }
-      dot<true>(n, pr.ev_pad, row_pairs, pairs(p_rows.data()), 1, pr.n_pad,
+      dot<true>(n, pr.ev_pad, m_pairs, pairs(p_rows.data()), 1, pr.n_pad,
                 pairs(cur_dout_rows), pr.ev_pad, dv, pr.ev_pad, 1.f);
-      dot<true>(n, pr.e_pad, row_pairs, pairs(ds_rows.data()), 1, pr.n_pad, pairs(cur_q_rows),
+      dot<true>(n, pr.e_pad, m_pairs, pairs(ds_rows.data()), 1, pr.n_pad, pairs(cur_q_rows),
                 pr.e_pad, dk, pr.e_pad, static_cast<float>(pr.p.scale));
       dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
                 dq, pr.e_pad, 1.f, kAllVisible, diag);
