@@ -1,9 +1,9 @@
 // FlashAttention-style attention forward and backward on the CPU, compiled once per x86 ISA.
 //
 // Tiles of kBlockM query rows meet tiles of kForwardBlockN (forward) or kBlockN (backward) keys,
-// twice those on brgemm; the L x S score matrix never exists (a thread holds
-// O((kBlockM + kForwardBlockN) * E) floats). Tile products use a register-blocked at::vec FMA
-// micro-kernel (gemm below) on
+// twice those on brgemm (Problem::block_m, block_n); the L x S score matrix never exists (a
+// thread holds O((kBlockM + kForwardBlockN) * E) floats). Tile products use a register-blocked
+// at::vec FMA micro-kernel (gemm below) on
 // operands packed once per tile into float (double for float64) buffers whose widths are
 // padded to whole register pairs; the avx512 build's bf16 forward and backward use AVX512-BF16
 // dot products instead where the CPU has them, and both passes' products go to ATen's oneDNN
@@ -431,6 +431,7 @@ struct Sequence {
 struct Problem {
   const AttentionParams& p;
   int64_t group;    // query heads per kv head
+  int64_t block_m;  // query rows per tile
   int64_t block_n;  // keys per tile (key_tile_width)
   int64_t e_pad, ev_pad, n_pad;
 
@@ -543,7 +544,9 @@ struct FmaProducts {
   }
   // Ends a thread's run of products (brgemm's AMX state; nothing here).
   static void release() {}
-  // Keys per tile of the forward and of the backward.
+  // Query rows per tile of both passes (128 made fp32 fwd+bwd 3-7% slower on the Xeon with
+  // AMX); keys per tile of the forward and of the backward.
+  static int64_t block_m() { return kBlockM; }
   static int64_t forward_block_n() { return kForwardBlockN; }
   static int64_t backward_block_n() { return kBlockN; }
   // s [m, n_pad] = qs kt for the columns of n keys that row i sees (j < i + diag,
@@ -582,7 +585,8 @@ struct FmaProducts {
 
     explicit Backward(const Problem& pr)
         : kt(pr.p.head_dim * pr.n_pad), kb(pr.block_n * pr.e_pad),
-          vt(pr.p.v_head_dim * pr.n_pad), qs(kBlockM * pr.e_pad), dob(kBlockM * pr.ev_pad) {}
+          vt(pr.p.v_head_dim * pr.n_pad), qs(pr.block_m * pr.e_pad),
+          dob(pr.block_m * pr.ev_pad) {}
 
     void pack_keys(const Problem& pr, const scalar_t* k, int64_t k_rs, const scalar_t* v,
                    int64_t v_rs, int64_t n) {
@@ -906,6 +910,13 @@ struct TileProducts<c10::BFloat16, float> {
   // And the backward twice its 64: fwd+bwd 5% faster at L = S = 512 and 1024 (same machine,
   // alternating builds, min of 6), causal unchanged; 256 lost at L = S = 512 causal.
   static int64_t backward_block_n() { return brgemm() ? 2 * kBlockN : kBlockN; }
+  // And twice the query rows in both passes: half the calls into brgemm per key, and the
+  // backward's dK^T and dV^T products, which reduce over the rows, accumulate twice as many
+  // per call (oneDNN adds into C at ~2/3 of the rate at which it writes C, at these sizes).
+  // Same machine, alternating builds, min of 6-10: fwd+bwd L = S = 1024 10.8 -> 9.8 ms, 512
+  // 2.65 -> 2.59, causal 4-5% faster; forward L = S = 1024 2.67 -> 2.47 ms, 512 4% faster, 512
+  // causal 3% slower. (256 keys per backward tile as well lost 5-13%.)
+  static int64_t block_m() { return brgemm() ? 2 * kBlockM : kBlockM; }
   static bf16_pair* pairs(float* x) { return reinterpret_cast<bf16_pair*>(x); }
   static const bf16_pair* pairs(const float* x) { return reinterpret_cast<const bf16_pair*>(x); }
 
@@ -991,18 +1002,20 @@ struct TileProducts<c10::BFloat16, float> {
     std::vector<char> packed;    // per slot: holds tile `slot` of kv head `packed_head`
     int64_t packed_head = -1;
     float *cur_qs = nullptr, *cur_dob = nullptr, *cur_q_rows = nullptr, *cur_dout_rows = nullptr;
-    float *cur_q_cols = nullptr, *cur_dout_cols = nullptr;  // [E | Ev, kBlockM / 2] (brgemm)
-    std::vector<float> p_rows, ds_rows;  // [kBlockM / 2, n_pad]: P, dS as row pairs
+    float *cur_q_cols = nullptr, *cur_dout_cols = nullptr;  // [E | Ev, block_m / 2] (brgemm)
+    std::vector<float> p_rows, ds_rows;  // [block_m / 2, n_pad]: P, dS as row pairs
     std::vector<float> dkt, dvt;    // [E, n_pad], [Ev, n_pad]: dK^T, dV^T (brgemm)
 
     explicit Backward(const Problem& pr)
-        : Fma::Backward(pr), p_rows(on() ? kBlockM / 2 * pr.n_pad : 0), ds_rows(p_rows.size()),
+        : Fma::Backward(pr), p_rows(on() ? pr.block_m / 2 * pr.n_pad : 0),
+          ds_rows(p_rows.size()),
           dkt(brgemm() ? pr.p.head_dim * pr.n_pad : 0),
           dvt(brgemm() ? pr.p.v_head_dim * pr.n_pad : 0) {
       if (!on()) return;
-      slot_floats = kBlockM * (pr.e_pad + pr.ev_pad) + kBlockM / 2 * (pr.e_pad + pr.ev_pad) +
-                    (brgemm() ? kBlockM / 2 * (pr.p.head_dim + pr.p.v_head_dim) : 0);
-      const int64_t tiles = pr.group * ceil_div(pr.p.q_len, kBlockM);
+      const int64_t half = pr.block_m / 2;
+      slot_floats = pr.block_m * (pr.e_pad + pr.ev_pad) + half * (pr.e_pad + pr.ev_pad) +
+                    (brgemm() ? half * (pr.p.head_dim + pr.p.v_head_dim) : 0);
+      const int64_t tiles = pr.group * ceil_div(pr.p.q_len, pr.block_m);
       slots = tiles * slot_floats * static_cast<int64_t>(sizeof(float)) <= kMaxCachedQueryBytes
           ? tiles : 1;
       queries.resize(slots * slot_floats);
@@ -1028,11 +1041,12 @@ struct TileProducts<c10::BFloat16, float> {
       }
       const int64_t slot = slots == 1 ? 0 : tile;
       cur_qs = queries.data() + slot * slot_floats;
-      cur_dob = cur_qs + kBlockM * pr.e_pad;
-      cur_q_rows = cur_dob + kBlockM * pr.ev_pad;
-      cur_dout_rows = cur_q_rows + kBlockM / 2 * pr.e_pad;
-      cur_q_cols = cur_dout_rows + kBlockM / 2 * pr.ev_pad;
-      cur_dout_cols = cur_q_cols + pr.p.head_dim * kBlockM / 2;
+      const int64_t half = pr.block_m / 2;
+      cur_dob = cur_qs + pr.block_m * pr.e_pad;
+      cur_q_rows = cur_dob + pr.block_m * pr.ev_pad;
+      cur_dout_rows = cur_q_rows + half * pr.e_pad;
+      cur_q_cols = cur_dout_rows + half * pr.ev_pad;
+      cur_dout_cols = cur_q_cols + pr.p.head_dim * half;
       if (slots > 1 && packed[slot]) return;
       packed[slot] = 1;
       pack_column_pairs(q, q_rs, m, pr.p.head_dim, pairs(cur_qs), pr.e_pad);
@@ -1042,10 +1056,10 @@ struct TileProducts<c10::BFloat16, float> {
       if (brgemm()) {
         // The row pairs transposed, pair for pair (32-bit words, moved unchanged).
         const int64_t m_pairs = ceil_div(m, 2);
-        pack_transposed(cur_q_rows, pr.e_pad, m_pairs, pr.p.head_dim, cur_q_cols, kBlockM / 2,
+        pack_transposed(cur_q_rows, pr.e_pad, m_pairs, pr.p.head_dim, cur_q_cols, half,
                         m_pairs);
-        pack_transposed(cur_dout_rows, pr.ev_pad, m_pairs, pr.p.v_head_dim, cur_dout_cols,
-                        kBlockM / 2, m_pairs);
+        pack_transposed(cur_dout_rows, pr.ev_pad, m_pairs, pr.p.v_head_dim, cur_dout_cols, half,
+                        m_pairs);
       }
     }
     const float* scores_queries() const { return on() ? cur_qs : qs.data(); }
@@ -1071,10 +1085,10 @@ struct TileProducts<c10::BFloat16, float> {
       const int64_t m_pairs = ceil_div(m, 2);
       if (brgemm()) {
         cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, m_pairs, pairs(cur_dout_cols),
-                                 kBlockM / 2, pairs(p_rows.data()), pr.n_pad, dvt.data(),
+                                 pr.block_m / 2, pairs(p_rows.data()), pr.n_pad, dvt.data(),
                                  pr.n_pad, true);
         cpu_brgemm::bf16_product(pr.p.head_dim, pr.n_pad, m_pairs, pairs(cur_q_cols),
-                                 kBlockM / 2, pairs(ds_rows.data()), pr.n_pad, dkt.data(),
+                                 pr.block_m / 2, pairs(ds_rows.data()), pr.n_pad, dkt.data(),
                                  pr.n_pad, true);
         return cpu_brgemm::bf16_product(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad,
                                         pairs(kb.data()), pr.e_pad, dq, pr.e_pad, true);
@@ -1243,7 +1257,8 @@ struct ForwardTile {
   // The rows of the buffers: a tile's, at most q_len rounded up to whole vectors
   // (rescale_factors writes those). 64 rows zeroed ~100 KB per thread and call at L = 1.
   static int64_t rows(const Problem& pr) {
-    return std::min(kBlockM, round_up(std::max<int64_t>(pr.p.q_len, 1), Vectorized<acc_t>::size()));
+    return std::min(pr.block_m,
+                    round_up(std::max<int64_t>(pr.p.q_len, 1), Vectorized<acc_t>::size()));
   }
 
   explicit ForwardTile(const Problem& pr)
@@ -1498,10 +1513,11 @@ int64_t key_tile_width(const AttentionParams& p, int64_t max_width) {
 }
 
 template <typename acc_t>
-Problem make_problem(const AttentionParams& p, int64_t max_block_n) {
+Problem make_problem(const AttentionParams& p, int64_t block_m, int64_t max_block_n) {
   const int64_t block_n = key_tile_width<acc_t>(p, max_block_n);
   return Problem{p,
                  p.q_heads / p.kv_heads,
+                 block_m,
                  block_n,
                  round_up(p.head_dim, pad_cols<acc_t>()),
                  round_up(p.v_head_dim, pad_cols<acc_t>()),
@@ -1511,9 +1527,11 @@ Problem make_problem(const AttentionParams& p, int64_t max_block_n) {
 template <typename scalar_t>
 void attention_fwd_typed(const AttentionParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const Problem pr = make_problem<acc_t>(p, TileProducts<scalar_t, acc_t>::forward_block_n());
+  const Problem pr =
+      make_problem<acc_t>(p, TileProducts<scalar_t, acc_t>::block_m(),
+                          TileProducts<scalar_t, acc_t>::forward_block_n());
   // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
-  const int64_t n_qb = ceil_div(p.q_len, kBlockM), n_kb = ceil_div(p.kv_len, pr.block_n);
+  const int64_t n_qb = ceil_div(p.q_len, pr.block_m), n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
   if (items == 0) return;
   auto* out = static_cast<scalar_t*>(p.out);
@@ -1537,7 +1555,7 @@ void attention_fwd_typed(const AttentionParams& p) {
     // Query tile qb of head h of sequence b (nothing past the sequence's end).
     auto run_tile = [&](ForwardTile<scalar_t, acc_t>& tile, int64_t b, int64_t h, int64_t qb) {
       const Sequence sq = pr.sequence(b);
-      const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
+      const int64_t q0 = qb * pr.block_m, m = std::min(pr.block_m, sq.q_len - q0);
       if (m <= 0) return;
       tile.run(pr, sq, h, q0, m, 0, ceil_div(sq.kv_len, pr.block_n));
       for (int64_t i = 0; i < m; ++i) {
@@ -1586,7 +1604,7 @@ void attention_fwd_typed(const AttentionParams& p) {
       const int64_t split = it % splits, bh = it / splits / n_qb, qb = it / splits % n_qb;
       const int64_t h = bh % p.q_heads;
       const Sequence sq = pr.sequence(bh / p.q_heads);
-      const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, p.q_len - q0);
+      const int64_t q0 = qb * pr.block_m, m = std::min(pr.block_m, p.q_len - q0);
       const int64_t row0 = bh * p.q_len + q0;
       const int64_t seq_kb = ceil_div(sq.kv_len, pr.block_n);
       tile.run(pr, sq, h, q0, m, split * seq_kb / splits, (split + 1) * seq_kb / splits);
@@ -1632,10 +1650,10 @@ struct BackwardTile {
   std::vector<acc_t> s, t, dp, pz, dk, dv, d_rows;
 
   explicit BackwardTile(const Problem& pr)
-      : operands(pr), s(kBlockM * pr.n_pad), t(pr.p.softcap > 0 ? kBlockM * pr.n_pad : 0),
-        dp(kBlockM * pr.n_pad),
-        pz(pr.p.dropout_p > 0 ? kBlockM * pr.n_pad : 0), dk(pr.block_n * pr.e_pad),
-        dv(pr.block_n * pr.ev_pad), d_rows(kBlockM) {}
+      : operands(pr), s(pr.block_m * pr.n_pad),
+        t(pr.p.softcap > 0 ? pr.block_m * pr.n_pad : 0), dp(pr.block_m * pr.n_pad),
+        pz(pr.p.dropout_p > 0 ? pr.block_m * pr.n_pad : 0), dk(pr.block_n * pr.e_pad),
+        dv(pr.block_n * pr.ev_pad), d_rows(pr.block_m) {}
 
   void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* lse_rows,
            const acc_t* delta, const Sequence& sq, int64_t hk, int64_t kblock, acc_t* dq_acc) {
@@ -1647,7 +1665,7 @@ struct BackwardTile {
     operands.pack_keys(pr, k, p.k_stride[2], v, p.v_stride[2], n);
     std::fill(dk.begin(), dk.end(), acc_t(0));
     std::fill(dv.begin(), dv.end(), acc_t(0));
-    const int64_t n_qb = ceil_div(sq.q_len, kBlockM);
+    const int64_t n_qb = ceil_div(sq.q_len, pr.block_m);
 
     for (int64_t g = 0; g < pr.group; ++g) {
       const int64_t h = hk * pr.group + g;
@@ -1655,7 +1673,7 @@ struct BackwardTile {
       const auto* dout =
           pr.q_side_row(static_cast<const scalar_t*>(bp.grad_out), bp.grad_out_stride, sq, h, 0);
       for (int64_t qb = 0; qb < n_qb; ++qb) {
-        const int64_t q0 = qb * kBlockM, m = std::min(kBlockM, sq.q_len - q0);
+        const int64_t q0 = qb * pr.block_m, m = std::min(pr.block_m, sq.q_len - q0);
         if (!pr.tile_visible(sq, q0, m, k0, n)) continue;
         operands.pack_queries(pr, q + q0 * p.q_stride[2], p.q_stride[2],
                               dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m,
@@ -1733,7 +1751,9 @@ template <typename scalar_t>
 void attention_bwd_typed(const AttentionBwdParams& bp) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const AttentionParams& p = bp;
-  const Problem pr = make_problem<acc_t>(p, TileProducts<scalar_t, acc_t>::backward_block_n());
+  using Products = TileProducts<scalar_t, acc_t>;
+  const Problem pr =
+      make_problem<acc_t>(p, Products::block_m(), Products::backward_block_n());
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
   // The query rows' row indices are 0 .. rows - 1 (attention_params.h); dq/dk/dv are
   // contiguous, so their sizes follow from the row counts.
@@ -1749,13 +1769,13 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     return;
   }
   // Query tiles: item it is tile it % n_qb of head it / n_qb (past a sequence's end: none).
-  const int64_t n_qb = ceil_div(L, kBlockM), q_items = p.batch * p.q_heads * n_qb;
+  const int64_t n_qb = ceil_div(L, pr.block_m), q_items = p.batch * p.q_heads * n_qb;
   auto q_tile = [&](int64_t it, Sequence& sq, int64_t& h, int64_t& q0) {
     const int64_t bh = it / n_qb;
     h = bh % p.q_heads;
     sq = pr.sequence(bh / p.q_heads);
-    q0 = it % n_qb * kBlockM;
-    return std::min(kBlockM, sq.q_len - q0);
+    q0 = it % n_qb * pr.block_m;
+    return std::min(pr.block_m, sq.q_len - q0);
   };
 
   // lse by row index: the forward's float32 LSE would cap float64 gradients at float32
