@@ -40,19 +40,25 @@ def test_bf16_engine_follows_cpu_and_environment():
     assert C.cpu_attention_tile_engine("float32") == "at::vec fp32 FMA"
 
 
-@pytest.mark.skipif(
-    "amx_bf16" not in FLAGS or ASKED == "native",
-    reason="this CPU lacks AMX-BF16 (no amx_bf16 in /proc/cpuinfo; brgemm runs here only when "
-    "asked, in test_bf16_tests_pass_on_the_other_engine)"
-    if "amx_bf16" not in FLAGS
-    else "FASTATTN_CPU_TILE_ENGINE=native keeps the micro-kernels",
-)
+def _no_brgemm_reason() -> str | None:
+    if "amx_bf16" not in FLAGS:
+        return ("this CPU lacks AMX-BF16 (no amx_bf16 in /proc/cpuinfo; brgemm runs here only "
+                "when asked, in test_bf16_tests_pass_on_the_other_engine)")
+    if ASKED == "native":
+        return "FASTATTN_CPU_TILE_ENGINE=native keeps the micro-kernels"
+    if not AVX512_BF16:
+        return (f"the {C.cpu_isa() if C else 'missing'} kernels run here (ATEN_CPU_CAPABILITY), "
+                "not the avx512 ones that use brgemm")
+    return None
+
+
+@pytest.mark.skipif(_no_brgemm_reason() is not None, reason=str(_no_brgemm_reason()))
 def test_amx_cpu_uses_brgemm():
     assert C.cpu_attention_tile_engine("bfloat16") == "oneDNN brgemm bf16 (AMX)"
 
 
-# B, Hq, Hk, L, S, E, Ev: the odd sizes of the issue (1, 7, 33, 130: tails of the 64-row and
-# 64-key tiles and of a key pair), GQA, E off the 32-lane padding, Ev != E.
+# B, Hq, Hk, L, S, E, Ev: the odd sizes of the issue (1, 7, 33, 130: tails of the 64- and
+# 128-row and -key tiles and of a key pair), GQA, E off the 32-lane padding, Ev != E.
 SHAPES = [
     pytest.param((1, 2, 1, 1, 7, 8, 8), id="L1-S7-E8-gqa"),
     pytest.param((2, 2, 2, 7, 33, 40, 24), id="L7-S33-E40-Ev24"),
