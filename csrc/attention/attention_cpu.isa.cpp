@@ -523,6 +523,17 @@ void score_grads(const T* p, T* dp, const T* delta, int64_t m, int64_t ld) {
   }
 }
 
+// Probabilities that the backward has not yet computed from their scores: row i's are
+// exp(scale * s - shift[i]) at the columns j < width[i] (whole vectors) and 0 past them (a NaN
+// shift, whose width is the row's, makes the row NaN). A bf16 Backward computes them in its pass
+// over P and dP (probs_from_scores), which saves a pass over the scores.
+template <typename T>
+struct ProbsFromScores {
+  const T* shift;
+  const int64_t* width;
+  T scale;
+};
+
 // The tile products and the packing they read, for the at::vec FMA micro-kernel (gemm) on
 // acc_t buffers: the forward's (scale * Q, K^T and V; qk, pv) and the backward's (Backward).
 // TileProducts below swaps in the bf16 dot products where the CPU has them.
@@ -605,6 +616,8 @@ struct FmaProducts {
     const acc_t* scores_queries() const { return qs.data(); }
     // Completes the key tile's dk [n, e_pad] and dv [n, ev_pad] (grads added into them).
     void finish_keys(const Problem&, int64_t, acc_t*, acc_t*) const {}
+    // Whether grads takes P as scores (ProbsFromScores) where there is no dropout.
+    static bool probs_from_scores() { return false; }
     // dp [m, n_pad] = dO V^T, where row i sees keys j < i + diag (0 elsewhere).
     void dp(const Problem& pr, int64_t m, acc_t* dp, int64_t diag) const {
       std::fill(dp, dp + m * pr.n_pad, acc_t(0));
@@ -615,9 +628,11 @@ struct FmaProducts {
     // (unscaled), for the probabilities p [m, n_pad] (P_dv: with dropout, P o Z) and the score
     // gradient dS = P o (dP - delta) (row i's delta[i]), which ds [m, n_pad] holds already where
     // delta is null, dP otherwise (overwritten either way). p[i, j] = ds[i, j] = 0 for
-    // j >= i + diag, so key j needs only the rows i > j - diag.
+    // j >= i + diag, so key j needs only the rows i > j - diag. With from_scores (only where
+    // probs_from_scores()), p = p_dv holds the scores of the probabilities it describes.
     void grads(const Problem& pr, int64_t m, int64_t n, const acc_t* p_dv, const acc_t* p,
-               acc_t* ds, const acc_t* delta, acc_t* dk, acc_t* dv, acc_t* dq, int64_t diag) {
+               const ProbsFromScores<acc_t>* /*from_scores*/, acc_t* ds, const acc_t* delta,
+               acc_t* dk, acc_t* dv, acc_t* dq, int64_t diag) {
       if (delta != nullptr) score_grads(p, ds, delta, m, pr.n_pad);
       gemm<acc_t>(n, pr.ev_pad, m, p_dv, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad,
                   kAllVisible, kAllVisible, diag);
@@ -843,13 +858,22 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline __m512i row_pairs(
 // row pairs with zeros), and P_dv (p_dv: P, or with dropout P o Z) as row pairs p_rows, which
 // the products that reduce over the query rows read. A pass for dS and three for its pairs and
 // P's (two over P and dS as row pairs, one over dS in place) took ~9% of the bf16 backward at
-// L = S = 512 (Xeon with AMX).
+// L = S = 512 (Xeon with AMX). With from_scores (no dropout: p = p_dv), p holds the scores and
+// the pass computes P from them, as FmaProducts::exp_probs would (a pass fewer over the tile).
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pairs(
-    const float* p_dv, const float* p, float* dp, const float* delta, int64_t m, int64_t n,
-    bf16_pair* p_rows, bf16_pair* ds_rows) {
+    const float* p_dv, const float* p, const ProbsFromScores<float>* from_scores, float* dp,
+    const float* delta, int64_t m, int64_t n, bf16_pair* p_rows, bf16_pair* ds_rows) {
   const __m512i interleave = _mm512_load_si512(kRowPairWords);
   const __m512 zero = _mm512_setzero_ps();
   const bool p_is_p_dv = p == p_dv;  // no dropout: dS reads the P vectors already loaded
+  // P_dv's row r at columns col.. (r < m).
+  auto probs = [&](int64_t r, int64_t col) -> __m512 {
+    const __m512 x = _mm512_loadu_ps(p_dv + r * n + col);
+    if (from_scores == nullptr) return x;
+    if (col >= from_scores->width[r]) return zero;
+    return exp_avx512(_mm512_fmadd_ps(x, _mm512_set1_ps(from_scores->scale),
+                                      _mm512_set1_ps(-from_scores->shift[r])));
+  };
   for (int64_t i = 0; i < m; i += 2) {
     const bool second = i + 1 < m;
     float* ds0 = dp + i * n;
@@ -862,8 +886,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pai
       __m512 a[2], b[2], c[2], e[2];  // P_dv rows i, i + 1 and dS rows i, i + 1, columns j..
       for (int h = 0; h < 2; ++h) {
         const int64_t col = j + 16 * h;
-        a[h] = _mm512_loadu_ps(p_dv + i * n + col);
-        b[h] = second ? _mm512_loadu_ps(p_dv + (i + 1) * n + col) : zero;
+        a[h] = probs(i, col);
+        b[h] = second ? probs(i + 1, col) : zero;
         c[h] = _mm512_loadu_ps(ds0 + col);
         e[h] = second ? _mm512_loadu_ps(ds1 + col) : zero;
         if (delta) {  // c, e hold dP: dS = P (dP - delta) (0 for a missing row i + 1)
@@ -1075,12 +1099,16 @@ struct TileProducts<c10::BFloat16, float> {
       dot<false>(m, pr.n_pad, ceil_div(pr.p.v_head_dim, 2), pairs(cur_dob), pr.ev_pad, 1,
                  pairs(vt.data()), pr.n_pad, dp, pr.n_pad, 1.f, diag);
     }
-    // As FmaProducts' grads, with dS computed and it and P_dv rounded to bf16 pairs in one
-    // pass (pack_grad_pairs).
+    static bool probs_from_scores() { return on(); }
+    // As FmaProducts' grads, with P (from_scores), dS and their bf16 pairs computed in one pass
+    // (pack_grad_pairs).
     void grads(const Problem& pr, int64_t m, int64_t n, const float* p_dv, const float* p,
-               float* ds, const float* delta, float* dk, float* dv, float* dq, int64_t diag) {
-      if (!on()) return Fma::Backward::grads(pr, m, n, p_dv, p, ds, delta, dk, dv, dq, diag);
-      pack_grad_pairs(p_dv, p, ds, delta, m, pr.n_pad, pairs(p_rows.data()),
+               const ProbsFromScores<float>* from_scores, float* ds, const float* delta,
+               float* dk, float* dv, float* dq, int64_t diag) {
+      if (!on()) {
+        return Fma::Backward::grads(pr, m, n, p_dv, p, from_scores, ds, delta, dk, dv, dq, diag);
+      }
+      pack_grad_pairs(p_dv, p, from_scores, ds, delta, m, pr.n_pad, pairs(p_rows.data()),
                       pairs(ds_rows.data()));
       const int64_t m_pairs = ceil_div(m, 2);
       if (brgemm()) {
@@ -1647,13 +1675,15 @@ template <typename scalar_t, typename acc_t>
 struct BackwardTile {
   using Products = TileProducts<scalar_t, acc_t>;
   typename Products::Backward operands;
-  std::vector<acc_t> s, t, dp, pz, dk, dv, d_rows;
+  std::vector<acc_t> s, t, dp, pz, dk, dv, d_rows, shifts;
+  std::vector<int64_t> widths;  // shifts and widths: P's ProbsFromScores
 
   explicit BackwardTile(const Problem& pr)
       : operands(pr), s(pr.block_m * pr.n_pad),
         t(pr.p.softcap > 0 ? pr.block_m * pr.n_pad : 0), dp(pr.block_m * pr.n_pad),
         pz(pr.p.dropout_p > 0 ? pr.block_m * pr.n_pad : 0), dk(pr.block_n * pr.e_pad),
-        dv(pr.block_n * pr.ev_pad), d_rows(pr.block_m) {}
+        dv(pr.block_n * pr.ev_pad), d_rows(pr.block_m), shifts(pr.block_m),
+        widths(pr.block_m) {}
 
   void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* lse_rows,
            const acc_t* delta, const Sequence& sq, int64_t hk, int64_t kblock, acc_t* dq_acc) {
@@ -1683,24 +1713,33 @@ struct BackwardTile {
                                                    operands.scores_queries(),
                                                    operands.kt.data(), k,
                                                    p.k_stride[2], s.data(), t.data());
-        // s becomes P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row
-        // that saw a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN). As in
-        // the forward, the exp skips the whole vectors of -inf scores past a row's diagonal and
-        // writes their zeros.
+        // P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row that saw
+        // a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN). As in the
+        // forward, the exp skips the whole vectors of -inf scores past a row's diagonal and
+        // writes their zeros. s becomes P here, unless grads computes P in its own pass.
         const int64_t diag = pr.visible_diag(sq, q0, k0);
         const acc_t scale = Products::score_scale(pr);
+        // dS, the gradient of the final scores, is computed before grads where the mask's
+        // gradient reads it or softcap changes it; else by grads, in its pass over P and dP.
+        const bool ds_first = bp.dmask != nullptr || p.softcap > 0;
+        const bool exp_in_grads =
+            operands.probs_from_scores() && p.dropout_p == 0 && !ds_first;
         for (int64_t i = 0; i < m; ++i) {
           const acc_t lse = lse_rows[pr.row_index(sq, h, q0 + i)];
           acc_t* row = s.data() + i * ld;
-          if (std::isnan(lse)) {
-            std::fill(row, row + ld, lse);
-            continue;
-          }
+          const bool nan = std::isnan(lse);
           const acc_t shift = lse == -std::numeric_limits<acc_t>::infinity()
               ? std::numeric_limits<acc_t>::infinity() : lse;
-          const int64_t width = visible_extent(i, 1, diag, ld, Vectorized<acc_t>::size());
-          // fp32 P, whatever the products' layout: dS and dropout read it first.
-          FmaProducts<scalar_t, acc_t>::exp_probs(row, width, ld, scale, shift);
+          const int64_t width =
+              nan ? ld : visible_extent(i, 1, diag, ld, Vectorized<acc_t>::size());
+          if (exp_in_grads) {
+            shifts[i] = shift;
+            widths[i] = width;
+          } else if (nan) {
+            std::fill(row, row + ld, lse);
+          } else {  // fp32 P, whatever the products' layout: dS and dropout read it first.
+            FmaProducts<scalar_t, acc_t>::exp_probs(row, width, ld, scale, shift);
+          }
         }
         operands.dp(pr, m, dp.data(), diag);
         const acc_t* p_used = s.data();  // the probabilities that multiplied V
@@ -1711,9 +1750,6 @@ struct BackwardTile {
           p_used = pz.data();
         }
         for (int64_t i = 0; i < m; ++i) d_rows[i] = delta[pr.row_index(sq, h, q0 + i)];
-        // dS, the gradient of the final scores, is computed here where the mask's gradient
-        // reads it or softcap changes it; else by grads, in its pass over P and dP.
-        const bool ds_first = bp.dmask != nullptr || p.softcap > 0;
         if (ds_first) {
           score_grads(s.data(), dp.data(), d_rows.data(), m, ld);
           if (bp.dmask) {
@@ -1728,8 +1764,10 @@ struct BackwardTile {
           }
         }
         // With dropout, dv takes (P o Z)^T dO.
-        operands.grads(pr, m, n, p_used, s.data(), dp.data(), ds_first ? nullptr : d_rows.data(),
-                       dk.data(), dv.data(), dq_acc + (g * p.q_len + q0) * pr.e_pad, diag);
+        const ProbsFromScores<acc_t> from_scores{shifts.data(), widths.data(), scale};
+        operands.grads(pr, m, n, p_used, s.data(), exp_in_grads ? &from_scores : nullptr,
+                       dp.data(), ds_first ? nullptr : d_rows.data(), dk.data(), dv.data(),
+                       dq_acc + (g * p.q_len + q0) * pr.e_pad, diag);
       }
     }
     operands.finish_keys(pr, n, dk.data(), dv.data());
