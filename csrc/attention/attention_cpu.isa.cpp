@@ -614,6 +614,8 @@ struct FmaProducts {
     }
     // The packed query tile as qk reads it.
     const acc_t* scores_queries() const { return qs.data(); }
+    // Whether grads adds into the key tile's dk and dv, which then start as zeros.
+    static bool adds_into_keys() { return true; }
     // Completes the key tile's dk [n, e_pad] and dv [n, ev_pad] (grads added into them).
     void finish_keys(const Problem&, int64_t, acc_t*, acc_t*) const {}
     // Whether grads takes P as scores (ProbsFromScores) where there is no dropout.
@@ -1029,6 +1031,7 @@ struct TileProducts<c10::BFloat16, float> {
     float *cur_q_cols = nullptr, *cur_dout_cols = nullptr;  // [E | Ev, block_m / 2] (brgemm)
     std::vector<float> p_rows, ds_rows;  // [block_m / 2, n_pad]: P, dS as row pairs
     std::vector<float> dkt, dvt;    // [E, n_pad], [Ev, n_pad]: dK^T, dV^T (brgemm)
+    bool keys_written = false;      // whether a product has written dkt and dvt for these keys
 
     explicit Backward(const Problem& pr)
         : Fma::Backward(pr), p_rows(on() ? pr.block_m / 2 * pr.n_pad : 0),
@@ -1052,8 +1055,7 @@ struct TileProducts<c10::BFloat16, float> {
       pack_transposed_pairs(k, k_rs, n, pr.p.head_dim, pairs(kt.data()), pr.n_pad);
       pack_row_pairs(k, k_rs, n, pr.p.head_dim, pairs(kb.data()), pr.e_pad);
       pack_transposed_pairs(v, v_rs, n, pr.p.v_head_dim, pairs(vt.data()), pr.n_pad);
-      std::fill(dkt.begin(), dkt.end(), 0.f);
-      std::fill(dvt.begin(), dvt.end(), 0.f);
+      keys_written = false;  // the first query tile's products write dkt and dvt, later ones add
     }
     // (Unlike pack_q, a single row is packed too: the backward always scores through qk.)
     void pack_queries(const Problem& pr, const bf16* q, int64_t q_rs, const bf16* dout,
@@ -1114,10 +1116,11 @@ struct TileProducts<c10::BFloat16, float> {
       if (brgemm()) {
         cpu_brgemm::bf16_product(pr.p.v_head_dim, pr.n_pad, m_pairs, pairs(cur_dout_cols),
                                  pr.block_m / 2, pairs(p_rows.data()), pr.n_pad, dvt.data(),
-                                 pr.n_pad, true);
+                                 pr.n_pad, keys_written);
         cpu_brgemm::bf16_product(pr.p.head_dim, pr.n_pad, m_pairs, pairs(cur_q_cols),
                                  pr.block_m / 2, pairs(ds_rows.data()), pr.n_pad, dkt.data(),
-                                 pr.n_pad, true);
+                                 pr.n_pad, keys_written);
+        keys_written = true;
         return cpu_brgemm::bf16_product(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad,
                                         pairs(kb.data()), pr.e_pad, dq, pr.e_pad, true);
       }
@@ -1128,9 +1131,16 @@ struct TileProducts<c10::BFloat16, float> {
       dot<true>(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad, 1, pairs(kb.data()), pr.e_pad,
                 dq, pr.e_pad, 1.f, kAllVisible, diag);
     }
-    // With brgemm, dk = scale * (dK^T)^T and dv = (dV^T)^T; dot added into dk and dv directly.
+    static bool adds_into_keys() { return !brgemm(); }
+    // With brgemm, dk = scale * (dK^T)^T and dv = (dV^T)^T (zeros where no query tile saw the
+    // keys); dot added into dk and dv directly.
     void finish_keys(const Problem& pr, int64_t n, float* dk, float* dv) const {
       if (!brgemm()) return;
+      if (!keys_written) {
+        std::fill(dk, dk + n * pr.e_pad, 0.f);
+        std::fill(dv, dv + n * pr.ev_pad, 0.f);
+        return;
+      }
       pack_transposed(dkt.data(), pr.n_pad, pr.p.head_dim, n, dk, pr.e_pad, pr.p.head_dim);
       pack_transposed(dvt.data(), pr.n_pad, pr.p.v_head_dim, n, dv, pr.ev_pad, pr.p.v_head_dim);
       const float scale = static_cast<float>(pr.p.scale);
@@ -1693,8 +1703,10 @@ struct BackwardTile {
     const auto* k = pr.key_row(static_cast<const scalar_t*>(p.k), p.k_stride, sq, hk, k0);
     const auto* v = pr.key_row(static_cast<const scalar_t*>(p.v), p.v_stride, sq, hk, k0);
     operands.pack_keys(pr, k, p.k_stride[2], v, p.v_stride[2], n);
-    std::fill(dk.begin(), dk.end(), acc_t(0));
-    std::fill(dv.begin(), dv.end(), acc_t(0));
+    if (operands.adds_into_keys()) {
+      std::fill(dk.begin(), dk.end(), acc_t(0));
+      std::fill(dv.begin(), dv.end(), acc_t(0));
+    }
     const int64_t n_qb = ceil_div(sq.q_len, pr.block_m);
 
     for (int64_t g = 0; g < pr.group; ++g) {
