@@ -1,6 +1,7 @@
 // The pybind11 module fastattn._C. Importing it runs the static TORCH_LIBRARY_IMPL
 // registrations of every linked kernel file; the functions below report build facts, and the
-// eager attention entries are bound from attention_eager_entry.cpp.
+// eager attention and LSTM cell entries are bound from attention_eager_entry.cpp and
+// lstm_eager_entry.cpp.
 #include <torch/extension.h>
 
 #include <vector>
@@ -27,6 +28,7 @@ const char* attention_cpu_tile_engine(Dtype dtype) {
 }
 
 void bind_attention_eager_entry(pybind11::module_& m);
+void bind_lstm_eager_entry(pybind11::module_& m);
 
 int64_t cpu_lstm_unit_lanes_below() { return FASTATTN_ISA_CALL(lstm_unit_lanes_below); }
 
@@ -107,4 +109,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");
   fastattn::bind_attention_eager_entry(m);
+  fastattn::bind_lstm_eager_entry(m);
 }

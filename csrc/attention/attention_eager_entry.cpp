@@ -15,24 +15,25 @@
 // order only as there (fastattn/ops/_autograd.py: first_order_only).
 #include <torch/extension.h>
 
-#include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <array>
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
 
+#include "fastattn/eager_entry.h"
+
 namespace fastattn {
 namespace {
+
+using eager_entry::backend_allows_cpu;
+using eager_entry::nothing_intercepts;
+using eager_entry::plain_cpu_tensor;
+using eager_entry::wrap;
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -159,54 +160,12 @@ struct Attention : torch::autograd::Function<Attention> {
   }
 };
 
-// A forced backend name (use_backend's, or FASTATTN_BACKEND's where use_backend forced none)
-// that lets the cpu backend serve a CPU call, as fastattn.ops.backends.choose decides.
-bool allows_cpu(const char* name) {
-  return name[0] == '\0' || std::strcmp(name, "auto") == 0 || std::strcmp(name, "cpu") == 0;
-}
-
-bool backend_allows_cpu(PyObject* forced) {
-  if (forced == Py_None) {
-    // os.environ's writes reach the C environment (putenv / unsetenv).
-    const char* env = std::getenv("FASTATTN_BACKEND");
-    return env == nullptr || allows_cpu(env);
-  }
-  if (!PyUnicode_CheckExact(forced)) return false;
-  const char* name = PyUnicode_AsUTF8(forced);
-  if (name == nullptr) {
-    PyErr_Clear();
-    return false;
-  }
-  return allows_cpu(name);
-}
-
-// Nothing between the caller and the kernel: no tracer, torch function or dispatch mode,
-// functorch transform, functionalization or autocast, all of which see (or rewrite) the op
-// call on the Python path.
-bool nothing_intercepts() {
-  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  return !torch::jit::tracer::isTracing() && !at::impl::torch_function_mode_enabled() &&
-         !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
-         c10::default_included_set.isSupersetOf(included) &&
-         !at::autocast::is_autocast_enabled(at::kCPU);
-}
-
-// The dispatch keys of a plain dense CPU tensor (an inference tensor has a subset): a tensor
-// with any other (a Python subclass or wrapper, a functorch batched or grad wrapper, a
-// negative or conjugate view, sparse, meta) takes the Python path.
-c10::DispatchKeySet plain_cpu_keys() {
-  static const c10::DispatchKeySet keys = at::empty({0}).key_set();
-  return keys;
-}
-
 // q, k or v as the op takes it without help: an exact torch.Tensor (or nn.Parameter) on the
 // CPU, 4-D, of q's float dtype, no dim empty, with plain keys.
 const at::Tensor* plain_operand(PyObject* obj, const at::Tensor* q) {
-  if (!THPVariable_CheckExact(obj)) return nullptr;
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  if (t.dim() != 4 || !plain_cpu_keys().isSupersetOf(t.key_set()) || !t.device().is_cpu()) {
-    return nullptr;
-  }
+  const at::Tensor* plain = plain_cpu_tensor(obj);
+  if (plain == nullptr || plain->dim() != 4) return nullptr;
+  const at::Tensor& t = *plain;
   const at::ScalarType dtype = t.scalar_type();
   if (q != nullptr ? dtype != q->scalar_type()
                    : !(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
@@ -230,11 +189,11 @@ bool is_float_zero(PyObject* obj) {
 // keeps as they are), requiring no grad (its gradient is the Python path's), that broadcasts to
 // that shape; none for anything else.
 std::optional<at::Tensor> broadcast_mask(PyObject* obj, const at::Tensor& q, int64_t S) {
-  if (!THPVariable_CheckExact(obj)) return std::nullopt;
-  const at::Tensor& m = THPVariable_Unpack(obj);
+  const at::Tensor* plain = plain_cpu_tensor(obj);
+  if (plain == nullptr) return std::nullopt;
+  const at::Tensor& m = *plain;
   const at::ScalarType dtype = m.scalar_type();
-  if (m.dim() < 2 || m.dim() > 4 || !m.device().is_cpu() ||
-      !plain_cpu_keys().isSupersetOf(m.key_set()) || m.requires_grad() ||
+  if (m.dim() < 2 || m.dim() > 4 || m.requires_grad() ||
       !(dtype == at::kBool || dtype == at::kFloat || dtype == q.scalar_type())) {
     return std::nullopt;
   }
@@ -293,10 +252,6 @@ std::optional<std::tuple<at::Tensor, at::Tensor>> run(const Operands& in, const 
   const variable_list out = Attention::apply(q, k, v, optional(in.mask), o.scale, o.window_left,
                                              o.window_right, o.bottom_right, o.softcap);
   return std::tuple{out[0], out[1]};
-}
-
-py::object wrap(at::Tensor t) {
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }
 
 // The Python path's default scale for head dim E.
@@ -395,11 +350,8 @@ py::object attention_entry(py::handle query, py::handle key, py::handle value, p
 // An exact int32 CPU tensor of `dim` dims with plain keys (the KV-cache op's index tensors), or
 // null.
 const at::Tensor* plain_index(PyObject* obj, int64_t dim) {
-  if (!THPVariable_CheckExact(obj)) return nullptr;
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  const bool plain = t.dim() == dim && t.scalar_type() == at::kInt && t.device().is_cpu() &&
-                     plain_cpu_keys().isSupersetOf(t.key_set());
-  return plain ? &t : nullptr;
+  const at::Tensor* t = plain_cpu_tensor(obj);
+  return t != nullptr && t->dim() == dim && t->scalar_type() == at::kInt ? t : nullptr;
 }
 
 // None, or an index tensor as plain_index takes it; false for anything else.

@@ -456,6 +456,13 @@ def _cell_pointwise(backend: str):
 # ---- public functions --------------------------------------------------------------------------
 
 
+# lstm_cell of a plain eager CPU step that needs no gradient (plain CPU tensors of one float
+# dtype in the shapes checked below; nothing intercepting the call) runs its op call from C++
+# without this module's ~15 us of checks and reshaping (csrc/lstm/lstm_eager_entry.cpp lists
+# the conditions); None for any other call.
+_CELL_EAGER_ENTRY = _extension.C.lstm_cell_eager_entry if _extension.C else None
+
+
 def lstm_cell(
     input: torch.Tensor,
     hx: torch.Tensor,
@@ -471,6 +478,11 @@ def lstm_cell(
     or None; gate order i, f, g, o. Returns (hy, cy), each [B, H] (or [H]); all tensors share
     one dtype (float32/float64/float16/bfloat16) and device. Differentiable in every tensor.
     """
+    if _CELL_EAGER_ENTRY is not None and not torch.compiler.is_compiling():
+        out = _CELL_EAGER_ENTRY(input, hx, cx, w_ih, w_hh, b_ih, b_hh,
+                                backends.forced_by_use_backend())
+        if out is not None:
+            return out
     fn = "lstm_cell"
     _check_input(fn, input, (1, 2), "[B, I] or [I]")
     unbatched = input.dim() == 1

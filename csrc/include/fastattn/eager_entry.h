@@ -1,0 +1,73 @@
+// What the eager CPU entries (csrc/attention/attention_eager_entry.cpp,
+// csrc/lstm/lstm_eager_entry.cpp) check before they serve a call in C++ instead of the Python
+// wrapper: that the Python path would pick the cpu backend and make the same op calls, with
+// nothing in between that sees or rewrites them. Python glue: include it from bindings only.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fastattn::eager_entry {
+
+// A forced backend name (use_backend's, or FASTATTN_BACKEND's where use_backend forced none)
+// that lets the cpu backend serve a CPU call, as fastattn.ops.backends.choose decides.
+inline bool allows_cpu(const char* name) {
+  return name[0] == '\0' || std::strcmp(name, "auto") == 0 || std::strcmp(name, "cpu") == 0;
+}
+
+// forced: fastattn.ops.backends.forced_by_use_backend() (a name, or None outside any block).
+inline bool backend_allows_cpu(PyObject* forced) {
+  if (forced == Py_None) {
+    // os.environ's writes reach the C environment (putenv / unsetenv).
+    const char* env = std::getenv("FASTATTN_BACKEND");
+    return env == nullptr || allows_cpu(env);
+  }
+  if (!PyUnicode_CheckExact(forced)) return false;
+  const char* name = PyUnicode_AsUTF8(forced);
+  if (name == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  return allows_cpu(name);
+}
+
+// Nothing between the caller and the kernel: no tracer, torch function or dispatch mode,
+// functorch transform, functionalization or autocast, all of which see (or rewrite) the op
+// call on the Python path.
+inline bool nothing_intercepts() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
+  return !torch::jit::tracer::isTracing() && !at::impl::torch_function_mode_enabled() &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
+         c10::default_included_set.isSupersetOf(included) &&
+         !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+// The dispatch keys of a plain dense CPU tensor (an inference tensor has a subset): a tensor
+// with any other (a Python subclass or wrapper, a functorch batched or grad wrapper, a
+// negative or conjugate view, sparse, meta) takes the Python path.
+inline c10::DispatchKeySet plain_cpu_keys() {
+  static const c10::DispatchKeySet keys = at::empty({0}).key_set();
+  return keys;
+}
+
+// obj as a plain CPU tensor: an exact torch.Tensor (or nn.Parameter) on the CPU with plain
+// keys; null for anything else.
+inline const at::Tensor* plain_cpu_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  return t.device().is_cpu() && plain_cpu_keys().isSupersetOf(t.key_set()) ? &t : nullptr;
+}
+
+inline pybind11::object wrap(at::Tensor t) {
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(t)));
+}
+
+}  // namespace fastattn::eager_entry

@@ -1,0 +1,213 @@
+"""The eager CPU entry of fastattn.ops.lstm_cell (csrc/lstm/lstm_eager_entry.cpp).
+
+A plain eager CPU step that needs no gradient (plain CPU tensors of one float dtype in the shapes
+lstm_cell checks; nothing intercepting the call) runs its op call from C++ without the Python
+wrapper. The entry must serve the steps it claims with the Python path's results, bit for bit,
+and decline (return None) every other call, so that the Python path's checks, errors, gradients
+and interceptors (modes, tracing, transforms, forced backends) still see it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import OpRecorder
+from torch.overrides import TorchFunctionMode
+
+import fastattn
+from fastattn import _extension
+from fastattn.ops import lstm as lstm_ops
+
+pytestmark = pytest.mark.skipif(
+    _extension.C is None, reason=f"fastattn._C is not built: {_extension.LOAD_ERROR}"
+)
+
+
+def entry(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, forced=None):
+    return _extension.C.lstm_cell_eager_entry(x, h, c, w_ih, w_hh, b_ih, b_hh, forced)
+
+
+def python_path(monkeypatch, *args):
+    """fastattn.ops.lstm.lstm_cell with the entry switched off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(lstm_ops, "_CELL_EAGER_ENTRY", None)
+        return lstm_ops.lstm_cell(*args)
+
+
+def step(B, n_in, H, dtype, unbatched=False):
+    """Fresh random (x, h, c, w_ih, w_hh, b_ih, b_hh) of one cell step."""
+    lead = () if unbatched else (B,)
+    return (torch.randn(*lead, n_in, dtype=dtype), torch.randn(*lead, H, dtype=dtype),
+            torch.randn(*lead, H, dtype=dtype), torch.randn(4 * H, n_in, dtype=dtype) / n_in**0.5,
+            torch.randn(4 * H, H, dtype=dtype) / H**0.5, torch.randn(4 * H, dtype=dtype),
+            torch.randn(4 * H, dtype=dtype))
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# (B, I, H, unbatched): a single row, odd sizes off the vector width, a batch past the unit lanes.
+SHAPES = {"one": (1, 8, 8, False), "odd": (3, 7, 33, False), "unbatched": (1, 5, 9, True),
+          "batch40": (40, 16, 24, False)}
+BIASES = {"both": (True, True), "ih_only": (True, False), "hh_only": (False, True),
+          "none": (False, False)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("biases", BIASES.values(), ids=BIASES.keys())
+def test_serves_plain_steps_as_the_python_path(monkeypatch, dtype, shape, biases):
+    torch.manual_seed(0)
+    B, n_in, H, unbatched = shape
+    x, h, c, w_ih, w_hh, b_ih, b_hh = step(B, n_in, H, dtype, unbatched)
+    b_ih, b_hh = (b if keep else None for b, keep in zip((b_ih, b_hh), biases))
+    out = entry(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    assert out is not None
+    expected = python_path(monkeypatch, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    for got, want in zip(out, expected):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got, want)
+    # And through the public function, which takes the entry.
+    for got, want in zip(lstm_ops.lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh), expected):
+        assert torch.equal(got, want)
+
+
+def test_serves_strided_views_and_parameters(monkeypatch):
+    torch.manual_seed(1)
+    x, h, c, w_ih, w_hh, b_ih, b_hh = step(3, 16, 24, torch.float32)
+    x, h = torch.randn(16, 3).t(), torch.randn(3, 48)[:, ::2]  # transposed, every other column
+    w_ih, w_hh = torch.nn.Parameter(w_ih), torch.nn.Parameter(w_hh)
+    with torch.no_grad():  # parameters that require grad, in a step that records none
+        out = entry(x, h, c, w_ih, w_hh, b_ih, b_hh)
+        expected = python_path(monkeypatch, x, h, c, w_ih, w_hh, b_ih, b_hh)
+    assert out is not None and not out[0].requires_grad and out[0].grad_fn is None
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+
+
+def test_serves_inference_tensors(monkeypatch):
+    torch.manual_seed(2)
+    args = step(2, 8, 16, torch.float32)
+    expected = python_path(monkeypatch, *args)
+    with torch.inference_mode():
+        out = entry(*(t.clone() for t in args))
+    assert out is not None and out[0].is_inference()
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+
+
+def test_module_step_matches_torch_under_no_grad():
+    """fastattn.LSTMCell (which reaches the entry through lstm_cell) against nn.LSTMCell with the
+    same weights, in the fp32 tolerance."""
+    torch.manual_seed(3)
+    ours, theirs = fastattn.LSTMCell(16, 32), torch.nn.LSTMCell(16, 32)
+    ours.load_state_dict(theirs.state_dict())
+    x, h, c = torch.randn(5, 16), torch.randn(5, 32), torch.randn(5, 32)
+    with torch.no_grad():
+        weights = (ours.weight_ih, ours.weight_hh, ours.bias_ih, ours.bias_hh)
+        assert entry(x, h, c, *weights) is not None
+        for got, want in zip(ours(x, (h, c)), theirs(x, (h, c))):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _declined_calls():
+    """(id, call): calls the entry must leave to the Python path."""
+    x, h, c, w_ih, w_hh, b_ih, b_hh = step(2, 8, 16, torch.float32)
+    args = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+
+    def with_(i, value):
+        return lambda: entry(*args[:i], value, *args[i + 1:])
+
+    def dual():
+        with torch.autograd.forward_ad.dual_level():
+            return entry(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)), *args[1:])
+
+    return {
+        "input_requires_grad": with_(0, x.clone().requires_grad_()),
+        "weight_requires_grad": with_(3, torch.nn.Parameter(w_ih)),
+        "bias_requires_grad": with_(6, b_hh.clone().requires_grad_()),
+        "forward_ad": dual,
+        "3d_input": with_(0, x.unsqueeze(0)),
+        "scalar_input": with_(0, x[0, 0]),
+        "integer_dtype": lambda: entry(*(t.int() for t in args)),
+        "mismatched_dtype": with_(1, h.double()),
+        "w_ih_rows_not_4h": with_(3, w_ih[:-1]),
+        "w_ih_of_other_input_size": with_(3, w_ih[:, :-1]),
+        "w_hh_wrong_shape": with_(4, w_hh[:, :-1]),
+        "hx_wrong_batch": with_(1, h[:1]),
+        "cx_unbatched_for_batched_input": with_(2, c[0]),
+        "bias_wrong_size": with_(5, b_ih[:-1]),
+        "hx_not_a_tensor": with_(1, h.tolist()),
+        "hx_subclass": with_(1, h.as_subclass(_Subclass)),
+        "negative_view": with_(0, x._neg_view()),
+        "meta_weight": with_(4, w_hh.to("meta")),
+        "forced_reference": lambda: entry(*args, forced="reference"),
+        "forced_unknown": lambda: entry(*args, forced="cudnn"),
+        "forced_not_a_string": lambda: entry(*args, forced=1),
+    }
+
+
+@pytest.mark.parametrize("name", list(_declined_calls()))
+def test_declines_calls_that_need_the_python_path(name):
+    torch.manual_seed(4)
+    assert _declined_calls()[name]() is None
+
+
+def test_bad_steps_still_raise_the_python_paths_errors():
+    """Declined calls reach lstm_cell's checks: its error types and messages are unchanged."""
+    torch.manual_seed(5)
+    x, h, c, w_ih, w_hh, b_ih, b_hh = step(2, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="w_hh must have shape"):
+        lstm_ops.lstm_cell(x, h, c, w_ih, w_hh[:, :-1], b_ih, b_hh)
+    with pytest.raises(TypeError, match="hx must have dtype"):
+        lstm_ops.lstm_cell(x, h.double(), c, w_ih, w_hh, b_ih, b_hh)
+
+
+def test_use_backend_and_the_environment(monkeypatch):
+    torch.manual_seed(6)
+    args = step(1, 8, 8, torch.float32)
+    monkeypatch.setenv("FASTATTN_BACKEND", "reference")
+    assert entry(*args) is None
+    assert entry(*args, forced="cpu") is not None
+    assert entry(*args, forced="auto") is not None
+    monkeypatch.setenv("FASTATTN_BACKEND", "cpu")
+    assert entry(*args) is not None
+
+
+class _RecordingFunctionMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_interceptors_see_the_call(monkeypatch):
+    torch.manual_seed(7)
+    args = step(2, 8, 16, torch.float32)
+    expected = python_path(monkeypatch, *args)
+    with OpRecorder() as mode:
+        assert entry(*args) is None
+        out = lstm_ops.lstm_cell(*args)
+    assert "fastattn.lstm_layer_infer.default" in mode.seen
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    with _RecordingFunctionMode() as function_mode:
+        assert entry(*args) is None
+        lstm_ops.lstm_cell(*args)
+    assert function_mode.calls > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert entry(*args) is None
+    x, h, c, *weights = args
+    declined_under_vmap = torch.vmap(
+        lambda xi: torch.tensor(entry(xi, h[0], c[0], *weights) is None))(x)
+    assert declined_under_vmap.all()
+    declined_while_tracing = []
+
+    def traced(xi):
+        declined_while_tracing.append(entry(xi, *args[1:]) is None)
+        return xi + 1
+
+    torch.jit.trace(traced, (x,), check_trace=False)
+    assert declined_while_tracing == [True]
