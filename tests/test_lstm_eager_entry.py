@@ -1,10 +1,12 @@
 """The eager CPU entry of fastattn.ops.lstm_cell (csrc/lstm/lstm_eager_entry.cpp).
 
-A plain eager CPU step that needs no gradient (plain CPU tensors of one float dtype in the shapes
-lstm_cell checks; nothing intercepting the call) runs its op call from C++ without the Python
-wrapper. The entry must serve the steps it claims with the Python path's results, bit for bit,
-and decline (return None) every other call, so that the Python path's checks, errors, gradients
-and interceptors (modes, tracing, transforms, forced backends) still see it.
+A plain eager CPU step (plain CPU tensors of one float dtype in the shapes lstm_cell checks;
+nothing intercepting the call) runs from C++ without the Python wrapper: a step that needs no
+gradient makes the Python path's op call, a float32 training step of a batch that lstm_step_gates
+serves records its two ops on a C++ autograd node. The entry must serve the steps it claims with
+the Python path's results and gradients, bit for bit, its errors on double backward included,
+and decline (return None) every other call, so that the Python path's checks, errors and
+interceptors (modes, tracing, transforms, forced backends) still see it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from fastattn.ops import lstm as lstm_ops
 pytestmark = pytest.mark.skipif(
     _extension.C is None, reason=f"fastattn._C is not built: {_extension.LOAD_ERROR}"
 )
+# Training steps of float32 batches below this take the entry (0 where lstm_step_gates has no
+# kernel for this ISA: then none do).
+STEP_GATES_BELOW = _extension.C.cpu_lstm_step_gates_below() if _extension.C else 0
+needs_step_gates = pytest.mark.skipif(
+    STEP_GATES_BELOW < 2, reason="lstm_step_gates has no kernel at this ISA (ATEN_CPU_CAPABILITY="
+    "default): training steps take the Python path")
 
 
 def entry(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, forced=None):
@@ -122,10 +130,17 @@ def _declined_calls():
         with torch.autograd.forward_ad.dual_level():
             return entry(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)), *args[1:])
 
+    def training(dtype=torch.float32, batch=2):
+        leaf = torch.randn(batch, 8, dtype=dtype, requires_grad=True)
+        rest = tuple(t.to(dtype) for t in args[1:])
+        if batch != 2:
+            rest = (torch.randn(batch, 16), torch.randn(batch, 16)) + rest[2:]
+        return lambda: entry(leaf, *rest)
+
     return {
-        "input_requires_grad": with_(0, x.clone().requires_grad_()),
-        "weight_requires_grad": with_(3, torch.nn.Parameter(w_ih)),
-        "bias_requires_grad": with_(6, b_hh.clone().requires_grad_()),
+        "float64_training_step": training(torch.float64),
+        "bfloat16_training_step": training(torch.bfloat16),
+        "training_batch_past_step_gates": training(batch=max(STEP_GATES_BELOW, 1)),
         "forward_ad": dual,
         "3d_input": with_(0, x.unsqueeze(0)),
         "scalar_input": with_(0, x[0, 0]),
@@ -151,6 +166,83 @@ def _declined_calls():
 def test_declines_calls_that_need_the_python_path(name):
     torch.manual_seed(4)
     assert _declined_calls()[name]() is None
+
+
+def _grads(fn, args, grad_out, requires):
+    """(hy, cy) and the gradients of fn(*args) for the arguments flagged in ``requires``."""
+    args = [a.detach().clone().requires_grad_(r) if a is not None else None
+            for a, r in zip(args, requires)]
+    hy, cy = fn(*args)
+    leaves = [a for a, r in zip(args, requires) if r]
+    outs = [o for o, g in zip((hy, cy), grad_out) if g is not None]
+    return (hy, cy), torch.autograd.grad(outs, leaves, [g for g in grad_out if g is not None])
+
+
+# Which of (x, h, c, w_ih, w_hh, b_ih, b_hh) require grad.
+REQUIRES = {"all": (True,) * 7, "weights_only": (False,) * 3 + (True,) * 4,
+            "input_only": (True,) + (False,) * 6, "state_only": (False, True, True) + (False,) * 4}
+
+
+@needs_step_gates
+@pytest.mark.parametrize("shape", [(1, 8, 8, False), (3, 7, 33, False), (1, 5, 9, True)],
+                         ids=["one", "odd", "unbatched"])
+@pytest.mark.parametrize("biases", BIASES.values(), ids=BIASES.keys())
+@pytest.mark.parametrize("requires", REQUIRES.values(), ids=REQUIRES.keys())
+@pytest.mark.parametrize("outputs", ["both", "hy_only"])
+def test_training_steps_as_the_python_path(monkeypatch, shape, biases, requires, outputs):
+    torch.manual_seed(8)
+    B, n_in, H, unbatched = shape
+    args = list(step(B, n_in, H, torch.float32, unbatched))
+    for i, keep in zip((5, 6), biases):
+        if not keep:
+            args[i] = None
+    requires = tuple(r and a is not None for r, a in zip(requires, args))
+    grad_out = (torch.randn_like(args[1]), torch.randn_like(args[2]) if outputs == "both" else None)
+    served = entry(*(a.detach().clone().requires_grad_(r) if a is not None else None
+                     for a, r in zip(args, requires)))
+    assert served is not None and served[0].grad_fn is not None
+    ours = _grads(lstm_ops.lstm_cell, args, grad_out, requires)
+    theirs = _grads(lambda *a: python_path(monkeypatch, *a), args, grad_out, requires)
+    for got, want in zip((*ours[0], *ours[1]), (*theirs[0], *theirs[1])):
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+@needs_step_gates
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_training_double_backward_raises_as_the_python_path(monkeypatch, unbatched):
+    torch.manual_seed(9)
+    args = step(2, 8, 16, torch.float32, unbatched)
+    messages = []
+    for path in (lstm_ops.lstm_cell, lambda *a: python_path(monkeypatch, *a)):
+        leaves = [a.detach().clone().requires_grad_() for a in args]
+        hy, cy = path(*leaves)
+        grads = torch.autograd.grad((hy * cy).sum(), leaves, create_graph=True)
+        for g in (grads[0], grads[2], grads[3], grads[5]):  # x, c, w_ih, b_ih
+            with pytest.raises(RuntimeError, match="double backward") as error:
+                g.sum().backward(retain_graph=True)
+            messages.append(str(error.value))
+    half = len(messages) // 2
+    assert messages[:half] == messages[half:]
+    assert "lstm_step_gates" in messages[0] and "lstm_cell_pointwise_fwd" in messages[1]
+
+
+@needs_step_gates
+def test_training_module_step_matches_torch():
+    """fastattn.LSTMCell's training step against nn.LSTMCell with the same weights."""
+    torch.manual_seed(10)
+    ours, theirs = fastattn.LSTMCell(16, 32), torch.nn.LSTMCell(16, 32)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 16)
+    h, c = torch.randn(3, 32), torch.randn(3, 32)
+    grad_h, grad_c = torch.randn(3, 32), torch.randn(3, 32)
+    results = []
+    for module in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out = module(xi, (h, c))
+        params = (xi, *module.parameters())
+        results.append((*out, *torch.autograd.grad(out, params, (grad_h, grad_c))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_steps_still_raise_the_python_paths_errors():
@@ -184,14 +276,18 @@ class _RecordingFunctionMode(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_interceptors_see_the_call(monkeypatch):
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_interceptors_see_the_call(monkeypatch, training):
     torch.manual_seed(7)
     args = step(2, 8, 16, torch.float32)
+    if training:
+        args = (args[0].requires_grad_(),) + args[1:]
     expected = python_path(monkeypatch, *args)
     with OpRecorder() as mode:
         assert entry(*args) is None
         out = lstm_ops.lstm_cell(*args)
-    assert "fastattn.lstm_layer_infer.default" in mode.seen
+    assert ("fastattn.lstm_cell_pointwise_fwd.default" if training
+            else "fastattn.lstm_layer_infer.default") in mode.seen
     assert all(torch.equal(a, b) for a, b in zip(out, expected))
     with _RecordingFunctionMode() as function_mode:
         assert entry(*args) is None

@@ -90,23 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 
 // The message of fastattn/ops/_autograd.py's first_order_only for fastattn::attention_fwd
 // (tests/test_attention_eager_entry.py checks that the two paths raise the same).
-constexpr const char* kDoubleBackwardMessage =
-    "fastattn: double backward (differentiating the gradients of fastattn::attention_fwd) is "
-    "not supported; for second derivatives run the call on the reference backend "
-    "(with fastattn.use_backend('reference'): ...)";
-
-// results -> views of them recorded on a node that raises kDoubleBackwardMessage when
-// differentiated; the anchors (tensors that require grad) tie the node into the graph.
-struct RaiseOnBackward : torch::autograd::Function<RaiseOnBackward> {
-  static variable_list forward(AutogradContext*, at::TensorList results, at::TensorList) {
-    variable_list views;
-    for (const at::Tensor& t : results) views.push_back(t.view_as(t));
-    return views;
-  }
-  static variable_list backward(AutogradContext*, variable_list) {
-    TORCH_CHECK(false, kDoubleBackwardMessage);
-  }
-};
+const std::string kDoubleBackwardMessage = eager_entry::double_backward_message("attention_fwd");
 
 // (out, lse) = attention(q, k, v, mask) recorded for autograd (lse not differentiable, as the
 // Python path's detached one; the mask, if defined, requires no grad). The backward records no
@@ -132,14 +116,7 @@ struct Attention : torch::autograd::Function<Attention> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    variable_list anchors;
-    if (at::GradMode::is_enabled()) {
-      for (const variable_list& list : {grads, saved}) {
-        for (const at::Tensor& t : list) {
-          if (t.defined() && t.requires_grad()) anchors.push_back(t);
-        }
-      }
-    }
+    const variable_list anchors = eager_entry::graph_anchors(grads, saved);
     const Options o{ctx->saved_data["scale"].toDouble(), ctx->saved_data["window_left"].toInt(),
                     ctx->saved_data["window_right"].toInt(),
                     ctx->saved_data["bottom_right"].toBool(),
@@ -150,13 +127,10 @@ struct Attention : torch::autograd::Function<Attention> {
       std::tie(dq, dk, dv) =
           attention_bwd(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], o);
     }
-    if (!anchors.empty()) {
-      const variable_list raising = RaiseOnBackward::apply(at::TensorList{dq, dk, dv},
-                                                           at::TensorList(anchors));
-      dq = raising[0], dk = raising[1], dv = raising[2];
-    }
+    variable_list input_grads{dq, dk, dv};
+    eager_entry::raise_on_double_backward(kDoubleBackwardMessage, input_grads, anchors);
     const at::Tensor none;
-    return {dq, dk, dv, none, none, none, none, none, none};
+    return {input_grads[0], input_grads[1], input_grads[2], none, none, none, none, none, none};
   }
 };
 

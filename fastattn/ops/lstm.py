@@ -456,10 +456,12 @@ def _cell_pointwise(backend: str):
 # ---- public functions --------------------------------------------------------------------------
 
 
-# lstm_cell of a plain eager CPU step that needs no gradient (plain CPU tensors of one float
-# dtype in the shapes checked below; nothing intercepting the call) runs its op call from C++
-# without this module's ~15 us of checks and reshaping (csrc/lstm/lstm_eager_entry.cpp lists
-# the conditions); None for any other call.
+# lstm_cell of a plain eager CPU step (plain CPU tensors of one float dtype in the shapes checked
+# below; nothing intercepting the call) runs from C++ without this module's ~15 us of checks and
+# reshaping: a step that needs no gradient makes _cell's op call, a float32 training step that
+# _cell gives to lstm_step_gates records that op and the pointwise one on a C++ autograd node
+# (saving their Python autograd's ~60 us); csrc/lstm/lstm_eager_entry.cpp lists the
+# conditions. None for any other call.
 _CELL_EAGER_ENTRY = _extension.C.lstm_cell_eager_entry if _extension.C else None
 
 

@@ -10,10 +10,12 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace fastattn::eager_entry {
 
@@ -64,6 +66,64 @@ inline const at::Tensor* plain_cpu_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const at::Tensor& t = THPVariable_Unpack(obj);
   return t.device().is_cpu() && plain_cpu_keys().isSupersetOf(t.key_set()) ? &t : nullptr;
+}
+
+// fastattn/ops/_autograd.py's first_order_only message for the op fastattn::<op>
+// (the entries' tests check that both paths raise the same).
+inline std::string double_backward_message(const char* op) {
+  return std::string("fastattn: double backward (differentiating the gradients of fastattn::") +
+         op + ") is not supported; for second derivatives run the call on the reference backend "
+              "(with fastattn.use_backend('reference'): ...)";
+}
+
+// What a backward that records no graph ties its results to where autograd would have recorded
+// one (create_graph=True: grad mode on in the backward): the gradients and saved tensors that
+// require grad; none otherwise.
+inline torch::autograd::variable_list graph_anchors(const torch::autograd::variable_list& grads,
+                                                    const torch::autograd::variable_list& saved) {
+  torch::autograd::variable_list anchors;
+  if (!at::GradMode::is_enabled()) return anchors;
+  for (const auto* list : {&grads, &saved}) {
+    for (const at::Tensor& t : *list) {
+      if (t.defined() && t.requires_grad()) anchors.push_back(t);
+    }
+  }
+  return anchors;
+}
+
+// (message, results, anchors) -> views of the results recorded on a node that raises `message`
+// when differentiated (first_order_only's _RaiseOnBackward); the anchors tie it into the graph.
+struct RaiseOnBackward : torch::autograd::Function<RaiseOnBackward> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const std::string& message,
+                                                at::TensorList results, at::TensorList) {
+    ctx->saved_data["message"] = message;
+    torch::autograd::variable_list views;
+    for (const at::Tensor& t : results) views.push_back(t.view_as(t));
+    return views;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list) {
+    TORCH_CHECK(false, ctx->saved_data["message"].toStringRef());
+  }
+};
+
+// A first-order backward's results (undefined where no gradient is needed), put on a
+// RaiseOnBackward node with `message` where graph_anchors found anchors (create_graph=True).
+inline void raise_on_double_backward(const std::string& message,
+                                     torch::autograd::variable_list& results,
+                                     const torch::autograd::variable_list& anchors) {
+  if (anchors.empty()) return;
+  torch::autograd::variable_list defined;
+  for (const at::Tensor& t : results) {
+    if (t.defined()) defined.push_back(t);
+  }
+  const torch::autograd::variable_list views =
+      RaiseOnBackward::apply(message, at::TensorList(defined), at::TensorList(anchors));
+  size_t next = 0;
+  for (at::Tensor& t : results) {
+    if (t.defined()) t = views[next++];
+  }
 }
 
 inline pybind11::object wrap(at::Tensor t) {
