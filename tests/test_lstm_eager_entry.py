@@ -307,3 +307,31 @@ def test_interceptors_see_the_call(monkeypatch, training):
 
     torch.jit.trace(traced, (x,), check_trace=False)
     assert declined_while_tracing == [True]
+
+
+@needs_step_gates
+def test_training_steps_under_checkpointing_and_saved_tensor_hooks(monkeypatch):
+    """Non-reentrant checkpointing and saved-tensor hooks see the C++ node's saved tensors as
+    they see the Python path's: the same gradients and the same number of packed tensors."""
+    torch.manual_seed(11)
+    cell = fastattn.LSTMCell(8, 16)
+    x, h, c = torch.randn(2, 8), torch.randn(2, 16), torch.randn(2, 16)
+
+    def run():
+        xi = x.clone().requires_grad_()
+        out = torch.utils.checkpoint.checkpoint(lambda a: cell(a, (h, c))[0] * 2, xi,
+                                                use_reentrant=False)
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t,
+                                                      lambda t: t):
+            out2 = cell(xi, (h, c))[0]
+        grads = torch.autograd.grad(out.sum() + out2.sum(), [xi, *cell.parameters()])
+        return grads, len(packed)
+
+    assert entry(x.clone().requires_grad_(), h, c, *cell.parameters()) is not None
+    ours = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(lstm_ops, "_CELL_EAGER_ENTRY", None)
+        theirs = run()
+    assert ours[1] == theirs[1] > 0
+    assert all(torch.equal(a, b) for a, b in zip(ours[0], theirs[0]))
