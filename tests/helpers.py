@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
@@ -210,4 +211,16 @@ class OpRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class FunctionCallCounter(TorchFunctionMode):
+    """Counts the torch function calls made inside the block (``calls``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
         return func(*args, **(kwargs or {}))

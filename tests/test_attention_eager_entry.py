@@ -14,8 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import OpRecorder, assert_close_to_reference, randn
-from torch.overrides import TorchFunctionMode
+from helpers import FunctionCallCounter, OpRecorder, assert_close_to_reference, randn
 
 import fastattn
 from fastattn import _extension
@@ -207,16 +206,6 @@ def test_declines_where_the_environment_forces_another_backend(monkeypatch, env)
     assert entry(q, k, v) is None
 
 
-class _RecordingFunctionMode(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_interceptors_see_the_call(monkeypatch):
     """Where something intercepts torch's calls, the entry declines and the interceptor sees
     the op as it did before the entry existed."""
@@ -227,7 +216,7 @@ def test_interceptors_see_the_call(monkeypatch):
         assert entry(q, k, v) is None
         out = fastattn.scaled_dot_product_attention(q, k, v)
     assert "fastattn.attention_fwd.default" in mode.seen and torch.equal(out, expected)
-    with _RecordingFunctionMode() as function_mode:
+    with FunctionCallCounter() as function_mode:
         assert entry(q, k, v) is None
         fastattn.scaled_dot_product_attention(q, k, v)
     assert function_mode.calls > 0

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import OpRecorder
-from torch.overrides import TorchFunctionMode
+from helpers import FunctionCallCounter, OpRecorder
 
 import fastattn
 from fastattn import _extension
@@ -266,16 +265,6 @@ def test_use_backend_and_the_environment(monkeypatch):
     assert entry(*args) is not None
 
 
-class _RecordingFunctionMode(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
 def test_interceptors_see_the_call(monkeypatch, training):
     torch.manual_seed(7)
@@ -289,7 +278,7 @@ def test_interceptors_see_the_call(monkeypatch, training):
     assert ("fastattn.lstm_cell_pointwise_fwd.default" if training
             else "fastattn.lstm_layer_infer.default") in mode.seen
     assert all(torch.equal(a, b) for a, b in zip(out, expected))
-    with _RecordingFunctionMode() as function_mode:
+    with FunctionCallCounter() as function_mode:
         assert entry(*args) is None
         lstm_ops.lstm_cell(*args)
     assert function_mode.calls > 0

@@ -15,7 +15,6 @@
 // order only as there (fastattn/ops/_autograd.py: first_order_only).
 #include <torch/extension.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
@@ -65,9 +64,7 @@ std::optional<at::Tensor> optional(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
                                                  const at::Tensor& v, const at::Tensor& mask,
                                                  const Options& o) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastattn::attention_fwd", "")
-                             .typed<AttentionFwd>();
+  static const auto op = eager_entry::op_handle<AttentionFwd>("fastattn::attention_fwd");
   at::AutoDispatchBelowAutograd below_autograd;
   return op.call(q, k, v, optional(mask), std::nullopt, 0.0, std::nullopt, o.scale,
                  o.window_left, o.window_right, o.bottom_right, o.softcap);
@@ -77,9 +74,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& mask, const Options& o) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastattn::attention_bwd", "")
-                             .typed<AttentionBwd>();
+  static const auto op = eager_entry::op_handle<AttentionBwd>("fastattn::attention_bwd");
   at::AutoDispatchBelowAutograd below_autograd;
   const auto [dq, dk, dv, dmask] =
       op.call(grad_out.contiguous(), q, k, v, out, lse, optional(mask), std::nullopt, 0.0,
@@ -383,9 +378,8 @@ py::object kv_cache_entry(py::handle query, py::handle k_cache, py::handle v_cac
   }
   const auto o = attention_options(causal, causal_align, window, softcap, scale, q->size(3));
   if (!o) return py::none();
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastattn::attention_kv_cache_fwd", "")
-                             .typed<AttentionKvCacheFwd>();
+  static const auto op =
+      eager_entry::op_handle<AttentionKvCacheFwd>("fastattn::attention_kv_cache_fwd");
   std::tuple<at::Tensor, at::Tensor> result;
   try {
     py::gil_scoped_release no_gil;

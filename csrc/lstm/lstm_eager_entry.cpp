@@ -10,8 +10,6 @@
 // ~39; in training, the two ops' Python autograd cost ~60 us more.
 #include <torch/extension.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
-
 #include <algorithm>
 #include <optional>
 #include <string>
@@ -44,11 +42,6 @@ using CellPointwiseBwd = std::tuple<at::Tensor, at::Tensor>(
 using StepGates = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                              const at::Tensor&, const std::optional<at::Tensor>&);
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> fastattn_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 // The Python path's bias: b_ih + b_hh, whichever is given, or none (_sum_biases).
 std::optional<at::Tensor> summed_bias(const std::optional<at::Tensor>& b_ih,
                                       const std::optional<at::Tensor>& b_hh) {
@@ -71,9 +64,9 @@ struct CellStep : torch::autograd::Function<CellStep> {
                                const at::Tensor& c, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                const std::optional<at::Tensor>& b_hh) {
-    static const auto step_gates = fastattn_op<StepGates>("fastattn::lstm_step_gates");
+    static const auto step_gates = eager_entry::op_handle<StepGates>("fastattn::lstm_step_gates");
     static const auto pointwise =
-        fastattn_op<CellPointwiseFwd>("fastattn::lstm_cell_pointwise_fwd");
+        eager_entry::op_handle<CellPointwiseFwd>("fastattn::lstm_cell_pointwise_fwd");
     at::AutoDispatchBelowAutograd below_autograd;
     const at::Tensor gates = step_gates.call(x, h, w_ih, w_hh, summed_bias(b_ih, b_hh));
     auto [hy, cy] = pointwise.call(gates, c);
@@ -85,7 +78,7 @@ struct CellStep : torch::autograd::Function<CellStep> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto pointwise_bwd =
-        fastattn_op<CellPointwiseBwd>("fastattn::lstm_cell_pointwise_bwd");
+        eager_entry::op_handle<CellPointwiseBwd>("fastattn::lstm_cell_pointwise_bwd");
     static const std::string step_gates_message =
         eager_entry::double_backward_message("lstm_step_gates");
     static const std::string pointwise_message =
@@ -177,33 +170,28 @@ py::object lstm_cell_entry(py::handle input, py::handle hx, py::handle cx, py::h
   const std::initializer_list<const at::Tensor*> operands{x, h, c, wi, wh, bi, bh};
   // Forward-mode tangents are the Python path's.
   if (std::any_of(operands.begin(), operands.end(), forward_ad)) return py::none();
+  // A training step: the Python path's step_gates and pointwise ops (float32, a batch that
+  // step_gates serves), recorded on CellStep; its other training steps stay in Python.
+  const bool training = std::any_of(operands.begin(), operands.end(), records_graph);
+  static const int64_t step_gates_below = cpu_lstm_step_gates_below();
+  if (training && (x->scalar_type() != at::kFloat || B >= step_gates_below)) return py::none();
+  static const auto infer = eager_entry::op_handle<LstmLayerInfer>("fastattn::lstm_layer_infer");
   at::Tensor hy, cy;
-  if (std::any_of(operands.begin(), operands.end(), records_graph)) {
-    // A training step: the Python path's step_gates and pointwise ops (float32, a batch that
-    // step_gates serves), recorded on CellStep; its other training steps stay in Python.
-    static const int64_t step_gates_below = cpu_lstm_step_gates_below();
-    if (x->scalar_type() != at::kFloat || B >= step_gates_below) return py::none();
-    {
-      py::gil_scoped_release no_gil;
-      const variable_list out = CellStep::apply(
-          unbatched ? x->unsqueeze(0) : *x, unbatched ? h->unsqueeze(0) : *h,
-          unbatched ? c->unsqueeze(0) : *c, *wi, *wh, optional(bi), optional(bh));
-      hy = unbatched ? out[0].squeeze(0) : out[0];
-      cy = unbatched ? out[1].squeeze(0) : out[1];
-    }
-    return py::make_tuple(wrap(std::move(hy)), wrap(std::move(cy)));
-  }
-  static const auto op = fastattn_op<LstmLayerInfer>("fastattn::lstm_layer_infer");
   {
     py::gil_scoped_release no_gil;
-    const std::optional<at::Tensor> bias = summed_bias(optional(bi), optional(bh));
+    // [B, *] rows, as the Python path makes an unbatched step's.
     const at::Tensor x2 = unbatched ? x->unsqueeze(0) : *x;
     const at::Tensor h2 = unbatched ? h->unsqueeze(0) : *h;
     const at::Tensor c2 = unbatched ? c->unsqueeze(0) : *c;
-    auto [h_all, c_all] = op.call(x2.unsqueeze(0), *wi, bias, h2, c2, *wh, std::nullopt,
-                                  std::nullopt, false, std::nullopt, std::nullopt);
-    hy = h_all.select(0, 0);
-    cy = c_all.select(0, 0);
+    if (training) {
+      const variable_list out = CellStep::apply(x2, h2, c2, *wi, *wh, optional(bi), optional(bh));
+      hy = out[0], cy = out[1];
+    } else {
+      auto [h_all, c_all] =
+          infer.call(x2.unsqueeze(0), *wi, summed_bias(optional(bi), optional(bh)), h2, c2, *wh,
+                     std::nullopt, std::nullopt, false, std::nullopt, std::nullopt);
+      hy = h_all.select(0, 0), cy = c_all.select(0, 0);
+    }
     if (unbatched) {
       hy = hy.squeeze(0);
       cy = cy.squeeze(0);
@@ -217,8 +205,8 @@ py::object lstm_cell_entry(py::handle input, py::handle hx, py::handle cx, py::h
 void bind_lstm_eager_entry(py::module_& m) {
   m.def("lstm_cell_eager_entry", &lstm_cell_entry,
         "fastattn.ops.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh) for a plain eager CPU "
-        "step that needs no gradient, given use_backend's forced backend (or None); None where "
-        "the call needs the Python path");
+        "step (inference, or a float32 training step of a batch lstm_step_gates serves), given "
+        "use_backend's forced backend (or None); None where the call needs the Python path");
 }
 
 }  // namespace fastattn

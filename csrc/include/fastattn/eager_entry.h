@@ -8,6 +8,7 @@
 
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -23,6 +24,13 @@ namespace fastattn::eager_entry {
 // that lets the cpu backend serve a CPU call, as fastattn.ops.backends.choose decides.
 inline bool allows_cpu(const char* name) {
   return name[0] == '\0' || std::strcmp(name, "auto") == 0 || std::strcmp(name, "cpu") == 0;
+}
+
+// The op fastattn::<name> ("fastattn::name") as the dispatcher's typed handle: calls through it
+// reach the profiler and every dispatch key, as the Python path's do. Look it up once (static).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 // forced: fastattn.ops.backends.forced_by_use_backend() (a name, or None outside any block).
