@@ -146,17 +146,23 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 
 void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                 const at::Tensor& bias) {
-  if (x.size(0) >= kLinearMinRows && mm_out(out.unsqueeze(0), x, w.t(), at::Tensor(), bias))
+  // A row-major product has no layout that only mm_out writes: it goes where it is faster.
+  if (x.size(0) >= kLinearMinRows && beats_torch_mm() &&
+      mm_out(out.unsqueeze(0), x, w.t(), at::Tensor(), bias)) {
     return;
+  }
   bias.defined() ? at::addmm_out(out, bias, x, w.t())
                  : at::mm_out(out, x, w.t());
 }
 
-bool beats_torch_mm() {
-  // Measured on AVX-512 AMD CPUs only (Zen 4 and Zen 5); on an AVX2-only one (Zen 3) both run
-  // AVX2 code, and torch.mm keeps it.
-  static const bool amd_avx512 = __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f");
-  return amd_avx512 && usable();
+bool wins_on_this_cpu() {
+  // Measured on AVX-512 AMD CPUs (Zen 4 and Zen 5) and on an Intel Xeon with AMX; on an
+  // AVX2-only AMD CPU (Zen 3) both run AVX2 code, and torch.mm keeps it.
+  static const bool wins = __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f") &&
+                           brgemm_runs<float>(/*vnni=*/false);
+  return wins;
 }
+
+bool beats_torch_mm() { return wins_on_this_cpu() && !torch_mm_forced(); }
 
 }  // namespace fastattn::cpu_gemm

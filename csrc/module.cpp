@@ -105,6 +105,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_gemm_beats_torch_mm", &fastattn::cpu_gemm::beats_torch_mm,
         "Whether fastattn's float32 CPU GEMM (oneDNN brgemm) runs here and beats torch.mm's "
         "(fastattn.ops.linear then takes it)");
+  m.def("cpu_gemm_wins_on_this_cpu", &fastattn::cpu_gemm::wins_on_this_cpu,
+        "Whether this CPU is one where fastattn's float32 CPU GEMM beats torch.mm's, whatever "
+        "FASTATTN_LSTM_GEMM says (the CPU LSTM's grad_x_proj layout follows it)");
   m.attr("cpu_gemm_linear_min_rows") = fastattn::cpu_gemm::kLinearMinRows;
   m.def("torch_version", [] { return std::string(TORCH_VERSION); },
         "The torch version this extension was compiled against");

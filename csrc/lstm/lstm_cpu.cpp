@@ -392,15 +392,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
               op, ": gates_all must be ", math_type(c_all), " on ", c_all.device(), ", got ",
               gates_all.scalar_type(), " on ", gates_all.device());
   const auto opts = c_all.options();
-  // Feature-major ([4H, T, B] in memory, as the fake says), the A operand of the weight
-  // gradients' brgemm products, here and in the backward of the input projection
-  // (fastattn/ops/lstm.py), as one [4H, T * B] matrix with unit column stride. The kernel writes
-  // it in gates_all's layout: feature-major after a step-major forward; after a row-major one
-  // (lanes along the units) into row-major rows, transposed after (transpose_copy), which costs
-  // less than running those products on torch.mm's MKL on AMD.
-  Tensor grad_x_proj = at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0});
-  const Tensor grad_rows =
-      step_major(gates_all) ? grad_x_proj : at::empty({p.T, p.B, 4 * p.H}, opts);
+  // Feature-major ([4H, T, B] in memory, as the fake says) after a step-major forward, and
+  // after a row-major one (lanes along the units) where fastattn's GEMM takes the weight
+  // gradients (cpu_gemm::wins_on_this_cpu), here and in the backward of the input projection
+  // (fastattn/ops/lstm.py): its brgemm reads their A operand, [4H, T * B], along rows. The kernel
+  // writes it in gates_all's layout, so after a row-major forward into row-major rows first,
+  // transposed after (transpose_copy), which costs less than those products on torch.mm's MKL on
+  // AMD. Elsewhere it stays row-major: torch.mm takes the products with either operand
+  // transposed, and a second [T, B, 4H] buffer and its transpose took ~4% of a T64 B24 H256
+  // training step on the Xeon with AMX.
+  const bool feature_major = step_major(gates_all) || cpu_gemm::wins_on_this_cpu();
+  const Tensor grad_x_proj = feature_major
+      ? at::empty({4 * p.H, p.T, p.B}, opts).permute({1, 2, 0})
+      : at::empty({p.T, p.B, 4 * p.H}, opts);
+  const Tensor grad_rows = step_major(gates_all) == step_major(grad_x_proj)
+      ? grad_x_proj : at::empty({p.T, p.B, 4 * p.H}, opts);
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();

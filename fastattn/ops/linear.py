@@ -4,7 +4,7 @@ brgemm: csrc/include/fastattn/cpu_gemm.h) where that beats torch.mm's, else F.li
 It beats it on AMD CPUs with AVX-512, where torch.mm's MKL runs its AVX2 code: on the 2-core
 Zen 5 EPYC, MultiheadAttention's in-projection [1024, 512] x [512, 1536] ran at 450 GFLOP/s
 against F.linear's 218. The op's fake and autograd are registered here; the LSTM's training input
-projection calls the op itself (fastattn.ops.lstm).
+projection for the lanes along the units (fastattn.ops.lstm) takes ``linear`` too.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def _linear_backward(ctx, grad):
     need_input, need_weight, need_bias = ctx.needs_input_grad
     # Both gradients on the GEMM the forward took (the caller chose it): the weight's,
     # grad^T @ input, on lstm_weight_mm's product, whose A operand grad^T has unit column stride
-    # when grad is feature-major, as lstm_layer_bwd's grad_x_proj is on CPU (else it makes a
-    # contiguous copy); the input's as _input_gradient says.
+    # when grad is feature-major, as lstm_layer_bwd's grad_x_proj is where this op runs (else it
+    # makes a contiguous copy); the input's as _input_gradient says.
     return (_input_gradient(grad, weight) if need_input else None,
             _OPS.lstm_weight_mm(grad.t(), input.unsqueeze(0), None)[0] if need_weight else None,
             grad.sum(0) if need_bias else None)

@@ -48,14 +48,21 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 # The CPU kernels put their vector lanes along the units for a batch B < this (at the ISA this
 # process runs, csrc/lstm/lstm_cpu.isa.cpp), else along the batch. That decides the layout of
-# x_proj they read fastest, row-major or step-major; the training ops then keep gates_all and
-# grad_x_proj in x_proj's layout (_step_major).
+# x_proj they read fastest, row-major or step-major; the training ops then keep gates_all in
+# x_proj's layout (_step_major), and grad_x_proj too except where _GEMM_LAYOUTS says otherwise.
 _UNIT_LANES_BELOW = (
     _extension.C.cpu_lstm_unit_lanes_below() if _extension.C is not None else 0)
 
 
 def _cpu_unit_lanes(batch: int) -> bool:
     return batch < _UNIT_LANES_BELOW
+
+
+# Whether this CPU is one where fastattn's float32 GEMM beats torch.mm (csrc/include/fastattn/
+# cpu_gemm.h): the CPU lstm_layer_bwd then returns grad_x_proj feature-major after a row-major
+# forward too, for that GEMM's weight-gradient products.
+_GEMM_LAYOUTS = (
+    _extension.C.cpu_gemm_wins_on_this_cpu() if _extension.C is not None else False)
 
 
 # fastattn::lstm_step_gates runs its GEMV-style kernel for float32 batches B < this (0: none).
@@ -175,10 +182,12 @@ def _sequence_fwd_fake(x_proj, h0, c0, w_hh):
 @torch.library.register_fake("fastattn::lstm_layer_bwd")
 def _layer_bwd_fake(grad_h_all, grad_c_all, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c,
                     zoneout_h, h_all, c_all, gates_all, hpre_all):
-    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU, else
-    # contiguous; the others are contiguous.
+    # grad_x_proj (in the data dtype) is feature-major ([4H, T, B] in memory) on CPU after a
+    # step-major forward, and after a row-major one where fastattn's GEMM takes the weight
+    # gradients (csrc/lstm/lstm_cpu.cpp says why), else contiguous; the others are contiguous.
     T, B, G = gates_all.shape
-    grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0) if h0.device.type == "cpu"
+    feature_major = h0.device.type == "cpu" and (_step_major(gates_all) or _GEMM_LAYOUTS)
+    grad_x_proj = (h0.new_empty(G, T, B).permute(1, 2, 0) if feature_major
                    else h0.new_empty(T, B, G))
     grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else h0.new_empty(0)
     return (grad_x_proj, h0.new_empty(h0.shape),
@@ -673,8 +682,8 @@ def _input_projection(input: torch.Tensor, w_ih: torch.Tensor, bias: torch.Tenso
         x_proj = differentiable(_OPS.lstm_weight_mm)(w_ih, input.transpose(1, 2), bias).permute(
             0, 2, 1)
     elif layout == "rows":
-        x_proj = differentiable(_OPS.linear)(
-            input.reshape(T * B, in_features), w_ih, bias).view(T, B, w_ih.shape[0])
+        x_proj = linear.linear(input.reshape(T * B, in_features), w_ih, bias).view(
+            T, B, w_ih.shape[0])
     else:
         flat = input.reshape(T * B, in_features)
         x_proj = (flat @ w_ih.t() if bias is None else torch.addmm(bias, flat, w_ih.t())).view(

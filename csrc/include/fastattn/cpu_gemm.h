@@ -30,15 +30,23 @@ bool mm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 constexpr int64_t kLinearMinRows = 64;
 
 // out [M, N] = x [M, K] @ w [N, K]^T (+ bias [N]), F.linear's product: on mm_out from
-// kLinearMinRows rows, else at::addmm / at::mm (any dtype).
+// kLinearMinRows rows where it beats torch.mm (beats_torch_mm), else at::addmm / at::mm (any
+// dtype).
 void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                 const at::Tensor& bias);
 
-// Whether mm_out runs here and beats torch.mm: oneDNN's float32 brgemm runs, the CPU is AMD's
-// with AVX-512 (where MKL takes its AVX2 code; on Intel it has not been measured against MKL, nor
-// on an AVX2-only AMD CPU, where both run AVX2 code) and FASTATTN_LSTM_GEMM is not torch.
-// fastattn.ops.linear asks once, at import, for the products that torch.nn's modules would run
-// on torch.mm.
+// Whether this CPU is one where mm_out beats torch.mm, whatever FASTATTN_LSTM_GEMM says:
+// oneDNN's float32 brgemm runs and the CPU is AMD's with AVX-512 (where MKL takes its AVX2 code).
+// On an Intel Xeon with AMX, MKL ran a row-major [1008 x 256] @ [256 x 1024] in 1.31 ms against
+// mm_out's 1.50 (2 threads); on an AVX2-only AMD CPU both run AVX2 code and nothing was
+// measured. The layouts that the CPU LSTM ops return for mm_out's sake follow this (constant in
+// a process, as their fakes need); where it is false, the row-major products (fastattn.ops.linear
+// and linear_out) take torch.mm, and mm_out keeps the step-major ones, which torch.mm would
+// need a copy for.
+bool wins_on_this_cpu();
+
+// wins_on_this_cpu() unless FASTATTN_LSTM_GEMM=torch. fastattn.ops.linear asks once, at import,
+// for the products that torch.nn's modules would run on torch.mm.
 bool beats_torch_mm();
 
 // Whether FASTATTN_LSTM_GEMM=torch asks for torch.mm wherever the CPU LSTM could run its own
