@@ -4,7 +4,7 @@
 // registers and runs the gate math on the accumulators before anything is written, so the gate
 // pre-activations never go through memory and a step is one parallel region. The tile is
 // weights-stationary: a weight element is broadcast and the recurrent state is kept feature-major
-// with a padded batch, in panels of up to three batch vectors (Panels), so the batch lanes are
+// with a padded batch, in panels of a few batch vectors (Panels), so the batch lanes are
 // plain vector loads streamed in order, and the forward reads the weights in the layout torch
 // keeps them. The backward mirrors it: the GEMM dh_prev = dgates @ w_hh runs on groups of columns
 // of w_hh (packed once per call) and the next step's pointwise backward runs on its accumulators.
@@ -39,6 +39,11 @@ using Vec = at::vec::Vectorized<T>;
 constexpr int kTileRows = 4;
 static_assert(kTileRows == 4, "the forward tiles are the four gates of one unit");
 constexpr int kTileVecs = 3;
+// The forward's tiles on AVX-512: 4 x 4 accumulators, 4 batch vectors and a broadcast fit its 32
+// registers, and B = 64 runs as one panel instead of 3 + 1 vectors, whose 4 x 1 tile (a vector
+// load and four broadcasts per four FMAs) took a third of the GEMM time for a quarter of the FMAs
+// (T32 B64 H256). The backward's 8-row tiles keep 3 (8 x 3 accumulators).
+constexpr int kFwdTileVecs = at::vec::Vectorized<float>::size() == 16 ? 4 : kTileVecs;
 // The backward's dh_prev GEMM reduces over all 4H gates, so its B operand (a step's gate
 // gradients, 4H x padded batch) streams from L2 rather than L1: tiles of 8 weight rows halve its
 // reads per FMA. 8 x 3 accumulators need AVX-512's 32 vector registers; AVX2 keeps 4 rows.
@@ -313,52 +318,47 @@ C10_NOINLINE void tile_gemm(Vec<acc_t> (&acc)[R][V], const A& a_in, const acc_t*
 }
 
 // The B operand of the step GEMMs, a feature-major [K, padded batch] state, stored as panels of
-// up to kTileVecs batch vectors: each panel a contiguous [K, width] block, so that a tile streams
-// its operand sequentially instead of striding across the whole batch.
-template <typename acc_t>
+// up to W batch vectors: each panel a contiguous [K, width] block, so that a tile streams its
+// operand sequentially instead of striding across the whole batch.
+template <typename acc_t, int W>
 struct Panels {
   static constexpr int L = Vec<acc_t>::size();
   int64_t K, nvec;
 
   int64_t size() const { return K * nvec * L; }
-  int64_t width(int64_t v0) const { return std::min<int64_t>(kTileVecs, nvec - v0); }
+  int64_t width(int64_t v0) const { return std::min<int64_t>(W, nvec - v0); }
   // Where batch vector v of row k lies.
   int64_t at(int64_t k, int64_t v) const {
-    const int64_t v0 = v - v % kTileVecs;
+    const int64_t v0 = v - v % W;
     return v0 * L * K + k * width(v0) * L + (v - v0) * L;
   }
 };
 
+// fn(std::integral_constant<int, w>) for a width 1 <= w <= W known only at run time.
+template <int W, typename Fn>
+C10_ALWAYS_INLINE void with_width(int64_t w, const Fn& fn) {
+  if constexpr (W > 1) {
+    if (w < W) return with_width<W - 1>(w, fn);
+  }
+  fn(std::integral_constant<int, W>());
+}
+
 // One weight tile against every panel: tile_gemm over the panel's vectors [v0, v0 + width),
 // reducing over the first K rows of b, then epilogue(acc, v0). Panels at or past `active` vectors
 // get no reduction (zero accumulators): their rows carry their state.
-template <typename acc_t, typename A, typename Epilogue>
-inline void gemm_tile(const A& a, const acc_t* b, const Panels<acc_t>& panels, int64_t K,
+template <typename acc_t, typename A, int W, typename Epilogue>
+inline void gemm_tile(const A& a, const acc_t* b, const Panels<acc_t, W>& panels, int64_t K,
                       int64_t active, const Epilogue& epilogue) {
   constexpr int L = Vec<acc_t>::size();
-  for (int64_t v0 = 0; v0 < panels.nvec; v0 += kTileVecs) {
+  for (int64_t v0 = 0; v0 < panels.nvec; v0 += W) {
     const int64_t k = v0 < active ? K : 0;
     const acc_t* panel = b + panels.at(0, v0);
-    switch (panels.width(v0)) {
-      case kTileVecs: {
-        Vec<acc_t> acc[A::kRows][kTileVecs];
-        tile_gemm<acc_t, A::kRows, kTileVecs>(acc, a, panel, kTileVecs * L, k);
-        epilogue(acc, v0);
-        break;
-      }
-      case 2: {
-        Vec<acc_t> acc[A::kRows][2];
-        tile_gemm<acc_t, A::kRows, 2>(acc, a, panel, 2 * L, k);
-        epilogue(acc, v0);
-        break;
-      }
-      default: {
-        Vec<acc_t> acc[A::kRows][1];
-        tile_gemm<acc_t, A::kRows, 1>(acc, a, panel, L, k);
-        epilogue(acc, v0);
-        break;
-      }
-    }
+    with_width<W>(panels.width(v0), [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      Vec<acc_t> acc[A::kRows][V];
+      tile_gemm<acc_t, A::kRows, V>(acc, a, panel, V * L, k);
+      epilogue(acc, v0);
+    });
   }
 }
 
@@ -464,7 +464,7 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
 
   // Feature-major state: h, the B operand of phase 1, in panels and double-buffered (a step reads
   // all of h_prev); hpre, the B operand of the projection, likewise; c updated in place, [H, Bp].
-  const Panels<acc_t> h_panels{P, nvec}, hpre_panels{H, nvec};
+  const Panels<acc_t, kFwdTileVecs> h_panels{P, nvec}, hpre_panels{H, nvec};
   const ScratchBuffer<acc_t> h_buf(2 * h_panels.size(), zero_filled);
   const ScratchBuffer<acc_t> c_buf(H * Bp, zero_filled);
   const ScratchBuffer<acc_t> hpre_buf(proj ? hpre_panels.size() : 0, zero_filled);
@@ -736,7 +736,7 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   // c of the current step), and the step's gate gradients, double-buffered because the GEMM of
   // step s reads all of them while the fused epilogue writes step s + 1's. dh_new and dgates are
   // GEMM B operands (phase A with a projection, phase B), in panels.
-  const Panels<acc_t> dh_panels{P, nvec}, dgates_panels{G, nvec};
+  const Panels<acc_t, kTileVecs> dh_panels{P, nvec}, dgates_panels{G, nvec};
   const ScratchBuffer<acc_t> dh_new(dh_panels.size(), zero_filled);
   const ScratchBuffer<acc_t> dh_share(P * Bp, zero_filled), dc(H * Bp, zero_filled);
   const ScratchBuffer<acc_t> dgates(2 * dgates_panels.size(), zero_filled);
