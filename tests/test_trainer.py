@@ -78,11 +78,12 @@ def test_backends_start_from_identical_weights():
             assert torch.equal(reference[name], candidate[name]), (model, name)
 
 
-@pytest.mark.parametrize("kind,projections", [("gpt", 2 * 4 + 1), ("lstm", 1)])
+@pytest.mark.parametrize("kind,projections", [("gpt", 2 * 4 + 1), ("lstm", 2 + 1)])
 def test_fastattn_backend_projects_through_fastattn_linear(kind, projections, monkeypatch):
-    """--backend fastattn runs every projection (the GPT's four per block and both models' tied
-    head) through fastattn.ops.linear, which picks fastattn's GEMM or F.linear; --backend torch
-    none of them."""
+    """--backend fastattn runs every projection (the GPT's four per block, the LSTM layers' input
+    projections, which a batch of 3 trains with the CPU lanes along the units, and both models'
+    tied head) through fastattn.ops.linear, which picks fastattn's GEMM or F.linear; --backend
+    torch none of them."""
     import fastattn.ops.linear as linear_module
 
     calls = []
