@@ -620,6 +620,9 @@ struct FmaProducts {
     void finish_keys(const Problem&, int64_t, acc_t*, acc_t*) const {}
     // Whether grads takes P as scores (ProbsFromScores) where there is no dropout.
     static bool probs_from_scores() { return false; }
+    // Whether grads can write dq (dq_add false) instead of adding into it, so that a query
+    // tile's first key tile needs no zeros there.
+    static bool writes_dq() { return false; }
     // dp [m, n_pad] = dO V^T, where row i sees keys j < i + diag (0 elsewhere).
     void dp(const Problem& pr, int64_t m, acc_t* dp, int64_t diag) const {
       std::fill(dp, dp + m * pr.n_pad, acc_t(0));
@@ -627,14 +630,15 @@ struct FmaProducts {
                   dp, pr.n_pad, diag);
     }
     // dv [n, ev_pad] += P_dv^T dO, dk [n, e_pad] += scale dS^T Q and dq [m, e_pad] += dS K
-    // (unscaled), for the probabilities p [m, n_pad] (P_dv: with dropout, P o Z) and the score
-    // gradient dS = P o (dP - delta) (row i's delta[i]), which ds [m, n_pad] holds already where
-    // delta is null, dP otherwise (overwritten either way). p[i, j] = ds[i, j] = 0 for
+    // (unscaled; = where dq_add is false, which only products that writes_dq() are given), for
+    // the probabilities p [m, n_pad] (P_dv: with dropout, P o Z) and the score gradient
+    // dS = P o (dP - delta) (row i's delta[i]), which ds [m, n_pad] holds already where delta is
+    // null, dP otherwise (overwritten either way). p[i, j] = ds[i, j] = 0 for
     // j >= i + diag, so key j needs only the rows i > j - diag. With from_scores (only where
     // probs_from_scores()), p = p_dv holds the scores of the probabilities it describes.
     void grads(const Problem& pr, int64_t m, int64_t n, const acc_t* p_dv, const acc_t* p,
                const ProbsFromScores<acc_t>* /*from_scores*/, acc_t* ds, const acc_t* delta,
-               acc_t* dk, acc_t* dv, acc_t* dq, int64_t diag) {
+               acc_t* dk, acc_t* dv, acc_t* dq, bool /*dq_add*/, int64_t diag) {
       if (delta != nullptr) score_grads(p, ds, delta, m, pr.n_pad);
       gemm<acc_t>(n, pr.ev_pad, m, p_dv, 1, pr.n_pad, dob.data(), pr.ev_pad, dv, pr.ev_pad,
                   kAllVisible, kAllVisible, diag);
@@ -1106,9 +1110,10 @@ struct TileProducts<c10::BFloat16, float> {
     // (pack_grad_pairs).
     void grads(const Problem& pr, int64_t m, int64_t n, const float* p_dv, const float* p,
                const ProbsFromScores<float>* from_scores, float* ds, const float* delta,
-               float* dk, float* dv, float* dq, int64_t diag) {
+               float* dk, float* dv, float* dq, bool dq_add, int64_t diag) {
       if (!on()) {
-        return Fma::Backward::grads(pr, m, n, p_dv, p, from_scores, ds, delta, dk, dv, dq, diag);
+        return Fma::Backward::grads(pr, m, n, p_dv, p, from_scores, ds, delta, dk, dv, dq,
+                                    dq_add, diag);
       }
       pack_grad_pairs(p_dv, p, from_scores, ds, delta, m, pr.n_pad, pairs(p_rows.data()),
                       pairs(ds_rows.data()));
@@ -1122,7 +1127,7 @@ struct TileProducts<c10::BFloat16, float> {
                                  pr.n_pad, keys_written);
         keys_written = true;
         return cpu_brgemm::bf16_product(m, pr.e_pad, ceil_div(n, 2), pairs(ds), pr.n_pad,
-                                        pairs(kb.data()), pr.e_pad, dq, pr.e_pad, true);
+                                        pairs(kb.data()), pr.e_pad, dq, pr.e_pad, dq_add);
       }
       dot<true>(n, pr.ev_pad, m_pairs, pairs(p_rows.data()), 1, pr.n_pad,
                 pairs(cur_dout_rows), pr.ev_pad, dv, pr.ev_pad, 1.f);
@@ -1132,6 +1137,7 @@ struct TileProducts<c10::BFloat16, float> {
                 dq, pr.e_pad, 1.f, kAllVisible, diag);
     }
     static bool adds_into_keys() { return !brgemm(); }
+    static bool writes_dq() { return brgemm(); }
     // With brgemm, dk = scale * (dK^T)^T and dv = (dV^T)^T (zeros where no query tile saw the
     // keys); dot added into dk and dv directly.
     void finish_keys(const Problem& pr, int64_t n, float* dk, float* dv) const {
@@ -1680,7 +1686,10 @@ void attention_fwd_typed(const AttentionParams& p) {
 
 // Backward of one key tile of kv head hk of sequence sq against every visible query tile of
 // the query heads sharing it: dk/dv rows of the tile are complete afterwards; dq contributions
-// are added into dq_acc [group, L, e_pad] (unscaled by softmax scale).
+// are added into dq_acc [group, L, e_pad] (unscaled by softmax scale). With dq_seen (a flag per
+// query tile of the head, [group, ceil(L / block_m)], only where the products' writes_dq()), the
+// first key tile that a query tile meets writes its dq rows instead, and sets its flag: dq_acc
+// needs no zeros.
 template <typename scalar_t, typename acc_t>
 struct BackwardTile {
   using Products = TileProducts<scalar_t, acc_t>;
@@ -1696,7 +1705,8 @@ struct BackwardTile {
         widths(pr.block_m) {}
 
   void run(const Problem& pr, const AttentionBwdParams& bp, const acc_t* lse_rows,
-           const acc_t* delta, const Sequence& sq, int64_t hk, int64_t kblock, acc_t* dq_acc) {
+           const acc_t* delta, const Sequence& sq, int64_t hk, int64_t kblock, acc_t* dq_acc,
+           char* dq_seen) {
     const AttentionParams& p = pr.p;
     const int64_t ld = pr.n_pad, E = p.head_dim, Ev = p.v_head_dim;
     const int64_t k0 = kblock * pr.block_n, n = std::min(pr.block_n, sq.kv_len - k0);
@@ -1777,9 +1787,13 @@ struct BackwardTile {
         }
         // With dropout, dv takes (P o Z)^T dO.
         const ProbsFromScores<acc_t> from_scores{shifts.data(), widths.data(), scale};
+        // (The flags, as dq_acc's rows, are laid out by the longest sequence's q_len.)
+        char* seen =
+            dq_seen == nullptr ? nullptr : dq_seen + g * ceil_div(p.q_len, pr.block_m) + qb;
         operands.grads(pr, m, n, p_used, s.data(), exp_in_grads ? &from_scores : nullptr,
                        dp.data(), ds_first ? nullptr : d_rows.data(), dk.data(), dv.data(),
-                       dq_acc + (g * p.q_len + q0) * pr.e_pad, diag);
+                       dq_acc + (g * p.q_len + q0) * pr.e_pad, seen == nullptr || *seen, diag);
+        if (seen != nullptr) *seen = 1;
       }
     }
     operands.finish_keys(pr, n, dk.data(), dv.data());
@@ -1897,13 +1911,18 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
   const int64_t threads = flops < kParallelFlops ? 1 : at::get_num_threads();
   const acc_t scale = static_cast<acc_t>(p.scale);
   // Writes dq rows [r_begin, r_end) of kv head hk of sequence sq from the accumulator
-  // acc [group, L, e_pad] (summed over n_acc copies spaced acc_stride apart).
+  // acc [group, L, e_pad] (summed over n_acc copies spaced acc_stride apart); with dq_seen
+  // (BackwardTile's flags), zeros for the rows of query tiles that no key tile wrote.
   auto write_dq = [&](const Sequence& sq, int64_t hk, const acc_t* acc, int64_t n_acc,
-                      int64_t acc_stride, int64_t r_begin, int64_t r_end) {
+                      int64_t acc_stride, int64_t r_begin, int64_t r_end, const char* dq_seen) {
     for (int64_t r = r_begin; r < r_end; ++r) {
       const int64_t g = r / L, i = r % L;
       if (i >= sq.q_len) continue;
       scalar_t* dst = pr.q_side_row(dq, bp.dq_stride, sq, hk * pr.group + g, i);
+      if (dq_seen != nullptr && !dq_seen[g * n_qb + i / pr.block_m]) {
+        std::fill(dst, dst + E, scalar_t(0));
+        continue;
+      }
       for (int64_t e = 0; e < E; ++e) {
         acc_t sum = 0;
         for (int64_t c = 0; c < n_acc; ++c) sum += acc[c * acc_stride + r * pr.e_pad + e];
@@ -1915,19 +1934,30 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
   if (kv_heads >= 4 * threads || n_kb == 1 || threads == 1 || pr.varlen()) {
     // Enough kv heads (varlen: sequences x kv heads) to keep every thread busy: a thread owns
     // whole kv heads, so its dq accumulator covers only that head's query group.
+    // The head's dq accumulator is zeroed, or, where the products write a query tile's first
+    // dq (writes_dq: brgemm), its tiles' flags are.
     struct HeadState {
       BackwardTile<scalar_t, acc_t> tile;
       std::vector<acc_t> dq_acc;
+      std::vector<char> dq_seen;
     };
-    auto make_state = [&] { return HeadState{BackwardTile<scalar_t, acc_t>(pr),
-                                             std::vector<acc_t>(group_rows * pr.e_pad)}; };
+    const bool writes_dq = Products::Backward::writes_dq();
+    auto make_state = [&] {
+      return HeadState{BackwardTile<scalar_t, acc_t>(pr), std::vector<acc_t>(group_rows * pr.e_pad),
+                       std::vector<char>(writes_dq ? pr.group * n_qb : 0)};
+    };
     auto run_head = [&](HeadState& st, int64_t b, int64_t hk) {
       const Sequence sq = pr.sequence(b);
-      std::fill(st.dq_acc.begin(), st.dq_acc.end(), acc_t(0));
-      for (int64_t kb = 0; kb < ceil_div(sq.kv_len, pr.block_n); ++kb) {
-        st.tile.run(pr, bp, lse.data(), delta.data(), sq, hk, kb, st.dq_acc.data());
+      char* seen = writes_dq ? st.dq_seen.data() : nullptr;
+      if (writes_dq) {
+        std::fill(st.dq_seen.begin(), st.dq_seen.end(), 0);
+      } else {
+        std::fill(st.dq_acc.begin(), st.dq_acc.end(), acc_t(0));
       }
-      write_dq(sq, hk, st.dq_acc.data(), 1, 0, 0, group_rows);
+      for (int64_t kb = 0; kb < ceil_div(sq.kv_len, pr.block_n); ++kb) {
+        st.tile.run(pr, bp, lse.data(), delta.data(), sq, hk, kb, st.dq_acc.data(), seen);
+      }
+      write_dq(sq, hk, st.dq_acc.data(), 1, 0, 0, group_rows, seen);
     };
     if (pr.varlen()) {
       const std::vector<VarlenRows> read = {{p.q, p.q_stride, true, p.q_heads, E},
@@ -1965,7 +1995,7 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
       for (int64_t it = chunk * items / threads; it < (chunk + 1) * items / threads; ++it) {
         const int64_t bkh = it / n_kb, kb = balanced_tile(it % n_kb, n_kb);
         tile.run(pr, bp, lse.data(), delta.data(), pr.sequence(bkh / p.kv_heads),
-                 bkh % p.kv_heads, kb, acc + bkh * group_rows * pr.e_pad);
+                 bkh % p.kv_heads, kb, acc + bkh * group_rows * pr.e_pad, nullptr);
       }
     }
   });
@@ -1973,7 +2003,8 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t bkh = r / group_rows, rr = r % group_rows;
       write_dq(pr.sequence(bkh / p.kv_heads), bkh % p.kv_heads,
-               dq_acc.data() + bkh * group_rows * pr.e_pad, threads, acc_size, rr, rr + 1);
+               dq_acc.data() + bkh * group_rows * pr.e_pad, threads, acc_size, rr, rr + 1,
+               nullptr);
     }
   });
 }
