@@ -140,6 +140,9 @@ SHAPES = [  # B, Hq, Hk, L, S, E, Ev
     pytest.param((1, 1, 1, 100, 100, 128, 128), id="L100-S100-E128"),
     pytest.param((2, 3, 1, 33, 1, 64, 40), id="L33-S1-gqa3"),
     pytest.param((2, 4, 4, 70, 130, 40, 24), id="many-kv-heads"),  # backward: threads own heads
+    # ... over several query tiles and key tiles (bf16 on brgemm: 128 query rows per tile, whose
+    # first key tile writes dQ and the others add).
+    pytest.param((2, 4, 4, 200, 300, 64, 64), id="many-kv-heads-tiles"),
     # Key tiles and a 1-key tail: two of the avx512 forward's 128 keys, four of 64 elsewhere.
     pytest.param((1, 4, 2, 130, 257, 64, 64), id="L130-S257-gqa"),
 ]
