@@ -28,10 +28,13 @@ constexpr int64_t kColStep = 16;
 // Rows of B a column-by-column packing copies at a time: [kTranspose, kCols] floats, 16 KiB.
 constexpr int64_t kTranspose = 64;
 
-bool usable() {
+// Whether oneDNN's float32 brgemm runs on this CPU (asked once).
+bool brgemm_runs_here() {
   static const bool runs = brgemm_runs<float>(/*vnni=*/false);
-  return runs && !torch_mm_forced();
+  return runs;
 }
+
+bool usable() { return brgemm_runs_here() && !torch_mm_forced(); }
 
 }  // namespace
 
@@ -158,9 +161,8 @@ void linear_out(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
 bool wins_on_this_cpu() {
   // Measured on AVX-512 AMD CPUs (Zen 4 and Zen 5) and on an Intel Xeon with AMX; on an
   // AVX2-only AMD CPU (Zen 3) both run AVX2 code, and torch.mm keeps it.
-  static const bool wins = __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f") &&
-                           brgemm_runs<float>(/*vnni=*/false);
-  return wins;
+  static const bool amd_avx512 = __builtin_cpu_is("amd") && __builtin_cpu_supports("avx512f");
+  return amd_avx512 && brgemm_runs_here();
 }
 
 bool beats_torch_mm() { return wins_on_this_cpu() && !torch_mm_forced(); }
