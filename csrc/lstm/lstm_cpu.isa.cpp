@@ -334,13 +334,14 @@ struct Panels {
   }
 };
 
-// fn(std::integral_constant<int, w>) for a width 1 <= w <= W known only at run time.
-template <int W, typename Fn>
-C10_ALWAYS_INLINE void with_width(int64_t w, const Fn& fn) {
-  if constexpr (W > 1) {
-    if (w < W) return with_width<W - 1>(w, fn);
+// fn(std::integral_constant<int, n>) for a count 1 <= n <= N known only at run time (a panel's
+// vectors, a unit-lane tile's rows): a tile of exactly that size.
+template <int N, typename Fn>
+C10_ALWAYS_INLINE void with_count(int64_t n, const Fn& fn) {
+  if constexpr (N > 1) {
+    if (n < N) return with_count<N - 1>(n, fn);
   }
-  fn(std::integral_constant<int, W>());
+  fn(std::integral_constant<int, N>());
 }
 
 // One weight tile against every panel: tile_gemm over the panel's vectors [v0, v0 + width),
@@ -353,7 +354,7 @@ inline void gemm_tile(const A& a, const acc_t* b, const Panels<acc_t, W>& panels
   for (int64_t v0 = 0; v0 < panels.nvec; v0 += W) {
     const int64_t k = v0 < active ? K : 0;
     const acc_t* panel = b + panels.at(0, v0);
-    with_width<W>(panels.width(v0), [&](auto width) {
+    with_count<W>(panels.width(v0), [&](auto width) {
       constexpr int V = decltype(width)::value;
       Vec<acc_t> acc[A::kRows][V];
       tile_gemm<acc_t, A::kRows, V>(acc, a, panel, V * L, k);
@@ -576,12 +577,12 @@ void transposed_rows(acc_t* out, const acc_t* w, int64_t K, int64_t ld, int64_t 
 template <typename acc_t, int R, int V, typename Epilogue>
 inline void unit_tile(int64_t nb, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
                       int64_t K, const Epilogue& epilogue) {
-  if constexpr (R > 1) {
-    if (nb < R) return unit_tile<acc_t, R - 1, V>(nb, a, lda, b, ldb, K, epilogue);
-  }
-  Vec<acc_t> acc[R][V];
-  tile_gemm<acc_t, R, V>(acc, WeightTile<acc_t, R>::rows(a, lda, 0, R), b, ldb, K);
-  epilogue(acc);
+  with_count<R>(nb, [&](auto rows) {
+    constexpr int kRows = decltype(rows)::value;
+    Vec<acc_t> acc[kRows][V];
+    tile_gemm<acc_t, kRows, V>(acc, WeightTile<acc_t, kRows>::rows(a, lda, 0, kRows), b, ldb, K);
+    epilogue(acc);
+  });
 }
 
 // fn(i, b0, nb) for every block i < blocks of features, across threads (at least `grain` blocks
