@@ -11,8 +11,8 @@
 // forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
 // probabilities from it with the same packing and the same products, so P is bit-identical to
 // the forward's even for huge logits (except a single query row under the bf16 dot products,
-// which the forward scores in fp32: there the scores agree to fp32 rounding, a relative error
-// of ~1e-7 times the logit's size in P).
+// whose forward adds the same exact products in another order (row_scores_pairs): there the
+// scores agree to fp32 rounding, a relative error of ~1e-7 times the logit's size in P).
 // The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
 // its row addressing know the layout (attention_params.h).
 #include <ATen/Parallel.h>
@@ -588,6 +588,16 @@ struct FmaProducts {
     gemm<acc_t>(m, pr.ev_pad, n, p, pr.n_pad, 1, vb, pr.ev_pad, o, pr.ev_pad, kAllVisible,
                 diag);
   }
+  // A single query row's scaled scores against n key rows read in place (qs as pack_q wrote
+  // it for m = 1), and its o [ev_pad] += p [n] v with fp32 probabilities p (decode).
+  static void single_row_qk(const Problem& pr, const acc_t* qs, const scalar_t* k,
+                            int64_t k_rs, int64_t n, acc_t* s) {
+    row_scores(qs, k, k_rs, n, pr.p.head_dim, s);
+  }
+  static void single_row_pv(const Problem& pr, const acc_t* p, const scalar_t* v,
+                            int64_t v_rs, int64_t n, acc_t* o) {
+    row_pv(p, v, v_rs, n, pr.p.v_head_dim, o);
+  }
 
   // The backward's operands of one key tile (kt = K^T as qk reads it, kb = K, vt = V^T) and
   // of one query tile (qs as qk reads it, dob = dO), and its products other than qk.
@@ -917,6 +927,126 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pai
   }
 }
 
+// A single query row's products (decode) over bf16 pairs, reading the key and value rows in
+// place as row_scores and row_pv do: a vdpbf16ps takes 32 elements of a row, where the FMA
+// path converts them to fp32 16 at a time first (that conversion and its FMAs were most of a
+// bf16 decode step: Xeon with AMX, H 2, S 512, E 128). (The micro-kernels are functions, not
+// lambdas: a lambda does not take its function's target attribute.)
+
+// The first min(count, 32) 16-bit elements of a 512-bit vector.
+inline __mmask32 first_halves(int64_t count) {
+  return count >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((uint64_t{1} << count) - 1);
+}
+
+// part[r * 16 ..] = 16 partial sums of the dot product of q (column pairs) with key row r,
+// r < R, of E elements (those past E read as zero in both operands: q's words past its pairs
+// are not written).
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void key_row_dots(
+    const bf16_pair* q, const c10::BFloat16* row, int64_t k_rs, int64_t E, float* part) {
+  for (int r = 0; r < R; ++r)
+    prefetch_bytes(row + (r + kAheadRows) * k_rs, E * int64_t(sizeof(c10::BFloat16)));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < E; c += 32) {
+    const __mmask32 mask = first_halves(E - c);
+    const auto qv = reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, q + c / 2));
+    for (int r = 0; r < R; ++r) {
+      const __m512i kv = _mm512_maskz_loadu_epi16(mask, row + r * k_rs + c);
+      acc[r] = _mm512_dpbf16_ps(acc[r], qv, reinterpret_cast<__m512bh>(kv));
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_store_ps(part + r * 16, acc[r]);
+}
+
+// s[j] = scale * sum_e q[e] * k[j * k_rs + e] for e < E, j < n, with q as column pairs
+// (pack_column_pairs): row_scores's groups of keys and its sum by transposition; the products
+// of two bf16 are exact in fp32, and the sums are scaled once (as qk scales its products).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void row_scores_pairs(
+    const bf16_pair* q, const c10::BFloat16* k, int64_t k_rs, int64_t n, int64_t E, float scale,
+    float* s) {
+  constexpr int64_t L = 16;
+  constexpr int64_t kKeys = 4;  // row_scores's chains of FMAs, one per key
+  alignas(64) float part[L * L] = {};
+  alignas(64) float by_lane[L * L];
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+    const int64_t keys = std::min(L, n - j0);
+    int64_t j = 0;
+    for (; j + kKeys <= keys; j += kKeys)
+      key_row_dots<kKeys>(q, k + (j0 + j) * k_rs, k_rs, E, part + j * L);
+    for (; j < keys; ++j) key_row_dots<1>(q, k + (j0 + j) * k_rs, k_rs, E, part + j * L);
+    at::vec::transpose_mxn<float, L, L>(part, L, by_lane, L);
+    __m512 total = _mm512_load_ps(by_lane);
+    for (int64_t l = 1; l < L; ++l) total = _mm512_add_ps(total, _mm512_load_ps(by_lane + l * L));
+    _mm512_mask_storeu_ps(s + j0, static_cast<__mmask16>(first_halves(keys)),
+                          _mm512_mul_ps(total, _mm512_set1_ps(scale)));
+  }
+}
+
+// o[c * 32 ..] += sum_j p[j] * v[j * v_rs + c * 32 ..] for the R chunks c of 32 values at v and
+// o, the last one's values past `last` (<= 32) read as zero; row_pv_pairs below.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void value_chunks_pv(
+    const float* p, const c10::BFloat16* v, int64_t v_rs, int64_t n, int64_t last, float* o) {
+  // Columns 0-15 and 16-31 of a chunk, as lanes of (lo, hi) for vpermt2ps.
+  alignas(64) static constexpr int32_t kFirstHalf[16] = {0, 1, 2, 3, 16, 17, 18, 19,
+                                                         4, 5, 6, 7, 20, 21, 22, 23};
+  alignas(64) static constexpr int32_t kSecondHalf[16] = {8,  9,  10, 11, 24, 25, 26, 27,
+                                                          12, 13, 14, 15, 28, 29, 30, 31};
+  __mmask32 lanes[R];
+  __m512 lo[R], hi[R];
+  for (int r = 0; r < R; ++r) {
+    lanes[r] = r + 1 < R ? ~__mmask32(0) : first_halves(last);
+    lo[r] = _mm512_setzero_ps();
+    hi[r] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < n; j += 2) {
+    const float p0 = p[j], p1 = j + 1 < n ? p[j + 1] : 0.f;
+    if (p0 == 0.f && p1 == 0.f) continue;
+    const bf16_pair p01 = bf16_pair_of(c10::BFloat16(p0), c10::BFloat16(p1));
+    const auto pair = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(p01)));
+    const c10::BFloat16* row0 = v + j * v_rs;
+    const c10::BFloat16* row1 = row0 + v_rs;
+    prefetch_bytes(row0 + kAheadRows * v_rs, R * 32 * int64_t(sizeof(c10::BFloat16)));
+    prefetch_bytes(row1 + kAheadRows * v_rs, R * 32 * int64_t(sizeof(c10::BFloat16)));
+    const __mmask32 use0 = p0 != 0.f ? ~__mmask32(0) : 0;
+    const __mmask32 use1 = p1 != 0.f ? ~__mmask32(0) : 0;
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_maskz_loadu_epi16(lanes[r] & use0, row0 + r * 32);
+      const __m512i b = _mm512_maskz_loadu_epi16(lanes[r] & use1, row1 + r * 32);
+      const auto evens = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(a, b));
+      const auto odds = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(a, b));
+      lo[r] = _mm512_dpbf16_ps(lo[r], pair, evens);
+      hi[r] = _mm512_dpbf16_ps(hi[r], pair, odds);
+    }
+  }
+  const __m512i first = _mm512_load_si512(kFirstHalf);
+  const __m512i second = _mm512_load_si512(kSecondHalf);
+  for (int r = 0; r < R; ++r) {
+    float* out = o + r * 32;
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_loadu_ps(out),
+                                        _mm512_permutex2var_ps(lo[r], first, hi[r])));
+    _mm512_storeu_ps(out + 16, _mm512_add_ps(_mm512_loadu_ps(out + 16),
+                                             _mm512_permutex2var_ps(lo[r], second, hi[r])));
+  }
+}
+
+// o[e] += sum_j p[j] * v[j * v_rs + e] for e < ev, j < n: row_pv over pairs of keys (blocks of
+// up to 4 chunks of 32 values in registers), each pair's probabilities rounded to bf16 as the
+// multi-row path's pairs (to_pairs_in_place) round them. Keys j and j + 1 interleave by
+// vpunpck{l,h}wd, which pairs the words of each 128-bit lane, so the accumulators hold a chunk's
+// columns in that order (lo: 0-3, 8-11, 16-19, 24-27; hi: the others) until the end. A key with
+// p[j] == 0 is not read (row_pv's rule); o has room for whole chunks past ev.
+void row_pv_pairs(const float* p, const c10::BFloat16* v, int64_t v_rs, int64_t n, int64_t ev,
+                  float* o) {
+  const int64_t chunks = ceil_div(ev, 32);
+  for_row_blocks<4>(chunks, [&](int64_t c0, auto block) {
+    constexpr int R = decltype(block)::value;
+    const int64_t last = std::min<int64_t>(32, ev - (c0 + R - 1) * 32);
+    value_chunks_pv<R>(p, v + c0 * 32, v_rs, n, last, o + c0 * 32);
+  });
+}
+
 // Where cpu_brgemm::use_for_bf16() (AMX-BF16, or forced), the same pair operands go to ATen's
 // oneDNN brgemm instead of dot: its VNNI-2 layout of B is ours (attention_cpu_brgemm.h).
 template <>
@@ -950,10 +1080,10 @@ struct TileProducts<c10::BFloat16, float> {
   static bf16_pair* pairs(float* x) { return reinterpret_cast<bf16_pair*>(x); }
   static const bf16_pair* pairs(const float* x) { return reinterpret_cast<const bf16_pair*>(x); }
 
-  // Q rows as pairs, unscaled (qk applies the scale in fp32) and zero-padded to an even E.
-  // A single row (m == 1) is read unpacked by the decode path (Scores), so it stays fp32.
+  // Q rows as pairs, unscaled (qk and single_row_qk apply the scale in fp32) and zero-padded
+  // to an even E.
   static void pack_q(const Problem& pr, const bf16* q, int64_t q_rs, int64_t m, float* qs) {
-    if (!on() || m == 1) return Fma::pack_q(pr, q, q_rs, m, qs);
+    if (!on()) return Fma::pack_q(pr, q, q_rs, m, qs);
     pack_column_pairs(q, q_rs, m, pr.p.head_dim, pairs(qs), pr.e_pad);
   }
   // kt [ceil(E/2), n_pad] pairs (k[j, 2p], k[j, 2p+1]) at (p, j); vb [ceil(n/2), ev_pad] pairs
@@ -999,6 +1129,16 @@ struct TileProducts<c10::BFloat16, float> {
   }
   static void layout_probs(const Problem& pr, int64_t m, float* p) {
     if (on()) to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
+  }
+  static void single_row_qk(const Problem& pr, const float* qs, const bf16* k, int64_t k_rs,
+                            int64_t n, float* s) {
+    if (!on()) return Fma::single_row_qk(pr, qs, k, k_rs, n, s);
+    row_scores_pairs(pairs(qs), k, k_rs, n, pr.p.head_dim, static_cast<float>(pr.p.scale), s);
+  }
+  static void single_row_pv(const Problem& pr, const float* p, const bf16* v, int64_t v_rs,
+                            int64_t n, float* o) {
+    if (!on()) return Fma::single_row_pv(pr, p, v, v_rs, n, o);
+    row_pv_pairs(p, v, v_rs, n, pr.p.v_head_dim, o);
   }
   // p holds the probabilities as column pairs (exp_probs, layout_probs).
   static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o,
@@ -1178,13 +1318,13 @@ struct Scores {
     if (kt != nullptr) {
       Products::qk(pr, m, n, qs, kt, s, pr.visible_diag(sq, q0, k0));
     } else if (p.block_table == nullptr) {
-      row_scores(qs, k_rows, k_rs, n, p.head_dim, s);
+      Products::single_row_qk(pr, qs, k_rows, k_rs, n, s);
     } else {
       // A decode tile of a paged cache spans pages (key_tile_width): a page's rows at a time.
       const auto* k = static_cast<const scalar_t*>(p.k);
       pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
-        row_scores(qs, pr.key_row(k, p.k_stride, sq, h / pr.group, k0 + c), k_rs, run,
-                   p.head_dim, s + c);
+        Products::single_row_qk(pr, qs, pr.key_row(k, p.k_stride, sq, h / pr.group, k0 + c),
+                                k_rs, run, s + c);
       });
     }
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -1371,16 +1511,17 @@ struct ForwardTile {
         new_max[i] = nan_max(row_max[i], scale * scores_max(s.data() + i * ld, row_cols(i)));
       }
       rescale_factors(row_max.data(), new_max.data(), m, rescale.data());
-      // fp32 probabilities where something else reads them first: a single row's row_pv, and
+      // fp32 probabilities where something else reads them first: single_row_pv, and
       // dropout, which scales them before pv's layout (bf16 pairs) rounds them.
       const bool fp32_probs = single_row || p.dropout_p > 0;
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
         const bool seen = new_max[i] != kNegInf;  // -inf: nothing seen yet
         const int64_t width = seen ? row_cols(i) : 0;
-        const Vectorized<acc_t> sum =
-            fp32_probs ? FmaProducts<scalar_t, acc_t>::exp_probs(row, width, cols, scale, new_max[i])
-                    : Products::exp_probs(row, width, cols, scale, new_max[i]);
+        using Fma = FmaProducts<scalar_t, acc_t>;
+        const Vectorized<acc_t> sum = fp32_probs
+            ? Fma::exp_probs(row, width, cols, scale, new_max[i])
+            : Products::exp_probs(row, width, cols, scale, new_max[i]);
         if (!seen) continue;
         acc_t* partial = row_sum.data() + i * kSumLanes;
         at::vec::fmadd(Vectorized<acc_t>::loadu(partial), Vectorized<acc_t>(rescale[i]), sum)
@@ -1391,8 +1532,8 @@ struct ForwardTile {
       if (p.dropout_p > 0) apply_dropout(pr, sq, h, q0, m, k0, n, s.data(), ld);
       if (single_row) {
         pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
-          row_pv(s.data() + c, pr.key_row(v, p.v_stride, sq, hk, k0 + c), p.v_stride[2], run,
-                 p.v_head_dim, o.data());
+          Products::single_row_pv(pr, s.data() + c, pr.key_row(v, p.v_stride, sq, hk, k0 + c),
+                           p.v_stride[2], run, o.data());
         });
       } else {
         if (fp32_probs) Products::layout_probs(pr, m, s.data());
