@@ -145,6 +145,9 @@ SHAPES = [  # B, Hq, Hk, L, S, E, Ev
     pytest.param((2, 4, 4, 200, 300, 64, 64), id="many-kv-heads-tiles"),
     # Key tiles and a 1-key tail: two of the avx512 forward's 128 keys, four of 64 elsewhere.
     pytest.param((1, 4, 2, 130, 257, 64, 64), id="L130-S257-gqa"),
+    # Half and bf16 rows convert two fp32 vectors at a time (pack_rows, store_row): widths with
+    # one element in the second vector of their last pair (E 49 on AVX-512, Ev 25 on AVX2).
+    pytest.param((1, 2, 2, 9, 21, 49, 25), id="L9-S21-E49-Ev25"),
 ]
 
 

@@ -5,31 +5,55 @@
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace fastattn {
 namespace FASTATTN_ISA_NAMESPACE {
 
-// dst[c, r] = src[r, c] for r < rows, c < cols (both <= kTransposeBlock), in registers.
+// Whether transpose_block reads scalar_t (as fp32: float, or half and bf16 converted exactly).
+template <typename scalar_t>
+constexpr bool kTransposesFrom = std::is_same_v<scalar_t, float> ||
+    std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>;
+
+// dst[c, r] = src[r, c] for r < rows, c < cols (both <= kTransposeBlock), in registers, as fp32.
 // at::vec's transpose_mxn<float> does the same shuffles (FBGEMM's) on AVX-512 but zero-fills a
 // 1 KB stack array (rep stos) and goes through it for every block: it took as long as the QK^T
-// product of a short varlen sequence's tile (Zen 4); on AVX2 it is a scalar loop.
+// product of a short varlen sequence's tile (Zen 4); on AVX2 it is a scalar loop. Half and bf16
+// rows are converted as they are loaded: their scalar loop (a conversion and a store per
+// element) made the fp16 forward's packing half again as long as the fp32 one's.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kTransposeBlock = 16;
-inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
-                            int cols) {
+
+// The first columns (mask) of a row as fp32 lanes, the others zero.
+inline __m512 load_row_ps(const float* src, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, src);
+}
+inline __m512 load_row_ps(const c10::Half* src, __mmask16 mask) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, src));
+}
+inline __m512 load_row_ps(const c10::BFloat16* src, __mmask16 mask) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
+template <typename scalar_t>
+inline void transpose_block(const scalar_t* src, int64_t src_rs, float* dst, int64_t ld,
+                            int rows, int cols) {
   const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
   __m512 r[16], t[16];
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) {
-    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_rs) : _mm512_setzero_ps();
+    r[i] = i < rows ? load_row_ps(src + i * src_rs, col_mask) : _mm512_setzero_ps();
   }
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {  // interleave 32-bit elements of row pairs
@@ -63,17 +87,37 @@ inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 constexpr int kTransposeBlock = 8;
-inline void transpose_block(const float* src, int64_t src_rs, float* dst, int64_t ld, int rows,
-                            int cols) {
+
+// The first `cols` columns of a row as fp32 lanes, the others zero (col_mask: lanes < cols).
+inline __m256 load_row_ps(const float* src, int cols, __m256i col_mask) {
+  return cols == 8 ? _mm256_loadu_ps(src) : _mm256_maskload_ps(src, col_mask);
+}
+// 8 half or bf16 elements, those past cols zero (AVX2 has no masked 16-bit load).
+template <typename scalar_t>
+inline __m128i load_halves(const scalar_t* src, int cols) {
+  if (cols == 8) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  alignas(16) uint16_t part[8] = {};
+  std::memcpy(part, src, cols * sizeof(scalar_t));
+  return _mm_load_si128(reinterpret_cast<const __m128i*>(part));
+}
+inline __m256 load_row_ps(const c10::Half* src, int cols, __m256i) {
+  return _mm256_cvtph_ps(load_halves(src, cols));
+}
+inline __m256 load_row_ps(const c10::BFloat16* src, int cols, __m256i) {
+  const __m256i bits = _mm256_cvtepu16_epi32(load_halves(src, cols));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+
+template <typename scalar_t>
+inline void transpose_block(const scalar_t* src, int64_t src_rs, float* dst, int64_t ld,
+                            int rows, int cols) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i col_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane);
   const __m256i row_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lane);
   __m256 r[8], t[8];
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) {
-    r[i] = i >= rows ? _mm256_setzero_ps()
-        : cols == 8  ? _mm256_loadu_ps(src + i * src_rs)
-                     : _mm256_maskload_ps(src + i * src_rs, col_mask);
+    r[i] = i < rows ? load_row_ps(src + i * src_rs, cols, col_mask) : _mm256_setzero_ps();
   }
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {  // interleave 32-bit elements of row pairs
@@ -111,7 +155,7 @@ void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t 
   for (int64_t c = 0; c < cols; ++c) {
     std::fill(dst + c * ld + rows, dst + c * ld + width, acc_t(0));
   }
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> &&
+  if constexpr (kTransposesFrom<scalar_t> && std::is_same_v<acc_t, float> &&
                 kTransposeBlock > 0) {
     // A register-blocked transpose: the scalar loop below stores one element per column and
     // took as long as the tile's products.
