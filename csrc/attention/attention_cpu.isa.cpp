@@ -61,7 +61,7 @@ constexpr int64_t kForwardBlockN = 128;
 #else
 constexpr int64_t kForwardBlockN = 64;
 #endif
-constexpr int kGemmRows = 6;     // rows of the micro-kernel's register tile (x 2 vectors)
+constexpr int kGemmRows = 6;     // rows of the micro-kernel's register tile (x 2-4 vectors)
 
 template <typename T>
 constexpr int64_t pad_cols() {
@@ -81,7 +81,7 @@ C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T*
   Vec acc[ROWS][COLS];
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < COLS; ++v) {
       acc[r][v] = ACCUMULATE ? Vec::loadu(c + r * ldc + v * W) : Vec(T(0));
     }
@@ -90,18 +90,18 @@ C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T*
   const T* ap = a;
   for (int64_t p = 0; p < kdim; ++p, bp += ldb, ap += A_ROW_MAJOR ? 1 : lda) {
     Vec bv[COLS];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < COLS; ++v) bv[v] = Vec::loadu(bp + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
       const Vec ar(A_ROW_MAJOR ? ap[r * lda] : ap[r]);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int v = 0; v < COLS; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
     }
   }
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int v = 0; v < COLS; ++v) acc[r][v].store(c + r * ldc + v * W);
   }
 }
@@ -112,7 +112,10 @@ C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T*
 // multiple of one vector (every buffer's width is padded to two). Register tiles of two
 // vectors per row, and one for an odd last vector: the score columns of a causal tile's rows
 // end at the diagonal, and rounding them up to two vectors computed 1.40x the visible scores
-// of issue 16's short sequences where one vector computes 1.22x. Out of line: GCC inlined the
+// of issue 16's short sequences where one vector computes 1.22x. float on AVX-512 takes four
+// vectors per row first (6 x 4 accumulators of its 32 registers: each broadcast of A feeds
+// twice the FMAs): fp32 fwd+bwd 1-7% faster at L = S = 512-1024 (Xeon with AMX, 2 threads), the
+// forward within noise there and ~10% faster at 2048. Out of line: GCC inlined the
 // forward's QK^T instance (its only caller) into the tile loop, where it ran the fp32 forward
 // ~5% slower (Zen 4, one thread).
 template <typename T, int ROWS, bool A_ROW_MAJOR, bool ACCUMULATE>
@@ -120,6 +123,11 @@ __attribute__((noinline)) void gemm_rows(int64_t n, int64_t kdim, const T* a, in
                                          const T* b, int64_t ldb, T* c, int64_t ldc) {
   constexpr int64_t W = Vectorized<T>::size();
   int64_t j = 0;
+  if constexpr (W == 16 && std::is_same_v<T, float>) {
+    for (; j + 4 * W <= n; j += 4 * W) {
+      gemm_tile<T, ROWS, 4, A_ROW_MAJOR, ACCUMULATE>(kdim, a, lda, b + j, ldb, c + j, ldc);
+    }
+  }
   for (; j + 2 * W <= n; j += 2 * W) {
     gemm_tile<T, ROWS, 2, A_ROW_MAJOR, ACCUMULATE>(kdim, a, lda, b + j, ldb, c + j, ldc);
   }
