@@ -14,6 +14,7 @@
 // Compiled once per x86 ISA (csrc/include/fastattn/cpu_isa.h): at::vec::Vectorized<float> holds
 // 8 lanes in the AVX2 build, 16 in the AVX-512 one.
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>  // convert_from_float for half and bf16
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -232,6 +233,11 @@ struct Fibre {
         const Vec<acc_t> v = at::vec::gather<sizeof(acc_t)>(p, lane * Vec<index_t>(stride));
         return n == kLanes ? v : Vec<acc_t>::set(Vec<acc_t>(acc_t(0)), v, n);
       }
+    } else if constexpr (kTransposesFrom<scalar_t> && kTransposeBlock > 0) {
+      // Half and bf16 along a row (the unit lanes), converted as loaded (cpu_transpose.h): the
+      // loop below converts an element at a time, which for fp16 on AVX-512 is a vcvtph2ps
+      // each (the fp16 inference's epilogue took 2.5x the fp32 one's time, T64 B24 H256).
+      if (stride == 1) return Vec<acc_t>(load_first_ps(p, n));
     }
     alignas(64) acc_t tmp[kLanes] = {};
     for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l * stride]);
@@ -240,6 +246,9 @@ struct Fibre {
   static C10_ALWAYS_INLINE void scatter(const Vec<acc_t>& v, scalar_t* p, int64_t stride, int n) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       if (stride == 1) return n == kLanes ? v.store(p) : v.store(p, n);
+    } else if constexpr (kTransposesFrom<scalar_t>) {
+      // Rounded to nearest even, as the loop's static_cast rounds, a vector at a time.
+      if (stride == 1) return at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
     }
     alignas(64) acc_t tmp[kLanes];
     v.store(tmp);

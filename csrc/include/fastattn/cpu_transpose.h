@@ -1,7 +1,8 @@
 // Register-blocked transposes for the per-ISA kernel builds (`*.isa.cpp`, see cpu_isa.h): the
-// attention kernels' K^T and V^T tiles and the LSTM kernels' unit-major weights. Included inside
-// no namespace; it opens fastattn::FASTATTN_ISA_NAMESPACE itself, so each ISA build gets its own
-// copy.
+// attention kernels' K^T and V^T tiles and the LSTM kernels' unit-major weights; and their
+// row loads, which convert half and bf16 to fp32 (load_first_ps: also the LSTM's half rows).
+// Included inside no namespace; it opens fastattn::FASTATTN_ISA_NAMESPACE itself, so each ISA
+// build gets its own copy.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -43,6 +44,11 @@ inline __m512 load_row_ps(const c10::Half* src, __mmask16 mask) {
 inline __m512 load_row_ps(const c10::BFloat16* src, __mmask16 mask) {
   const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, src));
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+// The first n <= 16 elements of a row as fp32 lanes, the others zero.
+template <typename scalar_t>
+inline __m512 load_first_ps(const scalar_t* src, int n) {
+  return load_row_ps(src, static_cast<__mmask16>((1u << n) - 1));
 }
 
 template <typename scalar_t>
@@ -106,6 +112,12 @@ inline __m256 load_row_ps(const c10::Half* src, int cols, __m256i) {
 inline __m256 load_row_ps(const c10::BFloat16* src, int cols, __m256i) {
   const __m256i bits = _mm256_cvtepu16_epi32(load_halves(src, cols));
   return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+// The first n <= 8 elements of a row as fp32 lanes, the others zero.
+template <typename scalar_t>
+inline __m256 load_first_ps(const scalar_t* src, int n) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return load_row_ps(src, n, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
 }
 
 template <typename scalar_t>
