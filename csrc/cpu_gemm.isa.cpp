@@ -103,6 +103,5 @@ void gemm_blocks_kernel(const cpu_gemm::GemmBlocksArgs& g) {
   });
 }
 
-
 }  // namespace FASTATTN_ISA_NAMESPACE
 }  // namespace fastattn

@@ -479,6 +479,9 @@ struct Problem {
   int64_t e_pad, ev_pad, n_pad;
 
   bool varlen() const { return p.cu_seqlens_q != nullptr; }
+  // Query tiles per head by the longest sequence's q_len: the layout of per-tile state (the
+  // backward's dq_seen flags, as its dq accumulator's rows).
+  int64_t query_tiles() const { return ceil_div(p.q_len, block_m); }
 
   Sequence sequence(int64_t b) const {
     Sequence sq{b, 0, p.q_len, 0, p.kv_len, b, 0};
@@ -1576,7 +1579,7 @@ struct ForwardTile {
       if (single_row) {
         pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
           Products::single_row_pv(pr, s.data() + c, pr.key_row(v, p.v_stride, sq, hk, k0 + c),
-                           p.v_stride[2], run, o.data());
+                                  p.v_stride[2], run, o.data());
         });
       } else {
         if (fp32_probs) Products::layout_probs(pr, m, s.data());
@@ -1759,7 +1762,7 @@ void attention_fwd_typed(const AttentionParams& p) {
       make_problem<acc_t>(p, TileProducts<scalar_t, acc_t>::block_m(),
                           TileProducts<scalar_t, acc_t>::forward_block_n());
   // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
-  const int64_t n_qb = ceil_div(p.q_len, pr.block_m), n_kb = ceil_div(p.kv_len, pr.block_n);
+  const int64_t n_qb = pr.query_tiles(), n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
   if (items == 0) return;
   auto* out = static_cast<scalar_t*>(p.out);
@@ -1970,9 +1973,7 @@ struct BackwardTile {
         }
         // With dropout, dv takes (P o Z)^T dO.
         const ProbsFromScores<acc_t> from_scores{shifts.data(), widths.data(), scale};
-        // (The flags, as dq_acc's rows, are laid out by the longest sequence's q_len.)
-        char* seen =
-            dq_seen == nullptr ? nullptr : dq_seen + g * ceil_div(p.q_len, pr.block_m) + qb;
+        char* seen = dq_seen == nullptr ? nullptr : dq_seen + g * pr.query_tiles() + qb;
         operands.grads(pr, m, n, p_used, s.data(), exp_in_grads ? &from_scores : nullptr,
                        dp.data(), ds_first ? nullptr : d_rows.data(), dk.data(), dv.data(),
                        dq_acc + (g * p.q_len + q0) * pr.e_pad, seen == nullptr || *seen, diag);
@@ -2012,7 +2013,7 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     return;
   }
   // Query tiles: item it is tile it % n_qb of head it / n_qb (past a sequence's end: none).
-  const int64_t n_qb = ceil_div(L, pr.block_m), q_items = p.batch * p.q_heads * n_qb;
+  const int64_t n_qb = pr.query_tiles(), q_items = p.batch * p.q_heads * n_qb;
   auto q_tile = [&](int64_t it, Sequence& sq, int64_t& h, int64_t& q0) {
     const int64_t bh = it / n_qb;
     h = bh % p.q_heads;
