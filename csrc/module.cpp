@@ -20,6 +20,7 @@ namespace fastattn {
 
 FASTATTN_ISA_DECLARE(const char* attention_fwd_tile_engine(Dtype dtype))
 FASTATTN_ISA_DECLARE(int64_t lstm_unit_lanes_below())
+FASTATTN_ISA_DECLARE(bool lstm_bf16_rows_on_brgemm())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
 FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
 
@@ -31,6 +32,7 @@ void bind_attention_eager_entry(pybind11::module_& m);
 void bind_lstm_eager_entry(pybind11::module_& m);
 
 int64_t cpu_lstm_unit_lanes_below() { return FASTATTN_ISA_CALL(lstm_unit_lanes_below); }
+bool cpu_lstm_bf16_rows_on_brgemm() { return FASTATTN_ISA_CALL(lstm_bf16_rows_on_brgemm); }
 
 // Batches B < this run fastattn::lstm_step_gates on its GEMV-style kernel (0: none do). Counted
 // from lstm_layer_step_on_gemm, so that the batch rule is stated once, in the kernel's ISA file.
@@ -99,6 +101,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_lstm_unit_lanes_below", &fastattn::cpu_lstm_unit_lanes_below,
         "The CPU LSTM kernels put their vector lanes along the units for a batch B < this (at "
         "the ISA cpu_isa() reports), and keep their gates and gate gradients row-major then");
+  m.def("cpu_lstm_bf16_rows_on_brgemm", &fastattn::cpu_lstm_bf16_rows_on_brgemm,
+        "Whether the CPU LSTM kernels run bfloat16 layers without a projection on oneDNN's "
+        "brgemm (AMX-BF16, or FASTATTN_CPU_TILE_ENGINE=brgemm; at the ISA cpu_isa() reports), "
+        "with their lanes along the units at every batch");
   m.def("cpu_lstm_step_gates_below", &fastattn::cpu_lstm_step_gates_below,
         "fastattn::lstm_step_gates computes the gates of a batch B < this on its GEMV-style "
         "kernel (at the ISA cpu_isa() reports; 0: on none), else on two GEMMs");

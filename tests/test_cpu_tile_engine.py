@@ -1,12 +1,14 @@
-"""The engine of the CPU attention's bf16 tile products, forward and backward (issue 15 item 3).
+"""The engine of the CPU attention's bf16 tile products, forward and backward (issue 15 item 3),
+and of the CPU LSTM's bf16 recurrent products.
 
 Where the CPU has AMX-BF16 the products run through ATen's oneDNN brgemm (AMX tiles); elsewhere
-on AVX512-BF16 through our vdpbf16ps micro-kernel. FASTATTN_CPU_TILE_ENGINE=brgemm|native
+the attention's on AVX512-BF16 through our vdpbf16ps micro-kernel, the LSTM's on fp32 FMAs (the
+weights converted). FASTATTN_CPU_TILE_ENGINE=brgemm|native
 overrides the choice (oneDNN's bf16 brgemm also runs without AMX, on AVX512-BF16), so that both
 engines are tested on either kind of machine: the cases here run under this process's engine,
 and test_bf16_tests_pass_on_the_other_engine reruns them, and the bf16 op tests (dense, varlen
-and KV cache, forward and backward), under the other one in a subprocess (the engine is chosen
-once per process).
+and KV cache, forward and backward) and the bf16 LSTM layer op tests, under the other one in a
+subprocess (the engine is chosen once per process).
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ def test_bf16_engine_follows_cpu_and_environment():
     assert C.cpu_attention_tile_engine("bfloat16") == expected_bf16_engine()
     # The other dtypes keep our micro-kernel whatever the variable says.
     assert C.cpu_attention_tile_engine("float32") == "at::vec fp32 FMA"
+
+
+def test_lstm_bf16_engine_follows_the_attention_one():
+    # bf16 LSTM layers without a projection take brgemm exactly where the attention's bf16 tiles
+    # do (one switch, csrc/include/fastattn/cpu_brgemm_bf16.h), and only in the avx512 kernels.
+    on_brgemm = expected_bf16_engine().startswith("oneDNN brgemm")
+    assert C.cpu_lstm_bf16_rows_on_brgemm() == on_brgemm
 
 
 def _no_brgemm_reason() -> str | None:
@@ -98,12 +107,13 @@ def test_bf16_tests_pass_on_the_other_engine():
         "tests/test_cpu_tile_engine.py",
         "tests/test_attention_cpu_op.py",
         "tests/test_packed_attention.py",  # varlen and KV-cache calls of the same kernels
+        "tests/test_lstm_ops.py",  # the bf16 LSTM layer ops' recurrent products
         "-q",
         "-rs",
         "-p",
         "no:cacheprovider",
         "-k",
-        "bf16 and not opcheck and not bad_inputs or test_cpu_tile_engine",
+        "bf16 and not opcheck and not bad_inputs and not cuda or test_cpu_tile_engine",
     ]
     run = subprocess.run(
         [sys.executable, "-m", "pytest", *args],

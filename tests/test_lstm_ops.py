@@ -86,6 +86,19 @@ def test_layer_ops_with_weight_copies_past_the_scratch_cap(B):
     _check_layer_ops_against_reference(torch.float32, plain, (2, B, 1040, 1040))
 
 
+@needs_cpu_kernels
+@pytest.mark.parametrize("sizes", [pytest.param((3, 37, 161, 161), id="B37H161"),
+                                   pytest.param((2, 33, 520, 520), id="B33H520")])
+def test_bf16_layer_at_brgemm_tile_edges(sizes):
+    # Where bf16 layers run their recurrent products on oneDNN's brgemm
+    # (C.cpu_lstm_bf16_rows_on_brgemm(), tests/test_cpu_tile_engine.py; elsewhere these check
+    # the fp32 FMA path): 32-row products with a tail (B = 37, 33), a thread's forward products
+    # of 4 blocks of 16 units with a tail (H = 161: 11 blocks) and the backward's of 16 blocks
+    # (H = 520: 33), an odd reduction padded to whole bf16 pairs (P = 161).
+    plain = dict(proj=False, zoneout=False, lengths=None, reverse=False)
+    _check_layer_ops_against_reference(torch.bfloat16, plain, sizes)
+
+
 def _check_layer_ops_against_reference(dtype, case, sizes):
     T, B, H, P_proj = sizes
     P = P_proj if case["proj"] else H

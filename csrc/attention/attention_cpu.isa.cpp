@@ -37,7 +37,7 @@
 
 #include <unistd.h>
 
-#include "attention_cpu_brgemm.h"
+#include "fastattn/cpu_brgemm_bf16.h"
 #include "fastattn/attention_params.h"
 #include "fastattn/cpu_isa.h"
 #include "fastattn/cpu_scratch.h"
@@ -1094,7 +1094,7 @@ void row_pv_pairs(const float* p, const c10::BFloat16* v, int64_t v_rs, int64_t 
 }
 
 // Where cpu_brgemm::use_for_bf16() (AMX-BF16, or forced), the same pair operands go to ATen's
-// oneDNN brgemm instead of dot: its VNNI-2 layout of B is ours (attention_cpu_brgemm.h).
+// oneDNN brgemm instead of dot: its VNNI-2 layout of B is ours (fastattn/cpu_brgemm_bf16.h).
 template <>
 struct TileProducts<c10::BFloat16, float> {
   using Fma = FmaProducts<c10::BFloat16, float>;

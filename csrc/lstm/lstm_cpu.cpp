@@ -20,10 +20,12 @@
 
 namespace fastattn {
 
-// Below which batch the kernels put their lanes along the units (else along the batch), and
-// whether a one-step call of this batch, which fills less than one vector, computes its
-// recurrent product here, before the kernel (lstm_cpu.isa.cpp).
+// Below which batch the kernels put their lanes along the units (else along the batch), whether
+// bf16 layers without a projection put them along the units at every batch (their recurrent
+// product on oneDNN's brgemm), and whether a one-step call of this batch, which fills less than
+// one vector, computes its recurrent product here, before the kernel (lstm_cpu.isa.cpp).
 FASTATTN_ISA_DECLARE(int64_t lstm_unit_lanes_below())
+FASTATTN_ISA_DECLARE(bool lstm_bf16_rows_on_brgemm())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
 FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
 FASTATTN_ISA_DECLARE(void lstm_step_gates_kernel(const LstmStepGatesArgs&))
@@ -294,9 +296,11 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
                                               (256 + B - 1) / B}));
   const Tensor buffer = chunk_buffer(4 * H * chunk * B, input.options());
   const Tensor b = given(bias) ? *bias : Tensor();
-  // A small batch runs with lanes along the units (lstm_cpu.isa.cpp), which reads a row's gates
-  // as vectors: x_proj row-major [n, B, 4H] there.
-  const bool unit_lanes = step_on_gemm || B < FASTATTN_ISA_CALL(lstm_unit_lanes_below);
+  // A small batch, and bf16 on brgemm, run with lanes along the units (lstm_cpu.isa.cpp), which
+  // read a row's gates as vectors: x_proj row-major [n, B, 4H] there.
+  const bool unit_lanes = step_on_gemm || B < FASTATTN_ISA_CALL(lstm_unit_lanes_below) ||
+                          (dtype == Dtype::BFloat16 && !w_hr_k.defined() &&
+                           FASTATTN_ISA_CALL(lstm_bf16_rows_on_brgemm));
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
     const int64_t t0 = reverse ? T - done - n : done;

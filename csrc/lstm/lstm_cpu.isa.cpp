@@ -21,6 +21,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "fastattn/cpu_brgemm_bf16.h"
 #include "fastattn/cpu_scratch.h"
 #include "fastattn/cpu_transpose.h"
 #include "fastattn/lstm_cell_cpu.h"
@@ -134,12 +135,17 @@ C10_ALWAYS_INLINE Vec<acc_t> cell_bwd(const Vec<acc_t> (&act)[4], const Vec<acc_
   return dc * f;
 }
 
-// n <= lanes consecutive elements as math-type lanes (the others zero), and back.
+// n <= lanes consecutive elements as math-type lanes (the others zero), and back. Half and bf16
+// convert a vector at a time (cpu_transpose.h's masked row loads, at::vec's convert_from_float,
+// which rounds to nearest even as static_cast does): element by element, fp16 on AVX-512 is a
+// vcvtph2ps each, and the fp16 inference's epilogue took 2.5x the fp32 one's time (T64 B24 H256).
 template <typename acc_t, typename scalar_t>
 C10_ALWAYS_INLINE Vec<acc_t> load_n(const scalar_t* p, int n) {
   constexpr int L = Vec<acc_t>::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return n == L ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
+  } else if constexpr (kTransposesFrom<scalar_t> && kTransposeBlock > 0) {
+    return Vec<acc_t>(load_first_ps(p, n));
   } else {
     alignas(64) acc_t tmp[L] = {};
     for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l]);
@@ -151,6 +157,8 @@ C10_ALWAYS_INLINE void store_n(const Vec<acc_t>& v, scalar_t* p, int n) {
   constexpr int L = Vec<acc_t>::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     n == L ? v.store(p) : v.store(p, n);
+  } else if constexpr (kTransposesFrom<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
   } else {
     alignas(64) acc_t tmp[L];
     v.store(tmp);
@@ -221,8 +229,8 @@ struct Fibre {
  private:
   // n elements `stride` apart from p as the first n lanes (the others zero), and back.
   static C10_ALWAYS_INLINE Vec<acc_t> gather(const scalar_t* p, int64_t stride, int n) {
+    if (stride == 1) return load_n<acc_t>(p, n);
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (stride == 1) return n == kLanes ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
       // A strided fibre (a row-major [T, B, F] tensor read along the batch) by a gather
       // instruction: through the buffer below, the vector load of the lanes' scalar stores
       // cannot be store-forwarded and waits for the store queue to drain (two thirds of the
@@ -233,23 +241,13 @@ struct Fibre {
         const Vec<acc_t> v = at::vec::gather<sizeof(acc_t)>(p, lane * Vec<index_t>(stride));
         return n == kLanes ? v : Vec<acc_t>::set(Vec<acc_t>(acc_t(0)), v, n);
       }
-    } else if constexpr (kTransposesFrom<scalar_t> && kTransposeBlock > 0) {
-      // Half and bf16 along a row (the unit lanes), converted as loaded (cpu_transpose.h): the
-      // loop below converts an element at a time, which for fp16 on AVX-512 is a vcvtph2ps
-      // each (the fp16 inference's epilogue took 2.5x the fp32 one's time, T64 B24 H256).
-      if (stride == 1) return Vec<acc_t>(load_first_ps(p, n));
     }
     alignas(64) acc_t tmp[kLanes] = {};
     for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l * stride]);
     return Vec<acc_t>::loadu(tmp);
   }
   static C10_ALWAYS_INLINE void scatter(const Vec<acc_t>& v, scalar_t* p, int64_t stride, int n) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (stride == 1) return n == kLanes ? v.store(p) : v.store(p, n);
-    } else if constexpr (kTransposesFrom<scalar_t>) {
-      // Rounded to nearest even, as the loop's static_cast rounds, a vector at a time.
-      if (stride == 1) return at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
-    }
+    if (stride == 1) return store_n(v, p, n);
     alignas(64) acc_t tmp[kLanes];
     v.store(tmp);
     for (int l = 0; l < n; ++l) p[l * stride] = static_cast<scalar_t>(tmp[l]);
@@ -453,13 +451,30 @@ struct Layout {
 
 // ---- forward ---------------------------------------------------------------------------------
 
-template <typename scalar_t>
-void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a);
+template <typename acc_t>
+struct FmaGateProduct;
+#ifdef CPU_CAPABILITY_AVX512
+struct BrgemmGateProduct;
+bool bf16_on_brgemm(const void* w_hh, const void* w_hr);
+#endif
+template <typename scalar_t, typename Product>
+void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a, const Product& product);
 
 template <typename scalar_t>
 void layer_fwd(const LstmLayerFwdArgs& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  if (unit_lanes(a.shape.B)) return layer_fwd_unit_lanes<scalar_t>(a);
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16_on_brgemm(a.w_hh, a.w_hr)) {
+      return layer_fwd_unit_lanes<scalar_t>(
+          a, BrgemmGateProduct(static_cast<const float*>(a.w_hh), a.shape.H, a.shape.P));
+    }
+  }
+#endif
+  if (unit_lanes(a.shape.B)) {
+    return layer_fwd_unit_lanes<scalar_t>(
+        a, FmaGateProduct<acc_t>(static_cast<const acc_t*>(a.w_hh), a.shape.H, a.shape.P));
+  }
   using F = Fibre<scalar_t, acc_t>;
   constexpr int L = Vec<acc_t>::size();
   const Layout<acc_t> lay(a.shape);
@@ -606,27 +621,143 @@ inline void for_unit_tiles(int64_t blocks, int64_t grain, int64_t batch, const F
   });
 }
 
-template <typename scalar_t>
-void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
+// The recurrent product of the unit-lane forward on our FMA tiles: w_hh^T per block u of L units
+// as a contiguous [P, 4, L] panel, row k holding gates i, f, g, o of units u * L .. u * L + L - 1
+// (a tile reads its four B vectors per k adjacent, and its panel as one sequential stream: panels
+// interleaved along k, 4 * H elements apart, made the inference op 2.6x slower at T32 B1 H1024,
+// where the weights come from memory every step). The state h is row-major [B, P] in the math
+// type.
+template <typename acc_t>
+struct FmaGateProduct {
+  using state_t = acc_t;
+  static constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
+  const int64_t H, K, units, ld_state, panel;
+  const ScratchBuffer<acc_t> w_hh_t;
+
+  FmaGateProduct(const acc_t* w_hh, int64_t H, int64_t P)
+      : H(H), K(w_hh ? P : 0), units(ceil_div(H, L)), ld_state(P), panel(K * 4 * L),
+        w_hh_t(units * panel) {
+    transposed_rows(w_hh_t.data(), w_hh, P, 4 * L, 4 * units, [&](int64_t i) {
+      const int64_t g = i % 4, u = i / 4;
+      return RowBlock{g * H + u * L, std::min<int64_t>(L, H - u * L), u * panel + g * L};
+    });
+  }
+
+  // cell(pre, b, u) for every row b < B and block u of units, across threads, with pre the four
+  // gates' recurrent pre-activations h_prev[b] @ w_hh^T of the block's units.
+  template <typename Cell>
+  void run(const acc_t* h_prev, int64_t B, const Cell& cell) const {
+    for_unit_tiles<R>(units, unit_grain(4 * K, B) / L, B, [&](int64_t u, int64_t b0, int64_t nb) {
+      unit_tile<acc_t, R, 4>(nb, h_prev + b0 * ld_state, ld_state, w_hh_t.data() + u * panel,
+                             4 * L, K, [&](auto& acc) {
+        for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, u);
+      });
+    });
+  }
+};
+
+#ifdef CPU_CAPABILITY_AVX512
+// bf16 where cpu_brgemm::use_for_bf16() (a CPU with AMX-BF16): the unit-lane forward's
+// recurrent product on AMX tiles through oneDNN's brgemm, with the state h in bf16 (rounded as
+// the h_all it outputs is, and as nn.LSTM's oneDNN kernel rounds it) and c, the gates and the
+// cell in fp32. With the weights converted to fp32 for our FMA tiles, the bf16 LSTM ran at
+// 0.39-0.49x nn.LSTM's speed there (T64 B24 H256 and T32 B64 H512 inference; nn.LSTM runs bf16
+// on AMX). Without a projection: the projection keeps the FMA path.
+bool bf16_on_brgemm(const void* w_hh, const void* w_hr) {
+  return w_hh != nullptr && w_hr == nullptr && cpu_brgemm::use_for_bf16();
+}
+
+// w_hh^T as brgemm's B operand: VNNI-2 pairs of the reduction (h's features 2k and 2k + 1 as
+// one 32-bit word in row k), its columns gate-interleaved per block of L units - column
+// (u * 4 + g) * L + l is gate g of unit u * L + l, zero past H - so that row b of a product
+// over whole blocks holds each block's four gates as four vectors. h is row-major [B, 2 * pairs]
+// in bf16 (brgemm's A; a zero column pads an odd P).
+struct BrgemmGateProduct {
+  using state_t = c10::BFloat16;
+  static constexpr int L = Vec<float>::size();
+  static_assert(L == kTransposeBlock, "a block of units is one register transpose wide");
+  // A product's rows and blocks of units: its fp32 result (32 KB) stays in L1 for the cells
+  // that read it.
+  static constexpr int64_t kRows = 32, kBlocks = 4;
+  const int64_t H, P, pairs, units, ld_state, ld_w;
+  const ScratchBuffer<uint32_t> w_pairs;
+
+  // Per block of L pair rows and L gate rows (one gate of one block of units): each gate row's
+  // 2L floats become L words, then a register transpose puts them in their L packed rows. The
+  // words take the high halves of the floats: exact, because the glue converted bf16 weights.
+  BrgemmGateProduct(const float* w_hh, int64_t H, int64_t P)
+      : H(H), P(P), pairs(ceil_div(P, 2)), units(ceil_div(H, L)), ld_state(2 * pairs),
+        ld_w(4 * L * units), w_pairs(pairs * ld_w) {
+    at::parallel_for(0, ceil_div(pairs, L), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t k0 = i0 * L; k0 < std::min(pairs, i1 * L); k0 += L) {
+        const int64_t f0 = 2 * k0, nf = std::min<int64_t>(2 * L, P - f0);
+        const __mmask16 first = static_cast<__mmask16>((1u << std::min<int64_t>(L, nf)) - 1);
+        const __mmask16 second = static_cast<__mmask16>((1u << std::max<int64_t>(0, nf - L)) - 1);
+        for (int64_t col0 = 0; col0 < ld_w; col0 += L) {
+          const int64_t u = col0 / (4 * L), g = col0 / L % 4;
+          alignas(64) uint32_t words[L][L];
+          for (int l = 0; l < L; ++l) {
+            const int64_t j = u * L + l;
+            if (j >= H) {
+              _mm512_store_si512(words[l], _mm512_setzero_si512());
+              continue;
+            }
+            const float* row = w_hh + (g * H + j) * P + f0;
+            const __m512i lo = _mm512_castps_si512(_mm512_maskz_loadu_ps(first, row));
+            const __m512i hi = _mm512_castps_si512(_mm512_maskz_loadu_ps(second, row + L));
+            // Each float's high half, in order: features 2k and 2k + 1 make word k.
+            _mm256_store_si256(reinterpret_cast<__m256i*>(words[l]),
+                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16)));
+            _mm256_store_si256(reinterpret_cast<__m256i*>(words[l] + L / 2),
+                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16)));
+          }
+          // The transpose moves 32-bit lanes without arithmetic: words pass through as floats.
+          transpose_block(reinterpret_cast<const float*>(&words[0][0]), L,
+                          reinterpret_cast<float*>(w_pairs.data() + k0 * ld_w + col0), ld_w, L,
+                          static_cast<int>(std::min<int64_t>(L, pairs - k0)));
+        }
+      }
+    });
+  }
+
+  // FmaGateProduct::run's contract: per thread a range of unit blocks, in products of up to
+  // kRows rows and kBlocks blocks.
+  template <typename Cell>
+  void run(const c10::BFloat16* h_prev, int64_t B, const Cell& cell) const {
+    const auto* h_words = reinterpret_cast<const uint32_t*>(h_prev);
+    at::parallel_for(0, units, std::max<int64_t>(1, unit_grain(4 * P, B) / L), [&](int64_t u0, int64_t u1) {
+      const ScratchBuffer<float> out(kRows * kBlocks * 4 * L);
+      for (int64_t c0 = u0; c0 < u1; c0 += kBlocks) {
+        const int64_t blocks = std::min(kBlocks, u1 - c0), ld_out = blocks * 4 * L;
+        for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+          const int64_t m = std::min(kRows, B - b0);
+          cpu_brgemm::bf16_product(m, ld_out, pairs, h_words + b0 * pairs, pairs,
+                                   w_pairs.data() + c0 * 4 * L, ld_w, out.data(), ld_out, false);
+          for (int64_t r = 0; r < m; ++r) {
+            for (int64_t du = 0; du < blocks; ++du) {
+              Vec<float> pre[4];
+              for (int g = 0; g < 4; ++g) pre[g] = Vec<float>::loadu(&out[r * ld_out + (du * 4 + g) * L]);
+              cell(pre, b0 + r, c0 + du);
+            }
+          }
+        }
+      }
+      cpu_brgemm::release();
+    });
+  }
+};
+#endif  // CPU_CAPABILITY_AVX512
+
+template <typename scalar_t, typename Product>
+void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a, const Product& product) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using state_t = typename Product::state_t;
   using F = Fibre<scalar_t, acc_t>;
   constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
   const Layout<acc_t> lay(a.shape);
-  const int64_t B = lay.B, H = lay.H, P = lay.P;
+  const int64_t B = lay.B, H = lay.H, P = lay.P, ld_h = product.ld_state;
   const bool proj = a.w_hr != nullptr;
-  const auto* w_hh = static_cast<const acc_t*>(a.w_hh);
-  const int64_t K = w_hh ? P : 0;
-  const int64_t units = ceil_div(H, L), p_blocks = ceil_div(P, L);
-  // w_hh^T per block u of L units: a contiguous [P, 4, L] panel, row k holding gates i, f, g, o
-  // of units u * L .. u * L + L - 1 (a tile reads its four B vectors per k adjacent, and its
-  // panel as one sequential stream: panels interleaved along k, 4 * H elements apart, made the
-  // inference op 2.6x slower at T32 B1 H1024, where the weights come from memory every step).
-  const int64_t hh_panel = K * 4 * L;
-  const ScratchBuffer<acc_t> w_hh_t(units * hh_panel);
-  transposed_rows(w_hh_t.data(), w_hh, P, 4 * L, 4 * units, [&](int64_t i) {
-    const int64_t g = i % 4, u = i / 4;
-    return RowBlock{g * H + u * L, std::min<int64_t>(L, H - u * L), u * hh_panel + g * L};
-  });
+  const int64_t p_blocks = ceil_div(P, L);
   // With a projection, w_hr^T per block of L projected features: a [H, L] panel.
   auto w_hr_block = [&](int64_t i) {
     return RowBlock{i * L, std::min<int64_t>(L, P - i * L), i * H * L};
@@ -637,14 +768,16 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
   const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
   const Fibre<acc_t, acc_t> gates_all{a.gates_all};
 
-  // Row-major state: h [B, P] double-buffered (a tile's broadcasts read rows of h_prev), c
-  // [B, H] updated in place, hpre [B, H] (the projection's broadcasts).
-  const ScratchBuffer<acc_t> h_buf(2 * B * P, zero_filled), c_buf(B * H, zero_filled);
+  // Row-major state: h [B, ld_h] in the product's state type, double-buffered (the product
+  // reads all of h_prev; columns past P stay zero), c [B, H] updated in place, hpre [B, H] (the
+  // projection's broadcasts).
+  const ScratchBuffer<state_t> h_buf(2 * B * ld_h, zero_filled);
+  const ScratchBuffer<acc_t> c_buf(B * H, zero_filled);
   const ScratchBuffer<acc_t> hpre_buf(proj ? B * H : 0, zero_filled);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t p = 0; p < P; p += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, P - p));
-      store_n(h0.load_row(0, b, p, n), &h_buf[b * P + p], n);
+      store_n(h0.load_row(0, b, p, n), &h_buf[b * ld_h + p], n);
     }
     for (int64_t j = 0; j < H; j += L) {
       const int n = static_cast<int>(std::min<int64_t>(L, H - j));
@@ -654,21 +787,23 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
 
   for (int64_t s = 0; s < lay.T; ++s) {
     const int64_t t = lay.time(s), stepping = lay.rows(t);
-    const acc_t* h_prev = h_buf.data() + (s % 2) * B * P;
-    acc_t* h_next = h_buf.data() + ((s + 1) % 2) * B * P;
+    const state_t* h_prev = h_buf.data() + (s % 2) * B * ld_h;
+    state_t* h_next = h_buf.data() + ((s + 1) % 2) * B * ld_h;
 
     // h = lerp(h_new, h_prev, zoneout_h) for row b's features p0 .. p0 + n - 1; a row that does
     // not step carries h_prev.
     auto emit_h = [&](Vec<acc_t> h_new, int64_t b, int64_t p0, int n) {
-      const Vec<acc_t> hp = load_n<acc_t>(h_prev + b * P + p0, n);
+      const Vec<acc_t> hp = load_n<acc_t>(h_prev + b * ld_h + p0, n);
       if (b >= stepping) h_new = hp;
       else h_new = zoneout_mix(zh.present(), zh.load_row(t, b, p0, n), h_new, hp);
-      store_n(h_new, h_next + b * P + p0, n);
+      store_n(h_new, h_next + b * ld_h + p0, n);
       h_all.store_row(h_new, t, b, p0, n);
     };
 
-    // Row b's cell for units j0 .. j0 + n - 1, from the gate pre-activations' recurrent part.
-    auto cell = [&](Vec<acc_t> (&act)[4], int64_t b, int64_t j0, int n) {
+    // Phase 1: row b's cell for the units of block u, from their gates' recurrent part.
+    product.run(h_prev, B, [&](Vec<acc_t> (&act)[4], int64_t b, int64_t u) {
+      const int64_t j0 = u * L;
+      const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
       for (int g = 0; g < 4; ++g) act[g] = act[g] + x_proj.load_row(t, b, g * H + j0, n);
       acc_t* cp_ptr = &c_buf[b * H + j0];
       const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
@@ -688,16 +823,6 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
       } else {
         emit_h(hpre, b, j0, n);
       }
-    };
-
-    // Phase 1: per block of L units and tile of R batch rows, the four gates, then the cell.
-    for_unit_tiles<R>(units, unit_grain(4 * K, B) / L, B, [&](int64_t u, int64_t b0, int64_t nb) {
-      const int64_t j0 = u * L;
-      const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-      unit_tile<acc_t, R, 4>(nb, h_prev + b0 * P, P, w_hh_t.data() + u * hh_panel, 4 * L, K,
-                             [&](auto& acc) {
-        for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, j0, n);
-      });
     });
 
     // Phase 2 (projection): h_new = hpre @ w_hr^T, per block of L projected features.
@@ -716,13 +841,29 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a) {
 
 // ---- backward --------------------------------------------------------------------------------
 
-template <typename scalar_t>
-void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a);
+template <typename acc_t>
+struct FmaDhProduct;
+#ifdef CPU_CAPABILITY_AVX512
+struct BrgemmDhProduct;
+#endif
+template <typename scalar_t, typename Product>
+void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product);
 
 template <typename scalar_t>
 void layer_bwd(const LstmLayerBwdArgs& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  if (unit_lanes(a.shape.B)) return layer_bwd_unit_lanes<scalar_t>(a);
+#ifdef CPU_CAPABILITY_AVX512
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (bf16_on_brgemm(a.w_hh, a.w_hr)) {
+      return layer_bwd_unit_lanes<scalar_t>(
+          a, BrgemmDhProduct(static_cast<const float*>(a.w_hh), 4 * a.shape.H, a.shape.P));
+    }
+  }
+#endif
+  if (unit_lanes(a.shape.B)) {
+    return layer_bwd_unit_lanes<scalar_t>(
+        a, FmaDhProduct<acc_t>(static_cast<const acc_t*>(a.w_hh), 4 * a.shape.H, a.shape.P));
+  }
   using F = Fibre<scalar_t, acc_t>;
   constexpr int L = Vec<acc_t>::size();
   const Layout<acc_t> lay(a.shape);
@@ -867,32 +1008,115 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
 
 // ---- backward, lanes along the units (small batches) --------------------------------------
 
-// layer_bwd with the forward's unit lanes (small batches): the state gradients are row-major
-// [B, features], dh_prev = dgates @ w_hh reads w_hh's rows in place as vectors of kBwdUnitVecs * L
-// columns (packed into contiguous panels, ColumnGroups) and broadcasts each row's gate gradients.
+// layer_bwd with the forward's unit lanes (small batches, and bf16 on brgemm): the state
+// gradients are row-major [B, features], and a Product computes dh_prev = dgates @ w_hh from the
+// step's gate gradients, row-major [B, G] in its grad_t.
+
+// dh_prev on our FMA tiles: w_hh's rows read in place as vectors of kBwdUnitVecs * L columns
+// (packed into contiguous panels, ColumnGroups), each row's gate gradients broadcast.
 constexpr int kBwdUnitVecs = 4;
 
-template <typename scalar_t>
-void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
+template <typename acc_t>
+struct FmaDhProduct {
+  using grad_t = acc_t;
+  static constexpr int L = Vec<acc_t>::size(), R = kUnitRows, V = kBwdUnitVecs;
+  const int64_t G, P, K;
+  const ColumnGroups<acc_t, V * L> w_hh_cols;
+
+  FmaDhProduct(const acc_t* w_hh, int64_t G, int64_t P)
+      : G(G), P(P), K(w_hh ? G : 0), w_hh_cols(w_hh, G, P) {}
+
+  // fn(dh, b, i) for every row b < B and block i of L columns, across threads, with dh the
+  // block's dgates[b] @ w_hh.
+  template <typename Fn>
+  void run(const acc_t* dgates, int64_t B, const Fn& fn) const {
+    for_unit_tiles<R>(ceil_div(P, V * L), 1, B, [&](int64_t i, int64_t b0, int64_t nb) {
+      unit_tile<acc_t, R, V>(nb, dgates + b0 * G, G, w_hh_cols.tile(i).base, V * L, K,
+                             [&](auto& acc) {
+        for (int64_t r = 0; r < rows_of(acc); ++r) {
+          for (int v = 0; v < V && (i * V + v) * L < P; ++v) fn(acc[r][v], b0 + r, i * V + v);
+        }
+      });
+    });
+  }
+};
+
+#ifdef CPU_CAPABILITY_AVX512
+// dh_prev on brgemm (bf16_on_brgemm): dgates rounded to bf16 (brgemm's A, as nn.LSTM's oneDNN
+// backward rounds them; grad_x_proj keeps the fp32 values' rounding), w_hh as B in VNNI-2 pairs
+// of its rows (gates 2k and 2k + 1 of column p as word k of column p, exact as the forward's).
+struct BrgemmDhProduct {
+  using grad_t = c10::BFloat16;
+  static constexpr int L = Vec<float>::size();
+  // A product's rows and blocks of columns: 32 x 256 floats (32 KB) of result.
+  static constexpr int64_t kRows = 32, kBlocks = 16;
+  const int64_t G, P, blocks, ld_w;
+  const ScratchBuffer<uint32_t> w_pairs;
+
+  BrgemmDhProduct(const float* w_hh, int64_t G, int64_t P)
+      : G(G), P(P), blocks(ceil_div(P, L)), ld_w(blocks * L), w_pairs(G / 2 * ld_w) {
+    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    at::parallel_for(0, G / 2, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const float* even = w_hh + 2 * k * P;
+        for (int64_t p0 = 0; p0 < P; p0 += L) {
+          const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(L, P - p0)) - 1);
+          const __m512i a = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, even + p0));
+          const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, even + P + p0));
+          _mm512_store_si512(w_pairs.data() + k * ld_w + p0,
+                             _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, high)));
+        }
+      }
+    });
+  }
+
+  template <typename Fn>
+  void run(const c10::BFloat16* dgates, int64_t B, const Fn& fn) const {
+    const auto* dg_words = reinterpret_cast<const uint32_t*>(dgates);
+    const int64_t kp = G / 2;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, unit_grain(G, B) / L), [&](int64_t i0, int64_t i1) {
+      const ScratchBuffer<float> out(kRows * kBlocks * L);
+      for (int64_t c0 = i0; c0 < i1; c0 += kBlocks) {
+        const int64_t ld_out = std::min(kBlocks, i1 - c0) * L;
+        for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+          const int64_t m = std::min(kRows, B - b0);
+          cpu_brgemm::bf16_product(m, ld_out, kp, dg_words + b0 * kp, kp,
+                                   w_pairs.data() + c0 * L, ld_w, out.data(), ld_out, false);
+          for (int64_t r = 0; r < m; ++r) {
+            for (int64_t c = 0; c * L < ld_out; ++c) {
+              fn(Vec<float>::loadu(&out[r * ld_out + c * L]), b0 + r, c0 + c);
+            }
+          }
+        }
+      }
+      cpu_brgemm::release();
+    });
+  }
+};
+#endif  // CPU_CAPABILITY_AVX512
+
+template <typename scalar_t, typename Product>
+void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using grad_t = typename Product::grad_t;
   using F = Fibre<scalar_t, acc_t>;
-  constexpr int L = Vec<acc_t>::size(), R = kUnitRows, V = kBwdUnitVecs;
+  constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
   const Layout<acc_t> lay(a.shape);
   const int64_t T = lay.T, B = lay.B, H = lay.H, P = lay.P, G = lay.G;
   const bool proj = a.w_hr != nullptr;
-  const ColumnGroups<acc_t, V * L> w_hh_cols(static_cast<const acc_t*>(a.w_hh), G, P);
   const ColumnGroups<acc_t, L> w_hr_cols(static_cast<const acc_t*>(a.w_hr), P, H);
-  const int64_t K_hh = a.w_hh ? G : 0;
   const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
   const F zc{a.zoneout_c}, zh{a.zoneout_h};
   const Fibre<acc_t, acc_t> gates_all{a.gates_all};
   const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
   const F grad_hproj_all{a.grad_hproj_all};
 
-  // dh_new, dh_share and dc as layer_bwd's, row-major; the step's gate gradients [B, G],
-  // double-buffered (the GEMM of step s reads them all while its epilogue writes step s + 1's).
+  // dh_new, dh_share and dc as layer_bwd's, row-major; the step's gate gradients [B, G] in the
+  // product's grad_t, double-buffered (the product of step s reads them all while its epilogue
+  // writes step s + 1's).
   const ScratchBuffer<acc_t> dh_new(B * P, zero_filled), dh_share(B * P, zero_filled);
-  const ScratchBuffer<acc_t> dc(B * H, zero_filled), dgates(2 * B * G, zero_filled);
+  const ScratchBuffer<acc_t> dc(B * H, zero_filled);
+  const ScratchBuffer<grad_t> dgates(2 * B * G, zero_filled);
   auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
   auto lanes = [](int64_t size, int64_t f0) {
     return static_cast<int>(std::min<int64_t>(L, size - f0));
@@ -929,7 +1153,7 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
       dc_prev = dc_total;
     }
     store_n(dc_prev, dc_ptr, n);
-    acc_t* dg = dgates.data() + (s % 2) * B * G + b * G;
+    grad_t* dg = dgates.data() + (s % 2) * B * G + b * G;
     for (int q = 0; q < 4; ++q) {
       store_n(d[q], dg + q * H + k0, n);
       grad_x_proj.store_row(d[q], t, b, q * H + k0, n);
@@ -961,28 +1185,18 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a) {
   }
   for (int64_t s = 0; s < T; ++s) {
     if (s > 0 && proj) phase_a(s);
-    // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on) per group of V * L
+    // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on) per block of L
     // columns, then the split of the next step (and, without a projection, its cell).
-    const acc_t* dg = dgates.data() + (s % 2) * B * G;
-    for_unit_tiles<R>(ceil_div(P, V * L), 1, B, [&](int64_t i, int64_t b0, int64_t nb) {
-      unit_tile<acc_t, R, V>(nb, dg + b0 * G, G, w_hh_cols.tile(i).base, V * L, K_hh,
-                             [&](auto& acc) {
-        for (int64_t r = 0; r < rows_of(acc); ++r) {
-          const int64_t b = b0 + r;
-          for (int v = 0; v < V; ++v) {
-            const int64_t p0 = i * V * L + v * L;
-            if (p0 >= P) break;
-            const int n = lanes(P, p0);
-            const Vec<acc_t> carry = acc[r][v] + load_n<acc_t>(&dh_share[b * P + p0], n);
-            if (s + 1 == T) {
-              grad_h0.store_row(carry, 0, b, p0, n);
-            } else {
-              const Vec<acc_t> into_new = split(s + 1, carry, b, p0, n);
-              if (!proj) cell(s + 1, into_new, b, p0, n);
-            }
-          }
-        }
-      });
+    product.run(dgates.data() + (s % 2) * B * G, B, [&](const Vec<acc_t>& dh, int64_t b, int64_t i) {
+      const int64_t p0 = i * L;
+      const int n = lanes(P, p0);
+      const Vec<acc_t> carry = dh + load_n<acc_t>(&dh_share[b * P + p0], n);
+      if (s + 1 == T) {
+        grad_h0.store_row(carry, 0, b, p0, n);
+      } else {
+        const Vec<acc_t> into_new = split(s + 1, carry, b, p0, n);
+        if (!proj) cell(s + 1, into_new, b, p0, n);
+      }
     });
   }
   for (int64_t b = 0; b < B; ++b) {
@@ -1057,6 +1271,13 @@ void lstm_cell_pointwise_bwd_kernel(const LstmCellPointwiseArgs& args) {
   visit_lstm_dtype(args.dtype, [&](auto type) { cell_pointwise_bwd<decltype(type)>(args); });
 }
 int64_t lstm_unit_lanes_below() { return kUnitLaneBatch; }
+bool lstm_bf16_rows_on_brgemm() {
+#ifdef CPU_CAPABILITY_AVX512
+  return cpu_brgemm::use_for_bf16();
+#else
+  return false;
+#endif
+}
 bool lstm_layer_step_on_gemm(int64_t batch) { return batch < Vec<float>::size(); }
 void lstm_layer_fwd_kernel(const LstmLayerFwdArgs& args) {
   visit_lstm_dtype(args.shape.dtype, [&](auto type) { layer_fwd<decltype(type)>(args); });

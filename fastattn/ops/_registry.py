@@ -105,7 +105,8 @@ SCHEMAS.update({
 #   (1 - tanh^2(c)) can cancel, and rounded gates then give grad c0 percent-level errors).
 #   x_proj may have any layout; fastattn.ops.lstm computes it in the one the CPU kernel reads
 #   fastest: step-major ([T, 4H, B] in memory) where its vector lanes run along the batch,
-#   row-major where they run along the units (small batches, fastattn.ops.lstm._cpu_unit_lanes).
+#   row-major where they run along the units (small batches, and bfloat16 without a projection
+#   where its recurrent products run on oneDNN's brgemm: fastattn.ops.lstm._cpu_unit_lanes).
 #   On CPU, where x_proj's batch stride is 1 (step-major), gates_all is step-major and
 #   grad_x_proj feature-major ([4H, T, B] in memory, one [4H, T * B] matrix for the weight
 #   gradients' GEMMs); otherwise both are contiguous;

@@ -54,8 +54,15 @@ _UNIT_LANES_BELOW = (
     _extension.C.cpu_lstm_unit_lanes_below() if _extension.C is not None else 0)
 
 
-def _cpu_unit_lanes(batch: int) -> bool:
-    return batch < _UNIT_LANES_BELOW
+# bfloat16 layers without a projection run their recurrent products on oneDNN's brgemm (AMX)
+# with the lanes along the units at every batch, where this is true.
+_BF16_ROWS_ON_BRGEMM = (
+    _extension.C.cpu_lstm_bf16_rows_on_brgemm() if _extension.C is not None else False)
+
+
+def _cpu_unit_lanes(batch: int, dtype: torch.dtype, projection: bool) -> bool:
+    return batch < _UNIT_LANES_BELOW or (
+        dtype == torch.bfloat16 and not projection and _BF16_ROWS_ON_BRGEMM)
 
 
 # Whether this CPU is one where fastattn's float32 GEMM beats torch.mm (csrc/include/fastattn/
@@ -703,7 +710,8 @@ def _layer(input, w_ih, bias, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_
     # step-major, which serves every batch, instead of a guard on the lane choice.
     batch = input.shape[1]
     layout = "torch" if input.device.type != "cpu" else (
-        "rows" if isinstance(batch, int) and _cpu_unit_lanes(batch) else "step_major")
+        "rows" if isinstance(batch, int) and _cpu_unit_lanes(batch, input.dtype, w_hr is not None)
+        else "step_major")
     x_proj = _input_projection(input, w_ih, bias, layout)
     h_all, c_all, _, _ = differentiable(_OPS.lstm_layer_fwd)(
         x_proj, h0, c0, w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h)

@@ -1,6 +1,5 @@
-// Glue from the CPU attention kernel's bf16 tile products to ATen's oneDNN brgemm
-// (attention_cpu_brgemm.h).
-#include "attention_cpu_brgemm.h"
+// Glue from the CPU kernels' bf16 products to ATen's oneDNN brgemm (fastattn/cpu_brgemm_bf16.h).
+#include "fastattn/cpu_brgemm_bf16.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>

@@ -1,9 +1,10 @@
-// bf16 tile products of the CPU attention forward and backward through ATen's oneDNN micro-kernels
-// (at::native::cpublas::brgemm): on a CPU with AMX-BF16 they run on AMX tiles, which no at::vec
-// or AVX-512 kernel of ours can reach. The interface is torch-free so that the per-ISA kernel
-// (attention_cpu.isa.cpp) can call it; attention_cpu_brgemm.cpp is the glue to ATen.
+// bf16 tile products of the CPU kernels (the attention's forward and backward tiles, the LSTM's
+// recurrent products) through ATen's oneDNN micro-kernels (at::native::cpublas::brgemm): on a CPU
+// with AMX-BF16 they run on AMX tiles, which no at::vec or AVX-512 kernel of ours can reach. The
+// interface is torch-free so that the per-ISA kernels (attention_cpu.isa.cpp, lstm_cpu.isa.cpp)
+// can call it; csrc/cpu_brgemm_bf16.cpp is the glue to ATen.
 //
-// Operands follow the layout of the kernel's AVX512-BF16 dot products: A row-major bf16, B in
+// Operands follow the layout of the attention's AVX512-BF16 dot products: A row-major bf16, B in
 // oneDNN's VNNI-2 layout (pair (2p, 2p+1) of the reduction dimension at row p, as 32-bit
 // words, leading dim ldb words), C fp32. That layout is the one cpublas::pack produces for
 // oneDNN's AMX kernels (and the one its AVX512-BF16 brgemm reads), so B needs no second pack.
@@ -13,7 +14,7 @@
 
 namespace fastattn::cpu_brgemm {
 
-// Whether the bf16 tile products go through brgemm: where the CPU has AMX-BF16 (ATen's
+// Whether the kernels' bf16 products go through brgemm: where the CPU has AMX-BF16 (ATen's
 // cpublas::could_pack(bf16)), unless FASTATTN_CPU_TILE_ENGINE=native keeps our micro-kernels
 // (to compare the engines); or where FASTATTN_CPU_TILE_ENGINE=brgemm forces it (to test the
 // path on CPUs without AMX, where oneDNN's brgemm runs on AVX512-BF16). Either way the CPU
