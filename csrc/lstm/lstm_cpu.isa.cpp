@@ -65,9 +65,25 @@ constexpr int kUnitRows = at::vec::Vectorized<float>::size() == 16 ? 4 : 2;
 constexpr int64_t kUnitLaneBatch = 2 * at::vec::Vectorized<float>::size();
 C10_ALWAYS_INLINE bool unit_lanes(int64_t batch) { return batch < kUnitLaneBatch; }
 
+// 1 / q from the hardware's reciprocal estimate and one Newton step (within about 1 ulp where the
+// estimate has 14 bits, AVX-512; 2 ulp from AVX's 12): a cell's five divisions, on the divider's
+// one port, bounded the epilogue of the bf16 recurrence on AMX.
+C10_ALWAYS_INLINE Vec<float> reciprocal(const Vec<float>& q) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const Vec<float> r(_mm512_rcp14_ps(q));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const Vec<float> r(_mm256_rcp_ps(q));
+#else
+  return Vec<float>(1.f) / q;
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmadd(r, at::vec::fnmadd(q, r, Vec<float>(1.f)), r);
+#endif
+}
+
 // The gate activations sit in the step's critical epilogue, so for float they are exp-free:
 // tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
-// one division, within 4e-7 relative error everywhere (near 0 too), and sigmoid(x) =
+// one reciprocal, within 4e-7 relative error everywhere (near 0 too), and sigmoid(x) =
 // (1 + tanh(x / 2)) / 2. Double keeps exp-based forms for its tighter tolerance.
 C10_ALWAYS_INLINE Vec<float> tanh(const Vec<float>& x_in) {
   const Vec<float> bound(7.90531110763549805f);
@@ -80,7 +96,7 @@ C10_ALWAYS_INLINE Vec<float> tanh(const Vec<float>& x_in) {
   Vec<float> q(1.19825839466702e-06f);
   for (float c : {1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f})
     q = at::vec::fmadd(x2, q, Vec<float>(c));
-  return x * p / q;
+  return x * p * reciprocal(q);
 }
 C10_ALWAYS_INLINE Vec<float> sigmoid(const Vec<float>& x) {
   const Vec<float> half(0.5f);
@@ -136,8 +152,8 @@ C10_ALWAYS_INLINE Vec<acc_t> cell_bwd(const Vec<acc_t> (&act)[4], const Vec<acc_
 }
 
 // n <= lanes consecutive elements as math-type lanes (the others zero), and back. Half and bf16
-// convert a vector at a time (cpu_transpose.h's masked row loads, at::vec's convert_from_float,
-// which rounds to nearest even as static_cast does): element by element, fp16 on AVX-512 is a
+// convert a vector at a time (cpu_transpose.h's load_first_ps and store_first; at::vec's
+// convert_from_float in the default build): element by element, fp16 on AVX-512 is a
 // vcvtph2ps each, and the fp16 inference's epilogue took 2.5x the fp32 one's time (T64 B24 H256).
 template <typename acc_t, typename scalar_t>
 C10_ALWAYS_INLINE Vec<acc_t> load_n(const scalar_t* p, int n) {
@@ -157,6 +173,8 @@ C10_ALWAYS_INLINE void store_n(const Vec<acc_t>& v, scalar_t* p, int n) {
   constexpr int L = Vec<acc_t>::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     n == L ? v.store(p) : v.store(p, n);
+  } else if constexpr (kTransposesFrom<scalar_t> && kTransposeBlock > 0) {
+    store_first(v, p, n);
   } else if constexpr (kTransposesFrom<scalar_t>) {
     at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
   } else {

@@ -1,6 +1,7 @@
 // Register-blocked transposes for the per-ISA kernel builds (`*.isa.cpp`, see cpu_isa.h): the
 // attention kernels' K^T and V^T tiles and the LSTM kernels' unit-major weights; and their
-// row loads, which convert half and bf16 to fp32 (load_first_ps: also the LSTM's half rows).
+// row loads, which convert half and bf16 to fp32 (load_first_ps, and store_first back: also the
+// LSTM kernels' half and bf16 rows).
 // Included inside no namespace; it opens fastattn::FASTATTN_ISA_NAMESPACE itself, so each ISA
 // build gets its own copy.
 #pragma once
@@ -49,6 +50,14 @@ inline __m512 load_row_ps(const c10::BFloat16* src, __mmask16 mask) {
 template <typename scalar_t>
 inline __m512 load_first_ps(const scalar_t* src, int n) {
   return load_row_ps(src, static_cast<__mmask16>((1u << n) - 1));
+}
+// And back: the first n <= 16 lanes of v to a half or bf16 row, rounded to nearest even (as
+// static_cast rounds; at::vec's convert_from_float takes two vectors, twice the work for one).
+inline void store_first(const __m512& v, c10::Half* dst, int n) {
+  _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), at::vec::cvtfp32_fp16(v));
+}
+inline void store_first(const __m512& v, c10::BFloat16* dst, int n) {
+  _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>((1u << n) - 1), at::vec::cvtfp32_bf16(v));
 }
 
 template <typename scalar_t>
@@ -118,6 +127,20 @@ template <typename scalar_t>
 inline __m256 load_first_ps(const scalar_t* src, int n) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return load_row_ps(src, n, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
+}
+// And back (store_first on AVX-512 says how).
+template <typename scalar_t>
+inline void store_halves(const __m128i& bits, scalar_t* dst, int n) {
+  if (n == 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), bits);
+  alignas(16) uint16_t part[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(part), bits);
+  std::memcpy(dst, part, n * sizeof(scalar_t));
+}
+inline void store_first(const __m256& v, c10::Half* dst, int n) {
+  store_halves(at::vec::cvtfp32_fp16(v), dst, n);
+}
+inline void store_first(const __m256& v, c10::BFloat16* dst, int n) {
+  store_halves(at::vec::cvtfp32_bf16(v), dst, n);
 }
 
 template <typename scalar_t>
