@@ -148,6 +148,22 @@ def test_converted_encoder_disables_torchs_nested_tensor_path():
     assert all(type(layer.self_attn) is fastattn.MultiheadAttention for layer in model.layers)
 
 
+def test_converted_layers_apply_relu_in_place_and_leave_other_activations():
+    # The encoder and transformer tests above check values and gradients through it.
+    relu = _encoder(batch_first=True)
+    module_relu = nn.TransformerEncoderLayer(D, NHEAD, FF, activation=nn.ReLU(), batch_first=True)
+    gelu = nn.TransformerEncoderLayer(D, NHEAD, FF, activation="gelu", batch_first=True)
+    decoder = nn.TransformerDecoderLayer(D, NHEAD, FF, batch_first=True)
+    for model in (relu, module_relu, gelu, decoder):
+        fastattn.convert(model)
+    for layer in (*relu.layers, module_relu, decoder):
+        assert type(layer.activation) is nn.ReLU and layer.activation.inplace
+    assert gelu.activation is torch.nn.functional.gelu
+    kept = nn.TransformerEncoderLayer(D, NHEAD, FF, batch_first=True)
+    fastattn.convert(kept, attention=False)  # its attention stays torch's: so does its ReLU
+    assert kept.activation is torch.nn.functional.relu
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_transformer_matches_torch(monkeypatch, mode):
     theirs = _randomize_(nn.Transformer(D, NHEAD, 1, 2, FF, dropout=0.0, batch_first=True))
