@@ -58,6 +58,16 @@ at::ScalarType math_type(const Tensor& t) {
 // A weight for the kernels: contiguous, in the math type.
 Tensor kernel_weight(const Tensor& w) { return w.to(math_type(w)).contiguous(); }
 
+// Whether a layer's recurrent products run on brgemm in bf16 (LstmLayerShape::bf16_products),
+// and its w_hh for the kernels then: bf16 as given (contiguous), else in the math type.
+bool bf16_products(Dtype dtype, const Tensor& w_hh, const Tensor& w_hr) {
+  return dtype == Dtype::BFloat16 && w_hh.defined() && !w_hr.defined() &&
+         FASTATTN_ISA_CALL(lstm_bf16_rows_on_brgemm);
+}
+Tensor recurrent_weight(const Tensor& w_hh, bool bf16_products) {
+  return bf16_products ? w_hh.contiguous() : kernel_weight(w_hh);
+}
+
 // out [M, N] = w @ x (+ bias[:, None]) on at::mm, for the dtypes and CPUs that cpu_gemm::mm_out
 // leaves out.
 void torch_mm_out(Tensor out, const Tensor& w, const Tensor& x, const Tensor& bias) {
@@ -159,7 +169,9 @@ void run_layer_fwd(const LayerProblem& p, Dtype dtype, const Tensor& w_hh_k,
                    const Tensor& c_all, const Tensor& gates_all, const Tensor& hpre_all) {
   auto steps = [&](const Tensor& all) { return all.defined() ? all.narrow(0, t0, n) : Tensor(); };
   LstmLayerFwdArgs a{};
-  a.shape = {dtype, n, p.B, p.H, p.P, p.reverse, p.batch_sizes.data() + t0};
+  // A bf16 w_hh is one for bf16 products (recurrent_weight): the math type is never bf16.
+  a.shape = {dtype, n, p.B, p.H, p.P, p.reverse, p.batch_sizes.data() + t0,
+             w_hh_k.defined() && w_hh_k.scalar_type() == at::kBFloat16};
   a.w_hh = ptr_or_null(w_hh_k);
   a.w_hr = ptr_or_null(w_hr_k);
   a.x_proj = seq_view(x_proj);
@@ -194,7 +206,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
                          ? at::empty({p.T, 4 * p.H, p.B}, gates_opts).permute({0, 2, 1})
                          : at::empty({p.T, p.B, 4 * p.H}, gates_opts);
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
-  run_layer_fwd(p, lstm_dtype(x_proj, op), kernel_weight(w_hh),
+  const Dtype dtype = lstm_dtype(x_proj, op);
+  run_layer_fwd(p, dtype, recurrent_weight(w_hh, bf16_products(dtype, w_hh, p.w_hr)),
                 proj ? kernel_weight(p.w_hr) : Tensor(), x_proj, h0, c0, 0, p.T, h_all, c_all,
                 gates_all, proj ? hpre_all : Tensor());
   return {h_all, c_all, gates_all, hpre_all};
@@ -287,7 +300,8 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   // or pack w_hh for this one step: T1 B1 H256 took 111 us through the unit-lane kernel, 76 us
   // on two GEMMs (torch's lstm_cell: 75), 43 us on step_gates (1 thread, Zen 4).
   const bool step_on_gemm = T == 1 && FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, B);
-  const Tensor w_hh_k = step_on_gemm ? Tensor() : kernel_weight(w_hh);
+  const bool bf16 = !step_on_gemm && bf16_products(dtype, w_hh, p.w_hr);
+  const Tensor w_hh_k = step_on_gemm ? Tensor() : recurrent_weight(w_hh, bf16);
   const Tensor w_hr_k = p.w_hr.defined() ? kernel_weight(p.w_hr) : Tensor();
 
   // About 4 MiB of x_proj per chunk (L2/L3-sized), but at least 256 GEMM columns.
@@ -298,9 +312,7 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   const Tensor b = given(bias) ? *bias : Tensor();
   // A small batch, and bf16 on brgemm, run with lanes along the units (lstm_cpu.isa.cpp), which
   // read a row's gates as vectors: x_proj row-major [n, B, 4H] there.
-  const bool unit_lanes = step_on_gemm || B < FASTATTN_ISA_CALL(lstm_unit_lanes_below) ||
-                          (dtype == Dtype::BFloat16 && !w_hr_k.defined() &&
-                           FASTATTN_ISA_CALL(lstm_bf16_rows_on_brgemm));
+  const bool unit_lanes = step_on_gemm || bf16 || B < FASTATTN_ISA_CALL(lstm_unit_lanes_below);
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
     const int64_t t0 = reverse ? T - done - n : done;
@@ -406,7 +418,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   TORCH_CHECK(gates_all.dim() == 3 && gates_all.size(2) % 4 == 0, op,
               ": gates_all must be [T, B, 4H], got ", gates_all.sizes());
   const int64_t H = gates_all.size(2) / 4;
-  lstm_dtype(c_all, op);
+  const Dtype dtype = lstm_dtype(c_all, op);
   const LayerProblem p = layer_problem(op, c_all, gates_all.size(0), gates_all.size(1), H, h0, c0,
                                        w_hh, w_hr, batch_sizes, reverse, zoneout_c, zoneout_h);
   const bool proj = p.w_hr.defined();
@@ -438,11 +450,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_bwd_cpu(
   Tensor grad_h0 = at::empty({p.B, p.P}, opts);
   Tensor grad_c0 = at::empty({p.B, p.H}, opts);
   Tensor grad_hproj_all = proj ? at::empty({p.T, p.B, p.P}, opts) : Tensor();
-  const Tensor w_hh_k = kernel_weight(w_hh);
+  const bool bf16 = bf16_products(dtype, w_hh, p.w_hr);
+  const Tensor w_hh_k = recurrent_weight(w_hh, bf16);
   const Tensor w_hr_k = proj ? kernel_weight(p.w_hr) : Tensor();
 
   LstmLayerBwdArgs a{};
-  a.shape = p.shape(lstm_dtype(c_all, op));
+  a.shape = p.shape(dtype);
+  a.shape.bf16_products = bf16;
   a.w_hh = w_hh_k.data_ptr();
   a.w_hr = proj ? w_hr_k.data_ptr() : nullptr;
   a.grad_h_all = seq_view(grad_h_all);

@@ -473,7 +473,6 @@ template <typename acc_t>
 struct FmaGateProduct;
 #ifdef CPU_CAPABILITY_AVX512
 struct BrgemmGateProduct;
-bool bf16_on_brgemm(const void* w_hh, const void* w_hr);
 #endif
 template <typename scalar_t, typename Product>
 void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a, const Product& product);
@@ -483,9 +482,9 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 #ifdef CPU_CAPABILITY_AVX512
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (bf16_on_brgemm(a.w_hh, a.w_hr)) {
+    if (a.shape.bf16_products) {
       return layer_fwd_unit_lanes<scalar_t>(
-          a, BrgemmGateProduct(static_cast<const float*>(a.w_hh), a.shape.H, a.shape.P));
+          a, BrgemmGateProduct(static_cast<const c10::BFloat16*>(a.w_hh), a.shape.H, a.shape.P));
     }
   }
 #endif
@@ -675,15 +674,12 @@ struct FmaGateProduct {
 };
 
 #ifdef CPU_CAPABILITY_AVX512
-// bf16 where cpu_brgemm::use_for_bf16() (a CPU with AMX-BF16): the unit-lane forward's
-// recurrent product on AMX tiles through oneDNN's brgemm, with the state h in bf16 (rounded as
-// the h_all it outputs is, and as nn.LSTM's oneDNN kernel rounds it) and c, the gates and the
-// cell in fp32. With the weights converted to fp32 for our FMA tiles, the bf16 LSTM ran at
-// 0.39-0.49x nn.LSTM's speed there (T64 B24 H256 and T32 B64 H512 inference; nn.LSTM runs bf16
-// on AMX). Without a projection: the projection keeps the FMA path.
-bool bf16_on_brgemm(const void* w_hh, const void* w_hr) {
-  return w_hh != nullptr && w_hr == nullptr && cpu_brgemm::use_for_bf16();
-}
+// bf16 with LstmLayerShape::bf16_products (a CPU with AMX-BF16, cpu_brgemm::use_for_bf16(); no
+// projection): the unit-lane forward's recurrent product on AMX tiles through oneDNN's brgemm,
+// from w_hh in bf16, with the state h in bf16 (rounded as the h_all it outputs is, and as
+// nn.LSTM's oneDNN kernel rounds it) and c, the gates and the cell in fp32. With the weights
+// converted to fp32 for our FMA tiles, the bf16 LSTM ran at 0.39-0.49x nn.LSTM's speed there
+// (T64 B24 H256 and T32 B64 H512 inference; nn.LSTM runs bf16 on AMX).
 
 // w_hh^T as brgemm's B operand: VNNI-2 pairs of the reduction (h's features 2k and 2k + 1 as
 // one 32-bit word in row k), its columns gate-interleaved per block of L units - column
@@ -701,33 +697,25 @@ struct BrgemmGateProduct {
   const ScratchBuffer<uint32_t> w_pairs;
 
   // Per block of L pair rows and L gate rows (one gate of one block of units): each gate row's
-  // 2L floats become L words, then a register transpose puts them in their L packed rows. The
-  // words take the high halves of the floats: exact, because the glue converted bf16 weights.
-  BrgemmGateProduct(const float* w_hh, int64_t H, int64_t P)
+  // 2L bf16 features are L words as they lie, and a register transpose puts them in their L
+  // packed rows.
+  BrgemmGateProduct(const c10::BFloat16* w_hh, int64_t H, int64_t P)
       : H(H), P(P), pairs(ceil_div(P, 2)), units(ceil_div(H, L)), ld_state(2 * pairs),
         ld_w(4 * L * units), w_pairs(pairs * ld_w) {
     at::parallel_for(0, ceil_div(pairs, L), 1, [&](int64_t i0, int64_t i1) {
       for (int64_t k0 = i0 * L; k0 < std::min(pairs, i1 * L); k0 += L) {
         const int64_t f0 = 2 * k0, nf = std::min<int64_t>(2 * L, P - f0);
-        const __mmask16 first = static_cast<__mmask16>((1u << std::min<int64_t>(L, nf)) - 1);
-        const __mmask16 second = static_cast<__mmask16>((1u << std::max<int64_t>(0, nf - L)) - 1);
+        // The features of this block (an odd P's last pair gets a zero high half).
+        const __mmask32 features = static_cast<__mmask32>((uint64_t{1} << nf) - 1);
         for (int64_t col0 = 0; col0 < ld_w; col0 += L) {
           const int64_t u = col0 / (4 * L), g = col0 / L % 4;
           alignas(64) uint32_t words[L][L];
           for (int l = 0; l < L; ++l) {
             const int64_t j = u * L + l;
-            if (j >= H) {
-              _mm512_store_si512(words[l], _mm512_setzero_si512());
-              continue;
-            }
-            const float* row = w_hh + (g * H + j) * P + f0;
-            const __m512i lo = _mm512_castps_si512(_mm512_maskz_loadu_ps(first, row));
-            const __m512i hi = _mm512_castps_si512(_mm512_maskz_loadu_ps(second, row + L));
-            // Each float's high half, in order: features 2k and 2k + 1 make word k.
-            _mm256_store_si256(reinterpret_cast<__m256i*>(words[l]),
-                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16)));
-            _mm256_store_si256(reinterpret_cast<__m256i*>(words[l] + L / 2),
-                               _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16)));
+            const __m512i row = j < H
+                ? _mm512_maskz_loadu_epi16(features, w_hh + (g * H + j) * P + f0)
+                : _mm512_setzero_si512();
+            _mm512_store_si512(words[l], row);
           }
           // The transpose moves 32-bit lanes without arithmetic: words pass through as floats.
           transpose_block(reinterpret_cast<const float*>(&words[0][0]), L,
@@ -872,9 +860,9 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 #ifdef CPU_CAPABILITY_AVX512
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (bf16_on_brgemm(a.w_hh, a.w_hr)) {
+    if (a.shape.bf16_products) {
       return layer_bwd_unit_lanes<scalar_t>(
-          a, BrgemmDhProduct(static_cast<const float*>(a.w_hh), 4 * a.shape.H, a.shape.P));
+          a, BrgemmDhProduct(static_cast<const c10::BFloat16*>(a.w_hh), 4 * a.shape.H, a.shape.P));
     }
   }
 #endif
@@ -1060,9 +1048,9 @@ struct FmaDhProduct {
 };
 
 #ifdef CPU_CAPABILITY_AVX512
-// dh_prev on brgemm (bf16_on_brgemm): dgates rounded to bf16 (brgemm's A, as nn.LSTM's oneDNN
-// backward rounds them; grad_x_proj keeps the fp32 values' rounding), w_hh as B in VNNI-2 pairs
-// of its rows (gates 2k and 2k + 1 of column p as word k of column p, exact as the forward's).
+// dh_prev on brgemm (LstmLayerShape::bf16_products): dgates rounded to bf16 (brgemm's A, as
+// nn.LSTM's oneDNN backward rounds them; grad_x_proj keeps the fp32 values' rounding), w_hh (bf16)
+// as B in VNNI-2 pairs of its rows (gates 2k and 2k + 1 of column p as word k of column p).
 struct BrgemmDhProduct {
   using grad_t = c10::BFloat16;
   static constexpr int L = Vec<float>::size();
@@ -1071,18 +1059,17 @@ struct BrgemmDhProduct {
   const int64_t G, P, blocks, ld_w;
   const ScratchBuffer<uint32_t> w_pairs;
 
-  BrgemmDhProduct(const float* w_hh, int64_t G, int64_t P)
+  BrgemmDhProduct(const c10::BFloat16* w_hh, int64_t G, int64_t P)
       : G(G), P(P), blocks(ceil_div(P, L)), ld_w(blocks * L), w_pairs(G / 2 * ld_w) {
-    const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
     at::parallel_for(0, G / 2, 16, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        const float* even = w_hh + 2 * k * P;
+        const c10::BFloat16* even = w_hh + 2 * k * P;
         for (int64_t p0 = 0; p0 < P; p0 += L) {
           const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(L, P - p0)) - 1);
-          const __m512i a = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, even + p0));
-          const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, even + P + p0));
+          const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + p0));
+          const __m512i b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + P + p0));
           _mm512_store_si512(w_pairs.data() + k * ld_w + p0,
-                             _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, high)));
+                             _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
         }
       }
     });

@@ -11,7 +11,7 @@
 // fastattn.ops.lstm computes x_proj in the fast layout, and the glue allocates gates_all and
 // grad_x_proj in x_proj's.
 // Weights are contiguous and, like the saved gates_all, in the math type: float for
-// float32/bfloat16/float16 data, double for float64.
+// float32/bfloat16/float16 data, double for float64 (w_hh bf16 with LstmLayerShape::bf16_products).
 #pragma once
 
 #include <cstdint>
@@ -50,6 +50,9 @@ struct LstmLayerShape {
   int64_t T, B, H, P;
   bool reverse;                  // steps run t = T-1 .. 0
   const int64_t* batch_sizes;    // [T] non-increasing, or nullptr (all B rows step every time)
+  // The recurrent products run on oneDNN's brgemm in bf16 (a bf16 layer with w_hh and no w_hr,
+  // where lstm_bf16_rows_on_brgemm() says so; the glue decides): w_hh is then bf16, as given.
+  bool bf16_products = false;
 };
 
 // Forward. Per step: gates = x_proj[t] + h_prev @ w_hh^T; i, f, o = sigmoid, g = tanh;
