@@ -249,7 +249,9 @@ def _cpu_grid(name: str) -> Grid:
             # put their lanes along the units (csrc/lstm/lstm_cpu.isa.cpp)
             lstm=_lstm([32], [16], [256, 512]) + _lstm([128], [1, 4], [256])
             + _lstm([64], [24], [256]),
-            lstm_dtypes=[fp32],
+            # bf16: on AMX-BF16 both sides run the recurrence on AMX (oneDNN's LSTM, our brgemm
+            # products); elsewhere both convert.
+            lstm_dtypes=[fp32, bf16],
             mha=[TransformerShape(4, 256, 512, 8, 1)],
             encoder=[TransformerShape(4, 256, 512, 8, 6)],
             mha_dtypes=[fp32],
@@ -267,7 +269,7 @@ def _cpu_grid(name: str) -> Grid:
         lstm_cell=_lstm([1], [1, 16, 64], [256, 512, 1024]),
         lstm=_lstm([32, 128], [16, 64], [256, 512, 1024]) + _lstm([128], [1, 4], [256, 512])
         + _lstm([64], [24], [256, 512]),
-        lstm_dtypes=[fp32],
+        lstm_dtypes=[fp32, bf16],
         mha=[TransformerShape(4, 1024, 512, 8, 1)],
         encoder=[encoder_full],
         mha_dtypes=[fp32],
