@@ -69,15 +69,15 @@ C10_ALWAYS_INLINE bool unit_lanes(int64_t batch) { return batch < kUnitLaneBatch
 // estimate has 14 bits, AVX-512; 2 ulp from AVX's 12): a cell's five divisions, on the divider's
 // one port, bounded the epilogue of the bf16 recurrence on AMX.
 C10_ALWAYS_INLINE Vec<float> reciprocal(const Vec<float>& q) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #if defined(CPU_CAPABILITY_AVX512)
   const Vec<float> r(_mm512_rcp14_ps(q));
-#elif defined(CPU_CAPABILITY_AVX2)
+#else
   const Vec<float> r(_mm256_rcp_ps(q));
+#endif
+  return at::vec::fmadd(r, at::vec::fnmadd(q, r, Vec<float>(1.f)), r);
 #else
   return Vec<float>(1.f) / q;
-#endif
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return at::vec::fmadd(r, at::vec::fnmadd(q, r, Vec<float>(1.f)), r);
 #endif
 }
 
@@ -731,7 +731,8 @@ struct BrgemmGateProduct {
   template <typename Cell>
   void run(const c10::BFloat16* h_prev, int64_t B, const Cell& cell) const {
     const auto* h_words = reinterpret_cast<const uint32_t*>(h_prev);
-    at::parallel_for(0, units, std::max<int64_t>(1, unit_grain(4 * P, B) / L), [&](int64_t u0, int64_t u1) {
+    const int64_t grain = std::max<int64_t>(1, unit_grain(4 * P, B) / L);
+    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
       const ScratchBuffer<float> out(kRows * kBlocks * 4 * L);
       for (int64_t c0 = u0; c0 < u1; c0 += kBlocks) {
         const int64_t blocks = std::min(kBlocks, u1 - c0), ld_out = blocks * 4 * L;
@@ -741,8 +742,9 @@ struct BrgemmGateProduct {
                                    w_pairs.data() + c0 * 4 * L, ld_w, out.data(), ld_out, false);
           for (int64_t r = 0; r < m; ++r) {
             for (int64_t du = 0; du < blocks; ++du) {
+              const float* gates = &out[r * ld_out + du * 4 * L];
               Vec<float> pre[4];
-              for (int g = 0; g < 4; ++g) pre[g] = Vec<float>::loadu(&out[r * ld_out + (du * 4 + g) * L]);
+              for (int g = 0; g < 4; ++g) pre[g] = Vec<float>::loadu(gates + g * L);
               cell(pre, b0 + r, c0 + du);
             }
           }
@@ -1079,7 +1081,8 @@ struct BrgemmDhProduct {
   void run(const c10::BFloat16* dgates, int64_t B, const Fn& fn) const {
     const auto* dg_words = reinterpret_cast<const uint32_t*>(dgates);
     const int64_t kp = G / 2;
-    at::parallel_for(0, blocks, std::max<int64_t>(1, unit_grain(G, B) / L), [&](int64_t i0, int64_t i1) {
+    const int64_t grain = std::max<int64_t>(1, unit_grain(G, B) / L);
+    at::parallel_for(0, blocks, grain, [&](int64_t i0, int64_t i1) {
       const ScratchBuffer<float> out(kRows * kBlocks * L);
       for (int64_t c0 = i0; c0 < i1; c0 += kBlocks) {
         const int64_t ld_out = std::min(kBlocks, i1 - c0) * L;
@@ -1192,7 +1195,8 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product) {
     if (s > 0 && proj) phase_a(s);
     // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on) per block of L
     // columns, then the split of the next step (and, without a projection, its cell).
-    product.run(dgates.data() + (s % 2) * B * G, B, [&](const Vec<acc_t>& dh, int64_t b, int64_t i) {
+    const grad_t* dg = dgates.data() + (s % 2) * B * G;
+    product.run(dg, B, [&](const Vec<acc_t>& dh, int64_t b, int64_t i) {
       const int64_t p0 = i * L;
       const int n = lanes(P, p0);
       const Vec<acc_t> carry = dh + load_n<acc_t>(&dh_share[b * P + p0], n);
