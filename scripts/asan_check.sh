@@ -19,8 +19,11 @@ TESTS=${FASTATTN_ASAN_TESTS:-tests/test_attention_cpu_op.py tests/test_lstm_ops.
 tests/test_lstm_layer_norm.py tests/test_op_compile.py}
 
 # The copy: tracked and untracked-but-not-ignored files. tar keeps their modification times, so
-# a second run recompiles only what changed.
+# a second run recompiles only what changed. The C++ sources are copied afresh: setup.py builds
+# every file under csrc/, and a renamed source's old copy, left in place, was compiled and linked
+# beside the new one (duplicate symbols).
 mkdir -p "$DEST"
+rm -rf "$DEST/csrc"
 git ls-files -z --cached --others --exclude-standard \
   | tar --null --files-from=- -cf - | tar -xf - -C "$DEST"
 
