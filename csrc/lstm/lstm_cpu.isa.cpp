@@ -648,11 +648,11 @@ template <typename acc_t>
 struct FmaGateProduct {
   using state_t = acc_t;
   static constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
-  const int64_t H, K, units, ld_state, panel;
+  const int64_t K, units, ld_state, panel;
   const ScratchBuffer<acc_t> w_hh_t;
 
   FmaGateProduct(const acc_t* w_hh, int64_t H, int64_t P)
-      : H(H), K(w_hh ? P : 0), units(ceil_div(H, L)), ld_state(P), panel(K * 4 * L),
+      : K(w_hh ? P : 0), units(ceil_div(H, L)), ld_state(P), panel(K * 4 * L),
         w_hh_t(units * panel) {
     transposed_rows(w_hh_t.data(), w_hh, P, 4 * L, 4 * units, [&](int64_t i) {
       const int64_t g = i % 4, u = i / 4;
@@ -693,14 +693,14 @@ struct BrgemmGateProduct {
   // A product's rows and blocks of units: its fp32 result (32 KB) stays in L1 for the cells
   // that read it.
   static constexpr int64_t kRows = 32, kBlocks = 4;
-  const int64_t H, P, pairs, units, ld_state, ld_w;
+  const int64_t P, pairs, units, ld_state, ld_w;
   const ScratchBuffer<uint32_t> w_pairs;
 
   // Per block of L pair rows and L gate rows (one gate of one block of units): each gate row's
   // 2L bf16 features are L words as they lie, and a register transpose puts them in their L
   // packed rows.
   BrgemmGateProduct(const c10::BFloat16* w_hh, int64_t H, int64_t P)
-      : H(H), P(P), pairs(ceil_div(P, 2)), units(ceil_div(H, L)), ld_state(2 * pairs),
+      : P(P), pairs(ceil_div(P, 2)), units(ceil_div(H, L)), ld_state(2 * pairs),
         ld_w(4 * L * units), w_pairs(pairs * ld_w) {
     at::parallel_for(0, ceil_div(pairs, L), 1, [&](int64_t i0, int64_t i1) {
       for (int64_t k0 = i0 * L; k0 < std::min(pairs, i1 * L); k0 += L) {
@@ -1058,11 +1058,11 @@ struct BrgemmDhProduct {
   static constexpr int L = Vec<float>::size();
   // A product's rows and blocks of columns: 32 x 256 floats (32 KB) of result.
   static constexpr int64_t kRows = 32, kBlocks = 16;
-  const int64_t G, P, blocks, ld_w;
+  const int64_t G, blocks, ld_w;
   const ScratchBuffer<uint32_t> w_pairs;
 
   BrgemmDhProduct(const c10::BFloat16* w_hh, int64_t G, int64_t P)
-      : G(G), P(P), blocks(ceil_div(P, L)), ld_w(blocks * L), w_pairs(G / 2 * ld_w) {
+      : G(G), blocks(ceil_div(P, L)), ld_w(blocks * L), w_pairs(G / 2 * ld_w) {
     at::parallel_for(0, G / 2, 16, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
         const c10::BFloat16* even = w_hh + 2 * k * P;
