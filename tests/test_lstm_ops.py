@@ -326,6 +326,46 @@ def test_step_gates_op_rejects_bad_shapes():
         OPS.lstm_step_gates(x, hx, w_ih, w_hh.double(), None)
 
 
+
+# One bf16 step where bf16 runs on AMX (C.cpu_lstm_bf16_rows_on_brgemm(); elsewhere this checks
+# the other one-step paths) takes its gates from two GEMMs with the weights on the left,
+# gates^T = w_ih x^T + w_hh h0^T + bias, and runs the cell alone on that feature-major layout:
+# batches below a vector (1, 7), between one and two (17: unit lanes read it strided) and above
+# (33: batch lanes), an odd H and n_in, a projection (h0 narrower than the units, w_hh [4H, P]),
+# row-strided views. A NaN in one row's input reaches that row's state only.
+@needs_cpu_kernels
+@pytest.mark.parametrize("B", [1, 7, 17, 33])
+@pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
+def test_layer_infer_bf16_step(B, proj):
+    n_in, H = 7, 33
+    P = 5 if proj else H
+    bf16 = torch.bfloat16
+    x = randn(1, B, n_in + 3, dtype=bf16)[:, :, :n_in]
+    h0, c0 = randn(B, P + 2, dtype=bf16)[:, :P], randn(B, H, dtype=bf16)
+    w_ih = randn(4 * H, n_in, dtype=bf16, scale=0.5)
+    w_hh = randn(4 * H, P + 1, dtype=bf16, scale=0.5)[:, :P]
+    w_hr = randn(P, H, dtype=bf16, scale=0.5) if proj else None
+    bias = randn(4 * H, dtype=bf16)
+    args = [x, w_ih, bias, h0, c0, w_hh, w_hr, None, False, None, None]
+    nan_heap((4 * H * B,), (1, B, P), (1, B, H), dtype=bf16)
+    got = OPS.lstm_layer_infer(*args)
+
+    def reference_step(t):
+        def cast(v):
+            return None if v is None else v.to(t)
+        x_proj = torch.addmm(cast(bias), cast(x[0]), cast(w_ih).t()).unsqueeze(0)
+        return reference.lstm_layer_reference(x_proj, *map(cast, (h0, c0, w_hh, w_hr)), None,
+                                              False, None, None)[:2]
+
+    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_step(torch.float64),
+                                         reference_step(bf16), strict=True):
+        assert_close_to_reference(g, want, same_dtype, name=name)
+    args[0] = x.clone()
+    args[0][0, B - 1, n_in - 1] = float("nan")
+    h_all, c_all = OPS.lstm_layer_infer(*args)
+    assert h_all[0, B - 1].isnan().all() and c_all[0, B - 1].isnan().all()
+    assert h_all[0, :B - 1].isfinite().all() and c_all[0, :B - 1].isfinite().all()
+
 @needs_cpu_kernels
 def test_layer_infer_without_bias_is_the_layer_forward():
     x, w_ih = randn(5, 3, 7), randn(32, 7)
