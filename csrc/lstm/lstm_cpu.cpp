@@ -320,7 +320,9 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   const Tensor buffer = chunk_buffer(4 * H * chunk * B, input.options());
   const Tensor b = given(bias) ? *bias : Tensor();
   // A small batch, and bf16 on brgemm, run with lanes along the units (lstm_cpu.isa.cpp), which
-  // read a row's gates as vectors: x_proj row-major [n, B, 4H] there.
+  // read a row's gates as vectors: x_proj row-major [n, B, 4H] there. The weights-left step's
+  // x_proj stays feature-major whatever the lanes (the kernel reads any layout; only the cell
+  // reads it).
   const bool unit_lanes = step_on_gemm || bf16 || B < FASTATTN_ISA_CALL(lstm_unit_lanes_below);
   for (int64_t done = 0; done < T; done += chunk) {
     const int64_t n = std::min(chunk, T - done);
