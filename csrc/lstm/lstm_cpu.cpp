@@ -162,16 +162,14 @@ bool step_major(const Tensor& t) { return t.stride(1) == 1; }
 
 // The forward kernel over steps [t0, t0 + n) of the outputs: x_proj holds those n steps, the
 // state before them is (h_start, c_start), and gates_all / hpre_all (whole-sequence, or
-// undefined) receive what the backward reads.
-void run_layer_fwd(const LayerProblem& p, Dtype dtype, const Tensor& w_hh_k,
+// undefined) receive what the backward reads. bf16: w_hh_k is recurrent_weight(w_hh, true).
+void run_layer_fwd(const LayerProblem& p, Dtype dtype, bool bf16, const Tensor& w_hh_k,
                    const Tensor& w_hr_k, const Tensor& x_proj, const Tensor& h_start,
                    const Tensor& c_start, int64_t t0, int64_t n, const Tensor& h_all,
                    const Tensor& c_all, const Tensor& gates_all, const Tensor& hpre_all) {
   auto steps = [&](const Tensor& all) { return all.defined() ? all.narrow(0, t0, n) : Tensor(); };
   LstmLayerFwdArgs a{};
-  // A bf16 w_hh is one for bf16 products (recurrent_weight): the math type is never bf16.
-  a.shape = {dtype, n, p.B, p.H, p.P, p.reverse, p.batch_sizes.data() + t0,
-             w_hh_k.defined() && w_hh_k.scalar_type() == at::kBFloat16};
+  a.shape = {dtype, n, p.B, p.H, p.P, p.reverse, p.batch_sizes.data() + t0, bf16};
   a.w_hh = ptr_or_null(w_hh_k);
   a.w_hr = ptr_or_null(w_hr_k);
   a.x_proj = seq_view(x_proj);
@@ -207,7 +205,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
                          : at::empty({p.T, p.B, 4 * p.H}, gates_opts);
   Tensor hpre_all = proj ? at::empty({p.T, p.B, p.H}, opts) : at::empty({0}, opts);
   const Dtype dtype = lstm_dtype(x_proj, op);
-  run_layer_fwd(p, dtype, recurrent_weight(w_hh, bf16_products(dtype, w_hh, p.w_hr)),
+  const bool bf16 = bf16_products(dtype, w_hh, p.w_hr);
+  run_layer_fwd(p, dtype, bf16, recurrent_weight(w_hh, bf16),
                 proj ? kernel_weight(p.w_hr) : Tensor(), x_proj, h0, c0, 0, p.T, h_all, c_all,
                 gates_all, proj ? hpre_all : Tensor());
   return {h_all, c_all, gates_all, hpre_all};
@@ -349,7 +348,7 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
     }
     const bool first = done == 0;
     const int64_t prev = reverse ? t0 + n : t0 - 1;
-    run_layer_fwd(p, dtype, w_hh_k, w_hr_k, x_proj.permute({0, 2, 1}),
+    run_layer_fwd(p, dtype, bf16, w_hh_k, w_hr_k, x_proj.permute({0, 2, 1}),
                   first ? h0 : h_all[prev], first ? c0 : c_all[prev], t0, n, h_all, c_all,
                   Tensor(), Tensor());
   }
