@@ -229,6 +229,33 @@ def test_layer_infer_matches_reference(dtype, case, T, B):
         assert_close_to_reference(g, want, same_dtype, name=name)
 
 
+def _assert_one_step_matches_reference(got, args):
+    """got, lstm_layer_infer's (h_all, c_all) for the one-step args (no lengths, zoneout or
+    reverse), against the reference computed in float64 and in the inputs' dtype, x_proj as one
+    GEMM."""
+    x, w_ih, bias, h0, c0, w_hh, w_hr = args[:7]
+
+    def reference_step(t):
+        def cast(v):
+            return None if v is None else v.to(t)
+        x_proj = torch.addmm(cast(bias), cast(x[0]), cast(w_ih).t()).unsqueeze(0)
+        return reference.lstm_layer_reference(x_proj, *map(cast, (h0, c0, w_hh, w_hr)), None,
+                                              False, None, None)[:2]
+
+    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_step(torch.float64),
+                                         reference_step(x.dtype), strict=True):
+        assert_close_to_reference(g, want, same_dtype, name=name)
+
+
+def _assert_nan_row_stays_in_its_state(args):
+    """NaN in the last row's input of a one-step lstm_layer_infer reaches that row's state only."""
+    x = args[0].clone()
+    x[0, -1, -1] = float("nan")
+    h_all, c_all = OPS.lstm_layer_infer(x, *args[1:])
+    assert h_all[0, -1].isnan().all() and c_all[0, -1].isnan().all()
+    assert h_all[0, :-1].isfinite().all() and c_all[0, :-1].isfinite().all()
+
+
 # One step (T = 1) of fewer rows than a vector computes its gates as dot products of the weights'
 # rows with the batch rows (lstm_step_gates_cpu.isa.cpp: float32 on avx2 and avx512; elsewhere
 # and with FASTATTN_LSTM_GEMM=torch, two GEMMs). Odd widths leave partial vectors along k, a
@@ -248,25 +275,11 @@ def test_layer_infer_one_step_gates(B, proj, monkeypatch):
     nan_heap((4 * H * B,), (1, B, P), (1, B, H), dtype=torch.float32)
     got = OPS.lstm_layer_infer(*args)
 
-    def reference_step(t):
-        def cast(v):
-            return None if v is None else v.to(t)
-        x_proj = torch.addmm(cast(bias), cast(x[0]), cast(w_ih).t()).unsqueeze(0)
-        return reference.lstm_layer_reference(x_proj, *map(cast, (h0, c0, w_hh, w_hr)), None,
-                                              False, None, None)[:2]
-
-    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_step(torch.float64),
-                                         reference_step(torch.float32), strict=True):
-        assert_close_to_reference(g, want, same_dtype, name=name)
+    _assert_one_step_matches_reference(got, args)
     monkeypatch.setenv("FASTATTN_LSTM_GEMM", "torch")
     torch.testing.assert_close(got, OPS.lstm_layer_infer(*args), rtol=2e-6, atol=2e-6)
     monkeypatch.delenv("FASTATTN_LSTM_GEMM")
-    # NaN in one row's input reaches that row's state only.
-    args[0] = x.clone()
-    args[0][0, B - 1, n_in - 1] = float("nan")
-    h_all, c_all = OPS.lstm_layer_infer(*args)
-    assert h_all[0, B - 1].isnan().all() and c_all[0, B - 1].isnan().all()
-    assert h_all[0, :B - 1].isfinite().all() and c_all[0, :B - 1].isfinite().all()
+    _assert_nan_row_stays_in_its_state(args)
 
 
 # fastattn::lstm_step_gates: a training cell step's products (fastattn.lstm_cell with grad), on
@@ -326,7 +339,6 @@ def test_step_gates_op_rejects_bad_shapes():
         OPS.lstm_step_gates(x, hx, w_ih, w_hh.double(), None)
 
 
-
 # One bf16 step where bf16 runs on AMX (C.cpu_lstm_bf16_rows_on_brgemm(); elsewhere this checks
 # the other one-step paths) takes its gates from two GEMMs with the weights on the left,
 # gates^T = w_ih x^T + w_hh h0^T + bias, and runs the cell alone on that feature-major layout:
@@ -350,21 +362,9 @@ def test_layer_infer_bf16_step(B, proj):
     nan_heap((4 * H * B,), (1, B, P), (1, B, H), dtype=bf16)
     got = OPS.lstm_layer_infer(*args)
 
-    def reference_step(t):
-        def cast(v):
-            return None if v is None else v.to(t)
-        x_proj = torch.addmm(cast(bias), cast(x[0]), cast(w_ih).t()).unsqueeze(0)
-        return reference.lstm_layer_reference(x_proj, *map(cast, (h0, c0, w_hh, w_hr)), None,
-                                              False, None, None)[:2]
+    _assert_one_step_matches_reference(got, args)
+    _assert_nan_row_stays_in_its_state(args)
 
-    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_step(torch.float64),
-                                         reference_step(bf16), strict=True):
-        assert_close_to_reference(g, want, same_dtype, name=name)
-    args[0] = x.clone()
-    args[0][0, B - 1, n_in - 1] = float("nan")
-    h_all, c_all = OPS.lstm_layer_infer(*args)
-    assert h_all[0, B - 1].isnan().all() and c_all[0, B - 1].isnan().all()
-    assert h_all[0, :B - 1].isfinite().all() and c_all[0, :B - 1].isfinite().all()
 
 @needs_cpu_kernels
 def test_layer_infer_without_bias_is_the_layer_forward():
