@@ -233,9 +233,11 @@ def test_inductor_lstm_matches_eager(inductor, dtype, grad, options):
 
 
 # fp32 training at B = 5 takes the gates from fastattn::lstm_step_gates (avx2 and avx512).
+# bf16 inference: one-step calls take their gates from GEMMs with the weights on the left
+# where bf16 runs on AMX (csrc/lstm/lstm_cpu.cpp, lstm_layer_infer).
 @pytest.mark.parametrize("dtype,grad", [(torch.float32, False), (torch.float32, True),
-                                        (torch.bfloat16, True)],
-                         ids=["fp32-inference", "fp32-train", "bf16-train"])
+                                        (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32-inference", "fp32-train", "bf16-inference", "bf16-train"])
 def test_inductor_lstm_cell_matches_eager(inductor, dtype, grad):
     cell = fastattn.LSTMCell(8, 16).to(dtype)
     inputs = (randn(5, 8, dtype=dtype), randn(5, 16, dtype=dtype), randn(5, 16, dtype=dtype))
