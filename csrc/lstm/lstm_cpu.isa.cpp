@@ -237,6 +237,12 @@ struct Fibre {
     constexpr int64_t kLine = 64 / sizeof(scalar_t);
     for (int64_t b = 0; b < B; b += kLine) __builtin_prefetch(at(t, b, f), kWrite);
   }
+  // The line holding feature f0 of row (t, b), in a tensor whose rows are dense (the unit-lane
+  // kernels' layout); nothing otherwise.
+  template <bool kWrite = false>
+  C10_ALWAYS_INLINE void prefetch_row(int64_t t, int64_t b, int64_t f0) const {
+    if (present() && view.sf == 1) __builtin_prefetch(at(t, b, f0), kWrite);
+  }
   C10_ALWAYS_INLINE void store(const Vec<acc_t>& v, int64_t t, int64_t b0, int64_t f, int lanes) const {
     if (present()) scatter(v, at(t, b0, f), view.sb, lanes);
   }
@@ -819,10 +825,24 @@ void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a, const Product& product) {
       h_all.store_row(h_new, t, b, p0, n);
     };
 
-    // Phase 1: row b's cell for the units of block u, from their gates' recurrent part.
+    // Phase 1: row b's cell for the units of block u, from their gates' recurrent part. Each
+    // cell asks for the lines that the same units' cell of row b + kAhead reads and writes: a
+    // product's rows come in order, each cell reading L features of each gate of its row (rows
+    // 4H elements apart), a stride the hardware prefetchers do not follow (bf16 T16 B128 H1024
+    // inference: the first x_proj load was a quarter of the cell's time; with the lines asked
+    // for 12 rows ahead, 6% faster there and 15% at T32 B64 H512, T64 B24 H256 unchanged, Xeon
+    // with AMX, min of 10 alternating runs; 24 rows ahead was no better).
+    constexpr int64_t kAhead = 12;
     product.run(h_prev, B, [&](Vec<acc_t> (&act)[4], int64_t b, int64_t u) {
       const int64_t j0 = u * L;
       const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
+      if (b + kAhead < B) {
+        for (int g = 0; g < 4; ++g) {
+          x_proj.prefetch_row(t, b + kAhead, g * H + j0);
+          gates_all.template prefetch_row<true>(t, b + kAhead, g * H + j0);
+        }
+        __builtin_prefetch(&c_buf[(b + kAhead) * H + j0], 1);
+      }
       for (int g = 0; g < 4; ++g) act[g] = act[g] + x_proj.load_row(t, b, g * H + j0, n);
       acc_t* cp_ptr = &c_buf[b * H + j0];
       const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
