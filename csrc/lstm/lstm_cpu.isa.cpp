@@ -476,15 +476,297 @@ struct Layout {
   }
 };
 
-// ---- forward ---------------------------------------------------------------------------------
+// ---- forward, lanes along the units (small batches, bf16 on brgemm) --------------------------
 
+// Rows of the row-major [*, K] weight w, transposed in blocks of up to L rows into out: block i
+// (block(i) = {first row, rows, offset}) becomes a [K, L] panel at out + offset whose row k holds
+// w[first .. first + rows - 1, k] (then zeros), rows `ld` apart. Register-blocked transposes
+// (cpu_transpose.h). Nothing for a null w.
+struct RowBlock {
+  int64_t first, rows, offset;
+};
+template <typename acc_t, typename Block>
+void transposed_rows(acc_t* out, const acc_t* w, int64_t K, int64_t ld, int64_t blocks,
+                     const Block& block) {
+  constexpr int64_t L = Vec<acc_t>::size();
+  if (!w) return;
+  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const RowBlock blk = block(i);
+      pack_transposed(w + blk.first * K, K, blk.rows, K, out + blk.offset, ld, L);
+    }
+  });
+}
+
+// A unit-lane tile of rows 0 .. nb - 1 (nb <= R) of the row-major a (rows lda apart) against V
+// vectors of b per k: tile_gemm with exactly nb rows (a batch smaller than R computes no
+// repeated rows), then epilogue(acc).
+template <typename acc_t, int R, int V, typename Epilogue>
+inline void unit_tile(int64_t nb, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                      int64_t K, const Epilogue& epilogue) {
+  with_count<R>(nb, [&](auto rows) {
+    constexpr int kRows = decltype(rows)::value;
+    Vec<acc_t> acc[kRows][V];
+    tile_gemm<acc_t, kRows, V>(acc, WeightTile<acc_t, kRows>::rows(a, lda, 0, kRows), b, ldb, K);
+    epilogue(acc);
+  });
+}
+
+// fn(i, b0, nb) for every block i < blocks of features, across threads (at least `grain` blocks
+// per thread), and every tile of nb <= R batch rows b0 .. b0 + nb - 1: how the unit-lane kernels
+// visit their tiles.
+template <int R, typename Fn>
+inline void for_unit_tiles(int64_t blocks, int64_t grain, int64_t batch, const Fn& fn) {
+  at::parallel_for(0, blocks, std::max<int64_t>(1, grain), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t b0 = 0; b0 < batch; b0 += R) fn(i, b0, std::min<int64_t>(R, batch - b0));
+    }
+  });
+}
+
+// The recurrent product of the unit-lane forward on our FMA tiles: w_hh^T per block u of L units
+// as a contiguous [P, 4, L] panel, row k holding gates i, f, g, o of units u * L .. u * L + L - 1
+// (a tile reads its four B vectors per k adjacent, and its panel as one sequential stream: panels
+// interleaved along k, 4 * H elements apart, made the inference op 2.6x slower at T32 B1 H1024,
+// where the weights come from memory every step). The state h is row-major [B, P] in the math
+// type.
 template <typename acc_t>
-struct FmaGateProduct;
+struct FmaGateProduct {
+  using state_t = acc_t;
+  static constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
+  const int64_t K, units, ld_state, panel;
+  const ScratchBuffer<acc_t> w_hh_t;
+
+  FmaGateProduct(const acc_t* w_hh, int64_t H, int64_t P)
+      : K(w_hh ? P : 0), units(ceil_div(H, L)), ld_state(P), panel(K * 4 * L),
+        w_hh_t(units * panel) {
+    transposed_rows(w_hh_t.data(), w_hh, P, 4 * L, 4 * units, [&](int64_t i) {
+      const int64_t g = i % 4, u = i / 4;
+      return RowBlock{g * H + u * L, std::min<int64_t>(L, H - u * L), u * panel + g * L};
+    });
+  }
+
+  // cell(pre, b, u) for every row b < B and block u of units, across threads, with pre the four
+  // gates' recurrent pre-activations h_prev[b] @ w_hh^T of the block's units.
+  template <typename Cell>
+  void run(const acc_t* h_prev, int64_t B, const Cell& cell) const {
+    for_unit_tiles<R>(units, unit_grain(4 * K, B) / L, B, [&](int64_t u, int64_t b0, int64_t nb) {
+      unit_tile<acc_t, R, 4>(nb, h_prev + b0 * ld_state, ld_state, w_hh_t.data() + u * panel,
+                             4 * L, K, [&](auto& acc) {
+        for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, u);
+      });
+    });
+  }
+};
+
 #ifdef CPU_CAPABILITY_AVX512
-struct BrgemmGateProduct;
-#endif
+// bf16 with LstmLayerShape::bf16_products (a CPU with AMX-BF16, cpu_brgemm::use_for_bf16(); no
+// projection): the unit-lane forward's recurrent product on AMX tiles through oneDNN's brgemm,
+// from w_hh in bf16, with the state h in bf16 (rounded as the h_all it outputs is, and as
+// nn.LSTM's oneDNN kernel rounds it) and c, the gates and the cell in fp32. With the weights
+// converted to fp32 for our FMA tiles, the bf16 LSTM ran at 0.39-0.49x nn.LSTM's speed there
+// (T64 B24 H256 and T32 B64 H512 inference; nn.LSTM runs bf16 on AMX).
+
+// The loop of both brgemm products: rows 0 .. B - 1 of a (bf16, `pairs` words per row) against
+// the blocks of `width` columns of w (VNNI-2 pairs, rows ld_w words apart), the blocks split
+// across threads (at least `grain` each), kRows rows and kBlocks blocks per product into an fp32
+// buffer that stays in L1 for epilogue(out, b, i), out pointing at row b's results of block i.
+template <int64_t kRows, int64_t kBlocks, typename Epilogue>
+void brgemm_row_blocks(const uint32_t* a, int64_t B, int64_t pairs, const uint32_t* w,
+                       int64_t ld_w, int64_t blocks, int64_t width, int64_t grain,
+                       const Epilogue& epilogue) {
+  at::parallel_for(0, blocks, grain, [&](int64_t i0, int64_t i1) {
+    const ScratchBuffer<float> out(kRows * kBlocks * width);
+    for (int64_t c0 = i0; c0 < i1; c0 += kBlocks) {
+      const int64_t nb = std::min(kBlocks, i1 - c0), ld_out = nb * width;
+      for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+        const int64_t m = std::min(kRows, B - b0);
+        cpu_brgemm::bf16_product(m, ld_out, pairs, a + b0 * pairs, pairs, w + c0 * width, ld_w,
+                                 out.data(), ld_out, false);
+        for (int64_t r = 0; r < m; ++r) {
+          for (int64_t c = 0; c < nb; ++c) epilogue(&out[r * ld_out + c * width], b0 + r, c0 + c);
+        }
+      }
+    }
+    cpu_brgemm::release();
+  });
+}
+
+// w_hh^T as brgemm's B operand: VNNI-2 pairs of the reduction (h's features 2k and 2k + 1 as
+// one 32-bit word in row k), its columns gate-interleaved per block of L units - column
+// (u * 4 + g) * L + l is gate g of unit u * L + l, zero past H - so that row b of a product
+// over whole blocks holds each block's four gates as four vectors. h is row-major [B, 2 * pairs]
+// in bf16 (brgemm's A; a zero column pads an odd P).
+struct BrgemmGateProduct {
+  using state_t = c10::BFloat16;
+  static constexpr int L = Vec<float>::size();
+  static_assert(L == kTransposeBlock, "a block of units is one register transpose wide");
+  // A product's rows and blocks of units: its fp32 result (32 KB) stays in L1 for the cells
+  // that read it.
+  static constexpr int64_t kRows = 32, kBlocks = 4;
+  const int64_t P, pairs, units, ld_state, ld_w;
+  const ScratchBuffer<uint32_t> w_pairs;
+
+  // Per block of L units, L pairs at a time, each gate: the gate's L rows hold 2L bf16 features
+  // of each unit as L words, which a register transpose puts in their L packed rows (the block's
+  // four gates side by side there). An even P's rows are whole words, read in place; an odd P's
+  // go through a buffer that gives their last pair a zero high half. (With the pairs outermost,
+  // each block of pairs read a line of every gate row, rows 2P bytes apart: one bf16 inference
+  // step of B64 H1024, which packed w_hh for its one product then, ran 1.48-1.56 ms against
+  // 1.36-1.44 with this order, Xeon with AMX, 2 threads.)
+  BrgemmGateProduct(const c10::BFloat16* w_hh, int64_t H, int64_t P)
+      : P(P), pairs(ceil_div(P, 2)), units(ceil_div(H, L)), ld_state(2 * pairs),
+        ld_w(4 * L * units), w_pairs(pairs * ld_w) {
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        const int rows = static_cast<int>(std::min<int64_t>(L, H - u * L));
+        for (int64_t k0 = 0; k0 < pairs; k0 += L) {
+          const int cols = static_cast<int>(std::min<int64_t>(L, pairs - k0));
+          const int64_t f0 = 2 * k0, nf = std::min<int64_t>(2 * L, P - f0);
+          const __mmask32 features = static_cast<__mmask32>((uint64_t{1} << nf) - 1);
+          for (int64_t g = 0; g < 4; ++g) {
+            const c10::BFloat16* gate_rows = w_hh + (g * H + u * L) * P + f0;
+            // The transpose moves 32-bit lanes without arithmetic: words pass through as floats.
+            float* dst = reinterpret_cast<float*>(w_pairs.data() + k0 * ld_w + (u * 4 + g) * L);
+            if (P % 2 == 0) {
+              transpose_block(reinterpret_cast<const float*>(gate_rows), P / 2, dst, ld_w, rows,
+                              cols);
+              continue;
+            }
+            alignas(64) uint32_t words[L][L];
+            for (int l = 0; l < rows; ++l) {
+              _mm512_store_si512(words[l], _mm512_maskz_loadu_epi16(features, gate_rows + l * P));
+            }
+            transpose_block(reinterpret_cast<const float*>(&words[0][0]), L, dst, ld_w, rows,
+                            cols);
+          }
+        }
+      }
+    });
+  }
+
+  // FmaGateProduct::run's contract: per thread a range of unit blocks, in products of up to
+  // kRows rows and kBlocks blocks.
+  template <typename Cell>
+  void run(const c10::BFloat16* h_prev, int64_t B, const Cell& cell) const {
+    const int64_t grain = std::max<int64_t>(1, unit_grain(4 * P, B) / L);
+    brgemm_row_blocks<kRows, kBlocks>(
+        reinterpret_cast<const uint32_t*>(h_prev), B, pairs, w_pairs.data(), ld_w, units, 4 * L,
+        grain, [&](const float* gates, int64_t b, int64_t u) {
+          Vec<float> pre[4];
+          for (int g = 0; g < 4; ++g) pre[g] = Vec<float>::loadu(gates + g * L);
+          cell(pre, b, u);
+        });
+  }
+};
+#endif  // CPU_CAPABILITY_AVX512
+
 template <typename scalar_t, typename Product>
-void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a, const Product& product);
+void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a, const Product& product) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using state_t = typename Product::state_t;
+  using F = Fibre<scalar_t, acc_t>;
+  constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
+  const Layout<acc_t> lay(a.shape);
+  const int64_t B = lay.B, H = lay.H, P = lay.P, ld_h = product.ld_state;
+  const bool proj = a.w_hr != nullptr;
+  const int64_t p_blocks = ceil_div(P, L);
+  // With a projection, w_hr^T per block of L projected features: a [H, L] panel.
+  auto w_hr_block = [&](int64_t i) {
+    return RowBlock{i * L, std::min<int64_t>(L, P - i * L), i * H * L};
+  };
+  const ScratchBuffer<acc_t> w_hr_t(proj ? p_blocks * H * L : 0);
+  transposed_rows(w_hr_t.data(), static_cast<const acc_t*>(a.w_hr), H, L, p_blocks, w_hr_block);
+  const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
+  const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
+  const Fibre<acc_t, acc_t> gates_all{a.gates_all};
+
+  // Row-major state: h [B, ld_h] in the product's state type, double-buffered (the product
+  // reads all of h_prev; columns past P stay zero), c [B, H] updated in place, hpre [B, H] (the
+  // projection's broadcasts).
+  const ScratchBuffer<state_t> h_buf(2 * B * ld_h, zero_filled);
+  const ScratchBuffer<acc_t> c_buf(B * H, zero_filled);
+  const ScratchBuffer<acc_t> hpre_buf(proj ? B * H : 0, zero_filled);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t p = 0; p < P; p += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, P - p));
+      store_n(h0.load_row(0, b, p, n), &h_buf[b * ld_h + p], n);
+    }
+    for (int64_t j = 0; j < H; j += L) {
+      const int n = static_cast<int>(std::min<int64_t>(L, H - j));
+      store_n(c0.load_row(0, b, j, n), &c_buf[b * H + j], n);
+    }
+  }
+
+  for (int64_t s = 0; s < lay.T; ++s) {
+    const int64_t t = lay.time(s), stepping = lay.rows(t);
+    const state_t* h_prev = h_buf.data() + (s % 2) * B * ld_h;
+    state_t* h_next = h_buf.data() + ((s + 1) % 2) * B * ld_h;
+
+    // h = lerp(h_new, h_prev, zoneout_h) for row b's features p0 .. p0 + n - 1; a row that does
+    // not step carries h_prev.
+    auto emit_h = [&](Vec<acc_t> h_new, int64_t b, int64_t p0, int n) {
+      const Vec<acc_t> hp = load_n<acc_t>(h_prev + b * ld_h + p0, n);
+      if (b >= stepping) h_new = hp;
+      else h_new = zoneout_mix(zh.present(), zh.load_row(t, b, p0, n), h_new, hp);
+      store_n(h_new, h_next + b * ld_h + p0, n);
+      h_all.store_row(h_new, t, b, p0, n);
+    };
+
+    // Phase 1: row b's cell for the units of block u, from their gates' recurrent part. Each
+    // cell asks for the lines that the same units' cell of row b + kAhead reads and writes: a
+    // product's rows come in order, each cell reading L features of each gate of its row (rows
+    // 4H elements apart), a stride the hardware prefetchers do not follow (bf16 T16 B128 H1024
+    // inference: the first x_proj load was a quarter of the cell's time; with the lines asked
+    // for 12 rows ahead, 6% faster there and 15% at T32 B64 H512, T64 B24 H256 unchanged, Xeon
+    // with AMX, min of 10 alternating runs; 24 rows ahead was no better).
+    constexpr int64_t kAhead = 12;
+    product.run(h_prev, B, [&](Vec<acc_t> (&act)[4], int64_t b, int64_t u) {
+      const int64_t j0 = u * L;
+      const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
+      if (b + kAhead < B) {
+        for (int g = 0; g < 4; ++g) {
+          x_proj.prefetch_row(t, b + kAhead, g * H + j0);
+          gates_all.template prefetch_row<true>(t, b + kAhead, g * H + j0);
+        }
+        __builtin_prefetch(&c_buf[(b + kAhead) * H + j0], 1);
+      }
+      for (int g = 0; g < 4; ++g) act[g] = act[g] + x_proj.load_row(t, b, g * H + j0, n);
+      acc_t* cp_ptr = &c_buf[b * H + j0];
+      const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
+      const CellOut<acc_t> out = cell_fwd(act, cp);
+      Vec<acc_t> c = zoneout_mix(zc.present(), zc.load_row(t, b, j0, n), out.c_new, cp);
+      Vec<acc_t> hpre = out.hpre;
+      if (b >= stepping) {
+        c = cp;
+        hpre = act[0] = act[1] = act[2] = act[3] = Vec<acc_t>(acc_t(0));
+      }
+      store_n(c, cp_ptr, n);
+      c_all.store_row(c, t, b, j0, n);
+      for (int g = 0; g < 4; ++g) gates_all.store_row(act[g], t, b, g * H + j0, n);
+      if (proj) {
+        store_n(hpre, &hpre_buf[b * H + j0], n);
+        hpre_all.store_row(hpre, t, b, j0, n);
+      } else {
+        emit_h(hpre, b, j0, n);
+      }
+    });
+
+    // Phase 2 (projection): h_new = hpre @ w_hr^T, per block of L projected features.
+    if (proj) {
+      for_unit_tiles<R>(p_blocks, unit_grain(H, B) / L, B, [&](int64_t i, int64_t b0, int64_t nb) {
+        const int64_t p0 = i * L;
+        const int n = static_cast<int>(std::min<int64_t>(L, P - p0));
+        unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.data() + i * H * L, L, H,
+                               [&](auto& acc) {
+          for (int64_t r = 0; r < rows_of(acc); ++r) emit_h(acc[r][0], b0 + r, p0, n);
+        });
+      });
+    }
+  }
+}
+
+// ---- forward, lanes along the batch (and the choice of lanes) --------------------------------
 
 template <typename scalar_t>
 void layer_fwd(const LstmLayerFwdArgs& a) {
@@ -599,294 +881,194 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
   }
 }
 
-// ---- forward, lanes along the units (small batches) ---------------------------------------
+// ---- backward, lanes along the units (small batches, bf16 on brgemm) -------------------------
 
-// Rows of the row-major [*, K] weight w, transposed in blocks of up to L rows into out: block i
-// (block(i) = {first row, rows, offset}) becomes a [K, L] panel at out + offset whose row k holds
-// w[first .. first + rows - 1, k] (then zeros), rows `ld` apart. Register-blocked transposes
-// (cpu_transpose.h). Nothing for a null w.
-struct RowBlock {
-  int64_t first, rows, offset;
-};
-template <typename acc_t, typename Block>
-void transposed_rows(acc_t* out, const acc_t* w, int64_t K, int64_t ld, int64_t blocks,
-                     const Block& block) {
-  constexpr int64_t L = Vec<acc_t>::size();
-  if (!w) return;
-  at::parallel_for(0, blocks, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const RowBlock blk = block(i);
-      pack_transposed(w + blk.first * K, K, blk.rows, K, out + blk.offset, ld, L);
-    }
-  });
-}
+// layer_bwd with the forward's unit lanes (small batches, and bf16 on brgemm): the state
+// gradients are row-major [B, features], and a Product computes dh_prev = dgates @ w_hh from the
+// step's gate gradients, row-major [B, G] in its grad_t.
 
-// A unit-lane tile of rows 0 .. nb - 1 (nb <= R) of the row-major a (rows lda apart) against V
-// vectors of b per k: tile_gemm with exactly nb rows (a batch smaller than R computes no
-// repeated rows), then epilogue(acc).
-template <typename acc_t, int R, int V, typename Epilogue>
-inline void unit_tile(int64_t nb, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-                      int64_t K, const Epilogue& epilogue) {
-  with_count<R>(nb, [&](auto rows) {
-    constexpr int kRows = decltype(rows)::value;
-    Vec<acc_t> acc[kRows][V];
-    tile_gemm<acc_t, kRows, V>(acc, WeightTile<acc_t, kRows>::rows(a, lda, 0, kRows), b, ldb, K);
-    epilogue(acc);
-  });
-}
+// dh_prev on our FMA tiles: w_hh's rows read in place as vectors of kBwdUnitVecs * L columns
+// (packed into contiguous panels, ColumnGroups), each row's gate gradients broadcast.
+constexpr int kBwdUnitVecs = 4;
 
-// fn(i, b0, nb) for every block i < blocks of features, across threads (at least `grain` blocks
-// per thread), and every tile of nb <= R batch rows b0 .. b0 + nb - 1: how the unit-lane kernels
-// visit their tiles.
-template <int R, typename Fn>
-inline void for_unit_tiles(int64_t blocks, int64_t grain, int64_t batch, const Fn& fn) {
-  at::parallel_for(0, blocks, std::max<int64_t>(1, grain), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t b0 = 0; b0 < batch; b0 += R) fn(i, b0, std::min<int64_t>(R, batch - b0));
-    }
-  });
-}
-
-// The recurrent product of the unit-lane forward on our FMA tiles: w_hh^T per block u of L units
-// as a contiguous [P, 4, L] panel, row k holding gates i, f, g, o of units u * L .. u * L + L - 1
-// (a tile reads its four B vectors per k adjacent, and its panel as one sequential stream: panels
-// interleaved along k, 4 * H elements apart, made the inference op 2.6x slower at T32 B1 H1024,
-// where the weights come from memory every step). The state h is row-major [B, P] in the math
-// type.
 template <typename acc_t>
-struct FmaGateProduct {
-  using state_t = acc_t;
-  static constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
-  const int64_t K, units, ld_state, panel;
-  const ScratchBuffer<acc_t> w_hh_t;
+struct FmaDhProduct {
+  using grad_t = acc_t;
+  static constexpr int L = Vec<acc_t>::size(), R = kUnitRows, V = kBwdUnitVecs;
+  const int64_t G, P, K;
+  const ColumnGroups<acc_t, V * L> w_hh_cols;
 
-  FmaGateProduct(const acc_t* w_hh, int64_t H, int64_t P)
-      : K(w_hh ? P : 0), units(ceil_div(H, L)), ld_state(P), panel(K * 4 * L),
-        w_hh_t(units * panel) {
-    transposed_rows(w_hh_t.data(), w_hh, P, 4 * L, 4 * units, [&](int64_t i) {
-      const int64_t g = i % 4, u = i / 4;
-      return RowBlock{g * H + u * L, std::min<int64_t>(L, H - u * L), u * panel + g * L};
-    });
-  }
+  FmaDhProduct(const acc_t* w_hh, int64_t G, int64_t P)
+      : G(G), P(P), K(w_hh ? G : 0), w_hh_cols(w_hh, G, P) {}
 
-  // cell(pre, b, u) for every row b < B and block u of units, across threads, with pre the four
-  // gates' recurrent pre-activations h_prev[b] @ w_hh^T of the block's units.
-  template <typename Cell>
-  void run(const acc_t* h_prev, int64_t B, const Cell& cell) const {
-    for_unit_tiles<R>(units, unit_grain(4 * K, B) / L, B, [&](int64_t u, int64_t b0, int64_t nb) {
-      unit_tile<acc_t, R, 4>(nb, h_prev + b0 * ld_state, ld_state, w_hh_t.data() + u * panel,
-                             4 * L, K, [&](auto& acc) {
-        for (int64_t r = 0; r < rows_of(acc); ++r) cell(acc[r], b0 + r, u);
+  // fn(dh, b, i) for every row b < B and block i of L columns, across threads, with dh the
+  // block's dgates[b] @ w_hh.
+  template <typename Fn>
+  void run(const acc_t* dgates, int64_t B, const Fn& fn) const {
+    for_unit_tiles<R>(ceil_div(P, V * L), 1, B, [&](int64_t i, int64_t b0, int64_t nb) {
+      unit_tile<acc_t, R, V>(nb, dgates + b0 * G, G, w_hh_cols.tile(i).base, V * L, K,
+                             [&](auto& acc) {
+        for (int64_t r = 0; r < rows_of(acc); ++r) {
+          for (int v = 0; v < V && (i * V + v) * L < P; ++v) fn(acc[r][v], b0 + r, i * V + v);
+        }
       });
     });
   }
 };
 
 #ifdef CPU_CAPABILITY_AVX512
-// bf16 with LstmLayerShape::bf16_products (a CPU with AMX-BF16, cpu_brgemm::use_for_bf16(); no
-// projection): the unit-lane forward's recurrent product on AMX tiles through oneDNN's brgemm,
-// from w_hh in bf16, with the state h in bf16 (rounded as the h_all it outputs is, and as
-// nn.LSTM's oneDNN kernel rounds it) and c, the gates and the cell in fp32. With the weights
-// converted to fp32 for our FMA tiles, the bf16 LSTM ran at 0.39-0.49x nn.LSTM's speed there
-// (T64 B24 H256 and T32 B64 H512 inference; nn.LSTM runs bf16 on AMX).
-
-// w_hh^T as brgemm's B operand: VNNI-2 pairs of the reduction (h's features 2k and 2k + 1 as
-// one 32-bit word in row k), its columns gate-interleaved per block of L units - column
-// (u * 4 + g) * L + l is gate g of unit u * L + l, zero past H - so that row b of a product
-// over whole blocks holds each block's four gates as four vectors. h is row-major [B, 2 * pairs]
-// in bf16 (brgemm's A; a zero column pads an odd P).
-struct BrgemmGateProduct {
-  using state_t = c10::BFloat16;
+// dh_prev on brgemm (LstmLayerShape::bf16_products): dgates rounded to bf16 (brgemm's A, as
+// nn.LSTM's oneDNN backward rounds them; grad_x_proj keeps the fp32 values' rounding), w_hh (bf16)
+// as B in VNNI-2 pairs of its rows (gates 2k and 2k + 1 of column p as word k of column p).
+struct BrgemmDhProduct {
+  using grad_t = c10::BFloat16;
   static constexpr int L = Vec<float>::size();
-  static_assert(L == kTransposeBlock, "a block of units is one register transpose wide");
-  // A product's rows and blocks of units: its fp32 result (32 KB) stays in L1 for the cells
-  // that read it.
-  static constexpr int64_t kRows = 32, kBlocks = 4;
-  const int64_t P, pairs, units, ld_state, ld_w;
+  // A product's rows and blocks of columns: 32 x 256 floats (32 KB) of result.
+  static constexpr int64_t kRows = 32, kBlocks = 16;
+  const int64_t G, blocks, ld_w;
   const ScratchBuffer<uint32_t> w_pairs;
 
-  // Per block of L units, L pairs at a time, each gate: the gate's L rows hold 2L bf16 features
-  // of each unit as L words, which a register transpose puts in their L packed rows (the block's
-  // four gates side by side there). An even P's rows are whole words, read in place; an odd P's
-  // go through a buffer that gives their last pair a zero high half. (With the pairs outermost,
-  // each block of pairs read a line of every gate row, rows 2P bytes apart: one bf16 inference
-  // step of B64 H1024, which packed w_hh for its one product then, ran 1.48-1.56 ms against
-  // 1.36-1.44 with this order, Xeon with AMX, 2 threads.)
-  BrgemmGateProduct(const c10::BFloat16* w_hh, int64_t H, int64_t P)
-      : P(P), pairs(ceil_div(P, 2)), units(ceil_div(H, L)), ld_state(2 * pairs),
-        ld_w(4 * L * units), w_pairs(pairs * ld_w) {
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int rows = static_cast<int>(std::min<int64_t>(L, H - u * L));
-        for (int64_t k0 = 0; k0 < pairs; k0 += L) {
-          const int cols = static_cast<int>(std::min<int64_t>(L, pairs - k0));
-          const int64_t f0 = 2 * k0, nf = std::min<int64_t>(2 * L, P - f0);
-          const __mmask32 features = static_cast<__mmask32>((uint64_t{1} << nf) - 1);
-          for (int64_t g = 0; g < 4; ++g) {
-            const c10::BFloat16* gate_rows = w_hh + (g * H + u * L) * P + f0;
-            // The transpose moves 32-bit lanes without arithmetic: words pass through as floats.
-            float* dst = reinterpret_cast<float*>(w_pairs.data() + k0 * ld_w + (u * 4 + g) * L);
-            if (P % 2 == 0) {
-              transpose_block(reinterpret_cast<const float*>(gate_rows), P / 2, dst, ld_w, rows,
-                              cols);
-              continue;
-            }
-            alignas(64) uint32_t words[L][L];
-            for (int l = 0; l < rows; ++l) {
-              _mm512_store_si512(words[l], _mm512_maskz_loadu_epi16(features, gate_rows + l * P));
-            }
-            transpose_block(reinterpret_cast<const float*>(&words[0][0]), L, dst, ld_w, rows,
-                            cols);
-          }
+  BrgemmDhProduct(const c10::BFloat16* w_hh, int64_t G, int64_t P)
+      : G(G), blocks(ceil_div(P, L)), ld_w(blocks * L), w_pairs(G / 2 * ld_w) {
+    at::parallel_for(0, G / 2, 16, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        const c10::BFloat16* even = w_hh + 2 * k * P;
+        for (int64_t p0 = 0; p0 < P; p0 += L) {
+          const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(L, P - p0)) - 1);
+          const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + p0));
+          const __m512i b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + P + p0));
+          _mm512_store_si512(w_pairs.data() + k * ld_w + p0,
+                             _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
         }
       }
     });
   }
 
-  // FmaGateProduct::run's contract: per thread a range of unit blocks, in products of up to
-  // kRows rows and kBlocks blocks.
-  template <typename Cell>
-  void run(const c10::BFloat16* h_prev, int64_t B, const Cell& cell) const {
-    const auto* h_words = reinterpret_cast<const uint32_t*>(h_prev);
-    const int64_t grain = std::max<int64_t>(1, unit_grain(4 * P, B) / L);
-    at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-      const ScratchBuffer<float> out(kRows * kBlocks * 4 * L);
-      for (int64_t c0 = u0; c0 < u1; c0 += kBlocks) {
-        const int64_t blocks = std::min(kBlocks, u1 - c0), ld_out = blocks * 4 * L;
-        for (int64_t b0 = 0; b0 < B; b0 += kRows) {
-          const int64_t m = std::min(kRows, B - b0);
-          cpu_brgemm::bf16_product(m, ld_out, pairs, h_words + b0 * pairs, pairs,
-                                   w_pairs.data() + c0 * 4 * L, ld_w, out.data(), ld_out, false);
-          for (int64_t r = 0; r < m; ++r) {
-            for (int64_t du = 0; du < blocks; ++du) {
-              const float* gates = &out[r * ld_out + du * 4 * L];
-              Vec<float> pre[4];
-              for (int g = 0; g < 4; ++g) pre[g] = Vec<float>::loadu(gates + g * L);
-              cell(pre, b0 + r, c0 + du);
-            }
-          }
-        }
-      }
-      cpu_brgemm::release();
-    });
+  template <typename Fn>
+  void run(const c10::BFloat16* dgates, int64_t B, const Fn& fn) const {
+    const int64_t grain = std::max<int64_t>(1, unit_grain(G, B) / L);
+    brgemm_row_blocks<kRows, kBlocks>(
+        reinterpret_cast<const uint32_t*>(dgates), B, G / 2, w_pairs.data(), ld_w, blocks, L,
+        grain, [&](const float* dh, int64_t b, int64_t i) { fn(Vec<float>::loadu(dh), b, i); });
   }
 };
 #endif  // CPU_CAPABILITY_AVX512
 
 template <typename scalar_t, typename Product>
-void layer_fwd_unit_lanes(const LstmLayerFwdArgs& a, const Product& product) {
+void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  using state_t = typename Product::state_t;
+  using grad_t = typename Product::grad_t;
   using F = Fibre<scalar_t, acc_t>;
   constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
   const Layout<acc_t> lay(a.shape);
-  const int64_t B = lay.B, H = lay.H, P = lay.P, ld_h = product.ld_state;
+  const int64_t T = lay.T, B = lay.B, H = lay.H, P = lay.P, G = lay.G;
   const bool proj = a.w_hr != nullptr;
-  const int64_t p_blocks = ceil_div(P, L);
-  // With a projection, w_hr^T per block of L projected features: a [H, L] panel.
-  auto w_hr_block = [&](int64_t i) {
-    return RowBlock{i * L, std::min<int64_t>(L, P - i * L), i * H * L};
-  };
-  const ScratchBuffer<acc_t> w_hr_t(proj ? p_blocks * H * L : 0);
-  transposed_rows(w_hr_t.data(), static_cast<const acc_t*>(a.w_hr), H, L, p_blocks, w_hr_block);
-  const F x_proj{a.x_proj}, h0{a.h0}, c0{a.c0}, zc{a.zoneout_c}, zh{a.zoneout_h};
-  const F h_all{a.h_all}, c_all{a.c_all}, hpre_all{a.hpre_all};
+  const ColumnGroups<acc_t, L> w_hr_cols(static_cast<const acc_t*>(a.w_hr), P, H);
+  const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
+  const F zc{a.zoneout_c}, zh{a.zoneout_h};
   const Fibre<acc_t, acc_t> gates_all{a.gates_all};
+  const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
+  const F grad_hproj_all{a.grad_hproj_all};
 
-  // Row-major state: h [B, ld_h] in the product's state type, double-buffered (the product
-  // reads all of h_prev; columns past P stay zero), c [B, H] updated in place, hpre [B, H] (the
-  // projection's broadcasts).
-  const ScratchBuffer<state_t> h_buf(2 * B * ld_h, zero_filled);
-  const ScratchBuffer<acc_t> c_buf(B * H, zero_filled);
-  const ScratchBuffer<acc_t> hpre_buf(proj ? B * H : 0, zero_filled);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t p = 0; p < P; p += L) {
-      const int n = static_cast<int>(std::min<int64_t>(L, P - p));
-      store_n(h0.load_row(0, b, p, n), &h_buf[b * ld_h + p], n);
+  // dh_new, dh_share and dc as layer_bwd's, row-major; the step's gate gradients [B, G] in the
+  // product's grad_t, double-buffered (the product of step s reads them all while its epilogue
+  // writes step s + 1's).
+  const ScratchBuffer<acc_t> dh_new(B * P, zero_filled), dh_share(B * P, zero_filled);
+  const ScratchBuffer<acc_t> dc(B * H, zero_filled);
+  const ScratchBuffer<grad_t> dgates(2 * B * G, zero_filled);
+  auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
+  auto lanes = [](int64_t size, int64_t f0) {
+    return static_cast<int>(std::min<int64_t>(L, size - f0));
+  };
+
+  // Row b's features p0 .. p0 + n - 1: dh_total = dh_carry + grad_h_all[t], split between h_new
+  // and h_prev (a row that does not step passes all of it to h_prev).
+  auto split = [&](int64_t s, Vec<acc_t> dh_total, int64_t b, int64_t p0, int n) {
+    const int64_t t = btime(s);
+    dh_total = dh_total + grad_h_all.load_row(t, b, p0, n);
+    Vec<acc_t> share = zoneout_share(zh.present(), zh.load_row(t, b, p0, n), dh_total);
+    if (b >= lay.rows(t)) share = dh_total;
+    const Vec<acc_t> into_new = dh_total - share;
+    store_n(share, &dh_share[b * P + p0], n);
+    store_n(into_new, &dh_new[b * P + p0], n);
+    if (proj) grad_hproj_all.store_row(into_new, t, b, p0, n);
+    return into_new;
+  };
+
+  // The pointwise backward of step s for row b's units k0 .. k0 + n - 1.
+  auto cell = [&](int64_t s, const Vec<acc_t>& dhpre, int64_t b, int64_t k0, int n) {
+    const int64_t t = btime(s);
+    Vec<acc_t> act[4];
+    for (int q = 0; q < 4; ++q) act[q] = gates_all.load_row(t, b, q * H + k0, n);
+    const int64_t t_prev = lay.reverse ? t + 1 : t - 1;
+    const Vec<acc_t> cp = s == T - 1 ? c0.load_row(0, b, k0, n) : c_all.load_row(t_prev, b, k0, n);
+    acc_t* dc_ptr = &dc[b * H + k0];
+    const Vec<acc_t> dc_total = load_n<acc_t>(dc_ptr, n) + grad_c_all.load_row(t, b, k0, n);
+    Vec<acc_t> d[4];
+    Vec<acc_t> dc_prev =
+        cell_bwd_zoneout(act, cp, dhpre, dc_total, zc.present(), zc.load_row(t, b, k0, n), d);
+    if (b >= lay.rows(t)) {
+      for (auto& x : d) x = Vec<acc_t>(acc_t(0));
+      dc_prev = dc_total;
     }
-    for (int64_t j = 0; j < H; j += L) {
-      const int n = static_cast<int>(std::min<int64_t>(L, H - j));
-      store_n(c0.load_row(0, b, j, n), &c_buf[b * H + j], n);
+    store_n(dc_prev, dc_ptr, n);
+    grad_t* dg = dgates.data() + (s % 2) * B * G + b * G;
+    for (int q = 0; q < 4; ++q) {
+      store_n(d[q], dg + q * H + k0, n);
+      grad_x_proj.store_row(d[q], t, b, q * H + k0, n);
     }
-  }
+  };
 
-  for (int64_t s = 0; s < lay.T; ++s) {
-    const int64_t t = lay.time(s), stepping = lay.rows(t);
-    const state_t* h_prev = h_buf.data() + (s % 2) * B * ld_h;
-    state_t* h_next = h_buf.data() + ((s + 1) % 2) * B * ld_h;
-
-    // h = lerp(h_new, h_prev, zoneout_h) for row b's features p0 .. p0 + n - 1; a row that does
-    // not step carries h_prev.
-    auto emit_h = [&](Vec<acc_t> h_new, int64_t b, int64_t p0, int n) {
-      const Vec<acc_t> hp = load_n<acc_t>(h_prev + b * ld_h + p0, n);
-      if (b >= stepping) h_new = hp;
-      else h_new = zoneout_mix(zh.present(), zh.load_row(t, b, p0, n), h_new, hp);
-      store_n(h_new, h_next + b * ld_h + p0, n);
-      h_all.store_row(h_new, t, b, p0, n);
-    };
-
-    // Phase 1: row b's cell for the units of block u, from their gates' recurrent part. Each
-    // cell asks for the lines that the same units' cell of row b + kAhead reads and writes: a
-    // product's rows come in order, each cell reading L features of each gate of its row (rows
-    // 4H elements apart), a stride the hardware prefetchers do not follow (bf16 T16 B128 H1024
-    // inference: the first x_proj load was a quarter of the cell's time; with the lines asked
-    // for 12 rows ahead, 6% faster there and 15% at T32 B64 H512, T64 B24 H256 unchanged, Xeon
-    // with AMX, min of 10 alternating runs; 24 rows ahead was no better).
-    constexpr int64_t kAhead = 12;
-    product.run(h_prev, B, [&](Vec<acc_t> (&act)[4], int64_t b, int64_t u) {
-      const int64_t j0 = u * L;
-      const int n = static_cast<int>(std::min<int64_t>(L, H - j0));
-      if (b + kAhead < B) {
-        for (int g = 0; g < 4; ++g) {
-          x_proj.prefetch_row(t, b + kAhead, g * H + j0);
-          gates_all.template prefetch_row<true>(t, b + kAhead, g * H + j0);
-        }
-        __builtin_prefetch(&c_buf[(b + kAhead) * H + j0], 1);
-      }
-      for (int g = 0; g < 4; ++g) act[g] = act[g] + x_proj.load_row(t, b, g * H + j0, n);
-      acc_t* cp_ptr = &c_buf[b * H + j0];
-      const Vec<acc_t> cp = load_n<acc_t>(cp_ptr, n);
-      const CellOut<acc_t> out = cell_fwd(act, cp);
-      Vec<acc_t> c = zoneout_mix(zc.present(), zc.load_row(t, b, j0, n), out.c_new, cp);
-      Vec<acc_t> hpre = out.hpre;
-      if (b >= stepping) {
-        c = cp;
-        hpre = act[0] = act[1] = act[2] = act[3] = Vec<acc_t>(acc_t(0));
-      }
-      store_n(c, cp_ptr, n);
-      c_all.store_row(c, t, b, j0, n);
-      for (int g = 0; g < 4; ++g) gates_all.store_row(act[g], t, b, g * H + j0, n);
+  // Phase A of step s: the gradient reaching hpre (through w_hr with a projection), then the
+  // cell; without a projection it runs fused into phase B of step s - 1, except for s = 0.
+  auto phase_a = [&](int64_t s) {
+    for_unit_tiles<R>(ceil_div(H, L), 1, B, [&](int64_t u, int64_t b0, int64_t nb) {
+      const int64_t k0 = u * L;
+      const int n = lanes(H, k0);
       if (proj) {
-        store_n(hpre, &hpre_buf[b * H + j0], n);
-        hpre_all.store_row(hpre, t, b, j0, n);
+        unit_tile<acc_t, R, 1>(nb, dh_new.data() + b0 * P, P, w_hr_cols.tile(u).base, L, P,
+                               [&](auto& acc) {
+          for (int64_t r = 0; r < rows_of(acc); ++r) cell(s, acc[r][0], b0 + r, k0, n);
+        });
       } else {
-        emit_h(hpre, b, j0, n);
+        for (int64_t b = b0; b < b0 + nb; ++b)
+          cell(s, load_n<acc_t>(&dh_new[b * P + k0], n), b, k0, n);
       }
     });
+  };
 
-    // Phase 2 (projection): h_new = hpre @ w_hr^T, per block of L projected features.
-    if (proj) {
-      for_unit_tiles<R>(p_blocks, unit_grain(H, B) / L, B, [&](int64_t i, int64_t b0, int64_t nb) {
-        const int64_t p0 = i * L;
-        const int n = static_cast<int>(std::min<int64_t>(L, P - p0));
-        unit_tile<acc_t, R, 1>(nb, hpre_buf.data() + b0 * H, H, w_hr_t.data() + i * H * L, L, H,
-                               [&](auto& acc) {
-          for (int64_t r = 0; r < rows_of(acc); ++r) emit_h(acc[r][0], b0 + r, p0, n);
-        });
-      });
-    }
+  if (T > 0) {
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t p0 = 0; p0 < P; p0 += L) split(0, Vec<acc_t>(acc_t(0)), b, p0, lanes(P, p0));
+    phase_a(0);
+  }
+  for (int64_t s = 0; s < T; ++s) {
+    if (s > 0 && proj) phase_a(s);
+    // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on) per block of L
+    // columns, then the split of the next step (and, without a projection, its cell).
+    const grad_t* dg = dgates.data() + (s % 2) * B * G;
+    product.run(dg, B, [&](const Vec<acc_t>& dh, int64_t b, int64_t i) {
+      const int64_t p0 = i * L;
+      const int n = lanes(P, p0);
+      const Vec<acc_t> carry = dh + load_n<acc_t>(&dh_share[b * P + p0], n);
+      if (s + 1 == T) {
+        grad_h0.store_row(carry, 0, b, p0, n);
+      } else {
+        const Vec<acc_t> into_new = split(s + 1, carry, b, p0, n);
+        if (!proj) cell(s + 1, into_new, b, p0, n);
+      }
+    });
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k0 = 0; k0 < H; k0 += L)
+      grad_c0.store_row(load_n<acc_t>(&dc[b * H + k0], lanes(H, k0)), 0, b, k0, lanes(H, k0));
+    if (T == 0)  // nothing ran: the gradients of h0 are zero
+      for (int64_t p0 = 0; p0 < P; p0 += L)
+        grad_h0.store_row(Vec<acc_t>(acc_t(0)), 0, b, p0, lanes(P, p0));
   }
 }
 
-// ---- backward --------------------------------------------------------------------------------
-
-template <typename acc_t>
-struct FmaDhProduct;
-#ifdef CPU_CAPABILITY_AVX512
-struct BrgemmDhProduct;
-#endif
-template <typename scalar_t, typename Product>
-void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product);
+// ---- backward, lanes along the batch (and the choice of lanes) -------------------------------
 
 template <typename scalar_t>
 void layer_bwd(const LstmLayerBwdArgs& a) {
@@ -1042,209 +1224,6 @@ void layer_bwd(const LstmLayerBwdArgs& a) {
     const Vec<acc_t> zero(acc_t(0));
     for (int64_t p = 0; p < P; ++p)
       for (int64_t v = 0; v < nvec; ++v) grad_h0.store(zero, 0, v * L, p, lay.lanes(v));
-  }
-}
-
-// ---- backward, lanes along the units (small batches) --------------------------------------
-
-// layer_bwd with the forward's unit lanes (small batches, and bf16 on brgemm): the state
-// gradients are row-major [B, features], and a Product computes dh_prev = dgates @ w_hh from the
-// step's gate gradients, row-major [B, G] in its grad_t.
-
-// dh_prev on our FMA tiles: w_hh's rows read in place as vectors of kBwdUnitVecs * L columns
-// (packed into contiguous panels, ColumnGroups), each row's gate gradients broadcast.
-constexpr int kBwdUnitVecs = 4;
-
-template <typename acc_t>
-struct FmaDhProduct {
-  using grad_t = acc_t;
-  static constexpr int L = Vec<acc_t>::size(), R = kUnitRows, V = kBwdUnitVecs;
-  const int64_t G, P, K;
-  const ColumnGroups<acc_t, V * L> w_hh_cols;
-
-  FmaDhProduct(const acc_t* w_hh, int64_t G, int64_t P)
-      : G(G), P(P), K(w_hh ? G : 0), w_hh_cols(w_hh, G, P) {}
-
-  // fn(dh, b, i) for every row b < B and block i of L columns, across threads, with dh the
-  // block's dgates[b] @ w_hh.
-  template <typename Fn>
-  void run(const acc_t* dgates, int64_t B, const Fn& fn) const {
-    for_unit_tiles<R>(ceil_div(P, V * L), 1, B, [&](int64_t i, int64_t b0, int64_t nb) {
-      unit_tile<acc_t, R, V>(nb, dgates + b0 * G, G, w_hh_cols.tile(i).base, V * L, K,
-                             [&](auto& acc) {
-        for (int64_t r = 0; r < rows_of(acc); ++r) {
-          for (int v = 0; v < V && (i * V + v) * L < P; ++v) fn(acc[r][v], b0 + r, i * V + v);
-        }
-      });
-    });
-  }
-};
-
-#ifdef CPU_CAPABILITY_AVX512
-// dh_prev on brgemm (LstmLayerShape::bf16_products): dgates rounded to bf16 (brgemm's A, as
-// nn.LSTM's oneDNN backward rounds them; grad_x_proj keeps the fp32 values' rounding), w_hh (bf16)
-// as B in VNNI-2 pairs of its rows (gates 2k and 2k + 1 of column p as word k of column p).
-struct BrgemmDhProduct {
-  using grad_t = c10::BFloat16;
-  static constexpr int L = Vec<float>::size();
-  // A product's rows and blocks of columns: 32 x 256 floats (32 KB) of result.
-  static constexpr int64_t kRows = 32, kBlocks = 16;
-  const int64_t G, blocks, ld_w;
-  const ScratchBuffer<uint32_t> w_pairs;
-
-  BrgemmDhProduct(const c10::BFloat16* w_hh, int64_t G, int64_t P)
-      : G(G), blocks(ceil_div(P, L)), ld_w(blocks * L), w_pairs(G / 2 * ld_w) {
-    at::parallel_for(0, G / 2, 16, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        const c10::BFloat16* even = w_hh + 2 * k * P;
-        for (int64_t p0 = 0; p0 < P; p0 += L) {
-          const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(L, P - p0)) - 1);
-          const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + p0));
-          const __m512i b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, even + P + p0));
-          _mm512_store_si512(w_pairs.data() + k * ld_w + p0,
-                             _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
-        }
-      }
-    });
-  }
-
-  template <typename Fn>
-  void run(const c10::BFloat16* dgates, int64_t B, const Fn& fn) const {
-    const auto* dg_words = reinterpret_cast<const uint32_t*>(dgates);
-    const int64_t kp = G / 2;
-    const int64_t grain = std::max<int64_t>(1, unit_grain(G, B) / L);
-    at::parallel_for(0, blocks, grain, [&](int64_t i0, int64_t i1) {
-      const ScratchBuffer<float> out(kRows * kBlocks * L);
-      for (int64_t c0 = i0; c0 < i1; c0 += kBlocks) {
-        const int64_t ld_out = std::min(kBlocks, i1 - c0) * L;
-        for (int64_t b0 = 0; b0 < B; b0 += kRows) {
-          const int64_t m = std::min(kRows, B - b0);
-          cpu_brgemm::bf16_product(m, ld_out, kp, dg_words + b0 * kp, kp,
-                                   w_pairs.data() + c0 * L, ld_w, out.data(), ld_out, false);
-          for (int64_t r = 0; r < m; ++r) {
-            for (int64_t c = 0; c * L < ld_out; ++c) {
-              fn(Vec<float>::loadu(&out[r * ld_out + c * L]), b0 + r, c0 + c);
-            }
-          }
-        }
-      }
-      cpu_brgemm::release();
-    });
-  }
-};
-#endif  // CPU_CAPABILITY_AVX512
-
-template <typename scalar_t, typename Product>
-void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  using grad_t = typename Product::grad_t;
-  using F = Fibre<scalar_t, acc_t>;
-  constexpr int L = Vec<acc_t>::size(), R = kUnitRows;
-  const Layout<acc_t> lay(a.shape);
-  const int64_t T = lay.T, B = lay.B, H = lay.H, P = lay.P, G = lay.G;
-  const bool proj = a.w_hr != nullptr;
-  const ColumnGroups<acc_t, L> w_hr_cols(static_cast<const acc_t*>(a.w_hr), P, H);
-  const F grad_h_all{a.grad_h_all}, grad_c_all{a.grad_c_all}, c0{a.c0}, c_all{a.c_all};
-  const F zc{a.zoneout_c}, zh{a.zoneout_h};
-  const Fibre<acc_t, acc_t> gates_all{a.gates_all};
-  const F grad_x_proj{a.grad_x_proj}, grad_h0{a.grad_h0}, grad_c0{a.grad_c0};
-  const F grad_hproj_all{a.grad_hproj_all};
-
-  // dh_new, dh_share and dc as layer_bwd's, row-major; the step's gate gradients [B, G] in the
-  // product's grad_t, double-buffered (the product of step s reads them all while its epilogue
-  // writes step s + 1's).
-  const ScratchBuffer<acc_t> dh_new(B * P, zero_filled), dh_share(B * P, zero_filled);
-  const ScratchBuffer<acc_t> dc(B * H, zero_filled);
-  const ScratchBuffer<grad_t> dgates(2 * B * G, zero_filled);
-  auto btime = [&](int64_t s) { return lay.time(T - 1 - s); };
-  auto lanes = [](int64_t size, int64_t f0) {
-    return static_cast<int>(std::min<int64_t>(L, size - f0));
-  };
-
-  // Row b's features p0 .. p0 + n - 1: dh_total = dh_carry + grad_h_all[t], split between h_new
-  // and h_prev (a row that does not step passes all of it to h_prev).
-  auto split = [&](int64_t s, Vec<acc_t> dh_total, int64_t b, int64_t p0, int n) {
-    const int64_t t = btime(s);
-    dh_total = dh_total + grad_h_all.load_row(t, b, p0, n);
-    Vec<acc_t> share = zoneout_share(zh.present(), zh.load_row(t, b, p0, n), dh_total);
-    if (b >= lay.rows(t)) share = dh_total;
-    const Vec<acc_t> into_new = dh_total - share;
-    store_n(share, &dh_share[b * P + p0], n);
-    store_n(into_new, &dh_new[b * P + p0], n);
-    if (proj) grad_hproj_all.store_row(into_new, t, b, p0, n);
-    return into_new;
-  };
-
-  // The pointwise backward of step s for row b's units k0 .. k0 + n - 1.
-  auto cell = [&](int64_t s, const Vec<acc_t>& dhpre, int64_t b, int64_t k0, int n) {
-    const int64_t t = btime(s);
-    Vec<acc_t> act[4];
-    for (int q = 0; q < 4; ++q) act[q] = gates_all.load_row(t, b, q * H + k0, n);
-    const int64_t t_prev = lay.reverse ? t + 1 : t - 1;
-    const Vec<acc_t> cp = s == T - 1 ? c0.load_row(0, b, k0, n) : c_all.load_row(t_prev, b, k0, n);
-    acc_t* dc_ptr = &dc[b * H + k0];
-    const Vec<acc_t> dc_total = load_n<acc_t>(dc_ptr, n) + grad_c_all.load_row(t, b, k0, n);
-    Vec<acc_t> d[4];
-    Vec<acc_t> dc_prev =
-        cell_bwd_zoneout(act, cp, dhpre, dc_total, zc.present(), zc.load_row(t, b, k0, n), d);
-    if (b >= lay.rows(t)) {
-      for (auto& x : d) x = Vec<acc_t>(acc_t(0));
-      dc_prev = dc_total;
-    }
-    store_n(dc_prev, dc_ptr, n);
-    grad_t* dg = dgates.data() + (s % 2) * B * G + b * G;
-    for (int q = 0; q < 4; ++q) {
-      store_n(d[q], dg + q * H + k0, n);
-      grad_x_proj.store_row(d[q], t, b, q * H + k0, n);
-    }
-  };
-
-  // Phase A of step s: the gradient reaching hpre (through w_hr with a projection), then the
-  // cell; without a projection it runs fused into phase B of step s - 1, except for s = 0.
-  auto phase_a = [&](int64_t s) {
-    for_unit_tiles<R>(ceil_div(H, L), 1, B, [&](int64_t u, int64_t b0, int64_t nb) {
-      const int64_t k0 = u * L;
-      const int n = lanes(H, k0);
-      if (proj) {
-        unit_tile<acc_t, R, 1>(nb, dh_new.data() + b0 * P, P, w_hr_cols.tile(u).base, L, P,
-                               [&](auto& acc) {
-          for (int64_t r = 0; r < rows_of(acc); ++r) cell(s, acc[r][0], b0 + r, k0, n);
-        });
-      } else {
-        for (int64_t b = b0; b < b0 + nb; ++b)
-          cell(s, load_n<acc_t>(&dh_new[b * P + k0], n), b, k0, n);
-      }
-    });
-  };
-
-  if (T > 0) {
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t p0 = 0; p0 < P; p0 += L) split(0, Vec<acc_t>(acc_t(0)), b, p0, lanes(P, p0));
-    phase_a(0);
-  }
-  for (int64_t s = 0; s < T; ++s) {
-    if (s > 0 && proj) phase_a(s);
-    // Phase B: dh_prev = dgates_s @ w_hh (+ the share passed straight on) per block of L
-    // columns, then the split of the next step (and, without a projection, its cell).
-    const grad_t* dg = dgates.data() + (s % 2) * B * G;
-    product.run(dg, B, [&](const Vec<acc_t>& dh, int64_t b, int64_t i) {
-      const int64_t p0 = i * L;
-      const int n = lanes(P, p0);
-      const Vec<acc_t> carry = dh + load_n<acc_t>(&dh_share[b * P + p0], n);
-      if (s + 1 == T) {
-        grad_h0.store_row(carry, 0, b, p0, n);
-      } else {
-        const Vec<acc_t> into_new = split(s + 1, carry, b, p0, n);
-        if (!proj) cell(s + 1, into_new, b, p0, n);
-      }
-    });
-  }
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k0 = 0; k0 < H; k0 += L)
-      grad_c0.store_row(load_n<acc_t>(&dc[b * H + k0], lanes(H, k0)), 0, b, k0, lanes(H, k0));
-    if (T == 0)  // nothing ran: the gradients of h0 are zero
-      for (int64_t p0 = 0; p0 < P; p0 += L)
-        grad_h0.store_row(Vec<acc_t>(acc_t(0)), 0, b, p0, lanes(P, p0));
   }
 }
 
