@@ -229,21 +229,22 @@ def test_layer_infer_matches_reference(dtype, case, T, B):
         assert_close_to_reference(g, want, same_dtype, name=name)
 
 
-def _assert_one_step_matches_reference(got, args):
-    """got, lstm_layer_infer's (h_all, c_all) for the one-step args (no lengths, zoneout or
-    reverse), against the reference computed in float64 and in the inputs' dtype, x_proj as one
-    GEMM."""
-    x, w_ih, bias, h0, c0, w_hh, w_hr = args[:7]
+def _assert_infer_matches_reference(got, args):
+    """got, lstm_layer_infer's (h_all, c_all) for args without lengths or zoneout, against the
+    reference computed in float64 and in the inputs' dtype, x_proj as one GEMM."""
+    x, w_ih, bias, h0, c0, w_hh, w_hr, _, reverse = args[:9]
+    T, B, n_in = x.shape
 
-    def reference_step(t):
+    def reference_layer(t):
         def cast(v):
             return None if v is None else v.to(t)
-        x_proj = torch.addmm(cast(bias), cast(x[0]), cast(w_ih).t()).unsqueeze(0)
-        return reference.lstm_layer_reference(x_proj, *map(cast, (h0, c0, w_hh, w_hr)), None,
-                                              False, None, None)[:2]
+        x_proj = torch.addmm(cast(bias), cast(x).reshape(T * B, n_in), cast(w_ih).t())
+        return reference.lstm_layer_reference(x_proj.view(T, B, -1),
+                                              *map(cast, (h0, c0, w_hh, w_hr)), None, reverse,
+                                              None, None)[:2]
 
-    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_step(torch.float64),
-                                         reference_step(x.dtype), strict=True):
+    for name, g, want, same_dtype in zip(("h_all", "c_all"), got, reference_layer(torch.float64),
+                                         reference_layer(x.dtype), strict=True):
         assert_close_to_reference(g, want, same_dtype, name=name)
 
 
@@ -275,7 +276,7 @@ def test_layer_infer_one_step_gates(B, proj, monkeypatch):
     nan_heap((4 * H * B,), (1, B, P), (1, B, H), dtype=torch.float32)
     got = OPS.lstm_layer_infer(*args)
 
-    _assert_one_step_matches_reference(got, args)
+    _assert_infer_matches_reference(got, args)
     monkeypatch.setenv("FASTATTN_LSTM_GEMM", "torch")
     torch.testing.assert_close(got, OPS.lstm_layer_infer(*args), rtol=2e-6, atol=2e-6)
     monkeypatch.delenv("FASTATTN_LSTM_GEMM")
@@ -362,8 +363,27 @@ def test_layer_infer_bf16_step(B, proj):
     nan_heap((4 * H * B,), (1, B, P), (1, B, H), dtype=bf16)
     got = OPS.lstm_layer_infer(*args)
 
-    _assert_one_step_matches_reference(got, args)
+    _assert_infer_matches_reference(got, args)
     _assert_nan_row_stays_in_its_state(args)
+
+
+# bf16 inference computes x_proj in chunks of at least 2048 rows where bf16 runs on AMX (about
+# 4 MiB elsewhere): T = 110 steps of B = 20 rows (H = 256) run two chunks there (103 + 7 steps)
+# and elsewhere (102 + 8), each later chunk starting from the state the one before left, in
+# either direction.
+@needs_cpu_kernels
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_layer_infer_bf16_chunks(reverse):
+    T, B, n_in, H = 110, 20, 24, 256
+    bf16 = torch.bfloat16
+    x = randn(T, B, n_in, dtype=bf16)
+    h0, c0 = randn(B, H, dtype=bf16), randn(B, H, dtype=bf16)
+    w_ih, bias = randn(4 * H, n_in, dtype=bf16, scale=0.3), randn(4 * H, dtype=bf16)
+    # A contracting recurrence (test_layer_infer_matches_reference's scale).
+    w_hh = randn(4 * H, H, dtype=bf16, scale=1 / 8)
+    args = [x, w_ih, bias, h0, c0, w_hh, None, None, reverse, None, None]
+    nan_heap((T, B, H), (T, B, H), dtype=bf16)
+    _assert_infer_matches_reference(OPS.lstm_layer_infer(*args), args)
 
 
 @needs_cpu_kernels
