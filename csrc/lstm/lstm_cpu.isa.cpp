@@ -594,9 +594,10 @@ void brgemm_row_blocks(const uint32_t* a, int64_t B, int64_t pairs, const uint32
 
 // w_hh^T as brgemm's B operand: VNNI-2 pairs of the reduction (h's features 2k and 2k + 1 as
 // one 32-bit word in row k), its columns gate-interleaved per block of L units - column
-// (u * 4 + g) * L + l is gate g of unit u * L + l, zero past H - so that row b of a product
-// over whole blocks holds each block's four gates as four vectors. h is row-major [B, 2 * pairs]
-// in bf16 (brgemm's A; a zero column pads an odd P).
+// (u * 4 + g) * L + l is gate g of unit u * L + l - so that row b of a product over whole blocks
+// holds each block's four gates as four vectors. The columns past H are left unwritten: they
+// only feed lanes that the cell does not store. h is row-major [B, 2 * pairs] in bf16 (brgemm's
+// A; a zero column pads an odd P).
 struct BrgemmGateProduct {
   using state_t = c10::BFloat16;
   static constexpr int L = Vec<float>::size();
