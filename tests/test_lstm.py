@@ -314,11 +314,11 @@ def test_lstm_cell_fp32_vs_float64(B):
             assert_close_to_reference(a, b, c, name=f"{name} (grad {grad})")
 
 
-# Training steps of float32 cells: fewer rows than a vector take the gates from
-# fastattn::lstm_step_gates (B 1 and 7 on AVX2 and AVX-512), more rows from two GEMMs (B 40;
-# B 70: fastattn::linear's, where its GEMM beats torch.mm's). Every gradient against float64,
-# within twice torch's own error.
-@pytest.mark.parametrize("B", [1, 7, 40, 70])
+# Training steps of float32 cells: fewer rows than two vectors take the gates from
+# fastattn::lstm_step_gates (B 1 and 7 on AVX2 and AVX-512, 17 on AVX-512), more rows from two
+# GEMMs (B 17 on AVX2, 40; B 70: fastattn::linear's, where its GEMM beats torch.mm's). Every
+# gradient against float64, within twice torch's own error.
+@pytest.mark.parametrize("B", [1, 7, 17, 40, 70])
 def test_lstm_cell_fp32_gradients_vs_float64(B):
     cell64, theirs, ours = _cells_fp64_torch_ours(33, 17)
     x, h, c, grad_h, grad_c = (torch.randn(B, n, dtype=torch.float64) for n in (33, 17, 17, 17, 17))

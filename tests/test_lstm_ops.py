@@ -188,10 +188,10 @@ def test_layer_bwd_where_the_cell_gradient_cancels(dtype, B, H, device):
 # or more. The CPU kernel puts its lanes along the units below two vectors of rows (B < 32 on
 # avx512, < 16 on avx2), along the batch above: B = 5 and 40 run one each everywhere, B = 16 and
 # 20 the unit lanes on avx512 and the batch lanes on avx2 (one full vector there at 16). One step
-# (T = 1) of fewer rows than a vector (B = 3) adds h0 @ w_hh^T to x_proj and runs the cell alone;
-# of B = 20, one step of a kernel; of B = 40, one step of the batch lanes, whose float32
-# projection (brgemm, cpu_gemm.cpp) then has fewer column blocks than threads and splits its
-# rows.
+# (T = 1) of a batch the unit lanes would take (B = 3, and 20 on avx512) adds h0 @ w_hh^T to
+# x_proj and runs the cell alone; of B = 20 on avx2, one step of the batch lanes; of B = 40, one
+# step of the batch lanes everywhere, whose float32 projection (brgemm, cpu_gemm.cpp) then has
+# fewer column blocks than threads and splits its rows.
 @needs_cpu_kernels
 @pytest.mark.parametrize(("T", "B"),
                          [(70, 5), (70, 16), (70, 20), (70, 40), (1, 3), (1, 20), (1, 40)],
@@ -257,12 +257,14 @@ def _assert_nan_row_stays_in_its_state(args):
     assert h_all[0, :-1].isfinite().all() and c_all[0, :-1].isfinite().all()
 
 
-# One step (T = 1) of fewer rows than a vector computes its gates as dot products of the weights'
-# rows with the batch rows (lstm_step_gates_cpu.isa.cpp: float32 on avx2 and avx512; elsewhere
-# and with FASTATTN_LSTM_GEMM=torch, two GEMMs). Odd widths leave partial vectors along k, a
-# projection makes h0 narrower than the units, and x and h0 are row-strided views read in place.
+# One step (T = 1) of fewer rows than two vectors (B < 32 on avx512, < 16 on avx2) computes its
+# gates as dot products of the weights' rows with the batch rows (lstm_step_gates_cpu.isa.cpp:
+# float32 on avx2 and avx512; elsewhere and with FASTATTN_LSTM_GEMM=torch, two GEMMs): B = 9 and
+# 17 past one vector of avx2 and avx512, 31 the last batch of avx512's, 17 and 31 past avx2's (one
+# step of the batch lanes there). Odd widths leave partial vectors along k, a projection makes h0
+# narrower than the units, and x and h0 are row-strided views read in place.
 @needs_cpu_kernels
-@pytest.mark.parametrize("B", [1, 2, 5, 7])
+@pytest.mark.parametrize("B", [1, 2, 5, 7, 9, 17, 31])
 @pytest.mark.parametrize("proj", [False, True], ids=["plain", "proj"])
 def test_layer_infer_one_step_gates(B, proj, monkeypatch):
     n_in, H = 7, 33
@@ -284,11 +286,11 @@ def test_layer_infer_one_step_gates(B, proj, monkeypatch):
 
 
 # fastattn::lstm_step_gates: a training cell step's products (fastattn.lstm_cell with grad), on
-# the same kernel for B < lstm_ops._STEP_GATES_BELOW, else on two GEMMs; B = 17 is past the
-# kernel's batches on both ISAs that have it, B = 0 an empty step. Odd widths, row-strided input
-# and state read in place, and every gradient, against float64.
+# the same kernel for B < lstm_ops._STEP_GATES_BELOW, else on two GEMMs; B = 17 is within the
+# kernel's batches on avx512 and past avx2's, B = 40 past both, B = 0 an empty step. Odd widths,
+# row-strided input and state read in place, and every gradient, against float64.
 @needs_cpu_kernels
-@pytest.mark.parametrize("B", [0, 1, 3, 7, 17])
+@pytest.mark.parametrize("B", [0, 1, 3, 7, 17, 40])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_step_gates_op(B, bias, monkeypatch):
     n_in, H = 7, 33

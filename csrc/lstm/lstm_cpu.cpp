@@ -213,9 +213,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
 }
 
 // rows = (bias +) x @ w_ih^T + h0 @ w_hh^T, the gate pre-activations of one step: by the
-// GEMV-style kernel (lstm_step_gates_cpu.isa.cpp) for fewer rows than a vector where it serves
-// (float32, unit column strides, an ISA it is faster on, FASTATTN_LSTM_GEMM not torch), else by
-// two GEMMs.
+// GEMV-style kernel (lstm_step_gates_cpu.isa.cpp) for the batches that lstm_layer_step_on_gemm
+// names (fewer rows than two vectors) where it serves (float32, unit column strides, an ISA it is
+// faster on, FASTATTN_LSTM_GEMM not torch), else by two GEMMs.
 void step_gates(Tensor& rows, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                 const Tensor& w_hh, const Tensor& bias) {
   const bool f32 = rows.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat;
@@ -293,11 +293,12 @@ std::tuple<Tensor, Tensor> lstm_layer_infer_cpu(
   Tensor h_all = at::empty({T, B, p.P}, input.options());
   Tensor c_all = at::empty({T, B, H}, input.options());
   if (T == 0 || B == 0) return {h_all, c_all};
-  // One step of a batch that fills less than a vector (a cell, a sampling loop's step): the
-  // recurrent product h0 @ w_hh^T goes into x_proj with the input's (step_gates, or one more
-  // GEMM), and the kernel runs the cell alone (no w_hh). Its kernels would leave most lanes idle
-  // or pack w_hh for this one step: T1 B1 H256 took 111 us through the unit-lane kernel, 76 us
-  // on two GEMMs (torch's lstm_cell: 75), 43 us on step_gates (1 thread, Zen 4).
+  // One step of a batch below two vectors (a cell, a sampling loop's step): the recurrent
+  // product h0 @ w_hh^T goes into x_proj with the input's (step_gates, or one more GEMM), and
+  // the kernel runs the cell alone (no w_hh). Its unit lanes would pack w_hh for this one step:
+  // T1 B1 H256 took 111 us through the unit-lane kernel, 76 us on two GEMMs (torch's
+  // lstm_cell: 75), 43 us on step_gates (1 thread, Zen 4); B16 H256 138 us, 125 and 84 (Xeon
+  // with AMX, 2 threads; lstm_cpu.isa.cpp's lstm_layer_step_on_gemm).
   // A bf16 step where bf16 runs on AMX (the unit-lane brgemm products' CPUs) goes to two GEMMs
   // as well, whatever its batch, with the weights as their left operands: gates^T [4H, B] =
   // w_ih x^T + w_hh h0^T (+ bias). oneDNN's AMX matmul packs its right operand into VNNI pairs on

@@ -71,7 +71,8 @@ void tile(const LstmStepGatesArgs& a, int64_t j0, int64_t b0, int64_t nb) {
 
 // Where it beat the two GEMMs (lstm_layer_infer's one-step path, 1 thread, Zen 4): the AVX2 and
 // AVX-512 builds, at every batch of fewer rows than a vector and H 64-1024, by 1.3-2.7x (H64
-// B12-15: even); the default build's emulated vectors ran 1.3-10x slower than torch.mm.
+// B12-15: even), and on the Xeon with AMX (2 threads) at B16-31 too, by 1.3-1.45x (H256-1024);
+// the default build's emulated vectors ran 1.3-10x slower than torch.mm.
 bool lstm_step_gates_runs() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   return true;
