@@ -67,7 +67,7 @@ def _gemm_wins() -> bool:
 @pytest.mark.parametrize("shape", ["leading", "transposed", "few_rows", "empty"])
 def test_linear_matches_f_linear(bias, shape):
     """fastattn.ops.linear against F.linear in float32 and float64: output and every gradient
-    within 2x F.linear's float32 error; the op serves exactly the calls _takes_op promises."""
+    within 2x F.linear's float32 error; the op serves exactly the calls takes_op promises."""
     K, N = 37, 33
     x = {"leading": lambda: randn(2, 40, K), "transposed": lambda: randn(2, 40, K).transpose(0, 1),
          "few_rows": lambda: randn(7, K), "empty": lambda: randn(3, 0, K)}[shape]()

@@ -285,12 +285,12 @@ def test_lstm_cell_matches_torch(batched, bias, with_hx):
     _assert_same(results[1][1], results[0][1], [f"grad {i}" for i in range(len(results[0][1]))])
 
 
-def _cells_fp64_torch_ours(input_size: int, hidden_size: int):
+def _cells_fp64_torch_ours(input_size: int, hidden_size: int, dtype=torch.float32):
     """A float64 nn.LSTMCell (the reference: torch's own op, sharing no code with ours), and
-    float32 nn.LSTMCell and fastattn.LSTMCell with its weights."""
+    nn.LSTMCell and fastattn.LSTMCell of ``dtype`` with its weights."""
     cell64 = torch.nn.LSTMCell(input_size, hidden_size, dtype=torch.float64)
-    theirs = torch.nn.LSTMCell(input_size, hidden_size)
-    ours = fastattn.LSTMCell(input_size, hidden_size)
+    theirs = torch.nn.LSTMCell(input_size, hidden_size, dtype=dtype)
+    ours = fastattn.LSTMCell(input_size, hidden_size, dtype=dtype)
     theirs.load_state_dict(cell64.state_dict())
     ours.load_state_dict(cell64.state_dict())
     return cell64, theirs, ours
@@ -314,13 +314,15 @@ def test_lstm_cell_fp32_vs_float64(B):
             assert_close_to_reference(a, b, c, name=f"{name} (grad {grad})")
 
 
-# Training steps of float32 cells: fewer rows than two vectors take the gates from
-# fastattn::lstm_step_gates (B 1 and 7 on AVX2 and AVX-512, 17 on AVX-512), more rows from two
-# GEMMs (B 17 on AVX2, 40; B 70: fastattn::linear's, where its GEMM beats torch.mm's). Every
+# Training steps: the gates from fastattn::lstm_step_gates, on its GEMV-style kernel for float32
+# batches below two vectors (B 1 and 7 on AVX2 and AVX-512, 17 on AVX-512), else on two GEMMs
+# (B 17 on AVX2, 40, and every bfloat16 and float16 batch), except where fastattn::linear's GEMM
+# beats torch.mm's (float32 B 70 on AVX-512 AMD CPUs: two fastattn::linear calls). Every
 # gradient against float64, within twice torch's own error.
 @pytest.mark.parametrize("B", [1, 7, 17, 40, 70])
-def test_lstm_cell_fp32_gradients_vs_float64(B):
-    cell64, theirs, ours = _cells_fp64_torch_ours(33, 17)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lstm_cell_gradients_vs_float64(B, dtype):
+    cell64, theirs, ours = _cells_fp64_torch_ours(33, 17, dtype)
     x, h, c, grad_h, grad_c = (torch.randn(B, n, dtype=torch.float64) for n in (33, 17, 17, 17, 17))
 
     def gradients(module, dtype):
@@ -330,9 +332,8 @@ def test_lstm_cell_fp32_gradients_vs_float64(B):
         return torch.autograd.grad(loss, [*leaves, *module.parameters()])
 
     names = ("input", "hx", "cx", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
-    for name, a, b, t in zip(names, gradients(ours, torch.float32),
-                             gradients(cell64, torch.float64),
-                             gradients(theirs, torch.float32), strict=True):
+    for name, a, b, t in zip(names, gradients(ours, dtype), gradients(cell64, torch.float64),
+                             gradients(theirs, dtype), strict=True):
         assert_close_to_reference(a, b, t, name=f"grad {name}")
 
 

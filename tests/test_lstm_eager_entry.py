@@ -2,8 +2,9 @@
 
 A plain eager CPU step (plain CPU tensors of one float dtype in the shapes lstm_cell checks;
 nothing intercepting the call) runs from C++ without the Python wrapper: a step that needs no
-gradient makes the Python path's op call, a float32 training step of a batch that lstm_step_gates
-serves records its two ops on a C++ autograd node. The entry must serve the steps it claims with
+gradient makes the Python path's op call, a training step that the Python path gives to
+lstm_step_gates (every one but float32 steps whose products fastattn::linear runs on its own GEMM)
+records its two ops on a C++ autograd node. The entry must serve the steps it claims with
 the Python path's results and gradients, bit for bit, its errors on double backward included,
 and decline (return None) every other call, so that the Python path's checks, errors and
 interceptors (modes, tracing, transforms, forced backends) still see it.
@@ -17,17 +18,18 @@ from helpers import FunctionCallCounter, OpRecorder
 
 import fastattn
 from fastattn import _extension
+from fastattn.ops import linear as linear_ops
 from fastattn.ops import lstm as lstm_ops
 
 pytestmark = pytest.mark.skipif(
     _extension.C is None, reason=f"fastattn._C is not built: {_extension.LOAD_ERROR}"
 )
-# Training steps of float32 batches below this take the entry (0 where lstm_step_gates has no
-# kernel for this ISA: then none do).
-STEP_GATES_BELOW = _extension.C.cpu_lstm_step_gates_below() if _extension.C else 0
-needs_step_gates = pytest.mark.skipif(
-    STEP_GATES_BELOW < 2, reason="lstm_step_gates has no kernel at this ISA (ATEN_CPU_CAPABILITY="
-    "default): training steps take the Python path")
+
+
+def on_fastattn_linear(dtype, batch):
+    """Whether the Python path runs a training step's products on fastattn::linear (a float32
+    batch of enough rows where its GEMM wins: AMD CPUs with AVX-512), which the entry declines."""
+    return linear_ops._GEMM_WINS and dtype == torch.float32 and batch >= linear_ops._MIN_ROWS
 
 
 def entry(x, h, c, w_ih, w_hh, b_ih=None, b_hh=None, forced=None):
@@ -136,10 +138,7 @@ def _declined_calls():
             rest = (torch.randn(batch, 16), torch.randn(batch, 16)) + rest[2:]
         return lambda: entry(leaf, *rest)
 
-    return {
-        "float64_training_step": training(torch.float64),
-        "bfloat16_training_step": training(torch.bfloat16),
-        "training_batch_past_step_gates": training(batch=max(STEP_GATES_BELOW, 1)),
+    declined = {
         "forward_ad": dual,
         "3d_input": with_(0, x.unsqueeze(0)),
         "scalar_input": with_(0, x[0, 0]),
@@ -159,6 +158,9 @@ def _declined_calls():
         "forced_unknown": lambda: entry(*args, forced="cudnn"),
         "forced_not_a_string": lambda: entry(*args, forced=1),
     }
+    if on_fastattn_linear(torch.float32, 64):
+        declined["float32_training_on_fastattn_linear"] = training(batch=64)
+    return declined
 
 
 @pytest.mark.parametrize("name", list(_declined_calls()))
@@ -182,7 +184,25 @@ REQUIRES = {"all": (True,) * 7, "weights_only": (False,) * 3 + (True,) * 4,
             "input_only": (True,) + (False,) * 6, "state_only": (False, True, True) + (False,) * 4}
 
 
-@needs_step_gates
+def _assert_training_step_as_the_python_path(monkeypatch, args, requires, outputs):
+    """The entry serves a training step of args (x, h, c, w_ih, w_hh, b_ih, b_hh; None for an
+    absent bias) unless its products run on fastattn::linear, and lstm_cell's outputs and
+    gradients of the ``requires`` arguments equal the Python path's bit for bit."""
+    requires = tuple(r and a is not None for r, a in zip(requires, args))
+    grad_out = (torch.randn_like(args[1]), torch.randn_like(args[2]) if outputs == "both" else None)
+    served = entry(*(a.detach().clone().requires_grad_(r) if a is not None else None
+                     for a, r in zip(args, requires)))
+    x = args[0]
+    if on_fastattn_linear(x.dtype, x.shape[0] if x.dim() == 2 else 1):
+        assert served is None
+    else:
+        assert served is not None and served[0].grad_fn is not None
+    ours = _grads(lstm_ops.lstm_cell, args, grad_out, requires)
+    theirs = _grads(lambda *a: python_path(monkeypatch, *a), args, grad_out, requires)
+    for got, want in zip((*ours[0], *ours[1]), (*theirs[0], *theirs[1])):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 8, False), (3, 7, 33, False), (1, 5, 9, True)],
                          ids=["one", "odd", "unbatched"])
 @pytest.mark.parametrize("biases", BIASES.values(), ids=BIASES.keys())
@@ -195,18 +215,19 @@ def test_training_steps_as_the_python_path(monkeypatch, shape, biases, requires,
     for i, keep in zip((5, 6), biases):
         if not keep:
             args[i] = None
-    requires = tuple(r and a is not None for r, a in zip(requires, args))
-    grad_out = (torch.randn_like(args[1]), torch.randn_like(args[2]) if outputs == "both" else None)
-    served = entry(*(a.detach().clone().requires_grad_(r) if a is not None else None
-                     for a, r in zip(args, requires)))
-    assert served is not None and served[0].grad_fn is not None
-    ours = _grads(lstm_ops.lstm_cell, args, grad_out, requires)
-    theirs = _grads(lambda *a: python_path(monkeypatch, *a), args, grad_out, requires)
-    for got, want in zip((*ours[0], *ours[1]), (*theirs[0], *theirs[1])):
-        assert got.shape == want.shape and torch.equal(got, want)
+    _assert_training_step_as_the_python_path(monkeypatch, args, requires, outputs)
 
 
-@needs_step_gates
+# Every dtype, and batches past lstm_step_gates' GEMV-style kernel (its two GEMMs: 40 rows, and
+# 70, which fastattn::linear takes in float32 where its GEMM wins).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B", [1, 3, 40, 70])
+def test_training_steps_of_every_dtype_as_the_python_path(monkeypatch, dtype, B):
+    torch.manual_seed(12)
+    args = list(step(B, 7, 33, dtype))
+    _assert_training_step_as_the_python_path(monkeypatch, args, REQUIRES["all"], "both")
+
+
 @pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
 def test_training_double_backward_raises_as_the_python_path(monkeypatch, unbatched):
     torch.manual_seed(9)
@@ -225,7 +246,6 @@ def test_training_double_backward_raises_as_the_python_path(monkeypatch, unbatch
     assert "lstm_step_gates" in messages[0] and "lstm_cell_pointwise_fwd" in messages[1]
 
 
-@needs_step_gates
 def test_training_module_step_matches_torch():
     """fastattn.LSTMCell's training step against nn.LSTMCell with the same weights."""
     torch.manual_seed(10)
@@ -298,7 +318,6 @@ def test_interceptors_see_the_call(monkeypatch, training):
     assert declined_while_tracing == [True]
 
 
-@needs_step_gates
 def test_training_steps_under_checkpointing_and_saved_tensor_hooks(monkeypatch):
     """Non-reentrant checkpointing and saved-tensor hooks see the C++ node's saved tensors as
     they see the Python path's: the same gradients and the same number of packed tensors."""

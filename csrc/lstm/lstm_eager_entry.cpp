@@ -1,13 +1,17 @@
 // The eager CPU entry of fastattn.ops.lstm_cell (and so of fastattn.LSTMCell): plain CPU tensors
 // of one float dtype in the shapes the Python path checks, nothing intercepting the call. A step
 // that needs no gradient makes the Python path's op call (fastattn::lstm_layer_infer on the
-// one-step sequence, fastattn/ops/lstm.py: _cell) from here; a float32 training step of a batch
-// that lstm_step_gates serves (B < cpu_lstm_step_gates_below()) runs its two ops, step_gates and
-// the fused pointwise, on a C++ autograd node whose backward computes what their registered
-// Python backwards do. Any other call gets None and takes the Python path, which checks and
-// raises. That path's checks and reshaping cost ~15 us per step, more than half of a B1 H256
-// inference step's ~25 us on the Xeon with AMX (2 threads), where torch's whole nn.LSTMCell took
-// ~39; in training, the two ops' Python autograd cost ~60 us more.
+// one-step sequence, fastattn/ops/lstm.py: _cell) from here; a training step that _cell gives
+// to lstm_step_gates (all but float32 steps on fastattn::linear's GEMM) runs its two ops,
+// step_gates and the fused pointwise, on a C++ autograd node whose backward computes what their
+// registered Python backwards do. Any other call gets None and takes the Python path, which
+// checks and raises. That path's checks and reshaping cost ~15 us per step, more than half of a
+// B1 H256 inference step's ~25 us on the Xeon with AMX (2 threads), where torch's whole
+// nn.LSTMCell took ~39; in training, its autograd cost ~60 us more. The bfloat16, float16,
+// float64 and larger float32 training steps, which took the Python path on two GEMMs before,
+// run 1.1-2.3x faster here (same machine, alternating builds: bf16 B1 H256 585 -> 425 us against
+// torch's ~461, B16 H256 639 -> 473; fp16 B1 H256 547 -> 348; fp64 B4 H64 245 -> 108; float32
+// B40 H256 783 -> 615, B128 H512 4792 -> 4312).
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -15,11 +19,10 @@
 #include <string>
 #include <tuple>
 
+#include "fastattn/cpu_gemm.h"
 #include "fastattn/eager_entry.h"
 
 namespace fastattn {
-
-int64_t cpu_lstm_step_gates_below();  // module.cpp
 
 namespace {
 
@@ -143,6 +146,16 @@ bool records_graph(const at::Tensor* t) {
 
 bool forward_ad(const at::Tensor* t) { return t != nullptr && t->_fw_grad(0).defined(); }
 
+// Whether the Python path's training step runs its products on fastattn::linear instead of
+// lstm_step_gates (fastattn/ops/linear.py: takes_op, for the plain x rows of this entry): a
+// float32 x of at least kLinearMinRows rows where fastattn's GEMM beats torch.mm, which that
+// module asks once, at import.
+bool on_fastattn_linear(const at::Tensor& x) {
+  static const bool gemm_wins = cpu_gemm::beats_torch_mm();
+  return gemm_wins && x.scalar_type() == at::kFloat &&
+         x.numel() >= cpu_gemm::kLinearMinRows * x.size(-1);
+}
+
 py::object lstm_cell_entry(py::handle input, py::handle hx, py::handle cx, py::handle w_ih,
                            py::handle w_hh, py::handle b_ih, py::handle b_hh, py::handle forced) {
   if (!backend_allows_cpu(forced.ptr()) || !nothing_intercepts()) return py::none();
@@ -170,11 +183,10 @@ py::object lstm_cell_entry(py::handle input, py::handle hx, py::handle cx, py::h
   const std::initializer_list<const at::Tensor*> operands{x, h, c, wi, wh, bi, bh};
   // Forward-mode tangents are the Python path's.
   if (std::any_of(operands.begin(), operands.end(), forward_ad)) return py::none();
-  // A training step: the Python path's step_gates and pointwise ops (float32, a batch that
-  // step_gates serves), recorded on CellStep; its other training steps stay in Python.
+  // A training step: the Python path's step_gates and pointwise ops, recorded on CellStep; the
+  // steps whose products that path runs on fastattn::linear stay in Python.
   const bool training = std::any_of(operands.begin(), operands.end(), records_graph);
-  static const int64_t step_gates_below = cpu_lstm_step_gates_below();
-  if (training && (x->scalar_type() != at::kFloat || B >= step_gates_below)) return py::none();
+  if (training && on_fastattn_linear(*x)) return py::none();
   static const auto infer = eager_entry::op_handle<LstmLayerInfer>("fastattn::lstm_layer_infer");
   at::Tensor hy, cy;
   {
@@ -205,7 +217,7 @@ py::object lstm_cell_entry(py::handle input, py::handle hx, py::handle cx, py::h
 void bind_lstm_eager_entry(py::module_& m) {
   m.def("lstm_cell_eager_entry", &lstm_cell_entry,
         "fastattn.ops.lstm_cell(input, hx, cx, w_ih, w_hh, b_ih, b_hh) for a plain eager CPU "
-        "step (inference, or a float32 training step of a batch lstm_step_gates serves), given "
+        "step (inference, or a training step that lstm_step_gates serves), given "
         "use_backend's forced backend (or None); None where the call needs the Python path");
 }
 

@@ -62,7 +62,7 @@ def _input_gradient(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _OPS.linear(grad, weight.t(), None)
 
 
-def _takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+def takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether fastattn::linear serves this call: a GEMM that wins here, plain float32 CPU
     tensors of F.linear's shapes with enough rows, and no autocast (F.linear would run in its
     dtype)."""
@@ -80,8 +80,8 @@ def _takes_op(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """F.linear(input, weight, bias): the same result (to float32 rounding), shapes, gradients
-    and errors, on fastattn::linear where _takes_op says it serves the call."""
-    if not _takes_op(input, weight, bias):
+    and errors, on fastattn::linear where takes_op says it serves the call."""
+    if not takes_op(input, weight, bias):
         return F.linear(input, weight, bias)
     rows = input.reshape(-1, input.shape[-1])
     out = differentiable(_OPS.linear)(rows, weight, bias)

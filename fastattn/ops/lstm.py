@@ -72,11 +72,6 @@ _GEMM_LAYOUTS = (
     _extension.C.cpu_gemm_wins_on_this_cpu() if _extension.C is not None else False)
 
 
-# fastattn::lstm_step_gates runs its GEMV-style kernel for float32 batches B < this (0: none).
-_STEP_GATES_BELOW = (
-    _extension.C.cpu_lstm_step_gates_below() if _extension.C is not None else 0)
-
-
 def _step_major(t: torch.Tensor) -> bool:
     """Whether a [T, B, 4H] tensor is step-major ([T, 4H, B] in memory): its batch stride is 1.
     The CPU training ops lay gates_all out as x_proj, and grad_x_proj as gates_all, by this rule
@@ -474,10 +469,10 @@ def _cell_pointwise(backend: str):
 
 # lstm_cell of a plain eager CPU step (plain CPU tensors of one float dtype in the shapes checked
 # below; nothing intercepting the call) runs from C++ without this module's ~15 us of checks and
-# reshaping: a step that needs no gradient makes _cell's op call, a float32 training step that
-# _cell gives to lstm_step_gates records that op and the pointwise one on a C++ autograd node
-# (saving their Python autograd's ~60 us); csrc/lstm/lstm_eager_entry.cpp lists the
-# conditions. None for any other call.
+# reshaping: a step that needs no gradient makes _cell's op call, a training step that _cell
+# gives to lstm_step_gates records that op and the pointwise one on a C++ autograd node (saving
+# their Python autograd's ~60 us); csrc/lstm/lstm_eager_entry.cpp lists the conditions. None for
+# any other call.
 _CELL_EAGER_ENTRY = _extension.C.lstm_cell_eager_entry if _extension.C else None
 
 
@@ -548,18 +543,19 @@ def _cell(x, hx, cx, w_ih, w_hh, bias):
     """fastattn::lstm_cell (the cpu backend's lstm_cell on [B, I] input): where no gradient is
     needed, one step of the fused layer kernel (the recurrent GEMM and the gate math in one
     pass); else, as its backward is built for sequences, the gates' products and the fused
-    pointwise op, which train one step faster: for a few float32 rows the products in one
-    pass (lstm_step_gates), else two GEMMs. Under autocast, the GEMMs in its precision."""
+    pointwise op, which train one step faster. The products are one op, lstm_step_gates (its
+    GEMV-style kernel for a few float32 rows, else two GEMMs), except where fastattn.ops.linear
+    would run them on fastattn's own GEMM (float32, enough rows, a CPU where it wins): then two
+    linear calls. Under autocast, the GEMMs in its precision."""
     if not _needs_grad(x, hx, cx, w_ih, w_hh, bias):
         h_all, c_all = _OPS.lstm_layer_infer(
             x.unsqueeze(0), w_ih, bias, hx, cx, w_hh, None, None, False, None, None)
         return h_all[0], c_all[0]
     pointwise = differentiable(_OPS.lstm_cell_pointwise_fwd)
-    batch = x.shape[0]
     # A symbolic batch (compile, export) takes the GEMMs, which serve every batch, without a guard.
-    if (isinstance(batch, int) and batch < _STEP_GATES_BELOW and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")):
-        return pointwise(_OPS.lstm_step_gates(x, hx, w_ih, w_hh, bias), cx)
+    if (isinstance(x.shape[0], int) and not torch.is_autocast_enabled("cpu")
+            and not linear.takes_op(x, w_ih, bias)):
+        return pointwise(differentiable(_OPS.lstm_step_gates)(x, hx, w_ih, w_hh, bias), cx)
     return _cell_step(x, hx, cx, w_ih, w_hh, bias, pointwise)
 
 
