@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "fastattn/cpu_gemm_blocks.h"
+#include "fastattn/cpu_scratch.h"
 #include "fastattn/cpu_transpose.h"
 
 namespace fastattn {
@@ -39,7 +40,11 @@ void gemm_blocks_kernel(const cpu_gemm::GemmBlocksArgs& g) {
   const int64_t row_parts =
       std::clamp<int64_t>(at::get_num_threads() / col_blocks, 1, row_blocks);
   at::parallel_for(0, col_blocks * row_parts, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> panel(K * cols), block(kRows * cols), tail;
+    // Kept across calls (cpu_scratch.h): the panel is up to K x 64 floats (256 KB at K = 1024),
+    // which a vector zero-filled on every call. The packing writes all of it, brgemm all of
+    // block.
+    const ScratchBuffer<float> panel(K * cols), block(kRows * cols);
+    std::vector<float> tail;
     int64_t packed = -1;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t j = i / row_parts, part = i % row_parts;
@@ -53,7 +58,7 @@ void gemm_blocks_kernel(const cpu_gemm::GemmBlocksArgs& g) {
         // either cost more than the product of few rows; and one element at a time, w^T's
         // packing and the copies below took ~5% of an LSTM inference (T32 B64 H256, Xeon).
         if (g.bsn == 1) {
-          if (n < cols) std::fill(panel.begin(), panel.end(), 0.f);
+          if (n < cols) std::fill(panel.data(), panel.data() + panel.size(), 0.f);
           for (int64_t k = 0; k < K; ++k) {
             std::copy_n(g.b + k * g.bsk + n0, n, &panel[k * cols]);
           }
