@@ -21,8 +21,7 @@ namespace fastattn {
 FASTATTN_ISA_DECLARE(const char* attention_fwd_tile_engine(Dtype dtype))
 FASTATTN_ISA_DECLARE(int64_t lstm_unit_lanes_below())
 FASTATTN_ISA_DECLARE(bool lstm_bf16_rows_on_brgemm())
-FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
-FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
+FASTATTN_ISA_DECLARE(int64_t lstm_step_gates_below())
 
 const char* attention_cpu_tile_engine(Dtype dtype) {
   return FASTATTN_ISA_CALL(attention_fwd_tile_engine, dtype);
@@ -34,14 +33,8 @@ void bind_lstm_eager_entry(pybind11::module_& m);
 int64_t cpu_lstm_unit_lanes_below() { return FASTATTN_ISA_CALL(lstm_unit_lanes_below); }
 bool cpu_lstm_bf16_rows_on_brgemm() { return FASTATTN_ISA_CALL(lstm_bf16_rows_on_brgemm); }
 
-// Batches B < this run fastattn::lstm_step_gates on its GEMV-style kernel (0: none do). Counted
-// from lstm_layer_step_on_gemm, so that the batch rule is stated once, in the kernel's ISA file.
-int64_t cpu_lstm_step_gates_below() {
-  if (!FASTATTN_ISA_CALL(lstm_step_gates_runs)) return 0;
-  int64_t below = 0;
-  while (FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, below)) ++below;
-  return below;
-}
+// Batches B < this run fastattn::lstm_step_gates on its GEMV-style kernel (0: none do).
+int64_t cpu_lstm_step_gates_below() { return FASTATTN_ISA_CALL(lstm_step_gates_below); }
 
 }  // namespace fastattn
 

@@ -315,10 +315,10 @@ def test_lstm_cell_fp32_vs_float64(B):
 
 
 # Training steps: the gates from fastattn::lstm_step_gates, on its GEMV-style kernel for float32
-# batches below two vectors (B 1 and 7 on AVX2 and AVX-512, 17 on AVX-512), else on two GEMMs
-# (B 17 on AVX2, 40, and every bfloat16 and float16 batch), except where fastattn::linear's GEMM
-# beats torch.mm's (float32 B 70 on AVX-512 AMD CPUs: two fastattn::linear calls). Every
-# gradient against float64, within twice torch's own error.
+# batches below 64 on AVX-512 (B 1, 7, 17, 40) and 16 on AVX2 (B 1, 7), else on two GEMMs (B 70,
+# every bfloat16 and float16 batch), except where fastattn::linear's GEMM beats torch.mm's
+# (float32 B 70 on AVX-512 AMD CPUs: two fastattn::linear calls). Every gradient against
+# float64, within twice torch's own error.
 @pytest.mark.parametrize("B", [1, 7, 17, 40, 70])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_lstm_cell_gradients_vs_float64(B, dtype):

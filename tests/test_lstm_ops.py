@@ -13,7 +13,7 @@ from fastattn.ops import lstm as lstm_ops
 from fastattn.ops import reference
 
 OPS = torch.ops.fastattn
-# fastattn::lstm_step_gates runs its GEMV-style kernel for float32 batches below this (32 on
+# fastattn::lstm_step_gates runs its GEMV-style kernel for float32 batches below this (64 on
 # avx512, 16 on avx2, 0 where it has no kernel: ATEN_CPU_CAPABILITY=default), two GEMMs above.
 GEMV_BELOW = fastattn._extension.C.cpu_lstm_step_gates_below() if fastattn._extension.C else 0
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -289,12 +289,12 @@ def test_layer_infer_one_step_gates(B, proj, monkeypatch):
 
 
 # fastattn::lstm_step_gates: a training cell step's products (fastattn.lstm_cell with grad), on
-# the same kernel for B < GEMV_BELOW, else on two GEMMs: B = 17 is within the kernel's batches on
-# avx512 and past avx2's, B = 40 past both, and the last batch of the kernel and the first past
-# it at this ISA; B = 0 an empty step. Odd widths, row-strided input and state read in place,
-# and every gradient, against float64.
+# the same kernel for B < GEMV_BELOW, else on two GEMMs: B = 17 and 40 are within the kernel's
+# batches on avx512 and past avx2's, B = 70 past both, and the last batch of the kernel and the
+# first past it at this ISA; B = 0 an empty step. Odd widths, row-strided input and state read
+# in place, and every gradient, against float64.
 @needs_cpu_kernels
-@pytest.mark.parametrize("B", sorted({0, 1, 3, 7, 17, 40, max(GEMV_BELOW - 1, 1), GEMV_BELOW}))
+@pytest.mark.parametrize("B", sorted({0, 1, 3, 7, 17, 40, 70, max(GEMV_BELOW - 1, 1), GEMV_BELOW}))
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_step_gates_op(B, bias, monkeypatch):
     n_in, H = 7, 33

@@ -27,7 +27,7 @@ namespace fastattn {
 FASTATTN_ISA_DECLARE(int64_t lstm_unit_lanes_below())
 FASTATTN_ISA_DECLARE(bool lstm_bf16_rows_on_brgemm())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
-FASTATTN_ISA_DECLARE(bool lstm_step_gates_runs())
+FASTATTN_ISA_DECLARE(int64_t lstm_step_gates_below())
 FASTATTN_ISA_DECLARE(void lstm_step_gates_kernel(const LstmStepGatesArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_fwd_kernel(const LstmLayerFwdArgs&))
 FASTATTN_ISA_DECLARE(void lstm_layer_bwd_kernel(const LstmLayerBwdArgs&))
@@ -213,15 +213,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_fwd_cpu(
 }
 
 // rows = (bias +) x @ w_ih^T + h0 @ w_hh^T, the gate pre-activations of one step: by the
-// GEMV-style kernel (lstm_step_gates_cpu.isa.cpp) for the batches that lstm_layer_step_on_gemm
-// names (fewer rows than two vectors) where it serves (float32, unit column strides, an ISA it is
-// faster on, FASTATTN_LSTM_GEMM not torch), else by two GEMMs.
+// GEMV-style kernel (lstm_step_gates_cpu.isa.cpp) for the batches that it serves at this ISA
+// (lstm_step_gates_below: float32, unit column strides, FASTATTN_LSTM_GEMM not torch), else by
+// two GEMMs.
 void step_gates(Tensor& rows, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
                 const Tensor& w_hh, const Tensor& bias) {
   const bool f32 = rows.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat;
   const auto unit_cols = [](const Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1; };
-  if (!FASTATTN_ISA_CALL(lstm_layer_step_on_gemm, rows.size(0)) || !f32 ||
-      !FASTATTN_ISA_CALL(lstm_step_gates_runs) || cpu_gemm::torch_mm_forced() ||
+  if (rows.size(0) >= FASTATTN_ISA_CALL(lstm_step_gates_below) || !f32 ||
+      cpu_gemm::torch_mm_forced() ||
       !unit_cols(rows) || !unit_cols(x) || !unit_cols(h0) || !unit_cols(w_ih) ||
       !unit_cols(w_hh) || (bias.defined() && !bias.is_contiguous())) {
     cpu_gemm::linear_out(rows, x, w_ih, bias);

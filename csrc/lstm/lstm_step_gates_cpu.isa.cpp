@@ -69,15 +69,20 @@ void tile(const LstmStepGatesArgs& a, int64_t j0, int64_t b0, int64_t nb) {
 
 }  // namespace
 
-// Where it beat the two GEMMs (lstm_layer_infer's one-step path, 1 thread, Zen 4): the AVX2 and
-// AVX-512 builds, at every batch of fewer rows than a vector and H 64-1024, by 1.3-2.7x (H64
-// B12-15: even), and on the Xeon with AMX (2 threads) at B16-31 too, by 1.3-1.45x (H256-1024);
-// the default build's emulated vectors ran 1.3-10x slower than torch.mm.
-bool lstm_step_gates_runs() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  return true;
+// The batches it serves, B < this (0: none), where it beat the two GEMMs. On the Zen 4 (1
+// thread, lstm_layer_infer's one-step path) the AVX2 and AVX-512 builds, at every batch of fewer
+// rows than a vector and H 64-1024, by 1.3-2.7x (H64 B12-15: even); the default build's emulated
+// vectors ran 1.3-10x slower than torch.mm. On the Xeon with AMX (2 threads, H256-1024) the
+// AVX-512 build at B16-31 too, by 1.3-1.45x in inference, and in training steps at B32-63 by
+// 3-12%, where at B64-128 it ran even or up to 13% slower; the AVX2 build there (the same CPU)
+// ran training steps of B16-48 up to 26% slower than the GEMMs (B24 H512: 13% faster).
+int64_t lstm_step_gates_below() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return 16;
 #else
-  return false;
+  return 0;
 #endif
 }
 
