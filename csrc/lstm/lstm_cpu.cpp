@@ -22,8 +22,9 @@ namespace fastattn {
 
 // Below which batch the kernels put their lanes along the units (else along the batch), whether
 // bf16 layers without a projection put them along the units at every batch (their recurrent
-// product on oneDNN's brgemm), and whether a one-step call of this batch, which fills less than
-// one vector, computes its recurrent product here, before the kernel (lstm_cpu.isa.cpp).
+// product on oneDNN's brgemm), and whether a one-step call of this batch (one that the unit lanes
+// would take) computes its recurrent product here, before the kernel (lstm_cpu.isa.cpp); below
+// which batch lstm_step_gates runs its GEMV-style kernel (lstm_step_gates_cpu.isa.cpp).
 FASTATTN_ISA_DECLARE(int64_t lstm_unit_lanes_below())
 FASTATTN_ISA_DECLARE(bool lstm_bf16_rows_on_brgemm())
 FASTATTN_ISA_DECLARE(bool lstm_layer_step_on_gemm(int64_t batch))
