@@ -131,13 +131,6 @@ def _declined_calls():
         with torch.autograd.forward_ad.dual_level():
             return entry(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)), *args[1:])
 
-    def training(dtype=torch.float32, batch=2):
-        leaf = torch.randn(batch, 8, dtype=dtype, requires_grad=True)
-        rest = tuple(t.to(dtype) for t in args[1:])
-        if batch != 2:
-            rest = (torch.randn(batch, 16), torch.randn(batch, 16)) + rest[2:]
-        return lambda: entry(leaf, *rest)
-
     declined = {
         "forward_ad": dual,
         "3d_input": with_(0, x.unsqueeze(0)),
@@ -159,7 +152,9 @@ def _declined_calls():
         "forced_not_a_string": lambda: entry(*args, forced=1),
     }
     if on_fastattn_linear(torch.float32, 64):
-        declined["float32_training_on_fastattn_linear"] = training(batch=64)
+        leaf = torch.randn(64, 8, requires_grad=True)
+        declined["float32_training_on_fastattn_linear"] = lambda: entry(
+            leaf, torch.randn(64, 16), torch.randn(64, 16), *args[3:])
     return declined
 
 

@@ -836,9 +836,10 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
     const int64_t U = staged_rows ? L : 1;
     at::parallel_for(0, ceil_div(H, U), std::max<int64_t>(1, unit_grain(4 * K, Bp) / U),
                      [&](int64_t i0, int64_t i1) {
-      // h and c of the block's units: [2][nvec][L units][L lanes].
-      std::vector<acc_t> stage(staged_rows ? 2 * nvec * L * L : 0);
-      auto staged = [&](int tensor, int64_t j, int64_t v) {
+      // h and c of the block's units: [2][nvec][L units][L lanes] (every slot written before
+      // the block is stored).
+      const ScratchBuffer<acc_t> stage(staged_rows ? 2 * nvec * L * L : 0);
+      auto stage_slot = [&](int tensor, int64_t j, int64_t v) {
         return staged_rows ? &stage[((tensor * nvec + v) * L + j % L) * L] : nullptr;
       };
       const int64_t j0 = i0 * U, j1 = std::min(H, i1 * U);
@@ -879,13 +880,13 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
               for (auto& x : act) x = Vec<acc_t>::blendv(zero, x, mask);
             }
             c.store(cp_ptr);
-            staged_rows ? c.store(staged(1, j, v)) : c_all.store(c, t, b0, j, lanes);
+            staged_rows ? c.store(stage_slot(1, j, v)) : c_all.store(c, t, b0, j, lanes);
             for (int g = 0; g < 4; ++g) gates_all.store(act[g], t, b0, g * H + j, lanes);
             if (proj) {
               hpre.store(&hpre_buf[hpre_panels.at(j, v)]);
               hpre_all.store(hpre, t, b0, j, lanes);
             } else {
-              emit_h(hpre, j, v, staged(0, j, v));
+              emit_h(hpre, j, v, stage_slot(0, j, v));
             }
           }
         });
@@ -893,9 +894,9 @@ void layer_fwd(const LstmLayerFwdArgs& a) {
           if (staged_rows && (j % L == L - 1 || j == j1 - 1)) {
             const int64_t first = j - j % L, units = j - first + 1;
             for (int64_t v = 0; v < nvec; ++v) {
-              pack_transposed(staged(0, first, v), L, units, lay.lanes(v),
+              pack_transposed(stage_slot(0, first, v), L, units, lay.lanes(v),
                               h_all.at(t, v * L, first), a.h_all.sb, units);
-              pack_transposed(staged(1, first, v), L, units, lay.lanes(v),
+              pack_transposed(stage_slot(1, first, v), L, units, lay.lanes(v),
                               c_all.at(t, v * L, first), a.c_all.sb, units);
             }
           }
