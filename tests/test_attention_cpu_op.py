@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DTYPE_RTOL, assert_close_to_reference, poison_
+from helpers import DTYPE_RTOL, assert_close_to_reference, nan_heap, poison_
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn  # noqa: F401  (loads fastattn._C, which registers the CPU kernels)
@@ -304,6 +304,40 @@ def test_decode_splits_keys(Hq, Hk, L, mask_kind, options, dtype):
               against_torch=not options.get("bottom_right", False))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_results_do_not_depend_on_the_thread_count(causal, dtype):
+    # The forward's query tiles and the backward's kv heads (16 of them: each thread owns whole
+    # heads at up to 4 threads) go to threads in contiguous runs, and a thread whose run is done
+    # takes units from the back of another's. More threads than cores make that happen (the
+    # threads take turns on the cores): each unit runs once, on whichever thread, with the same
+    # arithmetic, so every output matches the one-thread call bit for bit, and none is left as
+    # the NaN the freed blocks of its size hold.
+    q, k, v = inputs(2, 8, 8, 200, 150, 40, 24, dtype)
+    opts = make_opts(window_right=0 if causal else -1)
+    grad_out = torch.randn(2, 8, 200, 24, dtype=dtype)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, 2, 3, 4):
+            torch.set_num_threads(n)
+            nan_heap((2, 8, 200, 24), dtype=dtype)
+            nan_heap((2, 8, 200), dtype=torch.float32)
+            out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(opts, 40))
+            nan_heap((2, 8, 200, 40), (2, 8, 150, 40), (2, 8, 150, 24), dtype=dtype)
+            grads = torch.ops.fastattn.attention_bwd(
+                grad_out, q, k, v, out, lse, *op_args(opts, 40), False)[:3]
+            results[n] = (out, lse, *grads)
+    finally:
+        torch.set_num_threads(threads)
+    for t in results[1]:
+        assert not t.isnan().any()
+    for n in (2, 3, 4):
+        for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results[n], results[1],
+                                   strict=True):
+            assert torch.equal(got, want), f"{name} at {n} threads"
 
 
 def test_empty_inputs():

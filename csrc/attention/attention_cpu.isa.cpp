@@ -1605,8 +1605,8 @@ struct ForwardTile {
 };
 
 // Query tile t of n_tiles in an order where neighbours pair a cheap tile with an expensive
-// one (under a causal window cost grows with the tile index), so that the contiguous chunks
-// at::parallel_for hands each thread cost about the same.
+// one (under a causal window cost grows with the tile index), so that the contiguous runs of
+// tiles that the threads start with cost about the same.
 inline int64_t balanced_tile(int64_t t, int64_t n_tiles) {
   return (t % 2 == 0) ? t / 2 : n_tiles - 1 - t / 2;
 }
@@ -1621,6 +1621,63 @@ void parallel_dynamic(int64_t threads, int64_t n, MakeState&& make_state, Fn&& f
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     auto state = make_state();
     for (int64_t unit = next++; unit < n; unit = next++) fn(state, unit);
+  });
+}
+
+// Runs fn(state, unit) for units 0 .. n - 1 on `threads` threads, each thread with its own
+// state = make_state(): a thread works through its own contiguous run of units first (at::
+// parallel_for's chunk: neighbouring units share the operands a state keeps packed, a head's key
+// tiles), then takes units one at a time from the back of the run with the most left. Units of
+// equal cost still finish unevenly on a shared machine (a thread that starts late, a core that
+// a neighbour slows): with static chunks the others wait for it at the end of the call.
+template <typename MakeState, typename Fn>
+void parallel_stealing(int64_t threads, int64_t n, MakeState&& make_state, Fn&& fn) {
+  // A run's units [front, back) in one word, so that its owner (front) and a thief (back) claim
+  // a unit each with a compare-and-swap that sees both ends.
+  struct alignas(64) Run {
+    std::atomic<uint64_t> span;
+  };
+  constexpr uint64_t kLow = 0xffffffffu;
+  if (threads <= 1 || n > static_cast<int64_t>(kLow)) {
+    return parallel_dynamic(threads, n, make_state, fn);
+  }
+  std::vector<Run> runs(threads);
+  for (int64_t t = 0; t < threads; ++t) {
+    runs[t].span = static_cast<uint64_t>(t * n / threads) << 32 |
+                   static_cast<uint64_t>((t + 1) * n / threads);
+  }
+  // The unit claimed from run r's front (or back), -1 when the run is empty.
+  const auto claim = [&](int64_t r, bool from_back) -> int64_t {
+    uint64_t span = runs[r].span.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t front = span >> 32, back = span & kLow;
+      if (front >= back) return -1;
+      const uint64_t next = from_back ? (front << 32 | (back - 1)) : ((front + 1) << 32 | back);
+      if (runs[r].span.compare_exchange_weak(span, next, std::memory_order_relaxed)) {
+        return static_cast<int64_t>(from_back ? back - 1 : front);
+      }
+    }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t own_begin, int64_t own_end) {
+    auto state = make_state();
+    for (int64_t r = own_begin; r < own_end; ++r) {
+      for (int64_t unit = claim(r, false); unit >= 0; unit = claim(r, false)) fn(state, unit);
+    }
+    for (;;) {
+      int64_t victim = -1;
+      uint64_t most = 0;
+      for (int64_t r = 0; r < threads; ++r) {
+        const uint64_t span = runs[r].span.load(std::memory_order_relaxed);
+        const uint64_t left = (span & kLow) - (span >> 32);  // front <= back always
+        if (left > most) {
+          most = left;
+          victim = r;
+        }
+      }
+      if (victim < 0) return;
+      const int64_t unit = claim(victim, true);
+      if (unit >= 0) fn(state, unit);
+    }
   });
 }
 
@@ -1779,7 +1836,6 @@ void attention_fwd_typed(const AttentionParams& p) {
       ? 1 : std::clamp<int64_t>(pool / std::gcd(items, pool), 1, std::max<int64_t>(n_kb, 1));
   const int64_t threads =
       flops < (even_splits > 1 ? kSplitParallelFlops : kParallelFlops) ? 1 : pool;
-  const int64_t grain = threads == 1 ? items : 1;
   const int64_t splits = threads == 1 ? 1 : even_splits;
 
   if (splits == 1) {
@@ -1814,12 +1870,9 @@ void attention_fwd_typed(const AttentionParams& p) {
       });
       return;
     }
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-      auto tile = make_tile();
-      for (int64_t it = begin; it < end; ++it) {
-        const int64_t bh = it / n_qb;
-        run_tile(tile, bh / p.q_heads, bh % p.q_heads, balanced_tile(it % n_qb, n_qb));
-      }
+    parallel_stealing(threads, items, make_tile, [&](auto& tile, int64_t it) {
+      const int64_t bh = it / n_qb;
+      run_tile(tile, bh / p.q_heads, bh % p.q_heads, balanced_tile(it % n_qb, n_qb));
     });
     return;
   }
@@ -2156,9 +2209,8 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
       });
       return;
     }
-    at::parallel_for(0, kv_heads, threads == 1 ? kv_heads : 1, [&](int64_t begin, int64_t end) {
-      auto st = make_state();
-      for (int64_t bkh = begin; bkh < end; ++bkh) run_head(st, bkh / p.kv_heads, bkh % p.kv_heads);
+    parallel_stealing(threads, kv_heads, make_state, [&](HeadState& st, int64_t bkh) {
+      run_head(st, bkh / p.kv_heads, bkh % p.kv_heads);
     });
     return;
   }
