@@ -1023,6 +1023,7 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product) {
   // and h_prev (a row that does not step passes all of it to h_prev).
   auto split = [&](int64_t s, Vec<acc_t> dh_total, int64_t b, int64_t p0, int n) {
     const int64_t t = btime(s);
+    if (s + 1 < T) grad_h_all.prefetch_row(btime(s + 1), b, p0);  // as the cell's lines below
     dh_total = dh_total + grad_h_all.load_row(t, b, p0, n);
     Vec<acc_t> share = zoneout_share(zh.present(), zh.load_row(t, b, p0, n), dh_total);
     if (b >= lay.rows(t)) share = dh_total;
@@ -1036,6 +1037,17 @@ void layer_bwd_unit_lanes(const LstmLayerBwdArgs& a, const Product& product) {
   // The pointwise backward of step s for row b's units k0 .. k0 + n - 1.
   auto cell = [&](int64_t s, const Vec<acc_t>& dhpre, int64_t b, int64_t k0, int n) {
     const int64_t t = btime(s);
+    // As in the batch lanes' cell: the saved gates and cells come back from L3 or memory long
+    // after the forward wrote them, and grad_x_proj's lines are written for the first time, so
+    // the lines of the same row and units one step on are asked for now.
+    if (s + 1 < T) {
+      const int64_t t_next = btime(s + 1);
+      for (int q = 0; q < 4; ++q) {
+        gates_all.prefetch_row(t_next, b, q * H + k0);
+        grad_x_proj.template prefetch_row<true>(t_next, b, q * H + k0);
+      }
+      if (s + 2 < T) c_all.prefetch_row(lay.reverse ? t_next + 1 : t_next - 1, b, k0);
+    }
     Vec<acc_t> act[4];
     for (int q = 0; q < 4; ++q) act[q] = gates_all.load_row(t, b, q * H + k0, n);
     const int64_t t_prev = lay.reverse ? t + 1 : t - 1;
