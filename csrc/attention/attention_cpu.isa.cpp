@@ -39,6 +39,7 @@
 
 #include "fastattn/cpu_brgemm_bf16.h"
 #include "fastattn/attention_params.h"
+#include "fastattn/cpu_exp.h"
 #include "fastattn/cpu_isa.h"
 #include "fastattn/cpu_scratch.h"
 #include "fastattn/cpu_transpose.h"
@@ -214,49 +215,6 @@ constexpr double kParallelFlops = 1e5;
 // on a quiet machine.
 constexpr double kSplitParallelFlops = 3e5;
 
-#ifdef CPU_CAPABILITY_AVX512
-// exp(x) = 2^n p(r), n = round(x log2(e)), r = x - n ln(2) in [-ln(2)/2, ln(2)/2], p a degree-5
-// polynomial (the coefficients and the accuracy of at::vec's exp_u20), with vscalefps applying
-// 2^n: 8 instructions and a compare against exp_u20's ~19, whose integer exponent assembly
-// (conversions, shift, blend) costs as much as its polynomial. The softmax's exp took ~10% of
-// the bf16 and fp32 forward and backward on Zen 4. Its exponents are scale * s - shift with the
-// shift at least the largest scaled score (the row's max or its LSE), so x <= 0 up to rounding,
-// -inf (a masked score) or NaN: no clamp above, where exp(88.8) would overflow (vscalefps gives
-// inf up to +inf itself, which would give NaN). Lanes below -87.3 give 0: -inf would meet
-// inf - inf in r, and exp(-87.3) is the least normal float that the polynomial reaches. A
-// subnormal result (or one that rounds to 0 from below the least normal) costs Intel CPUs a
-// microcode assist per instruction: masked scores, which the softmax meets in every diagonal
-// tile, made the bf16 forward at L = S = 128 causal 1.5x slower than without the mask (Xeon
-// with AMX, 2 threads). Results that would be subnormal (below 1.2e-38) become 0, as under
-// flush-to-zero. NaN stays NaN (the compare keeps its lane, the polynomial carries it).
-inline Vectorized<float> exp_avx512(const Vectorized<float>& x) {
-  const __mmask16 normal =  // x >= -87.3, or NaN
-      _mm512_cmp_ps_mask(__m512(x), _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(__m512(x), _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147182f), __m512(x));
-  __m512 poly = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.166676521f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.499991506f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(0.999999701f));
-  poly = _mm512_fmadd_ps(r, poly, _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(normal, poly, n);
-}
-#endif
-
-template <typename T>
-Vectorized<T> vec_exp(const Vectorized<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-#ifdef CPU_CAPABILITY_AVX512
-    return exp_avx512(x);
-#else
-    return x.exp_u20();
-#endif
-  } else {
-    return x.map([](T v) { return std::exp(v); });
-  }
-}
-
 // The largest of x[0..n) (n a multiple of the vector width), NaN when any element is NaN
 // (at::vec::maximum propagates NaN). Inlined, so that the reductions of consecutive rows
 // overlap (a call per row and key tile took ~9% of the bf16 forward at L = S = 1024 on the
@@ -274,8 +232,8 @@ C10_ALWAYS_INLINE T vec_reduce_max(const T* x, int64_t n) {
 // score's probability, so the row's sum and output, become NaN whatever the shift. Only a row
 // whose scores are all NaN or -inf would lose it, its max -inf reading as "no key seen": it is
 // scanned again keeping NaN. (at::vec::maximum costs 4 instructions a vector; the row maxima
-// took ~10% of the bf16 forward at L = S = 1024, Xeon with AMX.) Elsewhere exp may not keep
-// NaN (float's exp_u20), so the max does.
+// took ~10% of the bf16 forward at L = S = 1024, Xeon with AMX.) The other builds keep a max
+// that keeps NaN (their exps keep it too since exp_avx2; the max was not measured without).
 template <typename T>
 C10_ALWAYS_INLINE T scores_max(const T* x, int64_t n) {  // n a multiple of the vector width
 #ifdef CPU_CAPABILITY_AVX512
