@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import LSTM_LAYER_CASES, assert_close_to_reference, nan_heap, randn
+from helpers import DTYPE_RTOL, LSTM_LAYER_CASES, assert_close_to_reference, nan_heap, randn
 from helpers import lstm_layer_inputs as _layer_inputs
 from lstm_math import cancelling_cell_gradient_grads
 
@@ -48,6 +48,43 @@ def test_cell_pointwise_matches_reference(dtype, B, H):
     ref_gates, ref_cx = reference.lstm_cell_pointwise_bwd_reference(grad_hy, grad_cy, gates, cx, cy)
     assert_close_to_reference(grad_gates, want_gates, ref_gates, name="grad_gates")
     assert_close_to_reference(grad_cx, want_cx, ref_cx, name="grad_cx")
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_saturated_gates_keep_their_relative_accuracy(dtype):
+    # Input, forget and output gates far below zero (sigmoid 1e-11 .. 7e-3), as a trained
+    # network's closed gates are: hy = o * tanh(f * cx + i * g) is then tiny, and every element
+    # (of hy, cy and the gates' gradients) must keep the dtype's relative accuracy, as torch's
+    # sigmoid does. (An exp-free (1 + tanh(x / 2)) / 2 was off by half an ulp of 1 in absolute
+    # terms: 3e-4 relative at -10, 0 instead of 1e-7 below -16.) The ranges keep every sum clear
+    # of cancellation: |f * cx| < 1e-8 against |i * g| > 3e-6 in cy, and grad_cy >= 1 against
+    # grad_hy * o < 0.03 in the cell's gradient; |g| <= 1.5 keeps tanh's derivative 1 - tanh(g)^2
+    # from multiplying tanh's own relative error (by 2 tanh / (1 - tanh^2): 200x at |g| = 3).
+    B, H = 5, 37
+    gen = torch.Generator().manual_seed(7)
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(B, H, generator=gen)
+
+    i, f, o = uniform(-12, -5), uniform(-25, -20), uniform(-25, -5)
+    g = uniform(0.5, 1.5) * torch.where(torch.rand(B, H, generator=gen) < 0.5, -1.0, 1.0)
+    gates = torch.cat([i, f, g, o], dim=1).to(dtype)
+    cx = uniform(-3, 3).to(dtype)
+    grad_hy, grad_cy = uniform(-1, 1).to(dtype), uniform(1, 2).to(dtype)
+    hy, cy = OPS.lstm_cell_pointwise_fwd(gates, cx)
+    grad_gates, _ = OPS.lstm_cell_pointwise_bwd(grad_hy, grad_cy, gates, cx, cy)
+    g64 = gates.double().requires_grad_()
+    hy64, cy64 = reference.lstm_cell_pointwise_fwd_reference(g64, cx.double())
+    (want_gates,) = torch.autograd.grad(
+        (hy64 * grad_hy.double()).sum() + (cy64 * grad_cy.double()).sum(), g64)
+    rtol = DTYPE_RTOL[dtype]
+    for name, got, want in (("hy", hy, hy64), ("cy", cy, cy64),
+                            ("grad_gates", grad_gates, want_gates)):
+        want = want.detach()
+        assert (want != 0).all(), name
+        rel = ((got.double() - want) / want).abs().max().item()
+        assert rel <= rtol, f"{name}: elementwise relative error {rel:.2e} > {rtol:.0e}"
 
 
 @needs_cpu_kernels

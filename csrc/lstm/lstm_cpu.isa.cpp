@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "fastattn/cpu_brgemm_bf16.h"
+#include "fastattn/cpu_exp.h"
 #include "fastattn/cpu_scratch.h"
 #include "fastattn/cpu_transpose.h"
 #include "fastattn/lstm_cell_cpu.h"
@@ -81,10 +82,10 @@ C10_ALWAYS_INLINE Vec<float> reciprocal(const Vec<float>& q) {
 #endif
 }
 
-// The gate activations sit in the step's critical epilogue, so for float they are exp-free:
-// tanh is an odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and
-// one reciprocal, within 4e-7 relative error everywhere (near 0 too), and sigmoid(x) =
-// (1 + tanh(x / 2)) / 2. Double keeps exp-based forms for its tighter tolerance.
+// The gate activations sit in the step's critical epilogue, so for float tanh is exp-free: an
+// odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and one
+// reciprocal, within 4e-7 relative error everywhere (near 0 too). Double keeps exp-based forms
+// for its tighter tolerance.
 C10_ALWAYS_INLINE Vec<float> tanh(const Vec<float>& x_in) {
   const Vec<float> bound(7.90531110763549805f);
   const Vec<float> x = at::vec::clamp(x_in, -bound, bound);
@@ -98,9 +99,17 @@ C10_ALWAYS_INLINE Vec<float> tanh(const Vec<float>& x_in) {
     q = at::vec::fmadd(x2, q, Vec<float>(c));
   return x * p * reciprocal(q);
 }
+// sigmoid(x) = s = 1 / (1 + e) for x >= 0 and e * s for x < 0, with e = exp(-|x|) in (0, 1]: a
+// few ulp of relative error everywhere, as torch's own. The exp-free (1 + tanh(x / 2)) / 2 that
+// it replaces left an absolute error of half an ulp of 1 (3e-8), a relative one of 3e-4 at
+// x = -10 and of 100% below -16, where it gave 0 (a saturated input or forget gate, and the
+// h = o * tanh(c) of a closed output gate, far from torch's there); with exp_avx512 or exp_avx2
+// it costs about as many instructions. Below -87.3 (exp's least normal result) it gives 0, as
+// flush-to-zero would.
 C10_ALWAYS_INLINE Vec<float> sigmoid(const Vec<float>& x) {
-  const Vec<float> half(0.5f);
-  return at::vec::fmadd(half, tanh(x * half), half);
+  const Vec<float> e = vec_exp(x | Vec<float>(-0.f));  // -|x| by its sign bit
+  const Vec<float> s = reciprocal(Vec<float>(1.f) + e);
+  return Vec<float>::blendv(s, e * s, x < Vec<float>(0.f));  // NaN: vec_exp keeps it
 }
 inline Vec<double> sigmoid(const Vec<double>& x) {
   const Vec<double> one(1.0);
