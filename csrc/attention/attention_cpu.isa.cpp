@@ -227,25 +227,48 @@ C10_ALWAYS_INLINE T vec_reduce_max(const T* x, int64_t n) {
   return at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// vmaxps: b where either operand is NaN.
+C10_ALWAYS_INLINE Vectorized<float> plain_max(const Vectorized<float>& a,
+                                              const Vectorized<float>& b) {
+#ifdef CPU_CAPABILITY_AVX512
+  return _mm512_max_ps(a, b);
+#else
+  return _mm256_max_ps(a, b);
+#endif
+}
+// The largest lane of v, by vmaxps.
+C10_ALWAYS_INLINE float plain_reduce_max(const Vectorized<float>& v) {
+#ifdef CPU_CAPABILITY_AVX512
+  return _mm512_reduce_max_ps(v);
+#else
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+#endif
+}
+#endif
+
 // A row's largest score for the softmax's shift: a NaN among the scores must make the row NaN.
-// With exp_avx512, which keeps NaN, plain vmaxps (which drops a NaN operand) serves: a NaN
-// score's probability, so the row's sum and output, become NaN whatever the shift. Only a row
-// whose scores are all NaN or -inf would lose it, its max -inf reading as "no key seen": it is
-// scanned again keeping NaN. (at::vec::maximum costs 4 instructions a vector; the row maxima
-// took ~10% of the bf16 forward at L = S = 1024, Xeon with AMX.) The other builds keep a max
-// that keeps NaN (their exps keep it too since exp_avx2; the max was not measured without).
+// With exp_avx512 and exp_avx2, which keep NaN, plain vmaxps (which drops a NaN operand) serves:
+// a NaN score's probability, so the row's sum and output, become NaN whatever the shift. Only a
+// row whose scores are all NaN or -inf would lose it, its max -inf reading as "no key seen": it
+// is scanned again keeping NaN. (at::vec::maximum costs 4 instructions a vector; the row maxima
+// took ~10% of the bf16 forward at L = S = 1024, Xeon with AMX.)
 template <typename T>
 C10_ALWAYS_INLINE T scores_max(const T* x, int64_t n) {  // n a multiple of the vector width
-#ifdef CPU_CAPABILITY_AVX512
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    __m512 a = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), b = a;
+    using Vec = Vectorized<float>;
+    constexpr int64_t W = Vec::size();
+    Vec a(-std::numeric_limits<float>::infinity()), b = a;
     int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {  // two chains: vmaxps's latency, not its rate, bounds one
-      a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
-      b = _mm512_max_ps(_mm512_loadu_ps(x + j + 16), b);
+    for (; j + 2 * W <= n; j += 2 * W) {  // two chains: vmaxps's latency, not its rate, bounds one
+      a = plain_max(Vec::loadu(x + j), a);
+      b = plain_max(Vec::loadu(x + j + W), b);
     }
-    if (j < n) a = _mm512_max_ps(_mm512_loadu_ps(x + j), a);
-    const float m = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    if (j < n) a = plain_max(Vec::loadu(x + j), a);
+    const float m = plain_reduce_max(plain_max(a, b));
     return m == -std::numeric_limits<float>::infinity() ? vec_reduce_max(x, n) : m;
   }
 #endif
