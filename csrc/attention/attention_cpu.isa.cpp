@@ -1606,11 +1606,11 @@ void parallel_dynamic(int64_t threads, int64_t n, MakeState&& make_state, Fn&& f
 }
 
 // Runs fn(state, unit) for units 0 .. n - 1 on `threads` threads, each thread with its own
-// state = make_state(): a thread works through its own contiguous run of units first (at::
-// parallel_for's chunk: neighbouring units share the operands a state keeps packed, a head's key
-// tiles), then takes units one at a time from the back of the run with the most left. Units of
-// equal cost still finish unevenly on a shared machine (a thread that starts late, a core that
-// a neighbour slows): with static chunks the others wait for it at the end of the call.
+// state = make_state(): a thread works through its own contiguous run of units first (the chunk
+// at::parallel_for hands it: neighbouring units share the operands a state keeps packed, a
+// head's key tiles), then takes units one at a time from the back of the run with the most left.
+// Units of equal cost still finish unevenly on a shared machine (a thread that starts late, a
+// core that a neighbour slows): with static chunks the others wait for it at the end of the call.
 template <typename MakeState, typename Fn>
 void parallel_stealing(int64_t threads, int64_t n, MakeState&& make_state, Fn&& fn) {
   // A run's units [front, back) in one word, so that its owner (front) and a thief (back) claim
