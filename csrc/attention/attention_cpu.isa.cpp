@@ -250,10 +250,10 @@ C10_ALWAYS_INLINE float plain_reduce_max(const Vectorized<float>& v) {
 #endif
 
 // A row's largest score for the softmax's shift: a NaN among the scores must make the row NaN.
-// With exp_avx512 and exp_avx2, which keep NaN, plain vmaxps (which drops a NaN operand) serves:
-// a NaN score's probability, so the row's sum and output, become NaN whatever the shift. Only a
-// row whose scores are all NaN or -inf would lose it, its max -inf reading as "no key seen": it
-// is scanned again keeping NaN. (at::vec::maximum costs 4 instructions a vector; the row maxima
+// With exp_nonpositive (AVX-512, AVX2), which keeps NaN, plain vmaxps (which drops a NaN
+// operand) serves: a NaN score's probability, so the row's sum and output, become NaN whatever
+// the shift. Only a row whose scores are all NaN or -inf would lose it, its max -inf reading as
+// "no key seen": it is scanned again keeping NaN. (at::vec::maximum costs 4 instructions a vector; the row maxima
 // took ~10% of the bf16 forward at L = S = 1024, Xeon with AMX.)
 template <typename T>
 C10_ALWAYS_INLINE T scores_max(const T* x, int64_t n) {  // n a multiple of the vector width
@@ -818,8 +818,9 @@ __attribute__((target("avx512f,avx512bf16"))) inline Vectorized<float> exp_to_pa
     float* row, int64_t width, int64_t cols, float scale, float shift) {
   const Vectorized<float> sc(scale), sh(-shift);
   const auto exp_at = [&](int64_t j) -> __m512 {
-    return j < width ? __m512(exp_avx512(at::vec::fmadd(Vectorized<float>::loadu(row + j), sc, sh)))
-                     : _mm512_setzero_ps();
+    return j < width
+        ? __m512(exp_nonpositive(at::vec::fmadd(Vectorized<float>::loadu(row + j), sc, sh)))
+        : _mm512_setzero_ps();
   };
   auto* out = reinterpret_cast<bf16_pair*>(row);
   __m512 sum = _mm512_setzero_ps();
@@ -914,7 +915,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pai
     const __m512 x = _mm512_loadu_ps(p_dv + r * n + col);
     if (from_scores == nullptr) return x;
     if (col >= from_scores->width[r]) return zero;
-    return exp_avx512(_mm512_fmadd_ps(x, _mm512_set1_ps(from_scores->scale),
+    return exp_nonpositive(_mm512_fmadd_ps(x, _mm512_set1_ps(from_scores->scale),
                                       _mm512_set1_ps(-from_scores->shift[r])));
   };
   for (int64_t i = 0; i < m; i += 2) {

@@ -103,9 +103,9 @@ C10_ALWAYS_INLINE Vec<float> tanh(const Vec<float>& x_in) {
 // few ulp of relative error everywhere, as torch's own. The exp-free (1 + tanh(x / 2)) / 2 that
 // it replaces left an absolute error of half an ulp of 1 (3e-8), a relative one of 3e-4 at
 // x = -10 and of 100% below -16, where it gave 0 (a saturated input or forget gate, and the
-// h = o * tanh(c) of a closed output gate, far from torch's there); with exp_avx512 or exp_avx2
-// it costs about as many instructions. Below -87.3 (their least normal result) the AVX builds
-// give 0, as flush-to-zero would.
+// h = o * tanh(c) of a closed output gate, far from torch's there); with exp_nonpositive it
+// costs about as many instructions. Below -87.3 (its least normal result) the AVX builds give 0,
+// as flush-to-zero would.
 C10_ALWAYS_INLINE Vec<float> sigmoid(const Vec<float>& x) {
   const Vec<float> e = vec_exp(x | Vec<float>(-0.f));  // -|x| by its sign bit
   const Vec<float> s = reciprocal(Vec<float>(1.f) + e);
