@@ -88,6 +88,39 @@ def test_saturated_gates_keep_their_relative_accuracy(dtype):
 
 
 @needs_cpu_kernels
+def test_tanh_is_rounded_as_torchs():
+    # The cell's float tanh against torch.tanh, both against float64, over a dense sweep: cy is
+    # i * g + f * cx = tanh(g) exactly with i = sigmoid(40) = 1 and cx = 0, and with grad_cy = 1
+    # the gradient reaching g is 1 - tanh(g)^2, whose relative error near saturation is
+    # tanh's absolute error times 2 tanh / (1 - tanh^2) (200x at |g| = 3). Neither may be more
+    # than 2x torch's own error: the exp-free rational tanh this replaced failed both (4.5x and
+    # 6.6x).
+    g = torch.cat([torch.linspace(-9, 9, 36001), torch.logspace(-6, 0, 2001)])
+    H = g.numel()
+    gates = torch.cat([torch.full((1, H), 40.0), torch.full((1, H), -3.0), g[None],
+                       torch.full((1, H), 40.0)], dim=1)
+    cx = torch.zeros(1, H)
+    _, cy = OPS.lstm_cell_pointwise_fwd(gates, cx)
+    grad_gates, _ = OPS.lstm_cell_pointwise_bwd(torch.zeros(1, H), torch.ones(1, H), gates, cx, cy)
+    grad_g = grad_gates[0, 2 * H:3 * H]
+    want = torch.tanh(g.double())
+    want_grad = 1 - want ** 2
+    g32 = g.clone().requires_grad_()
+    torch_tanh = torch.tanh(g32)
+    (torch_grad,) = torch.autograd.grad(torch_tanh.sum(), g32)
+
+    def rel(got, ref, where):
+        return ((got.double() - ref) / ref).abs()[where].max().item()
+
+    nonzero = g != 0
+    ours, torchs = rel(cy[0], want, nonzero), rel(torch_tanh.detach(), want, nonzero)
+    assert ours <= 2 * torchs, f"tanh: relative error {ours:.2e}, torch's {torchs:.2e}"
+    saturated = (g.abs() > 1.5) & (g.abs() < 5)
+    ours, torchs = rel(grad_g, want_grad, saturated), rel(torch_grad, want_grad, saturated)
+    assert ours <= 2 * torchs, f"1 - tanh^2: relative error {ours:.2e}, torch's {torchs:.2e}"
+
+
+@needs_cpu_kernels
 def test_cell_pointwise_reads_strided_inputs():
     base = randn(6, 4 * 24)
     gates = base[::2]  # rows 2 apart: not contiguous

@@ -21,6 +21,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "fastattn/cpu_activations.h"
 #include "fastattn/cpu_brgemm_bf16.h"
 #include "fastattn/cpu_exp.h"
 #include "fastattn/cpu_scratch.h"
@@ -65,60 +66,6 @@ constexpr int kUnitRows = at::vec::Vectorized<float>::size() == 16 ? 4 : 2;
 // B16 H256 and the batch lanes 8-10% faster at H1024.) At B32-64 the two ran alike.
 constexpr int64_t kUnitLaneBatch = 2 * at::vec::Vectorized<float>::size();
 C10_ALWAYS_INLINE bool unit_lanes(int64_t batch) { return batch < kUnitLaneBatch; }
-
-// 1 / q from the hardware's reciprocal estimate and one Newton step (within about 1 ulp where the
-// estimate has 14 bits, AVX-512; 2 ulp from AVX's 12): a cell's five divisions, on the divider's
-// one port, bounded the epilogue of the bf16 recurrence on AMX.
-C10_ALWAYS_INLINE Vec<float> reciprocal(const Vec<float>& q) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#if defined(CPU_CAPABILITY_AVX512)
-  const Vec<float> r(_mm512_rcp14_ps(q));
-#else
-  const Vec<float> r(_mm256_rcp_ps(q));
-#endif
-  return at::vec::fmadd(r, at::vec::fnmadd(q, r, Vec<float>(1.f)), r);
-#else
-  return Vec<float>(1.f) / q;
-#endif
-}
-
-// The gate activations sit in the step's critical epilogue, so for float tanh is exp-free: an
-// odd [13/6] rational minimax fit on [-7.9, 7.9] (tanh rounds to +-1 beyond), FMAs and one
-// reciprocal, within 4e-7 relative error everywhere (near 0 too). Double keeps exp-based forms
-// for its tighter tolerance.
-C10_ALWAYS_INLINE Vec<float> tanh(const Vec<float>& x_in) {
-  const Vec<float> bound(7.90531110763549805f);
-  const Vec<float> x = at::vec::clamp(x_in, -bound, bound);
-  const Vec<float> x2 = x * x;
-  Vec<float> p(-2.76076847742355e-16f);
-  for (float c : {2.00018790482477e-13f, -8.60467152213735e-11f, 5.12229709037114e-08f,
-                  1.48572235717979e-05f, 6.37261928875436e-04f, 4.89352455891786e-03f})
-    p = at::vec::fmadd(x2, p, Vec<float>(c));
-  Vec<float> q(1.19825839466702e-06f);
-  for (float c : {1.18534705686654e-04f, 2.26843463243900e-03f, 4.89352518554385e-03f})
-    q = at::vec::fmadd(x2, q, Vec<float>(c));
-  return x * p * reciprocal(q);
-}
-// sigmoid(x) = s = 1 / (1 + e) for x >= 0 and e * s for x < 0, with e = exp(-|x|) in (0, 1]: a
-// few ulp of relative error everywhere, as torch's own. The exp-free (1 + tanh(x / 2)) / 2 that
-// it replaces left an absolute error of half an ulp of 1 (3e-8), a relative one of 3e-4 at
-// x = -10 and of 100% below -16, where it gave 0 (a saturated input or forget gate, and the
-// h = o * tanh(c) of a closed output gate, far from torch's there); with exp_nonpositive it
-// costs about as many instructions. Below -87.3 (its least normal result) the AVX builds give 0,
-// as flush-to-zero would.
-C10_ALWAYS_INLINE Vec<float> sigmoid(const Vec<float>& x) {
-  const Vec<float> e = vec_exp(x | Vec<float>(-0.f));  // -|x| by its sign bit
-  const Vec<float> s = reciprocal(Vec<float>(1.f) + e);
-  return Vec<float>::blendv(s, e * s, x < Vec<float>(0.f));  // NaN: vec_exp keeps it
-}
-inline Vec<double> sigmoid(const Vec<double>& x) {
-  const Vec<double> one(1.0);
-  return one / (one + x.neg().exp());
-}
-inline Vec<double> tanh(const Vec<double>& x) {
-  const Vec<double> one(1.0), two(2.0);
-  return two / (one + (x * Vec<double>(-2.0)).exp()) - one;
-}
 
 // The cell's math on one vector of lanes, shared by the layer kernels (lanes along the batch) and
 // the cell pointwise kernels (lanes along the features). Gates in torch's order i, f, g, o.

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "fastattn/cpu_activations.h"
 #include "fastattn/lstm_layer_norm_cpu.h"
 #include "lstm_dtype_dispatch.h"
 
@@ -19,21 +20,6 @@ namespace {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
-
-template <typename T>
-inline Vec<T> sigmoid(const Vec<T>& x) {
-  const Vec<T> one(T(1));
-  return one / (one + x.neg().exp());
-}
-
-// tanh(x) = 2 * sigmoid(2x) - 1: one exp and one division. (The plain LSTM kernel,
-// lstm_cpu.isa.cpp, uses exp-free rational forms for float; these keep the exp-based rounding the
-// LayerNorm-LSTM's tests were tuned on.)
-template <typename T>
-inline Vec<T> tanh(const Vec<T>& x) {
-  const Vec<T> one(T(1)), two(T(2));
-  return two / (one + (x * Vec<T>(T(-2))).exp()) - one;
-}
 
 // The first n lanes of v, zeros after them: keeps a row's tail out of its sums.
 template <typename T>
