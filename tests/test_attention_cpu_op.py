@@ -569,6 +569,37 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+# Memory orders of q's [B, H, L, E] dims, outermost first: contiguous, a projection's heads
+# ([B, L, H * E], batch_first), nn.MultiheadAttention's default [L, B, H * E], head-major, and an
+# E that is not innermost (torch and the op then give a contiguous out).
+Q_LAYOUTS = ["BHLE", "BLHE", "LBHE", "HBLE", "BLEH"]
+
+
+@pytest.mark.parametrize("layout", Q_LAYOUTS)
+def test_out_is_laid_out_as_torchs(layout):
+    """The forward's out has torch SDPA's strides for each layout of q (its dims in q's order,
+    dense), with the same values and gradients; opcheck checks the fake's strides against it."""
+    B, H, L, E = 2, 3, 7, 8
+    sizes = dict(B=B, H=H, L=L, E=E)
+    q, k, v = (torch.randn(*(sizes[d] for d in layout)).permute(*(layout.index(d) for d in "BHLE"))
+               for _ in range(3))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    args = op_args(make_opts(window_right=0), E)
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default,
+                          (q.detach(), k.detach(), v.detach(), *args),
+                          test_utils=("test_schema", "test_faketensor"))
+    got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert got.stride() == want.stride(), (got.stride(), want.stride())
+    grad = torch.randn(B, L, H, E).transpose(1, 2)  # as a merge of the heads passes it back
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grads, want_grads)
+    if layout == "BLHE":  # merging the heads back is a view of out
+        assert got.transpose(1, 2).reshape(B, L, H * E).data_ptr() == got.data_ptr()
+
+
 
 def test_varlen_op_raises_value_error_on_bad_offsets():
     """The op's checks of cu_seqlens' values (the only ones on CPU tensors) raise ValueError

@@ -6,11 +6,14 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "attention_glue.h"
 #include "fastattn/attention_params.h"
@@ -66,6 +69,25 @@ at::Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options)
   }
 #endif
   return t;
+}
+
+// The forward's out [B, Hq, L, Ev] laid out as q's dims are, as torch's SDPA lays out its own:
+// dense, Ev innermost, B, Hq and L in the order of q's strides, the largest outermost (ties, from
+// dims of size 1, in that order). q as the kernels read it (last_dim_contiguous): a q whose last
+// dim is strided gives a contiguous out, as in torch. The heads of a projection, [B, L, H * E]
+// viewed as [B, H, L, E], then give an out whose heads merge back (out.transpose(1, 2).reshape(B,
+// L, -1), as MultiheadAttention and transformer blocks do) as a view, where a contiguous out made
+// that a copy of the whole output (1.3% of fastattn.nn.MultiheadAttention's forward at N4 L256
+// D512, Xeon with AMX). fastattn/ops/attention.py's fake applies the same rule.
+at::Tensor empty_out_like_query(const at::Tensor& q, int64_t v_head_dim) {
+  std::array<int64_t, 3> order{0, 1, 2};
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return q.stride(a) > q.stride(b); });
+  const std::vector<int64_t> sizes{q.size(order[0]), q.size(order[1]), q.size(order[2]),
+                                   v_head_dim};
+  std::vector<int64_t> back(4, 3);  // the permutation that undoes `order`
+  for (int64_t i = 0; i < 3; ++i) back[order[i]] = i;
+  return empty_result(sizes, q.options()).permute(back);
 }
 
 int64_t ceil_div_host(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -196,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(
   AttentionParams p{};
   Inputs in = fill_fwd_params(p, q, k, v, attn_mask, alibi_slopes, dropout_p, rng_seed, scale,
                               window_left, window_right, bottom_right, softcap);
-  at::Tensor out = empty_result({p.batch, p.q_heads, p.q_len, p.v_head_dim}, q.options());
+  at::Tensor out = empty_out_like_query(in.q, p.v_head_dim);
   at::Tensor lse = empty_result({p.batch, p.q_heads, p.q_len}, q.options().dtype(at::kFloat));
   glue::fill_outputs(p, out, lse);
   FASTATTN_ISA_CALL(attention_fwd_kernel, p);

@@ -71,13 +71,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 }
 
 // Its gradients dq, dk, dv (fastattn::attention_bwd, no graph recorded; none for the mask).
+// grad_out as it comes: the CPU op reads it through its strides (the gradient of a merge of the
+// heads, out.transpose(1, 2).reshape(B, L, -1), is such a strided view).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& mask, const Options& o) {
   static const auto op = eager_entry::op_handle<AttentionBwd>("fastattn::attention_bwd");
   at::AutoDispatchBelowAutograd below_autograd;
   const auto [dq, dk, dv, dmask] =
-      op.call(grad_out.contiguous(), q, k, v, out, lse, optional(mask), std::nullopt, 0.0,
+      op.call(grad_out, q, k, v, out, lse, optional(mask), std::nullopt, 0.0,
               std::nullopt, o.scale, o.window_left, o.window_right, o.bottom_right, o.softcap,
               false);
   return {dq, dk, dv};

@@ -694,7 +694,16 @@ def attention_options(
 @torch.library.register_fake("fastattn::attention_fwd")
 def _attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, *options):
     B, H, L, _ = q.shape
-    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
+    lse = q.new_empty(B, H, L, dtype=torch.float32)
+    if q.device.type != "cpu":
+        return q.new_empty(B, H, L, v.shape[-1]), lse
+    # The CPU op lays out out as q's dims are (csrc/attention/attention_cpu.cpp,
+    # empty_out_like_query): B, H and L by q's strides, the largest outermost, ties in order;
+    # contiguous where q's last dim is strided (the op reads a contiguous copy of q then).
+    strided_last = q.shape[-1] > 1 and q.stride(-1) != 1
+    order = [0, 1, 2] if strided_last else sorted(range(3), key=lambda d: -q.stride(d))
+    out = q.new_empty(*(q.shape[d] for d in order), v.shape[-1])
+    return out.permute(*(order.index(d) for d in range(3)), 3), lse
 
 
 @torch.library.register_fake("fastattn::attention_bwd")
@@ -726,8 +735,11 @@ def _make_backward(bwd_op_name: str) -> Callable:
     def backward(ctx, grad_out, grad_lse):
         # lse is an auxiliary output (returned detached by the public API).
         q, k, v, out, lse, attn_mask, alibi_slopes, rng_seed = ctx.saved_tensors
+        # Every backend reads grad_out through its strides but for its last dim.
+        if grad_out.stride(-1) != 1:
+            grad_out = grad_out.contiguous()
         dq, dk, dv, dmask = bwd_op(
-            grad_out.contiguous(), q, k, v, out, lse, attn_mask, alibi_slopes,
+            grad_out, q, k, v, out, lse, attn_mask, alibi_slopes,
             *ctx.options_before_seed, rng_seed, *ctx.options_after_seed, ctx.mask_grad,
         )
         dmask = dmask.to(attn_mask.dtype) if ctx.mask_grad else None
