@@ -570,9 +570,9 @@ def test_opcheck():
 
 
 # Memory orders of q's [B, H, L, E] dims, outermost first: contiguous, a projection's heads
-# ([B, L, H * E], batch_first), nn.MultiheadAttention's default [L, B, H * E], head-major, and an
-# E that is not innermost (torch and the op then give a contiguous out).
-Q_LAYOUTS = ["BHLE", "BLHE", "LBHE", "HBLE", "BLEH"]
+# ([B, L, H * E], batch_first), nn.MultiheadAttention's default [L, B, H * E], head-major; an E
+# that is not innermost and a q expanded along B (torch and the op give a contiguous out there).
+Q_LAYOUTS = ["BHLE", "BLHE", "LBHE", "HBLE", "BLEH", "BLHE-expanded"]
 
 
 @pytest.mark.parametrize("layout", Q_LAYOUTS)
@@ -580,10 +580,16 @@ def test_out_is_laid_out_as_torchs(layout):
     """The forward's out has torch SDPA's strides for each layout of q (its dims in q's order,
     dense), with the same values and gradients; opcheck checks the fake's strides against it."""
     B, H, L, E = 2, 3, 7, 8
+    order = layout.split("-")[0]
     sizes = dict(B=B, H=H, L=L, E=E)
-    q, k, v = (torch.randn(*(sizes[d] for d in layout)).permute(*(layout.index(d) for d in "BHLE"))
-               for _ in range(3))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def laid_out():
+        return torch.randn(*(sizes[d] for d in order)).permute(*(order.index(d) for d in "BHLE"))
+
+    q, k, v = laid_out(), laid_out(), laid_out()
+    if layout.endswith("expanded"):
+        q = q[:1].expand(B, -1, -1, -1)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     args = op_args(make_opts(window_right=0), E)
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default,
                           (q.detach(), k.detach(), v.detach(), *args),

@@ -71,22 +71,43 @@ at::Tensor empty_result(at::IntArrayRef sizes, const at::TensorOptions& options)
   return t;
 }
 
-// The forward's out [B, Hq, L, Ev] laid out as q's dims are, as torch's SDPA lays out its own:
-// dense, Ev innermost, B, Hq and L in the order of q's strides, the largest outermost (ties, from
-// dims of size 1, in that order). q as the kernels read it (last_dim_contiguous): a q whose last
-// dim is strided gives a contiguous out, as in torch. The heads of a projection, [B, L, H * E]
-// viewed as [B, H, L, E], then give an out whose heads merge back (out.transpose(1, 2).reshape(B,
-// L, -1), as MultiheadAttention and transformer blocks do) as a view, where a contiguous out made
-// that a copy of the whole output (1.3% of fastattn.nn.MultiheadAttention's forward at N4 L256
-// D512, Xeon with AMX). fastattn/ops/attention.py's fake applies the same rule.
+// The forward's out [B, Hq, L, Ev] laid out as torch's CPU flash kernel lays out its own, like
+// q's dims: dense, Ev innermost, B, Hq and L ordered by q's strides as torch's empty_like orders a
+// tensor that is not dense (an insertion sort from the innermost dim: a larger stride goes
+// outside, equal strides put the larger size outside, a stride of 0 (an expanded dim) keeps its
+// place); contiguous where Ev differs from q's head dim (torch computes those calls by its math
+// path) or q's last dim is strided (the op reads a contiguous copy of q then). The heads of a
+// projection, [B, L, H * E] viewed as [B, H, L, E], then give an out whose heads merge back
+// (out.transpose(1, 2).reshape(B, L, -1), as MultiheadAttention and transformer blocks do) as a
+// view, where a contiguous out made that a copy of the whole output (1.3% of
+// fastattn.nn.MultiheadAttention's forward at N4 L256 D512, Xeon with AMX).
+// fastattn/ops/attention.py's fake applies the same rule.
 at::Tensor empty_out_like_query(const at::Tensor& q, int64_t v_head_dim) {
-  std::array<int64_t, 3> order{0, 1, 2};
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return q.stride(a) > q.stride(b); });
-  const std::vector<int64_t> sizes{q.size(order[0]), q.size(order[1]), q.size(order[2]),
-                                   v_head_dim};
-  std::vector<int64_t> back(4, 3);  // the permutation that undoes `order`
-  for (int64_t i = 0; i < 3; ++i) back[order[i]] = i;
+  std::array<int64_t, 3> inner_first{2, 1, 0};  // q's dims B, Hq, L, the innermost first
+  if (v_head_dim == q.size(3)) {
+    // > 0: dim a goes outside dim b; < 0: it stays inside; 0: no order between them.
+    const auto compare = [&](int64_t a, int64_t b) -> int {
+      const int64_t sa = q.stride(a), sb = q.stride(b);
+      if (sa == 0 || sb == 0) return 0;
+      if (sa != sb) return sa > sb ? 1 : -1;
+      return q.size(a) > q.size(b) ? 1 : 0;
+    };
+    for (int64_t i = 1; i < 3; ++i) {
+      int64_t moving = i;
+      for (int64_t j = i - 1; j >= 0; --j) {
+        const int c = compare(inner_first[j], inner_first[moving]);
+        if (c < 0) break;
+        if (c > 0) {
+          std::swap(inner_first[j], inner_first[moving]);
+          moving = j;
+        }
+      }
+    }
+  }
+  const std::vector<int64_t> sizes{q.size(inner_first[2]), q.size(inner_first[1]),
+                                   q.size(inner_first[0]), v_head_dim};
+  std::vector<int64_t> back(4, 3);  // the permutation that undoes the order of `sizes`
+  for (int64_t i = 0; i < 3; ++i) back[inner_first[i]] = 2 - i;
   return empty_result(sizes, q.options()).permute(back);
 }
 

@@ -697,11 +697,30 @@ def _attention_fwd_fake(q, k, v, attn_mask, alibi_slopes, *options):
     lse = q.new_empty(B, H, L, dtype=torch.float32)
     if q.device.type != "cpu":
         return q.new_empty(B, H, L, v.shape[-1]), lse
-    # The CPU op lays out out as q's dims are (csrc/attention/attention_cpu.cpp,
-    # empty_out_like_query): B, H and L by q's strides, the largest outermost, ties in order;
-    # contiguous where q's last dim is strided (the op reads a contiguous copy of q then).
-    strided_last = q.shape[-1] > 1 and q.stride(-1) != 1
-    order = [0, 1, 2] if strided_last else sorted(range(3), key=lambda d: -q.stride(d))
+    # The CPU op lays out out as torch's CPU flash kernel does (csrc/attention/attention_cpu.cpp,
+    # empty_out_like_query): B, H and L ordered by q's strides as torch's empty_like orders a
+    # tensor that is not dense; contiguous where v's head dim differs from q's or q's last dim is
+    # strided (the op reads a contiguous copy of q then).
+    inner_first = [2, 1, 0]
+    if v.shape[-1] == q.shape[-1] and not (q.shape[-1] > 1 and q.stride(-1) != 1):
+        def compare(a, b):  # > 0: dim a goes outside dim b; 0: no order between them
+            sa, sb = q.stride(a), q.stride(b)
+            if sa == 0 or sb == 0:
+                return 0
+            if sa != sb:
+                return 1 if sa > sb else -1
+            return 1 if q.shape[a] > q.shape[b] else 0
+
+        for i in (1, 2):
+            moving = i
+            for j in range(i - 1, -1, -1):
+                c = compare(inner_first[j], inner_first[moving])
+                if c < 0:
+                    break
+                if c > 0:
+                    inner_first[j], inner_first[moving] = inner_first[moving], inner_first[j]
+                    moving = j
+    order = inner_first[::-1]
     out = q.new_empty(*(q.shape[d] for d in order), v.shape[-1])
     return out.permute(*(order.index(d) for d in range(3)), 3), lse
 
