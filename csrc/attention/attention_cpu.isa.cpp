@@ -298,17 +298,6 @@ void vec_scale(T* x, int64_t n, T factor) {
   for (int64_t j = 0; j < n; j += Vec::size()) (Vec::loadu(x + j) * f).store(x + j);
 }
 
-// count <= lanes consecutive elements of x as acc_t lanes (the others zero).
-template <typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE Vectorized<acc_t> load_lanes(const scalar_t* x, int64_t count) {
-  using Vec = Vectorized<acc_t>;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return count == Vec::size() ? Vec::loadu(x) : Vec::loadu(x, count);
-  } else {
-    return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(x, count)));
-  }
-}
-
 // The lines of the `bytes` bytes at row into the cache, for a row kAheadRows rows further on in
 // a stream that the single-row products read once.
 constexpr int64_t kAheadRows = 16;
@@ -347,7 +336,7 @@ void row_scores(const acc_t* q, const scalar_t* k, int64_t k_rs, int64_t n, int6
         const int64_t lanes = c + 1 < nvec ? L : tail;
         const Vec qv = Vec::loadu(q + c * L);
         for (int64_t r = 0; r < R; ++r)
-          acc[r] = at::vec::fmadd(qv, load_lanes<acc_t>(row + r * k_rs + c * L, lanes), acc[r]);
+          acc[r] = at::vec::fmadd(qv, load_n<acc_t>(row + r * k_rs + c * L, lanes), acc[r]);
       }
       for (int64_t r = 0; r < R; ++r) acc[r].store(part + (j + r) * L);
     };
@@ -387,7 +376,7 @@ void row_pv(const acc_t* p, const scalar_t* v, int64_t v_rs, int64_t n, int64_t 
       const scalar_t* row = v + j * v_rs + e0;
       prefetch_bytes(row + kAheadRows * v_rs, R * L * int64_t(sizeof(scalar_t)));
       for (int r = 0; r < R; ++r) {
-        acc[r] = at::vec::fmadd(pj, load_lanes<acc_t>(row + r * L, lanes[r]), acc[r]);
+        acc[r] = at::vec::fmadd(pj, load_n<acc_t>(row + r * L, lanes[r]), acc[r]);
       }
     }
     for (int r = 0; r < R; ++r) acc[r].store(o + e0 + r * L);
@@ -2085,7 +2074,7 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
     Vec sum(acc_t(0));
     for (int64_t e = 0; e < Ev; e += Vec::size()) {
       const int64_t lanes = std::min<int64_t>(Vec::size(), Ev - e);
-      sum = at::vec::fmadd(load_lanes<acc_t>(o + e, lanes), load_lanes<acc_t>(d + e, lanes), sum);
+      sum = at::vec::fmadd(load_n<acc_t>(o + e, lanes), load_n<acc_t>(d + e, lanes), sum);
     }
     return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum);
   };

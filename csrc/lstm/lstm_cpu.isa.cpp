@@ -107,39 +107,6 @@ C10_ALWAYS_INLINE Vec<acc_t> cell_bwd(const Vec<acc_t> (&act)[4], const Vec<acc_
   return dc * f;
 }
 
-// n <= lanes consecutive elements as math-type lanes (the others zero), and back. Half and bf16
-// convert a vector at a time (cpu_transpose.h's load_first_ps and store_first; at::vec's
-// convert_from_float in the default build): element by element, fp16 on AVX-512 is a
-// vcvtph2ps each, and the fp16 inference's epilogue took 2.5x the fp32 one's time (T64 B24 H256).
-template <typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE Vec<acc_t> load_n(const scalar_t* p, int n) {
-  constexpr int L = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return n == L ? Vec<acc_t>::loadu(p) : Vec<acc_t>::loadu(p, n);
-  } else if constexpr (kTransposesFrom<scalar_t> && kTransposeBlock > 0) {
-    return Vec<acc_t>(load_first_ps(p, n));
-  } else {
-    alignas(64) acc_t tmp[L] = {};
-    for (int l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l]);
-    return Vec<acc_t>::loadu(tmp);
-  }
-}
-template <typename acc_t, typename scalar_t>
-C10_ALWAYS_INLINE void store_n(const Vec<acc_t>& v, scalar_t* p, int n) {
-  constexpr int L = Vec<acc_t>::size();
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    n == L ? v.store(p) : v.store(p, n);
-  } else if constexpr (kTransposesFrom<scalar_t> && kTransposeBlock > 0) {
-    store_first(v, p, n);
-  } else if constexpr (kTransposesFrom<scalar_t>) {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
-  } else {
-    alignas(64) acc_t tmp[L];
-    v.store(tmp);
-    for (int l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(tmp[l]);
-  }
-}
-
 // Zoneout with mix weight w, where `present`: the forward keeps w of the previous state,
 // x + w * (prev - x); the backward passes w of a state's gradient g straight to the previous one.
 template <typename acc_t>

@@ -1,11 +1,12 @@
 // Register-blocked transposes for the per-ISA kernel builds (`*.isa.cpp`, see cpu_isa.h): the
 // attention kernels' K^T and V^T tiles and the LSTM kernels' unit-major weights; and their
-// row loads, which convert half and bf16 to fp32 (load_first_ps, and store_first back: also the
-// LSTM kernels' half and bf16 rows).
+// row loads, which convert half and bf16 to fp32 (load_first_ps, and store_first back; load_n and
+// store_n, the LSTM kernels' rows and the attention's single-row products).
 // Included inside no namespace; it opens fastattn::FASTATTN_ISA_NAMESPACE itself, so each ISA
 // build gets its own copy.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>  // convert_from_float
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -207,6 +208,43 @@ void pack_transposed(const scalar_t* src, int64_t src_rs, int64_t rows, int64_t 
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * src_rs;
     for (int64_t c = 0; c < cols; ++c) dst[c * ld + r] = static_cast<acc_t>(s[c]);
+  }
+}
+
+// n <= lanes consecutive elements of a row as acc_t lanes (the others zero), and back. Half and
+// bf16 convert a vector at a time (load_first_ps and store_first; at::vec's convert_from_float
+// in the default build): element by element, fp16 on AVX-512 is a vcvtph2ps each, and the LSTM's
+// fp16 inference epilogue took 2.5x the fp32 one's time (T64 B24 H256). The LSTM kernels' rows and
+// the attention's single-row products read them.
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE at::vec::Vectorized<acc_t> load_n(const scalar_t* p, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int L = Vec::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return n == L ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else if constexpr (kTransposesFrom<scalar_t> && std::is_same_v<acc_t, float> &&
+                       kTransposeBlock > 0) {
+    return Vec(load_first_ps(p, static_cast<int>(n)));
+  } else {
+    alignas(64) acc_t tmp[L] = {};
+    for (int64_t l = 0; l < n; ++l) tmp[l] = static_cast<acc_t>(p[l]);
+    return Vec::loadu(tmp);
+  }
+}
+template <typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE void store_n(const at::vec::Vectorized<acc_t>& v, scalar_t* p, int64_t n) {
+  constexpr int L = at::vec::Vectorized<acc_t>::size();
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    n == L ? v.store(p) : v.store(p, n);
+  } else if constexpr (kTransposesFrom<scalar_t> && std::is_same_v<acc_t, float> &&
+                       kTransposeBlock > 0) {
+    store_first(v, p, static_cast<int>(n));
+  } else if constexpr (kTransposesFrom<scalar_t> && std::is_same_v<acc_t, float>) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, n);
+  } else {
+    alignas(64) acc_t tmp[L];
+    v.store(tmp);
+    for (int64_t l = 0; l < n; ++l) p[l] = static_cast<scalar_t>(tmp[l]);
   }
 }
 
