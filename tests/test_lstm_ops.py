@@ -95,7 +95,8 @@ def test_tanh_is_rounded_as_torchs():
     # tanh's absolute error times 2 tanh / (1 - tanh^2) (200x at |g| = 3). Neither may be more
     # than 2x torch's own error: the exp-free rational tanh this replaced failed both (4.5x and
     # 6.6x).
-    g = torch.cat([torch.linspace(-9, 9, 36001), torch.logspace(-6, 0, 2001)])
+    g = torch.cat([torch.linspace(-12, 12, 48001), torch.logspace(-6, 0, 2001),
+                   torch.tensor([30.0, -100.0, float("inf"), -float("inf")])])
     H = g.numel()
     gates = torch.cat([torch.full((1, H), 40.0), torch.full((1, H), -3.0), g[None],
                        torch.full((1, H), 40.0)], dim=1)
@@ -115,6 +116,13 @@ def test_tanh_is_rounded_as_torchs():
     nonzero = g != 0
     ours, torchs = rel(cy[0], want, nonzero), rel(torch_tanh.detach(), want, nonzero)
     assert ours <= 2 * torchs, f"tanh: relative error {ours:.2e}, torch's {torchs:.2e}"
+    # From |g| = 9.011 on, tanh rounds to +-1, as torch's does (a clamp at 9 gave 1 - 6e-8).
+    rounds_to_one = g.abs() > 9.02
+    assert torch.equal(cy[0][rounds_to_one], torch_tanh.detach()[rounds_to_one])
+    # c = -0 (f * -0 + i * -0) gives h = o * tanh(-0) = -0, as in torch.
+    hy, cy = OPS.lstm_cell_pointwise_fwd(torch.tensor([[40.0, 40.0, -0.0, 40.0]]),
+                                         torch.tensor([[-0.0]]))
+    assert torch.signbit(cy).all() and torch.signbit(hy).all()
     saturated = (g.abs() > 1.5) & (g.abs() < 5)
     ours, torchs = rel(grad_g, want_grad, saturated), rel(torch_grad, want_grad, saturated)
     assert ours <= 2 * torchs, f"1 - tanh^2: relative error {ours:.2e}, torch's {torchs:.2e}"
