@@ -9,10 +9,9 @@
 // dot products instead where the CPU has them, and both passes' products go to ATen's oneDNN
 // brgemm where the CPU has AMX-BF16 (TileProducts; the backward's dK and dV transposed). The
 // forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
-// probabilities from it with the same packing and the same products, so P is bit-identical to
-// the forward's even for huge logits (except a single query row under the bf16 dot products,
-// whose forward adds the same exact products in another order (row_scores_pairs): there the
-// scores agree to fp32 rounding, a relative error of ~1e-7 times the logit's size in P).
+// probabilities from it with the same packing and the same products (a single query row's on
+// the key rows in place, in both passes), so its scores are the forward's bit for bit even for
+// huge logits.
 // The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
 // its row addressing know the layout (attention_params.h).
 #include <ATen/Parallel.h>
@@ -73,7 +72,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // C[ROWS, COLS vectors] (ACCUMULATE ? += : =) A[ROWS, kdim] * B[kdim, COLS vectors]: the
-// register tile of gemm_rows (same operands).
+// register tile of gemm_rows (same operands). The product is summed from zero and added to C
+// once, as BLAS adds its C: a long reduction split over many calls (dV and dK over the query
+// tiles, dQ and O over the key tiles) then rounds as blocks of kdim terms and one sum of the
+// blocks. Chained through C (the accumulators loaded from it), the whole reduction was one
+// sequence of roundings: fp32 dK and dV at L = 200-1000 had 2-4.6x the error of torch's
+// against float64, and O at L = S = 1024 2.3x.
 template <typename T, int ROWS, int COLS, bool A_ROW_MAJOR, bool ACCUMULATE>
 C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T* b,
                                  int64_t ldb, T* c, int64_t ldc) {
@@ -83,9 +87,7 @@ C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T*
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < COLS; ++v) {
-      acc[r][v] = ACCUMULATE ? Vec::loadu(c + r * ldc + v * W) : Vec(T(0));
-    }
+    for (int v = 0; v < COLS; ++v) acc[r][v] = Vec(T(0));
   }
   const T* bp = b;
   const T* ap = a;
@@ -103,7 +105,10 @@ C10_ALWAYS_INLINE void gemm_tile(int64_t kdim, const T* a, int64_t lda, const T*
 #pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) {
 #pragma GCC unroll 4
-    for (int v = 0; v < COLS; ++v) acc[r][v].store(c + r * ldc + v * W);
+    for (int v = 0; v < COLS; ++v) {
+      T* cv = c + r * ldc + v * W;
+      (ACCUMULATE ? acc[r][v] + Vec::loadu(cv) : acc[r][v]).store(cv);
+    }
   }
 }
 
@@ -651,9 +656,9 @@ struct FmaProducts {
     static bool writes_dq() { return false; }
     // dp [m, n_pad] = dO V^T, where row i sees keys j < i + diag (0 elsewhere).
     void dp(const Problem& pr, int64_t m, acc_t* dp, int64_t diag) const {
-      std::fill(dp, dp + m * pr.n_pad, acc_t(0));
-      gemm<acc_t>(m, pr.n_pad, pr.p.v_head_dim, dob.data(), pr.ev_pad, 1, vt.data(), pr.n_pad,
-                  dp, pr.n_pad, diag);
+      if (diag < kAllVisible) std::fill(dp, dp + m * pr.n_pad, acc_t(0));
+      gemm<acc_t, false>(m, pr.n_pad, pr.p.v_head_dim, dob.data(), pr.ev_pad, 1, vt.data(),
+                         pr.n_pad, dp, pr.n_pad, diag);
     }
     // dv [n, ev_pad] += P_dv^T dO, dk [n, e_pad] += scale dS^T Q and dq [m, e_pad] += dS K
     // (unscaled; = where dq_add is false, which only products that writes_dq() are given), for
@@ -1218,7 +1223,7 @@ struct TileProducts<c10::BFloat16, float> {
       pack_transposed_pairs(v, v_rs, n, pr.p.v_head_dim, pairs(vt.data()), pr.n_pad);
       keys_written = false;  // the first query tile's products write dkt and dvt, later ones add
     }
-    // (Unlike pack_q, a single row is packed too: the backward always scores through qk.)
+    // (Unlike pack_q, a single row is packed too: the products below read it.)
     void pack_queries(const Problem& pr, const bf16* q, int64_t q_rs, const bf16* dout,
                       int64_t dout_rs, int64_t m, int64_t head, int64_t tile) {
       if (!on()) return Fma::Backward::pack_queries(pr, q, q_rs, dout, dout_rs, m, head, tile);
@@ -1940,17 +1945,22 @@ struct BackwardTile {
         operands.pack_queries(pr, q + q0 * p.q_stride[2], p.q_stride[2],
                               dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m,
                               sq.b * p.kv_heads + hk, g * n_qb + qb);
-        // The forward's score products on the forward's packing: P is the forward's.
+        // The forward's score products on the forward's packing, a single query row's on the
+        // key rows in place as the forward's (its sums in another order than qk's): P is the
+        // forward's bit for bit. With qk's scores for that row, P = exp(s - lse) was off by the
+        // rounding of s, which a large logit makes large against a probability near 1 (fp32
+        // dQ, dK and dV of a one-row query at scale 1.7, E 96: up to 20x torch's error).
+        const bool single_row = m == 1;
         Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, ld,
                                                    operands.scores_queries(),
-                                                   operands.kt.data(), k,
-                                                   p.k_stride[2], s.data(), t.data());
+                                                   single_row ? nullptr : operands.kt.data(),
+                                                   k, p.k_stride[2], s.data(), t.data());
         // P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row that saw
         // a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN). As in the
         // forward, the exp skips the whole vectors of -inf scores past a row's diagonal and
         // writes their zeros. s becomes P here, unless grads computes P in its own pass.
         const int64_t diag = pr.visible_diag(sq, q0, k0);
-        const acc_t scale = Products::score_scale(pr);
+        const acc_t scale = single_row ? acc_t(1) : Products::score_scale(pr);
         // dS, the gradient of the final scores, is computed before grads where the mask's
         // gradient reads it or softcap changes it; else by grads, in its pass over P and dP.
         const bool ds_first = bp.dmask != nullptr || p.softcap > 0;
