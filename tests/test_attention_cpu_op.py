@@ -134,6 +134,10 @@ SHAPES = [  # B, Hq, Hk, L, S, E, Ev
     # up to 8 vectors of the output: partial vectors, a 9th output vector, Ev != E.
     pytest.param((1, 3, 1, 1, 33, 40, 24), id="L1-S33-E40-Ev24-gqa3"),
     pytest.param((1, 2, 2, 1, 130, 136, 130), id="L1-S130-E136-Ev130"),
+    # A few query rows (up to 4; 2 for bf16 on AVX512-BF16) read the keys and values in place
+    # too, row by row (Problem::rows_in_place).
+    pytest.param((2, 3, 1, 3, 70, 40, 24), id="L3-S70-E40-Ev24-gqa3"),
+    pytest.param((1, 2, 2, 4, 300, 136, 130), id="L4-S300-E136-Ev130"),
     pytest.param((2, 2, 2, 7, 33, 40, 40), id="L7-S33-E40"),
     pytest.param((1, 4, 2, 33, 100, 64, 64), id="L33-S100-E64-gqa"),
     pytest.param((1, 2, 2, 100, 33, 80, 48), id="L100-S33-E80-Ev48"),
@@ -209,7 +213,8 @@ def test_transposed_mask_view():
         pytest.param((70, 70, False), id="window-wider-than-tile"),
     ],
 )
-@pytest.mark.parametrize("LS", [(33, 100), (100, 33), (130, 200)], ids=lambda x: f"L{x[0]}-S{x[1]}")
+@pytest.mark.parametrize("LS", [(3, 100), (33, 100), (100, 33), (130, 200)],
+                         ids=lambda x: f"L{x[0]}-S{x[1]}")
 def test_windows(window, LS, dtype):
     L, S = LS
     left, right, bottom_right = window
@@ -217,8 +222,9 @@ def test_windows(window, LS, dtype):
     check(q, k, v, make_opts(window_left=left, window_right=right, bottom_right=bottom_right))
 
 
-def test_softcap_and_alibi():
-    B, Hq, L, S = 2, 4, 33, 100
+@pytest.mark.parametrize("L", [3, 33], ids=["in-place-rows", "packed-rows"])
+def test_softcap_and_alibi(L):
+    B, Hq, S = 2, 4, 100
     q, k, v = inputs(B, Hq, 2, L, S, 64, 64, torch.float32, magnitude=2.0)
     check(q, k, v, make_opts(softcap=3.0))
     check(q, k, v, make_opts(alibi_slopes=torch.rand(Hq)))
@@ -229,8 +235,9 @@ def test_softcap_and_alibi():
 # bf16: its backward reads P o Z for dV and P for dS in one pass (pack_grad_pairs).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=DTYPE_IDS.get)
-def test_dropout_matches_reference_mask(dtype):
-    q, k, v = inputs(2, 2, 1, 33, 100, 40, 40, dtype)
+@pytest.mark.parametrize("L", [4, 33], ids=["in-place-rows", "packed-rows"])
+def test_dropout_matches_reference_mask(L, dtype):
+    q, k, v = inputs(2, 2, 1, L, 100, 40, 40, dtype)
     seed = torch.tensor(1234567890123, dtype=torch.int64)
     opts = make_opts(dropout_p=0.3, rng_seed=seed)
     out, _ = check(q, k, v, opts)
@@ -280,13 +287,14 @@ def test_long_reductions_as_accurate_as_torchs(L, S):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("L", [1, 65, 129])
-def test_single_query_row_backward_scores_as_the_forward(L, dtype):
-    # A query tile of one row (L = 1, and the last tile of L = 65 or 129 at 64 or 128 rows a
-    # tile) is scored on the key rows in place, in another order than a tile's products: the
-    # backward must score it the same way, or P = exp(s - lse) is off by the rounding of s, which
-    # a large logit makes large. With one key, lse = s, so P is exactly 1 only if the backward's
-    # s is the forward's bit for bit: dV is then the one row's grad_out exactly (the others are 0).
+@pytest.mark.parametrize("L", [1, 2, 3, 65, 129])
+def test_in_place_rows_backward_scores_as_the_forward(L, dtype):
+    # A few query rows (L = 2, 3: up to 4, 2 for bf16 on AVX512-BF16) and a tile of one row
+    # (L = 1, the last of L = 65 or 129 at 64 or 128 rows a tile) are scored on the key rows in
+    # place, in another order than a tile's products: the backward must score them the same way,
+    # or P = exp(s - lse) is off by the rounding of s, which a large logit makes large. With one
+    # key, lse = s, so P is exactly 1 only if the backward's s is the forward's bit for bit: dV
+    # is then the last row's grad_out exactly (the other rows' are 0).
     q, k, v = inputs(2, 3, 3, L, 1, 96, 40, dtype, magnitude=2.0)
     opts = make_opts(scale=1.7)
     out, lse = torch.ops.fastattn.attention_fwd(q, k, v, *op_args(opts, 96))

@@ -452,8 +452,17 @@ struct Problem {
   int64_t block_m;  // query rows per tile
   int64_t block_n;  // keys per tile (key_tile_width)
   int64_t e_pad, ev_pad, n_pad;
+  int64_t in_place_rows;  // the products' in_place_rows()
 
   bool varlen() const { return p.cu_seqlens_q != nullptr; }
+  // Whether a tile of m rows of sequence sq is scored and multiplied row by row on the key and
+  // value rows in place (the single-row products of decode) instead of packing them: any tile of
+  // one row, and every tile of a sequence of at most in_place_rows query rows. Both passes
+  // decide alike and score such rows alike (Scores::compute), so the backward's P is the
+  // forward's.
+  bool rows_in_place(const Sequence& sq, int64_t m) const {
+    return m == 1 || sq.q_len <= in_place_rows;
+  }
   // Query tiles per head by the longest sequence's q_len: the layout of per-tile state (the
   // backward's dq_seen flags, as its dq accumulator's rows).
   int64_t query_tiles() const { return ceil_div(p.q_len, block_m); }
@@ -581,6 +590,13 @@ struct FmaProducts {
   static int64_t block_m() { return kBlockM; }
   static int64_t forward_block_n() { return kForwardBlockN; }
   static int64_t backward_block_n() { return kBlockN; }
+  // Query rows of a sequence up to which both passes read keys and values in place, row by row
+  // (Problem::rows_in_place): packing a key tile (K^T and V) costs about a third of its
+  // products with 64 rows, so with a few it cost more than the products. fp32, B1 H8 E128,
+  // 2 threads, Xeon with AMX, against torch's SDPA: L = 2 0.45x -> 0.84x (S = 512 and 4096),
+  // 3 0.43-0.50x -> 0.61-0.76x, 4 0.50-0.70x -> 0.61-0.77x; 5 gained nothing, 8 lost (0.60x ->
+  // 0.52x: each row reads the tile again). Under avx2 likewise (L = 2 0.39x -> 0.78x).
+  static int64_t in_place_rows() { return 4; }
   // s [m, n_pad] = qs kt for the columns of n keys that row i sees (j < i + diag,
   // kAllVisible); the other columns of s are left as they were.
   static void qk(const Problem& pr, int64_t m, int64_t n, const acc_t* qs, const acc_t* kt,
@@ -1099,6 +1115,11 @@ struct TileProducts<c10::BFloat16, float> {
   // 2.65 -> 2.59, causal 4-5% faster; forward L = S = 1024 2.67 -> 2.47 ms, 512 4% faster, 512
   // causal 3% slower. (256 keys per backward tile as well lost 5-13%.)
   static int64_t block_m() { return brgemm() ? 2 * kBlockM : kBlockM; }
+  // Fewer rows in place than the FMA path's (see there): its tile products are cheaper. Against
+  // torch's SDPA (bf16, B1 H8 E128, 2 threads, Xeon with AMX): L = 2 0.98x -> 1.67x at S = 4096,
+  // 1.24-1.30x -> 1.42-1.57x at 512; L = 3 and 4 gained at S = 4096 (0.97x -> 1.24-1.28x) but
+  // lost at 512 (1.28-1.34x -> 0.88-1.14x).
+  static int64_t in_place_rows() { return on() ? 2 : Fma::in_place_rows(); }
   static bf16_pair* pairs(float* x) { return reinterpret_cast<bf16_pair*>(x); }
   static const bf16_pair* pairs(const float* x) { return reinterpret_cast<const bf16_pair*>(x); }
 
@@ -1324,8 +1345,8 @@ template <typename scalar_t, typename acc_t, typename Products = FmaProducts<sca
 struct Scores {
   // s[m, n_pad] = scores of rows [q0, q0+m) x keys [k0, k0+n) of head h of sequence sq, with
   // softcap, alibi, mask and visibility applied (-inf where invisible, and in padded columns).
-  // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T, or is null for a single query
-  // row (decode), whose scores are dot products with the unpacked k rows (row stride k_rs).
+  // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T, or is null for rows scored on the
+  // unpacked k rows (row stride k_rs), one at a time (Problem::rows_in_place).
   // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward. The caller
   // reads the columns up to `width` (>= n): only those are set.
   static void compute(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
@@ -1339,15 +1360,16 @@ struct Scores {
     if (p.softcap > 0) std::fill(s, s + m * ld, acc_t(0));
     if (kt != nullptr) {
       Products::qk(pr, m, n, qs, kt, s, pr.visible_diag(sq, q0, k0));
-    } else if (p.block_table == nullptr) {
-      Products::single_row_qk(pr, qs, k_rows, k_rs, n, s);
     } else {
-      // A decode tile of a paged cache spans pages (key_tile_width): a page's rows at a time.
+      // A tile of a paged cache spans pages (key_tile_width): a page's rows at a time.
       const auto* k = static_cast<const scalar_t*>(p.k);
-      pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
-        Products::single_row_qk(pr, qs, pr.key_row(k, p.k_stride, sq, h / pr.group, k0 + c),
-                                k_rs, run, s + c);
-      });
+      for (int64_t i = 0; i < m; ++i) {
+        pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
+          const scalar_t* rows = p.block_table == nullptr
+              ? k_rows : pr.key_row(k, p.k_stride, sq, h / pr.group, k0 + c);
+          Products::single_row_qk(pr, qs + i * pr.e_pad, rows, k_rs, run, s + i * ld + c);
+        });
+      }
     }
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const bool full = pr.tile_full(sq, q0, m, k0, n);
@@ -1471,8 +1493,8 @@ struct ForwardTile {
       : qs(rows(pr) * pr.e_pad), s(rows(pr) * pr.n_pad), o(rows(pr) * pr.ev_pad),
         row_max(rows(pr)), row_sum(rows(pr) * kSumLanes), lse(rows(pr)), new_max(rows(pr)),
         rescale(rows(pr)),
-        packed(pr.p.q_len > 1 ? ceil_div(pr.p.kv_len, pr.block_n) : 0, 0),
-        // Single-row calls (decode) never pack, so they request no cache.
+        packed(pr.p.q_len > pr.in_place_rows ? ceil_div(pr.p.kv_len, pr.block_n) : 0, 0),
+        // Calls of a few query rows (decode) never pack, so they request no cache.
         cache(static_cast<int64_t>(packed.size()) *
               (pr.p.head_dim * pr.n_pad + pr.block_n * pr.ev_pad)),
         kt_all(cache.data()),
@@ -1503,11 +1525,11 @@ struct ForwardTile {
       if (!pr.tile_visible(sq, q0, m, k0, n)) continue;
       const scalar_t* k_tile = pr.key_row(k, p.k_stride, sq, hk, k0);
       const scalar_t* v_tile = pr.key_row(v, p.v_stride, sq, hk, k0);
-      // A single row reads k and v in place: packing would cost more than the products.
-      const bool single_row = m == 1;
+      // A few rows read k and v in place: packing would cost more than the products.
+      const bool in_place = pr.rows_in_place(sq, m);
       acc_t* kt = kt_all + kb * p.head_dim * ld;  // [E, n_pad]
       acc_t* vb = v_all + kb * pr.block_n * ldo;  // [block_n, ev_pad]
-      if (!single_row && !packed[kb]) {
+      if (!in_place && !packed[kb]) {
         Products::pack_kv(pr, k_tile, p.k_stride[2], v_tile, p.v_stride[2], n, kt, vb);
         packed[kb] = 1;
       }
@@ -1517,7 +1539,7 @@ struct ForwardTile {
       // s [m, n_pad]: scores of the tile, becoming exp(s - running max); with softcap the
       // tanh values are not needed here, so they go to s itself.
       Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, cols, qs.data(),
-                                                 single_row ? nullptr : kt, k_tile, p.k_stride[2],
+                                                 in_place ? nullptr : kt, k_tile, p.k_stride[2],
                                                  s.data(), s.data());
       // Row i's scores past its diagonal (whole vectors of them) are -inf: the max and the
       // exp skip those and write their probabilities as the zeros exp would give. On a causal
@@ -1526,16 +1548,16 @@ struct ForwardTile {
       const auto row_cols = [&](int64_t i) {
         return visible_extent(i, 1, diag, cols, Vectorized<acc_t>::size());
       };
-      // The scores' maxima and exps take the scale that qk left to them (score_scale > 0; a
-      // single row's scores are scaled: row_scores reads the scaled q).
-      const acc_t scale = single_row ? acc_t(1) : Products::score_scale(pr);
+      // The scores' maxima and exps take the scale that qk left to them (score_scale > 0; rows
+      // scored in place are scaled: the single-row products apply it).
+      const acc_t scale = in_place ? acc_t(1) : Products::score_scale(pr);
       for (int64_t i = 0; i < m; ++i) {
         new_max[i] = nan_max(row_max[i], scale * scores_max(s.data() + i * ld, row_cols(i)));
       }
       rescale_factors(row_max.data(), new_max.data(), m, rescale.data());
       // fp32 probabilities where something else reads them first: single_row_pv, and
       // dropout, which scales them before pv's layout (bf16 pairs) rounds them.
-      const bool fp32_probs = single_row || p.dropout_p > 0;
+      const bool fp32_probs = in_place || p.dropout_p > 0;
       for (int64_t i = 0; i < m; ++i) {
         acc_t* row = s.data() + i * ld;
         const bool seen = new_max[i] != kNegInf;  // -inf: nothing seen yet
@@ -1552,11 +1574,14 @@ struct ForwardTile {
         row_max[i] = new_max[i];
       }
       if (p.dropout_p > 0) apply_dropout(pr, sq, h, q0, m, k0, n, s.data(), ld);
-      if (single_row) {
-        pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
-          Products::single_row_pv(pr, s.data() + c, pr.key_row(v, p.v_stride, sq, hk, k0 + c),
-                                  p.v_stride[2], run, o.data());
-        });
+      if (in_place) {
+        for (int64_t i = 0; i < m; ++i) {
+          pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
+            Products::single_row_pv(pr, s.data() + i * ld + c,
+                                    pr.key_row(v, p.v_stride, sq, hk, k0 + c), p.v_stride[2],
+                                    run, o.data() + i * ldo);
+          });
+        }
       } else {
         if (fp32_probs) Products::layout_probs(pr, m, s.data());
         Products::pv(pr, m, n, s.data(), vb, o.data(), diag);
@@ -1761,14 +1786,14 @@ std::vector<VarlenUnit> varlen_units(const Problem& pr, int64_t heads,
 // Keys per tile of a pass whose tiles hold at most max_width keys: max_width, or fewer when every
 // sequence has fewer keys: the keys rounded up to whole register pairs, so that the products and
 // the softmax of a short sequence skip the padding (at L = S = 16 they computed 64 columns for
-// 16 keys). Paged with more than one query row: the largest divisor of the page size up to
-// max_width, so that the keys of a tile, which the products pack, are rows of one page, read with
-// the page's row stride. A single query row (decode) reads its keys in place a page's run at a
-// time (Problem::for_page_runs): its tiles span pages, so that the per-tile softmax runs once per
-// 64 or 128 keys, not per page (16-row pages: a decode step 15-17% faster on the Zen 5).
+// 16 keys). Paged with more than in_place_rows query rows: the largest divisor of the page size
+// up to max_width, so that the keys of a tile, which the products pack, are rows of one page, read
+// with the page's row stride. Fewer query rows (decode) read their keys in place a page's run at
+// a time (Problem::for_page_runs): their tiles span pages, so that the per-tile softmax runs once
+// per 64 or 128 keys, not per page (16-row pages: a decode step 15-17% faster on the Zen 5).
 template <typename acc_t>
-int64_t key_tile_width(const AttentionParams& p, int64_t max_width) {
-  if (p.block_table == nullptr || p.q_len == 1) {
+int64_t key_tile_width(const AttentionParams& p, int64_t max_width, int64_t in_place_rows) {
+  if (p.block_table == nullptr || p.q_len <= in_place_rows) {
     return std::min(max_width, round_up(std::max<int64_t>(p.kv_len, 1), pad_cols<acc_t>()));
   }
   int64_t width = std::min(max_width, p.block_size);
@@ -1776,24 +1801,25 @@ int64_t key_tile_width(const AttentionParams& p, int64_t max_width) {
   return width;
 }
 
-template <typename acc_t>
-Problem make_problem(const AttentionParams& p, int64_t block_m, int64_t max_block_n) {
-  const int64_t block_n = key_tile_width<acc_t>(p, max_block_n);
+template <typename acc_t, typename Products>
+Problem make_problem(const AttentionParams& p, int64_t max_block_n) {
+  const int64_t block_n = key_tile_width<acc_t>(p, max_block_n, Products::in_place_rows());
   return Problem{p,
                  p.q_heads / p.kv_heads,
-                 block_m,
+                 Products::block_m(),
                  block_n,
                  round_up(p.head_dim, pad_cols<acc_t>()),
                  round_up(p.v_head_dim, pad_cols<acc_t>()),
-                 round_up(block_n, pad_cols<acc_t>())};
+                 round_up(block_n, pad_cols<acc_t>()),
+                 Products::in_place_rows()};
 }
 
 template <typename scalar_t>
 void attention_fwd_typed(const AttentionParams& p) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const Problem pr =
-      make_problem<acc_t>(p, TileProducts<scalar_t, acc_t>::block_m(),
-                          TileProducts<scalar_t, acc_t>::forward_block_n());
+      make_problem<acc_t, TileProducts<scalar_t, acc_t>>(
+          p, TileProducts<scalar_t, acc_t>::forward_block_n());
   // Items past the end of a shorter sequence (varlen: q_len is the longest) return at once.
   const int64_t n_qb = pr.query_tiles(), n_kb = ceil_div(p.kv_len, pr.block_n);
   const int64_t heads = p.batch * p.q_heads, items = heads * n_qb;
@@ -1945,22 +1971,22 @@ struct BackwardTile {
         operands.pack_queries(pr, q + q0 * p.q_stride[2], p.q_stride[2],
                               dout + q0 * bp.grad_out_stride[2], bp.grad_out_stride[2], m,
                               sq.b * p.kv_heads + hk, g * n_qb + qb);
-        // The forward's score products on the forward's packing, a single query row's on the
-        // key rows in place as the forward's (its sums in another order than qk's): P is the
-        // forward's bit for bit. With qk's scores for that row, P = exp(s - lse) was off by the
+        // The forward's score products on the forward's packing, in-place rows' on the key
+        // rows in place as the forward's (sums in another order than qk's): P is the
+        // forward's bit for bit. With qk's scores for such rows, P = exp(s - lse) was off by the
         // rounding of s, which a large logit makes large against a probability near 1 (fp32
         // dQ, dK and dV of a one-row query at scale 1.7, E 96: up to 20x torch's error).
-        const bool single_row = m == 1;
+        const bool in_place = pr.rows_in_place(sq, m);
         Scores<scalar_t, acc_t, Products>::compute(pr, sq, h, q0, m, k0, n, ld,
                                                    operands.scores_queries(),
-                                                   single_row ? nullptr : operands.kt.data(),
+                                                   in_place ? nullptr : operands.kt.data(),
                                                    k, p.k_stride[2], s.data(), t.data());
         // P = exp(s - lse); a row with no visible key (lse = -inf) gets P = 0, a row that saw
         // a NaN score (lse = NaN) gets NaN (float's exp_u20 does not keep NaN). As in the
         // forward, the exp skips the whole vectors of -inf scores past a row's diagonal and
         // writes their zeros. s becomes P here, unless grads computes P in its own pass.
         const int64_t diag = pr.visible_diag(sq, q0, k0);
-        const acc_t scale = single_row ? acc_t(1) : Products::score_scale(pr);
+        const acc_t scale = in_place ? acc_t(1) : Products::score_scale(pr);
         // dS, the gradient of the final scores, is computed before grads where the mask's
         // gradient reads it or softcap changes it; else by grads, in its pass over P and dP.
         const bool ds_first = bp.dmask != nullptr || p.softcap > 0;
@@ -2031,7 +2057,7 @@ void attention_bwd_typed(const AttentionBwdParams& bp) {
   const AttentionParams& p = bp;
   using Products = TileProducts<scalar_t, acc_t>;
   const Problem pr =
-      make_problem<acc_t>(p, Products::block_m(), Products::backward_block_n());
+      make_problem<acc_t, Products>(p, Products::backward_block_n());
   const int64_t E = p.head_dim, Ev = p.v_head_dim, L = p.q_len;
   // The query rows' row indices are 0 .. rows - 1 (attention_params.h); dq/dk/dv are
   // contiguous, so their sizes follow from the row counts.
