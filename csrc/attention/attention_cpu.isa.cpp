@@ -9,9 +9,9 @@
 // dot products instead where the CPU has them, and both passes' products go to ATen's oneDNN
 // brgemm where the CPU has AMX-BF16 (TileProducts; the backward's dK and dV transposed). The
 // forward keeps an online softmax and writes the log-sum-exp; the backward recomputes the
-// probabilities from it with the same packing and the same products (a single query row's on
-// the key rows in place, in both passes), so its scores are the forward's bit for bit even for
-// huge logits.
+// probabilities from it with the same packing and the same products (a few query rows' on the
+// key rows in place, in both passes: Problem::rows_in_place), so its scores are the forward's
+// bit for bit even for huge logits.
 // The same kernels serve dense, varlen and (paged) KV-cache calls: only Problem::sequence and
 // its row addressing know the layout (attention_params.h).
 #include <ATen/Parallel.h>
