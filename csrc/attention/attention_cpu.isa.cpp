@@ -312,79 +312,102 @@ C10_ALWAYS_INLINE void prefetch_bytes(const scalar_t* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
-// s[j] = sum_e q[e] * k[j * k_rs + e] for e < E, j < n: a single query row's scores, reading
-// the key rows in place (q zero-padded to whole vectors). Each key's products stay a vector
-// of partial sums; a group of one vector's worth of keys is transposed and added up at once,
-// which costs a few instructions per key where a horizontal sum per key (a chain of 4 shuffles
-// and adds on AVX-512) took most of a decode step's scoring time (Zen 4).
-template <typename acc_t, typename scalar_t>
-void row_scores(const acc_t* q, const scalar_t* k, int64_t k_rs, int64_t n, int64_t E, acc_t* s) {
+// s[r * lds + j] = sum_e q[r * ldq + e] * k[j * k_rs + e] for r < R, e < E, j < n: R query
+// rows' scores, reading the key rows in place (q zero-padded to whole vectors), each key vector
+// loaded once for the R rows. Each (row, key)'s products stay a vector of partial sums; a group of
+// one vector's worth of keys is transposed and added up at once, which costs a few instructions
+// per key where a horizontal sum per key (a chain of 4 shuffles and adds on AVX-512) took most of
+// a decode step's scoring time (Zen 4). A row's scores are the same bits for any R.
+template <int R, typename acc_t, typename scalar_t>
+void scores_in_place(const acc_t* q, int64_t ldq, const scalar_t* k, int64_t k_rs, int64_t n,
+                 int64_t E, acc_t* s, int64_t lds) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
-  alignas(64) acc_t part[L * L] = {};
+  alignas(64) acc_t part[R][L * L] = {};
   alignas(64) acc_t by_lane[L * L];
   const int64_t nvec = ceil_div(E, L), tail = E - (nvec - 1) * L;
-  // kKeys keys at a time, each its own chain of FMAs: one key's chain of E / L dependent FMAs at
-  // a time left the FMA units waiting on its latency (bf16 decode 5-8% slower, Zen 5).
-  constexpr int64_t kKeys = 4;
+  // kKeys keys at a time, each its own chain of FMAs per row: one key's chain of E / L dependent
+  // FMAs at a time left the FMA units waiting on its latency (bf16 decode 5-8% slower, Zen 5).
+  // R x kKeys accumulators and kKeys key vectors fit AVX2's 16 registers.
+  constexpr int64_t kKeys = R == 1 ? 4 : std::max(1, 8 / R);
   for (int64_t j0 = 0; j0 < n; j0 += L) {
     const int64_t keys = std::min(L, n - j0);
-    // Keys j0 + j .. j0 + j + R - 1 into part's rows j .. j + R - 1.
+    // Keys j0 + j .. j0 + j + K - 1 into the rows j .. j + K - 1 of each row's part.
     const auto chains = [&](auto count, int64_t j) {
-      constexpr int64_t R = decltype(count)::value;
+      constexpr int64_t K = decltype(count)::value;
       const scalar_t* row = k + (j0 + j) * k_rs;
-      for (int64_t r = 0; r < R; ++r)
-        prefetch_bytes(row + (r + kAheadRows) * k_rs, E * int64_t(sizeof(scalar_t)));
-      Vec acc[R];
-      for (int64_t r = 0; r < R; ++r) acc[r] = Vec(acc_t(0));
+      for (int64_t kk = 0; kk < K; ++kk)
+        prefetch_bytes(row + (kk + kAheadRows) * k_rs, E * int64_t(sizeof(scalar_t)));
+      Vec acc[R][K];
+      for (int r = 0; r < R; ++r) {
+        for (int64_t kk = 0; kk < K; ++kk) acc[r][kk] = Vec(acc_t(0));
+      }
       for (int64_t c = 0; c < nvec; ++c) {
         const int64_t lanes = c + 1 < nvec ? L : tail;
-        const Vec qv = Vec::loadu(q + c * L);
-        for (int64_t r = 0; r < R; ++r)
-          acc[r] = at::vec::fmadd(qv, load_n<acc_t>(row + r * k_rs + c * L, lanes), acc[r]);
+        Vec kv[K];
+        for (int64_t kk = 0; kk < K; ++kk) kv[kk] = load_n<acc_t>(row + kk * k_rs + c * L, lanes);
+        for (int r = 0; r < R; ++r) {
+          const Vec qv = Vec::loadu(q + r * ldq + c * L);
+          for (int64_t kk = 0; kk < K; ++kk) acc[r][kk] = at::vec::fmadd(qv, kv[kk], acc[r][kk]);
+        }
       }
-      for (int64_t r = 0; r < R; ++r) acc[r].store(part + (j + r) * L);
+      for (int r = 0; r < R; ++r) {
+        for (int64_t kk = 0; kk < K; ++kk) acc[r][kk].store(part[r] + (j + kk) * L);
+      }
     };
     int64_t j = 0;
     for (; j + kKeys <= keys; j += kKeys) chains(std::integral_constant<int64_t, kKeys>{}, j);
     for (; j < keys; ++j) chains(std::integral_constant<int64_t, 1>{}, j);
-    at::vec::transpose_mxn<acc_t, L, L>(part, L, by_lane, L);
-    Vec total = Vec::loadu(by_lane);
-    for (int64_t l = 1; l < L; ++l) total = total + Vec::loadu(by_lane + l * L);
-    total.store(s + j0, keys);
+    for (int r = 0; r < R; ++r) {
+      at::vec::transpose_mxn<acc_t, L, L>(part[r], L, by_lane, L);
+      Vec total = Vec::loadu(by_lane);
+      for (int64_t l = 1; l < L; ++l) total = total + Vec::loadu(by_lane + l * L);
+      total.store(s + r * lds + j0, keys);
+    }
   }
 }
 
-// o[e] += sum_j p[j] * v[j * v_rs + e] for e < ev, j < n: a single query row's PV, reading the
-// value rows in place. A block of up to 8 vectors of o stays in registers across the keys (8
+// o[r * ldo + e] += sum_j p[r * ldp + j] * v[j * v_rs + e] for r < R, e < ev, j < n: R query
+// rows' PV, reading the value rows in place, each value vector loaded once for the R rows. A
+// block of up to 8 / R vectors of each row's o stays in registers across the keys (8
 // accumulators, a broadcast and a load fit AVX2's 16): updating o in memory key by key chained
 // every key's FMAs through a store and a reload, 3/4 of a decode step's time (Zen 4). o must
 // have room for whole vectors past ev (its width is padded); the values' lanes past ev read as
-// zero. Keys with p[j] == 0 (masked, or underflowed) are skipped, so that a masked key's value
-// is never read, as the multi-row path's zero probabilities make it contribute nothing.
-template <typename acc_t, typename scalar_t>
-void row_pv(const acc_t* p, const scalar_t* v, int64_t v_rs, int64_t n, int64_t ev, acc_t* o) {
+// zero. A row skips the keys with p == 0 (masked, or underflowed), and a key that every row skips
+// is not read, so that a masked key's value never reaches a row, as the multi-row path's zero
+// probabilities make it contribute nothing. A row's output is the same bits for any R.
+template <int R, typename acc_t, typename scalar_t>
+void pv_in_place(const acc_t* p, int64_t ldp, const scalar_t* v, int64_t v_rs, int64_t n,
+                 int64_t ev, acc_t* o, int64_t ldo) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
-  for_row_blocks<8>(ceil_div(ev, L), [&](int64_t c0, auto block) {
-    constexpr int R = decltype(block)::value;
+  constexpr int kVectors = 8 / (R == 3 ? 4 : R);  // per row: 8, 4, 2, 2
+  for_row_blocks<kVectors>(ceil_div(ev, L), [&](int64_t c0, auto block) {
+    constexpr int B = decltype(block)::value;
     const int64_t e0 = c0 * L;
-    int64_t lanes[R];
-    Vec acc[R];
+    int64_t lanes[B];
+    Vec acc[R][B];
+    for (int b = 0; b < B; ++b) lanes[b] = std::min<int64_t>(L, ev - e0 - b * L);
     for (int r = 0; r < R; ++r) {
-      lanes[r] = std::min<int64_t>(L, ev - e0 - r * L);
-      acc[r] = Vec::loadu(o + e0 + r * L);
+      for (int b = 0; b < B; ++b) acc[r][b] = Vec::loadu(o + r * ldo + e0 + b * L);
     }
     for (int64_t j = 0; j < n; ++j) {
-      if (p[j] == acc_t(0)) continue;
-      const Vec pj(p[j]);
+      bool seen = false;
+      for (int r = 0; r < R; ++r) seen = seen || p[r * ldp + j] != acc_t(0);
+      if (!seen) continue;
       const scalar_t* row = v + j * v_rs + e0;
-      prefetch_bytes(row + kAheadRows * v_rs, R * L * int64_t(sizeof(scalar_t)));
+      prefetch_bytes(row + kAheadRows * v_rs, B * L * int64_t(sizeof(scalar_t)));
       for (int r = 0; r < R; ++r) {
-        acc[r] = at::vec::fmadd(pj, load_n<acc_t>(row + r * L, lanes[r]), acc[r]);
+        if (p[r * ldp + j] == acc_t(0)) continue;
+        const Vec pj(p[r * ldp + j]);
+        for (int b = 0; b < B; ++b) {
+          acc[r][b] = at::vec::fmadd(pj, load_n<acc_t>(row + b * L, lanes[b]), acc[r][b]);
+        }
       }
     }
-    for (int r = 0; r < R; ++r) acc[r].store(o + e0 + r * L);
+    for (int r = 0; r < R; ++r) {
+      for (int b = 0; b < B; ++b) acc[r][b].store(o + r * ldo + e0 + b * L);
+    }
   });
 }
 
@@ -590,12 +613,13 @@ struct FmaProducts {
   static int64_t block_m() { return kBlockM; }
   static int64_t forward_block_n() { return kForwardBlockN; }
   static int64_t backward_block_n() { return kBlockN; }
-  // Query rows of a sequence up to which both passes read keys and values in place, row by row
-  // (Problem::rows_in_place): packing a key tile (K^T and V) costs about a third of its
-  // products with 64 rows, so with a few it cost more than the products. fp32, B1 H8 E128,
-  // 2 threads, Xeon with AMX, against torch's SDPA: L = 2 0.45x -> 0.84x (S = 512 and 4096),
-  // 3 0.43-0.50x -> 0.61-0.76x, 4 0.50-0.70x -> 0.61-0.77x; 5 gained nothing, 8 lost (0.60x ->
-  // 0.52x: each row reads the tile again). Under avx2 likewise (L = 2 0.39x -> 0.78x).
+  // Query rows of a sequence up to which both passes read keys and values in place
+  // (Problem::rows_in_place, rows_qk, rows_pv): packing a key tile (K^T and V) costs about a
+  // third of its products with 64 rows, so with a few it cost more than the products. fp32, B1
+  // H8 E128, 2 threads, Xeon with AMX, against torch's SDPA: L = 2 0.42-0.48x -> 0.94-0.98x at
+  // S = 4096 (0.71-0.75x at 512, where a call's fixed costs weigh), 3 0.42-0.50x -> 0.81-0.82x,
+  // 4 0.50-0.68x -> 0.82-0.86x (0.6x at 512). At 8 rows in place (two blocks of 4 reading the
+  // keys twice) L = 5-8 gained at S = 4096 and lost at 512. Under avx2 alike.
   static int64_t in_place_rows() { return 4; }
   // s [m, n_pad] = qs kt for the columns of n keys that row i sees (j < i + diag,
   // kAllVisible); the other columns of s are left as they were.
@@ -625,15 +649,23 @@ struct FmaProducts {
     gemm<acc_t>(m, pr.ev_pad, n, p, pr.n_pad, 1, vb, pr.ev_pad, o, pr.ev_pad, kAllVisible,
                 diag);
   }
-  // A single query row's scaled scores against n key rows read in place (qs as pack_q wrote
-  // it for m = 1), and its o [ev_pad] += p [n] v with fp32 probabilities p (decode).
-  static void single_row_qk(const Problem& pr, const acc_t* qs, const scalar_t* k,
-                            int64_t k_rs, int64_t n, acc_t* s) {
-    row_scores(qs, k, k_rs, n, pr.p.head_dim, s);
+  // m query rows' scaled scores s [m, n_pad] against n key rows read in place (qs as pack_q
+  // wrote them), and their o [m, ev_pad] += p [m, n_pad] v with fp32 probabilities p (decode,
+  // and Problem::rows_in_place): blocks of up to 4 rows, each key and value row loaded once per
+  // block (a row at a time, L = 4 at S = 4096 ran 0.68x torch's SDPA; now 0.82-0.86x).
+  static void rows_qk(const Problem& pr, int64_t m, const acc_t* qs, const scalar_t* k,
+                      int64_t k_rs, int64_t n, acc_t* s) {
+    for_row_blocks<4>(m, [&](int64_t i, auto rows) {
+      scores_in_place<decltype(rows)::value>(qs + i * pr.e_pad, pr.e_pad, k, k_rs, n,
+                                             pr.p.head_dim, s + i * pr.n_pad, pr.n_pad);
+    });
   }
-  static void single_row_pv(const Problem& pr, const acc_t* p, const scalar_t* v,
-                            int64_t v_rs, int64_t n, acc_t* o) {
-    row_pv(p, v, v_rs, n, pr.p.v_head_dim, o);
+  static void rows_pv(const Problem& pr, int64_t m, const acc_t* p, const scalar_t* v,
+                      int64_t v_rs, int64_t n, acc_t* o) {
+    for_row_blocks<4>(m, [&](int64_t i, auto rows) {
+      pv_in_place<decltype(rows)::value>(p + i * pr.n_pad, pr.n_pad, v, v_rs, n,
+                                         pr.p.v_head_dim, o + i * pr.ev_pad, pr.ev_pad);
+    });
   }
 
   // The backward's operands of one key tile (kt = K^T as qk reads it, kb = K, vt = V^T) and
@@ -966,9 +998,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) inline void pack_grad_pai
 }
 
 // A single query row's products (decode) over bf16 pairs, reading the key and value rows in
-// place as row_scores and row_pv do: a vdpbf16ps takes 32 elements of a row, where the FMA
-// path converts them to fp32 16 at a time first (that conversion and its FMAs were most of a
-// bf16 decode step: Xeon with AMX, H 2, S 512, E 128). (The micro-kernels are functions, not
+// place as scores_in_place and pv_in_place do: a vdpbf16ps takes 32 elements of a row, where
+// the FMA path converts them to fp32 16 at a time first (that conversion and its FMAs were most
+// of a bf16 decode step: Xeon with AMX, H 2, S 512, E 128). (The micro-kernels are functions, not
 // lambdas: a lambda does not take its function's target attribute.)
 
 // The first min(count, 32) 16-bit elements of a 512-bit vector.
@@ -998,13 +1030,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void key_row_dots(
 }
 
 // s[j] = scale * sum_e q[e] * k[j * k_rs + e] for e < E, j < n, with q as column pairs
-// (pack_column_pairs): row_scores's groups of keys and its sum by transposition; the products
-// of two bf16 are exact in fp32, and the sums are scaled once (as qk scales its products).
+// (pack_column_pairs): scores_in_place's groups of keys and its sum by transposition; the
+// products of two bf16 are exact in fp32, and the sums are scaled once (as qk scales its
+// products).
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void row_scores_pairs(
     const bf16_pair* q, const c10::BFloat16* k, int64_t k_rs, int64_t n, int64_t E, float scale,
     float* s) {
   constexpr int64_t L = 16;
-  constexpr int64_t kKeys = 4;  // row_scores's chains of FMAs, one per key
+  constexpr int64_t kKeys = 4;  // scores_in_place's chains of FMAs, one per key
   alignas(64) float part[L * L] = {};
   alignas(64) float by_lane[L * L];
   for (int64_t j0 = 0; j0 < n; j0 += L) {
@@ -1069,12 +1102,12 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void value_chunks_pv(
   }
 }
 
-// o[e] += sum_j p[j] * v[j * v_rs + e] for e < ev, j < n: row_pv over pairs of keys (blocks of
-// up to 4 chunks of 32 values in registers), each pair's probabilities rounded to bf16 as the
+// o[e] += sum_j p[j] * v[j * v_rs + e] for e < ev, j < n: pv_in_place over pairs of keys (blocks
+// of up to 4 chunks of 32 values in registers), each pair's probabilities rounded to bf16 as the
 // multi-row path's pairs (to_pairs_in_place) round them. Keys j and j + 1 interleave by
 // vpunpck{l,h}wd, which pairs the words of each 128-bit lane, so the accumulators hold a chunk's
 // columns in that order (lo: 0-3, 8-11, 16-19, 24-27; hi: the others) until the end. A key with
-// p[j] == 0 is not read (row_pv's rule); o has room for whole chunks past ev.
+// p[j] == 0 is not read (pv_in_place's rule); o has room for whole chunks past ev.
 void row_pv_pairs(const float* p, const c10::BFloat16* v, int64_t v_rs, int64_t n, int64_t ev,
                   float* o) {
   const int64_t chunks = ceil_div(ev, 32);
@@ -1123,7 +1156,7 @@ struct TileProducts<c10::BFloat16, float> {
   static bf16_pair* pairs(float* x) { return reinterpret_cast<bf16_pair*>(x); }
   static const bf16_pair* pairs(const float* x) { return reinterpret_cast<const bf16_pair*>(x); }
 
-  // Q rows as pairs, unscaled (qk and single_row_qk apply the scale in fp32) and zero-padded
+  // Q rows as pairs, unscaled (qk and rows_qk apply the scale in fp32) and zero-padded
   // to an even E.
   static void pack_q(const Problem& pr, const bf16* q, int64_t q_rs, int64_t m, float* qs) {
     if (!on()) return Fma::pack_q(pr, q, q_rs, m, qs);
@@ -1173,15 +1206,20 @@ struct TileProducts<c10::BFloat16, float> {
   static void layout_probs(const Problem& pr, int64_t m, float* p) {
     if (on()) to_pairs_in_place(p, m, pr.n_pad, pr.n_pad);
   }
-  static void single_row_qk(const Problem& pr, const float* qs, const bf16* k, int64_t k_rs,
-                            int64_t n, float* s) {
-    if (!on()) return Fma::single_row_qk(pr, qs, k, k_rs, n, s);
-    row_scores_pairs(pairs(qs), k, k_rs, n, pr.p.head_dim, static_cast<float>(pr.p.scale), s);
+  static void rows_qk(const Problem& pr, int64_t m, const float* qs, const bf16* k,
+                      int64_t k_rs, int64_t n, float* s) {
+    if (!on()) return Fma::rows_qk(pr, m, qs, k, k_rs, n, s);
+    for (int64_t i = 0; i < m; ++i) {
+      row_scores_pairs(pairs(qs + i * pr.e_pad), k, k_rs, n, pr.p.head_dim,
+                       static_cast<float>(pr.p.scale), s + i * pr.n_pad);
+    }
   }
-  static void single_row_pv(const Problem& pr, const float* p, const bf16* v, int64_t v_rs,
-                            int64_t n, float* o) {
-    if (!on()) return Fma::single_row_pv(pr, p, v, v_rs, n, o);
-    row_pv_pairs(p, v, v_rs, n, pr.p.v_head_dim, o);
+  static void rows_pv(const Problem& pr, int64_t m, const float* p, const bf16* v, int64_t v_rs,
+                      int64_t n, float* o) {
+    if (!on()) return Fma::rows_pv(pr, m, p, v, v_rs, n, o);
+    for (int64_t i = 0; i < m; ++i) {
+      row_pv_pairs(p + i * pr.n_pad, v, v_rs, n, pr.p.v_head_dim, o + i * pr.ev_pad);
+    }
   }
   // p holds the probabilities as column pairs (exp_probs, layout_probs).
   static void pv(const Problem& pr, int64_t m, int64_t n, float* p, const float* vb, float* o,
@@ -1346,7 +1384,7 @@ struct Scores {
   // s[m, n_pad] = scores of rows [q0, q0+m) x keys [k0, k0+n) of head h of sequence sq, with
   // softcap, alibi, mask and visibility applied (-inf where invisible, and in padded columns).
   // qs [m, e_pad] holds scale * q; kt [E, n_pad] holds k^T, or is null for rows scored on the
-  // unpacked k rows (row stride k_rs), one at a time (Problem::rows_in_place).
+  // unpacked k rows (row stride k_rs; Problem::rows_in_place).
   // When softcap is on, tanh_out receives tanh(raw / softcap) for the backward. The caller
   // reads the columns up to `width` (>= n): only those are set.
   static void compute(const Problem& pr, const Sequence& sq, int64_t h, int64_t q0, int64_t m,
@@ -1363,13 +1401,11 @@ struct Scores {
     } else {
       // A tile of a paged cache spans pages (key_tile_width): a page's rows at a time.
       const auto* k = static_cast<const scalar_t*>(p.k);
-      for (int64_t i = 0; i < m; ++i) {
-        pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
-          const scalar_t* rows = p.block_table == nullptr
-              ? k_rows : pr.key_row(k, p.k_stride, sq, h / pr.group, k0 + c);
-          Products::single_row_qk(pr, qs + i * pr.e_pad, rows, k_rs, run, s + i * ld + c);
-        });
-      }
+      pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
+        const scalar_t* rows = p.block_table == nullptr
+            ? k_rows : pr.key_row(k, p.k_stride, sq, h / pr.group, k0 + c);
+        Products::rows_qk(pr, m, qs, rows, k_rs, run, s + c);
+      });
     }
     constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
     const bool full = pr.tile_full(sq, q0, m, k0, n);
@@ -1555,7 +1591,7 @@ struct ForwardTile {
         new_max[i] = nan_max(row_max[i], scale * scores_max(s.data() + i * ld, row_cols(i)));
       }
       rescale_factors(row_max.data(), new_max.data(), m, rescale.data());
-      // fp32 probabilities where something else reads them first: single_row_pv, and
+      // fp32 probabilities where something else reads them first: rows_pv, and
       // dropout, which scales them before pv's layout (bf16 pairs) rounds them.
       const bool fp32_probs = in_place || p.dropout_p > 0;
       for (int64_t i = 0; i < m; ++i) {
@@ -1575,13 +1611,10 @@ struct ForwardTile {
       }
       if (p.dropout_p > 0) apply_dropout(pr, sq, h, q0, m, k0, n, s.data(), ld);
       if (in_place) {
-        for (int64_t i = 0; i < m; ++i) {
-          pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
-            Products::single_row_pv(pr, s.data() + i * ld + c,
-                                    pr.key_row(v, p.v_stride, sq, hk, k0 + c), p.v_stride[2],
-                                    run, o.data() + i * ldo);
-          });
-        }
+        pr.for_page_runs(k0, n, [&](int64_t c, int64_t run) {
+          Products::rows_pv(pr, m, s.data() + c, pr.key_row(v, p.v_stride, sq, hk, k0 + c),
+                            p.v_stride[2], run, o.data());
+        });
       } else {
         if (fp32_probs) Products::layout_probs(pr, m, s.data());
         Products::pv(pr, m, n, s.data(), vb, o.data(), diag);
