@@ -320,7 +320,7 @@ C10_ALWAYS_INLINE void prefetch_bytes(const scalar_t* row, int64_t bytes) {
 // a decode step's scoring time (Zen 4). A row's scores are the same bits for any R.
 template <int R, typename acc_t, typename scalar_t>
 void scores_in_place(const acc_t* q, int64_t ldq, const scalar_t* k, int64_t k_rs, int64_t n,
-                 int64_t E, acc_t* s, int64_t lds) {
+                     int64_t E, acc_t* s, int64_t lds) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t L = Vec::size();
   alignas(64) acc_t part[R][L * L] = {};
